@@ -1,0 +1,115 @@
+# callagent - build, test, run.
+#
+#   make            build build/release/callagent (and build/callagent, a link to it)
+#   make deps       install the Debian packages that are missing (apt-get as root)
+#   make test       deps + build + the whole test suite; SAN=1 runs it under ASan+UBSan
+#   make run        deps + build + start examples/app.lua
+#   make bench      the concurrent-call benchmark (see README.md)
+#   make install    PREFIX=/usr/local: binary + Lua files
+#
+# Everything the project needs comes from Debian 12 packages (see DEB_PKGS)
+# and, for the browser tests, npm (tests/package.json).
+
+PREFIX ?= /usr/local
+DESTDIR ?=
+SAN ?=
+WERROR ?=
+
+DEB_PKGS := build-essential pkg-config ca-certificates openssl \
+	liblua5.4-dev libuv1-dev libwebsockets-dev libwebsockets-evlib-uv \
+	libcurl4-openssl-dev lua-cjson-dev libssl-dev libsqlite3-dev
+# Only the tests need these.
+DEB_TEST_PKGS :=
+
+ifeq ($(SAN),1)
+BUILD := build/san
+OPT := -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
+LDSAN := -fsanitize=address,undefined
+else
+BUILD := build/release
+OPT := -O2 -g
+LDSAN :=
+endif
+
+PKG_MODULES := lua5.4 libuv libwebsockets libcurl openssl sqlite3
+# Recursive (=) so pkg-config runs after `make deps` has installed it all.
+PKG_CFLAGS = $(shell pkg-config --cflags $(PKG_MODULES))
+PKG_LIBS = $(shell pkg-config --libs $(PKG_MODULES)) -llua5.4-cjson
+
+WARN := -Wall -Wextra -Wshadow -Wmissing-prototypes -Wstrict-prototypes
+ifeq ($(WERROR),1)
+WARN += -Werror
+endif
+
+CFLAGS ?=
+CFLAGS_ALL = -std=gnu11 $(OPT) $(WARN) -DCA_DATADIR='"$(PREFIX)/share/callagent"' \
+	$(PKG_CFLAGS) -I/usr/include/lua5.4 $(CFLAGS)
+LDFLAGS ?=
+
+SRCS := $(wildcard src/*.c)
+OBJS := $(patsubst src/%.c,$(BUILD)/obj/%.o,$(SRCS))
+LIB_OBJS := $(filter-out $(BUILD)/obj/main.o,$(OBJS))
+CTESTS := $(patsubst tests/c/%.c,$(BUILD)/tests/%,$(filter-out tests/c/host_stub.c,$(wildcard tests/c/test_*.c)))
+BIN := $(BUILD)/callagent
+
+.PHONY: all deps test-deps test run bench install uninstall clean check-clean
+
+all: $(BIN)
+
+$(BUILD)/obj/%.o: src/%.c src/*.h | $(BUILD)/obj
+	$(CC) $(CFLAGS_ALL) -c -o $@ $<
+
+$(BIN): $(OBJS)
+	$(CC) $(LDSAN) $(LDFLAGS) -o $@ $(OBJS) $(PKG_LIBS) -lm
+ifneq ($(SAN),1)
+	ln -sfn release/callagent build/callagent
+endif
+
+$(BUILD)/tests/%: tests/c/%.c tests/c/host_stub.c $(LIB_OBJS) | $(BUILD)/tests
+	$(CC) $(CFLAGS_ALL) -Isrc $(LDSAN) $(LDFLAGS) -o $@ $< tests/c/host_stub.c $(LIB_OBJS) $(PKG_LIBS) -lm
+
+$(BUILD)/obj $(BUILD)/tests:
+	mkdir -p $@
+
+# Installs what is missing; as root with apt-get, else prints the command.
+deps:
+	@missing=""; for p in $(DEB_PKGS) $(EXTRA_PKGS); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "make deps: installing$$missing"; \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get update -q && apt-get install -y -q --no-install-recommends $$missing; \
+	  else \
+	    echo "make deps: missing Debian packages. Run:"; \
+	    echo "  sudo apt-get install -y$$missing"; exit 1; \
+	  fi; \
+	fi
+
+test-deps:
+	@$(MAKE) --no-print-directory deps EXTRA_PKGS="$(DEB_TEST_PKGS)"
+
+test: test-deps
+	@$(MAKE) --no-print-directory $(BIN) $(CTESTS)
+	@tests/run $(BIN) $(BUILD)/tests
+
+run: deps
+	@$(MAKE) --no-print-directory $(BIN)
+	$(BIN) run examples/app.lua
+
+bench: deps
+	@$(MAKE) --no-print-directory $(BIN)
+	$(BIN) run tests/bench/bench.lua
+
+install: $(BIN)
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/callagent
+	install -m 755 $(BIN) $(DESTDIR)$(PREFIX)/bin/callagent
+	cp -r lua providers $(DESTDIR)$(PREFIX)/share/callagent/
+
+uninstall:
+	rm -f $(DESTDIR)$(PREFIX)/bin/callagent
+	rm -rf $(DESTDIR)$(PREFIX)/share/callagent
+
+clean:
+	rm -rf build

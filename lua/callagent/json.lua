@@ -1,0 +1,80 @@
+--- callagent.json: lua-cjson (Debian's lua-cjson), plus what it lacks.
+--
+-- Everything of cjson is here (encode, decode, null, encode_* settings), and:
+--   json.array([t])        marks t as a JSON array, so an empty one encodes as []
+--                          (plain cjson writes every empty table as {})
+--   json.try_decode(s)     value, or nil and "EJSON: message" instead of raising
+--   json.is_array(t)       whether t was marked with json.array
+local cjson = require "cjson"
+
+local M = {}
+for k, v in pairs(cjson) do
+  M[k] = v
+end
+
+local array_mt = { __name = "json.array" }
+local EMPTY = "\0callagent:empty-array\0"
+local EMPTY_JSON_PATTERN = ('"\\u0000callagent:empty-array\\u0000"'):gsub("%p", "%%%0")
+
+function M.array(t)
+  return setmetatable(t or {}, array_mt)
+end
+
+function M.is_array(t)
+  return getmetatable(t) == array_mt
+end
+
+-- Returns v with every marked empty array replaced by the EMPTY sentinel, or
+-- v itself when it holds none (no copy made).
+local function prepare(v, depth)
+  if type(v) ~= "table" then
+    return v, false
+  end
+  if depth > 100 then
+    error("json: nesting too deep", 0)
+  end
+  if getmetatable(v) == array_mt and next(v) == nil then
+    return EMPTY, true
+  end
+  local copy
+  for k, x in pairs(v) do
+    local y, changed = prepare(x, depth + 1)
+    if changed then
+      if not copy then
+        copy = {}
+        for k2, x2 in pairs(v) do
+          copy[k2] = x2
+        end
+      end
+      copy[k] = y
+    end
+  end
+  if copy then
+    return copy, true
+  end
+  return v, false
+end
+
+local encode = cjson.encode
+function M.encode(v)
+  local p, changed = prepare(v, 0)
+  local s = encode(p)
+  if changed then
+    s = s:gsub(EMPTY_JSON_PATTERN, "[]")
+  end
+  return s
+end
+
+local decode = cjson.decode
+function M.try_decode(s)
+  if type(s) ~= "string" then
+    return nil, "EJSON: expected a string"
+  end
+  local ok, v = pcall(decode, s)
+  if not ok then
+    return nil, "EJSON: " .. tostring(v)
+  end
+  return v
+end
+
+return M

@@ -1,0 +1,131 @@
+--- callagent.log: leveled, one line per event, never blocking the loop.
+--
+--   log.info("call started", { call = id, to = number })
+--   log.debug(...) / log.info(...) / log.warn(...) / log.error(...)
+--   log.level("debug")          set the minimum level (default: CALLAGENT_LOG or info)
+--   log.enabled("debug")        cheap check before building expensive fields
+--   log.format("json")          "text" (default) or "json" (CALLAGENT_LOG_FORMAT)
+--   log.secret(s)               from now on s is written as [redacted] in every line
+--   log.redact(s)               a safe display form of a secret: "[redacted]" or
+--                               "…" plus its last 4 characters for long values
+--
+-- Text lines look like
+--   2026-11-25T14:22:04.123Z INFO call started call=c_1 to=+14155550100
+-- with values quoted when they hold spaces, quotes or '='. Fields are written
+-- in sorted key order. Writing goes through callagent.core.log, which queues
+-- what a slow stderr reader has not taken (bounded) instead of blocking.
+local core = require "callagent.core.log"
+
+local M = {}
+
+local LEVELS = { debug = 0, info = 1, warn = 2, error = 3 }
+local NAMES = { [0] = "DEBUG", "INFO", "WARN", "ERROR" }
+local json_mode = os.getenv("CALLAGENT_LOG_FORMAT") == "json"
+local cjson -- loaded on first JSON line
+
+local function level_of(name)
+  local n = LEVELS[name]
+  if not n then
+    error("log level must be debug, info, warn or error, not " .. tostring(name), 3)
+  end
+  return n
+end
+
+function M.level(name)
+  if name ~= nil then
+    core.level(level_of(name))
+  end
+  return NAMES[core.level()]:lower()
+end
+
+function M.enabled(name)
+  return core.enabled(level_of(name))
+end
+
+function M.format(f)
+  if f ~= nil then
+    if f ~= "text" and f ~= "json" then
+      error("log format must be text or json", 2)
+    end
+    json_mode = f == "json"
+  end
+  return json_mode and "json" or "text"
+end
+
+function M.secret(s)
+  if type(s) == "string" and #s >= 4 then
+    core.add_secret(s)
+  end
+  return s
+end
+
+function M.redact(s)
+  if s == nil or s == "" then
+    return s
+  end
+  s = tostring(s)
+  if #s >= 16 then
+    return "…" .. s:sub(-4)
+  end
+  return "[redacted]"
+end
+
+local function quote(v)
+  local s = tostring(v)
+  if s == "" or s:find('[%s"=\\]') then
+    s = '"' .. s:gsub('[\\"]', "\\%0"):gsub("\n", "\\n"):gsub("\r", "\\r"):gsub("\t", "\\t") .. '"'
+  end
+  return s
+end
+
+local function text_line(level, msg, fields)
+  local parts = { core.timestamp(), " ", NAMES[level], " ", tostring(msg) }
+  if fields then
+    local keys = {}
+    for k in pairs(fields) do
+      keys[#keys + 1] = tostring(k)
+    end
+    table.sort(keys)
+    for _, k in ipairs(keys) do
+      local v = fields[k]
+      if type(v) == "table" then
+        cjson = cjson or require "cjson"
+        local ok, s = pcall(cjson.encode, v)
+        v = ok and s or tostring(v)
+      end
+      parts[#parts + 1] = " " .. k .. "=" .. quote(v)
+    end
+  end
+  return table.concat(parts)
+end
+
+local function json_line(level, msg, fields)
+  cjson = cjson or require "cjson"
+  local obj = { ts = core.timestamp(), level = NAMES[level]:lower(), msg = tostring(msg) }
+  if fields then
+    for k, v in pairs(fields) do
+      if obj[k] == nil then
+        local t = type(v)
+        obj[k] = (t == "string" or t == "number" or t == "boolean" or t == "table") and v or tostring(v)
+      end
+    end
+  end
+  local ok, s = pcall(cjson.encode, obj)
+  return ok and s or text_line(level, msg, fields)
+end
+
+local function writer(level)
+  return function(msg, fields)
+    if not core.enabled(level) then
+      return
+    end
+    core.write(level, json_mode and json_line(level, msg, fields) or text_line(level, msg, fields))
+  end
+end
+
+M.debug = writer(0)
+M.info = writer(1)
+M.warn = writer(2)
+M.error = writer(3)
+
+return M

@@ -1,0 +1,84 @@
+--- callagent.runtime: the program around the app.
+--
+--   runtime.version, runtime.root       callagent's version; the folder holding lua/ and providers/
+--   runtime.on_shutdown(fn)             fn(reason) runs (in a task) when the program is
+--                                       asked to stop; may wait for I/O
+--   runtime.shutdown([code], [reason])  graceful stop: run the shutdown handlers (at most
+--                                       runtime.grace_ms, default 10000), then end with code
+--   runtime.stop([code])                end the loop now (after the current callback)
+--   runtime.exit([code])                exit the process at once
+--
+-- SIGINT and SIGTERM call runtime.shutdown(0, "SIGINT"/"SIGTERM"); a second
+-- signal exits at once (128 + signal number).
+local core = require "callagent.core"
+local task = require "callagent.task"
+local timer = require "callagent.timer"
+local log = require "callagent.log"
+
+local M = {
+  version = core.version,
+  root = core.root,
+  grace_ms = 10000,
+  stop = core.stop,
+  exit = core.exit,
+  pid = core.pid,
+  rss = core.rss,
+  cpu = core.cpu,
+}
+
+local handlers = {}
+local shutting_down = false
+
+function M.on_shutdown(fn)
+  assert(type(fn) == "function", "on_shutdown needs a function")
+  handlers[#handlers + 1] = fn
+  return fn
+end
+
+function M.shutting_down()
+  return shutting_down
+end
+
+function M.shutdown(code, reason)
+  if shutting_down then
+    return
+  end
+  shutting_down = true
+  code = code or 0
+  log.info("shutting down", { reason = reason or "requested", handlers = #handlers })
+  local left = #handlers
+  if left == 0 then
+    return core.stop(code)
+  end
+  local finished = false
+  local function finish()
+    if not finished then
+      finished = true
+      core.stop(code)
+    end
+  end
+  local grace = timer.after(M.grace_ms, function()
+    log.warn("shutdown handlers still running after grace period; stopping", { grace_ms = M.grace_ms })
+    finish()
+  end)
+  for i = #handlers, 1, -1 do
+    local fn = handlers[i]
+    task.spawn(function()
+      local ok, err = xpcall(fn, debug.traceback, reason)
+      if not ok then
+        log.error("shutdown handler failed", { error = err })
+      end
+      left = left - 1
+      if left == 0 then
+        grace:stop()
+        finish()
+      end
+    end)
+  end
+end
+
+core.on_signal(function(name)
+  M.shutdown(0, name)
+end)
+
+return M

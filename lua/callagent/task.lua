@@ -1,0 +1,182 @@
+--- callagent.task: coroutines as tasks, so async code reads top to bottom.
+--
+-- Every handler the framework runs (HTTP request, WebSocket event flow, call,
+-- webhook) runs in a task. Code inside a task may call anything that waits
+-- (fetch, timer.sleep, ws:receive, queue:pop): it yields, and the loop
+-- resumes it when the result is there.
+--
+--   task.spawn(fn, ...)        run fn(...) in a new task now; returns the coroutine
+--   task.resume(co, ...)       resume a task; an uncaught error is logged with
+--                              its traceback and the task ends (the process does not)
+--   task.await(start)          inside a task: start(done) begins an operation that
+--                              later calls done(...); await returns those values
+--   task.running()             the current task's coroutine, or nil on the main thread
+--   task.queue([max])          FIFO between tasks: q:push(v), q:pop([timeout_ms])
+--                              (nil, "ETIMEDOUT" / nil, "ECLOSED"), q:close(), #q
+--   task.all(fns)              inside a task: run fns concurrently, wait for all,
+--                              return their first results in order
+local M = {}
+
+local unpack, pack = table.unpack, table.pack
+local log -- required lazily: callagent.log needs nothing from here, but keep loads cheap
+
+local function report(co, err)
+  log = log or require "callagent.log"
+  log.error("uncaught error in task", { error = tostring(err), traceback = debug.traceback(co) })
+end
+
+function M.resume(co, ...)
+  local ok, err = coroutine.resume(co, ...)
+  if not ok then
+    report(co, err)
+  end
+  return ok, err
+end
+
+function M.spawn(fn, ...)
+  local co = coroutine.create(fn)
+  M.resume(co, ...)
+  return co
+end
+
+function M.running()
+  local co, main = coroutine.running()
+  if main then
+    return nil
+  end
+  return co
+end
+
+local function must_be_in_task(what)
+  local co, main = coroutine.running()
+  if main then
+    error(what .. " must be called inside a task (see callagent.task.spawn)", 3)
+  end
+  return co
+end
+
+function M.await(start)
+  local co = must_be_in_task("this call")
+  local done, waiting, results = false, false, nil
+  start(function(...)
+    if done then
+      return
+    end
+    done = true
+    if waiting then
+      M.resume(co, ...)
+    else
+      results = pack(...)
+    end
+  end)
+  if done then
+    return unpack(results, 1, results.n)
+  end
+  waiting = true
+  return coroutine.yield()
+end
+
+-- Queue ----------------------------------------------------------------------
+
+local Queue = {}
+Queue.__index = Queue
+Queue.__len = function(q)
+  return q.last - q.first + 1
+end
+
+function M.queue(max)
+  return setmetatable({ first = 1, last = 0, items = {}, waiters = {}, max = max, closed = false }, Queue)
+end
+
+--- Pushes v (not nil); wakes one waiting pop. Returns false when the queue is
+-- closed or full (max items).
+function Queue:push(v)
+  if self.closed then
+    return false
+  end
+  local w = table.remove(self.waiters, 1)
+  if w then
+    w(v)
+    return true
+  end
+  if self.max and (self.last - self.first + 1) >= self.max then
+    return false
+  end
+  self.last = self.last + 1
+  self.items[self.last] = v
+  return true
+end
+
+--- Takes the oldest item, waiting up to timeout_ms (nil: forever) inside a task.
+function Queue:pop(timeout_ms)
+  if self.first <= self.last then
+    local v = self.items[self.first]
+    self.items[self.first] = nil
+    self.first = self.first + 1
+    return v
+  end
+  if self.closed then
+    return nil, "ECLOSED"
+  end
+  local t
+  local timer = require "callagent.timer"
+  local v, err = M.await(function(done)
+    local function waiter(x, e)
+      if t then
+        t:stop()
+      end
+      done(x, e)
+    end
+    self.waiters[#self.waiters + 1] = waiter
+    if timeout_ms then
+      t = timer.after(timeout_ms, function()
+        for i, w in ipairs(self.waiters) do
+          if w == waiter then
+            table.remove(self.waiters, i)
+            break
+          end
+        end
+        done(nil, "ETIMEDOUT")
+      end)
+    end
+  end)
+  return v, err
+end
+
+--- Closes the queue: waiting pops get nil, "ECLOSED"; items already in it can
+-- still be popped.
+function Queue:close()
+  self.closed = true
+  local ws = self.waiters
+  self.waiters = {}
+  for _, w in ipairs(ws) do
+    w(nil, "ECLOSED")
+  end
+end
+
+-- all ------------------------------------------------------------------------
+
+function M.all(fns)
+  local co = must_be_in_task("task.all")
+  local n, left, results = #fns, #fns, {}
+  if n == 0 then
+    return
+  end
+  local waiting = false
+  for i, fn in ipairs(fns) do
+    M.spawn(function()
+      results[i] = fn()
+      left = left - 1
+      if left == 0 and waiting then
+        M.resume(co)
+      end
+    end)
+  end
+  if left > 0 then
+    waiting = true
+    coroutine.yield()
+  end
+  return unpack(results, 1, n)
+end
+
+return M

@@ -1,0 +1,515 @@
+/*
+ * main.c - the callagent program: one Lua state on one libuv loop.
+ *
+ *   callagent run app.lua [args...]
+ *
+ * Loads the Lua state with the built-in modules preloaded, points
+ * package.path at the project's Lua trees, runs app.lua, then runs the loop
+ * until no work is left or callagent.core.stop() is called. SIGINT/SIGTERM
+ * go to the Lua signal handler (callagent.runtime installs one that runs the
+ * shutdown handlers); a second signal exits at once.
+ *
+ * Exit codes: 0 done, 1 the app failed (error in app.lua, or stop(1)),
+ * 2 usage error, 128+N forced exit by a second signal N.
+ */
+#include <errno.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <dirent.h>
+
+#include <lualib.h>
+#include <lua-cjson.h>
+
+#include "ca.h"
+
+#ifndef CA_DATADIR
+#define CA_DATADIR "/usr/local/share/callagent"
+#endif
+
+static uv_loop_t *loop;
+static lua_State *mainL;
+static int exit_code;
+static int stopping;
+static int signal_ref = LUA_NOREF;
+static int signals_seen;
+static uv_signal_t sig_int, sig_term;
+static char root[PATH_MAX];	/* the folder holding lua/ and providers/ */
+
+#define MAX_AT_CLOSE 16
+static void (*at_close[MAX_AT_CLOSE])(void);
+static int n_at_close;
+
+uv_loop_t *ca_loop(void)
+{
+	return loop;
+}
+
+lua_State *ca_lua(void)
+{
+	return mainL;
+}
+
+int ca_stopping(void)
+{
+	return stopping;
+}
+
+void ca__at_close(void (*fn)(void))
+{
+	if (n_at_close < MAX_AT_CLOSE)
+		at_close[n_at_close++] = fn;
+}
+
+static void usage(FILE *f)
+{
+	fputs("usage: callagent run APP.lua [ARGS...]\n"
+	      "       callagent --help | --version\n"
+	      "\n"
+	      "Runs APP.lua on callagent's event loop until it has no work left or\n"
+	      "is stopped (SIGINT/SIGTERM: graceful stop; a second signal exits).\n"
+	      "\n"
+	      "Environment:\n"
+	      "  CALLAGENT_PATH   extra folders for require (colon separated)\n"
+	      "  CALLAGENT_LOG    log level: debug, info, warn, error\n"
+	      "\n"
+	      "Exit codes: 0 done, 1 the app failed, 2 usage error,\n"
+	      "128+N stopped at once by a second signal N.\n", f);
+}
+
+static int is_dir(const char *p)
+{
+	struct stat st;
+
+	return stat(p, &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+/*
+ * Finds the folder with lua/callagent in it: next to the binary (source tree,
+ * binary in build/), or the installed data dir.
+ */
+static void find_root(void)
+{
+	static const char *const rel[] = {"/../..", "/..", "", "/../share/callagent"};
+	char exe[PATH_MAX], probe[PATH_MAX + 64];
+	ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
+
+	if (n > 0) {
+		char *slash;
+
+		exe[n] = '\0';
+		slash = strrchr(exe, '/');
+		if (slash)
+			*slash = '\0';
+		for (size_t i = 0; i < sizeof rel / sizeof rel[0]; i++) {
+			snprintf(probe, sizeof probe, "%s%s/lua/callagent", exe, rel[i]);
+			if (!is_dir(probe))
+				continue;
+			snprintf(probe, sizeof probe, "%s%s", exe, rel[i]);
+			if (realpath(probe, root))
+				return;
+		}
+	}
+	snprintf(root, sizeof root, "%s", CA_DATADIR);
+}
+
+/* package.path: CALLAGENT_PATH, the app's folder, lua/, the root (providers.x). */
+static void set_paths(lua_State *L, const char *appdir)
+{
+	luaL_Buffer b;
+	const char *extra = getenv("CALLAGENT_PATH");
+
+	luaL_buffinit(L, &b);
+	if (extra && *extra) {
+		const char *p = extra;
+
+		while (*p) {
+			const char *e = strchr(p, ':');
+			size_t len = e ? (size_t)(e - p) : strlen(p);
+
+			if (len) {
+				lua_pushlstring(L, p, len);
+				lua_pushfstring(L, "%s/?.lua;%s/?/init.lua;",
+						lua_tostring(L, -1), lua_tostring(L, -1));
+				lua_remove(L, -2);
+				luaL_addvalue(&b);
+			}
+			p += len + (e ? 1 : 0);
+		}
+	}
+	lua_pushfstring(L, "%s/?.lua;%s/?/init.lua;%s/lua/?.lua;%s/lua/?/init.lua;%s/?.lua",
+			appdir, appdir, root, root, root);
+	luaL_addvalue(&b);
+	luaL_pushresult(&b);
+
+	lua_getglobal(L, "package");
+	lua_insert(L, -2);
+	lua_setfield(L, -2, "path");
+	lua_pushliteral(L, "");
+	lua_setfield(L, -2, "cpath");
+	lua_pop(L, 1);
+}
+
+static int open_cjson(lua_State *L)
+{
+	return luaopen_cjson(L);
+}
+
+static void preload(lua_State *L)
+{
+	static const luaL_Reg mods[] = {
+		{"callagent.core", luaopen_callagent_core},
+		{"callagent.core.timer", luaopen_callagent_core_timer},
+		{"callagent.core.log", luaopen_callagent_core_log},
+		{"callagent.core.http", luaopen_callagent_core_http},
+		{"callagent.core.ws", luaopen_callagent_core_ws},
+		{"callagent.core.fetch", luaopen_callagent_core_fetch},
+		{"callagent.core.process", luaopen_callagent_core_process},
+		{"callagent.crypto", luaopen_callagent_crypto},
+		{"callagent.audio", luaopen_callagent_audio},
+		{"cjson", open_cjson},
+		{NULL, NULL}
+	};
+
+	luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_PRELOAD_TABLE);
+	for (const luaL_Reg *m = mods; m->name; m++) {
+		lua_pushcfunction(L, m->func);
+		lua_setfield(L, -2, m->name);
+	}
+	lua_pop(L, 1);
+}
+
+/* ---- callagent.core: the runtime's own few functions ---- */
+
+static void begin_stop(int code)
+{
+	exit_code = code;
+	if (!stopping) {
+		stopping = 1;
+		uv_stop(loop);
+	}
+}
+
+/* core.stop([code]): ends the loop after the current callback; exits with code. */
+static int core_stop(lua_State *L)
+{
+	begin_stop((int)luaL_optinteger(L, 1, 0));
+	return 0;
+}
+
+/* core.exit([code]): flushes logs and exits now, without a graceful stop. */
+static int core_exit(lua_State *L)
+{
+	int code = (int)luaL_optinteger(L, 1, 0);
+
+	ca__log_flush();
+	fflush(stdout);
+	_exit(code);
+	return 0;
+}
+
+/* core.on_signal(fn): fn(name) runs on SIGINT/SIGTERM instead of an immediate stop. */
+static int core_on_signal(lua_State *L)
+{
+	if (!lua_isnoneornil(L, 1))
+		luaL_checktype(L, 1, LUA_TFUNCTION);
+	ca_unref(L, &signal_ref);
+	signal_ref = ca_ref(L, 1);
+	return 0;
+}
+
+/* core.listdir(path): sorted array of entry names (no . and ..), or nil, err. */
+static int cmp_str(const void *a, const void *b)
+{
+	return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+static int core_listdir(lua_State *L)
+{
+	const char *path = luaL_checkstring(L, 1);
+	DIR *d = opendir(path);
+	struct dirent *e;
+	char **names = NULL;
+	size_t n = 0, cap = 0;
+
+	if (d == NULL)
+		return ca_fail_uv(L, uv_translate_sys_error(errno));
+	while ((e = readdir(d)) != NULL) {
+		if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, ".."))
+			continue;
+		if (n == cap) {
+			cap = cap ? cap * 2 : 16;
+			names = ca_realloc(names, cap * sizeof *names);
+		}
+		names[n++] = ca_strdup(e->d_name);
+	}
+	closedir(d);
+	qsort(names, n, sizeof *names, cmp_str);
+	lua_createtable(L, (int)n, 0);
+	for (size_t i = 0; i < n; i++) {
+		lua_pushstring(L, names[i]);
+		lua_rawseti(L, -2, (lua_Integer)i + 1);
+		free(names[i]);
+	}
+	free(names);
+	return 1;
+}
+
+/* core.stat(path): "file" | "dir" | "other", size, mtime; or nil, err. */
+static int core_stat(lua_State *L)
+{
+	struct stat st;
+
+	if (stat(luaL_checkstring(L, 1), &st) != 0)
+		return ca_fail_uv(L, uv_translate_sys_error(errno));
+	lua_pushstring(L, S_ISREG(st.st_mode) ? "file" : S_ISDIR(st.st_mode) ? "dir" : "other");
+	lua_pushinteger(L, (lua_Integer)st.st_size);
+	lua_pushinteger(L, (lua_Integer)st.st_mtime);
+	return 3;
+}
+
+/* core.realpath(path): the canonical absolute path, or nil, err. */
+static int core_realpath(lua_State *L)
+{
+	char out[PATH_MAX];
+
+	if (!realpath(luaL_checkstring(L, 1), out))
+		return ca_fail_uv(L, uv_translate_sys_error(errno));
+	lua_pushstring(L, out);
+	return 1;
+}
+
+/* core.mkdir(path [, mode]): true, or nil, err (an existing folder is fine). */
+static int core_mkdir(lua_State *L)
+{
+	const char *p = luaL_checkstring(L, 1);
+
+	if (mkdir(p, (mode_t)luaL_optinteger(L, 2, 0755)) != 0 && !(errno == EEXIST && is_dir(p)))
+		return ca_fail_uv(L, uv_translate_sys_error(errno));
+	lua_pushboolean(L, 1);
+	return 1;
+}
+
+static int core_pid(lua_State *L)
+{
+	lua_pushinteger(L, (lua_Integer)getpid());
+	return 1;
+}
+
+/* core.rss(): resident set size in bytes (from /proc/self/statm). */
+static int core_rss(lua_State *L)
+{
+	size_t rss = 0;
+
+	uv_resident_set_memory(&rss);
+	lua_pushinteger(L, (lua_Integer)rss);
+	return 1;
+}
+
+/* core.cpu(): user and system CPU seconds used by this process. */
+static int core_cpu(lua_State *L)
+{
+	uv_rusage_t ru;
+
+	if (uv_getrusage(&ru) != 0)
+		return 0;
+	lua_pushnumber(L, (double)ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6);
+	lua_pushnumber(L, (double)ru.ru_stime.tv_sec + ru.ru_stime.tv_usec / 1e6);
+	return 2;
+}
+
+int luaopen_callagent_core(lua_State *L)
+{
+	static const luaL_Reg fns[] = {
+		{"stop", core_stop},
+		{"exit", core_exit},
+		{"on_signal", core_on_signal},
+		{"listdir", core_listdir},
+		{"stat", core_stat},
+		{"realpath", core_realpath},
+		{"mkdir", core_mkdir},
+		{"pid", core_pid},
+		{"rss", core_rss},
+		{"cpu", core_cpu},
+		{NULL, NULL}
+	};
+
+	luaL_newlib(L, fns);
+	lua_pushliteral(L, CA_VERSION);
+	lua_setfield(L, -2, "version");
+	lua_pushstring(L, root);
+	lua_setfield(L, -2, "root");
+	return 1;
+}
+
+/* ---- signals ---- */
+
+static void on_signal(uv_signal_t *h, int signum)
+{
+	const char *name = signum == SIGINT ? "SIGINT" : "SIGTERM";
+
+	(void)h;
+	if (++signals_seen > 1 || stopping) {
+		ca_log(CA_LOG_WARN, "second signal %s: exiting now", name);
+		ca__log_flush();
+		_exit(128 + signum);
+	}
+	if (signal_ref == LUA_NOREF) {
+		ca_log(CA_LOG_INFO, "signal %s: stopping", name);
+		begin_stop(0);
+		return;
+	}
+	lua_pushstring(mainL, name);
+	ca_call_ref(signal_ref, 1, "signal handler");
+}
+
+/* ---- run ---- */
+
+static int run_app(int argc, char **argv)
+{
+	lua_State *L;
+	char appdir[PATH_MAX], *slash;
+	const char *script = argv[0];
+	int rc;
+
+	if (!realpath(script, appdir)) {
+		fprintf(stderr, "callagent: cannot open %s: %s\n", script, strerror(errno));
+		return 2;
+	}
+	slash = strrchr(appdir, '/');
+	if (slash)
+		*slash = '\0';
+
+	mainL = L = luaL_newstate();
+	if (L == NULL) {
+		fputs("callagent: cannot create the Lua state\n", stderr);
+		return 1;
+	}
+	luaL_openlibs(L);
+	preload(L);
+	set_paths(L, appdir);
+
+	/* arg: [-2] program, [-1] "run", [0] script, [1..] args */
+	lua_createtable(L, argc, 3);
+	lua_pushstring(L, "callagent");
+	lua_rawseti(L, -2, -2);
+	lua_pushliteral(L, "run");
+	lua_rawseti(L, -2, -1);
+	for (int i = 0; i < argc; i++) {
+		lua_pushstring(L, argv[i]);
+		lua_rawseti(L, -2, i);
+	}
+	lua_setglobal(L, "arg");
+
+	uv_signal_init(loop, &sig_int);
+	uv_signal_init(loop, &sig_term);
+	uv_signal_start(&sig_int, on_signal, SIGINT);
+	uv_signal_start(&sig_term, on_signal, SIGTERM);
+	uv_unref((uv_handle_t *)&sig_int);
+	uv_unref((uv_handle_t *)&sig_term);
+
+	rc = luaL_loadfile(L, script);
+	if (rc != LUA_OK) {
+		fprintf(stderr, "callagent: %s\n", lua_tostring(L, -1));
+		exit_code = 1;
+		goto out;
+	}
+	for (int i = 1; i < argc; i++)
+		lua_pushstring(L, argv[i]);
+	{
+		/* The top level of the app: an error here is fatal, with its traceback. */
+		int base = lua_gettop(L) - (argc - 1);
+
+		lua_getglobal(L, "debug");
+		lua_getfield(L, -1, "traceback");
+		lua_remove(L, -2);
+		lua_insert(L, base);
+		rc = lua_pcall(L, argc - 1, 0, base);
+		if (rc != LUA_OK) {
+			const char *msg = lua_tostring(L, -1);
+
+			ca__log_flush();
+			fprintf(stderr, "callagent: error in %s: %s\n", script, msg ? msg : "?");
+			exit_code = 1;
+			goto out;
+		}
+		lua_settop(L, 0);
+	}
+
+	if (!stopping)
+		uv_run(loop, UV_RUN_DEFAULT);
+
+out:
+	stopping = 1;
+	uv_signal_stop(&sig_int);
+	uv_signal_stop(&sig_term);
+	uv_close((uv_handle_t *)&sig_int, NULL);
+	uv_close((uv_handle_t *)&sig_term, NULL);
+	ca_unref(L, &signal_ref);
+
+	/*
+	 * Teardown: closing the state runs every __gc, which starts closing
+	 * the handles each module owns; the loop then finishes those closes.
+	 */
+	lua_close(L);
+	mainL = NULL;
+	for (int i = n_at_close - 1; i >= 0; i--)
+		at_close[i]();
+	uv_run(loop, UV_RUN_DEFAULT);
+	ca__log_flush();
+	return exit_code;
+}
+
+int main(int argc, char **argv)
+{
+	int rc;
+
+	signal(SIGPIPE, SIG_IGN);
+	if (argc < 2) {
+		usage(stderr);
+		return 2;
+	}
+	if (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
+		usage(stdout);
+		return 0;
+	}
+	if (!strcmp(argv[1], "--version") || !strcmp(argv[1], "-v") || !strcmp(argv[1], "version")) {
+		printf("callagent %s (%s, libuv %s)\n", CA_VERSION, LUA_RELEASE, uv_version_string());
+		return 0;
+	}
+	if (strcmp(argv[1], "run") != 0) {
+		fprintf(stderr, "callagent: unknown command '%s'\n\n", argv[1]);
+		usage(stderr);
+		return 2;
+	}
+	if (argc < 3) {
+		fputs("callagent: run needs the app file, e.g. callagent run app.lua\n", stderr);
+		return 2;
+	}
+
+	find_root();
+	loop = uv_default_loop();
+	{
+		const char *lvl = getenv("CALLAGENT_LOG");
+
+		if (lvl && *lvl) {
+			static const char *names[] = {"debug", "info", "warn", "error"};
+			int found = -1;
+
+			for (int i = 0; i < 4; i++)
+				if (!strcmp(lvl, names[i]))
+					found = i;
+			if (found < 0) {
+				fprintf(stderr, "callagent: CALLAGENT_LOG must be debug, info, warn or error, not '%s'\n", lvl);
+				return 2;
+			}
+			ca__log_set_level(found);
+		}
+	}
+	rc = run_app(argc - 2, argv + 2);
+	return rc;
+}

@@ -1,0 +1,252 @@
+--- testing: a small test harness for Lua tests run by the real callagent binary.
+--
+--   local T = require "testing"
+--   T.test("http server answers 404 for unknown paths", function()
+--     local srv = ...; T.defer(function() srv:close() end)
+--     T.eq(res.status, 404)
+--   end)
+--   T.run()
+--
+-- Each test runs in its own task (it may wait on I/O) with a timeout
+-- (T.timeout_ms, default 30000, or per test: T.test(name, fn, {timeout = ms})).
+-- Deferred cleanups run after the test, pass or fail. Output is TAP:
+-- "ok N - name" / "not ok N - name" with "# " diagnostics; the process exits
+-- 0 when all passed, 1 otherwise. TEST_FILTER (a Lua pattern) picks tests by name.
+local task = require "callagent.task"
+local timer = require "callagent.timer"
+local core = require "callagent.core"
+
+local T = { timeout_ms = 30000 }
+local tests = {}
+local current_defers
+
+function T.test(name, fn, opts)
+  tests[#tests + 1] = { name = name, fn = fn, opts = opts or {} }
+end
+
+function T.defer(fn)
+  assert(current_defers, "T.defer outside a test")
+  current_defers[#current_defers + 1] = fn
+end
+
+local function fmt(v)
+  if type(v) == "string" then
+    if #v > 200 then
+      return string.format("%q", v:sub(1, 200)) .. "...(" .. #v .. " bytes)"
+    end
+    return string.format("%q", v)
+  end
+  if type(v) == "table" then
+    local ok, json = pcall(require("cjson").encode, v)
+    if ok then
+      return json
+    end
+  end
+  return tostring(v)
+end
+T.fmt = fmt
+
+local function fail(msg, level)
+  error(msg, (level or 1) + 2)
+end
+
+local function deep_eq(a, b)
+  if a == b then
+    return true
+  end
+  if type(a) ~= "table" or type(b) ~= "table" then
+    return false
+  end
+  for k, v in pairs(a) do
+    if not deep_eq(v, b[k]) then
+      return false
+    end
+  end
+  for k in pairs(b) do
+    if a[k] == nil then
+      return false
+    end
+  end
+  return true
+end
+
+function T.eq(actual, expected, what)
+  if not deep_eq(actual, expected) then
+    fail(string.format("%sexpected %s, got %s", what and (what .. ": ") or "", fmt(expected), fmt(actual)))
+  end
+end
+
+function T.ne(actual, unexpected, what)
+  if deep_eq(actual, unexpected) then
+    fail(string.format("%sdid not expect %s", what and (what .. ": ") or "", fmt(actual)))
+  end
+end
+
+function T.ok(v, what)
+  if not v then
+    fail((what or "expected a true value") .. " (got " .. fmt(v) .. ")")
+  end
+  return v
+end
+
+function T.match(s, pattern, what)
+  if type(s) ~= "string" or not s:find(pattern) then
+    fail(string.format("%sexpected %s to match %q", what and (what .. ": ") or "", fmt(s), pattern))
+  end
+end
+
+function T.no_match(s, pattern, what)
+  if type(s) == "string" and s:find(pattern) then
+    fail(string.format("%sexpected %s not to match %q", what and (what .. ": ") or "", fmt(s), pattern))
+  end
+end
+
+function T.near(actual, expected, eps, what)
+  if type(actual) ~= "number" or math.abs(actual - expected) > eps then
+    fail(string.format("%sexpected %s within %s of %s", what and (what .. ": ") or "", fmt(actual), eps, expected))
+  end
+end
+
+function T.gt(a, b, what)
+  if not (type(a) == "number" and a > b) then
+    fail(string.format("%sexpected %s > %s", what and (what .. ": ") or "", fmt(a), fmt(b)))
+  end
+end
+
+function T.ge(a, b, what)
+  if not (type(a) == "number" and a >= b) then
+    fail(string.format("%sexpected %s >= %s", what and (what .. ": ") or "", fmt(a), fmt(b)))
+  end
+end
+
+function T.lt(a, b, what)
+  if not (type(a) == "number" and a < b) then
+    fail(string.format("%sexpected %s < %s", what and (what .. ": ") or "", fmt(a), fmt(b)))
+  end
+end
+
+function T.le(a, b, what)
+  if not (type(a) == "number" and a <= b) then
+    fail(string.format("%sexpected %s <= %s", what and (what .. ": ") or "", fmt(a), fmt(b)))
+  end
+end
+
+--- Expects fn to raise an error whose message matches pattern.
+function T.raises(fn, pattern, what)
+  local ok, err = pcall(fn)
+  if ok then
+    fail((what or "expected an error") .. ", but the call succeeded")
+  end
+  if pattern and not tostring(err):find(pattern) then
+    fail(string.format("%serror %s does not match %q", what and (what .. ": ") or "", fmt(tostring(err)), pattern))
+  end
+  return err
+end
+
+--- Waits (inside a test) until pred() is true, polling every 5 ms.
+function T.wait_for(pred, timeout_ms, what)
+  local deadline = timer.now() + (timeout_ms or 5000)
+  while true do
+    local v = pred()
+    if v then
+      return v
+    end
+    if timer.now() > deadline then
+      fail("timed out waiting for " .. (what or "condition"))
+    end
+    timer.sleep(5)
+  end
+end
+
+function T.diag(...)
+  local parts = {}
+  for i = 1, select("#", ...) do
+    parts[#parts + 1] = tostring((select(i, ...)))
+  end
+  io.stdout:write("# ", (table.concat(parts, " "):gsub("\n", "\n# ")), "\n")
+  io.stdout:flush()
+end
+
+local function run_one(i, t)
+  local defers = {}
+  current_defers = defers
+  local runner = task.running()
+  local result, waiting
+  local function finish(ok, err)
+    if result then
+      return
+    end
+    result = { ok = ok, err = err }
+    if waiting then
+      task.resume(runner)
+    end
+  end
+  local timeout = t.opts.timeout or T.timeout_ms
+  local tm = timer.after(timeout, function()
+    finish(false, "timed out after " .. timeout .. " ms")
+  end)
+  task.spawn(function()
+    finish(xpcall(t.fn, function(e)
+      return debug.traceback(tostring(e), 2)
+    end))
+  end)
+  if not result then
+    waiting = true
+    coroutine.yield()
+  end
+  tm:stop()
+  local ok, err = result.ok, result.err
+  current_defers = nil
+  for j = #defers, 1, -1 do
+    local dok, derr = pcall(defers[j])
+    if not dok and ok then
+      ok, err = false, "cleanup failed: " .. tostring(derr)
+    end
+  end
+  if ok then
+    io.stdout:write(string.format("ok %d - %s\n", i, t.name))
+  else
+    io.stdout:write(string.format("not ok %d - %s\n", i, t.name))
+    io.stdout:write("# ", (tostring(err):gsub("\n", "\n# ")), "\n")
+  end
+  io.stdout:flush()
+  return ok
+end
+
+function T.run()
+  local filter = os.getenv("TEST_FILTER")
+  task.spawn(function()
+    local failed, n = 0, 0
+    for _, t in ipairs(tests) do
+      if not filter or filter == "" or t.name:find(filter) then
+        n = n + 1
+        if not run_one(n, t) then
+          failed = failed + 1
+        end
+      end
+    end
+    io.stdout:write(string.format("1..%d\n", n))
+    io.stdout:flush()
+    core.stop(failed == 0 and 0 or 1)
+  end)
+end
+
+--- A free loopback TCP port is not needed: servers listen on port 0. For
+-- child processes: the path of the callagent binary under test.
+T.bin = os.getenv("CALLAGENT_BIN") or (core.root .. "/build/callagent")
+T.root = core.root
+
+--- A fresh temporary folder, removed after the test.
+function T.tmpdir()
+  local p = os.tmpname()
+  os.remove(p)
+  assert(core.mkdir(p, 448))
+  if current_defers then
+    T.defer(function()
+      os.execute("rm -rf '" .. p .. "'")
+    end)
+  end
+  return p
+end
+
+return T

@@ -1,0 +1,131 @@
+local T = require "testing"
+local timer = require "callagent.timer"
+local task = require "callagent.task"
+
+T.test("timer.after fires once after its delay", function()
+  local fired, t0, at = 0, timer.now(), nil
+  timer.after(30, function()
+    fired = fired + 1
+    at = timer.now()
+  end)
+  timer.sleep(80)
+  T.eq(fired, 1)
+  T.ge(at - t0, 29.5, "delay")
+end)
+
+T.test("timer.every repeats until stopped", function()
+  local n = 0
+  local t = timer.every(10, function()
+    n = n + 1
+  end)
+  timer.sleep(105)
+  t:stop()
+  local seen = n
+  T.ge(seen, 7, "firings in 105 ms")
+  T.le(seen, 11, "firings in 105 ms")
+  timer.sleep(40)
+  T.eq(n, seen, "no firing after stop")
+  T.eq(t:active(), false)
+  t:stop() -- idempotent
+end)
+
+T.test("stop before firing cancels the callback", function()
+  local fired = false
+  local t = timer.after(20, function()
+    fired = true
+  end)
+  T.eq(t:active(), true)
+  t:stop()
+  timer.sleep(40)
+  T.eq(fired, false)
+end)
+
+T.test("a timer that is not kept still fires after garbage collection", function()
+  local fired = false
+  timer.after(20, function()
+    fired = true
+  end)
+  collectgarbage()
+  collectgarbage()
+  timer.sleep(50)
+  T.eq(fired, true)
+end)
+
+T.test("timer.now is monotonic with sub-millisecond resolution", function()
+  local a = timer.now()
+  local b = timer.now()
+  T.ge(b, a)
+  T.ok(math.type(a) == "float")
+  local t0 = timer.now()
+  timer.sleep(25)
+  T.ge(timer.now() - t0, 24.5)
+end)
+
+T.test("sleep outside a task is an error that says so", function()
+  local ok, err = coroutine.resume(coroutine.create(function() end))
+  T.ok(ok, err)
+  -- Run the check on the main thread through a timer callback.
+  local msg
+  timer.after(0, function()
+    local okk, e = pcall(timer.sleep, 1)
+    msg = not okk and e
+  end)
+  T.wait_for(function()
+    return msg ~= nil
+  end)
+  T.match(msg, "inside a task")
+end)
+
+T.test("an error in a timer callback is logged and the loop keeps running", function()
+  timer.after(1, function()
+    error("deliberate failure in callback")
+  end)
+  timer.sleep(20)
+  local ok = false
+  timer.after(1, function()
+    ok = true
+  end)
+  timer.sleep(20)
+  T.ok(ok, "later timers still fire")
+end)
+
+T.test("queue pop waits, times out, and closes", function()
+  local q = task.queue()
+  timer.after(10, function()
+    q:push("a")
+  end)
+  T.eq(q:pop(1000), "a")
+  local v, err = q:pop(20)
+  T.eq(v, nil)
+  T.eq(err, "ETIMEDOUT")
+  q:push(1)
+  q:push(2)
+  T.eq(#q, 2)
+  T.eq(q:pop(), 1)
+  timer.after(5, function()
+    q:close()
+  end)
+  T.eq(q:pop(), 2)
+  local v2, err2 = q:pop()
+  T.eq(v2, nil)
+  T.eq(err2, "ECLOSED")
+end)
+
+T.test("task.all runs functions concurrently", function()
+  local t0 = timer.now()
+  local a, b = task.all({
+    function()
+      timer.sleep(40)
+      return "a"
+    end,
+    function()
+      timer.sleep(40)
+      return "b"
+    end,
+  })
+  T.eq(a, "a")
+  T.eq(b, "b")
+  T.lt(timer.now() - t0, 75, "ran in parallel")
+end)
+
+T.run()
