@@ -1,0 +1,181 @@
+--- callagent.process: child programs (tunnels such as ngrok or tailscale, tests).
+--
+--   local p, err = process.spawn{
+--     "ngrok", "http", "4545",        -- program and arguments (strings or numbers)
+--     env = { NAME = "value" },        -- replaces the environment (false: leave a name out)
+--     inherit_env = true,              -- ... or merges env over callagent's own
+--     cwd = "/some/dir",
+--     on_stdout = function(line) end, -- each line, without "\n" / "\r\n"
+--     on_stderr = function(line) end, -- false: discard the stream (/dev/null)
+--     on_exit = function(code, signal) end,
+--     stdin = true,                    -- a pipe for p:write (default: /dev/null)
+--     max_line = 65536,                -- longer lines arrive in pieces of this size
+--     max_queued = 10000,              -- lines kept for read_line per stream
+--     kill_on_exit = true,             -- SIGTERM when callagent exits (default true)
+--   }
+--
+-- The program is searched in the PATH that env sets, else in callagent's
+-- own PATH. A child that cannot be started gives nil, "ECODE: message"
+-- ("ENOENT: ngrok: not found in PATH", or uv_spawn's error for a bad cwd);
+-- a malformed spec raises.
+--
+-- Lines are split in C. A final line without newline arrives at EOF.
+-- on_exit(code, signal) runs once, after the child exited AND every line of
+-- stdout and stderr was delivered: code is the exit status (nil when a signal
+-- ended it), signal the signal's name ("SIGTERM") or nil. A child that leaves
+-- a grandchild holding its stdout/stderr open is complete only when that one
+-- closes them too.
+--
+--   p.pid                      the child's process id
+--   p:running()                true until the child has exited
+--   p:write(data)              queue data for stdin (never blocks): true, or nil, err
+--                              ("EBADF: ..." without stdin = true, "EPIPE: ..." once closed)
+--   p:close_stdin()            the child reads EOF after the queued data
+--   p:kill([signal])           name ("SIGTERM", "KILL") or number, default SIGTERM;
+--                              true, or nil, "ESRCH: ..." once it has exited
+--   p:wait([timeout_ms])       inside a task: waits until complete (as for on_exit);
+--                              returns code, signal (nil, "SIGTERM" after a kill),
+--                              or nil, "ETIMEDOUT"
+--   p:read_line([timeout_ms], [stream])
+--                              inside a task, when no on_<stream> callback was
+--                              given (stream "stdout", the default, or "stderr"):
+--                              the next line, or nil, "EOF" / "ETIMEDOUT"
+--   p:lines([stream])          iterator over read_line: for line in p:lines() do ... end
+--   p.dropped                  lines dropped because max_queued lines were waiting
+--   p.code, p.signal, p.done   the outcome, once complete
+--
+-- A process keeps running, with its callbacks, when its object is no longer
+-- referenced; everything is freed once it is complete. When callagent exits
+-- (its loop stops), children with kill_on_exit get SIGTERM; the others keep
+-- running with their pipes closed. runtime.exit() and a forced exit skip this.
+local core = require "callagent.core.process"
+local task = require "callagent.task"
+local timer = require "callagent.timer"
+
+local M = {}
+
+local Process = {}
+Process.__index = Process
+
+local function report(what, err)
+  require("callagent.log").error("process " .. what .. " failed", { error = err })
+end
+
+-- The line callback for a stream nobody listens to: keep lines for read_line.
+local function queued(self, stream, max)
+  local q = task.queue(max)
+  self._queues[stream] = q
+  return function(line)
+    if not q:push(line) then
+      self.dropped = self.dropped + 1
+    end
+  end
+end
+
+function M.spawn(spec)
+  assert(type(spec) == "table", "process.spawn needs a table: { program, args..., options }")
+  local self = setmetatable({ dropped = 0, done = false, _queues = {}, _waiters = {} }, Process)
+  local max = spec.max_queued or 10000
+  local on_stdout, on_stderr = spec.on_stdout, spec.on_stderr
+  if on_stdout == nil then
+    on_stdout = queued(self, "stdout", max)
+  end
+  if on_stderr == nil then
+    on_stderr = queued(self, "stderr", max)
+  end
+  local user_exit = spec.on_exit
+  local c, err = core.spawn(spec, on_stdout, on_stderr, function(code, signal)
+    self.code, self.signal, self.done = code, signal, true
+    for _, q in pairs(self._queues) do
+      q:close()
+    end
+    if user_exit then
+      local ok, e = xpcall(user_exit, debug.traceback, code, signal)
+      if not ok then
+        report("on_exit", e)
+      end
+    end
+    local ws = self._waiters
+    self._waiters = {}
+    for _, w in ipairs(ws) do
+      w()
+    end
+  end)
+  if not c then
+    return nil, err
+  end
+  self._c = c
+  self.pid = c:pid()
+  return self
+end
+
+function Process:running()
+  return self._c:running()
+end
+
+function Process:write(data)
+  return self._c:write(data)
+end
+
+function Process:close_stdin()
+  self._c:close_stdin()
+end
+
+function Process:kill(signal)
+  return self._c:kill(signal)
+end
+
+function Process:wait(timeout_ms)
+  if not self.done then
+    local t
+    local finished = task.await(function(done)
+      local function waiter()
+        if t then
+          t:stop()
+        end
+        done(true)
+      end
+      self._waiters[#self._waiters + 1] = waiter
+      if timeout_ms then
+        t = timer.after(timeout_ms, function()
+          for i, w in ipairs(self._waiters) do
+            if w == waiter then
+              table.remove(self._waiters, i)
+              break
+            end
+          end
+          done(false)
+        end)
+      end
+    end)
+    if not finished then
+      return nil, "ETIMEDOUT"
+    end
+  end
+  return self.code, self.signal
+end
+
+function Process:read_line(timeout_ms, stream)
+  stream = stream or "stdout"
+  local q = self._queues[stream]
+  if not q then
+    error("read_line(" .. stream .. "): the process was spawned with on_" .. stream, 2)
+  end
+  local line, err = q:pop(timeout_ms)
+  if line == nil and err == "ECLOSED" then
+    return nil, "EOF"
+  end
+  return line, err
+end
+
+function Process:lines(stream)
+  return function()
+    return (self:read_line(nil, stream))
+  end
+end
+
+function Process:__tostring()
+  return string.format("callagent.process (pid %d, %s)", self.pid, self.done and "done" or "running")
+end
+
+return M

@@ -1,0 +1,447 @@
+local T = require "testing"
+local process = require "callagent.process"
+local core = require "callagent.core"
+local timer = require "callagent.timer"
+local task = require "callagent.task"
+
+-- Runs argv (a spec table) to completion, collecting stdout and stderr lines.
+local function run(spec)
+  local out, err = {}, {}
+  spec.on_stdout = spec.on_stdout or function(line)
+    out[#out + 1] = line
+  end
+  spec.on_stderr = spec.on_stderr or function(line)
+    err[#err + 1] = line
+  end
+  local p = assert(process.spawn(spec))
+  local code, signal = p:wait(10000)
+  return { out = out, err = err, code = code, signal = signal, p = p }
+end
+
+-- Whether a pid is gone: no /proc entry, or a zombie nobody has reaped yet
+-- (the container's init may not reap orphans).
+local function pid_gone(pid)
+  local f = io.open("/proc/" .. pid .. "/stat")
+  if not f then
+    return true
+  end
+  local stat = f:read("a") or ""
+  f:close()
+  local state = stat:match("^%d+ %b() (%a)")
+  return state == nil or state == "Z" or state == "X"
+end
+
+T.test("stdout and stderr lines arrive separately and in order", function()
+  local r = run({ "/bin/sh", "-c", "echo a; echo b >&2; echo c; echo d >&2; echo e" })
+  T.eq(r.out, { "a", "c", "e" })
+  T.eq(r.err, { "b", "d" })
+  T.eq(r.code, 0)
+  T.eq(r.signal, nil)
+end)
+
+T.test("a final line without newline is delivered, CRLF is stripped, empty lines are kept", function()
+  local r = run({ "printf", "one\r\ntwo\n\nlast" })
+  T.eq(r.out, { "one", "two", "", "last" })
+end)
+
+T.test("lines longer than max_line arrive in pieces of max_line", function()
+  local r = run({ "printf", "abcdefghij\nabcd\r\nxy\nabcdefgh", max_line = 4 })
+  T.eq(r.out, { "abcd", "efgh", "ij", "abcd", "xy", "abcd", "efgh" })
+end)
+
+T.test("exit codes 0 and 3 are reported with no signal", function()
+  local ok = run({ "/bin/sh", "-c", "exit 0" })
+  T.eq(ok.code, 0)
+  T.eq(ok.signal, nil)
+  local three = run({ "/bin/sh", "-c", "exit 3" })
+  T.eq(three.code, 3)
+  T.eq(three.signal, nil)
+  T.eq(three.p.code, 3)
+  T.eq(three.p.done, true)
+end)
+
+T.test("on_exit runs after every line was delivered", function()
+  local lines, at_exit, args = 0, nil, nil
+  local p = assert(process.spawn({
+    "/bin/sh",
+    "-c",
+    "i=0; while [ $i -lt 2000 ]; do echo line $i; i=$((i+1)); done; echo tail >&2",
+    on_stdout = function()
+      lines = lines + 1
+    end,
+    on_exit = function(code, signal)
+      at_exit = lines
+      args = { code = code, signal = signal }
+    end,
+  }))
+  T.eq(p:wait(10000), 0)
+  T.eq(at_exit, 2000, "lines seen when on_exit ran")
+  T.eq(args, { code = 0 })
+  T.eq(p:read_line(100, "stderr"), "tail", "stderr is queued when only on_stdout is given")
+end)
+
+T.test("on_exit and wait come after output written after the child exited (grandchild)", function()
+  local order = {}
+  local p = assert(process.spawn({
+    "/bin/sh",
+    "-c",
+    "(sleep 0.2; echo late) & exit 5",
+    on_stdout = function(l)
+      order[#order + 1] = l
+    end,
+    on_exit = function(code)
+      order[#order + 1] = "exit " .. code
+    end,
+  }))
+  T.wait_for(function()
+    return not p:running()
+  end, 5000, "the shell to exit")
+  T.eq(order, {}, "nothing delivered while the pipe is open")
+  T.eq(p:wait(5000), 5)
+  T.eq(order, { "late", "exit 5" })
+end)
+
+T.test("env replaces the environment unless inherit_env merges it", function()
+  local r = run({ "env", env = { FOO = "bar", N = 42 } })
+  table.sort(r.out)
+  T.eq(r.out, { "FOO=bar", "N=42" })
+
+  local m = run({ "env", env = { FOO = "bar", CALLAGENT_BIN = false }, inherit_env = true })
+  local seen = {}
+  for _, l in ipairs(m.out) do
+    local k, v = l:match("^([^=]+)=(.*)$")
+    if k then -- a value with newlines spans several lines
+      seen[k] = v
+    end
+  end
+  T.eq(seen.FOO, "bar")
+  T.eq(seen.PATH, os.getenv("PATH"), "inherited PATH")
+  T.ok(os.getenv("CALLAGENT_BIN"), "the runner sets CALLAGENT_BIN")
+  T.eq(seen.CALLAGENT_BIN, nil, "false removes an inherited name")
+end)
+
+T.test("cwd sets the child's working directory, a missing one fails with ENOENT", function()
+  local dir = T.tmpdir()
+  local r = run({ "pwd", cwd = dir })
+  T.eq(r.out, { core.realpath(dir) })
+  local p, err = process.spawn({ "pwd", cwd = dir .. "/missing" })
+  T.eq(p, nil)
+  T.match(err, "^ENOENT: ")
+end)
+
+T.test("a program that does not exist gives nil, ENOENT", function()
+  local p, err = process.spawn({ "no-such-program-callagent-test" })
+  T.eq(p, nil)
+  T.match(err, "^ENOENT: .*no%-such%-program")
+  local p2, err2 = process.spawn({ "/nonexistent/bin/prog" })
+  T.eq(p2, nil)
+  T.match(err2, "^ENOENT: ")
+end)
+
+T.test("misuse raises: empty spec, bad callbacks, bad env, unknown signal", function()
+  T.raises(function()
+    process.spawn({})
+  end, "program")
+  T.raises(function()
+    process.spawn({ "true", on_stdout = 1 })
+  end, "function or false")
+  T.raises(function()
+    process.spawn({ "true", env = { ["A=B"] = "x" } })
+  end, "env names")
+  local p = assert(process.spawn({ "sleep", "10" }))
+  T.defer(function()
+    p:kill("KILL")
+  end)
+  T.raises(function()
+    p:kill("SIGNOPE")
+  end, "unknown signal")
+end)
+
+T.test("stdin writes reach cat and come back; close_stdin ends it", function()
+  local p = assert(process.spawn({ "/bin/cat", stdin = true }))
+  T.eq(p:write("hello\n"), true)
+  T.eq(p:read_line(5000), "hello", "echoed before stdin closes")
+  T.eq(p:write("wor"), true)
+  T.eq(p:write("ld"), true)
+  p:close_stdin()
+  local ok, err = p:write("late")
+  T.eq(ok, nil)
+  T.match(err, "^EPIPE")
+  T.eq(p:read_line(5000), "world")
+  local v, e = p:read_line(5000)
+  T.eq(v, nil)
+  T.eq(e, "EOF")
+  T.eq(p:wait(5000), 0)
+end)
+
+T.test("write without stdin = true fails with EBADF", function()
+  local p = assert(process.spawn({ "/bin/cat" }))
+  local ok, err = p:write("x")
+  T.eq(ok, nil)
+  T.match(err, "^EBADF")
+  T.eq(p:wait(5000), 0, "cat reads /dev/null and ends")
+end)
+
+T.test("a large stdin write (4 MB) is queued without blocking and arrives whole", function()
+  local bytes = 0
+  local p = assert(process.spawn({
+    "/bin/sh",
+    "-c",
+    "wc -c",
+    stdin = true,
+    on_stdout = function(l)
+      bytes = tonumber(l)
+    end,
+  }))
+  local chunk = string.rep("x", 1024 * 1024)
+  local t0 = timer.now()
+  for _ = 1, 4 do
+    T.eq(p:write(chunk), true)
+  end
+  T.lt(timer.now() - t0, 500, "write returned at once")
+  p:close_stdin()
+  T.eq(p:wait(10000), 0)
+  T.eq(bytes, 4 * 1024 * 1024)
+end)
+
+T.test("kill of sleep 100 ends it with SIGTERM quickly; a second kill gives ESRCH", function()
+  local exit_args
+  local p = assert(process.spawn({
+    "sleep",
+    "100",
+    on_exit = function(code, signal)
+      exit_args = { code = code, signal = signal }
+    end,
+  }))
+  T.eq(p:running(), true)
+  T.gt(p.pid, 0)
+  local t0 = timer.now()
+  T.eq(p:kill(), true)
+  local code, signal = p:wait(5000)
+  T.lt(timer.now() - t0, 1000, "exit observed quickly")
+  T.eq(code, nil)
+  T.eq(signal, "SIGTERM")
+  T.eq(exit_args, { signal = "SIGTERM" })
+  T.eq(p:running(), false)
+  local ok, err = p:kill()
+  T.eq(ok, nil)
+  T.match(err, "^ESRCH")
+end)
+
+T.test("kill takes signal names and numbers", function()
+  local p = assert(process.spawn({ "sleep", "100" }))
+  T.eq(p:kill("KILL"), true)
+  T.eq(select(2, p:wait(5000)), "SIGKILL")
+  local q = assert(process.spawn({ "sleep", "100" }))
+  T.eq(q:kill(2), true)
+  T.eq(select(2, q:wait(5000)), "SIGINT")
+end)
+
+T.test("wait with a timeout returns nil, ETIMEDOUT and can wait again", function()
+  local p = assert(process.spawn({ "sleep", "100" }))
+  local t0 = timer.now()
+  local v, err = p:wait(50)
+  T.eq(v, nil)
+  T.eq(err, "ETIMEDOUT")
+  T.ge(timer.now() - t0, 45)
+  T.lt(timer.now() - t0, 1000)
+  p:kill()
+  T.eq(select(2, p:wait(5000)), "SIGTERM")
+  T.eq(select(2, p:wait(1)), "SIGTERM", "wait after completion returns at once")
+end)
+
+T.test("read_line times out, then reads lines, then EOF; lines() iterates", function()
+  local p = assert(process.spawn({ "/bin/sh", "-c", "sleep 0.2; echo one; echo two" }))
+  local v, err = p:read_line(20)
+  T.eq(v, nil)
+  T.eq(err, "ETIMEDOUT")
+  local got = {}
+  for line in p:lines() do
+    got[#got + 1] = line
+  end
+  T.eq(got, { "one", "two" })
+  T.eq(select(2, p:read_line()), "EOF")
+  T.eq(p:wait(1000), 0)
+end)
+
+T.test("max_queued drops lines nobody reads and counts them", function()
+  local p = assert(process.spawn({ "seq", "1", "100", max_queued = 10 }))
+  T.eq(p:wait(5000), 0)
+  T.eq(p.dropped, 90)
+  T.eq(p:read_line(), "1")
+  T.eq(p:read_line(), "2")
+end)
+
+T.test("on_stdout = false discards the output", function()
+  local p = assert(process.spawn({ "seq", "1", "100000", on_stdout = false }))
+  T.eq(p:wait(5000), 0)
+  T.raises(function()
+    p:read_line()
+  end, "on_stdout")
+end)
+
+T.test("1 MB of output through the pipe arrives complete", function()
+  -- 16384 lines of 63 digits and a newline: exactly 1 MiB.
+  local bytes, lines, bad = 0, 0, 0
+  local p = assert(process.spawn({
+    "/bin/sh",
+    "-c",
+    "yes 012345678901234567890123456789012345678901234567890123456789012 | head -c 1048576",
+    on_stdout = function(l)
+      bytes = bytes + #l + 1
+      lines = lines + 1
+      if #l ~= 63 then
+        bad = bad + 1
+      end
+    end,
+  }))
+  T.eq(p:wait(10000), 0)
+  T.eq(bytes, 1048576)
+  T.eq(lines, 16384)
+  T.eq(bad, 0, "lines of the wrong length")
+end)
+
+T.test("1 MB on one line arrives in max_line pieces", function()
+  local total, pieces = 0, 0
+  local p = assert(process.spawn({
+    "/bin/sh",
+    "-c",
+    "head -c 1048576 /dev/zero | tr '\\0' x",
+    max_line = 100000,
+    on_stdout = function(l)
+      total = total + #l
+      pieces = pieces + 1
+    end,
+  }))
+  T.eq(p:wait(10000), 0)
+  T.eq(total, 1048576)
+  T.eq(pieces, 11)
+end)
+
+T.test("50 concurrent short processes all complete with their own output", function()
+  local fns = {}
+  for i = 1, 50 do
+    fns[i] = function()
+      local p = assert(process.spawn({ "/bin/sh", "-c", 'echo "$0"; exit $(($0 % 4))', i }))
+      local line = p:read_line(10000)
+      local code = p:wait(10000)
+      return { line = line, code = code }
+    end
+  end
+  local results = { task.all(fns) }
+  T.eq(#results, 50)
+  for i = 1, 50 do
+    T.eq(results[i], { line = tostring(i), code = i % 4 }, "process " .. i)
+  end
+end)
+
+T.test("an unreferenced running process keeps running, its callbacks fire, fds are released", function()
+  local fds_before = #core.listdir("/proc/self/fd")
+  local lines, codes = {}, {}
+  for i = 1, 20 do
+    process.spawn({
+      "/bin/sh",
+      "-c",
+      "sleep 0.1; echo done $0",
+      i,
+      stdin = true,
+      on_stdout = function(l)
+        lines[#lines + 1] = l
+      end,
+      on_exit = function(code)
+        codes[#codes + 1] = code
+      end,
+    })
+  end
+  collectgarbage()
+  collectgarbage()
+  T.wait_for(function()
+    return #codes == 20
+  end, 5000, "all exits")
+  T.eq(#lines, 20)
+  collectgarbage()
+  collectgarbage()
+  timer.sleep(20) -- close callbacks run on the next loop turns
+  T.eq(#core.listdir("/proc/self/fd"), fds_before, "open fds")
+end)
+
+-- Runs a child callagent with script text; returns the pid it prints, its
+-- exit code and its stderr lines.
+local function child_callagent(script)
+  local dir = T.tmpdir()
+  local path = dir .. "/child.lua"
+  local f = assert(io.open(path, "w"))
+  f:write(script)
+  f:close()
+  local err = {}
+  local p = assert(process.spawn({
+    T.bin,
+    "run",
+    path,
+    on_stderr = function(l)
+      err[#err + 1] = l
+    end,
+  }))
+  local pid = tonumber(p:read_line(10000))
+  local code = p:wait(10000)
+  return pid, code, err
+end
+
+T.test("kill_on_exit: a child of callagent gets SIGTERM when callagent exits", function()
+  local pid, code, err = child_callagent([[
+    local process = require "callagent.process"
+    -- A stdin pipe with a write queued (sleep never reads it) and line
+    -- callbacks: teardown must cancel and free all of it.
+    local p = assert(process.spawn{ "sleep", "100", stdin = true, on_stdout = print })
+    assert(p:write(string.rep("x", 4 * 1024 * 1024)))
+    io.stdout:write(p.pid, "\n"); io.stdout:flush()
+    require("callagent.core").stop(0)
+  ]])
+  T.ok(pid, "child printed the sleep pid")
+  T.defer(function()
+    os.execute("kill -9 " .. pid .. " 2>/dev/null")
+  end)
+  T.eq(code, 0)
+  T.eq(err, {}, "child stderr")
+  T.wait_for(function()
+    return pid_gone(pid)
+  end, 3000, "sleep " .. pid .. " to end")
+end)
+
+T.test("kill_on_exit also covers children whose object was collected before exit", function()
+  local pid, code, err = child_callagent([[
+    local core = require "callagent.core.process"
+    local p = assert(core.spawn({ "sleep", "100" }))
+    io.stdout:write(p:pid(), "\n"); io.stdout:flush()
+    p = nil
+    collectgarbage(); collectgarbage()
+    require("callagent.core").stop(0)
+  ]])
+  T.ok(pid, "child printed the sleep pid")
+  T.defer(function()
+    os.execute("kill -9 " .. pid .. " 2>/dev/null")
+  end)
+  T.eq(code, 0)
+  T.eq(err, {}, "child stderr")
+  T.wait_for(function()
+    return pid_gone(pid)
+  end, 3000, "sleep " .. pid .. " to end")
+end)
+
+T.test("kill_on_exit = false leaves the child running after callagent exits", function()
+  local pid, code = child_callagent([[
+    local process = require "callagent.process"
+    local p = assert(process.spawn{ "sleep", "100", kill_on_exit = false })
+    io.stdout:write(p.pid, "\n"); io.stdout:flush()
+    require("callagent.core").stop(0)
+  ]])
+  T.ok(pid, "child printed the sleep pid")
+  T.defer(function()
+    os.execute("kill -9 " .. pid .. " 2>/dev/null")
+  end)
+  T.eq(code, 0)
+  timer.sleep(100)
+  T.eq(pid_gone(pid), false, "sleep still running")
+end)
+
+T.run()
