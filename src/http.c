@@ -1,8 +1,1167 @@
-/* http.c - callagent.core.http (placeholder until the module lands). */
-#include "ca.h"
+/*
+ * http.c - callagent.core.http: HTTP/1.1 + WebSocket server on libwebsockets,
+ * joined to the host's libuv loop. Routing, static files and coroutines are
+ * Lua's business (lua/callagent/http.lua); this file moves bytes and enforces
+ * limits.
+ *
+ *   srv, err = http.listen(opts, on_request, on_ws)
+ *     opts.host            address to bind (default "127.0.0.1")
+ *     opts.port            port, 0 = any free one (default 0)
+ *     opts.max_header      bytes of request line + headers (default 8192);
+ *                          over it the connection is closed and a warning logged.
+ *                          Process-wide: all servers and clients share it (see
+ *                          configure); a different value fails with EINVAL
+ *     opts.max_body        request body bytes (default 1 MiB); over it: 413
+ *     opts.max_connections open connections (default 1024); over it: 503
+ *     opts.max_ws_message  incoming WebSocket message bytes (default 1 MiB); over it: close 1009
+ *     opts.max_send_queue  bytes queued per WebSocket (default 1 MiB); over it the
+ *                          peer is too slow and is dropped (close 1008)
+ *     opts.ws_paths        array of paths that accept a WebSocket upgrade (others: 404)
+ *     opts.headers         extra (non-standard) request header names to capture,
+ *                          e.g. {"x-twilio-signature"}; standard ones are always captured
+ *     opts.tls             {cert = "file.pem", key = "file.pem"}: serve https/wss
+ *     on_request(req, r)   r = {id, method, path, query, raw_query, headers, body, remote};
+ *                          answer with req:respond(status, headers, body)
+ *     on_ws(conn, event, a, b)   see wsconn.c ("open" gets the request table)
+ *   returns a server, or nil, "EADDRINUSE: ..." / "EADDRNOTAVAIL: ..." / "ETLS: ..." etc.
+ *
+ *   http.configure{max_header = n}  the process-wide request head limit; call it
+ *                         before the first server or client (else EINVAL when it differs)
+ *
+ *   srv.port, srv.host    the bound address
+ *   srv:close([fn])       stop listening, close every connection (idempotent; also
+ *                         __gc); fn() runs once that is done (a few ms later)
+ *   srv:connections()     open connections
+ *
+ *   req:respond(status, headers, body)  headers: name -> string (or array of
+ *                          strings for a repeated header). true, or nil, "ECLOSED: ..."
+ *                          when the client has gone.
+ *   req:header(name)      any request header by name (also non-standard ones),
+ *                          while the request is being handled
+ *   req:is_open()         whether the client is still there
+ *
+ * r.query is a table of the query parameters (a repeated name gives an array),
+ * decoded by lws (%xx and '+'); r.raw_query the decoded pairs joined by '&'.
+ */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "wsconn.h"
+
+#define SERVER_MT "callagent.HttpServer"
+#define REQ_MT "callagent.HttpRequest"
+#define BODY_CHUNK 16384
+
+/* One accepted connection of a server, from WSI_CREATE to WSI_DESTROY. */
+struct conn_node {
+	struct lws *wsi;
+	struct conn_node *prev, *next;
+};
+
+/*
+ * One server: a vhost of the shared lws context. Created by listen(), owned
+ * by its Lua userdata; freed once the userdata is gone, the vhost has been
+ * finalized by lws and the close has run its course.
+ */
+struct server {
+	struct lws_vhost *vh;
+	int listen_fd;
+	struct conn_node *conns;
+	int req_ref, ws_ref;
+	int closed_ref;			/* fn() once the server is fully closed */
+	char **ws_paths;
+	int n_ws_paths;
+	char **extra;			/* "name:" strings for lws_hdr_custom_copy */
+	int n_extra;
+	size_t max_body, max_ws_message, max_send_queue;
+	int max_connections, nconn;
+	int port;
+	char host[64];
+	int closing;
+	int vh_destroyed;		/* lws_vhost_destroy called */
+	int vh_gone;			/* lws has finalized the vhost */
+	int lua_alive;
+	uv_timer_t *closer;		/* drives close(); NULL when done */
+};
+
+/*
+ * One HTTP request and its response. Created when the request line and
+ * headers are in; owned by the connection until handed to Lua, then shared
+ * with the Lua handle: freed when both the connection is done with it and
+ * the handle is collected.
+ */
+struct req {
+	struct lws *wsi;		/* NULL once the connection is gone or the response sent */
+	struct server *srv;
+	lua_Integer id;
+	int method;
+	char *path;
+	unsigned char *body;
+	size_t body_len, body_cap, expect;
+	int dispatched, lua_alive;
+
+	/* The response. */
+	int status;
+	char *hdrs;			/* "name:\0value\0"... */
+	size_t hdrs_len;
+	unsigned char *out;
+	size_t out_len, out_off;
+	int responded, headers_sent, close_after;
+};
+
+/* Per-connection user data lws allocates for us. */
+struct pss {
+	struct req *req;
+	struct ca_ws *ws;
+};
+
+static const char *method_names[] = {
+	"GET", "POST", "OPTIONS", "PUT", "PATCH", "DELETE", "CONNECT", "HEAD", "GET"
+};
+
+/* ---- requests ---- */
+
+static void free_req(struct req *r)
+{
+	free(r->path);
+	free(r->body);
+	free(r->hdrs);
+	free(r->out);
+	free(r);
+}
+
+/* The connection is done with r (response sent, or connection closed). */
+static void release_req(struct req *r)
+{
+	r->wsi = NULL;
+	if (!r->lua_alive)
+		free_req(r);
+}
+
+static int req_gc(lua_State *L)
+{
+	struct req **b = luaL_checkudata(L, 1, REQ_MT);
+	struct req *r = *b;
+
+	*b = NULL;
+	if (r == NULL)
+		return 0;
+	r->lua_alive = 0;
+	if (r->wsi == NULL)
+		free_req(r);
+	return 0;
+}
+
+static struct req *check_req(lua_State *L)
+{
+	struct req **b = luaL_checkudata(L, 1, REQ_MT);
+
+	if (*b == NULL)
+		luaL_argerror(L, 1, "request already freed");
+	return *b;
+}
+
+static void add_hdr(struct req *r, const char *name, size_t nl, const char *val, size_t vl)
+{
+	/* Stored as "name:\0value\0" with the name lowercased. */
+	size_t need = r->hdrs_len + nl + 2 + vl + 1;
+
+	r->hdrs = ca_realloc(r->hdrs, need);
+	for (size_t i = 0; i < nl; i++) {
+		char c = name[i];
+
+		r->hdrs[r->hdrs_len++] = (c >= 'A' && c <= 'Z') ? (char)(c + 32) : c;
+	}
+	r->hdrs[r->hdrs_len++] = ':';
+	r->hdrs[r->hdrs_len++] = '\0';
+	memcpy(r->hdrs + r->hdrs_len, val, vl);
+	r->hdrs_len += vl;
+	r->hdrs[r->hdrs_len++] = '\0';
+}
+
+static int valid_header_name(const char *s, size_t n)
+{
+	if (n == 0)
+		return 0;
+	for (size_t i = 0; i < n; i++) {
+		unsigned char c = (unsigned char)s[i];
+
+		if (c <= 32 || c >= 127 || c == ':' || c == '(' || c == ')' || c == ',' ||
+		    c == '/' || c == ';' || c == '<' || c == '=' || c == '>' || c == '?' ||
+		    c == '@' || c == '[' || c == '\\' || c == ']' || c == '{' || c == '}' || c == '"')
+			return 0;
+	}
+	return 1;
+}
+
+static int valid_header_value(const char *s, size_t n)
+{
+	for (size_t i = 0; i < n; i++)
+		if (s[i] == '\r' || s[i] == '\n' || s[i] == '\0')
+			return 0;
+	return 1;
+}
+
+/* req:respond(status, headers, body) */
+static int req_respond(lua_State *L)
+{
+	struct req *r = check_req(L);
+	lua_Integer status = luaL_checkinteger(L, 2);
+	size_t blen = 0;
+	const char *body;
+
+	luaL_argcheck(L, status >= 100 && status <= 599, 2, "HTTP status must be 100..599");
+	if (!lua_isnoneornil(L, 3))
+		luaL_checktype(L, 3, LUA_TTABLE);
+	body = luaL_optlstring(L, 4, "", &blen);
+	if (r->responded)
+		return luaL_error(L, "this request was already answered");
+	if (r->wsi == NULL)
+		return ca_fail(L, "ECLOSED", "the client has gone");
+
+	r->status = (int)status;
+	if (lua_istable(L, 3)) {
+		lua_pushnil(L);
+		while (lua_next(L, 3)) {
+			size_t nl, vl;
+			const char *name, *val;
+
+			if (lua_type(L, -2) != LUA_TSTRING)
+				return luaL_error(L, "header names must be strings");
+			name = lua_tolstring(L, -2, &nl);
+			if (!valid_header_name(name, nl))
+				return luaL_error(L, "invalid header name '%s'", name);
+			if (lua_istable(L, -1)) {
+				lua_Integer n = luaL_len(L, -1);
+
+				for (lua_Integer i = 1; i <= n; i++) {
+					lua_geti(L, -1, i);
+					val = luaL_tolstring(L, -1, &vl);
+					if (!valid_header_value(val, vl))
+						return luaL_error(L, "invalid value for header '%s'", name);
+					add_hdr(r, name, nl, val, vl);
+					lua_pop(L, 2);
+				}
+			} else {
+				val = luaL_tolstring(L, -1, &vl);
+				if (!valid_header_value(val, vl))
+					return luaL_error(L, "invalid value for header '%s'", name);
+				add_hdr(r, name, nl, val, vl);
+				lua_pop(L, 1);
+			}
+			lua_pop(L, 1);
+		}
+	}
+	if (blen && r->method != LWSHUMETH_HEAD) {
+		r->out = ca_malloc(blen);
+		memcpy(r->out, body, blen);
+	}
+	r->out_len = blen;
+	r->responded = 1;
+	lws_callback_on_writable(r->wsi);
+	lua_pushboolean(L, 1);
+	return 1;
+}
+
+/* req:header(name): any header of the request while it is being handled. */
+static int req_header(lua_State *L)
+{
+	struct req *r = check_req(L);
+	size_t nl;
+	const char *name = luaL_checklstring(L, 2, &nl);
+	char key[128], stackbuf[1024], *buf;
+	int len;
+
+	if (r->wsi == NULL || nl == 0 || nl + 2 > sizeof key)
+		return 0;
+	for (size_t i = 0; i < nl; i++)
+		key[i] = (name[i] >= 'A' && name[i] <= 'Z') ? (char)(name[i] + 32) : name[i];
+	key[nl] = ':';
+	key[nl + 1] = '\0';
+	/* Standard headers first. */
+	for (int t = 0; t < WSI_TOKEN_COUNT; t++) {
+		const char *tn = (const char *)lws_token_to_string((enum lws_token_indexes)t);
+
+		if (tn && strcmp(tn, key) == 0) {
+			len = lws_hdr_total_length(r->wsi, (enum lws_token_indexes)t);
+			if (len <= 0)
+				return 0;
+			buf = (size_t)len < sizeof stackbuf ? stackbuf : ca_malloc((size_t)len + 1);
+			len = lws_hdr_copy(r->wsi, buf, len + 1, (enum lws_token_indexes)t);
+			if (len >= 0)
+				lua_pushlstring(L, buf, (size_t)len);
+			if (buf != stackbuf)
+				free(buf);
+			return len >= 0;
+		}
+	}
+	len = lws_hdr_custom_length(r->wsi, key, (int)nl + 1);
+	if (len < 0)
+		return 0;
+	buf = (size_t)len < sizeof stackbuf ? stackbuf : ca_malloc((size_t)len + 1);
+	len = lws_hdr_custom_copy(r->wsi, buf, len + 1, key, (int)nl + 1);
+	if (len >= 0)
+		lua_pushlstring(L, buf, (size_t)len);
+	if (buf != stackbuf)
+		free(buf);
+	return len >= 0;
+}
+
+static int req_is_open(lua_State *L)
+{
+	lua_pushboolean(L, check_req(L)->wsi != NULL);
+	return 1;
+}
+
+/* Pushes the extra (custom) headers the server captures into the table on top. */
+static void push_extra_headers(lua_State *L, struct server *s, struct lws *wsi)
+{
+	char buf[2048];
+
+	for (int i = 0; i < s->n_extra; i++) {
+		int nl = (int)strlen(s->extra[i]);
+		int len = lws_hdr_custom_copy(wsi, buf, sizeof buf, s->extra[i], nl);
+
+		if (len >= 0) {
+			lua_pushlstring(L, s->extra[i], (size_t)nl - 1);
+			lua_pushlstring(L, buf, (size_t)len);
+			lua_rawset(L, -3);
+		}
+	}
+}
+
+static void push_remote(lua_State *L, struct lws *wsi)
+{
+	char peer[64];
+
+	peer[0] = '\0';
+	lws_get_peer_simple(wsi, peer, sizeof peer);
+	lua_pushstring(L, peer);
+}
+
+/*
+ * Pushes the query as lws decoded it: a table (name -> value, a repeated name
+ * -> array of values) and the pairs joined with '&'.
+ */
+static void push_query(lua_State *L, struct lws *wsi)
+{
+	char frag[4096];
+	luaL_Buffer raw;
+	int tbl;
+
+	lua_newtable(L);
+	tbl = lua_gettop(L);
+	luaL_buffinit(L, &raw);
+	for (int i = 0; lws_hdr_total_length(wsi, WSI_TOKEN_HTTP_URI_ARGS) > 0; i++) {
+		int n = lws_hdr_copy_fragment(wsi, frag, sizeof frag, WSI_TOKEN_HTTP_URI_ARGS, i);
+		char *eq;
+
+		if (n < 0)
+			break;
+		if (i)
+			luaL_addchar(&raw, '&');
+		luaL_addlstring(&raw, frag, (size_t)n);
+		eq = memchr(frag, '=', (size_t)n);
+		lua_pushlstring(L, frag, eq ? (size_t)(eq - frag) : (size_t)n);	/* name */
+		if (eq)
+			lua_pushlstring(L, eq + 1, (size_t)(frag + n - eq - 1));
+		else
+			lua_pushliteral(L, "");
+		lua_pushvalue(L, -2);
+		switch (lua_rawget(L, tbl)) {
+		case LUA_TNIL:
+			lua_pop(L, 1);
+			lua_rawset(L, tbl);
+			break;
+		case LUA_TTABLE:	/* third and later values */
+			lua_insert(L, -2);
+			lua_rawseti(L, -2, (lua_Integer)lua_rawlen(L, -2) + 1);
+			lua_pop(L, 2);
+			break;
+		default: {		/* second value: make an array */
+			lua_createtable(L, 2, 0);
+			lua_insert(L, -2);
+			lua_rawseti(L, -2, 1);
+			lua_insert(L, -2);
+			lua_rawseti(L, -2, 2);
+			lua_rawset(L, tbl);
+			break;
+		}
+		}
+	}
+	luaL_pushresult(&raw);
+}
+
+/* Hands a complete request to Lua: on_request(handle, table). */
+static void dispatch(struct server *s, struct req *r)
+{
+	lua_State *L = ca_lua();
+	struct req **b;
+
+	if (L == NULL || r->dispatched)
+		return;
+	r->dispatched = 1;
+	/* Our handler decides how long it takes; lws should not time it out. */
+	lws_set_timeout(r->wsi, NO_PENDING_TIMEOUT, 0);
+
+	lua_rawgeti(L, LUA_REGISTRYINDEX, s->req_ref);
+	b = lua_newuserdatauv(L, sizeof *b, 0);
+	*b = r;
+	r->lua_alive = 1;
+	luaL_setmetatable(L, REQ_MT);
+
+	lua_createtable(L, 0, 8);
+	lua_pushinteger(L, r->id);
+	lua_setfield(L, -2, "id");
+	lua_pushstring(L, method_names[r->method]);
+	lua_setfield(L, -2, "method");
+	lua_pushstring(L, r->path);
+	lua_setfield(L, -2, "path");
+	push_query(L, r->wsi);
+	lua_setfield(L, -3, "raw_query");
+	lua_setfield(L, -2, "query");
+	ca__push_headers(L, r->wsi);
+	push_extra_headers(L, s, r->wsi);
+	lua_setfield(L, -2, "headers");
+	lua_pushlstring(L, r->body ? (char *)r->body : "", r->body_len);
+	lua_setfield(L, -2, "body");
+	push_remote(L, r->wsi);
+	lua_setfield(L, -2, "remote");
+	ca_call(L, 2, 0, "http request handler");
+}
+
+/* Answers straight from C (limits); the connection closes after it. */
+static void quick_response(struct req *r, int status, const char *code, const char *msg)
+{
+	char body[256];
+	int n = snprintf(body, sizeof body, "{\"error\":{\"code\":\"%s\",\"message\":\"%s\"}}", code, msg);
+
+	add_hdr(r, "content-type", 12, "application/json", 16);
+	r->status = status;
+	r->out = ca_malloc((size_t)n);
+	memcpy(r->out, body, (size_t)n);
+	r->out_len = (size_t)n;
+	r->responded = 1;
+	r->dispatched = 1;
+	r->close_after = 1;
+	lws_callback_on_writable(r->wsi);
+}
+
+/*
+ * Writes the response headers, then the body in chunks. Returns 0 when more
+ * is to come, 1 when the response is complete, -1 to close the connection.
+ */
+static int write_response(struct req *r)
+{
+	struct lws *wsi = r->wsi;
+
+	if (!r->headers_sent) {
+		size_t cap = LWS_PRE + r->hdrs_len + 512;
+		unsigned char *buf = ca_malloc(cap), *start = buf + LWS_PRE, *p = start, *end = buf + cap - 1;
+		size_t off = 0;
+		int bad = 0;
+
+		if (lws_add_http_header_status(wsi, (unsigned int)r->status, &p, end))
+			bad = 1;
+		while (!bad && off < r->hdrs_len) {
+			const char *name = r->hdrs + off;
+			const char *val = name + strlen(name) + 1;
+			size_t vl = strlen(val);
+
+			off = (size_t)(val - r->hdrs) + vl + 1;
+			if (lws_add_http_header_by_name(wsi, (const unsigned char *)name,
+							(const unsigned char *)val, (int)vl, &p, end))
+				bad = 1;
+		}
+		if (!bad && r->close_after &&
+		    lws_add_http_header_by_name(wsi, (const unsigned char *)"connection:",
+						(const unsigned char *)"close", 5, &p, end))
+			bad = 1;
+		if (!bad && lws_add_http_header_content_length(wsi, r->out_len, &p, end))
+			bad = 1;
+		if (!bad && lws_finalize_write_http_header(wsi, start, &p, end))
+			bad = 1;
+		free(buf);
+		if (bad)
+			return -1;
+		r->headers_sent = 1;
+		if (r->out_len == 0 || r->method == LWSHUMETH_HEAD)
+			return 1;
+		lws_callback_on_writable(wsi);
+		return 0;
+	}
+
+	while (r->out_off < r->out_len) {
+		unsigned char chunk[LWS_PRE + BODY_CHUNK];
+		size_t n = r->out_len - r->out_off;
+		int last;
+
+		if (n > BODY_CHUNK)
+			n = BODY_CHUNK;
+		last = r->out_off + n == r->out_len;
+		memcpy(chunk + LWS_PRE, r->out + r->out_off, n);
+		if (lws_write(wsi, chunk + LWS_PRE, n, last ? LWS_WRITE_HTTP_FINAL : LWS_WRITE_HTTP) < (int)n)
+			return -1;
+		r->out_off += n;
+		if (!last && lws_send_pipe_choked(wsi)) {
+			lws_callback_on_writable(wsi);
+			return 0;
+		}
+	}
+	return 1;
+}
+
+static int path_accepts_ws(struct server *s, const char *path)
+{
+	for (int i = 0; i < s->n_ws_paths; i++)
+		if (strcmp(s->ws_paths[i], path) == 0)
+			return 1;
+	return 0;
+}
+
+static int server_callback(struct lws *wsi, enum lws_callback_reasons reason,
+			   void *user, void *in, size_t len)
+{
+	struct server *s = wsi ? lws_get_vhost_user(lws_get_vhost(wsi)) : NULL;
+	struct pss *pss = user;
+	lua_State *L = ca_lua();
+
+	if (s == NULL)
+		return lws_callback_http_dummy(wsi, reason, user, in, len);
+
+	switch (reason) {
+	case LWS_CALLBACK_FILTER_NETWORK_CONNECTION:
+		/* Far past the limit: refuse without a word (flood). */
+		return s->closing || s->nconn >= 2 * s->max_connections + 16;
+
+	case LWS_CALLBACK_SERVER_NEW_CLIENT_INSTANTIATED: {
+		/* (Not at WSI_CREATE: lws resets the opaque pointer after it.) */
+		struct conn_node *n = ca_malloc(sizeof *n);
+
+		n->wsi = wsi;
+		n->prev = NULL;
+		n->next = s->conns;
+		if (s->conns)
+			s->conns->prev = n;
+		s->conns = n;
+		lws_set_opaque_user_data(wsi, n);
+		s->nconn++;
+		if (s->closing)
+			ca__ws_kill(wsi);
+		return 0;
+	}
+
+	case LWS_CALLBACK_WSI_DESTROY: {
+		struct conn_node *n = lws_get_opaque_user_data(wsi);
+
+		if (n == NULL)
+			return 0;
+		lws_set_opaque_user_data(wsi, NULL);
+		if (n->prev)
+			n->prev->next = n->next;
+		else
+			s->conns = n->next;
+		if (n->next)
+			n->next->prev = n->prev;
+		free(n);
+		s->nconn--;
+		return 0;
+	}
+
+	case LWS_CALLBACK_HTTP: {
+		struct req *r;
+		char *uri;
+		int ulen, meth;
+		char cl[32];
+
+		if (pss == NULL || L == NULL)
+			return -1;
+		if (pss->req) {	/* a previous request still unanswered: cannot happen on h1 */
+			release_req(pss->req);
+			pss->req = NULL;
+		}
+		r = ca_malloc(sizeof *r);
+		memset(r, 0, sizeof *r);
+		r->wsi = wsi;
+		r->srv = s;
+		r->id = ca__next_id();
+		meth = lws_http_get_uri_and_method(wsi, &uri, &ulen);
+		r->method = meth < 0 || meth > LWSHUMETH_COLON_PATH ? 0 : meth;
+		r->path = ca_malloc(len + 1);
+		memcpy(r->path, in, len);
+		r->path[len] = '\0';
+		pss->req = r;
+
+		if (s->nconn > s->max_connections) {
+			ca_log(CA_LOG_WARN, "http: %d connections open (max_connections %d): answering 503",
+			       s->nconn, s->max_connections);
+			quick_response(r, 503, "busy", "too many connections");
+			return 0;
+		}
+		if (lws_hdr_total_length(wsi, WSI_TOKEN_HTTP_TRANSFER_ENCODING) > 0) {
+			quick_response(r, 411, "length_required", "chunked request bodies are not supported: send Content-Length");
+			return 0;
+		}
+		if (lws_hdr_copy(wsi, cl, sizeof cl, WSI_TOKEN_HTTP_CONTENT_LENGTH) > 0) {
+			char *endp;
+			unsigned long long v = strtoull(cl, &endp, 10);
+
+			if (*endp != '\0') {
+				quick_response(r, 400, "bad_request", "invalid Content-Length");
+				return 0;
+			}
+			if (v > s->max_body) {
+				ca_log(CA_LOG_WARN, "http: %s %s: body of %llu bytes over max_body %zu: answering 413",
+				       method_names[r->method], r->path, v, s->max_body);
+				quick_response(r, 413, "payload_too_large", "request body too large");
+				return 0;
+			}
+			r->expect = (size_t)v;
+			if (v > 0 || r->method == LWSHUMETH_POST)
+				return 0;	/* lws calls HTTP_BODY / HTTP_BODY_COMPLETION */
+		}
+		dispatch(s, r);
+		return 0;
+	}
+
+	case LWS_CALLBACK_HTTP_BODY: {
+		struct req *r = pss ? pss->req : NULL;
+
+		if (r == NULL || r->dispatched)
+			return 0;
+		if (r->body_len + len > s->max_body) {
+			quick_response(r, 413, "payload_too_large", "request body too large");
+			return 0;
+		}
+		if (r->body_len + len > r->body_cap) {
+			size_t cap = r->expect > r->body_len + len ? r->expect : r->body_len + len;
+
+			r->body = ca_realloc(r->body, cap + 1);
+			r->body_cap = cap;
+		}
+		if (len) {
+			memcpy(r->body + r->body_len, in, len);
+			r->body_len += len;
+		}
+		return 0;
+	}
+
+	case LWS_CALLBACK_HTTP_BODY_COMPLETION:
+		if (pss && pss->req && !pss->req->dispatched)
+			dispatch(s, pss->req);
+		return 0;
+
+	case LWS_CALLBACK_HTTP_WRITEABLE: {
+		struct req *r = pss ? pss->req : NULL;
+		int rc, close_after;
+
+		if (r == NULL || !r->responded)
+			return 0;
+		rc = write_response(r);
+		if (rc == 0)
+			return 0;
+		/* Finished (or failed): the connection is done with this request. */
+		close_after = r->close_after;
+		pss->req = NULL;
+		release_req(r);
+		if (rc < 0 || close_after)
+			return -1;
+		return lws_http_transaction_completed(wsi) ? -1 : 0;
+	}
+
+	case LWS_CALLBACK_CLOSED_HTTP:
+		if (pss && pss->req) {
+			release_req(pss->req);
+			pss->req = NULL;
+		}
+		return 0;
+
+	case LWS_CALLBACK_HTTP_CONFIRM_UPGRADE: {
+		char path[512];
+		int n = lws_hdr_copy(wsi, path, sizeof path, WSI_TOKEN_GET_URI);
+
+		if (n <= 0 || !path_accepts_ws(s, path)) {
+			lws_return_http_status(wsi, HTTP_STATUS_NOT_FOUND, NULL);
+			return 1;
+		}
+		if (s->nconn > s->max_connections) {
+			ca_log(CA_LOG_WARN, "http: %d connections open (max_connections %d): refusing WebSocket",
+			       s->nconn, s->max_connections);
+			lws_return_http_status(wsi, HTTP_STATUS_SERVICE_UNAVAILABLE, NULL);
+			return 1;
+		}
+		return 0;
+	}
+
+	case LWS_CALLBACK_ESTABLISHED: {
+		struct ca_ws *ws;
+		char path[512];
+
+		if (pss == NULL || L == NULL)
+			return -1;
+		if (pss->req) {
+			release_req(pss->req);
+			pss->req = NULL;
+		}
+		ws = ca__ws_new(L, s->max_ws_message, s->max_send_queue);	/* [conn] */
+		ws->wsi = wsi;
+		ws->state = CA_WS_OPEN;
+		lua_rawgeti(L, LUA_REGISTRYINDEX, s->ws_ref);
+		ws->handler_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+		pss->ws = ws;
+		lua_pop(L, 1);
+
+		lua_createtable(L, 0, 6);
+		if (lws_hdr_copy(wsi, path, sizeof path, WSI_TOKEN_GET_URI) < 0)
+			path[0] = '\0';
+		lua_pushstring(L, path);
+		lua_setfield(L, -2, "path");
+		push_query(L, wsi);
+		lua_setfield(L, -3, "raw_query");
+		lua_setfield(L, -2, "query");
+		ca__push_headers(L, wsi);
+		push_extra_headers(L, s, wsi);
+		lua_setfield(L, -2, "headers");
+		push_remote(L, wsi);
+		lua_setfield(L, -2, "remote");
+		lua_pushliteral(L, "GET");
+		lua_setfield(L, -2, "method");
+		ca__ws_emit(ws, "open", 1);
+		return 0;
+	}
+
+	case LWS_CALLBACK_RECEIVE:
+		if (pss && pss->ws)
+			ca__ws_receive(pss->ws, in, len);
+		return 0;
+
+	case LWS_CALLBACK_SERVER_WRITEABLE:
+		if (pss && pss->ws)
+			return ca__ws_writeable(pss->ws);
+		return 0;
+
+	case LWS_CALLBACK_WS_PEER_INITIATED_CLOSE:
+		if (pss && pss->ws)
+			return ca__ws_peer_close(pss->ws, in, len);
+		return 0;
+
+	case LWS_CALLBACK_CLOSED:
+		if (pss && pss->ws) {
+			struct ca_ws *ws = pss->ws;
+
+			pss->ws = NULL;
+			ca__ws_closed(ws);
+		}
+		return 0;
+
+	default:
+		break;
+	}
+	return lws_callback_http_dummy(wsi, reason, user, in, len);
+}
+
+/* ---- the server object ---- */
+
+static void free_server(struct server *s)
+{
+	for (int i = 0; i < s->n_ws_paths; i++)
+		free(s->ws_paths[i]);
+	free(s->ws_paths);
+	for (int i = 0; i < s->n_extra; i++)
+		free(s->extra[i]);
+	free(s->extra);
+	free(s);
+}
+
+static void maybe_free(struct server *s)
+{
+	if (!s->lua_alive && s->vh_gone && s->closer == NULL)
+		free_server(s);
+}
+
+/* lws is about to free the vhost: nothing of this server can call back any more. */
+static void on_vhost_final(struct lws_vhost *vh, void *arg)
+{
+	struct server *s = arg;
+
+	(void)vh;
+	s->vh_gone = 1;
+	maybe_free(s);
+}
+
+static void on_closer_closed(uv_handle_t *h)
+{
+	struct server *s = h->data;
+
+	free(h);
+	s->closer = NULL;
+	maybe_free(s);
+}
+
+/*
+ * Drives close(): hands the vhost to lws for destruction (outside any lws
+ * callback), then waits for the connections to be gone and reports it.
+ */
+static void on_closer(uv_timer_t *t)
+{
+	struct server *s = t->data;
+	lua_State *L = ca_lua();
+	int ref;
+
+	if (!s->vh_destroyed && !s->vh_gone && !ca__lws_ending()) {
+		s->vh_destroyed = 1;
+		lws_vhost_destroy(s->vh);
+	}
+	if (s->nconn > 0 && !ca__lws_ending())
+		return;
+	uv_timer_stop(t);
+	uv_close((uv_handle_t *)t, on_closer_closed);
+	ref = s->closed_ref;
+	s->closed_ref = LUA_NOREF;
+	if (L && ref != LUA_NOREF) {
+		ca_call_ref(ref, 0, "http server closed callback");
+		luaL_unref(L, LUA_REGISTRYINDEX, ref);
+	}
+}
+
+static void unref_listener(uv_handle_t *h, void *arg)
+{
+	uv_os_fd_t fd;
+
+	if (h->type == UV_POLL && uv_fileno(h, &fd) == 0 && fd == *(int *)arg)
+		uv_unref(h);
+}
+
+static void begin_close(struct server *s)
+{
+	lua_State *L = ca_lua();
+
+	if (s->closing)
+		return;
+	s->closing = 1;
+	if (L) {
+		ca_unref(L, &s->req_ref);
+		ca_unref(L, &s->ws_ref);
+	}
+	if (s->vh == NULL) {
+		s->vh_gone = 1;
+		return;
+	}
+	/*
+	 * Refuse new connections now (lws closes the listener of a destroyed
+	 * vhost only on its next 30 s sweep) and end the open ones.
+	 */
+	if (s->listen_fd >= 0) {
+		shutdown(s->listen_fd, SHUT_RDWR);
+		/* lws closes it on its 30 s sweep; it is no work of ours meanwhile. */
+		uv_walk(ca_loop(), unref_listener, &s->listen_fd);
+	}
+	for (struct conn_node *n = s->conns; n; n = n->next)
+		ca__ws_kill(n->wsi);
+	s->closer = ca_malloc(sizeof *s->closer);
+	uv_timer_init(ca_loop(), s->closer);
+	s->closer->data = s;
+	uv_timer_start(s->closer, on_closer, 0, 5);
+}
+
+struct server_box {
+	struct server *s;
+};
+
+static struct server *check_server(lua_State *L)
+{
+	struct server_box *b = luaL_checkudata(L, 1, SERVER_MT);
+
+	if (b->s == NULL)
+		luaL_argerror(L, 1, "server already freed");
+	return b->s;
+}
+
+/* srv:close([on_closed]): on_closed() runs once every connection and the listener are gone. */
+static int server_close(lua_State *L)
+{
+	struct server *s = check_server(L);
+
+	if (!lua_isnoneornil(L, 2)) {
+		luaL_checktype(L, 2, LUA_TFUNCTION);
+		if (s->closing && s->closer == NULL) {
+			lua_pushvalue(L, 2);
+			lua_call(L, 0, 0);
+			return 0;
+		}
+		if (s->closed_ref == LUA_NOREF)
+			s->closed_ref = ca_ref(L, 2);
+	}
+	begin_close(s);
+	return 0;
+}
+
+static int server_gc(lua_State *L)
+{
+	struct server_box *b = luaL_checkudata(L, 1, SERVER_MT);
+	struct server *s = b->s;
+
+	b->s = NULL;
+	if (s == NULL)
+		return 0;
+	s->lua_alive = 0;
+	begin_close(s);
+	maybe_free(s);
+	return 0;
+}
+
+static int server_connections(lua_State *L)
+{
+	lua_pushinteger(L, check_server(L)->nconn);
+	return 1;
+}
+
+static int server_index(lua_State *L)
+{
+	struct server_box *b = luaL_checkudata(L, 1, SERVER_MT);
+	const char *k = luaL_checkstring(L, 2);
+
+	if (b->s && strcmp(k, "port") == 0) {
+		lua_pushinteger(L, b->s->port);
+		return 1;
+	}
+	if (b->s && strcmp(k, "host") == 0) {
+		lua_pushstring(L, b->s->host);
+		return 1;
+	}
+	lua_pushvalue(L, 2);
+	lua_rawget(L, lua_upvalueindex(1));
+	return 1;
+}
+
+/* Binds host:port once ourselves for a precise error (lws only says "failed"). */
+static int probe_bind(lua_State *L, const char *host, int port)
+{
+	struct sockaddr_storage ss;
+	socklen_t sl;
+	int fd, one = 1, err;
+
+	memset(&ss, 0, sizeof ss);
+	if (inet_pton(AF_INET, host, &((struct sockaddr_in *)&ss)->sin_addr) == 1) {
+		((struct sockaddr_in *)&ss)->sin_family = AF_INET;
+		((struct sockaddr_in *)&ss)->sin_port = htons((uint16_t)port);
+		sl = sizeof(struct sockaddr_in);
+	} else if (inet_pton(AF_INET6, host, &((struct sockaddr_in6 *)&ss)->sin6_addr) == 1) {
+		((struct sockaddr_in6 *)&ss)->sin6_family = AF_INET6;
+		((struct sockaddr_in6 *)&ss)->sin6_port = htons((uint16_t)port);
+		sl = sizeof(struct sockaddr_in6);
+	} else {
+		ca_fail(L, "EINVAL", "host must be an IP address, not '%s'", host);
+		return -1;
+	}
+	fd = socket(ss.ss_family, SOCK_STREAM, 0);
+	if (fd < 0) {
+		ca_fail_uv(L, uv_translate_sys_error(errno));
+		return -1;
+	}
+	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+	if (bind(fd, (struct sockaddr *)&ss, sl) != 0 || listen(fd, 1) != 0) {
+		err = errno;
+		close(fd);
+		ca_fail(L, uv_err_name(uv_translate_sys_error(err)), "cannot listen on %s:%d: %s",
+			host, port, strerror(err));
+		return -1;
+	}
+	close(fd);
+	return 0;
+}
+
+static char **string_list(lua_State *L, int idx, const char *field, int *count, int add_colon)
+{
+	char **out = NULL;
+	lua_Integer n;
+
+	*count = 0;
+	if (lua_getfield(L, idx, field) == LUA_TNIL) {
+		lua_pop(L, 1);
+		return NULL;
+	}
+	if (!lua_istable(L, -1))
+		luaL_error(L, "option '%s' must be an array of strings", field);
+	n = luaL_len(L, -1);
+	out = ca_malloc(sizeof *out * (size_t)(n ? n : 1));
+	for (lua_Integer i = 1; i <= n; i++) {
+		size_t len;
+		const char *v;
+		char *c;
+
+		lua_geti(L, -1, i);
+		v = lua_tolstring(L, -1, &len);
+		if (v == NULL) {
+			for (int j = 0; j < *count; j++)
+				free(out[j]);
+			free(out);
+			luaL_error(L, "option '%s' must be an array of strings", field);
+		}
+		c = ca_malloc(len + 2);
+		for (size_t k = 0; k < len; k++)
+			c[k] = add_colon && v[k] >= 'A' && v[k] <= 'Z' ? (char)(v[k] + 32) : v[k];
+		if (add_colon)
+			c[len++] = ':';
+		c[len] = '\0';
+		out[(*count)++] = c;
+		lua_pop(L, 1);
+	}
+	lua_pop(L, 1);
+	return out;
+}
+
+static const struct lws_protocols protocols[] = {
+	{"callagent-http", server_callback, sizeof(struct pss), 4096, 0, NULL, 0},
+	{NULL, NULL, 0, 0, 0, NULL, 0}
+};
+
+/* http.listen(opts, on_request, on_ws) */
+static int l_listen(lua_State *L)
+{
+	struct lws_context_creation_info info;
+	struct server_box *b;
+	struct server *s;
+	const char *host, *cert = NULL, *key = NULL, *cerr = NULL;
+	lua_Integer port, max_header, max_header_opt;
+
+	luaL_checktype(L, 1, LUA_TTABLE);
+	luaL_checktype(L, 2, LUA_TFUNCTION);
+	luaL_checktype(L, 3, LUA_TFUNCTION);
+	host = ca_opt_string_field(L, 1, "host", "127.0.0.1");
+	port = ca_opt_int_field(L, 1, "port", 0);
+	max_header_opt = ca_opt_int_field(L, 1, "max_header", 0);
+	max_header = max_header_opt ? max_header_opt : 8192;
+	luaL_argcheck(L, port >= 0 && port <= 65535, 1, "port must be 0..65535");
+	luaL_argcheck(L, max_header >= 512 && max_header <= 1 << 20, 1, "max_header must be 512..1048576");
+	(void)max_header;
+	luaL_argcheck(L, strlen(host) < 64, 1, "host too long");
+	if (lua_getfield(L, 1, "tls") != LUA_TNIL) {
+		luaL_argcheck(L, lua_istable(L, -1), 1, "tls must be {cert = file, key = file}");
+		cert = ca_opt_string_field(L, -1, "cert", NULL);
+		key = ca_opt_string_field(L, -1, "key", NULL);
+		if (cert == NULL || key == NULL)
+			return luaL_error(L, "tls needs both cert and key files");
+		if (access(cert, R_OK) != 0)
+			return ca_fail(L, "ETLS", "cannot read certificate file %s: %s", cert, strerror(errno));
+		if (access(key, R_OK) != 0)
+			return ca_fail(L, "ETLS", "cannot read key file %s: %s", key, strerror(errno));
+	}
+	lua_pop(L, 1);
+	if (probe_bind(L, host, (int)port) != 0)
+		return 2;
+
+	b = lua_newuserdatauv(L, sizeof *b, 0);
+	b->s = NULL;
+	luaL_setmetatable(L, SERVER_MT);
+
+	s = ca_malloc(sizeof *s);
+	memset(s, 0, sizeof *s);
+	s->req_ref = s->ws_ref = s->closed_ref = LUA_NOREF;
+	s->listen_fd = -1;
+	s->lua_alive = 1;
+	snprintf(s->host, sizeof s->host, "%s", host);
+	s->max_body = (size_t)ca_opt_int_field(L, 1, "max_body", 1 << 20);
+	s->max_ws_message = (size_t)ca_opt_int_field(L, 1, "max_ws_message", 1 << 20);
+	s->max_send_queue = (size_t)ca_opt_int_field(L, 1, "max_send_queue", 1 << 20);
+	s->max_connections = (int)ca_opt_int_field(L, 1, "max_connections", 1024);
+	if (s->max_connections < 1)
+		s->max_connections = 1;
+	s->ws_paths = string_list(L, 1, "ws_paths", &s->n_ws_paths, 0);
+	s->extra = string_list(L, 1, "headers", &s->n_extra, 1);
+	b->s = s;
+
+	if (ca__lws_ctx((unsigned)max_header_opt, &cerr) == NULL) {
+		begin_close(s);
+		lua_pop(L, 1);
+		return ca_fail(L, "EINVAL", "%s", cerr);
+	}
+	memset(&info, 0, sizeof info);
+	info.options |= LWS_SERVER_OPTION_DISABLE_IPV6;
+	if (strchr(host, ':'))
+		info.options &= ~(uint64_t)LWS_SERVER_OPTION_DISABLE_IPV6;
+	info.port = (int)port;
+	info.iface = s->host;
+	info.protocols = protocols;
+	info.vhost_name = "callagent";
+	info.alpn = "http/1.1";
+	info.user = s;
+	info.finalize = on_vhost_final;
+	info.finalize_arg = s;
+	if (cert) {
+		info.options |= LWS_SERVER_OPTION_DO_SSL_GLOBAL_INIT;
+		info.ssl_cert_filepath = cert;
+		info.ssl_private_key_filepath = key;
+	}
+	s->vh = ca__lws_vhost(&info, &s->listen_fd);
+	if (s->vh == NULL) {
+		begin_close(s);
+		lua_pop(L, 1);
+		if (cert)
+			return ca_fail(L, "ETLS", "cannot start TLS with %s / %s (bad certificate or key?)", cert, key);
+		return ca_fail(L, "EADDRINUSE", "cannot listen on %s:%d", host, (int)port);
+	}
+	s->port = lws_get_vhost_listen_port(s->vh);
+	s->req_ref = ca_ref(L, 2);
+	s->ws_ref = ca_ref(L, 3);
+	return 1;
+}
+
+/* http.configure{max_header = n}: process-wide settings, before the first server or client. */
+static int l_configure(lua_State *L)
+{
+	lua_Integer mh;
+	const char *err = NULL;
+
+	luaL_checktype(L, 1, LUA_TTABLE);
+	mh = ca_opt_int_field(L, 1, "max_header", 8192);
+	luaL_argcheck(L, mh >= 512 && mh <= 1 << 20, 1, "max_header must be 512..1048576");
+	if (ca__lws_ctx((unsigned)mh, &err) == NULL)
+		return ca_fail(L, "EINVAL", "%s", err);
+	lua_pushboolean(L, 1);
+	return 1;
+}
 
 int luaopen_callagent_core_http(lua_State *L)
 {
-	lua_newtable(L);
+	static const luaL_Reg server_methods[] = {
+		{"close", server_close},
+		{"connections", server_connections},
+		{NULL, NULL}
+	};
+	static const luaL_Reg req_methods[] = {
+		{"respond", req_respond},
+		{"header", req_header},
+		{"is_open", req_is_open},
+		{NULL, NULL}
+	};
+	static const luaL_Reg fns[] = {
+		{"listen", l_listen},
+		{"configure", l_configure},
+		{NULL, NULL}
+	};
+
+	ca__ws_register(L);
+	if (luaL_newmetatable(L, SERVER_MT)) {
+		luaL_newlib(L, server_methods);
+		lua_pushcclosure(L, server_index, 1);
+		lua_setfield(L, -2, "__index");
+		lua_pushcfunction(L, server_gc);
+		lua_setfield(L, -2, "__gc");
+	}
+	lua_pop(L, 1);
+	if (luaL_newmetatable(L, REQ_MT)) {
+		luaL_newlib(L, req_methods);
+		lua_setfield(L, -2, "__index");
+		lua_pushcfunction(L, req_gc);
+		lua_setfield(L, -2, "__gc");
+	}
+	lua_pop(L, 1);
+	luaL_newlib(L, fns);
 	return 1;
 }

@@ -5,6 +5,7 @@
 --                          (plain cjson writes every empty table as {})
 --   json.try_decode(s)     value, or nil and "EJSON: message" instead of raising
 --   json.is_array(t)       whether t was marked with json.array
+-- and json.encode writes "/" plainly (cjson alone escapes it as "\/").
 local cjson = require "cjson"
 
 local M = {}
@@ -61,6 +62,10 @@ function M.encode(v)
   local s = encode(p)
   if changed then
     s = s:gsub(EMPTY_JSON_PATTERN, "[]")
+  end
+  -- cjson writes "/" as "\/"; every such escape is one, so plain "/" is safe.
+  if s:find("\\/", 1, true) then
+    s = s:gsub("\\/", "/")
   end
   return s
 end

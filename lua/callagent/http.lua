@@ -1,0 +1,396 @@
+--- callagent.http: HTTP/1.1 and WebSocket server.
+--
+--   local http = require "callagent.http"
+--   local srv = http.server{ host = "127.0.0.1", port = 0 }
+--   srv:get("/hello/{name}", function(req)
+--     return 200, { greeting = "hi " .. req.params.name }   -- a table body is sent as JSON
+--   end)
+--   srv:websocket("/echo", {
+--     open = function(conn, req) end,
+--     text = function(conn, msg) conn:send(msg) end,
+--     binary = function(conn, data) end,
+--     close = function(conn, code, reason) end,
+--   })
+--   srv:static("/app/", "/path/to/folder")
+--   assert(srv:listen())        -- srv.port: the bound port (port 0 picks a free one)
+--   srv:close()
+--
+-- Options (http.server{...}): host (default "127.0.0.1"), port (0), max_header
+-- (8192 bytes; larger request heads are refused and logged; process-wide, see
+-- http.configure{max_header = n}), max_body (1 MiB;
+-- 413), max_connections (1024; 503), max_ws_message (1 MiB; close 1009),
+-- max_send_queue (1 MiB per WebSocket; a slower peer is dropped with 1008),
+-- tls = {cert = file, key = file} for https/wss, headers = {...} non-standard
+-- request headers to copy for every request (standard ones always are; any
+-- other req.headers[name] is looked up on demand until the response is sent,
+-- but only copied ones show up in pairs()).
+--
+-- Routes: srv:route(method, pattern, handler) (method "*" for any), and the
+-- shorthands get/post/put/delete/patch. Patterns are paths with "{name}"
+-- segments (req.params.name) and an optional trailing "*" (req.params.rest).
+-- Routes match in the order they were added. A path that matches with another
+-- method answers 405 with Allow; no match answers 404. Errors are JSON:
+-- {"error": {"code", "message"}}.
+--
+-- A handler runs in its own task (it may wait: fetch, timer.sleep, ...) and gets
+-- req = {id, method, path, params, query (table), raw_query, headers (lowercase
+-- names), body, remote} with req:json() (decoded body, or nil, err) and
+-- req:header(name). It returns either status, body, headers - body a string,
+-- or a table sent as JSON - or a table {status, headers, body}. Returning
+-- nothing answers 204. An error in a handler is logged with its traceback and
+-- answered 500 without details.
+--
+-- WebSocket handlers are plain calls (not tasks) so the per-message path stays
+-- cheap; spawn a task from them to wait on something. conn.request is the
+-- upgrade request (path, query, headers, remote). See callagent.core.http /
+-- src/wsconn.c for conn:send, conn:send_binary, conn:close, conn:buffered.
+local core = require "callagent.core.http"
+local task = require "callagent.task"
+local json = require "callagent.json"
+local log = require "callagent.log"
+local core_rt = require "callagent.core"
+
+local M = {}
+
+local Server = {}
+Server.__index = Server
+
+local Request = {}
+Request.__index = Request
+
+function Request:json()
+  if self.body == nil or self.body == "" then
+    return nil, "EJSON: empty body"
+  end
+  return json.try_decode(self.body)
+end
+
+function Request:header(name)
+  local v = self.headers[name:lower()]
+  if v == nil and self._h then
+    v = self._h:header(name)
+  end
+  return v
+end
+
+local MIME = {
+  html = "text/html; charset=utf-8",
+  htm = "text/html; charset=utf-8",
+  js = "text/javascript; charset=utf-8",
+  mjs = "text/javascript; charset=utf-8",
+  css = "text/css; charset=utf-8",
+  json = "application/json",
+  txt = "text/plain; charset=utf-8",
+  svg = "image/svg+xml",
+  png = "image/png",
+  jpg = "image/jpeg",
+  jpeg = "image/jpeg",
+  gif = "image/gif",
+  ico = "image/x-icon",
+  wav = "audio/wav",
+  mp3 = "audio/mpeg",
+  wasm = "application/wasm",
+  map = "application/json",
+  xml = "application/xml",
+  pdf = "application/pdf",
+}
+M.mime_types = MIME
+
+function M.content_type(path)
+  local ext = path:match("%.([%w]+)$")
+  return ext and MIME[ext:lower()] or "application/octet-stream"
+end
+
+--- A JSON error body as every callagent endpoint writes it.
+function M.error_body(code, message, field)
+  return { error = { code = code, message = message, field = field } }
+end
+
+--- Process-wide settings, before the first server or WebSocket client:
+-- max_header (bytes of request line + headers, default 8192).
+function M.configure(opts)
+  return core.configure(opts)
+end
+
+function M.server(opts)
+  opts = opts or {}
+  return setmetatable({ opts = opts, routes = {}, ws_routes = {}, core = nil }, Server)
+end
+
+local function compile(pattern)
+  local names = {}
+  local lp = "^"
+  local rest = false
+  local p = pattern
+  if p:sub(-1) == "*" then
+    rest = true
+    p = p:sub(1, -2)
+  end
+  local i = 1
+  while i <= #p do
+    local s, e, name = p:find("{([%w_]+)}", i)
+    if not s then
+      lp = lp .. p:sub(i):gsub("[%^%$%(%)%%%.%[%]%*%+%-%?]", "%%%0")
+      break
+    end
+    lp = lp .. p:sub(i, s - 1):gsub("[%^%$%(%)%%%.%[%]%*%+%-%?]", "%%%0") .. "([^/]+)"
+    names[#names + 1] = name
+    i = e + 1
+  end
+  if rest then
+    lp = lp .. "(.*)"
+    names[#names + 1] = "rest"
+  end
+  return lp .. "$", names
+end
+
+function Server:route(method, pattern, handler)
+  assert(type(method) == "string", "route method must be a string")
+  assert(type(pattern) == "string" and pattern:sub(1, 1) == "/", "route pattern must start with /")
+  assert(type(handler) == "function", "route handler must be a function")
+  local lp, names = compile(pattern)
+  self.routes[#self.routes + 1] = { method = method:upper(), pattern = pattern, lp = lp, names = names, handler = handler }
+  return self
+end
+
+for _, m in ipairs({ "get", "post", "put", "delete", "patch" }) do
+  Server[m] = function(self, pattern, handler)
+    return self:route(m:upper(), pattern, handler)
+  end
+end
+
+--- Serves the files under dir at prefix (GET and HEAD). "index.html" for folders.
+function Server:static(prefix, dir, opts)
+  opts = opts or {}
+  assert(prefix:sub(1, 1) == "/", "static prefix must start with /")
+  if prefix:sub(-1) ~= "/" then
+    prefix = prefix .. "/"
+  end
+  local function serve(req)
+    local rel = req.params.rest or ""
+    if rel:find("%.%.") or rel:find("%z") then
+      return 404, M.error_body("not_found", "no such file")
+    end
+    if rel == "" or rel:sub(-1) == "/" then
+      rel = rel .. (opts.index or "index.html")
+    end
+    local path = dir .. "/" .. rel
+    local kind = core_rt.stat(path)
+    if kind == "dir" then
+      return 302, "", { Location = req.path .. "/" }
+    end
+    local f = kind == "file" and io.open(path, "rb")
+    if not f then
+      return 404, M.error_body("not_found", "no such file")
+    end
+    local body = f:read("a")
+    f:close()
+    return 200, body, {
+      ["Content-Type"] = M.content_type(path),
+      ["Cache-Control"] = opts.cache_control or "no-cache",
+    }
+  end
+  self:route("GET", prefix .. "*", serve)
+  self:route("HEAD", prefix .. "*", serve)
+  return self
+end
+
+--- handlers: {open = fn(conn, req), text = fn(conn, msg), binary = fn(conn, data), close = fn(conn, code, reason)}
+function Server:websocket(path, handlers)
+  assert(not self.core, "add WebSocket paths before listen()")
+  assert(type(handlers) == "table", "websocket handlers must be a table")
+  self.ws_routes[path] = handlers
+  return self
+end
+
+local function find_route(routes, method, path)
+  local allowed
+  for _, r in ipairs(routes) do
+    local caps = { path:match(r.lp) }
+    if caps[1] ~= nil then
+      if r.method == method or r.method == "*" then
+        local params = {}
+        for i, name in ipairs(r.names) do
+          params[name] = caps[i]
+        end
+        return r, params
+      end
+      allowed = allowed or {}
+      allowed[#allowed + 1] = r.method
+    end
+  end
+  return nil, allowed
+end
+
+-- Turns what a handler returned into status, headers, body.
+local function normalize(a, b, c)
+  if a == nil then
+    return 204, {}, ""
+  end
+  local status, body, headers
+  if type(a) == "table" then
+    status, body, headers = a.status or 200, a.body, a.headers
+    if a.json ~= nil then
+      body = a.json
+    end
+  else
+    status, body, headers = a, b, c
+  end
+  headers = headers or {}
+  if type(body) == "table" then
+    body = json.encode(body)
+    local has_ct = false
+    for k in pairs(headers) do
+      if k:lower() == "content-type" then
+        has_ct = true
+      end
+    end
+    if not has_ct then
+      headers["Content-Type"] = "application/json"
+    end
+  end
+  return math.tointeger(status) or 500, headers, body and tostring(body) or ""
+end
+
+local function traceback(e)
+  return debug.traceback(tostring(e), 2)
+end
+
+-- Headers not captured up front (non-standard names) are read on demand while
+-- the request is in flight.
+local function lazy_headers(h)
+  return {
+    __index = function(_, k)
+      if type(k) == "string" then
+        return h:header(k)
+      end
+    end,
+  }
+end
+
+function Server:_handle(h, req)
+  setmetatable(req, Request)
+  setmetatable(req.headers, lazy_headers(h))
+  req._h = h
+  local route, params = find_route(self.routes, req.method, req.path)
+  if not route then
+    if params then
+      local allow = table.concat(params, ", ")
+      return h:respond(405, { ["Content-Type"] = "application/json", Allow = allow },
+        json.encode(M.error_body("method_not_allowed", req.method .. " is not allowed on " .. req.path)))
+    end
+    return h:respond(404, { ["Content-Type"] = "application/json" },
+      json.encode(M.error_body("not_found", "no route for " .. req.method .. " " .. req.path)))
+  end
+  req.params = params
+  task.spawn(function()
+    local r = table.pack(xpcall(route.handler, traceback, req))
+    local status, headers, body
+    if r[1] then
+      local ok, s, hd, bd = pcall(normalize, r[2], r[3], r[4])
+      if ok then
+        status, headers, body = s, hd, bd
+      else
+        log.error("http handler returned an unusable response", { method = req.method, path = req.path, error = s })
+      end
+    else
+      log.error("http handler failed", { method = req.method, path = req.path, error = r[2] })
+    end
+    if not status then
+      status, headers, body = 500, { ["Content-Type"] = "application/json" },
+        json.encode(M.error_body("internal", "internal error"))
+    end
+    local ok, err = pcall(h.respond, h, status, headers, body)
+    if not ok then
+      log.error("http response could not be sent", { method = req.method, path = req.path, error = err })
+      pcall(h.respond, h, 500, { ["Content-Type"] = "application/json" },
+        json.encode(M.error_body("internal", "internal error")))
+    end
+    req._h = nil
+  end)
+end
+
+local function ws_dispatch(routes)
+  return function(conn, event, a, b)
+    if event == "open" then
+      local route = routes[a.path]
+      conn.route = route
+      conn.request = a
+      if route and route.open then
+        route.open(conn, a)
+      end
+      return
+    end
+    local route = conn.route
+    local fn = route and route[event]
+    if fn then
+      fn(conn, a, b)
+    end
+  end
+end
+
+function Server:listen()
+  assert(not self.core, "server is already listening")
+  local o = self.opts
+  local paths = {}
+  for p in pairs(self.ws_routes) do
+    paths[#paths + 1] = p
+  end
+  local c, err = core.listen({
+    host = o.host,
+    port = o.port,
+    max_header = o.max_header,
+    max_body = o.max_body,
+    max_connections = o.max_connections,
+    max_ws_message = o.max_ws_message,
+    max_send_queue = o.max_send_queue,
+    tls = o.tls,
+    headers = o.headers,
+    ws_paths = paths,
+  }, function(h, req)
+    self:_handle(h, req)
+  end, ws_dispatch(self.ws_routes))
+  if not c then
+    return nil, err
+  end
+  self.core = c
+  self.port = c.port
+  self.host = c.host
+  return self
+end
+
+function Server:url(path)
+  local scheme = self.opts.tls and "https" or "http"
+  local host = self.host or "127.0.0.1"
+  if host:find(":") then
+    host = "[" .. host .. "]"
+  end
+  return scheme .. "://" .. host .. ":" .. tostring(self.port) .. (path or "/")
+end
+
+function Server:ws_url(path)
+  return (self:url(path):gsub("^http", "ws"))
+end
+
+function Server:connections()
+  return self.core and self.core:connections() or 0
+end
+
+--- Stops listening and closes every connection. Inside a task it waits until
+-- that is done (the port is free again); elsewhere it returns at once.
+function Server:close()
+  local c = self.core
+  if not c then
+    return
+  end
+  self.core = nil
+  if task.running() then
+    task.await(function(done)
+      c:close(done)
+    end)
+  else
+    c:close()
+  end
+end
+
+return M

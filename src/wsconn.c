@@ -1,0 +1,754 @@
+/*
+ * wsconn.c - the WebSocket connection object shared by the server side
+ * (http.c) and the client (ws.c), and libwebsockets' place on our loop.
+ *
+ * Lua sees a connection as a "callagent.WebSocket" userdata:
+ *
+ *   conn:send(text)          queue a text message; true, or nil, err
+ *   conn:send_binary(data)   queue a binary message
+ *   conn:close([code=1000], [reason])  close after what is queued has been sent
+ *   conn:is_open()           true until closed (or while connecting: false)
+ *   conn:buffered()          bytes queued and not yet taken by the socket
+ *   conn:pause() / conn:resume()  stop / restart reading from the peer
+ *   conn.id                  a number unique in this process
+ *   conn.<anything>          other fields live in a per-connection table, so
+ *                            Lua code can keep its own state on the connection
+ *
+ * Send errors: "ECLOSED: ..." when the connection is closed or closing;
+ * "ENOBUFS: ..." when the send queue would pass its limit - the peer is not
+ * reading fast enough, so the connection is dropped (close code 1008), which
+ * is how a slow peer is kept from growing memory without bound. An incoming
+ * message larger than the limit closes the connection with 1009.
+ *
+ * Events reach the connection's handler as handler(conn, event, a, b):
+ * "open" (server: a = request table; client: a = response headers),
+ * "text" (a = string), "binary" (a = string), "close" (a = code, b = reason),
+ * and for a client that never connected "error" (a = "ECODE: message").
+ */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "wsconn.h"
+
+/*
+ * lws 4.1 keeps the close-frame write type private (lib/roles/ws/
+ * private-lib-roles-ws.h); its value is part of the lws_write() ABI.
+ */
+#define CA_LWS_WRITE_CLOSE 4
+
+static lua_Integer next_id;
+
+lua_Integer ca__next_id(void)
+{
+	return ++next_id;
+}
+
+/* ---- libwebsockets on our loop ---- */
+
+static void lws_log_emit(int level, const char *line)
+{
+	const char *msg = line;
+	size_t n;
+
+	/* Skip lws' own "[date] E: " prefix. */
+	if (*msg == '[') {
+		const char *e = strstr(msg, "] ");
+
+		if (e)
+			msg = e + 2;
+	}
+	n = strlen(msg);
+	while (n && (msg[n - 1] == '\n' || msg[n - 1] == '\r'))
+		n--;
+	if (strstr(msg, "Ran out of header data space")) {
+		ca_log(CA_LOG_WARN, "http: request headers larger than the server's max_header: connection closed");
+		return;
+	}
+	(void)level;
+	if (ca_log_enabled(CA_LOG_DEBUG))
+		ca_log(CA_LOG_DEBUG, "lws: %.*s", (int)n, msg);
+}
+
+static void prepare(struct lws_context_creation_info *info)
+{
+	static void *foreign[1];
+
+	foreign[0] = ca_loop();
+	info->foreign_loops = foreign;
+	info->options |= LWS_SERVER_OPTION_LIBUV;
+}
+
+/* ---- the one context ---- */
+
+static struct lws_context *ctx;
+static unsigned ctx_max_header;
+static int ending;
+static int pipe_fd = -1;		/* the context's eventfd */
+static int placeholder[2] = {-1, -1};
+
+struct handle_set {
+	uv_handle_t **h;
+	size_t n, cap;
+};
+
+static void collect(uv_handle_t *h, void *arg)
+{
+	struct handle_set *s = arg;
+
+	if (s->n == s->cap) {
+		s->cap = s->cap ? s->cap * 2 : 64;
+		s->h = ca_realloc(s->h, s->cap * sizeof *s->h);
+	}
+	s->h[s->n++] = h;
+}
+
+static int in_set(struct handle_set *s, uv_handle_t *h)
+{
+	for (size_t i = 0; i < s->n; i++)
+		if (s->h[i] == h)
+			return 1;
+	return 0;
+}
+
+/*
+ * Runs fn, then returns (in *made) the libuv handles it added to the loop
+ * and (in *poll_fd) the fd of the last poll handle among them.
+ */
+static void *watch_handles(void *(*fn)(void *), void *arg, struct handle_set *made, int *poll_fd)
+{
+	struct handle_set before = {0}, after = {0};
+	void *r;
+
+	uv_walk(ca_loop(), collect, &before);
+	r = fn(arg);
+	uv_walk(ca_loop(), collect, &after);
+	*poll_fd = -1;
+	for (size_t i = 0; i < after.n; i++) {
+		uv_os_fd_t fd;
+
+		if (in_set(&before, after.h[i]))
+			continue;
+		if (made)
+			collect(after.h[i], made);
+		if (after.h[i]->type == UV_POLL && uv_fileno(after.h[i], &fd) == 0)
+			*poll_fd = fd;
+	}
+	free(before.h);
+	free(after.h);
+	return r;
+}
+
+static void *create_ctx(void *arg)
+{
+	return lws_create_context(arg);
+}
+
+static void *create_vhost(void *arg)
+{
+	return lws_create_vhost(ctx, arg);
+}
+
+static uv_timer_t reaper;
+static int reap_ticks;
+static struct handle_set ctx_handles;	/* the handles lws made for the context */
+
+/* Whether any handle lws made for the context is still on the loop. */
+static int ctx_handles_alive(void)
+{
+	struct handle_set now = {0};
+	int alive = 0;
+
+	uv_walk(ca_loop(), collect, &now);
+	for (size_t i = 0; i < ctx_handles.n && !alive; i++)
+		alive = in_set(&now, ctx_handles.h[i]);
+	free(now.h);
+	return alive;
+}
+
+/*
+ * Destroying an lws context on a foreign loop takes two calls: the first
+ * starts closing everything; once libuv has closed lws' handles, the second
+ * frees the context (as lws' own foreign-loop example does). Calling it
+ * again too early frees memory libuv still links to.
+ */
+static void on_reaper(uv_timer_t *t)
+{
+	if (ctx && reap_ticks++ == 0) {
+		lws_context_destroy(ctx);
+		/*
+		 * lws 4.1.6 closes its eventfd now and again once libuv has
+		 * closed the handle (lws issue #2514): anything opened in
+		 * between would be closed under its owner. Hold the number.
+		 */
+		if (pipe_fd >= 0 && fcntl(pipe_fd, F_GETFD) < 0 && errno == EBADF && placeholder[0] >= 0)
+			dup3(placeholder[0], pipe_fd, O_CLOEXEC);
+		if (ctx)
+			return;
+	}
+	if (ctx) {
+		/* Give lws up to 2 s to close its connections and handles. */
+		if (ctx_handles_alive() && reap_ticks < 400)
+			return;
+		lws_context_destroy(ctx);
+		if (ctx)
+			return;
+	}
+	free(ctx_handles.h);
+	ctx_handles.h = NULL;
+	uv_timer_stop(t);
+	uv_close((uv_handle_t *)t, NULL);
+}
+
+static void end_ctx(void)
+{
+	if (ctx == NULL || ending)
+		return;
+	ending = 1;
+	uv_timer_init(ca_loop(), &reaper);
+	uv_timer_start(&reaper, on_reaper, 0, 5);
+}
+
+int ca__lws_ending(void)
+{
+	return ending;
+}
+
+struct lws_context *ca__lws_ctx(unsigned max_header, const char **err)
+{
+	struct lws_context_creation_info info;
+
+	if (max_header == 0)
+		max_header = ctx ? ctx_max_header : 8192;
+	if (ctx) {
+		if (max_header != ctx_max_header) {
+			*err = "max_header is process-wide and already set: use http.configure before the first server or client";
+			return NULL;
+		}
+		return ctx;
+	}
+	if (ending) {
+		*err = "the program is stopping";
+		return NULL;
+	}
+	lws_set_log_level(LLL_ERR | LLL_WARN, lws_log_emit);
+	/*
+	 * lws unloads its libuv plugin when the context is destroyed, even
+	 * while libuv still holds close callbacks into it. Keep it loaded.
+	 */
+	if (dlopen(LWS_INSTALL_LIBDIR "/libwebsockets-evlib_uv.so", RTLD_NOW | RTLD_NODELETE) == NULL)
+		ca_log(CA_LOG_WARN, "lws: cannot pin the libuv plugin: %s", dlerror());
+	/* Opened before lws can free an fd number (see on_reaper). */
+	if (placeholder[0] < 0 && pipe2(placeholder, O_CLOEXEC) != 0)
+		placeholder[0] = placeholder[1] = -1;
+
+	memset(&info, 0, sizeof info);
+	prepare(&info);
+	info.options |= LWS_SERVER_OPTION_EXPLICIT_VHOSTS | LWS_SERVER_OPTION_DO_SSL_GLOBAL_INIT;
+	info.pcontext = &ctx;
+	info.max_http_header_data = (unsigned short)(max_header > 65535 ? 0 : max_header);
+	info.max_http_header_data2 = max_header;
+	info.max_http_header_pool = 1024;
+	info.timeout_secs = 30;
+	info.keepalive_timeout = 30;
+	ctx = watch_handles(create_ctx, &info, &ctx_handles, &pipe_fd);
+	if (ctx == NULL) {
+		free(ctx_handles.h);
+		ctx_handles.h = NULL;
+		*err = "cannot create the libwebsockets context";
+		return NULL;
+	}
+	/* lws' own timers and wakeup pipe are not work of the program's. */
+	for (size_t i = 0; i < ctx_handles.n; i++)
+		uv_unref(ctx_handles.h[i]);
+	ctx_max_header = max_header;
+	ca__at_close(end_ctx);
+	return ctx;
+}
+
+struct lws_vhost *ca__lws_vhost(struct lws_context_creation_info *info, int *listen_fd)
+{
+	prepare(info);
+	return watch_handles(create_vhost, info, NULL, listen_fd);
+}
+
+/* ---- headers ---- */
+
+void ca__push_headers(lua_State *L, struct lws *wsi)
+{
+	char stackbuf[1024];
+
+	lua_createtable(L, 0, 12);
+	for (int t = 0; t < WSI_TOKEN_COUNT; t++) {
+		const char *name = (const char *)lws_token_to_string((enum lws_token_indexes)t);
+		size_t nl;
+		int len;
+		char *buf;
+
+		if (name == NULL || t == WSI_TOKEN_HTTP_URI_ARGS)
+			continue;
+		nl = strlen(name);
+		if (nl < 2 || name[nl - 1] != ':' || name[0] == ':')
+			continue;
+		len = lws_hdr_total_length(wsi, (enum lws_token_indexes)t);
+		if (len <= 0)
+			continue;
+		buf = (size_t)len + 1 <= sizeof stackbuf ? stackbuf : ca_malloc((size_t)len + 1);
+		len = lws_hdr_copy(wsi, buf, len + 1, (enum lws_token_indexes)t);
+		if (len >= 0) {
+			lua_pushlstring(L, name, nl - 1);
+			lua_pushlstring(L, buf, (size_t)len);
+			lua_rawset(L, -3);
+		}
+		if (buf != stackbuf)
+			free(buf);
+	}
+}
+
+/* ---- the connection object ---- */
+
+struct ws_box {
+	struct ca_ws *ws;
+};
+
+static struct ca_ws *check_ws(lua_State *L)
+{
+	struct ws_box *b = luaL_checkudata(L, 1, WS_MT);
+
+	return b->ws;
+}
+
+struct ca_ws *ca__ws_new(lua_State *L, size_t max_message, size_t max_queue)
+{
+	struct ws_box *b = lua_newuserdatauv(L, sizeof *b, 1);
+	struct ca_ws *ws;
+
+	b->ws = NULL;
+	luaL_setmetatable(L, WS_MT);
+	lua_newtable(L);
+	lua_setiuservalue(L, -2, 1);
+
+	ws = ca_malloc(sizeof *ws);
+	memset(ws, 0, sizeof *ws);
+	ws->state = CA_WS_CONNECTING;
+	ws->handler_ref = LUA_NOREF;
+	ws->lua_alive = 1;
+	ws->id = ca__next_id();
+	ws->max_message = max_message;
+	ws->max_queue = max_queue;
+	lua_pushvalue(L, -1);
+	ws->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+	b->ws = ws;
+	return ws;
+}
+
+static void free_queue(struct ca_ws *ws)
+{
+	while (ws->head) {
+		struct ca_wsmsg *n = ws->head->next;
+
+		free(ws->head);
+		ws->head = n;
+	}
+	ws->tail = NULL;
+	ws->queued = 0;
+}
+
+void ca__ws_emit(struct ca_ws *ws, const char *event, int nargs)
+{
+	lua_State *L = ca_lua();
+
+	if (L == NULL)
+		return;
+	if (ws->handler_ref == LUA_NOREF || ws->self_ref == LUA_NOREF) {
+		lua_pop(L, nargs);
+		return;
+	}
+	lua_rawgeti(L, LUA_REGISTRYINDEX, ws->handler_ref);
+	lua_rawgeti(L, LUA_REGISTRYINDEX, ws->self_ref);
+	lua_pushstring(L, event);
+	lua_rotate(L, -(nargs + 3), 3);
+	ca_call(L, nargs + 2, 0, "websocket handler");
+}
+
+void ca__ws_kill(struct lws *wsi)
+{
+	lws_set_timeout(wsi, PENDING_TIMEOUT_USER_OK, LWS_TO_KILL_ASYNC);
+	/*
+	 * The kill is a zero-delay lws timer; from outside an lws callback
+	 * nothing would make lws look at its timers soon, so wake it.
+	 */
+	lws_cancel_service(lws_get_context(wsi));
+}
+
+/* Drops the connection at once (nothing more can be sent to this peer). */
+static void drop(struct ca_ws *ws, int code, const char *reason)
+{
+	if (ws->fail_code || ws->wsi == NULL)
+		return;
+	ws->fail_code = code;
+	snprintf(ws->close_reason, sizeof ws->close_reason, "%s", reason);
+	free_queue(ws);
+	ca__ws_kill(ws->wsi);
+}
+
+static void deliver(struct ca_ws *ws, const void *data, size_t len, int binary)
+{
+	lua_State *L = ca_lua();
+
+	if (L == NULL)
+		return;
+	lua_pushlstring(L, data, len);
+	ca__ws_emit(ws, binary ? "binary" : "text", 1);
+}
+
+void ca__ws_receive(struct ca_ws *ws, const void *in, size_t len)
+{
+	struct lws *wsi = ws->wsi;
+	int final = lws_is_final_fragment(wsi);
+	int binary = lws_frame_is_binary(wsi);
+
+	if (ws->fail_code || ws->state != CA_WS_OPEN)
+		return;
+	if (ws->rx_len + len > ws->max_message) {
+		ca_log(CA_LOG_WARN, "websocket %lld: message over %zu bytes: closing (1009)",
+		       (long long)ws->id, ws->max_message);
+		ws->rx_len = 0;
+		/* Tell the peer why (our close frame, ahead of anything queued), then go. */
+		free_queue(ws);
+		ws->close_code = 1009;
+		ws->fail_code = 1009;
+		snprintf(ws->close_reason, sizeof ws->close_reason, "message too big");
+		lws_callback_on_writable(wsi);
+		return;
+	}
+	if (final && ws->rx_len == 0) {
+		/* The common case: a whole message in one piece, no copy of ours. */
+		deliver(ws, in, len, binary);
+		return;
+	}
+	if (ws->rx_len + len > ws->rx_cap) {
+		size_t cap = ws->rx_cap ? ws->rx_cap : 4096;
+
+		while (cap < ws->rx_len + len)
+			cap *= 2;
+		ws->rx = ca_realloc(ws->rx, cap);
+		ws->rx_cap = cap;
+	}
+	memcpy(ws->rx + ws->rx_len, in, len);
+	ws->rx_len += len;
+	if (final) {
+		size_t n = ws->rx_len;
+
+		ws->rx_len = 0;
+		deliver(ws, ws->rx, n, binary);
+		/* Do not keep a big buffer around for one big message. */
+		if (ws->rx_cap > 65536) {
+			free(ws->rx);
+			ws->rx = NULL;
+			ws->rx_cap = 0;
+		}
+	}
+}
+
+int ca__ws_writeable(struct ca_ws *ws)
+{
+	struct lws *wsi = ws->wsi;
+
+	if (ws->fail_code && !ws->close_code)
+		return -1;	/* dropped: nothing more goes to this peer */
+	if (ws->close_sent)
+		return 0;
+	while (ws->head) {
+		struct ca_wsmsg *m = ws->head;
+		int n = lws_write(wsi, m->buf + LWS_PRE, m->len, (enum lws_write_protocol)m->kind);
+
+		if (n < 0)
+			return -1;
+		ws->head = m->next;
+		if (ws->head == NULL)
+			ws->tail = NULL;
+		ws->queued -= m->len;
+		free(m);
+		if (ws->head && lws_send_pipe_choked(wsi)) {
+			lws_callback_on_writable(wsi);
+			return 0;
+		}
+	}
+	if (ws->close_code) {
+		/*
+		 * Our close frame, written by us: the peer answers with its own,
+		 * which ends the connection (see ca__ws_peer_close). We do not
+		 * use lws' close path: Debian's 4.1.6 build drops the frame.
+		 */
+		unsigned char frame[LWS_PRE + 125];
+		size_t rl = strlen(ws->close_reason);
+
+		frame[LWS_PRE] = (unsigned char)(ws->close_code >> 8);
+		frame[LWS_PRE + 1] = (unsigned char)(ws->close_code & 0xff);
+		memcpy(frame + LWS_PRE + 2, ws->close_reason, rl);
+		ws->close_sent = 1;
+		if (lws_write(wsi, frame + LWS_PRE, rl + 2, (enum lws_write_protocol)CA_LWS_WRITE_CLOSE) < 0)
+			return -1;
+		/* No answer within 5 s: hang up anyway. */
+		lws_set_timeout(wsi, PENDING_TIMEOUT_CLOSE_ACK, 5);
+	}
+	return 0;
+}
+
+int ca__ws_peer_close(struct ca_ws *ws, const void *in, size_t len)
+{
+	const unsigned char *p = in;
+
+	/* The answer to our own close frame: done, close now. */
+	if (ws->close_sent)
+		return -1;
+	if (len >= 2) {
+		ws->peer_code = (p[0] << 8) | p[1];
+		snprintf(ws->peer_reason, sizeof ws->peer_reason, "%.*s",
+			 (int)(len - 2 < sizeof ws->peer_reason - 1 ? len - 2 : sizeof ws->peer_reason - 1),
+			 (const char *)p + 2);
+	} else {
+		ws->peer_code = 1005;	/* no status received */
+	}
+	return 0;	/* lws answers with a close frame and closes */
+}
+
+static void free_ws(struct ca_ws *ws)
+{
+	free_queue(ws);
+	free(ws->rx);
+	free(ws->client_headers);
+	free(ws);
+}
+
+void ca__ws_closed(struct ca_ws *ws)
+{
+	lua_State *L = ca_lua();
+	int was = ws->state;
+
+	ws->wsi = NULL;
+	ws->state = CA_WS_CLOSED;
+	free_queue(ws);
+	free(ws->rx);
+	ws->rx = NULL;
+	ws->rx_len = ws->rx_cap = 0;
+	if (ws->connect_timer) {
+		uv_close((uv_handle_t *)ws->connect_timer, (uv_close_cb)free);
+		ws->connect_timer = NULL;
+	}
+	if (L) {
+		if (was == CA_WS_CONNECTING && ws->is_client) {
+			if (!ws->error[0])
+				snprintf(ws->error, sizeof ws->error, "ECONNREFUSED: connection failed");
+			lua_pushstring(L, ws->error);
+			ca__ws_emit(ws, "error", 1);
+		} else if (was != CA_WS_CONNECTING) {
+			int code = 1006;
+			const char *reason = "connection lost";
+
+			if (ws->fail_code || ws->close_sent) {
+				code = ws->fail_code ? ws->fail_code : ws->close_code;
+				reason = ws->close_reason;
+			} else if (ws->peer_code) {
+				code = ws->peer_code;
+				reason = ws->peer_reason;
+			}
+			lua_pushinteger(L, code);
+			lua_pushstring(L, reason);
+			ca__ws_emit(ws, "close", 2);
+		}
+		ca_unref(L, &ws->handler_ref);
+		ca_unref(L, &ws->self_ref);
+	}
+	if (!ws->lua_alive)
+		free_ws(ws);
+}
+
+/* ---- Lua methods ---- */
+
+static int queue_msg(lua_State *L, int kind)
+{
+	struct ca_ws *ws = check_ws(L);
+	size_t len;
+	const char *data = luaL_checklstring(L, 2, &len);
+	struct ca_wsmsg *m;
+
+	if (ws->state != CA_WS_OPEN || ws->close_code || ws->fail_code || ws->wsi == NULL)
+		return ca_fail(L, "ECLOSED", "the connection is closed");
+	if (ws->queued + len > ws->max_queue) {
+		ca_log(CA_LOG_WARN, "websocket %lld: peer too slow (send queue over %zu bytes): dropping it",
+		       (long long)ws->id, ws->max_queue);
+		drop(ws, 1008, "send queue full: peer too slow");
+		return ca_fail(L, "ENOBUFS", "send queue over %zu bytes: peer too slow, connection dropped",
+			       ws->max_queue);
+	}
+	m = ca_malloc(sizeof *m + LWS_PRE + len);
+	m->next = NULL;
+	m->len = len;
+	m->kind = kind;
+	memcpy(m->buf + LWS_PRE, data, len);
+	if (ws->tail)
+		ws->tail->next = m;
+	else
+		ws->head = m;
+	ws->tail = m;
+	ws->queued += len;
+	lws_callback_on_writable(ws->wsi);
+	lua_pushboolean(L, 1);
+	return 1;
+}
+
+static int l_send(lua_State *L)
+{
+	return queue_msg(L, LWS_WRITE_TEXT);
+}
+
+static int l_send_binary(lua_State *L)
+{
+	return queue_msg(L, LWS_WRITE_BINARY);
+}
+
+static int l_close(lua_State *L)
+{
+	struct ca_ws *ws = check_ws(L);
+	lua_Integer code = luaL_optinteger(L, 2, 1000);
+	size_t rlen;
+	const char *reason = luaL_optlstring(L, 3, "", &rlen);
+
+	luaL_argcheck(L, code == 1000 || (code >= 3000 && code <= 4999) ||
+		      (code >= 1001 && code <= 1014 && code != 1004 && code != 1005 && code != 1006),
+		      2, "not a close code an endpoint may send");
+	luaL_argcheck(L, rlen <= 123, 3, "reason longer than 123 bytes");
+	if (ws->wsi == NULL || ws->state == CA_WS_CLOSED || ws->close_code || ws->fail_code)
+		return 0;
+	if (ws->state == CA_WS_CONNECTING) {
+		snprintf(ws->error, sizeof ws->error, "ECANCELED: closed before it connected");
+		ca__ws_kill(ws->wsi);
+		return 0;
+	}
+	ws->close_code = (int)code;
+	memcpy(ws->close_reason, reason, rlen);
+	ws->close_reason[rlen] = '\0';
+	lws_callback_on_writable(ws->wsi);
+	return 0;
+}
+
+static int l_is_open(lua_State *L)
+{
+	struct ca_ws *ws = check_ws(L);
+
+	lua_pushboolean(L, ws->state == CA_WS_OPEN && !ws->close_code && !ws->fail_code);
+	return 1;
+}
+
+static int l_buffered(lua_State *L)
+{
+	lua_pushinteger(L, (lua_Integer)check_ws(L)->queued);
+	return 1;
+}
+
+static int l_pause(lua_State *L)
+{
+	struct ca_ws *ws = check_ws(L);
+
+	if (ws->wsi)
+		lws_rx_flow_control(ws->wsi, 0);
+	return 0;
+}
+
+static int l_resume(lua_State *L)
+{
+	struct ca_ws *ws = check_ws(L);
+
+	if (ws->wsi)
+		lws_rx_flow_control(ws->wsi, 1);
+	return 0;
+}
+
+static int l_gc(lua_State *L)
+{
+	struct ws_box *b = luaL_checkudata(L, 1, WS_MT);
+	struct ca_ws *ws = b->ws;
+
+	b->ws = NULL;
+	if (ws == NULL)
+		return 0;
+	ws->lua_alive = 0;
+	if (ws->state == CA_WS_CLOSED)
+		free_ws(ws);
+	else
+		ws->handler_ref = ws->self_ref = LUA_NOREF;	/* the state is going away */
+	return 0;
+}
+
+/* __index: methods first, then the connection's own table; "id" is built in. */
+static int l_index(lua_State *L)
+{
+	struct ws_box *b = luaL_checkudata(L, 1, WS_MT);
+
+	lua_pushvalue(L, 2);
+	if (lua_rawget(L, lua_upvalueindex(1)) != LUA_TNIL)
+		return 1;
+	lua_pop(L, 1);
+	if (lua_type(L, 2) == LUA_TSTRING && strcmp(lua_tostring(L, 2), "id") == 0) {
+		lua_pushinteger(L, b->ws ? b->ws->id : 0);
+		return 1;
+	}
+	lua_getiuservalue(L, 1, 1);
+	lua_pushvalue(L, 2);
+	lua_rawget(L, -2);
+	return 1;
+}
+
+static int l_newindex(lua_State *L)
+{
+	luaL_checkudata(L, 1, WS_MT);
+	lua_getiuservalue(L, 1, 1);
+	lua_pushvalue(L, 2);
+	lua_pushvalue(L, 3);
+	lua_rawset(L, -3);
+	return 0;
+}
+
+static int l_tostring(lua_State *L)
+{
+	struct ca_ws *ws = check_ws(L);
+
+	lua_pushfstring(L, "callagent.WebSocket %I (%s)", ws ? ws->id : (lua_Integer)0,
+			ws == NULL ? "freed" : ws->state == CA_WS_OPEN ? "open" :
+			ws->state == CA_WS_CONNECTING ? "connecting" : "closed");
+	return 1;
+}
+
+void ca__ws_register(lua_State *L)
+{
+	static const luaL_Reg methods[] = {
+		{"send", l_send},
+		{"send_binary", l_send_binary},
+		{"close", l_close},
+		{"is_open", l_is_open},
+		{"buffered", l_buffered},
+		{"pause", l_pause},
+		{"resume", l_resume},
+		{NULL, NULL}
+	};
+
+	if (luaL_newmetatable(L, WS_MT)) {
+		luaL_newlib(L, methods);
+		lua_pushcclosure(L, l_index, 1);
+		lua_setfield(L, -2, "__index");
+		lua_pushcfunction(L, l_newindex);
+		lua_setfield(L, -2, "__newindex");
+		lua_pushcfunction(L, l_gc);
+		lua_setfield(L, -2, "__gc");
+		lua_pushcfunction(L, l_tostring);
+		lua_setfield(L, -2, "__tostring");
+	}
+	lua_pop(L, 1);
+}

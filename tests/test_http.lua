@@ -1,0 +1,359 @@
+-- The HTTP server (callagent.http) through real clients: callagent.fetch
+-- and, for raw protocol abuse, curl.
+local T = require "testing"
+local http = require "callagent.http"
+local fetch = require "callagent.fetch"
+local timer = require "callagent.timer"
+local task = require "callagent.task"
+local json = require "callagent.json"
+local process = require "callagent.process"
+local certs = require "certs"
+
+local function server(opts, setup)
+  local srv = http.server(opts or {})
+  if setup then
+    setup(srv)
+  end
+  assert(srv:listen())
+  T.defer(function()
+    srv:close()
+  end)
+  return srv
+end
+
+-- Runs a command, returns its stdout (for curl, when fetch cannot send what we need).
+local function run(argv)
+  local out = {}
+  local spec = { table.unpack(argv) }
+  spec.on_stdout = function(line)
+    out[#out + 1] = line
+  end
+  spec.on_stderr = false
+  local p = assert(process.spawn(spec))
+  local code = p:wait(10000)
+  return table.concat(out, "\n"), code
+end
+
+T.test("listen on port 0 picks a free port and reports it", function()
+  local a = server()
+  local b = server()
+  T.gt(a.port, 0)
+  T.gt(b.port, 0)
+  T.ne(a.port, b.port)
+  T.eq(a.host, "127.0.0.1")
+end)
+
+T.test("listening on a port in use fails with EADDRINUSE, not a crash", function()
+  local a = server()
+  local b = http.server({ port = a.port })
+  local ok, err = b:listen()
+  T.eq(ok, nil)
+  T.match(err, "^EADDRINUSE: ")
+  local c = http.server({ host = "not-an-ip" })
+  ok, err = c:listen()
+  T.eq(ok, nil)
+  T.match(err, "^EINVAL: ")
+end)
+
+T.test("routes by method and path with parameters, decoded query and headers", function()
+  local srv = server({}, function(s)
+    s:get("/calls/{id}/attempts/{n}", function(req)
+      return 200, { id = req.params.id, n = req.params.n, q = req.query, ua = req.headers["x-test"], m = req.method }
+    end)
+    s:post("/calls/{id}/attempts/{n}", function(req)
+      return 201, "posted " .. req.params.id
+    end)
+  end)
+  local res = assert(fetch(srv:url("/calls/c_1/attempts/2?a=1&b=x%20y&a=3&e="), { headers = { ["X-Test"] = "hello" } }))
+  T.eq(res.status, 200)
+  T.eq(res.headers["content-type"], "application/json")
+  local body = json.decode(res.body)
+  T.eq(body, { id = "c_1", n = "2", q = { a = { "1", "3" }, b = "x y", e = "" }, ua = "hello", m = "GET" })
+  res = assert(fetch(srv:url("/calls/c_9/attempts/1"), { method = "POST", body = "x" }))
+  T.eq(res.status, 201)
+  T.eq(res.body, "posted c_9")
+end)
+
+T.test("unknown path is 404 and a known path with another method is 405 with Allow", function()
+  local srv = server({}, function(s)
+    s:get("/only-get", function()
+      return 200, "ok"
+    end)
+  end)
+  local res = assert(fetch(srv:url("/nope")))
+  T.eq(res.status, 404)
+  T.eq(json.decode(res.body).error.code, "not_found")
+  res = assert(fetch(srv:url("/only-get"), { method = "DELETE" }))
+  T.eq(res.status, 405)
+  T.eq(res.headers["allow"], "GET")
+  T.eq(json.decode(res.body).error.code, "method_not_allowed")
+end)
+
+T.test("request body, custom headers and status/headers/body of the response round-trip", function()
+  local srv = server({ headers = { "x-twilio-signature" } }, function(s)
+    s:post("/echo", function(req)
+      return {
+        status = 202,
+        headers = { ["X-Sig"] = req.headers["x-twilio-signature"] or "none", ["X-Multi"] = { "a", "b" } },
+        body = req.body:upper(),
+      }
+    end)
+  end)
+  local res = assert(fetch(srv:url("/echo"), {
+    method = "POST",
+    body = "hello body",
+    headers = { ["X-Twilio-Signature"] = "abc=" },
+  }))
+  T.eq(res.status, 202)
+  T.eq(res.body, "HELLO BODY")
+  T.eq(res.headers["x-sig"], "abc=")
+  T.eq(res.headers["x-multi"], "a, b")
+end)
+
+T.test("req:header reads any header, standard or not, while the handler runs", function()
+  local srv = server({}, function(s)
+    s:get("/h", function(req)
+      return 200, { a = req:header("X-Not-Captured"), b = req:header("user-agent"), c = req:header("X-Absent") }
+    end)
+  end)
+  local res = assert(fetch(srv:url("/h"), { headers = { ["X-Not-Captured"] = "yes", ["User-Agent"] = "tester/1" } }))
+  T.eq(json.decode(res.body), { a = "yes", b = "tester/1" })
+end)
+
+T.test("a handler may wait (it runs in a task) while other requests are served", function()
+  local srv = server({}, function(s)
+    s:get("/slow", function()
+      timer.sleep(300)
+      return 200, "slow"
+    end)
+    s:get("/fast", function()
+      return 200, "fast"
+    end)
+  end)
+  local t0 = timer.now()
+  local slow_done, fast_at
+  task.spawn(function()
+    local r = fetch(srv:url("/slow"))
+    slow_done = r and r.body
+  end)
+  timer.sleep(20)
+  local r = assert(fetch(srv:url("/fast")))
+  fast_at = timer.now() - t0
+  T.eq(r.body, "fast")
+  T.lt(fast_at, 250, "the fast request did not wait for the slow one")
+  T.wait_for(function()
+    return slow_done
+  end, 3000, "slow request")
+  T.eq(slow_done, "slow")
+end)
+
+T.test("an error in a handler answers 500 without details and the server keeps serving", function()
+  local srv = server({}, function(s)
+    s:get("/boom", function()
+      error("secret internal detail")
+    end)
+    s:get("/ok", function()
+      return 200, "ok"
+    end)
+  end)
+  local res = assert(fetch(srv:url("/boom")))
+  T.eq(res.status, 500)
+  T.no_match(res.body, "secret internal detail")
+  T.eq(json.decode(res.body).error.code, "internal")
+  res = assert(fetch(srv:url("/ok")))
+  T.eq(res.body, "ok")
+end)
+
+T.test("returning nothing answers 204; a table body is JSON with [] for marked empty arrays", function()
+  local srv = server({}, function(s)
+    s:get("/none", function() end)
+    s:get("/json", function()
+      return 200, { list = json.array(), url = "http://x/y" }
+    end)
+  end)
+  local res = assert(fetch(srv:url("/none")))
+  T.eq(res.status, 204)
+  T.eq(res.body, "")
+  res = assert(fetch(srv:url("/json")))
+  T.match(res.body, '"list":%[%]')
+  T.match(res.body, '"url":"http://x/y"')
+end)
+
+T.test("static files are served with their content types; .. and missing files are 404", function()
+  local dir = T.tmpdir()
+  local function write(name, data)
+    local f = assert(io.open(dir .. "/" .. name, "wb"))
+    f:write(data)
+    f:close()
+  end
+  write("index.html", "<h1>hi</h1>")
+  write("app.js", "console.log(1)")
+  write("style.css", "body{}")
+  write("data.json", "{}")
+  write("sound.wav", "RIFF")
+  local srv = server({}, function(s)
+    s:static("/app/", dir)
+  end)
+  local cases = {
+    { "/app/", "text/html; charset=utf-8", "<h1>hi</h1>" },
+    { "/app/index.html", "text/html; charset=utf-8", "<h1>hi</h1>" },
+    { "/app/app.js", "text/javascript; charset=utf-8", "console.log(1)" },
+    { "/app/style.css", "text/css; charset=utf-8", "body{}" },
+    { "/app/data.json", "application/json", "{}" },
+    { "/app/sound.wav", "audio/wav", "RIFF" },
+  }
+  for _, c in ipairs(cases) do
+    local res = assert(fetch(srv:url(c[1])))
+    T.eq(res.status, 200, c[1])
+    T.eq(res.headers["content-type"], c[2], c[1])
+    T.eq(res.body, c[3], c[1])
+  end
+  T.eq(assert(fetch(srv:url("/app/missing.txt"))).status, 404)
+  local out = run({ "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--path-as-is", srv:url("/app/../../etc/passwd") })
+  T.ne(out, "200", "path traversal")
+end)
+
+T.test("a body over max_body is refused with 413 JSON and logged, not read", function()
+  local got = false
+  local srv = server({ max_body = 1000 }, function(s)
+    s:post("/up", function(req)
+      got = true
+      return 200, tostring(#req.body)
+    end)
+  end)
+  local res = assert(fetch(srv:url("/up"), { method = "POST", body = string.rep("x", 1000) }))
+  T.eq(res.status, 200)
+  T.eq(res.body, "1000")
+  got = false
+  res = assert(fetch(srv:url("/up"), { method = "POST", body = string.rep("x", 5000) }))
+  T.eq(res.status, 413)
+  T.eq(json.decode(res.body).error.code, "payload_too_large")
+  T.eq(got, false, "the handler never saw it")
+  -- The server still works.
+  res = assert(fetch(srv:url("/up"), { method = "POST", body = "y" }))
+  T.eq(res.body, "1")
+end)
+
+T.test("over max_connections new requests get 503 while existing ones finish", function()
+  local release = false
+  local srv = server({ max_connections = 3 }, function(s)
+    s:get("/hold", function()
+      T.wait_for(function()
+        return release
+      end, 10000)
+      return 200, "held"
+    end)
+    s:get("/ping", function()
+      return 200, "pong"
+    end)
+  end)
+  local results = {}
+  for i = 1, 3 do
+    task.spawn(function()
+      local r = fetch(srv:url("/hold"))
+      results[i] = r and r.status
+    end)
+  end
+  T.wait_for(function()
+    return srv:connections() >= 3
+  end, 3000, "three held connections")
+  local res = assert(fetch(srv:url("/ping")))
+  T.eq(res.status, 503)
+  T.eq(json.decode(res.body).error.code, "busy")
+  release = true
+  T.wait_for(function()
+    return results[1] and results[2] and results[3]
+  end, 5000, "held requests")
+  T.eq(results, { 200, 200, 200 })
+  T.wait_for(function()
+    return srv:connections() < 3
+  end, 5000, "connections to close")
+  res = assert(fetch(srv:url("/ping")))
+  T.eq(res.status, 200)
+end)
+
+T.test("HEAD gets the headers of GET without a body", function()
+  local srv = server({}, function(s)
+    s:route("HEAD", "/x", function()
+      return 200, "abcdef", { ["Content-Type"] = "text/plain" }
+    end)
+  end)
+  local out = run({ "curl", "-s", "-I", srv:url("/x") })
+  T.match(out:lower(), "content%-length: 6")
+  T.no_match(out, "abcdef")
+end)
+
+T.test("keep-alive: many sequential requests reuse one connection", function()
+  local peers = {}
+  local srv = server({}, function(s)
+    s:get("/n", function(req)
+      peers[req.remote] = true
+      return 200, "n"
+    end)
+  end)
+  for _ = 1, 20 do
+    T.eq(assert(fetch(srv:url("/n"))).body, "n")
+  end
+  T.eq(srv:connections(), 1)
+end)
+
+T.test("https: a TLS listener serves clients that trust its CA", function()
+  local c = certs.make(T.tmpdir())
+  local srv = server({ tls = { cert = c.cert, key = c.key } }, function(s)
+    s:get("/secure", function()
+      return 200, "secret ok"
+    end)
+  end)
+  T.match(srv:url("/"), "^https://")
+  local res = assert(fetch(srv:url("/secure"), { ca_file = c.ca }))
+  T.eq(res.body, "secret ok")
+  local bad, err = fetch(srv:url("/secure"))
+  T.eq(bad, nil)
+  T.match(err, "^ETLS")
+end)
+
+T.test("a TLS listener with a missing key file fails with ETLS at listen", function()
+  local srv = http.server({ tls = { cert = "/nonexistent/cert.pem", key = "/nonexistent/key.pem" } })
+  local ok, err = srv:listen()
+  T.eq(ok, nil)
+  T.match(err, "^ETLS: cannot read")
+end)
+
+T.test("close frees the port at once (inside a task) and is idempotent", function()
+  local srv = http.server({})
+  srv:get("/", function()
+    return 200, "x"
+  end)
+  assert(srv:listen())
+  local port = srv.port
+  srv:close()
+  srv:close()
+  local res, err = fetch("http://127.0.0.1:" .. port .. "/", { timeout = 2000 })
+  T.eq(res, nil)
+  T.match(err, "^ECONNREFUSED")
+  local again = http.server({ port = port })
+  T.ok(again:listen(), "the same port can be bound again")
+  again:close()
+end)
+
+T.test("200 concurrent requests are all answered correctly", function()
+  local srv = server({}, function(s)
+    s:get("/n/{i}", function(req)
+      timer.sleep(math.random(1, 20))
+      return 200, "n=" .. req.params.i
+    end)
+  end)
+  local fns = {}
+  for i = 1, 200 do
+    fns[i] = function()
+      local r = fetch(srv:url("/n/" .. i))
+      return r and r.body
+    end
+  end
+  local bodies = { task.all(fns) }
+  for i = 1, 200 do
+    T.eq(bodies[i], "n=" .. i)
+  end
+end)
+
+T.run()

@@ -1,0 +1,334 @@
+-- WebSockets end to end: the client (callagent.ws) against the server
+-- (callagent.http) over loopback, plain and TLS, with the limits hit on purpose.
+local T = require "testing"
+local http = require "callagent.http"
+local ws = require "callagent.ws"
+local timer = require "callagent.timer"
+local task = require "callagent.task"
+local process = require "callagent.process"
+local certs = require "certs"
+
+-- An echo server; events seen by the server are recorded in srv.events.
+local function echo_server(opts)
+  opts = opts or {}
+  local srv = http.server(opts)
+  srv.events = {}
+  srv:websocket("/echo", {
+    open = function(conn, req)
+      conn.opened_with = req
+      srv.last = conn
+      srv.events[#srv.events + 1] = { "open", req.path }
+    end,
+    text = function(conn, msg)
+      if msg:sub(1, 6) == "close:" then
+        local code, reason = msg:match("^close:(%d+):(.*)$")
+        conn:close(tonumber(code), reason)
+        return
+      end
+      conn:send(msg)
+    end,
+    binary = function(conn, data)
+      conn:send_binary(data)
+    end,
+    close = function(conn, code, reason)
+      srv.events[#srv.events + 1] = { "close", code, reason }
+    end,
+  })
+  assert(srv:listen())
+  T.defer(function()
+    srv:close()
+  end)
+  return srv
+end
+
+local function connect(url, opts)
+  local conn, err = ws.connect(url, opts)
+  if conn then
+    T.defer(function()
+      conn:close()
+    end)
+  end
+  return conn, err
+end
+
+T.test("text and binary messages round-trip, binary with every byte value", function()
+  local srv = echo_server()
+  local c = assert(connect(srv:ws_url("/echo")))
+  T.eq(c:is_open(), true)
+  c:send("hello")
+  T.eq({ c:receive(2000) }, { "text", "hello" })
+  local bytes = {}
+  for i = 0, 255 do
+    bytes[#bytes + 1] = string.char(i)
+  end
+  local bin = table.concat(bytes):rep(4)
+  c:send_binary(bin)
+  local kind, data = c:receive(2000)
+  T.eq(kind, "binary")
+  T.eq(data, bin)
+end)
+
+T.test("a 1 MB message arrives whole in both directions", function()
+  local srv = echo_server({ max_ws_message = 2 * 1024 * 1024 })
+  local c = assert(connect(srv:ws_url("/echo"), { max_message = 2 * 1024 * 1024 }))
+  local big = string.rep("0123456789abcdef", 65536)
+  c:send(big)
+  local kind, data = c:receive(5000)
+  T.eq(kind, "text")
+  T.eq(#data, #big)
+  T.eq(data == big, true, "content")
+end)
+
+T.test("the server sees the upgrade's path, query and headers, including Authorization", function()
+  local srv = echo_server({ headers = { "x-twilio-signature" } })
+  local c = assert(connect(srv:ws_url("/echo?callId=c_1&token=t0k"), {
+    headers = { Authorization = "Bearer sk-test-123", ["X-Twilio-Signature"] = "sig=" },
+  }))
+  c:send("x")
+  c:receive(2000)
+  local req = srv.last.opened_with
+  T.eq(req.path, "/echo")
+  T.eq(req.query, { callId = "c_1", token = "t0k" })
+  T.eq(req.headers.authorization, "Bearer sk-test-123")
+  T.eq(req.headers["x-twilio-signature"], "sig=")
+  T.match(req.remote, "127%.0%.0%.1")
+end)
+
+T.test("the client closes with a code and reason; both sides see them", function()
+  local srv = echo_server()
+  local c = assert(connect(srv:ws_url("/echo")))
+  c:send("x")
+  c:receive(2000)
+  c:close(4001, "client done")
+  T.eq({ c:receive(2000) }, { "close", 4001, "client done" })
+  T.wait_for(function()
+    return #srv.events >= 2
+  end, 2000, "server close event")
+  T.eq(srv.events[2], { "close", 4001, "client done" })
+  local ok, err = c:send("late")
+  T.eq(ok, nil)
+  T.match(err, "^ECLOSED")
+end)
+
+T.test("the server closes with a code and reason; the client sees them", function()
+  local srv = echo_server()
+  local c = assert(connect(srv:ws_url("/echo")))
+  c:send("close:4000:server done")
+  T.eq({ c:receive(2000) }, { "close", 4000, "server done" })
+  T.wait_for(function()
+    return #srv.events >= 2
+  end, 2000, "server close event")
+  T.eq(srv.events[2], { "close", 4000, "server done" })
+end)
+
+T.test("queued messages are sent before a close", function()
+  local srv = http.server({})
+  srv:websocket("/burst", {
+    open = function(conn)
+      for i = 1, 100 do
+        conn:send("m" .. i)
+      end
+      conn:close(1000, "all sent")
+    end,
+  })
+  assert(srv:listen())
+  T.defer(function()
+    srv:close()
+  end)
+  local c = assert(connect(srv:ws_url("/burst")))
+  for i = 1, 100 do
+    T.eq({ c:receive(2000) }, { "text", "m" .. i })
+  end
+  T.eq({ c:receive(2000) }, { "close", 1000, "all sent" })
+end)
+
+T.test("a path without a WebSocket route is refused with EHANDSHAKE (404)", function()
+  local srv = echo_server()
+  local c, err = ws.connect(srv:ws_url("/nope"))
+  T.eq(c, nil)
+  T.match(err, "^EHANDSHAKE: .*404")
+end)
+
+T.test("bad URLs and refused connections are error values", function()
+  local c, err = ws.connect("http://127.0.0.1/x")
+  T.eq(c, nil)
+  T.match(err, "^EINVAL")
+  local srv = http.server({})
+  assert(srv:listen())
+  local port = srv.port
+  srv:close()
+  c, err = ws.connect("ws://127.0.0.1:" .. port .. "/x", { timeout = 2000 })
+  T.eq(c, nil)
+  T.match(err, "^ECONNREFUSED")
+end)
+
+T.test("a server that accepts TCP but never answers gives ETIMEDOUT after the connect timeout", function()
+  -- A silent TCP listener in a separate process (Node, which the tests have).
+  local p = assert(process.spawn({
+    "node",
+    "-e",
+    "const s=require('net').createServer(()=>{});s.listen(0,'127.0.0.1',()=>console.log(s.address().port))",
+  }))
+  T.defer(function()
+    p:kill()
+  end)
+  local port = assert(p:read_line(5000))
+  local t0 = timer.now()
+  local c, err = ws.connect("ws://127.0.0.1:" .. port .. "/x", { timeout = 300 })
+  local took = timer.now() - t0
+  T.eq(c, nil)
+  T.match(err, "^ETIMEDOUT")
+  T.ge(took, 290)
+  T.lt(took, 2000)
+end)
+
+T.test("an incoming message over max_ws_message closes the connection with 1009", function()
+  local srv = echo_server({ max_ws_message = 1000 })
+  local c = assert(connect(srv:ws_url("/echo")))
+  c:send(string.rep("a", 1000))
+  T.eq(select(2, c:receive(2000)), string.rep("a", 1000))
+  c:send(string.rep("b", 1001))
+  local kind, code = c:receive(3000)
+  T.eq(kind, "close")
+  T.eq(code, 1009)
+  T.wait_for(function()
+    return #srv.events >= 2
+  end, 2000, "server close event")
+  T.eq(srv.events[2][2], 1009)
+end)
+
+T.test("the client's max_message closes a connection the server floods with a big message", function()
+  local srv = echo_server()
+  local c = assert(connect(srv:ws_url("/echo"), { max_message = 500 }))
+  c:send(string.rep("z", 2000)) -- echoed back: over the client's limit
+  local kind, code = c:receive(3000)
+  T.eq(kind, "close")
+  T.eq(code, 1009)
+end)
+
+T.test("a slow reader is disconnected when its send queue passes max_send_queue", function()
+  local srv = http.server({ max_send_queue = 256 * 1024 })
+  local result = {}
+  srv:websocket("/flood", {
+    open = function(conn)
+      task.spawn(function()
+        local chunk = string.rep("x", 16 * 1024)
+        for i = 1, 10000 do
+          local ok, err = conn:send(chunk)
+          if not ok then
+            result.err = err
+            result.sent = i - 1
+            return
+          end
+          result.max_buffered = math.max(result.max_buffered or 0, conn:buffered())
+          if i % 16 == 0 then
+            timer.sleep(1)
+          end
+        end
+        result.sent = 10000
+      end)
+    end,
+    close = function(_, code, reason)
+      result.code, result.reason = code, reason
+    end,
+  })
+  assert(srv:listen())
+  T.defer(function()
+    srv:close()
+  end)
+  local closed
+  local c = assert(connect(srv:ws_url("/flood"), {
+    on_text = function() end,
+    on_close = function(_, code)
+      closed = code
+    end,
+  }))
+  c:pause() -- stop reading: the server's queue fills
+  T.wait_for(function()
+    return result.code
+  end, 10000, "the server to drop the slow peer")
+  T.match(result.err, "^ENOBUFS")
+  T.eq(result.code, 1008)
+  T.lt(result.sent, 10000, "sending stopped")
+  T.le(result.max_buffered, 256 * 1024, "queue never passed the limit")
+  c:resume()
+  T.wait_for(function()
+    return closed
+  end, 5000, "the client to see the connection end")
+end)
+
+T.test("wss:// works against a TLS listener whose CA is given; without it ETLS", function()
+  local c = certs.make(T.tmpdir())
+  local srv = echo_server({ tls = { cert = c.cert, key = c.key } })
+  local url = srv:ws_url("/echo")
+  T.match(url, "^wss://")
+  local conn = assert(connect(url, { ca_file = c.ca }))
+  conn:send("over tls")
+  T.eq({ conn:receive(2000) }, { "text", "over tls" })
+  local bad, err = ws.connect(url, { timeout = 3000 })
+  T.eq(bad, nil)
+  T.match(err, "^ETLS")
+  -- The name is checked too: "localhost" is in the certificate, "127.0.0.2" is not.
+  local named = assert(connect("wss://localhost:" .. srv.port .. "/echo", { ca_file = c.ca }))
+  named:send("by name")
+  T.eq({ named:receive(2000) }, { "text", "by name" })
+end)
+
+T.test("pings keep an idle connection open; an unanswered ping closes it", function()
+  local srv = echo_server()
+  local c = assert(connect(srv:ws_url("/echo"), { ping_interval = 1, pong_timeout = 1 }))
+  timer.sleep(3500)
+  T.eq(c:is_open(), true, "idle but answering pings")
+  c:send("still here")
+  T.eq({ c:receive(2000) }, { "text", "still here" })
+  -- Now the server stops reading: pings go unanswered.
+  srv.last:pause()
+  local t0 = timer.now()
+  local kind = c:receive(6000)
+  T.eq(kind, "close")
+  T.lt(timer.now() - t0, 4500, "closed within ping_interval + pong_timeout (+1 s)")
+end)
+
+T.test("a server close ends its open connections", function()
+  local srv = echo_server()
+  local c = assert(connect(srv:ws_url("/echo")))
+  c:send("x")
+  c:receive(2000)
+  srv:close()
+  local kind = c:receive(3000)
+  T.eq(kind, "close")
+end)
+
+T.test("connections carry Lua fields; the id is unique and read-only", function()
+  local srv = echo_server()
+  local a = assert(connect(srv:ws_url("/echo")))
+  local b = assert(connect(srv:ws_url("/echo")))
+  a.call = "c_1"
+  T.eq(a.call, "c_1")
+  T.eq(b.call, nil)
+  T.ne(a.id, b.id)
+  T.eq(type(a.id), "number")
+end)
+
+T.test("200 concurrent connections each get their own echoes", function()
+  local srv = echo_server()
+  local fns = {}
+  for i = 1, 200 do
+    fns[i] = function()
+      local c = ws.connect(srv:ws_url("/echo"))
+      if not c then
+        return false
+      end
+      c:send("n" .. i)
+      local _, m = c:receive(5000)
+      c:close()
+      return m == "n" .. i
+    end
+  end
+  local results = { task.all(fns) }
+  for i = 1, 200 do
+    T.eq(results[i], true, "connection " .. i)
+  end
+end)
+
+T.run()
