@@ -1,0 +1,224 @@
+--- callagent.url: URL parsing and percent/form encoding.
+--
+--   url.encode(s)        percent-encodes s for a query component: keeps the RFC 3986
+--                        unreserved characters (A-Z a-z 0-9 - . _ ~), "%XX" for the rest
+--                        (a space becomes %20)
+--   url.decode(s)        percent-decodes, "+" -> space (form style); a "%" not followed
+--                        by two hex digits is left as is
+--   url.form_encode(t)   application/x-www-form-urlencoded from {name = value}: names
+--                        sorted; an array value repeats its name in order
+--                        ({Event = {"initiated", "ringing"}} -> Event=initiated&Event=ringing);
+--                        values may be strings, numbers or booleans
+--   url.form_decode(s)   {name = value}; a repeated name -> array of its values in
+--                        order; a name without "=" gets ""; nil -> {}
+--   url.query_decode(q)  the same as form_decode
+--   url.parse(u)         { scheme, host, port, path, query, userinfo, fragment } or
+--                        nil, "EINVAL: ..."
+--
+-- parse: scheme is lowercased and must be followed by "//"; host is lowercased,
+-- an IPv6 literal comes without its brackets ("http://[::1]:8080/" -> host "::1");
+-- port is a number, defaulted to 80/443 for http/https and ws/wss (nil for other
+-- schemes without one); path defaults to "/"; query is the raw text after "?"
+-- (nil without "?"), fragment the raw text after "#"; userinfo the raw "user:pass"
+-- before "@" (nil without). Error messages never repeat the URL (it may hold a
+-- password). Passing a non-string raises.
+local M = {}
+
+local char, format = string.char, string.format
+local concat, sort = table.concat, table.sort
+
+-- "%XX" for every byte, and every hex pair (any case) back to its byte.
+local enc, dec = {}, {}
+for b = 0, 255 do
+  enc[char(b)] = format("%%%02X", b)
+end
+do
+  local digits = "0123456789abcdefABCDEF"
+  for i = 1, #digits do
+    for j = 1, #digits do
+      local h = digits:sub(i, i) .. digits:sub(j, j)
+      dec[h] = char(tonumber(h, 16))
+    end
+  end
+end
+
+local function str(s, what)
+  local t = type(s)
+  if t == "string" then
+    return s
+  elseif t == "number" then
+    return tostring(s)
+  end
+  error(what .. " needs a string, got " .. t, 3)
+end
+
+function M.encode(s)
+  return (str(s, "url.encode"):gsub("[^A-Za-z0-9%-._~]", enc))
+end
+
+local function decode(s)
+  if s:find("+", 1, true) then
+    s = s:gsub("%+", " ")
+  end
+  if s:find("%", 1, true) then
+    s = s:gsub("%%(%x%x)", dec)
+  end
+  return s
+end
+
+function M.decode(s)
+  return decode(str(s, "url.decode"))
+end
+
+local function scalar(v, name)
+  local t = type(v)
+  if t == "string" then
+    return v
+  elseif t == "number" or t == "boolean" then
+    return tostring(v)
+  end
+  error("url.form_encode: value of '" .. name .. "' must be a string, number, boolean or array of them", 3)
+end
+
+function M.form_encode(t)
+  if type(t) ~= "table" then
+    error("url.form_encode needs a table", 2)
+  end
+  local names, orig = {}, {}
+  for k in pairs(t) do
+    local name = str(k, "url.form_encode key")
+    names[#names + 1] = name
+    orig[name] = k
+  end
+  sort(names)
+  local out, encode = {}, M.encode
+  for _, name in ipairs(names) do
+    local v, ename = t[orig[name]], encode(name)
+    if type(v) == "table" then
+      for _, item in ipairs(v) do
+        out[#out + 1] = ename .. "=" .. encode(scalar(item, name))
+      end
+    else
+      out[#out + 1] = ename .. "=" .. encode(scalar(v, name))
+    end
+  end
+  return concat(out, "&")
+end
+
+function M.form_decode(s)
+  local out = {}
+  if s == nil then
+    return out
+  end
+  s = str(s, "url.form_decode")
+  for pair in s:gmatch("[^&]+") do
+    local k, v = pair:match("^([^=]*)=(.*)$")
+    if not k then
+      k, v = pair, ""
+    end
+    k = decode(k)
+    if k ~= "" then
+      v = decode(v)
+      local cur = out[k]
+      if cur == nil then
+        out[k] = v
+      elseif type(cur) == "table" then
+        cur[#cur + 1] = v
+      else
+        out[k] = { cur, v }
+      end
+    end
+  end
+  return out
+end
+
+M.query_decode = M.form_decode
+
+local default_port = { http = 80, https = 443, ws = 80, wss = 443 }
+
+local function bad(msg)
+  return nil, "EINVAL: " .. msg
+end
+
+local function parse_port(p)
+  if p == "" then
+    return true, nil
+  end
+  if not p:find("^%d+$") or #p > 5 or tonumber(p) > 65535 then
+    return false
+  end
+  return true, tonumber(p)
+end
+
+function M.parse(u)
+  if type(u) ~= "string" then
+    error("url.parse needs a string, got " .. type(u), 2)
+  end
+  if u:find("[%z\1-\32\127]") then
+    return bad("URL contains spaces or control characters")
+  end
+  local scheme, rest = u:match("^(%a[%w+.-]*)://(.*)$")
+  if not scheme then
+    return bad("URL needs a scheme and '//', like http://host/path")
+  end
+  scheme = scheme:lower()
+
+  local fragment, query
+  local at = rest:find("#", 1, true)
+  if at then
+    fragment, rest = rest:sub(at + 1), rest:sub(1, at - 1)
+  end
+  at = rest:find("?", 1, true)
+  if at then
+    query, rest = rest:sub(at + 1), rest:sub(1, at - 1)
+  end
+  local authority, path = rest, "/"
+  at = rest:find("/", 1, true)
+  if at then
+    authority, path = rest:sub(1, at - 1), rest:sub(at)
+  end
+
+  local userinfo
+  at = authority:match(".*()@")
+  if at then
+    userinfo, authority = authority:sub(1, at - 1), authority:sub(at + 1)
+  end
+
+  local host, port_text
+  if authority:sub(1, 1) == "[" then
+    local after
+    host, after = authority:match("^%[([^%]]*)%](.*)$")
+    if not host or not (host:find("^[%x:.]+$") or host:find("^[%x:.]+%%25[%w%-._~]+$")) or not host:find(":", 1, true) then
+      return bad("malformed IPv6 address in URL")
+    end
+    if after ~= "" then
+      port_text = after:match("^:(.*)$")
+      if not port_text then
+        return bad("unexpected text after the IPv6 address in URL")
+      end
+    end
+  else
+    host, port_text = authority:match("^([^:]*):(.*)$")
+    if not host then
+      host = authority
+    end
+    if not host:find("^[%w%-._~%%!$&'()*+,;=]+$") then
+      return bad(host == "" and "URL has no host" or "URL host has invalid characters")
+    end
+  end
+  local ok, port = parse_port(port_text or "")
+  if not ok then
+    return bad("URL port must be a number from 0 to 65535")
+  end
+  return {
+    scheme = scheme,
+    host = host:lower(),
+    port = port or default_port[scheme],
+    path = path,
+    query = query,
+    userinfo = userinfo,
+    fragment = fragment,
+  }
+end
+
+return M
