@@ -92,7 +92,7 @@ test-deps:
 
 test: test-deps
 	@$(MAKE) --no-print-directory $(BIN) $(CTESTS)
-	@tests/run $(BIN) $(BUILD)/tests
+	@CALLAGENT_SAN=$(SAN) tests/run $(BIN) $(BUILD)/tests
 
 run: deps
 	@$(MAKE) --no-print-directory $(BIN)

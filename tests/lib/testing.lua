@@ -236,6 +236,70 @@ end
 T.bin = os.getenv("CALLAGENT_BIN") or (core.root .. "/build/callagent")
 T.root = core.root
 
+--- Starts the callagent binary on a Lua file (or source text when opts.source
+-- is given; the file is written under a temporary folder). Returns the process
+-- (callagent.process) with its output collected in p.out and p.err (arrays of
+-- lines); p:text() and p:errtext() join them. Killed after the test.
+function T.spawn_app(path, args, opts)
+  local process = require "callagent.process"
+  opts = opts or {}
+  if opts.source then
+    local dir = T.tmpdir()
+    path = dir .. "/" .. (opts.name or "app.lua")
+    local f = assert(io.open(path, "w"))
+    f:write(opts.source)
+    f:close()
+  end
+  local out, err = {}, {}
+  local spec = { T.bin, "run", path }
+  for _, a in ipairs(args or {}) do
+    spec[#spec + 1] = a
+  end
+  spec.env = opts.env
+  spec.inherit_env = opts.env ~= nil and opts.inherit_env ~= false or nil
+  spec.cwd = opts.cwd
+  spec.stdin = opts.stdin
+  spec.on_stdout = function(line)
+    out[#out + 1] = line
+    if opts.on_stdout then
+      opts.on_stdout(line)
+    end
+  end
+  spec.on_stderr = function(line)
+    err[#err + 1] = line
+    if opts.on_stderr then
+      opts.on_stderr(line)
+    end
+  end
+  local p = assert(process.spawn(spec))
+  p.out, p.err = out, err
+  function p.text()
+    return table.concat(out, "\n")
+  end
+  function p.errtext()
+    return table.concat(err, "\n")
+  end
+  if current_defers then
+    T.defer(function()
+      if p:running() then
+        p:kill("SIGKILL")
+      end
+    end)
+  end
+  return p
+end
+
+--- Runs an app to completion (timeout_ms, default 20000): code, signal, p.
+function T.run_app(path, args, opts)
+  local p = T.spawn_app(path, args, opts)
+  local code, sig = p:wait((opts and opts.timeout) or 20000)
+  if code == nil and sig == "ETIMEDOUT" then
+    p:kill("SIGKILL")
+    error("app did not finish in time; stdout: " .. p.text() .. " stderr: " .. p.errtext(), 2)
+  end
+  return code, sig, p
+end
+
 --- A fresh temporary folder, removed after the test.
 function T.tmpdir()
   local p = os.tmpname()

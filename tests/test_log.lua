@@ -1,0 +1,148 @@
+-- callagent.log through child programs: format, levels, redaction, and
+-- that a stalled stderr reader never stalls the event loop.
+local T = require "testing"
+local timer = require "callagent.timer"
+local json = require "callagent.json"
+
+local function run(source, env)
+  local code, _, p = T.run_app(nil, nil, { source = source, env = env })
+  T.eq(code, 0, p.errtext())
+  return p.err, p.out
+end
+
+T.test("a line is timestamp, level, message, then key=value fields in key order", function()
+  local err = run([[
+local log = require "callagent.log"
+log.info("call started", { to = "+14155550100", call = "c_1", attempt = 2, note = "two words", q = 'say "hi"' })
+]])
+  T.eq(#err, 1)
+  T.match(err[1], "^%d%d%d%d%-%d%d%-%d%dT%d%d:%d%d:%d%d%.%d%d%dZ INFO call started ")
+  T.match(err[1], ' attempt=2 call=c_1 note="two words" q="say \\"hi\\"" to=%+14155550100$')
+end)
+
+T.test("levels: info by default, CALLAGENT_LOG and log.level change it", function()
+  local src = [[
+local log = require "callagent.log"
+log.debug("d1"); log.info("i1"); log.warn("w1"); log.error("e1")
+log.level("error")
+log.warn("w2"); log.error("e2")
+print(log.enabled("debug"), log.level())
+]]
+  local err, out = run(src)
+  T.eq(#err, 4)
+  T.match(err[1], "INFO i1")
+  T.match(err[2], "WARN w1")
+  T.match(err[3], "ERROR e1")
+  T.match(err[4], "ERROR e2")
+  T.eq(out[1], "false\terror")
+  err = run(src, { CALLAGENT_LOG = "debug" })
+  T.match(err[1], "DEBUG d1")
+  local code, _, p = T.run_app(nil, nil, { source = "print(1)", env = { CALLAGENT_LOG = "loud" } })
+  T.eq(code, 2)
+  T.match(p.errtext(), "CALLAGENT_LOG must be debug, info, warn or error")
+end)
+
+T.test("registered secrets are redacted in every line, from Lua and from C", function()
+  local err = run([[
+local log = require "callagent.log"
+local timer = require "callagent.timer"
+log.secret("sk-live-abcdef123456")
+log.info("using key sk-live-abcdef123456", { auth = "Bearer sk-live-abcdef123456", ok = "fine" })
+timer.after(1, function() error("failed with sk-live-abcdef123456") end)
+print(log.redact("sk-live-abcdef123456"), log.redact("short"))
+]])
+  local all = table.concat(err, "\n")
+  T.no_match(all, "sk%-live%-abcdef123456")
+  T.match(all, "using key %[redacted%] auth=\"Bearer %[redacted%]\" ok=fine")
+  T.match(all, "ERROR uncaught error in timer callback: .*failed with %[redacted%]")
+end)
+
+T.test("log.redact shows only the last 4 characters of long secrets", function()
+  local _, out = run([[
+local log = require "callagent.log"
+print(log.redact("sk-live-abcdef123456"), log.redact("short"), log.redact(nil))
+]])
+  T.eq(out[1], "…3456\t[redacted]\tnil")
+end)
+
+T.test("JSON format writes one JSON object per line", function()
+  local err = run([[
+local log = require "callagent.log"
+log.warn("hello", { n = 3, list = {1, 2} })
+]], { CALLAGENT_LOG_FORMAT = "json" })
+  T.eq(#err, 1)
+  local obj = json.decode(err[1])
+  T.eq(obj.level, "warn")
+  T.eq(obj.msg, "hello")
+  T.eq(obj.n, 3)
+  T.eq(obj.list, { 1, 2 })
+  T.match(obj.ts, "Z$")
+end)
+
+T.test("a multi-line message stays one line", function()
+  local err = run([[
+require("callagent.log").error("first\nsecond", { tb = "a\nb" })
+]])
+  T.eq(#err, 1)
+  T.match(err[1], "first\\nsecond")
+end)
+
+T.test("a reader that stops reading stderr does not stall the loop", function()
+  -- The child's stderr is a pipe that nobody reads (bash process substitution
+  -- into `sleep`); it logs 20 MB and measures how late its 10 ms timer fires.
+  -- Writes queue (bounded, then dropped and counted) instead of blocking.
+  local dir = T.tmpdir()
+  local app = dir .. "/flood.lua"
+  local f = assert(io.open(app, "w"))
+  f:write([[
+local log = require "callagent.log"
+local timer = require "callagent.timer"
+local worst, last = 0, timer.now()
+local t = timer.every(10, function()
+  local now = timer.now()
+  worst = math.max(worst, now - last - 10)
+  last = now
+end)
+local line = string.rep("x", 1000)
+local n = 0
+local burst
+burst = timer.every(5, function()
+  for _ = 1, 400 do log.info(line) end
+  n = n + 400
+  if n >= 20000 then
+    burst:stop()
+    t:stop()
+    io.stdout:write(string.format("worst %.1f dropped %d\n", worst, require("callagent.core.log").dropped()))
+    io.stdout:flush()
+    require("callagent.core").exit(0)
+  end
+end)
+]])
+  f:close()
+  local process = require "callagent.process"
+  local out = {}
+  local p = assert(process.spawn({
+    "bash",
+    "-c",
+    'exec "$0" run "$1" 2> >(sleep 30)',
+    T.bin,
+    app,
+    on_stdout = function(l)
+      out[#out + 1] = l
+    end,
+    on_stderr = false,
+  }))
+  T.defer(function()
+    p:kill("SIGKILL")
+  end)
+  T.wait_for(function()
+    return out[1] ~= nil
+  end, 30000, "the child's report")
+  local worst, dropped = out[1]:match("worst ([%d.]+) dropped (%d+)")
+  T.ok(worst, out[1])
+  T.lt(tonumber(worst), 200, "timer lateness (ms) while stderr backs up")
+  T.gt(tonumber(dropped), 0, "lines past the bounded queue were dropped, not blocked on")
+  T.diag("timer lateness under a 20 MB log flood into a stalled reader: " .. worst .. " ms; lines dropped: " .. dropped)
+end)
+
+T.run()

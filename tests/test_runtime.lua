@@ -1,0 +1,231 @@
+-- The callagent program itself: command line, exit codes, module search
+-- paths, error handling, signals and graceful shutdown, installation.
+local T = require "testing"
+local process = require "callagent.process"
+local timer = require "callagent.timer"
+local core = require "callagent.core"
+
+-- Runs the binary with raw arguments (not "run"): code, stdout, stderr.
+local function cli(args)
+  local out, err = {}, {}
+  local spec = { T.bin }
+  for _, a in ipairs(args) do
+    spec[#spec + 1] = a
+  end
+  spec.on_stdout = function(l)
+    out[#out + 1] = l
+  end
+  spec.on_stderr = function(l)
+    err[#err + 1] = l
+  end
+  local p = assert(process.spawn(spec))
+  local code = p:wait(10000)
+  return code, table.concat(out, "\n"), table.concat(err, "\n")
+end
+
+T.test("--help and --version answer on stdout with status 0", function()
+  local code, out = cli({ "--help" })
+  T.eq(code, 0)
+  T.match(out, "usage: callagent run APP%.lua")
+  code, out = cli({ "--version" })
+  T.eq(code, 0)
+  T.match(out, "^callagent %d+%.%d+%.%d+ %(Lua 5%.4")
+end)
+
+T.test("usage errors say what is wrong and exit 2", function()
+  local code, out, err = cli({})
+  T.eq(code, 2)
+  T.match(err, "usage:")
+  code, out, err = cli({ "frobnicate" })
+  T.eq(code, 2)
+  T.match(err, "unknown command 'frobnicate'")
+  code, out, err = cli({ "run" })
+  T.eq(code, 2)
+  T.match(err, "run needs the app file")
+  code, out, err = cli({ "run", "/nonexistent/app.lua" })
+  T.eq(code, 2)
+  T.match(err, "cannot open /nonexistent/app%.lua")
+  T.eq(out, "")
+end)
+
+T.test("an error at the top level of app.lua exits 1 with its traceback", function()
+  local code, _, p = T.run_app(nil, nil, { source = "local function f() error('top level boom') end\nf()\n" })
+  T.eq(code, 1)
+  T.match(p.errtext(), "top level boom")
+  T.match(p.errtext(), "stack traceback")
+  T.match(p.errtext(), "in %a+ 'f'")
+end)
+
+T.test("a syntax error in app.lua exits 1 and names the line", function()
+  local code, _, p = T.run_app(nil, nil, { source = "local x = = 1\n" })
+  T.eq(code, 1)
+  T.match(p.errtext(), "app%.lua:1:")
+end)
+
+T.test("arguments reach the app as ... and arg", function()
+  local code, _, p = T.run_app(nil, { "one", "two words" }, {
+    source = "print(select('#', ...), ...)\nprint(arg[0]:match('app.lua$'), arg[1], arg[2], arg[-1])\n",
+  })
+  T.eq(code, 0)
+  T.eq(p.out[1], "2\tone\ttwo words")
+  T.eq(p.out[2], "app.lua\tone\ttwo words\trun")
+end)
+
+T.test("the loop runs until no work is left, then the program exits 0", function()
+  local t0 = timer.now()
+  local code, _, p = T.run_app(nil, nil, {
+    source = [[
+local timer = require "callagent.timer"
+local http = require "callagent.http"
+local n = 0
+local t = timer.every(10, function() n = n + 1 end)
+timer.after(100, function()
+  t:stop()
+  local srv = http.server({})
+  assert(srv:listen())
+  timer.after(50, function() srv:close(); print("ticks", n > 5) end)
+end)
+]],
+  })
+  T.eq(code, 0)
+  T.eq(p.out[1], "ticks\ttrue")
+  T.lt(timer.now() - t0, 5000, "it did not linger")
+end)
+
+T.test("require finds the app's folder, CALLAGENT_PATH folders and the built-in modules", function()
+  local dir = T.tmpdir()
+  local extra = T.tmpdir()
+  local function write(path, text)
+    local f = assert(io.open(path, "w"))
+    f:write(text)
+    f:close()
+  end
+  write(dir .. "/helper.lua", "return 'from app folder'")
+  write(extra .. "/extra_mod.lua", "return 'from CALLAGENT_PATH'")
+  write(dir .. "/app.lua", [[
+print((require "helper"))
+print((require "extra_mod"))
+print(type(require "callagent.http"))
+print(require("callagent.core").root ~= nil)
+]])
+  local code, _, p = T.run_app(dir .. "/app.lua", nil, { env = { CALLAGENT_PATH = extra } })
+  T.eq(code, 0, p.errtext())
+  T.eq(p.out, { "from app folder", "from CALLAGENT_PATH", "table", "true" })
+end)
+
+T.test("an error in a callback is logged with a traceback and the program keeps serving", function()
+  local code, _, p = T.run_app(nil, nil, {
+    source = [[
+local timer = require "callagent.timer"
+timer.after(1, function() local t = nil; return t.field end)
+timer.after(30, function() print("still running") end)
+]],
+  })
+  T.eq(code, 0)
+  T.eq(p.out[1], "still running")
+  T.match(p.errtext(), "ERROR uncaught error in timer callback: .*attempt to index a nil value")
+  T.match(p.errtext(), "stack traceback")
+end)
+
+T.test("SIGTERM runs the shutdown handlers, which may wait, then exits 0", function()
+  local p = T.spawn_app(nil, nil, {
+    source = [[
+local runtime = require "callagent.runtime"
+local http = require "callagent.http"
+local timer = require "callagent.timer"
+local srv = http.server({})
+assert(srv:listen())
+runtime.on_shutdown(function(reason)
+  print("shutdown " .. reason)
+  timer.sleep(100)
+  srv:close()
+  print("closed")
+end)
+print("ready")
+]],
+  })
+  T.wait_for(function()
+    return p.out[1] == "ready"
+  end, 5000, "ready")
+  p:kill("SIGTERM")
+  local code, sig = p:wait(5000)
+  T.eq(code, 0)
+  T.eq(sig, nil)
+  T.eq(p.out, { "ready", "shutdown SIGTERM", "closed" })
+end)
+
+T.test("SIGINT stops a server-only app even without shutdown handlers", function()
+  local p = T.spawn_app(nil, nil, {
+    source = "local s = require('callagent.http').server({}); assert(s:listen()); print('ready')\n",
+  })
+  T.wait_for(function()
+    return p.out[1] == "ready"
+  end, 5000, "ready")
+  p:kill("SIGINT")
+  T.eq(p:wait(5000), 0)
+end)
+
+T.test("a second signal exits at once with 128 + the signal number", function()
+  local p = T.spawn_app(nil, nil, {
+    source = [[
+local runtime = require "callagent.runtime"
+local timer = require "callagent.timer"
+runtime.on_shutdown(function() timer.sleep(60000) end)
+timer.every(1000, function() end)
+print("ready")
+]],
+  })
+  T.wait_for(function()
+    return p.out[1] == "ready"
+  end, 5000, "ready")
+  p:kill("SIGTERM")
+  timer.sleep(100)
+  T.eq(p:running(), true, "the first signal waits for the handler")
+  p:kill("SIGTERM")
+  local code = p:wait(5000)
+  T.eq(code, 128 + 15)
+  T.match(p.errtext(), "second signal SIGTERM: exiting now")
+end)
+
+T.test("runtime.shutdown honours grace_ms when a handler hangs", function()
+  local t0 = timer.now()
+  local code, _, p = T.run_app(nil, nil, {
+    source = [[
+local runtime = require "callagent.runtime"
+local timer = require "callagent.timer"
+runtime.grace_ms = 200
+runtime.on_shutdown(function() timer.sleep(60000) end)
+timer.every(1000, function() end)
+timer.after(10, function() runtime.shutdown(3, "test") end)
+]],
+  })
+  T.eq(code, 3)
+  T.lt(timer.now() - t0, 3000)
+  T.match(p.errtext(), "still running after grace period")
+end)
+
+T.test("make install puts a binary that finds its Lua code without environment variables", function()
+  local dir = T.tmpdir()
+  local san = os.getenv("CALLAGENT_SAN") == "1" and "SAN=1" or ""
+  local ok = os.execute(string.format("make -s -C '%s' install PREFIX='%s' %s >/dev/null 2>&1", T.root, dir, san))
+  T.ok(ok, "make install")
+  local app = dir .. "/app.lua"
+  local f = assert(io.open(app, "w"))
+  f:write("print(require('callagent.json').encode({ok = true}), require('callagent.core').root)\n")
+  f:close()
+  local out = {}
+  local p = assert(process.spawn({
+    dir .. "/bin/callagent",
+    "run",
+    app,
+    env = { PATH = "/usr/bin:/bin" },
+    on_stdout = function(l)
+      out[#out + 1] = l
+    end,
+    on_stderr = false,
+  }))
+  T.eq(p:wait(10000), 0)
+  T.eq(out[1], '{"ok":true}\t' .. core.realpath(dir .. "/share/callagent"))
+end)
+
+T.run()
