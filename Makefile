@@ -15,7 +15,7 @@ DESTDIR ?=
 SAN ?=
 WERROR ?=
 
-DEB_PKGS := build-essential pkg-config ca-certificates openssl \
+DEB_PKGS := build-essential pkg-config ca-certificates openssl tzdata \
 	liblua5.4-dev libuv1-dev libwebsockets-dev libwebsockets-evlib-uv \
 	libcurl4-openssl-dev lua-cjson-dev libssl-dev libsqlite3-dev
 # Only the tests need these.
@@ -105,7 +105,8 @@ bench: deps
 install: $(BIN)
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/callagent
 	install -m 755 $(BIN) $(DESTDIR)$(PREFIX)/bin/callagent
-	cp -r lua providers $(DESTDIR)$(PREFIX)/share/callagent/
+	cp -r lua $(DESTDIR)$(PREFIX)/share/callagent/
+	if [ -d providers ]; then cp -r providers $(DESTDIR)$(PREFIX)/share/callagent/; fi
 
 uninstall:
 	rm -f $(DESTDIR)$(PREFIX)/bin/callagent

@@ -21,6 +21,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 #include <dirent.h>
+#include <time.h>
 
 #include <lualib.h>
 #include <lua-cjson.h>
@@ -322,6 +323,81 @@ static int core_cpu(lua_State *L)
 	return 2;
 }
 
+/* core.time(): wall-clock seconds since the epoch, with sub-second precision. */
+static int core_time(lua_State *L)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_REALTIME, &ts);
+	lua_pushnumber(L, (lua_Number)ts.tv_sec + ts.tv_nsec / 1e9);
+	return 1;
+}
+
+/* Whether tz names a zone of the system's tz database (no path tricks). */
+static int valid_tz(const char *tz)
+{
+	char path[PATH_MAX];
+	struct stat st;
+
+	if (tz[0] == '\0' || tz[0] == '/' || tz[0] == '.' || strstr(tz, "..") || strlen(tz) > 64)
+		return 0;
+	for (const char *p = tz; *p; p++)
+		if (!((*p >= 'A' && *p <= 'Z') || (*p >= 'a' && *p <= 'z') || (*p >= '0' && *p <= '9') ||
+		      *p == '/' || *p == '_' || *p == '-' || *p == '+'))
+			return 0;
+	snprintf(path, sizeof path, "/usr/share/zoneinfo/%s", tz);
+	return stat(path, &st) == 0 && S_ISREG(st.st_mode);
+}
+
+/*
+ * core.localtime(tz, [t]): the broken-down local time of t (default now) in
+ * the IANA zone tz: {year, month, day, hour, min, sec, wday (1 = Sunday),
+ * utc_offset (seconds), abbrev}; or nil, "EINVAL: unknown time zone ...".
+ */
+static int core_localtime(lua_State *L)
+{
+	const char *tz = luaL_checkstring(L, 1);
+	time_t t = (time_t)luaL_optnumber(L, 2, (lua_Number)time(NULL));
+	char *old = getenv("TZ"), *saved = old ? ca_strdup(old) : NULL, abbrev[16];
+	struct tm tm;
+
+	if (!valid_tz(tz)) {
+		free(saved);
+		return ca_fail(L, "EINVAL", "unknown time zone '%s'", tz);
+	}
+	setenv("TZ", tz, 1);
+	tzset();
+	localtime_r(&t, &tm);
+	strftime(abbrev, sizeof abbrev, "%Z", &tm);
+	if (saved) {
+		setenv("TZ", saved, 1);
+		free(saved);
+	} else {
+		unsetenv("TZ");
+	}
+	tzset();
+	lua_createtable(L, 0, 9);
+	lua_pushinteger(L, tm.tm_year + 1900);
+	lua_setfield(L, -2, "year");
+	lua_pushinteger(L, tm.tm_mon + 1);
+	lua_setfield(L, -2, "month");
+	lua_pushinteger(L, tm.tm_mday);
+	lua_setfield(L, -2, "day");
+	lua_pushinteger(L, tm.tm_hour);
+	lua_setfield(L, -2, "hour");
+	lua_pushinteger(L, tm.tm_min);
+	lua_setfield(L, -2, "min");
+	lua_pushinteger(L, tm.tm_sec);
+	lua_setfield(L, -2, "sec");
+	lua_pushinteger(L, tm.tm_wday + 1);
+	lua_setfield(L, -2, "wday");
+	lua_pushinteger(L, tm.tm_gmtoff);
+	lua_setfield(L, -2, "utc_offset");
+	lua_pushstring(L, abbrev);
+	lua_setfield(L, -2, "abbrev");
+	return 1;
+}
+
 int luaopen_callagent_core(lua_State *L)
 {
 	static const luaL_Reg fns[] = {
@@ -335,6 +411,8 @@ int luaopen_callagent_core(lua_State *L)
 		{"pid", core_pid},
 		{"rss", core_rss},
 		{"cpu", core_cpu},
+		{"time", core_time},
+		{"localtime", core_localtime},
 		{NULL, NULL}
 	};
 
