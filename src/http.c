@@ -829,12 +829,18 @@ static void on_closer(uv_timer_t *t)
 	}
 }
 
-static void unref_listener(uv_handle_t *h, void *arg)
+/*
+ * The shut-down listener would report readable forever (accept fails): stop
+ * watching it. lws closes it on its sweep; it is no work of ours meanwhile.
+ */
+static void quiet_listener(uv_handle_t *h, void *arg)
 {
 	uv_os_fd_t fd;
 
-	if (h->type == UV_POLL && uv_fileno(h, &fd) == 0 && fd == *(int *)arg)
+	if (h->type == UV_POLL && !uv_is_closing(h) && uv_fileno(h, &fd) == 0 && fd == *(int *)arg) {
+		uv_poll_stop((uv_poll_t *)h);
 		uv_unref(h);
+	}
 }
 
 static void begin_close(struct server *s)
@@ -858,8 +864,7 @@ static void begin_close(struct server *s)
 	 */
 	if (s->listen_fd >= 0) {
 		shutdown(s->listen_fd, SHUT_RDWR);
-		/* lws closes it on its 30 s sweep; it is no work of ours meanwhile. */
-		uv_walk(ca_loop(), unref_listener, &s->listen_fd);
+		uv_walk(ca_loop(), quiet_listener, &s->listen_fd);
 	}
 	for (struct conn_node *n = s->conns; n; n = n->next)
 		ca__ws_kill(n->wsi);

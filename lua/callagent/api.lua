@@ -1,0 +1,207 @@
+--- callagent.api: the REST API (JSON in and out).
+--
+--   POST /v1/calls                {to, prompt, timezone?, locale?, callerName?,
+--                                 calleeName?, voice?, metadata?} -> 201 {callId, status, hint?}
+--   GET  /v1/calls/{callId}       the call record (see lua/callagent/calls.lua)
+--   GET  /v1/calls?status=&limit=&cursor=   newest first: {calls, nextCursor}
+--   POST /v1/calls/{callId}/hangup          -> 202 {callId, status}
+--   GET  /healthz                 {ok, version, activeCalls, uptimeSec}
+--
+-- With server.apiToken set, every /v1 request needs "Authorization: Bearer
+-- <token>" (401 otherwise). Errors: {"error": {"code", "message", "field"?}}
+-- with 400 (validation), 401, 404, 405, 409, 413.
+local json = require "callagent.json"
+local crypto = require "callagent.crypto"
+local core = require "callagent.core"
+local config = require "callagent.config"
+local log = require "callagent.log"
+
+local M = {}
+
+local LIMITS = { prompt = 8000, name = 120, metadata = 8192, locale = 35 }
+local ALLOWED = {
+  to = true, prompt = true, timezone = true, locale = true,
+  callerName = true, calleeName = true, voice = true, metadata = true,
+}
+local STATUSES = {
+  queued = true, dialing = true, in_progress = true, completed = true,
+  busy = true, no_answer = true, failed = true, canceled = true,
+}
+
+local function err(status, code, message, field)
+  return status, { error = { code = code, message = message, field = field } }
+end
+
+local function voice_ok(v)
+  for _, x in ipairs(config.voices) do
+    if x == v then
+      return true
+    end
+  end
+  return false
+end
+
+--- Checks a POST /v1/calls body: the input, or nil, status, error body.
+function M.validate_call(body)
+  if type(body) ~= "table" or json.is_array(body) or (#body > 0) then
+    return nil, err(400, "invalid_body", "the body must be a JSON object")
+  end
+  for k in pairs(body) do
+    if not ALLOWED[k] then
+      return nil, err(400, "unknown_field", "unknown field '" .. tostring(k) .. "'", tostring(k))
+    end
+  end
+  local input = {}
+  if not config.is_e164(body.to) then
+    return nil, err(400, "invalid_to", "to must be an E.164 phone number like +14155550100", "to")
+  end
+  input.to = body.to
+  if type(body.prompt) ~= "string" or not body.prompt:match("%S") then
+    return nil, err(400, "invalid_prompt", "prompt must be a non-empty string", "prompt")
+  end
+  if #body.prompt > LIMITS.prompt then
+    return nil, err(400, "invalid_prompt", "prompt is longer than " .. LIMITS.prompt .. " characters", "prompt")
+  end
+  input.prompt = body.prompt
+  if body.timezone ~= nil then
+    if type(body.timezone) ~= "string" or not core.localtime(body.timezone) then
+      return nil, err(400, "invalid_timezone", "timezone must be an IANA time zone like Europe/Paris", "timezone")
+    end
+    input.timezone = body.timezone
+  end
+  if body.locale ~= nil then
+    if type(body.locale) ~= "string" or #body.locale > LIMITS.locale or not body.locale:match("^%a%a%a?[-_%w]*$") then
+      return nil, err(400, "invalid_locale", "locale must be a language tag like en-US", "locale")
+    end
+    input.locale = body.locale
+  end
+  for _, k in ipairs({ "callerName", "calleeName" }) do
+    local v = body[k]
+    if v ~= nil then
+      if type(v) ~= "string" or #v > LIMITS.name then
+        return nil, err(400, "invalid_" .. k, k .. " must be a string of at most " .. LIMITS.name .. " characters", k)
+      end
+      input[k] = v
+    end
+  end
+  if body.voice ~= nil then
+    if type(body.voice) ~= "string" or not voice_ok(body.voice) then
+      return nil, err(400, "invalid_voice", "voice must be one of " .. table.concat(config.voices, ", "), "voice")
+    end
+    input.voice = body.voice
+  end
+  if body.metadata ~= nil then
+    if type(body.metadata) ~= "table" then
+      return nil, err(400, "invalid_metadata", "metadata must be a JSON object", "metadata")
+    end
+    if #json.encode(body.metadata) > LIMITS.metadata then
+      return nil, err(400, "invalid_metadata", "metadata is larger than " .. LIMITS.metadata .. " bytes", "metadata")
+    end
+    input.metadata = body.metadata
+  end
+  return input
+end
+
+--- Registers the API routes on an http server for the engine.
+function M.register(srv, engine, cfg, opts)
+  opts = opts or {}
+  local token = cfg.server.apiToken
+
+  local function authorized(req)
+    if not token then
+      return true
+    end
+    local h = req.headers.authorization or ""
+    local given = h:match("^[Bb]earer%s+(.+)$")
+    return given ~= nil and crypto.constant_time_eq(given, token)
+  end
+
+  local function guard(fn)
+    return function(req)
+      if not authorized(req) then
+        log.warn("api: unauthorized request", { method = req.method, path = req.path, remote = req.remote })
+        return 401, { error = { code = "unauthorized", message = "missing or wrong bearer token" } }, {
+          ["WWW-Authenticate"] = 'Bearer realm="callagent"',
+        }
+      end
+      return fn(req)
+    end
+  end
+
+  srv:post("/v1/calls", guard(function(req)
+    local body, jerr = req:json()
+    if body == nil then
+      return err(400, "invalid_json", "the body is not valid JSON: " .. tostring(jerr):gsub("^EJSON: ", ""))
+    end
+    local input, status, ebody = M.validate_call(body)
+    if not input then
+      log.warn("api: invalid call request", { field = ebody.error.field, code = ebody.error.code })
+      return status, ebody
+    end
+    local call, cerr = engine:create(input)
+    if not call then
+      log.error("api: call could not be stored", { error = cerr })
+      return err(500, "store_failed", "the call could not be stored")
+    end
+    local view = engine:call_view(call.id)
+    return 201, { callId = view.callId, status = view.status, hint = view.hint }
+  end))
+
+  srv:get("/v1/calls", guard(function(req)
+    local q = req.query or {}
+    local status = q.status
+    if status ~= nil and (type(status) ~= "string" or not STATUSES[status]) then
+      return err(400, "invalid_status", "status must be one of queued, dialing, in_progress, completed, busy, no_answer, failed, canceled", "status")
+    end
+    local limit = 20
+    if q.limit ~= nil then
+      limit = math.tointeger(tonumber(q.limit))
+      if not limit or limit < 1 or limit > 100 then
+        return err(400, "invalid_limit", "limit must be an integer from 1 to 100", "limit")
+      end
+    end
+    local calls, next_cursor = engine.store:list_calls({ status = status, limit = limit, cursor = q.cursor })
+    local out = json.array({})
+    for _, c in ipairs(calls) do
+      local v = engine:call_view(c.id) or c
+      v.transcript = nil
+      v.events = nil
+      out[#out + 1] = v
+    end
+    return 200, { calls = out, nextCursor = next_cursor }
+  end))
+
+  srv:get("/v1/calls/{id}", guard(function(req)
+    local v = engine:call_view(req.params.id)
+    if not v then
+      return err(404, "not_found", "no call " .. req.params.id)
+    end
+    return 200, v
+  end))
+
+  srv:post("/v1/calls/{id}/hangup", guard(function(req)
+    local id = req.params.id
+    local v = engine:call_view(id)
+    if not v then
+      return err(404, "not_found", "no call " .. id)
+    end
+    local ok = engine:hangup(id)
+    if not ok then
+      return err(409, "not_active", "the call has already ended (" .. v.status .. ")")
+    end
+    v = engine:call_view(id)
+    return 202, { callId = id, status = v.status }
+  end))
+
+  srv:get("/healthz", function()
+    return 200, {
+      ok = true,
+      version = core.version,
+      provider = opts.provider_name,
+      activeCalls = engine:active_count(),
+      uptimeSec = math.floor(core.time() - engine.started_at),
+    }
+  end)
+end
+
+return M

@@ -1,0 +1,308 @@
+--- callagent.app: a callagent service - configuration, provider, store, call
+-- engine, REST API and telephony webhooks on one HTTP server.
+--
+--   local callagent = require "callagent"
+--   local app = assert(callagent.app("callagent.json"))   -- or a config table
+--   app:tool{                                  -- a function the voice model may call
+--     name = "lookup_order",
+--     description = "Look up an order by its number",
+--     parameters = { type = "object", properties = { number = { type = "string" } }, required = { "number" } },
+--     handler = function(args, call) return { status = "shipped" } end,  -- may wait (fetch...)
+--   }
+--   app:on("status", function(call, from, to) end)    -- every status change
+--   app:on("report", function(call, report) end)      -- report_call received
+--   app:on("transcript", function(call_id, line) end) -- {role, text, at}
+--   app:on("ended", function(call) end)               -- final state
+--   assert(app:start())        -- listens; app.url is the local base URL
+--   app:create_call{ to = "+14155550100", prompt = "..." }   -- same as POST /v1/calls
+--   app:stop()
+--
+-- opts (second argument of callagent.app): provider_dirs (extra folders with
+-- provider files), public_url = fn(local_url) -> URL the vendor reaches (for
+-- local setups and tests), notify = {attempts, base_delay_ms}, max_connections.
+--
+-- Routes: the REST API (lua/callagent/api.lua), and for the provider
+-- POST /voice, POST /status and the WebSocket /voice/stream (Twilio Media
+-- Streams protocol), plus whatever the provider's registerRoutes adds.
+local http = require "callagent.http"
+local config_mod = require "callagent.config"
+local providers = require "callagent.providers"
+local store_mod = require "callagent.store"
+local calls = require "callagent.calls"
+local notify = require "callagent.notify"
+local api = require "callagent.api"
+local json = require "callagent.json"
+local url = require "callagent.url"
+local log = require "callagent.log"
+local runtime = require "callagent.runtime"
+
+local M = {}
+local App = {}
+App.__index = App
+
+--- app, or nil and a message naming the config key at fault.
+function M.new(cfg, opts)
+  opts = opts or {}
+  local err
+  if type(cfg) == "string" then
+    cfg, err = config_mod.load_file(cfg)
+  else
+    cfg, err = config_mod.normalize(cfg)
+  end
+  if not cfg then
+    return nil, err
+  end
+  local provider
+  provider, err = providers.load(cfg.telephony.provider, cfg, opts.provider_dirs)
+  if not provider then
+    return nil, err
+  end
+  return setmetatable({
+    config = cfg,
+    provider = provider,
+    tools = {},
+    handlers = {},
+    opts = opts,
+  }, App)
+end
+
+function App:tool(def)
+  assert(type(def) == "table", "app:tool needs a table")
+  assert(type(def.name) == "string" and def.name:match("^[%a_][%w_]*$"), "tool name must be an identifier")
+  assert(def.name ~= "report_call", "report_call is built in")
+  assert(type(def.handler) == "function", "tool handler must be a function")
+  assert(not self.engine, "add tools before start()")
+  self.tools[#self.tools + 1] = {
+    name = def.name,
+    description = def.description or "",
+    parameters = def.parameters or { type = "object", properties = {} },
+    handler = def.handler,
+  }
+  return self
+end
+
+function App:on(event, fn)
+  assert(type(fn) == "function", "app:on needs a function")
+  local list = self.handlers[event] or {}
+  list[#list + 1] = fn
+  self.handlers[event] = list
+  return self
+end
+
+function App:_emit(event, ...)
+  for _, fn in ipairs(self.handlers[event] or {}) do
+    local ok, e = xpcall(fn, debug.traceback, ...)
+    if not ok then
+      log.error("event handler failed", { event = event, error = e })
+    end
+  end
+end
+
+function App:public_url()
+  return self.public_base or self.url
+end
+
+-- The request as providers see it: path, raw_query, headers, body, method.
+local function provider_req(req)
+  return req
+end
+
+function App:_routes(srv)
+  local engine, provider = self.engine, self.provider
+
+  srv:post("/voice", function(req)
+    local ok, why = provider:validateRequest(provider_req(req), self:public_url())
+    if not ok then
+      log.warn("voice webhook refused", { reason = why, remote = req.remote })
+      return 403, { error = { code = "forbidden", message = "invalid signature" } }
+    end
+    local q = req.query or {}
+    local id, n = q.callId, tonumber(q.attempt)
+    local token, terr = engine:prepare_stream(id, n)
+    if not token then
+      log.warn("voice webhook for a call that is not dialing", { call = id, attempt = q.attempt, reason = terr })
+      local body, ctype = provider:buildVoiceResponse(id, self:public_url(), nil)
+      return 200, body, { ["Content-Type"] = ctype or "text/xml" }
+    end
+    local stream_url = self:public_url():gsub("^http", "ws") .. "/voice/stream"
+    local body, ctype = provider:buildVoiceResponse(id, self:public_url(), {
+      url = stream_url,
+      parameters = { callId = id, attempt = tostring(n or ""), token = token },
+    })
+    return 200, body, { ["Content-Type"] = ctype or "text/xml" }
+  end)
+
+  srv:post("/status", function(req)
+    local ok, why = provider:validateRequest(provider_req(req), self:public_url())
+    if not ok then
+      log.warn("status callback refused", { reason = why, remote = req.remote })
+      return 403, { error = { code = "forbidden", message = "invalid signature" } }
+    end
+    local q = req.query or {}
+    local payload = (req.headers["content-type"] or ""):find("json", 1, true) and (req:json() or {})
+      or url.form_decode(req.body or "")
+    local st, serr = provider:mapStatus(payload)
+    if not st then
+      log.warn("status callback not understood", { call = q.callId, error = serr })
+      return 400, { error = { code = "bad_status", message = serr } }
+    end
+    engine:provider_status(q.callId, tonumber(q.attempt), st)
+    return 204
+  end)
+
+  srv:websocket("/voice/stream", {
+    open = function(conn, req)
+      req.upgrade = true
+      local ok, why = provider:validateRequest(req, self:public_url())
+      if not ok then
+        log.warn("media stream refused", { reason = why, remote = req.remote })
+        conn:close(1008, "invalid signature")
+        return
+      end
+    end,
+    text = function(conn, msg)
+      local b = conn.bridge
+      if b then
+        return b:on_stream_text(msg)
+      end
+      -- Before `start`: connected, then start with the customParameters.
+      local ev = json.try_decode(msg)
+      if type(ev) ~= "table" then
+        return
+      end
+      if ev.event == "start" then
+        local start = ev.start or {}
+        local bridge, berr = engine:claim_stream(start.customParameters or {})
+        if not bridge then
+          log.warn("media stream refused", { reason = berr })
+          conn:close(1008, berr)
+          return
+        end
+        conn.bridge = bridge
+        bridge:attach(conn, { streamSid = ev.streamSid or start.streamSid, callSid = start.callSid })
+      end
+    end,
+    close = function(conn)
+      local b = conn.bridge
+      if b then
+        conn.bridge = nil
+        b:on_stream_closed()
+      end
+    end,
+  })
+
+  provider:registerRoutes(srv, { engine = engine, config = self.config, app = self })
+end
+
+--- Starts the service: listens and, when needed, finds the public URL.
+function App:start()
+  local cfg = self.config
+  local store, err = store_mod.open(cfg.store)
+  if not store then
+    return nil, err
+  end
+  self.store = store
+  self.notifier = notify.new(cfg.notify, store, self.opts.notify)
+  self.engine = calls.new({
+    config = cfg,
+    store = store,
+    provider = self.provider,
+    notifier = self.notifier,
+    tools = self.tools,
+    emit = function(event, ...)
+      self:_emit(event, ...)
+    end,
+    public_url = function()
+      return self:public_url()
+    end,
+    local_url = function()
+      return self.url
+    end,
+  })
+  if self.provider.init then
+    self.provider:init({ config = cfg, engine = self.engine, app = self, log = log })
+  end
+  local srv = http.server({
+    host = cfg.server.host,
+    port = cfg.server.port,
+    max_body = 256 * 1024,
+    max_ws_message = 256 * 1024,
+    max_connections = self.opts.max_connections or 4096,
+    headers = { "x-twilio-signature" },
+  })
+  self:_routes(srv)
+  api.register(srv, self.engine, cfg, { provider_name = self.provider.name })
+  local ok, lerr = srv:listen()
+  if not ok then
+    return nil, "server: cannot listen on " .. cfg.server.host .. ":" .. cfg.server.port .. ": " .. tostring(lerr)
+  end
+  self.server = srv
+  local host = srv.host:find(":") and ("[" .. srv.host .. "]") or srv.host
+  self.url = "http://" .. host .. ":" .. srv.port
+  self.public_base = cfg.server.publicBaseUrl
+  if not self.public_base and self.opts.public_url then
+    self.public_base = self.opts.public_url(self.url)
+  end
+  if not self.public_base and self.provider.needs_public_url and cfg.tunnel.provider == "none" then
+    srv:close()
+    return nil, "server.publicBaseUrl: required by the " .. self.provider.name
+      .. " provider (the vendor must reach this server), unless tunnel.provider opens a tunnel"
+  end
+  if not self.public_base and self.provider.needs_public_url then
+    local tunnel = require "callagent.tunnel"
+    local pub, terr = tunnel.open(cfg.tunnel, srv.port)
+    if not pub then
+      srv:close()
+      return nil, terr
+    end
+    self.tunnel = pub
+    self.public_base = pub.url
+  end
+  self.notifier:resume()
+  log.info("callagent ready", {
+    url = self.url,
+    public = self:public_url(),
+    provider = self.provider.name,
+    store = cfg.store.backend,
+  })
+  if not self.opts.no_shutdown_hook then
+    runtime.on_shutdown(function()
+      self:stop()
+    end)
+  end
+  return self
+end
+
+--- Same as POST /v1/calls (input validated the same way).
+function App:create_call(input)
+  local checked, status, ebody = api.validate_call(input)
+  if not checked then
+    return nil, ebody.error.message, status
+  end
+  local call, err = self.engine:create(checked)
+  if not call then
+    return nil, err
+  end
+  return self.engine:call_view(call.id)
+end
+
+function App:stop()
+  if self.stopped then
+    return
+  end
+  self.stopped = true
+  if self.engine then
+    self.engine:shutdown()
+  end
+  if self.server then
+    self.server:close()
+  end
+  if self.tunnel then
+    self.tunnel:close()
+  end
+  if self.store then
+    self.store:close()
+  end
+end
+
+return M

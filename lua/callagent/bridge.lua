@@ -1,0 +1,601 @@
+--- callagent.bridge: one call attempt's audio, between the phone and the model.
+--
+-- Created when the provider asks for the voice answer (POST /voice), so the
+-- model session opens while the phone side is still connecting. Then:
+--
+--   phone (Twilio Media Streams JSON, 20 ms mu-law frames)
+--     -> input_audio_buffer.append to the model; frames that arrive before
+--        the model is ready are kept (bounded) and sent when it is
+--   model (response.output_audio.delta)
+--     -> media + a mark per chunk to the phone; G.711 passes through, 24 kHz
+--        PCM is low-pass resampled to 8 kHz and mu-law encoded
+--   barge-in: the marks the phone echoes as audio plays give the played
+--     position; on input_audio_buffer.speech_started the phone's buffer is
+--     cleared and the model's item truncated at the played audio_end_ms
+--   report_call (first one wins) -> stored; the agent says goodbye; once that
+--     has played (or call.goodbyeTimeoutSec) the provider hangs up
+--   faults (model lost or failing, maximum duration, a silent callee, the
+--     phone hanging up) end or wrap up the call with a reason
+--
+-- The engine (lua/callagent/calls.lua) owns the call record; the bridge tells
+-- it what happened through engine:bridge_* methods.
+local realtime = require "callagent.realtime"
+local instructions = require "callagent.instructions"
+local json = require "callagent.json"
+local timer = require "callagent.timer"
+local task = require "callagent.task"
+local log = require "callagent.log"
+local audio = require "callagent.audio"
+local crypto = require "callagent.crypto"
+
+local M = {}
+local Bridge = {}
+Bridge.__index = Bridge
+
+local MAX_PENDING_IN = 500 -- frames (10 s at 20 ms) kept while the model connects
+local MAX_PENDING_OUT = 2 * 1024 * 1024 -- bytes of model audio kept until the phone connects
+
+local b64decode, b64encode = crypto.base64_decode, crypto.base64_encode
+local ulaw_encode, alaw_to_ulaw, ulaw_to_alaw = audio.ulaw_encode, audio.alaw_to_ulaw, audio.ulaw_to_alaw
+
+function M.new(engine, call, attempt)
+  local cfg = engine.config
+  local self = setmetatable({
+    engine = engine,
+    cfg = cfg,
+    call = call,
+    call_id = call.id,
+    attempt = attempt,
+    log_fields = { call = call.id, attempt = attempt },
+    model_ready = false,
+    stream = nil,
+    stream_sid = nil,
+    pending_in = {},
+    pending_out = {},
+    pending_out_bytes = 0,
+    items = {},
+    marks = {},
+    mark_head = 1,
+    mark_seq = 0,
+    functions_seen = {},
+    timers = {},
+    out_format = cfg.openai.outputFormat,
+    in_format = cfg.openai.inputFormat,
+    frames_in = 0,
+    agent_spoke = false,
+    ended = false,
+  }, Bridge)
+  if self.out_format == "audio/pcm" then
+    self.resampler = audio.resampler(cfg.openai.outputSampleRate, 8000)
+  end
+  return self
+end
+
+-- Model ------------------------------------------------------------------
+
+function Bridge:start_model()
+  local call = self.call
+  local tools = { instructions.report_tool() }
+  local names = {}
+  for _, t in ipairs(self.engine.tools) do
+    tools[#tools + 1] = { type = "function", name = t.name, description = t.description, parameters = t.parameters }
+    names[#names + 1] = t.name
+  end
+  self.rt = realtime.session(self.cfg.openai, {
+    instructions = instructions.build(call, { extra_tools = names }),
+    voice = call.voice,
+    tools = tools,
+    on_ready = function()
+      self:_model_ready()
+    end,
+    on_event = function(_, ev)
+      self:_model_event(ev)
+    end,
+    on_close = function(_, code, reason)
+      self:_model_closed(code, reason)
+    end,
+  })
+  self.rt:connect()
+end
+
+function Bridge:_model_ready()
+  if self.ended then
+    return
+  end
+  self.model_ready = true
+  log.debug("model ready", self.log_fields)
+  -- Caller audio that came before the model was ready goes first, in order.
+  local rt = self.rt
+  for i, payload in ipairs(self.pending_in) do
+    rt:append(payload)
+    self.pending_in[i] = nil
+  end
+  self:_maybe_greet()
+end
+
+-- The agent speaks first, once both sides are there.
+function Bridge:_maybe_greet()
+  if self.greeted or not self.model_ready or not self.stream_sid then
+    return
+  end
+  self.greeted = true
+  self.rt:send({ type = "response.create" })
+end
+
+function Bridge:_model_closed(code, reason)
+  if self.ended then
+    return
+  end
+  self.model_ready = false
+  if self.report then
+    -- The report is in: finish the call as if the goodbye were done.
+    self:hangup("completed")
+    return
+  end
+  local why = code and string.format("model connection closed (%s %s)", tostring(code), reason or "")
+    or ("model connection failed: " .. tostring(reason))
+  log.warn("model connection lost", { call = self.call_id, attempt = self.attempt, reason = why })
+  self.engine:bridge_error(self, why)
+  self:hangup("model_error")
+end
+
+function Bridge:_model_event(ev)
+  local t = ev.type
+  if t == "response.output_audio.delta" or t == "response.audio.delta" then
+    return self:_audio_out(ev.item_id, ev.delta)
+  elseif t == "input_audio_buffer.speech_started" then
+    return self:_speech_started(ev)
+  elseif t == "response.created" then
+    local r = ev.response or {}
+    if self.goodbye_requested and not self.goodbye_id then
+      self.goodbye_id = r.id
+    end
+  elseif t == "response.done" then
+    return self:_response_done(ev.response or {})
+  elseif t == "response.function_call_arguments.done" then
+    return self:_function_call(ev.call_id, ev.name, ev.arguments)
+  elseif t == "response.output_item.done" then
+    local item = ev.item or {}
+    if item.type == "function_call" then
+      return self:_function_call(item.call_id, item.name, item.arguments)
+    end
+  elseif t == "conversation.item.input_audio_transcription.completed" then
+    if ev.transcript and ev.transcript:match("%S") then
+      self.engine:bridge_transcript(self, "callee", ev.transcript)
+    end
+  elseif t == "response.output_audio_transcript.done" or t == "response.audio_transcript.done" then
+    if ev.transcript and ev.transcript:match("%S") then
+      local it = self.items[ev.item_id]
+      self.engine:bridge_transcript(self, "agent", ev.transcript, it and it.truncated and true or nil)
+    end
+  elseif t == "error" then
+    local e = ev.error or {}
+    log.warn("model error", { call = self.call_id, code = e.code, type = e.type, message = e.message })
+    self.engine:bridge_error(self, "model error: " .. tostring(e.code or e.type) .. ": " .. tostring(e.message))
+    if e.code == "session_expired" then
+      self:_wrap_up_now("model session expired")
+    end
+  end
+end
+
+-- Model audio to the phone --------------------------------------------------
+
+local function b64len(s)
+  local n = #s // 4 * 3
+  if s:sub(-2) == "==" then
+    return n - 2
+  elseif s:sub(-1) == "=" then
+    return n - 1
+  end
+  return n
+end
+
+function Bridge:_audio_out(item_id, delta)
+  if not delta or delta == "" or self.ended then
+    return
+  end
+  local it = self.items[item_id]
+  if not it then
+    it = { id = item_id, sent_ms = 0, played_ms = 0 }
+    self.items[item_id] = it
+    self.current = it
+  end
+  if it.truncated then
+    return -- interrupted: the rest of this item is not played
+  end
+  local payload, nbytes
+  local fmt = self.out_format
+  if fmt == "audio/pcmu" then
+    payload, nbytes = delta, b64len(delta)
+  elseif fmt == "audio/pcm" then
+    local pcm = b64decode(delta)
+    if not pcm then
+      return
+    end
+    local ulaw = ulaw_encode(self.resampler:process(pcm))
+    if #ulaw == 0 then
+      return
+    end
+    payload, nbytes = b64encode(ulaw), #ulaw
+  else -- audio/pcma
+    local alaw = b64decode(delta)
+    if not alaw then
+      return
+    end
+    local ulaw = alaw_to_ulaw(alaw)
+    payload, nbytes = b64encode(ulaw), #ulaw
+  end
+  it.sent_ms = it.sent_ms + nbytes / 8
+  self.agent_spoke = true
+  if not self.stream_sid then
+    -- The phone is not connected yet: keep it (bounded), in order.
+    if self.pending_out_bytes + nbytes <= MAX_PENDING_OUT then
+      self.pending_out[#self.pending_out + 1] = { payload, it, it.sent_ms }
+      self.pending_out_bytes = self.pending_out_bytes + nbytes
+    end
+    return
+  end
+  self:_send_media(payload, it, it.sent_ms)
+end
+
+function Bridge:_send_media(payload, it, end_ms)
+  local sid = self.stream_sid
+  local conn = self.stream
+  local seq = self.mark_seq + 1
+  self.mark_seq = seq
+  conn:send('{"event":"media","streamSid":"' .. sid .. '","media":{"payload":"' .. payload .. '"}}')
+  conn:send('{"event":"mark","streamSid":"' .. sid .. '","mark":{"name":"' .. seq .. '"}}')
+  local marks = self.marks
+  marks[#marks + 1] = { seq, it, end_ms }
+end
+
+-- The phone echoes a mark when the audio before it has played.
+function Bridge:_mark_played(name)
+  local seq = tonumber(name)
+  if not seq then
+    return
+  end
+  local marks, head = self.marks, self.mark_head
+  while head <= #marks do
+    local m = marks[head]
+    if m[1] > seq then
+      break
+    end
+    marks[head] = nil
+    head = head + 1
+    local it = m[2]
+    if not it.truncated and m[3] > it.played_ms then
+      it.played_ms = m[3]
+    end
+  end
+  if head > #marks then
+    self.marks, head = {}, 1
+  end
+  self.mark_head = head
+  if self.goodbye_done then
+    self:_check_goodbye()
+  end
+end
+
+function Bridge:_unplayed()
+  return self.mark_head <= #self.marks
+end
+
+-- Barge-in: the callee speaks over the agent.
+function Bridge:_speech_started(ev)
+  self.callee_spoke_at = timer.now()
+  if self.silence_timer then
+    self.silence_timer:stop()
+    self.silence_timer = nil
+  end
+  local it = self.current
+  if not it or it.truncated or it.sent_ms <= it.played_ms or not self.stream_sid then
+    return
+  end
+  it.truncated = true
+  local played = math.floor(it.played_ms)
+  self.stream:send('{"event":"clear","streamSid":"' .. self.stream_sid .. '"}')
+  self.rt:send({ type = "conversation.item.truncate", item_id = it.id, content_index = 0, audio_end_ms = played })
+  -- The phone echoes the cleared marks at once; they were not played.
+  self.marks, self.mark_head = {}, 1
+  if self.resampler then
+    self.resampler:reset()
+  end
+  log.debug("barge-in", { call = self.call_id, item = it.id, played_ms = played, sent_ms = math.floor(it.sent_ms) })
+  self.engine:bridge_bargein(self, it.id, played)
+end
+
+function Bridge:_response_done(r)
+  if self.fn_pending then
+    self:_run_functions()
+  end
+  if r.usage then
+    self.engine:bridge_usage(self, r.usage)
+  end
+  if r.status == "failed" and r.status_details then
+    local err = r.status_details.error or {}
+    self.engine:bridge_error(self, "model response failed: " .. tostring(err.code or err.type or "?") .. ": " .. tostring(err.message))
+  end
+  if not self.first_response_done then
+    self.first_response_done = true
+    self:_arm_silence_timer()
+  end
+  if self.goodbye_id and r.id == self.goodbye_id then
+    self.goodbye_done = true
+    self:_check_goodbye()
+  end
+end
+
+-- Functions ----------------------------------------------------------------
+
+function Bridge:_send_function_output(call_id, output)
+  self.rt:send({
+    type = "conversation.item.create",
+    item = { type = "function_call_output", call_id = call_id, output = output },
+  })
+end
+
+local OUTCOMES = { success = true, failure = true, voicemail = true, no_answer = true, unknown = true }
+
+local function normalize_report(args)
+  local r = {}
+  r.summary = type(args.summary) == "string" and args.summary or ""
+  r.outcome = OUTCOMES[args.outcome] and args.outcome or "unknown"
+  r.nextSteps = json.array({})
+  if type(args.nextSteps) == "table" then
+    for _, s in ipairs(args.nextSteps) do
+      if type(s) == "string" then
+        r.nextSteps[#r.nextSteps + 1] = s
+      end
+    end
+  end
+  r.data = type(args.data) == "table" and args.data or {}
+  return r
+end
+
+--- A function call is complete; it runs once its response is done (the
+-- service takes no new response.create while one is active).
+function Bridge:_function_call(call_id, name, arguments)
+  if not call_id or self.functions_seen[call_id] then
+    return
+  end
+  self.functions_seen[call_id] = true
+  local fc = { call_id = call_id, name = name, arguments = arguments }
+  if name == "report_call" and not self.report then
+    -- Stored at once: the report must not depend on the rest of the call.
+    local args = json.try_decode(arguments or "")
+    self.report = normalize_report(type(args) == "table" and args or {})
+    self.engine:bridge_report(self, self.report)
+    fc.first_report = true
+    self:_stop_timer("silence_timer")
+    self:_stop_timer("wrapup_timer")
+  end
+  self.fn_pending = self.fn_pending or {}
+  self.fn_pending[#self.fn_pending + 1] = fc
+end
+
+function Bridge:_run_functions()
+  local list = self.fn_pending
+  self.fn_pending = nil
+  task.spawn(function()
+    local goodbye = false
+    for _, fc in ipairs(list) do
+      local out
+      if fc.name == "report_call" then
+        if fc.first_report then
+          goodbye = true
+          out = '{"ok":true,"next":"Say a short goodbye now; the call then ends."}'
+        else
+          out = '{"ok":true,"note":"The call was already reported; this report was not stored."}'
+        end
+      else
+        out = self:_run_tool(fc)
+      end
+      if self.ended or self.rt.closed then
+        return
+      end
+      self:_send_function_output(fc.call_id, out)
+    end
+    if goodbye then
+      self.goodbye_requested = true
+      local secs = self.cfg.call.goodbyeTimeoutSec
+      self.goodbye_timer = timer.after(secs * 1000, function()
+        self.goodbye_timer = nil
+        self:hangup("completed")
+      end)
+    end
+    self.rt:send({ type = "response.create" })
+  end)
+end
+
+function Bridge:_run_tool(fc)
+  local tool = self.engine.tools_by_name[fc.name]
+  if not tool then
+    return json.encode({ error = "unknown function " .. tostring(fc.name) })
+  end
+  local args = json.try_decode(fc.arguments or "{}")
+  if type(args) ~= "table" then
+    args = {}
+  end
+  local ok, result = xpcall(tool.handler, debug.traceback, args, self.engine:call_view(self.call_id))
+  if not ok then
+    log.error("tool failed", { call = self.call_id, tool = fc.name, error = result })
+    return json.encode({ error = "the tool failed" })
+  elseif type(result) == "string" then
+    return result
+  end
+  local eok, js = pcall(json.encode, result == nil and json.null or result)
+  return eok and js or json.encode({ error = "the tool returned something that is not JSON" })
+end
+
+-- The goodbye is over once its response is done and all its audio has played.
+function Bridge:_check_goodbye()
+  if self.goodbye_done and not self:_unplayed() and not self.ended then
+    self:hangup("completed")
+  end
+end
+
+-- Wrapping up ---------------------------------------------------------------
+
+function Bridge:_stop_timer(name)
+  local t = self[name]
+  if t then
+    t:stop()
+    self[name] = nil
+  end
+end
+
+function Bridge:_arm_silence_timer()
+  if self.callee_spoke_at or self.report then
+    return
+  end
+  self.silence_timer = timer.after(self.cfg.call.silenceTimeoutSec * 1000, function()
+    self.silence_timer = nil
+    if self.callee_spoke_at or self.report or self.ended then
+      return
+    end
+    log.info("callee silent: wrapping up", self.log_fields)
+    self:_ask_to_wrap_up(
+      "The person on the line has not said anything since you started. Assume nobody is listening: "
+        .. "call report_call now (outcome no_answer, or voicemail if you heard a voicemail greeting), then say goodbye.",
+      "callee_silent")
+  end)
+end
+
+function Bridge:_ask_to_wrap_up(text, reason)
+  if self.report or self.ended or not self.model_ready then
+    return self:hangup(reason)
+  end
+  self.rt:send({
+    type = "conversation.item.create",
+    item = { type = "message", role = "system", content = { { type = "input_text", text = text } } },
+  })
+  self.rt:send({ type = "response.create" })
+  self.wrapup_reason = reason
+  self.wrapup_timer = timer.after(20000, function()
+    self.wrapup_timer = nil
+    if not self.report then
+      self:hangup(reason)
+    end
+  end)
+end
+
+function Bridge:_wrap_up_now(reason)
+  self.wrapup_reason = reason
+  self:hangup(reason)
+end
+
+function Bridge:on_max_duration()
+  if self.ended or self.report then
+    return
+  end
+  log.info("maximum call duration reached: wrapping up", self.log_fields)
+  self.engine:bridge_error(self, "maximum call duration reached (" .. self.cfg.call.maxDurationSec .. " s)")
+  self:_ask_to_wrap_up("The time for this call is up. Call report_call now with what you have, then say a one-sentence goodbye.",
+    "max_duration")
+end
+
+--- Ends the attempt: the provider hangs up; the rest follows from its status.
+function Bridge:hangup(reason)
+  if self.hanging_up then
+    return
+  end
+  self.hanging_up = true
+  self.end_reason = self.end_reason or reason
+  self.engine:bridge_hangup(self, reason)
+end
+
+-- Phone (Media Streams) ----------------------------------------------------
+
+--- A Media Streams WebSocket says its `start`: the stream belongs to this attempt.
+function Bridge:attach(conn, start)
+  self.stream = conn
+  self.stream_sid = start.streamSid
+  self.provider_call_sid = start.callSid
+  log.info("media stream started", { call = self.call_id, attempt = self.attempt, stream = start.streamSid })
+  -- Model audio that came before the phone connected.
+  for i, p in ipairs(self.pending_out) do
+    self:_send_media(p[1], p[2], p[3])
+    self.pending_out[i] = nil
+  end
+  self.pending_out_bytes = 0
+  self.max_timer = timer.after(self.cfg.call.maxDurationSec * 1000, function()
+    self.max_timer = nil
+    self:on_max_duration()
+  end)
+  self:_maybe_greet()
+end
+
+local APPEND = '{"type":"input_audio_buffer.append","audio":"'
+
+--- Every text message of the attached stream (the hot path: media frames).
+function Bridge:on_stream_text(msg)
+  if msg:find('"event":"media"', 1, true) then
+    local payload = msg:match('"payload":"([^"]*)"')
+    if payload then
+      self.frames_in = self.frames_in + 1
+      if self.in_format == "audio/pcma" then
+        local ulaw = b64decode(payload)
+        payload = ulaw and b64encode(ulaw_to_alaw(ulaw)) or ""
+      end
+      if self.model_ready then
+        self.rt.conn:send(APPEND .. payload .. '"}')
+      elseif #self.pending_in < MAX_PENDING_IN then
+        self.pending_in[#self.pending_in + 1] = payload
+      end
+      return
+    end
+  end
+  local ev = json.try_decode(msg)
+  if type(ev) ~= "table" then
+    return
+  end
+  local e = ev.event
+  if e == "media" then
+    -- Not in the compact form the fast path expects.
+    local m = ev.media or {}
+    if type(m.payload) == "string" then
+      return self:on_stream_text('{"event":"media","media":{"payload":"' .. m.payload .. '"}}')
+    end
+  elseif e == "mark" then
+    return self:_mark_played(ev.mark and ev.mark.name)
+  elseif e == "stop" then
+    log.info("media stream stopped", { call = self.call_id, attempt = self.attempt })
+    self.phone_stopped = true
+  elseif e == "dtmf" then
+    local d = ev.dtmf and ev.dtmf.digit
+    if d and self.model_ready then
+      self.rt:send({
+        type = "conversation.item.create",
+        item = { type = "message", role = "user", content = { { type = "input_text", text = "[The callee pressed the key " .. d .. "]" } } },
+      })
+    end
+  end
+end
+
+--- The stream's WebSocket closed (the phone hung up, or after our hang-up).
+function Bridge:on_stream_closed()
+  self:finish(self.end_reason or (self.hanging_up and "completed") or "callee_hung_up")
+end
+
+--- Frees everything; tells the engine how the attempt ended.
+function Bridge:finish(reason)
+  if self.ended then
+    return
+  end
+  self.ended = true
+  for _, name in ipairs({ "max_timer", "silence_timer", "goodbye_timer", "wrapup_timer" }) do
+    self:_stop_timer(name)
+  end
+  if self.rt then
+    self.rt:close()
+  end
+  if self.stream and self.stream:is_open() then
+    self.stream:close(1000, "call ended")
+  end
+  self.stream = nil
+  self.pending_in, self.pending_out = {}, {}
+  self.engine:bridge_finished(self, self.end_reason or reason)
+end
+
+return M

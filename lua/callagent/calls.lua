@@ -1,0 +1,555 @@
+--- callagent.calls: the call engine - call records, attempts, retries, endings.
+--
+-- A call record (what GET /v1/calls/{id} returns):
+--   callId, status, attempt, attempts = [{n, status, providerCallId, startedAt,
+--   endedAt, reason}], to, prompt, timezone, locale, callerName, calleeName,
+--   voice, metadata, report, transcript = [{role = "agent"|"callee", text, at}],
+--   usage, createdAt, updatedAt, completedAt, lastError, endReason,
+--   nextAttemptAt, hint
+-- Status: queued (waiting to dial, also between retries), dialing, in_progress,
+-- completed, busy, no_answer, failed, canceled.
+--
+-- Rules:
+--   - provider statuses never move an attempt backwards (sequence numbers and
+--     the order dialing < in_progress < final); "dialing"/"ringing" never retry;
+--   - an attempt that ends busy, no_answer or failed before it was answered is
+--     retried when its status is in retry.retryStatuses, after
+--     retry.initialDelayMs * retry.backoffFactor^(n-1), up to retry.maxAttempts;
+--   - an answered attempt ends the call: completed (with the report, or with
+--     endReason "callee_hung_up" and no report when the callee hung up first),
+--     or failed when the agent could not carry on (model lost: no retry - the
+--     callee already picked up once);
+--   - the final state is notified once (callagent.notify).
+local crypto = require "callagent.crypto"
+local timer = require "callagent.timer"
+local task = require "callagent.task"
+local log = require "callagent.log"
+local json = require "callagent.json"
+local core = require "callagent.core"
+local bridge_mod = require "callagent.bridge"
+local store_mod = require "callagent.store"
+
+local M = {}
+local Engine = {}
+Engine.__index = Engine
+
+local FINAL = { completed = true, busy = true, no_answer = true, failed = true, canceled = true }
+local RANK = { queued = 0, dialing = 1, in_progress = 2 }
+local function rank(s)
+  return FINAL[s] and 3 or RANK[s] or 0
+end
+M.FINAL = FINAL
+
+function M.iso(t)
+  t = t or core.time()
+  return os.date("!%Y-%m-%dT%H:%M:%S", math.floor(t)) .. string.format(".%03dZ", math.floor((t % 1) * 1000))
+end
+local iso = M.iso
+
+function M.new_id()
+  return "c_" .. crypto.to_hex(crypto.random_bytes(10))
+end
+
+--- engine = calls.new{config, store, provider, notifier, tools, emit, base_urls}
+function M.new(opts)
+  local self = setmetatable({
+    config = opts.config,
+    store = opts.store,
+    provider = opts.provider,
+    notifier = opts.notifier,
+    tools = opts.tools or {},
+    tools_by_name = {},
+    emit = opts.emit or function() end,
+    public_url = opts.public_url,
+    local_url = opts.local_url,
+    live = {}, -- call id -> live record (active calls)
+    bridges = {}, -- call id .. "#" .. n -> bridge
+    tokens = {}, -- stream token -> {call_id, attempt, expires}
+    timers = {}, -- call id -> retry or dial timers
+    started_at = core.time(),
+  }, Engine)
+  for _, t in ipairs(self.tools) do
+    self.tools_by_name[t.name] = t
+  end
+  return self
+end
+
+-- Records -------------------------------------------------------------------
+
+--- A read-only copy of a call for API responses, tools and event handlers.
+function Engine:call_view(id)
+  local c = self.live[id] or self.store:get_call(id)
+  if not c then
+    return nil
+  end
+  local v = {}
+  for k, x in pairs(c) do
+    if type(k) == "string" and k:sub(1, 1) ~= "_" then
+      v[k] = x
+    end
+  end
+  v.callId = c.id
+  v.id = nil
+  v.events = nil
+  v.attempts = json.array(v.attempts or {})
+  v.transcript = json.array(v.transcript or {})
+  return v
+end
+
+function Engine:_save(call, fields)
+  call.updatedAt = iso()
+  fields.updatedAt = call.updatedAt
+  local ok, err = self.store:update_call(call.id, fields)
+  if not ok then
+    log.error("store update failed", { call = call.id, error = err })
+  end
+end
+
+function Engine:_set_status(call, status, extra)
+  local old = call.status
+  call.status = status
+  local fields = extra or {}
+  fields.status = status
+  for k, v in pairs(fields) do
+    call[k] = v
+  end
+  self:_save(call, fields)
+  self.store:add_event(call.id, { at = iso(), type = "status", from = old, to = status })
+  if old ~= status then
+    log.info("call status", { call = call.id, from = old, to = status, attempt = call.attempt })
+    self.emit("status", self:call_view(call.id), old, status)
+  end
+end
+
+--- Creates a call from validated API input and starts dialing it.
+function Engine:create(input)
+  local cfg = self.config
+  local now = iso()
+  local call = {
+    id = M.new_id(),
+    status = "queued",
+    attempt = 0,
+    attempts = {},
+    to = input.to,
+    prompt = input.prompt,
+    timezone = input.timezone or cfg.defaults.timezone,
+    locale = input.locale or cfg.defaults.locale,
+    callerName = input.callerName,
+    calleeName = input.calleeName,
+    voice = input.voice or cfg.openai.voice,
+    metadata = input.metadata,
+    transcript = {},
+    usage = {},
+    createdAt = now,
+    updatedAt = now,
+  }
+  local ok, err = self.store:insert_call(call)
+  if not ok then
+    return nil, err
+  end
+  self.live[call.id] = call
+  log.info("call created", { call = call.id, to = call.to })
+  self.emit("status", self:call_view(call.id), nil, "queued")
+  -- Dial in a task of its own: the caller gets the record at once.
+  task.spawn(function()
+    self:dial(call.id)
+  end)
+  return call
+end
+
+-- Dialing ------------------------------------------------------------------
+
+function Engine:dial(id)
+  local call = self.live[id]
+  if not call or FINAL[call.status] then
+    return
+  end
+  self.store:clear_retry(id)
+  local n = call.attempt + 1
+  call.attempt = n
+  call.nextAttemptAt = nil
+  local attempt = { n = n, status = "dialing", startedAt = iso() }
+  call.attempts[n] = attempt
+  self.store:add_attempt(id, attempt)
+  self:_set_status(call, "dialing", { attempt = n, nextAttemptAt = store_mod.NULL })
+  local res, err = self.provider:startCall(self:call_view(id), self.public_url(), self.local_url())
+  if call.status ~= "dialing" or call.attempt ~= n then
+    return -- canceled meanwhile
+  end
+  if not res then
+    log.warn("dialing failed", { call = id, attempt = n, error = err })
+    return self:_attempt_final(call, n, "failed", tostring(err), tostring(err))
+  end
+  attempt.providerCallId = res.providerCallId
+  self.store:update_attempt(id, n, { providerCallId = res.providerCallId })
+  if res.userHint and not call.hint then
+    call.hint = res.userHint
+    self:_save(call, { hint = res.userHint })
+  end
+  -- A safety net for providers that never report the end of ringing.
+  local limit = (self.config.call.ringTimeoutSec + 30) * 1000
+  self.timers[id .. "#dial"] = timer.after(limit, function()
+    self.timers[id .. "#dial"] = nil
+    local a = call.attempts[n]
+    if a and a.status == "dialing" and call.attempt == n then
+      log.warn("no answer and no status from the provider: giving up on this attempt", { call = id, attempt = n })
+      task.spawn(function()
+        self.provider:endCall(self:call_view(id), a)
+      end)
+      self:_attempt_final(call, n, "no_answer", "ring timeout")
+    end
+  end)
+  return true
+end
+
+function Engine:_cancel_timer(key)
+  local t = self.timers[key]
+  if t then
+    t:stop()
+    self.timers[key] = nil
+  end
+end
+
+-- Provider status ------------------------------------------------------------
+
+--- Applies a provider status (from mapStatus) to attempt n of a call.
+function Engine:provider_status(id, n, st)
+  local call = self.live[id]
+  if not call then
+    return false, "unknown or finished call"
+  end
+  n = n or call.attempt
+  local a = call.attempts[n]
+  if not a or FINAL[a.status] then
+    return false, "attempt already ended"
+  end
+  if st.sequence then
+    if a.seq and st.sequence <= a.seq then
+      log.debug("stale status callback ignored", { call = id, attempt = n, seq = st.sequence, status = st.status })
+      return false, "stale"
+    end
+    a.seq = st.sequence
+  end
+  if rank(st.status) < rank(a.status) or (st.status == a.status and not FINAL[st.status]) then
+    return false, "not newer"
+  end
+  self.store:add_event(id, { at = iso(), type = "provider", attempt = n, status = st.status, raw = st.raw })
+  if st.status == "dialing" then
+    return true
+  elseif st.status == "in_progress" then
+    a.status = "in_progress"
+    a.answeredAt = iso()
+    self.store:update_attempt(id, n, { status = "in_progress", answeredAt = a.answeredAt })
+    self:_cancel_timer(id .. "#dial")
+    if call.attempt == n then
+      self:_set_status(call, "in_progress")
+    end
+    return true
+  end
+  -- Final, as the provider sees it.
+  local b = self.bridges[id .. "#" .. n]
+  if b and not b.ended then
+    b:finish(b.end_reason or (st.status == "completed" and "callee_hung_up") or st.status)
+  end
+  return self:_attempt_final(call, n, st.status, st.reason)
+end
+
+-- Bridges ----------------------------------------------------------------------
+
+--- POST /voice for attempt n: the model starts now; returns the stream token.
+function Engine:prepare_stream(id, n)
+  local call = self.live[id]
+  if not call or FINAL[call.status] then
+    return nil, "unknown or finished call"
+  end
+  n = n or call.attempt
+  local a = call.attempts[n]
+  if not a or FINAL[a.status] or n ~= call.attempt then
+    return nil, "attempt not active"
+  end
+  local key = id .. "#" .. n
+  local b = self.bridges[key]
+  if not b then
+    b = bridge_mod.new(self, call, n)
+    self.bridges[key] = b
+    b:start_model()
+  end
+  local token = crypto.random_token(24)
+  self.tokens[token] = { call_id = id, attempt = n, expires = timer.now() + 120000 }
+  return token
+end
+
+--- A Media Streams `start` with its customParameters: the bridge, or nil, why.
+function Engine:claim_stream(params)
+  local token = params and params.token
+  local entry = token and self.tokens[token]
+  if not entry then
+    return nil, "unknown or already used stream token"
+  end
+  self.tokens[token] = nil -- single use
+  if entry.expires < timer.now() then
+    return nil, "expired stream token"
+  end
+  if params.callId ~= entry.call_id then
+    return nil, "stream token belongs to another call"
+  end
+  local b = self.bridges[entry.call_id .. "#" .. entry.attempt]
+  if not b or b.ended or b.stream then
+    return nil, "no call waiting for this stream"
+  end
+  return b
+end
+
+function Engine:bridge_transcript(b, role, text, interrupted)
+  local call = self.live[b.call_id]
+  if not call then
+    return
+  end
+  local line = { role = role, text = text, at = iso(), attempt = b.attempt, interrupted = interrupted }
+  call.transcript[#call.transcript + 1] = line
+  self.store:add_transcript(call.id, line)
+  self.emit("transcript", call.id, line)
+end
+
+local USAGE_KEYS = {
+  { "total_tokens" }, { "input_tokens" }, { "output_tokens" },
+  { "input_token_details", "text_tokens", "input_text_tokens" },
+  { "input_token_details", "audio_tokens", "input_audio_tokens" },
+  { "input_token_details", "cached_tokens", "cached_tokens" },
+  { "output_token_details", "text_tokens", "output_text_tokens" },
+  { "output_token_details", "audio_tokens", "output_audio_tokens" },
+}
+
+function Engine:bridge_usage(b, usage)
+  local call = self.live[b.call_id]
+  if not call then
+    return
+  end
+  local u = call.usage
+  for _, k in ipairs(USAGE_KEYS) do
+    local v
+    if #k == 1 then
+      v = usage[k[1]]
+    else
+      v = type(usage[k[1]]) == "table" and usage[k[1]][k[2]]
+    end
+    if type(v) == "number" then
+      local name = k[3] or k[1]
+      u[name] = (u[name] or 0) + v
+    end
+  end
+  u.responses = (u.responses or 0) + 1
+  self:_save(call, { usage = u })
+end
+
+function Engine:bridge_report(b, report)
+  local call = self.live[b.call_id]
+  if not call or call.report then
+    return
+  end
+  call.report = report
+  self:_save(call, { report = report })
+  log.info("call reported", { call = call.id, outcome = report.outcome })
+  self.emit("report", self:call_view(call.id), report)
+end
+
+function Engine:bridge_error(b, message)
+  local call = self.live[b.call_id]
+  if call then
+    self:_save(call, { lastError = message })
+    call.lastError = message
+    self.emit("error", call.id, message)
+  end
+end
+
+function Engine:bridge_bargein(b, item_id, played_ms)
+  self.emit("bargein", b.call_id, item_id, played_ms)
+end
+
+--- The bridge wants the call hung up.
+function Engine:bridge_hangup(b, reason)
+  local call = self.live[b.call_id]
+  if not call then
+    return
+  end
+  local a = call.attempts[b.attempt]
+  log.info("hanging up", { call = call.id, attempt = b.attempt, reason = reason })
+  task.spawn(function()
+    local ok, err = self.provider:endCall(self:call_view(call.id), a)
+    if not ok then
+      log.warn("provider hang-up failed", { call = call.id, error = err })
+    end
+    -- If the provider never says the call ended, end it ourselves.
+    timer.sleep(10000)
+    if call.attempt == b.attempt and a and not FINAL[a.status] then
+      if not b.ended then
+        b:finish(reason)
+      end
+      self:_attempt_final(call, b.attempt, "completed", "no final status from the provider")
+    end
+  end)
+end
+
+--- The bridge is done (the stream closed, or the provider ended the call).
+function Engine:bridge_finished(b, reason)
+  local key = b.call_id .. "#" .. b.attempt
+  self.bridges[key] = nil
+  for token, e in pairs(self.tokens) do
+    if e.call_id == b.call_id and e.attempt == b.attempt then
+      self.tokens[token] = nil
+    end
+  end
+  local call = self.live[b.call_id]
+  if not call then
+    return
+  end
+  call._end_reason = call._end_reason or reason
+  local a = call.attempts[b.attempt]
+  if a and not FINAL[a.status] then
+    -- Wait briefly for the provider's own final status, then decide ourselves.
+    timer.after(5000, function()
+      if not FINAL[a.status] and call.attempt == b.attempt then
+        self:_attempt_final(call, b.attempt, "completed", "stream ended")
+      end
+    end)
+  end
+end
+
+-- Endings ----------------------------------------------------------------------
+
+function Engine:_attempt_final(call, n, status, reason, err)
+  local a = call.attempts[n]
+  if not a or FINAL[a.status] then
+    return false
+  end
+  local answered = a.status == "in_progress" or a.answeredAt ~= nil
+  local b = self.bridges[call.id .. "#" .. n]
+  if b and not b.ended then
+    b:finish(b.end_reason or reason)
+  end
+  local end_reason = call._end_reason
+  -- An answered call that ends because the agent failed is a failure.
+  if status == "completed" and not call.report and (end_reason == "model_error") then
+    status = "failed"
+  end
+  a.status = status
+  a.endedAt = iso()
+  a.reason = end_reason or reason
+  self.store:update_attempt(call.id, n, { status = status, endedAt = a.endedAt, reason = a.reason })
+  self:_cancel_timer(call.id .. "#dial")
+  log.info("attempt ended", { call = call.id, attempt = n, status = status, reason = a.reason })
+  if err then
+    call.lastError = err
+    self:_save(call, { lastError = err })
+  end
+  if call.status == "canceled" then
+    return true
+  end
+  local r = self.config.retry
+  local retryable = false
+  if not answered and call._cancel_requested == nil then
+    for _, s in ipairs(r.retryStatuses) do
+      if s == status then
+        retryable = true
+      end
+    end
+  end
+  if retryable and n < r.maxAttempts then
+    local delay = math.floor(r.initialDelayMs * r.backoffFactor ^ (n - 1))
+    local due = core.time() + delay / 1000
+    call._end_reason = nil
+    self.store:set_retry(call.id, due)
+    self:_set_status(call, "queued", { nextAttemptAt = iso(due) })
+    log.info("retrying later", { call = call.id, after_ms = delay, next_attempt = n + 1 })
+    self.timers[call.id .. "#retry"] = timer.after(delay, function()
+      self.timers[call.id .. "#retry"] = nil
+      task.spawn(function()
+        self:dial(call.id)
+      end)
+    end)
+    return true
+  end
+  local final = status
+  if call._cancel_requested and not answered then
+    final = "canceled"
+  end
+  return self:_finish(call, final, end_reason or (answered and status == "completed" and "completed") or reason)
+end
+
+function Engine:_finish(call, status, reason)
+  if FINAL[call.status] then
+    return false
+  end
+  self.store:clear_retry(call.id)
+  if call.status == "in_progress" and status == "completed" and not call.report and reason == "completed" then
+    reason = "callee_hung_up"
+  end
+  call.endReason = reason
+  self:_set_status(call, status, { completedAt = iso(), endReason = reason or store_mod.NULL })
+  self.live[call.id] = nil
+  for key in pairs(self.timers) do
+    if key:sub(1, #call.id + 1) == call.id .. "#" then
+      self:_cancel_timer(key)
+    end
+  end
+  local view = self:call_view(call.id)
+  self.emit("ended", view)
+  if self.notifier then
+    self.notifier:call_ended(view)
+  end
+  return true
+end
+
+--- POST /v1/calls/{id}/hangup.
+function Engine:hangup(id)
+  local call = self.live[id]
+  if not call then
+    return nil, "not_active"
+  end
+  call._cancel_requested = true
+  local n = call.attempt
+  local a = call.attempts[n]
+  if call.status == "queued" then
+    self:_cancel_timer(id .. "#retry")
+    self:_finish(call, "canceled", "canceled by API")
+    return true
+  end
+  local b = self.bridges[id .. "#" .. n]
+  if b then
+    b.end_reason = "hung_up_by_api"
+    b:hangup("hung_up_by_api")
+    return true
+  end
+  local ok, err = self.provider:endCall(self:call_view(id), a)
+  if not ok then
+    log.warn("provider hang-up failed", { call = id, error = err })
+  end
+  if a and a.status == "dialing" then
+    self:_attempt_final(call, n, "canceled", "canceled by API")
+  end
+  return true
+end
+
+--- Stops everything (program shutdown): hang up active calls.
+function Engine:shutdown()
+  for id, call in pairs(self.live) do
+    local b = self.bridges[id .. "#" .. call.attempt]
+    if b then
+      b.end_reason = "shutdown"
+      pcall(self.provider.endCall, self.provider, self:call_view(id), call.attempts[call.attempt])
+    end
+  end
+  for key in pairs(self.timers) do
+    self:_cancel_timer(key)
+  end
+end
+
+function Engine:active_count()
+  local n = 0
+  for _ in pairs(self.live) do
+    n = n + 1
+  end
+  return n
+end
+
+return M

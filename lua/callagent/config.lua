@@ -1,0 +1,358 @@
+--- callagent.config: the configuration, checked at start.
+--
+--   local config = require "callagent.config"
+--   local cfg, err = config.load_file("callagent.json")   -- JSON file, seed shape
+--   local cfg, err = config.normalize({ ... })             -- the same from a Lua table
+--   -- cfg: every key with its default filled in; err: one message naming the
+--   -- key and what is expected ("twilio.fromNumber: expected an E.164 number
+--   -- like +15551234567, got '555'"). Unknown keys are logged as warnings.
+--
+-- Keys (defaults in brackets; * = a secret, redacted from every log line):
+--   telephony.provider      name of a provider file in providers/ ["twilio"]
+--   server.port [4545]      server.host ["127.0.0.1"]
+--   server.publicBaseUrl    the URL the telephony vendor reaches us at (else a tunnel)
+--   server.apiToken*        bearer token for the REST API; required when host is
+--                           not a loopback address
+--   twilio.accountSid       "AC" + 32 hex       twilio.authToken*
+--   twilio.fromNumber       E.164               twilio.validateSignature [true]
+--   twilio.apiBaseUrl       ["https://api.twilio.com"]
+--   openai.apiKey*          openai.model ["gpt-realtime"]   openai.voice ["alloy"]
+--   openai.inputFormat      ["audio/pcmu"] (also "audio/pcma")
+--   openai.outputFormat     ["audio/pcm"] or "audio/pcmu" / "audio/pcma"
+--   openai.outputSampleRate [24000] (only 24000 for audio/pcm)
+--   openai.realtimeUrl      ["wss://api.openai.com/v1/realtime"]
+--   openai.transcriptionModel ["gpt-4o-mini-transcribe"]
+--   notify.hooksUrl         notify.hooksToken*    notify.sessionKey
+--   defaults.timezone       ["America/Los_Angeles"]   defaults.locale ["en-US"]
+--   retry.maxAttempts [3]   retry.initialDelayMs [60000]   retry.backoffFactor [2]
+--   retry.retryStatuses     [["busy", "no_answer", "failed"]]
+--   tunnel.provider         ["auto"]: auto | ngrok | tailscale | none
+--   call.maxDurationSec [600]  call.ringTimeoutSec [30]  call.silenceTimeoutSec [30]
+--   call.goodbyeTimeoutSec [8]
+--   store.backend ["memory"]   store.path ["./callagent.db"]   store.retentionDays [30]
+--
+-- "${NAME}" anywhere in a string value is replaced by the environment
+-- variable NAME (a missing variable is an error naming the key).
+local json = require "callagent.json"
+local log = require "callagent.log"
+local core = require "callagent.core"
+
+local M = {}
+
+local VOICES = { "alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar" }
+M.voices = VOICES
+
+local function is_e164(s)
+  return type(s) == "string" and s:match("^%+[1-9]%d%d%d%d%d%d+$") ~= nil and #s <= 16
+end
+M.is_e164 = is_e164
+
+local function is_loopback(host)
+  return host == "127.0.0.1" or host == "::1" or host == "localhost" or (host or ""):match("^127%.") ~= nil
+end
+M.is_loopback = is_loopback
+
+-- A field: type ("string", "integer", "number", "boolean", "list"), default,
+-- check(v) -> nil or "what is expected", secret.
+local function field(t, default, check, opts)
+  opts = opts or {}
+  return { type = t, default = default, check = check, secret = opts.secret, optional = opts.optional }
+end
+
+local function one_of(list)
+  return function(v)
+    for _, x in ipairs(list) do
+      if v == x then
+        return nil
+      end
+    end
+    return "one of " .. table.concat(list, ", ")
+  end
+end
+
+local function url_check(schemes)
+  return function(v)
+    local scheme = v:match("^(%a[%w+.-]*)://[^/]")
+    if not scheme then
+      return "a URL like " .. schemes[1] .. "://host"
+    end
+    for _, s in ipairs(schemes) do
+      if scheme:lower() == s then
+        return nil
+      end
+    end
+    return "a " .. table.concat(schemes, " or ") .. " URL"
+  end
+end
+
+local function range(lo, hi)
+  return function(v)
+    if v < lo or (hi and v > hi) then
+      return hi and ("a number from " .. lo .. " to " .. hi) or ("a number >= " .. lo)
+    end
+  end
+end
+
+local SCHEMA = {
+  telephony = {
+    provider = field("string", "twilio", function(v)
+      return v:match("^[%w_-]+$") == nil and "a provider name (a file in providers/)" or nil
+    end),
+  },
+  server = {
+    port = field("integer", 4545, range(0, 65535)),
+    host = field("string", "127.0.0.1"),
+    publicBaseUrl = field("string", nil, url_check({ "https", "http" }), { optional = true }),
+    apiToken = field("string", nil, function(v)
+      return #v < 16 and "a token of at least 16 characters" or nil
+    end, { secret = true, optional = true }),
+  },
+  twilio = {
+    accountSid = field("string", nil, function(v)
+      if not v:match("^AC%x+$") or #v ~= 34 then
+        return "AC followed by 32 hex digits"
+      end
+    end, { optional = true }),
+    authToken = field("string", nil, nil, { secret = true, optional = true }),
+    fromNumber = field("string", nil, function(v)
+      return not is_e164(v) and "an E.164 number like +15551234567" or nil
+    end, { optional = true }),
+    validateSignature = field("boolean", true),
+    apiBaseUrl = field("string", "https://api.twilio.com", url_check({ "https", "http" })),
+  },
+  openai = {
+    apiKey = field("string", nil, nil, { secret = true, optional = true }),
+    model = field("string", "gpt-realtime"),
+    voice = field("string", "alloy", one_of(VOICES)),
+    inputFormat = field("string", "audio/pcmu", one_of({ "audio/pcmu", "audio/pcma" })),
+    outputFormat = field("string", "audio/pcm", one_of({ "audio/pcm", "audio/pcmu", "audio/pcma" })),
+    outputSampleRate = field("integer", 24000, one_of({ 24000 })),
+    realtimeUrl = field("string", "wss://api.openai.com/v1/realtime", url_check({ "wss", "ws" })),
+    transcriptionModel = field("string", "gpt-4o-mini-transcribe"),
+  },
+  notify = {
+    hooksUrl = field("string", nil, url_check({ "https", "http" }), { optional = true }),
+    hooksToken = field("string", nil, nil, { secret = true, optional = true }),
+    sessionKey = field("string", nil, nil, { optional = true }),
+  },
+  defaults = {
+    timezone = field("string", "America/Los_Angeles", function(v)
+      return not core.localtime(v) and "an IANA time zone like Europe/Paris" or nil
+    end),
+    locale = field("string", "en-US", function(v)
+      return not v:match("^%a%a%a?[-_]?%w*$") and "a locale like en-US" or nil
+    end),
+  },
+  retry = {
+    maxAttempts = field("integer", 3, range(1, 20)),
+    initialDelayMs = field("integer", 60000, range(0)),
+    backoffFactor = field("number", 2, range(1, 10)),
+    retryStatuses = field("list", { "busy", "no_answer", "failed" }, function(v)
+      for _, s in ipairs(v) do
+        if s ~= "busy" and s ~= "no_answer" and s ~= "failed" then
+          return 'a list of "busy", "no_answer", "failed"'
+        end
+      end
+    end),
+  },
+  tunnel = {
+    provider = field("string", "auto", one_of({ "auto", "ngrok", "tailscale", "none" })),
+  },
+  call = {
+    maxDurationSec = field("integer", 600, range(10, 4 * 3600)),
+    ringTimeoutSec = field("integer", 30, range(5, 600)),
+    silenceTimeoutSec = field("integer", 30, range(5, 3600)),
+    goodbyeTimeoutSec = field("integer", 8, range(0, 60)),
+  },
+  store = {
+    backend = field("string", "memory", one_of({ "sqlite", "memory" })),
+    path = field("string", "./callagent.db"),
+    retentionDays = field("integer", 30, range(1)),
+  },
+}
+M.schema = SCHEMA
+
+-- Replaces "${NAME}" in every string value; error names the key.
+local function substitute(v, path)
+  if type(v) == "string" then
+    local missing
+    local out = v:gsub("%${([%w_]+)}", function(name)
+      local e = os.getenv(name)
+      if e == nil then
+        missing = missing or name
+        return ""
+      end
+      return e
+    end)
+    if missing then
+      return nil, string.format("%s: environment variable %s is not set", path, missing)
+    end
+    return out
+  elseif type(v) == "table" then
+    local out = {}
+    for k, x in pairs(v) do
+      local y, err = substitute(x, path == "" and tostring(k) or (path .. "." .. tostring(k)))
+      if err then
+        return nil, err
+      end
+      out[k] = y
+    end
+    return out
+  end
+  return v
+end
+
+local function describe(v)
+  if type(v) == "string" then
+    return string.format("%q", #v > 40 and v:sub(1, 40) .. "..." or v)
+  end
+  return tostring(v)
+end
+
+local function check_value(f, v, key)
+  local t = f.type
+  if t == "integer" then
+    if math.type(v) ~= "integer" then
+      if type(v) == "number" and v == math.floor(v) then
+        v = math.tointeger(v)
+      else
+        return nil, string.format("%s: expected an integer, got %s", key, describe(v))
+      end
+    end
+  elseif t == "number" then
+    if type(v) ~= "number" then
+      return nil, string.format("%s: expected a number, got %s", key, describe(v))
+    end
+  elseif t == "boolean" then
+    if type(v) ~= "boolean" then
+      return nil, string.format("%s: expected true or false, got %s", key, describe(v))
+    end
+  elseif t == "list" then
+    if type(v) ~= "table" then
+      return nil, string.format("%s: expected a list, got %s", key, describe(v))
+    end
+  elseif type(v) ~= "string" then
+    return nil, string.format("%s: expected a string, got %s", key, describe(v))
+  end
+  if f.check then
+    local want = f.check(v)
+    if want then
+      return nil, string.format("%s: expected %s, got %s", key, want, f.secret and "[redacted]" or describe(v))
+    end
+  end
+  return v
+end
+
+--- Checks a config table (seed shape); returns the full config and a list of warnings.
+function M.normalize(input, opts)
+  opts = opts or {}
+  if input == nil then
+    input = {}
+  end
+  if type(input) ~= "table" then
+    return nil, "config: expected a JSON object"
+  end
+  local raw, serr = substitute(input, "")
+  if not raw then
+    return nil, serr
+  end
+  local cfg, warnings = {}, {}
+  for section, fields in pairs(SCHEMA) do
+    local given = raw[section]
+    if given ~= nil and type(given) ~= "table" then
+      return nil, section .. ": expected an object"
+    end
+    given = given or {}
+    cfg[section] = {}
+    for name, f in pairs(fields) do
+      local key = section .. "." .. name
+      local v = given[name]
+      if v == json.null then
+        v = nil
+      end
+      if v == nil then
+        v = f.default
+        if type(v) == "table" then
+          local copy = {}
+          for i, x in ipairs(v) do
+            copy[i] = x
+          end
+          v = copy
+        end
+      else
+        local ok, err = check_value(f, v, key)
+        if err then
+          return nil, err
+        end
+        v = ok
+      end
+      cfg[section][name] = v
+      if f.secret and type(v) == "string" then
+        log.secret(v)
+      end
+    end
+    for name in pairs(given) do
+      if fields[name] == nil then
+        warnings[#warnings + 1] = string.format("%s.%s: unknown key, ignored", section, tostring(name))
+      end
+    end
+  end
+  for section in pairs(raw) do
+    if SCHEMA[section] == nil and section ~= "$schema" then
+      warnings[#warnings + 1] = string.format("%s: unknown section, ignored", tostring(section))
+    end
+  end
+
+  -- Rules across keys.
+  if not is_loopback(cfg.server.host) and not cfg.server.apiToken then
+    return nil, "server.apiToken: required when server.host (" .. cfg.server.host .. ") is not a loopback address"
+  end
+  if cfg.openai.outputFormat ~= "audio/pcm" and input.openai and input.openai.outputSampleRate then
+    warnings[#warnings + 1] = "openai.outputSampleRate: only used with outputFormat audio/pcm"
+  end
+  if cfg.notify.hooksUrl and not cfg.notify.hooksToken then
+    return nil, "notify.hooksToken: required when notify.hooksUrl is set"
+  end
+  if cfg.server.publicBaseUrl then
+    cfg.server.publicBaseUrl = cfg.server.publicBaseUrl:gsub("/+$", "")
+  end
+  cfg.twilio.apiBaseUrl = cfg.twilio.apiBaseUrl:gsub("/+$", "")
+  if cfg.notify.hooksUrl then
+    cfg.notify.hooksUrl = cfg.notify.hooksUrl:gsub("/+$", "")
+  end
+
+  if not opts.quiet then
+    for _, w in ipairs(warnings) do
+      log.warn("config: " .. w)
+    end
+  end
+  return cfg, nil, warnings
+end
+
+--- Reads a JSON config file and normalizes it.
+function M.load_file(path)
+  local f, ferr = io.open(path, "rb")
+  if not f then
+    return nil, "config: cannot read " .. path .. ": " .. tostring(ferr)
+  end
+  local text = f:read("a")
+  f:close()
+  local v, err = json.try_decode(text)
+  if not v then
+    return nil, "config: " .. path .. " is not valid JSON: " .. err:gsub("^EJSON: ", "")
+  end
+  return M.normalize(v)
+end
+
+--- Checks what a provider needs from the config (used by provider files).
+function M.require_keys(cfg, keys, why)
+  for _, key in ipairs(keys) do
+    local section, name = key:match("^([^.]+)%.(.+)$")
+    if cfg[section] == nil or cfg[section][name] == nil then
+      return nil, string.format("%s: required %s", key, why or "")
+    end
+  end
+  return true
+end
+
+return M

@@ -1,0 +1,154 @@
+--- callagent.notify: tells the hooks endpoint (Clawdbot) how a call ended.
+--
+--   POST {notify.hooksUrl}/agent
+--   Authorization: Bearer {notify.hooksToken}
+--   Idempotency-Key: {callId}:{status}
+--   {"message": "...", "name": "CallAgent", "sessionKey": ..., "wakeMode": "now",
+--    "deliver": true, "data": {callId, status, to, calleeName, report, metadata}}
+--
+-- Sent once per call, on its final state, from a task of its own: it never
+-- blocks or breaks the call. Network errors and 5xx answers are retried with
+-- backoff (1 s, 2 s, 4 s ... up to `attempts` tries); 4xx are not. Every
+-- notification is recorded in the store first, so one not yet delivered can be
+-- sent again after a restart; the Idempotency-Key lets the receiver drop
+-- duplicates.
+local fetch = require "callagent.fetch"
+local json = require "callagent.json"
+local log = require "callagent.log"
+local task = require "callagent.task"
+local timer = require "callagent.timer"
+
+local M = {}
+local Notifier = {}
+Notifier.__index = Notifier
+
+function M.new(cfg, store, opts)
+  opts = opts or {}
+  return setmetatable({
+    cfg = cfg,
+    store = store,
+    attempts = opts.attempts or 6,
+    base_delay_ms = opts.base_delay_ms or 1000,
+    timeout_ms = opts.timeout_ms or 10000,
+    in_flight = {},
+  }, Notifier)
+end
+
+function M.message(view)
+  local who = view.to .. (view.calleeName and (" (" .. view.calleeName .. ")") or "")
+  local r = view.report
+  local parts = { "Call to " .. who .. " " .. view.status }
+  if r then
+    parts[1] = parts[1] .. ": " .. r.outcome
+    if r.summary and r.summary ~= "" then
+      parts[#parts + 1] = "Summary: " .. r.summary
+    end
+    if r.nextSteps and #r.nextSteps > 0 then
+      parts[#parts + 1] = "Next steps: " .. table.concat(r.nextSteps, "; ")
+    end
+  else
+    local why = view.endReason or view.lastError
+    if why then
+      parts[1] = parts[1] .. " (" .. tostring(why) .. ")"
+    end
+    parts[#parts + 1] = "No report was filed."
+  end
+  parts[#parts + 1] = "Call id: " .. view.callId
+  return table.concat(parts, "\n")
+end
+
+function M.payload(cfg, view)
+  return {
+    message = M.message(view),
+    name = "CallAgent",
+    sessionKey = cfg.sessionKey,
+    wakeMode = "now",
+    deliver = true,
+    data = {
+      callId = view.callId,
+      status = view.status,
+      to = view.to,
+      calleeName = view.calleeName,
+      report = view.report or json.null,
+      metadata = view.metadata,
+      attempts = #(view.attempts or {}),
+      endReason = view.endReason,
+    },
+  }
+end
+
+function Notifier:enabled()
+  return self.cfg.hooksUrl ~= nil and self.cfg.hooksToken ~= nil
+end
+
+--- The call reached its final state: record the notification, then send it.
+function Notifier:call_ended(view)
+  if not self:enabled() then
+    return
+  end
+  local key = view.callId .. ":" .. view.status
+  local body = json.encode(M.payload(self.cfg, view))
+  if self.store:add_notification(key, view.callId, body) == false then
+    return -- already recorded (sent or pending)
+  end
+  self:send(key, body)
+end
+
+--- Sends (again) a recorded notification, retrying in the background.
+function Notifier:send(key, body)
+  if self.in_flight[key] then
+    return
+  end
+  self.in_flight[key] = true
+  task.spawn(function()
+    local url = self.cfg.hooksUrl .. "/agent"
+    local delay = self.base_delay_ms
+    for try = 1, self.attempts do
+      local res, err = fetch(url, {
+        method = "POST",
+        body = body,
+        timeout = self.timeout_ms,
+        headers = {
+          ["Content-Type"] = "application/json",
+          Authorization = "Bearer " .. self.cfg.hooksToken,
+          ["Idempotency-Key"] = key,
+        },
+      })
+      if res and res.status < 300 then
+        self.store:mark_notified(key, true)
+        log.info("notification delivered", { key = key, status = res.status, try = try })
+        self.in_flight[key] = nil
+        return
+      end
+      local why = res and ("HTTP " .. res.status) or err
+      self.store:mark_notified(key, false, why)
+      if res and res.status < 500 and res.status ~= 429 then
+        log.warn("notification refused; not retrying", { key = key, error = why })
+        self.in_flight[key] = nil
+        return
+      end
+      if try < self.attempts then
+        log.warn("notification failed; retrying", { key = key, error = why, try = try, retry_in_ms = delay })
+        timer.sleep(delay)
+        delay = delay * 2
+      else
+        log.error("notification failed; giving up", { key = key, error = why, tries = try })
+      end
+    end
+    self.in_flight[key] = nil
+  end)
+end
+
+--- Sends every notification recorded but not delivered (after a restart).
+function Notifier:resume()
+  if not self:enabled() then
+    return 0
+  end
+  local pending = self.store:pending_notifications()
+  for _, n in ipairs(pending) do
+    self:send(n.key, n.payload)
+  end
+  return #pending
+end
+
+return M

@@ -1,0 +1,119 @@
+--- callagent.providers: telephony vendors, one Lua file each, found at start.
+--
+-- A provider file (providers/<name>.lua, in callagent's own providers/ folder
+-- or in a providers/ folder next to the app) returns a table:
+--
+--   name                      the provider's name (defaults to the file name)
+--   needs                     config keys it requires, e.g. {"twilio.accountSid"}
+--   needs_public_url          true when the vendor must reach us (webhooks, media)
+--   init(self, ctx)           optional; ctx = {config, log, engine, server}
+--   startCall(self, call, publicBaseUrl, localBaseUrl)
+--                             -> {providerCallId, userHint} | nil, err   (may wait)
+--   buildVoiceResponse(self, callId, publicBaseUrl, stream)
+--                             -> body, content_type   (stream = {url, parameters})
+--   validateRequest(self, req, publicBaseUrl) -> true | false, reason
+--   mapStatus(self, payload)  -> {status, sequence, reason, duration, providerCallId}
+--                             status: "dialing" | "in_progress" | "completed" |
+--                             "busy" | "no_answer" | "failed" | "canceled"
+--   registerRoutes(self, server, ctx)   extra routes (may do nothing)
+--   endCall(self, call, attempt)        hang up (may wait) -> true | nil, err
+--   getCall(self, providerCallId)       optional: the vendor's view of the call
+--                                        -> {status, duration} | nil, err
+--
+-- The call flow is the same for every vendor: POST /voice answers with
+-- buildVoiceResponse, POST /status goes through mapStatus, and the audio
+-- arrives on WS /voice/stream speaking Twilio's Media Streams protocol.
+local core = require "callagent.core"
+
+local M = {}
+
+M.required = {
+  "startCall",
+  "buildVoiceResponse",
+  "validateRequest",
+  "mapStatus",
+  "registerRoutes",
+  "endCall",
+}
+
+--- The folders searched, in order: extra dirs first (the app's), then callagent's own.
+function M.dirs(extra)
+  local dirs = {}
+  for _, d in ipairs(extra or {}) do
+    dirs[#dirs + 1] = d
+  end
+  dirs[#dirs + 1] = core.root .. "/providers"
+  return dirs
+end
+
+--- name -> path of every provider file found (the first folder wins).
+function M.list(extra)
+  local found = {}
+  for _, dir in ipairs(M.dirs(extra)) do
+    local names = core.listdir(dir)
+    for _, f in ipairs(names or {}) do
+      local name = f:match("^([%w_-]+)%.lua$")
+      if name and not found[name] then
+        found[name] = dir .. "/" .. f
+      end
+    end
+  end
+  return found
+end
+
+--- Loads and checks one provider file: the table, or nil and a message naming the file.
+function M.load_file(path, name)
+  local chunk, err = loadfile(path)
+  if not chunk then
+    return nil, "provider " .. path .. ": " .. tostring(err)
+  end
+  local ok, p = pcall(chunk)
+  if not ok then
+    return nil, "provider " .. path .. ": error while loading: " .. tostring(p)
+  end
+  if type(p) ~= "table" then
+    return nil, "provider " .. path .. ": must return a table, returned " .. type(p)
+  end
+  local missing = {}
+  for _, f in ipairs(M.required) do
+    if type(p[f]) ~= "function" then
+      missing[#missing + 1] = f
+    end
+  end
+  if #missing > 0 then
+    return nil, "provider " .. path .. ": missing " .. table.concat(missing, ", ")
+      .. " (a provider must implement " .. table.concat(M.required, ", ") .. ")"
+  end
+  p.name = p.name or name
+  p.path = path
+  return p
+end
+
+--- Loads the provider named in config (telephony.provider) and checks its config needs.
+function M.load(name, cfg, extra)
+  local all = M.list(extra)
+  local path = all[name]
+  if not path then
+    local names = {}
+    for n in pairs(all) do
+      names[#names + 1] = n
+    end
+    table.sort(names)
+    return nil, string.format("telephony.provider: no provider named '%s' (found: %s)", name,
+      #names > 0 and table.concat(names, ", ") or "none")
+  end
+  local p, err = M.load_file(path, name)
+  if not p then
+    return nil, err
+  end
+  for _, key in ipairs(p.needs or {}) do
+    local section, field = key:match("^([^.]+)%.(.+)$")
+    if not cfg[section] or cfg[section][field] == nil then
+      return nil, string.format("%s: required by the %s provider", key, p.name)
+    end
+  end
+  -- A fresh instance per app: the file's table is the class.
+  return setmetatable({}, { __index = p })
+end
+
+return M

@@ -1,0 +1,160 @@
+--- callagent.realtime: one OpenAI Realtime session (GA shape) over a WebSocket.
+--
+--   local s = realtime.session(cfg.openai, {
+--     instructions = "...", voice = "alloy", tools = { ... },
+--     on_event = function(s, ev) end,      -- every server event, decoded
+--     on_ready = function(s) end,          -- session.updated: audio may flow
+--     on_close = function(s, code, reason) end,  -- closed or failed (code nil, reason = err)
+--   })
+--   s:connect()                  -- starts connecting now (does not wait)
+--   s:append(b64_audio)          -- input_audio_buffer.append, built without JSON encoding
+--   s:send(event_table)          -- any client event
+--   s:close()
+--   s.ready, s.closed
+--
+-- The session.update sent on connect: realtime type, the model, instructions,
+-- audio output only, input in cfg.inputFormat with transcription and server
+-- VAD (create_response and interrupt_response on), output in
+-- cfg.outputFormat (audio/pcm at 24 kHz, or G.711 passthrough), the voice,
+-- and the tools. No beta field names: the GA service rejects them.
+local ws = require "callagent.ws"
+local json = require "callagent.json"
+local url = require "callagent.url"
+local log = require "callagent.log"
+
+local M = {}
+local Session = {}
+Session.__index = Session
+
+local decode = json.decode
+
+local function format_of(name, rate)
+  if name == "audio/pcm" then
+    return { type = "audio/pcm", rate = rate or 24000 }
+  end
+  return { type = name }
+end
+
+--- The GA session.update for these options.
+function M.session_update(cfg, opts)
+  local session = {
+    type = "realtime",
+    model = cfg.model,
+    instructions = opts.instructions,
+    output_modalities = { "audio" },
+    audio = {
+      input = {
+        format = format_of(cfg.inputFormat),
+        transcription = { model = cfg.transcriptionModel },
+        turn_detection = {
+          type = "server_vad",
+          threshold = 0.5,
+          prefix_padding_ms = 300,
+          silence_duration_ms = 500,
+          create_response = true,
+          interrupt_response = true,
+        },
+      },
+      output = {
+        format = format_of(cfg.outputFormat, cfg.outputSampleRate),
+        voice = opts.voice or cfg.voice,
+      },
+    },
+    tool_choice = "auto",
+  }
+  if opts.tools and #opts.tools > 0 then
+    session.tools = opts.tools
+  end
+  return { type = "session.update", session = session }
+end
+
+function M.session(cfg, opts)
+  return setmetatable({ cfg = cfg, opts = opts, ready = false, closed = false, conn = nil }, Session)
+end
+
+function Session:connect()
+  local cfg, opts = self.cfg, self.opts
+  local target = cfg.realtimeUrl .. (cfg.realtimeUrl:find("?", 1, true) and "&" or "?") .. "model=" .. url.encode(cfg.model)
+  self.t_connect = require("callagent.timer").now()
+  ws.connect_cb(target, {
+    headers = { Authorization = "Bearer " .. (cfg.apiKey or "") },
+    timeout = opts.connect_timeout or 10000,
+    ping_interval = 20,
+    pong_timeout = 10,
+    on_text = function(_, msg)
+      self:_on_text(msg)
+    end,
+    on_close = function(_, code, reason)
+      self:_closed(code, reason)
+    end,
+  }, function(conn, err)
+    if not conn then
+      self:_closed(nil, err)
+      return
+    end
+    if self.closed then -- closed while connecting
+      conn:close(1000, "not needed")
+      return
+    end
+    self.conn = conn
+    conn:send(json.encode(M.session_update(cfg, opts)))
+  end)
+end
+
+function Session:_closed(code, reason)
+  if self.closed then
+    return
+  end
+  self.closed = true
+  self.ready = false
+  if self.opts.on_close then
+    self.opts.on_close(self, code, reason)
+  end
+end
+
+function Session:_on_text(msg)
+  local ok, ev = pcall(decode, msg)
+  if not ok or type(ev) ~= "table" then
+    log.warn("realtime: undecodable event ignored", { size = #msg })
+    return
+  end
+  if ev.type == "session.updated" and not self.ready then
+    self.ready = true
+    if self.opts.on_ready then
+      self.opts.on_ready(self)
+    end
+    return
+  end
+  self.opts.on_event(self, ev)
+end
+
+local APPEND = '{"type":"input_audio_buffer.append","audio":"'
+
+function Session:append(b64)
+  local c = self.conn
+  if c then
+    return c:send(APPEND .. b64 .. '"}')
+  end
+  return nil, "ECLOSED: no model connection"
+end
+
+function Session:send(ev)
+  local c = self.conn
+  if not c or self.closed then
+    return nil, "ECLOSED: no model connection"
+  end
+  return c:send(json.encode(ev))
+end
+
+function Session:close()
+  if self.closed then
+    return
+  end
+  self.closed = true
+  self.ready = false
+  if self.conn then
+    self.conn:close(1000, "call ended")
+  end
+end
+
+return M

@@ -1,0 +1,33 @@
+--- callagent.store: where calls live. store.open(cfg.store) picks the backend.
+--
+-- The interface every backend implements (the call flow uses nothing else, so
+-- a networked backend can be added without touching it). Records are plain
+-- tables and every getter returns a copy.
+--
+--   store:insert_call(call)                  a new call record (see lua/callagent/calls.lua)
+--   store:update_call(id, fields)            set fields (store.NULL clears one)
+--   store:get_call(id) -> call | nil         with attempts, transcript and events
+--   store:list_calls{status, limit, cursor} -> calls, next_cursor   newest first
+--   store:active_calls() -> calls            queued, dialing or in_progress
+--   store:add_attempt(id, attempt)           store:update_attempt(id, n, fields)
+--   store:add_transcript(id, line)           store:add_event(id, event)
+--   store:set_retry(id, due_at)  store:clear_retry(id)  store:due_retries() -> {{call_id, due_at}}
+--   store:add_notification(key, call_id, payload) -> false when key exists
+--   store:mark_notified(key, ok, err)        store:pending_notifications()
+--   store:prune(older_than) -> removed       store:close()
+--
+-- Every write is durable when it returns (for backends that persist).
+local M = {}
+
+function M.open(cfg)
+  cfg = cfg or { backend = "memory" }
+  local ok, backend = pcall(require, "callagent.store." .. cfg.backend)
+  if not ok then
+    return nil, "store.backend: unknown backend '" .. tostring(cfg.backend) .. "'"
+  end
+  return backend.open(cfg)
+end
+
+M.NULL = require("callagent.store.memory").NULL
+
+return M

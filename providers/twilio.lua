@@ -1,0 +1,251 @@
+--- providers/twilio.lua: Twilio Programmable Voice with Media Streams.
+--
+-- Dials with the REST API (POST {twilio.apiBaseUrl}/2010-04-01/Accounts/{sid}/Calls.json,
+-- basic auth), answers POST /voice with <Connect><Stream> TwiML, checks
+-- X-Twilio-Signature on every webhook (when twilio.validateSignature), maps
+-- status callbacks, and hangs up with Status=completed (or canceled before
+-- answer). Config: twilio.accountSid, twilio.authToken, twilio.fromNumber,
+-- twilio.apiBaseUrl, twilio.validateSignature; server.publicBaseUrl (or a tunnel).
+local fetch = require "callagent.fetch"
+local url = require "callagent.url"
+local json = require "callagent.json"
+local crypto = require "callagent.crypto"
+local log = require "callagent.log"
+
+local P = {
+  name = "twilio",
+  needs = { "twilio.accountSid", "twilio.authToken", "twilio.fromNumber" },
+  needs_public_url = true,
+}
+
+function P:init(ctx)
+  self.cfg = ctx.config
+  self.tw = ctx.config.twilio
+end
+
+local function calls_url(self, sid)
+  local base = self.tw.apiBaseUrl .. "/2010-04-01/Accounts/" .. self.tw.accountSid .. "/Calls"
+  return sid and (base .. "/" .. sid .. ".json") or (base .. ".json")
+end
+
+local function auth(self)
+  return { username = self.tw.accountSid, password = self.tw.authToken }
+end
+
+-- A Twilio REST error as one line: "twilio 21215: <message> (HTTP 400)".
+local function rest_error(res, err)
+  if not res then
+    return "twilio request failed: " .. tostring(err)
+  end
+  local body = json.try_decode(res.body)
+  if type(body) == "table" and body.message then
+    return string.format("twilio %s: %s (HTTP %d)", tostring(body.code or "error"), body.message, res.status)
+  end
+  return string.format("twilio answered HTTP %d", res.status)
+end
+
+function P:startCall(call, publicBaseUrl)
+  local q = "?callId=" .. call.callId .. "&attempt=" .. call.attempt
+  local form = {
+    To = call.to,
+    From = self.tw.fromNumber,
+    Url = publicBaseUrl .. "/voice" .. q,
+    Method = "POST",
+    StatusCallback = publicBaseUrl .. "/status" .. q,
+    StatusCallbackMethod = "POST",
+    StatusCallbackEvent = { "initiated", "ringing", "answered", "completed" },
+    Timeout = tostring(self.cfg.call.ringTimeoutSec),
+    TimeLimit = tostring(self.cfg.call.maxDurationSec + 60),
+  }
+  local o = auth(self)
+  o.method = "POST"
+  o.body = url.form_encode(form)
+  o.headers = { ["Content-Type"] = "application/x-www-form-urlencoded", Accept = "application/json" }
+  o.timeout = 15000
+  local res, err = fetch(calls_url(self), o)
+  if not res or res.status ~= 201 and res.status ~= 200 then
+    return nil, rest_error(res, err)
+  end
+  local body = json.try_decode(res.body)
+  if type(body) ~= "table" or type(body.sid) ~= "string" then
+    return nil, "twilio answered without a call sid"
+  end
+  return { providerCallId = body.sid }
+end
+
+local function xml_escape(s)
+  return (tostring(s):gsub('[&<>"\']', { ["&"] = "&amp;", ["<"] = "&lt;", [">"] = "&gt;", ['"'] = "&quot;", ["'"] = "&apos;" }))
+end
+
+function P:buildVoiceResponse(_, _, stream)
+  if not stream then
+    return '<?xml version="1.0" encoding="UTF-8"?><Response><Hangup/></Response>', "text/xml"
+  end
+  local params = {}
+  for _, k in ipairs({ "callId", "attempt", "token" }) do
+    if stream.parameters[k] ~= nil then
+      params[#params + 1] = string.format('<Parameter name="%s" value="%s"/>', k, xml_escape(stream.parameters[k]))
+    end
+  end
+  return '<?xml version="1.0" encoding="UTF-8"?><Response><Connect><Stream url="' .. xml_escape(stream.url) .. '">'
+    .. table.concat(params) .. "</Stream></Connect></Response>", "text/xml"
+end
+
+-- X-Twilio-Signature -----------------------------------------------------------
+
+--- base64(HMAC-SHA1(token, url .. sorted name..value pairs)); values of a
+-- repeated name distinct and sorted.
+function P.signature(token, full_url, params)
+  local names = {}
+  for k in pairs(params or {}) do
+    names[#names + 1] = k
+  end
+  table.sort(names)
+  local parts = { full_url }
+  for _, k in ipairs(names) do
+    local v = params[k]
+    local values = type(v) == "table" and v or { v }
+    local seen, uniq = {}, {}
+    for _, x in ipairs(values) do
+      x = tostring(x)
+      if not seen[x] then
+        seen[x] = true
+        uniq[#uniq + 1] = x
+      end
+    end
+    table.sort(uniq)
+    for _, x in ipairs(uniq) do
+      parts[#parts + 1] = k .. x
+    end
+  end
+  return crypto.base64_encode(crypto.hmac_sha1(token, table.concat(parts)))
+end
+
+-- The URL as given, without its port, and with the scheme's default port.
+local function url_variants(u)
+  local out = { u }
+  local scheme, host, port, rest = u:match("^(%a+)://([^/:]+):?(%d*)(.*)$")
+  if not scheme then
+    return out
+  end
+  local default = (scheme == "https" or scheme == "wss") and "443" or "80"
+  if port ~= "" then
+    out[#out + 1] = scheme .. "://" .. host .. rest
+  else
+    out[#out + 1] = scheme .. "://" .. host .. ":" .. default .. rest
+  end
+  return out
+end
+
+--- Whether signature is right for the URL Twilio requested and the params.
+function P.check_signature(token, full_url, params, signature, body)
+  if type(signature) ~= "string" or signature == "" then
+    return false
+  end
+  local sha = full_url:match("[?&]bodySHA256=(%x+)")
+  if sha then
+    if not body or crypto.to_hex(crypto.sha256(body)) ~= sha:lower() then
+      return false
+    end
+    params = {}
+  end
+  for _, u in ipairs(url_variants(full_url)) do
+    if crypto.constant_time_eq(P.signature(token, u, params), signature) then
+      return true
+    end
+  end
+  return false
+end
+
+function P:validateRequest(req, publicBaseUrl)
+  if not self.tw.validateSignature then
+    return true
+  end
+  local sig = req.headers["x-twilio-signature"]
+  local base = publicBaseUrl
+  local params = {}
+  if req.method == "GET" and req.upgrade then
+    base = base:gsub("^http", "ws") -- the stream URL Twilio connected to
+  elseif (req.headers["content-type"] or ""):find("application/x-www-form-urlencoded", 1, true) then
+    params = url.form_decode(req.body or "")
+  end
+  local full = base .. req.path .. ((req.raw_query and req.raw_query ~= "") and ("?" .. req.raw_query) or "")
+  if P.check_signature(self.tw.authToken, full, params, sig, req.body) then
+    return true
+  end
+  return false, sig and "X-Twilio-Signature does not match" or "X-Twilio-Signature missing"
+end
+
+local STATUS = {
+  queued = "dialing",
+  initiated = "dialing",
+  ringing = "dialing",
+  ["in-progress"] = "in_progress",
+  answered = "in_progress",
+  completed = "completed",
+  busy = "busy",
+  ["no-answer"] = "no_answer",
+  failed = "failed",
+  canceled = "canceled",
+}
+
+function P:mapStatus(payload)
+  local s = payload.CallStatus
+  local status = STATUS[s]
+  if not status then
+    return nil, "unknown CallStatus " .. tostring(s)
+  end
+  local reason
+  if status == "failed" then
+    reason = "call failed" .. (payload.SipResponseCode and (" (SIP " .. payload.SipResponseCode .. ")") or "")
+  elseif status == "busy" then
+    reason = "line busy"
+  elseif status == "no_answer" then
+    reason = "no answer"
+  end
+  return {
+    status = status,
+    raw = s,
+    sequence = tonumber(payload.SequenceNumber),
+    duration = tonumber(payload.CallDuration),
+    providerCallId = payload.CallSid,
+    reason = reason,
+  }
+end
+
+function P:registerRoutes() end
+
+function P:endCall(_, attempt)
+  local sid = attempt and attempt.providerCallId
+  if not sid then
+    return nil, "no Twilio call to hang up"
+  end
+  local o = auth(self)
+  o.method = "POST"
+  o.body = "Status=" .. ((attempt.status == "in_progress") and "completed" or "canceled")
+  o.headers = { ["Content-Type"] = "application/x-www-form-urlencoded" }
+  o.timeout = 10000
+  local res, err = fetch(calls_url(self, sid), o)
+  if not res or res.status >= 300 then
+    local e = rest_error(res, err)
+    log.warn("twilio hang-up failed", { sid = sid, error = e })
+    return nil, e
+  end
+  return true
+end
+
+function P:getCall(sid)
+  local o = auth(self)
+  o.timeout = 10000
+  local res, err = fetch(calls_url(self, sid), o)
+  if not res or res.status ~= 200 then
+    return nil, rest_error(res, err)
+  end
+  local body = json.try_decode(res.body)
+  if type(body) ~= "table" then
+    return nil, "twilio answered something that is not JSON"
+  end
+  return { status = STATUS[body.status], raw = body.status, duration = tonumber(body.duration) }
+end
+
+return P

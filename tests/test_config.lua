@@ -1,0 +1,121 @@
+-- Configuration: the seed's keys and defaults, additions, validation that
+-- names the key, ${ENV} substitution, unknown keys warned about, secrets redacted.
+local T = require "testing"
+local config = require "callagent.config"
+
+local function good()
+  return {
+    telephony = { provider = "twilio" },
+    server = { port = 4545, publicBaseUrl = "https://example.ngrok.app/" },
+    twilio = { accountSid = "AC" .. string.rep("a", 32), authToken = "tok", fromNumber = "+15551234567", validateSignature = true },
+    openai = { apiKey = "sk-x", model = "gpt-realtime", voice = "alloy", inputFormat = "audio/pcmu", outputFormat = "audio/pcm", outputSampleRate = 24000 },
+    notify = { hooksUrl = "http://127.0.0.1:19000/hooks", hooksToken = "hook-token", sessionKey = "optional" },
+    defaults = { timezone = "America/Los_Angeles", locale = "en-US" },
+    retry = { maxAttempts = 3, initialDelayMs = 60000, backoffFactor = 2, retryStatuses = { "busy", "no_answer", "failed" } },
+    tunnel = { provider = "auto" },
+  }
+end
+
+T.test("the seed's example config is accepted as is, with defaults filled in", function()
+  local cfg, err, warnings = config.normalize(good(), { quiet = true })
+  T.ok(cfg, err)
+  T.eq(#warnings, 0)
+  T.eq(cfg.server.host, "127.0.0.1")
+  T.eq(cfg.server.publicBaseUrl, "https://example.ngrok.app", "trailing slash trimmed")
+  T.eq(cfg.twilio.apiBaseUrl, "https://api.twilio.com")
+  T.eq(cfg.openai.realtimeUrl, "wss://api.openai.com/v1/realtime")
+  T.eq(cfg.call.maxDurationSec, 600)
+  T.eq(cfg.retry.retryStatuses, { "busy", "no_answer", "failed" })
+end)
+
+T.test("an empty config gets every default", function()
+  local cfg = assert(config.normalize({}, { quiet = true }))
+  T.eq(cfg.telephony.provider, "twilio")
+  T.eq(cfg.server.port, 4545)
+  T.eq(cfg.openai.voice, "alloy")
+  T.eq(cfg.openai.outputFormat, "audio/pcm")
+  T.eq(cfg.openai.outputSampleRate, 24000)
+  T.eq(cfg.defaults.locale, "en-US")
+  T.eq(cfg.retry.maxAttempts, 3)
+  T.eq(cfg.retry.initialDelayMs, 60000)
+  T.eq(cfg.tunnel.provider, "auto")
+end)
+
+T.test("invalid values are errors naming the key and what is expected", function()
+  local cases = {
+    { { twilio = { fromNumber = "555" } }, "^twilio%.fromNumber: expected an E%.164 number" },
+    { { twilio = { accountSid = "AC123" } }, "^twilio%.accountSid: expected AC followed by 32 hex digits" },
+    { { server = { port = "80" } }, "^server%.port: expected an integer" },
+    { { server = { port = 70000 } }, "^server%.port: expected a number from 0 to 65535" },
+    { { openai = { voice = "robot" } }, "^openai%.voice: expected one of alloy" },
+    { { openai = { outputFormat = "audio/mp3" } }, "^openai%.outputFormat: expected one of" },
+    { { defaults = { timezone = "Mars/Olympus" } }, "^defaults%.timezone: expected an IANA time zone" },
+    { { retry = { retryStatuses = { "busy", "exploded" } } }, "^retry%.retryStatuses: expected a list of" },
+    { { twilio = { validateSignature = "yes" } }, "^twilio%.validateSignature: expected true or false" },
+    { { openai = { realtimeUrl = "http://x" } }, "^openai%.realtimeUrl: expected a wss or ws URL" },
+    { { server = "x" }, "^server: expected an object" },
+    { { server = { host = "0.0.0.0" } }, "^server%.apiToken: required when server%.host" },
+    { { notify = { hooksUrl = "http://127.0.0.1:1/hooks" } }, "^notify%.hooksToken: required" },
+  }
+  for _, c in ipairs(cases) do
+    local cfg, err = config.normalize(c[1], { quiet = true })
+    T.eq(cfg, nil)
+    T.match(err, c[2])
+  end
+end)
+
+T.test("a non-loopback host is fine with an API token", function()
+  local cfg = assert(config.normalize({ server = { host = "0.0.0.0", apiToken = string.rep("t", 32) } }, { quiet = true }))
+  T.eq(cfg.server.host, "0.0.0.0")
+end)
+
+T.test("${NAME} is replaced by the environment; a missing variable names the key", function()
+  local home = os.getenv("HOME")
+  local cfg = assert(config.normalize({ openai = { apiKey = "${HOME}" }, store = { path = "${HOME}/x.db" } }, { quiet = true }))
+  T.eq(cfg.openai.apiKey, home)
+  T.eq(cfg.store.path, home .. "/x.db")
+  local c2, err = config.normalize({ twilio = { authToken = "${CALLAGENT_SURELY_UNSET_VAR}" } }, { quiet = true })
+  T.eq(c2, nil)
+  T.eq(err, "twilio.authToken: environment variable CALLAGENT_SURELY_UNSET_VAR is not set")
+end)
+
+T.test("unknown keys and sections are warned about, not fatal", function()
+  local cfg, _, warnings = config.normalize({ server = { prot = 1 }, telefony = {} }, { quiet = true })
+  T.ok(cfg)
+  table.sort(warnings)
+  T.eq(warnings, { "server.prot: unknown key, ignored", "telefony: unknown section, ignored" })
+end)
+
+T.test("load_file reports a missing file and invalid JSON by path", function()
+  local dir = T.tmpdir()
+  local cfg, err = config.load_file(dir .. "/none.json")
+  T.eq(cfg, nil)
+  T.match(err, "cannot read .*none%.json")
+  local f = assert(io.open(dir .. "/bad.json", "w"))
+  f:write("{ not json")
+  f:close()
+  cfg, err = config.load_file(dir .. "/bad.json")
+  T.eq(cfg, nil)
+  T.match(err, "bad%.json is not valid JSON")
+end)
+
+T.test("secrets in the config never reach the log", function()
+  local code, _, p = T.run_app(nil, nil, {
+    source = [[
+local config = require "callagent.config"
+local log = require "callagent.log"
+assert(config.normalize({ twilio = { authToken = "tw-secret-token-1234" }, openai = { apiKey = "sk-openai-secret-5678" },
+  server = { apiToken = "api-token-abcdefghijklmnop" }, notify = { hooksUrl = "http://h/x", hooksToken = "hook-secret-9999" } }))
+log.info("leak attempt tw-secret-token-1234 sk-openai-secret-5678 api-token-abcdefghijklmnop hook-secret-9999")
+]],
+  })
+  T.eq(code, 0)
+  local all = p.errtext()
+  T.no_match(all, "secret%-token")
+  T.no_match(all, "openai%-secret")
+  T.no_match(all, "abcdefghijklmnop")
+  T.no_match(all, "hook%-secret")
+  T.match(all, "leak attempt %[redacted%] %[redacted%] %[redacted%] %[redacted%]")
+end)
+
+T.run()

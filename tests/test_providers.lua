@@ -1,0 +1,72 @@
+-- Provider files: discovery in providers/ folders, and clear errors for a
+-- file that is broken or incomplete.
+local T = require "testing"
+local providers = require "callagent.providers"
+local config = require "callagent.config"
+
+local function write(path, text)
+  local f = assert(io.open(path, "w"))
+  f:write(text)
+  f:close()
+end
+
+local function cfg()
+  return assert(config.normalize({ twilio = { accountSid = "AC" .. string.rep("0", 32), authToken = "t", fromNumber = "+15550001111" } }, { quiet = true }))
+end
+
+local COMPLETE = [[
+return {
+  startCall = function() end, buildVoiceResponse = function() end, validateRequest = function() end,
+  mapStatus = function() end, registerRoutes = function() end, endCall = function() end,
+}
+]]
+
+T.test("the built-in twilio provider is found and complete", function()
+  local list = providers.list()
+  T.ok(list.twilio, "twilio listed")
+  local p = assert(providers.load("twilio", cfg()))
+  T.eq(p.name, "twilio")
+  T.eq(type(p.startCall), "function")
+end)
+
+T.test("a provider file dropped in an app's providers/ folder is found without a rebuild", function()
+  local dir = T.tmpdir()
+  write(dir .. "/acme.lua", COMPLETE)
+  local list = providers.list({ dir })
+  T.eq(list.acme, dir .. "/acme.lua")
+  local p = assert(providers.load("acme", cfg(), { dir }))
+  T.eq(p.name, "acme")
+end)
+
+T.test("a file missing functions is reported by path and missing names", function()
+  local dir = T.tmpdir()
+  write(dir .. "/half.lua", "return { startCall = function() end, mapStatus = function() end }")
+  local p, err = providers.load("half", cfg(), { dir })
+  T.eq(p, nil)
+  T.match(err, "^provider " .. dir:gsub("%p", "%%%0") .. "/half%.lua: missing buildVoiceResponse, validateRequest, registerRoutes, endCall")
+end)
+
+T.test("a file that does not load or returns no table is reported by path", function()
+  local dir = T.tmpdir()
+  write(dir .. "/syntax.lua", "return {")
+  write(dir .. "/boom.lua", "error('cannot start')")
+  write(dir .. "/nil.lua", "return 42")
+  local _, e1 = providers.load("syntax", cfg(), { dir })
+  T.match(e1, "syntax%.lua:")
+  local _, e2 = providers.load("boom", cfg(), { dir })
+  T.match(e2, "boom%.lua: error while loading: .*cannot start")
+  local _, e3 = providers.load("nil", cfg(), { dir })
+  T.match(e3, "nil%.lua: must return a table, returned number")
+end)
+
+T.test("an unknown provider name lists the ones found; missing config keys are named", function()
+  local p, err = providers.load("nope", cfg())
+  T.eq(p, nil)
+  T.match(err, "^telephony%.provider: no provider named 'nope' %(found: .*twilio")
+  local bare = assert(config.normalize({}, { quiet = true }))
+  p, err = providers.load("twilio", bare)
+  T.eq(p, nil)
+  T.eq(err, "twilio.accountSid: required by the twilio provider")
+end)
+
+T.run()
