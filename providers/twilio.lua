@@ -39,7 +39,9 @@ local function rest_error(res, err)
   end
   local body = json.try_decode(res.body)
   if type(body) == "table" and body.message then
-    return string.format("twilio %s: %s (HTTP %d)", tostring(body.code or "error"), body.message, res.status)
+    local code = body.code
+    code = type(code) == "number" and (math.tointeger(code) or code) or code
+    return string.format("twilio %s: %s (HTTP %d)", tostring(code or "error"), body.message, res.status)
   end
   return string.format("twilio answered HTTP %d", res.status)
 end

@@ -472,7 +472,7 @@ function Bridge:_ask_to_wrap_up(text, reason)
   })
   self.rt:send({ type = "response.create" })
   self.wrapup_reason = reason
-  self.wrapup_timer = timer.after(20000, function()
+  self.wrapup_timer = timer.after(self.cfg.call.wrapUpSec * 1000, function()
     self.wrapup_timer = nil
     if not self.report then
       self:hangup(reason)

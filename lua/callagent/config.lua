@@ -28,7 +28,9 @@
 --   retry.retryStatuses     [["busy", "no_answer", "failed"]]
 --   tunnel.provider         ["auto"]: auto | ngrok | tailscale | none
 --   call.maxDurationSec [600]  call.ringTimeoutSec [30]  call.silenceTimeoutSec [30]
---   call.goodbyeTimeoutSec [8]
+--   call.goodbyeTimeoutSec [8]: how long the goodbye after report_call may take
+--   call.wrapUpSec [20]: after asking the agent to wrap up (time is up, or the
+--   callee is silent), how long it has to report before the call is hung up
 --   store.backend ["memory"]   store.path ["./callagent.db"]   store.retentionDays [30]
 --
 -- "${NAME}" anywhere in a string value is replaced by the environment
@@ -159,10 +161,11 @@ local SCHEMA = {
     provider = field("string", "auto", one_of({ "auto", "ngrok", "tailscale", "none" })),
   },
   call = {
-    maxDurationSec = field("integer", 600, range(10, 4 * 3600)),
-    ringTimeoutSec = field("integer", 30, range(5, 600)),
-    silenceTimeoutSec = field("integer", 30, range(5, 3600)),
+    maxDurationSec = field("integer", 600, range(1, 4 * 3600)),
+    ringTimeoutSec = field("integer", 30, range(1, 600)),
+    silenceTimeoutSec = field("integer", 30, range(1, 3600)),
     goodbyeTimeoutSec = field("integer", 8, range(0, 60)),
+    wrapUpSec = field("integer", 20, range(1, 600)),
   },
   store = {
     backend = field("string", "memory", one_of({ "sqlite", "memory" })),

@@ -1,0 +1,156 @@
+--- callkit: a whole call setup for tests - fake Twilio, fake OpenAI Realtime,
+-- a hooks receiver, and a callagent app wired to them, all on loopback in the
+-- test process.
+--
+--   local kit = require "callkit"
+--   local env = kit.start{
+--     twilio = { behaviour = ... },          -- fakes.twilio options
+--     realtime = { script = fn(session) },   -- fakes.realtime options
+--     config = { retry = {...}, call = {...}, openai = {...} },  -- merged into the app config
+--     hooks = { fail_first = 0 },            -- a hooks receiver (notify.hooksUrl)
+--     tools = { {name, description, parameters, handler}, ... },
+--   }
+--   env.app, env.tw, env.rt, env.hooks (received: {headers, body, json, at})
+--   env:api(method, path, body, headers) -> status, decoded body, res
+--   env:create(input) -> callId (asserts 201)
+--   env:get(callId) -> record
+--   env:wait(callId, pred, timeout_ms, what) -> record once pred(record)
+--   env:wait_final(callId, timeout_ms) -> record once its status is final
+-- Everything is closed after the test (T.defer).
+local T = require "testing"
+local http = require "callagent.http"
+local fetch = require "callagent.fetch"
+local json = require "callagent.json"
+local timer = require "callagent.timer"
+local callagent = require "callagent"
+
+local M = {}
+local Env = {}
+Env.__index = Env
+
+M.ACCOUNT = "AC" .. string.rep("a1", 16)
+M.TOKEN = "tw-auth-token-for-tests"
+M.API_KEY = "sk-test-realtime-key"
+M.HOOKS_TOKEN = "hooks-token-for-tests"
+
+local function merge(dst, src)
+  for k, v in pairs(src or {}) do
+    if type(v) == "table" and type(dst[k]) == "table" and not v[1] then
+      merge(dst[k], v)
+    else
+      dst[k] = v
+    end
+  end
+  return dst
+end
+
+function M.start(opts)
+  opts = opts or {}
+  local env = setmetatable({ hooks = { received = {} } }, Env)
+  local fake_tw = require "fakes.twilio"
+  local fake_rt = require "fakes.realtime"
+  local tw_opts = merge({ account_sid = M.ACCOUNT, auth_token = M.TOKEN }, opts.twilio)
+  env.tw = assert(fake_tw.start(tw_opts))
+  local rt_opts = merge({ api_key = M.API_KEY }, opts.realtime)
+  rt_opts.script = opts.realtime and opts.realtime.script
+  env.rt = assert(fake_rt.start(rt_opts))
+
+  -- The hooks receiver (Clawdbot's /hooks/agent).
+  local fail_first = opts.hooks and opts.hooks.fail_first or 0
+  local hooks = http.server({ headers = { "idempotency-key" } })
+  hooks:post("/hooks/agent", function(req)
+    local n = #env.hooks.received + 1
+    env.hooks.received[n] = { headers = req.headers, body = req.body, json = req:json(), at = timer.now() }
+    if n <= fail_first then
+      return 503, { error = "try later" }
+    end
+    return 200, { ok = true }
+  end)
+  assert(hooks:listen())
+  env.hooks.server = hooks
+
+  local cfg = merge({
+    telephony = { provider = "twilio" },
+    server = { host = "127.0.0.1", port = 0 },
+    twilio = { accountSid = M.ACCOUNT, authToken = M.TOKEN, fromNumber = "+15550001111", apiBaseUrl = env.tw.url },
+    openai = { apiKey = M.API_KEY, realtimeUrl = env.rt.url, outputFormat = "audio/pcmu" },
+    notify = { hooksUrl = hooks:url("/hooks"), hooksToken = M.HOOKS_TOKEN, sessionKey = "test-session" },
+    retry = { maxAttempts = 3, initialDelayMs = 50, backoffFactor = 2 },
+    call = { goodbyeTimeoutSec = 3 },
+    store = { backend = "memory" },
+    tunnel = { provider = "none" },
+  }, opts.config)
+  local app, err = callagent.app(cfg, {
+    public_url = function(u)
+      return u
+    end,
+    no_shutdown_hook = true,
+    notify = { base_delay_ms = 50 },
+  })
+  assert(app, err)
+  for _, t in ipairs(opts.tools or {}) do
+    app:tool(t)
+  end
+  for event, fn in pairs(opts.on or {}) do
+    app:on(event, fn)
+  end
+  assert(app:start())
+  env.app = app
+  env.base = app.url
+  T.defer(function()
+    env:close()
+  end)
+  return env
+end
+
+function Env:close()
+  if self.closed then
+    return
+  end
+  self.closed = true
+  self.app:stop()
+  self.tw:close()
+  self.rt:close()
+  self.hooks.server:close()
+end
+
+function Env:api(method, path, body, headers)
+  local h = headers or {}
+  if body ~= nil and type(body) ~= "string" then
+    body = json.encode(body)
+    h["Content-Type"] = h["Content-Type"] or "application/json"
+  end
+  local res, err = fetch(self.base .. path, { method = method, body = body, headers = h })
+  assert(res, err)
+  return res.status, json.try_decode(res.body), res
+end
+
+function Env:create(input)
+  local status, body = self:api("POST", "/v1/calls", input)
+  assert(status == 201, "POST /v1/calls answered " .. tostring(status) .. ": " .. json.encode(body or {}))
+  return body.callId, body
+end
+
+function Env:get(id)
+  local status, body = self:api("GET", "/v1/calls/" .. id)
+  assert(status == 200, "GET call answered " .. tostring(status))
+  return body
+end
+
+function Env:wait(id, pred, timeout_ms, what)
+  local rec
+  T.wait_for(function()
+    rec = self:get(id)
+    return pred(rec)
+  end, timeout_ms or 10000, what or "call condition")
+  return rec
+end
+
+local FINAL = { completed = true, busy = true, no_answer = true, failed = true, canceled = true }
+function Env:wait_final(id, timeout_ms)
+  return self:wait(id, function(r)
+    return FINAL[r.status]
+  end, timeout_ms, "final status")
+end
+
+return M

@@ -1,0 +1,160 @@
+-- The REST API at its edge: validation with field errors, bearer auth,
+-- listing, 404/405/413, and that bad input never creates a call.
+local T = require "testing"
+local kit = require "callkit"
+local fetch = require "callagent.fetch"
+local json = require "callagent.json"
+
+local function env_with(config)
+  return kit.start({ twilio = { behaviour = { ring_ms = 10000 } }, config = config })
+end
+
+T.test("POST /v1/calls validates every field and answers 400 naming it", function()
+  local env = env_with()
+  local cases = {
+    { {}, "invalid_to", "to" },
+    { { to = "4155550100", prompt = "x" }, "invalid_to", "to" },
+    { { to = "+1", prompt = "x" }, "invalid_to", "to" },
+    { { to = "+14155550100" }, "invalid_prompt", "prompt" },
+    { { to = "+14155550100", prompt = "   " }, "invalid_prompt", "prompt" },
+    { { to = "+14155550100", prompt = string.rep("x", 8001) }, "invalid_prompt", "prompt" },
+    { { to = "+14155550100", prompt = "x", timezone = "Mars/Base" }, "invalid_timezone", "timezone" },
+    { { to = "+14155550100", prompt = "x", timezone = "../../etc/passwd" }, "invalid_timezone", "timezone" },
+    { { to = "+14155550100", prompt = "x", voice = "robot" }, "invalid_voice", "voice" },
+    { { to = "+14155550100", prompt = "x", locale = "english please" }, "invalid_locale", "locale" },
+    { { to = "+14155550100", prompt = "x", calleeName = string.rep("n", 200) }, "invalid_calleeName", "calleeName" },
+    { { to = "+14155550100", prompt = "x", metadata = "not an object" }, "invalid_metadata", "metadata" },
+    { { to = "+14155550100", prompt = "x", metadata = { big = string.rep("m", 9000) } }, "invalid_metadata", "metadata" },
+    { { to = "+14155550100", prompt = "x", promt = "typo" }, "unknown_field", "promt" },
+  }
+  for _, c in ipairs(cases) do
+    local status, body = env:api("POST", "/v1/calls", c[1])
+    T.eq(status, 400, json.encode(c[1]):sub(1, 80))
+    T.eq(body.error.code, c[2])
+    T.eq(body.error.field, c[3])
+    T.ok(type(body.error.message) == "string" and #body.error.message > 10, "a message")
+  end
+  local status, body = env:api("POST", "/v1/calls", "{not json")
+  T.eq(status, 400)
+  T.eq(body.error.code, "invalid_json")
+  status, body = env:api("POST", "/v1/calls", "[1,2]")
+  T.eq(status, 400)
+  T.eq(body.error.code, "invalid_body")
+  local _, list = env:api("GET", "/v1/calls")
+  T.eq(#list.calls, 0, "no call was created by bad input")
+  T.eq(#env.tw.calls, 0, "nothing was dialed")
+end)
+
+T.test("valid input with every optional field is accepted (201)", function()
+  local env = env_with()
+  local status, body = env:api("POST", "/v1/calls", {
+    to = "+442071838750",
+    prompt = "Ask for the opening hours.",
+    timezone = "Europe/London",
+    locale = "en-GB",
+    callerName = "Ada",
+    calleeName = "The library",
+    voice = "marin",
+    metadata = { source = "test", n = 1 },
+  })
+  T.eq(status, 201)
+  T.match(body.callId, "^c_")
+  local rec = env:get(body.callId)
+  T.eq(rec.voice, "marin")
+  T.eq(rec.timezone, "Europe/London")
+  T.eq(rec.locale, "en-GB")
+  T.eq(rec.metadata, { source = "test", n = 1 })
+end)
+
+T.test("defaults fill timezone, locale and voice from the config", function()
+  local env = env_with({ defaults = { timezone = "Asia/Tokyo", locale = "ja-JP" }, openai = { voice = "coral" } })
+  local id = env:create({ to = "+81312345678", prompt = "Hello." })
+  local rec = env:get(id)
+  T.eq(rec.timezone, "Asia/Tokyo")
+  T.eq(rec.locale, "ja-JP")
+  T.eq(rec.voice, "coral")
+end)
+
+T.test("with server.apiToken every /v1 request needs the bearer token (401 otherwise)", function()
+  local token = "api-token-0123456789abcdef"
+  local env = env_with({ server = { apiToken = token } })
+  local status, body, res = env:api("POST", "/v1/calls", { to = "+14155550130", prompt = "x" })
+  T.eq(status, 401)
+  T.eq(body.error.code, "unauthorized")
+  T.match(res.headers["www-authenticate"] or "", "Bearer")
+  status = env:api("GET", "/v1/calls", nil, { Authorization = "Bearer wrong-token-0123456789" })
+  T.eq(status, 401)
+  status = env:api("GET", "/v1/calls", nil, { Authorization = "Basic " .. token })
+  T.eq(status, 401)
+  status, body = env:api("POST", "/v1/calls", { to = "+14155550130", prompt = "x" }, { Authorization = "Bearer " .. token })
+  T.eq(status, 201)
+  status = env:api("GET", "/v1/calls/" .. body.callId, nil, { Authorization = "Bearer " .. token })
+  T.eq(status, 200)
+  status = env:api("GET", "/healthz")
+  T.eq(status, 200, "health needs no token")
+end)
+
+T.test("unknown ids are 404, wrong methods 405, oversized bodies 413", function()
+  local env = env_with()
+  local status, body = env:api("GET", "/v1/calls/c_doesnotexist")
+  T.eq(status, 404)
+  T.eq(body.error.code, "not_found")
+  status = env:api("POST", "/v1/calls/c_doesnotexist/hangup")
+  T.eq(status, 404)
+  status, body = env:api("DELETE", "/v1/calls")
+  T.eq(status, 405)
+  T.eq(body.error.code, "method_not_allowed")
+  local big = json.encode({ to = "+14155550131", prompt = string.rep("p", 300 * 1024) })
+  status, body = env:api("POST", "/v1/calls", big)
+  T.eq(status, 413)
+  T.eq(body.error.code, "payload_too_large")
+end)
+
+T.test("GET /v1/calls lists newest first, filters by status and pages with a cursor", function()
+  local env = kit.start({ twilio = { behaviour = "busy" }, config = { retry = { maxAttempts = 1 } } })
+  local ids = {}
+  for i = 1, 5 do
+    ids[i] = env:create({ to = "+1415555014" .. i, prompt = "n" .. i })
+  end
+  for _, id in ipairs(ids) do
+    env:wait_final(id, 5000)
+  end
+  local _, page = env:api("GET", "/v1/calls?limit=2")
+  T.eq(#page.calls, 2)
+  T.eq(page.calls[1].callId, ids[5])
+  T.eq(page.calls[2].callId, ids[4])
+  T.ok(page.nextCursor, "a cursor")
+  local _, page2 = env:api("GET", "/v1/calls?limit=2&cursor=" .. page.nextCursor)
+  T.eq(page2.calls[1].callId, ids[3])
+  T.eq(page2.calls[2].callId, ids[2])
+  local _, busy = env:api("GET", "/v1/calls?status=busy")
+  T.eq(#busy.calls, 5)
+  local _, none, nres = env:api("GET", "/v1/calls?status=completed")
+  T.eq(#none.calls, 0)
+  T.match(nres.body, '"calls":%[%]', "an empty list is a JSON array")
+  local status, bad = env:api("GET", "/v1/calls?status=exploded")
+  T.eq(status, 400)
+  T.eq(bad.error.field, "status")
+  status, bad = env:api("GET", "/v1/calls?limit=1000")
+  T.eq(status, 400)
+  T.eq(bad.error.field, "limit")
+end)
+
+T.test("the call record has the documented shape", function()
+  local env = kit.start({ twilio = { behaviour = "busy" }, config = { retry = { maxAttempts = 1 } } })
+  local id = env:create({ to = "+14155550150", prompt = "Shape.", calleeName = "Bob" })
+  env:wait_final(id, 5000)
+  local status, _, res = env:api("GET", "/v1/calls/" .. id)
+  T.eq(status, 200)
+  local raw = json.decode(res.body)
+  for _, k in ipairs({ "callId", "status", "attempt", "attempts", "to", "calleeName", "transcript", "usage", "createdAt", "updatedAt", "completedAt" }) do
+    T.ok(raw[k] ~= nil, "field " .. k)
+  end
+  T.match(res.body, '"transcript":%[%]', "an empty transcript is an array")
+  local a = raw.attempts[1]
+  for _, k in ipairs({ "n", "status", "providerCallId", "startedAt", "endedAt", "reason" }) do
+    T.ok(a[k] ~= nil, "attempt field " .. k)
+  end
+end)
+
+T.run()

@@ -1,0 +1,188 @@
+-- The audio path of a call: barge-in (clear + truncate at the played
+-- position), the 24 kHz PCM output resampled to 8 kHz mu-law, caller audio
+-- reaching the model from the first frame, and app tools the model calls.
+local T = require "testing"
+local kit = require "callkit"
+local timer = require "callagent.timer"
+local audio = require "callagent.audio"
+local json = require "callagent.json"
+
+T.test("barge-in: Twilio gets clear and the model a truncate at the audio actually played", function()
+  local env = kit.start({
+    realtime = {
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        local speaking = require("callagent.task").spawn(function()
+          session.long = session:speak({ ms = 4000, text = "A long explanation that the callee interrupts." })
+        end)
+        session.barge = session:user_speech({ interrupt = true, after_ms = 1200, ms = 300, text = "Sorry, stop, wrong number." })
+        session:call_function("report_call", { summary = "Wrong number.", outcome = "failure" })
+        session:wait_event("response.create", 5000)
+        session:speak({ ms = 200, text = "Sorry to bother you." })
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550110", prompt = "Explain at length." })
+  local call = env:wait_final(id, 20000)
+  T.eq(call.status, "completed")
+  local tw = env.tw.calls[1]
+  T.eq(#tw.clears, 1, "one clear")
+  local s = env.rt.sessions[1]
+  T.eq(#s.truncates, 1, "one truncate")
+  local tr = s.truncates[1]
+  T.ok(tr.ok, "the fake service accepted it: " .. json.encode(tr))
+  T.eq(tr.item_id, s.long.item_id)
+  T.eq(tr.content_index, 0)
+  -- What Twilio had played when it got the clear, in ms of mu-law.
+  local clear = tw.clears[1]
+  local played_at_clear = (tw.received_bytes_at_clear or 0)
+  T.diag(string.format("truncate audio_end_ms=%d; twilio dropped %d bytes at clear; fake sent %d bytes of the item",
+    tr.audio_end_ms, clear.dropped_bytes, s.long.sent_bytes))
+  -- Played = received - dropped (8 bytes per ms); marks make it exact to a chunk (20 ms).
+  local received_before_clear = 0
+  for _, ev in ipairs(tw.ws_received) do
+    if ev.event == "media" and ev.at <= clear.at then
+      received_before_clear = received_before_clear + ev.bytes
+    end
+  end
+  local played_ms = (received_before_clear - clear.dropped_bytes) / 8
+  T.near(tr.audio_end_ms, played_ms, 60, "audio_end_ms vs what Twilio played")
+  T.gt(tr.audio_end_ms, 800, "about 1.2 s had played")
+  T.lt(tr.audio_end_ms, 2500)
+  -- The agent line of the interrupted item is marked.
+  local interrupted = false
+  for _, l in ipairs(call.transcript) do
+    if l.role == "agent" and l.interrupted then
+      interrupted = true
+    end
+  end
+  T.ok(interrupted, "transcript marks the interrupted agent line")
+end, { timeout = 40000 })
+
+T.test("PCM 24 kHz model output reaches the phone as correct 8 kHz mu-law", function()
+  local env = kit.start({
+    config = { openai = { outputFormat = "audio/pcm", outputSampleRate = 24000 } },
+    realtime = {
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        session.spoken = session:speak({ ms = 1000, text = "A tone." })
+        session:call_function("report_call", { summary = "Tone played.", outcome = "success" })
+        session:wait_event("response.create", 5000)
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550111", prompt = "Play a tone." })
+  local call = env:wait_final(id, 20000)
+  T.eq(call.status, "completed")
+  local s = env.rt.sessions[1]
+  T.eq(s.config.audio.output.format.type, "audio/pcm")
+  T.eq(s.config.audio.output.format.rate, 24000)
+  local got = env.tw.calls[1].received_audio
+  -- 1 s at 8 kHz is 8000 bytes (the resampler holds back its small delay).
+  T.near(#got, 8000, 40, "8 kHz length")
+  local pcm = audio.ulaw_decode(got)
+  -- The fake's tone: 440 Hz; count zero crossings in the steady middle part.
+  local n = #pcm // 2
+  local crossings, prev = 0, nil
+  for i = 800, n - 800 do
+    local v = string.unpack("<i2", pcm, 2 * i - 1)
+    if prev and ((prev < 0) ~= (v < 0)) then
+      crossings = crossings + 1
+    end
+    prev = v
+  end
+  local seconds = (n - 1600) / 8000
+  local freq = crossings / 2 / seconds
+  T.near(freq, 440, 5, "tone frequency after resampling")
+  local level = audio.rms_dbfs(pcm:sub(1601, #pcm - 1600))
+  -- The same tone the fake generated at 24 kHz, measured at the source.
+  local src = audio.rms_dbfs(require("fakes.realtime").tone("audio/pcm", 1000))
+  T.diag(string.format("8 kHz output: %.1f Hz, %.2f dBFS (source %.2f dBFS, %d bytes)", freq, level, src, #got))
+  T.near(level, src, 0.5, "level kept through resampling + mu-law")
+end, { timeout = 40000 })
+
+T.test("caller audio reaches the model whole, from the first frame", function()
+  -- A distinctive 2 s pattern the callee "says" from the moment the stream starts.
+  local parts = {}
+  for i = 0, 15999 do
+    parts[#parts + 1] = string.char((i * 7 + 13) % 256)
+  end
+  local pattern = table.concat(parts)
+  local env = kit.start({
+    twilio = { behaviour = { audio = pattern } },
+    realtime = {
+      script = function(session)
+        session:wait_audio(#pattern, 10000)
+        session:call_function("report_call", { summary = "Heard them.", outcome = "success" })
+        session:wait_event("response.create", 5000)
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550112", prompt = "Listen." })
+  local call = env:wait_final(id, 20000)
+  T.eq(call.status, "completed")
+  local s = env.rt.sessions[1]
+  T.ge(#s.input_audio, #pattern)
+  T.eq(s.input_audio:sub(1, #pattern) == pattern, true, "the first 2 s arrived intact and in order")
+end, { timeout = 40000 })
+
+T.test("an app tool is offered to the model, called with its arguments, and its result returned", function()
+  local seen
+  local env = kit.start({
+    tools = {
+      {
+        name = "lookup_order",
+        description = "Look up an order by number",
+        parameters = { type = "object", properties = { number = { type = "string" } }, required = { "number" } },
+        handler = function(args, call)
+          timer.sleep(20) -- tools may wait
+          seen = { args = args, call = call.callId }
+          return { number = args.number, status = "shipped" }
+        end,
+      },
+    },
+    realtime = {
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        session.tool_out = session:call_function("lookup_order", { number = "A-123" })
+        assert(session:wait_event("response.create", 5000))
+        session:call_function("report_call", { summary = "Order shipped.", outcome = "success", data = { order = "A-123" } })
+        session:wait_event("response.create", 5000)
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550113", prompt = "Ask about order A-123." })
+  local call = env:wait_final(id, 20000)
+  T.eq(call.status, "completed")
+  local s = env.rt.sessions[1]
+  local names = {}
+  for _, t in ipairs(s.config.tools) do
+    names[#names + 1] = t.name
+  end
+  T.eq(names, { "report_call", "lookup_order" })
+  T.eq(seen.args, { number = "A-123" })
+  T.eq(seen.call, id)
+  T.eq(json.decode(s.tool_out), { number = "A-123", status = "shipped" })
+  T.eq(call.report.data, { order = "A-123" })
+end, { timeout = 40000 })
+
+T.test("only the first report_call is stored; a second one is acknowledged", function()
+  local env = kit.start({
+    realtime = {
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        session:call_function("report_call", { summary = "First.", outcome = "success" })
+        session:wait_event("response.create", 5000)
+        session.second = session:call_function("report_call", { summary = "Second.", outcome = "failure" })
+        session:wait_event("response.create", 5000)
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550114", prompt = "Report twice." })
+  local call = env:wait_final(id, 20000)
+  T.eq(call.report.summary, "First.")
+  T.eq(call.report.outcome, "success")
+  T.match(env.rt.sessions[1].second or "", "already reported")
+end, { timeout = 40000 })
+
+T.run()

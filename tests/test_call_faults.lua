@@ -1,0 +1,203 @@
+-- Faults and forgeries: bad or missing Twilio signatures, stream tokens that
+-- are reused or unknown, the model failing (before and during the call, or
+-- with an error event), the maximum duration, and a callee who never speaks.
+-- Each ends or wraps up the call with a clear reason, and the server stays up.
+local T = require "testing"
+local kit = require "callkit"
+local fetch = require "callagent.fetch"
+local ws = require "callagent.ws"
+local url = require "callagent.url"
+local timer = require "callagent.timer"
+local json = require "callagent.json"
+local fake_twilio = require "fakes.twilio"
+
+local function healthy(env)
+  local status, body = env:api("GET", "/healthz")
+  T.eq(status, 200)
+  T.eq(body.ok, true)
+end
+
+T.test("a status callback with a bad or missing signature gets 403 and changes nothing", function()
+  local env = kit.start({ twilio = { behaviour = { ring_ms = 3000 } } })
+  local id = env:create({ to = "+14155550120", prompt = "Say hello." })
+  local rec = env:wait(id, function(r)
+    return r.status == "dialing" and r.attempts[1].providerCallId
+  end, 5000, "dialing")
+  local target = env.base .. "/status?callId=" .. id .. "&attempt=1"
+  local params = { CallSid = rec.attempts[1].providerCallId, CallStatus = "completed", SequenceNumber = "9", AccountSid = kit.ACCOUNT }
+  local body = url.form_encode(params)
+  local headers = { ["Content-Type"] = "application/x-www-form-urlencoded" }
+  local res = assert(fetch(target, { method = "POST", body = body, headers = headers }))
+  T.eq(res.status, 403, "missing signature")
+  headers["X-Twilio-Signature"] = fake_twilio.sign("wrong-token", target, params)
+  res = assert(fetch(target, { method = "POST", body = body, headers = headers }))
+  T.eq(res.status, 403, "signature with the wrong token")
+  headers["X-Twilio-Signature"] = fake_twilio.sign(kit.TOKEN, target, params)
+  local tampered = url.form_encode({ CallSid = params.CallSid, CallStatus = "busy", SequenceNumber = "9", AccountSid = kit.ACCOUNT })
+  res = assert(fetch(target, { method = "POST", body = tampered, headers = headers }))
+  T.eq(res.status, 403, "body changed after signing")
+  local after = env:get(id)
+  T.eq(after.status, "dialing", "nothing changed")
+  T.eq(#after.attempts, 1)
+  -- And a correctly signed one is accepted.
+  res = assert(fetch(target, { method = "POST", body = body, headers = headers }))
+  T.eq(res.status, 204)
+  healthy(env)
+end)
+
+T.test("the voice webhook without a valid signature gets 403 and hands out no stream", function()
+  local env = kit.start({ twilio = { behaviour = { ring_ms = 3000 } } })
+  local id = env:create({ to = "+14155550121", prompt = "Say hello." })
+  env:wait(id, function(r)
+    return r.status == "dialing"
+  end, 5000, "dialing")
+  local target = env.base .. "/voice?callId=" .. id .. "&attempt=1"
+  local res = assert(fetch(target, {
+    method = "POST",
+    body = "CallSid=CAx&CallStatus=in-progress",
+    headers = { ["Content-Type"] = "application/x-www-form-urlencoded", ["X-Twilio-Signature"] = "Zm9vYmFy" },
+  }))
+  T.eq(res.status, 403)
+  T.no_match(res.body, "Stream")
+  T.eq(#env.rt.sessions, 0, "no model session was opened")
+end)
+
+T.test("a stream token works once: a second stream with it, or an unknown one, is refused", function()
+  local env = kit.start({
+    realtime = {
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        session:speak({ ms = 3000, text = "Hello..." })
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550122", prompt = "Say hello." })
+  local tw = assert(env.tw:wait_call(5000))
+  assert(tw:wait_stream(5000))
+  local token = tw.stream_params.token
+  local stream_url = env.base:gsub("^http", "ws") .. "/voice/stream"
+  local function try(tok)
+    local conn = assert(ws.connect(stream_url, { headers = { ["X-Twilio-Signature"] = fake_twilio.sign(kit.TOKEN, stream_url) } }))
+    conn:send(json.encode({ event = "connected", protocol = "Call", version = "1.0.0" }))
+    conn:send(json.encode({
+      event = "start",
+      sequenceNumber = "1",
+      streamSid = "MZ" .. string.rep("0", 32),
+      start = { streamSid = "MZ" .. string.rep("0", 32), callSid = "CAx", customParameters = { callId = id, attempt = "1", token = tok } },
+    }))
+    return conn:receive(3000)
+  end
+  local kind, code, reason = try(token)
+  T.eq(kind, "close")
+  T.eq(code, 1008)
+  T.match(reason, "already used")
+  kind, code, reason = try("made-up-token")
+  T.eq(kind, "close")
+  T.eq(code, 1008)
+  T.match(reason, "unknown")
+  -- The real stream is unaffected.
+  T.eq(env:get(id).status, "in_progress")
+  healthy(env)
+end, { timeout = 30000 })
+
+T.test("the model dropping mid-call fails the call with a clear reason and hangs up", function()
+  local env = kit.start({
+    realtime = {
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        session:speak({ ms = 300, text = "Hello." })
+        session:drop()
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550123", prompt = "Say hello." })
+  local call = env:wait_final(id, 20000)
+  T.eq(call.status, "failed")
+  T.match(call.lastError, "model connection closed")
+  T.eq(call.endReason, "model_error")
+  T.eq(#call.attempts, 1, "an answered call is not dialed again")
+  T.ok(env.tw.calls[1].hangup_requested_at, "Twilio was told to hang up")
+  T.wait_for(function()
+    return #env.hooks.received >= 1
+  end, 5000, "notification")
+  T.eq(env.hooks.received[1].json.data.status, "failed")
+  healthy(env)
+end, { timeout = 30000 })
+
+T.test("a model that refuses the session (bad key) fails the call and hangs up", function()
+  local env = kit.start({
+    config = { openai = { apiKey = "sk-wrong-key" }, retry = { maxAttempts = 1 } },
+  })
+  local id = env:create({ to = "+14155550124", prompt = "Say hello." })
+  local call = env:wait_final(id, 20000)
+  T.eq(call.status, "failed")
+  T.match(call.lastError, "invalid_api_key")
+  T.ok(env.tw.calls[1].hangup_requested_at, "Twilio was told to hang up")
+  healthy(env)
+end, { timeout = 30000 })
+
+T.test("a recoverable model error is recorded and the call goes on", function()
+  local env = kit.start({
+    realtime = {
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        session:error("rate_limit_exceeded", "Slow down a bit", "rate_limit_error")
+        session:speak({ ms = 200, text = "Still here." })
+        session:call_function("report_call", { summary = "Fine.", outcome = "success" })
+        session:wait_event("response.create", 5000)
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550125", prompt = "Say hello." })
+  local call = env:wait_final(id, 20000)
+  T.eq(call.status, "completed")
+  T.eq(call.report.outcome, "success")
+  T.match(call.lastError, "rate_limit_exceeded")
+end, { timeout = 30000 })
+
+T.test("at call.maxDurationSec the agent is asked to wrap up, then the call is hung up", function()
+  local env = kit.start({
+    config = { call = { maxDurationSec = 2, wrapUpSec = 1 } },
+    realtime = {
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        session:speak({ ms = 300, text = "Let me tell you everything." })
+        -- Ignores the wrap-up request: the call is hung up anyway.
+        session.wrap = session:wait_event("conversation.item.create", 5000)
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550126", prompt = "Talk forever." })
+  local call = env:wait_final(id, 20000)
+  T.eq(call.status, "completed")
+  T.eq(call.endReason, "max_duration")
+  T.match(call.lastError, "maximum call duration")
+  local wrap = env.rt.sessions[1].wrap
+  T.ok(wrap, "a wrap-up message reached the model")
+  T.eq(wrap.item.role, "system")
+  T.match(wrap.item.content[1].text, "time for this call is up")
+end, { timeout = 30000 })
+
+T.test("a callee who never speaks: the agent is told, reports no_answer, and the call ends", function()
+  local env = kit.start({
+    config = { call = { silenceTimeoutSec = 1, wrapUpSec = 3 } },
+    realtime = {
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        session:speak({ ms = 200, text = "Hello? Anyone there?" })
+        local msg = session:wait_event("conversation.item.create", 5000)
+        session.silence_msg = msg
+        session:wait_event("response.create", 5000)
+        session:call_function("report_call", { summary = "Nobody spoke.", outcome = "no_answer" })
+        session:wait_event("response.create", 5000)
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550127", prompt = "Say hello." })
+  local call = env:wait_final(id, 20000)
+  T.eq(call.status, "completed")
+  T.eq(call.report.outcome, "no_answer")
+  T.match(env.rt.sessions[1].silence_msg.item.content[1].text, "has not said anything")
+end, { timeout = 30000 })
+
+T.run()

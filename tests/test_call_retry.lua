@@ -1,0 +1,186 @@
+-- Retries, statuses and endings that do not need a conversation: busy,
+-- no-answer, failed dials, exhausted retries, out-of-order callbacks,
+-- API rejections, hang-ups through the REST API.
+local T = require "testing"
+local kit = require "callkit"
+local timer = require "callagent.timer"
+local json = require "callagent.json"
+
+local function ms(iso)
+  local y, mo, d, h, mi, s, frac = iso:match("^(%d+)-(%d+)-(%d+)T(%d+):(%d+):(%d+)%.(%d+)Z$")
+  return ((((tonumber(d) * 24 + tonumber(h)) * 60 + tonumber(mi)) * 60) + tonumber(s)) * 1000 + tonumber(frac)
+end
+
+-- The callee reports at once, so an answered attempt ends quickly.
+local function quick_report(session)
+  assert(session:wait_event("response.create", 5000))
+  session:call_function("report_call", { summary = "Reached them.", outcome = "success" })
+  session:wait_event("response.create", 5000)
+  session:speak({ ms = 100, text = "Bye." })
+end
+
+T.test("busy, then no answer, then success on attempt 3, with the backoff delays", function()
+  local n = 0
+  local env = kit.start({
+    twilio = {
+      behaviour = function()
+        n = n + 1
+        if n == 1 then
+          return "busy"
+        elseif n == 2 then
+          return "no-answer"
+        end
+        return "answer"
+      end,
+    },
+    realtime = { script = quick_report },
+    config = { retry = { maxAttempts = 3, initialDelayMs = 150, backoffFactor = 2 } },
+  })
+  local id = env:create({ to = "+14155550101", prompt = "Say hello." })
+  local call = env:wait_final(id, 20000)
+  T.eq(call.status, "completed")
+  T.eq(call.attempt, 3)
+  T.eq(#call.attempts, 3)
+  T.eq(call.attempts[1].status, "busy")
+  T.eq(call.attempts[2].status, "no_answer")
+  T.eq(call.attempts[3].status, "completed")
+  T.eq(call.report.outcome, "success")
+  local d1 = ms(call.attempts[2].startedAt) - ms(call.attempts[1].endedAt)
+  local d2 = ms(call.attempts[3].startedAt) - ms(call.attempts[2].endedAt)
+  T.ge(d1, 140, "first retry after initialDelayMs")
+  T.lt(d1, 600)
+  T.ge(d2, 290, "second retry after initialDelayMs * backoffFactor")
+  T.lt(d2, 800)
+  T.eq(#env.tw.calls, 3)
+  T.diag(string.format("retry delays: %d ms, %d ms", d1, d2))
+end, { timeout = 40000 })
+
+T.test("retries exhausted: the final status is the last attempt's and it is notified once", function()
+  local env = kit.start({
+    twilio = { behaviour = "busy" },
+    config = { retry = { maxAttempts = 2, initialDelayMs = 50, backoffFactor = 1 } },
+  })
+  local id = env:create({ to = "+14155550102", prompt = "Say hello." })
+  local call = env:wait_final(id, 10000)
+  T.eq(call.status, "busy")
+  T.eq(#call.attempts, 2)
+  T.eq(call.report, nil)
+  T.wait_for(function()
+    return #env.hooks.received >= 1
+  end, 5000, "notification")
+  timer.sleep(200)
+  T.eq(#env.hooks.received, 1)
+  T.eq(env.hooks.received[1].json.data.status, "busy")
+  T.eq(env.hooks.received[1].json.data.report, json.null)
+  T.match(env.hooks.received[1].json.message, "No report was filed")
+end)
+
+T.test("a status not in retryStatuses is final at once", function()
+  local env = kit.start({
+    twilio = { behaviour = "no-answer" },
+    config = { retry = { maxAttempts = 3, initialDelayMs = 50, retryStatuses = { "busy" } } },
+  })
+  local id = env:create({ to = "+14155550103", prompt = "Say hello." })
+  local call = env:wait_final(id, 10000)
+  T.eq(call.status, "no_answer")
+  T.eq(#call.attempts, 1)
+end)
+
+T.test("a dial the Twilio API refuses fails with Twilio's error in lastError, and is retried", function()
+  local env = kit.start({
+    twilio = { behaviour = "reject-api" },
+    config = { retry = { maxAttempts = 2, initialDelayMs = 50 } },
+  })
+  local id = env:create({ to = "+14155550104", prompt = "Say hello." })
+  local call = env:wait_final(id, 10000)
+  T.eq(call.status, "failed")
+  T.eq(#call.attempts, 2)
+  T.match(call.lastError, "^twilio 21215: .*%(HTTP 400%)")
+  T.match(call.attempts[1].reason, "21215")
+end)
+
+T.test("ringing delivered after in-progress never moves the call backwards", function()
+  local states = {}
+  local env = kit.start({
+    twilio = { behaviour = { callbacks_out_of_order = true } },
+    realtime = { script = quick_report },
+    on = {
+      status = function(_, from, to)
+        states[#states + 1] = (from or "-") .. ">" .. to
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550105", prompt = "Say hello." })
+  local call = env:wait_final(id, 15000)
+  T.eq(call.status, "completed")
+  T.eq(table.concat(states, " "), "->queued queued>dialing dialing>in_progress in_progress>completed")
+  -- The late ringing callback was accepted (2xx) but ignored.
+  local late
+  for _, cb in ipairs(env.tw.calls[1].callbacks) do
+    if cb.status == "ringing" then
+      late = cb
+    end
+  end
+  T.ok(late, "a ringing callback was sent")
+  T.eq(late.response_status, 204)
+end)
+
+T.test("hanging up through the API while it rings cancels the call without retries", function()
+  local env = kit.start({ twilio = { behaviour = { ring_ms = 5000 } } })
+  local id = env:create({ to = "+14155550106", prompt = "Say hello." })
+  env:wait(id, function(r)
+    return r.status == "dialing" and r.attempts[1] and r.attempts[1].providerCallId
+  end, 5000, "dialing")
+  local status, body = env:api("POST", "/v1/calls/" .. id .. "/hangup")
+  T.eq(status, 202)
+  T.eq(body.callId, id)
+  local call = env:wait_final(id, 5000)
+  T.eq(call.status, "canceled")
+  T.eq(#call.attempts, 1)
+  local again = env:api("POST", "/v1/calls/" .. id .. "/hangup")
+  T.eq(again, 409)
+end)
+
+T.test("hanging up through the API during the conversation completes it with that reason", function()
+  local env = kit.start({
+    realtime = {
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        session:speak({ ms = 5000, text = "A long story." })
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550107", prompt = "Tell a long story." })
+  env:wait(id, function(r)
+    return r.status == "in_progress"
+  end, 8000, "in progress")
+  timer.sleep(300)
+  T.eq((env:api("POST", "/v1/calls/" .. id .. "/hangup")), 202)
+  local call = env:wait_final(id, 15000)
+  T.eq(call.status, "completed")
+  T.eq(call.endReason, "hung_up_by_api")
+  T.eq(call.report, nil)
+end, { timeout = 40000 })
+
+T.test("the callee hanging up before a report completes the call honestly, without a report", function()
+  local env = kit.start({
+    twilio = { behaviour = { hangup_after_ms = 800 } },
+    realtime = {
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        session:speak({ ms = 3000, text = "Hello there, I am calling about..." })
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550108", prompt = "Say hello." })
+  local call = env:wait_final(id, 15000)
+  T.eq(call.status, "completed")
+  T.eq(call.endReason, "callee_hung_up")
+  T.eq(call.report, nil)
+  T.wait_for(function()
+    return #env.hooks.received >= 1
+  end, 5000, "notification")
+  T.match(env.hooks.received[1].json.message, "callee_hung_up")
+end, { timeout = 40000 })
+
+T.run()

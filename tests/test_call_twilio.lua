@@ -1,0 +1,134 @@
+-- A whole call through the Twilio provider: REST dial, signed /voice and
+-- /status webhooks, the Media Streams WebSocket, the OpenAI Realtime session,
+-- the report, the goodbye, the hang-up and the notification - against the
+-- fake Twilio and fake OpenAI on loopback.
+local T = require "testing"
+local kit = require "callkit"
+local timer = require "callagent.timer"
+local json = require "callagent.json"
+local audio = require "callagent.audio"
+
+-- The callee: greets back, asks for a slot; the agent reports and says goodbye.
+local function happy_script(session)
+  assert(session:wait_event("response.create", 5000))
+  session:speak({ ms = 600, text = "Hello, this is the assistant of Ada calling about a check-up." })
+  session:user_speech({ ms = 300, text = "Sure, next Tuesday at ten works." })
+  session:speak({ ms = 400, text = "Great, Tuesday at ten it is." })
+  local out = session:call_function("report_call", {
+    summary = "Booked a check-up for Tuesday 10:00.",
+    outcome = "success",
+    nextSteps = { "Add to calendar" },
+    data = { date = "Tuesday", time = "10:00" },
+  })
+  session.report_output = out
+  assert(session:wait_event("response.create", 5000))
+  session:speak({ ms = 300, text = "Thank you, goodbye!" })
+end
+
+T.test("happy path: dial, talk, report, goodbye, hang up, notify", function()
+  local env = kit.start({ realtime = { script = happy_script } })
+  local id, created = env:create({
+    to = "+14155550100",
+    prompt = "Book a dental check-up for next week.",
+    callerName = "Ada",
+    calleeName = "Dr. Smith's office",
+    timezone = "Europe/Paris",
+    metadata = { ticket = "T-42" },
+  })
+  T.match(id, "^c_%x+$")
+  T.ok(created.status == "queued" or created.status == "dialing", created.status)
+
+  local call = env:wait_final(id, 20000)
+  T.eq(call.status, "completed")
+  T.eq(call.report.outcome, "success")
+  T.eq(call.report.summary, "Booked a check-up for Tuesday 10:00.")
+  T.eq(call.report.nextSteps, { "Add to calendar" })
+  T.eq(call.report.data, { date = "Tuesday", time = "10:00" })
+  T.eq(call.attempt, 1)
+  T.eq(#call.attempts, 1)
+  T.eq(call.attempts[1].status, "completed")
+  T.match(call.attempts[1].providerCallId, "^CA%x+$")
+  T.ok(call.completedAt and call.createdAt and call.updatedAt)
+  T.eq(call.metadata, { ticket = "T-42" })
+
+  -- Transcript of both sides, in order.
+  local roles, texts = {}, {}
+  for _, l in ipairs(call.transcript) do
+    roles[#roles + 1] = l.role
+    texts[#texts + 1] = l.text
+  end
+  T.eq(roles[1], "agent")
+  T.match(texts[1], "assistant of Ada")
+  local saw_callee = false
+  for i, r in ipairs(roles) do
+    if r == "callee" then
+      saw_callee = texts[i] == "Sure, next Tuesday at ten works."
+    end
+  end
+  T.ok(saw_callee, "callee line in transcript: " .. json.encode(call.transcript))
+  T.match(texts[#texts], "goodbye")
+
+  -- Usage summed over the responses.
+  T.ge(call.usage.responses, 4)
+  T.gt(call.usage.total_tokens, 0)
+  T.gt(call.usage.output_audio_tokens, 0)
+
+  -- Twilio saw the right REST request, webhooks and a hang-up.
+  local tw = env.tw.calls[1]
+  T.eq(tw.params.To, "+14155550100")
+  T.eq(tw.params.From, "+15550001111")
+  T.match(tw.params.Url, "/voice%?callId=" .. id .. "&attempt=1$")
+  T.match(tw.params.StatusCallback, "/status%?callId=" .. id .. "&attempt=1$")
+  T.eq(tw.params.StatusCallbackEvent, { "initiated", "ringing", "answered", "completed" })
+  T.eq(tw.voice_request.status, 200)
+  T.eq(tw.stream_params.callId, id)
+  T.ok(tw.stream_params.token and #tw.stream_params.token >= 20, "a stream token")
+  T.ok(tw.hangup_requested_at, "callagent hung up")
+  T.ok(tw.played_bytes > 8 * 1000, "agent audio played on the phone")
+  for _, cb in ipairs(tw.callbacks) do
+    T.eq(cb.response_status, 204, "status callback " .. cb.status)
+  end
+
+  -- The model got the GA session: instructions with the brief and context.
+  local s = env.rt.sessions[1]
+  T.eq(s.model, "gpt-realtime")
+  T.eq(s.headers.authorization, "Bearer " .. kit.API_KEY)
+  local cfg = s.config
+  T.eq(cfg.type, "realtime")
+  T.match(cfg.instructions, "Book a dental check%-up")
+  T.match(cfg.instructions, "Dr%. Smith's office")
+  T.match(cfg.instructions, "on behalf of Ada")
+  T.match(cfg.instructions, "Europe/Paris")
+  T.eq(cfg.audio.input.format.type, "audio/pcmu")
+  T.eq(cfg.audio.output.format.type, "audio/pcmu")
+  T.eq(cfg.audio.output.voice, "alloy")
+  T.eq(cfg.audio.input.turn_detection.type, "server_vad")
+  T.ok(cfg.audio.input.transcription and cfg.audio.input.transcription.model, "transcription on")
+  T.eq(cfg.tools[1].name, "report_call")
+  T.match(s.report_output, '"ok":true')
+  T.gt(s.input_bytes, 8 * 500, "caller audio reached the model")
+
+  -- The notification, once, with the seed's payload.
+  T.wait_for(function()
+    return #env.hooks.received >= 1
+  end, 5000, "notification")
+  timer.sleep(100)
+  T.eq(#env.hooks.received, 1)
+  local h = env.hooks.received[1]
+  T.eq(h.headers.authorization, "Bearer " .. kit.HOOKS_TOKEN)
+  T.eq(h.headers["idempotency-key"], id .. ":completed")
+  local p = h.json
+  T.eq(p.name, "CallAgent")
+  T.eq(p.sessionKey, "test-session")
+  T.eq(p.wakeMode, "now")
+  T.eq(p.deliver, true)
+  T.eq(p.data.callId, id)
+  T.eq(p.data.status, "completed")
+  T.eq(p.data.to, "+14155550100")
+  T.eq(p.data.calleeName, "Dr. Smith's office")
+  T.eq(p.data.report.outcome, "success")
+  T.eq(p.data.metadata, { ticket = "T-42" })
+  T.match(p.message, "completed: success")
+end, { timeout = 40000 })
+
+T.run()
