@@ -84,6 +84,7 @@ int luaopen_callagent_core_fetch(lua_State *L);
 int luaopen_callagent_core_process(lua_State *L);
 int luaopen_callagent_crypto(lua_State *L);
 int luaopen_callagent_audio(lua_State *L);
+int luaopen_callagent_sqlite(lua_State *L);
 
 /* Shutdown hooks of C modules: run once after the loop stops (e.g. curl multi cleanup). */
 void ca__at_close(void (*fn)(void));

@@ -43,12 +43,15 @@
  * r.query is a table of the query parameters (a repeated name gives an array),
  * decoded by lws (%xx and '+'); r.raw_query the decoded pairs joined by '&'.
  */
+#define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include "wsconn.h"
@@ -830,17 +833,39 @@ static void on_closer(uv_timer_t *t)
 }
 
 /*
- * The shut-down listener would report readable forever (accept fails): stop
- * watching it. lws closes it on its sweep; it is no work of ours meanwhile.
+ * Stops the listener now: lws closes the listen socket of a destroyed vhost
+ * only on its next 30 s sweep, and re-arms it whenever a connection closes,
+ * so neither shutdown() nor stopping its poll sticks (accept() spins). The
+ * socket is replaced under the same fd by an idle, unnamed Unix listener:
+ * the port is free at once (connections are refused) and accept() just says
+ * EAGAIN until lws closes the fd.
  */
-static void quiet_listener(uv_handle_t *h, void *arg)
+static void unref_listener(uv_handle_t *h, void *arg)
 {
 	uv_os_fd_t fd;
 
-	if (h->type == UV_POLL && !uv_is_closing(h) && uv_fileno(h, &fd) == 0 && fd == *(int *)arg) {
-		uv_poll_stop((uv_poll_t *)h);
+	if (h->type == UV_POLL && !uv_is_closing(h) && uv_fileno(h, &fd) == 0 && fd == *(int *)arg)
 		uv_unref(h);
+}
+
+static void retire_listener(int fd)
+{
+	int ph = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	struct sockaddr_un un;
+
+	if (ph < 0)
+		return;
+	/* An address of just the family: Linux picks a unique abstract name. */
+	memset(&un, 0, sizeof un);
+	un.sun_family = AF_UNIX;
+	if (bind(ph, (struct sockaddr *)&un, sizeof(sa_family_t)) != 0 || listen(ph, 1) != 0 ||
+	    dup3(ph, fd, O_CLOEXEC) < 0) {
+		ca_log(CA_LOG_WARN, "http: cannot retire the listener: %s", strerror(errno));
+		shutdown(fd, SHUT_RDWR);
 	}
+	close(ph);
+	/* Its poll handle lingers until then: it is no work of the program's. */
+	uv_walk(ca_loop(), unref_listener, &fd);
 }
 
 static void begin_close(struct server *s)
@@ -858,13 +883,10 @@ static void begin_close(struct server *s)
 		s->vh_gone = 1;
 		return;
 	}
-	/*
-	 * Refuse new connections now (lws closes the listener of a destroyed
-	 * vhost only on its next 30 s sweep) and end the open ones.
-	 */
+	/* Refuse new connections now and end the open ones. */
 	if (s->listen_fd >= 0) {
-		shutdown(s->listen_fd, SHUT_RDWR);
-		uv_walk(ca_loop(), quiet_listener, &s->listen_fd);
+		retire_listener(s->listen_fd);
+		s->listen_fd = -1;
 	}
 	for (struct conn_node *n = s->conns; n; n = n->next)
 		ca__ws_kill(n->wsi);

@@ -172,6 +172,7 @@ static void preload(lua_State *L)
 		{"callagent.core.process", luaopen_callagent_core_process},
 		{"callagent.crypto", luaopen_callagent_crypto},
 		{"callagent.audio", luaopen_callagent_audio},
+		{"callagent.sqlite", luaopen_callagent_sqlite},
 		{"cjson", open_cjson},
 		{NULL, NULL}
 	};
@@ -537,6 +538,8 @@ out:
 	mainL = NULL;
 	for (int i = n_at_close - 1; i >= 0; i--)
 		at_close[i]();
+	/* The first run uses up a stop requested before the loop ever ran. */
+	uv_run(loop, UV_RUN_NOWAIT);
 	uv_run(loop, UV_RUN_DEFAULT);
 	ca__log_flush();
 	return exit_code;

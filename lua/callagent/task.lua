@@ -73,7 +73,14 @@ function M.await(start)
     return unpack(results, 1, results.n)
   end
   waiting = true
-  return coroutine.yield()
+  local r = pack(pcall(coroutine.yield))
+  if not r[1] then
+    -- The yield itself failed (e.g. across a C call): a late done() must
+    -- not resume this coroutine, which has moved on.
+    done = true
+    error(r[2], 0)
+  end
+  return unpack(r, 2, r.n)
 end
 
 -- Queue ----------------------------------------------------------------------
