@@ -15,7 +15,7 @@ DESTDIR ?=
 SAN ?=
 WERROR ?=
 
-DEB_PKGS := build-essential pkg-config ca-certificates openssl tzdata \
+DEB_PKGS := build-essential pkg-config ca-certificates openssl tzdata espeak-ng \
 	liblua5.4-dev libuv1-dev libwebsockets-dev libwebsockets-evlib-uv \
 	libcurl4-openssl-dev lua-cjson-dev libssl-dev libsqlite3-dev
 # Only the tests need these.

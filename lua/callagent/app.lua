@@ -13,6 +13,7 @@
 --   app:on("report", function(call, report) end)      -- report_call received
 --   app:on("transcript", function(call_id, line) end) -- {role, text, at}
 --   app:on("ended", function(call) end)               -- final state
+--   app:routes(function(srv) srv:get("/hello", fn) end)  -- routes of your own
 --   assert(app:start())        -- listens; app.url is the local base URL
 --   app:create_call{ to = "+14155550100", prompt = "..." }   -- same as POST /v1/calls
 --   app:stop()
@@ -78,6 +79,15 @@ function App:tool(def)
     parameters = def.parameters or { type = "object", properties = {} },
     handler = def.handler,
   }
+  return self
+end
+
+--- fn(srv) runs before the server listens: add routes of your own.
+function App:routes(fn)
+  assert(type(fn) == "function", "app:routes needs a function")
+  assert(not self.server, "add routes before start()")
+  self.extra_routes = self.extra_routes or {}
+  self.extra_routes[#self.extra_routes + 1] = fn
   return self
 end
 
@@ -232,6 +242,9 @@ function App:start()
   })
   self:_routes(srv)
   api.register(srv, self.engine, cfg, { provider_name = self.provider.name })
+  for _, fn in ipairs(self.extra_routes or {}) do
+    fn(srv)
+  end
   local ok, lerr = srv:listen()
   if not ok then
     return nil, "server: cannot listen on " .. cfg.server.host .. ":" .. cfg.server.port .. ": " .. tostring(lerr)

@@ -1,0 +1,55 @@
+-- examples/tools.lua: an app that gives the voice model a tool of its own -
+-- looking up an order by number - and reacts to call events. Runs on the mock
+-- phone with the local stand-in when no OPENAI_API_KEY is set (the stand-in
+-- never calls tools; the real model does when the brief asks about an order).
+local callagent = require "callagent"
+local standin = require "callagent.standin"
+local task = require "callagent.task"
+local log = require "callagent.log"
+
+local ORDERS = {
+  ["A-1001"] = { status = "shipped", carrier = "UPS", eta = "Thursday" },
+  ["A-1002"] = { status = "processing", eta = "next week" },
+}
+
+local key = os.getenv("OPENAI_API_KEY")
+local local_model = not key or key == ""
+local app = assert(callagent.app({
+  telephony = { provider = "mock" },
+  server = { port = tonumber(os.getenv("PORT") or "4545") },
+  openai = { apiKey = local_model and "local-standin" or key },
+  call = { ringTimeoutSec = 600 },
+  store = { backend = "memory" },
+}))
+
+app:tool({
+  name = "lookup_order",
+  description = "Look up one of our orders by its number (like A-1001): status, carrier, expected delivery.",
+  parameters = {
+    type = "object",
+    properties = { number = { type = "string", description = "The order number, e.g. A-1001" } },
+    required = { "number" },
+  },
+  handler = function(args, call)
+    log.info("tool lookup_order", { call = call.callId, number = args.number })
+    return ORDERS[args.number] or { error = "no order " .. tostring(args.number) }
+  end,
+})
+
+app:on("report", function(call, report)
+  print(("Call %s reported: %s - %s"):format(call.callId, report.outcome, report.summary))
+end)
+
+if local_model then
+  app:routes(function(srv)
+    standin.mount(srv, "/standin/v1/realtime")
+  end)
+end
+
+task.spawn(function()
+  assert(app:start())
+  if local_model then
+    app.config.openai.realtimeUrl = app.url:gsub("^http", "ws") .. "/standin/v1/realtime"
+  end
+  print("callagent with a lookup_order tool on " .. app.url .. " - open " .. app.url .. "/mock/ to place a call")
+end)

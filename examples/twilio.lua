@@ -1,0 +1,39 @@
+-- examples/twilio.lua: real phone calls through Twilio, configured in Lua,
+-- secrets from the environment. Needs a public URL for Twilio's webhooks:
+-- PUBLIC_BASE_URL, or a tunnel (ngrok or tailscale installed and logged in).
+--
+--   TWILIO_ACCOUNT_SID=AC... TWILIO_AUTH_TOKEN=... TWILIO_FROM_NUMBER=+1... \
+--   OPENAI_API_KEY=sk-... ./build/callagent run examples/twilio.lua
+local callagent = require "callagent"
+local task = require "callagent.task"
+local runtime = require "callagent.runtime"
+local log = require "callagent.log"
+
+local function env(name)
+  local v = os.getenv(name)
+  if not v or v == "" then
+    io.stderr:write("examples/twilio.lua: set ", name, "\n")
+    runtime.exit(2)
+  end
+  return v
+end
+
+local app = assert(callagent.app({
+  telephony = { provider = "twilio" },
+  server = { port = 4545, publicBaseUrl = os.getenv("PUBLIC_BASE_URL"), apiToken = os.getenv("CALLAGENT_API_TOKEN") },
+  twilio = { accountSid = env("TWILIO_ACCOUNT_SID"), authToken = env("TWILIO_AUTH_TOKEN"), fromNumber = env("TWILIO_FROM_NUMBER") },
+  openai = { apiKey = env("OPENAI_API_KEY"), outputFormat = "audio/pcmu" },
+  store = { backend = "memory" },
+}))
+
+app:on("status", function(call, from, to)
+  log.info("status", { call = call.callId, from = from, to = to })
+end)
+app:on("report", function(call, report)
+  log.info("report", { call = call.callId, outcome = report.outcome, summary = report.summary })
+end)
+
+task.spawn(function()
+  assert(app:start())
+  print("callagent (Twilio) on " .. app.url .. ", public URL " .. app:public_url())
+end)

@@ -1,0 +1,367 @@
+--- callagent.standin: a local stand-in for the OpenAI Realtime model.
+--
+-- Not a language model. It lets `make run` carry a whole call offline, with
+-- no API key: it speaks the Realtime GA protocol on a WebSocket route of the
+-- app's own server, so the call engine runs unchanged. It
+--   - greets the caller (speech from espeak-ng when installed, else chimes),
+--   - notices when the caller speaks and stops (a simple energy detector),
+--     and after each turn says "You said:" and plays the caller's own words back,
+--   - files report_call after the third turn, or when the caller presses #
+--     on the mock phone's keypad, then says goodbye.
+-- Transcripts say how long the caller spoke ("[caller spoke 2.3 s]"): there is
+-- no speech recognition here.
+--
+--   local standin = require "callagent.standin"
+--   standin.mount(srv, "/standin/v1/realtime")   -- before srv:listen()
+--   -- then point openai.realtimeUrl at ws://host:port/standin/v1/realtime
+local json = require "callagent.json"
+local audio = require "callagent.audio"
+local crypto = require "callagent.crypto"
+local timer = require "callagent.timer"
+local task = require "callagent.task"
+local log = require "callagent.log"
+local process = require "callagent.process"
+local core = require "callagent.core"
+
+local M = {}
+
+M.GREETING = "Hello! This is callagent's local stand-in model. Say something, and I will repeat it. "
+  .. "Press the hash key to finish."
+M.YOU_SAID = "You said:"
+M.REPORTING = "That's enough for a test. I'm filing my report now."
+M.GOODBYE = "Thanks for trying callagent. Goodbye!"
+
+local TURNS = 3
+local SPEECH_DBFS = -42 -- a frame louder than this is speech
+local START_FRAMES = 3 -- 60 ms of speech starts a turn
+local END_FRAMES = 35 -- 700 ms of quiet ends it
+local MAX_TURN_MS = 8000
+
+-- Speech --------------------------------------------------------------------
+
+local cache = {} -- text -> 24 kHz 16-bit PCM
+
+-- 22050 Hz (espeak-ng) to 24000 Hz by linear interpolation; the FIR
+-- resampler then takes it to 8 kHz when the phone needs it.
+local function to_24k(pcm22)
+  local n = #pcm22 // 2
+  local out = {}
+  local ratio = 22050 / 24000
+  local m = math.floor((n - 1) / ratio)
+  local unpack, pack = string.unpack, string.pack
+  for i = 0, m do
+    local x = i * ratio
+    local j = math.floor(x)
+    local f = x - j
+    local a = unpack("<i2", pcm22, 2 * j + 1)
+    local b = j + 1 < n and unpack("<i2", pcm22, 2 * j + 3) or a
+    out[#out + 1] = pack("<i2", math.floor(a + (b - a) * f + 0.5))
+  end
+  return table.concat(out)
+end
+
+-- A short two-note chime, when espeak-ng is not there.
+local function chime(ms)
+  local out = {}
+  local n = 24 * ms
+  for i = 0, n - 1 do
+    local f = i < n / 2 and 660 or 880
+    local env = math.min(1, i / 240, (n - i) / 240)
+    out[#out + 1] = string.pack("<i2", math.floor(6000 * env * math.sin(2 * math.pi * f * i / 24000)))
+  end
+  return table.concat(out)
+end
+
+--- 24 kHz PCM for text (inside a task: espeak-ng runs as a child process).
+function M.speech(text)
+  if cache[text] then
+    return cache[text]
+  end
+  local file = os.tmpname()
+  local p = process.spawn({ "espeak-ng", "-v", "en-us", "-s", "165", "-w", file, text, on_stdout = false, on_stderr = false })
+  local pcm
+  if p then
+    local code = p:wait(15000)
+    local f = code == 0 and io.open(file, "rb")
+    if f then
+      local wav = f:read("a")
+      f:close()
+      local data = wav:find("data", 1, true)
+      if data then
+        pcm = to_24k(wav:sub(data + 8))
+      end
+    end
+  end
+  os.remove(file)
+  if not pcm then
+    if not M.warned then
+      M.warned = true
+      log.warn("stand-in model: espeak-ng is not installed; it will chime instead of speaking (apt-get install espeak-ng)")
+    end
+    pcm = chime(math.min(1500, 40 * #text))
+  end
+  cache[text] = pcm
+  return pcm
+end
+
+--- Synthesizes the fixed phrases in the background, so the first call does not wait.
+function M.warm_up()
+  task.spawn(function()
+    for _, t in ipairs({ M.GREETING, M.YOU_SAID, M.REPORTING, M.GOODBYE }) do
+      M.speech(t)
+    end
+  end)
+end
+
+-- A session -------------------------------------------------------------------
+
+local Session = {}
+Session.__index = Session
+
+local function id(prefix)
+  return prefix .. "_" .. crypto.to_hex(crypto.random_bytes(8))
+end
+
+function Session:send(ev)
+  if self.conn:is_open() then
+    self.conn:send(json.encode(ev))
+  end
+end
+
+function Session:out_format()
+  local o = self.config.audio and self.config.audio.output and self.config.audio.output.format
+  return o and o.type or "audio/pcm"
+end
+
+-- Encodes 24 kHz PCM for the session's output format.
+function Session:encode(pcm24)
+  local fmt = self:out_format()
+  if fmt == "audio/pcm" then
+    return pcm24
+  end
+  local ulaw = audio.ulaw_encode(audio.resampler(24000, 8000):process(pcm24))
+  if fmt == "audio/pcma" then
+    return audio.ulaw_to_alaw(ulaw)
+  end
+  return ulaw
+end
+
+-- One assistant response made of audio pieces (already in the output format).
+function Session:respond(pieces, text)
+  local rid, iid = id("resp"), id("item")
+  self.speaking_until = timer.now()
+  self:send({ type = "response.created", response = { id = rid, object = "realtime.response", status = "in_progress", output = json.array() } })
+  self:send({
+    type = "response.output_item.added",
+    response_id = rid,
+    output_index = 0,
+    item = { id = iid, type = "message", role = "assistant", status = "in_progress", content = json.array() },
+  })
+  local bytes_per_ms = self:out_format() == "audio/pcm" and 48 or 8
+  local total = 0
+  for _, data in ipairs(pieces) do
+    local chunk = 100 * bytes_per_ms
+    for i = 1, #data, chunk do
+      local part = data:sub(i, i + chunk - 1)
+      total = total + #part
+      self:send({
+        type = "response.output_audio.delta",
+        response_id = rid,
+        item_id = iid,
+        output_index = 0,
+        content_index = 0,
+        delta = crypto.base64_encode(part),
+      })
+    end
+  end
+  self.speaking_until = timer.now() + total / bytes_per_ms + 300
+  self:send({ type = "response.output_audio.done", response_id = rid, item_id = iid, output_index = 0, content_index = 0 })
+  self:send({ type = "response.output_audio_transcript.done", response_id = rid, item_id = iid, output_index = 0, content_index = 0, transcript = text })
+  self:send({ type = "response.output_item.done", response_id = rid, output_index = 0, item = { id = iid, type = "message", role = "assistant", status = "completed" } })
+  self:send({
+    type = "response.done",
+    response = {
+      id = rid,
+      object = "realtime.response",
+      status = "completed",
+      usage = { total_tokens = 0, input_tokens = 0, output_tokens = 0 },
+    },
+  })
+end
+
+function Session:say(text, extra_pcm8_ulaw)
+  task.spawn(function()
+    local pieces = { self:encode(M.speech(text)) }
+    local transcript = text
+    if extra_pcm8_ulaw then
+      local fmt = self:out_format()
+      if fmt == "audio/pcmu" then
+        pieces[2] = extra_pcm8_ulaw
+      elseif fmt == "audio/pcma" then
+        pieces[2] = audio.ulaw_to_alaw(extra_pcm8_ulaw)
+      else
+        pieces[2] = audio.resampler(8000, 24000):process(audio.ulaw_decode(extra_pcm8_ulaw))
+      end
+      transcript = text .. " [your own words, played back]"
+    end
+    if not self.closed then
+      self:respond(pieces, transcript)
+    end
+  end)
+end
+
+function Session:report()
+  if self.reported then
+    return
+  end
+  self.reported = true
+  local rid, iid, cid = id("resp"), id("item"), id("call")
+  local args = json.encode({
+    summary = string.format("A test call with callagent's local stand-in model: the caller took %d turn%s, %.1f s of speech in all.",
+      self.turns, self.turns == 1 and "" or "s", self.speech_ms / 1000),
+    outcome = "success",
+    nextSteps = json.array({ "Set OPENAI_API_KEY to talk to the real model." }),
+    data = { turns = self.turns, speechSeconds = math.floor(self.speech_ms / 100) / 10, model = "local stand-in" },
+  })
+  self.pending_report = cid
+  self:say(M.REPORTING)
+  task.spawn(function()
+    timer.sleep(100)
+    self:send({ type = "response.created", response = { id = rid, status = "in_progress", output = json.array() } })
+    self:send({ type = "response.output_item.added", response_id = rid, output_index = 0, item = { id = iid, type = "function_call", name = "report_call", call_id = cid, arguments = "" } })
+    self:send({ type = "response.function_call_arguments.done", response_id = rid, item_id = iid, output_index = 0, call_id = cid, name = "report_call", arguments = args })
+    self:send({ type = "response.output_item.done", response_id = rid, output_index = 0, item = { id = iid, type = "function_call", name = "report_call", call_id = cid, arguments = args, status = "completed" } })
+    self:send({ type = "response.done", response = { id = rid, status = "completed", usage = { total_tokens = 0, input_tokens = 0, output_tokens = 0 } } })
+  end)
+end
+
+-- Caller audio: a 20 ms frame at a time, through the energy detector.
+function Session:frame(ulaw)
+  if self.reported then
+    return
+  end
+  -- Ignore what arrives while our own voice plays (it may come back as echo).
+  if timer.now() < (self.speaking_until or 0) then
+    self.loud, self.quiet = 0, 0
+    return
+  end
+  local speech = audio.ulaw_rms_dbfs(ulaw) > SPEECH_DBFS
+  if not self.in_turn then
+    if speech then
+      self.loud = (self.loud or 0) + 1
+      self.pre = self.pre or {}
+      self.pre[#self.pre + 1] = ulaw
+      if self.loud >= START_FRAMES then
+        self.in_turn = true
+        self.turn_audio = self.pre
+        self.pre, self.quiet = nil, 0
+        self.item = id("item")
+        self:send({ type = "input_audio_buffer.speech_started", audio_start_ms = math.floor(self.input_ms), item_id = self.item })
+      end
+    else
+      self.loud, self.pre = 0, nil
+    end
+    return
+  end
+  local t = self.turn_audio
+  t[#t + 1] = ulaw
+  self.quiet = speech and 0 or (self.quiet + 1)
+  if self.quiet >= END_FRAMES or #t * 20 >= MAX_TURN_MS then
+    self:end_turn()
+  end
+end
+
+function Session:end_turn()
+  local frames = self.turn_audio
+  -- Without the quiet tail.
+  local keep = math.max(1, #frames - self.quiet + 5)
+  local words = table.concat(frames, "", 1, math.min(keep, #frames))
+  self.in_turn, self.turn_audio, self.quiet, self.loud = false, nil, 0, 0
+  self.turns = self.turns + 1
+  local ms = #words / 8
+  self.speech_ms = self.speech_ms + ms
+  self:send({ type = "input_audio_buffer.speech_stopped", audio_end_ms = math.floor(self.input_ms), item_id = self.item })
+  self:send({ type = "input_audio_buffer.committed", item_id = self.item })
+  self:send({
+    type = "conversation.item.input_audio_transcription.completed",
+    item_id = self.item,
+    content_index = 0,
+    transcript = string.format("[caller spoke %.1f s]", ms / 1000),
+  })
+  if self.turns >= TURNS then
+    self:report()
+  else
+    self:say(M.YOU_SAID, words)
+  end
+end
+
+function Session:on_event(ev)
+  local t = ev.type
+  if t == "input_audio_buffer.append" then
+    local ulaw = crypto.base64_decode(ev.audio or "")
+    if not ulaw then
+      return
+    end
+    local fmt = self.config.audio and self.config.audio.input and self.config.audio.input.format
+    if fmt and fmt.type == "audio/pcma" then
+      ulaw = audio.alaw_to_ulaw(ulaw)
+    end
+    self.input_ms = self.input_ms + #ulaw / 8
+    for i = 1, #ulaw, 160 do
+      self:frame(ulaw:sub(i, i + 159))
+    end
+  elseif t == "session.update" then
+    local s = ev.session or {}
+    for k, v in pairs(s) do
+      self.config[k] = v
+    end
+    self:send({ type = "session.updated", session = self.config })
+  elseif t == "response.create" then
+    if not self.greeted then
+      self.greeted = true
+      self:say(M.GREETING)
+    elseif self.report_answered and not self.said_goodbye then
+      self.said_goodbye = true
+      self:say(M.GOODBYE)
+    end
+  elseif t == "conversation.item.create" then
+    local item = ev.item or {}
+    if item.type == "function_call_output" and item.call_id == self.pending_report then
+      self.report_answered = true
+    elseif item.type == "message" then
+      local c = item.content and item.content[1]
+      local text = c and c.text or ""
+      if text:find("pressed the key #", 1, true) then
+        self:report()
+      end
+    end
+  end
+end
+
+function M.mount(srv, path)
+  srv:websocket(path, {
+    open = function(conn)
+      local s = setmetatable({ conn = conn, config = { type = "realtime" }, turns = 0, speech_ms = 0, input_ms = 0, quiet = 0, loud = 0 }, Session)
+      conn.standin = s
+      s:send({
+        type = "session.created",
+        session = { id = id("sess"), object = "realtime.session", type = "realtime", model = "callagent-local-standin" },
+      })
+    end,
+    text = function(conn, msg)
+      local s = conn.standin
+      local ev = json.try_decode(msg)
+      if s and type(ev) == "table" then
+        s:on_event(ev)
+      end
+    end,
+    close = function(conn)
+      if conn.standin then
+        conn.standin.closed = true
+      end
+    end,
+  })
+  M.warm_up()
+end
+
+return M

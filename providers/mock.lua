@@ -1,0 +1,174 @@
+--- providers/mock.lua: a phone in your browser, for local work.
+--
+-- telephony.provider = "mock". Dialing returns a hint: a loopback URL with a
+-- one-time token, to a page callagent serves (providers/mock/). Opening the
+-- page answers the phone: it asks for the microphone and speaks Twilio's
+-- Media Streams protocol to /voice/stream, so the whole call engine runs as
+-- with Twilio. Nobody opening the page within call.ringTimeoutSec is no_answer.
+--
+-- Routes (added by registerRoutes):
+--   GET  /mock/                        a page to place a test call (POST /v1/calls)
+--   GET  /mock/call/{callId}?t=TOKEN   the phone page (TOKEN: the hint's, one use)
+--   GET  /mock/static/*                the page's scripts
+--   POST /mock/api/answer              {callId, token} -> {streamUrl, parameters, pollUrl}
+--   GET  /mock/api/call/{callId}?s=S   the page's view: status, transcript, report
+--   POST /mock/api/hangup              {callId, session} the page hung up
+local crypto = require "callagent.crypto"
+local timer = require "callagent.timer"
+local json = require "callagent.json"
+local log = require "callagent.log"
+local core = require "callagent.core"
+
+local P = {
+  name = "mock",
+  needs = {},
+  needs_public_url = false,
+}
+
+local RING_EXTRA_MS = 0
+
+function P:init(ctx)
+  self.cfg = ctx.config
+  self.engine = ctx.engine
+  self.app = ctx.app
+  self.pages = {} -- page token -> {call_id, attempt, expires}
+  self.sessions = {} -- session token -> {call_id, attempt}
+  self.ringing = {} -- call_id .. "#" .. n -> ring timer
+end
+
+local function key(id, n)
+  return id .. "#" .. tostring(n)
+end
+
+function P:startCall(call, _, localBaseUrl)
+  local token = crypto.random_token(18)
+  local n = call.attempt
+  self.pages[token] = { call_id = call.callId, attempt = n, expires = timer.now() + self.cfg.call.ringTimeoutSec * 1000 }
+  local k = key(call.callId, n)
+  self.ringing[k] = timer.after(self.cfg.call.ringTimeoutSec * 1000 + RING_EXTRA_MS, function()
+    self.ringing[k] = nil
+    self.pages[token] = nil
+    self.engine:provider_status(call.callId, n, { status = "no_answer", reason = "nobody opened the mock phone page" })
+  end)
+  local hint = localBaseUrl .. "/mock/call/" .. call.callId .. "?t=" .. token
+  log.info("mock phone ringing: open the hint URL to answer", { call = call.callId, hint = hint })
+  return { providerCallId = "MOCK" .. crypto.to_hex(crypto.random_bytes(8)), userHint = hint }
+end
+
+function P:buildVoiceResponse()
+  return "", "text/plain"
+end
+
+function P:validateRequest()
+  return true
+end
+
+function P:mapStatus(payload)
+  return { status = payload.status, reason = payload.reason }
+end
+
+function P:endCall(call, attempt)
+  local n = attempt and attempt.n or call.attempt
+  local k = key(call.callId, n)
+  if self.ringing[k] then
+    self.ringing[k]:stop()
+    self.ringing[k] = nil
+  end
+  -- Like Twilio: hanging up ends the call; the page sees its stream close.
+  local status = (attempt and attempt.status == "in_progress") and "completed" or "canceled"
+  self.engine:provider_status(call.callId, n, { status = status, reason = "hung up" })
+  return true
+end
+
+local function page_file(name)
+  return core.root .. "/providers/mock/" .. name
+end
+
+function P:registerRoutes(srv)
+  srv:static("/mock/static/", core.root .. "/providers/mock")
+
+  -- A page to place a test call from the browser (local setups have no API token).
+  srv:get("/mock/", function()
+    local f = io.open(page_file("dial.html"), "rb")
+    if not f then
+      return 500, { error = { code = "missing_page", message = "providers/mock/dial.html is missing" } }
+    end
+    local html = f:read("a")
+    f:close()
+    return 200, html, { ["Content-Type"] = "text/html; charset=utf-8", ["Cache-Control"] = "no-store" }
+  end)
+
+  srv:get("/mock/call/{id}", function(req)
+    local f = io.open(page_file("phone.html"), "rb")
+    if not f then
+      return 500, { error = { code = "missing_page", message = "providers/mock/phone.html is missing" } }
+    end
+    local html = f:read("a")
+    f:close()
+    return 200, html, { ["Content-Type"] = "text/html; charset=utf-8", ["Cache-Control"] = "no-store" }
+  end)
+
+  srv:post("/mock/api/answer", function(req)
+    local body = req:json() or {}
+    local entry = type(body.token) == "string" and self.pages[body.token]
+    if not entry or entry.call_id ~= body.callId then
+      return 403, { error = { code = "invalid_token", message = "this call link was already used or is not valid" } }
+    end
+    self.pages[body.token] = nil -- one use
+    if entry.expires < timer.now() then
+      return 410, { error = { code = "expired", message = "the call stopped ringing" } }
+    end
+    local k = key(entry.call_id, entry.attempt)
+    if self.ringing[k] then
+      self.ringing[k]:stop()
+      self.ringing[k] = nil
+    end
+    self.engine:provider_status(entry.call_id, entry.attempt, { status = "in_progress" })
+    local stream_token, err = self.engine:prepare_stream(entry.call_id, entry.attempt)
+    if not stream_token then
+      return 409, { error = { code = "not_ringing", message = tostring(err) } }
+    end
+    local session = crypto.random_token(18)
+    self.sessions[session] = { call_id = entry.call_id, attempt = entry.attempt }
+    local base = self.app.url
+    return 200, {
+      streamUrl = base:gsub("^http", "ws") .. "/voice/stream",
+      parameters = { callId = entry.call_id, attempt = tostring(entry.attempt), token = stream_token },
+      pollUrl = "/mock/api/call/" .. entry.call_id .. "?s=" .. session,
+      session = session,
+    }
+  end)
+
+  srv:get("/mock/api/call/{id}", function(req)
+    local s = self.sessions[(req.query or {}).s or ""]
+    if not s or s.call_id ~= req.params.id then
+      return 403, { error = { code = "invalid_session", message = "unknown page session" } }
+    end
+    local v = self.engine:call_view(s.call_id)
+    if not v then
+      return 404, { error = { code = "not_found", message = "no such call" } }
+    end
+    return 200, {
+      callId = v.callId,
+      status = v.status,
+      to = v.to,
+      calleeName = v.calleeName,
+      transcript = v.transcript,
+      report = v.report,
+      endReason = v.endReason,
+      lastError = v.lastError,
+    }
+  end)
+
+  srv:post("/mock/api/hangup", function(req)
+    local body = req:json() or {}
+    local s = type(body.session) == "string" and self.sessions[body.session]
+    if not s or s.call_id ~= body.callId then
+      return 403, { error = { code = "invalid_session", message = "unknown page session" } }
+    end
+    self.engine:provider_status(s.call_id, s.attempt, { status = "completed", reason = "the page hung up" })
+    return 204
+  end)
+end
+
+return P

@@ -1,0 +1,78 @@
+-- The local stand-in model (what `make run` uses without OPENAI_API_KEY)
+-- carries a whole mock-phone call: it greets with synthesized speech, plays
+-- each caller turn back, reports on # and says goodbye.
+local T = require "testing"
+local callagent = require "callagent"
+local standin = require "callagent.standin"
+local phone = require "phone"
+local audio = require "callagent.audio"
+local timer = require "callagent.timer"
+
+T.test("a mock-phone call with the stand-in: greeting, echo of the caller's turn, report on #, goodbye", function()
+  local app = assert(callagent.app({
+    telephony = { provider = "mock" },
+    server = { port = 0 },
+    openai = { apiKey = "local-standin", outputFormat = "audio/pcmu" },
+    call = { ringTimeoutSec = 60, goodbyeTimeoutSec = 8 },
+    store = { backend = "memory" },
+  }, { no_shutdown_hook = true }))
+  app:routes(function(srv)
+    standin.mount(srv, "/standin/v1/realtime")
+  end)
+  assert(app:start())
+  T.defer(function()
+    app:stop()
+  end)
+  app.config.openai.realtimeUrl = app.url:gsub("^http", "ws") .. "/standin/v1/realtime"
+
+  local view = assert(app:create_call({ to = "+15555550100", prompt = "Test the loop." }))
+  T.wait_for(function()
+    return app.engine:call_view(view.callId).hint
+  end, 5000, "the hint")
+  local hint = app.engine:call_view(view.callId).hint
+  T.match(hint, "^http://127%.0%.0%.1:%d+/mock/call/c_%x+%?t=")
+  local p = assert(phone.answer(hint))
+
+  -- The greeting: several seconds of non-silent speech, sent at once.
+  local t0 = timer.now()
+  assert(p:wait_received(8000 * 2, 15000))
+  local last, stable = #p.received, 0
+  while stable < 3 do
+    timer.sleep(100)
+    stable = #p.received == last and stable + 1 or 0
+    last = #p.received
+  end
+  local greeting_ms = #p.received / 8
+  T.gt(greeting_ms, 3000, "a spoken greeting")
+  T.gt(audio.ulaw_rms_dbfs(p.received), -40, "the greeting is audible")
+  -- The stand-in does not listen while its voice plays: wait that long, then speak 1 s.
+  timer.sleep(math.max(0, greeting_ms - (timer.now() - t0)) + 500)
+  local before = #p.received
+  p:say(phone.tone(1000, 500))
+  -- The stand-in answers: "You said:" and our own 1 s tone back.
+  T.wait_for(function()
+    return #p.received > before + 8000
+  end, 10000, "the played-back turn")
+  timer.sleep(1500)
+  p:dtmf("#")
+  local call
+  T.wait_for(function()
+    call = app.engine:call_view(view.callId)
+    return call.status == "completed"
+  end, 20000, "the call to complete")
+  T.eq(call.report.outcome, "success")
+  T.eq(call.report.data.turns, 1)
+  T.match(call.report.summary, "local stand%-in")
+  local transcript = {}
+  for _, l in ipairs(call.transcript) do
+    transcript[#transcript + 1] = l.role .. ": " .. l.text
+  end
+  local all = table.concat(transcript, "\n")
+  T.match(all, "agent: Hello! This is callagent's local stand%-in")
+  T.match(all, "callee: %[caller spoke %d")
+  T.match(all, "agent: You said:")
+  T.match(all, "Goodbye")
+  T.ok(p.closed, "the stream was closed by the hang-up")
+end, { timeout = 60000 })
+
+T.run()
