@@ -271,7 +271,18 @@ function App:start()
     self.tunnel = pub
     self.public_base = pub.url
   end
+  local recovered = self.engine:recover()
   self.notifier:resume()
+  if store.prune then
+    store:prune(cfg.store.retentionDays)
+    self.prune_timer = require("callagent.timer").every(3600 * 1000, function()
+      store:prune(cfg.store.retentionDays)
+    end)
+    self.prune_timer:unref()
+  end
+  if recovered.retries + recovered.dialed + recovered.resolved > 0 then
+    log.info("recovered calls from the last run", recovered)
+  end
   log.info("callagent ready", {
     url = self.url,
     public = self:public_url(),
@@ -309,6 +320,9 @@ function App:stop()
   end
   if self.server then
     self.server:close()
+  end
+  if self.prune_timer then
+    self.prune_timer:stop()
   end
   if self.tunnel then
     self.tunnel:close()

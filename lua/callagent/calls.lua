@@ -530,6 +530,89 @@ function Engine:hangup(id)
   return true
 end
 
+-- After a restart ---------------------------------------------------------------
+
+local ALIVE = { dialing = true, in_progress = true }
+
+-- Resolves a call that was dialing or talking when the last run ended: the
+-- provider is asked for the call's real state where it can tell.
+function Engine:_resolve_interrupted(call)
+  local n = call.attempt
+  local a = call.attempts[n]
+  local why = "interrupted by restart"
+  if not a then
+    return self:_finish(call, "failed", why)
+  end
+  local seen
+  if a.providerCallId and self.provider.getCall then
+    local st, err = self.provider:getCall(a.providerCallId)
+    if st then
+      seen = st.status
+    else
+      log.warn("cannot ask the provider about an interrupted call", { call = call.id, error = err })
+    end
+  end
+  if seen and ALIVE[seen] then
+    -- Still up at the vendor, but its audio had nowhere to go: end it.
+    self.provider:endCall(self:call_view(call.id), a)
+    why = why .. " (the call was still up: hung up)"
+  elseif seen and seen ~= "completed" then
+    -- It ended unanswered while we were down: the usual rules (retries) apply.
+    return self:_attempt_final(call, n, seen, "ended while callagent was down")
+  elseif seen == "completed" then
+    why = why .. " (the call ended while callagent was down)"
+  end
+  call._end_reason = why
+  if not call.report then
+    call.lastError = why
+    self:_save(call, { lastError = why })
+  end
+  -- Answered attempts end the call; unanswered ones follow the retry policy.
+  return self:_attempt_final(call, n, call.report and "completed" or "failed", why)
+end
+
+--- Picks up where the last run stopped: due and overdue retries are
+-- scheduled (each runs once: its row goes when it dials), calls never dialed
+-- are dialed, calls that were dialing or talking are resolved. Returns counts.
+function Engine:recover()
+  local active = self.store:active_calls()
+  local retries = {}
+  for _, r in ipairs(self.store:due_retries()) do
+    retries[r.call_id] = r.due_at
+  end
+  local counts = { retries = 0, dialed = 0, resolved = 0 }
+  for _, call in ipairs(active) do
+    local attempts = {}
+    for _, a in ipairs(call.attempts or {}) do
+      attempts[a.n] = a
+    end
+    call.attempts = attempts
+    call.transcript = call.transcript or {}
+    call.usage = call.usage or {}
+    call.events = nil
+    self.live[call.id] = call
+    if call.status == "queued" then
+      local due = retries[call.id]
+      local delay = due and math.max(0, math.floor((due - core.time()) * 1000)) or 0
+      counts[due and "retries" or "dialed"] = counts[due and "retries" or "dialed"] + 1
+      log.info("recovered a queued call", { call = call.id, dial_in_ms = delay, attempt = call.attempt + 1 })
+      self.timers[call.id .. "#retry"] = timer.after(delay, function()
+        self.timers[call.id .. "#retry"] = nil
+        task.spawn(function()
+          self:dial(call.id)
+        end)
+      end)
+    else
+      counts.resolved = counts.resolved + 1
+      log.info("resolving a call interrupted by the restart", { call = call.id, status = call.status })
+      task.spawn(function()
+        self:_resolve_interrupted(call)
+      end)
+    end
+  end
+  return counts
+end
+
 --- Stops everything (program shutdown): hang up active calls.
 function Engine:shutdown()
   for id, call in pairs(self.live) do

@@ -27,11 +27,15 @@
 --   retry.maxAttempts [3]   retry.initialDelayMs [60000]   retry.backoffFactor [2]
 --   retry.retryStatuses     [["busy", "no_answer", "failed"]]
 --   tunnel.provider         ["auto"]: auto | ngrok | tailscale | none
+--   tunnel.timeoutSec [20]: how long opening a tunnel may take
+--   tunnel.ngrokApiUrl      ["http://127.0.0.1:4040"]: ngrok's local API, used
+--                           when ngrok does not log its own web address
 --   call.maxDurationSec [600]  call.ringTimeoutSec [30]  call.silenceTimeoutSec [30]
 --   call.goodbyeTimeoutSec [8]: how long the goodbye after report_call may take
 --   call.wrapUpSec [20]: after asking the agent to wrap up (time is up, or the
 --   callee is silent), how long it has to report before the call is hung up
---   store.backend ["memory"]   store.path ["./callagent.db"]   store.retentionDays [30]
+--   store.backend ["sqlite"] (or "memory": nothing kept)   store.path ["./callagent.db"]
+--   store.retentionDays [30]: finished calls older than this are pruned
 --
 -- "${NAME}" anywhere in a string value is replaced by the environment
 -- variable NAME (a missing variable is an error naming the key).
@@ -159,6 +163,8 @@ local SCHEMA = {
   },
   tunnel = {
     provider = field("string", "auto", one_of({ "auto", "ngrok", "tailscale", "none" })),
+    timeoutSec = field("integer", 20, range(1, 600)),
+    ngrokApiUrl = field("string", "http://127.0.0.1:4040", url_check({ "http", "https" })),
   },
   call = {
     maxDurationSec = field("integer", 600, range(1, 4 * 3600)),
@@ -168,7 +174,7 @@ local SCHEMA = {
     wrapUpSec = field("integer", 20, range(1, 600)),
   },
   store = {
-    backend = field("string", "memory", one_of({ "sqlite", "memory" })),
+    backend = field("string", "sqlite", one_of({ "sqlite", "memory" })),
     path = field("string", "./callagent.db"),
     retentionDays = field("integer", 30, range(1)),
   },

@@ -77,7 +77,7 @@ function M.start(opts)
     notify = { hooksUrl = hooks:url("/hooks"), hooksToken = M.HOOKS_TOKEN, sessionKey = "test-session" },
     retry = { maxAttempts = 3, initialDelayMs = 50, backoffFactor = 2 },
     call = { goodbyeTimeoutSec = 3 },
-    store = { backend = "memory" },
+    store = { backend = "sqlite", path = T.tmpdir() .. "/calls.db" },
     tunnel = { provider = "none" },
   }, opts.config)
   local app, err = callagent.app(cfg, {

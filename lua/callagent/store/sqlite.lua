@@ -1,0 +1,284 @@
+--- callagent.store.sqlite: the durable call store (the default backend).
+--
+-- One SQLite file (store.path, created with its folder if missing) in WAL
+-- mode: every write is committed when the call returns (it survives kill -9;
+-- synchronous=NORMAL, so not a power loss between checkpoints), and WAL
+-- checkpoints run on the thread pool, off the event loop (src/sqlite.c).
+-- Records are JSON documents in a few tables; see lua/callagent/store/init.lua
+-- for the interface.
+local sqlite = require "callagent.sqlite"
+local json = require "callagent.json"
+local core = require "callagent.core"
+local log = require "callagent.log"
+
+local M = {}
+local Store = {}
+Store.__index = Store
+
+local SCHEMA = [[
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS calls (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT,
+  id TEXT NOT NULL UNIQUE,
+  status TEXT NOT NULL,
+  created REAL NOT NULL,
+  doc TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS calls_by_status ON calls (status, seq);
+CREATE INDEX IF NOT EXISTS calls_by_created ON calls (created);
+CREATE TABLE IF NOT EXISTS attempts (
+  call_id TEXT NOT NULL REFERENCES calls (id) ON DELETE CASCADE,
+  n INTEGER NOT NULL,
+  doc TEXT NOT NULL,
+  PRIMARY KEY (call_id, n)
+);
+CREATE TABLE IF NOT EXISTS transcript (
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  call_id TEXT NOT NULL REFERENCES calls (id) ON DELETE CASCADE,
+  doc TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS transcript_by_call ON transcript (call_id, id);
+CREATE TABLE IF NOT EXISTS events (
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  call_id TEXT NOT NULL REFERENCES calls (id) ON DELETE CASCADE,
+  doc TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_call ON events (call_id, id);
+CREATE TABLE IF NOT EXISTS retries (
+  call_id TEXT PRIMARY KEY REFERENCES calls (id) ON DELETE CASCADE,
+  due_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS notifications (
+  key TEXT PRIMARY KEY,
+  call_id TEXT NOT NULL,
+  payload TEXT NOT NULL,
+  sent INTEGER NOT NULL DEFAULT 0,
+  tries INTEGER NOT NULL DEFAULT 0,
+  last_error TEXT,
+  created REAL NOT NULL
+);
+INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', '1');
+]]
+
+-- The call document holds everything but the rows of its own tables.
+local SEPARATE = { attempts = true, transcript = true, events = true, id = true }
+
+local encode, decode = json.encode, require("cjson").decode
+
+local function mkdir_p(dir)
+  local acc = dir:sub(1, 1) == "/" and "" or "."
+  for part in dir:gmatch("[^/]+") do
+    acc = acc .. "/" .. part
+    core.mkdir(acc)
+  end
+end
+
+--- Opens (creating if missing) the store; a corrupt or unwritable file is an
+-- error here, naming the path, not a crash later.
+function M.open(cfg)
+  local path = cfg.path
+  local dir = path:match("^(.*)/[^/]*$")
+  if dir and dir ~= "" and not core.stat(dir) then
+    mkdir_p(dir)
+  end
+  local db, err = sqlite.open(path, { busy_timeout = 5000 })
+  if not db then
+    return nil, "store.path: cannot open " .. path .. ": " .. tostring(err)
+  end
+  local ok, cerr = db:integrity_check()
+  if not ok then
+    db:close()
+    return nil, "store.path: " .. path .. " is damaged: " .. tostring(cerr)
+  end
+  local sok, serr = db:exec(SCHEMA)
+  if not sok then
+    db:close()
+    return nil, "store.path: cannot set up " .. path .. ": " .. tostring(serr)
+  end
+  local self = setmetatable({ db = db, path = path, retention_days = cfg.retentionDays }, Store)
+  log.info("store open", { path = path, calls = db:value("SELECT count(*) FROM calls") })
+  return self
+end
+
+local function check(ok, err, what)
+  if ok == nil then
+    log.error("store write failed", { what = what, error = err })
+    return nil, err
+  end
+  return true
+end
+
+local function doc_of(call)
+  local d = {}
+  for k, v in pairs(call) do
+    if not SEPARATE[k] and type(k) == "string" and k:sub(1, 1) ~= "_" then
+      d[k] = v
+    end
+  end
+  return encode(d)
+end
+
+function Store:insert_call(call)
+  local db = self.db
+  return check(db:transaction(function()
+    assert(db:run("INSERT INTO calls (id, status, created, doc) VALUES (?, ?, ?, ?)",
+      call.id, call.status, core.time(), doc_of(call)))
+    for _, a in ipairs(call.attempts or {}) do
+      assert(db:run("INSERT INTO attempts (call_id, n, doc) VALUES (?, ?, ?)", call.id, a.n, encode(a)))
+    end
+  end), nil, "insert_call")
+end
+
+function Store:update_call(id, fields)
+  local db = self.db
+  local raw = db:value("SELECT doc FROM calls WHERE id = ?", id)
+  if not raw then
+    return nil, "ENOENT: no call " .. tostring(id)
+  end
+  local d = decode(raw)
+  for k, v in pairs(fields) do
+    if not SEPARATE[k] then
+      if v == M.NULL then
+        d[k] = nil
+      else
+        d[k] = v
+      end
+    end
+  end
+  local status = fields.status or d.status
+  return check(db:run("UPDATE calls SET status = ?, doc = ? WHERE id = ?", status, encode(d), id))
+end
+
+local function rows_docs(rows)
+  local out = json.array()
+  for i, r in ipairs(rows) do
+    out[i] = decode(r.doc)
+  end
+  return out
+end
+
+function Store:get_call(id)
+  local db = self.db
+  local r = db:row("SELECT doc FROM calls WHERE id = ?", id)
+  if not r then
+    return nil
+  end
+  local c = decode(r.doc)
+  c.id = id
+  c.attempts = rows_docs(db:rows("SELECT doc FROM attempts WHERE call_id = ? ORDER BY n", id) or {})
+  c.transcript = rows_docs(db:rows("SELECT doc FROM transcript WHERE call_id = ? ORDER BY id", id) or {})
+  c.events = rows_docs(db:rows("SELECT doc FROM events WHERE call_id = ? ORDER BY id", id) or {})
+  return c
+end
+
+function Store:add_attempt(id, attempt)
+  return check(self.db:run("INSERT OR REPLACE INTO attempts (call_id, n, doc) VALUES (?, ?, ?)", id, attempt.n, encode(attempt)))
+end
+
+function Store:update_attempt(id, n, fields)
+  local db = self.db
+  local raw = db:value("SELECT doc FROM attempts WHERE call_id = ? AND n = ?", id, n)
+  if not raw then
+    return nil, "ENOENT: no attempt"
+  end
+  local a = decode(raw)
+  for k, v in pairs(fields) do
+    a[k] = v
+  end
+  return check(db:run("UPDATE attempts SET doc = ? WHERE call_id = ? AND n = ?", encode(a), id, n))
+end
+
+function Store:add_transcript(id, line)
+  return check(self.db:run("INSERT INTO transcript (call_id, doc) VALUES (?, ?)", id, encode(line)))
+end
+
+function Store:add_event(id, event)
+  return check(self.db:run("INSERT INTO events (call_id, doc) VALUES (?, ?)", id, encode(event)))
+end
+
+--- Newest first; the cursor is the last row's sequence number.
+function Store:list_calls(opts)
+  opts = opts or {}
+  local limit = opts.limit or 20
+  local before = math.tointeger(tonumber(opts.cursor or "")) or math.maxinteger
+  local rows
+  if opts.status then
+    rows = self.db:rows("SELECT seq, id, doc FROM calls WHERE status = ? AND seq < ? ORDER BY seq DESC LIMIT ?",
+      opts.status, before, limit + 1)
+  else
+    rows = self.db:rows("SELECT seq, id, doc FROM calls WHERE seq < ? ORDER BY seq DESC LIMIT ?", before, limit + 1)
+  end
+  rows = rows or {}
+  local out, next_cursor = {}, nil
+  for i, r in ipairs(rows) do
+    if i > limit then
+      next_cursor = tostring(rows[limit].seq)
+      break
+    end
+    local c = decode(r.doc)
+    c.id = r.id
+    c.attempts = rows_docs(self.db:rows("SELECT doc FROM attempts WHERE call_id = ? ORDER BY n", r.id) or {})
+    out[#out + 1] = c
+  end
+  return out, next_cursor
+end
+
+function Store:active_calls()
+  local out = {}
+  local rows = self.db:rows("SELECT id FROM calls WHERE status IN ('queued', 'dialing', 'in_progress') ORDER BY seq") or {}
+  for _, r in ipairs(rows) do
+    out[#out + 1] = self:get_call(r.id)
+  end
+  return out
+end
+
+function Store:set_retry(id, due_at)
+  return check(self.db:run("INSERT OR REPLACE INTO retries (call_id, due_at) VALUES (?, ?)", id, due_at))
+end
+
+function Store:clear_retry(id)
+  return check(self.db:run("DELETE FROM retries WHERE call_id = ?", id))
+end
+
+function Store:due_retries()
+  return self.db:rows("SELECT call_id, due_at FROM retries ORDER BY due_at") or {}
+end
+
+function Store:add_notification(key, call_id, payload)
+  local changes = self.db:run(
+    "INSERT OR IGNORE INTO notifications (key, call_id, payload, created) VALUES (?, ?, ?, ?)",
+    key, call_id, payload, core.time())
+  return changes == 1
+end
+
+function Store:mark_notified(key, ok, err)
+  return check(self.db:run("UPDATE notifications SET tries = tries + 1, sent = max(sent, ?), last_error = ? WHERE key = ?",
+    ok and 1 or 0, err, key))
+end
+
+function Store:pending_notifications()
+  return self.db:rows("SELECT key, call_id, payload, tries FROM notifications WHERE sent = 0 ORDER BY created") or {}
+end
+
+--- Removes finished calls created more than days ago (their rows go with them).
+function Store:prune(days)
+  days = days or self.retention_days
+  local cutoff = core.time() - days * 86400
+  local n = self.db:run([[DELETE FROM calls WHERE created < ? AND status NOT IN ('queued', 'dialing', 'in_progress')]], cutoff)
+  self.db:run("DELETE FROM notifications WHERE created < ? AND sent = 1", cutoff)
+  if n and n > 0 then
+    log.info("store pruned old calls", { removed = n, older_than_days = days })
+  end
+  return n or 0
+end
+
+function Store:close()
+  if self.db then
+    self.db:close()
+    self.db = nil
+  end
+end
+
+M.NULL = require("callagent.store.memory").NULL
+
+return M

@@ -1,0 +1,35 @@
+-- A callagent app for the restart tests: Twilio and OpenAI are the test's
+-- fakes, the store is the SQLite file CA_DB; it prints "ready" when up.
+local callagent = require "callagent"
+local task = require "callagent.task"
+local runtime = require "callagent.runtime"
+
+local port = assert(tonumber(os.getenv("CA_PORT")), "CA_PORT")
+local app, err = callagent.app({
+  telephony = { provider = "twilio" },
+  server = { port = port, publicBaseUrl = "http://127.0.0.1:" .. port },
+  twilio = {
+    accountSid = os.getenv("CA_TW_SID"),
+    authToken = os.getenv("CA_TW_TOKEN"),
+    fromNumber = "+15550001111",
+    apiBaseUrl = os.getenv("CA_TW_URL"),
+  },
+  openai = { apiKey = os.getenv("CA_RT_KEY"), realtimeUrl = os.getenv("CA_RT_URL"), outputFormat = "audio/pcmu" },
+  notify = { hooksUrl = os.getenv("CA_HOOKS_URL"), hooksToken = "hooks-token-for-tests" },
+  retry = { maxAttempts = 3, initialDelayMs = tonumber(os.getenv("CA_RETRY_MS") or "1500"), backoffFactor = 1 },
+  call = { goodbyeTimeoutSec = 2 },
+  store = { backend = "sqlite", path = os.getenv("CA_DB") },
+}, { notify = { base_delay_ms = 200, attempts = 20 } })
+if not app then
+  io.stderr:write("callagent: ", err, "\n")
+  runtime.exit(1)
+end
+task.spawn(function()
+  local ok, serr = app:start()
+  if not ok then
+    io.stderr:write("callagent: ", serr, "\n")
+    runtime.exit(1)
+  end
+  print("ready " .. app.url)
+  io.stdout:flush()
+end)

@@ -1,0 +1,116 @@
+-- The store interface, the same for both backends (memory and sqlite):
+-- records, attempts, transcript, paging, retries, notifications, pruning.
+local T = require "testing"
+local store_mod = require "callagent.store"
+local core = require "callagent.core"
+
+local function open(backend)
+  local cfg = { backend = backend, path = T.tmpdir() .. "/s.db", retentionDays = 30 }
+  local s = assert(store_mod.open(cfg))
+  T.defer(function()
+    s:close()
+  end)
+  return s
+end
+
+local function call(id, status)
+  return { id = id, status = status or "queued", attempt = 0, attempts = {}, to = "+14155550100", prompt = "p", usage = {}, createdAt = "x" }
+end
+
+for _, backend in ipairs({ "memory", "sqlite" }) do
+  T.test(backend .. ": calls round-trip with attempts, transcript and events; updates merge", function()
+    local s = open(backend)
+    assert(s:insert_call(call("c_1")))
+    assert(s:update_call("c_1", { status = "dialing", attempt = 1, hint = "h" }))
+    assert(s:add_attempt("c_1", { n = 1, status = "dialing", startedAt = "t1" }))
+    assert(s:update_attempt("c_1", 1, { status = "busy", providerCallId = "CA1" }))
+    assert(s:add_transcript("c_1", { role = "agent", text = "hi", at = "t" }))
+    assert(s:add_transcript("c_1", { role = "callee", text = "hello", at = "t" }))
+    assert(s:add_event("c_1", { type = "status", to = "dialing" }))
+    assert(s:update_call("c_1", { hint = store_mod.NULL, report = { outcome = "success", data = { k = 1 } } }))
+    local c = s:get_call("c_1")
+    T.eq(c.status, "dialing")
+    T.eq(c.attempt, 1)
+    T.eq(c.hint, nil)
+    T.eq(c.report, { outcome = "success", data = { k = 1 } })
+    T.eq(c.attempts[1], { n = 1, status = "busy", startedAt = "t1", providerCallId = "CA1" })
+    T.eq(#c.transcript, 2)
+    T.eq(c.transcript[2].text, "hello")
+    T.eq(#c.events, 1)
+    T.eq(s:get_call("c_none"), nil)
+    local ok, err = s:update_call("c_none", { status = "x" })
+    T.eq(ok, nil)
+    T.match(err, "^ENOENT")
+  end)
+
+  T.test(backend .. ": listing is newest first, filtered, and paged with a cursor", function()
+    local s = open(backend)
+    for i = 1, 7 do
+      assert(s:insert_call(call("c_" .. i, i % 2 == 0 and "busy" or "completed")))
+    end
+    local page, cursor = s:list_calls({ limit = 3 })
+    T.eq({ page[1].id, page[2].id, page[3].id }, { "c_7", "c_6", "c_5" })
+    local page2, cursor2 = s:list_calls({ limit = 3, cursor = cursor })
+    T.eq({ page2[1].id, page2[2].id, page2[3].id }, { "c_4", "c_3", "c_2" })
+    local page3, cursor3 = s:list_calls({ limit = 3, cursor = cursor2 })
+    T.eq(#page3, 1)
+    T.eq(cursor3, nil)
+    local busy = s:list_calls({ status = "busy", limit = 10 })
+    T.eq(#busy, 3)
+    local active = s:active_calls()
+    T.eq(#active, 0)
+  end)
+
+  T.test(backend .. ": retries and notifications are kept until done", function()
+    local s = open(backend)
+    assert(s:insert_call(call("c_1")))
+    assert(s:set_retry("c_1", 123.5))
+    T.eq(s:due_retries()[1].call_id, "c_1")
+    T.eq(s:due_retries()[1].due_at, 123.5)
+    assert(s:clear_retry("c_1"))
+    T.eq(#s:due_retries(), 0)
+    T.eq(s:add_notification("c_1:completed", "c_1", "{}"), true)
+    T.eq(s:add_notification("c_1:completed", "c_1", "{}"), false, "a key is recorded once")
+    T.eq(#s:pending_notifications(), 1)
+    s:mark_notified("c_1:completed", false, "HTTP 503")
+    T.eq(#s:pending_notifications(), 1)
+    s:mark_notified("c_1:completed", true)
+    T.eq(#s:pending_notifications(), 0)
+  end)
+end
+
+T.test("sqlite: finished calls older than the retention are pruned with their rows; active ones stay", function()
+  local s = open("sqlite")
+  assert(s:insert_call(call("c_old", "completed")))
+  assert(s:add_transcript("c_old", { role = "agent", text = "x" }))
+  assert(s:insert_call(call("c_live", "in_progress")))
+  assert(s:insert_call(call("c_new", "completed")))
+  -- Age two of them by 40 days.
+  assert(s.db:run("UPDATE calls SET created = ? WHERE id IN ('c_old', 'c_live')", core.time() - 40 * 86400))
+  T.eq(s:prune(30), 1)
+  T.eq(s:get_call("c_old"), nil)
+  T.ok(s:get_call("c_live"), "active calls are never pruned")
+  T.ok(s:get_call("c_new"))
+  T.eq(s.db:value("SELECT count(*) FROM transcript WHERE call_id = 'c_old'"), 0, "its rows went with it")
+end)
+
+T.test("sqlite: the data is there after closing and opening again", function()
+  local path = T.tmpdir() .. "/again.db"
+  local s = assert(store_mod.open({ backend = "sqlite", path = path, retentionDays = 30 }))
+  assert(s:insert_call(call("c_1", "completed")))
+  assert(s:add_transcript("c_1", { role = "agent", text = "kept" }))
+  s:close()
+  local s2 = assert(store_mod.open({ backend = "sqlite", path = path, retentionDays = 30 }))
+  T.eq(s2:get_call("c_1").transcript[1].text, "kept")
+  s2:close()
+end)
+
+T.test("the store folder is created when missing", function()
+  local path = T.tmpdir() .. "/a/b/c/calls.db"
+  local s = assert(store_mod.open({ backend = "sqlite", path = path, retentionDays = 30 }))
+  assert(s:insert_call(call("c_1")))
+  s:close()
+  T.eq(core.stat(path), "file")
+end)
+
+T.run()

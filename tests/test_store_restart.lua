@@ -1,0 +1,233 @@
+-- Nothing lost: the SQLite store across kill -9 of the real callagent
+-- process, during a retry wait, during a live call, and between a report and
+-- its notification; and clear errors for an unusable store file.
+local T = require "testing"
+local http = require "callagent.http"
+local fetch = require "callagent.fetch"
+local json = require "callagent.json"
+local timer = require "callagent.timer"
+local task = require "callagent.task"
+local fake_tw = require "fakes.twilio"
+local fake_rt = require "fakes.realtime"
+
+local SID = "AC" .. string.rep("b2", 16)
+local TOKEN = "tw-token-restart-tests"
+local KEY = "sk-restart-tests"
+
+local function free_port()
+  local s = http.server({})
+  assert(s:listen())
+  local p = s.port
+  s:close()
+  return p
+end
+
+-- The outside world for one test, and a way to (re)start the app on one db and port.
+local function world(opts)
+  opts = opts or {}
+  local w = { deliveries = {}, requests = {} }
+  w.tw = assert(fake_tw.start({ account_sid = SID, auth_token = TOKEN, behaviour = opts.behaviour }))
+  w.rt = assert(fake_rt.start({ api_key = KEY, script = opts.script }))
+  w.hooks = http.server({ headers = { "idempotency-key" } })
+  w.hooks:post("/hooks/agent", function(req)
+    local key = req.headers["idempotency-key"]
+    w.requests[#w.requests + 1] = key
+    if opts.hold_first and #w.requests == 1 then
+      timer.sleep(60000) -- never answered before the app is killed
+    end
+    w.deliveries[#w.deliveries + 1] = { key = key, body = req:json() }
+    return 200, { ok = true }
+  end)
+  assert(w.hooks:listen())
+  w.db = T.tmpdir() .. "/calls.db"
+  w.port = free_port()
+  w.base = "http://127.0.0.1:" .. w.port
+  T.defer(function()
+    if w.app and w.app:running() then
+      w.app:kill("SIGKILL")
+    end
+    w.tw:close()
+    w.rt:close()
+    w.hooks:close()
+  end)
+  function w.start()
+    w.app = T.spawn_app(T.root .. "/tests/apps/durable.lua", nil, {
+      env = {
+        CA_PORT = tostring(w.port),
+        CA_TW_SID = SID,
+        CA_TW_TOKEN = TOKEN,
+        CA_TW_URL = w.tw.url,
+        CA_RT_KEY = KEY,
+        CA_RT_URL = w.rt.url,
+        CA_HOOKS_URL = w.hooks:url("/hooks"),
+        CA_DB = w.db,
+        CA_RETRY_MS = tostring(opts.retry_ms or 1500),
+      },
+    })
+    T.wait_for(function()
+      return w.app.out[1] and w.app.out[1]:match("^ready")
+    end, 10000, "the app to be ready: " .. w.app.errtext())
+  end
+  function w.kill9()
+    w.app:kill("SIGKILL")
+    w.app:wait(5000)
+  end
+  function w.api(method, path, body)
+    local res = assert(fetch(w.base .. path, {
+      method = method,
+      body = body and json.encode(body),
+      headers = body and { ["Content-Type"] = "application/json" } or nil,
+    }))
+    return res.status, json.try_decode(res.body)
+  end
+  function w.call(id)
+    local status, rec = w.api("GET", "/v1/calls/" .. id)
+    assert(status == 200, "GET call " .. tostring(status))
+    return rec
+  end
+  function w.wait(id, pred, ms, what)
+    local rec
+    T.wait_for(function()
+      rec = w.call(id)
+      return pred(rec)
+    end, ms or 10000, what)
+    return rec
+  end
+  return w
+end
+
+local FINAL = { completed = true, busy = true, no_answer = true, failed = true, canceled = true }
+
+local function report_script(session)
+  assert(session:wait_event("response.create", 5000))
+  session:call_function("report_call", { summary = "All good.", outcome = "success" })
+  session:wait_event("response.create", 5000)
+  session:speak({ ms = 100, text = "Bye." })
+end
+
+T.test("kill -9 during a retry wait: after restart the retry fires once, at its time", function()
+  local n = 0
+  local w = world({
+    behaviour = function()
+      n = n + 1
+      return n == 1 and "busy" or "answer"
+    end,
+    script = report_script,
+    retry_ms = 2000,
+  })
+  w.start()
+  local status, created = w.api("POST", "/v1/calls", { to = "+14155550160", prompt = "Retry me." })
+  T.eq(status, 201)
+  local id = created.callId
+  local waiting = w.wait(id, function(r)
+    return r.status == "queued" and r.nextAttemptAt ~= nil
+  end, 10000, "the retry wait")
+  T.eq(waiting.attempts[1].status, "busy")
+  w.kill9()
+  w.start()
+  local rec = w.wait(id, function(r)
+    return FINAL[r.status]
+  end, 20000, "the call to end")
+  T.eq(rec.status, "completed")
+  T.eq(#rec.attempts, 2)
+  T.eq(#w.tw.calls, 2, "exactly one retry dialed")
+  T.eq(rec.report.outcome, "success")
+  T.wait_for(function()
+    return #w.deliveries >= 1
+  end, 10000, "the notification")
+  timer.sleep(300)
+  T.eq(#w.deliveries, 1)
+  T.eq(w.deliveries[1].key, id .. ":completed")
+  local function ms(iso)
+    local h, mi, sec, frac = iso:match("T(%d+):(%d+):(%d+)%.(%d+)Z$")
+    return ((tonumber(h) * 60 + tonumber(mi)) * 60 + tonumber(sec)) * 1000 + tonumber(frac)
+  end
+  local gap = ms(rec.attempts[2].startedAt) - ms(rec.attempts[1].endedAt)
+  T.ge(gap, 1950, "the retry waited for its due time across the restart")
+  T.lt(gap, 4000)
+  T.diag(string.format("retry due 2000 ms after attempt 1; dialed after %d ms, across a kill -9 and restart", gap))
+end, { timeout = 60000 })
+
+T.test("kill -9 during a live call: after restart the call is resolved honestly and notified once", function()
+  local w = world({
+    script = function(session)
+      assert(session:wait_event("response.create", 5000))
+      session:speak({ ms = 20000, text = "A very long monologue." })
+    end,
+  })
+  w.start()
+  local _, created = w.api("POST", "/v1/calls", { to = "+14155550161", prompt = "Talk." })
+  local id = created.callId
+  w.wait(id, function(r)
+    return r.status == "in_progress"
+  end, 10000, "in progress")
+  timer.sleep(500)
+  w.kill9()
+  w.start()
+  local rec = w.wait(id, function(r)
+    return FINAL[r.status]
+  end, 20000, "the call to be resolved")
+  T.eq(rec.status, "failed")
+  T.match(rec.lastError, "^interrupted by restart")
+  T.match(rec.endReason, "^interrupted by restart")
+  T.eq(#rec.attempts, 1, "an answered call is not dialed again")
+  T.eq(#w.tw.calls, 1)
+  T.wait_for(function()
+    return #w.deliveries >= 1
+  end, 10000, "the notification")
+  timer.sleep(300)
+  T.eq(#w.deliveries, 1)
+  T.eq(w.deliveries[1].body.data.status, "failed")
+end, { timeout = 60000 })
+
+T.test("kill -9 between a report and its notification: after restart it is delivered, once", function()
+  local w = world({ script = report_script, hold_first = true })
+  w.start()
+  local _, created = w.api("POST", "/v1/calls", { to = "+14155550162", prompt = "Report." })
+  local id = created.callId
+  T.wait_for(function()
+    return #w.requests >= 1
+  end, 20000, "the first notification attempt (held)")
+  local before = w.call(id)
+  T.eq(before.status, "completed")
+  T.eq(before.report.summary, "All good.")
+  w.kill9()
+  w.start()
+  T.wait_for(function()
+    return #w.deliveries >= 1
+  end, 10000, "the notification after the restart")
+  timer.sleep(500)
+  T.eq(#w.deliveries, 1, "delivered once")
+  T.eq(w.deliveries[1].key, id .. ":completed")
+  for _, k in ipairs(w.requests) do
+    T.eq(k, id .. ":completed", "every attempt carries the same idempotency key")
+  end
+  local after = w.call(id)
+  T.eq(after.report.summary, "All good.", "the report survived")
+  T.eq(#after.transcript, #before.transcript, "the transcript survived")
+end, { timeout = 60000 })
+
+T.test("a corrupt store file is refused at start with a clear error", function()
+  local w = world()
+  local f = assert(io.open(w.db, "wb"))
+  f:write(string.rep("this is not a database. ", 200))
+  f:close()
+  local code, _, p = T.run_app(T.root .. "/tests/apps/durable.lua", nil, {
+    env = { CA_PORT = tostring(w.port), CA_TW_SID = SID, CA_TW_TOKEN = TOKEN, CA_TW_URL = w.tw.url, CA_RT_KEY = KEY, CA_RT_URL = w.rt.url, CA_HOOKS_URL = w.hooks:url("/hooks"), CA_DB = w.db },
+  })
+  T.eq(code, 1)
+  T.match(p.errtext(), "store%.path: cannot open .*calls%.db: ECORRUPT")
+end)
+
+T.test("an unwritable store path is refused at start with a clear error", function()
+  local w = world()
+  for _, path in ipairs({ "/proc/callagent-test.db", "/sys/callagent-test/calls.db" }) do
+    local code, _, p = T.run_app(T.root .. "/tests/apps/durable.lua", nil, {
+      env = { CA_PORT = tostring(w.port), CA_TW_SID = SID, CA_TW_TOKEN = TOKEN, CA_TW_URL = w.tw.url, CA_RT_KEY = KEY, CA_RT_URL = w.rt.url, CA_HOOKS_URL = w.hooks:url("/hooks"), CA_DB = path },
+    })
+    T.eq(code, 1, path)
+    T.match(p.errtext(), "store%.path: cannot open " .. path:gsub("%p", "%%%0") .. ": E%u+", path)
+  end
+end)
+
+T.run()
