@@ -7,6 +7,7 @@
  *   conn:send(text)          queue a text message; true, or nil, err
  *   conn:send_binary(data)   queue a binary message
  *   conn:close([code=1000], [reason])  close after what is queued has been sent
+ *   conn:abort()             drop the connection now, no close frame (peer sees 1006)
  *   conn:is_open()           true until closed (or while connecting: false)
  *   conn:buffered()          bytes queued and not yet taken by the socket
  *   conn:pause() / conn:resume()  stop / restart reading from the peer
@@ -475,7 +476,7 @@ int ca__ws_writeable(struct ca_ws *ws)
 			ws->tail = NULL;
 		ws->queued -= m->len;
 		free(m);
-		if (ws->head && lws_send_pipe_choked(wsi)) {
+		if (ws->head && lws_partial_buffered(wsi)) {
 			lws_callback_on_writable(wsi);
 			return 0;
 		}
@@ -572,6 +573,10 @@ void ca__ws_closed(struct ca_ws *ws)
 
 /* ---- Lua methods ---- */
 
+/* Scratch space for direct writes: lws needs LWS_PRE bytes before the payload. */
+static unsigned char *scratch;
+static size_t scratch_cap;
+
 static int queue_msg(lua_State *L, int kind)
 {
 	struct ca_ws *ws = check_ws(L);
@@ -581,6 +586,32 @@ static int queue_msg(lua_State *L, int kind)
 
 	if (ws->state != CA_WS_OPEN || ws->close_code || ws->fail_code || ws->wsi == NULL)
 		return ca_fail(L, "ECLOSED", "the connection is closed");
+	/*
+	 * Nothing queued and lws holding no partial write: send now. This
+	 * saves the writeable round trip (two epoll_ctl calls and a callback)
+	 * on every message of the audio path; lws keeps the unsent tail of a
+	 * short write itself and asks for POLLOUT, and later messages queue
+	 * behind it.
+	 */
+	if (len > ws->max_queue) {
+		ca_log(CA_LOG_WARN, "websocket %lld: a message of %zu bytes is over max_send_queue (%zu): dropping the connection",
+		       (long long)ws->id, len, ws->max_queue);
+		drop(ws, 1008, "message over the send queue limit");
+		return ca_fail(L, "ENOBUFS", "message of %zu bytes over the send queue limit (%zu)", len, ws->max_queue);
+	}
+	if (ws->head == NULL && !lws_partial_buffered(ws->wsi)) {
+		if (LWS_PRE + len > scratch_cap) {
+			scratch_cap = LWS_PRE + len + 4096;
+			scratch = ca_realloc(scratch, scratch_cap);
+		}
+		memcpy(scratch + LWS_PRE, data, len);
+		if (lws_write(ws->wsi, scratch + LWS_PRE, len, (enum lws_write_protocol)kind) < 0) {
+			drop(ws, 1006, "write failed");
+			return ca_fail(L, "ECLOSED", "the connection failed");
+		}
+		lua_pushboolean(L, 1);
+		return 1;
+	}
 	if (ws->queued + len > ws->max_queue) {
 		ca_log(CA_LOG_WARN, "websocket %lld: peer too slow (send queue over %zu bytes): dropping it",
 		       (long long)ws->id, ws->max_queue);
@@ -636,6 +667,16 @@ static int l_close(lua_State *L)
 	memcpy(ws->close_reason, reason, rlen);
 	ws->close_reason[rlen] = '\0';
 	lws_callback_on_writable(ws->wsi);
+	return 0;
+}
+
+/* conn:abort(): drop the connection at once, without a close frame (the peer sees 1006). */
+static int l_abort(lua_State *L)
+{
+	struct ca_ws *ws = check_ws(L);
+
+	if (ws->wsi && ws->state != CA_WS_CLOSED)
+		drop(ws, 1006, "aborted");
 	return 0;
 }
 
@@ -732,6 +773,7 @@ void ca__ws_register(lua_State *L)
 		{"send", l_send},
 		{"send_binary", l_send_binary},
 		{"close", l_close},
+		{"abort", l_abort},
 		{"is_open", l_is_open},
 		{"buffered", l_buffered},
 		{"pause", l_pause},

@@ -102,9 +102,8 @@
 --       a JSON string. The call_id is in session.responses[#].call_id.
 --   session:error(code, message, [type])   an `error` event
 --   session:close([code], [reason])       close frame (default 1000)
---   session:drop()   ends the TCP connection with no close frame: the client
---       sees 1006. Done by overrunning the send queue (our WebSocket API has no
---       abort), so the server logs one "peer too slow" warning.
+--   session:drop()   ends the TCP connection with no close frame (conn:abort()):
+--       the client sees 1006.
 --
 -- Default script: wait for the first response.create, then speak 1 s of tone
 -- with text "Hello, this is a test.".
@@ -326,16 +325,13 @@ function Session:close(code, reason)
   end
 end
 
-local drop_payload
 function Session:drop()
   if self._ended then
     return
   end
-  -- One message larger than the whole send queue: the connection is dropped
-  -- at once, without a close frame (see src/wsconn.c, ENOBUFS).
-  drop_payload = drop_payload or rep(" ", MAX_SEND_QUEUE + 1)
+  -- The connection ends at once, without a close frame (the client sees 1006).
   self.dropped = true
-  self.conn:send(drop_payload)
+  self.conn:abort()
 end
 
 function Session:output_format()

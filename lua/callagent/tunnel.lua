@@ -1,0 +1,476 @@
+--- callagent.tunnel: a public HTTPS URL for a local port, through ngrok or
+-- Tailscale Funnel, so the telephony vendor can reach a callagent that has
+-- no public address of its own.
+--
+--   local tunnel = require "callagent.tunnel"
+--   local t, err = tunnel.open(cfg.tunnel, port)   inside a task; waits up to tunnel.timeoutSec
+--   t.url        "https://abcd.ngrok-free.app": no trailing slash, exactly the
+--                base URL the vendor calls (and signs requests for)
+--   t.provider   "ngrok" or "tailscale"
+--   t:close()    takes the tunnel down; idempotent; inside a task it waits
+--                (a few seconds at most) until that is done
+--
+-- cfg (the config's tunnel section): provider "auto" | "ngrok" | "tailscale" |
+-- "none", timeoutSec (default 20), ngrokApiUrl (default "http://127.0.0.1:4040").
+--
+-- ngrok: runs `ngrok http <port> --log stdout --log-format json` and polls
+-- ngrok's local API (GET <api>/api/tunnels, every 250 ms) for the https
+-- tunnel whose config.addr is our port. <api> is the web address ngrok logs
+-- ("starting web service", so a second ngrok on 4041 is found too), else
+-- ngrokApiUrl. The ngrok process lives as long as the tunnel; close() sends it
+-- SIGTERM. Any failure kills it.
+--
+-- tailscale: `tailscale status --json` must show BackendState "Running";
+-- then `tailscale funnel --bg <port>` (exit 0) publishes the port on
+-- https://<Self.DNSName> (port 443). close() runs `tailscale funnel
+-- --https=443 off`, the command the CLI itself prints to undo --bg (`funnel
+-- <port> off` is refused as the pre-1.52 syntax; `funnel reset` would also
+-- drop the user's other serve/funnel settings).
+--
+-- auto: ngrok if installed, else tailscale; when the first fails for another
+-- reason, the other is tried too. Errors are one line starting "tunnel: ",
+-- saying what to do:
+--   tunnel: ngrok is not installed (not found in PATH); install it or set server.publicBaseUrl
+--   tunnel: ngrok is not logged in: run `ngrok config add-authtoken <token>` (ngrok said: ...)
+--   tunnel: ngrok exited (status 1) before opening a tunnel: <ngrok's error> (ERR_NGROK_108)
+--   tunnel: no ngrok tunnel for port 4545 after 20 s
+--   tunnel: tailscale is not logged in: run `tailscale up`
+--   tunnel: tailscale Funnel is not available for this machine: <tailscale's message>
+--   tunnel: tailscale Funnel is not enabled on this tailnet: visit <admin link> to enable it, then try again
+--   tunnel: neither ngrok nor tailscale is installed; install one, or set server.publicBaseUrl
+--   tunnel: no tunnel could be opened: ngrok ...; tailscale .... Fix one, or set server.publicBaseUrl
+--   tunnel: tunnel.provider is "none"; set server.publicBaseUrl to ...
+local process = require "callagent.process"
+local fetch = require "callagent.fetch"
+local json = require "callagent.json"
+local task = require "callagent.task"
+local timer = require "callagent.timer"
+local log = require "callagent.log"
+
+local M = {}
+
+local POLL_MS = 250
+local STOP_MS = 3000 -- how long close() waits for a child before SIGKILL
+local OFF_MS = 5000 -- how long close() waits for `tailscale funnel ... off`
+local NOT_INSTALLED = "not installed"
+
+local Tunnel = {}
+Tunnel.__index = Tunnel
+
+function Tunnel:close()
+  if self.closed then
+    return
+  end
+  self.closed = true
+  self._stop()
+  log.info("tunnel closed", { provider = self.provider, url = self.url })
+end
+
+function Tunnel:__tostring()
+  return "callagent.tunnel (" .. self.provider .. " " .. self.url .. (self.closed and ", closed)" or ")")
+end
+
+local function new_tunnel(provider, url, stop)
+  return setmetatable({ provider = provider, url = (url:gsub("/+$", "")), closed = false, _stop = stop }, Tunnel)
+end
+
+-- Ends a child: SIGTERM; inside a task waits up to STOP_MS, then SIGKILL.
+local function stop_child(p)
+  if p.done then
+    return
+  end
+  p:kill("SIGTERM")
+  if task.running() then
+    local code, err = p:wait(STOP_MS)
+    if code == nil and err == "ETIMEDOUT" then
+      p:kill("SIGKILL")
+      p:wait(1000)
+    end
+  end
+end
+
+local function exit_text(code, signal)
+  return signal and ("signal " .. signal) or ("status " .. tostring(code))
+end
+
+local function not_found(err)
+  return err:match("^ENOENT") ~= nil
+end
+
+---------------------------------------------------------------------------
+-- ngrok
+
+-- The port an ngrok config.addr points at on this machine: "http://localhost:4545",
+-- "localhost:4545", "127.0.0.1:4545" or "4545"; nil for another host.
+local function local_port(addr)
+  addr = addr:gsub("^%a[%w+.-]*://", ""):gsub("/+$", "")
+  local port = addr:match("^(%d+)$")
+  if port then
+    return tonumber(port)
+  end
+  local host
+  host, port = addr:match("^(.*):(%d+)$")
+  if not host then
+    return nil
+  end
+  host = host:gsub("^%[(.*)%]$", "%1")
+  if host == "localhost" or host == "::1" or host == "0.0.0.0" or host:match("^127%.") then
+    return tonumber(port)
+  end
+  return nil
+end
+M._local_port = local_port
+
+-- The https public_url of the tunnel for port in an /api/tunnels body.
+local function find_tunnel(body, port)
+  local doc = json.try_decode(body)
+  if type(doc) ~= "table" or type(doc.tunnels) ~= "table" then
+    return nil
+  end
+  for _, t in ipairs(doc.tunnels) do
+    local addr = type(t) == "table" and type(t.config) == "table" and t.config.addr
+    local pub = type(t) == "table" and t.public_url
+    if type(addr) == "string" and type(pub) == "string" and pub:match("^https://[^/]") and local_port(addr) == port then
+      return pub
+    end
+  end
+  return nil
+end
+
+-- ngrok's not-logged-in codes: no authtoken (4018), a malformed or an unknown one (105, 107).
+local AUTH_CODES = { ERR_NGROK_4018 = true, ERR_NGROK_105 = true, ERR_NGROK_107 = true }
+
+-- Reads one line of ngrok's output (JSON logs on stdout, "ERROR:  ..." lines
+-- on stderr) into st: web (its API address), headline (the first error
+-- line), code (ERR_NGROK_...), auth (not logged in).
+local function ngrok_line(st, line)
+  local text
+  if line:sub(1, 1) == "{" then
+    local ev = json.try_decode(line)
+    if type(ev) == "table" then
+      if ev.msg == "starting web service" and type(ev.addr) == "string" then
+        st.web = ev.addr:match("^https?://") and ev.addr or ("http://" .. ev.addr)
+      end
+      if ev.lvl ~= "eror" and ev.lvl ~= "crit" then
+        return
+      end
+      text = type(ev.err) == "string" and ev.err ~= "<nil>" and ev.err or tostring(ev.msg or "")
+    end
+  end
+  text = text or line:gsub("^ERROR:%s*", "")
+  for piece in text:gmatch("[^\r\n]+") do
+    piece = piece:match("^%s*(.-)%s*$")
+    local code = piece:match("ERR_NGROK_%d+")
+    if code then
+      st.code = st.code or code
+      st.auth = st.auth or AUTH_CODES[code]
+    elseif piece ~= "" then
+      st.headline = st.headline or piece
+      if piece:find("authentication failed", 1, true) and piece:find("authtoken", 1, true) then
+        st.auth = true
+        st.auth_line = st.auth_line or piece
+      end
+    end
+  end
+end
+
+-- "<headline> (ERR_NGROK_n)", or nil when ngrok said nothing useful.
+local function ngrok_said(st)
+  if not st.headline then
+    return st.code
+  end
+  return st.code and (st.headline .. " (" .. st.code .. ")") or st.headline
+end
+
+local function open_ngrok(cfg, port)
+  local st = {}
+  local wake = task.queue(1)
+  local function poke()
+    wake:push(true)
+  end
+  local tun
+  local function on_line(line)
+    ngrok_line(st, line)
+    if st.auth then
+      poke()
+    end
+  end
+  local p, err = process.spawn({
+    "ngrok",
+    "http",
+    tostring(port),
+    "--log",
+    "stdout",
+    "--log-format",
+    "json",
+    on_stdout = on_line,
+    on_stderr = on_line,
+    on_exit = function(code, signal)
+      poke()
+      if tun and not tun.closed then
+        log.error("tunnel: ngrok exited; the telephony vendor cannot reach this server any more", {
+          exit = exit_text(code, signal),
+          said = ngrok_said(st),
+        })
+      end
+    end,
+    kill_on_exit = true,
+  })
+  if not p then
+    if not_found(err) then
+      return nil, "ngrok is not installed (not found in PATH)", NOT_INSTALLED
+    end
+    return nil, "ngrok cannot be started: " .. err
+  end
+  local function fail(msg)
+    stop_child(p)
+    return nil, msg
+  end
+  local deadline = timer.now() + cfg.timeoutSec * 1000
+  while true do
+    wake:pop(POLL_MS)
+    if st.auth then
+      return fail("ngrok is not logged in: run `ngrok config add-authtoken <token>` (ngrok said: "
+        .. (st.auth_line or ngrok_said(st)) .. ")")
+    end
+    if p.done then
+      local said = ngrok_said(st)
+      return fail("ngrok exited (" .. exit_text(p.code, p.signal) .. ") before opening a tunnel"
+        .. (said and (": " .. said) or ""))
+    end
+    local left = deadline - timer.now()
+    local api = (st.web or cfg.ngrokApiUrl):gsub("/+$", "")
+    local res = fetch(api .. "/api/tunnels", {
+      timeout = math.max(100, math.min(2000, math.floor(left))),
+      connect_timeout = 500,
+    })
+    local url = res and res.status == 200 and find_tunnel(res.body, port)
+    if url and not p.done then
+      tun = new_tunnel("ngrok", url, function()
+        stop_child(p)
+      end)
+      tun.pid = p.pid
+      return tun
+    end
+    if timer.now() >= deadline then
+      local said = ngrok_said(st)
+      return fail(string.format("no ngrok tunnel for port %d after %d s", port, cfg.timeoutSec)
+        .. (said and (" (ngrok said: " .. said .. ")") or ""))
+    end
+  end
+end
+
+---------------------------------------------------------------------------
+-- tailscale
+
+-- Runs a short tailscale command, waiting at most ms: a result {code,
+-- signal, out (stdout lines), lines (both streams), timed_out}, or nil, err
+-- when it cannot start.
+local function run(args, ms, opts)
+  local out, lines = {}, {}
+  local spec = {
+    "tailscale",
+    on_stdout = function(l)
+      out[#out + 1] = l
+      lines[#lines + 1] = l
+    end,
+    on_stderr = function(l)
+      lines[#lines + 1] = l
+    end,
+    kill_on_exit = not (opts and opts.detached),
+  }
+  for i, a in ipairs(args) do
+    spec[i + 1] = a
+  end
+  local p, err = process.spawn(spec)
+  if not p then
+    return nil, err
+  end
+  local r = { out = out, lines = lines, p = p }
+  if ms == false then
+    return r
+  end
+  local code, sig = p:wait(math.max(1, math.floor(ms)))
+  if code == nil and sig == "ETIMEDOUT" then
+    stop_child(p)
+    r.timed_out = true
+  else
+    r.code, r.signal = code, sig
+  end
+  return r
+end
+
+local function first_line(lines, pattern)
+  for _, l in ipairs(lines) do
+    local s = l:match("^%s*(.-)%s*$")
+    if s ~= "" and (not pattern or s:find(pattern)) then
+      return s
+    end
+  end
+  return nil
+end
+
+local LOGIN = "tailscale is not logged in: run `tailscale up`"
+
+local function state_error(state)
+  if state == "NeedsLogin" or state == "NoState" then
+    return LOGIN
+  elseif state == "Stopped" then
+    return "tailscale is stopped: run `tailscale up`"
+  elseif state == "NeedsMachineAuth" then
+    return "tailscale is waiting for a tailnet admin to approve this machine (BackendState NeedsMachineAuth)"
+  end
+  return "tailscale is not running (BackendState " .. tostring(state) .. "): run `tailscale up`"
+end
+
+-- What a failed tailscale command's output means, as one actionable line.
+local function tailscale_error(what, r, timeout_s)
+  local lines = r.lines
+  local enable = first_line(lines, "https://login%.tailscale%.com/f/%S+")
+  local no_funnel = first_line(lines, "Funnel not available")
+  if no_funnel then
+    return "tailscale Funnel is not available for this machine: " .. no_funnel
+  elseif enable then
+    return "tailscale Funnel is not enabled on this tailnet: visit " .. enable:match("https://%S+")
+      .. " to enable it, then try again"
+  elseif first_line(lines, "Logged out") or first_line(lines, "NeedsLogin") or first_line(lines, "not logged in") then
+    return LOGIN
+  elseif first_line(lines, "tailscaled") and first_line(lines, "connect") then
+    return "tailscaled is not running: " .. first_line(lines, "tailscaled")
+  elseif first_line(lines, "[Aa]ccess denied") or first_line(lines, "[Pp]ermission denied") then
+    return "tailscale refused (" .. (first_line(lines, "[Aa]ccess denied") or first_line(lines, "[Pp]ermission denied"))
+      .. "): run `sudo tailscale set --operator=$USER` once, so callagent may configure Funnel"
+  elseif r.timed_out then
+    local said = first_line(lines)
+    return string.format("`tailscale %s` did not finish within %d s", what, timeout_s)
+      .. (said and (" (tailscale said: " .. said .. ")") or "")
+  end
+  local said = first_line(lines)
+  return string.format("`tailscale %s` failed (%s)", what, exit_text(r.code, r.signal))
+    .. (said and (": " .. said) or "")
+end
+
+local FUNNEL_OFF = { "funnel", "--https=443", "off" }
+
+-- Turns the funnel off; inside a task waits for it (OFF_MS at most).
+local function funnel_off()
+  local in_task = task.running() ~= nil
+  local r, err = run(FUNNEL_OFF, in_task and OFF_MS or false, { detached = true })
+  if not r then
+    log.warn("tunnel: cannot turn tailscale funnel off", { error = err })
+  elseif in_task and r.code ~= 0 then
+    log.warn("tunnel: `tailscale funnel --https=443 off` failed", {
+      exit = r.timed_out and "timed out" or exit_text(r.code, r.signal),
+      said = first_line(r.lines),
+    })
+  end
+end
+
+local function open_tailscale(cfg, port)
+  local deadline = timer.now() + cfg.timeoutSec * 1000
+  local function left()
+    return deadline - timer.now()
+  end
+  local status
+  while true do
+    local r, err = run({ "status", "--json" }, left())
+    if not r then
+      if not_found(err) then
+        return nil, "tailscale is not installed (not found in PATH)", NOT_INSTALLED
+      end
+      return nil, "tailscale cannot be started: " .. err
+    end
+    if r.timed_out or r.code ~= 0 then
+      return nil, tailscale_error("status --json", r, cfg.timeoutSec)
+    end
+    status = json.try_decode(table.concat(r.out, "\n"))
+    if type(status) ~= "table" then
+      return nil, "`tailscale status --json` printed no JSON: " .. (first_line(r.lines) or "(nothing)")
+    end
+    if status.BackendState == "Running" then
+      break
+    end
+    if status.BackendState ~= "Starting" or left() < 2 * POLL_MS then
+      return nil, state_error(status.BackendState)
+    end
+    timer.sleep(2 * POLL_MS)
+  end
+
+  local r, err = run({ "funnel", "--bg", tostring(port) }, math.max(1, left()))
+  if not r then
+    return nil, "tailscale cannot be started: " .. err
+  end
+  if r.timed_out or r.code ~= 0 then
+    return nil, tailscale_error("funnel --bg " .. port, r, cfg.timeoutSec)
+  end
+  local me = type(status.Self) == "table" and status.Self or {}
+  local name = type(me.DNSName) == "string" and me.DNSName:gsub("%.$", "") or ""
+  local url = name ~= "" and ("https://" .. name) or (first_line(r.out, "^https://") or ""):match("^https://[^/%s]+")
+  if not url then
+    funnel_off()
+    return nil, "tailscale has no DNS name for this machine (is MagicDNS on?); set server.publicBaseUrl"
+  end
+  return new_tunnel("tailscale", url, funnel_off)
+end
+
+---------------------------------------------------------------------------
+
+local OPENERS = { ngrok = open_ngrok, tailscale = open_tailscale }
+
+local function with_defaults(cfg)
+  cfg = cfg or {}
+  return {
+    provider = cfg.provider or "auto",
+    timeoutSec = cfg.timeoutSec or 20,
+    ngrokApiUrl = cfg.ngrokApiUrl or "http://127.0.0.1:4040",
+  }
+end
+
+local function opened(t)
+  log.info("tunnel open", { provider = t.provider, url = t.url })
+  return t
+end
+
+function M.open(cfg, port)
+  assert(math.type(port) == "integer" and port > 0 and port < 65536, "tunnel.open needs a port number")
+  assert(task.running(), "tunnel.open must be called inside a task (see callagent.task.spawn)")
+  cfg = with_defaults(cfg)
+  local provider = cfg.provider
+  if provider == "none" then
+    return nil, 'tunnel: tunnel.provider is "none"; set server.publicBaseUrl to the URL the telephony vendor reaches this server at'
+  end
+  local single = OPENERS[provider]
+  if single then
+    local t, err, kind = single(cfg, port)
+    if t then
+      return opened(t)
+    end
+    if kind == NOT_INSTALLED then
+      err = err .. "; install it or set server.publicBaseUrl"
+    end
+    return nil, "tunnel: " .. err
+  end
+  if provider ~= "auto" then
+    error("tunnel.provider must be auto, ngrok, tailscale or none, not " .. tostring(provider), 2)
+  end
+  local reasons, missing = {}, 0
+  for _, name in ipairs({ "ngrok", "tailscale" }) do
+    local t, err, kind = OPENERS[name](cfg, port)
+    if t then
+      return opened(t)
+    end
+    reasons[#reasons + 1] = err
+    if kind == NOT_INSTALLED then
+      missing = missing + 1
+    else
+      log.warn("tunnel: " .. name .. " failed", { reason = err })
+    end
+  end
+  if missing == 2 then
+    return nil, "tunnel: neither ngrok nor tailscale is installed; install one, or set server.publicBaseUrl"
+  end
+  return nil, "tunnel: no tunnel could be opened: " .. table.concat(reasons, "; ")
+    .. ". Fix one, or set server.publicBaseUrl"
+end
+
+return M

@@ -1,0 +1,428 @@
+-- Tunnels: callagent.tunnel against stand-ins for the ngrok and tailscale
+-- CLIs (tests/bin). Each case runs a child callagent whose PATH holds only
+-- the stand-ins it needs, so finding (or not finding) a program, its
+-- arguments, its output and its end are all real; the stand-ins log every
+-- invocation to a file the test reads.
+local T = require "testing"
+local json = require "callagent.json"
+local task = require "callagent.task"
+local http = require "callagent.http"
+local tunnel = require "callagent.tunnel"
+
+local BIN = T.root .. "/tests/bin"
+local PORT = 4545 -- the port the tunnels forward to (nothing needs to listen there)
+
+-- The child: opens a tunnel (config from TUNNEL_CFG) and prints one JSON line,
+-- {url, provider, pid, ms} or {err, ms}; on SIGTERM it closes the tunnel and
+-- prints {"closed": true}.
+local DRIVER = [[
+local tunnel = require "callagent.tunnel"
+local json = require "callagent.json"
+local task = require "callagent.task"
+local timer = require "callagent.timer"
+local runtime = require "callagent.runtime"
+local function say(t)
+  io.stdout:write(json.encode(t), "\n")
+  io.stdout:flush()
+end
+task.spawn(function()
+  local t0 = timer.now()
+  local t, err = tunnel.open(json.decode(os.getenv("TUNNEL_CFG")), tonumber(os.getenv("TUNNEL_PORT")))
+  local ms = timer.now() - t0
+  if not t then
+    say({ err = err, ms = ms })
+    return runtime.stop(0)
+  end
+  local keep = timer.every(3600000, function() end)
+  runtime.on_shutdown(function()
+    keep:stop()
+    t:close()
+    t:close()
+    say({ closed = true })
+  end)
+  say({ url = t.url, provider = t.provider, pid = t.pid or json.null, ms = ms })
+end)
+]]
+
+-- A folder with only the named stand-ins in it, for PATH.
+local function bindir(names)
+  local dir = T.tmpdir()
+  for _, n in ipairs(names) do
+    T.ok(os.execute(string.format("ln -s '%s/%s' '%s/%s'", BIN, n, dir, n)), "symlink " .. n)
+  end
+  return dir
+end
+
+local function read_lines(path)
+  local f = io.open(path)
+  if not f then
+    return {}
+  end
+  local lines = {}
+  for l in f:lines() do
+    lines[#lines + 1] = l
+  end
+  f:close()
+  return lines
+end
+
+local function grep(lines, pattern)
+  for _, l in ipairs(lines) do
+    local a, b = l:match(pattern)
+    if a then
+      return a, b
+    end
+  end
+  return nil
+end
+
+-- Whether a pid is gone (no /proc entry, or a zombie).
+local function pid_gone(pid)
+  local f = io.open(string.format("/proc/%d/stat", pid))
+  if not f then
+    return true
+  end
+  local stat = f:read("a") or ""
+  f:close()
+  local state = stat:match("^%d+ %b() (%a)")
+  return state == nil or state == "Z" or state == "X"
+end
+
+-- A scenario: opts.path (folder for PATH), opts.env (FAKE_* variables),
+-- opts.cfg (the tunnel config). Returns the child's result, the child, and
+-- the stand-ins' log files.
+local function scenario(opts)
+  local dir = T.tmpdir()
+  local logs = { ngrok = dir .. "/ngrok.log", tailscale = dir .. "/tailscale.log" }
+  local env = {
+    PATH = opts.path,
+    CALLAGENT_BIN = T.bin,
+    TUNNEL_CFG = json.encode(opts.cfg),
+    TUNNEL_PORT = tostring(PORT),
+    FAKE_NGROK_LOG = logs.ngrok,
+    FAKE_TAILSCALE_LOG = logs.tailscale,
+  }
+  for k, v in pairs(opts.env or {}) do
+    env[k] = v
+  end
+  local results = task.queue()
+  local p = T.spawn_app(nil, nil, {
+    source = DRIVER,
+    name = "driver.lua",
+    env = env,
+    on_stdout = function(line)
+      results:push(line)
+    end,
+  })
+  local first = results:pop(20000)
+  T.ok(first, "the driver printed a result; stderr: " .. p.errtext())
+  local r = json.decode(first)
+  r.next = function()
+    local l = results:pop(10000)
+    return l and json.decode(l)
+  end
+  return r, p, logs
+end
+
+-- Ends the driver with SIGTERM (which closes its tunnel) and waits for it.
+local function stop_driver(r, p)
+  T.ok(p:kill("SIGTERM"))
+  T.eq(r.next(), { closed = true }, "the driver closed its tunnel")
+  T.eq(p:wait(10000), 0, "the driver's exit status")
+end
+
+-- A loopback port that was free a moment ago.
+local function free_port()
+  local srv = http.server({ host = "127.0.0.1", port = 0 })
+  assert(srv:listen())
+  local port = srv.port
+  srv:close()
+  return port
+end
+
+T.test("ngrok addresses of our port are recognised in every form ngrok writes, other hosts are not", function()
+  local lp = tunnel._local_port
+  T.eq(lp("http://localhost:4545"), 4545)
+  T.eq(lp("https://localhost:4545"), 4545)
+  T.eq(lp("localhost:4545"), 4545)
+  T.eq(lp("4545"), 4545)
+  T.eq(lp("http://127.0.0.1:4545"), 4545)
+  T.eq(lp("[::1]:4545"), 4545)
+  T.eq(lp("http://localhost:45450"), 45450)
+  T.eq(lp("example.com:4545"), nil)
+  T.eq(lp("http://10.0.0.2:4545"), nil)
+end)
+
+T.test('tunnel.provider "none" refuses at once and points to server.publicBaseUrl', function()
+  local t, err = tunnel.open({ provider = "none" }, PORT)
+  T.eq(t, nil)
+  T.eq(err, 'tunnel: tunnel.provider is "none"; set server.publicBaseUrl to the URL the telephony vendor reaches this server at')
+end)
+
+T.test("ngrok: the https URL comes from ngrok's own API (the address it logs), and close() ends ngrok with SIGTERM", function()
+  -- ngrokApiUrl points nowhere: the API must be found through ngrok's "starting web service" line.
+  local r, p, logs = scenario({
+    path = bindir({ "ngrok" }),
+    cfg = { provider = "ngrok", timeoutSec = 10, ngrokApiUrl = "http://127.0.0.1:1" },
+  })
+  T.eq(r.err, nil)
+  T.eq(r.provider, "ngrok")
+  local log = read_lines(logs.ngrok)
+  T.eq(grep(log, "^start pid=%d+ mode=ok argv=(.*)$"), "http " .. PORT .. " --log stdout --log-format json")
+  local pid, url = grep(log, "^tunnel pid=(%d+) url=(%S+)")
+  T.eq(r.url, url, "the URL ngrok's API listed")
+  T.match(r.url, "^https://[%x-]+%.ngrok%-free%.app$")
+  T.eq(r.pid, tonumber(pid), "the tunnel's ngrok is the one that logged")
+  T.ge(r.ms, 300, "the tunnel is listed only after 300 ms, so the API was polled")
+  T.ok(not pid_gone(r.pid), "ngrok runs while the tunnel is open")
+  T.eq(grep(log, "^(end) "), nil)
+
+  stop_driver(r, p)
+  log = read_lines(logs.ngrok)
+  T.eq(grep(log, "^end pid=(%d+) signal=(%S+)$"), pid)
+  T.eq(select(2, grep(log, "^end pid=(%d+) signal=(%S+)$")), "SIGTERM")
+  T.ok(pid_gone(r.pid), "no ngrok process is left")
+end)
+
+T.test("ngrok: without its web-service line the API is read at tunnel.ngrokApiUrl; other ports and http URLs are skipped", function()
+  local api = free_port()
+  local r, p, logs = scenario({
+    path = bindir({ "ngrok" }),
+    env = {
+      FAKE_NGROK_NO_WEB_LOG = "1",
+      FAKE_NGROK_API_PORT = tostring(api),
+      FAKE_NGROK_EXTRA = "1",
+      FAKE_NGROK_ADDR = "hostport",
+    },
+    cfg = { provider = "ngrok", timeoutSec = 10, ngrokApiUrl = "http://127.0.0.1:" .. api .. "/" },
+  })
+  T.eq(r.err, nil)
+  local _, url = grep(read_lines(logs.ngrok), "^tunnel pid=(%d+) url=(%S+) addr=localhost:" .. PORT .. "$")
+  T.ok(url, "the stand-in listed localhost:PORT")
+  T.eq(r.url, url, "our port's https tunnel, not the other port's nor the http one")
+  stop_driver(r, p)
+end)
+
+T.test("ngrok without an authtoken: the error says how to log in, quoting ngrok", function()
+  local r, _, logs = scenario({
+    path = bindir({ "ngrok" }),
+    env = { FAKE_NGROK_MODE = "auth" },
+    cfg = { provider = "ngrok", timeoutSec = 10 },
+  })
+  T.eq(r.err, "tunnel: ngrok is not logged in: run `ngrok config add-authtoken <token>` "
+    .. "(ngrok said: authentication failed: Usage of ngrok requires a verified account and authtoken.)")
+  T.lt(r.ms, 5000, "no waiting for the timeout")
+  T.ok(grep(read_lines(logs.ngrok), "^(end) pid=%d+ status=1$"))
+end)
+
+T.test("ngrok that exits on another error: the error gives its status and ngrok's headline with the code", function()
+  local r = scenario({
+    path = bindir({ "ngrok" }),
+    env = { FAKE_NGROK_MODE = "limit" },
+    cfg = { provider = "ngrok", timeoutSec = 10 },
+  })
+  T.eq(r.err, "tunnel: ngrok exited (status 1) before opening a tunnel: authentication failed: "
+    .. "Your account is limited to 1 simultaneous ngrok agent sessions. (ERR_NGROK_108)")
+end)
+
+T.test("ngrok that never opens a tunnel: timeout error after tunnel.timeoutSec, and ngrok is killed", function()
+  local r, _, logs = scenario({
+    path = bindir({ "ngrok" }),
+    env = { FAKE_NGROK_MODE = "hang" },
+    cfg = { provider = "ngrok", timeoutSec = 1 },
+  })
+  T.eq(r.err, "tunnel: no ngrok tunnel for port " .. PORT .. " after 1 s")
+  T.ge(r.ms, 1000)
+  T.lt(r.ms, 3000)
+  local log = read_lines(logs.ngrok)
+  local pid = grep(log, "^start pid=(%d+) mode=hang")
+  T.ok(pid, "ngrok was started")
+  T.eq(grep(log, "^end pid=" .. pid .. " signal=(%S+)$"), "SIGTERM")
+  T.ok(pid_gone(tonumber(pid)), "no ngrok process is left")
+end)
+
+T.test("ngrok not installed: the error says so and names server.publicBaseUrl", function()
+  local r = scenario({ path = bindir({}), cfg = { provider = "ngrok", timeoutSec = 5 } })
+  T.eq(r.err, "tunnel: ngrok is not installed (not found in PATH); install it or set server.publicBaseUrl")
+end)
+
+T.test("tailscale: funnel --bg PORT publishes https://<Self.DNSName>, close() runs `funnel --https=443 off`", function()
+  local r, p, logs = scenario({
+    path = bindir({ "tailscale" }),
+    cfg = { provider = "tailscale", timeoutSec = 10 },
+  })
+  T.eq(r.err, nil)
+  T.eq(r.provider, "tailscale")
+  T.eq(r.url, "https://box.tail1234.ts.net")
+  T.eq(read_lines(logs.tailscale), { "status --json", "exit 0", "funnel --bg " .. PORT, "exit 0" })
+  stop_driver(r, p)
+  T.eq(read_lines(logs.tailscale), {
+    "status --json",
+    "exit 0",
+    "funnel --bg " .. PORT,
+    "exit 0",
+    "funnel --https=443 off",
+    "exit 0",
+  }, "off ran once (close is idempotent) and succeeded")
+end)
+
+T.test("tailscale logged out: the error says to run `tailscale up`, and no funnel is attempted", function()
+  local r, _, logs = scenario({
+    path = bindir({ "tailscale" }),
+    env = { FAKE_TAILSCALE_MODE = "needslogin" },
+    cfg = { provider = "tailscale", timeoutSec = 10 },
+  })
+  T.eq(r.err, "tunnel: tailscale is not logged in: run `tailscale up`")
+  T.eq(read_lines(logs.tailscale), { "status --json", "exit 0" })
+end)
+
+T.test("tailscale without Funnel permission: the error quotes tailscale's reason and link", function()
+  local r = scenario({
+    path = bindir({ "tailscale" }),
+    env = { FAKE_TAILSCALE_MODE = "nofunnel" },
+    cfg = { provider = "tailscale", timeoutSec = 10 },
+  })
+  T.eq(r.err, 'tunnel: tailscale Funnel is not available for this machine: Funnel not available; "funnel" node attribute '
+    .. "not set. See https://tailscale.com/s/no-funnel.")
+end)
+
+T.test("tailscale waiting for Funnel to be enabled: stopped after tunnel.timeoutSec, the error gives the admin link", function()
+  local r, _, logs = scenario({
+    path = bindir({ "tailscale" }),
+    env = { FAKE_TAILSCALE_MODE = "enable" },
+    cfg = { provider = "tailscale", timeoutSec = 1 },
+  })
+  T.eq(r.err, "tunnel: tailscale Funnel is not enabled on this tailnet: visit "
+    .. "https://login.tailscale.com/f/funnel?node=nTEST123CNTRL to enable it, then try again")
+  T.ge(r.ms, 900)
+  T.lt(r.ms, 3000)
+  T.eq(read_lines(logs.tailscale), { "status --json", "exit 0", "funnel --bg " .. PORT, "waiting" })
+end)
+
+T.test("auto prefers ngrok when both are installed", function()
+  local r, p, logs = scenario({ path = bindir({ "ngrok", "tailscale" }), cfg = { provider = "auto", timeoutSec = 10 } })
+  T.eq(r.provider, "ngrok")
+  T.match(r.url, "%.ngrok%-free%.app$")
+  T.eq(read_lines(logs.tailscale), {}, "tailscale was not run")
+  stop_driver(r, p)
+  T.eq(read_lines(logs.tailscale), {}, "tailscale was not run on close either")
+end)
+
+T.test("auto falls back to tailscale when ngrok is not installed", function()
+  local r, p = scenario({ path = bindir({ "tailscale" }), cfg = { provider = "auto", timeoutSec = 10 } })
+  T.eq(r.provider, "tailscale")
+  T.eq(r.url, "https://box.tail1234.ts.net")
+  stop_driver(r, p)
+end)
+
+T.test("auto falls back to tailscale when ngrok is not logged in", function()
+  local r, p, logs = scenario({
+    path = bindir({ "ngrok", "tailscale" }),
+    env = { FAKE_NGROK_MODE = "auth" },
+    cfg = { provider = "auto", timeoutSec = 10 },
+  })
+  T.eq(r.provider, "tailscale")
+  T.eq(r.url, "https://box.tail1234.ts.net")
+  T.ok(grep(read_lines(logs.ngrok), "^(start) pid=%d+ mode=auth"), "ngrok was tried first")
+  stop_driver(r, p)
+end)
+
+T.test("auto reports each provider's reason when both fail", function()
+  local r = scenario({
+    path = bindir({ "ngrok", "tailscale" }),
+    env = { FAKE_NGROK_MODE = "auth", FAKE_TAILSCALE_MODE = "needslogin" },
+    cfg = { provider = "auto", timeoutSec = 10 },
+  })
+  T.eq(r.err, "tunnel: no tunnel could be opened: ngrok is not logged in: run `ngrok config add-authtoken <token>` "
+    .. "(ngrok said: authentication failed: Usage of ngrok requires a verified account and authtoken.); "
+    .. "tailscale is not logged in: run `tailscale up`. Fix one, or set server.publicBaseUrl")
+
+  local r2 = scenario({
+    path = bindir({ "tailscale" }),
+    env = { FAKE_TAILSCALE_MODE = "nofunnel" },
+    cfg = { provider = "auto", timeoutSec = 10 },
+  })
+  T.eq(r2.err, "tunnel: no tunnel could be opened: ngrok is not installed (not found in PATH); tailscale Funnel "
+    .. 'is not available for this machine: Funnel not available; "funnel" node attribute not set. '
+    .. "See https://tailscale.com/s/no-funnel.. Fix one, or set server.publicBaseUrl")
+end)
+
+T.test("auto with neither installed says to install one or set server.publicBaseUrl", function()
+  local r = scenario({ path = bindir({}), cfg = { provider = "auto", timeoutSec = 5 } })
+  T.eq(r.err, "tunnel: neither ngrok nor tailscale is installed; install one, or set server.publicBaseUrl")
+end)
+
+-- A Twilio app without server.publicBaseUrl, tunnel through ngrok.
+local APP = [[
+local callagent = require "callagent"
+local task = require "callagent.task"
+task.spawn(function()
+  local app = assert(callagent.app({
+    telephony = { provider = "twilio" },
+    server = { port = 0 },
+    twilio = { accountSid = "AC" .. string.rep("0", 32), authToken = "dummy-auth-token", fromNumber = "+15550001111" },
+    openai = { apiKey = "sk-dummy" },
+    tunnel = { provider = "ngrok", timeoutSec = 10 },
+    store = { backend = "memory" },
+  }))
+  local ok, err = app:start()
+  if not ok then
+    io.stdout:write("START FAILED: ", err, "\n")
+    io.stdout:flush()
+    require("callagent.runtime").stop(3)
+  end
+end)
+]]
+
+local function app_env(path, logfile, extra)
+  local env = { PATH = path, CALLAGENT_BIN = T.bin, FAKE_NGROK_LOG = logfile, CALLAGENT_LOG = "info" }
+  for k, v in pairs(extra or {}) do
+    env[k] = v
+  end
+  return env
+end
+
+T.test("a Twilio app without publicBaseUrl opens an ngrok tunnel, announces it, and stops ngrok on SIGTERM", function()
+  local dir = T.tmpdir()
+  local logfile = dir .. "/ngrok.log"
+  local ready
+  local p = T.spawn_app(nil, nil, {
+    source = APP,
+    env = app_env(bindir({ "ngrok" }), logfile),
+    on_stderr = function(line)
+      if line:find("callagent ready", 1, true) then
+        ready = line
+      end
+    end,
+  })
+  T.wait_for(function()
+    return ready or p.done
+  end, 15000, "callagent ready")
+  T.ok(ready, "the app started; stdout: " .. p.text() .. " stderr: " .. p.errtext())
+  local log = read_lines(logfile)
+  local pid, url = grep(log, "^tunnel pid=(%d+) url=(%S+)")
+  T.ok(url, "ngrok opened a tunnel")
+  T.match(ready, "public=" .. url:gsub("%p", "%%%0") .. "%f[%s]", "the app's public URL is ngrok's")
+  T.match(ready, "public=https://[%x-]+%.ngrok%-free%.app")
+  T.match(ready, "url=http://127%.0%.0%.1:%d+")
+  T.eq(grep(log, "^start pid=%d+ mode=ok argv=http (%d+) "), ready:match("url=http://127%.0%.0%.1:(%d+)"),
+    "ngrok forwards to the app's own port")
+
+  T.ok(p:kill("SIGTERM"))
+  T.eq(p:wait(10000), 0, "the app's exit status")
+  T.eq(grep(read_lines(logfile), "^end pid=" .. pid .. " signal=(%S+)$"), "SIGTERM", "ngrok was stopped")
+  T.ok(pid_gone(tonumber(pid)), "no ngrok process is left")
+end)
+
+T.test("a Twilio app whose tunnel cannot open does not start, and says why", function()
+  local dir = T.tmpdir()
+  local code, _, p = T.run_app(nil, nil, {
+    source = APP,
+    env = app_env(bindir({ "ngrok" }), dir .. "/ngrok.log", { FAKE_NGROK_MODE = "auth" }),
+    timeout = 15000,
+  })
+  T.eq(code, 3)
+  T.match(p.text(), "^START FAILED: tunnel: ngrok is not logged in: run `ngrok config add%-authtoken <token>`")
+end)
+
+T.run()
