@@ -82,6 +82,7 @@ int luaopen_callagent_core_http(lua_State *L);
 int luaopen_callagent_core_ws(lua_State *L);
 int luaopen_callagent_core_fetch(lua_State *L);
 int luaopen_callagent_core_process(lua_State *L);
+int luaopen_callagent_core_bridge(lua_State *L);
 int luaopen_callagent_crypto(lua_State *L);
 int luaopen_callagent_audio(lua_State *L);
 int luaopen_callagent_sqlite(lua_State *L);

@@ -883,6 +883,15 @@ static void begin_close(struct server *s)
 		s->vh_gone = 1;
 		return;
 	}
+	/*
+	 * Destroy the vhost now, before its port is free: a server started
+	 * meanwhile could get the same port, and lws asserts when it finds two
+	 * live vhosts on one port. (lws defers the freeing itself.)
+	 */
+	if (!ca__lws_ending()) {
+		s->vh_destroyed = 1;
+		lws_vhost_destroy(s->vh);
+	}
 	/* Refuse new connections now and end the open ones. */
 	if (s->listen_fd >= 0) {
 		retire_listener(s->listen_fd);

@@ -170,6 +170,7 @@ static void preload(lua_State *L)
 		{"callagent.core.ws", luaopen_callagent_core_ws},
 		{"callagent.core.fetch", luaopen_callagent_core_fetch},
 		{"callagent.core.process", luaopen_callagent_core_process},
+		{"callagent.core.bridge", luaopen_callagent_core_bridge},
 		{"callagent.crypto", luaopen_callagent_crypto},
 		{"callagent.audio", luaopen_callagent_audio},
 		{"callagent.sqlite", luaopen_callagent_sqlite},

@@ -152,6 +152,31 @@ static const struct lws_protocols protocols[] = {
 };
 
 /* The client vhost trusting ca_file besides the system store (NULL: system only). */
+/*
+ * lws keeps the vhost's name and CA path as pointers, so they are interned
+ * here for the life of the process (one per distinct CA file).
+ */
+struct vhost_name {
+	struct vhost_name *next;
+	char name[];
+};
+static struct vhost_name *vhost_names;
+
+static const char *intern_name(const char *name)
+{
+	struct vhost_name *n;
+	size_t len = strlen(name);
+
+	for (n = vhost_names; n; n = n->next)
+		if (strcmp(n->name, name) == 0)
+			return n->name;
+	n = ca_malloc(sizeof *n + len + 1);
+	memcpy(n->name, name, len + 1);
+	n->next = vhost_names;
+	vhost_names = n;
+	return n->name;
+}
+
 static struct lws_vhost *get_vhost(const char *ca_file, const char **err)
 {
 	struct lws_context_creation_info info;
@@ -165,6 +190,9 @@ static struct lws_vhost *get_vhost(const char *ca_file, const char **err)
 	vh = lws_get_vhost_by_name(ctx, name);
 	if (vh)
 		return vh;
+	name = intern_name(name);
+	if (ca_file)
+		ca_file = name;
 	memset(&info, 0, sizeof info);
 	info.options |= LWS_SERVER_OPTION_DO_SSL_GLOBAL_INIT;
 	info.port = CONTEXT_PORT_NO_LISTEN;

@@ -324,6 +324,15 @@ static struct ca_ws *check_ws(lua_State *L)
 	return b->ws;
 }
 
+struct ca_ws *ca__ws_check(lua_State *L, int idx)
+{
+	struct ws_box *b = luaL_checkudata(L, idx, WS_MT);
+
+	if (b->ws == NULL)
+		luaL_argerror(L, idx, "connection already freed");
+	return b->ws;
+}
+
 struct ca_ws *ca__ws_new(lua_State *L, size_t max_message, size_t max_queue)
 {
 	struct ws_box *b = lua_newuserdatauv(L, sizeof *b, 1);
@@ -402,6 +411,9 @@ static void deliver(struct ca_ws *ws, const void *data, size_t len, int binary)
 {
 	lua_State *L = ca_lua();
 
+	/* A C tap (the call's audio path) takes the messages it handles. */
+	if (ws->tap && !binary && ws->tap(ws->tap_ctx, ws, data, len))
+		return;
 	if (L == NULL)
 		return;
 	lua_pushlstring(L, data, len);
@@ -522,6 +534,8 @@ int ca__ws_peer_close(struct ca_ws *ws, const void *in, size_t len)
 
 static void free_ws(struct ca_ws *ws)
 {
+	if (ws->tap_closed)
+		ws->tap_closed(ws->tap_ctx, ws);
 	free_queue(ws);
 	free(ws->rx);
 	free(ws->client_headers);
@@ -533,6 +547,13 @@ void ca__ws_closed(struct ca_ws *ws)
 	lua_State *L = ca_lua();
 	int was = ws->state;
 
+	if (ws->tap_closed) {
+		void (*fn)(void *, struct ca_ws *) = ws->tap_closed;
+
+		ws->tap = NULL;
+		ws->tap_closed = NULL;
+		fn(ws->tap_ctx, ws);
+	}
 	ws->wsi = NULL;
 	ws->state = CA_WS_CLOSED;
 	free_queue(ws);
@@ -577,15 +598,21 @@ void ca__ws_closed(struct ca_ws *ws)
 static unsigned char *scratch;
 static size_t scratch_cap;
 
-static int queue_msg(lua_State *L, int kind)
+int ca__ws_send(struct ca_ws *ws, const void *data, size_t len, int kind, const char **err)
 {
-	struct ca_ws *ws = check_ws(L);
-	size_t len;
-	const char *data = luaL_checklstring(L, 2, &len);
 	struct ca_wsmsg *m;
 
-	if (ws->state != CA_WS_OPEN || ws->close_code || ws->fail_code || ws->wsi == NULL)
-		return ca_fail(L, "ECLOSED", "the connection is closed");
+	if (ws->state != CA_WS_OPEN || ws->close_code || ws->fail_code || ws->wsi == NULL) {
+		*err = "ECLOSED";
+		return -1;
+	}
+	if (len > ws->max_queue) {
+		ca_log(CA_LOG_WARN, "websocket %lld: a message of %zu bytes is over max_send_queue (%zu): dropping the connection",
+		       (long long)ws->id, len, ws->max_queue);
+		drop(ws, 1008, "message over the send queue limit");
+		*err = "ENOBUFS";
+		return -1;
+	}
 	/*
 	 * Nothing queued and lws holding no partial write: send now. This
 	 * saves the writeable round trip (two epoll_ctl calls and a callback)
@@ -593,12 +620,6 @@ static int queue_msg(lua_State *L, int kind)
 	 * short write itself and asks for POLLOUT, and later messages queue
 	 * behind it.
 	 */
-	if (len > ws->max_queue) {
-		ca_log(CA_LOG_WARN, "websocket %lld: a message of %zu bytes is over max_send_queue (%zu): dropping the connection",
-		       (long long)ws->id, len, ws->max_queue);
-		drop(ws, 1008, "message over the send queue limit");
-		return ca_fail(L, "ENOBUFS", "message of %zu bytes over the send queue limit (%zu)", len, ws->max_queue);
-	}
 	if (ws->head == NULL && !lws_partial_buffered(ws->wsi)) {
 		if (LWS_PRE + len > scratch_cap) {
 			scratch_cap = LWS_PRE + len + 4096;
@@ -607,17 +628,17 @@ static int queue_msg(lua_State *L, int kind)
 		memcpy(scratch + LWS_PRE, data, len);
 		if (lws_write(ws->wsi, scratch + LWS_PRE, len, (enum lws_write_protocol)kind) < 0) {
 			drop(ws, 1006, "write failed");
-			return ca_fail(L, "ECLOSED", "the connection failed");
+			*err = "ECLOSED";
+			return -1;
 		}
-		lua_pushboolean(L, 1);
-		return 1;
+		return 0;
 	}
 	if (ws->queued + len > ws->max_queue) {
 		ca_log(CA_LOG_WARN, "websocket %lld: peer too slow (send queue over %zu bytes): dropping it",
 		       (long long)ws->id, ws->max_queue);
 		drop(ws, 1008, "send queue full: peer too slow");
-		return ca_fail(L, "ENOBUFS", "send queue over %zu bytes: peer too slow, connection dropped",
-			       ws->max_queue);
+		*err = "ENOBUFS";
+		return -1;
 	}
 	m = ca_malloc(sizeof *m + LWS_PRE + len);
 	m->next = NULL;
@@ -631,8 +652,23 @@ static int queue_msg(lua_State *L, int kind)
 	ws->tail = m;
 	ws->queued += len;
 	lws_callback_on_writable(ws->wsi);
-	lua_pushboolean(L, 1);
-	return 1;
+	return 0;
+}
+
+static int queue_msg(lua_State *L, int kind)
+{
+	struct ca_ws *ws = check_ws(L);
+	size_t len;
+	const char *data = luaL_checklstring(L, 2, &len);
+	const char *err = NULL;
+
+	if (ca__ws_send(ws, data, len, kind, &err) == 0) {
+		lua_pushboolean(L, 1);
+		return 1;
+	}
+	if (strcmp(err, "ENOBUFS") == 0)
+		return ca_fail(L, "ENOBUFS", "send queue over %zu bytes: peer too slow, connection dropped", ws->max_queue);
+	return ca_fail(L, "ECLOSED", "the connection is closed");
 }
 
 static int l_send(lua_State *L)

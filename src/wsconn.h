@@ -80,6 +80,15 @@ struct ca_ws {
 	char error[200];		/* why connecting failed */
 	int is_client;
 	lws_retry_bo_t keepalive;	/* ping policy; lws points at it while connected */
+
+	/*
+	 * A C tap on incoming text messages (see src/bridge.c): tap returns 1
+	 * for a message it handled (Lua never sees it), 0 to pass it on.
+	 * tap_closed is called once when the connection goes.
+	 */
+	int (*tap)(void *ctx, struct ca_ws *ws, const char *data, size_t len);
+	void (*tap_closed)(void *ctx, struct ca_ws *ws);
+	void *tap_ctx;
 };
 
 
@@ -101,6 +110,16 @@ int ca__ws_peer_close(struct ca_ws *ws, const void *in, size_t len);
 
 /* lws closed the connection: tells Lua ("close"), frees what lws no longer needs. */
 void ca__ws_closed(struct ca_ws *ws);
+
+/*
+ * Sends a message from C, as conn:send does from Lua (kind LWS_WRITE_TEXT,
+ * LWS_WRITE_BINARY, or LWS_WRITE_RAW for bytes already framed). 0, or -1
+ * with *err "ECLOSED" / "ENOBUFS" (the connection is then being dropped).
+ */
+int ca__ws_send(struct ca_ws *ws, const void *data, size_t len, int kind, const char **err);
+
+/* The connection behind a "callagent.WebSocket" userdata at idx (raises if not one). */
+struct ca_ws *ca__ws_check(lua_State *L, int idx);
 
 /* Closes a connection without a word, soon (safe from anywhere). */
 void ca__ws_kill(struct lws *wsi);

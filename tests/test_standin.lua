@@ -72,7 +72,7 @@ T.test("a mock-phone call with the stand-in: greeting, echo of the caller's turn
   T.match(all, "callee: %[caller spoke %d")
   T.match(all, "agent: You said:")
   T.match(all, "Goodbye")
-  T.ok(p.closed, "the stream was closed by the hang-up")
+  T.ok(p:wait_closed(5000), "the stream was closed by the hang-up")
 end, { timeout = 60000 })
 
 T.run()

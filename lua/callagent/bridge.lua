@@ -17,9 +17,12 @@
 --   faults (model lost or failing, maximum duration, a silent callee, the
 --     phone hanging up) end or wrap up the call with a reason
 --
--- The engine (lua/callagent/calls.lua) owns the call record; the bridge tells
--- it what happened through engine:bridge_* methods.
+-- The per-frame work (media, appends, deltas, marks) runs in C once both
+-- connections are there (callagent.core.bridge, src/bridge.c); this file
+-- keeps the call flow. The engine (lua/callagent/calls.lua) owns the call
+-- record; the bridge tells it what happened through engine:bridge_* methods.
 local realtime = require "callagent.realtime"
+local cbridge = require "callagent.core.bridge"
 local instructions = require "callagent.instructions"
 local json = require "callagent.json"
 local timer = require "callagent.timer"
@@ -36,7 +39,7 @@ local MAX_PENDING_IN = 500 -- frames (10 s at 20 ms) kept while the model connec
 local MAX_PENDING_OUT = 2 * 1024 * 1024 -- bytes of model audio kept until the phone connects
 
 local b64decode, b64encode = crypto.base64_decode, crypto.base64_encode
-local ulaw_encode, alaw_to_ulaw, ulaw_to_alaw = audio.ulaw_encode, audio.alaw_to_ulaw, audio.ulaw_to_alaw
+local ulaw_to_alaw = audio.ulaw_to_alaw
 
 function M.new(engine, call, attempt)
   local cfg = engine.config
@@ -53,21 +56,13 @@ function M.new(engine, call, attempt)
     pending_in = {},
     pending_out = {},
     pending_out_bytes = 0,
-    items = {},
-    marks = {},
-    mark_head = 1,
-    mark_seq = 0,
+    truncated = {},
     functions_seen = {},
     timers = {},
     out_format = cfg.openai.outputFormat,
     in_format = cfg.openai.inputFormat,
-    frames_in = 0,
-    agent_spoke = false,
     ended = false,
   }, Bridge)
-  if self.out_format == "audio/pcm" then
-    self.resampler = audio.resampler(cfg.openai.outputSampleRate, 8000)
-  end
   return self
 end
 
@@ -85,6 +80,9 @@ function Bridge:start_model()
     instructions = instructions.build(call, { extra_tools = names }),
     voice = call.voice,
     tools = tools,
+    on_open = function()
+      self:_link()
+    end,
     on_ready = function()
       self:_model_ready()
     end,
@@ -109,6 +107,9 @@ function Bridge:_model_ready()
   for i, payload in ipairs(self.pending_in) do
     rt:append(payload)
     self.pending_in[i] = nil
+  end
+  if self.cb then
+    self.cb:model_ready()
   end
   self:_maybe_greet()
 end
@@ -165,8 +166,7 @@ function Bridge:_model_event(ev)
     end
   elseif t == "response.output_audio_transcript.done" or t == "response.audio_transcript.done" then
     if ev.transcript and ev.transcript:match("%S") then
-      local it = self.items[ev.item_id]
-      self.engine:bridge_transcript(self, "agent", ev.transcript, it and it.truncated and true or nil)
+      self.engine:bridge_transcript(self, "agent", ev.transcript, self.truncated[ev.item_id])
     end
   elseif t == "error" then
     local e = ev.error or {}
@@ -180,129 +180,59 @@ end
 
 -- Model audio to the phone --------------------------------------------------
 
-local function b64len(s)
-  local n = #s // 4 * 3
-  if s:sub(-2) == "==" then
-    return n - 2
-  elseif s:sub(-1) == "=" then
-    return n - 1
+--- Both connections are there: the per-frame work moves to C.
+function Bridge:_link()
+  if self.cb or self.ended or not self.stream or not (self.rt and self.rt.conn) then
+    return
   end
-  return n
+  self.cb = cbridge.new(self.stream, self.rt.conn, {
+    stream_sid = self.stream_sid,
+    output = self.out_format,
+    input = self.in_format,
+    ready = false,
+  })
+  if self.model_ready then
+    self.cb:model_ready()
+  end
+  -- Model audio that came before the phone did, in order.
+  for i, p in ipairs(self.pending_out) do
+    self.cb:send_audio(p[1], p[2])
+    self.pending_out[i] = nil
+  end
+  self.pending_out_bytes = 0
 end
 
+-- Model audio that reaches Lua: only before the C path is linked.
 function Bridge:_audio_out(item_id, delta)
   if not delta or delta == "" or self.ended then
     return
   end
-  local it = self.items[item_id]
-  if not it then
-    it = { id = item_id, sent_ms = 0, played_ms = 0 }
-    self.items[item_id] = it
-    self.current = it
+  if self.cb then
+    return self.cb:send_audio(item_id, delta)
   end
-  if it.truncated then
-    return -- interrupted: the rest of this item is not played
+  if self.pending_out_bytes + #delta <= MAX_PENDING_OUT then
+    self.pending_out[#self.pending_out + 1] = { item_id, delta }
+    self.pending_out_bytes = self.pending_out_bytes + #delta
   end
-  local payload, nbytes
-  local fmt = self.out_format
-  if fmt == "audio/pcmu" then
-    payload, nbytes = delta, b64len(delta)
-  elseif fmt == "audio/pcm" then
-    local pcm = b64decode(delta)
-    if not pcm then
-      return
-    end
-    local ulaw = ulaw_encode(self.resampler:process(pcm))
-    if #ulaw == 0 then
-      return
-    end
-    payload, nbytes = b64encode(ulaw), #ulaw
-  else -- audio/pcma
-    local alaw = b64decode(delta)
-    if not alaw then
-      return
-    end
-    local ulaw = alaw_to_ulaw(alaw)
-    payload, nbytes = b64encode(ulaw), #ulaw
-  end
-  it.sent_ms = it.sent_ms + nbytes / 8
-  self.agent_spoke = true
-  if not self.stream_sid then
-    -- The phone is not connected yet: keep it (bounded), in order.
-    if self.pending_out_bytes + nbytes <= MAX_PENDING_OUT then
-      self.pending_out[#self.pending_out + 1] = { payload, it, it.sent_ms }
-      self.pending_out_bytes = self.pending_out_bytes + nbytes
-    end
-    return
-  end
-  self:_send_media(payload, it, it.sent_ms)
-end
-
-function Bridge:_send_media(payload, it, end_ms)
-  local sid = self.stream_sid
-  local conn = self.stream
-  local seq = self.mark_seq + 1
-  self.mark_seq = seq
-  conn:send('{"event":"media","streamSid":"' .. sid .. '","media":{"payload":"' .. payload .. '"}}')
-  conn:send('{"event":"mark","streamSid":"' .. sid .. '","mark":{"name":"' .. seq .. '"}}')
-  local marks = self.marks
-  marks[#marks + 1] = { seq, it, end_ms }
-end
-
--- The phone echoes a mark when the audio before it has played.
-function Bridge:_mark_played(name)
-  local seq = tonumber(name)
-  if not seq then
-    return
-  end
-  local marks, head = self.marks, self.mark_head
-  while head <= #marks do
-    local m = marks[head]
-    if m[1] > seq then
-      break
-    end
-    marks[head] = nil
-    head = head + 1
-    local it = m[2]
-    if not it.truncated and m[3] > it.played_ms then
-      it.played_ms = m[3]
-    end
-  end
-  if head > #marks then
-    self.marks, head = {}, 1
-  end
-  self.mark_head = head
-  if self.goodbye_done then
-    self:_check_goodbye()
-  end
-end
-
-function Bridge:_unplayed()
-  return self.mark_head <= #self.marks
 end
 
 -- Barge-in: the callee speaks over the agent.
-function Bridge:_speech_started(ev)
+function Bridge:_speech_started()
   self.callee_spoke_at = timer.now()
-  if self.silence_timer then
-    self.silence_timer:stop()
-    self.silence_timer = nil
-  end
-  local it = self.current
-  if not it or it.truncated or it.sent_ms <= it.played_ms or not self.stream_sid then
+  self:_stop_timer("silence_timer")
+  if not self.cb then
     return
   end
-  it.truncated = true
-  local played = math.floor(it.played_ms)
-  self.stream:send('{"event":"clear","streamSid":"' .. self.stream_sid .. '"}')
-  self.rt:send({ type = "conversation.item.truncate", item_id = it.id, content_index = 0, audio_end_ms = played })
-  -- The phone echoes the cleared marks at once; they were not played.
-  self.marks, self.mark_head = {}, 1
-  if self.resampler then
-    self.resampler:reset()
+  -- Twilio gets `clear`; the model's item is cut where the phone stopped playing.
+  local item, played, sent = self.cb:clear()
+  if not item then
+    return
   end
-  log.debug("barge-in", { call = self.call_id, item = it.id, played_ms = played, sent_ms = math.floor(it.sent_ms) })
-  self.engine:bridge_bargein(self, it.id, played)
+  played = math.floor(played)
+  self.truncated[item] = true
+  self.rt:send({ type = "conversation.item.truncate", item_id = item, content_index = 0, audio_end_ms = played })
+  log.debug("barge-in", { call = self.call_id, item = item, played_ms = played, sent_ms = math.floor(sent) })
+  self.engine:bridge_bargein(self, item, played)
 end
 
 function Bridge:_response_done(r)
@@ -430,9 +360,17 @@ end
 
 -- The goodbye is over once its response is done and all its audio has played.
 function Bridge:_check_goodbye()
-  if self.goodbye_done and not self:_unplayed() and not self.ended then
-    self:hangup("completed")
+  if not self.goodbye_done or self.ended then
+    return
   end
+  if not self.cb then
+    return self:hangup("completed")
+  end
+  self.cb:on_drained(function()
+    if not self.ended then
+      self:hangup("completed")
+    end
+  end)
 end
 
 -- Wrapping up ---------------------------------------------------------------
@@ -513,12 +451,7 @@ function Bridge:attach(conn, start)
   self.stream_sid = start.streamSid
   self.provider_call_sid = start.callSid
   log.info("media stream started", { call = self.call_id, attempt = self.attempt, stream = start.streamSid })
-  -- Model audio that came before the phone connected.
-  for i, p in ipairs(self.pending_out) do
-    self:_send_media(p[1], p[2], p[3])
-    self.pending_out[i] = nil
-  end
-  self.pending_out_bytes = 0
+  self:_link()
   self.max_timer = timer.after(self.cfg.call.maxDurationSec * 1000, function()
     self.max_timer = nil
     self:on_max_duration()
@@ -528,12 +461,12 @@ end
 
 local APPEND = '{"type":"input_audio_buffer.append","audio":"'
 
---- Every text message of the attached stream (the hot path: media frames).
+--- Text messages of the attached stream that the C path did not take (and
+-- all of them before it is linked).
 function Bridge:on_stream_text(msg)
   if msg:find('"event":"media"', 1, true) then
     local payload = msg:match('"payload":"([^"]*)"')
     if payload then
-      self.frames_in = self.frames_in + 1
       if self.in_format == "audio/pcma" then
         local ulaw = b64decode(payload)
         payload = ulaw and b64encode(ulaw_to_alaw(ulaw)) or ""
@@ -557,8 +490,6 @@ function Bridge:on_stream_text(msg)
     if type(m.payload) == "string" then
       return self:on_stream_text('{"event":"media","media":{"payload":"' .. m.payload .. '"}}')
     end
-  elseif e == "mark" then
-    return self:_mark_played(ev.mark and ev.mark.name)
   elseif e == "stop" then
     log.info("media stream stopped", { call = self.call_id, attempt = self.attempt })
     self.phone_stopped = true
@@ -586,6 +517,10 @@ function Bridge:finish(reason)
   self.ended = true
   for _, name in ipairs({ "max_timer", "silence_timer", "goodbye_timer", "wrapup_timer" }) do
     self:_stop_timer(name)
+  end
+  if self.cb then
+    self.cb:close()
+    self.cb = nil
   end
   if self.rt then
     self.rt:close()

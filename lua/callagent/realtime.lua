@@ -3,6 +3,7 @@
 --   local s = realtime.session(cfg.openai, {
 --     instructions = "...", voice = "alloy", tools = { ... },
 --     on_event = function(s, ev) end,      -- every server event, decoded
+--     on_open = function(s) end,           -- connected (s.conn is the WebSocket)
 --     on_ready = function(s) end,          -- session.updated: audio may flow
 --     on_close = function(s, code, reason) end,  -- closed or failed (code nil, reason = err)
 --   })
@@ -98,6 +99,9 @@ function Session:connect()
     end
     self.conn = conn
     conn:send(json.encode(M.session_update(cfg, opts)))
+    if opts.on_open then
+      opts.on_open(self)
+    end
   end)
 end
 

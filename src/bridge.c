@@ -1,0 +1,667 @@
+/*
+ * bridge.c - callagent.core.bridge: a call's audio path in C.
+ *
+ * The call flow is Lua (lua/callagent/bridge.lua); this is the part of it
+ * that runs 50 times a second per direction per call. It taps two WebSocket
+ * connections - the phone's Media Streams stream (server side) and the
+ * model's Realtime session (client side) - and handles, without Lua:
+ *   phone `media`  -> model input_audio_buffer.append (the base64 payload is
+ *                     forwarded as is for audio/pcmu input; transcoded for pcma)
+ *   phone `mark`   -> the played position of the model's audio items
+ *   model response.output_audio.delta -> phone `media` + `mark`, written as
+ *                     one socket write; pcmu passes through, pcm (24 kHz) is
+ *                     low-pass resampled to 8 kHz and mu-law encoded, pcma
+ *                     transcoded
+ * Every other message goes on to Lua as before.
+ *
+ *   b = bridge.new(phone_conn, model_conn, {stream_sid = "MZ...",
+ *                  output = "audio/pcmu" | "audio/pcm" | "audio/pcma",
+ *                  input = "audio/pcmu" | "audio/pcma", ready = false})
+ *   b:model_ready()      appends start; phone frames kept until now are sent first
+ *   b:send_audio(item_id, b64)   model audio from Lua (what came before the link)
+ *   b:item()             the model's current audio item: id, sent_ms, played_ms, truncated
+ *   b:clear()            barge-in: `clear` to the phone, the current item stops
+ *                        (its later audio is dropped), pending marks forgotten;
+ *                        returns id, played_ms, sent_ms (nil when nothing to clear)
+ *   b:unplayed()         true while sent audio has not been confirmed played
+ *   b:on_drained(fn)     fn() once, when nothing is left unplayed (now, if so)
+ *   b:stats()            {frames_in, appended, kept, deltas, media_out, dropped_kept}
+ *   b:close()            detaches from both connections (idempotent; also __gc)
+ */
+#define _GNU_SOURCE
+#include <stdlib.h>
+#include <string.h>
+
+#include "audio.h"
+#include "crypto.h"
+#include "wsconn.h"
+
+#define BRIDGE_MT "callagent.Bridge"
+#define MAX_KEPT 500		/* phone frames kept while the model is not ready (10 s) */
+#define ITEMS 8			/* model audio items remembered */
+
+enum { FMT_PCMU, FMT_PCMA, FMT_PCM24 };
+
+/* A model audio item: how much of it was sent to the phone and played there. */
+struct item {
+	char id[64];
+	double sent_ms, played_ms;
+	int truncated;
+};
+
+/* A mark sent after a chunk: when it comes back, item played up to end_ms. */
+struct mark {
+	uint32_t seq;
+	int item;
+	double end_ms;
+};
+
+/*
+ * One call attempt's audio path. Created by bridge.new(), owned by its Lua
+ * userdata; it holds no reference on the connections: each one's tap_closed
+ * clears the pointer when it goes.
+ */
+struct bridge {
+	struct ca_ws *phone, *model;
+	int out_fmt, in_fmt, ready;
+	char sid[72];
+	struct ca_resampler *rs;
+	char **kept;			/* payloads kept until the model is ready */
+	int n_kept;
+	struct item items[ITEMS];
+	int cur;			/* index of the current item, -1: none */
+	int next_item;
+	struct mark *marks;		/* FIFO ring */
+	size_t m_head, m_len, m_cap;
+	uint32_t seq;
+	int drained_ref;
+	lua_Integer frames_in, appended, deltas, media_out, dropped_kept;
+};
+
+struct bridge_box {
+	struct bridge *b;
+};
+
+/* ---- scanning the little JSON we need, without a parser ---- */
+
+/* The string value of "key":"..." in s[0..n), no escapes (ids, base64). */
+static const char *str_field(const char *s, size_t n, const char *key, size_t *len)
+{
+	size_t kl = strlen(key);
+	const char *p = s, *end = s + n;
+
+	while ((p = memmem(p, (size_t)(end - p), key, kl)) != NULL) {
+		const char *v = p + kl, *q;
+
+		while (v < end && (*v == ' ' || *v == ':'))
+			v++;
+		if (v < end && *v == '"') {
+			v++;
+			q = memchr(v, '"', (size_t)(end - v));
+			if (q == NULL)
+				return NULL;
+			*len = (size_t)(q - v);
+			return v;
+		}
+		p += kl;
+	}
+	return NULL;
+}
+
+static int has(const char *s, size_t n, const char *what)
+{
+	return memmem(s, n, what, strlen(what)) != NULL;
+}
+
+/* ---- writing ---- */
+
+static char *buf;
+static size_t buf_cap;
+
+static char *room(size_t n)
+{
+	if (n > buf_cap) {
+		buf_cap = n + 4096;
+		buf = ca_realloc(buf, buf_cap);
+	}
+	return buf;
+}
+
+/* Frames payload as one unmasked WebSocket text frame at out; returns the frame's length. */
+static size_t ws_frame(unsigned char *out, const char *payload, size_t n)
+{
+	size_t h = 2;
+
+	out[0] = 0x81;
+	if (n < 126) {
+		out[1] = (unsigned char)n;
+	} else if (n < 65536) {
+		out[1] = 126;
+		out[2] = (unsigned char)(n >> 8);
+		out[3] = (unsigned char)n;
+		h = 4;
+	} else {
+		out[1] = 127;
+		for (int i = 0; i < 8; i++)
+			out[2 + i] = (unsigned char)((uint64_t)n >> (56 - 8 * i));
+		h = 10;
+	}
+	memcpy(out + h, payload, n);
+	return h + n;
+}
+
+static void append_to_model(struct bridge *b, const char *b64, size_t n)
+{
+	static const char pre[] = "{\"type\":\"input_audio_buffer.append\",\"audio\":\"";
+	static const char post[] = "\"}";
+	const char *err;
+	char *p = room(sizeof pre + n + sizeof post);
+	size_t len = 0;
+
+	memcpy(p, pre, sizeof pre - 1);
+	len += sizeof pre - 1;
+	memcpy(p + len, b64, n);
+	len += n;
+	memcpy(p + len, post, sizeof post - 1);
+	len += sizeof post - 1;
+	if (ca__ws_send(b->model, p, len, LWS_WRITE_TEXT, &err) == 0)
+		b->appended++;
+}
+
+/* Phone audio (base64 mu-law) toward the model, in the model's input format. */
+static void phone_audio(struct bridge *b, const char *b64, size_t n)
+{
+	char out[4096 * 4 / 3 + 8];
+
+	b->frames_in++;
+	if (b->in_fmt == FMT_PCMA) {
+		unsigned char raw[4096];
+		long m;
+
+		if (n > sizeof raw * 4 / 3 || (m = ca_base64_decode(b64, n, raw)) < 0)
+			return;
+		ca_ulaw_to_alaw(raw, raw, (size_t)m);
+		n = ca_base64_encode(raw, (size_t)m, out);
+		b64 = out;
+	}
+	if (b->ready && b->model) {
+		append_to_model(b, b64, n);
+	} else if (b->n_kept < MAX_KEPT) {
+		char *c = ca_malloc(n + 1);
+
+		memcpy(c, b64, n);
+		c[n] = '\0';
+		if (b->kept == NULL)
+			b->kept = ca_malloc(sizeof *b->kept * MAX_KEPT);
+		b->kept[b->n_kept++] = c;
+	} else {
+		b->dropped_kept++;
+	}
+}
+
+static int find_item(struct bridge *b, const char *id, size_t n)
+{
+	struct item *it;
+
+	if (b->cur >= 0 && strlen(b->items[b->cur].id) == n && memcmp(b->items[b->cur].id, id, n) == 0)
+		return b->cur;
+	for (int i = 0; i < ITEMS; i++)
+		if (b->items[i].id[0] && strlen(b->items[i].id) == n && memcmp(b->items[i].id, id, n) == 0)
+			return i;
+	/* A new item: take the oldest slot. */
+	it = &b->items[b->next_item];
+	memset(it, 0, sizeof *it);
+	if (n >= sizeof it->id)
+		n = sizeof it->id - 1;
+	memcpy(it->id, id, n);
+	b->cur = b->next_item;
+	b->next_item = (b->next_item + 1) % ITEMS;
+	return b->cur;
+}
+
+static void push_mark(struct bridge *b, uint32_t seq, int item, double end_ms)
+{
+	if (b->m_len == b->m_cap) {
+		size_t cap = b->m_cap ? b->m_cap * 2 : 64;
+		struct mark *m = ca_malloc(cap * sizeof *m);
+
+		for (size_t i = 0; i < b->m_len; i++)
+			m[i] = b->marks[(b->m_head + i) % b->m_cap];
+		free(b->marks);
+		b->marks = m;
+		b->m_head = 0;
+		b->m_cap = cap;
+	}
+	b->marks[(b->m_head + b->m_len) % b->m_cap] = (struct mark){seq, item, end_ms};
+	b->m_len++;
+}
+
+static char *mbuf;
+static size_t mbuf_cap;
+
+/* Mu-law bytes to the phone: `media` then `mark`, framed here, one write. */
+static void send_media(struct bridge *b, int item, const char *b64, size_t n, size_t bytes)
+{
+	struct item *it = &b->items[item];
+	char mark[224];
+	int hl, ml;
+	size_t len, need;
+	unsigned char *p;
+	const char *err;
+
+	it->sent_ms += (double)bytes / 8.0;
+	b->seq++;
+	need = n + 160;
+	if (need > mbuf_cap) {
+		mbuf_cap = need + 4096;
+		mbuf = ca_realloc(mbuf, mbuf_cap);
+	}
+	hl = snprintf(mbuf, mbuf_cap, "{\"event\":\"media\",\"streamSid\":\"%s\",\"media\":{\"payload\":\"", b->sid);
+	memcpy(mbuf + hl, b64, n);
+	memcpy(mbuf + hl + n, "\"}}", 3);
+	ml = snprintf(mark, sizeof mark, "{\"event\":\"mark\",\"streamSid\":\"%s\",\"mark\":{\"name\":\"%u\"}}",
+		      b->sid, b->seq);
+	p = (unsigned char *)room((size_t)hl + n + 3 + (size_t)ml + 20);
+	len = ws_frame(p, mbuf, (size_t)hl + n + 3);
+	len += ws_frame(p + len, mark, (size_t)ml);
+	if (ca__ws_send(b->phone, p, len, LWS_WRITE_RAW, &err) != 0)
+		return;
+	b->media_out++;
+	push_mark(b, b->seq, item, it->sent_ms);
+}
+
+/* Model audio (base64 in the output format) to the phone as mu-law. */
+static void model_audio(struct bridge *b, const char *id, size_t idn, const char *b64, size_t n)
+{
+	int item;
+
+	if (b->phone == NULL || n == 0)
+		return;
+	item = find_item(b, id, idn);
+	if (b->items[item].truncated)
+		return;		/* interrupted: the rest of this item is not played */
+	b->deltas++;
+	if (b->out_fmt == FMT_PCMU) {
+		long bytes = (long)(n / 4 * 3) - (b64[n - 1] == '=') - (n > 1 && b64[n - 2] == '=');
+
+		send_media(b, item, b64, n, (size_t)bytes);
+		return;
+	}
+	{
+		size_t raw_max = ca_base64_decoded_max(n);
+		unsigned char stack_raw[8192], stack_pcm[4096], stack_ulaw[2048];
+		unsigned char *raw = raw_max <= sizeof stack_raw ? stack_raw : ca_malloc(raw_max);
+		unsigned char *pcm = stack_pcm, *ulaw = stack_ulaw;
+		char *out = NULL;
+		long m = ca_base64_decode(b64, n, raw);
+		size_t ulen;
+
+		if (m < 0)
+			goto done;
+		if (b->out_fmt == FMT_PCMA) {
+			ulen = (size_t)m;
+			if (ulen > sizeof stack_ulaw)
+				ulaw = ca_malloc(ulen);
+			ca_alaw_to_ulaw(ulaw, raw, ulen);
+		} else {
+			size_t pmax = ca_resampler_out_max(b->rs, (size_t)m);
+
+			if (pmax > sizeof stack_pcm)
+				pcm = ca_malloc(pmax);
+			ulen = ca_resampler_process(b->rs, raw, (size_t)m, pcm) / 2;
+			if (ulen > sizeof stack_ulaw)
+				ulaw = ca_malloc(ulen);
+			ca_ulaw_encode(ulaw, pcm, ulen);
+		}
+		if (ulen > 0) {
+			out = ca_malloc(ca_base64_encoded_len(ulen) + 1);
+			send_media(b, item, out, ca_base64_encode(ulaw, ulen, out), ulen);
+		}
+done:
+		free(out);
+		if (raw != stack_raw)
+			free(raw);
+		if (pcm != stack_pcm)
+			free(pcm);
+		if (ulaw != stack_ulaw)
+			free(ulaw);
+	}
+}
+
+static void call_drained(struct bridge *b)
+{
+	lua_State *L = ca_lua();
+	int ref = b->drained_ref;
+
+	if (ref == LUA_NOREF || b->m_len > 0)
+		return;
+	b->drained_ref = LUA_NOREF;
+	if (L) {
+		ca_call_ref(ref, 0, "bridge drained callback");
+		luaL_unref(L, LUA_REGISTRYINDEX, ref);
+	}
+}
+
+/* The phone echoed mark seq: everything sent up to it has played. */
+static void mark_played(struct bridge *b, uint32_t seq)
+{
+	while (b->m_len > 0) {
+		struct mark *m = &b->marks[b->m_head];
+		struct item *it;
+
+		if ((int32_t)(m->seq - seq) > 0)
+			break;
+		it = &b->items[m->item];
+		if (!it->truncated && m->end_ms > it->played_ms)
+			it->played_ms = m->end_ms;
+		b->m_head = (b->m_head + 1) % b->m_cap;
+		b->m_len--;
+	}
+	call_drained(b);
+}
+
+/* ---- the taps ---- */
+
+static int phone_tap(void *ctx, struct ca_ws *ws, const char *s, size_t n)
+{
+	struct bridge *b = ctx;
+	const char *v;
+	size_t vl;
+
+	(void)ws;
+	if (has(s, n, "\"event\":\"media\"")) {
+		v = str_field(s, n, "\"payload\"", &vl);
+		if (v)
+			phone_audio(b, v, vl);
+		return 1;
+	}
+	if (has(s, n, "\"event\":\"mark\"")) {
+		v = str_field(s, n, "\"name\"", &vl);
+		if (v && vl < 16) {
+			char num[16];
+
+			memcpy(num, v, vl);
+			num[vl] = '\0';
+			mark_played(b, (uint32_t)strtoul(num, NULL, 10));
+		}
+		return 1;
+	}
+	return 0;
+}
+
+static int model_tap(void *ctx, struct ca_ws *ws, const char *s, size_t n)
+{
+	struct bridge *b = ctx;
+	const char *id, *d;
+	size_t idn, dn;
+	size_t head = n < 96 ? n : 96;
+
+	(void)ws;
+	if (!has(s, head, "\"response.output_audio.delta\"") && !has(s, head, "\"response.audio.delta\""))
+		return 0;
+	id = str_field(s, n, "\"item_id\"", &idn);
+	d = str_field(s, n, "\"delta\"", &dn);
+	if (id && d)
+		model_audio(b, id, idn, d, dn);
+	return 1;
+}
+
+static void tap_closed(void *ctx, struct ca_ws *ws)
+{
+	struct bridge *b = ctx;
+
+	if (b->phone == ws)
+		b->phone = NULL;
+	if (b->model == ws)
+		b->model = NULL;
+}
+
+static void detach(struct bridge *b)
+{
+	if (b->phone) {
+		b->phone->tap = NULL;
+		b->phone->tap_closed = NULL;
+		b->phone = NULL;
+	}
+	if (b->model) {
+		b->model->tap = NULL;
+		b->model->tap_closed = NULL;
+		b->model = NULL;
+	}
+}
+
+static void free_kept(struct bridge *b)
+{
+	for (int i = 0; i < b->n_kept; i++)
+		free(b->kept[i]);
+	free(b->kept);
+	b->kept = NULL;
+	b->n_kept = 0;
+}
+
+/* ---- Lua ---- */
+
+static struct bridge *check(lua_State *L)
+{
+	struct bridge_box *box = luaL_checkudata(L, 1, BRIDGE_MT);
+
+	if (box->b == NULL)
+		luaL_argerror(L, 1, "bridge closed");
+	return box->b;
+}
+
+static int fmt_of(lua_State *L, const char *s)
+{
+	if (strcmp(s, "audio/pcmu") == 0)
+		return FMT_PCMU;
+	if (strcmp(s, "audio/pcma") == 0)
+		return FMT_PCMA;
+	if (strcmp(s, "audio/pcm") == 0)
+		return FMT_PCM24;
+	return luaL_error(L, "unknown audio format '%s'", s);
+}
+
+static int l_new(lua_State *L)
+{
+	struct ca_ws *phone = ca__ws_check(L, 1), *model = ca__ws_check(L, 2);
+	struct bridge_box *box;
+	struct bridge *b;
+	const char *sid;
+
+	luaL_checktype(L, 3, LUA_TTABLE);
+	sid = ca_opt_string_field(L, 3, "stream_sid", "");
+	luaL_argcheck(L, strlen(sid) < 64 && !strchr(sid, '"') && !strchr(sid, '\\'), 3, "bad stream_sid");
+	if (phone->tap || model->tap)
+		return luaL_error(L, "a connection is already bridged");
+	if (phone->is_client || !model->is_client)
+		return luaL_error(L, "bridge.new(phone, model): the phone is a server-side connection, the model a client");
+	box = lua_newuserdatauv(L, sizeof *box, 0);
+	box->b = NULL;
+	luaL_setmetatable(L, BRIDGE_MT);
+	b = ca_malloc(sizeof *b);
+	memset(b, 0, sizeof *b);
+	b->cur = -1;
+	b->drained_ref = LUA_NOREF;
+	b->out_fmt = fmt_of(L, ca_opt_string_field(L, 3, "output", "audio/pcmu"));
+	b->in_fmt = fmt_of(L, ca_opt_string_field(L, 3, "input", "audio/pcmu"));
+	if (b->in_fmt == FMT_PCM24) {
+		free(b);
+		return luaL_error(L, "the phone side is G.711: input must be audio/pcmu or audio/pcma");
+	}
+	b->ready = ca_opt_bool_field(L, 3, "ready", 0);
+	snprintf(b->sid, sizeof b->sid, "%s", sid);
+	if (b->out_fmt == FMT_PCM24) {
+		b->rs = ca_malloc(ca_resampler_size(24000, 8000));
+		ca_resampler_init(b->rs, 24000, 8000);
+	}
+	b->phone = phone;
+	b->model = model;
+	phone->tap = phone_tap;
+	phone->tap_closed = tap_closed;
+	phone->tap_ctx = b;
+	model->tap = model_tap;
+	model->tap_closed = tap_closed;
+	model->tap_ctx = b;
+	box->b = b;
+	return 1;
+}
+
+static int l_model_ready(lua_State *L)
+{
+	struct bridge *b = check(L);
+
+	b->ready = 1;
+	if (b->model)
+		for (int i = 0; i < b->n_kept; i++)
+			append_to_model(b, b->kept[i], strlen(b->kept[i]));
+	free_kept(b);
+	return 0;
+}
+
+static int l_send_audio(lua_State *L)
+{
+	struct bridge *b = check(L);
+	size_t idn, n;
+	const char *id = luaL_checklstring(L, 2, &idn);
+	const char *d = luaL_checklstring(L, 3, &n);
+
+	model_audio(b, id, idn, d, n);
+	return 0;
+}
+
+static int l_item(lua_State *L)
+{
+	struct bridge *b = check(L);
+	struct item *it;
+
+	if (b->cur < 0)
+		return 0;
+	it = &b->items[b->cur];
+	lua_pushstring(L, it->id);
+	lua_pushnumber(L, it->sent_ms);
+	lua_pushnumber(L, it->played_ms);
+	lua_pushboolean(L, it->truncated);
+	return 4;
+}
+
+static int l_clear(lua_State *L)
+{
+	struct bridge *b = check(L);
+	struct item *it;
+	char msg[128];
+	int n;
+	const char *err;
+
+	if (b->cur < 0)
+		return 0;
+	it = &b->items[b->cur];
+	if (it->truncated || it->sent_ms <= it->played_ms)
+		return 0;
+	it->truncated = 1;
+	if (b->phone) {
+		n = snprintf(msg, sizeof msg, "{\"event\":\"clear\",\"streamSid\":\"%s\"}", b->sid);
+		ca__ws_send(b->phone, msg, (size_t)n, LWS_WRITE_TEXT, &err);
+	}
+	/* The phone echoes the cleared marks at once; they were not played. */
+	b->m_head = b->m_len = 0;
+	if (b->rs)
+		ca_resampler_reset(b->rs);
+	lua_pushstring(L, it->id);
+	lua_pushnumber(L, it->played_ms);
+	lua_pushnumber(L, it->sent_ms);
+	call_drained(b);
+	return 3;
+}
+
+static int l_unplayed(lua_State *L)
+{
+	lua_pushboolean(L, check(L)->m_len > 0);
+	return 1;
+}
+
+static int l_on_drained(lua_State *L)
+{
+	struct bridge *b = check(L);
+
+	luaL_checktype(L, 2, LUA_TFUNCTION);
+	ca_unref(L, &b->drained_ref);
+	if (b->m_len == 0) {
+		lua_pushvalue(L, 2);
+		lua_call(L, 0, 0);
+		return 0;
+	}
+	b->drained_ref = ca_ref(L, 2);
+	return 0;
+}
+
+static int l_stats(lua_State *L)
+{
+	struct bridge *b = check(L);
+
+	lua_createtable(L, 0, 6);
+	lua_pushinteger(L, b->frames_in);
+	lua_setfield(L, -2, "frames_in");
+	lua_pushinteger(L, b->appended);
+	lua_setfield(L, -2, "appended");
+	lua_pushinteger(L, b->n_kept);
+	lua_setfield(L, -2, "kept");
+	lua_pushinteger(L, b->dropped_kept);
+	lua_setfield(L, -2, "dropped_kept");
+	lua_pushinteger(L, b->deltas);
+	lua_setfield(L, -2, "deltas");
+	lua_pushinteger(L, b->media_out);
+	lua_setfield(L, -2, "media_out");
+	return 1;
+}
+
+static int l_close(lua_State *L)
+{
+	struct bridge_box *box = luaL_checkudata(L, 1, BRIDGE_MT);
+	struct bridge *b = box->b;
+	lua_State *ML = ca_lua();
+
+	box->b = NULL;
+	if (b == NULL)
+		return 0;
+	detach(b);
+	free_kept(b);
+	if (ML)
+		ca_unref(ML, &b->drained_ref);
+	free(b->marks);
+	free(b->rs);
+	free(b);
+	return 0;
+}
+
+int luaopen_callagent_core_bridge(lua_State *L)
+{
+	static const luaL_Reg methods[] = {
+		{"model_ready", l_model_ready},
+		{"send_audio", l_send_audio},
+		{"item", l_item},
+		{"clear", l_clear},
+		{"unplayed", l_unplayed},
+		{"on_drained", l_on_drained},
+		{"stats", l_stats},
+		{"close", l_close},
+		{NULL, NULL}
+	};
+	static const luaL_Reg fns[] = {
+		{"new", l_new},
+		{NULL, NULL}
+	};
+
+	ca_audio_init();
+	ca__ws_register(L);
+	if (luaL_newmetatable(L, BRIDGE_MT)) {
+		luaL_newlib(L, methods);
+		lua_setfield(L, -2, "__index");
+		lua_pushcfunction(L, l_close);
+		lua_setfield(L, -2, "__gc");
+		lua_pushcfunction(L, l_close);
+		lua_setfield(L, -2, "__close");
+	}
+	lua_pop(L, 1);
+	luaL_newlib(L, fns);
+	return 1;
+}

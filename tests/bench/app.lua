@@ -1,0 +1,35 @@
+-- The callagent app the benchmark measures: the Twilio provider against the
+-- benchmark's load generator (fake Twilio + fake OpenAI Realtime), the SQLite
+-- store, nothing else. Configured by the bench through the environment.
+local callagent = require "callagent"
+local task = require "callagent.task"
+local runtime = require "callagent.runtime"
+
+local port = assert(tonumber(os.getenv("BENCH_APP_PORT")), "BENCH_APP_PORT")
+local app, err = callagent.app({
+  telephony = { provider = "twilio" },
+  server = { port = port, publicBaseUrl = "http://127.0.0.1:" .. port },
+  twilio = {
+    accountSid = os.getenv("BENCH_TW_SID"),
+    authToken = os.getenv("BENCH_TW_TOKEN"),
+    fromNumber = "+15550001111",
+    apiBaseUrl = os.getenv("BENCH_TW_URL"),
+  },
+  openai = {
+    apiKey = "sk-bench",
+    realtimeUrl = os.getenv("BENCH_RT_URL"),
+    outputFormat = os.getenv("BENCH_OUTPUT") or "audio/pcmu",
+  },
+  call = { maxDurationSec = 3600, silenceTimeoutSec = 3600, ringTimeoutSec = 600 },
+  retry = { maxAttempts = 1 },
+  store = { backend = os.getenv("BENCH_STORE") or "sqlite", path = os.getenv("BENCH_DB") or "/tmp/callagent-bench.db" },
+}, { max_connections = 8192 })
+if not app then
+  io.stderr:write("bench app: ", err, "\n")
+  runtime.exit(1)
+end
+task.spawn(function()
+  assert(app:start())
+  print("ready")
+  io.stdout:flush()
+end)
