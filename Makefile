@@ -19,7 +19,7 @@ DEB_PKGS := build-essential pkg-config ca-certificates openssl tzdata espeak-ng 
 	liblua5.4-dev libuv1-dev libwebsockets-dev libwebsockets-evlib-uv \
 	libcurl4-openssl-dev lua-cjson-dev libssl-dev libsqlite3-dev
 # Only the tests need these.
-DEB_TEST_PKGS :=
+DEB_TEST_PKGS := chromium fonts-liberation
 
 ifeq ($(SAN),1)
 BUILD := build/san
@@ -87,8 +87,14 @@ deps:
 	  fi; \
 	fi
 
+# The browser test drives Debian's chromium with playwright-core (tests/package.json);
+# npm ci runs again only when the lock file changes. Needs Node >= 20 (on the machine).
 test-deps:
 	@$(MAKE) --no-print-directory deps EXTRA_PKGS="$(DEB_TEST_PKGS)"
+	@$(MAKE) --no-print-directory tests/node_modules/.package-lock.json
+
+tests/node_modules/.package-lock.json: tests/package.json tests/package-lock.json
+	cd tests && npm ci --no-audit --no-fund
 
 test: test-deps
 	@$(MAKE) --no-print-directory $(BIN) $(CTESTS)

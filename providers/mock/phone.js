@@ -1,0 +1,660 @@
+// phone.js: the mock phone page (providers/mock.lua serves it at
+// /mock/call/{callId}?t=TOKEN). Opening the page answers the call:
+//
+//   1. POST /mock/api/answer {callId, token} -> {streamUrl, parameters,
+//      pollUrl, session}; 403/409/410 mean the link was used or expired.
+//   2. The microphone (getUserMedia, mono, echo cancellation, noise
+//      suppression, automatic gain). Refused or missing: a clear message,
+//      POST /mock/api/hangup {callId, session}, no stream.
+//   3. An AudioContext at the device rate with two worklets:
+//      capture-worklet.js (mic -> 8 kHz mu-law, 160-byte frames) and
+//      playback-worklet.js (agent mu-law -> the context rate, a jitter-safe
+//      queue that reports the marks it has played).
+//   4. A WebSocket to streamUrl speaking Twilio Media Streams as Twilio does:
+//      connected, start (customParameters = the answer's parameters), one
+//      media event per 20 ms frame, dtmf from the keypad, marks echoed once
+//      played, every pending mark echoed at once on clear, stop on hang-up.
+//   5. GET pollUrl every 500 ms: call status, transcript, report.
+//
+// For tests: window.mockPhone = {stats, hangup()}. stats: state ("answering"
+// | "connected" | "ended" | "error" | "mic-denied"), callStatus (polled),
+// sampleRate, framesSent, bytesSent (mu-law sent), mediaReceived (mu-law
+// bytes received), playedSamples / playedFrames (agent audio played, at
+// 8 kHz / in 20 ms frames), clears, marksReceived, marksEchoed, lastPeak
+// (agent output peak over ~100 ms, 0..1), micPeak, droppedOnClear and
+// playedAtClear (8 kHz samples), starved (queue ran dry mid-stream),
+// bufferedMs, dtmfSent, errors (messages).
+import { Resampler } from "./dsp.js";
+
+const $ = (id) => document.getElementById(id);
+
+const stats = {
+  state: "answering",
+  callStatus: null,
+  sampleRate: 0,
+  framesSent: 0,
+  bytesSent: 0,
+  mediaReceived: 0,
+  playedSamples: 0,
+  playedFrames: 0,
+  clears: 0,
+  marksReceived: 0,
+  marksEchoed: 0,
+  lastPeak: 0,
+  micPeak: 0,
+  droppedOnClear: 0,
+  playedAtClear: 0,
+  starved: 0,
+  bufferedMs: 0,
+  dtmfSent: 0,
+  errors: [],
+};
+window.mockPhone = { stats, hangup: () => hangUp() };
+
+const call = { id: null, token: null, session: null, streamUrl: null, parameters: null, pollUrl: null };
+let ws = null;
+let opened = false;
+let finished = false; // the call is over for this page (whoever ended it)
+let ctx = null;
+let mic = null;
+let capture = null;
+let playback = null;
+let streamSid = null;
+let accountSid = null;
+let callSid = null;
+let seq = 0;
+let chunk = 0;
+let t0 = 0;
+let markIds = 0;
+const pendingMarks = new Map(); // id -> name, in the order they came
+let pollTimer = null;
+let pollsAfterFinal = 0;
+let lastTranscriptKey = "";
+
+const FINAL = new Set(["completed", "busy", "no_answer", "failed", "canceled"]);
+const STATUS_TEXT = {
+  queued: "Queued",
+  dialing: "Ringing",
+  in_progress: "In progress",
+  completed: "Completed",
+  busy: "Busy",
+  no_answer: "No answer",
+  failed: "Failed",
+  canceled: "Canceled",
+};
+
+// Page state --------------------------------------------------------------------
+
+function setState(state, banner) {
+  stats.state = state;
+  if (banner !== undefined) $("banner").textContent = banner;
+  const live = state === "connected";
+  $("hangup").disabled = !live;
+  for (const b of $("keypad").querySelectorAll("button")) b.disabled = !live;
+  renderPill();
+}
+
+function showProblem(text) {
+  const p = $("problem");
+  p.textContent = text;
+  p.hidden = false;
+}
+
+function noteError(text) {
+  stats.errors.push(text);
+  if (stats.errors.length > 50) stats.errors.shift();
+}
+
+function renderPill() {
+  const pill = $("status");
+  const st = stats.callStatus;
+  let text;
+  let cls = "";
+  if (stats.state === "error" || stats.state === "mic-denied") {
+    text = st && FINAL.has(st) ? STATUS_TEXT[st] || st : "Not connected";
+    cls = "bad";
+  } else if (st) {
+    text = STATUS_TEXT[st] || st;
+    cls = st === "in_progress" ? "live" : FINAL.has(st) ? (st === "completed" ? "ended" : "bad") : "";
+  } else {
+    text = stats.state === "connected" ? "Connected" : stats.state === "ended" ? "Ended" : "Answering";
+  }
+  pill.textContent = text;
+  pill.className = "pill" + (cls ? " " + cls : "");
+}
+
+// Bytes -------------------------------------------------------------------------
+
+function toBase64(bytes) {
+  if (bytes.toBase64) return bytes.toBase64();
+  let s = "";
+  for (let i = 0; i < bytes.length; i++) s += String.fromCharCode(bytes[i]);
+  return btoa(s);
+}
+
+function fromBase64(text) {
+  if (Uint8Array.fromBase64) return Uint8Array.fromBase64(text);
+  const s = atob(text);
+  const out = new Uint8Array(s.length);
+  for (let i = 0; i < s.length; i++) out[i] = s.charCodeAt(i);
+  return out;
+}
+
+function randomHex(bytes) {
+  const b = crypto.getRandomValues(new Uint8Array(bytes));
+  return Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
+}
+
+// Answering ---------------------------------------------------------------------
+
+async function answer() {
+  let res;
+  try {
+    res = await fetch("/mock/api/answer", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ callId: call.id, token: call.token }),
+    });
+  } catch (e) {
+    fail(`Could not reach callagent at ${location.origin}: is it still running? (${e.message})`);
+    return false;
+  }
+  let body = null;
+  try {
+    body = await res.json();
+  } catch {
+    body = null;
+  }
+  if (!res.ok) {
+    const msg = body && body.error && body.error.message;
+    if (res.status === 403) {
+      fail("This call link was already used or is not valid. Each link answers one call once: start a new call to get a new link.");
+    } else if (res.status === 410) {
+      fail("This call stopped ringing before it was answered: the link has expired. Start a new call to get a new link.");
+    } else if (res.status === 409) {
+      fail(`This call is no longer waiting to be answered${msg ? ` (${msg})` : ""}.`);
+    } else {
+      fail(`Could not answer the call: HTTP ${res.status}${msg ? `: ${msg}` : ""}.`);
+    }
+    return false;
+  }
+  call.session = body.session;
+  call.streamUrl = body.streamUrl;
+  call.parameters = body.parameters;
+  call.pollUrl = body.pollUrl;
+  return true;
+}
+
+function fail(text, banner) {
+  noteError(text);
+  showProblem(text);
+  finished = true;
+  setState("error", banner || "The call could not be answered.");
+}
+
+function postHangup(keepalive) {
+  if (!call.session) return Promise.resolve();
+  return fetch("/mock/api/hangup", {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ callId: call.id, session: call.session }),
+    keepalive: !!keepalive,
+  }).catch((e) => noteError("hangup: " + e.message));
+}
+
+// Microphone and audio ------------------------------------------------------------
+
+async function openMicrophone() {
+  if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
+    micProblem(
+      "mic-denied",
+      "No microphone is available to this page: browsers only offer it on https or on localhost. Open the link on the machine running callagent (http://127.0.0.1:...).",
+    );
+    return false;
+  }
+  try {
+    mic = await navigator.mediaDevices.getUserMedia({
+      audio: { channelCount: 1, echoCancellation: true, noiseSuppression: true, autoGainControl: true },
+      video: false,
+    });
+    return true;
+  } catch (e) {
+    const name = e && e.name;
+    if (name === "NotAllowedError" || name === "SecurityError" || name === "PermissionDeniedError") {
+      micProblem(
+        "mic-denied",
+        "Microphone access was refused, so the call was hung up. Allow the microphone for this page (the icon in the address bar) and place the call again: each link answers only once.",
+      );
+    } else if (name === "NotFoundError" || name === "OverconstrainedError" || name === "DevicesNotFoundError") {
+      micProblem("mic-denied", "No microphone was found, so the call was hung up. Connect one and place the call again.");
+    } else if (name === "NotReadableError" || name === "AbortError") {
+      micProblem(
+        "mic-denied",
+        "The microphone could not be opened (another program may be using it), so the call was hung up. Free it and place the call again.",
+      );
+    } else {
+      micProblem("mic-denied", `The microphone could not be opened (${name || "error"}: ${e && e.message}), so the call was hung up.`);
+    }
+    return false;
+  }
+}
+
+function micProblem(state, text) {
+  noteError(text);
+  showProblem(text);
+  finished = true;
+  setState(state, "Call ended");
+  postHangup();
+}
+
+// Rates whose polyphase filters the worklets can build (dsp.js): any usual one.
+function rateWorks(rate) {
+  try {
+    new Resampler(rate, 8000, { passband: 3200, stopband: 4000 });
+    new Resampler(8000, rate, { passband: 3400, stopband: 4600 });
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+async function startAudio() {
+  ctx = new AudioContext({ latencyHint: "interactive" });
+  if (!rateWorks(ctx.sampleRate)) {
+    await ctx.close();
+    ctx = new AudioContext({ latencyHint: "interactive", sampleRate: 48000 });
+  }
+  stats.sampleRate = ctx.sampleRate;
+  await ctx.audioWorklet.addModule("/mock/static/capture-worklet.js");
+  await ctx.audioWorklet.addModule("/mock/static/playback-worklet.js");
+
+  playback = new AudioWorkletNode(ctx, "mock-phone-playback", {
+    numberOfInputs: 0,
+    numberOfOutputs: 1,
+    outputChannelCount: [1],
+  });
+  playback.port.onmessage = (e) => onPlayback(e.data);
+  playback.onprocessorerror = () => noteError("the playback worklet failed");
+  playback.connect(ctx.destination);
+
+  // No outputs: the node is pulled by the context on its own.
+  capture = new AudioWorkletNode(ctx, "mock-phone-capture", {
+    numberOfInputs: 1,
+    numberOfOutputs: 0,
+    channelCount: 1,
+    channelCountMode: "explicit",
+    channelInterpretation: "speakers",
+  });
+  capture.port.onmessage = (e) => onFrame(e.data);
+  capture.onprocessorerror = () => noteError("the capture worklet failed");
+  ctx.createMediaStreamSource(mic).connect(capture);
+}
+
+// The context may take a moment to start (Firefox), or wait for a click
+// (autoplay rules): a button appears if it has not started within a second.
+function waitForAudioStart() {
+  if (ctx.state === "running") return Promise.resolve();
+  const btn = $("start-audio");
+  return new Promise((resolve) => {
+    const check = () => {
+      if (ctx.state !== "running") return;
+      ctx.removeEventListener("statechange", check);
+      clearTimeout(timer);
+      btn.hidden = true;
+      resolve();
+    };
+    const timer = setTimeout(() => {
+      btn.hidden = false;
+      $("banner").textContent = "Your browser paused the audio: press Start audio to talk.";
+    }, 1000);
+    ctx.addEventListener("statechange", check);
+    btn.onclick = () => ctx.resume().then(check, () => {});
+    ctx.resume().then(check, () => {});
+  });
+}
+
+function stopAudio() {
+  if (mic) for (const t of mic.getTracks()) t.stop();
+  if (capture) capture.port.postMessage({ type: "stop" });
+  $("mic-level").style.width = "0";
+  // Let what is queued play out (the agent's goodbye), then release the device.
+  const started = performance.now();
+  const check = () => {
+    if (!ctx || ctx.state === "closed") return;
+    if (stats.bufferedMs <= 0 || performance.now() - started > 5000) {
+      if (playback) playback.port.postMessage({ type: "stop" });
+      ctx.close().catch(() => {});
+      $("agent-level").style.width = "0";
+    } else {
+      setTimeout(check, 100);
+    }
+  };
+  setTimeout(check, 100);
+}
+
+// A level meter's width: 60 dB of range, full at 0 dBFS.
+function meter(peak) {
+  const db = peak > 0 ? 20 * Math.log10(peak) : -100;
+  return `${Math.round(Math.max(0, Math.min(1, 1 + db / 60)) * 100)}%`;
+}
+
+// The stream ---------------------------------------------------------------------
+
+function send(obj) {
+  if (ws && ws.readyState === WebSocket.OPEN) {
+    ws.send(JSON.stringify(obj));
+    return true;
+  }
+  return false;
+}
+
+function connect() {
+  streamSid = "MZ" + randomHex(16);
+  accountSid = "ACmock" + randomHex(14);
+  callSid = "CAmock" + randomHex(14);
+  $("banner").textContent = "Connecting the audio…";
+  try {
+    ws = new WebSocket(call.streamUrl);
+  } catch (e) {
+    streamFailed(`Could not open the audio stream to ${call.streamUrl}: ${e.message}`);
+    return;
+  }
+  ws.onopen = () => {
+    opened = true;
+    t0 = performance.now();
+    send({ event: "connected", protocol: "Call", version: "1.0.0" });
+    seq = 1;
+    send({
+      event: "start",
+      sequenceNumber: "1",
+      streamSid,
+      start: {
+        accountSid,
+        streamSid,
+        callSid,
+        tracks: ["inbound"],
+        mediaFormat: { encoding: "audio/x-mulaw", sampleRate: 8000, channels: 1 },
+        customParameters: call.parameters,
+      },
+    });
+    setState("connected", "Connected: talk to the agent.");
+  };
+  ws.onmessage = (e) => onStreamMessage(e.data);
+  ws.onerror = () => noteError("websocket error");
+  ws.onclose = (e) => onStreamClosed(e);
+}
+
+function streamFailed(text) {
+  noteError(text);
+  showProblem(text);
+  finished = true;
+  stopAudio();
+  setState("error", "The call could not be connected.");
+  postHangup();
+}
+
+function onFrame(m) {
+  if (m.type !== "frame") return;
+  stats.micPeak = m.peak;
+  $("mic-level").style.width = meter(m.peak);
+  if (stats.state !== "connected") return;
+  const bytes = new Uint8Array(m.bytes);
+  seq++;
+  chunk++;
+  const ok = send({
+    event: "media",
+    sequenceNumber: String(seq),
+    streamSid,
+    media: {
+      track: "inbound",
+      chunk: String(chunk),
+      timestamp: String(Math.round(performance.now() - t0)),
+      payload: toBase64(bytes),
+    },
+  });
+  if (ok) {
+    stats.framesSent++;
+    stats.bytesSent += bytes.length;
+  }
+}
+
+function echoMark(name) {
+  seq++;
+  if (send({ event: "mark", sequenceNumber: String(seq), streamSid, mark: { name } })) stats.marksEchoed++;
+}
+
+function onStreamMessage(data) {
+  if (typeof data !== "string") return;
+  let m;
+  try {
+    m = JSON.parse(data);
+  } catch {
+    noteError("unreadable stream message");
+    return;
+  }
+  if (m.event === "media") {
+    const payload = m.media && m.media.payload;
+    if (typeof payload !== "string") return;
+    let bytes;
+    try {
+      bytes = fromBase64(payload);
+    } catch {
+      noteError("media payload is not base64");
+      return;
+    }
+    stats.mediaReceived += bytes.length;
+    playback.port.postMessage({ type: "media", bytes: bytes.buffer }, [bytes.buffer]);
+  } else if (m.event === "mark") {
+    const name = m.mark && m.mark.name;
+    stats.marksReceived++;
+    const id = ++markIds;
+    pendingMarks.set(id, name);
+    playback.port.postMessage({ type: "mark", id });
+  } else if (m.event === "clear") {
+    // As Twilio: stop now, and every mark still waiting comes back at once.
+    stats.clears++;
+    playback.port.postMessage({ type: "clear" });
+    for (const name of pendingMarks.values()) echoMark(name);
+    pendingMarks.clear();
+  }
+}
+
+function onPlayback(m) {
+  if (m.type === "marks") {
+    for (const id of m.ids) {
+      if (pendingMarks.has(id)) {
+        const name = pendingMarks.get(id);
+        pendingMarks.delete(id);
+        echoMark(name);
+      }
+    }
+  } else if (m.type === "stats") {
+    stats.playedSamples = m.played;
+    stats.playedFrames = Math.floor(m.played / 160);
+    stats.droppedOnClear = m.dropped;
+    stats.playedAtClear = m.playedAtClear;
+    stats.lastPeak = m.peak;
+    stats.starved = m.starved;
+    stats.bufferedMs = m.buffered;
+    $("agent-level").style.width = meter(m.peak);
+  }
+}
+
+function onStreamClosed(e) {
+  if (finished) return;
+  finished = true;
+  if (!opened) {
+    streamFailed(`The audio stream to ${call.streamUrl} could not be opened.`);
+    return;
+  }
+  stopAudio();
+  if (e.code === 1000 || e.code === 1001 || e.code === 1005) {
+    setState("ended", "Call ended");
+  } else {
+    const why = `The audio stream closed (${e.code}${e.reason ? ": " + e.reason : ""}).`;
+    noteError(why);
+    showProblem(why);
+    setState("ended", "Call ended");
+  }
+}
+
+function hangUp() {
+  if (finished) return;
+  finished = true;
+  seq++;
+  send({ event: "stop", sequenceNumber: String(seq), streamSid, stop: { accountSid, callSid } });
+  if (ws) ws.close(1000, "hung up");
+  stopAudio();
+  setState("ended", "Call ended: you hung up.");
+  postHangup();
+}
+
+function sendDigit(digit) {
+  if (stats.state !== "connected") return;
+  seq++;
+  if (send({ event: "dtmf", sequenceNumber: String(seq), streamSid, dtmf: { track: "inbound_track", digit } })) {
+    stats.dtmfSent++;
+  }
+}
+
+// The call's view ------------------------------------------------------------------
+
+async function poll() {
+  pollTimer = null;
+  try {
+    const res = await fetch(call.pollUrl, { cache: "no-store" });
+    if (res.ok) {
+      render(await res.json());
+    } else if (res.status === 403 || res.status === 404) {
+      noteError(`poll: HTTP ${res.status}`);
+      return;
+    }
+  } catch (e) {
+    noteError("poll: " + e.message);
+  }
+  const st = stats.callStatus;
+  if (st && FINAL.has(st)) {
+    pollsAfterFinal++;
+    if (pollsAfterFinal > 6) return; // the report comes with the final status; a few more to be sure
+  }
+  pollTimer = setTimeout(poll, 500);
+}
+
+function render(v) {
+  stats.callStatus = v.status;
+  renderPill();
+  renderTranscript(v.transcript || []);
+  if (v.report) renderReport(v.report);
+  const endNote = $("end-reason");
+  if (FINAL.has(v.status)) {
+    const parts = [`The call ended: ${STATUS_TEXT[v.status] || v.status}`];
+    if (v.endReason && v.endReason !== v.status) parts.push(`(${String(v.endReason).replace(/_/g, " ")})`);
+    endNote.textContent = parts.join(" ") + ".";
+    endNote.hidden = false;
+    if (stats.state === "connected") {
+      // The engine ended it; the stream closes next.
+      $("banner").textContent = "Call ended";
+    }
+  }
+  $("diag").textContent = JSON.stringify({ ...stats, lastError: v.lastError || undefined }, null, 1);
+}
+
+function renderTranscript(lines) {
+  const key = lines.map((l) => `${l.role}:${l.text}:${l.interrupted ? 1 : 0}`).join("\n");
+  if (key === lastTranscriptKey) return;
+  lastTranscriptKey = key;
+  const ol = $("transcript");
+  ol.textContent = "";
+  for (const l of lines) {
+    const li = document.createElement("li");
+    li.className = l.role === "agent" ? "agent" : "callee";
+    const who = document.createElement("span");
+    who.className = "who";
+    who.textContent = l.role === "agent" ? "Agent" : "You";
+    li.append(who, document.createTextNode(l.text || ""));
+    if (l.interrupted) {
+      const cut = document.createElement("span");
+      cut.className = "cut";
+      cut.textContent = " (interrupted)";
+      li.append(cut);
+    }
+    ol.append(li);
+  }
+  $("transcript-empty").hidden = lines.length > 0;
+  ol.lastElementChild && ol.lastElementChild.scrollIntoView({ block: "nearest" });
+}
+
+function renderReport(r) {
+  $("report").hidden = false;
+  $("report-summary").textContent = r.summary || "(no summary)";
+  const outcome = $("report-outcome");
+  outcome.textContent = String(r.outcome || "unknown").replace(/_/g, " ");
+  outcome.className = "outcome " + (r.outcome || "unknown");
+  const next = Array.isArray(r.nextSteps) ? r.nextSteps : [];
+  const ul = $("report-next");
+  ul.textContent = "";
+  for (const s of next) {
+    const li = document.createElement("li");
+    li.textContent = s;
+    ul.append(li);
+  }
+  $("report-next-block").hidden = next.length === 0;
+  const data = r.data && typeof r.data === "object" ? Object.entries(r.data) : [];
+  const dl = $("report-data");
+  dl.textContent = "";
+  for (const [k, val] of data) {
+    const dt = document.createElement("dt");
+    dt.textContent = k;
+    const dd = document.createElement("dd");
+    dd.textContent = typeof val === "string" ? val : JSON.stringify(val);
+    dl.append(dt, dd);
+  }
+  $("report-data-block").hidden = data.length === 0;
+}
+
+// Start ---------------------------------------------------------------------------
+
+async function main() {
+  setState("answering", "Answering the call…");
+  $("hangup").onclick = () => hangUp();
+  for (const b of $("keypad").querySelectorAll("button")) b.onclick = () => sendDigit(b.dataset.digit);
+  document.addEventListener("keydown", (e) => {
+    if (/^[0-9*#]$/.test(e.key) && !e.ctrlKey && !e.metaKey && !e.altKey) sendDigit(e.key);
+  });
+  window.addEventListener("pagehide", () => {
+    if (finished || !call.session) return;
+    finished = true;
+    seq++;
+    send({ event: "stop", sequenceNumber: String(seq), streamSid, stop: { accountSid, callSid } });
+    if (ws) ws.close(1000, "page closed");
+    postHangup(true);
+  });
+
+  const m = location.pathname.match(/^\/mock\/call\/([^/]+)\/?$/);
+  call.id = m ? decodeURIComponent(m[1]) : null;
+  call.token = new URLSearchParams(location.search).get("t");
+  if (!call.id || !call.token) {
+    fail("This link is incomplete: it needs the call id and the ?t= token. Open the whole link callagent printed.");
+    return;
+  }
+  if (!(await answer())) return;
+  poll();
+  $("banner").textContent = "Answered. Allow the microphone to talk.";
+  if (!(await openMicrophone())) return;
+  try {
+    await startAudio();
+  } catch (e) {
+    if (mic) for (const t of mic.getTracks()) t.stop();
+    fail(`The audio could not start in this browser: ${e.message}. The call was hung up.`, "Call ended");
+    postHangup();
+    return;
+  }
+  await waitForAudioStart();
+  if (!finished) connect();
+}
+
+main().catch((e) => {
+  noteError(String(e && e.stack ? e.stack : e));
+  fail(`Something went wrong on this page: ${e && e.message ? e.message : e}`, "Call ended");
+  postHangup();
+});

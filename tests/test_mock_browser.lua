@@ -1,0 +1,437 @@
+-- The mock phone page (providers/mock/) in a real browser: headless Debian
+-- Chromium driven by playwright-core (tests/browser/drive.mjs), its fake
+-- microphone playing a WAV made here, against a callagent app with the mock
+-- provider and a fake OpenAI Realtime service. Also the page's DSP measured
+-- in Node (tests/browser/dsp_check.mjs).
+--
+-- Needs /usr/bin/chromium (apt-get install -y chromium), node, and
+-- tests/node_modules (npm ci in tests/): a missing one fails, it never skips.
+local T = require "testing"
+local fake_rt = require "fakes.realtime"
+local callagent = require "callagent"
+local process = require "callagent.process"
+local json = require "callagent.json"
+local audio = require "callagent.audio"
+local crypto = require "callagent.crypto"
+local core = require "callagent.core"
+local task = require "callagent.task"
+
+local ROOT = T.root
+local CHROMIUM = "/usr/bin/chromium"
+local API_KEY = "sk-test-mock-browser"
+local SUMMARY = "Heard the callee's tone; the agent was interrupted and said goodbye."
+
+local function need_tools()
+  if core.stat(CHROMIUM) ~= "file" then
+    error(CHROMIUM .. " is missing: install Debian's chromium (apt-get install -y chromium)", 0)
+  end
+  if core.stat(ROOT .. "/tests/node_modules/playwright-core/package.json") ~= "file" then
+    error("tests/node_modules/playwright-core is missing: run `npm ci` in tests/", 0)
+  end
+end
+
+-- Runs node on a script of tests/browser; returns the JSON of its last line
+-- that is one, the exit code and its stderr.
+local function node(args, timeout_ms)
+  local out, err = {}, {}
+  local spec = { "node" }
+  for _, a in ipairs(args) do
+    spec[#spec + 1] = a
+  end
+  spec.cwd = ROOT .. "/tests"
+  spec.max_line = 1 << 20
+  spec.on_stdout = function(l)
+    out[#out + 1] = l
+  end
+  spec.on_stderr = function(l)
+    err[#err + 1] = l
+  end
+  local p, perr = process.spawn(spec)
+  if not p then
+    error("cannot run node (install Node.js): " .. tostring(perr), 0)
+  end
+  T.defer(function()
+    if p:running() then
+      p:kill("SIGKILL")
+    end
+  end)
+  local code, sig = p:wait(timeout_ms)
+  if code == nil and sig == "ETIMEDOUT" then
+    p:kill("SIGKILL")
+    error("node " .. args[1] .. " did not finish in " .. timeout_ms .. " ms; stderr: " .. table.concat(err, "\n"), 0)
+  end
+  local result
+  for i = #out, 1, -1 do
+    if out[i]:sub(1, 1) == "{" then
+      result = json.try_decode(out[i])
+      break
+    end
+  end
+  return result, code, table.concat(err, "\n")
+end
+
+-- A 16-bit PCM mono WAV: 2.5 s of 800 Hz at half scale, then 1 s of silence
+-- (Chromium's fake microphone loops it, so the callee beeps in a rhythm).
+local WAV_RATE, TONE_MS, GAP_MS, TONE_HZ = 16000, 2500, 1000, 800
+local function write_wav(path)
+  local parts = {}
+  local n_tone, n = TONE_MS * WAV_RATE // 1000, (TONE_MS + GAP_MS) * WAV_RATE // 1000
+  for i = 0, n - 1 do
+    local v = 0
+    if i < n_tone then
+      -- 10 ms fades, so the edges do not click.
+      local fade = math.min(1, i / 160, (n_tone - i) / 160)
+      v = math.floor(16384 * fade * math.sin(2 * math.pi * TONE_HZ * i / WAV_RATE) + 0.5)
+    end
+    parts[#parts + 1] = string.pack("<i2", v)
+  end
+  local data = table.concat(parts)
+  local f = assert(io.open(path, "wb"))
+  f:write(string.pack("<c4I4c4c4I4I2I2I4I4I2I2c4I4", "RIFF", 36 + #data, "WAVE", "fmt ", 16, 1, 1, WAV_RATE,
+    WAV_RATE * 2, 2, 16, "data", #data), data)
+  f:close()
+end
+
+-- The callee's audio as the model got it (mu-law 8 kHz), in 20 ms blocks:
+-- the runs of loud blocks that are whole (not cut by the start or the end of
+-- the stream), the silences between runs, and the tone's frequency and level
+-- over the first whole run.
+local function analyse_input(ulaw)
+  local pcm = audio.ulaw_decode(ulaw)
+  local blocks = #ulaw // 160
+  local runs, start = {}, nil
+  for b = 0, blocks do
+    local loud = b < blocks and audio.rms_dbfs(pcm:sub(b * 320 + 1, (b + 1) * 320)) > -30
+    if loud and not start then
+      start = b
+    elseif not loud and start then
+      -- Whole: a silence before it (the first run may have begun before the
+      -- stream) and the call did not end during it.
+      runs[#runs + 1] = { start = start, n = b - start, whole = #runs > 0 and b < blocks }
+      start = nil
+    end
+  end
+  local r = { seconds = #ulaw / 8000, runs_s = {}, gaps_s = {} }
+  local run
+  for i, x in ipairs(runs) do
+    if x.whole then
+      r.runs_s[#r.runs_s + 1] = x.n * 0.02
+      run = run or x
+    end
+    if i > 1 then
+      r.gaps_s[#r.gaps_s + 1] = (x.start - runs[i - 1].start - runs[i - 1].n) * 0.02
+    end
+  end
+  if run and run.n >= 10 then
+    -- Zero crossings over the middle of the first whole run.
+    local a, b = (run.start + 2) * 160, (run.start + run.n - 2) * 160
+    local crossings, prev = 0, nil
+    for i = a, b - 1 do
+      local v = string.unpack("<i2", pcm, 2 * i + 1)
+      if prev and (prev < 0) ~= (v < 0) then
+        crossings = crossings + 1
+      end
+      prev = v
+    end
+    r.hz = crossings / 2 / ((b - a) / 8000)
+    r.run_dbfs = audio.rms_dbfs(pcm:sub(2 * a + 1, 2 * b))
+  end
+  return r
+end
+
+local function start_app(script)
+  local rt = assert(fake_rt.start({ api_key = API_KEY, script = script }))
+  T.defer(function()
+    rt:close()
+  end)
+  local app, err = callagent.app({
+    telephony = { provider = "mock" },
+    server = { host = "127.0.0.1", port = 0 },
+    openai = { apiKey = API_KEY, realtimeUrl = rt.url, outputFormat = "audio/pcmu" },
+    store = { backend = "memory" },
+    tunnel = { provider = "none" },
+    call = { goodbyeTimeoutSec = 3, ringTimeoutSec = 30 },
+  }, { no_shutdown_hook = true })
+  assert(app, err)
+  assert(app:start())
+  T.defer(function()
+    app:stop()
+  end)
+  return app, rt
+end
+
+local function sample_at(samples, i)
+  local s = samples[i]
+  return { ms = s[1], played = s[2], clears = s[3], peak = s[4], media = s[5], frames = s[6], dropped = s[7],
+    echoed = s[8] }
+end
+
+T.test("the page's DSP in Node: G.711 as callagent's, a clean telephone band, gap-free playback, exact marks, clear", function()
+  need_tools()
+  local r, code, err = node({ "browser/dsp_check.mjs" }, 20000)
+  T.ok(r, "dsp_check printed no JSON (exit " .. tostring(code) .. "): " .. err)
+  -- Every int16 encodes as callagent.audio does (G.191), and decoding agrees.
+  local all = {}
+  for x = -32768, 32767 do
+    all[#all + 1] = string.pack("<i2", x)
+  end
+  T.eq(r.encodeSha256, crypto.to_hex(crypto.sha256(audio.ulaw_encode(table.concat(all)))), "mu-law encoder")
+  local codes = {}
+  for c = 0, 255 do
+    codes[#codes + 1] = string.char(c)
+  end
+  local pcm = audio.ulaw_decode(table.concat(codes))
+  for c = 0, 255 do
+    T.eq(r.decode[c + 1], (string.unpack("<i2", pcm, 2 * c + 1)), "decode of code " .. c)
+  end
+  for _, rate in ipairs({ "48000", "44100" }) do
+    local g = r.capture[rate].gains
+    for _, hz in ipairs({ "300", "1000", "2000", "3000" }) do
+      T.near(g[hz], 0, 0.1, rate .. " Hz capture passband at " .. hz .. " Hz")
+    end
+    for _, hz in ipairs({ "4000", "4500", "5000", "7000", "10000", "15000", "20000" }) do
+      T.lt(g[hz], -55, rate .. " Hz capture: what aliases from " .. hz .. " Hz")
+    end
+    local p = r.playback[rate]
+    for hz, db in pairs(p.passDb) do
+      T.near(db, 0, 0.1, rate .. " Hz playback passband at " .. hz .. " Hz")
+    end
+    for hz, db in pairs(p.imageDb) do
+      T.lt(db, -55, rate .. " Hz playback image of " .. hz .. " Hz")
+    end
+    T.ok(r.seamless[rate].identical, rate .. " Hz: blocks of any size give the same samples as one block")
+    local worst = -math.huge
+    for _, db in pairs(p.imageDb) do
+      worst = math.max(worst, db)
+    end
+    T.diag(string.format("%s Hz: capture %d taps, alias at 4 kHz %.1f dB, 4.5 kHz %.1f dB; "
+      .. "playback %d taps, worst image %.1f dB", rate, r.capture[rate].taps, g["4000"], g["4500"], p.taps, worst))
+  end
+
+  -- The worklets themselves, run in Node with stand-ins for the browser.
+  local b = r.playbackSim.burst
+  T.ok(b.sameAsReference, "10 s queued at once plays exactly the interpolated input, in order")
+  T.ok(b.marksInOrder, "all marks reached, in order")
+  T.eq(b.marks, 500)
+  T.le(b.worstMarkError, 36, "a mark is reached when its audio has played (8 kHz samples)")
+  T.eq(b.starved, 0)
+  local c = r.playbackSim.clear
+  T.ok(c.silentAfter, "silence right after clear")
+  T.near(c.playedAtClearMs, 500, 5, "played before the clear")
+  T.near(c.droppedMs, 1500, 5, "the rest dropped")
+  T.eq(c.marksAfter, 0, "no mark reported after the clear (the page echoes them)")
+  local paced = r.playbackSim.paced
+  T.eq(paced.starved, 0, "a real-time stream never runs dry")
+  T.eq(paced.gaps, 0, "and plays without gaps")
+  T.near(paced.playedMs, 3000, 5, "all of it")
+  local cap = r.captureSim
+  T.ge(cap.frames, 99, "2 s at 44.1 kHz make 99-100 frames")
+  T.ok(cap.allFull, "frames are 160 bytes")
+  T.near(cap.hz, 800, 2, "captured tone frequency")
+  T.near(cap.dbfs, -9.03, 0.3, "captured tone level (a half-scale sine)")
+  T.diag(string.format("worklets: worst mark error %.1f samples at 8 kHz; clear dropped %.0f ms after %.0f ms",
+    b.worstMarkError, c.droppedMs, c.playedAtClearMs))
+end, { timeout = 30000 })
+
+T.test("a call in Chromium: the mic's tone reaches the model, the agent plays, clear cuts it, the report shows", function()
+  need_tools()
+  local dir = T.tmpdir()
+  local wav = dir .. "/callee.wav"
+  write_wav(wav)
+  local rt_session
+  local app = start_app(function(s)
+    rt_session = s
+    assert(s:wait_event("response.create", 20000))
+    -- Listen until 5 s of the callee came (a whole beep is in there).
+    s:wait_audio(8 * 5000, 15000)
+    s.listened_ms = s:input_ms()
+    -- Twice real time, as the real service sends ahead: the page queues it.
+    task.spawn(function()
+      s.long = s:speak({ ms = 4000, pace = 2, text = "Let me explain the whole thing at some length." })
+    end)
+    s.barge = s:user_speech({ interrupt = true, after_ms = 1500, ms = 400, text = "Sorry, stop." })
+    s:call_function("report_call", {
+      summary = SUMMARY,
+      outcome = "success",
+      nextSteps = { "Send the follow-up letter" },
+      data = { tone_hz = 800 },
+    })
+    s:wait_event("response.create", 5000)
+    s.goodbye = s:speak({ ms = 1200, text = "Thanks, goodbye." })
+  end)
+  local view = assert(app:create_call({ to = "+14155550199", prompt = "Listen, explain, be interrupted, report." }))
+  T.match(view.hint or "", "^http://127%.0%.0%.1:%d+/mock/call/", "the hint is the page's URL")
+  local shot = ROOT .. "/tests/artifacts/mock-phone.png"
+  local r, code, err = node({ "browser/drive.mjs", view.hint, wav, shot, "--timeout=30000", "--press=5#",
+    "--live-shot=" .. ROOT .. "/tests/artifacts/mock-phone-live.png" }, 45000)
+  T.ok(r, "drive.mjs printed no JSON (exit " .. tostring(code) .. "): " .. err)
+  T.ok(r.ok, "drive.mjs: " .. tostring(r.error) .. "; page: " .. json.encode({ r.banner, r.problem, r.console, r.stats }))
+  local st = r.stats
+  T.diag(string.format("page: %d Hz, %d frames (%d bytes) sent, %d bytes received, %d samples played, %d dropped by "
+    .. "%d clear(s) (played %d at the clear), marks %d/%d echoed, starved %d, in %d ms", st.sampleRate, st.framesSent,
+    st.bytesSent, st.mediaReceived, st.playedSamples, st.droppedOnClear, st.clears, st.playedAtClear, st.marksEchoed,
+    st.marksReceived, st.starved, r.elapsedMs))
+  T.eq(st.state, "ended", "page state")
+  T.eq(r.banner, "Call ended")
+  T.eq(#st.errors, 0, "page errors: " .. json.encode(st.errors))
+  local console_errors = {}
+  for _, line in ipairs(r.console) do
+    if line:match("^error") or line:match("^pageerror") then
+      console_errors[#console_errors + 1] = line
+    end
+  end
+  T.eq(console_errors, {}, "errors in the browser console")
+
+  -- The WAV's tone reached the model: loud, about 800 Hz, in runs as long as the WAV's.
+  local s = assert(rt_session, "the model was never reached")
+  T.ok(s.script_error == nil, tostring(s.script_error))
+  local inp = analyse_input(s.input_audio)
+  T.diag(string.format("model heard %.2f s: whole tone runs %s s, gaps %s s, %.1f Hz, %.1f dBFS", inp.seconds,
+    json.encode(inp.runs_s), json.encode(inp.gaps_s), inp.hz or 0, inp.run_dbfs or -math.huge))
+  T.ge(s.listened_ms, 5000, "the script heard 5 s before it spoke")
+  T.ge(#inp.runs_s, 1, "at least one whole tone run")
+  for i, len in ipairs(inp.runs_s) do
+    T.near(len, TONE_MS / 1000, 0.2, "tone run " .. i .. " is as long as the WAV's tone")
+  end
+  T.ge(#inp.gaps_s, 1, "at least one silence between beeps")
+  for i, len in ipairs(inp.gaps_s) do
+    T.near(len, GAP_MS / 1000, 0.2, "silence " .. i .. " is as long as the WAV's")
+  end
+  T.near(inp.hz, TONE_HZ, 15, "tone frequency after resampling to 8 kHz")
+  T.gt(inp.run_dbfs, -20, "the tone is loud (dBFS)")
+  T.near(s.input_bytes, st.bytesSent, 800, "what the page sent is what the model got")
+  T.near(st.framesSent * 20, inp.seconds * 1000, 100, "frames are 20 ms")
+
+  -- The model's audio reached the page and played.
+  T.gt(st.mediaReceived, 8 * 1000, "bytes of agent audio received")
+  T.gt(st.playedSamples, 8000, "agent audio played (8 kHz samples)")
+  local max_peak = 0
+  for _, x in ipairs(r.samples) do
+    max_peak = math.max(max_peak, x[4])
+  end
+  T.near(max_peak, 8000 / 32768, 0.05, "peak while the agent spoke (the fake's tone is 8000/32768)")
+
+  -- clear: playback stopped at once, everything unplayed dropped.
+  T.eq(st.clears, 1, "clears")
+  T.gt(st.droppedOnClear, 8 * 500, "samples dropped by the clear (queued, not played)")
+  local first
+  for i = 1, #r.samples do
+    if r.samples[i][3] >= 1 then
+      first = i
+      break
+    end
+  end
+  T.ok(first, "a sample after the clear")
+  local at = sample_at(r.samples, first)
+  local later
+  for i = first, #r.samples do
+    if r.samples[i][1] >= at.ms + 250 then
+      later = sample_at(r.samples, i)
+      break
+    end
+  end
+  T.ok(later, "a sample 250 ms after the clear")
+  T.diag(string.format("after the clear: played %d -> %d in %d ms", at.played, later.played, later.ms - at.ms))
+  T.lt(later.played - at.played, 8 * 60, "playback stopped after the clear (at most the goodbye's start)")
+  -- The engine truncated the item where the page's echoed marks said it was.
+  T.eq(#s.truncates, 1, "one truncate")
+  T.ok(s.truncates[1].ok, "truncate accepted: " .. json.encode(s.truncates[1]))
+  local end_ms = s.truncates[1].audio_end_ms
+  T.diag(string.format("truncate at %d ms; the page had played %.0f ms of it", end_ms, st.playedAtClear / 8))
+  T.near(end_ms, st.playedAtClear / 8, 100,
+    "truncate audio_end_ms (the bridge's played position, from the marks the page echoed) vs what the page played")
+  T.gt(end_ms, 1000, "about 1.5 s had played")
+
+  -- Marks: every one came back (played, or echoed by the clear).
+  T.gt(st.marksReceived, 50, "marks received")
+  T.eq(st.marksEchoed, st.marksReceived, "marks echoed")
+
+  -- The report on the page, and the call completed in the engine.
+  T.match(r.reportText, SUMMARY:gsub("%p", "%%%0"), "report summary on the page")
+  T.match(r.reportText, "Send the follow%-up letter", "next steps on the page")
+  T.match(r.transcriptText, "Sorry, stop%.", "the callee's line in the transcript")
+  T.wait_for(function()
+    local v = app.engine:call_view(view.callId)
+    return v and v.status == "completed"
+  end, 10000, "the call to complete")
+  local v = app.engine:call_view(view.callId)
+  T.eq(v.report.summary, SUMMARY)
+  T.ok(s.goodbye and not s.goodbye.cancelled, "the goodbye was spoken in full")
+  T.eq(core.stat(shot), "file", "screenshot saved")
+
+  -- The keypad: dtmf events, which the bridge tells the model about.
+  T.eq(st.dtmfSent, 2, "keys pressed")
+  local keys = {}
+  for _, ev in ipairs(s.events) do
+    if ev.type == "conversation.item.create" and ev.item and ev.item.role == "user" then
+      local text = ev.item.content and ev.item.content[1] and ev.item.content[1].text or ""
+      keys[#keys + 1] = text:match("pressed the key (.)")
+    end
+  end
+  T.eq(keys, { "5", "#" }, "the model heard the keys, in order")
+end, { timeout = 60000 })
+
+T.test("microphone refused: the page says so, hangs up, and the call ends without a stream", function()
+  need_tools()
+  local dir = T.tmpdir()
+  local wav = dir .. "/callee.wav"
+  write_wav(wav)
+  local app, rt = start_app(function(s)
+    s:wait_event("response.create", 20000)
+  end)
+  local view = assert(app:create_call({ to = "+14155550198", prompt = "Nobody can talk." }))
+  local shot = ROOT .. "/tests/artifacts/mock-phone-mic-denied.png"
+  local r, code, err = node({ "browser/drive.mjs", view.hint, wav, shot, "--deny-mic", "--reopen", "--timeout=15000" },
+    30000)
+  T.ok(r, "drive.mjs printed no JSON (exit " .. tostring(code) .. "): " .. err)
+  T.ok(r.ok, "drive.mjs: " .. tostring(r.error) .. "; page: " .. json.encode({ r.banner, r.problem, r.stats }))
+  T.eq(r.stats.state, "mic-denied")
+  T.match(r.problem, "^Microphone access was refused", "the message on the page")
+  T.eq(r.stats.framesSent, 0, "no audio was sent")
+  local v
+  T.wait_for(function()
+    v = app.engine:call_view(view.callId)
+    return v and v.status ~= "in_progress" and v.status ~= "dialing"
+  end, 10000, "the call to end")
+  T.eq(v.status, "completed")
+  T.eq(v.endReason, "callee_hung_up")
+  local s = rt.sessions[1]
+  T.eq(s and s.input_bytes or 0, 0, "the model heard nothing")
+  -- The link answers once: opened again, the page says so.
+  T.eq(r.reopen and r.reopen.state, "error", "a used link")
+  T.match(r.reopen.problem, "already used", "the message for a used link")
+end, { timeout = 40000 })
+
+T.test("hanging up on the page: stop, close, and the call ends as the callee's hang-up", function()
+  need_tools()
+  local dir = T.tmpdir()
+  local wav = dir .. "/callee.wav"
+  write_wav(wav)
+  local app, rt = start_app(function(s)
+    assert(s:wait_event("response.create", 20000))
+    s.talk = s:speak({ ms = 8000, text = "A long story nobody wants to hear." })
+  end)
+  local view = assert(app:create_call({ to = "+14155550197", prompt = "Talk until they hang up." }))
+  local shot = ROOT .. "/tests/artifacts/mock-phone-hangup.png"
+  local r, code, err = node({ "browser/drive.mjs", view.hint, wav, shot, "--hangup-after=1500", "--timeout=15000" }, 30000)
+  T.ok(r, "drive.mjs printed no JSON (exit " .. tostring(code) .. "): " .. err)
+  T.ok(r.ok, "drive.mjs: " .. tostring(r.error) .. "; page: " .. json.encode({ r.banner, r.problem, r.stats }))
+  T.eq(r.stats.state, "ended")
+  T.eq(r.banner, "Call ended: you hung up.")
+  T.gt(r.stats.playedSamples, 8 * 500, "the agent was heard before the hang-up")
+  local v
+  T.wait_for(function()
+    v = app.engine:call_view(view.callId)
+    return v and v.status == "completed"
+  end, 10000, "the call to complete")
+  T.eq(v.endReason, "callee_hung_up")
+  T.eq(v.report, nil, "no report")
+  local s = rt.sessions[1]
+  T.wait_for(function()
+    return s.closed
+  end, 5000, "the model session to close")
+  T.ok(s.talk == nil or s.talk.cancelled, "the agent was cut off")
+  T.near(s.input_bytes, r.stats.bytesSent, 800, "what the page sent is what the model got")
+end, { timeout = 40000 })
+
+T.run()
