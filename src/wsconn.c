@@ -35,6 +35,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <openssl/rand.h>
+
 #include "wsconn.h"
 
 /*
@@ -598,9 +600,73 @@ void ca__ws_closed(struct ca_ws *ws)
 static unsigned char *scratch;
 static size_t scratch_cap;
 
+/*
+ * Masking keys for client frames, drawn from OpenSSL's CSPRNG a pool at a
+ * time. lws would read 4 bytes from /dev/urandom for every frame it masks:
+ * one system call per message on the model connection's audio path.
+ */
+static unsigned char mask_pool[4096];
+static size_t mask_pos = sizeof mask_pool;
+
+static int next_mask(unsigned char key[4])
+{
+	if (mask_pos == sizeof mask_pool) {
+		if (RAND_bytes(mask_pool, sizeof mask_pool) != 1)
+			return -1;
+		mask_pos = 0;
+	}
+	memcpy(key, mask_pool + mask_pos, 4);
+	mask_pos += 4;
+	return 0;
+}
+
+/*
+ * Frames a whole client text/binary message (FIN, masked, RFC 6455 5.2)
+ * into out, which has room for len + 14 bytes; returns the frame's length,
+ * 0 if no masking key could be had.
+ */
+static size_t frame_client(unsigned char *out, const unsigned char *data, size_t len, int kind)
+{
+	unsigned char key[4];
+	size_t h = 0, i = 0;
+
+	if (next_mask(key) != 0)
+		return 0;
+	out[h++] = (unsigned char)(0x80 | (kind == LWS_WRITE_BINARY ? 0x2 : 0x1));
+	if (len < 126) {
+		out[h++] = (unsigned char)(0x80 | len);
+	} else if (len < 65536) {
+		out[h++] = 0x80 | 126;
+		out[h++] = (unsigned char)(len >> 8);
+		out[h++] = (unsigned char)len;
+	} else {
+		out[h++] = 0x80 | 127;
+		for (int b = 7; b >= 0; b--)
+			out[h++] = (unsigned char)((uint64_t)len >> (8 * b));
+	}
+	memcpy(out + h, key, 4);
+	h += 4;
+	if (len >= 8) {
+		uint32_t k32;
+		uint64_t k64, w;
+
+		memcpy(&k32, key, 4);
+		k64 = (uint64_t)k32 << 32 | k32;
+		for (; i + 8 <= len; i += 8) {
+			memcpy(&w, data + i, 8);
+			w ^= k64;
+			memcpy(out + h + i, &w, 8);
+		}
+	}
+	for (; i < len; i++)
+		out[h + i] = data[i] ^ key[i & 3];
+	return h + len;
+}
+
 int ca__ws_send(struct ca_ws *ws, const void *data, size_t len, int kind, const char **err)
 {
 	struct ca_wsmsg *m;
+	int framed = ws->is_client && (kind == LWS_WRITE_TEXT || kind == LWS_WRITE_BINARY);
 
 	if (ws->state != CA_WS_OPEN || ws->close_code || ws->fail_code || ws->wsi == NULL) {
 		*err = "ECLOSED";
@@ -621,12 +687,17 @@ int ca__ws_send(struct ca_ws *ws, const void *data, size_t len, int kind, const 
 	 * behind it.
 	 */
 	if (ws->head == NULL && !lws_partial_buffered(ws->wsi)) {
-		if (LWS_PRE + len > scratch_cap) {
-			scratch_cap = LWS_PRE + len + 4096;
+		size_t n = len;
+
+		if (LWS_PRE + len + 14 > scratch_cap) {
+			scratch_cap = LWS_PRE + len + 14 + 4096;
 			scratch = ca_realloc(scratch, scratch_cap);
 		}
-		memcpy(scratch + LWS_PRE, data, len);
-		if (lws_write(ws->wsi, scratch + LWS_PRE, len, (enum lws_write_protocol)kind) < 0) {
+		if (framed && (n = frame_client(scratch + LWS_PRE, data, len, kind)) != 0)
+			kind = LWS_WRITE_RAW;
+		else
+			memcpy(scratch + LWS_PRE, data, n = len);
+		if (lws_write(ws->wsi, scratch + LWS_PRE, n, (enum lws_write_protocol)kind) < 0) {
 			drop(ws, 1006, "write failed");
 			*err = "ECLOSED";
 			return -1;
@@ -640,11 +711,14 @@ int ca__ws_send(struct ca_ws *ws, const void *data, size_t len, int kind, const 
 		*err = "ENOBUFS";
 		return -1;
 	}
-	m = ca_malloc(sizeof *m + LWS_PRE + len);
+	m = ca_malloc(sizeof *m + LWS_PRE + len + (framed ? 14 : 0));
 	m->next = NULL;
 	m->len = len;
 	m->kind = kind;
-	memcpy(m->buf + LWS_PRE, data, len);
+	if (framed && (m->len = frame_client(m->buf + LWS_PRE, data, len, kind)) != 0)
+		m->kind = LWS_WRITE_RAW;
+	else
+		memcpy(m->buf + LWS_PRE, data, m->len = len);
 	if (ws->tail)
 		ws->tail->next = m;
 	else
