@@ -48,10 +48,10 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
-#include <sys/un.h>
 #include <unistd.h>
 
 #include "wsconn.h"
@@ -60,9 +60,16 @@
 #define REQ_MT "callagent.HttpRequest"
 #define BODY_CHUNK 16384
 
-/* One accepted connection of a server, from WSI_CREATE to WSI_DESTROY. */
+/*
+ * One accepted connection of a server, from SERVER_NEW_CLIENT_INSTANTIATED
+ * to WSI_DESTROY; the wsi's opaque user data. It, not the wsi's vhost, says
+ * which server a connection belongs to: lws moves a request's wsi to the
+ * first vhost whose listen port matches (lws_select_vhost), and every server
+ * vhost has the same one, CONTEXT_PORT_NO_LISTEN_SERVER.
+ */
 struct conn_node {
 	struct lws *wsi;
+	struct server *s;
 	struct conn_node *prev, *next;
 };
 
@@ -73,7 +80,10 @@ struct conn_node {
  */
 struct server {
 	struct lws_vhost *vh;
-	int listen_fd;
+	int listen_fd;			/* ours: lws gets connections by adoption */
+	uv_poll_t *lpoll;		/* watches listen_fd; NULL once closed */
+	uv_timer_t *backoff;		/* accept paused (out of fds); NULL otherwise */
+	int tls;
 	struct conn_node *conns;
 	int req_ref, ws_ref;
 	int closed_ref;			/* fn() once the server is fully closed */
@@ -400,6 +410,8 @@ static void push_query(lua_State *L, struct lws *wsi)
 	luaL_pushresult(&raw);
 }
 
+static void quick_response(struct req *r, int status, const char *code, const char *msg);
+
 /* Hands a complete request to Lua: on_request(handle, table). */
 static void dispatch(struct server *s, struct req *r)
 {
@@ -408,6 +420,11 @@ static void dispatch(struct server *s, struct req *r)
 
 	if (L == NULL || r->dispatched)
 		return;
+	if (s->closing || s->req_ref == LUA_NOREF) {
+		/* Read in the same turn the server was closed: nobody to hand it to. */
+		quick_response(r, 503, "closing", "the server is closing");
+		return;
+	}
 	r->dispatched = 1;
 	/* Our handler decides how long it takes; lws should not time it out. */
 	lws_set_timeout(r->wsi, NO_PENDING_TIMEOUT, 0);
@@ -530,7 +547,8 @@ static int path_accepts_ws(struct server *s, const char *path)
 static int server_callback(struct lws *wsi, enum lws_callback_reasons reason,
 			   void *user, void *in, size_t len)
 {
-	struct server *s = wsi ? lws_get_vhost_user(lws_get_vhost(wsi)) : NULL;
+	struct conn_node *node = wsi ? lws_get_opaque_user_data(wsi) : NULL;
+	struct server *s = node ? node->s : wsi ? lws_get_vhost_user(lws_get_vhost(wsi)) : NULL;
 	struct pss *pss = user;
 	lua_State *L = ca_lua();
 
@@ -538,15 +556,12 @@ static int server_callback(struct lws *wsi, enum lws_callback_reasons reason,
 		return lws_callback_http_dummy(wsi, reason, user, in, len);
 
 	switch (reason) {
-	case LWS_CALLBACK_FILTER_NETWORK_CONNECTION:
-		/* Far past the limit: refuse without a word (flood). */
-		return s->closing || s->nconn >= 2 * s->max_connections + 16;
-
 	case LWS_CALLBACK_SERVER_NEW_CLIENT_INSTANTIATED: {
 		/* (Not at WSI_CREATE: lws resets the opaque pointer after it.) */
 		struct conn_node *n = ca_malloc(sizeof *n);
 
 		n->wsi = wsi;
+		n->s = s;
 		n->prev = NULL;
 		n->next = s->conns;
 		if (s->conns)
@@ -816,12 +831,16 @@ static void on_closer(uv_timer_t *t)
 	lua_State *L = ca_lua();
 	int ref;
 
+	if (s->nconn > 0 && !ca__lws_ending())
+		return;
+	/*
+	 * No connection is bound to the vhost any more, so lws frees it at
+	 * once (on_vhost_final); with one bound it would wait for the context.
+	 */
 	if (!s->vh_destroyed && !s->vh_gone && !ca__lws_ending()) {
 		s->vh_destroyed = 1;
 		lws_vhost_destroy(s->vh);
 	}
-	if (s->nconn > 0 && !ca__lws_ending())
-		return;
 	uv_timer_stop(t);
 	uv_close((uv_handle_t *)t, on_closer_closed);
 	ref = s->closed_ref;
@@ -833,39 +852,128 @@ static void on_closer(uv_timer_t *t)
 }
 
 /*
- * Stops the listener now: lws closes the listen socket of a destroyed vhost
- * only on its next 30 s sweep, and re-arms it whenever a connection closes,
- * so neither shutdown() nor stopping its poll sticks (accept() spins). The
- * socket is replaced under the same fd by an idle, unnamed Unix listener:
- * the port is free at once (connections are refused) and accept() just says
- * EAGAIN until lws closes the fd.
+ * The listening socket is ours, not lws's: each accepted connection is
+ * handed to the server's vhost with lws_adopt_descriptor_vhost(), as lws's
+ * own listener would. lws 4.1.6 never marks a destroyed vhost as being
+ * destroyed, so a closed vhost with a listener stays on its list, keeps its
+ * socket until the context ends, and trips an assertion once a new vhost
+ * gets the same port; a listener of our own closes at once, frees its port
+ * at once, and leaves lws nothing to trip over.
  */
-static void unref_listener(uv_handle_t *h, void *arg)
+static void close_poll(uv_handle_t *h)
 {
-	uv_os_fd_t fd;
-
-	if (h->type == UV_POLL && !uv_is_closing(h) && uv_fileno(h, &fd) == 0 && fd == *(int *)arg)
-		uv_unref(h);
+	free(h);
 }
 
-static void retire_listener(int fd)
+static void stop_listening(struct server *s)
 {
-	int ph = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-	struct sockaddr_un un;
-
-	if (ph < 0)
-		return;
-	/* An address of just the family: Linux picks a unique abstract name. */
-	memset(&un, 0, sizeof un);
-	un.sun_family = AF_UNIX;
-	if (bind(ph, (struct sockaddr *)&un, sizeof(sa_family_t)) != 0 || listen(ph, 1) != 0 ||
-	    dup3(ph, fd, O_CLOEXEC) < 0) {
-		ca_log(CA_LOG_WARN, "http: cannot retire the listener: %s", strerror(errno));
-		shutdown(fd, SHUT_RDWR);
+	if (s->lpoll) {
+		uv_poll_stop(s->lpoll);
+		uv_close((uv_handle_t *)s->lpoll, close_poll);
+		s->lpoll = NULL;
 	}
-	close(ph);
-	/* Its poll handle lingers until then: it is no work of the program's. */
-	uv_walk(ca_loop(), unref_listener, &fd);
+	if (s->backoff) {
+		uv_timer_stop(s->backoff);
+		uv_close((uv_handle_t *)s->backoff, close_poll);
+		s->backoff = NULL;
+	}
+	if (s->listen_fd >= 0) {
+		close(s->listen_fd);
+		s->listen_fd = -1;
+	}
+}
+
+static void on_accept(uv_poll_t *h, int status, int events);
+
+static void on_backoff(uv_timer_t *t)
+{
+	struct server *s = t->data;
+
+	uv_close((uv_handle_t *)t, close_poll);
+	s->backoff = NULL;
+	if (s->lpoll)
+		uv_poll_start(s->lpoll, UV_READABLE, on_accept);
+}
+
+static void on_accept(uv_poll_t *h, int status, int events)
+{
+	struct server *s = h->data;
+
+	(void)events;
+	if (status < 0)
+		return;
+	for (int i = 0; i < 64 && s->listen_fd >= 0; i++) {
+		lws_sock_file_fd_type d;
+		int one = 1, fd = accept4(s->listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+
+		if (fd < 0) {
+			if (errno == EINTR || errno == ECONNABORTED || errno == EPROTO)
+				continue;
+			if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+				/* The connection waits in the backlog; try again shortly. */
+				ca_log(CA_LOG_WARN, "http %s:%d: cannot accept (%s): pausing 100 ms",
+				       s->host, s->port, strerror(errno));
+				uv_poll_stop(s->lpoll);
+				s->backoff = ca_malloc(sizeof *s->backoff);
+				uv_timer_init(ca_loop(), s->backoff);
+				s->backoff->data = s;
+				uv_timer_start(s->backoff, on_backoff, 100, 0);
+			}
+			return;
+		}
+		/* Far past the limit: refuse without a word (flood). */
+		if (s->closing || s->nconn >= 2 * s->max_connections + 16) {
+			close(fd);
+			continue;
+		}
+		setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+		d.sockfd = fd;
+		/* On failure lws has closed the socket already. */
+		lws_adopt_descriptor_vhost(s->vh, LWS_ADOPT_SOCKET | LWS_ADOPT_HTTP |
+					   (s->tls ? LWS_ADOPT_ALLOW_SSL : 0), d, NULL, NULL);
+	}
+}
+
+/* Binds and listens on host:port; 0 and the socket, or -1 with nil, err pushed. */
+static int open_listener(lua_State *L, const char *host, int port, int *fd_out, int *port_out)
+{
+	struct sockaddr_storage ss;
+	socklen_t sl;
+	int fd, one = 1, err;
+
+	memset(&ss, 0, sizeof ss);
+	if (inet_pton(AF_INET, host, &((struct sockaddr_in *)&ss)->sin_addr) == 1) {
+		((struct sockaddr_in *)&ss)->sin_family = AF_INET;
+		((struct sockaddr_in *)&ss)->sin_port = htons((uint16_t)port);
+		sl = sizeof(struct sockaddr_in);
+	} else if (inet_pton(AF_INET6, host, &((struct sockaddr_in6 *)&ss)->sin6_addr) == 1) {
+		((struct sockaddr_in6 *)&ss)->sin6_family = AF_INET6;
+		((struct sockaddr_in6 *)&ss)->sin6_port = htons((uint16_t)port);
+		sl = sizeof(struct sockaddr_in6);
+	} else {
+		ca_fail(L, "EINVAL", "host must be an IP address, not '%s'", host);
+		return -1;
+	}
+	fd = socket(ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (fd < 0) {
+		ca_fail_uv(L, uv_translate_sys_error(errno));
+		return -1;
+	}
+	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+	if (ss.ss_family == AF_INET6)
+		setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one);
+	if (bind(fd, (struct sockaddr *)&ss, sl) != 0 || listen(fd, SOMAXCONN) != 0 ||
+	    getsockname(fd, (struct sockaddr *)&ss, &sl) != 0) {
+		err = errno;
+		close(fd);
+		ca_fail(L, uv_err_name(uv_translate_sys_error(err)), "cannot listen on %s:%d: %s",
+			host, port, strerror(err));
+		return -1;
+	}
+	*fd_out = fd;
+	*port_out = ntohs(ss.ss_family == AF_INET ? ((struct sockaddr_in *)&ss)->sin_port
+						  : ((struct sockaddr_in6 *)&ss)->sin6_port);
+	return 0;
 }
 
 static void begin_close(struct server *s)
@@ -879,23 +987,11 @@ static void begin_close(struct server *s)
 		ca_unref(L, &s->req_ref);
 		ca_unref(L, &s->ws_ref);
 	}
+	/* Refuse new connections now (the port is free at once) and end the open ones. */
+	stop_listening(s);
 	if (s->vh == NULL) {
 		s->vh_gone = 1;
 		return;
-	}
-	/*
-	 * Destroy the vhost now, before its port is free: a server started
-	 * meanwhile could get the same port, and lws asserts when it finds two
-	 * live vhosts on one port. (lws defers the freeing itself.)
-	 */
-	if (!ca__lws_ending()) {
-		s->vh_destroyed = 1;
-		lws_vhost_destroy(s->vh);
-	}
-	/* Refuse new connections now and end the open ones. */
-	if (s->listen_fd >= 0) {
-		retire_listener(s->listen_fd);
-		s->listen_fd = -1;
 	}
 	for (struct conn_node *n = s->conns; n; n = n->next)
 		ca__ws_kill(n->wsi);
@@ -975,43 +1071,6 @@ static int server_index(lua_State *L)
 	return 1;
 }
 
-/* Binds host:port once ourselves for a precise error (lws only says "failed"). */
-static int probe_bind(lua_State *L, const char *host, int port)
-{
-	struct sockaddr_storage ss;
-	socklen_t sl;
-	int fd, one = 1, err;
-
-	memset(&ss, 0, sizeof ss);
-	if (inet_pton(AF_INET, host, &((struct sockaddr_in *)&ss)->sin_addr) == 1) {
-		((struct sockaddr_in *)&ss)->sin_family = AF_INET;
-		((struct sockaddr_in *)&ss)->sin_port = htons((uint16_t)port);
-		sl = sizeof(struct sockaddr_in);
-	} else if (inet_pton(AF_INET6, host, &((struct sockaddr_in6 *)&ss)->sin6_addr) == 1) {
-		((struct sockaddr_in6 *)&ss)->sin6_family = AF_INET6;
-		((struct sockaddr_in6 *)&ss)->sin6_port = htons((uint16_t)port);
-		sl = sizeof(struct sockaddr_in6);
-	} else {
-		ca_fail(L, "EINVAL", "host must be an IP address, not '%s'", host);
-		return -1;
-	}
-	fd = socket(ss.ss_family, SOCK_STREAM, 0);
-	if (fd < 0) {
-		ca_fail_uv(L, uv_translate_sys_error(errno));
-		return -1;
-	}
-	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-	if (bind(fd, (struct sockaddr *)&ss, sl) != 0 || listen(fd, 1) != 0) {
-		err = errno;
-		close(fd);
-		ca_fail(L, uv_err_name(uv_translate_sys_error(err)), "cannot listen on %s:%d: %s",
-			host, port, strerror(err));
-		return -1;
-	}
-	close(fd);
-	return 0;
-}
-
 static char **string_list(lua_State *L, int idx, const char *field, int *count, int add_colon)
 {
 	char **out = NULL;
@@ -1089,8 +1148,6 @@ static int l_listen(lua_State *L)
 			return ca_fail(L, "ETLS", "cannot read key file %s: %s", key, strerror(errno));
 	}
 	lua_pop(L, 1);
-	if (probe_bind(L, host, (int)port) != 0)
-		return 2;
 
 	b = lua_newuserdatauv(L, sizeof *b, 0);
 	b->s = NULL;
@@ -1118,11 +1175,7 @@ static int l_listen(lua_State *L)
 		return ca_fail(L, "EINVAL", "%s", cerr);
 	}
 	memset(&info, 0, sizeof info);
-	info.options |= LWS_SERVER_OPTION_DISABLE_IPV6;
-	if (strchr(host, ':'))
-		info.options &= ~(uint64_t)LWS_SERVER_OPTION_DISABLE_IPV6;
-	info.port = (int)port;
-	info.iface = s->host;
+	info.port = CONTEXT_PORT_NO_LISTEN_SERVER;
 	info.protocols = protocols;
 	info.vhost_name = "callagent";
 	info.alpn = "http/1.1";
@@ -1134,15 +1187,25 @@ static int l_listen(lua_State *L)
 		info.ssl_cert_filepath = cert;
 		info.ssl_private_key_filepath = key;
 	}
-	s->vh = ca__lws_vhost(&info, &s->listen_fd);
+	s->tls = cert != NULL;
+	s->vh = ca__lws_vhost(&info);
 	if (s->vh == NULL) {
 		begin_close(s);
 		lua_pop(L, 1);
 		if (cert)
 			return ca_fail(L, "ETLS", "cannot start TLS with %s / %s (bad certificate or key?)", cert, key);
-		return ca_fail(L, "EADDRINUSE", "cannot listen on %s:%d", host, (int)port);
+		return ca_fail(L, "EINVAL", "cannot set up the server");
 	}
-	s->port = lws_get_vhost_listen_port(s->vh);
+	if (open_listener(L, host, (int)port, &s->listen_fd, &s->port) != 0) {
+		/* nil, err are on top of the server userdata. */
+		begin_close(s);
+		lua_remove(L, -3);
+		return 2;
+	}
+	s->lpoll = ca_malloc(sizeof *s->lpoll);
+	uv_poll_init(ca_loop(), s->lpoll, s->listen_fd);
+	s->lpoll->data = s;
+	uv_poll_start(s->lpoll, UV_READABLE, on_accept);
 	s->req_ref = ca_ref(L, 2);
 	s->ws_ref = ca_ref(L, 3);
 	return 1;

@@ -183,7 +183,6 @@ static struct lws_vhost *get_vhost(const char *ca_file, const char **err)
 	const char *name = ca_file ? ca_file : "system";
 	struct lws_context *ctx = ca__lws_ctx(0, err);
 	struct lws_vhost *vh;
-	int unused;
 
 	if (ctx == NULL)
 		return NULL;
@@ -200,7 +199,7 @@ static struct lws_vhost *get_vhost(const char *ca_file, const char **err)
 	info.vhost_name = name;
 	info.client_ssl_ca_filepath = ca_file ? ca_file : SYSTEM_CA;
 	info.alpn = "http/1.1";
-	vh = ca__lws_vhost(&info, &unused);
+	vh = ca__lws_vhost(&info);
 	if (vh == NULL)
 		*err = "cannot set up TLS for the WebSocket client (bad ca_file?)";
 	return vh;

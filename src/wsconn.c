@@ -152,11 +152,6 @@ static void *create_ctx(void *arg)
 	return lws_create_context(arg);
 }
 
-static void *create_vhost(void *arg)
-{
-	return lws_create_vhost(ctx, arg);
-}
-
 static uv_timer_t reaper;
 static int reap_ticks;
 static struct handle_set ctx_handles;	/* the handles lws made for the context */
@@ -274,10 +269,10 @@ struct lws_context *ca__lws_ctx(unsigned max_header, const char **err)
 	return ctx;
 }
 
-struct lws_vhost *ca__lws_vhost(struct lws_context_creation_info *info, int *listen_fd)
+struct lws_vhost *ca__lws_vhost(struct lws_context_creation_info *info)
 {
 	prepare(info);
-	return watch_handles(create_vhost, info, NULL, listen_fd);
+	return lws_create_vhost(ctx, info);
 }
 
 /* ---- headers ---- */

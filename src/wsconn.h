@@ -41,8 +41,8 @@ struct lws_context *ca__lws_ctx(unsigned max_header, const char **err);
 /* Whether the shared context is being destroyed (program exit). */
 int ca__lws_ending(void);
 
-/* Creates a vhost and returns the fd of the listen socket it opened (or -1) in *listen_fd. */
-struct lws_vhost *ca__lws_vhost(struct lws_context_creation_info *info, int *listen_fd);
+/* Creates a vhost of the shared context (servers listen on sockets of their own). */
+struct lws_vhost *ca__lws_vhost(struct lws_context_creation_info *info);
 
 /*
  * One WebSocket connection, server or client side. Allocated when the

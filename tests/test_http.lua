@@ -321,7 +321,7 @@ T.test("a TLS listener with a missing key file fails with ETLS at listen", funct
   T.match(err, "^ETLS: cannot read")
 end)
 
-T.test("close frees the port at once (inside a task) and is idempotent", function()
+T.test("close frees the port at once (inside a task), is idempotent, and a new server serves on it", function()
   local srv = http.server({})
   srv:get("/", function()
     return 200, "x"
@@ -334,8 +334,36 @@ T.test("close frees the port at once (inside a task) and is idempotent", functio
   T.eq(res, nil)
   T.match(err, "^ECONNREFUSED")
   local again = http.server({ port = port })
+  again:get("/", function()
+    return 200, "again"
+  end)
   T.ok(again:listen(), "the same port can be bound again")
+  res, err = fetch("http://127.0.0.1:" .. port .. "/", { timeout = 2000 })
+  T.ok(res, err)
+  T.eq(res.body, "again", "the new server answers on the old port")
   again:close()
+end)
+
+T.test("servers side by side answer their own requests, over kept-alive connections, until each closes", function()
+  local a = http.server({})
+  a:get("/who", function()
+    return 200, "a"
+  end)
+  assert(a:listen())
+  local b = http.server({})
+  b:get("/who", function()
+    return 200, "b"
+  end)
+  assert(b:listen())
+  for _ = 1, 3 do
+    T.eq(assert(fetch(a:url("/who"))).body, "a")
+    T.eq(assert(fetch(b:url("/who"))).body, "b")
+  end
+  T.eq(a:connections(), 1, "a's keep-alive connection")
+  T.eq(b:connections(), 1, "b's keep-alive connection")
+  a:close()
+  T.eq(assert(fetch(b:url("/who"))).body, "b", "b after a closed")
+  b:close()
 end)
 
 T.test("200 concurrent requests are all answered correctly", function()
