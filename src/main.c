@@ -118,6 +118,9 @@ static void find_root(void)
 	snprintf(root, sizeof root, "%s", CA_DATADIR);
 }
 
+/* The folder of the app being run (core.app_dir; empty before run). */
+static char app_dir[PATH_MAX];
+
 /* package.path: CALLAGENT_PATH, the app's folder, lua/, the root (providers.x). */
 static void set_paths(lua_State *L, const char *appdir)
 {
@@ -423,6 +426,8 @@ int luaopen_callagent_core(lua_State *L)
 	lua_setfield(L, -2, "version");
 	lua_pushstring(L, root);
 	lua_setfield(L, -2, "root");
+	lua_pushstring(L, app_dir);
+	lua_setfield(L, -2, "app_dir");
 	return 1;
 }
 
@@ -452,7 +457,7 @@ static void on_signal(uv_signal_t *h, int signum)
 static int run_app(int argc, char **argv)
 {
 	lua_State *L;
-	char appdir[PATH_MAX], *slash;
+	char *appdir = app_dir, *slash;
 	const char *script = argv[0];
 	int rc;
 

@@ -55,6 +55,38 @@ T.test("busy, then no answer, then success on attempt 3, with the backoff delays
   T.diag(string.format("retry delays: %d ms, %d ms", d1, d2))
 end, { timeout = 40000 })
 
+T.test("the live record shows nextAttemptAt while a retry waits, and no internal fields", function()
+  local n = 0
+  local env = kit.start({
+    twilio = {
+      behaviour = function()
+        n = n + 1
+        return n == 1 and "busy" or "answer"
+      end,
+    },
+    realtime = { script = quick_report },
+    config = { retry = { maxAttempts = 2, initialDelayMs = 800, backoffFactor = 1 } },
+  })
+  local id = env:create({ to = "+14155550109", prompt = "Say hello." })
+  local waiting = env:wait(id, function(r)
+    return r.status == "queued" and r.attempt == 1
+  end, 10000, "the retry wait")
+  T.match(waiting.nextAttemptAt, "^%d%d%d%d%-%d%d%-%d%dT[%d:.]+Z$", "nextAttemptAt while waiting")
+  local dialing = env:wait(id, function(r)
+    return r.attempt == 2
+  end, 10000, "the second attempt")
+  T.eq(dialing.nextAttemptAt, nil, "nextAttemptAt once the retry dialed")
+  local call = env:wait_final(id, 15000)
+  T.eq(call.status, "completed")
+  T.eq(call.endReason ~= nil, true)
+  for i, a in ipairs(call.attempts) do
+    for k in pairs(a) do
+      T.ok(({ n = 1, status = 1, startedAt = 1, endedAt = 1, answeredAt = 1, reason = 1, providerCallId = 1 })[k],
+        "attempt " .. i .. " field " .. k)
+    end
+  end
+end, { timeout = 30000 })
+
 T.test("retries exhausted: the final status is the last attempt's and it is notified once", function()
   local env = kit.start({
     twilio = { behaviour = "busy" },

@@ -28,8 +28,8 @@ T.test("the seed's example config is accepted as is, with defaults filled in", f
   T.eq(cfg.retry.retryStatuses, { "busy", "no_answer", "failed" })
 end)
 
-T.test("an empty config gets every default", function()
-  local cfg = assert(config.normalize({}, { quiet = true }))
+T.test("a config with only the OpenAI key gets every default", function()
+  local cfg = assert(config.normalize({ openai = { apiKey = "sk-x" } }, { quiet = true }))
   T.eq(cfg.telephony.provider, "twilio")
   T.eq(cfg.server.port, 4545)
   T.eq(cfg.openai.voice, "alloy")
@@ -56,6 +56,10 @@ T.test("invalid values are errors naming the key and what is expected", function
     { { server = "x" }, "^server: expected an object" },
     { { server = { host = "0.0.0.0" } }, "^server%.apiToken: required when server%.host" },
     { { notify = { hooksUrl = "http://127.0.0.1:1/hooks" } }, "^notify%.hooksToken: required" },
+    { { openai = { model = "gpt-realtime" } }, "^openai%.apiKey: required to use wss://api%.openai%.com/v1/realtime" },
+    { { store = { backend = "postgres" } }, "^store%.backend: expected sqlite, memory, or the name of a module" },
+    { { retry = { retryStatuses = { busy = true } } }, '^retry%.retryStatuses: expected a list, got {"busy":true}$' },
+    { { retry = { retryStatuses = { "busy", "exploded" } } }, '^retry%.retryStatuses: expected a list of .* got %["busy","exploded"%]$' },
   }
   for _, c in ipairs(cases) do
     local cfg, err = config.normalize(c[1], { quiet = true })
@@ -65,7 +69,7 @@ T.test("invalid values are errors naming the key and what is expected", function
 end)
 
 T.test("a non-loopback host is fine with an API token", function()
-  local cfg = assert(config.normalize({ server = { host = "0.0.0.0", apiToken = string.rep("t", 32) } }, { quiet = true }))
+  local cfg = assert(config.normalize({ server = { host = "0.0.0.0", apiToken = string.rep("t", 32) }, openai = { apiKey = "sk-x" } }, { quiet = true }))
   T.eq(cfg.server.host, "0.0.0.0")
 end)
 
@@ -80,7 +84,7 @@ T.test("${NAME} is replaced by the environment; a missing variable names the key
 end)
 
 T.test("unknown keys and sections are warned about, not fatal", function()
-  local cfg, _, warnings = config.normalize({ server = { prot = 1 }, telefony = {} }, { quiet = true })
+  local cfg, _, warnings = config.normalize({ server = { prot = 1 }, telefony = {}, openai = { apiKey = "sk-x" } }, { quiet = true })
   T.ok(cfg)
   table.sort(warnings)
   T.eq(warnings, { "server.prot: unknown key, ignored", "telefony: unknown section, ignored" })

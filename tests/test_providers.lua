@@ -11,7 +11,7 @@ local function write(path, text)
 end
 
 local function cfg()
-  return assert(config.normalize({ twilio = { accountSid = "AC" .. string.rep("0", 32), authToken = "t", fromNumber = "+15550001111" } }, { quiet = true }))
+  return assert(config.normalize({ twilio = { accountSid = "AC" .. string.rep("0", 32), authToken = "t", fromNumber = "+15550001111" }, openai = { apiKey = "sk-x" } }, { quiet = true }))
 end
 
 local COMPLETE = [[
@@ -36,6 +36,21 @@ T.test("a provider file dropped in an app's providers/ folder is found without a
   T.eq(list.acme, dir .. "/acme.lua")
   local p = assert(providers.load("acme", cfg(), { dir }))
   T.eq(p.name, "acme")
+end)
+
+T.test("callagent run finds a provider in the providers/ folder next to the app", function()
+  local dir = T.tmpdir()
+  assert(require("callagent.core").mkdir(dir .. "/providers", 448))
+  write(dir .. "/providers/acme.lua", COMPLETE)
+  write(dir .. "/app.lua", [[
+local callagent = require "callagent"
+local app = assert(callagent.app({ telephony = { provider = "acme" }, openai = { apiKey = "sk-x" },
+  store = { backend = "memory" } }))
+print("provider " .. app.provider.name)
+]])
+  local code, _, p = T.run_app(dir .. "/app.lua")
+  T.eq(code, 0, "exit code; stderr: " .. p.errtext())
+  T.eq(p.out[#p.out], "provider acme")
 end)
 
 T.test("a file missing functions is reported by path and missing names", function()
@@ -63,7 +78,7 @@ T.test("an unknown provider name lists the ones found; missing config keys are n
   local p, err = providers.load("nope", cfg())
   T.eq(p, nil)
   T.match(err, "^telephony%.provider: no provider named 'nope' %(found: .*twilio")
-  local bare = assert(config.normalize({}, { quiet = true }))
+  local bare = assert(config.normalize({ openai = { apiKey = "sk-x" } }, { quiet = true }))
   p, err = providers.load("twilio", bare)
   T.eq(p, nil)
   T.eq(err, "twilio.accountSid: required by the twilio provider")

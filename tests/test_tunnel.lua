@@ -425,4 +425,18 @@ T.test("a Twilio app whose tunnel cannot open does not start, and says why", fun
   T.match(p.text(), "^START FAILED: tunnel: ngrok is not logged in: run `ngrok config add%-authtoken <token>`")
 end)
 
+T.test("app:start() outside a task is refused at once, before anything listens", function()
+  local dir = T.tmpdir()
+  local src = APP:gsub("task%.spawn%(function%(%)", "do"):gsub("end%)\n$", "end\n")
+  local code, _, p = T.run_app(nil, nil, {
+    source = src,
+    env = app_env(bindir({ "ngrok" }), dir .. "/ngrok.log"),
+    timeout = 15000,
+  })
+  T.eq(code, 1, "exit code")
+  T.match(p.errtext(), "app:start%(%) must run inside a task")
+  T.eq(require("callagent.core").stat(dir .. "/ngrok.log"), nil, "ngrok was never started")
+  T.no_match(p.errtext(), "callagent ready")
+end)
+
 T.run()

@@ -206,12 +206,25 @@ end
 
 --- Starts the service: listens and, when needed, finds the public URL.
 function App:start()
+  if not coroutine.isyieldable() then
+    error("app:start() must run inside a task (task.spawn): it may wait for the store and a tunnel", 2)
+  end
   local cfg = self.config
   local store, err = store_mod.open(cfg.store)
   if not store then
     return nil, err
   end
   self.store = store
+  -- A failed start leaves nothing open behind it.
+  local function fail(msg)
+    if self.server then
+      self.server:close()
+      self.server = nil
+    end
+    store:close()
+    self.store = nil
+    return nil, msg
+  end
   self.notifier = notify.new(cfg.notify, store, self.opts.notify)
   self.engine = calls.new({
     config = cfg,
@@ -247,7 +260,8 @@ function App:start()
   end
   local ok, lerr = srv:listen()
   if not ok then
-    return nil, "server: cannot listen on " .. cfg.server.host .. ":" .. cfg.server.port .. ": " .. tostring(lerr)
+    srv:close()
+    return fail("server: cannot listen on " .. cfg.server.host .. ":" .. cfg.server.port .. ": " .. tostring(lerr))
   end
   self.server = srv
   local host = srv.host:find(":") and ("[" .. srv.host .. "]") or srv.host
@@ -257,16 +271,14 @@ function App:start()
     self.public_base = self.opts.public_url(self.url)
   end
   if not self.public_base and self.provider.needs_public_url and cfg.tunnel.provider == "none" then
-    srv:close()
-    return nil, "server.publicBaseUrl: required by the " .. self.provider.name
-      .. " provider (the vendor must reach this server), unless tunnel.provider opens a tunnel"
+    return fail("server.publicBaseUrl: required by the " .. self.provider.name
+      .. " provider (the vendor must reach this server), unless tunnel.provider opens a tunnel")
   end
   if not self.public_base and self.provider.needs_public_url then
     local tunnel = require "callagent.tunnel"
     local pub, terr = tunnel.open(cfg.tunnel, srv.port)
     if not pub then
-      srv:close()
-      return nil, terr
+      return fail(terr)
     end
     self.tunnel = pub
     self.public_base = pub.url

@@ -91,7 +91,17 @@ function Engine:call_view(id)
   v.callId = c.id
   v.id = nil
   v.events = nil
-  v.attempts = json.array(v.attempts or {})
+  local attempts = json.array({})
+  for i, a in ipairs(c.attempts or {}) do
+    local ac = {}
+    for k, x in pairs(a) do
+      if type(k) == "string" and k:sub(1, 1) ~= "_" then
+        ac[k] = x
+      end
+    end
+    attempts[i] = ac
+  end
+  v.attempts = attempts
   v.transcript = json.array(v.transcript or {})
   return v
 end
@@ -111,7 +121,12 @@ function Engine:_set_status(call, status, extra)
   local fields = extra or {}
   fields.status = status
   for k, v in pairs(fields) do
-    call[k] = v
+    -- store_mod.NULL clears a field in the store; the live record drops it.
+    if v == store_mod.NULL then
+      call[k] = nil
+    else
+      call[k] = v
+    end
   end
   self:_save(call, fields)
   self.store:add_event(call.id, { at = iso(), type = "status", from = old, to = status })
@@ -224,11 +239,11 @@ function Engine:provider_status(id, n, st)
     return false, "attempt already ended"
   end
   if st.sequence then
-    if a.seq and st.sequence <= a.seq then
+    if a._seq and st.sequence <= a._seq then
       log.debug("stale status callback ignored", { call = id, attempt = n, seq = st.sequence, status = st.status })
       return false, "stale"
     end
-    a.seq = st.sequence
+    a._seq = st.sequence
   end
   if rank(st.status) < rank(a.status) or (st.status == a.status and not FINAL[st.status]) then
     return false, "not newer"

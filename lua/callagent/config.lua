@@ -76,6 +76,15 @@ local function one_of(list)
   end
 end
 
+-- A store backend is a module callagent.store.<name> (sqlite and memory are
+-- built in; an app adds one by putting lua/callagent/store/<name>.lua, or
+-- callagent/store/<name>.lua next to it, on the module path).
+local function store_backend(v)
+  if not v:match("^[%a_][%w_]*$") or v == "init" or not package.searchpath("callagent.store." .. v, package.path) then
+    return "sqlite, memory, or the name of a module callagent.store.<name> on the module path"
+  end
+end
+
 local function url_check(schemes)
   return function(v)
     local scheme = v:match("^(%a[%w+.-]*)://[^/]")
@@ -174,7 +183,7 @@ local SCHEMA = {
     wrapUpSec = field("integer", 20, range(1, 600)),
   },
   store = {
-    backend = field("string", "sqlite", one_of({ "sqlite", "memory" })),
+    backend = field("string", "sqlite", store_backend),
     path = field("string", "./callagent.db"),
     retentionDays = field("integer", 30, range(1)),
   },
@@ -214,6 +223,12 @@ end
 local function describe(v)
   if type(v) == "string" then
     return string.format("%q", #v > 40 and v:sub(1, 40) .. "..." or v)
+  elseif type(v) == "table" then
+    local ok, text = pcall(json.encode, v)
+    if ok then
+      return #text > 60 and text:sub(1, 60) .. "..." or text
+    end
+    return "a table"
   end
   return tostring(v)
 end
@@ -237,7 +252,17 @@ local function check_value(f, v, key)
       return nil, string.format("%s: expected true or false, got %s", key, describe(v))
     end
   elseif t == "list" then
-    if type(v) ~= "table" then
+    local n = type(v) == "table" and #v or 0
+    local ok = type(v) == "table"
+    if ok then
+      for k in pairs(v) do
+        if math.type(k) ~= "integer" or k < 1 or k > n then
+          ok = false
+          break
+        end
+      end
+    end
+    if not ok then
       return nil, string.format("%s: expected a list, got %s", key, describe(v))
     end
   elseif type(v) ~= "string" then
@@ -321,6 +346,10 @@ function M.normalize(input, opts)
   end
   if cfg.notify.hooksUrl and not cfg.notify.hooksToken then
     return nil, "notify.hooksToken: required when notify.hooksUrl is set"
+  end
+  -- OpenAI itself needs the key; a proxy, a local stand-in or a test fake may not.
+  if not cfg.openai.apiKey and cfg.openai.realtimeUrl:match("^wss?://api%.openai%.com[:/]") then
+    return nil, "openai.apiKey: required to use " .. cfg.openai.realtimeUrl .. ' (for example "${OPENAI_API_KEY}")'
   end
   if cfg.server.publicBaseUrl then
     cfg.server.publicBaseUrl = cfg.server.publicBaseUrl:gsub("/+$", "")

@@ -6,7 +6,7 @@
 --   name                      the provider's name (defaults to the file name)
 --   needs                     config keys it requires, e.g. {"twilio.accountSid"}
 --   needs_public_url          true when the vendor must reach us (webhooks, media)
---   init(self, ctx)           optional; ctx = {config, log, engine, server}
+--   init(self, ctx)           optional; ctx = {config, engine, app, log}
 --   startCall(self, call, publicBaseUrl, localBaseUrl)
 --                             -> {providerCallId, userHint} | nil, err   (may wait)
 --   buildVoiceResponse(self, callId, publicBaseUrl, stream)
@@ -36,13 +36,21 @@ M.required = {
   "endCall",
 }
 
---- The folders searched, in order: extra dirs first (the app's), then callagent's own.
+--- The folders searched, in order: extra dirs (opts.provider_dirs), the
+--- providers/ folder next to the app being run, then callagent's own.
 function M.dirs(extra)
   local dirs = {}
   for _, d in ipairs(extra or {}) do
     dirs[#dirs + 1] = d
   end
-  dirs[#dirs + 1] = core.root .. "/providers"
+  local own = core.root .. "/providers"
+  if core.app_dir and core.app_dir ~= "" and core.app_dir ~= core.root then
+    local mine = core.app_dir .. "/providers"
+    if mine ~= own then
+      dirs[#dirs + 1] = mine
+    end
+  end
+  dirs[#dirs + 1] = own
   return dirs
 end
 

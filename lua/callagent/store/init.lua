@@ -21,11 +21,12 @@ local M = {}
 
 function M.open(cfg)
   cfg = cfg or { backend = "memory" }
-  local ok, backend = pcall(require, "callagent.store." .. cfg.backend)
-  if not ok then
-    return nil, "store.backend: unknown backend '" .. tostring(cfg.backend) .. "'"
+  local name = "callagent.store." .. tostring(cfg.backend)
+  if not package.searchpath(name, package.path) then
+    return nil, "store.backend: unknown backend '" .. tostring(cfg.backend) .. "' (no module " .. name .. ")"
   end
-  return backend.open(cfg)
+  -- A backend that fails to load is a bug to see whole, not an unknown name.
+  return require(name).open(cfg)
 end
 
 M.NULL = require("callagent.store.memory").NULL
