@@ -59,8 +59,15 @@ function P:buildVoiceResponse()
   return "", "text/plain"
 end
 
-function P:validateRequest()
-  return true
+-- The mock phone drives the call itself (provider_status above, and its page's
+-- /mock/api routes, each checked by a token): nobody may post to /voice or
+-- /status for it. Its page's media stream is let through; the engine checks
+-- the one-time stream token it carries.
+function P:validateRequest(req)
+  if req.upgrade then
+    return true
+  end
+  return false, "the mock provider takes no webhooks"
 end
 
 function P:mapStatus(payload)

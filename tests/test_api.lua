@@ -25,6 +25,7 @@ T.test("POST /v1/calls validates every field and answers 400 naming it", functio
     { { to = "+14155550100", prompt = "x", calleeName = string.rep("n", 200) }, "invalid_calleeName", "calleeName" },
     { { to = "+14155550100", prompt = "x", metadata = "not an object" }, "invalid_metadata", "metadata" },
     { { to = "+14155550100", prompt = "x", metadata = { big = string.rep("m", 9000) } }, "invalid_metadata", "metadata" },
+    { { to = "+14155550100", prompt = "x", metadata = { "a", "list" } }, "invalid_metadata", "metadata" },
     { { to = "+14155550100", prompt = "x", promt = "typo" }, "unknown_field", "promt" },
   }
   for _, c in ipairs(cases) do
@@ -37,9 +38,11 @@ T.test("POST /v1/calls validates every field and answers 400 naming it", functio
   local status, body = env:api("POST", "/v1/calls", "{not json")
   T.eq(status, 400)
   T.eq(body.error.code, "invalid_json")
-  status, body = env:api("POST", "/v1/calls", "[1,2]")
-  T.eq(status, 400)
-  T.eq(body.error.code, "invalid_body")
+  for _, text in ipairs({ "[1,2]", "[]", '"a string"', "42", "null" }) do
+    status, body = env:api("POST", "/v1/calls", text)
+    T.eq(status, 400, text)
+    T.eq(body.error.code, "invalid_body", text)
+  end
   local _, list = env:api("GET", "/v1/calls")
   T.eq(#list.calls, 0, "no call was created by bad input")
   T.eq(#env.tw.calls, 0, "nothing was dialed")

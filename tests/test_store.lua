@@ -72,10 +72,15 @@ for _, backend in ipairs({ "memory", "sqlite" }) do
     T.eq(s:add_notification("c_1:completed", "c_1", "{}"), true)
     T.eq(s:add_notification("c_1:completed", "c_1", "{}"), false, "a key is recorded once")
     T.eq(#s:pending_notifications(), 1)
-    s:mark_notified("c_1:completed", false, "HTTP 503")
-    T.eq(#s:pending_notifications(), 1)
-    s:mark_notified("c_1:completed", true)
+    s:mark_notified("c_1:completed", "failed", "HTTP 503")
+    T.eq(#s:pending_notifications(), 1, "a failed one is sent again")
+    s:mark_notified("c_1:completed", "sent")
     T.eq(#s:pending_notifications(), 0)
+    T.eq(s:add_notification("c_2:failed", "c_2", "{}"), true)
+    s:mark_notified("c_2:failed", "refused", "HTTP 400")
+    T.eq(#s:pending_notifications(), 0, "a refused one is never sent again")
+    s:mark_notified("c_2:failed", "failed", "HTTP 503")
+    T.eq(#s:pending_notifications(), 0, "and stays refused")
   end)
 end
 

@@ -35,6 +35,9 @@ local function world(opts)
     if opts.hold_first and #w.requests == 1 then
       timer.sleep(60000) -- never answered before the app is killed
     end
+    if opts.refuse then
+      return 400, { error = "no such session" }
+    end
     w.deliveries[#w.deliveries + 1] = { key = key, body = req:json() }
     return 200, { ok = true }
   end)
@@ -205,6 +208,22 @@ T.test("kill -9 between a report and its notification: after restart it is deliv
   local after = w.call(id)
   T.eq(after.report.summary, "All good.", "the report survived")
   T.eq(#after.transcript, #before.transcript, "the transcript survived")
+end, { timeout = 60000 })
+
+T.test("a notification the receiver refused (4xx) is not sent again after a restart", function()
+  local w = world({ script = report_script, refuse = true })
+  w.start()
+  local _, created = w.api("POST", "/v1/calls", { to = "+14155550163", prompt = "Report." })
+  T.wait_for(function()
+    return #w.requests >= 1
+  end, 20000, "the notification attempt")
+  timer.sleep(300)
+  T.eq(#w.requests, 1, "a 4xx is not retried")
+  T.eq(w.call(created.callId).status, "completed")
+  w.kill9()
+  w.start()
+  timer.sleep(1500)
+  T.eq(#w.requests, 1, "nor sent again after the restart")
 end, { timeout = 60000 })
 
 T.test("a corrupt store file is refused at start with a clear error", function()

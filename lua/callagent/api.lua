@@ -91,7 +91,7 @@ function M.validate_call(body)
     input.voice = body.voice
   end
   if body.metadata ~= nil then
-    if type(body.metadata) ~= "table" then
+    if type(body.metadata) ~= "table" or #body.metadata > 0 or json.is_array(body.metadata) then
       return nil, err(400, "invalid_metadata", "metadata must be a JSON object", "metadata")
     end
     if #json.encode(body.metadata) > LIMITS.metadata then
@@ -132,6 +132,9 @@ function M.register(srv, engine, cfg, opts)
     local body, jerr = req:json()
     if body == nil then
       return err(400, "invalid_json", "the body is not valid JSON: " .. tostring(jerr):gsub("^EJSON: ", ""))
+    end
+    if type(body) ~= "table" or not req.body:match("^%s*{") then
+      return err(400, "invalid_body", "the body must be a JSON object")
     end
     local input, status, ebody = M.validate_call(body)
     if not input then

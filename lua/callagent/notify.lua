@@ -8,10 +8,11 @@
 --
 -- Sent once per call, on its final state, from a task of its own: it never
 -- blocks or breaks the call. Network errors and 5xx answers are retried with
--- backoff (1 s, 2 s, 4 s ... up to `attempts` tries); 4xx are not. Every
--- notification is recorded in the store first, so one not yet delivered can be
--- sent again after a restart; the Idempotency-Key lets the receiver drop
--- duplicates.
+-- backoff (1 s, 2 s, 4 s ... up to `attempts` tries); 4xx (but 429) are a
+-- final no. Every notification is recorded in the store first, so one not yet
+-- delivered - cut short by a restart, or out of tries - is sent again after a
+-- restart, but never one the receiver refused; the Idempotency-Key lets the
+-- receiver drop duplicates.
 local fetch = require "callagent.fetch"
 local json = require "callagent.json"
 local log = require "callagent.log"
@@ -115,14 +116,15 @@ function Notifier:send(key, body)
         },
       })
       if res and res.status < 300 then
-        self.store:mark_notified(key, true)
+        self.store:mark_notified(key, "sent")
         log.info("notification delivered", { key = key, status = res.status, try = try })
         self.in_flight[key] = nil
         return
       end
       local why = res and ("HTTP " .. res.status) or err
-      self.store:mark_notified(key, false, why)
-      if res and res.status < 500 and res.status ~= 429 then
+      local refused = res and res.status < 500 and res.status ~= 429
+      self.store:mark_notified(key, refused and "refused" or "failed", why)
+      if refused then
         log.warn("notification refused; not retrying", { key = key, error = why })
         self.in_flight[key] = nil
         return

@@ -13,7 +13,9 @@
 --   store:add_transcript(id, line)           store:add_event(id, event)
 --   store:set_retry(id, due_at)  store:clear_retry(id)  store:due_retries() -> {{call_id, due_at}}
 --   store:add_notification(key, call_id, payload) -> false when key exists
---   store:mark_notified(key, ok, err)        store:pending_notifications()
+--   store:mark_notified(key, state, err)     state: "sent", "failed" (send again after a
+--                                            restart) or "refused" (the receiver said no: never again)
+--   store:pending_notifications()            neither sent nor refused
 --   store:prune(older_than) -> removed       store:close()
 --
 -- Every write is durable when it returns (for backends that persist).

@@ -164,11 +164,12 @@ function Store:add_notification(key, call_id, payload)
   return true
 end
 
-function Store:mark_notified(key, ok, err)
+function Store:mark_notified(key, state, err)
+  assert(state == "sent" or state == "failed" or state == "refused", "mark_notified: state must be sent, failed or refused")
   local n = self.notifications[key]
   if n then
     n.tries = n.tries + 1
-    n.sent = ok and true or n.sent
+    n.sent = n.sent or state ~= "failed"
     n.last_error = err
   end
   return true

@@ -251,9 +251,12 @@ function Store:add_notification(key, call_id, payload)
   return changes == 1
 end
 
-function Store:mark_notified(key, ok, err)
+local NOTIFY_STATE = { failed = 0, sent = 1, refused = 2 }
+
+function Store:mark_notified(key, state, err)
+  local v = assert(NOTIFY_STATE[state], "mark_notified: state must be sent, failed or refused")
   return check(self.db:run("UPDATE notifications SET tries = tries + 1, sent = max(sent, ?), last_error = ? WHERE key = ?",
-    ok and 1 or 0, err, key))
+    v, err, key))
 end
 
 function Store:pending_notifications()
@@ -265,7 +268,7 @@ function Store:prune(days)
   days = days or self.retention_days
   local cutoff = core.time() - days * 86400
   local n = self.db:run([[DELETE FROM calls WHERE created < ? AND status NOT IN ('queued', 'dialing', 'in_progress')]], cutoff)
-  self.db:run("DELETE FROM notifications WHERE created < ? AND sent = 1", cutoff)
+  self.db:run("DELETE FROM notifications WHERE created < ? AND sent <> 0", cutoff)
   if n and n > 0 then
     log.info("store pruned old calls", { removed = n, older_than_days = days })
   end

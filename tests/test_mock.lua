@@ -1,0 +1,54 @@
+-- The mock provider's HTTP surface, without a browser: it takes no webhooks
+-- (its calls are driven by its own token-checked routes), and its dial page
+-- can carry the API token.
+local T = require "testing"
+local callagent = require "callagent"
+local fetch = require "callagent.fetch"
+local json = require "callagent.json"
+
+local TOKEN = "mock-test-api-token-0123456789"
+
+local function start()
+  local app = assert(callagent.app({
+    telephony = { provider = "mock" },
+    server = { port = 0, apiToken = TOKEN },
+    openai = { apiKey = "sk-unused", realtimeUrl = "ws://127.0.0.1:9/v1/realtime" },
+    call = { ringTimeoutSec = 60 },
+    store = { backend = "memory" },
+  }, { no_shutdown_hook = true }))
+  assert(app:start())
+  T.defer(function()
+    app:stop()
+  end)
+  return app
+end
+
+T.test("POST /status and /voice are refused for mock calls and change nothing", function()
+  local app = start()
+  local res = assert(fetch(app.url .. "/v1/calls", {
+    method = "POST",
+    headers = { Authorization = "Bearer " .. TOKEN, ["Content-Type"] = "application/json" },
+    body = json.encode({ to = "+15555550100", prompt = "Test." }),
+  }))
+  T.eq(res.status, 201)
+  local id = json.decode(res.body).callId
+  for _, path in ipairs({ "/status", "/voice" }) do
+    local r = assert(fetch(app.url .. path .. "?callId=" .. id .. "&attempt=1", {
+      method = "POST",
+      headers = { ["Content-Type"] = "application/json" },
+      body = json.encode({ status = "completed", reason = "forged" }),
+    }))
+    T.eq(r.status, 403, path)
+  end
+  T.eq(app.engine:call_view(id).status, "dialing", "the forged callback changed nothing")
+end)
+
+T.test("the dial page offers an API token field and sends it as a bearer token", function()
+  local app = start()
+  local res = assert(fetch(app.url .. "/mock/"))
+  T.eq(res.status, 200)
+  T.match(res.body, '<input id="token" type="password"')
+  T.match(res.body, 'headers.Authorization = "Bearer " %+ token')
+end)
+
+T.run()
