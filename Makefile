@@ -104,8 +104,19 @@ run: deps
 	@$(MAKE) --no-print-directory $(BIN)
 	$(BIN) run examples/app.lua
 
+# The benchmark's C helpers: the data-plane load generator and the loopback floor.
+BENCH_TOOLS := build/release/tests/bench/loadgen build/release/tests/bench/loopback
+
+build/release/tests/bench/loadgen: tests/bench/loadgen.c
+	@mkdir -p $(@D)
+	$(CC) -std=gnu11 -O2 -Wall -Wextra -o $@ $< -lcrypto
+
+build/release/tests/bench/loopback: tests/bench/loopback.c
+	@mkdir -p $(@D)
+	$(CC) -std=gnu11 -O2 -Wall -Wextra -o $@ $<
+
 bench: deps
-	@$(MAKE) --no-print-directory $(BIN)
+	@$(MAKE) --no-print-directory $(BIN) $(BENCH_TOOLS)
 	$(BIN) run tests/bench/bench.lua
 
 install: $(BIN)

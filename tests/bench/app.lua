@@ -1,5 +1,6 @@
 -- The callagent app the benchmark measures: the Twilio provider against the
--- benchmark's load generator (fake Twilio + fake OpenAI Realtime), the SQLite
+-- benchmark's fakes (Twilio's REST API in tests/bench/bench.lua, the Media
+-- Streams clients and OpenAI Realtime in tests/bench/loadgen.c), the SQLite
 -- store, nothing else. Configured by the bench through the environment.
 local callagent = require "callagent"
 local task = require "callagent.task"

@@ -1,32 +1,55 @@
 -- make bench: how many concurrent calls one machine carries in real time.
 --
--- This process is the load generator: a fake Twilio (REST, signed webhooks,
--- Media Streams clients sending 160-byte mu-law frames every 20 ms, marks
--- echoed) and a fake OpenAI Realtime that echoes every appended frame back as
--- an audio delta. callagent runs as a separate process (tests/bench/app.lua)
--- with the Twilio provider and the SQLite store, so its CPU and memory are its
--- own. For each N it creates N calls through the REST API, streams them for T
--- seconds and measures:
---   established/failed calls, frames sent and lost (phone -> model, and model
---   -> phone), bridge latency p50/p99/max (frame sent by "Twilio" -> append
---   received by "OpenAI"; delta sent by "OpenAI" -> media received by
---   "Twilio": both include two loopback hops and the load generator's own
---   receive path, so they are upper bounds of what callagent adds),
---   callagent's CPU seconds per call-minute (utime + stime from /proc), its
---   RSS per call, and whether the load generator kept its 20 ms schedule.
+-- Three processes:
+--   callagent (tests/bench/app.lua): the system under test, with the Twilio
+--     provider and the SQLite store, so its CPU and memory are its own;
+--   this script, the control plane in Lua: a fake Twilio REST API (calls
+--     created and hung up), the status callbacks, and the voice webhook
+--     fetched from callagent's /voice with a valid X-Twilio-Signature, which
+--     gives each call's <Stream> URL and parameters;
+--   tests/bench/loadgen.c, the data plane in C (one epoll loop): the
+--     Twilio Media Streams clients (a 160-byte mu-law frame every 20 ms per
+--     call, each mark echoed at once) and the fake OpenAI Realtime server
+--     (every appended frame echoed back as an audio delta, or 20 ms of
+--     24 kHz PCM in audio/pcm mode). This script drives it over its stdin
+--     and stdout, one-line commands and replies (see loadgen.c).
+-- With BENCH_PIN (default on) callagent runs on CPU 0, this script and the
+-- load generator on CPU 1. First, tests/bench/loopback.c measures the
+-- kernel's floor here: the CPU cost of one loopback TCP recv+send pair.
+--
+-- For each N it creates N calls through callagent's REST API, streams them
+-- for T seconds and measures:
+--   ok/failed calls (ok: streaming at the end of the window; failed: never
+--   set up, or dropped), frames sent and lost (phone -> model, and model
+--   -> phone, counted after a 1 s quiet period), bridge latency p50/p99/max
+--   (frame sent by "Twilio" -> append received by "OpenAI"; delta sent by
+--   "OpenAI" -> media received by "Twilio", the receipt timed by the
+--   kernel's receive time stamp: both include two loopback hops, so they
+--   are upper bounds of what callagent adds), callagent's CPU seconds per
+--   call-minute (utime + stime from /proc), its RSS per call, the load
+--   generator's own CPU per call-minute (its CLOCK_PROCESS_CPUTIME_ID over
+--   the window), and whether the load generator kept up: p99 lateness of a
+--   frame against its slot of the 20 ms schedule, and p99 read lag (how long
+--   what callagent sent waited in the kernel before the generator read it;
+--   latencies are timed by the kernel's receive time stamps, but a generator
+--   that reads late holds callagent back). A p99 lateness over 5 ms, or a
+--   read lag over 20 ms (a frame: replies start to slip past the next
+--   frame), means the row measures the harness, and it says so.
 --
 -- Environment: BENCH_N ("10,100,200,400,800,1000"), BENCH_SECONDS (20),
 -- BENCH_MODES ("audio/pcmu,audio/pcm"), BENCH_PIN (1: callagent on CPU 0,
--- the load generator on CPU 1), BENCH_STORE ("sqlite").
+-- the load generator on CPU 1), BENCH_STORE ("sqlite"), BENCH_PROFILE (print
+-- the pids, for perf), BENCH_LOG_LINES (30: callagent stderr lines shown per
+-- row; the rest are counted), BENCH_VERBOSE (the load generator's stats line
+-- per row on stderr), LOADGEN_WAKE (see loadgen.c).
 local http = require "callagent.http"
-local ws = require "callagent.ws"
 local fetch = require "callagent.fetch"
 local url = require "callagent.url"
 local timer = require "callagent.timer"
 local task = require "callagent.task"
 local crypto = require "callagent.crypto"
-local audio = require "callagent.audio"
 local process = require "callagent.process"
+local json = require "callagent.json"
 local core = require "callagent.core"
 local log = require "callagent.log"
 
@@ -34,9 +57,10 @@ log.level("warn")
 
 local ROOT = core.root
 local BIN = ROOT .. "/build/release/callagent"
+local LOADGEN = ROOT .. "/build/release/tests/bench/loadgen"
+local LOOPBACK = ROOT .. "/build/release/tests/bench/loopback"
 local SID = "AC" .. string.rep("c3", 16)
 local TOKEN = "bench-twilio-token"
-local RING = 4096
 
 local function env_list(name, default)
   local out = {}
@@ -51,65 +75,10 @@ local MODES = env_list("BENCH_MODES", "audio/pcmu,audio/pcm")
 local SECONDS = tonumber(os.getenv("BENCH_SECONDS") or "20")
 local PIN = os.getenv("BENCH_PIN") ~= "0"
 local STORE = os.getenv("BENCH_STORE") or "sqlite"
+local LOG_LINES = tonumber(os.getenv("BENCH_LOG_LINES") or "30")
 
-local b64enc, b64dec = crypto.base64_encode, crypto.base64_decode
+local b64enc = crypto.base64_encode
 local now = timer.now
-local floor = math.floor
-local spack, sunpack = string.pack, string.unpack
-
--- Histograms: 20 us buckets up to 500 ms ------------------------------------
-
-local Hist = {}
-Hist.__index = Hist
-local BUCKETS = 25000
-
-local function hist()
-  return setmetatable({ b = {}, n = 0, max = 0 }, Hist)
-end
-
-function Hist:add(ms)
-  local i = floor(ms * 50) + 1
-  if i > BUCKETS then
-    i = BUCKETS
-  elseif i < 1 then
-    i = 1
-  end
-  local b = self.b
-  b[i] = (b[i] or 0) + 1
-  self.n = self.n + 1
-  if ms > self.max then
-    self.max = ms
-  end
-end
-
-function Hist:pct(p)
-  if self.n == 0 then
-    return 0
-  end
-  local want, seen = self.n * p, 0
-  for i = 1, BUCKETS do
-    seen = seen + (self.b[i] or 0)
-    if seen >= want then
-      return i / 50
-    end
-  end
-  return self.max
-end
-
--- The caller's audio: a 3-byte frame number, then a fixed mu-law pattern ------
-
-local pattern = {}
-for i = 0, 159 do
-  pattern[#pattern + 1] = string.char(0x80 + (floor(40 * math.sin(i / 3)) % 64))
-end
-local TAIL = b64enc(table.concat(pattern):sub(4))
-
--- 20 ms of 24 kHz PCM for the model's deltas in audio/pcm mode.
-local pcm = {}
-for i = 0, 479 do
-  pcm[#pcm + 1] = spack("<i2", floor(6000 * math.sin(2 * math.pi * 440 * i / 24000)))
-end
-local PCM_DELTA = b64enc(table.concat(pcm))
 
 -- One run's state ----------------------------------------------------------------
 
@@ -120,13 +89,15 @@ local function new_run(mode)
     mode = mode,
     calls = {},
     by_sid = {},
-    next_call = 0,
-    lat_in = hist(),
-    lat_out = hist(),
-    late = hist(),
-    sending = false,
-    failed = 0,
+    by_k = {},
+    failed = 0, -- calls the control plane could not answer (webhook errors)
+    notes = {},
+    app_lines = 0,
   }
+end
+
+local function note(r, fmt, ...)
+  r.notes[#r.notes + 1] = string.format(fmt, ...)
 end
 
 local function twilio_sign(u, params)
@@ -151,25 +122,97 @@ local function signed_post(u, params)
   })
 end
 
--- Messages from callagent on a call's media stream.
-local function on_stream_text(c, msg)
-  if msg:find('"event":"media"', 1, true) then
-    local k = c.media_in + 1
-    c.media_in = k
-    local t = c.delta_at[k]
-    if t then
-      c.delta_at[k] = nil
-      if run.measuring then
-        run.lat_out:add(now() - t)
+-- The load generator (tests/bench/loadgen.c) --------------------------------------
+
+local Loadgen = {}
+Loadgen.__index = Loadgen
+
+local function start_loadgen(r)
+  -- closed / rt_closed: streams and model connections callagent closed while
+  -- the row ran (not when it was stopped).
+  local lg = setmetatable({ replies = task.queue(), established = 0, failed = 0, closed = 0, rt_closed = 0 }, Loadgen)
+  local argv = PIN and { "taskset", "-c", "1", LOADGEN } or { LOADGEN }
+  argv.stdin = true
+  argv.on_stdout = function(line)
+    local word, k, rest = line:match("^(%S+)%s*(%S*)%s*(.*)$")
+    if word == "realtime" then
+      lg.port = tonumber(k)
+    elseif word == "established" then
+      lg.established = lg.established + 1
+    elseif word == "failed" then
+      lg.failed = lg.failed + 1
+      if lg.failed <= 5 then
+        note(r, "stream of call #%s failed: %s", k, rest)
       end
+    elseif word == "closed" then
+      if not r.stopping then
+        lg.closed = lg.closed + 1
+        if lg.closed <= 5 then
+          note(r, "callagent closed the stream of call #%s (code %s) during the run", k, rest)
+        end
+      end
+    elseif word == "rt_closed" then
+      if not r.stopping then
+        lg.rt_closed = lg.rt_closed + 1
+        if lg.rt_closed <= 5 then
+          note(r, "callagent closed the model connection of call #%s (code %s) during the run", k, rest)
+        end
+      end
+    elseif word == "error" and k == "call" then
+      note(r, "loadgen: %s", line)
+    elseif line ~= "ok call" and line ~= "ok hangup" then -- nobody waits for those two
+      lg.replies:push(line)
     end
-  elseif msg:find('"event":"mark"', 1, true) then
-    local name = msg:match('"name":"([^"]*)"')
-    c.conn:send('{"event":"mark","streamSid":"' .. c.stream_sid .. '","mark":{"name":"' .. name .. '"}}')
+  end
+  argv.on_stderr = function(line)
+    io.stderr:write("  [loadgen] ", line, "\n")
+  end
+  local p = assert(process.spawn(argv))
+  lg.p, lg.pid = p, p.pid
+  local deadline = now() + 5000
+  while not lg.port do
+    if not p:running() or now() > deadline then
+      p:kill("SIGKILL")
+      error("the load generator did not start (" .. LOADGEN .. ")")
+    end
+    timer.sleep(2)
+  end
+  return lg
+end
+
+--- A command whose reply is waited for.
+function Loadgen:cmd(line)
+  assert(self.p:write(line .. "\n"))
+  local reply, err = self.replies:pop(15000)
+  if not reply then
+    error("loadgen: no reply to '" .. line .. "': " .. tostring(err))
+  end
+  if reply:match("^error") then
+    error("loadgen: " .. reply)
+  end
+  return reply
+end
+
+--- A command whose reply nobody waits for.
+function Loadgen:tell(line)
+  return self.p:write(line .. "\n")
+end
+
+function Loadgen:stop()
+  if self.p:running() then
+    self.p:write("quit\n")
+    if not self.p:wait(3000) then
+      self.p:kill("SIGKILL")
+      self.p:wait(3000)
+    end
   end
 end
 
-local function answer(c, form)
+-- The fake Twilio: REST API and the webhooks ----------------------------------------
+
+-- The call is answered: status callback, then the voice webhook, whose TwiML
+-- gives the Media Stream the load generator opens.
+local function answer(r, c, form)
   local base = { CallSid = c.sid, AccountSid = SID, From = form.From, To = form.To, Direction = "outbound-api", ApiVersion = "2010-04-01" }
   local p = {}
   for k, v in pairs(base) do
@@ -185,166 +228,65 @@ local function answer(c, form)
   q.CallStatus = "in-progress"
   local res, err = signed_post(form.Url, q)
   if not res or res.status ~= 200 then
-    c.failed = "voice webhook: " .. tostring(res and res.status or err)
-    run.failed = run.failed + 1
+    r.failed = r.failed + 1
+    if r.failed <= 5 then
+      note(r, "voice webhook of call #%d: %s", c.k, tostring(res and res.status or err))
+    end
     return
   end
   local stream_url = res.body:match('<Stream url="([^"]+)"')
+  if not stream_url then
+    r.failed = r.failed + 1
+    note(r, "voice webhook of call #%d: no <Stream> in %q", c.k, res.body:sub(1, 200))
+    return
+  end
+  stream_url = stream_url:gsub("&amp;", "&")
   local params = {}
   for name, value in res.body:gmatch('<Parameter name="([^"]+)" value="([^"]*)"') do
     params[name] = value
   end
-  ws.connect_cb(stream_url, {
-    headers = { ["X-Twilio-Signature"] = twilio_sign(stream_url, {}) },
-    timeout = 30000,
-    ping_interval = 0,
-    on_text = function(_, msg)
-      on_stream_text(c, msg)
-    end,
-    on_close = function()
-      c.closed = true
-    end,
-  }, function(conn, cerr)
-    if not conn then
-      c.failed = "stream: " .. tostring(cerr)
-      run.failed = run.failed + 1
-      return
-    end
-    c.conn = conn
-    c.stream_sid = "MZ" .. crypto.to_hex(crypto.random_bytes(16))
-    conn:send('{"event":"connected","protocol":"Call","version":"1.0.0"}')
-    conn:send(require("callagent.json").encode({
-      event = "start",
-      sequenceNumber = "1",
+  c.stream_sid = "MZ" .. crypto.to_hex(crypto.random_bytes(16))
+  local start = json.encode({
+    event = "start",
+    sequenceNumber = "1",
+    streamSid = c.stream_sid,
+    start = {
+      accountSid = SID,
       streamSid = c.stream_sid,
-      start = {
-        accountSid = SID,
-        streamSid = c.stream_sid,
-        callSid = c.sid,
-        tracks = { "inbound" },
-        mediaFormat = { encoding = "audio/x-mulaw", sampleRate = 8000, channels = 1 },
-        customParameters = params,
-      },
-    }))
-    c.seq = 1
-    c.established = true
-  end)
+      callSid = c.sid,
+      tracks = { "inbound" },
+      mediaFormat = { encoding = "audio/x-mulaw", sampleRate = 8000, channels = 1 },
+      customParameters = params,
+    },
+  })
+  r.lg:tell(string.format("call %d %s %s %s %s", c.k, stream_url, twilio_sign(stream_url, {}), c.stream_sid, start))
 end
 
-local tw_server, rt_server
+local tw_server
 
 local function start_fakes()
   tw_server = http.server({ max_connections = 16384, max_body = 65536 })
   tw_server:post("/2010-04-01/Accounts/{acc}/Calls.json", function(req)
+    local r = run
     local form = url.form_decode(req.body)
-    local i = run.next_call + 1
-    run.next_call = i
-    local c = {
-      i = i,
-      sid = "CA" .. crypto.to_hex(crypto.random_bytes(16)),
-      phase = i % 20,
-      sent_at = {},
-      delta_at = {},
-      next_frame = 0,
-      frames = 0,
-      appends = 0,
-      deltas = 0,
-      media_in = 0,
-    }
-    run.calls[#run.calls + 1] = c
-    run.by_sid[c.sid] = c
     -- The API request numbered the call in its To number: the model's
     -- session finds its call by that number (its prompt says "bench call #k").
-    run.by_k[tonumber(form.To:sub(-4))] = c
-    task.spawn(answer, c, form)
+    local k = tonumber(form.To:sub(-4))
+    local c = { k = k, sid = "CA" .. crypto.to_hex(crypto.random_bytes(16)) }
+    r.calls[#r.calls + 1] = c
+    r.by_sid[c.sid] = c
+    r.by_k[k] = c
+    task.spawn(answer, r, c, form)
     return 201, '{"sid":"' .. c.sid .. '","status":"queued"}', { ["Content-Type"] = "application/json" }
   end)
   tw_server:post("/2010-04-01/Accounts/{acc}/Calls/{sid}.json", function(req)
-    local c = run.by_sid[(req.params.sid or ""):gsub("%.json$", "")]
-    if c and c.conn and c.conn:is_open() then
-      c.conn:close(1000, "hung up")
+    local c = run and run.by_sid[(req.params.sid or ""):gsub("%.json$", "")]
+    if c and run.lg then
+      run.lg:tell("hangup " .. c.k)
     end
     return 200, "{}", { ["Content-Type"] = "application/json" }
   end)
   assert(tw_server:listen())
-
-  rt_server = http.server({ max_connections = 16384, max_ws_message = 1 << 20, max_send_queue = 8 << 20 })
-  rt_server:websocket("/v1/realtime", {
-    open = function(conn)
-      conn:send('{"type":"session.created","session":{"id":"sess_bench","type":"realtime"}}')
-    end,
-    text = function(conn, msg)
-      local c = conn.call
-      if c and msg:find('"input_audio_buffer.append"', 1, true) then
-        local p = msg:find('"audio":"', 1, true)
-        local idx = sunpack("<I3", b64dec(msg:sub(p + 9, p + 12)))
-        local t = c.sent_at[idx % RING]
-        if t then
-          c.sent_at[idx % RING] = nil
-          c.appends = c.appends + 1
-          if run.measuring then
-            run.lat_in:add(now() - t)
-          end
-        end
-        local delta = run.mode == "audio/pcm" and PCM_DELTA or msg:sub(p + 9, -3)
-        local k = c.deltas + 1
-        c.deltas = k
-        c.delta_at[k] = now()
-        conn:send('{"type":"response.output_audio.delta","response_id":"resp_b","item_id":"' .. c.item
-          .. '","output_index":0,"content_index":0,"delta":"' .. delta .. '"}')
-      elseif msg:find('"session.update"', 1, true) then
-        local n = tonumber(msg:match("bench call #(%d+)"))
-        local call = n and run.by_k[n]
-        if call then
-          conn.call = call
-          call.item = "item_" .. n
-        end
-        conn:send('{"type":"session.updated","session":{"type":"realtime"}}')
-      end
-    end,
-  })
-  assert(rt_server:listen())
-end
-
--- The 20 ms schedule: a 1 ms tick sends the frames of the calls in that phase.
-local function frame_message(c)
-  local idx = c.next_frame
-  c.next_frame = idx + 1
-  c.sent_at[idx % RING] = now()
-  c.frames = c.frames + 1
-  local seq = c.seq + 1
-  c.seq = seq
-  return '{"event":"media","sequenceNumber":"' .. seq .. '","streamSid":"' .. c.stream_sid
-    .. '","media":{"track":"inbound","chunk":"' .. idx .. '","timestamp":"' .. idx * 20 .. '","payload":"'
-    .. b64enc(spack("<I3", idx % 16777216)) .. TAIL .. '"}}'
-end
-
-local phases = {}
-local ticker
-
-local function start_ticker()
-  local t0 = floor(now())
-  local slot = t0
-  ticker = timer.every(1, function()
-    local t = now()
-    while slot <= t do
-      if run and run.sending then
-        local lateness = t - slot
-        local list = phases[slot % 20]
-        if list then
-          for _, c in ipairs(list) do
-            if c.conn and not c.closed then
-              c.conn:send(frame_message(c))
-              if run.measuring then
-                run.late:add(lateness)
-              end
-            end
-          end
-        end
-      end
-      slot = slot + 1
-    end
-  end)
 end
 
 -- callagent under test ------------------------------------------------------------
@@ -374,7 +316,7 @@ local function proc_rss(pid)
   return tonumber(s:match("VmRSS:%s+(%d+) kB")) * 1024
 end
 
-local function start_app(mode, port, db)
+local function start_app(mode, port, db, rt_url, r)
   local argv = PIN and { "taskset", "-c", "0", BIN, "run", ROOT .. "/tests/bench/app.lua" }
     or { BIN, "run", ROOT .. "/tests/bench/app.lua" }
   local ready = false
@@ -383,7 +325,7 @@ local function start_app(mode, port, db)
     BENCH_TW_SID = SID,
     BENCH_TW_TOKEN = TOKEN,
     BENCH_TW_URL = tw_server:url(""):gsub("/$", ""),
-    BENCH_RT_URL = rt_server:ws_url("/v1/realtime"),
+    BENCH_RT_URL = rt_url,
     BENCH_OUTPUT = mode,
     BENCH_STORE = STORE,
     BENCH_DB = db,
@@ -396,17 +338,43 @@ local function start_app(mode, port, db)
     end
   end
   argv.on_stderr = function(line)
+    if r then
+      r.app_lines = r.app_lines + 1
+      if r.app_lines > LOG_LINES then
+        return
+      end
+    end
     io.stderr:write("  [callagent] ", line, "\n")
   end
   local t0 = now()
   local p = assert(process.spawn(argv))
+  if r then
+    r.app = p
+  end
   while not ready do
     if not p:running() then
       error("callagent did not start")
     end
+    if now() - t0 > 30000 then
+      p:kill("SIGKILL")
+      error("callagent did not get ready in 30 s")
+    end
     timer.sleep(2)
   end
   return p, now() - t0
+end
+
+--- SIGTERM (a graceful stop), then SIGKILL after 10 s.
+local function stop_app(p, what)
+  if not p or p.done then
+    return
+  end
+  p:kill("SIGTERM")
+  if not p:wait(10000) then
+    io.stderr:write("  callagent (pid ", p.pid, what and (", " .. what) or "", ") still running 10 s after SIGTERM: SIGKILL\n")
+    p:kill("SIGKILL")
+    p:wait(5000)
+  end
 end
 
 local function free_port()
@@ -421,21 +389,23 @@ local function api_post(base, path, body)
   return fetch(base .. path, { method = "POST", body = body, headers = { ["Content-Type"] = "application/json" }, timeout = 30000 })
 end
 
-local function run_one(mode, n)
-  run = new_run(mode)
-  run.by_k = {}
-  phases = {}
+local function run_one(r, n)
+  local mode = r.mode
+  r.lg = start_loadgen(r)
+  local lg = r.lg
+  lg:cmd("mode " .. (mode == "audio/pcm" and "pcm" or "pcmu"))
   local port = free_port()
-  local db = os.tmpname()
-  local app = start_app(mode, port, db)
+  r.db = os.tmpname()
+  local app = start_app(mode, port, r.db, "ws://127.0.0.1:" .. lg.port .. "/v1/realtime", r)
   local base = "http://127.0.0.1:" .. port
   timer.sleep(300)
   local rss0 = proc_rss(app.pid)
-  run.sending = true
 
-  -- Create the calls, 50 at a time.
+  -- Create the calls, 50 at a time. Each one streams from when it is
+  -- established (on its phase of the 20 ms schedule).
   local t_setup = now()
   local i = 0
+  local api_failed = 0
   while i < n do
     local batch = {}
     for _ = 1, math.min(50, n - i) do
@@ -447,80 +417,89 @@ local function run_one(mode, n)
         return res and res.status == 201
       end
     end
-    task.all(batch)
-  end
-  local deadline = now() + 60000
-  local established
-  repeat
-    timer.sleep(50)
-    established = 0
-    for _, c in ipairs(run.calls) do
-      if c.established then
-        established = established + 1
-        if not c.scheduled then
-          c.scheduled = true
-          local ph = phases[c.phase] or {}
-          ph[#ph + 1] = c
-          phases[c.phase] = ph
-        end
+    local oks = table.pack(task.all(batch))
+    for j = 1, #batch do
+      if not oks[j] then
+        api_failed = api_failed + 1
       end
     end
-  until established + run.failed >= n or now() > deadline
+  end
+  if api_failed > 0 then
+    note(r, "%d POST /v1/calls did not answer 201", api_failed)
+  end
+  local deadline = now() + 60000
+  repeat
+    timer.sleep(20)
+  until lg.established + lg.failed + r.failed + api_failed >= n or now() > deadline
   local setup_ms = now() - t_setup
 
   -- Warm up, then measure a window of SECONDS.
   timer.sleep(2000)
-  local frames0, appends0, deltas0, media0 = 0, 0, 0, 0
-  for _, c in ipairs(run.calls) do
-    frames0, appends0 = frames0 + c.frames, appends0 + c.appends
-    deltas0, media0 = deltas0 + c.deltas, media0 + c.media_in
-  end
   if os.getenv("BENCH_PROFILE") then
-    io.stderr:write("PROFILE callagent pid ", app.pid, "\n")
+    io.stderr:write("PROFILE callagent pid ", app.pid, ", loadgen pid ", lg.pid, "\n")
   end
   local cpu0 = proc_stat(app.pid)
-  run.measuring = true
+  local t0 = now()
+  lg:cmd("measure start")
+  local t1 = now()
   timer.sleep(SECONDS * 1000)
-  run.measuring = false
+  local t2 = now()
+  lg:cmd("measure stop")
   local cpu1 = proc_stat(app.pid)
+  local window = (now() - t0) / 1000
+  if os.getenv("BENCH_VERBOSE") then
+    io.stderr:write(string.format("  [bench] %d calls: setup %.0f ms; measure start answered in %.0f ms, the %d s sleep took %.0f ms, measure stop answered in %.0f ms\n",
+      n, setup_ms, t1 - t0, SECONDS, t2 - t1, now() - t2))
+  end
   local rss1 = proc_rss(app.pid)
-  run.sending = false
+  lg:cmd("send off")
   timer.sleep(1000) -- let what is in flight arrive
-  local frames, appends, deltas, media = 0, 0, 0, 0
-  local lost_in, lost_out = 0, 0
-  for _, c in ipairs(run.calls) do
-    frames, appends = frames + c.frames, appends + c.appends
-    deltas, media = deltas + c.deltas, media + c.media_in
-    lost_in = lost_in + (c.frames - c.appends)
-    lost_out = lost_out + (c.deltas - c.media_in)
+  local stats_line = assert(lg:cmd("stats"):match("^stats (.*)$"))
+  if os.getenv("BENCH_VERBOSE") then
+    io.stderr:write("  [loadgen stats] ", stats_line, "\n")
   end
-  app:kill("SIGTERM")
-  app:wait(10000)
-  for _, c in ipairs(run.calls) do
-    if c.conn and c.conn:is_open() then
-      c.conn:close()
-    end
+  local s = json.decode(stats_line)
+  r.stopping = true
+  stop_app(app, string.format("%s, %d calls", mode, n))
+  lg:stop()
+  os.remove(r.db)
+  os.remove(r.db .. "-wal")
+  os.remove(r.db .. "-shm")
+  if lg.failed > 5 then
+    note(r, "%d streams failed to open in all", lg.failed)
   end
-  os.remove(db)
-  os.remove(db .. "-wal")
-  os.remove(db .. "-shm")
+  if lg.closed > 5 or lg.rt_closed > 5 then
+    note(r, "in all, callagent closed %d streams and %d model connections during the run", lg.closed, lg.rt_closed)
+  end
+  if s.unbound_appends > 0 then
+    note(r, "%d appends came on model sessions that named no bench call", s.unbound_appends)
+  end
+  -- Calls still streaming at the end: established, and not closed since.
+  local established = s.established - s.closed
   local cpu = cpu1 - cpu0
+  if PIN and cpu / window >= 0.95 then
+    note(r, "callagent used %.2f of its one CPU: saturated, so its latencies queue up and its CPU per call-minute"
+      .. " drops (each wake-up finds more messages waiting); past its capacity", cpu / window)
+  end
+  local call_min = math.max(1, established) * window / 60
   return {
     mode = mode,
     n = n,
     established = established,
     failed = n - established,
     setup_ms = setup_ms,
-    frames = frames - frames0,
-    frames_total = frames,
-    lost_in = lost_in,
-    lost_out = lost_out,
-    lat_in = { run.lat_in:pct(0.5), run.lat_in:pct(0.99), run.lat_in.max },
-    lat_out = { run.lat_out:pct(0.5), run.lat_out:pct(0.99), run.lat_out.max },
-    late_p99 = run.late:pct(0.99),
-    late_max = run.late.max,
-    cpu_per_call_min = cpu / (established * SECONDS / 60),
-    cpu_cores = cpu / SECONDS,
+    frames = s.window.frames,
+    lost_in = s.lost_in,
+    lost_out = s.lost_out,
+    lat_in = { s.lat_in.p50, s.lat_in.p99, s.lat_in.max },
+    lat_out = { s.lat_out.p50, s.lat_out.p99, s.lat_out.max },
+    late_p99 = s.late.p99,
+    late_max = s.late.max,
+    lag_p99 = s.lag.p99,
+    cpu_per_call_min = cpu / call_min,
+    cpu_cores = cpu / window,
+    lg_cpu_per_call_min = s.window.cpu_s / (math.max(1, established) * s.window.seconds / 60),
+    lg_cores = s.window.cpu_s / s.window.seconds,
     rss0 = rss0,
     rss1 = rss1,
     rss_per_call = (rss1 - rss0) / math.max(1, established),
@@ -532,14 +511,35 @@ local function startup_times()
   for _ = 1, 5 do
     local port = free_port()
     local db = os.tmpname()
-    local app, ms = start_app("audio/pcmu", port, db)
+    local app, ms = start_app("audio/pcmu", port, db, "ws://127.0.0.1:9/v1/realtime")
     times[#times + 1] = ms
-    app:kill("SIGTERM")
-    app:wait(5000)
+    stop_app(app)
     os.remove(db)
   end
   table.sort(times)
   return times
+end
+
+-- The kernel's floor: loopback.c three times over `conns` connections, the
+-- cheapest run.
+local function kernel_floor(conns)
+  local best
+  for _ = 1, 3 do
+    local p = process.spawn({ LOOPBACK, "-t", "1", "-n", tostring(conns), "-b", "300" })
+    if not p then
+      return nil
+    end
+    local line = p:read_line(15000)
+    p:wait(5000)
+    local f = {}
+    for k, v in (line or ""):gmatch("(%S+) (%S+)") do
+      f[k] = tonumber(v)
+    end
+    if f.pair_us and (not best or f.pair_us < best.pair_us) then
+      best = f
+    end
+  end
+  return best
 end
 
 task.spawn(function()
@@ -547,32 +547,78 @@ task.spawn(function()
     os.execute("taskset -p -c 1 " .. core.pid() .. " >/dev/null")
   end
   start_fakes()
-  start_ticker()
   local cpus = io.popen("nproc --all"):read("l")
   local model = io.popen("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"):read("l") or "?"
   print(string.format("callagent %s benchmark - %s, %s CPUs, %s", core.version, os.date("!%Y-%m-%d %H:%M UTC"), cpus, model:gsub("^%s+", "")))
   print(string.format("%d s measured per row after a 2 s warm-up; store: %s; %s", SECONDS, STORE,
-    PIN and "callagent pinned to CPU 0, load generator to CPU 1" or "no CPU pinning"))
+    PIN and "callagent pinned to CPU 0, load generator (loadgen.c + this script) to CPU 1" or "no CPU pinning"))
+  -- Per 20 ms frame the bridge receives phone media, the mark echo and the
+  -- model delta and sends one append and one media+mark write; the load
+  -- generator sends the frame, the delta and the mark echo and receives the
+  -- append and the media+mark.
+  for _, conns in ipairs({ 200, 2000 }) do
+    local fl = kernel_floor(conns)
+    if fl then
+      -- Scale the echo side's send/recv wall times to its CPU per pair.
+      local scale = fl.pair_us / (fl.send_us + fl.recv_us)
+      local bridge_us = scale * (2 * fl.send_us + 3 * fl.recv_us)
+      local harness_us = scale * (3 * fl.send_us + 2 * fl.recv_us)
+      print(string.format("kernel floor (%d connections): %.1f µs CPU per loopback recv+send pair of 300-byte messages"
+        .. " (send ~%.1f, recv ~%.1f) -> a bridge doing 2 sends + 3 receives per 20 ms frame costs at least %.3f CPU-s"
+        .. " per call-minute here (%.2f cores at 1000 calls); the load generator's 3 sends + 2 receives at least %.3f"
+        .. " (%.2f cores)",
+        conns, fl.pair_us, fl.send_us * scale, fl.recv_us * scale, bridge_us * 3000 / 1e6, bridge_us * 50000 / 1e6,
+        harness_us * 3000 / 1e6, harness_us * 50000 / 1e6))
+    else
+      print("kernel floor: " .. LOOPBACK .. " did not run")
+      break
+    end
+    io.stdout:flush()
+  end
   local st = startup_times()
   print(string.format("start-up (spawn to serving): min %.0f ms, median %.0f ms", st[1], st[3]))
   print("")
-  print("| mode | calls | ok/failed | frames | lost in/out | in p50/p99/max ms | out p50/p99/max ms | CPU s per call-min | CPU cores | RSS per call | harness p99 late |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|")
-  local rows = {}
+  print("| mode | calls | ok/failed | frames | lost in/out | in p50/p99/max ms | out p50/p99/max ms | CPU s per call-min | CPU cores | RSS per call | loadgen CPU s per call-min | harness p99 late / read lag |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+  io.stdout:flush()
+  local rows, notes = {}, {}
   for _, mode in ipairs(MODES) do
     for _, ns in ipairs(NS) do
       local n = tonumber(ns)
-      local ok, r = pcall(run_one, mode, n)
+      local r = new_run(mode)
+      run = r
+      local ok, row = xpcall(run_one, debug.traceback, r, n)
+      -- Whatever happened, nothing of this row keeps running.
+      r.stopping = true
+      stop_app(r.app)
+      if r.lg then
+        r.lg:stop()
+      end
+      if r.db then
+        os.remove(r.db)
+        os.remove(r.db .. "-wal")
+        os.remove(r.db .. "-shm")
+      end
+      if r.app_lines > LOG_LINES then
+        note(r, "callagent wrote %d lines to stderr (%d shown)", r.app_lines, LOG_LINES)
+      end
       if not ok then
-        print(string.format("| %s | %d | run failed: %s |", mode, n, tostring(r)))
+        print(string.format("| %s | %d | run failed: %s |", mode, n, tostring(row):gsub("\n.*", "")))
+        io.stderr:write(tostring(row), "\n")
       else
-        rows[#rows + 1] = r
-        local harness = r.late_p99 > 5 and string.format("**%.1f ms: harness-limited**", r.late_p99) or string.format("%.1f ms", r.late_p99)
-        print(string.format("| %s | %d | %d/%d | %d | %d/%d | %.2f / %.2f / %.1f | %.2f / %.2f / %.1f | %.4f | %.2f | %.1f KiB | %s |",
-          mode:gsub("audio/", ""), n, r.established, r.failed, r.frames, r.lost_in, r.lost_out,
-          r.lat_in[1], r.lat_in[2], r.lat_in[3], r.lat_out[1], r.lat_out[2], r.lat_out[3],
-          r.cpu_per_call_min, r.cpu_cores, r.rss_per_call / 1024, harness))
-        io.stdout:flush()
+        rows[#rows + 1] = row
+        local harness = string.format("%.1f / %.1f ms", row.late_p99, row.lag_p99)
+        if row.late_p99 > 5 or row.lag_p99 > 20 then
+          harness = "**" .. harness .. ": harness-limited**"
+        end
+        print(string.format("| %s | %d | %d/%d | %d | %d/%d | %.2f / %.2f / %.1f | %.2f / %.2f / %.1f | %.4f | %.2f | %.1f KiB | %.4f (%.2f cores) | %s |",
+          mode:gsub("audio/", ""), n, row.established, row.failed, row.frames, row.lost_in, row.lost_out,
+          row.lat_in[1], row.lat_in[2], row.lat_in[3], row.lat_out[1], row.lat_out[2], row.lat_out[3],
+          row.cpu_per_call_min, row.cpu_cores, row.rss_per_call / 1024, row.lg_cpu_per_call_min, row.lg_cores, harness))
+      end
+      io.stdout:flush()
+      for _, s in ipairs(r.notes) do
+        notes[#notes + 1] = string.format("%s, %d calls: %s", mode:gsub("audio/", ""), n, s)
       end
     end
   end
@@ -595,11 +641,18 @@ task.spawn(function()
         sxy = sxy + (xs[k] - mx) * (ys[k] - my)
         sxx = sxx + (xs[k] - mx) ^ 2
       end
-      print(string.format("RSS slope (%s): %.1f KiB per call", mode, sxy / sxx / 1024))
+      if sxx > 0 then
+        print(string.format("RSS slope (%s): %.1f KiB per call", mode, sxy / sxx / 1024))
+      end
     end
   end
-  ticker:stop()
+  if #notes > 0 then
+    print("")
+    print("Notes:")
+    for _, s in ipairs(notes) do
+      print("- " .. s)
+    end
+  end
   tw_server:close()
-  rt_server:close()
   core.stop(0)
 end)
