@@ -11,7 +11,8 @@
 --     Twilio Media Streams clients (a 160-byte mu-law frame every 20 ms per
 --     call, each mark echoed at once) and the fake OpenAI Realtime server
 --     (every appended frame echoed back as an audio delta, or 20 ms of
---     24 kHz PCM in audio/pcm mode). This script drives it over its stdin
+--     24 kHz PCM in audio/pcm mode), and a turn's transcripts and usage
+--     every 5 s per call, written to the store. This script drives it over its stdin
 --     and stdout, one-line commands and replies (see loadgen.c).
 -- With BENCH_PIN (default on) callagent runs on CPU 0, this script and the
 -- load generator on CPU 1. First, tests/bench/loopback.c measures the
@@ -41,7 +42,7 @@
 -- the load generator on CPU 1), BENCH_STORE ("sqlite"), BENCH_PROFILE (print
 -- the pids, for perf), BENCH_LOG_LINES (30: callagent stderr lines shown per
 -- row; the rest are counted), BENCH_VERBOSE (the load generator's stats line
--- per row on stderr), LOADGEN_WAKE (see loadgen.c).
+-- per row on stderr), LOADGEN_WAKE and LOADGEN_TURN (see loadgen.c).
 local http = require "callagent.http"
 local fetch = require "callagent.fetch"
 local url = require "callagent.url"
@@ -459,6 +460,16 @@ local function run_one(r, n)
     io.stderr:write("  [loadgen stats] ", stats_line, "\n")
   end
   local s = json.decode(stats_line)
+  if s.turns > 0 then
+    -- The turns reached the store: one call's record has its transcript and usage.
+    local list = fetch(base .. "/v1/calls?limit=1", { timeout = 10000 })
+    local calls = list and list.status == 200 and json.decode(list.body).calls
+    local rec = calls and calls[1] and fetch(base .. "/v1/calls/" .. calls[1].callId, { timeout = 10000 })
+    rec = rec and rec.status == 200 and json.decode(rec.body)
+    if not (rec and #rec.transcript > 0 and rec.usage and (rec.usage.responses or 0) > 0) then
+      note(r, "the model ended %d turns, but the call record shows no transcript or usage", s.turns)
+    end
+  end
   r.stopping = true
   stop_app(app, string.format("%s, %d calls", mode, n))
   lg:stop()
@@ -550,7 +561,10 @@ task.spawn(function()
   local cpus = io.popen("nproc --all"):read("l")
   local model = io.popen("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"):read("l") or "?"
   print(string.format("callagent %s benchmark - %s, %s CPUs, %s", core.version, os.date("!%Y-%m-%d %H:%M UTC"), cpus, model:gsub("^%s+", "")))
-  print(string.format("%d s measured per row after a 2 s warm-up; store: %s; %s", SECONDS, STORE,
+  local turn = tonumber(os.getenv("LOADGEN_TURN") or "250")
+  print(string.format("%d s measured per row after a 2 s warm-up; store: %s (%s); %s", SECONDS, STORE,
+    turn > 0 and string.format("a turn every %g s per call writes 2 transcript lines and usage", turn * 0.02)
+      or "no turns: the store is idle while audio flows",
     PIN and "callagent pinned to CPU 0, load generator (loadgen.c + this script) to CPU 1" or "no CPU pinning"))
   -- Per 20 ms frame the bridge receives phone media, the mark echo and the
   -- model delta and sends one append and one media+mark write; the load

@@ -11,7 +11,10 @@
  *     connect, session.updated for a session.update (which names the call:
  *     "bench call #<k>"), and for every input_audio_buffer.append a
  *     response.output_audio.delta (the appended audio echoed, or in pcm
- *     mode 20 ms of a 24 kHz 16-bit sine).
+ *     mode 20 ms of a 24 kHz 16-bit sine); and every LOADGEN_TURN appends
+ *     of a call (default 250: a turn each 5 s; 0: never) what ends a turn:
+ *     the caller's transcript, the agent's transcript and a response.done
+ *     with usage, so callagent's store writes while the audio flows.
  *
  * Control: one-line commands on stdin, one-line replies on stdout.
  *   (at start)                              -> realtime <port>
@@ -125,6 +128,7 @@ struct call {
 	int64_t deadline;
 	uint32_t next_frame, seq;
 	uint64_t frames, appends, deltas, media, marks;
+	uint32_t since_turn, turns;
 	uint32_t sent_idx[RING];
 	int64_t sent_at[RING];
 	int64_t delta_at[RING];
@@ -168,7 +172,9 @@ static uint64_t frames0, appends0, deltas0, media0;
  * for our 101 (from its arrival in the kernel, which may precede accept()),
  * and a phone connection's connect() -> 101 received. */
 static int64_t rt_hs_max, phone_hs_max;
-static uint64_t pings_rt, pings_phone;	/* pings received (answered with pongs) */
+static uint64_t pings_rt, pings_phone;
+static uint32_t turn_every = 250;	/* appends per turn of the fake model; 0: no turns */
+static uint64_t n_turns;	/* pings received (answered with pongs) */
 /* Back-pressure: sends the socket did not take whole (the peer is not reading
  * fast enough), and the most bytes one connection had queued. */
 static uint64_t blocked_rt, blocked_phone;
@@ -986,6 +992,31 @@ static ssize_t rt_handshake(struct conn *c, const char *p, size_t n)
 	return (ssize_t)hl;
 }
 
+/* What ends a turn at the model: both sides' transcripts, then usage. */
+static void end_turn(struct conn *c, struct call *call)
+{
+	char m[512];
+	int n;
+
+	call->since_turn = 0;
+	call->turns++;
+	n_turns++;
+	n = snprintf(m, sizeof m, "{\"type\":\"conversation.item.input_audio_transcription.completed\","
+		     "\"item_id\":\"item_in_%u\",\"content_index\":0,"
+		     "\"transcript\":\"Caller turn %u of bench call %d.\"}", call->turns, call->turns, call->k);
+	ws_send(c, 1, m, (size_t)n);
+	n = snprintf(m, sizeof m, "{\"type\":\"response.output_audio_transcript.done\",\"response_id\":\"resp_b\","
+		     "\"item_id\":\"%.*s\",\"output_index\":0,\"content_index\":0,"
+		     "\"transcript\":\"Agent turn %u of bench call %d.\"}", (int)call->item_len, call->item,
+		     call->turns, call->k);
+	ws_send(c, 1, m, (size_t)n);
+	n = snprintf(m, sizeof m, "{\"type\":\"response.done\",\"response\":{\"id\":\"resp_b\","
+		     "\"status\":\"completed\",\"usage\":{\"total_tokens\":300,\"input_tokens\":200,"
+		     "\"output_tokens\":100,\"input_token_details\":{\"text_tokens\":20,\"audio_tokens\":180,"
+		     "\"cached_tokens\":0},\"output_token_details\":{\"text_tokens\":10,\"audio_tokens\":90}}}}");
+	ws_send(c, 1, m, (size_t)n);
+}
+
 static void rt_message(struct conn *c, char *p, size_t n)
 {
 	static const char APPEND[] = "{\"type\":\"input_audio_buffer.append\",\"audio\":\"";
@@ -1056,6 +1087,8 @@ static void rt_message(struct conn *c, char *p, size_t n)
 	call->delta_at[call->deltas % RING] = now_ns();
 	call->deltas++;
 	conn_send(c, f, hl + ml);
+	if (turn_every && ++call->since_turn >= turn_every)
+		end_turn(c, call);
 }
 
 /* ---- WebSocket frames in ---- */
@@ -1308,7 +1341,7 @@ static void stats(void)
 	    "\"late\":{\"n\":%llu,\"p50\":%.3f,\"p99\":%.3f,\"max\":%.3f},"
 	    "\"lag\":{\"n\":%llu,\"p50\":%.3f,\"p99\":%.3f,\"max\":%.3f},\"cpu_total_s\":%.4f,"
 	    "\"handshake_max_ms\":{\"model\":%.1f,\"phone\":%.1f},"
-	    "\"pings\":{\"model\":%llu,\"phone\":%llu},"
+	    "\"pings\":{\"model\":%llu,\"phone\":%llu},\"turns\":%llu,"
 	    "\"send_queued\":{\"model\":%llu,\"model_max_bytes\":%zu,\"phone\":%llu,\"phone_max_bytes\":%zu}}",
 	    (unsigned long long)n_established, (unsigned long long)n_failed, (unsigned long long)n_closed,
 	    (unsigned long long)n_rt_conns, (unsigned long long)n_rt_closed, (unsigned long long)frames,
@@ -1323,7 +1356,7 @@ static void stats(void)
 	    (double)late.max / 1e6, (unsigned long long)lag.n, hist_pct(&lag, 0.5), hist_pct(&lag, 0.99),
 	    (double)lag.max / 1e6, (double)cpu_ns() / 1e9, (double)rt_hs_max / 1e6,
 	    (double)phone_hs_max / 1e6, (unsigned long long)pings_rt, (unsigned long long)pings_phone,
-	    (unsigned long long)blocked_rt, queued_max_rt, (unsigned long long)blocked_phone, queued_max_phone);
+	    (unsigned long long)n_turns, (unsigned long long)blocked_rt, queued_max_rt, (unsigned long long)blocked_phone, queued_max_phone);
 }
 
 static void totals(uint64_t *f, uint64_t *a, uint64_t *d, uint64_t *m)
@@ -1615,6 +1648,8 @@ int main(int argc, char **argv)
 	ev.data.ptr = &in_ctl;
 	epoll_ctl(wait_ep, EPOLL_CTL_ADD, 0, &ev);
 	set_wake(getenv("LOADGEN_WAKE") && strcmp(getenv("LOADGEN_WAKE"), "io") == 0);
+	if (getenv("LOADGEN_TURN"))
+		turn_every = (uint32_t)strtoul(getenv("LOADGEN_TURN"), NULL, 10);
 
 	say("realtime %d", ntohs(sa.sin_port));
 
