@@ -1112,7 +1112,7 @@ static char **string_list(lua_State *L, int idx, const char *field, int *count, 
 }
 
 static const struct lws_protocols protocols[] = {
-	{"callagent-http", server_callback, sizeof(struct pss), 4096, 0, NULL, 65536},
+	{"callagent-http", server_callback, sizeof(struct pss), 1024, 0, NULL, 65536},
 	{NULL, NULL, 0, 0, 0, NULL, 0}
 };
 

@@ -147,7 +147,7 @@ static int client_callback(struct lws *wsi, enum lws_callback_reasons reason,
 }
 
 static const struct lws_protocols protocols[] = {
-	{"callagent-ws-client", client_callback, 0, 8192, 0, NULL, 65536},
+	{"callagent-ws-client", client_callback, 0, 2048, 0, NULL, 65536},
 	{NULL, NULL, 0, 0, 0, NULL, 0}
 };
 

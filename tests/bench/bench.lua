@@ -636,12 +636,15 @@ task.spawn(function()
       end
     end
   end
-  -- RSS per call as the slope over N (least squares), per mode.
+  -- RSS per call as the slope over N (least squares), per mode, over the
+  -- rows carried in real time: an overloaded row's RSS holds queued audio.
   for _, mode in ipairs(MODES) do
-    local xs, ys = {}, {}
+    local xs, ys, used = {}, {}, {}
     for _, r in ipairs(rows) do
-      if r.mode == mode then
+      if r.mode == mode and r.failed == 0 and r.lost_in == 0 and r.lost_out == 0
+        and r.late_p99 <= 5 and r.lag_p99 <= 20 then
         xs[#xs + 1], ys[#ys + 1] = r.established, r.rss1
+        used[#used + 1] = tostring(r.n)
       end
     end
     if #xs >= 2 then
@@ -656,7 +659,8 @@ task.spawn(function()
         sxx = sxx + (xs[k] - mx) ^ 2
       end
       if sxx > 0 then
-        print(string.format("RSS slope (%s): %.1f KiB per call", mode, sxy / sxx / 1024))
+        print(string.format("RSS slope (%s): %.1f KiB per call (rows of %s calls: nothing lost)", mode,
+          sxy / sxx / 1024, table.concat(used, ", ")))
       end
     end
   end
