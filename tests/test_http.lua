@@ -9,17 +9,7 @@ local json = require "callagent.json"
 local process = require "callagent.process"
 local certs = require "certs"
 
-local function server(opts, setup)
-  local srv = http.server(opts or {})
-  if setup then
-    setup(srv)
-  end
-  assert(srv:listen())
-  T.defer(function()
-    srv:close()
-  end)
-  return srv
-end
+local server = T.server
 
 -- Runs a command, returns its stdout (for curl, when fetch cannot send what we need).
 local function run(argv)

@@ -7,17 +7,7 @@ local core = require "callagent.core.http"
 
 assert(core.configure({ max_header = 1024 }))
 
-local function server(opts, setup)
-  local srv = http.server(opts or {})
-  if setup then
-    setup(srv)
-  end
-  assert(srv:listen())
-  T.defer(function()
-    srv:close()
-  end)
-  return srv
-end
+local server = T.server
 
 T.test("request headers over max_header close the connection; smaller ones are fine", function()
   local srv = server({}, function(s)

@@ -50,7 +50,6 @@
 -- running with their pipes closed. runtime.exit() and a forced exit skip this.
 local core = require "callagent.core.process"
 local task = require "callagent.task"
-local timer = require "callagent.timer"
 
 local M = {}
 
@@ -98,7 +97,7 @@ function M.spawn(spec)
     local ws = self._waiters
     self._waiters = {}
     for _, w in ipairs(ws) do
-      w()
+      w(true)
     end
   end)
   if not c then
@@ -127,29 +126,9 @@ end
 
 function Process:wait(timeout_ms)
   if not self.done then
-    local t
-    local finished = task.await(function(done)
-      local function waiter()
-        if t then
-          t:stop()
-        end
-        done(true)
-      end
-      self._waiters[#self._waiters + 1] = waiter
-      if timeout_ms then
-        t = timer.after(timeout_ms, function()
-          for i, w in ipairs(self._waiters) do
-            if w == waiter then
-              table.remove(self._waiters, i)
-              break
-            end
-          end
-          done(false)
-        end)
-      end
-    end)
+    local finished, err = task.wait_in(self._waiters, timeout_ms)
     if not finished then
-      return nil, "ETIMEDOUT"
+      return nil, err
     end
   end
   return self.code, self.signal

@@ -10,6 +10,11 @@
 --                              its traceback and the task ends (the process does not)
 --   task.await(start)          inside a task: start(done) begins an operation that
 --                              later calls done(...); await returns those values
+--   task.wait_in(list, [timeout_ms], [entry])
+--                              inside a task: adds a waiter to list and returns
+--                              what it is woken with; after timeout_ms it leaves
+--                              list and returns nil, "ETIMEDOUT". The waiter is
+--                              the wake function, or entry with entry.wake set
 --   task.running()             the current task's coroutine, or nil on the main thread
 --   task.queue([max])          FIFO between tasks: q:push(v), q:pop([timeout_ms])
 --                              (nil, "ETIMEDOUT" / nil, "ECLOSED"), q:close(), #q
@@ -83,6 +88,34 @@ function M.await(start)
   return unpack(r, 2, r.n)
 end
 
+function M.wait_in(list, timeout_ms, entry)
+  local t
+  return M.await(function(done)
+    local function wake(...)
+      if t then
+        t:stop()
+      end
+      done(...)
+    end
+    local w = wake
+    if entry then
+      entry.wake, w = wake, entry
+    end
+    list[#list + 1] = w
+    if timeout_ms then
+      t = require("callagent.timer").after(timeout_ms, function()
+        for i, x in ipairs(list) do
+          if x == w then
+            table.remove(list, i)
+            break
+          end
+        end
+        done(nil, "ETIMEDOUT")
+      end)
+    end
+  end)
+end
+
 -- Queue ----------------------------------------------------------------------
 
 local Queue = {}
@@ -125,29 +158,7 @@ function Queue:pop(timeout_ms)
   if self.closed then
     return nil, "ECLOSED"
   end
-  local t
-  local timer = require "callagent.timer"
-  local v, err = M.await(function(done)
-    local function waiter(x, e)
-      if t then
-        t:stop()
-      end
-      done(x, e)
-    end
-    self.waiters[#self.waiters + 1] = waiter
-    if timeout_ms then
-      t = timer.after(timeout_ms, function()
-        for i, w in ipairs(self.waiters) do
-          if w == waiter then
-            table.remove(self.waiters, i)
-            break
-          end
-        end
-        done(nil, "ETIMEDOUT")
-      end)
-    end
-  end)
-  return v, err
+  return M.wait_in(self.waiters, timeout_ms)
 end
 
 --- Closes the queue: waiting pops get nil, "ECLOSED"; items already in it can

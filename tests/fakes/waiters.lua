@@ -1,7 +1,6 @@
 -- Waiting on a fake's state from a test: objects carry a `_waiters` list and an
 -- `_ended` flag; the fake calls notify(obj) whenever obj's state changes.
 local task = require "callagent.task"
-local timer = require "callagent.timer"
 
 local M = {}
 
@@ -16,30 +15,7 @@ function M.wait_for(obj, check, timeout_ms)
   if obj._ended then
     return nil, "ECLOSED"
   end
-  return task.await(function(done)
-    local w = {}
-    local t
-    w.check = check
-    w.done = function(a, b)
-      if t then
-        t:stop()
-      end
-      done(a, b)
-    end
-    local list = obj._waiters
-    list[#list + 1] = w
-    if timeout_ms then
-      t = timer.after(timeout_ms, function()
-        for i, x in ipairs(obj._waiters) do
-          if x == w then
-            table.remove(obj._waiters, i)
-            break
-          end
-        end
-        done(nil, "ETIMEDOUT")
-      end)
-    end
-  end)
+  return task.wait_in(obj._waiters, timeout_ms, { check = check })
 end
 
 -- Wakes the waiters whose check now holds; once obj has ended, the rest too.
@@ -59,9 +35,12 @@ function M.notify(obj)
       keep[#keep + 1] = w
     end
   end
-  obj._waiters = keep
+  -- In place: a waiter that times out takes itself out of this same list.
+  for i = 1, #list do
+    list[i] = keep[i]
+  end
   for _, r in ipairs(ready) do
-    r[1].done(r[2], r[3])
+    r[1].wake(r[2], r[3])
   end
 end
 

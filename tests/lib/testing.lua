@@ -300,6 +300,20 @@ function T.run_app(path, args, opts)
   return code, sig, p
 end
 
+--- An http.server(opts) that setup(srv) gives its routes, listening on a
+-- free loopback port and closed after the test.
+function T.server(opts, setup)
+  local srv = require("callagent.http").server(opts or {})
+  if setup then
+    setup(srv)
+  end
+  assert(srv:listen())
+  T.defer(function()
+    srv:close()
+  end)
+  return srv
+end
+
 --- A fresh temporary folder, removed after the test.
 function T.tmpdir()
   local p = os.tmpname()

@@ -84,20 +84,20 @@ function Store:update_attempt(id, n, fields)
   return true
 end
 
-function Store:add_transcript(id, line)
+local function append(self, id, list, v)
   local c = self.calls[id]
   if c then
-    c.transcript[#c.transcript + 1] = copy(line)
+    c[list][#c[list] + 1] = copy(v)
   end
   return true
 end
 
+function Store:add_transcript(id, line)
+  return append(self, id, "transcript", line)
+end
+
 function Store:add_event(id, event)
-  local c = self.calls[id]
-  if c then
-    c.events[#c.events + 1] = copy(event)
-  end
-  return true
+  return append(self, id, "events", event)
 end
 
 --- Newest first. opts: status, limit, cursor (opaque string from a previous page).
