@@ -457,12 +457,15 @@ void ca__ws_receive(struct ca_ws *ws, const void *in, size_t len)
 
 		ws->rx_len = 0;
 		deliver(ws, ws->rx, n, binary);
-		/* Do not keep a big buffer around for one big message. */
-		if (ws->rx_cap > 65536) {
-			free(ws->rx);
-			ws->rx = NULL;
-			ws->rx_cap = 0;
-		}
+		/*
+		 * Messages larger than lws's receive buffer are rare after the
+		 * first few of a connection (session set-up, a long transcript):
+		 * a buffer kept for them would cost every call 4-16 KiB of RSS
+		 * for its whole length, so it goes with the message.
+		 */
+		free(ws->rx);
+		ws->rx = NULL;
+		ws->rx_cap = 0;
 	}
 }
 

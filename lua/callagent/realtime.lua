@@ -99,6 +99,9 @@ function Session:connect()
     end
     self.conn = conn
     conn:send(json.encode(M.session_update(cfg, opts)))
+    -- Sent once: a call need not hold its instructions and tool schemas
+    -- (a few KiB) for the rest of its length.
+    opts.instructions, opts.tools = nil, nil
     if opts.on_open then
       opts.on_open(self)
     end
