@@ -40,9 +40,10 @@
 -- Environment: BENCH_N ("10,100,200,400,800,1000"), BENCH_SECONDS (20),
 -- BENCH_MODES ("audio/pcmu,audio/pcm"), BENCH_PIN (1: callagent on CPU 0,
 -- the load generator on CPU 1), BENCH_STORE ("sqlite"), BENCH_PROFILE (print
--- the pids, for perf), BENCH_LOG_LINES (30: callagent stderr lines shown per
--- row; the rest are counted), BENCH_VERBOSE (the load generator's stats line
--- per row on stderr), LOADGEN_WAKE and LOADGEN_TURN (see loadgen.c).
+-- the pids, for perf), BENCH_WRAP (words put in front of callagent, e.g.
+-- "valgrind --tool=callgrind"), BENCH_LOG_LINES (30: callagent stderr lines
+-- shown per row; the rest are counted), BENCH_VERBOSE (the load generator's
+-- stats line per row on stderr), LOADGEN_WAKE and LOADGEN_TURN (see loadgen.c).
 local http = require "callagent.http"
 local fetch = require "callagent.fetch"
 local url = require "callagent.url"
@@ -317,8 +318,14 @@ local function proc_rss(pid)
 end
 
 local function start_app(mode, port, db, rt_url, r)
-  local argv = PIN and { "taskset", "-c", "0", BIN, "run", ROOT .. "/tests/bench/app.lua" }
-    or { BIN, "run", ROOT .. "/tests/bench/app.lua" }
+  -- BENCH_WRAP: words run in front of callagent (a profiler), after taskset.
+  local argv = PIN and { "taskset", "-c", "0" } or {}
+  for word in (os.getenv("BENCH_WRAP") or ""):gmatch("%S+") do
+    argv[#argv + 1] = word
+  end
+  for _, word in ipairs({ BIN, "run", ROOT .. "/tests/bench/app.lua" }) do
+    argv[#argv + 1] = word
+  end
   local ready = false
   argv.env = {
     BENCH_APP_PORT = tostring(port),
