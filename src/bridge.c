@@ -65,6 +65,7 @@ struct bridge {
 	struct ca_ws *phone, *model;
 	int out_fmt, in_fmt, ready;
 	char sid[72];
+	size_t sid_len;
 	struct ca_resampler *rs;
 	char **kept;			/* payloads kept until the model is ready */
 	int n_kept;
@@ -127,27 +128,30 @@ static char *room(size_t n)
 	return buf;
 }
 
-/* Frames payload as one unmasked WebSocket text frame at out; returns the frame's length. */
-static size_t ws_frame(unsigned char *out, const char *payload, size_t n)
+/* The header of an unmasked WebSocket text frame of n bytes at out; returns its length. */
+static size_t ws_header(unsigned char *out, size_t n)
 {
-	size_t h = 2;
-
 	out[0] = 0x81;
 	if (n < 126) {
 		out[1] = (unsigned char)n;
-	} else if (n < 65536) {
+		return 2;
+	}
+	if (n < 65536) {
 		out[1] = 126;
 		out[2] = (unsigned char)(n >> 8);
 		out[3] = (unsigned char)n;
-		h = 4;
-	} else {
-		out[1] = 127;
-		for (int i = 0; i < 8; i++)
-			out[2 + i] = (unsigned char)((uint64_t)n >> (56 - 8 * i));
-		h = 10;
+		return 4;
 	}
-	memcpy(out + h, payload, n);
-	return h + n;
+	out[1] = 127;
+	for (int i = 0; i < 8; i++)
+		out[2 + i] = (unsigned char)((uint64_t)n >> (56 - 8 * i));
+	return 10;
+}
+
+static unsigned char *put(unsigned char *p, const void *s, size_t n)
+{
+	memcpy(p, s, n);
+	return p + n;
 }
 
 static void append_to_model(struct bridge *b, const char *b64, size_t n)
@@ -236,35 +240,46 @@ static void push_mark(struct bridge *b, uint32_t seq, int item, double end_ms)
 	b->m_len++;
 }
 
-static char *mbuf;
-static size_t mbuf_cap;
-
-/* Mu-law bytes to the phone: `media` then `mark`, framed here, one write. */
+/*
+ * Mu-law bytes to the phone: `media` then `mark`, framed here, one write.
+ * Written straight into the output buffer from constant pieces: no printf
+ * and no second copy of the payload on the per-frame path.
+ */
 static void send_media(struct bridge *b, int item, const char *b64, size_t n, size_t bytes)
 {
+	static const char media1[] = "{\"event\":\"media\",\"streamSid\":\"";
+	static const char media2[] = "\",\"media\":{\"payload\":\"";
+	static const char mark1[] = "{\"event\":\"mark\",\"streamSid\":\"";
+	static const char mark2[] = "\",\"mark\":{\"name\":\"";
 	struct item *it = &b->items[item];
-	char mark[224];
-	int hl, ml;
-	size_t len, need;
-	unsigned char *p;
+	char digits[12];
+	size_t sl = b->sid_len, dl = 0, media_len, mark_len;
+	unsigned char *out, *p;
+	uint32_t seq;
 	const char *err;
 
 	it->sent_ms += (double)bytes / 8.0;
-	b->seq++;
-	need = n + 160;
-	if (need > mbuf_cap) {
-		mbuf_cap = need + 4096;
-		mbuf = ca_realloc(mbuf, mbuf_cap);
-	}
-	hl = snprintf(mbuf, mbuf_cap, "{\"event\":\"media\",\"streamSid\":\"%s\",\"media\":{\"payload\":\"", b->sid);
-	memcpy(mbuf + hl, b64, n);
-	memcpy(mbuf + hl + n, "\"}}", 3);
-	ml = snprintf(mark, sizeof mark, "{\"event\":\"mark\",\"streamSid\":\"%s\",\"mark\":{\"name\":\"%u\"}}",
-		      b->sid, b->seq);
-	p = (unsigned char *)room((size_t)hl + n + 3 + (size_t)ml + 20);
-	len = ws_frame(p, mbuf, (size_t)hl + n + 3);
-	len += ws_frame(p + len, mark, (size_t)ml);
-	if (ca__ws_send(b->phone, p, len, LWS_WRITE_RAW, &err) != 0)
+	seq = ++b->seq;
+	do {
+		digits[sizeof digits - 1 - dl++] = (char)('0' + seq % 10);
+		seq /= 10;
+	} while (seq);
+	media_len = sizeof media1 - 1 + sl + sizeof media2 - 1 + n + 3;
+	mark_len = sizeof mark1 - 1 + sl + sizeof mark2 - 1 + dl + 3;
+	out = p = (unsigned char *)room(media_len + mark_len + 20);
+	p += ws_header(p, media_len);
+	p = put(p, media1, sizeof media1 - 1);
+	p = put(p, b->sid, sl);
+	p = put(p, media2, sizeof media2 - 1);
+	p = put(p, b64, n);
+	p = put(p, "\"}}", 3);
+	p += ws_header(p, mark_len);
+	p = put(p, mark1, sizeof mark1 - 1);
+	p = put(p, b->sid, sl);
+	p = put(p, mark2, sizeof mark2 - 1);
+	p = put(p, digits + sizeof digits - dl, dl);
+	p = put(p, "\"}}", 3);
+	if (ca__ws_send(b->phone, out, (size_t)(p - out), LWS_WRITE_RAW, &err) != 0)
 		return;
 	b->media_out++;
 	push_mark(b, b->seq, item, it->sent_ms);
@@ -490,6 +505,7 @@ static int l_new(lua_State *L)
 	}
 	b->ready = ca_opt_bool_field(L, 3, "ready", 0);
 	snprintf(b->sid, sizeof b->sid, "%s", sid);
+	b->sid_len = strlen(b->sid);
 	if (b->out_fmt == FMT_PCM24) {
 		b->rs = ca_malloc(ca_resampler_size(24000, 8000));
 		ca_resampler_init(b->rs, 24000, 8000);
