@@ -24,7 +24,7 @@ local app, err = callagent.app({
   call = { maxDurationSec = 3600, silenceTimeoutSec = 3600, ringTimeoutSec = 600 },
   retry = { maxAttempts = 1 },
   store = { backend = os.getenv("BENCH_STORE") or "sqlite", path = os.getenv("BENCH_DB") or "/tmp/callagent-bench.db" },
-}, { max_connections = 8192 })
+}, { max_connections = 8192, gc_pause = tonumber(os.getenv("BENCH_GC_PAUSE") or "") })
 if not app then
   io.stderr:write("bench app: ", err, "\n")
   runtime.exit(1)
