@@ -860,7 +860,8 @@ static void on_closer(uv_timer_t *t)
  * gets the same port; a listener of our own closes at once, frees its port
  * at once, and leaves lws nothing to trip over.
  */
-static void close_poll(uv_handle_t *h)
+/* The close callback of the listener's handles (poll and back-off timer). */
+static void free_handle(uv_handle_t *h)
 {
 	free(h);
 }
@@ -869,12 +870,12 @@ static void stop_listening(struct server *s)
 {
 	if (s->lpoll) {
 		uv_poll_stop(s->lpoll);
-		uv_close((uv_handle_t *)s->lpoll, close_poll);
+		uv_close((uv_handle_t *)s->lpoll, free_handle);
 		s->lpoll = NULL;
 	}
 	if (s->backoff) {
 		uv_timer_stop(s->backoff);
-		uv_close((uv_handle_t *)s->backoff, close_poll);
+		uv_close((uv_handle_t *)s->backoff, free_handle);
 		s->backoff = NULL;
 	}
 	if (s->listen_fd >= 0) {
@@ -889,7 +890,7 @@ static void on_backoff(uv_timer_t *t)
 {
 	struct server *s = t->data;
 
-	uv_close((uv_handle_t *)t, close_poll);
+	uv_close((uv_handle_t *)t, free_handle);
 	s->backoff = NULL;
 	if (s->lpoll)
 		uv_poll_start(s->lpoll, UV_READABLE, on_accept);

@@ -2,7 +2,6 @@
 -- Twilio (REST, call progress, Media Streams), driven through the real
 -- callagent clients and a tiny stand-in app, so engine tests can trust them.
 local T = require "testing"
-local http = require "callagent.http"
 local ws = require "callagent.ws"
 local fetch = require "callagent.fetch"
 local url = require "callagent.url"
@@ -594,71 +593,68 @@ local STREAM_PARAMS = { callId = "c_1", token = 'a&b<c>"d' }
 local function start_app(opts)
   opts = opts or {}
   local app = { voice = {}, status = {}, streams = {} }
-  local srv = http.server({ headers = { "x-twilio-signature" }, tls = opts.tls })
-  srv:post("/voice", function(req)
-    app.voice[#app.voice + 1] = {
-      params = url.form_decode(req.body),
-      signature = req.headers["x-twilio-signature"],
-      at = now(),
-    }
-    if app.voice_reply then
-      return app.voice_reply(req)
-    end
-    local twiml = '<?xml version="1.0" encoding="UTF-8"?>\n<Response><Connect><Stream url="'
-      .. (app.public_stream_url or app.stream_url) .. '">'
-      .. '<Parameter name="callId" value="c_1"/>'
-      .. '<Parameter name="token" value="a&amp;b&lt;c&gt;&quot;d" />'
-      .. "</Stream></Connect></Response>"
-    return 200, twiml, { ["Content-Type"] = "text/xml" }
-  end)
-  srv:get("/voice", function(req)
-    app.voice[#app.voice + 1] = { params = req.query, signature = req.headers["x-twilio-signature"], at = now(), get = true }
-    return 200, "<Response><Connect><Stream url=\"" .. app.stream_url .. "\"/></Connect></Response>",
-      { ["Content-Type"] = "text/xml" }
-  end)
-  srv:get("/status", function(req)
-    app.status[#app.status + 1] = { params = req.query, signature = req.headers["x-twilio-signature"], at = now(), get = true }
-    return 204
-  end)
-  srv:post("/status", function(req)
-    app.status[#app.status + 1] = {
-      params = url.form_decode(req.body),
-      signature = req.headers["x-twilio-signature"],
-      at = now(),
-    }
-    return 204
-  end)
-  srv:websocket("/voice/stream", {
-    open = function(conn, req)
-      local s = { conn = conn, req = req, msgs = {}, q = task.queue() }
-      conn.s = s
-      app.streams[#app.streams + 1] = s
-    end,
-    text = function(conn, msg)
-      local s = conn.s
-      local m = json.decode(msg)
-      m._at = now()
-      s.msgs[#s.msgs + 1] = m
-      if m.event == "start" then
-        s.sid = m.streamSid
+  local srv = T.server({ headers = { "x-twilio-signature" }, tls = opts.tls }, function(srv)
+    srv:post("/voice", function(req)
+      app.voice[#app.voice + 1] = {
+        params = url.form_decode(req.body),
+        signature = req.headers["x-twilio-signature"],
+        at = now(),
+      }
+      if app.voice_reply then
+        return app.voice_reply(req)
       end
-      if m.event == "media" then
-        if app.echo then
-          conn:send(json.encode({ event = "media", streamSid = s.sid, media = { payload = m.media.payload } }))
-          conn:send(json.encode({ event = "mark", streamSid = s.sid, mark = { name = "echo-" .. m.media.chunk } }))
+      local twiml = '<?xml version="1.0" encoding="UTF-8"?>\n<Response><Connect><Stream url="'
+        .. (app.public_stream_url or app.stream_url) .. '">'
+        .. '<Parameter name="callId" value="c_1"/>'
+        .. '<Parameter name="token" value="a&amp;b&lt;c&gt;&quot;d" />'
+        .. "</Stream></Connect></Response>"
+      return 200, twiml, { ["Content-Type"] = "text/xml" }
+    end)
+    srv:get("/voice", function(req)
+      app.voice[#app.voice + 1] = { params = req.query, signature = req.headers["x-twilio-signature"], at = now(), get = true }
+      return 200, "<Response><Connect><Stream url=\"" .. app.stream_url .. "\"/></Connect></Response>",
+        { ["Content-Type"] = "text/xml" }
+    end)
+    srv:get("/status", function(req)
+      app.status[#app.status + 1] = { params = req.query, signature = req.headers["x-twilio-signature"], at = now(), get = true }
+      return 204
+    end)
+    srv:post("/status", function(req)
+      app.status[#app.status + 1] = {
+        params = url.form_decode(req.body),
+        signature = req.headers["x-twilio-signature"],
+        at = now(),
+      }
+      return 204
+    end)
+    srv:websocket("/voice/stream", {
+      open = function(conn, req)
+        local s = { conn = conn, req = req, msgs = {}, q = task.queue() }
+        conn.s = s
+        app.streams[#app.streams + 1] = s
+      end,
+      text = function(conn, msg)
+        local s = conn.s
+        local m = json.decode(msg)
+        m._at = now()
+        s.msgs[#s.msgs + 1] = m
+        if m.event == "start" then
+          s.sid = m.streamSid
         end
-      else
-        s.q:push(m)
-      end
-    end,
-    close = function(conn, code, reason)
-      conn.s.closed = { code = code, reason = reason }
-      conn.s.q:push({ event = "<close>", code = code, reason = reason, _at = now() })
-    end,
-  })
-  assert(srv:listen())
-  T.defer(function()
-    srv:close()
+        if m.event == "media" then
+          if app.echo then
+            conn:send(json.encode({ event = "media", streamSid = s.sid, media = { payload = m.media.payload } }))
+            conn:send(json.encode({ event = "mark", streamSid = s.sid, mark = { name = "echo-" .. m.media.chunk } }))
+          end
+        else
+          s.q:push(m)
+        end
+      end,
+      close = function(conn, code, reason)
+        conn.s.closed = { code = code, reason = reason }
+        conn.s.q:push({ event = "<close>", code = code, reason = reason, _at = now() })
+      end,
+    })
   end)
   app.srv = srv
   app.base = srv:url("")

@@ -63,15 +63,6 @@ local function serve(opts)
   return srv, "http://127.0.0.1:" .. srv.port
 end
 
--- A loopback port nothing listens on: one a server had, now closed.
-local function closed_port()
-  local srv = http.server({ host = "127.0.0.1", port = 0 })
-  assert(srv:listen())
-  local port = srv.port
-  srv:close()
-  return port
-end
-
 T.test("GET and POST round-trip method, headers and body through the server", function()
   local _, base = serve()
   local res, err = fetch(base .. "/echo")
@@ -188,7 +179,7 @@ T.test("a 200 ms timeout on a 2 s handler fails quickly with ETIMEDOUT", functio
 end)
 
 T.test("a port nothing listens on gives ECONNREFUSED", function()
-  local res, err = fetch("http://127.0.0.1:" .. closed_port() .. "/")
+  local res, err = fetch("http://127.0.0.1:" .. T.free_port() .. "/")
   T.eq(res, nil)
   T.match(err, "^ECONNREFUSED: ")
 end)
@@ -321,7 +312,7 @@ T.test("basic auth arrives as the right Authorization header", function()
 end)
 
 T.test("secrets in headers, passwords and URLs do not appear in errors", function()
-  local port = closed_port()
+  local port = T.free_port()
   local token = "Bearer sk-live-TOPSECRET-0123456789"
   local _, err = fetch("http://127.0.0.1:" .. port .. "/", {
     headers = { Authorization = token },

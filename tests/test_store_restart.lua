@@ -14,14 +14,6 @@ local SID = "AC" .. string.rep("b2", 16)
 local TOKEN = "tw-token-restart-tests"
 local KEY = "sk-restart-tests"
 
-local function free_port()
-  local s = http.server({})
-  assert(s:listen())
-  local p = s.port
-  s:close()
-  return p
-end
-
 -- The outside world for one test, and a way to (re)start the app on one db and port.
 local function world(opts)
   opts = opts or {}
@@ -43,7 +35,7 @@ local function world(opts)
   end)
   assert(w.hooks:listen())
   w.db = T.tmpdir() .. "/calls.db"
-  w.port = free_port()
+  w.port = T.free_port()
   w.base = "http://127.0.0.1:" .. w.port
   T.defer(function()
     if w.app and w.app:running() then

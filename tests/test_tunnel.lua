@@ -6,7 +6,6 @@
 local T = require "testing"
 local json = require "callagent.json"
 local task = require "callagent.task"
-local http = require "callagent.http"
 local tunnel = require "callagent.tunnel"
 
 local BIN = T.root .. "/tests/bin"
@@ -132,14 +131,6 @@ local function stop_driver(r, p)
 end
 
 -- A loopback port that was free a moment ago.
-local function free_port()
-  local srv = http.server({ host = "127.0.0.1", port = 0 })
-  assert(srv:listen())
-  local port = srv.port
-  srv:close()
-  return port
-end
-
 T.test("ngrok addresses of our port are recognised in every form ngrok writes, other hosts are not", function()
   local lp = tunnel._local_port
   T.eq(lp("http://localhost:4545"), 4545)
@@ -185,7 +176,7 @@ T.test("ngrok: the https URL comes from ngrok's own API (the address it logs), a
 end)
 
 T.test("ngrok: without its web-service line the API is read at tunnel.ngrokApiUrl; other ports and http URLs are skipped", function()
-  local api = free_port()
+  local api = T.free_port()
   local r, p, logs = scenario({
     path = bindir({ "ngrok" }),
     env = {

@@ -10,35 +10,30 @@ local certs = require "certs"
 
 -- An echo server; events seen by the server are recorded in srv.events.
 local function echo_server(opts)
-  opts = opts or {}
-  local srv = http.server(opts)
-  srv.events = {}
-  srv:websocket("/echo", {
-    open = function(conn, req)
-      conn.opened_with = req
-      srv.last = conn
-      srv.events[#srv.events + 1] = { "open", req.path }
-    end,
-    text = function(conn, msg)
-      if msg:sub(1, 6) == "close:" then
-        local code, reason = msg:match("^close:(%d+):(.*)$")
-        conn:close(tonumber(code), reason)
-        return
-      end
-      conn:send(msg)
-    end,
-    binary = function(conn, data)
-      conn:send_binary(data)
-    end,
-    close = function(conn, code, reason)
-      srv.events[#srv.events + 1] = { "close", code, reason }
-    end,
-  })
-  assert(srv:listen())
-  T.defer(function()
-    srv:close()
+  return T.server(opts, function(srv)
+    srv.events = {}
+    srv:websocket("/echo", {
+      open = function(conn, req)
+        conn.opened_with = req
+        srv.last = conn
+        srv.events[#srv.events + 1] = { "open", req.path }
+      end,
+      text = function(conn, msg)
+        if msg:sub(1, 6) == "close:" then
+          local code, reason = msg:match("^close:(%d+):(.*)$")
+          conn:close(tonumber(code), reason)
+          return
+        end
+        conn:send(msg)
+      end,
+      binary = function(conn, data)
+        conn:send_binary(data)
+      end,
+      close = function(conn, code, reason)
+        srv.events[#srv.events + 1] = { "close", code, reason }
+      end,
+    })
   end)
-  return srv
 end
 
 local function connect(url, opts)

@@ -76,30 +76,30 @@ end
 
 -- Records -------------------------------------------------------------------
 
+-- A shallow copy of t without its internal ("_"-prefixed) fields.
+local function public_fields(t)
+  local v = {}
+  for k, x in pairs(t) do
+    if type(k) == "string" and k:sub(1, 1) ~= "_" then
+      v[k] = x
+    end
+  end
+  return v
+end
+
 --- A read-only copy of a call for API responses, tools and event handlers.
 function Engine:call_view(id)
   local c = self.live[id] or self.store:get_call(id)
   if not c then
     return nil
   end
-  local v = {}
-  for k, x in pairs(c) do
-    if type(k) == "string" and k:sub(1, 1) ~= "_" then
-      v[k] = x
-    end
-  end
+  local v = public_fields(c)
   v.callId = c.id
   v.id = nil
   v.events = nil
   local attempts = json.array({})
   for i, a in ipairs(c.attempts or {}) do
-    local ac = {}
-    for k, x in pairs(a) do
-      if type(k) == "string" and k:sub(1, 1) ~= "_" then
-        ac[k] = x
-      end
-    end
-    attempts[i] = ac
+    attempts[i] = public_fields(a)
   end
   v.attempts = attempts
   v.transcript = json.array(v.transcript or {})

@@ -44,7 +44,7 @@ function M.dirs(extra)
     dirs[#dirs + 1] = d
   end
   local own = core.root .. "/providers"
-  if core.app_dir and core.app_dir ~= "" and core.app_dir ~= core.root then
+  if core.app_dir and core.app_dir ~= "" then
     local mine = core.app_dir .. "/providers"
     if mine ~= own then
       dirs[#dirs + 1] = mine

@@ -122,6 +122,13 @@ end
 local Loadgen = {}
 Loadgen.__index = Loadgen
 
+-- The load generator's counted events (the first five of each are noted).
+local COUNTED = {
+  failed = "stream of call #%s failed: %s",
+  closed = "callagent closed the stream of call #%s (code %s) during the run",
+  rt_closed = "callagent closed the model connection of call #%s (code %s) during the run",
+}
+
 local function start_loadgen(r)
   -- closed / rt_closed: streams and model connections callagent closed while
   -- the row ran (not when it was stopped).
@@ -134,23 +141,12 @@ local function start_loadgen(r)
       lg.port = tonumber(k)
     elseif word == "established" then
       lg.established = lg.established + 1
-    elseif word == "failed" then
-      lg.failed = lg.failed + 1
-      if lg.failed <= 5 then
-        note(r, "stream of call #%s failed: %s", k, rest)
-      end
-    elseif word == "closed" then
-      if not r.stopping then
-        lg.closed = lg.closed + 1
-        if lg.closed <= 5 then
-          note(r, "callagent closed the stream of call #%s (code %s) during the run", k, rest)
-        end
-      end
-    elseif word == "rt_closed" then
-      if not r.stopping then
-        lg.rt_closed = lg.rt_closed + 1
-        if lg.rt_closed <= 5 then
-          note(r, "callagent closed the model connection of call #%s (code %s) during the run", k, rest)
+    elseif COUNTED[word] then
+      -- Closes while the row is being stopped are expected, not counted.
+      if word == "failed" or not r.stopping then
+        lg[word] = lg[word] + 1
+        if lg[word] <= 5 then
+          note(r, COUNTED[word], k, rest)
         end
       end
     elseif word == "error" and k == "call" then
@@ -208,20 +204,21 @@ end
 -- The call is answered: status callback, then the voice webhook, whose TwiML
 -- gives the Media Stream the load generator opens.
 local function answer(r, c, form)
-  local base = { CallSid = c.sid, AccountSid = SID, From = form.From, To = form.To, Direction = "outbound-api", ApiVersion = "2010-04-01" }
-  local p = {}
-  for k, v in pairs(base) do
-    p[k] = v
+  local voice = {
+    CallSid = c.sid,
+    AccountSid = SID,
+    From = form.From,
+    To = form.To,
+    Direction = "outbound-api",
+    ApiVersion = "2010-04-01",
+    CallStatus = "in-progress",
+  }
+  local status = { SequenceNumber = "0" }
+  for k, v in pairs(voice) do
+    status[k] = v
   end
-  p.CallStatus = "in-progress"
-  p.SequenceNumber = "0"
-  signed_post(form.StatusCallback, p)
-  local q = {}
-  for k, v in pairs(base) do
-    q[k] = v
-  end
-  q.CallStatus = "in-progress"
-  local res, err = signed_post(form.Url, q)
+  signed_post(form.StatusCallback, status)
+  local res, err = signed_post(form.Url, voice)
   if not res or res.status ~= 200 then
     r.failed = r.failed + 1
     if r.failed <= 5 then

@@ -771,6 +771,35 @@ static void phone_open(struct conn *c)
 	say("established %d", call->k);
 }
 
+/*
+ * The value of header name ("lower-case-name:") in the HTTP head p[0..hl),
+ * leading spaces skipped; its length in *len. NULL when it is not there.
+ */
+static const char *header_value(const char *p, size_t hl, const char *name, size_t *len)
+{
+	size_t nl = strlen(name);
+	const char *h = memmem(p, hl, "\r\n", 2);	/* past the request or status line */
+
+	while (h && h + 2 < p + hl) {
+		const char *eol;
+
+		h += 2;
+		eol = memmem(h, (size_t)(p + hl - h), "\r\n", 2);
+		if (!eol)
+			break;
+		if ((size_t)(eol - h) > nl && strncasecmp(h, name, nl) == 0) {
+			const char *v = h + nl;
+
+			while (v < eol && *v == ' ')
+				v++;
+			*len = (size_t)(eol - v);
+			return v;
+		}
+		h = eol;
+	}
+	return NULL;
+}
+
 /* The handshake response: 0 = need more, -1 = failed, else its length. */
 static ssize_t phone_handshake(struct conn *c, const char *p, size_t n)
 {
@@ -789,24 +818,10 @@ static ssize_t phone_handshake(struct conn *c, const char *p, size_t n)
 		return -1;
 	}
 	/* Sec-WebSocket-Accept must match the key we sent. */
-	const char *h = p;
-	int ok = 0;
+	size_t al;
+	const char *acc = header_value(p, hl, "sec-websocket-accept:", &al);
 
-	while (h < p + hl) {
-		const char *eol = memmem(h, (size_t)(p + hl - h), "\r\n", 2);
-
-		if (!eol)
-			break;
-		if ((size_t)(eol - h) > 21 && strncasecmp(h, "sec-websocket-accept:", 21) == 0) {
-			const char *v = h + 21;
-
-			while (*v == ' ')
-				v++;
-			ok = (size_t)(eol - v) == strlen(c->key) && memcmp(v, c->key, strlen(c->key)) == 0;
-		}
-		h = eol + 2;
-	}
-	if (!ok) {
+	if (!acc || al != strlen(c->key) || memcmp(acc, c->key, al) != 0) {
 		conn_dead(c, 1006, "bad Sec-WebSocket-Accept");
 		return -1;
 	}
@@ -938,8 +953,8 @@ static ssize_t rt_handshake(struct conn *c, const char *p, size_t n)
 
 	if (!end)
 		return n > 65536 ? -1 : 0;
-	size_t hl = (size_t)(end - p) + 4;
-	const char *h = memmem(p, hl, "\r\n", 2);
+	size_t hl = (size_t)(end - p) + 4, kl;
+	const char *kv;
 
 	if (hl < 16 || memcmp(p, "GET /v1/realtime", 16) != 0) {
 		static const char nf[] = "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
@@ -948,22 +963,10 @@ static ssize_t rt_handshake(struct conn *c, const char *p, size_t n)
 		conn_dead(c, 1006, "not /v1/realtime");
 		return -1;
 	}
-	while (h && h < p + hl) {
-		const char *eol;
-
-		h += 2;
-		eol = memmem(h, (size_t)(p + hl - h), "\r\n", 2);
-		if (!eol)
-			break;
-		if ((size_t)(eol - h) > 18 && strncasecmp(h, "sec-websocket-key:", 18) == 0) {
-			const char *v = h + 18;
-
-			while (*v == ' ')
-				v++;
-			if ((size_t)(eol - v) < sizeof key)
-				memcpy(key, v, (size_t)(eol - v)), key[eol - v] = '\0';
-		}
-		h = eol;
+	kv = header_value(p, hl, "sec-websocket-key:", &kl);
+	if (kv && kl > 0 && kl < sizeof key) {
+		memcpy(key, kv, kl);
+		key[kl] = '\0';
 	}
 	if (!key[0]) {
 		conn_dead(c, 1006, "no Sec-WebSocket-Key");

@@ -314,6 +314,16 @@ function T.server(opts, setup)
   return srv
 end
 
+--- A loopback port that was free a moment ago: one a server had, now closed
+-- (nothing listens on it until someone binds it again).
+function T.free_port()
+  local srv = require("callagent.http").server({})
+  assert(srv:listen())
+  local port = srv.port
+  srv:close()
+  return port
+end
+
 --- A fresh temporary folder, removed after the test.
 function T.tmpdir()
   local p = os.tmpname()
