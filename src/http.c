@@ -755,7 +755,7 @@ static int server_callback(struct lws *wsi, enum lws_callback_reasons reason,
 
 	case LWS_CALLBACK_RECEIVE:
 		if (pss && pss->ws)
-			ca__ws_receive(pss->ws, in, len);
+			ca__ws_receive(pss->ws, in, len, lws_is_final_fragment(wsi), lws_frame_is_binary(wsi));
 		return 0;
 
 	case LWS_CALLBACK_SERVER_WRITEABLE:

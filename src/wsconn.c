@@ -394,7 +394,7 @@ void ca__ws_kill(struct lws *wsi)
 }
 
 /* Drops the connection at once (nothing more can be sent to this peer). */
-static void drop(struct ca_ws *ws, int code, const char *reason)
+void ca__ws_drop(struct ca_ws *ws, int code, const char *reason)
 {
 	if (ws->fail_code || ws->wsi == NULL)
 		return;
@@ -402,6 +402,18 @@ static void drop(struct ca_ws *ws, int code, const char *reason)
 	snprintf(ws->close_reason, sizeof ws->close_reason, "%s", reason);
 	free_queue(ws);
 	ca__ws_kill(ws->wsi);
+}
+
+void ca__ws_fail(struct ca_ws *ws, int code, const char *reason)
+{
+	if (ws->fail_code || ws->wsi == NULL)
+		return;
+	/* Our close frame goes ahead of anything queued. */
+	free_queue(ws);
+	ws->close_code = code;
+	ws->fail_code = code;
+	snprintf(ws->close_reason, sizeof ws->close_reason, "%s", reason);
+	lws_callback_on_writable(ws->wsi);
 }
 
 static void deliver(struct ca_ws *ws, const void *data, size_t len, int binary)
@@ -417,24 +429,15 @@ static void deliver(struct ca_ws *ws, const void *data, size_t len, int binary)
 	ca__ws_emit(ws, binary ? "binary" : "text", 1);
 }
 
-void ca__ws_receive(struct ca_ws *ws, const void *in, size_t len)
+void ca__ws_receive(struct ca_ws *ws, const void *in, size_t len, int final, int binary)
 {
-	struct lws *wsi = ws->wsi;
-	int final = lws_is_final_fragment(wsi);
-	int binary = lws_frame_is_binary(wsi);
-
 	if (ws->fail_code || ws->state != CA_WS_OPEN)
 		return;
 	if (ws->rx_len + len > ws->max_message) {
 		ca_log(CA_LOG_WARN, "websocket %lld: message over %zu bytes: closing (1009)",
 		       (long long)ws->id, ws->max_message);
 		ws->rx_len = 0;
-		/* Tell the peer why (our close frame, ahead of anything queued), then go. */
-		free_queue(ws);
-		ws->close_code = 1009;
-		ws->fail_code = 1009;
-		snprintf(ws->close_reason, sizeof ws->close_reason, "message too big");
-		lws_callback_on_writable(wsi);
+		ca__ws_fail(ws, 1009, "message too big");
 		return;
 	}
 	if (final && ws->rx_len == 0) {
@@ -469,6 +472,14 @@ void ca__ws_receive(struct ca_ws *ws, const void *in, size_t len)
 	}
 }
 
+/* Writes bytes of the wire form (see wire_form); < 0 on failure. */
+static int wire_write(struct ca_ws *ws, unsigned char *buf, size_t len, int kind)
+{
+	if (ws->is_client)
+		return ca__wsc_write(ws, buf, len);
+	return lws_write(ws->wsi, buf, len, (enum lws_write_protocol)kind);
+}
+
 int ca__ws_writeable(struct ca_ws *ws)
 {
 	struct lws *wsi = ws->wsi;
@@ -479,7 +490,7 @@ int ca__ws_writeable(struct ca_ws *ws)
 		return 0;
 	while (ws->head) {
 		struct ca_wsmsg *m = ws->head;
-		int n = lws_write(wsi, m->buf + LWS_PRE, m->len, (enum lws_write_protocol)m->kind);
+		int n = wire_write(ws, m->buf + LWS_PRE, m->len, m->kind);
 
 		if (n < 0)
 			return -1;
@@ -499,14 +510,23 @@ int ca__ws_writeable(struct ca_ws *ws)
 		 * which ends the connection (see ca__ws_peer_close). We do not
 		 * use lws' close path: Debian's 4.1.6 build drops the frame.
 		 */
-		unsigned char frame[LWS_PRE + 125];
 		size_t rl = strlen(ws->close_reason);
 
-		frame[LWS_PRE] = (unsigned char)(ws->close_code >> 8);
-		frame[LWS_PRE + 1] = (unsigned char)(ws->close_code & 0xff);
-		memcpy(frame + LWS_PRE + 2, ws->close_reason, rl);
+		unsigned char body[125], out[LWS_PRE + 125 + 14];
+		size_t n = rl + 2;
+		int kind = CA_LWS_WRITE_CLOSE;
+
+		body[0] = (unsigned char)(ws->close_code >> 8);
+		body[1] = (unsigned char)(ws->close_code & 0xff);
+		memcpy(body + 2, ws->close_reason, rl);
 		ws->close_sent = 1;
-		if (lws_write(wsi, frame + LWS_PRE, rl + 2, (enum lws_write_protocol)CA_LWS_WRITE_CLOSE) < 0)
+		if (ws->is_client) {
+			n = ca__ws_frame_client(out + LWS_PRE, body, n, 0x8);
+			kind = LWS_WRITE_RAW;
+		} else {
+			memcpy(out + LWS_PRE, body, n);
+		}
+		if (n == 0 || wire_write(ws, out + LWS_PRE, n, kind) < 0)
 			return -1;
 		/* No answer within 5 s: hang up anyway. */
 		lws_set_timeout(wsi, PENDING_TIMEOUT_CLOSE_ACK, 5);
@@ -538,7 +558,6 @@ static void free_ws(struct ca_ws *ws)
 		ws->tap_closed(ws->tap_ctx, ws);
 	free_queue(ws);
 	free(ws->rx);
-	free(ws->client_headers);
 	free(ws);
 }
 
@@ -574,7 +593,7 @@ void ca__ws_closed(struct ca_ws *ws)
 			int code = 1006;
 			const char *reason = "connection lost";
 
-			if (ws->fail_code || ws->close_sent) {
+			if (ws->fail_code || ws->close_code) {
 				code = ws->fail_code ? ws->fail_code : ws->close_code;
 				reason = ws->close_reason;
 			} else if (ws->peer_code) {
@@ -618,19 +637,27 @@ static int next_mask(unsigned char key[4])
 	return 0;
 }
 
-/*
- * Frames a whole client text/binary message (FIN, masked, RFC 6455 5.2)
- * into out, which has room for len + 14 bytes; returns the frame's length,
- * 0 if no masking key could be had.
- */
-static size_t frame_client(unsigned char *out, const unsigned char *data, size_t len, int kind)
+/* The opcode of each lws write kind a client frames itself (RFC 6455 5.2). */
+static int client_opcode(int kind)
 {
+	switch (kind) {
+	case LWS_WRITE_TEXT: return 0x1;
+	case LWS_WRITE_BINARY: return 0x2;
+	case LWS_WRITE_PING: return 0x9;
+	case LWS_WRITE_PONG: return 0xa;
+	default: return 0;	/* LWS_WRITE_RAW: already framed */
+	}
+}
+
+size_t ca__ws_frame_client(unsigned char *out, const void *in, size_t len, int op)
+{
+	const unsigned char *data = in;
 	unsigned char key[4];
 	size_t h = 0, i = 0;
 
 	if (next_mask(key) != 0)
 		return 0;
-	out[h++] = (unsigned char)(0x80 | (kind == LWS_WRITE_BINARY ? 0x2 : 0x1));
+	out[h++] = (unsigned char)(0x80 | op);
 	if (len < 126) {
 		out[h++] = (unsigned char)(0x80 | len);
 	} else if (len < 65536) {
@@ -661,19 +688,37 @@ static size_t frame_client(unsigned char *out, const unsigned char *data, size_t
 	return h + len;
 }
 
+/*
+ * Puts the message as it goes on the wire at out (room for len + 14):
+ * a client frames its messages itself (lws carries its bytes raw, see
+ * src/ws.c); a server leaves framing to lws. Returns the length and sets
+ * *kind to what lws_write is to be told, or 0 if no masking key was had.
+ */
+static size_t wire_form(struct ca_ws *ws, unsigned char *out, const void *data, size_t len, int *kind)
+{
+	int op = ws->is_client ? client_opcode(*kind) : 0;
+
+	if (op == 0) {
+		memcpy(out, data, len);
+		return len;
+	}
+	*kind = LWS_WRITE_RAW;
+	return ca__ws_frame_client(out, data, len, op);
+}
+
 int ca__ws_send(struct ca_ws *ws, const void *data, size_t len, int kind, const char **err)
 {
 	struct ca_wsmsg *m;
-	int framed = ws->is_client && (kind == LWS_WRITE_TEXT || kind == LWS_WRITE_BINARY);
+	size_t n;
 
-	if (ws->state != CA_WS_OPEN || ws->close_code || ws->fail_code || ws->wsi == NULL) {
+	if (ws->state != CA_WS_OPEN || ws->close_code || ws->fail_code || ws->peer_code || ws->wsi == NULL) {
 		*err = "ECLOSED";
 		return -1;
 	}
 	if (len > ws->max_queue) {
 		ca_log(CA_LOG_WARN, "websocket %lld: a message of %zu bytes is over max_send_queue (%zu): dropping the connection",
 		       (long long)ws->id, len, ws->max_queue);
-		drop(ws, 1008, "message over the send queue limit");
+		ca__ws_drop(ws, 1008, "message over the send queue limit");
 		*err = "ENOBUFS";
 		return -1;
 	}
@@ -685,18 +730,13 @@ int ca__ws_send(struct ca_ws *ws, const void *data, size_t len, int kind, const 
 	 * behind it.
 	 */
 	if (ws->head == NULL && !lws_partial_buffered(ws->wsi)) {
-		size_t n = len;
-
 		if (LWS_PRE + len + 14 > scratch_cap) {
 			scratch_cap = LWS_PRE + len + 14 + 4096;
 			scratch = ca_realloc(scratch, scratch_cap);
 		}
-		if (framed && (n = frame_client(scratch + LWS_PRE, data, len, kind)) != 0)
-			kind = LWS_WRITE_RAW;
-		else
-			memcpy(scratch + LWS_PRE, data, n = len);
-		if (lws_write(ws->wsi, scratch + LWS_PRE, n, (enum lws_write_protocol)kind) < 0) {
-			drop(ws, 1006, "write failed");
+		n = wire_form(ws, scratch + LWS_PRE, data, len, &kind);
+		if (n == 0 || wire_write(ws, scratch + LWS_PRE, n, kind) < 0) {
+			ca__ws_drop(ws, 1006, "write failed");
 			*err = "ECLOSED";
 			return -1;
 		}
@@ -705,24 +745,26 @@ int ca__ws_send(struct ca_ws *ws, const void *data, size_t len, int kind, const 
 	if (ws->queued + len > ws->max_queue) {
 		ca_log(CA_LOG_WARN, "websocket %lld: peer too slow (send queue over %zu bytes): dropping it",
 		       (long long)ws->id, ws->max_queue);
-		drop(ws, 1008, "send queue full: peer too slow");
+		ca__ws_drop(ws, 1008, "send queue full: peer too slow");
 		*err = "ENOBUFS";
 		return -1;
 	}
-	m = ca_malloc(sizeof *m + LWS_PRE + len + (framed ? 14 : 0));
+	m = ca_malloc(sizeof *m + LWS_PRE + len + 14);
 	m->next = NULL;
-	m->len = len;
+	m->len = wire_form(ws, m->buf + LWS_PRE, data, len, &kind);
 	m->kind = kind;
-	if (framed && (m->len = frame_client(m->buf + LWS_PRE, data, len, kind)) != 0)
-		m->kind = LWS_WRITE_RAW;
-	else
-		memcpy(m->buf + LWS_PRE, data, m->len = len);
+	if (m->len == 0) {
+		free(m);
+		ca__ws_drop(ws, 1006, "no masking key");
+		*err = "ECLOSED";
+		return -1;
+	}
 	if (ws->tail)
 		ws->tail->next = m;
 	else
 		ws->head = m;
 	ws->tail = m;
-	ws->queued += len;
+	ws->queued += m->len;
 	lws_callback_on_writable(ws->wsi);
 	return 0;
 }
@@ -764,7 +806,7 @@ static int l_close(lua_State *L)
 		      (code >= 1001 && code <= 1014 && code != 1004 && code != 1005 && code != 1006),
 		      2, "not a close code an endpoint may send");
 	luaL_argcheck(L, rlen <= 123, 3, "reason longer than 123 bytes");
-	if (ws->wsi == NULL || ws->state == CA_WS_CLOSED || ws->close_code || ws->fail_code)
+	if (ws->wsi == NULL || ws->state == CA_WS_CLOSED || ws->close_code || ws->fail_code || ws->peer_code)
 		return 0;
 	if (ws->state == CA_WS_CONNECTING) {
 		snprintf(ws->error, sizeof ws->error, "ECANCELED: closed before it connected");
@@ -784,7 +826,7 @@ static int l_abort(lua_State *L)
 	struct ca_ws *ws = check_ws(L);
 
 	if (ws->wsi && ws->state != CA_WS_CLOSED)
-		drop(ws, 1006, "aborted");
+		ca__ws_drop(ws, 1006, "aborted");
 	return 0;
 }
 
@@ -792,7 +834,7 @@ static int l_is_open(lua_State *L)
 {
 	struct ca_ws *ws = check_ws(L);
 
-	lua_pushboolean(L, ws->state == CA_WS_OPEN && !ws->close_code && !ws->fail_code);
+	lua_pushboolean(L, ws->state == CA_WS_OPEN && !ws->close_code && !ws->fail_code && !ws->peer_code);
 	return 1;
 }
 

@@ -24,7 +24,7 @@ enum { CA_WS_CONNECTING, CA_WS_OPEN, CA_WS_CLOSED };
 
 /*
  * The process has one lws context, shared by every server (one vhost each)
- * and the WebSocket client (one vhost per CA file): lws 4.1 keeps some TLS
+ * and the WebSocket client (one vhost, raw connections): lws 4.1 keeps some TLS
  * state process-global per context created, and destroying contexts at run
  * time trips over its bugs (double close of its eventfd, plugin unloading),
  * so the one context lives until exit. Its own libuv handles do not keep the
@@ -45,7 +45,9 @@ int ca__lws_ending(void);
 struct lws_vhost *ca__lws_vhost(struct lws_context_creation_info *info);
 
 /*
- * One WebSocket connection, server or client side. Allocated when the
+ * One WebSocket connection, server or client side. On the server side lws
+ * speaks the protocol; a client's connection is raw to lws and src/ws.c
+ * speaks it (cl), sending through ca__wsc_write. Allocated when the
  * connection is accepted (server) or started (client); lws points at it from
  * the connection's user data. Freed once lws has closed the connection and
  * the Lua userdata is gone (or the state is closed at exit).
@@ -75,11 +77,9 @@ struct ca_ws {
 
 	/* Client side only. */
 	uv_timer_t *connect_timer;	/* connect timeout, owned here */
-	char *client_headers;		/* "Name:\0value\0..." ends with "\0" */
-	size_t client_headers_len;
 	char error[200];		/* why connecting failed */
 	int is_client;
-	lws_retry_bo_t keepalive;	/* ping policy; lws points at it while connected */
+	struct ca_wsc *cl;		/* handshake, framing and pings (src/ws.c) */
 
 	/*
 	 * A C tap on incoming text messages (see src/bridge.c): tap returns 1
@@ -99,8 +99,11 @@ struct ca_ws {
  */
 struct ca_ws *ca__ws_new(lua_State *L, size_t max_message, size_t max_queue);
 
-/* Delivers an incoming frame fragment; calls the handler when a message is whole. */
-void ca__ws_receive(struct ca_ws *ws, const void *in, size_t len);
+/*
+ * Delivers an incoming piece of a data message (final: its last piece);
+ * calls the handler when the message is whole.
+ */
+void ca__ws_receive(struct ca_ws *ws, const void *in, size_t len, int final, int binary);
 
 /* Writes what the send queue holds while the socket takes it; returns -1 to close. */
 int ca__ws_writeable(struct ca_ws *ws);
@@ -118,11 +121,27 @@ void ca__ws_closed(struct ca_ws *ws);
  */
 int ca__ws_send(struct ca_ws *ws, const void *data, size_t len, int kind, const char **err);
 
+/* Writes wire bytes of a client connection (through its TLS, if any); 0 or -1. */
+int ca__wsc_write(struct ca_ws *ws, unsigned char *buf, size_t len);
+
 /* The connection behind a "callagent.WebSocket" userdata at idx (raises if not one). */
 struct ca_ws *ca__ws_check(lua_State *L, int idx);
 
 /* Closes a connection without a word, soon (safe from anywhere). */
 void ca__ws_kill(struct lws *wsi);
+
+/* Closes with code (1002, 1009...): our close frame goes first, nothing else after. */
+void ca__ws_fail(struct ca_ws *ws, int code, const char *reason);
+
+/* Drops the connection now (no close frame); Lua sees code and reason. */
+void ca__ws_drop(struct ca_ws *ws, int code, const char *reason);
+
+/*
+ * Frames a whole client message (FIN, masked; RFC 6455 5.2) with opcode op
+ * into out, which has room for len + 14 bytes. Returns the frame's length,
+ * 0 if no masking key could be had.
+ */
+size_t ca__ws_frame_client(unsigned char *out, const void *data, size_t len, int op);
 
 /* Pushes the connection userdata and calls its handler with event + nargs values on top. */
 void ca__ws_emit(struct ca_ws *ws, const char *event, int nargs);

@@ -7,6 +7,7 @@ local timer = require "callagent.timer"
 local task = require "callagent.task"
 local process = require "callagent.process"
 local certs = require "certs"
+local json = require "callagent.json"
 
 -- An echo server; events seen by the server are recorded in srv.events.
 local function echo_server(opts)
@@ -267,6 +268,18 @@ T.test("wss:// works against a TLS listener whose CA is given; without it ETLS",
   local named = assert(connect("wss://localhost:" .. srv.port .. "/echo", { ca_file = c.ca }))
   named:send("by name")
   T.eq({ named:receive(2000) }, { "text", "by name" })
+  -- A message of many TLS records, both ways.
+  local big = string.rep("0123456789abcdef", 65536)
+  named:send(big)
+  local kind, back = named:receive(5000)
+  T.eq(kind, "text")
+  T.eq(#back, #big)
+  T.ok(back == big, "1 MiB echoed intact over TLS")
+  -- A trusted certificate for another name is refused: 127.0.0.2 is not in it.
+  local other = echo_server({ host = "127.0.0.2", tls = { cert = c.cert, key = c.key } })
+  local wrong, werr = ws.connect(other:ws_url("/echo"), { ca_file = c.ca, timeout = 3000 })
+  T.eq(wrong, nil)
+  T.match(werr, "^ETLS: .*mismatch")
 end)
 
 T.test("pings keep an idle connection open; an unanswered ping closes it", function()
@@ -324,6 +337,69 @@ T.test("200 concurrent connections each get their own echoes", function()
   for i = 1, 200 do
     T.eq(results[i], true, "connection " .. i)
   end
+end)
+
+-- The client's own protocol code against a scripted server (tests/fakes/ws_edge_server.js)
+-- that sends what lws never would. Returns the process and its port.
+local function edge_server(scenario)
+  local p = assert(process.spawn({ "node", T.root .. "/tests/fakes/ws_edge_server.js", scenario }))
+  T.defer(function()
+    p:kill()
+  end)
+  return p, assert(p:read_line(5000), "the edge server's port")
+end
+
+-- The next frame the edge server got from the client, decoded.
+local function client_frame(p)
+  local line = assert(p:read_line(5000), "a frame from the client")
+  return json.decode(line)
+end
+
+T.test("fragments split byte by byte, a ping between them, 64-bit lengths and a server close", function()
+  local p, port = edge_server("fragments")
+  local c = assert(connect("ws://127.0.0.1:" .. port .. "/edge"))
+  T.eq(c.response_headers["x-edge"], "fragments")
+  T.eq({ c:receive(5000) }, { "text", "hello world" })
+  local kind, data = c:receive(5000)
+  T.eq(kind, "binary")
+  T.eq(#data, 70000)
+  T.eq({ data:byte(1, 3) }, { 0, 1, 2 })
+  T.eq(data:byte(70000), 69999 % 251)
+  T.eq({ c:receive(5000) }, { "text", "" })
+  T.eq({ c:receive(5000) }, { "close", 4001, "bye" })
+  T.eq(client_frame(p), { op = 10, masked = true, data = "p1" }, "the ping answered with its payload")
+  T.eq(client_frame(p), { op = 8, masked = true, code = 4001, reason = "" }, "the close answered with its code")
+  T.eq(c:is_open(), false)
+end)
+
+T.test("protocol errors from the server close the client with 1002", function()
+  for _, scenario in ipairs({ "masked", "rsv", "continuation" }) do
+    local p, port = edge_server(scenario)
+    local c = assert(connect("ws://127.0.0.1:" .. port .. "/edge"))
+    local kind, code = c:receive(5000)
+    T.eq({ kind, code }, { "close", 1002 }, scenario)
+    local f = client_frame(p)
+    T.eq({ f.op, f.masked, f.code }, { 8, true, 1002 }, scenario .. ": the server was told")
+    T.gt(#f.reason, 0, scenario .. ": with a reason")
+  end
+end)
+
+T.test("a 101 without Upgrade or with the wrong Sec-WebSocket-Accept is EHANDSHAKE", function()
+  local _, port = edge_server("badaccept")
+  local c, err = ws.connect("ws://127.0.0.1:" .. port .. "/edge", { timeout = 3000 })
+  T.eq(c, nil)
+  T.match(err, "^EHANDSHAKE: .*Sec%-WebSocket%-Accept")
+  _, port = edge_server("noupgrade")
+  c, err = ws.connect("ws://127.0.0.1:" .. port .. "/edge", { timeout = 3000 })
+  T.eq(c, nil)
+  T.match(err, "^EHANDSHAKE: .*Upgrade")
+end)
+
+T.test("handshake headers with line breaks are refused before anything is sent", function()
+  local ok, err = pcall(ws.connect, "ws://127.0.0.1:9/x", { headers = { ["X-Evil"] = "a\r\nInjected: 1" } })
+  T.eq(ok, false)
+  T.match(err, "line break")
+  T.no_match(err, "Injected")
 end)
 
 T.run()

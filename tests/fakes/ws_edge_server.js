@@ -1,0 +1,149 @@
+// A scripted WebSocket server for the client's edge cases (tests/test_ws.lua):
+// what a well-behaved server (lws, in the other tests) never sends - headers
+// split across reads, fragments with a ping between them, 64-bit lengths,
+// protocol errors and broken upgrades.
+//
+//   node ws_edge_server.js SCENARIO
+//
+// Prints its port, then one JSON line per frame the client sends:
+// {"op":1,"data":"..."} or {"op":8,"code":1002,"reason":"..."}.
+import net from 'node:net';
+import crypto from 'node:crypto';
+
+const scenario = process.argv[2];
+const GUID = '258EAFA5-E914-47DA-95CA-C5AB0DC85B11';
+
+function frame(op, payload, { fin = true, mask = false, rsv = 0 } = {}) {
+  let body = Buffer.from(payload);
+  const len = body.length;
+  let head;
+  if (len < 126) {
+    head = Buffer.from([0, len]);
+  } else if (len < 65536) {
+    head = Buffer.alloc(4);
+    head[1] = 126;
+    head.writeUInt16BE(len, 2);
+  } else {
+    head = Buffer.alloc(10);
+    head[1] = 127;
+    head.writeBigUInt64BE(BigInt(len), 2);
+  }
+  head[0] = (fin ? 0x80 : 0) | rsv | op;
+  if (mask) {
+    const key = Buffer.from([1, 2, 3, 4]);
+    head[1] |= 0x80;
+    body = Buffer.from(body.map((b, i) => b ^ key[i & 3]));
+    head = Buffer.concat([head, key]);
+  }
+  return Buffer.concat([head, body]);
+}
+
+// Client frames (always masked) out of buf; returns the bytes left over.
+function readClientFrames(buf, onFrame) {
+  for (;;) {
+    if (buf.length < 2) return buf;
+    let len = buf[1] & 0x7f, off = 2;
+    if (len === 126) {
+      if (buf.length < 4) return buf;
+      len = buf.readUInt16BE(2);
+      off = 4;
+    } else if (len === 127) {
+      if (buf.length < 10) return buf;
+      len = Number(buf.readBigUInt64BE(2));
+      off = 10;
+    }
+    const masked = (buf[1] & 0x80) !== 0;
+    if (buf.length < off + (masked ? 4 : 0) + len) return buf;
+    const key = masked ? buf.subarray(off, off + 4) : Buffer.alloc(4);
+    off += masked ? 4 : 0;
+    const data = Buffer.from(buf.subarray(off, off + len).map((b, i) => b ^ key[i & 3]));
+    onFrame(buf[0] & 0x0f, data, masked);
+    buf = buf.subarray(off + len);
+  }
+}
+
+// Writes the bytes one at a time, 2 ms apart: every header is split across reads.
+function dribble(sock, bytes, then) {
+  let i = 0;
+  const next = () => {
+    if (i === bytes.length) return then();
+    sock.write(bytes.subarray(i, i + 1));
+    i++;
+    setTimeout(next, 2);
+  };
+  next();
+}
+
+function upgrade(sock, head, extra = {}) {
+  const key = /sec-websocket-key:\s*(\S+)/i.exec(head)[1];
+  const accept = crypto.createHash('sha1').update(key + GUID).digest('base64');
+  const lines = ['HTTP/1.1 101 Switching Protocols'];
+  if (!extra.noUpgrade) lines.push('Upgrade: websocket', 'Connection: Upgrade');
+  lines.push('Sec-WebSocket-Accept: ' + (extra.badAccept ? 'AAAA' + accept.slice(4) : accept));
+  lines.push('X-Edge: ' + scenario);
+  return Buffer.from(lines.join('\r\n') + '\r\n\r\n');
+}
+
+const scenarios = {
+  // One text message in three fragments with a ping between them, the first
+  // fragment in the same write as the 101; then a 70000-byte binary message
+  // (64-bit length) and an empty one; then the server closes with 4001.
+  fragments(sock, head) {
+    sock.write(Buffer.concat([upgrade(sock, head), frame(1, 'hel', { fin: false })]));
+    const rest = Buffer.concat([frame(9, 'p1'), frame(0, 'lo ', { fin: false }), frame(0, 'world')]);
+    dribble(sock, rest, () => {
+      const big = Buffer.alloc(70000);
+      for (let i = 0; i < big.length; i++) big[i] = i % 251;
+      sock.write(Buffer.concat([frame(2, big), frame(1, '')]));
+      setTimeout(() => sock.write(frame(8, Buffer.concat([Buffer.from([0x0f, 0xa1]), Buffer.from('bye')]))), 50);
+    });
+  },
+  masked(sock, head) {
+    sock.write(Buffer.concat([upgrade(sock, head), frame(1, 'x', { mask: true })]));
+  },
+  rsv(sock, head) {
+    sock.write(Buffer.concat([upgrade(sock, head), frame(1, 'x', { rsv: 0x40 })]));
+  },
+  continuation(sock, head) {
+    sock.write(Buffer.concat([upgrade(sock, head), frame(0, 'orphan')]));
+  },
+  badaccept(sock, head) {
+    sock.write(upgrade(sock, head, { badAccept: true }));
+  },
+  noupgrade(sock, head) {
+    sock.write(upgrade(sock, head, { noUpgrade: true }));
+  },
+};
+
+if (!scenarios[scenario]) {
+  console.error('unknown scenario ' + scenario);
+  process.exit(2);
+}
+
+const server = net.createServer((sock) => {
+  let buf = Buffer.alloc(0), upgraded = false;
+  sock.on('data', (chunk) => {
+    buf = Buffer.concat([buf, chunk]);
+    if (!upgraded) {
+      const end = buf.indexOf('\r\n\r\n');
+      if (end < 0) return;
+      upgraded = true;
+      const head = buf.subarray(0, end).toString('latin1');
+      buf = buf.subarray(end + 4);
+      scenarios[scenario](sock, head);
+    }
+    buf = readClientFrames(buf, (op, data, masked) => {
+      const line = { op, masked };
+      if (op === 8) {
+        line.code = data.length >= 2 ? data.readUInt16BE(0) : null;
+        line.reason = data.subarray(2).toString();
+        sock.end();
+      } else {
+        line.data = op === 2 ? data.length : data.toString();
+      }
+      console.log(JSON.stringify(line));
+    });
+  });
+  sock.on('error', () => {});
+});
+server.listen(0, '127.0.0.1', () => console.log(server.address().port));
