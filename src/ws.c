@@ -131,7 +131,7 @@ static const char *find_header(const char *head, const char *name, size_t *len)
 {
 	size_t nl = strlen(name);
 
-	for (const char *l = strstr(head, "\r\n"); l && l[2] != '\r'; l = strstr(l + 2, "\r\n")) {
+	for (const char *l = strstr(head, "\r\n"); l && l[2] != '\0'; l = strstr(l + 2, "\r\n")) {
 		const char *v, *e;
 
 		if (strncasecmp(l + 2, name, nl) != 0)
@@ -152,7 +152,7 @@ static const char *find_header(const char *head, const char *name, size_t *len)
 static void push_response_headers(lua_State *L, const char *head)
 {
 	lua_createtable(L, 0, 8);
-	for (const char *l = strstr(head, "\r\n"); l && l[2] != '\r'; l = strstr(l + 2, "\r\n")) {
+	for (const char *l = strstr(head, "\r\n"); l && l[2] != '\0'; l = strstr(l + 2, "\r\n")) {
 		const char *name = l + 2, *colon = strchr(name, ':'), *eol = strstr(name, "\r\n");
 		const char *v, *e;
 		char lower[128];
