@@ -384,6 +384,12 @@ T.test("protocol errors from the server close the client with 1002", function()
   end
 end)
 
+T.test("a connection cut in the middle of a frame ends with 1006 and no message", function()
+  local _, port = edge_server("drop")
+  local c = assert(connect("ws://127.0.0.1:" .. port .. "/edge"))
+  T.eq({ c:receive(5000) }, { "close", 1006, "connection lost" })
+end)
+
 T.test("a 101 without Upgrade or with the wrong Sec-WebSocket-Accept is EHANDSHAKE", function()
   local _, port = edge_server("badaccept")
   local c, err = ws.connect("ws://127.0.0.1:" .. port .. "/edge", { timeout = 3000 })

@@ -107,6 +107,12 @@ const scenarios = {
   continuation(sock, head) {
     sock.write(Buffer.concat([upgrade(sock, head), frame(0, 'orphan')]));
   },
+  // The connection ends in the middle of a frame, without a close frame.
+  drop(sock, head) {
+    const f = frame(1, 'never finished');
+    sock.write(Buffer.concat([upgrade(sock, head), f.subarray(0, 6)]));
+    setTimeout(() => sock.destroy(), 50);
+  },
   badaccept(sock, head) {
     sock.write(upgrade(sock, head, { badAccept: true }));
   },
