@@ -176,6 +176,14 @@ T.test("a server that accepts TCP but never answers gives ETIMEDOUT after the co
   T.match(err, "^ETIMEDOUT")
   T.ge(took, 290)
   T.lt(took, 2000)
+  -- The same over wss://: the TLS handshake that never gets an answer times out too.
+  t0 = timer.now()
+  c, err = ws.connect("wss://127.0.0.1:" .. port .. "/x", { timeout = 300 })
+  took = timer.now() - t0
+  T.eq(c, nil)
+  T.match(err, "^ETIMEDOUT")
+  T.ge(took, 290)
+  T.lt(took, 2000)
 end)
 
 T.test("an incoming message over max_ws_message closes the connection with 1009", function()
@@ -262,6 +270,11 @@ T.test("wss:// works against a TLS listener whose CA is given; without it ETLS",
   conn:send("over tls")
   T.eq({ conn:receive(2000) }, { "text", "over tls" })
   local bad, err = ws.connect(url, { timeout = 3000 })
+  T.eq(bad, nil)
+  T.match(err, "^ETLS: certificate not trusted")
+  -- wss:// to a server that does not speak TLS.
+  local plain = echo_server()
+  bad, err = ws.connect(plain:ws_url("/echo"):gsub("^ws:", "wss:"), { timeout = 3000 })
   T.eq(bad, nil)
   T.match(err, "^ETLS")
   -- The name is checked too: "localhost" is in the certificate, "127.0.0.2" is not.
