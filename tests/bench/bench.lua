@@ -373,11 +373,15 @@ local function stop_app(p, what)
   if not p or p.done then
     return
   end
+  -- callagent's own shutdown gives its handlers 10 s (runtime.grace_ms), then stops.
   p:kill("SIGTERM")
-  if not p:wait(10000) then
-    io.stderr:write("  callagent (pid ", p.pid, what and (", " .. what) or "", ") still running 10 s after SIGTERM: SIGKILL\n")
+  local t0 = now()
+  if not p:wait(15000) then
+    io.stderr:write("  callagent (pid ", p.pid, what and (", " .. what) or "", ") still running 15 s after SIGTERM: SIGKILL\n")
     p:kill("SIGKILL")
     p:wait(5000)
+  elseif now() - t0 > 2000 then
+    io.stderr:write(("  callagent (pid %d%s) took %.1f s to stop after SIGTERM\n"):format(p.pid, what and (", " .. what) or "", (now() - t0) / 1000))
   end
 end
 
