@@ -6,6 +6,7 @@ local kit = require "callkit"
 local timer = require "callagent.timer"
 local audio = require "callagent.audio"
 local json = require "callagent.json"
+local certs = require "certs"
 
 T.test("barge-in: Twilio gets clear and the model a truncate at the audio actually played", function()
   local env = kit.start({
@@ -125,6 +126,41 @@ T.test("caller audio reaches the model whole, from the first frame", function()
   T.ge(#s.input_audio, #pattern)
   T.eq(s.input_audio:sub(1, #pattern) == pattern, true, "the first 2 s arrived intact and in order")
 end, { timeout = 40000 })
+
+T.test("over wss:// with openai.caFile, audio goes both ways whole; a wrong CA fails the attempt with ETLS", function()
+  local c = certs.make(T.tmpdir())
+  local parts = {}
+  for i = 0, 15999 do
+    parts[#parts + 1] = string.char((i * 11 + 5) % 256)
+  end
+  local pattern = table.concat(parts)
+  local env = kit.start({
+    twilio = { behaviour = { audio = pattern } },
+    realtime = {
+      tls = { cert = c.cert, key = c.key },
+      script = function(session)
+        session:wait_audio(#pattern, 10000)
+        session.spoken = session:speak({ ms = 1500, text = "Heard you over TLS." })
+        session:call_function("report_call", { summary = "Heard them.", outcome = "success" })
+        session:wait_event("response.create", 5000)
+      end,
+    },
+    config = { openai = { caFile = c.ca } },
+  })
+  T.match(env.rt.url, "^wss://")
+  local id = env:create({ to = "+14155550113", prompt = "Listen over TLS." })
+  local call = env:wait_final(id, 20000)
+  T.eq(call.status, "completed")
+  local s = env.rt.sessions[1]
+  T.eq(s.input_audio:sub(1, #pattern) == pattern, true, "the caller's first 2 s arrived intact over TLS")
+  T.ge(#env.tw.calls[1].received_audio, s.spoken.sent_bytes, "all the model's audio reached the phone")
+  -- Without the CA the certificate is not trusted: the model connection fails, with the reason.
+  env.app.config.openai.caFile = nil
+  local id2 = env:create({ to = "+14155550114", prompt = "Listen over TLS." })
+  local call2 = env:wait_final(id2, 30000)
+  T.ne(call2.status, "completed")
+  T.match(call2.lastError or "", "ETLS")
+end, { timeout = 60000 })
 
 T.test("an app tool is offered to the model, called with its arguments, and its result returned", function()
   local seen

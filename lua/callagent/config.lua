@@ -21,6 +21,7 @@
 --   openai.outputFormat     ["audio/pcm"] or "audio/pcmu" / "audio/pcma"
 --   openai.outputSampleRate [24000] (only 24000 for audio/pcm)
 --   openai.realtimeUrl      ["wss://api.openai.com/v1/realtime"]
+--   openai.caFile           PEM file of extra CAs for a wss:// realtimeUrl (a proxy's)
 --   openai.transcriptionModel ["gpt-4o-mini-transcribe"]
 --   notify.hooksUrl         notify.hooksToken*    notify.sessionKey
 --   defaults.timezone       ["America/Los_Angeles"]   defaults.locale ["en-US"]
@@ -143,6 +144,9 @@ local SCHEMA = {
     outputFormat = field("string", "audio/pcm", one_of({ "audio/pcm", "audio/pcmu", "audio/pcma" })),
     outputSampleRate = field("integer", 24000, one_of({ 24000 })),
     realtimeUrl = field("string", "wss://api.openai.com/v1/realtime", url_check({ "wss", "ws" })),
+    caFile = field("string", nil, function(v)
+      return core.stat(v) ~= "file" and "an existing PEM file of CA certificates" or nil
+    end, { optional = true }),
     transcriptionModel = field("string", "gpt-4o-mini-transcribe"),
   },
   notify = {

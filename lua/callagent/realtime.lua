@@ -79,6 +79,7 @@ function Session:connect()
   self.t_connect = require("callagent.timer").now()
   ws.connect_cb(target, {
     headers = { Authorization = "Bearer " .. (cfg.apiKey or "") },
+    ca_file = cfg.caFile,
     timeout = opts.connect_timeout or 10000,
     ping_interval = 20,
     pong_timeout = 10,

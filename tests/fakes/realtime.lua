@@ -14,8 +14,9 @@
 --                                   -- session (as a session.update would)
 --     rate_limits = true,           -- send rate_limits.updated after response.done
 --     max_connections = 4096,
+--     tls = { cert = ..., key = ... }, -- optional: serve wss:// (see tests/lib/certs.lua)
 --   })
---   rt.url                 "ws://127.0.0.1:PORT/v1/realtime" (clients add ?model=...)
+--   rt.url                 "ws://127.0.0.1:PORT/v1/realtime" (wss:// with tls; clients add ?model=...)
 --   rt.port, rt.sessions   sessions in connection order (rejected ones too)
 --   rt:wait_session([timeout_ms]) -> session, or nil, "ETIMEDOUT" (inside a task):
 --                          the next session not yet taken, in connection order
@@ -1167,6 +1168,7 @@ function M.start(opts)
     max_ws_message = MAX_MESSAGE,
     max_send_queue = MAX_SEND_QUEUE,
     max_connections = opts.max_connections or 4096,
+    tls = opts.tls,
   })
   srv:websocket("/v1/realtime", {
     open = function(conn, req)
@@ -1192,7 +1194,7 @@ function M.start(opts)
   end
   rt.srv = srv
   rt.port = srv.port
-  rt.url = "ws://127.0.0.1:" .. srv.port .. "/v1/realtime"
+  rt.url = (opts.tls and "wss" or "ws") .. "://127.0.0.1:" .. srv.port .. "/v1/realtime"
   return rt
 end
 
