@@ -131,4 +131,35 @@ T.test("happy path: dial, talk, report, goodbye, hang up, notify", function()
   T.match(p.message, "completed: success")
 end, { timeout = 40000 })
 
+
+T.test("on shutdown, live calls are hung up concurrently, not one API round trip after another", function()
+  local env = kit.start({
+    twilio = { update_delay_ms = 400 },
+    realtime = {
+      script = function()
+        timer.sleep(20000) -- the callee keeps talking: the calls stay live
+      end,
+    },
+  })
+  local N = 6
+  for i = 1, N do
+    env:create({ to = "+1415555013" .. i, prompt = "Stay on the line." })
+  end
+  T.wait_for(function()
+    return #env.rt.sessions >= N
+  end, 10000, "every call's stream and model session")
+  local t0 = timer.now()
+  env.app:stop()
+  local took = timer.now() - t0
+  local first, last = math.huge, 0
+  for i = 1, N do
+    local at = env.tw.calls[i].hangup_requested_at
+    T.ok(at, "call " .. i .. " was hung up")
+    first, last = math.min(first, at), math.max(last, at)
+  end
+  T.lt(last - first, 200, "the hang-ups went out together")
+  T.ge(took, 390, "stop waited for the API's answers")
+  T.lt(took, 2 * 400, "in about one round trip, not " .. N .. " (" .. N * 400 .. " ms)")
+end, { timeout = 30000 })
+
 T.run()

@@ -629,16 +629,45 @@ function Engine:recover()
 end
 
 --- Stops everything (program shutdown): hang up active calls.
+-- Hang-ups in flight at once on shutdown: one at a time, a few hundred live
+-- calls would outlast the shutdown grace (runtime.grace_ms) at any API
+-- round trip; all at once could trip the telephony API's concurrency limit.
+local SHUTDOWN_HANGUPS = 16
+
 function Engine:shutdown()
+  -- No retries or other timers fire while the calls are being hung up.
+  for key in pairs(self.timers) do
+    self:_cancel_timer(key)
+  end
+  local todo = {}
   for id, call in pairs(self.live) do
     local b = self.bridges[id .. "#" .. call.attempt]
     if b then
       b.end_reason = "shutdown"
-      pcall(self.provider.endCall, self.provider, self:call_view(id), call.attempts[call.attempt])
+      todo[#todo + 1] = { self:call_view(id), call.attempts[call.attempt] }
     end
   end
-  for key in pairs(self.timers) do
-    self:_cancel_timer(key)
+  local next_one = 0
+  local function worker()
+    while next_one < #todo do
+      next_one = next_one + 1
+      local view, attempt = todo[next_one][1], todo[next_one][2]
+      local ok, err = pcall(self.provider.endCall, self.provider, view, attempt)
+      if not ok then
+        log.warn("hang-up at shutdown failed", { call = view.callId, error = tostring(err) })
+      end
+    end
+  end
+  local workers = {}
+  for i = 1, math.min(SHUTDOWN_HANGUPS, #todo) do
+    workers[i] = worker
+  end
+  if task.running() then
+    task.all(workers)
+  else
+    for _, w in ipairs(workers) do
+      task.spawn(w)
+    end
   end
 end
 

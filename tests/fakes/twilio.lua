@@ -15,6 +15,8 @@
 --     light = false,             -- true: count stream audio, keep neither the
 --                                -- bytes nor per-frame records (benchmarks)
 --     max_connections = 4096,
+--     update_delay_ms = 0,       -- answer each call update (hang-up, redirect)
+--                                -- this late, as a slow API would
 --   })
 --   tw.url        "http://127.0.0.1:PORT" (the REST base URL)
 --   tw.calls      call records in creation order (API-rejected attempts too)
@@ -1091,6 +1093,9 @@ function Fake:_update(req)
     end
   elseif p.Url or p.Twiml then
     call.redirects[#call.redirects + 1] = { params = p, at = now() }
+  end
+  if self.opts.update_delay_ms then
+    timer.sleep(self.opts.update_delay_ms)
   end
   return 200, call:resource()
 end
