@@ -109,7 +109,7 @@ BENCH_TOOLS := build/release/tests/bench/loadgen build/release/tests/bench/loopb
 
 build/release/tests/bench/loadgen: tests/bench/loadgen.c
 	@mkdir -p $(@D)
-	$(CC) -std=gnu11 -O2 -Wall -Wextra -o $@ $< -lcrypto
+	$(CC) -std=gnu11 -O2 -Wall -Wextra -o $@ $< -lssl -lcrypto
 
 build/release/tests/bench/loopback: tests/bench/loopback.c
 	@mkdir -p $(@D)

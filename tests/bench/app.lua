@@ -19,6 +19,7 @@ local app, err = callagent.app({
   openai = {
     apiKey = "sk-bench",
     realtimeUrl = os.getenv("BENCH_RT_URL"),
+    caFile = os.getenv("BENCH_RT_CA"),
     outputFormat = os.getenv("BENCH_OUTPUT") or "audio/pcmu",
   },
   call = { maxDurationSec = 3600, silenceTimeoutSec = 3600, ringTimeoutSec = 600 },

@@ -38,6 +38,7 @@
 --   frame), means the row measures the harness, and it says so.
 --
 -- Environment: BENCH_N ("10,100,200,400,800,1000"), BENCH_SECONDS (20),
+-- BENCH_TLS (1: the model connection is wss://, as to OpenAI),
 -- BENCH_MODES ("audio/pcmu,audio/pcm"), BENCH_PIN (1: callagent on CPU 0,
 -- the load generator on CPU 1), BENCH_STORE ("sqlite"), BENCH_PROFILE (print
 -- the pids, for perf), BENCH_WRAP (words put in front of callagent, e.g.
@@ -81,6 +82,14 @@ local SECONDS = tonumber(os.getenv("BENCH_SECONDS") or "20")
 local PIN = os.getenv("BENCH_PIN") ~= "0"
 local STORE = os.getenv("BENCH_STORE") or "sqlite"
 local LOG_LINES = tonumber(os.getenv("BENCH_LOG_LINES") or "30")
+-- BENCH_TLS=1: the model connection is wss://, as to OpenAI (a throwaway CA).
+local TLS
+if os.getenv("BENCH_TLS") == "1" then
+  local dir = os.tmpname()
+  os.remove(dir)
+  core.mkdir(dir)
+  TLS = require("lib.certs").make(dir)
+end
 
 local now = timer.now
 
@@ -135,6 +144,10 @@ local function start_loadgen(r)
   local lg = setmetatable({ replies = task.queue(), established = 0, failed = 0, closed = 0, rt_closed = 0 }, Loadgen)
   local argv = PIN and { "taskset", "-c", "1", LOADGEN } or { LOADGEN }
   argv.stdin = true
+  if TLS then
+    argv.env = { LOADGEN_TLS_CERT = TLS.cert, LOADGEN_TLS_KEY = TLS.key }
+    argv.inherit_env = true
+  end
   argv.on_stdout = function(line)
     local word, k, rest = line:match("^(%S+)%s*(%S*)%s*(.*)$")
     if word == "realtime" then
@@ -332,6 +345,7 @@ local function start_app(mode, port, db, rt_url, r)
     BENCH_RT_URL = rt_url,
     BENCH_OUTPUT = mode,
     BENCH_STORE = STORE,
+    BENCH_RT_CA = TLS and TLS.ca or false,
     BENCH_DB = db,
     CALLAGENT_LOG = "warn",
   }
@@ -404,7 +418,7 @@ local function run_one(r, n)
   lg:cmd("mode " .. (mode == "audio/pcm" and "pcm" or "pcmu"))
   local port = free_port()
   r.db = os.tmpname()
-  local app = start_app(mode, port, r.db, "ws://127.0.0.1:" .. lg.port .. "/v1/realtime", r)
+  local app = start_app(mode, port, r.db, (TLS and "wss" or "ws") .. "://127.0.0.1:" .. lg.port .. "/v1/realtime", r)
   local base = "http://127.0.0.1:" .. port
   timer.sleep(300)
   local rss0 = proc_rss(app.pid)
@@ -569,9 +583,10 @@ task.spawn(function()
   local model = io.popen("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"):read("l") or "?"
   print(string.format("callagent %s benchmark - %s, %s CPUs, %s", core.version, os.date("!%Y-%m-%d %H:%M UTC"), cpus, model:gsub("^%s+", "")))
   local turn = tonumber(os.getenv("LOADGEN_TURN") or "250")
-  print(string.format("%d s measured per row after a 2 s warm-up; store: %s (%s); %s", SECONDS, STORE,
+  print(string.format("%d s measured per row after a 2 s warm-up; store: %s (%s); model connection: %s; %s", SECONDS, STORE,
     turn > 0 and string.format("a turn every %g s per call writes 2 transcript lines and usage", turn * 0.02)
       or "no turns: the store is idle while audio flows",
+    TLS and "wss:// (TLS)" or "ws://",
     PIN and "callagent pinned to CPU 0, load generator (loadgen.c + this script) to CPU 1" or "no CPU pinning"))
   -- Per 20 ms frame the bridge receives phone media, the mark echo and the
   -- model delta and sends one append and one media+mark write; the load

@@ -15,6 +15,9 @@
  *     of a call (default 250: a turn each 5 s; 0: never) what ends a turn:
  *     the caller's transcript, the agent's transcript and a response.done
  *     with usage, so callagent's store writes while the audio flows.
+ *     With LOADGEN_TLS_CERT and LOADGEN_TLS_KEY (PEM files) it serves
+ *     wss:// (TLS over memory BIOs, so the kernel time stamps still apply),
+ *     as OpenAI does.
  *
  * Control: one-line commands on stdin, one-line replies on stdout.
  *   (at start)                              -> realtime <port>
@@ -74,8 +77,10 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/sha.h>
+#include <openssl/ssl.h>
 
 #define RING 1024			/* frames / deltas remembered per call (20 s) */
 #define RBUF (256 * 1024)		/* one recv takes up to this much */
@@ -114,6 +119,8 @@ struct conn {
 	char key[32];			/* client: expected Sec-WebSocket-Accept */
 	int64_t t_start;		/* accepted / connect() called */
 	struct conn *next_dead;
+	SSL *ssl;			/* LOADGEN_TLS_CERT: the model side speaks TLS */
+	BIO *rbio, *wbio;		/* memory BIOs, owned by ssl */
 };
 
 struct call {
@@ -143,6 +150,7 @@ struct hist {
 /* ---- globals ---- */
 
 static int ep, wait_ep;		/* sockets; what the loop sleeps on */
+static SSL_CTX *tls_ctx;		/* LOADGEN_TLS_CERT + LOADGEN_TLS_KEY: wss:// model side */
 static int wake_io;			/* 1: wake for every socket event; 0: on the tick only */
 static int64_t rx_ns;			/* when the data being handled arrived (kernel time stamp) */
 static int64_t real_off;		/* CLOCK_REALTIME - CLOCK_MONOTONIC */
@@ -442,7 +450,7 @@ static void note_queued(struct conn *c)
 }
 
 /* Writes at once when nothing is queued; the rest waits for EPOLLOUT. */
-static void conn_send(struct conn *c, const void *p, size_t n)
+static void raw_send(struct conn *c, const void *p, size_t n)
 {
 	if (c->state == S_DEAD)
 		return;
@@ -465,6 +473,33 @@ static void conn_send(struct conn *c, const void *p, size_t n)
 	}
 	buf_append(&c->out, p, n);
 	note_queued(c);
+}
+
+/* What TLS has written into the connection's memory BIO goes to the socket. */
+static void tls_out(struct conn *c)
+{
+	char b[16384];
+	int n;
+
+	while (c->state != S_DEAD && (n = BIO_read(c->wbio, b, sizeof b)) > 0)
+		raw_send(c, b, (size_t)n);
+}
+
+/* Plaintext out: through TLS when the connection has it. */
+static void conn_send(struct conn *c, const void *p, size_t n)
+{
+	if (c->ssl == NULL) {
+		raw_send(c, p, n);
+		return;
+	}
+	if (c->state == S_DEAD)
+		return;
+	if (n && SSL_write(c->ssl, p, (int)n) <= 0) {
+		ERR_clear_error();
+		conn_dead(c, 1006, "TLS write failed");
+		return;
+	}
+	tls_out(c);
 }
 
 static void conn_flush(struct conn *c)
@@ -688,6 +723,7 @@ static void free_dead(void)
 		buf_free(&c->in);
 		buf_free(&c->out);
 		buf_free(&c->frag);
+		SSL_free(c->ssl);
 		free(c);
 	}
 }
@@ -938,6 +974,18 @@ static void rt_accept(void)
 		}
 		struct conn *c = conn_new(K_RT, fd);
 
+		if (tls_ctx) {
+			c->ssl = SSL_new(tls_ctx);
+			c->rbio = BIO_new(BIO_s_mem());
+			c->wbio = BIO_new(BIO_s_mem());
+			if (!c->ssl || !c->rbio || !c->wbio) {
+				fprintf(stderr, "loadgen: out of memory for TLS\n");
+				exit(1);
+			}
+			BIO_set_mem_eof_return(c->rbio, -1);
+			SSL_set_bio(c->ssl, c->rbio, c->wbio);
+			SSL_set_accept_state(c->ssl);
+		}
 		c->state = S_HANDSHAKE;
 		c->t_start = now_ns();
 		n_rt_conns++;
@@ -1231,6 +1279,40 @@ static void on_data(struct conn *c, char *p, size_t n)
 	}
 }
 
+static void plain_in(struct conn *c, char *p, size_t n)
+{
+	if (c->state == S_CLOSING)
+		parse_frames(c, p, n);	/* only the peer's close (or EOF) matters now */
+	else
+		on_data(c, p, n);
+}
+
+/* Ciphertext in: the handshake, then records, decrypted into plain_in. */
+static void tls_in(struct conn *c, char *p, size_t n)
+{
+	static char plain[65536];
+
+	if (BIO_write(c->rbio, p, (int)n) != (int)n) {
+		conn_dead(c, 1006, "TLS: out of memory");
+		return;
+	}
+	while (c->state != S_DEAD) {
+		int r = SSL_read(c->ssl, plain, sizeof plain);
+
+		if (r <= 0) {
+			int e = SSL_get_error(c->ssl, r);
+
+			tls_out(c);	/* handshake messages, alerts */
+			if (e != SSL_ERROR_WANT_READ) {
+				ERR_clear_error();
+				conn_dead(c, 1006, e == SSL_ERROR_ZERO_RETURN ? "TLS closed" : "TLS error");
+			}
+			return;
+		}
+		plain_in(c, plain, (size_t)r);
+	}
+}
+
 static void on_readable(struct conn *c)
 {
 	for (;;) {
@@ -1266,12 +1348,10 @@ static void on_readable(struct conn *c)
 			conn_dead(c, 1006, strerror(errno));
 			return;
 		}
-		if (c->state == S_CLOSING) {
-			/* Only the peer's close (or EOF) matters now. */
-			parse_frames(c, rbuf, (size_t)r);
-		} else {
-			on_data(c, rbuf, (size_t)r);
-		}
+		if (c->ssl)
+			tls_in(c, rbuf, (size_t)r);
+		else
+			plain_in(c, rbuf, (size_t)r);
 		if (c->state == S_DEAD || r < RBUF)
 			return;
 	}
@@ -1653,6 +1733,15 @@ int main(int argc, char **argv)
 	set_wake(getenv("LOADGEN_WAKE") && strcmp(getenv("LOADGEN_WAKE"), "io") == 0);
 	if (getenv("LOADGEN_TURN"))
 		turn_every = (uint32_t)strtoul(getenv("LOADGEN_TURN"), NULL, 10);
+	if (getenv("LOADGEN_TLS_CERT") && getenv("LOADGEN_TLS_KEY")) {
+		tls_ctx = SSL_CTX_new(TLS_server_method());
+		if (!tls_ctx || SSL_CTX_use_certificate_chain_file(tls_ctx, getenv("LOADGEN_TLS_CERT")) != 1 ||
+		    SSL_CTX_use_PrivateKey_file(tls_ctx, getenv("LOADGEN_TLS_KEY"), SSL_FILETYPE_PEM) != 1) {
+			fprintf(stderr, "loadgen: cannot load the TLS certificate or key\n");
+			return 1;
+		}
+		SSL_CTX_set_mode(tls_ctx, SSL_MODE_RELEASE_BUFFERS);
+	}
 
 	say("realtime %d", ntohs(sa.sin_port));
 
