@@ -102,13 +102,18 @@ T.test("PCM 24 kHz model output reaches the phone as correct 8 kHz mu-law", func
   T.near(level, src, 0.5, "level kept through resampling + mu-law")
 end, { timeout = 40000 })
 
-T.test("caller audio reaches the model whole, from the first frame", function()
-  -- A distinctive 2 s pattern the callee "says" from the moment the stream starts.
+-- A distinctive 2 s of mu-law bytes: byte i is (i * step + start) % 256.
+local function byte_pattern(step, start)
   local parts = {}
   for i = 0, 15999 do
-    parts[#parts + 1] = string.char((i * 7 + 13) % 256)
+    parts[#parts + 1] = string.char((i * step + start) % 256)
   end
-  local pattern = table.concat(parts)
+  return table.concat(parts)
+end
+
+T.test("caller audio reaches the model whole, from the first frame", function()
+  -- What the callee "says" from the moment the stream starts.
+  local pattern = byte_pattern(7, 13)
   local env = kit.start({
     twilio = { behaviour = { audio = pattern } },
     realtime = {
@@ -129,11 +134,7 @@ end, { timeout = 40000 })
 
 T.test("over wss:// with openai.caFile, audio goes both ways whole; a wrong CA fails the attempt with ETLS", function()
   local c = certs.make(T.tmpdir())
-  local parts = {}
-  for i = 0, 15999 do
-    parts[#parts + 1] = string.char((i * 11 + 5) % 256)
-  end
-  local pattern = table.concat(parts)
+  local pattern = byte_pattern(11, 5)
   local env = kit.start({
     twilio = { behaviour = { audio = pattern } },
     realtime = {
