@@ -38,7 +38,8 @@
 --   frame), means the row measures the harness, and it says so.
 --
 -- Environment: BENCH_N ("10,100,200,400,800,1000"), BENCH_SECONDS (20),
--- BENCH_TLS (1: the model connection is wss://, as to OpenAI),
+-- BENCH_TLS (1: the model connection is wss://, as to OpenAI), BENCH_APP_LOG
+-- (callagent's log level, "warn"),
 -- BENCH_MODES ("audio/pcmu,audio/pcm"), BENCH_PIN (1: callagent on CPU 0,
 -- the load generator on CPU 1), BENCH_STORE ("sqlite"), BENCH_PROFILE (print
 -- the pids, for perf), BENCH_WRAP (words put in front of callagent, e.g.
@@ -347,7 +348,7 @@ local function start_app(mode, port, db, rt_url, r)
     BENCH_STORE = STORE,
     BENCH_RT_CA = TLS and TLS.ca or false,
     BENCH_DB = db,
-    CALLAGENT_LOG = "warn",
+    CALLAGENT_LOG = os.getenv("BENCH_APP_LOG") or "warn",
   }
   argv.inherit_env = true
   argv.on_stdout = function(line)
