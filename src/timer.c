@@ -8,7 +8,9 @@
  *   timer.now()                         monotonic milliseconds (float, ns resolution)
  *
  * A timer whose userdata is collected while armed keeps running (like a
- * fire-and-forget setTimeout) and frees itself after its last firing.
+ * fire-and-forget setTimeout) and frees itself after its last firing; at
+ * exit, once the Lua state is closed, those still armed are closed too (a
+ * repeating one would otherwise keep the loop, and the process, alive).
  *
  * callagent.timer (lua/callagent/timer.lua) adds after/every/sleep on top.
  */
@@ -28,7 +30,10 @@ struct ca_timer {
 	int fn_ref;
 	int repeat;
 	int orphan;	/* its userdata was collected while it was still armed */
+	struct ca_timer *prev, *next;	/* in the orphans list while orphan */
 };
+
+static struct ca_timer *orphans;
 
 struct timer_box {
 	struct ca_timer *t;
@@ -42,6 +47,16 @@ static void on_close(uv_handle_t *h)
 static void close_timer(struct ca_timer *t)
 {
 	lua_State *L = ca_lua();
+
+	if (t->orphan) {
+		if (t->prev)
+			t->prev->next = t->next;
+		else
+			orphans = t->next;
+		if (t->next)
+			t->next->prev = t->prev;
+		t->orphan = 0;
+	}
 
 	if (L)
 		ca_unref(L, &t->fn_ref);
@@ -63,6 +78,13 @@ static void on_timer(uv_timer_t *h)
 	ca_call(L, 0, 0, "timer callback");
 	if (t->orphan && !t->repeat)
 		close_timer(t);
+}
+
+/* At exit: no Lua is left to run, so the orphans go now. */
+static void close_orphans(void)
+{
+	while (orphans)
+		close_timer(orphans);
 }
 
 static struct timer_box *check_box(lua_State *L)
@@ -90,6 +112,7 @@ static int l_start(lua_State *L)
 	t->h.data = t;
 	t->repeat = rep > 0;
 	t->orphan = 0;
+	t->prev = t->next = NULL;
 	t->fn_ref = ca_ref(L, 3);
 	box->t = t;
 	/* Count the delay from now, not from the start of this loop iteration. */
@@ -117,10 +140,22 @@ static int l_gc(lua_State *L)
 	box->t = NULL;
 	if (t == NULL)
 		return 0;
-	if (uv_is_active((uv_handle_t *)&t->h) && !ca_stopping())
+	if (uv_is_active((uv_handle_t *)&t->h) && !ca_stopping()) {
+		static int hooked;
+
+		if (!hooked) {
+			ca__at_close(close_orphans);
+			hooked = 1;
+		}
 		t->orphan = 1;
-	else
+		t->prev = NULL;
+		t->next = orphans;
+		if (orphans)
+			orphans->prev = t;
+		orphans = t;
+	} else {
 		close_timer(t);
+	}
 	return 0;
 }
 

@@ -154,6 +154,31 @@ print("ready")
   T.eq(p.out, { "ready", "shutdown SIGTERM", "closed" })
 end)
 
+T.test("fire-and-forget timers do not keep the program alive after it stops", function()
+  -- Handles dropped while armed: the timers run on, collected or not. A
+  -- repeating one used to keep the loop, and the process, alive forever
+  -- after the Lua state was closed; a one-shot one held the exit until it
+  -- was due.
+  local p = T.spawn_app(nil, nil, {
+    source = [[
+local timer = require "callagent.timer"
+timer.every(50, function() end)
+timer.after(30000, function() end)
+collectgarbage()
+collectgarbage()
+print("ready")
+]],
+  })
+  T.wait_for(function()
+    return p.out[1] == "ready"
+  end, 5000, "ready")
+  local t0 = timer.now()
+  p:kill("SIGTERM")
+  local code, sig = p:wait(3000)
+  T.eq({ code, sig }, { 0, nil }, "exited by itself")
+  T.lt(timer.now() - t0, 1000)
+end)
+
 T.test("SIGINT stops a server-only app even without shutdown handlers", function()
   local p = T.spawn_app(nil, nil, {
     source = "local s = require('callagent.http').server({}); assert(s:listen()); print('ready')\n",
