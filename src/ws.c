@@ -126,54 +126,69 @@ static void classify_error(struct ca_ws *ws, const char *in)
 
 /* ---- the upgrade ---- */
 
-/* The value of header name (lowercase, with ':') in head, trimmed; NULL if absent. */
-static const char *find_header(const char *head, const char *name, size_t *len)
+/*
+ * Steps *pos to the next header line of a response head (start at the head:
+ * the status line is skipped). 1 with the name and the trimmed value, 0 at
+ * the end. Lines without a name and a colon are skipped.
+ */
+static int next_header(const char **pos, const char **name, size_t *nl, const char **val, size_t *vl)
 {
-	size_t nl = strlen(name);
+	const char *l;
 
-	for (const char *l = strstr(head, "\r\n"); l && l[2] != '\0'; l = strstr(l + 2, "\r\n")) {
+	while ((l = strstr(*pos, "\r\n")) != NULL && l[2] != '\0') {
+		const char *n = l + 2, *eol = strstr(n, "\r\n"), *colon = memchr(n, ':', (size_t)(eol - n));
 		const char *v, *e;
 
-		if (strncasecmp(l + 2, name, nl) != 0)
+		*pos = n;
+		if (colon == NULL || colon == n)
 			continue;
-		v = l + 2 + nl;
-		while (*v == ' ' || *v == '\t')
-			v++;
-		e = strstr(v, "\r\n");
-		while (e > v && (e[-1] == ' ' || e[-1] == '\t'))
-			e--;
-		*len = (size_t)(e - v);
-		return v;
+		for (v = colon + 1; *v == ' ' || *v == '\t'; v++)
+			;
+		for (e = eol; e > v && (e[-1] == ' ' || e[-1] == '\t'); e--)
+			;
+		*name = n;
+		*nl = (size_t)(colon - n);
+		*val = v;
+		*vl = (size_t)(e - v);
+		return 1;
 	}
+	return 0;
+}
+
+/* The trimmed value of header name (any case) in head; NULL if absent. */
+static const char *find_header(const char *head, const char *name, size_t *len)
+{
+	const char *pos = head, *n, *v;
+	size_t nl, want = strlen(name);
+
+	while (next_header(&pos, &n, &nl, &v, len))
+		if (nl == want && strncasecmp(n, name, nl) == 0)
+			return v;
 	return NULL;
 }
 
 /* Pushes the response head's headers as a table (lowercase names; repeats joined by ", "). */
 static void push_response_headers(lua_State *L, const char *head)
 {
-	lua_createtable(L, 0, 8);
-	for (const char *l = strstr(head, "\r\n"); l && l[2] != '\0'; l = strstr(l + 2, "\r\n")) {
-		const char *name = l + 2, *colon = strchr(name, ':'), *eol = strstr(name, "\r\n");
-		const char *v, *e;
-		char lower[128];
-		size_t nl;
+	const char *pos = head, *name, *v;
+	size_t nl, vl;
 
-		if (colon == NULL || colon > eol || (nl = (size_t)(colon - name)) == 0 || nl >= sizeof lower)
+	lua_createtable(L, 0, 8);
+	while (next_header(&pos, &name, &nl, &v, &vl)) {
+		char lower[128];
+
+		if (nl >= sizeof lower)
 			continue;
 		for (size_t i = 0; i < nl; i++)
 			lower[i] = (name[i] >= 'A' && name[i] <= 'Z') ? (char)(name[i] + 32) : name[i];
-		for (v = colon + 1; *v == ' ' || *v == '\t'; v++)
-			;
-		for (e = eol; e > v && (e[-1] == ' ' || e[-1] == '\t'); e--)
-			;
 		lua_pushlstring(L, lower, nl);
 		if (lua_rawget(L, -2) == LUA_TSTRING) {
 			lua_pushliteral(L, ", ");
-			lua_pushlstring(L, v, (size_t)(e - v));
+			lua_pushlstring(L, v, vl);
 			lua_concat(L, 3);
 		} else {
 			lua_pop(L, 1);
-			lua_pushlstring(L, v, (size_t)(e - v));
+			lua_pushlstring(L, v, vl);
 		}
 		lua_pushlstring(L, lower, nl);
 		lua_insert(L, -2);
@@ -209,17 +224,17 @@ static int check_upgrade(struct ca_ws *ws, const char *head)
 		snprintf(ws->error, sizeof ws->error, "EHANDSHAKE: server answered HTTP %d instead of upgrading", status);
 		return -1;
 	}
-	if ((v = find_header(head, "upgrade:", &n)) == NULL || n != 9 || strncasecmp(v, "websocket", 9) != 0 ||
-	    (v = find_header(head, "connection:", &n)) == NULL || !has_token(v, n, "upgrade")) {
+	if ((v = find_header(head, "upgrade", &n)) == NULL || n != 9 || strncasecmp(v, "websocket", 9) != 0 ||
+	    (v = find_header(head, "connection", &n)) == NULL || !has_token(v, n, "upgrade")) {
 		snprintf(ws->error, sizeof ws->error, "EHANDSHAKE: the server's 101 lacks Upgrade: websocket");
 		return -1;
 	}
-	if ((v = find_header(head, "sec-websocket-accept:", &n)) == NULL ||
+	if ((v = find_header(head, "sec-websocket-accept", &n)) == NULL ||
 	    n != strlen(ws->cl->accept) || memcmp(v, ws->cl->accept, n) != 0) {
 		snprintf(ws->error, sizeof ws->error, "EHANDSHAKE: wrong or missing Sec-WebSocket-Accept");
 		return -1;
 	}
-	if (find_header(head, "sec-websocket-extensions:", &n)) {
+	if (find_header(head, "sec-websocket-extensions", &n)) {
 		snprintf(ws->error, sizeof ws->error, "EHANDSHAKE: the server chose an extension we did not offer");
 		return -1;
 	}
@@ -317,16 +332,9 @@ static int control_frame(struct ca_ws *ws, struct lws *wsi)
 	}
 	if (ca__ws_peer_close(ws, c->ctl, c->ctl_len) != 0)
 		return -1;	/* the answer to ours: done */
-	/* The server closes: answer with its code, then it ends the TCP connection. */
-	{
-		unsigned char out[LWS_PRE + 2 + 14];
-		size_t n = ca__ws_frame_client(out + LWS_PRE, c->ctl, c->ctl_len ? 2 : 0, 0x8);
-
-		ws->close_sent = 1;
-		if (n == 0 || ca__wsc_write(ws, out + LWS_PRE, n) < 0 || !lws_partial_buffered(wsi))
-			return -1;
-		lws_set_timeout(wsi, PENDING_TIMEOUT_CLOSE_ACK, 5);
-	}
+	/* The server closes: answer with its code; it then ends the TCP connection. */
+	if (ca__ws_write_close(ws, c->ctl, c->ctl_len ? 2 : 0) < 0 || !lws_partial_buffered(wsi))
+		return -1;	/* the answer is out (or cannot be): close now */
 	return 0;
 }
 

@@ -506,30 +506,16 @@ int ca__ws_writeable(struct ca_ws *ws)
 	}
 	if (ws->close_code) {
 		/*
-		 * Our close frame, written by us: the peer answers with its own,
-		 * which ends the connection (see ca__ws_peer_close). We do not
-		 * use lws' close path: Debian's 4.1.6 build drops the frame.
+		 * Our close frame: the peer answers with its own, which ends the
+		 * connection (see ca__ws_peer_close).
 		 */
+		unsigned char body[125];
 		size_t rl = strlen(ws->close_reason);
-
-		unsigned char body[125], out[LWS_PRE + 125 + 14];
-		size_t n = rl + 2;
-		int kind = CA_LWS_WRITE_CLOSE;
 
 		body[0] = (unsigned char)(ws->close_code >> 8);
 		body[1] = (unsigned char)(ws->close_code & 0xff);
 		memcpy(body + 2, ws->close_reason, rl);
-		ws->close_sent = 1;
-		if (ws->is_client) {
-			n = ca__ws_frame_client(out + LWS_PRE, body, n, 0x8);
-			kind = LWS_WRITE_RAW;
-		} else {
-			memcpy(out + LWS_PRE, body, n);
-		}
-		if (n == 0 || wire_write(ws, out + LWS_PRE, n, kind) < 0)
-			return -1;
-		/* No answer within 5 s: hang up anyway. */
-		lws_set_timeout(wsi, PENDING_TIMEOUT_CLOSE_ACK, 5);
+		return ca__ws_write_close(ws, body, rl + 2);
 	}
 	return 0;
 }
@@ -645,11 +631,17 @@ static int client_opcode(int kind)
 	case LWS_WRITE_BINARY: return 0x2;
 	case LWS_WRITE_PING: return 0x9;
 	case LWS_WRITE_PONG: return 0xa;
+	case CA_LWS_WRITE_CLOSE: return 0x8;
 	default: return 0;	/* LWS_WRITE_RAW: already framed */
 	}
 }
 
-size_t ca__ws_frame_client(unsigned char *out, const void *in, size_t len, int op)
+/*
+ * Frames a whole client message (FIN, masked; RFC 6455 5.2) with opcode op
+ * into out, which has room for len + 14 bytes. Returns the frame's length,
+ * 0 if no masking key could be had.
+ */
+static size_t frame_client(unsigned char *out, const void *in, size_t len, int op)
 {
 	const unsigned char *data = in;
 	unsigned char key[4];
@@ -703,7 +695,25 @@ static size_t wire_form(struct ca_ws *ws, unsigned char *out, const void *data, 
 		return len;
 	}
 	*kind = LWS_WRITE_RAW;
-	return ca__ws_frame_client(out, data, len, op);
+	return frame_client(out, data, len, op);
+}
+
+int ca__ws_write_close(struct ca_ws *ws, const void *body, size_t len)
+{
+	/*
+	 * Written by us on both sides: Debian's lws 4.1.6 build drops the
+	 * frame of its own close path.
+	 */
+	unsigned char out[LWS_PRE + 125 + 14];
+	int kind = CA_LWS_WRITE_CLOSE;
+	size_t n = wire_form(ws, out + LWS_PRE, body, len, &kind);
+
+	ws->close_sent = 1;
+	if (n == 0 || wire_write(ws, out + LWS_PRE, n, kind) < 0)
+		return -1;
+	/* No answer within 5 s: hang up anyway. */
+	lws_set_timeout(ws->wsi, PENDING_TIMEOUT_CLOSE_ACK, 5);
+	return 0;
 }
 
 int ca__ws_send(struct ca_ws *ws, const void *data, size_t len, int kind, const char **err)

@@ -137,11 +137,11 @@ void ca__ws_fail(struct ca_ws *ws, int code, const char *reason);
 void ca__ws_drop(struct ca_ws *ws, int code, const char *reason);
 
 /*
- * Frames a whole client message (FIN, masked; RFC 6455 5.2) with opcode op
- * into out, which has room for len + 14 bytes. Returns the frame's length,
- * 0 if no masking key could be had.
+ * Writes a close frame with body (2-byte code + reason, at most 125 bytes)
+ * now, ahead of anything queued, then waits up to 5 s for the peer to end
+ * the connection. 0, or -1 when it could not be written (close now).
  */
-size_t ca__ws_frame_client(unsigned char *out, const void *data, size_t len, int op);
+int ca__ws_write_close(struct ca_ws *ws, const void *body, size_t len);
 
 /* Pushes the connection userdata and calls its handler with event + nargs values on top. */
 void ca__ws_emit(struct ca_ws *ws, const char *event, int nargs);

@@ -169,21 +169,16 @@ T.test("a server that accepts TCP but never answers gives ETIMEDOUT after the co
     p:kill()
   end)
   local port = assert(p:read_line(5000))
-  local t0 = timer.now()
-  local c, err = ws.connect("ws://127.0.0.1:" .. port .. "/x", { timeout = 300 })
-  local took = timer.now() - t0
-  T.eq(c, nil)
-  T.match(err, "^ETIMEDOUT")
-  T.ge(took, 290)
-  T.lt(took, 2000)
-  -- The same over wss://: the TLS handshake that never gets an answer times out too.
-  t0 = timer.now()
-  c, err = ws.connect("wss://127.0.0.1:" .. port .. "/x", { timeout = 300 })
-  took = timer.now() - t0
-  T.eq(c, nil)
-  T.match(err, "^ETIMEDOUT")
-  T.ge(took, 290)
-  T.lt(took, 2000)
+  -- Over wss:// it is the TLS handshake that never gets an answer.
+  for _, scheme in ipairs({ "ws", "wss" }) do
+    local t0 = timer.now()
+    local c, err = ws.connect(scheme .. "://127.0.0.1:" .. port .. "/x", { timeout = 300 })
+    local took = timer.now() - t0
+    T.eq(c, nil)
+    T.match(err, "^ETIMEDOUT")
+    T.ge(took, 290)
+    T.lt(took, 2000)
+  end
 end)
 
 T.test("an incoming message over max_ws_message closes the connection with 1009", function()

@@ -628,12 +628,12 @@ function Engine:recover()
   return counts
 end
 
---- Stops everything (program shutdown): hang up active calls.
 -- Hang-ups in flight at once on shutdown: one at a time, a few hundred live
 -- calls would outlast the shutdown grace (runtime.grace_ms) at any API
 -- round trip; all at once could trip the telephony API's concurrency limit.
 local SHUTDOWN_HANGUPS = 16
 
+--- Stops everything (program shutdown): hang up active calls.
 function Engine:shutdown()
   -- No retries or other timers fire while the calls are being hung up.
   for key in pairs(self.timers) do
