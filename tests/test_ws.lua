@@ -283,6 +283,16 @@ T.test("wss:// works against a TLS listener whose CA is given; without it ETLS",
   T.eq(kind, "text")
   T.eq(#back, #big)
   T.ok(back == big, "1 MiB echoed intact over TLS")
+  -- A burst of messages around the 16 KiB record size, sent without waiting:
+  -- the record buffers are freed between messages and set up again.
+  local sizes = { 1, 300, 16383, 16384, 16385, 40000, 2, 70000, 5 }
+  for i, n in ipairs(sizes) do
+    named:send(string.rep(string.char(96 + i), n))
+  end
+  for i, n in ipairs(sizes) do
+    local k, m = named:receive(5000)
+    T.eq({ k, #m, m == string.rep(string.char(96 + i), n) }, { "text", n, true }, "burst message " .. i)
+  end
   -- A trusted certificate for another name is refused: 127.0.0.2 is not in it.
   local other = echo_server({ host = "127.0.0.2", tls = { cert = c.cert, key = c.key } })
   local wrong, werr = ws.connect(other:ws_url("/echo"), { ca_file = c.ca, timeout = 3000 })
