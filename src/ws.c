@@ -22,9 +22,10 @@
  *
  * Client connections live in the process' lws context (see wsconn.h), on
  * one plain vhost: lws resolves, connects and carries the connection's bytes
- * raw. The rest is ours: TLS (OpenSSL over memory BIOs - lws 4.1.6 starts
- * TLS on a raw client connection before its socket has connected, so it
- * cannot do it) and the WebSocket protocol (RFC 6455: the upgrade, framing,
+ * raw. The rest is ours: TLS (OpenSSL through a BIO of ours that reads the
+ * bytes lws hands us and writes with lws_write - lws 4.1.6 starts TLS on a
+ * raw client connection before its socket has connected, so it cannot do
+ * it) and the WebSocket protocol (RFC 6455: the upgrade, framing,
  * pings, the close handshake). lws 4.1's own client parses incoming frames
  * one byte per function call; on the model connection, which carries every
  * call's audio, that was the largest user-space cost of the process. Here a
@@ -70,9 +71,10 @@ struct ca_wsc {
 	size_t ctl_len;
 	int broken;			/* a protocol error: the rest of the stream is ignored */
 
-	/* wss: TLS over memory BIOs (lws carries the ciphertext). */
+	/* wss: OpenSSL with our BIO (lws carries the ciphertext). */
 	SSL *ssl;
-	BIO *rbio, *wbio;		/* owned by ssl */
+	const unsigned char *rx;	/* ciphertext lws has handed us, not yet read */
+	size_t rx_len;
 	int tls_started, tls_up;
 
 	/* Pings after ping_ms of silence; no answer within pong_ms: dropped. */
@@ -83,7 +85,8 @@ struct ca_wsc {
 
 static void on_ping_timer(uv_timer_t *t);
 static int tls_rx(struct ca_ws *ws, struct lws *wsi, const unsigned char *in, size_t len);
-static int tls_start(struct ca_ws *ws, struct lws *wsi);
+static int tls_start(struct ca_ws *ws);
+static int tls_read(struct ca_ws *ws, struct lws *wsi);
 static int send_request(struct ca_ws *ws);
 
 static void free_client(struct ca_ws *ws)
@@ -490,7 +493,7 @@ static int client_callback(struct lws *wsi, enum lws_callback_reasons reason,
 		if (ws == NULL || ws->cl == NULL)
 			return 0;
 		if (ws->cl->ssl && !ws->cl->tls_started)
-			return tls_start(ws, wsi);
+			return tls_start(ws);
 		if (ws->cl->req && !ws->cl->ssl)
 			return send_request(ws);
 		return ca__ws_writeable(ws);
@@ -553,7 +556,72 @@ static struct lws_vhost *get_vhost(const char **err)
 	return vh;
 }
 
-/* ---- TLS (OpenSSL over memory BIOs: lws carries the ciphertext) ---- */
+/* ---- TLS (OpenSSL; lws carries the ciphertext) ---- */
+
+/*
+ * The connection's BIO. Reads take the ciphertext lws has just handed us
+ * (tls_rx points c->rx at it for the length of the call), writes go straight
+ * to lws_write, which queues what the socket does not take. Memory BIOs
+ * would copy every record twice more and keep buffers the size of the
+ * largest burst (the certificate chain) for the connection's life.
+ */
+static BIO_METHOD *bio_method;
+
+static int bio_read(BIO *b, char *out, int n)
+{
+	struct ca_ws *ws = BIO_get_data(b);
+	struct ca_wsc *c = ws->cl;
+
+	BIO_clear_retry_flags(b);
+	if (c == NULL || c->rx_len == 0) {
+		BIO_set_retry_read(b);
+		return -1;
+	}
+	if ((size_t)n > c->rx_len)
+		n = (int)c->rx_len;
+	memcpy(out, c->rx, (size_t)n);
+	c->rx += n;
+	c->rx_len -= (size_t)n;
+	return n;
+}
+
+static int bio_write(BIO *b, const char *in, int n)
+{
+	struct ca_ws *ws = BIO_get_data(b);
+
+	BIO_clear_retry_flags(b);
+	if (ws->wsi == NULL || lws_write(ws->wsi, (unsigned char *)in, (size_t)n, LWS_WRITE_RAW) < 0)
+		return -1;
+	return n;
+}
+
+static long bio_ctrl(BIO *b, int cmd, long num, void *ptr)
+{
+	(void)b;
+	(void)num;
+	(void)ptr;
+	return cmd == BIO_CTRL_FLUSH;	/* nothing is held back; the rest is not supported */
+}
+
+static int bio_create(BIO *b)
+{
+	BIO_set_init(b, 1);
+	return 1;
+}
+
+static BIO_METHOD *get_bio_method(void)
+{
+	if (bio_method == NULL) {
+		bio_method = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK, "callagent-ws");
+		if (bio_method == NULL)
+			return NULL;
+		BIO_meth_set_read(bio_method, bio_read);
+		BIO_meth_set_write(bio_method, bio_write);
+		BIO_meth_set_ctrl(bio_method, bio_ctrl);
+		BIO_meth_set_create(bio_method, bio_create);
+	}
+	return bio_method;
+}
 
 /* One client TLS context per CA file (system store only: ca_file NULL). */
 struct tls_ctx {
@@ -572,6 +640,8 @@ static void free_tls_ctxs(void)
 		free(tls_ctxs);
 		tls_ctxs = n;
 	}
+	BIO_meth_free(bio_method);
+	bio_method = NULL;
 }
 
 static SSL_CTX *get_tls_ctx(const char *ca_file, const char **err)
@@ -611,24 +681,22 @@ static SSL_CTX *get_tls_ctx(const char *ca_file, const char **err)
 }
 
 /* Sets up the connection's TLS session for host (SNI and the name checked). */
-static int tls_new(struct ca_wsc *c, SSL_CTX *ctx, const char *host)
+static int tls_new(struct ca_ws *ws, SSL_CTX *ctx, const char *host)
 {
+	struct ca_wsc *c = ws->cl;
 	unsigned char addr[16];
 	int is_ip = inet_pton(AF_INET, host, addr) == 1 || inet_pton(AF_INET6, host, addr) == 1;
-	BIO *rbio, *wbio;
+	BIO_METHOD *m = get_bio_method();
+	BIO *bio;
 
 	c->ssl = SSL_new(ctx);
-	rbio = BIO_new(BIO_s_mem());
-	wbio = BIO_new(BIO_s_mem());
-	if (c->ssl == NULL || rbio == NULL || wbio == NULL) {
-		BIO_free(rbio);
-		BIO_free(wbio);
+	bio = m ? BIO_new(m) : NULL;
+	if (c->ssl == NULL || bio == NULL) {
+		BIO_free(bio);
 		return -1;
 	}
-	BIO_set_mem_eof_return(rbio, -1);
-	SSL_set_bio(c->ssl, rbio, wbio);
-	c->rbio = rbio;
-	c->wbio = wbio;
+	BIO_set_data(bio, ws);
+	SSL_set_bio(c->ssl, bio, bio);	/* one reference, for both ways */
 	if (is_ip ? X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(c->ssl), host) != 1
 		  : (SSL_set_tlsext_host_name(c->ssl, host) != 1 || SSL_set1_host(c->ssl, host) != 1))
 		return -1;
@@ -636,25 +704,16 @@ static int tls_new(struct ca_wsc *c, SSL_CTX *ctx, const char *host)
 	return 0;
 }
 
-/* Writes what TLS has produced to the socket. */
-static int tls_flush(struct ca_ws *ws, struct lws *wsi)
+/*
+ * After each message in or out. OpenSSL 3.0 keeps a 16 KiB record buffer per
+ * connection even with SSL_MODE_RELEASE_BUFFERS; between messages nothing is
+ * in it (SSL_free_buffers refuses when something is), so it goes: about 9 KiB
+ * of RSS less per call, for a malloc per message.
+ */
+static void tls_idle(struct ca_wsc *c)
 {
-	static unsigned char buf[LWS_PRE + 16384];
-	struct ca_wsc *c = ws->cl;
-	int n;
-
-	while ((n = BIO_read(c->wbio, buf + LWS_PRE, sizeof buf - LWS_PRE)) > 0)
-		if (lws_write(wsi, buf + LWS_PRE, (size_t)n, LWS_WRITE_RAW) < 0)
-			return -1;
-	/*
-	 * OpenSSL 3.0 keeps a 16 KiB record buffer per connection even with
-	 * SSL_MODE_RELEASE_BUFFERS; between messages nothing is in it (it
-	 * refuses when something is), so it goes: 16 KiB less per call, for a
-	 * malloc per message.
-	 */
-	if (c->tls_up)
+	if (c->tls_up && c->rx == NULL)	/* in tls_rx: it frees them when done */
 		SSL_free_buffers(c->ssl);
-	return 0;
 }
 
 /* Why TLS failed, into ws->error. */
@@ -684,11 +743,12 @@ int ca__wsc_write(struct ca_ws *ws, unsigned char *buf, size_t len)
 		ERR_clear_error();
 		return -1;
 	}
-	return tls_flush(ws, ws->wsi);
+	tls_idle(c);
+	return 0;
 }
 
 /* Starts the TLS handshake: our ClientHello. */
-static int tls_start(struct ca_ws *ws, struct lws *wsi)
+static int tls_start(struct ca_ws *ws)
 {
 	struct ca_wsc *c = ws->cl;
 	int n;
@@ -699,31 +759,43 @@ static int tls_start(struct ca_ws *ws, struct lws *wsi)
 		tls_error(ws, "handshake");
 		return -1;
 	}
-	return tls_flush(ws, wsi);
+	return 0;
 }
 
 /* Ciphertext from the server: the handshake, then records to decrypt. -1: close. */
 static int tls_rx(struct ca_ws *ws, struct lws *wsi, const unsigned char *in, size_t len)
 {
+	struct ca_wsc *c = ws->cl;
+	int r;
+
+	c->rx = in;
+	c->rx_len = len;
+	r = tls_read(ws, wsi);
+	if (ws->cl == c) {
+		c->rx = NULL;	/* lws's buffer: not ours past this call */
+		c->rx_len = 0;
+		tls_idle(c);
+	}
+	return r;
+}
+
+/* Runs OpenSSL on c->rx until it wants more. */
+static int tls_read(struct ca_ws *ws, struct lws *wsi)
+{
 	static unsigned char buf[16384];
 	struct ca_wsc *c = ws->cl;
 	int n;
 
-	if (BIO_write(c->rbio, in, (int)len) != (int)len) {
-		snprintf(ws->error, sizeof ws->error, "ETLS: out of memory");
-		return -1;
-	}
 	if (!c->tls_up) {
 		n = SSL_do_handshake(c->ssl);
 		if (n != 1) {
 			if (SSL_get_error(c->ssl, n) == SSL_ERROR_WANT_READ)
-				return tls_flush(ws, wsi);
-			tls_error(ws, "handshake");
-			tls_flush(ws, wsi);	/* the alert */
+				return 0;
+			tls_error(ws, "handshake");	/* the alert is written */
 			return -1;
 		}
 		c->tls_up = 1;
-		if (tls_flush(ws, wsi) != 0 || send_request(ws) != 0)
+		if (send_request(ws) != 0)
 			return -1;
 	}
 	for (;;) {
@@ -732,7 +804,7 @@ static int tls_rx(struct ca_ws *ws, struct lws *wsi, const unsigned char *in, si
 			int e = SSL_get_error(c->ssl, n);
 
 			if (e == SSL_ERROR_WANT_READ)
-				break;
+				return 0;
 			if (e != SSL_ERROR_ZERO_RETURN) {
 				tls_error(ws, "read");
 				if (ws->state == CA_WS_OPEN)
@@ -743,9 +815,8 @@ static int tls_rx(struct ca_ws *ws, struct lws *wsi, const unsigned char *in, si
 		if (plain_rx(ws, wsi, buf, (size_t)n) != 0)
 			return -1;
 		if (ws->cl != c || c->broken)
-			return ws->cl == c ? tls_flush(ws, wsi) : -1;
+			return ws->cl == c ? 0 : -1;
 	}
-	return tls_flush(ws, wsi);
 }
 
 /* Sends the upgrade request (TCP, and TLS if any, are up). */
@@ -989,7 +1060,7 @@ static int l_connect(lua_State *L)
 	memcpy(ws->cl->accept, accept, sizeof accept);
 	ws->cl->ping_ms = (uint64_t)ping * 1000;
 	ws->cl->pong_ms = (uint64_t)pong * 1000;
-	if (tls && tls_new(ws->cl, tctx, host) != 0) {
+	if (tls && tls_new(ws, tctx, host) != 0) {
 		ERR_clear_error();
 		free(buf);
 		lua_pop(L, 1);

@@ -358,9 +358,14 @@ T.test("200 concurrent connections each get their own echoes", function()
 end)
 
 -- The client's own protocol code against a scripted server (tests/fakes/ws_edge_server.js)
--- that sends what lws never would. Returns the process and its port.
-local function edge_server(scenario)
-  local p = assert(process.spawn({ "node", T.root .. "/tests/fakes/ws_edge_server.js", scenario }))
+-- that sends what lws never would. Returns the process and its port. With
+-- tls (from certs.make) it speaks wss:// and splits TLS records across reads.
+local function edge_server(scenario, tls)
+  local argv = { "node", T.root .. "/tests/fakes/ws_edge_server.js", scenario }
+  if tls then
+    argv[4], argv[5] = tls.cert, tls.key
+  end
+  local p = assert(process.spawn(argv))
   T.defer(function()
     p:kill()
   end)
@@ -373,10 +378,8 @@ local function client_frame(p)
   return json.decode(line)
 end
 
-T.test("fragments split byte by byte, a ping between them, 64-bit lengths and a server close", function()
-  local p, port = edge_server("fragments")
-  local c = assert(connect("ws://127.0.0.1:" .. port .. "/edge"))
-  T.eq(c.response_headers["x-edge"], "fragments")
+-- What the client of the "fragments" scenario must see and answer.
+local function check_fragments(p, c)
   T.eq({ c:receive(5000) }, { "text", "hello world" })
   local kind, data = c:receive(5000)
   T.eq(kind, "binary")
@@ -388,7 +391,23 @@ T.test("fragments split byte by byte, a ping between them, 64-bit lengths and a 
   T.eq(client_frame(p), { op = 10, masked = true, data = "p1" }, "the ping answered with its payload")
   T.eq(client_frame(p), { op = 8, masked = true, code = 4001, reason = "" }, "the close answered with its code")
   T.eq(c:is_open(), false)
+end
+
+T.test("fragments split byte by byte, a ping between them, 64-bit lengths and a server close", function()
+  local p, port = edge_server("fragments")
+  local c = assert(connect("ws://127.0.0.1:" .. port .. "/edge"))
+  T.eq(c.response_headers["x-edge"], "fragments")
+  check_fragments(p, c)
 end)
+
+T.test("over wss:// the same, with every TLS record split across reads", function()
+  local tls = certs.make(T.tmpdir())
+  local p, port = edge_server("fragments", tls)
+  local c = assert(connect("wss://127.0.0.1:" .. port .. "/edge", { ca_file = tls.ca }))
+  T.eq(c.response_headers["x-edge"], "fragments")
+  check_fragments(p, c)
+end)
+
 
 T.test("protocol errors from the server close the client with 1002", function()
   for _, scenario in ipairs({ "masked", "rsv", "continuation" }) do

@@ -3,12 +3,17 @@
 // split across reads, fragments with a ping between them, 64-bit lengths,
 // protocol errors and broken upgrades.
 //
-//   node ws_edge_server.js SCENARIO
+//   node ws_edge_server.js SCENARIO [CERT KEY]
 //
+// With CERT and KEY it speaks TLS (wss://), and writes the ciphertext in
+// pieces of 1 to 7 bytes: TLS records split across the client's reads.
 // Prints its port, then one JSON line per frame the client sends:
 // {"op":1,"data":"..."} or {"op":8,"code":1002,"reason":"..."}.
 import net from 'node:net';
+import tls from 'node:tls';
+import fs from 'node:fs';
 import crypto from 'node:crypto';
+import { Duplex } from 'node:stream';
 
 const scenario = process.argv[2];
 const GUID = '258EAFA5-E914-47DA-95CA-C5AB0DC85B11';
@@ -126,7 +131,41 @@ if (!scenarios[scenario]) {
   process.exit(2);
 }
 
-const server = net.createServer((sock) => {
+// The TCP side of a TLS socket that writes the ciphertext in pieces of 1 to 7
+// bytes, one per turn of node's loop.
+class Shredder extends Duplex {
+  constructor(raw) {
+    super();
+    this.raw = raw;
+    raw.on('data', (d) => this.push(d));
+    raw.on('end', () => this.push(null));
+    raw.on('error', () => this.destroy());
+  }
+  _read() {}
+  _write(chunk, _enc, cb) {
+    let i = 0;
+    const next = () => {
+      if (i >= chunk.length) return cb();
+      const n = 1 + Math.floor(Math.random() * 7);
+      this.raw.write(chunk.subarray(i, i + n));
+      i += n;
+      setImmediate(next);
+    };
+    next();
+  }
+  _final(cb) {
+    this.raw.end();
+    cb();
+  }
+}
+
+const [certFile, keyFile] = process.argv.slice(3);
+const tlsOpts = certFile && { isServer: true, cert: fs.readFileSync(certFile), key: fs.readFileSync(keyFile) };
+
+const server = net.createServer((raw) => {
+  raw.setNoDelay(true);
+  raw.on('error', () => {});
+  const sock = tlsOpts ? new tls.TLSSocket(new Shredder(raw), tlsOpts) : raw;
   let buf = Buffer.alloc(0), upgraded = false;
   sock.on('data', (chunk) => {
     buf = Buffer.concat([buf, chunk]);
