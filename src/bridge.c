@@ -83,36 +83,84 @@ struct bridge_box {
 	struct bridge *b;
 };
 
-/* ---- scanning the little JSON we need, without a parser ---- */
+/* ---- reading the little JSON we need, without a parser ---- */
 
-/* The string value of "key":"..." in s[0..n), no escapes (ids, base64). */
-static const char *str_field(const char *s, size_t n, const char *key, size_t *len)
+static const char *skip_space(const char *p, const char *end)
 {
-	size_t kl = strlen(key);
-	const char *p = s, *end = s + n;
+	while (p < end && (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r'))
+		p++;
+	return p;
+}
 
-	while ((p = memmem(p, (size_t)(end - p), key, kl)) != NULL) {
-		const char *v = p + kl, *q;
+/* The closing quote of the string whose first character is at p, or NULL. */
+static const char *string_end(const char *p, const char *end)
+{
+	const char *first = p;
 
-		while (v < end && (*v == ' ' || *v == ':'))
-			v++;
-		if (v < end && *v == '"') {
-			v++;
-			q = memchr(v, '"', (size_t)(end - v));
-			if (q == NULL)
-				return NULL;
-			*len = (size_t)(q - v);
-			return v;
-		}
-		p += kl;
+	while (p < end) {
+		const char *q = memchr(p, '"', (size_t)(end - p)), *b = q;
+
+		if (q == NULL)
+			return NULL;
+		while (b > first && b[-1] == '\\')
+			b--;
+		if (((q - b) & 1) == 0)
+			return q;	/* not escaped: an even run of backslashes before it */
+		p = q + 1;
 	}
 	return NULL;
 }
 
-static int has(const char *s, size_t n, const char *what)
+/*
+ * The "key": "string" pairs of a JSON text, at any depth, in order; pairs
+ * whose value is not a string are passed over. Keys and values come raw
+ * (escapes left in): what the bridge reads are event names, ids, numbers in
+ * strings and base64, and the first keys decide what a message is. memchr
+ * carries the scan, so a long base64 value costs little.
+ */
+struct pairs {
+	const char *p, *end;
+	const char *k, *v;
+	size_t kl, vl;
+};
+
+static int next_pair(struct pairs *j)
 {
-	return memmem(s, n, what, strlen(what)) != NULL;
+	const char *p = j->p, *end = j->end;
+
+	while (p < end) {
+		const char *a, *b, *c, *e;
+
+		/* The next string: usually after a "," or "{". */
+		if (*p != '"' && (++p == end || *p != '"') && (p = memchr(p, '"', (size_t)(end - p))) == NULL)
+			break;
+		if ((b = string_end(p + 1, end)) == NULL)
+			break;
+		a = p;
+		c = skip_space(b + 1, end);
+		if (c == end || *c != ':') {
+			p = b + 1;	/* a string in an array */
+			continue;
+		}
+		c = skip_space(c + 1, end);
+		if (c == end || *c != '"') {
+			p = c;	/* a number, object, ...: its keys come next */
+			continue;
+		}
+		if ((e = string_end(c + 1, end)) == NULL)
+			break;
+		j->k = a + 1;
+		j->kl = (size_t)(b - a - 1);
+		j->v = c + 1;
+		j->vl = (size_t)(e - c - 1);
+		j->p = e + 1;
+		return 1;
+	}
+	j->p = end;
+	return 0;
 }
+
+#define IS(ptr, len, lit) ((len) == sizeof(lit) - 1 && memcmp((ptr), lit, sizeof(lit) - 1) == 0)
 
 /* ---- writing ---- */
 
@@ -380,45 +428,74 @@ static void mark_played(struct bridge *b, uint32_t seq)
 static int phone_tap(void *ctx, struct ca_ws *ws, const char *s, size_t n)
 {
 	struct bridge *b = ctx;
-	const char *v;
-	size_t vl;
+	struct pairs j = {s, s + n, NULL, NULL, 0, 0};
+	enum { UNKNOWN, MEDIA, MARK } ev = UNKNOWN;
+	const char *pay = NULL, *name = NULL;
+	size_t payl = 0, namel = 0;
 
 	(void)ws;
-	if (has(s, n, "\"event\":\"media\"")) {
-		v = str_field(s, n, "\"payload\"", &vl);
-		if (v)
-			phone_audio(b, v, vl);
-		return 1;
-	}
-	if (has(s, n, "\"event\":\"mark\"")) {
-		v = str_field(s, n, "\"name\"", &vl);
-		if (v && vl < 16) {
-			char num[16];
-
-			memcpy(num, v, vl);
-			num[vl] = '\0';
-			mark_played(b, (uint32_t)strtoul(num, NULL, 10));
+	/* Twilio sends "event" first, but any order is JSON. */
+	while (next_pair(&j)) {
+		if (ev == UNKNOWN && IS(j.k, j.kl, "event")) {
+			if (IS(j.v, j.vl, "media"))
+				ev = MEDIA;
+			else if (IS(j.v, j.vl, "mark"))
+				ev = MARK;
+			else
+				return 0;	/* start, stop, dtmf: Lua's */
+		} else if (pay == NULL && IS(j.k, j.kl, "payload")) {
+			pay = j.v;
+			payl = j.vl;
+		} else if (name == NULL && IS(j.k, j.kl, "name")) {
+			name = j.v;
+			namel = j.vl;
 		}
-		return 1;
+		if (ev == MEDIA && pay) {
+			phone_audio(b, pay, payl);
+			return 1;
+		}
+		if (ev == MARK && name) {
+			if (namel < 16) {
+				char num[16];
+
+				memcpy(num, name, namel);
+				num[namel] = '\0';
+				mark_played(b, (uint32_t)strtoul(num, NULL, 10));
+			}
+			return 1;
+		}
 	}
-	return 0;
+	return ev != UNKNOWN;	/* media or mark without its field: nothing to do */
 }
 
 static int model_tap(void *ctx, struct ca_ws *ws, const char *s, size_t n)
 {
 	struct bridge *b = ctx;
-	const char *id, *d;
-	size_t idn, dn;
-	size_t head = n < 96 ? n : 96;
+	struct pairs j = {s, s + n, NULL, NULL, 0, 0};
+	const char *id = NULL, *d = NULL;
+	size_t idn = 0, dn = 0;
+	int audio = 0;
 
 	(void)ws;
-	if (!has(s, head, "\"response.output_audio.delta\"") && !has(s, head, "\"response.audio.delta\""))
-		return 0;
-	id = str_field(s, n, "\"item_id\"", &idn);
-	d = str_field(s, n, "\"delta\"", &dn);
-	if (id && d)
-		model_audio(b, id, idn, d, dn);
-	return 1;
+	/* OpenAI sends "type" first: any other event is Lua's after one pair. */
+	while (next_pair(&j)) {
+		if (!audio && IS(j.k, j.kl, "type")) {
+			if (!IS(j.v, j.vl, "response.output_audio.delta") && !IS(j.v, j.vl, "response.audio.delta"))
+				return 0;
+			audio = 1;
+		} else if (IS(j.k, j.kl, "item_id")) {
+			id = j.v;
+			idn = j.vl;
+		} else if (IS(j.k, j.kl, "delta")) {
+			d = j.v;
+			dn = j.vl;
+		}
+		if (audio && id && d) {
+			model_audio(b, id, idn, d, dn);
+			return 1;
+		}
+	}
+	return audio;
 }
 
 static void tap_closed(void *ctx, struct ca_ws *ws)

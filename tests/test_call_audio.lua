@@ -8,8 +8,10 @@ local audio = require "callagent.audio"
 local json = require "callagent.json"
 local certs = require "certs"
 
-T.test("barge-in: Twilio gets clear and the model a truncate at the audio actually played", function()
+-- json: the fake Twilio's key order ("shuffled": not Twilio's, see tests/fakes/twilio.lua).
+local function barge_in(json_style)
   local env = kit.start({
+    twilio = { behaviour = { json = json_style } },
     realtime = {
       script = function(session)
         assert(session:wait_event("response.create", 5000))
@@ -58,6 +60,14 @@ T.test("barge-in: Twilio gets clear and the model a truncate at the audio actual
     end
   end
   T.ok(interrupted, "transcript marks the interrupted agent line")
+end
+
+T.test("barge-in: Twilio gets clear and the model a truncate at the audio actually played", function()
+  barge_in(nil)
+end, { timeout = 40000 })
+
+T.test("the same with Twilio's keys in another order, spaced, with escaped quotes", function()
+  barge_in("shuffled")
 end, { timeout = 40000 })
 
 T.test("PCM 24 kHz model output reaches the phone as correct 8 kHz mu-law", function()
@@ -111,26 +121,28 @@ local function byte_pattern(step, start)
   return table.concat(parts)
 end
 
-T.test("caller audio reaches the model whole, from the first frame", function()
-  -- What the callee "says" from the moment the stream starts.
-  local pattern = byte_pattern(7, 13)
-  local env = kit.start({
-    twilio = { behaviour = { audio = pattern } },
-    realtime = {
-      script = function(session)
-        session:wait_audio(#pattern, 10000)
-        session:call_function("report_call", { summary = "Heard them.", outcome = "success" })
-        session:wait_event("response.create", 5000)
-      end,
-    },
-  })
-  local id = env:create({ to = "+14155550112", prompt = "Listen." })
-  local call = env:wait_final(id, 20000)
-  T.eq(call.status, "completed")
-  local s = env.rt.sessions[1]
-  T.ge(#s.input_audio, #pattern)
-  T.eq(s.input_audio:sub(1, #pattern) == pattern, true, "the first 2 s arrived intact and in order")
-end, { timeout = 40000 })
+for _, style in ipairs({ "twilio", "shuffled" }) do
+  T.test("caller audio reaches the model whole, from the first frame (" .. style .. " JSON)", function()
+    -- What the callee "says" from the moment the stream starts.
+    local pattern = byte_pattern(7, 13)
+    local env = kit.start({
+      twilio = { behaviour = { audio = pattern, json = style } },
+      realtime = {
+        script = function(session)
+          session:wait_audio(#pattern, 10000)
+          session:call_function("report_call", { summary = "Heard them.", outcome = "success" })
+          session:wait_event("response.create", 5000)
+        end,
+      },
+    })
+    local id = env:create({ to = "+14155550112", prompt = "Listen." })
+    local call = env:wait_final(id, 20000)
+    T.eq(call.status, "completed")
+    local s = env.rt.sessions[1]
+    T.ge(#s.input_audio, #pattern)
+    T.eq(s.input_audio:sub(1, #pattern) == pattern, true, "the first 2 s arrived intact and in order")
+  end, { timeout = 40000 })
+end
 
 T.test("over wss:// with openai.caFile, audio goes both ways whole; a wrong CA fails the attempt with ETLS", function()
   local c = certs.make(T.tmpdir())

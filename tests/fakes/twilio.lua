@@ -47,7 +47,10 @@
 --   default: until the call ends); hangup_after_ms (the callee hangs up this
 --   long after the stream started); callbacks_out_of_order (deliver ringing
 --   after in-progress; SequenceNumbers stay truthful); stream = false (answer
---   and request /voice but do not connect the stream).
+--   and request /voice but do not connect the stream); json = "shuffled"
+--   (media and mark events with their keys in another order than Twilio's,
+--   spaces around the colons and extra fields holding escaped quotes and a
+--   final backslash: JSON is JSON, whatever the order).
 --
 -- Call flow (a task per call): initiated, ringing (not for failed), then
 --   busy/no-answer/failed, or answered: in-progress, POST (Method) the Url with
@@ -629,11 +632,19 @@ local function protocol_error(call, message)
 end
 
 local MARK = '{"event":"mark","sequenceNumber":"%d","streamSid":"%s","mark":{"name":%s}}'
+local MARK_SHUFFLED = '{ "dir" : "C:\\\\", "mark" : { "name" : %s }, "note" : "a \\"name\\": \\"0\\" inside", '
+  .. '"sequenceNumber" : "%d", "event" : "mark", "streamSid" : "%s" }'
 
 local function echo_mark(call, m, t)
   m.at = t
   local seq = next_seq(call)
-  ws_send(call, "mark", fmt(MARK, seq, call.stream_sid, encode(m.name)), seq)
+  local msg
+  if call.behaviour.json == "shuffled" then
+    msg = fmt(MARK_SHUFFLED, encode(m.name), seq, call.stream_sid)
+  else
+    msg = fmt(MARK, seq, call.stream_sid, encode(m.name))
+  end
+  ws_send(call, "mark", msg, seq)
   call.marks_echoed[#call.marks_echoed + 1] = m
 end
 
@@ -749,6 +760,11 @@ local function media_loop(call)
   local conn = call.ws
   local tmpl = '{"event":"media","sequenceNumber":"%d","streamSid":"' .. call.stream_sid
     .. '","media":{"track":"inbound","chunk":"%d","timestamp":"%d","payload":"%s"}}'
+  if b.json == "shuffled" then
+    tmpl = '{ "sequenceNumber" : "%d", "dir" : "C:\\\\", "note" : "not \\"event\\": \\"mark\\"", '
+      .. '"media" : { "chunk" : "%d", "timestamp" : "%d", "payload" : "%s", "track" : "inbound" }, '
+      .. '"event" : "media", "streamSid" : "' .. call.stream_sid .. '" }'
+  end
   local k = 0
   while k < frames and not call.final and not call.stream_closed do
     k = k + 1
