@@ -162,6 +162,34 @@ static int next_pair(struct pairs *j)
 
 #define IS(ptr, len, lit) ((len) == sizeof(lit) - 1 && memcmp((ptr), lit, sizeof(lit) - 1) == 0)
 
+/*
+ * A base64 value as it may come in JSON: "\/" for "/" is legal, and some
+ * encoders write it. Rare: then the value is copied without its escapes.
+ */
+static const char *unescaped(const char *v, size_t *n)
+{
+	static char *tmp;
+	static size_t cap;
+	const char *bs = memchr(v, '\\', *n);
+	size_t i, k;
+
+	if (bs == NULL)
+		return v;
+	if (*n > cap) {
+		cap = *n + 1024;
+		tmp = ca_realloc(tmp, cap);
+	}
+	k = (size_t)(bs - v);
+	memcpy(tmp, v, k);
+	for (i = k; i < *n; i++) {
+		if (v[i] == '\\' && i + 1 < *n)
+			i++;
+		tmp[k++] = v[i];
+	}
+	*n = k;
+	return tmp;
+}
+
 /* ---- writing ---- */
 
 static char *buf;
@@ -451,6 +479,7 @@ static int phone_tap(void *ctx, struct ca_ws *ws, const char *s, size_t n)
 			namel = j.vl;
 		}
 		if (ev == MEDIA && pay) {
+			pay = unescaped(pay, &payl);
 			phone_audio(b, pay, payl);
 			return 1;
 		}
@@ -491,6 +520,7 @@ static int model_tap(void *ctx, struct ca_ws *ws, const char *s, size_t n)
 			dn = j.vl;
 		}
 		if (audio && id && d) {
+			d = unescaped(d, &dn);
 			model_audio(b, id, idn, d, dn);
 			return 1;
 		}

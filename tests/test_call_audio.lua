@@ -70,13 +70,14 @@ T.test("the same with Twilio's keys in another order, spaced, with escaped quote
   barge_in("shuffled")
 end, { timeout = 40000 })
 
-T.test("PCM 24 kHz model output reaches the phone as correct 8 kHz mu-law", function()
+T.test("PCM 24 kHz model output reaches the phone as correct 8 kHz mu-law (base64 with \\/ escapes)", function()
   local env = kit.start({
     config = { openai = { outputFormat = "audio/pcm", outputSampleRate = 24000 } },
     realtime = {
       script = function(session)
         assert(session:wait_event("response.create", 5000))
-        session.spoken = session:speak({ ms = 1000, text = "A tone." })
+        -- Its base64 written with "\/" for "/", as JSON allows: decoded all the same.
+        session.spoken = session:speak({ ms = 1000, text = "A tone.", escape_slashes = true })
         session:call_function("report_call", { summary = "Tone played.", outcome = "success" })
         session:wait_event("response.create", 5000)
       end,
@@ -88,6 +89,7 @@ T.test("PCM 24 kHz model output reaches the phone as correct 8 kHz mu-law", func
   local s = env.rt.sessions[1]
   T.eq(s.config.audio.output.format.type, "audio/pcm")
   T.eq(s.config.audio.output.format.rate, 24000)
+  T.gt(s.spoken.escaped_slashes or 0, 0, "some deltas carried \\/")
   local got = env.tw.calls[1].received_audio
   -- 1 s at 8 kHz is 8000 bytes (the resampler holds back its small delay).
   T.near(#got, 8000, 40, "8 kHz length")

@@ -69,7 +69,7 @@
 --       nil, "ECLOSED". Appends are not queued here: use wait_audio.
 --   session:wait_audio(bytes, [timeout_ms]) -> input_bytes once >= bytes
 --   session:speak(opts) -> {response_id, item_id, sent_bytes, cancelled, status,
---       reason, transcript}. One assistant audio response: response.created,
+--       reason, transcript, escaped_slashes}. One assistant audio response: response.created,
 --       response.output_item.added, conversation.item.added,
 --       response.content_part.added, response.output_audio.delta (+
 --       response.output_audio_transcript.delta of opts.text spread over the
@@ -78,7 +78,9 @@
 --       conversation.item.done, response.done (usage), rate_limits.updated.
 --       opts.audio (raw bytes in the output format) or opts.ms (default 1000)
 --       of a 440 Hz tone in the output format (pcmu/pcma 8 bytes/ms, pcm 24 kHz
---       48 bytes/ms); opts.chunk_ms (20); opts.pace: true/1 real time (default),
+--       48 bytes/ms); opts.chunk_ms (20); opts.escape_slashes (write "/" in
+--       the base64 as "\/", as some JSON encoders do; counted in the result's
+--       escaped_slashes); opts.pace: true/1 real time (default),
 --       a number = that many times real time, false = burst; opts.usage.
 --       A delta is sent, then the next one waits until the previous audio's
 --       duration has passed; response.done comes when all of it "played".
@@ -470,7 +472,13 @@ function Session:speak(opts)
       break
     end
     local piece = data:sub((i - 1) * chunk + 1, i * chunk)
-    if not self.conn:send(head .. new_id("event") .. '","delta":"' .. b64enc(piece) .. '"}') then
+    local b64 = b64enc(piece)
+    if opts.escape_slashes then
+      local k
+      b64, k = b64:gsub("/", "\\/")
+      resp.escaped_slashes = (resp.escaped_slashes or 0) + k
+    end
+    if not self.conn:send(head .. new_id("event") .. '","delta":"' .. b64 .. '"}') then
       resp.cancel_reason = "send_failed"
       break
     end
@@ -527,6 +535,7 @@ function Session:speak(opts)
     reason = details and details.reason,
     transcript = transcript,
     usage = usage,
+    escaped_slashes = resp.escaped_slashes,
   }
   self.responses[#self.responses + 1] = result
   notify(self)
