@@ -575,13 +575,21 @@ local function kernel_floor(conns)
   return best
 end
 
-task.spawn(function()
+-- The first line a shell command prints.
+local function sh_line(cmd)
+  local f = io.popen(cmd)
+  local line = f:read("l")
+  f:close()
+  return line
+end
+
+local function main()
   if PIN then
     os.execute("taskset -p -c 1 " .. core.pid() .. " >/dev/null")
   end
   start_fakes()
-  local cpus = io.popen("nproc --all"):read("l")
-  local model = io.popen("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"):read("l") or "?"
+  local cpus = sh_line("nproc --all")
+  local model = sh_line("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2") or "?"
   print(string.format("callagent %s benchmark - %s, %s CPUs, %s", core.version, os.date("!%Y-%m-%d %H:%M UTC"), cpus, model:gsub("^%s+", "")))
   local turn = tonumber(os.getenv("LOADGEN_TURN") or "250")
   print(string.format("%d s measured per row after a 2 s warm-up; store: %s (%s); model connection: %s; %s", SECONDS, STORE,
@@ -695,5 +703,14 @@ task.spawn(function()
     end
   end
   tw_server:close()
-  core.stop(0)
+end
+
+-- A bench that fails says why and exits 1 (its children are stopped with it),
+-- rather than leaving its fakes serving forever.
+task.spawn(function()
+  local ok, err = xpcall(main, debug.traceback)
+  if not ok then
+    io.stderr:write("bench failed: ", tostring(err), "\n")
+  end
+  core.stop(ok and 0 or 1)
 end)
