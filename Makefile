@@ -97,7 +97,7 @@ tests/node_modules/.package-lock.json: tests/package.json tests/package-lock.jso
 	cd tests && npm ci --no-audit --no-fund
 
 test: test-deps
-	@$(MAKE) --no-print-directory $(BIN) $(CTESTS)
+	@$(MAKE) --no-print-directory $(BIN) $(CTESTS) $(BENCH_TOOLS)
 	@CALLAGENT_SAN=$(SAN) tests/run $(BIN) $(BUILD)/tests
 
 run: deps

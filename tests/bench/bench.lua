@@ -38,6 +38,8 @@
 --   frame), means the row measures the harness, and it says so.
 --
 -- Environment: BENCH_N ("10,100,200,400,800,1000"), BENCH_SECONDS (20),
+-- BENCH_BIN (the callagent measured: build/release/callagent),
+-- BENCH_FLOOR_SECONDS (1: each of the kernel floor's six runs),
 -- BENCH_TLS (1: the model connection is wss://, as to OpenAI), BENCH_APP_LOG
 -- (callagent's log level, "warn"),
 -- BENCH_MODES ("audio/pcmu,audio/pcm"), BENCH_PIN (1: callagent on CPU 0,
@@ -60,7 +62,7 @@ local log = require "callagent.log"
 log.level("warn")
 
 local ROOT = core.root
-local BIN = ROOT .. "/build/release/callagent"
+local BIN = os.getenv("BENCH_BIN") or ROOT .. "/build/release/callagent"
 local LOADGEN = ROOT .. "/build/release/tests/bench/loadgen"
 local LOOPBACK = ROOT .. "/build/release/tests/bench/loopback"
 -- The tests' fake Twilio: its request signature, computed apart from the provider's.
@@ -558,7 +560,7 @@ end
 local function kernel_floor(conns)
   local best
   for _ = 1, 3 do
-    local p = process.spawn({ LOOPBACK, "-t", "1", "-n", tostring(conns), "-b", "300" })
+    local p = process.spawn({ LOOPBACK, "-t", os.getenv("BENCH_FLOOR_SECONDS") or "1", "-n", tostring(conns), "-b", "300" })
     if not p then
       return nil
     end
