@@ -86,8 +86,19 @@ struct ca_wsc {
 static void on_ping_timer(uv_timer_t *t);
 static int tls_rx(struct ca_ws *ws, struct lws *wsi, const unsigned char *in, size_t len);
 static int tls_start(struct ca_ws *ws);
-static int tls_read(struct ca_ws *ws, struct lws *wsi);
 static int send_request(struct ca_ws *ws);
+
+/*
+ * Frees memory that held header values (API keys). OPENSSL_cleanse, not
+ * memset: the compiler may drop a memset whose memory is freed next.
+ */
+static void wipe_free(void *p, size_t n)
+{
+	if (p == NULL)
+		return;
+	OPENSSL_cleanse(p, n);
+	free(p);
+}
 
 static void free_client(struct ca_ws *ws)
 {
@@ -96,10 +107,7 @@ static void free_client(struct ca_ws *ws)
 	if (c == NULL)
 		return;
 	ws->cl = NULL;
-	if (c->req) {
-		memset(c->req, 0, LWS_PRE + c->req_len);
-		free(c->req);
-	}
+	wipe_free(c->req, LWS_PRE + c->req_len);
 	free(c->head);
 	SSL_free(c->ssl);
 	if (c->ping_timer) {
@@ -762,23 +770,6 @@ static int tls_start(struct ca_ws *ws)
 	return 0;
 }
 
-/* Ciphertext from the server: the handshake, then records to decrypt. -1: close. */
-static int tls_rx(struct ca_ws *ws, struct lws *wsi, const unsigned char *in, size_t len)
-{
-	struct ca_wsc *c = ws->cl;
-	int r;
-
-	c->rx = in;
-	c->rx_len = len;
-	r = tls_read(ws, wsi);
-	if (ws->cl == c) {
-		c->rx = NULL;	/* lws's buffer: not ours past this call */
-		c->rx_len = 0;
-		tls_idle(c);
-	}
-	return r;
-}
-
 /* Runs OpenSSL on c->rx until it wants more. */
 static int tls_read(struct ca_ws *ws, struct lws *wsi)
 {
@@ -819,14 +810,30 @@ static int tls_read(struct ca_ws *ws, struct lws *wsi)
 	}
 }
 
+/* Ciphertext from the server: the handshake, then records to decrypt. -1: close. */
+static int tls_rx(struct ca_ws *ws, struct lws *wsi, const unsigned char *in, size_t len)
+{
+	struct ca_wsc *c = ws->cl;
+	int r;
+
+	c->rx = in;
+	c->rx_len = len;
+	r = tls_read(ws, wsi);
+	if (ws->cl == c) {
+		c->rx = NULL;	/* lws's buffer: not ours past this call */
+		c->rx_len = 0;
+		tls_idle(c);
+	}
+	return r;
+}
+
 /* Sends the upgrade request (TCP, and TLS if any, are up). */
 static int send_request(struct ca_ws *ws)
 {
 	struct ca_wsc *c = ws->cl;
 	int r = ca__wsc_write(ws, c->req + LWS_PRE, c->req_len);
 
-	memset(c->req, 0, LWS_PRE + c->req_len);
-	free(c->req);
+	wipe_free(c->req, LWS_PRE + c->req_len);
 	c->req = NULL;
 	return r;
 }
@@ -906,8 +913,7 @@ static void sb_add(struct sbuf *b, const void *s, size_t n)
 
 		if (b->p) {
 			memcpy(p, b->p, b->n);
-			memset(b->p, 0, b->cap);
-			free(b->p);
+			wipe_free(b->p, b->cap);
 		}
 		b->p = p;
 		b->cap = cap;
@@ -977,8 +983,7 @@ static int build_request(lua_State *L, const char *path, const char *host,
 						bad = "a header value has a line break or NUL byte";
 			}
 			if (bad) {
-				memset(b.p, 0, b.cap);
-				free(b.p);
+				wipe_free(b.p, b.cap);
 				lua_pushfstring(L, "ws.connect: %s", bad);
 				return -1;
 			}

@@ -393,6 +393,12 @@ void ca__ws_kill(struct lws *wsi)
 	lws_cancel_service(lws_get_context(wsi));
 }
 
+/* A close has begun, ours (asked or failing) or the peer's: nothing more is sent. */
+static int closing(const struct ca_ws *ws)
+{
+	return ws->close_code || ws->fail_code || ws->peer_code;
+}
+
 /* Drops the connection at once (nothing more can be sent to this peer). */
 void ca__ws_drop(struct ca_ws *ws, int code, const char *reason)
 {
@@ -721,7 +727,7 @@ int ca__ws_send(struct ca_ws *ws, const void *data, size_t len, int kind, const 
 	struct ca_wsmsg *m;
 	size_t n;
 
-	if (ws->state != CA_WS_OPEN || ws->close_code || ws->fail_code || ws->peer_code || ws->wsi == NULL) {
+	if (ws->state != CA_WS_OPEN || closing(ws) || ws->wsi == NULL) {
 		*err = "ECLOSED";
 		return -1;
 	}
@@ -816,7 +822,7 @@ static int l_close(lua_State *L)
 		      (code >= 1001 && code <= 1014 && code != 1004 && code != 1005 && code != 1006),
 		      2, "not a close code an endpoint may send");
 	luaL_argcheck(L, rlen <= 123, 3, "reason longer than 123 bytes");
-	if (ws->wsi == NULL || ws->state == CA_WS_CLOSED || ws->close_code || ws->fail_code || ws->peer_code)
+	if (ws->wsi == NULL || ws->state == CA_WS_CLOSED || closing(ws))
 		return 0;
 	if (ws->state == CA_WS_CONNECTING) {
 		snprintf(ws->error, sizeof ws->error, "ECANCELED: closed before it connected");
@@ -844,7 +850,7 @@ static int l_is_open(lua_State *L)
 {
 	struct ca_ws *ws = check_ws(L);
 
-	lua_pushboolean(L, ws->state == CA_WS_OPEN && !ws->close_code && !ws->fail_code && !ws->peer_code);
+	lua_pushboolean(L, ws->state == CA_WS_OPEN && !closing(ws));
 	return 1;
 }
 

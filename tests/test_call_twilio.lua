@@ -131,7 +131,6 @@ T.test("happy path: dial, talk, report, goodbye, hang up, notify", function()
   T.match(p.message, "completed: success")
 end, { timeout = 40000 })
 
-
 T.test("on shutdown, live calls are hung up concurrently, not one API round trip after another", function()
   local env = kit.start({
     twilio = { update_delay_ms = 400 },

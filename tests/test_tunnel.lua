@@ -130,7 +130,6 @@ local function stop_driver(r, p)
   T.eq(p:wait(10000), 0, "the driver's exit status")
 end
 
--- A loopback port that was free a moment ago.
 T.test("ngrok addresses of our port are recognised in every form ngrok writes, other hosts are not", function()
   local lp = tunnel._local_port
   T.eq(lp("http://localhost:4545"), 4545)
