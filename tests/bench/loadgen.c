@@ -12,7 +12,9 @@
  *     "bench call #<k>"), and for every input_audio_buffer.append a
  *     response.output_audio.delta (the appended audio echoed, or in pcm
  *     mode 20 ms of a 24 kHz 16-bit sine); and every LOADGEN_TURN appends
- *     of a call (default 250: a turn each 5 s; 0: never) what ends a turn:
+ *     of a call (default 250: a turn each 5 s; 0: never; the first turn
+ *     of each call after a random share of that, so calls set up together
+ *     do not all end their turns at the same moment) what ends a turn:
  *     the caller's transcript, the agent's transcript and a response.done
  *     with usage, so callagent's store writes while the audio flows.
  *     With LOADGEN_TLS_CERT and LOADGEN_TLS_KEY (PEM files) it serves
@@ -1090,6 +1092,11 @@ static void rt_message(struct conn *c, char *p, size_t n)
 			if (call) {
 				c->call = call;
 				call->rt = c;
+				/* Calls' turns end at random phases, as in real traffic,
+				 * not all in the same quarter second (the calls were
+				 * set up together). */
+				if (turn_every)
+					call->since_turn = (uint32_t)(xorshift() % turn_every);
 			}
 		}
 		ws_send(c, 1, upd, sizeof upd - 1);
