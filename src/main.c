@@ -328,6 +328,133 @@ static int core_cpu(lua_State *L)
 	return 2;
 }
 
+/*
+ * The loop's own load. A prepare handle runs once per loop iteration, just
+ * before the loop blocks for I/O; the time since the previous one, less
+ * what libuv counted as blocked in epoll_wait (UV_METRICS_IDLE_TIME), is the
+ * iteration's busy time: every callback it ran, back to back. A busy
+ * iteration delays whatever arrived during it, so a loop near saturation
+ * shows as utilization near 1 and long iterations. Windows of at least
+ * lm.window_ns (10 s, core.loop_window) give the recent figures; the
+ * counters run from start.
+ */
+#define LOOP_SLOW_NS 5000000ULL		/* 5 ms: an iteration that long is "slow" */
+
+static struct {
+	uv_prepare_t prep;
+	uint64_t start, window_ns;
+	uint64_t last_now, last_idle;	/* at the previous prepare */
+	uint64_t iterations, busy_ns, slow, slow_ns, max_ns;
+	uint64_t win_start, win_busy, win_max;	/* the current window */
+	double last_util, last_max_ns, last_sec;	/* the last full window */
+	int have_last;
+} lm;
+
+static void loop_roll(uint64_t now)
+{
+	uint64_t span = now - lm.win_start;
+
+	if (span < lm.window_ns)
+		return;
+	lm.last_util = (double)(lm.busy_ns - lm.win_busy) / (double)span;
+	lm.last_max_ns = (double)lm.win_max;
+	lm.last_sec = span / 1e9;
+	lm.have_last = 1;
+	lm.win_start = now;
+	lm.win_busy = lm.busy_ns;
+	lm.win_max = 0;
+}
+
+static void on_prepare(uv_prepare_t *h)
+{
+	uint64_t now = uv_hrtime(), idle = uv_metrics_idle_time(h->loop);
+	uint64_t span = now - lm.last_now, idled = idle - lm.last_idle;
+	uint64_t busy = span > idled ? span - idled : 0;
+
+	lm.last_now = now;
+	lm.last_idle = idle;
+	lm.iterations++;
+	lm.busy_ns += busy;
+	if (busy >= LOOP_SLOW_NS) {
+		lm.slow++;
+		lm.slow_ns += busy;
+	}
+	if (busy > lm.win_max)
+		lm.win_max = busy;
+	if (busy > lm.max_ns)
+		lm.max_ns = busy;
+	loop_roll(now);
+}
+
+static void loop_monitor_start(void)
+{
+	lm.start = lm.last_now = lm.win_start = uv_hrtime();
+	lm.window_ns = 10000000000ULL;
+	lm.last_idle = uv_metrics_idle_time(loop);
+	uv_prepare_init(loop, &lm.prep);
+	uv_prepare_start(&lm.prep, on_prepare);
+	uv_unref((uv_handle_t *)&lm.prep);
+}
+
+static void loop_monitor_stop(void)
+{
+	uv_prepare_stop(&lm.prep);
+	uv_close((uv_handle_t *)&lm.prep, NULL);
+}
+
+/*
+ * core.loop_stats(): {utilization, max_iteration_ms, window_s} for the last
+ * full window of at least 10 s (before the first, the time since start),
+ * and since start: iterations, busy_s, slow (iterations busy 5 ms or more),
+ * slow_s (their busy time), max_ms, uptime_s.
+ */
+static int core_loop_stats(lua_State *L)
+{
+	uint64_t now = uv_hrtime();
+	double util, max_ns, win_s;
+
+	loop_roll(now);
+	if (lm.have_last) {
+		util = lm.last_util;
+		max_ns = lm.last_max_ns;
+		win_s = lm.last_sec;
+	} else {
+		win_s = (now - lm.win_start) / 1e9;
+		util = win_s > 0 ? (lm.busy_ns - lm.win_busy) / 1e9 / win_s : 0;
+		max_ns = (double)lm.win_max;
+	}
+	lua_createtable(L, 0, 9);
+	lua_pushnumber(L, util > 1 ? 1 : util);
+	lua_setfield(L, -2, "utilization");
+	lua_pushnumber(L, max_ns / 1e6);
+	lua_setfield(L, -2, "max_iteration_ms");
+	lua_pushnumber(L, win_s);
+	lua_setfield(L, -2, "window_s");
+	lua_pushinteger(L, (lua_Integer)lm.iterations);
+	lua_setfield(L, -2, "iterations");
+	lua_pushnumber(L, lm.busy_ns / 1e9);
+	lua_setfield(L, -2, "busy_s");
+	lua_pushinteger(L, (lua_Integer)lm.slow);
+	lua_setfield(L, -2, "slow");
+	lua_pushnumber(L, lm.slow_ns / 1e9);
+	lua_setfield(L, -2, "slow_s");
+	lua_pushnumber(L, lm.max_ns / 1e6);
+	lua_setfield(L, -2, "max_ms");
+	lua_pushnumber(L, (now - lm.start) / 1e9);
+	lua_setfield(L, -2, "uptime_s");
+	return 1;
+}
+
+/* core.loop_window(seconds): the length of loop_stats()'s windows (10). */
+static int core_loop_window(lua_State *L)
+{
+	double sec = luaL_checknumber(L, 1);
+
+	luaL_argcheck(L, sec >= 0.01 && sec <= 86400, 1, "seconds between 0.01 and 86400");
+	lm.window_ns = (uint64_t)(sec * 1e9);
+	return 0;
+}
+
 /* core.time(): wall-clock seconds since the epoch, with sub-second precision. */
 static int core_time(lua_State *L)
 {
@@ -416,6 +543,8 @@ int luaopen_callagent_core(lua_State *L)
 		{"pid", core_pid},
 		{"rss", core_rss},
 		{"cpu", core_cpu},
+		{"loop_stats", core_loop_stats},
+		{"loop_window", core_loop_window},
 		{"time", core_time},
 		{"localtime", core_localtime},
 		{NULL, NULL}
@@ -490,6 +619,7 @@ static int run_app(int argc, char **argv)
 	}
 	lua_setglobal(L, "arg");
 
+	loop_monitor_start();
 	uv_signal_init(loop, &sig_int);
 	uv_signal_init(loop, &sig_term);
 	uv_signal_start(&sig_int, on_signal, SIGINT);
@@ -534,6 +664,7 @@ out:
 	uv_signal_stop(&sig_term);
 	uv_close((uv_handle_t *)&sig_int, NULL);
 	uv_close((uv_handle_t *)&sig_term, NULL);
+	loop_monitor_stop();
 	ca_unref(L, &signal_ref);
 
 	/*
@@ -580,6 +711,7 @@ int main(int argc, char **argv)
 
 	find_root();
 	loop = uv_default_loop();
+	uv_loop_configure(loop, UV_METRICS_IDLE_TIME);	/* for core.loop_stats() */
 	{
 		const char *lvl = getenv("CALLAGENT_LOG");
 

@@ -93,8 +93,22 @@ T.test("with server.apiToken every /v1 request needs the bearer token (401 other
   T.eq(status, 201)
   status = env:api("GET", "/v1/calls/" .. body.callId, nil, { Authorization = "Bearer " .. token })
   T.eq(status, 200)
-  status = env:api("GET", "/healthz")
+  status, body = env:api("GET", "/healthz")
   T.eq(status, 200, "health needs no token")
+  T.eq(body.ok, true)
+  T.eq(body.provider, "twilio")
+  T.eq(body.activeCalls, 1, "the call above is live")
+  -- The event loop's load: a loop that served these requests and idled.
+  local l = body.loop
+  T.gt(l.iterations, 0)
+  T.gt(l.busySec, 0)
+  T.ge(l.utilization, 0)
+  T.lt(l.utilization, 1)
+  T.gt(l.windowSec, 0)
+  T.ge(l.maxIterationMs, 0)
+  T.ge(l.slowIterations, 0)
+  T.ge(l.slowSec, 0)
+  T.le(l.slowSec, l.busySec)
 end)
 
 T.test("unknown ids are 404, wrong methods 405, oversized bodies 413", function()

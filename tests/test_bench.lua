@@ -29,6 +29,8 @@ T.test("small rows of calls run end to end in both output modes, nothing lost", 
       T.eq({ ok_, failed, lost_in, lost_out }, { tostring(n), "0", "0", "0" }, what .. ": set up, none failed, none lost")
       -- 1 s measured (after 2 s of warm-up): 50 frames a second per call.
       T.ge(tonumber(frames) or 0, n * 40, what .. ": frames measured")
+      local busy, slow = out:match("\n| " .. mode .. " | " .. n .. " |[^\n]* | [%d.]+ | (%d+)%% %((%d+)%%%) |")
+      T.ok(busy and tonumber(busy) <= 100 and tonumber(slow) <= 100, what .. ": the loop's busy share, from /healthz")
     end
     T.match(out, "RSS slope %(audio/" .. mode .. "%): %-?[%d.]+ KiB per call", mode .. ": the slope over the rows")
   end

@@ -92,6 +92,63 @@ end)
   T.lt(timer.now() - t0, 5000, "it did not linger")
 end)
 
+T.test("core.loop_stats counts the loop's busy time, its slow iterations and its windows", function()
+  local code, _, p = T.run_app(nil, nil, {
+    source = [[
+local core = require "callagent.core"
+local timer = require "callagent.timer"
+local json = require "callagent.json"
+local out = {}
+timer.after(50, function()
+  out.a = core.loop_stats()
+  local t = os.clock()
+  while os.clock() - t < 0.04 do end -- one iteration busy for 40 ms
+  timer.after(20, function()
+    out.b = core.loop_stats()
+    core.loop_window(0.2)
+    -- Windows roll when the loop wakes up or the stats are read: the
+    -- first ends on the next wake-up (it holds the 40 ms), the second is
+    -- idle.
+    timer.after(150, function()
+      timer.after(250, function()
+        out.c = core.loop_stats()
+        print(json.encode(out))
+      end)
+    end)
+  end)
+end)
+]],
+  })
+  T.eq(code, 0, p.errtext())
+  local r = require("callagent.json").decode(p.out[1])
+  local a, b, c = r.a, r.b, r.c
+  T.eq(b.slow - a.slow, 1, "the 40 ms iteration is one slow iteration")
+  T.ge(b.slow_s - a.slow_s, 0.039)
+  T.ge(b.busy_s - a.busy_s, 0.039)
+  T.ge(b.max_ms, 39)
+  T.ge(b.max_iteration_ms, 39, "before a full window: the longest since start")
+  T.near(b.window_s, b.uptime_s, 0.01, "before a full window: since start")
+  T.gt(b.utilization, 0)
+  T.le(b.utilization, 1)
+  T.gt(c.iterations, b.iterations)
+  T.lt(c.busy_s - b.busy_s, 0.1, "idle: the loop was blocked")
+  T.lt(c.max_iteration_ms, 10, "the last window had no long iteration")
+  T.ge(c.max_ms, 39, "since start still does")
+  T.ge(c.window_s, 0.2)
+  T.lt(c.utilization, 0.5, "the last window was mostly idle")
+  T.ge(c.uptime_s, b.uptime_s + 0.39)
+  T.lt(c.window_s, 0.35, "the window started at the wake-up 150 ms after b")
+end)
+
+T.test("core.loop_window refuses lengths out of range", function()
+  local code, _, p = T.run_app(nil, nil, {
+    source = "print(pcall(require('callagent.core').loop_window, 0))\nprint(pcall(require('callagent.core').loop_window, 'x'))\n",
+  })
+  T.eq(code, 0)
+  T.match(p.out[1], "^false\t.*seconds between 0%.01 and 86400")
+  T.match(p.out[2], "^false\t.*number expected")
+end)
+
 T.test("require finds the app's folder, CALLAGENT_PATH folders and the built-in modules", function()
   local dir = T.tmpdir()
   local extra = T.tmpdir()

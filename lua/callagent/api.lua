@@ -5,7 +5,7 @@
 --   GET  /v1/calls/{callId}       the call record (see lua/callagent/calls.lua)
 --   GET  /v1/calls?status=&limit=&cursor=   newest first: {calls, nextCursor}
 --   POST /v1/calls/{callId}/hangup          -> 202 {callId, status}
---   GET  /healthz                 {ok, version, activeCalls, uptimeSec}
+--   GET  /healthz                 {ok, version, provider, activeCalls, uptimeSec, loop}
 --
 -- With server.apiToken set, every /v1 request needs "Authorization: Bearer
 -- <token>" (401 otherwise). Errors: {"error": {"code", "message", "field"?}}
@@ -17,6 +17,11 @@ local config = require "callagent.config"
 local log = require "callagent.log"
 
 local M = {}
+
+-- x to the nearest 1/per.
+local function round(x, per)
+  return math.floor(x * per + 0.5) / per
+end
 
 local LIMITS = { prompt = 8000, name = 120, metadata = 8192, locale = 35 }
 local ALLOWED = {
@@ -197,12 +202,25 @@ function M.register(srv, engine, cfg, opts)
   end))
 
   srv:get("/healthz", function()
+    local l = core.loop_stats()
     return 200, {
       ok = true,
       version = core.version,
       provider = opts.provider_name,
       activeCalls = engine:active_count(),
       uptimeSec = math.floor(core.time() - engine.started_at),
+      -- The event loop's load: the share of the last window (10 s or more)
+      -- it was busy, its longest iteration then (what arrived during it
+      -- waited up to that long), and counters since start.
+      loop = {
+        utilization = round(l.utilization, 1e3),
+        maxIterationMs = round(l.max_iteration_ms, 1e2),
+        windowSec = round(l.window_s, 1e1),
+        iterations = l.iterations,
+        busySec = round(l.busy_s, 1e3),
+        slowIterations = l.slow,
+        slowSec = round(l.slow_s, 1e3),
+      },
     }
   end)
 end

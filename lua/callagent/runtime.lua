@@ -7,6 +7,11 @@
 --                                       runtime.grace_ms, default 10000), then end with code
 --   runtime.stop([code])                end the loop now (after the current callback)
 --   runtime.exit([code])                exit the process at once
+--   runtime.loop_stats()                the event loop's load: utilization and
+--                                       max_iteration_ms over the last window (10 s or more,
+--                                       runtime.loop_window(seconds)), window_s; since start:
+--                                       iterations, busy_s, slow and slow_s (iterations busy
+--                                       5 ms or more), max_ms, uptime_s
 --
 -- SIGINT and SIGTERM call runtime.shutdown(0, "SIGINT"/"SIGTERM"); a second
 -- signal exits at once (128 + signal number).
@@ -24,6 +29,8 @@ local M = {
   pid = core.pid,
   rss = core.rss,
   cpu = core.cpu,
+  loop_stats = core.loop_stats,
+  loop_window = core.loop_window,
 }
 
 local handlers = {}

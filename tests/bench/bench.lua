@@ -27,7 +27,10 @@
 --   "OpenAI" -> media received by "Twilio", the receipt timed by the
 --   kernel's receive time stamp: both include two loopback hops, so they
 --   are upper bounds of what callagent adds), callagent's CPU seconds per
---   call-minute (utime + stime from /proc), its RSS per call, the load
+--   call-minute (utime + stime from /proc), its event loop's load (the
+--   share of the window it was busy, and of that busy time the share spent
+--   in iterations of 5 ms or more, from /healthz: each such iteration
+--   delays every frame that arrives during it), its RSS per call, the load
 --   generator's own CPU per call-minute (its CLOCK_PROCESS_CPUTIME_ID over
 --   the window), and whether the load generator kept up: p99 lateness of a
 --   frame against its slot of the 20 ms schedule, and p99 read lag (how long
@@ -414,6 +417,13 @@ local function api_post(base, path, body)
   return fetch(base .. path, { method = "POST", body = body, headers = { ["Content-Type"] = "application/json" }, timeout = 30000 })
 end
 
+-- callagent's event loop counters, from its /healthz.
+local function loop_stats(base)
+  local res = fetch(base .. "/healthz", { timeout = 10000 })
+  local ok, body = pcall(json.decode, res and res.status == 200 and res.body or "")
+  return ok and type(body) == "table" and body.loop or nil
+end
+
 local function run_one(r, n)
   local mode = r.mode
   r.lg = start_loadgen(r)
@@ -463,6 +473,7 @@ local function run_one(r, n)
   if os.getenv("BENCH_PROFILE") then
     io.stderr:write("PROFILE callagent pid ", app.pid, ", loadgen pid ", lg.pid, "\n")
   end
+  local loop0 = loop_stats(base)
   local cpu0 = proc_stat(app.pid)
   local t0 = now()
   lg:cmd("measure start")
@@ -472,6 +483,7 @@ local function run_one(r, n)
   lg:cmd("measure stop")
   local cpu1 = proc_stat(app.pid)
   local window = (now() - t0) / 1000
+  local loop1 = loop_stats(base)
   if os.getenv("BENCH_VERBOSE") then
     io.stderr:write(string.format("  [bench] %d calls: setup %.0f ms; measure start answered in %.0f ms, the %d s sleep took %.0f ms, measure stop answered in %.0f ms\n",
       n, setup_ms, t1 - t0, SECONDS, t2 - t1, now() - t2))
@@ -517,6 +529,12 @@ local function run_one(r, n)
       .. " drops (each wake-up finds more messages waiting); past its capacity", cpu / window)
   end
   local call_min = math.max(1, established) * window / 60
+  local loop_busy, loop_slow
+  if loop0 and loop1 then
+    local busy = loop1.busySec - loop0.busySec
+    loop_busy = busy / window
+    loop_slow = busy > 0 and (loop1.slowSec - loop0.slowSec) / busy or 0
+  end
   return {
     mode = mode,
     n = n,
@@ -533,6 +551,8 @@ local function run_one(r, n)
     lag_p99 = s.lag.p99,
     cpu_per_call_min = cpu / call_min,
     cpu_cores = cpu / window,
+    loop_busy = loop_busy,
+    loop_slow = loop_slow,
     lg_cpu_per_call_min = s.window.cpu_s / (math.max(1, established) * s.window.seconds / 60),
     lg_cores = s.window.cpu_s / s.window.seconds,
     rss0 = rss0,
@@ -625,8 +645,8 @@ local function main()
   local st = startup_times()
   print(string.format("start-up (spawn to serving): min %.0f ms, median %.0f ms", st[1], st[3]))
   print("")
-  print("| mode | calls | ok/failed | frames | lost in/out | in p50/p99/max ms | out p50/p99/max ms | CPU s per call-min | CPU cores | RSS per call | loadgen CPU s per call-min | harness p99 late / read lag |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+  print("| mode | calls | ok/failed | frames | lost in/out | in p50/p99/max ms | out p50/p99/max ms | CPU s per call-min | CPU cores | loop busy (in slow iterations) | RSS per call | loadgen CPU s per call-min | harness p99 late / read lag |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   io.stdout:flush()
   local rows, notes = {}, {}
   for _, mode in ipairs(MODES) do
@@ -658,10 +678,12 @@ local function main()
         if row.late_p99 > 5 or row.lag_p99 > 20 then
           harness = "**" .. harness .. ": harness-limited**"
         end
-        print(string.format("| %s | %d | %d/%d | %d | %d/%d | %.2f / %.2f / %.1f | %.2f / %.2f / %.1f | %.4f | %.2f | %.1f KiB | %.4f (%.2f cores) | %s |",
+        local loop = row.loop_busy and string.format("%.0f%% (%.0f%%)", row.loop_busy * 100, row.loop_slow * 100) or "?"
+        print(string.format("| %s | %d | %d/%d | %d | %d/%d | %.2f / %.2f / %.1f | %.2f / %.2f / %.1f | %.4f | %.2f | %s | %.1f KiB | %.4f (%.2f cores) | %s |",
           mode:gsub("audio/", ""), n, row.established, row.failed, row.frames, row.lost_in, row.lost_out,
           row.lat_in[1], row.lat_in[2], row.lat_in[3], row.lat_out[1], row.lat_out[2], row.lat_out[3],
-          row.cpu_per_call_min, row.cpu_cores, row.rss_per_call / 1024, row.lg_cpu_per_call_min, row.lg_cores, harness))
+          row.cpu_per_call_min, row.cpu_cores, loop, row.rss_per_call / 1024, row.lg_cpu_per_call_min, row.lg_cores,
+          harness))
       end
       io.stdout:flush()
       for _, s in ipairs(r.notes) do
