@@ -109,6 +109,7 @@ T.test("with server.apiToken every /v1 request needs the bearer token (401 other
   T.ge(l.slowIterations, 0)
   T.ge(l.slowSec, 0)
   T.le(l.slowSec, l.busySec)
+  T.le(l.busySec, l.uptimeSec)
 end)
 
 T.test("unknown ids are 404, wrong methods 405, oversized bodies 413", function()

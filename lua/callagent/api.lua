@@ -211,7 +211,8 @@ function M.register(srv, engine, cfg, opts)
       uptimeSec = math.floor(core.time() - engine.started_at),
       -- The event loop's load: the share of the last window (10 s or more)
       -- it was busy, its longest iteration then (what arrived during it
-      -- waited up to that long), and counters since start.
+      -- waited up to that long), and counters since start, with the loop's
+      -- own clock to diff them over.
       loop = {
         utilization = round(l.utilization, 1e3),
         maxIterationMs = round(l.max_iteration_ms, 1e2),
@@ -220,6 +221,7 @@ function M.register(srv, engine, cfg, opts)
         busySec = round(l.busy_s, 1e3),
         slowIterations = l.slow,
         slowSec = round(l.slow_s, 1e3),
+        uptimeSec = round(l.uptime_s, 1e3),
       },
     }
   end)

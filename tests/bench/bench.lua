@@ -531,8 +531,9 @@ local function run_one(r, n)
   local call_min = math.max(1, established) * window / 60
   local loop_busy, loop_slow
   if loop0 and loop1 then
+    -- Over the loop's own clock: at saturation /healthz answers late.
     local busy = loop1.busySec - loop0.busySec
-    loop_busy = busy / window
+    loop_busy = busy / math.max(1e-3, loop1.uptimeSec - loop0.uptimeSec)
     loop_slow = busy > 0 and (loop1.slowSec - loop0.slowSec) / busy or 0
   end
   return {
