@@ -410,7 +410,11 @@ static void loop_monitor_stop(void)
  */
 static int core_loop_stats(lua_State *L)
 {
-	uint64_t now = uv_hrtime();
+	uint64_t now = uv_hrtime(), idled = uv_metrics_idle_time(loop) - lm.last_idle;
+	/* The iteration running now counts so far, so that busy_s never grows
+	 * faster than uptime_s between two readings. */
+	uint64_t part = now - lm.last_now > idled ? now - lm.last_now - idled : 0;
+	uint64_t busy = lm.busy_ns + part, slow = lm.slow_ns + (part >= LOOP_SLOW_NS ? part : 0);
 	double util, max_ns, win_s;
 
 	loop_roll(now);
@@ -420,7 +424,7 @@ static int core_loop_stats(lua_State *L)
 		win_s = lm.last_sec;
 	} else {
 		win_s = (now - lm.win_start) / 1e9;
-		util = win_s > 0 ? (lm.busy_ns - lm.win_busy) / 1e9 / win_s : 0;
+		util = win_s > 0 ? (busy - lm.win_busy) / 1e9 / win_s : 0;
 		max_ns = (double)lm.win_max;
 	}
 	lua_createtable(L, 0, 9);
@@ -432,11 +436,11 @@ static int core_loop_stats(lua_State *L)
 	lua_setfield(L, -2, "window_s");
 	lua_pushinteger(L, (lua_Integer)lm.iterations);
 	lua_setfield(L, -2, "iterations");
-	lua_pushnumber(L, lm.busy_ns / 1e9);
+	lua_pushnumber(L, busy / 1e9);
 	lua_setfield(L, -2, "busy_s");
 	lua_pushinteger(L, (lua_Integer)lm.slow);
 	lua_setfield(L, -2, "slow");
-	lua_pushnumber(L, lm.slow_ns / 1e9);
+	lua_pushnumber(L, slow / 1e9);
 	lua_setfield(L, -2, "slow_s");
 	lua_pushnumber(L, lm.max_ns / 1e6);
 	lua_setfield(L, -2, "max_ms");
