@@ -155,6 +155,52 @@ T.test("core.loop_window refuses lengths out of range", function()
   T.match(p.out[2], "^false\t.*number expected")
 end)
 
+-- An app whose loop the script stalls: `stalls` of `ms` each, 120 ms apart.
+local function stalled_app(stalls, ms)
+  return T.run_app(nil, nil, {
+    source = string.format([[
+local callagent = require "callagent"
+local task = require "callagent.task"
+local timer = require "callagent.timer"
+local app = assert(callagent.app({
+  telephony = { provider = "mock" },
+  server = { port = 0 },
+  openai = { apiKey = "sk-unused", realtimeUrl = "ws://127.0.0.1:9/v1/realtime" },
+  store = { backend = "memory" },
+}, { no_shutdown_hook = true, loop_watch_ms = 100 }))
+task.spawn(function()
+  assert(app:start())
+  for _ = 1, %d do
+    timer.sleep(120)
+    local t = os.clock()
+    while os.clock() - t < %g do end
+  end
+  timer.sleep(250)
+  app:stop()
+end)
+]], stalls, ms / 1000),
+  })
+end
+
+T.test("an app warns, once a minute at most, when its event loop is overloaded", function()
+  local code, _, p = stalled_app(2, 300)
+  T.eq(code, 0, p.errtext())
+  local lines = {}
+  for line in p.errtext():gmatch("[^\n]+") do
+    if line:find("event loop overloaded", 1, true) then
+      lines[#lines + 1] = line
+    end
+  end
+  T.eq(#lines, 1, "two stalls, one warning: " .. p.errtext())
+  T.match(lines[1], "WARN")
+  local ms = tonumber(lines[1]:match("longest_iteration_ms=(%d+)"))
+  T.ok(ms and ms >= 295, "the longest iteration named: " .. lines[1])
+  T.match(lines[1], "active_calls=0")
+  code, _, p = stalled_app(2, 20)
+  T.eq(code, 0, p.errtext())
+  T.no_match(p.errtext(), "event loop overloaded", "20 ms stalls in 120 ms: not overloaded")
+end)
+
 T.test("require finds the app's folder, CALLAGENT_PATH folders and the built-in modules", function()
   local dir = T.tmpdir()
   local extra = T.tmpdir()

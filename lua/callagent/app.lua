@@ -21,7 +21,10 @@
 -- opts (second argument of callagent.app): provider_dirs (extra folders with
 -- provider files), public_url = fn(local_url) -> URL the vendor reaches (for
 -- local setups and tests), notify = {attempts, base_delay_ms}, max_connections,
--- gc_pause (the Lua collector's pause set by app:start(), percent; 130).
+-- gc_pause (the Lua collector's pause set by app:start(), percent; 130),
+-- loop_watch_ms (10000: how often the event loop's load is checked; a
+-- warning is logged, at most once a minute, when it was 90% busy or one
+-- iteration took 250 ms; 0: never).
 --
 -- Routes: the REST API (lua/callagent/api.lua), and for the provider
 -- POST /voice, POST /status and the WebSocket /voice/stream (Twilio Media
@@ -297,6 +300,7 @@ function App:start()
     end)
     self.prune_timer:unref()
   end
+  self:_watch_loop()
   if recovered.retries + recovered.dialed + recovered.resolved > 0 then
     log.info("recovered calls from the last run", recovered)
   end
@@ -312,6 +316,40 @@ function App:start()
     end)
   end
   return self
+end
+
+-- The loop is overloaded when it was busy this share of a window, or one
+-- iteration held it this long: every call's audio waited.
+local OVERLOAD_BUSY, OVERLOAD_ITERATION_MS = 0.9, 250
+local OVERLOAD_QUIET_MS = 60000 -- at most one warning a minute
+
+--- Every loop_watch_ms (10 s), a warning when the event loop was overloaded.
+function App:_watch_loop()
+  local every = self.opts.loop_watch_ms or 10000
+  if not every or every <= 0 then
+    return
+  end
+  local timer = require "callagent.timer"
+  runtime.loop_window(every / 1000)
+  local last_warn
+  self.loop_timer = timer.every(every, function()
+    local l = runtime.loop_stats()
+    if l.utilization < OVERLOAD_BUSY and l.max_iteration_ms < OVERLOAD_ITERATION_MS then
+      return
+    end
+    local now = timer.now()
+    if last_warn and now - last_warn < OVERLOAD_QUIET_MS then
+      return
+    end
+    last_warn = now
+    log.warn("event loop overloaded: calls' audio is delayed", {
+      busy = string.format("%.0f%%", l.utilization * 100),
+      longest_iteration_ms = math.floor(l.max_iteration_ms + 0.5),
+      window_s = math.floor(l.window_s + 0.5),
+      active_calls = self.engine and self.engine:active_count() or 0,
+    })
+  end)
+  self.loop_timer:unref()
 end
 
 --- Same as POST /v1/calls (input validated the same way).
@@ -340,6 +378,9 @@ function App:stop()
   end
   if self.prune_timer then
     self.prune_timer:stop()
+  end
+  if self.loop_timer then
+    self.loop_timer:stop()
   end
   if self.tunnel then
     self.tunnel:close()
