@@ -25,6 +25,31 @@ local function happy_script(session)
   session:speak({ ms = 300, text = "Thank you, goodbye!" })
 end
 
+T.test("a live call's transcript comes from the store; its record in memory does not grow with it", function()
+  local env = kit.start({
+    realtime = {
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        session:speak({ ms = 200, text = "Hello, this is the assistant." })
+        session:user_speech({ ms = 200, text = "Hi, who is calling?" })
+        timer.sleep(8000) -- the call stays live
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550109", prompt = "Say hello." })
+  local rec = env:wait(id, function(r)
+    return r.status == "in_progress" and #r.transcript >= 2
+  end, 10000, "two transcript lines while the call is live")
+  local texts = {}
+  for i, l in ipairs(rec.transcript) do
+    texts[i] = l.role .. ": " .. l.text
+  end
+  T.eq(texts, { "agent: Hello, this is the assistant.", "callee: Hi, who is calling?" })
+  local live = env.app.engine.live[id]
+  T.ok(live, "the call is live")
+  T.eq(live.transcript, nil, "the live record holds no transcript")
+end)
+
 T.test("happy path: dial, talk, report, goodbye, hang up, notify", function()
   local env = kit.start({ realtime = { script = happy_script } })
   local id, created = env:create({

@@ -36,6 +36,10 @@ for _, backend in ipairs({ "memory", "sqlite" }) do
     T.eq(c.attempts[1], { n = 1, status = "busy", startedAt = "t1", providerCallId = "CA1" })
     T.eq(#c.transcript, 2)
     T.eq(c.transcript[2].text, "hello")
+    T.eq(s:transcript("c_1"), c.transcript, "transcript(id): the same lines, in order")
+    s:transcript("c_1")[1].text = "changed"
+    T.eq(s:transcript("c_1")[1].text, "hi", "a copy")
+    T.eq(#s:transcript("c_none"), 0)
     T.eq(#c.events, 1)
     T.eq(s:get_call("c_none"), nil)
     local ok, err = s:update_call("c_none", { status = "x" })

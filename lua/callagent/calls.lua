@@ -89,9 +89,23 @@ end
 
 --- A read-only copy of a call for API responses, tools and event handlers.
 function Engine:call_view(id)
-  local c = self.live[id] or self.store:get_call(id)
-  if not c then
-    return nil
+  local c = self.live[id]
+  local transcript
+  if c then
+    -- A live record holds no transcript (it would grow, and be walked by
+    -- the collector, for as long as the call lasts): the store has it.
+    local store = self.store
+    if store.transcript then
+      transcript = store:transcript(id)
+    else -- a backend from before store:transcript
+      transcript = (store:get_call(id) or {}).transcript
+    end
+  else
+    c = self.store:get_call(id)
+    if not c then
+      return nil
+    end
+    transcript = c.transcript
   end
   local v = public_fields(c)
   v.callId = c.id
@@ -102,7 +116,7 @@ function Engine:call_view(id)
     attempts[i] = public_fields(a)
   end
   v.attempts = attempts
-  v.transcript = json.array(v.transcript or {})
+  v.transcript = json.array(transcript or {})
   return v
 end
 
@@ -153,7 +167,6 @@ function Engine:create(input)
     calleeName = input.calleeName,
     voice = input.voice or cfg.openai.voice,
     metadata = input.metadata,
-    transcript = {},
     usage = {},
     createdAt = now,
     updatedAt = now,
@@ -321,7 +334,6 @@ function Engine:bridge_transcript(b, role, text, interrupted)
     return
   end
   local line = { role = role, text = text, at = iso(), attempt = b.attempt, interrupted = interrupted }
-  call.transcript[#call.transcript + 1] = line
   self.store:add_transcript(call.id, line)
   self.emit("transcript", call.id, line)
 end
@@ -602,7 +614,7 @@ function Engine:recover()
       attempts[a.n] = a
     end
     call.attempts = attempts
-    call.transcript = call.transcript or {}
+    call.transcript = nil -- in the store; see call_view
     call.usage = call.usage or {}
     call.events = nil
     self.live[call.id] = call

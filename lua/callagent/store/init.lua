@@ -7,6 +7,7 @@
 --   store:insert_call(call)                  a new call record (see lua/callagent/calls.lua)
 --   store:update_call(id, fields)            set fields (store.NULL clears one)
 --   store:get_call(id) -> call | nil         with attempts, transcript and events
+--   store:transcript(id) -> lines            a call's transcript lines, oldest first ({} if none)
 --   store:list_calls{status, limit, cursor} -> calls, next_cursor   newest first
 --   store:active_calls() -> calls            queued, dialing or in_progress
 --   store:add_attempt(id, attempt)           store:update_attempt(id, n, fields)

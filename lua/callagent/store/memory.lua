@@ -65,6 +65,11 @@ function Store:get_call(id)
   return out
 end
 
+function Store:transcript(id)
+  local c = self.calls[id]
+  return c and copy(c.transcript) or {}
+end
+
 function Store:add_attempt(id, attempt)
   local c = self.calls[id]
   if c then

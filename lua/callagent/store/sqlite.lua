@@ -166,9 +166,13 @@ function Store:get_call(id)
   local c = decode(r.doc)
   c.id = id
   c.attempts = rows_docs(db:rows("SELECT doc FROM attempts WHERE call_id = ? ORDER BY n", id) or {})
-  c.transcript = rows_docs(db:rows("SELECT doc FROM transcript WHERE call_id = ? ORDER BY id", id) or {})
+  c.transcript = self:transcript(id)
   c.events = rows_docs(db:rows("SELECT doc FROM events WHERE call_id = ? ORDER BY id", id) or {})
   return c
+end
+
+function Store:transcript(id)
+  return rows_docs(self.db:rows("SELECT doc FROM transcript WHERE call_id = ? ORDER BY id", id) or {})
 end
 
 function Store:add_attempt(id, attempt)
