@@ -1,7 +1,8 @@
 /*
  * timer.c - callagent.core.timer: libuv timers for Lua.
  *
- *   t = timer.start(ms, repeat_ms, fn)  fn() after ms, then every repeat_ms (0: once)
+ *   t = timer.start(ms, repeat_ms, fn)  fn() no sooner than ms from now, then every
+ *                                       repeat_ms (0: once)
  *   t:stop()                            stops and frees; idempotent (also __close)
  *   t:active()                          true while it will still fire
  *   t:unref() / t:ref()                 whether it keeps the loop alive
@@ -115,9 +116,15 @@ static int l_start(lua_State *L)
 	t->prev = t->next = NULL;
 	t->fn_ref = ca_ref(L, 3);
 	box->t = t;
-	/* Count the delay from now, not from the start of this loop iteration. */
+	/*
+	 * Count the delay from now, not from the start of this loop iteration.
+	 * libuv's clock counts whole milliseconds, truncated (and may be the
+	 * coarse clock, a tick behind): from it, a delay could end up to 1 ms
+	 * early. One millisecond more makes it "no sooner than ms" (CI saw
+	 * timer.after(30) fire after 29.2 ms); it may be up to 2 ms late.
+	 */
 	uv_update_time(ca_loop());
-	uv_timer_start(&t->h, on_timer, (uint64_t)ms, (uint64_t)rep);
+	uv_timer_start(&t->h, on_timer, (uint64_t)ms + (ms > 0), (uint64_t)rep);
 	return 1;
 }
 

@@ -13,6 +13,28 @@ T.test("timer.after fires once after its delay", function()
   T.ge(at - t0, 29.5, "delay")
 end)
 
+T.test("a delay is never cut short by the loop's whole-millisecond clock", function()
+  -- Other work wakes the loop every millisecond, as a busy server's does:
+  -- the loop then checks its timers at every tick of its clock.
+  local ticker = timer.every(1, function() end)
+  T.defer(function()
+    ticker:stop()
+  end)
+  local early, worst = 0, math.huge
+  for i = 1, 60 do
+    local t = timer.now()
+    while timer.now() - t < (i % 10) / 10 do end -- start at varied points of a millisecond
+    local t0 = timer.now()
+    timer.sleep(2)
+    local took = timer.now() - t0
+    worst = math.min(worst, took)
+    if took < 2 then
+      early = early + 1
+    end
+  end
+  T.eq(early, 0, string.format("sleeps of 2 ms that ended early (shortest %.3f ms)", worst))
+end)
+
 T.test("timer.every repeats until stopped", function()
   local n = 0
   local t = timer.every(10, function()
