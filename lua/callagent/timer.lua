@@ -8,6 +8,10 @@
 --   timer.sleep(ms)             inside a task: wait ms without blocking the loop
 --
 -- A timer that is not kept in a variable still fires (like setTimeout).
+-- A delay is never cut short (it may end up to 2 ms late). To let other
+-- work run in the middle of a long job, sleep(1): a zero delay started from
+-- a timer's callback runs in that same pass of libuv 1.44's timers, before
+-- any I/O.
 local core = require "callagent.core.timer"
 local task = require "callagent.task"
 
