@@ -365,12 +365,22 @@ static void loop_roll(uint64_t now)
 	lm.win_max = 0;
 }
 
+/* The busy time of the iteration running at now, so far; *idle: libuv's idle total. */
+static uint64_t busy_so_far(uint64_t now, uint64_t *idle)
+{
+	uint64_t span = now - lm.last_now, idled;
+
+	*idle = uv_metrics_idle_time(loop);
+	idled = *idle - lm.last_idle;
+	return span > idled ? span - idled : 0;
+}
+
 static void on_prepare(uv_prepare_t *h)
 {
-	uint64_t now = uv_hrtime(), idle = uv_metrics_idle_time(h->loop);
-	uint64_t span = now - lm.last_now, idled = idle - lm.last_idle;
-	uint64_t busy = span > idled ? span - idled : 0;
+	uint64_t now = uv_hrtime(), idle;
+	uint64_t busy = busy_so_far(now, &idle);
 
+	(void)h;
 	lm.last_now = now;
 	lm.last_idle = idle;
 	lm.iterations++;
@@ -410,10 +420,10 @@ static void loop_monitor_stop(void)
  */
 static int core_loop_stats(lua_State *L)
 {
-	uint64_t now = uv_hrtime(), idled = uv_metrics_idle_time(loop) - lm.last_idle;
+	uint64_t now = uv_hrtime(), idle;
 	/* The iteration running now counts so far, so that busy_s never grows
 	 * faster than uptime_s between two readings. */
-	uint64_t part = now - lm.last_now > idled ? now - lm.last_now - idled : 0;
+	uint64_t part = busy_so_far(now, &idle);
 	uint64_t busy = lm.busy_ns + part, slow = lm.slow_ns + (part >= LOOP_SLOW_NS ? part : 0);
 	double util, max_ns, win_s;
 

@@ -408,7 +408,6 @@ T.test("over wss:// the same, with every TLS record split across reads", functio
   check_fragments(p, c)
 end)
 
-
 T.test("protocol errors from the server close the client with 1002", function()
   for _, scenario in ipairs({ "masked", "rsv", "continuation" }) do
     local p, port = edge_server(scenario)

@@ -40,6 +40,7 @@ local json = require "callagent.json"
 local url = require "callagent.url"
 local log = require "callagent.log"
 local runtime = require "callagent.runtime"
+local timer = require "callagent.timer"
 
 local M = {}
 local App = {}
@@ -295,7 +296,7 @@ function App:start()
   self.notifier:resume()
   if store.prune then
     store:prune(cfg.store.retentionDays)
-    self.prune_timer = require("callagent.timer").every(3600 * 1000, function()
+    self.prune_timer = timer.every(3600 * 1000, function()
       store:prune(cfg.store.retentionDays)
     end)
     self.prune_timer:unref()
@@ -326,10 +327,9 @@ local OVERLOAD_QUIET_MS = 60000 -- at most one warning a minute
 --- Every loop_watch_ms (10 s), a warning when the event loop was overloaded.
 function App:_watch_loop()
   local every = self.opts.loop_watch_ms or 10000
-  if not every or every <= 0 then
+  if every <= 0 then
     return
   end
-  local timer = require "callagent.timer"
   runtime.loop_window(every / 1000)
   local last_warn
   self.loop_timer = timer.every(every, function()
