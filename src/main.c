@@ -459,13 +459,22 @@ static int core_loop_stats(lua_State *L)
 	return 1;
 }
 
-/* core.loop_window(seconds): the length of loop_stats()'s windows (10). */
+/*
+ * core.loop_window(seconds): the length of loop_stats()'s windows (10), and a
+ * new window from now. The app sets it once it has started, so its first
+ * window does not hold the start-up's work.
+ */
 static int core_loop_window(lua_State *L)
 {
 	double sec = luaL_checknumber(L, 1);
+	uint64_t idle;
 
 	luaL_argcheck(L, sec >= 0.01 && sec <= 86400, 1, "seconds between 0.01 and 86400");
 	lm.window_ns = (uint64_t)(sec * 1e9);
+	lm.win_start = uv_hrtime();
+	lm.win_busy = lm.busy_ns + busy_so_far(lm.win_start, &idle);
+	lm.win_max = 0;
+	lm.have_last = 0;
 	return 0;
 }
 

@@ -8,8 +8,9 @@
 --   runtime.stop([code])                end the loop now (after the current callback)
 --   runtime.exit([code])                exit the process at once
 --   runtime.loop_stats()                the event loop's load: utilization and
---                                       max_iteration_ms over the last window (10 s or more,
---                                       runtime.loop_window(seconds)), window_s; since start:
+--                                       max_iteration_ms over the last window (10 s or more;
+--                                       runtime.loop_window(seconds) sets the length and starts
+--                                       a new window), window_s; since start:
 --                                       iterations, busy_s, slow and slow_s (iterations busy
 --                                       5 ms or more), max_ms, uptime_s
 --
