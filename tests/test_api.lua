@@ -98,13 +98,16 @@ T.test("with server.apiToken every /v1 request needs the bearer token (401 other
   T.eq(body.ok, true)
   T.eq(body.provider, "twilio")
   T.eq(body.activeCalls, 1, "the call above is live")
-  -- The event loop's load: a loop that served these requests and idled.
+  -- The event loop's load: a loop that served these requests. The app's
+  -- window began when it started, a moment ago, and this test's own work
+  -- shares the loop: the share may be anything up to all of it.
   local l = body.loop
   T.gt(l.iterations, 0)
   T.gt(l.busySec, 0)
   T.ge(l.utilization, 0)
-  T.lt(l.utilization, 1)
-  T.gt(l.windowSec, 0)
+  T.le(l.utilization, 1)
+  T.ge(l.windowSec, 0)
+  T.le(l.windowSec, l.uptimeSec)
   T.ge(l.maxIterationMs, 0)
   T.ge(l.slowIterations, 0)
   T.ge(l.slowSec, 0)
