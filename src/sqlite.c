@@ -82,7 +82,8 @@
  *                           wal_frames, checkpointed_frames; or nil, err
  *   db:integrity_check()    PRAGMA quick_check: true, or nil,
  *                           "ECORRUPT: <path>: <first problems>"
- *   db:stats()              {statements = cached count, background_checkpoint
+ *   db:stats()              {statements = cached count, prepared = SQL texts
+ *                           compiled so far (each cache miss), background_checkpoint
  *                           = bool, checkpoints = background runs done,
  *                           checkpoint_failures = n (each is logged),
  *                           inline_checkpoints = n (the WAL limit was hit)}
@@ -183,6 +184,7 @@ struct ca_db {
 	struct ca_stmt *all;
 	struct ca_stmt *lru_head, *lru_tail;
 	int ncached, max_cached;
+	lua_Integer prepared;		/* statements compiled for the cache, ever */
 	sqlite3_stmt *tx[TX_N];
 	int autockpt;			/* WAL pages that start a background checkpoint */
 	struct bg_ckpt *bg;		/* NULL unless background checkpoints are on */
@@ -421,6 +423,7 @@ static struct ca_stmt *get_stmt(lua_State *L, struct ca_db *db, int sqlidx)
 
 	/* The length includes the terminating NUL: SQLite need not copy the text. */
 	rc = sqlite3_prepare_v3(db->h, sql, (int)len + 1, SQLITE_PREPARE_PERSISTENT, &st, &tail);
+	db->prepared++;
 	if (rc != SQLITE_OK) {
 		if ((rc & 0xff) == SQLITE_ERROR)
 			luaL_error(L, "sqlite: %s in: %s", sqlite3_errmsg(db->h), sql);
@@ -981,9 +984,11 @@ static int l_stats(lua_State *L)
 {
 	struct ca_db *db = check_db(L);
 
-	lua_createtable(L, 0, 4);
+	lua_createtable(L, 0, 6);
 	lua_pushinteger(L, db->ncached);
 	lua_setfield(L, -2, "statements");
+	lua_pushinteger(L, db->prepared);
+	lua_setfield(L, -2, "prepared");
 	lua_pushboolean(L, db->bg != NULL);
 	lua_setfield(L, -2, "background_checkpoint");
 	lua_pushinteger(L, db->bg ? db->bg->runs : 0);
