@@ -8,10 +8,17 @@
  *   phone `media`  -> model input_audio_buffer.append (the base64 payload is
  *                     forwarded as is for audio/pcmu input; transcoded for pcma)
  *   phone `mark`   -> the played position of the model's audio items
- *   model response.output_audio.delta -> phone `media` + `mark`, written as
- *                     one socket write; pcmu passes through, pcm (24 kHz) is
+ *   model response.output_audio.delta -> phone `media`, and a `mark` in the
+ *                     same socket write once 100 ms of audio went out since
+ *                     the last one; pcmu passes through, pcm (24 kHz) is
  *                     low-pass resampled to 8 kHz and mu-law encoded, pcma
  *                     transcoded
+ *   model response.output_audio.done / response.done -> a `mark` after the
+ *                     audio not yet marked
+ * Between two echoed marks the played position is the last one plus the time
+ * since, while more of the item is queued at the phone (it plays in real
+ * time): as exact as a mark per chunk, with a fifth of the marks
+ * when chunks are 20 ms.
  * Every other message goes on to Lua as before.
  *
  *   b = bridge.new(phone_conn, model_conn, {stream_sid = "MZ...",
@@ -19,7 +26,7 @@
  *                  input = "audio/pcmu" | "audio/pcma", ready = false})
  *   b:model_ready()      appends start; phone frames kept until now are sent first
  *   b:send_audio(item_id, b64)   model audio from Lua (what came before the link)
- *   b:item()             the model's current audio item: id, sent_ms, played_ms, truncated
+ *   b:item()             the model's current audio item: id, sent_ms, played_ms (now), truncated
  *   b:clear()            barge-in: `clear` to the phone, the current item stops
  *                        (its later audio is dropped), pending marks forgotten;
  *                        returns id, played_ms, sent_ms (nil when nothing to clear)
@@ -31,6 +38,7 @@
 #define _GNU_SOURCE
 #include <stdlib.h>
 #include <string.h>
+#include <uv.h>
 
 #include "audio.h"
 #include "crypto.h"
@@ -39,6 +47,7 @@
 #define BRIDGE_MT "callagent.Bridge"
 #define MAX_KEPT 500		/* phone frames kept while the model is not ready (10 s) */
 #define ITEMS 8			/* model audio items remembered */
+#define MARK_MS 100.0		/* audio sent between two marks */
 
 enum { FMT_PCMU, FMT_PCMA, FMT_PCM24 };
 
@@ -46,6 +55,7 @@ enum { FMT_PCMU, FMT_PCMA, FMT_PCM24 };
 struct item {
 	char id[64];
 	double sent_ms, played_ms;
+	uint64_t played_at;	/* uv_hrtime() when the phone was at played_ms; 0: not playing yet */
 	int truncated;
 };
 
@@ -75,6 +85,8 @@ struct bridge {
 	struct mark *marks;		/* FIFO ring */
 	size_t m_head, m_len, m_cap;
 	uint32_t seq;
+	int unmarked;			/* item of the audio sent since the last mark, -1: none */
+	double unmarked_ms;
 	int drained_ref;
 	lua_Integer frames_in, appended, deltas, media_out, dropped_kept;
 };
@@ -316,49 +328,94 @@ static void push_mark(struct bridge *b, uint32_t seq, int item, double end_ms)
 	b->m_len++;
 }
 
+/* A `mark` frame at p, named by b->seq; returns the end. */
+static unsigned char *put_mark(struct bridge *b, unsigned char *p)
+{
+	static const char mark1[] = "{\"event\":\"mark\",\"streamSid\":\"";
+	static const char mark2[] = "\",\"mark\":{\"name\":\"";
+	char digits[12];
+	size_t dl = 0;
+	uint32_t seq = b->seq;
+
+	do {
+		digits[sizeof digits - 1 - dl++] = (char)('0' + seq % 10);
+		seq /= 10;
+	} while (seq);
+	p += ws_header(p, sizeof mark1 - 1 + b->sid_len + sizeof mark2 - 1 + dl + 3);
+	p = put(p, mark1, sizeof mark1 - 1);
+	p = put(p, b->sid, b->sid_len);
+	p = put(p, mark2, sizeof mark2 - 1);
+	p = put(p, digits + sizeof digits - dl, dl);
+	return put(p, "\"}}", 3);
+}
+
+#define MARK_MAX (2 + 64 + sizeof b->sid + 12)
+
+/* A mark after the audio sent since the last one, if any. */
+static void flush_mark(struct bridge *b)
+{
+	unsigned char *out, *p;
+	const char *err;
+	int item = b->unmarked;
+
+	if (item < 0)
+		return;
+	b->unmarked = -1;
+	b->unmarked_ms = 0;
+	if (b->phone == NULL)
+		return;
+	b->seq++;
+	out = (unsigned char *)room(MARK_MAX);
+	p = put_mark(b, out);
+	if (ca__ws_send(b->phone, out, (size_t)(p - out), LWS_WRITE_RAW, &err) == 0)
+		push_mark(b, b->seq, item, b->items[item].sent_ms);
+}
+
 /*
- * Mu-law bytes to the phone: `media` then `mark`, framed here, one write.
- * Written straight into the output buffer from constant pieces: no printf
- * and no second copy of the payload on the per-frame path.
+ * Mu-law bytes to the phone: `media`, then a `mark` once MARK_MS of audio
+ * went out since the last one, framed here, one write. Written straight into
+ * the output buffer from constant pieces: no printf and no second copy of
+ * the payload on the per-frame path.
  */
 static void send_media(struct bridge *b, int item, const char *b64, size_t n, size_t bytes)
 {
 	static const char media1[] = "{\"event\":\"media\",\"streamSid\":\"";
 	static const char media2[] = "\",\"media\":{\"payload\":\"";
-	static const char mark1[] = "{\"event\":\"mark\",\"streamSid\":\"";
-	static const char mark2[] = "\",\"mark\":{\"name\":\"";
 	struct item *it = &b->items[item];
-	char digits[12];
-	size_t sl = b->sid_len, dl = 0, media_len, mark_len;
+	size_t media_len = sizeof media1 - 1 + b->sid_len + sizeof media2 - 1 + n + 3;
 	unsigned char *out, *p;
-	uint32_t seq;
 	const char *err;
+	double ms = (double)bytes / 8.0;
+	int mark;
 
-	it->sent_ms += (double)bytes / 8.0;
-	seq = ++b->seq;
-	do {
-		digits[sizeof digits - 1 - dl++] = (char)('0' + seq % 10);
-		seq /= 10;
-	} while (seq);
-	media_len = sizeof media1 - 1 + sl + sizeof media2 - 1 + n + 3;
-	mark_len = sizeof mark1 - 1 + sl + sizeof mark2 - 1 + dl + 3;
-	out = p = (unsigned char *)room(media_len + mark_len + 20);
+	if (b->unmarked >= 0 && b->unmarked != item)
+		flush_mark(b);	/* the last item's tail gets its own mark */
+	if (b->m_len == 0 && b->unmarked < 0)
+		it->played_at = uv_hrtime();	/* nothing queued there: it plays on arrival */
+	mark = b->unmarked_ms + ms >= MARK_MS;
+	out = p = (unsigned char *)room(media_len + 10 + MARK_MAX);
 	p += ws_header(p, media_len);
 	p = put(p, media1, sizeof media1 - 1);
-	p = put(p, b->sid, sl);
+	p = put(p, b->sid, b->sid_len);
 	p = put(p, media2, sizeof media2 - 1);
 	p = put(p, b64, n);
 	p = put(p, "\"}}", 3);
-	p += ws_header(p, mark_len);
-	p = put(p, mark1, sizeof mark1 - 1);
-	p = put(p, b->sid, sl);
-	p = put(p, mark2, sizeof mark2 - 1);
-	p = put(p, digits + sizeof digits - dl, dl);
-	p = put(p, "\"}}", 3);
+	if (mark) {
+		b->seq++;
+		p = put_mark(b, p);
+	}
 	if (ca__ws_send(b->phone, out, (size_t)(p - out), LWS_WRITE_RAW, &err) != 0)
 		return;
+	it->sent_ms += ms;
 	b->media_out++;
-	push_mark(b, b->seq, item, it->sent_ms);
+	if (mark) {
+		push_mark(b, b->seq, item, it->sent_ms);
+		b->unmarked = -1;
+		b->unmarked_ms = 0;
+	} else {
+		b->unmarked = item;
+		b->unmarked_ms += ms;
+	}
 }
 
 /* Model audio (base64 in the output format) to the phone as mu-law. */
@@ -424,7 +481,10 @@ static void call_drained(struct bridge *b)
 	lua_State *L = ca_lua();
 	int ref = b->drained_ref;
 
-	if (ref == LUA_NOREF || b->m_len > 0)
+	if (ref == LUA_NOREF)
+		return;
+	flush_mark(b);
+	if (b->m_len > 0)
 		return;
 	b->drained_ref = LUA_NOREF;
 	if (L) {
@@ -433,9 +493,18 @@ static void call_drained(struct bridge *b)
 	}
 }
 
+/* The item the phone plays now, or -1: the oldest one with audio not confirmed played. */
+static int playing(struct bridge *b)
+{
+	return b->m_len > 0 ? b->marks[b->m_head].item : b->unmarked;
+}
+
 /* The phone echoed mark seq: everything sent up to it has played. */
 static void mark_played(struct bridge *b, uint32_t seq)
 {
+	uint64_t now = uv_hrtime();
+	int front;
+
 	while (b->m_len > 0) {
 		struct mark *m = &b->marks[b->m_head];
 		struct item *it;
@@ -443,12 +512,34 @@ static void mark_played(struct bridge *b, uint32_t seq)
 		if ((int32_t)(m->seq - seq) > 0)
 			break;
 		it = &b->items[m->item];
-		if (!it->truncated && m->end_ms > it->played_ms)
+		if (!it->truncated && m->end_ms > it->played_ms) {
 			it->played_ms = m->end_ms;
+			it->played_at = now;
+		}
 		b->m_head = (b->m_head + 1) % b->m_cap;
 		b->m_len--;
 	}
+	/* What follows in the phone's queue plays from now on. */
+	front = playing(b);
+	if (front >= 0 && b->items[front].played_at == 0)
+		b->items[front].played_at = now;
 	call_drained(b);
+}
+
+/*
+ * Where the phone is in item i now: its last echoed mark, plus the time
+ * since while more of the item is queued there, up to the next mark.
+ */
+static double played_now(struct bridge *b, int i)
+{
+	struct item *it = &b->items[i];
+	double ms, bound;
+
+	if (it->truncated || it->played_at == 0 || playing(b) != i)
+		return it->played_ms;
+	bound = b->m_len > 0 ? b->marks[b->m_head].end_ms : it->sent_ms;
+	ms = it->played_ms + (double)(uv_hrtime() - it->played_at) / 1e6;
+	return ms < bound ? ms : bound;
 }
 
 /* ---- the taps ---- */
@@ -509,8 +600,13 @@ static int model_tap(void *ctx, struct ca_ws *ws, const char *s, size_t n)
 	/* OpenAI sends "type" first: any other event is Lua's after one pair. */
 	while (next_pair(&j)) {
 		if (!audio && IS(j.k, j.kl, "type")) {
-			if (!IS(j.v, j.vl, "response.output_audio.delta") && !IS(j.v, j.vl, "response.audio.delta"))
+			if (!IS(j.v, j.vl, "response.output_audio.delta") && !IS(j.v, j.vl, "response.audio.delta")) {
+				/* The audio is over: the phone tells when its end has played. */
+				if (b->unmarked >= 0 && (IS(j.v, j.vl, "response.output_audio.done") ||
+				    IS(j.v, j.vl, "response.audio.done") || IS(j.v, j.vl, "response.done")))
+					flush_mark(b);
 				return 0;
+			}
 			audio = 1;
 		} else if (IS(j.k, j.kl, "item_id")) {
 			id = j.v;
@@ -603,6 +699,7 @@ static int l_new(lua_State *L)
 	b = ca_malloc(sizeof *b);
 	memset(b, 0, sizeof *b);
 	b->cur = -1;
+	b->unmarked = -1;
 	b->drained_ref = LUA_NOREF;
 	b->out_fmt = fmt_of(L, ca_opt_string_field(L, 3, "output", "audio/pcmu"));
 	b->in_fmt = fmt_of(L, ca_opt_string_field(L, 3, "input", "audio/pcmu"));
@@ -662,7 +759,7 @@ static int l_item(lua_State *L)
 	it = &b->items[b->cur];
 	lua_pushstring(L, it->id);
 	lua_pushnumber(L, it->sent_ms);
-	lua_pushnumber(L, it->played_ms);
+	lua_pushnumber(L, played_now(b, b->cur));
 	lua_pushboolean(L, it->truncated);
 	return 4;
 }
@@ -679,7 +776,8 @@ static int l_clear(lua_State *L)
 		return 0;
 	it = &b->items[b->cur];
 	if (it->truncated || it->sent_ms <= it->played_ms)
-		return 0;
+		return 0;	/* nothing that has not been confirmed played */
+	it->played_ms = played_now(b, b->cur);
 	it->truncated = 1;
 	if (b->phone) {
 		n = snprintf(msg, sizeof msg, "{\"event\":\"clear\",\"streamSid\":\"%s\"}", b->sid);
@@ -687,6 +785,8 @@ static int l_clear(lua_State *L)
 	}
 	/* The phone echoes the cleared marks at once; they were not played. */
 	b->m_head = b->m_len = 0;
+	b->unmarked = -1;
+	b->unmarked_ms = 0;
 	if (b->rs)
 		ca_resampler_reset(b->rs);
 	lua_pushstring(L, it->id);
@@ -698,7 +798,9 @@ static int l_clear(lua_State *L)
 
 static int l_unplayed(lua_State *L)
 {
-	lua_pushboolean(L, check(L)->m_len > 0);
+	struct bridge *b = check(L);
+
+	lua_pushboolean(L, b->m_len > 0 || b->unmarked >= 0);
 	return 1;
 }
 
@@ -708,6 +810,7 @@ static int l_on_drained(lua_State *L)
 
 	luaL_checktype(L, 2, LUA_TFUNCTION);
 	ca_unref(L, &b->drained_ref);
+	flush_mark(b);
 	if (b->m_len == 0) {
 		lua_pushvalue(L, 2);
 		lua_call(L, 0, 0);

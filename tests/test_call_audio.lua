@@ -70,6 +70,42 @@ T.test("the same with Twilio's keys in another order, spaced, with escaped quote
   barge_in("shuffled")
 end, { timeout = 40000 })
 
+T.test("a mark per 100 ms of audio and one at each item's end; the hang-up waits for the goodbye's tail to play", function()
+  local env = kit.start({
+    realtime = {
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        -- Sent faster than it plays, as OpenAI does: the phone queues it.
+        session:speak({ ms = 250, pace = false, text = "Hello there." })
+        session:call_function("report_call", { summary = "Said hello.", outcome = "success" })
+        assert(session:wait_event("response.create", 5000))
+        session:speak({ ms = 330, pace = false, text = "Goodbye." })
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550113", prompt = "Say hello." })
+  local call = env:wait_final(id, 20000)
+  T.eq(call.status, "completed")
+  local tw = env.tw.calls[1]
+  local media = 0
+  for _, ev in ipairs(tw.ws_received) do
+    if ev.event == "media" then
+      media = media + 1
+    end
+  end
+  T.eq(media, 13 + 17, "20 ms chunks: 250 ms and 330 ms")
+  -- 250 ms: marks after 100 and 200 ms, and at the end; 330 ms: 100, 200, 300 and the end.
+  T.eq(#tw.marks_sent, 3 + 4, "marks: " .. json.encode(tw.marks_sent))
+  T.eq(#tw.marks_echoed, #tw.marks_sent, "every mark echoed")
+  -- The last mark comes after the goodbye's last 30 ms; the hang-up after it played.
+  local last = tw.marks_sent[#tw.marks_sent]
+  T.ok(tw.hangup_requested_at, "callagent hung up")
+  T.diag(string.format("goodbye's end played at +%.0f ms, hang-up at +%.0f ms", last.due - last.at, tw.hangup_requested_at - last.at))
+  T.ge(tw.hangup_requested_at, last.due, "hang-up after the goodbye's end played")
+  T.lt(tw.hangup_requested_at - last.due, 1000, "and soon after")
+  T.eq(tw.dropped_bytes, 0, "nothing cut")
+end)
+
 T.test("PCM 24 kHz model output reaches the phone as correct 8 kHz mu-law (base64 with \\/ escapes)", function()
   local env = kit.start({
     config = { openai = { outputFormat = "audio/pcm", outputSampleRate = 24000 } },

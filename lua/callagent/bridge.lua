@@ -7,10 +7,12 @@
 --     -> input_audio_buffer.append to the model; frames that arrive before
 --        the model is ready are kept (bounded) and sent when it is
 --   model (response.output_audio.delta)
---     -> media + a mark per chunk to the phone; G.711 passes through, 24 kHz
---        PCM is low-pass resampled to 8 kHz and mu-law encoded
+--     -> media to the phone, a mark per 100 ms of audio and after an item's
+--        end; G.711 passes through, 24 kHz PCM is low-pass resampled to 8 kHz
+--        and mu-law encoded
 --   barge-in: the marks the phone echoes as audio plays give the played
---     position; on input_audio_buffer.speech_started the phone's buffer is
+--     position (interpolated in real time between two echoes); on
+--     input_audio_buffer.speech_started the phone's buffer is
 --     cleared and the model's item truncated at the played audio_end_ms
 --   report_call (first one wins) -> stored; the agent says goodbye; once that
 --     has played (or call.goodbyeTimeoutSec) the provider hangs up

@@ -620,20 +620,21 @@ local function main()
       or "no turns: the store is idle while audio flows",
     TLS and "wss:// (TLS)" or "ws://",
     PIN and "callagent pinned to CPU 0, load generator (loadgen.c + this script) to CPU 1" or "no CPU pinning"))
-  -- Per 20 ms frame the bridge receives phone media, the mark echo and the
-  -- model delta and sends one append and one media+mark write; the load
-  -- generator sends the frame, the delta and the mark echo and receives the
-  -- append and the media+mark.
+  -- Per 20 ms frame the bridge receives phone media and the model delta, and
+  -- a mark echo every fifth frame (a mark per 100 ms of audio), and sends one
+  -- append and one media write (every fifth with its mark); the load
+  -- generator sends the frame, the delta and every fifth frame a mark echo,
+  -- and receives the append and the media.
   for _, conns in ipairs({ 200, 2000 }) do
     local fl = kernel_floor(conns)
     if fl then
       -- Scale the echo side's send/recv wall times to its CPU per pair.
       local scale = fl.pair_us / (fl.send_us + fl.recv_us)
-      local bridge_us = scale * (2 * fl.send_us + 3 * fl.recv_us)
-      local harness_us = scale * (3 * fl.send_us + 2 * fl.recv_us)
+      local bridge_us = scale * (2 * fl.send_us + 2.2 * fl.recv_us)
+      local harness_us = scale * (2.2 * fl.send_us + 2 * fl.recv_us)
       print(string.format("kernel floor (%d connections): %.1f µs CPU per loopback recv+send pair of 300-byte messages"
-        .. " (send ~%.1f, recv ~%.1f) -> a bridge doing 2 sends + 3 receives per 20 ms frame costs at least %.3f CPU-s"
-        .. " per call-minute here (%.2f cores at 1000 calls); the load generator's 3 sends + 2 receives at least %.3f"
+        .. " (send ~%.1f, recv ~%.1f) -> a bridge doing 2 sends + 2.2 receives per 20 ms frame costs at least %.3f CPU-s"
+        .. " per call-minute here (%.2f cores at 1000 calls); the load generator's 2.2 sends + 2 receives at least %.3f"
         .. " (%.2f cores)",
         conns, fl.pair_us, fl.send_us * scale, fl.recv_us * scale, bridge_us * 3000 / 1e6, bridge_us * 50000 / 1e6,
         harness_us * 3000 / 1e6, harness_us * 50000 / 1e6))
