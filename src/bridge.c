@@ -314,7 +314,7 @@ static int find_item(struct bridge *b, const char *id, size_t n)
 static void push_mark(struct bridge *b, uint32_t seq, int item, double end_ms)
 {
 	if (b->m_len == b->m_cap) {
-		size_t cap = b->m_cap ? b->m_cap * 2 : 64;
+		size_t cap = b->m_cap ? b->m_cap * 2 : 8;	/* a mark per 100 ms: a few in flight */
 		struct mark *m = ca_malloc(cap * sizeof *m);
 
 		for (size_t i = 0; i < b->m_len; i++)

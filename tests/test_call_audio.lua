@@ -70,13 +70,14 @@ T.test("the same with Twilio's keys in another order, spaced, with escaped quote
   barge_in("shuffled")
 end, { timeout = 40000 })
 
-T.test("a mark per 100 ms of audio and one at each item's end; the hang-up waits for the goodbye's tail to play", function()
+T.test("a mark per 100 ms of audio and one at each item's end, many in flight; the hang-up waits for the goodbye's tail to play", function()
   local env = kit.start({
     realtime = {
       script = function(session)
         assert(session:wait_event("response.create", 5000))
-        -- Sent faster than it plays, as OpenAI does: the phone queues it.
-        session:speak({ ms = 250, pace = false, text = "Hello there." })
+        -- Sent faster than it plays, as OpenAI does: the phone queues it
+        -- (and callagent has 21 marks in flight).
+        session:speak({ ms = 2050, pace = false, text = "Hello there." })
         session:call_function("report_call", { summary = "Said hello.", outcome = "success" })
         assert(session:wait_event("response.create", 5000))
         session:speak({ ms = 330, pace = false, text = "Goodbye." })
@@ -87,9 +88,9 @@ T.test("a mark per 100 ms of audio and one at each item's end; the hang-up waits
   local call = env:wait_final(id, 20000)
   T.eq(call.status, "completed")
   local tw = env.tw.calls[1]
-  T.eq(tw.received_bytes, (250 + 330) * 8, "all the audio reached the phone, in 13 + 17 chunks of 20 ms or less")
-  -- 250 ms: marks after 100 and 200 ms, and at the end; 330 ms: 100, 200, 300 and the end.
-  T.eq(#tw.marks_sent, 3 + 4, "marks: " .. json.encode(tw.marks_sent))
+  T.eq(tw.received_bytes, (2050 + 330) * 8, "all the audio reached the phone, in 103 + 17 chunks of 20 ms or less")
+  -- 2050 ms: a mark after each 100 ms and one at the end; 330 ms: 100, 200, 300 and the end.
+  T.eq(#tw.marks_sent, 21 + 4, "marks: " .. json.encode(tw.marks_sent))
   T.eq(#tw.marks_echoed, #tw.marks_sent, "every mark echoed")
   -- The last mark comes after the goodbye's last 30 ms; the hang-up after it played.
   local last = tw.marks_sent[#tw.marks_sent]
