@@ -114,6 +114,77 @@ T.test("sqlite: the data is there after closing and opening again", function()
   s2:close()
 end)
 
+T.test("sqlite: a batch's writes commit together; one that raises leaves none of them", function()
+  local s = open("sqlite")
+  T.eq(s:batch(function()
+    assert(s:insert_call(call("c_1")))
+    assert(s:add_event("c_1", { type = "status", to = "queued" }))
+  end), true)
+  T.eq(#s:get_call("c_1").events, 1)
+  local ok, err = pcall(s.batch, s, function()
+    assert(s:insert_call(call("c_2")))
+    assert(s:add_event("c_1", { type = "status", to = "dialing" }))
+    error("boom")
+  end)
+  T.eq(ok, false)
+  T.match(tostring(err), "boom")
+  T.eq(s:get_call("c_2"), nil, "the insert was rolled back")
+  T.eq(#s:get_call("c_1").events, 1, "and the event")
+end)
+
+T.test("the engine writes a status change with its event and attempt rows in one batch", function()
+  local kit = require "callkit"
+  local recording = require "callagent.store.recording"
+  recording.writes = {}
+  local env = kit.start({
+    config = { store = { backend = "recording" } },
+    realtime = {
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        session:call_function("report_call", { summary = "Done.", outcome = "success" })
+        assert(session:wait_event("response.create", 5000))
+        session:speak({ ms = 100, text = "Bye." })
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550120", prompt = "Report at once." })
+  T.eq(env:wait_final(id, 20000).status, "completed")
+  -- The writes of one batch, as "op:detail" strings.
+  local function group(pred)
+    for _, w in ipairs(recording.writes) do
+      if pred(w) then
+        T.ok(w.batch, w.op .. " ran in a batch")
+        local out = {}
+        for _, x in ipairs(recording.writes) do
+          if x.batch == w.batch then
+            local a2 = x.args[2]
+            local detail = a2
+            if type(a2) == "table" then
+              detail = x.op == "add_event" and a2.type or a2.status
+            end
+            out[#out + 1] = x.op .. ":" .. tostring(detail)
+          end
+        end
+        return out
+      end
+    end
+    error("no such write")
+  end
+  T.eq(group(function(w)
+    return w.op == "add_attempt"
+  end), { "add_attempt:dialing", "update_call:dialing", "add_event:status" }, "dialing: the attempt, the record, the event")
+  T.eq(group(function(w)
+    return w.op == "update_attempt" and w.args[3].status == "in_progress"
+  end), { "add_event:provider", "update_attempt:1", "update_call:in_progress", "add_event:status" },
+    "answered: the vendor's event, the attempt, the record, the status event")
+  T.eq(group(function(w)
+    return w.op == "update_call" and w.args[2].status == "completed"
+  end), { "clear_retry:nil", "update_call:completed", "add_event:status" }, "final: the retry cleared with the status")
+  for _, w in ipairs(recording.writes) do
+    T.ok(w.op ~= "clear_retry" or w.batch, "clear_retry only with a status change")
+  end
+end)
+
 T.test("the store folder is created when missing", function()
   local path = T.tmpdir() .. "/a/b/c/calls.db"
   local s = assert(store_mod.open({ backend = "sqlite", path = path, retentionDays = 30 }))

@@ -129,7 +129,18 @@ function Engine:_save(call, fields)
   end
 end
 
-function Engine:_set_status(call, status, extra)
+-- Runs fn's store writes as one commit where the backend can (store:batch;
+-- without it, one each). fn must not yield.
+function Engine:_batch(fn)
+  local store = self.store
+  if store.batch then
+    return store:batch(fn)
+  end
+  return fn()
+end
+
+-- also: more store writes that commit with the status (run first).
+function Engine:_set_status(call, status, extra, also)
   local old = call.status
   call.status = status
   local fields = extra or {}
@@ -142,8 +153,13 @@ function Engine:_set_status(call, status, extra)
       call[k] = v
     end
   end
-  self:_save(call, fields)
-  self.store:add_event(call.id, { at = iso(), type = "status", from = old, to = status })
+  self:_batch(function()
+    if also then
+      also()
+    end
+    self:_save(call, fields)
+    self.store:add_event(call.id, { at = iso(), type = "status", from = old, to = status })
+  end)
   if old ~= status then
     log.info("call status", { call = call.id, from = old, to = status, attempt = call.attempt })
     self.emit("status", self:call_view(call.id), old, status)
@@ -192,14 +208,17 @@ function Engine:dial(id)
   if not call or FINAL[call.status] then
     return
   end
-  self.store:clear_retry(id)
   local n = call.attempt + 1
   call.attempt = n
   call.nextAttemptAt = nil
   local attempt = { n = n, status = "dialing", startedAt = iso() }
   call.attempts[n] = attempt
-  self.store:add_attempt(id, attempt)
-  self:_set_status(call, "dialing", { attempt = n, nextAttemptAt = store_mod.NULL })
+  self:_set_status(call, "dialing", { attempt = n, nextAttemptAt = store_mod.NULL }, function()
+    if n > 1 then
+      self.store:clear_retry(id) -- a first attempt has no retry to clear
+    end
+    self.store:add_attempt(id, attempt)
+  end)
   local res, err = self.provider:startCall(self:call_view(id), self.public_url(), self.local_url())
   if call.status ~= "dialing" or call.attempt ~= n then
     return -- canceled meanwhile
@@ -261,19 +280,28 @@ function Engine:provider_status(id, n, st)
   if rank(st.status) < rank(a.status) or (st.status == a.status and not FINAL[st.status]) then
     return false, "not newer"
   end
-  self.store:add_event(id, { at = iso(), type = "provider", attempt = n, status = st.status, raw = st.raw })
+  local function provider_event()
+    self.store:add_event(id, { at = iso(), type = "provider", attempt = n, status = st.status, raw = st.raw })
+  end
   if st.status == "dialing" then
+    provider_event()
     return true
   elseif st.status == "in_progress" then
     a.status = "in_progress"
     a.answeredAt = iso()
-    self.store:update_attempt(id, n, { status = "in_progress", answeredAt = a.answeredAt })
     self:_cancel_timer(id .. "#dial")
+    local function answered()
+      provider_event()
+      self.store:update_attempt(id, n, { status = "in_progress", answeredAt = a.answeredAt })
+    end
     if call.attempt == n then
-      self:_set_status(call, "in_progress")
+      self:_set_status(call, "in_progress", nil, answered)
+    else
+      self:_batch(answered)
     end
     return true
   end
+  provider_event()
   -- Final, as the provider sees it.
   local b = self.bridges[id .. "#" .. n]
   if b and not b.ended then
@@ -485,8 +513,9 @@ function Engine:_attempt_final(call, n, status, reason, err)
     local delay = math.floor(r.initialDelayMs * r.backoffFactor ^ (n - 1))
     local due = core.time() + delay / 1000
     call._end_reason = nil
-    self.store:set_retry(call.id, due)
-    self:_set_status(call, "queued", { nextAttemptAt = iso(due) })
+    self:_set_status(call, "queued", { nextAttemptAt = iso(due) }, function()
+      self.store:set_retry(call.id, due)
+    end)
     log.info("retrying later", { call = call.id, after_ms = delay, next_attempt = n + 1 })
     self.timers[call.id .. "#retry"] = timer.after(delay, function()
       self.timers[call.id .. "#retry"] = nil
@@ -507,12 +536,13 @@ function Engine:_finish(call, status, reason)
   if FINAL[call.status] then
     return false
   end
-  self.store:clear_retry(call.id)
   if call.status == "in_progress" and status == "completed" and not call.report and reason == "completed" then
     reason = "callee_hung_up"
   end
   call.endReason = reason
-  self:_set_status(call, status, { completedAt = iso(), endReason = reason or store_mod.NULL })
+  self:_set_status(call, status, { completedAt = iso(), endReason = reason or store_mod.NULL }, function()
+    self.store:clear_retry(call.id)
+  end)
   self.live[call.id] = nil
   for key in pairs(self.timers) do
     if key:sub(1, #call.id + 1) == call.id .. "#" then

@@ -18,8 +18,12 @@
 --                                            restart) or "refused" (the receiver said no: never again)
 --   store:pending_notifications()            neither sent nor refused
 --   store:prune(older_than) -> removed       store:close()
+--   store:batch(fn)                          optional: runs fn, whose writes commit
+--                                            together (fn does not yield); without it
+--                                            the engine makes them one by one
 --
--- Every write is durable when it returns (for backends that persist).
+-- Every write is durable when it returns (for backends that persist); in a
+-- batch, when the batch returns.
 local M = {}
 
 function M.open(cfg)

@@ -175,6 +175,11 @@ function Store:transcript(id)
   return rows_docs(self.db:rows("SELECT doc FROM transcript WHERE call_id = ? ORDER BY id", id) or {})
 end
 
+--- Runs fn, whose writes commit together: one transaction instead of one each.
+function Store:batch(fn)
+  return check(self.db:transaction(fn), nil, "batch")
+end
+
 function Store:add_attempt(id, attempt)
   return check(self.db:run("INSERT OR REPLACE INTO attempts (call_id, n, doc) VALUES (?, ?, ?)", id, attempt.n, encode(attempt)))
 end
