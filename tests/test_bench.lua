@@ -33,6 +33,8 @@ T.test("small rows of calls run end to end in both output modes, nothing lost", 
       T.ok(busy and tonumber(busy) <= 100 and tonumber(slow) <= 100, what .. ": the loop's busy share, from /healthz")
     end
     T.match(out, "RSS slope %(audio/" .. mode .. "%): %-?[%d.]+ KiB per call", mode .. ": the slope over the rows")
+    T.match(out, "set%-up %(audio/" .. mode .. "%): callagent CPU per call created[^\n]*: [%d.]+ ms at 2 %([%d.]+ s%), [%d.]+ ms at 4",
+      mode .. ": set-up's CPU per call, per row")
   end
 end, { timeout = 180000 })
 
