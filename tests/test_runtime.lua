@@ -156,7 +156,7 @@ T.test("core.loop_window refuses lengths out of range", function()
 end)
 
 -- An app whose loop the script stalls: `stalls` of `ms` each, 120 ms apart.
-local function stalled_app(stalls, ms)
+local function stalled_app(stalls, ms, watch_ms)
   return T.run_app(nil, nil, {
     source = string.format([[
 local callagent = require "callagent"
@@ -167,7 +167,7 @@ local app = assert(callagent.app({
   server = { port = 0 },
   openai = { apiKey = "sk-unused", realtimeUrl = "ws://127.0.0.1:9/v1/realtime" },
   store = { backend = "memory" },
-}, { no_shutdown_hook = true, loop_watch_ms = 100 }))
+}, { no_shutdown_hook = true, loop_watch_ms = %d }))
 task.spawn(function()
   assert(app:start())
   for _ = 1, %d do
@@ -178,7 +178,7 @@ task.spawn(function()
   timer.sleep(250)
   app:stop()
 end)
-]], stalls, ms / 1000),
+]], watch_ms or 100, stalls, ms / 1000),
   })
 end
 
@@ -196,9 +196,11 @@ T.test("an app warns, once a minute at most, when its event loop is overloaded",
   local ms = tonumber(lines[1]:match("longest_iteration_ms=(%d+)"))
   T.ok(ms and ms >= 295, "the longest iteration named: " .. lines[1])
   T.match(lines[1], "active_calls=0")
-  code, _, p = stalled_app(2, 20)
+  -- 20 ms in each 140 ms, checked every 500 ms (three times here): about 15%
+  -- busy, which a machine busy with other tests can stretch but not to 90%.
+  code, _, p = stalled_app(12, 20, 500)
   T.eq(code, 0, p.errtext())
-  T.no_match(p.errtext(), "event loop overloaded", "20 ms stalls in 120 ms: not overloaded")
+  T.no_match(p.errtext(), "event loop overloaded", "20 ms stalls in 140 ms: not overloaded")
 end)
 
 T.test("require finds the app's folder, CALLAGENT_PATH folders and the built-in modules", function()
