@@ -349,7 +349,16 @@ static unsigned char *put_mark(struct bridge *b, unsigned char *p)
 	return put(p, "\"}}", 3);
 }
 
-#define MARK_MAX (2 + 64 + sizeof b->sid + 12)
+/* The longest `mark` frame: header, constant text, stream sid, digits. */
+#define MARK_MAX (2 + 64 + sizeof ((struct bridge *)0)->sid + 12)
+
+/* Mark b->seq went out after item's audio so far: none is unmarked now. */
+static void marked(struct bridge *b, int item)
+{
+	push_mark(b, b->seq, item, b->items[item].sent_ms);
+	b->unmarked = -1;
+	b->unmarked_ms = 0;
+}
 
 /* A mark after the audio sent since the last one, if any. */
 static void flush_mark(struct bridge *b)
@@ -368,7 +377,7 @@ static void flush_mark(struct bridge *b)
 	out = (unsigned char *)room(MARK_MAX);
 	p = put_mark(b, out);
 	if (ca__ws_send(b->phone, out, (size_t)(p - out), LWS_WRITE_RAW, &err) == 0)
-		push_mark(b, b->seq, item, b->items[item].sent_ms);
+		marked(b, item);
 }
 
 /*
@@ -409,9 +418,7 @@ static void send_media(struct bridge *b, int item, const char *b64, size_t n, si
 	it->sent_ms += ms;
 	b->media_out++;
 	if (mark) {
-		push_mark(b, b->seq, item, it->sent_ms);
-		b->unmarked = -1;
-		b->unmarked_ms = 0;
+		marked(b, item);
 	} else {
 		b->unmarked = item;
 		b->unmarked_ms += ms;
