@@ -42,7 +42,8 @@ T.test("small rows of calls run end to end in both output modes, nothing lost", 
     local slope = "RSS slope %(audio/" .. mode .. "%): %-?[%d.]+ KiB per call"
     local setup = "set%-up %(audio/" .. mode .. "%): callagent CPU per call created[^\n]*:"
     for i, n in ipairs(kept) do
-      setup = setup .. (i > 1 and "," or "") .. " [%d.]+ ms at " .. n .. " %([%d.]+ s%)"
+      setup = setup .. (i > 1 and "," or "") .. " [%d.]+ ms at " .. n
+        .. " %([%d.]+ s; p99 [%d.]+ / [%d.]+ ms, max [%d.]+%)"
     end
     if #kept == 2 then
       T.match(out, slope, mode .. ": the slope over the rows")

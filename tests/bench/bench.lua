@@ -440,6 +440,7 @@ local function run_one(r, n)
   -- established (on its phase of the 20 ms schedule).
   local t_setup = now()
   local cpu_setup0 = proc_stat(app.pid)
+  lg:cmd("measure start") -- the latency of live calls during set-up; the window starts anew later
   local i = 0
   local api_failed = 0
   while i < n do
@@ -469,6 +470,9 @@ local function run_one(r, n)
   until lg.established + lg.failed + r.failed + api_failed >= n or now() > deadline
   local setup_ms = now() - t_setup
   local setup_cpu = proc_stat(app.pid) - cpu_setup0
+  -- The load generator's latencies so far are those of the calls already
+  -- streaming while the others were being set up.
+  local during = json.decode(assert(lg:cmd("stats"):match("^stats (.*)$")))
 
   -- Warm up, then measure a window of SECONDS.
   timer.sleep(2000)
@@ -549,6 +553,7 @@ local function run_one(r, n)
     failed = n - established,
     setup_ms = setup_ms,
     setup_cpu_per_call = math.max(0, setup_cpu - audio_during_setup) / n,
+    setup_lat = { during.lat_in.p99, during.lat_out.p99, math.max(during.lat_in.max, during.lat_out.max) },
     frames = s.window.frames,
     lost_in = s.lost_in,
     lost_out = s.lost_out,
@@ -739,11 +744,13 @@ local function main()
     local parts = {}
     for _, r in ipairs(rows) do
       if r.mode == mode and r.failed == 0 and harness_kept_up(r) then
-        parts[#parts + 1] = string.format("%.2f ms at %d (%.1f s)", r.setup_cpu_per_call * 1000, r.n, r.setup_ms / 1000)
+        parts[#parts + 1] = string.format("%.2f ms at %d (%.1f s; p99 %.1f / %.1f ms, max %.1f)",
+          r.setup_cpu_per_call * 1000, r.n, r.setup_ms / 1000, r.setup_lat[1], r.setup_lat[2], r.setup_lat[3])
       end
     end
     if #parts > 0 then
-      print(string.format("set-up (%s): callagent CPU per call created, its audio during set-up subtracted: %s", mode,
+      print(string.format("set-up (%s): callagent CPU per call created, its audio during set-up subtracted"
+        .. " (the set-up's length; the latency of the calls already streaming meanwhile, in / out): %s", mode,
         table.concat(parts, ", ")))
     end
   end
