@@ -43,7 +43,7 @@ T.test("small rows of calls run end to end in both output modes, nothing lost", 
     local setup = "set%-up %(audio/" .. mode .. "%): callagent CPU per call created[^\n]*:"
     for i, n in ipairs(kept) do
       setup = setup .. (i > 1 and "," or "") .. " [%d.]+ ms at " .. n
-        .. " %([%d.]+ s; p99 [%d.]+ / [%d.]+ ms, max [%d.]+%)"
+        .. " %([%d.]+ s; p99 [%d.]+ / [%d.]+ ms, max [%d.]+; first 0%.5 s in: p99 [%d.]+, max [%d.]+%)"
     end
     if #kept == 2 then
       T.match(out, slope, mode .. ": the slope over the rows")

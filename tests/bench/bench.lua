@@ -553,7 +553,8 @@ local function run_one(r, n)
     failed = n - established,
     setup_ms = setup_ms,
     setup_cpu_per_call = math.max(0, setup_cpu - audio_during_setup) / n,
-    setup_lat = { during.lat_in.p99, during.lat_out.p99, math.max(during.lat_in.max, during.lat_out.max) },
+    setup_lat = { during.lat_in.p99, during.lat_out.p99, math.max(during.lat_in.max, during.lat_out.max),
+      during.lat_start.p99, during.lat_start.max },
     frames = s.window.frames,
     lost_in = s.lost_in,
     lost_out = s.lost_out,
@@ -744,13 +745,15 @@ local function main()
     local parts = {}
     for _, r in ipairs(rows) do
       if r.mode == mode and r.failed == 0 and harness_kept_up(r) then
-        parts[#parts + 1] = string.format("%.2f ms at %d (%.1f s; p99 %.1f / %.1f ms, max %.1f)",
-          r.setup_cpu_per_call * 1000, r.n, r.setup_ms / 1000, r.setup_lat[1], r.setup_lat[2], r.setup_lat[3])
+        local l = r.setup_lat
+        parts[#parts + 1] = string.format("%.2f ms at %d (%.1f s; p99 %.1f / %.1f ms, max %.1f; first 0.5 s in: p99 %.1f, max %.1f)",
+          r.setup_cpu_per_call * 1000, r.n, r.setup_ms / 1000, l[1], l[2], l[3], l[4], l[5])
       end
     end
     if #parts > 0 then
       print(string.format("set-up (%s): callagent CPU per call created, its audio during set-up subtracted"
-        .. " (the set-up's length; the latency of the calls already streaming meanwhile, in / out): %s", mode,
+        .. " (the set-up's length; the latency of the calls streaming meanwhile, in / out, past their first"
+        .. " half second, and in their first half second): %s", mode,
         table.concat(parts, ", ")))
     end
   end
