@@ -396,8 +396,95 @@ static void on_prepare(uv_prepare_t *h)
 	loop_roll(now);
 }
 
+/*
+ * Pacing. core.loop_busy_ms() is how long the loop has been busy since it
+ * last polled for I/O: how long a frame that arrived meanwhile has waited.
+ * core.after_poll(fn) runs fn() once, in the check phase right after the
+ * loop's next poll for I/O (not the poll whose callbacks may be running
+ * now); while any such function waits, an idle handle keeps that poll from
+ * blocking. callagent.task.pace is built on the two.
+ */
+struct ap_fn {
+	int ref;
+	uint64_t polls;	/* lm.iterations when it came: it waits for a later poll */
+};
+
+static struct {
+	uv_check_t check;
+	uv_idle_t idle;
+	struct ap_fn *fns;
+	int n, cap;
+} ap;
+
+static void on_idle(uv_idle_t *h)
+{
+	(void)h;	/* its being active is what counts: the poll does not block */
+}
+
+static void on_check(uv_check_t *h)
+{
+	lua_State *L = ca_lua();
+	struct ap_fn *due;
+	int k = 0;
+
+	(void)h;
+	/* In the order they came: those from before this iteration's poll. */
+	while (k < ap.n && ap.fns[k].polls < lm.iterations)
+		k++;
+	if (k == 0 || !L)
+		return;
+	due = malloc((size_t)k * sizeof *due);
+	if (!due)
+		return;	/* they stay for the next poll */
+	memcpy(due, ap.fns, (size_t)k * sizeof *due);
+	memmove(ap.fns, ap.fns + k, (size_t)(ap.n - k) * sizeof *ap.fns);
+	ap.n -= k;
+	if (ap.n == 0) {
+		uv_check_stop(&ap.check);
+		uv_idle_stop(&ap.idle);
+	}
+	/* What runs now may ask for a later poll: that goes to ap.fns. */
+	for (int i = 0; i < k; i++)
+		ca_call_ref(due[i].ref, 0, "after_poll callback");
+	if ((L = ca_lua()))
+		for (int i = 0; i < k; i++)
+			ca_unref(L, &due[i].ref);
+	free(due);
+}
+
+static int core_after_poll(lua_State *L)
+{
+	luaL_checktype(L, 1, LUA_TFUNCTION);
+	if (ap.n == ap.cap) {
+		int cap = ap.cap ? ap.cap * 2 : 8;
+		struct ap_fn *f = realloc(ap.fns, (size_t)cap * sizeof *f);
+
+		if (!f)
+			return luaL_error(L, "out of memory");
+		ap.fns = f;
+		ap.cap = cap;
+	}
+	ap.fns[ap.n].ref = ca_ref(L, 1);
+	ap.fns[ap.n].polls = lm.iterations;
+	if (++ap.n == 1) {
+		uv_check_start(&ap.check, on_check);
+		uv_idle_start(&ap.idle, on_idle);
+	}
+	return 0;
+}
+
+static int core_loop_busy_ms(lua_State *L)
+{
+	uint64_t idle;
+
+	lua_pushnumber(L, busy_so_far(uv_hrtime(), &idle) / 1e6);
+	return 1;
+}
+
 static void loop_monitor_start(void)
 {
+	uv_check_init(loop, &ap.check);
+	uv_idle_init(loop, &ap.idle);
 	lm.start = lm.last_now = lm.win_start = uv_hrtime();
 	lm.window_ns = 10000000000ULL;
 	lm.last_idle = uv_metrics_idle_time(loop);
@@ -410,6 +497,14 @@ static void loop_monitor_stop(void)
 {
 	uv_prepare_stop(&lm.prep);
 	uv_close((uv_handle_t *)&lm.prep, NULL);
+	/* Functions still waiting for a poll go with the Lua state. */
+	uv_check_stop(&ap.check);
+	uv_idle_stop(&ap.idle);
+	uv_close((uv_handle_t *)&ap.check, NULL);
+	uv_close((uv_handle_t *)&ap.idle, NULL);
+	free(ap.fns);
+	ap.fns = NULL;
+	ap.n = ap.cap = 0;
 }
 
 /*
@@ -568,6 +663,8 @@ int luaopen_callagent_core(lua_State *L)
 		{"cpu", core_cpu},
 		{"loop_stats", core_loop_stats},
 		{"loop_window", core_loop_window},
+		{"loop_busy_ms", core_loop_busy_ms},
+		{"after_poll", core_after_poll},
 		{"time", core_time},
 		{"localtime", core_localtime},
 		{NULL, NULL}

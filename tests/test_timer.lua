@@ -153,4 +153,68 @@ T.test("task.all runs functions concurrently", function()
   T.eq(b, "b")
 end)
 
+-- Keeps the loop busy for ms of CPU, without yielding.
+local function burn(ms)
+  local t = timer.now()
+  while timer.now() - t < ms do
+  end
+end
+
+T.test("task.pace waits only once the loop has been busy, then takes turns with polls, first come first served", function()
+  local core = require "callagent.core"
+  T.eq(task.pace_ms, 2, "the default budget")
+  local outside
+  timer.after(0, function()
+    outside = task.pace() -- a timer callback is not a task
+  end)
+  timer.sleep(5)
+  T.eq(outside, false, "outside a task: no wait")
+  T.eq(task.pace(), false, "just after a poll, with no one waiting: no wait")
+  burn(5)
+  local polls0 = core.loop_stats().iterations
+  T.eq(task.pace(), true, "after 5 ms of work: it waits")
+  T.gt(core.loop_stats().iterations, polls0, "and the loop polled meanwhile")
+
+  -- Five tasks each doing 3 ms of work once they have their turn: one turn
+  -- per poll, in the order they came. The first waits as the loop is
+  -- already past its budget; the others, as someone is waiting before them.
+  burn(3)
+  local order, polls, waited, done = {}, {}, {}, 0
+  for i = 1, 5 do
+    task.spawn(function()
+      waited[i] = task.pace()
+      order[#order + 1] = i
+      polls[#polls + 1] = core.loop_stats().iterations
+      burn(3)
+      done = done + 1
+    end)
+  end
+  T.eq(done, 0, "none ran before the loop polled")
+  local deadline = timer.now() + 5000
+  while done < 5 and timer.now() < deadline do
+    timer.sleep(1)
+  end
+  T.eq(order, { 1, 2, 3, 4, 5 }, "first come first served")
+  T.eq(waited, { true, true, true, true, true })
+  for i = 2, 5 do
+    T.gt(polls[i], polls[i - 1], "turn " .. i .. " came after another poll")
+  end
+
+  -- Under the budget, the waiting ones all go after one poll.
+  burn(3)
+  local light = {}
+  for i = 1, 5 do
+    task.spawn(function()
+      task.pace()
+      light[#light + 1] = core.loop_stats().iterations
+    end)
+  end
+  deadline = timer.now() + 5000
+  while #light < 5 and timer.now() < deadline do
+    timer.sleep(1)
+  end
+  T.eq(#light, 5)
+  T.eq(light[5], light[1], "light tasks share one turn")
+end)
+
 T.run()

@@ -1,7 +1,8 @@
 --- callagent.fetch: HTTP(S) client on the event loop (libcurl multi, see src/fetch.c).
 --
 --   local fetch = require "callagent.fetch"
---   local res, err = fetch(url, opts)     inside a task: waits (yields) until done
+--   local res, err = fetch(url, opts)     inside a task: waits (yields) until done,
+--                                         then for its turn (callagent.task.pace)
 --   local req = fetch.request(opts, fn)   opts.url required; fn(res) or fn(nil, err)
 --                                         runs later, exactly once; returns a handle
 --   req:cancel()                          stop it: fn gets nil, "ECANCELED";
@@ -44,10 +45,17 @@ function M.request(opts, fn)
   return request(opts.url, opts, fn)
 end
 
+-- The caller goes on with the response when it is its turn (task.pace):
+-- responses come in bursts too (a hundred calls dialed at once).
+local function paced(...)
+  task.pace()
+  return ...
+end
+
 function M.fetch(url, opts)
-  return task.await(function(done)
+  return paced(task.await(function(done)
     request(url, opts, done)
-  end)
+  end))
 end
 
 return setmetatable(M, {

@@ -23,7 +23,10 @@
 -- tls = {cert = file, key = file} for https/wss, headers = {...} non-standard
 -- request headers to copy for every request (standard ones always are; any
 -- other req.headers[name] is looked up on demand until the response is sent,
--- but only copied ones show up in pairs()).
+-- but only copied ones show up in pairs()), pace (true: each handler first
+-- waits its turn with callagent.task.pace, so a burst of requests takes turns
+-- with live calls' audio instead of holding it up; false: handlers start at
+-- once).
 --
 -- Routes: srv:route(method, pattern, handler) (method "*" for any), and the
 -- shorthands get/post/put/delete/patch. Patterns are paths with "{name}"
@@ -283,7 +286,11 @@ function Server:_handle(h, req)
       json.encode(M.error_body("not_found", "no route for " .. req.method .. " " .. req.path)))
   end
   req.params = params
+  local pace = self.opts.pace ~= false
   task.spawn(function()
+    if pace then
+      task.pace()
+    end
     local r = table.pack(xpcall(route.handler, traceback, req))
     local status, headers, body
     if r[1] then

@@ -20,7 +20,17 @@
 --                              (nil, "ETIMEDOUT" / nil, "ECLOSED"), q:close(), #q
 --   task.all(fns)              inside a task: run fns concurrently, wait for all,
 --                              return their first results in order
-local M = {}
+--   task.pace()                inside a task: once the loop has been busy for
+--                              task.pace_ms (2) since it last polled for I/O, or
+--                              while other tasks wait here, waits its turn after
+--                              the next poll (each poll gives the waiting tasks
+--                              task.pace_ms of work, first come first served, at
+--                              least one task); returns whether it waited.
+--                              Work that comes in bursts (the HTTP server paces
+--                              every request, fetch every response) so takes
+--                              turns with the I/O of live calls instead of
+--                              holding it up. Outside a task: false at once.
+local M = { pace_ms = 2 }
 
 local unpack, pack = table.unpack, table.pack
 local log -- required lazily: callagent.log needs nothing from here, but keep loads cheap
@@ -170,6 +180,52 @@ function Queue:close()
   for _, w in ipairs(ws) do
     w(nil, "ECLOSED")
   end
+end
+
+-- pace -----------------------------------------------------------------------
+
+-- Tasks waiting for their turn, first come first served: a wake function each.
+local paced = { first = 1, last = 0 }
+local scheduled = false
+local core -- callagent.core, required on first use
+
+-- After a poll: wake the tasks that waited before it, for up to the budget
+-- of work, and always at least one. The budget does not count the I/O the
+-- poll brought, so a loop busy with live calls still gets on with the rest.
+local function take_turns()
+  scheduled = false
+  local last, woken, t0 = paced.last, 0, core.loop_busy_ms()
+  while paced.first <= last and (woken == 0 or core.loop_busy_ms() - t0 < M.pace_ms) do
+    local wake = paced[paced.first]
+    paced[paced.first] = nil
+    paced.first = paced.first + 1
+    woken = woken + 1
+    wake()
+  end
+  if paced.first <= paced.last and not scheduled then
+    scheduled = true
+    core.after_poll(take_turns)
+  end
+end
+
+function M.pace()
+  local _, main = coroutine.running()
+  if main or not coroutine.isyieldable() then
+    return false
+  end
+  core = core or require "callagent.core"
+  if paced.first > paced.last and core.loop_busy_ms() < M.pace_ms then
+    return false
+  end
+  M.await(function(done)
+    paced.last = paced.last + 1
+    paced[paced.last] = done
+    if not scheduled then
+      scheduled = true
+      core.after_poll(take_turns)
+    end
+  end)
+  return true
 end
 
 -- all ------------------------------------------------------------------------
