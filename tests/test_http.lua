@@ -377,8 +377,10 @@ end)
 
 T.test("a burst of heavy requests takes turns with the loop's I/O (pace) instead of holding it up", function()
   -- Two servers in one callagent, paced (the default) and not; each request
-  -- costs 5 ms of CPU. The loop's longest iteration over a burst of 40 is how
-  -- long anything else there (a live call's audio) would have waited.
+  -- costs 5 ms of CPU. How many requests one pass of the loop ran is what
+  -- anything else there (a live call's audio) would have waited for; the
+  -- longest iteration says the same in ms, but as wall time it also holds
+  -- whatever a busy machine took away, so it is only reported.
   local p = T.spawn_app(nil, nil, {
     source = [[
 local http = require "callagent.http"
@@ -387,7 +389,11 @@ local task = require "callagent.task"
 local timer = require "callagent.timer"
 local function serve(pace)
   local srv = http.server({ pace = pace })
+  local per_pass, most = {}, 0
   srv:post("/burn", function()
+    local pass = core.loop_stats().iterations
+    per_pass[pass] = (per_pass[pass] or 0) + 1
+    most = math.max(most, per_pass[pass])
     local t = timer.now()
     while timer.now() - t < 5 do end
     return 200, "burnt"
@@ -396,7 +402,7 @@ local function serve(pace)
     core.loop_window(60)
   end)
   srv:get("/longest", function()
-    return 200, { ms = core.loop_stats().max_iteration_ms }
+    return 200, { ms = core.loop_stats().max_iteration_ms, most = most }
   end)
   assert(srv:listen())
   return srv.port
@@ -427,13 +433,15 @@ end)
     for i = 1, 40 do
       T.eq(bodies[i], "burnt", "request " .. i .. " answered")
     end
-    return json.decode(fetch(base .. "/longest").body).ms
+    return json.decode(fetch(base .. "/longest").body)
   end
   local paced = burst(tonumber(paced_port))
   local unpaced = burst(tonumber(unpaced_port))
-  T.diag(string.format("longest loop iteration over 40 requests of 5 ms: paced %.1f ms, unpaced %.1f ms", paced, unpaced))
-  T.lt(paced, 25, "paced: about one request's work per poll")
-  T.gt(unpaced, 50, "unpaced, the requests that came together ran in one iteration (what pacing prevents)")
+  T.diag(string.format("over 40 requests of 5 ms: the longest loop iteration %.1f ms paced, %.1f ms unpaced;"
+    .. " at most %d and %d requests in one pass", paced.ms, unpaced.ms, paced.most, unpaced.most))
+  -- One that came when the loop was idle, and one whose turn came after the poll.
+  T.le(paced.most, 2, "paced: one request's work per poll")
+  T.ge(unpaced.most, 5, "unpaced, the requests that came together ran in one pass (what pacing prevents)")
 end)
 
 T.run()
