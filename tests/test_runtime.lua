@@ -196,11 +196,14 @@ T.test("an app warns, once a minute at most, when its event loop is overloaded",
   local ms = tonumber(lines[1]:match("longest_iteration_ms=(%d+)"))
   T.ok(ms and ms >= 295, "the longest iteration named: " .. lines[1])
   T.match(lines[1], "active_calls=0")
-  -- 20 ms in each 140 ms, checked every 500 ms (three times here): about 15%
-  -- busy, which a machine busy with other tests can stretch but not to 90%.
-  code, _, p = stalled_app(12, 20, 500)
+  -- 5 ms of CPU in each 125 ms, checked every 500 ms (three times here):
+  -- about 4% busy. The loop's busy time is wall time, so a machine busy
+  -- with other tests (the bench's rows saturate both cores) stretches it:
+  -- 20 ms stalls once read as overloaded there.
+  code, _, p = stalled_app(12, 5, 500)
   T.eq(code, 0, p.errtext())
-  T.no_match(p.errtext(), "event loop overloaded", "20 ms stalls in 140 ms: not overloaded")
+  T.no_match(p.errtext(), "event loop overloaded", "5 ms stalls in 125 ms: not overloaded; "
+    .. (p.errtext():match("[^\n]*event loop overloaded[^\n]*") or ""))
 end)
 
 T.test("require finds the app's folder, CALLAGENT_PATH folders and the built-in modules", function()
