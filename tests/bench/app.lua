@@ -26,6 +26,7 @@ local app, err = callagent.app({
   retry = { maxAttempts = 1 },
   store = { backend = os.getenv("BENCH_STORE") or "sqlite", path = os.getenv("BENCH_DB") or "/tmp/callagent-bench.db" },
 }, { max_connections = 8192, gc_pause = tonumber(os.getenv("BENCH_GC_PAUSE") or "") })
+task.pace_ms = tonumber(os.getenv("BENCH_PACE_MS") or "") or task.pace_ms
 if not app then
   io.stderr:write("bench app: ", err, "\n")
   runtime.exit(1)
