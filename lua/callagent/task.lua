@@ -24,8 +24,10 @@
 --                              task.pace_ms (2) since it last polled for I/O, or
 --                              while other tasks wait here, waits its turn after
 --                              the next poll (each poll gives the waiting tasks
---                              task.pace_ms of work, first come first served, at
---                              least one task); returns whether it waited.
+--                              task.pace_ms of work, or a tenth of what the
+--                              poll's I/O took if that is more, first come first
+--                              served, at least one task); returns whether it
+--                              waited.
 --                              Work that comes in bursts (the HTTP server paces
 --                              every request, fetch every response) so takes
 --                              turns with the I/O of live calls instead of
@@ -192,10 +194,16 @@ local core -- callagent.core, required on first use
 -- After a poll: wake the tasks that waited before it, for up to the budget
 -- of work, and always at least one. The budget does not count the I/O the
 -- poll brought, so a loop busy with live calls still gets on with the rest.
+-- A saturated loop's passes take long (a second or more): there the budget
+-- is a tenth of the pass's I/O instead, so the waiting tasks still get about
+-- a tenth of its time rather than one task per pass, which starved the
+-- set-up of hundreds of calls until their requests timed out. Not more: a
+-- budget that grew with the I/O would make each pass longer than the last.
 local function take_turns()
   scheduled = false
   local last, woken, t0 = paced.last, 0, core.loop_busy_ms()
-  while paced.first <= last and (woken == 0 or core.loop_busy_ms() - t0 < M.pace_ms) do
+  local budget = math.max(M.pace_ms, t0 / 10)
+  while paced.first <= last and (woken == 0 or core.loop_busy_ms() - t0 < budget) do
     local wake = paced[paced.first]
     paced[paced.first] = nil
     paced.first = paced.first + 1
