@@ -375,12 +375,11 @@ T.test("200 concurrent requests are all answered correctly", function()
   end
 end)
 
-T.test("a burst of heavy requests takes turns with the loop's I/O (pace) instead of holding it up", function()
-  -- Two servers in one callagent, paced (the default) and not; each request
-  -- costs 5 ms of CPU. How many requests one pass of the loop ran is what
-  -- anything else there (a live call's audio) would have waited for; the
-  -- longest iteration says the same in ms, but as wall time it also holds
-  -- whatever a busy machine took away, so it is only reported.
+-- One callagent with two servers, paced (the default) and not, on the same
+-- routes: POST /burn?ms=N keeps the loop busy N ms; GET /stats says the
+-- loop's longest iteration since POST /window and the most /burn requests
+-- this server ran in one pass of the loop. Returns both base URLs.
+local function paced_and_unpaced()
   local p = T.spawn_app(nil, nil, {
     source = [[
 local http = require "callagent.http"
@@ -390,18 +389,18 @@ local timer = require "callagent.timer"
 local function serve(pace)
   local srv = http.server({ pace = pace })
   local per_pass, most = {}, 0
-  srv:post("/burn", function()
+  srv:post("/burn", function(req)
     local pass = core.loop_stats().iterations
     per_pass[pass] = (per_pass[pass] or 0) + 1
     most = math.max(most, per_pass[pass])
-    local t = timer.now()
-    while timer.now() - t < 5 do end
+    local t, ms = timer.now(), tonumber(req.query.ms)
+    while timer.now() - t < ms do end
     return 200, "burnt"
   end)
   srv:post("/window", function()
     core.loop_window(60)
   end)
-  srv:get("/longest", function()
+  srv:get("/stats", function()
     return 200, { ms = core.loop_stats().max_iteration_ms, most = most }
   end)
   assert(srv:listen())
@@ -417,26 +416,43 @@ end)
   while not p.out[1] and timer.now() < deadline do
     timer.sleep(10)
   end
-  local paced_port, unpaced_port = (p.out[1] or ""):match("^(%d+) (%d+)$")
-  T.ok(paced_port, "the app listens: " .. p.errtext())
-  local function burst(port)
-    local base = "http://127.0.0.1:" .. port
-    T.eq(fetch(base .. "/window", { method = "POST" }).status, 204)
-    local fns = {}
-    for i = 1, 40 do
-      fns[i] = function()
-        local r = fetch(base .. "/burn", { method = "POST" })
-        return r and r.body
-      end
+  local paced, unpaced = (p.out[1] or ""):match("^(%d+) (%d+)$")
+  T.ok(paced, "the app listens: " .. p.errtext())
+  return "http://127.0.0.1:" .. paced, "http://127.0.0.1:" .. unpaced
+end
+
+-- n concurrent POST /burn?ms=ms to base, each answered.
+local function burst(base, n, ms)
+  local fns = {}
+  for i = 1, n do
+    fns[i] = function()
+      local r = fetch(base .. "/burn?ms=" .. ms, { method = "POST", timeout = 60000 })
+      return r and r.body
     end
-    local bodies = { task.all(fns) }
-    for i = 1, 40 do
-      T.eq(bodies[i], "burnt", "request " .. i .. " answered")
-    end
-    return json.decode(fetch(base .. "/longest").body)
   end
-  local paced = burst(tonumber(paced_port))
-  local unpaced = burst(tonumber(unpaced_port))
+  local bodies = { task.all(fns) }
+  for i = 1, n do
+    T.eq(bodies[i], "burnt", "request " .. i .. " answered")
+  end
+end
+
+local function stats(base)
+  return json.decode(fetch(base .. "/stats").body)
+end
+
+T.test("a burst of heavy requests takes turns with the loop's I/O (pace) instead of holding it up", function()
+  -- Each request costs 5 ms of CPU. How many requests one pass of the loop
+  -- ran is what anything else there (a live call's audio) would have waited
+  -- for; the longest iteration says the same in ms, but as wall time it also
+  -- holds whatever a busy machine took away, so it is only reported.
+  local paced_base, unpaced_base = paced_and_unpaced()
+  local function run(base)
+    T.eq(fetch(base .. "/window", { method = "POST" }).status, 204)
+    burst(base, 40, 5)
+    return stats(base)
+  end
+  local paced = run(paced_base)
+  local unpaced = run(unpaced_base)
   T.diag(string.format("over 40 requests of 5 ms: the longest loop iteration %.1f ms paced, %.1f ms unpaced;"
     .. " at most %d and %d requests in one pass", paced.ms, unpaced.ms, paced.most, unpaced.most))
   -- One that came when the loop was idle, and one whose turn came after the poll.
@@ -445,77 +461,26 @@ end)
 end)
 
 T.test("on a loop saturated with I/O, paced requests still get a share of each pass, not one each", function()
-  -- Unpaced /io requests of 30 ms stand for a saturated loop's audio: each
-  -- pass of the loop runs several of them. Paced /work requests of 3 ms
-  -- waiting meanwhile get a tenth of each pass's I/O time, so several run
-  -- per pass; a budget of task.pace_ms alone (2 ms) would let one through
-  -- per pass, and a few hundred calls' set-up would starve.
-  local p = T.spawn_app(nil, nil, {
-    source = [[
-local http = require "callagent.http"
-local core = require "callagent.core"
-local task = require "callagent.task"
-local timer = require "callagent.timer"
-local function burn(ms)
-  local t = timer.now()
-  while timer.now() - t < ms do end
-end
-local per_pass, most = {}, 0
-local paced = http.server({})
-paced:post("/work", function()
-  local pass = core.loop_stats().iterations
-  per_pass[pass] = (per_pass[pass] or 0) + 1
-  most = math.max(most, per_pass[pass])
-  burn(3)
-  return 200, "worked"
-end)
-paced:get("/most", function()
-  return 200, { most = most }
-end)
-local busy = http.server({ pace = false })
-busy:post("/io", function()
-  burn(30)
-  return 200, "io"
-end)
-task.spawn(function()
-  assert(paced:listen())
-  assert(busy:listen())
-  print(paced.port .. " " .. busy.port)
-  io.stdout:flush()
-end)
-]],
-  })
-  local deadline = timer.now() + 10000
-  while not p.out[1] and timer.now() < deadline do
-    timer.sleep(10)
-  end
-  local paced_port, io_port = (p.out[1] or ""):match("^(%d+) (%d+)$")
-  T.ok(paced_port, "the app listens: " .. p.errtext())
-  local paced_base, io_base = "http://127.0.0.1:" .. paced_port, "http://127.0.0.1:" .. io_port
+  -- Unpaced requests of 30 ms stand for a saturated loop's audio: each pass
+  -- of the loop runs several of them. Paced requests of 3 ms waiting
+  -- meanwhile get a tenth of each pass's I/O time, so several run per pass;
+  -- a budget of task.pace_ms alone (2 ms) would let one through per pass,
+  -- and a few hundred calls' set-up would starve.
+  local paced_base, unpaced_base = paced_and_unpaced()
   local working = true
   for _ = 1, 8 do
     task.spawn(function()
       while working do
-        fetch(io_base .. "/io", { method = "POST", timeout = 20000 })
+        fetch(unpaced_base .. "/burn?ms=30", { method = "POST", timeout = 20000 })
       end
     end)
   end
   timer.sleep(200)
-  local fns = {}
-  for i = 1, 60 do
-    fns[i] = function()
-      local r = fetch(paced_base .. "/work", { method = "POST", timeout = 60000 })
-      return r and r.body
-    end
-  end
   local t0 = timer.now()
-  local bodies = { task.all(fns) }
+  burst(paced_base, 60, 3)
   local took = timer.now() - t0
   working = false
-  for i = 1, 60 do
-    T.eq(bodies[i], "worked", "request " .. i .. " answered")
-  end
-  local most = json.decode(fetch(paced_base .. "/most").body).most
+  local most = stats(paced_base).most
   T.diag(string.format("60 paced requests of 3 ms beside 8 streams of 30 ms unpaced ones: %.0f ms, at most %d in one pass",
     took, most))
   T.ge(most, 3, "several paced requests in one pass of the saturated loop")
