@@ -424,7 +424,6 @@ static void on_idle(uv_idle_t *h)
 static void on_check(uv_check_t *h)
 {
 	lua_State *L = ca_lua();
-	struct ap_fn *due;
 	int k = 0;
 
 	(void)h;
@@ -433,23 +432,21 @@ static void on_check(uv_check_t *h)
 		k++;
 	if (k == 0 || !L)
 		return;
-	due = malloc((size_t)k * sizeof *due);
-	if (!due)
-		return;	/* they stay for the next poll */
-	memcpy(due, ap.fns, (size_t)k * sizeof *due);
-	memmove(ap.fns, ap.fns + k, (size_t)(ap.n - k) * sizeof *ap.fns);
+	/*
+	 * What runs now may ask for a later poll: that lands after these k
+	 * (ap.fns may move, so it is read afresh each time).
+	 */
+	for (int i = 0; i < k; i++)
+		ca_call_ref(ap.fns[i].ref, 0, "after_poll callback");
+	if ((L = ca_lua()))
+		for (int i = 0; i < k; i++)
+			ca_unref(L, &ap.fns[i].ref);
 	ap.n -= k;
+	memmove(ap.fns, ap.fns + k, (size_t)ap.n * sizeof *ap.fns);
 	if (ap.n == 0) {
 		uv_check_stop(&ap.check);
 		uv_idle_stop(&ap.idle);
 	}
-	/* What runs now may ask for a later poll: that goes to ap.fns. */
-	for (int i = 0; i < k; i++)
-		ca_call_ref(due[i].ref, 0, "after_poll callback");
-	if ((L = ca_lua()))
-		for (int i = 0; i < k; i++)
-			ca_unref(L, &due[i].ref);
-	free(due);
 }
 
 static int core_after_poll(lua_State *L)

@@ -217,8 +217,7 @@ local function take_turns()
 end
 
 function M.pace()
-  local _, main = coroutine.running()
-  if main or not coroutine.isyieldable() then
+  if not coroutine.isyieldable() then -- the main thread, or inside a C call
     return false
   end
   core = core or require "callagent.core"
