@@ -12,7 +12,7 @@
  *     opts.max_message     largest incoming message (default 16 MiB)
  *     opts.max_send_queue  bytes we may queue (default 4 MiB); over it: dropped
  *     handler(conn, event, a, b) as in src/wsconn.c: "open" (a = response
- *       headers), "text", "binary", "close" (code, reason), or "error" (a =
+ *       headers, b = {version, cipher, resumed} over wss://), "text", "binary", "close" (code, reason), or "error" (a =
  *       "ECODE: message") when it never connected: ETIMEDOUT, ECONNREFUSED,
  *       ETLS (certificate or TLS failure), EHANDSHAKE (the server did not
  *       upgrade; the HTTP status is in the message), ECANCELED.
@@ -36,6 +36,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <time.h>
 
 #include <arpa/inet.h>
 #include <openssl/err.h>
@@ -179,6 +180,22 @@ static const char *find_header(const char *head, const char *name, size_t *len)
 }
 
 /* Pushes the response head's headers as a table (lowercase names; repeats joined by ", "). */
+/* What the connection's TLS is ({version, cipher, resumed}), or nil over ws://. */
+static void push_tls_info(lua_State *L, SSL *ssl)
+{
+	if (ssl == NULL) {
+		lua_pushnil(L);
+		return;
+	}
+	lua_createtable(L, 0, 3);
+	lua_pushstring(L, SSL_get_version(ssl));
+	lua_setfield(L, -2, "version");
+	lua_pushstring(L, SSL_get_cipher_name(ssl));
+	lua_setfield(L, -2, "cipher");
+	lua_pushboolean(L, SSL_session_reused(ssl));
+	lua_setfield(L, -2, "resumed");
+}
+
 static void push_response_headers(lua_State *L, const char *head)
 {
 	const char *pos = head, *name, *v;
@@ -303,7 +320,8 @@ static int handshake_rx(struct ca_ws *ws, struct lws *wsi, const unsigned char *
 		push_response_headers(L, c->head);
 		free(c->head);
 		c->head = NULL;
-		ca__ws_emit(ws, "open", 1);
+		push_tls_info(L, c->ssl);
+		ca__ws_emit(ws, "open", 2);
 	} else {
 		free(c->head);
 		c->head = NULL;
@@ -631,10 +649,34 @@ static BIO_METHOD *get_bio_method(void)
 	return bio_method;
 }
 
+/*
+ * Session resumption. A full handshake has the server send its certificate
+ * chain, which we parse, verify and keep with the connection, and a
+ * signature we check; a resumed one does neither, so a connection costs
+ * less CPU to set up and less memory for its life (the sessions made from
+ * one full handshake share its certificates). The server's session tickets
+ * go into a pool per server (host and port, in the context of the CA file
+ * that verified it), and each new connection to that server takes one, the
+ * newest, and uses it once (RFC 8446, C.4). A server that refuses a ticket
+ * gets a full handshake; a burst of connections opened before any ticket
+ * came back does full handshakes too.
+ */
+#define TICKETS_MAX 32		/* sessions kept per server */
+#define PEERS_MAX 64		/* servers with a pool, per context */
+
+struct tls_peer {
+	struct tls_peer *next;
+	SSL_SESSION *ticket[TICKETS_MAX];	/* oldest first */
+	int n;
+	char key[];			/* "host port" */
+};
+
 /* One client TLS context per CA file (system store only: ca_file NULL). */
 struct tls_ctx {
 	struct tls_ctx *next;
 	SSL_CTX *ctx;
+	struct tls_peer *peers;
+	int npeers;
 	char ca_file[];
 };
 static struct tls_ctx *tls_ctxs;
@@ -644,6 +686,14 @@ static void free_tls_ctxs(void)
 	while (tls_ctxs) {
 		struct tls_ctx *n = tls_ctxs->next;
 
+		while (tls_ctxs->peers) {
+			struct tls_peer *p = tls_ctxs->peers;
+
+			tls_ctxs->peers = p->next;
+			while (p->n > 0)
+				SSL_SESSION_free(p->ticket[--p->n]);
+			free(p);
+		}
 		SSL_CTX_free(tls_ctxs->ctx);
 		free(tls_ctxs);
 		tls_ctxs = n;
@@ -652,7 +702,60 @@ static void free_tls_ctxs(void)
 	bio_method = NULL;
 }
 
-static SSL_CTX *get_tls_ctx(const char *ca_file, const char **err)
+/* OpenSSL hands over a session (a ticket) the server gave us; 1: we keep it. */
+static int on_new_session(SSL *ssl, SSL_SESSION *sess)
+{
+	struct tls_peer *p = SSL_get_app_data(ssl);
+
+	if (p == NULL || !SSL_SESSION_is_resumable(sess))
+		return 0;
+	if (p->n == TICKETS_MAX) {
+		SSL_SESSION_free(p->ticket[0]);
+		memmove(p->ticket, p->ticket + 1, (TICKETS_MAX - 1) * sizeof p->ticket[0]);
+		p->n--;
+	}
+	p->ticket[p->n++] = sess;
+	return 1;
+}
+
+/* The pool of host:port in t, made if missing; NULL when t has too many. */
+static struct tls_peer *get_peer(struct tls_ctx *t, const char *host, int port)
+{
+	char key[300];
+	struct tls_peer *p;
+
+	snprintf(key, sizeof key, "%s %d", host, port);
+	for (p = t->peers; p; p = p->next)
+		if (strcmp(p->key, key) == 0)
+			return p;
+	if (t->npeers == PEERS_MAX)
+		return NULL;
+	p = ca_malloc(sizeof *p + strlen(key) + 1);
+	p->n = 0;
+	strcpy(p->key, key);
+	p->next = t->peers;
+	t->peers = p;
+	t->npeers++;
+	return p;
+}
+
+/* Sets ssl to resume with the newest ticket of p that has not expired. */
+static void resume(SSL *ssl, struct tls_peer *p)
+{
+	time_t now = time(NULL);
+
+	while (p->n > 0) {
+		SSL_SESSION *s = p->ticket[--p->n];
+		int ok = SSL_SESSION_get_time(s) + SSL_SESSION_get_timeout(s) > now &&
+			 SSL_set_session(ssl, s) == 1;
+
+		SSL_SESSION_free(s);	/* SSL_set_session took its own reference */
+		if (ok)
+			return;
+	}
+}
+
+static struct tls_ctx *get_tls_ctx(const char *ca_file, const char **err)
 {
 	const char *key = ca_file ? ca_file : "";
 	struct tls_ctx *t;
@@ -660,7 +763,7 @@ static SSL_CTX *get_tls_ctx(const char *ca_file, const char **err)
 
 	for (t = tls_ctxs; t; t = t->next)
 		if (strcmp(t->ca_file, key) == 0)
-			return t->ctx;
+			return t;
 	ctx = SSL_CTX_new(TLS_client_method());
 	if (ctx == NULL) {
 		*err = "cannot create a TLS context";
@@ -678,26 +781,34 @@ static SSL_CTX *get_tls_ctx(const char *ca_file, const char **err)
 		*err = "cannot load ca_file (not a PEM file of certificates?)";
 		return NULL;
 	}
+	SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_CLIENT | SSL_SESS_CACHE_NO_INTERNAL_STORE);
+	SSL_CTX_sess_set_new_cb(ctx, on_new_session);
 	if (tls_ctxs == NULL)
 		ca__at_close(free_tls_ctxs);
 	t = ca_malloc(sizeof *t + strlen(key) + 1);
 	strcpy(t->ca_file, key);
 	t->ctx = ctx;
+	t->peers = NULL;
+	t->npeers = 0;
 	t->next = tls_ctxs;
 	tls_ctxs = t;
-	return ctx;
+	return t;
 }
 
-/* Sets up the connection's TLS session for host (SNI and the name checked). */
-static int tls_new(struct ca_ws *ws, SSL_CTX *ctx, const char *host)
+/*
+ * Sets up the connection's TLS session for host:port (SNI and the name
+ * checked), resuming an earlier session with that server when one is kept.
+ */
+static int tls_new(struct ca_ws *ws, struct tls_ctx *t, const char *host, int port)
 {
+	struct tls_peer *peer;
 	struct ca_wsc *c = ws->cl;
 	unsigned char addr[16];
 	int is_ip = inet_pton(AF_INET, host, addr) == 1 || inet_pton(AF_INET6, host, addr) == 1;
 	BIO_METHOD *m = get_bio_method();
 	BIO *bio;
 
-	c->ssl = SSL_new(ctx);
+	c->ssl = SSL_new(t->ctx);
 	bio = m ? BIO_new(m) : NULL;
 	if (c->ssl == NULL || bio == NULL) {
 		BIO_free(bio);
@@ -708,6 +819,10 @@ static int tls_new(struct ca_ws *ws, SSL_CTX *ctx, const char *host)
 	if (is_ip ? X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(c->ssl), host) != 1
 		  : (SSL_set_tlsext_host_name(c->ssl, host) != 1 || SSL_set1_host(c->ssl, host) != 1))
 		return -1;
+	peer = get_peer(t, host, port);
+	SSL_set_app_data(c->ssl, peer);
+	if (peer)
+		resume(c->ssl, peer);
 	SSL_set_connect_state(c->ssl);
 	return 0;
 }
@@ -1005,7 +1120,7 @@ static int l_connect(lua_State *L)
 {
 	struct lws_client_connect_info ci;
 	struct lws_vhost *vh;
-	SSL_CTX *tctx = NULL;
+	struct tls_ctx *tctx = NULL;
 	const char *verr = NULL;
 	struct ca_ws *ws;
 	const char *url, *ca_file;
@@ -1065,7 +1180,7 @@ static int l_connect(lua_State *L)
 	memcpy(ws->cl->accept, accept, sizeof accept);
 	ws->cl->ping_ms = (uint64_t)ping * 1000;
 	ws->cl->pong_ms = (uint64_t)pong * 1000;
-	if (tls && tls_new(ws, tctx, host) != 0) {
+	if (tls && tls_new(ws, tctx, host, port) != 0) {
 		ERR_clear_error();
 		free(buf);
 		lua_pop(L, 1);

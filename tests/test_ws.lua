@@ -300,6 +300,57 @@ T.test("wss:// works against a TLS listener whose CA is given; without it ETLS",
   T.match(werr, "^ETLS: .*mismatch")
 end)
 
+T.test("a wss:// connection resumes an earlier session with the same server only", function()
+  local c = certs.make(T.tmpdir())
+  local srv = echo_server({ tls = { cert = c.cert, key = c.key } })
+  local url = srv:ws_url("/echo")
+  local function round_trip(conn, msg)
+    conn:send(msg)
+    T.eq({ conn:receive(2000) }, { "text", msg })
+  end
+  local first = assert(connect(url, { ca_file = c.ca }))
+  T.eq(first.tls.version, "TLSv1.3")
+  T.match(first.tls.cipher, "^TLS_")
+  T.eq(first.tls.resumed, false, "nothing to resume yet")
+  -- TLS 1.3 tickets come after the handshake: a round trip reads them.
+  round_trip(first, "full handshake")
+  local second = assert(connect(url, { ca_file = c.ca }))
+  T.eq(second.tls.resumed, true, "the first connection's ticket")
+  round_trip(second, "resumed")
+  -- Still verified and resumable after the first connections close.
+  first:close()
+  second:close()
+  local third = assert(connect(url, { ca_file = c.ca }))
+  T.eq(third.tls.resumed, true)
+  round_trip(third, "again")
+  -- Another name for the same server, or another server: a full handshake.
+  local named = assert(connect("wss://localhost:" .. srv.port .. "/echo", { ca_file = c.ca }))
+  T.eq(named.tls.resumed, false, "tickets are kept per host name and port")
+  round_trip(named, "by name")
+  local other = echo_server({ tls = { cert = c.cert, key = c.key } })
+  local o = assert(connect(other:ws_url("/echo"), { ca_file = c.ca }))
+  T.eq(o.tls.resumed, false, "another port")
+  -- A session verified with ca_file is not a way around the system store.
+  local bad, err = ws.connect(url, { timeout = 3000 })
+  T.eq(bad, nil)
+  T.match(err, "^ETLS: certificate not trusted")
+  -- A server that no longer knows our tickets (restarted: new ticket keys)
+  -- gets a full handshake, and the connection works.
+  third:close()
+  named:close()
+  local port = srv.port
+  srv:close()
+  local again = echo_server({ port = port, tls = { cert = c.cert, key = c.key } })
+  T.eq(again.port, port)
+  local fresh = assert(connect(url, { ca_file = c.ca }))
+  T.eq(fresh.tls.resumed, false, "the ticket was refused")
+  round_trip(fresh, "after a restart")
+  -- Plain ws:// has no TLS to describe.
+  local plain = echo_server()
+  local p = assert(connect(plain:ws_url("/echo")))
+  T.eq(p.tls, nil)
+end)
+
 T.test("pings keep an idle connection open; an unanswered ping closes it", function()
   local srv = echo_server()
   local c = assert(connect(srv:ws_url("/echo"), { ping_interval = 1, pong_timeout = 1 }))

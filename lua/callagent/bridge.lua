@@ -103,7 +103,15 @@ function Bridge:_model_ready()
     return
   end
   self.model_ready = true
-  log.debug("model ready", self.log_fields)
+  if log.enabled("debug") then
+    local tls = self.rt.conn and self.rt.conn.tls
+    log.debug("model ready", {
+      call = self.call_id,
+      attempt = self.attempt,
+      tls = tls and tls.version,
+      tls_resumed = tls and tls.resumed,
+    })
+  end
   -- Caller audio that came before the model was ready goes first, in order.
   local rt = self.rt
   for i, payload in ipairs(self.pending_in) do

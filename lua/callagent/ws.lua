@@ -17,6 +17,9 @@
 --   local kind, data = conn:receive(5000)   -- "text"|"binary", payload;
 --                                           -- "close", code, reason; nil, "ETIMEDOUT"
 --   conn.response_headers                   -- the server's handshake headers
+--   conn.tls    -- over wss://: { version = "TLSv1.3", cipher = "...",
+--               --   resumed = true when an earlier session with the same
+--               --   server was resumed (no certificate exchange) }; nil over ws://
 --
 -- Errors ("ECODE: message"): EINVAL (bad URL), ETIMEDOUT, ECONNREFUSED,
 -- ENOTFOUND, ETLS (certificate or TLS failure), EHANDSHAKE (no upgrade; the
@@ -56,6 +59,7 @@ local function start(url, opts, on_result)
       end
     elseif event == "open" then
       c.response_headers = a
+      c.tls = b
       on_result(c)
     elseif event == "close" then
       if on_close then
