@@ -158,6 +158,15 @@ static struct link done = {&done, &done};
 static struct link socks = {&socks, &socks};
 static int n_running;		/* requests in curl */
 static int n_active;		/* requests whose fn has not run */
+/*
+ * TLS sessions, shared by every easy handle: a new connection to a server
+ * resumes the session of an earlier one (curl matches host, port and TLS
+ * settings, the CA file among them), so a burst of requests to one API
+ * does not pay a full handshake - certificate chain and signature checks -
+ * per connection. Per easy handle, as curl keeps them by default, a pooled
+ * handle would only resume its own.
+ */
+static CURLSH *share;
 static CURL *pool[POOL_MAX];	/* reset easy handles, ready for reuse */
 static int n_pool;
 static const char *sys_capath;	/* the system store, next to a ca_file */
@@ -777,6 +786,7 @@ static void setup_easy(struct req *r, struct opts *o)
 
 	r->err[0] = '\0';
 	curl_easy_setopt(e, CURLOPT_PRIVATE, (char *)r);
+	curl_easy_setopt(e, CURLOPT_SHARE, share);
 	curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
 	curl_easy_setopt(e, CURLOPT_CURLU, r->cu);
 	curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
@@ -976,6 +986,8 @@ static void at_close(void)
 		close_sock(container_of(socks.next, struct sock, link));
 	curl_multi_cleanup(multi);
 	multi = NULL;
+	curl_share_cleanup(share);	/* every easy handle that used it is gone */
+	share = NULL;
 	uv_close((uv_handle_t *)&multi_timer, NULL);
 	uv_close((uv_handle_t *)&later_timer, NULL);
 	curl_global_cleanup();
@@ -989,6 +1001,11 @@ static void setup(void)
 		return;
 	if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK || (multi = curl_multi_init()) == NULL) {
 		fputs("callagent: cannot initialise libcurl\n", stderr);
+		abort();
+	}
+	share = curl_share_init();
+	if (share == NULL || curl_share_setopt(share, CURLSHOPT_SHARE, CURL_LOCK_DATA_SSL_SESSION) != CURLSHE_OK) {
+		fputs("callagent: cannot initialise libcurl's TLS session cache\n", stderr);
 		abort();
 	}
 	curl_multi_setopt(multi, CURLMOPT_SOCKETFUNCTION, on_socket);

@@ -5,6 +5,7 @@ local task = require "callagent.task"
 local timer = require "callagent.timer"
 local cjson = require "cjson"
 local certs = require "certs"
+local process = require "callagent.process"
 
 -- The server the tests share (made on first use, closed by the teardown), or,
 -- with opts, one of their own that is closed after the test.
@@ -378,6 +379,50 @@ T.test("https trusts ca_file in addition to the system store; without it ETLS", 
   T.match(err, "^ETLS: ")
   res, err = fetch(base .. "/n/tls", { ca_file = c.ca })
   T.ok(res, err)
+end)
+
+T.test("a new https connection resumes the TLS session of an earlier one", function()
+  -- openssl s_server -www answers each request with a page that says whether
+  -- the session was new or resumed, and closes the connection: every request
+  -- is a new connection with its own handshake.
+  local c = certs.make(T.tmpdir())
+  local port = T.free_port()
+  local p = assert(process.spawn({
+    "openssl", "s_server", "-accept", "127.0.0.1:" .. port,
+    "-cert", c.cert, "-key", c.key, "-www", on_stderr = false,
+  }))
+  T.defer(function()
+    p:kill()
+  end)
+  local line
+  repeat -- "Using default temp DH parameters", then "ACCEPT" once it listens
+    line = p:read_line(10000)
+  until line == "ACCEPT" or line == nil
+  T.eq(line, "ACCEPT")
+  local url = "https://127.0.0.1:" .. port .. "/"
+  local function session()
+    local res, err = fetch(url, { ca_file = c.ca })
+    T.ok(res, err)
+    return res and res.body:match("\n(%a+), TLSv1%.3")
+  end
+  T.eq(session(), "New")
+  T.eq(session(), "Reused")
+  -- Requests at once get easy handles of their own: they resume it too.
+  local got, n = {}, 0
+  for i = 1, 4 do
+    task.spawn(function()
+      got[i] = session()
+      n = n + 1
+    end)
+  end
+  T.wait_for(function()
+    return n == 4
+  end, 10000, "four requests")
+  T.eq(got, { "Reused", "Reused", "Reused", "Reused" })
+  -- A session verified with ca_file is no way around the system store.
+  local res, err = fetch(url)
+  T.eq(res, nil)
+  T.match(err, "^ETLS: ")
 end)
 
 T.run()
