@@ -3,7 +3,8 @@
  * interface, driven by the libuv loop (curl's docs/examples/multi-uv.c
  * pattern: CURLMOPT_SOCKETFUNCTION feeds uv_poll handles, CURLMOPT_TIMERFUNCTION
  * a uv_timer). No blocking calls, no threads of ours; one shared multi handle,
- * so connections are reused across requests.
+ * so connections are reused across requests, and one TLS session cache, so
+ * new connections to a server resume an earlier session.
  *
  *   req = fetch.request(url, opts, fn)  starts a request; later, from the loop and
  *                                       exactly once, fn(res) or fn(nil, err)
