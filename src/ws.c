@@ -922,6 +922,12 @@ static int tls_read(struct ca_ws *ws, struct lws *wsi)
 			return -1;
 		if (ws->cl != c || c->broken)
 			return ws->cl == c ? 0 : -1;
+		/*
+		 * All the ciphertext read and no record left, whole or in part:
+		 * another SSL_read could only say so (SSL_ERROR_WANT_READ).
+		 */
+		if (c->rx_len == 0 && !SSL_has_pending(c->ssl))
+			return 0;
 	}
 }
 
