@@ -23,7 +23,7 @@
  *   max_body         response body limit in bytes, default 16 MiB
  *   follow           follow redirects (at most 5), default false
  *   ca_file          PEM file of extra CAs, trusted in addition to the system
- *                    store (OpenSSL's default cert directory)
+ *                    store (OpenSSL's default cert directory, or SSL_CERT_DIR)
  *   username, password  HTTP basic auth
  * res = {status = int, headers = {lowercase name = value; repeats joined with
  *        ", "}, body = string, time_ms = float}
@@ -170,7 +170,7 @@ static int n_active;		/* requests whose fn has not run */
 static CURLSH *share;
 static CURL *pool[POOL_MAX];	/* reset easy handles, ready for reuse */
 static int n_pool;
-static const char *sys_capath;	/* the system store, next to a ca_file */
+static const char *sys_capath;	/* the system store: SSL_CERT_DIR or OpenSSL's cert folder */
 
 /* ---- easy handles ---- */
 
@@ -827,11 +827,16 @@ static void setup_easy(struct req *r, struct opts *o)
 		curl_easy_setopt(e, CURLOPT_USERNAME, o->username ? o->username : "");
 		curl_easy_setopt(e, CURLOPT_PASSWORD, o->password ? o->password : "");
 	}
-	if (o->ca_file) {
-		/* CAfile replaces curl's bundle; CApath keeps the system store. */
-		curl_easy_setopt(e, CURLOPT_CAINFO, o->ca_file);
-		curl_easy_setopt(e, CURLOPT_CAPATH, sys_capath);
-	}
+	/*
+	 * The system store is the folder of certificates named by subject hash,
+	 * read lazily: a handshake loads the one root it needs. curl's default
+	 * bundle file would be parsed whole - about 140 certificates, 30 ms of
+	 * the loop's time - for every new connection (curl 7.88 caches the
+	 * store only when no CApath is set, and Debian's build sets one).
+	 * NULL: no bundle; a ca_file adds its CAs.
+	 */
+	curl_easy_setopt(e, CURLOPT_CAINFO, o->ca_file);
+	curl_easy_setopt(e, CURLOPT_CAPATH, sys_capath);
 }
 
 static int l_request(lua_State *L)

@@ -300,6 +300,41 @@ T.test("wss:// works against a TLS listener whose CA is given; without it ETLS",
   T.match(werr, "^ETLS: .*mismatch")
 end)
 
+T.test("the system store is the hashed certificate folder (SSL_CERT_DIR), for wss:// and https", function()
+  local c = certs.make(T.tmpdir())
+  local srv = echo_server({ tls = { cert = c.cert, key = c.key } })
+  srv:get("/hi", function()
+    return 200, "hi"
+  end)
+  -- A store of one CA, named by subject hash as in /etc/ssl/certs.
+  local store = T.tmpdir()
+  assert(os.execute("cp '" .. c.ca .. "' '" .. store .. "/test-ca.pem' && openssl rehash '" .. store .. "'"))
+  local source = [[
+local ws, fetch, task = require "callagent.ws", require "callagent.fetch", require "callagent.task"
+task.spawn(function()
+  local conn, err = ws.connect("wss://127.0.0.1:]] .. srv.port .. [[/echo")
+  if conn then
+    conn:send("trusted")
+    local _, msg = conn:receive(5000)
+    print(msg)
+  else
+    print(err)
+  end
+  local res, ferr = fetch("https://127.0.0.1:]] .. srv.port .. [[/hi")
+  print(res and res.body or ferr)
+  os.exit(0)
+end)
+]]
+  local code, _, p = T.run_app(nil, nil, { source = source, env = { SSL_CERT_DIR = store } })
+  T.eq(code, 0, p.errtext())
+  T.eq(p.out, { "trusted", "hi" })
+  -- The system's own folder does not hold the test CA.
+  code, _, p = T.run_app(nil, nil, { source = source })
+  T.eq(code, 0, p.errtext())
+  T.match(p.out[1], "^ETLS: certificate not trusted")
+  T.match(p.out[2], "^ETLS")
+end)
+
 T.test("a wss:// connection resumes an earlier session with the same server only", function()
   local c = certs.make(T.tmpdir())
   local srv = echo_server({ tls = { cert = c.cert, key = c.key } })
