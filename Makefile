@@ -97,7 +97,7 @@ tests/node_modules/.package-lock.json: tests/package.json tests/package-lock.jso
 	cd tests && npm ci --no-audit --no-fund
 
 test: test-deps
-	@$(MAKE) --no-print-directory $(BIN) $(CTESTS) $(BENCH_TOOLS)
+	@$(MAKE) --no-print-directory $(BIN) $(CTESTS) $(BENCH_TOOLS) $(TEST_TOOLS)
 	@CALLAGENT_SAN=$(SAN) tests/run $(BIN) $(BUILD)/tests
 
 run: deps
@@ -110,6 +110,13 @@ BENCH_TOOLS := build/release/tests/bench/loadgen build/release/tests/bench/loopb
 build/release/tests/bench/loadgen: tests/bench/loadgen.c
 	@mkdir -p $(@D)
 	$(CC) -std=gnu11 -O2 -Wall -Wextra -o $@ $< -lssl -lcrypto
+
+# A getaddrinfo() shim the tests preload to make name lookups slow (test_ws).
+TEST_TOOLS := build/release/tests/slow_dns.so
+
+build/release/tests/slow_dns.so: tests/c/slow_dns.c
+	@mkdir -p $(@D)
+	$(CC) -std=gnu11 -O2 -Wall -Wextra -shared -fPIC -o $@ $< -ldl
 
 build/release/tests/bench/loopback: tests/bench/loopback.c
 	@mkdir -p $(@D)

@@ -77,12 +77,34 @@ struct ca_wsc {
 	size_t rx_len;
 	int tls_started, tls_up;
 
+	struct lookup *lookup;		/* the host name being resolved, before the connect */
+
 	/* Pings after ping_ms of silence; no answer within pong_ms: dropped. */
 	uv_timer_t *ping_timer;
 	uint64_t ping_ms, pong_ms;
 	uint64_t last_rx, ping_sent;
 };
 
+/*
+ * A host name resolved on libuv's thread pool. lws 4.1.6 as Debian builds
+ * it (no LWS_WITH_SYS_ASYNC_DNS) calls getaddrinfo() on the loop thread:
+ * every call's model connection would hold up every live call's audio for
+ * its lookup - milliseconds, or seconds when DNS is slow or down. So lws
+ * gets a numeric address. ws is NULL once the connection has given up on
+ * the lookup; the request then only frees itself.
+ */
+struct lookup {
+	uv_getaddrinfo_t req;
+	struct lookup *next, **pprev;	/* in lookups, for the teardown */
+	struct ca_ws *ws;
+	int port;
+	char *host, *path, *hosthdr;	/* in mem */
+	char mem[];
+};
+static struct lookup *lookups;
+static int lookups_hooked;
+
+static void drop_lookup(struct ca_wsc *c);
 static void on_ping_timer(uv_timer_t *t);
 static int tls_rx(struct ca_ws *ws, struct lws *wsi, const unsigned char *in, size_t len);
 static int tls_start(struct ca_ws *ws);
@@ -107,6 +129,7 @@ static void free_client(struct ca_ws *ws)
 	if (c == NULL)
 		return;
 	ws->cl = NULL;
+	drop_lookup(c);
 	wipe_free(c->req, LWS_PRE + c->req_len);
 	free(c->head);
 	SSL_free(c->ssl);
@@ -977,11 +1000,179 @@ static void on_connect_timeout(uv_timer_t *t)
 {
 	struct ca_ws *ws = t->data;
 
-	if (ws->state != CA_WS_CONNECTING || ws->wsi == NULL)
+	if (ws->state != CA_WS_CONNECTING)
 		return;
-	snprintf(ws->error, sizeof ws->error, "ETIMEDOUT: no connection within %llu ms",
-		 (unsigned long long)uv_timer_get_repeat(t));
-	ca__ws_kill(ws->wsi);
+	if (!ws->error[0])
+		snprintf(ws->error, sizeof ws->error, "ETIMEDOUT: no connection within %llu ms",
+			 (unsigned long long)uv_timer_get_repeat(t));
+	if (ws->wsi) {
+		ca__ws_kill(ws->wsi);
+		return;
+	}
+	/* Still resolving, or canceled while it was (ca__wsc_cancel). */
+	if (ws->cl)
+		drop_lookup(ws->cl);
+	conn_finished(ws, NULL);
+}
+
+/* ---- the name lookup, then the connect ---- */
+
+/* Forgets c's lookup: it finishes on its own (or is canceled) and frees itself. */
+static void drop_lookup(struct ca_wsc *c)
+{
+	struct lookup *l = c->lookup;
+
+	if (l == NULL)
+		return;
+	c->lookup = NULL;
+	l->ws = NULL;
+	uv_cancel((uv_req_t *)&l->req);
+}
+
+static void unlist_lookup(struct lookup *l)
+{
+	*l->pprev = l->next;
+	if (l->next)
+		l->next->pprev = l->pprev;
+}
+
+/* Teardown: connections still resolving end (ECANCELED) without waiting for it. */
+static void end_lookups(void)
+{
+	for (struct lookup *l = lookups; l; l = l->next) {
+		struct ca_ws *ws = l->ws;
+
+		if (ws == NULL || ws->cl == NULL)
+			continue;
+		drop_lookup(ws->cl);
+		snprintf(ws->error, sizeof ws->error, "ECANCELED: shutting down");
+		conn_finished(ws, NULL);
+	}
+}
+
+/* lws connects to address (numeric). 0, or -1 with ws->error set; nothing emitted. */
+static int start_connect(struct ca_ws *ws, const char *address, int port, const char *path,
+			 const char *hosthdr)
+{
+	struct lws_client_connect_info ci;
+	const char *verr = NULL;
+
+	memset(&ci, 0, sizeof ci);
+	ci.context = ca__lws_ctx(0, &verr);
+	ci.vhost = get_vhost(&verr);
+	if (ci.context == NULL || ci.vhost == NULL) {
+		snprintf(ws->error, sizeof ws->error, "EIO: %s", verr ? verr : "no lws context");
+		return -1;
+	}
+	ci.address = address;
+	ci.port = port;
+	ci.path = path;
+	ci.host = hosthdr;
+	ci.method = "RAW";
+	ci.local_protocol_name = "callagent-ws-client";
+	ci.userdata = ws;
+	ci.pwsi = &ws->wsi;
+	if (lws_client_connect_via_info(&ci) == NULL || ws->state == CA_WS_CLOSED) {
+		if (ws->state != CA_WS_CLOSED) {
+			classify_error(ws, NULL);
+			ws->wsi = NULL;
+		}
+		return -1;
+	}
+	return 0;
+}
+
+/*
+ * The address to connect to: the first IPv4 one if there is one, else the
+ * first. lws gets a single address, so it cannot fall back from one that
+ * does not answer to the next; IPv4 is the one every network routes.
+ */
+static int pick_address(const struct addrinfo *res, char *out, size_t n)
+{
+	const struct addrinfo *a, *pick = NULL;
+
+	for (a = res; a && !pick; a = a->ai_next)
+		if (a->ai_family == AF_INET)
+			pick = a;
+	for (a = res; a && !pick; a = a->ai_next)
+		if (a->ai_family == AF_INET6)
+			pick = a;
+	if (pick == NULL)
+		return -1;
+	if (pick->ai_family == AF_INET)
+		return uv_ip4_name((const struct sockaddr_in *)pick->ai_addr, out, n);
+	return uv_ip6_name((const struct sockaddr_in6 *)pick->ai_addr, out, n);
+}
+
+static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
+{
+	struct lookup *l = (struct lookup *)req;
+	struct ca_ws *ws = l->ws;
+	char addr[64];
+
+	unlist_lookup(l);
+	if (ws == NULL) {	/* given up on: timed out, canceled, shut down */
+		uv_freeaddrinfo(res);
+		free(l);
+		return;
+	}
+	ws->cl->lookup = NULL;
+	if (status != 0)
+		snprintf(ws->error, sizeof ws->error, "ENOTFOUND: %s: %s", l->host, uv_strerror(status));
+	else if (pick_address(res, addr, sizeof addr) != 0)
+		snprintf(ws->error, sizeof ws->error, "ENOTFOUND: %s: no IPv4 or IPv6 address", l->host);
+	uv_freeaddrinfo(res);
+	if (ws->error[0] || start_connect(ws, addr, l->port, l->path, l->hosthdr) != 0) {
+		if (ws->state != CA_WS_CLOSED)
+			conn_finished(ws, NULL);	/* the "error" event */
+	}
+	free(l);
+}
+
+/* Resolves host on the thread pool, then connects. 0, or -1 with ws->error set. */
+static int start_lookup(struct ca_ws *ws, const char *host, int port, const char *path,
+			const char *hosthdr)
+{
+	size_t hl = strlen(host) + 1, pl = strlen(path) + 1, ql = strlen(hosthdr) + 1;
+	struct lookup *l = ca_malloc(sizeof *l + hl + pl + ql);
+	struct addrinfo hints;
+	int rc;
+
+	memset(&hints, 0, sizeof hints);
+	hints.ai_family = AF_UNSPEC;
+	hints.ai_socktype = SOCK_STREAM;
+	hints.ai_flags = AI_ADDRCONFIG;
+	l->ws = ws;
+	l->port = port;
+	l->host = memcpy(l->mem, host, hl);
+	l->path = memcpy(l->mem + hl, path, pl);
+	l->hosthdr = memcpy(l->mem + hl + pl, hosthdr, ql);
+	rc = uv_getaddrinfo(ca_loop(), &l->req, on_resolved, l->host, NULL, &hints);
+	if (rc != 0) {
+		snprintf(ws->error, sizeof ws->error, "ENOTFOUND: %s: %s", host, uv_strerror(rc));
+		free(l);
+		return -1;
+	}
+	if (lookups == NULL && !lookups_hooked) {
+		lookups_hooked = 1;
+		ca__at_close(end_lookups);
+	}
+	l->next = lookups;
+	l->pprev = &lookups;
+	if (lookups)
+		lookups->pprev = &l->next;
+	lookups = l;
+	ws->cl->lookup = l;
+	return 0;
+}
+
+/* conn:close() or conn:abort() while the name is being resolved: ECANCELED, soon. */
+void ca__wsc_cancel(struct ca_ws *ws)
+{
+	if (ws->cl == NULL || ws->cl->lookup == NULL || ws->connect_timer == NULL)
+		return;
+	drop_lookup(ws->cl);
+	uv_timer_start(ws->connect_timer, on_connect_timeout, 0, 0);
 }
 
 /* Splits "ws[s]://host[:port]/path" into its parts (in place, in buf). */
@@ -1136,9 +1327,15 @@ static int build_request(lua_State *L, const char *path, const char *host,
 	return 0;
 }
 
+static int numeric_host(const char *host)
+{
+	unsigned char a[16];
+
+	return inet_pton(AF_INET, host, a) == 1 || inet_pton(AF_INET6, host, a) == 1;
+}
+
 static int l_connect(lua_State *L)
 {
-	struct lws_client_connect_info ci;
 	struct lws_vhost *vh;
 	struct tls_ctx *tctx = NULL;
 	const char *verr = NULL;
@@ -1213,26 +1410,14 @@ static int l_connect(lua_State *L)
 		return 2;
 	}
 
-	memset(&ci, 0, sizeof ci);
-	ci.context = ca__lws_ctx(0, &verr);
-	ci.vhost = vh;
-	ci.address = host;
-	ci.port = port;
-	ci.path = fullpath;
-	ci.host = hosthdr;
-	ci.method = "RAW";
-	ci.local_protocol_name = "callagent-ws-client";
-	ci.userdata = ws;
-	ci.pwsi = &ws->wsi;
-
 	ws->connect_timer = ca_malloc(sizeof *ws->connect_timer);
 	uv_timer_init(ca_loop(), ws->connect_timer);
 	ws->connect_timer->data = ws;
-	if (lws_client_connect_via_info(&ci) == NULL || ws->state == CA_WS_CLOSED) {
+	if ((numeric_host(host) ? start_connect(ws, host, port, fullpath, hosthdr)
+				: start_lookup(ws, host, port, fullpath, hosthdr)) != 0) {
 		/* It failed at once; report it as a return value, not an event. */
 		if (ws->state != CA_WS_CLOSED) {
 			ws->handler_ref = LUA_NOREF;
-			classify_error(ws, NULL);
 			ws->wsi = NULL;
 			free_client(ws);
 			ca__ws_closed(ws);

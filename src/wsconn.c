@@ -822,13 +822,18 @@ static int l_close(lua_State *L)
 		      (code >= 1001 && code <= 1014 && code != 1004 && code != 1005 && code != 1006),
 		      2, "not a close code an endpoint may send");
 	luaL_argcheck(L, rlen <= 123, 3, "reason longer than 123 bytes");
-	if (ws->wsi == NULL || ws->state == CA_WS_CLOSED || closing(ws))
+	if (ws->state == CA_WS_CLOSED || closing(ws))
 		return 0;
 	if (ws->state == CA_WS_CONNECTING) {
 		snprintf(ws->error, sizeof ws->error, "ECANCELED: closed before it connected");
-		ca__ws_kill(ws->wsi);
+		if (ws->wsi)
+			ca__ws_kill(ws->wsi);
+		else
+			ca__wsc_cancel(ws);	/* still resolving its host name */
 		return 0;
 	}
+	if (ws->wsi == NULL)
+		return 0;
 	ws->close_code = (int)code;
 	memcpy(ws->close_reason, reason, rlen);
 	ws->close_reason[rlen] = '\0';
@@ -841,8 +846,12 @@ static int l_abort(lua_State *L)
 {
 	struct ca_ws *ws = check_ws(L);
 
-	if (ws->wsi && ws->state != CA_WS_CLOSED)
+	if (ws->state == CA_WS_CONNECTING && ws->wsi == NULL && ws->is_client) {
+		snprintf(ws->error, sizeof ws->error, "ECANCELED: aborted before it connected");
+		ca__wsc_cancel(ws);	/* still resolving its host name */
+	} else if (ws->wsi && ws->state != CA_WS_CLOSED) {
 		ca__ws_drop(ws, 1006, "aborted");
+	}
 	return 0;
 }
 

@@ -124,6 +124,13 @@ int ca__ws_send(struct ca_ws *ws, const void *data, size_t len, int kind, const 
 /* Writes wire bytes of a client connection (through its TLS, if any); 0 or -1. */
 int ca__wsc_write(struct ca_ws *ws, unsigned char *buf, size_t len);
 
+/*
+ * A client connection closed or aborted while its host name is still being
+ * resolved (no wsi yet): it ends with the error already set (ECANCELED),
+ * from the loop, not from inside the caller.
+ */
+void ca__wsc_cancel(struct ca_ws *ws);
+
 /* The connection behind a "callagent.WebSocket" userdata at idx (raises if not one). */
 struct ca_ws *ca__ws_check(lua_State *L, int idx);
 

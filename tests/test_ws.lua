@@ -300,6 +300,92 @@ T.test("wss:// works against a TLS listener whose CA is given; without it ETLS",
   T.match(werr, "^ETLS: .*mismatch")
 end)
 
+T.test("host names resolve off the loop: a slow DNS holds up no other connection", function()
+  -- tests/c/slow_dns.c, preloaded into a child, makes every lookup of a
+  -- name ending in .slow.test take 400 ms (then 127.0.0.1) and of one in
+  -- .fail.test fail after as long. lws alone would look names up on the
+  -- loop thread: everything would stop for those 400 ms.
+  local shim = T.root .. "/build/release/tests/slow_dns.so"
+  T.ok(io.open(shim), "the shim is built (make test builds it)")
+  local srv = echo_server()
+  local source = [[
+local core_ws = require "callagent.core.ws"
+local ws, timer, task = require "callagent.ws", require "callagent.timer", require "callagent.task"
+local base = "ws://%s:]] .. srv.port .. [[/echo"
+local last, gap = timer.now(), 0
+timer.every(5, function()
+  local now = timer.now()
+  gap = math.max(gap, now - last)
+  last = now
+end)
+task.spawn(function()
+  local t0 = timer.now()
+  local by_name
+  task.spawn(function()
+    local c, err = ws.connect(base:format("echo.slow.test"))
+    if c then
+      c:send("by name")
+      local _, m = c:receive(5000)
+      by_name = m
+    else
+      by_name = err
+    end
+  end)
+  local c = assert(ws.connect(base:format("127.0.0.1")))
+  c:send("by address")
+  local _, m = c:receive(5000)
+  print(m .. (timer.now() - t0 < 200 and " within 200 ms" or " late"))
+  while not by_name do timer.sleep(10) end
+  print(by_name)
+  print(select(2, ws.connect(base:format("nowhere.fail.test"))))
+  print(select(2, ws.connect(base:format("echo.slow.test"), { timeout = 100 })))
+  local err
+  local pending = core_ws.connect({ url = base:format("echo.slow.test") }, function(_, ev, a)
+    if ev == "error" then err = a end
+  end)
+  pending:close()
+  while not err do timer.sleep(10) end
+  print(err)
+  print(gap < 250 and "the loop kept ticking" or ("the loop stopped for " .. gap .. " ms"))
+  os.exit(0)
+end)
+]]
+  local code, _, p = T.run_app(nil, nil, {
+    source = source,
+    env = {
+      LD_PRELOAD = shim,
+      SLOW_DNS_MS = "400",
+      -- Under ASan the shim goes first; the link order check would refuse it.
+      ASAN_OPTIONS = (os.getenv("ASAN_OPTIONS") or "") .. ":verify_asan_link_order=0",
+    },
+  })
+  T.eq(code, 0, p.errtext())
+  T.eq(p.out[1], "by address within 200 ms", "a connection by address does not wait for a lookup")
+  T.eq(p.out[2], "by name", "the slow name resolves and connects")
+  T.match(p.out[3], "^ENOTFOUND: nowhere%.fail%.test: ")
+  T.eq(p.out[4], "ETIMEDOUT: no connection within 100 ms", "the timeout covers the lookup")
+  T.eq(p.out[5], "ECANCELED: closed before it connected", "closed while resolving")
+  T.eq(p.out[6], "the loop kept ticking")
+  -- Stopped while a lookup is still running: it exits cleanly, right after.
+  local stopping = T.spawn_app(nil, nil, {
+    source = [[
+local core_ws = require "callagent.core.ws"
+core_ws.connect({ url = "ws://echo.slow.test:]] .. srv.port .. [[/echo" }, function() end)
+print("resolving")
+]],
+    env = {
+      LD_PRELOAD = shim,
+      SLOW_DNS_MS = "1000",
+      ASAN_OPTIONS = (os.getenv("ASAN_OPTIONS") or "") .. ":verify_asan_link_order=0",
+    },
+  })
+  T.wait_for(function()
+    return stopping.out[1] == "resolving"
+  end, 10000, "the child to start its lookup")
+  stopping:kill("SIGTERM")
+  T.eq(stopping:wait(10000), 0, stopping.errtext())
+end)
+
 T.test("the system store is the hashed certificate folder (SSL_CERT_DIR), for wss:// and https", function()
   local c = certs.make(T.tmpdir())
   local srv = echo_server({ tls = { cert = c.cert, key = c.key } })
