@@ -86,23 +86,44 @@ struct ca_wsc {
 };
 
 /*
- * A host name resolved on libuv's thread pool. lws 4.1.6 as Debian builds
- * it (no LWS_WITH_SYS_ASYNC_DNS) calls getaddrinfo() on the loop thread:
- * every call's model connection would hold up every live call's audio for
- * its lookup - milliseconds, or seconds when DNS is slow or down. So lws
- * gets a numeric address. ws is NULL once the connection has given up on
- * the lookup; the request then only frees itself.
+ * Host names are resolved on libuv's thread pool. lws 4.1.6 as Debian
+ * builds it (no LWS_WITH_SYS_ASYNC_DNS) calls getaddrinfo() on the loop
+ * thread: every call's model connection would hold up every live call's
+ * audio for its lookup - milliseconds, or seconds when DNS is slow or down.
+ * So lws gets a numeric address. Connections to a name being resolved wait
+ * for that one lookup (a burst of calls makes one query, not hundreds on
+ * the pool's four threads), and an answer is kept for DNS_CACHE_MS, as
+ * curl keeps its own (CURLOPT_DNS_CACHE_TIMEOUT).
  */
-struct lookup {
-	uv_getaddrinfo_t req;
-	struct lookup *next, **pprev;	/* in lookups, for the teardown */
+#define DNS_CACHE_MS 60000
+#define DNS_CACHE_MAX 16
+
+struct lookup {				/* one connection waiting for its name */
+	struct lookup *next, **pprev;	/* in its resolve's waiters */
+	struct resolve *r;
 	struct ca_ws *ws;
 	int port;
-	char *host, *path, *hosthdr;	/* in mem */
+	char *path, *hosthdr;		/* in mem */
 	char mem[];
 };
-static struct lookup *lookups;
-static int lookups_hooked;
+
+struct resolve {			/* one name being resolved */
+	uv_getaddrinfo_t req;
+	struct resolve *next, **pprev;	/* in resolves */
+	struct lookup *waiters;
+	char host[];
+};
+
+struct dns_entry {			/* an answer kept */
+	struct dns_entry *next;
+	uint64_t until;			/* uv_now() */
+	char addr[64];
+	char host[];
+};
+
+static struct resolve *resolves;
+static struct dns_entry *dns_cache;
+static int dns_hooked, dns_closed;
 
 static void drop_lookup(struct ca_wsc *c);
 static void on_ping_timer(uv_timer_t *t);
@@ -1017,7 +1038,7 @@ static void on_connect_timeout(uv_timer_t *t)
 
 /* ---- the name lookup, then the connect ---- */
 
-/* Forgets c's lookup: it finishes on its own (or is canceled) and frees itself. */
+/* Takes c off the list of its name's lookup (which goes on for the others). */
 static void drop_lookup(struct ca_wsc *c)
 {
 	struct lookup *l = c->lookup;
@@ -1025,28 +1046,31 @@ static void drop_lookup(struct ca_wsc *c)
 	if (l == NULL)
 		return;
 	c->lookup = NULL;
-	l->ws = NULL;
-	uv_cancel((uv_req_t *)&l->req);
-}
-
-static void unlist_lookup(struct lookup *l)
-{
 	*l->pprev = l->next;
 	if (l->next)
 		l->next->pprev = l->pprev;
+	free(l);
 }
 
-/* Teardown: connections still resolving end (ECANCELED) without waiting for it. */
+/* Teardown: connections still waiting for a name end (ECANCELED) at once. */
 static void end_lookups(void)
 {
-	for (struct lookup *l = lookups; l; l = l->next) {
-		struct ca_ws *ws = l->ws;
+	dns_closed = 1;
+	for (struct resolve *r = resolves; r; r = r->next) {
+		while (r->waiters) {
+			struct ca_ws *ws = r->waiters->ws;
 
-		if (ws == NULL || ws->cl == NULL)
-			continue;
-		drop_lookup(ws->cl);
-		snprintf(ws->error, sizeof ws->error, "ECANCELED: shutting down");
-		conn_finished(ws, NULL);
+			drop_lookup(ws->cl);
+			snprintf(ws->error, sizeof ws->error, "ECANCELED: shutting down");
+			conn_finished(ws, NULL);
+		}
+		uv_cancel((uv_req_t *)&r->req);
+	}
+	while (dns_cache) {
+		struct dns_entry *e = dns_cache->next;
+
+		free(dns_cache);
+		dns_cache = e;
 	}
 }
 
@@ -1104,64 +1128,134 @@ static int pick_address(const struct addrinfo *res, char *out, size_t n)
 	return uv_ip6_name((const struct sockaddr_in6 *)pick->ai_addr, out, n);
 }
 
-static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
+/* The kept answer for host, or NULL (expired ones go). */
+static const char *dns_cached(const char *host)
 {
-	struct lookup *l = (struct lookup *)req;
-	struct ca_ws *ws = l->ws;
-	char addr[64];
+	uint64_t now = uv_now(ca_loop());
 
-	unlist_lookup(l);
-	if (ws == NULL) {	/* given up on: timed out, canceled, shut down */
-		uv_freeaddrinfo(res);
-		free(l);
-		return;
+	for (struct dns_entry **pe = &dns_cache; *pe;) {
+		struct dns_entry *e = *pe;
+
+		if (e->until <= now) {
+			*pe = e->next;
+			free(e);
+		} else if (strcmp(e->host, host) == 0) {
+			return e->addr;
+		} else {
+			pe = &e->next;
+		}
 	}
-	ws->cl->lookup = NULL;
-	if (status != 0)
-		snprintf(ws->error, sizeof ws->error, "ENOTFOUND: %s: %s", l->host, uv_strerror(status));
-	else if (pick_address(res, addr, sizeof addr) != 0)
-		snprintf(ws->error, sizeof ws->error, "ENOTFOUND: %s: no IPv4 or IPv6 address", l->host);
-	uv_freeaddrinfo(res);
-	if (ws->error[0] || start_connect(ws, addr, l->port, l->path, l->hosthdr) != 0) {
-		if (ws->state != CA_WS_CLOSED)
-			conn_finished(ws, NULL);	/* the "error" event */
-	}
-	free(l);
+	return NULL;
 }
 
-/* Resolves host on the thread pool, then connects. 0, or -1 with ws->error set. */
+static void dns_keep(const char *host, const char *addr)
+{
+	struct dns_entry *e, **pe;
+	int n = 0;
+
+	for (pe = &dns_cache; *pe; pe = &(*pe)->next)
+		if (++n == DNS_CACHE_MAX) {	/* full: the oldest goes */
+			free(*pe);
+			*pe = NULL;
+			break;
+		}
+	e = ca_malloc(sizeof *e + strlen(host) + 1);
+	strcpy(e->host, host);
+	snprintf(e->addr, sizeof e->addr, "%s", addr);
+	e->until = uv_now(ca_loop()) + DNS_CACHE_MS;
+	e->next = dns_cache;
+	dns_cache = e;
+}
+
+static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
+{
+	struct resolve *r = (struct resolve *)req;
+	char addr[64] = "", err[200] = "";
+
+	*r->pprev = r->next;
+	if (r->next)
+		r->next->pprev = r->pprev;
+	if (status != 0)
+		snprintf(err, sizeof err, "ENOTFOUND: %s: %s", r->host, uv_strerror(status));
+	else if (pick_address(res, addr, sizeof addr) != 0)
+		snprintf(err, sizeof err, "ENOTFOUND: %s: no IPv4 or IPv6 address", r->host);
+	else if (!dns_closed)
+		dns_keep(r->host, addr);
+	uv_freeaddrinfo(res);
+	while (r->waiters) {
+		struct lookup *l = r->waiters;
+		struct ca_ws *ws = l->ws;
+		int port = l->port, failed;
+		char path[2048], hosthdr[300];
+
+		snprintf(path, sizeof path, "%s", l->path);
+		snprintf(hosthdr, sizeof hosthdr, "%s", l->hosthdr);
+		drop_lookup(ws->cl);	/* frees l */
+		if (err[0])
+			snprintf(ws->error, sizeof ws->error, "%s", err);
+		failed = err[0] || start_connect(ws, addr, port, path, hosthdr) != 0;
+		if (failed && ws->state != CA_WS_CLOSED)
+			conn_finished(ws, NULL);	/* the "error" event */
+	}
+	free(r);
+}
+
+/*
+ * Connects to host by name: at once with a kept answer, else once the
+ * lookup (this connection's, or one already under way) is done. 0, or -1
+ * with ws->error set.
+ */
 static int start_lookup(struct ca_ws *ws, const char *host, int port, const char *path,
 			const char *hosthdr)
 {
-	size_t hl = strlen(host) + 1, pl = strlen(path) + 1, ql = strlen(hosthdr) + 1;
-	struct lookup *l = ca_malloc(sizeof *l + hl + pl + ql);
-	struct addrinfo hints;
-	int rc;
+	size_t pl = strlen(path) + 1, ql = strlen(hosthdr) + 1;
+	const char *addr = dns_cached(host);
+	struct resolve *r;
+	struct lookup *l;
 
-	memset(&hints, 0, sizeof hints);
-	hints.ai_family = AF_UNSPEC;
-	hints.ai_socktype = SOCK_STREAM;
-	hints.ai_flags = AI_ADDRCONFIG;
+	if (addr)
+		return start_connect(ws, addr, port, path, hosthdr);
+	for (r = resolves; r; r = r->next)
+		if (strcmp(r->host, host) == 0)
+			break;
+	if (r == NULL) {
+		struct addrinfo hints;
+		int rc;
+
+		memset(&hints, 0, sizeof hints);
+		hints.ai_family = AF_UNSPEC;
+		hints.ai_socktype = SOCK_STREAM;
+		hints.ai_flags = AI_ADDRCONFIG;
+		r = ca_malloc(sizeof *r + strlen(host) + 1);
+		strcpy(r->host, host);
+		r->waiters = NULL;
+		rc = uv_getaddrinfo(ca_loop(), &r->req, on_resolved, r->host, NULL, &hints);
+		if (rc != 0) {
+			snprintf(ws->error, sizeof ws->error, "ENOTFOUND: %s: %s", host, uv_strerror(rc));
+			free(r);
+			return -1;
+		}
+		if (!dns_hooked) {
+			dns_hooked = 1;
+			ca__at_close(end_lookups);
+		}
+		r->next = resolves;
+		r->pprev = &resolves;
+		if (resolves)
+			resolves->pprev = &r->next;
+		resolves = r;
+	}
+	l = ca_malloc(sizeof *l + pl + ql);
+	l->r = r;
 	l->ws = ws;
 	l->port = port;
-	l->host = memcpy(l->mem, host, hl);
-	l->path = memcpy(l->mem + hl, path, pl);
-	l->hosthdr = memcpy(l->mem + hl + pl, hosthdr, ql);
-	rc = uv_getaddrinfo(ca_loop(), &l->req, on_resolved, l->host, NULL, &hints);
-	if (rc != 0) {
-		snprintf(ws->error, sizeof ws->error, "ENOTFOUND: %s: %s", host, uv_strerror(rc));
-		free(l);
-		return -1;
-	}
-	if (lookups == NULL && !lookups_hooked) {
-		lookups_hooked = 1;
-		ca__at_close(end_lookups);
-	}
-	l->next = lookups;
-	l->pprev = &lookups;
-	if (lookups)
-		lookups->pprev = &l->next;
-	lookups = l;
+	l->path = memcpy(l->mem, path, pl);
+	l->hosthdr = memcpy(l->mem + pl, hosthdr, ql);
+	l->next = r->waiters;
+	l->pprev = &r->waiters;
+	if (r->waiters)
+		r->waiters->pprev = &l->next;
+	r->waiters = l;
 	ws->cl->lookup = l;
 	return 0;
 }

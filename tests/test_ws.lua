@@ -338,23 +338,40 @@ task.spawn(function()
   while not by_name do timer.sleep(10) end
   print(by_name)
   print(select(2, ws.connect(base:format("nowhere.fail.test"))))
-  print(select(2, ws.connect(base:format("echo.slow.test"), { timeout = 100 })))
+  print(select(2, ws.connect(base:format("late.slow.test"), { timeout = 100 })))
   local err
-  local pending = core_ws.connect({ url = base:format("echo.slow.test") }, function(_, ev, a)
+  local pending = core_ws.connect({ url = base:format("cancel.slow.test") }, function(_, ev, a)
     if ev == "error" then err = a end
   end)
   pending:close()
   while not err do timer.sleep(10) end
   print(err)
+  -- Three at once wait for one lookup; a fourth uses the answer kept.
+  local echoed = 0
+  for i = 1, 3 do
+    task.spawn(function()
+      local c3 = assert(ws.connect(base:format("many.slow.test")))
+      c3:send("many")
+      if select(2, c3:receive(5000)) == "many" then echoed = echoed + 1 end
+    end)
+  end
+  while echoed < 3 do timer.sleep(10) end
+  local t1 = timer.now()
+  local again = assert(ws.connect(base:format("many.slow.test")))
+  print("3 echoed, then one more " .. (timer.now() - t1 < 200 and "within 200 ms" or "late"))
+  again:close()
+  print(select(2, ws.connect(base:format("nowhere.fail.test"))))
   print(gap < 250 and "the loop kept ticking" or ("the loop stopped for " .. gap .. " ms"))
   os.exit(0)
 end)
 ]]
+  local dns_log = T.tmpdir() .. "/lookups"
   local code, _, p = T.run_app(nil, nil, {
     source = source,
     env = {
       LD_PRELOAD = shim,
       SLOW_DNS_MS = "400",
+      SLOW_DNS_LOG = dns_log,
       -- Under ASan the shim goes first; the link order check would refuse it.
       ASAN_OPTIONS = (os.getenv("ASAN_OPTIONS") or "") .. ":verify_asan_link_order=0",
     },
@@ -365,7 +382,20 @@ end)
   T.match(p.out[3], "^ENOTFOUND: nowhere%.fail%.test: ")
   T.eq(p.out[4], "ETIMEDOUT: no connection within 100 ms", "the timeout covers the lookup")
   T.eq(p.out[5], "ECANCELED: closed before it connected", "closed while resolving")
-  T.eq(p.out[6], "the loop kept ticking")
+  T.eq(p.out[6], "3 echoed, then one more within 200 ms", "an answer is kept")
+  T.match(p.out[7], "^ENOTFOUND: nowhere%.fail%.test: ", "a failure is not kept")
+  T.eq(p.out[8], "the loop kept ticking")
+  local lookups = {}
+  for name in io.lines(dns_log) do
+    lookups[name] = (lookups[name] or 0) + 1
+  end
+  T.eq(lookups, {
+    ["echo.slow.test"] = 1,
+    ["nowhere.fail.test"] = 2,
+    ["late.slow.test"] = 1,
+    ["cancel.slow.test"] = 1,
+    ["many.slow.test"] = 1,
+  }, "one lookup per name, but for failures")
   -- Stopped while a lookup is still running: it exits cleanly, right after.
   local stopping = T.spawn_app(nil, nil, {
     source = [[

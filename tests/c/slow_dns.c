@@ -3,20 +3,40 @@
  * without a DNS server. getaddrinfo() for a name ending in ".slow.test"
  * answers 127.0.0.1 after SLOW_DNS_MS (default 400) ms; for one ending in
  * ".fail.test" it fails (EAI_NONAME) after the same wait. Other names go to
- * the real getaddrinfo.
+ * the real getaddrinfo. With SLOW_DNS_LOG set, each lookup of a .test name
+ * appends a line with the name to that file.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#include <fcntl.h>
 #include <netdb.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 static int ends_with(const char *s, const char *tail)
 {
 	size_t n = strlen(s), t = strlen(tail);
 
 	return n >= t && strcmp(s + n - t, tail) == 0;
+}
+
+static void log_lookup(const char *node)
+{
+	const char *path = getenv("SLOW_DNS_LOG");
+	int fd = path ? open(path, O_WRONLY | O_APPEND | O_CREAT, 0644) : -1;
+
+	char line[512];
+	int n = snprintf(line, sizeof line, "%s\n", node);
+	ssize_t w;
+
+	if (fd < 0)
+		return;
+	w = write(fd, line, (size_t)n);	/* one write: lines from threads do not mix */
+	(void)w;
+	close(fd);
 }
 
 static void wait_ms(void)
@@ -37,10 +57,12 @@ int getaddrinfo(const char *node, const char *service, const struct addrinfo *hi
 			dlsym(RTLD_NEXT, "getaddrinfo");
 
 	if (node && ends_with(node, ".slow.test")) {
+		log_lookup(node);
 		wait_ms();
 		return real("127.0.0.1", service, hints, res);
 	}
 	if (node && ends_with(node, ".fail.test")) {
+		log_lookup(node);
 		wait_ms();
 		return EAI_NONAME;
 	}
