@@ -12,17 +12,19 @@
  *     opts.max_message     largest incoming message (default 16 MiB)
  *     opts.max_send_queue  bytes we may queue (default 4 MiB); over it: dropped
  *     handler(conn, event, a, b) as in src/wsconn.c: "open" (a = response
- *       headers, b = {version, cipher, resumed} over wss://), "text", "binary", "close" (code, reason), or "error" (a =
- *       "ECODE: message") when it never connected: ETIMEDOUT, ECONNREFUSED,
- *       ETLS (certificate or TLS failure), EHANDSHAKE (the server did not
- *       upgrade; the HTTP status is in the message), ECANCELED.
+ *       headers, b = {version, cipher, resumed} over wss://, else nil),
+ *       "text", "binary", "close" (code, reason), or "error" (a = "ECODE:
+ *       message") when it never connected: ETIMEDOUT (the name lookup
+ *       included), ENOTFOUND, ECONNREFUSED, ETLS (certificate or TLS
+ *       failure), EHANDSHAKE (the server did not upgrade; the HTTP status is
+ *       in the message), ECANCELED.
  *   Returns the connection (connecting), or nil, "EINVAL: ..." for a bad URL.
  *
  * The header values (API keys) never appear in errors or logs.
  *
  * Client connections live in the process' lws context (see wsconn.h), on
- * one plain vhost: lws resolves, connects and carries the connection's bytes
- * raw. The rest is ours: TLS (OpenSSL through a BIO of ours that reads the
+ * one plain vhost: lws connects to an address and carries the connection's
+ * bytes raw. The rest is ours: the name lookup (off the loop thread), TLS (OpenSSL through a BIO of ours that reads the
  * bytes lws hands us and writes with lws_write - lws 4.1.6 starts TLS on a
  * raw client connection before its socket has connected, so it cannot do
  * it) and the WebSocket protocol (RFC 6455: the upgrade, framing,
@@ -100,7 +102,6 @@ struct ca_wsc {
 
 struct lookup {				/* one connection waiting for its name */
 	struct lookup *next, **pprev;	/* in its resolve's waiters */
-	struct resolve *r;
 	struct ca_ws *ws;
 	int port;
 	char *path, *hosthdr;		/* in mem */
@@ -222,7 +223,6 @@ static const char *find_header(const char *head, const char *name, size_t *len)
 	return NULL;
 }
 
-/* Pushes the response head's headers as a table (lowercase names; repeats joined by ", "). */
 /* What the connection's TLS is ({version, cipher, resumed}), or nil over ws://. */
 static void push_tls_info(lua_State *L, SSL *ssl)
 {
@@ -239,6 +239,7 @@ static void push_tls_info(lua_State *L, SSL *ssl)
 	lua_setfield(L, -2, "resumed");
 }
 
+/* Pushes the response head's headers as a table (lowercase names; repeats joined by ", "). */
 static void push_response_headers(lua_State *L, const char *head)
 {
 	const char *pos = head, *name, *v;
@@ -1246,7 +1247,6 @@ static int start_lookup(struct ca_ws *ws, const char *host, int port, const char
 		resolves = r;
 	}
 	l = ca_malloc(sizeof *l + pl + ql);
-	l->r = r;
 	l->ws = ws;
 	l->port = port;
 	l->path = memcpy(l->mem, path, pl);
