@@ -79,7 +79,13 @@ struct ca_wsc {
 	size_t rx_len;
 	int tls_started, tls_up;
 
-	struct lookup *lookup;		/* the host name being resolved, before the connect */
+	/* Before the connect: the host name being resolved, then its addresses. */
+	struct lookup *lookup;
+	struct target *target;
+	uv_timer_t *next_timer;		/* the next address, after one that failed */
+	int in_connect;			/* inside lws_client_connect_via_info */
+	int tcp_up;
+	char last_err[128];		/* why the last address failed */
 
 	/* Pings after ping_ms of silence; no answer within pong_ms: dropped. */
 	uv_timer_t *ping_timer;
@@ -99,6 +105,12 @@ struct ca_wsc {
  */
 #define DNS_CACHE_MS 60000
 #define DNS_CACHE_MAX 16
+#define ADDRS_MAX 8			/* addresses kept and tried per name */
+
+struct addrs {
+	int n;
+	char a[ADDRS_MAX][INET6_ADDRSTRLEN];
+};
 
 struct lookup {				/* one connection waiting for its name */
 	struct lookup *next, **pprev;	/* in its resolve's waiters */
@@ -118,8 +130,15 @@ struct resolve {			/* one name being resolved */
 struct dns_entry {			/* an answer kept */
 	struct dns_entry *next;
 	uint64_t until;			/* uv_now() */
-	char addr[64];
+	struct addrs addrs;		/* IPv4 first; one that failed goes last */
 	char host[];
+};
+
+struct target {				/* a connection by name: its addresses, in turn */
+	struct addrs addrs;
+	int next, port;
+	char *host, *path, *hosthdr;	/* in mem */
+	char mem[];
 };
 
 static struct resolve *resolves;
@@ -127,6 +146,9 @@ static struct dns_entry *dns_cache;
 static int dns_hooked, dns_closed;
 
 static void drop_lookup(struct ca_wsc *c);
+static int may_try_next(struct ca_ws *ws);
+static void address_failed(struct ca_ws *ws, const char *why);
+static void schedule_next(struct ca_ws *ws);
 static void on_ping_timer(uv_timer_t *t);
 static int tls_rx(struct ca_ws *ws, struct lws *wsi, const unsigned char *in, size_t len);
 static int tls_start(struct ca_ws *ws);
@@ -152,6 +174,9 @@ static void free_client(struct ca_ws *ws)
 		return;
 	ws->cl = NULL;
 	drop_lookup(c);
+	free(c->target);
+	if (c->next_timer)
+		uv_close((uv_handle_t *)c->next_timer, (uv_close_cb)free);
 	wipe_free(c->req, LWS_PRE + c->req_len);
 	free(c->head);
 	SSL_free(c->ssl);
@@ -556,6 +581,7 @@ static int client_callback(struct lws *wsi, enum lws_callback_reasons reason,
 		/* TCP is up: TLS (if wss), then the upgrade request. */
 		if (ws == NULL || ws->cl == NULL)
 			return -1;
+		ws->cl->tcp_up = 1;
 		lws_callback_on_writable(wsi);
 		return 0;
 
@@ -579,6 +605,15 @@ static int client_callback(struct lws *wsi, enum lws_callback_reasons reason,
 	case LWS_CALLBACK_CLIENT_CONNECTION_ERROR:
 		if (ws == NULL || ws->state == CA_WS_CLOSED)
 			return 0;
+		if (may_try_next(ws)) {
+			/* This address refused or is unreachable: the next one. */
+			address_failed(ws, in);
+			lws_set_wsi_user(wsi, NULL);
+			ws->wsi = NULL;
+			if (!ws->cl->in_connect)	/* else start_connect's caller goes on */
+				schedule_next(ws);
+			return 0;
+		}
 		classify_error(ws, in);
 		conn_finished(ws, wsi);
 		return 0;
@@ -1075,12 +1110,16 @@ static void end_lookups(void)
 	}
 }
 
-/* lws connects to address (numeric). 0, or -1 with ws->error set; nothing emitted. */
+/*
+ * lws connects to address (numeric). 0, or -1 (nothing emitted; the state
+ * is CLOSED if lws already reported the failure, else ws->error may say why).
+ */
 static int start_connect(struct ca_ws *ws, const char *address, int port, const char *path,
 			 const char *hosthdr)
 {
 	struct lws_client_connect_info ci;
 	const char *verr = NULL;
+	struct lws *wsi;
 
 	memset(&ci, 0, sizeof ci);
 	ci.context = ca__lws_ctx(0, &verr);
@@ -1097,40 +1136,36 @@ static int start_connect(struct ca_ws *ws, const char *address, int port, const 
 	ci.local_protocol_name = "callagent-ws-client";
 	ci.userdata = ws;
 	ci.pwsi = &ws->wsi;
-	if (lws_client_connect_via_info(&ci) == NULL || ws->state == CA_WS_CLOSED) {
-		if (ws->state != CA_WS_CLOSED) {
-			classify_error(ws, NULL);
+	ws->cl->in_connect = 1;
+	wsi = lws_client_connect_via_info(&ci);
+	if (ws->cl)
+		ws->cl->in_connect = 0;
+	if (wsi == NULL || ws->state == CA_WS_CLOSED || ws->wsi == NULL) {
+		if (ws->state != CA_WS_CLOSED)
 			ws->wsi = NULL;
-		}
 		return -1;
 	}
 	return 0;
 }
 
-/*
- * The address to connect to: the first IPv4 one if there is one, else the
- * first. lws gets a single address, so it cannot fall back from one that
- * does not answer to the next; IPv4 is the one every network routes.
- */
-static int pick_address(const struct addrinfo *res, char *out, size_t n)
+/* The addresses of res, IPv4 first (every network routes it), in the resolver's order. */
+static void collect_addrs(const struct addrinfo *res, struct addrs *out)
 {
-	const struct addrinfo *a, *pick = NULL;
+	out->n = 0;
+	for (int fam = 0; fam < 2; fam++)
+		for (const struct addrinfo *a = res; a && out->n < ADDRS_MAX; a = a->ai_next) {
+			int ok = fam == 0 ? a->ai_family == AF_INET &&
+				uv_ip4_name((const struct sockaddr_in *)a->ai_addr, out->a[out->n], INET6_ADDRSTRLEN) == 0
+					  : a->ai_family == AF_INET6 &&
+				uv_ip6_name((const struct sockaddr_in6 *)a->ai_addr, out->a[out->n], INET6_ADDRSTRLEN) == 0;
 
-	for (a = res; a && !pick; a = a->ai_next)
-		if (a->ai_family == AF_INET)
-			pick = a;
-	for (a = res; a && !pick; a = a->ai_next)
-		if (a->ai_family == AF_INET6)
-			pick = a;
-	if (pick == NULL)
-		return -1;
-	if (pick->ai_family == AF_INET)
-		return uv_ip4_name((const struct sockaddr_in *)pick->ai_addr, out, n);
-	return uv_ip6_name((const struct sockaddr_in6 *)pick->ai_addr, out, n);
+			if (ok)
+				out->n++;
+		}
 }
 
 /* The kept answer for host, or NULL (expired ones go). */
-static const char *dns_cached(const char *host)
+static struct dns_entry *dns_cached(const char *host)
 {
 	uint64_t now = uv_now(ca_loop());
 
@@ -1141,7 +1176,7 @@ static const char *dns_cached(const char *host)
 			*pe = e->next;
 			free(e);
 		} else if (strcmp(e->host, host) == 0) {
-			return e->addr;
+			return e;
 		} else {
 			pe = &e->next;
 		}
@@ -1149,7 +1184,7 @@ static const char *dns_cached(const char *host)
 	return NULL;
 }
 
-static void dns_keep(const char *host, const char *addr)
+static void dns_keep(const char *host, const struct addrs *addrs)
 {
 	struct dns_entry *e, **pe;
 	int n = 0;
@@ -1162,41 +1197,143 @@ static void dns_keep(const char *host, const char *addr)
 		}
 	e = ca_malloc(sizeof *e + strlen(host) + 1);
 	strcpy(e->host, host);
-	snprintf(e->addr, sizeof e->addr, "%s", addr);
+	e->addrs = *addrs;
 	e->until = uv_now(ca_loop()) + DNS_CACHE_MS;
 	e->next = dns_cache;
 	dns_cache = e;
 }
 
+/*
+ * Connects to the target's addresses in turn, from its next one: 0 when
+ * lws has one under way, -1 when none is left (or lws reported the end).
+ */
+static int try_next(struct ca_ws *ws)
+{
+	struct ca_wsc *c = ws->cl;
+	struct target *t = c->target;
+
+	while (t->next < t->addrs.n) {
+		const char *a = t->addrs.a[t->next++];
+
+		if (start_connect(ws, a, t->port, t->path, t->hosthdr) == 0)
+			return 0;
+		if (ws->state == CA_WS_CLOSED || ws->cl != c || ws->error[0])
+			return -1;
+	}
+	return -1;
+}
+
+/* Ends a connection by name whose addresses all failed (the "error" event). */
+static void targets_failed(struct ca_ws *ws)
+{
+	if (ws->state == CA_WS_CLOSED)
+		return;
+	classify_error(ws, ws->cl && ws->cl->last_err[0] ? ws->cl->last_err : NULL);
+	conn_finished(ws, NULL);
+}
+
+/* Sets the connection's addresses and tries them. 0, or -1 as try_next. */
+static int connect_target(struct ca_ws *ws, const char *host, const struct addrs *addrs, int port,
+			  const char *path, const char *hosthdr)
+{
+	size_t hl = strlen(host) + 1, pl = strlen(path) + 1, ql = strlen(hosthdr) + 1;
+	struct target *t = ca_malloc(sizeof *t + hl + pl + ql);
+
+	t->addrs = *addrs;
+	t->next = 0;
+	t->port = port;
+	t->host = memcpy(t->mem, host, hl);
+	t->path = memcpy(t->mem + hl, path, pl);
+	t->hosthdr = memcpy(t->mem + hl + pl, hosthdr, ql);
+	free(ws->cl->target);
+	ws->cl->target = t;
+	return try_next(ws);
+}
+
+/* A refused or unreachable address, before TCP was up, with more to try. */
+static int may_try_next(struct ca_ws *ws)
+{
+	struct ca_wsc *c = ws->cl;
+
+	return c && c->target && c->target->next < c->target->addrs.n && !c->tcp_up && !ws->error[0];
+}
+
+/*
+ * Notes why; and the address goes to the end of the kept answer, so later
+ * connections try the others first.
+ */
+static void address_failed(struct ca_ws *ws, const char *why)
+{
+	struct target *t = ws->cl->target;
+	struct dns_entry *e = dns_cached(t->host);
+	const char *bad = t->addrs.a[t->next - 1];
+
+	snprintf(ws->cl->last_err, sizeof ws->cl->last_err, "%s", why ? why : "");
+	if (e && e->addrs.n > 1 && strcmp(e->addrs.a[0], bad) == 0) {
+		char first[INET6_ADDRSTRLEN];
+
+		memcpy(first, e->addrs.a[0], sizeof first);
+		memmove(e->addrs.a[0], e->addrs.a[1], (size_t)(e->addrs.n - 1) * sizeof e->addrs.a[0]);
+		memcpy(e->addrs.a[e->addrs.n - 1], first, sizeof first);
+	}
+}
+
+static void on_next_timer(uv_timer_t *tm)
+{
+	struct ca_ws *ws = tm->data;
+
+	if (ws->state != CA_WS_CONNECTING || ws->cl == NULL || ws->wsi || ws->cl->lookup)
+		return;
+	if (try_next(ws) != 0)
+		targets_failed(ws);
+}
+
+/* The next address, from the loop (lws is still inside the failed one's callback). */
+static void schedule_next(struct ca_ws *ws)
+{
+	struct ca_wsc *c = ws->cl;
+
+	if (c->next_timer == NULL) {
+		c->next_timer = ca_malloc(sizeof *c->next_timer);
+		uv_timer_init(ca_loop(), c->next_timer);
+		c->next_timer->data = ws;
+	}
+	uv_timer_start(c->next_timer, on_next_timer, 0, 0);
+}
+
 static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
 {
 	struct resolve *r = (struct resolve *)req;
-	char addr[64] = "", err[200] = "";
+	struct addrs addrs = {0};
+	char err[200] = "";
 
 	*r->pprev = r->next;
 	if (r->next)
 		r->next->pprev = r->pprev;
+	if (status == 0)
+		collect_addrs(res, &addrs);
 	if (status != 0)
 		snprintf(err, sizeof err, "ENOTFOUND: %s: %s", r->host, uv_strerror(status));
-	else if (pick_address(res, addr, sizeof addr) != 0)
+	else if (addrs.n == 0)
 		snprintf(err, sizeof err, "ENOTFOUND: %s: no IPv4 or IPv6 address", r->host);
 	else if (!dns_closed)
-		dns_keep(r->host, addr);
+		dns_keep(r->host, &addrs);
 	uv_freeaddrinfo(res);
 	while (r->waiters) {
 		struct lookup *l = r->waiters;
 		struct ca_ws *ws = l->ws;
-		int port = l->port, failed;
+		int port = l->port;
 		char path[2048], hosthdr[300];
 
 		snprintf(path, sizeof path, "%s", l->path);
 		snprintf(hosthdr, sizeof hosthdr, "%s", l->hosthdr);
 		drop_lookup(ws->cl);	/* frees l */
-		if (err[0])
+		if (err[0]) {
 			snprintf(ws->error, sizeof ws->error, "%s", err);
-		failed = err[0] || start_connect(ws, addr, port, path, hosthdr) != 0;
-		if (failed && ws->state != CA_WS_CLOSED)
 			conn_finished(ws, NULL);	/* the "error" event */
+		} else if (connect_target(ws, r->host, &addrs, port, path, hosthdr) != 0) {
+			targets_failed(ws);
+		}
 	}
 	free(r);
 }
@@ -1204,18 +1341,25 @@ static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
 /*
  * Connects to host by name: at once with a kept answer, else once the
  * lookup (this connection's, or one already under way) is done. 0, or -1
- * with ws->error set.
+ * with the connection not under way.
  */
 static int start_lookup(struct ca_ws *ws, const char *host, int port, const char *path,
 			const char *hosthdr)
 {
 	size_t pl = strlen(path) + 1, ql = strlen(hosthdr) + 1;
-	const char *addr = dns_cached(host);
+	struct dns_entry *e = dns_cached(host);
 	struct resolve *r;
 	struct lookup *l;
 
-	if (addr)
-		return start_connect(ws, addr, port, path, hosthdr);
+	if (e) {
+		struct addrs addrs = e->addrs;	/* the entry may change meanwhile */
+
+		if (connect_target(ws, host, &addrs, port, path, hosthdr) == 0)
+			return 0;
+		if (ws->state != CA_WS_CLOSED && !ws->error[0])
+			classify_error(ws, ws->cl->last_err[0] ? ws->cl->last_err : NULL);
+		return -1;
+	}
 	for (r = resolves; r; r = r->next)
 		if (strcmp(r->host, host) == 0)
 			break;
@@ -1260,12 +1404,17 @@ static int start_lookup(struct ca_ws *ws, const char *host, int port, const char
 	return 0;
 }
 
-/* conn:close() or conn:abort() while the name is being resolved: ECANCELED, soon. */
+/*
+ * conn:close() or conn:abort() before lws has a connection under way (the
+ * name being resolved, or between two addresses): ECANCELED, soon.
+ */
 void ca__wsc_cancel(struct ca_ws *ws)
 {
-	if (ws->cl == NULL || ws->cl->lookup == NULL || ws->connect_timer == NULL)
+	if (ws->cl == NULL || ws->wsi || ws->connect_timer == NULL)
 		return;
 	drop_lookup(ws->cl);
+	if (ws->cl->next_timer)
+		uv_timer_stop(ws->cl->next_timer);
 	uv_timer_start(ws->connect_timer, on_connect_timeout, 0, 0);
 }
 

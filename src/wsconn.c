@@ -829,7 +829,7 @@ static int l_close(lua_State *L)
 		if (ws->wsi)
 			ca__ws_kill(ws->wsi);
 		else
-			ca__wsc_cancel(ws);	/* still resolving its host name */
+			ca__wsc_cancel(ws);	/* no lws connection yet */
 		return 0;
 	}
 	if (ws->wsi == NULL)
@@ -848,7 +848,7 @@ static int l_abort(lua_State *L)
 
 	if (ws->state == CA_WS_CONNECTING && ws->wsi == NULL && ws->is_client) {
 		snprintf(ws->error, sizeof ws->error, "ECANCELED: aborted before it connected");
-		ca__wsc_cancel(ws);	/* still resolving its host name */
+		ca__wsc_cancel(ws);	/* no lws connection yet */
 	} else if (ws->wsi && ws->state != CA_WS_CLOSED) {
 		ca__ws_drop(ws, 1006, "aborted");
 	}

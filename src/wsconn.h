@@ -125,9 +125,10 @@ int ca__ws_send(struct ca_ws *ws, const void *data, size_t len, int kind, const 
 int ca__wsc_write(struct ca_ws *ws, unsigned char *buf, size_t len);
 
 /*
- * A client connection closed or aborted while its host name is still being
- * resolved (no wsi yet): it ends with the error already set (ECANCELED),
- * from the loop, not from inside the caller.
+ * A client connection closed or aborted before lws has a connection under
+ * way (its host name being resolved, or between two of its addresses): it
+ * ends with the error already set (ECANCELED), from the loop, not from
+ * inside the caller.
  */
 void ca__wsc_cancel(struct ca_ws *ws);
 

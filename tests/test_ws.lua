@@ -360,6 +360,16 @@ task.spawn(function()
   local again = assert(ws.connect(base:format("many.slow.test")))
   print("3 echoed, then one more " .. (timer.now() - t1 < 200 and "within 200 ms" or "late"))
   again:close()
+  -- A name with two addresses, the first refused: the second answers.
+  local two, terr = ws.connect(base:format("echo.two.test"))
+  if two then
+    two:send("second address")
+    local _, m2 = two:receive(5000)
+    print(m2)
+  else
+    print(terr)
+  end
+  print(select(2, ws.connect(base:format("echo.none.test"))))
   print(select(2, ws.connect(base:format("nowhere.fail.test"))))
   print(gap < 250 and "the loop kept ticking" or ("the loop stopped for " .. gap .. " ms"))
   os.exit(0)
@@ -383,8 +393,10 @@ end)
   T.eq(p.out[4], "ETIMEDOUT: no connection within 100 ms", "the timeout covers the lookup")
   T.eq(p.out[5], "ECANCELED: closed before it connected", "closed while resolving")
   T.eq(p.out[6], "3 echoed, then one more within 200 ms", "an answer is kept")
-  T.match(p.out[7], "^ENOTFOUND: nowhere%.fail%.test: ", "a failure is not kept")
-  T.eq(p.out[8], "the loop kept ticking")
+  T.eq(p.out[7], "second address", "a refused address: the next one")
+  T.match(p.out[8], "^ECONNREFUSED: ", "every address refused")
+  T.match(p.out[9], "^ENOTFOUND: nowhere%.fail%.test: ", "a failure is not kept")
+  T.eq(p.out[10], "the loop kept ticking")
   local lookups = {}
   for name in io.lines(dns_log) do
     lookups[name] = (lookups[name] or 0) + 1
@@ -395,6 +407,8 @@ end)
     ["late.slow.test"] = 1,
     ["cancel.slow.test"] = 1,
     ["many.slow.test"] = 1,
+    ["echo.two.test"] = 1,
+    ["echo.none.test"] = 1,
   }, "one lookup per name, but for failures")
   -- Stopped while a lookup is still running: it exits cleanly, right after.
   local stopping = T.spawn_app(nil, nil, {

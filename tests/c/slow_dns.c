@@ -3,8 +3,11 @@
  * without a DNS server. getaddrinfo() for a name ending in ".slow.test"
  * answers 127.0.0.1 after SLOW_DNS_MS (default 400) ms; for one ending in
  * ".fail.test" it fails (EAI_NONAME) after the same wait. Other names go to
- * the real getaddrinfo. With SLOW_DNS_LOG set, each lookup of a .test name
- * appends a line with the name to that file.
+ * the real getaddrinfo. Names ending in ".two.test" answer at once with two
+ * addresses, 127.0.0.2 and then 127.0.0.1 (a server on 127.0.0.1 is reached
+ * at the second), and in ".none.test" with 127.0.0.2 and 127.0.0.3. With
+ * SLOW_DNS_LOG set, each lookup of a .test name appends a line with the
+ * name to that file.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -65,6 +68,25 @@ int getaddrinfo(const char *node, const char *service, const struct addrinfo *hi
 		log_lookup(node);
 		wait_ms();
 		return EAI_NONAME;
+	}
+	if (node && (ends_with(node, ".two.test") || ends_with(node, ".none.test"))) {
+		struct addrinfo *a = NULL, *b = NULL, *last;
+		int rc;
+
+		log_lookup(node);
+		rc = real("127.0.0.2", service, hints, &a);
+		if (rc != 0)
+			return rc;
+		rc = real(ends_with(node, ".two.test") ? "127.0.0.1" : "127.0.0.3", service, hints, &b);
+		if (rc != 0) {
+			freeaddrinfo(a);
+			return rc;
+		}
+		for (last = a; last->ai_next; last = last->ai_next)
+			;
+		last->ai_next = b;
+		*res = a;
+		return 0;
 	}
 	return real(node, service, hints, res);
 }
