@@ -1370,7 +1370,6 @@ static int start_lookup(struct ca_ws *ws, const char *host, int port, const char
 		memset(&hints, 0, sizeof hints);
 		hints.ai_family = AF_UNSPEC;
 		hints.ai_socktype = SOCK_STREAM;
-		hints.ai_flags = AI_ADDRCONFIG;
 		r = ca_malloc(sizeof *r + strlen(host) + 1);
 		strcpy(r->host, host);
 		r->waiters = NULL;
