@@ -1152,16 +1152,19 @@ static int start_connect(struct ca_ws *ws, const char *address, int port, const 
 static void collect_addrs(const struct addrinfo *res, struct addrs *out)
 {
 	out->n = 0;
-	for (int fam = 0; fam < 2; fam++)
+	for (int v6 = 0; v6 < 2; v6++) {
 		for (const struct addrinfo *a = res; a && out->n < ADDRS_MAX; a = a->ai_next) {
-			int ok = fam == 0 ? a->ai_family == AF_INET &&
-				uv_ip4_name((const struct sockaddr_in *)a->ai_addr, out->a[out->n], INET6_ADDRSTRLEN) == 0
-					  : a->ai_family == AF_INET6 &&
-				uv_ip6_name((const struct sockaddr_in6 *)a->ai_addr, out->a[out->n], INET6_ADDRSTRLEN) == 0;
+			char *dst = out->a[out->n];
+			int rc;
 
-			if (ok)
+			if (a->ai_family != (v6 ? AF_INET6 : AF_INET))
+				continue;
+			rc = v6 ? uv_ip6_name((const struct sockaddr_in6 *)a->ai_addr, dst, INET6_ADDRSTRLEN)
+				: uv_ip4_name((const struct sockaddr_in *)a->ai_addr, dst, INET6_ADDRSTRLEN);
+			if (rc == 0)
 				out->n++;
 		}
+	}
 }
 
 /* The kept answer for host, or NULL (expired ones go). */
@@ -1284,6 +1287,11 @@ static void on_next_timer(uv_timer_t *tm)
 
 	if (ws->state != CA_WS_CONNECTING || ws->cl == NULL || ws->wsi || ws->cl->lookup)
 		return;
+	if (dns_closed) {	/* shutting down: lws may be gone */
+		snprintf(ws->error, sizeof ws->error, "ECANCELED: shutting down");
+		conn_finished(ws, NULL);
+		return;
+	}
 	if (try_next(ws) != 0)
 		targets_failed(ws);
 }
