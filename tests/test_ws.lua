@@ -300,6 +300,21 @@ T.test("wss:// works against a TLS listener whose CA is given; without it ETLS",
   T.match(werr, "^ETLS: .*mismatch")
 end)
 
+-- Source for child apps: echo_once(url, msg) connects, sends msg and returns
+-- the echo, or the error.
+local ECHO_ONCE = [[
+local function echo_once(url, msg)
+  local conn, err = require("callagent.ws").connect(url)
+  if not conn then
+    return err
+  end
+  conn:send(msg)
+  local _, back = conn:receive(5000)
+  conn:close()
+  return back
+end
+]]
+
 T.test("host names resolve off the loop: a slow DNS holds up no other connection", function()
   -- tests/c/slow_dns.c, preloaded into a child, makes every lookup of a
   -- name ending in .slow.test take 400 ms (then 127.0.0.1) and of one in
@@ -308,7 +323,7 @@ T.test("host names resolve off the loop: a slow DNS holds up no other connection
   local shim = T.root .. "/build/release/tests/slow_dns.so"
   T.ok(io.open(shim), "the shim is built (make test builds it)")
   local srv = echo_server()
-  local source = [[
+  local source = ECHO_ONCE .. [[
 local core_ws = require "callagent.core.ws"
 local ws, timer, task = require "callagent.ws", require "callagent.timer", require "callagent.task"
 local base = "ws://%s:]] .. srv.port .. [[/echo"
@@ -322,18 +337,9 @@ task.spawn(function()
   local t0 = timer.now()
   local by_name
   task.spawn(function()
-    local c, err = ws.connect(base:format("echo.slow.test"))
-    if c then
-      c:send("by name")
-      local _, m = c:receive(5000)
-      by_name = m
-    else
-      by_name = err
-    end
+    by_name = echo_once(base:format("echo.slow.test"), "by name")
   end)
-  local c = assert(ws.connect(base:format("127.0.0.1")))
-  c:send("by address")
-  local _, m = c:receive(5000)
+  local m = echo_once(base:format("127.0.0.1"), "by address")
   print(m .. (timer.now() - t0 < 200 and " within 200 ms" or " late"))
   while not by_name do timer.sleep(10) end
   print(by_name)
@@ -350,9 +356,7 @@ task.spawn(function()
   local echoed = 0
   for i = 1, 3 do
     task.spawn(function()
-      local c3 = assert(ws.connect(base:format("many.slow.test")))
-      c3:send("many")
-      if select(2, c3:receive(5000)) == "many" then echoed = echoed + 1 end
+      if echo_once(base:format("many.slow.test"), "many") == "many" then echoed = echoed + 1 end
     end)
   end
   while echoed < 3 do timer.sleep(10) end
@@ -361,14 +365,7 @@ task.spawn(function()
   print("3 echoed, then one more " .. (timer.now() - t1 < 200 and "within 200 ms" or "late"))
   again:close()
   -- A name with two addresses, the first refused: the second answers.
-  local two, terr = ws.connect(base:format("echo.two.test"))
-  if two then
-    two:send("second address")
-    local _, m2 = two:receive(5000)
-    print(m2)
-  else
-    print(terr)
-  end
+  print(echo_once(base:format("echo.two.test"), "second address"))
   print(select(2, ws.connect(base:format("echo.none.test"))))
   print(select(2, ws.connect(base:format("nowhere.fail.test"))))
   print(gap < 250 and "the loop kept ticking" or ("the loop stopped for " .. gap .. " ms"))
@@ -439,17 +436,10 @@ T.test("the system store is the hashed certificate folder (SSL_CERT_DIR), for ws
   -- A store of one CA, named by subject hash as in /etc/ssl/certs.
   local store = T.tmpdir()
   assert(os.execute("cp '" .. c.ca .. "' '" .. store .. "/test-ca.pem' && openssl rehash '" .. store .. "'"))
-  local source = [[
-local ws, fetch, task = require "callagent.ws", require "callagent.fetch", require "callagent.task"
+  local source = ECHO_ONCE .. [[
+local fetch, task = require "callagent.fetch", require "callagent.task"
 task.spawn(function()
-  local conn, err = ws.connect("wss://127.0.0.1:]] .. srv.port .. [[/echo")
-  if conn then
-    conn:send("trusted")
-    local _, msg = conn:receive(5000)
-    print(msg)
-  else
-    print(err)
-  end
+  print(echo_once("wss://127.0.0.1:]] .. srv.port .. [[/echo", "trusted"))
   local res, ferr = fetch("https://127.0.0.1:]] .. srv.port .. [[/hi")
   print(res and res.body or ferr)
   os.exit(0)
