@@ -11,6 +11,14 @@
  *   audio.rms_dbfs(pcm)          -> number  RMS level in dBFS; -math.huge for
  *   audio.ulaw_rms_dbfs(ulaw)    -> number  silence or an empty string
  *
+ *   audio.resample_linear(pcm, from, to)
+ *                                -> pcm     a whole clip to another rate (any,
+ *                                   1000..192000 Hz) by linear interpolation:
+ *                                   no filter, no history. For speech made at
+ *                                   an odd rate (espeak-ng's 22050 Hz) on its
+ *                                   way to 24 kHz; output sample i is input
+ *                                   position i * from / to
+ *
  *   r = audio.resampler(from, to)  rates 8000, 16000 or 24000, any pair
  *   r:process(pcm)               -> pcm at the new rate (possibly "")
  *   r:reset()                       forget the history (as if new)
@@ -666,6 +674,45 @@ static int l_ulaw_rms_dbfs(lua_State *L)
 	return 1;
 }
 
+static int sample_at(const uint8_t *s, size_t i)
+{
+	return (int16_t)(uint16_t)(s[2 * i] | s[2 * i + 1] << 8);
+}
+
+static int l_resample_linear(lua_State *L)
+{
+	size_t len, n, m;
+	const uint8_t *s = (const uint8_t *)luaL_checklstring(L, 1, &len);
+	lua_Integer from = luaL_checkinteger(L, 2), to = luaL_checkinteger(L, 3);
+	double ratio;
+	luaL_Buffer b;
+	uint8_t *out;
+
+	luaL_argcheck(L, len % 2 == 0, 1, "PCM length must be even (16-bit samples)");
+	luaL_argcheck(L, from >= 1000 && from <= 192000, 2, "rate must be 1000..192000 Hz");
+	luaL_argcheck(L, to >= 1000 && to <= 192000, 3, "rate must be 1000..192000 Hz");
+	n = len / 2;
+	if (n == 0) {
+		lua_pushliteral(L, "");
+		return 1;
+	}
+	ratio = (double)from / (double)to;
+	m = (size_t)floor((double)(n - 1) / ratio) + 1;
+	out = (uint8_t *)luaL_buffinitsize(L, &b, 2 * m);
+	for (size_t i = 0; i < m; i++) {
+		double x = (double)i * ratio;
+		size_t j = (size_t)floor(x);
+		double f = x - (double)j;
+		int a = sample_at(s, j), c = j + 1 < n ? sample_at(s, j + 1) : a;
+		int v = (int)floor(a + (c - a) * f + 0.5);	/* between a and c: in range */
+
+		out[2 * i] = (uint8_t)(v & 0xFF);
+		out[2 * i + 1] = (uint8_t)((v >> 8) & 0xFF);
+	}
+	luaL_pushresultsize(&b, 2 * m);
+	return 1;
+}
+
 /* ---- Lua: resampler ---- */
 
 static struct ca_resampler *check_resampler(lua_State *L)
@@ -833,6 +880,7 @@ int luaopen_callagent_audio(lua_State *L)
 		{"ulaw_to_alaw", l_ulaw_to_alaw},
 		{"alaw_to_ulaw", l_alaw_to_ulaw},
 		{"rms_dbfs", l_rms_dbfs},
+		{"resample_linear", l_resample_linear},
 		{"ulaw_rms_dbfs", l_ulaw_rms_dbfs},
 		{"resampler", l_resampler},
 		{"framer", l_framer},

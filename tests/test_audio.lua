@@ -140,6 +140,48 @@ end)
 
 -- levels -----------------------------------------------------------------
 
+T.test("resample_linear: a clip to any rate, as the interpolation written out in Lua", function()
+  -- The reference: sample i of the output is input position i * from / to,
+  -- interpolated between its two neighbours and rounded half up.
+  local function reference(pcm, from, to)
+    local n = #pcm // 2
+    local ratio = from / to
+    local out = {}
+    for i = 0, math.floor((n - 1) / ratio) do
+      local x = i * ratio
+      local j = math.floor(x)
+      local a = string.unpack("<i2", pcm, 2 * j + 1)
+      local b = j + 1 < n and string.unpack("<i2", pcm, 2 * j + 3) or a
+      out[#out + 1] = string.pack("<i2", math.floor(a + (b - a) * (x - j) + 0.5))
+    end
+    return table.concat(out)
+  end
+  local samples = {}
+  local seed = 12345
+  for i = 1, 4410 do
+    seed = (seed * 1103515245 + 12345) % 2147483648
+    samples[i] = string.pack("<i2", (seed % 65536) - 32768)
+  end
+  local noise = table.concat(samples) .. string.pack("<i2<i2", 32767, -32768)
+  for _, rates in ipairs({ { 22050, 24000 }, { 24000, 22050 }, { 8000, 24000 }, { 44100, 8000 } }) do
+    local got = audio.resample_linear(noise, rates[1], rates[2])
+    T.ok(got == reference(noise, rates[1], rates[2]), rates[1] .. " -> " .. rates[2] .. " Hz as the reference")
+  end
+  T.eq(#audio.resample_linear(noise, 22050, 24000) // 2, math.floor(4411 / (22050 / 24000)) + 1, "length")
+  T.eq(audio.resample_linear("", 22050, 24000), "")
+  T.eq(audio.resample_linear(string.pack("<i2", -7), 22050, 24000), string.pack("<i2", -7), "one sample")
+  T.eq(audio.resample_linear(tone(440, 24000, 0.1, 0.5), 24000, 24000), tone(440, 24000, 0.1, 0.5), "same rate")
+  T.raises(function()
+    audio.resample_linear("abc", 22050, 24000)
+  end, "even")
+  T.raises(function()
+    audio.resample_linear("ab", 0, 24000)
+  end, "1000..192000")
+  T.raises(function()
+    audio.resample_linear("ab", 22050, 200000)
+  end, "1000..192000")
+end)
+
 T.test("rms_dbfs: full-scale square 0 dB, full-scale sine -3.01 dB, silence -inf", function()
   T.near(audio.rms_dbfs(string.pack("<i2<i2", 32767, -32768):rep(500)), 0, 0.001, "square")
   T.near(audio.rms_dbfs(tone(1000, 8000, 1, 1)), -3.0103, 0.001, "sine")
