@@ -674,11 +674,6 @@ static int l_ulaw_rms_dbfs(lua_State *L)
 	return 1;
 }
 
-static int sample_at(const uint8_t *s, size_t i)
-{
-	return (int16_t)(uint16_t)(s[2 * i] | s[2 * i + 1] << 8);
-}
-
 static int l_resample_linear(lua_State *L)
 {
 	size_t len, n, m;
@@ -703,11 +698,10 @@ static int l_resample_linear(lua_State *L)
 		double x = (double)i * ratio;
 		size_t j = (size_t)floor(x);
 		double f = x - (double)j;
-		int a = sample_at(s, j), c = j + 1 < n ? sample_at(s, j + 1) : a;
+		int a = rd16(s + 2 * j), c = j + 1 < n ? rd16(s + 2 * j + 2) : a;
 		int v = (int)floor(a + (c - a) * f + 0.5);	/* between a and c: in range */
 
-		out[2 * i] = (uint8_t)(v & 0xFF);
-		out[2 * i + 1] = (uint8_t)((v >> 8) & 0xFF);
+		wr16(out + 2 * i, v);
 	}
 	luaL_pushresultsize(&b, 2 * m);
 	return 1;

@@ -77,6 +77,7 @@
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
 #include <openssl/rand.h>
+#include <openssl/x509.h>
 
 #include "ca.h"
 #include "crypto.h"
@@ -694,4 +695,11 @@ int luaopen_callagent_crypto(lua_State *L)
 
 	luaL_newlib(L, fns);
 	return 1;
+}
+
+const char *ca_system_ca_dir(void)
+{
+	const char *dir = getenv(X509_get_default_cert_dir_env());
+
+	return dir && *dir ? dir : X509_get_default_cert_dir();
 }

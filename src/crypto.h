@@ -62,4 +62,11 @@ size_t ca_base64url_encode(const unsigned char *in, size_t n, char *out);
 /* As above for base64url without padding (ca_base64url_decoded_max bytes). */
 long ca_base64url_decode(const char *in, size_t n, unsigned char *out);
 
+/*
+ * The system CA store as OpenSSL's folder of certificates named by subject
+ * hash: SSL_CERT_DIR if set, else OpenSSL's default (Debian: /etc/ssl/certs).
+ * Both clients (fetch, ws) read it lazily: a handshake loads the root it needs.
+ */
+const char *ca_system_ca_dir(void);
+
 #endif

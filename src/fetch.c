@@ -42,9 +42,9 @@
 #include <strings.h>
 
 #include <curl/curl.h>
-#include <openssl/x509.h>
 
 #include "ca.h"
+#include "crypto.h"
 
 #define REQ_MT "callagent.FetchRequest"
 #define POOL_MAX 32
@@ -1001,8 +1001,6 @@ static void at_close(void)
 
 static void setup(void)
 {
-	const char *dir;
-
 	if (multi)
 		return;
 	if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK || (multi = curl_multi_init()) == NULL) {
@@ -1019,8 +1017,7 @@ static void setup(void)
 	uv_timer_init(ca_loop(), &multi_timer);
 	uv_timer_init(ca_loop(), &later_timer);
 	uv_unref((uv_handle_t *)&multi_timer);
-	dir = getenv(X509_get_default_cert_dir_env());
-	sys_capath = dir && *dir ? dir : X509_get_default_cert_dir();
+	sys_capath = ca_system_ca_dir();
 	ca__at_close(at_close);
 }
 

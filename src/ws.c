@@ -24,10 +24,10 @@
  *
  * Client connections live in the process' lws context (see wsconn.h), on
  * one plain vhost: lws connects to an address and carries the connection's
- * bytes raw. The rest is ours: the name lookup (off the loop thread), TLS (OpenSSL through a BIO of ours that reads the
- * bytes lws hands us and writes with lws_write - lws 4.1.6 starts TLS on a
- * raw client connection before its socket has connected, so it cannot do
- * it) and the WebSocket protocol (RFC 6455: the upgrade, framing,
+ * bytes raw. The rest is ours: the name lookup (off the loop thread), TLS
+ * (OpenSSL through a BIO of ours that reads the bytes lws hands us and
+ * writes with lws_write - lws 4.1.6 starts TLS on a raw client connection
+ * before its socket has connected, so it cannot do it) and the WebSocket protocol (RFC 6455: the upgrade, framing,
  * pings, the close handshake). lws 4.1's own client parses incoming frames
  * one byte per function call; on the model connection, which carries every
  * call's audio, that was the largest user-space cost of the process. Here a
@@ -115,9 +115,6 @@ struct addrs {
 struct lookup {				/* one connection waiting for its name */
 	struct lookup *next, **pprev;	/* in its resolve's waiters */
 	struct ca_ws *ws;
-	int port;
-	char *path, *hosthdr;		/* in mem */
-	char mem[];
 };
 
 struct resolve {			/* one name being resolved */
@@ -134,7 +131,7 @@ struct dns_entry {			/* an answer kept */
 	char host[];
 };
 
-struct target {				/* a connection by name: its addresses, in turn */
+struct target {				/* a connection by name: where, and its addresses in turn */
 	struct addrs addrs;
 	int next, port;
 	char *host, *path, *hosthdr;	/* in mem */
@@ -750,11 +747,12 @@ struct tls_peer {
 	char key[];			/* "host port" */
 };
 
-static const char *system_ca_dir(void)
+/* An IPv4 or IPv6 address, not a name. */
+static int numeric_host(const char *host)
 {
-	const char *dir = getenv(X509_get_default_cert_dir_env());
+	unsigned char a[16];
 
-	return dir && *dir ? dir : X509_get_default_cert_dir();
+	return inet_pton(AF_INET, host, a) == 1 || inet_pton(AF_INET6, host, a) == 1;
 }
 
 /* One client TLS context per CA file (system store only: ca_file NULL). */
@@ -867,7 +865,7 @@ static struct tls_ctx *get_tls_ctx(const char *ca_file, const char **err)
 	 * bundle instead cost the process' first wss:// connection 47-70 ms
 	 * and 5 MB of RSS for its ~140 certificates.
 	 */
-	if (SSL_CTX_load_verify_dir(ctx, system_ca_dir()) != 1)
+	if (SSL_CTX_load_verify_dir(ctx, ca_system_ca_dir()) != 1)
 		ERR_clear_error();	/* no system store: only ca_file is trusted */
 	if (ca_file && SSL_CTX_load_verify_locations(ctx, ca_file, NULL) != 1) {
 		ERR_clear_error();
@@ -897,8 +895,7 @@ static int tls_new(struct ca_ws *ws, struct tls_ctx *t, const char *host, int po
 {
 	struct tls_peer *peer;
 	struct ca_wsc *c = ws->cl;
-	unsigned char addr[16];
-	int is_ip = inet_pton(AF_INET, host, addr) == 1 || inet_pton(AF_INET6, host, addr) == 1;
+	int is_ip = numeric_host(host);
 	BIO_METHOD *m = get_bio_method();
 	BIO *bio;
 
@@ -1235,22 +1232,21 @@ static void targets_failed(struct ca_ws *ws)
 	conn_finished(ws, NULL);
 }
 
-/* Sets the connection's addresses and tries them. 0, or -1 as try_next. */
-static int connect_target(struct ca_ws *ws, const char *host, const struct addrs *addrs, int port,
-			  const char *path, const char *hosthdr)
+/* Where the connection by name goes; its addresses come from the lookup. */
+static struct target *new_target(struct ca_ws *ws, const char *host, int port, const char *path,
+				 const char *hosthdr)
 {
 	size_t hl = strlen(host) + 1, pl = strlen(path) + 1, ql = strlen(hosthdr) + 1;
 	struct target *t = ca_malloc(sizeof *t + hl + pl + ql);
 
-	t->addrs = *addrs;
+	t->addrs.n = 0;
 	t->next = 0;
 	t->port = port;
 	t->host = memcpy(t->mem, host, hl);
 	t->path = memcpy(t->mem + hl, path, pl);
 	t->hosthdr = memcpy(t->mem + hl + pl, hosthdr, ql);
-	free(ws->cl->target);
 	ws->cl->target = t;
-	return try_next(ws);
+	return t;
 }
 
 /* A refused or unreachable address, before TCP was up, with more to try. */
@@ -1328,20 +1324,17 @@ static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
 		dns_keep(r->host, &addrs);
 	uv_freeaddrinfo(res);
 	while (r->waiters) {
-		struct lookup *l = r->waiters;
-		struct ca_ws *ws = l->ws;
-		int port = l->port;
-		char path[2048], hosthdr[300];
+		struct ca_ws *ws = r->waiters->ws;
 
-		snprintf(path, sizeof path, "%s", l->path);
-		snprintf(hosthdr, sizeof hosthdr, "%s", l->hosthdr);
-		drop_lookup(ws->cl);	/* frees l */
+		drop_lookup(ws->cl);
 		if (err[0]) {
 			snprintf(ws->error, sizeof ws->error, "%s", err);
 			conn_finished(ws, NULL);	/* the "error" event */
-		} else if (connect_target(ws, r->host, &addrs, port, path, hosthdr) != 0) {
-			targets_failed(ws);
+			continue;
 		}
+		ws->cl->target->addrs = addrs;
+		if (try_next(ws) != 0)
+			targets_failed(ws);
 	}
 	free(r);
 }
@@ -1354,15 +1347,14 @@ static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
 static int start_lookup(struct ca_ws *ws, const char *host, int port, const char *path,
 			const char *hosthdr)
 {
-	size_t pl = strlen(path) + 1, ql = strlen(hosthdr) + 1;
+	struct target *t = new_target(ws, host, port, path, hosthdr);
 	struct dns_entry *e = dns_cached(host);
 	struct resolve *r;
 	struct lookup *l;
 
 	if (e) {
-		struct addrs addrs = e->addrs;	/* the entry may change meanwhile */
-
-		if (connect_target(ws, host, &addrs, port, path, hosthdr) == 0)
+		t->addrs = e->addrs;	/* a copy: the entry may change meanwhile */
+		if (try_next(ws) == 0)
 			return 0;
 		if (ws->state != CA_WS_CLOSED && !ws->error[0])
 			classify_error(ws, ws->cl->last_err[0] ? ws->cl->last_err : NULL);
@@ -1397,11 +1389,8 @@ static int start_lookup(struct ca_ws *ws, const char *host, int port, const char
 			resolves->pprev = &r->next;
 		resolves = r;
 	}
-	l = ca_malloc(sizeof *l + pl + ql);
+	l = ca_malloc(sizeof *l);
 	l->ws = ws;
-	l->port = port;
-	l->path = memcpy(l->mem, path, pl);
-	l->hosthdr = memcpy(l->mem + pl, hosthdr, ql);
 	l->next = r->waiters;
 	l->pprev = &r->waiters;
 	if (r->waiters)
@@ -1575,13 +1564,6 @@ static int build_request(lua_State *L, const char *path, const char *host,
 	*out = b.p;
 	*out_len = b.n - LWS_PRE;
 	return 0;
-}
-
-static int numeric_host(const char *host)
-{
-	unsigned char a[16];
-
-	return inet_pton(AF_INET, host, a) == 1 || inet_pton(AF_INET6, host, a) == 1;
 }
 
 static int l_connect(lua_State *L)
