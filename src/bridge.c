@@ -32,7 +32,8 @@
  *                        returns id, played_ms, sent_ms (nil when nothing to clear)
  *   b:unplayed()         true while sent audio has not been confirmed played
  *   b:on_drained(fn)     fn() once, when nothing is left unplayed (now, if so)
- *   b:stats()            {frames_in, appended, kept, deltas, media_out, dropped_kept}
+ *   b:stats()            {frames_in, appended, kept, deltas, media_out, dropped_kept,
+ *                        bad_in, bad_out (payloads that were not base64: dropped)}
  *   b:close()            detaches from both connections (idempotent; also __gc)
  */
 #define _GNU_SOURCE
@@ -89,6 +90,7 @@ struct bridge {
 	double unmarked_ms;
 	int drained_ref;
 	lua_Integer frames_in, appended, deltas, media_out, dropped_kept;
+	lua_Integer bad_in, bad_out;	/* payloads that were not base64: dropped */
 };
 
 struct bridge_box {
@@ -260,21 +262,40 @@ static void append_to_model(struct bridge *b, const char *b64, size_t n)
 		b->appended++;
 }
 
+/*
+ * A payload that is not base64 is dropped, and the first one of each
+ * direction logged: passed on as is, its bytes would be written into the
+ * JSON for the other side unchecked.
+ */
+static void bad_payload(struct bridge *b, lua_Integer *count, const char *what, size_t n)
+{
+	if ((*count)++ == 0)
+		ca_log(CA_LOG_WARN, "bridge: stream %s: %s is not base64 (%zu bytes): dropped, "
+		       "and any more like it", b->sid, what, n);
+}
+
 /* Phone audio (base64 mu-law) toward the model, in the model's input format. */
 static void phone_audio(struct bridge *b, const char *b64, size_t n)
 {
 	char out[4096 * 4 / 3 + 8];
 
 	b->frames_in++;
+	if (n == 0)
+		return;		/* nothing to hear */
 	if (b->in_fmt == FMT_PCMA) {
 		unsigned char raw[4096];
 		long m;
 
-		if (n > sizeof raw * 4 / 3 || (m = ca_base64_decode(b64, n, raw)) < 0)
+		if (n > sizeof raw * 4 / 3 || (m = ca_base64_decode(b64, n, raw)) < 0) {
+			bad_payload(b, &b->bad_in, "a phone media payload", n);
 			return;
+		}
 		ca_ulaw_to_alaw(raw, raw, (size_t)m);
 		n = ca_base64_encode(raw, (size_t)m, out);
 		b64 = out;
+	} else if (!ca_base64_valid(b64, n)) {
+		bad_payload(b, &b->bad_in, "a phone media payload", n);
+		return;
 	}
 	if (b->ready && b->model) {
 		append_to_model(b, b64, n);
@@ -428,59 +449,64 @@ static void send_media(struct bridge *b, int item, const char *b64, size_t n, si
 /* Model audio (base64 in the output format) to the phone as mu-law. */
 static void model_audio(struct bridge *b, const char *id, size_t idn, const char *b64, size_t n)
 {
+	size_t raw_max = ca_base64_decoded_max(n);
+	unsigned char stack_raw[8192], stack_pcm[4096], stack_ulaw[2048];
+	unsigned char *raw = stack_raw, *pcm = stack_pcm, *ulaw = stack_ulaw;
+	char *out = NULL;
+	long m = 0;
+	size_t ulen;
 	int item;
 
 	if (b->phone == NULL || n == 0)
 		return;
+	/* Checked before it counts as the item's audio: a bad delta changes nothing. */
+	if (b->out_fmt == FMT_PCMU) {
+		if (!ca_base64_valid(b64, n))
+			m = -1;
+	} else {
+		if (raw_max > sizeof stack_raw)
+			raw = ca_malloc(raw_max);
+		m = ca_base64_decode(b64, n, raw);
+	}
+	if (m < 0) {
+		bad_payload(b, &b->bad_out, "a model audio delta", n);
+		goto done;
+	}
 	item = find_item(b, id, idn);
 	if (b->items[item].truncated)
-		return;		/* interrupted: the rest of this item is not played */
+		goto done;	/* interrupted: the rest of this item is not played */
 	b->deltas++;
 	if (b->out_fmt == FMT_PCMU) {
-		long bytes = (long)(n / 4 * 3) - (b64[n - 1] == '=') - (n > 1 && b64[n - 2] == '=');
-
-		send_media(b, item, b64, n, (size_t)bytes);
+		send_media(b, item, b64, n, n / 4 * 3 - (b64[n - 1] == '=') - (b64[n - 2] == '='));
 		return;
 	}
-	{
-		size_t raw_max = ca_base64_decoded_max(n);
-		unsigned char stack_raw[8192], stack_pcm[4096], stack_ulaw[2048];
-		unsigned char *raw = raw_max <= sizeof stack_raw ? stack_raw : ca_malloc(raw_max);
-		unsigned char *pcm = stack_pcm, *ulaw = stack_ulaw;
-		char *out = NULL;
-		long m = ca_base64_decode(b64, n, raw);
-		size_t ulen;
+	if (b->out_fmt == FMT_PCMA) {
+		ulen = (size_t)m;
+		if (ulen > sizeof stack_ulaw)
+			ulaw = ca_malloc(ulen);
+		ca_alaw_to_ulaw(ulaw, raw, ulen);
+	} else {
+		size_t pmax = ca_resampler_out_max(b->rs, (size_t)m);
 
-		if (m < 0)
-			goto done;
-		if (b->out_fmt == FMT_PCMA) {
-			ulen = (size_t)m;
-			if (ulen > sizeof stack_ulaw)
-				ulaw = ca_malloc(ulen);
-			ca_alaw_to_ulaw(ulaw, raw, ulen);
-		} else {
-			size_t pmax = ca_resampler_out_max(b->rs, (size_t)m);
-
-			if (pmax > sizeof stack_pcm)
-				pcm = ca_malloc(pmax);
-			ulen = ca_resampler_process(b->rs, raw, (size_t)m, pcm) / 2;
-			if (ulen > sizeof stack_ulaw)
-				ulaw = ca_malloc(ulen);
-			ca_ulaw_encode(ulaw, pcm, ulen);
-		}
-		if (ulen > 0) {
-			out = ca_malloc(ca_base64_encoded_len(ulen) + 1);
-			send_media(b, item, out, ca_base64_encode(ulaw, ulen, out), ulen);
-		}
-done:
-		free(out);
-		if (raw != stack_raw)
-			free(raw);
-		if (pcm != stack_pcm)
-			free(pcm);
-		if (ulaw != stack_ulaw)
-			free(ulaw);
+		if (pmax > sizeof stack_pcm)
+			pcm = ca_malloc(pmax);
+		ulen = ca_resampler_process(b->rs, raw, (size_t)m, pcm) / 2;
+		if (ulen > sizeof stack_ulaw)
+			ulaw = ca_malloc(ulen);
+		ca_ulaw_encode(ulaw, pcm, ulen);
 	}
+	if (ulen > 0) {
+		out = ca_malloc(ca_base64_encoded_len(ulen) + 1);
+		send_media(b, item, out, ca_base64_encode(ulaw, ulen, out), ulen);
+	}
+done:
+	free(out);
+	if (raw != stack_raw)
+		free(raw);
+	if (pcm != stack_pcm)
+		free(pcm);
+	if (ulaw != stack_ulaw)
+		free(ulaw);
 }
 
 static void call_drained(struct bridge *b)
@@ -831,7 +857,7 @@ static int l_stats(lua_State *L)
 {
 	struct bridge *b = check(L);
 
-	lua_createtable(L, 0, 6);
+	lua_createtable(L, 0, 8);
 	lua_pushinteger(L, b->frames_in);
 	lua_setfield(L, -2, "frames_in");
 	lua_pushinteger(L, b->appended);
@@ -844,6 +870,10 @@ static int l_stats(lua_State *L)
 	lua_setfield(L, -2, "deltas");
 	lua_pushinteger(L, b->media_out);
 	lua_setfield(L, -2, "media_out");
+	lua_pushinteger(L, b->bad_in);
+	lua_setfield(L, -2, "bad_in");
+	lua_pushinteger(L, b->bad_out);
+	lua_setfield(L, -2, "bad_out");
 	return 1;
 }
 

@@ -282,6 +282,26 @@ long ca_base64_decode(const char *in, size_t n, unsigned char *out)
 	return r < 0 ? -1 : (long)(nq * 3) + r;
 }
 
+int ca_base64_valid(const char *in, size_t n)
+{
+	const unsigned char *s = (const unsigned char *)in, *v = b64_std.value;
+	unsigned char bad = 0, rest[2];
+	size_t nq, pad;
+
+	if (n % 4 != 0)
+		return 0;
+	if (n == 0)
+		return 1;
+	pad = s[n - 1] != '=' ? 0 : s[n - 2] != '=' ? 1 : 2;
+	nq = n / 4 - (pad != 0);
+	/* Every value is 0..63; BAD (0xFF) sets the bits above. A group at a time. */
+	for (size_t i = 0; i < nq * 4; i += 4)
+		bad |= v[s[i]] | v[s[i + 1]] | v[s[i + 2]] | v[s[i + 3]];
+	if (bad > 63)
+		return 0;
+	return pad == 0 || decode_rest(s + nq * 4, 4 - pad, rest, &b64_std) >= 0;
+}
+
 long ca_base64url_decode(const char *in, size_t n, unsigned char *out)
 {
 	const unsigned char *s = (const unsigned char *)in;

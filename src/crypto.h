@@ -56,6 +56,12 @@ size_t ca_base64_encode(const unsigned char *in, size_t n, char *out);
  */
 long ca_base64_decode(const char *in, size_t n, unsigned char *out);
 
+/*
+ * Whether n characters are canonical standard base64, as ca_base64_decode
+ * takes them, without decoding: for payloads passed on still encoded.
+ */
+int ca_base64_valid(const char *in, size_t n);
+
 /* As above for base64url without padding (ca_base64url_encoded_len bytes). */
 size_t ca_base64url_encode(const unsigned char *in, size_t n, char *out);
 

@@ -529,6 +529,15 @@ function Bridge:finish(reason)
     self:_stop_timer(name)
   end
   if self.cb then
+    local st = self.cb:stats()
+    if st.bad_in > 0 or st.bad_out > 0 or st.dropped_kept > 0 then
+      log.warn("call audio dropped", {
+        call = self.call_id,
+        not_base64_from_phone = st.bad_in,
+        not_base64_from_model = st.bad_out,
+        phone_frames_over_buffer = st.dropped_kept,
+      })
+    end
     self.cb:close()
     self.cb = nil
   end

@@ -189,9 +189,21 @@ static const char *enc(const char *s, size_t n, int url)
 /* Decodes s; returns the length or -1 and leaves the bytes in dec_out. */
 static unsigned char dec_out[256];
 
+/* ca_base64_valid is checked against the decoder on every standard input decoded here. */
+static int valid_checked, valid_wrong;
+
+static long dec_std(const char *s, size_t n, unsigned char *out)
+{
+	long r = ca_base64_decode(s, n, out);
+
+	valid_checked++;
+	valid_wrong += ca_base64_valid(s, n) != (r >= 0);
+	return r;
+}
+
 static long dec(const char *s, size_t n, int url)
 {
-	return url ? ca_base64url_decode(s, n, dec_out) : ca_base64_decode(s, n, dec_out);
+	return url ? ca_base64url_decode(s, n, dec_out) : dec_std(s, n, dec_out);
 }
 
 static void test_base64_vectors(void)
@@ -334,7 +346,7 @@ static void test_base64_round_trips(void)
 			bad_oracle++;
 			bad = 1;
 		}
-		dn = ca_base64_decode(e, k, d);
+		dn = dec_std(e, k, d);
 		if (dn != (long)n || memcmp(d, in, n) != 0 || (size_t)dn > ca_base64_decoded_max(k)) {
 			bad_trip++;
 			bad = 1;
@@ -397,6 +409,8 @@ static double bench(size_t n, int op)
 				sink += (long)ca_base64_encode(in, n, e);
 			else if (op == 1)
 				sink += ca_base64_decode(e, k, out);
+			else if (op == 4)
+				sink += ca_base64_valid(e, k);
 			else if (op == 2)
 				sink += EVP_EncodeBlock(eo, in, (int)n);
 			else
@@ -418,11 +432,35 @@ static void bench_base64(void)
 		double e = bench(sizes[i], 0), d = bench(sizes[i], 1);
 
 		printf("# base64 %zu-byte frame: encode %.0f ns, decode %.0f ns "
-			"(%.2f / %.2f GB/s of raw bytes)\n",
-			sizes[i], e, d, (double)sizes[i] / e, (double)sizes[i] / d);
+			"(%.2f / %.2f GB/s of raw bytes), check only %.0f ns\n",
+			sizes[i], e, d, (double)sizes[i] / e, (double)sizes[i] / d, bench(sizes[i], 4));
 		printf("#   for comparison, OpenSSL EVP_EncodeBlock %.0f ns, EVP_DecodeBlock %.0f ns "
 			"(no strict checks)\n", bench(sizes[i], 2), bench(sizes[i], 3));
 	}
+}
+
+/*
+ * ca_base64_valid says yes exactly when the decoder does: on every input
+ * the tests above decoded, and on random strings near the edge (alphabet
+ * characters, '=', and now and then a byte outside it).
+ */
+static void test_base64_valid(void)
+{
+	static const char near[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/===\\\"\0 -_";
+	unsigned char out[64];
+	char s[48];
+	int yes = 0;
+
+	for (int i = 0; i < 200000; i++) {
+		size_t n = next_byte() % 13;
+
+		for (size_t k = 0; k < n; k++)
+			s[k] = near[next_byte() % (sizeof near - 1)];
+		yes += dec_std(s, n, out) >= 0;
+	}
+	CHECK(valid_wrong == 0, "ca_base64_valid agrees with ca_base64_decode on %d inputs (%d valid "
+		"random ones; %d wrong)", valid_checked, yes, valid_wrong);
+	CHECK(yes > 1000, "the random inputs include valid ones (%d)", yes);
 }
 
 int main(void)
@@ -437,6 +475,7 @@ int main(void)
 	test_base64_vectors();
 	test_base64_rejects();
 	test_base64_round_trips();
+	test_base64_valid();
 	bench_base64();
 
 	lua_close(L);

@@ -50,7 +50,9 @@
 --   and request /voice but do not connect the stream); json = "shuffled"
 --   (media and mark events with their keys in another order than Twilio's,
 --   spaces around the colons and extra fields holding escaped quotes and a
---   final backslash: JSON is JSON, whatever the order).
+--   final backslash: JSON is JSON, whatever the order); payloads (frame
+--   number -> text written as that frame's payload string as is, JSON escapes
+--   and all: what a broken or hostile sender might put there).
 --
 -- Call flow (a task per call): initiated, ringing (not for failed), then
 --   busy/no-answer/failed, or answered: in-progress, POST (Method) the Url with
@@ -776,6 +778,9 @@ local function media_loop(call)
         piece = piece .. rep("\255", 160 - #piece)
       end
       payload = b64enc(piece)
+    end
+    if b.payloads and b.payloads[k] then
+      payload = b.payloads[k]
     end
     call._seq = call._seq + 1
     if not conn:send(fmt(tmpl, call._seq, k, (k - 1) * 20, payload)) then
