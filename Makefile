@@ -5,6 +5,7 @@
 #   make test       deps + build + the whole test suite; SAN=1 runs it under ASan+UBSan
 #   make run        deps + build + start examples/app.lua
 #   make bench      the concurrent-call benchmark (see README.md)
+#   make fuzz       libFuzzer on the bridge's per-frame path (clang; FUZZ_SECONDS=60)
 #   make install    PREFIX=/usr/local: binary + Lua files
 #
 # Everything the project needs comes from Debian 12 packages (see DEB_PKGS)
@@ -52,7 +53,7 @@ LIB_OBJS := $(filter-out $(BUILD)/obj/main.o,$(OBJS))
 CTESTS := $(patsubst tests/c/%.c,$(BUILD)/tests/%,$(filter-out tests/c/host_stub.c,$(wildcard tests/c/test_*.c)))
 BIN := $(BUILD)/callagent
 
-.PHONY: all deps test-deps test run bench install uninstall clean check-clean
+.PHONY: all deps test-deps test run bench fuzz install uninstall clean check-clean
 
 all: $(BIN)
 
@@ -129,6 +130,20 @@ build/release/tests/bench/loopback: tests/bench/loopback.c
 bench: deps
 	@$(MAKE) --no-print-directory $(BIN) $(BENCH_TOOLS)
 	$(BIN) run tests/bench/bench.lua
+
+# libFuzzer on the bridge's per-frame path (tests/c/test_bridge.c built with
+# -DCA_FUZZ): clang with ASan+UBSan, FUZZ_SECONDS of fuzzing, the corpus kept
+# in build/fuzz/bridge-corpus. A crash leaves its input in build/fuzz/.
+FUZZ_SECONDS ?= 60
+FUZZ_SRCS := $(filter-out src/main.c,$(SRCS))
+
+fuzz:
+	@$(MAKE) --no-print-directory deps EXTRA_PKGS="clang libclang-rt-14-dev"
+	@mkdir -p build/fuzz/bridge-corpus
+	clang -std=gnu11 -DCA_FUZZ -g -O1 -fsanitize=fuzzer,address,undefined -w \
+		$(PKG_CFLAGS) -I/usr/include/lua5.4 -Isrc $(BRIDGE_WRAP) -o build/fuzz/bridge \
+		tests/c/test_bridge.c tests/c/host_stub.c $(FUZZ_SRCS) $(PKG_LIBS) -lm
+	cd build/fuzz && ./bridge -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 bridge-corpus
 
 install: $(BIN)
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/callagent

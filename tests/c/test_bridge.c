@@ -13,7 +13,7 @@
  *
  * It runs hand-written cases, then mutations of message sequences (a fixed
  * seed, so a failure reproduces; TEST_BRIDGE_RUNS sets how many). Built with
- * clang and -DCA_FUZZ it is a libFuzzer target instead.
+ * clang and -DCA_FUZZ it is a libFuzzer target instead (make fuzz).
  *
  * One input: byte 0 is the set-up (bits 0-1 output format pcmu/pcm/pcma,
  * bit 2 input pcma, bit 3 model ready from the start); then messages
