@@ -7,9 +7,12 @@
  * addresses, 127.0.0.2 and then 127.0.0.1 (a server on 127.0.0.1 is reached
  * at the second), and in ".none.test" with 127.0.0.2 and 127.0.0.3. With
  * SLOW_DNS_LOG set, each lookup of a .test name appends a line with the
- * name to that file.
+ * name to that file, and with SLOW_DNS_PORT set too, each connect() to an
+ * IPv4 address on that port a line "connect ADDRESS" (the order addresses
+ * are tried in).
  */
 #define _GNU_SOURCE
+#include <arpa/inet.h>
 #include <dlfcn.h>
 #include <fcntl.h>
 #include <netdb.h>
@@ -26,13 +29,13 @@ static int ends_with(const char *s, const char *tail)
 	return n >= t && strcmp(s + n - t, tail) == 0;
 }
 
-static void log_lookup(const char *node)
+static void log_line(const char *what, const char *s)
 {
 	const char *path = getenv("SLOW_DNS_LOG");
 	int fd = path ? open(path, O_WRONLY | O_APPEND | O_CREAT, 0644) : -1;
 
 	char line[512];
-	int n = snprintf(line, sizeof line, "%s\n", node);
+	int n = snprintf(line, sizeof line, "%s%s\n", what, s);
 	ssize_t w;
 
 	if (fd < 0)
@@ -60,12 +63,12 @@ int getaddrinfo(const char *node, const char *service, const struct addrinfo *hi
 			dlsym(RTLD_NEXT, "getaddrinfo");
 
 	if (node && ends_with(node, ".slow.test")) {
-		log_lookup(node);
+		log_line("", node);
 		wait_ms();
 		return real("127.0.0.1", service, hints, res);
 	}
 	if (node && ends_with(node, ".fail.test")) {
-		log_lookup(node);
+		log_line("", node);
 		wait_ms();
 		return EAI_NONAME;
 	}
@@ -73,7 +76,7 @@ int getaddrinfo(const char *node, const char *service, const struct addrinfo *hi
 		struct addrinfo *a = NULL, *b = NULL, *last;
 		int rc;
 
-		log_lookup(node);
+		log_line("", node);
 		rc = real("127.0.0.2", service, hints, &a);
 		if (rc != 0)
 			return rc;
@@ -89,4 +92,20 @@ int getaddrinfo(const char *node, const char *service, const struct addrinfo *hi
 		return 0;
 	}
 	return real(node, service, hints, res);
+}
+
+int connect(int fd, const struct sockaddr *sa, socklen_t len)
+{
+	int (*real)(int, const struct sockaddr *, socklen_t) =
+		(int (*)(int, const struct sockaddr *, socklen_t))dlsym(RTLD_NEXT, "connect");
+	const char *port = getenv("SLOW_DNS_PORT");
+
+	if (port && sa && sa->sa_family == AF_INET && len >= sizeof(struct sockaddr_in)) {
+		const struct sockaddr_in *in = (const struct sockaddr_in *)(const void *)sa;
+		char addr[INET_ADDRSTRLEN];
+
+		if (ntohs(in->sin_port) == atoi(port) && inet_ntop(AF_INET, &in->sin_addr, addr, sizeof addr))
+			log_line("connect ", addr);
+	}
+	return real(fd, sa, len);
 }
