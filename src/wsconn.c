@@ -689,19 +689,22 @@ static size_t frame_client(unsigned char *out, const void *in, size_t len, int o
 /*
  * Puts the message as it goes on the wire at out (room for len + 14):
  * a client frames its messages itself (lws carries its bytes raw, see
- * src/ws.c); a server leaves framing to lws. Returns the length and sets
- * *kind to what lws_write is to be told, or 0 if no masking key was had.
+ * src/ws.c); a server leaves framing to lws. Returns the length (0 for an
+ * empty message on the server side) and sets *kind to what lws_write is to
+ * be told, or -1 if no masking key was had.
  */
-static size_t wire_form(struct ca_ws *ws, unsigned char *out, const void *data, size_t len, int *kind)
+static long wire_form(struct ca_ws *ws, unsigned char *out, const void *data, size_t len, int *kind)
 {
 	int op = ws->is_client ? client_opcode(*kind) : 0;
+	size_t n;
 
 	if (op == 0) {
 		memcpy(out, data, len);
-		return len;
+		return (long)len;
 	}
 	*kind = LWS_WRITE_RAW;
-	return frame_client(out, data, len, op);
+	n = frame_client(out, data, len, op);
+	return n == 0 ? -1 : (long)n;
 }
 
 int ca__ws_write_close(struct ca_ws *ws, const void *body, size_t len)
@@ -712,10 +715,10 @@ int ca__ws_write_close(struct ca_ws *ws, const void *body, size_t len)
 	 */
 	unsigned char out[LWS_PRE + 125 + 14];
 	int kind = CA_LWS_WRITE_CLOSE;
-	size_t n = wire_form(ws, out + LWS_PRE, body, len, &kind);
+	long n = wire_form(ws, out + LWS_PRE, body, len, &kind);
 
 	ws->close_sent = 1;
-	if (n == 0 || wire_write(ws, out + LWS_PRE, n, kind) < 0)
+	if (n < 0 || wire_write(ws, out + LWS_PRE, (size_t)n, kind) < 0)
 		return -1;
 	/* No answer within 5 s: hang up anyway. */
 	lws_set_timeout(ws->wsi, PENDING_TIMEOUT_CLOSE_ACK, 5);
@@ -725,7 +728,7 @@ int ca__ws_write_close(struct ca_ws *ws, const void *body, size_t len)
 int ca__ws_send(struct ca_ws *ws, const void *data, size_t len, int kind, const char **err)
 {
 	struct ca_wsmsg *m;
-	size_t n;
+	long n;
 
 	if (ws->state != CA_WS_OPEN || closing(ws) || ws->wsi == NULL) {
 		*err = "ECLOSED";
@@ -751,7 +754,7 @@ int ca__ws_send(struct ca_ws *ws, const void *data, size_t len, int kind, const 
 			scratch = ca_realloc(scratch, scratch_cap);
 		}
 		n = wire_form(ws, scratch + LWS_PRE, data, len, &kind);
-		if (n == 0 || wire_write(ws, scratch + LWS_PRE, n, kind) < 0) {
+		if (n < 0 || wire_write(ws, scratch + LWS_PRE, (size_t)n, kind) < 0) {
 			ca__ws_drop(ws, 1006, "write failed");
 			*err = "ECLOSED";
 			return -1;
@@ -767,14 +770,15 @@ int ca__ws_send(struct ca_ws *ws, const void *data, size_t len, int kind, const 
 	}
 	m = ca_malloc(sizeof *m + LWS_PRE + len + 14);
 	m->next = NULL;
-	m->len = wire_form(ws, m->buf + LWS_PRE, data, len, &kind);
+	n = wire_form(ws, m->buf + LWS_PRE, data, len, &kind);
 	m->kind = kind;
-	if (m->len == 0) {
+	if (n < 0) {
 		free(m);
 		ca__ws_drop(ws, 1006, "no masking key");
 		*err = "ECLOSED";
 		return -1;
 	}
+	m->len = (size_t)n;
 	if (ws->tail)
 		ws->tail->next = m;
 	else

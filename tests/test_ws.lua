@@ -64,6 +64,20 @@ T.test("text and binary messages round-trip, binary with every byte value", func
   T.eq(data, bin)
 end)
 
+T.test("an empty message goes both ways and leaves the connection open", function()
+  -- The server's send of "" used to drop the connection ("write failed", 1006).
+  local srv = echo_server()
+  local c = assert(connect(srv:ws_url("/echo")))
+  c:send("")
+  T.eq({ c:receive(2000) }, { "text", "" }, "echoed: the server sent an empty message")
+  c:send_binary("")
+  T.eq({ c:receive(2000) }, { "binary", "" })
+  c:send("after")
+  T.eq({ c:receive(2000) }, { "text", "after" })
+  T.eq(c:is_open(), true)
+  T.eq(srv.events[#srv.events][1], "open", "the server saw no close")
+end)
+
 T.test("a 1 MB message arrives whole in both directions", function()
   local srv = echo_server({ max_ws_message = 2 * 1024 * 1024 })
   local c = assert(connect(srv:ws_url("/echo"), { max_message = 2 * 1024 * 1024 }))
