@@ -67,11 +67,7 @@ ifneq ($(SAN),1)
 endif
 
 $(BUILD)/tests/%: tests/c/%.c tests/c/host_stub.c $(LIB_OBJS) | $(BUILD)/tests
-	$(CC) $(CFLAGS_ALL) -Isrc $(LDSAN) $(LDFLAGS) $(LDWRAP) -o $@ $< tests/c/host_stub.c $(LIB_OBJS) $(PKG_LIBS) -lm
-
-# The bridge test stands in for its two connections (see its header).
-BRIDGE_WRAP := -Wl,--wrap=ca__ws_check -Wl,--wrap=ca__ws_send
-$(BUILD)/tests/test_bridge: LDWRAP := $(BRIDGE_WRAP)
+	$(CC) $(CFLAGS_ALL) -Isrc $(LDSAN) $(LDFLAGS) -o $@ $< tests/c/host_stub.c $(LIB_OBJS) $(PKG_LIBS) -lm
 
 $(BUILD)/obj $(BUILD)/tests:
 	mkdir -p $@
@@ -131,18 +127,19 @@ bench: deps
 	@$(MAKE) --no-print-directory $(BIN) $(BENCH_TOOLS)
 	$(BIN) run tests/bench/bench.lua
 
-# libFuzzer on the bridge's per-frame path (tests/c/test_bridge.c built with
-# -DCA_FUZZ): clang with ASan+UBSan, FUZZ_SECONDS of fuzzing, the corpus kept
-# in build/fuzz/bridge-corpus. A crash leaves its input in build/fuzz/.
+# libFuzzer on the bridge's per-frame path (tests/c/fuzz_bridge.c, which
+# stands in for the bridge's two connections with ld --wrap): clang with
+# ASan+UBSan, FUZZ_SECONDS of fuzzing, the corpus kept in
+# build/fuzz/bridge-corpus. A crash leaves its input in build/fuzz/.
 FUZZ_SECONDS ?= 60
 FUZZ_SRCS := $(filter-out src/main.c,$(SRCS))
 
 fuzz:
 	@$(MAKE) --no-print-directory deps EXTRA_PKGS="clang libclang-rt-14-dev"
 	@mkdir -p build/fuzz/bridge-corpus
-	clang -std=gnu11 -DCA_FUZZ -g -O1 -fsanitize=fuzzer,address,undefined -w \
-		$(PKG_CFLAGS) -I/usr/include/lua5.4 -Isrc $(BRIDGE_WRAP) -o build/fuzz/bridge \
-		tests/c/test_bridge.c tests/c/host_stub.c $(FUZZ_SRCS) $(PKG_LIBS) -lm
+	clang -std=gnu11 -g -O1 -fsanitize=fuzzer,address,undefined -w \
+		$(PKG_CFLAGS) -I/usr/include/lua5.4 -Isrc -Wl,--wrap=ca__ws_check -Wl,--wrap=ca__ws_send \
+		-o build/fuzz/bridge tests/c/fuzz_bridge.c tests/c/host_stub.c $(FUZZ_SRCS) $(PKG_LIBS) -lm
 	cd build/fuzz && ./bridge -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 bridge-corpus
 
 install: $(BIN)
