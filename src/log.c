@@ -221,12 +221,18 @@ void ca__log_write(const char *line, size_t len)
 		} else {
 			char c = line[i++];
 
-			/* One line per event: embedded newlines are escaped. */
+			/*
+			 * One line per event: embedded newlines are escaped, and
+			 * so are the other control characters (a request's bytes
+			 * may reach a line: no terminal escapes from a client).
+			 */
 			if (c == '\n') {
 				out[o++] = '\\';
 				out[o++] = 'n';
 			} else if (c == '\r' || c == '\t') {
 				out[o++] = ' ';
+			} else if ((unsigned char)c < 0x20 || c == 0x7f) {
+				o += (size_t)snprintf(out + o, 5, "\\x%02x", (unsigned char)c);
 			} else {
 				out[o++] = c;
 			}

@@ -87,6 +87,16 @@ require("callagent.log").error("first\nsecond", { tb = "a\nb" })
   T.match(err[1], "first\\nsecond")
 end)
 
+T.test("control characters from outside are escaped: no terminal escapes in a line", function()
+  -- As a client's field name reaches the API's warning.
+  local err = run([[
+require("callagent.log").warn("api: invalid call request", { field = "\27[2J\1t\127z\226\128\168" })
+]])
+  T.eq(#err, 1)
+  T.eq(err[1]:find("[%z\1-\31\127]"), nil, "no control character left")
+  T.match(err[1], ' field="?\\x1b%[2J\\x01t\\x7fz\226\128\168"?$', "escaped as \\xNN; UTF-8 kept")
+end)
+
 T.test("a reader that stops reading stderr does not stall the loop", function()
   -- The child's stderr is a pipe that nobody reads (bash process substitution
   -- into `sleep`); it logs 20 MB and measures how late its 10 ms timer fires.
