@@ -27,6 +27,17 @@ T.test("POST /v1/calls validates every field and answers 400 naming it", functio
     { { to = "+14155550100", prompt = "x", metadata = { big = string.rep("m", 9000) } }, "invalid_metadata", "metadata" },
     { { to = "+14155550100", prompt = "x", metadata = { "a", "list" } }, "invalid_metadata", "metadata" },
     { { to = "+14155550100", prompt = "x", promt = "typo" }, "unknown_field", "promt" },
+    -- Text is UTF-8 (strictly: no overlong forms or surrogates), without control characters.
+    { { to = "+14155550100", prompt = "caf\255" }, "invalid_prompt", "prompt" },
+    { { to = "+14155550100", prompt = "a \237\160\128 surrogate" }, "invalid_prompt", "prompt" },
+    { { to = "+14155550100", prompt = "\192\175 overlong" }, "invalid_prompt", "prompt" },
+    { { to = "+14155550100", prompt = "a NUL \0 here" }, "invalid_prompt", "prompt" },
+    { { to = "+14155550100", prompt = "an escape \27[2J" }, "invalid_prompt", "prompt" },
+    { { to = "+14155550100", prompt = "x", calleeName = "Ada\nLovelace" }, "invalid_calleeName", "calleeName" },
+    { { to = "+14155550100", prompt = "x", callerName = "B\255b" }, "invalid_callerName", "callerName" },
+    { { to = "+14155550100", prompt = "x", metadata = { note = "\255" } }, "invalid_metadata", "metadata" },
+    { { to = "+14155550100", prompt = "x", metadata = { ["k\255"] = 1 } }, "invalid_metadata", "metadata" },
+    { { to = "+14155550100", prompt = "x", ["p\255"] = 1 }, "invalid_body", nil },
   }
   for _, c in ipairs(cases) do
     local status, body = env:api("POST", "/v1/calls", c[1])
@@ -47,6 +58,57 @@ T.test("POST /v1/calls validates every field and answers 400 naming it", functio
   T.eq(#list.calls, 0, "no call was created by bad input")
   T.eq(#env.tw.calls, 0, "nothing was dialed")
 end)
+
+T.test("mutated request bodies get 201 or a 400 error naming the problem, never anything else; what is accepted is UTF-8", function()
+  local env = env_with()
+  math.randomseed(20261126) -- a failure reproduces
+  local valid = {
+    '{"to":"+14155550100","prompt":"Book a check-up.","calleeName":"Dr. Smith","timezone":"Europe/Berlin",'
+      .. '"locale":"de-DE","voice":"marin","metadata":{"a":1,"b":[true,null]}}',
+    '{"to":"+442071838750","prompt":"Ask for the opening hours.","callerName":"Ada"}',
+  }
+  local nasty = { '"', "\\", "{", "}", "[", "]", ":", ",", "0", "-", "1e999", "null", "true", "\0", "\1", " ", "\n",
+    "\195\169", "\226\128\168", "\237\160\128", "\255", string.rep("9", 30) }
+  local random = math.random
+  local function mutate(t)
+    local at = random(0, #t)
+    local op = random(0, 4)
+    if op <= 1 then
+      return t:sub(1, at) .. nasty[random(#nasty)] .. t:sub(at + 1)
+    elseif op == 2 then
+      return t:sub(1, at) .. t:sub(at + random(1, 10) + 1)
+    elseif op == 3 then
+      return t:sub(1, at + random(1, 20)) .. t:sub(at + 1)
+    end
+    return t:sub(1, at)
+  end
+  local seen, created = {}, 0
+  for i = 1, 1000 do
+    local body = valid[random(#valid)]
+    for _ = 1, random(1, 4) do
+      body = mutate(body)
+    end
+    local status, res = env:api("POST", "/v1/calls", body, { ["Content-Type"] = "application/json" })
+    seen[status] = (seen[status] or 0) + 1
+    if status == 201 then
+      created = created + 1
+      local rec = env:get(res.callId)
+      T.match(rec.to, "^%+%d+$", "an accepted call's number")
+      T.ok(utf8.len(json.encode(rec)), "the record is UTF-8: " .. body)
+    else
+      T.eq(status, 400, "body " .. i .. ": " .. body)
+      T.ok(type(res) == "table" and type(res.error) == "table", "an error object: " .. body)
+      T.match(res.error.code, "^[a-z_A-Z]+$", body)
+      T.ok(type(res.error.message) == "string" and #res.error.message > 0, body)
+      T.ok(res.error.field == nil or type(res.error.field) == "string", body)
+    end
+  end
+  T.diag(string.format("1000 mutated bodies: %d accepted, %d refused with 400", created, seen[400] or 0))
+  T.gt(created, 0, "some mutations are still valid requests")
+  T.gt(seen[400] or 0, 500)
+  local status = env:api("GET", "/healthz")
+  T.eq(status, 200)
+end, { timeout = 60000 })
 
 T.test("valid input with every optional field is accepted (201)", function()
   local env = env_with()

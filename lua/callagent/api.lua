@@ -37,6 +37,26 @@ local function err(status, code, message, field)
   return status, { error = { code = code, message = message, field = field } }
 end
 
+-- Whether every string in v, keys too and at any depth, is UTF-8 (utf8.len
+-- is strict: no overlong forms, surrogates or values past U+10FFFF). JSON
+-- is UTF-8, and all of it goes on: to the model, the record, webhooks.
+local function utf8_ok(v)
+  if type(v) == "string" then
+    return utf8.len(v) ~= nil
+  end
+  if type(v) == "table" then
+    for k, x in pairs(v) do
+      if not utf8_ok(k) or not utf8_ok(x) then
+        return false
+      end
+    end
+  end
+  return true
+end
+
+-- A control character other than tab, newline and carriage return.
+local CONTROL = "[%z\1-\8\11\12\14-\31\127]"
+
 local function voice_ok(v)
   for _, x in ipairs(config.voices) do
     if x == v then
@@ -51,9 +71,15 @@ function M.validate_call(body)
   if type(body) ~= "table" or json.is_array(body) or (#body > 0) then
     return nil, err(400, "invalid_body", "the body must be a JSON object")
   end
-  for k in pairs(body) do
+  for k, v in pairs(body) do
+    if not utf8_ok(k) then
+      return nil, err(400, "invalid_body", "a field name is not valid UTF-8")
+    end
     if not ALLOWED[k] then
       return nil, err(400, "unknown_field", "unknown field '" .. tostring(k) .. "'", tostring(k))
+    end
+    if not utf8_ok(v) then
+      return nil, err(400, "invalid_" .. k, k .. " is not valid UTF-8 text", k)
     end
   end
   local input = {}
@@ -66,6 +92,9 @@ function M.validate_call(body)
   end
   if #body.prompt > LIMITS.prompt then
     return nil, err(400, "invalid_prompt", "prompt is longer than " .. LIMITS.prompt .. " characters", "prompt")
+  end
+  if body.prompt:find(CONTROL) then
+    return nil, err(400, "invalid_prompt", "prompt holds a control character (only tab and line breaks are text)", "prompt")
   end
   input.prompt = body.prompt
   if body.timezone ~= nil then
@@ -85,6 +114,9 @@ function M.validate_call(body)
     if v ~= nil then
       if type(v) ~= "string" or #v > LIMITS.name then
         return nil, err(400, "invalid_" .. k, k .. " must be a string of at most " .. LIMITS.name .. " characters", k)
+      end
+      if v:find("[%z\1-\31\127]") then
+        return nil, err(400, "invalid_" .. k, k .. " must be one line of text, without control characters", k)
       end
       input[k] = v
     end
