@@ -56,6 +56,7 @@ function M.new(engine, call, attempt)
     stream = nil,
     stream_sid = nil,
     pending_in = {},
+    bad_in = 0, -- phone payloads that were not base64, before the C path (which counts its own)
     pending_out = {},
     pending_out_bytes = 0,
     truncated = {},
@@ -471,23 +472,37 @@ end
 
 local APPEND = '{"type":"input_audio_buffer.append","audio":"'
 
+--- Caller audio before the C path is linked (or in a form it did not take):
+-- base64 mu-law, checked, as the C path checks it (src/bridge.c).
+function Bridge:_phone_audio(payload)
+  local ulaw = b64decode(payload)
+  if not ulaw or ulaw == "" then
+    if ulaw == nil then
+      self.bad_in = self.bad_in + 1
+      if self.bad_in == 1 then
+        log.warn("bridge: a phone media payload is not base64: dropped, and any more like it",
+          { call = self.call_id, bytes = #payload })
+      end
+    end
+    return
+  end
+  if self.in_format == "audio/pcma" then
+    payload = b64encode(ulaw_to_alaw(ulaw))
+  end
+  if self.model_ready then
+    self.rt.conn:send(APPEND .. payload .. '"}')
+  elseif #self.pending_in < MAX_PENDING_IN then
+    self.pending_in[#self.pending_in + 1] = payload
+  end
+end
+
 --- Text messages of the attached stream that the C path did not take (and
 -- all of them before it is linked).
 function Bridge:on_stream_text(msg)
-  if msg:find('"event":"media"', 1, true) then
-    local payload = msg:match('"payload":"([^"]*)"')
-    if payload then
-      if self.in_format == "audio/pcma" then
-        local ulaw = b64decode(payload)
-        payload = ulaw and b64encode(ulaw_to_alaw(ulaw)) or ""
-      end
-      if self.model_ready then
-        self.rt.conn:send(APPEND .. payload .. '"}')
-      elseif #self.pending_in < MAX_PENDING_IN then
-        self.pending_in[#self.pending_in + 1] = payload
-      end
-      return
-    end
+  -- Twilio's compact form, without escapes: the payload as it is.
+  local payload = msg:find('"event":"media"', 1, true) and msg:match('"payload":"([^"\\]*)"')
+  if payload then
+    return self:_phone_audio(payload)
   end
   local ev = json.try_decode(msg)
   if type(ev) ~= "table" then
@@ -495,17 +510,16 @@ function Bridge:on_stream_text(msg)
   end
   local e = ev.event
   if e == "media" then
-    -- Not in the compact form the fast path expects.
-    local m = ev.media or {}
-    if type(m.payload) == "string" then
-      return self:on_stream_text('{"event":"media","media":{"payload":"' .. m.payload .. '"}}')
+    local m = ev.media
+    if type(m) == "table" and type(m.payload) == "string" then
+      self:_phone_audio(m.payload)
     end
   elseif e == "stop" then
     log.info("media stream stopped", { call = self.call_id, attempt = self.attempt })
     self.phone_stopped = true
   elseif e == "dtmf" then
-    local d = ev.dtmf and ev.dtmf.digit
-    if d and self.model_ready then
+    local d = type(ev.dtmf) == "table" and ev.dtmf.digit
+    if type(d) == "string" and d:match("^[%d*#A-Da-d]$") and self.model_ready then
       self.rt:send({
         type = "conversation.item.create",
         item = { type = "message", role = "user", content = { { type = "input_text", text = "[The callee pressed the key " .. d .. "]" } } },
@@ -528,16 +542,16 @@ function Bridge:finish(reason)
   for _, name in ipairs({ "max_timer", "silence_timer", "goodbye_timer", "wrapup_timer" }) do
     self:_stop_timer(name)
   end
+  local st = self.cb and self.cb:stats() or { bad_in = 0, bad_out = 0, dropped_kept = 0 }
+  if st.bad_in + self.bad_in > 0 or st.bad_out > 0 or st.dropped_kept > 0 then
+    log.warn("call audio dropped", {
+      call = self.call_id,
+      not_base64_from_phone = st.bad_in + self.bad_in,
+      not_base64_from_model = st.bad_out,
+      phone_frames_over_buffer = st.dropped_kept,
+    })
+  end
   if self.cb then
-    local st = self.cb:stats()
-    if st.bad_in > 0 or st.bad_out > 0 or st.dropped_kept > 0 then
-      log.warn("call audio dropped", {
-        call = self.call_id,
-        not_base64_from_phone = st.bad_in,
-        not_base64_from_model = st.bad_out,
-        phone_frames_over_buffer = st.dropped_kept,
-      })
-    end
     self.cb:close()
     self.cb = nil
   end
