@@ -215,7 +215,7 @@ end
 
 -- Model audio that reaches Lua: only before the C path is linked.
 function Bridge:_audio_out(item_id, delta)
-  if not delta or delta == "" or self.ended then
+  if type(item_id) ~= "string" or type(delta) ~= "string" or delta == "" or self.ended then
     return
   end
   if self.cb then
