@@ -70,18 +70,7 @@ T.test("mutated request bodies get 201 or a 400 error naming the problem, never 
   local nasty = { '"', "\\", "{", "}", "[", "]", ":", ",", "0", "-", "1e999", "null", "true", "\0", "\1", " ", "\n",
     "\195\169", "\226\128\168", "\237\160\128", "\255", string.rep("9", 30) }
   local random = math.random
-  local function mutate(t)
-    local at = random(0, #t)
-    local op = random(0, 4)
-    if op <= 1 then
-      return t:sub(1, at) .. nasty[random(#nasty)] .. t:sub(at + 1)
-    elseif op == 2 then
-      return t:sub(1, at) .. t:sub(at + random(1, 10) + 1)
-    elseif op == 3 then
-      return t:sub(1, at + random(1, 20)) .. t:sub(at + 1)
-    end
-    return t:sub(1, at)
-  end
+  local mutate = require("mutate").new(nasty)
   local seen, created = {}, 0
   for i = 1, 1000 do
     local body = valid[random(#valid)]

@@ -220,26 +220,9 @@ local SEEDS = {
 }
 
 -- JSON's troublemakers, for insertions.
-local NASTY = { '"', "\\", "{", "}", "[", "]", ":", ",", "=", " ", "/", "\0", "\1", "\n", "\127", "\195", "\255" }
-
+local mutate = require("mutate").new({ '"', "\\", "{", "}", "[", "]", ":", ",", "=", " ", "/", "\0", "\1", "\n", "\127",
+  "\195", "\255" })
 local random = math.random
-
--- One random edit of s.
-local function mutate(s)
-  local n = #s
-  local at = n > 0 and random(0, n - 1) or 0
-  local op = random(0, 5)
-  if op == 0 then
-    return n > 0 and s:sub(1, at) .. string.char(random(0, 255)) .. s:sub(at + 2) or s
-  elseif op <= 2 then
-    return s:sub(1, at) .. NASTY[random(#NASTY)] .. s:sub(at + 1)
-  elseif op == 3 then
-    return s:sub(1, at) .. s:sub(at + random(1, 16) + 1)
-  elseif op == 4 then
-    return s:sub(1, at + random(1, 24)) .. s:sub(at + 1)
-  end
-  return s:sub(1, at)
-end
 
 T.test("mutated message sequences: every message the bridge writes is well-formed, in every format", function()
   local runs = tonumber(os.getenv("TEST_BRIDGE_RUNS") or "") or 20000
