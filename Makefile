@@ -138,7 +138,8 @@ fuzz:
 	@$(MAKE) --no-print-directory deps EXTRA_PKGS="clang libclang-rt-14-dev"
 	@mkdir -p build/fuzz/bridge-corpus
 	clang -std=gnu11 -g -O1 -fsanitize=fuzzer,address,undefined -w \
-		$(PKG_CFLAGS) -I/usr/include/lua5.4 -Isrc -Wl,--wrap=ca__ws_check -Wl,--wrap=ca__ws_send \
+		$(PKG_CFLAGS) -I/usr/include/lua5.4 -Isrc -DBRIDGE_CHECK='"$(CURDIR)/tests/lib/bridge_check.lua"' \
+		-Wl,--wrap=ca__ws_check -Wl,--wrap=ca__ws_send \
 		-o build/fuzz/bridge tests/c/fuzz_bridge.c tests/c/host_stub.c $(FUZZ_SRCS) $(PKG_LIBS) -lm
 	cd build/fuzz && ./bridge -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 bridge-corpus
 

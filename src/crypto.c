@@ -261,6 +261,19 @@ static long decode_rest(const unsigned char *s, size_t rest, unsigned char *o,
 	return (c & 0x03) ? -1 : 2;
 }
 
+/*
+ * The shape of n characters of standard base64 (n a non-zero multiple of
+ * 4): the whole groups before the last padded one (*nq) and its padding.
+ * Only the last group may hold padding: "xx==" or "xxx=".
+ */
+static size_t std_padding(const unsigned char *s, size_t n, size_t *nq)
+{
+	size_t pad = s[n - 1] != '=' ? 0 : s[n - 2] != '=' ? 1 : 2;
+
+	*nq = n / 4 - (pad != 0);
+	return pad;
+}
+
 long ca_base64_decode(const char *in, size_t n, unsigned char *out)
 {
 	const unsigned char *s = (const unsigned char *)in;
@@ -271,9 +284,7 @@ long ca_base64_decode(const char *in, size_t n, unsigned char *out)
 		return -1;
 	if (n == 0)
 		return 0;
-	/* Only the last group may hold padding: "xx==" or "xxx=". */
-	pad = s[n - 1] != '=' ? 0 : s[n - 2] != '=' ? 1 : 2;
-	nq = n / 4 - (pad != 0);
+	pad = std_padding(s, n, &nq);
 	if (decode_groups(s, nq, out, &b64_std) < 0)
 		return -1;
 	if (pad == 0)
@@ -292,8 +303,7 @@ int ca_base64_valid(const char *in, size_t n)
 		return 0;
 	if (n == 0)
 		return 1;
-	pad = s[n - 1] != '=' ? 0 : s[n - 2] != '=' ? 1 : 2;
-	nq = n / 4 - (pad != 0);
+	pad = std_padding(s, n, &nq);
 	/* Every value is 0..63; BAD (0xFF) sets the bits above. A group at a time. */
 	for (size_t i = 0; i < nq * 4; i += 4)
 		bad |= v[s[i]] | v[s[i + 1]] | v[s[i + 2]] | v[s[i + 3]];

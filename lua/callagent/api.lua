@@ -54,8 +54,9 @@ local function utf8_ok(v)
   return true
 end
 
--- A control character other than tab, newline and carriage return.
-local CONTROL = "[%z\1-\8\11\12\14-\31\127]"
+-- Any control character; one other than tab, newline and carriage return.
+local CONTROL = "[%z\1-\31\127]"
+local CONTROL_IN_TEXT = "[%z\1-\8\11\12\14-\31\127]"
 
 local function voice_ok(v)
   for _, x in ipairs(config.voices) do
@@ -93,7 +94,7 @@ function M.validate_call(body)
   if #body.prompt > LIMITS.prompt then
     return nil, err(400, "invalid_prompt", "prompt is longer than " .. LIMITS.prompt .. " characters", "prompt")
   end
-  if body.prompt:find(CONTROL) then
+  if body.prompt:find(CONTROL_IN_TEXT) then
     return nil, err(400, "invalid_prompt", "prompt holds a control character (only tab and line breaks are text)", "prompt")
   end
   input.prompt = body.prompt
@@ -115,7 +116,7 @@ function M.validate_call(body)
       if type(v) ~= "string" or #v > LIMITS.name then
         return nil, err(400, "invalid_" .. k, k .. " must be a string of at most " .. LIMITS.name .. " characters", k)
       end
-      if v:find("[%z\1-\31\127]") then
+      if v:find(CONTROL) then
         return nil, err(400, "invalid_" .. k, k .. " must be one line of text, without control characters", k)
       end
       input[k] = v

@@ -11,7 +11,8 @@
  * in the test suite; this target runs the bridge object alone, millions of
  * inputs a minute, with stand-ins for its two connections (the linker's
  * --wrap of ca__ws_check and ca__ws_send), and aborts on the first message
- * cjson or the key checks refuse.
+ * that tests/lib/bridge_check.lua (the test's own check; its path is
+ * BRIDGE_CHECK, from the Makefile) refuses.
  *
  * One input: byte 0 is the set-up (bits 0-1 output format pcmu/pcm/pcma,
  * bit 2 input pcma, bit 3 model ready from the start); then messages
@@ -118,45 +119,6 @@ int __wrap_ca__ws_send(struct ca_ws *ws, const void *data, size_t len, int kind,
 	return 0;
 }
 
-/*
- * check(to, msg) -> nil, or what is wrong. Exact key sets: a key smuggled in
- * through a field's value shows up as one too many.
- */
-static const char CHECK_LUA[] =
-	"local cjson, b64dec, SID = ...\n"
-	"local function keys(t)\n"
-	"  if type(t) ~= 'table' then return '' end\n"
-	"  local k = {}\n"
-	"  for name in pairs(t) do k[#k + 1] = tostring(name) end\n"
-	"  table.sort(k)\n"
-	"  return table.concat(k, ',')\n"
-	"end\n"
-	"local function b64(s) return type(s) == 'string' and #s > 0 and b64dec(s) ~= nil end\n"
-	"return function(to, msg)\n"
-	"  if msg:find('[%z\\1-\\31]') then return 'a control character' end\n"
-	"  local ok, v = pcall(cjson.decode, msg)\n"
-	"  if not ok or type(v) ~= 'table' then return 'not a JSON object' end\n"
-	"  local k = keys(v)\n"
-	"  if to == 'model' then\n"
-	"    if k ~= 'audio,type' or v.type ~= 'input_audio_buffer.append' then return 'not an append' end\n"
-	"    if not b64(v.audio) then return 'append audio not base64' end\n"
-	"    return nil\n"
-	"  end\n"
-	"  if v.streamSid ~= SID then return 'wrong streamSid' end\n"
-	"  if v.event == 'media' then\n"
-	"    if k ~= 'event,media,streamSid' or keys(v.media) ~= 'payload' then return 'media keys' end\n"
-	"    if not b64(v.media.payload) then return 'media payload not base64' end\n"
-	"  elseif v.event == 'mark' then\n"
-	"    if k ~= 'event,mark,streamSid' or keys(v.mark) ~= 'name' then return 'mark keys' end\n"
-	"    if type(v.mark.name) ~= 'string' or not v.mark.name:match('^%d+$') then return 'mark name' end\n"
-	"  elseif v.event == 'clear' then\n"
-	"    if k ~= 'event,streamSid' then return 'clear keys' end\n"
-	"  else\n"
-	"    return 'unknown event'\n"
-	"  end\n"
-	"  return nil\n"
-	"end\n";
-
 static const char *const FORMATS[] = {"audio/pcmu", "audio/pcm", "audio/pcma"};
 
 static void setup(void)
@@ -172,16 +134,16 @@ static void setup(void)
 	lua_pushinteger(L, CA_LOG_ERROR);
 	lua_call(L, 1, 0);
 	lua_pop(L, 1);
-	if (luaL_loadstring(L, CHECK_LUA) != LUA_OK) {
+	/* check(to, msg) -> nil, or what is wrong: tests/lib/bridge_check.lua. */
+	luaL_requiref(L, "cjson", luaopen_cjson, 0);
+	luaL_requiref(L, "callagent.crypto", luaopen_callagent_crypto, 0);
+	lua_pop(L, 2);
+	if (luaL_dofile(L, BRIDGE_CHECK) != LUA_OK) {
 		fprintf(stderr, "%s\n", lua_tostring(L, -1));
 		exit(2);
 	}
-	luaopen_cjson(L);
-	luaopen_callagent_crypto(L);
-	lua_getfield(L, -1, "base64_decode");
-	lua_remove(L, -2);
 	lua_pushstring(L, SID);
-	lua_call(L, 3, 1);
+	lua_call(L, 1, 1);
 	check_ref = luaL_ref(L, LUA_REGISTRYINDEX);
 }
 
