@@ -21,9 +21,12 @@
  * when chunks are 20 ms.
  * Every other message goes on to Lua as before.
  *
- *   b = bridge.new(phone_conn, model_conn, {stream_sid = "MZ...",
+ *   b = bridge.new(phone_conn, model_conn_or_nil, {stream_sid = "MZ...",
  *                  output = "audio/pcmu" | "audio/pcm" | "audio/pcma",
  *                  input = "audio/pcmu" | "audio/pcma", ready = false})
+ *                        made when the phone's stream starts: its frames are
+ *                        checked and kept here from the first one
+ *   b:link_model(conn)   the model connection, when it comes after the phone
  *   b:model_ready()      appends start; phone frames kept until now are sent first
  *   b:send_audio(item_id, b64)   model audio from Lua (what came before the link)
  *   b:item()             the model's current audio item: id, sent_ms, played_ms (now), truncated
@@ -70,7 +73,8 @@ struct mark {
 /*
  * One call attempt's audio path. Created by bridge.new(), owned by its Lua
  * userdata; it holds no reference on the connections: each one's tap_closed
- * clears the pointer when it goes.
+ * clears the pointer when it goes. The model connection may come later
+ * (link_model): until it is there and ready, the phone's frames are kept.
  */
 struct bridge {
 	struct ca_ws *phone, *model;
@@ -712,19 +716,52 @@ static int fmt_of(lua_State *L, const char *s)
 	return luaL_error(L, "unknown audio format '%s'", s);
 }
 
+/* The model's end of the bridge: a client connection no one else taps. */
+static void tap_model(lua_State *L, struct bridge *b, struct ca_ws *model)
+{
+	if (model->tap)
+		luaL_error(L, "a connection is already bridged");
+	if (!model->is_client)
+		luaL_error(L, "the model connection is a client connection");
+	if (model->state == CA_WS_CLOSED)
+		return;		/* gone already: the call ends with it */
+	b->model = model;
+	model->tap = model_tap;
+	model->tap_closed = tap_closed;
+	model->tap_ctx = b;
+}
+
+/* A stream sid goes into every message to the phone as it is: printable, no quote or backslash. */
+static int sid_ok(const char *sid)
+{
+	size_t n = strlen(sid);
+
+	for (size_t i = 0; i < n; i++)
+		if ((unsigned char)sid[i] < 0x20 || sid[i] == 0x7f || sid[i] == '"' || sid[i] == '\\')
+			return 0;
+	return n < 64;
+}
+
 static int l_new(lua_State *L)
 {
-	struct ca_ws *phone = ca__ws_check(L, 1), *model = ca__ws_check(L, 2);
+	struct ca_ws *phone = ca__ws_check(L, 1);
+	struct ca_ws *model = lua_isnoneornil(L, 2) ? NULL : ca__ws_check(L, 2);
 	struct bridge_box *box;
 	struct bridge *b;
 	const char *sid;
+	int out_fmt, in_fmt, ready;
 
 	luaL_checktype(L, 3, LUA_TTABLE);
 	sid = ca_opt_string_field(L, 3, "stream_sid", "");
-	luaL_argcheck(L, strlen(sid) < 64 && !strchr(sid, '"') && !strchr(sid, '\\'), 3, "bad stream_sid");
-	if (phone->tap || model->tap)
+	luaL_argcheck(L, sid_ok(sid), 3, "bad stream_sid");
+	out_fmt = fmt_of(L, ca_opt_string_field(L, 3, "output", "audio/pcmu"));
+	in_fmt = fmt_of(L, ca_opt_string_field(L, 3, "input", "audio/pcmu"));
+	if (in_fmt == FMT_PCM24)
+		return luaL_error(L, "the phone side is G.711: input must be audio/pcmu or audio/pcma");
+	ready = ca_opt_bool_field(L, 3, "ready", 0);
+	if (phone->tap || (model && model->tap))
 		return luaL_error(L, "a connection is already bridged");
-	if (phone->is_client || !model->is_client)
+	if (phone->is_client || (model && !model->is_client))
 		return luaL_error(L, "bridge.new(phone, model): the phone is a server-side connection, the model a client");
 	box = lua_newuserdatauv(L, sizeof *box, 0);
 	box->b = NULL;
@@ -734,13 +771,9 @@ static int l_new(lua_State *L)
 	b->cur = -1;
 	b->unmarked = -1;
 	b->drained_ref = LUA_NOREF;
-	b->out_fmt = fmt_of(L, ca_opt_string_field(L, 3, "output", "audio/pcmu"));
-	b->in_fmt = fmt_of(L, ca_opt_string_field(L, 3, "input", "audio/pcmu"));
-	if (b->in_fmt == FMT_PCM24) {
-		free(b);
-		return luaL_error(L, "the phone side is G.711: input must be audio/pcmu or audio/pcma");
-	}
-	b->ready = ca_opt_bool_field(L, 3, "ready", 0);
+	b->out_fmt = out_fmt;
+	b->in_fmt = in_fmt;
+	b->ready = ready;
 	snprintf(b->sid, sizeof b->sid, "%s", sid);
 	b->sid_len = strlen(b->sid);
 	if (b->out_fmt == FMT_PCM24) {
@@ -748,15 +781,38 @@ static int l_new(lua_State *L)
 		ca_resampler_init(b->rs, 24000, 8000);
 	}
 	b->phone = phone;
-	b->model = model;
 	phone->tap = phone_tap;
 	phone->tap_closed = tap_closed;
 	phone->tap_ctx = b;
-	model->tap = model_tap;
-	model->tap_closed = tap_closed;
-	model->tap_ctx = b;
 	box->b = b;
+	if (model)
+		tap_model(L, b, model);
 	return 1;
+}
+
+/* The frames kept while the model was not there or not ready, in order. */
+static void send_kept(struct bridge *b)
+{
+	if (b->model == NULL)
+		return;
+	for (int i = 0; i < b->n_kept; i++)
+		append_to_model(b, b->kept[i], strlen(b->kept[i]));
+	free_kept(b);
+}
+
+static int l_link_model(lua_State *L)
+{
+	struct bridge *b = check(L);
+	struct ca_ws *model = ca__ws_check(L, 2);
+
+	if (b->model == model)
+		return 0;
+	if (b->model)
+		return luaL_error(L, "the bridge has a model connection");
+	tap_model(L, b, model);
+	if (b->ready)
+		send_kept(b);
+	return 0;
 }
 
 static int l_model_ready(lua_State *L)
@@ -764,10 +820,7 @@ static int l_model_ready(lua_State *L)
 	struct bridge *b = check(L);
 
 	b->ready = 1;
-	if (b->model)
-		for (int i = 0; i < b->n_kept; i++)
-			append_to_model(b, b->kept[i], strlen(b->kept[i]));
-	free_kept(b);
+	send_kept(b);
 	return 0;
 }
 
@@ -899,6 +952,7 @@ static int l_close(lua_State *L)
 int luaopen_callagent_core_bridge(lua_State *L)
 {
 	static const luaL_Reg methods[] = {
+		{"link_model", l_link_model},
 		{"model_ready", l_model_ready},
 		{"send_audio", l_send_audio},
 		{"item", l_item},

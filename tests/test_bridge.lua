@@ -175,6 +175,50 @@ local mutate = require("mutate").new({ '"', "\\", "{", "}", "[", "]", ":", ",", 
   "\195", "\255" })
 local random = math.random
 
+T.test("made before the model connection: frames are checked and kept from the first, sent in order once it joins and is ready", function()
+  local r = rig()
+  local b = cbridge.new(r.phone, nil, { stream_sid = SID, input = "audio/pcmu" })
+  local frames = {}
+  for i = 1, 5 do
+    frames[i] = crypto.base64_encode(string.rep(string.char(i), 160))
+    r.fake_phone:send(media(frames[i]))
+  end
+  r.fake_phone:send(media("AA!A"))
+  T.wait_for(function()
+    return b:stats().frames_in == 6
+  end, 5000, "the six frames")
+  T.eq({ b:stats().kept, b:stats().bad_in }, { 5, 1 })
+  -- Joined, not ready yet: still kept; the same connection again changes nothing.
+  b:link_model(r.model)
+  b:link_model(r.model)
+  T.eq(b:stats().kept, 5)
+  T.eq(r.got.model, 0)
+  T.raises(function()
+    b:link_model(r.fake_phone)
+  end, "has a model connection")
+  b:model_ready()
+  r.fake_phone:send(media(frames[1]))
+  wait_got(r, 6, 0, "the kept frames, then the new one")
+  T.eq(r.bad, {})
+  T.eq(cjson.decode(r.last.model).audio, frames[1])
+  T.eq({ b:stats().kept, b:stats().appended }, { 0, 6 })
+  -- Model audio goes to the phone as it would with both from the start.
+  r.fake_model:send(delta("i1", FRAME))
+  wait_got(r, 6, 1, "the media")
+  T.eq(cjson.decode(r.last.phone).media.payload, FRAME)
+  b:close()
+  -- Ready before the model connection joins: the kept frames go when it does.
+  b = cbridge.new(r.phone, nil, { stream_sid = SID, ready = true })
+  r.fake_phone:send(media(frames[2]))
+  T.wait_for(function()
+    return b:stats().kept == 1
+  end, 5000, "the kept frame")
+  b:link_model(r.model)
+  wait_got(r, 7, 1, "the kept frame")
+  T.eq(cjson.decode(r.last.model).audio, frames[2])
+  b:close()
+end)
+
 T.test("mutated message sequences: every message the bridge writes is well-formed, in every format", function()
   local runs = tonumber(os.getenv("TEST_BRIDGE_RUNS") or "") or 20000
   math.randomseed(20261126) -- a failure reproduces

@@ -76,14 +76,15 @@ T.test("a stream token works once: a second stream with it, or an unknown one, i
   assert(tw:wait_stream(5000))
   local token = tw.stream_params.token
   local stream_url = env.base:gsub("^http", "ws") .. "/voice/stream"
-  local function try(tok)
+  local function try(tok, sid)
     local conn = assert(ws.connect(stream_url, { headers = { ["X-Twilio-Signature"] = fake_twilio.sign(kit.TOKEN, stream_url) } }))
     conn:send(json.encode({ event = "connected", protocol = "Call", version = "1.0.0" }))
+    sid = sid or "MZ" .. string.rep("0", 32)
     conn:send(json.encode({
       event = "start",
       sequenceNumber = "1",
-      streamSid = "MZ" .. string.rep("0", 32),
-      start = { streamSid = "MZ" .. string.rep("0", 32), callSid = "CAx", customParameters = { callId = id, attempt = "1", token = tok } },
+      streamSid = sid,
+      start = { streamSid = sid, callSid = "CAx", customParameters = { callId = id, attempt = "1", token = tok } },
     }))
     return conn:receive(3000)
   end
@@ -95,6 +96,12 @@ T.test("a stream token works once: a second stream with it, or an unknown one, i
   T.eq(kind, "close")
   T.eq(code, 1008)
   T.match(reason, "unknown")
+  -- The stream sid goes into every message to the phone: one that would
+  -- break them is refused before the token is looked at.
+  for _, sid in ipairs({ 'MZ"}', "MZ\\", "MZ\n1", "MZ 1", "", string.rep("M", 64), json.null }) do
+    kind, code, reason = try(token, sid)
+    T.eq({ kind, code, reason }, { "close", 1008, "bad streamSid" }, json.encode(sid))
+  end
   -- The real stream is unaffected.
   T.eq(env:get(id).status, "in_progress")
   healthy(env)

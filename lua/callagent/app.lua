@@ -186,15 +186,22 @@ function App:_routes(srv)
         return
       end
       if ev.event == "start" then
-        local start = ev.start or {}
-        local bridge, berr = engine:claim_stream(start.customParameters or {})
+        local start = type(ev.start) == "table" and ev.start or {}
+        local sid = ev.streamSid or start.streamSid
+        -- It goes into every message to the phone as it is.
+        if type(sid) ~= "string" or #sid > 63 or not sid:find("^[\33-\126]+$") or sid:find('["\\]') then
+          log.warn("media stream refused", { reason = "bad streamSid" })
+          conn:close(1008, "bad streamSid")
+          return
+        end
+        local bridge, berr = engine:claim_stream(type(start.customParameters) == "table" and start.customParameters or {})
         if not bridge then
           log.warn("media stream refused", { reason = berr })
           conn:close(1008, berr)
           return
         end
         conn.bridge = bridge
-        bridge:attach(conn, { streamSid = ev.streamSid or start.streamSid, callSid = start.callSid })
+        bridge:attach(conn, { streamSid = sid, callSid = start.callSid })
       end
     end,
     close = function(conn)

@@ -5,7 +5,7 @@
 --
 --   phone (Twilio Media Streams JSON, 20 ms mu-law frames)
 --     -> input_audio_buffer.append to the model; frames that arrive before
---        the model is ready are kept (bounded) and sent when it is
+--        the model is ready are kept (10 s) and sent when it is
 --   model (response.output_audio.delta)
 --     -> media to the phone, a mark per 100 ms of audio and after an item's
 --        end; G.711 passes through, 24 kHz PCM is low-pass resampled to 8 kHz
@@ -19,9 +19,9 @@
 --   faults (model lost or failing, maximum duration, a silent callee, the
 --     phone hanging up) end or wrap up the call with a reason
 --
--- The per-frame work (media, appends, deltas, marks) runs in C once both
--- connections are there (callagent.core.bridge, src/bridge.c); this file
--- keeps the call flow. The engine (lua/callagent/calls.lua) owns the call
+-- The per-frame work (media, appends, deltas, marks) runs in C from the
+-- phone stream's start (callagent.core.bridge, src/bridge.c; the model
+-- connection joins it when it opens); this file keeps the call flow. The engine (lua/callagent/calls.lua) owns the call
 -- record; the bridge tells it what happened through engine:bridge_* methods.
 local realtime = require "callagent.realtime"
 local cbridge = require "callagent.core.bridge"
@@ -30,18 +30,12 @@ local json = require "callagent.json"
 local timer = require "callagent.timer"
 local task = require "callagent.task"
 local log = require "callagent.log"
-local audio = require "callagent.audio"
-local crypto = require "callagent.crypto"
 
 local M = {}
 local Bridge = {}
 Bridge.__index = Bridge
 
-local MAX_PENDING_IN = 500 -- frames (10 s at 20 ms) kept while the model connects
 local MAX_PENDING_OUT = 2 * 1024 * 1024 -- bytes of model audio kept until the phone connects
-
-local b64decode, b64encode = crypto.base64_decode, crypto.base64_encode
-local ulaw_to_alaw = audio.ulaw_to_alaw
 
 function M.new(engine, call, attempt)
   local cfg = engine.config
@@ -55,8 +49,6 @@ function M.new(engine, call, attempt)
     model_ready = false,
     stream = nil,
     stream_sid = nil,
-    pending_in = {},
-    bad_in = 0, -- phone payloads that were not base64, before the C path (which counts its own)
     pending_out = {},
     pending_out_bytes = 0,
     truncated = {},
@@ -83,8 +75,10 @@ function Bridge:start_model()
     instructions = instructions.build(call, { extra_tools = names }),
     voice = call.voice,
     tools = tools,
-    on_open = function()
-      self:_link()
+    on_open = function(rt)
+      if self.cb and not self.ended then
+        self.cb:link_model(rt.conn)
+      end
     end,
     on_ready = function()
       self:_model_ready()
@@ -113,12 +107,7 @@ function Bridge:_model_ready()
       tls_resumed = tls and tls.resumed,
     })
   end
-  -- Caller audio that came before the model was ready goes first, in order.
-  local rt = self.rt
-  for i, payload in ipairs(self.pending_in) do
-    rt:append(payload)
-    self.pending_in[i] = nil
-  end
+  -- Caller audio that came before goes first, in order.
   if self.cb then
     self.cb:model_ready()
   end
@@ -191,20 +180,16 @@ end
 
 -- Model audio to the phone --------------------------------------------------
 
---- Both connections are there: the per-frame work moves to C.
+--- The phone's stream started: the per-frame work moves to C, and the
+-- model connection joins it now or when it opens.
 function Bridge:_link()
-  if self.cb or self.ended or not self.stream or not (self.rt and self.rt.conn) then
-    return
-  end
-  self.cb = cbridge.new(self.stream, self.rt.conn, {
+  local conn = self.rt and not self.rt.closed and self.rt.conn
+  self.cb = cbridge.new(self.stream, conn or nil, {
     stream_sid = self.stream_sid,
     output = self.out_format,
     input = self.in_format,
-    ready = false,
+    ready = self.model_ready,
   })
-  if self.model_ready then
-    self.cb:model_ready()
-  end
   -- Model audio that came before the phone did, in order.
   for i, p in ipairs(self.pending_out) do
     self.cb:send_audio(p[1], p[2])
@@ -213,7 +198,7 @@ function Bridge:_link()
   self.pending_out_bytes = 0
 end
 
--- Model audio that reaches Lua: only before the C path is linked.
+-- Model audio that reaches Lua: only before the phone's stream started.
 function Bridge:_audio_out(item_id, delta)
   if type(item_id) ~= "string" or type(delta) ~= "string" or delta == "" or self.ended then
     return
@@ -470,51 +455,15 @@ function Bridge:attach(conn, start)
   self:_maybe_greet()
 end
 
-local APPEND = '{"type":"input_audio_buffer.append","audio":"'
-
---- Caller audio before the C path is linked (or in a form it did not take):
--- base64 mu-law, checked, as the C path checks it (src/bridge.c).
-function Bridge:_phone_audio(payload)
-  local ulaw = b64decode(payload)
-  if not ulaw or ulaw == "" then
-    if ulaw == nil then
-      self.bad_in = self.bad_in + 1
-      if self.bad_in == 1 then
-        log.warn("bridge: a phone media payload is not base64: dropped, and any more like it",
-          { call = self.call_id, bytes = #payload })
-      end
-    end
-    return
-  end
-  if self.in_format == "audio/pcma" then
-    payload = b64encode(ulaw_to_alaw(ulaw))
-  end
-  if self.model_ready then
-    self.rt.conn:send(APPEND .. payload .. '"}')
-  elseif #self.pending_in < MAX_PENDING_IN then
-    self.pending_in[#self.pending_in + 1] = payload
-  end
-end
-
---- Text messages of the attached stream that the C path did not take (and
--- all of them before it is linked).
+--- Text messages of the attached stream that the C path did not take:
+-- everything but media and marks.
 function Bridge:on_stream_text(msg)
-  -- Twilio's compact form, without escapes: the payload as it is.
-  local payload = msg:find('"event":"media"', 1, true) and msg:match('"payload":"([^"\\]*)"')
-  if payload then
-    return self:_phone_audio(payload)
-  end
   local ev = json.try_decode(msg)
   if type(ev) ~= "table" then
     return
   end
   local e = ev.event
-  if e == "media" then
-    local m = ev.media
-    if type(m) == "table" and type(m.payload) == "string" then
-      self:_phone_audio(m.payload)
-    end
-  elseif e == "stop" then
+  if e == "stop" then
     log.info("media stream stopped", { call = self.call_id, attempt = self.attempt })
     self.phone_stopped = true
   elseif e == "dtmf" then
@@ -543,10 +492,10 @@ function Bridge:finish(reason)
     self:_stop_timer(name)
   end
   local st = self.cb and self.cb:stats() or { bad_in = 0, bad_out = 0, dropped_kept = 0 }
-  if st.bad_in + self.bad_in > 0 or st.bad_out > 0 or st.dropped_kept > 0 then
+  if st.bad_in > 0 or st.bad_out > 0 or st.dropped_kept > 0 then
     log.warn("call audio dropped", {
       call = self.call_id,
-      not_base64_from_phone = st.bad_in + self.bad_in,
+      not_base64_from_phone = st.bad_in,
       not_base64_from_model = st.bad_out,
       phone_frames_over_buffer = st.dropped_kept,
     })
@@ -562,7 +511,7 @@ function Bridge:finish(reason)
     self.stream:close(1000, "call ended")
   end
   self.stream = nil
-  self.pending_in, self.pending_out = {}, {}
+  self.pending_out = {}
   self.engine:bridge_finished(self, self.end_reason or reason)
 end
 

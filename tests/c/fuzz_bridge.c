@@ -15,9 +15,10 @@
  * BRIDGE_CHECK, from the Makefile) refuses.
  *
  * One input: byte 0 is the set-up (bits 0-1 output format pcmu/pcm/pcma,
- * bit 2 input pcma, bit 3 model ready from the start); then messages
- * separated by 0xFF, each led by a byte: bit 0 phone (else model), then
- * after it bit 1 model_ready(), bit 2 clear(), bit 3 item().
+ * bit 2 input pcma, bit 3 model ready from the start, bit 4 made without
+ * the model connection); then messages separated by 0xFF, each led by a
+ * byte: bit 0 phone (else model), then after it bit 1 model_ready(),
+ * bit 2 clear(), bit 3 item(), bit 4 link_model().
  */
 #define _GNU_SOURCE
 #include <stdio.h>
@@ -148,7 +149,7 @@ static void setup(void)
 }
 
 /* bridge.new(phone, model, opts) left on the stack. */
-static void new_bridge(int out_fmt, int in_pcma, int ready)
+static void new_bridge(int out_fmt, int in_pcma, int ready, int with_model)
 {
 	lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
 	lua_getfield(L, -1, "callagent.core.bridge");
@@ -156,7 +157,10 @@ static void new_bridge(int out_fmt, int in_pcma, int ready)
 	lua_remove(L, -2);
 	lua_remove(L, -2);
 	lua_pushinteger(L, 1);
-	lua_pushinteger(L, 2);
+	if (with_model)
+		lua_pushinteger(L, 2);
+	else
+		lua_pushnil(L);
 	lua_createtable(L, 0, 4);
 	lua_pushstring(L, SID);
 	lua_setfield(L, -2, "stream_sid");
@@ -167,6 +171,15 @@ static void new_bridge(int out_fmt, int in_pcma, int ready)
 	lua_pushboolean(L, ready);
 	lua_setfield(L, -2, "ready");
 	lua_call(L, 3, 1);
+}
+
+/* b:name(model) for the bridge at the top; results dropped. */
+static void link_model(void)
+{
+	lua_getfield(L, -1, "link_model");
+	lua_pushvalue(L, -2);
+	lua_pushinteger(L, 2);
+	lua_call(L, 2, 0);
 }
 
 /* b:name() for the bridge at the top; results dropped. */
@@ -192,7 +205,7 @@ static void run_one(const unsigned char *data, size_t size)
 {
 	if (size == 0)
 		return;
-	new_bridge(data[0] % 3, data[0] >> 2 & 1, data[0] >> 3 & 1);
+	new_bridge(data[0] % 3, data[0] >> 2 & 1, data[0] >> 3 & 1, !(data[0] & 16));
 	data++;
 	size--;
 	while (size > 0) {
@@ -207,6 +220,8 @@ static void run_one(const unsigned char *data, size_t size)
 				method("clear");
 			if (data[0] & 8)
 				method("item");
+			if (data[0] & 16)
+				link_model();
 		}
 		if (sep == NULL)
 			break;
