@@ -90,6 +90,13 @@ int luaopen_callagent_sqlite(lua_State *L);
 /* Shutdown hooks of C modules: run once after the loop stops (e.g. curl multi cleanup). */
 void ca__at_close(void (*fn)(void));
 
+/*
+ * Thread-pool work whose result no one needs once the loop stops (a DNS
+ * lookup): +1 when queued, -1 in its callback. A stop does not wait for
+ * such work that is already running (libuv cannot cancel it).
+ */
+void ca__abandonable(int delta);
+
 /* Log sink internals shared by main.c and log.c. */
 void ca__log_write(const char *line, size_t len);
 void ca__log_flush(void);

@@ -66,6 +66,31 @@ void ca__at_close(void (*fn)(void))
 		at_close[n_at_close++] = fn;
 }
 
+static unsigned int abandonable;
+
+void ca__abandonable(int delta)
+{
+	abandonable += (unsigned int)delta;
+}
+
+static void count_closing(uv_handle_t *h, void *arg)
+{
+	if (uv_is_closing(h))
+		(*(unsigned int *)arg)++;
+}
+
+/*
+ * At exit: what keeps the loop alive (uv_loop_alive: active handles,
+ * handles being closed, requests) is abandonable work alone.
+ */
+static int only_abandonable_left(void)
+{
+	unsigned int closing = 0;
+
+	uv_walk(loop, count_closing, &closing);
+	return loop->active_handles == 0 && closing == 0 && loop->active_reqs.count == abandonable;
+}
+
 static void usage(FILE *f)
 {
 	fputs("usage: callagent run APP.lua [ARGS...]\n"
@@ -794,8 +819,18 @@ out:
 		at_close[i]();
 	/* The first run uses up a stop requested before the loop ever ran. */
 	uv_run(loop, UV_RUN_NOWAIT);
-	uv_run(loop, UV_RUN_DEFAULT);
+	while (uv_loop_alive(loop) && !only_abandonable_left())
+		uv_run(loop, UV_RUN_ONCE);
 	ca__log_flush();
+	if (uv_loop_alive(loop)) {
+		/*
+		 * A lookup is still running in libuv's thread pool: returning
+		 * would join its threads at exit (and wait for the resolver's
+		 * timeout with a dead DNS server). Everything else is done.
+		 */
+		fflush(NULL);
+		_exit(exit_code);
+	}
 	return exit_code;
 }
 

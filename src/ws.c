@@ -101,7 +101,8 @@ struct ca_wsc {
  * So lws gets a numeric address. Connections to a name being resolved wait
  * for that one lookup (a burst of calls makes one query, not hundreds on
  * the pool's four threads), and an answer is kept for DNS_CACHE_MS, as
- * curl keeps its own (CURLOPT_DNS_CACHE_TIMEOUT).
+ * curl keeps its own (CURLOPT_DNS_CACHE_TIMEOUT). A running lookup is
+ * ca__abandonable(): a stop does not wait for it.
  */
 #define DNS_CACHE_MS 60000
 #define DNS_CACHE_MAX 16
@@ -1311,6 +1312,7 @@ static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
 	struct addrs addrs = {0};
 	char err[200] = "";
 
+	ca__abandonable(-1);
 	*r->pprev = r->next;
 	if (r->next)
 		r->next->pprev = r->pprev;
@@ -1379,6 +1381,7 @@ static int start_lookup(struct ca_ws *ws, const char *host, int port, const char
 			free(r);
 			return -1;
 		}
+		ca__abandonable(1);
 		if (!dns_hooked) {
 			dns_hooked = 1;
 			ca__at_close(end_lookups);

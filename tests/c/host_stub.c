@@ -23,3 +23,8 @@ void ca__at_close(void (*fn)(void))
 {
 	(void)fn;
 }
+
+void ca__abandonable(int delta)
+{
+	(void)delta;
+}
