@@ -49,6 +49,12 @@ T.test("POST /v1/calls validates every field and answers 400 naming it", functio
   local status, body = env:api("POST", "/v1/calls", "{not json")
   T.eq(status, 400)
   T.eq(body.error.code, "invalid_json")
+  -- Not JSON either, though cjson reads them by default (and a record
+  -- holding one could not be written out again).
+  for _, n in ipairs({ "NaN", "-nan", "Infinity", "-inf", "0x10" }) do
+    status, body = env:api("POST", "/v1/calls", '{"to":"+14155550100","prompt":"x","metadata":{"n":' .. n .. "}}")
+    T.eq({ status, body.error.code }, { 400, "invalid_json" }, n)
+  end
   for _, text in ipairs({ "[1,2]", "[]", '"a string"', "42", "null" }) do
     status, body = env:api("POST", "/v1/calls", text)
     T.eq(status, 400, text)

@@ -300,36 +300,6 @@ T.test("a key the callee presses reaches the model as text; a digit that is no k
   T.eq(env.rt.sessions[1].keys, { "[The callee pressed the key 5]", "[The callee pressed the key #]" })
 end, { timeout = 40000 })
 
--- A real callagent process (tests/apps/durable.lua) against this process's
--- fakes, so its log lines can be read. Returns the process and its base URL.
--- slow_model: the model's host name takes 1.5 s to resolve (tests/c/slow_dns.c),
--- so the call's first frames reach the bridge before its model connection.
-local function app_process(tw, rt, slow_model)
-  local port = T.free_port()
-  local env = {
-    CA_PORT = tostring(port),
-    CA_TW_SID = kit.ACCOUNT,
-    CA_TW_TOKEN = kit.TOKEN,
-    CA_TW_URL = tw.url,
-    CA_RT_KEY = kit.API_KEY,
-    CA_RT_URL = rt.url,
-    CA_HOOKS_URL = "http://127.0.0.1:9/hooks",
-    CA_DB = T.tmpdir() .. "/calls.db",
-  }
-  if slow_model then
-    env.CA_RT_URL = rt.url:gsub("127%.0%.0%.1", "model.slow.test")
-    env.LD_PRELOAD = T.root .. "/build/release/tests/slow_dns.so"
-    env.SLOW_DNS_MS = "1500"
-    -- Under ASan the shim goes first; the link order check would refuse it.
-    env.ASAN_OPTIONS = (os.getenv("ASAN_OPTIONS") or "") .. ":verify_asan_link_order=0"
-  end
-  local p = T.spawn_app(T.root .. "/tests/apps/durable.lua", nil, { env = env })
-  T.wait_for(function()
-    return p.out[1] and p.out[1]:match("^ready")
-  end, 10000, "the app to be ready: " .. p.errtext())
-  return p, "http://127.0.0.1:" .. port
-end
-
 local function bad_payloads(slow_model)
   -- Frame 3's payload would close the append's string and add keys of its
   -- own (a session.update, the last "type" winning), frame 6's is not base64.
@@ -358,7 +328,7 @@ local function bad_payloads(slow_model)
     tw:close()
     rt:close()
   end)
-  local p, base = app_process(tw, rt, slow_model)
+  local p, base = kit.app_process(tw, rt, { slow_model = slow_model })
   local res = assert(require("callagent.fetch")(base .. "/v1/calls", {
     method = "POST",
     headers = { ["Content-Type"] = "application/json" },

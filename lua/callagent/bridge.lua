@@ -34,6 +34,9 @@ local log = require "callagent.log"
 local M = {}
 local Bridge = {}
 Bridge.__index = Bridge
+local EMPTY = setmetatable({}, { __newindex = function()
+  error("read-only", 2)
+end })
 
 local MAX_PENDING_OUT = 2 * 1024 * 1024 -- bytes of model audio kept until the phone connects
 
@@ -140,39 +143,56 @@ function Bridge:_model_closed(code, reason)
   self:hangup("model_error")
 end
 
+-- A field of a server event, if it has the type the protocol gives it (a
+-- model server that sends another is not trusted with the call flow).
+local function str(v)
+  return type(v) == "string" and v or nil
+end
+
+-- A string of the model's that goes into the call's record: made UTF-8.
+local function text(v)
+  return type(v) == "string" and json.utf8(v) or nil
+end
+
+local function obj(v)
+  return type(v) == "table" and v or EMPTY
+end
+
 function Bridge:_model_event(ev)
   local t = ev.type
   if t == "response.output_audio.delta" or t == "response.audio.delta" then
     return self:_audio_out(ev.item_id, ev.delta)
   elseif t == "input_audio_buffer.speech_started" then
-    return self:_speech_started(ev)
+    return self:_speech_started()
   elseif t == "response.created" then
-    local r = ev.response or {}
     if self.goodbye_requested and not self.goodbye_id then
-      self.goodbye_id = r.id
+      self.goodbye_id = str(obj(ev.response).id)
     end
   elseif t == "response.done" then
-    return self:_response_done(ev.response or {})
+    return self:_response_done(obj(ev.response))
   elseif t == "response.function_call_arguments.done" then
-    return self:_function_call(ev.call_id, ev.name, ev.arguments)
+    return self:_function_call(str(ev.call_id), str(ev.name), str(ev.arguments))
   elseif t == "response.output_item.done" then
-    local item = ev.item or {}
+    local item = obj(ev.item)
     if item.type == "function_call" then
-      return self:_function_call(item.call_id, item.name, item.arguments)
+      return self:_function_call(str(item.call_id), str(item.name), str(item.arguments))
     end
   elseif t == "conversation.item.input_audio_transcription.completed" then
-    if ev.transcript and ev.transcript:match("%S") then
-      self.engine:bridge_transcript(self, "callee", ev.transcript)
+    local line = text(ev.transcript)
+    if line and line:match("%S") then
+      self.engine:bridge_transcript(self, "callee", line)
     end
   elseif t == "response.output_audio_transcript.done" or t == "response.audio_transcript.done" then
-    if ev.transcript and ev.transcript:match("%S") then
-      self.engine:bridge_transcript(self, "agent", ev.transcript, self.truncated[ev.item_id])
+    local line = text(ev.transcript)
+    if line and line:match("%S") then
+      self.engine:bridge_transcript(self, "agent", line, self.truncated[str(ev.item_id) or false])
     end
   elseif t == "error" then
-    local e = ev.error or {}
-    log.warn("model error", { call = self.call_id, code = e.code, type = e.type, message = e.message })
-    self.engine:bridge_error(self, "model error: " .. tostring(e.code or e.type) .. ": " .. tostring(e.message))
-    if e.code == "session_expired" then
+    local e = obj(ev.error)
+    local code, etype, message = text(e.code), text(e.type), text(e.message)
+    log.warn("model error", { call = self.call_id, code = code, type = etype, message = message })
+    self.engine:bridge_error(self, "model error: " .. tostring(code or etype) .. ": " .. tostring(message))
+    if code == "session_expired" then
       self:_wrap_up_now("model session expired")
     end
   end
@@ -235,12 +255,13 @@ function Bridge:_response_done(r)
   if self.fn_pending then
     self:_run_functions()
   end
-  if r.usage then
+  if type(r.usage) == "table" then
     self.engine:bridge_usage(self, r.usage)
   end
-  if r.status == "failed" and r.status_details then
-    local err = r.status_details.error or {}
-    self.engine:bridge_error(self, "model response failed: " .. tostring(err.code or err.type or "?") .. ": " .. tostring(err.message))
+  if r.status == "failed" then
+    local err = obj(obj(r.status_details).error)
+    self.engine:bridge_error(self, "model response failed: " .. (text(err.code) or text(err.type) or "?") .. ": "
+      .. (text(err.message) or "no details"))
   end
   if not self.first_response_done then
     self.first_response_done = true
@@ -265,17 +286,17 @@ local OUTCOMES = { success = true, failure = true, voicemail = true, no_answer =
 
 local function normalize_report(args)
   local r = {}
-  r.summary = type(args.summary) == "string" and args.summary or ""
+  r.summary = text(args.summary) or ""
   r.outcome = OUTCOMES[args.outcome] and args.outcome or "unknown"
   r.nextSteps = json.array({})
   if type(args.nextSteps) == "table" then
     for _, s in ipairs(args.nextSteps) do
       if type(s) == "string" then
-        r.nextSteps[#r.nextSteps + 1] = s
+        r.nextSteps[#r.nextSteps + 1] = json.utf8(s)
       end
     end
   end
-  r.data = type(args.data) == "table" and args.data or {}
+  r.data = type(args.data) == "table" and json.utf8(args.data) or {}
   return r
 end
 

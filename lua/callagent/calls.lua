@@ -388,7 +388,7 @@ function Engine:bridge_usage(b, usage)
     else
       v = type(usage[k[1]]) == "table" and usage[k[1]][k[2]]
     end
-    if type(v) == "number" then
+    if type(v) == "number" and v >= 0 and v <= 2 ^ 53 then -- a count (not NaN, not infinite)
       local name = k[3] or k[1]
       u[name] = (u[name] or 0) + v
     end

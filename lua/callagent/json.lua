@@ -5,8 +5,17 @@
 --                          (plain cjson writes every empty table as {})
 --   json.try_decode(s)     value, or nil and "EJSON: message" instead of raising
 --   json.is_array(t)       whether t was marked with json.array
+--   json.utf8(v)           v with every string in it (keys too, at any depth)
+--                          made UTF-8: bytes that start no valid sequence become
+--                          U+FFFD (cjson neither checks nor fixes; tables are
+--                          changed in place)
 -- and json.encode writes "/" plainly (cjson alone escapes it as "\/").
+-- Decoding refuses NaN, Infinity and hex numbers, as JSON does.
 local cjson = require "cjson"
+
+-- JSON has no NaN or Infinity (cjson reads them by default, then refuses to
+-- write them: a record holding one could not be served), nor hex numbers.
+cjson.decode_invalid_numbers(false)
 
 local M = {}
 for k, v in pairs(cjson) do
@@ -78,6 +87,44 @@ function M.try_decode(s)
   local ok, v = pcall(decode, s)
   if not ok then
     return nil, "EJSON: " .. tostring(v)
+  end
+  return v
+end
+
+local utf8len = utf8.len
+
+-- s with each byte that starts no valid UTF-8 sequence replaced by U+FFFD.
+local function repair(s)
+  local out, i = {}, 1
+  while true do
+    local ok, bad = utf8len(s, i)
+    if ok then
+      out[#out + 1] = s:sub(i)
+      return table.concat(out)
+    end
+    out[#out + 1] = s:sub(i, bad - 1)
+    out[#out + 1] = "\u{FFFD}"
+    i = bad + 1
+  end
+end
+
+function M.utf8(v)
+  if type(v) == "string" then
+    return utf8len(v) and v or repair(v)
+  elseif type(v) ~= "table" then
+    return v
+  end
+  local fixed
+  for k, x in pairs(v) do
+    local k2, x2 = M.utf8(k), M.utf8(x)
+    if k2 ~= k or x2 ~= x then
+      fixed = fixed or {}
+      fixed[#fixed + 1] = { k, k2, x2 }
+    end
+  end
+  for _, f in ipairs(fixed or {}) do
+    v[f[1]] = nil
+    v[f[2]] = f[3]
   end
   return v
 end

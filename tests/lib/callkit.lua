@@ -17,6 +17,13 @@
 --   env:wait(callId, pred, timeout_ms, what) -> record once pred(record)
 --   env:wait_final(callId, timeout_ms) -> record once its status is final
 -- Everything is closed after the test (T.defer).
+--
+--   local p, base = kit.app_process(tw, rt, { slow_model = true })
+-- A real callagent process (tests/apps/durable.lua) against fakes of the
+-- test process, so that its log lines can be read (p.errtext()); its API is
+-- at base. slow_model: the model's host name takes 1.5 s to resolve
+-- (tests/c/slow_dns.c), so a call's first frames come before its model
+-- connection.
 local T = require "testing"
 local http = require "callagent.http"
 local fetch = require "callagent.fetch"
@@ -144,6 +151,33 @@ function Env:wait(id, pred, timeout_ms, what)
     return pred(rec)
   end, timeout_ms or 10000, what or "call condition")
   return rec
+end
+
+function M.app_process(tw, rt, opts)
+  opts = opts or {}
+  local port = T.free_port()
+  local env = {
+    CA_PORT = tostring(port),
+    CA_TW_SID = M.ACCOUNT,
+    CA_TW_TOKEN = M.TOKEN,
+    CA_TW_URL = tw.url,
+    CA_RT_KEY = M.API_KEY,
+    CA_RT_URL = rt.url,
+    CA_HOOKS_URL = "http://127.0.0.1:9/hooks",
+    CA_DB = T.tmpdir() .. "/calls.db",
+  }
+  if opts.slow_model then
+    env.CA_RT_URL = rt.url:gsub("127%.0%.0%.1", "model.slow.test")
+    env.LD_PRELOAD = T.root .. "/build/release/tests/slow_dns.so"
+    env.SLOW_DNS_MS = "1500"
+    -- Under ASan the shim goes first; the link order check would refuse it.
+    env.ASAN_OPTIONS = (os.getenv("ASAN_OPTIONS") or "") .. ":verify_asan_link_order=0"
+  end
+  local p = T.spawn_app(T.root .. "/tests/apps/durable.lua", nil, { env = env })
+  T.wait_for(function()
+    return p.out[1] and p.out[1]:match("^ready")
+  end, 10000, "the app to be ready: " .. p.errtext())
+  return p, "http://127.0.0.1:" .. port
 end
 
 local FINAL = { completed = true, busy = true, no_answer = true, failed = true, canceled = true }

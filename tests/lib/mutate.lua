@@ -4,9 +4,89 @@
 --   local edit = mutate.new({ '"', "\\", "{" })  -- what to insert, besides random bytes
 --   s = edit(s)   -- one edit: a byte replaced, one of those inserted, up to 16
 --                 -- bytes deleted, up to 24 repeated, or the rest cut off
+--   t2 = mutate.shape(t, keep)  -- a copy of the decoded JSON value t with one
+--                 -- value somewhere in it replaced by one of another type
+--                 -- (or its key removed); keys in `keep` (a set) at the top
+--                 -- stay, so the message is still taken for what it was
 --
 -- It draws from math.random: seed that (math.randomseed) so a failure reproduces.
 local M = {}
+local cjson = require "cjson"
+
+local function copy(v)
+  if type(v) ~= "table" then
+    return v
+  end
+  local c = {}
+  for k, x in pairs(v) do
+    c[k] = copy(x)
+  end
+  return setmetatable(c, getmetatable(v))
+end
+
+-- Values of every JSON type, and the edges of each.
+local function any_value()
+  local random = math.random
+  local pick = random(1, 15)
+  if pick == 1 then
+    return cjson.null
+  elseif pick == 2 then
+    return random(0, 1) == 1
+  elseif pick == 3 then
+    return ({ 0, -1, 1.5, 2 ^ 53, -2 ^ 63, 1e308 })[random(6)]
+  elseif pick == 4 then
+    return ""
+  elseif pick == 5 then
+    return string.rep("A", random(1, 5000))
+  elseif pick == 6 then
+    return "\0\"\\\n"
+  elseif pick == 7 then
+    return setmetatable({}, cjson.empty_array_mt)
+  elseif pick == 8 then
+    return {}
+  elseif pick == 9 then
+    return { 1, "two", { three = 3 } }
+  elseif pick == 10 then
+    return { x = { y = { z = {} } } }
+  elseif pick == 11 then
+    return tostring(random(1, 1e6))
+  elseif pick == 12 then
+    return "report_call"
+  elseif pick == 13 then
+    return '{"summary":' .. random(1, 9) .. "}"
+  elseif pick == 14 then
+    return "not UTF-8: \255\254, a surrogate \237\160\128, cut \226\130"
+  end
+  return random(-1e6, 1e6)
+end
+
+function M.shape(t, keep)
+  local random = math.random
+  local out = copy(t)
+  local node, depth = out, 0
+  while true do
+    local keys = {}
+    for k in pairs(node) do
+      if not (depth == 0 and keep and keep[k]) then
+        keys[#keys + 1] = k
+      end
+    end
+    if #keys == 0 then
+      node[depth == 0 and "extra" or 1] = any_value()
+      return out
+    end
+    table.sort(keys, function(a, b)
+      return tostring(a) < tostring(b)
+    end)
+    local k = keys[random(#keys)]
+    if type(node[k]) == "table" and next(node[k]) and random(0, 2) > 0 then
+      node, depth = node[k], depth + 1
+    else
+      node[k] = random(0, 5) > 0 and any_value() or nil
+      return out
+    end
+  end
+end
 
 function M.new(inserts)
   local random = math.random
