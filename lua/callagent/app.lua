@@ -201,7 +201,7 @@ function App:_routes(srv)
           return
         end
         conn.bridge = bridge
-        bridge:attach(conn, { streamSid = sid, callSid = start.callSid })
+        bridge:attach(conn, { streamSid = sid })
       end
     end,
     close = function(conn)

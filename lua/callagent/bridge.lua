@@ -466,7 +466,6 @@ end
 function Bridge:attach(conn, start)
   self.stream = conn
   self.stream_sid = start.streamSid
-  self.provider_call_sid = start.callSid
   log.info("media stream started", { call = self.call_id, attempt = self.attempt, stream = start.streamSid })
   self:_link()
   self.max_timer = timer.after(self.cfg.call.maxDurationSec * 1000, function()

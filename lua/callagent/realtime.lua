@@ -8,7 +8,6 @@
 --     on_close = function(s, code, reason) end,  -- closed or failed (code nil, reason = err)
 --   })
 --   s:connect()                  -- starts connecting now (does not wait)
---   s:append(b64_audio)          -- input_audio_buffer.append, built without JSON encoding
 --   s:send(event_table)          -- any client event
 --   s:close()
 --   s.ready, s.closed
@@ -134,16 +133,6 @@ function Session:_on_text(msg)
     return
   end
   self.opts.on_event(self, ev)
-end
-
-local APPEND = '{"type":"input_audio_buffer.append","audio":"'
-
-function Session:append(b64)
-  local c = self.conn
-  if c then
-    return c:send(APPEND .. b64 .. '"}')
-  end
-  return nil, "ECLOSED: no model connection"
 end
 
 function Session:send(ev)
