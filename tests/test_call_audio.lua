@@ -300,6 +300,32 @@ T.test("a key the callee presses reaches the model as text; a digit that is no k
   T.eq(env.rt.sessions[1].keys, { "[The callee pressed the key 5]", "[The callee pressed the key #]" })
 end, { timeout = 40000 })
 
+T.test("model audio that comes before the phone's stream is kept and played first once it starts", function()
+  local early = string.rep("\1\2\3\4", 600) -- 300 ms of mu-law
+  local env = kit.start({
+    twilio = { behaviour = { stream_delay_ms = 800 } },
+    realtime = {
+      script = function(session)
+        -- Unasked, at once: the phone is not there yet.
+        session.early = session:speak({ audio = early, text = "Hello, early." })
+        session.early_done_at = timer.now()
+        assert(session:wait_event("response.create", 5000)) -- the greeting, once the stream is up
+        session:call_function("report_call", { summary = "Spoke early.", outcome = "success" })
+        session:wait_event("response.create", 5000)
+        session:speak({ ms = 100, text = "Bye." })
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550117", prompt = "Greet." })
+  local call = env:wait_final(id, 20000)
+  T.eq(call.status, "completed")
+  local s, c = env.rt.sessions[1], env.tw.calls[1]
+  T.eq(s.early.sent_bytes, #early)
+  T.ok(s.early_done_at < c.stream_started_at, "all of it was sent before the stream started")
+  T.eq(c.received_audio:sub(1, #early) == early, true, "the phone got it first, whole and in order")
+  T.eq(#c.errors, 0, "protocol errors at the phone: " .. json.encode(c.errors))
+end, { timeout = 30000 })
+
 local function bad_payloads(slow_model)
   -- Frame 3's payload would close the append's string and add keys of its
   -- own (a session.update, the last "type" winning), frame 6's is not base64.

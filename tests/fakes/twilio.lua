@@ -47,7 +47,8 @@
 --   default: until the call ends); hangup_after_ms (the callee hangs up this
 --   long after the stream started); callbacks_out_of_order (deliver ringing
 --   after in-progress; SequenceNumbers stay truthful); stream = false (answer
---   and request /voice but do not connect the stream); json = "shuffled"
+--   and request /voice but do not connect the stream); stream_delay_ms (connect
+--   it this long after the TwiML came); json = "shuffled"
 --   (media and mark events with their keys in another order than Twilio's,
 --   spaces around the colons and extra fields holding escaped quotes and a
 --   final backslash: JSON is JSON, whatever the order); payloads (frame
@@ -943,6 +944,9 @@ local function run_call(call)
   end
   if b.stream == false then
     return
+  end
+  if b.stream_delay_ms then
+    timer.sleep(b.stream_delay_ms)
   end
   run_stream(call)
 end
