@@ -199,7 +199,8 @@ function P:mapStatus(payload)
   end
   local reason
   if status == "failed" then
-    reason = "call failed" .. (payload.SipResponseCode and (" (SIP " .. payload.SipResponseCode .. ")") or "")
+    local sip = tonumber(payload.SipResponseCode)
+    reason = "call failed" .. ((sip and sip >= 100 and sip < 700) and (" (SIP " .. math.floor(sip) .. ")") or "")
   elseif status == "busy" then
     reason = "line busy"
   elseif status == "no_answer" then
@@ -210,7 +211,7 @@ function P:mapStatus(payload)
     raw = s,
     sequence = tonumber(payload.SequenceNumber),
     duration = tonumber(payload.CallDuration),
-    providerCallId = payload.CallSid,
+    providerCallId = type(payload.CallSid) == "string" and payload.CallSid or nil,
     reason = reason,
   }
 end

@@ -36,9 +36,22 @@ T.test("a status callback with a bad or missing signature gets 403 and changes n
   local tampered = url.form_encode({ CallSid = params.CallSid, CallStatus = "busy", SequenceNumber = "9", AccountSid = kit.ACCOUNT })
   res = assert(fetch(target, { method = "POST", body = tampered, headers = headers }))
   T.eq(res.status, 403, "body changed after signing")
+  -- Signed, but JSON that is no object, or fields of the wrong type: 400.
+  local jheaders = { ["Content-Type"] = "application/json", ["X-Twilio-Signature"] = fake_twilio.sign(kit.TOKEN, target) }
+  for _, text in ipairs({ "5", "[1]", '"completed"', '{"CallStatus":{"x":1}}', "{not json" }) do
+    res = assert(fetch(target, { method = "POST", body = text, headers = jheaders }))
+    T.eq(res.status, 400, text)
+    T.eq(json.decode(res.body).error.code, "bad_status", text)
+  end
   local after = env:get(id)
   T.eq(after.status, "dialing", "nothing changed")
   T.eq(#after.attempts, 1)
+  -- A status with other fields of the wrong type: taken, those passed over.
+  res = assert(fetch(target, { method = "POST", body = '{"CallStatus":"failed","SipResponseCode":{},"CallSid":[1]}', headers = jheaders }))
+  T.eq(res.status, 204)
+  after = env:get(id)
+  T.eq({ after.attempts[1].status, after.attempts[1].providerCallId, after.attempts[1].reason },
+    { "failed", rec.attempts[1].providerCallId, "call failed" })
   -- And a correctly signed one is accepted.
   res = assert(fetch(target, { method = "POST", body = body, headers = headers }))
   T.eq(res.status, 204)
