@@ -43,6 +43,23 @@ T.test("POST /status and /voice are refused for mock calls and change nothing", 
   T.eq(app.engine:call_view(id).status, "dialing", "the forged callback changed nothing")
 end)
 
+T.test("the phone page's routes answer a body that is no JSON object with 400, and a wrong token with 403", function()
+  local app = start()
+  for _, path in ipairs({ "/mock/api/answer", "/mock/api/hangup" }) do
+    for _, text in ipairs({ "5", "[1]", '"x"', "null", "{not json", "" }) do
+      local r = assert(fetch(app.url .. path, { method = "POST", headers = { ["Content-Type"] = "application/json" }, body = text }))
+      T.eq({ r.status, (json.try_decode(r.body) or {}).error }, { 400, { code = "invalid_body", message = "the body must be a JSON object" } },
+        path .. " " .. text)
+    end
+    local r = assert(fetch(app.url .. path, {
+      method = "POST",
+      headers = { ["Content-Type"] = "application/json" },
+      body = '{"token":{"x":1},"session":[1],"callId":5}',
+    }))
+    T.eq(r.status, 403, path)
+  end
+end)
+
 T.test("the dial page offers an API token field and sends it as a bearer token", function()
   local app = start()
   local res = assert(fetch(app.url .. "/mock/"))
