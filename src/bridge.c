@@ -28,7 +28,7 @@
  *                        checked and kept here from the first one
  *   b:link_model(conn)   the model connection, when it comes after the phone
  *   b:model_ready()      appends start; phone frames kept until now are sent first
- *   b:send_audio(item_id, b64)   model audio from Lua (what came before the link)
+ *   b:send_audio(item_id, b64)   model audio from Lua (what came before the phone)
  *   b:item()             the model's current audio item: id, sent_ms, played_ms (now), truncated
  *   b:clear()            barge-in: `clear` to the phone, the current item stops
  *                        (its later audio is dropped), pending marks forgotten;
@@ -722,7 +722,7 @@ static void tap_model(lua_State *L, struct bridge *b, struct ca_ws *model)
 	if (model->tap)
 		luaL_error(L, "a connection is already bridged");
 	if (!model->is_client)
-		luaL_error(L, "the model connection is a client connection");
+		luaL_error(L, "the model connection must be a client connection");
 	if (model->state == CA_WS_CLOSED)
 		return;		/* gone already: the call ends with it */
 	b->model = model;

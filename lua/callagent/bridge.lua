@@ -21,8 +21,9 @@
 --
 -- The per-frame work (media, appends, deltas, marks) runs in C from the
 -- phone stream's start (callagent.core.bridge, src/bridge.c; the model
--- connection joins it when it opens); this file keeps the call flow. The engine (lua/callagent/calls.lua) owns the call
--- record; the bridge tells it what happened through engine:bridge_* methods.
+-- connection joins it when it opens); this file keeps the call flow. The
+-- engine (lua/callagent/calls.lua) owns the call record; the bridge tells
+-- it what happened through engine:bridge_* methods.
 local realtime = require "callagent.realtime"
 local cbridge = require "callagent.core.bridge"
 local instructions = require "callagent.instructions"
