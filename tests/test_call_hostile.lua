@@ -14,6 +14,7 @@ local timer = require "callagent.timer"
 local crypto = require "callagent.crypto"
 local cjson = require "cjson"
 local mutate = require "mutate"
+local ws = require "callagent.ws"
 
 local CALLS = tonumber(os.getenv("TEST_HOSTILE_CALLS") or "") or 6
 local PER_CALL = 200 -- hostile events from each side per call
@@ -165,6 +166,32 @@ T.test("events of the wrong shape from the model and the phone: no Lua error, ev
   T.wait_for(function()
     return phones_done == CALLS
   end, 20000, "the phones")
+  -- Streams whose `start` has the wrong shape: refused or ignored, nothing raised.
+  local stream_url = base:gsub("^http", "ws") .. "/voice/stream"
+  local sig = require("fakes.twilio").sign(kit.TOKEN, stream_url)
+  local start = {
+    event = "start",
+    sequenceNumber = "1",
+    streamSid = "MZ" .. string.rep("0", 32),
+    start = {
+      streamSid = "MZ" .. string.rep("0", 32),
+      callSid = "CA1",
+      tracks = { "inbound" },
+      customParameters = { callId = ids[1], attempt = "1", token = "no-such-token" },
+      mediaFormat = { encoding = "audio/x-mulaw", sampleRate = 8000, channels = 1 },
+    },
+  }
+  local refused = 0
+  for _, text in ipairs(hostile({ start }, { event = true }, 50)) do
+    local conn = assert(ws.connect(stream_url, { headers = { ["X-Twilio-Signature"] = sig } }))
+    conn:send(text)
+    local kind, code = conn:receive(1000)
+    if kind == "close" and code == 1008 then
+      refused = refused + 1
+    end
+    conn:close()
+  end
+  T.gt(refused, 40, "starts refused (1008): an unknown token or a bad streamSid")
   T.eq(assert(fetch(base .. "/healthz")).status, 200)
   local list = assert(fetch(base .. "/v1/calls"))
   T.eq(list.status, 200)
