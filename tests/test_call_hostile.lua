@@ -120,7 +120,7 @@ T.test("events of the wrong shape from the model and the phone: no Lua error, ev
   end
   -- The phone side of each call, once its stream is up.
   local phones_done = 0
-  for i = 1, CALLS do
+  for _ = 1, CALLS do
     task.spawn(function()
       local c = assert(tw:wait_call(10000))
       if c:wait_stream(10000) then
