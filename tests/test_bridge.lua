@@ -177,6 +177,12 @@ local random = math.random
 
 T.test("made before the model connection: frames are checked and kept from the first, sent in order once it joins and is ready", function()
   local r = rig()
+  -- The sid goes into every message to the phone as it is.
+  for _, sid in ipairs({ 'MZ"', "MZ\\", "MZ\n", "MZ\127", string.rep("M", 64) }) do
+    T.raises(function()
+      cbridge.new(r.phone, nil, { stream_sid = sid })
+    end, "bad stream_sid")
+  end
   local b = cbridge.new(r.phone, nil, { stream_sid = SID, input = "audio/pcmu" })
   local frames = {}
   for i = 1, 5 do
