@@ -404,4 +404,38 @@ T.test("the same for the frames that come before the model connection", function
   bad_payloads(true)
 end, { timeout = 40000 })
 
+T.test("a model connection that fails after the stream started: the kept frames are let go, the call fails and hangs up", function()
+  local tw = assert(require("fakes.twilio").start({ account_sid = kit.ACCOUNT, auth_token = kit.TOKEN }))
+  local rt = assert(require("fakes.realtime").start({ api_key = kit.API_KEY }))
+  T.defer(function()
+    tw:close()
+    rt:close()
+  end)
+  local p, base = kit.app_process(tw, rt, { slow_model = "fail" })
+  local fetch = require("callagent.fetch")
+  local res = assert(fetch(base .. "/v1/calls", {
+    method = "POST",
+    headers = { ["Content-Type"] = "application/json" },
+    body = json.encode({ to = "+14155550118", prompt = "Listen." }),
+  }))
+  T.eq(res.status, 201, res.body)
+  local id = json.decode(res.body).callId
+  local call
+  T.wait_for(function()
+    call = json.decode(assert(fetch(base .. "/v1/calls/" .. id)).body)
+    return call.status == "failed"
+  end, 20000, "the call to fail")
+  T.match(call.lastError, "^model connection failed: ENOTFOUND: model%.fail%.test")
+  T.eq(call.endReason, "model_error")
+  local c = tw.calls[1]
+  T.ok(c.stream_started_at, "the stream had started")
+  T.ok(c.media_sent > 20, "frames came while the name was looked up: " .. tostring(c.media_sent))
+  T.eq(#rt.sessions, 0, "no model session")
+  T.ok(c:wait_closed(10000), "the phone's call is over")
+  T.eq(c.end_reason, "api", "hung up through Twilio's API")
+  p:kill("SIGTERM")
+  T.eq(p:wait(10000), 0, p.errtext())
+  T.no_match(p.errtext(), " ERROR ")
+end, { timeout = 40000 })
+
 T.run()

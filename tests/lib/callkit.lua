@@ -23,7 +23,7 @@
 -- test process, so that its log lines can be read (p.errtext()); its API is
 -- at base. slow_model: the model's host name takes 1.5 s to resolve
 -- (tests/c/slow_dns.c), so a call's first frames come before its model
--- connection.
+-- connection; "fail": after those 1.5 s, the name is not found.
 local T = require "testing"
 local http = require "callagent.http"
 local fetch = require "callagent.fetch"
@@ -167,7 +167,7 @@ function M.app_process(tw, rt, opts)
     CA_DB = T.tmpdir() .. "/calls.db",
   }
   if opts.slow_model then
-    env.CA_RT_URL = rt.url:gsub("127%.0%.0%.1", "model.slow.test")
+    env.CA_RT_URL = rt.url:gsub("127%.0%.0%.1", opts.slow_model == "fail" and "model.fail.test" or "model.slow.test")
     env.LD_PRELOAD = T.root .. "/build/release/tests/slow_dns.so"
     env.SLOW_DNS_MS = "1500"
     -- Under ASan the shim goes first; the link order check would refuse it.
