@@ -354,19 +354,9 @@ local function bad_payloads(slow_model)
     tw:close()
     rt:close()
   end)
-  local p, base = kit.app_process(tw, rt, { slow_model = slow_model })
-  local res = assert(require("callagent.fetch")(base .. "/v1/calls", {
-    method = "POST",
-    headers = { ["Content-Type"] = "application/json" },
-    body = json.encode({ to = "+14155550115", prompt = "Listen." }),
-  }))
-  T.eq(res.status, 201, res.body)
-  local id = json.decode(res.body).callId
-  local call
-  T.wait_for(function()
-    call = json.decode(assert(require("callagent.fetch")(base .. "/v1/calls/" .. id)).body)
-    return ({ completed = true, busy = true, no_answer = true, failed = true, canceled = true })[call.status]
-  end, 20000, "the call to end")
+  local p, api = kit.app_process(tw, rt, { slow_model = slow_model })
+  local id = api:create({ to = "+14155550115", prompt = "Listen." })
+  local call = api:wait_final(id, 20000)
   T.eq(call.status, "completed")
   local s = rt.sessions[1]
   -- The model: no injected update, no error for a bad append, and the
@@ -411,20 +401,10 @@ T.test("a model connection that fails after the stream started: the kept frames 
     tw:close()
     rt:close()
   end)
-  local p, base = kit.app_process(tw, rt, { slow_model = "fail" })
-  local fetch = require("callagent.fetch")
-  local res = assert(fetch(base .. "/v1/calls", {
-    method = "POST",
-    headers = { ["Content-Type"] = "application/json" },
-    body = json.encode({ to = "+14155550118", prompt = "Listen." }),
-  }))
-  T.eq(res.status, 201, res.body)
-  local id = json.decode(res.body).callId
-  local call
-  T.wait_for(function()
-    call = json.decode(assert(fetch(base .. "/v1/calls/" .. id)).body)
-    return call.status == "failed"
-  end, 20000, "the call to fail")
+  local p, api = kit.app_process(tw, rt, { slow_model = "fail" })
+  local id = api:create({ to = "+14155550118", prompt = "Listen." })
+  local call = api:wait_final(id, 20000)
+  T.eq(call.status, "failed")
   T.match(call.lastError, "^model connection failed: ENOTFOUND: model%.fail%.test")
   T.eq(call.endReason, "model_error")
   local c = tw.calls[1]

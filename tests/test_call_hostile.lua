@@ -7,7 +7,6 @@
 -- end with its record, and what it sends must stay well-formed.
 local T = require "testing"
 local kit = require "callkit"
-local json = require "callagent.json"
 local fetch = require "callagent.fetch"
 local task = require "callagent.task"
 local timer = require "callagent.timer"
@@ -107,16 +106,11 @@ T.test("events of the wrong shape from the model and the phone: no Lua error, ev
     tw:close()
     rt:close()
   end)
-  local p, base = kit.app_process(tw, rt)
+  local p, api = kit.app_process(tw, rt)
+  local base = api.base
   local ids = {}
   for i = 1, CALLS do
-    local res = assert(fetch(base .. "/v1/calls", {
-      method = "POST",
-      headers = { ["Content-Type"] = "application/json" },
-      body = json.encode({ to = "+1415555" .. string.format("%04d", 200 + i), prompt = "Stay calm." }),
-    }))
-    T.eq(res.status, 201, res.body)
-    ids[i] = json.decode(res.body).callId
+    ids[i] = api:create({ to = "+1415555" .. string.format("%04d", 200 + i), prompt = "Stay calm." })
   end
   -- The phone side of each call, once its stream is up.
   local phones_done = 0
@@ -138,17 +132,12 @@ T.test("events of the wrong shape from the model and the phone: no Lua error, ev
     end)
     timer.sleep(0)
   end
-  local FINAL = { completed = true, busy = true, no_answer = true, failed = true, canceled = true }
   local heard, failed = 0, 0
   for _, id in ipairs(ids) do
-    local call, body
-    T.wait_for(function()
-      body = assert(fetch(base .. "/v1/calls/" .. id)).body
-      call = json.decode(body)
-      return FINAL[call.status]
-    end, 60000, "call " .. id .. " to end")
+    api:wait_final(id, 60000)
+    local _, call, res = api:api("GET", "/v1/calls/" .. id)
     T.eq(type(call.attempts), "table", "the record has its attempts")
-    T.ok(utf8.len(body), "the record is UTF-8")
+    T.ok(utf8.len(res.body), "the record is UTF-8")
     for _, line in ipairs(call.transcript or {}) do
       if line.text == "Hello there." or line.text == "Good morning." then
         heard = heard + 1

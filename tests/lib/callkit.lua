@@ -18,10 +18,10 @@
 --   env:wait_final(callId, timeout_ms) -> record once its status is final
 -- Everything is closed after the test (T.defer).
 --
---   local p, base = kit.app_process(tw, rt, { slow_model = true })
+--   local p, api = kit.app_process(tw, rt, { slow_model = true })
 -- A real callagent process (tests/apps/durable.lua) against fakes of the
--- test process, so that its log lines can be read (p.errtext()); its API is
--- at base. slow_model: the model's host name takes 1.5 s to resolve
+-- test process, so that its log lines can be read (p.errtext()); api has
+-- the env's API methods for it (api.base, api:create, api:wait_final, ...). slow_model: the model's host name takes 1.5 s to resolve
 -- (tests/c/slow_dns.c), so a call's first frames come before its model
 -- connection; "fail": after those 1.5 s, the name is not found.
 local T = require "testing"
@@ -177,7 +177,7 @@ function M.app_process(tw, rt, opts)
   T.wait_for(function()
     return p.out[1] and p.out[1]:match("^ready")
   end, 10000, "the app to be ready: " .. p.errtext())
-  return p, "http://127.0.0.1:" .. port
+  return p, setmetatable({ base = "http://127.0.0.1:" .. port }, Env)
 end
 
 local FINAL = { completed = true, busy = true, no_answer = true, failed = true, canceled = true }
