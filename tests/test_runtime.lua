@@ -140,7 +140,9 @@ end)
   T.ge(c.window_s, 0.2)
   T.lt(c.utilization, 0.5, "the last window was mostly idle")
   T.ge(c.uptime_s, b.uptime_s + 0.24)
-  T.lt(c.window_s, 0.35, "the window started at loop_window, just after b")
+  -- From loop_window, just after b, to c: the 250 ms timer may fire late on a
+  -- loaded machine, so the window is measured against the clock, not a bound.
+  T.near(c.window_s, c.uptime_s - b.uptime_s, 0.02, "the window started at loop_window, just after b")
   T.ge(d.busy_s - c.busy_s, 0.029, "read inside a busy callback: its time so far")
   T.le(d.busy_s - c.busy_s, d.uptime_s - c.uptime_s + 1e-6, "busy never outgrows the clock")
   T.ge(d.slow_s - c.slow_s, 0.029, "and it is already slow")
