@@ -115,19 +115,12 @@ function P:registerRoutes(srv)
     return 200, html, { ["Content-Type"] = "text/html; charset=utf-8", ["Cache-Control"] = "no-store" }
   end)
 
-  -- The page's requests: a JSON object, or a 400 that says so.
-  local function object(req)
-    local body = req:json()
-    if type(body) ~= "table" or not req.body:match("^%s*{") then
-      return nil, { error = { code = "invalid_body", message = "the body must be a JSON object" } }
-    end
-    return body
-  end
+  local NOT_OBJECT = { error = { code = "invalid_body", message = "the body must be a JSON object" } }
 
   srv:post("/mock/api/answer", function(req)
-    local body, berr = object(req)
+    local body = req:json_object()
     if not body then
-      return 400, berr
+      return 400, NOT_OBJECT
     end
     local entry = type(body.token) == "string" and self.pages[body.token]
     if not entry or entry.call_id ~= body.callId then
@@ -180,9 +173,9 @@ function P:registerRoutes(srv)
   end)
 
   srv:post("/mock/api/hangup", function(req)
-    local body, berr = object(req)
+    local body = req:json_object()
     if not body then
-      return 400, berr
+      return 400, NOT_OBJECT
     end
     local s = type(body.session) == "string" and self.sessions[body.session]
     if not s or s.call_id ~= body.callId then

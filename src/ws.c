@@ -27,12 +27,12 @@
  * bytes raw. The rest is ours: the name lookup (off the loop thread), TLS
  * (OpenSSL through a BIO of ours that reads the bytes lws hands us and
  * writes with lws_write - lws 4.1.6 starts TLS on a raw client connection
- * before its socket has connected, so it cannot do it) and the WebSocket protocol (RFC 6455: the upgrade, framing,
- * pings, the close handshake). lws 4.1's own client parses incoming frames
- * one byte per function call; on the model connection, which carries every
- * call's audio, that was the largest user-space cost of the process. Here a
- * frame's payload is handed on in one piece, without a copy when a message
- * arrives whole.
+ * before its socket has connected, so it cannot do it) and the WebSocket
+ * protocol (RFC 6455: the upgrade, framing, pings, the close handshake).
+ * lws 4.1's own client parses incoming frames one byte per function call;
+ * on the model connection, which carries every call's audio, that was the
+ * largest user-space cost of the process. Here a frame's payload is handed
+ * on in one piece, without a copy when a message arrives whole.
  */
 #define _GNU_SOURCE
 #include <stdlib.h>

@@ -37,23 +37,6 @@ local function err(status, code, message, field)
   return status, { error = { code = code, message = message, field = field } }
 end
 
--- Whether every string in v, keys too and at any depth, is UTF-8 (utf8.len
--- is strict: no overlong forms, surrogates or values past U+10FFFF). JSON
--- is UTF-8, and all of it goes on: to the model, the record, webhooks.
-local function utf8_ok(v)
-  if type(v) == "string" then
-    return utf8.len(v) ~= nil
-  end
-  if type(v) == "table" then
-    for k, x in pairs(v) do
-      if not utf8_ok(k) or not utf8_ok(x) then
-        return false
-      end
-    end
-  end
-  return true
-end
-
 -- Any control character; one other than tab, newline and carriage return.
 local CONTROL = "[%z\1-\31\127]"
 local CONTROL_IN_TEXT = "[%z\1-\8\11\12\14-\31\127]"
@@ -73,13 +56,15 @@ function M.validate_call(body)
     return nil, err(400, "invalid_body", "the body must be a JSON object")
   end
   for k, v in pairs(body) do
-    if not utf8_ok(k) then
+    -- JSON is UTF-8, and all of the input goes on: to the model, the
+    -- record, webhooks. Text that is not is refused, not repaired.
+    if not json.is_utf8(k) then
       return nil, err(400, "invalid_body", "a field name is not valid UTF-8")
     end
     if not ALLOWED[k] then
       return nil, err(400, "unknown_field", "unknown field '" .. tostring(k) .. "'", tostring(k))
     end
-    if not utf8_ok(v) then
+    if not json.is_utf8(v) then
       return nil, err(400, "invalid_" .. k, k .. " is not valid UTF-8 text", k)
     end
   end
@@ -167,11 +152,11 @@ function M.register(srv, engine, cfg, opts)
   end
 
   srv:post("/v1/calls", guard(function(req)
-    local body, jerr = req:json()
-    if body == nil then
-      return err(400, "invalid_json", "the body is not valid JSON: " .. tostring(jerr):gsub("^EJSON: ", ""))
-    end
-    if type(body) ~= "table" or not req.body:match("^%s*{") then
+    local body, jerr = req:json_object()
+    if not body then
+      if jerr:match("^EJSON: ") then
+        return err(400, "invalid_json", "the body is not valid JSON: " .. jerr:sub(8))
+      end
       return err(400, "invalid_body", "the body must be a JSON object")
     end
     local input, status, ebody = M.validate_call(body)

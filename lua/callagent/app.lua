@@ -154,13 +154,14 @@ function App:_routes(srv)
       return 403, { error = { code = "forbidden", message = "invalid signature" } }
     end
     local q = req.query or {}
-    local payload = (req.headers["content-type"] or ""):find("json", 1, true) and req:json()
-      or url.form_decode(req.body or "")
-    local st, serr
-    if type(payload) == "table" then
-      st, serr = provider:mapStatus(payload)
+    local payload, st, serr
+    if (req.headers["content-type"] or ""):find("json", 1, true) then
+      payload, serr = req:json_object()
     else
-      serr = "the body is not a JSON object or a form"
+      payload = url.form_decode(req.body or "")
+    end
+    if payload then
+      st, serr = provider:mapStatus(payload)
     end
     if not st then
       log.warn("status callback not understood", { call = q.callId, error = serr })

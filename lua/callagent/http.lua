@@ -37,8 +37,10 @@
 --
 -- A handler runs in its own task (it may wait: fetch, timer.sleep, ...) and gets
 -- req = {id, method, path, params, query (table), raw_query, headers (lowercase
--- names), body, remote} with req:json() (decoded body, or nil, err) and
--- req:header(name). It returns either status, body, headers - body a string,
+-- names), body, remote} with req:json() (decoded body, or nil, err),
+-- req:json_object() (the same for a body that must be a JSON object: nil,
+-- "EJSON: ..." when it is no JSON, nil, "ENOTOBJECT: ..." when it is other
+-- JSON) and req:header(name). It returns either status, body, headers - body a string,
 -- or a table sent as JSON - or a table {status, headers, body}. Returning
 -- nothing answers 204. An error in a handler is logged with its traceback and
 -- answered 500 without details.
@@ -66,6 +68,17 @@ function Request:json()
     return nil, "EJSON: empty body"
   end
   return json.try_decode(self.body)
+end
+
+function Request:json_object()
+  local v, err = self:json()
+  if v == nil then
+    return nil, err
+  end
+  if type(v) ~= "table" or not self.body:match("^%s*{") then
+    return nil, "ENOTOBJECT: the body must be a JSON object"
+  end
+  return v
 end
 
 function Request:header(name)

@@ -5,10 +5,12 @@
 --                          (plain cjson writes every empty table as {})
 --   json.try_decode(s)     value, or nil and "EJSON: message" instead of raising
 --   json.is_array(t)       whether t was marked with json.array
+--   json.is_utf8(v)        whether every string in v (keys too, at any depth)
+--                          is UTF-8: strict, no overlong forms, surrogates or
+--                          values past U+10FFFF (cjson does not check)
 --   json.utf8(v)           v with every string in it (keys too, at any depth)
 --                          made UTF-8: bytes that start no valid sequence become
---                          U+FFFD (cjson neither checks nor fixes; tables are
---                          changed in place)
+--                          U+FFFD (tables are changed in place)
 -- and json.encode writes "/" plainly (cjson alone escapes it as "\/").
 -- Decoding refuses NaN, Infinity and hex numbers, as JSON does.
 local cjson = require "cjson"
@@ -92,6 +94,19 @@ function M.try_decode(s)
 end
 
 local utf8len = utf8.len
+
+function M.is_utf8(v)
+  if type(v) == "string" then
+    return utf8len(v) ~= nil
+  elseif type(v) == "table" then
+    for k, x in pairs(v) do
+      if not M.is_utf8(k) or not M.is_utf8(x) then
+        return false
+      end
+    end
+  end
+  return true
+end
 
 -- s with each byte that starts no valid UTF-8 sequence replaced by U+FFFD.
 local function repair(s)

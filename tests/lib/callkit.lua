@@ -21,7 +21,8 @@
 --   local p, api = kit.app_process(tw, rt, { slow_model = true })
 -- A real callagent process (tests/apps/durable.lua) against fakes of the
 -- test process, so that its log lines can be read (p.errtext()); api has
--- the env's API methods for it (api.base, api:create, api:wait_final, ...). slow_model: the model's host name takes 1.5 s to resolve
+-- the env's API methods for it (api.base, api:create, api:wait_final, ...).
+-- slow_model: the model's host name takes 1.5 s to resolve
 -- (tests/c/slow_dns.c), so a call's first frames come before its model
 -- connection; "fail": after those 1.5 s, the name is not found.
 local T = require "testing"
