@@ -173,6 +173,60 @@ T.test("hanging up through the API while it rings cancels the call without retri
   T.eq(again, 409)
 end)
 
+T.test("a hang-up asked for while Twilio is still placing the call ends the call once Twilio answers", function()
+  -- Twilio answers the create request late, and sends no callback before
+  -- it: callagent cannot know the call's sid when the hang-up is asked for.
+  local env = kit.start({ twilio = { create_delay_ms = 800, behaviour = { initiated_ms = 3000, ring_ms = 5000 } } })
+  local id = env:create({ to = "+14155550112", prompt = "Say hello." })
+  local rec = env:wait(id, function(r)
+    return r.status == "dialing"
+  end, 5000, "dialing")
+  T.eq(rec.attempts[1].providerCallId, nil, "Twilio has not answered yet")
+  T.eq((env:api("POST", "/v1/calls/" .. id .. "/hangup")), 202)
+  local call = env:wait_final(id, 5000)
+  T.eq(call.status, "canceled")
+  -- Once Twilio answers with the call's sid, the ringing call is ended.
+  local tw = env.tw.calls[1]
+  T.wait_for(function()
+    return tw.hangup_requested_at ~= nil
+  end, 3000, "Twilio told to end the call")
+  T.ok(tw.hangup_requested_at - tw.created_at < 2000, "ended well before it would have been answered")
+  T.eq(tw.final, "canceled")
+  T.eq(tw.answered_at, nil, "never answered")
+  T.eq(env:get(id).attempts[1].providerCallId, tw.sid, "the attempt keeps Twilio's sid")
+end)
+
+T.test("a call answered before Twilio's answer to the dial keeps its sid and is hung up through the API", function()
+  -- The status callbacks and the voice webhook come before the 201: the call
+  -- talks and reports before callagent learns the sid (2 s late).
+  local env = kit.start({
+    twilio = { create_delay_ms = 2000 },
+    realtime = {
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        session:speak({ ms = 300, text = "Hello, a short call." })
+        session:call_function("report_call", { summary = "Done.", outcome = "success" })
+        assert(session:wait_event("response.create", 5000))
+        session:speak({ ms = 200, text = "Goodbye!" })
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550113", prompt = "Say hello." })
+  -- Each signed status callback names the call: its sid is known long before the 201.
+  local rec = env:wait(id, function(r)
+    return r.attempts[1] and r.attempts[1].providerCallId
+  end, 1500, "the call's sid, from its callbacks")
+  T.eq(rec.attempts[1].providerCallId, env.tw.calls[1].sid)
+  local call = env:wait_final(id, 15000)
+  T.eq(call.status, "completed")
+  T.eq(call.report.outcome, "success")
+  local tw = env.tw.calls[1]
+  T.eq(call.attempts[1].providerCallId, tw.sid)
+  T.ok(tw.hangup_requested_at, "callagent hung up through Twilio's API")
+  T.eq(tw.final, "completed")
+  T.ok(tw.voice_request and tw.voice_request.at - tw.created_at < 2000, "the call was answered before the 201")
+end, { timeout = 30000 })
+
 T.test("hanging up through the API during the conversation completes it with that reason", function()
   local env = kit.start({
     realtime = {

@@ -219,16 +219,22 @@ function Engine:dial(id)
     end
     self.store:add_attempt(id, attempt)
   end)
+  attempt._placing = true
   local res, err = self.provider:startCall(self:call_view(id), self.public_url(), self.local_url())
+  attempt._placing = nil
+  if res then
+    -- Kept whatever happened meanwhile: the call may be talking by now, or
+    -- over, and a hang-up needs it.
+    self:_provider_id(call, n, res.providerCallId)
+  end
+  attempt._end_pending = nil -- no call was placed, or it was just ended
   if call.status ~= "dialing" or call.attempt ~= n then
-    return -- canceled meanwhile
+    return -- answered or canceled meanwhile
   end
   if not res then
     log.warn("dialing failed", { call = id, attempt = n, error = err })
     return self:_attempt_final(call, n, "failed", tostring(err), tostring(err))
   end
-  attempt.providerCallId = res.providerCallId
-  self.store:update_attempt(id, n, { providerCallId = res.providerCallId })
   if res.userHint and not call.hint then
     call.hint = res.userHint
     self:_save(call, { hint = res.userHint })
@@ -249,6 +255,40 @@ function Engine:dial(id)
   return true
 end
 
+-- The vendor's id for attempt n, from its answer to the dial or from its
+-- first signed callback, whichever comes first: a vendor's callbacks and
+-- webhooks can come before its answer. A hang-up asked for before the id was
+-- known could not reach the vendor, so it is done now.
+function Engine:_provider_id(call, n, pid)
+  local a = call.attempts[n]
+  if not a or a.providerCallId or type(pid) ~= "string" or pid == "" then
+    return
+  end
+  a.providerCallId = pid
+  self.store:update_attempt(call.id, n, { providerCallId = pid })
+  if a._end_pending then
+    a._end_pending = nil
+    log.info("hanging up now that the provider has named the call", { call = call.id, attempt = n })
+    task.spawn(function()
+      local ok, err = self.provider:endCall(self:call_view(call.id), a)
+      if not ok then
+        log.warn("provider hang-up failed", { call = call.id, error = err })
+      end
+    end)
+  end
+end
+
+-- Hangs up attempt a at the vendor (may wait). While the vendor is still
+-- placing the call, the hang-up waits for the call's id (_provider_id).
+function Engine:_end_at_provider(call, a)
+  if a and a._placing and not a.providerCallId then
+    a._end_pending = true
+    log.info("the hang-up waits for the provider to name the call", { call = call.id, attempt = a.n })
+    return true
+  end
+  return self.provider:endCall(self:call_view(call.id), a)
+end
+
 function Engine:_cancel_timer(key)
   local t = self.timers[key]
   if t then
@@ -267,6 +307,9 @@ function Engine:provider_status(id, n, st)
   end
   n = n or call.attempt
   local a = call.attempts[n]
+  if a then
+    self:_provider_id(call, n, st.providerCallId)
+  end
   if not a or FINAL[a.status] then
     return false, "attempt already ended"
   end
@@ -430,7 +473,7 @@ function Engine:bridge_hangup(b, reason)
   local a = call.attempts[b.attempt]
   log.info("hanging up", { call = call.id, attempt = b.attempt, reason = reason })
   task.spawn(function()
-    local ok, err = self.provider:endCall(self:call_view(call.id), a)
+    local ok, err = self:_end_at_provider(call, a)
     if not ok then
       log.warn("provider hang-up failed", { call = call.id, error = err })
     end
@@ -577,7 +620,7 @@ function Engine:hangup(id)
     b:hangup("hung_up_by_api")
     return true
   end
-  local ok, err = self.provider:endCall(self:call_view(id), a)
+  local ok, err = self:_end_at_provider(call, a)
   if not ok then
     log.warn("provider hang-up failed", { call = id, error = err })
   end

@@ -17,6 +17,10 @@
 --     max_connections = 4096,
 --     update_delay_ms = 0,       -- answer each call update (hang-up, redirect)
 --                                -- this late, as a slow API would
+--     create_delay_ms = 0,       -- answer each call creation this late while
+--                                -- the call goes ahead: its callbacks and
+--                                -- webhooks come before the answer, as they
+--                                -- may from Twilio over a slow network
 --   })
 --   tw.url        "http://127.0.0.1:PORT" (the REST base URL)
 --   tw.calls      call records in creation order (API-rejected attempts too)
@@ -1080,6 +1084,9 @@ function Fake:_create(req)
   self._queue:push(call)
   task.spawn(callback_sender, call)
   task.spawn(run_call, call)
+  if self.opts.create_delay_ms then
+    timer.sleep(self.opts.create_delay_ms)
+  end
   return 201, call:resource()
 end
 
