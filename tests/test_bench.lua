@@ -8,6 +8,7 @@ local function bench(env)
   env.BENCH_BIN = T.bin
   env.BENCH_PIN = "0"
   env.BENCH_FLOOR_SECONDS = "0.1" -- the floor keeps both cores busy: briefly, here
+  env.BENCH_CHURN_SECONDS = env.BENCH_CHURN_SECONDS or "0"
   local p = T.spawn_app(T.root .. "/tests/bench/bench.lua", nil, { env = env })
   local code = p:wait(150000)
   return p, code
@@ -56,6 +57,31 @@ T.test("small rows of calls run end to end in both output modes, nothing lost", 
       T.no_match(out, "set%-up %(audio/" .. mode .. "%)", mode .. ": no set-up line without a row kept up with")
     end
   end
+end, { timeout = 180000 })
+
+T.test("calls that come and go: each ends as a real call does, and nothing of it is left behind", function()
+  local p, code = bench({ BENCH_N = "", BENCH_MODES = "audio/pcmu", BENCH_CHURN_SECONDS = "3", BENCH_CHURN_CALLS = "6",
+    BENCH_CHURN_LIFE = "1" })
+  local out = p:text()
+  T.diag(out)
+  T.eq(code, 0, "exit status; stderr: " .. p:errtext())
+  T.match(out, "Calls that come and go %(pcmu%): 6 at once, each ended 1 s after its stream opened")
+  local row = out:match("\n(| %d+ %(%d+%) |[^\n]*)")
+  T.ok(row, "the churn row")
+  local ended, measured = row:match("^| (%d+) %((%d+)%) |")
+  ended, measured = tonumber(ended), tonumber(measured)
+  -- 6 calls of about 1 s each: the first 6 end in the warm-up, more in 3 s.
+  T.ge(ended, 12, "calls ended")
+  T.gt(measured, 0, "calls ended while measured")
+  T.match(row, "| [%d.]+ ms | [%d.]+ |", "CPU per call and cores")
+  T.match(row, "| [%d.]+ → [%d.]+ MiB %([+-][%d.]+ KiB%) |", "RSS over the window and its slope")
+  T.match(row, "| 0 calls, 0 model connections |", "no live call or connection left after the last one ended")
+  -- Every call created has its final record, completed with the model's report.
+  local ok_, created = row:match("| (%d+) of (%d+) |")
+  T.eq(tonumber(ok_), tonumber(created), "records completed with a report")
+  T.ge(tonumber(created), ended, "a record for every call ended")
+  T.no_match(out, "churn run failed")
+  T.no_match(out, "\n%- churn: ", "no note on the churn row")
 end, { timeout = 180000 })
 
 T.test("a bench whose callagent cannot start exits 1 with the reason, without hanging", function()

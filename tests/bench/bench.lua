@@ -49,7 +49,9 @@
 -- the load generator on CPU 1), BENCH_STORE ("sqlite"), BENCH_PROFILE (print
 -- the pids, for perf), BENCH_WRAP (words put in front of callagent, e.g.
 -- "valgrind --tool=callgrind"), BENCH_LOG_LINES (30: callagent stderr lines
--- shown per row; the rest are counted), BENCH_VERBOSE (the load generator's
+-- shown per row; the rest are counted), BENCH_CHURN_SECONDS (60; 0: no
+-- churn row), BENCH_CHURN_CALLS (100 at once), BENCH_CHURN_LIFE (4 s per
+-- call), BENCH_VERBOSE (the load generator's
 -- stats line per row on stderr), LOADGEN_WAKE and LOADGEN_TURN (see loadgen.c).
 local http = require "callagent.http"
 local fetch = require "callagent.fetch"
@@ -88,6 +90,10 @@ local SECONDS = tonumber(os.getenv("BENCH_SECONDS") or "20")
 local PIN = os.getenv("BENCH_PIN") ~= "0"
 local STORE = os.getenv("BENCH_STORE") or "sqlite"
 local LOG_LINES = tonumber(os.getenv("BENCH_LOG_LINES") or "30")
+-- The churn row (calls that come and go, see run_churn).
+local CHURN_SECONDS = tonumber(os.getenv("BENCH_CHURN_SECONDS") or "60")
+local CHURN_CALLS = tonumber(os.getenv("BENCH_CHURN_CALLS") or "100")
+local CHURN_LIFE = tonumber(os.getenv("BENCH_CHURN_LIFE") or "4")
 -- BENCH_TLS=1: the model connection is wss://, as to OpenAI (a throwaway CA).
 local TLS
 if os.getenv("BENCH_TLS") == "1" then
@@ -160,6 +166,9 @@ local function start_loadgen(r)
       lg.port = tonumber(k)
     elseif word == "established" then
       lg.established = lg.established + 1
+      if r.on_established then
+        r.on_established(tonumber(k))
+      end
     elseif COUNTED[word] then
       -- Closes while the row is being stopped are expected, not counted.
       if word == "failed" or not r.stopping then
@@ -168,9 +177,9 @@ local function start_loadgen(r)
           note(r, COUNTED[word], k, rest)
         end
       end
-    elseif word == "error" and k == "call" then
+    elseif word == "error" and (k == "call" or k == "end") then
       note(r, "loadgen: %s", line)
-    elseif line ~= "ok call" and line ~= "ok hangup" then -- nobody waits for those two
+    elseif line ~= "ok call" and line ~= "ok hangup" and line ~= "ok end" then -- nobody waits for those
       lg.replies:push(line)
     end
   end
@@ -282,8 +291,8 @@ local function start_fakes()
     local form = url.form_decode(req.body)
     -- The API request numbered the call in its To number: the model's
     -- session finds its call by that number (its prompt says "bench call #k").
-    local k = tonumber(form.To:sub(-4))
-    local c = { k = k, sid = "CA" .. crypto.to_hex(crypto.random_bytes(16)) }
+    local k = tonumber(form.To:sub(-7))
+    local c = { k = k, sid = "CA" .. crypto.to_hex(crypto.random_bytes(16)), status_cb = form.StatusCallback, t = now() }
     r.calls[#r.calls + 1] = c
     r.by_sid[c.sid] = c
     r.by_k[k] = c
@@ -291,9 +300,20 @@ local function start_fakes()
     return 201, '{"sid":"' .. c.sid .. '","status":"queued"}', { ["Content-Type"] = "application/json" }
   end)
   tw_server:post("/2010-04-01/Accounts/{acc}/Calls/{sid}.json", function(req)
-    local c = run and run.by_sid[(req.params.sid or ""):gsub("%.json$", "")]
-    if c and run.lg then
-      run.lg:tell("hangup " .. c.k)
+    local r = run
+    local c = r and r.by_sid[(req.params.sid or ""):gsub("%.json$", "")]
+    if c and r.lg then
+      r.lg:tell("hangup " .. c.k)
+    end
+    if c and r.on_hangup and not c.hung_up then
+      -- As Twilio does: the call ends, and its status callback says so.
+      c.hung_up = now()
+      r.by_sid[c.sid], r.by_k[c.k] = nil, nil
+      task.spawn(function()
+        local res, err = signed_post(c.status_cb, { CallSid = c.sid, AccountSid = SID, CallStatus = "completed",
+          CallDuration = tostring(math.floor((c.hung_up - c.t) / 1000)), SequenceNumber = "2" })
+        r.on_hangup(c, res and res.status >= 200 and res.status < 300 or false, res and res.status or err)
+      end)
     end
     return 200, "{}", { ["Content-Type"] = "application/json" }
   end)
@@ -449,7 +469,7 @@ local function run_one(r, n)
       i = i + 1
       local k = i
       batch[#batch + 1] = function()
-        local res = api_post(base, "/v1/calls", '{"to":"+1415555' .. string.format("%04d", k)
+        local res = api_post(base, "/v1/calls", '{"to":"+1415' .. string.format("%07d", k)
           .. '","prompt":"bench call #' .. k .. '"}')
         return res and res.status == 201
       end
@@ -503,10 +523,18 @@ local function run_one(r, n)
   end
   local s = json.decode(stats_line)
   if s.turns > 0 then
-    -- The turns reached the store: one call's record has its transcript and usage.
-    local list = fetch(base .. "/v1/calls?limit=1", { timeout = 10000 })
-    local calls = list and list.status == 200 and json.decode(list.body).calls
-    local rec = calls and calls[1] and fetch(base .. "/v1/calls/" .. calls[1].callId, { timeout = 10000 })
+    -- The turns reached the store: a call with usage (in a short row, not
+    -- every call has ended a turn) has its transcript in its record.
+    local list = fetch(base .. "/v1/calls?limit=100", { timeout = 10000 })
+    local calls = list and list.status == 200 and json.decode(list.body).calls or {}
+    local talked
+    for _, c in ipairs(calls) do
+      if type(c.usage) == "table" and (c.usage.responses or 0) > 0 then
+        talked = c
+        break
+      end
+    end
+    local rec = talked and fetch(base .. "/v1/calls/" .. talked.callId, { timeout = 10000 })
     rec = rec and rec.status == 200 and json.decode(rec.body)
     if not (rec and #rec.transcript > 0 and rec.usage and (rec.usage.responses or 0) > 0) then
       note(r, "the model ended %d turns, but the call record shows no transcript or usage", s.turns)
@@ -572,6 +600,201 @@ local function run_one(r, n)
     rss0 = rss0,
     rss1 = rss1,
     rss_per_call = (rss1 - rss0) / math.max(1, established),
+  }
+end
+
+-- Calls that come and go ----------------------------------------------------------
+
+-- The number of files callagent has open.
+local function proc_fds(pid)
+  local f = io.popen("ls /proc/" .. pid .. "/fd 2>/dev/null | wc -l")
+  local n = tonumber(f:read("l") or "")
+  f:close()
+  return n
+end
+
+-- Least-squares slope of ys over xs (nil with fewer than two distinct xs).
+local function slope(xs, ys)
+  local n = #xs
+  if n < 2 then
+    return nil
+  end
+  local mx, my = 0, 0
+  for k = 1, n do
+    mx, my = mx + xs[k], my + ys[k]
+  end
+  mx, my = mx / n, my / n
+  local sxy, sxx = 0, 0
+  for k = 1, n do
+    sxy = sxy + (xs[k] - mx) * (ys[k] - my)
+    sxx = sxx + (xs[k] - mx) ^ 2
+  end
+  return sxx > 0 and sxy / sxx or nil
+end
+
+-- The second half of a list of samples: RSS grows at first, while SQLite's
+-- page cache and malloc's arenas fill, whatever a call leaves behind.
+local function second_half(list)
+  return table.move(list, #list // 2 + 1, #list, 1, {})
+end
+
+-- CHURN_CALLS calls at once, each ended after CHURN_LIFE seconds of audio
+-- the way a real call ends - the model calls report_call and says goodbye,
+-- callagent hangs up through Twilio, whose status callback says completed -
+-- and replaced by a new call at once. After a warm-up (the first
+-- generation of calls ended), CHURN_SECONDS are measured: what a whole call
+-- costs callagent, the live audio's latency while calls start and end
+-- around it, and whether anything a call leaves behind piles up (RSS, open
+-- files, live calls, records not final).
+local function run_churn(r)
+  r.lg = start_loadgen(r)
+  local lg = r.lg
+  lg:cmd("mode pcmu")
+  local port = free_port()
+  r.db = os.tmpname()
+  local app = start_app("audio/pcmu", port, r.db, (TLS and "wss" or "ws") .. "://127.0.0.1:" .. lg.port .. "/v1/realtime", r)
+  local base = "http://127.0.0.1:" .. port
+  timer.sleep(300)
+  local fds0 = proc_fds(app.pid)
+
+  local next_k, live, created, api_failed, ended, status_failed = 0, 0, 0, 0, 0, 0
+  local creating = true
+  local established = {} -- k -> when its stream opened
+  local function create()
+    next_k = next_k + 1
+    local k = next_k
+    created, live = created + 1, live + 1
+    local res, err = api_post(base, "/v1/calls", '{"to":"+1415' .. string.format("%07d", k)
+      .. '","prompt":"bench call #' .. k .. '"}')
+    if not (res and res.status == 201) then
+      api_failed, live = api_failed + 1, live - 1
+      if api_failed <= 5 then
+        note(r, "POST /v1/calls for call #%d: %s", k, tostring(res and res.status or err))
+      end
+    end
+  end
+  r.on_established = function(k)
+    established[k] = now()
+  end
+  r.on_hangup = function(_, ok, why)
+    ended, live = ended + 1, live - 1
+    if not ok then
+      status_failed = status_failed + 1
+      if status_failed <= 5 then
+        note(r, "the completed status callback was answered %s", tostring(why))
+      end
+    end
+    if creating then
+      create()
+    end
+  end
+  -- Each call ends CHURN_LIFE s after its stream opened.
+  local ending = true
+  task.spawn(function()
+    while ending do
+      local t = now()
+      for k, at in pairs(established) do
+        if t - at >= CHURN_LIFE * 1000 then
+          established[k] = nil
+          lg:tell("end " .. k)
+        end
+      end
+      timer.sleep(20)
+    end
+  end)
+  -- The first generation comes up spread over a call's life, so calls end
+  -- at a steady pace, not in waves.
+  for _ = 1, CHURN_CALLS do
+    task.spawn(create)
+    timer.sleep(CHURN_LIFE * 1000 / CHURN_CALLS)
+  end
+  local deadline = now() + CHURN_LIFE * 1000 + 30000
+  while ended < CHURN_CALLS and now() < deadline do
+    timer.sleep(50)
+  end
+  if ended < CHURN_CALLS then
+    error(string.format("the first %d calls did not end: %d ended in %d s", CHURN_CALLS, ended, CHURN_LIFE + 30))
+  end
+
+  -- Measured: RSS and open files every second, against the calls ended.
+  local samples = { ended = {}, rss = {}, fds = {} }
+  local ended0, cpu0, t0 = ended, proc_stat(app.pid), now()
+  local fds_min, fds_max = math.huge, 0
+  lg:cmd("measure start")
+  while now() - t0 < CHURN_SECONDS * 1000 do
+    timer.sleep(1000)
+    local rss, fds = proc_rss(app.pid), proc_fds(app.pid)
+    samples.ended[#samples.ended + 1] = ended
+    samples.rss[#samples.rss + 1] = rss
+    if os.getenv("BENCH_VERBOSE") and #samples.rss % 10 == 0 then
+      io.stderr:write(string.format("  [churn] %d s: %d calls ended, RSS %.1f MiB, %d open files\n",
+        #samples.rss, ended, rss / 1048576, fds))
+    end
+    fds_min, fds_max = math.min(fds_min, fds), math.max(fds_max, fds)
+  end
+  lg:cmd("measure stop")
+  local cpu, window, ended1 = proc_stat(app.pid) - cpu0, (now() - t0) / 1000, ended
+  local s_during = json.decode(assert(lg:cmd("stats"):match("^stats (.*)$")))
+
+  -- The last calls end on their own; then nothing of them may be left.
+  creating = false
+  deadline = now() + CHURN_LIFE * 1000 + 30000
+  while live > 0 and now() < deadline do
+    timer.sleep(50)
+  end
+  ending = false
+  timer.sleep(1000)
+  local h = fetch(base .. "/healthz", { timeout = 10000 })
+  local health = h and h.status == 200 and json.decode(h.body) or {}
+  local fds_end, rss_end = proc_fds(app.pid), proc_rss(app.pid)
+  local s = json.decode(assert(lg:cmd("stats"):match("^stats (.*)$")))
+
+  -- Every call has its final record: completed, with the model's report.
+  local records, final_ok, cursor, pages = 0, 0, nil, 0
+  repeat
+    local res = fetch(base .. "/v1/calls?limit=100" .. (cursor and ("&cursor=" .. url.encode(cursor)) or ""), { timeout = 30000 })
+    local page = res and res.status == 200 and json.decode(res.body)
+    if not page then
+      note(r, "GET /v1/calls: %s", tostring(res and res.status))
+      break
+    end
+    for _, c in ipairs(page.calls) do
+      records = records + 1
+      if c.status == "completed" and type(c.report) == "table" and c.report.outcome == "success" then
+        final_ok = final_ok + 1
+      end
+    end
+    cursor = page.nextCursor ~= json.null and page.nextCursor or nil
+    pages = pages + 1
+  until not cursor or pages > 10000
+  r.stopping = true
+  return {
+    created = created,
+    api_failed = api_failed,
+    ended = ended,
+    ended_measured = ended1 - ended0,
+    live_left = live,
+    active_left = health.activeCalls,
+    records = records,
+    final_ok = final_ok,
+    status_failed = status_failed,
+    window = window,
+    cpu = cpu,
+    lat_in = { s_during.lat_in.p99, s_during.lat_in.max },
+    lat_out = { s_during.lat_out.p99, s_during.lat_out.max },
+    lat_start = { s_during.lat_start.p99, s_during.lat_start.max },
+    late_p99 = s_during.late.p99,
+    lag_p99 = s_during.lag.p99,
+    freed = s.ended.freed,
+    asked = s.ended.asked,
+    rss_first = samples.rss[1],
+    rss_last = samples.rss[#samples.rss],
+    rss_end = rss_end,
+    rss_slope = slope(second_half(samples.ended), second_half(samples.rss)),
+    fds0 = fds0,
+    fds_min = fds_min,
+    fds_max = fds_max,
+    fds_end = fds_end,
   }
 end
 
@@ -755,6 +978,44 @@ local function main()
         .. " (the set-up's length; the latency of the calls streaming meanwhile, in / out, past their first"
         .. " half second, and in their first half second): %s", mode,
         table.concat(parts, ", ")))
+    end
+  end
+  if CHURN_SECONDS > 0 then
+    local r = new_run("audio/pcmu")
+    run = r
+    local ok, c = xpcall(run_churn, debug.traceback, r)
+    r.stopping = true
+    stop_app(r.app)
+    if r.lg then
+      r.lg:stop()
+    end
+    if r.db then
+      os.remove(r.db)
+      os.remove(r.db .. "-wal")
+      os.remove(r.db .. "-shm")
+    end
+    print("")
+    print(string.format("Calls that come and go (pcmu): %d at once, each ended %g s after its stream opened as a real call"
+      .. " ends (report_call, the goodbye played, hang-up, completed status callback) and replaced at once;"
+      .. " %d s measured after the first %d ended", CHURN_CALLS, CHURN_LIFE, CHURN_SECONDS, CHURN_CALLS))
+    print("")
+    if not ok then
+      print("churn run failed: " .. tostring(c):gsub("\n.*", ""))
+      io.stderr:write(tostring(c), "\n")
+    else
+      print("| calls ended (measured) | CPU per call | CPU cores | in / out p99 (max) ms | first 0.5 s p99 (max) ms | RSS measured: first → last (its second half: per 1000 calls) | RSS after | open files: before, measured, after | left after: live, connections | records completed with report |")
+      print("|---|---|---|---|---|---|---|---|---|---|")
+      local harness = c.late_p99 <= 5 and c.lag_p99 <= 20 and "" or string.format(" **harness-limited: p99 late %.1f / read lag %.1f ms**", c.late_p99, c.lag_p99)
+      print(string.format("| %d (%d) | %.1f ms | %.2f | %.2f / %.2f (%.1f) | %.2f (%.1f) | %.1f → %.1f MiB (%s) | %.1f MiB | %d, %d–%d, %d | %s calls, %d model connections | %d of %d |%s",
+        c.ended, c.ended_measured, c.ended_measured > 0 and c.cpu / c.ended_measured * 1000 or 0, c.cpu / c.window,
+        c.lat_in[1], c.lat_out[1], math.max(c.lat_in[2], c.lat_out[2]), c.lat_start[1], c.lat_start[2],
+        c.rss_first / 1048576, c.rss_last / 1048576, c.rss_slope and string.format("%+.1f KiB", c.rss_slope * 1000 / 1024) or "?",
+        c.rss_end / 1048576, c.fds0, c.fds_min, c.fds_max, c.fds_end,
+        type(c.active_left) == "number" and string.format("%d", c.active_left) or "?", c.asked - c.freed,
+        c.final_ok, c.created - c.api_failed, harness))
+    end
+    for _, s in ipairs(r.notes) do
+      notes[#notes + 1] = "churn: " .. s
     end
   end
   if #notes > 0 then

@@ -28,13 +28,23 @@
  *                                           -> ok call; later, asynchronously:
  *                                              established <k> | failed <k> <reason>
  *   hangup <k>                              -> ok hangup (close 1000 to callagent)
+ *   end <k>                                 -> ok end | error end <k> <reason>: the
+ *                                              model ends call k as a real one does
+ *                                              (see end_call)
  *   send on|off                             -> ok send (frames on the 20 ms schedule)
  *   measure start|stop                      -> ok measure (start resets histograms)
  *   wake tick|io                            -> ok wake (see below)
  *   stats                                   -> stats {json}
  *   quit (or EOF on stdin)                  -> ok quit, exit 0
  * Other asynchronous lines: closed <k> <code> (callagent closed call k's
- * stream), rt_closed <k> <code> (the model connection of call k went).
+ * stream), rt_closed <k> <code> (the model connection of call k went), both
+ * only for calls not ended with `end`.
+ *
+ * Calls that come and go (the bench's churn row): `end <k>` has the model
+ * call report_call and, asked for the goodbye, say it and fall silent;
+ * callagent then hangs up through the fake Twilio, which sends `hangup <k>`.
+ * Once both of an ended call's connections are gone its slot is freed, and
+ * its counts move to the "ended" totals of `stats`.
  *
  * Latencies are CLOCK_MONOTONIC (a received message is timed by the kernel's
  * receive time stamp, SO_TIMESTAMPNS, so the generator's own delay in reading
@@ -140,6 +150,9 @@ struct call {
 	uint32_t next_frame, seq;
 	uint64_t frames, appends, deltas, media, marks;
 	uint32_t since_turn, turns;
+	int ending;			/* `end`: 1 report sent; 2 goodbye said, the model is silent */
+	int retiring;			/* on the retire list: freed at the end of this loop turn */
+	struct call *next_retired;
 	uint32_t sent_idx[RING];
 	int64_t sent_at[RING];
 	int64_t delta_at[RING];
@@ -166,6 +179,7 @@ static int ncalls_cap;
 static struct call **phase[20];
 static int nphase[20], capphase[20];
 static struct conn *dead_list;
+static struct call *retire_list;
 static int mode_pcm, sending = 1, measuring, quitting;
 static int64_t t0, next_slot;
 static struct hist lat_in, lat_out, late, lag;
@@ -190,6 +204,10 @@ static int64_t rt_hs_max, phone_hs_max;
 static uint64_t pings_rt, pings_phone;
 static uint32_t turn_every = 250;	/* appends per turn of the fake model; 0: no turns */
 static uint64_t n_turns;	/* pings received (answered with pongs) */
+/* Ended calls (`end`): how many, and the counts of those whose slots were freed. */
+static uint64_t n_end, n_retired, ret_frames, ret_appends, ret_deltas, ret_media, ret_marks;
+static char bye_b64[256];		/* the goodbye's audio in pcmu mode: 20 ms of mu-law silence */
+static size_t bye_len;
 /* Back-pressure: sends the socket did not take whole (the peer is not reading
  * fast enough), and the most bytes one connection had queued. */
 static uint64_t blocked_rt, blocked_phone;
@@ -708,15 +726,33 @@ static void conn_dead(struct conn *c, int code, const char *why)
 		} else if (call->state == C_OPEN) {
 			call->state = C_CLOSED;
 			n_closed++;
-			if (!quitting)
+			if (!quitting && !call->ending)
 				say("closed %d %d", call->k, code);
 		}
 	} else if (c->o.kind == K_RT) {
 		n_rt_closed++;
 		if (call && call->rt == c) {
 			call->rt = NULL;
-			if (!quitting)
+			if (!quitting && !call->ending)
 				say("rt_closed %d %d", call->k, code);
+		}
+	}
+	/* An ended call whose connections are both gone: its slot is freed. */
+	if (call && call->ending && !call->phone && !call->rt && !call->retiring && !quitting) {
+		call->retiring = 1;
+		call->next_retired = retire_list;
+		retire_list = call;
+	}
+}
+
+static void unschedule(struct call *c)
+{
+	int ph = c->k % 20;
+
+	for (int i = 0; i < nphase[ph]; i++) {
+		if (phase[ph][i] == c) {
+			phase[ph][i] = phase[ph][--nphase[ph]];
+			return;
 		}
 	}
 }
@@ -731,6 +767,24 @@ static void free_dead(void)
 		buf_free(&c->out);
 		buf_free(&c->frag);
 		SSL_free(c->ssl);
+		free(c);
+	}
+	while (retire_list) {
+		struct call *c = retire_list;
+
+		retire_list = c->next_retired;
+		unschedule(c);
+		ret_frames += c->frames;
+		ret_appends += c->appends;
+		ret_deltas += c->deltas;
+		ret_media += c->media;
+		ret_marks += c->marks;
+		n_retired++;
+		calls[c->k] = NULL;
+		free(c->host);
+		free(c->path);
+		free(c->sig);
+		free(c->start);
 		free(c);
 	}
 }
@@ -1075,6 +1129,54 @@ static void end_turn(struct conn *c, struct call *call)
 	ws_send(c, 1, m, (size_t)n);
 }
 
+/*
+ * `end <k>`: the model reports the call as OpenAI's Realtime API delivers a
+ * function call - the finished function_call item, then its response.done.
+ */
+static int end_call(struct call *call)
+{
+	char m[1024];
+	int n;
+
+	if (!call->rt || call->rt->state != S_OPEN || call->ending)
+		return -1;
+	call->ending = 1;
+	n_end++;
+	n = snprintf(m, sizeof m, "{\"type\":\"response.output_item.done\",\"response_id\":\"resp_r%d\",\"output_index\":0,"
+		     "\"item\":{\"id\":\"item_fc_%d\",\"type\":\"function_call\",\"status\":\"completed\","
+		     "\"call_id\":\"call_r%d\",\"name\":\"report_call\",\"arguments\":\"{\\\"summary\\\":"
+		     "\\\"Bench call %d is done.\\\",\\\"outcome\\\":\\\"success\\\",\\\"nextSteps\\\":[],"
+		     "\\\"data\\\":{\\\"k\\\":%d}}\"}}", call->k, call->k, call->k, call->k, call->k);
+	ws_send(call->rt, 1, m, (size_t)n);
+	n = snprintf(m, sizeof m, "{\"type\":\"response.done\",\"response\":{\"id\":\"resp_r%d\",\"status\":\"completed\"}}",
+		     call->k);
+	ws_send(call->rt, 1, m, (size_t)n);
+	return 0;
+}
+
+/* Asked for the goodbye (response.create after the report): one frame of it, then silence. */
+static void goodbye(struct conn *c, struct call *call)
+{
+	char m[2048];
+	int n;
+
+	call->ending = 2;
+	n = snprintf(m, sizeof m, "{\"type\":\"response.created\",\"response\":{\"id\":\"resp_bye%d\",\"status\":\"in_progress\"}}",
+		     call->k);
+	ws_send(c, 1, m, (size_t)n);
+	n = snprintf(m, sizeof m, "{\"type\":\"response.output_audio.delta\",\"response_id\":\"resp_bye%d\","
+		     "\"item_id\":\"item_bye%d\",\"output_index\":0,\"content_index\":0,\"delta\":\"%s\"}",
+		     call->k, call->k, mode_pcm ? pcm_b64 : bye_b64);
+	ws_send(c, 1, m, (size_t)n);
+	n = snprintf(m, sizeof m, "{\"type\":\"response.output_audio_transcript.done\",\"response_id\":\"resp_bye%d\","
+		     "\"item_id\":\"item_bye%d\",\"output_index\":0,\"content_index\":0,\"transcript\":\"Goodbye.\"}",
+		     call->k, call->k);
+	ws_send(c, 1, m, (size_t)n);
+	n = snprintf(m, sizeof m, "{\"type\":\"response.done\",\"response\":{\"id\":\"resp_bye%d\",\"status\":\"completed\"}}",
+		     call->k);
+	ws_send(c, 1, m, (size_t)n);
+}
+
 static void rt_message(struct conn *c, char *p, size_t n)
 {
 	static const char APPEND[] = "{\"type\":\"input_audio_buffer.append\",\"audio\":\"";
@@ -1106,6 +1208,9 @@ static void rt_message(struct conn *c, char *p, size_t n)
 		}
 		ws_send(c, 1, upd, sizeof upd - 1);
 		return;
+	} else if (c->call && c->call->ending == 1 && memmem(p, n, "\"response.create\"", 17)) {
+		goodbye(c, c->call);
+		return;
 	} else {
 		return;
 	}
@@ -1129,6 +1234,8 @@ static void rt_message(struct conn *c, char *p, size_t n)
 			call->sent_at[idx % RING] = 0;
 		}
 	}
+	if (call->ending == 2)
+		return;		/* the goodbye was said: the model listens, silent */
 	const char *delta = mode_pcm ? pcm_b64 : audio;
 	size_t dl = mode_pcm ? pcm_len : alen;
 	static const char pre[] = "{\"type\":\"response.output_audio.delta\",\"response_id\":\"resp_b\",\"item_id\":\"";
@@ -1438,6 +1545,8 @@ static void stats(void)
 	    "\"lag\":{\"n\":%llu,\"p50\":%.3f,\"p99\":%.3f,\"max\":%.3f},\"cpu_total_s\":%.4f,"
 	    "\"handshake_max_ms\":{\"model\":%.1f,\"phone\":%.1f},"
 	    "\"pings\":{\"model\":%llu,\"phone\":%llu},\"turns\":%llu,"
+	    "\"ended\":{\"asked\":%llu,\"freed\":%llu,\"frames\":%llu,\"appends\":%llu,\"deltas\":%llu,"
+	    "\"media\":%llu,\"marks\":%llu},"
 	    "\"send_queued\":{\"model\":%llu,\"model_max_bytes\":%zu,\"phone\":%llu,\"phone_max_bytes\":%zu}}",
 	    (unsigned long long)n_established, (unsigned long long)n_failed, (unsigned long long)n_closed,
 	    (unsigned long long)n_rt_conns, (unsigned long long)n_rt_closed, (unsigned long long)frames,
@@ -1453,7 +1562,9 @@ static void stats(void)
 	    (double)late.max / 1e6, (unsigned long long)lag.n, hist_pct(&lag, 0.5), hist_pct(&lag, 0.99),
 	    (double)lag.max / 1e6, (double)cpu_ns() / 1e9, (double)rt_hs_max / 1e6,
 	    (double)phone_hs_max / 1e6, (unsigned long long)pings_rt, (unsigned long long)pings_phone,
-	    (unsigned long long)n_turns, (unsigned long long)blocked_rt, queued_max_rt, (unsigned long long)blocked_phone, queued_max_phone);
+	    (unsigned long long)n_turns, (unsigned long long)n_end, (unsigned long long)n_retired,
+	    (unsigned long long)ret_frames, (unsigned long long)ret_appends, (unsigned long long)ret_deltas,
+	    (unsigned long long)ret_media, (unsigned long long)ret_marks, (unsigned long long)blocked_rt, queued_max_rt, (unsigned long long)blocked_phone, queued_max_phone);
 }
 
 static void totals(uint64_t *f, uint64_t *a, uint64_t *d, uint64_t *m)
@@ -1554,6 +1665,14 @@ static void command(char *line)
 		if (k >= 0 && k < ncalls_cap && calls[k] && calls[k]->phone)
 			ws_close(calls[k]->phone, 1000);
 		say("ok hangup");
+	} else if (strcmp(cmd, "end") == 0) {
+		char *ks = strtok_r(NULL, " ", &save);
+		int k = ks ? atoi(ks) : -1;
+
+		if (k < 0 || k >= ncalls_cap || !calls[k] || end_call(calls[k]) < 0)
+			say("error end %d: no live model session, or already ended", k);
+		else
+			say("ok end");
 	} else if (strcmp(cmd, "send") == 0) {
 		char *v = strtok_r(NULL, " ", &save);
 
@@ -1685,6 +1804,8 @@ static void init_audio(void)
 		pcm[2 * i + 1] = (unsigned char)((uint16_t)s >> 8);
 	}
 	pcm_len = b64_encode(pcm, sizeof pcm, pcm_b64);
+	memset(pat, 0xff, sizeof pat);
+	bye_len = b64_encode(pat, sizeof pat, bye_b64);
 }
 
 int main(int argc, char **argv)
