@@ -73,7 +73,7 @@ T.test("calls that come and go: each ends as a real call does, and nothing of it
   -- 6 calls of about 1 s each: the first 6 end in the warm-up, more in 3 s.
   T.ge(ended, 12, "calls ended")
   T.gt(measured, 0, "calls ended while measured")
-  T.match(row, "| [%d.]+ ms | [%d.]+ |", "CPU per call and cores")
+  T.match(row, "| [%d.]+ ms | [%d.]+ | %d+%% %(%d+%%%) |", "CPU per call, cores and the loop's load")
   T.match(row, "| [%d.]+ → [%d.]+ MiB %([+-][%d.]+ KiB%) |", "RSS over the window and its slope")
   T.match(row, "| 0 calls, 0 model connections |", "no live call or connection left after the last one ended")
   -- Every call created has its final record, completed with the model's report.

@@ -444,6 +444,17 @@ local function loop_stats(base)
   return ok and type(body) == "table" and body.loop or nil
 end
 
+-- Between two loop_stats readings: the share of the time the loop was busy,
+-- and the share of that busy time spent in iterations of 5 ms or more. Over
+-- the loop's own clock: at saturation /healthz answers late.
+local function loop_load(l0, l1)
+  if not (l0 and l1) then
+    return nil
+  end
+  local busy = l1.busySec - l0.busySec
+  return busy / math.max(1e-3, l1.uptimeSec - l0.uptimeSec), busy > 0 and (l1.slowSec - l0.slowSec) / busy or 0
+end
+
 local function run_one(r, n)
   local mode = r.mode
   r.lg = start_loadgen(r)
@@ -567,13 +578,7 @@ local function run_one(r, n)
   -- up meanwhile (they came up at a steady pace: half of them on average,
   -- so half the measured window's rate).
   local audio_during_setup = established > 0 and cpu / window / 2 * (setup_ms / 1000) or 0
-  local loop_busy, loop_slow
-  if loop0 and loop1 then
-    -- Over the loop's own clock: at saturation /healthz answers late.
-    local busy = loop1.busySec - loop0.busySec
-    loop_busy = busy / math.max(1e-3, loop1.uptimeSec - loop0.uptimeSec)
-    loop_slow = busy > 0 and (loop1.slowSec - loop0.slowSec) / busy or 0
-  end
+  local loop_busy, loop_slow = loop_load(loop0, loop1)
   return {
     mode = mode,
     n = n,
@@ -718,6 +723,7 @@ local function run_churn(r)
 
   -- Measured: RSS and open files every second, against the calls ended.
   local samples = { ended = {}, rss = {}, fds = {} }
+  local loop0 = loop_stats(base)
   local ended0, cpu0, t0 = ended, proc_stat(app.pid), now()
   local fds_min, fds_max = math.huge, 0
   lg:cmd("measure start")
@@ -734,6 +740,7 @@ local function run_churn(r)
   end
   lg:cmd("measure stop")
   local cpu, window, ended1 = proc_stat(app.pid) - cpu0, (now() - t0) / 1000, ended
+  local loop_busy, loop_slow = loop_load(loop0, loop_stats(base))
   local s_during = json.decode(assert(lg:cmd("stats"):match("^stats (.*)$")))
 
   -- The last calls end on their own; then nothing of them may be left.
@@ -780,6 +787,8 @@ local function run_churn(r)
     status_failed = status_failed,
     window = window,
     cpu = cpu,
+    loop_busy = loop_busy,
+    loop_slow = loop_slow,
     lat_in = { s_during.lat_in.p99, s_during.lat_in.max },
     lat_out = { s_during.lat_out.p99, s_during.lat_out.max },
     lat_start = { s_during.lat_start.p99, s_during.lat_start.max },
@@ -1003,11 +1012,12 @@ local function main()
       print("churn run failed: " .. tostring(c):gsub("\n.*", ""))
       io.stderr:write(tostring(c), "\n")
     else
-      print("| calls ended (measured) | CPU per call | CPU cores | in / out p99 (max) ms | first 0.5 s p99 (max) ms | RSS measured: first → last (its second half: per 1000 calls) | RSS after | open files: before, measured, after | left after: live, connections | records completed with report |")
-      print("|---|---|---|---|---|---|---|---|---|---|")
+      print("| calls ended (measured) | CPU per call | CPU cores | loop busy (in slow iterations) | in / out p99 (max) ms | first 0.5 s p99 (max) ms | RSS measured: first → last (its second half: per 1000 calls) | RSS after | open files: before, measured, after | left after: live, connections | records completed with report |")
+      print("|---|---|---|---|---|---|---|---|---|---|---|")
       local harness = c.late_p99 <= 5 and c.lag_p99 <= 20 and "" or string.format(" **harness-limited: p99 late %.1f / read lag %.1f ms**", c.late_p99, c.lag_p99)
-      print(string.format("| %d (%d) | %.1f ms | %.2f | %.2f / %.2f (%.1f) | %.2f (%.1f) | %.1f → %.1f MiB (%s) | %.1f MiB | %d, %d–%d, %d | %s calls, %d model connections | %d of %d |%s",
+      print(string.format("| %d (%d) | %.1f ms | %.2f | %s | %.2f / %.2f (%.1f) | %.2f (%.1f) | %.1f → %.1f MiB (%s) | %.1f MiB | %d, %d–%d, %d | %s calls, %d model connections | %d of %d |%s",
         c.ended, c.ended_measured, c.ended_measured > 0 and c.cpu / c.ended_measured * 1000 or 0, c.cpu / c.window,
+        c.loop_busy and string.format("%.0f%% (%.0f%%)", c.loop_busy * 100, c.loop_slow * 100) or "?",
         c.lat_in[1], c.lat_out[1], math.max(c.lat_in[2], c.lat_out[2]), c.lat_start[1], c.lat_start[2],
         c.rss_first / 1048576, c.rss_last / 1048576, c.rss_slope and string.format("%+.1f KiB", c.rss_slope * 1000 / 1024) or "?",
         c.rss_end / 1048576, c.fds0, c.fds_min, c.fds_max, c.fds_end,
