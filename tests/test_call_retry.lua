@@ -227,6 +227,38 @@ T.test("a call answered before Twilio's answer to the dial keeps its sid and is 
   T.ok(tw.voice_request and tw.voice_request.at - tw.created_at < 2000, "the call was answered before the 201")
 end, { timeout = 30000 })
 
+T.test("a call whose answered callback is lost is in progress from its voice webhook, and is not retried", function()
+  -- Twilio does not retry a status callback it could not deliver.
+  local env = kit.start({
+    twilio = { behaviour = { lost_callbacks = { answered = true } } },
+    realtime = {
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        session:speak({ ms = 600, text = "Hello, a call with a lost callback." })
+        session:call_function("report_call", { summary = "Done.", outcome = "success" })
+        assert(session:wait_event("response.create", 5000))
+        session:speak({ ms = 200, text = "Goodbye!" })
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550114", prompt = "Say hello." })
+  local rec = env:wait(id, function(r)
+    return r.status ~= "queued" and r.status ~= "dialing"
+  end, 5000, "answered")
+  T.eq(rec.status, "in_progress", "talking, not dialing (the ring timeout would end a call still dialing)")
+  T.eq(rec.attempts[1].status, "in_progress")
+  T.ok(rec.attempts[1].answeredAt, "answeredAt")
+  local call = env:wait_final(id, 15000)
+  T.eq(call.status, "completed")
+  T.eq(call.report.outcome, "success")
+  T.eq(#call.attempts, 1, "not dialed again")
+  local tw = env.tw.calls[1]
+  T.eq(tw.lost_callbacks, 1, "the answered callback was lost")
+  for _, cb in ipairs(tw.callbacks) do
+    T.ne(cb.status, "in-progress", "no in-progress callback delivered")
+  end
+end, { timeout = 30000 })
+
 T.test("hanging up through the API during the conversation completes it with that reason", function()
   local env = kit.start({
     realtime = {

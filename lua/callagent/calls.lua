@@ -366,6 +366,13 @@ function Engine:prepare_stream(id, n)
   if not a or FINAL[a.status] or n ~= call.attempt then
     return nil, "attempt not active"
   end
+  if a.status == "dialing" then
+    -- A provider asks for the call's audio only once it is answered. Its
+    -- answered callback may be late, or lost (Twilio does not retry one it
+    -- could not deliver): a talking call left "dialing" would be ended by the
+    -- ring timeout, and retried.
+    self:provider_status(id, n, { status = "in_progress", raw = "(voice webhook)" })
+  end
   local key = id .. "#" .. n
   local b = self.bridges[key]
   if not b then

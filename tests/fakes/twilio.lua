@@ -50,7 +50,9 @@
 --   then silence 0xFF); audio_ms (stop sending media after this many ms;
 --   default: until the call ends); hangup_after_ms (the callee hangs up this
 --   long after the stream started); callbacks_out_of_order (deliver ringing
---   after in-progress; SequenceNumbers stay truthful); stream = false (answer
+--   after in-progress; SequenceNumbers stay truthful); lost_callbacks (a set
+--   of events, e.g. {answered = true}, whose callbacks are never delivered;
+--   call.lost_callbacks counts them); stream = false (answer
 --   and request /voice but do not connect the stream); stream_delay_ms (connect
 --   it this long after the TwiML came); json = "shuffled"
 --   (media and mark events with their keys in another order than Twilio's,
@@ -454,6 +456,16 @@ local function callback(call, event, status)
   end
   if event == "answered" and call.answered_by then
     p.AnsweredBy = call.answered_by
+  end
+  if call.behaviour.lost_callbacks and call.behaviour.lost_callbacks[event] then
+    -- Never delivered (Twilio does not retry a failed status callback); its
+    -- SequenceNumber is used all the same.
+    call.lost_callbacks = (call.lost_callbacks or 0) + 1
+    if event == "completed" then
+      call._final_cb_done = true
+      notify(call)
+    end
+    return
   end
   local item = { event = event, status = status, url = cb_url, params = p }
   if event == "ringing" and call.behaviour.callbacks_out_of_order then
