@@ -282,6 +282,23 @@ local function answer(r, c, form)
   r.lg:tell(string.format("call %d %s %s %s %s", c.k, stream_url, twilio_sign(stream_url, {}), c.stream_sid, start))
 end
 
+-- Call c is over at the fake Twilio (callagent hung up, or the callee did):
+-- the stream gets `stop` and is closed, and the status callback says
+-- completed, as Twilio's would. Churn rows only (r.on_hangup).
+local function twilio_call_ended(r, c)
+  if c.hung_up then
+    return
+  end
+  c.hung_up = now()
+  r.by_sid[c.sid], r.by_k[c.k] = nil, nil
+  r.lg:tell("hangup " .. c.k)
+  task.spawn(function()
+    local res, err = signed_post(c.status_cb, { CallSid = c.sid, AccountSid = SID, CallStatus = "completed",
+      CallDuration = tostring(math.floor((c.hung_up - c.t) / 1000)), SequenceNumber = "2" })
+    r.on_hangup(c, res and res.status >= 200 and res.status < 300 or false, res and res.status or err)
+  end)
+end
+
 local tw_server
 
 local function start_fakes()
@@ -303,17 +320,18 @@ local function start_fakes()
     local r = run
     local c = r and r.by_sid[(req.params.sid or ""):gsub("%.json$", "")]
     if c and r.lg then
-      r.lg:tell("hangup " .. c.k)
-    end
-    if c and r.on_hangup and not c.hung_up then
-      -- As Twilio does: the call ends, and its status callback says so.
-      c.hung_up = now()
-      r.by_sid[c.sid], r.by_k[c.k] = nil, nil
-      task.spawn(function()
-        local res, err = signed_post(c.status_cb, { CallSid = c.sid, AccountSid = SID, CallStatus = "completed",
-          CallDuration = tostring(math.floor((c.hung_up - c.t) / 1000)), SequenceNumber = "2" })
-        r.on_hangup(c, res and res.status >= 200 and res.status < 300 or false, res and res.status or err)
-      end)
+      if r.on_hangup then
+        twilio_call_ended(r, c)
+      else
+        -- Rows of calls that stay up: a hang-up is a fault, unless the row is being stopped.
+        if not r.stopping then
+          r.hangups = (r.hangups or 0) + 1
+          if r.hangups <= 5 then
+            note(r, "callagent hung up call #%d during the run", c.k)
+          end
+        end
+        r.lg:tell("hangup " .. c.k)
+      end
     end
     return 200, "{}", { ["Content-Type"] = "application/json" }
   end)
@@ -693,7 +711,8 @@ local function run_churn(r)
       create()
     end
   end
-  -- Each call ends CHURN_LIFE s after its stream opened.
+  -- Each call ends CHURN_LIFE s after its stream opened: odd ones as the
+  -- agent ends a call (the report), even ones as the callee does (hanging up).
   local ending = true
   task.spawn(function()
     while ending do
@@ -701,7 +720,11 @@ local function run_churn(r)
       for k, at in pairs(established) do
         if t - at >= CHURN_LIFE * 1000 then
           established[k] = nil
-          lg:tell("end " .. k)
+          if k % 2 == 1 then
+            lg:tell("end " .. k)
+          elseif r.by_k[k] then
+            twilio_call_ended(r, r.by_k[k])
+          end
         end
       end
       timer.sleep(20)
@@ -756,8 +779,9 @@ local function run_churn(r)
   local fds_end, rss_end = proc_fds(app.pid), proc_rss(app.pid)
   local s = json.decode(assert(lg:cmd("stats"):match("^stats (.*)$")))
 
-  -- Every call has its final record: completed, with the model's report.
-  local records, final_ok, cursor, pages = 0, 0, nil, 0
+  -- Every call has its final record: completed, with the model's report, or
+  -- ended by the callee, without one.
+  local records, reported, hung_up, cursor, pages = 0, 0, 0, nil, 0
   repeat
     local res = fetch(base .. "/v1/calls?limit=100" .. (cursor and ("&cursor=" .. url.encode(cursor)) or ""), { timeout = 30000 })
     local page = res and res.status == 200 and json.decode(res.body)
@@ -768,7 +792,9 @@ local function run_churn(r)
     for _, c in ipairs(page.calls) do
       records = records + 1
       if c.status == "completed" and type(c.report) == "table" and c.report.outcome == "success" then
-        final_ok = final_ok + 1
+        reported = reported + 1
+      elseif c.status == "completed" and c.report == nil and c.endReason == "callee_hung_up" then
+        hung_up = hung_up + 1
       end
     end
     cursor = page.nextCursor ~= json.null and page.nextCursor or nil
@@ -783,7 +809,8 @@ local function run_churn(r)
     live_left = live,
     active_left = health.activeCalls,
     records = records,
-    final_ok = final_ok,
+    reported = reported,
+    hung_up = hung_up,
     status_failed = status_failed,
     window = window,
     cpu = cpu,
@@ -794,8 +821,7 @@ local function run_churn(r)
     lat_start = { s_during.lat_start.p99, s_during.lat_start.max },
     late_p99 = s_during.late.p99,
     lag_p99 = s_during.lag.p99,
-    freed = s.ended.freed,
-    asked = s.ended.asked,
+    unfreed = s.ended.unfreed,
     rss_first = samples.rss[1],
     rss_last = samples.rss[#samples.rss],
     rss_end = rss_end,
@@ -1005,24 +1031,25 @@ local function main()
     end
     print("")
     print(string.format("Calls that come and go (pcmu): %d at once, each ended %g s after its stream opened as a real call"
-      .. " ends (report_call, the goodbye played, hang-up, completed status callback) and replaced at once;"
+      .. " ends - half by the agent (report_call, the goodbye played, callagent's hang-up), half by the callee"
+      .. " hanging up; then Twilio's stop and completed status callback - and replaced at once;"
       .. " %d s measured after the first %d ended", CHURN_CALLS, CHURN_LIFE, CHURN_SECONDS, CHURN_CALLS))
     print("")
     if not ok then
       print("churn run failed: " .. tostring(c):gsub("\n.*", ""))
       io.stderr:write(tostring(c), "\n")
     else
-      print("| calls ended (measured) | CPU per call | CPU cores | loop busy (in slow iterations) | in / out p99 (max) ms | first 0.5 s p99 (max) ms | RSS measured: first → last (its second half: per 1000 calls) | RSS after | open files: before, measured, after | left after: live, connections | records completed with report |")
+      print("| calls ended (measured) | CPU per call | CPU cores | loop busy (in slow iterations) | in / out p99 (max) ms | first 0.5 s p99 (max) ms | RSS measured: first → last (its second half: per 1000 calls) | RSS after | open files: before, measured, after | left after: live calls, ended ones with a connection open | records completed: with the report + hung up by the callee, of calls created |")
       print("|---|---|---|---|---|---|---|---|---|---|---|")
       local harness = c.late_p99 <= 5 and c.lag_p99 <= 20 and "" or string.format(" **harness-limited: p99 late %.1f / read lag %.1f ms**", c.late_p99, c.lag_p99)
-      print(string.format("| %d (%d) | %.1f ms | %.2f | %s | %.2f / %.2f (%.1f) | %.2f (%.1f) | %.1f → %.1f MiB (%s) | %.1f MiB | %d, %d–%d, %d | %s calls, %d model connections | %d of %d |%s",
+      print(string.format("| %d (%d) | %.1f ms | %.2f | %s | %.2f / %.2f (%.1f) | %.2f (%.1f) | %.1f → %.1f MiB (%s) | %.1f MiB | %d, %d–%d, %d | %s, %d | %d + %d of %d |%s",
         c.ended, c.ended_measured, c.ended_measured > 0 and c.cpu / c.ended_measured * 1000 or 0, c.cpu / c.window,
         c.loop_busy and string.format("%.0f%% (%.0f%%)", c.loop_busy * 100, c.loop_slow * 100) or "?",
         c.lat_in[1], c.lat_out[1], math.max(c.lat_in[2], c.lat_out[2]), c.lat_start[1], c.lat_start[2],
         c.rss_first / 1048576, c.rss_last / 1048576, c.rss_slope and string.format("%+.1f KiB", c.rss_slope * 1000 / 1024) or "?",
         c.rss_end / 1048576, c.fds0, c.fds_min, c.fds_max, c.fds_end,
-        type(c.active_left) == "number" and string.format("%d", c.active_left) or "?", c.asked - c.freed,
-        c.final_ok, c.created - c.api_failed, harness))
+        type(c.active_left) == "number" and string.format("%d", c.active_left) or "?", c.unfreed,
+        c.reported, c.hung_up, c.created - c.api_failed, harness))
     end
     for _, s in ipairs(r.notes) do
       notes[#notes + 1] = "churn: " .. s

@@ -27,7 +27,8 @@
  *   call <k> <ws_url> <signature> <stream_sid> <start_json>
  *                                           -> ok call; later, asynchronously:
  *                                              established <k> | failed <k> <reason>
- *   hangup <k>                              -> ok hangup (close 1000 to callagent)
+ *   hangup <k>                              -> ok hangup (`stop`, then close 1000 to
+ *                                              callagent: the call is over)
  *   end <k>                                 -> ok end | error end <k> <reason>: the
  *                                              model ends call k as a real one does
  *                                              (see end_call)
@@ -44,7 +45,8 @@
  * call report_call and, asked for the goodbye, say it and fall silent;
  * callagent then hangs up through the fake Twilio, which sends `hangup <k>`.
  * Once both of an ended call's connections are gone its slot is freed, and
- * its counts move to the "ended" totals of `stats`.
+ * its counts move to the "ended" totals of `stats` ("unfreed": ended calls
+ * with a connection still open). `hangup` ends a call too (the callee's).
  *
  * Latencies are CLOCK_MONOTONIC (a received message is timed by the kernel's
  * receive time stamp, SO_TIMESTAMPNS, so the generator's own delay in reading
@@ -150,7 +152,8 @@ struct call {
 	uint32_t next_frame, seq;
 	uint64_t frames, appends, deltas, media, marks;
 	uint32_t since_turn, turns;
-	int ending;			/* `end`: 1 report sent; 2 goodbye said, the model is silent */
+	int ending;			/* `end`: 1 report sent; 2 goodbye said, the model is silent;
+					 * 3: hung up (`hangup`) without `end` */
 	int retiring;			/* on the retire list: freed at the end of this loop turn */
 	struct call *next_retired;
 	uint32_t sent_idx[RING];
@@ -1519,7 +1522,7 @@ static void check_timeouts(void)
 
 static void stats(void)
 {
-	uint64_t frames = 0, appends = 0, deltas = 0, media = 0, marks = 0;
+	uint64_t frames = 0, appends = 0, deltas = 0, media = 0, marks = 0, unfreed = 0;
 	int64_t cpu = (measuring ? cpu_ns() : cpu1_ns) - cpu0_ns;
 	int64_t win = (measuring ? now_ns() : win1_ns) - win0_ns;
 
@@ -1533,6 +1536,7 @@ static void stats(void)
 		deltas += c->deltas;
 		media += c->media;
 		marks += c->marks;
+		unfreed += c->ending != 0;	/* ended, a connection still open */
 	}
 	say("stats {\"established\":%llu,\"failed\":%llu,\"closed\":%llu,\"rt_conns\":%llu,\"rt_closed\":%llu,"
 	    "\"frames\":%llu,\"appends\":%llu,\"appends_raw\":%llu,\"unbound_appends\":%llu,\"deltas\":%llu,"
@@ -1545,7 +1549,7 @@ static void stats(void)
 	    "\"lag\":{\"n\":%llu,\"p50\":%.3f,\"p99\":%.3f,\"max\":%.3f},\"cpu_total_s\":%.4f,"
 	    "\"handshake_max_ms\":{\"model\":%.1f,\"phone\":%.1f},"
 	    "\"pings\":{\"model\":%llu,\"phone\":%llu},\"turns\":%llu,"
-	    "\"ended\":{\"asked\":%llu,\"freed\":%llu,\"frames\":%llu,\"appends\":%llu,\"deltas\":%llu,"
+	    "\"ended\":{\"asked\":%llu,\"freed\":%llu,\"unfreed\":%llu,\"frames\":%llu,\"appends\":%llu,\"deltas\":%llu,"
 	    "\"media\":%llu,\"marks\":%llu},"
 	    "\"send_queued\":{\"model\":%llu,\"model_max_bytes\":%zu,\"phone\":%llu,\"phone_max_bytes\":%zu}}",
 	    (unsigned long long)n_established, (unsigned long long)n_failed, (unsigned long long)n_closed,
@@ -1562,7 +1566,7 @@ static void stats(void)
 	    (double)late.max / 1e6, (unsigned long long)lag.n, hist_pct(&lag, 0.5), hist_pct(&lag, 0.99),
 	    (double)lag.max / 1e6, (double)cpu_ns() / 1e9, (double)rt_hs_max / 1e6,
 	    (double)phone_hs_max / 1e6, (unsigned long long)pings_rt, (unsigned long long)pings_phone,
-	    (unsigned long long)n_turns, (unsigned long long)n_end, (unsigned long long)n_retired,
+	    (unsigned long long)n_turns, (unsigned long long)n_end, (unsigned long long)n_retired, (unsigned long long)unfreed,
 	    (unsigned long long)ret_frames, (unsigned long long)ret_appends, (unsigned long long)ret_deltas,
 	    (unsigned long long)ret_media, (unsigned long long)ret_marks, (unsigned long long)blocked_rt, queued_max_rt, (unsigned long long)blocked_phone, queued_max_phone);
 }
@@ -1662,8 +1666,21 @@ static void command(char *line)
 		char *ks = strtok_r(NULL, " ", &save);
 		int k = ks ? atoi(ks) : -1;
 
-		if (k >= 0 && k < ncalls_cap && calls[k] && calls[k]->phone)
-			ws_close(calls[k]->phone, 1000);
+		if (k >= 0 && k < ncalls_cap && calls[k] && calls[k]->phone && calls[k]->phone->state == S_OPEN) {
+			struct call *c = calls[k];
+			char stop[256];
+			int n = snprintf(stop, sizeof stop, "{\"event\":\"stop\",\"sequenceNumber\":\"%u\","
+					 "\"streamSid\":\"%s\",\"stop\":{\"accountSid\":\"AC0\",\"callSid\":\"CA0\"}}",
+					 ++c->seq, c->sid);
+
+			/* As Twilio ends a stream: `stop`, then the close. A call
+			 * not ended with `end` was hung up by the callee: its slot
+			 * is freed too once both connections are gone. */
+			if (!c->ending)
+				c->ending = 3;
+			ws_send(c->phone, 1, stop, (size_t)n);
+			ws_close(c->phone, 1000);
+		}
 		say("ok hangup");
 	} else if (strcmp(cmd, "end") == 0) {
 		char *ks = strtok_r(NULL, " ", &save);
