@@ -84,6 +84,9 @@ T.test("calls that come and go: each ends as real calls do, and nothing of it is
   T.ge(created, ended, "a record for every call ended")
   T.ge(reported, 6, "ended by the agent")
   T.ge(hung_up, 6, "ended by the callee")
+  -- Each call's end notified to the hooks URL, once.
+  local once, more = row:match("| (%d+) %((%d+)%) |$")
+  T.eq({ tonumber(once), tonumber(more) }, { created, 0 }, "every call notified once")
   T.no_match(out, "churn run failed")
   T.no_match(out, "\n%- churn: ", "no note on the churn row")
 end, { timeout = 180000 })

@@ -1,7 +1,8 @@
 -- The callagent app the benchmark measures: the Twilio provider against the
 -- benchmark's fakes (Twilio's REST API in tests/bench/bench.lua, the Media
 -- Streams clients and OpenAI Realtime in tests/bench/loadgen.c), the SQLite
--- store, nothing else. Configured by the bench through the environment.
+-- store, and in the churn row notifications to the bench. Configured by the
+-- bench through the environment.
 local callagent = require "callagent"
 local task = require "callagent.task"
 local runtime = require "callagent.runtime"
@@ -25,6 +26,9 @@ local app, err = callagent.app({
   call = { maxDurationSec = 3600, silenceTimeoutSec = 3600, ringTimeoutSec = 600 },
   retry = { maxAttempts = 1 },
   store = { backend = os.getenv("BENCH_STORE") or "sqlite", path = os.getenv("BENCH_DB") or "/tmp/callagent-bench.db" },
+  -- The churn row: each call's end is notified to the bench.
+  notify = os.getenv("BENCH_HOOKS_URL") and { hooksUrl = os.getenv("BENCH_HOOKS_URL"), hooksToken = os.getenv("BENCH_HOOKS_TOKEN") }
+    or nil,
 }, { max_connections = 8192, gc_pause = tonumber(os.getenv("BENCH_GC_PAUSE") or "") })
 task.pace_ms = tonumber(os.getenv("BENCH_PACE_MS") or "") or task.pace_ms
 if not app then

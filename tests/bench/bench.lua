@@ -75,6 +75,7 @@ package.path = ROOT .. "/tests/?.lua;" .. package.path
 local fake_twilio = require "fakes.twilio"
 local SID = "AC" .. string.rep("c3", 16)
 local TOKEN = "bench-twilio-token"
+local HOOKS_TOKEN = "bench-hooks-token"
 
 local function env_list(name, default)
   local out = {}
@@ -335,6 +336,18 @@ local function start_fakes()
     end
     return 200, "{}", { ["Content-Type"] = "application/json" }
   end)
+  -- The churn row's notifications (notify.hooksUrl).
+  tw_server:post("/hooks/agent", function(req)
+    local r = run
+    if req.headers.authorization ~= "Bearer " .. HOOKS_TOKEN then
+      return 401, "{}", { ["Content-Type"] = "application/json" }
+    end
+    local body = json.try_decode(req.body or "")
+    if r and r.on_notified and type(body) == "table" then
+      r.on_notified(req.headers["idempotency-key"], body.data)
+    end
+    return 200, "{}", { ["Content-Type"] = "application/json" }
+  end)
   assert(tw_server:listen())
 end
 
@@ -391,6 +404,8 @@ local function start_app(mode, port, db, rt_url, r)
     BENCH_STORE = STORE,
     BENCH_RT_CA = TLS and TLS.ca or false,
     BENCH_DB = db,
+    BENCH_HOOKS_URL = r and r.on_notified and (tw_server:url(""):gsub("/$", "") .. "/hooks") or false,
+    BENCH_HOOKS_TOKEN = r and r.on_notified and HOOKS_TOKEN or false,
     CALLAGENT_LOG = os.getenv("BENCH_APP_LOG") or "warn",
   }
   argv.inherit_env = true
@@ -670,6 +685,15 @@ end
 -- around it, and whether anything a call leaves behind piles up (RSS, open
 -- files, live calls, records not final).
 local function run_churn(r)
+  -- Each call's end is notified (notify.hooksUrl): once, says the README.
+  local notified, notes_n = {}, 0
+  r.on_notified = function(key, data)
+    notified[tostring(key)] = (notified[tostring(key)] or 0) + 1
+    notes_n = notes_n + 1
+    if type(data) ~= "table" or data.status ~= "completed" then
+      note(r, "a notification that is not a completed call: %s", tostring(key))
+    end
+  end
   r.lg = start_loadgen(r)
   local lg = r.lg
   lg:cmd("mode pcmu")
@@ -773,6 +797,11 @@ local function run_churn(r)
     timer.sleep(50)
   end
   ending = false
+  -- The notifications come from a background task: give them time.
+  deadline = now() + 15000
+  while notes_n < ended and now() < deadline do
+    timer.sleep(50)
+  end
   timer.sleep(1000)
   local h = fetch(base .. "/healthz", { timeout = 10000 })
   local health = h and h.status == 200 and json.decode(h.body) or {}
@@ -782,6 +811,7 @@ local function run_churn(r)
   -- Every call has its final record: completed, with the model's report, or
   -- ended by the callee, without one.
   local records, reported, hung_up, cursor, pages = 0, 0, 0, nil, 0
+  local notified_once, notified_more = 0, 0
   repeat
     local res = fetch(base .. "/v1/calls?limit=100" .. (cursor and ("&cursor=" .. url.encode(cursor)) or ""), { timeout = 30000 })
     local page = res and res.status == 200 and json.decode(res.body)
@@ -791,6 +821,12 @@ local function run_churn(r)
     end
     for _, c in ipairs(page.calls) do
       records = records + 1
+      local n_notes = notified[c.callId .. ":" .. tostring(c.status)] or 0
+      if n_notes == 1 then
+        notified_once = notified_once + 1
+      elseif n_notes > 1 then
+        notified_more = notified_more + 1
+      end
       if c.status == "completed" and type(c.report) == "table" and c.report.outcome == "success" then
         reported = reported + 1
       elseif c.status == "completed" and c.report == nil and c.endReason == "callee_hung_up" then
@@ -811,6 +847,8 @@ local function run_churn(r)
     records = records,
     reported = reported,
     hung_up = hung_up,
+    notified_once = notified_once,
+    notified_more = notified_more,
     status_failed = status_failed,
     window = window,
     cpu = cpu,
@@ -1039,17 +1077,17 @@ local function main()
       print("churn run failed: " .. tostring(c):gsub("\n.*", ""))
       io.stderr:write(tostring(c), "\n")
     else
-      print("| calls ended (measured) | CPU per call | CPU cores | loop busy (in slow iterations) | in / out p99 (max) ms | first 0.5 s p99 (max) ms | RSS measured: first → last (its second half: per 1000 calls) | RSS after | open files: before, measured, after | left after: live calls, ended ones with a connection open | records completed: with the report + hung up by the callee, of calls created |")
-      print("|---|---|---|---|---|---|---|---|---|---|---|")
+      print("| calls ended (measured) | CPU per call | CPU cores | loop busy (in slow iterations) | in / out p99 (max) ms | first 0.5 s p99 (max) ms | RSS measured: first → last (its second half: per 1000 calls) | RSS after | open files: before, measured, after | left after: live calls, ended ones with a connection open | records completed: with the report + hung up by the callee, of calls created | notified once (more than once) |")
+      print("|---|---|---|---|---|---|---|---|---|---|---|---|")
       local harness = c.late_p99 <= 5 and c.lag_p99 <= 20 and "" or string.format(" **harness-limited: p99 late %.1f / read lag %.1f ms**", c.late_p99, c.lag_p99)
-      print(string.format("| %d (%d) | %.1f ms | %.2f | %s | %.2f / %.2f (%.1f) | %.2f (%.1f) | %.1f → %.1f MiB (%s) | %.1f MiB | %d, %d–%d, %d | %s, %d | %d + %d of %d |%s",
+      print(string.format("| %d (%d) | %.1f ms | %.2f | %s | %.2f / %.2f (%.1f) | %.2f (%.1f) | %.1f → %.1f MiB (%s) | %.1f MiB | %d, %d–%d, %d | %s, %d | %d + %d of %d | %d (%d) |%s",
         c.ended, c.ended_measured, c.ended_measured > 0 and c.cpu / c.ended_measured * 1000 or 0, c.cpu / c.window,
         c.loop_busy and string.format("%.0f%% (%.0f%%)", c.loop_busy * 100, c.loop_slow * 100) or "?",
         c.lat_in[1], c.lat_out[1], math.max(c.lat_in[2], c.lat_out[2]), c.lat_start[1], c.lat_start[2],
         c.rss_first / 1048576, c.rss_last / 1048576, c.rss_slope and string.format("%+.1f KiB", c.rss_slope * 1000 / 1024) or "?",
         c.rss_end / 1048576, c.fds0, c.fds_min, c.fds_max, c.fds_end,
         type(c.active_left) == "number" and string.format("%d", c.active_left) or "?", c.unfreed,
-        c.reported, c.hung_up, c.created - c.api_failed, harness))
+        c.reported, c.hung_up, c.created - c.api_failed, c.notified_once, c.notified_more, harness))
     end
     for _, s in ipairs(r.notes) do
       notes[#notes + 1] = "churn: " .. s
