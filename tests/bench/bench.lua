@@ -51,7 +51,7 @@
 -- "valgrind --tool=callgrind"), BENCH_LOG_LINES (30: callagent stderr lines
 -- shown per row; the rest are counted), BENCH_CHURN_SECONDS (60; 0: no
 -- churn row), BENCH_CHURN_CALLS (100 at once), BENCH_CHURN_LIFE (4 s per
--- call), BENCH_VERBOSE (the load generator's
+-- call), BENCH_CHURN_MODE (audio/pcmu), BENCH_VERBOSE (the load generator's
 -- stats line per row on stderr), LOADGEN_WAKE and LOADGEN_TURN (see loadgen.c).
 local http = require "callagent.http"
 local fetch = require "callagent.fetch"
@@ -95,6 +95,7 @@ local LOG_LINES = tonumber(os.getenv("BENCH_LOG_LINES") or "30")
 local CHURN_SECONDS = tonumber(os.getenv("BENCH_CHURN_SECONDS") or "60")
 local CHURN_CALLS = tonumber(os.getenv("BENCH_CHURN_CALLS") or "100")
 local CHURN_LIFE = tonumber(os.getenv("BENCH_CHURN_LIFE") or "4")
+local CHURN_MODE = os.getenv("BENCH_CHURN_MODE") or "audio/pcmu"
 -- BENCH_TLS=1: the model connection is wss://, as to OpenAI (a throwaway CA).
 local TLS
 if os.getenv("BENCH_TLS") == "1" then
@@ -696,10 +697,10 @@ local function run_churn(r)
   end
   r.lg = start_loadgen(r)
   local lg = r.lg
-  lg:cmd("mode pcmu")
+  lg:cmd("mode " .. (r.mode == "audio/pcm" and "pcm" or "pcmu"))
   local port = free_port()
   r.db = os.tmpname()
-  local app = start_app("audio/pcmu", port, r.db, (TLS and "wss" or "ws") .. "://127.0.0.1:" .. lg.port .. "/v1/realtime", r)
+  local app = start_app(r.mode, port, r.db, (TLS and "wss" or "ws") .. "://127.0.0.1:" .. lg.port .. "/v1/realtime", r)
   local base = "http://127.0.0.1:" .. port
   timer.sleep(300)
   local fds0 = proc_fds(app.pid)
@@ -1054,7 +1055,7 @@ local function main()
     end
   end
   if CHURN_SECONDS > 0 then
-    local r = new_run("audio/pcmu")
+    local r = new_run(CHURN_MODE)
     run = r
     local ok, c = xpcall(run_churn, debug.traceback, r)
     r.stopping = true
@@ -1068,10 +1069,11 @@ local function main()
       os.remove(r.db .. "-shm")
     end
     print("")
-    print(string.format("Calls that come and go (pcmu): %d at once, each ended %g s after its stream opened as a real call"
+    print(string.format("Calls that come and go (%s): %d at once, each ended %g s after its stream opened as a real call"
       .. " ends - half by the agent (report_call, the goodbye played, callagent's hang-up), half by the callee"
       .. " hanging up; then Twilio's stop and completed status callback - and replaced at once;"
-      .. " %d s measured after the first %d ended", CHURN_CALLS, CHURN_LIFE, CHURN_SECONDS, CHURN_CALLS))
+      .. " %d s measured after the first %d ended", CHURN_MODE:gsub("audio/", ""), CHURN_CALLS, CHURN_LIFE, CHURN_SECONDS,
+      CHURN_CALLS))
     print("")
     if not ok then
       print("churn run failed: " .. tostring(c):gsub("\n.*", ""))
