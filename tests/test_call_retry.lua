@@ -173,6 +173,17 @@ T.test("hanging up through the API while it rings cancels the call without retri
   T.eq(again, 409)
 end)
 
+-- The model greets for hello_ms, reports success and says goodbye.
+local function short_call_script(hello_ms)
+  return function(session)
+    assert(session:wait_event("response.create", 5000))
+    session:speak({ ms = hello_ms, text = "Hello, a short call." })
+    session:call_function("report_call", { summary = "Done.", outcome = "success" })
+    assert(session:wait_event("response.create", 5000))
+    session:speak({ ms = 200, text = "Goodbye!" })
+  end
+end
+
 T.test("a hang-up asked for while Twilio is still placing the call ends the call once Twilio answers", function()
   -- Twilio answers the create request late, and sends no callback before
   -- it: callagent cannot know the call's sid when the hang-up is asked for.
@@ -201,15 +212,7 @@ T.test("a call answered before Twilio's answer to the dial keeps its sid and is 
   -- talks and reports before callagent learns the sid (2 s late).
   local env = kit.start({
     twilio = { create_delay_ms = 2000 },
-    realtime = {
-      script = function(session)
-        assert(session:wait_event("response.create", 5000))
-        session:speak({ ms = 300, text = "Hello, a short call." })
-        session:call_function("report_call", { summary = "Done.", outcome = "success" })
-        assert(session:wait_event("response.create", 5000))
-        session:speak({ ms = 200, text = "Goodbye!" })
-      end,
-    },
+    realtime = { script = short_call_script(300) },
   })
   local id = env:create({ to = "+14155550113", prompt = "Say hello." })
   -- Each signed status callback names the call: its sid is known long before the 201.
@@ -231,15 +234,7 @@ T.test("a call whose answered callback is lost is in progress from its voice web
   -- Twilio does not retry a status callback it could not deliver.
   local env = kit.start({
     twilio = { behaviour = { lost_callbacks = { answered = true } } },
-    realtime = {
-      script = function(session)
-        assert(session:wait_event("response.create", 5000))
-        session:speak({ ms = 600, text = "Hello, a call with a lost callback." })
-        session:call_function("report_call", { summary = "Done.", outcome = "success" })
-        assert(session:wait_event("response.create", 5000))
-        session:speak({ ms = 200, text = "Goodbye!" })
-      end,
-    },
+    realtime = { script = short_call_script(600) },
   })
   local id = env:create({ to = "+14155550114", prompt = "Say hello." })
   local rec = env:wait(id, function(r)

@@ -568,17 +568,22 @@ local function run_one(r, n)
   end
   local s = json.decode(stats_line)
   if s.turns > 0 then
-    -- The turns reached the store: a call with usage (in a short row, not
-    -- every call has ended a turn) has its transcript in its record.
-    local list = fetch(base .. "/v1/calls?limit=100", { timeout = 10000 })
-    local calls = list and list.status == 200 and json.decode(list.body).calls or {}
-    local talked
-    for _, c in ipairs(calls) do
-      if type(c.usage) == "table" and (c.usage.responses or 0) > 0 then
-        talked = c
-        break
+    -- The turns reached the store: a call with usage (in a short or an
+    -- overloaded row, not every call has ended a turn) has its transcript in
+    -- its record.
+    local talked, cursor
+    repeat
+      local list = fetch(base .. "/v1/calls?limit=100" .. (cursor and ("&cursor=" .. url.encode(cursor)) or ""),
+        { timeout = 10000 })
+      local page = list and list.status == 200 and json.decode(list.body) or { calls = {} }
+      for _, c in ipairs(page.calls) do
+        if type(c.usage) == "table" and (c.usage.responses or 0) > 0 then
+          talked = c
+          break
+        end
       end
-    end
+      cursor = page.nextCursor ~= json.null and page.nextCursor or nil
+    until talked or not cursor
     local rec = talked and fetch(base .. "/v1/calls/" .. talked.callId, { timeout = 10000 })
     rec = rec and rec.status == 200 and json.decode(rec.body)
     if not (rec and #rec.transcript > 0 and rec.usage and (rec.usage.responses or 0) > 0) then
@@ -922,6 +927,20 @@ local function harness_kept_up(r)
   return r.late_p99 <= 5 and r.lag_p99 <= 20
 end
 
+-- Whatever happened in a row, nothing of it keeps running.
+local function end_run(r)
+  r.stopping = true
+  stop_app(r.app)
+  if r.lg then
+    r.lg:stop()
+  end
+  if r.db then
+    os.remove(r.db)
+    os.remove(r.db .. "-wal")
+    os.remove(r.db .. "-shm")
+  end
+end
+
 local function main()
   if PIN then
     os.execute("taskset -p -c 1 " .. core.pid() .. " >/dev/null")
@@ -973,17 +992,7 @@ local function main()
       local r = new_run(mode)
       run = r
       local ok, row = xpcall(run_one, debug.traceback, r, n)
-      -- Whatever happened, nothing of this row keeps running.
-      r.stopping = true
-      stop_app(r.app)
-      if r.lg then
-        r.lg:stop()
-      end
-      if r.db then
-        os.remove(r.db)
-        os.remove(r.db .. "-wal")
-        os.remove(r.db .. "-shm")
-      end
+      end_run(r)
       if r.app_lines > LOG_LINES then
         note(r, "callagent wrote %d lines to stderr (%d shown)", r.app_lines, LOG_LINES)
       end
@@ -1058,16 +1067,7 @@ local function main()
     local r = new_run(CHURN_MODE)
     run = r
     local ok, c = xpcall(run_churn, debug.traceback, r)
-    r.stopping = true
-    stop_app(r.app)
-    if r.lg then
-      r.lg:stop()
-    end
-    if r.db then
-      os.remove(r.db)
-      os.remove(r.db .. "-wal")
-      os.remove(r.db .. "-shm")
-    end
+    end_run(r)
     print("")
     print(string.format("Calls that come and go (%s): %d at once, each ended %g s after its stream opened as a real call"
       .. " ends - half by the agent (report_call, the goodbye played, callagent's hang-up), half by the callee"

@@ -434,15 +434,19 @@ local function base_params(call, status)
   }
 end
 
+-- A callback not sent: a completed one still ends the call's callbacks.
+local function not_sent(call, event)
+  if event == "completed" then
+    call._final_cb_done = true
+    notify(call)
+  end
+end
+
 -- Queues the callback for event (when requested) with its SequenceNumber.
 local function callback(call, event, status)
   local cb_url = call.params.StatusCallback
   if not cb_url or not call.callback_events[event] then
-    if event == "completed" then
-      call._final_cb_done = true
-      notify(call)
-    end
-    return
+    return not_sent(call, event)
   end
   local p = base_params(call, status)
   p.CallbackSource = "call-progress-events"
@@ -461,11 +465,7 @@ local function callback(call, event, status)
     -- Never delivered (Twilio does not retry a failed status callback); its
     -- SequenceNumber is used all the same.
     call.lost_callbacks = (call.lost_callbacks or 0) + 1
-    if event == "completed" then
-      call._final_cb_done = true
-      notify(call)
-    end
-    return
+    return not_sent(call, event)
   end
   local item = { event = event, status = status, url = cb_url, params = p }
   if event == "ringing" and call.behaviour.callbacks_out_of_order then
