@@ -254,6 +254,41 @@ T.test("a call whose answered callback is lost is in progress from its voice web
   end
 end, { timeout = 30000 })
 
+T.test("a dial whose answer times out while Twilio's callbacks show the call placed goes on", function()
+  -- Twilio answers the create request after callagent's 15 s timeout; its
+  -- callbacks (initiated, ringing) have named the call long before.
+  local env = kit.start({
+    twilio = { create_delay_ms = 16000, behaviour = { ring_ms = 16500 } },
+    realtime = { script = short_call_script(300) },
+  })
+  local id = env:create({ to = "+14155550115", prompt = "Say hello." })
+  local call = env:wait_final(id, 30000)
+  T.eq(call.status, "completed")
+  T.eq(call.report.outcome, "success")
+  T.eq(#call.attempts, 1, "not dialed again")
+  T.eq(#env.tw.calls, 1, "one call placed")
+  T.eq(call.attempts[1].providerCallId, env.tw.calls[1].sid)
+end, { timeout = 60000 })
+
+T.test("a call Twilio placed although the dial request failed is hung up at its first callback", function()
+  -- The create request times out (15 s) and no callback has come: the dial
+  -- failed, and with one attempt the call is over. Then Twilio's callbacks
+  -- show the call ringing after all.
+  local env = kit.start({
+    twilio = { create_delay_ms = 16000, behaviour = { initiated_ms = 16500, ring_ms = 30000 } },
+    config = { retry = { maxAttempts = 1 } },
+  })
+  local id = env:create({ to = "+14155550116", prompt = "Say hello." })
+  local call = env:wait_final(id, 20000)
+  T.eq(call.status, "failed")
+  local tw = env.tw.calls[1]
+  T.wait_for(function()
+    return tw.hangup_requested_at ~= nil
+  end, 5000, "the stray call hung up")
+  T.eq(tw.final, "canceled")
+  T.eq(tw.answered_at, nil, "never answered")
+end, { timeout = 60000 })
+
 T.test("hanging up through the API during the conversation completes it with that reason", function()
   local env = kit.start({
     realtime = {

@@ -66,6 +66,8 @@ function M.new(opts)
     bridges = {}, -- call id .. "#" .. n -> bridge
     tokens = {}, -- stream token -> {call_id, attempt, expires}
     timers = {}, -- call id -> retry or dial timers
+    strays = {}, -- vendor call ids hung up as strays (_end_stray)
+    n_strays = 0,
     started_at = core.time(),
   }, Engine)
   for _, t in ipairs(self.tools) do
@@ -222,6 +224,13 @@ function Engine:dial(id)
   attempt._placing = true
   local res, err = self.provider:startCall(self:call_view(id), self.public_url(), self.local_url())
   attempt._placing = nil
+  if not res and attempt.providerCallId then
+    -- The request failed (its answer timed out, say), but the vendor's
+    -- callbacks have named the call: it was placed, and it goes on.
+    log.warn("the dial request failed, but the provider is placing the call: going on",
+      { call = id, attempt = n, error = err })
+    res = { providerCallId = attempt.providerCallId }
+  end
   if res then
     -- Kept whatever happened meanwhile: the call may be talking by now, or
     -- over, and a hang-up needs it.
@@ -299,10 +308,36 @@ end
 
 -- Provider status ------------------------------------------------------------
 
+-- The vendor says a call is up (ringing or answered) for an attempt that is
+-- over here: a dial whose answer timed out although the vendor placed the
+-- call, or one canceled meanwhile. Nobody will talk to the callee: the call
+-- is hung up (once per vendor call id; the set is kept small).
+function Engine:_end_stray(id, n, st, a)
+  local pid = st.providerCallId
+  if (st.status ~= "dialing" and st.status ~= "in_progress") or type(pid) ~= "string" or self.strays[pid] then
+    return
+  end
+  if a and st.sequence and a._seq and st.sequence <= a._seq then
+    return -- a late callback from before the attempt ended
+  end
+  if self.n_strays >= 1000 then
+    self.strays, self.n_strays = {}, 0
+  end
+  self.strays[pid], self.n_strays = true, self.n_strays + 1
+  log.warn("the provider has a call up for an attempt that is over: hanging it up", { call = id, attempt = n })
+  task.spawn(function()
+    local ok, err = self.provider:endCall(self:call_view(id) or { callId = id }, { n = n, providerCallId = pid })
+    if not ok then
+      log.warn("provider hang-up failed", { call = id, error = err })
+    end
+  end)
+end
+
 --- Applies a provider status (from mapStatus) to attempt n of a call.
 function Engine:provider_status(id, n, st)
   local call = self.live[id]
   if not call then
+    self:_end_stray(id, n, st)
     return false, "unknown or finished call"
   end
   n = n or call.attempt
@@ -311,6 +346,7 @@ function Engine:provider_status(id, n, st)
     self:_provider_id(call, n, st.providerCallId)
   end
   if not a or FINAL[a.status] then
+    self:_end_stray(id, n, st, a)
     return false, "attempt already ended"
   end
   if st.sequence then
