@@ -173,6 +173,13 @@ T.test("hanging up through the API while it rings cancels the call without retri
   T.eq(again, 409)
 end)
 
+-- Waits until callagent has told the fake Twilio to end call tw.
+local function wait_told_to_end(tw, ms)
+  T.wait_for(function()
+    return tw.hangup_requested_at ~= nil
+  end, ms, "Twilio told to end the call")
+end
+
 -- The model greets for hello_ms, reports success and says goodbye.
 local function short_call_script(hello_ms)
   return function(session)
@@ -198,9 +205,7 @@ T.test("a hang-up asked for while Twilio is still placing the call ends the call
   T.eq(call.status, "canceled")
   -- Once Twilio answers with the call's sid, the ringing call is ended.
   local tw = env.tw.calls[1]
-  T.wait_for(function()
-    return tw.hangup_requested_at ~= nil
-  end, 3000, "Twilio told to end the call")
+  wait_told_to_end(tw, 3000)
   T.ok(tw.hangup_requested_at - tw.created_at < 2000, "ended well before it would have been answered")
   T.eq(tw.final, "canceled")
   T.eq(tw.answered_at, nil, "never answered")
@@ -282,9 +287,7 @@ T.test("a call Twilio placed although the dial request failed is hung up at its 
   local call = env:wait_final(id, 20000)
   T.eq(call.status, "failed")
   local tw = env.tw.calls[1]
-  T.wait_for(function()
-    return tw.hangup_requested_at ~= nil
-  end, 5000, "the stray call hung up")
+  wait_told_to_end(tw, 5000)
   T.eq(tw.final, "canceled")
   T.eq(tw.answered_at, nil, "never answered")
 end, { timeout = 60000 })
