@@ -292,6 +292,20 @@ T.test("a call Twilio placed although the dial request failed is hung up at its 
   T.eq(tw.answered_at, nil, "never answered")
 end, { timeout = 60000 })
 
+T.test("when Twilio's API refuses the hang-up, closing the stream ends the call at once", function()
+  -- Twilio ends a call whose <Connect><Stream> closes: callagent need not
+  -- keep the callee waiting for a final status that will not come.
+  local env = kit.start({ twilio = { update_fail = 503 }, realtime = { script = short_call_script(300) } })
+  local id = env:create({ to = "+14155550117", prompt = "Say hello." })
+  local call = env:wait_final(id, 15000)
+  T.eq(call.status, "completed")
+  T.eq(call.report.outcome, "success")
+  local tw = env.tw.calls[1]
+  T.ok(#tw.updates >= 1, "callagent asked Twilio to hang up")
+  T.ok(tw.stream_closed and tw.stream_closed.by == "app", "callagent closed the stream")
+  T.lt(tw.stream_closed.at - tw.updates[1].at, 2000, "right after the refused hang-up, not 10 s later")
+end, { timeout = 30000 })
+
 T.test("hanging up through the API during the conversation completes it with that reason", function()
   local env = kit.start({
     realtime = {

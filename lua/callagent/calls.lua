@@ -519,6 +519,11 @@ function Engine:bridge_hangup(b, reason)
     local ok, err = self:_end_at_provider(call, a)
     if not ok then
       log.warn("provider hang-up failed", { call = call.id, error = err })
+      -- Closing the media stream ends the call at the vendor too (its
+      -- <Connect><Stream> is over): the callee is not kept waiting.
+      if not b.ended then
+        b:finish(reason)
+      end
     end
     -- If the provider never says the call ended, end it ourselves.
     timer.sleep(10000)

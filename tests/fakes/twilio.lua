@@ -17,6 +17,8 @@
 --     max_connections = 4096,
 --     update_delay_ms = 0,       -- answer each call update (hang-up, redirect)
 --                                -- this late, as a slow API would
+--     update_fail = nil,         -- an HTTP status (503, say): every call update
+--                                -- (hang-up, redirect) fails with it, unapplied
 --     create_delay_ms = 0,       -- answer each call creation this late while
 --                                -- the call goes ahead: its callbacks and
 --                                -- webhooks come before the answer, as they
@@ -1120,6 +1122,9 @@ function Fake:_update(req)
   end
   local p = url.form_decode(req.body)
   call.updates[#call.updates + 1] = { params = p, at = now() }
+  if self.opts.update_fail then
+    return twilio_error(self.opts.update_fail, 20500, "Internal Server Error")
+  end
   if p.Status ~= nil then
     if p.Status ~= "completed" and p.Status ~= "canceled" then
       return twilio_error(400, 21218, "Invalid Status: " .. tostring(p.Status)
