@@ -255,9 +255,7 @@ function Engine:dial(id)
     local a = call.attempts[n]
     if a and a.status == "dialing" and call.attempt == n then
       log.warn("no answer and no status from the provider: giving up on this attempt", { call = id, attempt = n })
-      task.spawn(function()
-        self.provider:endCall(self:call_view(id), a)
-      end)
+      self:_end_in_task(id, a)
       self:_attempt_final(call, n, "no_answer", "ring timeout")
     end
   end)
@@ -278,13 +276,18 @@ function Engine:_provider_id(call, n, pid)
   if a._end_pending then
     a._end_pending = nil
     log.info("hanging up now that the provider has named the call", { call = call.id, attempt = n })
-    task.spawn(function()
-      local ok, err = self.provider:endCall(self:call_view(call.id), a)
-      if not ok then
-        log.warn("provider hang-up failed", { call = call.id, error = err })
-      end
-    end)
+    self:_end_in_task(call.id, a)
   end
+end
+
+-- Hangs up attempt a at the vendor from a task of its own; a failure is logged.
+function Engine:_end_in_task(id, a)
+  task.spawn(function()
+    local ok, err = self.provider:endCall(self:call_view(id) or { callId = id }, a)
+    if not ok then
+      log.warn("provider hang-up failed", { call = id, error = err })
+    end
+  end)
 end
 
 -- Hangs up attempt a at the vendor (may wait). While the vendor is still
@@ -325,12 +328,7 @@ function Engine:_end_stray(id, n, st, a)
   end
   self.strays[pid], self.n_strays = true, self.n_strays + 1
   log.warn("the provider has a call up for an attempt that is over: hanging it up", { call = id, attempt = n })
-  task.spawn(function()
-    local ok, err = self.provider:endCall(self:call_view(id) or { callId = id }, { n = n, providerCallId = pid })
-    if not ok then
-      log.warn("provider hang-up failed", { call = id, error = err })
-    end
-  end)
+  self:_end_in_task(id, { n = n, providerCallId = pid })
 end
 
 --- Applies a provider status (from mapStatus) to attempt n of a call.
