@@ -5,6 +5,9 @@ local T = require "testing"
 local kit = require "callkit"
 local timer = require "callagent.timer"
 local json = require "callagent.json"
+local fetch = require "callagent.fetch"
+local url = require "callagent.url"
+local fake_twilio = require "fakes.twilio"
 
 local function ms(iso)
   local y, mo, d, h, mi, s, frac = iso:match("^(%d+)-(%d+)-(%d+)T(%d+):(%d+):(%d+)%.(%d+)Z$")
@@ -291,6 +294,27 @@ T.test("a call Twilio placed although the dial request failed is hung up at its 
   T.eq(tw.final, "canceled")
   T.eq(tw.answered_at, nil, "never answered")
 end, { timeout = 60000 })
+
+T.test("a late ringing callback for a call that has ended hangs nothing up", function()
+  local env = kit.start({ realtime = { script = short_call_script(300) } })
+  local id = env:create({ to = "+14155550118", prompt = "Say hello." })
+  local call = env:wait_final(id, 15000)
+  T.eq(call.status, "completed")
+  local tw = env.tw.calls[1]
+  local updates = #tw.updates
+  T.eq(updates, 1, "callagent's own hang-up")
+  -- Twilio delivers the call's ringing callback late, after completed.
+  local target = env.base .. "/status?callId=" .. id .. "&attempt=1"
+  local params = { CallSid = tw.sid, CallStatus = "ringing", SequenceNumber = "1", AccountSid = kit.ACCOUNT }
+  local res = assert(fetch(target, { method = "POST", body = url.form_encode(params), headers = {
+    ["Content-Type"] = "application/x-www-form-urlencoded",
+    ["X-Twilio-Signature"] = fake_twilio.sign(kit.TOKEN, target, params),
+  } }))
+  T.eq(res.status, 204)
+  timer.sleep(500)
+  T.eq(#tw.updates, updates, "no hang-up for the call the attempt had")
+  T.eq(env:get(id).status, "completed", "the record unchanged")
+end)
 
 T.test("when Twilio's API refuses the hang-up, closing the stream ends the call at once", function()
   -- Twilio ends a call whose <Connect><Stream> closes: callagent need not

@@ -312,16 +312,20 @@ end
 -- Provider status ------------------------------------------------------------
 
 -- The vendor says a call is up (ringing or answered) for an attempt that is
--- over here: a dial whose answer timed out although the vendor placed the
--- call, or one canceled meanwhile. Nobody will talk to the callee: the call
--- is hung up (once per vendor call id; the set is kept small).
-function Engine:_end_stray(id, n, st, a)
+-- over here and never knew that call: a dial whose answer timed out although
+-- the vendor placed the call. Nobody will talk to the callee: the call is
+-- hung up (once per vendor call id; the set is kept small). A late callback
+-- for the call the attempt had (ringing delivered after completed) is not.
+function Engine:_end_stray(id, n, st, call)
   local pid = st.providerCallId
   if (st.status ~= "dialing" and st.status ~= "in_progress") or type(pid) ~= "string" or self.strays[pid] then
     return
   end
-  if a and st.sequence and a._seq and st.sequence <= a._seq then
-    return -- a late callback from before the attempt ended
+  call = call or self.store:get_call(id)
+  for _, a in ipairs(call and type(call.attempts) == "table" and call.attempts or {}) do
+    if a.providerCallId == pid or a._end_pending then
+      return -- the call of one of its attempts, or one a hang-up waits for
+    end
   end
   if self.n_strays >= 1000 then
     self.strays, self.n_strays = {}, 0
@@ -335,16 +339,18 @@ end
 function Engine:provider_status(id, n, st)
   local call = self.live[id]
   if not call then
-    self:_end_stray(id, n, st)
+    self:_end_stray(id, n, st, nil)
     return false, "unknown or finished call"
   end
   n = n or call.attempt
   local a = call.attempts[n]
+  if not a or FINAL[a.status] then
+    self:_end_stray(id, n, st, call) -- before the attempt learns the id below
+  end
   if a then
     self:_provider_id(call, n, st.providerCallId)
   end
   if not a or FINAL[a.status] then
-    self:_end_stray(id, n, st, a)
     return false, "attempt already ended"
   end
   if st.sequence then
