@@ -295,6 +295,41 @@ T.test("a call Twilio placed although the dial request failed is hung up at its 
   T.eq(tw.answered_at, nil, "never answered")
 end, { timeout = 60000 })
 
+T.test("with no final callback by the ring timeout, Twilio's API says how the call ended, or it is hung up", function()
+  -- Both calls' final callbacks are lost. One was busy at Twilio; the other
+  -- still rings there when callagent's ring timeout (1 + 30 s) comes.
+  local env = kit.start({
+    twilio = {
+      behaviour = function(call)
+        if call.params.To:match("0121$") then
+          return { answer = "busy", lost_callbacks = { completed = true } }
+        end
+        return { ring_ms = 60000, lost_callbacks = { completed = true } }
+      end,
+    },
+    config = { retry = { maxAttempts = 1 }, call = { ringTimeoutSec = 1 } },
+  })
+  local busy_id = env:create({ to = "+14155550121", prompt = "Say hello." })
+  local ringing_id = env:create({ to = "+14155550122", prompt = "Say hello." })
+  local busy = env:wait_final(busy_id, 40000)
+  T.eq(busy.status, "busy", "Twilio's API said busy")
+  T.match(busy.attempts[1].reason, "no final status callback")
+  local ringing = env:wait_final(ringing_id, 10000)
+  T.eq(ringing.status, "no_answer")
+  T.eq(ringing.attempts[1].reason, "ring timeout")
+  local tw_busy, tw_ringing
+  for _, c in ipairs(env.tw.calls) do
+    if c.params.To == "+14155550121" then
+      tw_busy = c
+    else
+      tw_ringing = c
+    end
+  end
+  T.eq(tw_busy.hangup_requested_at, nil, "a call over at Twilio is not hung up")
+  wait_told_to_end(tw_ringing, 5000)
+  T.eq(tw_ringing.final, "canceled", "the ringing call ended")
+end, { timeout = 60000 })
+
 T.test("a late ringing callback for a call that has ended hangs nothing up", function()
   local env = kit.start({ realtime = { script = short_call_script(300) } })
   local id = env:create({ to = "+14155550118", prompt = "Say hello." })

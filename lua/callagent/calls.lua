@@ -254,12 +254,37 @@ function Engine:dial(id)
     self.timers[id .. "#dial"] = nil
     local a = call.attempts[n]
     if a and a.status == "dialing" and call.attempt == n then
-      log.warn("no answer and no status from the provider: giving up on this attempt", { call = id, attempt = n })
-      self:_end_in_task(id, a)
-      self:_attempt_final(call, n, "no_answer", "ring timeout")
+      task.spawn(self._ring_timeout, self, call, n)
     end
   end)
   return true
+end
+
+-- No answer and no final status call.ringTimeoutSec + 30 s after dialing:
+-- the final callback may have been lost (the vendor ends an unanswered call
+-- at its ring timeout). The vendor's API, where it has one, says how the call
+-- ended; if it cannot, or the call still rings, it is hung up as no_answer.
+function Engine:_ring_timeout(call, n)
+  local a = call.attempts[n]
+  local seen
+  if a.providerCallId and self.provider.getCall then
+    local st, err = self.provider:getCall(a.providerCallId)
+    seen = st and st.status
+    if not st then
+      log.warn("cannot ask the provider about a call that sent no status", { call = call.id, error = err })
+    end
+  end
+  if a.status ~= "dialing" or call.attempt ~= n then
+    return -- a status came meanwhile
+  end
+  if seen and FINAL[seen] and seen ~= "completed" then
+    log.warn("no final status came from the provider; its API says the call ended", { call = call.id, attempt = n,
+      status = seen })
+    return self:_attempt_final(call, n, seen, "ended " .. seen .. " (no final status callback came; the provider's API)")
+  end
+  log.warn("no answer and no status from the provider: giving up on this attempt", { call = call.id, attempt = n })
+  self:_end_in_task(call.id, a)
+  self:_attempt_final(call, n, "no_answer", "ring timeout")
 end
 
 -- The vendor's id for attempt n, from its answer to the dial or from its
