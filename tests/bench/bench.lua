@@ -692,10 +692,10 @@ end
 -- files, live calls, records not final).
 local function run_churn(r)
   -- Each call's end is notified (notify.hooksUrl): once, says the README.
-  local notified, notes_n = {}, 0
+  local notified, n_notified = {}, 0
   r.on_notified = function(key, data)
     notified[tostring(key)] = (notified[tostring(key)] or 0) + 1
-    notes_n = notes_n + 1
+    n_notified = n_notified + 1
     if type(data) ~= "table" or data.status ~= "completed" then
       note(r, "a notification that is not a completed call: %s", tostring(key))
     end
@@ -805,7 +805,7 @@ local function run_churn(r)
   ending = false
   -- The notifications come from a background task: give them time.
   deadline = now() + 15000
-  while notes_n < ended and now() < deadline do
+  while n_notified < ended and now() < deadline do
     timer.sleep(50)
   end
   timer.sleep(1000)
