@@ -1200,6 +1200,10 @@ static void rt_message(struct conn *c, char *p, size_t n)
 			struct call *call = get_call(atoi(b + 12));
 
 			if (call) {
+				/* A call has one model connection: one bound before lets go
+				 * of it (an ended call's slot is freed once its own is gone). */
+				if (call->rt && call->rt != c)
+					call->rt->call = NULL;
 				c->call = call;
 				call->rt = c;
 				/* Calls' turns end at random phases, as in real traffic,
