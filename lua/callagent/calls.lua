@@ -369,13 +369,14 @@ function Engine:provider_status(id, n, st)
   end
   n = n or call.attempt
   local a = call.attempts[n]
-  if not a or FINAL[a.status] then
+  local over = not a or FINAL[a.status]
+  if over then
     self:_end_stray(id, n, st, call) -- before the attempt learns the id below
   end
   if a then
     self:_provider_id(call, n, st.providerCallId)
   end
-  if not a or FINAL[a.status] then
+  if over then
     return false, "attempt already ended"
   end
   if st.sequence then

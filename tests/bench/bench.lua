@@ -489,16 +489,67 @@ local function loop_load(l0, l1)
   return busy / math.max(1e-3, l1.uptimeSec - l0.uptimeSec), busy > 0 and (l1.slowSec - l0.slowSec) / busy or 0
 end
 
-local function run_one(r, n)
-  local mode = r.mode
+-- Least-squares slope of ys over xs (nil with fewer than two distinct xs).
+local function slope(xs, ys)
+  local n = #xs
+  if n < 2 then
+    return nil
+  end
+  local mx, my = 0, 0
+  for k = 1, n do
+    mx, my = mx + xs[k], my + ys[k]
+  end
+  mx, my = mx / n, my / n
+  local sxy, sxx = 0, 0
+  for k = 1, n do
+    sxy = sxy + (xs[k] - mx) * (ys[k] - my)
+    sxx = sxx + (xs[k] - mx) ^ 2
+  end
+  return sxx > 0 and sxy / sxx or nil
+end
+
+-- A row's processes: the load generator in r.mode, and callagent with the
+-- generator as its model. Returns the generator, callagent and its base URL.
+local function start_row(r)
   r.lg = start_loadgen(r)
-  local lg = r.lg
-  lg:cmd("mode " .. (mode == "audio/pcm" and "pcm" or "pcmu"))
+  r.lg:cmd("mode " .. (r.mode == "audio/pcm" and "pcm" or "pcmu"))
   local port = free_port()
   r.db = os.tmpname()
-  local app = start_app(mode, port, r.db, (TLS and "wss" or "ws") .. "://127.0.0.1:" .. lg.port .. "/v1/realtime", r)
-  local base = "http://127.0.0.1:" .. port
+  local app = start_app(r.mode, port, r.db, (TLS and "wss" or "ws") .. "://127.0.0.1:" .. r.lg.port .. "/v1/realtime", r)
   timer.sleep(300)
+  return r.lg, app, "http://127.0.0.1:" .. port
+end
+
+-- Call k through the REST API: its number ends in k (7 digits), which the
+-- fake Twilio reads back, and its prompt names it for the fake model.
+local function create_call(base, k)
+  return api_post(base, "/v1/calls", '{"to":"+1415' .. string.format("%07d", k) .. '","prompt":"bench call #' .. k .. '"}')
+end
+
+-- fn(record) for the call records, newest first, a page at a time, until fn
+-- returns true. Returns true, or nil and why a page could not be read.
+local function each_call(base, fn)
+  local cursor
+  repeat
+    local res = fetch(base .. "/v1/calls?limit=100" .. (cursor and ("&cursor=" .. url.encode(cursor)) or ""),
+      { timeout = 30000 })
+    local page = res and res.status == 200 and json.decode(res.body)
+    if not page then
+      return nil, tostring(res and res.status)
+    end
+    for _, c in ipairs(page.calls) do
+      if fn(c) then
+        return true
+      end
+    end
+    cursor = page.nextCursor ~= json.null and page.nextCursor or nil
+  until not cursor
+  return true
+end
+
+local function run_one(r, n)
+  local mode = r.mode
+  local lg, app, base = start_row(r)
   local rss0 = proc_rss(app.pid)
 
   -- Create the calls, 50 at a time. Each one streams from when it is
@@ -514,8 +565,7 @@ local function run_one(r, n)
       i = i + 1
       local k = i
       batch[#batch + 1] = function()
-        local res = api_post(base, "/v1/calls", '{"to":"+1415' .. string.format("%07d", k)
-          .. '","prompt":"bench call #' .. k .. '"}')
+        local res = create_call(base, k)
         return res and res.status == 201
       end
     end
@@ -571,19 +621,11 @@ local function run_one(r, n)
     -- The turns reached the store: a call with usage (in a short or an
     -- overloaded row, not every call has ended a turn) has its transcript in
     -- its record.
-    local talked, cursor
-    repeat
-      local list = fetch(base .. "/v1/calls?limit=100" .. (cursor and ("&cursor=" .. url.encode(cursor)) or ""),
-        { timeout = 10000 })
-      local page = list and list.status == 200 and json.decode(list.body) or { calls = {} }
-      for _, c in ipairs(page.calls) do
-        if type(c.usage) == "table" and (c.usage.responses or 0) > 0 then
-          talked = c
-          break
-        end
-      end
-      cursor = page.nextCursor ~= json.null and page.nextCursor or nil
-    until talked or not cursor
+    local talked
+    each_call(base, function(c)
+      talked = type(c.usage) == "table" and (c.usage.responses or 0) > 0 and c or nil
+      return talked
+    end)
     local rec = talked and fetch(base .. "/v1/calls/" .. talked.callId, { timeout = 10000 })
     rec = rec and rec.status == 200 and json.decode(rec.body)
     if not (rec and #rec.transcript > 0 and rec.usage and (rec.usage.responses or 0) > 0) then
@@ -657,25 +699,6 @@ local function proc_fds(pid)
   return n
 end
 
--- Least-squares slope of ys over xs (nil with fewer than two distinct xs).
-local function slope(xs, ys)
-  local n = #xs
-  if n < 2 then
-    return nil
-  end
-  local mx, my = 0, 0
-  for k = 1, n do
-    mx, my = mx + xs[k], my + ys[k]
-  end
-  mx, my = mx / n, my / n
-  local sxy, sxx = 0, 0
-  for k = 1, n do
-    sxy = sxy + (xs[k] - mx) * (ys[k] - my)
-    sxx = sxx + (xs[k] - mx) ^ 2
-  end
-  return sxx > 0 and sxy / sxx or nil
-end
-
 -- The second half of a list of samples: RSS grows at first, while SQLite's
 -- page cache and malloc's arenas fill, whatever a call leaves behind.
 local function second_half(list)
@@ -683,9 +706,10 @@ local function second_half(list)
 end
 
 -- CHURN_CALLS calls at once, each ended after CHURN_LIFE seconds of audio
--- the way a real call ends - the model calls report_call and says goodbye,
--- callagent hangs up through Twilio, whose status callback says completed -
--- and replaced by a new call at once. After a warm-up (the first
+-- the way real calls end - half by the agent (the model calls report_call
+-- and says goodbye, callagent hangs up through Twilio), half by the callee
+-- hanging up; Twilio's status callback then says completed - and replaced by
+-- a new call at once. After a warm-up (the first
 -- generation of calls ended), CHURN_SECONDS are measured: what a whole call
 -- costs callagent, the live audio's latency while calls start and end
 -- around it, and whether anything a call leaves behind piles up (RSS, open
@@ -700,14 +724,7 @@ local function run_churn(r)
       note(r, "a notification that is not a completed call: %s", tostring(key))
     end
   end
-  r.lg = start_loadgen(r)
-  local lg = r.lg
-  lg:cmd("mode " .. (r.mode == "audio/pcm" and "pcm" or "pcmu"))
-  local port = free_port()
-  r.db = os.tmpname()
-  local app = start_app(r.mode, port, r.db, (TLS and "wss" or "ws") .. "://127.0.0.1:" .. lg.port .. "/v1/realtime", r)
-  local base = "http://127.0.0.1:" .. port
-  timer.sleep(300)
+  local lg, app, base = start_row(r)
   local fds0 = proc_fds(app.pid)
 
   local next_k, live, created, api_failed, ended, status_failed = 0, 0, 0, 0, 0, 0
@@ -717,8 +734,7 @@ local function run_churn(r)
     next_k = next_k + 1
     local k = next_k
     created, live = created + 1, live + 1
-    local res, err = api_post(base, "/v1/calls", '{"to":"+1415' .. string.format("%07d", k)
-      .. '","prompt":"bench call #' .. k .. '"}')
+    local res, err = create_call(base, k)
     if not (res and res.status == 201) then
       api_failed, live = api_failed + 1, live - 1
       if api_failed <= 5 then
@@ -775,7 +791,7 @@ local function run_churn(r)
   end
 
   -- Measured: RSS and open files every second, against the calls ended.
-  local samples = { ended = {}, rss = {}, fds = {} }
+  local samples = { ended = {}, rss = {} }
   local loop0 = loop_stats(base)
   local ended0, cpu0, t0 = ended, proc_stat(app.pid), now()
   local fds_min, fds_max = math.huge, 0
@@ -816,46 +832,34 @@ local function run_churn(r)
 
   -- Every call has its final record: completed, with the model's report, or
   -- ended by the callee, without one.
-  local records, reported, hung_up, cursor, pages = 0, 0, 0, nil, 0
-  local notified_once, notified_more = 0, 0
-  repeat
-    local res = fetch(base .. "/v1/calls?limit=100" .. (cursor and ("&cursor=" .. url.encode(cursor)) or ""), { timeout = 30000 })
-    local page = res and res.status == 200 and json.decode(res.body)
-    if not page then
-      note(r, "GET /v1/calls: %s", tostring(res and res.status))
-      break
+  local reported, hung_up, notified_once, notified_more = 0, 0, 0, 0
+  local listed, why = each_call(base, function(c)
+    local n_notes = notified[c.callId .. ":" .. tostring(c.status)] or 0
+    if n_notes == 1 then
+      notified_once = notified_once + 1
+    elseif n_notes > 1 then
+      notified_more = notified_more + 1
     end
-    for _, c in ipairs(page.calls) do
-      records = records + 1
-      local n_notes = notified[c.callId .. ":" .. tostring(c.status)] or 0
-      if n_notes == 1 then
-        notified_once = notified_once + 1
-      elseif n_notes > 1 then
-        notified_more = notified_more + 1
-      end
-      if c.status == "completed" and type(c.report) == "table" and c.report.outcome == "success" then
-        reported = reported + 1
-      elseif c.status == "completed" and c.report == nil and c.endReason == "callee_hung_up" then
-        hung_up = hung_up + 1
-      end
+    if c.status == "completed" and type(c.report) == "table" and c.report.outcome == "success" then
+      reported = reported + 1
+    elseif c.status == "completed" and c.report == nil and c.endReason == "callee_hung_up" then
+      hung_up = hung_up + 1
     end
-    cursor = page.nextCursor ~= json.null and page.nextCursor or nil
-    pages = pages + 1
-  until not cursor or pages > 10000
+  end)
+  if not listed then
+    note(r, "GET /v1/calls: %s", why)
+  end
   r.stopping = true
   return {
     created = created,
     api_failed = api_failed,
     ended = ended,
     ended_measured = ended1 - ended0,
-    live_left = live,
     active_left = health.activeCalls,
-    records = records,
     reported = reported,
     hung_up = hung_up,
     notified_once = notified_once,
     notified_more = notified_more,
-    status_failed = status_failed,
     window = window,
     cpu = cpu,
     loop_busy = loop_busy,
@@ -1029,21 +1033,10 @@ local function main()
         used[#used + 1] = tostring(r.n)
       end
     end
-    if #xs >= 2 then
-      local mx, my = 0, 0
-      for k = 1, #xs do
-        mx, my = mx + xs[k], my + ys[k]
-      end
-      mx, my = mx / #xs, my / #xs
-      local sxy, sxx = 0, 0
-      for k = 1, #xs do
-        sxy = sxy + (xs[k] - mx) * (ys[k] - my)
-        sxx = sxx + (xs[k] - mx) ^ 2
-      end
-      if sxx > 0 then
-        print(string.format("RSS slope (%s): %.1f KiB per call (rows of %s calls: nothing lost)", mode,
-          sxy / sxx / 1024, table.concat(used, ", ")))
-      end
+    local per_call = slope(xs, ys)
+    if per_call then
+      print(string.format("RSS slope (%s): %.1f KiB per call (rows of %s calls: nothing lost)", mode,
+        per_call / 1024, table.concat(used, ", ")))
     end
   end
   -- Set-up's CPU per call, over the rows carried in real time.
@@ -1081,7 +1074,8 @@ local function main()
     else
       print("| calls ended (measured) | CPU per call | CPU cores | loop busy (in slow iterations) | in / out p99 (max) ms | first 0.5 s p99 (max) ms | RSS measured: first → last (its second half: per 1000 calls) | RSS after | open files: before, measured, after | left after: live calls, ended ones with a connection open | records completed: with the report + hung up by the callee, of calls created | notified once (more than once) |")
       print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-      local harness = c.late_p99 <= 5 and c.lag_p99 <= 20 and "" or string.format(" **harness-limited: p99 late %.1f / read lag %.1f ms**", c.late_p99, c.lag_p99)
+      local harness = harness_kept_up(c) and ""
+        or string.format(" **harness-limited: p99 late %.1f / read lag %.1f ms**", c.late_p99, c.lag_p99)
       print(string.format("| %d (%d) | %.1f ms | %.2f | %s | %.2f / %.2f (%.1f) | %.2f (%.1f) | %.1f → %.1f MiB (%s) | %.1f MiB | %d, %d–%d, %d | %s, %d | %d + %d of %d | %d (%d) |%s",
         c.ended, c.ended_measured, c.ended_measured > 0 and c.cpu / c.ended_measured * 1000 or 0, c.cpu / c.window,
         c.loop_busy and string.format("%.0f%% (%.0f%%)", c.loop_busy * 100, c.loop_slow * 100) or "?",

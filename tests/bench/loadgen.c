@@ -210,7 +210,6 @@ static uint64_t n_turns;	/* pings received (answered with pongs) */
 /* Ended calls (`end`): how many, and the counts of those whose slots were freed. */
 static uint64_t n_end, n_retired, ret_frames, ret_appends, ret_deltas, ret_media, ret_marks;
 static char bye_b64[256];		/* the goodbye's audio in pcmu mode: 20 ms of mu-law silence */
-static size_t bye_len;
 /* Back-pressure: sends the socket did not take whole (the peer is not reading
  * fast enough), and the most bytes one connection had queued. */
 static uint64_t blocked_rt, blocked_phone;
@@ -1826,7 +1825,7 @@ static void init_audio(void)
 	}
 	pcm_len = b64_encode(pcm, sizeof pcm, pcm_b64);
 	memset(pat, 0xff, sizeof pat);
-	bye_len = b64_encode(pat, sizeof pat, bye_b64);
+	b64_encode(pat, sizeof pat, bye_b64);
 }
 
 int main(int argc, char **argv)
