@@ -5,7 +5,8 @@
 -- X-Twilio-Signature on every webhook (when twilio.validateSignature), maps
 -- status callbacks, and hangs up with Status=completed (or canceled before
 -- answer). Config: twilio.accountSid, twilio.authToken, twilio.fromNumber,
--- twilio.apiBaseUrl, twilio.validateSignature; server.publicBaseUrl (or a tunnel).
+-- twilio.apiBaseUrl, twilio.validateSignature, twilio.requestTimeoutSec;
+-- server.publicBaseUrl (or a tunnel).
 local fetch = require "callagent.fetch"
 local url = require "callagent.url"
 local json = require "callagent.json"
@@ -28,8 +29,11 @@ local function calls_url(self, sid)
   return sid and (base .. "/" .. sid .. ".json") or (base .. ".json")
 end
 
-local function auth(self)
-  return { username = self.tw.accountSid, password = self.tw.authToken }
+-- Request options: basic auth and the timeout. A hang-up or a status lookup
+-- waits at most 10 s, however long a dial may take.
+local function request(self, max_ms)
+  local ms = self.tw.requestTimeoutSec * 1000
+  return { username = self.tw.accountSid, password = self.tw.authToken, timeout = max_ms and math.min(ms, max_ms) or ms }
 end
 
 -- A Twilio REST error as one line: "twilio 21215: <message> (HTTP 400)".
@@ -59,11 +63,10 @@ function P:startCall(call, publicBaseUrl)
     Timeout = tostring(self.cfg.call.ringTimeoutSec),
     TimeLimit = tostring(self.cfg.call.maxDurationSec + 60),
   }
-  local o = auth(self)
+  local o = request(self)
   o.method = "POST"
   o.body = url.form_encode(form)
   o.headers = { ["Content-Type"] = "application/x-www-form-urlencoded", Accept = "application/json" }
-  o.timeout = 15000
   local res, err = fetch(calls_url(self), o)
   if not res or res.status ~= 201 and res.status ~= 200 then
     return nil, rest_error(res, err)
@@ -223,11 +226,10 @@ function P:endCall(_, attempt)
   if not sid then
     return nil, "no Twilio call to hang up"
   end
-  local o = auth(self)
+  local o = request(self, 10000)
   o.method = "POST"
   o.body = "Status=" .. ((attempt.status == "in_progress") and "completed" or "canceled")
   o.headers = { ["Content-Type"] = "application/x-www-form-urlencoded" }
-  o.timeout = 10000
   local res, err = fetch(calls_url(self, sid), o)
   if not res or res.status >= 300 then
     local e = rest_error(res, err)
@@ -238,8 +240,7 @@ function P:endCall(_, attempt)
 end
 
 function P:getCall(sid)
-  local o = auth(self)
-  o.timeout = 10000
+  local o = request(self, 10000)
   local res, err = fetch(calls_url(self, sid), o)
   if not res or res.status ~= 200 then
     return nil, rest_error(res, err)

@@ -23,6 +23,7 @@ T.test("the seed's example config is accepted as is, with defaults filled in", f
   T.eq(cfg.server.host, "127.0.0.1")
   T.eq(cfg.server.publicBaseUrl, "https://example.ngrok.app", "trailing slash trimmed")
   T.eq(cfg.twilio.apiBaseUrl, "https://api.twilio.com")
+  T.eq(cfg.twilio.requestTimeoutSec, 15)
   T.eq(cfg.openai.realtimeUrl, "wss://api.openai.com/v1/realtime")
   T.eq(cfg.call.maxDurationSec, 600)
   T.eq(cfg.retry.retryStatuses, { "busy", "no_answer", "failed" })
@@ -47,6 +48,7 @@ T.test("invalid values are errors naming the key and what is expected", function
     { { twilio = { accountSid = "AC123" } }, "^twilio%.accountSid: expected AC followed by 32 hex digits" },
     { { server = { port = "80" } }, "^server%.port: expected an integer" },
     { { server = { port = 70000 } }, "^server%.port: expected a number from 0 to 65535" },
+    { { twilio = { requestTimeoutSec = 0 } }, "^twilio%.requestTimeoutSec: expected a number from 1 to 120" },
     { { openai = { voice = "robot" } }, "^openai%.voice: expected one of alloy" },
     { { openai = { outputFormat = "audio/mp3" } }, "^openai%.outputFormat: expected one of" },
     { { defaults = { timezone = "Mars/Olympus" } }, "^defaults%.timezone: expected an IANA time zone" },

@@ -16,6 +16,8 @@
 --   twilio.accountSid       "AC" + 32 hex       twilio.authToken*
 --   twilio.fromNumber       E.164               twilio.validateSignature [true]
 --   twilio.apiBaseUrl       ["https://api.twilio.com"]
+--   twilio.requestTimeoutSec [15]: how long a request to Twilio's REST API may
+--                           take (a hang-up or a status lookup at most 10 s)
 --   openai.apiKey*          openai.model ["gpt-realtime"]   openai.voice ["alloy"]
 --   openai.inputFormat      ["audio/pcmu"] (also "audio/pcma")
 --   openai.outputFormat     ["audio/pcm"] or "audio/pcmu" / "audio/pcma"
@@ -135,6 +137,7 @@ local SCHEMA = {
     end, { optional = true }),
     validateSignature = field("boolean", true),
     apiBaseUrl = field("string", "https://api.twilio.com", url_check({ "https", "http" })),
+    requestTimeoutSec = field("integer", 15, range(1, 120)),
   },
   openai = {
     apiKey = field("string", nil, nil, { secret = true, optional = true }),
