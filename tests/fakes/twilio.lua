@@ -61,7 +61,11 @@
 --   spaces around the colons and extra fields holding escaped quotes and a
 --   final backslash: JSON is JSON, whatever the order); payloads (frame
 --   number -> text written as that frame's payload string as is, JSON escapes
---   and all: what a broken or hostile sender might put there).
+--   and all: what a broken or hostile sender might put there);
+--   create_delay_ms, update_delay_ms, update_fail: as the options above, for
+--   this call only; voice_delay_ms (the voice webhook this long after the
+--   answer, as over a slow link); callback_delay_ms (each status callback
+--   sent this much later, one after the other).
 --
 -- Call flow (a task per call): initiated, ringing (not for failed), then
 --   busy/no-answer/failed, or answered: in-progress, POST (Method) the Url with
@@ -518,6 +522,9 @@ local function callback_sender(call)
     if not item or not call.tw.srv then
       return
     end
+    if call.behaviour.callback_delay_ms then
+      timer.sleep(call.behaviour.callback_delay_ms)
+    end
     item.at = now()
     item.sequence = tonumber(item.params.SequenceNumber)
     call.callbacks[#call.callbacks + 1] = item
@@ -948,6 +955,9 @@ local function run_call(call)
   if call.params.Twiml then
     body = call.params.Twiml
   else
+    if b.voice_delay_ms and not hold(call, b.voice_delay_ms) then
+      return
+    end
     body = voice_request(call)
   end
   if call.final then
@@ -1098,8 +1108,9 @@ function Fake:_create(req)
   self._queue:push(call)
   task.spawn(callback_sender, call)
   task.spawn(run_call, call)
-  if self.opts.create_delay_ms then
-    timer.sleep(self.opts.create_delay_ms)
+  local create_delay = call.behaviour.create_delay_ms or self.opts.create_delay_ms
+  if create_delay then
+    timer.sleep(create_delay)
   end
   return 201, call:resource()
 end
@@ -1122,8 +1133,9 @@ function Fake:_update(req)
   end
   local p = url.form_decode(req.body)
   call.updates[#call.updates + 1] = { params = p, at = now() }
-  if self.opts.update_fail then
-    return twilio_error(self.opts.update_fail, 20500, "Internal Server Error")
+  local fail = call.behaviour.update_fail or self.opts.update_fail
+  if fail then
+    return twilio_error(fail, 20500, "Internal Server Error")
   end
   if p.Status ~= nil then
     if p.Status ~= "completed" and p.Status ~= "canceled" then
@@ -1143,8 +1155,9 @@ function Fake:_update(req)
   elseif p.Url or p.Twiml then
     call.redirects[#call.redirects + 1] = { params = p, at = now() }
   end
-  if self.opts.update_delay_ms then
-    timer.sleep(self.opts.update_delay_ms)
+  local update_delay = call.behaviour.update_delay_ms or self.opts.update_delay_ms
+  if update_delay then
+    timer.sleep(update_delay)
   end
   return 200, call:resource()
 end
