@@ -263,6 +263,64 @@ T.test("a call whose answered callback is lost is in progress from its voice web
   end
 end, { timeout = 30000 })
 
+T.test("a call answered just as the API hangs it up gets no stream, and ends", function()
+  -- Twilio has answered, but callagent does not know yet: the answered
+  -- callback is lost and the voice webhook is on its way. The hang-up, sent
+  -- as a cancel (no effect on an answered call at Twilio), is answered late;
+  -- meanwhile the voice webhook comes.
+  local env = kit.start({
+    twilio = { behaviour = { ring_ms = 300, lost_callbacks = { answered = true }, voice_delay_ms = 600, update_delay_ms = 1000 } },
+    realtime = {
+      script = function(session)
+        session:wait_event("response.create", 5000) -- and stays silent
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550118", prompt = "Say hello." })
+  local tw = env.tw:wait_call(5000)
+  T.wait_for(function()
+    return tw.answered_at ~= nil
+  end, 3000, "Twilio to answer")
+  T.eq(env:get(id).status, "dialing", "callagent does not know yet")
+  local asked = timer.now()
+  T.eq((env:api("POST", "/v1/calls/" .. id .. "/hangup")), 202)
+  local call = env:wait_final(id, 5000)
+  T.eq(call.status, "canceled")
+  T.ok(tw.voice_request, "the voice webhook came")
+  T.wait_for(function()
+    return tw.final ~= nil
+  end, 5000, "the call over at Twilio")
+  T.eq(tw.stream_started_at, nil, "no stream after the hang-up")
+  T.lt(tw.ended_at - asked, 3000, "ended soon after the hang-up")
+end, { timeout = 20000 })
+
+T.test("a call answered while the API's cancel is on its way is hung up again, as answered", function()
+  -- The answered callback comes while Twilio's answer to the cancel is
+  -- late; the voice webhook, which would get a <Hangup/>, later still.
+  local env = kit.start({
+    twilio = { behaviour = { ring_ms = 300, callback_delay_ms = 500, voice_delay_ms = 5000, update_delay_ms = 2000 } },
+  })
+  local id = env:create({ to = "+14155550119", prompt = "Say hello." })
+  local tw = env.tw:wait_call(5000)
+  T.wait_for(function()
+    return tw.answered_at ~= nil
+  end, 3000, "Twilio to answer")
+  T.eq(env:get(id).status, "dialing", "callagent does not know yet")
+  local asked = timer.now()
+  T.eq((env:api("POST", "/v1/calls/" .. id .. "/hangup")), 202)
+  T.wait_for(function()
+    return tw.final ~= nil
+  end, 6000, "the call over at Twilio")
+  T.lt(tw.ended_at - asked, 3000, "ended soon after the hang-up, not at the voice webhook")
+  T.eq(#tw.updates, 2, "a cancel, then a hang-up")
+  T.eq(tw.updates[1].params.Status, "canceled")
+  T.eq(tw.updates[2].params.Status, "completed")
+  local call = env:wait_final(id, 5000)
+  T.eq(call.status, "completed")
+  T.eq(call.endReason, "hung_up_by_api")
+  T.eq(tw.stream_started_at, nil, "no stream")
+end, { timeout = 20000 })
+
 T.test("a dial whose answer times out while Twilio's callbacks show the call placed goes on", function()
   -- Twilio answers the create request after callagent's 2 s timeout; its
   -- callbacks (initiated, ringing) have named the call long before.
@@ -306,6 +364,29 @@ T.test("a call Twilio placed although the dial request failed is hung up at its 
   T.eq(tw.final, "canceled")
   T.eq(tw.answered_at, nil, "never answered")
 end, { timeout = 60000 })
+
+T.test("a call Twilio placed and answered although the dial request failed is hung up as answered", function()
+  -- As above, but the first callback to come is the answered one: a cancel
+  -- would not end it at Twilio, and the voice webhook is slow.
+  local env = kit.start({
+    twilio = {
+      create_delay_ms = 3000,
+      behaviour = { ring_ms = 3500, lost_callbacks = { initiated = true, ringing = true }, voice_delay_ms = 5000 },
+    },
+    config = { retry = { maxAttempts = 1 }, twilio = { requestTimeoutSec = 2 } },
+  })
+  local id = env:create({ to = "+14155550120", prompt = "Say hello." })
+  local call = env:wait_final(id, 10000)
+  T.eq(call.status, "failed")
+  local tw = env.tw.calls[1]
+  T.wait_for(function()
+    return tw.final ~= nil
+  end, 8000, "the call over at Twilio")
+  T.eq(tw.final, "completed")
+  T.ok(tw.answered_at, "answered")
+  T.lt(tw.ended_at - tw.answered_at, 2000, "hung up at its answered callback, not at the voice webhook")
+  T.eq(tw.updates[1].params.Status, "completed")
+end, { timeout = 30000 })
 
 T.test("with no final callback by the ring timeout, Twilio's API says how the call ended, or it is hung up", function()
   -- Both calls' final callbacks are lost. One was busy at Twilio; the other

@@ -357,7 +357,7 @@ function Engine:_end_stray(id, n, st, call)
   end
   self.strays[pid], self.n_strays = true, self.n_strays + 1
   log.warn("the provider has a call up for an attempt that is over: hanging it up", { call = id, attempt = n })
-  self:_end_in_task(id, { n = n, providerCallId = pid })
+  self:_end_in_task(id, { n = n, providerCallId = pid, status = st.status }) -- answered: ended as such
 end
 
 --- Applies a provider status (from mapStatus) to attempt n of a call.
@@ -431,6 +431,11 @@ function Engine:prepare_stream(id, n)
   local a = call.attempts[n]
   if not a or FINAL[a.status] or n ~= call.attempt then
     return nil, "attempt not active"
+  end
+  if call._cancel_requested then
+    -- Answered while the API's hang-up was on its way (a cancel does not
+    -- end an answered call at Twilio): the voice webhook's answer hangs up.
+    return nil, "hung up through the API"
   end
   if a.status == "dialing" then
     -- A provider asks for the call's audio only once it is answered. Its
@@ -698,12 +703,19 @@ function Engine:hangup(id)
     b:hangup("hung_up_by_api")
     return true
   end
+  local was = a and a.status
   local ok, err = self:_end_at_provider(call, a)
   if not ok then
     log.warn("provider hang-up failed", { call = id, error = err })
   end
   if a and a.status == "dialing" then
     self:_attempt_final(call, n, "canceled", "canceled by API")
+  elseif a and was == "dialing" and a.status == "in_progress" then
+    -- Answered meanwhile: what was sent to end a ringing call may not end
+    -- an answered one (Twilio's cancel does not). Ask again, as answered.
+    log.info("answered while being hung up: hanging up again", { call = id, attempt = n })
+    call._end_reason = call._end_reason or "hung_up_by_api"
+    self:_end_in_task(id, a)
   end
   return true
 end
