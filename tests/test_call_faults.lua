@@ -220,4 +220,47 @@ T.test("a callee who never speaks: the agent is told, reports no_answer, and the
   T.match(env.rt.sessions[1].silence_msg.item.content[1].text, "has not said anything")
 end, { timeout = 30000 })
 
+T.test("an answered call whose media stream never comes is hung up after 15 s and fails", function()
+  -- The voice webhook is answered, the stream never connects, and the final
+  -- callback is lost: nothing but the wait for the stream ends the attempt.
+  local env = kit.start({ twilio = { behaviour = { stream = false, lost_callbacks = { completed = true } } } })
+  local id = env:create({ to = "+14155550130", prompt = "Say hello." })
+  local tw = env.tw:wait_call(5000)
+  T.wait_for(function()
+    return tw.voice_request ~= nil
+  end, 5000, "the voice webhook")
+  local call = env:wait_final(id, 20000)
+  T.eq(call.status, "failed")
+  T.eq(call.endReason, "no_stream")
+  T.eq(call.lastError, "no media stream 15 s after the answer")
+  T.eq(#call.attempts, 1, "an answered call is not dialed again")
+  T.wait_for(function()
+    return tw.final ~= nil
+  end, 3000, "the call over at Twilio")
+  T.eq(tw.end_reason, "api", "hung up through the API")
+  T.near((tw.ended_at - tw.answered_at) / 1000, 15, 1, "15 s after the answer")
+  healthy(env)
+end, { timeout = 40000 })
+
+T.test("a call hung up through the API before its stream, with the final callback lost, ends", function()
+  -- Answered (the callback came), the voice webhook still on its way: there
+  -- is no conversation to end yet, and Twilio's completed callback is lost.
+  local env = kit.start({
+    twilio = { behaviour = { voice_delay_ms = 3000, lost_callbacks = { completed = true } } },
+  })
+  local id = env:create({ to = "+14155550131", prompt = "Say hello." })
+  env:wait(id, function(r)
+    return r.status == "in_progress"
+  end, 5000, "answered")
+  local asked = timer.now()
+  T.eq((env:api("POST", "/v1/calls/" .. id .. "/hangup")), 202)
+  local call = env:wait_final(id, 15000)
+  T.eq(call.status, "completed")
+  T.eq(call.endReason, "hung_up_by_api")
+  T.near((timer.now() - asked) / 1000, 10, 1, "10 s after the hang-up, without the provider's final status")
+  local tw = env.tw.calls[1]
+  T.eq(tw.end_reason, "api")
+  T.eq(tw.voice_request, nil, "over before the voice webhook")
+end, { timeout = 30000 })
+
 T.run()

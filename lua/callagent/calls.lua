@@ -34,6 +34,11 @@ local Engine = {}
 Engine.__index = Engine
 
 local FINAL = { completed = true, busy = true, no_answer = true, failed = true, canceled = true }
+-- An answered call's media stream comes within a second or two; one that has
+-- not come this long after the answer never will.
+local STREAM_WAIT_MS = 15000
+-- After callagent's own hang-up, how long the provider's final status may take.
+local HANGUP_WAIT_MS = 10000
 local RANK = { queued = 0, dialing = 1, in_progress = 2 }
 local function rank(s)
   return FINAL[s] and 3 or RANK[s] or 0
@@ -399,6 +404,10 @@ function Engine:provider_status(id, n, st)
     a.status = "in_progress"
     a.answeredAt = iso()
     self:_cancel_timer(id .. "#dial")
+    self.timers[id .. "#stream"] = timer.after(STREAM_WAIT_MS, function()
+      self.timers[id .. "#stream"] = nil
+      self:_no_stream(call, n)
+    end)
     local function answered()
       provider_event()
       self.store:update_attempt(id, n, { status = "in_progress", answeredAt = a.answeredAt })
@@ -417,6 +426,33 @@ function Engine:provider_status(id, n, st)
     b:finish(b.end_reason or (st.status == "completed" and "callee_hung_up") or st.status)
   end
   return self:_attempt_final(call, n, st.status, st.reason)
+end
+
+-- Answered STREAM_WAIT_MS ago, and no media stream has come: the voice
+-- webhook or the stream's connection failed. With the final callback lost
+-- too, nothing else would end the attempt. The call is hung up, and ends
+-- failed (no_stream) unless something ended it already (a hang-up).
+function Engine:_no_stream(call, n)
+  local a = call.attempts[n]
+  if not a or FINAL[a.status] or call.attempt ~= n or a._streamed then
+    return
+  end
+  local why = string.format("no media stream %d s after the answer", STREAM_WAIT_MS // 1000)
+  log.warn("no media stream came: hanging up", { call = call.id, attempt = n })
+  call._end_reason = call._end_reason or "no_stream"
+  self:_end_in_task(call.id, a)
+  self:_attempt_final(call, n, "completed", why, why)
+end
+
+-- After callagent's own hang-up of attempt n: with no final status from the
+-- provider HANGUP_WAIT_MS later, the attempt ends completed.
+function Engine:_await_final(call, n)
+  timer.after(HANGUP_WAIT_MS, function()
+    local a = call.attempts[n]
+    if call.attempt == n and a and not FINAL[a.status] then
+      self:_attempt_final(call, n, "completed", "no final status from the provider")
+    end
+  end)
 end
 
 -- Bridges ----------------------------------------------------------------------
@@ -473,6 +509,11 @@ function Engine:claim_stream(params)
   local b = self.bridges[entry.call_id .. "#" .. entry.attempt]
   if not b or b.ended or b.stream then
     return nil, "no call waiting for this stream"
+  end
+  local call = self.live[entry.call_id]
+  local a = call and call.attempts[entry.attempt]
+  if a then
+    a._streamed = true
   end
   return b
 end
@@ -561,13 +602,7 @@ function Engine:bridge_hangup(b, reason)
       end
     end
     -- If the provider never says the call ended, end it ourselves.
-    timer.sleep(10000)
-    if call.attempt == b.attempt and a and not FINAL[a.status] then
-      if not b.ended then
-        b:finish(reason)
-      end
-      self:_attempt_final(call, b.attempt, "completed", "no final status from the provider")
-    end
+    self:_await_final(call, b.attempt)
   end)
 end
 
@@ -610,7 +645,7 @@ function Engine:_attempt_final(call, n, status, reason, err)
   end
   local end_reason = call._end_reason
   -- An answered call that ends because the agent failed is a failure.
-  if status == "completed" and not call.report and (end_reason == "model_error") then
+  if status == "completed" and not call.report and (end_reason == "model_error" or end_reason == "no_stream") then
     status = "failed"
   end
   a.status = status
@@ -710,12 +745,16 @@ function Engine:hangup(id)
   end
   if a and a.status == "dialing" then
     self:_attempt_final(call, n, "canceled", "canceled by API")
-  elseif a and was == "dialing" and a.status == "in_progress" then
-    -- Answered meanwhile: what was sent to end a ringing call may not end
-    -- an answered one (Twilio's cancel does not). Ask again, as answered.
-    log.info("answered while being hung up: hanging up again", { call = id, attempt = n })
+  elseif a and a.status == "in_progress" then
+    -- Answered, with no stream yet (or meanwhile: what was sent to end a
+    -- ringing call may not end an answered one, as Twilio's cancel does not;
+    -- it is asked again, as answered).
     call._end_reason = call._end_reason or "hung_up_by_api"
-    self:_end_in_task(id, a)
+    if was == "dialing" then
+      log.info("answered while being hung up: hanging up again", { call = id, attempt = n })
+      self:_end_in_task(id, a)
+    end
+    self:_await_final(call, n)
   end
   return true
 end
