@@ -144,6 +144,30 @@ T.test("the model dropping mid-call fails the call with a clear reason and hangs
   healthy(env)
 end, { timeout = 30000 })
 
+T.test("an API hang-up after the model dropped keeps the call failed with model_error", function()
+  -- The model drops before the phone's stream has come; Twilio's completed
+  -- callback is lost, so the call is still up here when the API asks.
+  local env = kit.start({
+    twilio = { behaviour = { stream_delay_ms = 5000, lost_callbacks = { completed = true } } },
+    realtime = {
+      script = function(session)
+        session:wait_event("session.update", 5000)
+        session:drop()
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550132", prompt = "Say hello." })
+  local tw = env.tw:wait_call(5000)
+  T.wait_for(function()
+    return tw.hangup_requested_at ~= nil
+  end, 5000, "the hang-up after the model dropped")
+  T.eq((env:api("POST", "/v1/calls/" .. id .. "/hangup")), 202)
+  local call = env:wait_final(id, 15000)
+  T.eq(call.status, "failed")
+  T.eq(call.endReason, "model_error", "the first reason stays")
+  T.match(call.lastError, "model connection closed")
+end, { timeout = 30000 })
+
 T.test("a model that refuses the session (bad key) fails the call and hangs up", function()
   local env = kit.start({
     config = { openai = { apiKey = "sk-wrong-key" }, retry = { maxAttempts = 1 } },

@@ -734,7 +734,7 @@ function Engine:hangup(id)
   end
   local b = self.bridges[id .. "#" .. n]
   if b then
-    b.end_reason = "hung_up_by_api"
+    b.end_reason = b.end_reason or "hung_up_by_api" -- a reason of its own (model_error) stays
     b:hangup("hung_up_by_api")
     return true
   end
