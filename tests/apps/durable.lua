@@ -1,11 +1,24 @@
 -- A callagent app for the restart tests: Twilio and OpenAI are the test's
 -- fakes, the store is the SQLite file CA_DB; it prints "ready" when up.
+-- CA_CONFIG, a JSON object, is merged over the config below.
 local callagent = require "callagent"
 local task = require "callagent.task"
 local runtime = require "callagent.runtime"
+local json = require "callagent.json"
+
+local function merge(dst, src)
+  for k, v in pairs(src) do
+    if type(v) == "table" and type(dst[k]) == "table" then
+      merge(dst[k], v)
+    else
+      dst[k] = v
+    end
+  end
+  return dst
+end
 
 local port = assert(tonumber(os.getenv("CA_PORT")), "CA_PORT")
-local app, err = callagent.app({
+local config = {
   telephony = { provider = "twilio" },
   server = { port = port, publicBaseUrl = "http://127.0.0.1:" .. port },
   twilio = {
@@ -19,7 +32,11 @@ local app, err = callagent.app({
   retry = { maxAttempts = 3, initialDelayMs = tonumber(os.getenv("CA_RETRY_MS") or "1500"), backoffFactor = 1 },
   call = { goodbyeTimeoutSec = 2 },
   store = { backend = "sqlite", path = os.getenv("CA_DB") },
-}, { notify = { base_delay_ms = 200, attempts = 20 } })
+}
+if os.getenv("CA_CONFIG") then
+  merge(config, json.decode(os.getenv("CA_CONFIG")))
+end
+local app, err = callagent.app(config, { notify = { base_delay_ms = 200, attempts = 20 } })
 if not app then
   io.stderr:write("callagent: ", err, "\n")
   runtime.exit(1)

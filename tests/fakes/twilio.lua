@@ -65,7 +65,8 @@
 --   create_delay_ms, update_delay_ms, update_fail: as the options above, for
 --   this call only; voice_delay_ms (the voice webhook this long after the
 --   answer, as over a slow link); callback_delay_ms (each status callback
---   sent this much later, one after the other).
+--   sent this much later, one after the other); get_delay_ms (GET of the
+--   call answered this late).
 --
 -- Call flow (a task per call): initiated, ringing (not for failed), then
 --   busy/no-answer/failed, or answered: in-progress, POST (Method) the Url with
@@ -1166,6 +1167,9 @@ function Fake:_get(req)
   local call, status, body = self:_call(req)
   if not call then
     return status, body
+  end
+  if call.behaviour.get_delay_ms then
+    timer.sleep(call.behaviour.get_delay_ms) -- answered with the call as it is then
   end
   return 200, call:resource()
 end

@@ -22,6 +22,8 @@
 -- A real callagent process (tests/apps/durable.lua) against fakes of the
 -- test process, so that its log lines can be read (p.errtext()); api has
 -- the env's API methods for it (api.base, api:create, api:wait_final, ...).
+-- config: merged over the app's; hooks_url: where it notifies; port, db:
+-- given again (api.port, api.db), a second process takes over the first's.
 -- slow_model: the model's host name takes 1.5 s to resolve
 -- (tests/c/slow_dns.c), so a call's first frames come before its model
 -- connection; "fail": after those 1.5 s, the name is not found.
@@ -156,7 +158,8 @@ end
 
 function M.app_process(tw, rt, opts)
   opts = opts or {}
-  local port = T.free_port()
+  local port = opts.port or T.free_port()
+  local db = opts.db or T.tmpdir() .. "/calls.db"
   local env = {
     CA_PORT = tostring(port),
     CA_TW_SID = M.ACCOUNT,
@@ -164,8 +167,9 @@ function M.app_process(tw, rt, opts)
     CA_TW_URL = tw.url,
     CA_RT_KEY = M.API_KEY,
     CA_RT_URL = rt.url,
-    CA_HOOKS_URL = "http://127.0.0.1:9/hooks",
-    CA_DB = T.tmpdir() .. "/calls.db",
+    CA_HOOKS_URL = opts.hooks_url or "http://127.0.0.1:9/hooks",
+    CA_DB = db,
+    CA_CONFIG = opts.config and json.encode(opts.config) or nil,
   }
   if opts.slow_model then
     env.CA_RT_URL = rt.url:gsub("127%.0%.0%.1", opts.slow_model == "fail" and "model.fail.test" or "model.slow.test")
@@ -178,7 +182,7 @@ function M.app_process(tw, rt, opts)
   T.wait_for(function()
     return p.out[1] and p.out[1]:match("^ready")
   end, 10000, "the app to be ready: " .. p.errtext())
-  return p, setmetatable({ base = "http://127.0.0.1:" .. port }, Env)
+  return p, setmetatable({ base = "http://127.0.0.1:" .. port, port = port, db = db }, Env)
 end
 
 local FINAL = { completed = true, busy = true, no_answer = true, failed = true, canceled = true }
