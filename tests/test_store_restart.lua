@@ -7,6 +7,7 @@ local fetch = require "callagent.fetch"
 local json = require "callagent.json"
 local timer = require "callagent.timer"
 local task = require "callagent.task"
+local sqlite = require "callagent.sqlite"
 local fake_tw = require "fakes.twilio"
 local fake_rt = require "fakes.realtime"
 
@@ -126,6 +127,7 @@ T.test("kill -9 during a retry wait: after restart the retry fires once, at its 
   T.eq(rec.status, "completed")
   T.eq(#rec.attempts, 2)
   T.eq(#w.tw.calls, 2, "exactly one retry dialed")
+  T.match(w.tw.calls[2].params.Url, "&attempt=2$", "the attempt number an integer, as before the restart")
   T.eq(rec.report.outcome, "success")
   T.wait_for(function()
     return #w.deliveries >= 1
@@ -173,6 +175,66 @@ T.test("kill -9 during a live call: after restart the call is resolved honestly 
   timer.sleep(300)
   T.eq(#w.deliveries, 1)
   T.eq(w.deliveries[1].body.data.status, "failed")
+end, { timeout = 60000 })
+
+T.test("kill -9 while ringing, answered while the restart asks Twilio: no stream, and the call ends", function()
+  -- Twilio's answer to the restart's question comes late; meanwhile the
+  -- callee answers and the voice webhook comes. The call is being ended.
+  local w = world({
+    behaviour = { ring_ms = 1500, get_delay_ms = 1500 },
+    script = function(session)
+      session:wait_event("response.create", 5000)
+    end,
+  })
+  w.start()
+  local _, created = w.api("POST", "/v1/calls", { to = "+14155550163", prompt = "Talk." })
+  local id = created.callId
+  local tw = w.tw:wait_call(5000)
+  T.wait_for(function()
+    return tw.status == "ringing"
+  end, 3000, "ringing")
+  w.kill9()
+  w.start()
+  local rec = w.wait(id, function(r)
+    return FINAL[r.status]
+  end, 20000, "the call to be resolved")
+  T.eq(rec.status, "failed")
+  T.match(rec.endReason, "^interrupted by restart")
+  T.wait_for(function()
+    return tw.final ~= nil
+  end, 5000, "the call over at Twilio")
+  T.ok(tw.answered_at, "answered while the restart asked")
+  T.eq(tw.stream_started_at, nil, "no stream")
+  T.eq(#w.rt.sessions, 0, "no model session")
+end, { timeout = 60000 })
+
+T.test("a store whose call is dialing but its attempt is over: after restart the retry policy goes on", function()
+  -- What a kill -9 between the two writes left before they were one commit.
+  local w = world({ behaviour = { answer = "busy", ring_ms = 1000 } })
+  w.start()
+  local _, created = w.api("POST", "/v1/calls", { to = "+14155550164", prompt = "Talk." })
+  local id = created.callId
+  local tw = w.tw:wait_call(5000)
+  T.wait_for(function()
+    return tw.status == "ringing"
+  end, 3000, "ringing")
+  w.kill9()
+  T.wait_for(function()
+    return tw.final == "busy"
+  end, 5000, "busy at Twilio")
+  local db = assert(sqlite.open(w.db))
+  local doc = json.decode(assert(db:value("SELECT doc FROM attempts WHERE call_id = ? AND n = 1", id)))
+  doc.status, doc.reason, doc.endedAt = "busy", "line busy", "2026-11-26T00:00:00.000Z"
+  assert(db:run("UPDATE attempts SET doc = ? WHERE call_id = ? AND n = 1", json.encode(doc), id))
+  db:close()
+  w.start()
+  local rec = w.wait(id, function(r)
+    return FINAL[r.status]
+  end, 15000, "the call to end")
+  T.eq(rec.status, "busy")
+  T.eq(rec.endReason, "line busy")
+  T.eq(#rec.attempts, 3, "retried, as a busy attempt is")
+  T.eq(#w.tw.calls, 3)
 end, { timeout = 60000 })
 
 T.test("kill -9 between a report and its notification: after restart it is delivered, once", function()

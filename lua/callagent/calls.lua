@@ -39,6 +39,12 @@ local FINAL = { completed = true, busy = true, no_answer = true, failed = true, 
 local STREAM_WAIT_MS = 15000
 -- After callagent's own hang-up, how long the provider's final status may take.
 local HANGUP_WAIT_MS = 10000
+-- An end reason that makes an answered call without a report a failure:
+-- the agent could not carry it out.
+local function agent_failed(reason)
+  return reason == "model_error" or reason == "no_stream"
+    or type(reason) == "string" and reason:find("^interrupted by restart") ~= nil
+end
 local RANK = { queued = 0, dialing = 1, in_progress = 2 }
 local function rank(s)
   return FINAL[s] and 3 or RANK[s] or 0
@@ -468,9 +474,14 @@ function Engine:prepare_stream(id, n)
   if not a or FINAL[a.status] or n ~= call.attempt then
     return nil, "attempt not active"
   end
-  if call._cancel_requested then
-    -- Answered while the API's hang-up was on its way (a cancel does not
-    -- end an answered call at Twilio): the voice webhook's answer hangs up.
+  if call._cancel_requested or call._resolving then
+    -- Answered while the API's hang-up (or the one of a call interrupted by
+    -- a restart) was on its way (a cancel does not end an answered call at
+    -- Twilio): the voice webhook's answer hangs up.
+    if call._resolving then
+      call._end_reason = call._end_reason or "interrupted by restart"
+      return nil, "interrupted by restart"
+    end
     return nil, "hung up through the API"
   end
   if a.status == "dialing" then
@@ -645,20 +656,34 @@ function Engine:_attempt_final(call, n, status, reason, err)
   end
   local end_reason = call._end_reason
   -- An answered call that ends because the agent failed is a failure.
-  if status == "completed" and not call.report and (end_reason == "model_error" or end_reason == "no_stream") then
+  if status == "completed" and not call.report and agent_failed(end_reason) then
     status = "failed"
   end
   a.status = status
   a.endedAt = iso()
   a.reason = end_reason or reason
-  self.store:update_attempt(call.id, n, { status = status, endedAt = a.endedAt, reason = a.reason })
+  -- Written with the call's next state (queued or final), in one commit: a
+  -- crash between the two left a call dialing with its attempt over.
+  local function write_attempt()
+    self.store:update_attempt(call.id, n, { status = status, endedAt = a.endedAt, reason = a.reason })
+  end
   self:_cancel_timer(call.id .. "#dial")
   log.info("attempt ended", { call = call.id, attempt = n, status = status, reason = a.reason })
   if err then
     call.lastError = err
     self:_save(call, { lastError = err })
   end
+  return self:_after_attempt(call, n, status, answered, reason, write_attempt)
+end
+
+-- After attempt n ended with status: a retry, or the call's end, by the
+-- retry policy. also: store writes that commit with the call's next state.
+function Engine:_after_attempt(call, n, status, answered, reason, also)
+  local end_reason = call._end_reason
   if call.status == "canceled" then
+    if also then
+      also()
+    end
     return true
   end
   local r = self.config.retry
@@ -675,6 +700,9 @@ function Engine:_attempt_final(call, n, status, reason, err)
     local due = core.time() + delay / 1000
     call._end_reason = nil
     self:_set_status(call, "queued", { nextAttemptAt = iso(due) }, function()
+      if also then
+        also()
+      end
       self.store:set_retry(call.id, due)
     end)
     log.info("retrying later", { call = call.id, after_ms = delay, next_attempt = n + 1 })
@@ -690,11 +718,15 @@ function Engine:_attempt_final(call, n, status, reason, err)
   if call._cancel_requested and not answered then
     final = "canceled"
   end
-  return self:_finish(call, final, end_reason or (answered and status == "completed" and "completed") or reason)
+  return self:_finish(call, final, end_reason or (answered and status == "completed" and "completed") or reason, also)
 end
 
-function Engine:_finish(call, status, reason)
+-- also: more store writes that commit with the final status.
+function Engine:_finish(call, status, reason, also)
   if FINAL[call.status] then
+    if also then
+      also()
+    end
     return false
   end
   if call.status == "in_progress" and status == "completed" and not call.report and reason == "completed" then
@@ -702,6 +734,9 @@ function Engine:_finish(call, status, reason)
   end
   call.endReason = reason
   self:_set_status(call, status, { completedAt = iso(), endReason = reason or store_mod.NULL }, function()
+    if also then
+      also()
+    end
     self.store:clear_retry(call.id)
   end)
   self.live[call.id] = nil
@@ -772,6 +807,14 @@ function Engine:_resolve_interrupted(call)
   if not a then
     return self:_finish(call, "failed", why)
   end
+  if FINAL[a.status] then
+    -- Its attempt had ended, but not the call (a store from before the two
+    -- were written in one commit): the retry policy decides, as it would have.
+    return self:_after_attempt(call, n, a.status, a.answeredAt ~= nil, a.reason)
+  end
+  -- No stream for it now: a voice webhook that comes while the vendor is
+  -- asked is answered with a hang-up.
+  call._resolving = true
   local seen
   if a.providerCallId and self.provider.getCall then
     local st, err = self.provider:getCall(a.providerCallId)
@@ -782,8 +825,10 @@ function Engine:_resolve_interrupted(call)
     end
   end
   if seen and ALIVE[seen] then
-    -- Still up at the vendor, but its audio had nowhere to go: end it.
-    self.provider:endCall(self:call_view(call.id), a)
+    -- Still up at the vendor, but its audio had nowhere to go: end it (as
+    -- answered, if the vendor or a callback since says so).
+    local answered = (seen == "in_progress" or a.status == "in_progress") and "in_progress" or a.status
+    self.provider:endCall(self:call_view(call.id), { n = n, providerCallId = a.providerCallId, status = answered })
     why = why .. " (the call was still up: hung up)"
   elseif seen and seen ~= "completed" then
     -- It ended unanswered while we were down: the usual rules (retries) apply.
@@ -811,8 +856,12 @@ function Engine:recover()
   end
   local counts = { retries = 0, dialed = 0, resolved = 0 }
   for _, call in ipairs(active) do
+    -- Numbers come back from the store's JSON as floats (1.0): keys such
+    -- as id .. "#" .. n need the integers.
+    call.attempt = math.tointeger(call.attempt) or call.attempt
     local attempts = {}
     for _, a in ipairs(call.attempts or {}) do
+      a.n = math.tointeger(a.n) or a.n
       attempts[a.n] = a
     end
     call.attempts = attempts
