@@ -29,6 +29,16 @@ local function between(lo, hi)
   return math.random(lo, hi)
 end
 
+-- Delays a dial may have: behaviour field, how often, range in ms.
+local SOMETIMES = {
+  { "create_delay_ms", 0.25, 0, 1600 }, -- past the 1 s request timeout now and then
+  { "stream_delay_ms", 0.2, 0, 600 },
+  { "hangup_after_ms", 0.3, 100, 3000 }, -- the callee hangs up
+  { "update_delay_ms", 0.2, 0, 800 },
+  { "voice_delay_ms", 0.2, 0, 800 },
+  { "callback_delay_ms", 0.2, 0, 300 },
+}
+
 -- What Twilio does with one dial.
 local function dial_plan()
   local r = math.random()
@@ -38,8 +48,10 @@ local function dial_plan()
     ringing_ms = between(0, 200),
     ring_ms = between(20, 800),
   }
-  if chance(0.25) then
-    b.create_delay_ms = between(0, 1600) -- past the 1 s request timeout now and then
+  for _, o in ipairs(SOMETIMES) do
+    if chance(o[2]) then
+      b[o[1]] = between(o[3], o[4])
+    end
   end
   if chance(0.2) then
     b.callbacks_out_of_order = true
@@ -49,21 +61,6 @@ local function dial_plan()
       b.lost_callbacks = b.lost_callbacks or {}
       b.lost_callbacks[ev] = true
     end
-  end
-  if chance(0.2) then
-    b.stream_delay_ms = between(0, 600)
-  end
-  if chance(0.3) then
-    b.hangup_after_ms = between(100, 3000)
-  end
-  if chance(0.2) then
-    b.update_delay_ms = between(0, 800)
-  end
-  if chance(0.2) then
-    b.voice_delay_ms = between(0, 800)
-  end
-  if chance(0.2) then
-    b.callback_delay_ms = between(0, 300)
   end
   if chance(0.05) then
     b.update_fail = 503

@@ -258,9 +258,7 @@ T.test("an answered call whose media stream never comes is hung up after 15 s an
   T.eq(call.endReason, "no_stream")
   T.eq(call.lastError, "no media stream 15 s after the answer")
   T.eq(#call.attempts, 1, "an answered call is not dialed again")
-  T.wait_for(function()
-    return tw.final ~= nil
-  end, 3000, "the call over at Twilio")
+  assert(tw:wait_final(3000), "the call over at Twilio")
   T.eq(tw.end_reason, "api", "hung up through the API")
   T.near((tw.ended_at - tw.answered_at) / 1000, 15, 1, "15 s after the answer")
   healthy(env)

@@ -190,9 +190,7 @@ T.test("kill -9 while ringing, answered while the restart asks Twilio: no stream
   local _, created = w.api("POST", "/v1/calls", { to = "+14155550163", prompt = "Talk." })
   local id = created.callId
   local tw = w.tw:wait_call(5000)
-  T.wait_for(function()
-    return tw.status == "ringing"
-  end, 3000, "ringing")
+  assert(tw:wait_status("ringing", 3000), "ringing")
   w.kill9()
   w.start()
   local rec = w.wait(id, function(r)
@@ -200,9 +198,7 @@ T.test("kill -9 while ringing, answered while the restart asks Twilio: no stream
   end, 20000, "the call to be resolved")
   T.eq(rec.status, "failed")
   T.match(rec.endReason, "^interrupted by restart")
-  T.wait_for(function()
-    return tw.final ~= nil
-  end, 5000, "the call over at Twilio")
+  assert(tw:wait_final(5000), "the call over at Twilio")
   T.ok(tw.answered_at, "answered while the restart asked")
   T.eq(tw.stream_started_at, nil, "no stream")
   T.eq(#w.rt.sessions, 0, "no model session")
@@ -215,13 +211,9 @@ T.test("a store whose call is dialing but its attempt is over: after restart the
   local _, created = w.api("POST", "/v1/calls", { to = "+14155550164", prompt = "Talk." })
   local id = created.callId
   local tw = w.tw:wait_call(5000)
-  T.wait_for(function()
-    return tw.status == "ringing"
-  end, 3000, "ringing")
+  assert(tw:wait_status("ringing", 3000), "ringing")
   w.kill9()
-  T.wait_for(function()
-    return tw.final == "busy"
-  end, 5000, "busy at Twilio")
+  assert(tw:wait_status("busy", 5000), "busy at Twilio")
   local db = assert(sqlite.open(w.db))
   local doc = json.decode(assert(db:value("SELECT doc FROM attempts WHERE call_id = ? AND n = 1", id)))
   doc.status, doc.reason, doc.endedAt = "busy", "line busy", "2026-11-26T00:00:00.000Z"

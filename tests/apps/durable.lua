@@ -1,21 +1,10 @@
 -- A callagent app for the restart tests: Twilio and OpenAI are the test's
 -- fakes, the store is the SQLite file CA_DB; it prints "ready" when up.
--- CA_CONFIG, a JSON object, is merged over the config below.
+-- CA_CONFIG, a JSON object of sections, sets keys of the config below.
 local callagent = require "callagent"
 local task = require "callagent.task"
 local runtime = require "callagent.runtime"
 local json = require "callagent.json"
-
-local function merge(dst, src)
-  for k, v in pairs(src) do
-    if type(v) == "table" and type(dst[k]) == "table" then
-      merge(dst[k], v)
-    else
-      dst[k] = v
-    end
-  end
-  return dst
-end
 
 local port = assert(tonumber(os.getenv("CA_PORT")), "CA_PORT")
 local config = {
@@ -33,8 +22,12 @@ local config = {
   call = { goodbyeTimeoutSec = 2 },
   store = { backend = "sqlite", path = os.getenv("CA_DB") },
 }
-if os.getenv("CA_CONFIG") then
-  merge(config, json.decode(os.getenv("CA_CONFIG")))
+-- CA_CONFIG's keys, section by section.
+for section, fields in pairs(os.getenv("CA_CONFIG") and json.decode(os.getenv("CA_CONFIG")) or {}) do
+  config[section] = config[section] or {}
+  for k, v in pairs(fields) do
+    config[section][k] = v
+  end
 end
 local app, err = callagent.app(config, { notify = { base_delay_ms = 200, attempts = 20 } })
 if not app then

@@ -110,6 +110,7 @@
 --   call:wait_status(status, [timeout_ms])   once status was reached
 --   call:wait_stream([timeout_ms])           once `start` was sent
 --   call:wait_received_audio(bytes, [timeout_ms])
+--   call:wait_final([timeout_ms])    once the call is over at Twilio (final)
 --   call:wait_closed([timeout_ms])   the call is over: final status, stream
 --                                    closed, final callback delivered
 --   Each returns a true value, or nil, "ETIMEDOUT" / "ECLOSED" (over, and the
@@ -645,6 +646,12 @@ end
 function Call:wait_received_audio(bytes, timeout_ms)
   return wait_for(self, function()
     return self.received_bytes >= bytes and self.received_bytes
+  end, timeout_ms)
+end
+
+function Call:wait_final(timeout_ms)
+  return wait_for(self, function()
+    return self.final ~= nil
   end, timeout_ms)
 end
 
