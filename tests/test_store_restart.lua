@@ -15,6 +15,8 @@ local SID = "AC" .. string.rep("b2", 16)
 local TOKEN = "tw-token-restart-tests"
 local KEY = "sk-restart-tests"
 
+local FINAL = { completed = true, busy = true, no_answer = true, failed = true, canceled = true }
+
 -- The outside world for one test, and a way to (re)start the app on one db and port.
 local function world(opts)
   opts = opts or {}
@@ -89,10 +91,18 @@ local function world(opts)
     end, ms or 10000, what)
     return rec
   end
+  function w.wait_final(id, ms)
+    return w.wait(id, function(r)
+      return FINAL[r.status]
+    end, ms, "the call to end")
+  end
+  function w.create(to, prompt)
+    local status, created = w.api("POST", "/v1/calls", { to = to, prompt = prompt or "Talk." })
+    assert(status == 201, "POST /v1/calls answered " .. tostring(status))
+    return created.callId
+  end
   return w
 end
-
-local FINAL = { completed = true, busy = true, no_answer = true, failed = true, canceled = true }
 
 local function report_script(session)
   assert(session:wait_event("response.create", 5000))
@@ -121,9 +131,7 @@ T.test("kill -9 during a retry wait: after restart the retry fires once, at its 
   T.eq(waiting.attempts[1].status, "busy")
   w.kill9()
   w.start()
-  local rec = w.wait(id, function(r)
-    return FINAL[r.status]
-  end, 20000, "the call to end")
+  local rec = w.wait_final(id, 20000)
   T.eq(rec.status, "completed")
   T.eq(#rec.attempts, 2)
   T.eq(#w.tw.calls, 2, "exactly one retry dialed")
@@ -153,17 +161,14 @@ T.test("kill -9 during a live call: after restart the call is resolved honestly 
     end,
   })
   w.start()
-  local _, created = w.api("POST", "/v1/calls", { to = "+14155550161", prompt = "Talk." })
-  local id = created.callId
+  local id = w.create("+14155550161", "Talk.")
   w.wait(id, function(r)
     return r.status == "in_progress"
   end, 10000, "in progress")
   timer.sleep(500)
   w.kill9()
   w.start()
-  local rec = w.wait(id, function(r)
-    return FINAL[r.status]
-  end, 20000, "the call to be resolved")
+  local rec = w.wait_final(id, 20000)
   T.eq(rec.status, "failed")
   T.match(rec.lastError, "^interrupted by restart")
   T.match(rec.endReason, "^interrupted by restart")
@@ -187,15 +192,12 @@ T.test("kill -9 while ringing, answered while the restart asks Twilio: no stream
     end,
   })
   w.start()
-  local _, created = w.api("POST", "/v1/calls", { to = "+14155550163", prompt = "Talk." })
-  local id = created.callId
+  local id = w.create("+14155550163", "Talk.")
   local tw = w.tw:wait_call(5000)
   assert(tw:wait_status("ringing", 3000), "ringing")
   w.kill9()
   w.start()
-  local rec = w.wait(id, function(r)
-    return FINAL[r.status]
-  end, 20000, "the call to be resolved")
+  local rec = w.wait_final(id, 20000)
   T.eq(rec.status, "failed")
   T.match(rec.endReason, "^interrupted by restart")
   assert(tw:wait_final(5000), "the call over at Twilio")
@@ -208,8 +210,7 @@ T.test("a store whose call is dialing but its attempt is over: after restart the
   -- What a kill -9 between the two writes left before they were one commit.
   local w = world({ behaviour = { answer = "busy", ring_ms = 1000 } })
   w.start()
-  local _, created = w.api("POST", "/v1/calls", { to = "+14155550164", prompt = "Talk." })
-  local id = created.callId
+  local id = w.create("+14155550164", "Talk.")
   local tw = w.tw:wait_call(5000)
   assert(tw:wait_status("ringing", 3000), "ringing")
   w.kill9()
@@ -220,9 +221,7 @@ T.test("a store whose call is dialing but its attempt is over: after restart the
   assert(db:run("UPDATE attempts SET doc = ? WHERE call_id = ? AND n = 1", json.encode(doc), id))
   db:close()
   w.start()
-  local rec = w.wait(id, function(r)
-    return FINAL[r.status]
-  end, 15000, "the call to end")
+  local rec = w.wait_final(id, 15000)
   T.eq(rec.status, "busy")
   T.eq(rec.endReason, "line busy")
   T.eq(#rec.attempts, 3, "retried, as a busy attempt is")
@@ -232,8 +231,7 @@ end, { timeout = 60000 })
 T.test("kill -9 between a report and its notification: after restart it is delivered, once", function()
   local w = world({ script = report_script, hold_first = true })
   w.start()
-  local _, created = w.api("POST", "/v1/calls", { to = "+14155550162", prompt = "Report." })
-  local id = created.callId
+  local id = w.create("+14155550162", "Report.")
   T.wait_for(function()
     return #w.requests >= 1
   end, 20000, "the first notification attempt (held)")
