@@ -396,7 +396,13 @@ T.test("the same, with callagent killed (kill -9) at a random moment and started
   local rt = assert(fake_realtime.start({ api_key = kit.API_KEY, script = script(plan) }))
   local deliveries = {}
   local hooks = http.server({ headers = { "idempotency-key" } })
+  -- The receiver is busy now and then (503): those are sent again.
+  local requests = 0
   hooks:post("/hooks/agent", function(req)
+    requests = requests + 1
+    if requests % 5 == 0 then
+      return 503, { error = "busy" }
+    end
     local body = req:json() or {}
     local data = type(body.data) == "table" and body.data or {}
     deliveries[#deliveries + 1] = { callId = data.callId, status = data.status, key = req.headers["idempotency-key"] }
@@ -421,6 +427,9 @@ T.test("the same, with callagent killed (kill -9) at a random moment and started
   local restarted = timer.now()
   T.diag(string.format("killed %.0f ms after the first call was created, up again %.0f ms later", killed - started,
     restarted - killed))
+  T.defer(function()
+    T.diag(string.format("%d notifications, %d refused with 503 and sent again", #deliveries, requests - #deliveries))
+  end)
   check({
     api = api,
     tw = tw,
