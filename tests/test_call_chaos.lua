@@ -197,6 +197,7 @@ end
 --   log: the log lines to look for Lua errors in
 --   at_least_once: a kill may cut a delivery short, so it may come twice
 --   spared(i): the call's hang-up timing is not checked (a kill in its way)
+--   dials_after: only Twilio calls created after this are checked for streams
 local function check(c)
   local plan, ids, tw = c.plan, c.ids, c.tw
   -- Every call ends with its record. The slowest way: a lost final callback
@@ -298,6 +299,17 @@ local function check(c)
     end
     if rec.status == "completed" then
       T.ok(answered, what .. ": completed only if Twilio answered")
+    end
+    -- An answered dial gets its stream, unless the API hung the call up or
+    -- the dial request failed (timed out: the attempt is over). In the
+    -- restart test, for the dials of the second process.
+    for n, call in ipairs(placed) do
+      local d = p.dials[n] or {}
+      local vr = call.voice_request
+      if vr and vr.status == 200 and call.created_at > (c.dials_after or 0) and not c.hung_up[i]
+        and (d.create_delay_ms or 0) < 900 then
+        T.ok(call.twiml and call.twiml.stream, what .. ": attempt " .. n .. "'s voice webhook gave a stream")
+      end
     end
     if rec.report then
       T.eq(rec.status, "completed", what .. ": a reported call is completed")
@@ -441,6 +453,7 @@ T.test("the same, with callagent killed (kill -9) at a random moment and started
       return deliveries
     end,
     at_least_once = true,
+    dials_after = restarted,
     -- A hang-up asked for shortly before the kill may wait for the restart.
     spared = function(asked)
       return asked > killed - 5000 and asked < restarted + 1000

@@ -206,6 +206,30 @@ T.test("kill -9 while ringing, answered while the restart asks Twilio: no stream
   T.eq(#w.rt.sessions, 0, "no model session")
 end, { timeout = 60000 })
 
+T.test("kill -9 while ringing: after restart the call is hung up, and its retry talks", function()
+  local n = 0
+  local w = world({
+    behaviour = function()
+      n = n + 1
+      return n == 1 and { ring_ms = 60000 } or "answer"
+    end,
+    script = report_script,
+    retry_ms = 500,
+  })
+  w.start()
+  local id = w.create("+14155550165")
+  local tw = w.tw:wait_call(5000)
+  assert(tw:wait_status("ringing", 3000), "ringing")
+  w.kill9()
+  w.start()
+  local rec = w.wait_final(id, 20000)
+  T.eq(rec.status, "completed", "the retry reached the callee and the agent: " .. json.encode(rec))
+  T.eq(rec.report and rec.report.outcome, "success")
+  T.eq(#rec.attempts, 2)
+  T.match(rec.attempts[1].reason, "^interrupted by restart")
+  T.eq(tw.final, "canceled", "the ringing call was hung up")
+end, { timeout = 60000 })
+
 T.test("a store whose call is dialing but its attempt is over: after restart the retry policy goes on", function()
   -- What a kill -9 between the two writes left before they were one commit.
   local w = world({ behaviour = { answer = "busy", ring_ms = 1000 } })

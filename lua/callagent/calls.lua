@@ -824,11 +824,15 @@ function Engine:_resolve_interrupted(call)
       log.warn("cannot ask the provider about an interrupted call", { call = call.id, error = err })
     end
   end
+  call._resolving = nil -- decided below; a retry's attempt gets its stream
+  local up
   if seen and ALIVE[seen] then
     -- Still up at the vendor, but its audio had nowhere to go: end it (as
-    -- answered, if the vendor or a callback since says so).
+    -- answered, if the vendor or a callback since says so), once the attempt
+    -- has ended here: the vendor's final status for our own hang-up
+    -- (canceled) is not the call's.
     local answered = (seen == "in_progress" or a.status == "in_progress") and "in_progress" or a.status
-    self.provider:endCall(self:call_view(call.id), { n = n, providerCallId = a.providerCallId, status = answered })
+    up = { n = n, providerCallId = a.providerCallId, status = answered }
     why = why .. " (the call was still up: hung up)"
   elseif seen and seen ~= "completed" then
     -- It ended unanswered while we were down: the usual rules (retries) apply.
@@ -842,7 +846,11 @@ function Engine:_resolve_interrupted(call)
     self:_save(call, { lastError = why })
   end
   -- Answered attempts end the call; unanswered ones follow the retry policy.
-  return self:_attempt_final(call, n, call.report and "completed" or "failed", why)
+  local ok = self:_attempt_final(call, n, call.report and "completed" or "failed", why)
+  if up then
+    self:_end_in_task(call.id, up)
+  end
+  return ok
 end
 
 --- Picks up where the last run stopped: due and overdue retries are
