@@ -148,7 +148,7 @@ local LUA_ERROR = { "attempt to ", "stack traceback", "%.lua:%d+:" }
 local CONFIG = {
   twilio = { requestTimeoutSec = 1 },
   retry = { maxAttempts = 2, initialDelayMs = 100, backoffFactor = 1 },
-  call = { ringTimeoutSec = 1, maxDurationSec = 8, wrapUpSec = 2, goodbyeTimeoutSec = 2, silenceTimeoutSec = 5 },
+  call = { ringTimeoutSec = 1, statusGraceSec = 5, maxDurationSec = 8, wrapUpSec = 2, goodbyeTimeoutSec = 2, silenceTimeoutSec = 5 },
 }
 
 -- The plans of n calls, indexed by number too, and Twilio's behaviour for
@@ -201,7 +201,7 @@ end
 local function check(c)
   local plan, ids, tw = c.plan, c.ids, c.tw
   -- Every call ends with its record. The slowest way: a lost final callback
-  -- on both dials, each waiting out the ring timeout (1 + 30 s).
+  -- on both dials, each waiting out the ring timeout (1 + 5 s).
   local records = {}
   for i, id in ipairs(ids) do
     local rec

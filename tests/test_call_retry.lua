@@ -380,7 +380,7 @@ end, { timeout = 30000 })
 
 T.test("with no final callback by the ring timeout, Twilio's API says how the call ended, or it is hung up", function()
   -- Both calls' final callbacks are lost. One was busy at Twilio; the other
-  -- still rings there when callagent's ring timeout (1 + 30 s) comes.
+  -- still rings there when callagent's ring timeout (1 + 2 s) comes.
   local env = kit.start({
     twilio = {
       behaviour = function(call)
@@ -390,11 +390,11 @@ T.test("with no final callback by the ring timeout, Twilio's API says how the ca
         return { ring_ms = 60000, lost_callbacks = { completed = true } }
       end,
     },
-    config = { retry = { maxAttempts = 1 }, call = { ringTimeoutSec = 1 } },
+    config = { retry = { maxAttempts = 1 }, call = { ringTimeoutSec = 1, statusGraceSec = 2 } },
   })
   local busy_id = env:create({ to = "+14155550121", prompt = "Say hello." })
   local ringing_id = env:create({ to = "+14155550122", prompt = "Say hello." })
-  local busy = env:wait_final(busy_id, 40000)
+  local busy = env:wait_final(busy_id, 10000)
   T.eq(busy.status, "busy", "Twilio's API said busy")
   T.match(busy.attempts[1].reason, "no final status callback")
   local ringing = env:wait_final(ringing_id, 10000)

@@ -24,6 +24,7 @@ T.test("the seed's example config is accepted as is, with defaults filled in", f
   T.eq(cfg.server.publicBaseUrl, "https://example.ngrok.app", "trailing slash trimmed")
   T.eq(cfg.twilio.apiBaseUrl, "https://api.twilio.com")
   T.eq(cfg.twilio.requestTimeoutSec, 15)
+  T.eq(cfg.call.statusGraceSec, 30)
   T.eq(cfg.openai.realtimeUrl, "wss://api.openai.com/v1/realtime")
   T.eq(cfg.call.maxDurationSec, 600)
   T.eq(cfg.retry.retryStatuses, { "busy", "no_answer", "failed" })

@@ -260,7 +260,7 @@ function Engine:dial(id)
     self:_save(call, { hint = res.userHint })
   end
   -- A safety net for providers that never report the end of ringing.
-  local limit = (self.config.call.ringTimeoutSec + 30) * 1000
+  local limit = (self.config.call.ringTimeoutSec + self.config.call.statusGraceSec) * 1000
   self.timers[id .. "#dial"] = timer.after(limit, function()
     self.timers[id .. "#dial"] = nil
     local a = call.attempts[n]
@@ -271,7 +271,8 @@ function Engine:dial(id)
   return true
 end
 
--- No answer and no final status call.ringTimeoutSec + 30 s after dialing:
+-- No answer and no final status call.ringTimeoutSec + call.statusGraceSec
+-- (30) s after dialing:
 -- the final callback may have been lost (the vendor ends an unanswered call
 -- at its ring timeout). The vendor's API, where it has one, says how the call
 -- ended; if it cannot, or the call still rings, it is hung up as no_answer.

@@ -34,6 +34,8 @@
 --   tunnel.ngrokApiUrl      ["http://127.0.0.1:4040"]: ngrok's local API, used
 --                           when ngrok does not log its own web address
 --   call.maxDurationSec [600]  call.ringTimeoutSec [30]  call.silenceTimeoutSec [30]
+--   call.statusGraceSec [30]: how long after the ring time an unanswered call
+--   waits for the provider's final status before asking its API
 --   call.goodbyeTimeoutSec [8]: how long the goodbye after report_call may take
 --   call.wrapUpSec [20]: after asking the agent to wrap up (time is up, or the
 --   callee is silent), how long it has to report before the call is hung up
@@ -185,6 +187,7 @@ local SCHEMA = {
   call = {
     maxDurationSec = field("integer", 600, range(1, 4 * 3600)),
     ringTimeoutSec = field("integer", 30, range(1, 600)),
+    statusGraceSec = field("integer", 30, range(1, 600)),
     silenceTimeoutSec = field("integer", 30, range(1, 3600)),
     goodbyeTimeoutSec = field("integer", 8, range(0, 60)),
     wrapUpSec = field("integer", 20, range(1, 600)),
