@@ -246,8 +246,10 @@ local function check(c)
   for i, id in ipairs(ids) do
     by_id[id] = i
   end
-  T.wait_for(function()
-    local seen, n = {}, 0
+  local seen
+  local all = pcall(T.wait_for, function()
+    local n = 0
+    seen = {}
     for _, d in ipairs(c.deliveries()) do
       if not seen[d.callId] then
         seen[d.callId], n = true, n + 1
@@ -255,6 +257,20 @@ local function check(c)
     end
     return n >= #ids
   end, 15000, "a notification per call")
+  if not all then
+    for i, id in ipairs(ids) do
+      if not seen[id] then
+        local related = {}
+        for _, line in ipairs(c.log()) do
+          if line:find(id, 1, true) then
+            related[#related + 1] = line
+          end
+        end
+        T.ok(false, string.format("call %d not notified; record: %s; plan: %s; log:\n%s", i, json.encode(records[i]),
+          describe(plan[i]), table.concat(related, "\n")))
+      end
+    end
+  end
   timer.sleep(300) -- a second one would come now
   local notified = {}
   for _, d in ipairs(c.deliveries()) do

@@ -179,8 +179,8 @@ T.test("the engine writes a status change with its event and attempt rows in one
     "answered: the vendor's event, the attempt, the record, the status event")
   T.eq(group(function(w)
     return w.op == "update_call" and w.args[2].status == "completed"
-  end), { "update_attempt:1", "clear_retry:nil", "update_call:completed", "add_event:status" },
-    "final: the attempt's end and the retry cleared with the status")
+  end), { "update_attempt:1", "clear_retry:nil", "add_notification:" .. id, "update_call:completed", "add_event:status" },
+    "final: the attempt's end, the retry cleared and the notification recorded with the status")
   for _, w in ipairs(recording.writes) do
     T.ok(w.op ~= "clear_retry" or w.batch, "clear_retry only with a status change")
   end

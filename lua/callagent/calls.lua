@@ -734,11 +734,17 @@ function Engine:_finish(call, status, reason, also)
     reason = "callee_hung_up"
   end
   call.endReason = reason
+  local note_key, note_body
   self:_set_status(call, status, { completedAt = iso(), endReason = reason or store_mod.NULL }, function()
     if also then
       also()
     end
     self.store:clear_retry(call.id)
+    -- The notification is recorded in the same commit: a stop between the
+    -- two left a final call that was never notified.
+    if self.notifier then
+      note_key, note_body = self.notifier:record(self:call_view(call.id))
+    end
   end)
   self.live[call.id] = nil
   for key in pairs(self.timers) do
@@ -748,8 +754,8 @@ function Engine:_finish(call, status, reason, also)
   end
   local view = self:call_view(call.id)
   self.emit("ended", view)
-  if self.notifier then
-    self.notifier:call_ended(view)
+  if note_key then
+    self.notifier:send(note_key, note_body)
   end
   return true
 end

@@ -9,7 +9,8 @@
 -- Sent once per call, on its final state, from a task of its own: it never
 -- blocks or breaks the call. Network errors and 5xx answers are retried with
 -- backoff (1 s, 2 s, 4 s ... up to `attempts` tries); 4xx (but 429) are a
--- final no. Every notification is recorded in the store first, so one not yet
+-- final no. Every notification is recorded in the store first (record, in
+-- the commit of the call's final status), so one not yet
 -- delivered - cut short by a restart, or out of tries - is sent again after a
 -- restart, but never one the receiver refused; the Idempotency-Key lets the
 -- receiver drop duplicates.
@@ -83,16 +84,20 @@ function Notifier:enabled()
 end
 
 --- The call reached its final state: record the notification, then send it.
-function Notifier:call_ended(view)
+--- Records the notification of a call's end without sending it: the engine
+-- does this in the commit of the final status, so that a stop between the
+-- two cannot lose it. Returns what send takes, or nil (notifications off,
+-- or already recorded).
+function Notifier:record(view)
   if not self:enabled() then
-    return
+    return nil
   end
   local key = view.callId .. ":" .. view.status
   local body = json.encode(M.payload(self.cfg, view))
   if self.store:add_notification(key, view.callId, body) == false then
-    return -- already recorded (sent or pending)
+    return nil -- already recorded (sent or pending)
   end
-  self:send(key, body)
+  return key, body
 end
 
 --- Sends (again) a recorded notification, retrying in the background.
