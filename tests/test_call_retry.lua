@@ -263,6 +263,19 @@ T.test("a call whose answered callback is lost is in progress from its voice web
   end
 end, { timeout = 30000 })
 
+-- Creates a call and hangs it up through the API as soon as Twilio has
+-- answered, callagent not knowing yet: the call id, Twilio's call, and when
+-- the hang-up was asked for.
+local function hang_up_at_answer(env, to)
+  local id = env:create({ to = to, prompt = "Say hello." })
+  local tw = env.tw:wait_call(5000)
+  assert(tw:wait_status("in-progress", 3000), "Twilio to answer")
+  T.eq(env:get(id).status, "dialing", "callagent does not know yet")
+  local asked = timer.now()
+  T.eq((env:api("POST", "/v1/calls/" .. id .. "/hangup")), 202)
+  return id, tw, asked
+end
+
 T.test("a call answered just as the API hangs it up gets no stream, and ends", function()
   -- Twilio has answered, but callagent does not know yet: the answered
   -- callback is lost and the voice webhook is on its way. The hang-up, sent
@@ -276,12 +289,7 @@ T.test("a call answered just as the API hangs it up gets no stream, and ends", f
       end,
     },
   })
-  local id = env:create({ to = "+14155550118", prompt = "Say hello." })
-  local tw = env.tw:wait_call(5000)
-  assert(tw:wait_status("in-progress", 3000), "Twilio to answer")
-  T.eq(env:get(id).status, "dialing", "callagent does not know yet")
-  local asked = timer.now()
-  T.eq((env:api("POST", "/v1/calls/" .. id .. "/hangup")), 202)
+  local id, tw, asked = hang_up_at_answer(env, "+14155550118")
   local call = env:wait_final(id, 5000)
   T.eq(call.status, "canceled")
   T.ok(tw.voice_request, "the voice webhook came")
@@ -296,12 +304,7 @@ T.test("a call answered while the API's cancel is on its way is hung up again, a
   local env = kit.start({
     twilio = { behaviour = { ring_ms = 300, callback_delay_ms = 500, voice_delay_ms = 5000, update_delay_ms = 2000 } },
   })
-  local id = env:create({ to = "+14155550119", prompt = "Say hello." })
-  local tw = env.tw:wait_call(5000)
-  assert(tw:wait_status("in-progress", 3000), "Twilio to answer")
-  T.eq(env:get(id).status, "dialing", "callagent does not know yet")
-  local asked = timer.now()
-  T.eq((env:api("POST", "/v1/calls/" .. id .. "/hangup")), 202)
+  local id, tw, asked = hang_up_at_answer(env, "+14155550119")
   assert(tw:wait_final(6000), "the call over at Twilio")
   T.lt(tw.ended_at - asked, 3000, "ended soon after the hang-up, not at the voice webhook")
   T.eq(#tw.updates, 2, "a cancel, then a hang-up")

@@ -441,7 +441,7 @@ end
 -- failed (no_stream) unless something ended it already (a hang-up).
 function Engine:_no_stream(call, n)
   local a = call.attempts[n]
-  if not a or FINAL[a.status] or call.attempt ~= n or a._streamed then
+  if not a or FINAL[a.status] or call.attempt ~= n then
     return
   end
   local why = string.format("no media stream %d s after the answer", STREAM_WAIT_MS // 1000)
@@ -475,14 +475,14 @@ function Engine:prepare_stream(id, n)
   if not a or FINAL[a.status] or n ~= call.attempt then
     return nil, "attempt not active"
   end
-  if call._cancel_requested or call._resolving then
-    -- Answered while the API's hang-up (or the one of a call interrupted by
-    -- a restart) was on its way (a cancel does not end an answered call at
-    -- Twilio): the voice webhook's answer hangs up.
-    if call._resolving then
-      call._end_reason = call._end_reason or "interrupted by restart"
-      return nil, "interrupted by restart"
-    end
+  -- Answered while the API's hang-up (or the one of a call interrupted by a
+  -- restart) was on its way (a cancel does not end an answered call at
+  -- Twilio): the voice webhook's answer hangs up.
+  if call._resolving then
+    call._end_reason = call._end_reason or "interrupted by restart"
+    return nil, "interrupted by restart"
+  end
+  if call._cancel_requested then
     return nil, "hung up through the API"
   end
   if a.status == "dialing" then
@@ -522,11 +522,7 @@ function Engine:claim_stream(params)
   if not b or b.ended or b.stream then
     return nil, "no call waiting for this stream"
   end
-  local call = self.live[entry.call_id]
-  local a = call and call.attempts[entry.attempt]
-  if a then
-    a._streamed = true
-  end
+  self:_cancel_timer(entry.call_id .. "#stream") -- the stream came
   return b
 end
 
