@@ -14,8 +14,48 @@ local function bench(env)
   return p, code
 end
 
+-- The verdicts at the end follow the numbers they print: "met" exactly when
+-- the value is within the target.
+local function check_targets(out, ms)
+  local block = out:match("\nAgainst the targets %(issue 6%), on this run's rows:\n(.-)\n\n")
+    or out:match("\nAgainst the targets %(issue 6%), on this run's rows:\n(.*)$")
+  T.ok(block, "the targets block")
+  block = block or ""
+  local function verdict(what)
+    local l = block:match("%- " .. what .. ": ([^\n]*)")
+    T.ok(l, "a line for: " .. what)
+    return l or "", l and l:match(" %- (m%a+)$")
+  end
+  local cpu, v = verdict("CPU ≤ 0%.05 s per call%-minute, pcmu, 2 calls")
+  local x = tonumber(cpu:match("^([%d.]+)"))
+  T.ok(x and v == (x <= 0.05 and "met" or "missed"), "CPU: " .. cpu)
+  local ratio
+  ratio, v = verdict("pcm CPU ≤ 1%.5× pcmu, 2 calls")
+  x = tonumber(ratio:match("^([%d.]+)×"))
+  T.ok((x and v == (x <= 1.5 and "met" or "missed")) or ratio:match("^not measured %(the pcmu rows used no CPU"),
+    "pcm against pcmu: " .. ratio)
+  for _, mode in ipairs({ "pcmu", "pcm" }) do
+    local l
+    l, v = verdict("p99 < 5 ms in / out and nothing lost, " .. mode .. ", 2 calls")
+    local a, b = l:match("^([%d.]+) / ([%d.]+) ms")
+    a, b = tonumber(a), tonumber(b)
+    local whole = not l:match("lost") and not l:match("harness%-limited")
+    T.ok(a and v == ((a < 5 and b < 5 and whole) and "met" or "missed"), mode .. " latency: " .. l)
+    l = verdict("p99 < 20 ms in / out and nothing lost, " .. mode .. ", 3 calls, the load generator keeping up")
+    T.eq(l, "not measured (no " .. mode .. " row of 3 calls)", mode .. ": a size the run has no row of")
+    l, v = verdict("≤ 40 KiB RSS per call, " .. mode)
+    x = tonumber(l:match("^(%-?[%d.]+) KiB %(the slope%)"))
+    T.ok((x and v == (x <= 40 and "met" or "missed")) or l:match("^not measured %(no slope"), mode .. " RSS: " .. l)
+  end
+  local st
+  st, v = verdict("start%-up < 100 ms")
+  T.eq(tonumber(st:match("^(%d+) ms %(min of 5%)")), ms, "start-up: the minimum printed above")
+  T.eq(v, ms < 100 and "met" or "missed", "start-up: " .. st)
+end
+
 T.test("small rows of calls run end to end in both output modes, nothing lost", function()
-  local p, code = bench({ BENCH_N = "2,4", BENCH_SECONDS = "1", BENCH_MODES = "audio/pcmu,audio/pcm" })
+  local p, code = bench({ BENCH_N = "2,4", BENCH_SECONDS = "1", BENCH_MODES = "audio/pcmu,audio/pcm",
+    BENCH_TARGET_CALLS = "2,3" })
   local out = p:text()
   T.diag(out)
   T.eq(code, 0, "exit status; stderr: " .. p:errtext())
@@ -57,6 +97,7 @@ T.test("small rows of calls run end to end in both output modes, nothing lost", 
       T.no_match(out, "set%-up %(audio/" .. mode .. "%)", mode .. ": no set-up line without a row kept up with")
     end
   end
+  check_targets(out, ms)
 end, { timeout = 180000 })
 
 T.test("calls that come and go: each ends as real calls do, and nothing of it is left behind", function()
@@ -88,6 +129,7 @@ T.test("calls that come and go: each ends as real calls do, and nothing of it is
   local once, more = row:match("| (%d+) %((%d+)%) |$")
   T.eq({ tonumber(once), tonumber(more) }, { created, 0 }, "every call notified once")
   T.no_match(out, "churn run failed")
+  T.no_match(out, "Against the targets", "no targets judged without rows of calls")
   T.no_match(out, "\n%- churn: ", "no note on the churn row")
 end, { timeout = 180000 })
 

@@ -52,7 +52,9 @@
 -- shown per row; the rest are counted), BENCH_CHURN_SECONDS (60; 0: no
 -- churn row), BENCH_CHURN_CALLS (100 at once), BENCH_CHURN_LIFE (4 s per
 -- call), BENCH_CHURN_MODE (audio/pcmu), BENCH_VERBOSE (the load generator's
--- stats line per row on stderr), LOADGEN_WAKE and LOADGEN_TURN (see loadgen.c).
+-- stats line per row on stderr), BENCH_TARGET_CALLS ("400,1000": the rows the
+-- issue's targets are judged on, at the end), LOADGEN_WAKE and LOADGEN_TURN
+-- (see loadgen.c).
 local http = require "callagent.http"
 local fetch = require "callagent.fetch"
 local url = require "callagent.url"
@@ -87,6 +89,8 @@ end
 
 local NS = env_list("BENCH_N", "10,100,200,400,800,1000")
 local MODES = env_list("BENCH_MODES", "audio/pcmu,audio/pcm")
+-- The calls at which the issue's targets are set: CPU and latency, then scale.
+local TARGET_N = env_list("BENCH_TARGET_CALLS", "400,1000")
 local SECONDS = tonumber(os.getenv("BENCH_SECONDS") or "20")
 local PIN = os.getenv("BENCH_PIN") ~= "0"
 local STORE = os.getenv("BENCH_STORE") or "sqlite"
@@ -945,6 +949,98 @@ local function end_run(r)
   end
 end
 
+-- Issue 6's targets, judged on this run's rows: per target the rows it is
+-- set on (all of them, when BENCH_N repeats a size), each value, and met or
+-- missed; "not measured" when the run has no such row.
+local function targets(rows, slopes, startup_ms)
+  local n1, n2 = tonumber(TARGET_N[1]) or 400, tonumber(TARGET_N[2]) or 1000
+  local function rows_of(mode, n)
+    local out = {}
+    for _, r in ipairs(rows) do
+      if r.mode == mode and r.n == n then
+        out[#out + 1] = r
+      end
+    end
+    return out
+  end
+  -- "v - met", or "v1, v2 - met in k of 2"
+  local function verdict(values, oks)
+    local k = 0
+    for _, ok in ipairs(oks) do
+      k = k + (ok and 1 or 0)
+    end
+    local v = table.concat(values, ", ")
+    if #oks == 1 then
+      return v .. " - " .. (oks[1] and "met" or "missed")
+    end
+    return string.format("%s - met in %d of %d rows", v, k, #oks)
+  end
+  local function whole(r)
+    return r.failed == 0 and r.lost_in == 0 and r.lost_out == 0
+  end
+  local function p99(r)
+    return math.max(r.lat_in[2], r.lat_out[2])
+  end
+  local lines = {}
+  local function line(what, text)
+    lines[#lines + 1] = string.format("- %s: %s", what, text)
+  end
+  local not_measured = function(mode, n)
+    return string.format("not measured (no %s row of %d calls)", mode:gsub("audio/", ""), n)
+  end
+
+  local pcmu, pcm = rows_of("audio/pcmu", n1), rows_of("audio/pcm", n1)
+  local vals, oks = {}, {}
+  for _, r in ipairs(pcmu) do
+    vals[#vals + 1] = string.format("%.4f", r.cpu_per_call_min)
+    oks[#oks + 1] = r.cpu_per_call_min <= 0.05
+  end
+  line(string.format("CPU ≤ 0.05 s per call-minute, pcmu, %d calls", n1),
+    #vals > 0 and verdict(vals, oks) or not_measured("audio/pcmu", n1))
+
+  vals, oks = {}, {}
+  for i = 1, math.min(#pcmu, #pcm) do
+    if pcmu[i].cpu_per_call_min > 0 then -- /proc counts in ticks: a tiny row may show none
+      local ratio = pcm[i].cpu_per_call_min / pcmu[i].cpu_per_call_min
+      vals[#vals + 1] = string.format("%.2f×", ratio)
+      oks[#oks + 1] = ratio <= 1.5
+    end
+  end
+  line(string.format("pcm CPU ≤ 1.5× pcmu, %d calls", n1),
+    #vals > 0 and verdict(vals, oks)
+      or (#pcmu > 0 and #pcm > 0) and "not measured (the pcmu rows used no CPU /proc could count)"
+      or not_measured(#pcmu == 0 and "audio/pcmu" or "audio/pcm", n1))
+
+  for _, t in ipairs({ { n = n1, ms = 5 }, { n = n2, ms = 20 } }) do
+    for _, mode in ipairs({ "audio/pcmu", "audio/pcm" }) do
+      vals, oks = {}, {}
+      for _, r in ipairs(rows_of(mode, t.n)) do
+        local lost = r.lost_in + r.lost_out
+        vals[#vals + 1] = string.format("%.2f / %.2f ms%s%s", r.lat_in[2], r.lat_out[2],
+          lost > 0 and string.format(", %d frames lost", lost) or "",
+          harness_kept_up(r) and "" or ", harness-limited")
+        oks[#oks + 1] = whole(r) and p99(r) < t.ms and harness_kept_up(r)
+      end
+      line(string.format("p99 < %d ms in / out and nothing lost, %s, %d calls%s", t.ms, mode:gsub("audio/", ""), t.n,
+          t.n == n2 and ", the load generator keeping up" or ""),
+        #vals > 0 and verdict(vals, oks) or not_measured(mode, t.n))
+    end
+  end
+
+  for _, mode in ipairs(MODES) do
+    local v = slopes[mode]
+    line("≤ 40 KiB RSS per call, " .. mode:gsub("audio/", ""),
+      v and verdict({ string.format("%.1f KiB (the slope)", v / 1024) }, { v / 1024 <= 40 })
+        or "not measured (no slope: fewer than two rows carried whole)")
+  end
+  line("start-up < 100 ms", verdict({ string.format("%.0f ms (min of 5)", startup_ms) }, { startup_ms < 100 }))
+  print("")
+  print("Against the targets (issue 6), on this run's rows:")
+  for _, l in ipairs(lines) do
+    print(l)
+  end
+end
+
 local function main()
   if PIN then
     os.execute("taskset -p -c 1 " .. core.pid() .. " >/dev/null")
@@ -1024,6 +1120,7 @@ local function main()
   end
   -- RSS per call as the slope over N (least squares), per mode, over the
   -- rows carried in real time: an overloaded row's RSS holds queued audio.
+  local slopes = {}
   for _, mode in ipairs(MODES) do
     local xs, ys, used = {}, {}, {}
     for _, r in ipairs(rows) do
@@ -1034,6 +1131,7 @@ local function main()
       end
     end
     local per_call = slope(xs, ys)
+    slopes[mode] = per_call
     if per_call then
       print(string.format("RSS slope (%s): %.1f KiB per call (rows of %s calls: nothing lost)", mode,
         per_call / 1024, table.concat(used, ", ")))
@@ -1088,6 +1186,9 @@ local function main()
     for _, s in ipairs(r.notes) do
       notes[#notes + 1] = "churn: " .. s
     end
+  end
+  if #rows > 0 then
+    targets(rows, slopes, st[1])
   end
   if #notes > 0 then
     print("")
