@@ -28,7 +28,8 @@ local function check_targets(out, ms)
   end
   local cpu, v = verdict("CPU ≤ 0%.05 s per call%-minute, pcmu, 2 calls")
   local x = tonumber(cpu:match("^([%d.]+)"))
-  T.ok(x and v == (x <= 0.05 and "met" or "missed"), "CPU: " .. cpu)
+  T.ok((x and v == (x <= 0.05 and "met" or "missed")) or cpu:match("^not measured %(the pcmu rows used no CPU"),
+    "CPU: " .. cpu)
   local ratio
   ratio, v = verdict("pcm CPU ≤ 1%.5× pcmu, 2 calls")
   x = tonumber(ratio:match("^([%d.]+)×"))
@@ -36,12 +37,12 @@ local function check_targets(out, ms)
     "pcm against pcmu: " .. ratio)
   for _, mode in ipairs({ "pcmu", "pcm" }) do
     local l
-    l, v = verdict("p99 < 5 ms in / out and nothing lost, " .. mode .. ", 2 calls")
+    l, v = verdict("p99 < 5 ms in / out, nothing lost, the load generator keeping up, " .. mode .. ", 2 calls")
     local a, b = l:match("^([%d.]+) / ([%d.]+) ms")
     a, b = tonumber(a), tonumber(b)
     local whole = not l:match("lost") and not l:match("harness%-limited")
     T.ok(a and v == ((a < 5 and b < 5 and whole) and "met" or "missed"), mode .. " latency: " .. l)
-    l = verdict("p99 < 20 ms in / out and nothing lost, " .. mode .. ", 3 calls, the load generator keeping up")
+    l = verdict("p99 < 20 ms in / out, nothing lost, the load generator keeping up, " .. mode .. ", 3 calls")
     T.eq(l, "not measured (no " .. mode .. " row of 3 calls)", mode .. ": a size the run has no row of")
     l, v = verdict("≤ 40 KiB RSS per call, " .. mode)
     x = tonumber(l:match("^(%-?[%d.]+) KiB %(the slope%)"))
