@@ -673,14 +673,15 @@ function Engine:_attempt_final(call, n, status, reason, err)
   return self:_after_attempt(call, n, status, answered, reason, write_attempt)
 end
 
+local function none() end
+
 -- After attempt n ended with status: a retry, or the call's end, by the
 -- retry policy. also: store writes that commit with the call's next state.
 function Engine:_after_attempt(call, n, status, answered, reason, also)
+  also = also or none
   local end_reason = call._end_reason
   if call.status == "canceled" then
-    if also then
-      also()
-    end
+    also()
     return true
   end
   local r = self.config.retry
@@ -697,9 +698,7 @@ function Engine:_after_attempt(call, n, status, answered, reason, also)
     local due = core.time() + delay / 1000
     call._end_reason = nil
     self:_set_status(call, "queued", { nextAttemptAt = iso(due) }, function()
-      if also then
-        also()
-      end
+      also()
       self.store:set_retry(call.id, due)
     end)
     log.info("retrying later", { call = call.id, after_ms = delay, next_attempt = n + 1 })
@@ -720,10 +719,9 @@ end
 
 -- also: more store writes that commit with the final status.
 function Engine:_finish(call, status, reason, also)
+  also = also or none
   if FINAL[call.status] then
-    if also then
-      also()
-    end
+    also()
     return false
   end
   if call.status == "in_progress" and status == "completed" and not call.report and reason == "completed" then
@@ -732,9 +730,7 @@ function Engine:_finish(call, status, reason, also)
   call.endReason = reason
   local note_key, note_body
   self:_set_status(call, status, { completedAt = iso(), endReason = reason or store_mod.NULL }, function()
-    if also then
-      also()
-    end
+    also()
     self.store:clear_retry(call.id)
     -- The notification is recorded in the same commit: a stop between the
     -- two left a final call that was never notified.

@@ -83,7 +83,6 @@ function Notifier:enabled()
   return self.cfg.hooksUrl ~= nil and self.cfg.hooksToken ~= nil
 end
 
---- The call reached its final state: record the notification, then send it.
 --- Records the notification of a call's end without sending it: the engine
 -- does this in the commit of the final status, so that a stop between the
 -- two cannot lose it. Returns what send takes, or nil (notifications off,

@@ -963,23 +963,17 @@ local function targets(rows, slopes, startup_ms)
     end
     return out
   end
-  -- "v - met", or "v1, v2 - met in k of 2"
-  local function verdict(values, oks)
-    local k = 0
-    for _, ok in ipairs(oks) do
-      k = k + (ok and 1 or 0)
+  -- judged: {value text, ok} per row -> "v - met", or "v1, v2 - met in k of 2 rows"
+  local function verdict(judged)
+    local k, vs = 0, {}
+    for i, j in ipairs(judged) do
+      vs[i] = j[1]
+      k = k + (j[2] and 1 or 0)
     end
-    local v = table.concat(values, ", ")
-    if #oks == 1 then
-      return v .. " - " .. (oks[1] and "met" or "missed")
+    if #judged == 1 then
+      return vs[1] .. " - " .. (judged[1][2] and "met" or "missed")
     end
-    return string.format("%s - met in %d of %d rows", v, k, #oks)
-  end
-  local function whole(r)
-    return r.failed == 0 and r.lost_in == 0 and r.lost_out == 0
-  end
-  local function p99(r)
-    return math.max(r.lat_in[2], r.lat_out[2])
+    return string.format("%s - met in %d of %d rows", table.concat(vs, ", "), k, #judged)
   end
   local lines = {}
   local function line(what, text)
@@ -992,51 +986,50 @@ local function targets(rows, slopes, startup_ms)
   -- /proc counts CPU in ticks: a tiny row may show none, which judges nothing.
   local no_cpu = "not measured (the pcmu rows used no CPU /proc could count)"
   local pcmu, pcm = rows_of("audio/pcmu", n1), rows_of("audio/pcm", n1)
-  local vals, oks = {}, {}
+  local judged = {}
   for _, r in ipairs(pcmu) do
     if r.cpu_per_call_min > 0 then
-      vals[#vals + 1] = string.format("%.4f", r.cpu_per_call_min)
-      oks[#oks + 1] = r.cpu_per_call_min <= 0.05
+      judged[#judged + 1] = { string.format("%.4f", r.cpu_per_call_min), r.cpu_per_call_min <= 0.05 }
     end
   end
   line(string.format("CPU ≤ 0.05 s per call-minute, pcmu, %d calls", n1),
-    #vals > 0 and verdict(vals, oks) or #pcmu > 0 and no_cpu or not_measured("audio/pcmu", n1))
+    #judged > 0 and verdict(judged) or #pcmu > 0 and no_cpu or not_measured("audio/pcmu", n1))
 
-  vals, oks = {}, {}
+  judged = {}
   for i = 1, math.min(#pcmu, #pcm) do
     if pcmu[i].cpu_per_call_min > 0 then
       local ratio = pcm[i].cpu_per_call_min / pcmu[i].cpu_per_call_min
-      vals[#vals + 1] = string.format("%.2f×", ratio)
-      oks[#oks + 1] = ratio <= 1.5
+      judged[#judged + 1] = { string.format("%.2f×", ratio), ratio <= 1.5 }
     end
   end
   line(string.format("pcm CPU ≤ 1.5× pcmu, %d calls", n1),
-    #vals > 0 and verdict(vals, oks) or (#pcmu > 0 and #pcm > 0) and no_cpu
+    #judged > 0 and verdict(judged) or (#pcmu > 0 and #pcm > 0) and no_cpu
       or not_measured(#pcmu == 0 and "audio/pcmu" or "audio/pcm", n1))
 
   for _, t in ipairs({ { n = n1, ms = 5 }, { n = n2, ms = 20 } }) do
     for _, mode in ipairs({ "audio/pcmu", "audio/pcm" }) do
-      vals, oks = {}, {}
+      judged = {}
       for _, r in ipairs(rows_of(mode, t.n)) do
-        local lost = r.lost_in + r.lost_out
-        vals[#vals + 1] = string.format("%.2f / %.2f ms%s%s", r.lat_in[2], r.lat_out[2],
-          lost > 0 and string.format(", %d frames lost", lost) or "",
-          harness_kept_up(r) and "" or ", harness-limited")
-        oks[#oks + 1] = whole(r) and p99(r) < t.ms and harness_kept_up(r)
+        local lost, kept = r.lost_in + r.lost_out, harness_kept_up(r)
+        judged[#judged + 1] = {
+          string.format("%.2f / %.2f ms%s%s", r.lat_in[2], r.lat_out[2],
+            lost > 0 and string.format(", %d frames lost", lost) or "", kept and "" or ", harness-limited"),
+          r.failed == 0 and lost == 0 and kept and math.max(r.lat_in[2], r.lat_out[2]) < t.ms,
+        }
       end
       line(string.format("p99 < %d ms in / out, nothing lost, the load generator keeping up, %s, %d calls", t.ms,
           mode:gsub("audio/", ""), t.n),
-        #vals > 0 and verdict(vals, oks) or not_measured(mode, t.n))
+        #judged > 0 and verdict(judged) or not_measured(mode, t.n))
     end
   end
 
   for _, mode in ipairs(MODES) do
     local v = slopes[mode]
     line("≤ 40 KiB RSS per call, " .. mode:gsub("audio/", ""),
-      v and verdict({ string.format("%.1f KiB (the slope)", v / 1024) }, { v / 1024 <= 40 })
+      v and verdict({ { string.format("%.1f KiB (the slope)", v / 1024), v / 1024 <= 40 } })
         or "not measured (no slope: fewer than two rows carried whole)")
   end
-  line("start-up < 100 ms", verdict({ string.format("%.0f ms (min of 5)", startup_ms) }, { startup_ms < 100 }))
+  line("start-up < 100 ms", verdict({ { string.format("%.0f ms (min of 5)", startup_ms), startup_ms < 100 } }))
   print("")
   print("Against the targets (issue 6), on this run's rows:")
   for _, l in ipairs(lines) do
