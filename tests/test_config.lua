@@ -63,12 +63,79 @@ T.test("invalid values are errors naming the key and what is expected", function
     { { store = { backend = "postgres" } }, "^store%.backend: expected sqlite, memory, or the name of a module" },
     { { retry = { retryStatuses = { busy = true } } }, '^retry%.retryStatuses: expected a list, got {"busy":true}$' },
     { { retry = { retryStatuses = { "busy", "exploded" } } }, '^retry%.retryStatuses: expected a list of .* got %["busy","exploded"%]$' },
+    -- Whole numbers too large for an integer, and what is no number.
+    { { server = { port = 1e300 } }, "^server%.port: expected an integer, got 1e%+300$" },
+    { { server = { port = math.huge } }, "^server%.port: expected an integer, got inf$" },
+    { { retry = { initialDelayMs = -math.huge } }, "^retry%.initialDelayMs: expected an integer" },
+    { { retry = { backoffFactor = math.huge } }, "^retry%.backoffFactor: expected a number, got inf$" },
+    { { retry = { backoffFactor = 0 / 0 } }, "^retry%.backoffFactor: expected a number" },
+    { { defaults = { locale = "en-" } }, "^defaults%.locale: expected a language tag like en%-US" },
+    { { defaults = { locale = "english" } }, "^defaults%.locale: expected a language tag" },
+    -- A list where an object belongs.
+    { { 1, 2 }, "^config: expected a JSON object" },
+    { { server = { 4545 } }, "^server: expected an object, got %[4545%]$" },
   }
   for _, c in ipairs(cases) do
     local cfg, err = config.normalize(c[1], { quiet = true })
     T.eq(cfg, nil)
     T.match(err, c[2])
   end
+end)
+
+T.test("locales are language tags, as the API takes them", function()
+  for _, tag in ipairs({ "en", "en-US", "en_US", "es-419", "zh-Hant-TW", "fil-PH" }) do
+    local cfg, err = config.normalize({ openai = { apiKey = "sk-x" }, defaults = { locale = tag } }, { quiet = true })
+    T.ok(cfg, err)
+    T.eq(cfg.defaults.locale, tag)
+    T.ok(config.is_locale(tag), tag)
+  end
+  for _, bad in ipairs({ "", "e", "engl", "en--US", "en-", "en-abcdefghi", "en US", "en-US-" .. string.rep("x", 40) }) do
+    T.eq(config.is_locale(bad), false, bad)
+  end
+end)
+
+T.test("null means the default, for a key or a whole section", function()
+  local json = require "callagent.json"
+  local cfg = assert(config.normalize({ openai = { apiKey = "sk-x", voice = json.null }, server = json.null, retry = json.null }, { quiet = true }))
+  T.eq(cfg.openai.voice, "alloy")
+  T.eq(cfg.server.port, 4545)
+  T.eq(cfg.retry.maxAttempts, 3)
+end)
+
+T.test("of several problems, the same one is reported every time: sections in their documented order, keys by name", function()
+  local bad = {
+    store = { retentionDays = 0 },
+    call = { wrapUpSec = 0 },
+    tunnel = { provider = "x" },
+    retry = { maxAttempts = 0 },
+    defaults = { locale = "x" },
+    notify = { hooksUrl = "x" },
+    openai = { voice = "x" },
+    twilio = { fromNumber = "x", accountSid = "x" },
+    server = { port = "x", host = 1 },
+    telephony = { provider = "a b" },
+  }
+  local sections = { "telephony", "server", "twilio", "openai", "notify", "defaults", "retry", "tunnel", "call", "store" }
+  for _, s in ipairs(sections) do
+    local _, err = config.normalize(bad, { quiet = true })
+    T.match(err, "^" .. s .. "%.", "the first section left with a problem")
+    if s == "server" then
+      T.match(err, "^server%.host: ", "host before port")
+      bad.server.host = nil
+      _, err = config.normalize(bad, { quiet = true })
+      T.match(err, "^server%.port: ")
+    elseif s == "twilio" then
+      T.match(err, "^twilio%.accountSid: ", "accountSid before fromNumber")
+    end
+    bad[s] = nil
+  end
+  -- And the environment's: the first unset variable in the same order.
+  local _, err = config.normalize({
+    notify = { hooksToken = "${CALLAGENT_UNSET_A}" },
+    openai = { apiKey = "${CALLAGENT_UNSET_B}" },
+    server = { publicBaseUrl = "${CALLAGENT_UNSET_C}" },
+  }, { quiet = true })
+  T.eq(err, "server.publicBaseUrl: environment variable CALLAGENT_UNSET_C is not set")
 end)
 
 T.test("a non-loopback host is fine with an API token", function()

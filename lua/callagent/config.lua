@@ -58,6 +58,24 @@ local function is_e164(s)
 end
 M.is_e164 = is_e164
 
+-- A language tag: 2-3 letters, then subtags of 1-8 letters or digits, each
+-- after a "-" (or "_", as in en_US): en, en-US, es-419, zh-Hant-TW.
+local function is_locale(s)
+  if type(s) ~= "string" or #s > 35 then
+    return false
+  end
+  local rest = s:match("^%a%a%a?(.*)$")
+  while rest and rest ~= "" do
+    local tag, after = rest:match("^[-_](%w+)(.*)$")
+    if tag and #tag > 8 then
+      return false
+    end
+    rest = after
+  end
+  return rest == ""
+end
+M.is_locale = is_locale
+
 local function is_loopback(host)
   return host == "127.0.0.1" or host == "::1" or host == "localhost" or (host or ""):match("^127%.") ~= nil
 end
@@ -164,7 +182,7 @@ local SCHEMA = {
       return not core.localtime(v) and "an IANA time zone like Europe/Paris" or nil
     end),
     locale = field("string", "en-US", function(v)
-      return not v:match("^%a%a%a?[-_]?%w*$") and "a locale like en-US" or nil
+      return not is_locale(v) and "a language tag like en-US" or nil
     end),
   },
   retry = {
@@ -200,6 +218,49 @@ local SCHEMA = {
 }
 M.schema = SCHEMA
 
+-- The order keys are checked in, so that of several problems the same one is
+-- reported every time: sections as documented, then any others; keys by name.
+local SECTIONS = { "telephony", "server", "twilio", "openai", "notify", "defaults", "retry", "tunnel", "call", "store" }
+
+local function ordered_keys(t, first)
+  local keys, seen = {}, {}
+  for _, k in ipairs(first or {}) do
+    if t[k] ~= nil then
+      keys[#keys + 1], seen[k] = k, true
+    end
+  end
+  local rest = {}
+  for k in pairs(t) do
+    if not seen[k] then
+      rest[#rest + 1] = k
+    end
+  end
+  table.sort(rest, function(a, b)
+    local ta, tb = type(a), type(b)
+    if ta ~= tb then
+      return ta < tb
+    elseif ta == "string" or ta == "number" then
+      return a < b
+    end
+    return tostring(a) < tostring(b)
+  end)
+  table.move(rest, 1, #rest, #keys + 1, keys)
+  return keys
+end
+
+-- Whether t is a JSON object: a table whose keys are all strings.
+local function is_object(t)
+  if type(t) ~= "table" or json.is_array(t) then
+    return false
+  end
+  for k in pairs(t) do
+    if type(k) ~= "string" then
+      return false
+    end
+  end
+  return true
+end
+
 -- Replaces "${NAME}" in every string value; error names the key.
 local function substitute(v, path)
   if type(v) == "string" then
@@ -218,7 +279,8 @@ local function substitute(v, path)
     return out
   elseif type(v) == "table" then
     local out = {}
-    for k, x in pairs(v) do
+    for _, k in ipairs(ordered_keys(v, path == "" and SECTIONS or nil)) do
+      local x = v[k]
       local y, err = substitute(x, path == "" and tostring(k) or (path .. "." .. tostring(k)))
       if err then
         return nil, err
@@ -244,17 +306,15 @@ local function describe(v)
 end
 
 local function check_value(f, v, key)
-  local t = f.type
+  local t, given = f.type, v
   if t == "integer" then
-    if math.type(v) ~= "integer" then
-      if type(v) == "number" and v == math.floor(v) then
-        v = math.tointeger(v)
-      else
-        return nil, string.format("%s: expected an integer, got %s", key, describe(v))
-      end
+    -- 4545.0 is 4545; 1e300 and inf are no integer (tointeger gives nil).
+    v = type(v) == "number" and math.tointeger(v) or nil
+    if not v then
+      return nil, string.format("%s: expected an integer, got %s", key, describe(given))
     end
   elseif t == "number" then
-    if type(v) ~= "number" then
+    if type(v) ~= "number" or v ~= v or v == math.huge or v == -math.huge then
       return nil, string.format("%s: expected a number, got %s", key, describe(v))
     end
   elseif t == "boolean" then
@@ -293,22 +353,27 @@ function M.normalize(input, opts)
   if input == nil then
     input = {}
   end
-  if type(input) ~= "table" then
-    return nil, "config: expected a JSON object"
+  if not is_object(input) then
+    return nil, "config: expected a JSON object (an object of sections such as server, twilio, openai)"
   end
   local raw, serr = substitute(input, "")
   if not raw then
     return nil, serr
   end
   local cfg, warnings = {}, {}
-  for section, fields in pairs(SCHEMA) do
+  for _, section in ipairs(SECTIONS) do
+    local fields = SCHEMA[section]
     local given = raw[section]
-    if given ~= nil and type(given) ~= "table" then
-      return nil, section .. ": expected an object"
+    if given == json.null then
+      given = nil
+    end
+    if given ~= nil and not is_object(given) then
+      return nil, section .. ": expected an object, got " .. describe(given)
     end
     given = given or {}
     cfg[section] = {}
-    for name, f in pairs(fields) do
+    for _, name in ipairs(ordered_keys(fields)) do
+      local f = fields[name]
       local key = section .. "." .. name
       local v = given[name]
       if v == json.null then
@@ -335,13 +400,13 @@ function M.normalize(input, opts)
         log.secret(v)
       end
     end
-    for name in pairs(given) do
+    for _, name in ipairs(ordered_keys(given)) do
       if fields[name] == nil then
         warnings[#warnings + 1] = string.format("%s.%s: unknown key, ignored", section, tostring(name))
       end
     end
   end
-  for section in pairs(raw) do
+  for _, section in ipairs(ordered_keys(raw)) do
     if SCHEMA[section] == nil and section ~= "$schema" then
       warnings[#warnings + 1] = string.format("%s: unknown section, ignored", tostring(section))
     end
