@@ -22,6 +22,8 @@ T.test("POST /v1/calls validates every field and answers 400 naming it", functio
     { { to = "+14155550100", prompt = "x", timezone = "../../etc/passwd" }, "invalid_timezone", "timezone" },
     { { to = "+14155550100", prompt = "x", voice = "robot" }, "invalid_voice", "voice" },
     { { to = "+14155550100", prompt = "x", locale = "english please" }, "invalid_locale", "locale" },
+    { { to = "+14155550100", prompt = "x", locale = "en-" }, "invalid_locale", "locale" },
+    { { to = "+14155550100", prompt = "x", locale = "en-abcdefghi" }, "invalid_locale", "locale" },
     { { to = "+14155550100", prompt = "x", calleeName = string.rep("n", 200) }, "invalid_calleeName", "calleeName" },
     { { to = "+14155550100", prompt = "x", metadata = "not an object" }, "invalid_metadata", "metadata" },
     { { to = "+14155550100", prompt = "x", metadata = { big = string.rep("m", 9000) } }, "invalid_metadata", "metadata" },
@@ -124,6 +126,11 @@ T.test("valid input with every optional field is accepted (201)", function()
   T.eq(rec.timezone, "Europe/London")
   T.eq(rec.locale, "en-GB")
   T.eq(rec.metadata, { source = "test", n = 1 })
+  -- Any tag the config takes for defaults.locale, the API takes too.
+  for _, tag in ipairs({ "zh-Hant-TW", "es-419", "en_US", "fil" }) do
+    status = env:api("POST", "/v1/calls", { to = "+442071838750", prompt = "x", locale = tag })
+    T.eq(status, 201, tag)
+  end
 end)
 
 T.test("defaults fill timezone, locale and voice from the config", function()
@@ -216,6 +223,14 @@ T.test("GET /v1/calls lists newest first, filters by status and pages with a cur
   status, bad = env:api("GET", "/v1/calls?limit=1000")
   T.eq(status, 400)
   T.eq(bad.error.field, "limit")
+  -- A cursor no page gave would restart the list: a client looping over
+  -- pages would never end.
+  for _, c in ipairs({ "zzz", "1e3", "-4", "%205" }) do
+    status, bad = env:api("GET", "/v1/calls?limit=2&cursor=" .. c)
+    T.eq({ status, bad.error.code, bad.error.field }, { 400, "invalid_cursor", "cursor" }, c)
+  end
+  local _, first = env:api("GET", "/v1/calls?limit=2&cursor=")
+  T.eq(first.calls[1].callId, ids[5], "an empty cursor is the first page")
 end)
 
 T.test("the call record has the documented shape", function()

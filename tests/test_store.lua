@@ -59,6 +59,13 @@ for _, backend in ipairs({ "memory", "sqlite" }) do
     local page3, cursor3 = s:list_calls({ limit = 3, cursor = cursor2 })
     T.eq(#page3, 1)
     T.eq(cursor3, nil)
+    T.eq(#s:list_calls({ limit = 3, cursor = "" }), 3, "an empty cursor is none")
+    -- What no page gave is refused, not read as "from the start".
+    for _, bad in ipairs({ "zzz", "1e3", "-1", " 5", "0x10", "99999999999999999999", { "5" } }) do
+      local none, err = s:list_calls({ limit = 3, cursor = bad })
+      T.eq(none, nil, tostring(bad))
+      T.match(err, "^ECURSOR")
+    end
     local busy = s:list_calls({ status = "busy", limit = 10 })
     T.eq(#busy, 3)
     local active = s:active_calls()

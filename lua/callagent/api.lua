@@ -23,7 +23,7 @@ local function round(x, per)
   return math.floor(x * per + 0.5) / per
 end
 
-local LIMITS = { prompt = 8000, name = 120, metadata = 8192, locale = 35 }
+local LIMITS = { prompt = 8000, name = 120, metadata = 8192 }
 local ALLOWED = {
   to = true, prompt = true, timezone = true, locale = true,
   callerName = true, calleeName = true, voice = true, metadata = true,
@@ -77,7 +77,7 @@ function M.validate_call(body)
     return nil, err(400, "invalid_prompt", "prompt must be a non-empty string", "prompt")
   end
   if #body.prompt > LIMITS.prompt then
-    return nil, err(400, "invalid_prompt", "prompt is longer than " .. LIMITS.prompt .. " characters", "prompt")
+    return nil, err(400, "invalid_prompt", "prompt is longer than " .. LIMITS.prompt .. " bytes", "prompt")
   end
   if body.prompt:find(CONTROL_IN_TEXT) then
     return nil, err(400, "invalid_prompt", "prompt holds a control character (only tab and line breaks are text)", "prompt")
@@ -90,7 +90,7 @@ function M.validate_call(body)
     input.timezone = body.timezone
   end
   if body.locale ~= nil then
-    if type(body.locale) ~= "string" or #body.locale > LIMITS.locale or not body.locale:match("^%a%a%a?[-_%w]*$") then
+    if not config.is_locale(body.locale) then
       return nil, err(400, "invalid_locale", "locale must be a language tag like en-US", "locale")
     end
     input.locale = body.locale
@@ -99,7 +99,7 @@ function M.validate_call(body)
     local v = body[k]
     if v ~= nil then
       if type(v) ~= "string" or #v > LIMITS.name then
-        return nil, err(400, "invalid_" .. k, k .. " must be a string of at most " .. LIMITS.name .. " characters", k)
+        return nil, err(400, "invalid_" .. k, k .. " must be a string of at most " .. LIMITS.name .. " bytes", k)
       end
       if v:find(CONTROL) then
         return nil, err(400, "invalid_" .. k, k .. " must be one line of text, without control characters", k)
@@ -187,6 +187,13 @@ function M.register(srv, engine, cfg, opts)
       end
     end
     local calls, next_cursor = engine.store:list_calls({ status = status, limit = limit, cursor = q.cursor })
+    if not calls then
+      if tostring(next_cursor):match("^ECURSOR") then
+        return err(400, "invalid_cursor", "cursor must be a nextCursor from an earlier page", "cursor")
+      end
+      log.error("api: calls could not be read", { error = next_cursor })
+      return err(500, "store_failed", "the calls could not be read")
+    end
     local out = json.array({})
     for _, c in ipairs(calls) do
       local v = engine:call_view(c.id) or c

@@ -8,7 +8,8 @@
 --   store:update_call(id, fields)            set fields (store.NULL clears one)
 --   store:get_call(id) -> call | nil         with attempts, transcript and events
 --   store:transcript(id) -> lines            a call's transcript lines, oldest first ({} if none)
---   store:list_calls{status, limit, cursor} -> calls, next_cursor   newest first
+--   store:list_calls{status, limit, cursor} -> calls, next_cursor   newest first;
+--                                            nil, "ECURSOR: ..." for a cursor it did not give
 --   store:active_calls() -> calls            queued, dialing or in_progress
 --   store:add_attempt(id, attempt)           store:update_attempt(id, n, fields)
 --   store:add_transcript(id, line)           store:add_event(id, event)

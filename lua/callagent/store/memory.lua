@@ -105,11 +105,25 @@ function Store:add_event(id, event)
   return append(self, id, "events", event)
 end
 
---- Newest first. opts: status, limit, cursor (opaque string from a previous page).
+--- The call sequence number a list_calls cursor of the built-in backends
+--- stands for: nil without one (or ""), false for what is no such cursor.
+function M.cursor_seq(cursor)
+  if cursor == nil or cursor == "" then
+    return nil
+  end
+  return type(cursor) == "string" and #cursor <= 18 and cursor:match("^%d+$") and math.tointeger(tonumber(cursor)) or false
+end
+
+--- Newest first. opts: status, limit, cursor (opaque string from a previous
+--- page); nil, "ECURSOR: ..." for a cursor that is not one.
 function Store:list_calls(opts)
   opts = opts or {}
   local limit = opts.limit or 20
-  local before = opts.cursor and tonumber(opts.cursor) or math.huge
+  local before = M.cursor_seq(opts.cursor)
+  if before == false then
+    return nil, "ECURSOR: not a cursor of this list"
+  end
+  before = before or math.huge
   local out, next_cursor = {}, nil
   for i = #self.order, 1, -1 do
     local c = self.calls[self.order[i]]

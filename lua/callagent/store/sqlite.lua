@@ -64,6 +64,7 @@ INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', '1');
 local SEPARATE = { attempts = true, transcript = true, events = true, id = true }
 
 local encode, decode = json.encode, require("cjson").decode
+local cursor_seq = require("callagent.store.memory").cursor_seq
 
 local function mkdir_p(dir)
   local acc = dir:sub(1, 1) == "/" and "" or "."
@@ -205,19 +206,26 @@ function Store:add_event(id, event)
   return check(self.db:run("INSERT INTO events (call_id, doc) VALUES (?, ?)", id, encode(event)))
 end
 
---- Newest first; the cursor is the last row's sequence number.
+--- Newest first; the cursor is the last row's sequence number. nil,
+--- "ECURSOR: ..." for a cursor that is not one; nil, err when the read fails.
 function Store:list_calls(opts)
   opts = opts or {}
   local limit = opts.limit or 20
-  local before = math.tointeger(tonumber(opts.cursor or "")) or math.maxinteger
-  local rows
+  local before = cursor_seq(opts.cursor)
+  if before == false then
+    return nil, "ECURSOR: not a cursor of this list"
+  end
+  before = before or math.maxinteger
+  local rows, err
   if opts.status then
-    rows = self.db:rows("SELECT seq, id, doc FROM calls WHERE status = ? AND seq < ? ORDER BY seq DESC LIMIT ?",
+    rows, err = self.db:rows("SELECT seq, id, doc FROM calls WHERE status = ? AND seq < ? ORDER BY seq DESC LIMIT ?",
       opts.status, before, limit + 1)
   else
-    rows = self.db:rows("SELECT seq, id, doc FROM calls WHERE seq < ? ORDER BY seq DESC LIMIT ?", before, limit + 1)
+    rows, err = self.db:rows("SELECT seq, id, doc FROM calls WHERE seq < ? ORDER BY seq DESC LIMIT ?", before, limit + 1)
   end
-  rows = rows or {}
+  if not rows then
+    return nil, err
+  end
   local out, next_cursor = {}, nil
   for i, r in ipairs(rows) do
     if i > limit then
@@ -226,7 +234,11 @@ function Store:list_calls(opts)
     end
     local c = decode(r.doc)
     c.id = r.id
-    c.attempts = rows_docs(self.db:rows("SELECT doc FROM attempts WHERE call_id = ? ORDER BY n", r.id) or {})
+    local attempts, aerr = self.db:rows("SELECT doc FROM attempts WHERE call_id = ? ORDER BY n", r.id)
+    if not attempts then
+      return nil, aerr
+    end
+    c.attempts = rows_docs(attempts)
     out[#out + 1] = c
   end
   return out, next_cursor
