@@ -12,12 +12,19 @@ local runtime = require "callagent.runtime"
 
 local config = os.getenv("CALLAGENT_CONFIG")
 local local_model = false
+local port = os.getenv("PORT")
+if port and not math.tointeger(tonumber(port)) then
+  io.stderr:write("callagent: PORT must be a port number, got '", port, "'\n")
+  runtime.exit(1)
+elseif port and config then
+  io.stderr:write("callagent: PORT is ignored with CALLAGENT_CONFIG: the port is server.port in ", config, "\n")
+end
 if not config then
   local key = os.getenv("OPENAI_API_KEY")
   local_model = key == nil or key == ""
   config = {
     telephony = { provider = "mock" },
-    server = { port = tonumber(os.getenv("PORT") or "4545") },
+    server = { port = math.tointeger(tonumber(port or "4545")) },
     openai = { apiKey = local_model and "local-standin" or key, outputFormat = "audio/pcm" },
     call = { ringTimeoutSec = 600 },
     retry = { maxAttempts = 1 },
@@ -59,7 +66,8 @@ task.spawn(function()
   else
     lines[#lines + 1] = "  Place a call with the API:"
   end
-  lines[#lines + 1] = "    curl -s " .. app.url .. "/v1/calls -H 'Content-Type: application/json' \\"
+  local auth = app.config.server.apiToken and " -H 'Authorization: Bearer <server.apiToken>'" or ""
+  lines[#lines + 1] = "    curl -s " .. app.url .. "/v1/calls" .. auth .. " -H 'Content-Type: application/json' \\"
   lines[#lines + 1] = "      -d '{\"to\": \"+15555550100\", \"prompt\": \"Book a dental check-up for next week.\"}'"
   lines[#lines + 1] = "  Ctrl-C stops."
   lines[#lines + 1] = ""

@@ -102,6 +102,7 @@ static void usage(FILE *f)
 	      "Environment:\n"
 	      "  CALLAGENT_PATH   extra folders for require (colon separated)\n"
 	      "  CALLAGENT_LOG    log level: debug, info, warn, error\n"
+	      "  CALLAGENT_LOG_FORMAT  text (the default) or json: a JSON object per line\n"
 	      "\n"
 	      "Exit codes: 0 done, 1 the app failed, 2 usage error,\n"
 	      "128+N stopped at once by a second signal N.\n", f);

@@ -27,6 +27,9 @@ T.test("--help and --version answer on stdout with status 0", function()
   local code, out = cli({ "--help" })
   T.eq(code, 0)
   T.match(out, "usage: callagent run APP%.lua")
+  for _, name in ipairs({ "CALLAGENT_PATH", "CALLAGENT_LOG ", "CALLAGENT_LOG_FORMAT" }) do
+    T.match(out, "\n  " .. name, "the environment it reads: " .. name)
+  end
   code, out = cli({ "--version" })
   T.eq(code, 0)
   T.match(out, "^callagent %d+%.%d+%.%d+ %(Lua 5%.4")

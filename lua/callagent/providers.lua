@@ -12,9 +12,15 @@
 --   buildVoiceResponse(self, callId, publicBaseUrl, stream)
 --                             -> body, content_type   (stream = {url, parameters})
 --   validateRequest(self, req, publicBaseUrl) -> true | false, reason
---   mapStatus(self, payload)  -> {status, sequence, reason, duration, providerCallId}
+--   mapStatus(self, payload)  -> {status, providerCallId?, sequence?, reason?, raw?,
+--                             duration?} | nil, err
 --                             status: "dialing" | "in_progress" | "completed" |
---                             "busy" | "no_answer" | "failed" | "canceled"
+--                             "busy" | "no_answer" | "failed" | "canceled";
+--                             providerCallId: the vendor's id of that call (how
+--                             a lost dial answer's id is learnt, and a call
+--                             unknown here hung up); sequence: grows per
+--                             callback (older ones ignored); raw: the vendor's
+--                             status word (kept in the events)
 --   registerRoutes(self, server, ctx)   extra routes (may do nothing)
 --   endCall(self, call, attempt)        hang up (may wait) -> true | nil, err
 --   getCall(self, providerCallId)       optional: the vendor's view of the call

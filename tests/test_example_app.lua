@@ -1,0 +1,94 @@
+-- examples/app.lua, what `make run` starts: the local setup comes up with the
+-- banner the README shows, takes a call through the API, and stops on Ctrl-C;
+-- what is wrong in its environment stops the start with one clear line.
+local T = require "testing"
+local fetch = require "callagent.fetch"
+local json = require "callagent.json"
+
+local APP = T.root .. "/examples/app.lua"
+
+-- The environment of `make run` on a machine with none of ours set.
+local function env(over)
+  local e = { PORT = false, OPENAI_API_KEY = false, CALLAGENT_CONFIG = false, PUBLIC_BASE_URL = false,
+    TWILIO_ACCOUNT_SID = false, TWILIO_AUTH_TOKEN = false, TWILIO_FROM_NUMBER = false, CLAWDBOT_HOOKS_TOKEN = false }
+  for k, v in pairs(over or {}) do
+    e[k] = v
+  end
+  return e
+end
+
+T.test("the local setup prints its banner, takes a call through the API and stops on SIGINT", function()
+  local port = T.free_port()
+  local dir = T.tmpdir()
+  local p = T.spawn_app(APP, nil, { env = env({ PORT = tostring(port) }), cwd = dir })
+  local base = "http://127.0.0.1:" .. port
+  T.wait_for(function()
+    return p.text():find("Ctrl-C stops", 1, true) ~= nil
+  end, 10000, "the banner")
+  local out = p.text()
+  T.match(out, "callagent %S+ is running on " .. base:gsub("%p", "%%%0") .. "\n")
+  T.match(out, "telephony: mock   model: LOCAL STAND%-IN")
+  T.match(out, "Open " .. base:gsub("%p", "%%%0") .. "/mock/ in your browser")
+  T.match(p.errtext(), "INFO callagent ready")
+
+  -- The banner's curl command, as a request.
+  local res = assert(fetch(base .. "/v1/calls", {
+    method = "POST",
+    headers = { ["Content-Type"] = "application/json" },
+    body = '{"to": "+15555550100", "prompt": "Book a dental check-up for next week."}',
+  }))
+  T.eq(res.status, 201, res.body)
+  local created = json.decode(res.body)
+  T.match(created.callId, "^c_")
+  T.match(created.hint, "^" .. base:gsub("%p", "%%%0") .. "/mock/call/" .. created.callId .. "%?t=")
+  res = assert(fetch(base .. "/v1/calls/" .. created.callId))
+  T.eq(res.status, 200)
+  T.eq(json.decode(res.body).to, "+15555550100")
+  res = assert(fetch(base .. "/mock/"))
+  T.eq(res.status, 200)
+  T.match(res.headers["content-type"], "^text/html")
+
+  T.ok(p:kill("SIGINT"))
+  local code = p:wait(10000)
+  T.eq(code, 0, p.errtext())
+  T.no_match(p.errtext(), "ERROR")
+  local files = {}
+  for name in io.popen("ls -A " .. dir):lines() do
+    files[#files + 1] = name
+  end
+  T.eq(files, {}, "the in-memory store writes nothing")
+end)
+
+T.test("a PORT that is no number stops the start, naming it", function()
+  local code, _, p = T.run_app(APP, nil, { env = env({ PORT = "80a" }), cwd = T.tmpdir() })
+  T.eq(code, 1)
+  T.eq(p.err[#p.err], "callagent: PORT must be a port number, got '80a'")
+  T.eq(p.text(), "", "no banner")
+end)
+
+T.test("the seed's JSON config names the first variable it lacks, and says PORT does not apply", function()
+  local code, _, p = T.run_app(APP, nil, {
+    env = env({ PORT = "4999", CALLAGENT_CONFIG = T.root .. "/examples/callagent.json" }),
+    cwd = T.tmpdir(),
+  })
+  T.eq(code, 1)
+  T.match(p.errtext(), "PORT is ignored with CALLAGENT_CONFIG: the port is server%.port in .*examples/callagent%.json")
+  -- server comes before twilio, openai and notify, whose variables are unset too.
+  T.eq(p.err[#p.err], "callagent: server.publicBaseUrl: environment variable PUBLIC_BASE_URL is not set")
+end)
+
+T.test("the seed's JSON config stays JSON without its publicBaseUrl line, as the README says to tunnel", function()
+  local f = assert(io.open(T.root .. "/examples/callagent.json"))
+  local lines = {}
+  for line in f:lines() do
+    if not line:find("publicBaseUrl", 1, true) then
+      lines[#lines + 1] = line
+    end
+  end
+  f:close()
+  local v, err = json.try_decode(table.concat(lines, "\n"))
+  T.ok(v, err)
+  T.eq(v.server, { port = 4545 })
+end)
+
+T.run()
