@@ -994,8 +994,13 @@ static void begin_close(struct server *s)
 		s->vh_gone = 1;
 		return;
 	}
-	for (struct conn_node *n = s->conns; n; n = n->next)
+	for (struct conn_node *n = s->conns; n; n = n->next) {
+		struct pss *p = lws_wsi_user(n->wsi);
+
+		if (p && p->ws)
+			p->ws->stopping = 1;
 		ca__ws_kill(n->wsi);
+	}
 	s->closer = ca_malloc(sizeof *s->closer);
 	uv_timer_init(ca_loop(), s->closer);
 	s->closer->data = s;

@@ -720,8 +720,13 @@ int ca__ws_write_close(struct ca_ws *ws, const void *body, size_t len)
 	ws->close_sent = 1;
 	if (n < 0 || wire_write(ws, out + LWS_PRE, (size_t)n, kind) < 0)
 		return -1;
-	/* No answer within 5 s: hang up anyway. */
-	lws_set_timeout(ws->wsi, PENDING_TIMEOUT_CLOSE_ACK, 5);
+	/*
+	 * No answer within 5 s: hang up anyway. A server that is closing (the
+	 * program stops) waits 1 s (lws counts whole seconds): a peer that
+	 * answers does so in milliseconds, one that does not must not hold
+	 * up the stop.
+	 */
+	lws_set_timeout(ws->wsi, PENDING_TIMEOUT_CLOSE_ACK, ws->stopping ? 1 : 5);
 	return 0;
 }
 

@@ -74,6 +74,8 @@ struct ca_ws {
 	int peer_code;			/* the peer's close frame */
 	char peer_reason[124];
 	int fail_code;			/* why we dropped it: 1009 too big, 1008 slow */
+	int stopping;			/* its server is closing: the peer's close frame
+					   is waited for 1 s, not 5 */
 
 	/* Client side only. */
 	uv_timer_t *connect_timer;	/* connect timeout, owned here */

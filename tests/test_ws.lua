@@ -568,6 +568,28 @@ T.test("a server close ends its open connections", function()
   T.eq(kind, "close")
 end)
 
+T.test("a closing server waits at most about a second for a peer that never answers its close frame", function()
+  local srv = echo_server()
+  local c = assert(connect(srv:ws_url("/echo")))
+  c:send("x")
+  c:receive(2000)
+  c:pause() -- the client reads nothing more: the server's close frame goes unanswered
+  -- It goes on sending, as a phone streams its audio.
+  local streaming = timer.every(20, function()
+    c:send("media")
+  end)
+  T.defer(function()
+    streaming:stop()
+  end)
+  timer.sleep(100)
+  srv.last:close(1000, "call ended") -- as the engine closes a live call's stream at a stop
+  local t0 = timer.now()
+  srv:close()
+  -- lws counts whole seconds: 1-2 s; a connection outside a server's close waits 5.
+  T.lt(timer.now() - t0, 3500, "the stop held up by a silent peer")
+  T.eq(srv:connections(), 0)
+end)
+
 T.test("connections carry Lua fields; the id is unique and read-only", function()
   local srv = echo_server()
   local a = assert(connect(srv:ws_url("/echo")))
