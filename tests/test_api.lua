@@ -233,6 +233,25 @@ T.test("GET /v1/calls lists newest first, filters by status and pages with a cur
   T.eq(first.calls[1].callId, ids[5], "an empty cursor is the first page")
 end)
 
+T.test("a store that cannot read answers 500 store_failed: never a 404 for a call that exists, nor an empty list", function()
+  local recording = require "callagent.store.recording"
+  local env = kit.start({ twilio = { behaviour = "busy" }, config = { store = { backend = "recording" }, retry = { maxAttempts = 1 } } })
+  local id = env:create({ to = "+14155550100", prompt = "x" })
+  T.eq(env:wait_final(id, 5000).status, "busy") -- ended: its record is read from the store
+  T.defer(function()
+    recording.fail_reads = nil
+  end)
+  recording.fail_reads = true
+  for _, req in ipairs({ { "GET", "/v1/calls/" .. id }, { "GET", "/v1/calls" }, { "POST", "/v1/calls/" .. id .. "/hangup" } }) do
+    local status, body = env:api(req[1], req[2])
+    T.eq({ status, body.error and body.error.code }, { 500, "store_failed" }, req[2])
+    T.no_match(body.error.message, "EIO", "the store's own words stay in the log")
+  end
+  recording.fail_reads = nil
+  T.eq((env:api("GET", "/v1/calls/" .. id)), 200)
+  T.eq((env:api("GET", "/v1/calls/c_none")), 404)
+end)
+
 T.test("the call record has the documented shape", function()
   local env = kit.start({ twilio = { behaviour = "busy" }, config = { retry = { maxAttempts = 1 } } })
   local id = env:create({ to = "+14155550150", prompt = "Shape.", calleeName = "Bob" })

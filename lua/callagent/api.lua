@@ -204,19 +204,32 @@ function M.register(srv, engine, cfg, opts)
     return 200, { calls = out, nextCursor = next_cursor }
   end))
 
+  -- The call's view; or the 404 when there is none, the 500 when the store
+  -- could not read it (a call that exists is never "not found").
+  local function view_or_error(id)
+    local v, verr = engine:call_view(id)
+    if v then
+      return v
+    elseif verr then
+      log.error("api: call could not be read", { call = id, error = verr })
+      return nil, err(500, "store_failed", "the call could not be read")
+    end
+    return nil, err(404, "not_found", "no call " .. id)
+  end
+
   srv:get("/v1/calls/{id}", guard(function(req)
-    local v = engine:call_view(req.params.id)
+    local v, status, body = view_or_error(req.params.id)
     if not v then
-      return err(404, "not_found", "no call " .. req.params.id)
+      return status, body
     end
     return 200, v
   end))
 
   srv:post("/v1/calls/{id}/hangup", guard(function(req)
     local id = req.params.id
-    local v = engine:call_view(id)
+    local v, status, body = view_or_error(id)
     if not v then
-      return err(404, "not_found", "no call " .. id)
+      return status, body
     end
     local ok = engine:hangup(id)
     if not ok then

@@ -114,9 +114,10 @@ function Engine:call_view(id)
       transcript = (store:get_call(id) or {}).transcript
     end
   else
-    c = self.store:get_call(id)
+    local err
+    c, err = self.store:get_call(id)
     if not c then
-      return nil
+      return nil, err -- err: the store could not read it (nil: no such call)
     end
     transcript = c.transcript
   end

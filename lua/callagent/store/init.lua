@@ -6,7 +6,8 @@
 --
 --   store:insert_call(call)                  a new call record (see lua/callagent/calls.lua)
 --   store:update_call(id, fields)            set fields (store.NULL clears one)
---   store:get_call(id) -> call | nil         with attempts, transcript and events
+--   store:get_call(id) -> call | nil         with attempts, transcript and events;
+--                                            nil, err when the read failed
 --   store:transcript(id) -> lines            a call's transcript lines, oldest first ({} if none)
 --   store:list_calls{status, limit, cursor} -> calls, next_cursor   newest first;
 --                                            nil, "ECURSOR: ..." for a cursor it did not give

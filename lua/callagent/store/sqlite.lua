@@ -65,6 +65,12 @@ local SEPARATE = { attempts = true, transcript = true, events = true, id = true 
 
 local encode, decode = json.encode, require("cjson").decode
 local cursor_seq = require("callagent.store.memory").cursor_seq
+-- A call's rows of the other tables, oldest first.
+local CALL_ROWS = {
+  attempts = "SELECT doc FROM attempts WHERE call_id = ? ORDER BY n",
+  transcript = "SELECT doc FROM transcript WHERE call_id = ? ORDER BY id",
+  events = "SELECT doc FROM events WHERE call_id = ? ORDER BY id",
+}
 
 local function mkdir_p(dir)
   local acc = dir:sub(1, 1) == "/" and "" or "."
@@ -158,22 +164,27 @@ local function rows_docs(rows)
   return out
 end
 
+--- The call, or nil when there is none, or nil, err when the read fails.
 function Store:get_call(id)
   local db = self.db
-  local r = db:row("SELECT doc FROM calls WHERE id = ?", id)
+  local r, err = db:row("SELECT doc FROM calls WHERE id = ?", id)
   if not r then
-    return nil
+    return nil, err
   end
   local c = decode(r.doc)
   c.id = id
-  c.attempts = rows_docs(db:rows("SELECT doc FROM attempts WHERE call_id = ? ORDER BY n", id) or {})
-  c.transcript = self:transcript(id)
-  c.events = rows_docs(db:rows("SELECT doc FROM events WHERE call_id = ? ORDER BY id", id) or {})
+  for field, sql in pairs(CALL_ROWS) do
+    local rows, rerr = db:rows(sql, id)
+    if not rows then
+      return nil, rerr
+    end
+    c[field] = rows_docs(rows)
+  end
   return c
 end
 
 function Store:transcript(id)
-  return rows_docs(self.db:rows("SELECT doc FROM transcript WHERE call_id = ? ORDER BY id", id) or {})
+  return rows_docs(self.db:rows(CALL_ROWS.transcript, id) or {})
 end
 
 --- Runs fn, whose writes commit together: one transaction instead of one each.
@@ -234,7 +245,7 @@ function Store:list_calls(opts)
     end
     local c = decode(r.doc)
     c.id = r.id
-    local attempts, aerr = self.db:rows("SELECT doc FROM attempts WHERE call_id = ? ORDER BY n", r.id)
+    local attempts, aerr = self.db:rows(CALL_ROWS.attempts, r.id)
     if not attempts then
       return nil, aerr
     end

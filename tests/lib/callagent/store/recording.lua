@@ -1,9 +1,11 @@
 --- A store backend for tests (store.backend = "recording"): the memory store,
 -- with every write recorded in M.writes as {op, args, batch}: batch is the
--- number of the store:batch it ran in, nil outside one.
+-- number of the store:batch it ran in, nil outside one. While M.fail_reads is
+-- true, get_call and list_calls fail as a disk would: nil, "EIO: ...".
 local memory = require "callagent.store.memory"
 
 local M = { writes = {} }
+local READS = { get_call = true, list_calls = true }
 
 local WRITES = {
   insert_call = true, update_call = true, add_attempt = true, update_attempt = true, add_transcript = true,
@@ -45,6 +47,9 @@ function M.open(cfg)
             end
           end
           M.writes[#M.writes + 1] = { op = k, args = args, batch = current }
+        end
+        if READS[k] and M.fail_reads then
+          return nil, "EIO: disk I/O error"
         end
         return f(inner, ...)
       end
