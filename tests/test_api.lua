@@ -28,6 +28,7 @@ T.test("POST /v1/calls validates every field and answers 400 naming it", functio
     { { to = "+14155550100", prompt = "x", metadata = "not an object" }, "invalid_metadata", "metadata" },
     { { to = "+14155550100", prompt = "x", metadata = { big = string.rep("m", 9000) } }, "invalid_metadata", "metadata" },
     { { to = "+14155550100", prompt = "x", metadata = { "a", "list" } }, "invalid_metadata", "metadata" },
+    { '{"to":"+14155550100","prompt":"x","metadata":{"x":1e400}}', "invalid_metadata", "metadata" },
     { { to = "+14155550100", prompt = "x", promt = "typo" }, "unknown_field", "promt" },
     -- Text is UTF-8 (strictly: no overlong forms or surrogates), without control characters.
     { { to = "+14155550100", prompt = "caf\255" }, "invalid_prompt", "prompt" },

@@ -71,6 +71,12 @@ T.test("invalid values are errors naming the key and what is expected", function
     { { retry = { backoffFactor = 0 / 0 } }, "^retry%.backoffFactor: expected a number" },
     { { defaults = { locale = "en-" } }, "^defaults%.locale: expected a language tag like en%-US" },
     { { defaults = { locale = "english" } }, "^defaults%.locale: expected a language tag" },
+    -- A secret is never shown, and never empty (Twilio's signatures would
+    -- then be anyone's to make).
+    { { server = { apiToken = 1234567890123456789 } }, "^server%.apiToken: expected a string, got %[redacted%]$" },
+    { { twilio = { authToken = { "my-real-twilio-token" } } }, "^twilio%.authToken: expected a string, got %[redacted%]$" },
+    { { twilio = { authToken = "" } }, "^twilio%.authToken: expected a non%-empty secret" },
+    { { openai = { apiKey = "" } }, "^openai%.apiKey: expected a non%-empty secret" },
     -- A list where an object belongs.
     { { 1, 2 }, "^config: expected a JSON object" },
     { { server = { 4545 } }, "^server: expected an object, got %[4545%]$" },

@@ -117,7 +117,11 @@ function M.validate_call(body)
     if type(body.metadata) ~= "table" or #body.metadata > 0 or json.is_array(body.metadata) then
       return nil, err(400, "invalid_metadata", "metadata must be a JSON object", "metadata")
     end
-    if #json.encode(body.metadata) > LIMITS.metadata then
+    local ok, text = pcall(json.encode, body.metadata)
+    if not ok then -- a number JSON cannot hold (1e400 decodes as inf)
+      return nil, err(400, "invalid_metadata", "metadata holds a number out of range", "metadata")
+    end
+    if #text > LIMITS.metadata then
       return nil, err(400, "invalid_metadata", "metadata is larger than " .. LIMITS.metadata .. " bytes", "metadata")
     end
     input.metadata = body.metadata

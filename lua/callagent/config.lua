@@ -307,6 +307,10 @@ end
 
 local function check_value(f, v, key)
   local t, given = f.type, v
+  -- A secret's value is never shown, whatever is wrong with it.
+  local describe = f.secret and function()
+    return "[redacted]"
+  end or describe
   if t == "integer" then
     -- 4545.0 is 4545; 1e300 and inf are no integer (tointeger gives nil).
     v = type(v) == "number" and math.tointeger(v) or nil
@@ -338,10 +342,14 @@ local function check_value(f, v, key)
   elseif type(v) ~= "string" then
     return nil, string.format("%s: expected a string, got %s", key, describe(v))
   end
+  if f.secret and v == "" then
+    -- An empty key would sign Twilio's webhooks for anyone (HMAC with "").
+    return nil, key .. ": expected a non-empty secret, got an empty string"
+  end
   if f.check then
     local want = f.check(v)
     if want then
-      return nil, string.format("%s: expected %s, got %s", key, want, f.secret and "[redacted]" or describe(v))
+      return nil, string.format("%s: expected %s, got %s", key, want, describe(v))
     end
   end
   return v
