@@ -253,6 +253,17 @@ T.test("a store that cannot read answers 500 store_failed: never a 404 for a cal
   T.eq((env:api("GET", "/v1/calls/c_none")), 404)
 end)
 
+T.test("the webhooks answer 400 naming callId or attempt when the query repeats or lacks them", function()
+  local env = env_with({ twilio = { validateSignature = false } })
+  local form = { ["Content-Type"] = "application/x-www-form-urlencoded" }
+  for _, path in ipairs({ "/status", "/voice" }) do
+    for q, field in pairs({ ["?callId=a&callId=b&attempt=1"] = "callId", ["?callId=a&attempt=1&attempt=2"] = "attempt", [""] = "callId" }) do
+      local status, body = env:api("POST", path .. q, "CallSid=CA6&CallStatus=ringing", form)
+      T.eq({ status, body.error and body.error.code, body.error and body.error.field }, { 400, "bad_request", field }, path .. q)
+    end
+  end
+end)
+
 T.test("the call record has the documented shape", function()
   local env = kit.start({ twilio = { behaviour = "busy" }, config = { retry = { maxAttempts = 1 } } })
   local id = env:create({ to = "+14155550150", prompt = "Shape.", calleeName = "Bob" })

@@ -125,13 +125,29 @@ end
 function App:_routes(srv)
   local engine, provider = self.engine, self.provider
 
+  -- The webhook URLs' callId and attempt, as we wrote them: one string each
+  -- (a repeated parameter arrives as a list). Else the 400 to answer.
+  local function call_query(req, what)
+    local q = req.query or {}
+    for _, k in ipairs({ "callId", "attempt" }) do
+      if type(q[k]) ~= "string" and (k == "callId" or q[k] ~= nil) then
+        log.warn(what .. " with a bad query", { field = k, remote = req.remote })
+        return nil, 400, { error = { code = "bad_request", message = k .. " must be given once in the query", field = k } }
+      end
+    end
+    return q
+  end
+
   srv:post("/voice", function(req)
     local ok, why = provider:validateRequest(provider_req(req), self:public_url())
     if not ok then
       log.warn("voice webhook refused", { reason = why, remote = req.remote })
       return 403, { error = { code = "forbidden", message = "invalid signature" } }
     end
-    local q = req.query or {}
+    local q, status, body = call_query(req, "voice webhook")
+    if not q then
+      return status, body
+    end
     local id, n = q.callId, tonumber(q.attempt)
     local token, terr = engine:prepare_stream(id, n)
     if not token then
@@ -153,7 +169,10 @@ function App:_routes(srv)
       log.warn("status callback refused", { reason = why, remote = req.remote })
       return 403, { error = { code = "forbidden", message = "invalid signature" } }
     end
-    local q = req.query or {}
+    local q, status, body = call_query(req, "status callback")
+    if not q then
+      return status, body
+    end
     local payload, st, serr
     if (req.headers["content-type"] or ""):find("json", 1, true) then
       payload, serr = req:json_object()
