@@ -8,13 +8,10 @@ local json = require "callagent.json"
 local APP = T.root .. "/examples/app.lua"
 
 -- The environment of `make run` on a machine with none of ours set.
+local CLEAN = { PORT = false, OPENAI_API_KEY = false, CALLAGENT_CONFIG = false, PUBLIC_BASE_URL = false,
+  TWILIO_ACCOUNT_SID = false, TWILIO_AUTH_TOKEN = false, TWILIO_FROM_NUMBER = false, CLAWDBOT_HOOKS_TOKEN = false }
 local function env(over)
-  local e = { PORT = false, OPENAI_API_KEY = false, CALLAGENT_CONFIG = false, PUBLIC_BASE_URL = false,
-    TWILIO_ACCOUNT_SID = false, TWILIO_AUTH_TOKEN = false, TWILIO_FROM_NUMBER = false, CLAWDBOT_HOOKS_TOKEN = false }
-  for k, v in pairs(over or {}) do
-    e[k] = v
-  end
-  return e
+  return T.with(CLEAN, over)
 end
 
 T.test("the local setup prints its banner, takes a call through the API and stops on SIGINT", function()

@@ -365,11 +365,7 @@ end)
 ]]
 
 local function app_env(path, logfile, extra)
-  local env = { PATH = path, CALLAGENT_BIN = T.bin, FAKE_NGROK_LOG = logfile, CALLAGENT_LOG = "info" }
-  for k, v in pairs(extra or {}) do
-    env[k] = v
-  end
-  return env
+  return T.with({ PATH = path, CALLAGENT_BIN = T.bin, FAKE_NGROK_LOG = logfile, CALLAGENT_LOG = "info" }, extra)
 end
 
 T.test("a Twilio app without publicBaseUrl opens an ngrok tunnel, announces it, and stops ngrok on SIGTERM", function()

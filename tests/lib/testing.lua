@@ -324,6 +324,18 @@ function T.free_port()
   return port
 end
 
+--- A new table: base's fields, then over's on top (e.g. a child's environment).
+function T.with(base, over)
+  local t = {}
+  for k, v in pairs(base) do
+    t[k] = v
+  end
+  for k, v in pairs(over or {}) do
+    t[k] = v
+  end
+  return t
+end
+
 --- A fresh temporary folder, removed after the test.
 function T.tmpdir()
   local p = os.tmpname()
