@@ -15,7 +15,10 @@
  *   level([n])           get/set the minimum level
  *   enabled(n)           whether level n is written
  *   timestamp()          "2026-11-25T14:22:04.123Z" (UTC, wall clock)
- *   add_secret(s)        redact s (strings shorter than 4 bytes are ignored)
+ *   add_secret(s)        redact s from now on (at least 8 bytes; the longest
+ *                        match wins); callagent.log adds each secret's escaped
+ *                        forms too
+ *   format([f])          get/set "text" or "json" (C lines follow it as well)
  *   dropped()            lines dropped so far because the reader was too slow
  */
 #include <errno.h>
@@ -30,7 +33,8 @@
 #include "ca.h"
 
 #define CA_LOG_QUEUE_MAX (4u << 20)
-#define CA_MAX_SECRETS 64
+#define CA_MAX_SECRETS 256	/* forms of secrets: each as written, quoted, in JSON */
+#define CA_MIN_SECRET 8
 
 /* A queued chunk of log text; owned by the sink until its uv_write completes. */
 struct chunk {
@@ -53,6 +57,8 @@ static unsigned long dropped;
 static char *secrets[CA_MAX_SECRETS];
 static size_t secret_len[CA_MAX_SECRETS];
 static int n_secrets;
+static unsigned char first_bytes[32];	/* bit set: some secret starts with this byte */
+static int json_format;			/* CALLAGENT_LOG_FORMAT=json */
 
 static void setup(void)
 {
@@ -191,57 +197,196 @@ static void emit(const char *p, size_t n)
 	enqueue(p, n);
 }
 
-/* Replaces every registered secret in line[0..len) and writes it with a newline. */
-void ca__log_write(const char *line, size_t len)
-{
-	char stackbuf[2048];
-	char *out = stackbuf;
-	size_t cap = sizeof stackbuf, o = 0;
+/* A growable output buffer that starts on the stack. */
+struct buf {
+	char *p;
+	size_t n, cap;
+	char stack[2048];
+};
 
-	for (size_t i = 0; i < len;) {
+static void b_init(struct buf *b)
+{
+	b->p = b->stack;
+	b->n = 0;
+	b->cap = sizeof b->stack;
+}
+
+static void b_reserve(struct buf *b, size_t more)
+{
+	size_t ncap;
+
+	if (b->n + more <= b->cap)
+		return;
+	ncap = (b->n + more) * 2;
+	b->p = b->p == b->stack ? memcpy(ca_malloc(ncap), b->stack, b->n) : ca_realloc(b->p, ncap);
+	b->cap = ncap;
+}
+
+static void b_put(struct buf *b, const char *s, size_t n)
+{
+	b_reserve(b, n);
+	memcpy(b->p + b->n, s, n);
+	b->n += n;
+}
+
+static void b_hex(struct buf *b, const char *fmt, unsigned char c)
+{
+	b_reserve(b, 8);
+	b->n += (size_t)snprintf(b->p + b->n, 8, fmt, c);
+}
+
+static void b_free(struct buf *b)
+{
+	if (b->p != b->stack)
+		free(b->p);
+}
+
+/* Replaces every registered secret in s[0..n): the longest match wins. */
+static void redact(struct buf *out, const char *s, size_t n)
+{
+	size_t i = 0, from = 0;
+
+	while (i < n) {
+		unsigned char c = (unsigned char)s[i];
 		int hit = -1;
 
-		for (int s = 0; s < n_secrets; s++)
-			if (secret_len[s] <= len - i && line[i] == secrets[s][0] &&
-			    memcmp(line + i, secrets[s], secret_len[s]) == 0) {
-				hit = s;
-				break;
-			}
-		if (o + 16 >= cap) {
-			size_t ncap = cap * 2 + len;
-
-			out = out == stackbuf ? memcpy(ca_malloc(ncap), stackbuf, o)
-					      : ca_realloc(out, ncap);
-			cap = ncap;
+		if (first_bytes[c >> 3] & (1u << (c & 7)))
+			for (int k = 0; k < n_secrets; k++)	/* longest first */
+				if (secret_len[k] <= n - i && (unsigned char)secrets[k][0] == c &&
+				    memcmp(s + i, secrets[k], secret_len[k]) == 0) {
+					hit = k;
+					break;
+				}
+		if (hit < 0) {
+			i++;
+			continue;
 		}
-		if (hit >= 0) {
-			memcpy(out + o, "[redacted]", 10);
-			o += 10;
-			i += secret_len[hit];
-		} else {
-			char c = line[i++];
+		b_put(out, s + from, i - from);
+		b_put(out, "[redacted]", 10);
+		i += secret_len[hit];
+		from = i;
+	}
+	b_put(out, s + from, n - from);
+}
 
-			/*
-			 * One line per event: embedded newlines are escaped, and
-			 * so are the other control characters (a request's bytes
-			 * may reach a line: no terminal escapes from a client).
-			 */
-			if (c == '\n') {
-				out[o++] = '\\';
-				out[o++] = 'n';
-			} else if (c == '\r' || c == '\t') {
-				out[o++] = ' ';
-			} else if ((unsigned char)c < 0x20 || c == 0x7f) {
-				o += (size_t)snprintf(out + o, 5, "\\x%02x", (unsigned char)c);
-			} else {
-				out[o++] = c;
-			}
+/* Length of the valid UTF-8 sequence at s (1..4), or 0 when it is not one. */
+static size_t utf8_len(const unsigned char *s, size_t n)
+{
+	unsigned c = s[0];
+	size_t len;
+	unsigned cp;
+
+	if (c < 0x80)
+		return 1;
+	if (c >= 0xc2 && c <= 0xdf)
+		len = 2, cp = c & 0x1f;
+	else if (c >= 0xe0 && c <= 0xef)
+		len = 3, cp = c & 0x0f;
+	else if (c >= 0xf0 && c <= 0xf4)
+		len = 4, cp = c & 0x07;
+	else
+		return 0;
+	if (len > n)
+		return 0;
+	for (size_t k = 1; k < len; k++) {
+		if ((s[k] & 0xc0) != 0x80)
+			return 0;
+		cp = cp << 6 | (s[k] & 0x3f);
+	}
+	if ((len == 3 && (cp < 0x800 || (cp >= 0xd800 && cp <= 0xdfff))) ||
+	    (len == 4 && (cp < 0x10000 || cp > 0x10ffff)))
+		return 0;
+	return len;
+}
+
+/*
+ * Text lines: one line per event. A newline is written \n, a tab or carriage
+ * return as a space, any other control character (C0, DEL, C1) and any byte
+ * that is not UTF-8 as \xNN: a request's bytes may reach a line, but no
+ * terminal escape from a client. `block` keeps newlines and tabs (the fatal
+ * error's traceback).
+ */
+static void sanitize_text(struct buf *out, const char *s, size_t n, int block)
+{
+	const unsigned char *u = (const unsigned char *)s;
+
+	for (size_t i = 0; i < n;) {
+		unsigned char c = u[i];
+		size_t len = utf8_len(u + i, n - i);
+
+		if (len > 1 && !(c == 0xc2 && u[i + 1] < 0xa0)) {
+			b_put(out, s + i, len);
+			i += len;
+			continue;
+		}
+		if (len > 1) {	/* C1 control: both bytes escaped */
+			b_hex(out, "\\x%02x", c);
+			b_hex(out, "\\x%02x", u[i + 1]);
+			i += 2;
+			continue;
+		}
+		i++;
+		if ((c == '\n' || c == '\t') && block) {
+			b_put(out, (const char *)&c, 1);
+		} else if (c == '\n') {
+			b_put(out, "\\n", 2);
+		} else if (c == '\r' || c == '\t') {
+			b_put(out, " ", 1);
+		} else if (c < 0x20 || c >= 0x7f) {
+			b_hex(out, "\\x%02x", c);
+		} else {
+			b_put(out, (const char *)&c, 1);
 		}
 	}
-	out[o++] = '\n';
-	emit(out, o);
-	if (out != stackbuf)
-		free(out);
+}
+
+/*
+ * JSON string content: control characters and DEL as \u00XX, bytes that are
+ * not UTF-8 as \ufffd (a JSON reader refuses them). `quote` also escapes "
+ * and \ (a C message; the Lua logger's lines are JSON already).
+ */
+static void escape_json(struct buf *out, const char *s, size_t n, int quote)
+{
+	const unsigned char *u = (const unsigned char *)s;
+
+	for (size_t i = 0; i < n;) {
+		unsigned char c = u[i];
+		size_t len = utf8_len(u + i, n - i);
+
+		if (len == 0) {
+			b_put(out, "\\ufffd", 6);
+			i++;
+		} else if (len > 1) {
+			b_put(out, s + i, len);
+			i += len;
+		} else if (c < 0x20 || c == 0x7f) {
+			b_hex(out, "\\u%04x", c);
+			i++;
+		} else if (quote && (c == '"' || c == '\\')) {
+			b_put(out, "\\", 1);
+			b_put(out, s + i++, 1);
+		} else {
+			b_put(out, s + i++, 1);
+		}
+	}
+}
+
+/* Redacts and sanitizes a finished line (from Lua: text or JSON) and writes it. */
+void ca__log_write(const char *line, size_t len)
+{
+	struct buf r, out;
+
+	b_init(&r);
+	b_init(&out);
+	redact(&r, line, len);
+	if (json_format)
+		escape_json(&out, r.p, r.n, 0);
+	else
+		sanitize_text(&out, r.p, r.n, 0);
+	b_put(&out, "\n", 1);
+	emit(out.p, out.n);
+	b_free(&r);
+	b_free(&out);
 }
 
 void ca__log_flush(void)
@@ -289,26 +434,90 @@ static size_t timestamp(char *buf, size_t cap)
 
 static const char *level_names[] = {"DEBUG", "INFO", "WARN", "ERROR"};
 
+/*
+ * A line from C: the message is formatted, redacted, then written as text
+ * ("<ts> LEVEL message") or as a JSON object like the Lua logger's.
+ */
+static void write_c_line(int level, const char *msg, size_t len, int block)
+{
+	static const char *lower[] = {"debug", "info", "warn", "error"};
+	char ts[64];
+	size_t tn = timestamp(ts, sizeof ts);
+	struct buf r, out;
+
+	b_init(&r);
+	b_init(&out);
+	redact(&r, msg, len);
+	if (json_format) {
+		b_put(&out, "{\"ts\":\"", 7);
+		b_put(&out, ts, tn);
+		b_put(&out, "\",\"level\":\"", 11);
+		b_put(&out, lower[level & 3], strlen(lower[level & 3]));
+		b_put(&out, "\",\"msg\":\"", 9);
+		escape_json(&out, r.p, r.n, 1);
+		b_put(&out, "\"}\n", 3);
+	} else {
+		b_put(&out, ts, tn);
+		b_put(&out, " ", 1);
+		b_put(&out, level_names[level & 3], strlen(level_names[level & 3]));
+		b_put(&out, " ", 1);
+		sanitize_text(&out, r.p, r.n, block);
+		b_put(&out, "\n", 1);
+	}
+	if (block)
+		write_all_blocking(out.p, out.n);
+	else
+		emit(out.p, out.n);
+	b_free(&r);
+	b_free(&out);
+}
+
+static void vlog(int level, int block, const char *fmt, va_list ap)
+{
+	char small[1024];
+	char *msg = small;
+	va_list copy;
+	int m;
+
+	va_copy(copy, ap);
+	m = vsnprintf(small, sizeof small, fmt, ap);
+	if (m < 0)
+		m = 0;
+	if ((size_t)m >= sizeof small) {
+		/* Whole, never cut: a cut could leave a secret's head unredacted. */
+		msg = ca_malloc((size_t)m + 1);
+		vsnprintf(msg, (size_t)m + 1, fmt, copy);
+	}
+	va_end(copy);
+	write_c_line(level, msg, (size_t)m, block);
+	if (msg != small)
+		free(msg);
+}
+
 void ca_log(int level, const char *fmt, ...)
 {
-	char buf[4096];
 	va_list ap;
-	size_t n;
-	int m;
 
 	if (level < min_level)
 		return;
-	n = timestamp(buf, sizeof buf);
-	n += (size_t)snprintf(buf + n, sizeof buf - n, " %s ", level_names[level & 3]);
 	va_start(ap, fmt);
-	m = vsnprintf(buf + n, sizeof buf - n, fmt, ap);
+	vlog(level, 0, fmt, ap);
 	va_end(ap);
-	if (m < 0)
-		m = 0;
-	n += (size_t)m;
-	if (n >= sizeof buf)
-		n = sizeof buf - 1;
-	ca__log_write(buf, n);
+}
+
+void ca__log_fatal(const char *fmt, ...)
+{
+	va_list ap;
+
+	ca__log_flush();
+	va_start(ap, fmt);
+	vlog(CA_LOG_ERROR, 1, fmt, ap);
+	va_end(ap);
+}
+
+void ca__log_set_json(int on)
+{
+	json_format = on;
 }
 
 /* ---- Lua ---- */
@@ -350,22 +559,41 @@ static int l_timestamp(lua_State *L)
 	return 1;
 }
 
+/* Secrets are kept longest first: one that starts another cannot leave its tail. */
 static int l_add_secret(lua_State *L)
 {
 	size_t len;
 	const char *s = luaL_checklstring(L, 1, &len);
+	int at;
 
-	if (len < 4)
-		return 0;
+	luaL_argcheck(L, len >= CA_MIN_SECRET, 1, "a secret must be at least 8 bytes");
 	for (int i = 0; i < n_secrets; i++)
 		if (secret_len[i] == len && memcmp(secrets[i], s, len) == 0)
 			return 0;
 	if (n_secrets == CA_MAX_SECRETS)
 		return luaL_error(L, "too many secrets registered (max %d)", CA_MAX_SECRETS);
-	secrets[n_secrets] = ca_malloc(len);
-	memcpy(secrets[n_secrets], s, len);
-	secret_len[n_secrets++] = len;
+	for (at = n_secrets; at > 0 && secret_len[at - 1] < len; at--) {
+		secrets[at] = secrets[at - 1];
+		secret_len[at] = secret_len[at - 1];
+	}
+	secrets[at] = ca_malloc(len);
+	memcpy(secrets[at], s, len);
+	secret_len[at] = len;
+	n_secrets++;
+	first_bytes[(unsigned char)s[0] >> 3] |= (unsigned char)(1u << ((unsigned char)s[0] & 7));
 	return 0;
+}
+
+static int l_format(lua_State *L)
+{
+	if (!lua_isnoneornil(L, 1)) {
+		const char *f = luaL_checkstring(L, 1);
+
+		luaL_argcheck(L, !strcmp(f, "text") || !strcmp(f, "json"), 1, "format must be text or json");
+		json_format = f[0] == 'j';
+	}
+	lua_pushstring(L, json_format ? "json" : "text");
+	return 1;
 }
 
 static int l_dropped(lua_State *L)
@@ -383,6 +611,7 @@ int luaopen_callagent_core_log(lua_State *L)
 		{"timestamp", l_timestamp},
 		{"add_secret", l_add_secret},
 		{"dropped", l_dropped},
+		{"format", l_format},
 		{NULL, NULL}
 	};
 	luaL_newlib(L, fns);

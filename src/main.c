@@ -772,7 +772,7 @@ static int run_app(int argc, char **argv)
 
 	rc = luaL_loadfile(L, script);
 	if (rc != LUA_OK) {
-		fprintf(stderr, "callagent: %s\n", lua_tostring(L, -1));
+		ca__log_fatal("%s", lua_tostring(L, -1));
 		exit_code = 1;
 		goto out;
 	}
@@ -790,8 +790,7 @@ static int run_app(int argc, char **argv)
 		if (rc != LUA_OK) {
 			const char *msg = lua_tostring(L, -1);
 
-			ca__log_flush();
-			fprintf(stderr, "callagent: error in %s: %s\n", script, msg ? msg : "?");
+			ca__log_fatal("error in %s: %s", script, msg ? msg : "?");
 			exit_code = 1;
 			goto out;
 		}
@@ -880,6 +879,17 @@ int main(int argc, char **argv)
 				return 2;
 			}
 			ca__log_set_level(found);
+		}
+	}
+	{
+		const char *fmt = getenv("CALLAGENT_LOG_FORMAT");
+
+		if (fmt && *fmt) {
+			if (strcmp(fmt, "text") && strcmp(fmt, "json")) {
+				fprintf(stderr, "callagent: CALLAGENT_LOG_FORMAT must be text or json, not '%s'\n", fmt);
+				return 2;
+			}
+			ca__log_set_json(fmt[0] == 'j');
 		}
 	}
 	rc = run_app(argc - 2, argv + 2);

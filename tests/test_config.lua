@@ -7,8 +7,8 @@ local function good()
   return {
     telephony = { provider = "twilio" },
     server = { port = 4545, publicBaseUrl = "https://example.ngrok.app/" },
-    twilio = { accountSid = "AC" .. string.rep("a", 32), authToken = "tok", fromNumber = "+15551234567", validateSignature = true },
-    openai = { apiKey = "sk-x", model = "gpt-realtime", voice = "alloy", inputFormat = "audio/pcmu", outputFormat = "audio/pcm", outputSampleRate = 24000 },
+    twilio = { accountSid = "AC" .. string.rep("a", 32), authToken = "tw-token-for-tests", fromNumber = "+15551234567", validateSignature = true },
+    openai = { apiKey = "sk-test-key", model = "gpt-realtime", voice = "alloy", inputFormat = "audio/pcmu", outputFormat = "audio/pcm", outputSampleRate = 24000 },
     notify = { hooksUrl = "http://127.0.0.1:19000/hooks", hooksToken = "hook-token", sessionKey = "optional" },
     defaults = { timezone = "America/Los_Angeles", locale = "en-US" },
     retry = { maxAttempts = 3, initialDelayMs = 60000, backoffFactor = 2, retryStatuses = { "busy", "no_answer", "failed" } },
@@ -31,7 +31,7 @@ T.test("the seed's example config is accepted as is, with defaults filled in", f
 end)
 
 T.test("a config with only the OpenAI key gets every default", function()
-  local cfg = assert(config.normalize({ openai = { apiKey = "sk-x" } }, { quiet = true }))
+  local cfg = assert(config.normalize({ openai = { apiKey = "sk-test-key" } }, { quiet = true }))
   T.eq(cfg.telephony.provider, "twilio")
   T.eq(cfg.server.port, 4545)
   T.eq(cfg.openai.voice, "alloy")
@@ -77,6 +77,7 @@ T.test("invalid values are errors naming the key and what is expected", function
     { { twilio = { authToken = { "my-real-twilio-token" } } }, "^twilio%.authToken: expected a string, got %[redacted%]$" },
     { { twilio = { authToken = "" } }, "^twilio%.authToken: expected a non%-empty secret" },
     { { openai = { apiKey = "" } }, "^openai%.apiKey: expected a non%-empty secret" },
+    { { notify = { hooksToken = "2026" } }, "^notify%.hooksToken: expected a secret of at least 8 characters, got %[redacted%]$" },
     -- A list where an object belongs.
     { { 1, 2 }, "^config: expected a JSON object" },
     { { server = { 4545 } }, "^server: expected an object, got %[4545%]$" },
@@ -90,7 +91,7 @@ end)
 
 T.test("locales are language tags, as the API takes them", function()
   for _, tag in ipairs({ "en", "en-US", "en_US", "es-419", "zh-Hant-TW", "fil-PH" }) do
-    local cfg, err = config.normalize({ openai = { apiKey = "sk-x" }, defaults = { locale = tag } }, { quiet = true })
+    local cfg, err = config.normalize({ openai = { apiKey = "sk-test-key" }, defaults = { locale = tag } }, { quiet = true })
     T.ok(cfg, err)
     T.eq(cfg.defaults.locale, tag)
     T.ok(config.is_locale(tag), tag)
@@ -102,7 +103,7 @@ end)
 
 T.test("null means the default, for a key or a whole section", function()
   local json = require "callagent.json"
-  local cfg = assert(config.normalize({ openai = { apiKey = "sk-x", voice = json.null }, server = json.null, retry = json.null }, { quiet = true }))
+  local cfg = assert(config.normalize({ openai = { apiKey = "sk-test-key", voice = json.null }, server = json.null, retry = json.null }, { quiet = true }))
   T.eq(cfg.openai.voice, "alloy")
   T.eq(cfg.server.port, 4545)
   T.eq(cfg.retry.maxAttempts, 3)
@@ -145,14 +146,14 @@ T.test("of several problems, the same one is reported every time: sections in th
 end)
 
 T.test("a non-loopback host is fine with an API token", function()
-  local cfg = assert(config.normalize({ server = { host = "0.0.0.0", apiToken = string.rep("t", 32) }, openai = { apiKey = "sk-x" } }, { quiet = true }))
+  local cfg = assert(config.normalize({ server = { host = "0.0.0.0", apiToken = string.rep("t", 32) }, openai = { apiKey = "sk-test-key" } }, { quiet = true }))
   T.eq(cfg.server.host, "0.0.0.0")
 end)
 
 T.test("${NAME} is replaced by the environment; a missing variable names the key", function()
   local home = os.getenv("HOME")
-  local cfg = assert(config.normalize({ openai = { apiKey = "${HOME}" }, store = { path = "${HOME}/x.db" } }, { quiet = true }))
-  T.eq(cfg.openai.apiKey, home)
+  local cfg = assert(config.normalize({ openai = { apiKey = "${PATH}" }, store = { path = "${HOME}/x.db" } }, { quiet = true }))
+  T.eq(cfg.openai.apiKey, os.getenv("PATH"))
   T.eq(cfg.store.path, home .. "/x.db")
   local c2, err = config.normalize({ twilio = { authToken = "${CALLAGENT_SURELY_UNSET_VAR}" } }, { quiet = true })
   T.eq(c2, nil)
@@ -160,7 +161,7 @@ T.test("${NAME} is replaced by the environment; a missing variable names the key
 end)
 
 T.test("unknown keys and sections are warned about, not fatal", function()
-  local cfg, _, warnings = config.normalize({ server = { prot = 1 }, telefony = {}, openai = { apiKey = "sk-x" } }, { quiet = true })
+  local cfg, _, warnings = config.normalize({ server = { prot = 1 }, telefony = {}, openai = { apiKey = "sk-test-key" } }, { quiet = true })
   T.ok(cfg)
   table.sort(warnings)
   T.eq(warnings, { "server.prot: unknown key, ignored", "telefony: unknown section, ignored" })

@@ -57,6 +57,111 @@ print(log.redact("sk-live-abcdef123456"), log.redact("short"))
   T.match(all, "ERROR uncaught error in timer callback: .*failed with %[redacted%]")
 end)
 
+T.test("a secret is redacted in every form a line writes it: quoted, JSON-encoded, both", function()
+  -- base64 tokens hold '/' and '+'; cjson writes '/' as '\/'.
+  local src = [==[
+local log = require "callagent.log"
+local secret = 'Ab/9+x"q\\z=tok'
+log.secret(secret)
+log.info("plain " .. secret, { quoted = "k " .. secret, nested = { v = secret } })
+log.warn("in a table", { list = { secret } })
+print(#secret)
+]==]
+  for _, format in ipairs({ "text", "json" }) do
+    local err = run(src, { CALLAGENT_LOG_FORMAT = format })
+    local all = table.concat(err, "\n")
+    T.eq(#err, 2, format)
+    T.no_match(all, "Ab", format .. ": no piece of the secret, escaped or not")
+    T.no_match(all, "tok", format)
+    local _, n = all:gsub("%[redacted%]", "")
+    T.eq(n, 4, format .. ": each of the four places is redacted")
+    if format == "json" then
+      T.eq(json.decode(err[1]).quoted, "k [redacted]")
+      T.eq(json.decode(err[2]).list, { "[redacted]" })
+    end
+  end
+end)
+
+T.test("a secret that starts a longer one does not leave the longer one's tail", function()
+  local err = run([[
+local log = require "callagent.log"
+log.secret("token-1234")
+log.secret("token-1234-and-more")
+log.info("a token-1234-and-more b token-1234 c")
+]])
+  T.eq(#err, 1)
+  T.match(err[1], "INFO a %[redacted%] b %[redacted%] c$")
+end)
+
+T.test("log.secret refuses a secret under 8 bytes instead of garbling or leaking", function()
+  local err, out = run([[
+local log = require "callagent.log"
+print(pcall(log.secret, "2026"))
+print(pcall(log.secret, 12345678))
+log.info("2026-11-26 stays")
+]])
+  T.match(out[1], "^false\t.*at least 8 bytes")
+  T.match(out[2], "^false\t.*at least 8 bytes")
+  T.match(err[1], "INFO 2026%-11%-26 stays$")
+end)
+
+T.test("C lines are whole and redacted however long, and follow the JSON format", function()
+  local src = [[
+local log = require "callagent.log"
+local timer = require "callagent.timer"
+log.secret("sk-live-abcdef123456")
+timer.after(1, function() error(string.rep("x", 5000) .. " sk-live-abcdef123456 \"q\" \127 end") end)
+]]
+  local err = run(src)
+  local line = table.concat(err, "\n")
+  T.no_match(line, "sk%-live")
+  T.match(line, "ERROR uncaught error in timer callback: .*x %[redacted%] \"q\" \\x7f end")
+  err = run(src, { CALLAGENT_LOG_FORMAT = "json" })
+  T.eq(#err, 1, "one JSON line")
+  local obj = json.decode(err[1])
+  T.eq(obj.level, "error")
+  T.match(obj.ts, "Z$")
+  T.match(obj.msg, "^uncaught error in timer callback: .*x %[redacted%] \"q\" \127 end")
+end)
+
+T.test("a fatal error in app.lua is redacted too, with its traceback's lines", function()
+  local src = [[
+local log = require "callagent.log"
+log.secret("sk-live-abcdef123456")
+local function f() error("bad key sk-live-abcdef123456") end
+f()
+]]
+  local code, _, p = T.run_app(nil, nil, { source = src })
+  T.eq(code, 1)
+  local text = p.errtext()
+  T.no_match(text, "sk%-live")
+  T.match(text, "ERROR error in .*app%.lua: .*bad key %[redacted%]\nstack traceback:\n")
+  code, _, p = T.run_app(nil, nil, { source = src, env = { CALLAGENT_LOG_FORMAT = "json" } })
+  T.eq(code, 1)
+  T.eq(#p.err, 1, "one JSON line")
+  local obj = json.decode(p.err[1])
+  T.eq(obj.level, "error")
+  T.match(obj.msg, "bad key %[redacted%]\nstack traceback:\n")
+end)
+
+T.test("JSON lines stay JSON with DEL and bytes that are not UTF-8", function()
+  local err = run([[
+require("callagent.log").warn("bad bytes", { path = "/a\127b\255c\226\128\168" })
+]], { CALLAGENT_LOG_FORMAT = "json" })
+  T.eq(#err, 1)
+  T.eq(json.decode(err[1]).path, "/a\127b\239\191\189c\226\128\168", "DEL kept as \\u007f, 0xff as U+FFFD")
+  err = run([[
+require("callagent.log").warn("bad bytes", { path = "/a\127b\255c\194\155d" })
+]])
+  T.match(err[1], ' path=/a\\x7fb\\xffc\\xc2\\x9bd$', "text: DEL, a stray byte and C1 CSI escaped")
+end)
+
+T.test("CALLAGENT_LOG_FORMAT other than text or json stops at start", function()
+  local code, _, p = T.run_app(nil, nil, { source = "print(1)", env = { CALLAGENT_LOG_FORMAT = "jsno" } })
+  T.eq(code, 2)
+  T.match(p.errtext(), "CALLAGENT_LOG_FORMAT must be text or json, not 'jsno'")
+end)
+
 T.test("log.redact shows only the last 4 characters of long secrets", function()
   local _, out = run([[
 local log = require "callagent.log"

@@ -11,7 +11,7 @@ local function write(path, text)
 end
 
 local function cfg()
-  return assert(config.normalize({ twilio = { accountSid = "AC" .. string.rep("0", 32), authToken = "t", fromNumber = "+15550001111" }, openai = { apiKey = "sk-x" } }, { quiet = true }))
+  return assert(config.normalize({ twilio = { accountSid = "AC" .. string.rep("0", 32), authToken = "tw-token-for-tests", fromNumber = "+15550001111" }, openai = { apiKey = "sk-test-key" } }, { quiet = true }))
 end
 
 local COMPLETE = [[
@@ -44,7 +44,7 @@ T.test("callagent run finds a provider in the providers/ folder next to the app"
   write(dir .. "/providers/acme.lua", COMPLETE)
   write(dir .. "/app.lua", [[
 local callagent = require "callagent"
-local app = assert(callagent.app({ telephony = { provider = "acme" }, openai = { apiKey = "sk-x" },
+local app = assert(callagent.app({ telephony = { provider = "acme" }, openai = { apiKey = "sk-test-key" },
   store = { backend = "memory" } }))
 print("provider " .. app.provider.name)
 ]])
@@ -78,7 +78,7 @@ T.test("an unknown provider name lists the ones found; missing config keys are n
   local p, err = providers.load("nope", cfg())
   T.eq(p, nil)
   T.match(err, "^telephony%.provider: no provider named 'nope' %(found: .*twilio")
-  local bare = assert(config.normalize({ openai = { apiKey = "sk-x" } }, { quiet = true }))
+  local bare = assert(config.normalize({ openai = { apiKey = "sk-test-key" } }, { quiet = true }))
   p, err = providers.load("twilio", bare)
   T.eq(p, nil)
   T.eq(err, "twilio.accountSid: required by the twilio provider")

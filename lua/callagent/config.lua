@@ -346,6 +346,10 @@ local function check_value(f, v, key)
     -- An empty key would sign Twilio's webhooks for anyone (HMAC with "").
     return nil, key .. ": expected a non-empty secret, got an empty string"
   end
+  if f.secret and #v < 8 then
+    -- Shorter ones are guessable, and redacting them would garble the log.
+    return nil, key .. ": expected a secret of at least 8 characters, got [redacted]"
+  end
   if f.check then
     local want = f.check(v)
     if want then

@@ -6,6 +6,7 @@
 --   log.enabled("debug")        cheap check before building expensive fields
 --   log.format("json")          "text" (default) or "json" (CALLAGENT_LOG_FORMAT)
 --   log.secret(s)               from now on s is written as [redacted] in every line
+--                               (at least 8 bytes; also its escaped forms)
 --   log.redact(s)               a safe display form of a secret: "[redacted]" or
 --                               "…" plus its last 4 characters for long values
 --
@@ -20,8 +21,8 @@ local M = {}
 
 local LEVELS = { debug = 0, info = 1, warn = 2, error = 3 }
 local NAMES = { [0] = "DEBUG", "INFO", "WARN", "ERROR" }
-local json_mode = os.getenv("CALLAGENT_LOG_FORMAT") == "json"
-local cjson -- loaded on first JSON line
+local json_mode = core.format() == "json" -- the host read CALLAGENT_LOG_FORMAT
+local cjson -- loaded on first JSON line or secret
 
 local function level_of(name)
   local n = LEVELS[name]
@@ -47,14 +48,27 @@ function M.format(f)
     if f ~= "text" and f ~= "json" then
       error("log format must be text or json", 2)
     end
+    core.format(f)
     json_mode = f == "json"
   end
   return json_mode and "json" or "text"
 end
 
+-- How quote() writes a value's inside: backslash escapes, no quotes around.
+local function quoted_inside(s)
+  return (s:gsub('[\\"]', "\\%0"):gsub("\n", "\\n"):gsub("\r", "\\r"):gsub("\t", "\\t"))
+end
+
 function M.secret(s)
-  if type(s) == "string" and #s >= 4 then
-    core.add_secret(s)
+  if type(s) ~= "string" or #s < 8 then
+    error("log.secret: expected a string of at least 8 bytes (a shorter one would redact ordinary text)", 2)
+  end
+  -- A line holds a value as written, quoted (text), JSON-encoded (JSON
+  -- lines, tables in text lines) or both: each form is redacted.
+  cjson = cjson or require "cjson"
+  local encoded = cjson.encode(s):sub(2, -2)
+  for _, form in ipairs({ s, quoted_inside(s), encoded, quoted_inside(encoded) }) do
+    core.add_secret(form)
   end
   return s
 end
@@ -73,7 +87,7 @@ end
 local function quote(v)
   local s = tostring(v)
   if s == "" or s:find('[%s"=\\]') then
-    s = '"' .. s:gsub('[\\"]', "\\%0"):gsub("\n", "\\n"):gsub("\r", "\\r"):gsub("\t", "\\t") .. '"'
+    s = '"' .. quoted_inside(s) .. '"'
   end
   return s
 end
