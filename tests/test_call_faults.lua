@@ -120,6 +120,44 @@ T.test("a stream token works once: a second stream with it, or an unknown one, i
   healthy(env)
 end, { timeout = 30000 })
 
+T.test("a media stream that never starts, or sends something else first, is closed with 1008 and logged", function()
+  local tw = assert(fake_twilio.start({ account_sid = kit.ACCOUNT, auth_token = kit.TOKEN }))
+  local rt = assert(require("fakes.realtime").start({ api_key = kit.API_KEY }))
+  T.defer(function()
+    tw:close()
+    rt:close()
+  end)
+  local p, api = kit.app_process(tw, rt, { stream_start_ms = 500 })
+  local stream_url = api.base:gsub("^http", "ws") .. "/voice/stream"
+  local function open()
+    return assert(ws.connect(stream_url, { headers = { ["X-Twilio-Signature"] = fake_twilio.sign(kit.TOKEN, stream_url) } }))
+  end
+  -- Silent after the handshake, and silent after `connected`.
+  local silent, connected = open(), open()
+  connected:send(json.encode({ event = "connected", protocol = "Call", version = "1.0.0" }))
+  local t0 = timer.now()
+  for _, conn in ipairs({ silent, connected }) do
+    local kind, code, reason = conn:receive(5000)
+    T.eq({ kind, code, reason }, { "close", 1008, "no start" })
+  end
+  T.gt(timer.now() - t0, 300, "closed at the deadline, not before")
+  -- Media before start, and a message that is no event: refused at once.
+  for _, text in ipairs({ json.encode({ event = "media", media = { payload = "" } }), "hello", "[1]" }) do
+    local conn = open()
+    conn:send(text)
+    local kind, code, reason = conn:receive(400)
+    T.eq({ kind, code, reason }, { "close", 1008, "expected start" }, text)
+  end
+  T.wait_for(function()
+    return select(2, p.errtext():gsub("media stream refused", "")) >= 5
+  end, 5000, "a log line for each: " .. p.errtext())
+  local log = p.errtext()
+  T.match(log, 'WARN media stream refused reason="no start within 0%.5 s" remote=127%.0%.0%.1')
+  T.match(log, 'reason="expected connected or start, got event media"')
+  T.match(log, 'reason="expected connected or start, got a message that is not an event"')
+  T.eq(assert(fetch(api.base .. "/healthz")).status, 200)
+end, { timeout = 30000 })
+
 T.test("the model dropping mid-call fails the call with a clear reason and hangs up", function()
   local env = kit.start({
     realtime = {

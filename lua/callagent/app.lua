@@ -24,7 +24,8 @@
 -- gc_pause (the Lua collector's pause set by app:start(), percent; 130),
 -- loop_watch_ms (10000: how often the event loop's load is checked; a
 -- warning is logged, at most once a minute, when it was 90% busy or one
--- iteration took 250 ms; 0: never).
+-- iteration took 250 ms; 0: never), stream_start_ms (10000: a media stream
+-- that has not sent `start` by then is closed with 1008).
 --
 -- Routes: the REST API (lua/callagent/api.lua), and for the provider
 -- POST /voice, POST /status and the WebSocket /voice/stream (Twilio Media
@@ -190,15 +191,33 @@ function App:_routes(srv)
     return 204
   end)
 
+  -- A stream is refused with 1008 and one log line: callagent is the only
+  -- one who sees why, the phone vendor only hangs up.
+  local function refuse(conn, reason, close_reason)
+    if conn.start_timer then
+      conn.start_timer:stop()
+      conn.start_timer = nil
+    end
+    log.warn("media stream refused", { reason = reason, remote = conn.request and conn.request.remote })
+    conn:close(1008, close_reason or reason)
+  end
+  local start_ms = self.opts.stream_start_ms or 10000
+
   srv:websocket("/voice/stream", {
     open = function(conn, req)
       req.upgrade = true
       local ok, why = provider:validateRequest(req, self:public_url())
       if not ok then
-        log.warn("media stream refused", { reason = why, remote = req.remote })
-        conn:close(1008, "invalid signature")
-        return
+        return refuse(conn, why, "invalid signature")
       end
+      -- A connection that never starts would be held forever.
+      conn.start_timer = timer.after(start_ms, function()
+        conn.start_timer = nil
+        if not conn.bridge and not conn.gone then
+          refuse(conn, string.format("no start within %g s", start_ms / 1000), "no start")
+        end
+      end)
+      conn.start_timer:unref()
     end,
     text = function(conn, msg)
       local b = conn.bridge
@@ -206,30 +225,38 @@ function App:_routes(srv)
         return b:on_stream_text(msg)
       end
       -- Before `start`: connected, then start with the customParameters.
+      -- Anything else is not Twilio Media Streams.
       local ev = json.try_decode(msg)
-      if type(ev) ~= "table" then
-        return
+      if type(ev) ~= "table" or (ev.event ~= "connected" and ev.event ~= "start") then
+        local what = type(ev) == "table" and type(ev.event) == "string" and #ev.event <= 32 and ("event " .. ev.event)
+          or "a message that is not an event"
+        return refuse(conn, "expected connected or start, got " .. what, "expected start")
       end
       if ev.event == "start" then
         local start = type(ev.start) == "table" and ev.start or {}
         local sid = ev.streamSid or start.streamSid
         -- It goes into every message to the phone as it is.
         if type(sid) ~= "string" or #sid > 63 or not sid:find("^[\33-\126]+$") or sid:find('["\\]') then
-          log.warn("media stream refused", { reason = "bad streamSid" })
-          conn:close(1008, "bad streamSid")
-          return
+          return refuse(conn, "bad streamSid")
         end
         local bridge, berr = engine:claim_stream(type(start.customParameters) == "table" and start.customParameters or {})
         if not bridge then
-          log.warn("media stream refused", { reason = berr })
-          conn:close(1008, berr)
-          return
+          return refuse(conn, berr)
+        end
+        if conn.start_timer then
+          conn.start_timer:stop()
+          conn.start_timer = nil
         end
         conn.bridge = bridge
         bridge:attach(conn, { streamSid = sid })
       end
     end,
     close = function(conn)
+      conn.gone = true
+      if conn.start_timer then
+        conn.start_timer:stop()
+        conn.start_timer = nil
+      end
       local b = conn.bridge
       if b then
         conn.bridge = nil

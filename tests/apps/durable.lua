@@ -29,7 +29,10 @@ for section, fields in pairs(os.getenv("CA_CONFIG") and json.decode(os.getenv("C
     config[section][k] = v
   end
 end
-local app, err = callagent.app(config, { notify = { base_delay_ms = 200, attempts = 20 } })
+local app, err = callagent.app(config, {
+  notify = { base_delay_ms = 200, attempts = 20 },
+  stream_start_ms = tonumber(os.getenv("CA_STREAM_START_MS") or ""),
+})
 if not app then
   io.stderr:write("callagent: ", err, "\n")
   runtime.exit(1)

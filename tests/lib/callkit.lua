@@ -96,6 +96,7 @@ function M.start(opts)
     end,
     no_shutdown_hook = true,
     notify = { base_delay_ms = 50 },
+    stream_start_ms = opts.stream_start_ms,
   })
   assert(app, err)
   for _, t in ipairs(opts.tools or {}) do
@@ -170,6 +171,7 @@ function M.app_process(tw, rt, opts)
     CA_HOOKS_URL = opts.hooks_url or "http://127.0.0.1:9/hooks",
     CA_DB = db,
     CA_CONFIG = opts.config and json.encode(opts.config) or nil,
+    CA_STREAM_START_MS = opts.stream_start_ms and tostring(opts.stream_start_ms),
   }
   if opts.slow_model then
     env.CA_RT_URL = rt.url:gsub("127%.0%.0%.1", opts.slow_model == "fail" and "model.fail.test" or "model.slow.test")
