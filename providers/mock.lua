@@ -116,6 +116,11 @@ function P:registerRoutes(srv)
   end)
 
   local NOT_OBJECT = { error = { code = "invalid_body", message = "the body must be a JSON object" } }
+  -- The page's requests refused: the browser shows the message, the log says who.
+  local function refuse(req, code, message)
+    log.warn("mock page refused", { code = code, path = req.path, remote = req.remote })
+    return 403, { error = { code = code, message = message } }
+  end
 
   srv:post("/mock/api/answer", function(req)
     local body = req:json_object()
@@ -124,7 +129,7 @@ function P:registerRoutes(srv)
     end
     local entry = type(body.token) == "string" and self.pages[body.token]
     if not entry or entry.call_id ~= body.callId then
-      return 403, { error = { code = "invalid_token", message = "this call link was already used or is not valid" } }
+      return refuse(req, "invalid_token", "this call link was already used or is not valid")
     end
     self.pages[body.token] = nil -- one use
     if entry.expires < timer.now() then
@@ -154,7 +159,7 @@ function P:registerRoutes(srv)
   srv:get("/mock/api/call/{id}", function(req)
     local s = self.sessions[(req.query or {}).s or ""]
     if not s or s.call_id ~= req.params.id then
-      return 403, { error = { code = "invalid_session", message = "unknown page session" } }
+      return refuse(req, "invalid_session", "unknown page session")
     end
     local v = self.engine:call_view(s.call_id)
     if not v then
@@ -179,7 +184,7 @@ function P:registerRoutes(srv)
     end
     local s = type(body.session) == "string" and self.sessions[body.session]
     if not s or s.call_id ~= body.callId then
-      return 403, { error = { code = "invalid_session", message = "unknown page session" } }
+      return refuse(req, "invalid_session", "unknown page session")
     end
     self.engine:provider_status(s.call_id, s.attempt, { status = "completed", reason = "the page hung up" })
     return 204

@@ -42,7 +42,7 @@ local function rest_error(res, err)
     return "twilio request failed: " .. tostring(err)
   end
   local body = json.try_decode(res.body)
-  if type(body) == "table" and body.message then
+  if type(body) == "table" and type(body.message) == "string" then
     local code = body.code
     code = type(code) == "number" and (math.tointeger(code) or code) or code
     return string.format("twilio %s: %s (HTTP %d)", tostring(code or "error"), body.message, res.status)
@@ -198,7 +198,11 @@ function P:mapStatus(payload)
   local s = payload.CallStatus
   local status = STATUS[s]
   if not status then
-    return nil, "unknown CallStatus " .. tostring(s)
+    -- The message is answered and logged: no bytes of the request's own.
+    if type(s) ~= "string" then
+      return nil, "CallStatus is missing or not a string"
+    end
+    return nil, "unknown CallStatus" .. (#s <= 32 and s:find("^[%w%-_]+$") and (" " .. s) or "")
   end
   local reason
   if status == "failed" then

@@ -629,14 +629,15 @@ static int valid_tz(const char *tz)
  */
 static int core_localtime(lua_State *L)
 {
-	const char *tz = luaL_checkstring(L, 1);
+	size_t tzlen;
+	const char *tz = luaL_checklstring(L, 1, &tzlen);
 	time_t t = (time_t)luaL_optnumber(L, 2, (lua_Number)time(NULL));
 	char *old = getenv("TZ"), *saved = old ? ca_strdup(old) : NULL, abbrev[16];
 	struct tm tm;
 
-	if (!valid_tz(tz)) {
+	if (strlen(tz) != tzlen || !valid_tz(tz)) {	/* "Europe/Paris\0x" is no zone */
 		free(saved);
-		return ca_fail(L, "EINVAL", "unknown time zone '%s'", tz);
+		return ca_fail(L, "EINVAL", "unknown time zone");
 	}
 	setenv("TZ", tz, 1);
 	tzset();

@@ -20,6 +20,7 @@ T.test("POST /v1/calls validates every field and answers 400 naming it", functio
     { { to = "+14155550100", prompt = string.rep("x", 8001) }, "invalid_prompt", "prompt" },
     { { to = "+14155550100", prompt = "x", timezone = "Mars/Base" }, "invalid_timezone", "timezone" },
     { { to = "+14155550100", prompt = "x", timezone = "../../etc/passwd" }, "invalid_timezone", "timezone" },
+    { { to = "+14155550100", prompt = "x", timezone = "Europe/Paris\0junk" }, "invalid_timezone", "timezone" },
     { { to = "+14155550100", prompt = "x", voice = "robot" }, "invalid_voice", "voice" },
     { { to = "+14155550100", prompt = "x", locale = "english please" }, "invalid_locale", "locale" },
     { { to = "+14155550100", prompt = "x", locale = "en-" }, "invalid_locale", "locale" },
@@ -190,6 +191,15 @@ T.test("unknown ids are 404, wrong methods 405, oversized bodies 413", function(
   status, body = env:api("DELETE", "/v1/calls")
   T.eq(status, 405)
   T.eq(body.error.code, "method_not_allowed")
+  -- A path that is not UTF-8 is quoted in the message as UTF-8: the body
+  -- stays JSON a client can read.
+  for _, path in ipairs({ "/v1/calls/c_%ff%fe", "/nowhere/%c3", "/v1/calls/%80/hangup" }) do
+    local res
+    status, body, res = env:api(path:find("hangup") and "POST" or "GET", path)
+    T.eq(status, 404, path)
+    T.ok(utf8.len(res.body), "UTF-8 body for " .. path)
+    T.match(body.error.message, "\239\191\189", "U+FFFD for the bad bytes")
+  end
   local big = json.encode({ to = "+14155550131", prompt = string.rep("p", 300 * 1024) })
   status, body = env:api("POST", "/v1/calls", big)
   T.eq(status, 413)
@@ -221,9 +231,11 @@ T.test("GET /v1/calls lists newest first, filters by status and pages with a cur
   local status, bad = env:api("GET", "/v1/calls?status=exploded")
   T.eq(status, 400)
   T.eq(bad.error.field, "status")
-  status, bad = env:api("GET", "/v1/calls?limit=1000")
-  T.eq(status, 400)
-  T.eq(bad.error.field, "limit")
+  -- Digits only: what tonumber also reads is not a limit.
+  for _, l in ipairs({ "1000", "0", "1e2", "0x10", "10.0", "%205", "" }) do
+    status, bad = env:api("GET", "/v1/calls?limit=" .. l)
+    T.eq({ status, bad.error.code, bad.error.field }, { 400, "invalid_limit", "limit" }, l)
+  end
   -- A cursor no page gave would restart the list: a client looping over
   -- pages would never end.
   for _, c in ipairs({ "zzz", "1e3", "-4", "%205" }) do

@@ -43,6 +43,15 @@ T.test("a status callback with a bad or missing signature gets 403 and changes n
     T.eq(res.status, 400, text)
     T.eq(json.decode(res.body).error.code, "bad_status", text)
   end
+  -- The answer names the problem, not the request's bytes.
+  for text, message in pairs({
+    ['{"CallStatus":{"x":1}}'] = "CallStatus is missing or not a string",
+    ['{"CallStatus":"exploded"}'] = "unknown CallStatus exploded",
+    ['{"CallStatus":"\\u001b[2J\\u00ff"}'] = "unknown CallStatus",
+  }) do
+    res = assert(fetch(target, { method = "POST", body = text, headers = jheaders }))
+    T.eq(json.decode(res.body).error.message, message, text)
+  end
   local after = env:get(id)
   T.eq(after.status, "dialing", "nothing changed")
   T.eq(#after.attempts, 1)

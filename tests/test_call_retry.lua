@@ -135,6 +135,22 @@ T.test("a dial the Twilio API refuses fails with Twilio's error in lastError, an
   T.match(call.attempts[1].reason, "21215")
 end)
 
+T.test("a vendor's error is kept in lastError as one line of UTF-8, at most 500 bytes", function()
+  local env = kit.start({
+    twilio = { behaviour = { answer = "reject-api", reject_message = "bad\n\27[31mnews \255 " .. string.rep("x", 10000) } },
+    config = { retry = { maxAttempts = 1 } },
+  })
+  local id = env:create({ to = "+14155550104", prompt = "Say hello." })
+  local call = env:wait_final(id, 10000)
+  T.eq(call.status, "failed")
+  T.match(call.lastError, "^twilio 21215: bad  %[31mnews \239\191\189 xxx")
+  T.ok(utf8.len(call.lastError), "UTF-8")
+  T.no_match(call.lastError, "[%z\1-\31\127]", "no control character")
+  T.ok(#call.lastError <= 503, "bounded: " .. #call.lastError .. " bytes")
+  T.match(call.lastError, "x…$", "cut with an ellipsis")
+  T.eq(call.attempts[1].reason, call.lastError, "the attempt's reason alike")
+end)
+
 T.test("ringing delivered after in-progress never moves the call backwards", function()
   local states = {}
   local env = kit.start({

@@ -60,6 +60,41 @@ T.test("the phone page's routes answer a body that is no JSON object with 400, a
   end
 end)
 
+T.test("a refused call link or page session is logged with the route and the client", function()
+  local code, _, p = T.run_app(nil, nil, { source = [[
+local callagent = require "callagent"
+local fetch = require "callagent.fetch"
+local task = require "callagent.task"
+local runtime = require "callagent.runtime"
+local app = assert(callagent.app({
+  telephony = { provider = "mock" },
+  server = { port = 0 },
+  openai = { apiKey = "sk-unused", realtimeUrl = "ws://127.0.0.1:9/v1/realtime" },
+  store = { backend = "memory" },
+}, { no_shutdown_hook = true }))
+task.spawn(function()
+  assert(app:start())
+  for _, path in ipairs({ "/mock/api/answer", "/mock/api/hangup", "/mock/api/call/c_1?s=nope" }) do
+    local r = assert(fetch(app.url .. path, {
+      method = path:find("call/") and "GET" or "POST",
+      headers = { ["Content-Type"] = "application/json" },
+      body = path:find("call/") and nil or '{"token":"guess","session":"guess","callId":"c_1"}',
+    }))
+    print(r.status)
+  end
+  app:stop()
+  runtime.stop(0)
+end)
+]] })
+  T.eq(code, 0, p.errtext())
+  T.eq(p.out, { "403", "403", "403" })
+  local log = p.errtext()
+  T.match(log, "WARN mock page refused code=invalid_token path=/mock/api/answer remote=127%.0%.0%.1")
+  T.match(log, "WARN mock page refused code=invalid_session path=/mock/api/hangup remote=127%.0%.0%.1")
+  T.match(log, "WARN mock page refused code=invalid_session path=/mock/api/call/c_1 remote=127%.0%.0%.1")
+  T.no_match(log, "guess", "what the client sent stays out")
+end)
+
 T.test("the dial page offers an API token field and sends it as a bearer token", function()
   local app = start()
   local res = assert(fetch(app.url .. "/mock/"))

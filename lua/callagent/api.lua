@@ -34,7 +34,8 @@ local STATUSES = {
 }
 
 local function err(status, code, message, field)
-  return status, { error = { code = code, message = message, field = field } }
+  -- A message may quote the request (a call id from the path): kept UTF-8.
+  return status, { error = { code = code, message = json.utf8(message), field = field } }
 end
 
 -- Any control character; one other than tab, newline and carriage return.
@@ -165,7 +166,7 @@ function M.register(srv, engine, cfg, opts)
     end
     local input, status, ebody = M.validate_call(body)
     if not input then
-      log.warn("api: invalid call request", { field = ebody.error.field, code = ebody.error.code })
+      log.warn("api: invalid call request", { field = ebody.error.field, code = ebody.error.code, error = ebody.error.message })
       return status, ebody
     end
     local call, cerr = engine:create(input)
@@ -185,7 +186,8 @@ function M.register(srv, engine, cfg, opts)
     end
     local limit = 20
     if q.limit ~= nil then
-      limit = math.tointeger(tonumber(q.limit))
+      -- Digits only: tonumber would take 1e2, 0x10 and 10.0 as well.
+      limit = type(q.limit) == "string" and q.limit:match("^%d%d?%d?$") and tonumber(q.limit)
       if not limit or limit < 1 or limit > 100 then
         return err(400, "invalid_limit", "limit must be an integer from 1 to 100", "limit")
       end

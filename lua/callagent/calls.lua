@@ -45,6 +45,21 @@ local function agent_failed(reason)
   return reason == "model_error" or reason == "no_stream"
     or type(reason) == "string" and reason:find("^interrupted by restart") ~= nil
 end
+-- lastError reaches API clients and webhooks, from vendors and the model:
+-- one line of UTF-8, at most MAX_ERROR bytes (and a "…").
+local MAX_ERROR = 500
+local function error_text(s)
+  s = json.utf8((tostring(s):gsub("[%z\1-\31\127]", " ")))
+  if #s > MAX_ERROR then
+    local cut = MAX_ERROR
+    while s:byte(cut + 1) >= 0x80 and s:byte(cut + 1) < 0xc0 do -- not inside a character
+      cut = cut - 1
+    end
+    s = s:sub(1, cut) .. "…"
+  end
+  return s
+end
+
 local RANK = { queued = 0, dialing = 1, in_progress = 2 }
 local function rank(s)
   return FINAL[s] and 3 or RANK[s] or 0
@@ -254,7 +269,8 @@ function Engine:dial(id)
   end
   if not res then
     log.warn("dialing failed", { call = id, attempt = n, error = err })
-    return self:_attempt_final(call, n, "failed", tostring(err), tostring(err))
+    err = error_text(err)
+    return self:_attempt_final(call, n, "failed", err, err)
   end
   if res.userHint and not call.hint then
     call.hint = res.userHint
@@ -582,6 +598,7 @@ end
 function Engine:bridge_error(b, message)
   local call = self.live[b.call_id]
   if call then
+    message = error_text(message)
     self:_save(call, { lastError = message })
     call.lastError = message
     self.emit("error", call.id, message)
@@ -668,6 +685,7 @@ function Engine:_attempt_final(call, n, status, reason, err)
   self:_cancel_timer(call.id .. "#dial")
   log.info("attempt ended", { call = call.id, attempt = n, status = status, reason = a.reason })
   if err then
+    err = error_text(err)
     call.lastError = err
     self:_save(call, { lastError = err })
   end

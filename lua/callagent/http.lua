@@ -119,7 +119,8 @@ end
 
 --- A JSON error body as every callagent endpoint writes it.
 function M.error_body(code, message, field)
-  return { error = { code = code, message = message, field = field } }
+  -- Messages may quote a request's bytes (a path): the body stays UTF-8.
+  return { error = { code = code, message = json.utf8(message), field = field } }
 end
 
 --- Process-wide settings, before the first server or WebSocket client:

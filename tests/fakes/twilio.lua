@@ -36,7 +36,8 @@
 --       Twiml, Method, StatusCallback, StatusCallbackEvent (repeated),
 --       StatusCallbackMethod, Timeout, TimeLimit, MachineDetection, ...
 --       400 21201/21211 (To), 21213/21212 (From), 21205 (Url); 201 call JSON
---       (status "queued"); behaviour "reject-api": 400 21215.
+--       (status "queued"); behaviour "reject-api": 400 21215 (behaviour
+--       {answer = "reject-api", reject_message = s}: with message s).
 --   POST .../Calls/{CallSid}.json   Status=completed|canceled hangs up (an
 --       answered call: stop event, WS close, then the completed callback; a
 --       queued/ringing one ends "canceled"); Url/Twiml are only recorded
@@ -1107,8 +1108,8 @@ function Fake:_create(req)
     call.done = true
     call._ended = true
     self._queue:push(call)
-    return twilio_error(400, 21215, "Account not authorized to call " .. p.To
-      .. ". Perhaps you need to enable some international permissions: https://www.twilio.com/console/voice/calls/geo-permissions/low-risk")
+    return twilio_error(400, 21215, call.behaviour.reject_message or ("Account not authorized to call " .. p.To
+      .. ". Perhaps you need to enable some international permissions: https://www.twilio.com/console/voice/calls/geo-permissions/low-risk"))
   end
   self.by_sid[call.sid] = call
   call._cbq = task.queue()
