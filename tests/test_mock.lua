@@ -61,17 +61,10 @@ T.test("the phone page's routes answer a body that is no JSON object with 400, a
 end)
 
 T.test("a refused call link or page session is logged with the route and the client", function()
-  local code, _, p = T.run_app(nil, nil, { source = [[
-local callagent = require "callagent"
+  local code, _, p = T.run_app(nil, nil, { source = T.mock_app_source() .. [[
 local fetch = require "callagent.fetch"
 local task = require "callagent.task"
 local runtime = require "callagent.runtime"
-local app = assert(callagent.app({
-  telephony = { provider = "mock" },
-  server = { port = 0 },
-  openai = { apiKey = "sk-unused", realtimeUrl = "ws://127.0.0.1:9/v1/realtime" },
-  store = { backend = "memory" },
-}, { no_shutdown_hook = true }))
 task.spawn(function()
   assert(app:start())
   for _, path in ipairs({ "/mock/api/answer", "/mock/api/hangup", "/mock/api/call/c_1?s=nope" }) do

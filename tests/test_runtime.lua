@@ -164,16 +164,9 @@ end)
 -- (ms of wall time: a busy machine does not stretch them).
 local function stalled_app(stalls, ms, watch_ms)
   return T.run_app(nil, nil, {
-    source = string.format([[
-local callagent = require "callagent"
+    source = T.mock_app_source("loop_watch_ms = " .. (watch_ms or 100)) .. string.format([[
 local task = require "callagent.task"
 local timer = require "callagent.timer"
-local app = assert(callagent.app({
-  telephony = { provider = "mock" },
-  server = { port = 0 },
-  openai = { apiKey = "sk-unused", realtimeUrl = "ws://127.0.0.1:9/v1/realtime" },
-  store = { backend = "memory" },
-}, { no_shutdown_hook = true, loop_watch_ms = %d }))
 task.spawn(function()
   assert(app:start())
   for _ = 1, %d do
@@ -184,7 +177,7 @@ task.spawn(function()
   timer.sleep(250)
   app:stop()
 end)
-]], watch_ms or 100, stalls, ms),
+]], stalls, ms),
   })
 end
 

@@ -349,4 +349,18 @@ function T.tmpdir()
   return p
 end
 
+--- Lua source that makes `app`: a callagent app with the mock provider on a
+-- free port and the memory store, not started (for child apps' sources).
+-- opts: Lua source of more options for callagent.app, e.g. "loop_watch_ms = 100".
+function T.mock_app_source(opts)
+  return [[
+local callagent = require "callagent"
+local app = assert(callagent.app({
+  telephony = { provider = "mock" },
+  server = { port = 0 },
+  openai = { apiKey = "sk-unused", realtimeUrl = "ws://127.0.0.1:9/v1/realtime" },
+  store = { backend = "memory" },
+}, { no_shutdown_hook = true]] .. (opts and (", " .. opts) or "") .. " }))\n"
+end
+
 return T
