@@ -30,6 +30,10 @@ T.test("POST /v1/calls validates every field and answers 400 naming it", functio
     { { to = "+14155550100", prompt = "x", metadata = { big = string.rep("m", 9000) } }, "invalid_metadata", "metadata" },
     { { to = "+14155550100", prompt = "x", metadata = { "a", "list" } }, "invalid_metadata", "metadata" },
     { '{"to":"+14155550100","prompt":"x","metadata":{"x":1e400}}', "invalid_metadata", "metadata" },
+    -- Deeper than the record and the webhook could hold (JSON encoding
+    -- stops at 100 levels; the call document adds some): refused up front.
+    { '{"to":"+14155550100","prompt":"x","metadata":' .. string.rep('{"a":', 20) .. "{}" .. string.rep("}", 20) .. "}", "invalid_metadata", "metadata" },
+    { '{"to":"+14155550100","prompt":"x","metadata":' .. string.rep('{"a":', 99) .. "{}" .. string.rep("}", 99) .. "}", "invalid_metadata", "metadata" },
     { { to = "+14155550100", prompt = "x", promt = "typo" }, "unknown_field", "promt" },
     -- Text is UTF-8 (strictly: no overlong forms or surrogates), without control characters.
     { { to = "+14155550100", prompt = "caf\255" }, "invalid_prompt", "prompt" },
@@ -64,6 +68,10 @@ T.test("POST /v1/calls validates every field and answers 400 naming it", functio
     T.eq(status, 400, text)
     T.eq(body.error.code, "invalid_body", text)
   end
+  status, body = env:api("POST", "/v1/calls", '{"to":"+14155550100","prompt":"x","metadata":' .. string.rep('{"a":', 120) .. "{}" .. string.rep("}", 120) .. "}")
+  T.eq({ status, body.error.message }, { 400, "metadata is nested deeper than 20 levels" })
+  status, body = env:api("POST", "/v1/calls", '{"to":"+14155550100","prompt":"x","metadata":{"x":[1e400]}}')
+  T.eq({ status, body.error.message }, { 400, "metadata holds a number JSON cannot hold" })
   local _, list = env:api("GET", "/v1/calls")
   T.eq(#list.calls, 0, "no call was created by bad input")
   T.eq(#env.tw.calls, 0, "nothing was dialed")

@@ -167,6 +167,37 @@ T.test("a media stream that never starts, or sends something else first, is clos
   T.eq(assert(fetch(api.base .. "/healthz")).status, 200)
 end, { timeout = 30000 })
 
+T.test("a report whose data no record could hold is kept without it: the call completes and is notified", function()
+  -- 97 levels: the model's arguments encode; the call document, one
+  -- level more, and the webhook's payload would not (encoding stops at 100).
+  local deep = {}
+  for _ = 1, 97 do
+    deep = { a = deep }
+  end
+  local env = kit.start({
+    realtime = {
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        session:call_function("report_call", { summary = "Booked.", outcome = "success", data = deep })
+        session:wait_event("response.create", 5000)
+        session:speak({ ms = 200, text = "Bye." })
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550124", prompt = "Book it.", metadata = { ref = "r1" } })
+  local call = env:wait_final(id, 20000)
+  T.eq(call.status, "completed")
+  T.eq({ call.report.summary, call.report.outcome, call.report.data }, { "Booked.", "success", {} })
+  T.wait_for(function()
+    return #env.hooks.received >= 1
+  end, 10000, "the notification")
+  local data = env.hooks.received[1].json.data
+  T.eq({ data.callId, data.status, data.report.summary, data.metadata }, { id, "completed", "Booked.", { ref = "r1" } })
+  local _, list = env:api("GET", "/v1/calls")
+  T.eq(list.calls[1].callId, id, "the list still answers")
+  healthy(env)
+end)
+
 T.test("the model dropping mid-call fails the call with a clear reason and hangs up", function()
   local env = kit.start({
     realtime = {

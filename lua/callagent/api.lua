@@ -23,7 +23,7 @@ local function round(x, per)
   return math.floor(x * per + 0.5) / per
 end
 
-local LIMITS = { prompt = 8000, name = 120, metadata = 8192 }
+local LIMITS = { prompt = 8000, name = 120, metadata = 8192, metadata_depth = 20 }
 local ALLOWED = {
   to = true, prompt = true, timezone = true, locale = true,
   callerName = true, calleeName = true, voice = true, metadata = true,
@@ -118,11 +118,11 @@ function M.validate_call(body)
     if type(body.metadata) ~= "table" or #body.metadata > 0 or json.is_array(body.metadata) then
       return nil, err(400, "invalid_metadata", "metadata must be a JSON object", "metadata")
     end
-    local ok, text = pcall(json.encode, body.metadata)
-    if not ok then -- a number JSON cannot hold (1e400 decodes as inf)
-      return nil, err(400, "invalid_metadata", "metadata holds a number out of range", "metadata")
+    local ok, why = json.check(body.metadata, LIMITS.metadata_depth)
+    if not ok then
+      return nil, err(400, "invalid_metadata", "metadata " .. why, "metadata")
     end
-    if #text > LIMITS.metadata then
+    if #json.encode(body.metadata) > LIMITS.metadata then
       return nil, err(400, "invalid_metadata", "metadata is larger than " .. LIMITS.metadata .. " bytes", "metadata")
     end
     input.metadata = body.metadata

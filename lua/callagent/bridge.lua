@@ -284,6 +284,7 @@ function Bridge:_send_function_output(call_id, output)
 end
 
 local OUTCOMES = { success = true, failure = true, voicemail = true, no_answer = true, unknown = true }
+local DATA_DEPTH = 20
 
 local function normalize_report(args)
   local r = {}
@@ -298,6 +299,12 @@ local function normalize_report(args)
     end
   end
   r.data = type(args.data) == "table" and json.utf8(args.data) or {}
+  -- The record and the webhook must be able to hold it.
+  local ok, why = json.check(r.data, DATA_DEPTH)
+  if not ok then
+    log.warn("report_call data dropped", { reason = "it " .. why })
+    r.data = {}
+  end
   return r
 end
 

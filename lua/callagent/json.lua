@@ -5,6 +5,9 @@
 --                          (plain cjson writes every empty table as {})
 --   json.try_decode(s)     value, or nil and "EJSON: message" instead of raising
 --   json.is_array(t)       whether t was marked with json.array
+--   json.check(v, depth)   true when v encodes and nests at most depth tables
+--                          deep; else false and why ("is nested deeper than
+--                          20 levels", "holds a number JSON cannot hold")
 --   json.is_utf8(v)        whether every string in v (keys too, at any depth)
 --                          is UTF-8: strict, no overlong forms, surrogates or
 --                          values past U+10FFFF (cjson does not check)
@@ -91,6 +94,34 @@ function M.try_decode(s)
     return nil, "EJSON: " .. tostring(v)
   end
   return v
+end
+
+local function deeper(v, depth)
+  if type(v) ~= "table" then
+    return false
+  end
+  if depth <= 0 then
+    return true
+  end
+  for _, x in pairs(v) do
+    if deeper(x, depth - 1) then
+      return true
+    end
+  end
+  return false
+end
+
+function M.check(v, depth)
+  -- Checked here, with room to spare: encode refuses more than 100 levels,
+  -- and records and webhooks put a value a few levels down.
+  if deeper(v, depth) then
+    return false, "is nested deeper than " .. depth .. " levels"
+  end
+  local ok = pcall(M.encode, v)
+  if not ok then
+    return false, "holds a number JSON cannot hold" -- 1e400 decodes as inf
+  end
+  return true
 end
 
 local utf8len = utf8.len

@@ -92,7 +92,19 @@ function Notifier:record(view)
     return nil
   end
   local key = view.callId .. ":" .. view.status
-  local body = json.encode(M.payload(self.cfg, view))
+  local payload = M.payload(self.cfg, view)
+  local ok, body = pcall(json.encode, payload)
+  if not ok then
+    -- Runs in the commit of the final status: it must not raise (the API
+    -- and the bridge check what they take; this is the last line).
+    log.error("notification payload could not be encoded: sent without metadata and report data",
+      { call = view.callId, error = body })
+    payload.data.metadata = nil
+    if type(payload.data.report) == "table" then
+      payload.data.report = { summary = payload.data.report.summary, outcome = payload.data.report.outcome }
+    end
+    body = json.encode(payload)
+  end
   if self.store:add_notification(key, view.callId, body) == false then
     return nil -- already recorded (sent or pending)
   end
