@@ -91,6 +91,25 @@ T.test("the live record shows nextAttemptAt while a retry waits, and no internal
   end
 end, { timeout = 30000 })
 
+T.test("a call hung up while it waits for a retry ends canceled, without nextAttemptAt, and is not dialed again", function()
+  local env = kit.start({
+    twilio = { behaviour = "busy" },
+    config = { retry = { maxAttempts = 3, initialDelayMs = 1500, backoffFactor = 1 } },
+  })
+  local id = env:create({ to = "+14155550110", prompt = "Say hello." })
+  env:wait(id, function(r)
+    return r.status == "queued" and r.nextAttemptAt ~= nil
+  end, 10000, "the retry wait")
+  T.eq((env:api("POST", "/v1/calls/" .. id .. "/hangup")), 202)
+  local call = env:wait_final(id, 5000)
+  T.eq(call.status, "canceled")
+  T.eq(call.nextAttemptAt, nil, "no next attempt for a final call")
+  timer.sleep(2000)
+  T.eq(#env.tw.calls, 1, "not dialed again")
+  T.eq(env:get(id).nextAttemptAt, nil, "as stored")
+  T.eq(#env.hooks.received, 1, "notified once")
+end, { timeout = 30000 })
+
 T.test("retries exhausted: the final status is the last attempt's and it is notified once", function()
   local env = kit.start({
     twilio = { behaviour = "busy" },

@@ -748,7 +748,9 @@ function Engine:_finish(call, status, reason, also)
   end
   call.endReason = reason
   local note_key, note_body
-  self:_set_status(call, status, { completedAt = iso(), endReason = reason or store_mod.NULL }, function()
+  -- A final call has no next attempt (it may end while queued for one).
+  local fields = { completedAt = iso(), endReason = reason or store_mod.NULL, nextAttemptAt = store_mod.NULL }
+  self:_set_status(call, status, fields, function()
     also()
     self.store:clear_retry(call.id)
     -- The notification is recorded in the same commit: a stop between the
