@@ -451,6 +451,23 @@ T.test("with no final callback by the ring timeout, Twilio's API says how the ca
   T.eq(tw_ringing.final, "canceled", "the ringing call ended")
 end, { timeout = 60000 })
 
+T.test("a call Twilio's API says is up at the ring timeout is in progress, not canceled and dialed again", function()
+  -- Its answered callback is lost and its voice webhook is slow: at the
+  -- ring timeout (1 + 1 s) only Twilio's API knows the callee picked up.
+  local env = kit.start({
+    twilio = { behaviour = { ring_ms = 200, lost_callbacks = { answered = true }, voice_delay_ms = 4000 } },
+    realtime = { script = quick_report },
+    config = { retry = { maxAttempts = 2, initialDelayMs = 50 }, call = { ringTimeoutSec = 1, statusGraceSec = 1 } },
+  })
+  local id = env:create({ to = "+14155550123", prompt = "Say hello." })
+  local call = env:wait_final(id, 20000)
+  T.eq(call.status, "completed", json.encode(call))
+  T.eq(call.report and call.report.outcome, "success", "the conversation took place")
+  T.eq(#call.attempts, 1)
+  T.eq(#env.tw.calls, 1, "dialed once")
+  T.eq(env.tw.calls[1].updates[1] and env.tw.calls[1].updates[1].params.Status, "completed", "hung up, not canceled")
+end, { timeout = 30000 })
+
 T.test("a late ringing callback for a call that has ended hangs nothing up", function()
   local env = kit.start({ realtime = { script = short_call_script(300) } })
   local id = env:create({ to = "+14155550118", prompt = "Say hello." })

@@ -206,6 +206,41 @@ T.test("kill -9 while ringing, answered while the restart asks Twilio: no stream
   T.eq(#w.rt.sessions, 0, "no model session")
 end, { timeout = 60000 })
 
+T.test("kill -9 while ringing, answered while callagent is down: hung up as answered, never dialed again", function()
+  -- The callee picks up while callagent is down (the voice webhook finds
+  -- nobody). Twilio's API says in-progress after the restart, or
+  -- completed once the callee has hung up: answered either way.
+  for _, hang_up_first in ipairs({ false, true }) do
+    local n = 0
+    local w = world({
+      behaviour = function()
+        n = n + 1
+        return n == 1 and { ring_ms = 1500, hangup_after_ms = hang_up_first and 300 or nil } or "answer"
+      end,
+      script = report_script,
+      retry_ms = 500,
+    })
+    w.start()
+    local id = w.create("+14155550166")
+    local tw = w.tw:wait_call(5000)
+    assert(tw:wait_status("ringing", 3000), "ringing")
+    w.kill9()
+    assert(tw:wait_status("in-progress", 5000), "answered while down")
+    if hang_up_first then
+      assert(tw:wait_final(5000), "the callee hung up")
+    end
+    w.start()
+    local rec = w.wait_final(id, 20000)
+    timer.sleep(1500) -- a retry would have been dialed by now (500 ms)
+    T.eq(#w.tw.calls, 1, "dialed once: the callee picked up")
+    T.eq(rec.status, "failed")
+    T.ok(rec.attempts[1].answeredAt, "the attempt was answered")
+    T.match(rec.endReason, "^interrupted by restart")
+    assert(tw:wait_final(5000), "the call over at Twilio")
+    T.eq(tw.final, "completed", hang_up_first and "ended by the callee" or "hung up as answered, not canceled")
+  end
+end, { timeout = 90000 })
+
 T.test("kill -9 while ringing: after restart the call is hung up, and its retry talks", function()
   local n = 0
   local w = world({

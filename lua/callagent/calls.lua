@@ -306,7 +306,20 @@ function Engine:_ring_timeout(call, n)
   if a.status ~= "dialing" or call.attempt ~= n then
     return -- a status came meanwhile
   end
-  if seen and FINAL[seen] and seen ~= "completed" then
+  if seen == "in_progress" then
+    -- Answered, its callback lost: in progress now, and its stream awaited
+    -- as for any answered call (not canceled, and never dialed again).
+    log.warn("no answered status came from the provider; its API says the call is up", { call = call.id, attempt = n })
+    return self:provider_status(call.id, n, { status = "in_progress" })
+  end
+  if seen == "completed" then
+    -- Answered and over, with no callback and no stream: not retried.
+    log.warn("no status came from the provider; its API says the call was answered and ended", { call = call.id,
+      attempt = n })
+    self:_mark_answered(call, n)
+    return self:_attempt_final(call, n, "failed", "answered, but no stream came (the provider's API says completed)")
+  end
+  if seen and FINAL[seen] then
     log.warn("no final status came from the provider; its API says the call ended", { call = call.id, attempt = n,
       status = seen })
     return self:_attempt_final(call, n, seen, "ended " .. seen .. " (no final status callback came; the provider's API)")
@@ -314,6 +327,15 @@ function Engine:_ring_timeout(call, n)
   log.warn("no answer and no status from the provider: giving up on this attempt", { call = call.id, attempt = n })
   self:_end_in_task(call.id, a)
   self:_attempt_final(call, n, "no_answer", "ring timeout")
+end
+
+-- Attempt n was answered, as the provider's API says (its callback lost).
+function Engine:_mark_answered(call, n)
+  local a = call.attempts[n]
+  if not a.answeredAt then
+    a.answeredAt = iso()
+    self.store:update_attempt(call.id, n, { answeredAt = a.answeredAt })
+  end
 end
 
 -- The vendor's id for attempt n, from its answer to the dial or from its
@@ -845,6 +867,11 @@ function Engine:_resolve_interrupted(call)
     end
   end
   call._resolving = nil -- decided below; a retry's attempt gets its stream
+  if seen == "in_progress" or seen == "completed" then
+    -- Answered while we were down (completed is answered, then over): the
+    -- callee picked up once, so this attempt is not followed by another.
+    self:_mark_answered(call, n)
+  end
   local up
   if seen and ALIVE[seen] then
     -- Still up at the vendor, but its audio had nowhere to go: end it (as
