@@ -30,9 +30,12 @@
  *   b:model_ready()      appends start; phone frames kept until now are sent first
  *   b:send_audio(item_id, b64)   model audio from Lua (what came before the phone)
  *   b:item()             the model's current audio item: id, sent_ms, played_ms (now), truncated
- *   b:clear()            barge-in: `clear` to the phone, the current item stops
- *                        (its later audio is dropped), pending marks forgotten;
- *                        returns id, played_ms, sent_ms (nil when nothing to clear)
+ *   b:clear()            barge-in: `clear` to the phone; every item with audio
+ *                        not confirmed played stops (its later audio is dropped),
+ *                        pending marks forgotten; returns a list of {id,
+ *                        played_ms, sent_ms}, the one playing first (nil when
+ *                        nothing to clear): the one playing is cut where the
+ *                        phone is, items queued behind it at what played (0)
  *   b:unplayed()         true while sent audio has not been confirmed played
  *   b:on_drained(fn)     fn() once, when nothing is left unplayed (now, if so)
  *   b:stats()            {frames_in, appended, kept, deltas, media_out, dropped_kept,
@@ -281,18 +284,23 @@ static void bad_payload(struct bridge *b, lua_Integer *count, const char *what, 
 /* Phone audio (base64 mu-law) toward the model, in the model's input format. */
 static void phone_audio(struct bridge *b, const char *b64, size_t n)
 {
-	char out[4096 * 4 / 3 + 8];
+	char stack_out[4096 * 4 / 3 + 8], *out = stack_out;
+	unsigned char stack_raw[4096], *raw = stack_raw;
 
 	b->frames_in++;
 	if (n == 0)
 		return;		/* nothing to hear */
 	if (b->in_fmt == FMT_PCMA) {
-		unsigned char raw[4096];
+		size_t max = ca_base64_decoded_max(n);
 		long m;
 
-		if (n > sizeof raw * 4 / 3 || (m = ca_base64_decode(b64, n, raw)) < 0) {
+		if (max > sizeof stack_raw) {	/* frames are 160 bytes, but any length is audio */
+			raw = ca_malloc(max);
+			out = ca_malloc(ca_base64_encoded_len(max) + 1);
+		}
+		if ((m = ca_base64_decode(b64, n, raw)) < 0) {
 			bad_payload(b, &b->bad_in, "a phone media payload", n);
-			return;
+			goto done;
 		}
 		ca_ulaw_to_alaw(raw, raw, (size_t)m);
 		n = ca_base64_encode(raw, (size_t)m, out);
@@ -313,6 +321,11 @@ static void phone_audio(struct bridge *b, const char *b64, size_t n)
 		b->kept[b->n_kept++] = c;
 	} else {
 		b->dropped_kept++;
+	}
+done:
+	if (raw != stack_raw) {
+		free(raw);
+		free(out);
 	}
 }
 
@@ -853,21 +866,48 @@ static int l_item(lua_State *L)
 static int l_clear(lua_State *L)
 {
 	struct bridge *b = check(L);
-	struct item *it;
+	int front = playing(b), n = 0, order[ITEMS];
+	double played[ITEMS];
 	char msg[128];
-	int n;
 	const char *err;
 
-	if (b->cur < 0)
-		return 0;
-	it = &b->items[b->cur];
-	if (it->truncated || it->sent_ms <= it->played_ms)
+	/*
+	 * The phone plays one item now; items whose audio came meanwhile (the
+	 * model spoke again after a tool call) wait behind it: all are cut.
+	 */
+	if (front >= 0)
+		order[n++] = front;
+	for (int i = 0; i < ITEMS; i++)
+		if (i != front)
+			order[n++] = i;
+	for (int k = 0; k < n; k++) {
+		struct item *it = &b->items[order[k]];
+
+		played[k] = it->id[0] && !it->truncated && it->sent_ms > it->played_ms ? played_now(b, order[k]) : -1;
+	}
+	lua_createtable(L, 2, 0);
+	for (int k = 0, out = 0; k < n; k++) {
+		struct item *it = &b->items[order[k]];
+
+		if (played[k] < 0)
+			continue;
+		it->played_ms = played[k];
+		it->truncated = 1;
+		lua_createtable(L, 3, 0);
+		lua_pushstring(L, it->id);
+		lua_rawseti(L, -2, 1);
+		lua_pushnumber(L, it->played_ms);
+		lua_rawseti(L, -2, 2);
+		lua_pushnumber(L, it->sent_ms);
+		lua_rawseti(L, -2, 3);
+		lua_rawseti(L, -2, ++out);
+	}
+	if (lua_rawlen(L, -1) == 0)
 		return 0;	/* nothing that has not been confirmed played */
-	it->played_ms = played_now(b, b->cur);
-	it->truncated = 1;
 	if (b->phone) {
-		n = snprintf(msg, sizeof msg, "{\"event\":\"clear\",\"streamSid\":\"%s\"}", b->sid);
-		ca__ws_send(b->phone, msg, (size_t)n, LWS_WRITE_TEXT, &err);
+		int m = snprintf(msg, sizeof msg, "{\"event\":\"clear\",\"streamSid\":\"%s\"}", b->sid);
+
+		ca__ws_send(b->phone, msg, (size_t)m, LWS_WRITE_TEXT, &err);
 	}
 	/* The phone echoes the cleared marks at once; they were not played. */
 	b->m_head = b->m_len = 0;
@@ -875,11 +915,8 @@ static int l_clear(lua_State *L)
 	b->unmarked_ms = 0;
 	if (b->rs)
 		ca_resampler_reset(b->rs);
-	lua_pushstring(L, it->id);
-	lua_pushnumber(L, it->played_ms);
-	lua_pushnumber(L, it->sent_ms);
 	call_drained(b);
-	return 3;
+	return 1;
 }
 
 static int l_unplayed(lua_State *L)

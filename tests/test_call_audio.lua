@@ -418,4 +418,119 @@ T.test("a model connection that fails after the stream started: the kept frames 
   T.no_match(p.errtext(), " ERROR ")
 end, { timeout = 40000 })
 
+-- The real service generates audio faster than real time: a whole item,
+-- its transcript and response.done arrive while the phone still plays it
+-- (pace = false below).
+
+T.test("an agent line interrupted after the model wrote it all is marked interrupted", function()
+  local env = kit.start({
+    realtime = {
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        session:speak({ ms = 4000, pace = false, text = "A long explanation that the callee interrupts." })
+        timer.sleep(1200)
+        session:user_speech({ ms = 300, text = "Sorry, stop." })
+        session:call_function("report_call", { summary = "Wrong number.", outcome = "failure" })
+        session:wait_event("response.create", 5000)
+        session:speak({ ms = 200, text = "Bye." })
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550110", prompt = "Explain at length." })
+  local call = env:wait_final(id, 20000)
+  T.eq(#env.tw.calls[1].clears, 1, "clear sent")
+  local lines = {}
+  for _, l in ipairs(call.transcript) do
+    lines[#lines + 1] = l.role .. (l.interrupted and " (interrupted)" or "") .. ": " .. l.text
+  end
+  T.eq(lines, {
+    "agent (interrupted): A long explanation that the callee interrupts.",
+    "callee: Sorry, stop.",
+    "agent: Bye.",
+  })
+end, { timeout = 40000 })
+
+T.test("a barge-in cuts the item the phone plays, and the one queued behind it at 0 ms", function()
+  -- Item A (3 s) plays; a tool call; item B (1 s) waits behind it at the
+  -- phone; the callee speaks 0.8 s later, A still playing.
+  local env = kit.start({
+    tools = { { name = "lookup", description = "x", parameters = { type = "object", properties = {} },
+      handler = function() return { ok = true } end } },
+    realtime = {
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        session.a = session:speak({ ms = 3000, pace = false, text = "First part of the answer." })
+        session:call_function("lookup", {})
+        assert(session:wait_event("response.create", 5000))
+        session.b = session:speak({ ms = 1000, pace = false, text = "Second part." })
+        timer.sleep(800)
+        session:user_speech({ ms = 300, text = "Stop." })
+        session:call_function("report_call", { summary = "x", outcome = "failure" })
+        session:wait_event("response.create", 5000)
+        session:speak({ ms = 200, text = "Bye." })
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550111", prompt = "Explain." })
+  env:wait_final(id, 20000)
+  local s = env.rt.sessions[1]
+  T.eq(#env.tw.calls[1].clears, 1)
+  T.eq(#s.truncates, 2, json.encode(s.truncates))
+  T.eq(s.truncates[1].item_id, s.a.item_id, "the item being played first")
+  T.ok(s.truncates[1].audio_end_ms >= 500 and s.truncates[1].audio_end_ms <= 2000,
+    "A cut where the phone was: " .. s.truncates[1].audio_end_ms)
+  T.eq({ s.truncates[2].item_id, s.truncates[2].audio_end_ms }, { s.b.item_id, 0 }, "B was never heard")
+end, { timeout = 40000 })
+
+T.test("the silence timeout counts from the end of the greeting's playing, not its generation", function()
+  local env = kit.start({
+    config = { call = { silenceTimeoutSec = 2, wrapUpSec = 2 } },
+    realtime = {
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        session.t0 = timer.now()
+        session:speak({ ms = 4000, pace = false, text = "A four second greeting, sent at once." })
+        session:wait_event("conversation.item.create", 10000)
+        session.wrap_at = timer.now()
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550113", prompt = "Talk." })
+  env:wait_final(id, 20000)
+  local s = env.rt.sessions[1]
+  T.ok(s.wrap_at, "the wrap-up came")
+  T.ge(s.wrap_at - s.t0, 4000 + 2000 - 100, "4 s of greeting, then 2 s of silence")
+end, { timeout = 40000 })
+
+T.test("a report without next steps has nextSteps [] in the record as in the webhook", function()
+  local env = kit.start({ realtime = { script = function(session)
+    assert(session:wait_event("response.create", 5000))
+    session:call_function("report_call", { summary = "x", outcome = "success" })
+    session:wait_event("response.create", 5000)
+    session:speak({ ms = 200, text = "Bye." })
+  end } })
+  local id = env:create({ to = "+14155550114", prompt = "Talk." })
+  env:wait_final(id, 20000)
+  local _, _, res = env:api("GET", "/v1/calls/" .. id)
+  T.match(res.body, '"nextSteps":%[%]')
+end, { timeout = 40000 })
+
+T.test("pcma input: a phone payload of any length reaches the model", function()
+  local big = require("callagent.crypto").base64_encode(string.rep("\1", 4800)) -- 600 ms at once
+  local env = kit.start({
+    config = { openai = { inputFormat = "audio/pcma" } },
+    twilio = { behaviour = { payloads = { [3] = big }, audio_ms = 200 } },
+    realtime = {
+      script = function(session)
+        timer.sleep(1500)
+        session:call_function("report_call", { summary = "x", outcome = "success" })
+        session:wait_event("response.create", 5000)
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550116", prompt = "Listen." })
+  env:wait_final(id, 20000)
+  T.eq(env.rt.sessions[1].input_bytes, 9 * 160 + 4800)
+end, { timeout = 40000 })
+
 T.run()

@@ -198,6 +198,28 @@ T.test("a report whose data no record could hold is kept without it: the call co
   healthy(env)
 end)
 
+T.test("the wrap-up at call.maxDurationSec waits for the response in progress: no refused response.create", function()
+  local env = kit.start({
+    config = { call = { maxDurationSec = 1, wrapUpSec = 4 } },
+    realtime = {
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        session:speak({ ms = 2500, text = "A long greeting, still being generated at the one second mark." })
+        assert(session:wait_event("response.create", 5000), "the wrap-up's response")
+        session:call_function("report_call", { summary = "x", outcome = "success" })
+        session:wait_event("response.create", 5000)
+        session:speak({ ms = 200, text = "Bye." })
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550112", prompt = "Talk." })
+  local call = env:wait_final(id, 20000)
+  local s = env.rt.sessions[1]
+  T.eq(s.errors_sent, {}, "nothing refused by the service")
+  T.eq(call.report and call.report.summary, "x", "the agent reported after the wrap-up message")
+  T.eq(call.endReason, "completed")
+end, { timeout = 40000 })
+
 T.test("the model dropping mid-call fails the call with a clear reason and hangs up", function()
   local env = kit.start({
     realtime = {

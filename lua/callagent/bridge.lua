@@ -124,7 +124,7 @@ function Bridge:_maybe_greet()
     return
   end
   self.greeted = true
-  self.rt:send({ type = "response.create" })
+  self:_respond()
 end
 
 function Bridge:_model_closed(code, reason)
@@ -166,6 +166,8 @@ function Bridge:_model_event(ev)
   elseif t == "input_audio_buffer.speech_started" then
     return self:_speech_started()
   elseif t == "response.created" then
+    self.responding = true
+    self.create_sent_at = nil
     if self.goodbye_requested and not self.goodbye_id then
       self.goodbye_id = str(obj(ev.response).id)
     end
@@ -186,11 +188,19 @@ function Bridge:_model_event(ev)
   elseif t == "response.output_audio_transcript.done" or t == "response.audio_transcript.done" then
     local line = text(ev.transcript)
     if line and line:match("%S") then
-      self.engine:bridge_transcript(self, "agent", line, self.truncated[str(ev.item_id) or false])
+      self:_agent_line(str(ev.item_id), line)
     end
   elseif t == "error" then
     local e = obj(ev.error)
     local code, etype, message = text(e.code), text(e.type), text(e.message)
+    if code == "conversation_already_has_active_response" then
+      -- A response the service started (its own turn detection) was
+      -- active: ours is asked for again when it is done.
+      log.debug("model busy: response asked for again later", self.log_fields)
+      self.responding = true
+      self.respond_after = true
+      return
+    end
     log.warn("model error", { call = self.call_id, code = code, type = etype, message = message })
     self.engine:bridge_error(self, "model error: " .. tostring(code or etype) .. ": " .. tostring(message))
     if code == "session_expired" then
@@ -240,19 +250,82 @@ function Bridge:_speech_started()
   if not self.cb then
     return
   end
-  -- Twilio gets `clear`; the model's item is cut where the phone stopped playing.
-  local item, played, sent = self.cb:clear()
-  if not item then
+  -- Twilio gets `clear`; the model's items are cut where the phone stopped
+  -- playing: the one it plays, and any queued behind it (at what played).
+  -- The lines waiting for their audio are written once the cut is known
+  -- (clear() runs the drained callbacks).
+  local lines = self.pending_lines
+  self.pending_lines = nil
+  local cut = self.cb:clear()
+  for _, c in ipairs(cut or {}) do
+    local item, played, sent = c[1], math.floor(c[2]), c[3]
+    self.truncated[item] = true
+    self.rt:send({ type = "conversation.item.truncate", item_id = item, content_index = 0, audio_end_ms = played })
+    log.debug("barge-in", { call = self.call_id, item = item, played_ms = played, sent_ms = math.floor(sent) })
+    self.engine:bridge_bargein(self, item, played)
+  end
+  self:_flush_lines(lines)
+end
+
+-- Agent lines wait until their audio has played (the model writes them
+-- faster than real time): a barge-in meanwhile marks them interrupted.
+function Bridge:_agent_line(item, line)
+  if not self.cb then
+    return self.engine:bridge_transcript(self, "agent", line, self.truncated[item or false])
+  end
+  self.pending_lines = self.pending_lines or {}
+  self.pending_lines[#self.pending_lines + 1] = { item = item, line = line }
+  self:_when_drained(function()
+    self:_flush_lines()
+  end)
+end
+
+function Bridge:_flush_lines(lines)
+  lines = lines or self.pending_lines
+  self.pending_lines = nil
+  for _, l in ipairs(lines or {}) do
+    self.engine:bridge_transcript(self, "agent", l.line, self.truncated[l.item or false])
+  end
+end
+
+-- fn() once the phone has played all the audio sent to it (now, if so).
+-- Several may wait; they run in the order they came.
+function Bridge:_when_drained(fn)
+  if not self.cb then
+    return fn()
+  end
+  local waiting = self.drain_waiters
+  if waiting then
+    waiting[#waiting + 1] = fn
     return
   end
-  played = math.floor(played)
-  self.truncated[item] = true
-  self.rt:send({ type = "conversation.item.truncate", item_id = item, content_index = 0, audio_end_ms = played })
-  log.debug("barge-in", { call = self.call_id, item = item, played_ms = played, sent_ms = math.floor(sent) })
-  self.engine:bridge_bargein(self, item, played)
+  self.drain_waiters = { fn }
+  self.cb:on_drained(function()
+    local list = self.drain_waiters
+    self.drain_waiters = nil
+    for _, f in ipairs(list or {}) do
+      f()
+    end
+  end)
+end
+
+-- One response at a time: the service refuses response.create while one is
+-- active ("conversation_already_has_active_response"), so one asked for
+-- meanwhile is sent when the active one is done.
+local CREATE_WINDOW_MS = 2000
+
+function Bridge:_respond()
+  local just_asked = self.create_sent_at and timer.now() - self.create_sent_at < CREATE_WINDOW_MS
+  if self.responding or just_asked then
+    self.respond_after = true
+    return
+  end
+  self.create_sent_at = timer.now()
+  self.rt:send({ type = "response.create" })
 end
 
 function Bridge:_response_done(r)
+  self.responding = false
   if self.fn_pending then
     self:_run_functions()
   end
@@ -266,11 +339,20 @@ function Bridge:_response_done(r)
   end
   if not self.first_response_done then
     self.first_response_done = true
-    self:_arm_silence_timer()
+    -- The silence counts once the greeting has played, not been generated.
+    self:_when_drained(function()
+      if not self.ended then
+        self:_arm_silence_timer()
+      end
+    end)
   end
   if self.goodbye_id and r.id == self.goodbye_id then
     self.goodbye_done = true
     self:_check_goodbye()
+  end
+  if self.respond_after and not self.fn_pending then
+    self.respond_after = false
+    self:_respond()
   end
 end
 
@@ -359,7 +441,7 @@ function Bridge:_run_functions()
         self:hangup("completed")
       end)
     end
-    self.rt:send({ type = "response.create" })
+    self:_respond()
   end)
 end
 
@@ -391,7 +473,7 @@ function Bridge:_check_goodbye()
   if not self.cb then
     return self:hangup("completed")
   end
-  self.cb:on_drained(function()
+  self:_when_drained(function()
     if not self.ended then
       self:hangup("completed")
     end
@@ -433,7 +515,7 @@ function Bridge:_ask_to_wrap_up(text, reason)
     type = "conversation.item.create",
     item = { type = "message", role = "system", content = { { type = "input_text", text = text } } },
   })
-  self.rt:send({ type = "response.create" })
+  self:_respond()
   self.wrapup_reason = reason
   self.wrapup_timer = timer.after(self.cfg.call.wrapUpSec * 1000, function()
     self.wrapup_timer = nil
@@ -519,6 +601,7 @@ function Bridge:finish(reason)
   for _, name in ipairs({ "max_timer", "silence_timer", "goodbye_timer", "wrapup_timer" }) do
     self:_stop_timer(name)
   end
+  self:_flush_lines() -- what was said and not yet (known to be) played
   local st = self.cb and self.cb:stats() or { bad_in = 0, bad_out = 0, dropped_kept = 0 }
   if st.bad_in > 0 or st.bad_out > 0 or st.dropped_kept > 0 then
     log.warn("call audio dropped", {

@@ -146,6 +146,10 @@ function Engine:call_view(id)
   end
   v.attempts = attempts
   v.transcript = json.array(transcript or {})
+  if type(v.report) == "table" then
+    -- Read back from the store, a list is a plain table: [] would be {}.
+    v.report.nextSteps = json.array(type(v.report.nextSteps) == "table" and v.report.nextSteps or {})
+  end
   return v
 end
 
