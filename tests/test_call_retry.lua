@@ -230,6 +230,24 @@ local function short_call_script(hello_ms)
   end
 end
 
+T.test("a cancel Twilio refuses is asked again, so the phone stops ringing; the call is canceled at once", function()
+  local env = kit.start({ twilio = { behaviour = { ring_ms = 6000, update_fail = 503, update_fail_times = 1 } } })
+  local id = env:create({ to = "+14155550401", prompt = "Hi." })
+  env:wait(id, function(r)
+    return r.attempts[1] and r.attempts[1].providerCallId
+  end, 5000, "the call placed")
+  T.eq((env:api("POST", "/v1/calls/" .. id .. "/hangup")), 202)
+  local call = env:wait_final(id, 5000)
+  T.eq(call.status, "canceled")
+  local tw = env.tw.calls[1]
+  assert(tw:wait_final(5000), "the call over at Twilio")
+  T.eq(tw.final, "canceled", "ended by the second cancel, not answered")
+  T.eq(tw.answered_at, nil)
+  T.eq(#tw.updates, 2)
+  T.eq({ tw.updates[1].params.Status, tw.updates[2].params.Status }, { "canceled", "canceled" })
+  T.lt(tw.updates[2].at - tw.updates[1].at, 2000, "asked again about a second later")
+end, { timeout = 30000 })
+
 T.test("a hang-up asked for while Twilio is still placing the call ends the call once Twilio answers", function()
   -- Twilio answers the create request late, and sends no callback before
   -- it: callagent cannot know the call's sid when the hang-up is asked for.

@@ -370,6 +370,28 @@ function Engine:_end_in_task(id, a)
   end)
 end
 
+-- A cancel the vendor refused, asked again in the background: 1, 2, 4 s later.
+local CANCEL_RETRIES = 3
+
+function Engine:_cancel_retrying(id, a)
+  task.spawn(function()
+    for i = 1, CANCEL_RETRIES do
+      timer.sleep(1000 * 2 ^ (i - 1))
+      if self.stopped then
+        return
+      end
+      local ok, err = self.provider:endCall(self:call_view(id) or { callId = id }, a)
+      if ok then
+        log.info("provider hang-up done on a later try", { call = id, attempt = a.n, try = i + 1 })
+        return
+      end
+      log.warn("provider hang-up failed", { call = id, attempt = a.n, try = i + 1, error = err })
+    end
+    log.error("provider hang-up failed for good: the phone may ring until the vendor gives up",
+      { call = id, attempt = a.n })
+  end)
+end
+
 -- Hangs up attempt a at the vendor (may wait). While the vendor is still
 -- placing the call, the hang-up waits for the call's id (_provider_id).
 function Engine:_end_at_provider(call, a)
@@ -825,6 +847,11 @@ function Engine:hangup(id)
     log.warn("provider hang-up failed", { call = id, error = err })
   end
   if a and a.status == "dialing" then
+    if not ok then
+      -- The call is canceled here (a callee who answers gets a hang-up),
+      -- but the phone would ring on: the vendor is asked again.
+      self:_cancel_retrying(id, { n = n, providerCallId = a.providerCallId, status = "dialing" })
+    end
     self:_attempt_final(call, n, "canceled", "canceled by API")
   elseif a and a.status == "in_progress" then
     -- Answered, with no stream yet (or meanwhile: what was sent to end a
@@ -957,6 +984,7 @@ local SHUTDOWN_HANGUPS = 16
 
 --- Stops everything (program shutdown): hang up active calls.
 function Engine:shutdown()
+  self.stopped = true -- background hang-up retries end
   -- No retries or other timers fire while the calls are being hung up.
   for key in pairs(self.timers) do
     self:_cancel_timer(key)

@@ -19,6 +19,7 @@
 --                                -- this late, as a slow API would
 --     update_fail = nil,         -- an HTTP status (503, say): every call update
 --                                -- (hang-up, redirect) fails with it, unapplied
+--     update_fail_times = nil,   -- with update_fail: only the first n updates fail
 --     create_delay_ms = 0,       -- answer each call creation this late while
 --                                -- the call goes ahead: its callbacks and
 --                                -- webhooks come before the answer, as they
@@ -1143,7 +1144,8 @@ function Fake:_update(req)
   local p = url.form_decode(req.body)
   call.updates[#call.updates + 1] = { params = p, at = now() }
   local fail = call.behaviour.update_fail or self.opts.update_fail
-  if fail then
+  local times = call.behaviour.update_fail_times or self.opts.update_fail_times
+  if fail and (not times or #call.updates <= times) then
     return twilio_error(fail, 20500, "Internal Server Error")
   end
   if p.Status ~= nil then
