@@ -280,6 +280,57 @@ T.test("a model that refuses the session (bad key) fails the call and hangs up",
   healthy(env)
 end, { timeout = 30000 })
 
+T.test("a session the model refuses, or never confirms, fails the call at once instead of a silent call", function()
+  for _, case in ipairs({
+    { refuse = { "model_not_found", "The model gpt-nonesuch does not exist." }, error = "^model refused the session: model_not_found: The model" },
+    { refuse = true, error = "^model did not confirm the session within 10 s" },
+  }) do
+    local env = kit.start({
+      realtime = { refuse_update = case.refuse },
+      config = { retry = { maxAttempts = 1 } },
+    })
+    local t0 = timer.now()
+    local id = env:create({ to = "+14155550125", prompt = "Say hello." })
+    local call = env:wait_final(id, 20000)
+    T.eq({ call.status, call.endReason }, { "failed", "model_error" })
+    T.match(call.lastError, case.error)
+    T.lt(timer.now() - t0, 14000, "not at call.maxDurationSec")
+    T.eq(#env.rt.sessions[1].response_creates, 0, "nothing asked of a session that was not set up")
+    T.ok(env.tw.calls[1].hangup_requested_at, "Twilio was told to hang up")
+    healthy(env)
+  end
+end, { timeout = 60000 })
+
+T.test("a function call cut short (its response cancelled) is not run and is not the report", function()
+  local env = kit.start({
+    realtime = {
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        session:speak({ ms = 200, text = "Hello." })
+        -- As the service ends a function call whose response a barge-in cancelled.
+        session:send({ type = "response.output_item.done", response_id = "resp_cut", output_index = 0, item = {
+          id = "item_cut", type = "function_call", status = "incomplete", call_id = "call_cut", name = "report_call",
+          arguments = '{"summary":"Half', } })
+        session:send({ type = "response.done", response = { id = "resp_cut", status = "cancelled", output = {} } })
+        timer.sleep(300)
+        session:call_function("report_call", { summary = "The whole report.", outcome = "success" })
+        session:wait_event("response.create", 5000)
+        session:speak({ ms = 200, text = "Bye." })
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550126", prompt = "Say hello." })
+  local call = env:wait_final(id, 20000)
+  T.eq(call.status, "completed")
+  T.eq({ call.report.summary, call.report.outcome }, { "The whole report.", "success" })
+  local outputs = {}
+  for _, o in ipairs(env.rt.sessions[1].function_outputs) do
+    outputs[#outputs + 1] = o.call_id
+  end
+  T.eq(#outputs, 1, "one function output: " .. json.encode(outputs))
+  T.ok(outputs[1] ~= "call_cut", "none for the call cut short")
+end, { timeout = 30000 })
+
 T.test("a recoverable model error is recorded and the call goes on", function()
   local env = kit.start({
     realtime = {

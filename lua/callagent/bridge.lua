@@ -40,6 +40,7 @@ local EMPTY = setmetatable({}, { __newindex = function()
 end })
 
 local MAX_PENDING_OUT = 2 * 1024 * 1024 -- bytes of model audio kept until the phone connects
+local SESSION_READY_MS = 10000 -- session.update sent, session.updated awaited
 
 function M.new(engine, call, attempt)
   local cfg = engine.config
@@ -83,6 +84,15 @@ function Bridge:start_model()
       if self.cb and not self.ended then
         self.cb:link_model(rt.conn)
       end
+      -- A service that never confirms the session would leave the call silent.
+      self.ready_timer = timer.after(SESSION_READY_MS, function()
+        self.ready_timer = nil
+        if not self.model_ready and not self.ended then
+          log.warn("model did not confirm the session", self.log_fields)
+          self.engine:bridge_error(self, "model did not confirm the session within " .. SESSION_READY_MS // 1000 .. " s")
+          self:hangup("model_error")
+        end
+      end)
     end,
     on_ready = function()
       self:_model_ready()
@@ -102,6 +112,7 @@ function Bridge:_model_ready()
     return
   end
   self.model_ready = true
+  self:_stop_timer("ready_timer")
   if log.enabled("debug") then
     local tls = self.rt.conn and self.rt.conn.tls
     log.debug("model ready", {
@@ -177,7 +188,9 @@ function Bridge:_model_event(ev)
     return self:_function_call(str(ev.call_id), str(ev.name), str(ev.arguments))
   elseif t == "response.output_item.done" then
     local item = obj(ev.item)
-    if item.type == "function_call" then
+    -- A call cut short (its response cancelled by a barge-in) has partial
+    -- arguments: not run, and not taken for the report.
+    if item.type == "function_call" and (item.status == nil or item.status == "completed") then
       return self:_function_call(str(item.call_id), str(item.name), str(item.arguments))
     end
   elseif t == "conversation.item.input_audio_transcription.completed" then
@@ -193,6 +206,13 @@ function Bridge:_model_event(ev)
   elseif t == "error" then
     local e = obj(ev.error)
     local code, etype, message = text(e.code), text(e.type), text(e.message)
+    if not self.model_ready then
+      -- Before session.updated: the service refused the session (its model,
+      -- a field of it). Nothing will be said: the call ends now.
+      log.warn("model refused the session", { call = self.call_id, code = code, type = etype, message = message })
+      self.engine:bridge_error(self, "model refused the session: " .. tostring(code or etype) .. ": " .. tostring(message))
+      return self:hangup("model_error")
+    end
     if code == "conversation_already_has_active_response" then
       -- A response the service started (its own turn detection) was
       -- active: ours is asked for again when it is done.
@@ -598,7 +618,7 @@ function Bridge:finish(reason)
     return
   end
   self.ended = true
-  for _, name in ipairs({ "max_timer", "silence_timer", "goodbye_timer", "wrapup_timer" }) do
+  for _, name in ipairs({ "max_timer", "silence_timer", "goodbye_timer", "wrapup_timer", "ready_timer" }) do
     self:_stop_timer(name)
   end
   self:_flush_lines() -- what was said and not yet (known to be) played

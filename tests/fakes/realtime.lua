@@ -13,6 +13,10 @@
 --     session_defaults = {...},     -- optional fields merged over the default
 --                                   -- session (as a session.update would)
 --     rate_limits = true,           -- send rate_limits.updated after response.done
+--     refuse_update = nil,          -- {code, message}: every session.update is
+--                                   -- answered with that error (a model or key
+--                                   -- the service will not serve), or true: with
+--                                   -- nothing at all (a service that hangs)
 --     max_connections = 4096,
 --     tls = { cert = ..., key = ... }, -- optional: serve wss:// (see tests/lib/certs.lua)
 --   })
@@ -886,6 +890,12 @@ end
 local handlers = {}
 
 handlers["session.update"] = function(self, ev)
+  local refuse = self.rt.opts.refuse_update
+  if refuse == true then
+    return
+  elseif refuse then
+    return send_error(self, refuse[1], refuse[2], nil, ev.event_id)
+  end
   local out = self.config.audio and self.config.audio.output
   local code, msg, param = check_session(ev.session, self.produced_audio, type(out) == "table" and out.voice)
   if code then
