@@ -61,7 +61,9 @@ function P:startCall(call, publicBaseUrl)
     StatusCallbackMethod = "POST",
     StatusCallbackEvent = { "initiated", "ringing", "answered", "completed" },
     Timeout = tostring(self.cfg.call.ringTimeoutSec),
-    TimeLimit = tostring(self.cfg.call.maxDurationSec + 60),
+    -- A backstop only: the wrap-up at maxDurationSec and the goodbye after
+    -- the report come first (a TimeLimit inside them cut the report).
+    TimeLimit = tostring(self.cfg.call.maxDurationSec + self.cfg.call.wrapUpSec + self.cfg.call.goodbyeTimeoutSec + 60),
   }
   local o = request(self)
   o.method = "POST"

@@ -105,6 +105,9 @@ T.test("happy path: dial, talk, report, goodbye, hang up, notify", function()
   T.match(tw.params.Url, "/voice%?callId=" .. id .. "&attempt=1$")
   T.match(tw.params.StatusCallback, "/status%?callId=" .. id .. "&attempt=1$")
   T.eq(tw.params.StatusCallbackEvent, { "initiated", "ringing", "answered", "completed" })
+  -- Twilio's TimeLimit is a backstop: past the wrap-up and the goodbye
+  -- (600 + 20 + 3 s here), plus a minute.
+  T.eq({ tw.params.Timeout, tw.params.TimeLimit }, { "30", "683" })
   T.eq(tw.voice_request.status, 200)
   T.eq(tw.stream_params.callId, id)
   T.ok(tw.stream_params.token and #tw.stream_params.token >= 20, "a stream token")
