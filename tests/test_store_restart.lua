@@ -329,6 +329,44 @@ T.test("a notification the receiver refused (4xx) is not sent again after a rest
   T.eq(#w.requests, 1, "nor sent again after the restart")
 end, { timeout = 60000 })
 
+T.test("app:stop() in a process that goes on: a notification's retry stops, nothing touches the closed store", function()
+  local db = T.tmpdir() .. "/calls.db"
+  local code, _, p = T.run_app(nil, nil, { env = { CA_DB = db }, source = [[
+local callagent = require "callagent"
+local task = require "callagent.task"
+local timer = require "callagent.timer"
+local runtime = require "callagent.runtime"
+local app = assert(callagent.app({
+  telephony = { provider = "mock" },
+  server = { port = 0 },
+  openai = { apiKey = "sk-unused", realtimeUrl = "ws://127.0.0.1:9/v1/realtime" },
+  notify = { hooksUrl = "http://127.0.0.1:9/hooks", hooksToken = "hooks-token-1234" },
+  store = { backend = "sqlite", path = os.getenv("CA_DB") },
+}, { no_shutdown_hook = true, notify = { base_delay_ms = 200, attempts = 5 } }))
+task.spawn(function()
+  assert(app:start())
+  local call = assert(app:create_call({ to = "+14155550100", prompt = "x" }))
+  assert(app.engine:hangup(call.callId or call.id))
+  timer.sleep(100) -- the first try failed; the next is 200 ms away
+  app:stop()
+  timer.sleep(1000)
+  print("still running")
+  runtime.stop(0)
+end)
+]] })
+  T.eq(code, 0, p.errtext())
+  T.eq(p.out, { "still running" })
+  T.match(p.errtext(), "notification failed; retrying")
+  T.no_match(p.errtext(), "ERROR", "no error after the stop")
+  -- The notification is still pending: the next start sends it.
+  local sqlite = require "callagent.sqlite"
+  local conn = assert(sqlite.open(db))
+  local rows = assert(conn:rows("SELECT sent, tries FROM notifications"))
+  T.eq(#rows, 1)
+  T.eq({ rows[1].sent, rows[1].tries }, { 0, 1 }, "one try, not sent: pending for resume")
+  conn:close()
+end, { timeout = 30000 })
+
 T.test("a corrupt store file is refused at start with a clear error", function()
   local w = world()
   local f = assert(io.open(w.db, "wb"))

@@ -444,6 +444,15 @@ function App:stop()
   if self.tunnel then
     self.tunnel:close()
   end
+  -- Nothing may write to the store once it is closed: not a notification's
+  -- retry, nor a timer the hang-ups above started (in-process embedders
+  -- stop the app and go on running).
+  if self.notifier then
+    self.notifier:stop()
+  end
+  if self.engine then
+    self.engine:close()
+  end
   if self.store then
     self.store:close()
   end

@@ -983,6 +983,14 @@ end
 local SHUTDOWN_HANGUPS = 16
 
 --- Stops everything (program shutdown): hang up active calls.
+--- After shutdown, before the store closes: no timer fires any more.
+function Engine:close()
+  self.stopped = true
+  for key in pairs(self.timers) do
+    self:_cancel_timer(key)
+  end
+end
+
 function Engine:shutdown()
   self.stopped = true -- background hang-up retries end
   -- No retries or other timers fire while the calls are being hung up.

@@ -121,6 +121,10 @@ function Notifier:send(key, body)
     local url = self.cfg.hooksUrl .. "/agent"
     local delay = self.base_delay_ms
     for try = 1, self.attempts do
+      if self.stopped then
+        self.in_flight[key] = nil
+        return
+      end
       local res, err = fetch(url, {
         method = "POST",
         body = body,
@@ -131,6 +135,12 @@ function Notifier:send(key, body)
           ["Idempotency-Key"] = key,
         },
       })
+      if self.stopped then
+        -- The store is closed: what was not marked sent is sent again at
+        -- the next start (resume).
+        self.in_flight[key] = nil
+        return
+      end
       if res and res.status < 300 then
         self.store:mark_notified(key, "sent")
         log.info("notification delivered", { key = key, status = res.status, try = try })
@@ -155,6 +165,12 @@ function Notifier:send(key, body)
     end
     self.in_flight[key] = nil
   end)
+end
+
+--- No more sending: sends in flight end without touching the store (it is
+-- about to close); what they had not delivered stays pending for resume().
+function Notifier:stop()
+  self.stopped = true
 end
 
 --- Sends every notification recorded but not delivered (after a restart).
