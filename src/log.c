@@ -389,6 +389,8 @@ void ca__log_write(const char *line, size_t len)
 	b_free(&out);
 }
 
+static void write_c_line(int level, const char *msg, size_t len, int block);
+
 void ca__log_flush(void)
 {
 	/* Write what is queued synchronously; used at exit and before _exit(). */
@@ -402,10 +404,10 @@ void ca__log_flush(void)
 		write_all_blocking(c->data, c->len);
 	if (dropped) {
 		char msg[96];
-		int n = snprintf(msg, sizeof msg, "callagent: %lu log lines dropped (slow reader)\n", dropped);
+		int n = snprintf(msg, sizeof msg, "callagent: %lu log lines dropped (slow reader)", dropped);
 
-		write_all_blocking(msg, (size_t)n);
 		dropped = 0;
+		write_c_line(CA_LOG_WARN, msg, (size_t)n, 1);	/* a JSON line in JSON mode */
 	}
 }
 

@@ -280,6 +280,71 @@ T.test("a model that refuses the session (bad key) fails the call and hangs up",
   healthy(env)
 end, { timeout = 30000 })
 
+-- The client events of a session, as "response.create" and
+-- "item(function_call_output)", in the order they came.
+local function creates_and_outputs(session)
+  local order = {}
+  for _, ev in ipairs(session.events) do
+    if ev.type == "response.create" then
+      order[#order + 1] = "create"
+    elseif ev.type == "conversation.item.create" and ev.item.type == "function_call_output" then
+      order[#order + 1] = "output"
+    end
+  end
+  return order
+end
+
+T.test("a response asked for while the model was busy waits for a slow tool's output", function()
+  local env = kit.start({
+    tools = { { name = "slow", description = "x", parameters = { type = "object", properties = {} },
+      handler = function()
+        timer.sleep(800)
+        return { ok = true }
+      end } },
+    realtime = {
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        session:speak({ ms = 200, text = "Hi." })
+        -- As the service refuses a create while its own response is active.
+        session:send({ type = "error", error = { type = "invalid_request_error",
+          code = "conversation_already_has_active_response", message = "busy" } })
+        session:call_function("slow", {})
+        assert(session:wait_event("response.create", 5000), "the create after the tool")
+        session.order = creates_and_outputs(session)
+        session:call_function("report_call", { summary = "x", outcome = "success" })
+        session:wait_event("response.create", 5000)
+        session:speak({ ms = 100, text = "Bye." })
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550127", prompt = "Explain." })
+  T.eq(env:wait_final(id, 20000).status, "completed")
+  T.eq(env.rt.sessions[1].order, { "create", "output", "create" }, "the greeting's, then the tool's after its output")
+end, { timeout = 40000 })
+
+T.test("no response is asked for after the goodbye", function()
+  local env = kit.start({
+    config = { call = { goodbyeTimeoutSec = 8 } },
+    realtime = {
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        session:speak({ ms = 200, text = "Hi." })
+        session:send({ type = "error", error = { type = "invalid_request_error",
+          code = "conversation_already_has_active_response", message = "busy" } })
+        session:call_function("report_call", { summary = "x", outcome = "success" })
+        assert(session:wait_event("response.create", 5000))
+        session:speak({ ms = 1500, pace = false, text = "Bye." })
+        session.third = session:wait_event("response.create", 3000)
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550128", prompt = "Explain." })
+  T.eq(env:wait_final(id, 20000).status, "completed")
+  local s = env.rt.sessions[1]
+  T.eq(s.third, nil, "no response.create after the goodbye")
+  T.eq(creates_and_outputs(s), { "create", "output", "create" })
+end, { timeout = 40000 })
+
 T.test("a session the model refuses, or never confirms, fails the call at once instead of a silent call", function()
   for _, case in ipairs({
     { refuse = { "model_not_found", "The model gpt-nonesuch does not exist." }, error = "^model refused the session: model_not_found: The model" },

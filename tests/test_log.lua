@@ -156,6 +156,46 @@ require("callagent.log").warn("bad bytes", { path = "/a\127b\255c\194\155d" })
   T.match(err[1], ' path=/a\\x7fb\\xffc\\xc2\\x9bd$', "text: DEL, a stray byte and C1 CSI escaped")
 end)
 
+T.test("JSON lines stay JSON when a field holds what JSON cannot (NaN, a function, a sparse array)", function()
+  local err = run([[
+local log = require "callagent.log"
+log.info("odd fields", { nan = 0/0, f = { g = print }, sparse = { [1] = 1, [50] = 2 }, ok = "fine" })
+]], { CALLAGENT_LOG_FORMAT = "json" })
+  T.eq(#err, 1)
+  local obj = json.decode(err[1])
+  T.eq({ obj.msg, obj.ok, type(obj.nan), type(obj.f), type(obj.sparse) }, { "odd fields", "fine", "string", "string", "string" })
+end)
+
+T.test("the count of lines dropped for a slow reader is a log line of the format too", function()
+  -- stderr goes to a reader that starts reading 2 s late, into a file.
+  local dir = T.tmpdir()
+  local app, out = dir .. "/flood.lua", dir .. "/stderr.txt"
+  local f = assert(io.open(app, "w"))
+  f:write([[
+local log = require "callagent.log"
+local big = string.rep("x", 1000)
+for i = 1, 8000 do log.info("flood", { i = i, pad = big }) end
+]])
+  f:close()
+  local process = require "callagent.process"
+  local p = assert(process.spawn({ "bash", "-c", 'exec "$0" run "$1" 2> >(sleep 2; cat > "$2")', T.bin, app, out,
+    env = { CALLAGENT_LOG_FORMAT = "json" }, inherit_env = true }))
+  T.eq(p:wait(20000), 0)
+  local last
+  T.wait_for(function()
+    local fh = io.open(out)
+    local text = fh and fh:read("a") or ""
+    if fh then
+      fh:close()
+    end
+    last = text:match("([^\n]*dropped[^\n]*)\n?$")
+    return last ~= nil
+  end, 10000, "the dropped count")
+  local obj = json.decode(last)
+  T.eq(obj.level, "warn")
+  T.match(obj.msg, "^callagent: %d+ log lines dropped %(slow reader%)$")
+end)
+
 T.test("CALLAGENT_LOG_FORMAT other than text or json stops at start", function()
   local code, _, p = T.run_app(nil, nil, { source = "print(1)", env = { CALLAGENT_LOG_FORMAT = "jsno" } })
   T.eq(code, 2)

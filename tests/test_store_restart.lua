@@ -367,6 +367,13 @@ end)
   conn:close()
 end, { timeout = 30000 })
 
+T.test("app:stop() with a live call in a process that goes on: no timer of the app fires after it", function()
+  local code, _, p = T.run_app(T.root .. "/tests/apps/stop_live.lua", nil, { env = { TEST_FILTER = "." }, timeout = 45000 })
+  T.eq(code, 0, p.errtext())
+  T.ok(table.concat(p.out, "\n"):find("still running", 1, true), "ran on after the stop")
+  T.no_match(p.errtext(), "ERROR", "no error after the stop")
+end, { timeout = 60000 })
+
 T.test("a corrupt store file is refused at start with a clear error", function()
   local w = world()
   local f = assert(io.open(w.db, "wb"))

@@ -335,11 +335,24 @@ end
 local CREATE_WINDOW_MS = 2000
 
 function Bridge:_respond()
-  local just_asked = self.create_sent_at and timer.now() - self.create_sent_at < CREATE_WINDOW_MS
-  if self.responding or just_asked then
+  local since = self.create_sent_at and timer.now() - self.create_sent_at
+  if self.responding or (since and since < CREATE_WINDOW_MS) then
     self.respond_after = true
+    if not self.responding and not self.respond_timer then
+      -- Ours was sent and has not started: if the service refused it, no
+      -- response.done will come to send this one; the window's end will.
+      self.respond_timer = timer.after(CREATE_WINDOW_MS - since + 1, function()
+        self.respond_timer = nil
+        if self.respond_after and not self.responding and not self.ended then
+          self.respond_after = false
+          self.create_sent_at = nil
+          self:_respond()
+        end
+      end)
+    end
     return
   end
+  self.respond_after = false -- this one serves any asked for meanwhile
   self.create_sent_at = timer.now()
   self.rt:send({ type = "response.create" })
 end
@@ -370,8 +383,9 @@ function Bridge:_response_done(r)
     self.goodbye_done = true
     self:_check_goodbye()
   end
-  if self.respond_after and not self.fn_pending then
-    self.respond_after = false
+  -- Tools still running send theirs once their outputs are in: that one
+  -- serves a response asked for meanwhile too.
+  if self.respond_after and not self.tools_running then
     self:_respond()
   end
 end
@@ -434,6 +448,7 @@ end
 function Bridge:_run_functions()
   local list = self.fn_pending
   self.fn_pending = nil
+  self.tools_running = (self.tools_running or 0) + 1
   task.spawn(function()
     local goodbye = false
     for _, fc in ipairs(list) do
@@ -460,6 +475,10 @@ function Bridge:_run_functions()
         self.goodbye_timer = nil
         self:hangup("completed")
       end)
+    end
+    self.tools_running = self.tools_running - 1
+    if self.tools_running == 0 then
+      self.tools_running = nil
     end
     self:_respond()
   end)
@@ -618,7 +637,7 @@ function Bridge:finish(reason)
     return
   end
   self.ended = true
-  for _, name in ipairs({ "max_timer", "silence_timer", "goodbye_timer", "wrapup_timer", "ready_timer" }) do
+  for _, name in ipairs({ "max_timer", "silence_timer", "goodbye_timer", "wrapup_timer", "ready_timer", "respond_timer" }) do
     self:_stop_timer(name)
   end
   self:_flush_lines() -- what was said and not yet (known to be) played

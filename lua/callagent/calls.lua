@@ -521,6 +521,9 @@ end
 function Engine:_await_final(call, n)
   timer.after(HANGUP_WAIT_MS, function()
     local a = call.attempts[n]
+    if self.closed then
+      return -- app:stop() closed the store meanwhile
+    end
     if call.attempt == n and a and not FINAL[a.status] then
       self:_attempt_final(call, n, "completed", "no final status from the provider")
     end
@@ -698,6 +701,9 @@ function Engine:bridge_finished(b, reason)
   if a and not FINAL[a.status] then
     -- Wait briefly for the provider's own final status, then decide ourselves.
     timer.after(5000, function()
+      if self.closed then
+        return -- app:stop() closed the store meanwhile
+      end
       if not FINAL[a.status] and call.attempt == b.attempt then
         self:_attempt_final(call, b.attempt, "completed", "stream ended")
       end
@@ -986,6 +992,7 @@ local SHUTDOWN_HANGUPS = 16
 --- After shutdown, before the store closes: no timer fires any more.
 function Engine:close()
   self.stopped = true
+  self.closed = true
   for key in pairs(self.timers) do
     self:_cancel_timer(key)
   end

@@ -125,7 +125,17 @@ local function json_line(level, msg, fields)
     end
   end
   local ok, s = pcall(cjson.encode, obj)
-  return ok and s or text_line(level, msg, fields)
+  if ok then
+    return s
+  end
+  -- A value JSON cannot hold (NaN, a function in a table, a sparse array):
+  -- that field is written as text, the line stays JSON.
+  for k, v in pairs(obj) do
+    if not pcall(cjson.encode, v) then
+      obj[k] = tostring(v)
+    end
+  end
+  return cjson.encode(obj)
 end
 
 local function writer(level)
