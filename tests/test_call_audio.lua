@@ -19,9 +19,7 @@ local function barge_in(json_style)
           session.long = session:speak({ ms = 4000, text = "A long explanation that the callee interrupts." })
         end)
         session.barge = session:user_speech({ interrupt = true, after_ms = 1200, ms = 300, text = "Sorry, stop, wrong number." })
-        session:call_function("report_call", { summary = "Wrong number.", outcome = "failure" })
-        session:wait_event("response.create", 5000)
-        session:speak({ ms = 200, text = "Sorry to bother you." })
+        session:report_and_goodbye({ summary = "Wrong number.", outcome = "failure" }, { ms = 200, text = "Sorry to bother you." })
       end,
     },
   })
@@ -310,9 +308,7 @@ T.test("model audio that comes before the phone's stream is kept and played firs
         session.early = session:speak({ audio = early, text = "Hello, early." })
         session.early_done_at = timer.now()
         assert(session:wait_event("response.create", 5000)) -- the greeting, once the stream is up
-        session:call_function("report_call", { summary = "Spoke early.", outcome = "success" })
-        session:wait_event("response.create", 5000)
-        session:speak({ ms = 100, text = "Bye." })
+        session:report_and_goodbye({ summary = "Spoke early.", outcome = "success" }, { ms = 100, text = "Bye." })
       end,
     },
   })
@@ -430,9 +426,7 @@ T.test("an agent line interrupted after the model wrote it all is marked interru
         session:speak({ ms = 4000, pace = false, text = "A long explanation that the callee interrupts." })
         timer.sleep(1200)
         session:user_speech({ ms = 300, text = "Sorry, stop." })
-        session:call_function("report_call", { summary = "Wrong number.", outcome = "failure" })
-        session:wait_event("response.create", 5000)
-        session:speak({ ms = 200, text = "Bye." })
+        session:report_and_goodbye({ summary = "Wrong number.", outcome = "failure" }, { ms = 200, text = "Bye." })
       end,
     },
   })
@@ -465,9 +459,7 @@ T.test("a barge-in cuts the item the phone plays, and the one queued behind it a
         session.b = session:speak({ ms = 1000, pace = false, text = "Second part." })
         timer.sleep(800)
         session:user_speech({ ms = 300, text = "Stop." })
-        session:call_function("report_call", { summary = "x", outcome = "failure" })
-        session:wait_event("response.create", 5000)
-        session:speak({ ms = 200, text = "Bye." })
+        session:report_and_goodbye({ summary = "x", outcome = "failure" }, { ms = 200, text = "Bye." })
       end,
     },
   })
@@ -505,9 +497,7 @@ end, { timeout = 40000 })
 T.test("a report without next steps has nextSteps [] in the record as in the webhook", function()
   local env = kit.start({ realtime = { script = function(session)
     assert(session:wait_event("response.create", 5000))
-    session:call_function("report_call", { summary = "x", outcome = "success" })
-    session:wait_event("response.create", 5000)
-    session:speak({ ms = 200, text = "Bye." })
+    session:report_and_goodbye({ summary = "x", outcome = "success" }, { ms = 200, text = "Bye." })
   end } })
   local id = env:create({ to = "+14155550114", prompt = "Talk." })
   env:wait_final(id, 20000)

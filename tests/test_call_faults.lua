@@ -178,9 +178,7 @@ T.test("a report whose data no record could hold is kept without it: the call co
     realtime = {
       script = function(session)
         assert(session:wait_event("response.create", 5000))
-        session:call_function("report_call", { summary = "Booked.", outcome = "success", data = deep })
-        session:wait_event("response.create", 5000)
-        session:speak({ ms = 200, text = "Bye." })
+        session:report_and_goodbye({ summary = "Booked.", outcome = "success", data = deep }, { ms = 200, text = "Bye." })
       end,
     },
   })
@@ -206,9 +204,7 @@ T.test("the wrap-up at call.maxDurationSec waits for the response in progress: n
         assert(session:wait_event("response.create", 5000))
         session:speak({ ms = 2500, text = "A long greeting, still being generated at the one second mark." })
         assert(session:wait_event("response.create", 5000), "the wrap-up's response")
-        session:call_function("report_call", { summary = "x", outcome = "success" })
-        session:wait_event("response.create", 5000)
-        session:speak({ ms = 200, text = "Bye." })
+        session:report_and_goodbye({ summary = "x", outcome = "success" }, { ms = 200, text = "Bye." })
       end,
     },
   })
@@ -311,9 +307,7 @@ T.test("a response asked for while the model was busy waits for a slow tool's ou
         session:call_function("slow", {})
         assert(session:wait_event("response.create", 5000), "the create after the tool")
         session.order = creates_and_outputs(session)
-        session:call_function("report_call", { summary = "x", outcome = "success" })
-        session:wait_event("response.create", 5000)
-        session:speak({ ms = 100, text = "Bye." })
+        session:report_and_goodbye({ summary = "x", outcome = "success" }, { ms = 100, text = "Bye." })
       end,
     },
   })
@@ -378,9 +372,7 @@ T.test("a function call cut short (its response cancelled) is not run and is not
           arguments = '{"summary":"Half', } })
         session:send({ type = "response.done", response = { id = "resp_cut", status = "cancelled", output = {} } })
         timer.sleep(300)
-        session:call_function("report_call", { summary = "The whole report.", outcome = "success" })
-        session:wait_event("response.create", 5000)
-        session:speak({ ms = 200, text = "Bye." })
+        session:report_and_goodbye({ summary = "The whole report.", outcome = "success" }, { ms = 200, text = "Bye." })
       end,
     },
   })

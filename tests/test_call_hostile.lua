@@ -97,9 +97,7 @@ T.test("events of the wrong shape from the model and the phone: no Lua error, ev
           timer.sleep(5)
         end
       end
-      session:call_function("report_call", { summary = "Survived.", outcome = "success" })
-      session:wait_event("response.create", 5000)
-      session:speak({ ms = 200, text = "Goodbye." })
+      session:report_and_goodbye({ summary = "Survived.", outcome = "success" }, { ms = 200, text = "Goodbye." })
     end,
   }))
   T.defer(function()

@@ -18,9 +18,7 @@ end
 -- The callee reports at once, so an answered attempt ends quickly.
 local function quick_report(session)
   assert(session:wait_event("response.create", 5000))
-  session:call_function("report_call", { summary = "Reached them.", outcome = "success" })
-  session:wait_event("response.create", 5000)
-  session:speak({ ms = 100, text = "Bye." })
+  session:report_and_goodbye({ summary = "Reached them.", outcome = "success" }, { ms = 100, text = "Bye." })
 end
 
 T.test("busy, then no answer, then success on attempt 3, with the backoff delays", function()

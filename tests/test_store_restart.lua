@@ -106,9 +106,7 @@ end
 
 local function report_script(session)
   assert(session:wait_event("response.create", 5000))
-  session:call_function("report_call", { summary = "All good.", outcome = "success" })
-  session:wait_event("response.create", 5000)
-  session:speak({ ms = 100, text = "Bye." })
+  session:report_and_goodbye({ summary = "All good.", outcome = "success" }, { ms = 100, text = "Bye." })
 end
 
 T.test("kill -9 during a retry wait: after restart the retry fires once, at its time", function()

@@ -107,6 +107,9 @@
 --       response.done), then waits opts.timeout (10000) ms for the client's
 --       function_call_output with that call_id. args: table (JSON-encoded) or
 --       a JSON string. The call_id is in session.responses[#].call_id.
+--   session:report_and_goodbye(report, speak_opts) -> speak()'s result: the
+--       end of most scripted calls: report_call with report, then, once the
+--       client asks for the goodbye (response.create), speak(speak_opts).
 --   session:error(code, message, [type])   an `error` event
 --   session:close([code], [reason])       close frame (default 1000)
 --   session:drop()   ends the TCP connection with no close frame (conn:abort()):
@@ -624,6 +627,12 @@ local function split_utf8(s, size)
     i = j + 1
   end
   return out
+end
+
+function Session:report_and_goodbye(report, speak_opts)
+  self:call_function("report_call", report)
+  self:wait_event("response.create", 5000)
+  return self:speak(speak_opts)
 end
 
 function Session:call_function(name, args, opts)
