@@ -263,7 +263,18 @@ static void redact(struct buf *out, const char *s, size_t n)
 		}
 		b_put(out, s + from, i - from);
 		b_put(out, "[redacted]", 10);
-		i += secret_len[hit];
+		{
+			/* Another secret starting inside this one and going past it
+			 * is redacted in the same span: no tail of it is left. */
+			size_t end = i + secret_len[hit];
+
+			for (size_t j = i + 1; j < end; j++)
+				for (int k = 0; k < n_secrets; k++)
+					if (j + secret_len[k] > end && secret_len[k] <= n - j &&
+					    memcmp(s + j, secrets[k], secret_len[k]) == 0)
+						end = j + secret_len[k];
+			i = end;
+		}
 		from = i;
 	}
 	b_put(out, s + from, n - from);

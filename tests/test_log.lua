@@ -93,6 +93,17 @@ log.info("a token-1234-and-more b token-1234 c")
   T.match(err[1], "INFO a %[redacted%] b %[redacted%] c$")
 end)
 
+T.test("two secrets that overlap in a line are redacted whole", function()
+  local err = run([[
+local log = require "callagent.log"
+log.secret("AAAAAAAB")
+log.secret("ABCDEFGHIJ")
+log.info("x AAAAAAABCDEFGHIJ y")
+]])
+  T.eq(#err, 1)
+  T.match(err[1], "INFO x %[redacted%] y$")
+end)
+
 T.test("log.secret refuses a secret under 8 bytes instead of garbling or leaking", function()
   local err, out = run([[
 local log = require "callagent.log"
