@@ -863,11 +863,29 @@ static int l_item(lua_State *L)
 	return 4;
 }
 
+/* Barge-in: item i stops where the phone is in it, appended to the list on top. */
+static void cut_item(lua_State *L, struct bridge *b, int i)
+{
+	struct item *it = &b->items[i];
+
+	if (!it->id[0] || it->truncated || it->sent_ms <= it->played_ms)
+		return;		/* nothing that has not been confirmed played */
+	it->played_ms = played_now(b, i);
+	it->truncated = 1;
+	lua_createtable(L, 3, 0);
+	lua_pushstring(L, it->id);
+	lua_rawseti(L, -2, 1);
+	lua_pushnumber(L, it->played_ms);
+	lua_rawseti(L, -2, 2);
+	lua_pushnumber(L, it->sent_ms);
+	lua_rawseti(L, -2, 3);
+	lua_rawseti(L, -2, (lua_Integer)lua_rawlen(L, -2) + 1);
+}
+
 static int l_clear(lua_State *L)
 {
 	struct bridge *b = check(L);
-	int front = playing(b), n = 0, order[ITEMS];
-	double played[ITEMS];
+	int front = playing(b);
 	char msg[128];
 	const char *err;
 
@@ -875,33 +893,12 @@ static int l_clear(lua_State *L)
 	 * The phone plays one item now; items whose audio came meanwhile (the
 	 * model spoke again after a tool call) wait behind it: all are cut.
 	 */
+	lua_createtable(L, 2, 0);
 	if (front >= 0)
-		order[n++] = front;
+		cut_item(L, b, front);
 	for (int i = 0; i < ITEMS; i++)
 		if (i != front)
-			order[n++] = i;
-	for (int k = 0; k < n; k++) {
-		struct item *it = &b->items[order[k]];
-
-		played[k] = it->id[0] && !it->truncated && it->sent_ms > it->played_ms ? played_now(b, order[k]) : -1;
-	}
-	lua_createtable(L, 2, 0);
-	for (int k = 0, out = 0; k < n; k++) {
-		struct item *it = &b->items[order[k]];
-
-		if (played[k] < 0)
-			continue;
-		it->played_ms = played[k];
-		it->truncated = 1;
-		lua_createtable(L, 3, 0);
-		lua_pushstring(L, it->id);
-		lua_rawseti(L, -2, 1);
-		lua_pushnumber(L, it->played_ms);
-		lua_rawseti(L, -2, 2);
-		lua_pushnumber(L, it->sent_ms);
-		lua_rawseti(L, -2, 3);
-		lua_rawseti(L, -2, ++out);
-	}
+			cut_item(L, b, i);
 	if (lua_rawlen(L, -1) == 0)
 		return 0;	/* nothing that has not been confirmed played */
 	if (b->phone) {

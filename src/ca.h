@@ -101,7 +101,8 @@ void ca__abandonable(int delta);
 void ca__log_write(const char *line, size_t len);
 void ca__log_flush(void);
 void ca__log_set_level(int level);
-void ca__log_set_json(int on);
+/* "text" or "json"; -1 for anything else. */
+int ca__log_set_format(const char *f);
 /* A fatal error: written at once, redacted, keeping its traceback's lines. */
 void ca__log_fatal(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 

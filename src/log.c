@@ -528,9 +528,12 @@ void ca__log_fatal(const char *fmt, ...)
 	va_end(ap);
 }
 
-void ca__log_set_json(int on)
+int ca__log_set_format(const char *f)
 {
-	json_format = on;
+	if (strcmp(f, "text") && strcmp(f, "json"))
+		return -1;
+	json_format = f[0] == 'j';
+	return 0;
 }
 
 /* ---- Lua ---- */
@@ -600,10 +603,7 @@ static int l_add_secret(lua_State *L)
 static int l_format(lua_State *L)
 {
 	if (!lua_isnoneornil(L, 1)) {
-		const char *f = luaL_checkstring(L, 1);
-
-		luaL_argcheck(L, !strcmp(f, "text") || !strcmp(f, "json"), 1, "format must be text or json");
-		json_format = f[0] == 'j';
+		luaL_argcheck(L, ca__log_set_format(luaL_checkstring(L, 1)) == 0, 1, "format must be text or json");
 	}
 	lua_pushstring(L, json_format ? "json" : "text");
 	return 1;

@@ -885,12 +885,9 @@ int main(int argc, char **argv)
 	{
 		const char *fmt = getenv("CALLAGENT_LOG_FORMAT");
 
-		if (fmt && *fmt) {
-			if (strcmp(fmt, "text") && strcmp(fmt, "json")) {
-				fprintf(stderr, "callagent: CALLAGENT_LOG_FORMAT must be text or json, not '%s'\n", fmt);
-				return 2;
-			}
-			ca__log_set_json(fmt[0] == 'j');
+		if (fmt && *fmt && ca__log_set_format(fmt) != 0) {
+			fprintf(stderr, "callagent: CALLAGENT_LOG_FORMAT must be text or json, not '%s'\n", fmt);
+			return 2;
 		}
 	}
 	rc = run_app(argc - 2, argv + 2);

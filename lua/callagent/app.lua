@@ -193,11 +193,14 @@ function App:_routes(srv)
 
   -- A stream is refused with 1008 and one log line: callagent is the only
   -- one who sees why, the phone vendor only hangs up.
-  local function refuse(conn, reason, close_reason)
+  local function stop_start_timer(conn)
     if conn.start_timer then
       conn.start_timer:stop()
       conn.start_timer = nil
     end
+  end
+  local function refuse(conn, reason, close_reason)
+    stop_start_timer(conn)
     log.warn("media stream refused", { reason = reason, remote = conn.request and conn.request.remote })
     conn:close(1008, close_reason or reason)
   end
@@ -243,20 +246,14 @@ function App:_routes(srv)
         if not bridge then
           return refuse(conn, berr)
         end
-        if conn.start_timer then
-          conn.start_timer:stop()
-          conn.start_timer = nil
-        end
+        stop_start_timer(conn)
         conn.bridge = bridge
         bridge:attach(conn, { streamSid = sid })
       end
     end,
     close = function(conn)
       conn.gone = true
-      if conn.start_timer then
-        conn.start_timer:stop()
-        conn.start_timer = nil
-      end
+      stop_start_timer(conn)
       local b = conn.bridge
       if b then
         conn.bridge = nil

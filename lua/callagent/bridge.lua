@@ -385,7 +385,7 @@ function Bridge:_response_done(r)
   end
   -- Tools still running send theirs once their outputs are in: that one
   -- serves a response asked for meanwhile too.
-  if self.respond_after and not self.tools_running then
+  if self.respond_after and (self.tools_running or 0) == 0 then
     self:_respond()
   end
 end
@@ -477,9 +477,6 @@ function Bridge:_run_functions()
       end)
     end
     self.tools_running = self.tools_running - 1
-    if self.tools_running == 0 then
-      self.tools_running = nil
-    end
     self:_respond()
   end)
 end

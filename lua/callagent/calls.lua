@@ -739,7 +739,6 @@ function Engine:_attempt_final(call, n, status, reason, err)
   self:_cancel_timer(call.id .. "#dial")
   log.info("attempt ended", { call = call.id, attempt = n, status = status, reason = a.reason })
   if err then
-    err = error_text(err)
     call.lastError = err
     self:_save(call, { lastError = err })
   end
@@ -988,22 +987,24 @@ end
 -- round trip; all at once could trip the telephony API's concurrency limit.
 local SHUTDOWN_HANGUPS = 16
 
---- Stops everything (program shutdown): hang up active calls.
---- After shutdown, before the store closes: no timer fires any more.
-function Engine:close()
-  self.stopped = true
-  self.closed = true
+function Engine:_cancel_timers()
   for key in pairs(self.timers) do
     self:_cancel_timer(key)
   end
 end
 
+--- After shutdown, before the store closes: no timer fires any more.
+function Engine:close()
+  self.stopped = true
+  self.closed = true
+  self:_cancel_timers()
+end
+
+--- Stops everything (program shutdown): hang up active calls.
 function Engine:shutdown()
   self.stopped = true -- background hang-up retries end
   -- No retries or other timers fire while the calls are being hung up.
-  for key in pairs(self.timers) do
-    self:_cancel_timer(key)
-  end
+  self:_cancel_timers()
   local todo = {}
   for id, call in pairs(self.live) do
     local b = self.bridges[id .. "#" .. call.attempt]
