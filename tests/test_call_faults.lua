@@ -339,6 +339,74 @@ T.test("no response is asked for after the goodbye", function()
   T.eq(creates_and_outputs(s), { "create", "output", "create" })
 end, { timeout = 40000 })
 
+T.test("the goodbye is the response asked for after report_call, not one the service started meanwhile", function()
+  local env = kit.start({
+    realtime = {
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        session:speak({ ms = 200, text = "Hi." })
+        session:call_function("report_call", { summary = "x", outcome = "success" }, { wait = false })
+        -- The callee spoke: the service's turn detection starts a response
+        -- before the goodbye's response.create comes; that one is refused.
+        session:speak({ auto = true, ms = 600, text = "Noted." })
+        assert(session:wait_event("response.create", 5000), "the goodbye asked for again")
+        timer.sleep(500) -- the model takes a moment to start speaking
+        session:speak({ ms = 800, text = "Goodbye now." })
+        session.goodbye_done_at = timer.now()
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550129", prompt = "Explain." })
+  local call = env:wait_final(id, 20000)
+  T.eq(call.status, "completed")
+  local s = env.rt.sessions[1]
+  T.eq(s.errors_sent[1] and s.errors_sent[1].code, "conversation_already_has_active_response")
+  T.ok(s.goodbye_done_at, "the goodbye was spoken")
+  T.gt(env.tw.calls[1].hangup_requested_at, s.goodbye_done_at, "the hang-up came after the goodbye, not after the other")
+  local lines = {}
+  for _, l in ipairs(call.transcript) do
+    lines[#lines + 1] = l.role .. (l.interrupted and " (interrupted)" or "") .. ": " .. l.text
+  end
+  T.eq(lines, { "agent: Hi.", "agent: Noted.", "agent: Goodbye now." })
+end, { timeout = 40000 })
+
+T.test("a response.create refused for another reason does not hold back the next one", function()
+  local env = kit.start({
+    tools = {
+      { name = "lookup", description = "x", parameters = { type = "object", properties = {} },
+        handler = function() return { ok = true } end },
+    },
+    realtime = {
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        session:speak({ ms = 200, text = "Hi." })
+        session:refuse_next_create("server_error", "The server had an error.")
+        session:call_function("lookup", {})
+        assert(session:wait_event("response.create", 5000), "the refused one")
+        -- The service starts a response of its own, with another call.
+        session:call_function("lookup", {}, { auto = true })
+        local out_at = timer.now()
+        local ev = assert(session:wait_event("response.create", 5000), "the one after the second output")
+        session.gap = ev.at - out_at
+        session:report_and_goodbye({ summary = "x", outcome = "success" }, { ms = 100, text = "Bye." })
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550130", prompt = "Explain." })
+  local call = env:wait_final(id, 20000)
+  T.eq(call.status, "completed")
+  local s = env.rt.sessions[1]
+  T.eq(s.errors_sent[1] and s.errors_sent[1].code, "server_error")
+  T.match(s.errors_sent[1].event_id, "^callagent_create_%d+$", "the error names the refused event")
+  T.lt(s.gap, 1000, "sent at once, not when the refused one's 2 s window ends")
+  T.match(call.lastError, "^model refused a response: server_error: The server had an error%.")
+  for _, ev in ipairs(s.events) do
+    if ev.type == "response.create" then
+      T.match(ev.response.metadata.callagent, "^%d+$", "each response.create is numbered")
+    end
+  end
+end, { timeout = 40000 })
+
 T.test("a session the model refuses, or never confirms, fails the call at once instead of a silent call", function()
   for _, case in ipairs({
     { refuse = { "model_not_found", "The model gpt-nonesuch does not exist." }, error = "^model refused the session: model_not_found: The model" },

@@ -404,6 +404,41 @@ T.test("realtime: response.cancel stops speak early with status cancelled; a sec
   T.eq(until_event(c, "error").error.code, "response_cancel_not_active")
 end)
 
+T.test("realtime: a response carries its response.create's metadata; bad metadata and refused creates name the event", function()
+  local rt = start_rt({
+    script = function(s)
+      s:wait_event("response.create")
+      s:speak({ ms = 40, pace = false })
+      s:speak({ ms = 40, pace = false, auto = true })
+      s:refuse_next_create("server_error", "The server had an error.")
+    end,
+  })
+  local c = ready(rt)
+  send(c, { type = "response.create", event_id = "e1", response = { metadata = { n = "1" } } })
+  local created = until_event(c, "response.created")
+  T.eq(created.response.metadata, { n = "1" })
+  T.eq(until_event(c, "response.done").response.metadata, { n = "1" })
+  local auto = until_event(c, "response.created")
+  T.eq(auto.response.metadata, json.null, "a response the service starts on its own has none")
+  until_event(c, "response.done")
+  local many = {}
+  for i = 1, 17 do
+    many["k" .. i] = "v"
+  end
+  for _, bad in ipairs({ many, { n = 1 }, "x" }) do
+    send(c, { type = "response.create", event_id = "e2", response = { metadata = bad } })
+    local e = until_event(c, "error").error
+    T.eq({ e.code, e.param, e.event_id }, { "invalid_value", "response.metadata", "e2" })
+  end
+  T.wait_for(function()
+    return rt.sessions[1]._refuse_create
+  end, 2000)
+  send(c, { type = "response.create", event_id = "e3" })
+  local e = until_event(c, "error").error
+  T.eq({ e.type, e.code, e.event_id }, { "server_error", "server_error", "e3" })
+  T.eq(#rt.sessions[1].response_creates, 1, "refused ones are not counted")
+end)
+
 T.test("realtime: user_speech barge-in sends the VAD events and cancels the speaking response; truncate is checked", function()
   local rt = start_rt({
     script = function(s)

@@ -177,10 +177,19 @@ function Bridge:_model_event(ev)
   elseif t == "input_audio_buffer.speech_started" then
     return self:_speech_started()
   elseif t == "response.created" then
+    -- Ours carries the number of its response.create in its metadata; one
+    -- without it was started by the service (turn detection) - once the
+    -- service has shown that it echoes metadata.
+    local r = obj(ev.response)
+    local n = tonumber(str(obj(r.metadata).callagent))
+    self.echoes_metadata = self.echoes_metadata or n ~= nil
+    local ours = n ~= nil or not self.echoes_metadata
     self.responding = true
-    self.create_sent_at = nil
-    if self.goodbye_requested and not self.goodbye_id then
-      self.goodbye_id = str(obj(ev.response).id)
+    if ours then
+      self.create_sent_at = nil
+    end
+    if self.goodbye_requested and not self.goodbye_id and ours and (n or math.huge) >= self.goodbye_from then
+      self.goodbye_id = str(r.id)
     end
   elseif t == "response.done" then
     return self:_response_done(obj(ev.response))
@@ -213,12 +222,30 @@ function Bridge:_model_event(ev)
       self.engine:bridge_error(self, "model refused the session: " .. tostring(code or etype) .. ": " .. tostring(message))
       return self:hangup("model_error")
     end
+    -- An error that answers our latest response.create refuses it.
+    local refused = self.create_event_id ~= nil and str(e.event_id) == self.create_event_id
+    if refused then
+      self.create_sent_at = nil
+    end
     if code == "conversation_already_has_active_response" then
       -- A response the service started (its own turn detection) was
       -- active: ours is asked for again when it is done.
       log.debug("model busy: response asked for again later", self.log_fields)
       self.responding = true
       self.respond_after = true
+      return
+    end
+    if refused then
+      -- Refused for another reason: a response asked for since goes now,
+      -- not when the refused one's window ends.
+      log.warn("model refused a response.create", { call = self.call_id, code = code, type = etype,
+        message = message })
+      self.engine:bridge_error(self, "model refused a response: " .. tostring(code or etype) .. ": "
+        .. tostring(message))
+      if self.respond_after and not self.responding and not self.ended then
+        self:_stop_timer("respond_timer")
+        self:_respond()
+      end
       return
     end
     log.warn("model error", { call = self.call_id, code = code, type = etype, message = message })
@@ -331,7 +358,10 @@ end
 
 -- One response at a time: the service refuses response.create while one is
 -- active ("conversation_already_has_active_response"), so one asked for
--- meanwhile is sent when the active one is done.
+-- meanwhile is sent when the active one is done. Each response.create is
+-- numbered: its event_id comes back on an error that refuses it, and its
+-- metadata on the response it starts. A service that echoes neither is
+-- given CREATE_WINDOW_MS to start ours before another goes out.
 local CREATE_WINDOW_MS = 2000
 
 function Bridge:_respond()
@@ -354,7 +384,14 @@ function Bridge:_respond()
   end
   self.respond_after = false -- this one serves any asked for meanwhile
   self.create_sent_at = timer.now()
-  self.rt:send({ type = "response.create" })
+  self.creates = (self.creates or 0) + 1
+  local n = tostring(self.creates)
+  self.create_event_id = "callagent_create_" .. n
+  self.rt:send({
+    type = "response.create",
+    event_id = self.create_event_id,
+    response = { metadata = { callagent = n } },
+  })
 end
 
 function Bridge:_response_done(r)
@@ -470,6 +507,7 @@ function Bridge:_run_functions()
     end
     if goodbye then
       self.goodbye_requested = true
+      self.goodbye_from = (self.creates or 0) + 1 -- the next response.create asks for it
       local secs = self.cfg.call.goodbyeTimeoutSec
       self.goodbye_timer = timer.after(secs * 1000, function()
         self.goodbye_timer = nil

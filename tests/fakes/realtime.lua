@@ -51,7 +51,11 @@
 --                     that item: conversation.item.truncated or an error
 --   conversation.item.delete    conversation.item.deleted
 --   response.create   recorded in session.response_creates; while a response
---                     is active: error conversation_already_has_active_response
+--                     is active: error conversation_already_has_active_response;
+--                     response.metadata (at most 16 string values) is checked
+--                     and carried by the response it starts (the next speak or
+--                     call_function that is not opts.auto); an error answering
+--                     it carries its event_id
 --   response.cancel   cancels the active response (speak ends "cancelled"),
 --                     else error response_cancel_not_active
 --   anything else     error invalid_value (param "type")
@@ -85,7 +89,9 @@
 --       48 bytes/ms); opts.chunk_ms (20); opts.escape_slashes (write "/" in
 --       the base64 as "\/", as some JSON encoders do; counted in the result's
 --       escaped_slashes); opts.pace: true/1 real time (default),
---       a number = that many times real time, false = burst; opts.usage.
+--       a number = that many times real time, false = burst; opts.usage;
+--       opts.auto = true: a response the service starts on its own (server
+--       VAD), not the answer to a response.create (no metadata).
 --       A delta is sent, then the next one waits until the previous audio's
 --       duration has passed; response.done comes when all of it "played".
 --       Stops early on response.cancel ("client_cancelled") or on a
@@ -107,10 +113,15 @@
 --       response.done), then waits opts.timeout (10000) ms for the client's
 --       function_call_output with that call_id. args: table (JSON-encoded) or
 --       a JSON string. The call_id is in session.responses[#].call_id.
+--       opts.wait = false: returns after response.done, without waiting.
+--       opts.auto as for speak.
 --   session:report_and_goodbye(report, speak_opts) -> speak()'s result: the
 --       end of most scripted calls: report_call with report, then, once the
 --       client asks for the goodbye (response.create), speak(speak_opts).
 --   session:error(code, message, [type])   an `error` event
+--   session:refuse_next_create(code, message)   the next response.create is
+--       answered with that error (with its event_id), as the service refuses
+--       one for a reason other than an active response
 --   session:close([code], [reason])       close frame (default 1000)
 --   session:drop()   ends the TCP connection with no close frame (conn:abort()):
 --       the client sees 1006.
@@ -272,6 +283,10 @@ function Session:error(code, message, etype)
   return send_error(self, code, message or code, nil, nil, etype)
 end
 
+function Session:refuse_next_create(code, message)
+  self._refuse_create = { code, message or code }
+end
+
 function Session:close(code, reason)
   if not self._ended then
     self.conn:close(code or 1000, reason)
@@ -368,7 +383,7 @@ local function cancel_active(self, reason)
   end
 end
 
-local function response_object(self, rid, status, details, output, usage)
+local function response_object(self, rid, status, details, output, usage, metadata)
   local out = self.config.audio and self.config.audio.output or {}
   return {
     object = "realtime.response",
@@ -381,8 +396,19 @@ local function response_object(self, rid, status, details, output, usage)
     max_output_tokens = "inf",
     audio = { output = { format = out.format or null, voice = out.voice or null } },
     usage = usage or null,
-    metadata = null,
+    metadata = metadata or null,
   }
+end
+
+-- The metadata of the response.create a response answers (none for one the
+-- service starts on its own): the latest one accepted, taken once.
+local function take_metadata(self, opts)
+  if opts.auto then
+    return nil
+  end
+  local ev = self._create_pending
+  self._create_pending = nil
+  return ev and type(ev.response) == "table" and ev.response.metadata or nil
 end
 
 local function default_usage(self, out_ms, text)
@@ -405,8 +431,9 @@ local RATE_LIMITS = '{"type":"rate_limits.updated","event_id":"%s","rate_limits"
   .. '{"name":"requests","limit":10000,"remaining":9999,"reset_seconds":0.006},'
   .. '{"name":"tokens","limit":2000000,"remaining":%d,"reset_seconds":0.36}]}'
 
-local function finish_response(self, rid, status, details, output, usage)
-  self:send({ type = "response.done", response = response_object(self, rid, status, details, { output }, usage) })
+local function finish_response(self, rid, status, details, output, usage, metadata)
+  self:send({ type = "response.done", response = response_object(self, rid, status, details, { output }, usage,
+    metadata) })
   if self.rt.opts.rate_limits ~= false then
     self:send(fmt(RATE_LIMITS, new_id("event"), 2000000 - (usage.total_tokens or 0)))
   end
@@ -422,12 +449,14 @@ function Session:speak(opts)
   local rid, iid = new_id("resp"), new_id("item")
   local resp = { id = rid, item_id = iid, sent_bytes = 0 }
   self._active = resp
+  local metadata = take_metadata(self, opts)
   local item = { id = iid, role = "assistant", bpm = bpm, sent_bytes = 0 }
   self.items[iid] = item
   local prev = self.last_item_id or null
   self.last_item_id = iid
 
-  self:send({ type = "response.created", response = response_object(self, rid, "in_progress") })
+  self:send({ type = "response.created", response = response_object(self, rid, "in_progress", nil, nil, nil,
+    metadata) })
   local item_obj = {
     id = iid,
     object = "realtime.item",
@@ -529,7 +558,7 @@ function Session:speak(opts)
     self:send(ev("response.content_part.done", { part = { type = "audio", transcript = transcript } }))
     self:send({ type = "response.output_item.done", response_id = rid, output_index = 0, item = done_item })
     self:send({ type = "conversation.item.done", previous_item_id = prev, item = done_item })
-    finish_response(self, rid, status, details, done_item, usage)
+    finish_response(self, rid, status, details, done_item, usage, metadata)
   end
   self._active = nil
   self.produced_audio = true
@@ -645,8 +674,10 @@ function Session:call_function(name, args, opts)
   self.last_item_id = iid
   local result = { response_id = rid, item_id = iid, call_id = cid, name = name, arguments = arguments }
   self.responses[#self.responses + 1] = result
+  local metadata = take_metadata(self, opts)
 
-  self:send({ type = "response.created", response = response_object(self, rid, "in_progress") })
+  self:send({ type = "response.created", response = response_object(self, rid, "in_progress", nil, nil, nil,
+    metadata) })
   local item_obj = {
     id = iid,
     object = "realtime.item",
@@ -690,7 +721,10 @@ function Session:call_function(name, args, opts)
   self:send({ type = "conversation.item.done", previous_item_id = prev, item = done_item })
   local usage = opts.usage or default_usage(self, 0, arguments)
   result.usage = usage
-  finish_response(self, rid, "completed", nil, done_item, usage)
+  finish_response(self, rid, "completed", nil, done_item, usage, metadata)
+  if opts.wait == false then
+    return result
+  end
 
   local out, err = wait_for(self, function()
     for _, item in ipairs(self.function_outputs) do
@@ -1027,12 +1061,30 @@ handlers["response.create"] = function(self, ev)
         ev.event_id)
     end
   end
+  local meta = r and r.metadata
+  if meta ~= nil then
+    local n, bad = 0, type(meta) ~= "table"
+    for k, v in pairs(bad and {} or meta) do
+      n = n + 1
+      bad = bad or type(k) ~= "string" or #k > 64 or type(v) ~= "string" or #v > 512
+    end
+    if bad or n > 16 then
+      return send_error(self, "invalid_value", "Invalid 'response.metadata': expected an object of at most 16 "
+        .. "string values.", "response.metadata", ev.event_id)
+    end
+  end
   if self._active then
     return send_error(self, "conversation_already_has_active_response",
       "Conversation already has an active response in progress: " .. self._active.id
         .. ". Wait until the response is finished before creating a new one.", nil, ev.event_id)
   end
+  local refuse = self._refuse_create
+  if refuse then
+    self._refuse_create = nil
+    return send_error(self, refuse[1], refuse[2], nil, ev.event_id, "server_error")
+  end
   self.response_creates[#self.response_creates + 1] = ev
+  self._create_pending = ev
 end
 
 handlers["response.cancel"] = function(self, ev)
