@@ -1156,15 +1156,29 @@ static int end_call(struct call *call)
 	return 0;
 }
 
-/* Asked for the goodbye (response.create after the report): one frame of it, then silence. */
-static void goodbye(struct conn *c, struct call *call)
+/* Asked for the goodbye (response.create after the report): one frame of it,
+ * then silence. The response carries the create's metadata, as the service's
+ * does: {"callagent":"N"}. */
+static void goodbye(struct conn *c, struct call *call, const char *p, size_t len)
 {
+	static const char KEY[] = "\"callagent\":\"";
+	const char *k = memmem(p, len, KEY, sizeof KEY - 1);
+	int digits = 0;
 	char m[2048];
 	int n;
 
+	if (k) {
+		k += sizeof KEY - 1;
+		while (digits < 12 && k + digits < p + len && k[digits] >= '0' && k[digits] <= '9')
+			digits++;
+	}
 	call->ending = 2;
-	n = snprintf(m, sizeof m, "{\"type\":\"response.created\",\"response\":{\"id\":\"resp_bye%d\",\"status\":\"in_progress\"}}",
-		     call->k);
+	if (digits)
+		n = snprintf(m, sizeof m, "{\"type\":\"response.created\",\"response\":{\"id\":\"resp_bye%d\","
+			     "\"status\":\"in_progress\",\"metadata\":{\"callagent\":\"%.*s\"}}}", call->k, digits, k);
+	else
+		n = snprintf(m, sizeof m, "{\"type\":\"response.created\",\"response\":{\"id\":\"resp_bye%d\","
+			     "\"status\":\"in_progress\",\"metadata\":null}}", call->k);
 	ws_send(c, 1, m, (size_t)n);
 	n = snprintf(m, sizeof m, "{\"type\":\"response.output_audio.delta\",\"response_id\":\"resp_bye%d\","
 		     "\"item_id\":\"item_bye%d\",\"output_index\":0,\"content_index\":0,\"delta\":\"%s\"}",
@@ -1215,7 +1229,7 @@ static void rt_message(struct conn *c, char *p, size_t n)
 		ws_send(c, 1, upd, sizeof upd - 1);
 		return;
 	} else if (c->call && c->call->ending == 1 && memmem(p, n, "\"response.create\"", 17)) {
-		goodbye(c, c->call);
+		goodbye(c, c->call, p, n);
 		return;
 	} else {
 		return;
