@@ -407,6 +407,28 @@ T.test("a response.create refused for another reason does not hold back the next
   end
 end, { timeout = 40000 })
 
+T.test("a service that takes no response.metadata is asked without it, and the call goes on", function()
+  local env = kit.start({
+    realtime = {
+      no_response_metadata = true,
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        assert(session:wait_event("response.create", 5000), "asked again")
+        session:speak({ ms = 200, text = "Hi." })
+        session:report_and_goodbye({ summary = "x", outcome = "success" }, { ms = 100, text = "Bye." })
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550131", prompt = "Explain." })
+  local call = env:wait_final(id, 20000)
+  T.eq({ call.status, call.lastError }, { "completed", nil })
+  local s = env.rt.sessions[1]
+  T.eq(#s.errors_sent, 1, "one refusal")
+  T.eq(s.errors_sent[1].param, "response.metadata")
+  T.eq(#s.response_creates, 2, "the greeting's, asked again, and the goodbye's")
+  T.eq(call.report.summary, "x")
+end, { timeout = 40000 })
+
 T.test("a session the model refuses, or never confirms, fails the call at once instead of a silent call", function()
   for _, case in ipairs({
     { refuse = { "model_not_found", "The model gpt-nonesuch does not exist." }, error = "^model refused the session: model_not_found: The model" },

@@ -235,6 +235,14 @@ function Bridge:_model_event(ev)
       self.respond_after = true
       return
     end
+    local param = text(e.param)
+    if refused and not self.plain_creates and param and param:find("^response%.metadata") then
+      -- A service that takes no metadata: asked again without it.
+      log.warn("model takes no response.metadata: responses are asked for without it", self.log_fields)
+      self.plain_creates = true
+      self.respond_after = false
+      return self:_respond()
+    end
     if refused then
       -- Refused for another reason: a response asked for since goes now,
       -- not when the refused one's window ends.
@@ -390,7 +398,7 @@ function Bridge:_respond()
   self.rt:send({
     type = "response.create",
     event_id = self.create_event_id,
-    response = { metadata = { callagent = n } },
+    response = not self.plain_creates and { metadata = { callagent = n } } or nil,
   })
 end
 

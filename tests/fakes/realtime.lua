@@ -17,6 +17,8 @@
 --                                   -- answered with that error (a model or key
 --                                   -- the service will not serve), or true: with
 --                                   -- nothing at all (a service that hangs)
+--     no_response_metadata = false, -- true: response.metadata is an unknown
+--                                   -- parameter (a service without it)
 --     max_connections = 4096,
 --     tls = { cert = ..., key = ... }, -- optional: serve wss:// (see tests/lib/certs.lua)
 --   })
@@ -1056,6 +1058,9 @@ handlers["response.create"] = function(self, ev)
         ev.event_id)
     end
     local k = unknown_key(r, RESPONSE_KEYS)
+    if self.rt.opts.no_response_metadata and r.metadata ~= nil then
+      k = "metadata"
+    end
     if k then
       return send_error(self, "unknown_parameter", "Unknown parameter: 'response." .. k .. "'.", "response." .. k,
         ev.event_id)
