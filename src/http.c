@@ -943,6 +943,8 @@ static int open_listener(lua_State *L, const char *host, int port, int *fd_out, 
 	int fd, one = 1, err;
 
 	memset(&ss, 0, sizeof ss);
+	if (strcmp(host, "localhost") == 0)	/* the one name taken: loopback, without a resolver */
+		host = "127.0.0.1";
 	if (inet_pton(AF_INET, host, &((struct sockaddr_in *)&ss)->sin_addr) == 1) {
 		((struct sockaddr_in *)&ss)->sin_family = AF_INET;
 		((struct sockaddr_in *)&ss)->sin_port = htons((uint16_t)port);

@@ -619,7 +619,16 @@ static int valid_tz(const char *tz)
 		      *p == '/' || *p == '_' || *p == '-' || *p == '+'))
 			return 0;
 	snprintf(path, sizeof path, "/usr/share/zoneinfo/%s", tz);
-	return stat(path, &st) == 0 && S_ISREG(st.st_mode);
+	if (stat(path, &st) != 0 || !S_ISREG(st.st_mode))
+		return 0;
+	/* A zone file, not another file of the folder (leapseconds, zone.tab). */
+	FILE *f = fopen(path, "rb");
+	char magic[4];
+	int ok = f && fread(magic, 1, 4, f) == 4 && memcmp(magic, "TZif", 4) == 0;
+
+	if (f)
+		fclose(f);
+	return ok;
 }
 
 /*

@@ -21,6 +21,7 @@ T.test("POST /v1/calls validates every field and answers 400 naming it", functio
     { { to = "+14155550100", prompt = "x", timezone = "Mars/Base" }, "invalid_timezone", "timezone" },
     { { to = "+14155550100", prompt = "x", timezone = "../../etc/passwd" }, "invalid_timezone", "timezone" },
     { { to = "+14155550100", prompt = "x", timezone = "Europe/Paris\0junk" }, "invalid_timezone", "timezone" },
+    { { to = "+14155550100", prompt = "x", timezone = "leapseconds" }, "invalid_timezone", "timezone" }, -- no zone file
     { { to = "+14155550100", prompt = "x", voice = "robot" }, "invalid_voice", "voice" },
     { { to = "+14155550100", prompt = "x", locale = "english please" }, "invalid_locale", "locale" },
     { { to = "+14155550100", prompt = "x", locale = "en-" }, "invalid_locale", "locale" },
@@ -150,6 +151,79 @@ T.test("defaults fill timezone, locale and voice from the config", function()
   T.eq(rec.timezone, "Asia/Tokyo")
   T.eq(rec.locale, "ja-JP")
   T.eq(rec.voice, "coral")
+end)
+
+T.test("a web page cannot drive the API: another origin, a rebound host name, a body that is not JSON", function()
+  local call = { to = "+14155550131", prompt = "x" }
+  local env = env_with({})
+  local port = env.base:match(":(%d+)$")
+  -- A page elsewhere posts "no-cors" with text/plain: no preflight, but an Origin.
+  local status, body = env:api("POST", "/v1/calls", json.encode(call),
+    { ["Content-Type"] = "text/plain", Origin = "http://evil.example" })
+  T.eq({ status, body.error.code }, { 403, "forbidden_origin" })
+  status, body = env:api("GET", "/v1/calls", nil, { Origin = "null" })
+  T.eq({ status, body.error.code }, { 403, "forbidden_origin" }, "a sandboxed page's null origin too")
+  -- DNS rebinding: the page's own name now points at 127.0.0.1.
+  status, body = env:api("GET", "/v1/calls", nil,
+    { Host = "evil.example:" .. port, Origin = "http://evil.example:" .. port })
+  T.eq({ status, body.error.code }, { 403, "forbidden_host" })
+  status, body = env:api("GET", "/v1/calls", nil, { Host = "calls.example.org" })
+  T.eq({ status, body.error.code }, { 403, "forbidden_host" }, "a request through a tunnel, with no token")
+  T.eq((env:api("GET", "/v1/calls", nil, { Host = "127.0.0.1:" .. port })), 200)
+  -- Without a Content-Type that says JSON, no call.
+  for _, ctype in ipairs({ "text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
+    "application/jsonx" }) do
+    status, body = env:api("POST", "/v1/calls", json.encode(call), { ["Content-Type"] = ctype })
+    T.eq({ status, body.error.code }, { 415, "unsupported_media_type" }, ctype)
+  end
+  T.eq(#env.tw.calls, 0, "nothing was dialed")
+  -- This server's own pages (the mock form), and clients that are no browser.
+  for _, h in ipairs({
+    { Origin = "http://127.0.0.1:" .. port },
+    { Origin = "http://localhost:" .. port, Host = "localhost:" .. port },
+    { Host = "[::1]:" .. port },
+    { ["Content-Type"] = "Application/JSON; charset=utf-8" },
+  }) do
+    status, body = env:api("POST", "/v1/calls", json.encode(call), h)
+    T.eq(status, 201, json.encode(h))
+  end
+  -- With a token, any host name is fine (a tunnel, a proxy); a foreign page still is not.
+  local token = "api-token-0123456789abcdef"
+  env = env_with({ server = { apiToken = token } })
+  status = env:api("GET", "/v1/calls", nil, { Host = "calls.example.org", Authorization = "BEARER " .. token })
+  T.eq(status, 200, "the scheme is case-insensitive")
+  status, body = env:api("GET", "/v1/calls", nil,
+    { Host = "calls.example.org", Origin = "https://evil.example", Authorization = "Bearer " .. token })
+  T.eq({ status, body.error.code }, { 403, "forbidden_origin" })
+end)
+
+T.test("metadata comes back as sent: long numbers, nested empty arrays; null is an optional field not given", function()
+  local env = env_with({})
+  local sent = '{"orderId":123456789012345,"ratio":0.1234567890123456,"big":9007199254740993e0,'
+    .. '"tags":[],"nested":[[]],"obj":{},"mixed":[1,[],{"in":[ ]}],"text":"[] stays text"}'
+  local status, body = env:api("POST", "/v1/calls",
+    '{"to":"+14155550132","prompt":"x","callerName":null,"timezone":null,"metadata":' .. sent .. "}")
+  T.eq(status, 201, body and body.error and body.error.message)
+  local _, _, res = env:api("GET", "/v1/calls/" .. body.callId)
+  for _, part in ipairs({ '"orderId":123456789012345,', '"ratio":0.1234567890123456,', '"tags":[]', '"nested":[[]]',
+    '"obj":{}', '"mixed":[1,[],{"in":[]}]', '"text":"[] stays text"' }) do
+    T.ok(res.body:find(part, 1, true), "the record has " .. part)
+  end
+  T.ok(res.body:find('"big":9007199254740992', 1, true), "past 2^53 a number is a double, as in JavaScript")
+  T.eq(env:get(body.callId).callerName, nil)
+  status, body = env:api("POST", "/v1/calls", '{"to":"+14155550132","prompt":"x","metadata":[]}')
+  T.eq({ status, body.error.code }, { 400, "invalid_metadata" }, "[] is no object")
+  status, body = env:api("POST", "/v1/calls", '{"to":null,"prompt":"x"}')
+  T.eq({ status, body.error.code }, { 400, "invalid_to" }, "a required field must be given")
+end)
+
+T.test("server.host localhost listens on 127.0.0.1", function()
+  local env = env_with({ server = { host = "localhost" } })
+  local port = env.base:match(":(%d+)$")
+  local status = env:api("GET", "/v1/calls")
+  T.eq(status, 200)
+  local res = assert(fetch("http://127.0.0.1:" .. port .. "/healthz"))
+  T.eq(res.status, 200)
 end)
 
 T.test("with server.apiToken every /v1 request needs the bearer token (401 otherwise)", function()

@@ -8,8 +8,11 @@
 --   GET  /healthz                 {ok, version, provider, activeCalls, uptimeSec, loop}
 --
 -- With server.apiToken set, every /v1 request needs "Authorization: Bearer
--- <token>" (401 otherwise). Errors: {"error": {"code", "message", "field"?}}
--- with 400 (validation), 401, 404, 405, 409, 413.
+-- <token>" (401 otherwise); without it, /v1 answers only requests made to a
+-- loopback host name. A web page of another origin is refused either way
+-- (403), and POST /v1/calls takes only Content-Type application/json (415).
+-- Errors: {"error": {"code", "message", "field"?}} with 400 (validation),
+-- 401, 403, 404, 405, 409, 413, 415.
 local json = require "callagent.json"
 local crypto = require "callagent.crypto"
 local core = require "callagent.core"
@@ -69,6 +72,14 @@ function M.validate_call(body)
       return nil, err(400, "invalid_" .. k, k .. " is not valid UTF-8 text", k)
     end
   end
+  -- null is "not given", as clients that write None/nil/undefined send it.
+  local given = {}
+  for k, v in pairs(body) do
+    if v ~= json.null then
+      given[k] = v
+    end
+  end
+  body = given
   local input = {}
   if not config.is_e164(body.to) then
     return nil, err(400, "invalid_to", "to must be an E.164 phone number like +14155550100", "to")
@@ -130,6 +141,27 @@ function M.validate_call(body)
   return input
 end
 
+-- The host name of a Host header ("[::1]:4545" -> "::1"), lowercase.
+local function host_name(host)
+  return (host:match("^%[([^%]]*)%]") or host:match("^[^:]*")):lower()
+end
+
+--- True when a Host header names this machine: localhost (and names under
+-- .localhost), 127.0.0.0/8 or ::1. A page that rebinds a DNS name of its own
+-- to 127.0.0.1 sends its own name.
+function M.loopback_host(host)
+  local name = host_name(host)
+  return name == "localhost" or name:match("%.localhost%.?$") ~= nil or name == "::1"
+    or (name:match("^127%.%d+%.%d+%.%d+$") ~= nil)
+end
+
+-- The Origin a browser sends from a page of this server itself.
+local function same_origin(origin, host)
+  origin = origin:lower()
+  host = host and host:lower()
+  return host ~= nil and (origin == "http://" .. host or origin == "https://" .. host)
+end
+
 --- Registers the API routes on an http server for the engine.
 function M.register(srv, engine, cfg, opts)
   opts = opts or {}
@@ -140,12 +172,31 @@ function M.register(srv, engine, cfg, opts)
       return true
     end
     local h = req.headers.authorization or ""
-    local given = h:match("^[Bb]earer%s+(.+)$")
+    local given = h:match("^[Bb][Ee][Aa][Rr][Ee][Rr] +(.+)$")
     return given ~= nil and crypto.constant_time_eq(given, token)
+  end
+
+  -- A browser sends any page's POST (as "no-cors"), and its GETs once a
+  -- name of the page's resolves to 127.0.0.1: both are refused.
+  local function refused_browser(req)
+    local h = req.headers
+    if h.origin and not same_origin(h.origin, h.host) then
+      return "forbidden_origin", "requests from a web page of another origin are refused"
+    end
+    if not token and h.host and not M.loopback_host(h.host) then
+      return "forbidden_host", "without server.apiToken the API answers only requests to a loopback host "
+        .. "(127.0.0.1, [::1] or localhost)"
+    end
   end
 
   local function guard(fn)
     return function(req)
+      local code, message = refused_browser(req)
+      if code then
+        log.warn("api: request refused", { method = req.method, path = req.path, remote = req.remote, code = code,
+          origin = req.headers.origin, host = req.headers.host })
+        return err(403, code, message)
+      end
       if not authorized(req) then
         log.warn("api: unauthorized request", { method = req.method, path = req.path, remote = req.remote })
         return 401, { error = { code = "unauthorized", message = "missing or wrong bearer token" } }, {
@@ -157,6 +208,10 @@ function M.register(srv, engine, cfg, opts)
   end
 
   srv:post("/v1/calls", guard(function(req)
+    local ctype = (req.headers["content-type"] or ""):lower()
+    if not (ctype:match("^%s*application/json%s*;") or ctype:match("^%s*application/json%s*$")) then
+      return err(415, "unsupported_media_type", "the body must be JSON, sent with Content-Type: application/json")
+    end
     local body, jerr = req:json_object()
     if not body then
       if jerr:match("^EJSON: ") then

@@ -479,7 +479,7 @@ function Bridge:_function_call(call_id, name, arguments)
   local fc = { call_id = call_id, name = name, arguments = arguments }
   if name == "report_call" and not self.report then
     -- Stored at once: the report must not depend on the rest of the call.
-    local args = json.try_decode(arguments or "")
+    local args = json.try_decode(arguments or "", true)
     self.report = normalize_report(type(args) == "table" and args or {})
     self.engine:bridge_report(self, self.report)
     fc.first_report = true
@@ -532,7 +532,7 @@ function Bridge:_run_tool(fc)
   if not tool then
     return json.encode({ error = "unknown function " .. tostring(fc.name) })
   end
-  local args = json.try_decode(fc.arguments or "{}")
+  local args = json.try_decode(fc.arguments or "{}", true)
   if type(args) ~= "table" then
     args = {}
   end

@@ -67,7 +67,7 @@ function Request:json()
   if self.body == nil or self.body == "" then
     return nil, "EJSON: empty body"
   end
-  return json.try_decode(self.body)
+  return json.try_decode(self.body, true) -- [] stays an array
 end
 
 function Request:json_object()

@@ -3,7 +3,13 @@
 -- Everything of cjson is here (encode, decode, null, encode_* settings), and:
 --   json.array([t])        marks t as a JSON array, so an empty one encodes as []
 --                          (plain cjson writes every empty table as {})
---   json.try_decode(s)     value, or nil and "EJSON: message" instead of raising
+--   json.try_decode(s, [arrays])  value, or nil and "EJSON: message" instead of
+--                          raising; arrays = true: empty arrays, at any depth,
+--                          come back marked (json.array), not as empty tables
+--                          that encode as {} (for data of clients and of the
+--                          model, kept and written back as given)
+--   json.encode_stored(v), json.decode_stored(s)   the store's form: as
+--                          encode/decode, and marked empty arrays survive
 --   json.is_array(t)       whether t was marked with json.array
 --   json.check(v, depth)   true when v encodes and nests at most depth tables
 --                          deep; else false and why ("is nested deeper than
@@ -14,7 +20,10 @@
 --   json.utf8(v)           v with every string in it (keys too, at any depth)
 --                          made UTF-8: bytes that start no valid sequence become
 --                          U+FFFD (tables are changed in place)
--- and json.encode writes "/" plainly (cjson alone escapes it as "\/").
+-- and json.encode writes "/" plainly (cjson alone escapes it as "\/"), and
+-- every number exactly: cjson writes 14 significant digits (0.12345678901234567
+-- became 0.12345678901235, 123456789012345 1.2345678901234e+14); one that
+-- needs more is written with as many as it takes (at most 17).
 -- Decoding refuses NaN, Infinity and hex numbers, as JSON does.
 local cjson = require "cjson"
 
@@ -29,7 +38,11 @@ end
 
 local array_mt = { __name = "json.array" }
 local EMPTY = "\0callagent:empty-array\0"
-local EMPTY_JSON_PATTERN = ('"\\u0000callagent:empty-array\\u0000"'):gsub("%p", "%%%0")
+local EMPTY_JSON = '"\\u0000callagent:empty-array\\u0000"'
+local EMPTY_JSON_PATTERN = EMPTY_JSON:gsub("%p", "%%%0")
+-- A number cjson would write inexactly goes through as this string.
+local NUM = "\0callagent:number:"
+local NUM_JSON_PATTERN = ('"\\u0000callagent:number:'):gsub("%p", "%%%0") .. "([^\\]*)" .. ("\\u0000\""):gsub("%p", "%%%0")
 
 function M.array(t)
   return setmetatable(t or {}, array_mt)
@@ -39,10 +52,35 @@ function M.is_array(t)
   return getmetatable(t) == array_mt
 end
 
--- Returns v with every marked empty array replaced by the EMPTY sentinel, or
--- v itself when it holds none (no copy made).
+local fmt, tonumber, mtype = string.format, tonumber, math.type
+
+-- The shortest text that reads back as x, when cjson's 14 digits do not.
+local function exact(x)
+  if mtype(x) == "integer" then
+    return x >= -1e14 and x <= 1e14 and nil or fmt("%d", x)
+  end
+  if x ~= x or x == math.huge or x == -math.huge or tonumber(fmt("%.14g", x)) == x then
+    return nil -- cjson writes it right (or refuses it)
+  end
+  for digits = 15, 17 do
+    local s = fmt("%." .. digits .. "g", x)
+    if tonumber(s) == x then
+      return s
+    end
+  end
+end
+
+-- Returns v with every marked empty array replaced by the EMPTY sentinel and
+-- every number cjson would round by a NUM string, or v itself when it holds
+-- neither (no copy made).
 local function prepare(v, depth)
-  if type(v) ~= "table" then
+  if type(v) == "number" then
+    local s = exact(v)
+    if s then
+      return NUM .. s .. "\0", true
+    end
+    return v, false
+  elseif type(v) ~= "table" then
     return v, false
   end
   if depth > 100 then
@@ -70,12 +108,19 @@ local function prepare(v, depth)
   return v, false
 end
 
+local function number_back(s)
+  return tonumber(s) and s or nil -- a string that only looks like ours stays one
+end
+
 local encode = cjson.encode
-function M.encode(v)
+local function encode_with(v, empty)
   local p, changed = prepare(v, 0)
   local s = encode(p)
   if changed then
-    s = s:gsub(EMPTY_JSON_PATTERN, "[]")
+    s = s:gsub(EMPTY_JSON_PATTERN, empty)
+    if s:find("u0000callagent:number:", 1, true) then
+      s = s:gsub(NUM_JSON_PATTERN, number_back)
+    end
   end
   -- cjson writes "/" as "\/"; every such escape is one, so plain "/" is safe.
   if s:find("\\/", 1, true) then
@@ -84,14 +129,104 @@ function M.encode(v)
   return s
 end
 
+function M.encode(v)
+  return encode_with(v, "[]")
+end
+
+-- Empty arrays stay marked: [EMPTY] in the text, turned back into json.array
+-- by decode_stored (cjson reads [] as an empty table, like {}).
+local EMPTY_STORED = "[" .. EMPTY_JSON .. "]"
+function M.encode_stored(v)
+  return encode_with(v, EMPTY_STORED)
+end
+
 local decode = cjson.decode
-function M.try_decode(s)
+
+-- v with every {EMPTY} in it replaced by a marked empty array.
+local function restore(v, depth)
+  if depth > 1000 then
+    return v
+  end
+  for k, x in pairs(v) do
+    if type(x) == "table" then
+      if x[1] == EMPTY and next(x, 1) == nil then
+        v[k] = M.array({})
+      else
+        restore(x, depth + 1)
+      end
+    end
+  end
+  return v
+end
+
+local function restored(v)
+  if type(v) ~= "table" then
+    return v
+  elseif v[1] == EMPTY and next(v, 1) == nil then
+    return M.array({})
+  end
+  return restore(v, 0)
+end
+
+-- s with each [] outside its strings written [EMPTY] (or s, when none).
+local function mark_empty_arrays(s)
+  if not s:find("%[%s*%]") then
+    return s, false
+  end
+  local out, i, pos, changed = {}, 1, 1, false
+  while true do
+    local a = s:find('["%[]', pos)
+    if not a then
+      break
+    end
+    if s:byte(a) == 34 then -- a string: on past its closing quote
+      local j = a + 1
+      while true do
+        local q = s:find('["\\]', j)
+        if not q then
+          return s, false -- unterminated: decode says so
+        end
+        if s:byte(q) == 92 then
+          j = q + 2
+        else
+          pos = q + 1
+          break
+        end
+      end
+    else
+      local e = s:match("^%[%s*%]()", a)
+      if e then
+        out[#out + 1] = s:sub(i, a - 1)
+        out[#out + 1] = "[" .. EMPTY_JSON .. "]"
+        i, pos, changed = e, e, true
+      else
+        pos = a + 1
+      end
+    end
+  end
+  out[#out + 1] = s:sub(i)
+  return table.concat(out), changed
+end
+
+function M.try_decode(s, arrays)
   if type(s) ~= "string" then
     return nil, "EJSON: expected a string"
+  end
+  local changed = false
+  if arrays then
+    s, changed = mark_empty_arrays(s)
   end
   local ok, v = pcall(decode, s)
   if not ok then
     return nil, "EJSON: " .. tostring(v)
+  end
+  return changed and restored(v) or v
+end
+
+function M.decode_stored(s)
+  local v = decode(s)
+  if s:find("u0000callagent:empty-array", 1, true) then
+    v = restored(v)
   end
   return v
 end

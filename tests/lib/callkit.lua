@@ -129,7 +129,9 @@ function Env:api(method, path, body, headers)
   local h = headers or {}
   if body ~= nil and type(body) ~= "string" then
     body = json.encode(body)
-    h["Content-Type"] = h["Content-Type"] or "application/json"
+  end
+  if body ~= nil and not h["Content-Type"] and not h["content-type"] then
+    h["Content-Type"] = "application/json"
   end
   local res, err = fetch(self.base .. path, { method = method, body = body, headers = h })
   assert(res, err)

@@ -63,7 +63,7 @@ INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', '1');
 -- The call document holds everything but the rows of its own tables.
 local SEPARATE = { attempts = true, transcript = true, events = true, id = true }
 
-local encode, decode = json.encode, require("cjson").decode
+local encode, decode = json.encode_stored, json.decode_stored
 local cursor_seq = require("callagent.store.memory").cursor_seq
 -- A call's rows of the other tables, oldest first.
 local CALL_ROWS = {
