@@ -363,7 +363,7 @@ static void push_remote(lua_State *L, struct lws *wsi)
  */
 static void push_query(lua_State *L, struct lws *wsi)
 {
-	char frag[4096];
+	char small[4096], *big = NULL;
 	luaL_Buffer raw;
 	int tbl;
 
@@ -371,9 +371,18 @@ static void push_query(lua_State *L, struct lws *wsi)
 	tbl = lua_gettop(L);
 	luaL_buffinit(L, &raw);
 	for (int i = 0; lws_hdr_total_length(wsi, WSI_TOKEN_HTTP_URI_ARGS) > 0; i++) {
-		int n = lws_hdr_copy_fragment(wsi, frag, sizeof frag, WSI_TOKEN_HTTP_URI_ARGS, i);
-		char *eq;
+		/* Each parameter whole, however long (lws's header buffer bounds it):
+		 * one that did not fit used to end the query there. */
+		int len = lws_hdr_fragment_length(wsi, WSI_TOKEN_HTTP_URI_ARGS, i), n;
+		char *frag = small, *eq;
 
+		if (len <= 0)
+			break;
+		if (len >= (int)sizeof small) {
+			free(big);
+			frag = big = ca_malloc((size_t)len + 1);
+		}
+		n = lws_hdr_copy_fragment(wsi, frag, len + 1, WSI_TOKEN_HTTP_URI_ARGS, i);
 		if (n < 0)
 			break;
 		if (i)
@@ -407,6 +416,7 @@ static void push_query(lua_State *L, struct lws *wsi)
 		}
 		}
 	}
+	free(big);
 	luaL_pushresult(&raw);
 }
 

@@ -62,6 +62,11 @@ T.test("routes by method and path with parameters, decoded query and headers", f
   res = assert(fetch(srv:url("/calls/c_9/attempts/1"), { method = "POST", body = "x" }))
   T.eq(res.status, 201)
   T.eq(res.body, "posted c_9")
+  -- A parameter longer than 4 KiB, and the ones after it, arrive whole.
+  local pad = string.rep("x", 5000)
+  res = assert(fetch(srv:url("/calls/c_1/attempts/2?pad=" .. pad .. "&status=bogus&a=1")))
+  T.eq(res.status, 200)
+  T.eq(json.decode(res.body).q, { pad = pad, status = "bogus", a = "1" })
 end)
 
 T.test("unknown path is 404 and a known path with another method is 405 with Allow", function()
