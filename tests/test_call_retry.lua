@@ -108,6 +108,24 @@ T.test("a call hung up while it waits for a retry ends canceled, without nextAtt
   T.eq(#env.hooks.received, 1, "notified once")
 end, { timeout = 30000 })
 
+T.test("a notification answered 408 or 429 is sent again; 400 is not; a hooksUrl query stays after /agent", function()
+  for _, case in ipairs({ { 408, 2 }, { 429, 2 }, { 400, 1 } }) do
+    local env = kit.start({
+      twilio = { behaviour = "busy" },
+      config = { retry = { maxAttempts = 1 } },
+      hooks = { fail_first = 1, fail_status = case[1], query = "?source=callagent" },
+    })
+    local id = env:create({ to = "+14155550103", prompt = "Say hello." })
+    env:wait_final(id, 10000)
+    T.wait_for(function()
+      return #env.hooks.received >= case[2]
+    end, 5000, "notification")
+    timer.sleep(300)
+    T.eq(#env.hooks.received, case[2], "answered " .. case[1])
+    T.eq(env.hooks.received[1].query, { source = "callagent" }, "POST /hooks/agent?source=callagent")
+  end
+end)
+
 T.test("retries exhausted: the final status is the last attempt's and it is notified once", function()
   local env = kit.start({
     twilio = { behaviour = "busy" },

@@ -8,7 +8,7 @@
 --
 -- Sent once per call, on its final state, from a task of its own: it never
 -- blocks or breaks the call. Network errors and 5xx answers are retried with
--- backoff (1 s, 2 s, 4 s ... up to `attempts` tries); 4xx (but 429) are a
+-- backoff (1 s, 2 s, 4 s ... up to `attempts` tries); 4xx (but 408, 429) are a
 -- final no. Every notification is recorded in the store first (record, in
 -- the commit of the call's final status), so one not yet
 -- delivered - cut short by a restart, or out of tries - is sent again after a
@@ -118,7 +118,9 @@ function Notifier:send(key, body)
   end
   self.in_flight[key] = true
   task.spawn(function()
-    local url = self.cfg.hooksUrl .. "/agent"
+    -- "/agent" goes on the path, before a query the URL may have.
+    local path, query = self.cfg.hooksUrl:match("^([^?#]*)(.*)$")
+    local url = path:gsub("/+$", "") .. "/agent" .. query
     local delay = self.base_delay_ms
     for try = 1, self.attempts do
       if self.stopped then
@@ -148,7 +150,8 @@ function Notifier:send(key, body)
         return
       end
       local why = res and ("HTTP " .. res.status) or err
-      local refused = res and res.status < 500 and res.status ~= 429
+      -- 408 and 429 say "later"; another answer under 500 will not change.
+      local refused = res and res.status < 500 and res.status ~= 429 and res.status ~= 408
       self.store:mark_notified(key, refused and "refused" or "failed", why)
       if refused then
         log.warn("notification refused; not retrying", { key = key, error = why })

@@ -7,7 +7,8 @@
 --     twilio = { behaviour = ... },          -- fakes.twilio options
 --     realtime = { script = fn(session) },   -- fakes.realtime options
 --     config = { retry = {...}, call = {...}, openai = {...} },  -- merged into the app config
---     hooks = { fail_first = 0 },            -- a hooks receiver (notify.hooksUrl)
+--     hooks = { fail_first = 0, fail_status = 503, query = nil },  -- a hooks receiver
+--                                            -- (notify.hooksUrl; query: "?..." after it)
 --     tools = { {name, description, parameters, handler}, ... },
 --   }
 --   env.app, env.tw, env.rt, env.hooks (received: {headers, body, json, at})
@@ -67,12 +68,14 @@ function M.start(opts)
 
   -- The hooks receiver (Clawdbot's /hooks/agent).
   local fail_first = opts.hooks and opts.hooks.fail_first or 0
+  local fail_status = opts.hooks and opts.hooks.fail_status or 503
   local hooks = http.server({ headers = { "idempotency-key" } })
   hooks:post("/hooks/agent", function(req)
     local n = #env.hooks.received + 1
-    env.hooks.received[n] = { headers = req.headers, body = req.body, json = req:json(), at = timer.now() }
+    env.hooks.received[n] = { headers = req.headers, body = req.body, json = req:json(), at = timer.now(),
+      query = req.query }
     if n <= fail_first then
-      return 503, { error = "try later" }
+      return fail_status, { error = "try later" }
     end
     return 200, { ok = true }
   end)
@@ -84,7 +87,7 @@ function M.start(opts)
     server = { host = "127.0.0.1", port = 0 },
     twilio = { accountSid = M.ACCOUNT, authToken = M.TOKEN, fromNumber = "+15550001111", apiBaseUrl = env.tw.url },
     openai = { apiKey = M.API_KEY, realtimeUrl = env.rt.url, outputFormat = "audio/pcmu" },
-    notify = { hooksUrl = hooks:url("/hooks"), hooksToken = M.HOOKS_TOKEN, sessionKey = "test-session" },
+    notify = { hooksUrl = hooks:url("/hooks") .. (opts.hooks and opts.hooks.query or ""), hooksToken = M.HOOKS_TOKEN, sessionKey = "test-session" },
     retry = { maxAttempts = 3, initialDelayMs = 50, backoffFactor = 2 },
     call = { goodbyeTimeoutSec = 3 },
     store = { backend = "sqlite", path = T.tmpdir() .. "/calls.db" },
