@@ -67,6 +67,7 @@ T.test("invalid values are errors naming the key and what is expected", function
     { { server = { port = 1e300 } }, "^server%.port: expected an integer, got 1e%+300$" },
     { { server = { port = math.huge } }, "^server%.port: expected an integer, got inf$" },
     { { retry = { initialDelayMs = -math.huge } }, "^retry%.initialDelayMs: expected an integer" },
+    { { retry = { initialDelayMs = 86400001 } }, "^retry%.initialDelayMs: expected a number from 0 to 86400000" },
     { { retry = { backoffFactor = math.huge } }, "^retry%.backoffFactor: expected a number, got inf$" },
     { { retry = { backoffFactor = 0 / 0 } }, "^retry%.backoffFactor: expected a number" },
     { { defaults = { locale = "en-" } }, "^defaults%.locale: expected a language tag like en%-US" },

@@ -766,7 +766,8 @@ function Engine:_after_attempt(call, n, status, answered, reason, also)
     end
   end
   if retryable and n < r.maxAttempts then
-    local delay = math.floor(r.initialDelayMs * r.backoffFactor ^ (n - 1))
+    -- At most a day: 10^19 ms would not even be a timer's integer.
+    local delay = math.floor(math.min(r.initialDelayMs * r.backoffFactor ^ (n - 1), 86400000))
     local due = core.time() + delay / 1000
     call._end_reason = nil
     self:_set_status(call, "queued", { nextAttemptAt = iso(due) }, function()

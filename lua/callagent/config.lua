@@ -187,7 +187,7 @@ local SCHEMA = {
   },
   retry = {
     maxAttempts = field("integer", 3, range(1, 20)),
-    initialDelayMs = field("integer", 60000, range(0)),
+    initialDelayMs = field("integer", 60000, range(0, 86400000)),
     backoffFactor = field("number", 2, range(1, 10)),
     retryStatuses = field("list", { "busy", "no_answer", "failed" }, function(v)
       for _, s in ipairs(v) do
