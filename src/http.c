@@ -51,6 +51,7 @@
 #include <netinet/tcp.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -650,6 +651,17 @@ static int server_callback(struct lws *wsi, enum lws_callback_reasons reason,
 				return 0;
 			}
 			r->expect = (size_t)v;
+			if (v > 0 && lws_hdr_copy(wsi, cl, sizeof cl, WSI_TOKEN_HTTP_EXPECT) > 0 &&
+			    !strcasecmp(cl, "100-continue")) {
+				/* lws 4.1 does not answer it: the client would wait (1 s
+				 * for curl) before it sends the body. */
+				static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
+				unsigned char buf[LWS_PRE + sizeof cont];
+
+				memcpy(buf + LWS_PRE, cont, sizeof cont - 1);
+				if (lws_write(wsi, buf + LWS_PRE, sizeof cont - 1, LWS_WRITE_RAW) < (int)sizeof cont - 1)
+					return -1;
+			}
 			if (v > 0 || r->method == LWSHUMETH_POST)
 				return 0;	/* lws calls HTTP_BODY / HTTP_BODY_COMPLETION */
 		}

@@ -69,6 +69,23 @@ T.test("routes by method and path with parameters, decoded query and headers", f
   T.eq(json.decode(res.body).q, { pad = pad, status = "bogus", a = "1" })
 end)
 
+T.test("a request with Expect: 100-continue gets 100 Continue, then its answer, on the same connection", function()
+  local srv = server({}, function(s)
+    s:post("/echo", function(req)
+      return 200, { n = #req.body }
+    end)
+  end)
+  -- curl waits 1 s for the 100 before it sends the body anyway; with
+  -- --expect100-timeout 10 a missing 100 shows as a 10 s wait.
+  local body = string.rep("x", 3000)
+  local t0 = timer.now()
+  local out, code = run({ "curl", "-sS", "-v", "--expect100-timeout", "10", "-H", "Expect: 100-continue",
+    "--data-binary", body, srv:url("/echo"), "--next", srv:url("/echo"), "--data-binary", "abc" })
+  T.eq(code, 0)
+  T.lt(timer.now() - t0, 5000, "the body went at once")
+  T.eq(out, '{"n":3000}{"n":3}')
+end)
+
 T.test("unknown path is 404 and a known path with another method is 405 with Allow", function()
   local srv = server({}, function(s)
     s:get("/only-get", function()
