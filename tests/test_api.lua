@@ -3,6 +3,7 @@
 local T = require "testing"
 local kit = require "callkit"
 local fetch = require "callagent.fetch"
+local timer = require "callagent.timer"
 local json = require "callagent.json"
 
 local function env_with(config)
@@ -224,6 +225,37 @@ T.test("server.host localhost listens on 127.0.0.1", function()
   T.eq(status, 200)
   local res = assert(fetch("http://127.0.0.1:" .. port .. "/healthz"))
   T.eq(res.status, 200)
+end)
+
+T.test("Idempotency-Key: the same request sent again gets the call it created; another request with it is 422", function()
+  local env = env_with({})
+  local key = { ["Idempotency-Key"] = "order-4711-call" }
+  local status, first, res = env:api("POST", "/v1/calls", '{"to":"+14155550133","prompt":"Book it.","metadata":{"a":1,"b":2}}', key)
+  T.eq(status, 201)
+  T.eq(res.headers["idempotent-replayed"], nil)
+  -- Sent again (a client that timed out), its keys in another order.
+  local again
+  status, again, res = env:api("POST", "/v1/calls", '{"metadata":{"b":2,"a":1},"prompt":"Book it.","to":"+14155550133"}', key)
+  T.eq(status, 201)
+  T.eq(again.callId, first.callId, "the same call")
+  T.eq(res.headers["idempotent-replayed"], "true")
+  T.wait_for(function()
+    return #env.tw.calls >= 1
+  end, 5000)
+  timer.sleep(200)
+  T.eq(#env.tw.calls, 1, "dialed once")
+  local body
+  status, body = env:api("POST", "/v1/calls", '{"to":"+14155550133","prompt":"Cancel it."}', key)
+  T.eq({ status, body.error.code, body.error.field }, { 422, "idempotency_key_reused", "Idempotency-Key" })
+  for _, bad in ipairs({ "has space", string.rep("k", 256), "caf\195\169" }) do
+    status, body = env:api("POST", "/v1/calls", '{"to":"+14155550133","prompt":"x"}', { ["Idempotency-Key"] = bad })
+    T.eq({ status, body.error.code }, { 400, "invalid_idempotency_key" }, bad)
+  end
+  status, body = env:api("POST", "/v1/calls", '{"to":"+14155550133","prompt":"Book it."}', { ["Idempotency-Key"] = "other" })
+  T.eq(status, 201)
+  T.ok(body.callId ~= first.callId, "another key, another call")
+  local _, _, got = env:api("GET", "/v1/calls/" .. first.callId)
+  T.ok(not got.body:find("order-4711", 1, true) and not got.body:find("fingerprint", 1, true), "the key is not in the record")
 end)
 
 T.test("with server.apiToken every /v1 request needs the bearer token (401 otherwise)", function()

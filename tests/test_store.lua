@@ -121,6 +121,28 @@ T.test("sqlite: the data is there after closing and opening again", function()
   s2:close()
 end)
 
+for _, backend in ipairs({ "memory", "sqlite" }) do
+  T.test(backend .. ": a call's Idempotency-Key is found again, and is not part of its record", function()
+    local path = T.tmpdir() .. "/idem.db"
+    local s = assert(store_mod.open({ backend = backend, path = path, retentionDays = 30 }))
+    local c = call("c_1")
+    c._idempotency = { key = "k-1", fingerprint = "f1" }
+    assert(s:insert_call(c))
+    T.eq(s:find_idempotent("k-1"), { call_id = "c_1", fingerprint = "f1" })
+    T.eq(s:find_idempotent("k-2"), nil)
+    T.eq(s:get_call("c_1")._idempotency, nil)
+    if backend == "sqlite" then
+      s:close()
+      s = assert(store_mod.open({ backend = backend, path = path, retentionDays = 30 }))
+      T.eq(s:find_idempotent("k-1"), { call_id = "c_1", fingerprint = "f1" }, "after a restart")
+      s.db:run("UPDATE calls SET created = 0, status = 'completed'")
+      T.eq(s:prune(30), 1)
+      T.eq(s:find_idempotent("k-1"), nil, "pruned with its call")
+    end
+    s:close()
+  end)
+end
+
 T.test("sqlite: empty arrays and long numbers in a record read back as they were written", function()
   local json = require "callagent.json"
   local path = T.tmpdir() .. "/arrays.db"

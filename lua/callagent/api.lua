@@ -162,6 +162,38 @@ local function same_origin(origin, host)
   return host ~= nil and (origin == "http://" .. host or origin == "https://" .. host)
 end
 
+-- v as text with keys sorted at every level: equal requests, equal text.
+local function canonical(v, out)
+  if type(v) ~= "table" then
+    out[#out + 1] = json.encode(v)
+    return out
+  end
+  local keys = {}
+  for k in pairs(v) do
+    keys[#keys + 1] = k
+  end
+  table.sort(keys, function(a, b)
+    return tostring(a) < tostring(b)
+  end)
+  out[#out + 1] = json.is_array(v) and "[" or "{"
+  for _, k in ipairs(keys) do
+    out[#out + 1] = json.encode(tostring(k))
+    out[#out + 1] = ":"
+    canonical(v[k], out)
+    out[#out + 1] = ","
+  end
+  out[#out + 1] = "}"
+  return out
+end
+
+--- The fingerprint of a validated call request, kept with its Idempotency-Key.
+function M.fingerprint(input)
+  local digest = crypto.sha256(table.concat(canonical(input, {})))
+  return (digest:gsub(".", function(c)
+    return string.format("%02x", c:byte())
+  end))
+end
+
 --- Registers the API routes on an http server for the engine.
 function M.register(srv, engine, cfg, opts)
   opts = opts or {}
@@ -224,7 +256,34 @@ function M.register(srv, engine, cfg, opts)
       log.warn("api: invalid call request", { field = ebody.error.field, code = ebody.error.code, error = ebody.error.message })
       return status, ebody
     end
-    local call, cerr = engine:create(input)
+    -- Idempotency-Key: a request sent again (a client that timed out
+    -- waiting) gets the call it created, not a second phone call.
+    local key, idem = req.headers["idempotency-key"], nil
+    if key ~= nil then
+      if #key < 1 or #key > 255 or key:find("[^\33-\126]") then
+        return err(400, "invalid_idempotency_key",
+          "Idempotency-Key must be 1 to 255 printable ASCII characters, without spaces", "Idempotency-Key")
+      end
+      if not engine.store.find_idempotent then
+        return err(501, "idempotency_unsupported", "this store keeps no Idempotency-Keys", "Idempotency-Key")
+      end
+      idem = { key = key, fingerprint = M.fingerprint(input) }
+      local prev, ferr = engine.store:find_idempotent(key)
+      if ferr then
+        log.error("api: idempotency key could not be read", { error = ferr })
+        return err(500, "store_failed", "the Idempotency-Key could not be looked up")
+      end
+      if prev and prev.fingerprint ~= idem.fingerprint then
+        log.warn("api: idempotency key reused", { call = prev.call_id })
+        return err(422, "idempotency_key_reused", "this Idempotency-Key was sent with another request (call "
+          .. prev.call_id .. ")", "Idempotency-Key")
+      end
+      local view = prev and engine:call_view(prev.call_id)
+      if view then
+        return 201, { callId = view.callId, status = view.status, hint = view.hint }, { ["Idempotent-Replayed"] = "true" }
+      end
+    end
+    local call, cerr = engine:create(input, idem)
     if not call then
       log.error("api: call could not be stored", { error = cerr })
       return err(500, "store_failed", "the call could not be stored")

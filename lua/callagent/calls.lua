@@ -200,7 +200,7 @@ function Engine:_set_status(call, status, extra, also)
 end
 
 --- Creates a call from validated API input and starts dialing it.
-function Engine:create(input)
+function Engine:create(input, idempotency)
   local cfg = self.config
   local now = iso()
   local call = {
@@ -219,6 +219,7 @@ function Engine:create(input)
     usage = {},
     createdAt = now,
     updatedAt = now,
+    _idempotency = idempotency, -- {key, fingerprint}: kept by the store, not in the record
   }
   local ok, err = self.store:insert_call(call)
   if not ok then

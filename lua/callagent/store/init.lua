@@ -4,7 +4,11 @@
 -- a networked backend can be added without touching it). Records are plain
 -- tables and every getter returns a copy.
 --
---   store:insert_call(call)                  a new call record (see lua/callagent/calls.lua)
+--   store:insert_call(call)                  a new call record (see lua/callagent/calls.lua);
+--                                            call._idempotency = {key, fingerprint}, when
+--                                            given, is kept with it (and goes with it)
+--   store:find_idempotent(key) -> {call_id, fingerprint} | nil   optional: the call
+--                                            created with that Idempotency-Key
 --   store:update_call(id, fields)            set fields (store.NULL clears one)
 --   store:get_call(id) -> call | nil         with attempts, transcript and events;
 --                                            nil, err when the read failed

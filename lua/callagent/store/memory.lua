@@ -25,19 +25,29 @@ function M.open()
     seq = 0,
     retries = {},
     notifications = {},
+    idempotency = {},
   }, Store)
 end
 
 function Store:insert_call(call)
   self.seq = self.seq + 1
   local c = copy(call)
+  c._idempotency = nil -- kept apart, as the sqlite store does
   c._seq = self.seq
   c.attempts = c.attempts or {}
   c.transcript = c.transcript or {}
   c.events = c.events or {}
   self.calls[call.id] = c
   self.order[#self.order + 1] = call.id
+  local idem = call._idempotency
+  if idem then
+    self.idempotency[idem.key] = { call_id = call.id, fingerprint = idem.fingerprint }
+  end
   return true
+end
+
+function Store:find_idempotent(key)
+  return copy(self.idempotency[key])
 end
 
 function Store:update_call(id, fields)

@@ -57,6 +57,12 @@ CREATE TABLE IF NOT EXISTS notifications (
   last_error TEXT,
   created REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS idempotency (
+  key TEXT PRIMARY KEY,
+  call_id TEXT NOT NULL REFERENCES calls (id) ON DELETE CASCADE,
+  fingerprint TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS idempotency_by_call ON idempotency (call_id);
 INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', '1');
 ]]
 
@@ -130,6 +136,11 @@ function Store:insert_call(call)
   return check(db:transaction(function()
     assert(db:run("INSERT INTO calls (id, status, created, doc) VALUES (?, ?, ?, ?)",
       call.id, call.status, core.time(), doc_of(call)))
+    local idem = call._idempotency
+    if idem then
+      assert(db:run("INSERT INTO idempotency (key, call_id, fingerprint) VALUES (?, ?, ?)", idem.key, call.id,
+        idem.fingerprint))
+    end
     for _, a in ipairs(call.attempts or {}) do
       assert(db:run("INSERT INTO attempts (call_id, n, doc) VALUES (?, ?, ?)", call.id, a.n, encode(a)))
     end
@@ -296,6 +307,14 @@ function Store:pending_notifications()
 end
 
 --- Removes finished calls created more than days ago (their rows go with them).
+function Store:find_idempotent(key)
+  local rows, err = self.db:rows("SELECT call_id, fingerprint FROM idempotency WHERE key = ?", key)
+  if not rows then
+    return nil, err
+  end
+  return rows[1]
+end
+
 function Store:prune(days)
   days = days or self.retention_days
   local cutoff = core.time() - days * 86400
