@@ -316,10 +316,7 @@ function M.register(srv, engine, cfg, opts)
     end
     local out = json.array({})
     for _, c in ipairs(calls) do
-      local v = engine:call_view(c.id) or c
-      v.transcript = nil
-      v.events = nil
-      out[#out + 1] = v
+      out[#out + 1] = engine:list_view(c)
     end
     return 200, { calls = out, nextCursor = next_cursor }
   end))

@@ -136,6 +136,18 @@ function Engine:call_view(id)
     end
     transcript = c.transcript
   end
+  return self:_view(c, transcript)
+end
+
+--- The view of a record list_calls gave, for a listing: no transcript (a
+-- listing does not read them: 100 calls of 400 lines took 65 ms).
+function Engine:list_view(c)
+  local v = self:_view(c)
+  v.transcript = nil
+  return v
+end
+
+function Engine:_view(c, transcript)
   local v = public_fields(c)
   v.callId = c.id
   v.id = nil
