@@ -8,6 +8,7 @@ local fetch = require "callagent.fetch"
 local ws = require "callagent.ws"
 local url = require "callagent.url"
 local timer = require "callagent.timer"
+local task = require "callagent.task"
 local json = require "callagent.json"
 local fake_twilio = require "fakes.twilio"
 
@@ -428,6 +429,51 @@ T.test("a service that takes no response.metadata is asked without it, and the c
   T.eq(#s.response_creates, 2, "the greeting's, asked again, and the goodbye's")
   T.eq(call.report.summary, "x")
 end, { timeout = 40000 })
+
+T.test("while the app stops, a new call is refused (503) and nothing is dialed", function()
+  local env = kit.start({
+    twilio = { update_delay_ms = 1500 }, -- the hang-up at stop takes a while
+    realtime = { script = function() timer.sleep(20000) end },
+  })
+  env:create({ to = "+14155550134", prompt = "Stay on the line." })
+  T.wait_for(function()
+    return #env.rt.sessions >= 1
+  end, 10000, "a live call")
+  local stopped = false
+  task.spawn(function()
+    env.app:stop()
+    stopped = true
+  end)
+  timer.sleep(200)
+  T.eq(stopped, false, "stop still waits for the hang-up")
+  local status, body = env:api("POST", "/v1/calls", { to = "+14155550135", prompt = "hi" })
+  T.eq({ status, body.error.code }, { 503, "shutting_down" })
+  T.wait_for(function()
+    return stopped
+  end, 5000, "stop done")
+  T.eq(#env.tw.calls, 1, "no phone call placed while stopping")
+end, { timeout = 30000 })
+
+T.test("hang-ups that outlast the grace period do not keep the tunnel and the store open", function()
+  local runtime = require "callagent.runtime"
+  local grace = runtime.grace_ms
+  runtime.grace_ms = 4000 -- the hang-ups get 1 s of it
+  T.defer(function()
+    runtime.grace_ms = grace
+  end)
+  local env = kit.start({
+    twilio = { update_delay_ms = 8000 }, -- a vendor API that is slow today
+    realtime = { script = function() timer.sleep(20000) end },
+  })
+  env:create({ to = "+14155550136", prompt = "Stay on the line." })
+  T.wait_for(function()
+    return #env.rt.sessions >= 1
+  end, 10000, "a live call")
+  local t0 = timer.now()
+  env.app:stop()
+  T.lt(timer.now() - t0, 3000, "stop went on after 1 s, not after the hang-up's 8 s")
+  T.eq(env.app.store.db, nil, "the store is closed")
+end, { timeout = 30000 })
 
 T.test("a session the model refuses, or never confirms, fails the call at once instead of a silent call", function()
   for _, case in ipairs({

@@ -411,6 +411,47 @@ T.test("a Twilio app whose tunnel cannot open does not start, and says why", fun
   T.match(p.text(), "^START FAILED: tunnel: ngrok is not logged in: run `ngrok config add%-authtoken <token>`")
 end)
 
+T.test("app:stop() while start() waits for the tunnel: start fails, and the tunnel opened meanwhile is closed", function()
+  local dir = T.tmpdir()
+  local logfile = dir .. "/ngrok.log"
+  local code, _, p = T.run_app(nil, nil, {
+    source = [[
+local callagent = require "callagent"
+local task = require "callagent.task"
+local timer = require "callagent.timer"
+local runtime = require "callagent.runtime"
+local app = assert(callagent.app({
+  telephony = { provider = "twilio" },
+  server = { port = 0 },
+  twilio = { accountSid = "AC" .. string.rep("0", 32), authToken = "dummy-auth-token", fromNumber = "+15550001111" },
+  openai = { apiKey = "sk-dummy" },
+  tunnel = { provider = "ngrok", timeoutSec = 10 },
+  store = { backend = "sqlite", path = os.getenv("DB") },
+}, { no_shutdown_hook = true }))
+task.spawn(function()
+  local ok, err = app:start()
+  io.stdout:write("START: ", tostring(ok), " ", tostring(err), "\n")
+  io.stdout:flush()
+  timer.sleep(300)
+  runtime.stop(0)
+end)
+task.spawn(function()
+  timer.sleep(700)
+  app:stop()
+end)
+]],
+    env = app_env(bindir({ "ngrok" }), logfile, { FAKE_NGROK_DELAY_MS = "1500", DB = dir .. "/calls.db" }),
+    timeout = 15000,
+  })
+  T.eq(code, 0, p.errtext())
+  T.eq(p.text(), "START: nil stopped during start")
+  T.ok(not p.errtext():find("ERROR", 1, true), "no error: " .. p.errtext())
+  local log = read_lines(logfile)
+  local pid = grep(log, "^start pid=(%d+) ")
+  T.ok(pid, "ngrok was started")
+  T.eq(grep(log, "^end pid=" .. pid .. " signal=(%S+)$"), "SIGTERM", "and stopped")
+end)
+
 T.test("app:start() outside a task is refused at once, before anything listens", function()
   local dir = T.tmpdir()
   local src = APP:gsub("task%.spawn%(function%(%)", "do"):gsub("end%)\n$", "end\n")

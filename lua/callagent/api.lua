@@ -284,7 +284,9 @@ function M.register(srv, engine, cfg, opts)
       end
     end
     local call, cerr = engine:create(input, idem)
-    if not call then
+    if not call and tostring(cerr):match("^ESTOPPED") then
+      return err(503, "shutting_down", "callagent is shutting down: send the call again to the next run")
+    elseif not call then
       log.error("api: call could not be stored", { error = cerr })
       return err(500, "store_failed", "the call could not be stored")
     end

@@ -279,6 +279,10 @@ function App:start()
   if not store then
     return nil, err
   end
+  if self.stopped then -- app:stop() while the store opened
+    store:close()
+    return nil, "stopped during start"
+  end
   self.store = store
   -- A failed start leaves nothing open behind it.
   local function fail(msg)
@@ -343,7 +347,11 @@ function App:start()
     local tunnel = require "callagent.tunnel"
     local pub, terr = tunnel.open(cfg.tunnel, srv.port)
     if not pub then
-      return fail(terr)
+      return fail(self.stopped and "stopped during start" or terr)
+    end
+    if self.stopped then -- app:stop() while the tunnel opened: it closed the rest
+      pub:close()
+      return fail("stopped during start")
     end
     self.tunnel = pub
     self.public_base = pub.url
@@ -353,7 +361,14 @@ function App:start()
     log.warn("no server.apiToken: /v1 answers only requests to a loopback host; set one to use the API through "
       .. self.public_base, {})
   end
-  local recovered = self.engine:recover()
+  local rok, recovered = pcall(self.engine.recover, self.engine)
+  if not rok then
+    if self.tunnel then
+      self.tunnel:close()
+      self.tunnel = nil
+    end
+    return fail("store: the calls of the last run could not be recovered: " .. tostring(recovered))
+  end
   self.notifier:resume()
   if store.prune then
     store:prune(cfg.store.retentionDays)
@@ -432,7 +447,9 @@ function App:stop()
   end
   self.stopped = true
   if self.engine then
-    self.engine:shutdown()
+    -- The tunnel and the store close after the hang-ups, within the grace
+    -- period: a Funnel left published would outlive the app.
+    self.engine:shutdown(math.max(1000, runtime.grace_ms - 3000))
   end
   if self.server then
     self.server:close()

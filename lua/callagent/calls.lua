@@ -213,6 +213,10 @@ end
 
 --- Creates a call from validated API input and starts dialing it.
 function Engine:create(input, idempotency)
+  if self.stopped then
+    -- Shutting down: nothing would hang it up, or hear of it.
+    return nil, "ESTOPPED: shutting down"
+  end
   local cfg = self.config
   local now = iso()
   local call = {
@@ -251,8 +255,8 @@ end
 
 function Engine:dial(id)
   local call = self.live[id]
-  if not call or FINAL[call.status] then
-    return
+  if not call or FINAL[call.status] or self.stopped then
+    return -- stopped: a queued call is dialed by the next run's recover()
   end
   local n = call.attempt + 1
   call.attempt = n
@@ -550,6 +554,10 @@ function Engine:prepare_stream(id, n)
   local call = self.live[id]
   if not call or FINAL[call.status] then
     return nil, "unknown or finished call"
+  end
+  if self.stopped then
+    -- Answered while shutting down: the voice webhook's answer hangs up.
+    return nil, "shutting down"
   end
   n = n or call.attempt
   local a = call.attempts[n]
@@ -1014,8 +1022,11 @@ function Engine:close()
   self:_cancel_timers()
 end
 
---- Stops everything (program shutdown): hang up active calls.
-function Engine:shutdown()
+--- Stops everything (program shutdown): hang up active calls. Inside a
+-- task, waits for the hang-ups, at most deadline_ms when given (what is
+-- left goes on in the background: the tunnel and the store must still close
+-- within the program's grace period).
+function Engine:shutdown(deadline_ms)
   self.stopped = true -- background hang-up retries end
   -- No retries or other timers fire while the calls are being hung up.
   self:_cancel_timers()
@@ -1038,15 +1049,28 @@ function Engine:shutdown()
       end
     end
   end
-  local workers = {}
-  for i = 1, math.min(SHUTDOWN_HANGUPS, #todo) do
-    workers[i] = worker
+  local n = math.min(SHUTDOWN_HANGUPS, #todo)
+  if not task.running() then
+    for _ = 1, n do
+      task.spawn(worker)
+    end
+    return
   end
-  if task.running() then
-    task.all(workers)
-  else
-    for _, w in ipairs(workers) do
-      task.spawn(w)
+  local waiting, left = {}, n
+  for _ = 1, n do
+    task.spawn(function()
+      worker()
+      left = left - 1
+      if left == 0 and waiting[1] then
+        waiting[1]()
+      end
+    end)
+  end
+  if left > 0 then
+    local _, err = task.wait_in(waiting, deadline_ms)
+    if err then
+      log.warn("shutdown: hang-ups still under way; going on without them", { left = #todo - next_one + left,
+        waited_ms = deadline_ms })
     end
   end
 end
