@@ -289,6 +289,16 @@ T.test("tailscale waiting for Funnel to be enabled: stopped after tunnel.timeout
   T.eq(read_lines(logs.tailscale), { "status --json", "exit 0", "funnel --bg " .. PORT, "waiting" })
 end)
 
+T.test("tailscale that floods its output: an error after tunnel.timeoutSec, the output not all kept", function()
+  local r = scenario({
+    path = bindir({ "tailscale" }),
+    env = { FAKE_TAILSCALE_MODE = "flood" },
+    cfg = { provider = "tailscale", timeoutSec = 1 },
+  })
+  T.match(r.err, "^tunnel: ")
+  T.lt(r.ms, 5000, "not a minute spent on the output")
+end)
+
 T.test("auto prefers ngrok when both are installed", function()
   local r, p, logs = scenario({ path = bindir({ "ngrok", "tailscale" }), cfg = { provider = "auto", timeoutSec = 10 } })
   T.eq(r.provider, "ngrok")

@@ -266,16 +266,28 @@ end
 -- Runs a short tailscale command, waiting at most ms: a result {code,
 -- signal, out (stdout lines), lines (both streams), timed_out}, or nil, err
 -- when it cannot start.
+-- What is kept of a command's output: the JSON of `status` (a big tailnet's
+-- runs to a few MB), and lines enough for an error message. A CLI that
+-- floods its output is not kept in memory, nor searched line by line.
+local MAX_OUT_BYTES, MAX_LINES = 8 * 1024 * 1024, 200
+
 local function run(args, ms, opts)
-  local out, lines = {}, {}
+  local out, lines, out_bytes = {}, {}, 0
   local spec = {
     "tailscale",
     on_stdout = function(l)
-      out[#out + 1] = l
-      lines[#lines + 1] = l
+      out_bytes = out_bytes + #l + 1
+      if out_bytes <= MAX_OUT_BYTES then
+        out[#out + 1] = l
+      end
+      if #lines < MAX_LINES then
+        lines[#lines + 1] = l
+      end
     end,
     on_stderr = function(l)
-      lines[#lines + 1] = l
+      if #lines < MAX_LINES then
+        lines[#lines + 1] = l
+      end
     end,
     kill_on_exit = not (opts and opts.detached),
   }
