@@ -240,6 +240,7 @@ static int core_exit(lua_State *L)
 
 	ca__log_flush();
 	fflush(stdout);
+	ca__kill_children();
 	_exit(code);
 	return 0;
 }
@@ -723,6 +724,7 @@ static void on_signal(uv_signal_t *h, int signum)
 	if (++signals_seen > 1 || stopping) {
 		ca_log(CA_LOG_WARN, "second signal %s: exiting now", name);
 		ca__log_flush();
+		ca__kill_children();	/* a tunnel must not outlive us */
 		_exit(128 + signum);
 	}
 	if (signal_ref == LUA_NOREF) {

@@ -27,6 +27,11 @@
  *   p:kill([sig])      sig a name ("SIGTERM", "TERM") or number, default
  *                      SIGTERM: true, or nil, "ESRCH: ..." once it has exited
  *
+ * Each child leads a process group of its own (a new session), and every
+ * signal goes to the group: what a wrapper script started (npm, a shell that
+ * does not exec) stops with it. Nor does a terminal's Ctrl-C reach the
+ * children: callagent stops them.
+ *
  * Lifetime: the child and its callbacks live until it has exited and its
  * pipes are drained, whether or not the userdata is still referenced; then
  * every handle is closed and the memory freed. __gc at teardown
@@ -216,6 +221,25 @@ static void close_all(struct ca_proc *p)
 	close_handle(p, (uv_handle_t *)&p->h);
 }
 
+/*
+ * sig to the child's process group, or to the child alone if that fails. Only
+ * while the child has not been reaped: until then its pid is its group's id.
+ */
+static int signal_child(struct ca_proc *p, int sig)
+{
+	if (p->h.pid > 0 && kill(-p->h.pid, sig) == 0)
+		return 0;
+	return uv_process_kill(&p->h, sig);
+}
+
+/* SIGTERM to every running child with kill_on_exit (a forced exit). */
+void ca__kill_children(void)
+{
+	for (struct ca_proc *p = live; p; p = p->next)
+		if (p->kill_on_exit && !p->exited && !p->closing)
+			signal_child(p, SIGTERM);
+}
+
 /* Teardown hook: children whose userdata is gone are stopped and closed too. */
 static void at_close(void)
 {
@@ -225,7 +249,7 @@ static void at_close(void)
 		struct ca_proc *next = p->next;
 
 		if (p->kill_on_exit && !p->exited && !p->closing)
-			uv_process_kill(&p->h, SIGTERM);
+			signal_child(p, SIGTERM);
 		close_all(p);
 		p = next;
 	}
@@ -643,6 +667,7 @@ static int l_spawn(lua_State *L)
 	o.cwd = cwd;
 	o.stdio_count = 3;
 	o.stdio = stdio;
+	o.flags = UV_PROCESS_DETACHED;	/* setsid(): its own process group */
 	rc = uv_spawn(ca_loop(), &p->h, &o);
 	p->h.data = p;
 	if (rc < 0) {
@@ -739,7 +764,7 @@ static int l_kill(lua_State *L)
 
 	if (box->p == NULL || box->p->exited)
 		return ca_fail(L, "ESRCH", "process %d has exited", (int)box->pid);
-	rc = uv_process_kill(&box->p->h, sig);
+	rc = signal_child(box->p, sig);
 	if (rc < 0)
 		return ca_fail_uv(L, rc);
 	lua_pushboolean(L, 1);
@@ -761,7 +786,7 @@ static int l_gc(lua_State *L)
 	p->box = NULL;
 	if (ca_stopping()) {
 		if (p->kill_on_exit && !p->exited && !p->closing)
-			uv_process_kill(&p->h, SIGTERM);
+			signal_child(p, SIGTERM);
 		close_all(p);
 	}
 	return 0;

@@ -428,6 +428,46 @@ T.test("kill_on_exit also covers children whose object was collected before exit
   end, 3000, "sleep " .. pid .. " to end")
 end)
 
+T.test("kill_on_exit reaches what the child started itself (a wrapper that does not exec)", function()
+  local pid, code, err = child_callagent([[
+    local process = require "callagent.process"
+    local p = assert(process.spawn{ "sh", "-c", "sleep 100 & echo $!; wait", on_stdout = function(l)
+      io.stdout:write(l, "\n"); io.stdout:flush()
+      require("callagent.core").stop(0)
+    end })
+  ]])
+  T.ok(pid, "child printed the grandchild's pid")
+  T.defer(function()
+    os.execute("kill -9 " .. pid .. " 2>/dev/null")
+  end)
+  T.eq(code, 0)
+  T.eq(err, {}, "child stderr")
+  T.wait_for(function()
+    return pid_gone(pid)
+  end, 3000, "sleep " .. pid .. " to end")
+end)
+
+T.test("a second signal, which exits at once, still stops the children", function()
+  local pid, code = child_callagent([[
+    local process = require "callagent.process"
+    local runtime = require "callagent.runtime"
+    local timer = require "callagent.timer"
+    local p = assert(process.spawn{ "sleep", "100" })
+    runtime.on_shutdown(function() timer.sleep(20000) end) -- a slow graceful stop
+    io.stdout:write(p.pid, "\n"); io.stdout:flush()
+    timer.after(100, function() os.execute("kill -TERM " .. runtime.pid()) end)
+    timer.after(600, function() os.execute("kill -TERM " .. runtime.pid()) end)
+  ]])
+  T.ok(pid, "child printed the sleep pid")
+  T.defer(function()
+    os.execute("kill -9 " .. pid .. " 2>/dev/null")
+  end)
+  T.eq(code, 128 + 15)
+  T.wait_for(function()
+    return pid_gone(pid)
+  end, 3000, "sleep " .. pid .. " to end")
+end)
+
 T.test("kill_on_exit = false leaves the child running after callagent exits", function()
   local pid, code = child_callagent([[
     local process = require "callagent.process"
