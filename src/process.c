@@ -41,6 +41,8 @@
  *
  * callagent.process (lua/callagent/process.lua) adds wait() and read_line().
  */
+#include <dirent.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -230,6 +232,27 @@ static int signal_child(struct ca_proc *p, int sig)
 	if (p->h.pid > 0 && kill(-p->h.pid, sig) == 0)
 		return 0;
 	return uv_process_kill(&p->h, sig);
+}
+
+/*
+ * Descriptors opened without O_CLOEXEC - libcurl's sockets and the socketpair
+ * its multi handle wakes up with - would be inherited by every child (a
+ * keep-alive connection held open by ngrok): marked before each spawn.
+ */
+static void cloexec_all(void)
+{
+	DIR *d = opendir("/proc/self/fd");
+	struct dirent *e;
+
+	if (d == NULL)
+		return;
+	while ((e = readdir(d)) != NULL) {
+		int fd = atoi(e->d_name), fl;
+
+		if (fd > 2 && fd != dirfd(d) && (fl = fcntl(fd, F_GETFD)) >= 0 && !(fl & FD_CLOEXEC))
+			fcntl(fd, F_SETFD, fl | FD_CLOEXEC);
+	}
+	closedir(d);
 }
 
 /* SIGTERM to every running child with kill_on_exit (a forced exit). */
@@ -668,6 +691,7 @@ static int l_spawn(lua_State *L)
 	o.stdio_count = 3;
 	o.stdio = stdio;
 	o.flags = UV_PROCESS_DETACHED;	/* setsid(): its own process group */
+	cloexec_all();
 	rc = uv_spawn(ca_loop(), &p->h, &o);
 	p->h.data = p;
 	if (rc < 0) {

@@ -468,6 +468,28 @@ T.test("a second signal, which exits at once, still stops the children", functio
   end, 3000, "sleep " .. pid .. " to end")
 end)
 
+T.test("a child inherits none of callagent's sockets: not an HTTP client's keep-alive connection", function()
+  local http = require "callagent.http"
+  local fetch = require "callagent.fetch"
+  local srv = http.server({ host = "127.0.0.1", port = 0 })
+  srv:get("/x", function()
+    return 200, "ok"
+  end)
+  assert(srv:listen())
+  T.defer(function()
+    srv:close()
+  end)
+  local res = assert(fetch("http://127.0.0.1:" .. srv.port .. "/x"))
+  T.eq(res.status, 200) -- its connection stays open, for the next request
+  local fds = {}
+  local p = assert(process.spawn({ "ls", "/proc/self/fd", on_stdout = function(l)
+    fds[#fds + 1] = tonumber(l)
+  end }))
+  T.eq(p:wait(5000), 0)
+  table.sort(fds)
+  T.eq(fds, { 0, 1, 2, 3 }, "stdio, and ls's own listing")
+end)
+
 T.test("kill_on_exit = false leaves the child running after callagent exits", function()
   local pid, code = child_callagent([[
     local process = require "callagent.process"
