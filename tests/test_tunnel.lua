@@ -347,6 +347,16 @@ T.test("auto reports each provider's reason when both fail", function()
     .. "See https://tailscale.com/s/no-funnel.. Fix one, or set server.publicBaseUrl")
 end)
 
+T.test("auto takes at most tunnel.timeoutSec for both, not that for each", function()
+  local r = scenario({
+    path = bindir({ "ngrok", "tailscale" }),
+    env = { FAKE_NGROK_MODE = "hang", FAKE_TAILSCALE_MODE = "enable" },
+    cfg = { provider = "auto", timeoutSec = 2 },
+  })
+  T.match(r.err, "^tunnel: no tunnel could be opened: ")
+  T.lt(r.ms, 3500, "one timeout, and the stop of ngrok")
+end)
+
 T.test("auto with neither installed says to install one or set server.publicBaseUrl", function()
   local r = scenario({ path = bindir({}), cfg = { provider = "auto", timeoutSec = 5 } })
   T.eq(r.err, "tunnel: neither ngrok nor tailscale is installed; install one, or set server.publicBaseUrl")

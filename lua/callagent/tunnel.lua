@@ -226,7 +226,7 @@ local function open_ngrok(cfg, port)
     stop_child(p)
     return nil, msg
   end
-  local deadline = timer.now() + cfg.timeoutSec * 1000
+  local deadline = cfg.deadline or timer.now() + cfg.timeoutSec * 1000
   while true do
     wake:pop(POLL_MS)
     if st.auth then
@@ -379,7 +379,7 @@ local function funnel_off()
 end
 
 local function open_tailscale(cfg, port)
-  local deadline = timer.now() + cfg.timeoutSec * 1000
+  local deadline = cfg.deadline or timer.now() + cfg.timeoutSec * 1000
   local function left()
     return deadline - timer.now()
   end
@@ -466,6 +466,8 @@ function M.open(cfg, port)
     error("tunnel.provider must be auto, ngrok, tailscale or none, not " .. tostring(provider), 2)
   end
   local reasons, missing = {}, 0
+  -- One deadline for both: tunnel.timeoutSec is what opening may take.
+  cfg.deadline = timer.now() + cfg.timeoutSec * 1000
   for _, name in ipairs({ "ngrok", "tailscale" }) do
     local t, err, kind = OPENERS[name](cfg, port)
     if t then
