@@ -18,7 +18,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 #include <dirent.h>
 #include <time.h>
@@ -358,12 +360,18 @@ static int core_cpu(lua_State *L)
 /*
  * The loop's own load. A prepare handle runs once per loop iteration, just
  * before the loop blocks for I/O; the time since the previous one, less
- * what libuv counted as blocked in epoll_wait (UV_METRICS_IDLE_TIME), is the
- * iteration's busy time: every callback it ran, back to back. A busy
- * iteration delays whatever arrived during it, so a loop near saturation
- * shows as utilization near 1 and long iterations. Windows of at least
- * lm.window_ns (10 s, core.loop_window) give the recent figures; the
- * counters run from start.
+ * the time the loop spent blocked in epoll_wait, is the iteration's busy
+ * time: every callback it ran, back to back. A busy iteration delays
+ * whatever arrived during it, so a loop near saturation shows as
+ * utilization near 1 and long iterations. Windows of at least lm.window_ns
+ * (10 s, core.loop_window) give the recent figures; the counters run from
+ * start.
+ *
+ * The time blocked is measured here, around libuv's own epoll_wait and
+ * epoll_pwait calls (the definitions below take the place of libc's for
+ * libuv): libuv 1.44's UV_METRICS_IDLE_TIME forgets a wait that a signal
+ * interrupts (SIGCHLD from a child, SIGTERM), so an idle loop looked busy.
+ * That metric stays the fallback if the calls are not seen.
  */
 #define LOOP_SLOW_NS 5000000ULL		/* 5 ms: an iteration that long is "slow" */
 
@@ -375,7 +383,36 @@ static struct {
 	uint64_t win_start, win_busy, win_max;	/* the current window */
 	double last_util, last_max_ns, last_sec;	/* the last full window */
 	int have_last;
+	uint64_t waited_ns;	/* the loop's time in epoll_wait, from the wrappers */
+	int waits_seen;
 } lm;
+
+/* The loop thread's wait for I/O, timed; other epoll users pass through. */
+static int timed_epoll_wait(int epfd, struct epoll_event *ev, int n, int ms, const sigset_t *mask)
+{
+	int timed = loop != NULL && epfd == uv_backend_fd(loop);
+	uint64_t t0 = timed ? uv_hrtime() : 0;
+	int rc = (int)syscall(SYS_epoll_pwait, epfd, ev, n, ms, mask, (size_t)(_NSIG / 8));
+
+	if (timed) {
+		int e = errno;
+
+		lm.waited_ns += uv_hrtime() - t0;
+		lm.waits_seen = 1;
+		errno = e;
+	}
+	return rc;
+}
+
+int epoll_wait(int epfd, struct epoll_event *ev, int n, int ms)
+{
+	return timed_epoll_wait(epfd, ev, n, ms, NULL);
+}
+
+int epoll_pwait(int epfd, struct epoll_event *ev, int n, int ms, const sigset_t *mask)
+{
+	return timed_epoll_wait(epfd, ev, n, ms, mask);
+}
 
 static void loop_roll(uint64_t now)
 {
@@ -392,12 +429,18 @@ static void loop_roll(uint64_t now)
 	lm.win_max = 0;
 }
 
-/* The busy time of the iteration running at now, so far; *idle: libuv's idle total. */
+/* The time the loop has spent waiting for I/O, in all. */
+static uint64_t idle_total(void)
+{
+	return lm.waits_seen ? lm.waited_ns : uv_metrics_idle_time(loop);
+}
+
+/* The busy time of the iteration running at now, so far; *idle: idle_total(). */
 static uint64_t busy_so_far(uint64_t now, uint64_t *idle)
 {
 	uint64_t span = now - lm.last_now, idled;
 
-	*idle = uv_metrics_idle_time(loop);
+	*idle = idle_total();
 	idled = *idle - lm.last_idle;
 	return span > idled ? span - idled : 0;
 }
@@ -511,7 +554,7 @@ static void loop_monitor_start(void)
 	uv_idle_init(loop, &ap.idle);
 	lm.start = lm.last_now = lm.win_start = uv_hrtime();
 	lm.window_ns = 10000000000ULL;
-	lm.last_idle = uv_metrics_idle_time(loop);
+	lm.last_idle = idle_total();
 	uv_prepare_init(loop, &lm.prep);
 	uv_prepare_start(&lm.prep, on_prepare);
 	uv_unref((uv_handle_t *)&lm.prep);

@@ -151,6 +151,37 @@ end)
   T.ge(d.slow_s - c.slow_s, 0.029, "and it is already slow")
 end)
 
+T.test("core.loop_stats: a wait for I/O that a signal interrupts counts as idle", function()
+  -- A child's exit (SIGCHLD) and a SIGTERM each end a long, idle wait.
+  local code, _, p = T.run_app(nil, nil, {
+    source = [[
+local core = require "callagent.core"
+local runtime = require "callagent.runtime"
+local process = require "callagent.process"
+local task = require "callagent.task"
+local json = require "callagent.json"
+task.spawn(function()
+  local p = process.spawn({ "sleep", "0.6", on_stdout = false, on_stderr = false })
+  p:wait()
+  local after_child = core.loop_stats()
+  core.on_signal(function()
+    print(json.encode({ child = after_child, signal = core.loop_stats() }))
+    core.stop(0)
+  end)
+  process.spawn({ "sh", "-c", "sleep 0.6; kill -TERM " .. runtime.pid(), on_stdout = false, on_stderr = false })
+end)
+]],
+  })
+  T.eq(code, 0, p.errtext())
+  local r = require("callagent.json").decode(p.out[1])
+  T.ge(r.child.uptime_s, 0.6)
+  T.lt(r.child.busy_s, 0.3, "waiting for the child is idle")
+  T.lt(r.child.utilization, 0.5)
+  T.ge(r.signal.uptime_s, 1.2)
+  T.lt(r.signal.busy_s, 0.3, "waiting until the signal is idle")
+  T.lt(r.signal.utilization, 0.5)
+end)
+
 T.test("core.loop_window refuses lengths out of range", function()
   local code, _, p = T.run_app(nil, nil, {
     source = "print(pcall(require('callagent.core').loop_window, 0))\nprint(pcall(require('callagent.core').loop_window, 'x'))\n",
