@@ -6,6 +6,7 @@
  * Loads the Lua state with the built-in modules preloaded, points
  * package.path at the project's Lua trees, runs app.lua, then runs the loop
  * until no work is left or callagent.core.stop() is called. SIGINT/SIGTERM
+ * (and SIGHUP: the terminal closed)
  * go to the Lua signal handler (callagent.runtime installs one that runs the
  * shutdown handlers); a second signal exits at once.
  *
@@ -40,7 +41,7 @@ static int exit_code;
 static int stopping;
 static int signal_ref = LUA_NOREF;
 static int signals_seen;
-static uv_signal_t sig_int, sig_term;
+static uv_signal_t sig_int, sig_term, sig_hup;
 static char root[PATH_MAX];	/* the folder holding lua/ and providers/ */
 
 #define MAX_AT_CLOSE 16
@@ -99,7 +100,7 @@ static void usage(FILE *f)
 	      "       callagent --help | --version\n"
 	      "\n"
 	      "Runs APP.lua on callagent's event loop until it has no work left or\n"
-	      "is stopped (SIGINT/SIGTERM: graceful stop; a second signal exits).\n"
+	      "is stopped (SIGINT/SIGTERM/SIGHUP: graceful stop; a second signal exits).\n"
 	      "\n"
 	      "Environment:\n"
 	      "  CALLAGENT_PATH   extra folders for require (colon separated)\n"
@@ -247,7 +248,7 @@ static int core_exit(lua_State *L)
 	return 0;
 }
 
-/* core.on_signal(fn): fn(name) runs on SIGINT/SIGTERM instead of an immediate stop. */
+/* core.on_signal(fn): fn(name) runs on SIGINT/SIGTERM/SIGHUP instead of an immediate stop. */
 static int core_on_signal(lua_State *L)
 {
 	if (!lua_isnoneornil(L, 1))
@@ -761,7 +762,7 @@ int luaopen_callagent_core(lua_State *L)
 
 static void on_signal(uv_signal_t *h, int signum)
 {
-	const char *name = signum == SIGINT ? "SIGINT" : "SIGTERM";
+	const char *name = signum == SIGINT ? "SIGINT" : signum == SIGHUP ? "SIGHUP" : "SIGTERM";
 
 	(void)h;
 	if (++signals_seen > 1 || stopping) {
@@ -820,10 +821,17 @@ static int run_app(int argc, char **argv)
 	loop_monitor_start();
 	uv_signal_init(loop, &sig_int);
 	uv_signal_init(loop, &sig_term);
+	uv_signal_init(loop, &sig_hup);
 	uv_signal_start(&sig_int, on_signal, SIGINT);
 	uv_signal_start(&sig_term, on_signal, SIGTERM);
+	/*
+	 * A closed terminal: the children, in sessions of their own (process.c),
+	 * no longer get its SIGHUP, so callagent must not just die of it.
+	 */
+	uv_signal_start(&sig_hup, on_signal, SIGHUP);
 	uv_unref((uv_handle_t *)&sig_int);
 	uv_unref((uv_handle_t *)&sig_term);
+	uv_unref((uv_handle_t *)&sig_hup);
 
 	rc = luaL_loadfile(L, script);
 	if (rc != LUA_OK) {
@@ -859,8 +867,10 @@ out:
 	stopping = 1;
 	uv_signal_stop(&sig_int);
 	uv_signal_stop(&sig_term);
+	uv_signal_stop(&sig_hup);
 	uv_close((uv_handle_t *)&sig_int, NULL);
 	uv_close((uv_handle_t *)&sig_term, NULL);
+	uv_close((uv_handle_t *)&sig_hup, NULL);
 	loop_monitor_stop();
 	ca_unref(L, &signal_ref);
 

@@ -468,6 +468,28 @@ T.test("a second signal, which exits at once, still stops the children", functio
   end, 3000, "sleep " .. pid .. " to end")
 end)
 
+T.test("SIGHUP (the terminal closed) stops callagent gracefully, and its children with it", function()
+  -- The children have sessions of their own: the terminal's SIGHUP reaches
+  -- only callagent, which must not just die of it.
+  local pid, code = child_callagent([[
+    local process = require "callagent.process"
+    local runtime = require "callagent.runtime"
+    local timer = require "callagent.timer"
+    local p = assert(process.spawn{ "sleep", "100" })
+    runtime.on_shutdown(function() end)
+    io.stdout:write(p.pid, "\n"); io.stdout:flush()
+    timer.after(100, function() os.execute("kill -HUP " .. runtime.pid()) end)
+  ]])
+  T.ok(pid, "child printed the sleep pid")
+  T.defer(function()
+    os.execute("kill -9 " .. pid .. " 2>/dev/null")
+  end)
+  T.eq(code, 0, "a graceful stop")
+  T.wait_for(function()
+    return pid_gone(pid)
+  end, 3000, "sleep " .. pid .. " to end")
+end)
+
 T.test("a child inherits none of callagent's sockets: not an HTTP client's keep-alive connection", function()
   local http = require "callagent.http"
   local fetch = require "callagent.fetch"

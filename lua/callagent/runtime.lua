@@ -14,7 +14,7 @@
 --                                       iterations, busy_s, slow and slow_s (iterations busy
 --                                       5 ms or more), max_ms, uptime_s
 --
--- SIGINT and SIGTERM call runtime.shutdown(0, "SIGINT"/"SIGTERM"); a second
+-- SIGINT, SIGTERM and SIGHUP call runtime.shutdown(0, "SIGINT"/...); a second
 -- signal exits at once (128 + signal number).
 local core = require "callagent.core"
 local task = require "callagent.task"
