@@ -357,6 +357,17 @@ T.test("auto takes at most tunnel.timeoutSec for both, not that for each", funct
   T.lt(r.ms, 3500, "one timeout, and the stop of ngrok")
 end)
 
+T.test("auto: once ngrok took all of tunnel.timeoutSec, tailscale is not started, and the error says so", function()
+  local r, _, logs = scenario({
+    path = bindir({ "ngrok", "tailscale" }),
+    env = { FAKE_NGROK_MODE = "hang" },
+    cfg = { provider = "auto", timeoutSec = 1 },
+  })
+  T.eq(r.err, "tunnel: no tunnel could be opened: no ngrok tunnel for port " .. PORT .. " after 1 s; "
+    .. "tailscale was not tried: the first took all of tunnel.timeoutSec (1 s). Fix one, or set server.publicBaseUrl")
+  T.eq(read_lines(logs.tailscale), {}, "tailscale never ran")
+end)
+
 T.test("auto with neither installed says to install one or set server.publicBaseUrl", function()
   local r = scenario({ path = bindir({}), cfg = { provider = "auto", timeoutSec = 5 } })
   T.eq(r.err, "tunnel: neither ngrok nor tailscale is installed; install one, or set server.publicBaseUrl")

@@ -28,7 +28,7 @@
 -- drop the user's other serve/funnel settings).
 --
 -- auto: ngrok if installed, else tailscale; when the first fails for another
--- reason, the other is tried too. Errors are one line starting "tunnel: ",
+-- reason, the other is tried too, in what is left of timeoutSec. Errors are one line starting "tunnel: ",
 -- saying what to do:
 --   tunnel: ngrok is not installed (not found in PATH); install it or set server.publicBaseUrl
 --   tunnel: ngrok is not logged in: run `ngrok config add-authtoken <token>` (ngrok said: ...)
@@ -468,8 +468,14 @@ function M.open(cfg, port)
   local reasons, missing = {}, 0
   -- One deadline for both: tunnel.timeoutSec is what opening may take.
   cfg.deadline = timer.now() + cfg.timeoutSec * 1000
-  for _, name in ipairs({ "ngrok", "tailscale" }) do
-    local t, err, kind = OPENERS[name](cfg, port)
+  for i, name in ipairs({ "ngrok", "tailscale" }) do
+    local t, err, kind
+    if i > 1 and timer.now() >= cfg.deadline then
+      -- Started now, it would be killed at once, with a misleading reason.
+      err = string.format("%s was not tried: the first took all of tunnel.timeoutSec (%d s)", name, cfg.timeoutSec)
+    else
+      t, err, kind = OPENERS[name](cfg, port)
+    end
     if t then
       return opened(t)
     end
