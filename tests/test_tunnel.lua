@@ -299,6 +299,15 @@ T.test("tailscale that floods its output: an error after tunnel.timeoutSec, the 
   T.lt(r.ms, 5000, "not a minute spent on the output")
 end)
 
+T.test("tailscale that fails with a 200 KB line: the error quotes 300 bytes of it", function()
+  local r = scenario({
+    path = bindir({ "tailscale" }),
+    env = { FAKE_TAILSCALE_MODE = "longline" },
+    cfg = { provider = "tailscale", timeoutSec = 5 },
+  })
+  T.eq(r.err, "tunnel: `tailscale status --json` failed (status 1): " .. string.rep("x", 300))
+end)
+
 T.test("auto prefers ngrok when both are installed", function()
   local r, p, logs = scenario({ path = bindir({ "ngrok", "tailscale" }), cfg = { provider = "auto", timeoutSec = 10 } })
   T.eq(r.provider, "ngrok")

@@ -312,9 +312,13 @@ local function run(args, ms, opts)
   return r
 end
 
+-- The first non-blank line (matching pattern), at most MAX_SAID bytes of it:
+-- a line may be process.spawn's max_line (64 KiB) long.
+local MAX_SAID = 300
+
 local function first_line(lines, pattern)
   for _, l in ipairs(lines) do
-    local s = l:match("^%s*(.-)%s*$")
+    local s = l:sub(1, MAX_SAID):match("^%s*(.-)%s*$")
     if s ~= "" and (not pattern or s:find(pattern)) then
       return s
     end
