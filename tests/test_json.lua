@@ -35,4 +35,28 @@ T.test("try_decode returns nil and EJSON instead of raising", function()
   T.eq(json.try_decode("[1]"), { 1 })
 end)
 
+T.test("every number is written exactly: cjson's 14 digits are not enough for all", function()
+  for _, x in ipairs({ 0.1, 1 / 3, 123456789012345, 0.1234567890123456, 2 ^ 53, 5e-324, -1.7976931348623157e308,
+    12345678901234567 }) do
+    local text = json.encode({ x })
+    T.eq(json.decode(text)[1], x + 0.0, text)
+  end
+  T.eq(json.encode({ n = 123456789012345 }), '{"n":123456789012345}')
+  T.eq(json.encode(5), "5")
+  T.eq(json.encode({ s = "\0callagent:number:12\0" }), '{"s":"\\u0000callagent:number:12\\u0000"}', "a string stays one")
+end)
+
+T.test("try_decode(s, true) keeps empty arrays at any depth; only JSON's whitespace counts", function()
+  local v = json.try_decode('{"a":[],"b":[[ ],{"c":[\n]}],"s":"[]","q":"\\"[]"}', true)
+  T.eq(json.encode(v.a), "[]")
+  T.eq(json.encode(v.b), '[[],{"c":[]}]')
+  T.eq({ v.s, v.q }, { "[]", '"[]' })
+  T.ok(json.is_array(json.try_decode("[]", true)))
+  T.eq(json.try_decode('{"a":[\f]}', true), nil, "not JSON")
+  local _, err = json.try_decode('{"a":[], "b": tru}', true)
+  T.match(err, "at character 15$", "the error's place in the text as sent")
+  T.eq(json.encode(json.decode_stored(json.encode_stored({ l = json.array({}), m = { json.array({}) } }))),
+    json.encode({ l = json.array({}), m = { json.array({}) } }))
+end)
+
 T.run()

@@ -57,7 +57,10 @@ local fmt, tonumber, mtype = string.format, tonumber, math.type
 -- The shortest text that reads back as x, when cjson's 14 digits do not.
 local function exact(x)
   if mtype(x) == "integer" then
-    return x >= -1e14 and x <= 1e14 and nil or fmt("%d", x)
+    if x >= -99999999999999 and x <= 99999999999999 then
+      return nil -- 14 digits
+    end
+    return fmt("%d", x)
   end
   if x ~= x or x == math.huge or x == -math.huge or tonumber(fmt("%.14g", x)) == x then
     return nil -- cjson writes it right (or refuses it)
@@ -169,8 +172,9 @@ local function restored(v)
 end
 
 -- s with each [] outside its strings written [EMPTY] (or s, when none).
+-- Only JSON's own whitespace may be inside: "[\f]" stays an error.
 local function mark_empty_arrays(s)
-  if not s:find("%[%s*%]") then
+  if not s:find("%[[ \t\r\n]*%]") then
     return s, false
   end
   local out, i, pos, changed = {}, 1, 1, false
@@ -194,7 +198,7 @@ local function mark_empty_arrays(s)
         end
       end
     else
-      local e = s:match("^%[%s*%]()", a)
+      local e = s:match("^%[[ \t\r\n]*%]()", a)
       if e then
         out[#out + 1] = s:sub(i, a - 1)
         out[#out + 1] = "[" .. EMPTY_JSON .. "]"
@@ -212,11 +216,14 @@ function M.try_decode(s, arrays)
   if type(s) ~= "string" then
     return nil, "EJSON: expected a string"
   end
-  local changed = false
+  local marked, changed = s, false
   if arrays then
-    s, changed = mark_empty_arrays(s)
+    marked, changed = mark_empty_arrays(s)
   end
-  local ok, v = pcall(decode, s)
+  local ok, v = pcall(decode, marked)
+  if not ok and changed then
+    ok, v = pcall(decode, s) -- the error, at its place in what was sent
+  end
   if not ok then
     return nil, "EJSON: " .. tostring(v)
   end
