@@ -1,7 +1,8 @@
 --- callagent.api: the REST API (JSON in and out).
 --
 --   POST /v1/calls                {to, prompt, timezone?, locale?, callerName?,
---                                 calleeName?, voice?, metadata?} -> 201 {callId, status, hint?}
+--                                 calleeName?, voice?, metadata?} -> 201 {callId, status, hint?};
+--                                 with an Idempotency-Key, sent again: the same call
 --   GET  /v1/calls/{callId}       the call record (see lua/callagent/calls.lua)
 --   GET  /v1/calls?status=&limit=&cursor=   newest first: {calls, nextCursor}
 --   POST /v1/calls/{callId}/hangup          -> 202 {callId, status}
@@ -182,7 +183,7 @@ local function canonical(v, out)
     canonical(v[k], out)
     out[#out + 1] = ","
   end
-  out[#out + 1] = "}"
+  out[#out + 1] = json.is_array(v) and "]" or "}"
   return out
 end
 
