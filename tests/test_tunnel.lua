@@ -433,6 +433,8 @@ T.test("a Twilio app without publicBaseUrl opens an ngrok tunnel, announces it, 
   T.match(ready, "url=http://127%.0%.0%.1:%d+")
   T.eq(grep(log, "^start pid=%d+ mode=ok argv=http (%d+) "), ready:match("url=http://127%.0%.0%.1:(%d+)"),
     "ngrok forwards to the app's own port")
+  T.match(p.errtext(), "WARN no server%.apiToken: /v1 answers only requests to a loopback host; set one to use the "
+    .. "API through https://", "public, with no token: the API is not")
 
   T.ok(p:kill("SIGTERM"))
   T.eq(p:wait(10000), 0, "the app's exit status")

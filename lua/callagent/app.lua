@@ -356,7 +356,8 @@ function App:start()
     self.tunnel = pub
     self.public_base = pub.url
   end
-  if self.public_base and not cfg.server.apiToken then
+  local public_host = self.public_base and self.public_base:match("^%a[%w+.-]*://([^/?#]*)")
+  if public_host and not api.loopback_host(public_host) and not cfg.server.apiToken then
     -- The API stays loopback's: requests with the public host name get 403.
     log.warn("no server.apiToken: /v1 answers only requests to a loopback host; set one to use the API through "
       .. self.public_base, {})
