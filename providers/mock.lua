@@ -47,7 +47,15 @@ function P:startCall(call, _, localBaseUrl)
   local k = key(call.callId, n)
   self.ringing[k] = timer.after(self.cfg.call.ringTimeoutSec * 1000 + RING_EXTRA_MS, function()
     self.ringing[k] = nil
-    self.pages[token] = nil
+    -- Kept a while, so that a late visitor is told the call stopped
+    -- ringing (410), not that the link was used.
+    local page = self.pages[token]
+    if page then
+      page.expires = 0
+      timer.after(600000, function()
+        self.pages[token] = nil
+      end):unref()
+    end
     self.engine:provider_status(call.callId, n, { status = "no_answer", reason = "nobody opened the mock phone page" })
   end)
   local hint = localBaseUrl .. "/mock/call/" .. call.callId .. "?t=" .. token

@@ -8,14 +8,18 @@ local json = require "callagent.json"
 
 local TOKEN = "mock-test-api-token-0123456789"
 
-local function start()
-  local app = assert(callagent.app({
+local function start(extra)
+  local cfg = {
     telephony = { provider = "mock" },
     server = { port = 0, apiToken = TOKEN },
     openai = { apiKey = "sk-unused", realtimeUrl = "ws://127.0.0.1:9/v1/realtime" },
     call = { ringTimeoutSec = 60 },
     store = { backend = "memory" },
-  }, { no_shutdown_hook = true }))
+  }
+  for k, v in pairs(extra or {}) do
+    cfg[k] = v
+  end
+  local app = assert(callagent.app(cfg, { no_shutdown_hook = true }))
   assert(app:start())
   T.defer(function()
     app:stop()
@@ -41,6 +45,31 @@ T.test("POST /status and /voice are refused for mock calls and change nothing", 
     T.eq(r.status, 403, path)
   end
   T.eq(app.engine:call_view(id).status, "dialing", "the forged callback changed nothing")
+end)
+
+T.test("a retried mock call's hint is the new attempt's link; the old one answers 410, not 403", function()
+  local timer = require "callagent.timer"
+  local app = start({
+    call = { ringTimeoutSec = 1, statusGraceSec = 1 },
+    retry = { maxAttempts = 2, initialDelayMs = 100, retryStatuses = { "no_answer" } },
+  })
+  local call = assert(app:create_call({ to = "+15555550100", prompt = "Test." }))
+  local id = call.callId or call.id
+  local first = app.engine:call_view(id).hint
+  T.ok(first, "a link for attempt 1")
+  T.wait_for(function()
+    return app.engine:call_view(id).attempt == 2 and app.engine:call_view(id).status == "dialing"
+  end, 10000, "attempt 2 ringing")
+  timer.sleep(100)
+  local second = app.engine:call_view(id).hint
+  T.ok(second and second ~= first, "another link")
+  local token = second:match("[?&]t=([^&]+)")
+  local r = assert(fetch(app.url .. "/mock/api/answer", { method = "POST", headers = { ["Content-Type"] = "application/json" },
+    body = json.encode({ callId = id, token = token }) }))
+  T.ne(r.status, 403, "the record's link answers: " .. r.body)
+  r = assert(fetch(app.url .. "/mock/api/answer", { method = "POST", headers = { ["Content-Type"] = "application/json" },
+    body = json.encode({ callId = id, token = first:match("[?&]t=([^&]+)") }) }))
+  T.eq({ r.status, json.decode(r.body).error.code }, { 410, "expired" }, "the first link: it stopped ringing")
 end)
 
 T.test("the phone page's routes answer a body that is no JSON object with 400, and a wrong token with 403", function()

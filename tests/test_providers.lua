@@ -53,6 +53,51 @@ print("provider " .. app.provider.name)
   T.eq(p.out[#p.out], "provider acme")
 end)
 
+-- A child app with provider acme (source: the provider file's text) that
+-- places one call and prints its record once it is final (or after 5 s).
+local function acme_call(provider_src, extra)
+  local dir = T.tmpdir()
+  assert(require("callagent.core").mkdir(dir .. "/providers", 448))
+  write(dir .. "/providers/acme.lua", provider_src)
+  write(dir .. "/app.lua", [[
+local callagent = require "callagent"
+local task = require "callagent.task"
+local timer = require "callagent.timer"
+local json = require "callagent.json"
+local runtime = require "callagent.runtime"
+local cfg = { telephony = { provider = "acme" }, server = { port = 0 }, openai = { apiKey = "sk-test-key" },
+  store = { backend = "memory" }, retry = { maxAttempts = 1 }, call = { ringTimeoutSec = 5, statusGraceSec = 1 } }
+for k, v in pairs(json.decode(os.getenv("EXTRA") or "{}")) do cfg[k] = v end
+local app = assert(callagent.app(cfg, { no_shutdown_hook = true }))
+task.spawn(function()
+  assert(app:start())
+  local call = assert(app:create_call({ to = "+14155550100", prompt = "x" }))
+  local v
+  for _ = 1, 50 do
+    v = app.engine:call_view(call.callId or call.id)
+    if v.status ~= "queued" and v.status ~= "dialing" then break end
+    timer.sleep(100)
+  end
+  print(json.encode({ status = v.status, lastError = v.lastError }))
+  app:stop()
+  runtime.stop(0)
+end)
+]])
+  local code, _, p = T.run_app(dir .. "/app.lua", nil, { env = { EXTRA = extra or "{}" }, timeout = 15000 })
+  T.eq(code, 0, "exit code; stderr: " .. p.errtext())
+  return require("callagent.json").decode(p.out[#p.out]), p
+end
+
+T.test("a provider whose startCall raises, or returns no table, fails the attempt instead of leaving it dialing", function()
+  local v, p = acme_call((COMPLETE:gsub("startCall = function%(%) end", 'startCall = function() error("acme API down") end')))
+  T.eq(v.status, "failed")
+  T.match(v.lastError, "^the acme provider's startCall failed: .*acme API down")
+  T.match(p.errtext(), "ERROR provider startCall raised")
+  v = acme_call((COMPLETE:gsub("startCall = function%(%) end", 'startCall = function() return "CA123" end')))
+  T.eq(v.status, "failed")
+  T.eq(v.lastError, "the acme provider's startCall returned a string, not {providerCallId, userHint}")
+end)
+
 T.test("a file missing functions is reported by path and missing names", function()
   local dir = T.tmpdir()
   write(dir .. "/half.lua", "return { startCall = function() end, mapStatus = function() end }")

@@ -270,8 +270,18 @@ function Engine:dial(id)
     self.store:add_attempt(id, attempt)
   end)
   attempt._placing = true
-  local res, err = self.provider:startCall(self:call_view(id), self.public_url(), self.local_url())
+  -- A provider's error is the attempt's, not a call left dialing for good.
+  local ok, res, err = xpcall(self.provider.startCall, debug.traceback, self.provider, self:call_view(id),
+    self.public_url(), self.local_url())
   attempt._placing = nil
+  if not ok then
+    log.error("provider startCall raised", { call = id, attempt = n, provider = self.provider.name, error = res })
+    res, err = nil, "the " .. tostring(self.provider.name) .. " provider's startCall failed: "
+      .. tostring(res):match("^[^\n]*")
+  elseif res ~= nil and type(res) ~= "table" then
+    res, err = nil, "the " .. tostring(self.provider.name) .. " provider's startCall returned a "
+      .. type(res) .. ", not {providerCallId, userHint}"
+  end
   if not res and attempt.providerCallId then
     -- The request failed (its answer timed out, say), but the vendor's
     -- callbacks have named the call: it was placed, and it goes on.
@@ -293,7 +303,8 @@ function Engine:dial(id)
     err = error_text(err)
     return self:_attempt_final(call, n, "failed", err, err)
   end
-  if res.userHint and not call.hint then
+  if res.userHint and res.userHint ~= call.hint then
+    -- Each attempt's own: a retry's link is a new one.
     call.hint = res.userHint
     self:_save(call, { hint = res.userHint })
   end
@@ -377,10 +388,20 @@ function Engine:_provider_id(call, n, pid)
   end
 end
 
+-- The provider's endCall; one that raises fails like one that says no.
+function Engine:_provider_end(view, a)
+  local ok, res, err = xpcall(self.provider.endCall, debug.traceback, self.provider, view, a)
+  if not ok then
+    log.error("provider endCall raised", { call = view.callId, provider = self.provider.name, error = res })
+    return nil, "the " .. tostring(self.provider.name) .. " provider's endCall failed: " .. tostring(res):match("^[^\n]*")
+  end
+  return res, err
+end
+
 -- Hangs up attempt a at the vendor from a task of its own; a failure is logged.
 function Engine:_end_in_task(id, a)
   task.spawn(function()
-    local ok, err = self.provider:endCall(self:call_view(id) or { callId = id }, a)
+    local ok, err = self:_provider_end(self:call_view(id) or { callId = id }, a)
     if not ok then
       log.warn("provider hang-up failed", { call = id, error = err })
     end
@@ -397,7 +418,7 @@ function Engine:_cancel_retrying(id, a)
       if self.stopped then
         return
       end
-      local ok, err = self.provider:endCall(self:call_view(id) or { callId = id }, a)
+      local ok, err = self:_provider_end(self:call_view(id) or { callId = id }, a)
       if ok then
         log.info("provider hang-up done on a later try", { call = id, attempt = a.n, try = i + 1 })
         return
@@ -417,7 +438,7 @@ function Engine:_end_at_provider(call, a)
     log.info("the hang-up waits for the provider to name the call", { call = call.id, attempt = a.n })
     return true
   end
-  return self.provider:endCall(self:call_view(call.id), a)
+  return self:_provider_end(self:call_view(call.id), a)
 end
 
 function Engine:_cancel_timer(key)
