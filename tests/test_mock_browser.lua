@@ -402,6 +402,32 @@ T.test("microphone refused: the page says so, hangs up, and the call ends withou
   T.match(r.reopen.problem, "already used", "the message for a used link")
 end, { timeout = 40000 })
 
+T.test("a microphone allowed after 16 s: the call is answered then, and connects", function()
+  need_tools()
+  local dir = T.tmpdir()
+  local wav = dir .. "/callee.wav"
+  write_wav(wav)
+  local app, rt = start_app(function(s)
+    assert(s:wait_event("response.create", 40000))
+    s:speak({ ms = 4000, text = "Hello there." })
+  end)
+  local view = assert(app:create_call({ to = "+14155550196", prompt = "Say hello." }))
+  local shot = ROOT .. "/tests/artifacts/mock-phone-slow-mic.png"
+  local r, code, err = node({ "browser/drive.mjs", view.hint, wav, shot, "--mic-delay=16000", "--hangup-after=1500",
+    "--timeout=40000" }, 60000)
+  T.ok(r, "drive.mjs printed no JSON (exit " .. tostring(code) .. "): " .. err)
+  T.ok(r.ok, "drive.mjs: " .. tostring(r.error) .. "; page: " .. json.encode({ r.banner, r.problem, r.stats }))
+  T.eq(r.banner, "Call ended: you hung up.")
+  T.gt(r.stats.framesSent, 0, "the page streamed")
+  local v
+  T.wait_for(function()
+    v = app.engine:call_view(view.callId)
+    return v and v.status ~= "in_progress" and v.status ~= "dialing"
+  end, 10000, "the call to end")
+  T.eq({ v.status, v.endReason }, { "completed", "callee_hung_up" }, "not failed for want of a stream")
+  T.gt(rt.sessions[1].input_bytes, 0, "the model heard the callee")
+end, { timeout = 80000 })
+
 T.test("hanging up on the page: stop, close, and the call ends as the callee's hang-up", function()
   need_tools()
   local dir = T.tmpdir()

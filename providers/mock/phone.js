@@ -637,20 +637,38 @@ async function main() {
     fail("This link is incomplete: it needs the call id and the ?t= token. Open the whole link callagent printed.");
     return;
   }
-  if (!(await answer())) return;
-  poll();
-  $("banner").textContent = "Answered. Allow the microphone to talk.";
-  if (!(await openMicrophone())) return;
+  // The microphone and the audio first, then the answer: callagent waits
+  // 15 s for an answered call's stream, and a person may take longer than
+  // that over the microphone prompt. A page that cannot talk answers and
+  // hangs up at once, so that the call ends now instead of ringing on.
+  $("banner").textContent = "Allow the microphone to answer the call.";
+  if (!(await openMicrophone())) {
+    if (await answer()) {
+      poll(); // shows the call end
+      postHangup();
+    }
+    return;
+  }
   try {
     await startAudio();
   } catch (e) {
     if (mic) for (const t of mic.getTracks()) t.stop();
     fail(`The audio could not start in this browser: ${e.message}. The call was hung up.`, "Call ended");
-    postHangup();
+    if (await answer()) {
+      poll(); // shows the call end
+      postHangup();
+    }
     return;
   }
   await waitForAudioStart();
-  if (!finished) connect();
+  if (finished) return;
+  setState("answering", "Answering the call…");
+  if (!(await answer())) {
+    if (mic) for (const t of mic.getTracks()) t.stop();
+    return;
+  }
+  poll();
+  connect();
 }
 
 main().catch((e) => {

@@ -12,6 +12,8 @@
 //   --live-shot=PATH    a screenshot 2 s after the stream connected
 //   --reopen            at the end, open URL again (a used link) and record
 //                       what the page says in .reopen {state, problem}
+//   --mic-delay=MS      the microphone is granted MS after the page asks (a person
+//                       reading the prompt)
 //   --timeout=MS        how long to wait for the end (default 30000)
 //   --chromium=PATH     the browser (default /usr/bin/chromium)
 //
@@ -38,6 +40,7 @@ for (const a of process.argv.slice(2)) {
   else if (a.startsWith("--hangup-after=")) opts.hangupAfter = Number(a.slice(15));
   else if (a.startsWith("--live-shot=")) opts.liveShot = a.slice(12);
   else if (a.startsWith("--timeout=")) opts.timeout = Number(a.slice(10));
+  else if (a.startsWith("--mic-delay=")) opts.micDelay = Number(a.slice(12));
   else if (a.startsWith("--chromium=")) opts.chromium = a.slice(11);
   else positional.push(a);
 }
@@ -95,6 +98,13 @@ async function run() {
       if (m.type() === "error" || m.type() === "warning") out.console.push(`${m.type()}: ${m.text()}`.slice(0, 300));
     });
     page.on("pageerror", (e) => out.console.push(`pageerror: ${e.message}`.slice(0, 300)));
+    if (opts.micDelay) {
+      await page.addInitScript((ms) => {
+        const md = navigator.mediaDevices;
+        const ask = md.getUserMedia.bind(md);
+        md.getUserMedia = (c) => new Promise((r) => setTimeout(r, ms)).then(() => ask(c));
+      }, opts.micDelay);
+    }
     await page.goto(url, { waitUntil: "load" });
 
     const samples = [];
@@ -168,7 +178,9 @@ async function run() {
       let st = null;
       while (Date.now() < until) {
         st = await page.evaluate(() => window.mockPhone && window.mockPhone.stats.state);
-        if (st && st !== "answering") break;
+        // The microphone comes before the answer: refused, the page then
+        // answers (to end the call) and learns the link was used.
+        if (st && st !== "answering" && st !== "mic-denied") break;
         await sleep(50);
       }
       out.reopen = { state: st, problem: await visibleText(page, "problem") };
