@@ -372,20 +372,22 @@ static void push_query(lua_State *L, struct lws *wsi)
 	tbl = lua_gettop(L);
 	luaL_buffinit(L, &raw);
 	for (int i = 0; lws_hdr_total_length(wsi, WSI_TOKEN_HTTP_URI_ARGS) > 0; i++) {
-		/* Each parameter whole, however long (lws's header buffer bounds it):
-		 * one that did not fit used to end the query there. */
-		int len = lws_hdr_fragment_length(wsi, WSI_TOKEN_HTTP_URI_ARGS, i), n;
+		int n = lws_hdr_copy_fragment(wsi, small, sizeof small, WSI_TOKEN_HTTP_URI_ARGS, i);
 		char *frag = small, *eq;
 
-		if (len <= 0)
-			break;
-		if (len >= (int)sizeof small) {
+		if (n < 0) {
+			/* No parameter i (the end), or one over 4 KiB: taken whole,
+			 * however long (lws's header buffer bounds it). */
+			int len = lws_hdr_fragment_length(wsi, WSI_TOKEN_HTTP_URI_ARGS, i);
+
+			if (len < (int)sizeof small)
+				break;
 			free(big);
 			frag = big = ca_malloc((size_t)len + 1);
+			n = lws_hdr_copy_fragment(wsi, frag, len + 1, WSI_TOKEN_HTTP_URI_ARGS, i);
+			if (n < 0)
+				break;
 		}
-		n = lws_hdr_copy_fragment(wsi, frag, len + 1, WSI_TOKEN_HTTP_URI_ARGS, i);
-		if (n < 0)
-			break;
 		if (i)
 			luaL_addchar(&raw, '&');
 		luaL_addlstring(&raw, frag, (size_t)n);

@@ -67,6 +67,9 @@ T.test("routes by method and path with parameters, decoded query and headers", f
   res = assert(fetch(srv:url("/calls/c_1/attempts/2?pad=" .. pad .. "&status=bogus&a=1")))
   T.eq(res.status, 200)
   T.eq(json.decode(res.body).q, { pad = pad, status = "bogus", a = "1" })
+  -- An empty parameter is no end of the query.
+  res = assert(fetch(srv:url("/calls/c_1/attempts/2?a=1&&b=2")))
+  T.eq(json.decode(res.body).q, { a = "1", b = "2", [""] = "" })
 end)
 
 T.test("a request with Expect: 100-continue gets 100 Continue, then its answer, on the same connection", function()

@@ -43,7 +43,12 @@ T.test("every number is written exactly: cjson's 14 digits are not enough for al
   end
   T.eq(json.encode({ n = 123456789012345 }), '{"n":123456789012345}')
   T.eq(json.encode(5), "5")
-  T.eq(json.encode({ s = "\0callagent:number:12\0" }), '{"s":"\\u0000callagent:number:12\\u0000"}', "a string stays one")
+  -- A client's string that looks like the markers stays a string, also
+  -- when the value next to it makes the encoder put its markers right.
+  local forged = { s = "\0callagent:number:0x10\0", e = "\0callagent:empty-array\0", n = 0.1234567890123456,
+    a = json.array({}) }
+  T.eq(json.decode(json.encode(forged)), { s = forged.s, e = forged.e, n = forged.n, a = {} })
+  T.eq(json.decode(json.encode_stored(forged)).s, forged.s)
 end)
 
 T.test("try_decode(s, true) keeps empty arrays at any depth; only JSON's whitespace counts", function()

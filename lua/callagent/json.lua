@@ -37,12 +37,18 @@ for k, v in pairs(cjson) do
 end
 
 local array_mt = { __name = "json.array" }
+-- What goes through cjson in place of an empty array, or of a number it
+-- would write inexactly, and is put right in its output. A random part
+-- makes them this process's own: a string of a client's is never taken
+-- for one. (EMPTY is the stored form's marker, read back by decode_stored.)
+local NONCE = require("callagent.crypto").random_token(12)
 local EMPTY = "\0callagent:empty-array\0"
 local EMPTY_JSON = '"\\u0000callagent:empty-array\\u0000"'
-local EMPTY_JSON_PATTERN = EMPTY_JSON:gsub("%p", "%%%0")
--- A number cjson would write inexactly goes through as this string.
-local NUM = "\0callagent:number:"
-local NUM_JSON_PATTERN = ('"\\u0000callagent:number:'):gsub("%p", "%%%0") .. "([^\\]*)" .. ("\\u0000\""):gsub("%p", "%%%0")
+local RUN_EMPTY = "\0callagent:empty:" .. NONCE .. "\0"
+local RUN_EMPTY_PATTERN = ('"\\u0000callagent:empty:' .. NONCE .. '\\u0000"'):gsub("%p", "%%%0")
+local NUM = "\0callagent:number:" .. NONCE .. ":"
+local NUM_JSON_PATTERN = ('"\\u0000callagent:number:' .. NONCE .. ":"):gsub("%p", "%%%0") .. "([^\\]*)"
+  .. ("\\u0000\""):gsub("%p", "%%%0")
 
 function M.array(t)
   return setmetatable(t or {}, array_mt)
@@ -90,7 +96,7 @@ local function prepare(v, depth)
     error("json: nesting too deep", 0)
   end
   if getmetatable(v) == array_mt and next(v) == nil then
-    return EMPTY, true
+    return RUN_EMPTY, true
   end
   local copy
   for k, x in pairs(v) do
@@ -112,7 +118,7 @@ local function prepare(v, depth)
 end
 
 local function number_back(s)
-  return tonumber(s) and s or nil -- a string that only looks like ours stays one
+  return s -- only exact() made these
 end
 
 local encode = cjson.encode
@@ -120,7 +126,7 @@ local function encode_with(v, empty)
   local p, changed = prepare(v, 0)
   local s = encode(p)
   if changed then
-    s = s:gsub(EMPTY_JSON_PATTERN, empty)
+    s = s:gsub(RUN_EMPTY_PATTERN, empty)
     if s:find("u0000callagent:number:", 1, true) then
       s = s:gsub(NUM_JSON_PATTERN, number_back)
     end
