@@ -156,11 +156,16 @@ function M.loopback_host(host)
     or (name:match("^127%.%d+%.%d+%.%d+$") ~= nil)
 end
 
--- The Origin a browser sends from a page of this server itself.
-local function same_origin(origin, host)
+-- The Origin a browser sends from a page of this server itself: at the
+-- host it asked for, or at the public URL (through a proxy that rewrote Host).
+local function same_origin(origin, host, public)
   origin = origin:lower()
   host = host and host:lower()
-  return host ~= nil and (origin == "http://" .. host or origin == "https://" .. host)
+  if host ~= nil and (origin == "http://" .. host or origin == "https://" .. host) then
+    return true
+  end
+  local base = public and public:lower():match("^https?://[^/?#]+")
+  return base ~= nil and origin == base
 end
 
 -- v as text with keys sorted at every level: equal requests, equal text.
@@ -169,21 +174,30 @@ local function canonical(v, out)
     out[#out + 1] = json.encode(v)
     return out
   end
-  local keys = {}
+  local n, keys = #v, {}
   for k in pairs(v) do
     keys[#keys + 1] = k
+  end
+  if json.is_array(v) or (n > 0 and #keys == n) then -- decoded arrays: keys 1..n
+    out[#out + 1] = "["
+    for i = 1, n do
+      canonical(v[i], out)
+      out[#out + 1] = ","
+    end
+    out[#out + 1] = "]"
+    return out
   end
   table.sort(keys, function(a, b)
     return tostring(a) < tostring(b)
   end)
-  out[#out + 1] = json.is_array(v) and "[" or "{"
+  out[#out + 1] = "{"
   for _, k in ipairs(keys) do
     out[#out + 1] = json.encode(tostring(k))
     out[#out + 1] = ":"
     canonical(v[k], out)
     out[#out + 1] = ","
   end
-  out[#out + 1] = json.is_array(v) and "]" or "}"
+  out[#out + 1] = "}"
   return out
 end
 
@@ -213,12 +227,16 @@ function M.register(srv, engine, cfg, opts)
   -- name of the page's resolves to 127.0.0.1: both are refused.
   local function refused_browser(req)
     local h = req.headers
-    if h.origin and not same_origin(h.origin, h.host) then
+    if h.origin and not same_origin(h.origin, h.host, opts.public_url and opts.public_url()) then
       return "forbidden_origin", "requests from a web page of another origin are refused"
     end
     if not token and h.host and not M.loopback_host(h.host) then
       return "forbidden_host", "without server.apiToken the API answers only requests to a loopback host "
         .. "(127.0.0.1, [::1] or localhost)"
+    end
+    -- A proxy that rewrites Host to 127.0.0.1 still says it forwarded.
+    if not token and (h["x-forwarded-for"] or h["x-forwarded-host"] or h.forwarded) then
+      return "forbidden_host", "without server.apiToken the API answers no request a proxy forwarded"
     end
   end
 

@@ -323,7 +323,12 @@ function App:start()
     headers = { "x-twilio-signature" },
   })
   self:_routes(srv)
-  api.register(srv, self.engine, cfg, { provider_name = self.provider.name })
+  api.register(srv, self.engine, cfg, {
+    provider_name = self.provider.name,
+    public_url = function()
+      return self.public_base
+    end,
+  })
   for _, fn in ipairs(self.extra_routes or {}) do
     fn(srv)
   end
