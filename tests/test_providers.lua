@@ -98,6 +98,25 @@ T.test("a provider whose startCall raises, or returns no table, fails the attemp
   T.eq(v.lastError, "the acme provider's startCall returned a string, not {providerCallId, userHint}")
 end)
 
+T.test("a provider of the app's own gets its own config section; a bad needs list is named", function()
+  local dir = T.tmpdir()
+  write(dir .. "/acme.lua", (COMPLETE:gsub("^return {", 'return { needs = { "acme.apiKey" },')))
+  local c, err, warnings = config.normalize({ telephony = { provider = "acme" }, openai = { apiKey = "sk-test-key" },
+    acme = { apiKey = "acme-key-12345" } }, { quiet = true })
+  T.ok(c, err)
+  T.eq(warnings, {}, "no 'unknown section' warning")
+  T.eq(c.acme, { apiKey = "acme-key-12345" })
+  T.ok(providers.load("acme", c, { dir }))
+  local _, lerr = providers.load("acme", assert(config.normalize({ telephony = { provider = "acme" },
+    openai = { apiKey = "sk-test-key" } }, { quiet = true })), { dir })
+  T.eq(lerr, "acme.apiKey: required by the acme provider")
+  for _, needs in ipairs({ '"acme.apiKey"', "5", '{ "apiKey" }' }) do
+    write(dir .. "/bad.lua", (COMPLETE:gsub("^return {", "return { needs = " .. needs .. ",")))
+    local _, berr = providers.load_file(dir .. "/bad.lua", "bad")
+    T.match(berr, "^provider .*/bad%.lua: needs must be a list of config keys", needs)
+  end
+end)
+
 T.test("a file missing functions is reported by path and missing names", function()
   local dir = T.tmpdir()
   write(dir .. "/half.lua", "return { startCall = function() end, mapStatus = function() end }")

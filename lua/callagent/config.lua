@@ -419,7 +419,11 @@ function M.normalize(input, opts)
     end
   end
   for _, section in ipairs(ordered_keys(raw)) do
-    if SCHEMA[section] == nil and section ~= "$schema" then
+    if section == cfg.telephony.provider and SCHEMA[section] == nil and is_object(raw[section]) then
+      -- A provider of the app's own: its section is its to check (its
+      -- `needs`, its init), and its secrets to register (log.secret).
+      cfg[section] = raw[section]
+    elseif SCHEMA[section] == nil and section ~= "$schema" then
       warnings[#warnings + 1] = string.format("%s: unknown section, ignored", tostring(section))
     end
   end

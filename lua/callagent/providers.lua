@@ -98,6 +98,15 @@ function M.load_file(path, name)
     return nil, "provider " .. path .. ": missing " .. table.concat(missing, ", ")
       .. " (a provider must implement " .. table.concat(M.required, ", ") .. ")"
   end
+  if p.needs ~= nil then
+    local bad = type(p.needs) ~= "table"
+    for _, key in ipairs(bad and {} or p.needs) do
+      bad = bad or type(key) ~= "string" or not key:match("^[^.]+%..+$")
+    end
+    if bad then
+      return nil, "provider " .. path .. ': needs must be a list of config keys like {"twilio.accountSid"}'
+    end
+  end
   p.name = p.name or name
   p.path = path
   return p
