@@ -72,6 +72,13 @@ T.test("a retried mock call's hint is the new attempt's link; the old one answer
   T.eq({ r.status, json.decode(r.body).error.code }, { 410, "expired" }, "the first link: it stopped ringing")
 end)
 
+T.test("listening on 0.0.0.0, the hint is on 127.0.0.1, where a browser lets the page use the microphone", function()
+  local app = start({ server = { port = 0, host = "0.0.0.0", apiToken = TOKEN } })
+  local call = assert(app:create_call({ to = "+15555550100", prompt = "Test." }))
+  T.match(app.engine:call_view(call.callId or call.id).hint, "^http://127%.0%.0%.1:%d+/mock/call/")
+  T.match(app.url, "^http://127%.0%.0%.1:%d+$")
+end)
+
 T.test("the phone page's routes answer a body that is no JSON object with 400, and a wrong token with 403", function()
   local app = start()
   for _, path in ipairs({ "/mock/api/answer", "/mock/api/hangup" }) do

@@ -338,7 +338,10 @@ function App:start()
     return fail("server: cannot listen on " .. cfg.server.host .. ":" .. cfg.server.port .. ": " .. tostring(lerr))
   end
   self.server = srv
-  local host = srv.host:find(":") and ("[" .. srv.host .. "]") or srv.host
+  -- This machine's URL: a wildcard address is no place to go (nor, for the
+  -- mock phone's page, a secure context that may use the microphone).
+  local host = ({ ["0.0.0.0"] = "127.0.0.1", ["::"] = "::1" })[srv.host] or srv.host
+  host = host:find(":") and ("[" .. host .. "]") or host
   self.url = "http://" .. host .. ":" .. srv.port
   self.public_base = cfg.server.publicBaseUrl
   if not self.public_base and self.opts.public_url then
