@@ -117,6 +117,27 @@ T.test("a provider of the app's own gets its own config section; a bad needs lis
   end
 end)
 
+T.test("a provider whose init raises: app:start() returns the error, and the process can exit non-zero", function()
+  local dir = T.tmpdir()
+  assert(require("callagent.core").mkdir(dir .. "/providers", 448))
+  write(dir .. "/providers/acme.lua", (COMPLETE:gsub("^return {", 'return { init = function() error("acme: no API key") end,')))
+  write(dir .. "/app.lua", [[
+local callagent = require "callagent"
+local task = require "callagent.task"
+local runtime = require "callagent.runtime"
+local app = assert(callagent.app({ telephony = { provider = "acme" }, server = { port = 0 },
+  openai = { apiKey = "sk-test-key" }, store = { backend = "memory" } }, { no_shutdown_hook = true }))
+task.spawn(function()
+  local ok, err = app:start()
+  print("start: " .. tostring(ok) .. " " .. tostring(err))
+  runtime.stop(ok and 0 or 1)
+end)
+]])
+  local code, _, p = T.run_app(dir .. "/app.lua")
+  T.eq(code, 1, "stderr: " .. p.errtext())
+  T.match(p.out[#p.out], "^start: nil the acme provider's init failed: .*acme: no API key")
+end)
+
 T.test("a file missing functions is reported by path and missing names", function()
   local dir = T.tmpdir()
   write(dir .. "/half.lua", "return { startCall = function() end, mapStatus = function() end }")

@@ -312,7 +312,11 @@ function App:start()
     end,
   })
   if self.provider.init then
-    self.provider:init({ config = cfg, engine = self.engine, app = self, log = log })
+    local ok, ierr = pcall(self.provider.init, self.provider, { config = cfg, engine = self.engine, app = self,
+      log = log })
+    if not ok then
+      return fail("the " .. tostring(self.provider.name) .. " provider's init failed: " .. tostring(ierr))
+    end
   end
   local srv = http.server({
     host = cfg.server.host,
