@@ -47,15 +47,7 @@ function P:startCall(call, _, localBaseUrl)
   local k = key(call.callId, n)
   self.ringing[k] = timer.after(self.cfg.call.ringTimeoutSec * 1000 + RING_EXTRA_MS, function()
     self.ringing[k] = nil
-    -- Kept a while, so that a late visitor is told the call stopped
-    -- ringing (410), not that the link was used.
-    local page = self.pages[token]
-    if page then
-      page.expires = 0
-      timer.after(600000, function()
-        self.pages[token] = nil
-      end):unref()
-    end
+    self:_expire_page(token)
     self.engine:provider_status(call.callId, n, { status = "no_answer", reason = "nobody opened the mock phone page" })
   end)
   local hint = localBaseUrl .. "/mock/call/" .. call.callId .. "?t=" .. token
@@ -82,12 +74,29 @@ function P:mapStatus(payload)
   return { status = payload.status, reason = payload.reason }
 end
 
+-- A link that stopped ringing is kept a while, so that a late visitor is
+-- told so (410), not that the link was used; then it is forgotten.
+function P:_expire_page(token)
+  local page = self.pages[token]
+  if page and page.expires > 0 then
+    page.expires = 0
+    timer.after(600000, function()
+      self.pages[token] = nil
+    end):unref()
+  end
+end
+
 function P:endCall(call, attempt)
   local n = attempt and attempt.n or call.attempt
   local k = key(call.callId, n)
   if self.ringing[k] then
     self.ringing[k]:stop()
     self.ringing[k] = nil
+  end
+  for token, page in pairs(self.pages) do
+    if page.call_id == call.callId and page.attempt == n then
+      self:_expire_page(token)
+    end
   end
   -- Like Twilio: hanging up ends the call; the page sees its stream close.
   local status = (attempt and attempt.status == "in_progress") and "completed" or "canceled"
@@ -155,6 +164,11 @@ function P:registerRoutes(srv)
     end
     local session = crypto.random_token(18)
     self.sessions[session] = { call_id = entry.call_id, attempt = entry.attempt }
+    -- The page polls and hangs up with it while the call lasts, and reads
+    -- the end; forgotten after a day.
+    timer.after(86400000, function()
+      self.sessions[session] = nil
+    end):unref()
     local base = self.app.url
     return 200, {
       streamUrl = base:gsub("^http", "ws") .. "/voice/stream",

@@ -79,6 +79,18 @@ T.test("listening on 0.0.0.0, the hint is on 127.0.0.1, where a browser lets the
   T.match(app.url, "^http://127%.0%.0%.1:%d+$")
 end)
 
+T.test("a mock call hung up through the API while ringing: its link answers 410 (stopped ringing)", function()
+  local app = start()
+  local call = assert(app:create_call({ to = "+15555550100", prompt = "Test." }))
+  local id = call.callId or call.id
+  local token = app.engine:call_view(id).hint:match("[?&]t=([^&]+)")
+  T.ok(app.engine:hangup(id))
+  local r = assert(fetch(app.url .. "/mock/api/answer", { method = "POST", headers = { ["Content-Type"] = "application/json" },
+    body = json.encode({ callId = id, token = token }) }))
+  T.eq({ r.status, json.decode(r.body).error.code }, { 410, "expired" })
+  T.eq(app.provider.pages[token], nil, "the answer took it")
+end)
+
 T.test("the phone page's routes answer a body that is no JSON object with 400, and a wrong token with 403", function()
   local app = start()
   for _, path in ipairs({ "/mock/api/answer", "/mock/api/hangup" }) do
