@@ -270,6 +270,7 @@ function Engine:dial(id)
     self.store:add_attempt(id, attempt)
   end)
   attempt._placing = true
+  self:_busy(1) -- a stop waits for the dial's answer (see _placed_while_stopping)
   -- A provider's error is the attempt's, not a call left dialing for good.
   local ok, res, err = xpcall(self.provider.startCall, debug.traceback, self.provider, self:call_view(id),
     self.public_url(), self.local_url())
@@ -288,6 +289,14 @@ function Engine:dial(id)
     log.warn("the dial request failed, but the provider is placing the call: going on",
       { call = id, attempt = n, error = err })
     res = { providerCallId = attempt.providerCallId }
+  end
+  if self.stopped and res then
+    self:_placed_while_stopping(call, n, res.providerCallId)
+    return self:_busy(-1)
+  end
+  self:_busy(-1)
+  if self.closed then
+    return -- failed while the app stopped, after the store closed: the next start resolves it
   end
   if res then
     -- Kept whatever happened meanwhile: the call may be talking by now, or
@@ -318,6 +327,48 @@ function Engine:dial(id)
     end
   end)
   return true
+end
+
+-- The dial's answer came while the app stops: nobody would talk to the
+-- callee, nor hear how the call ends. A placed call is hung up; the attempt
+-- ends canceled and the call goes back to the queue, dialed again by the next
+-- start as a call queued at the stop would be (with the store already closed,
+-- the next start resolves it as a call interrupted by the stop).
+function Engine:_placed_while_stopping(call, n, pid)
+  local a = call.attempts[n]
+  pid = a.providerCallId or pid
+  a.providerCallId = pid
+  if not self.closed and a.status == "dialing" and call.status == "dialing" and call.attempt == n then
+    local due = core.time()
+    a.status, a.endedAt, a.reason = "canceled", iso(), "callagent stopped while dialing"
+    self:_set_status(call, "queued", { nextAttemptAt = iso(due) }, function()
+      self.store:update_attempt(call.id, n, { status = a.status, endedAt = a.endedAt, reason = a.reason,
+        providerCallId = a.providerCallId })
+      self.store:set_retry(call.id, due)
+    end)
+  end
+  if pid then
+    log.warn("a call was placed while callagent stopped: hanging it up; the next start dials it again",
+      { call = call.id, attempt = n })
+    -- As it is now: a callee who answered meanwhile is hung up as answered.
+    local ok, err = self:_provider_end(self:call_view(call.id) or { callId = call.id },
+      { n = n, providerCallId = pid, status = a.answeredAt and "in_progress" or "dialing" })
+    if not ok then
+      log.warn("provider hang-up failed", { call = call.id, attempt = n, error = err })
+    end
+  end
+end
+
+-- Work a stop waits for (dials in flight, hang-ups): delta +1 or -1.
+function Engine:_busy(delta)
+  self.busy = (self.busy or 0) + delta
+  if self.busy == 0 and self.idle_waiters then
+    local ws = self.idle_waiters
+    self.idle_waiters = nil
+    for _, w in ipairs(ws) do
+      w()
+    end
+  end
 end
 
 -- No answer and no final status call.ringTimeoutSec + call.statusGraceSec
@@ -817,6 +868,9 @@ function Engine:_after_attempt(call, n, status, answered, reason, also)
       self.store:set_retry(call.id, due)
     end)
     log.info("retrying later", { call = call.id, after_ms = delay, next_attempt = n + 1 })
+    if self.stopped then
+      return true -- the store's retry row: the next start dials it
+    end
     self.timers[call.id .. "#retry"] = timer.after(delay, function()
       self.timers[call.id .. "#retry"] = nil
       task.spawn(function()
@@ -1070,28 +1124,20 @@ function Engine:shutdown(deadline_ms)
       end
     end
   end
-  local n = math.min(SHUTDOWN_HANGUPS, #todo)
-  if not task.running() then
-    for _ = 1, n do
-      task.spawn(worker)
-    end
-    return
-  end
-  local waiting, left = {}, n
-  for _ = 1, n do
+  for _ = 1, math.min(SHUTDOWN_HANGUPS, #todo) do
+    self:_busy(1)
     task.spawn(function()
       worker()
-      left = left - 1
-      if left == 0 and waiting[1] then
-        waiting[1]()
-      end
+      self:_busy(-1)
     end)
   end
-  if left > 0 then
-    local _, err = task.wait_in(waiting, deadline_ms)
+  -- Outside a task nothing can wait: the hang-ups go on in the background.
+  if (self.busy or 0) > 0 and task.running() then
+    self.idle_waiters = self.idle_waiters or {}
+    local _, err = task.wait_in(self.idle_waiters, deadline_ms)
     if err then
-      log.warn("shutdown: hang-ups still under way; going on without them", { left = #todo - next_one + left,
-        waited_ms = deadline_ms })
+      log.warn("shutdown: hang-ups or dials still under way; going on without them", {
+        hangups_left = #todo - next_one, in_flight = self.busy, waited_ms = deadline_ms })
     end
   end
 end
