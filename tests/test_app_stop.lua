@@ -59,4 +59,39 @@ T.test("a call whose dial was on its way when the app stopped is hung up, and di
   T.eq(rec.attempt, 2)
 end, { timeout = 30000 })
 
+T.test("a stop while the last run's calls are resolved, or while a hang-up waits for Twilio: nothing writes to the closed store", function()
+  local errs = errors()
+  local env = kit.start({
+    -- Ringing for long; Twilio's GET of a call answers 1.5 s late.
+    twilio = { behaviour = { ring_ms = 30000, get_delay_ms = 1500 } },
+  })
+  local id = env:create({ to = "+14155550141", prompt = "Hello." })
+  env:wait(id, function(r)
+    return r.status == "dialing" and r.attempts[1].providerCallId
+  end, 5000, "ringing")
+  env.app:stop() -- a ringing call is left to the next start
+  local app2 = assert(callagent.app(env.app.config, { public_url = function(u) return u end,
+    no_shutdown_hook = true }))
+  assert(app2:start()) -- asks Twilio how the call is doing
+  app2:stop()
+  timer.sleep(2500) -- Twilio has answered
+  T.eq(#errs, 0, table.concat(errs, "\n"))
+
+  -- The same for a hang-up (POST /v1/calls/{id}/hangup) that Twilio answers late.
+  local env3 = kit.start({
+    twilio = { update_delay_ms = 1500, behaviour = { ring_ms = 30000, lost_callbacks = { completed = true } } },
+  })
+  local id3 = env3:create({ to = "+14155550142", prompt = "Hello." })
+  env3:wait(id3, function(r)
+    return r.status == "dialing" and r.attempts[1].providerCallId
+  end, 5000, "ringing")
+  task.spawn(function()
+    env3.app.engine:hangup(id3)
+  end)
+  timer.sleep(200)
+  env3.app:stop()
+  timer.sleep(2000) -- Twilio has answered the hang-up
+  T.eq(#errs, 0, table.concat(errs, "\n"))
+end, { timeout = 30000 })
+
 T.run()

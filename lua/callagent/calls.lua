@@ -119,7 +119,12 @@ end
 function Engine:call_view(id)
   local c = self.live[id]
   local transcript
-  if c then
+  if self.closed then
+    -- app:stop() closed the store (a request or a hang-up still finishing).
+    if not c then
+      return nil, "ESTOPPED: the store is closed"
+    end
+  elseif c then
     -- A live record holds no transcript (it would grow, and be walked by
     -- the collector, for as long as the call lasts): the store has it.
     local store = self.store
@@ -385,6 +390,9 @@ function Engine:_ring_timeout(call, n)
     if not st then
       log.warn("cannot ask the provider about a call that sent no status", { call = call.id, error = err })
     end
+  end
+  if self.closed then
+    return -- app:stop() closed the store meanwhile: the next start resolves the call
   end
   if a.status ~= "dialing" or call.attempt ~= n then
     return -- a status came meanwhile
@@ -948,6 +956,9 @@ function Engine:hangup(id)
   if not ok then
     log.warn("provider hang-up failed", { call = id, error = err })
   end
+  if self.closed then
+    return true -- app:stop() closed the store meanwhile: the next start resolves the call
+  end
   if a and a.status == "dialing" then
     if not ok then
       -- The call is canceled here (a callee who answers gets a hang-up),
@@ -998,6 +1009,9 @@ function Engine:_resolve_interrupted(call)
     else
       log.warn("cannot ask the provider about an interrupted call", { call = call.id, error = err })
     end
+  end
+  if self.closed then
+    return -- app:stop() closed the store meanwhile: the next start resolves it again
   end
   call._resolving = nil -- decided below; a retry's attempt gets its stream
   if seen == "in_progress" or seen == "completed" then
