@@ -94,4 +94,41 @@ T.test("a stop while the last run's calls are resolved, or while a hang-up waits
   T.eq(#errs, 0, table.concat(errs, "\n"))
 end, { timeout = 30000 })
 
+T.test("hang-ups that take the grace period, and a tunnel slow to close: the store still closes within the grace", function()
+  local runtime = require "callagent.runtime"
+  local grace = runtime.grace_ms
+  runtime.grace_ms = 4000 -- the hang-ups get 1 s of it
+  T.defer(function()
+    runtime.grace_ms = grace
+  end)
+  local env = kit.start({
+    twilio = { update_delay_ms = 8000 }, -- a vendor API that is slow today
+    realtime = { script = function() timer.sleep(20000) end },
+  })
+  env:create({ to = "+14155550144", prompt = "Stay on the line." })
+  T.wait_for(function()
+    return #env.rt.sessions >= 1
+  end, 10000, "a live call")
+  -- A tunnel whose close waits for its CLI (`tailscale funnel ... off` may
+  -- take up to 5 s).
+  local t0 = timer.now()
+  local tunnel_closing, store_closed
+  env.app.tunnel = {
+    close = function()
+      tunnel_closing = tunnel_closing or timer.now() - t0
+      timer.sleep(5000)
+    end,
+  }
+  local store = env.app.store
+  local close = store.close
+  store.close = function(self)
+    store_closed = store_closed or timer.now() - t0
+    return close(self)
+  end
+  env.app:stop()
+  T.ok(tunnel_closing and tunnel_closing < runtime.grace_ms, "the tunnel's close began within the grace: "
+    .. tostring(tunnel_closing))
+  T.ok(store_closed and store_closed < runtime.grace_ms, "the store closed within the grace: " .. tostring(store_closed))
+end, { timeout = 30000 })
+
 T.run()

@@ -460,8 +460,9 @@ function App:stop()
   end
   self.stopped = true
   if self.engine then
-    -- The tunnel and the store close after the hang-ups, within the grace
-    -- period: a Funnel left published would outlive the app.
+    -- The tunnel and the store close after the hang-ups (the tunnel stays
+    -- open meanwhile: the vendor's final status callbacks come through it),
+    -- within the grace period: a Funnel left published would outlive the app.
     self.engine:shutdown(math.max(1000, runtime.grace_ms - 3000))
   end
   if self.server then
@@ -472,9 +473,6 @@ function App:stop()
   end
   if self.loop_timer then
     self.loop_timer:stop()
-  end
-  if self.tunnel then
-    self.tunnel:close()
   end
   -- Nothing may write to the store once it is closed: not a notification's
   -- retry, nor a timer the hang-ups above started (in-process embedders
@@ -487,6 +485,12 @@ function App:stop()
   end
   if self.store then
     self.store:close()
+  end
+  -- Last: inside a task its close waits for ngrok to exit or for `tailscale
+  -- funnel ... off` (seconds at worst), which would otherwise push the
+  -- store's close past the grace period.
+  if self.tunnel then
+    self.tunnel:close()
   end
 end
 
