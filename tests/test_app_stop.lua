@@ -94,6 +94,37 @@ T.test("a stop while the last run's calls are resolved, or while a hang-up waits
   T.eq(#errs, 0, table.concat(errs, "\n"))
 end, { timeout = 30000 })
 
+T.test("app:stop() from a plain callback, not a task: the live call is hung up, and nothing runs after it", function()
+  local errs = errors()
+  local env = kit.start({
+    realtime = {
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        session:speak({ ms = 10000, text = "A long talk." })
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550143", prompt = "Explain." })
+  env:wait(id, function(c)
+    return c.status == "in_progress"
+  end, 10000, "in progress")
+  timer.sleep(500)
+  local ok, err
+  timer.after(0, function() -- the main thread: nothing can wait here
+    ok, err = pcall(env.app.stop, env.app)
+  end)
+  T.wait_for(function()
+    return ok ~= nil
+  end, 2000, "stop ran")
+  T.eq({ ok, err }, { true, nil })
+  T.eq(env.app.store.db, nil, "the store is closed")
+  T.wait_for(function()
+    return env.tw.calls[1].status == "completed"
+  end, 5000, "hung up at Twilio")
+  timer.sleep(6000) -- past the 5 s wait for a final status
+  T.eq(#errs, 0, table.concat(errs, "\n"))
+end, { timeout = 30000 })
+
 T.test("hang-ups that take the grace period, and a tunnel slow to close: the store still closes within the grace", function()
   local runtime = require "callagent.runtime"
   local grace = runtime.grace_ms

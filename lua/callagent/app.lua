@@ -16,7 +16,8 @@
 --   app:routes(function(srv) srv:get("/hello", fn) end)  -- routes of your own
 --   assert(app:start())        -- listens; app.url is the local base URL
 --   app:create_call{ to = "+14155550100", prompt = "..." }   -- same as POST /v1/calls
---   app:stop()
+--   app:stop()   inside a task it waits for the hang-ups (grace - 3 s at most);
+--                from a plain callback they go on in the background
 --
 -- opts (second argument of callagent.app): provider_dirs (extra folders with
 -- provider files), public_url = fn(local_url) -> URL the vendor reaches (for
