@@ -373,7 +373,9 @@ function M.register(srv, engine, cfg, opts)
     if not ok then
       return err(409, "not_active", "the call has already ended (" .. v.status .. ")")
     end
-    v = engine:call_view(id)
+    -- Read again: the hang-up may have waited on the vendor (and the app
+    -- may have stopped meanwhile).
+    v = engine:call_view(id) or v
     return 202, { callId = id, status = v.status }
   end))
 
