@@ -101,6 +101,7 @@ void ca__abandonable(int delta);
 /* Log sink internals shared by main.c and log.c. */
 void ca__log_write(const char *line, size_t len);
 void ca__log_flush(void);
+int ca__log_holds_secret(const char *s, size_t n);	/* a registered secret, as written, is in s */
 void ca__log_set_level(int level);
 /* "text" or "json"; -1 for anything else. */
 int ca__log_set_format(const char *f);

@@ -21,6 +21,7 @@
  *   format([f])          get/set "text" or "json" (C lines follow it as well)
  *   dropped()            lines dropped so far because the reader was too slow
  */
+#define _GNU_SOURCE	/* memmem */
 #include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -239,6 +240,14 @@ static void b_free(struct buf *b)
 {
 	if (b->p != b->stack)
 		free(b->p);
+}
+
+int ca__log_holds_secret(const char *s, size_t n)
+{
+	for (int k = 0; k < n_secrets; k++)
+		if (secret_len[k] <= n && memmem(s, n, secrets[k], secret_len[k]))
+			return 1;
+	return 0;
 }
 
 /* Replaces every registered secret in s[0..n): the longest match wins. */

@@ -9,7 +9,9 @@
  *       callagent's (false removes a name); spec.cwd; spec.stdin (true: a
  *       pipe for p:write, else /dev/null); spec.max_line (default 65536:
  *       longer lines come in pieces of that size); spec.kill_on_exit
- *       (default true: SIGTERM at callagent's teardown if still running).
+ *       (default true: SIGTERM at callagent's teardown if still running);
+ *       spec.drop_secrets (default false: the child gets no inherited
+ *       variable whose value holds a secret registered with the log).
  *       on_stdout(line) / on_stderr(line): a function gets each line without
  *       its "\n" (or "\r\n"); a final line without newline comes at EOF;
  *       nil or false sends that stream to /dev/null.
@@ -521,9 +523,10 @@ static int resolve(lua_State *L, const char *name, const char *path)
  * Builds the NULL-terminated environment from the table at idx (names to
  * strings, numbers or false), merged over environ when inherit is set. The
  * array and the "NAME=value" strings are anchored in the table at anchor.
- * Also returns the PATH the table sets, if any.
+ * Also returns the PATH the table sets, if any. With drop_secrets, an
+ * inherited variable whose value holds a secret of the log's is left out.
  */
-static char **build_env(lua_State *L, int idx, int inherit, int anchor, const char **path)
+static char **build_env(lua_State *L, int idx, int inherit, int drop_secrets, int anchor, const char **path)
 {
 	size_t n = 0, cap = 1;
 	char **env;
@@ -555,7 +558,7 @@ static char **build_env(lua_State *L, int idx, int inherit, int anchor, const ch
 		for (char **e = environ; *e; e++) {
 			const char *eq = strchr(*e, '=');
 
-			if (eq == NULL)
+			if (eq == NULL || (drop_secrets && ca__log_holds_secret(eq + 1, strlen(eq + 1))))
 				continue;
 			lua_pushlstring(L, *e, (size_t)(eq - *e));
 			if (lua_rawget(L, idx) == LUA_TNIL)
@@ -612,7 +615,7 @@ static int l_spawn(lua_State *L)
 	const char *path = getenv("PATH"), *cwd, *name, *file;
 	char **args, **env = NULL;
 	lua_Integer max_line;
-	int n, anchor, want_out, want_err, want_in, kill_on_exit, rc;
+	int n, anchor, want_out, want_err, want_in, kill_on_exit, drop_secrets, rc;
 
 	luaL_checktype(L, 1, LUA_TTABLE);
 	want_out = callback_arg(L, 2);
@@ -642,9 +645,13 @@ static int l_spawn(lua_State *L)
 		lua_rawseti(L, anchor, (lua_Integer)lua_rawlen(L, anchor) + 1);
 	}
 	args[n] = NULL;
+	drop_secrets = ca_opt_bool_field(L, 1, "drop_secrets", 0);
 	if (lua_getfield(L, 1, "env") != LUA_TNIL) {
 		luaL_argcheck(L, lua_istable(L, -1), 1, "env must be a table");
-		env = build_env(L, lua_gettop(L), ca_opt_bool_field(L, 1, "inherit_env", 0), anchor, &path);
+		env = build_env(L, lua_gettop(L), ca_opt_bool_field(L, 1, "inherit_env", 0), drop_secrets, anchor, &path);
+	} else if (drop_secrets) {
+		lua_newtable(L);	/* callagent's environment, less what holds a secret */
+		env = build_env(L, lua_gettop(L), 1, 1, anchor, &path);
 	}
 	name = args[0];
 	rc = resolve(L, name, path);

@@ -367,7 +367,7 @@ end)
 
 -- Runs a child callagent with script text; returns the pid it prints, its
 -- exit code and its stderr lines.
-local function child_callagent(script)
+local function child_callagent(script, env)
   local dir = T.tmpdir()
   local path = dir .. "/child.lua"
   local f = assert(io.open(path, "w"))
@@ -378,11 +378,14 @@ local function child_callagent(script)
     T.bin,
     "run",
     path,
+    env = env,
+    inherit_env = env ~= nil,
     on_stderr = function(l)
       err[#err + 1] = l
     end,
   }))
-  local pid = tonumber(p:read_line(10000))
+  local line = p:read_line(10000)
+  local pid = tonumber(line) or line
   local code = p:wait(10000)
   return pid, code, err
 end
@@ -510,6 +513,26 @@ T.test("a child inherits none of callagent's sockets: not an HTTP client's keep-
   T.eq(p:wait(5000), 0)
   table.sort(fds)
   T.eq(fds, { 0, 1, 2, 3 }, "stdio, and ls's own listing")
+end)
+
+T.test("drop_secrets: the child inherits no variable that holds a secret of the log's", function()
+  local pid, code, err = child_callagent([[
+    local process = require "callagent.process"
+    local log = require "callagent.log"
+    require("callagent.task").spawn(function()
+      log.secret("sk-proc-secret-123456")
+      local seen = {}
+      for _, drop in ipairs({ true, false }) do
+        local p = assert(process.spawn{ "sh", "-c", 'echo "${OPENAI_API_KEY:-unset} ${PLAIN:-unset}"',
+          drop_secrets = drop, on_stdout = function(l) seen[#seen + 1] = l end })
+        p:wait(5000)
+      end
+      io.stdout:write(table.concat(seen, "|"), "\n"); io.stdout:flush()
+      require("callagent.core").stop(0)
+    end)
+  ]], { OPENAI_API_KEY = "sk-proc-secret-123456", PLAIN = "plain-value" })
+  T.eq(code, 0, table.concat(err, "\n"))
+  T.eq(pid, "unset plain-value|sk-proc-secret-123456 plain-value")
 end)
 
 T.test("kill_on_exit = false leaves the child running after callagent exits", function()

@@ -203,6 +203,7 @@ local function open_ngrok(cfg, port)
     "stdout",
     "--log-format",
     "json",
+    drop_secrets = true, -- the OpenAI key, Twilio's token: none of ngrok's business
     on_stdout = on_line,
     on_stderr = on_line,
     on_exit = function(code, signal)
@@ -290,6 +291,7 @@ local function run(args, ms, opts)
       end
     end,
     kill_on_exit = not (opts and opts.detached),
+    drop_secrets = true,
   }
   for i, a in ipairs(args) do
     spec[i + 1] = a
