@@ -454,27 +454,6 @@ T.test("while the app stops, a new call is refused (503) and nothing is dialed",
   T.eq(#env.tw.calls, 1, "no phone call placed while stopping")
 end, { timeout = 30000 })
 
-T.test("hang-ups that outlast the grace period do not keep the tunnel and the store open", function()
-  local runtime = require "callagent.runtime"
-  local grace = runtime.grace_ms
-  runtime.grace_ms = 4000 -- the hang-ups get 1 s of it
-  T.defer(function()
-    runtime.grace_ms = grace
-  end)
-  local env = kit.start({
-    twilio = { update_delay_ms = 8000 }, -- a vendor API that is slow today
-    realtime = { script = function() timer.sleep(20000) end },
-  })
-  env:create({ to = "+14155550136", prompt = "Stay on the line." })
-  T.wait_for(function()
-    return #env.rt.sessions >= 1
-  end, 10000, "a live call")
-  local t0 = timer.now()
-  env.app:stop()
-  T.lt(timer.now() - t0, 3000, "stop went on after 1 s, not after the hang-up's 8 s")
-  T.eq(env.app.store.db, nil, "the store is closed")
-end, { timeout = 30000 })
-
 T.test("a session the model refuses, or never confirms, fails the call at once instead of a silent call", function()
   for _, case in ipairs({
     { refuse = { "model_not_found", "The model gpt-nonesuch does not exist." }, error = "^model refused the session: model_not_found: The model" },
