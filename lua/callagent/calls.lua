@@ -277,14 +277,9 @@ function Engine:dial(id)
   attempt._placing = true
   self:_busy(1) -- a stop waits for the dial's answer (see _placed_while_stopping)
   -- A provider's error is the attempt's, not a call left dialing for good.
-  local ok, res, err = xpcall(self.provider.startCall, debug.traceback, self.provider, self:call_view(id),
-    self.public_url(), self.local_url())
+  local res, err = self:_provider("startCall", self:call_view(id), self.public_url(), self.local_url())
   attempt._placing = nil
-  if not ok then
-    log.error("provider startCall raised", { call = id, attempt = n, provider = self.provider.name, error = res })
-    res, err = nil, "the " .. tostring(self.provider.name) .. " provider's startCall failed: "
-      .. tostring(res):match("^[^\n]*")
-  elseif res ~= nil and type(res) ~= "table" then
+  if res ~= nil and type(res) ~= "table" then
     res, err = nil, "the " .. tostring(self.provider.name) .. " provider's startCall returned a "
       .. type(res) .. ", not {providerCallId, userHint}"
   end
@@ -447,14 +442,20 @@ function Engine:_provider_id(call, n, pid)
   end
 end
 
--- The provider's endCall; one that raises fails like one that says no.
-function Engine:_provider_end(view, a)
-  local ok, res, err = xpcall(self.provider.endCall, debug.traceback, self.provider, view, a)
+-- provider:method(view, ...): one that raises is logged and fails like one
+-- that says no (nil, err).
+function Engine:_provider(method, view, ...)
+  local ok, res, err = xpcall(self.provider[method], debug.traceback, self.provider, view, ...)
   if not ok then
-    log.error("provider endCall raised", { call = view.callId, provider = self.provider.name, error = res })
-    return nil, "the " .. tostring(self.provider.name) .. " provider's endCall failed: " .. tostring(res):match("^[^\n]*")
+    log.error("provider " .. method .. " raised", { call = view.callId, provider = self.provider.name, error = res })
+    return nil, "the " .. tostring(self.provider.name) .. " provider's " .. method .. " failed: "
+      .. tostring(res):match("^[^\n]*")
   end
   return res, err
+end
+
+function Engine:_provider_end(view, a)
+  return self:_provider("endCall", view, a)
 end
 
 -- Hangs up attempt a at the vendor from a task of its own; a failure is logged.

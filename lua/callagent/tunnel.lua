@@ -274,6 +274,11 @@ local MAX_OUT_BYTES, MAX_LINES = 8 * 1024 * 1024, 200
 
 local function run(args, ms, opts)
   local out, lines, out_bytes = {}, {}, 0
+  local function keep_line(l)
+    if #lines < MAX_LINES then
+      lines[#lines + 1] = l
+    end
+  end
   local spec = {
     "tailscale",
     on_stdout = function(l)
@@ -281,15 +286,9 @@ local function run(args, ms, opts)
       if out_bytes <= MAX_OUT_BYTES then
         out[#out + 1] = l
       end
-      if #lines < MAX_LINES then
-        lines[#lines + 1] = l
-      end
+      keep_line(l)
     end,
-    on_stderr = function(l)
-      if #lines < MAX_LINES then
-        lines[#lines + 1] = l
-      end
-    end,
+    on_stderr = keep_line,
     kill_on_exit = not (opts and opts.detached),
     drop_secrets = true,
   }
