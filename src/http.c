@@ -17,6 +17,8 @@
  *     opts.max_send_queue  bytes queued per WebSocket (default 1 MiB); over it the
  *                          peer is too slow and is dropped (close 1008)
  *     opts.ws_paths        array of paths that accept a WebSocket upgrade (others: 404)
+ *     opts.ws_ping         a WebSocket peer silent this many seconds is pinged (60; 0: never)
+ *     opts.ws_pong         and dropped if it does not answer within this many (10)
  *     opts.headers         extra (non-standard) request header names to capture,
  *                          e.g. {"x-twilio-signature"}; standard ones are always captured
  *     opts.tls             {cert = "file.pem", key = "file.pem"}: serve https/wss
@@ -94,6 +96,7 @@ struct server {
 	int n_extra;
 	size_t max_body, max_ws_message, max_send_queue;
 	int max_connections, nconn;
+	uint64_t ws_ping_ms, ws_pong_ms;	/* see opts.ws_ping, ws_pong */
 	int port;
 	char host[64];
 	int closing;
@@ -129,6 +132,8 @@ struct req {
 };
 
 /* Per-connection user data lws allocates for us. */
+static const lws_retry_bo_t no_lws_pings;
+
 struct pss {
 	struct req *req;
 	struct ca_ws *ws;
@@ -753,6 +758,15 @@ static int server_callback(struct lws *wsi, enum lws_callback_reasons reason,
 		ws = ca__ws_new(L, s->max_ws_message, s->max_send_queue);	/* [conn] */
 		ws->wsi = wsi;
 		ws->state = CA_WS_OPEN;
+		/*
+		 * Over plain TCP the socket is ours from here on (see
+		 * ca__ws_take_socket): lws's service, parser and writes cost
+		 * the audio path about as much CPU as the rest of user space.
+		 */
+		ws->ping_ms = s->ws_ping_ms;
+		ws->pong_ms = s->ws_pong_ms;
+		if (!s->tls)
+			ca__ws_take_socket(ws, NULL);
 		lua_rawgeti(L, LUA_REGISTRYINDEX, s->ws_ref);
 		ws->handler_ref = luaL_ref(L, LUA_REGISTRYINDEX);
 		pss->ws = ws;
@@ -783,6 +797,13 @@ static int server_callback(struct lws *wsi, enum lws_callback_reasons reason,
 		return 0;
 
 	case LWS_CALLBACK_SERVER_WRITEABLE:
+		if (pss && pss->ws && pss->ws->io) {
+			/* lws holds input the client sent with its request (see ca__ws_take_socket). */
+			ca_log(CA_LOG_WARN, "websocket %lld: the client sent frames before the upgrade was answered: closing (1002)",
+			       (long long)pss->ws->id);
+			ca__ws_fail(pss->ws, 1002, "frames sent before the upgrade was answered");
+			return 0;
+		}
 		if (pss && pss->ws)
 			return ca__ws_writeable(pss->ws);
 		return 0;
@@ -1023,9 +1044,12 @@ static void begin_close(struct server *s)
 	for (struct conn_node *n = s->conns; n; n = n->next) {
 		struct pss *p = lws_wsi_user(n->wsi);
 
-		if (p && p->ws)
+		if (p && p->ws) {
 			p->ws->stopping = 1;
-		ca__ws_kill(n->wsi);
+			ca__ws_kill_conn(p->ws);
+		} else {
+			ca__ws_kill(n->wsi);
+		}
 	}
 	s->closer = ca_malloc(sizeof *s->closer);
 	uv_timer_init(ca_loop(), s->closer);
@@ -1155,7 +1179,7 @@ static int l_listen(lua_State *L)
 	struct server_box *b;
 	struct server *s;
 	const char *host, *cert = NULL, *key = NULL, *cerr = NULL;
-	lua_Integer port, max_header, max_header_opt;
+	lua_Integer port, max_header, max_header_opt, ping, pong;
 
 	luaL_checktype(L, 1, LUA_TTABLE);
 	luaL_checktype(L, 2, LUA_TFUNCTION);
@@ -1168,6 +1192,11 @@ static int l_listen(lua_State *L)
 	luaL_argcheck(L, max_header >= 512 && max_header <= 1 << 20, 1, "max_header must be 512..1048576");
 	(void)max_header;
 	luaL_argcheck(L, strlen(host) < 64, 1, "host too long");
+	/* A WebSocket peer silent for ws_ping s is pinged, dropped with no answer in ws_pong s. */
+	ping = ca_opt_int_field(L, 1, "ws_ping", 60);
+	pong = ca_opt_int_field(L, 1, "ws_pong", 10);
+	luaL_argcheck(L, ping >= 0 && ping <= 86400 && pong >= 1 && pong <= 3600, 1,
+		      "ws_ping must be 0..86400 s (0: none), ws_pong 1..3600 s");
 	if (lua_getfield(L, 1, "tls") != LUA_TNIL) {
 		luaL_argcheck(L, lua_istable(L, -1), 1, "tls must be {cert = file, key = file}");
 		cert = ca_opt_string_field(L, -1, "cert", NULL);
@@ -1195,6 +1224,8 @@ static int l_listen(lua_State *L)
 	s->max_ws_message = (size_t)ca_opt_int_field(L, 1, "max_ws_message", 1 << 20);
 	s->max_send_queue = (size_t)ca_opt_int_field(L, 1, "max_send_queue", 1 << 20);
 	s->max_connections = (int)ca_opt_int_field(L, 1, "max_connections", 1024);
+	s->ws_ping_ms = (uint64_t)ping * 1000;
+	s->ws_pong_ms = (uint64_t)pong * 1000;
 	if (s->max_connections < 1)
 		s->max_connections = 1;
 	s->ws_paths = string_list(L, 1, "ws_paths", &s->n_ws_paths, 0);
@@ -1214,6 +1245,12 @@ static int l_listen(lua_State *L)
 	info.user = s;
 	info.finalize = on_vhost_final;
 	info.finalize_arg = s;
+	/*
+	 * No keepalive pings of lws's on connections whose socket is ours
+	 * (it would write on it, and never see the answer): ours instead.
+	 */
+	if (cert == NULL)
+		info.retry_and_idle_policy = &no_lws_pings;
 	if (cert) {
 		info.options |= LWS_SERVER_OPTION_DO_SSL_GLOBAL_INIT;
 		info.ssl_cert_filepath = cert;

@@ -24,11 +24,13 @@
  *
  * Client connections live in the process' lws context (see wsconn.h), on
  * one plain vhost: lws connects to an address and carries the connection's
- * bytes raw. The rest is ours: the name lookup (off the loop thread), TLS
- * (OpenSSL through a BIO of ours that reads the bytes lws hands us and
- * writes with lws_write - lws 4.1.6 starts TLS on a raw client connection
- * before its socket has connected, so it cannot do it) and the WebSocket
- * protocol (RFC 6455: the upgrade, framing, pings, the close handshake).
+ * bytes raw until the upgrade is answered; then the socket is ours (see
+ * ca__ws_take_socket). The rest is ours too: the name lookup (off the loop
+ * thread), TLS (OpenSSL through a BIO of ours that reads the bytes we are
+ * handed and writes them raw - lws 4.1.6 starts TLS on a raw client
+ * connection before its socket has connected, so it cannot do it) and the
+ * WebSocket protocol (RFC 6455: the upgrade, framing, pings, the close
+ * handshake; the frame parser is shared with the server, in wsconn.c).
  * lws 4.1's own client parses incoming frames one byte per function call;
  * on the model connection, which carries every call's audio, that was the
  * largest user-space cost of the process. Here a frame's payload is handed
@@ -62,17 +64,6 @@ struct ca_wsc {
 	char *head;			/* the server's response head so far */
 	size_t head_len;
 
-	/* The frame being read. */
-	unsigned char hdr[14];
-	unsigned hdr_len;
-	int in_payload;			/* the header is read; left bytes of payload follow */
-	uint64_t left;
-	int op, fin;
-	int msg;			/* the data message in progress: 0 none, 1 text, 2 binary */
-	unsigned char ctl[125];		/* a control frame's payload */
-	size_t ctl_len;
-	int broken;			/* a protocol error: the rest of the stream is ignored */
-
 	/* wss: OpenSSL with our BIO (lws carries the ciphertext). */
 	SSL *ssl;
 	const unsigned char *rx;	/* ciphertext lws has handed us, not yet read */
@@ -86,11 +77,6 @@ struct ca_wsc {
 	int in_connect;			/* inside lws_client_connect_via_info */
 	int tcp_up;
 	char last_err[128];		/* why the last address failed */
-
-	/* Pings after ping_ms of silence; no answer within pong_ms: dropped. */
-	uv_timer_t *ping_timer;
-	uint64_t ping_ms, pong_ms;
-	uint64_t last_rx, ping_sent;
 };
 
 /*
@@ -147,8 +133,8 @@ static void drop_lookup(struct ca_wsc *c);
 static int may_try_next(struct ca_ws *ws);
 static void address_failed(struct ca_ws *ws, const char *why);
 static void schedule_next(struct ca_ws *ws);
-static void on_ping_timer(uv_timer_t *t);
-static int tls_rx(struct ca_ws *ws, struct lws *wsi, const unsigned char *in, size_t len);
+static int tls_rx(struct ca_ws *ws, const unsigned char *in, size_t len);
+static int client_rx(struct ca_ws *ws, unsigned char *p, size_t len);
 static int tls_start(struct ca_ws *ws);
 static int send_request(struct ca_ws *ws);
 
@@ -178,10 +164,6 @@ static void free_client(struct ca_ws *ws)
 	wipe_free(c->req, LWS_PRE + c->req_len);
 	free(c->head);
 	SSL_free(c->ssl);
-	if (c->ping_timer) {
-		uv_timer_stop(c->ping_timer);
-		uv_close((uv_handle_t *)c->ping_timer, (uv_close_cb)free);
-	}
 	free(c);
 }
 
@@ -336,13 +318,11 @@ static int check_upgrade(struct ca_ws *ws, const char *head)
 	return 0;
 }
 
-static int parse_frames(struct ca_ws *ws, struct lws *wsi, const unsigned char *p, size_t len);
-
 /*
  * Takes response bytes until the head is whole, then opens the connection
  * and hands what follows to the frame parser. -1: close (ws->error says why).
  */
-static int handshake_rx(struct ca_ws *ws, struct lws *wsi, const unsigned char *p, size_t len)
+static int handshake_rx(struct ca_ws *ws, const unsigned char *p, size_t len)
 {
 	struct ca_wsc *c = ws->cl;
 	lua_State *L = ca_lua();
@@ -371,18 +351,18 @@ static int handshake_rx(struct ca_ws *ws, struct lws *wsi, const unsigned char *
 	}
 
 	ws->state = CA_WS_OPEN;
+	/*
+	 * From here on the socket is ours (see ca__ws_take_socket): lws's
+	 * service and write path cost every frame of the audio. The rest of
+	 * this read (already in hand) goes on below.
+	 */
+	ca__ws_take_socket(ws, client_rx);
 	if (ws->connect_timer) {
 		uv_timer_stop(ws->connect_timer);
 		uv_close((uv_handle_t *)ws->connect_timer, (uv_close_cb)free);
 		ws->connect_timer = NULL;
 	}
-	c->last_rx = uv_now(ca_loop());
-	if (c->ping_ms) {
-		c->ping_timer = ca_malloc(sizeof *c->ping_timer);
-		uv_timer_init(ca_loop(), c->ping_timer);
-		c->ping_timer->data = ws;
-		uv_timer_start(c->ping_timer, on_ping_timer, c->ping_ms, 0);
-	}
+	ca__ws_start_pings(ws);
 	if (L) {
 		push_response_headers(L, c->head);
 		free(c->head);
@@ -395,175 +375,25 @@ static int handshake_rx(struct ca_ws *ws, struct lws *wsi, const unsigned char *
 	}
 	if (ws->cl == NULL || ws->wsi == NULL)
 		return 0;
-	return parse_frames(ws, wsi, p + used, len - used);
-}
-
-/* ---- frames from the server ---- */
-
-/* A protocol error: tell the server (1002) and stop reading the stream. */
-static void protocol_error(struct ca_ws *ws, const char *what)
-{
-	ca_log(CA_LOG_WARN, "websocket %lld: protocol error from the server: %s: closing (1002)",
-	       (long long)ws->id, what);
-	ws->cl->broken = 1;
-	ca__ws_fail(ws, 1002, what);
-}
-
-/* A whole control frame. -1: close the connection now. */
-static int control_frame(struct ca_ws *ws, struct lws *wsi)
-{
-	struct ca_wsc *c = ws->cl;
-	const char *err;
-
-	if (c->op == 0x9) {		/* ping: answered with its payload */
-		ca__ws_send(ws, c->ctl, c->ctl_len, LWS_WRITE_PONG, &err);
-		return 0;
-	}
-	if (c->op == 0xa)		/* pong: any frame already counted as life */
-		return 0;
-	/* close */
-	if (c->ctl_len == 1) {
-		protocol_error(ws, "close frame with a 1-byte body");
-		return 0;
-	}
-	if (ca__ws_peer_close(ws, c->ctl, c->ctl_len) != 0)
-		return -1;	/* the answer to ours: done */
-	/* The server closes: answer with its code; it then ends the TCP connection. */
-	if (ca__ws_write_close(ws, c->ctl, c->ctl_len ? 2 : 0) < 0 || !lws_partial_buffered(wsi))
-		return -1;	/* the answer is out (or cannot be): close now */
-	return 0;
-}
-
-/* Bytes of the frame header that starts with h[0..1]. */
-static unsigned header_size(const unsigned char *h)
-{
-	unsigned l7 = h[1] & 0x7f;
-
-	return 2 + (l7 == 126 ? 2 : l7 == 127 ? 8 : 0) + ((h[1] & 0x80) ? 4 : 0);
-}
-
-/* A whole frame header is in c->hdr: checks it and starts its payload. */
-static void start_frame(struct ca_ws *ws)
-{
-	struct ca_wsc *c = ws->cl;
-	const unsigned char *h = c->hdr;
-	int op = h[0] & 0x0f, fin = !!(h[0] & 0x80);
-	uint64_t plen = h[1] & 0x7f;
-
-	if (plen == 126) {
-		plen = (uint64_t)h[2] << 8 | h[3];
-	} else if (plen == 127) {
-		plen = 0;
-		for (int i = 2; i < 10; i++)
-			plen = plen << 8 | h[i];
-	}
-	c->hdr_len = 0;
-	if (h[0] & 0x70)
-		protocol_error(ws, "reserved bits set");
-	else if (h[1] & 0x80)
-		protocol_error(ws, "masked frame from a server");
-	else if ((op >= 0x3 && op <= 0x7) || op > 0xa)
-		protocol_error(ws, "unknown opcode");
-	else if (op >= 0x8 && (!fin || plen > 125))
-		protocol_error(ws, "fragmented or long control frame");
-	else if (plen >> 63)
-		protocol_error(ws, "frame length over 2^63");
-	else if (op == 0 && c->msg == 0)
-		protocol_error(ws, "continuation without a message");
-	else if ((op == 1 || op == 2) && c->msg != 0)
-		protocol_error(ws, "new message inside a fragmented one");
-	if (c->broken)
-		return;
-	c->op = op;
-	c->fin = fin;
-	c->left = plen;
-	c->ctl_len = 0;
-	c->in_payload = 1;
-	if (op == 1 || op == 2)
-		c->msg = op;
-}
-
-/*
- * Bytes from the server after the upgrade. A data frame's payload goes on
- * as it arrives, in as few pieces as the reads give (a message read whole
- * is delivered from lws' buffer without a copy). -1: close now.
- */
-static int parse_frames(struct ca_ws *ws, struct lws *wsi, const unsigned char *p, size_t len)
-{
-	struct ca_wsc *c = ws->cl;
-
-	while (!c->broken && (len > 0 || (c->in_payload && c->left == 0))) {
-		size_t n;
-
-		if (!c->in_payload) {
-			n = (c->hdr_len < 2 ? 2 : header_size(c->hdr)) - c->hdr_len;
-			if (n > len)
-				n = len;
-			memcpy(c->hdr + c->hdr_len, p, n);
-			c->hdr_len += (unsigned)n;
-			p += n;
-			len -= n;
-			if (c->hdr_len >= 2 && c->hdr_len == header_size(c->hdr))
-				start_frame(ws);
-			continue;
-		}
-		n = c->left < len ? (size_t)c->left : len;
-		if (c->op >= 0x8) {
-			memcpy(c->ctl + c->ctl_len, p, n);
-			c->ctl_len += n;
-		} else {
-			ca__ws_receive(ws, p, n, c->fin && n == c->left, c->msg == 2);
-		}
-		p += n;
-		len -= n;
-		c->left -= n;
-		if (c->left)
-			continue;
-		c->in_payload = 0;
-		if (c->op >= 0x8) {
-			if (control_frame(ws, wsi) != 0)
-				return -1;
-		} else if (c->fin) {
-			c->msg = 0;
-		}
-	}
-	return 0;
+	return ca__ws_parse(ws, (unsigned char *)p + used, len - used);
 }
 
 /* Bytes the connection carries in the clear (after TLS, if any). -1: close. */
-static int plain_rx(struct ca_ws *ws, struct lws *wsi, const unsigned char *p, size_t len)
+static int plain_rx(struct ca_ws *ws, const unsigned char *p, size_t len)
 {
 	if (ws->state == CA_WS_CONNECTING)
-		return handshake_rx(ws, wsi, p, len);
-	return parse_frames(ws, wsi, p, len);
+		return handshake_rx(ws, p, len);
+	return ca__ws_parse(ws, (unsigned char *)p, len);
 }
 
-/* ---- pings ---- */
-
-static void on_ping_timer(uv_timer_t *t)
+/* Bytes from the server, through lws or, once the socket is ours, read by us. -1: close. */
+static int client_rx(struct ca_ws *ws, unsigned char *p, size_t len)
 {
-	struct ca_ws *ws = t->data;
-	struct ca_wsc *c = ws->cl;
-	uint64_t now = uv_now(ca_loop()), idle = now - c->last_rx;
-	const char *err;
-
-	if (ws->state != CA_WS_OPEN || ws->wsi == NULL)
-		return;
-	if (c->ping_sent > c->last_rx) {
-		if (now - c->ping_sent >= c->pong_ms) {
-			ca_log(CA_LOG_WARN, "websocket %lld: no answer to a ping within %llu ms: dropping it",
-			       (long long)ws->id, (unsigned long long)c->pong_ms);
-			ca__ws_drop(ws, 1006, "no answer to a ping");
-			return;
-		}
-		uv_timer_start(t, on_ping_timer, c->pong_ms - (now - c->ping_sent), 0);
-	} else if (idle >= c->ping_ms) {
-		c->ping_sent = now;
-		ca__ws_send(ws, "", 0, LWS_WRITE_PING, &err);
-		uv_timer_start(t, on_ping_timer, c->pong_ms, 0);
-	} else {
-		uv_timer_start(t, on_ping_timer, c->ping_ms - idle, 0);
-	}
+	if (ws->cl == NULL)
+		return -1;
+	if (ws->cl->ssl)
+		return tls_rx(ws, p, len);
+	return plain_rx(ws, p, len);
 }
 
 /* ---- the lws callback ---- */
@@ -593,12 +423,10 @@ static int client_callback(struct lws *wsi, enum lws_callback_reasons reason,
 		return ca__ws_writeable(ws);
 
 	case LWS_CALLBACK_RAW_RX:
-		if (ws == NULL || ws->cl == NULL || ws->cl->broken)
+		if (ws == NULL || ws->cl == NULL || ws->fr.broken)
 			return 0;
-		ws->cl->last_rx = uv_now(ca_loop());
-		if (ws->cl->ssl)
-			return tls_rx(ws, wsi, in, len);
-		return plain_rx(ws, wsi, in, len);
+		ws->last_rx = uv_now(ca_loop());
+		return client_rx(ws, in, len);
 
 	case LWS_CALLBACK_CLIENT_CONNECTION_ERROR:
 		if (ws == NULL || ws->state == CA_WS_CLOSED)
@@ -662,9 +490,9 @@ static struct lws_vhost *get_vhost(const char **err)
 /* ---- TLS (OpenSSL; lws carries the ciphertext) ---- */
 
 /*
- * The connection's BIO. Reads take the ciphertext lws has just handed us
- * (tls_rx points c->rx at it for the length of the call), writes go straight
- * to lws_write, which queues what the socket does not take. Memory BIOs
+ * The connection's BIO. Reads take the ciphertext just read (tls_rx points
+ * c->rx at it for the length of the call), writes go straight to the
+ * socket, which keeps what the socket does not take. Memory BIOs
  * would copy every record twice more and keep buffers the size of the
  * largest burst (the certificate chain) for the connection's life.
  */
@@ -693,7 +521,7 @@ static int bio_write(BIO *b, const char *in, int n)
 	struct ca_ws *ws = BIO_get_data(b);
 
 	BIO_clear_retry_flags(b);
-	if (ws->wsi == NULL || lws_write(ws->wsi, (unsigned char *)in, (size_t)n, LWS_WRITE_RAW) < 0)
+	if (ca__ws_raw_write(ws, (const unsigned char *)in, (size_t)n) < 0)
 		return -1;
 	return n;
 }
@@ -953,7 +781,7 @@ int ca__wsc_write(struct ca_ws *ws, unsigned char *buf, size_t len)
 	if (c == NULL || ws->wsi == NULL)
 		return -1;
 	if (c->ssl == NULL)
-		return lws_write(ws->wsi, buf, len, LWS_WRITE_RAW) < 0 ? -1 : 0;
+		return ca__ws_raw_write(ws, buf, len);
 	if (len && SSL_write(c->ssl, buf, (int)len) <= 0) {
 		ERR_clear_error();
 		return -1;
@@ -978,7 +806,7 @@ static int tls_start(struct ca_ws *ws)
 }
 
 /* Runs OpenSSL on c->rx until it wants more. */
-static int tls_read(struct ca_ws *ws, struct lws *wsi)
+static int tls_read(struct ca_ws *ws)
 {
 	static unsigned char buf[16384];
 	struct ca_wsc *c = ws->cl;
@@ -1010,9 +838,9 @@ static int tls_read(struct ca_ws *ws, struct lws *wsi)
 			}
 			return -1;	/* close_notify or a TLS error: the connection is over */
 		}
-		if (plain_rx(ws, wsi, buf, (size_t)n) != 0)
+		if (plain_rx(ws, buf, (size_t)n) != 0)
 			return -1;
-		if (ws->cl != c || c->broken)
+		if (ws->cl != c || ws->fr.broken)
 			return ws->cl == c ? 0 : -1;
 		/*
 		 * All the ciphertext read and no record left, whole or in part:
@@ -1024,14 +852,14 @@ static int tls_read(struct ca_ws *ws, struct lws *wsi)
 }
 
 /* Ciphertext from the server: the handshake, then records to decrypt. -1: close. */
-static int tls_rx(struct ca_ws *ws, struct lws *wsi, const unsigned char *in, size_t len)
+static int tls_rx(struct ca_ws *ws, const unsigned char *in, size_t len)
 {
 	struct ca_wsc *c = ws->cl;
 	int r;
 
 	c->rx = in;
 	c->rx_len = len;
-	r = tls_read(ws, wsi);
+	r = tls_read(ws);
 	if (ws->cl == c) {
 		c->rx = NULL;	/* lws's buffer: not ours past this call */
 		c->rx_len = 0;
@@ -1630,8 +1458,8 @@ static int l_connect(lua_State *L)
 	ws->cl->req = req;
 	ws->cl->req_len = req_len;
 	memcpy(ws->cl->accept, accept, sizeof accept);
-	ws->cl->ping_ms = (uint64_t)ping * 1000;
-	ws->cl->pong_ms = (uint64_t)pong * 1000;
+	ws->ping_ms = (uint64_t)ping * 1000;
+	ws->pong_ms = (uint64_t)pong * 1000;
 	if (tls && tls_new(ws, tctx, host, port) != 0) {
 		ERR_clear_error();
 		free(buf);

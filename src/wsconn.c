@@ -32,6 +32,7 @@
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -314,6 +315,11 @@ struct ws_box {
 	struct ca_ws *ws;
 };
 
+static int partial(const struct ca_ws *ws);
+static void want_write(struct ca_ws *ws);
+static int io_write(struct ca_ws *ws, unsigned char *buf, size_t len, int kind);
+static void io_release(struct ca_ws *ws);
+
 static struct ca_ws *check_ws(lua_State *L)
 {
 	struct ws_box *b = luaL_checkudata(L, 1, WS_MT);
@@ -407,7 +413,7 @@ void ca__ws_drop(struct ca_ws *ws, int code, const char *reason)
 	ws->fail_code = code;
 	snprintf(ws->close_reason, sizeof ws->close_reason, "%s", reason);
 	free_queue(ws);
-	ca__ws_kill(ws->wsi);
+	ca__ws_kill_conn(ws);
 }
 
 void ca__ws_fail(struct ca_ws *ws, int code, const char *reason)
@@ -419,7 +425,7 @@ void ca__ws_fail(struct ca_ws *ws, int code, const char *reason)
 	ws->close_code = code;
 	ws->fail_code = code;
 	snprintf(ws->close_reason, sizeof ws->close_reason, "%s", reason);
-	lws_callback_on_writable(ws->wsi);
+	want_write(ws);
 }
 
 static void deliver(struct ca_ws *ws, const void *data, size_t len, int binary)
@@ -483,13 +489,13 @@ static int wire_write(struct ca_ws *ws, unsigned char *buf, size_t len, int kind
 {
 	if (ws->is_client)
 		return ca__wsc_write(ws, buf, len);
+	if (ws->io)
+		return io_write(ws, buf, len, kind);
 	return lws_write(ws->wsi, buf, len, (enum lws_write_protocol)kind);
 }
 
 int ca__ws_writeable(struct ca_ws *ws)
 {
-	struct lws *wsi = ws->wsi;
-
 	if (ws->fail_code && !ws->close_code)
 		return -1;	/* dropped: nothing more goes to this peer */
 	if (ws->close_sent)
@@ -505,8 +511,8 @@ int ca__ws_writeable(struct ca_ws *ws)
 			ws->tail = NULL;
 		ws->queued -= m->len;
 		free(m);
-		if (ws->head && lws_partial_buffered(wsi)) {
-			lws_callback_on_writable(wsi);
+		if (ws->head && partial(ws)) {
+			want_write(ws);
 			return 0;
 		}
 	}
@@ -564,6 +570,12 @@ void ca__ws_closed(struct ca_ws *ws)
 		ws->tap = NULL;
 		ws->tap_closed = NULL;
 		fn(ws->tap_ctx, ws);
+	}
+	io_release(ws);
+	if (ws->ping_timer) {
+		uv_timer_stop(ws->ping_timer);
+		uv_close((uv_handle_t *)ws->ping_timer, (uv_close_cb)free);
+		ws->ping_timer = NULL;
 	}
 	ws->wsi = NULL;
 	ws->state = CA_WS_CLOSED;
@@ -629,6 +641,28 @@ static int next_mask(unsigned char key[4])
 	return 0;
 }
 
+/* out[0..n) = in[0..n) masked with key from its byte pos (RFC 6455 5.3); out may be in. */
+static void xor_mask(unsigned char *out, const unsigned char *in, size_t n, const unsigned char key[4], unsigned pos)
+{
+	unsigned char k[4] = {key[pos & 3], key[(pos + 1) & 3], key[(pos + 2) & 3], key[(pos + 3) & 3]};
+	size_t i = 0;
+
+	if (n >= 8) {
+		uint32_t k32;
+		uint64_t k64, w;
+
+		memcpy(&k32, k, 4);
+		k64 = (uint64_t)k32 << 32 | k32;
+		for (; i + 8 <= n; i += 8) {
+			memcpy(&w, in + i, 8);
+			w ^= k64;
+			memcpy(out + i, &w, 8);
+		}
+	}
+	for (; i < n; i++)
+		out[i] = in[i] ^ k[i & 3];
+}
+
 /* The opcode of each lws write kind a client frames itself (RFC 6455 5.2). */
 static int client_opcode(int kind)
 {
@@ -651,7 +685,7 @@ static size_t frame_client(unsigned char *out, const void *in, size_t len, int o
 {
 	const unsigned char *data = in;
 	unsigned char key[4];
-	size_t h = 0, i = 0;
+	size_t h = 0;
 
 	if (next_mask(key) != 0)
 		return 0;
@@ -669,20 +703,7 @@ static size_t frame_client(unsigned char *out, const void *in, size_t len, int o
 	}
 	memcpy(out + h, key, 4);
 	h += 4;
-	if (len >= 8) {
-		uint32_t k32;
-		uint64_t k64, w;
-
-		memcpy(&k32, key, 4);
-		k64 = (uint64_t)k32 << 32 | k32;
-		for (; i + 8 <= len; i += 8) {
-			memcpy(&w, data + i, 8);
-			w ^= k64;
-			memcpy(out + h + i, &w, 8);
-		}
-	}
-	for (; i < len; i++)
-		out[h + i] = data[i] ^ key[i & 3];
+	xor_mask(out + h, data, len, key, 0);
 	return h + len;
 }
 
@@ -707,6 +728,452 @@ static long wire_form(struct ca_ws *ws, unsigned char *out, const void *data, si
 	return n == 0 ? -1 : (long)n;
 }
 
+/* ---- frames read by callagent ---- */
+
+/* A protocol error: tell the peer (1002) and stop reading the stream. */
+static void protocol_error(struct ca_ws *ws, const char *what)
+{
+	ca_log(CA_LOG_WARN, "websocket %lld: protocol error from the %s: %s: closing (1002)",
+	       (long long)ws->id, ws->is_client ? "server" : "client", what);
+	ws->fr.broken = 1;
+	ca__ws_fail(ws, 1002, what);
+}
+
+/* A whole control frame. -1: close the connection now. */
+static int control_frame(struct ca_ws *ws)
+{
+	struct ca_wsframe *f = &ws->fr;
+	const char *err;
+
+	if (f->op == 0x9) {		/* ping: answered with its payload */
+		ca__ws_send(ws, f->ctl, f->ctl_len, LWS_WRITE_PONG, &err);
+		return 0;
+	}
+	if (f->op == 0xa)		/* pong: any frame already counted as life */
+		return 0;
+	/* close */
+	if (f->ctl_len == 1) {
+		protocol_error(ws, "close frame with a 1-byte body");
+		return 0;
+	}
+	if (ca__ws_peer_close(ws, f->ctl, f->ctl_len) != 0)
+		return -1;	/* the answer to ours: done */
+	/*
+	 * The peer closes: answer with its code. A client then waits for the
+	 * server to end the TCP connection; a server ends it once the answer
+	 * is out.
+	 */
+	if (ca__ws_write_close(ws, f->ctl, f->ctl_len ? 2 : 0) < 0 || !partial(ws))
+		return -1;	/* the answer is out (or cannot be): close now */
+	return 0;
+}
+
+/* Bytes of the frame header that starts with h[0..1]. */
+static unsigned header_size(const unsigned char *h)
+{
+	unsigned l7 = h[1] & 0x7f;
+
+	return 2 + (l7 == 126 ? 2 : l7 == 127 ? 8 : 0) + ((h[1] & 0x80) ? 4 : 0);
+}
+
+/* A whole frame header is in f->hdr: checks it and starts its payload. */
+static void start_frame(struct ca_ws *ws)
+{
+	struct ca_wsframe *f = &ws->fr;
+	const unsigned char *h = f->hdr;
+	int op = h[0] & 0x0f, fin = !!(h[0] & 0x80), masked = !!(h[1] & 0x80);
+	uint64_t plen = h[1] & 0x7f;
+
+	if (plen == 126) {
+		plen = (uint64_t)h[2] << 8 | h[3];
+	} else if (plen == 127) {
+		plen = 0;
+		for (int i = 2; i < 10; i++)
+			plen = plen << 8 | h[i];
+	}
+	if (masked)
+		memcpy(f->key, h + header_size(h) - 4, 4);
+	f->hdr_len = 0;
+	if (h[0] & 0x70)
+		protocol_error(ws, "reserved bits set");
+	else if (masked && ws->is_client)
+		protocol_error(ws, "masked frame from a server");
+	else if (!masked && !ws->is_client)
+		protocol_error(ws, "unmasked frame from a client");
+	else if ((op >= 0x3 && op <= 0x7) || op > 0xa)
+		protocol_error(ws, "unknown opcode");
+	else if (op >= 0x8 && (!fin || plen > 125))
+		protocol_error(ws, "fragmented or long control frame");
+	else if (plen >> 63)
+		protocol_error(ws, "frame length over 2^63");
+	else if (op == 0 && f->msg == 0)
+		protocol_error(ws, "continuation without a message");
+	else if ((op == 1 || op == 2) && f->msg != 0)
+		protocol_error(ws, "new message inside a fragmented one");
+	if (f->broken)
+		return;
+	f->op = op;
+	f->fin = fin;
+	f->left = plen;
+	f->ctl_len = 0;
+	f->key_pos = 0;
+	f->in_payload = 1;
+	if (op == 1 || op == 2)
+		f->msg = op;
+}
+
+/*
+ * A data frame's payload goes on as it arrives, in as few pieces as the
+ * reads give (a message read whole is delivered from the read buffer
+ * without a copy).
+ */
+int ca__ws_parse(struct ca_ws *ws, unsigned char *p, size_t len)
+{
+	struct ca_wsframe *f = &ws->fr;
+	int masked = !ws->is_client;
+
+	while (!f->broken && (len > 0 || (f->in_payload && f->left == 0))) {
+		size_t n;
+
+		if (!f->in_payload) {
+			n = (f->hdr_len < 2 ? 2 : header_size(f->hdr)) - f->hdr_len;
+			if (n > len)
+				n = len;
+			memcpy(f->hdr + f->hdr_len, p, n);
+			f->hdr_len += (unsigned)n;
+			p += n;
+			len -= n;
+			if (f->hdr_len >= 2 && f->hdr_len == header_size(f->hdr))
+				start_frame(ws);
+			continue;
+		}
+		n = f->left < len ? (size_t)f->left : len;
+		if (masked) {
+			xor_mask(p, p, n, f->key, f->key_pos);
+			f->key_pos = (f->key_pos + (unsigned)n) & 3;
+		}
+		if (f->op >= 0x8) {
+			memcpy(f->ctl + f->ctl_len, p, n);
+			f->ctl_len += n;
+		} else {
+			ca__ws_receive(ws, p, n, f->fin && n == f->left, f->msg == 2);
+		}
+		p += n;
+		len -= n;
+		f->left -= n;
+		if (f->left)
+			continue;
+		f->in_payload = 0;
+		if (f->op >= 0x8) {
+			if (control_frame(ws) != 0)
+				return -1;
+		} else if (f->fin) {
+			f->msg = 0;
+		}
+	}
+	return 0;
+}
+
+/* ---- a connection's socket, once ours ---- */
+
+/*
+ * lws 4.1.6 has no call that hands a connection's socket over. So the
+ * socket is duplicated, lws is told to stop reading (rx flow control) and
+ * is never asked to write: its connection object stays, idle, with its own
+ * descriptor, until the connection ends; then lws closes it as it always
+ * does (a server's socket shut down first, so the peer sees the end), and
+ * the duplicate is closed with it. lws' keepalive pings, which would write
+ * on the socket and never see the answer, are off on the servers (see
+ * http.c); ours replace them. Bytes lws read with the upgrade request and
+ * holds are noticed, and fail the connection (see on_ping_timer).
+ */
+struct ca_wsio {
+	uv_poll_t poll;			/* on fd */
+	int fd;				/* our duplicate of lws' descriptor */
+	int events;			/* what poll waits for */
+	int (*rx)(struct ca_ws *ws, unsigned char *p, size_t len);	/* what is read goes here */
+	int paused;			/* conn:pause(): not reading */
+	int want;			/* a writeable callback was asked for */
+	int probed;			/* lws was asked about input it holds */
+	unsigned char *out;		/* what a short write left, sent on POLLOUT */
+	size_t out_len, out_cap;
+	struct ca_ws *ws;		/* NULL once released */
+};
+
+/* ---- pings ---- */
+
+static void on_ping_timer(uv_timer_t *t)
+{
+	struct ca_ws *ws = t->data;
+	uint64_t now = uv_now(ca_loop()), idle = now - ws->last_rx;
+	const char *err;
+
+	if (ws->state != CA_WS_OPEN || ws->wsi == NULL)
+		return;
+	if (ws->io && !ws->io->probed) {
+		/*
+		 * A server's first turn: bytes that came with the upgrade
+		 * request (a client must wait for the answer, RFC 6455 4.1)
+		 * were read by lws, which holds them. Turning its reading on
+		 * and off again has lws ask for a writeable callback then
+		 * (see http.c), which fails the connection: nothing is lost
+		 * without a word.
+		 */
+		ws->io->probed = 1;
+		lws_rx_flow_control(ws->wsi, 1);
+		lws_rx_flow_control(ws->wsi, 0);
+		if (ws->ping_ms == 0)
+			return;
+	}
+	if (ws->ping_sent > ws->last_rx) {
+		if (now - ws->ping_sent >= ws->pong_ms) {
+			ca_log(CA_LOG_WARN, "websocket %lld: no answer to a ping within %llu ms: dropping it",
+			       (long long)ws->id, (unsigned long long)ws->pong_ms);
+			ca__ws_drop(ws, 1006, "no answer to a ping");
+			return;
+		}
+		uv_timer_start(t, on_ping_timer, ws->pong_ms - (now - ws->ping_sent), 0);
+	} else if (idle >= ws->ping_ms) {
+		ws->ping_sent = now;
+		ca__ws_send(ws, "", 0, LWS_WRITE_PING, &err);
+		uv_timer_start(t, on_ping_timer, ws->pong_ms, 0);
+	} else {
+		uv_timer_start(t, on_ping_timer, ws->ping_ms - idle, 0);
+	}
+}
+
+void ca__ws_start_pings(struct ca_ws *ws)
+{
+	int probe = ws->io && !ws->is_client;	/* see on_ping_timer */
+
+	ws->last_rx = uv_now(ca_loop());
+	if ((ws->ping_ms == 0 && !probe) || ws->ping_timer)
+		return;
+	ws->ping_timer = ca_malloc(sizeof *ws->ping_timer);
+	uv_timer_init(ca_loop(), ws->ping_timer);
+	ws->ping_timer->data = ws;
+	uv_timer_start(ws->ping_timer, on_ping_timer, probe ? 0 : ws->ping_ms, 0);
+}
+
+/* ---- reading and writing a socket of ours ---- */
+
+/* One read's bytes: the loop is single-threaded, and a read is parsed before the next. */
+static unsigned char io_buf[65536];
+
+static void io_cb(uv_poll_t *h, int status, int events);
+
+static void io_update(struct ca_wsio *io)
+{
+	int ev = (io->paused ? 0 : UV_READABLE) | (io->out_len || io->want ? UV_WRITABLE : 0);
+
+	if (ev == io->events)
+		return;
+	io->events = ev;
+	if (ev)
+		uv_poll_start(&io->poll, ev, io_cb);
+	else
+		uv_poll_stop(&io->poll);
+}
+
+static void io_closed(uv_handle_t *h)
+{
+	struct ca_wsio *io = h->data;
+
+	free(io->out);
+	free(io);
+}
+
+/* The socket is no longer read or written by us (lws closes it). */
+static void io_release(struct ca_ws *ws)
+{
+	struct ca_wsio *io = ws->io;
+
+	if (io == NULL)
+		return;
+	ws->io = NULL;
+	io->ws = NULL;
+	uv_poll_stop(&io->poll);
+	close(io->fd);
+	uv_close((uv_handle_t *)&io->poll, io_closed);
+}
+
+void ca__ws_kill_conn(struct ca_ws *ws)
+{
+	io_release(ws);
+	if (ws->wsi)
+		ca__ws_kill(ws->wsi);
+}
+
+/* Sends bytes now, keeping what the socket does not take for POLLOUT. 0 or -1. */
+static int io_send(struct ca_ws *ws, const unsigned char *p, size_t len)
+{
+	struct ca_wsio *io = ws->io;
+
+	if (io->out_len == 0) {
+		ssize_t n = send(io->fd, p, len, MSG_NOSIGNAL);
+
+		if (n < 0) {
+			if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
+				return -1;
+			n = 0;
+		}
+		if ((size_t)n == len)
+			return 0;
+		p += n;
+		len -= (size_t)n;
+	}
+	if (io->out_len + len > io->out_cap) {
+		io->out_cap = io->out_len + len + 4096;
+		io->out = ca_realloc(io->out, io->out_cap);
+	}
+	memcpy(io->out + io->out_len, p, len);
+	io->out_len += len;
+	io_update(io);
+	return 0;
+}
+
+/*
+ * Frames a server message in the LWS_PRE bytes of headroom before buf
+ * (as lws_write does) and sends it; kind LWS_WRITE_RAW is already framed.
+ */
+static int io_write(struct ca_ws *ws, unsigned char *buf, size_t len, int kind)
+{
+	int op = client_opcode(kind);
+	unsigned char *h = buf;
+
+	if (op) {
+		unsigned hl = len < 126 ? 2 : len < 65536 ? 4 : 10;
+
+		h = buf - hl;
+		h[0] = (unsigned char)(0x80 | op);
+		if (len < 126) {
+			h[1] = (unsigned char)len;
+		} else if (len < 65536) {
+			h[1] = 126;
+			h[2] = (unsigned char)(len >> 8);
+			h[3] = (unsigned char)len;
+		} else {
+			h[1] = 127;
+			for (int b = 0; b < 8; b++)
+				h[2 + b] = (unsigned char)((uint64_t)len >> (8 * (7 - b)));
+		}
+		len += hl;
+	}
+	return io_send(ws, h, len);
+}
+
+/* The socket can take more: what a short write left, then the send queue. */
+static int io_flush(struct ca_ws *ws)
+{
+	struct ca_wsio *io = ws->io;
+
+	if (io->out_len) {
+		ssize_t n = send(io->fd, io->out, io->out_len, MSG_NOSIGNAL);
+
+		if (n < 0)
+			return errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR ? 0 : -1;
+		memmove(io->out, io->out + n, io->out_len - (size_t)n);
+		io->out_len -= (size_t)n;
+		if (io->out_len)
+			return 0;
+	}
+	io->want = 0;
+	if (ws->close_sent && ws->peer_code)
+		return -1;	/* our answer to the peer's close is out: done */
+	if (ca__ws_writeable(ws) < 0)
+		return -1;
+	if (ws->io)
+		io_update(io);
+	return 0;
+}
+
+static void io_read(struct ca_ws *ws)
+{
+	ssize_t n = recv(ws->io->fd, io_buf, sizeof io_buf, 0);
+
+	if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
+		return;
+	if (n <= 0) {
+		/* The peer is gone (or broke the connection): lws ends it. */
+		ca__ws_kill_conn(ws);
+		return;
+	}
+	ws->last_rx = uv_now(ca_loop());
+	if (ws->fr.broken)
+		return;
+	if (ws->io->rx(ws, io_buf, (size_t)n) != 0)
+		ca__ws_kill_conn(ws);
+}
+
+static void io_cb(uv_poll_t *h, int status, int events)
+{
+	struct ca_wsio *io = h->data;
+	struct ca_ws *ws = io->ws;
+
+	if (ws == NULL)
+		return;
+	if (status < 0) {
+		ca__ws_kill_conn(ws);
+		return;
+	}
+	if ((events & UV_WRITABLE) && io_flush(ws) < 0) {
+		ca__ws_kill_conn(ws);
+		return;
+	}
+	if ((events & UV_READABLE) && ws->io == io && !io->paused)
+		io_read(ws);
+}
+
+int ca__ws_take_socket(struct ca_ws *ws, int (*rx)(struct ca_ws *ws, unsigned char *p, size_t len))
+{
+	struct ca_wsio *io;
+	int fd;
+
+	if (ws->wsi == NULL || ws->io || lws_partial_buffered(ws->wsi))
+		return -1;
+	fd = fcntl(lws_get_socket_fd(ws->wsi), F_DUPFD_CLOEXEC, 0);
+	if (fd < 0)
+		return -1;
+	io = ca_malloc(sizeof *io);
+	memset(io, 0, sizeof *io);
+	io->fd = fd;
+	io->ws = ws;
+	io->rx = rx ? rx : ca__ws_parse;
+	uv_poll_init_socket(ca_loop(), &io->poll, fd);
+	io->poll.data = io;
+	lws_rx_flow_control(ws->wsi, 0);
+	ws->io = io;
+	io_update(io);
+	ca__ws_start_pings(ws);
+	return 0;
+}
+
+int ca__ws_raw_write(struct ca_ws *ws, const unsigned char *p, size_t len)
+{
+	if (ws->io)
+		return io_send(ws, p, len);
+	if (ws->wsi == NULL || lws_write(ws->wsi, (unsigned char *)p, len, LWS_WRITE_RAW) < 0)
+		return -1;
+	return 0;
+}
+
+/* Whether bytes of an earlier write wait for the socket. */
+static int partial(const struct ca_ws *ws)
+{
+	return ws->io ? ws->io->out_len > 0 : lws_partial_buffered(ws->wsi);
+}
+
+/* Asks for a writeable callback: ca__ws_writeable once the socket can take more. */
+static void want_write(struct ca_ws *ws)
+{
+	if (ws->io == NULL) {
+		lws_callback_on_writable(ws->wsi);
+		return;
+	}
+	ws->io->want = 1;
+	io_update(ws->io);
+}
+
 int ca__ws_write_close(struct ca_ws *ws, const void *body, size_t len)
 {
 	/*
@@ -727,6 +1194,9 @@ int ca__ws_write_close(struct ca_ws *ws, const void *body, size_t len)
 	 * up the stop.
 	 */
 	lws_set_timeout(ws->wsi, PENDING_TIMEOUT_CLOSE_ACK, ws->stopping ? 1 : 5);
+	/* Outside its callbacks (the socket is ours) lws would not see the timer soon. */
+	if (ws->io)
+		lws_cancel_service(lws_get_context(ws->wsi));
 	return 0;
 }
 
@@ -753,7 +1223,7 @@ int ca__ws_send(struct ca_ws *ws, const void *data, size_t len, int kind, const 
 	 * short write itself and asks for POLLOUT, and later messages queue
 	 * behind it.
 	 */
-	if (ws->head == NULL && !lws_partial_buffered(ws->wsi)) {
+	if (ws->head == NULL && !partial(ws)) {
 		if (LWS_PRE + len + 14 > scratch_cap) {
 			scratch_cap = LWS_PRE + len + 14 + 4096;
 			scratch = ca_realloc(scratch, scratch_cap);
@@ -790,7 +1260,7 @@ int ca__ws_send(struct ca_ws *ws, const void *data, size_t len, int kind, const 
 		ws->head = m;
 	ws->tail = m;
 	ws->queued += m->len;
-	lws_callback_on_writable(ws->wsi);
+	want_write(ws);
 	return 0;
 }
 
@@ -846,7 +1316,7 @@ static int l_close(lua_State *L)
 	ws->close_code = (int)code;
 	memcpy(ws->close_reason, reason, rlen);
 	ws->close_reason[rlen] = '\0';
-	lws_callback_on_writable(ws->wsi);
+	want_write(ws);
 	return 0;
 }
 
@@ -882,8 +1352,12 @@ static int l_pause(lua_State *L)
 {
 	struct ca_ws *ws = check_ws(L);
 
-	if (ws->wsi)
+	if (ws->io) {
+		ws->io->paused = 1;
+		io_update(ws->io);
+	} else if (ws->wsi) {
 		lws_rx_flow_control(ws->wsi, 0);
+	}
 	return 0;
 }
 
@@ -891,8 +1365,12 @@ static int l_resume(lua_State *L)
 {
 	struct ca_ws *ws = check_ws(L);
 
-	if (ws->wsi)
+	if (ws->io) {
+		ws->io->paused = 0;
+		io_update(ws->io);
+	} else if (ws->wsi) {
 		lws_rx_flow_control(ws->wsi, 1);
+	}
 	return 0;
 }
 

@@ -44,6 +44,23 @@ int ca__lws_ending(void);
 /* Creates a vhost of the shared context (servers listen on sockets of their own). */
 struct lws_vhost *ca__lws_vhost(struct lws_context_creation_info *info);
 
+/* The frame being read (RFC 6455 5.2): see ca__ws_parse. */
+struct ca_wsframe {
+	unsigned char hdr[14];
+	unsigned hdr_len;
+	int in_payload;			/* the header is read; left bytes of payload follow */
+	uint64_t left;
+	int op, fin;
+	int msg;			/* the data message in progress: 0 none, 1 text, 2 binary */
+	unsigned char key[4];		/* its masking key (frames from a client) */
+	unsigned key_pos;		/* payload bytes unmasked so far, mod 4 */
+	unsigned char ctl[125];		/* a control frame's payload */
+	size_t ctl_len;
+	int broken;			/* a protocol error: the rest of the stream is ignored */
+};
+
+struct ca_wsio;
+
 /*
  * One WebSocket connection, server or client side. On the server side lws
  * speaks the protocol; a client's connection is raw to lws and src/ws.c
@@ -76,6 +93,17 @@ struct ca_ws {
 	int fail_code;			/* why we dropped it: 1009 too big, 1008 slow */
 	int stopping;			/* its server is closing: the peer's close frame
 					   is waited for 1 s, not 5 */
+
+	/*
+	 * Frames read by callagent (a client's connection; a server's once
+	 * its socket is ours, see ca__ws_take_socket): the frame being read,
+	 * and pings after ping_ms of silence, dropped with no answer in pong_ms.
+	 */
+	struct ca_wsframe fr;
+	struct ca_wsio *io;		/* server side: the socket, once ours */
+	uv_timer_t *ping_timer;
+	uint64_t ping_ms, pong_ms;
+	uint64_t last_rx, ping_sent;
 
 	/* Client side only. */
 	uv_timer_t *connect_timer;	/* connect timeout, owned here */
@@ -122,6 +150,33 @@ void ca__ws_closed(struct ca_ws *ws);
  * with *err "ECLOSED" / "ENOBUFS" (the connection is then being dropped).
  */
 int ca__ws_send(struct ca_ws *ws, const void *data, size_t len, int kind, const char **err);
+
+/*
+ * Bytes of the stream after the upgrade (a client's, or a server's whose
+ * socket is ours): frames are checked (a server's peer must mask them, a
+ * client's must not), data goes to the handler, pings are answered and a
+ * close frame answered or taken as the answer to ours. p is unmasked in
+ * place. 0, or -1: the connection is over, close it now.
+ */
+int ca__ws_parse(struct ca_ws *ws, unsigned char *p, size_t len);
+
+/* Starts the pings (ws->ping_ms, pong_ms) of an open connection. */
+void ca__ws_start_pings(struct ca_ws *ws);
+
+/*
+ * Takes the socket of an open connection from lws, which keeps its
+ * connection object idle until the end and then closes the socket: reads
+ * and writes go straight to the socket from then on, without lws' service,
+ * parser and write path (the audio of every call). What is read goes to rx
+ * (NULL: ca__ws_parse; 0, or -1 to close). 0, or -1 (lws keeps it).
+ */
+int ca__ws_take_socket(struct ca_ws *ws, int (*rx)(struct ca_ws *ws, unsigned char *p, size_t len));
+
+/* Writes bytes as they are (a client's frames, TLS records); 0 or -1. */
+int ca__ws_raw_write(struct ca_ws *ws, const unsigned char *p, size_t len);
+
+/* Closes a connection without a word, soon: its socket if ours, then lws'. */
+void ca__ws_kill_conn(struct ca_ws *ws);
 
 /* Writes wire bytes of a client connection (through its TLS, if any); 0 or -1. */
 int ca__wsc_write(struct ca_ws *ws, unsigned char *buf, size_t len);

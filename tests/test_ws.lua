@@ -691,6 +691,92 @@ T.test("a connection cut in the middle of a frame ends with 1006 and no message"
   T.eq({ c:receive(5000) }, { "close", 1006, "connection lost" })
 end)
 
+-- The server's frame reading against a scripted client (tests/fakes/ws_edge_client.js)
+-- that sends what a browser or Twilio never would. Returns the process; its
+-- lines are the frames the server sent ({end = true} when it ended the connection).
+local function edge_client(scenario, srv)
+  local p = assert(process.spawn({ "node", T.root .. "/tests/fakes/ws_edge_client.js", scenario, tostring(srv.port), "/echo" }))
+  T.defer(function()
+    p:kill()
+  end)
+  return p
+end
+
+local function server_frame(p, ms)
+  local line = assert(p:read_line(ms or 5000), "a frame from the server")
+  return json.decode(line)
+end
+
+T.test("the server reads frames split byte by byte, a ping between fragments, 64-bit lengths and a close", function()
+  local srv = echo_server()
+  local p = edge_client("fragments", srv)
+  local sum = 0
+  for i = 0, 69999 do
+    sum = sum + i % 251
+  end
+  T.eq(server_frame(p), { op = 10, masked = false, fin = true, data = "p1" }, "the ping answered between the fragments")
+  T.eq(server_frame(p), { op = 1, masked = false, fin = true, data = "hello world" }, "the fragments joined, unmasked")
+  T.eq(server_frame(p), { op = 2, masked = false, fin = true, data = 70000, sum = sum })
+  T.eq(server_frame(p), { op = 1, masked = false, fin = true, data = "" })
+  T.eq(server_frame(p), { op = 8, masked = false, fin = true, code = 4001, reason = "" }, "the close answered with its code")
+  T.eq(server_frame(p), { ["end"] = true }, "then the server ends the connection")
+  T.wait_for(function()
+    return #srv.events >= 2
+  end, 5000, "the server's close event")
+  T.eq(srv.events[2], { "close", 4001, "bye" })
+end)
+
+T.test("protocol errors from a client close it with 1002, and the server says why", function()
+  for _, scenario in ipairs({ "unmasked", "rsv", "opcode", "longping" }) do
+    local srv = echo_server()
+    local p = edge_client(scenario, srv)
+    local f = server_frame(p)
+    T.eq({ f.op, f.code }, { 8, 1002 }, scenario)
+    T.gt(#f.reason, 0, scenario .. ": with a reason")
+    T.wait_for(function()
+      return #srv.events >= 2
+    end, 3000, scenario .. ": the server's close event, once the client has ended the connection")
+    T.eq(srv.events[2][2], 1002, scenario)
+  end
+end)
+
+T.test("a frame sent with the upgrade request is refused with 1002, not lost without a word", function()
+  local srv = echo_server()
+  local p = edge_client("pipelined", srv)
+  T.eq(server_frame(p), { op = 8, masked = false, fin = true, code = 1002, reason = "frames sent before the upgrade was answered" })
+  T.eq(server_frame(p), { ["end"] = true })
+  T.wait_for(function()
+    return #srv.events >= 2
+  end, 3000, "the server's close event")
+  T.eq(srv.events[2], { "close", 1002, "frames sent before the upgrade was answered" })
+end)
+
+T.test("a client cut off in the middle of a frame: the server sees 1006 and no message", function()
+  local srv = echo_server()
+  edge_client("drop", srv)
+  T.wait_for(function()
+    return #srv.events >= 2
+  end, 5000, "the server's close event")
+  T.eq(srv.events, { { "open", "/echo" }, { "close", 1006, "connection lost" } })
+end)
+
+T.test("the server pings a silent client and drops one that does not answer (ws_ping, ws_pong)", function()
+  local srv = echo_server({ ws_ping = 1, ws_pong = 1 })
+  local silent = edge_client("silent", srv)
+  local answering = edge_client("answering", srv)
+  local t0 = timer.now()
+  T.eq(server_frame(silent).op, 9, "pinged after a second of silence")
+  T.eq(server_frame(silent, 5000), { ["end"] = true }, "dropped: no answer")
+  T.lt(timer.now() - t0, 4500, "within ws_ping + ws_pong (+1 s)")
+  for _ = 1, 2 do
+    T.eq(server_frame(answering).op, 9)
+  end
+  T.eq(srv:connections(), 1, "the client that answers stays")
+  T.eq(pcall(http.server, { ws_ping = -1 }), true, "options are checked at listen")
+  local bad = http.server({ ws_pong = 0 })
+  T.eq(pcall(bad.listen, bad), false, "ws_pong 0 is refused")
+end)
+
 T.test("a 101 without Upgrade or with the wrong Sec-WebSocket-Accept is EHANDSHAKE", function()
   local _, port = edge_server("badaccept")
   local c, err = ws.connect("ws://127.0.0.1:" .. port .. "/edge", { timeout = 3000 })

@@ -20,6 +20,8 @@
 -- http.configure{max_header = n}), max_body (1 MiB;
 -- 413), max_connections (1024; 503), max_ws_message (1 MiB; close 1009),
 -- max_send_queue (1 MiB per WebSocket; a slower peer is dropped with 1008),
+-- ws_ping (60: a WebSocket peer silent this many seconds is pinged; 0: never)
+-- and ws_pong (10: one that does not answer within it is dropped, 1006),
 -- tls = {cert = file, key = file} for https/wss, headers = {...} non-standard
 -- request headers to copy for every request (standard ones always are; any
 -- other req.headers[name] is looked up on demand until the response is sent,
@@ -365,6 +367,8 @@ function Server:listen()
     max_connections = o.max_connections,
     max_ws_message = o.max_ws_message,
     max_send_queue = o.max_send_queue,
+    ws_ping = o.ws_ping,
+    ws_pong = o.ws_pong,
     tls = o.tls,
     headers = o.headers,
     ws_paths = paths,

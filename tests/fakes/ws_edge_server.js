@@ -14,70 +14,10 @@ import tls from 'node:tls';
 import fs from 'node:fs';
 import crypto from 'node:crypto';
 import { Duplex } from 'node:stream';
+import { frame, readFrames, dribble } from './ws_frames.js';
 
 const scenario = process.argv[2];
 const GUID = '258EAFA5-E914-47DA-95CA-C5AB0DC85B11';
-
-function frame(op, payload, { fin = true, mask = false, rsv = 0 } = {}) {
-  let body = Buffer.from(payload);
-  const len = body.length;
-  let head;
-  if (len < 126) {
-    head = Buffer.from([0, len]);
-  } else if (len < 65536) {
-    head = Buffer.alloc(4);
-    head[1] = 126;
-    head.writeUInt16BE(len, 2);
-  } else {
-    head = Buffer.alloc(10);
-    head[1] = 127;
-    head.writeBigUInt64BE(BigInt(len), 2);
-  }
-  head[0] = (fin ? 0x80 : 0) | rsv | op;
-  if (mask) {
-    const key = Buffer.from([1, 2, 3, 4]);
-    head[1] |= 0x80;
-    body = Buffer.from(body.map((b, i) => b ^ key[i & 3]));
-    head = Buffer.concat([head, key]);
-  }
-  return Buffer.concat([head, body]);
-}
-
-// Client frames (always masked) out of buf; returns the bytes left over.
-function readClientFrames(buf, onFrame) {
-  for (;;) {
-    if (buf.length < 2) return buf;
-    let len = buf[1] & 0x7f, off = 2;
-    if (len === 126) {
-      if (buf.length < 4) return buf;
-      len = buf.readUInt16BE(2);
-      off = 4;
-    } else if (len === 127) {
-      if (buf.length < 10) return buf;
-      len = Number(buf.readBigUInt64BE(2));
-      off = 10;
-    }
-    const masked = (buf[1] & 0x80) !== 0;
-    if (buf.length < off + (masked ? 4 : 0) + len) return buf;
-    const key = masked ? buf.subarray(off, off + 4) : Buffer.alloc(4);
-    off += masked ? 4 : 0;
-    const data = Buffer.from(buf.subarray(off, off + len).map((b, i) => b ^ key[i & 3]));
-    onFrame(buf[0] & 0x0f, data, masked);
-    buf = buf.subarray(off + len);
-  }
-}
-
-// Writes the bytes one at a time, 2 ms apart: every header is split across reads.
-function dribble(sock, bytes, then) {
-  let i = 0;
-  const next = () => {
-    if (i === bytes.length) return then();
-    sock.write(bytes.subarray(i, i + 1));
-    i++;
-    setTimeout(next, 2);
-  };
-  next();
-}
 
 function upgrade(sock, head, extra = {}) {
   const key = /sec-websocket-key:\s*(\S+)/i.exec(head)[1];
@@ -177,7 +117,7 @@ const server = net.createServer((raw) => {
       buf = buf.subarray(end + 4);
       scenarios[scenario](sock, head);
     }
-    buf = readClientFrames(buf, (op, data, masked) => {
+    buf = readFrames(buf, (op, data, masked) => {
       const line = { op, masked };
       if (op === 8) {
         line.code = data.length >= 2 ? data.readUInt16BE(0) : null;

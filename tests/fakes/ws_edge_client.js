@@ -1,0 +1,111 @@
+// A scripted WebSocket client for the server's edge cases (tests/test_ws.lua):
+// what a well-behaved client never sends - frames split byte by byte (the
+// masking key too), a ping between fragments, 64-bit lengths, protocol
+// errors, a frame in the same write as the upgrade request (RFC 6455 4.1: a
+// client waits for the answer) - and peers that
+// go silent.
+//
+//   node ws_edge_client.js SCENARIO PORT PATH
+//
+// Prints one JSON line per frame the server sends, {"op":1,"data":"..."}
+// (binary: data is the length and sum its bytes' sum), {"op":8,"code":1002,
+// "reason":"..."}, and {"end":true} when the server ends the connection.
+import net from 'node:net';
+import crypto from 'node:crypto';
+import { frame, readFrames, dribble } from './ws_frames.js';
+
+const [scenario, port, path] = process.argv.slice(2);
+const KEY = [0x37, 0xfa, 0x21, 0x3d];
+
+const scenarios = {
+  // One text message in three fragments with a ping between them, written a
+  // byte at a time; a 70000-byte binary message (64-bit length) and an empty
+  // text one in one write; then a close with 4001.
+  fragments(sock) {
+    const first = Buffer.concat([
+      frame(1, 'hel', { fin: false, mask: KEY }),
+      frame(9, 'p1', { mask: KEY }),
+      frame(0, 'lo w', { fin: false, mask: [9, 8, 7, 6] }),
+      frame(0, 'orld', { mask: KEY }),
+    ]);
+    dribble(sock, first, () => {
+      const big = Buffer.alloc(70000);
+      for (let i = 0; i < big.length; i++) big[i] = i % 251;
+      sock.write(Buffer.concat([frame(2, big, { mask: KEY }), frame(1, '', { mask: KEY })]));
+      setTimeout(() => sock.write(frame(8, Buffer.concat([Buffer.from([0x0f, 0xa1]), Buffer.from('bye')]), { mask: KEY })), 100);
+    });
+  },
+  unmasked(sock) {
+    sock.write(frame(1, 'x'));
+  },
+  rsv(sock) {
+    sock.write(frame(1, 'x', { mask: KEY, rsv: 0x40 }));
+  },
+  opcode(sock) {
+    sock.write(frame(3, 'x', { mask: KEY }));
+  },
+  longping(sock) {
+    sock.write(frame(9, Buffer.alloc(126), { mask: KEY }));
+  },
+  // A frame in the same write as the upgrade request (see below).
+  pipelined() {},
+  // Says nothing and answers no ping.
+  silent() {},
+  // Says nothing but answers pings (see below).
+  answering() {},
+  // The connection ends in the middle of a frame, without a close frame.
+  drop(sock) {
+    sock.write(frame(1, 'never finished', { mask: KEY }).subarray(0, 8));
+    setTimeout(() => sock.destroy(), 50);
+  },
+};
+
+if (!scenarios[scenario]) {
+  console.error('unknown scenario ' + scenario);
+  process.exit(2);
+}
+
+const sock = net.connect(Number(port), '127.0.0.1');
+const key = crypto.randomBytes(16).toString('base64');
+sock.setNoDelay(true);
+sock.on('connect', () => {
+  sock.write(`GET ${path} HTTP/1.1\r\nHost: 127.0.0.1:${port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n` +
+    `Sec-WebSocket-Key: ${key}\r\nSec-WebSocket-Version: 13\r\n\r\n` +
+    (scenario === 'pipelined' ? frame(1, 'too early', { mask: KEY }).toString('latin1') : ''), 'latin1');
+});
+let buf = Buffer.alloc(0), upgraded = false;
+sock.on('data', (chunk) => {
+  buf = Buffer.concat([buf, chunk]);
+  if (!upgraded) {
+    const end = buf.indexOf('\r\n\r\n');
+    if (end < 0) return;
+    const head = buf.subarray(0, end).toString('latin1');
+    if (!/^HTTP\/1\.1 101 /.test(head)) {
+      console.log(JSON.stringify({ refused: head.split('\r\n')[0] }));
+      process.exit(1);
+    }
+    upgraded = true;
+    buf = buf.subarray(end + 4);
+    scenarios[scenario](sock);
+  }
+  buf = readFrames(buf, (op, data, masked, fin) => {
+    const line = { op, masked, fin };
+    if (op === 8) {
+      line.code = data.length >= 2 ? data.readUInt16BE(0) : null;
+      line.reason = data.subarray(2).toString();
+    } else if (op === 2) {
+      line.data = data.length;
+      line.sum = data.reduce((a, b) => a + b, 0);
+    } else {
+      line.data = data.toString();
+    }
+    console.log(JSON.stringify(line));
+    if (op === 8) sock.end(); // the server's close: ours is the end of the stream
+    if (op === 9 && scenario === 'answering') sock.write(frame(10, data, { mask: KEY }));
+  });
+});
+sock.on('close', () => {
+  console.log(JSON.stringify({ end: true }));
+  process.exit(0);
+});
+sock.on('error', () => {});
