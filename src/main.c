@@ -20,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -899,6 +900,26 @@ out:
 	return exit_code;
 }
 
+/*
+ * Every open WebSocket holds two descriptors (lws's, and the duplicate
+ * callagent reads, see src/wsconn.c), so a call holds four: the usual soft
+ * limit of 1024 would stop a process at about 250 calls. It is raised to
+ * the hard limit, up to 65536 (lws sizes its tables by it).
+ */
+static void raise_fd_limit(void)
+{
+	struct rlimit rl;
+	rlim_t want;
+
+	if (getrlimit(RLIMIT_NOFILE, &rl) != 0)
+		return;
+	want = rl.rlim_max == RLIM_INFINITY || rl.rlim_max > 65536 ? 65536 : rl.rlim_max;
+	if (rl.rlim_cur < want) {
+		rl.rlim_cur = want;
+		setrlimit(RLIMIT_NOFILE, &rl);
+	}
+}
+
 int main(int argc, char **argv)
 {
 	int rc;
@@ -927,6 +948,7 @@ int main(int argc, char **argv)
 	}
 
 	find_root();
+	raise_fd_limit();
 	loop = uv_default_loop();
 	uv_loop_configure(loop, UV_METRICS_IDLE_TIME);	/* for core.loop_stats() */
 	{

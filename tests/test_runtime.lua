@@ -74,6 +74,30 @@ T.test("arguments reach the app as ... and arg", function()
   T.eq(p.out[2], "app.lua\tone\ttwo words\trun")
 end)
 
+T.test("the open-files limit is raised to the hard limit, up to 65536 (a call holds four)", function()
+  local dir = T.tmpdir()
+  local f = assert(io.open(dir .. "/app.lua", "w"))
+  f:write([[
+for line in io.lines("/proc/self/limits") do
+  if line:match("^Max open files") then
+    print(line:match("^Max open files%s+(%S+)%s+(%S+)"))
+  end
+end
+]])
+  f:close()
+  local out = {}
+  local p = assert(process.spawn({
+    "sh", "-c", 'ulimit -Sn 256 && exec "$0" run "$1"', T.bin, dir .. "/app.lua",
+    on_stdout = function(line)
+      out[#out + 1] = line
+    end,
+  }))
+  T.eq(p:wait(10000), 0)
+  local soft, hard = out[1]:match("^(%S+)\t(%S+)$")
+  T.eq(tonumber(soft), hard == "unlimited" and 65536 or math.min(tonumber(hard), 65536), out[1])
+  T.ne(tonumber(soft), 256)
+end)
+
 T.test("the loop runs until no work is left, then the program exits 0", function()
   local t0 = timer.now()
   local code, _, p = T.run_app(nil, nil, {
