@@ -1076,6 +1076,10 @@ static int io_flush(struct ca_ws *ws)
 		io->out_len -= (size_t)n;
 		if (io->out_len)
 			return 0;
+		/* Short writes are rare: a buffer kept for them would cost every call. */
+		free(io->out);
+		io->out = NULL;
+		io->out_cap = 0;
 	}
 	io->want = 0;
 	if (ws->close_sent && ws->peer_code)
