@@ -159,6 +159,33 @@ T.test("happy path: dial, talk, report, goodbye, hang up, notify", function()
   T.match(p.message, "completed: success")
 end, { timeout = 40000 })
 
+T.test("a provider without endCall (it is optional) hangs up by closing the media stream", function()
+  local dir = T.tmpdir()
+  local f = assert(io.open(dir .. "/nohangup.lua", "w"))
+  f:write([[
+-- Twilio without its REST hang-up.
+local P = {}
+for k, v in pairs(dofile(require("callagent.core").root .. "/providers/twilio.lua")) do
+  P[k] = v
+end
+P.name, P.endCall = "nohangup", nil
+return P
+]])
+  f:close()
+  local env = kit.start({ realtime = { script = happy_script }, provider_dirs = { dir },
+    config = { telephony = { provider = "nohangup" } } })
+  T.eq(env.app.provider.name, "nohangup")
+  local id = env:create({ to = "+14155550100", prompt = "Book a dental check-up for next week." })
+  local call = env:wait_final(id, 20000)
+  T.eq(call.status, "completed")
+  T.eq(call.report.outcome, "success")
+  local tw = env.tw.calls[1]
+  tw:wait_closed(5000)
+  T.eq(tw.hangup_requested_at, nil, "no REST hang-up")
+  T.eq(tw.end_reason, "stream_closed")
+  T.eq({ tw.stream_closed.by, tw.stream_closed.code }, { "app", 1000 })
+end, { timeout = 40000 })
+
 T.test("on shutdown, live calls are hung up concurrently, not one API round trip after another", function()
   local env = kit.start({
     twilio = { update_delay_ms = 400 },

@@ -455,7 +455,16 @@ function Engine:_provider(method, view, ...)
 end
 
 function Engine:_provider_end(view, a)
-  return self:_provider("endCall", view, a)
+  if self.provider.endCall then
+    return self:_provider("endCall", view, a)
+  end
+  -- No endCall (it is optional): the call ends with its media stream.
+  local b = a and self.bridges[view.callId .. "#" .. tostring(a.n)]
+  if b and b.stream and b.stream:is_open() then
+    b.stream:close(1000, "call ended")
+    return true
+  end
+  return nil, "the " .. tostring(self.provider.name) .. " provider has no endCall, and the call has no media stream to close"
 end
 
 -- Hangs up attempt a at the vendor from a task of its own; a failure is logged.
@@ -1133,7 +1142,7 @@ function Engine:shutdown(deadline_ms)
     while next_one < #todo do
       next_one = next_one + 1
       local view, attempt = todo[next_one][1], todo[next_one][2]
-      local ok, err = pcall(self.provider.endCall, self.provider, view, attempt)
+      local ok, err = self:_provider_end(view, attempt)
       if not ok then
         log.warn("hang-up at shutdown failed", { call = view.callId, error = tostring(err) })
       end

@@ -22,7 +22,13 @@
 --                             callback (older ones ignored); raw: the vendor's
 --                             status word (kept in the events)
 --   registerRoutes(self, server, ctx)   extra routes (may do nothing)
---   endCall(self, call, attempt)        hang up (may wait) -> true | nil, err
+--   endCall(self, call, attempt)        optional: hang up at the vendor (may wait)
+--                                        -> true | nil, err. Without it a hang-up
+--                                        closes the call's media stream, which
+--                                        ends the call where the voice answer
+--                                        has nothing after the stream (Twilio's
+--                                        <Connect><Stream> does so); a call not
+--                                        streaming yet cannot be hung up then
 --   getCall(self, providerCallId)       optional: the vendor's view of the call
 --                                        -> {status, duration} | nil, err
 --
@@ -39,8 +45,10 @@ M.required = {
   "validateRequest",
   "mapStatus",
   "registerRoutes",
-  "endCall",
 }
+
+-- Optional, but functions when given.
+M.optional = { "init", "endCall", "getCall" }
 
 --- The folders searched, in order: extra dirs (opts.provider_dirs), the
 --- providers/ folder next to the app being run, then callagent's own.
@@ -97,6 +105,11 @@ function M.load_file(path, name)
   if #missing > 0 then
     return nil, "provider " .. path .. ": missing " .. table.concat(missing, ", ")
       .. " (a provider must implement " .. table.concat(M.required, ", ") .. ")"
+  end
+  for _, f in ipairs(M.optional) do
+    if p[f] ~= nil and type(p[f]) ~= "function" then
+      return nil, "provider " .. path .. ": " .. f .. " must be a function, not a " .. type(p[f])
+    end
   end
   if p.needs ~= nil then
     local bad = type(p.needs) ~= "table"

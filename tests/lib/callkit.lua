@@ -100,6 +100,7 @@ function M.start(opts)
     no_shutdown_hook = true,
     notify = { base_delay_ms = 50 },
     stream_start_ms = opts.stream_start_ms,
+    provider_dirs = opts.provider_dirs,
   })
   assert(app, err)
   for _, t in ipairs(opts.tools or {}) do
