@@ -924,6 +924,9 @@ int main(int argc, char **argv)
 {
 	int rc;
 
+	/* A child's wrapper (src/process.c): before anything changes signals or limits. */
+	if (argc > 1 && strcmp(argv[1], "--pdeathsig") == 0)
+		return ca__pdeathsig_main(argc, argv);
 	signal(SIGPIPE, SIG_IGN);
 	if (argc < 2) {
 		usage(stderr);

@@ -9,7 +9,10 @@
  *       callagent's (false removes a name); spec.cwd; spec.stdin (true: a
  *       pipe for p:write, else /dev/null); spec.max_line (default 65536:
  *       longer lines come in pieces of that size); spec.kill_on_exit
- *       (default true: SIGTERM at callagent's teardown if still running);
+ *       (default true: SIGTERM at callagent's teardown if still running,
+ *       and when callagent dies without one - SIGKILL, a crash: the child
+ *       is started through "callagent --pdeathsig", which sets
+ *       PR_SET_PDEATHSIG and execs the program, so its pid is the program's);
  *       spec.drop_secrets (default false: the child gets no inherited
  *       variable whose value holds a secret registered with the log).
  *       on_stdout(line) / on_stderr(line): a function gets each line without
@@ -44,8 +47,12 @@
  * callagent.process (lua/callagent/process.lua) adds wait() and read_line().
  */
 #include <dirent.h>
+#include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <signal.h>
+#include <stdio.h>
+#include <sys/prctl.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -488,13 +495,27 @@ static void on_shutdown(uv_shutdown_t *req, int status)
  * error (nothing pushed): UV_ENOENT, or UV_EACCES if only non-executable
  * files matched.
  */
-static int resolve(lua_State *L, const char *name, const char *path)
+static int resolve(lua_State *L, const char *name, const char *path, const char *cwd)
 {
 	char buf[4096];
 	int err = UV_ENOENT;
 	const char *d = path ? path : "/usr/local/bin:/usr/bin:/bin";
 
 	if (strchr(name, '/')) {
+		struct stat st;
+
+		/*
+		 * Checked here: behind the wrapper (kill_on_exit) the exec's error
+		 * comes too late (a relative name in another cwd: it does).
+		 */
+		if (name[0] != '/' && cwd) {
+			lua_pushstring(L, name);
+			return 0;
+		}
+		if (stat(name, &st) != 0 || !S_ISREG(st.st_mode))
+			return errno == EACCES ? UV_EACCES : UV_ENOENT;
+		if (access(name, X_OK) != 0)
+			return UV_EACCES;
 		lua_pushstring(L, name);
 		return 0;
 	}
@@ -606,6 +627,46 @@ static void start_out(struct ca_proc *p, struct out_pipe *s, lua_State *L, int f
 	}
 }
 
+/*
+ * callagent --pdeathsig PARENT SIGNAL FILE ARGV0 [ARGS...]: what a child with
+ * kill_on_exit is started as. libuv cannot run code in the child before the
+ * exec, so the child runs this, which asks the kernel for SIGNAL when its
+ * parent dies (kept across the exec) and becomes the program. If PARENT has
+ * died already (between the fork and here), the program is not started.
+ */
+int ca__pdeathsig_main(int argc, char **argv)
+{
+	long parent, sig;
+
+	if (argc < 6)
+		return 127;
+	parent = strtol(argv[2], NULL, 10);
+	sig = strtol(argv[3], NULL, 10);
+	if (prctl(PR_SET_PDEATHSIG, (unsigned long)sig) != 0 || getppid() != (pid_t)parent)
+		return 127;
+	execvp(argv[4], argv + 5);	/* as libuv: a script without #! runs with /bin/sh */
+	fprintf(stderr, "callagent: cannot start %s: %s\n", argv[4], strerror(errno));
+	return 127;
+}
+
+/* The path of this program (for the wrapper above); NULL if unknown. */
+static const char *self_exe(void)
+{
+	static char path[PATH_MAX];
+	static int done;
+
+	if (!done) {
+		ssize_t n = readlink("/proc/self/exe", path, sizeof path - 1);
+
+		done = 1;
+		if (n <= 0 || n >= (ssize_t)sizeof path - 1)
+			path[0] = '\0';
+		else
+			path[n] = '\0';
+	}
+	return path[0] ? path : NULL;
+}
+
 static int l_spawn(lua_State *L)
 {
 	uv_process_options_t o;
@@ -654,7 +715,7 @@ static int l_spawn(lua_State *L)
 		env = build_env(L, lua_gettop(L), 1, 1, anchor, &path);
 	}
 	name = args[0];
-	rc = resolve(L, name, path);
+	rc = resolve(L, name, path, cwd);
 	if (rc < 0)
 		return ca_fail(L, uv_err_name(rc), "%s: %s in PATH", name,
 			       rc == UV_EACCES ? "not executable" : "not found");
@@ -693,6 +754,22 @@ static int l_spawn(lua_State *L)
 	o.exit_cb = on_child_exit;
 	o.file = file;
 	o.args = args;
+	if (kill_on_exit && self_exe()) {
+		/* Through the wrapper (ca__pdeathsig_main): [self, flag, parent, signal, file, args...]. */
+		char **w = lua_newuserdatauv(L, ((size_t)n + 6) * sizeof *w, 0);
+
+		lua_rawseti(L, anchor, (lua_Integer)lua_rawlen(L, anchor) + 1);
+		lua_pushfstring(L, "%d", (int)getpid());
+		w[2] = (char *)lua_tostring(L, -1);
+		lua_rawseti(L, anchor, (lua_Integer)lua_rawlen(L, anchor) + 1);
+		w[0] = (char *)self_exe();
+		w[1] = "--pdeathsig";
+		w[3] = "15";	/* SIGTERM */
+		w[4] = (char *)file;
+		memcpy(w + 5, args, ((size_t)n + 1) * sizeof *w);
+		o.file = w[0];
+		o.args = w;
+	}
 	o.env = env;
 	o.cwd = cwd;
 	o.stdio_count = 3;

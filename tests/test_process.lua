@@ -524,6 +524,38 @@ T.test("drop_secrets: the child inherits no variable that holds a secret of the 
   T.eq(pid, "unset plain-value|sk-proc-secret-123456 plain-value")
 end)
 
+T.test("kill_on_exit: the child ends even when callagent is killed with SIGKILL (no teardown)", function()
+  local dir = T.tmpdir()
+  local path = dir .. "/child.lua"
+  local f = assert(io.open(path, "w"))
+  f:write([[
+    local process = require "callagent.process"
+    local a = assert(process.spawn{ "sleep", "100" })
+    local b = assert(process.spawn{ "sleep", "100", kill_on_exit = false })
+    io.stdout:write(a.pid, " ", b.pid, "\n"); io.stdout:flush()
+    require("callagent.timer").after(60000, function() end) -- alive until killed
+  ]])
+  f:close()
+  local p = assert(process.spawn({ T.bin, "run", path }))
+  local line = p:read_line(10000)
+  local a, b = (line or ""):match("^(%d+) (%d+)$")
+  watch_pid(a, "child printed the pids")
+  watch_pid(b, "child printed the pids")
+  T.wait_for(function()
+    local comm = io.open("/proc/" .. a .. "/comm")
+    local name = comm and comm:read("l")
+    if comm then
+      comm:close()
+    end
+    return name == "sleep"
+  end, 3000, "the program to run under the pid given (the wrapper execs it)")
+  p:kill("SIGKILL")
+  p:wait(5000)
+  wait_gone(a)
+  timer.sleep(100)
+  T.eq(pid_gone(b), false, "kill_on_exit = false: still running")
+end)
+
 T.test("kill_on_exit = false leaves the child running after callagent exits", function()
   local pid, code = child_callagent([[
     local process = require "callagent.process"
