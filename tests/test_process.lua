@@ -379,9 +379,8 @@ local function wait_gone(pid)
   end, 3000, "process " .. pid .. " to end")
 end
 
--- Runs a child callagent with script text; returns the pid it prints, its
--- exit code and its stderr lines.
-local function child_callagent(script, env)
+-- Starts a child callagent with script text: the process and its stderr lines.
+local function start_child(script, env)
   local dir = T.tmpdir()
   local path = dir .. "/child.lua"
   local f = assert(io.open(path, "w"))
@@ -398,6 +397,13 @@ local function child_callagent(script, env)
       err[#err + 1] = l
     end,
   }))
+  return p, err
+end
+
+-- Runs a child callagent with script text; returns the pid it prints, its
+-- exit code and its stderr lines.
+local function child_callagent(script, env)
+  local p, err = start_child(script, env)
   local line = p:read_line(10000)
   local pid = tonumber(line) or line
   local code = p:wait(10000)
@@ -525,18 +531,13 @@ T.test("drop_secrets: the child inherits no variable that holds a secret of the 
 end)
 
 T.test("kill_on_exit: the child ends even when callagent is killed with SIGKILL (no teardown)", function()
-  local dir = T.tmpdir()
-  local path = dir .. "/child.lua"
-  local f = assert(io.open(path, "w"))
-  f:write([[
+  local p = start_child([[
     local process = require "callagent.process"
     local a = assert(process.spawn{ "sleep", "100" })
     local b = assert(process.spawn{ "sleep", "100", kill_on_exit = false })
     io.stdout:write(a.pid, " ", b.pid, "\n"); io.stdout:flush()
     require("callagent.timer").after(60000, function() end) -- alive until killed
   ]])
-  f:close()
-  local p = assert(process.spawn({ T.bin, "run", path }))
   local line = p:read_line(10000)
   local a, b = (line or ""):match("^(%d+) (%d+)$")
   watch_pid(a, "child printed the pids")

@@ -12,7 +12,7 @@
 // "reason":"..."}, and {"end":true} when the server ends the connection.
 import net from 'node:net';
 import crypto from 'node:crypto';
-import { frame, readFrames, dribble } from './ws_frames.js';
+import { frame, dribble, readStream } from './ws_frames.js';
 
 const [scenario, port, path] = process.argv.slice(2);
 const KEY = [0x37, 0xfa, 0x21, 0x3d];
@@ -73,36 +73,26 @@ sock.on('connect', () => {
     `Sec-WebSocket-Key: ${key}\r\nSec-WebSocket-Version: 13\r\n\r\n` +
     (scenario === 'pipelined' ? frame(1, 'too early', { mask: KEY }).toString('latin1') : ''), 'latin1');
 });
-let buf = Buffer.alloc(0), upgraded = false;
-sock.on('data', (chunk) => {
-  buf = Buffer.concat([buf, chunk]);
-  if (!upgraded) {
-    const end = buf.indexOf('\r\n\r\n');
-    if (end < 0) return;
-    const head = buf.subarray(0, end).toString('latin1');
-    if (!/^HTTP\/1\.1 101 /.test(head)) {
-      console.log(JSON.stringify({ refused: head.split('\r\n')[0] }));
-      process.exit(1);
-    }
-    upgraded = true;
-    buf = buf.subarray(end + 4);
-    scenarios[scenario](sock);
+readStream(sock, (head) => {
+  if (!/^HTTP\/1\.1 101 /.test(head)) {
+    console.log(JSON.stringify({ refused: head.split('\r\n')[0] }));
+    process.exit(1);
   }
-  buf = readFrames(buf, (op, data, masked, fin) => {
-    const line = { op, masked, fin };
-    if (op === 8) {
-      line.code = data.length >= 2 ? data.readUInt16BE(0) : null;
-      line.reason = data.subarray(2).toString();
-    } else if (op === 2) {
-      line.data = data.length;
-      line.sum = data.reduce((a, b) => a + b, 0);
-    } else {
-      line.data = data.toString();
-    }
-    console.log(JSON.stringify(line));
-    if (op === 8) sock.end(); // the server's close: ours is the end of the stream
-    if (op === 9 && scenario === 'answering') sock.write(frame(10, data, { mask: KEY }));
-  });
+  scenarios[scenario](sock);
+}, (op, data, masked, fin) => {
+  const line = { op, masked, fin };
+  if (op === 8) {
+    line.code = data.length >= 2 ? data.readUInt16BE(0) : null;
+    line.reason = data.subarray(2).toString();
+  } else if (op === 2) {
+    line.data = data.length;
+    line.sum = data.reduce((a, b) => a + b, 0);
+  } else {
+    line.data = data.toString();
+  }
+  console.log(JSON.stringify(line));
+  if (op === 8) sock.end(); // the server's close: ours is the end of the stream
+  if (op === 9 && scenario === 'answering') sock.write(frame(10, data, { mask: KEY }));
 });
 sock.on('close', () => {
   console.log(JSON.stringify({ end: true }));

@@ -14,7 +14,7 @@ import tls from 'node:tls';
 import fs from 'node:fs';
 import crypto from 'node:crypto';
 import { Duplex } from 'node:stream';
-import { frame, readFrames, dribble } from './ws_frames.js';
+import { frame, dribble, readStream } from './ws_frames.js';
 
 const scenario = process.argv[2];
 const GUID = '258EAFA5-E914-47DA-95CA-C5AB0DC85B11';
@@ -106,28 +106,16 @@ const server = net.createServer((raw) => {
   raw.setNoDelay(true);
   raw.on('error', () => {});
   const sock = tlsOpts ? new tls.TLSSocket(new Shredder(raw), tlsOpts) : raw;
-  let buf = Buffer.alloc(0), upgraded = false;
-  sock.on('data', (chunk) => {
-    buf = Buffer.concat([buf, chunk]);
-    if (!upgraded) {
-      const end = buf.indexOf('\r\n\r\n');
-      if (end < 0) return;
-      upgraded = true;
-      const head = buf.subarray(0, end).toString('latin1');
-      buf = buf.subarray(end + 4);
-      scenarios[scenario](sock, head);
+  readStream(sock, (head) => scenarios[scenario](sock, head), (op, data, masked) => {
+    const line = { op, masked };
+    if (op === 8) {
+      line.code = data.length >= 2 ? data.readUInt16BE(0) : null;
+      line.reason = data.subarray(2).toString();
+      sock.end();
+    } else {
+      line.data = op === 2 ? data.length : data.toString();
     }
-    buf = readFrames(buf, (op, data, masked) => {
-      const line = { op, masked };
-      if (op === 8) {
-        line.code = data.length >= 2 ? data.readUInt16BE(0) : null;
-        line.reason = data.subarray(2).toString();
-        sock.end();
-      } else {
-        line.data = op === 2 ? data.length : data.toString();
-      }
-      console.log(JSON.stringify(line));
-    });
+    console.log(JSON.stringify(line));
   });
   sock.on('error', () => {});
 });

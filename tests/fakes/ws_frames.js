@@ -29,7 +29,7 @@ export function frame(op, payload, { fin = true, mask = false, rsv = 0 } = {}) {
 
 // Frames (masked or not) out of buf, to onFrame(op, data, masked, fin);
 // returns the bytes left over.
-export function readFrames(buf, onFrame) {
+function readFrames(buf, onFrame) {
   for (;;) {
     if (buf.length < 2) return buf;
     let len = buf[1] & 0x7f, off = 2;
@@ -64,3 +64,21 @@ export function dribble(sock, bytes, then) {
   next();
 }
 
+
+// Reads sock: first an HTTP head, whole, to onHead(head) (latin1, without
+// the blank line); then frames, to onFrame as readFrames gives them.
+export function readStream(sock, onHead, onFrame) {
+  let buf = Buffer.alloc(0), upgraded = false;
+  sock.on('data', (chunk) => {
+    buf = Buffer.concat([buf, chunk]);
+    if (!upgraded) {
+      const end = buf.indexOf('\r\n\r\n');
+      if (end < 0) return;
+      upgraded = true;
+      const head = buf.subarray(0, end).toString('latin1');
+      buf = buf.subarray(end + 4);
+      onHead(head);
+    }
+    buf = readFrames(buf, onFrame);
+  });
+}
