@@ -48,7 +48,7 @@ T.test("every number is written exactly: cjson's 14 digits are not enough for al
   local forged = { s = "\0callagent:number:0x10\0", e = "\0callagent:empty-array\0", n = 0.1234567890123456,
     a = json.array({}) }
   T.eq(json.decode(json.encode(forged)), { s = forged.s, e = forged.e, n = forged.n, a = {} })
-  T.eq(json.decode(json.encode_stored(forged)).s, forged.s)
+  T.eq(json.decode_stored(json.encode_stored(forged)).s, forged.s)
 end)
 
 T.test("try_decode(s, true) keeps empty arrays at any depth; only JSON's whitespace counts", function()
@@ -62,6 +62,22 @@ T.test("try_decode(s, true) keeps empty arrays at any depth; only JSON's whitesp
   T.match(err, "at character 15$", "the error's place in the text as sent")
   local back = json.decode_stored(json.encode_stored({ l = json.array({}), m = { json.array({}) } }))
   T.eq({ json.encode(back.l), json.encode(back.m) }, { "[]", "[[]]" })
+end)
+
+T.test("a client's strings that look like the markers come back as sent, from the API and from the store", function()
+  local EMPTY = "\0callagent:empty-array\0"
+  local sent = '{"m":["\\u0000callagent:empty-array\\u0000"],"e":"\\u0000callagent:esc:x","l":[]}'
+  local v = json.try_decode(sent, true)
+  T.eq(v.m, { EMPTY }, "a one-element array, not []")
+  T.eq(v.e, "\0callagent:esc:x")
+  T.ok(json.is_array(v.l))
+  local back = json.decode_stored(json.encode_stored(v))
+  T.eq(back.m, { EMPTY }, "stored and read back: still the string")
+  T.eq(back.e, "\0callagent:esc:x", "a string that starts like the escape keeps it")
+  T.ok(json.is_array(back.l) and next(back.l) == nil, "a real empty array stays one")
+  T.eq(json.decode_stored(json.encode_stored(EMPTY)), EMPTY, "at the top level too")
+  -- Text stored before: a plain [EMPTY] is an empty array, other strings as they are.
+  T.ok(json.is_array(json.decode_stored('{"a":["\\u0000callagent:empty-array\\u0000"]}').a))
 end)
 
 T.run()

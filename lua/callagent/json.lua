@@ -45,7 +45,13 @@ local NONCE = require("callagent.crypto").random_token(12)
 local EMPTY = "\0callagent:empty-array\0"
 local EMPTY_JSON = '"\\u0000callagent:empty-array\\u0000"'
 local RUN_EMPTY = "\0callagent:empty:" .. NONCE .. "\0"
-local RUN_EMPTY_PATTERN = ('"\\u0000callagent:empty:' .. NONCE .. '\\u0000"'):gsub("%p", "%%%0")
+local RUN_EMPTY_JSON = '"\\u0000callagent:empty:' .. NONCE .. '\\u0000"'
+local RUN_EMPTY_PATTERN = RUN_EMPTY_JSON:gsub("%p", "%%%0")
+-- In the stored form, a string of the caller's that starts as a marker does
+-- is kept with ESC in front (taken off by decode_stored): no value sent can
+-- pass for a marker.
+local MARK_PREFIX = "\0callagent:"
+local ESC = "\0callagent:esc:"
 local NUM = "\0callagent:number:" .. NONCE .. ":"
 local NUM_JSON_PATTERN = ('"\\u0000callagent:number:' .. NONCE .. ":"):gsub("%p", "%%%0") .. "([^\\]*)"
   .. ("\\u0000\""):gsub("%p", "%%%0")
@@ -82,8 +88,13 @@ end
 -- Returns v with every marked empty array replaced by the EMPTY sentinel and
 -- every number cjson would round by a NUM string, or v itself when it holds
 -- neither (no copy made).
-local function prepare(v, depth)
-  if type(v) == "number" then
+local function prepare(v, depth, stored)
+  if type(v) == "string" then
+    if stored and v:byte(1) == 0 and v:sub(1, #MARK_PREFIX) == MARK_PREFIX then
+      return ESC .. v, true
+    end
+    return v, false
+  elseif type(v) == "number" then
     local s = exact(v)
     if s then
       return NUM .. s .. "\0", true
@@ -100,7 +111,7 @@ local function prepare(v, depth)
   end
   local copy
   for k, x in pairs(v) do
-    local y, changed = prepare(x, depth + 1)
+    local y, changed = prepare(x, depth + 1, stored)
     if changed then
       if not copy then
         copy = {}
@@ -122,8 +133,8 @@ local function number_back(s)
 end
 
 local encode = cjson.encode
-local function encode_with(v, empty)
-  local p, changed = prepare(v, 0)
+local function encode_with(v, empty, stored)
+  local p, changed = prepare(v, 0, stored)
   local s = encode(p)
   if changed then
     s = s:gsub(RUN_EMPTY_PATTERN, empty)
@@ -146,38 +157,44 @@ end
 -- by decode_stored (cjson reads [] as an empty table, like {}).
 local EMPTY_STORED = "[" .. EMPTY_JSON .. "]"
 function M.encode_stored(v)
-  return encode_with(v, EMPTY_STORED)
+  return encode_with(v, EMPTY_STORED, true)
 end
 
 local decode = cjson.decode
 
--- v with every {EMPTY} in it replaced by a marked empty array.
-local function restore(v, depth)
+-- v with every {mark} in it replaced by a marked empty array (and, with
+-- unescape, ESC taken off the strings that have it).
+local function restore(v, depth, mark, unescape)
   if depth > 1000 then
     return v
   end
   for k, x in pairs(v) do
     if type(x) == "table" then
-      if x[1] == EMPTY and next(x, 1) == nil then
+      if x[1] == mark and next(x, 1) == nil then
         v[k] = M.array({})
       else
-        restore(x, depth + 1)
+        restore(x, depth + 1, mark, unescape)
       end
+    elseif unescape and type(x) == "string" and x:sub(1, #ESC) == ESC then
+      v[k] = x:sub(#ESC + 1)
     end
   end
   return v
 end
 
-local function restored(v)
+local function restored(v, mark, unescape)
   if type(v) ~= "table" then
+    if unescape and type(v) == "string" and v:sub(1, #ESC) == ESC then
+      return v:sub(#ESC + 1)
+    end
     return v
-  elseif v[1] == EMPTY and next(v, 1) == nil then
+  elseif v[1] == mark and next(v, 1) == nil then
     return M.array({})
   end
-  return restore(v, 0)
+  return restore(v, 0, mark, unescape)
 end
 
--- s with each [] outside its strings written [EMPTY] (or s, when none).
+-- s with each [] outside its strings written [RUN_EMPTY] (or s, when none).
 -- Only JSON's own whitespace may be inside: "[\f]" stays an error.
 local function mark_empty_arrays(s)
   if not s:find("%[[ \t\r\n]*%]") then
@@ -207,7 +224,7 @@ local function mark_empty_arrays(s)
       local e = s:match("^%[[ \t\r\n]*%]()", a)
       if e then
         out[#out + 1] = s:sub(i, a - 1)
-        out[#out + 1] = "[" .. EMPTY_JSON .. "]"
+        out[#out + 1] = "[" .. RUN_EMPTY_JSON .. "]"
         i, pos, changed = e, e, true
       else
         pos = a + 1
@@ -233,13 +250,13 @@ function M.try_decode(s, arrays)
   if not ok then
     return nil, "EJSON: " .. tostring(v)
   end
-  return changed and restored(v) or v
+  return changed and restored(v, RUN_EMPTY) or v
 end
 
 function M.decode_stored(s)
   local v = decode(s)
-  if s:find("u0000callagent:empty-array", 1, true) then
-    v = restored(v)
+  if s:find("u0000callagent:", 1, true) then
+    v = restored(v, EMPTY, true)
   end
   return v
 end
