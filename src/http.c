@@ -559,6 +559,14 @@ static int write_response(struct req *r)
 	return 1;
 }
 
+/* Whether the request line says HTTP/1.0 (lws keeps "HTTP/1.x" as a header). */
+static int http10(struct lws *wsi)
+{
+	char v[16];
+
+	return lws_hdr_copy(wsi, v, sizeof v, WSI_TOKEN_HTTP) > 0 && strcmp(v, "HTTP/1.0") == 0;
+}
+
 static int path_accepts_ws(struct server *s, const char *path)
 {
 	for (int i = 0; i < s->n_ws_paths; i++)
@@ -664,9 +672,10 @@ static int server_callback(struct lws *wsi, enum lws_callback_reasons reason,
 			}
 			r->expect = (size_t)v;
 			if (v > 0 && lws_hdr_copy(wsi, cl, sizeof cl, WSI_TOKEN_HTTP_EXPECT) > 0 &&
-			    !strcasecmp(cl, "100-continue")) {
+			    !strcasecmp(cl, "100-continue") && !http10(wsi)) {
 				/* lws 4.1 does not answer it: the client would wait (1 s
-				 * for curl) before it sends the body. */
+				 * for curl) before it sends the body. An HTTP/1.0
+				 * request's is ignored (RFC 9110 10.1.1). */
 				static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
 				unsigned char buf[LWS_PRE + sizeof cont];
 

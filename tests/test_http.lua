@@ -87,6 +87,12 @@ T.test("a request with Expect: 100-continue gets 100 Continue, then its answer, 
   T.eq(code, 0)
   T.lt(timer.now() - t0, 5000, "the body went at once")
   T.eq(out, '{"n":3000}{"n":3}')
+  -- An HTTP/1.0 request's expectation is ignored (RFC 9110 10.1.1): no 100.
+  out, code = run({ "curl", "-sS", "-i", "--http1.0", "-H", "Expect: 100-continue", "--data-binary", "abc",
+    srv:url("/echo") })
+  T.eq(code, 0)
+  T.no_match(out, "100 Continue")
+  T.match(out, '^HTTP/1%.0 200 OK\r?\n.*{"n":3}$')
 end)
 
 T.test("unknown path is 404 and a known path with another method is 405 with Allow", function()
