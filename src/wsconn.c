@@ -1221,11 +1221,11 @@ int ca__ws_send(struct ca_ws *ws, const void *data, size_t len, int kind, const 
 		return -1;
 	}
 	/*
-	 * Nothing queued and lws holding no partial write: send now. This
-	 * saves the writeable round trip (two epoll_ctl calls and a callback)
-	 * on every message of the audio path; lws keeps the unsent tail of a
-	 * short write itself and asks for POLLOUT, and later messages queue
-	 * behind it.
+	 * Nothing queued and no partial write pending: send now. This saves
+	 * the writeable round trip (two epoll_ctl calls and a callback) on
+	 * every message of the audio path; the unsent tail of a short write
+	 * is kept (by io_send on a socket of ours, else by lws) until POLLOUT,
+	 * and later messages queue behind it.
 	 */
 	if (ws->head == NULL && !partial(ws)) {
 		if (LWS_PRE + len + 14 > scratch_cap) {
