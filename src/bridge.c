@@ -15,6 +15,10 @@
  *                     transcoded
  *   model response.output_audio.done / response.done -> a `mark` after the
  *                     audio not yet marked
+ *   model text deltas (of the transcripts, of function call arguments) ->
+ *                     dropped: the call flow reads only the whole texts
+ *                     (`.done`, `.completed`), and a response has dozens of
+ *                     deltas, each a JSON decode in Lua
  * Between two echoed marks the played position is the last one plus the time
  * since, while more of the item is queued at the phone (it plays in real
  * time): as exact as a mark per chunk, with a fifth of the marks
@@ -39,7 +43,8 @@
  *   b:unplayed()         true while sent audio has not been confirmed played
  *   b:on_drained(fn)     fn() once, when nothing is left unplayed (now, if so)
  *   b:stats()            {frames_in, appended, kept, deltas, media_out, dropped_kept,
- *                        bad_in, bad_out (payloads that were not base64: dropped)}
+ *                        bad_in, bad_out (payloads that were not base64: dropped),
+ *                        text_deltas (dropped)}
  *   b:close()            detaches from both connections (idempotent; also __gc)
  */
 #define _GNU_SOURCE
@@ -98,6 +103,7 @@ struct bridge {
 	int drained_ref;
 	lua_Integer frames_in, appended, deltas, media_out, dropped_kept;
 	lua_Integer bad_in, bad_out;	/* payloads that were not base64: dropped */
+	lua_Integer text_deltas;	/* model text deltas dropped (no Lua reads them) */
 };
 
 struct bridge_box {
@@ -638,6 +644,15 @@ static int phone_tap(void *ctx, struct ca_ws *ws, const char *s, size_t n)
 	return ev != UNKNOWN;	/* media or mark without its field: nothing to do */
 }
 
+/* Whether an event type is a delta of text that Lua reads only whole. */
+static int text_delta(const char *t, size_t n)
+{
+	return IS(t, n, "response.output_audio_transcript.delta") || IS(t, n, "response.audio_transcript.delta") ||
+	       IS(t, n, "conversation.item.input_audio_transcription.delta") ||
+	       IS(t, n, "response.function_call_arguments.delta") || IS(t, n, "response.output_text.delta") ||
+	       IS(t, n, "response.text.delta");
+}
+
 static int model_tap(void *ctx, struct ca_ws *ws, const char *s, size_t n)
 {
 	struct bridge *b = ctx;
@@ -655,6 +670,10 @@ static int model_tap(void *ctx, struct ca_ws *ws, const char *s, size_t n)
 				if (b->unmarked >= 0 && (IS(j.v, j.vl, "response.output_audio.done") ||
 				    IS(j.v, j.vl, "response.audio.done") || IS(j.v, j.vl, "response.done")))
 					flush_mark(b);
+				if (text_delta(j.v, j.vl)) {
+					b->text_deltas++;
+					return 1;
+				}
 				return 0;
 			}
 			audio = 1;
@@ -944,7 +963,7 @@ static int l_stats(lua_State *L)
 {
 	struct bridge *b = check(L);
 
-	lua_createtable(L, 0, 8);
+	lua_createtable(L, 0, 9);
 	lua_pushinteger(L, b->frames_in);
 	lua_setfield(L, -2, "frames_in");
 	lua_pushinteger(L, b->appended);
@@ -961,6 +980,8 @@ static int l_stats(lua_State *L)
 	lua_setfield(L, -2, "bad_in");
 	lua_pushinteger(L, b->bad_out);
 	lua_setfield(L, -2, "bad_out");
+	lua_pushinteger(L, b->text_deltas);
+	lua_setfield(L, -2, "text_deltas");
 	return 1;
 }
 

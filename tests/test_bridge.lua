@@ -12,6 +12,7 @@ local ws = require "callagent.ws"
 local cbridge = require "callagent.core.bridge"
 local crypto = require "callagent.crypto"
 local task = require "callagent.task"
+local timer = require "callagent.timer"
 local cjson = require "cjson"
 
 local SID = "MZ0123456789abcdef0123456789abcdef"
@@ -67,7 +68,12 @@ local function rig()
       receive("phone", msg)
     end,
   }))
-  r.model = assert(ws.connect(base .. "/model", { on_text = function() end }))
+  r.model_lua = {} -- what the bridge leaves to Lua of the model's events
+  r.model = assert(ws.connect(base .. "/model", {
+    on_text = function(_, msg)
+      r.model_lua[#r.model_lua + 1] = msg
+    end,
+  }))
   T.defer(function()
     r.fake_phone:close()
     r.model:close()
@@ -137,6 +143,29 @@ T.test("payloads with escaped quotes are dropped in both directions, not written
     T.eq({ b:stats().bad_in, b:stats().bad_out }, { 1, 1 }, out)
     b:close()
   end
+end)
+
+T.test("the model's text deltas stop in C; the whole texts and every other event reach Lua", function()
+  local r = rig()
+  local b = new_bridge(r, "audio/pcmu", "audio/pcmu", true)
+  local sent = {
+    '{"type":"response.output_audio_transcript.delta","item_id":"i1","delta":"Hel"}',
+    '{"type":"conversation.item.input_audio_transcription.delta","item_id":"i0","delta":"Hi"}',
+    '{"type":"response.function_call_arguments.delta","call_id":"c1","delta":"{\\"out"}',
+    '{"type":"response.output_item.added","item":{"id":"i1"}}',
+    '{"type":"response.output_audio_transcript.done","item_id":"i1","transcript":"Hello"}',
+    '{"type":"response.function_call_arguments.done","call_id":"c1","arguments":"{}"}',
+  }
+  for _, m in ipairs(sent) do
+    r.fake_model:send(m)
+  end
+  T.wait_for(function()
+    return #r.model_lua >= 3
+  end, 5000, "the events Lua gets")
+  timer.sleep(50)
+  T.eq(r.model_lua, { sent[4], sent[5], sent[6] })
+  T.eq(b:stats().text_deltas, 3)
+  b:close()
 end)
 
 -- Message sequences to mutate: every branch of the two taps. Each entry is
