@@ -30,7 +30,10 @@
  *                      true, or nil, "EBADF: ..." (no stdin pipe) / "EPIPE: ..."
  *   p:close_stdin()    ends stdin after the queued data (the child reads EOF)
  *   p:kill([sig])      sig a name ("SIGTERM", "TERM") or number, default
- *                      SIGTERM: true, or nil, "ESRCH: ..." once it has exited
+ *                      SIGTERM, to the child's process group: true, or nil,
+ *                      "ESRCH: ..." once it has exited and nothing it started
+ *                      holds its output pipes (a grandchild that outlived its
+ *                      wrapper still gets the signal)
  *
  * Each child leads a process group of its own (a new session), and every
  * signal goes to the group: what a wrapper script started (npm, a shell that
@@ -240,6 +243,8 @@ static int signal_child(struct ca_proc *p, int sig)
 {
 	if (p->h.pid > 0 && kill(-p->h.pid, sig) == 0)
 		return 0;
+	if (p->exited)	/* its group is empty by now */
+		return UV_ESRCH;
 	return uv_process_kill(&p->h, sig);
 }
 
@@ -264,11 +269,22 @@ static void cloexec_all(void)
 	closedir(d);
 }
 
+/*
+ * Whether the child, or something it started that still holds its output
+ * pipes (a grandchild that outlived its wrapper), may be running: its
+ * process group may still have members. The group's id cannot be a new
+ * process's while it has members.
+ */
+static int may_run(const struct ca_proc *p)
+{
+	return !p->exited || !(p->out.done && p->err.done);
+}
+
 /* SIGTERM to every running child with kill_on_exit (a forced exit). */
 void ca__kill_children(void)
 {
 	for (struct ca_proc *p = live; p; p = p->next)
-		if (p->kill_on_exit && !p->exited && !p->closing)
+		if (p->kill_on_exit && may_run(p) && !p->closing)
 			signal_child(p, SIGTERM);
 }
 
@@ -280,7 +296,7 @@ static void at_close(void)
 	while (p) {
 		struct ca_proc *next = p->next;
 
-		if (p->kill_on_exit && !p->exited && !p->closing)
+		if (p->kill_on_exit && may_run(p) && !p->closing)
 			signal_child(p, SIGTERM);
 		close_all(p);
 		p = next;
@@ -870,7 +886,7 @@ static int l_kill(lua_State *L)
 	struct proc_box *box = check_box(L);
 	int sig = check_signal(L, 2), rc;
 
-	if (box->p == NULL || box->p->exited)
+	if (box->p == NULL || !may_run(box->p))
 		return ca_fail(L, "ESRCH", "process %d has exited", (int)box->pid);
 	rc = signal_child(box->p, sig);
 	if (rc < 0)
@@ -893,7 +909,7 @@ static int l_gc(lua_State *L)
 		return 0;
 	p->box = NULL;
 	if (ca_stopping()) {
-		if (p->kill_on_exit && !p->exited && !p->closing)
+		if (p->kill_on_exit && may_run(p) && !p->closing)
 			signal_child(p, SIGTERM);
 		close_all(p);
 	}

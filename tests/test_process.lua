@@ -410,6 +410,30 @@ local function child_callagent(script, env)
   return pid, code, err
 end
 
+T.test("a kill after the child exited still reaches what it started and holds its output (a grandchild ignoring SIGTERM)", function()
+  local lines = {}
+  local p = assert(process.spawn({ "sh", "-c", "(trap '' TERM; sleep 100) & echo $!; exit 0",
+    on_stdout = function(l)
+      lines[#lines + 1] = l
+    end }))
+  T.wait_for(function()
+    return lines[1] ~= nil and not p:running()
+  end, 5000, "the wrapper to print the grandchild's pid and exit")
+  local pid = tonumber(lines[1])
+  watch_pid(pid, "the grandchild's pid")
+  local code, err = p:wait(300)
+  T.eq({ code, err }, { nil, "ETIMEDOUT" }, "not over: the grandchild holds stdout")
+  T.eq(p:kill("SIGTERM"), true, "the group still has a member")
+  timer.sleep(200)
+  T.eq(pid_gone(pid), false, "SIGTERM ignored")
+  T.eq(p:kill("SIGKILL"), true)
+  wait_gone(pid)
+  T.eq(p:wait(5000), 0, "the wrapper's status, once the pipe is closed")
+  local ok, e = p:kill()
+  T.eq(ok, nil)
+  T.match(e, "^ESRCH", "nothing left to signal")
+end)
+
 T.test("kill_on_exit: a child of callagent gets SIGTERM when callagent exits", function()
   local pid, code, err = child_callagent([[
     local process = require "callagent.process"
