@@ -11,7 +11,8 @@
  *       longer lines come in pieces of that size); spec.kill_on_exit
  *       (default true: SIGTERM at callagent's teardown if still running,
  *       and when callagent dies without one - SIGKILL, a crash: the child
- *       is started through "callagent --pdeathsig", which sets
+ *       is started through "callagent --pdeathsig" (/proc/self/exe, so an
+ *       upgraded or removed binary does not matter), which sets
  *       PR_SET_PDEATHSIG and execs the program, so its pid is the program's);
  *       spec.drop_secrets (default false: the child gets no inherited
  *       variable whose value holds a secret registered with the log).
@@ -52,7 +53,6 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <limits.h>
 #include <signal.h>
 #include <stdio.h>
 #include <sys/prctl.h>
@@ -665,22 +665,19 @@ int ca__pdeathsig_main(int argc, char **argv)
 	return 127;
 }
 
-/* The path of this program (for the wrapper above); NULL if unknown. */
+/*
+ * This program, for the wrapper above; NULL without /proc. The child execs
+ * /proc/self/exe - its own, which is ours - rather than our path: that works
+ * even when the binary has been replaced or removed since callagent started
+ * (an upgrade under a running process).
+ */
 static const char *self_exe(void)
 {
-	static char path[PATH_MAX];
-	static int done;
+	static int ok = -1;
 
-	if (!done) {
-		ssize_t n = readlink("/proc/self/exe", path, sizeof path - 1);
-
-		done = 1;
-		if (n <= 0 || n >= (ssize_t)sizeof path - 1)
-			path[0] = '\0';
-		else
-			path[n] = '\0';
-	}
-	return path[0] ? path : NULL;
+	if (ok < 0)
+		ok = access("/proc/self/exe", X_OK) == 0;
+	return ok ? "/proc/self/exe" : NULL;
 }
 
 static int l_spawn(lua_State *L)
@@ -778,12 +775,12 @@ static int l_spawn(lua_State *L)
 		lua_pushfstring(L, "%d", (int)getpid());
 		w[2] = (char *)lua_tostring(L, -1);
 		lua_rawseti(L, anchor, (lua_Integer)lua_rawlen(L, anchor) + 1);
-		w[0] = (char *)self_exe();
+		w[0] = "callagent";
 		w[1] = "--pdeathsig";
 		w[3] = "15";	/* SIGTERM */
 		w[4] = (char *)file;
 		memcpy(w + 5, args, ((size_t)n + 1) * sizeof *w);
-		o.file = w[0];
+		o.file = self_exe();
 		o.args = w;
 	}
 	o.env = env;

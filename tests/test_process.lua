@@ -581,6 +581,30 @@ T.test("kill_on_exit: the child ends even when callagent is killed with SIGKILL 
   T.eq(pid_gone(b), false, "kill_on_exit = false: still running")
 end)
 
+T.test("children start after callagent's binary was replaced or removed (an upgrade under a running process)", function()
+  local dir = T.tmpdir()
+  local bin = dir .. "/callagent"
+  T.eq(os.execute("cp '" .. T.bin .. "' '" .. bin .. "'"), true)
+  local f = assert(io.open(dir .. "/app.lua", "w"))
+  f:write([[
+    local process = require "callagent.process"
+    local task = require "callagent.task"
+    assert(os.remove(arg[1]))
+    task.spawn(function()
+      local p = assert(process.spawn({ "sh", "-c", "echo child ran", on_stdout = print }))
+      print("exit " .. tostring(p:wait(5000)))
+    end)
+  ]])
+  f:close()
+  local out = {}
+  local p = assert(process.spawn({ bin, "run", dir .. "/app.lua", bin, env = { CALLAGENT_PATH = T.root .. "/lua" },
+    inherit_env = true, on_stdout = function(l)
+      out[#out + 1] = l
+    end }))
+  T.eq(p:wait(10000), 0)
+  T.eq(out, { "child ran", "exit 0" })
+end)
+
 T.test("kill_on_exit = false leaves the child running after callagent exits", function()
   local pid, code = child_callagent([[
     local process = require "callagent.process"
