@@ -777,10 +777,11 @@ static int server_callback(struct lws *wsi, enum lws_callback_reasons reason,
 		 * ca__ws_take_socket): lws's service, parser and writes cost
 		 * the audio path 6-7% of the process's CPU.
 		 */
-		ws->ping_ms = s->ws_ping_ms;
-		ws->pong_ms = s->ws_pong_ms;
-		if (!s->tls)
-			ca__ws_take_socket(ws, NULL);
+		if (!s->tls && ca__ws_take_socket(ws, NULL) == 0) {
+			ws->ping_ms = s->ws_ping_ms;
+			ws->pong_ms = s->ws_pong_ms;
+			ca__ws_start_pings(ws);
+		}
 		lua_rawgeti(L, LUA_REGISTRYINDEX, s->ws_ref);
 		ws->handler_ref = luaL_ref(L, LUA_REGISTRYINDEX);
 		pss->ws = ws;

@@ -280,12 +280,18 @@ static int may_run(const struct ca_proc *p)
 	return !p->exited || !(p->out.done && p->err.done);
 }
 
+/* SIGTERM to a child with kill_on_exit that may still run (callagent is ending). */
+static void term_on_exit(struct ca_proc *p)
+{
+	if (p->kill_on_exit && may_run(p) && !p->closing)
+		signal_child(p, SIGTERM);
+}
+
 /* SIGTERM to every running child with kill_on_exit (a forced exit). */
 void ca__kill_children(void)
 {
 	for (struct ca_proc *p = live; p; p = p->next)
-		if (p->kill_on_exit && may_run(p) && !p->closing)
-			signal_child(p, SIGTERM);
+		term_on_exit(p);
 }
 
 /* Teardown hook: children whose userdata is gone are stopped and closed too. */
@@ -296,8 +302,7 @@ static void at_close(void)
 	while (p) {
 		struct ca_proc *next = p->next;
 
-		if (p->kill_on_exit && may_run(p) && !p->closing)
-			signal_child(p, SIGTERM);
+		term_on_exit(p);
 		close_all(p);
 		p = next;
 	}
@@ -906,8 +911,7 @@ static int l_gc(lua_State *L)
 		return 0;
 	p->box = NULL;
 	if (ca_stopping()) {
-		if (p->kill_on_exit && may_run(p) && !p->closing)
-			signal_child(p, SIGTERM);
+		term_on_exit(p);
 		close_all(p);
 	}
 	return 0;

@@ -709,8 +709,9 @@ static size_t frame_client(unsigned char *out, const void *in, size_t len, int o
 
 /*
  * Puts the message as it goes on the wire at out (room for len + 14):
- * a client frames its messages itself (lws carries its bytes raw, see
- * src/ws.c); a server leaves framing to lws. Returns the length (0 for an
+ * a client frames its messages itself, masked (see src/ws.c); a server's
+ * are framed when written (by io_write in the headroom, or by lws_write
+ * over TLS). Returns the length (0 for an
  * empty message on the server side) and sets *kind to what lws_write is to
  * be told, or -1 if no masking key was had.
  */
@@ -1148,7 +1149,6 @@ int ca__ws_take_socket(struct ca_ws *ws, int (*rx)(struct ca_ws *ws, unsigned ch
 	lws_rx_flow_control(ws->wsi, 0);
 	ws->io = io;
 	io_update(io);
-	ca__ws_start_pings(ws);
 	return 0;
 }
 

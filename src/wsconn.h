@@ -160,7 +160,11 @@ int ca__ws_send(struct ca_ws *ws, const void *data, size_t len, int kind, const 
  */
 int ca__ws_parse(struct ca_ws *ws, unsigned char *p, size_t len);
 
-/* Starts the pings (ws->ping_ms, pong_ms) of an open connection. */
+/*
+ * Starts the pings (ws->ping_ms, pong_ms) of an open connection, and for a
+ * server connection whose socket is ours the check for bytes lws holds
+ * (see on_ping_timer): call it after ca__ws_take_socket.
+ */
 void ca__ws_start_pings(struct ca_ws *ws);
 
 /*

@@ -203,10 +203,7 @@ end
 
 --- The fingerprint of a validated call request, kept with its Idempotency-Key.
 function M.fingerprint(input)
-  local digest = crypto.sha256(table.concat(canonical(input, {})))
-  return (digest:gsub(".", function(c)
-    return string.format("%02x", c:byte())
-  end))
+  return crypto.to_hex(crypto.sha256(table.concat(canonical(input, {}))))
 end
 
 --- Registers the API routes on an http server for the engine.

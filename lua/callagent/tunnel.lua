@@ -182,7 +182,7 @@ local function ngrok_said(st)
   return st.code and (st.headline .. " (" .. st.code .. ")") or st.headline
 end
 
-local function open_ngrok(cfg, port)
+local function open_ngrok(cfg, port, deadline)
   local st = {}
   local wake = task.queue(1)
   local function poke()
@@ -227,7 +227,6 @@ local function open_ngrok(cfg, port)
     stop_child(p)
     return nil, msg
   end
-  local deadline = cfg.deadline or timer.now() + cfg.timeoutSec * 1000
   while true do
     wake:pop(POLL_MS)
     if st.auth then
@@ -383,8 +382,7 @@ local function funnel_off()
   end
 end
 
-local function open_tailscale(cfg, port)
-  local deadline = cfg.deadline or timer.now() + cfg.timeoutSec * 1000
+local function open_tailscale(cfg, port, deadline)
   local function left()
     return deadline - timer.now()
   end
@@ -456,9 +454,11 @@ function M.open(cfg, port)
   if provider == "none" then
     return nil, 'tunnel: tunnel.provider is "none"; set server.publicBaseUrl to the URL the telephony vendor reaches this server at'
   end
+  -- One deadline, for auto's both tries too: tunnel.timeoutSec is what opening may take.
+  local deadline = timer.now() + cfg.timeoutSec * 1000
   local single = OPENERS[provider]
   if single then
-    local t, err, kind = single(cfg, port)
+    local t, err, kind = single(cfg, port, deadline)
     if t then
       return opened(t)
     end
@@ -471,15 +471,13 @@ function M.open(cfg, port)
     error("tunnel.provider must be auto, ngrok, tailscale or none, not " .. tostring(provider), 2)
   end
   local reasons, missing = {}, 0
-  -- One deadline for both: tunnel.timeoutSec is what opening may take.
-  cfg.deadline = timer.now() + cfg.timeoutSec * 1000
   for i, name in ipairs({ "ngrok", "tailscale" }) do
     local t, err, kind
-    if i > 1 and timer.now() >= cfg.deadline then
+    if i > 1 and timer.now() >= deadline then
       -- Started now, it would be killed at once, with a misleading reason.
       err = string.format("%s was not tried: the first took all of tunnel.timeoutSec (%d s)", name, cfg.timeoutSec)
     else
-      t, err, kind = OPENERS[name](cfg, port)
+      t, err, kind = OPENERS[name](cfg, port, deadline)
     end
     if t then
       return opened(t)
