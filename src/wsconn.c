@@ -10,6 +10,11 @@
  *   conn:abort()             drop the connection now, no close frame (peer sees 1006)
  *   conn:is_open()           true until closed (or while connecting: false)
  *   conn:buffered()          bytes queued and not yet taken by the socket
+ *   conn:stats()             {messages_in, messages_out, reads, writes}: the
+ *                            messages (pings and pongs not counted), and
+ *                            the recv / send calls once the socket is
+ *                            callagent's (see ca__ws_take_socket; 0 before,
+ *                            and on a TLS server, where lws does them)
  *   conn:pause() / conn:resume()  stop / restart reading from the peer
  *   conn.id                  a number unique in this process
  *   conn.<anything>          other fields live in a per-connection table, so
@@ -432,6 +437,7 @@ static void deliver(struct ca_ws *ws, const void *data, size_t len, int binary)
 {
 	lua_State *L = ca_lua();
 
+	ws->msgs_in++;
 	/* A C tap (the call's audio path) takes the messages it handles. */
 	if (ws->tap && !binary && ws->tap(ws->tap_ctx, ws, data, len))
 		return;
@@ -963,6 +969,49 @@ static unsigned char io_buf[65536];
 
 static void io_cb(uv_poll_t *h, int status, int events);
 
+/*
+ * Gathered writes. What a read sets off (the answers to the messages it
+ * carried: the bridge's appends to the model for a phone read, its media
+ * for a model read) is gathered and sent when the read has been handled,
+ * so a read that caught up on several messages sends their answers in one
+ * send(2), not one each: a loaded loop that fell behind catches up at a
+ * fraction of the kernel's cost per message, and one that keeps up sends
+ * as soon as before (a read's messages are handled in microseconds). One
+ * socket gathers at a time: a write to another sends the gathered bytes
+ * first. Bytes of a socket that has a short write pending go behind it.
+ */
+#define CORK_MAX 65536
+
+static int corking;			/* a read is being handled */
+static struct ca_wsio *cork_io;		/* whose bytes cork holds */
+static unsigned char *cork;
+static size_t cork_len, cork_cap;
+
+static void keep_out(struct ca_wsio *io, const unsigned char *p, size_t len);
+
+/* Sends the gathered bytes; what the socket does not take waits for POLLOUT. */
+static void cork_flush(void)
+{
+	struct ca_wsio *io = cork_io;
+	ssize_t n;
+
+	cork_io = NULL;
+	if (io == NULL || cork_len == 0)
+		return;
+	io->ws->writes++;
+	n = send(io->fd, cork, cork_len, MSG_NOSIGNAL);
+	/*
+	 * A failed send keeps the bytes too: the socket's error comes back
+	 * with its next poll, and ends the connection there, in its own
+	 * callback rather than in the middle of another's.
+	 */
+	if (n < 0)
+		n = 0;
+	if ((size_t)n < cork_len)
+		keep_out(io, cork + n, cork_len - (size_t)n);
+	cork_len = 0;
+}
+
 static void io_update(struct ca_wsio *io)
 {
 	int ev = (io->paused ? 0 : UV_READABLE) | (io->out_len || io->want ? UV_WRITABLE : 0);
@@ -991,6 +1040,8 @@ static void io_release(struct ca_ws *ws)
 
 	if (io == NULL)
 		return;
+	if (cork_io == io)
+		cork_flush();	/* a close frame may be among them */
 	ws->io = NULL;
 	io->ws = NULL;
 	uv_poll_stop(&io->poll);
@@ -1005,13 +1056,47 @@ void ca__ws_kill_conn(struct ca_ws *ws)
 		ca__ws_kill(ws->wsi);
 }
 
-/* Sends bytes now, keeping what the socket does not take for POLLOUT. 0 or -1. */
+/* Keeps bytes the socket did not take, for POLLOUT. */
+static void keep_out(struct ca_wsio *io, const unsigned char *p, size_t len)
+{
+	if (io->out_len + len > io->out_cap) {
+		io->out_cap = io->out_len + len + 4096;
+		io->out = ca_realloc(io->out, io->out_cap);
+	}
+	memcpy(io->out + io->out_len, p, len);
+	io->out_len += len;
+	io_update(io);
+}
+
+/*
+ * Sends bytes now (or, while a read is handled, once it has been: see
+ * cork), keeping what the socket does not take for POLLOUT. 0 or -1.
+ */
 static int io_send(struct ca_ws *ws, const unsigned char *p, size_t len)
 {
 	struct ca_wsio *io = ws->io;
 
+	if (corking && io->out_len == 0) {
+		if (cork_io != io)
+			cork_flush();
+		if (cork_len + len > CORK_MAX)
+			cork_flush();
+		if (len <= CORK_MAX && io->out_len == 0) {	/* a short write: behind it */
+			if (cork_len + len > cork_cap) {
+				cork_cap = CORK_MAX;
+				cork = ca_realloc(cork, cork_cap);
+			}
+			memcpy(cork + cork_len, p, len);
+			cork_len += len;
+			cork_io = io;
+			return 0;
+		}
+	}
 	if (io->out_len == 0) {
-		ssize_t n = send(io->fd, p, len, MSG_NOSIGNAL);
+		ssize_t n;
+
+		ws->writes++;
+		n = send(io->fd, p, len, MSG_NOSIGNAL);
 
 		if (n < 0) {
 			if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
@@ -1023,13 +1108,7 @@ static int io_send(struct ca_ws *ws, const unsigned char *p, size_t len)
 		p += n;
 		len -= (size_t)n;
 	}
-	if (io->out_len + len > io->out_cap) {
-		io->out_cap = io->out_len + len + 4096;
-		io->out = ca_realloc(io->out, io->out_cap);
-	}
-	memcpy(io->out + io->out_len, p, len);
-	io->out_len += len;
-	io_update(io);
+	keep_out(io, p, len);
 	return 0;
 }
 
@@ -1069,8 +1148,10 @@ static int io_flush(struct ca_ws *ws)
 	struct ca_wsio *io = ws->io;
 
 	if (io->out_len) {
-		ssize_t n = send(io->fd, io->out, io->out_len, MSG_NOSIGNAL);
+		ssize_t n;
 
+		ws->writes++;
+		n = send(io->fd, io->out, io->out_len, MSG_NOSIGNAL);
 		if (n < 0)
 			return errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR ? 0 : -1;
 		memmove(io->out, io->out + n, io->out_len - (size_t)n);
@@ -1094,8 +1175,11 @@ static int io_flush(struct ca_ws *ws)
 
 static void io_read(struct ca_ws *ws)
 {
-	ssize_t n = recv(ws->io->fd, io_buf, sizeof io_buf, 0);
+	ssize_t n;
+	int r, was = corking;
 
+	ws->reads++;
+	n = recv(ws->io->fd, io_buf, sizeof io_buf, 0);
 	if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
 		return;
 	if (n <= 0) {
@@ -1106,7 +1190,12 @@ static void io_read(struct ca_ws *ws)
 	ws->last_rx = uv_now(ca_loop());
 	if (ws->fr.broken)
 		return;
-	if (ws->io->rx(ws, io_buf, (size_t)n) != 0)
+	corking = 1;
+	r = ws->io->rx(ws, io_buf, (size_t)n);
+	corking = was;
+	if (!corking)
+		cork_flush();
+	if (r != 0)
 		ca__ws_kill_conn(ws);
 }
 
@@ -1227,6 +1316,8 @@ int ca__ws_send(struct ca_ws *ws, const void *data, size_t len, int kind, const 
 	 * is kept (by io_send on a socket of ours, else by lws) until POLLOUT,
 	 * and later messages queue behind it.
 	 */
+	if (kind != LWS_WRITE_PING && kind != LWS_WRITE_PONG)
+		ws->msgs_out++;	/* dropped below, the connection goes with it */
 	if (ws->head == NULL && !partial(ws)) {
 		if (LWS_PRE + len + 14 > scratch_cap) {
 			scratch_cap = LWS_PRE + len + 14 + 4096;
@@ -1352,6 +1443,23 @@ static int l_buffered(lua_State *L)
 	return 1;
 }
 
+/* conn:stats(): messages in and out, and the recv / send calls on a socket of ours. */
+static int l_stats(lua_State *L)
+{
+	struct ca_ws *ws = check_ws(L);
+
+	lua_createtable(L, 0, 4);
+	lua_pushinteger(L, ws->msgs_in);
+	lua_setfield(L, -2, "messages_in");
+	lua_pushinteger(L, ws->msgs_out);
+	lua_setfield(L, -2, "messages_out");
+	lua_pushinteger(L, ws->reads);
+	lua_setfield(L, -2, "reads");
+	lua_pushinteger(L, ws->writes);
+	lua_setfield(L, -2, "writes");
+	return 1;
+}
+
 static int l_pause(lua_State *L)
 {
 	struct ca_ws *ws = check_ws(L);
@@ -1442,6 +1550,7 @@ void ca__ws_register(lua_State *L)
 		{"abort", l_abort},
 		{"is_open", l_is_open},
 		{"buffered", l_buffered},
+		{"stats", l_stats},
 		{"pause", l_pause},
 		{"resume", l_resume},
 		{NULL, NULL}

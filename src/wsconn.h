@@ -101,6 +101,8 @@ struct ca_ws {
 	 */
 	struct ca_wsframe fr;
 	struct ca_wsio *io;		/* server side: the socket, once ours */
+	lua_Integer msgs_in, msgs_out;	/* conn:stats() */
+	lua_Integer reads, writes;	/* recv and send calls on the socket, once ours */
 	uv_timer_t *ping_timer;
 	uint64_t ping_ms, pong_ms;
 	uint64_t last_rx, ping_sent;

@@ -31,12 +31,17 @@ local check = require("bridge_check")(SID)
 
 -- The four ends, connected: r.fake_phone -> r.phone (bridged) and r.model
 -- (bridged) -> r.fake_model. What the fakes receive is checked as it comes:
--- r.got.model / r.got.phone (counts), r.bad (the first few wrong ones).
+-- r.got.model / r.got.phone (counts), r.bad (the first few wrong ones);
+-- r.on.model / r.on.phone, if set, are called with each message, in the
+-- fake's handler.
 local function rig()
-  local r = { got = { model = 0, phone = 0 }, bad = {}, last = {}, sentinels = task.queue() }
+  local r = { got = { model = 0, phone = 0 }, bad = {}, last = {}, sentinels = task.queue(), on = {} }
   local function receive(to, msg)
     r.got[to] = r.got[to] + 1
     r.last[to] = msg
+    if r.on[to] then
+      r.on[to](msg)
+    end
     local field = msg:match(to == "model" and '"audio":"([^"]*)"' or '"payload":"([^"]*)"') or ""
     if #field == SENTINEL_LEN[to] or (to == "phone" and #field >= SENTINEL_LEN.phone) then
       r.sentinels:push(to)
@@ -165,6 +170,52 @@ T.test("the model's text deltas stop in C; the whole texts and every other event
   timer.sleep(50)
   T.eq(r.model_lua, { sent[4], sent[5], sent[6] })
   T.eq(b:stats().text_deltas, 3)
+  b:close()
+end)
+
+T.test("the messages one read brought are answered in one write, in order, each way", function()
+  local r = rig()
+  local b = new_bridge(r, "audio/pcmu", "audio/pcmu", true)
+  local function frame(byte)
+    return crypto.base64_encode(string.rep(string.char(byte), 160))
+  end
+  -- Each fake answers the bridge's first message with three, sent from its
+  -- handler, so in one write: the bridge reads the three in one go.
+  local appends, payloads = {}, {}
+  r.on.phone = function(msg)
+    payloads[#payloads + 1] = cjson.decode(msg).media.payload
+    if #payloads == 1 then
+      for i = 1, 3 do
+        r.fake_phone:send(media(frame(i)))
+      end
+    end
+  end
+  r.on.model = function(msg)
+    appends[#appends + 1] = cjson.decode(msg).audio
+    if #appends == 1 then
+      for i = 11, 13 do
+        r.fake_model:send(delta("i1", frame(i)))
+      end
+    end
+  end
+  local before = { phone = r.phone:stats(), model = r.model:stats(), fake_phone = r.fake_phone:stats(),
+    fake_model = r.fake_model:stats() }
+  r.fake_model:send(delta("i1", frame(10)))
+  wait_got(r, 3, 4, "the three appends and four media")
+  timer.sleep(50)
+  T.eq(r.bad, {})
+  T.eq(appends, { frame(1), frame(2), frame(3) }, "the appends, in order")
+  T.eq(payloads, { frame(10), frame(11), frame(12), frame(13) }, "the media, in order")
+  local function sent(name, conn)
+    local s = conn:stats()
+    return { s.messages_out - before[name].messages_out, s.writes - before[name].writes }
+  end
+  T.eq(sent("fake_phone", r.fake_phone), { 3, 1 }, "the fake phone's three frames: one write")
+  T.eq(sent("model", r.model), { 3, 1 }, "the bridge's three appends: one write")
+  T.eq(sent("fake_model", r.fake_model), { 4, 2 }, "the fake model's first delta alone, then three in one write")
+  T.eq(sent("phone", r.phone), { 4, 2 }, "the bridge's media: the first alone, then three in one write")
+  T.eq(r.phone:stats().messages_in - before.phone.messages_in, 3)
+  T.eq(b:stats().appended, 3)
   b:close()
 end)
 

@@ -20,6 +20,11 @@ local function echo_server(opts)
         srv.events[#srv.events + 1] = { "open", req.path }
       end,
       text = function(conn, msg)
+        if msg == "last words, then abort" then
+          conn:send("last words")
+          conn:abort()
+          return
+        end
         if msg:sub(1, 6) == "close:" then
           local code, reason = msg:match("^close:(%d+):(.*)$")
           conn:close(tonumber(code), reason)
@@ -738,6 +743,36 @@ T.test("protocol errors from a client close it with 1002, and the server says wh
     end, 3000, scenario .. ": the server's close event, once the client has ended the connection")
     T.eq(srv.events[2][2], 1002, scenario)
   end
+end)
+
+T.test("messages and a close that came in one read: the echoes and the close answer go out in order, in one write", function()
+  local srv = echo_server()
+  local p = edge_client("burst", srv)
+  for i = 1, 5 do
+    T.eq(server_frame(p), { op = 1, masked = false, fin = true, data = "m" .. i })
+  end
+  T.eq(server_frame(p), { op = 8, masked = false, fin = true, code = 4001, reason = "" })
+  T.eq(server_frame(p), { ["end"] = true })
+  T.wait_for(function()
+    return #srv.events >= 2
+  end, 3000, "the server's close event")
+  local s = srv.last:stats()
+  T.eq({ s.messages_in, s.messages_out, s.writes }, { 5, 5, 1 }, "five echoes and the close frame in one send")
+  T.gt(s.reads, 0)
+  -- A protocol error after two messages: their echoes still go out, before the close.
+  srv = echo_server()
+  p = edge_client("bursterror", srv)
+  T.eq(server_frame(p).data, "m1")
+  T.eq(server_frame(p).data, "m2")
+  local f = server_frame(p)
+  T.eq({ f.op, f.code }, { 8, 1002 })
+  T.eq(server_frame(p), { ["end"] = true })
+  -- A handler that sends and then drops the connection: what it sent goes first.
+  srv = echo_server()
+  local c = assert(connect(srv:ws_url("/echo")))
+  c:send("last words, then abort")
+  T.eq({ c:receive(5000) }, { "text", "last words" })
+  T.eq({ c:receive(5000) }, { "close", 1006, "connection lost" })
 end)
 
 T.test("a frame sent with the upgrade request is refused with 1002, not lost without a word", function()

@@ -47,6 +47,17 @@ const scenarios = {
   longping(sock) {
     sock.write(frame(9, Buffer.alloc(126), { mask: KEY }));
   },
+  // Five text messages and a close in one write: the echoes and the answer
+  // to the close must come back whole and in order.
+  burst(sock) {
+    const frames = [1, 2, 3, 4, 5].map((i) => frame(1, 'm' + i, { mask: KEY }));
+    frames.push(frame(8, Buffer.from([0x0f, 0xa1]), { mask: KEY }));
+    sock.write(Buffer.concat(frames));
+  },
+  // Two text messages, then a protocol error, in one write.
+  bursterror(sock) {
+    sock.write(Buffer.concat([frame(1, 'm1', { mask: KEY }), frame(1, 'm2', { mask: KEY }), frame(1, 'x')]));
+  },
   // A frame in the same write as the upgrade request (see below).
   pipelined() {},
   // Says nothing and answers no ping.
