@@ -275,6 +275,49 @@ T.test("a slow reader is disconnected when its send queue passes max_send_queue"
   end, 5000, "the client to see the connection end")
 end)
 
+T.test("many messages sent while one read is handled, past what the socket takes: all arrive, in order", function()
+  local srv = http.server({ max_send_queue = 64 * 1024 * 1024 })
+  local state = {}
+  srv:websocket("/burst", {
+    text = function(conn, msg)
+      -- All in the handler: gathered, then short writes, then the queue.
+      for i = 1, tonumber(msg) do
+        assert(conn:send(string.format("%06d", i) .. string.rep(string.char(65 + i % 26), 4090)))
+      end
+      state.buffered = conn:buffered()
+      state.stats = conn:stats()
+    end,
+  })
+  assert(srv:listen())
+  T.defer(function()
+    srv:close()
+  end)
+  local got, bad = 0, nil
+  local c = assert(connect(srv:ws_url("/burst"), {
+    max_message = 8192,
+    on_text = function(_, msg)
+      got = got + 1
+      local want = string.format("%06d", got) .. string.rep(string.char(65 + got % 26), 4090)
+      if msg ~= want and not bad then
+        bad = string.format("message %d: %q...", got, msg:sub(1, 12))
+      end
+    end,
+  }))
+  c:pause()
+  c:send("4000") -- 16 MB: more than the two sockets' buffers hold
+  T.wait_for(function()
+    return state.stats
+  end, 5000, "the handler")
+  T.gt(state.buffered, 0, "some of it waits in the send queue")
+  T.lt(state.stats.writes, 4000, "gathered: fewer sends than messages")
+  c:resume()
+  T.wait_for(function()
+    return got == 4000 or bad
+  end, 20000, "all 4000 messages")
+  T.eq(bad, nil)
+  T.eq(got, 4000)
+end)
+
 T.test("wss:// works against a TLS listener whose CA is given; without it ETLS", function()
   local c = certs.make(T.tmpdir())
   local srv = echo_server({ tls = { cert = c.cert, key = c.key } })
