@@ -61,8 +61,9 @@
  * Waking: on this kind of machine a loopback TCP send costs several us of
  * CPU, most of it the receiver's TCP path run inline, so the generator does
  * the least it can per frame: one send per message it must send (the
- * frame, the delta, the mark echo), one recv per readable socket (up to
- * 256 KiB, so whatever queued is read at once), no locks, no threads. In
+ * frame, the delta, the mark echo; the replies to what one read brought go
+ * in one send), one recv per readable socket (up to 256 KiB, so whatever
+ * queued is read at once), no locks, no threads. In
  * "tick" mode (the default) the loop sleeps on the 1 ms timer only: each
  * tick sends the frames due, then takes every socket event pending
  * (epoll_wait with timeout 0), so at most 1000 wake-ups a second whatever
@@ -476,11 +477,24 @@ static void note_queued(struct conn *c)
 	}
 }
 
+/*
+ * The connection whose read is being handled: its replies (a delta per
+ * append, mark echoes, the answer to a close) are gathered and sent in one
+ * send once the read is handled (see on_readable), as callagent does - a
+ * generator that fell behind and reads several messages at once then
+ * catches up at less kernel cost.
+ */
+static struct conn *gathering;
+
 /* Writes at once when nothing is queued; the rest waits for EPOLLOUT. */
 static void raw_send(struct conn *c, const void *p, size_t n)
 {
 	if (c->state == S_DEAD)
 		return;
+	if (c == gathering) {
+		buf_append(&c->out, p, n);
+		return;
+	}
 	if (c->out.len == c->out.off) {
 		ssize_t w = send(c->o.fd, p, n, MSG_NOSIGNAL | MSG_DONTWAIT);
 
@@ -1487,10 +1501,19 @@ static void on_readable(struct conn *c)
 			conn_dead(c, 1006, strerror(errno));
 			return;
 		}
+		gathering = c;
 		if (c->ssl)
 			tls_in(c, rbuf, (size_t)r);
 		else
 			plain_in(c, rbuf, (size_t)r);
+		gathering = NULL;
+		if (c->state != S_DEAD && c->out.len > c->out.off) {
+			conn_flush(c);
+			if (c->state != S_DEAD && c->out.len > c->out.off) {
+				set_events(c);	/* the rest waits for EPOLLOUT */
+				note_queued(c);
+			}
+		}
 		if (c->state == S_DEAD || r < RBUF)
 			return;
 	}
