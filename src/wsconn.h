@@ -100,7 +100,7 @@ struct ca_ws {
 	 * and pings after ping_ms of silence, dropped with no answer in pong_ms.
 	 */
 	struct ca_wsframe fr;
-	struct ca_wsio *io;		/* server side: the socket, once ours */
+	struct ca_wsio *io;		/* the socket, once ours (ca__ws_take_socket) */
 	lua_Integer msgs_in, msgs_out;	/* conn:stats() */
 	lua_Integer reads, writes;	/* recv and send calls on the socket, once ours */
 	uv_timer_t *ping_timer;
