@@ -964,24 +964,15 @@ static int l_stats(lua_State *L)
 	struct bridge *b = check(L);
 
 	lua_createtable(L, 0, 9);
-	lua_pushinteger(L, b->frames_in);
-	lua_setfield(L, -2, "frames_in");
-	lua_pushinteger(L, b->appended);
-	lua_setfield(L, -2, "appended");
-	lua_pushinteger(L, b->n_kept);
-	lua_setfield(L, -2, "kept");
-	lua_pushinteger(L, b->dropped_kept);
-	lua_setfield(L, -2, "dropped_kept");
-	lua_pushinteger(L, b->deltas);
-	lua_setfield(L, -2, "deltas");
-	lua_pushinteger(L, b->media_out);
-	lua_setfield(L, -2, "media_out");
-	lua_pushinteger(L, b->bad_in);
-	lua_setfield(L, -2, "bad_in");
-	lua_pushinteger(L, b->bad_out);
-	lua_setfield(L, -2, "bad_out");
-	lua_pushinteger(L, b->text_deltas);
-	lua_setfield(L, -2, "text_deltas");
+	ca_set_int_field(L, "frames_in", b->frames_in);
+	ca_set_int_field(L, "appended", b->appended);
+	ca_set_int_field(L, "kept", b->n_kept);
+	ca_set_int_field(L, "dropped_kept", b->dropped_kept);
+	ca_set_int_field(L, "deltas", b->deltas);
+	ca_set_int_field(L, "media_out", b->media_out);
+	ca_set_int_field(L, "bad_in", b->bad_in);
+	ca_set_int_field(L, "bad_out", b->bad_out);
+	ca_set_int_field(L, "text_deltas", b->text_deltas);
 	return 1;
 }
 

@@ -69,6 +69,9 @@ void *ca_malloc(size_t n);
 void *ca_realloc(void *p, size_t n);
 char *ca_strdup(const char *s);
 
+/* Sets t[k] = v in the table on top of the stack. */
+void ca_set_int_field(lua_State *L, const char *k, lua_Integer v);
+
 /* Fetches an integer/boolean/string field from the table at idx, with a default. */
 lua_Integer ca_opt_int_field(lua_State *L, int idx, const char *k, lua_Integer def);
 int ca_opt_bool_field(lua_State *L, int idx, const char *k, int def);

@@ -985,18 +985,13 @@ static int l_stats(lua_State *L)
 	struct ca_db *db = check_db(L);
 
 	lua_createtable(L, 0, 6);
-	lua_pushinteger(L, db->ncached);
-	lua_setfield(L, -2, "statements");
-	lua_pushinteger(L, db->prepared);
-	lua_setfield(L, -2, "prepared");
+	ca_set_int_field(L, "statements", db->ncached);
+	ca_set_int_field(L, "prepared", db->prepared);
 	lua_pushboolean(L, db->bg != NULL);
 	lua_setfield(L, -2, "background_checkpoint");
-	lua_pushinteger(L, db->bg ? db->bg->runs : 0);
-	lua_setfield(L, -2, "checkpoints");
-	lua_pushinteger(L, db->bg ? db->bg->failures : 0);
-	lua_setfield(L, -2, "checkpoint_failures");
-	lua_pushinteger(L, db->bg ? db->bg->inline_runs : 0);
-	lua_setfield(L, -2, "inline_checkpoints");
+	ca_set_int_field(L, "checkpoints", db->bg ? db->bg->runs : 0);
+	ca_set_int_field(L, "checkpoint_failures", db->bg ? db->bg->failures : 0);
+	ca_set_int_field(L, "inline_checkpoints", db->bg ? db->bg->inline_runs : 0);
 	return 1;
 }
 

@@ -120,6 +120,12 @@ char *ca_strdup(const char *s)
 	return memcpy(ca_malloc(n), s, n);
 }
 
+void ca_set_int_field(lua_State *L, const char *k, lua_Integer v)
+{
+	lua_pushinteger(L, v);
+	lua_setfield(L, -2, k);
+}
+
 lua_Integer ca_opt_int_field(lua_State *L, int idx, const char *k, lua_Integer def)
 {
 	lua_Integer v = def;

@@ -1449,14 +1449,10 @@ static int l_stats(lua_State *L)
 	struct ca_ws *ws = check_ws(L);
 
 	lua_createtable(L, 0, 4);
-	lua_pushinteger(L, ws->msgs_in);
-	lua_setfield(L, -2, "messages_in");
-	lua_pushinteger(L, ws->msgs_out);
-	lua_setfield(L, -2, "messages_out");
-	lua_pushinteger(L, ws->reads);
-	lua_setfield(L, -2, "reads");
-	lua_pushinteger(L, ws->writes);
-	lua_setfield(L, -2, "writes");
+	ca_set_int_field(L, "messages_in", ws->msgs_in);
+	ca_set_int_field(L, "messages_out", ws->msgs_out);
+	ca_set_int_field(L, "reads", ws->reads);
+	ca_set_int_field(L, "writes", ws->writes);
 	return 1;
 }
 
