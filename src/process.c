@@ -46,7 +46,10 @@
  * every handle is closed and the memory freed. __gc at teardown
  * (ca_stopping()) sends SIGTERM to a running child with kill_on_exit and
  * closes everything; children whose userdata was already collected are
- * handled by the module's ca__at_close hook.
+ * handled by the module's ca__at_close hook. That hook then gives the
+ * groups so signalled a second (EXIT_GRACE_MS) to end, and SIGKILLs what is
+ * left of them: what ignores SIGTERM (a grandchild that traps it) does not
+ * outlive callagent.
  *
  * callagent.process (lua/callagent/process.lua) adds wait() and read_line().
  */
@@ -59,6 +62,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "ca.h"
@@ -280,11 +284,92 @@ static int may_run(const struct ca_proc *p)
 	return !p->exited || !(p->out.done && p->err.done);
 }
 
+/* Process groups sent SIGTERM at teardown, SIGKILLed if still there after EXIT_GRACE_MS. */
+#define EXIT_GRACE_MS 1000
+static pid_t *exit_groups;
+static size_t n_exit_groups, exit_groups_cap;
+
 /* SIGTERM to a child with kill_on_exit that may still run (callagent is ending). */
 static void term_on_exit(struct ca_proc *p)
 {
-	if (p->kill_on_exit && may_run(p) && !p->closing)
-		signal_child(p, SIGTERM);
+	if (!p->kill_on_exit || !may_run(p) || p->closing || signal_child(p, SIGTERM) != 0)
+		return;
+	if (ca_stopping() && p->h.pid > 0) {
+		if (n_exit_groups == exit_groups_cap) {
+			exit_groups_cap = exit_groups_cap ? 2 * exit_groups_cap : 8;
+			exit_groups = ca_realloc(exit_groups, exit_groups_cap * sizeof *exit_groups);
+		}
+		exit_groups[n_exit_groups++] = p->h.pid;
+	}
+}
+
+/*
+ * Whether a process group has a member that is not a zombie (a killed
+ * orphan stays one where the container's init does not reap).
+ */
+static int group_alive(pid_t pgid)
+{
+	DIR *d = opendir("/proc");
+	struct dirent *e;
+	int alive = 0;
+
+	if (d == NULL)
+		return kill(-pgid, 0) == 0;
+	while (!alive && (e = readdir(d)) != NULL) {
+		char path[300], buf[512];
+		const char *rp;
+		FILE *f;
+		char state;
+		int pgrp;
+
+		if (e->d_name[0] < '1' || e->d_name[0] > '9')
+			continue;
+		snprintf(path, sizeof path, "/proc/%s/stat", e->d_name);
+		if ((f = fopen(path, "re")) == NULL)
+			continue;
+		rp = fgets(buf, sizeof buf, f) ? strrchr(buf, ')') : NULL;
+		/* pid (comm) state ppid pgrp ...: comm may hold spaces and parentheses */
+		if (rp && sscanf(rp + 1, " %c %*d %d", &state, &pgrp) == 2 && pgrp == pgid && state != 'Z' &&
+		    state != 'X')
+			alive = 1;
+		fclose(f);
+	}
+	closedir(d);
+	return alive;
+}
+
+/* Waits up to EXIT_GRACE_MS for the groups sent SIGTERM at teardown to end; SIGKILL for the rest. */
+static void end_exit_groups(void)
+{
+	uint64_t deadline = uv_hrtime() + (uint64_t)EXIT_GRACE_MS * 1000000;
+	size_t left = n_exit_groups;
+
+	while (left) {
+		left = 0;
+		for (size_t i = 0; i < n_exit_groups; i++) {
+			if (exit_groups[i] == 0)
+				continue;
+			/* The leader, if it exited since: libuv's handle is closed, nobody else reaps it. */
+			waitpid(exit_groups[i], NULL, WNOHANG);
+			if (group_alive(exit_groups[i]))
+				left++;
+			else
+				exit_groups[i] = 0;
+		}
+		if (left == 0 || uv_hrtime() >= deadline)
+			break;
+		usleep(10000);
+	}
+	for (size_t i = 0; i < n_exit_groups; i++) {
+		if (exit_groups[i] == 0)
+			continue;
+		ca_log(CA_LOG_WARN, "process group %d still running %d ms after SIGTERM at exit: SIGKILL",
+		       (int)exit_groups[i], EXIT_GRACE_MS);
+		kill(-exit_groups[i], SIGKILL);
+	}
+	free(exit_groups);
+	exit_groups = NULL;
+	n_exit_groups = exit_groups_cap = 0;
 }
 
 /* SIGTERM to every running child with kill_on_exit (a forced exit). */
@@ -306,6 +391,7 @@ static void at_close(void)
 		close_all(p);
 		p = next;
 	}
+	end_exit_groups();
 }
 
 /*
