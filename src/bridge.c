@@ -231,26 +231,6 @@ static char *room(size_t n)
 	return buf;
 }
 
-/* The header of an unmasked WebSocket text frame of n bytes at out; returns its length. */
-static size_t ws_header(unsigned char *out, size_t n)
-{
-	out[0] = 0x81;
-	if (n < 126) {
-		out[1] = (unsigned char)n;
-		return 2;
-	}
-	if (n < 65536) {
-		out[1] = 126;
-		out[2] = (unsigned char)(n >> 8);
-		out[3] = (unsigned char)n;
-		return 4;
-	}
-	out[1] = 127;
-	for (int i = 0; i < 8; i++)
-		out[2 + i] = (unsigned char)((uint64_t)n >> (56 - 8 * i));
-	return 10;
-}
-
 static unsigned char *put(unsigned char *p, const void *s, size_t n)
 {
 	memcpy(p, s, n);
@@ -385,7 +365,7 @@ static unsigned char *put_mark(struct bridge *b, unsigned char *p)
 		digits[sizeof digits - 1 - dl++] = (char)('0' + seq % 10);
 		seq /= 10;
 	} while (seq);
-	p += ws_header(p, sizeof mark1 - 1 + b->sid_len + sizeof mark2 - 1 + dl + 3);
+	p += ca__ws_header(p, 1, sizeof mark1 - 1 + b->sid_len + sizeof mark2 - 1 + dl + 3, 0);
 	p = put(p, mark1, sizeof mark1 - 1);
 	p = put(p, b->sid, b->sid_len);
 	p = put(p, mark2, sizeof mark2 - 1);
@@ -447,7 +427,7 @@ static void send_media(struct bridge *b, int item, const char *b64, size_t n, si
 		it->played_at = uv_hrtime();	/* nothing queued there: it plays on arrival */
 	mark = b->unmarked_ms + ms >= MARK_MS;
 	out = p = (unsigned char *)room(media_len + 10 + MARK_MAX);
-	p += ws_header(p, media_len);
+	p += ca__ws_header(p, 1, media_len, 0);
 	p = put(p, media1, sizeof media1 - 1);
 	p = put(p, b->sid, b->sid_len);
 	p = put(p, media2, sizeof media2 - 1);

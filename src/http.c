@@ -1260,12 +1260,12 @@ static int l_listen(lua_State *L)
 	info.user = s;
 	info.finalize = on_vhost_final;
 	info.finalize_arg = s;
-	if (cert == NULL)
-		info.retry_and_idle_policy = &no_lws_pings;
 	if (cert) {
 		info.options |= LWS_SERVER_OPTION_DO_SSL_GLOBAL_INIT;
 		info.ssl_cert_filepath = cert;
 		info.ssl_private_key_filepath = key;
+	} else {
+		info.retry_and_idle_policy = &no_lws_pings;
 	}
 	s->tls = cert != NULL;
 	s->vh = ca__lws_vhost(&info);

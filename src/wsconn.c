@@ -689,27 +689,15 @@ static int client_opcode(int kind)
  */
 static size_t frame_client(unsigned char *out, const void *in, size_t len, int op)
 {
-	const unsigned char *data = in;
 	unsigned char key[4];
-	size_t h = 0;
+	size_t h;
 
 	if (next_mask(key) != 0)
 		return 0;
-	out[h++] = (unsigned char)(0x80 | op);
-	if (len < 126) {
-		out[h++] = (unsigned char)(0x80 | len);
-	} else if (len < 65536) {
-		out[h++] = 0x80 | 126;
-		out[h++] = (unsigned char)(len >> 8);
-		out[h++] = (unsigned char)len;
-	} else {
-		out[h++] = 0x80 | 127;
-		for (int b = 7; b >= 0; b--)
-			out[h++] = (unsigned char)((uint64_t)len >> (8 * b));
-	}
+	h = ca__ws_header(out, op, len, 1);
 	memcpy(out + h, key, 4);
 	h += 4;
-	xor_mask(out + h, data, len, key, 0);
+	xor_mask(out + h, in, len, key, 0);
 	return h + len;
 }
 
@@ -984,10 +972,22 @@ static void io_cb(uv_poll_t *h, int status, int events);
 
 static int corking;			/* a read is being handled */
 static struct ca_wsio *cork_io;		/* whose bytes cork holds */
-static unsigned char *cork;
-static size_t cork_len, cork_cap;
+static unsigned char *cork;		/* CORK_MAX bytes, from the first use */
+static size_t cork_len;
 
 static void keep_out(struct ca_wsio *io, const unsigned char *p, size_t len);
+
+/* send(2) on a socket of ours: the bytes taken (0: it is full), or -1 on an error. */
+static ssize_t sock_send(struct ca_wsio *io, const unsigned char *p, size_t len)
+{
+	ssize_t n;
+
+	io->ws->writes++;
+	n = send(io->fd, p, len, MSG_NOSIGNAL);
+	if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
+		return 0;
+	return n;
+}
 
 /* Sends the gathered bytes; what the socket does not take waits for POLLOUT. */
 static void cork_flush(void)
@@ -998,13 +998,12 @@ static void cork_flush(void)
 	cork_io = NULL;
 	if (io == NULL || cork_len == 0)
 		return;
-	io->ws->writes++;
-	n = send(io->fd, cork, cork_len, MSG_NOSIGNAL);
 	/*
 	 * A failed send keeps the bytes too: the socket's error comes back
 	 * with its next poll, and ends the connection there, in its own
 	 * callback rather than in the middle of another's.
 	 */
+	n = sock_send(io, cork, cork_len);
 	if (n < 0)
 		n = 0;
 	if ((size_t)n < cork_len)
@@ -1082,10 +1081,8 @@ static int io_send(struct ca_ws *ws, const unsigned char *p, size_t len)
 		if (cork_len + len > CORK_MAX)
 			cork_flush();
 		if (len <= CORK_MAX && io->out_len == 0) {	/* a short write: behind it */
-			if (cork_len + len > cork_cap) {
-				cork_cap = CORK_MAX;
-				cork = ca_realloc(cork, cork_cap);
-			}
+			if (cork == NULL)
+				cork = ca_malloc(CORK_MAX);
 			memcpy(cork + cork_len, p, len);
 			cork_len += len;
 			cork_io = io;
@@ -1093,16 +1090,10 @@ static int io_send(struct ca_ws *ws, const unsigned char *p, size_t len)
 		}
 	}
 	if (io->out_len == 0) {
-		ssize_t n;
+		ssize_t n = sock_send(io, p, len);
 
-		ws->writes++;
-		n = send(io->fd, p, len, MSG_NOSIGNAL);
-
-		if (n < 0) {
-			if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
-				return -1;
-			n = 0;
-		}
+		if (n < 0)
+			return -1;
 		if ((size_t)n == len)
 			return 0;
 		p += n;
@@ -1122,22 +1113,8 @@ static int io_write(struct ca_ws *ws, unsigned char *buf, size_t len, int kind)
 	unsigned char *h = buf;
 
 	if (op) {
-		unsigned hl = len < 126 ? 2 : len < 65536 ? 4 : 10;
-
-		h = buf - hl;
-		h[0] = (unsigned char)(0x80 | op);
-		if (len < 126) {
-			h[1] = (unsigned char)len;
-		} else if (len < 65536) {
-			h[1] = 126;
-			h[2] = (unsigned char)(len >> 8);
-			h[3] = (unsigned char)len;
-		} else {
-			h[1] = 127;
-			for (int b = 0; b < 8; b++)
-				h[2 + b] = (unsigned char)((uint64_t)len >> (8 * (7 - b)));
-		}
-		len += hl;
+		h = buf - ca__ws_header_len(len);
+		len += ca__ws_header(h, op, len, 0);
 	}
 	return io_send(ws, h, len);
 }
@@ -1148,12 +1125,10 @@ static int io_flush(struct ca_ws *ws)
 	struct ca_wsio *io = ws->io;
 
 	if (io->out_len) {
-		ssize_t n;
+		ssize_t n = sock_send(io, io->out, io->out_len);
 
-		ws->writes++;
-		n = send(io->fd, io->out, io->out_len, MSG_NOSIGNAL);
 		if (n < 0)
-			return errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR ? 0 : -1;
+			return -1;
 		memmove(io->out, io->out + n, io->out_len - (size_t)n);
 		io->out_len -= (size_t)n;
 		if (io->out_len)
@@ -1176,7 +1151,7 @@ static int io_flush(struct ca_ws *ws)
 static void io_read(struct ca_ws *ws)
 {
 	ssize_t n;
-	int r, was = corking;
+	int r;
 
 	ws->reads++;
 	n = recv(ws->io->fd, io_buf, sizeof io_buf, 0);
@@ -1192,9 +1167,8 @@ static void io_read(struct ca_ws *ws)
 		return;
 	corking = 1;
 	r = ws->io->rx(ws, io_buf, (size_t)n);
-	corking = was;
-	if (!corking)
-		cork_flush();
+	corking = 0;	/* a read is never handled inside another: one loop, no nesting */
+	cork_flush();
 	if (r != 0)
 		ca__ws_kill_conn(ws);
 }

@@ -153,6 +153,37 @@ void ca__ws_closed(struct ca_ws *ws);
  */
 int ca__ws_send(struct ca_ws *ws, const void *data, size_t len, int kind, const char **err);
 
+/* Bytes of a frame header (RFC 6455 5.2) for len bytes of payload, without a masking key. */
+static inline size_t ca__ws_header_len(size_t len)
+{
+	return len < 126 ? 2 : len < 65536 ? 4 : 10;
+}
+
+/*
+ * Writes the header of a whole (FIN) frame of opcode op and len bytes of
+ * payload at out; mask sets its MASK bit (the caller puts the key after
+ * it). Returns the header's length, ca__ws_header_len(len).
+ */
+static inline size_t ca__ws_header(unsigned char *out, int op, size_t len, int mask)
+{
+	size_t h = ca__ws_header_len(len);
+	unsigned char m = mask ? 0x80 : 0;
+
+	out[0] = (unsigned char)(0x80 | op);
+	if (h == 2) {
+		out[1] = (unsigned char)(m | len);
+	} else if (h == 4) {
+		out[1] = m | 126;
+		out[2] = (unsigned char)(len >> 8);
+		out[3] = (unsigned char)len;
+	} else {
+		out[1] = m | 127;
+		for (int b = 0; b < 8; b++)
+			out[2 + b] = (unsigned char)((uint64_t)len >> (56 - 8 * b));
+	}
+	return h;
+}
+
 /*
  * Bytes of the stream after the upgrade (a client's, or a server's whose
  * socket is ours): frames are checked (a server's peer must mask them, a

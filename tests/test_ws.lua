@@ -42,6 +42,14 @@ local function echo_server(opts)
   end)
 end
 
+-- Waits up to ms for an echo_server's close event (the one after its open) and returns it.
+local function close_event(srv, ms, what)
+  T.wait_for(function()
+    return #srv.events >= 2
+  end, ms, what or "the server's close event")
+  return srv.events[2]
+end
+
 local function connect(url, opts)
   local conn, err = ws.connect(url, opts)
   if conn then
@@ -116,10 +124,7 @@ T.test("the client closes with a code and reason; both sides see them", function
   c:receive(2000)
   c:close(4001, "client done")
   T.eq({ c:receive(2000) }, { "close", 4001, "client done" })
-  T.wait_for(function()
-    return #srv.events >= 2
-  end, 2000, "server close event")
-  T.eq(srv.events[2], { "close", 4001, "client done" })
+  T.eq(close_event(srv, 2000), { "close", 4001, "client done" })
   local ok, err = c:send("late")
   T.eq(ok, nil)
   T.match(err, "^ECLOSED")
@@ -130,10 +135,7 @@ T.test("the server closes with a code and reason; the client sees them", functio
   local c = assert(connect(srv:ws_url("/echo")))
   c:send("close:4000:server done")
   T.eq({ c:receive(2000) }, { "close", 4000, "server done" })
-  T.wait_for(function()
-    return #srv.events >= 2
-  end, 2000, "server close event")
-  T.eq(srv.events[2], { "close", 4000, "server done" })
+  T.eq(close_event(srv, 2000), { "close", 4000, "server done" })
 end)
 
 T.test("queued messages are sent before a close", function()
@@ -209,10 +211,7 @@ T.test("an incoming message over max_ws_message closes the connection with 1009"
   local kind, code = c:receive(3000)
   T.eq(kind, "close")
   T.eq(code, 1009)
-  T.wait_for(function()
-    return #srv.events >= 2
-  end, 2000, "server close event")
-  T.eq(srv.events[2][2], 1009)
+  T.eq(close_event(srv, 2000)[2], 1009)
 end)
 
 T.test("the client's max_message closes a connection the server floods with a big message", function()
@@ -768,10 +767,7 @@ T.test("the server reads frames split byte by byte, a ping between fragments, 64
   T.eq(server_frame(p), { op = 1, masked = false, fin = true, data = "" })
   T.eq(server_frame(p), { op = 8, masked = false, fin = true, code = 4001, reason = "" }, "the close answered with its code")
   T.eq(server_frame(p), { ["end"] = true }, "then the server ends the connection")
-  T.wait_for(function()
-    return #srv.events >= 2
-  end, 5000, "the server's close event")
-  T.eq(srv.events[2], { "close", 4001, "bye" })
+  T.eq(close_event(srv, 5000), { "close", 4001, "bye" })
 end)
 
 T.test("protocol errors from a client close it with 1002, and the server says why", function()
@@ -781,10 +777,8 @@ T.test("protocol errors from a client close it with 1002, and the server says wh
     local f = server_frame(p)
     T.eq({ f.op, f.code }, { 8, 1002 }, scenario)
     T.gt(#f.reason, 0, scenario .. ": with a reason")
-    T.wait_for(function()
-      return #srv.events >= 2
-    end, 3000, scenario .. ": the server's close event, once the client has ended the connection")
-    T.eq(srv.events[2][2], 1002, scenario)
+    T.eq(close_event(srv, 3000, scenario .. ": the server's close event, once the client has ended the connection")[2],
+      1002, scenario)
   end
 end)
 
@@ -796,9 +790,7 @@ T.test("messages and a close that came in one read: the echoes and the close ans
   end
   T.eq(server_frame(p), { op = 8, masked = false, fin = true, code = 4001, reason = "" })
   T.eq(server_frame(p), { ["end"] = true })
-  T.wait_for(function()
-    return #srv.events >= 2
-  end, 3000, "the server's close event")
+  close_event(srv, 3000)
   local s = srv.last:stats()
   T.eq({ s.messages_in, s.messages_out, s.writes }, { 5, 5, 1 }, "five echoes and the close frame in one send")
   T.gt(s.reads, 0)
@@ -823,18 +815,13 @@ T.test("a frame sent with the upgrade request is refused with 1002, not lost wit
   local p = edge_client("pipelined", srv)
   T.eq(server_frame(p), { op = 8, masked = false, fin = true, code = 1002, reason = "frames sent before the upgrade was answered" })
   T.eq(server_frame(p), { ["end"] = true })
-  T.wait_for(function()
-    return #srv.events >= 2
-  end, 3000, "the server's close event")
-  T.eq(srv.events[2], { "close", 1002, "frames sent before the upgrade was answered" })
+  T.eq(close_event(srv, 3000), { "close", 1002, "frames sent before the upgrade was answered" })
 end)
 
 T.test("a client cut off in the middle of a frame: the server sees 1006 and no message", function()
   local srv = echo_server()
   edge_client("drop", srv)
-  T.wait_for(function()
-    return #srv.events >= 2
-  end, 5000, "the server's close event")
+  close_event(srv, 5000)
   T.eq(srv.events, { { "open", "/echo" }, { "close", 1006, "connection lost" } })
 end)
 

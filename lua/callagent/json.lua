@@ -158,6 +158,11 @@ end
 
 local decode = cjson.decode
 
+-- s without the ESC encode_stored put in front of it (s itself if none).
+local function unescaped(s)
+  return s:sub(1, #ESC) == ESC and s:sub(#ESC + 1) or s
+end
+
 -- v with every {mark} in it replaced by a marked empty array (and, with
 -- unescape, ESC taken off the strings that have it).
 local function restore(v, depth, mark, unescape)
@@ -171,8 +176,8 @@ local function restore(v, depth, mark, unescape)
       else
         restore(x, depth + 1, mark, unescape)
       end
-    elseif unescape and type(x) == "string" and x:sub(1, #ESC) == ESC then
-      v[k] = x:sub(#ESC + 1)
+    elseif unescape and type(x) == "string" then
+      v[k] = unescaped(x)
     end
   end
   return v
@@ -180,10 +185,7 @@ end
 
 local function restored(v, mark, unescape)
   if type(v) ~= "table" then
-    if unescape and type(v) == "string" and v:sub(1, #ESC) == ESC then
-      return v:sub(#ESC + 1)
-    end
-    return v
+    return (unescape and type(v) == "string") and unescaped(v) or v
   elseif v[1] == mark and next(v, 1) == nil then
     return M.array({})
   end
