@@ -360,27 +360,35 @@ static int core_cpu(lua_State *L)
 }
 
 /*
- * The loop's own load. A prepare handle runs once per loop iteration, just
- * before the loop blocks for I/O; the time since the previous one, less
- * the time the loop spent blocked in epoll_wait, is the iteration's busy
- * time: every callback it ran, back to back. A busy iteration delays
- * whatever arrived during it, so a loop near saturation shows as
+ * The loop's own load, measured between its polls for I/O. The loop waits
+ * in epoll_wait, runs the callbacks of what came, then polls again: the
+ * time from the end of one wait to the start of the next is a busy stretch
+ * ("an iteration" in core.loop_stats and /healthz), and whatever arrived
+ * during it waited up to that long. A loop near saturation shows as
  * utilization near 1 and long iterations. Windows of at least lm.window_ns
  * (10 s, core.loop_window) give the recent figures; the counters run from
  * start.
  *
- * The time blocked is measured here, around libuv's own epoll_wait and
- * epoll_pwait calls (the definitions below take the place of libc's for
- * libuv): libuv 1.44's UV_METRICS_IDLE_TIME forgets a wait that a signal
- * interrupts (SIGCHLD from a child, SIGTERM), so an idle loop looked busy.
- * That metric stays the fallback if the calls are not seen.
+ * A pass of libuv's loop may poll more than once: when a poll returns a
+ * full batch (1024 events) libuv polls again at once, up to 48 times, and
+ * its prepare and check phases come once around all of them. So the
+ * stretches are timed here, around libuv's own epoll_wait and epoll_pwait
+ * calls (the definitions below take the place of libc's for libuv), not
+ * between prepare phases: at 1000 calls on a slow VM, passes of 400-600 ms
+ * were made of polls 10-30 ms apart, and that is what the frames waited.
+ * The waits timed here are also what utilization counts as idle: libuv
+ * 1.44's UV_METRICS_IDLE_TIME forgets a wait that a signal interrupts
+ * (SIGCHLD from a child, SIGTERM), so an idle loop looked busy. Should the
+ * calls not be seen, each pass between prepare phases counts as one
+ * iteration, with that metric for its idle time.
  */
 #define LOOP_SLOW_NS 5000000ULL		/* 5 ms: an iteration that long is "slow" */
 
 static struct {
 	uv_prepare_t prep;
 	uint64_t start, window_ns;
-	uint64_t last_now, last_idle;	/* at the previous prepare */
+	uint64_t last_now, last_idle;	/* at the previous prepare: the pass, for pacing */
+	uint64_t busy_from;	/* when the loop's last wait for I/O ended */
 	uint64_t iterations, busy_ns, slow, slow_ns, max_ns;
 	uint64_t win_start, win_busy, win_max;	/* the current window */
 	double last_util, last_max_ns, last_sec;	/* the last full window */
@@ -388,33 +396,6 @@ static struct {
 	uint64_t waited_ns;	/* the loop's time in epoll_wait, from the wrappers */
 	int waits_seen;
 } lm;
-
-/* The loop thread's wait for I/O, timed; other epoll users pass through. */
-static int timed_epoll_wait(int epfd, struct epoll_event *ev, int n, int ms, const sigset_t *mask)
-{
-	int timed = loop != NULL && epfd == uv_backend_fd(loop);
-	uint64_t t0 = timed ? uv_hrtime() : 0;
-	int rc = (int)syscall(SYS_epoll_pwait, epfd, ev, n, ms, mask, (size_t)(_NSIG / 8));
-
-	if (timed) {
-		int e = errno;
-
-		lm.waited_ns += uv_hrtime() - t0;
-		lm.waits_seen = 1;
-		errno = e;
-	}
-	return rc;
-}
-
-int epoll_wait(int epfd, struct epoll_event *ev, int n, int ms)
-{
-	return timed_epoll_wait(epfd, ev, n, ms, NULL);
-}
-
-int epoll_pwait(int epfd, struct epoll_event *ev, int n, int ms, const sigset_t *mask)
-{
-	return timed_epoll_wait(epfd, ev, n, ms, mask);
-}
 
 static void loop_roll(uint64_t now)
 {
@@ -431,30 +412,9 @@ static void loop_roll(uint64_t now)
 	lm.win_max = 0;
 }
 
-/* The time the loop has spent waiting for I/O, in all. */
-static uint64_t idle_total(void)
+/* An iteration, busy for busy ns, ended at now: the loop is about to poll. */
+static void iteration_done(uint64_t now, uint64_t busy)
 {
-	return lm.waits_seen ? lm.waited_ns : uv_metrics_idle_time(loop);
-}
-
-/* The busy time of the iteration running at now, so far; *idle: idle_total(). */
-static uint64_t busy_so_far(uint64_t now, uint64_t *idle)
-{
-	uint64_t span = now - lm.last_now, idled;
-
-	*idle = idle_total();
-	idled = *idle - lm.last_idle;
-	return span > idled ? span - idled : 0;
-}
-
-static void on_prepare(uv_prepare_t *h)
-{
-	uint64_t now = uv_hrtime(), idle;
-	uint64_t busy = busy_so_far(now, &idle);
-
-	(void)h;
-	lm.last_now = now;
-	lm.last_idle = idle;
 	lm.iterations++;
 	lm.busy_ns += busy;
 	if (busy >= LOOP_SLOW_NS) {
@@ -468,13 +428,90 @@ static void on_prepare(uv_prepare_t *h)
 	loop_roll(now);
 }
 
+/* The loop thread's wait for I/O, timed; other epoll users pass through. */
+static int timed_epoll_wait(int epfd, struct epoll_event *ev, int n, int ms, const sigset_t *mask)
+{
+	int timed = loop != NULL && epfd == uv_backend_fd(loop);
+	uint64_t t0 = 0;
+	int rc;
+
+	if (timed) {
+		t0 = uv_hrtime();
+		if (!lm.waits_seen) {
+			lm.waits_seen = 1;	/* the first wait seen: the pass so far */
+			lm.busy_from = lm.last_now;
+		}
+		iteration_done(t0, t0 - lm.busy_from);
+	}
+	rc = (int)syscall(SYS_epoll_pwait, epfd, ev, n, ms, mask, (size_t)(_NSIG / 8));
+	if (timed) {
+		int e = errno;
+
+		lm.busy_from = uv_hrtime();
+		lm.waited_ns += lm.busy_from - t0;
+		errno = e;
+	}
+	return rc;
+}
+
+int epoll_wait(int epfd, struct epoll_event *ev, int n, int ms)
+{
+	return timed_epoll_wait(epfd, ev, n, ms, NULL);
+}
+
+int epoll_pwait(int epfd, struct epoll_event *ev, int n, int ms, const sigset_t *mask)
+{
+	return timed_epoll_wait(epfd, ev, n, ms, mask);
+}
+
+/* The time the loop has spent waiting for I/O, in all. */
+static uint64_t idle_total(void)
+{
+	return lm.waits_seen ? lm.waited_ns : uv_metrics_idle_time(loop);
+}
+
 /*
- * Pacing. core.loop_busy_ms() is how long the loop has been busy since it
- * last polled for I/O: how long a frame that arrived meanwhile has waited.
- * core.after_poll(fn) runs fn() once, in the check phase right after the
- * loop's next poll for I/O (not the poll whose callbacks may be running
- * now); while any such function waits, an idle handle keeps that poll from
- * blocking. callagent.task.pace is built on the two.
+ * The busy time of the pass of the loop running at now, so far: since its
+ * prepare phase, the callbacks of all its polls; *idle: idle_total().
+ */
+static uint64_t busy_so_far(uint64_t now, uint64_t *idle)
+{
+	uint64_t span = now - lm.last_now, idled;
+
+	*idle = idle_total();
+	idled = *idle - lm.last_idle;
+	return span > idled ? span - idled : 0;
+}
+
+/* The busy time of the iteration running at now, so far. */
+static uint64_t iteration_so_far(uint64_t now)
+{
+	uint64_t idle;
+
+	return lm.waits_seen ? now - lm.busy_from : busy_so_far(now, &idle);
+}
+
+static void on_prepare(uv_prepare_t *h)
+{
+	uint64_t now = uv_hrtime(), idle;
+	uint64_t busy = busy_so_far(now, &idle);
+
+	(void)h;
+	if (!lm.waits_seen)
+		iteration_done(now, busy);	/* waits not seen: each pass is one */
+	lm.last_now = now;
+	lm.last_idle = idle;
+}
+
+/*
+ * Pacing. core.loop_busy_ms() is how long the loop has been busy in this
+ * pass of libuv's loop: the callbacks of its polls so far, most often one
+ * (a frame that arrived meanwhile has waited at most that long).
+ * core.after_poll(fn) runs fn() once, in the check phase after the loop's
+ * next poll for I/O (not the poll whose callbacks may be running now), once
+ * per pass however many polls it made; while any such function waits, an
+ * idle handle keeps that poll from blocking. callagent.task.pace is built
+ * on the two.
  */
 struct ap_fn {
 	int ref;
@@ -499,7 +536,7 @@ static void on_check(uv_check_t *h)
 	int k = 0;
 
 	(void)h;
-	/* In the order they came: those from before this iteration's poll. */
+	/* In the order they came: those from before the last poll. */
 	while (k < ap.n && ap.fns[k].polls < lm.iterations)
 		k++;
 	if (k == 0 || !L)
@@ -584,10 +621,10 @@ static void loop_monitor_stop(void)
  */
 static int core_loop_stats(lua_State *L)
 {
-	uint64_t now = uv_hrtime(), idle;
+	uint64_t now = uv_hrtime();
 	/* The iteration running now counts so far, so that busy_s never grows
 	 * faster than uptime_s between two readings. */
-	uint64_t part = busy_so_far(now, &idle);
+	uint64_t part = iteration_so_far(now);
 	uint64_t busy = lm.busy_ns + part, slow = lm.slow_ns + (part >= LOOP_SLOW_NS ? part : 0);
 	double util, max_ns, win_s;
 
@@ -629,12 +666,11 @@ static int core_loop_stats(lua_State *L)
 static int core_loop_window(lua_State *L)
 {
 	double sec = luaL_checknumber(L, 1);
-	uint64_t idle;
 
 	luaL_argcheck(L, sec >= 0.01 && sec <= 86400, 1, "seconds between 0.01 and 86400");
 	lm.window_ns = (uint64_t)(sec * 1e9);
 	lm.win_start = uv_hrtime();
-	lm.win_busy = lm.busy_ns + busy_so_far(lm.win_start, &idle);
+	lm.win_busy = lm.busy_ns + iteration_so_far(lm.win_start);
 	lm.win_max = 0;
 	lm.have_last = 0;
 	return 0;

@@ -175,6 +175,79 @@ end)
   T.ge(d.slow_s - c.slow_s, 0.029, "and it is already slow")
 end)
 
+T.test("core.loop_stats: an iteration ends at each poll for I/O, also within one pass of libuv's loop", function()
+  -- 1100 WebSocket clients each send a message at once to a server that
+  -- echoes it, and each message costs 100 us to handle: 2200 messages. A
+  -- poll brings at most 1024 events, and libuv then polls again in the same
+  -- pass of its loop, so the frames of the last clients waited for about
+  -- 1024 handlers, not for the 2200 of the pass.
+  local code, _, p = T.run_app(nil, nil, {
+    source = [[
+local core = require "callagent.core"
+local http = require "callagent.http"
+local ws = require "callagent.ws"
+local task = require "callagent.task"
+local timer = require "callagent.timer"
+local json = require "callagent.json"
+local N = 1100
+local function burn()
+  local t = timer.now()
+  while timer.now() - t < 0.1 do end
+end
+local srv = http.server({ max_connections = 4096 })
+srv:websocket("/echo", {
+  text = function(conn, msg)
+    burn()
+    conn:send(msg)
+  end,
+})
+assert(srv:listen())
+local clients, echoed = {}, 0
+task.spawn(function()
+  local opened = 0
+  for i = 1, N do
+    task.spawn(function()
+      clients[i] = assert(ws.connect(srv:ws_url("/echo"), {
+        on_text = function()
+          burn()
+          echoed = echoed + 1
+        end,
+      }))
+      opened = opened + 1
+    end)
+  end
+  while opened < N do
+    timer.sleep(10)
+  end
+  timer.sleep(100)
+  core.loop_window(60)
+  local a = core.loop_stats()
+  timer.after(0, function()
+    for i = 1, N do
+      clients[i]:send("x")
+    end
+  end)
+  local deadline = timer.now() + 20000
+  while echoed < N and timer.now() < deadline do
+    timer.sleep(5)
+  end
+  local b = core.loop_stats()
+  print(json.encode({ echoed = echoed, iterations = b.iterations - a.iterations,
+    busy_ms = (b.busy_s - a.busy_s) * 1000, max_ms = b.max_iteration_ms }))
+  core.stop(0)
+end)
+]],
+  })
+  T.eq(code, 0, p.errtext())
+  local r = require("callagent.json").decode(p.out[1])
+  T.eq(r.echoed, 1100, "every echo came back")
+  T.ge(r.busy_ms, 220, "2200 messages at 100 us each")
+  T.ge(r.iterations, 3, "the messages came in three polls or more")
+  T.lt(r.max_ms, 0.7 * r.busy_ms, "the longest iteration is one poll's handlers, not the pass's: "
+    .. r.max_ms .. " ms of " .. r.busy_ms)
+  T.ge(r.max_ms, 50, "and one poll brought hundreds of them")
+end)
+
 T.test("core.loop_stats: a wait for I/O that a signal interrupts counts as idle", function()
   -- A child's exit (SIGCHLD) and a SIGTERM each end a long, idle wait.
   local code, _, p = T.run_app(nil, nil, {

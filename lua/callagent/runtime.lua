@@ -12,7 +12,8 @@
 --                                       runtime.loop_window(seconds) sets the length and starts
 --                                       a new window), window_s; since start:
 --                                       iterations, busy_s, slow and slow_s (iterations busy
---                                       5 ms or more), max_ms, uptime_s
+--                                       5 ms or more), max_ms, uptime_s; an iteration is
+--                                       the loop's work between two polls for I/O
 --
 -- SIGINT, SIGTERM and SIGHUP call runtime.shutdown(0, "SIGINT"/...); a second
 -- signal exits at once (128 + signal number).
