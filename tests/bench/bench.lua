@@ -1086,8 +1086,12 @@ local function main()
   print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   io.stdout:flush()
   local rows, notes = {}, {}
-  for _, mode in ipairs(MODES) do
-    for _, ns in ipairs(NS) do
+  -- Each size in every mode before the next size: the rows that the pcm
+  -- target compares (pcm against pcmu at the same size) run minutes apart
+  -- at most, not a whole mode apart, as this VM's speed drifts by a fifth
+  -- or more within minutes.
+  for _, ns in ipairs(NS) do
+    for _, mode in ipairs(MODES) do
       local n = tonumber(ns)
       local r = new_run(mode)
       run = r
