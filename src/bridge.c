@@ -65,7 +65,8 @@ enum { FMT_PCMU, FMT_PCMA, FMT_PCM24 };
 
 /* A model audio item: how much of it was sent to the phone and played there. */
 struct item {
-	char id[64];
+	char id[64];		/* the first 63 bytes of a longer id */
+	size_t id_len;		/* the whole id's length: 0, a free slot */
 	double sent_ms, played_ms;
 	uint64_t played_at;	/* uv_hrtime() when the phone was at played_ms; 0: not playing yet */
 	int truncated;
@@ -315,21 +316,28 @@ done:
 	}
 }
 
+/* Item i is id: the same length, and the same bytes as far as kept. */
+static int is_item(const struct item *it, const char *id, size_t n)
+{
+	size_t kept = n < sizeof it->id ? n : sizeof it->id - 1;
+
+	return it->id_len == n && memcmp(it->id, id, kept) == 0;
+}
+
 static int find_item(struct bridge *b, const char *id, size_t n)
 {
 	struct item *it;
 
-	if (b->cur >= 0 && strlen(b->items[b->cur].id) == n && memcmp(b->items[b->cur].id, id, n) == 0)
+	if (b->cur >= 0 && is_item(&b->items[b->cur], id, n))
 		return b->cur;
 	for (int i = 0; i < ITEMS; i++)
-		if (b->items[i].id[0] && strlen(b->items[i].id) == n && memcmp(b->items[i].id, id, n) == 0)
+		if (b->items[i].id_len > 0 && is_item(&b->items[i], id, n))
 			return i;
 	/* A new item: take the oldest slot. */
 	it = &b->items[b->next_item];
 	memset(it, 0, sizeof *it);
-	if (n >= sizeof it->id)
-		n = sizeof it->id - 1;
-	memcpy(it->id, id, n);
+	it->id_len = n;
+	memcpy(it->id, id, n < sizeof it->id ? n : sizeof it->id - 1);
 	b->cur = b->next_item;
 	b->next_item = (b->next_item + 1) % ITEMS;
 	return b->cur;

@@ -150,6 +150,33 @@ T.test("payloads with escaped quotes are dropped in both directions, not written
   end
 end)
 
+T.test("an item id longer than the bridge keeps is still one item: its audio adds up, a mark per 100 ms", function()
+  local r = rig()
+  local b = new_bridge(r, "audio/pcmu", "audio/pcmu", true)
+  local marks = 0
+  r.on.phone = function(msg)
+    if cjson.decode(msg).event == "mark" then
+      marks = marks + 1
+    end
+  end
+  local long = "item_" .. string.rep("0123456789", 10) -- 105 bytes
+  for _ = 1, 10 do
+    r.fake_model:send(delta(long, FRAME))
+  end
+  wait_got(r, 0, 12, "ten media and two marks")
+  timer.sleep(50)
+  T.eq(r.bad, {})
+  T.eq(marks, 2, "a mark after each 100 ms, not one per delta")
+  local id, sent_ms = b:item()
+  T.eq(sent_ms, 200, "all ten deltas counted in one item")
+  T.eq(id, long:sub(1, 63), "the id as kept: its first 63 bytes")
+  -- Another id with the same first 63 bytes is another item.
+  r.fake_model:send(delta(long .. "x", FRAME))
+  wait_got(r, 0, 13, "its media")
+  T.eq(select(2, b:item()), 20, "a new item")
+  b:close()
+end)
+
 T.test("the model's text deltas stop in C; the whole texts and every other event reach Lua", function()
   local r = rig()
   local b = new_bridge(r, "audio/pcmu", "audio/pcmu", true)
