@@ -463,7 +463,7 @@ static void model_audio(struct bridge *b, const char *id, size_t idn, const char
 	size_t raw_max = ca_base64_decoded_max(n);
 	unsigned char stack_raw[8192], stack_pcm[4096], stack_ulaw[2048];
 	unsigned char *raw = stack_raw, *pcm = stack_pcm, *ulaw = stack_ulaw;
-	char stack_out[(sizeof stack_ulaw + 2) / 3 * 4 + 1], *out = stack_out;
+	char stack_out[(sizeof stack_ulaw + 2) / 3 * 4], *out = stack_out;	/* its base64 */
 	long m = 0;
 	size_t ulen;
 	int item;
@@ -507,8 +507,8 @@ static void model_audio(struct bridge *b, const char *id, size_t idn, const char
 		ca_ulaw_encode(ulaw, pcm, ulen);
 	}
 	if (ulen > 0) {
-		if (ca_base64_encoded_len(ulen) + 1 > sizeof stack_out)
-			out = ca_malloc(ca_base64_encoded_len(ulen) + 1);
+		if (ca_base64_encoded_len(ulen) > sizeof stack_out)
+			out = ca_malloc(ca_base64_encoded_len(ulen));
 		send_media(b, item, out, ca_base64_encode(ulaw, ulen, out), ulen);
 	}
 done:
