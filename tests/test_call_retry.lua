@@ -223,9 +223,39 @@ T.test("hanging up through the API while it rings cancels the call without retri
   T.eq(body.callId, id)
   local call = env:wait_final(id, 5000)
   T.eq(call.status, "canceled")
+  T.eq(call.endReason, "canceled by API")
   T.eq(#call.attempts, 1)
+  T.eq(call.attempts[1].reason, "canceled by API")
   local again = env:api("POST", "/v1/calls/" .. id .. "/hangup")
   T.eq(again, 409)
+end)
+
+-- Twilio's status callback and its answer to the hang-up request travel
+-- apart: the final status may come first, and carries no reason of ours.
+T.test("an API hang-up keeps its reason when the final status callback beats Twilio's answer", function()
+  -- Ringing: the canceled callback comes 500 ms before the cancel's answer.
+  local env = kit.start({ twilio = { behaviour = { ring_ms = 8000, update_delay_ms = 500 } } })
+  local id = env:create({ to = "+14155550106", prompt = "Say hello." })
+  env:wait(id, function(r)
+    return r.status == "dialing" and r.attempts[1] and r.attempts[1].providerCallId
+  end, 5000, "dialing")
+  T.eq((env:api("POST", "/v1/calls/" .. id .. "/hangup")), 202)
+  local call = env:wait_final(id, 8000)
+  T.eq(call.status, "canceled")
+  T.eq(call.endReason, "canceled by API")
+  T.eq(call.attempts[1].reason, "canceled by API")
+  env:close()
+  -- Answered, its stream not come yet: completed arrives with the answer.
+  env = kit.start({ twilio = { behaviour = { ring_ms = 50, voice_delay_ms = 3000 } } })
+  id = env:create({ to = "+14155550106", prompt = "Say hello." })
+  env:wait(id, function(r)
+    return r.status == "in_progress"
+  end, 5000, "answered")
+  T.eq((env:api("POST", "/v1/calls/" .. id .. "/hangup")), 202)
+  call = env:wait_final(id, 15000)
+  T.eq(call.status, "completed")
+  T.eq(call.endReason, "hung_up_by_api", "not callee_hung_up: callagent hung up")
+  T.eq(call.attempts[1].reason, "hung_up_by_api")
 end)
 
 -- Waits until callagent has told the fake Twilio to end call tw.

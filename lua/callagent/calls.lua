@@ -834,6 +834,15 @@ function Engine:_attempt_final(call, n, status, reason, err)
   if b and not b.ended then
     b:finish(b.end_reason or reason)
   end
+  -- An API hang-up whose final status came before the vendor's answer to
+  -- the request: the reason is still the API's, not the callee's.
+  if call._cancel_requested and call._end_reason == nil then
+    if answered then
+      call._end_reason = "hung_up_by_api"
+    else
+      reason = "canceled by API"
+    end
+  end
   local end_reason = call._end_reason
   -- An answered call that ends because the agent failed is a failure.
   if status == "completed" and not call.report and agent_failed(end_reason) then
