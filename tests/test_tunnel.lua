@@ -442,6 +442,77 @@ T.test("a Twilio app without publicBaseUrl opens an ngrok tunnel, announces it, 
   T.ok(pid_gone(tonumber(pid)), "no ngrok process is left")
 end)
 
+T.test("while the tunnel opens the API places no call (503 starting, Retry-After); once open, calls use its URL", function()
+  local fetch = require "callagent.fetch"
+  local dir = T.tmpdir()
+  local port = T.free_port()
+  local base = "http://127.0.0.1:" .. port
+  -- Twilio reaches the app's public (tunnel) URL: here, its local one.
+  local tw = assert(require("fakes.twilio").start({
+    account_sid = "AC" .. string.rep("0", 32),
+    auth_token = "dummy-auth-token",
+    behaviour = { ring_ms = 60000 },
+    public_url_rewrite = function(u)
+      return (u:gsub("^https://[^/]+", base))
+    end,
+  }))
+  T.defer(function()
+    tw:close()
+  end)
+  local ready
+  local p = T.spawn_app(nil, nil, {
+    source = APP:gsub("port = 0", "port = " .. port)
+      :gsub('fromNumber = "%+15550001111"', '%0, apiBaseUrl = "' .. tw.url .. '"'),
+    env = app_env(bindir({ "ngrok" }), dir .. "/ngrok.log", { FAKE_NGROK_DELAY_MS = "2500" }),
+    on_stderr = function(line)
+      if line:find("callagent ready", 1, true) then
+        ready = line
+      end
+    end,
+  })
+  T.wait_for(function()
+    local res = fetch(base .. "/healthz")
+    return res and res.status == 200 or p.done
+  end, 10000, "the server listening")
+  T.ok(not ready, "not ready yet: the tunnel is opening")
+  local function create()
+    return assert(fetch(base .. "/v1/calls", { method = "POST",
+      body = json.encode({ to = "+14155550172", prompt = "Talk." }),
+      headers = { ["Content-Type"] = "application/json" } }))
+  end
+  local res = create()
+  T.eq(res.status, 503, res.body)
+  T.eq(res.headers["retry-after"], "2")
+  local e = json.decode(res.body).error
+  T.eq(e.code, "starting")
+  T.match(e.message, "send the call again")
+  T.eq(#json.decode(assert(fetch(base .. "/v1/calls")).body).calls, 0, "no call stored")
+  T.eq(#tw.calls, 0, "no call placed")
+  T.wait_for(function()
+    return ready or p.done
+  end, 15000, "callagent ready")
+  T.ok(ready, p.errtext())
+  local public = ready:match("public=(https://%S+)")
+  res = create()
+  T.eq(res.status, 201, res.body)
+  local call = assert(tw:wait_call(5000))
+  T.eq(call.params.StatusCallback:sub(1, #public + 1), public .. "/", "callbacks go to the tunnel")
+  T.wait_for(function()
+    for _, cb in ipairs(call.callbacks) do
+      if cb.status == "ringing" and cb.response_status then
+        return true
+      end
+    end
+  end, 5000, "the ringing callback delivered")
+  for _, cb in ipairs(call.callbacks) do
+    T.ok(cb.response_status and cb.response_status < 300, "callback " .. cb.status .. " taken (signed over the "
+      .. "tunnel's URL): " .. tostring(cb.response_status))
+  end
+  T.eq(#tw.calls, 1)
+  T.ok(p:kill("SIGTERM"))
+  T.eq(p:wait(15000), 0, "the app's exit status")
+end)
+
 T.test("a Twilio app whose tunnel cannot open does not start, and says why", function()
   local dir = T.tmpdir()
   local code, _, p = T.run_app(nil, nil, {

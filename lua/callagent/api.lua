@@ -299,6 +299,13 @@ function M.register(srv, engine, cfg, opts)
         return 201, { callId = view.callId, status = view.status, hint = view.hint }, { ["Idempotent-Replayed"] = "true" }
       end
     end
+    if engine.starting then
+      -- Until the public URL is known (a tunnel opening) and the last run's
+      -- calls are loaded, a call would be placed with callbacks nobody can
+      -- reach, and then taken for one the restart interrupted.
+      local status, ebody = err(503, "starting", "callagent is starting: send the call again in a moment")
+      return status, ebody, { ["Retry-After"] = "2" }
+    end
     local call, cerr = engine:create(input, idem)
     if not call and tostring(cerr):match("^ESTOPPED") then
       return err(503, "shutting_down", "callagent is shutting down: send the call again to the next run")
@@ -365,6 +372,11 @@ function M.register(srv, engine, cfg, opts)
     local v, status, body = view_or_error(id)
     if not v then
       return status, body
+    end
+    if engine.starting and not engine.live[id] then
+      -- The last run's calls are not loaded yet: this one may still be up.
+      local status, ebody = err(503, "starting", "callagent is starting: send the hang-up again in a moment")
+      return status, ebody, { ["Retry-After"] = "2" }
     end
     local ok = engine:hangup(id)
     if not ok then

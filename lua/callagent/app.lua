@@ -337,6 +337,8 @@ function App:start()
   for _, fn in ipairs(self.extra_routes or {}) do
     fn(srv)
   end
+  -- Until the tunnel is open and recover() has run, the API places no call.
+  self.engine.starting = true
   local ok, lerr = srv:listen()
   if not ok then
     srv:close()
@@ -383,6 +385,7 @@ function App:start()
     end
     return fail("store: the calls of the last run could not be recovered: " .. tostring(recovered))
   end
+  self.engine.starting = nil
   self.notifier:resume()
   if store.prune then
     store:prune(cfg.store.retentionDays)

@@ -1077,6 +1077,9 @@ function Engine:recover()
   end
   local counts = { retries = 0, dialed = 0, resolved = 0 }
   for _, call in ipairs(active) do
+    if self.live[call.id] then
+      goto next -- this run's own (created before recover ran): not interrupted
+    end
     -- Numbers come back from the store's JSON as floats (1.0): keys such
     -- as id .. "#" .. n need the integers.
     call.attempt = math.tointeger(call.attempt) or call.attempt
@@ -1108,6 +1111,7 @@ function Engine:recover()
         self:_resolve_interrupted(call)
       end)
     end
+    ::next::
   end
   return counts
 end
