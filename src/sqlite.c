@@ -37,6 +37,18 @@
  *                                false: the committing call always checkpoints
  *                                (SQLite's default; a stall of milliseconds)
  *         statements = 64        how many prepared statements the cache keeps
+ *         lock = false           a writable open takes an exclusive advisory
+ *                                lock for the life of the db: <path>.lock,
+ *                                created beside the file (mode 0600, kept
+ *                                afterwards), flock()ed without waiting, with
+ *                                this process's pid in it. While one db holds
+ *                                it, another locking open of the file fails
+ *                                with EBUSY, in this process too (flock belongs
+ *                                to the open file); close, __gc or the
+ *                                process's death releases it. Ignored if
+ *                                readonly: a reader takes no lock and is not
+ *                                stopped by one. SQLite's own locks still
+ *                                apply, and opens without lock ignore it
  *       Errors, as nil, "ECODE: <path>: message":
  *         ENOENT    the folder, or the file with create = false, does not exist
  *         EACCES    no permission, or a read-only location or file when writing
@@ -44,6 +56,9 @@
  *         EISDIR    path is a folder
  *         ECORRUPT  "file is not a database" / malformed
  *         EBUSY, ELOCKED   another connection holds a lock past busy_timeout
+ *         EBUSY     with lock: "<path>: in use by another process (pid N)",
+ *                   the pid of the holder as its lock file says (left out
+ *                   when the file does not say)
  *         EIO       an I/O error
  *       Bad options raise.
  *
@@ -132,10 +147,12 @@
  * cycle, usually under 2 ms). tests/test_sqlite.lua prints the numbers.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -188,6 +205,7 @@ struct ca_db {
 	sqlite3_stmt *tx[TX_N];
 	int autockpt;			/* WAL pages that start a background checkpoint */
 	struct bg_ckpt *bg;		/* NULL unless background checkpoints are on */
+	int lock;			/* fd of <path>.lock, flock()ed while open; -1: none */
 };
 
 /*
@@ -1105,6 +1123,14 @@ static void bg_stop(struct ca_db *db)
 		bg_free(c);
 }
 
+/* Closes the lock file, which releases its flock. */
+static void unlock(struct ca_db *db)
+{
+	if (db->lock >= 0)
+		close(db->lock);
+	db->lock = -1;
+}
+
 static void db_close(struct ca_db *db)
 {
 	if (db->h == NULL)
@@ -1121,6 +1147,7 @@ static void db_close(struct ca_db *db)
 	db->h = NULL;
 	/* After the loop connection: the checkpointer, closing last, empties the WAL. */
 	bg_stop(db);
+	unlock(db);
 }
 
 static int l_close(lua_State *L)
@@ -1239,11 +1266,54 @@ static int folder_writable(const char *path)
 	return access(dir, W_OK | X_OK) == 0;
 }
 
+/*
+ * Takes the lock of path (opts.lock): <path>.lock, created if missing,
+ * flock()ed without waiting, with our pid written in it. Returns its fd; or
+ * pushes nil, err and returns -1, with EBUSY and the holder's pid from the
+ * file when another open file holds the lock.
+ */
+static int take_lock(lua_State *L, const char *path)
+{
+	char lpath[4096], buf[24];
+	long pid = 0;
+	int fd, e, n;
+
+	snprintf(lpath, sizeof lpath, "%s.lock", path);
+	fd = open(lpath, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+	if (fd < 0) {
+		e = errno;
+		ca_fail(L, errno_code(e, "EIO"), "%s: cannot open the lock file %s: %s", path, lpath,
+			strerror(e));
+		return -1;
+	}
+	if (flock(fd, LOCK_EX | LOCK_NB) == 0) {
+		n = snprintf(buf, sizeof buf, "%ld\n", (long)getpid());
+		/* The pid only names us in another open's error: a failed write just leaves it out. */
+		if (ftruncate(fd, 0) != 0 || pwrite(fd, buf, (size_t)n, 0) != n)
+			ca_log(CA_LOG_WARN, "sqlite: cannot write the pid into %s: %s", lpath, strerror(errno));
+		return fd;
+	}
+	e = errno;
+	if (e == EWOULDBLOCK) {
+		n = (int)pread(fd, buf, sizeof buf - 1, 0);
+		buf[n > 0 ? n : 0] = '\0';
+		pid = strtol(buf, NULL, 10);
+	}
+	close(fd);
+	if (e != EWOULDBLOCK)
+		ca_fail(L, errno_code(e, "EIO"), "%s: cannot lock %s: %s", path, lpath, strerror(e));
+	else if (pid > 0)
+		ca_fail(L, "EBUSY", "%s: in use by another process (pid %ld)", path, pid);
+	else
+		ca_fail(L, "EBUSY", "%s: in use by another process", path);
+	return -1;
+}
+
 static int l_open(lua_State *L)
 {
 	static const char *const syncs[] = {"OFF", "NORMAL", "FULL", NULL};
 	const char *path = luaL_checkstring(L, 1);
-	int readonly = 0, create = 1, flags, rc, sync = 1, background = 1, wal = 0;
+	int readonly = 0, create = 1, lock = 0, flags, rc, sync = 1, background = 1, wal = 0;
 	lua_Integer busy = 5000, autockpt = 1000, statements = DEFAULT_STATEMENTS;
 	struct ca_db *db;
 	sqlite3 *h = NULL;
@@ -1254,6 +1324,7 @@ static int l_open(lua_State *L)
 		luaL_checktype(L, 2, LUA_TTABLE);
 		readonly = ca_opt_bool_field(L, 2, "readonly", 0);
 		create = ca_opt_bool_field(L, 2, "create", 1);
+		lock = ca_opt_bool_field(L, 2, "lock", 0);
 		busy = ca_opt_int_field(L, 2, "busy_timeout", busy);
 		autockpt = ca_opt_int_field(L, 2, "autocheckpoint", autockpt);
 		statements = ca_opt_int_field(L, 2, "statements", statements);
@@ -1276,6 +1347,7 @@ static int l_open(lua_State *L)
 	/* The userdata exists, closed, before the connection does. */
 	db = lua_newuserdatauv(L, sizeof *db, 2);
 	memset(db, 0, sizeof *db);
+	db->lock = -1;
 	db->max_cached = (int)statements;
 	luaL_setmetatable(L, DB_MT);
 	lua_newtable(L);
@@ -1302,10 +1374,19 @@ static int l_open(lua_State *L)
 		sqlite3_close(h);
 		return n;
 	}
+	/* Before the first read or write of the file: a second process stops here. */
+	if (lock && !readonly) {
+		db->lock = take_lock(L, path);
+		if (db->lock < 0) {
+			sqlite3_close(h);
+			return 2;
+		}
+	}
 	sqlite3_extended_result_codes(h, 1);
 	sqlite3_busy_timeout(h, (int)busy);
 	if (configure(L, h, path, readonly, syncs[sync], (int)busy, autockpt, &wal)) {
 		sqlite3_close(h);
+		unlock(db);
 		return 2;
 	}
 	db->h = h;

@@ -615,6 +615,83 @@ T.test("__gc closes a forgotten db and releases its locks", function()
   T.eq(other:value("SELECT count(*) FROM t"), 1, "its open transaction was rolled back")
 end)
 
+T.test("lock: a second locking open fails with EBUSY naming the pid, until the first closes", function()
+  local dir = T.tmpdir()
+  local path = dir .. "/locked.db"
+  local first = assert(sqlite.open(path, { lock = true }))
+  local f = assert(io.open(path .. ".lock", "rb"))
+  T.eq(f:read("a"), core.pid() .. "\n", "the lock file names its holder")
+  f:close()
+  local db, err = sqlite.open(path, { lock = true })
+  T.eq(db, nil, "a second open in this process: flock belongs to the open file")
+  T.eq(err, "EBUSY: " .. path .. ": in use by another process (pid " .. core.pid() .. ")")
+  first:close()
+  local again = assert(sqlite.open(path, { lock = true }), "close released the lock")
+  -- __gc releases it too.
+  again = nil -- luacheck: ignore
+  collectgarbage()
+  collectgarbage()
+  -- A failed locking open (here: not a database) releases the lock at once.
+  local bad = dir .. "/bad.db"
+  write_file(bad, string.rep("not a database. ", 300))
+  db, err = sqlite.open(bad, { lock = true })
+  T.eq(db, nil)
+  T.match(err, "^ECORRUPT: ")
+  os.remove(bad)
+  db, err = sqlite.open(bad, { lock = true })
+  T.ok(db, "the failed open left no lock behind: " .. tostring(err))
+  db:close()
+  db = assert(sqlite.open(path, { lock = true }), "the __gc released the lock")
+  db:close()
+end)
+
+T.test("lock: another process's lock refuses the open with its pid; its death (kill -9) frees it", function()
+  local dir = T.tmpdir()
+  local path = dir .. "/shared.db"
+  local p = spawn_child(dir, string.format([[
+    local sqlite = require "callagent.sqlite"
+    KEEP = assert(sqlite.open(%q, { lock = true }))
+    io.stdout:write("locked\n")
+    io.stdout:flush()
+    require("callagent.timer").after(60000, function() end)
+  ]], path))
+  T.defer(function()
+    if p:running() then
+      p:kill("SIGKILL")
+    end
+  end)
+  T.eq(p:read_line(10000), "locked")
+  local db, err = sqlite.open(path, { lock = true })
+  T.eq(db, nil)
+  T.eq(err, "EBUSY: " .. path .. ": in use by another process (pid " .. p.pid .. ")")
+  -- An unreadable pid is left out of the message.
+  write_file(path .. ".lock", "")
+  db, err = sqlite.open(path, { lock = true })
+  T.eq(err, "EBUSY: " .. path .. ": in use by another process")
+  assert(p:kill("SIGKILL"))
+  p:wait(5000)
+  db = assert(sqlite.open(path, { lock = true }), "the kernel released the dead holder's lock")
+  db:close()
+end)
+
+T.test("lock: a readonly open neither takes the lock nor is stopped by it; an open without lock ignores it", function()
+  local path = T.tmpdir() .. "/ro.db"
+  local writer = assert(sqlite.open(path, { lock = true }))
+  assert(writer:exec("CREATE TABLE t(v); INSERT INTO t VALUES(1)"))
+  T.match(select(2, sqlite.open(path, { lock = true })), "^EBUSY: ", "the writer holds the lock")
+  local reader = assert(sqlite.open(path, { readonly = true, lock = true }))
+  T.eq(reader:value("SELECT count(*) FROM t"), 1)
+  local plain = assert(sqlite.open(path))
+  T.eq(plain:value("SELECT count(*) FROM t"), 1)
+  plain:close()
+  writer:close()
+  -- The reader holds no lock: a locking writer opens beside it.
+  local second = assert(sqlite.open(path, { lock = true }))
+  T.eq(reader:value("SELECT count(*) FROM t"), 1)
+  second:close()
+  reader:close()
+end)
+
 T.test("checkpoint TRUNCATE empties the WAL that autocheckpoint = 0 lets grow", function()
   local db, path = fresh({ autocheckpoint = 0 })
   assert(db:exec("CREATE TABLE t(v TEXT)"))

@@ -1,6 +1,7 @@
 -- Nothing lost: the SQLite store across kill -9 of the real callagent
 -- process, during a retry wait, during a live call, and between a report and
--- its notification; and clear errors for an unusable store file.
+-- its notification; one process per store file; and clear errors for an
+-- unusable store file.
 local T = require "testing"
 local http = require "callagent.http"
 local fetch = require "callagent.fetch"
@@ -48,20 +49,22 @@ local function world(opts)
     w.rt:close()
     w.hooks:close()
   end)
+  -- The app's environment, listening on port.
+  function w.env(port)
+    return {
+      CA_PORT = tostring(port),
+      CA_TW_SID = SID,
+      CA_TW_TOKEN = TOKEN,
+      CA_TW_URL = w.tw.url,
+      CA_RT_KEY = KEY,
+      CA_RT_URL = w.rt.url,
+      CA_HOOKS_URL = w.hooks:url("/hooks"),
+      CA_DB = w.db,
+      CA_RETRY_MS = tostring(opts.retry_ms or 1500),
+    }
+  end
   function w.start()
-    w.app = T.spawn_app(T.root .. "/tests/apps/durable.lua", nil, {
-      env = {
-        CA_PORT = tostring(w.port),
-        CA_TW_SID = SID,
-        CA_TW_TOKEN = TOKEN,
-        CA_TW_URL = w.tw.url,
-        CA_RT_KEY = KEY,
-        CA_RT_URL = w.rt.url,
-        CA_HOOKS_URL = w.hooks:url("/hooks"),
-        CA_DB = w.db,
-        CA_RETRY_MS = tostring(opts.retry_ms or 1500),
-      },
-    })
+    w.app = T.spawn_app(T.root .. "/tests/apps/durable.lua", nil, { env = w.env(w.port) })
     T.wait_for(function()
       return w.app.out[1] and w.app.out[1]:match("^ready")
     end, 10000, "the app to be ready: " .. w.app.errtext())
@@ -370,6 +373,49 @@ T.test("app:stop() with a live call in a process that goes on: no timer of the a
   T.eq(code, 0, p.errtext())
   T.ok(table.concat(p.out, "\n"):find("still running", 1, true), "ran on after the stop")
   T.no_match(p.errtext(), "ERROR", "no error after the stop")
+end, { timeout = 60000 })
+
+T.test("a second process on the store of a running one exits at once: the first one's ringing call is untouched", function()
+  -- Without the lock it would take that call for one interrupted by a
+  -- restart: hang it up at Twilio and dial the callee again.
+  local n = 0
+  local w = world({
+    behaviour = function()
+      n = n + 1
+      return n == 1 and { ring_ms = 60000 } or "answer"
+    end,
+    retry_ms = 500,
+  })
+  w.start()
+  local first = w.app
+  local id = w.create("+14155550167")
+  local tw = w.tw:wait_call(5000)
+  assert(tw:wait_status("ringing", 3000), "ringing")
+  local second_port = T.free_port()
+  local code, _, p = T.run_app(T.root .. "/tests/apps/durable.lua", nil, { env = w.env(second_port), timeout = 10000 })
+  T.eq(code, 1, "the second process fails: " .. p.errtext())
+  T.eq(p.out, {}, "never ready")
+  T.match(p.errtext(), "callagent: store%.path: " .. w.db:gsub("%p", "%%%0")
+    .. " is in use by another callagent %(pid " .. first.pid .. "%)")
+  T.eq(fetch("http://127.0.0.1:" .. second_port .. "/v1/calls"), nil, "it never listened")
+  timer.sleep(1500) -- a retry would have been dialed by now (500 ms)
+  T.eq(#w.tw.calls, 1, "the callee is dialed once")
+  T.eq(tw.hangup_requested_at, nil, "the first one's call is not hung up")
+  T.eq(tw.final, nil)
+  T.eq(tw.status, "ringing")
+  T.ok(first:running(), "the first one serves on")
+  local rec = w.call(id)
+  T.eq(#rec.attempts, 1)
+  T.eq(rec.attempts[1].reason, nil, "not interrupted")
+  -- Stopped (SIGTERM), then killed (SIGKILL): each time the next start opens the store.
+  assert(first:kill("SIGTERM"))
+  T.eq(first:wait(15000), 0, "a graceful stop")
+  w.start()
+  T.ok(w.app.out[1]:match("^ready"), "started after a graceful stop")
+  w.kill9()
+  w.start()
+  T.ok(w.app.out[1]:match("^ready"), "started after a kill -9")
+  T.eq(w.call(id).callId, id, "and serves the store")
 end, { timeout = 60000 })
 
 T.test("a corrupt store file is refused at start with a clear error", function()

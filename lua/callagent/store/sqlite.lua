@@ -4,6 +4,8 @@
 -- mode: every write is committed when the call returns (it survives kill -9;
 -- synchronous=NORMAL, so not a power loss between checkpoints), and WAL
 -- checkpoints run on the thread pool, off the event loop (src/sqlite.c).
+-- One process at a time: the open holds an flock on store.path .. ".lock"
+-- until close (or the process's death).
 -- Records are JSON documents in a few tables; see lua/callagent/store/init.lua
 -- for the interface.
 local sqlite = require "callagent.sqlite"
@@ -94,8 +96,14 @@ function M.open(cfg)
   if dir and dir ~= "" and not core.stat(dir) then
     mkdir_p(dir)
   end
-  local db, err = sqlite.open(path, { busy_timeout = 5000 })
+  -- lock: one process per file. A second one would take the first one's
+  -- live calls for calls interrupted by a restart.
+  local db, err = sqlite.open(path, { busy_timeout = 5000, lock = true })
   if not db then
+    if tostring(err):match("^EBUSY: .*: in use by another process") then
+      local pid = err:match("%(pid (%d+)%)$")
+      return nil, "store.path: " .. path .. " is in use by another callagent" .. (pid and " (pid " .. pid .. ")" or "")
+    end
     return nil, "store.path: cannot open " .. path .. ": " .. tostring(err)
   end
   local ok, cerr = db:integrity_check()
