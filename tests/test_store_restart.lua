@@ -61,6 +61,7 @@ local function world(opts)
       CA_HOOKS_URL = w.hooks:url("/hooks"),
       CA_DB = w.db,
       CA_RETRY_MS = tostring(opts.retry_ms or 1500),
+      CA_CONFIG = opts.config and json.encode(opts.config),
     }
   end
   function w.start()
@@ -264,6 +265,32 @@ T.test("kill -9 while ringing: after restart the call is hung up, and its retry 
   T.eq(#rec.attempts, 2)
   T.match(rec.attempts[1].reason, "^interrupted by restart")
   T.eq(tw.final, "canceled", "the ringing call was hung up")
+end, { timeout = 60000 })
+
+T.test("kill -9 while ringing, Twilio's API silent at restart: the call is hung up all the same, before its retry rings", function()
+  local n = 0
+  local w = world({
+    behaviour = function()
+      n = n + 1
+      return n == 1 and { ring_ms = 60000, get_delay_ms = 5000 } or "answer"
+    end,
+    script = report_script,
+    retry_ms = 500,
+    config = { twilio = { requestTimeoutSec = 1 } }, -- the lookup times out after 1 s
+  })
+  w.start()
+  local id = w.create("+14155550166")
+  local tw = w.tw:wait_call(5000)
+  assert(tw:wait_status("ringing", 3000), "ringing")
+  w.kill9()
+  w.start()
+  local rec = w.wait_final(id, 20000)
+  T.eq(rec.status, "completed", "the retry reached the callee and the agent: " .. json.encode(rec))
+  T.eq(#rec.attempts, 2)
+  T.eq(rec.attempts[1].reason, "interrupted by restart (its state unknown: hung up)")
+  T.eq(tw.final, "canceled", "the first call no longer rings")
+  local second = w.tw.calls[2]
+  T.ok(tw.ended_at <= second.statuses[1].at, "it ended before the retry was placed")
 end, { timeout = 60000 })
 
 T.test("a store whose call is dialing but its attempt is over: after restart the retry policy goes on", function()

@@ -1052,6 +1052,11 @@ function Engine:_resolve_interrupted(call)
     return self:_attempt_final(call, n, seen, "ended while callagent was down")
   elseif seen == "completed" then
     why = why .. " (the call ended while callagent was down)"
+  elseif a.providerCallId and self.provider.getCall then
+    -- The vendor could not say: it may still ring, and a retry would ring
+    -- beside it. Ended there, as a ring timeout the API cannot explain is.
+    up = { n = n, providerCallId = a.providerCallId, status = a.status }
+    why = why .. " (its state unknown: hung up)"
   end
   call._end_reason = why
   if not call.report then
