@@ -503,6 +503,192 @@ T.test("a function call cut short (its response cancelled) is not run and is not
   T.ok(outputs[1] ~= "call_cut", "none for the call cut short")
 end, { timeout = 30000 })
 
+T.test("function arguments that are no JSON object: no report stored, no tool run; the model is told and calls again", function()
+  local runs = 0
+  local env = kit.start({
+    tools = { { name = "lookup", description = "x", parameters = { type = "object", properties = {} },
+      handler = function()
+        runs = runs + 1
+        return { ok = true }
+      end } },
+    realtime = {
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        session:speak({ ms = 200, text = "Hello." })
+        -- Cut off, an array, a string: each answered, none the report.
+        session.outs = {}
+        for _, bad in ipairs({ '{"summary":"Booked for Tuesday.","outcome":"success"', '["Booked"]', '"Booked"' }) do
+          session.outs[#session.outs + 1] = session:call_function("report_call", bad)
+          assert(session:wait_event("response.create", 5000), "a response after " .. bad)
+        end
+        session.tool_out = session:call_function("lookup", '{"q":')
+        assert(session:wait_event("response.create", 5000))
+        session.good_out = session:call_function("report_call", { summary = "Booked for Tuesday.", outcome = "success" })
+        assert(session:wait_event("response.create", 5000))
+        session:speak({ ms = 200, text = "Bye." })
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550133", prompt = "Book it." })
+  local call = env:wait_final(id, 20000)
+  local s = env.rt.sessions[1]
+  local outs = {}
+  for i, o in ipairs(s.outs) do
+    outs[i] = json.decode(o)
+  end
+  local prefix = "^the arguments were not a JSON object %("
+  T.eq(outs[1].ok, false)
+  T.match(outs[1].error, prefix .. "invalid JSON: [^)]+%); call report_call again with valid JSON$")
+  T.eq(outs[2], { ok = false, error = "the arguments were not a JSON object (they were an array); call report_call again with valid JSON" })
+  T.eq(outs[3], { ok = false, error = "the arguments were not a JSON object (they were a string); call report_call again with valid JSON" })
+  local tool_out = json.decode(s.tool_out)
+  T.eq(tool_out.ok, nil)
+  T.match(tool_out.error, prefix .. "invalid JSON: [^)]+%); call lookup again with valid JSON$")
+  T.eq(runs, 0, "the tool's handler was not called")
+  T.eq(json.decode(s.good_out).ok, true, "the valid report is taken: " .. s.good_out)
+  T.eq({ call.status, call.endReason, call.report.summary, call.report.outcome },
+    { "completed", "completed", "Booked for Tuesday.", "success" })
+end, { timeout = 40000 })
+
+T.test("report_call arguments that are no JSON object are logged with a short reason, not the arguments", function()
+  local tw = assert(fake_twilio.start({ account_sid = kit.ACCOUNT, auth_token = kit.TOKEN }))
+  local long = '{"summary":"' .. string.rep("very long summary ", 200)
+  local rt = assert(require("fakes.realtime").start({ api_key = kit.API_KEY, script = function(session)
+    assert(session:wait_event("response.create", 5000))
+    session:speak({ ms = 200, text = "Hello." })
+    session:call_function("report_call", long)
+    assert(session:wait_event("response.create", 5000))
+    session:report_and_goodbye({ summary = "x", outcome = "success" }, { ms = 200, text = "Bye." })
+  end }))
+  T.defer(function()
+    tw:close()
+    rt:close()
+  end)
+  local p, api = kit.app_process(tw, rt)
+  local id = api:create({ to = "+14155550136", prompt = "Book it." })
+  T.eq(api:wait_final(id, 20000).report.summary, "x")
+  p:kill("SIGTERM")
+  p:wait(5000)
+  local log = p.errtext()
+  T.match(log, "WARN function call arguments are not a JSON object [^\n]*call=" .. id .. "[^\n]*function=report_call[^\n]*reason=\"invalid JSON: ")
+  T.no_match(log, "very long summary", "the arguments are not logged")
+end, { timeout = 40000 })
+
+T.test("a function call cut short after its arguments.done is not run; one its response completes is", function()
+  local runs = 0
+  local env = kit.start({
+    tools = { { name = "lookup", description = "x", parameters = { type = "object", properties = {} },
+      handler = function()
+        runs = runs + 1
+        return { ok = true }
+      end } },
+    realtime = {
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        session:speak({ ms = 200, text = "Hello." })
+        local function args_done(rid, cid, name, arguments)
+          session:send({ type = "response.function_call_arguments.done", response_id = rid, item_id = "item_" .. cid,
+            output_index = 0, call_id = cid, name = name, arguments = arguments })
+        end
+        -- A barge-in cancels a report: arguments.done with what was there,
+        -- then its item incomplete and the response cancelled.
+        session:send({ type = "response.created", response = { id = "resp_cut", status = "in_progress", output = {} } })
+        args_done("resp_cut", "call_cut", "report_call", '{"summary":"Half')
+        session:send({ type = "response.output_item.done", response_id = "resp_cut", output_index = 0, item = {
+          id = "item_call_cut", type = "function_call", status = "incomplete", call_id = "call_cut", name = "report_call",
+          arguments = '{"summary":"Half' } })
+        session:send({ type = "response.done", response = { id = "resp_cut", status = "cancelled", output = {} } })
+        -- A tool call whose response is cancelled with no output item at all.
+        session:send({ type = "response.created", response = { id = "resp_cut2", status = "in_progress", output = {} } })
+        args_done("resp_cut2", "call_cut2", "lookup", "{}")
+        session:send({ type = "response.done", response = { id = "resp_cut2", status = "cancelled", output = {} } })
+        timer.sleep(300)
+        -- A report known only from its arguments.done, its response completed.
+        session:send({ type = "response.created", response = { id = "resp_whole", status = "in_progress", output = {} } })
+        args_done("resp_whole", "call_whole", "report_call", '{"summary":"The whole report.","outcome":"success"}')
+        session:send({ type = "response.done", response = { id = "resp_whole", status = "completed", output = {} } })
+        assert(session:wait_event("response.create", 5000), "the goodbye")
+        session:speak({ ms = 200, text = "Bye." })
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550137", prompt = "Say hello." })
+  local call = env:wait_final(id, 20000)
+  T.eq({ call.status, call.endReason, call.report.summary, call.report.outcome },
+    { "completed", "completed", "The whole report.", "success" })
+  T.eq(runs, 0, "the cut tool call was not run")
+  local outputs = {}
+  for _, o in ipairs(env.rt.sessions[1].function_outputs) do
+    outputs[#outputs + 1] = { o.call_id, json.decode(o.output).ok }
+  end
+  T.eq(outputs, { { "call_whole", true } }, "one function output, for the whole report")
+end, { timeout = 30000 })
+
+T.test("a refused greeting is asked for once more, and a silent callee is still wrapped up at call.silenceTimeoutSec", function()
+  local env = kit.start({
+    config = { call = { silenceTimeoutSec = 2, wrapUpSec = 2, maxDurationSec = 15 } },
+    realtime = {
+      script = function(session)
+        session:refuse_next_create("server_error", "The server had an error.")
+        -- Nothing is spoken: the model waits, as the service does.
+        session.wrap = session:wait_event("conversation.item.create", 20000)
+      end,
+    },
+  })
+  local t0 = timer.now()
+  local id = env:create({ to = "+14155550138", prompt = "Say hello." })
+  local call = env:wait_final(id, 30000)
+  local took = timer.now() - t0
+  local s = env.rt.sessions[1]
+  T.eq({ call.status, call.endReason }, { "completed", "callee_silent" })
+  T.match(call.lastError, "^model refused a response: server_error: ")
+  T.ok(s.wrap, "the wrap-up message reached the model")
+  T.match(s.wrap.item.content[1].text, "has not said anything")
+  T.gt(took, 3500, "silenceTimeoutSec (2 s) + wrapUpSec (2 s)")
+  T.lt(took, 9000, "not at call.maxDurationSec (15 s)")
+  local creates = {}
+  for _, ev in ipairs(s.events) do
+    if ev.type == "response.create" then
+      creates[#creates + 1] = ev.at
+    end
+  end
+  T.ge(#creates, 2, "the greeting was asked for again")
+  T.near(creates[2] - creates[1], 1000, 400, "a second after the refusal")
+end, { timeout = 40000 })
+
+T.test("the model closing after the report lets the goodbye queued at the phone play, within call.goodbyeTimeoutSec", function()
+  for _, case in ipairs({ { goodbye_ms = 2000, timeout = 8 }, { goodbye_ms = 6000, timeout = 1 } }) do
+    local env = kit.start({
+      config = { call = { goodbyeTimeoutSec = case.timeout } },
+      realtime = {
+        script = function(session)
+          assert(session:wait_event("response.create", 5000))
+          session:speak({ ms = 200, text = "Hi." })
+          session:call_function("report_call", { summary = "x", outcome = "success" })
+          session.report_at = timer.now()
+          assert(session:wait_event("response.create", 5000))
+          -- All of it at once, faster than real time, as the service sends it.
+          session:speak({ ms = case.goodbye_ms, pace = false, text = "Thanks so much for your time, goodbye." })
+          session.closed_at = timer.now()
+          session:close(1000, "bye")
+        end,
+      },
+    })
+    local id = env:create({ to = "+14155550139", prompt = "x" })
+    local call = env:wait_final(id, 20000)
+    T.eq({ call.status, call.endReason, call.report.summary }, { "completed", "completed", "x" })
+    local tw, s = env.tw.calls[1], env.rt.sessions[1]
+    local last = tw.marks_sent[#tw.marks_sent]
+    if case.timeout == 8 then
+      T.ge(tw.hangup_requested_at, last.due - 200, "hung up once the goodbye played")
+      T.gt(tw.hangup_requested_at - s.closed_at, 1500, "not at the close")
+    else
+      T.lt(tw.hangup_requested_at - s.report_at, case.timeout * 1000 + 800, "hung up at call.goodbyeTimeoutSec")
+      T.lt(tw.hangup_requested_at, last.due - 3000, "while the goodbye still played")
+    end
+  end
+end, { timeout = 60000 })
+
 T.test("a recoverable model error is recorded and the call goes on", function()
   local env = kit.start({
     realtime = {

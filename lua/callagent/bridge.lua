@@ -144,8 +144,15 @@ function Bridge:_model_closed(code, reason)
   end
   self.model_ready = false
   if self.report then
-    -- The report is in: finish the call as if the goodbye were done.
-    self:hangup("completed")
+    -- The report is in: finish the call as if the goodbye were done, once
+    -- the phone has played what was sent (a goodbye already generated is
+    -- still queued there), within call.goodbyeTimeoutSec.
+    self:_start_goodbye_timer()
+    self:_when_drained(function()
+      if not self.ended then
+        self:hangup("completed")
+      end
+    end)
     return
   end
   local why = code and string.format("model connection closed (%s %s)", tostring(code), reason or "")
@@ -194,13 +201,19 @@ function Bridge:_model_event(ev)
   elseif t == "response.done" then
     return self:_response_done(obj(ev.response))
   elseif t == "response.function_call_arguments.done" then
-    return self:_function_call(str(ev.call_id), str(ev.name), str(ev.arguments))
+    -- Provisional: a call cut short by a barge-in may end this way too, with
+    -- partial arguments; its output item or its response decides.
+    local call_id = str(ev.call_id)
+    if call_id and not self.functions_seen[call_id] then
+      self:_take_held(call_id)
+      self.fn_held = self.fn_held or {}
+      self.fn_held[#self.fn_held + 1] = { call_id = call_id, name = str(ev.name), arguments = str(ev.arguments),
+        response_id = str(ev.response_id) }
+    end
   elseif t == "response.output_item.done" then
     local item = obj(ev.item)
-    -- A call cut short (its response cancelled by a barge-in) has partial
-    -- arguments: not run, and not taken for the report.
-    if item.type == "function_call" and (item.status == nil or item.status == "completed") then
-      return self:_function_call(str(item.call_id), str(item.name), str(item.arguments))
+    if item.type == "function_call" then
+      return self:_decide_function(item)
     end
   elseif t == "conversation.item.input_audio_transcription.completed" then
     local line = text(ev.transcript)
@@ -253,6 +266,8 @@ function Bridge:_model_event(ev)
       if self.respond_after and not self.responding and not self.ended then
         self:_stop_timer("respond_timer")
         self:_respond()
+      elseif not self.first_response_done then
+        self:_greeting_refused()
       end
       return
     end
@@ -262,6 +277,34 @@ function Bridge:_model_event(ev)
       self:_wrap_up_now("model session expired")
     end
   end
+end
+
+-- The greeting (or what was asked before it) was refused: the silence
+-- timer, armed once the greeting has played, would never be, and a silent
+-- callee would hold the line until call.maxDurationSec. It counts from now.
+-- The greeting is asked for once more after GREETING_RETRY_MS: a refusal
+-- like server_error or rate_limit_exceeded is often transient, and without
+-- a greeting a callee waiting for the caller to speak would be taken for
+-- nobody (reported no_answer). Once only, so a service that keeps refusing
+-- costs one more error, and not if the callee spoke meanwhile: the
+-- service's turn detection answers them.
+local GREETING_RETRY_MS = 1000
+
+function Bridge:_greeting_refused()
+  if not self.silence_timer then
+    self:_arm_silence_timer()
+  end
+  if self.greeting_retried then
+    return
+  end
+  self.greeting_retried = true
+  self.greet_retry_timer = timer.after(GREETING_RETRY_MS, function()
+    self.greet_retry_timer = nil
+    if not (self.ended or self.responding or self.first_response_done or self.callee_spoke_at or self.wrapup_reason) then
+      log.info("greeting asked for again", self.log_fields)
+      self:_respond()
+    end
+  end)
 end
 
 -- Model audio to the phone --------------------------------------------------
@@ -404,6 +447,25 @@ end
 
 function Bridge:_response_done(r)
   self.responding = false
+  for _, item in ipairs(type(r.output) == "table" and r.output or EMPTY) do
+    if obj(item).type == "function_call" then
+      self:_decide_function(item)
+    end
+  end
+  -- Calls of this response known only from their arguments.done: they
+  -- stand if it completed, and were cut short with it if not.
+  local rid, held, keep = str(r.id), self.fn_held, nil
+  self.fn_held = nil
+  for _, h in ipairs(held or EMPTY) do
+    if rid and h.response_id and h.response_id ~= rid then
+      keep = keep or {}
+      keep[#keep + 1] = h
+    else
+      self:_decide_function({ call_id = h.call_id, name = h.name, arguments = h.arguments,
+        status = r.status == "completed" and "completed" or "incomplete" })
+    end
+  end
+  self.fn_held = keep
   if self.fn_pending then
     self:_run_functions()
   end
@@ -469,18 +531,76 @@ local function normalize_report(args)
   return r
 end
 
---- A function call is complete; it runs once its response is done (the
--- service takes no new response.create while one is active).
-function Bridge:_function_call(call_id, name, arguments)
+local ARG_KINDS = { table = "an array", string = "a string", number = "a number", boolean = "a boolean" }
+
+-- The arguments of a function call as a table, or nil and a short reason
+-- (the arguments themselves can be long, and are the model's).
+local function decode_arguments(arguments)
+  if not arguments then
+    return nil, "none were sent"
+  end
+  local args, err = json.try_decode(arguments, true)
+  if args == nil then
+    return nil, "invalid JSON: " .. tostring(err):gsub("^EJSON: ", ""):sub(1, 100)
+  elseif type(args) ~= "table" or not arguments:find("^[ \t\r\n]*{") then
+    return nil, "they were " .. (ARG_KINDS[type(args)] or "null")
+  end
+  return args
+end
+
+-- The output the model gets for a call whose arguments are no JSON object.
+local function bad_arguments(fc)
+  local out = { error = "the arguments were not a JSON object (" .. fc.bad .. "); call " .. tostring(fc.name)
+    .. " again with valid JSON" }
+  if fc.name == "report_call" then
+    out.ok = false
+  end
+  return json.encode(out)
+end
+
+-- The function call held for call_id (from its arguments.done), taken out.
+function Bridge:_take_held(call_id)
+  for i, h in ipairs(self.fn_held or EMPTY) do
+    if h.call_id == call_id then
+      return table.remove(self.fn_held, i)
+    end
+  end
+end
+
+-- A function call is decided by its output item (or its response): one that
+-- completed runs, with the arguments its arguments.done gave if the item has
+-- none; one cut short (status "incomplete", its response cancelled by a
+-- barge-in) has partial arguments: not run, and not taken for the report.
+function Bridge:_decide_function(item)
+  local call_id = str(item.call_id)
   if not call_id or self.functions_seen[call_id] then
     return
   end
+  local held = self:_take_held(call_id) or EMPTY
+  local name = str(item.name) or held.name
+  if item.status ~= nil and item.status ~= "completed" then
+    self.functions_seen[call_id] = true
+    log.debug("function call cut short: not run", { call = self.call_id, ["function"] = name,
+      status = text(item.status) })
+    return
+  end
+  return self:_function_call(call_id, name, str(item.arguments) or held.arguments)
+end
+
+--- A function call is complete; it runs once its response is done (the
+-- service takes no new response.create while one is active).
+function Bridge:_function_call(call_id, name, arguments)
   self.functions_seen[call_id] = true
-  local fc = { call_id = call_id, name = name, arguments = arguments }
-  if name == "report_call" and not self.report then
+  local args, why = decode_arguments(arguments)
+  local fc = { call_id = call_id, name = name, args = args }
+  if not args then
+    -- Not the report (nor a tool's input): the model is told, and may call again.
+    fc.bad = why
+    log.warn("function call arguments are not a JSON object", { call = self.call_id, attempt = self.attempt,
+      ["function"] = name, reason = why })
+  elseif name == "report_call" and not self.report then
     -- Stored at once: the report must not depend on the rest of the call.
-    local args = json.try_decode(arguments or "", true)
-    self.report = normalize_report(type(args) == "table" and args or {})
+    self.report = normalize_report(args)
     self.engine:bridge_report(self, self.report)
     fc.first_report = true
     self:_stop_timer("silence_timer")
@@ -502,6 +622,8 @@ function Bridge:_run_functions()
         if fc.first_report then
           goodbye = true
           out = '{"ok":true,"next":"Say a short goodbye now; the call then ends."}'
+        elseif fc.bad and not self.report then
+          out = bad_arguments(fc)
         else
           out = '{"ok":true,"note":"The call was already reported; this report was not stored."}'
         end
@@ -516,11 +638,7 @@ function Bridge:_run_functions()
     if goodbye then
       self.goodbye_requested = true
       self.goodbye_from = (self.creates or 0) + 1 -- the next response.create asks for it
-      local secs = self.cfg.call.goodbyeTimeoutSec
-      self.goodbye_timer = timer.after(secs * 1000, function()
-        self.goodbye_timer = nil
-        self:hangup("completed")
-      end)
+      self:_start_goodbye_timer()
     end
     self.tools_running = self.tools_running - 1
     self:_respond()
@@ -531,12 +649,10 @@ function Bridge:_run_tool(fc)
   local tool = self.engine.tools_by_name[fc.name]
   if not tool then
     return json.encode({ error = "unknown function " .. tostring(fc.name) })
+  elseif fc.bad then
+    return bad_arguments(fc)
   end
-  local args = json.try_decode(fc.arguments or "{}", true)
-  if type(args) ~= "table" then
-    args = {}
-  end
-  local ok, result = xpcall(tool.handler, debug.traceback, args, self.engine:call_view(self.call_id))
+  local ok, result = xpcall(tool.handler, debug.traceback, fc.args, self.engine:call_view(self.call_id))
   if not ok then
     log.error("tool failed", { call = self.call_id, tool = fc.name, error = result })
     return json.encode({ error = "the tool failed" })
@@ -545,6 +661,18 @@ function Bridge:_run_tool(fc)
   end
   local eok, js = pcall(json.encode, result == nil and json.null or result)
   return eok and js or json.encode({ error = "the tool returned something that is not JSON" })
+end
+
+-- The goodbye's bound: call.goodbyeTimeoutSec, then the call is hung up
+-- whatever still plays (a phone that never echoes marks holds nothing).
+function Bridge:_start_goodbye_timer()
+  if self.goodbye_timer or self.ended then
+    return
+  end
+  self.goodbye_timer = timer.after(self.cfg.call.goodbyeTimeoutSec * 1000, function()
+    self.goodbye_timer = nil
+    self:hangup("completed")
+  end)
 end
 
 -- The goodbye is over once its response is done and all its audio has played.
@@ -573,9 +701,11 @@ function Bridge:_stop_timer(name)
 end
 
 function Bridge:_arm_silence_timer()
-  if self.callee_spoke_at or self.report then
+  -- Once the wrap-up was asked for, its own timer bounds the call.
+  if self.callee_spoke_at or self.report or self.wrapup_reason then
     return
   end
+  self:_stop_timer("silence_timer") -- from a refused greeting: counts again from the greeting played
   self.silence_timer = timer.after(self.cfg.call.silenceTimeoutSec * 1000, function()
     self.silence_timer = nil
     if self.callee_spoke_at or self.report or self.ended then
@@ -680,7 +810,8 @@ function Bridge:finish(reason)
     return
   end
   self.ended = true
-  for _, name in ipairs({ "max_timer", "silence_timer", "goodbye_timer", "wrapup_timer", "ready_timer", "respond_timer" }) do
+  for _, name in ipairs({ "max_timer", "silence_timer", "goodbye_timer", "wrapup_timer", "ready_timer", "respond_timer",
+    "greet_retry_timer" }) do
     self:_stop_timer(name)
   end
   self:_flush_lines() -- what was said and not yet (known to be) played
