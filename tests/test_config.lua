@@ -60,6 +60,14 @@ T.test("invalid values are errors naming the key and what is expected", function
     { { server = { host = "0.0.0.0" } }, "^server%.apiToken: required when server%.host" },
     { { notify = { hooksUrl = "http://127.0.0.1:1/hooks" } }, "^notify%.hooksToken: required" },
     { { openai = { model = "gpt-realtime" } }, "^openai%.apiKey: required to use wss://api%.openai%.com/v1/realtime" },
+    -- OpenAI's host however the URL spells it.
+    { { openai = { realtimeUrl = "wss://API.OpenAI.com/v1/realtime" } }, "^openai%.apiKey: required to use" },
+    { { openai = { realtimeUrl = "wss://api.openai.com" } }, "^openai%.apiKey: required to use" },
+    { { openai = { realtimeUrl = "wss://api.openai.com./v1/realtime" } }, "^openai%.apiKey: required to use" },
+    { { openai = { realtimeUrl = "wss://x@api.openai.com/v1/realtime" } }, "^openai%.apiKey: required to use" },
+    -- "Keep forever" as a huge number: refused, not wrapped into a cutoff
+    -- in the future that prunes every call.
+    { { store = { retentionDays = 999999999999999 } }, "^store%.retentionDays: expected a number from 1 to 36500" },
     { { store = { backend = "postgres" } }, "^store%.backend: expected sqlite, memory, or the name of a module" },
     { { retry = { retryStatuses = { busy = true } } }, '^retry%.retryStatuses: expected a list, got {"busy":true}$' },
     { { retry = { retryStatuses = { "busy", "exploded" } } }, '^retry%.retryStatuses: expected a list of .* got %["busy","exploded"%]$' },

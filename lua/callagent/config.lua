@@ -213,7 +213,7 @@ local SCHEMA = {
   store = {
     backend = field("string", "sqlite", store_backend),
     path = field("string", "./callagent.db"),
-    retentionDays = field("integer", 30, range(1)),
+    retentionDays = field("integer", 30, range(1, 36500)),
   },
 }
 M.schema = SCHEMA
@@ -439,7 +439,9 @@ function M.normalize(input, opts)
     return nil, "notify.hooksToken: required when notify.hooksUrl is set"
   end
   -- OpenAI itself needs the key; a proxy, a local stand-in or a test fake may not.
-  if not cfg.openai.apiKey and cfg.openai.realtimeUrl:match("^wss?://api%.openai%.com[:/]") then
+  -- The host as the connection will see it: any case, a final dot, userinfo.
+  local rt = require("callagent.url").parse(cfg.openai.realtimeUrl)
+  if not cfg.openai.apiKey and rt and rt.host:gsub("%.$", "") == "api.openai.com" then
     return nil, "openai.apiKey: required to use " .. cfg.openai.realtimeUrl .. ' (for example "${OPENAI_API_KEY}")'
   end
   if cfg.server.publicBaseUrl then

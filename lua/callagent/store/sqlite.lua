@@ -314,7 +314,6 @@ function Store:pending_notifications()
   return self.db:rows("SELECT key, call_id, payload, tries FROM notifications WHERE sent = 0 ORDER BY created") or {}
 end
 
---- Removes finished calls created more than days ago (their rows go with them).
 function Store:find_idempotent(key)
   local rows, err = self.db:rows("SELECT call_id, fingerprint FROM idempotency WHERE key = ?", key)
   if not rows then
@@ -323,9 +322,16 @@ function Store:find_idempotent(key)
   return rows[1]
 end
 
+--- Removes finished calls created more than days ago (their rows go with them).
 function Store:prune(days)
   days = days or self.retention_days
-  local cutoff = core.time() - days * 86400
+  -- In floating point: an integer product past 2^63 wraps, and a cutoff in
+  -- the future would delete every finished call.
+  local now = core.time()
+  local cutoff = now - days * 86400.0
+  if cutoff > now then
+    return 0
+  end
   local n = self.db:run([[DELETE FROM calls WHERE created < ? AND status NOT IN ('queued', 'dialing', 'in_progress')]], cutoff)
   self.db:run("DELETE FROM notifications WHERE created < ? AND sent <> 0", cutoff)
   if n and n > 0 then
