@@ -59,6 +59,10 @@ T.test("POST /v1/calls validates every field and answers 400 naming it", functio
   local status, body = env:api("POST", "/v1/calls", "{not json")
   T.eq(status, 400)
   T.eq(body.error.code, "invalid_json")
+  -- cjson stops reading at a NUL: what follows one is not taken for valid.
+  status, body = env:api("POST", "/v1/calls", '{"to":"+14155550100","prompt":"x"}\0this is not JSON {{{')
+  T.eq({ status, body.error.code }, { 400, "invalid_json" }, "a NUL after the object")
+  T.match(body.error.message, "NUL")
   -- Not JSON either, though cjson reads them by default (and a record
   -- holding one could not be written out again).
   for _, n in ipairs({ "NaN", "-nan", "Infinity", "-inf", "0x10" }) do
@@ -421,6 +425,82 @@ T.test("the call record has the documented shape", function()
   for _, k in ipairs({ "n", "status", "providerCallId", "startedAt", "endedAt", "reason" }) do
     T.ok(a[k] ~= nil, "attempt field " .. k)
   end
+end)
+
+-- A callagent process of its own (its log is read): the mock phone, memory
+-- store, a model URL nothing listens on (no call gets that far).
+local LOGGING_APP = [[
+local callagent = require "callagent"
+local task = require "callagent.task"
+local app = assert(callagent.app({
+  telephony = { provider = "mock" },
+  server = { port = tonumber(os.getenv("PORT")) },
+  openai = { realtimeUrl = "ws://127.0.0.1:9/v1/realtime" },
+  store = { backend = "memory" },
+}))
+task.spawn(function()
+  assert(app:start())
+end)
+]]
+
+T.test("each refused request is logged once with what was wrong; a request without Host is refused", function()
+  local port = T.free_port()
+  local p = T.spawn_app(nil, nil, { source = LOGGING_APP, env = { PORT = tostring(port) } })
+  T.defer(function()
+    p:kill("SIGKILL")
+  end)
+  local base = "http://127.0.0.1:" .. port
+  T.wait_for(function()
+    local res = fetch(base .. "/healthz")
+    return res and res.status == 200 or p.done
+  end, 10000, "the app serving: " .. p.errtext())
+  local function send(method, path, body, headers)
+    local h = headers or {}
+    if body then
+      h["Content-Type"] = h["Content-Type"] or "application/json"
+    end
+    local res = assert(fetch(base .. path, { method = method, body = body, headers = h }))
+    return res.status
+  end
+  T.eq(send("POST", "/v1/calls", "{not json"), 400)
+  T.eq(send("POST", "/v1/calls", "{}", { ["Content-Type"] = "text/plain" }), 415)
+  T.eq(send("POST", "/v1/calls", json.encode({ to = "+1", prompt = "x" })), 400)
+  T.eq(send("GET", "/v1/calls?limit=0"), 400)
+  T.eq(send("GET", "/v1/calls/c_nosuchcall"), 404)
+  -- HTTP/1.1 requires Host; fetch always sends one, so the request is written by hand.
+  local lines = {}
+  local node = assert(require("callagent.process").spawn({ "node", "-e", [[
+const s = require("net").connect(+process.argv[1], "127.0.0.1", () =>
+  s.write("GET /v1/calls HTTP/1.1\r\nConnection: close\r\n\r\n"));
+let out = ""; s.on("data", d => out += d); s.on("end", () => process.stdout.write(out + "\n"));]], tostring(port),
+    on_stdout = function(line)
+      lines[#lines + 1] = line
+    end,
+  }))
+  T.eq(node:wait(10000), 0)
+  local out = table.concat(lines, "\n")
+  T.match(out, "^HTTP/1%.1 403 ")
+  T.match(out, '"code":"forbidden_host"')
+  T.wait_for(function()
+    return select(2, p.errtext():gsub("WARN api: ", "")) >= 6
+  end, 5000, "six log lines: " .. p.errtext())
+  local log = p.errtext()
+  -- Each: the line's message and code, then fields it must carry too.
+  for _, want in ipairs({
+    { "WARN api: bad request code=invalid_json ", "method=POST path=/v1/calls status=400" },
+    { "WARN api: bad request code=unsupported_media_type ", "path=/v1/calls status=415" },
+    { "WARN api: bad request code=invalid_to ", 'field=to method=POST path=/v1/calls status=400' },
+    { "WARN api: bad request code=invalid_limit ", "field=limit method=GET path=/v1/calls status=400" },
+    { "WARN api: bad request code=not_found ", "path=/v1/calls/c_nosuchcall status=404" },
+    { "WARN api: request refused code=forbidden_host ", "method=GET path=/v1/calls" },
+  }) do
+    local found
+    for line in log:gmatch("[^\n]+") do
+      found = found or (line:find(want[1], 1, true) and line:find(want[2], 1, true))
+    end
+    T.ok(found, "logged: " .. want[1] .. "... " .. want[2] .. "\n" .. log)
+  end
+  T.eq(select(2, log:gsub("code=invalid_to", "")), 1, "once, not twice")
 end)
 
 T.run()

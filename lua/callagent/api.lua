@@ -227,7 +227,8 @@ function M.register(srv, engine, cfg, opts)
     if h.origin and not same_origin(h.origin, h.host, opts.public_url and opts.public_url()) then
       return "forbidden_origin", "requests from a web page of another origin are refused"
     end
-    if not token and h.host and not M.loopback_host(h.host) then
+    -- HTTP/1.1 requires Host: a request without one names no loopback host.
+    if not token and not (h.host and M.loopback_host(h.host)) then
       return "forbidden_host", "without server.apiToken the API answers only requests to a loopback host "
         .. "(127.0.0.1, [::1] or localhost)"
     end
@@ -251,7 +252,15 @@ function M.register(srv, engine, cfg, opts)
           ["WWW-Authenticate"] = 'Bearer realm="callagent"',
         }
       end
-      return fn(req)
+      local status, body, headers = fn(req)
+      -- Every refusal of the client's input is logged once, here, with what
+      -- was wrong (the message quotes the request, never a secret).
+      local e = type(status) == "number" and status >= 400 and status < 500 and type(body) == "table" and body.error
+      if type(e) == "table" then
+        log.warn("api: bad request", { method = req.method, path = req.path, status = status, code = e.code,
+          field = e.field, error = e.message })
+      end
+      return status, body, headers
     end
   end
 
@@ -269,7 +278,6 @@ function M.register(srv, engine, cfg, opts)
     end
     local input, status, ebody = M.validate_call(body)
     if not input then
-      log.warn("api: invalid call request", { field = ebody.error.field, code = ebody.error.code, error = ebody.error.message })
       return status, ebody
     end
     -- Idempotency-Key: a request sent again (a client that timed out
@@ -290,7 +298,6 @@ function M.register(srv, engine, cfg, opts)
         return err(500, "store_failed", "the Idempotency-Key could not be looked up")
       end
       if prev and prev.fingerprint ~= idem.fingerprint then
-        log.warn("api: idempotency key reused", { call = prev.call_id })
         return err(422, "idempotency_key_reused", "this Idempotency-Key was sent with another request (call "
           .. prev.call_id .. ")", "Idempotency-Key")
       end

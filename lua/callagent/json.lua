@@ -237,6 +237,11 @@ function M.try_decode(s, arrays)
   if type(s) ~= "string" then
     return nil, "EJSON: expected a string"
   end
+  -- cjson's parser stops at a NUL: what follows one would go unread. JSON
+  -- has none outside strings, and inside them it is written \u0000.
+  if s:find("\0", 1, true) then
+    return nil, "EJSON: a NUL byte (JSON writes one as \\u0000, inside a string)"
+  end
   local marked, changed = s, false
   if arrays then
     marked, changed = mark_empty_arrays(s)
