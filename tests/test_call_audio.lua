@@ -298,6 +298,58 @@ T.test("a key the callee presses reaches the model as text; a digit that is no k
   T.eq(env.rt.sessions[1].keys, { "[The callee pressed the key 5]", "[The callee pressed the key #]" })
 end, { timeout = 40000 })
 
+T.test("key presses get a reply (one after a run of keys, at once on #) and end the silence count", function()
+  local env = kit.start({
+    config = { call = { silenceTimeoutSec = 2 } },
+    realtime = {
+      script = function(session)
+        assert(session:wait_event("response.create", 5000)) -- the greeting
+        session:speak({ ms = 100, text = "Hello, please type your code." })
+        assert(session:wait_event("response.create", 8000))
+        session.reply1_at = timer.now()
+        session:speak({ ms = 100, text = "Thanks, and press pound to confirm." })
+        assert(session:wait_event("response.create", 8000))
+        session.reply2_at = timer.now()
+        session:call_function("report_call", { summary = "Code typed.", outcome = "success" })
+        assert(session:wait_event("response.create", 5000))
+        session:speak({ ms = 100, text = "Bye." })
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550118", prompt = "Ask for a code." })
+  local tw = assert(env.tw:wait_call(5000))
+  assert(tw:wait_stream(5000))
+  local s
+  T.wait_for(function()
+    s = env.rt.sessions[1]
+    return s and #s.response_creates > 0 and #(s.responses or {}) > 0
+  end, 5000, "the greeting")
+  timer.sleep(300)
+  assert(tw:send_dtmf("1"))
+  timer.sleep(300)
+  assert(tw:send_dtmf("2"))
+  local last = timer.now()
+  T.wait_for(function()
+    return s.reply1_at
+  end, 5000, "a reply to the keys")
+  T.eq(#s.response_creates, 2, "one reply for the two keys")
+  T.ok(s.reply1_at - last >= 1000, "after the pause that ends a run of keys: " .. (s.reply1_at - last) .. " ms")
+  timer.sleep(1500) -- past silenceTimeoutSec since the greeting: the keys were an answer
+  assert(tw:send_dtmf("#"))
+  local pound = timer.now()
+  T.wait_for(function()
+    return s.reply2_at
+  end, 5000, "a reply to #")
+  T.ok(s.reply2_at - pound < 800, "# is answered at once: " .. (s.reply2_at - pound) .. " ms")
+  local call = env:wait_final(id, 20000)
+  T.eq(call.status, "completed")
+  T.eq(call.endReason, "completed")
+  for _, ev in ipairs(s.events) do
+    local item = ev.type == "conversation.item.create" and ev.item
+    T.ok(not (item and item.role == "system"), "no silence wrap-up was asked for")
+  end
+end, { timeout = 40000 })
+
 T.test("model audio that comes before the phone's stream is kept and played first once it starts", function()
   local early = string.rep("\1\2\3\4", 600) -- 300 ms of mu-law
   local env = kit.start({

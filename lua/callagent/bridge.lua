@@ -795,8 +795,34 @@ function Bridge:on_stream_text(msg)
         type = "conversation.item.create",
         item = { type = "message", role = "user", content = { { type = "input_text", text = "[The callee pressed the key " .. d .. "]" } } },
       })
+      self:_key_pressed(d)
     end
   end
+end
+
+-- A key press is the callee answering: it ends the silence count, and it
+-- gets a reply, which the service's turn detection would never start (it
+-- listens for speech). Keys typed in a row get one reply, DTMF_PAUSE_MS
+-- after the last; "#", which ends an entry, gets it at once. Not once the
+-- report is in: the goodbye is the last thing said.
+local DTMF_PAUSE_MS = 1200
+
+function Bridge:_key_pressed(digit)
+  self.callee_spoke_at = timer.now()
+  self:_stop_timer("silence_timer")
+  self:_stop_timer("dtmf_timer")
+  if self.report or self.goodbye_requested or self.hanging_up then
+    return
+  end
+  if digit == "#" then
+    return self:_respond()
+  end
+  self.dtmf_timer = timer.after(DTMF_PAUSE_MS, function()
+    self.dtmf_timer = nil
+    if not (self.ended or self.report or self.goodbye_requested or self.hanging_up) then
+      self:_respond()
+    end
+  end)
 end
 
 --- The stream's WebSocket closed (the phone hung up, or after our hang-up).
@@ -811,7 +837,7 @@ function Bridge:finish(reason)
   end
   self.ended = true
   for _, name in ipairs({ "max_timer", "silence_timer", "goodbye_timer", "wrapup_timer", "ready_timer", "respond_timer",
-    "greet_retry_timer" }) do
+    "greet_retry_timer", "dtmf_timer" }) do
     self:_stop_timer(name)
   end
   self:_flush_lines() -- what was said and not yet (known to be) played
