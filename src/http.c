@@ -49,6 +49,7 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <stdlib.h>
@@ -292,6 +293,14 @@ static int req_respond(lua_State *L)
 	return 1;
 }
 
+/* Pushes a header value of len bytes without the spaces and tabs around it. */
+static void push_value(lua_State *L, const char *v, int len)
+{
+	size_t n = ca__ows_trim(&v, (size_t)len);
+
+	lua_pushlstring(L, v, n);
+}
+
 /* req:header(name): any header of the request while it is being handled. */
 static int req_header(lua_State *L)
 {
@@ -318,7 +327,7 @@ static int req_header(lua_State *L)
 			buf = (size_t)len < sizeof stackbuf ? stackbuf : ca_malloc((size_t)len + 1);
 			len = lws_hdr_copy(r->wsi, buf, len + 1, (enum lws_token_indexes)t);
 			if (len >= 0)
-				lua_pushlstring(L, buf, (size_t)len);
+				push_value(L, buf, len);
 			if (buf != stackbuf)
 				free(buf);
 			return len >= 0;
@@ -330,7 +339,7 @@ static int req_header(lua_State *L)
 	buf = (size_t)len < sizeof stackbuf ? stackbuf : ca_malloc((size_t)len + 1);
 	len = lws_hdr_custom_copy(r->wsi, buf, len + 1, key, (int)nl + 1);
 	if (len >= 0)
-		lua_pushlstring(L, buf, (size_t)len);
+		push_value(L, buf, len);
 	if (buf != stackbuf)
 		free(buf);
 	return len >= 0;
@@ -353,7 +362,7 @@ static void push_extra_headers(lua_State *L, struct server *s, struct lws *wsi)
 
 		if (len >= 0) {
 			lua_pushlstring(L, s->extra[i], (size_t)nl - 1);
-			lua_pushlstring(L, buf, (size_t)len);
+			push_value(L, buf, len);
 			lua_rawset(L, -3);
 		}
 	}
@@ -445,6 +454,8 @@ static void dispatch(struct server *s, struct req *r)
 		return;
 	if (s->closing || s->req_ref == LUA_NOREF) {
 		/* Read in the same turn the server was closed: nobody to hand it to. */
+		ca_log(CA_LOG_WARN, "http: %s %s: the server is closing: answering 503",
+		       method_names[r->method], r->path);
 		quick_response(r, 503, "closing", "the server is closing");
 		return;
 	}
@@ -567,6 +578,63 @@ static int http10(struct lws *wsi)
 	return lws_hdr_copy(wsi, v, sizeof v, WSI_TOKEN_HTTP) > 0 && strcmp(v, "HTTP/1.0") == 0;
 }
 
+/*
+ * lws frames a request body by a Content-Length of at most this many
+ * characters (it copies the value into a 32-byte buffer, lws_http_action);
+ * a longer one it ignores, and reads a POST's body to 100 MB or a GET's as
+ * the next request.
+ */
+#define LWS_CONTENT_LENGTH_MAX 30
+
+/*
+ * The request's Content-Length (RFC 9110 8.6: 1*DIGIT, the spaces and tabs
+ * around it not part of it) into *v: 0 when there is none; 1 with *v set,
+ * saturated (a value past what fits is only too large); 2 with *v set when
+ * it is a number lws cannot frame the body by (longer than
+ * LWS_CONTENT_LENGTH_MAX); -1 when it is not a number, *why saying how.
+ */
+static int content_length(struct lws *wsi, unsigned long long *v, const char **why)
+{
+	char small[LWS_CONTENT_LENGTH_MAX + 2], *buf, probe[1];
+	int len = lws_hdr_total_length(wsi, WSI_TOKEN_HTTP_CONTENT_LENGTH), n, rc;
+	const char *p;
+	size_t dl;
+
+	*v = 0;
+	if (len <= 0) {
+		/* "Content-Length:" with nothing after it is there, and empty. */
+		if (lws_hdr_copy_fragment(wsi, probe, sizeof probe, WSI_TOKEN_HTTP_CONTENT_LENGTH, 0) < 0)
+			return 0;
+		*why = "empty";
+		return -1;
+	}
+	buf = (size_t)len < sizeof small ? small : ca_malloc((size_t)len + 1);
+	n = lws_hdr_copy(wsi, buf, len + 1, WSI_TOKEN_HTTP_CONTENT_LENGTH);
+	p = buf;
+	dl = n < 0 ? 0 : ca__ows_trim(&p, (size_t)n);
+	rc = len > LWS_CONTENT_LENGTH_MAX ? 2 : 1;
+	if (n < 0) {
+		*why = "cannot be read";
+		rc = -1;
+	} else if (dl == 0) {
+		*why = "empty";
+		rc = -1;
+	}
+	for (size_t i = 0; rc > 0 && i < dl; i++) {
+		unsigned d = (unsigned)(unsigned char)p[i] - '0';
+
+		if (d > 9) {
+			*why = "not a number";
+			rc = -1;
+		} else {
+			*v = *v >= ULLONG_MAX / 10 ? ULLONG_MAX : *v * 10 + d;
+		}
+	}
+	if (buf != small)
+		free(buf);
+	return rc;
+}
+
 static int path_accepts_ws(struct server *s, const char *path)
 {
 	for (int i = 0; i < s->n_ws_paths; i++)
@@ -625,8 +693,10 @@ static int server_callback(struct lws *wsi, enum lws_callback_reasons reason,
 	case LWS_CALLBACK_HTTP: {
 		struct req *r;
 		char *uri;
-		int ulen, meth;
-		char cl[32];
+		int ulen, meth, clr;
+		unsigned long long v;
+		const char *why = NULL;
+		char ex[32];
 
 		if (pss == NULL || L == NULL)
 			return -1;
@@ -653,26 +723,43 @@ static int server_callback(struct lws *wsi, enum lws_callback_reasons reason,
 			return 0;
 		}
 		if (lws_hdr_total_length(wsi, WSI_TOKEN_HTTP_TRANSFER_ENCODING) > 0) {
+			ca_log(CA_LOG_WARN, "http: %s %s: chunked body refused (Transfer-Encoding): answering 411",
+			       method_names[r->method], r->path);
 			quick_response(r, 411, "length_required", "chunked request bodies are not supported: send Content-Length");
 			return 0;
 		}
-		if (lws_hdr_copy(wsi, cl, sizeof cl, WSI_TOKEN_HTTP_CONTENT_LENGTH) > 0) {
-			char *endp;
-			unsigned long long v = strtoull(cl, &endp, 10);
-
-			if (*endp != '\0') {
-				quick_response(r, 400, "bad_request", "invalid Content-Length");
-				return 0;
-			}
-			if (v > s->max_body) {
+		clr = content_length(wsi, &v, &why);
+		if (clr < 0) {
+			/* Not its value: that is no number, and may be anything (a secret). */
+			ca_log(CA_LOG_WARN, "http: %s %s: invalid Content-Length (%s): answering 400",
+			       method_names[r->method], r->path, why);
+			quick_response(r, 400, "bad_request", "invalid Content-Length");
+			return 0;
+		}
+		if (clr > 0 && v > s->max_body) {
+			if (v == ULLONG_MAX)
+				ca_log(CA_LOG_WARN, "http: %s %s: body of more than %llu bytes over max_body %zu: answering 413",
+				       method_names[r->method], r->path, ULLONG_MAX / 10 * 10 - 1, s->max_body);
+			else
 				ca_log(CA_LOG_WARN, "http: %s %s: body of %llu bytes over max_body %zu: answering 413",
 				       method_names[r->method], r->path, v, s->max_body);
-				quick_response(r, 413, "payload_too_large", "request body too large");
-				return 0;
-			}
+			quick_response(r, 413, "payload_too_large", "request body too large");
+			return 0;
+		}
+		if (clr == 2) {
+			ca_log(CA_LOG_WARN, "http: %s %s: invalid Content-Length (%d characters, over the %d libwebsockets reads): answering 400",
+			       method_names[r->method], r->path,
+			       lws_hdr_total_length(wsi, WSI_TOKEN_HTTP_CONTENT_LENGTH), LWS_CONTENT_LENGTH_MAX);
+			quick_response(r, 400, "bad_request", "invalid Content-Length");
+			return 0;
+		}
+		if (clr > 0) {
+			const char *e = ex;
+
 			r->expect = (size_t)v;
-			if (v > 0 && lws_hdr_copy(wsi, cl, sizeof cl, WSI_TOKEN_HTTP_EXPECT) > 0 &&
-			    !strcasecmp(cl, "100-continue") && !http10(wsi)) {
+			if (v > 0 && lws_hdr_copy(wsi, ex, sizeof ex, WSI_TOKEN_HTTP_EXPECT) > 0 &&
+			    ca__ows_trim(&e, strlen(ex)) == 12 && !strncasecmp(e, "100-continue", 12) &&
+			    !http10(wsi)) {
 				/* lws 4.1 does not answer it: the client would wait (1 s
 				 * for curl) before it sends the body. An HTTP/1.0
 				 * request's is ignored (RFC 9110 10.1.1). */
@@ -696,6 +783,8 @@ static int server_callback(struct lws *wsi, enum lws_callback_reasons reason,
 		if (r == NULL || r->dispatched)
 			return 0;
 		if (r->body_len + len > s->max_body) {
+			ca_log(CA_LOG_WARN, "http: %s %s: body over max_body %zu: answering 413",
+			       method_names[r->method], r->path, s->max_body);
 			quick_response(r, 413, "payload_too_large", "request body too large");
 			return 0;
 		}

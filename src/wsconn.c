@@ -283,6 +283,20 @@ struct lws_vhost *ca__lws_vhost(struct lws_context_creation_info *info)
 
 /* ---- headers ---- */
 
+size_t ca__ows_trim(const char **s, size_t n)
+{
+	const char *p = *s;
+
+	while (n && (*p == ' ' || *p == '\t')) {
+		p++;
+		n--;
+	}
+	while (n && (p[n - 1] == ' ' || p[n - 1] == '\t'))
+		n--;
+	*s = p;
+	return n;
+}
+
 void ca__push_headers(lua_State *L, struct lws *wsi)
 {
 	char stackbuf[1024];
@@ -305,8 +319,11 @@ void ca__push_headers(lua_State *L, struct lws *wsi)
 		buf = (size_t)len + 1 <= sizeof stackbuf ? stackbuf : ca_malloc((size_t)len + 1);
 		len = lws_hdr_copy(wsi, buf, len + 1, (enum lws_token_indexes)t);
 		if (len >= 0) {
+			const char *v = buf;
+			size_t vl = ca__ows_trim(&v, (size_t)len);
+
 			lua_pushlstring(L, name, nl - 1);
-			lua_pushlstring(L, buf, (size_t)len);
+			lua_pushlstring(L, v, vl);
 			lua_rawset(L, -3);
 		}
 		if (buf != stackbuf)

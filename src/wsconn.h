@@ -248,8 +248,18 @@ int ca__ws_write_close(struct ca_ws *ws, const void *body, size_t len);
 /* Pushes the connection userdata and calls its handler with event + nargs values on top. */
 void ca__ws_emit(struct ca_ws *ws, const char *event, int nargs);
 
-/* Copies the request headers of wsi into a new table on L (lowercase names). */
+/*
+ * Copies the request headers of wsi into a new table on L (lowercase names),
+ * their values without the spaces and tabs around them (see ca__ows_trim).
+ */
 void ca__push_headers(lua_State *L, struct lws *wsi);
+
+/*
+ * The length of the header value s[0..n) without the spaces and tabs around
+ * it, which RFC 9110 5.5 says are not part of it (lws drops only the leading
+ * ones); *s moves past the leading ones.
+ */
+size_t ca__ows_trim(const char **s, size_t n);
 
 /* Registers the "callagent.WebSocket" metatable (idempotent). */
 void ca__ws_register(lua_State *L);

@@ -4,6 +4,7 @@ local T = require "testing"
 local http = require "callagent.http"
 local fetch = require "callagent.fetch"
 local core = require "callagent.core.http"
+local json = require "callagent.json"
 
 assert(core.configure({ max_header = 1024 }))
 
@@ -32,6 +33,117 @@ T.test("a server asking for another max_header is refused with EINVAL", function
   local same = http.server({ max_header = 1024 })
   T.ok(same:listen())
   same:close()
+end)
+
+-- A request with a Content-Length header of our choosing: curl sends the
+-- given one instead of its own, and the body as it is. A server that
+-- misreads the length leaves the connection stuck: hence the timeout.
+local function post(srv, len, body, headers)
+  local h = { ["Content-Length"] = len }
+  for k, v in pairs(headers or {}) do
+    h[k] = v
+  end
+  return assert(fetch(srv:url("/up"), { method = "POST", body = body, headers = h, timeout = 5000 }))
+end
+
+local function counting_server(opts)
+  local seen = {}
+  local srv = server(opts, function(s)
+    s:post("/up", function(req)
+      seen[#seen + 1] = req.body
+      return 200, { n = #req.body }
+    end)
+  end)
+  return srv, seen
+end
+
+local function refused(res, status, code, message)
+  local body = json.decode(res.body)
+  T.eq({ res.status, body.error.code, body.error.message }, { status, code, message })
+end
+
+T.test("a Content-Length of -1, +5, 5x or an empty one is 400 invalid Content-Length, not a huge body", function()
+  local srv, seen = counting_server({ max_body = 1000 })
+  for _, len in ipairs({ "-1", "+5", "5x", "0x5", "5,5", "" }) do
+    local res = post(srv, len, "hello")
+    T.eq(res.status, 400, "Content-Length " .. T.fmt(len))
+    refused(res, 400, "bad_request", "invalid Content-Length")
+  end
+  T.eq(#seen, 0, "no handler saw them")
+  -- Spaces and tabs after the digits are not part of the value (RFC 9110 5.5).
+  local res = post(srv, "5 \t", "hello")
+  T.eq({ res.status, res.body }, { 200, '{"n":5}' })
+end)
+
+T.test("a zero-padded 40-character Content-Length: over max_body 413; within it 400, as libwebsockets frames a body by at most 30", function()
+  local srv, seen = counting_server({ max_body = 1000 })
+  local res = post(srv, string.format("%040d", 5000), string.rep("x", 5000))
+  refused(res, 413, "payload_too_large", "request body too large")
+  -- Twenty-odd digits past what 64 bits hold are still only too large.
+  res = post(srv, string.rep("9", 25), "hello")
+  refused(res, 413, "payload_too_large", "request body too large")
+  res = post(srv, string.format("%040d", 5), "hello")
+  refused(res, 400, "bad_request", "invalid Content-Length")
+  T.eq(#seen, 0, "no handler saw them")
+  -- Padded to 30 characters it is read as it should be.
+  res = post(srv, string.format("%030d", 5), "hello")
+  T.eq({ res.status, res.body }, { 200, '{"n":5}' })
+  T.eq(seen, { "hello" })
+end)
+
+T.test("header values reach Lua without the spaces and tabs around them (headers, req:header, captured extra headers)", function()
+  local srv = server({ headers = { "x-extra" } }, function(s)
+    s:get("/h", function(req)
+      return 200, {
+        custom = req.headers["x-custom"],
+        header = req:header("X-Custom"),
+        auth = req.headers["authorization"],
+        extra = req.headers["x-extra"],
+      }
+    end)
+  end)
+  local res = assert(fetch(srv:url("/h"), {
+    timeout = 5000,
+    headers = { ["X-Custom"] = "value \t", Authorization = "Bearer tok-123\t ", ["X-Extra"] = "e v " },
+  }))
+  T.eq(res.status, 200)
+  T.eq(json.decode(res.body), { custom = "value", header = "value", auth = "Bearer tok-123", extra = "e v" })
+end)
+
+T.test("a refused Content-Length or Transfer-Encoding is logged with method, path and reason, never the value", function()
+  local code, _, p = T.run_app(nil, nil, { source = [[
+local http = require "callagent.http"
+local fetch = require "callagent.fetch"
+local task = require "callagent.task"
+local runtime = require "callagent.runtime"
+local srv = http.server({ max_body = 1000 })
+srv:post("/up", function(req)
+  return 200, tostring(#req.body)
+end)
+assert(srv:listen())
+task.spawn(function()
+  local function post(headers, body)
+    local r = assert(fetch(srv:url("/up"), { method = "POST", headers = headers, body = body, timeout = 5000 }))
+    print(r.status)
+  end
+  post({ ["Content-Length"] = "-1" }, "{}")
+  post({ ["Content-Length"] = "sk-secret-value" }, "{}")
+  post({ ["Content-Length"] = string.format("%040d", 5) }, "hello")
+  post({ ["Content-Length"] = string.format("%040d", 5000) }, string.rep("x", 5000))
+  post({ ["Transfer-Encoding"] = "chunked" }, "hello")
+  srv:close()
+  runtime.stop(0)
+end)
+]] })
+  T.eq(code, 0, p.errtext())
+  T.eq(p.out, { "400", "400", "400", "413", "411" })
+  local log = p.errtext()
+  local _, n = log:gsub("WARN http: POST /up: invalid Content%-Length %(not a number%): answering 400", "")
+  T.eq(n, 2, "two lines for the two that are not numbers:\n" .. log)
+  T.match(log, "WARN http: POST /up: invalid Content%-Length %(40 characters, over the 30 libwebsockets reads%): answering 400")
+  T.match(log, "WARN http: POST /up: body of 5000 bytes over max_body 1000: answering 413")
+  T.match(log, "WARN http: POST /up: chunked body refused %(Transfer%-Encoding%): answering 411")
+  T.no_match(log, "secret", "the value stays out of the log")
 end)
 
 T.run()
