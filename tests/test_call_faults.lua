@@ -371,6 +371,36 @@ T.test("the goodbye is the response asked for after report_call, not one the ser
   T.eq(lines, { "agent: Hi.", "agent: Noted.", "agent: Goodbye now." })
 end, { timeout = 40000 })
 
+T.test("a response the service started before the greeting went out is the agent's first turn: no second greeting", function()
+  local env = kit.start({
+    twilio = { behaviour = { stream_delay_ms = 600 } },
+    realtime = {
+      script = function(session)
+        -- Its turn detection answers the callee at once (a "Hello?"): the
+        -- phone's stream starts while that response is on.
+        session:speak({ auto = true, ms = 1500, text = "Hello, this is the agent." })
+        session.first_done_at = timer.now()
+        -- Nothing asked for a response since: a greeting now would be a second one.
+        session.extra_create = session:wait_event("response.create", 2500)
+        session:call_function("report_call", { summary = "Greeted once.", outcome = "success" })
+        assert(session:wait_event("response.create", 5000))
+        session:speak({ ms = 100, text = "Bye." })
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550130", prompt = "Greet." })
+  local call = env:wait_final(id, 20000)
+  T.eq(call.status, "completed")
+  local s = env.rt.sessions[1]
+  T.ok(env.tw.calls[1].stream_started_at < s.first_done_at, "the stream started while the service's response was on")
+  T.eq(s.extra_create, nil, "no greeting after the service's own response")
+  local lines = {}
+  for _, l in ipairs(call.transcript) do
+    lines[#lines + 1] = l.role .. ": " .. l.text
+  end
+  T.eq(lines, { "agent: Hello, this is the agent.", "agent: Bye." })
+end, { timeout = 40000 })
+
 T.test("a response.create refused for another reason does not hold back the next one", function()
   local env = kit.start({
     tools = {

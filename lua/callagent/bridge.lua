@@ -135,6 +135,7 @@ function Bridge:_maybe_greet()
     return
   end
   self.greeted = true
+  self.greeting_waiting = true -- until a response.create for it goes out
   self:_respond()
 end
 
@@ -246,6 +247,9 @@ function Bridge:_model_event(ev)
       log.debug("model busy: response asked for again later", self.log_fields)
       self.responding = true
       self.respond_after = true
+      if refused and self.creates == 1 then
+        self.greeting_waiting = true -- the greeting itself
+      end
       return
     end
     local param = text(e.param)
@@ -434,6 +438,7 @@ function Bridge:_respond()
     return
   end
   self.respond_after = false -- this one serves any asked for meanwhile
+  self.greeting_waiting = nil
   self.create_sent_at = timer.now()
   self.creates = (self.creates or 0) + 1
   local n = tostring(self.creates)
@@ -447,6 +452,18 @@ end
 
 function Bridge:_response_done(r)
   self.responding = false
+  if self.greeting_waiting then
+    -- A response the service started itself (its turn detection heard the
+    -- callee, often a "Hello?" while the model connection was opening) came
+    -- first: that was the agent's first turn. Greeting after it would have
+    -- the agent speak twice with nothing said in between.
+    self.greeting_waiting = nil
+    if not self.first_response_done then
+      log.info("greeting dropped: the model already answered the callee", self.log_fields)
+      self.respond_after = false
+      self:_stop_timer("respond_timer")
+    end
+  end
   for _, item in ipairs(type(r.output) == "table" and r.output or EMPTY) do
     if obj(item).type == "function_call" then
       self:_decide_function(item)
