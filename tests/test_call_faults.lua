@@ -401,6 +401,50 @@ T.test("a response the service started before the greeting went out is the agent
   T.eq(lines, { "agent: Hello, this is the agent.", "agent: Bye." })
 end, { timeout = 40000 })
 
+T.test("a store that refuses writes at the call's end: the call is kept, written once it can be, notified once", function()
+  local env = kit.start({
+    realtime = {
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        session:speak({ ms = 200, text = "Hello." })
+        while not session.go do
+          timer.sleep(20)
+        end
+        session:report_and_goodbye({ summary = "Booked.", outcome = "success" }, { ms = 100, text = "Bye." })
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550131", prompt = "Book it." })
+  local s
+  T.wait_for(function()
+    s = env.rt.sessions[1]
+    return s and #(s.responses or {}) > 0
+  end, 5000, "the greeting")
+  -- The disk stops taking writes (as when it is full): SQLite's query_only
+  -- refuses every one, the transaction's BEGIN included.
+  local db = env.app.store.db
+  assert(db:exec("PRAGMA query_only = ON"))
+  s.go = true
+  local view = env:wait(id, function(r)
+    return r.status == "completed"
+  end, 10000, "the call's end, as the engine has it")
+  T.eq(view.report and view.report.outcome, "success", "the API shows the report it holds")
+  timer.sleep(1000)
+  T.eq(#env.hooks.received, 0, "no notification for an end the store does not have")
+  T.eq(select(1, env.app.store:get_call(id)).status, "in_progress", "the store did not take it")
+  assert(db:exec("PRAGMA query_only = OFF"))
+  T.wait_for(function()
+    return #env.hooks.received >= 1
+  end, 10000, "the notification, once the end is written")
+  local stored = env.app.store:get_call(id)
+  T.eq(stored.status, "completed")
+  T.eq(stored.report and stored.report.outcome, "success", "the report was written with it")
+  T.eq(stored.attempts[1].status, "completed")
+  timer.sleep(6000) -- past another retry: nothing more is written or sent
+  T.eq(#env.hooks.received, 1, "notified once")
+  T.eq(env.hooks.received[1].json.data.status, "completed")
+end, { timeout = 60000 })
+
 T.test("a response.create refused for another reason does not hold back the next one", function()
   local env = kit.start({
     tools = {

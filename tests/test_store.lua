@@ -181,6 +181,20 @@ T.test("sqlite: a batch's writes commit together; one that raises leaves none of
   T.match(tostring(err), "boom")
   T.eq(s:get_call("c_2"), nil, "the insert was rolled back")
   T.eq(#s:get_call("c_1").events, 1, "and the event")
+  -- A write that fails (here a row for no call) undoes the others, and the
+  -- batch says so: a caller must not take the rest for written.
+  local bok, berr = s:batch(function()
+    assert(s:update_call("c_1", { status = "dialing" }))
+    s:add_transcript("c_none", { role = "agent", text = "x" })
+    assert(s:add_event("c_1", { type = "status", to = "dialing" }))
+  end)
+  T.eq(bok, nil)
+  T.match(berr, "FOREIGN KEY")
+  T.eq(s:get_call("c_1").status, "queued", "the update was undone")
+  T.eq(#s:get_call("c_1").events, 1, "and the event")
+  T.eq(s:batch(function()
+    assert(s:add_event("c_1", { type = "status", to = "dialing" }))
+  end), true, "the next batch is not taken for failed")
 end)
 
 T.test("the engine writes a status change with its event and attempt rows in one batch", function()

@@ -89,6 +89,7 @@ function M.new(opts)
     public_url = opts.public_url,
     local_url = opts.local_url,
     live = {}, -- call id -> live record (active calls)
+    unsaved = {}, -- call id -> a final call the store has not taken yet (_finish)
     bridges = {}, -- call id .. "#" .. n -> bridge
     tokens = {}, -- stream token -> {call_id, attempt, expires}
     timers = {}, -- call id -> retry or dial timers
@@ -117,7 +118,7 @@ end
 
 --- A read-only copy of a call for API responses, tools and event handlers.
 function Engine:call_view(id)
-  local c = self.live[id]
+  local c = self.live[id] or self.unsaved[id]
   local transcript
   if self.closed then
     -- app:stop() closed the store (a request or a hang-up still finishing).
@@ -176,6 +177,7 @@ function Engine:_save(call, fields)
   local ok, err = self.store:update_call(call.id, fields)
   if not ok then
     log.error("store update failed", { call = call.id, error = err })
+    call._save_failed = true -- its end is then written whole (_finish)
   end
 end
 
@@ -186,7 +188,8 @@ function Engine:_batch(fn)
   if store.batch then
     return store:batch(fn)
   end
-  return fn()
+  fn()
+  return true
 end
 
 -- also: more store writes that commit with the status (run first).
@@ -203,17 +206,21 @@ function Engine:_set_status(call, status, extra, also)
       call[k] = v
     end
   end
-  self:_batch(function()
+  local ok, err = self:_batch(function()
     if also then
       also()
     end
     self:_save(call, fields)
     self.store:add_event(call.id, { at = iso(), type = "status", from = old, to = status })
   end)
+  if not ok then
+    call._save_failed = true -- undone whole: its end is then written whole (_finish)
+  end
   if old ~= status then
     log.info("call status", { call = call.id, from = old, to = status, attempt = call.attempt })
     self.emit("status", self:call_view(call.id), old, status)
   end
+  return ok, err
 end
 
 --- Creates a call from validated API input and starts dialing it.
@@ -927,8 +934,20 @@ function Engine:_finish(call, status, reason, also)
   local note_key, note_body
   -- A final call has no next attempt (it may end while queued for one).
   local fields = { completedAt = iso(), endReason = reason or store_mod.NULL, nextAttemptAt = store_mod.NULL }
-  self:_set_status(call, status, fields, function()
+  local whole = call._save_failed -- a write of it failed before (the report, say): written whole now
+  call._save_failed = nil
+  if whole then
+    for k, v in pairs(self:_record_fields(call)) do
+      if fields[k] == nil then
+        fields[k] = v
+      end
+    end
+  end
+  local saved, serr = self:_set_status(call, status, fields, function()
     also()
+    if whole then
+      self:_write_attempts(call)
+    end
     self.store:clear_retry(call.id)
     -- The notification is recorded in the same commit: a stop between the
     -- two left a final call that was never notified.
@@ -942,12 +961,67 @@ function Engine:_finish(call, status, reason, also)
       self:_cancel_timer(key)
     end
   end
+  if not saved then
+    -- Not written (a full disk, an I/O error): the call is kept here, as it
+    -- is, and written whole until the store takes it; its notification goes
+    -- then, so none goes out for a state the store does not have.
+    log.error("the end of a call could not be written: writing it again every 5 s", { call = call.id,
+      status = status, error = serr })
+    note_key = nil
+    self.unsaved[call.id] = call
+    self:_write_unsaved(call.id)
+  end
   local view = self:call_view(call.id)
   self.emit("ended", view)
   if note_key then
     self.notifier:send(note_key, note_body)
   end
   return true
+end
+
+local UNSAVED_RETRY_MS = 5000
+
+-- The fields of a call's record as the store keeps them (not its rows).
+function Engine:_record_fields(call)
+  local fields = public_fields(call)
+  fields.id, fields.attempts, fields.transcript, fields.events = nil, nil, nil, nil
+  return fields
+end
+
+function Engine:_write_attempts(call)
+  for _, a in ipairs(call.attempts or {}) do
+    self.store:add_attempt(call.id, public_fields(a))
+  end
+end
+
+-- Writes a final call the store refused, whole (its record, its attempts,
+-- its notification, one commit), every UNSAVED_RETRY_MS until it takes it.
+function Engine:_write_unsaved(id)
+  self.timers[id .. "#unsaved"] = timer.after(UNSAVED_RETRY_MS, function()
+    self.timers[id .. "#unsaved"] = nil
+    local call = self.unsaved[id]
+    if not call or self.closed then
+      return -- app:stop() closed the store: the next start resolves the call
+    end
+    local key, body
+    call._save_failed = nil
+    local ok = self:_batch(function()
+      self:_save(call, self:_record_fields(call))
+      self:_write_attempts(call)
+      self.store:clear_retry(id)
+      if self.notifier then
+        key, body = self.notifier:record(self:call_view(id))
+      end
+    end)
+    if not ok or call._save_failed then
+      return self:_write_unsaved(id)
+    end
+    self.unsaved[id] = nil
+    log.info("the end of a call was written at last", { call = id, status = call.status })
+    if key then
+      self.notifier:send(key, body)
+    end
+  end)
 end
 
 --- POST /v1/calls/{id}/hangup.

@@ -105,8 +105,9 @@ function Notifier:record(view)
     end
     body = json.encode(payload)
   end
-  if self.store:add_notification(key, view.callId, body) == false then
-    return nil -- already recorded (sent or pending)
+  local added = self.store:add_notification(key, view.callId, body)
+  if not added then
+    return nil -- already recorded (sent or pending); or not written (nil): not sent either
   end
   return key, body
 end

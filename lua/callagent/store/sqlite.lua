@@ -121,13 +121,24 @@ function M.open(cfg)
   return self
 end
 
+-- Inside batch(): false, or the first write of the batch that failed. A
+-- batch runs no yield (its fn must not), so one at a time.
+local batch_failed
+
 local function check(ok, err, what)
   if ok == nil then
     log.error("store write failed", { what = what, error = err })
+    if batch_failed == false then
+      batch_failed = err or "a write failed"
+    end
     return nil, err
   end
   return true
 end
+
+local BATCH_FAILED = setmetatable({}, { __tostring = function()
+  return "a write of the batch failed"
+end })
 
 local function doc_of(call)
   local d = {}
@@ -207,8 +218,30 @@ function Store:transcript(id)
 end
 
 --- Runs fn, whose writes commit together: one transaction instead of one each.
+-- All or none: a write in it that fails (a full disk, an I/O error) undoes the
+-- others, and batch returns nil, err; so does a commit that fails.
 function Store:batch(fn)
-  return check(self.db:transaction(fn), nil, "batch")
+  local outer = batch_failed
+  batch_failed = false
+  local pok, ok, err = pcall(self.db.transaction, self.db, function()
+    fn()
+    if batch_failed then
+      error(BATCH_FAILED, 0)
+    end
+  end)
+  local failed = batch_failed
+  -- A batch inside another fails that one too.
+  batch_failed = outer ~= nil and (outer or failed) or nil
+  if not pok then
+    if ok == BATCH_FAILED then
+      return nil, failed
+    end
+    error(ok, 0)
+  end
+  if ok == nil then
+    return check(nil, err, "batch")
+  end
+  return true
 end
 
 function Store:add_attempt(id, attempt)
@@ -296,9 +329,12 @@ function Store:due_retries()
 end
 
 function Store:add_notification(key, call_id, payload)
-  local changes = self.db:run(
+  local changes, err = self.db:run(
     "INSERT OR IGNORE INTO notifications (key, call_id, payload, created) VALUES (?, ?, ?, ?)",
     key, call_id, payload, core.time())
+  if changes == nil then
+    return check(nil, err, "notification") -- not "already recorded"
+  end
   return changes == 1
 end
 
