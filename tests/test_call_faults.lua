@@ -62,7 +62,8 @@ T.test("a status callback with a bad or missing signature gets 403 and changes n
   after = env:get(id)
   T.eq({ after.attempts[1].status, after.attempts[1].providerCallId, after.attempts[1].reason },
     { "failed", rec.attempts[1].providerCallId, "call failed" })
-  -- And a correctly signed one is accepted.
+  -- And a correctly signed one is accepted, its media type in any case (RFC 9110 8.3.1).
+  headers["Content-Type"] = "Application/X-WWW-Form-Urlencoded; Charset=UTF-8"
   res = assert(fetch(target, { method = "POST", body = body, headers = headers }))
   T.eq(res.status, 204)
   healthy(env)
