@@ -43,6 +43,12 @@ T.test("POST /v1/calls validates every field and answers 400 naming it", functio
     { { to = "+14155550100", prompt = "\192\175 overlong" }, "invalid_prompt", "prompt" },
     { { to = "+14155550100", prompt = "a NUL \0 here" }, "invalid_prompt", "prompt" },
     { { to = "+14155550100", prompt = "an escape \27[2J" }, "invalid_prompt", "prompt" },
+    -- Beyond ASCII: C1 controls (NEL, CSI), line separators, wide spaces only.
+    { { to = "+14155550100", prompt = "a C1 \194\133 next line" }, "invalid_prompt", "prompt" },
+    { { to = "+14155550100", prompt = "a CSI \194\155 2J" }, "invalid_prompt", "prompt" },
+    { { to = "+14155550100", prompt = "\194\160\227\128\128 \226\128\139" }, "invalid_prompt", "prompt" },
+    { { to = "+14155550100", prompt = "x", calleeName = "Ada\226\128\168Lovelace" }, "invalid_calleeName", "calleeName" },
+    { { to = "+14155550100", prompt = "x", callerName = "B\194\133b" }, "invalid_callerName", "callerName" },
     { { to = "+14155550100", prompt = "x", calleeName = "Ada\nLovelace" }, "invalid_calleeName", "calleeName" },
     { { to = "+14155550100", prompt = "x", callerName = "B\255b" }, "invalid_callerName", "callerName" },
     { { to = "+14155550100", prompt = "x", metadata = { note = "\255" } }, "invalid_metadata", "metadata" },

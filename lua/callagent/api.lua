@@ -45,6 +45,21 @@ end
 -- Any control character; one other than tab, newline and carriage return.
 local CONTROL = "[%z\1-\31\127]"
 local CONTROL_IN_TEXT = "[%z\1-\8\11\12\14-\31\127]"
+-- The same beyond ASCII, in UTF-8 (text is checked UTF-8 first): the C1
+-- controls U+0080-U+009F, and the line and paragraph separators U+2028/9.
+local C1 = "\194[\128-\159]"
+local LINE_SEPARATOR = "\226\128[\168\169]"
+-- Unicode's spaces that are not ASCII (and the zero-width ones): a prompt of
+-- nothing else says nothing.
+local WIDE_SPACES = { "\194\160", "\225\154\128", "\226\128[\128-\141]", "\226\128\175", "\226\129\159",
+  "\227\128\128", "\239\187\191" }
+
+local function blank(s)
+  for _, p in ipairs(WIDE_SPACES) do
+    s = s:gsub(p, "")
+  end
+  return not s:match("%S")
+end
 
 local function voice_ok(v)
   for _, x in ipairs(config.voices) do
@@ -86,13 +101,13 @@ function M.validate_call(body)
     return nil, err(400, "invalid_to", "to must be an E.164 phone number like +14155550100", "to")
   end
   input.to = body.to
-  if type(body.prompt) ~= "string" or not body.prompt:match("%S") then
+  if type(body.prompt) ~= "string" or blank(body.prompt) then
     return nil, err(400, "invalid_prompt", "prompt must be a non-empty string", "prompt")
   end
   if #body.prompt > LIMITS.prompt then
     return nil, err(400, "invalid_prompt", "prompt is longer than " .. LIMITS.prompt .. " bytes", "prompt")
   end
-  if body.prompt:find(CONTROL_IN_TEXT) then
+  if body.prompt:find(CONTROL_IN_TEXT) or body.prompt:find(C1) then
     return nil, err(400, "invalid_prompt", "prompt holds a control character (only tab and line breaks are text)", "prompt")
   end
   input.prompt = body.prompt
@@ -114,7 +129,7 @@ function M.validate_call(body)
       if type(v) ~= "string" or #v > LIMITS.name then
         return nil, err(400, "invalid_" .. k, k .. " must be a string of at most " .. LIMITS.name .. " bytes", k)
       end
-      if v:find(CONTROL) then
+      if v:find(CONTROL) or v:find(C1) or v:find(LINE_SEPARATOR) then
         return nil, err(400, "invalid_" .. k, k .. " must be one line of text, without control characters", k)
       end
       input[k] = v
