@@ -257,7 +257,17 @@ struct lws_context *ca__lws_ctx(unsigned max_header, const char **err)
 	info.pcontext = &ctx;
 	info.max_http_header_data = (unsigned short)(max_header > 65535 ? 0 : max_header);
 	info.max_http_header_data2 = max_header;
-	info.max_http_header_pool = 1024;
+	/*
+	 * How many connections may hold a request head's buffer at once. lws
+	 * gives one to each connection from its accept until its request is
+	 * dispatched, and a connection that finds none waits, unread, for one to
+	 * be freed: 1024 idle connections starved every new request, the 503 of
+	 * max_connections included, for timeout_secs. Buffers are allocated on
+	 * demand and freed after use, so the bound costs nothing until used:
+	 * past every server's limits (an app's 4096, refused outright at twice
+	 * that), at most 8192 x max_header bytes while that many are open.
+	 */
+	info.max_http_header_pool = 8192 + 64;
 	info.timeout_secs = 30;
 	info.keepalive_timeout = 30;
 	ctx = watch_handles(create_ctx, &info, &ctx_handles, &pipe_fd);

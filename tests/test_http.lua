@@ -294,6 +294,51 @@ T.test("over max_connections new requests get 503 while existing ones finish", f
   T.eq(res.status, 200)
 end)
 
+-- n idle TCP connections to port, held by a node child until it is killed
+-- (its soft descriptor limit raised to the hard one first).
+local function idle_connections(port, n)
+  local p = assert(process.spawn({ "sh", "-c", 'ulimit -n "$(ulimit -Hn)"; exec node -e "$0" "$@"', [[
+const net = require("net"); let open = 0; const all = [];
+for (let i = 0; i < +process.argv[2]; i++) {
+  const s = net.connect(+process.argv[1], "127.0.0.1", () => { if (++open === +process.argv[2]) console.log("ready"); });
+  s.on("error", e => { console.log("error " + e.code); process.exit(1); }); all.push(s);
+}]], tostring(port), tostring(n) }))
+  T.defer(function()
+    p:kill("SIGKILL")
+  end)
+  T.eq(p:read_line(15000), "ready", n .. " idle connections")
+  return p
+end
+
+T.test("a thousand idle connections and more starve no request; past max_connections it gets 503 at once", function()
+  local hard = tonumber(io.popen("sh -c 'ulimit -Hn'"):read("l")) or math.huge
+  assert(hard >= 2600, "this test holds 1,300 connections at each end: raise the hard limit of open files (ulimit -Hn is "
+    .. tostring(hard) .. ")")
+  local srv = server({ max_connections = 1200 }, function(s)
+    s:get("/ping", function()
+      return 200, "pong"
+    end)
+  end)
+  -- Each holds a request head's buffer from its accept: lws had 1024 of them.
+  idle_connections(srv.port, 1100)
+  T.wait_for(function()
+    return srv:connections() >= 1100
+  end, 10000, "1100 connections accepted")
+  local t0 = timer.now()
+  local res = assert(fetch(srv:url("/ping"), { timeout = 5000 }))
+  T.eq(res.status, 200)
+  T.ok(timer.now() - t0 < 2000, "answered at once: " .. (timer.now() - t0) .. " ms")
+  idle_connections(srv.port, 150)
+  T.wait_for(function()
+    return srv:connections() >= 1250
+  end, 10000, "1250 connections accepted")
+  t0 = timer.now()
+  res = assert(fetch(srv:url("/ping"), { timeout = 5000 }))
+  T.eq(res.status, 503)
+  T.eq(json.decode(res.body).error.code, "busy")
+  T.ok(timer.now() - t0 < 2000, "refused at once: " .. (timer.now() - t0) .. " ms")
+end)
+
 T.test("HEAD gets the headers of GET without a body", function()
   local srv = server({}, function(s)
     s:route("HEAD", "/x", function()
