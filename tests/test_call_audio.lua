@@ -350,6 +350,39 @@ T.test("key presses get a reply (one after a run of keys, at once on #) and end 
   end
 end, { timeout = 40000 })
 
+T.test("keys pressed while the model connection opens reach it, before the greeting", function()
+  local tw = assert(require("fakes.twilio").start({ account_sid = kit.ACCOUNT, auth_token = kit.TOKEN }))
+  local rt = assert(require("fakes.realtime").start({
+    api_key = kit.API_KEY,
+    script = function(session)
+      local key = session:wait_event("conversation.item.create", 5000)
+      session.key = key and key.item.content[1].text
+      session.key_at = key and key.at
+      session.greeting = session:wait_event("response.create", 5000)
+      session:report_and_goodbye({ summary = "Key heard.", outcome = "success" }, { ms = 100, text = "Bye." })
+    end,
+  }))
+  T.defer(function()
+    tw:close()
+    rt:close()
+  end)
+  local p, api = kit.app_process(tw, rt, { slow_model = true }) -- its name takes 1.5 s to resolve
+  T.defer(function()
+    p:kill("SIGKILL")
+  end)
+  local id = api:create({ to = "+14155550119", prompt = "Listen." })
+  local c = assert(tw:wait_call(5000))
+  assert(c:wait_stream(5000))
+  assert(c:send_dtmf("7"))
+  local pressed = timer.now()
+  local call = api:wait_final(id, 20000)
+  T.eq(call.status, "completed")
+  local s = rt.sessions[1]
+  T.ok(pressed < s.opened_at, "the key came before the model connection opened")
+  T.eq(s.key, "[The callee pressed the key 7]")
+  T.ok(s.greeting and s.key_at and s.greeting.at >= s.key_at, "the greeting came after it")
+end, { timeout = 40000 })
+
 T.test("model audio that comes before the phone's stream is kept and played first once it starts", function()
   local early = string.rep("\1\2\3\4", 600) -- 300 ms of mu-law
   local env = kit.start({

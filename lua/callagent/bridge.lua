@@ -35,6 +35,7 @@ local log = require "callagent.log"
 local M = {}
 local Bridge = {}
 Bridge.__index = Bridge
+local MAX_HELD_KEYS = 32 -- keys kept while the model connection opens
 local EMPTY = setmetatable({}, { __newindex = function()
   error("read-only", 2)
 end })
@@ -55,6 +56,7 @@ function M.new(engine, call, attempt)
     stream = nil,
     stream_sid = nil,
     pending_out = {},
+    held_keys = {}, -- keys pressed before the model was ready
     pending_out_bytes = 0,
     truncated = {},
     functions_seen = {},
@@ -122,10 +124,16 @@ function Bridge:_model_ready()
       tls_resumed = tls and tls.resumed,
     })
   end
-  -- Caller audio that came before goes first, in order.
+  -- Caller audio that came before goes first, in order, then the keys
+  -- pressed meanwhile (the greeting, next, is their reply).
   if self.cb then
     self.cb:model_ready()
   end
+  for _, d in ipairs(self.held_keys) do
+    self:_send_key(d)
+    self.callee_spoke_at = timer.now()
+  end
+  self.held_keys = {}
   self:_maybe_greet()
 end
 
@@ -807,14 +815,23 @@ function Bridge:on_stream_text(msg)
     self.phone_stopped = true
   elseif e == "dtmf" then
     local d = type(ev.dtmf) == "table" and ev.dtmf.digit
-    if type(d) == "string" and d:match("^[%d*#A-Da-d]$") and self.model_ready then
-      self.rt:send({
-        type = "conversation.item.create",
-        item = { type = "message", role = "user", content = { { type = "input_text", text = "[The callee pressed the key " .. d .. "]" } } },
-      })
-      self:_key_pressed(d)
+    if type(d) == "string" and d:match("^[%d*#A-Da-d]$") then
+      if self.model_ready then
+        self:_send_key(d)
+        self:_key_pressed(d)
+      elseif #self.held_keys < MAX_HELD_KEYS then
+        -- Kept, as the caller's audio is, until the model is there.
+        self.held_keys[#self.held_keys + 1] = d
+      end
     end
   end
+end
+
+function Bridge:_send_key(d)
+  self.rt:send({
+    type = "conversation.item.create",
+    item = { type = "message", role = "user", content = { { type = "input_text", text = "[The callee pressed the key " .. d .. "]" } } },
+  })
 end
 
 -- A key press is the callee answering: it ends the silence count, and it
