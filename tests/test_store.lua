@@ -165,6 +165,20 @@ T.test("sqlite: empty arrays and long numbers in a record read back as they were
   T.match(json.encode(got.report), '"list":%[%]')
 end)
 
+T.test("sqlite: a store a newer callagent wrote (a higher schema) is refused, and left as it is", function()
+  local path = T.tmpdir() .. "/s.db"
+  local s = assert(store_mod.open({ backend = "sqlite", path = path, retentionDays = 30 }))
+  assert(s.db:run("UPDATE meta SET value = '2' WHERE key = 'schema'"))
+  s:close()
+  local again, err = store_mod.open({ backend = "sqlite", path = path, retentionDays = 30 })
+  T.eq(again, nil)
+  T.eq(err, "store.path: " .. path .. " was written by a newer callagent (store schema 2; this one reads 1): run "
+    .. "that version, or give this one another store.path")
+  local db = assert(require("callagent.sqlite").open(path, { readonly = true }))
+  T.eq(db:value("SELECT value FROM meta WHERE key = 'schema'"), "2", "untouched")
+  db:close()
+end)
+
 T.test("sqlite: a batch's writes commit together; one that raises leaves none of them", function()
   local s = open("sqlite")
   T.eq(s:batch(function()

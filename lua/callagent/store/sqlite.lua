@@ -67,6 +67,9 @@ CREATE TABLE IF NOT EXISTS idempotency (
 CREATE INDEX IF NOT EXISTS idempotency_by_call ON idempotency (call_id);
 INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', '1');
 ]]
+-- The meta row 'schema': changes a callagent before this one cannot read
+-- bump it (tables added with CREATE IF NOT EXISTS do not).
+local SCHEMA_VERSION = 1
 
 -- The call document holds everything but the rows of its own tables.
 local SEPARATE = { attempts = true, transcript = true, events = true, id = true }
@@ -110,6 +113,15 @@ function M.open(cfg)
   if not ok then
     db:close()
     return nil, "store.path: " .. path .. " is damaged: " .. tostring(cerr)
+  end
+  -- Before anything is created in it: a store a newer callagent wrote is
+  -- not this one's to change.
+  local version = db:value("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'meta'") > 0
+    and tonumber(db:value("SELECT value FROM meta WHERE key = 'schema'") or nil)
+  if version and version > SCHEMA_VERSION then
+    db:close()
+    return nil, "store.path: " .. path .. " was written by a newer callagent (store schema " .. version
+      .. "; this one reads " .. SCHEMA_VERSION .. "): run that version, or give this one another store.path"
   end
   local sok, serr = db:exec(SCHEMA)
   if not sok then
