@@ -34,6 +34,9 @@ local function world(opts)
     if opts.refuse then
       return 400, { error = "no such session" }
     end
+    if opts.redirect then
+      return 308, "", { Location = opts.redirect }
+    end
     w.deliveries[#w.deliveries + 1] = { key = key, body = req:json() }
     return 200, { ok = true }
   end)
@@ -355,6 +358,22 @@ T.test("a notification the receiver refused (4xx) is not sent again after a rest
   w.start()
   timer.sleep(1500)
   T.eq(#w.requests, 1, "nor sent again after the restart")
+end, { timeout = 60000 })
+
+T.test("a notification redirected (3xx) is not followed nor retried, and the log says where it pointed", function()
+  local w = world({ script = report_script, redirect = "https://hooks.example.test/agent?token=s3cret-in-query" })
+  w.start()
+  local _, created = w.api("POST", "/v1/calls", { to = "+14155550164", prompt = "Report." })
+  T.wait_for(function()
+    return #w.requests >= 1
+  end, 20000, "the notification attempt")
+  timer.sleep(300)
+  T.eq(#w.requests, 1, "not retried, and not followed (the body and its token stay with hooksUrl)")
+  T.eq(w.call(created.callId).status, "completed")
+  local log = w.app.errtext()
+  T.match(log, "ERROR notification redirected; not retrying: set notify%.hooksUrl to the receiver's own address "
+    .. "error=\"HTTP 308\" key=" .. created.callId .. ":completed location=https://hooks%.example%.test/agent")
+  T.no_match(log, "s3cret", "the Location's query is left out")
 end, { timeout = 60000 })
 
 T.test("app:stop() in a process that goes on: a notification's retry stops, nothing touches the closed store", function()

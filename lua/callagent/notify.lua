@@ -154,7 +154,15 @@ function Notifier:send(key, body)
       -- 408 and 429 say "later"; another answer under 500 will not change.
       local refused = res and res.status < 500 and res.status ~= 429 and res.status ~= 408
       self.store:mark_notified(key, refused and "refused" or "failed", why)
-      if refused then
+      if refused and res.status >= 300 and res.status < 400 then
+        -- Not followed: the body and its bearer token go where configured,
+        -- nowhere else. The address, without its query (it may hold a token).
+        local to = res.headers and res.headers.location
+        log.error("notification redirected; not retrying: set notify.hooksUrl to the receiver's own address",
+          { key = key, error = why, location = to and to:gsub("[?#].*", "") })
+        self.in_flight[key] = nil
+        return
+      elseif refused then
         log.warn("notification refused; not retrying", { key = key, error = why })
         self.in_flight[key] = nil
         return
