@@ -578,14 +578,20 @@ T.test("a function call cut short (its response cancelled) is not run and is not
   T.ok(outputs[1] ~= "call_cut", "none for the call cut short")
 end, { timeout = 30000 })
 
+-- An app tool "lookup" that counts its runs (lookup.runs).
+local function counted_lookup()
+  local t = { name = "lookup", description = "x", parameters = { type = "object", properties = {} }, runs = 0 }
+  t.handler = function()
+    t.runs = t.runs + 1
+    return { ok = true }
+  end
+  return t
+end
+
 T.test("function arguments that are no JSON object: no report stored, no tool run; the model is told and calls again", function()
-  local runs = 0
+  local lookup = counted_lookup()
   local env = kit.start({
-    tools = { { name = "lookup", description = "x", parameters = { type = "object", properties = {} },
-      handler = function()
-        runs = runs + 1
-        return { ok = true }
-      end } },
+    tools = { lookup },
     realtime = {
       script = function(session)
         assert(session:wait_event("response.create", 5000))
@@ -619,7 +625,7 @@ T.test("function arguments that are no JSON object: no report stored, no tool ru
   local tool_out = json.decode(s.tool_out)
   T.eq(tool_out.ok, nil)
   T.match(tool_out.error, prefix .. "invalid JSON: [^)]+%); call lookup again with valid JSON$")
-  T.eq(runs, 0, "the tool's handler was not called")
+  T.eq(lookup.runs, 0, "the tool's handler was not called")
   T.eq(json.decode(s.good_out).ok, true, "the valid report is taken: " .. s.good_out)
   T.eq({ call.status, call.endReason, call.report.summary, call.report.outcome },
     { "completed", "completed", "Booked for Tuesday.", "success" })
@@ -650,13 +656,9 @@ T.test("report_call arguments that are no JSON object are logged with a short re
 end, { timeout = 40000 })
 
 T.test("a function call cut short after its arguments.done is not run; one its response completes is", function()
-  local runs = 0
+  local lookup = counted_lookup()
   local env = kit.start({
-    tools = { { name = "lookup", description = "x", parameters = { type = "object", properties = {} },
-      handler = function()
-        runs = runs + 1
-        return { ok = true }
-      end } },
+    tools = { lookup },
     realtime = {
       script = function(session)
         assert(session:wait_event("response.create", 5000))
@@ -691,7 +693,7 @@ T.test("a function call cut short after its arguments.done is not run; one its r
   local call = env:wait_final(id, 20000)
   T.eq({ call.status, call.endReason, call.report.summary, call.report.outcome },
     { "completed", "completed", "The whole report.", "success" })
-  T.eq(runs, 0, "the cut tool call was not run")
+  T.eq(lookup.runs, 0, "the cut tool call was not run")
   local outputs = {}
   for _, o in ipairs(env.rt.sessions[1].function_outputs) do
     outputs[#outputs + 1] = { o.call_id, json.decode(o.output).ok }

@@ -111,18 +111,23 @@ local function world(opts)
   return w
 end
 
+-- A behaviour for the fake Twilio: the first call placed gets first, the next ones are answered.
+local function first_then_answer(first)
+  local n = 0
+  return function()
+    n = n + 1
+    return n == 1 and first or "answer"
+  end
+end
+
 local function report_script(session)
   assert(session:wait_event("response.create", 5000))
   session:report_and_goodbye({ summary = "All good.", outcome = "success" }, { ms = 100, text = "Bye." })
 end
 
 T.test("kill -9 during a retry wait: after restart the retry fires once, at its time", function()
-  local n = 0
   local w = world({
-    behaviour = function()
-      n = n + 1
-      return n == 1 and "busy" or "answer"
-    end,
+    behaviour = first_then_answer("busy"),
     script = report_script,
     retry_ms = 2000,
   })
@@ -247,12 +252,8 @@ T.test("kill -9 while ringing, answered while callagent is down: hung up as answ
 end, { timeout = 90000 })
 
 T.test("kill -9 while ringing: after restart the call is hung up, and its retry talks", function()
-  local n = 0
   local w = world({
-    behaviour = function()
-      n = n + 1
-      return n == 1 and { ring_ms = 60000 } or "answer"
-    end,
+    behaviour = first_then_answer({ ring_ms = 60000 }),
     script = report_script,
     retry_ms = 500,
   })
@@ -271,12 +272,8 @@ T.test("kill -9 while ringing: after restart the call is hung up, and its retry 
 end, { timeout = 60000 })
 
 T.test("kill -9 while ringing, Twilio's API silent at restart: the call is hung up all the same, before its retry rings", function()
-  local n = 0
   local w = world({
-    behaviour = function()
-      n = n + 1
-      return n == 1 and { ring_ms = 60000, get_delay_ms = 5000 } or "answer"
-    end,
+    behaviour = first_then_answer({ ring_ms = 60000, get_delay_ms = 5000 }),
     script = report_script,
     retry_ms = 500,
     config = { twilio = { requestTimeoutSec = 1 } }, -- the lookup times out after 1 s
@@ -424,12 +421,8 @@ end, { timeout = 60000 })
 T.test("a second process on the store of a running one exits at once: the first one's ringing call is untouched", function()
   -- Without the lock it would take that call for one interrupted by a
   -- restart: hang it up at Twilio and dial the callee again.
-  local n = 0
   local w = world({
-    behaviour = function()
-      n = n + 1
-      return n == 1 and { ring_ms = 60000 } or "answer"
-    end,
+    behaviour = first_then_answer({ ring_ms = 60000 }),
     retry_ms = 500,
   })
   w.start()

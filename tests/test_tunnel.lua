@@ -408,22 +408,30 @@ local function app_env(path, logfile, extra)
   return T.with({ PATH = path, CALLAGENT_BIN = T.bin, FAKE_NGROK_LOG = logfile, CALLAGENT_LOG = "info" }, extra)
 end
 
-T.test("a Twilio app without publicBaseUrl opens an ngrok tunnel, announces it, and stops ngrok on SIGTERM", function()
-  local dir = T.tmpdir()
-  local logfile = dir .. "/ngrok.log"
-  local ready
-  local p = T.spawn_app(nil, nil, {
-    source = APP,
-    env = app_env(bindir({ "ngrok" }), logfile),
+-- Spawns a tunnel app: .p its process, .ready its "callagent ready" line once logged.
+local function spawn_tunnel_app(source, env)
+  local app = {}
+  app.p = T.spawn_app(nil, nil, {
+    source = source,
+    env = env,
     on_stderr = function(line)
       if line:find("callagent ready", 1, true) then
-        ready = line
+        app.ready = line
       end
     end,
   })
+  return app
+end
+
+T.test("a Twilio app without publicBaseUrl opens an ngrok tunnel, announces it, and stops ngrok on SIGTERM", function()
+  local dir = T.tmpdir()
+  local logfile = dir .. "/ngrok.log"
+  local app = spawn_tunnel_app(APP, app_env(bindir({ "ngrok" }), logfile))
+  local p = app.p
   T.wait_for(function()
-    return ready or p.done
+    return app.ready or p.done
   end, 15000, "callagent ready")
+  local ready = app.ready
   T.ok(ready, "the app started; stdout: " .. p.text() .. " stderr: " .. p.errtext())
   local log = read_lines(logfile)
   local pid, url = grep(log, "^tunnel pid=(%d+) url=(%S+)")
@@ -459,22 +467,15 @@ T.test("while the tunnel opens the API places no call (503 starting, Retry-After
   T.defer(function()
     tw:close()
   end)
-  local ready
-  local p = T.spawn_app(nil, nil, {
-    source = APP:gsub("port = 0", "port = " .. port)
-      :gsub('fromNumber = "%+15550001111"', '%0, apiBaseUrl = "' .. tw.url .. '"'),
-    env = app_env(bindir({ "ngrok" }), dir .. "/ngrok.log", { FAKE_NGROK_DELAY_MS = "2500" }),
-    on_stderr = function(line)
-      if line:find("callagent ready", 1, true) then
-        ready = line
-      end
-    end,
-  })
+  local app = spawn_tunnel_app(APP:gsub("port = 0", "port = " .. port)
+    :gsub('fromNumber = "%+15550001111"', '%0, apiBaseUrl = "' .. tw.url .. '"'),
+    app_env(bindir({ "ngrok" }), dir .. "/ngrok.log", { FAKE_NGROK_DELAY_MS = "2500" }))
+  local p = app.p
   T.wait_for(function()
     local res = fetch(base .. "/healthz")
     return res and res.status == 200 or p.done
   end, 10000, "the server listening")
-  T.ok(not ready, "not ready yet: the tunnel is opening")
+  T.ok(not app.ready, "not ready yet: the tunnel is opening")
   local function create()
     return assert(fetch(base .. "/v1/calls", { method = "POST",
       body = json.encode({ to = "+14155550172", prompt = "Talk." }),
@@ -489,10 +490,10 @@ T.test("while the tunnel opens the API places no call (503 starting, Retry-After
   T.eq(#json.decode(assert(fetch(base .. "/v1/calls")).body).calls, 0, "no call stored")
   T.eq(#tw.calls, 0, "no call placed")
   T.wait_for(function()
-    return ready or p.done
+    return app.ready or p.done
   end, 15000, "callagent ready")
-  T.ok(ready, p.errtext())
-  local public = ready:match("public=(https://%S+)")
+  T.ok(app.ready, p.errtext())
+  local public = app.ready:match("public=(https://%S+)")
   res = create()
   T.eq(res.status, 201, res.body)
   local call = assert(tw:wait_call(5000))
