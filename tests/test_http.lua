@@ -106,8 +106,12 @@ T.test("unknown path is 404 and a known path with another method is 405 with All
   T.eq(json.decode(res.body).error.code, "not_found")
   res = assert(fetch(srv:url("/only-get"), { method = "DELETE" }))
   T.eq(res.status, 405)
-  T.eq(res.headers["allow"], "GET")
+  T.eq(res.headers["allow"], "GET, HEAD")
   T.eq(json.decode(res.body).error.code, "method_not_allowed")
+  -- HEAD wherever GET is (RFC 9110 9.3.2): the GET route's answer, no body.
+  res = assert(fetch(srv:url("/only-get"), { method = "HEAD" }))
+  T.eq({ res.status, res.body }, { 200, "" })
+  T.eq(res.headers["content-length"], "2")
 end)
 
 T.test("request body, custom headers and status/headers/body of the response round-trip", function()

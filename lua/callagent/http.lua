@@ -222,21 +222,34 @@ function Server:websocket(path, handlers)
   return self
 end
 
+-- HEAD is answered wherever GET is (RFC 9110 9.3.2), by the GET route with
+-- the body left out, unless the path has a HEAD route of its own.
 local function find_route(routes, method, path)
-  local allowed
+  local allowed, get, get_params
   for _, r in ipairs(routes) do
     local caps = { path:match(r.lp) }
     if caps[1] ~= nil then
+      local params = {}
+      for i, name in ipairs(r.names) do
+        params[name] = caps[i]
+      end
       if r.method == method or r.method == "*" then
-        local params = {}
-        for i, name in ipairs(r.names) do
-          params[name] = caps[i]
-        end
         return r, params
       end
+      if method == "HEAD" and r.method == "GET" and not get then
+        get, get_params = r, params
+      end
       allowed = allowed or {}
-      allowed[#allowed + 1] = r.method
+      for _, m in ipairs(r.method == "GET" and { "GET", "HEAD" } or { r.method }) do
+        if not allowed[m] then
+          allowed[m] = true
+          allowed[#allowed + 1] = m
+        end
+      end
     end
+  end
+  if get then
+    return get, get_params
   end
   return nil, allowed
 end
