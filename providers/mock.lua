@@ -47,11 +47,16 @@ function P:startCall(call, _, localBaseUrl)
   local k = key(call.callId, n)
   self.ringing[k] = timer.after(self.cfg.call.ringTimeoutSec * 1000 + RING_EXTRA_MS, function()
     self.ringing[k] = nil
+    if self.closed then
+      return
+    end
     self:_expire_page(token)
     self.engine:provider_status(call.callId, n, { status = "no_answer", reason = "nobody opened the mock phone page" })
   end)
   local hint = localBaseUrl .. "/mock/call/" .. call.callId .. "?t=" .. token
-  log.info("mock phone ringing: open the hint URL to answer", { call = call.callId, hint = hint })
+  -- Not the hint itself: its token answers the call, and a log is read by others.
+  log.info("mock phone ringing: open the call's hint (in the API's answer) to answer", { call = call.callId,
+    page = localBaseUrl .. "/mock/call/" .. call.callId })
   return { providerCallId = "MOCK" .. crypto.to_hex(crypto.random_bytes(8)), userHint = hint }
 end
 
@@ -83,6 +88,16 @@ function P:_expire_page(token)
     timer.after(600000, function()
       self.pages[token] = nil
     end):unref()
+  end
+end
+
+-- app:stop(): the phones stop ringing (their timers would hold the process,
+-- and report to a closed engine).
+function P:close()
+  self.closed = true
+  for k, t in pairs(self.ringing) do
+    t:stop()
+    self.ringing[k] = nil
   end
 end
 
@@ -148,10 +163,11 @@ function P:registerRoutes(srv)
     if not entry or entry.call_id ~= body.callId then
       return refuse(req, "invalid_token", "this call link was already used or is not valid")
     end
-    self.pages[body.token] = nil -- one use
     if entry.expires < timer.now() then
+      self:_expire_page(body.token) -- told so again, until it is forgotten
       return 410, { error = { code = "expired", message = "the call stopped ringing" } }
     end
+    self.pages[body.token] = nil -- one use
     local k = key(entry.call_id, entry.attempt)
     if self.ringing[k] then
       self.ringing[k]:stop()

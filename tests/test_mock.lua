@@ -70,6 +70,9 @@ T.test("a retried mock call's hint is the new attempt's link; the old one answer
   r = assert(fetch(app.url .. "/mock/api/answer", { method = "POST", headers = { ["Content-Type"] = "application/json" },
     body = json.encode({ callId = id, token = first:match("[?&]t=([^&]+)") }) }))
   T.eq({ r.status, json.decode(r.body).error.code }, { 410, "expired" }, "the first link: it stopped ringing")
+  r = assert(fetch(app.url .. "/mock/api/answer", { method = "POST", headers = { ["Content-Type"] = "application/json" },
+    body = json.encode({ callId = id, token = first:match("[?&]t=([^&]+)") }) }))
+  T.eq(r.status, 410, "on every visit")
 end)
 
 T.test("listening on 0.0.0.0, the hint is on 127.0.0.1, where a browser lets the page use the microphone", function()
@@ -88,7 +91,34 @@ T.test("a mock call hung up through the API while ringing: its link answers 410 
   local r = assert(fetch(app.url .. "/mock/api/answer", { method = "POST", headers = { ["Content-Type"] = "application/json" },
     body = json.encode({ callId = id, token = token }) }))
   T.eq({ r.status, json.decode(r.body).error.code }, { 410, "expired" })
-  T.eq(app.provider.pages[token], nil, "the answer took it")
+  r = assert(fetch(app.url .. "/mock/api/answer", { method = "POST", headers = { ["Content-Type"] = "application/json" },
+    body = json.encode({ callId = id, token = token }) }))
+  T.eq({ r.status, json.decode(r.body).error.code }, { 410, "expired" }, "and on the next visit: not 'already used'")
+end)
+
+T.test("app:stop() with a mock call ringing: its ring ends with the app, and the log keeps the link's token out", function()
+  local timer = require "callagent.timer"
+  local t0 = timer.now()
+  local code, _, p = T.run_app(nil, nil, { timeout = 8000, source = T.mock_app_source():gsub("store = ",
+    "call = { ringTimeoutSec = 30 },\n  store = ") .. [[
+local task = require "callagent.task"
+task.spawn(function()
+  assert(app:start())
+  local call = assert(app:create_call({ to = "+15555550100", prompt = "Test." }))
+  print(app.engine:call_view(call.callId).hint:match("t=(.*)$"))
+  app:stop()
+  print("stopped") -- and nothing is left to run: the process ends
+end)
+]] })
+  T.eq(code, 0, p.errtext())
+  T.ok(timer.now() - t0 < 5000, "ended with the app, not when the phone would stop ringing: "
+    .. (timer.now() - t0) .. " ms")
+  T.eq(p.out[2], "stopped")
+  local log = p.errtext()
+  T.match(log, "INFO mock phone ringing: open the call's hint %(in the API's answer%) to answer call=c_%x+ "
+    .. "page=http://127%.0%.0%.1:%d+/mock/call/c_%x+")
+  T.ok(#p.out[1] > 10 and not log:find(p.out[1], 1, true), "the link's token is not in the log")
+  T.no_match(log, "ERROR")
 end)
 
 T.test("the phone page's routes answer a body that is no JSON object with 400, and a wrong token with 403", function()

@@ -478,6 +478,13 @@ function App:stop()
   if self.loop_timer then
     self.loop_timer:stop()
   end
+  -- The provider's own timers (the mock phone's ring) end with the app.
+  if self.provider and self.provider.close then
+    local ok, err = pcall(self.provider.close, self.provider)
+    if not ok then
+      log.error("provider close failed", { provider = self.provider.name, error = err })
+    end
+  end
   -- Nothing may write to the store once it is closed: not a notification's
   -- retry, nor a timer the hang-ups above started (in-process embedders
   -- stop the app and go on running).

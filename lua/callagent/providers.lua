@@ -31,6 +31,9 @@
 --                                        streaming yet cannot be hung up then
 --   getCall(self, providerCallId)       optional: the vendor's view of the call
 --                                        -> {status, duration} | nil, err
+--   close(self)                         optional: app:stop() calls it; it stops
+--                                        the provider's timers (nothing of the
+--                                        app may run after the stop)
 --
 -- The call flow is the same for every vendor: POST /voice answers with
 -- buildVoiceResponse, POST /status goes through mapStatus, and the audio
