@@ -5,6 +5,7 @@
 local callagent = require "callagent"
 local standin = require "callagent.standin"
 local task = require "callagent.task"
+local runtime = require "callagent.runtime"
 local log = require "callagent.log"
 
 local ORDERS = {
@@ -47,7 +48,11 @@ if local_model then
 end
 
 task.spawn(function()
-  assert(app:start())
+  local ok, err = app:start()
+  if not ok then
+    io.stderr:write("callagent: ", err, "\n") -- one line, and exit status 1: it did not start
+    runtime.exit(1)
+  end
   if local_model then
     app.config.openai.realtimeUrl = app.url:gsub("^http", "ws") .. "/standin/v1/realtime"
   end

@@ -34,6 +34,10 @@ app:on("report", function(call, report)
 end)
 
 task.spawn(function()
-  assert(app:start())
+  local ok, err = app:start()
+  if not ok then
+    io.stderr:write("callagent: ", err, "\n") -- one line, and exit status 1: it did not start
+    runtime.exit(1)
+  end
   print("callagent (Twilio) on " .. app.url .. ", public URL " .. app:public_url())
 end)

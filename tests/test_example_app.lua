@@ -63,6 +63,25 @@ T.test("a PORT that is no number stops the start, naming it", function()
   T.eq(p.text(), "", "no banner")
 end)
 
+T.test("tools.lua and twilio.lua that cannot start exit 1 with one line, not a traceback", function()
+  -- tools.lua on a port in use.
+  local busy = T.server({}, function() end)
+  local code, _, p = T.run_app(T.root .. "/examples/tools.lua", nil,
+    { env = env({ PORT = tostring(busy.port) }), cwd = T.tmpdir() })
+  T.eq(code, 1, p.errtext())
+  T.match(p.err[#p.err], "^callagent: server: cannot listen on 127%.0%.0%.1:" .. busy.port .. ": EADDRINUSE")
+  T.no_match(p.errtext(), "traceback")
+  -- twilio.lua without a public URL, and neither ngrok nor tailscale to tunnel.
+  code, _, p = T.run_app(T.root .. "/examples/twilio.lua", nil, { cwd = T.tmpdir(), env = env({
+    PATH = T.tmpdir(), -- no tunnel program on it
+    TWILIO_ACCOUNT_SID = "AC" .. string.rep("0", 32), TWILIO_AUTH_TOKEN = "dummy-auth-token",
+    TWILIO_FROM_NUMBER = "+15550001111", OPENAI_API_KEY = "sk-dummy",
+  }), timeout = 30000 })
+  T.eq(code, 1, p.errtext())
+  T.match(p.err[#p.err], "^callagent: ")
+  T.no_match(p.errtext(), "traceback")
+end)
+
 T.test("the seed's JSON config names the first variable it lacks, and says PORT does not apply", function()
   local code, _, p = T.run_app(APP, nil, {
     env = env({ PORT = "4999", CALLAGENT_CONFIG = T.root .. "/examples/callagent.json" }),

@@ -30,4 +30,10 @@ T.test("hello.lua without arguments talks to its own ws:// echo", function()
   T.match(p.out[1], '^{"ulaw_bytes":160}\thi\t%d+ ms$')
 end)
 
+T.test("hello.lua whose WebSocket target cannot be reached says why and exits 1, its server closed", function()
+  local code, _, p = T.run_app(T.root .. "/examples/hello.lua", { "0", "ws://127.0.0.1:9/echo" }, { timeout = 10000 })
+  T.eq(code, 1, p.errtext())
+  T.match(p.errtext(), "hello: ECONNREFUSED")
+end)
+
 T.run()
