@@ -215,6 +215,15 @@ T.test("ngrok that exits on another error: the error gives its status and ngrok'
     .. "Your account is limited to 1 simultaneous ngrok agent sessions. (ERR_NGROK_108)")
 end)
 
+T.test("ngrok that fails with a 200 KB line: the error quotes 300 bytes of it", function()
+  local r = scenario({
+    path = bindir({ "ngrok" }),
+    env = { FAKE_NGROK_MODE = "longline" },
+    cfg = { provider = "ngrok", timeoutSec = 5 },
+  })
+  T.eq(r.err, "tunnel: ngrok exited (status 1) before opening a tunnel: " .. string.rep("y", 300))
+end)
+
 T.test("ngrok that never opens a tunnel: timeout error after tunnel.timeoutSec, and ngrok is killed", function()
   local r, _, logs = scenario({
     path = bindir({ "ngrok" }),

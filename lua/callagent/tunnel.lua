@@ -140,6 +140,10 @@ end
 -- ngrok's not-logged-in codes: no authtoken (4018), a malformed or an unknown one (105, 107).
 local AUTH_CODES = { ERR_NGROK_4018 = true, ERR_NGROK_105 = true, ERR_NGROK_107 = true }
 
+-- What a tool's own words may add to an error: a line may be process.spawn's
+-- max_line (64 KiB) long, and an error is one line of a log.
+local MAX_SAID = 300
+
 -- Reads one line of ngrok's output (JSON logs on stdout, "ERROR:  ..." lines
 -- on stderr) into st: web (its API address), headline (the first error
 -- line), code (ERR_NGROK_...), auth (not logged in).
@@ -159,7 +163,7 @@ local function ngrok_line(st, line)
   end
   text = text or line:gsub("^ERROR:%s*", "")
   for piece in text:gmatch("[^\r\n]+") do
-    piece = piece:match("^%s*(.-)%s*$")
+    piece = piece:sub(1, MAX_SAID):match("^%s*(.-)%s*$")
     local code = piece:match("ERR_NGROK_%d+")
     if code then
       st.code = st.code or code
@@ -312,10 +316,7 @@ local function run(args, ms, opts)
   return r
 end
 
--- The first non-blank line (matching pattern), at most MAX_SAID bytes of it:
--- a line may be process.spawn's max_line (64 KiB) long.
-local MAX_SAID = 300
-
+-- The first non-blank line (matching pattern), at most MAX_SAID bytes of it.
 local function first_line(lines, pattern)
   for _, l in ipairs(lines) do
     local s = l:sub(1, MAX_SAID):match("^%s*(.-)%s*$")

@@ -13,6 +13,7 @@
 --                         error line and on stderr, exit 1.
 --                         hang: logs its start and serves an empty tunnel list
 --                         until SIGTERM.
+--                         longline: a 200 KB error line on stderr, exit 1.
 --   FAKE_NGROK_API_PORT   port of the local API on 127.0.0.1 (default 0: any free one)
 --   FAKE_NGROK_NO_WEB_LOG 1: do not log "starting web service" (the client must
 --                         then know the API address from its config)
@@ -106,8 +107,12 @@ elseif mode == "limit" then
   io.stderr:write("ERROR:  https://ngrok.com/docs/errors/err_ngrok_108\n")
   record("end pid=" .. pid .. " status=1")
   os.exit(1)
+elseif mode == "longline" then
+  io.stderr:write("ERROR:  ", string.rep("y", 200000), "\n")
+  record("end pid=" .. pid .. " status=1")
+  os.exit(1)
 elseif mode ~= "ok" and mode ~= "hang" then
-  usage_error("FAKE_NGROK_MODE must be ok, auth, limit or hang, not " .. mode)
+  usage_error("FAKE_NGROK_MODE must be ok, auth, limit, longline or hang, not " .. mode)
 end
 
 local addr_form = os.getenv("FAKE_NGROK_ADDR") or "url"
