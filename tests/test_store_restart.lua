@@ -103,6 +103,15 @@ local function world(opts)
       return FINAL[r.status]
     end, ms, "the call to end")
   end
+  -- A call placed and ringing, then callagent killed (-9) and started again.
+  function w.ring_and_restart(to)
+    local id = w.create(to)
+    local tw = w.tw:wait_call(5000)
+    assert(tw:wait_status("ringing", 3000), "ringing")
+    w.kill9()
+    w.start()
+    return id, tw
+  end
   function w.create(to, prompt)
     local status, created = w.api("POST", "/v1/calls", { to = to, prompt = prompt or "Talk." })
     assert(status == 201, "POST /v1/calls answered " .. tostring(status))
@@ -258,11 +267,7 @@ T.test("kill -9 while ringing: after restart the call is hung up, and its retry 
     retry_ms = 500,
   })
   w.start()
-  local id = w.create("+14155550165")
-  local tw = w.tw:wait_call(5000)
-  assert(tw:wait_status("ringing", 3000), "ringing")
-  w.kill9()
-  w.start()
+  local id, tw = w.ring_and_restart("+14155550165")
   local rec = w.wait_final(id, 20000)
   T.eq(rec.status, "completed", "the retry reached the callee and the agent: " .. json.encode(rec))
   T.eq(rec.report and rec.report.outcome, "success")
@@ -279,11 +284,7 @@ T.test("kill -9 while ringing, Twilio's API silent at restart: the call is hung 
     config = { twilio = { requestTimeoutSec = 1 } }, -- the lookup times out after 1 s
   })
   w.start()
-  local id = w.create("+14155550166")
-  local tw = w.tw:wait_call(5000)
-  assert(tw:wait_status("ringing", 3000), "ringing")
-  w.kill9()
-  w.start()
+  local id, tw = w.ring_and_restart("+14155550166")
   local rec = w.wait_final(id, 20000)
   T.eq(rec.status, "completed", "the retry reached the callee and the agent: " .. json.encode(rec))
   T.eq(#rec.attempts, 2)
