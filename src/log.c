@@ -5,7 +5,9 @@
  * with uv_try_write and queues what the reader has not taken yet, written
  * later by uv_write; the queue is bounded (CA_LOG_QUEUE_MAX) and lines past
  * it are dropped and counted, never allowed to stall the loop or grow
- * memory. A regular file gets plain write()s (the page cache absorbs them).
+ * memory. A line is written whole or not at all: one longer than the queue
+ * is dropped before any of it is written, and the rest of one partly
+ * written is queued whatever the bound (at most twice it, then). A regular file gets plain write()s (the page cache absorbs them).
  *
  * Secrets registered with add_secret() are replaced by "[redacted]" in every
  * line, from Lua or from C, before it is written.
@@ -154,11 +156,12 @@ static void pump(void)
 		uv_unref((uv_handle_t *)&stream);
 }
 
-static void enqueue(const char *p, size_t n)
+/* force: the rest of a line already partly written (queued whatever the limit). */
+static void enqueue(const char *p, size_t n, int force)
 {
 	struct chunk *c;
 
-	if (queued + n > CA_LOG_QUEUE_MAX) {
+	if (!force && queued + n > CA_LOG_QUEUE_MAX) {
 		dropped++;
 		return;
 	}
@@ -182,6 +185,11 @@ static void emit(const char *p, size_t n)
 		write_all_blocking(p, n);
 		return;
 	}
+	/* Whole or not at all: a line the queue could never hold is not begun. */
+	if (n > CA_LOG_QUEUE_MAX) {
+		dropped++;
+		return;
+	}
 	if (head == NULL) {
 		uv_buf_t buf = uv_buf_init((char *)p, (unsigned)n);
 		int w = uv_try_write((uv_stream_t *)&stream, &buf, 1);
@@ -189,13 +197,14 @@ static void emit(const char *p, size_t n)
 		if (w == (int)n)
 			return;
 		if (w > 0) {
-			p += w;
-			n -= (size_t)w;
+			/* Begun: its rest must follow, or the next line runs into it. */
+			enqueue(p + w, n - (size_t)w, 1);
+			return;
 		} else if (w != UV_EAGAIN) {
 			return;
 		}
 	}
-	enqueue(p, n);
+	enqueue(p, n, 0);
 }
 
 /* A growable output buffer that starts on the stack. */

@@ -207,6 +207,45 @@ for i = 1, 8000 do log.info("flood", { i = i, pad = big }) end
   T.match(obj.msg, "^callagent: %d+ log lines dropped %(slow reader%)$")
 end)
 
+T.test("a line too long for the queue is dropped whole; one begun is finished: no line runs into the next", function()
+  local dir = T.tmpdir()
+  local app, out = dir .. "/long.lua", dir .. "/stderr.txt"
+  local f = assert(io.open(app, "w"))
+  f:write([[
+local log = require "callagent.log"
+log.info("BIG " .. string.rep("x", 5 * 1024 * 1024)) -- over the 4 MiB queue
+log.info("NEXT line")
+log.info("MID " .. string.rep("y", 1024 * 1024)) -- more than the pipe takes at once
+log.info("LAST line")
+]])
+  f:close()
+  local process = require "callagent.process"
+  local p = assert(process.spawn({ "bash", "-c", 'exec "$0" run "$1" 2> >(sleep 1; cat > "$2")', T.bin, app, out,
+    env = { CALLAGENT_LOG_FORMAT = "json" }, inherit_env = true }))
+  T.eq(p:wait(20000), 0)
+  local lines
+  T.wait_for(function()
+    local fh = io.open(out)
+    local text = fh and fh:read("a") or ""
+    if fh then
+      fh:close()
+    end
+    lines = {}
+    for l in text:gmatch("[^\n]+") do
+      lines[#lines + 1] = l
+    end
+    return text:find("dropped", 1, true) ~= nil
+  end, 10000, "the dropped count")
+  local msgs = {}
+  for _, l in ipairs(lines) do
+    local ok, obj = pcall(json.decode, l)
+    T.ok(ok, "a JSON line: " .. l:sub(1, 80) .. "..." .. l:sub(-80))
+    -- Short messages whole; the long one as its start and length.
+    msgs[#msgs + 1] = ok and (#obj.msg > 100 and obj.msg:sub(1, 4) .. "#" .. #obj.msg or obj.msg) or "?"
+  end
+  T.eq(msgs, { "NEXT line", "MID #" .. (4 + 1024 * 1024), "LAST line", "callagent: 1 log lines dropped (slow reader)" })
+end)
+
 T.test("CALLAGENT_LOG_FORMAT other than text or json stops at start", function()
   local code, _, p = T.run_app(nil, nil, { source = "print(1)", env = { CALLAGENT_LOG_FORMAT = "jsno" } })
   T.eq(code, 2)
