@@ -654,6 +654,15 @@ static int resolve(lua_State *L, const char *name, const char *path, const char 
  * Also returns the PATH the table sets, if any. With drop_secrets, an
  * inherited variable whose value holds a secret of the log's is left out.
  */
+
+/* A string argument C would cut at its first NUL. */
+static int has_nul(lua_State *L, int idx)
+{
+	size_t len;
+	const char *v = lua_tolstring(L, idx, &len);
+
+	return strlen(v) != len;
+}
 static char **build_env(lua_State *L, int idx, int inherit, int drop_secrets, int anchor, const char **path)
 {
 	size_t n = 0, cap = 1;
@@ -677,6 +686,8 @@ static char **build_env(lua_State *L, int idx, int inherit, int drop_secrets, in
 			continue;
 		if (lua_type(L, -1) != LUA_TSTRING && lua_type(L, -1) != LUA_TNUMBER)
 			luaL_error(L, "env value of '%s' must be a string, a number or false", name);
+		if (has_nul(L, -1))	/* the program would get what is before it, silently */
+			luaL_error(L, "env value of '%s' holds a NUL byte", name);
 		env[n++] = (char *)lua_pushfstring(L, "%s=%s", name, lua_tostring(L, -1));
 		if (!strcmp(name, "PATH"))
 			*path = env[n - 1] + 5;
@@ -806,6 +817,8 @@ static int l_spawn(lua_State *L)
 
 		if (t != LUA_TSTRING && t != LUA_TNUMBER)
 			return luaL_error(L, "spec[%d] must be a string", i);
+		if (has_nul(L, -1))
+			return luaL_error(L, "spec[%d] holds a NUL byte", i);
 		args[i - 1] = (char *)lua_tostring(L, -1);
 		lua_rawseti(L, anchor, (lua_Integer)lua_rawlen(L, anchor) + 1);
 	}

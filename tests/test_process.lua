@@ -148,6 +148,13 @@ T.test("misuse raises: empty spec, bad callbacks, bad env, unknown signal", func
   T.raises(function()
     process.spawn({ "true", env = { ["A=B"] = "x" } })
   end, "env names")
+  -- A NUL would cut what the program gets, silently.
+  T.raises(function()
+    process.spawn({ "echo", "a\0b" })
+  end, "spec%[2%] holds a NUL byte")
+  T.raises(function()
+    process.spawn({ "true", env = { FOO = "a\0b" } })
+  end, "env value of 'FOO' holds a NUL byte")
   local p = assert(process.spawn({ "sleep", "10" }))
   T.defer(function()
     p:kill("KILL")
