@@ -21,7 +21,9 @@
  *   timeout          total ms, default 30000 (0: none)
  *   connect_timeout  ms, default 10000 (0: curl's default)
  *   max_body         response body limit in bytes, default 16 MiB
- *   follow           follow redirects (at most 5), default false
+ *   follow           follow redirects (at most 5), default false; from https
+ *                    only to https. The request's headers go along, but for
+ *                    Authorization and Cookie when the host changes (libcurl)
  *   ca_file          PEM file of extra CAs, trusted in addition to the system
  *                    store (OpenSSL's default cert directory, or SSL_CERT_DIR)
  *   username, password  HTTP basic auth
@@ -781,6 +783,20 @@ static const char *parse_url(struct req *r, const char *url, size_t len)
 	return NULL;
 }
 
+
+/*
+ * An https request followed (opts.follow) never goes on over plain http: its
+ * headers would cross the network in the clear (libcurl strips only
+ * Authorization and Cookie when a redirect changes host).
+ */
+static int https_url(CURLU *cu)
+{
+	char *scheme = NULL;
+	int yes = curl_url_get(cu, CURLUPART_SCHEME, &scheme, 0) == CURLUE_OK && strcmp(scheme, "https") == 0;
+
+	curl_free(scheme);
+	return yes;
+}
 static void setup_easy(struct req *r, struct opts *o)
 {
 	CURL *e = r->easy;
@@ -791,7 +807,7 @@ static void setup_easy(struct req *r, struct opts *o)
 	curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
 	curl_easy_setopt(e, CURLOPT_CURLU, r->cu);
 	curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
-	curl_easy_setopt(e, CURLOPT_REDIR_PROTOCOLS_STR, "http,https");
+	curl_easy_setopt(e, CURLOPT_REDIR_PROTOCOLS_STR, https_url(r->cu) ? "https" : "http,https");
 	curl_easy_setopt(e, CURLOPT_ERRORBUFFER, r->err);
 	curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, on_body);
 	curl_easy_setopt(e, CURLOPT_WRITEDATA, (void *)r);

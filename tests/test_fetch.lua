@@ -381,6 +381,22 @@ T.test("https trusts ca_file in addition to the system store; without it ETLS", 
   T.ok(res, err)
 end)
 
+T.test("a followed https request is not taken on over plain http", function()
+  local c = certs.make(T.tmpdir())
+  local _, plain = serve()
+  local srv = T.server({ tls = { cert = c.cert, key = c.key } }, function(s)
+    s:get("/down", function()
+      return 302, "", { Location = plain .. "/n/in-the-clear" }
+    end)
+  end)
+  local base = "https://127.0.0.1:" .. srv.port
+  local res, err = fetch(base .. "/down", { ca_file = c.ca, follow = true, headers = { ["X-Api-Key"] = "k" } })
+  T.eq(res, nil, "not followed to http")
+  T.match(err, "^E%u+: .*[Pp]rotocol")
+  res = assert(fetch(base .. "/down", { ca_file = c.ca }))
+  T.eq(res.status, 302, "unfollowed, the redirect itself is the answer")
+end)
+
 T.test("a new https connection resumes the TLS session of an earlier one", function()
   -- openssl s_server -www answers each request with a page that says whether
   -- the session was new or resumed, and closes the connection: every request

@@ -17,7 +17,9 @@
 --   timeout          total ms (default 30000; 0 = none)
 --   connect_timeout  ms (default 10000)
 --   max_body         response body limit in bytes (default 16 MiB)
---   follow           follow redirects, at most 5 (default false)
+--   follow           follow redirects, at most 5 (default false); from https only
+--                    to https. Your headers go along, but for Authorization and
+--                    Cookie when the host changes: keep secrets out of others
 --   ca_file          PEM file of extra CAs, trusted in addition to the system store
 --   username, password  HTTP basic auth (e.g. Twilio account SID and token)
 --
