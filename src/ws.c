@@ -1462,10 +1462,11 @@ static int l_connect(lua_State *L)
 	ws->pong_ms = (uint64_t)pong * 1000;
 	if (tls && tls_new(ws, tctx, host, port) != 0) {
 		ERR_clear_error();
+		/* host points into buf: the message is made before buf goes. */
+		snprintf(ws->error, sizeof ws->error, "ETLS: cannot set up TLS for %s", host);
 		free(buf);
 		lua_pop(L, 1);
-		ws->handler_ref = LUA_NOREF;
-		snprintf(ws->error, sizeof ws->error, "ETLS: cannot set up TLS for %s", host);
+		ca_unref(L, &ws->handler_ref);	/* no event: the error is the return value */
 		free_client(ws);
 		ca__ws_closed(ws);
 		lua_pushnil(L);
@@ -1478,14 +1479,20 @@ static int l_connect(lua_State *L)
 	ws->connect_timer->data = ws;
 	if ((numeric_host(host) ? start_connect(ws, host, port, fullpath, hosthdr)
 				: start_lookup(ws, host, port, fullpath, hosthdr)) != 0) {
-		/* It failed at once; report it as a return value, not an event. */
-		if (ws->state != CA_WS_CLOSED) {
-			ws->handler_ref = LUA_NOREF;
-			ws->wsi = NULL;
-			free_client(ws);
-			ca__ws_closed(ws);
-		}
 		free(buf);
+		if (ws->state == CA_WS_CLOSED) {
+			/*
+			 * lws failed it inside the connect call, and the "error"
+			 * event has told the handler already: the connection is
+			 * returned, closed, so that the error is not told twice.
+			 */
+			return 1;
+		}
+		/* It failed at once; report it as a return value, not an event. */
+		ca_unref(L, &ws->handler_ref);
+		ws->wsi = NULL;
+		free_client(ws);
+		ca__ws_closed(ws);
 		lua_pop(L, 1);
 		lua_pushnil(L);
 		lua_pushstring(L, ws->error[0] ? ws->error : "ECONNREFUSED: connection failed");

@@ -860,4 +860,63 @@ T.test("handshake headers with line breaks are refused before anything is sent",
   T.no_match(err, "Injected")
 end)
 
+T.test("a wss:// host TLS cannot take (over 255 bytes) fails with ETLS naming it, and leaves nothing registered", function()
+  local host = string.rep("a", 260)
+  local function registry_size()
+    collectgarbage()
+    collectgarbage()
+    local n = 0
+    for _ in pairs(debug.getregistry()) do
+      n = n + 1
+    end
+    return n
+  end
+  local before = registry_size()
+  for _ = 1, 300 do
+    local conn, err = ws.connect("wss://" .. host .. "/x", { headers = { Authorization = "Bearer sk-not-kept" } })
+    T.eq(conn, nil)
+    T.match(err, "^ETLS: cannot set up TLS for aaaaaaaaaaaaaaaaaaaa", "the host named (the message is cut at its buffer)")
+  end
+  T.ok(registry_size() - before < 10, "the failed connections' handlers were let go: "
+    .. (registry_size() - before) .. " more registry entries")
+end)
+
+T.test("connect_cb tells a connection that fails at once its error once, not twice", function()
+  -- Out of descriptors, lws fails connections inside the connect call.
+  local dir = T.tmpdir()
+  local script = dir .. "/few_fds.lua"
+  local f = assert(io.open(script, "w"))
+  f:write([[
+local ws, timer, task = require "callagent.ws", require "callagent.timer", require "callagent.task"
+local srv = require("callagent.http").server({})
+srv:websocket("/echo", { text = function(c, m) c:send(m) end })
+assert(srv:listen())
+local calls, failed, twice, keep = {}, 0, 0, {}
+for i = 1, 60 do
+  ws.connect_cb(srv:ws_url("/echo"), { timeout = 2000 }, function(c, e)
+    calls[i] = (calls[i] or 0) + 1
+    if calls[i] == 2 then twice = twice + 1 end
+    if c then keep[#keep + 1] = c else failed = failed + 1 end
+  end)
+end
+task.spawn(function()
+  timer.sleep(2500)
+  print(failed .. " failed, " .. twice .. " told twice")
+  io.stdout:flush()
+  os.exit(0)
+end)
+]])
+  f:close()
+  local out = {}
+  local p = assert(process.spawn({ "bash", "-c", 'ulimit -n 64; exec "$0" run "$1"', T.bin, script,
+    inherit_env = true,
+    on_stdout = function(line)
+      out[#out + 1] = line
+    end }))
+  T.eq(p:wait(20000), 0)
+  local failed, twice = (out[#out] or ""):match("^(%d+) failed, (%d+) told twice$")
+  T.ok(tonumber(failed or 0) > 0, "some connections failed: " .. table.concat(out, " | "))
+  T.eq(twice, "0")
+end)
+
 T.run()
