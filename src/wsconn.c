@@ -753,6 +753,16 @@ static long wire_form(struct ca_ws *ws, unsigned char *out, const void *data, si
 /* ---- frames read by callagent ---- */
 
 /* A protocol error: tell the peer (1002) and stop reading the stream. */
+/*
+ * A close code an endpoint may send (RFC 6455 7.4): 1005, 1006 and 1015 only
+ * say what happened locally, 1004 is reserved, the rest below 3000 unassigned.
+ */
+static int sendable_close_code(long code)
+{
+	return code == 1000 || (code >= 3000 && code <= 4999) ||
+	       (code >= 1001 && code <= 1014 && code != 1004 && code != 1005 && code != 1006);
+}
+
 static void protocol_error(struct ca_ws *ws, const char *what)
 {
 	ca_log(CA_LOG_WARN, "websocket %lld: protocol error from the %s: %s: closing (1002)",
@@ -776,6 +786,11 @@ static int control_frame(struct ca_ws *ws)
 	/* close */
 	if (f->ctl_len == 1) {
 		protocol_error(ws, "close frame with a 1-byte body");
+		return 0;
+	}
+	if (f->ctl_len >= 2 && !sendable_close_code((f->ctl[0] << 8) | f->ctl[1])) {
+		/* Not echoed: it is no code to send, nor one the app should see. */
+		protocol_error(ws, "a close code no endpoint may send");
 		return 0;
 	}
 	if (ca__ws_peer_close(ws, f->ctl, f->ctl_len) != 0)
@@ -1393,9 +1408,7 @@ static int l_close(lua_State *L)
 	size_t rlen;
 	const char *reason = luaL_optlstring(L, 3, "", &rlen);
 
-	luaL_argcheck(L, code == 1000 || (code >= 3000 && code <= 4999) ||
-		      (code >= 1001 && code <= 1014 && code != 1004 && code != 1005 && code != 1006),
-		      2, "not a close code an endpoint may send");
+	luaL_argcheck(L, sendable_close_code((long)code), 2, "not a close code an endpoint may send");
 	luaL_argcheck(L, rlen <= 123, 3, "reason longer than 123 bytes");
 	if (ws->state == CA_WS_CLOSED || closing(ws))
 		return 0;

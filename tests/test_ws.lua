@@ -721,7 +721,7 @@ T.test("over wss:// the same, with every TLS record split across reads", functio
 end)
 
 T.test("protocol errors from the server close the client with 1002", function()
-  for _, scenario in ipairs({ "masked", "rsv", "continuation" }) do
+  for _, scenario in ipairs({ "masked", "rsv", "continuation", "close1005", "close5000" }) do
     local p, port = edge_server(scenario)
     local c = assert(connect("ws://127.0.0.1:" .. port .. "/edge"))
     local kind, code = c:receive(5000)
@@ -771,7 +771,7 @@ T.test("the server reads frames split byte by byte, a ping between fragments, 64
 end)
 
 T.test("protocol errors from a client close it with 1002, and the server says why", function()
-  for _, scenario in ipairs({ "unmasked", "rsv", "opcode", "longping" }) do
+  for _, scenario in ipairs({ "unmasked", "rsv", "opcode", "longping", "close1006", "close999" }) do
     local srv = echo_server()
     local p = edge_client(scenario, srv)
     local f = server_frame(p)

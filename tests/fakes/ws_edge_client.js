@@ -47,6 +47,13 @@ const scenarios = {
   longping(sock) {
     sock.write(frame(9, Buffer.alloc(126), { mask: KEY }));
   },
+  // Close codes no endpoint may send (RFC 6455 7.4): not to be echoed.
+  close1006(sock) {
+    sock.write(frame(8, Buffer.from([0x03, 0xee]), { mask: KEY }));
+  },
+  close999(sock) {
+    sock.write(frame(8, Buffer.from([0x03, 0xe7]), { mask: KEY }));
+  },
   // Five text messages and a close in one write: the echoes and the answer
   // to the close must come back whole and in order.
   burst(sock) {

@@ -58,6 +58,13 @@ const scenarios = {
     sock.write(Buffer.concat([upgrade(sock, head), f.subarray(0, 6)]));
     setTimeout(() => sock.destroy(), 50);
   },
+  // Close codes no endpoint may send (RFC 6455 7.4): not to be echoed.
+  close1005(sock, head) {
+    sock.write(Buffer.concat([upgrade(sock, head), frame(8, Buffer.from([0x03, 0xed]))]));
+  },
+  close5000(sock, head) {
+    sock.write(Buffer.concat([upgrade(sock, head), frame(8, Buffer.from([0x13, 0x88]))]));
+  },
   badaccept(sock, head) {
     sock.write(upgrade(sock, head, { badAccept: true }));
   },
