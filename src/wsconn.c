@@ -448,6 +448,8 @@ void ca__ws_drop(struct ca_ws *ws, int code, const char *reason)
 	ca__ws_kill_conn(ws);
 }
 
+static void close_deadline(struct ca_ws *ws);
+
 void ca__ws_fail(struct ca_ws *ws, int code, const char *reason)
 {
 	if (ws->fail_code || ws->wsi == NULL)
@@ -458,6 +460,7 @@ void ca__ws_fail(struct ca_ws *ws, int code, const char *reason)
 	ws->fail_code = code;
 	snprintf(ws->close_reason, sizeof ws->close_reason, "%s", reason);
 	want_write(ws);
+	close_deadline(ws);
 }
 
 static void deliver(struct ca_ws *ws, const void *data, size_t len, int binary)
@@ -1283,6 +1286,23 @@ static void want_write(struct ca_ws *ws)
 	io_update(ws->io);
 }
 
+/*
+ * The connection is dropped if it has not closed within 5 s (1 s when the
+ * program stops: lws counts whole seconds), set when our close is asked for
+ * and again when it is written. A peer that answers does so in milliseconds;
+ * one that stopped reading would otherwise keep the close frame, and the
+ * connection with its queue, waiting behind what it never reads.
+ */
+static void close_deadline(struct ca_ws *ws)
+{
+	if (ws->wsi == NULL)
+		return;
+	lws_set_timeout(ws->wsi, PENDING_TIMEOUT_CLOSE_ACK, ws->stopping ? 1 : 5);
+	/* Outside its callbacks (the socket is ours) lws would not see the timer soon. */
+	if (ws->io)
+		lws_cancel_service(lws_get_context(ws->wsi));
+}
+
 int ca__ws_write_close(struct ca_ws *ws, const void *body, size_t len)
 {
 	/*
@@ -1296,16 +1316,7 @@ int ca__ws_write_close(struct ca_ws *ws, const void *body, size_t len)
 	ws->close_sent = 1;
 	if (n < 0 || wire_write(ws, out + LWS_PRE, (size_t)n, kind) < 0)
 		return -1;
-	/*
-	 * No answer within 5 s: hang up anyway. A server that is closing (the
-	 * program stops) waits 1 s (lws counts whole seconds): a peer that
-	 * answers does so in milliseconds, one that does not must not hold
-	 * up the stop.
-	 */
-	lws_set_timeout(ws->wsi, PENDING_TIMEOUT_CLOSE_ACK, ws->stopping ? 1 : 5);
-	/* Outside its callbacks (the socket is ours) lws would not see the timer soon. */
-	if (ws->io)
-		lws_cancel_service(lws_get_context(ws->wsi));
+	close_deadline(ws);	/* counts again from here: the answer's wait */
 	return 0;
 }
 
@@ -1426,6 +1437,7 @@ static int l_close(lua_State *L)
 	memcpy(ws->close_reason, reason, rlen);
 	ws->close_reason[rlen] = '\0';
 	want_write(ws);
+	close_deadline(ws);	/* the frame may wait behind a queue the peer never reads */
 	return 0;
 }
 

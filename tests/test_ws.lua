@@ -860,6 +860,36 @@ T.test("handshake headers with line breaks are refused before anything is sent",
   T.no_match(err, "Injected")
 end)
 
+T.test("conn:close() on a peer that reads nothing: the connection ends within 5 s, its queue with it", function()
+  local srv = echo_server({ ws_ping = 0 })
+  -- Upgrades, then never reads again.
+  local p = assert(process.spawn({ "node", "-e", [[
+const s = require("net").connect(+process.argv[1], "127.0.0.1", () => {
+  s.write("GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" +
+    "Sec-WebSocket-Key: " + require("crypto").randomBytes(16).toString("base64") + "\r\nSec-WebSocket-Version: 13\r\n\r\n");
+  s.once("data", () => { s.pause(); console.log("upgraded"); });
+});
+setTimeout(() => {}, 60000);]], tostring(srv.port) }))
+  T.defer(function()
+    p:kill("SIGKILL")
+  end)
+  T.eq(p:read_line(5000), "upgraded")
+  T.wait_for(function()
+    return srv.last
+  end, 3000, "the server's side open")
+  local chunk = string.rep("x", 65536)
+  while srv.last:buffered() < 100000 do
+    assert(srv.last:send(chunk))
+    timer.sleep(1)
+  end
+  local t0 = timer.now()
+  srv.last:close(1000, "bye")
+  local ev = close_event(srv, 8000, "the close event")
+  T.eq(ev[2], 1000)
+  T.ok(timer.now() - t0 < 6500, "ended after the close deadline: " .. (timer.now() - t0) .. " ms")
+  T.eq(srv:connections(), 0)
+end)
+
 T.test("a wss:// host TLS cannot take (over 255 bytes) fails with ETLS naming it, and leaves nothing registered", function()
   local host = string.rep("a", 260)
   local function registry_size()
