@@ -965,6 +965,13 @@ static void on_ping_timer(uv_timer_t *t)
 		if (ws->ping_ms == 0)
 			return;
 	}
+	if (ws->paused) {
+		/* Nothing is read, a pong neither: the peer is not judged meanwhile. */
+		ws->last_rx = now;
+		ws->ping_sent = 0;
+		uv_timer_start(t, on_ping_timer, ws->ping_ms, 0);
+		return;
+	}
 	if (ws->ping_sent > ws->last_rx) {
 		if (now - ws->ping_sent >= ws->pong_ms) {
 			ca_log(CA_LOG_WARN, "websocket %lld: no answer to a ping within %llu ms: dropping it",
@@ -1486,6 +1493,7 @@ static int l_pause(lua_State *L)
 {
 	struct ca_ws *ws = check_ws(L);
 
+	ws->paused = 1;
 	if (ws->io) {
 		ws->io->paused = 1;
 		io_update(ws->io);
@@ -1499,6 +1507,11 @@ static int l_resume(lua_State *L)
 {
 	struct ca_ws *ws = check_ws(L);
 
+	if (ws->paused) {
+		ws->paused = 0;
+		ws->last_rx = uv_now(ca_loop());	/* a ping's wait starts over */
+		ws->ping_sent = 0;
+	}
 	if (ws->io) {
 		ws->io->paused = 0;
 		io_update(ws->io);

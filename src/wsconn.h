@@ -106,6 +106,7 @@ struct ca_ws {
 	uv_timer_t *ping_timer;
 	uint64_t ping_ms, pong_ms;
 	uint64_t last_rx, ping_sent;
+	int paused;			/* conn:pause(): not read, so not pinged either */
 
 	/* Client side only. */
 	uv_timer_t *connect_timer;	/* connect timeout, owned here */

@@ -860,6 +860,20 @@ T.test("handshake headers with line breaks are refused before anything is sent",
   T.no_match(err, "Injected")
 end)
 
+T.test("a paused connection is not dropped by its own ping: the peer is judged again after resume", function()
+  local srv = echo_server({ ws_ping = 0 })
+  local c = assert(ws.connect(srv:ws_url("/echo"), { ping_interval = 1, pong_timeout = 1 }))
+  c:pause()
+  timer.sleep(3500) -- past a ping and its pong's wait, twice over
+  c:resume()
+  T.eq(c:is_open(), true)
+  c:send("still here")
+  T.eq({ c:receive(3000) }, { "text", "still here" })
+  timer.sleep(2500) -- and pinged again, answered, once reading
+  T.eq(c:is_open(), true)
+  c:close()
+end)
+
 T.test("conn:close() on a peer that reads nothing: the connection ends within 5 s, its queue with it", function()
   local srv = echo_server({ ws_ping = 0 })
   -- Upgrades, then never reads again.
