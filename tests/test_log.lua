@@ -177,65 +177,54 @@ log.info("odd fields", { nan = 0/0, f = { g = print }, sparse = { [1] = 1, [50] 
   T.eq({ obj.msg, obj.ok, type(obj.nan), type(obj.f), type(obj.sparse) }, { "odd fields", "fine", "string", "string", "string" })
 end)
 
-T.test("the count of lines dropped for a slow reader is a log line of the format too", function()
-  -- stderr goes to a reader that starts reading 2 s late, into a file.
+-- Runs the app source with its stderr (JSON lines) read delay_s late into a
+-- file; returns that file's text once it holds the dropped-lines count.
+local function slow_reader_run(delay_s, source)
   local dir = T.tmpdir()
-  local app, out = dir .. "/flood.lua", dir .. "/stderr.txt"
+  local app, out = dir .. "/app.lua", dir .. "/stderr.txt"
   local f = assert(io.open(app, "w"))
-  f:write([[
+  f:write(source)
+  f:close()
+  local process = require "callagent.process"
+  local p = assert(process.spawn({ "bash", "-c", 'exec "$0" run "$1" 2> >(sleep ' .. delay_s .. '; cat > "$2")', T.bin,
+    app, out, env = { CALLAGENT_LOG_FORMAT = "json" }, inherit_env = true }))
+  T.eq(p:wait(20000), 0)
+  local text
+  T.wait_for(function()
+    local fh = io.open(out)
+    text = fh and fh:read("a") or ""
+    if fh then
+      fh:close()
+    end
+    return text:find("dropped", 1, true) ~= nil
+  end, 10000, "the dropped count")
+  return text
+end
+
+T.test("the count of lines dropped for a slow reader is a log line of the format too", function()
+  local text = slow_reader_run(2, [[
 local log = require "callagent.log"
 local big = string.rep("x", 1000)
 for i = 1, 8000 do log.info("flood", { i = i, pad = big }) end
 ]])
-  f:close()
-  local process = require "callagent.process"
-  local p = assert(process.spawn({ "bash", "-c", 'exec "$0" run "$1" 2> >(sleep 2; cat > "$2")', T.bin, app, out,
-    env = { CALLAGENT_LOG_FORMAT = "json" }, inherit_env = true }))
-  T.eq(p:wait(20000), 0)
-  local last
-  T.wait_for(function()
-    local fh = io.open(out)
-    local text = fh and fh:read("a") or ""
-    if fh then
-      fh:close()
-    end
-    last = text:match("([^\n]*dropped[^\n]*)\n?$")
-    return last ~= nil
-  end, 10000, "the dropped count")
+  local last = text:match("([^\n]*dropped[^\n]*)\n?$")
   local obj = json.decode(last)
   T.eq(obj.level, "warn")
   T.match(obj.msg, "^callagent: %d+ log lines dropped %(slow reader%)$")
 end)
 
 T.test("a line too long for the queue is dropped whole; one begun is finished: no line runs into the next", function()
-  local dir = T.tmpdir()
-  local app, out = dir .. "/long.lua", dir .. "/stderr.txt"
-  local f = assert(io.open(app, "w"))
-  f:write([[
+  local text = slow_reader_run(1, [[
 local log = require "callagent.log"
 log.info("BIG " .. string.rep("x", 5 * 1024 * 1024)) -- over the 4 MiB queue
 log.info("NEXT line")
 log.info("MID " .. string.rep("y", 1024 * 1024)) -- more than the pipe takes at once
 log.info("LAST line")
 ]])
-  f:close()
-  local process = require "callagent.process"
-  local p = assert(process.spawn({ "bash", "-c", 'exec "$0" run "$1" 2> >(sleep 1; cat > "$2")', T.bin, app, out,
-    env = { CALLAGENT_LOG_FORMAT = "json" }, inherit_env = true }))
-  T.eq(p:wait(20000), 0)
-  local lines
-  T.wait_for(function()
-    local fh = io.open(out)
-    local text = fh and fh:read("a") or ""
-    if fh then
-      fh:close()
-    end
-    lines = {}
-    for l in text:gmatch("[^\n]+") do
-      lines[#lines + 1] = l
-    end
-    return text:find("dropped", 1, true) ~= nil
-  end, 10000, "the dropped count")
+  local lines = {}
+  for l in text:gmatch("[^\n]+") do
+    lines[#lines + 1] = l
+  end
   local msgs = {}
   for _, l in ipairs(lines) do
     local ok, obj = pcall(json.decode, l)
