@@ -1,4 +1,4 @@
--- The host in a dozen lines: HTTP + WebSocket server, fetch, a ws:// or wss:// client, timers, audio.
+-- The host in a few lines: HTTP + WebSocket server, fetch, a ws:// or wss:// client, timers, audio.
 local http, ws, fetch = require "callagent.http", require "callagent.ws", require "callagent.fetch"
 local timer, audio, task = require "callagent.timer", require "callagent.audio", require "callagent.task"
 local srv = http.server({ port = tonumber(arg[1]) or 0 })

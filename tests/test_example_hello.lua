@@ -1,4 +1,4 @@
--- examples/hello.lua: the dozen-line app uses every host module for real,
+-- examples/hello.lua: the few-line app uses every host module for real,
 -- including a wss:// client to a TLS server this test runs.
 local T = require "testing"
 local http = require "callagent.http"
