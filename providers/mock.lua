@@ -91,23 +91,25 @@ function P:_expire_page(token)
   end
 end
 
+function P:_stop_ringing(k)
+  if self.ringing[k] then
+    self.ringing[k]:stop()
+    self.ringing[k] = nil
+  end
+end
+
 -- app:stop(): the phones stop ringing (their timers would hold the process,
 -- and report to a closed engine).
 function P:close()
   self.closed = true
-  for k, t in pairs(self.ringing) do
-    t:stop()
-    self.ringing[k] = nil
+  for k in pairs(self.ringing) do
+    self:_stop_ringing(k)
   end
 end
 
 function P:endCall(call, attempt)
   local n = attempt and attempt.n or call.attempt
-  local k = key(call.callId, n)
-  if self.ringing[k] then
-    self.ringing[k]:stop()
-    self.ringing[k] = nil
-  end
+  self:_stop_ringing(key(call.callId, n))
   for token, page in pairs(self.pages) do
     if page.call_id == call.callId and page.attempt == n then
       self:_expire_page(token)
@@ -168,11 +170,7 @@ function P:registerRoutes(srv)
       return 410, { error = { code = "expired", message = "the call stopped ringing" } }
     end
     self.pages[body.token] = nil -- one use
-    local k = key(entry.call_id, entry.attempt)
-    if self.ringing[k] then
-      self.ringing[k]:stop()
-      self.ringing[k] = nil
-    end
+    self:_stop_ringing(key(entry.call_id, entry.attempt))
     self.engine:provider_status(entry.call_id, entry.attempt, { status = "in_progress" })
     local stream_token, err = self.engine:prepare_stream(entry.call_id, entry.attempt)
     if not stream_token then

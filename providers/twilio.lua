@@ -173,7 +173,7 @@ function P:validateRequest(req, publicBaseUrl)
   local params = {}
   if req.method == "GET" and req.upgrade then
     base = base:gsub("^http", "ws") -- the stream URL Twilio connected to
-  elseif (req.headers["content-type"] or ""):lower():find("application/x-www-form-urlencoded", 1, true) then
+  elseif req:content_type():find("application/x-www-form-urlencoded", 1, true) then
     params = url.form_decode(req.body or "")
   end
   local full = base .. req.path .. ((req.raw_query and req.raw_query ~= "") and ("?" .. req.raw_query) or "")

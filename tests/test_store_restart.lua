@@ -342,16 +342,23 @@ T.test("kill -9 between a report and its notification: after restart it is deliv
   T.eq(#after.transcript, #before.transcript, "the transcript survived")
 end, { timeout = 60000 })
 
-T.test("a notification the receiver refused (4xx) is not sent again after a restart", function()
-  local w = world({ script = report_script, refuse = true })
+-- Starts w's app, places a call that reports, and waits for its
+-- notification's first try, and a moment for a retry were one sent: the id.
+local function first_notification(w, to)
   w.start()
-  local _, created = w.api("POST", "/v1/calls", { to = "+14155550163", prompt = "Report." })
+  local id = w.create(to, "Report.")
   T.wait_for(function()
     return #w.requests >= 1
   end, 20000, "the notification attempt")
   timer.sleep(300)
+  return id
+end
+
+T.test("a notification the receiver refused (4xx) is not sent again after a restart", function()
+  local w = world({ script = report_script, refuse = true })
+  local id = first_notification(w, "+14155550163")
   T.eq(#w.requests, 1, "a 4xx is not retried")
-  T.eq(w.call(created.callId).status, "completed")
+  T.eq(w.call(id).status, "completed")
   w.kill9()
   w.start()
   timer.sleep(1500)
@@ -360,17 +367,12 @@ end, { timeout = 60000 })
 
 T.test("a notification redirected (3xx) is not followed nor retried, and the log says where it pointed", function()
   local w = world({ script = report_script, redirect = "https://hooks.example.test/agent?token=s3cret-in-query" })
-  w.start()
-  local _, created = w.api("POST", "/v1/calls", { to = "+14155550164", prompt = "Report." })
-  T.wait_for(function()
-    return #w.requests >= 1
-  end, 20000, "the notification attempt")
-  timer.sleep(300)
+  local id = first_notification(w, "+14155550164")
   T.eq(#w.requests, 1, "not retried, and not followed (the body and its token stay with hooksUrl)")
-  T.eq(w.call(created.callId).status, "completed")
+  T.eq(w.call(id).status, "completed")
   local log = w.app.errtext()
   T.match(log, "ERROR notification redirected; not retrying: set notify%.hooksUrl to the receiver's own address "
-    .. "error=\"HTTP 308\" key=" .. created.callId .. ":completed location=https://hooks%.example%.test/agent")
+    .. "error=\"HTTP 308\" key=" .. id .. ":completed location=https://hooks%.example%.test/agent")
   T.no_match(log, "s3cret", "the Location's query is left out")
 end, { timeout = 60000 })
 

@@ -61,6 +61,12 @@ local function blank(s)
   return not s:match("%S")
 end
 
+-- 503 while the app starts (engine.starting), with when to ask again.
+local function starting(what)
+  local status, body = err(503, "starting", "callagent is starting: send " .. what .. " again in a moment")
+  return status, body, { ["Retry-After"] = "2" }
+end
+
 local function voice_ok(v)
   for _, x in ipairs(config.voices) do
     if x == v then
@@ -280,7 +286,7 @@ function M.register(srv, engine, cfg, opts)
   end
 
   srv:post("/v1/calls", guard(function(req)
-    local ctype = (req.headers["content-type"] or ""):lower()
+    local ctype = req:content_type()
     if not (ctype:match("^%s*application/json%s*;") or ctype:match("^%s*application/json%s*$")) then
       return err(415, "unsupported_media_type", "the body must be JSON, sent with Content-Type: application/json")
     end
@@ -325,8 +331,7 @@ function M.register(srv, engine, cfg, opts)
       -- Until the public URL is known (a tunnel opening) and the last run's
       -- calls are loaded, a call would be placed with callbacks nobody can
       -- reach, and then taken for one the restart interrupted.
-      local status, ebody = err(503, "starting", "callagent is starting: send the call again in a moment")
-      return status, ebody, { ["Retry-After"] = "2" }
+      return starting("the call")
     end
     local call, cerr = engine:create(input, idem)
     if not call and tostring(cerr):match("^ESTOPPED") then
@@ -396,9 +401,7 @@ function M.register(srv, engine, cfg, opts)
       return status, body
     end
     if engine.starting and not engine.live[id] then
-      -- The last run's calls are not loaded yet: this one may still be up.
-      local status, ebody = err(503, "starting", "callagent is starting: send the hang-up again in a moment")
-      return status, ebody, { ["Retry-After"] = "2" }
+      return starting("the hang-up") -- the last run's calls are not loaded yet: this one may still be up
     end
     local ok = engine:hangup(id)
     if not ok then

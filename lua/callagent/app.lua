@@ -176,7 +176,7 @@ function App:_routes(srv)
       return status, body
     end
     local payload, st, serr
-    if (req.headers["content-type"] or ""):lower():find("json", 1, true) then
+    if req:content_type():find("json", 1, true) then
       payload, serr = req:json_object()
     else
       payload = url.form_decode(req.body or "")

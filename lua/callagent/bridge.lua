@@ -131,9 +131,11 @@ function Bridge:_model_ready()
   end
   for _, d in ipairs(self.held_keys) do
     self:_send_key(d)
-    self.callee_spoke_at = timer.now()
   end
-  self.held_keys = {}
+  if #self.held_keys > 0 then
+    self.callee_spoke_at = timer.now()
+    self.held_keys = {}
+  end
   self:_maybe_greet()
 end
 
@@ -845,17 +847,17 @@ function Bridge:_key_pressed(digit)
   self.callee_spoke_at = timer.now()
   self:_stop_timer("silence_timer")
   self:_stop_timer("dtmf_timer")
-  if self.report or self.goodbye_requested or self.hanging_up then
-    return
-  end
-  if digit == "#" then
-    return self:_respond()
-  end
-  self.dtmf_timer = timer.after(DTMF_PAUSE_MS, function()
-    self.dtmf_timer = nil
+  local function reply()
     if not (self.ended or self.report or self.goodbye_requested or self.hanging_up) then
       self:_respond()
     end
+  end
+  if digit == "#" then
+    return reply()
+  end
+  self.dtmf_timer = timer.after(DTMF_PAUSE_MS, function()
+    self.dtmf_timer = nil
+    reply()
   end)
 end
 

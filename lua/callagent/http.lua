@@ -42,7 +42,8 @@
 -- names), body, remote} with req:json() (decoded body, or nil, err),
 -- req:json_object() (the same for a body that must be a JSON object: nil,
 -- "EJSON: ..." when it is no JSON, nil, "ENOTOBJECT: ..." when it is other
--- JSON) and req:header(name). It returns either status, body, headers - body a string,
+-- JSON), req:content_type() (lowercase: media types have no case; "" when
+-- none) and req:header(name). It returns either status, body, headers - body a string,
 -- or a table sent as JSON - or a table {status, headers, body}. Returning
 -- nothing answers 204. An error in a handler is logged with its traceback and
 -- answered 500 without details.
@@ -81,6 +82,10 @@ function Request:json_object()
     return nil, "ENOTOBJECT: the body must be a JSON object"
   end
   return v
+end
+
+function Request:content_type()
+  return (self.headers["content-type"] or ""):lower()
 end
 
 function Request:header(name)
