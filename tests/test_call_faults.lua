@@ -441,8 +441,66 @@ T.test("a store that refuses writes at the call's end: the call is kept, written
   T.eq(stored.status, "completed")
   T.eq(stored.report and stored.report.outcome, "success", "the report was written with it")
   T.eq(stored.attempts[1].status, "completed")
+  local texts = {}
+  for _, l in ipairs(stored.transcript) do
+    texts[#texts + 1] = l.text
+  end
+  T.eq(texts, { "Hello.", "Bye." }, "the goodbye's line, refused at first, was written with the end")
   timer.sleep(6000) -- past another retry: nothing more is written or sent
   T.eq(#env.hooks.received, 1, "notified once")
+  T.eq(env.hooks.received[1].json.data.status, "completed")
+end, { timeout = 60000 })
+
+T.test("a store that refuses writes mid-call: the lines and events it refused are written in order once it can", function()
+  local env = kit.start({
+    realtime = {
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        session:speak({ ms = 200, text = "Hello." })
+        while not session.go do
+          timer.sleep(20)
+        end
+        session:speak({ ms = 200, text = "Line two." })
+        while not session.go2 do
+          timer.sleep(20)
+        end
+        session:report_and_goodbye({ summary = "Booked.", outcome = "success" }, { ms = 100, text = "Bye." })
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550132", prompt = "Book it." })
+  local store = env.app.store
+  T.wait_for(function()
+    return #store:transcript(id) == 1
+  end, 10000, "the greeting's line in the store")
+  local db = store.db
+  assert(db:exec("PRAGMA query_only = ON"))
+  local s = env.rt.sessions[1]
+  s.go = true
+  env:wait(id, function(r)
+    return #r.transcript == 2
+  end, 10000, "the second line in the API's view")
+  T.eq(#store:transcript(id), 1, "the store refused it")
+  assert(db:exec("PRAGMA query_only = OFF"))
+  s.go2 = true
+  local call = env:wait_final(id, 20000)
+  T.eq(call.status, "completed")
+  local stored = store:get_call(id)
+  local texts = {}
+  for _, l in ipairs(stored.transcript) do
+    texts[#texts + 1] = l.text
+  end
+  T.eq(texts, { "Hello.", "Line two.", "Bye." }, "every line, once, in order")
+  local statuses = {}
+  for _, ev in ipairs(stored.events) do
+    if ev.type == "status" then
+      statuses[#statuses + 1] = ev.to
+    end
+  end
+  T.eq(statuses[#statuses], "completed", "the status events end with the call's end")
+  T.wait_for(function()
+    return #env.hooks.received >= 1
+  end, 5000, "the notification")
   T.eq(env.hooks.received[1].json.data.status, "completed")
 end, { timeout = 60000 })
 

@@ -134,6 +134,13 @@ function Engine:call_view(id)
     else -- a backend from before store:transcript
       transcript = (store:get_call(id) or {}).transcript
     end
+    -- Lines the store refused come after every line it has.
+    for _, r in ipairs(c._unsaved_rows or {}) do
+      if r[1] == "transcript" then
+        transcript = transcript or {}
+        transcript[#transcript + 1] = r[2]
+      end
+    end
   else
     local err
     c, err = self.store:get_call(id)
@@ -185,11 +192,92 @@ end
 -- without it, one each). fn must not yield.
 function Engine:_batch(fn)
   local store = self.store
-  if store.batch then
-    return store:batch(fn)
+  if not store.batch then
+    fn()
+    return true
   end
-  fn()
-  return true
+  -- The rows written in it: kept again with their calls if it is undone.
+  local outer = self._batch_rows
+  local rows = {}
+  self._batch_rows = rows
+  local res = table.pack(pcall(store.batch, store, fn))
+  self._batch_rows = outer
+  if not res[1] then
+    error(res[2], 0)
+  end
+  if res[2] then
+    if outer then -- committed only with the outer batch
+      table.move(rows, 1, #rows, #outer + 1, outer)
+    end
+  else
+    for _, r in ipairs(rows) do
+      self:_keep_row(r[1], r[2], r[3])
+    end
+  end
+  return res[2], res[3]
+end
+
+-- Rows ----------------------------------------------------------------------
+-- Transcript lines and events are rows of their own in the store. One the
+-- store refuses (a full disk) is kept with its call, in order, and written
+-- before the call's next row and with its end (_finish, _write_unsaved).
+
+-- Most rows a call keeps while its store refuses them; later ones are dropped.
+local MAX_UNSAVED_ROWS = 2000
+
+function Engine:_keep_row(call, kind, row)
+  local kept = call._unsaved_rows or {}
+  call._unsaved_rows = kept
+  if #kept >= MAX_UNSAVED_ROWS then
+    if not call._rows_dropped then
+      log.error("the store refuses this call's rows: dropping them", { call = call.id, kept = #kept })
+    end
+    call._rows_dropped = (call._rows_dropped or 0) + 1
+    return
+  end
+  kept[#kept + 1] = { kind, row }
+end
+
+function Engine:_write_row(call, kind, row)
+  local ok
+  if kind == "transcript" then
+    ok = self.store:add_transcript(call.id, row)
+  else
+    ok = self.store:add_event(call.id, row)
+  end
+  local batch = self._batch_rows
+  if batch then
+    batch[#batch + 1] = { call, kind, row }
+  elseif not ok then
+    self:_keep_row(call, kind, row)
+  end
+end
+
+-- Writes the rows the store refused before, if any, in one commit.
+function Engine:_write_kept_rows(call)
+  local kept = call._unsaved_rows
+  if not kept then
+    return
+  end
+  local function write() -- not run when the batch cannot begin
+    call._unsaved_rows = nil
+    for _, r in ipairs(kept) do
+      self:_write_row(call, r[1], r[2])
+    end
+  end
+  if self._batch_rows then
+    write()
+  else
+    self:_batch(write)
+  end
+end
+
+function Engine:_add_row(call, kind, row)
+  if call._unsaved_rows then
+    self:_keep_row(call, kind, row) -- after those, in order
+    return self:_write_kept_rows(call)
+  end
+  self:_write_row(call, kind, row)
 end
 
 -- also: more store writes that commit with the status (run first).
@@ -211,7 +299,7 @@ function Engine:_set_status(call, status, extra, also)
       also()
     end
     self:_save(call, fields)
-    self.store:add_event(call.id, { at = iso(), type = "status", from = old, to = status })
+    self:_add_row(call, "events", { at = iso(), type = "status", from = old, to = status })
   end)
   if not ok then
     call._save_failed = true -- undone whole: its end is then written whole (_finish)
@@ -581,7 +669,7 @@ function Engine:provider_status(id, n, st)
     return false, "not newer"
   end
   local function provider_event()
-    self.store:add_event(id, { at = iso(), type = "provider", attempt = n, status = st.status, raw = st.raw })
+    self:_add_row(call, "events", { at = iso(), type = "provider", attempt = n, status = st.status, raw = st.raw })
   end
   if st.status == "dialing" then
     provider_event()
@@ -718,7 +806,7 @@ function Engine:bridge_transcript(b, role, text, interrupted)
     return
   end
   local line = { role = role, text = text, at = iso(), attempt = b.attempt, interrupted = interrupted }
-  self.store:add_transcript(call.id, line)
+  self:_add_row(call, "transcript", line)
   self.emit("transcript", call.id, line)
 end
 
@@ -948,6 +1036,7 @@ function Engine:_finish(call, status, reason, also)
     if whole then
       self:_write_attempts(call)
     end
+    self:_write_kept_rows(call)
     self.store:clear_retry(call.id)
     -- The notification is recorded in the same commit: a stop between the
     -- two left a final call that was never notified.
@@ -1008,6 +1097,7 @@ function Engine:_write_unsaved(id)
     local ok = self:_batch(function()
       self:_save(call, self:_record_fields(call))
       self:_write_attempts(call)
+      self:_write_kept_rows(call)
       self.store:clear_retry(id)
       if self.notifier then
         key, body = self.notifier:record(self:call_view(id))
