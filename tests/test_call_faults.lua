@@ -451,6 +451,44 @@ T.test("a store that refuses writes at the call's end: the call is kept, written
   T.eq(env.hooks.received[1].json.data.status, "completed")
 end, { timeout = 60000 })
 
+T.test("a backend without store:batch that refuses the call's end: kept and written later, notified only then", function()
+  local env = kit.start({
+    realtime = {
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        session:speak({ ms = 200, text = "Hello." })
+        while not session.go do
+          timer.sleep(20)
+        end
+        session:report_and_goodbye({ summary = "Booked.", outcome = "success" }, { ms = 100, text = "Bye." })
+      end,
+    },
+  })
+  local store = env.app.store
+  store.batch = false -- as a backend that has none: one write at a time
+  local id = env:create({ to = "+14155550133", prompt = "Book it." })
+  local s
+  T.wait_for(function()
+    s = env.rt.sessions[1]
+    return s and #(s.responses or {}) > 0
+  end, 5000, "the greeting")
+  assert(store.db:exec("PRAGMA query_only = ON"))
+  s.go = true
+  env:wait(id, function(r)
+    return r.status == "completed"
+  end, 10000, "the call's end, as the engine has it")
+  timer.sleep(1000)
+  T.eq(#env.hooks.received, 0, "no notification for an end the store does not have")
+  assert(store.db:exec("PRAGMA query_only = OFF"))
+  T.wait_for(function()
+    return #env.hooks.received >= 1
+  end, 10000, "the notification, once the end is written")
+  local stored = store:get_call(id)
+  T.eq({ stored.status, stored.report and stored.report.outcome }, { "completed", "success" })
+  timer.sleep(5500)
+  T.eq(#env.hooks.received, 1, "notified once")
+end, { timeout = 60000 })
+
 T.test("a store that refuses writes mid-call: the lines and events it refused are written in order once it can", function()
   local env = kit.start({
     realtime = {

@@ -532,6 +532,34 @@ T.test("a call Twilio's API says is up at the ring timeout is in progress, not c
   T.eq(env.tw.calls[1].updates[1] and env.tw.calls[1].updates[1].params.Status, "completed", "hung up, not canceled")
 end, { timeout = 30000 })
 
+T.test("a provider whose getCall raises at the ring timeout: the attempt ends no_answer, hung up, not stuck dialing", function()
+  local dir = T.tmpdir()
+  local f = assert(io.open(dir .. "/raising.lua", "w"))
+  f:write([[
+local P = {}
+for k, v in pairs(dofile(require("callagent.core").root .. "/providers/twilio.lua")) do
+  P[k] = v
+end
+P.name = "raising"
+function P:getCall() error("vendor library bug") end
+return P
+]])
+  f:close()
+  local env = kit.start({
+    provider_dirs = { dir },
+    twilio = { behaviour = { ring_ms = 60000, lost_callbacks = { completed = true } } },
+    config = { telephony = { provider = "raising" }, retry = { maxAttempts = 1 },
+      call = { ringTimeoutSec = 1, statusGraceSec = 1 } },
+  })
+  local id = env:create({ to = "+14155550124", prompt = "Say hello." })
+  local call = env:wait_final(id, 10000)
+  T.eq({ call.status, call.attempts[1].reason }, { "no_answer", "ring timeout" })
+  wait_told_to_end(env.tw.calls[1], 5000)
+  T.wait_for(function()
+    return #env.hooks.received == 1
+  end, 5000, "the notification")
+end, { timeout = 30000 })
+
 T.test("a late ringing callback for a call that has ended hangs nothing up", function()
   local env = kit.start({ realtime = { script = short_call_script(300) } })
   local id = env:create({ to = "+14155550118", prompt = "Say hello." })

@@ -475,9 +475,9 @@ function Engine:_ring_timeout(call, n)
   local a = call.attempts[n]
   local seen
   if a.providerCallId and self.provider.getCall then
-    local st, err = self.provider:getCall(a.providerCallId)
-    seen = st and st.status
-    if not st then
+    local err
+    seen, err = self:_provider_state(call, a)
+    if not seen then
       log.warn("cannot ask the provider about a call that sent no status", { call = call.id, error = err })
     end
   end
@@ -537,16 +537,30 @@ function Engine:_provider_id(call, n, pid)
   end
 end
 
--- provider:method(view, ...): one that raises is logged and fails like one
--- that says no (nil, err).
-function Engine:_provider(method, view, ...)
-  local ok, res, err = xpcall(self.provider[method], debug.traceback, self.provider, view, ...)
+-- provider:method(...) for call id: one that raises is logged and fails like
+-- one that says no (nil, err).
+local function guarded(self, method, id, ...)
+  local ok, res, err = xpcall(self.provider[method], debug.traceback, self.provider, ...)
   if not ok then
-    log.error("provider " .. method .. " raised", { call = view.callId, provider = self.provider.name, error = res })
+    log.error("provider " .. method .. " raised", { call = id, provider = self.provider.name, error = res })
     return nil, "the " .. tostring(self.provider.name) .. " provider's " .. method .. " failed: "
       .. tostring(res):match("^[^\n]*")
   end
   return res, err
+end
+
+function Engine:_provider(method, view, ...)
+  return guarded(self, method, view.callId, view, ...)
+end
+
+-- What the provider's API says of attempt a now (getCall): its status, or
+-- nil, err (also when getCall raises or answers no status).
+function Engine:_provider_state(call, a)
+  local st, err = guarded(self, "getCall", call.id, a.providerCallId)
+  if type(st) ~= "table" or type(st.status) ~= "string" then
+    return nil, err or "the provider's getCall gave no status"
+  end
+  return st.status
 end
 
 function Engine:_provider_end(view, a)
@@ -1044,6 +1058,11 @@ function Engine:_finish(call, status, reason, also)
       note_key, note_body = self.notifier:record(self:call_view(call.id))
     end
   end)
+  if saved and call._save_failed then
+    -- A backend without store:batch writes one by one: the record's write
+    -- failed while the rest may have gone.
+    saved, serr, call._save_failed = nil, "the store did not take the call's record", nil
+  end
   self.live[call.id] = nil
   for key in pairs(self.timers) do
     if key:sub(1, #call.id + 1) == call.id .. "#" then
@@ -1186,10 +1205,9 @@ function Engine:_resolve_interrupted(call)
   call._resolving = true
   local seen
   if a.providerCallId and self.provider.getCall then
-    local st, err = self.provider:getCall(a.providerCallId)
-    if st then
-      seen = st.status
-    else
+    local err
+    seen, err = self:_provider_state(call, a)
+    if not seen then
       log.warn("cannot ask the provider about an interrupted call", { call = call.id, error = err })
     end
   end
@@ -1197,6 +1215,9 @@ function Engine:_resolve_interrupted(call)
     return -- app:stop() closed the store meanwhile: the next start resolves it again
   end
   call._resolving = nil -- decided below; a retry's attempt gets its stream
+  if self.live[call.id] ~= call or FINAL[a.status] then
+    return -- ended meanwhile (hung up through the API)
+  end
   if seen == "in_progress" or seen == "completed" then
     -- Answered while we were down (completed is answered, then over): the
     -- callee picked up once, so this attempt is not followed by another.
