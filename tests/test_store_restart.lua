@@ -294,6 +294,30 @@ T.test("kill -9 while ringing, Twilio's API silent at restart: the call is hung 
   T.ok(tw.ended_at <= second.statuses[1].at, "it ended before the retry was placed")
 end, { timeout = 60000 })
 
+T.test("kill -9 while ringing, hung up through the API while the restart asks Twilio: canceled, as the API asked", function()
+  local w = world({
+    behaviour = first_then_answer({ ring_ms = 60000, get_delay_ms = 5000 }),
+    script = report_script,
+    config = { twilio = { requestTimeoutSec = 2 } }, -- the lookup times out after 2 s
+  })
+  w.start()
+  local id, tw = w.ring_and_restart("+14155550167")
+  local status
+  T.wait_for(function()
+    status = w.api("POST", "/v1/calls/" .. id .. "/hangup")
+    return status ~= 503
+  end, 5000, "the API, once started")
+  T.eq(status, 202)
+  local rec = w.wait_final(id, 10000)
+  T.eq({ rec.status, rec.endReason }, { "canceled", "canceled by API" })
+  timer.sleep(3000) -- past the restart's lookup timing out
+  rec = w.call(id)
+  T.eq({ rec.status, rec.endReason, rec.lastError, #rec.attempts }, { "canceled", "canceled by API", nil, 1 },
+    "the lookup's failure changed nothing")
+  T.eq(tw.final, "canceled")
+  T.eq(#w.tw.calls, 1, "not dialed again")
+end, { timeout = 60000 })
+
 T.test("a store whose call is dialing but its attempt is over: after restart the retry policy goes on", function()
   -- What a kill -9 between the two writes left before they were one commit.
   local w = world({ behaviour = { answer = "busy", ring_ms = 1000 } })
