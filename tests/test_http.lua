@@ -540,6 +540,47 @@ T.test("a burst of heavy requests takes turns with the loop's I/O (pace) instead
   T.ge(unpaced.most, 5, "unpaced, the requests that came together ran in one pass (what pacing prevents)")
 end)
 
+T.test("requests still waiting their turn when the server closes are refused, and their handlers never run", function()
+  local srv = http.server({})
+  local ran, ran_after_close, closed = 0, 0, false
+  srv:post("/work", function()
+    ran = ran + 1
+    if closed then
+      ran_after_close = ran_after_close + 1
+    end
+    local t0 = os.clock()
+    while os.clock() - t0 < 0.005 do -- 5 ms of work: the next request waits its turn
+    end
+    if ran == 2 then -- the others came with the first: they wait their turn now
+      closed = true
+      task.spawn(function()
+        srv:close()
+      end)
+    end
+    return 200, { ok = true }
+  end)
+  assert(srv:listen())
+  local base = srv:url("")
+  local statuses, pending = {}, 20
+  for i = 1, 20 do
+    task.spawn(function()
+      local res = fetch(base .. "/work", { method = "POST", timeout_ms = 5000 })
+      statuses[i] = res and res.status or "error"
+      pending = pending - 1
+    end)
+  end
+  T.wait_for(function()
+    return pending == 0
+  end, 10000, "every request answered or refused")
+  T.eq(ran_after_close, 0, "no handler ran after the close")
+  local n200 = 0
+  for _, st in pairs(statuses) do
+    n200 = n200 + (st == 200 and 1 or 0)
+  end
+  T.eq(ran, 2)
+  T.le(n200, 2, "the others were refused (503, or their connection closed with the server)")
+end)
+
 T.test("on a loop saturated with I/O, paced requests still get a share of each pass, not one each", function()
   -- Unpaced requests of 30 ms stand for a saturated loop's audio: each pass
   -- of the loop runs several of them. Paced requests of 3 ms waiting

@@ -322,8 +322,13 @@ function Server:_handle(h, req)
   req.params = params
   local pace = self.opts.pace ~= false
   task.spawn(function()
-    if pace then
-      task.pace()
+    if pace and task.pace() and not self.core then
+      -- The server closed while this request waited its turn: nothing of
+      -- the app runs after it (its store may be closed too).
+      pcall(h.respond, h, 503, { ["Content-Type"] = "application/json" },
+        json.encode(M.error_body("closing", "the server is closing")))
+      req._h = nil
+      return
     end
     local r = table.pack(xpcall(route.handler, traceback, req))
     local status, headers, body
