@@ -169,6 +169,10 @@ function P:registerRoutes(srv)
       self:_expire_page(body.token) -- told so again, until it is forgotten
       return 410, { error = { code = "expired", message = "the call stopped ringing" } }
     end
+    if self.engine.stopped then
+      -- Not answered: the call stays as it was, for the next start.
+      return 503, { error = { code = "shutting_down", message = "callagent is shutting down" } }
+    end
     self.pages[body.token] = nil -- one use
     self:_stop_ringing(key(entry.call_id, entry.attempt))
     self.engine:provider_status(entry.call_id, entry.attempt, { status = "in_progress" })

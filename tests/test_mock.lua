@@ -96,6 +96,20 @@ T.test("a mock call hung up through the API while ringing: its link answers 410 
   T.eq({ r.status, json.decode(r.body).error.code }, { 410, "expired" }, "and on the next visit: not 'already used'")
 end)
 
+T.test("a mock call answered while the app stops is refused (503) and stays as it was, not answered", function()
+  local app = start()
+  local call = assert(app:create_call({ to = "+15555550100", prompt = "Test." }))
+  local id = call.callId or call.id
+  local token = app.engine:call_view(id).hint:match("[?&]t=([^&]+)")
+  -- app:stop()'s first step; its server closes only after the hang-ups.
+  app.engine:shutdown(1000)
+  local r = assert(fetch(app.url .. "/mock/api/answer", { method = "POST", headers = { ["Content-Type"] = "application/json" },
+    body = json.encode({ callId = id, token = token }) }))
+  T.eq({ r.status, json.decode(r.body).error.code }, { 503, "shutting_down" })
+  local v = app.engine:call_view(id)
+  T.eq({ v.status, v.attempts[1].status, v.attempts[1].answeredAt }, { "dialing", "dialing", nil })
+end)
+
 T.test("app:stop() with a mock call ringing: its ring ends with the app, and the log keeps the link's token out", function()
   local timer = require "callagent.timer"
   local t0 = timer.now()
