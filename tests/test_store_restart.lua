@@ -318,6 +318,84 @@ T.test("kill -9 while ringing, hung up through the API while the restart asks Tw
   T.eq(#w.tw.calls, 1, "not dialed again")
 end, { timeout = 60000 })
 
+-- The record as the store has it, read beside the process (or after it).
+local function stored(w, id)
+  local db = assert(sqlite.open(w.db, { readonly = true }))
+  local rows = db:rows("SELECT doc FROM calls WHERE id = ?", id)
+  db:close()
+  return rows[1] and json.decode(rows[1].doc)
+end
+
+T.test("SIGTERM during a conversation: the call ends failed with endReason shutdown before the exit, notified once", function()
+  local w = world({
+    script = function(session)
+      assert(session:wait_event("response.create", 5000))
+      session:speak({ ms = 20000, text = "A very long monologue." })
+    end,
+  })
+  w.start()
+  local id = w.create("+14155550173")
+  w.wait(id, function(r)
+    return r.status == "in_progress"
+  end, 10000, "in progress")
+  timer.sleep(500)
+  assert(w.app:kill("SIGTERM"))
+  T.eq(w.app:wait(10000), 0)
+  local rec = stored(w, id)
+  T.eq({ rec.status, rec.endReason }, { "failed", "shutdown" }, "ended before the exit, not left in progress")
+  T.eq(w.tw.calls[1].final, "completed", "hung up at Twilio")
+  w.start()
+  rec = w.call(id)
+  T.eq({ rec.status, rec.endReason }, { "failed", "shutdown" }, "the next start keeps it")
+  T.wait_for(function()
+    return #w.deliveries >= 1
+  end, 10000, "the notification")
+  timer.sleep(500)
+  T.eq(#w.deliveries, 1, "notified once")
+  T.eq(w.deliveries[1].body.data.status, "failed")
+end, { timeout = 60000 })
+
+T.test("SIGTERM during a conversation whose final callback is lost: ended here within 2 s of the hang-up", function()
+  local w = world({
+    behaviour = { lost_callbacks = { completed = true } },
+    script = function(session)
+      assert(session:wait_event("response.create", 5000))
+      session:speak({ ms = 20000, text = "A very long monologue." })
+    end,
+  })
+  w.start()
+  local id = w.create("+14155550175")
+  w.wait(id, function(r)
+    return r.status == "in_progress"
+  end, 10000, "in progress")
+  local t0 = timer.now()
+  assert(w.app:kill("SIGTERM"))
+  T.eq(w.app:wait(10000), 0)
+  T.lt(timer.now() - t0, 4000, "the wait for the callback is bounded")
+  local rec = stored(w, id)
+  T.eq({ rec.status, rec.endReason }, { "failed", "shutdown" })
+end, { timeout = 60000 })
+
+T.test("SIGTERM during the goodbye: the report is kept, the call completed with endReason shutdown", function()
+  local w = world({
+    script = function(session)
+      assert(session:wait_event("response.create", 5000))
+      session:report_and_goodbye({ summary = "All good.", outcome = "success" }, { ms = 8000, text = "Bye bye bye." })
+    end,
+    config = { call = { goodbyeTimeoutSec = 20 } },
+  })
+  w.start()
+  local id = w.create("+14155550174")
+  w.wait(id, function(r)
+    return r.report ~= nil
+  end, 10000, "the report")
+  timer.sleep(300)
+  assert(w.app:kill("SIGTERM"))
+  T.eq(w.app:wait(10000), 0)
+  local rec = stored(w, id)
+  T.eq({ rec.status, rec.endReason, rec.report and rec.report.outcome }, { "completed", "shutdown", "success" })
+end, { timeout = 60000 })
+
 T.test("a store whose call is dialing but its attempt is over: after restart the retry policy goes on", function()
   -- What a kill -9 between the two writes left before they were one commit.
   local w = world({ behaviour = { answer = "busy", ring_ms = 1000 } })

@@ -42,7 +42,7 @@ local HANGUP_WAIT_MS = 10000
 -- An end reason that makes an answered call without a report a failure:
 -- the agent could not carry it out.
 local function agent_failed(reason)
-  return reason == "model_error" or reason == "no_stream"
+  return reason == "model_error" or reason == "no_stream" or reason == "shutdown"
     or type(reason) == "string" and reason:find("^interrupted by restart") ~= nil
 end
 -- lastError reaches API clients and webhooks, from vendors and the model:
@@ -1310,6 +1310,9 @@ end
 -- calls would outlast the shutdown grace (runtime.grace_ms) at any API
 -- round trip; all at once could trip the telephony API's concurrency limit.
 local SHUTDOWN_HANGUPS = 16
+-- How long, at most, the shutdown waits for the vendor's final status of the
+-- calls it hung up.
+local SHUTDOWN_FINAL_WAIT_MS = 2000
 
 function Engine:_cancel_timers()
   for key in pairs(self.timers) do
@@ -1329,6 +1332,7 @@ end
 -- left goes on in the background: the tunnel and the store must still close
 -- within the program's grace period).
 function Engine:shutdown(deadline_ms)
+  local started = timer.now()
   self.stopped = true -- background hang-up retries end
   -- No retries or other timers fire while the calls are being hung up.
   self:_cancel_timers()
@@ -1344,10 +1348,11 @@ function Engine:shutdown(deadline_ms)
   local function worker()
     while next_one < #todo do
       next_one = next_one + 1
-      local view, attempt = todo[next_one][1], todo[next_one][2]
-      local ok, err = self:_provider_end(view, attempt)
+      local entry = todo[next_one]
+      local ok, err = self:_provider_end(entry[1], entry[2])
+      entry.hung_up = ok
       if not ok then
-        log.warn("hang-up at shutdown failed", { call = view.callId, error = tostring(err) })
+        log.warn("hang-up at shutdown failed", { call = entry[1].callId, error = tostring(err) })
       end
     end
   end
@@ -1365,6 +1370,40 @@ function Engine:shutdown(deadline_ms)
     if err then
       log.warn("shutdown: hang-ups or dials still under way; going on without them", {
         hangups_left = #todo - next_one, in_flight = self.busy, waited_ms = deadline_ms })
+    end
+    self:_end_hung_up(todo, math.min(SHUTDOWN_FINAL_WAIT_MS, (deadline_ms or math.huge) - (timer.now() - started)))
+  end
+end
+
+-- The calls shutdown hung up end with the vendor's final status, which comes
+-- back through the server, still open: waited for, up to wait_ms. One whose
+-- status has not come by then ends here, as that status would have ended it
+-- (the vendor took the hang-up), so the next start does not take it for a
+-- call a restart interrupted. One whose hang-up failed is left to that start.
+function Engine:_end_hung_up(todo, wait_ms)
+  local function open(entry) -- the call, while its hung-up attempt has not ended
+    local call = self.live[entry[1].callId]
+    local a = entry[2]
+    if entry.hung_up and call and call.attempt == a.n and not FINAL[a.status] then
+      return call
+    end
+  end
+  local until_ms = timer.now() + math.max(0, wait_ms)
+  local left = true
+  while left and timer.now() < until_ms do
+    left = false
+    for _, entry in ipairs(todo) do
+      left = left or open(entry) ~= nil
+    end
+    if left then
+      timer.sleep(25)
+    end
+  end
+  for _, entry in ipairs(todo) do
+    local call = open(entry)
+    if call then
+      log.info("no final status from the provider for a call hung up at shutdown: ended here", { call = call.id })
+      self:provider_status(call.id, entry[2].n, { status = "completed", raw = "(hung up at shutdown)" })
     end
   end
 end
