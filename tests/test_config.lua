@@ -98,6 +98,35 @@ T.test("invalid values are errors naming the key and what is expected", function
   end
 end)
 
+T.test("a secret with a space or a control character is refused, saying where but not what", function()
+  local cases = {
+    -- An env file's or a Kubernetes secret's newline: every call would fail.
+    { "openai", "apiKey", "sk-test-key-123\n", "at either end" },
+    { "twilio", "authToken", "0123456789abcdef0123456789abcdef\n", "at either end" },
+    -- The server trims header values: every request would be 401.
+    { "server", "apiToken", "0123456789abcdef ", "at either end" },
+    { "server", "apiToken", "\t0123456789abcdef", "at either end" },
+    -- A header injected into every notification.
+    { "notify", "hooksToken", "hooks-token-x\r\nX-Evil: yes", "inside" },
+    { "openai", "apiKey", "Bearer sk-test-key-123", "inside" },
+    { "openai", "apiKey", "sk-test\0key-123", "inside" },
+    { "openai", "apiKey", "sk-test\127key-123", "inside" },
+  }
+  for _, c in ipairs(cases) do
+    local section, name, value, where = c[1], c[2], c[3], c[4]
+    local t = { openai = { apiKey = "sk-test-key" }, [section] = { [name] = value } }
+    local cfg, err = config.normalize(t, { quiet = true })
+    T.eq(cfg, nil, section .. "." .. name)
+    T.eq(err, string.format("%s.%s: expected a secret without spaces or control characters %s, got [redacted]", section, name, where))
+    T.no_match(err, "0123456789")
+    T.no_match(err, "sk%-test")
+    T.no_match(err, "hooks%-token")
+  end
+  -- Punctuation is no space: tokens of any alphabet stay accepted.
+  local cfg, err = config.normalize({ openai = { apiKey = "sk-proj_a+b/c=d~e.f" }, server = { apiToken = "abc!#$%&*+-./:;<=>?@^_`|~xyz" } }, { quiet = true })
+  T.ok(cfg, err)
+end)
+
 T.test("locales are language tags, as the API takes them", function()
   for _, tag in ipairs({ "en", "en-US", "en_US", "es-419", "zh-Hant-TW", "fil-PH" }) do
     local cfg, err = config.normalize({ openai = { apiKey = "sk-test-key" }, defaults = { locale = tag } }, { quiet = true })

@@ -346,6 +346,16 @@ local function check_value(f, v, key)
     -- An empty key would sign Twilio's webhooks for anyone (HMAC with "").
     return nil, key .. ": expected a non-empty secret, got an empty string"
   end
+  if f.secret then
+    -- A secret goes into a header as is (Bearer, Basic): a newline from an
+    -- env file or a Kubernetes secret would fail every call, a space every
+    -- comparison. Where it is wrong is said; what it is, never.
+    if v:find("^[%s%c]") or v:find("[%s%c]$") then
+      return nil, key .. ": expected a secret without spaces or control characters at either end, got [redacted]"
+    elseif v:find("[%s%c]") then
+      return nil, key .. ": expected a secret without spaces or control characters inside, got [redacted]"
+    end
+  end
   if f.secret and #v < 8 then
     -- Shorter ones are guessable, and redacting them would garble the log.
     return nil, key .. ": expected a secret of at least 8 characters, got [redacted]"
