@@ -127,6 +127,32 @@ T.test("a secret with a space or a control character is refused, saying where bu
   T.ok(cfg, err)
 end)
 
+T.test("a URL in an error shows no userinfo and no query: they may hold a password or a token", function()
+  local url = require "callagent.url"
+  T.eq(url.display("wss://u:pw@h.example/v1?key=x#f"), "wss://[redacted]@h.example/v1?[redacted]#[redacted]")
+  T.eq(url.display("https://h.example/hooks"), "https://h.example/hooks")
+  T.eq(url.display("https://h.example/?"), "https://h.example/?")
+  T.eq(url.display("https://user:pa/ss@h.example/x"), "https://[redacted]@h.example/x")
+  T.eq(url.display("user:pass@h.example"), "[redacted]@h.example")
+  local cases = {
+    { { notify = { hooksUrl = "ftp://user:secretpass@h/x?token=abc", hooksToken = "hooks-token" } },
+      'notify.hooksUrl: expected a https or http URL, got "ftp://[redacted]@h/x?[redacted]"' },
+    { { openai = { realtimeUrl = "wss://u:supersecret@api.openai.com/v1/realtime" } },
+      'openai.apiKey: required to use wss://[redacted]@api.openai.com/v1/realtime (for example "${OPENAI_API_KEY}")' },
+    { { openai = { realtimeUrl = "wss://api.openai.com/v1/realtime?api-key=supersecret" } },
+      'openai.apiKey: required to use wss://api.openai.com/v1/realtime?[redacted] (for example "${OPENAI_API_KEY}")' },
+    { { openai = { apiKey = "sk-test-key" }, server = { publicBaseUrl = "mailto:supersecret@h" } },
+      'server.publicBaseUrl: expected a URL like https://host, got "[redacted]@h"' },
+  }
+  for _, c in ipairs(cases) do
+    local cfg, err = config.normalize(c[1], { quiet = true })
+    T.eq(cfg, nil)
+    T.eq(err, c[2])
+    T.no_match(err, "secret")
+    T.no_match(err, "abc")
+  end
+end)
+
 T.test("locales are language tags, as the API takes them", function()
   for _, tag in ipairs({ "en", "en-US", "en_US", "es-419", "zh-Hant-TW", "fil-PH" }) do
     local cfg, err = config.normalize({ openai = { apiKey = "sk-test-key" }, defaults = { locale = tag } }, { quiet = true })

@@ -47,6 +47,7 @@
 local json = require "callagent.json"
 local log = require "callagent.log"
 local core = require "callagent.core"
+local url = require "callagent.url"
 
 local M = {}
 
@@ -85,7 +86,7 @@ M.is_loopback = is_loopback
 -- check(v) -> nil or "what is expected", secret.
 local function field(t, default, check, opts)
   opts = opts or {}
-  return { type = t, default = default, check = check, secret = opts.secret, optional = opts.optional }
+  return { type = t, default = default, check = check, secret = opts.secret, optional = opts.optional, url = opts.url }
 end
 
 local function one_of(list)
@@ -140,7 +141,7 @@ local SCHEMA = {
   server = {
     port = field("integer", 4545, range(0, 65535)),
     host = field("string", "127.0.0.1"),
-    publicBaseUrl = field("string", nil, url_check({ "https", "http" }), { optional = true }),
+    publicBaseUrl = field("string", nil, url_check({ "https", "http" }), { optional = true, url = true }),
     apiToken = field("string", nil, function(v)
       return #v < 16 and "a token of at least 16 characters" or nil
     end, { secret = true, optional = true }),
@@ -156,7 +157,7 @@ local SCHEMA = {
       return not is_e164(v) and "an E.164 number like +15551234567" or nil
     end, { optional = true }),
     validateSignature = field("boolean", true),
-    apiBaseUrl = field("string", "https://api.twilio.com", url_check({ "https", "http" })),
+    apiBaseUrl = field("string", "https://api.twilio.com", url_check({ "https", "http" }), { url = true }),
     requestTimeoutSec = field("integer", 15, range(1, 120)),
   },
   openai = {
@@ -166,14 +167,14 @@ local SCHEMA = {
     inputFormat = field("string", "audio/pcmu", one_of({ "audio/pcmu", "audio/pcma" })),
     outputFormat = field("string", "audio/pcm", one_of({ "audio/pcm", "audio/pcmu", "audio/pcma" })),
     outputSampleRate = field("integer", 24000, one_of({ 24000 })),
-    realtimeUrl = field("string", "wss://api.openai.com/v1/realtime", url_check({ "wss", "ws" })),
+    realtimeUrl = field("string", "wss://api.openai.com/v1/realtime", url_check({ "wss", "ws" }), { url = true }),
     caFile = field("string", nil, function(v)
       return core.stat(v) ~= "file" and "an existing PEM file of CA certificates" or nil
     end, { optional = true }),
     transcriptionModel = field("string", "gpt-4o-mini-transcribe"),
   },
   notify = {
-    hooksUrl = field("string", nil, url_check({ "https", "http" }), { optional = true }),
+    hooksUrl = field("string", nil, url_check({ "https", "http" }), { optional = true, url = true }),
     hooksToken = field("string", nil, nil, { secret = true, optional = true }),
     sessionKey = field("string", nil, nil, { optional = true }),
   },
@@ -200,7 +201,7 @@ local SCHEMA = {
   tunnel = {
     provider = field("string", "auto", one_of({ "auto", "ngrok", "tailscale", "none" })),
     timeoutSec = field("integer", 20, range(1, 600)),
-    ngrokApiUrl = field("string", "http://127.0.0.1:4040", url_check({ "http", "https" })),
+    ngrokApiUrl = field("string", "http://127.0.0.1:4040", url_check({ "http", "https" }), { url = true }),
   },
   call = {
     maxDurationSec = field("integer", 600, range(1, 4 * 3600)),
@@ -307,9 +308,12 @@ end
 
 local function check_value(f, v, key)
   local t, given = f.type, v
-  -- A secret's value is never shown, whatever is wrong with it.
+  -- A secret's value is never shown, whatever is wrong with it; a URL's
+  -- userinfo and query are not either (they may hold a password or a token).
   local describe = f.secret and function()
     return "[redacted]"
+  end or f.url and function(x)
+    return describe(type(x) == "string" and url.display(x) or x)
   end or describe
   if t == "integer" then
     -- 4545.0 is 4545; 1e300 and inf are no integer (tointeger gives nil).
@@ -450,9 +454,9 @@ function M.normalize(input, opts)
   end
   -- OpenAI itself needs the key; a proxy, a local stand-in or a test fake may not.
   -- The host as the connection will see it: any case, a final dot, userinfo.
-  local rt = require("callagent.url").parse(cfg.openai.realtimeUrl)
+  local rt = url.parse(cfg.openai.realtimeUrl)
   if not cfg.openai.apiKey and rt and rt.host:gsub("%.$", "") == "api.openai.com" then
-    return nil, "openai.apiKey: required to use " .. cfg.openai.realtimeUrl .. ' (for example "${OPENAI_API_KEY}")'
+    return nil, "openai.apiKey: required to use " .. url.display(cfg.openai.realtimeUrl) .. ' (for example "${OPENAI_API_KEY}")'
   end
   if cfg.server.publicBaseUrl then
     cfg.server.publicBaseUrl = cfg.server.publicBaseUrl:gsub("/+$", "")

@@ -14,6 +14,10 @@
 --   url.query_decode(q)  the same as form_decode
 --   url.parse(u)         { scheme, host, port, path, query, userinfo, fragment } or
 --                        nil, "EINVAL: ..."
+--   url.display(u)       u as a log line or an error message may show it: the userinfo
+--                        becomes "[redacted]@", a query "?[redacted]", a fragment
+--                        "#[redacted]" ("wss://u:pw@h/v1?key=x" -> "wss://[redacted]@h/v1?[redacted]");
+--                        any string, a valid URL or not
 --
 -- parse: scheme is lowercased and must be followed by "//"; host is lowercased,
 -- an IPv6 literal comes without its brackets ("http://[::1]:8080/" -> host "::1");
@@ -219,6 +223,29 @@ function M.parse(u)
     userinfo = userinfo,
     fragment = fragment,
   }
+end
+
+function M.display(u)
+  u = str(u, "url.display")
+  local scheme, rest = u:match("^(%a[%w+.-]*://)(.*)$")
+  if not scheme then
+    scheme, rest = "", u
+  end
+  -- The userinfo ends at the last "@" before the query: a password with a
+  -- raw "/" in it is hidden too (a path with an "@" loses its start).
+  local head, tail = rest:match("^([^?#]*)(.*)$")
+  local at = head:match(".*()@")
+  if at then
+    head = "[redacted]" .. head:sub(at)
+  end
+  local query, fragment = tail:match("^(%??[^#]*)(.*)$")
+  if #query > 1 then
+    query = "?[redacted]"
+  end
+  if #fragment > 1 then
+    fragment = "#[redacted]"
+  end
+  return scheme .. head .. query .. fragment
 end
 
 return M
