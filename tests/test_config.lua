@@ -153,6 +153,72 @@ T.test("a URL in an error shows no userinfo and no query: they may hold a passwo
   end
 end)
 
+T.test("a URL key needs a valid host and port, and a base URL no query or fragment: what is appended would land in them", function()
+  local host = "expected a URL with a valid host %(a DNS name, an IPv4 address or an %[IPv6%] one%)"
+  local port = "expected a URL with a port from 1 to 65535"
+  local base = "expected a base URL, without a query %(%?%.%.%.%) or a fragment %(#%.%.%.%)"
+  local frag = "expected a URL without a fragment %(#%.%.%.%)"
+  local chars = "expected a URL of letters, digits and URL punctuation %(percent%-encode the rest%)"
+  local cases = {
+    -- Twilio would be sent ".../?x=1/voice?callId=...": no call would stream.
+    { "server", "publicBaseUrl", "http://127.0.0.1:4545/?x=1", base },
+    { "server", "publicBaseUrl", "http://127.0.0.1:4545#frag", base },
+    { "server", "publicBaseUrl", "https://h.example/?", base },
+    { "server", "publicBaseUrl", "https://<public-host>", host },
+    { "server", "publicBaseUrl", "https://exa mple.com", "expected a URL without spaces or control characters" },
+    { "server", "publicBaseUrl", "https://example.com\n", "expected a URL without spaces or control characters" },
+    { "server", "publicBaseUrl", "https://host:99999", port },
+    { "server", "publicBaseUrl", "https://host:0", port },
+    { "server", "publicBaseUrl", "https://999.1.1.1", host },
+    { "server", "publicBaseUrl", "https://10.0.0.256", host },
+    { "server", "publicBaseUrl", "https://host.123", host },
+    { "server", "publicBaseUrl", "https://a..b", host },
+    { "server", "publicBaseUrl", "https://-a.example", host },
+    { "server", "publicBaseUrl", "https://%61.example", host },
+    { "server", "publicBaseUrl", "https://[:::1]", host },
+    { "server", "publicBaseUrl", "https://[1:2:3:4:5:6:7:8:9]", host },
+    { "server", "publicBaseUrl", "https://h.example/a{b}", chars },
+    { "server", "publicBaseUrl", "https://b\xc3\xbccher.example", host },
+    { "server", "publicBaseUrl", "https://h.example/b\xc3\xbccher", chars },
+    { "twilio", "apiBaseUrl", "https://api.twilio.com?x=1", base },
+    { "tunnel", "ngrokApiUrl", "http://127.0.0.1:4040/#x", base },
+    -- "?model=" would land in the fragment.
+    { "openai", "realtimeUrl", "wss://x.example/v1#frag", frag },
+    { "openai", "realtimeUrl", "wss://api.openai.com\\@x.example/", chars },
+    { "notify", "hooksUrl", "https://h.example/hooks#x", frag },
+    { "notify", "hooksUrl", "https://h.example:65536/hooks", port },
+  }
+  for _, c in ipairs(cases) do
+    local section, name, value, want = c[1], c[2], c[3], c[4]
+    local t = { openai = { apiKey = "sk-test-key" }, notify = { hooksToken = "hooks-token" } }
+    t[section] = t[section] or {}
+    t[section][name] = value
+    local cfg, err = config.normalize(t, { quiet = true })
+    T.eq(cfg, nil, value)
+    T.match(err, "^" .. section .. "%." .. name .. ": " .. want .. ", got ", value)
+  end
+  local fine = {
+    { "server", "publicBaseUrl", "https://example.ngrok.app/base/" },
+    { "server", "publicBaseUrl", "http://[::1]:8080" },
+    { "server", "publicBaseUrl", "http://[fe80::1%25eth0]:8080" },
+    { "server", "publicBaseUrl", "http://[::ffff:127.0.0.1]" },
+    { "server", "publicBaseUrl", "http://my_app.internal:65535" },
+    { "server", "publicBaseUrl", "https://CALLS.Example.ORG./" },
+    { "twilio", "apiBaseUrl", "http://127.0.0.1:19001" },
+    -- realtime.lua appends "&model=" after a query (Azure's api-version).
+    { "openai", "realtimeUrl", "wss://x.example/openai/realtime?api-version=2025-04-01" },
+    -- The receiver's token may be in the query; "/agent" goes before it.
+    { "notify", "hooksUrl", "https://h.example/hooks?token=abc" },
+  }
+  for _, c in ipairs(fine) do
+    local t = { openai = { apiKey = "sk-test-key" }, notify = { hooksToken = "hooks-token" } }
+    t[c[1]] = t[c[1]] or {}
+    t[c[1]][c[2]] = c[3]
+    local cfg, err = config.normalize(t, { quiet = true })
+    T.ok(cfg, err)
+  end
+end)
+
 T.test("locales are language tags, as the API takes them", function()
   for _, tag in ipairs({ "en", "en-US", "en_US", "es-419", "zh-Hant-TW", "fil-PH" }) do
     local cfg, err = config.normalize({ openai = { apiKey = "sk-test-key" }, defaults = { locale = tag } }, { quiet = true })

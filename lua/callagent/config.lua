@@ -109,18 +109,115 @@ local function store_backend(v)
   end
 end
 
-local function url_check(schemes)
+-- An IPv4 address as a dotted quad, each part 0-255.
+local function is_ipv4(h)
+  local parts = { h:match("^(%d+)%.(%d+)%.(%d+)%.(%d+)$") }
+  if #parts ~= 4 then
+    return false
+  end
+  for _, x in ipairs(parts) do
+    if #x > 3 or tonumber(x) > 255 then
+      return false
+    end
+  end
+  return true
+end
+
+-- An IPv6 address (without its brackets, maybe with a zone "%25eth0"):
+-- eight groups of 1-4 hex digits, fewer with one "::", the last two maybe
+-- a dotted quad.
+local function is_ipv6(h)
+  h = h:gsub("%%25.*$", "")
+  local v4 = h:match(":(%d+%.%d+%.%d+%.%d+)$")
+  if v4 then
+    if not is_ipv4(v4) then
+      return false
+    end
+    h = h:sub(1, #h - #v4) .. "0:0"
+  end
+  local function groups(part)
+    if part == "" then
+      return 0
+    end
+    local n = 0
+    for g in (part .. ":"):gmatch("([^:]*):") do
+      if not g:find("^%x%x?%x?%x?$") then
+        return nil
+      end
+      n = n + 1
+    end
+    return n
+  end
+  local head, tail = h:match("^(.-)::(.*)$")
+  if head then
+    local a, b = groups(head), groups(tail)
+    return a ~= nil and b ~= nil and a + b <= 7
+  end
+  return groups(h) == 8
+end
+
+-- A host a connection can be made to: an IPv4 address, an IPv6 one (from
+-- brackets: url.parse keeps no ":" in a name), or a DNS name of labels of
+-- letters, digits, "-" and "_" (a container's name), each 1-63 long and not
+-- starting or ending with "-", maybe with a final dot. A name that ends in
+-- digits is no name: "999.1.1.1" is a wrong address.
+local function is_host(h)
+  if h:find(":", 1, true) then
+    return is_ipv6(h)
+  end
+  local name = h:gsub("%.$", "")
+  if name == "" or #name > 253 then
+    return false
+  elseif name:find("^[%d.]+$") then
+    return is_ipv4(name)
+  elseif name:match("[^.]*$"):find("^%d+$") then
+    return false
+  end
+  for label in (name .. "."):gmatch("([^.]*)%.") do
+    if #label > 63 or not label:find("^[%w_][%w_-]*$") or label:find("-$") then
+      return false
+    end
+  end
+  return true
+end
+
+-- A URL key: one of schemes, a valid host, a port 1-65535 if given, only
+-- characters a URL may hold. opts.base: a base that paths are appended to,
+-- so no query and no fragment; opts.no_fragment: a query is fine (kept
+-- after what is appended), a fragment would swallow it.
+local function url_check(schemes, opts)
+  opts = opts or {}
   return function(v)
-    local scheme = v:match("^(%a[%w+.-]*)://[^/]")
+    local scheme = v:match("^(%a[%w+.-]*)://")
     if not scheme then
       return "a URL like " .. schemes[1] .. "://host"
     end
+    local known = false
     for _, s in ipairs(schemes) do
-      if scheme:lower() == s then
-        return nil
-      end
+      known = known or scheme:lower() == s
     end
-    return "a " .. table.concat(schemes, " or ") .. " URL"
+    if not known then
+      return "a " .. table.concat(schemes, " or ") .. " URL"
+    end
+    if v:find("[%s%c]") then
+      return "a URL without spaces or control characters"
+    end
+    local u, perr = url.parse(v)
+    if not u and perr:find("port", 1, true) or u and u.port == 0 then
+      return "a URL with a port from 1 to 65535"
+    elseif not u or not is_host(u.host) then
+      return "a URL with a valid host (a DNS name, an IPv4 address or an [IPv6] one)"
+    end
+    -- RFC 3986's characters: unreserved, reserved and "%" (a "\" is a path
+    -- separator to some parsers and part of the userinfo to others).
+    if v:find("[^%w%-._~:/?#%[%]@!$&'()*+,;=%%]") then
+      return "a URL of letters, digits and URL punctuation (percent-encode the rest)"
+    end
+    if opts.base and (u.query or u.fragment) then
+      return "a base URL, without a query (?...) or a fragment (#...)"
+    elseif opts.no_fragment and u.fragment then
+      return "a URL without a fragment (#...)"
+    end
   end
 end
 
@@ -141,7 +238,7 @@ local SCHEMA = {
   server = {
     port = field("integer", 4545, range(0, 65535)),
     host = field("string", "127.0.0.1"),
-    publicBaseUrl = field("string", nil, url_check({ "https", "http" }), { optional = true, url = true }),
+    publicBaseUrl = field("string", nil, url_check({ "https", "http" }, { base = true }), { optional = true, url = true }),
     apiToken = field("string", nil, function(v)
       return #v < 16 and "a token of at least 16 characters" or nil
     end, { secret = true, optional = true }),
@@ -157,7 +254,7 @@ local SCHEMA = {
       return not is_e164(v) and "an E.164 number like +15551234567" or nil
     end, { optional = true }),
     validateSignature = field("boolean", true),
-    apiBaseUrl = field("string", "https://api.twilio.com", url_check({ "https", "http" }), { url = true }),
+    apiBaseUrl = field("string", "https://api.twilio.com", url_check({ "https", "http" }, { base = true }), { url = true }),
     requestTimeoutSec = field("integer", 15, range(1, 120)),
   },
   openai = {
@@ -167,14 +264,14 @@ local SCHEMA = {
     inputFormat = field("string", "audio/pcmu", one_of({ "audio/pcmu", "audio/pcma" })),
     outputFormat = field("string", "audio/pcm", one_of({ "audio/pcm", "audio/pcmu", "audio/pcma" })),
     outputSampleRate = field("integer", 24000, one_of({ 24000 })),
-    realtimeUrl = field("string", "wss://api.openai.com/v1/realtime", url_check({ "wss", "ws" }), { url = true }),
+    realtimeUrl = field("string", "wss://api.openai.com/v1/realtime", url_check({ "wss", "ws" }, { no_fragment = true }), { url = true }),
     caFile = field("string", nil, function(v)
       return core.stat(v) ~= "file" and "an existing PEM file of CA certificates" or nil
     end, { optional = true }),
     transcriptionModel = field("string", "gpt-4o-mini-transcribe"),
   },
   notify = {
-    hooksUrl = field("string", nil, url_check({ "https", "http" }), { optional = true, url = true }),
+    hooksUrl = field("string", nil, url_check({ "https", "http" }, { no_fragment = true }), { optional = true, url = true }),
     hooksToken = field("string", nil, nil, { secret = true, optional = true }),
     sessionKey = field("string", nil, nil, { optional = true }),
   },
@@ -201,7 +298,7 @@ local SCHEMA = {
   tunnel = {
     provider = field("string", "auto", one_of({ "auto", "ngrok", "tailscale", "none" })),
     timeoutSec = field("integer", 20, range(1, 600)),
-    ngrokApiUrl = field("string", "http://127.0.0.1:4040", url_check({ "http", "https" }), { url = true }),
+    ngrokApiUrl = field("string", "http://127.0.0.1:4040", url_check({ "http", "https" }, { base = true }), { url = true }),
   },
   call = {
     maxDurationSec = field("integer", 600, range(1, 4 * 3600)),
