@@ -219,6 +219,26 @@ T.test("a URL key needs a valid host and port, and a base URL no query or fragme
   end
 end)
 
+T.test("a string that is not UTF-8 is refused: it would go out in invalid JSON", function()
+  local cases = {
+    { "notify", "sessionKey", "sess-\xff\xfe", 6 },
+    { "openai", "model", "gpt-\xc3", 5 },
+    { "openai", "transcriptionModel", "whisper-\xc0\xaf", 9 }, -- over-long "/"
+    { "openai", "apiKey", "sk-\xed\xa0\x80-key-1234", 4 }, -- a surrogate
+    { "twilio", "authToken", "\xff\xfe\xfd\xfc\xfb\xfa\xf9\xf8", 1 },
+  }
+  for _, c in ipairs(cases) do
+    local t = { openai = { apiKey = "sk-test-key" } }
+    t[c[1]] = t[c[1]] or {}
+    t[c[1]][c[2]] = c[3]
+    local cfg, err = config.normalize(t, { quiet = true })
+    T.eq(cfg, nil, c[2])
+    T.eq(err, string.format("%s.%s: expected UTF-8 text, got a string that is not at byte %d", c[1], c[2], c[4]))
+  end
+  local cfg, err = config.normalize({ openai = { apiKey = "sk-test-key" }, notify = { sessionKey = "agent:main:café-☎" } }, { quiet = true })
+  T.ok(cfg, err)
+end)
+
 T.test("locales are language tags, as the API takes them", function()
   for _, tag in ipairs({ "en", "en-US", "en_US", "es-419", "zh-Hant-TW", "fil-PH" }) do
     local cfg, err = config.normalize({ openai = { apiKey = "sk-test-key" }, defaults = { locale = tag } }, { quiet = true })

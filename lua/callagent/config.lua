@@ -443,6 +443,15 @@ local function check_value(f, v, key)
   elseif type(v) ~= "string" then
     return nil, string.format("%s: expected a string, got %s", key, describe(v))
   end
+  if type(v) == "string" then
+    -- A value goes out in JSON (a notification, session.update): bytes
+    -- that are no UTF-8 would make it invalid. Only where is said: the
+    -- bytes may be a secret's.
+    local ok, at = utf8.len(v)
+    if not ok then
+      return nil, string.format("%s: expected UTF-8 text, got a string that is not at byte %d", key, at)
+    end
+  end
   if f.secret and v == "" then
     -- An empty key would sign Twilio's webhooks for anyone (HMAC with "").
     return nil, key .. ": expected a non-empty secret, got an empty string"
