@@ -317,6 +317,28 @@ T.test("unknown keys and sections are warned about, not fatal", function()
   T.eq(warnings, { "server.prot: unknown key, ignored", "telefony: unknown section, ignored" })
 end)
 
+T.test("an unset variable in an unknown key or section is no error: they are only warned about", function()
+  local cfg, err, warnings = config.normalize({
+    ["$schema"] = "${CALLAGENT_UNSET_A}",
+    extras = { x = "${CALLAGENT_UNSET_B}" },
+    server = { bogus = "${CALLAGENT_UNSET_C}" },
+    store = { path = "${HOME}/x.db" },
+    openai = { apiKey = "sk-test-key" },
+  }, { quiet = true })
+  T.ok(cfg, err)
+  T.eq(cfg.store.path, os.getenv("HOME") .. "/x.db", "a known key is still substituted")
+  table.sort(warnings)
+  T.eq(warnings, { "extras: unknown section, ignored", "server.bogus: unknown key, ignored" })
+  -- An app's own provider's section is read, so substituted.
+  local c2, err2 = config.normalize({ telephony = { provider = "acme" }, acme = { key = "${CALLAGENT_UNSET_D}" },
+    openai = { apiKey = "sk-test-key" } }, { quiet = true })
+  T.eq(c2, nil)
+  T.eq(err2, "acme.key: environment variable CALLAGENT_UNSET_D is not set")
+  local c3 = assert(config.normalize({ telephony = { provider = "acme" }, acme = { home = "${HOME}", list = { "${HOME}" } },
+    openai = { apiKey = "sk-test-key" } }, { quiet = true }))
+  T.eq(c3.acme, { home = os.getenv("HOME"), list = { os.getenv("HOME") } })
+end)
+
 T.test("load_file reports a missing file and invalid JSON by path", function()
   local dir = T.tmpdir()
   local cfg, err = config.load_file(dir .. "/none.json")

@@ -43,7 +43,8 @@
 --   store.retentionDays [30]: finished calls older than this are pruned
 --
 -- "${NAME}" anywhere in a string value is replaced by the environment
--- variable NAME (a missing variable is an error naming the key).
+-- variable NAME (a missing variable is an error naming the key), in the keys
+-- above and in an app's own provider's section: unknown keys are not read.
 local json = require "callagent.json"
 local log = require "callagent.log"
 local core = require "callagent.core"
@@ -359,7 +360,7 @@ local function is_object(t)
   return true
 end
 
--- Replaces "${NAME}" in every string value; error names the key.
+-- Replaces "${NAME}" in every string in v, at any depth; error names the key.
 local function substitute(v, path)
   if type(v) == "string" then
     local missing
@@ -377,9 +378,8 @@ local function substitute(v, path)
     return out
   elseif type(v) == "table" then
     local out = {}
-    for _, k in ipairs(ordered_keys(v, path == "" and SECTIONS or nil)) do
-      local x = v[k]
-      local y, err = substitute(x, path == "" and tostring(k) or (path .. "." .. tostring(k)))
+    for _, k in ipairs(ordered_keys(v)) do
+      local y, err = substitute(v[k], path .. "." .. tostring(k))
       if err then
         return nil, err
       end
@@ -388,6 +388,44 @@ local function substitute(v, path)
     return out
   end
   return v
+end
+
+-- Substitutes what the config reads: the keys of the schema, and the whole
+-- section of an app's own provider (its to check). An unknown key or
+-- section is only warned about, "$schema" ignored: a variable unset in
+-- them is no error. Of several unset, the first in the order keys are
+-- checked in.
+local function substitute_known(input)
+  local raw = {}
+  for k, v in pairs(input) do
+    raw[k] = v
+  end
+  for _, section in ipairs(SECTIONS) do
+    local fields, given = SCHEMA[section], input[section]
+    if is_object(given) then
+      local out = {}
+      for _, name in ipairs(ordered_keys(given)) do
+        local v, err = given[name], nil
+        if fields[name] ~= nil then
+          v, err = substitute(v, section .. "." .. name)
+          if err then
+            return nil, err
+          end
+        end
+        out[name] = v
+      end
+      raw[section] = out
+    end
+  end
+  local provider = is_object(raw.telephony) and raw.telephony.provider
+  if type(provider) == "string" and SCHEMA[provider] == nil and is_object(input[provider]) then
+    local out, err = substitute(input[provider], provider)
+    if err then
+      return nil, err
+    end
+    raw[provider] = out
+  end
+  return raw
 end
 
 local function describe(v)
@@ -488,7 +526,7 @@ function M.normalize(input, opts)
   if not is_object(input) then
     return nil, "config: expected a JSON object (an object of sections such as server, twilio, openai)"
   end
-  local raw, serr = substitute(input, "")
+  local raw, serr = substitute_known(input)
   if not raw then
     return nil, serr
   end
