@@ -339,6 +339,40 @@ T.test("an unset variable in an unknown key or section is no error: they are onl
   T.eq(c3.acme, { home = os.getenv("HOME"), list = { os.getenv("HOME") } })
 end)
 
+T.test("openai.caFile must hold PEM certificates OpenSSL can load, not only exist", function()
+  local dir = T.tmpdir()
+  local ca = require("certs").make(dir).ca
+  local function try(path)
+    return config.normalize({ openai = { apiKey = "sk-test-key", caFile = path } }, { quiet = true })
+  end
+  local cfg, err = try(ca)
+  T.ok(cfg, err)
+  -- A bundle with several, as /etc/ssl/certs/ca-certificates.crt.
+  local pem = assert(io.open(ca)):read("a")
+  local f = assert(io.open(dir .. "/two.pem", "w"))
+  f:write("# a comment\n", pem, "\n", pem)
+  f:close()
+  cfg, err = try(dir .. "/two.pem")
+  T.ok(cfg, err)
+  -- Any file passed before; every call then failed "ETLS: cannot load ca_file".
+  cfg, err = try("/etc/passwd")
+  T.eq(cfg, nil)
+  T.eq(err, "openai.caFile: /etc/passwd holds no PEM certificate")
+  f = assert(io.open(dir .. "/key.pem", "w"))
+  f:write(assert(io.open(dir .. "/ca.key")):read("a"))
+  f:close()
+  _, err = try(dir .. "/key.pem")
+  T.eq(err, "openai.caFile: " .. dir .. "/key.pem holds no PEM certificate")
+  -- One broken block and OpenSSL refuses the whole file.
+  f = assert(io.open(dir .. "/bad.pem", "w"))
+  f:write(pem, "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n")
+  f:close()
+  _, err = try(dir .. "/bad.pem")
+  T.eq(err, "openai.caFile: " .. dir .. "/bad.pem holds a PEM certificate that is not valid (certificate 2 in the file)")
+  _, err = try(dir)
+  T.match(err, "^openai%.caFile: expected an existing PEM file of CA certificates")
+end)
+
 T.test("load_file reports a missing file and invalid JSON by path", function()
   local dir = T.tmpdir()
   local cfg, err = config.load_file(dir .. "/none.json")

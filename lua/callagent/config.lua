@@ -84,7 +84,7 @@ end
 M.is_loopback = is_loopback
 
 -- A field: type ("string", "integer", "number", "boolean", "list"), default,
--- check(v) -> nil or "what is expected", secret.
+-- check(v) -> nil or "what is expected" (or nil, a whole complaint), secret.
 local function field(t, default, check, opts)
   opts = opts or {}
   return { type = t, default = default, check = check, secret = opts.secret, optional = opts.optional, url = opts.url }
@@ -222,6 +222,38 @@ local function url_check(schemes, opts)
   end
 end
 
+-- A PEM file of CA certificates as OpenSSL loads it: readable, at least
+-- one certificate, and each one's base64 a DER sequence (one bad block and
+-- OpenSSL refuses the whole file: every wss connect would fail "ETLS").
+-- Returns nil, or what is expected, or nil and the whole complaint.
+local function ca_file(v)
+  if core.stat(v) ~= "file" then
+    return "an existing PEM file of CA certificates"
+  end
+  local f, err = io.open(v, "rb")
+  local text = f and f:read("a")
+  if f then
+    f:close()
+  end
+  if not text then
+    return nil, "cannot read " .. tostring(err or v)
+  end
+  local crypto = require "callagent.crypto"
+  local n = 0
+  for label, body in text:gmatch("%-%-%-%-%-BEGIN ([%u%d ]+)%-%-%-%-%-(.-)%-%-%-%-%-END %1%-%-%-%-%-") do
+    if label:find("CERTIFICATE$") then
+      n = n + 1
+      local der = crypto.base64_decode((body:gsub("%s", "")))
+      if not der or der:byte(1) ~= 0x30 then
+        return nil, string.format("%s holds a PEM certificate that is not valid (certificate %d in the file)", v, n)
+      end
+    end
+  end
+  if n == 0 then
+    return nil, v .. " holds no PEM certificate"
+  end
+end
+
 local function range(lo, hi)
   return function(v)
     if v < lo or (hi and v > hi) then
@@ -266,9 +298,7 @@ local SCHEMA = {
     outputFormat = field("string", "audio/pcm", one_of({ "audio/pcm", "audio/pcmu", "audio/pcma" })),
     outputSampleRate = field("integer", 24000, one_of({ 24000 })),
     realtimeUrl = field("string", "wss://api.openai.com/v1/realtime", url_check({ "wss", "ws" }, { no_fragment = true }), { url = true }),
-    caFile = field("string", nil, function(v)
-      return core.stat(v) ~= "file" and "an existing PEM file of CA certificates" or nil
-    end, { optional = true }),
+    caFile = field("string", nil, ca_file, { optional = true }),
     transcriptionModel = field("string", "gpt-4o-mini-transcribe"),
   },
   notify = {
@@ -509,9 +539,11 @@ local function check_value(f, v, key)
     return nil, key .. ": expected a secret of at least 8 characters, got [redacted]"
   end
   if f.check then
-    local want = f.check(v)
+    local want, complaint = f.check(v)
     if want then
       return nil, string.format("%s: expected %s, got %s", key, want, describe(v))
+    elseif complaint then
+      return nil, key .. ": " .. complaint
     end
   end
   return v
