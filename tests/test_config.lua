@@ -239,6 +239,22 @@ T.test("a string that is not UTF-8 is refused: it would go out in invalid JSON",
   T.ok(cfg, err)
 end)
 
+T.test("an empty store path or model name is refused at start, not failed on later", function()
+  local cases = {
+    { "store", "path", "", 'store.path: expected a file path, got ""' },
+    { "openai", "model", "", 'openai.model: expected a model name, got ""' },
+    { "openai", "transcriptionModel", " ", 'openai.transcriptionModel: expected a model name, got " "' },
+  }
+  for _, c in ipairs(cases) do
+    local t = { openai = { apiKey = "sk-test-key" } }
+    t[c[1]] = t[c[1]] or {}
+    t[c[1]][c[2]] = c[3]
+    local cfg, err = config.normalize(t, { quiet = true })
+    T.eq(cfg, nil, c[4])
+    T.eq(err, c[4])
+  end
+end)
+
 T.test("locales are language tags, as the API takes them", function()
   for _, tag in ipairs({ "en", "en-US", "en_US", "es-419", "zh-Hant-TW", "fil-PH" }) do
     local cfg, err = config.normalize({ openai = { apiKey = "sk-test-key" }, defaults = { locale = tag } }, { quiet = true })

@@ -254,6 +254,13 @@ local function ca_file(v)
   end
 end
 
+-- A name or a path: an empty or blank one would only fail later, less clearly.
+local function not_blank(what)
+  return function(v)
+    return v:find("^%s*$") and what or nil
+  end
+end
+
 local function range(lo, hi)
   return function(v)
     if v < lo or (hi and v > hi) then
@@ -292,14 +299,14 @@ local SCHEMA = {
   },
   openai = {
     apiKey = field("string", nil, nil, { secret = true, optional = true }),
-    model = field("string", "gpt-realtime"),
+    model = field("string", "gpt-realtime", not_blank("a model name")),
     voice = field("string", "alloy", one_of(VOICES)),
     inputFormat = field("string", "audio/pcmu", one_of({ "audio/pcmu", "audio/pcma" })),
     outputFormat = field("string", "audio/pcm", one_of({ "audio/pcm", "audio/pcmu", "audio/pcma" })),
     outputSampleRate = field("integer", 24000, one_of({ 24000 })),
     realtimeUrl = field("string", "wss://api.openai.com/v1/realtime", url_check({ "wss", "ws" }, { no_fragment = true }), { url = true }),
     caFile = field("string", nil, ca_file, { optional = true }),
-    transcriptionModel = field("string", "gpt-4o-mini-transcribe"),
+    transcriptionModel = field("string", "gpt-4o-mini-transcribe", not_blank("a model name")),
   },
   notify = {
     hooksUrl = field("string", nil, url_check({ "https", "http" }, { no_fragment = true }), { optional = true, url = true }),
@@ -341,7 +348,7 @@ local SCHEMA = {
   },
   store = {
     backend = field("string", "sqlite", store_backend),
-    path = field("string", "./callagent.db"),
+    path = field("string", "./callagent.db", not_blank("a file path")),
     retentionDays = field("integer", 30, range(1, 36500)),
   },
 }
