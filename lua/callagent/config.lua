@@ -42,6 +42,11 @@
 --   store.backend ["sqlite"] (or "memory": nothing kept)   store.path ["./callagent.db"]
 --   store.retentionDays [30]: finished calls older than this are pruned
 --
+-- A secret holds no space and no control character. A URL key needs a valid
+-- host (IPv4, [IPv6] or a DNS name) and a port 1-65535 if it has one; a base
+-- URL (publicBaseUrl, apiBaseUrl, ngrokApiUrl) no query and no fragment,
+-- realtimeUrl and hooksUrl no fragment. Every string must be UTF-8.
+--
 -- "${NAME}" anywhere in a string value is replaced by the environment
 -- variable NAME (a missing variable is an error naming the key), in the keys
 -- above and in an app's own provider's section: unknown keys are not read.
@@ -87,7 +92,14 @@ M.is_loopback = is_loopback
 -- check(v) -> nil or "what is expected" (or nil, a whole complaint), secret.
 local function field(t, default, check, opts)
   opts = opts or {}
-  return { type = t, default = default, check = check, secret = opts.secret, optional = opts.optional, url = opts.url }
+  return {
+    type = t,
+    default = default,
+    check = check,
+    secret = opts.secret,
+    optional = opts.optional,
+    url = opts.url,
+  }
 end
 
 local function one_of(list)
@@ -245,7 +257,8 @@ local function ca_file(v)
       n = n + 1
       local der = crypto.base64_decode((body:gsub("%s", "")))
       if not der or der:byte(1) ~= 0x30 then
-        return nil, string.format("%s holds a PEM certificate that is not valid (certificate %d in the file)", v, n)
+        return nil, string.format("%s holds a PEM certificate that is not valid (certificate %d in the file)",
+          v, n)
       end
     end
   end
@@ -278,7 +291,8 @@ local SCHEMA = {
   server = {
     port = field("integer", 4545, range(0, 65535)),
     host = field("string", "127.0.0.1"),
-    publicBaseUrl = field("string", nil, url_check({ "https", "http" }, { base = true }), { optional = true, url = true }),
+    publicBaseUrl = field("string", nil, url_check({ "https", "http" }, { base = true }),
+      { optional = true, url = true }),
     apiToken = field("string", nil, function(v)
       return #v < 16 and "a token of at least 16 characters" or nil
     end, { secret = true, optional = true }),
@@ -294,7 +308,8 @@ local SCHEMA = {
       return not is_e164(v) and "an E.164 number like +15551234567" or nil
     end, { optional = true }),
     validateSignature = field("boolean", true),
-    apiBaseUrl = field("string", "https://api.twilio.com", url_check({ "https", "http" }, { base = true }), { url = true }),
+    apiBaseUrl = field("string", "https://api.twilio.com", url_check({ "https", "http" }, { base = true }),
+      { url = true }),
     requestTimeoutSec = field("integer", 15, range(1, 120)),
   },
   openai = {
@@ -304,12 +319,14 @@ local SCHEMA = {
     inputFormat = field("string", "audio/pcmu", one_of({ "audio/pcmu", "audio/pcma" })),
     outputFormat = field("string", "audio/pcm", one_of({ "audio/pcm", "audio/pcmu", "audio/pcma" })),
     outputSampleRate = field("integer", 24000, one_of({ 24000 })),
-    realtimeUrl = field("string", "wss://api.openai.com/v1/realtime", url_check({ "wss", "ws" }, { no_fragment = true }), { url = true }),
+    realtimeUrl = field("string", "wss://api.openai.com/v1/realtime",
+      url_check({ "wss", "ws" }, { no_fragment = true }), { url = true }),
     caFile = field("string", nil, ca_file, { optional = true }),
     transcriptionModel = field("string", "gpt-4o-mini-transcribe", not_blank("a model name")),
   },
   notify = {
-    hooksUrl = field("string", nil, url_check({ "https", "http" }, { no_fragment = true }), { optional = true, url = true }),
+    hooksUrl = field("string", nil, url_check({ "https", "http" }, { no_fragment = true }),
+      { optional = true, url = true }),
     hooksToken = field("string", nil, nil, { secret = true, optional = true }),
     sessionKey = field("string", nil, nil, { optional = true }),
   },
@@ -336,7 +353,8 @@ local SCHEMA = {
   tunnel = {
     provider = field("string", "auto", one_of({ "auto", "ngrok", "tailscale", "none" })),
     timeoutSec = field("integer", 20, range(1, 600)),
-    ngrokApiUrl = field("string", "http://127.0.0.1:4040", url_check({ "http", "https" }, { base = true }), { url = true }),
+    ngrokApiUrl = field("string", "http://127.0.0.1:4040", url_check({ "http", "https" }, { base = true }),
+      { url = true }),
   },
   call = {
     maxDurationSec = field("integer", 600, range(1, 4 * 3600)),
@@ -639,7 +657,8 @@ function M.normalize(input, opts)
   -- The host as the connection will see it: any case, a final dot, userinfo.
   local rt = url.parse(cfg.openai.realtimeUrl)
   if not cfg.openai.apiKey and rt and rt.host:gsub("%.$", "") == "api.openai.com" then
-    return nil, "openai.apiKey: required to use " .. url.display(cfg.openai.realtimeUrl) .. ' (for example "${OPENAI_API_KEY}")'
+    return nil, "openai.apiKey: required to use " .. url.display(cfg.openai.realtimeUrl)
+      .. ' (for example "${OPENAI_API_KEY}")'
   end
   if cfg.server.publicBaseUrl then
     cfg.server.publicBaseUrl = cfg.server.publicBaseUrl:gsub("/+$", "")
