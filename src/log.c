@@ -9,6 +9,13 @@
  * is dropped before any of it is written, and the rest of one partly
  * written is queued whatever the bound (at most twice it, then). A regular file gets plain write()s (the page cache absorbs them).
  *
+ * At the end (ca__log_flush: the exit, a second signal, runtime.exit, a
+ * fatal error) what is queued is written synchronously, and from then on
+ * every line is. Those writes wait for a reader that does not take them for
+ * CA_LOG_WAIT_MS in all, CA_LOG_FORCED_WAIT_MS when the exit is forced (the
+ * Lua state still open): a stderr that nobody reads must not keep the
+ * process from exiting. What is left then is dropped and counted.
+ *
  * Secrets registered with add_secret() are replaced by "[redacted]" in every
  * line, from Lua or from C, before it is written.
  *
@@ -25,6 +32,7 @@
  */
 #define _GNU_SOURCE	/* memmem */
 #include <errno.h>
+#include <poll.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -36,6 +44,8 @@
 #include "ca.h"
 
 #define CA_LOG_QUEUE_MAX (4u << 20)
+#define CA_LOG_WAIT_MS 1000		/* the most the sink ever waits for a stalled reader */
+#define CA_LOG_FORCED_WAIT_MS 250	/* ... when the exit is forced */
 #define CA_MAX_SECRETS 256	/* forms of secrets: each as written, quoted, in JSON */
 #define CA_MIN_SECRET 8
 
@@ -57,6 +67,8 @@ static size_t queued;		/* bytes queued or being written */
 static int writing;		/* a uv_write is in flight */
 static struct chunk *head, *tail;
 static unsigned long dropped;
+static int64_t wait_left_ns = CA_LOG_WAIT_MS * 1000000LL;	/* what blocking writes may still wait */
+static int cut;			/* a line was cut short: the next write starts a new line */
 static char *secrets[CA_MAX_SECRETS];
 static size_t secret_len[CA_MAX_SECRETS];
 static int n_secrets;
@@ -86,24 +98,45 @@ static void setup(void)
 		uv_unref((uv_handle_t *)&stream);
 }
 
-static void write_all_blocking(const char *p, size_t n)
+/*
+ * Writes p[0..n) to stderr, waiting for room while wait_left_ns lasts (a
+ * non-blocking pipe says EAGAIN when its reader has not taken what it holds).
+ * Returns 0 when all was written, -1 when none was, 1 when the line was cut.
+ */
+static int write_all_blocking(const char *p, size_t n)
 {
+	size_t total = n;
+
+	if (cut && n > 0) {
+		/* The line before was cut: this one must not run into it. */
+		if (write(STDERR_FILENO, "\n", 1) != 1)
+			return -1;
+		cut = 0;
+	}
 	while (n > 0) {
 		ssize_t w = write(STDERR_FILENO, p, n);
 
 		if (w < 0 && errno == EINTR)
 			continue;
-		if (w < 0 && errno == EAGAIN) {
-			struct timespec ts = {0, 1000000};
+		if (w < 0 && errno == EAGAIN && wait_left_ns > 0) {
+			struct pollfd pfd = {STDERR_FILENO, POLLOUT, 0};
+			uint64_t t0 = uv_hrtime();
 
-			nanosleep(&ts, NULL);
+			poll(&pfd, 1, (int)((wait_left_ns + 999999) / 1000000));
+			wait_left_ns -= (int64_t)(uv_hrtime() - t0);
 			continue;
 		}
 		if (w <= 0)
-			return;
+			break;
 		p += w;
 		n -= (size_t)w;
 	}
+	if (n == 0)
+		return 0;
+	if (n == total)
+		return -1;
+	cut = 1;
+	return 1;
 }
 
 static void pump(void);
@@ -182,7 +215,8 @@ static void emit(const char *p, size_t n)
 {
 	setup();
 	if (sink_kind != 1 || ca_loop() == NULL) {
-		write_all_blocking(p, n);
+		if (write_all_blocking(p, n) != 0)
+			dropped++;
 		return;
 	}
 	/* Whole or not at all: a line the queue could never hold is not begun. */
@@ -420,23 +454,63 @@ void ca__log_write(const char *line, size_t len)
 
 static void write_c_line(int level, const char *msg, size_t len, int block);
 
+/*
+ * The end: writes what is queued synchronously and stops the stream, so that
+ * the loop no longer waits for the reader (and lines from now on are written
+ * at once). Used at exit and before _exit(); waits for a stalled reader
+ * CA_LOG_FORCED_WAIT_MS at most while the Lua state is open (a forced exit),
+ * CA_LOG_WAIT_MS in all. What is left then is dropped and counted.
+ */
 void ca__log_flush(void)
 {
-	/* Write what is queued synchronously; used at exit and before _exit(). */
 	struct chunk *c = head;
+	int failed = 0;
 
-	if (writing && c) {
-		/* The in-flight chunk may be partly written; libuv keeps no offset we can read. */
-		c = c->next;
+	if (ca_lua() != NULL && wait_left_ns > CA_LOG_FORCED_WAIT_MS * 1000000LL)
+		wait_left_ns = CA_LOG_FORCED_WAIT_MS * 1000000LL;
+	if (sink_kind == 1) {
+		if (writing && c) {
+			/* The rest of the line libuv is writing: the last bytes of its chunk. */
+			size_t rest = uv_stream_get_write_queue_size((uv_stream_t *)&stream);
+
+			if (rest > c->len)
+				rest = c->len;
+			if (rest > 0 && write_all_blocking(c->data + c->len - rest, rest) != 0) {
+				cut = 1;	/* begun by libuv: the next write starts a new line */
+				failed = 1;
+				dropped++;
+			}
+			c = c->next;
+		}
+		for (; c; c = c->next) {
+			if (failed || write_all_blocking(c->data, c->len) != 0) {
+				failed = 1;
+				dropped++;
+			}
+		}
+		/* Everything but the chunk of a write in flight goes; closing the
+		 * stream cancels that write (its callback frees it). The stream's
+		 * fd, stderr, stays open: libuv does not close stdio. */
+		c = writing ? head : NULL;
+		if (c) {
+			head = head->next;
+			c->next = NULL;
+		}
+		drop_queue();
+		head = tail = c;
+		queued = c ? c->len : 0;
+		sink_kind = 2;
+		uv_close((uv_handle_t *)&stream, NULL);
 	}
-	for (; c; c = c->next)
-		write_all_blocking(c->data, c->len);
 	if (dropped) {
 		char msg[96];
+		unsigned long was = dropped;
 		int n = snprintf(msg, sizeof msg, "callagent: %lu log lines dropped (slow reader)", dropped);
 
 		dropped = 0;
 		write_c_line(CA_LOG_WARN, msg, (size_t)n, 1);	/* a JSON line in JSON mode */
+		if (dropped)
+			dropped = was;	/* not written: the count stands */
 	}
 }
 
@@ -495,10 +569,12 @@ static void write_c_line(int level, const char *msg, size_t len, int block)
 		sanitize_text(&out, r.p, r.n, block);
 		b_put(&out, "\n", 1);
 	}
-	if (block)
-		write_all_blocking(out.p, out.n);
-	else
+	if (block) {
+		if (write_all_blocking(out.p, out.n) != 0)
+			dropped++;
+	} else {
 		emit(out.p, out.n);
+	}
 	b_free(&r);
 	b_free(&out);
 }

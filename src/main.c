@@ -909,6 +909,12 @@ out:
 	mainL = NULL;
 	for (int i = n_at_close - 1; i >= 0; i--)
 		at_close[i]();
+	/*
+	 * The log's queue is written now, and later lines at once: the loop
+	 * must not wait for a stderr reader that has stopped reading (the
+	 * flush waits for it a second at most).
+	 */
+	ca__log_flush();
 	/* The first run uses up a stop requested before the loop ever ran. */
 	uv_run(loop, UV_RUN_NOWAIT);
 	while (uv_loop_alive(loop) && !only_abandonable_left())

@@ -281,6 +281,83 @@ require("callagent.log").warn("api: invalid call request", { field = "\27[2J\1t\
   T.match(err[1], ' field="?\\x1b%[2J\\x01t\\x7fz\226\128\168"?$', "escaped as \\xNN; UTF-8 kept")
 end)
 
+-- Starts the app source with its stderr a pipe that nobody reads (bash
+-- process substitution into `sleep`); returns the process (its stdout lines
+-- in p.out) once the app printed "ready". Signals go to callagent alone
+-- (kill), not to its group, which holds the reader.
+local function stuck_reader_app(source)
+  local dir = T.tmpdir()
+  local app = dir .. "/app.lua"
+  local f = assert(io.open(app, "w"))
+  f:write(source)
+  f:close()
+  local out = {}
+  local p = assert(require("callagent.process").spawn({
+    "bash",
+    "-c",
+    'exec "$0" run "$1" 2> >(exec sleep 60 >/dev/null)',
+    T.bin,
+    app,
+    on_stdout = function(l)
+      out[#out + 1] = l
+    end,
+    on_stderr = false,
+  }))
+  p.out = out
+  T.defer(function()
+    os.execute("kill -s KILL -- -" .. p.pid .. " 2>/dev/null")
+  end)
+  T.wait_for(function()
+    return out[1] == "ready"
+  end, 10000, "the app to be ready")
+  function p.signal(name)
+    T.ok(os.execute("kill -" .. name .. " " .. p.pid), "kill -" .. name)
+  end
+  return p
+end
+
+-- A server kept until shutdown, and 5 MB of lines: more than the pipe and
+-- the queue hold.
+local FLOOD = [[
+local log = require "callagent.log"
+local runtime = require "callagent.runtime"
+local srv = require("callagent.http").server({})
+assert(srv:listen())
+runtime.on_shutdown(function()
+  print("stopping")
+  io.stdout:flush()
+  if STALL then require("callagent.timer").sleep(60000) end
+  srv:close()
+end)
+for i = 1, 20000 do log.warn("flood line " .. string.rep("x", 200), { i = i }) end
+print("ready")
+io.stdout:flush()
+]]
+
+T.test("a stderr that nobody reads does not keep SIGTERM from ending the program", function()
+  -- The exit's flush of the queued lines waits for the reader a second at
+  -- most; it used to wait forever, and so did the loop for its write.
+  local p = stuck_reader_app(FLOOD)
+  local t0 = timer.now()
+  p.signal("TERM")
+  local code, why = p:wait(5000)
+  T.eq({ code, why }, { 0, nil }, "exit status")
+  T.lt(timer.now() - t0, 2500, "ms from SIGTERM to the exit")
+end)
+
+T.test("a stderr that nobody reads: a second signal still exits at once with 143", function()
+  local p = stuck_reader_app("STALL = true\n" .. FLOOD)
+  p.signal("TERM")
+  T.wait_for(function()
+    return p.out[2] == "stopping"
+  end, 5000, "the shutdown handler to run")
+  local t0 = timer.now()
+  p.signal("TERM")
+  local code, why = p:wait(5000)
+  T.eq({ code, why }, { 143, nil }, "exit status")
+  T.lt(timer.now() - t0, 1000, "ms from the second SIGTERM to the exit")
+end)
+
 T.test("a reader that stops reading stderr does not stall the loop", function()
   -- The child's stderr is a pipe that nobody reads (bash process substitution
   -- into `sleep`); it logs 20 MB and measures how late its 10 ms timer fires.
