@@ -14,6 +14,7 @@
  * 2 usage error, 128+N forced exit by a second signal N.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <signal.h>
 #include <stdio.h>
@@ -952,10 +953,33 @@ static void raise_fd_limit(void)
 	}
 }
 
+/*
+ * Started with stdin, stdout or stderr closed (`callagent run app.lua
+ * >&- 2>&-`), the first files and sockets opened would take their numbers:
+ * log lines and print() would go into them, and libuv, which never closes
+ * fds 0-2, aborted at exit closing one of its own there. /dev/null fills
+ * each one that is closed.
+ */
+static void open_std_fds(void)
+{
+	for (int fd = 0; fd <= 2; fd++) {
+		int n;
+
+		if (fcntl(fd, F_GETFD) != -1 || errno != EBADF)
+			continue;
+		n = open("/dev/null", O_RDWR);	/* the lowest free number: fd itself */
+		if (n >= 0 && n != fd) {
+			dup2(n, fd);
+			close(n);
+		}
+	}
+}
+
 int main(int argc, char **argv)
 {
 	int rc;
 
+	open_std_fds();
 	/* A child's wrapper (src/process.c): before anything changes signals or limits. */
 	if (argc > 1 && strcmp(argv[1], "--pdeathsig") == 0)
 		return ca__pdeathsig_main(argc, argv);

@@ -65,6 +65,38 @@ T.test("a syntax error in app.lua exits 1 and names the line", function()
   T.match(p.errtext(), "app%.lua:1:")
 end)
 
+T.test("started with stdin, stdout and stderr closed, it exits 0 and writes into none of its own files", function()
+  -- Files the app opens used to take fds 0-2: print() and log lines went
+  -- into them, and libuv aborted at exit (status 134).
+  local dir = T.tmpdir()
+  local app = dir .. "/app.lua"
+  local f = assert(io.open(app, "w"))
+  f:write([[
+local dir = ...
+local files = {}
+for _, name in ipairs({ "a", "b", "c" }) do
+  files[name] = assert(io.open(dir .. "/" .. name .. ".txt", "w"))
+end
+print("PRINTED")
+io.stdout:flush()
+require("callagent.log").warn("LOGGED")
+for name, fh in pairs(files) do
+  fh:write(name)
+  fh:close()
+end
+require("callagent.timer").after(10, function() require("callagent.log").warn("LOGGED LATER") end)
+]])
+  f:close()
+  local p = assert(process.spawn({ "bash", "-c", 'exec "$0" run "$1" "$2" <&- >&- 2>&-', T.bin, app, dir }))
+  local code, why = p:wait(10000)
+  T.eq({ code, why }, { 0, nil }, "exit status")
+  for _, name in ipairs({ "a", "b", "c" }) do
+    local fh = assert(io.open(dir .. "/" .. name .. ".txt"))
+    T.eq(fh:read("a"), name, name .. ".txt holds what the app wrote into it, nothing else")
+    fh:close()
+  end
+end)
+
 T.test("arguments reach the app as ... and arg", function()
   local code, _, p = T.run_app(nil, { "one", "two words" }, {
     source = "print(select('#', ...), ...)\nprint(arg[0]:match('app.lua$'), arg[1], arg[2], arg[-1])\n",
