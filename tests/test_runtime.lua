@@ -59,6 +59,18 @@ T.test("an error at the top level of app.lua exits 1 with its traceback", functi
   T.match(p.errtext(), "in %a+ 'f'")
 end)
 
+T.test("a top-level error that is not a string is shown by its __tostring, or named, with its traceback", function()
+  local code, _, p = T.run_app(nil, nil, {
+    source = "local function f() error(setmetatable({}, { __tostring = function() return 'custom boom' end })) end\nf()\n",
+  })
+  T.eq(code, 1)
+  T.match(p.errtext(), "ERROR error in .*app%.lua: custom boom\nstack traceback:\n")
+  T.match(p.errtext(), "in %a+ 'f'")
+  code, _, p = T.run_app(nil, nil, { source = "error({})\n" })
+  T.eq(code, 1)
+  T.match(p.errtext(), "ERROR error in .*app%.lua: %(error object is a table value%)\nstack traceback:\n")
+end)
+
 T.test("a syntax error in app.lua exits 1 and names the line", function()
   local code, _, p = T.run_app(nil, nil, { source = "local x = = 1\n" })
   T.eq(code, 1)
