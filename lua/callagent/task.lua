@@ -19,7 +19,9 @@
 --   task.queue([max])          FIFO between tasks: q:push(v), q:pop([timeout_ms])
 --                              (nil, "ETIMEDOUT" / nil, "ECLOSED"), q:close(), #q
 --   task.all(fns)              inside a task: run fns concurrently, wait for all,
---                              return their first results in order
+--                              return their first results in order; one that
+--                              raises is done too, its result nil and its error
+--                              logged with its traceback, as a task's is
 --   task.pace()                inside a task: once the loop has been busy for
 --                              task.pace_ms (2) since it last polled for I/O, or
 --                              while other tasks wait here, waits its turn after
@@ -40,6 +42,11 @@ local log -- required lazily: callagent.log needs nothing from here, but keep lo
 local function report(co, err)
   log = log or require "callagent.log"
   log.error("uncaught error in task", { error = tostring(err), traceback = debug.traceback(co) })
+end
+
+-- xpcall's handler in task.all: the error and where it was raised.
+local function caught(err)
+  return { err = err, traceback = debug.traceback(nil, 2) }
 end
 
 function M.resume(co, ...)
@@ -246,7 +253,13 @@ function M.all(fns)
   local waiting = false
   for i, fn in ipairs(fns) do
     M.spawn(function()
-      results[i] = fn()
+      local ok, r = xpcall(fn, caught)
+      if ok then
+        results[i] = r
+      else
+        log = log or require "callagent.log"
+        log.error("uncaught error in task", { error = tostring(r.err), traceback = r.traceback })
+      end
       left = left - 1
       if left == 0 and waiting then
         M.resume(co)
