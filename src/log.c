@@ -28,6 +28,8 @@
  *                        match wins); callagent.log adds each secret's escaped
  *                        forms too
  *   format([f])          get/set "text" or "json" (C lines follow it as well)
+ *   scrub(s)             s with every registered secret replaced by
+ *                        "[redacted]" as in a line (s itself when it holds none)
  *   dropped()            lines dropped so far because the reader was too slow
  */
 #define _GNU_SOURCE	/* memmem */
@@ -703,6 +705,24 @@ static int l_format(lua_State *L)
 	return 1;
 }
 
+/* Text that is not a log line (an API answer, a webhook, the store) goes through the same redact(). */
+static int l_scrub(lua_State *L)
+{
+	size_t len;
+	const char *s = luaL_checklstring(L, 1, &len);
+	struct buf out;
+
+	if (!ca__log_holds_secret(s, len)) {
+		lua_settop(L, 1);
+		return 1;
+	}
+	b_init(&out);
+	redact(&out, s, len);
+	lua_pushlstring(L, out.p, out.n);
+	b_free(&out);
+	return 1;
+}
+
 static int l_dropped(lua_State *L)
 {
 	lua_pushinteger(L, (lua_Integer)dropped);
@@ -719,6 +739,7 @@ int luaopen_callagent_core_log(lua_State *L)
 		{"add_secret", l_add_secret},
 		{"dropped", l_dropped},
 		{"format", l_format},
+		{"scrub", l_scrub},
 		{NULL, NULL}
 	};
 	luaL_newlib(L, fns);

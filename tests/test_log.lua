@@ -241,6 +241,30 @@ T.test("CALLAGENT_LOG_FORMAT other than text or json stops at start", function()
   T.match(p.errtext(), "CALLAGENT_LOG_FORMAT must be text or json, not 'jsno'")
 end)
 
+T.test("log.scrub replaces every registered secret in any string, in each form log.secret registers", function()
+  -- For text that is no log line: a vendor's error that echoes our token,
+  -- on its way to an API client, a webhook or the store.
+  local _, out = run([=[
+local log = require "callagent.log"
+local function show(s) print((string.format("%q", s):gsub("\\\n", "\\n"))) end
+show(log.scrub("nothing yet\0 sk-live-abcdef123456"))
+log.secret("sk-live-abcdef123456")
+log.secret('Ab/9+x"q\\z=tok')
+local encoded = require("cjson").encode('Ab/9+x"q\\z=tok')
+show(log.scrub("bad token sk-live-abcdef123456\0then Bearer sk-live-abcdef123456!"))
+show(log.scrub("vendor echoed " .. encoded .. " and " .. 'Ab/9+x"q\\z=tok'))
+show(log.scrub("no secret \0 here"))
+print(log.scrub(nil), log.scrub(12345678), (pcall(log.scrub, {})))
+]=])
+  T.eq(out, {
+    '"nothing yet\\0 sk-live-abcdef123456"',
+    '"bad token [redacted]\\0then Bearer [redacted]!"',
+    '"vendor echoed \\"[redacted]\\" and [redacted]"',
+    '"no secret \\0 here"',
+    "nil\t12345678\tfalse",
+  })
+end)
+
 T.test("log.redact shows only the last 4 characters of long secrets", function()
   local _, out = run([[
 local log = require "callagent.log"

@@ -9,6 +9,11 @@
 --                               (at least 8 bytes; also its escaped forms)
 --   log.redact(s)               a safe display form of a secret: "[redacted]" or
 --                               "…" plus its last 4 characters for long values
+--   log.scrub(s)                s with every secret registered (in each form
+--                               log.secret registers) replaced by "[redacted]",
+--                               as in a log line: for text that leaves by another
+--                               way (an API answer, a webhook, the store); s itself
+--                               when it holds none; nil stays nil
 --
 -- Text lines look like
 --   2026-11-25T14:22:04.123Z INFO call started call=c_1 to=+14155550100
@@ -82,6 +87,13 @@ function M.redact(s)
     return "…" .. s:sub(-4)
   end
   return "[redacted]"
+end
+
+function M.scrub(s)
+  if s == nil then
+    return nil
+  end
+  return core.scrub(s)
 end
 
 local function quote(v)
