@@ -45,11 +45,12 @@ local function agent_failed(reason)
   return reason == "model_error" or reason == "no_stream" or reason == "shutdown"
     or type(reason) == "string" and reason:find("^interrupted by restart") ~= nil
 end
--- lastError reaches API clients and webhooks, from vendors and the model:
--- one line of UTF-8, at most MAX_ERROR bytes (and a "…").
+-- lastError and end reasons reach API clients, webhooks and the store, from
+-- vendors and the model: one line of UTF-8, at most MAX_ERROR bytes (and a
+-- "…"), with no secret of ours in it (a vendor's error may quote our key).
 local MAX_ERROR = 500
 local function error_text(s)
-  s = json.utf8((tostring(s):gsub("[%z\1-\31\127]", " ")))
+  s = json.utf8((log.scrub(tostring(s)):gsub("[%z\1-\31\127]", " ")))
   if #s > MAX_ERROR then
     local cut = MAX_ERROR
     while s:byte(cut + 1) >= 0x80 and s:byte(cut + 1) < 0xc0 do -- not inside a character
@@ -960,6 +961,9 @@ function Engine:_attempt_final(call, n, status, reason, err)
   a.status = status
   a.endedAt = iso()
   a.reason = end_reason or reason
+  if a.reason ~= nil then
+    a.reason = error_text(a.reason)
+  end
   -- Written with the call's next state (queued or final), in one commit: a
   -- crash between the two left a call dialing with its attempt over.
   local function write_attempt()
@@ -1031,6 +1035,9 @@ function Engine:_finish(call, status, reason, also)
   end
   if call.status == "in_progress" and status == "completed" and not call.report and reason == "completed" then
     reason = "callee_hung_up"
+  end
+  if reason ~= nil then
+    reason = error_text(reason)
   end
   call.endReason = reason
   local note_key, note_body

@@ -1,0 +1,73 @@
+-- A vendor or the model quoting our secrets in an error: the quote reaches
+-- no API answer, webhook or stored record, only "[redacted]".
+local T = require "testing"
+local kit = require "callkit"
+local http = require "callagent.http"
+local json = require "callagent.json"
+local crypto = require "callagent.crypto"
+
+local function has(s, needle)
+  return s ~= nil and s:find(needle, 1, true) ~= nil
+end
+
+-- Everything a client, a receiver and the store hold of call id, as text.
+local function everywhere(env, id)
+  T.wait_for(function()
+    return #env.hooks.received > 0
+  end, 5000, "the notification")
+  local _, one = env:api("GET", "/v1/calls/" .. id)
+  local _, list = env:api("GET", "/v1/calls")
+  return {
+    ["GET /v1/calls/{id}"] = json.encode(one),
+    ["GET /v1/calls"] = json.encode(list),
+    webhook = env.hooks.received[1].body,
+    store = json.encode(env.app.store:get_call(id)),
+  }
+end
+
+T.test("Twilio refusing the dial with our auth token in its message: lastError has [redacted], never the token", function()
+  local tw = http.server({ headers = { "authorization" } })
+  tw:post("/2010-04-01/Accounts/{sid}/Calls.json", function(req)
+    local b64 = (req.headers.authorization or ""):match("^Basic (.+)$") or ""
+    local userpass = crypto.base64_decode(b64) or ""
+    return 401, { code = 20003, message = "Authenticate: credentials " .. userpass .. " rejected", status = 401 }
+  end)
+  assert(tw:listen())
+  T.defer(function()
+    tw:close()
+  end)
+  local env = kit.start({ config = { twilio = { apiBaseUrl = tw:url("") }, retry = { maxAttempts = 1 } } })
+  local id = env:create({ to = "+14155550100", prompt = "x" })
+  local rec = env:wait_final(id, 10000)
+  T.eq(rec.status, "failed")
+  T.match(rec.lastError, "credentials " .. kit.ACCOUNT .. ":%[redacted%] rejected", "the message is kept, less the token")
+  for where, text in pairs(everywhere(env, id)) do
+    T.ok(not has(text, kit.TOKEN), where .. " holds no twilio.authToken")
+  end
+end)
+
+T.test("the model quoting our API key in its error and close reason: the record says [redacted], never the key", function()
+  local rt = http.server({ headers = { "authorization" } })
+  rt:websocket("/v1/realtime", {
+    open = function(conn, req)
+      local auth = req.headers.authorization or ""
+      conn:send(json.encode({ type = "error", error = { type = "invalid_request_error", code = "invalid_api_key",
+        message = "Incorrect API key provided: " .. auth } }))
+      conn:close(1008, "bad key " .. auth:sub(1, 60))
+    end,
+  })
+  assert(rt:listen())
+  T.defer(function()
+    rt:close()
+  end)
+  local env = kit.start({ config = { openai = { realtimeUrl = rt:ws_url("/v1/realtime") }, retry = { maxAttempts = 1 } } })
+  local id = env:create({ to = "+14155550100", prompt = "x" })
+  local rec = env:wait_final(id, 15000)
+  T.eq(rec.status, "failed")
+  T.match(rec.lastError, "%[redacted%]")
+  for where, text in pairs(everywhere(env, id)) do
+    T.ok(not has(text, kit.API_KEY), where .. " holds no openai.apiKey")
+  end
+end)
+
+T.run()
