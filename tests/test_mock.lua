@@ -96,6 +96,22 @@ T.test("a mock call hung up through the API while ringing: its link answers 410 
   T.eq({ r.status, json.decode(r.body).error.code }, { 410, "expired" }, "and on the next visit: not 'already used'")
 end)
 
+T.test("a publicBaseUrl with a password in it is logged without it", function()
+  local code, _, p = T.run_app(nil, nil, { timeout = 8000, source = T.mock_app_source():gsub("server = { port = 0 }",
+    "server = { port = 0, publicBaseUrl = 'https://alice:hunter2hunter2@calls.example.org/base' }") .. [[
+local task = require "callagent.task"
+task.spawn(function()
+  assert(app:start())
+  app:stop()
+end)
+]] })
+  T.eq(code, 0, p.errtext())
+  local log = p.errtext()
+  T.match(log, 'INFO callagent ready .*public="?https://%[redacted%]@calls%.example%.org/base')
+  T.match(log, "WARN no server%.apiToken: .* through https://%[redacted%]@calls%.example%.org/base")
+  T.no_match(log, "hunter2")
+end)
+
 T.test("a mock call answered while the app stops is refused (503) and stays as it was, not answered", function()
   local app = start()
   local call = assert(app:create_call({ to = "+15555550100", prompt = "Test." }))

@@ -375,7 +375,7 @@ function App:start()
   if public_host and not api.loopback_host(public_host) and not cfg.server.apiToken then
     -- The API stays loopback's: requests with the public host name get 403.
     log.warn("no server.apiToken: /v1 answers only requests to a loopback host; set one to use the API through "
-      .. self.public_base, {})
+      .. url.display(self.public_base), {})
   end
   local rok, recovered = pcall(self.engine.recover, self.engine)
   if not rok then
@@ -400,7 +400,7 @@ function App:start()
   end
   log.info("callagent ready", {
     url = self.url,
-    public = self:public_url(),
+    public = url.display(self:public_url()), -- its userinfo may be a password
     provider = self.provider.name,
     store = cfg.store.backend,
   })
