@@ -4,6 +4,10 @@
 --
 --   TWILIO_ACCOUNT_SID=AC... TWILIO_AUTH_TOKEN=... TWILIO_FROM_NUMBER=+1... \
 --   OPENAI_API_KEY=sk-... ./build/callagent run examples/twilio.lua
+--
+-- Optional: PORT (4545), CALLAGENT_API_TOKEN, and for a dry run against
+-- stand-ins of the vendors (the tests' fakes) TWILIO_API_BASE_URL and
+-- OPENAI_REALTIME_URL.
 local callagent = require "callagent"
 local task = require "callagent.task"
 local runtime = require "callagent.runtime"
@@ -18,13 +22,25 @@ local function env(name)
   return v
 end
 
-local app = assert(callagent.app({
+local port = math.tointeger(tonumber(os.getenv("PORT") or "4545"))
+if not port then
+  io.stderr:write("callagent: PORT must be a port number, got '", os.getenv("PORT"), "'\n")
+  runtime.exit(1)
+end
+
+local app, err = callagent.app({
   telephony = { provider = "twilio" },
-  server = { port = 4545, publicBaseUrl = os.getenv("PUBLIC_BASE_URL"), apiToken = os.getenv("CALLAGENT_API_TOKEN") },
-  twilio = { accountSid = env("TWILIO_ACCOUNT_SID"), authToken = env("TWILIO_AUTH_TOKEN"), fromNumber = env("TWILIO_FROM_NUMBER") },
-  openai = { apiKey = env("OPENAI_API_KEY"), outputFormat = "audio/pcmu" },
+  server = { port = port,
+    publicBaseUrl = os.getenv("PUBLIC_BASE_URL"), apiToken = os.getenv("CALLAGENT_API_TOKEN") },
+  twilio = { accountSid = env("TWILIO_ACCOUNT_SID"), authToken = env("TWILIO_AUTH_TOKEN"), fromNumber = env("TWILIO_FROM_NUMBER"),
+    apiBaseUrl = os.getenv("TWILIO_API_BASE_URL") },
+  openai = { apiKey = env("OPENAI_API_KEY"), outputFormat = "audio/pcmu", realtimeUrl = os.getenv("OPENAI_REALTIME_URL") },
   store = { backend = "memory" },
-}))
+})
+if not app then
+  io.stderr:write("callagent: ", err, "\n") -- a bad PORT, say: one line, status 1
+  runtime.exit(1)
+end
 
 app:on("status", function(call, from, to)
   log.info("status", { call = call.callId, from = from, to = to })

@@ -9,7 +9,8 @@ local APP = T.root .. "/examples/app.lua"
 
 -- The environment of `make run` on a machine with none of ours set.
 local CLEAN = { PORT = false, OPENAI_API_KEY = false, CALLAGENT_CONFIG = false, PUBLIC_BASE_URL = false,
-  TWILIO_ACCOUNT_SID = false, TWILIO_AUTH_TOKEN = false, TWILIO_FROM_NUMBER = false, CLAWDBOT_HOOKS_TOKEN = false }
+  TWILIO_ACCOUNT_SID = false, TWILIO_AUTH_TOKEN = false, TWILIO_FROM_NUMBER = false, CLAWDBOT_HOOKS_TOKEN = false,
+  TWILIO_API_BASE_URL = false, OPENAI_REALTIME_URL = false, CALLAGENT_API_TOKEN = false }
 local function env(over)
   return T.with(CLEAN, over)
 end
@@ -81,6 +82,48 @@ T.test("tools.lua and twilio.lua that cannot start exit 1 with one line, not a t
   T.match(p.err[#p.err], "^callagent: ")
   T.no_match(p.errtext(), "traceback")
 end)
+
+T.test("examples/twilio.lua carries a call end to end against stand-ins of Twilio and OpenAI", function()
+  local fake_tw = require "fakes.twilio"
+  local fake_rt = require "fakes.realtime"
+  local sid, token, key = "AC" .. string.rep("3c", 16), "example-auth-token", "sk-example-key"
+  local tw = assert(fake_tw.start({ account_sid = sid, auth_token = token }))
+  local rt = assert(fake_rt.start({ api_key = key, script = function(session)
+    assert(session:wait_event("response.create", 5000))
+    session:speak({ ms = 200, text = "Hello, this is the agent." })
+    session:report_and_goodbye({ summary = "Booked for Tuesday.", outcome = "success" }, { ms = 100, text = "Bye." })
+  end }))
+  T.defer(function()
+    tw:close()
+    rt:close()
+  end)
+  local port = T.free_port()
+  local base = "http://127.0.0.1:" .. port
+  local p = T.spawn_app(T.root .. "/examples/twilio.lua", nil, { cwd = T.tmpdir(), env = env({
+    PORT = tostring(port), PUBLIC_BASE_URL = base,
+    TWILIO_ACCOUNT_SID = sid, TWILIO_AUTH_TOKEN = token, TWILIO_FROM_NUMBER = "+15550001111",
+    TWILIO_API_BASE_URL = tw.url, OPENAI_API_KEY = key, OPENAI_REALTIME_URL = rt.url,
+  }) })
+  T.wait_for(function()
+    return p.text():find("public URL", 1, true) ~= nil
+  end, 10000, "the example's start line: " .. p.errtext())
+  T.eq(p.out[1], "callagent (Twilio) on " .. base .. ", public URL " .. base)
+  local res = assert(fetch(base .. "/v1/calls", { method = "POST", headers = { ["Content-Type"] = "application/json" },
+    body = '{"to": "+14155550100", "prompt": "Book a dental check-up for next week."}' }))
+  T.eq(res.status, 201, res.body)
+  local id = json.decode(res.body).callId
+  local call
+  T.wait_for(function()
+    call = json.decode(assert(fetch(base .. "/v1/calls/" .. id)).body)
+    return call.status == "completed"
+  end, 20000, "the call to complete")
+  T.eq({ call.report.outcome, call.report.summary }, { "success", "Booked for Tuesday." })
+  T.eq(tw.calls[1].params.To, "+14155550100")
+  T.match(p.errtext(), "INFO report call=" .. id .. " outcome=success summary=\"Booked for Tuesday%.\"")
+  T.no_match(p.errtext(), token)
+  T.ok(p:kill("SIGTERM"))
+  T.eq(p:wait(10000), 0, p.errtext())
+end, { timeout = 40000 })
 
 T.test("the seed's JSON config names the first variable it lacks, and says PORT does not apply", function()
   local code, _, p = T.run_app(APP, nil, {
