@@ -42,6 +42,13 @@ int ca_stopping(void);
  */
 int ca_call(lua_State *L, int nargs, int nresults, const char *where);
 
+/*
+ * The message handler ca_call uses, for other protected calls: the error plus
+ * a traceback, as one string. An error that is not a string is shown by its
+ * __tostring, or named by its type ("(error object is a table value)").
+ */
+int ca_traceback(lua_State *L);
+
 /* Pushes the registry ref onto the main thread and calls it via ca_call. */
 void ca_call_ref(int ref, int nargs_pushed_after, const char *where);
 

@@ -810,26 +810,6 @@ static void on_signal(uv_signal_t *h, int signum)
 
 /* ---- run ---- */
 
-/*
- * Message handler for the app's top level: the error plus a traceback, as
- * ca_call's handler in util.c writes it. An error that is not a string is
- * shown by its __tostring, or named by its type ("(error object is a table
- * value)"): error({}) used to leave only "?".
- */
-static int top_level_traceback(lua_State *L)
-{
-	const char *msg = lua_tostring(L, 1);
-
-	if (msg == NULL) {
-		if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING)
-			msg = lua_tostring(L, -1);
-		else
-			msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
-	}
-	luaL_traceback(L, L, msg, 1);
-	return 1;
-}
-
 static int run_app(int argc, char **argv)
 {
 	lua_State *L;
@@ -893,7 +873,7 @@ static int run_app(int argc, char **argv)
 		/* The top level of the app: an error here is fatal, with its traceback. */
 		int base = lua_gettop(L) - (argc - 1);
 
-		lua_pushcfunction(L, top_level_traceback);
+		lua_pushcfunction(L, ca_traceback);
 		lua_insert(L, base);
 		rc = lua_pcall(L, argc - 1, 0, base);
 		if (rc != LUA_OK) {

@@ -9,8 +9,7 @@
 
 #include "ca.h"
 
-/* Message handler for ca_call: the error plus a traceback, as one string. */
-static int traceback(lua_State *L)
+int ca_traceback(lua_State *L)
 {
 	const char *msg = lua_tostring(L, 1);
 
@@ -30,7 +29,7 @@ int ca_call(lua_State *L, int nargs, int nresults, const char *where)
 	int base = lua_gettop(L) - nargs;
 	int rc;
 
-	lua_pushcfunction(L, traceback);
+	lua_pushcfunction(L, ca_traceback);
 	lua_insert(L, base);
 	rc = lua_pcall(L, nargs, nresults, base);
 	lua_remove(L, base);
