@@ -573,6 +573,28 @@ static void mark_played(struct bridge *b, uint32_t seq)
 }
 
 /*
+ * The phone echoed a mark named name: ours are the decimal numbers of b->seq
+ * as it counts up, so only 1 to 10 digits of a number at most b->seq name
+ * one. Any other name is not an echo of ours; taken as a number, it would
+ * confirm audio that has not played (the goodbye's drain, a barge-in's cut).
+ */
+static void mark_echoed(struct bridge *b, const char *name, size_t n)
+{
+	uint64_t seq = 0;
+
+	if (n == 0 || n > 10)
+		return;
+	for (size_t i = 0; i < n; i++) {
+		if (name[i] < '0' || name[i] > '9')
+			return;
+		seq = seq * 10 + (uint64_t)(name[i] - '0');
+	}
+	if (seq > UINT32_MAX || (int32_t)((uint32_t)seq - b->seq) > 0)
+		return;		/* not sent yet */
+	mark_played(b, (uint32_t)seq);
+}
+
+/*
  * Where the phone is in item i now: its last echoed mark, plus the time
  * since while more of the item is queued there, up to the next mark.
  */
@@ -621,13 +643,7 @@ static int phone_tap(void *ctx, struct ca_ws *ws, const char *s, size_t n)
 			return 1;
 		}
 		if (ev == MARK && name) {
-			if (namel < 16) {
-				char num[16];
-
-				memcpy(num, name, namel);
-				num[namel] = '\0';
-				mark_played(b, (uint32_t)strtoul(num, NULL, 10));
-			}
+			mark_echoed(b, name, namel);
 			return 1;
 		}
 	}

@@ -332,6 +332,49 @@ T.test("made before the model connection: frames are checked and kept from the f
   b:close()
 end)
 
+-- Waits until the bridged phone connection has read n more messages than before.
+local function phone_read(r, before, n)
+  T.wait_for(function()
+    return r.phone:stats().messages_in >= before + n
+  end, 5000, "the phone's messages read")
+end
+
+T.test("a mark echo the bridge never sent (ahead of its last, not its number) confirms no audio", function()
+  local r = rig()
+  local b = new_bridge(r, "audio/pcmu", "audio/pcmu", true)
+  local FRAME_100 = crypto.base64_encode(string.rep("\127", 800))
+  for _ = 1, 3 do
+    r.fake_model:send(delta("i1", FRAME_100))
+  end
+  wait_got(r, 0, 6, "three media, marks 1 to 3")
+  local drained = false
+  b:on_drained(function()
+    drained = true
+  end)
+  local names = { "999", "4", "4294967299", "00000000000003", "+3", " 3", "3 ", "3.0", "0x3", "-1", "", "x" }
+  local before = r.phone:stats().messages_in
+  for _, name in ipairs(names) do
+    r.fake_phone:send(mark(name))
+  end
+  phone_read(r, before, #names)
+  T.ok(b:unplayed(), "the audio is still unplayed")
+  T.eq(drained, false, "not drained")
+  local _, sent, played = b:item()
+  T.eq(sent, 300)
+  T.ok(played <= 100, "played at most up to mark 1's audio, got " .. played)
+  -- The real echoes.
+  r.fake_phone:send(mark("2"))
+  phone_read(r, before, #names + 1)
+  T.eq(select(3, b:item()) >= 200, true, "mark 2: 200 ms played")
+  T.eq(drained, false)
+  r.fake_phone:send(mark("3"))
+  T.wait_for(function()
+    return drained
+  end, 5000, "drained by mark 3")
+  T.eq({ b:unplayed(), (select(3, b:item())) }, { false, 300 })
+  b:close()
+end)
+
 T.test("mutated message sequences: every message the bridge writes is well-formed, in every format", function()
   local runs = tonumber(os.getenv("TEST_BRIDGE_RUNS") or "") or 20000
   math.randomseed(20261126) -- a failure reproduces
