@@ -415,6 +415,11 @@ void ca_resampler_reset(struct ca_resampler *r)
 		memset(r->buf, 0, r->hist * sizeof(float));
 }
 
+void ca_resampler_drop_carry(struct ca_resampler *r)
+{
+	r->carry = -1;
+}
+
 size_t ca_resampler_out_max(const struct ca_resampler *r, size_t len)
 {
 	size_t n = (len + (r->carry >= 0)) / 2;

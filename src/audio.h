@@ -53,12 +53,17 @@ double ca_ulaw_rms_dbfs(const uint8_t *ulaw, size_t n);
  * with the next call. It writes at most ca_resampler_out_max(r, len) bytes
  * to out and returns how many it wrote. After N input samples in total,
  * exactly ceil(N * to / from) output samples have come out.
+ *
+ * drop_carry() forgets a kept odd byte and nothing else: where one stream
+ * ends and another starts, its half sample would be joined with the next
+ * stream's first byte and shift every later sample by a byte.
  */
 struct ca_resampler;
 
 size_t ca_resampler_size(int from, int to);
 int ca_resampler_init(struct ca_resampler *r, int from, int to);
 void ca_resampler_reset(struct ca_resampler *r);
+void ca_resampler_drop_carry(struct ca_resampler *r);
 size_t ca_resampler_out_max(const struct ca_resampler *r, size_t len);
 size_t ca_resampler_process(struct ca_resampler *r, const uint8_t *pcm, size_t len,
 			    uint8_t *out);

@@ -91,6 +91,7 @@ struct bridge {
 	char sid[72];
 	size_t sid_len;
 	struct ca_resampler *rs;
+	int rs_item;			/* the item whose audio rs had last, -1: none */
 	char **kept;			/* payloads kept until the model is ready */
 	int n_kept;
 	struct item items[ITEMS];
@@ -333,7 +334,9 @@ static int find_item(struct bridge *b, const char *id, size_t n)
 	for (int i = 0; i < ITEMS; i++)
 		if (b->items[i].id_len > 0 && is_item(&b->items[i], id, n))
 			return i;
-	/* A new item: take the oldest slot. */
+	/* A new item: the oldest slot; an odd byte the resampler kept of that one's is not this one's. */
+	if (b->rs_item == b->next_item)
+		b->rs_item = -1;
 	it = &b->items[b->next_item];
 	memset(it, 0, sizeof *it);
 	it->id_len = n;
@@ -497,7 +500,18 @@ static void model_audio(struct bridge *b, const char *id, size_t idn, const char
 			ulaw = ca_malloc(ulen);
 		ca_alaw_to_ulaw(ulaw, raw, ulen);
 	} else {
-		size_t pmax = ca_resampler_out_max(b->rs, (size_t)m);
+		size_t pmax;
+
+		/*
+		 * An odd byte left by another item is half of its last sample:
+		 * joined with this item's first byte, every later sample of this
+		 * one would be a byte off (noise) until a barge-in's reset.
+		 */
+		if (item != b->rs_item) {
+			ca_resampler_drop_carry(b->rs);
+			b->rs_item = item;
+		}
+		pmax = ca_resampler_out_max(b->rs, (size_t)m);
 
 		if (pmax > sizeof stack_pcm)
 			pcm = ca_malloc(pmax);
@@ -808,6 +822,7 @@ static int l_new(lua_State *L)
 	memset(b, 0, sizeof *b);
 	b->cur = -1;
 	b->unmarked = -1;
+	b->rs_item = -1;
 	b->drained_ref = LUA_NOREF;
 	b->out_fmt = out_fmt;
 	b->in_fmt = in_fmt;

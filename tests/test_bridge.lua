@@ -375,6 +375,38 @@ T.test("a mark echo the bridge never sent (ahead of its last, not its number) co
   b:close()
 end)
 
+T.test("24 kHz output: an odd byte at the end of one item is not joined with the next item's first", function()
+  -- 100 ms of a 1 kHz tone at 24 kHz: item B, after an item A of one
+  -- sample of silence, with and without a half sample after it.
+  local t = {}
+  for i = 0, 2399 do
+    t[#t + 1] = string.pack("<i2", math.floor(8000 * math.sin(2 * math.pi * 1000 * i / 24000)))
+  end
+  local tone = crypto.base64_encode(table.concat(t))
+  local function item_b(a_bytes)
+    local r = rig()
+    local b = new_bridge(r, "audio/pcm", "audio/pcmu", true)
+    local out = {}
+    r.on.phone = function(msg)
+      local m = cjson.decode(msg)
+      if m.event == "media" then
+        out[#out + 1] = m.media.payload
+      end
+    end
+    r.fake_model:send(delta("item_A", crypto.base64_encode(string.rep("\0", a_bytes))))
+    r.fake_model:send(delta("item_B", tone))
+    r.fake_model:send(delta("item_B", tone))
+    T.wait_for(function()
+      return b:stats().deltas == 3 and #out >= 2
+    end, 5000, "item B's media")
+    timer.sleep(50)
+    T.eq(r.bad, {})
+    b:close()
+    return out[#out - 1] .. out[#out]
+  end
+  T.eq(item_b(3), item_b(2), "item B's mu-law after an odd item A is as after an even one")
+end)
+
 T.test("mutated message sequences: every message the bridge writes is well-formed, in every format", function()
   local runs = tonumber(os.getenv("TEST_BRIDGE_RUNS") or "") or 20000
   math.randomseed(20261126) -- a failure reproduces
