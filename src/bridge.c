@@ -60,6 +60,7 @@
 #define MAX_KEPT 500		/* phone frames kept while the model is not ready (10 s) */
 #define ITEMS 8			/* model audio items remembered */
 #define MARK_MS 100.0		/* audio sent between two marks */
+#define MEDIA_MAX 43688		/* base64 characters of a media message at most: 32766 bytes, 4 s */
 
 enum { FMT_PCMU, FMT_PCMA, FMT_PCM24 };
 
@@ -421,7 +422,7 @@ static void flush_mark(struct bridge *b)
  * the output buffer from constant pieces: no printf and no second copy of
  * the payload on the per-frame path.
  */
-static void send_media(struct bridge *b, int item, const char *b64, size_t n, size_t bytes)
+static int send_media(struct bridge *b, int item, const char *b64, size_t n, size_t bytes)
 {
 	static const char media1[] = "{\"event\":\"media\",\"streamSid\":\"";
 	static const char media2[] = "\",\"media\":{\"payload\":\"";
@@ -449,7 +450,7 @@ static void send_media(struct bridge *b, int item, const char *b64, size_t n, si
 		p = put_mark(b, p);
 	}
 	if (ca__ws_send(b->phone, out, (size_t)(p - out), LWS_WRITE_RAW, &err) != 0)
-		return;
+		return -1;
 	it->sent_ms += ms;
 	b->media_out++;
 	if (mark) {
@@ -458,6 +459,26 @@ static void send_media(struct bridge *b, int item, const char *b64, size_t n, si
 		b->unmarked = item;
 		b->unmarked_ms += ms;
 	}
+	return 0;
+}
+
+/*
+ * Model audio of any length to the phone: a delta may hold minutes (the
+ * model connection takes 16 MiB messages), and one message over the phone
+ * connection's max_send_queue drops the call. Pieces of MEDIA_MAX base64
+ * characters each are media messages of their own, each counted and marked
+ * as a delta would be.
+ */
+static void send_audio(struct bridge *b, int item, const char *b64, size_t n, size_t bytes)
+{
+	while (n > MEDIA_MAX) {
+		if (send_media(b, item, b64, MEDIA_MAX, MEDIA_MAX / 4 * 3) != 0)
+			return;
+		b64 += MEDIA_MAX;
+		n -= MEDIA_MAX;
+		bytes -= MEDIA_MAX / 4 * 3;
+	}
+	send_media(b, item, b64, n, bytes);
 }
 
 /* Model audio (base64 in the output format) to the phone as mu-law. */
@@ -491,7 +512,7 @@ static void model_audio(struct bridge *b, const char *id, size_t idn, const char
 		goto done;	/* interrupted: the rest of this item is not played */
 	b->deltas++;
 	if (b->out_fmt == FMT_PCMU) {
-		send_media(b, item, b64, n, n / 4 * 3 - (b64[n - 1] == '=') - (b64[n - 2] == '='));
+		send_audio(b, item, b64, n, n / 4 * 3 - (b64[n - 1] == '=') - (b64[n - 2] == '='));
 		return;
 	}
 	if (b->out_fmt == FMT_PCMA) {
@@ -523,7 +544,7 @@ static void model_audio(struct bridge *b, const char *id, size_t idn, const char
 	if (ulen > 0) {
 		if (ca_base64_encoded_len(ulen) > sizeof stack_out)
 			out = ca_malloc(ca_base64_encoded_len(ulen));
-		send_media(b, item, out, ca_base64_encode(ulaw, ulen, out), ulen);
+		send_audio(b, item, out, ca_base64_encode(ulaw, ulen, out), ulen);
 	}
 done:
 	if (out != stack_out)

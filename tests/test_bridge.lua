@@ -407,6 +407,43 @@ T.test("24 kHz output: an odd byte at the end of one item is not joined with the
   T.eq(item_b(3), item_b(2), "item B's mu-law after an odd item A is as after an even one")
 end)
 
+T.test("a delta of minutes of audio reaches the phone in media messages of 4 s at most, marked and counted", function()
+  local r = rig()
+  local b = new_bridge(r, "audio/pcmu", "audio/pcmu", true)
+  local bytes, biggest, media, marks, last_mark = 0, 0, 0, 0, nil
+  r.on.phone = function(msg)
+    local m = cjson.decode(msg)
+    if m.event == "media" then
+      local n = #crypto.base64_decode(m.media.payload)
+      media, bytes, biggest = media + 1, bytes + n, math.max(biggest, n)
+    elseif m.event == "mark" then
+      marks, last_mark = marks + 1, m.mark.name
+    end
+  end
+  -- 115.2 s of mu-law in one delta: 1.2 MiB of base64, over the phone
+  -- connection's max_send_queue (1 MiB) as one message.
+  b:send_audio("i1", crypto.base64_encode(string.rep("\255", 900 * 1024 + 1)))
+  T.wait_for(function()
+    return bytes >= 900 * 1024 + 1 and marks == media
+  end, 10000, "all of it")
+  timer.sleep(50)
+  T.eq(r.bad, {})
+  T.ok(r.phone:is_open(), "the phone connection is open")
+  T.eq({ bytes, media, marks, b:stats().media_out }, { 900 * 1024 + 1, 29, 29, 29 }, "bytes, media, marks, media_out")
+  T.ok(biggest <= 32766, "each media message holds at most 32766 bytes, got " .. biggest)
+  T.eq(select(2, b:item()), (900 * 1024 + 1) / 8, "sent_ms")
+  local drained = false
+  b:on_drained(function()
+    drained = true
+  end)
+  r.fake_phone:send(mark(last_mark))
+  T.wait_for(function()
+    return drained
+  end, 5000, "drained by the last mark")
+  T.eq(select(3, b:item()), (900 * 1024 + 1) / 8, "all played")
+  b:close()
+end)
+
 T.test("mutated message sequences: every message the bridge writes is well-formed, in every format", function()
   local runs = tonumber(os.getenv("TEST_BRIDGE_RUNS") or "") or 20000
   math.randomseed(20261126) -- a failure reproduces
