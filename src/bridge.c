@@ -192,9 +192,37 @@ static int next_pair(struct pairs *j)
 
 #define IS(ptr, len, lit) ((len) == sizeof(lit) - 1 && memcmp((ptr), lit, sizeof(lit) - 1) == 0)
 
+/* The value of four hex digits at s, or -1. */
+static int hex4(const char *s)
+{
+	int v = 0;
+
+	for (int i = 0; i < 4; i++) {
+		int c = (unsigned char)s[i], l = c | 0x20;	/* l: a letter in lower case */
+
+		if (c >= '0' && c <= '9')
+			v = v * 16 + c - '0';
+		else if (l >= 'a' && l <= 'f')
+			v = v * 16 + l - 'a' + 10;
+		else
+			return -1;
+	}
+	return v;
+}
+
+static int base64_char(int c)
+{
+	return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '+' || c == '/' ||
+	       c == '=';
+}
+
 /*
  * A base64 value as it may come in JSON: "\/" for "/" is legal, and some
- * encoders write it. Rare: then the value is copied without its escapes.
+ * encoders write it; so is any base64 character as "\u00XX" ("\u002F").
+ * Rare: then the value is copied with its escapes decoded. Any other
+ * escape ("\n", "\\", "\"", "\u000A", ...) stands for a character base64
+ * has not: NULL, the value is not base64. Dropping only the backslash made
+ * "AAA\u002F" the base64 "AAAu002F", and "\n" an "n": wrong audio, unseen.
  */
 static const char *unescaped(const char *v, size_t *n)
 {
@@ -212,9 +240,21 @@ static const char *unescaped(const char *v, size_t *n)
 	k = (size_t)(bs - v);
 	memcpy(tmp, v, k);
 	for (i = k; i < *n; i++) {
-		if (v[i] == '\\' && i + 1 < *n)
-			i++;
-		tmp[k++] = v[i];
+		int c = (unsigned char)v[i];
+
+		if (c == '\\') {
+			if (++i == *n)
+				return NULL;
+			c = (unsigned char)v[i];
+			if (c == 'u') {
+				if (*n - i < 5 || (c = hex4(v + i + 1)) < 0 || !base64_char(c))
+					return NULL;
+				i += 4;
+			} else if (c != '/') {
+				return NULL;
+			}
+		}
+		tmp[k++] = (char)c;
 	}
 	*n = k;
 	return tmp;
@@ -673,8 +713,14 @@ static int phone_tap(void *ctx, struct ca_ws *ws, const char *s, size_t n)
 			namel = j.vl;
 		}
 		if (ev == MEDIA && pay) {
-			pay = unescaped(pay, &payl);
-			phone_audio(b, pay, payl);
+			const char *p = unescaped(pay, &payl);
+
+			if (p) {
+				phone_audio(b, p, payl);
+			} else {
+				b->frames_in++;
+				bad_payload(b, &b->bad_in, "a phone media payload", payl);
+			}
 			return 1;
 		}
 		if (ev == MARK && name) {
@@ -726,8 +772,12 @@ static int model_tap(void *ctx, struct ca_ws *ws, const char *s, size_t n)
 			dn = j.vl;
 		}
 		if (audio && id && d) {
-			d = unescaped(d, &dn);
-			model_audio(b, id, idn, d, dn);
+			const char *p = unescaped(d, &dn);
+
+			if (p)
+				model_audio(b, id, idn, p, dn);
+			else
+				bad_payload(b, &b->bad_out, "a model audio delta", dn);
 			return 1;
 		}
 	}

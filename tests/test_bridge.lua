@@ -444,6 +444,96 @@ T.test("a delta of minutes of audio reaches the phone in media messages of 4 s a
   b:close()
 end)
 
+-- Base64 with JSON escapes: what the bridge must make of each (nil: not
+-- base64, dropped and counted).
+local ESCAPED = {
+  { [[AAA\/]], "AAA/" },
+  { [[AAA\u002F]], "AAA/" },
+  { [[AAA\u002f]], "AAA/" },
+  { [[\u0041\u0042A\u003d]], "ABA=" },
+  { [[AA\u002B\u002b]], "AA++" },
+  { [[AA\nA]], nil },
+  { [[AA\tA]], nil },
+  { [[AA\\A]], nil },
+  { [[AA\u000AA]], nil },
+  { [[AA\u00C1A]], nil },
+  { [[AAA\uD83D]], nil },
+  { [[AA\u002]], nil },
+  { [[AAA\u002G]], nil },
+  { [[AA\"A]], nil },
+}
+
+T.test("base64 with JSON escapes: \\/ and \\u00XX of a base64 character are decoded, any other escape is not base64", function()
+  local r = rig()
+  local b = new_bridge(r, "audio/pcmu", "audio/pcmu", true)
+  local appends, want, bad = {}, {}, 0
+  r.on.model = function(msg)
+    appends[#appends + 1] = cjson.decode(msg).audio
+  end
+  for _, e in ipairs(ESCAPED) do
+    r.fake_phone:send(media(e[1]))
+    want[#want + 1] = e[2]
+    bad = bad + (e[2] and 0 or 1)
+  end
+  r.fake_phone:send(media(FRAME))
+  want[#want + 1] = FRAME
+  T.wait_for(function()
+    return appends[#appends] == FRAME
+  end, 5000, "the last frame")
+  T.eq(r.bad, {})
+  T.eq(appends, want, "the appends: the decoded strings")
+  T.eq(b:stats().bad_in, bad)
+  b:close()
+  -- Model deltas, in each output format: the audio of the decoded string.
+  local pcm = crypto.base64_encode(string.rep("\0\1\2", 320))
+  for _, out in ipairs(FORMATS) do
+    b = new_bridge(r, out, "audio/pcmu", true)
+    local got = {}
+    r.on.phone = function(msg)
+      local m = cjson.decode(msg)
+      if m.event == "media" then
+        got[#got + 1] = m.media.payload
+      end
+    end
+    -- PCM: after 20 ms of audio, so that each delta has some output.
+    local before = out == "audio/pcm" and pcm or ""
+    local deltas = {} -- the same audio, unescaped, to compare with
+    for _, e in ipairs(ESCAPED) do
+      r.fake_model:send(delta("i1", before .. e[1]))
+      deltas[#deltas + 1] = e[2] and before .. e[2] or nil
+    end
+    r.fake_model:send(delta("end", SENTINEL_OUT))
+    T.wait_for(function()
+      return b:stats().deltas == #deltas + 1
+    end, 5000, out .. ": the good deltas")
+    T.wait_for(function()
+      return #got >= #deltas + 1
+    end, 5000, out .. ": their media")
+    T.eq(b:stats().bad_out, bad, out .. ": bad_out")
+    b:close()
+    -- What a bridge makes of the same deltas written without escapes.
+    local b2 = new_bridge(r, out, "audio/pcmu", true)
+    local plain = {}
+    r.on.phone = function(msg)
+      local m = cjson.decode(msg)
+      if m.event == "media" then
+        plain[#plain + 1] = m.media.payload
+      end
+    end
+    for _, d in ipairs(deltas) do
+      r.fake_model:send(delta("i1", d))
+    end
+    r.fake_model:send(delta("end", SENTINEL_OUT))
+    T.wait_for(function()
+      return #plain >= #got
+    end, 5000, out .. ": the plain deltas' media")
+    T.eq(got, plain, out .. ": the media of the escaped deltas are those of the decoded ones")
+    b2:close()
+    r.on.phone = nil
+  end
+  T.eq(r.bad, {})
+end)
+
 T.test("mutated message sequences: every message the bridge writes is well-formed, in every format", function()
   local runs = tonumber(os.getenv("TEST_BRIDGE_RUNS") or "") or 20000
   math.randomseed(20261126) -- a failure reproduces
