@@ -23,7 +23,9 @@
  * since, while more of the item is queued at the phone (it plays in real
  * time): as exact as a mark per chunk, with a fifth of the marks
  * when chunks are 20 ms.
- * Every other message goes on to Lua as before.
+ * Every other message goes on to Lua as before, and so does one of these
+ * that a JSON parser could read otherwise than the taps' key scan (a key
+ * twice, an escaped event name: see phone_tap); Lua hands its fields back.
  *
  *   b = bridge.new(phone_conn, model_conn_or_nil, {stream_sid = "MZ...",
  *                  output = "audio/pcmu" | "audio/pcm" | "audio/pcma",
@@ -32,7 +34,10 @@
  *                        checked and kept here from the first one
  *   b:link_model(conn)   the model connection, when it comes after the phone
  *   b:model_ready()      appends start; phone frames kept until now are sent first
- *   b:send_audio(item_id, b64)   model audio from Lua (what came before the phone)
+ *   b:send_audio(item_id, b64)   model audio from Lua (what came before the phone,
+ *                        or a delta the model tap left to Lua)
+ *   b:phone_media(b64), b:phone_mark(name)   a phone media or mark message
+ *                        the phone tap left to Lua, its field decoded
  *   b:item()             the model's current audio item: id, sent_ms, played_ms (now), truncated
  *   b:clear()            barge-in: `clear` to the phone; every item with audio
  *                        not confirmed played stops (its later audio is dropped),
@@ -142,28 +147,39 @@ static const char *string_end(const char *p, const char *end)
 }
 
 /*
- * The "key": "string" pairs of a JSON text, at any depth, in order; pairs
- * whose value is not a string are passed over. Keys and values come raw
- * (escapes left in): what the bridge reads are event names, ids, numbers in
- * strings and base64, and the first keys decide what a message is. memchr
- * carries the scan, so a long base64 value costs little.
+ * The "key": value pairs of a JSON text, in order, with the depth of each
+ * key (1: in the top-level object) and, for a key at depth 2, the top-level
+ * key it is under. Keys and string values come raw (escapes left in); v is
+ * NULL when the value is not a string (its keys come next). memchr carries
+ * the scan through strings, so a long base64 value costs little; between
+ * two strings, each byte is looked at for the brackets.
  */
 struct pairs {
 	const char *p, *end;
 	const char *k, *v;
 	size_t kl, vl;
+	int depth;		/* objects and arrays open at p: the key's depth */
+	const char *pk;		/* the last top-level key whose value is not a string */
+	size_t pkl;
 };
 
-static int next_pair(struct pairs *j)
+static inline __attribute__((always_inline)) int next_pair(struct pairs *j)
 {
 	const char *p = j->p, *end = j->end;
+	int d = j->depth;
 
 	while (p < end) {
 		const char *a, *b, *c, *e;
 
-		/* The next string: usually after a "," or "{". */
-		if (*p != '"' && (++p == end || *p != '"') && (p = memchr(p, '"', (size_t)(end - p))) == NULL)
-			break;
+		/* The next string, usually after "," or "{"; brackets on the way. */
+		while (*p != '"') {
+			if (*p == '{' || *p == '[')
+				d++;
+			else if (*p == '}' || *p == ']')
+				d--;
+			if (++p == end)
+				goto out;
+		}
 		if ((b = string_end(p + 1, end)) == NULL)
 			break;
 		a = p;
@@ -173,19 +189,27 @@ static int next_pair(struct pairs *j)
 			continue;
 		}
 		c = skip_space(c + 1, end);
-		if (c == end || *c != '"') {
-			p = c;	/* a number, object, ...: its keys come next */
-			continue;
-		}
-		if ((e = string_end(c + 1, end)) == NULL)
-			break;
 		j->k = a + 1;
 		j->kl = (size_t)(b - a - 1);
-		j->v = c + 1;
-		j->vl = (size_t)(e - c - 1);
-		j->p = e + 1;
+		j->depth = d;
+		if (c < end && *c == '"') {
+			if ((e = string_end(c + 1, end)) == NULL)
+				break;
+			j->v = c + 1;
+			j->vl = (size_t)(e - c - 1);
+			j->p = e + 1;
+		} else {
+			if (d == 1) {
+				j->pk = j->k;
+				j->pkl = j->kl;
+			}
+			j->v = NULL;	/* a number, object, ...: read on from its start */
+			j->vl = 0;
+			j->p = c;
+		}
 		return 1;
 	}
+out:
 	j->p = end;
 	return 0;
 }
@@ -687,46 +711,71 @@ static double played_now(struct bridge *b, int i)
 
 /* ---- the taps ---- */
 
+/*
+ * The taps read a message as a JSON parser would, or leave it to Lua's
+ * (cjson, which keeps the last of a key given twice): the keys that matter
+ * are read at their depth only, and a message where one of them comes
+ * twice, has a value that is not a string, or an event name we do not know
+ * (perhaps an escaped one), goes to Lua. Messages as Twilio and OpenAI
+ * write them take none of these ways. Keys are compared raw: one written
+ * with escapes is another key here.
+ */
 static int phone_tap(void *ctx, struct ca_ws *ws, const char *s, size_t n)
 {
 	struct bridge *b = ctx;
-	struct pairs j = {s, s + n, NULL, NULL, 0, 0};
+	struct pairs j = {s, s + n, NULL, NULL, 0, 0, 0, NULL, 0};
 	enum { UNKNOWN, MEDIA, MARK } ev = UNKNOWN;
 	const char *pay = NULL, *name = NULL;
 	size_t payl = 0, namel = 0;
+	int objs = 0;		/* top-level keys seen: 1 "media", 2 "mark" */
 
 	(void)ws;
-	/* Twilio sends "event" first, but any order is JSON. */
+	/* "event", "media" {"payload"} and "mark" {"name"}, in any order. */
 	while (next_pair(&j)) {
-		if (ev == UNKNOWN && IS(j.k, j.kl, "event")) {
-			if (IS(j.v, j.vl, "media"))
-				ev = MEDIA;
-			else if (IS(j.v, j.vl, "mark"))
-				ev = MARK;
-			else
-				return 0;	/* start, stop, dtmf: Lua's */
-		} else if (pay == NULL && IS(j.k, j.kl, "payload")) {
-			pay = j.v;
-			payl = j.vl;
-		} else if (name == NULL && IS(j.k, j.kl, "name")) {
-			name = j.v;
-			namel = j.vl;
-		}
-		if (ev == MEDIA && pay) {
-			const char *p = unescaped(pay, &payl);
+		if (j.depth == 1) {
+			if (IS(j.k, j.kl, "event")) {
+				if (ev != UNKNOWN || j.v == NULL)
+					return 0;
+				if (IS(j.v, j.vl, "media"))
+					ev = MEDIA;
+				else if (IS(j.v, j.vl, "mark"))
+					ev = MARK;
+				else
+					return 0;	/* start, stop, dtmf: Lua's */
+			} else if (IS(j.k, j.kl, "media") || IS(j.k, j.kl, "mark")) {
+				int bit = j.k[1] == 'e' ? 1 : 2;
 
-			if (p) {
-				phone_audio(b, p, payl);
-			} else {
-				b->frames_in++;
-				bad_payload(b, &b->bad_in, "a phone media payload", payl);
+				if (objs & bit)
+					return 0;
+				objs |= bit;
 			}
-			return 1;
+		} else if (j.depth == 2) {
+			if (IS(j.k, j.kl, "payload") && IS(j.pk, j.pkl, "media")) {
+				if (pay || j.v == NULL)
+					return 0;
+				pay = j.v;
+				payl = j.vl;
+			} else if (IS(j.k, j.kl, "name") && IS(j.pk, j.pkl, "mark")) {
+				if (name || j.v == NULL)
+					return 0;
+				name = j.v;
+				namel = j.vl;
+			}
 		}
-		if (ev == MARK && name) {
-			mark_echoed(b, name, namel);
-			return 1;
+	}
+	if (ev == MEDIA && pay) {
+		const char *p = unescaped(pay, &payl);
+
+		if (p) {
+			phone_audio(b, p, payl);
+		} else {
+			b->frames_in++;
+			bad_payload(b, &b->bad_in, "a phone media payload", payl);
 		}
+	} else if (ev == MARK && name) {
+		if (memchr(name, '\\', namel))
+			return 0;	/* Lua's, to read the name */
+		mark_echoed(b, name, namel);
 	}
 	return ev != UNKNOWN;	/* media or mark without its field: nothing to do */
 }
@@ -743,45 +792,54 @@ static int text_delta(const char *t, size_t n)
 static int model_tap(void *ctx, struct ca_ws *ws, const char *s, size_t n)
 {
 	struct bridge *b = ctx;
-	struct pairs j = {s, s + n, NULL, NULL, 0, 0};
-	const char *id = NULL, *d = NULL;
+	struct pairs j = {s, s + n, NULL, NULL, 0, 0, 0, NULL, 0};
+	enum { OTHER, AUDIO, TEXT } kind = OTHER;
+	const char *id = NULL, *d = NULL, *p;
 	size_t idn = 0, dn = 0;
-	int audio = 0;
 
 	(void)ws;
 	/* OpenAI sends "type" first: any other event is Lua's after one pair. */
 	while (next_pair(&j)) {
-		if (!audio && IS(j.k, j.kl, "type")) {
-			if (!IS(j.v, j.vl, "response.output_audio.delta") && !IS(j.v, j.vl, "response.audio.delta")) {
-				/* The audio is over: the phone tells when its end has played. */
-				if (b->unmarked >= 0 && (IS(j.v, j.vl, "response.output_audio.done") ||
-				    IS(j.v, j.vl, "response.audio.done") || IS(j.v, j.vl, "response.done")))
-					flush_mark(b);
-				if (text_delta(j.v, j.vl)) {
-					b->text_deltas++;
-					return 1;
-				}
+		if (j.depth != 1)
+			continue;
+		if (IS(j.k, j.kl, "type")) {
+			if (kind != OTHER || j.v == NULL)
 				return 0;
+			if (IS(j.v, j.vl, "response.output_audio.delta") || IS(j.v, j.vl, "response.audio.delta")) {
+				kind = AUDIO;
+				continue;
 			}
-			audio = 1;
+			/* The audio is over: the phone tells when its end has played. */
+			if (b->unmarked >= 0 && (IS(j.v, j.vl, "response.output_audio.done") ||
+			    IS(j.v, j.vl, "response.audio.done") || IS(j.v, j.vl, "response.done")))
+				flush_mark(b);
+			if (!text_delta(j.v, j.vl))
+				return 0;
+			kind = TEXT;
 		} else if (IS(j.k, j.kl, "item_id")) {
+			if (id || j.v == NULL)
+				return 0;
 			id = j.v;
 			idn = j.vl;
 		} else if (IS(j.k, j.kl, "delta")) {
+			if (d || j.v == NULL)
+				return 0;
 			d = j.v;
 			dn = j.vl;
 		}
-		if (audio && id && d) {
-			const char *p = unescaped(d, &dn);
-
-			if (p)
-				model_audio(b, id, idn, p, dn);
-			else
-				bad_payload(b, &b->bad_out, "a model audio delta", dn);
-			return 1;
-		}
 	}
-	return audio;
+	if (kind == TEXT)
+		b->text_deltas++;
+	if (kind != AUDIO || id == NULL || d == NULL)
+		return kind != OTHER;
+	/* An escaped id names the item as Lua decodes it (a truncate sends it back). */
+	if (!(b->cur >= 0 && is_item(&b->items[b->cur], id, idn)) && memchr(id, '\\', idn))
+		return 0;
+	if ((p = unescaped(d, &dn)) != NULL)
+		model_audio(b, id, idn, p, dn);
+	else
+		bad_payload(b, &b->bad_out, "a model audio delta", dn);
+	return 1;
 }
 
 static void tap_closed(void *ctx, struct ca_ws *ws)
@@ -959,6 +1017,28 @@ static int l_send_audio(lua_State *L)
 	return 0;
 }
 
+/* A media message the taps left to Lua (see phone_tap): its payload, decoded. */
+static int l_phone_media(lua_State *L)
+{
+	struct bridge *b = check(L);
+	size_t n;
+	const char *b64 = luaL_checklstring(L, 2, &n);
+
+	phone_audio(b, b64, n);
+	return 0;
+}
+
+/* The same for a mark: its name, decoded. */
+static int l_phone_mark(lua_State *L)
+{
+	struct bridge *b = check(L);
+	size_t n;
+	const char *name = luaL_checklstring(L, 2, &n);
+
+	mark_echoed(b, name, n);
+	return 0;
+}
+
 static int l_item(lua_State *L)
 {
 	struct bridge *b = check(L);
@@ -1093,6 +1173,8 @@ int luaopen_callagent_core_bridge(lua_State *L)
 		{"link_model", l_link_model},
 		{"model_ready", l_model_ready},
 		{"send_audio", l_send_audio},
+		{"phone_media", l_phone_media},
+		{"phone_mark", l_phone_mark},
 		{"item", l_item},
 		{"clear", l_clear},
 		{"unplayed", l_unplayed},

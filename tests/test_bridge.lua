@@ -35,7 +35,7 @@ local check = require("bridge_check")(SID)
 -- r.on.model / r.on.phone, if set, are called with each message, in the
 -- fake's handler.
 local function rig()
-  local r = { got = { model = 0, phone = 0 }, bad = {}, last = {}, sentinels = task.queue(), on = {} }
+  local r = { got = { model = 0, phone = 0 }, bad = {}, last = {}, sentinels = task.queue(), on = {}, phone_lua = {} }
   local function receive(to, msg)
     r.got[to] = r.got[to] + 1
     r.last[to] = msg
@@ -56,7 +56,9 @@ local function rig()
       open = function(conn)
         r.phone = conn
       end,
-      text = function() end, -- what the bridge leaves to Lua (start, stop, ...)
+      text = function(_, msg) -- what the bridge leaves to Lua (start, stop, ...)
+        r.phone_lua[#r.phone_lua + 1] = msg
+      end,
     })
     s:websocket("/model", {
       open = function(conn)
@@ -532,6 +534,98 @@ T.test("base64 with JSON escapes: \\/ and \\u00XX of a base64 character are deco
     r.on.phone = nil
   end
   T.eq(r.bad, {})
+end)
+
+-- Messages whose keys a scan without depth, or without a look at the rest,
+-- reads otherwise than a JSON parser: each with what the bridge must send on
+-- (the append's or the media's payload), or "lua": the message is left to
+-- Lua, which reads it with cjson (the last of a key given twice) and hands
+-- its fields back.
+local A, B = crypto.base64_encode("\1\1\1"), crypto.base64_encode("\2\2\2")
+local PARSER = {
+  phone = {
+    { '{"event":"media","media":{"extra":{"payload":"' .. A .. '"},"payload":"' .. B .. '"}}', B },
+    { '{"event":"media","start":{"payload":"' .. A .. '"},"media":{"payload":"' .. B .. '"}}', B },
+    { '{"payload":"' .. A .. '","event":"media","media":{"payload":"' .. B .. '"}}', B },
+    { '{"media":{"payload":"' .. B .. '"},"streamSid":"MZ","event":"media"}', B },
+    { '[{"event":"media","media":{"payload":"' .. A .. '"}}]', "lua" },
+    { '{"x":{"event":"media"},"event":"stop","media":{"payload":"' .. A .. '"}}', "lua" },
+    { '{"event":"stop","x":{"event":"media"},"media":{"payload":"' .. A .. '"}}', "lua" },
+    { '{"event":"media","media":{"payload":"' .. A .. '","payload":"' .. B .. '"}}', "lua" },
+    { '{"event":"media","media":{"payload":"' .. A .. '"},"media":{"payload":"' .. B .. '"}}', "lua" },
+    { '{"event":"media","event":"stop","media":{"payload":"' .. A .. '"}}', "lua" },
+    { '{"event":"medi\\u0061","media":{"payload":"' .. A .. '"}}', "lua" },
+    { '{"event":"media","media":{"payload":12}}', "lua" },
+    { '{"event":"mark","mark":{"name":"\\u0031"}}', "lua" },
+    { '{"event":"mark","mark":{"name":"1","name":"2"}}', "lua" },
+  },
+  model = {
+    { '{"type":"response.output_audio.delta","x":{"delta":"' .. A .. '","item_id":"j"},"item_id":"i","delta":"' .. B .. '"}', B },
+    { '{"delta":"' .. B .. '","item_id":"i","type":"response.output_audio.delta"}', B },
+    { '{"x":{"type":"response.output_audio.delta","item_id":"i","delta":"' .. A .. '"}}', "lua" },
+    { '{"type":"response.output_audio.delta","item_id":"i","delta":"' .. A .. '","delta":"' .. B .. '"}', "lua" },
+    { '{"type":"response.output_audio.delta","type":"response.done","item_id":"i","delta":"' .. A .. '"}', "lua" },
+    { '{"type":"response.output_audio.d\\u0065lta","item_id":"i","delta":"' .. A .. '"}', "lua" },
+    { '{"type":"response.output_audio.delta","item_id":"\\u0069","delta":"' .. A .. '"}', "lua" },
+    { '{"type":"response.output_audio.delta","item_id":"i","item_id":"j","delta":"' .. A .. '"}', "lua" },
+    { '{"type":"response.output_audio_transcript.delta","type":"response.done"}', "lua" },
+  },
+}
+
+T.test("the keys that matter are read at their depth, once: anything a JSON parser reads otherwise goes to Lua", function()
+  local r = rig()
+  local b = new_bridge(r, "audio/pcmu", "audio/pcmu", true)
+  local got = {}
+  r.on.model = function(msg)
+    got[#got + 1] = cjson.decode(msg).audio
+  end
+  r.on.phone = function(msg)
+    local m = cjson.decode(msg)
+    got[#got + 1] = m.media and m.media.payload
+  end
+  for _, side in ipairs({ "phone", "model" }) do
+    for i, c in ipairs(PARSER[side]) do
+      local lua = side == "phone" and r.phone_lua or r.model_lua
+      local n_lua, n_got = #lua, #got
+      if side == "phone" then
+        r.fake_phone:send(c[1])
+        r.fake_phone:send(media(FRAME))
+      else
+        r.fake_model:send(c[1])
+        r.fake_model:send(delta("i", FRAME))
+      end
+      T.wait_for(function()
+        return got[#got] == FRAME
+      end, 5000, side .. " " .. i .. ": the frame after it")
+      if c[2] == "lua" then
+        T.eq({ #lua - n_lua, #got - n_got }, { 1, 1 }, side .. " " .. i .. " goes to Lua, alone: " .. c[1])
+        T.eq(lua[#lua], c[1])
+      else
+        T.eq({ #lua - n_lua, got[n_got + 1] }, { 0, c[2] }, side .. " " .. i .. ": " .. c[1])
+      end
+      got[#got] = nil
+    end
+  end
+  T.eq(r.bad, {})
+  -- What Lua hands back (bridge.lua does, with the fields cjson read).
+  b:phone_media(B)
+  T.wait_for(function()
+    return got[#got] == B
+  end, 5000, "the append of phone_media")
+  local last_mark
+  r.on.phone = function(msg)
+    local m = cjson.decode(msg)
+    last_mark = m.mark and m.mark.name or last_mark
+  end
+  b:send_audio("k", crypto.base64_encode(string.rep("\127", 800)))
+  T.wait_for(function()
+    return last_mark and select(2, b:item()) == 100
+  end, 5000, "the mark after item k")
+  b:phone_mark("999")
+  T.ok(b:unplayed(), "a mark not sent: nothing played")
+  b:phone_mark(last_mark)
+  T.eq(b:unplayed(), false, "the last mark: all played")
+  b:close()
 end)
 
 T.test("mutated message sequences: every message the bridge writes is well-formed, in every format", function()

@@ -608,4 +608,43 @@ T.test("pcma input: a phone payload of any length reaches the model", function()
   T.eq(env.rt.sessions[1].input_bytes, 9 * 160 + 4800)
 end, { timeout = 40000 })
 
+T.test("caller audio that only a JSON parser reads right (escapes, a key twice, an escaped event name) reaches the model whole", function()
+  local b64 = require("callagent.crypto").base64_encode
+  local pattern = byte_pattern(5, 250):sub(1, 160 * 10)
+  local function frame(k)
+    return b64(pattern:sub(160 * (k - 1) + 1, 160 * k))
+  end
+  local escaped = frame(2):gsub("/", "\\u002F"):gsub("%+", "\\u002b")
+  T.ok(escaped ~= frame(2), "frame 2 has a / or a + to escape")
+  local env = kit.start({
+    twilio = {
+      behaviour = {
+        audio = pattern,
+        audio_ms = 200,
+        payloads = {
+          -- Written into the media message as is: the fake's template has
+          -- the payload last, then "}}.
+          [2] = escaped,
+          [4] = b64(string.rep("\0", 160)) .. '","payload":"' .. frame(4), -- cjson reads the last
+          [6] = frame(6) .. '"},"event":"medi\\u0061","x":{"y":"', -- "event" twice
+          [8] = frame(8):gsub("/", "\\/"),
+        },
+      },
+    },
+    realtime = {
+      script = function(session)
+        session:wait_audio(#pattern, 10000)
+        session:call_function("report_call", { summary = "Heard them.", outcome = "success" })
+        session:wait_event("response.create", 5000)
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550118", prompt = "Listen." })
+  local call = env:wait_final(id, 20000)
+  T.eq(call.status, "completed")
+  local s = env.rt.sessions[1]
+  T.eq(#s.input_audio, #pattern)
+  T.eq(s.input_audio == pattern, true, "the ten frames arrived intact and in order")
+end, { timeout = 40000 })
+
 T.run()

@@ -805,14 +805,26 @@ function Bridge:attach(conn, start)
 end
 
 --- Text messages of the attached stream that the C path did not take:
--- everything but media and marks.
+-- everything but media and marks, and those of them that only a JSON
+-- parser reads right (a key twice, an escaped event name): their fields go
+-- back to C.
 function Bridge:on_stream_text(msg)
   local ev = json.try_decode(msg)
   if type(ev) ~= "table" then
     return
   end
   local e = ev.event
-  if e == "stop" then
+  if e == "media" or e == "mark" then
+    local m = ev[e]
+    local v = type(m) == "table" and m[e == "media" and "payload" or "name"]
+    if type(v) == "string" and self.cb then
+      if e == "media" then
+        self.cb:phone_media(v)
+      else
+        self.cb:phone_mark(v)
+      end
+    end
+  elseif e == "stop" then
     log.info("media stream stopped", { call = self.call_id, attempt = self.attempt })
     self.phone_stopped = true
   elseif e == "dtmf" then
