@@ -252,8 +252,8 @@ static const char *unescaped(const char *v, size_t *n)
 {
 	static char *tmp;
 	static size_t cap;
-	const char *bs = memchr(v, '\\', *n);
-	size_t i, k;
+	const char *s = v, *end = v + *n, *bs = memchr(v, '\\', *n);
+	size_t k = 0;
 
 	if (bs == NULL)
 		return v;
@@ -261,26 +261,24 @@ static const char *unescaped(const char *v, size_t *n)
 		cap = *n + 1024;
 		tmp = ca_realloc(tmp, cap);
 	}
-	k = (size_t)(bs - v);
-	memcpy(tmp, v, k);
-	for (i = k; i < *n; i++) {
-		int c = (unsigned char)v[i];
+	/* From escape to escape: the runs between are copied whole. */
+	do {
+		int c;
 
-		if (c == '\\') {
-			if (++i == *n)
-				return NULL;
-			c = (unsigned char)v[i];
-			if (c == 'u') {
-				if (*n - i < 5 || (c = hex4(v + i + 1)) < 0 || !base64_char(c))
-					return NULL;
-				i += 4;
-			} else if (c != '/') {
-				return NULL;
-			}
+		memcpy(tmp + k, s, (size_t)(bs - s));
+		k += (size_t)(bs - s);
+		if (end - bs >= 2 && bs[1] == '/') {
+			c = '/';
+			s = bs + 2;
+		} else if (end - bs >= 6 && bs[1] == 'u' && (c = hex4(bs + 2)) >= 0 && base64_char(c)) {
+			s = bs + 6;
+		} else {
+			return NULL;
 		}
 		tmp[k++] = (char)c;
-	}
-	*n = k;
+	} while ((bs = memchr(s, '\\', (size_t)(end - s))) != NULL);
+	memcpy(tmp + k, s, (size_t)(end - s));
+	*n = k + (size_t)(end - s);
 	return tmp;
 }
 
