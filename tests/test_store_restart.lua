@@ -31,6 +31,9 @@ local function world(opts)
     if opts.hold_first and #w.requests == 1 then
       timer.sleep(60000) -- never answered before the app is killed
     end
+    if opts.answer_ms then
+      timer.sleep(opts.answer_ms) -- a receiver that takes a moment (an agent run)
+    end
     if opts.refuse then
       return 400, { error = "no such session" }
     end
@@ -353,6 +356,27 @@ T.test("SIGTERM during a conversation: the call ends failed with endReason shutd
   timer.sleep(500)
   T.eq(#w.deliveries, 1, "notified once")
   T.eq(w.deliveries[1].body.data.status, "failed")
+end, { timeout = 60000 })
+
+T.test("SIGTERM during a conversation, the receiver slow to answer: notified once, not again by the next start", function()
+  local w = world({
+    answer_ms = 400,
+    script = function(session)
+      assert(session:wait_event("response.create", 5000))
+      session:speak({ ms = 20000, text = "A very long monologue." })
+    end,
+  })
+  w.start()
+  local id = w.create("+14155550176")
+  w.wait(id, function(r)
+    return r.status == "in_progress"
+  end, 10000, "in progress")
+  assert(w.app:kill("SIGTERM"))
+  T.eq(w.app:wait(10000), 0)
+  T.eq(#w.deliveries, 1, "delivered during the stop")
+  w.start()
+  timer.sleep(1500) -- the next start's resume
+  T.eq(w.requests, { id .. ":failed" }, "one request, not a second from the next start")
 end, { timeout = 60000 })
 
 T.test("SIGTERM during a conversation whose final callback is lost: ended here within 2 s of the hang-up", function()

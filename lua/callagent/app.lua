@@ -43,6 +43,7 @@ local url = require "callagent.url"
 local log = require "callagent.log"
 local runtime = require "callagent.runtime"
 local timer = require "callagent.timer"
+local task = require "callagent.task"
 
 local M = {}
 local App = {}
@@ -458,11 +459,15 @@ function App:create_call(input)
   return self.engine:call_view(call.id)
 end
 
+-- How long a stop waits for the answers to notifications on their way.
+local NOTIFY_DRAIN_MS = 2000
+
 function App:stop()
   if self.stopped then
     return
   end
   self.stopped = true
+  local started = timer.now()
   if self.engine then
     -- The tunnel and the store close after the hang-ups (the tunnel stays
     -- open meanwhile: the vendor's final status callbacks come through it),
@@ -489,6 +494,13 @@ function App:stop()
   -- retry, nor a timer the hang-ups above started (in-process embedders
   -- stop the app and go on running).
   if self.notifier then
+    -- The calls that ended above were notified: their requests' answers are
+    -- waited for a little (within the grace), or the next start would send
+    -- what the receiver already has.
+    local left = math.min(NOTIFY_DRAIN_MS, runtime.grace_ms - 3000 - (timer.now() - started))
+    if task.running() and left > 0 and not self.notifier:drain(left) then
+      log.warn("notifications still on their way at the stop: the next start sends them again")
+    end
     self.notifier:stop()
   end
   if self.engine then

@@ -33,6 +33,7 @@ function M.new(cfg, store, opts)
     base_delay_ms = opts.base_delay_ms or 1000,
     timeout_ms = opts.timeout_ms or 10000,
     in_flight = {},
+    requests = 0, -- requests waiting for their answer (drain)
   }, Notifier)
 end
 
@@ -118,65 +119,82 @@ function Notifier:send(key, body)
     return
   end
   self.in_flight[key] = true
-  task.spawn(function()
-    -- "/agent" goes on the path, before a query the URL may have.
-    local path, query = self.cfg.hooksUrl:match("^([^?#]*)(.*)$")
-    local url = path:gsub("/+$", "") .. "/agent" .. query
-    local delay = self.base_delay_ms
-    for try = 1, self.attempts do
-      if self.stopped then
-        self.in_flight[key] = nil
-        return
-      end
-      local res, err = fetch(url, {
-        method = "POST",
-        body = body,
-        timeout = self.timeout_ms,
-        headers = {
-          ["Content-Type"] = "application/json",
-          Authorization = "Bearer " .. self.cfg.hooksToken,
-          ["Idempotency-Key"] = key,
-        },
-      })
-      if self.stopped then
-        -- The store is closed: what was not marked sent is sent again at
-        -- the next start (resume).
-        self.in_flight[key] = nil
-        return
-      end
-      if res and res.status < 300 then
-        self.store:mark_notified(key, "sent")
-        log.info("notification delivered", { key = key, status = res.status, try = try })
-        self.in_flight[key] = nil
-        return
-      end
-      local why = res and ("HTTP " .. res.status) or err
-      -- 408 and 429 say "later"; another answer under 500 will not change.
-      local refused = res and res.status < 500 and res.status ~= 429 and res.status ~= 408
-      self.store:mark_notified(key, refused and "refused" or "failed", why)
-      if refused and res.status >= 300 and res.status < 400 then
-        -- Not followed: the body and its bearer token go where configured,
-        -- nowhere else. The address, without its query (it may hold a token).
-        local to = res.headers and res.headers.location
-        log.error("notification redirected; not retrying: set notify.hooksUrl to the receiver's own address",
-          { key = key, error = why, location = to and to:gsub("[?#].*", "") })
-        self.in_flight[key] = nil
-        return
-      elseif refused then
-        log.warn("notification refused; not retrying", { key = key, error = why })
-        self.in_flight[key] = nil
-        return
-      end
-      if try < self.attempts then
-        log.warn("notification failed; retrying", { key = key, error = why, try = try, retry_in_ms = delay })
-        timer.sleep(delay)
-        delay = delay * 2
-      else
-        log.error("notification failed; giving up", { key = key, error = why, tries = try })
-      end
+  task.spawn(self._deliver, self, key, body)
+end
+
+-- Delivers one notification, with its retries (in a task; in_flight[key] set).
+function Notifier:_deliver(key, body)
+  -- "/agent" goes on the path, before a query the URL may have.
+  local path, query = self.cfg.hooksUrl:match("^([^?#]*)(.*)$")
+  local url = path:gsub("/+$", "") .. "/agent" .. query
+  local delay = self.base_delay_ms
+  for try = 1, self.attempts do
+    if self.stopped then
+      self.in_flight[key] = nil
+      return
     end
-    self.in_flight[key] = nil
-  end)
+    self.requests = self.requests + 1
+    local res, err = fetch(url, {
+      method = "POST",
+      body = body,
+      timeout = self.timeout_ms,
+      headers = {
+        ["Content-Type"] = "application/json",
+        Authorization = "Bearer " .. self.cfg.hooksToken,
+        ["Idempotency-Key"] = key,
+      },
+    })
+    self.requests = self.requests - 1
+    if self.stopped then
+      -- The store is closed: what was not marked sent is sent again at
+      -- the next start (resume).
+      self.in_flight[key] = nil
+      return
+    end
+    if res and res.status < 300 then
+      self.store:mark_notified(key, "sent")
+      log.info("notification delivered", { key = key, status = res.status, try = try })
+      self.in_flight[key] = nil
+      return
+    end
+    local why = res and ("HTTP " .. res.status) or err
+    -- 408 and 429 say "later"; another answer under 500 will not change.
+    local refused = res and res.status < 500 and res.status ~= 429 and res.status ~= 408
+    self.store:mark_notified(key, refused and "refused" or "failed", why)
+    if refused and res.status >= 300 and res.status < 400 then
+      -- Not followed: the body and its bearer token go where configured,
+      -- nowhere else. The address, without its query (it may hold a token).
+      local to = res.headers and res.headers.location
+      log.error("notification redirected; not retrying: set notify.hooksUrl to the receiver's own address",
+        { key = key, error = why, location = to and to:gsub("[?#].*", "") })
+      self.in_flight[key] = nil
+      return
+    elseif refused then
+      log.warn("notification refused; not retrying", { key = key, error = why })
+      self.in_flight[key] = nil
+      return
+    end
+    if try < self.attempts then
+      log.warn("notification failed; retrying", { key = key, error = why, try = try, retry_in_ms = delay })
+      timer.sleep(delay)
+      delay = delay * 2
+    else
+      log.error("notification failed; giving up", { key = key, error = why, tries = try })
+    end
+  end
+  self.in_flight[key] = nil
+end
+
+--- Inside a task: waits, at most ms, for the requests on their way to be
+-- answered, so that a delivered notification is marked so before the store
+-- closes, not sent again by the next start (retries waiting their turn are
+-- left for it). Returns whether none is left.
+function Notifier:drain(ms)
+  local deadline = timer.now() + ms
+  while self.requests > 0 and timer.now() < deadline do
+    timer.sleep(20)
+  end
+  return self.requests == 0
 end
 
 --- No more sending: sends in flight end without touching the store (it is
@@ -185,14 +203,30 @@ function Notifier:stop()
   self.stopped = true
 end
 
---- Sends every notification recorded but not delivered (after a restart).
+-- Notifications resume() sends at once: a backlog of thousands (a receiver
+-- down for a day) is not thousands of connections at the start.
+local RESUME_AT_ONCE = 8
+
+--- Sends every notification recorded but not delivered (after a restart),
+-- RESUME_AT_ONCE at a time, oldest first.
 function Notifier:resume()
   if not self:enabled() then
     return 0
   end
   local pending = self.store:pending_notifications()
-  for _, n in ipairs(pending) do
-    self:send(n.key, n.payload)
+  local next_one = 0
+  local function worker()
+    while next_one < #pending and not self.stopped do
+      next_one = next_one + 1
+      local n = pending[next_one]
+      if not self.in_flight[n.key] then
+        self.in_flight[n.key] = true
+        self:_deliver(n.key, n.payload)
+      end
+    end
+  end
+  for _ = 1, math.min(RESUME_AT_ONCE, #pending) do
+    task.spawn(worker)
   end
   return #pending
 end
