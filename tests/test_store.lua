@@ -113,6 +113,23 @@ T.test("sqlite: finished calls older than the retention are pruned with their ro
   T.eq(s.db:value("SELECT count(*) FROM transcript WHERE call_id = 'c_old'"), 0, "its rows went with it")
 end)
 
+T.test("sqlite: notifications older than the retention are pruned, delivered or not", function()
+  local s = open("sqlite")
+  for _, key in ipairs({ "old-sent", "old-pending", "old-failed", "new-pending" }) do
+    T.eq(s:add_notification(key, "c_" .. key, "{}"), true)
+  end
+  s:mark_notified("old-sent", "sent")
+  s:mark_notified("old-failed", "failed", "ECONNREFUSED")
+  assert(s.db:run("UPDATE notifications SET created = ? WHERE key LIKE 'old-%'", core.time() - 40 * 86400))
+  s:prune(30)
+  local left = {}
+  for _, n in ipairs(s:pending_notifications()) do
+    left[#left + 1] = n.key
+  end
+  T.eq(left, { "new-pending" }, "a receiver never reached does not keep a backlog past the retention")
+  T.eq(s.db:value("SELECT count(*) FROM notifications"), 1)
+end)
+
 T.test("sqlite: the data is there after closing and opening again", function()
   local path = T.tmpdir() .. "/again.db"
   local s = assert(store_mod.open({ backend = "sqlite", path = path, retentionDays = 30 }))

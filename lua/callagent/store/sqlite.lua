@@ -381,7 +381,13 @@ function Store:prune(days)
     return 0
   end
   local n = self.db:run([[DELETE FROM calls WHERE created < ? AND status NOT IN ('queued', 'dialing', 'in_progress')]], cutoff)
-  self.db:run("DELETE FROM notifications WHERE created < ? AND sent <> 0", cutoff)
+  -- Undelivered ones too: a receiver that was never reachable must not have
+  -- its backlog grow for ever, nor hear of calls older than the retention.
+  local stale = self.db:value("SELECT count(*) FROM notifications WHERE created < ? AND sent = 0", cutoff)
+  self.db:run("DELETE FROM notifications WHERE created < ?", cutoff)
+  if stale and stale > 0 then
+    log.warn("store pruned notifications never delivered", { removed = stale, older_than_days = days })
+  end
   if n and n > 0 then
     log.info("store pruned old calls", { removed = n, older_than_days = days })
   end

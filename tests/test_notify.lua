@@ -1,0 +1,45 @@
+-- callagent.notify against a real receiver: a backlog found at start is sent
+-- a few at a time, oldest first, each once.
+local T = require "testing"
+local http = require "callagent.http"
+local timer = require "callagent.timer"
+local store_mod = require "callagent.store"
+local notify = require "callagent.notify"
+
+T.test("a backlog of 40 notifications at start is sent 8 at a time, oldest first, each once", function()
+  local now, most, order = 0, 0, {}
+  local hooks = http.server({ headers = { "idempotency-key" } })
+  hooks:post("/hooks/agent", function(req)
+    now = now + 1
+    most = math.max(most, now)
+    order[#order + 1] = req.headers["idempotency-key"]
+    timer.sleep(50)
+    now = now - 1
+    return 200, { ok = true }
+  end)
+  assert(hooks:listen())
+  T.defer(function()
+    hooks:close()
+  end)
+  local store = assert(store_mod.open({ backend = "sqlite", path = T.tmpdir() .. "/n.db", retentionDays = 30 }))
+  T.defer(function()
+    store:close()
+  end)
+  local keys = {}
+  for i = 1, 40 do
+    keys[i] = ("c_%02d:completed"):format(i)
+    assert(store:add_notification(keys[i], ("c_%02d"):format(i), "{}"))
+    assert(store.db:run("UPDATE notifications SET created = ? WHERE key = ?", 1000 + i, keys[i]))
+  end
+  local n = notify.new({ hooksUrl = hooks:url("/hooks"), hooksToken = "hooks-token-for-tests" }, store,
+    { base_delay_ms = 50 })
+  T.eq(n:resume(), 40)
+  T.wait_for(function()
+    return #store:pending_notifications() == 0
+  end, 10000, "every one delivered")
+  T.eq(#order, 40, "each once")
+  T.le(most, 8, "at most 8 at once")
+  T.eq(order[1], keys[1], "the oldest first")
+end)
+
+T.run()
