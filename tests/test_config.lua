@@ -22,6 +22,10 @@ T.test("the seed's example config is accepted as is, with defaults filled in", f
   T.eq(#warnings, 0)
   T.eq(cfg.server.host, "127.0.0.1")
   T.eq(cfg.server.publicBaseUrl, "https://example.ngrok.app", "trailing slash trimmed")
+  local c = good()
+  c.notify.hooksUrl = "http://127.0.0.1:19000/hooks/?next=/"
+  T.eq(config.normalize(c, { quiet = true }).notify.hooksUrl, "http://127.0.0.1:19000/hooks?next=/",
+    "the path's trailing slash trimmed, the receiver's query kept as given")
   T.eq(cfg.twilio.apiBaseUrl, "https://api.twilio.com")
   T.eq(cfg.twilio.requestTimeoutSec, 15)
   T.eq(cfg.call.statusGraceSec, 30)

@@ -665,7 +665,9 @@ function M.normalize(input, opts)
   end
   cfg.twilio.apiBaseUrl = cfg.twilio.apiBaseUrl:gsub("/+$", "")
   if cfg.notify.hooksUrl then
-    cfg.notify.hooksUrl = cfg.notify.hooksUrl:gsub("/+$", "")
+    -- From the path only: a query is the receiver's, sent as given.
+    local path, query = cfg.notify.hooksUrl:match("^([^?]*)(.*)$")
+    cfg.notify.hooksUrl = path:gsub("/+$", "") .. query
   end
 
   if not opts.quiet then
