@@ -169,6 +169,28 @@ T.test("a media stream that never starts, or sends something else first, is clos
   T.eq(assert(fetch(api.base .. "/healthz")).status, 200)
 end, { timeout = 30000 })
 
+T.test("a report whose data is no object (an array, a string) keeps it as data.value: data stays an object", function()
+  for _, case in ipairs({ { { "Tuesday", "10:00" }, { value = { "Tuesday", "10:00" } } }, { "Tuesday", { value = "Tuesday" } },
+    { json.array({}), { value = {} } }, { json.null, {} } }) do
+    local env = kit.start({
+      realtime = {
+        script = function(session)
+          assert(session:wait_event("response.create", 5000))
+          session:report_and_goodbye({ summary = "Booked.", outcome = "success", data = case[1] }, { ms = 100, text = "Bye." })
+        end,
+      },
+    })
+    local id = env:create({ to = "+14155550125", prompt = "Book it." })
+    local call = env:wait_final(id, 20000)
+    T.eq(call.report.data, case[2], json.encode(case[1]))
+    T.wait_for(function()
+      return #env.hooks.received >= 1
+    end, 10000, "the notification")
+    T.eq(env.hooks.received[1].json.data.report.data, case[2])
+    env:close()
+  end
+end, { timeout = 60000 })
+
 T.test("a report whose data no record could hold is kept without it: the call completes and is notified", function()
   -- 97 levels: the model's arguments encode; the call document, one
   -- level more, and the webhook's payload would not (encoding stops at 100).

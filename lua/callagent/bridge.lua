@@ -548,7 +548,17 @@ local function normalize_report(args)
       end
     end
   end
-  r.data = type(args.data) == "table" and json.utf8(args.data) or {}
+  local data = args.data
+  if data == json.null then
+    data = nil
+  elseif data ~= nil and (type(data) ~= "table" or json.is_array(data) or rawlen(data) > 0) then
+    -- An array, a string, a number: kept, under "value", so that data stays
+    -- the object the record and the webhook promise.
+    log.warn("report_call data was not an object: kept as data.value", { kind = type(data) == "table" and "array"
+      or type(data) })
+    data = { value = data }
+  end
+  r.data = type(data) == "table" and json.utf8(data) or {}
   -- The record and the webhook must be able to hold it.
   local ok, why = json.check(r.data, DATA_DEPTH)
   if not ok then
