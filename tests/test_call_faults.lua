@@ -424,19 +424,27 @@ T.test("a response the service started before the greeting went out is the agent
   T.eq(lines, { "agent: Hello, this is the agent.", "agent: Bye." })
 end, { timeout = 40000 })
 
+-- The model of the store-refusal tests: "Hello.", then each of lines once
+-- the test has set session.go to its number, then the report and "Bye."
+-- once session.go passes them.
+local function held_script(lines)
+  return function(session)
+    assert(session:wait_event("response.create", 5000))
+    session:speak({ ms = 200, text = "Hello." })
+    for i = 1, #lines + 1 do
+      while (session.go or 0) < i do
+        timer.sleep(20)
+      end
+      if lines[i] then
+        session:speak({ ms = 200, text = lines[i] })
+      end
+    end
+    session:report_and_goodbye({ summary = "Booked.", outcome = "success" }, { ms = 100, text = "Bye." })
+  end
+end
+
 T.test("a store that refuses writes at the call's end: the call is kept, written once it can be, notified once", function()
-  local env = kit.start({
-    realtime = {
-      script = function(session)
-        assert(session:wait_event("response.create", 5000))
-        session:speak({ ms = 200, text = "Hello." })
-        while not session.go do
-          timer.sleep(20)
-        end
-        session:report_and_goodbye({ summary = "Booked.", outcome = "success" }, { ms = 100, text = "Bye." })
-      end,
-    },
-  })
+  local env = kit.start({ realtime = { script = held_script({}) } })
   local id = env:create({ to = "+14155550131", prompt = "Book it." })
   local s
   T.wait_for(function()
@@ -447,7 +455,7 @@ T.test("a store that refuses writes at the call's end: the call is kept, written
   -- refuses every one, the transaction's BEGIN included.
   local db = env.app.store.db
   assert(db:exec("PRAGMA query_only = ON"))
-  s.go = true
+  s.go = 1
   local view = env:wait(id, function(r)
     return r.status == "completed"
   end, 10000, "the call's end, as the engine has it")
@@ -474,18 +482,7 @@ T.test("a store that refuses writes at the call's end: the call is kept, written
 end, { timeout = 60000 })
 
 T.test("a backend without store:batch that refuses the call's end: kept and written later, notified only then", function()
-  local env = kit.start({
-    realtime = {
-      script = function(session)
-        assert(session:wait_event("response.create", 5000))
-        session:speak({ ms = 200, text = "Hello." })
-        while not session.go do
-          timer.sleep(20)
-        end
-        session:report_and_goodbye({ summary = "Booked.", outcome = "success" }, { ms = 100, text = "Bye." })
-      end,
-    },
-  })
+  local env = kit.start({ realtime = { script = held_script({}) } })
   local store = env.app.store
   store.batch = false -- as a backend that has none: one write at a time
   local id = env:create({ to = "+14155550133", prompt = "Book it." })
@@ -495,7 +492,7 @@ T.test("a backend without store:batch that refuses the call's end: kept and writ
     return s and #(s.responses or {}) > 0
   end, 5000, "the greeting")
   assert(store.db:exec("PRAGMA query_only = ON"))
-  s.go = true
+  s.go = 1
   env:wait(id, function(r)
     return r.status == "completed"
   end, 10000, "the call's end, as the engine has it")
@@ -512,22 +509,7 @@ T.test("a backend without store:batch that refuses the call's end: kept and writ
 end, { timeout = 60000 })
 
 T.test("a store that refuses writes mid-call: the lines and events it refused are written in order once it can", function()
-  local env = kit.start({
-    realtime = {
-      script = function(session)
-        assert(session:wait_event("response.create", 5000))
-        session:speak({ ms = 200, text = "Hello." })
-        while not session.go do
-          timer.sleep(20)
-        end
-        session:speak({ ms = 200, text = "Line two." })
-        while not session.go2 do
-          timer.sleep(20)
-        end
-        session:report_and_goodbye({ summary = "Booked.", outcome = "success" }, { ms = 100, text = "Bye." })
-      end,
-    },
-  })
+  local env = kit.start({ realtime = { script = held_script({ "Line two." }) } })
   local id = env:create({ to = "+14155550132", prompt = "Book it." })
   local store = env.app.store
   T.wait_for(function()
@@ -536,13 +518,13 @@ T.test("a store that refuses writes mid-call: the lines and events it refused ar
   local db = store.db
   assert(db:exec("PRAGMA query_only = ON"))
   local s = env.rt.sessions[1]
-  s.go = true
+  s.go = 1
   env:wait(id, function(r)
     return #r.transcript == 2
   end, 10000, "the second line in the API's view")
   T.eq(#store:transcript(id), 1, "the store refused it")
   assert(db:exec("PRAGMA query_only = OFF"))
-  s.go2 = true
+  s.go = 2
   local call = env:wait_final(id, 20000)
   T.eq(call.status, "completed")
   local stored = store:get_call(id)
