@@ -132,6 +132,21 @@ local function first_then_answer(first)
   end
 end
 
+-- A model that greets and talks on.
+local function monologue(session)
+  assert(session:wait_event("response.create", 5000))
+  session:speak({ ms = 20000, text = "A very long monologue." })
+end
+
+-- A call to `to` placed and in a conversation: its id.
+local function in_conversation(w, to)
+  local id = w.create(to)
+  w.wait(id, function(r)
+    return r.status == "in_progress"
+  end, 10000, "in progress")
+  return id
+end
+
 local function report_script(session)
   assert(session:wait_event("response.create", 5000))
   session:report_and_goodbye({ summary = "All good.", outcome = "success" }, { ms = 100, text = "Bye." })
@@ -176,12 +191,7 @@ T.test("kill -9 during a retry wait: after restart the retry fires once, at its 
 end, { timeout = 60000 })
 
 T.test("kill -9 during a live call: after restart the call is resolved honestly and notified once", function()
-  local w = world({
-    script = function(session)
-      assert(session:wait_event("response.create", 5000))
-      session:speak({ ms = 20000, text = "A very long monologue." })
-    end,
-  })
+  local w = world({ script = monologue })
   w.start()
   local id = w.create("+14155550161", "Talk.")
   w.wait(id, function(r)
@@ -330,17 +340,9 @@ local function stored(w, id)
 end
 
 T.test("SIGTERM during a conversation: the call ends failed with endReason shutdown before the exit, notified once", function()
-  local w = world({
-    script = function(session)
-      assert(session:wait_event("response.create", 5000))
-      session:speak({ ms = 20000, text = "A very long monologue." })
-    end,
-  })
+  local w = world({ script = monologue })
   w.start()
-  local id = w.create("+14155550173")
-  w.wait(id, function(r)
-    return r.status == "in_progress"
-  end, 10000, "in progress")
+  local id = in_conversation(w, "+14155550173")
   timer.sleep(500)
   assert(w.app:kill("SIGTERM"))
   T.eq(w.app:wait(10000), 0)
@@ -361,16 +363,10 @@ end, { timeout = 60000 })
 T.test("SIGTERM during a conversation, the receiver slow to answer: notified once, not again by the next start", function()
   local w = world({
     answer_ms = 400,
-    script = function(session)
-      assert(session:wait_event("response.create", 5000))
-      session:speak({ ms = 20000, text = "A very long monologue." })
-    end,
+    script = monologue,
   })
   w.start()
-  local id = w.create("+14155550176")
-  w.wait(id, function(r)
-    return r.status == "in_progress"
-  end, 10000, "in progress")
+  local id = in_conversation(w, "+14155550176")
   assert(w.app:kill("SIGTERM"))
   T.eq(w.app:wait(10000), 0)
   T.eq(#w.deliveries, 1, "delivered during the stop")
@@ -382,16 +378,10 @@ end, { timeout = 60000 })
 T.test("SIGTERM during a conversation whose final callback is lost: ended here within 2 s of the hang-up", function()
   local w = world({
     behaviour = { lost_callbacks = { completed = true } },
-    script = function(session)
-      assert(session:wait_event("response.create", 5000))
-      session:speak({ ms = 20000, text = "A very long monologue." })
-    end,
+    script = monologue,
   })
   w.start()
-  local id = w.create("+14155550175")
-  w.wait(id, function(r)
-    return r.status == "in_progress"
-  end, 10000, "in progress")
+  local id = in_conversation(w, "+14155550175")
   local t0 = timer.now()
   assert(w.app:kill("SIGTERM"))
   T.eq(w.app:wait(10000), 0)
