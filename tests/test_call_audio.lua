@@ -152,19 +152,22 @@ local function byte_pattern(step, start)
   return table.concat(parts)
 end
 
+-- A model that reports once it has heard n bytes of the caller.
+local function reports_after(n)
+  return function(session)
+    session:wait_audio(n, 10000)
+    session:call_function("report_call", { summary = "Heard them.", outcome = "success" })
+    session:wait_event("response.create", 5000)
+  end
+end
+
 for _, style in ipairs({ "twilio", "shuffled" }) do
   T.test("caller audio reaches the model whole, from the first frame (" .. style .. " JSON)", function()
     -- What the callee "says" from the moment the stream starts.
     local pattern = byte_pattern(7, 13)
     local env = kit.start({
       twilio = { behaviour = { audio = pattern, json = style } },
-      realtime = {
-        script = function(session)
-          session:wait_audio(#pattern, 10000)
-          session:call_function("report_call", { summary = "Heard them.", outcome = "success" })
-          session:wait_event("response.create", 5000)
-        end,
-      },
+      realtime = { script = reports_after(#pattern) },
     })
     local id = env:create({ to = "+14155550112", prompt = "Listen." })
     local call = env:wait_final(id, 20000)
@@ -631,13 +634,7 @@ T.test("caller audio that only a JSON parser reads right (escapes, a key twice, 
         },
       },
     },
-    realtime = {
-      script = function(session)
-        session:wait_audio(#pattern, 10000)
-        session:call_function("report_call", { summary = "Heard them.", outcome = "success" })
-        session:wait_event("response.create", 5000)
-      end,
-    },
+    realtime = { script = reports_after(#pattern) },
   })
   local id = env:create({ to = "+14155550118", prompt = "Listen." })
   local call = env:wait_final(id, 20000)
