@@ -459,8 +459,10 @@ function App:create_call(input)
   return self.engine:call_view(call.id)
 end
 
--- How long a stop waits for the answers to notifications on their way.
+-- How long a stop waits for the answers to notifications on their way, and
+-- the part of the grace kept for it: the hang-ups' end notifies their calls.
 local NOTIFY_DRAIN_MS = 2000
+local NOTIFY_RESERVE_MS = 1000
 
 function App:stop()
   if self.stopped then
@@ -472,7 +474,7 @@ function App:stop()
     -- The tunnel and the store close after the hang-ups (the tunnel stays
     -- open meanwhile: the vendor's final status callbacks come through it),
     -- within the grace period: a Funnel left published would outlive the app.
-    self.engine:shutdown(math.max(1000, runtime.grace_ms - 3000))
+    self.engine:shutdown(math.max(1000, runtime.grace_ms - 3000 - NOTIFY_RESERVE_MS))
   end
   if self.server then
     self.server:close()

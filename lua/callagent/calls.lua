@@ -1346,9 +1346,15 @@ function Engine:shutdown(deadline_ms)
   local todo = {}
   for id, call in pairs(self.live) do
     local b = self.bridges[id .. "#" .. call.attempt]
+    local a = call.attempts[call.attempt]
     if b then
       b.end_reason = "shutdown"
-      todo[#todo + 1] = { self:call_view(id), call.attempts[call.attempt] }
+      todo[#todo + 1] = { self:call_view(id), a }
+    elseif a and a.status == "in_progress" then
+      -- Answered, its stream not come yet: hung up as well, not left talking
+      -- to a server about to close.
+      call._end_reason = call._end_reason or "shutdown"
+      todo[#todo + 1] = { self:call_view(id), a }
     end
   end
   local next_one = 0
