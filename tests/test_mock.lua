@@ -112,7 +112,7 @@ end)
   T.no_match(log, "hunter2")
 end)
 
-T.test("a mock call answered while the app stops is refused (503) and stays as it was, not answered", function()
+T.test("a mock call ringing when the app stops: its link stops ringing (410), and the call waits for the next start", function()
   local app = start()
   local call = assert(app:create_call({ to = "+15555550100", prompt = "Test." }))
   local id = call.callId or call.id
@@ -121,9 +121,10 @@ T.test("a mock call answered while the app stops is refused (503) and stays as i
   app.engine:shutdown(1000)
   local r = assert(fetch(app.url .. "/mock/api/answer", { method = "POST", headers = { ["Content-Type"] = "application/json" },
     body = json.encode({ callId = id, token = token }) }))
-  T.eq({ r.status, json.decode(r.body).error.code }, { 503, "shutting_down" })
+  T.eq({ r.status, json.decode(r.body).error.code }, { 410, "expired" })
   local v = app.engine:call_view(id)
-  T.eq({ v.status, v.attempts[1].status, v.attempts[1].answeredAt }, { "dialing", "dialing", nil })
+  T.eq({ v.status, v.attempts[1].status, v.attempts[1].reason, v.attempts[1].answeredAt },
+    { "queued", "canceled", "callagent stopped while it rang", nil }, "not answered: dialed again by the next start")
 end)
 
 T.test("app:stop() with a mock call ringing: its ring ends with the app, and the log keeps the link's token out", function()

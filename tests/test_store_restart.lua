@@ -390,6 +390,33 @@ T.test("SIGTERM during a conversation whose final callback is lost: ended here w
   T.eq({ rec.status, rec.endReason }, { "failed", "shutdown" })
 end, { timeout = 60000 })
 
+for _, lost in ipairs({ false, true }) do
+  T.test("SIGTERM while ringing" .. (lost and " (Twilio's final callback lost)" or "")
+    .. ": canceled at Twilio before the exit, and dialed again by the next start", function()
+    local ringing = { ring_ms = 60000, lost_callbacks = lost and { completed = true } or nil }
+    local w = world({ behaviour = first_then_answer(ringing), script = report_script })
+    w.start()
+    local id = w.create("+14155550177")
+    local tw = w.tw:wait_call(5000)
+    assert(tw:wait_status("ringing", 3000), "ringing")
+    assert(w.app:kill("SIGTERM"))
+    T.eq(w.app:wait(10000), 0)
+    T.eq(tw.final, "canceled", "no phone rings for a callagent that is down")
+    T.eq(tw.lost_callbacks, lost and 1 or nil, "the final callback, lost or not")
+    T.eq(stored(w, id).status, "queued")
+    w.start()
+    local rec = w.wait_final(id, 20000)
+    T.eq({ rec.status, rec.attempts[1].status, rec.attempts[1].reason, #rec.attempts },
+      { "completed", "canceled", "callagent stopped while it rang", 2 })
+    T.eq(#w.tw.calls, 2)
+    T.wait_for(function()
+      return #w.deliveries >= 1
+    end, 5000, "the notification")
+    timer.sleep(300)
+    T.eq(w.requests, { id .. ":completed" }, "notified once, of the end")
+  end, { timeout = 60000 })
+end
+
 T.test("SIGTERM during the goodbye: the report is kept, the call completed with endReason shutdown", function()
   local w = world({
     script = function(session)

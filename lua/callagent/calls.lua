@@ -435,13 +435,7 @@ function Engine:_placed_while_stopping(call, n, pid)
   pid = a.providerCallId or pid
   a.providerCallId = pid
   if not self.closed and a.status == "dialing" and call.status == "dialing" and call.attempt == n then
-    local due = core.time()
-    a.status, a.endedAt, a.reason = "canceled", iso(), "callagent stopped while dialing"
-    self:_set_status(call, "queued", { nextAttemptAt = iso(due) }, function()
-      self.store:update_attempt(call.id, n, { status = a.status, endedAt = a.endedAt, reason = a.reason,
-        providerCallId = a.providerCallId })
-      self.store:set_retry(call.id, due)
-    end)
+    self:_requeue_at_stop(call, n, "callagent stopped while dialing")
   end
   if pid then
     log.warn("a call was placed while callagent stopped: hanging it up; the next start dials it again",
@@ -453,6 +447,19 @@ function Engine:_placed_while_stopping(call, n, pid)
       log.warn("provider hang-up failed", { call = call.id, attempt = n, error = err })
     end
   end
+end
+
+-- Attempt n, not answered, ends canceled by a stop, and the call waits for
+-- the next start, which dials it again at once.
+function Engine:_requeue_at_stop(call, n, reason)
+  local a = call.attempts[n]
+  local due = core.time()
+  a.status, a.endedAt, a.reason = "canceled", iso(), reason
+  self:_set_status(call, "queued", { nextAttemptAt = iso(due) }, function()
+    self.store:update_attempt(call.id, n, { status = a.status, endedAt = a.endedAt, reason = a.reason,
+      providerCallId = a.providerCallId })
+    self.store:set_retry(call.id, due)
+  end)
 end
 
 -- Work a stop waits for (dials in flight, hang-ups): delta +1 or -1.
@@ -940,6 +947,10 @@ function Engine:_attempt_final(call, n, status, reason, err)
     return false
   end
   local answered = a.status == "in_progress" or a.answeredAt ~= nil
+  if call._stop_cancel == n and status == "canceled" and not answered and not self.closed then
+    -- The stop's own cancel of a ringing call: dialed again by the next start.
+    return self:_requeue_at_stop(call, n, "callagent stopped while it rang")
+  end
   local b = self.bridges[call.id .. "#" .. n]
   if b and not b.ended then
     b:finish(b.end_reason or reason)
@@ -1355,6 +1366,13 @@ function Engine:shutdown(deadline_ms)
       -- to a server about to close.
       call._end_reason = call._end_reason or "shutdown"
       todo[#todo + 1] = { self:call_view(id), a }
+    elseif a and a.status == "dialing" and a.providerCallId and not a._placing and call.attempt == a.n then
+      -- Ringing: a callee who answered once the server is gone would hear
+      -- the vendor's error message. Canceled, and dialed again by the next
+      -- start (unless the cancel fails: that start resolves it then). One
+      -- whose dial request is still on its way: _placed_while_stopping.
+      call._stop_cancel = a.n -- its canceled status requeues it (_attempt_final)
+      todo[#todo + 1] = { self:call_view(id), a, ringing = true }
     end
   end
   local next_one = 0
@@ -1363,6 +1381,9 @@ function Engine:shutdown(deadline_ms)
       next_one = next_one + 1
       local entry = todo[next_one]
       local ok, err = self:_provider_end(entry[1], entry[2])
+      if ok and entry.ringing then
+        self:_rang_at_stop(entry)
+      end
       entry.hung_up = ok
       if not ok then
         log.warn("hang-up at shutdown failed", { call = entry[1].callId, error = tostring(err) })
@@ -1385,6 +1406,24 @@ function Engine:shutdown(deadline_ms)
         hangups_left = #todo - next_one, in_flight = self.busy, waited_ms = deadline_ms })
     end
     self:_end_hung_up(todo, math.min(SHUTDOWN_FINAL_WAIT_MS, (deadline_ms or math.huge) - (timer.now() - started)))
+  end
+end
+
+-- A ringing call shutdown canceled: queued again; one answered meanwhile is
+-- hung up again, as answered (a cancel does not end an answered call).
+function Engine:_rang_at_stop(entry)
+  local call, a = self.live[entry[1].callId], entry[2]
+  if not call or call.attempt ~= a.n or self.closed then
+    return
+  end
+  if a.status == "dialing" then
+    self:_requeue_at_stop(call, a.n, "callagent stopped while it rang")
+  elseif a.status == "in_progress" then
+    call._end_reason = call._end_reason or "shutdown"
+    local ok, err = self:_provider_end(self:call_view(call.id) or entry[1], a)
+    if not ok then
+      log.warn("hang-up at shutdown failed", { call = call.id, error = tostring(err) })
+    end
   end
 end
 
