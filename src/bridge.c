@@ -63,6 +63,7 @@
 
 #define BRIDGE_MT "callagent.Bridge"
 #define MAX_KEPT 500		/* phone frames kept while the model is not ready (10 s) */
+#define MAX_KEPT_BYTES 262144	/* and their base64 at most: 500 frames are 107 KiB */
 #define ITEMS 8			/* model audio items remembered */
 #define MARK_MS 100.0		/* audio sent between two marks */
 #define MEDIA_MAX 43688		/* base64 characters of a media message at most: 32766 bytes, 4 s */
@@ -100,6 +101,7 @@ struct bridge {
 	int rs_item;			/* the item whose audio rs had last, -1: none */
 	char **kept;			/* payloads kept until the model is ready */
 	int n_kept;
+	size_t kept_bytes;
 	struct item items[ITEMS];
 	int cur;			/* index of the current item, -1: none */
 	int next_item;
@@ -362,9 +364,10 @@ static void phone_audio(struct bridge *b, const char *b64, size_t n)
 	}
 	if (b->ready && b->model) {
 		append_to_model(b, b64, n);
-	} else if (b->n_kept < MAX_KEPT) {
+	} else if (b->n_kept < MAX_KEPT && b->kept_bytes + n <= MAX_KEPT_BYTES) {
 		char *c = ca_malloc(n + 1);
 
+		b->kept_bytes += n;
 		memcpy(c, b64, n);
 		c[n] = '\0';
 		if (b->kept == NULL)
@@ -871,6 +874,7 @@ static void free_kept(struct bridge *b)
 	free(b->kept);
 	b->kept = NULL;
 	b->n_kept = 0;
+	b->kept_bytes = 0;
 }
 
 /* ---- Lua ---- */

@@ -284,6 +284,20 @@ local mutate = require("mutate").new({ '"', "\\", "{", "}", "[", "]", ":", ",", 
   "\195", "\255" })
 local random = math.random
 
+T.test("while the model is not ready, at most 256 KiB of the phone's audio is kept: long frames do not hold more", function()
+  local r = rig()
+  local b = cbridge.new(r.phone, nil, { stream_sid = SID, input = "audio/pcmu" })
+  local big = crypto.base64_encode(string.rep("\1", 100 * 1024)) -- 136 KiB of base64, 12.8 s of audio
+  for _ = 1, 3 do
+    r.fake_phone:send(media(big))
+  end
+  T.wait_for(function()
+    return b:stats().frames_in == 3
+  end, 5000, "the three frames")
+  T.eq({ b:stats().kept, b:stats().dropped_kept }, { 1, 2 }, "the first kept, the rest dropped and counted")
+  b:close()
+end)
+
 T.test("made before the model connection: frames are checked and kept from the first, sent in order once it joins and is ready", function()
   local r = rig()
   -- The sid goes into every message to the phone as it is.
