@@ -437,6 +437,84 @@ T.test("SIGTERM during the goodbye: the report is kept, the call completed with 
   T.eq({ rec.status, rec.endReason, rec.report and rec.report.outcome }, { "completed", "shutdown", "success" })
 end, { timeout = 60000 })
 
+-- A: SIGTERM first (its cancel of the ringing call slow), then the API's hang-up.
+-- B: the API's hang-up first (slow), then SIGTERM while it is on its way.
+for _, order in ipairs({ "sigterm-then-hangup", "hangup-then-sigterm" }) do
+  for _, lost in ipairs({ false, true }) do
+    T.test("ringing, " .. order .. (lost and " (final callback lost)" or "")
+      .. ": the API's hang-up wins, the call is not dialed again", function()
+      local ringing = { ring_ms = 60000, update_delay_ms = 1000, lost_callbacks = lost and { completed = true } or nil }
+      local w = world({ behaviour = first_then_answer(ringing), script = report_script })
+      w.start()
+      local id = w.create("+14155550190")
+      local tw = w.tw:wait_call(5000)
+      assert(tw:wait_status("ringing", 3000), "ringing")
+      local hst, hbody
+      local function hang()
+        local res, ferr = fetch(w.base .. "/v1/calls/" .. id .. "/hangup", { method = "POST" })
+        hst, hbody = res and res.status or ("error: " .. tostring(ferr)), res and json.try_decode(res.body)
+      end
+      if order == "sigterm-then-hangup" then
+        assert(w.app:kill("SIGTERM"))
+        timer.sleep(100)
+        hang()
+      else
+        task.spawn(hang)
+        timer.sleep(100)
+        assert(w.app:kill("SIGTERM"))
+      end
+      T.eq(w.app:wait(10000), 0)
+      T.wait_for(function() return hst ~= nil end, 15000, "the hang-up's answer")
+      T.diag("API hang-up answered " .. tostring(hst) .. " " .. json.encode(hbody))
+      local rec = stored(w, id)
+      T.diag("stored after the stop: " .. rec.status .. " attempts[1]=" .. json.encode(rec.attempts and rec.attempts[1]))
+      w.start()
+      timer.sleep(3000)
+      rec = w.call(id)
+      T.diag("after the restart: " .. rec.status .. " " .. tostring(rec.endReason) .. ", twilio calls " .. #w.tw.calls)
+      -- A hang-up whose answer the closing server cut off may or may not
+      -- have been applied; one answered 202 was.
+      T.ok(hst == 202 or tostring(hst):match("^error"), "202, or cut off by the closing server: " .. tostring(hst))
+      if #w.tw.calls > 1 then
+        T.ok(w.tw.calls[1].ended_at and w.tw.calls[1].ended_at <= w.tw.calls[2].created_at, "never two rings at once")
+      end
+      if hst == 202 then
+        T.eq(#w.tw.calls, 1, "a call the API hung up (202) is not dialed again by the next start")
+        T.eq(rec.status, "canceled", "canceled, as the API asked")
+      end
+    end, { timeout = 60000 })
+  end
+end
+
+-- C: the dial's answer is slow (its callbacks come first); the callee answers
+-- during the stop, while the stop waits for that dial.
+for _, lost in ipairs({ false, true }) do
+  T.test("dial on its way, answered during the stop" .. (lost and " (final callback lost)" or "")
+    .. ": ended before the exit, not left in progress", function()
+    local b = { create_delay_ms = 3000, ring_ms = 1500, lost_callbacks = lost and { completed = true } or nil }
+    local w = world({ behaviour = first_then_answer(b), script = monologue })
+    w.start()
+    local id = w.create("+14155550191")
+    local tw = w.tw:wait_call(5000)
+    assert(tw:wait_status("ringing", 3000), "ringing")
+    timer.sleep(500)
+    assert(w.app:kill("SIGTERM"))
+    local t0 = timer.now()
+    T.eq(w.app:wait(10000), 0)
+    T.diag(string.format("exit after %d ms; twilio: answered %s, final %s/%s", math.floor(timer.now() - t0),
+      tostring(tw.answered_at ~= nil), tostring(tw.final), tostring(tw.end_reason)))
+    local rec = stored(w, id)
+    T.diag("stored after the stop: " .. rec.status .. " " .. tostring(rec.endReason) .. " attempts[1]="
+      .. json.encode(rec.attempts and rec.attempts[1]))
+    T.ok(rec.status ~= "in_progress" and rec.status ~= "dialing", "not left for the next start to resolve")
+    w.start()
+    timer.sleep(3000)
+    rec = w.call(id)
+    T.diag("after the restart: " .. rec.status .. " " .. tostring(rec.endReason) .. ", twilio calls " .. #w.tw.calls)
+    T.eq(#w.tw.calls, 1, "a callee who answered is not dialed again")
+  end, { timeout = 60000 })
+end
+
 T.test("a store whose call is dialing but its attempt is over: after restart the retry policy goes on", function()
   -- What a kill -9 between the two writes left before they were one commit.
   local w = world({ behaviour = { answer = "busy", ring_ms = 1000 } })

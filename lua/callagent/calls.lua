@@ -445,6 +445,11 @@ function Engine:_placed_while_stopping(call, n, pid)
       { n = n, providerCallId = pid, status = a.answeredAt and "in_progress" or "dialing" })
     if not ok then
       log.warn("provider hang-up failed", { call = call.id, attempt = n, error = err })
+    elseif a.status == "in_progress" and call.attempt == n and not self.closed then
+      -- Answered meanwhile: it ends before the exit, as answered (_end_hung_up).
+      call._end_reason = call._end_reason or "shutdown"
+      self.ended_at_stop = self.ended_at_stop or {}
+      self.ended_at_stop[call.id] = n
     end
   end
 end
@@ -763,7 +768,18 @@ function Engine:prepare_stream(id, n)
     return nil, "unknown or finished call"
   end
   if self.stopped then
-    -- Answered while shutting down: the voice webhook's answer hangs up.
+    -- Answered while shutting down: the voice webhook's answer hangs up,
+    -- and the call ends before the exit (_end_hung_up), as answered.
+    local m = n or call.attempt
+    local a = call.attempts[m]
+    if a and not FINAL[a.status] and m == call.attempt and not self.closed then
+      call._end_reason = call._end_reason or "shutdown"
+      if a.status == "dialing" then
+        self:provider_status(id, m, { status = "in_progress", raw = "(voice webhook)" })
+      end
+      self.ended_at_stop = self.ended_at_stop or {}
+      self.ended_at_stop[id] = m
+    end
     return nil, "shutting down"
   end
   n = n or call.attempt
@@ -947,7 +963,8 @@ function Engine:_attempt_final(call, n, status, reason, err)
     return false
   end
   local answered = a.status == "in_progress" or a.answeredAt ~= nil
-  if call._stop_cancel == n and status == "canceled" and not answered and not self.closed then
+  if call._stop_cancel == n and status == "canceled" and not answered and not call._cancel_requested
+    and not self.closed then
     -- The stop's own cancel of a ringing call: dialed again by the next start.
     return self:_requeue_at_stop(call, n, "callagent stopped while it rang")
   end
@@ -1413,17 +1430,14 @@ end
 -- hung up again, as answered (a cancel does not end an answered call).
 function Engine:_rang_at_stop(entry)
   local call, a = self.live[entry[1].callId], entry[2]
-  if not call or call.attempt ~= a.n or self.closed then
-    return
+  if not call or call.attempt ~= a.n or self.closed or a.status ~= "in_progress" or entry.answered then
+    return -- still dialing: its canceled status requeues it (_attempt_final, _end_hung_up)
   end
-  if a.status == "dialing" then
-    self:_requeue_at_stop(call, a.n, "callagent stopped while it rang")
-  elseif a.status == "in_progress" then
-    call._end_reason = call._end_reason or "shutdown"
-    local ok, err = self:_provider_end(self:call_view(call.id) or entry[1], a)
-    if not ok then
-      log.warn("hang-up at shutdown failed", { call = call.id, error = tostring(err) })
-    end
+  entry.answered = true
+  call._end_reason = call._end_reason or "shutdown"
+  local ok, err = self:_provider_end(self:call_view(call.id) or entry[1], a)
+  if not ok then
+    log.warn("hang-up at shutdown failed", { call = call.id, error = tostring(err) })
   end
 end
 
@@ -1433,6 +1447,14 @@ end
 -- (the vendor took the hang-up), so the next start does not take it for a
 -- call a restart interrupted. One whose hang-up failed is left to that start.
 function Engine:_end_hung_up(todo, wait_ms)
+  -- Calls answered during the stop, their hang-up the voice webhook's answer
+  -- (prepare_stream) or the stop's hang-up of a dial placed meanwhile.
+  for id, n in pairs(self.ended_at_stop or {}) do
+    local call = self.live[id]
+    if call and call.attempts[n] then
+      todo[#todo + 1] = { { callId = id }, call.attempts[n], hung_up = true }
+    end
+  end
   local function open(entry) -- the call, while its hung-up attempt has not ended
     local call = self.live[entry[1].callId]
     local a = entry[2]
@@ -1452,10 +1474,17 @@ function Engine:_end_hung_up(todo, wait_ms)
     end
   end
   for _, entry in ipairs(todo) do
-    local call = open(entry)
-    if call then
+    local call, a = open(entry), entry[2]
+    if call and a.status == "dialing" then
+      -- A ringing call canceled, its canceled status not come: queued again.
+      self:_requeue_at_stop(call, a.n, "callagent stopped while it rang")
+    elseif call then
+      if entry.ringing then
+        self:_rang_at_stop(entry) -- answered during the stop: a cancel does not end it
+      end
+      call._end_reason = call._end_reason or "shutdown"
       log.info("no final status from the provider for a call hung up at shutdown: ended here", { call = call.id })
-      self:provider_status(call.id, entry[2].n, { status = "completed", raw = "(hung up at shutdown)" })
+      self:provider_status(call.id, a.n, { status = "completed", raw = "(hung up at shutdown)" })
     end
   end
 end
