@@ -125,7 +125,7 @@ local function world()
   end)
   assert(w.hooks:listen())
   w.db = T.tmpdir() .. "/calls.db"
-  w.port = 29000 + math.random(0, 999)
+  w.port = T.free_port()
   w.base = "http://127.0.0.1:" .. w.port
   w.logs = {}
   T.defer(function()

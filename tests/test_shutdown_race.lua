@@ -80,7 +80,7 @@ T.test(string.format("SIGTERM while callees answer (%d calls, seed %d, spread %d
   end)
   assert(w.hooks:listen())
   w.db = T.tmpdir() .. "/calls.db"
-  w.port = 30000 + math.random(0, 999)
+  w.port = T.free_port()
   w.base = "http://127.0.0.1:" .. w.port
   T.defer(function()
     if w.app and w.app:running() then
