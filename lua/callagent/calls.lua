@@ -1426,8 +1426,8 @@ function Engine:shutdown(deadline_ms)
   end
 end
 
--- A ringing call shutdown canceled: queued again; one answered meanwhile is
--- hung up again, as answered (a cancel does not end an answered call).
+-- A ringing call shutdown canceled, answered meanwhile: hung up again, as
+-- answered (a vendor takes the cancel of an answered call as a no-op).
 function Engine:_rang_at_stop(entry)
   local call, a = self.live[entry[1].callId], entry[2]
   if not call or call.attempt ~= a.n or self.closed or a.status ~= "in_progress" or entry.answered then
