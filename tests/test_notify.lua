@@ -42,4 +42,38 @@ T.test("a backlog of 40 notifications at start is sent 8 at a time, oldest first
   T.eq(order[1], keys[1], "the oldest first")
 end)
 
+T.test("a receiver's Retry-After (429 or 503) is waited for before the next try, up to a minute", function()
+  local at = {}
+  local hooks = http.server({})
+  hooks:post("/hooks/agent", function()
+    at[#at + 1] = timer.now()
+    if #at == 1 then
+      return 429, { error = "slow down" }, { ["Retry-After"] = "2" }
+    elseif #at == 2 then
+      return 503, { error = "later" }, { ["Retry-After"] = "Fri, 31 Dec 1999 23:59:59 GMT" } -- a date: not read
+    end
+    return 200, { ok = true }
+  end)
+  assert(hooks:listen())
+  T.defer(function()
+    hooks:close()
+  end)
+  local store = assert(store_mod.open({ backend = "sqlite", path = T.tmpdir() .. "/n.db", retentionDays = 30 }))
+  T.defer(function()
+    store:close()
+  end)
+  assert(store:add_notification("c_1:completed", "c_1", "{}"))
+  local n = notify.new({ hooksUrl = hooks:url("/hooks"), hooksToken = "hooks-token-for-tests" }, store,
+    { base_delay_ms = 50 })
+  n:send("c_1:completed", "{}")
+  T.wait_for(function()
+    return #at == 3
+  end, 10000, "three tries")
+  T.ge(at[2] - at[1], 1950, "the first retry waited the 2 s the receiver asked for")
+  T.lt(at[3] - at[2], 1000, "a Retry-After that is a date is not read: the schedule's 100 ms")
+  T.wait_for(function()
+    return #store:pending_notifications() == 0
+  end, 5000, "delivered")
+end)
+
 T.run()

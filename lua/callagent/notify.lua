@@ -122,6 +122,9 @@ function Notifier:send(key, body)
   task.spawn(self._deliver, self, key, body)
 end
 
+-- The longest a receiver's Retry-After holds a notification back.
+local MAX_RETRY_AFTER_MS = 60000
+
 -- Delivers one notification, with its retries (in a task; in_flight[key] set).
 function Notifier:_deliver(key, body)
   -- "/agent" goes on the path, before a query the URL may have.
@@ -175,8 +178,16 @@ function Notifier:_deliver(key, body)
       return
     end
     if try < self.attempts then
-      log.warn("notification failed; retrying", { key = key, error = why, try = try, retry_in_ms = delay })
-      timer.sleep(delay)
+      -- A receiver that says when (Retry-After in seconds, with 429 or 503)
+      -- is asked again then, up to a minute later; the schedule goes on.
+      local wait = delay
+      local after = res and (res.status == 429 or res.status == 503) and res.headers
+        and tostring(res.headers["retry-after"] or ""):match("^%s*(%d+)%s*$")
+      if after then
+        wait = math.max(wait, math.min(tonumber(after) * 1000, MAX_RETRY_AFTER_MS))
+      end
+      log.warn("notification failed; retrying", { key = key, error = why, try = try, retry_in_ms = wait })
+      timer.sleep(wait)
       delay = delay * 2
     else
       log.error("notification failed; giving up", { key = key, error = why, tries = try })
