@@ -91,6 +91,19 @@ local function rig()
   return r
 end
 
+-- The payloads of the media messages the bridge sends the rig's phone, as
+-- they come (a list that fills).
+local function media_payloads(r)
+  local list = {}
+  r.on.phone = function(msg)
+    local m = cjson.decode(msg)
+    if m.event == "media" then
+      list[#list + 1] = m.media.payload
+    end
+  end
+  return list
+end
+
 local function new_bridge(r, output, input, ready)
   return cbridge.new(r.phone, r.model, { stream_sid = SID, output = output, input = input, ready = ready })
 end
@@ -402,13 +415,7 @@ T.test("24 kHz output: an odd byte at the end of one item is not joined with the
   local function item_b(a_bytes)
     local r = rig()
     local b = new_bridge(r, "audio/pcm", "audio/pcmu", true)
-    local out = {}
-    r.on.phone = function(msg)
-      local m = cjson.decode(msg)
-      if m.event == "media" then
-        out[#out + 1] = m.media.payload
-      end
-    end
+    local out = media_payloads(r)
     r.fake_model:send(delta("item_A", crypto.base64_encode(string.rep("\0", a_bytes))))
     r.fake_model:send(delta("item_B", tone))
     r.fake_model:send(delta("item_B", tone))
@@ -504,13 +511,7 @@ T.test("base64 with JSON escapes: \\/ and \\u00XX of a base64 character are deco
   local pcm = crypto.base64_encode(string.rep("\0\1\2", 320))
   for _, out in ipairs(FORMATS) do
     b = new_bridge(r, out, "audio/pcmu", true)
-    local got = {}
-    r.on.phone = function(msg)
-      local m = cjson.decode(msg)
-      if m.event == "media" then
-        got[#got + 1] = m.media.payload
-      end
-    end
+    local got = media_payloads(r)
     -- PCM: after 20 ms of audio, so that each delta has some output.
     local before = out == "audio/pcm" and pcm or ""
     local deltas = {} -- the same audio, unescaped, to compare with
@@ -529,13 +530,7 @@ T.test("base64 with JSON escapes: \\/ and \\u00XX of a base64 character are deco
     b:close()
     -- What a bridge makes of the same deltas written without escapes.
     local b2 = new_bridge(r, out, "audio/pcmu", true)
-    local plain = {}
-    r.on.phone = function(msg)
-      local m = cjson.decode(msg)
-      if m.event == "media" then
-        plain[#plain + 1] = m.media.payload
-      end
-    end
+    local plain = media_payloads(r)
     for _, d in ipairs(deltas) do
       r.fake_model:send(delta("i1", d))
     end

@@ -6,17 +6,11 @@ local timer = require "callagent.timer"
 local store_mod = require "callagent.store"
 local notify = require "callagent.notify"
 
-T.test("a backlog of 40 notifications at start is sent 8 at a time, oldest first, each once", function()
-  local now, most, order = 0, 0, {}
+-- A notifier on a fresh SQLite store, sending to a receiver whose
+-- /hooks/agent is handler: the notifier and its store.
+local function notifier(handler)
   local hooks = http.server({ headers = { "idempotency-key" } })
-  hooks:post("/hooks/agent", function(req)
-    now = now + 1
-    most = math.max(most, now)
-    order[#order + 1] = req.headers["idempotency-key"]
-    timer.sleep(50)
-    now = now - 1
-    return 200, { ok = true }
-  end)
+  hooks:post("/hooks/agent", handler)
   assert(hooks:listen())
   T.defer(function()
     hooks:close()
@@ -25,14 +19,27 @@ T.test("a backlog of 40 notifications at start is sent 8 at a time, oldest first
   T.defer(function()
     store:close()
   end)
+  local n = notify.new({ hooksUrl = hooks:url("/hooks"), hooksToken = "hooks-token-for-tests" }, store,
+    { base_delay_ms = 50 })
+  return n, store
+end
+
+T.test("a backlog of 40 notifications at start is sent 8 at a time, oldest first, each once", function()
+  local now, most, order = 0, 0, {}
+  local n, store = notifier(function(req)
+    now = now + 1
+    most = math.max(most, now)
+    order[#order + 1] = req.headers["idempotency-key"]
+    timer.sleep(50)
+    now = now - 1
+    return 200, { ok = true }
+  end)
   local keys = {}
   for i = 1, 40 do
     keys[i] = ("c_%02d:completed"):format(i)
     assert(store:add_notification(keys[i], ("c_%02d"):format(i), "{}"))
     assert(store.db:run("UPDATE notifications SET created = ? WHERE key = ?", 1000 + i, keys[i]))
   end
-  local n = notify.new({ hooksUrl = hooks:url("/hooks"), hooksToken = "hooks-token-for-tests" }, store,
-    { base_delay_ms = 50 })
   T.eq(n:resume(), 40)
   T.wait_for(function()
     return #store:pending_notifications() == 0
@@ -44,8 +51,7 @@ end)
 
 T.test("a receiver's Retry-After (429 or 503) is waited for before the next try, up to a minute", function()
   local at = {}
-  local hooks = http.server({})
-  hooks:post("/hooks/agent", function()
+  local n, store = notifier(function()
     at[#at + 1] = timer.now()
     if #at == 1 then
       return 429, { error = "slow down" }, { ["Retry-After"] = "2" }
@@ -54,17 +60,7 @@ T.test("a receiver's Retry-After (429 or 503) is waited for before the next try,
     end
     return 200, { ok = true }
   end)
-  assert(hooks:listen())
-  T.defer(function()
-    hooks:close()
-  end)
-  local store = assert(store_mod.open({ backend = "sqlite", path = T.tmpdir() .. "/n.db", retentionDays = 30 }))
-  T.defer(function()
-    store:close()
-  end)
   assert(store:add_notification("c_1:completed", "c_1", "{}"))
-  local n = notify.new({ hooksUrl = hooks:url("/hooks"), hooksToken = "hooks-token-for-tests" }, store,
-    { base_delay_ms = 50 })
   n:send("c_1:completed", "{}")
   T.wait_for(function()
     return #at == 3

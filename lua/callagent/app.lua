@@ -16,8 +16,9 @@
 --   app:routes(function(srv) srv:get("/hello", fn) end)  -- routes of your own
 --   assert(app:start())        -- listens; app.url is the local base URL
 --   app:create_call{ to = "+14155550100", prompt = "..." }   -- same as POST /v1/calls
---   app:stop()   inside a task it waits for the hang-ups (grace - 3 s at most);
---                from a plain callback they go on in the background
+--   app:stop()   inside a task it waits for the hang-ups (grace - 4 s at most) and the
+--                notifications they send (the rest, up to 2 s); from a plain
+--                callback the hang-ups go on in the background
 --
 -- opts (second argument of callagent.app): provider_dirs (extra folders with
 -- provider files), public_url = fn(local_url) -> URL the vendor reaches (for
@@ -463,18 +464,20 @@ end
 -- the part of the grace kept for it: the hang-ups' end notifies their calls.
 local NOTIFY_DRAIN_MS = 2000
 local NOTIFY_RESERVE_MS = 1000
+-- The end of the grace kept for the tunnel's close (see below).
+local TUNNEL_RESERVE_MS = 3000
 
 function App:stop()
   if self.stopped then
     return
   end
   self.stopped = true
-  local started = timer.now()
+  local deadline = timer.now() + runtime.grace_ms - TUNNEL_RESERVE_MS -- for all but the tunnel
   if self.engine then
     -- The tunnel and the store close after the hang-ups (the tunnel stays
     -- open meanwhile: the vendor's final status callbacks come through it),
     -- within the grace period: a Funnel left published would outlive the app.
-    self.engine:shutdown(math.max(1000, runtime.grace_ms - 3000 - NOTIFY_RESERVE_MS))
+    self.engine:shutdown(math.max(1000, runtime.grace_ms - TUNNEL_RESERVE_MS - NOTIFY_RESERVE_MS))
   end
   if self.server then
     self.server:close()
@@ -499,7 +502,7 @@ function App:stop()
     -- The calls that ended above were notified: their requests' answers are
     -- waited for a little (within the grace), or the next start would send
     -- what the receiver already has.
-    local left = math.min(NOTIFY_DRAIN_MS, runtime.grace_ms - 3000 - (timer.now() - started))
+    local left = math.min(NOTIFY_DRAIN_MS, deadline - timer.now())
     if task.running() and left > 0 and not self.notifier:drain(left) then
       log.warn("notifications still on their way at the stop: the next start sends them again")
     end

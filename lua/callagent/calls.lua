@@ -446,12 +446,20 @@ function Engine:_placed_while_stopping(call, n, pid)
     if not ok then
       log.warn("provider hang-up failed", { call = call.id, attempt = n, error = err })
     elseif a.status == "in_progress" and call.attempt == n and not self.closed then
-      -- Answered meanwhile: it ends before the exit, as answered (_end_hung_up).
-      call._end_reason = call._end_reason or "shutdown"
-      self.ended_at_stop = self.ended_at_stop or {}
-      self.ended_at_stop[call.id] = n
+      self:_end_at_stop(call, n) -- answered meanwhile
     end
   end
+end
+
+-- The reason of a ringing attempt a stop canceled (it is dialed again).
+local RANG_AT_STOP = "callagent stopped while it rang"
+
+-- Attempt n, answered during the stop and hung up there: it ends before the
+-- exit, as answered (_end_hung_up).
+function Engine:_end_at_stop(call, n)
+  call._end_reason = call._end_reason or "shutdown"
+  self.ended_at_stop = self.ended_at_stop or {}
+  self.ended_at_stop[call.id] = n
 end
 
 -- Attempt n, not answered, ends canceled by a stop, and the call waits for
@@ -773,12 +781,10 @@ function Engine:prepare_stream(id, n)
     local m = n or call.attempt
     local a = call.attempts[m]
     if a and not FINAL[a.status] and m == call.attempt and not self.closed then
-      call._end_reason = call._end_reason or "shutdown"
+      self:_end_at_stop(call, m)
       if a.status == "dialing" then
         self:provider_status(id, m, { status = "in_progress", raw = "(voice webhook)" })
       end
-      self.ended_at_stop = self.ended_at_stop or {}
-      self.ended_at_stop[id] = m
     end
     return nil, "shutting down"
   end
@@ -966,7 +972,7 @@ function Engine:_attempt_final(call, n, status, reason, err)
   if call._stop_cancel == n and status == "canceled" and not answered and not call._cancel_requested
     and not self.closed then
     -- The stop's own cancel of a ringing call: dialed again by the next start.
-    return self:_requeue_at_stop(call, n, "callagent stopped while it rang")
+    return self:_requeue_at_stop(call, n, RANG_AT_STOP)
   end
   local b = self.bridges[call.id .. "#" .. n]
   if b and not b.ended then
@@ -1477,7 +1483,7 @@ function Engine:_end_hung_up(todo, wait_ms)
     local call, a = open(entry), entry[2]
     if call and a.status == "dialing" then
       -- A ringing call canceled, its canceled status not come: queued again.
-      self:_requeue_at_stop(call, a.n, "callagent stopped while it rang")
+      self:_requeue_at_stop(call, a.n, RANG_AT_STOP)
     elseif call then
       if entry.ringing then
         self:_rang_at_stop(entry) -- answered during the stop: a cancel does not end it
