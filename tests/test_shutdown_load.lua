@@ -11,19 +11,13 @@
 -- A plain stop must notify each call exactly once; after a second signal or
 -- SIGKILL a notification may go twice (at least once: same Idempotency-Key).
 local T = require "testing"
-local http = require "callagent.http"
-local fetch = require "callagent.fetch"
 local json = require "callagent.json"
 local timer = require "callagent.timer"
 local task = require "callagent.task"
 local sqlite = require "callagent.sqlite"
-local fake_tw = require "fakes.twilio"
-local fake_rt = require "fakes.realtime"
+local durable = require "durable_world"
 
-local SID = "AC" .. string.rep("c3", 16)
-local TOKEN = "tw-token-stress"
-local KEY = "sk-stress-tests"
-local FINAL = { completed = true, busy = true, no_answer = true, failed = true, canceled = true }
+local FINAL = durable.FINAL
 
 local CALLS = tonumber(os.getenv("TEST_SHUTDOWN_CALLS") or "") or 100
 local SEED = tonumber(os.getenv("TEST_SHUTDOWN_SEED") or "") or 10
@@ -106,68 +100,14 @@ local function script(session)
 end
 
 local function world()
-  local w = { deliveries = {}, by_key = {}, by_call = {} }
-  w.tw = assert(fake_tw.start({ account_sid = SID, auth_token = TOKEN, behaviour = behaviour }))
-  w.rt = assert(fake_rt.start({ api_key = KEY, script = script }))
-  w.hooks = http.server({ headers = { "idempotency-key" } })
-  w.hooks:post("/hooks/agent", function(req)
-    local key = req.headers["idempotency-key"]
-    local body = req:json()
-    timer.sleep(HOOK_DELAY) -- a receiver that takes a moment to answer
-    w.deliveries[#w.deliveries + 1] = { key = key, body = body }
-    w.by_key[key] = (w.by_key[key] or 0) + 1
-    local id = key and key:match("^(.-):")
-    if id then
-      w.by_call[id] = w.by_call[id] or {}
-      w.by_call[id][key] = true
-    end
-    return 200, { ok = true }
-  end)
-  assert(w.hooks:listen())
-  w.db = T.tmpdir() .. "/calls.db"
-  w.port = T.free_port()
-  w.base = "http://127.0.0.1:" .. w.port
-  w.logs = {}
-  T.defer(function()
-    if w.app and w.app:running() then
-      w.app:kill("SIGKILL")
-    end
-    w.tw:close()
-    w.rt:close()
-    w.hooks:close()
-  end)
-  function w.start()
-    if w.app then
-      w.logs[#w.logs + 1] = w.app.errtext()
-    end
-    w.app = T.spawn_app(T.root .. "/tests/apps/durable.lua", nil, { env = {
-      CA_PORT = tostring(w.port),
-      CA_TW_SID = SID,
-      CA_TW_TOKEN = TOKEN,
-      CA_TW_URL = w.tw.url,
-      CA_RT_KEY = KEY,
-      CA_RT_URL = w.rt.url,
-      CA_HOOKS_URL = w.hooks:url("/hooks"),
-      CA_DB = w.db,
-      CA_RETRY_MS = "8000",
-      CA_CONFIG = json.encode({ call = { goodbyeTimeoutSec = 20 } }),
-    } })
-    T.wait_for(function()
-      return w.app.out[1] and w.app.out[1]:match("^ready")
-    end, 20000, "the app to be ready: " .. w.app.errtext())
-  end
-  function w.api(method, path, body)
-    local res, err = fetch(w.base .. path, {
-      method = method,
-      body = body and json.encode(body),
-      headers = body and { ["Content-Type"] = "application/json" } or nil,
-    })
-    if not res then
-      return nil, err
-    end
-    return res.status, json.try_decode(res.body)
-  end
-  return w
+  return durable.new({
+    behaviour = behaviour,
+    script = script,
+    hook_ms = HOOK_DELAY, -- a receiver that takes a moment to answer
+    retry_ms = 8000,
+    config = { call = { goodbyeTimeoutSec = 20 } },
+    ready_ms = 20000,
+  })
 end
 
 local function stored_all(w)

@@ -5,19 +5,13 @@
 --   TEST_RACE_CB_DELAY (ms; every other call's status callbacks this late; 60)
 --   TEST_RACE_LOST (1: final "completed" callbacks lost; 0)
 local T = require "testing"
-local http = require "callagent.http"
-local fetch = require "callagent.fetch"
 local json = require "callagent.json"
 local timer = require "callagent.timer"
 local task = require "callagent.task"
 local sqlite = require "callagent.sqlite"
-local fake_tw = require "fakes.twilio"
-local fake_rt = require "fakes.realtime"
+local durable = require "durable_world"
 
-local SID = "AC" .. string.rep("d4", 16)
-local TOKEN = "tw-token-race"
-local KEY = "sk-race-tests"
-local FINAL = { completed = true, busy = true, no_answer = true, failed = true, canceled = true }
+local FINAL = durable.FINAL
 
 local CALLS = tonumber(os.getenv("TEST_RACE_CALLS") or "") or 60
 local SEED = tonumber(os.getenv("TEST_RACE_SEED") or "") or 2
@@ -65,53 +59,8 @@ end
 
 T.test(string.format("SIGTERM while callees answer (%d calls, seed %d, spread %d, cb_delay %d, lost %s)",
   CALLS, SEED, SPREAD, CB_DELAY, tostring(LOST)), function()
-  local w = { by_key = {}, by_call = {}, n = 0 }
-  w.tw = assert(fake_tw.start({ account_sid = SID, auth_token = TOKEN, behaviour = behaviour }))
-  w.rt = assert(fake_rt.start({ api_key = KEY, script = script }))
-  w.hooks = http.server({ headers = { "idempotency-key" } })
-  w.hooks:post("/hooks/agent", function(req)
-    local key = req.headers["idempotency-key"]
-    w.n = w.n + 1
-    w.by_key[key] = (w.by_key[key] or 0) + 1
-    local id = key:match("^(.-):")
-    w.by_call[id] = w.by_call[id] or {}
-    w.by_call[id][key] = true
-    return 200, { ok = true }
-  end)
-  assert(w.hooks:listen())
-  w.db = T.tmpdir() .. "/calls.db"
-  w.port = T.free_port()
-  w.base = "http://127.0.0.1:" .. w.port
-  T.defer(function()
-    if w.app and w.app:running() then
-      w.app:kill("SIGKILL")
-    end
-    w.tw:close()
-    w.rt:close()
-    w.hooks:close()
-  end)
-  local logs = {}
-  local function start()
-    if w.app then
-      logs[#logs + 1] = w.app.errtext()
-    end
-    w.app = T.spawn_app(T.root .. "/tests/apps/durable.lua", nil, { env = {
-      CA_PORT = tostring(w.port), CA_TW_SID = SID, CA_TW_TOKEN = TOKEN, CA_TW_URL = w.tw.url,
-      CA_RT_KEY = KEY, CA_RT_URL = w.rt.url, CA_HOOKS_URL = w.hooks:url("/hooks"), CA_DB = w.db,
-      CA_RETRY_MS = "2000",
-    } })
-    T.wait_for(function()
-      return w.app.out[1] and w.app.out[1]:match("^ready")
-    end, 20000, "ready: " .. w.app.errtext())
-  end
-  local function api(method, path, body)
-    local res, err = fetch(w.base .. path, { method = method, body = body and json.encode(body),
-      headers = body and { ["Content-Type"] = "application/json" } or nil })
-    if not res then
-      return nil, err
-    end
-    return res.status, json.try_decode(res.body)
-  end
+  local w = durable.new({ behaviour = behaviour, script = script, retry_ms = 2000, ready_ms = 20000 })
+  local start, api = w.start, w.api
   start()
   T_SIG = timer.now() + 2500
   local ids = {}

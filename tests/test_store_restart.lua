@@ -3,125 +3,15 @@
 -- its notification; one process per store file; and clear errors for an
 -- unusable store file.
 local T = require "testing"
-local http = require "callagent.http"
 local fetch = require "callagent.fetch"
 local json = require "callagent.json"
 local timer = require "callagent.timer"
 local task = require "callagent.task"
 local sqlite = require "callagent.sqlite"
-local fake_tw = require "fakes.twilio"
-local fake_rt = require "fakes.realtime"
-
-local SID = "AC" .. string.rep("b2", 16)
-local TOKEN = "tw-token-restart-tests"
-local KEY = "sk-restart-tests"
-
-local FINAL = { completed = true, busy = true, no_answer = true, failed = true, canceled = true }
+local durable = require "durable_world"
 
 -- The outside world for one test, and a way to (re)start the app on one db and port.
-local function world(opts)
-  opts = opts or {}
-  local w = { deliveries = {}, requests = {} }
-  w.tw = assert(fake_tw.start({ account_sid = SID, auth_token = TOKEN, behaviour = opts.behaviour }))
-  w.rt = assert(fake_rt.start({ api_key = KEY, script = opts.script }))
-  w.hooks = http.server({ headers = { "idempotency-key" } })
-  w.hooks:post("/hooks/agent", function(req)
-    local key = req.headers["idempotency-key"]
-    w.requests[#w.requests + 1] = key
-    if opts.hold_first and #w.requests == 1 then
-      timer.sleep(60000) -- never answered before the app is killed
-    end
-    if opts.answer_ms then
-      timer.sleep(opts.answer_ms) -- a receiver that takes a moment (an agent run)
-    end
-    if opts.refuse then
-      return 400, { error = "no such session" }
-    end
-    if opts.redirect then
-      return 308, "", { Location = opts.redirect }
-    end
-    w.deliveries[#w.deliveries + 1] = { key = key, body = req:json() }
-    return 200, { ok = true }
-  end)
-  assert(w.hooks:listen())
-  w.db = T.tmpdir() .. "/calls.db"
-  w.port = T.free_port()
-  w.base = "http://127.0.0.1:" .. w.port
-  T.defer(function()
-    if w.app and w.app:running() then
-      w.app:kill("SIGKILL")
-    end
-    w.tw:close()
-    w.rt:close()
-    w.hooks:close()
-  end)
-  -- The app's environment, listening on port.
-  function w.env(port)
-    return {
-      CA_PORT = tostring(port),
-      CA_TW_SID = SID,
-      CA_TW_TOKEN = TOKEN,
-      CA_TW_URL = w.tw.url,
-      CA_RT_KEY = KEY,
-      CA_RT_URL = w.rt.url,
-      CA_HOOKS_URL = w.hooks:url("/hooks"),
-      CA_DB = w.db,
-      CA_RETRY_MS = tostring(opts.retry_ms or 1500),
-      CA_CONFIG = opts.config and json.encode(opts.config),
-    }
-  end
-  function w.start()
-    w.app = T.spawn_app(T.root .. "/tests/apps/durable.lua", nil, { env = w.env(w.port) })
-    T.wait_for(function()
-      return w.app.out[1] and w.app.out[1]:match("^ready")
-    end, 10000, "the app to be ready: " .. w.app.errtext())
-  end
-  function w.kill9()
-    w.app:kill("SIGKILL")
-    w.app:wait(5000)
-  end
-  function w.api(method, path, body)
-    local res = assert(fetch(w.base .. path, {
-      method = method,
-      body = body and json.encode(body),
-      headers = body and { ["Content-Type"] = "application/json" } or nil,
-    }))
-    return res.status, json.try_decode(res.body)
-  end
-  function w.call(id)
-    local status, rec = w.api("GET", "/v1/calls/" .. id)
-    assert(status == 200, "GET call " .. tostring(status))
-    return rec
-  end
-  function w.wait(id, pred, ms, what)
-    local rec
-    T.wait_for(function()
-      rec = w.call(id)
-      return pred(rec)
-    end, ms or 10000, what)
-    return rec
-  end
-  function w.wait_final(id, ms)
-    return w.wait(id, function(r)
-      return FINAL[r.status]
-    end, ms, "the call to end")
-  end
-  -- A call placed and ringing, then callagent killed (-9) and started again.
-  function w.ring_and_restart(to)
-    local id = w.create(to)
-    local tw = w.tw:wait_call(5000)
-    assert(tw:wait_status("ringing", 3000), "ringing")
-    w.kill9()
-    w.start()
-    return id, tw
-  end
-  function w.create(to, prompt)
-    local status, created = w.api("POST", "/v1/calls", { to = to, prompt = prompt or "Talk." })
-    assert(status == 201, "POST /v1/calls answered " .. tostring(status))
-    return created.callId
-  end
-  return w
-end
+local world = durable.new
 
 -- A behaviour for the fake Twilio: the first call placed gets first, the next ones are answered.
 local function first_then_answer(first)
@@ -362,7 +252,7 @@ end, { timeout = 60000 })
 
 T.test("SIGTERM during a conversation, the receiver slow to answer: notified once, not again by the next start", function()
   local w = world({
-    answer_ms = 400,
+    hook_ms = 400,
     script = monologue,
   })
   w.start()
@@ -687,7 +577,7 @@ T.test("a corrupt store file is refused at start with a clear error", function()
   f:write(string.rep("this is not a database. ", 200))
   f:close()
   local code, _, p = T.run_app(T.root .. "/tests/apps/durable.lua", nil, {
-    env = { CA_PORT = tostring(w.port), CA_TW_SID = SID, CA_TW_TOKEN = TOKEN, CA_TW_URL = w.tw.url, CA_RT_KEY = KEY, CA_RT_URL = w.rt.url, CA_HOOKS_URL = w.hooks:url("/hooks"), CA_DB = w.db },
+    env = w.env(),
   })
   T.eq(code, 1)
   T.match(p.errtext(), "store%.path: cannot open .*calls%.db: ECORRUPT")
@@ -697,7 +587,7 @@ T.test("an unwritable store path is refused at start with a clear error", functi
   local w = world()
   for _, path in ipairs({ "/proc/callagent-test.db", "/sys/callagent-test/calls.db" }) do
     local code, _, p = T.run_app(T.root .. "/tests/apps/durable.lua", nil, {
-      env = { CA_PORT = tostring(w.port), CA_TW_SID = SID, CA_TW_TOKEN = TOKEN, CA_TW_URL = w.tw.url, CA_RT_KEY = KEY, CA_RT_URL = w.rt.url, CA_HOOKS_URL = w.hooks:url("/hooks"), CA_DB = path },
+      env = w.env(nil, path),
     })
     T.eq(code, 1, path)
     T.match(p.errtext(), "store%.path: cannot open " .. path:gsub("%p", "%%%0") .. ": E%u+", path)
