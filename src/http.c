@@ -33,6 +33,11 @@
  *   srv.port, srv.host    the bound address
  *   srv:close([fn])       stop listening, close every connection (idempotent; also
  *                         __gc); fn() runs once that is done (a few ms later)
+ *   srv:stop_listening()  refuse new connections (the port is free at once); the
+ *                         open ones stay, and each response from now on closes its
+ *                         connection (Connection: close): the way to drain before close
+ *   srv:busy()            connections with a request in progress: read, handled or
+ *                         its response still being written
  *   srv:connections()     open connections
  *
  *   req:respond(status, headers, body)  headers: name -> string (or array of
@@ -101,6 +106,7 @@ struct server {
 	int port;
 	char host[64];
 	int closing;
+	int draining;			/* stop_listening: responses close their connection */
 	int vh_destroyed;		/* lws_vhost_destroy called */
 	int vh_gone;			/* lws has finalized the vhost */
 	int lua_alive;
@@ -532,6 +538,8 @@ static int write_response(struct req *r)
 							(const unsigned char *)val, (int)vl, &p, end))
 				bad = 1;
 		}
+		if (r->srv->draining)
+			r->close_after = 1;	/* nobody is to send the next request on it */
 		if (!bad && r->close_after &&
 		    lws_add_http_header_by_name(wsi, (const unsigned char *)"connection:",
 						(const unsigned char *)"close", 5, &p, end))
@@ -1174,6 +1182,16 @@ static struct server *check_server(lua_State *L)
 	return b->s;
 }
 
+/* srv:stop_listening(): no new connections; the open ones close after their response. */
+static int server_stop_listening(lua_State *L)
+{
+	struct server *s = check_server(L);
+
+	s->draining = 1;
+	stop_listening(s);
+	return 0;
+}
+
 /* srv:close([on_closed]): on_closed() runs once every connection and the listener are gone. */
 static int server_close(lua_State *L)
 {
@@ -1210,6 +1228,22 @@ static int server_gc(lua_State *L)
 static int server_connections(lua_State *L)
 {
 	lua_pushinteger(L, check_server(L)->nconn);
+	return 1;
+}
+
+/* srv:busy(): connections with a request whose response is not all written yet. */
+static int server_busy(lua_State *L)
+{
+	struct server *s = check_server(L);
+	lua_Integer n = 0;
+
+	for (struct conn_node *c = s->conns; c; c = c->next) {
+		struct pss *p = lws_wsi_user(c->wsi);
+
+		if (p && p->req && !p->ws)
+			n++;
+	}
+	lua_pushinteger(L, n);
 	return 1;
 }
 
@@ -1399,6 +1433,8 @@ int luaopen_callagent_core_http(lua_State *L)
 {
 	static const luaL_Reg server_methods[] = {
 		{"close", server_close},
+		{"stop_listening", server_stop_listening},
+		{"busy", server_busy},
 		{"connections", server_connections},
 		{NULL, NULL}
 	};

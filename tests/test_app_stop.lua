@@ -5,6 +5,7 @@
 local T = require "testing"
 local kit = require "callkit"
 local timer = require "callagent.timer"
+local fetch = require "callagent.fetch"
 local task = require "callagent.task"
 local log = require "callagent.log"
 local json = require "callagent.json"
@@ -93,6 +94,42 @@ T.test("a stop while the last run's calls are resolved, or while a hang-up waits
   timer.sleep(2000) -- Twilio has answered the hang-up
   T.eq(#errs, 0, table.concat(errs, "\n"))
 end, { timeout = 30000 })
+
+T.test("a stop answers the requests in progress before it closes the server, and refuses new ones meanwhile", function()
+  local started = 0
+  local env = kit.start({
+    routes = function(srv)
+      srv:get("/report", function()
+        started = started + 1
+        timer.sleep(300) -- a route of the app's that takes a moment
+        return 200, { done = true }
+      end)
+    end,
+  })
+  local answers = {}
+  for i = 1, 3 do
+    task.spawn(function()
+      local res, err = fetch(env.base .. "/report", { timeout = 5000 })
+      answers[i] = res and res.status or err
+    end)
+  end
+  T.wait_for(function()
+    return started == 3
+  end, 2000, "the requests to be in progress")
+  local stopped
+  task.spawn(function()
+    env.app:stop()
+    stopped = true
+  end)
+  timer.sleep(50)
+  local res, err = fetch(env.base .. "/v1/calls", { timeout = 2000 })
+  T.eq(res, nil, "a new connection during the stop is refused")
+  T.match(err, "^ECONNREFUSED")
+  T.wait_for(function()
+    return stopped
+  end, 8000, "the stop to end")
+  T.eq(answers, { 200, 200, 200 }, "each request in progress was answered")
+end)
 
 T.test("app:stop() from a plain callback, not a task: the live call is hung up, and nothing runs after it", function()
   local errs = errors()

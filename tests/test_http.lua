@@ -413,6 +413,81 @@ T.test("close frees the port at once (inside a task), is idempotent, and a new s
   again:close()
 end)
 
+T.test("close with drain_ms answers the requests in progress first; meanwhile new connections are refused and a kept-alive one gets 503", function()
+  local srv = http.server({})
+  local started = false
+  srv:get("/slow", function()
+    started = true
+    timer.sleep(400)
+    return 200, "slow done"
+  end)
+  srv:get("/fast", function()
+    return 200, "fast"
+  end)
+  assert(srv:listen())
+  local slow
+  task.spawn(function()
+    slow = { fetch(srv:url("/slow"), { timeout = 5000 }) }
+  end)
+  T.wait_for(function()
+    return started
+  end, 2000, "the slow request to start")
+  T.eq(assert(fetch(srv:url("/fast"))).body, "fast", "a second connection, left open (kept alive)")
+  T.eq(srv:connections(), 2)
+  local cut, took
+  task.spawn(function()
+    local t0 = timer.now()
+    cut = srv:close({ drain_ms = 3000 })
+    took = timer.now() - t0
+  end)
+  timer.sleep(50)
+  local res, err = fetch(srv:url("/fast"), { timeout = 2000 })
+  T.ok(res, err)
+  T.eq(res.status, 503, "a request on the kept-alive connection while draining")
+  T.eq(json.decode(res.body).error.code, "closing")
+  T.eq(res.headers["connection"], "close")
+  res, err = fetch(srv:url("/fast"), { timeout = 2000 })
+  T.eq(res, nil, "a new connection while draining")
+  T.match(err, "^ECONNREFUSED")
+  T.wait_for(function()
+    return took ~= nil
+  end, 5000, "the close to end")
+  T.ok(slow[1], slow[2])
+  T.eq(slow[1].status, 200, "the request in progress was answered")
+  T.eq(slow[1].body, "slow done")
+  T.eq(slow[1].headers["connection"], "close", "and its connection closed after it")
+  T.eq(cut, 0, "nothing cut off")
+  T.ge(took, 250, "the close waited for it")
+  T.lt(took, 2000, "and no longer")
+  T.eq(srv:connections(), 0)
+end)
+
+T.test("close with drain_ms cuts off a request still in progress when the time is up, and says so", function()
+  local srv = http.server({})
+  srv:get("/hang", function()
+    timer.sleep(5000)
+    return 200, "late"
+  end)
+  assert(srv:listen())
+  local res, err, done
+  task.spawn(function()
+    res, err = fetch(srv:url("/hang"), { timeout = 8000 })
+    done = true
+  end)
+  timer.sleep(100)
+  local t0 = timer.now()
+  T.eq(srv:close({ drain_ms = 300 }), 1, "one request cut off")
+  local took = timer.now() - t0
+  T.ge(took, 250)
+  T.lt(took, 1500, "the close did not wait for the handler")
+  T.wait_for(function()
+    return done
+  end, 3000, "the client to see the cut")
+  T.eq(res, nil, "no answer: " .. tostring(res and res.status))
+  T.ok(err, "an error")
+  T.eq(srv:close({ drain_ms = 300 }), 0, "closing again is a no-op")
+end)
+
 T.test("servers side by side answer their own requests, over kept-alive connections, until each closes", function()
   local a = http.server({})
   a:get("/who", function()

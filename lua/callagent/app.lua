@@ -464,6 +464,10 @@ end
 -- the part of the grace kept for it: the hang-ups' end notifies their calls.
 local NOTIFY_DRAIN_MS = 2000
 local NOTIFY_RESERVE_MS = 1000
+-- How long a stop lets the API requests and vendor callbacks in progress
+-- finish before it closes their connections (usually no time: they answer
+-- in milliseconds).
+local SERVER_DRAIN_MS = 1000
 -- The end of the grace kept for the tunnel's close (see below).
 local TUNNEL_RESERVE_MS = 3000
 
@@ -480,7 +484,12 @@ function App:stop()
     self.engine:shutdown(math.max(1000, runtime.grace_ms - TUNNEL_RESERVE_MS - NOTIFY_RESERVE_MS))
   end
   if self.server then
-    self.server:close()
+    -- A client whose request was cut off could not know what came of it (was
+    -- the call created?): those in progress are answered first.
+    local cut = self.server:close({ drain_ms = math.max(0, math.min(SERVER_DRAIN_MS, deadline - timer.now())) })
+    if cut > 0 then
+      log.warn("requests still in progress at the stop were cut off", { requests = cut })
+    end
   end
   if self.prune_timer then
     self.prune_timer:stop()

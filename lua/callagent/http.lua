@@ -54,6 +54,7 @@
 -- src/wsconn.c for conn:send, conn:send_binary, conn:close, conn:buffered.
 local core = require "callagent.core.http"
 local task = require "callagent.task"
+local timer = require "callagent.timer"
 local json = require "callagent.json"
 local log = require "callagent.log"
 local core_rt = require "callagent.core"
@@ -138,7 +139,7 @@ end
 
 function M.server(opts)
   opts = opts or {}
-  return setmetatable({ opts = opts, routes = {}, ws_routes = {}, core = nil }, Server)
+  return setmetatable({ opts = opts, routes = {}, ws_routes = {}, core = nil, in_flight = 0 }, Server)
 end
 
 local function compile(pattern)
@@ -319,8 +320,14 @@ function Server:_handle(h, req)
     return h:respond(404, { ["Content-Type"] = "application/json" },
       json.encode(M.error_body("not_found", "no route for " .. req.method .. " " .. req.path)))
   end
+  if self.draining then
+    -- A request sent on a connection left open while the server drains.
+    return h:respond(503, { ["Content-Type"] = "application/json" },
+      json.encode(M.error_body("closing", "the server is closing")))
+  end
   req.params = params
   local pace = self.opts.pace ~= false
+  self.in_flight = self.in_flight + 1
   task.spawn(function()
     if pace and task.pace() and not self.core then
       -- The server closed while this request waited its turn: nothing of
@@ -328,6 +335,7 @@ function Server:_handle(h, req)
       pcall(h.respond, h, 503, { ["Content-Type"] = "application/json" },
         json.encode(M.error_body("closing", "the server is closing")))
       req._h = nil
+      self.in_flight = self.in_flight - 1
       return
     end
     local r = table.pack(xpcall(route.handler, traceback, req))
@@ -353,6 +361,7 @@ function Server:_handle(h, req)
         json.encode(M.error_body("internal", "internal error")))
     end
     req._h = nil
+    self.in_flight = self.in_flight - 1
   end)
 end
 
@@ -402,6 +411,7 @@ function Server:listen()
     return nil, err
   end
   self.core = c
+  self.draining = false
   self.port = c.port
   self.host = c.host
   return self
@@ -426,11 +436,34 @@ end
 
 --- Stops listening and closes every connection. Inside a task it waits until
 -- that is done (the port is free again); elsewhere it returns at once.
-function Server:close()
+-- opts.drain_ms (inside a task): the requests in progress are first let
+-- finish, for up to that long. New connections are refused at once, each
+-- response closes its connection, and a request that comes meanwhile on one
+-- left open is answered 503 "closing". Returns the requests cut off (0 when
+-- every one was answered).
+function Server:close(opts)
   local c = self.core
-  if not c then
-    return
+  if self.draining then
+    self.draining = false -- closed again while draining: now
+    return 0
+  elseif not c then
+    return 0
   end
+  local drain_ms = opts and opts.drain_ms or 0
+  local function busy()
+    return math.max(self.in_flight, c:busy())
+  end
+  if drain_ms > 0 and busy() > 0 and task.running() then
+    -- Until each handler has returned and its response is written.
+    self.draining = true
+    c:stop_listening()
+    local deadline = timer.now() + drain_ms
+    while self.draining and busy() > 0 and timer.now() < deadline do
+      timer.sleep(5)
+    end
+    self.draining = false
+  end
+  local cut = busy()
   self.core = nil
   if task.running() then
     task.await(function(done)
@@ -439,6 +472,7 @@ function Server:close()
   else
     c:close()
   end
+  return cut
 end
 
 return M

@@ -109,6 +109,9 @@ function M.start(opts)
   for event, fn in pairs(opts.on or {}) do
     app:on(event, fn)
   end
+  if opts.routes then
+    app:routes(opts.routes)
+  end
   assert(app:start())
   env.app = app
   env.base = app.url
