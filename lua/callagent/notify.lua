@@ -19,6 +19,7 @@ local json = require "callagent.json"
 local log = require "callagent.log"
 local task = require "callagent.task"
 local timer = require "callagent.timer"
+local url = require "callagent.url"
 
 local M = {}
 local Notifier = {}
@@ -129,7 +130,7 @@ local MAX_RETRY_AFTER_MS = 60000
 function Notifier:_deliver(key, body)
   -- "/agent" goes on the path, before a query the URL may have.
   local path, query = self.cfg.hooksUrl:match("^([^?#]*)(.*)$")
-  local url = path:gsub("/+$", "") .. "/agent" .. query
+  local target = path:gsub("/+$", "") .. "/agent" .. query
   local delay = self.base_delay_ms
   for try = 1, self.attempts do
     if self.stopped then
@@ -137,7 +138,7 @@ function Notifier:_deliver(key, body)
       return
     end
     self.requests = self.requests + 1
-    local res, err = fetch(url, {
+    local res, err = fetch(target, {
       method = "POST",
       body = body,
       timeout = self.timeout_ms,
@@ -166,10 +167,11 @@ function Notifier:_deliver(key, body)
     self.store:mark_notified(key, refused and "refused" or "failed", why)
     if refused and res.status >= 300 and res.status < 400 then
       -- Not followed: the body and its bearer token go where configured,
-      -- nowhere else. The address, without its query (it may hold a token).
+      -- nowhere else. The address, without its password or query (either
+      -- may hold a token).
       local to = res.headers and res.headers.location
       log.error("notification redirected; not retrying: set notify.hooksUrl to the receiver's own address",
-        { key = key, error = why, location = to and to:gsub("[?#].*", "") })
+        { key = key, error = why, location = to and url.display(to) })
       self.in_flight[key] = nil
       return
     elseif refused then
