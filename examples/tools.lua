@@ -13,15 +13,24 @@ local ORDERS = {
   ["A-1002"] = { status = "processing", eta = "next week" },
 }
 
+local port = math.tointeger(tonumber(os.getenv("PORT") or "4545"))
+if not port then
+  io.stderr:write("callagent: PORT must be a port number, got '", os.getenv("PORT"), "'\n")
+  runtime.exit(1)
+end
 local key = os.getenv("OPENAI_API_KEY")
 local local_model = not key or key == ""
-local app = assert(callagent.app({
+local app, err = callagent.app({
   telephony = { provider = "mock" },
-  server = { port = tonumber(os.getenv("PORT") or "4545") },
+  server = { port = port },
   openai = { apiKey = local_model and "local-standin" or key },
   call = { ringTimeoutSec = 600 },
   store = { backend = "memory" },
-}))
+})
+if not app then
+  io.stderr:write("callagent: ", err, "\n") -- a bad PORT or OPENAI_API_KEY: one line, status 1
+  runtime.exit(1)
+end
 
 app:tool({
   name = "lookup_order",

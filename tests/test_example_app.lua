@@ -83,6 +83,22 @@ T.test("tools.lua and twilio.lua that cannot start exit 1 with one line, not a t
   T.no_match(p.errtext(), "traceback")
 end)
 
+T.test("tools.lua with a bad PORT or config exits 1 with one line naming it, not a traceback or port 4545", function()
+  for _, case in ipairs({
+    { env = { PORT = "abc" }, line = "callagent: PORT must be a port number, got 'abc'" },
+    { env = { PORT = "99999" }, line = "callagent: server.port: expected a number from 0 to 65535, got 99999" },
+    { env = { PORT = "0", OPENAI_API_KEY = "sk" },
+      line = "callagent: openai.apiKey: expected a secret of at least 8 characters, got [redacted]" },
+  }) do
+    local code, _, p = T.run_app(T.root .. "/examples/tools.lua", nil, { env = env(case.env), cwd = T.tmpdir(),
+      timeout = 5000 })
+    T.eq(code, 1, p.errtext())
+    T.eq(p.err[#p.err], case.line)
+    T.no_match(p.errtext(), "traceback")
+    T.eq(p.text(), "", "not started")
+  end
+end)
+
 T.test("examples/twilio.lua carries a call end to end against stand-ins of Twilio and OpenAI", function()
   local fake_tw = require "fakes.twilio"
   local fake_rt = require "fakes.realtime"
