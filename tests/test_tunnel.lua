@@ -265,6 +265,25 @@ T.test("tailscale: funnel --bg PORT publishes https://<Self.DNSName>, close() ru
   }, "off ran once (close is idempotent) and succeeded")
 end)
 
+T.test("tailscale whose `funnel off` is slow at the stop: the stop waits 5 s, then leaves it to finish, not killed", function()
+  local r, p, logs = scenario({
+    path = bindir({ "tailscale" }),
+    env = { FAKE_TAILSCALE_OFF_DELAY = "7" },
+    cfg = { provider = "tailscale", timeoutSec = 10 },
+  })
+  T.eq(r.url, "https://box.tail1234.ts.net")
+  local timer = require "callagent.timer"
+  local t0 = timer.now()
+  stop_driver(r, p)
+  T.near(timer.now() - t0, 5000, 1000, "the stop waited OFF_MS for it")
+  T.match(p.errtext(), "WARN tunnel: `tailscale funnel %-%-https=443 off` is still running after 5 s: left to finish")
+  -- Killed, the funnel would stay published after the app: it is not.
+  T.wait_for(function()
+    local lines = read_lines(logs.tailscale)
+    return lines[#lines] == "exit 0" and lines[#lines - 1] == "off waits 7 s"
+  end, 6000, "the off to finish on its own: " .. table.concat(read_lines(logs.tailscale), " | "))
+end, { timeout = 30000 })
+
 T.test("tailscale logged out: the error says to run `tailscale up`, and no funnel is attempted", function()
   local r, _, logs = scenario({
     path = bindir({ "tailscale" }),

@@ -25,7 +25,8 @@
 -- https://<Self.DNSName> (port 443). close() runs `tailscale funnel
 -- --https=443 off`, the command the CLI itself prints to undo --bg (`funnel
 -- <port> off` is refused as the pre-1.52 syntax; `funnel reset` would also
--- drop the user's other serve/funnel settings).
+-- drop the user's other serve/funnel settings); it waits OFF_MS for it, then
+-- leaves it to finish.
 --
 -- auto: ngrok if installed, else tailscale; when the first fails for another
 -- reason, the other is tried too, in what is left of timeoutSec. Errors are one line starting "tunnel: ",
@@ -369,15 +370,26 @@ end
 
 local FUNNEL_OFF = { "funnel", "--https=443", "off" }
 
--- Turns the funnel off; inside a task waits for it (OFF_MS at most).
+-- Turns the funnel off; inside a task waits for it (OFF_MS at most). One
+-- that takes longer (a slow tailscaled) is left to finish, not killed: killed,
+-- it could leave the funnel published after the app; detached, it outlives
+-- callagent's exit too.
 local function funnel_off()
-  local in_task = task.running() ~= nil
-  local r, err = run(FUNNEL_OFF, in_task and OFF_MS or false, { detached = true })
+  local r, err = run(FUNNEL_OFF, false, { detached = true })
   if not r then
     log.warn("tunnel: cannot turn tailscale funnel off", { error = err })
-  elseif in_task and r.code ~= 0 then
+    return
+  end
+  if not task.running() then
+    return
+  end
+  local code, sig = r.p:wait(OFF_MS)
+  if code == nil and sig == "ETIMEDOUT" then
+    log.warn(string.format("tunnel: `tailscale funnel --https=443 off` is still running after %d s: left to finish; "
+      .. "if `tailscale funnel status` still shows the funnel, run that command", OFF_MS // 1000))
+  elseif code ~= 0 then
     log.warn("tunnel: `tailscale funnel --https=443 off` failed", {
-      exit = r.timed_out and "timed out" or exit_text(r.code, r.signal),
+      exit = exit_text(code, sig),
       said = first_line(r.lines),
     })
   end
