@@ -13,7 +13,11 @@ local runtime = require "callagent.runtime"
 local config = os.getenv("CALLAGENT_CONFIG")
 local local_model = false
 local port = os.getenv("PORT")
-if port and not math.tointeger(tonumber(port)) then
+if config == "" then
+  -- Set from an unset variable, say (CALLAGENT_CONFIG=$CFG): not the local setup in its place.
+  io.stderr:write("callagent: CALLAGENT_CONFIG is empty: set it to a JSON config file, or unset it for the local setup\n")
+  runtime.exit(1)
+elseif port and not math.tointeger(tonumber(port)) then
   io.stderr:write("callagent: PORT must be a port number, got '", port, "'\n")
   runtime.exit(1)
 elseif port and config then

@@ -141,6 +141,13 @@ T.test("examples/twilio.lua carries a call end to end against stand-ins of Twili
   T.eq(p:wait(10000), 0, p.errtext())
 end, { timeout = 40000 })
 
+T.test("an empty CALLAGENT_CONFIG stops the start with a line saying so, not a file named ''", function()
+  local code, _, p = T.run_app(APP, nil, { env = env({ CALLAGENT_CONFIG = "" }), cwd = T.tmpdir() })
+  T.eq(code, 1)
+  T.eq(p.err[#p.err], "callagent: CALLAGENT_CONFIG is empty: set it to a JSON config file, or unset it for the local setup")
+  T.eq(p.text(), "", "no banner")
+end)
+
 T.test("the seed's JSON config names the first variable it lacks, and says PORT does not apply", function()
   local code, _, p = T.run_app(APP, nil, {
     env = env({ PORT = "4999", CALLAGENT_CONFIG = T.root .. "/examples/callagent.json" }),
