@@ -684,8 +684,11 @@ function M.load_file(path)
   if not f then
     return nil, "config: cannot read " .. path .. ": " .. tostring(ferr)
   end
-  local text = f:read("a")
+  local text, rerr = f:read("a") -- nil for a directory, which opens
   f:close()
+  if not text then
+    return nil, "config: cannot read " .. path .. ": " .. tostring(rerr)
+  end
   local v, err = json.try_decode(text)
   if not v then
     return nil, "config: " .. path .. " is not valid JSON: " .. err:gsub("^EJSON: ", "")
