@@ -1,0 +1,390 @@
+// callagent for Clawdbot: the tools call_agent, call_agent_status and
+// call_agent_hangup, each one request to a running callagent's REST API
+// (POST /v1/calls, GET /v1/calls/{id}, POST /v1/calls/{id}/hangup).
+//
+// Plain ESM for Node >= 20, no dependencies (global fetch). Clawdbot loads it
+// from package.json "clawdbot.extensions" and calls register(api) once;
+// config comes from plugins.entries.callagent.config (api.pluginConfig),
+// checked first against configSchema in clawdbot.plugin.json.
+import { createHash } from "node:crypto";
+
+const DEFAULT_BASE_URL = "http://127.0.0.1:4545";
+const DEFAULT_TIMEOUT_MS = 10000;
+const CONFIG_KEY = "plugins.entries.callagent.config";
+
+const VOICES = ["alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar"];
+const FINAL = new Set(["completed", "busy", "no_answer", "failed", "canceled"]);
+
+// The rules of POST /v1/calls (callagent README, "POST /v1/calls"), checked
+// here so that the model hears what is wrong without a round trip; callagent
+// checks them again (a timezone against its tz database, for one).
+const E164 = /^\+[1-9][0-9]{6,14}$/;
+const LOCALE = /^[A-Za-z]{2,3}([-_][A-Za-z0-9]{1,8})*$/;
+const TIMEZONE = /^[A-Za-z0-9_+-]+(\/[A-Za-z0-9_+-]+)*$/;
+const CALL_ID = /^[A-Za-z0-9_-]{1,100}$/;
+// C0 and C1 controls and DEL, but tab and line breaks; a one-line name also
+// refuses those and U+2028/U+2029.
+const PROMPT_CONTROL = /[\u0000-\u0008\u000b\u000c\u000e-\u001f\u007f-\u009f]/;
+const LINE_CONTROL = /[\u0000-\u001f\u007f-\u009f\u2028\u2029]/;
+
+class ToolInputError extends Error {}
+
+function bytes(s) {
+  return Buffer.byteLength(s, "utf8");
+}
+
+function fieldError(field, message, value) {
+  const got = value === undefined ? "" : ` (got ${shortJson(value)})`;
+  return new ToolInputError(`field "${field}": ${message}${got}`);
+}
+
+function shortJson(v) {
+  let s;
+  try {
+    s = JSON.stringify(v);
+  } catch {
+    s = String(v);
+  }
+  if (s === undefined) s = String(v);
+  return s.length > 60 ? s.slice(0, 57) + "..." : s;
+}
+
+function checkText(field, v, { max, blankOk = false, oneLine = false }) {
+  if (typeof v !== "string") throw fieldError(field, "expected a string", v);
+  if (typeof v.isWellFormed === "function" && !v.isWellFormed()) throw fieldError(field, "holds a lone surrogate (not UTF-8)");
+  if (!blankOk && v.trim() === "") throw fieldError(field, "must not be blank");
+  if (bytes(v) > max) throw fieldError(field, `at most ${max} bytes of UTF-8, got ${bytes(v)}`);
+  if ((oneLine ? LINE_CONTROL : PROMPT_CONTROL).test(v)) {
+    throw fieldError(field, oneLine ? "one line without control characters" : "no control characters but tab and line breaks");
+  }
+  return v;
+}
+
+const CALL_FIELDS = {
+  to(v) {
+    if (typeof v !== "string" || !E164.test(v.trim())) {
+      throw fieldError("to", "expected an E.164 number like +15551234567 (+, then 7 to 15 digits, the first not 0)", v);
+    }
+    return v.trim();
+  },
+  prompt: (v) => checkText("prompt", v, { max: 8000 }),
+  timezone(v) {
+    if (typeof v !== "string" || v.length > 64 || !TIMEZONE.test(v) || v.split("/").includes("..")) {
+      throw fieldError("timezone", "expected an IANA time zone like America/Los_Angeles", v);
+    }
+    return v;
+  },
+  locale(v) {
+    if (typeof v !== "string" || v.length > 35 || !LOCALE.test(v)) {
+      throw fieldError("locale", "expected a language tag like en-US", v);
+    }
+    return v;
+  },
+  callerName: (v) => checkText("callerName", v, { max: 120, oneLine: true }),
+  calleeName: (v) => checkText("calleeName", v, { max: 120, oneLine: true }),
+  voice(v) {
+    if (!VOICES.includes(v)) throw fieldError("voice", `expected one of ${VOICES.join(", ")}`, v);
+    return v;
+  },
+  metadata(v) {
+    if (v === null || typeof v !== "object" || Array.isArray(v)) throw fieldError("metadata", "expected a JSON object", v);
+    let s;
+    try {
+      s = JSON.stringify(v);
+    } catch (err) {
+      throw fieldError("metadata", `cannot be written as JSON (${err.message})`);
+    }
+    if (bytes(s) > 8192) throw fieldError("metadata", `at most 8192 bytes as JSON, got ${bytes(s)}`);
+    return v;
+  },
+};
+
+function paramsObject(params) {
+  if (params === undefined || params === null) return {};
+  if (typeof params !== "object" || Array.isArray(params)) throw new ToolInputError("the parameters must be an object");
+  return params;
+}
+
+function callRequest(params) {
+  const p = paramsObject(params);
+  for (const k of Object.keys(p)) {
+    if (!Object.hasOwn(CALL_FIELDS, k)) {
+      throw fieldError(k, `unknown field; call_agent takes ${Object.keys(CALL_FIELDS).join(", ")}`);
+    }
+  }
+  const body = {};
+  for (const [k, check] of Object.entries(CALL_FIELDS)) {
+    const v = p[k];
+    if (v === undefined || v === null) {
+      if (k === "to" || k === "prompt") throw fieldError(k, "required");
+      continue;
+    }
+    body[k] = check(v);
+  }
+  return body;
+}
+
+function callIdParam(params) {
+  const v = paramsObject(params).callId;
+  if (v === undefined || v === null) throw fieldError("callId", "required: the callId call_agent returned");
+  if (typeof v !== "string" || !CALL_ID.test(v.trim())) throw fieldError("callId", "expected a call id like c_03429f0b0f6a2b3ba32c", v);
+  return v.trim();
+}
+
+// Idempotency-Key for POST /v1/calls: the same tool call sent again (a retry
+// by the host, a re-run of the turn) gets the call it created instead of a
+// second one. callagent takes 1-255 printable ASCII characters, no spaces.
+export function idempotencyKey(toolCallId) {
+  const id = String(toolCallId ?? "");
+  if (/^[\x21-\x7e]{1,200}$/.test(id)) return `clawdbot-${id}`;
+  return `clawdbot-sha256-${createHash("sha256").update(id).digest("hex")}`;
+}
+
+export function resolveConfig(raw, env = process.env) {
+  const cfg = raw && typeof raw === "object" ? raw : {};
+  const baseRaw = cfg.baseUrl ?? DEFAULT_BASE_URL;
+  let u;
+  try {
+    u = new URL(String(baseRaw));
+  } catch {
+    u = null;
+  }
+  if (!u || (u.protocol !== "http:" && u.protocol !== "https:") || u.search || u.hash || u.username || u.password) {
+    throw new Error(`${CONFIG_KEY}.baseUrl: expected callagent's http(s) URL like ${DEFAULT_BASE_URL}, without user, query or fragment (the token goes in apiToken)`);
+  }
+  const baseUrl = u.href.replace(/\/+$/, "");
+  const token = cfg.apiToken ?? (env.CALLAGENT_API_TOKEN || undefined);
+  if (token !== undefined && (typeof token !== "string" || token.trim() !== token || token.length < 16)) {
+    throw new Error(`${CONFIG_KEY}.apiToken: expected callagent's server.apiToken (at least 16 characters, no spaces at either end)`);
+  }
+  const timeoutMs = cfg.timeoutMs ?? DEFAULT_TIMEOUT_MS;
+  if (!Number.isInteger(timeoutMs) || timeoutMs < 100 || timeoutMs > 120000) {
+    throw new Error(`${CONFIG_KEY}.timeoutMs: expected an integer from 100 to 120000, got ${shortJson(timeoutMs)}`);
+  }
+  // Shown in messages.
+  const shown = `${u.protocol}//${u.host}${u.pathname.replace(/\/+$/, "")}`;
+  return { baseUrl, apiToken: token, timeoutMs, shown };
+}
+
+function redact(cfg, s) {
+  return cfg.apiToken ? String(s).split(cfg.apiToken).join("[redacted]") : String(s);
+}
+
+function notReachable(cfg, err, method) {
+  let why;
+  if (err && (err.name === "TimeoutError" || err.cause?.name === "TimeoutError")) {
+    why = `no answer within ${cfg.timeoutMs} ms`;
+  } else {
+    const c = err?.cause;
+    why = c?.code || c?.message || err?.message || String(err);
+  }
+  let msg = `callagent is not reachable at ${cfg.shown} (${why}); is it running, and is ${CONFIG_KEY}.baseUrl its address?`;
+  if (method === "POST" && why.startsWith("no answer")) {
+    msg += " The request may still have been carried out.";
+  }
+  return new Error(redact(cfg, msg));
+}
+
+async function request(cfg, method, path, { body, headers = {}, signal } = {}) {
+  const h = { Accept: "application/json", ...headers };
+  if (cfg.apiToken) h.Authorization = `Bearer ${cfg.apiToken}`;
+  if (body !== undefined) h["Content-Type"] = "application/json";
+  const timeout = AbortSignal.timeout(cfg.timeoutMs);
+  const sig = signal ? AbortSignal.any([signal, timeout]) : timeout;
+  let res, text;
+  try {
+    // A redirect is not followed: the bearer token goes to callagent only.
+    res = await fetch(cfg.baseUrl + path, {
+      method,
+      headers: h,
+      body: body === undefined ? undefined : JSON.stringify(body),
+      signal: sig,
+      redirect: "manual",
+    });
+    text = await res.text();
+  } catch (err) {
+    if (signal?.aborted) throw err; // the host cancelled the tool call
+    throw notReachable(cfg, err, method);
+  }
+  let json = null;
+  try {
+    json = JSON.parse(text);
+  } catch {
+    json = null;
+  }
+  return { status: res.status, headers: res.headers, json };
+}
+
+function apiError(cfg, r, { callId } = {}) {
+  const e = (r.json && typeof r.json.error === "object" && r.json.error) || {};
+  const code = typeof e.code === "string" ? e.code : `http_${r.status}`;
+  const message = typeof e.message === "string" ? e.message : "no error message";
+  const tag = `(${r.status} ${code})`;
+  let msg;
+  if (r.status >= 300 && r.status < 400) {
+    msg = `callagent at ${cfg.shown} answered a redirect ${r.status}; set ${CONFIG_KEY}.baseUrl to callagent's own address`;
+  } else if (r.status === 401) {
+    msg = cfg.apiToken
+      ? `callagent at ${cfg.shown} refused the apiToken ${tag}: set ${CONFIG_KEY}.apiToken to callagent's server.apiToken`
+      : `callagent at ${cfg.shown} needs an apiToken ${tag}: set ${CONFIG_KEY}.apiToken to callagent's server.apiToken`;
+  } else if (r.status === 403) {
+    msg = `callagent at ${cfg.shown} refused the request ${tag}: ${message}. Without server.apiToken it answers only requests to a loopback address; set server.apiToken in callagent and ${CONFIG_KEY}.apiToken here`;
+  } else if (r.status === 404 && callId !== undefined && code === "not_found") {
+    msg = `field "callId": callagent has no call ${callId} ${tag}`;
+  } else if (r.status === 409 && code === "not_active") {
+    msg = `call ${callId} has already ended ${tag}; call_agent_status tells how`;
+  } else if (r.status === 422 && code === "idempotency_key_reused") {
+    msg = `this tool call id was already used to place a different call ${tag}`;
+  } else if (r.status === 503) {
+    const after = r.headers.get("retry-after");
+    msg = `callagent is ${code === "starting" ? "starting" : code === "shutting_down" ? "shutting down" : "busy"}: ${message}${after ? `; try again in ${after} s` : ""} ${tag}`;
+  } else if (typeof e.field === "string" && e.field) {
+    msg = `field "${e.field}": callagent refused it: ${message} ${tag}`;
+  } else if (!r.json) {
+    msg = `callagent at ${cfg.shown} answered HTTP ${r.status} that is not callagent's JSON; is ${CONFIG_KEY}.baseUrl callagent's address?`;
+  } else {
+    msg = `callagent refused the request: ${message} ${tag}`;
+  }
+  return new Error(redact(cfg, msg));
+}
+
+// What Clawdbot's own tools return (jsonResult in src/agents/tools/common.ts):
+// the payload as JSON text for the model, and as details for the host.
+function jsonResult(payload) {
+  return { content: [{ type: "text", text: JSON.stringify(payload, null, 2) }], details: payload };
+}
+
+function summarize(rec, includeTranscript) {
+  const attempts = Array.isArray(rec.attempts) ? rec.attempts : [];
+  const last = attempts[attempts.length - 1];
+  const out = {
+    callId: rec.callId,
+    status: rec.status,
+    final: FINAL.has(rec.status),
+    to: rec.to,
+  };
+  if (rec.calleeName) out.calleeName = rec.calleeName;
+  if (rec.endReason) out.endReason = rec.endReason;
+  out.outcome = rec.report?.outcome ?? null;
+  out.report = rec.report ?? null;
+  out.attempts = {
+    count: attempts.length,
+    last: last
+      ? { n: last.n, status: last.status, reason: last.reason, startedAt: last.startedAt, answeredAt: last.answeredAt, endedAt: last.endedAt }
+      : null,
+  };
+  if (rec.nextAttemptAt) out.nextAttemptAt = rec.nextAttemptAt;
+  if (rec.lastError) out.lastError = rec.lastError;
+  if (rec.hint) out.hint = rec.hint;
+  out.createdAt = rec.createdAt;
+  if (rec.completedAt) out.completedAt = rec.completedAt;
+  if (includeTranscript) out.transcript = rec.transcript ?? [];
+  return out;
+}
+
+export function createTools(cfg) {
+  const callAgent = {
+    name: "call_agent",
+    label: "Call Agent",
+    description:
+      "Place a phone call carried out by an AI voice agent (callagent). Give the number in E.164 and a detailed prompt: " +
+      "the agent's task, and the shape of the report you want back. Returns a callId at once; the call runs in the " +
+      "background. Check it with call_agent_status; when it ends, a report also arrives as a notification if " +
+      "callagent's notify hooks point at Clawdbot.",
+    parameters: {
+      type: "object",
+      additionalProperties: false,
+      properties: {
+        to: { type: "string", description: "Number to call, E.164 (+15551234567)" },
+        prompt: { type: "string", description: "The agent's task, in detail (at most 8000 bytes)" },
+        timezone: { type: "string", description: "IANA time zone for the agent, e.g. America/Los_Angeles" },
+        locale: { type: "string", description: "Language tag, e.g. en-US" },
+        callerName: { type: "string", description: "On whose behalf the agent calls" },
+        calleeName: { type: "string", description: "Who the agent expects to reach" },
+        voice: { type: "string", enum: VOICES, description: "The agent's voice" },
+        metadata: { type: "object", description: "Any JSON object, kept with the call and sent back in the notification" },
+      },
+      required: ["to", "prompt"],
+    },
+    async execute(toolCallId, params, signal) {
+      const body = callRequest(params);
+      const r = await request(cfg, "POST", "/v1/calls", {
+        body,
+        headers: { "Idempotency-Key": idempotencyKey(toolCallId) },
+        signal,
+      });
+      if (r.status !== 201 || !r.json || typeof r.json.callId !== "string") throw apiError(cfg, r);
+      const out = { callId: r.json.callId, status: r.json.status, to: body.to };
+      if (r.json.hint) out.hint = r.json.hint;
+      if (r.headers.get("idempotent-replayed") === "true") out.replayed = true;
+      return jsonResult(out);
+    },
+  };
+
+  const callAgentStatus = {
+    name: "call_agent_status",
+    label: "Call Agent Status",
+    description:
+      "Status of a call placed with call_agent: queued, dialing, in_progress, or final (completed, busy, no_answer, " +
+      "failed, canceled), why it ended, the agent's report (summary, outcome, nextSteps, data) and its attempts.",
+    parameters: {
+      type: "object",
+      additionalProperties: false,
+      properties: {
+        callId: { type: "string", description: "The callId call_agent returned" },
+        includeTranscript: { type: "boolean", description: "Also return the transcript (default false)" },
+      },
+      required: ["callId"],
+    },
+    async execute(_toolCallId, params, signal) {
+      const callId = callIdParam(params);
+      const p = paramsObject(params);
+      for (const k of Object.keys(p)) {
+        if (k !== "callId" && k !== "includeTranscript") throw fieldError(k, "unknown field; call_agent_status takes callId, includeTranscript");
+      }
+      if (p.includeTranscript != null && typeof p.includeTranscript !== "boolean") {
+        throw fieldError("includeTranscript", "expected true or false", p.includeTranscript);
+      }
+      const r = await request(cfg, "GET", `/v1/calls/${encodeURIComponent(callId)}`, { signal });
+      if (r.status !== 200 || !r.json || typeof r.json.status !== "string") throw apiError(cfg, r, { callId });
+      return jsonResult(summarize(r.json, p.includeTranscript === true));
+    },
+  };
+
+  const callAgentHangup = {
+    name: "call_agent_hangup",
+    label: "Call Agent Hang Up",
+    description:
+      "End a call placed with call_agent: a ringing or queued call is canceled, a live one is hung up " +
+      "(it then ends completed, endReason hung_up_by_api).",
+    parameters: {
+      type: "object",
+      additionalProperties: false,
+      properties: { callId: { type: "string", description: "The callId call_agent returned" } },
+      required: ["callId"],
+    },
+    async execute(_toolCallId, params, signal) {
+      const callId = callIdParam(params);
+      for (const k of Object.keys(paramsObject(params))) {
+        if (k !== "callId") throw fieldError(k, "unknown field; call_agent_hangup takes callId");
+      }
+      const r = await request(cfg, "POST", `/v1/calls/${encodeURIComponent(callId)}/hangup`, { signal });
+      if (r.status !== 202 || !r.json) throw apiError(cfg, r, { callId });
+      return jsonResult({ callId: r.json.callId ?? callId, status: r.json.status });
+    },
+  };
+
+  return [callAgent, callAgentStatus, callAgentHangup];
+}
+
+export default {
+  id: "callagent",
+  name: "callagent",
+  description: "Phone calls carried out by an AI voice agent, through a running callagent.",
+  // Synchronous: Clawdbot ignores what an async register() does after it returns.
+  register(api) {
+    const cfg = resolveConfig(api.pluginConfig);
+    for (const tool of createTools(cfg)) api.registerTool(tool);
+    api.logger?.info?.(`callagent: tools call_agent, call_agent_status, call_agent_hangup -> ${cfg.shown}`);
+  },
+};
