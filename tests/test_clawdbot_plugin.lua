@@ -1,0 +1,294 @@
+-- The Clawdbot plugin (examples/clawdbot/) against a real callagent app with
+-- fake Twilio and fake OpenAI Realtime: node runs tests/clawdbot/harness.mjs,
+-- a stand-in for the Clawdbot host that loads the plugin as Clawdbot's loader
+-- does (package.json "clawdbot.extensions", clawdbot.plugin.json, register(api),
+-- api.registerTool) and executes its tools as the agent would.
+--
+-- Needs node (>= 20) on the PATH; no npm package.
+local T = require "testing"
+local kit = require "callkit"
+local process = require "callagent.process"
+local fetch = require "callagent.fetch"
+local json = require "callagent.json"
+local timer = require "callagent.timer"
+
+local PLUGIN = T.root .. "/examples/clawdbot"
+local HARNESS = T.root .. "/tests/clawdbot/harness.mjs"
+local TOKEN = "api-token-for-clawdbot-tests"
+local WRONG = "wrong-token-the-user-mistyped"
+local SUMMARY = "Booked a check-up for Tuesday at 10."
+
+-- A secret must not be anywhere in s (plain text, not a Lua pattern: tokens hold "-").
+local function lacks(s, secret, what)
+  T.ok(not s:find(secret, 1, true), (what or "output") .. " shows a token: " .. s)
+end
+
+-- Runs the host stand-in on a plan; returns its JSON answer (asserted ok)
+-- and the whole output, stdout and stderr, for checks on what it printed.
+local function host(config, steps, env)
+  local out, err = {}, {}
+  local p, perr = process.spawn({
+    "node", HARNESS, PLUGIN, json.encode({ config = config, steps = steps }),
+    env = T.with({ CALLAGENT_API_TOKEN = false }, env), inherit_env = true,
+    max_line = 1 << 20,
+    on_stdout = function(l) out[#out + 1] = l end,
+    on_stderr = function(l) err[#err + 1] = l end,
+  })
+  if not p then
+    error("cannot run node (install Node.js >= 20): " .. tostring(perr), 0)
+  end
+  T.defer(function()
+    if p:running() then
+      p:kill("SIGKILL")
+    end
+  end)
+  local code, sig = p:wait(20000)
+  local all = table.concat(out, "\n") .. "\n" .. table.concat(err, "\n")
+  if code == nil and sig == "ETIMEDOUT" then
+    p:kill("SIGKILL")
+    error("the harness did not finish in 20 s: " .. all, 0)
+  end
+  T.eq(code, 0, "harness exit: " .. all)
+  local r = json.try_decode(out[#out] or "")
+  T.ok(type(r) == "table", "the harness printed no JSON: " .. all)
+  T.ok(r.ok, "the plugin did not load: " .. tostring(r.error))
+  return r, all
+end
+
+local function start(opts)
+  opts = opts or {}
+  opts.config = opts.config or {}
+  opts.config.server = { apiToken = TOKEN }
+  return kit.start(opts)
+end
+
+-- callagent's API with the token (callkit's env:api sends none).
+local function api(env, method, path)
+  local res = assert(fetch(env.base .. path, { method = method, headers = { Authorization = "Bearer " .. TOKEN } }))
+  return res.status, json.try_decode(res.body)
+end
+
+local function count_calls(env)
+  local status, body = api(env, "GET", "/v1/calls?limit=100")
+  T.eq(status, 200)
+  return #body.calls
+end
+
+T.test("the package and manifest are what Clawdbot loads; register gives the three tools", function()
+  local pkg = json.decode(assert(io.open(PLUGIN .. "/package.json")):read("a"))
+  local manifest = json.decode(assert(io.open(PLUGIN .. "/clawdbot.plugin.json")):read("a"))
+  T.eq(pkg.clawdbot.extensions, { "./index.js" })
+  T.eq(pkg.type, "module")
+  T.eq(pkg.dependencies, nil, "no dependencies: nothing to npm install")
+  T.eq(manifest.id, pkg.name, "Clawdbot's id hint is the package name")
+  T.eq(manifest.configSchema.additionalProperties, false)
+  T.eq(manifest.uiHints.apiToken.sensitive, true)
+  local r = host({}, {})
+  T.eq(r.id, "callagent")
+  T.eq(r.tools, { "call_agent", "call_agent_status", "call_agent_hangup" })
+  T.eq(r.optional, {})
+  for _, line in ipairs(r.logs) do
+    T.no_match(line, "^warn", "a loader warning")
+  end
+  -- A config the manifest's schema refuses never reaches the plugin.
+  local out = {}
+  local p = assert(process.spawn({ "node", HARNESS, PLUGIN, json.encode({ config = { baseUrl = 4545 } }),
+    on_stdout = function(l) out[#out + 1] = l end }))
+  T.eq(p:wait(20000), 0)
+  T.match(json.decode(out[#out]).error, "baseUrl: must be string")
+end)
+
+T.test("a call placed with call_agent completes; call_agent_status shows the model's report", function()
+  local env = start({ realtime = { script = function(session)
+    assert(session:wait_event("response.create", 5000))
+    session:speak({ ms = 200, text = "Hello, I am calling to book a check-up." })
+    session:report_and_goodbye({ summary = SUMMARY, outcome = "success", nextSteps = { "Add it to the calendar" },
+      data = { day = "Tuesday", time = "10:00" } }, { ms = 100, text = "Thank you, goodbye." })
+  end } })
+  local r, all = host({ baseUrl = env.base, apiToken = TOKEN }, { { tool = "call_agent", toolCallId = "toolu_01", params = {
+    to = "+14155550100", prompt = "Book a dental check-up for next week.", calleeName = "Dr. Smith",
+    timezone = "Europe/Berlin", locale = "de-DE", voice = "marin", metadata = { ticket = 7 },
+  } } })
+  local placed = r.steps[1]
+  T.eq(placed.isError, false, placed.error)
+  local id = placed.details.callId
+  T.match(id, "^c_")
+  T.ok(placed.details.status == "queued" or placed.details.status == "dialing", placed.details.status)
+  T.eq(json.decode(placed.text).callId, id, "the model reads the callId in the text")
+  lacks(all, TOKEN, "the token is never printed")
+
+  T.wait_for(function()
+    local _, rec = api(env, "GET", "/v1/calls/" .. id)
+    return rec.status == "completed"
+  end, 20000, "the call to complete")
+  T.eq(env.tw.calls[1].params.To, "+14155550100")
+  local _, rec = api(env, "GET", "/v1/calls/" .. id)
+  T.eq({ rec.calleeName, rec.timezone, rec.locale, rec.voice, rec.metadata }, { "Dr. Smith", "Europe/Berlin", "de-DE", "marin", { ticket = 7 } })
+
+  r = host({ baseUrl = env.base, apiToken = TOKEN }, {
+    { tool = "call_agent_status", toolCallId = "toolu_02", params = { callId = id } },
+    { tool = "call_agent_status", toolCallId = "toolu_03", params = { callId = id, includeTranscript = true } },
+  })
+  local st = r.steps[1]
+  T.eq(st.isError, false, st.error)
+  local d = st.details
+  T.eq({ d.callId, d.status, d.final, d.endReason, d.outcome }, { id, "completed", true, "completed", "success" })
+  T.eq(d.report.summary, SUMMARY)
+  T.eq(d.report.nextSteps, { "Add it to the calendar" })
+  T.eq(d.report.data, { day = "Tuesday", time = "10:00" })
+  T.eq({ d.attempts.count, d.attempts.last.n, d.attempts.last.status }, { 1, 1, "completed" })
+  T.eq(d.transcript, nil, "no transcript unless asked")
+  T.eq(json.decode(st.text).report.summary, SUMMARY)
+  local tr = r.steps[2].details.transcript
+  T.ok(type(tr) == "table" and #tr > 0, "a transcript when asked")
+  T.eq(tr[1].role, "agent")
+  -- And Clawdbot hears of it by itself through callagent's notify hooks.
+  T.wait_for(function()
+    return #env.hooks.received > 0
+  end, 10000, "the notification")
+  T.eq(env.hooks.received[1].json.data.callId, id)
+end, { timeout = 60000 })
+
+T.test("bad input is a tool error naming the field, and dials nothing", function()
+  local env = start({ twilio = { behaviour = { ring_ms = 10000 } } })
+  local call = function(params)
+    return { tool = "call_agent", toolCallId = "toolu_bad", params = params }
+  end
+  local r = host({ baseUrl = env.base, apiToken = TOKEN }, {
+    call({ to = "4155550100", prompt = "Book it." }),
+    call({ to = "+14155550100" }),
+    call({ to = "+14155550100", prompt = "Book it.", voice = "robot" }),
+    call({ to = "+14155550100", prompt = "Book it.", promt = "typo" }),
+    call({ to = "+14155550100", prompt = "Book it.", calleeName = "Ada\nLovelace" }),
+    call({ to = "+14155550100", prompt = "Book it.", metadata = { "a", "list" } }),
+    -- Well-formed, so only callagent knows: its 400 names the field too.
+    call({ to = "+14155550100", prompt = "Book it.", timezone = "Mars/Base" }),
+    { tool = "call_agent_status", params = { callId = "c_00000000000000000000" } },
+    { tool = "call_agent_status", params = {} },
+    { tool = "call_agent_hangup", params = { callId = "../healthz" } },
+  })
+  local fields = { "to", "prompt", "voice", "promt", "calleeName", "metadata", "timezone", "callId", "callId", "callId" }
+  for i, f in ipairs(fields) do
+    local s = r.steps[i]
+    T.eq(s.isError, true, "step " .. i .. " is an error")
+    T.match(s.error, '^field "' .. f .. '"', "step " .. i)
+    T.eq(json.decode(s.text), { status = "error", tool = s.tool, error = s.error }, "what the model reads")
+  end
+  T.match(r.steps[1].error, "E%.164")
+  T.match(r.steps[7].error, "%(400 invalid_timezone%)$")
+  T.match(r.steps[8].error, "no call c_00000000000000000000 %(404 not_found%)")
+  T.eq(count_calls(env), 0, "no call was created")
+  T.eq(#env.tw.calls, 0, "nothing was dialed")
+end)
+
+T.test("a wrong or missing apiToken is a clear error that never shows a token", function()
+  local env = start({ twilio = { behaviour = { ring_ms = 10000 } } })
+  local steps = {
+    { tool = "call_agent", toolCallId = "toolu_t", params = { to = "+14155550100", prompt = "Book it." } },
+    { tool = "call_agent_status", params = { callId = "c_00000000000000000000" } },
+  }
+  local r, all = host({ baseUrl = env.base, apiToken = WRONG }, steps)
+  for i = 1, 2 do
+    T.eq(r.steps[i].isError, true)
+    T.match(r.steps[i].error, "refused the apiToken %(401 unauthorized%)")
+    T.match(r.steps[i].error, "plugins%.entries%.callagent%.config%.apiToken")
+  end
+  lacks(all, WRONG)
+  lacks(all, TOKEN)
+  r = host({ baseUrl = env.base }, steps)
+  T.match(r.steps[1].error, "needs an apiToken %(401 unauthorized%)")
+  T.eq(count_calls(env), 0)
+  -- Without apiToken in the config, CALLAGENT_API_TOKEN is the token.
+  r, all = host({ baseUrl = env.base }, { steps[1] }, { CALLAGENT_API_TOKEN = TOKEN })
+  T.eq(r.steps[1].isError, false, r.steps[1].error)
+  lacks(all, TOKEN)
+  T.eq(count_calls(env), 1)
+end)
+
+T.test("callagent down or not answering: not reachable at its baseUrl", function()
+  local port = T.free_port()
+  local base = "http://127.0.0.1:" .. port
+  local r, all = host({ baseUrl = base .. "/", apiToken = TOKEN }, {
+    { tool = "call_agent", params = { to = "+14155550100", prompt = "Book it." } },
+    { tool = "call_agent_status", params = { callId = "c_00000000000000000000" } },
+    { tool = "call_agent_hangup", params = { callId = "c_00000000000000000000" } },
+  })
+  for i = 1, 3 do
+    T.eq(r.steps[i].isError, true)
+    T.eq(r.steps[i].error:match("^(callagent is not reachable at %S+) %(ECONNREFUSED%)"),
+      "callagent is not reachable at " .. base, "step " .. i .. ": " .. r.steps[i].error)
+  end
+  lacks(all, TOKEN)
+  -- A server that takes the connection and never answers in time.
+  local slow = T.server({}, function(srv)
+    srv:post("/v1/calls", function()
+      timer.sleep(3000)
+      return 201, { callId = "c_late", status = "dialing" }
+    end)
+  end)
+  local t0 = timer.now()
+  r, all = host({ baseUrl = "http://127.0.0.1:" .. slow.port, apiToken = TOKEN, timeoutMs = 300 }, {
+    { tool = "call_agent", params = { to = "+14155550100", prompt = "Book it." } },
+  })
+  T.match(r.steps[1].error, "^callagent is not reachable at http://127%.0%.0%.1:" .. slow.port
+    .. " %(no answer within 300 ms%)")
+  T.match(r.steps[1].error, "may still have been carried out")
+  T.lt(timer.now() - t0, 2900, "the plugin gave up at its timeoutMs")
+  lacks(all, TOKEN)
+end)
+
+T.test("call_agent retried with the same toolCallId gets the same call and dials once", function()
+  local env = start({ twilio = { behaviour = { ring_ms = 10000 } } })
+  local params = { to = "+14155550100", prompt = "Book a dental check-up.", metadata = { ticket = 9 } }
+  local cfg = { baseUrl = env.base, apiToken = TOKEN }
+  local r = host(cfg, {
+    { tool = "call_agent", toolCallId = "toolu_retry", params = params },
+    { tool = "call_agent", toolCallId = "toolu_retry", params = params },
+  })
+  local first, again = r.steps[1], r.steps[2]
+  T.eq({ first.isError, again.isError }, { false, false }, tostring(first.error or again.error))
+  T.eq(again.details.callId, first.details.callId)
+  T.eq(again.details.replayed, true)
+  T.eq(first.details.replayed, nil)
+  -- A host that restarted and runs the same tool call again: the same call.
+  r = host(cfg, { { tool = "call_agent", toolCallId = "toolu_retry", params = params } })
+  T.eq(r.steps[1].details.callId, first.details.callId)
+  -- The same id with other input is refused, not placed.
+  r = host(cfg, { { tool = "call_agent", toolCallId = "toolu_retry", params = { to = "+14155550199", prompt = "Other." } } })
+  T.match(r.steps[1].error, "already used to place a different call %(422 idempotency_key_reused%)")
+  -- Another tool call is another call.
+  r = host(cfg, { { tool = "call_agent", toolCallId = "toolu_next", params = params } })
+  T.ne(r.steps[1].details.callId, first.details.callId)
+  T.eq(count_calls(env), 2)
+  T.wait_for(function()
+    return #env.tw.calls >= 2
+  end, 5000, "both calls dialed")
+  timer.sleep(200)
+  T.eq(#env.tw.calls, 2, "dialed once per call")
+end)
+
+T.test("call_agent_hangup cancels a ringing call; a second hang-up says it has ended", function()
+  local env = start({ twilio = { behaviour = { ring_ms = 10000 } } })
+  local cfg = { baseUrl = env.base, apiToken = TOKEN }
+  local r = host(cfg, { { tool = "call_agent", toolCallId = "toolu_h", params = { to = "+14155550100", prompt = "Book it." } } })
+  local id = r.steps[1].details.callId
+  T.wait_for(function()
+    return #env.tw.calls == 1
+  end, 5000, "the dial")
+  r = host(cfg, { { tool = "call_agent_hangup", params = { callId = id } } })
+  T.eq(r.steps[1].isError, false, r.steps[1].error)
+  T.eq(r.steps[1].details.callId, id)
+  T.wait_for(function()
+    local _, rec = api(env, "GET", "/v1/calls/" .. id)
+    return rec.status == "canceled"
+  end, 10000, "the call to be canceled")
+  r = host(cfg, {
+    { tool = "call_agent_hangup", params = { callId = id } },
+    { tool = "call_agent_status", params = { callId = id } },
+  })
+  T.match(r.steps[1].error, "^call " .. id .. " has already ended %(409 not_active%)")
+  T.eq({ r.steps[2].details.status, r.steps[2].details.final, r.steps[2].details.outcome },
+    { "canceled", true, json.null })
+end)
+
+T.run()
