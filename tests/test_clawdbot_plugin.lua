@@ -267,6 +267,15 @@ T.test("call_agent retried with the same toolCallId gets the same call and dials
   T.eq(#env.tw.calls, 2, "dialed once per call")
 end)
 
+T.test("with the mock provider call_agent returns the phone page's link as hint", function()
+  local env = start({ config = { telephony = { provider = "mock" } } })
+  local r = host({ baseUrl = env.base, apiToken = TOKEN },
+    { { tool = "call_agent", toolCallId = "toolu_mock", params = { to = "+14155550100", prompt = "Book it." } } })
+  local d = r.steps[1].details
+  T.eq(r.steps[1].isError, false, r.steps[1].error)
+  T.match(d.hint or "", "^" .. env.base:gsub("%p", "%%%0") .. "/mock/call/" .. d.callId .. "%?t=")
+end)
+
 T.test("call_agent_hangup cancels a ringing call; a second hang-up says it has ended", function()
   local env = start({ twilio = { behaviour = { ring_ms = 10000 } } })
   local cfg = { baseUrl = env.base, apiToken = TOKEN }
