@@ -24,6 +24,13 @@ function P:init(ctx)
   self.tw = ctx.config.twilio
 end
 
+-- A Twilio call sid: "CA" and 32 hex digits. It goes into the path of REST
+-- requests made with our credentials: one that is anything else (a path, a
+-- query) never does, wherever it came from (a dial's answer, a callback).
+local function call_sid(v)
+  return type(v) == "string" and #v == 34 and v:find("^CA%x+$") and v or nil
+end
+
 local function calls_url(self, sid)
   local base = self.tw.apiBaseUrl .. "/2010-04-01/Accounts/" .. self.tw.accountSid .. "/Calls"
   return sid and (base .. "/" .. sid .. ".json") or (base .. ".json")
@@ -74,7 +81,7 @@ function P:startCall(call, publicBaseUrl)
     return nil, rest_error(res, err)
   end
   local body = json.try_decode(res.body)
-  if type(body) ~= "table" or type(body.sid) ~= "string" then
+  if type(body) ~= "table" or not call_sid(body.sid) then
     return nil, "twilio answered without a call sid"
   end
   return { providerCallId = body.sid }
@@ -220,7 +227,7 @@ function P:mapStatus(payload)
     raw = s,
     sequence = tonumber(payload.SequenceNumber),
     duration = tonumber(payload.CallDuration),
-    providerCallId = type(payload.CallSid) == "string" and payload.CallSid or nil,
+    providerCallId = call_sid(payload.CallSid),
     reason = reason,
   }
 end
@@ -231,6 +238,8 @@ function P:endCall(_, attempt)
   local sid = attempt and attempt.providerCallId
   if not sid then
     return nil, "no Twilio call to hang up"
+  elseif not call_sid(sid) then
+    return nil, "not a Twilio call sid: not hung up"
   end
   local o = request(self, 10000)
   o.method = "POST"
@@ -246,6 +255,9 @@ function P:endCall(_, attempt)
 end
 
 function P:getCall(sid)
+  if not call_sid(sid) then
+    return nil, "not a Twilio call sid"
+  end
   local o = request(self, 10000)
   local res, err = fetch(calls_url(self, sid), o)
   if not res or res.status ~= 200 then

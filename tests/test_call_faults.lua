@@ -11,6 +11,7 @@ local timer = require "callagent.timer"
 local task = require "callagent.task"
 local json = require "callagent.json"
 local fake_twilio = require "fakes.twilio"
+local http = require "callagent.http"
 
 local function healthy(env)
   local status, body = env:api("GET", "/healthz")
@@ -66,6 +67,50 @@ T.test("a status callback with a bad or missing signature gets 403 and changes n
   headers["Content-Type"] = "Application/X-WWW-Form-Urlencoded; Charset=UTF-8"
   res = assert(fetch(target, { method = "POST", body = body, headers = headers }))
   T.eq(res.status, 204)
+  healthy(env)
+end)
+
+
+T.test("a CallSid that is no Twilio call sid never becomes part of a REST URL", function()
+  -- A Twilio API that records every request, and answers a dial with a
+  -- sid that is a path.
+  local seen = {}
+  local api = http.server({ host = "127.0.0.1", port = 0 })
+  api:route("*", "/*", function(req)
+    seen[#seen + 1] = req.method .. " " .. req.path
+    if req.path:find("/Calls%.json$") then
+      return 201, { sid = "CA../../IncomingPhoneNumbers/PN1", status = "queued" }
+    end
+    return 404, { code = 20404, message = "not found" }
+  end)
+  assert(api:listen())
+  T.defer(function()
+    api:close()
+  end)
+  local env = kit.start({ config = { twilio = { apiBaseUrl = "http://127.0.0.1:" .. api.port },
+    retry = { maxAttempts = 1 } } })
+  local id = env:create({ to = "+14155550123", prompt = "Say hello." })
+  local rec = env:wait_final(id, 5000)
+  T.eq(rec.status, "failed")
+  T.match(rec.lastError, "without a call sid")
+  -- Signed callbacks that show a call up for a call nobody knows: a sid
+  -- that is a path, a query or an escape is not hung up.
+  for _, sid in ipairs({ "CA../../../IncomingPhoneNumbers/PN1", "CAx?Foo=1#", "CA%2e%2e/x",
+    "CA" .. string.rep("a", 31) .. "/" }) do
+    local target = env.base .. "/status?callId=c_unknown&attempt=1"
+    local params = { CallSid = sid, CallStatus = "ringing", SequenceNumber = "1" }
+    local res = assert(fetch(target, { method = "POST", body = url.form_encode(params), headers = {
+      ["Content-Type"] = "application/x-www-form-urlencoded", ["X-Twilio-Signature"] = fake_twilio.sign(kit.TOKEN, target, params) } }))
+    T.eq(res.status, 204, sid)
+  end
+  timer.sleep(300)
+  local bad = {}
+  for _, s in ipairs(seen) do
+    if not s:find("^POST /2010%-04%-01/Accounts/" .. kit.ACCOUNT .. "/Calls%.json$") then
+      bad[#bad + 1] = s
+    end
+  end
+  T.eq(bad, {}, "requests other than the dial")
   healthy(env)
 end)
 
