@@ -131,6 +131,30 @@ T.test("the voice webhook without a valid signature gets 403 and hands out no st
   T.eq(#env.rt.sessions, 0, "no model session was opened")
 end)
 
+
+T.test("a webhook whose attempt is not a whole number gets 400: no second bridge, no model session", function()
+  local env = kit.start({ twilio = { behaviour = { ring_ms = 3000 } } })
+  local id = env:create({ to = "+14155550124", prompt = "Say hello." })
+  local rec = env:wait(id, function(r)
+    return r.status == "dialing" and r.attempts[1].providerCallId
+  end, 5000, "dialing")
+  local params = { CallSid = rec.attempts[1].providerCallId, CallStatus = "in-progress", AccountSid = kit.ACCOUNT }
+  for _, attempt in ipairs({ "1.0", "1e0", "0x1", "1.5", "abc", "" }) do
+    for _, path in ipairs({ "/voice", "/status" }) do
+      local target = env.base .. path .. "?callId=" .. id .. "&attempt=" .. attempt
+      local res = assert(fetch(target, { method = "POST", body = url.form_encode(params), headers = {
+        ["Content-Type"] = "application/x-www-form-urlencoded",
+        ["X-Twilio-Signature"] = fake_twilio.sign(kit.TOKEN, target, params) } }))
+      T.eq(res.status, 400, path .. " attempt=" .. attempt)
+      local e = json.decode(res.body).error
+      T.eq({ e.code, e.field }, { "bad_request", "attempt" }, path .. " attempt=" .. attempt)
+    end
+  end
+  T.eq(#env.rt.sessions, 0, "no model session was opened")
+  T.eq(env:get(id).status, "dialing", "nothing changed")
+  healthy(env)
+end)
+
 T.test("a stream token works once: a second stream with it, or an unknown one, is refused", function()
   local env = kit.start({
     realtime = {

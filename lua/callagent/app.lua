@@ -130,7 +130,10 @@ function App:_routes(srv)
   local engine, provider = self.engine, self.provider
 
   -- The webhook URLs' callId and attempt, as we wrote them: one string each
-  -- (a repeated parameter arrives as a list). Else the 400 to answer.
+  -- (a repeated parameter arrives as a list), the attempt in decimal digits.
+  -- Else the 400 to answer. An attempt of "1.0" or "abc" was taken as the
+  -- float 1.0 or as the current attempt: "1.0" keyed a second bridge, with a
+  -- model session of its own, beside the attempt's.
   local function call_query(req, what)
     local q = req.query or {}
     for _, k in ipairs({ "callId", "attempt" }) do
@@ -139,7 +142,12 @@ function App:_routes(srv)
         return nil, 400, { error = { code = "bad_request", message = k .. " must be given once in the query", field = k } }
       end
     end
-    return q
+    local n = q.attempt and q.attempt:find("^%d+$") and #q.attempt <= 9 and math.tointeger(tonumber(q.attempt))
+    if q.attempt and not n then
+      log.warn(what .. " with a bad query", { field = "attempt", remote = req.remote })
+      return nil, 400, { error = { code = "bad_request", message = "attempt must be a whole number", field = "attempt" } }
+    end
+    return q, n
   end
 
   srv:post("/voice", function(req)
@@ -148,11 +156,11 @@ function App:_routes(srv)
       log.warn("voice webhook refused", { reason = why, remote = req.remote })
       return 403, { error = { code = "forbidden", message = "invalid signature" } }
     end
-    local q, status, body = call_query(req, "voice webhook")
+    local q, n, body = call_query(req, "voice webhook")
     if not q then
-      return status, body
+      return n, body
     end
-    local id, n = q.callId, tonumber(q.attempt)
+    local id = q.callId
     local token, terr = engine:prepare_stream(id, n)
     if not token then
       log.warn("voice webhook for a call that is not dialing", { call = id, attempt = q.attempt, reason = terr })
@@ -173,9 +181,9 @@ function App:_routes(srv)
       log.warn("status callback refused", { reason = why, remote = req.remote })
       return 403, { error = { code = "forbidden", message = "invalid signature" } }
     end
-    local q, status, body = call_query(req, "status callback")
+    local q, n, body = call_query(req, "status callback")
     if not q then
-      return status, body
+      return n, body
     end
     local payload, st, serr
     if req:content_type():find("json", 1, true) then
@@ -190,7 +198,7 @@ function App:_routes(srv)
       log.warn("status callback not understood", { call = q.callId, error = serr })
       return 400, { error = { code = "bad_status", message = serr } }
     end
-    engine:provider_status(q.callId, tonumber(q.attempt), st)
+    engine:provider_status(q.callId, n, st)
     return 204
   end)
 
