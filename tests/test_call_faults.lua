@@ -200,6 +200,43 @@ T.test("a stream token works once: a second stream with it, or an unknown one, i
   healthy(env)
 end, { timeout = 30000 })
 
+
+T.test("a refused media stream is not heard any more: a start it sends after claims nothing", function()
+  local env = kit.start({ twilio = { behaviour = { stream = false } } })
+  local id = env:create({ to = "+14155550125", prompt = "Say hello." })
+  local tw = assert(env.tw:wait_call(5000))
+  T.wait_for(function()
+    return tw.twiml and tw.twiml.stream
+  end, 5000, "the TwiML")
+  local token = tw.twiml.stream.parameters.token
+  local stream_url = env.base:gsub("^http", "ws") .. "/voice/stream"
+  local sid = "MZ" .. string.rep("1", 32)
+  local start = json.encode({ event = "start", sequenceNumber = "1", streamSid = sid,
+    start = { streamSid = sid, callSid = tw.sid, customParameters = { callId = id, attempt = "1", token = token } } })
+  -- Refused for its signature, then for a first message that is not
+  -- `start`: what each sends right after (in the same read, before the
+  -- close is through) is not taken.
+  for _, case in ipairs({ { "bm9wZQ==", nil, "invalid signature" },
+    { fake_twilio.sign(kit.TOKEN, stream_url), json.encode({ event = "media", media = { payload = "" } }), "expected start" } }) do
+    local conn = assert(ws.connect(stream_url, { headers = { ["X-Twilio-Signature"] = case[1] } }))
+    if case[2] then
+      conn:send(case[2])
+    end
+    conn:send(start)
+    local kind, code, reason = conn:receive(3000)
+    T.eq({ kind, code, reason }, { "close", 1008, case[3] })
+  end
+  -- The token is still unused: Twilio's own stream gets the call.
+  local conn = assert(ws.connect(stream_url, { headers = { ["X-Twilio-Signature"] = fake_twilio.sign(kit.TOKEN, stream_url) } }))
+  conn:send(json.encode({ event = "connected", protocol = "Call", version = "1.0.0" }))
+  conn:send(start)
+  local kind = conn:receive(1000)
+  T.ne(kind, "close", "the signed stream is taken")
+  T.eq(env:get(id).status, "in_progress")
+  conn:close(1000, "bye")
+  healthy(env)
+end, { timeout = 30000 })
+
 T.test("a media stream that never starts, or sends something else first, is closed with 1008 and logged", function()
   local tw = assert(fake_twilio.start({ account_sid = kit.ACCOUNT, auth_token = kit.TOKEN }))
   local rt = assert(require("fakes.realtime").start({ api_key = kit.API_KEY }))

@@ -212,6 +212,7 @@ function App:_routes(srv)
   end
   local function refuse(conn, reason, close_reason)
     stop_start_timer(conn)
+    conn.refused = true
     log.warn("media stream refused", { reason = reason, remote = conn.request and conn.request.remote })
     conn:close(1008, close_reason or reason)
   end
@@ -237,6 +238,13 @@ function App:_routes(srv)
       local b = conn.bridge
       if b then
         return b:on_stream_text(msg)
+      end
+      -- A refused stream is not heard any more: what it sent before its
+      -- close went through (a `start` right after the upgrade whose signature
+      -- failed, say) would claim the call's stream token, and the close end
+      -- the call.
+      if conn.refused then
+        return
       end
       -- Before `start`: connected, then start with the customParameters.
       -- Anything else is not Twilio Media Streams.
