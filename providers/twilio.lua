@@ -209,9 +209,9 @@ function P:mapStatus(payload)
   if not status then
     -- The message is answered and logged: no bytes of the request's own.
     if type(s) ~= "string" then
-      return nil, "CallStatus is missing or not a string"
+      return nil, "CallStatus is missing or not a string", "CallStatus"
     end
-    return nil, "unknown CallStatus" .. (#s <= 32 and s:find("^[%w%-_]+$") and (" " .. s) or "")
+    return nil, "unknown CallStatus" .. (#s <= 32 and s:find("^[%w%-_]+$") and (" " .. s) or ""), "CallStatus"
   end
   local reason
   if status == "failed" then

@@ -52,8 +52,15 @@ T.test("a status callback with a bad or missing signature gets 403 and changes n
     ['{"CallStatus":"\\u001b[2J\\u00ff"}'] = "unknown CallStatus",
   }) do
     res = assert(fetch(target, { method = "POST", body = text, headers = jheaders }))
-    T.eq(json.decode(res.body).error.message, message, text)
+    local e = json.decode(res.body).error
+    T.eq({ e.message, e.field }, { message, "CallStatus" }, text)
   end
+  -- A repeated CallStatus is not one status.
+  local twice = { CallSid = params.CallSid, CallStatus = { "ringing", "completed" }, AccountSid = kit.ACCOUNT }
+  res = assert(fetch(target, { method = "POST", body = url.form_encode(twice), headers = {
+    ["Content-Type"] = "application/x-www-form-urlencoded", ["X-Twilio-Signature"] = fake_twilio.sign(kit.TOKEN, target, twice) } }))
+  T.eq(res.status, 400)
+  T.eq(json.decode(res.body).error.field, "CallStatus")
   local after = env:get(id)
   T.eq(after.status, "dialing", "nothing changed")
   T.eq(#after.attempts, 1)

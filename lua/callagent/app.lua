@@ -185,18 +185,20 @@ function App:_routes(srv)
     if not q then
       return n, body
     end
-    local payload, st, serr
+    local payload, st, serr, field
     if req:content_type():find("json", 1, true) then
       payload, serr = req:json_object()
     else
       payload = url.form_decode(req.body or "")
     end
     if payload then
-      st, serr = provider:mapStatus(payload)
+      -- The provider may name the payload's field at fault (Twilio: CallStatus).
+      st, serr, field = provider:mapStatus(payload)
+      field = type(field) == "string" and field or nil
     end
     if not st then
-      log.warn("status callback not understood", { call = q.callId, error = serr })
-      return 400, { error = { code = "bad_status", message = serr } }
+      log.warn("status callback not understood", { call = q.callId, error = serr, field = field })
+      return 400, { error = { code = "bad_status", message = serr, field = field } }
     end
     engine:provider_status(q.callId, n, st)
     return 204

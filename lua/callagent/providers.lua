@@ -13,7 +13,7 @@
 --                             -> body, content_type   (stream = {url, parameters})
 --   validateRequest(self, req, publicBaseUrl) -> true | false, reason
 --   mapStatus(self, payload)  -> {status, providerCallId?, sequence?, reason?, raw?,
---                             duration?} | nil, err
+--                             duration?} | nil, err, field? (the payload field at fault)
 --                             status: "dialing" | "in_progress" | "completed" |
 --                             "busy" | "no_answer" | "failed" | "canceled";
 --                             providerCallId: the vendor's id of that call (how
