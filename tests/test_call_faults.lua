@@ -1063,6 +1063,25 @@ T.test("an answered call whose media stream never comes is hung up after 15 s an
   healthy(env)
 end, { timeout = 40000 })
 
+
+T.test("an answered call whose voice webhook never reached callagent fails: the callee did not hang up on the agent", function()
+  -- Twilio answers, its voice webhook cannot reach callagent (Twilio then
+  -- plays its error message and hangs up), and the completed callback comes.
+  local env = kit.start({ twilio = { public_url_rewrite = function(u)
+    return u:find("/voice?", 1, true) and u:gsub("^(http://[^/:]+):%d+", "%1:9") or u
+  end } })
+  local id = env:create({ to = "+14155550131", prompt = "Say hello." })
+  local tw = env.tw:wait_call(5000)
+  local call = env:wait_final(id, 10000)
+  T.ok(tw.voice_request and tw.voice_request.error, "the voice webhook failed")
+  T.eq(call.status, "failed")
+  T.eq(call.endReason, "no_stream")
+  T.match(call.lastError, "before its media stream came")
+  T.eq(#call.attempts, 1, "an answered call is not dialed again")
+  T.eq(call.attempts[1].reason, "no_stream")
+  healthy(env)
+end)
+
 T.test("a call hung up through the API before its stream, with the final callback lost, ends", function()
   -- Answered (the callback came), the voice webhook still on its way: there
   -- is no conversation to end yet, and Twilio's completed callback is lost.

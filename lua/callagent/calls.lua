@@ -729,12 +729,24 @@ function Engine:provider_status(id, n, st)
     return true
   end
   provider_event()
+  -- Answered and over, and its voice webhook never came (it failed on its
+  -- way: the callee heard the vendor's error message, then the vendor hung
+  -- up). The agent never had the call: it fails as one whose stream never
+  -- came does, not as a callee who hung up on the agent.
+  local err
+  if st.status == "completed" and not a._voiced and call._end_reason == nil and not call._cancel_requested
+    and not call._resolving and not self.stopped then
+    err = "the call ended before its media stream came: its voice webhook never reached callagent"
+    log.warn("the provider ended an answered call whose voice webhook never came", { call = id, attempt = n })
+    call._end_reason = "no_stream"
+    self:_mark_answered(call, n)
+  end
   -- Final, as the provider sees it.
   local b = self.bridges[id .. "#" .. n]
   if b and not b.ended then
     b:finish(b.end_reason or (st.status == "completed" and "callee_hung_up") or st.status)
   end
-  return self:_attempt_final(call, n, st.status, st.reason)
+  return self:_attempt_final(call, n, st.status, st.reason, err)
 end
 
 -- Answered STREAM_WAIT_MS ago, and no media stream has come: the voice
@@ -803,6 +815,7 @@ function Engine:prepare_stream(id, n)
   if call._cancel_requested then
     return nil, "hung up through the API"
   end
+  a._voiced = true -- its voice webhook came: the agent has the call
   if a.status == "dialing" then
     -- A provider asks for the call's audio only once it is answered. Its
     -- answered callback may be late, or lost (Twilio does not retry one it
