@@ -43,15 +43,16 @@ local function request(self, max_ms)
   return { username = self.tw.accountSid, password = self.tw.authToken, timeout = max_ms and math.min(ms, max_ms) or ms }
 end
 
--- A Twilio REST error as one line: "twilio 21215: <message> (HTTP 400)".
+-- A Twilio REST error as one line: "twilio 21215: <message> (HTTP 400)", or
+-- "twilio error: <message> (HTTP 503)" when its code is no whole number
+-- (null, an object: not written as a Lua value).
 local function rest_error(res, err)
   if not res then
     return "twilio request failed: " .. tostring(err)
   end
   local body = json.try_decode(res.body)
   if type(body) == "table" and type(body.message) == "string" then
-    local code = body.code
-    code = type(code) == "number" and (math.tointeger(code) or code) or code
+    local code = math.type(body.code) and math.tointeger(body.code)
     return string.format("twilio %s: %s (HTTP %d)", tostring(code or "error"), body.message, res.status)
   end
   return string.format("twilio answered HTTP %d", res.status)

@@ -170,6 +170,35 @@ T.test("a dial the Twilio API refuses fails with Twilio's error in lastError, an
   T.match(call.attempts[1].reason, "21215")
 end)
 
+
+T.test("a Twilio error whose code is null or no number is told by its message, not as a Lua value", function()
+  local answers = {
+    { 503, '{"code":null,"message":"Service unavailable","status":503}', "^twilio error: Service unavailable %(HTTP 503%)$" },
+    { 400, '{"code":{"n":1},"message":"Bad","status":400}', "^twilio error: Bad %(HTTP 400%)$" },
+    { 400, '{"code":21215.0,"message":"Geo","status":400}', "^twilio 21215: Geo %(HTTP 400%)$" },
+    { 502, "<html><body>Bad gateway</body></html>", "^twilio answered HTTP 502$" },
+  }
+  local n = 0
+  local api = require("callagent.http").server({ host = "127.0.0.1", port = 0 })
+  api:route("*", "/*", function()
+    n = n + 1
+    local a = answers[n]
+    return a[1], a[2], { ["Content-Type"] = a[2]:sub(1, 1) == "{" and "application/json" or "text/html" }
+  end)
+  assert(api:listen())
+  T.defer(function()
+    api:close()
+  end)
+  local env = kit.start({ config = { twilio = { apiBaseUrl = "http://127.0.0.1:" .. api.port },
+    retry = { maxAttempts = 1 } } })
+  for i, a in ipairs(answers) do
+    local id = env:create({ to = "+14155550107", prompt = "Say hello." })
+    local call = env:wait_final(id, 5000)
+    T.eq(call.status, "failed")
+    T.match(call.lastError, a[3], "answer " .. i)
+  end
+end)
+
 T.test("a vendor's error is kept in lastError as one line of UTF-8, at most 500 bytes", function()
   local env = kit.start({
     twilio = { behaviour = { answer = "reject-api", reject_message = "bad\n\27[31mnews \255 " .. string.rep("x", 10000) } },
