@@ -11,7 +11,6 @@ local timer = require "callagent.timer"
 local task = require "callagent.task"
 local json = require "callagent.json"
 local fake_twilio = require "fakes.twilio"
-local http = require "callagent.http"
 
 local function healthy(env)
   local status, body = env:api("GET", "/healthz")
@@ -82,19 +81,14 @@ T.test("a CallSid that is no Twilio call sid never becomes part of a REST URL", 
   -- A Twilio API that records every request, and answers a dial with a
   -- sid that is a path.
   local seen = {}
-  local api = http.server({ host = "127.0.0.1", port = 0 })
-  api:route("*", "/*", function(req)
+  local base = kit.rest_stub(function(req)
     seen[#seen + 1] = req.method .. " " .. req.path
     if req.path:find("/Calls%.json$") then
       return 201, { sid = "CA../../IncomingPhoneNumbers/PN1", status = "queued" }
     end
     return 404, { code = 20404, message = "not found" }
   end)
-  assert(api:listen())
-  T.defer(function()
-    api:close()
-  end)
-  local env = kit.start({ config = { twilio = { apiBaseUrl = "http://127.0.0.1:" .. api.port },
+  local env = kit.start({ config = { twilio = { apiBaseUrl = base },
     retry = { maxAttempts = 1 } } })
   local id = env:create({ to = "+14155550123", prompt = "Say hello." })
   local rec = env:wait_final(id, 5000)

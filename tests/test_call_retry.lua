@@ -179,17 +179,12 @@ T.test("a Twilio error whose code is null or no number is told by its message, n
     { 502, "<html><body>Bad gateway</body></html>", "^twilio answered HTTP 502$" },
   }
   local n = 0
-  local api = require("callagent.http").server({ host = "127.0.0.1", port = 0 })
-  api:route("*", "/*", function()
+  local base = kit.rest_stub(function()
     n = n + 1
     local a = answers[n]
     return a[1], a[2], { ["Content-Type"] = a[2]:sub(1, 1) == "{" and "application/json" or "text/html" }
   end)
-  assert(api:listen())
-  T.defer(function()
-    api:close()
-  end)
-  local env = kit.start({ config = { twilio = { apiBaseUrl = "http://127.0.0.1:" .. api.port },
+  local env = kit.start({ config = { twilio = { apiBaseUrl = base },
     retry = { maxAttempts = 1 } } })
   for i, a in ipairs(answers) do
     local id = env:create({ to = "+14155550107", prompt = "Say hello." })

@@ -7,7 +7,6 @@
 -- Needs node (>= 20) on the PATH; no npm package.
 local T = require "testing"
 local kit = require "callkit"
-local process = require "callagent.process"
 local fetch = require "callagent.fetch"
 local json = require "callagent.json"
 local timer = require "callagent.timer"
@@ -26,28 +25,9 @@ end
 -- Runs the host stand-in on a plan; returns its JSON answer (asserted ok)
 -- and the whole output, stdout and stderr, for checks on what it printed.
 local function host(config, steps, env)
-  local out, err = {}, {}
-  local p, perr = process.spawn({
-    "node", HARNESS, PLUGIN, json.encode({ config = config, steps = steps }),
-    env = T.with({ CALLAGENT_API_TOKEN = false }, env), inherit_env = true,
-    max_line = 1 << 20,
-    on_stdout = function(l) out[#out + 1] = l end,
-    on_stderr = function(l) err[#err + 1] = l end,
-  })
-  if not p then
-    error("cannot run node (install Node.js >= 20): " .. tostring(perr), 0)
-  end
-  T.defer(function()
-    if p:running() then
-      p:kill("SIGKILL")
-    end
-  end)
-  local code, sig = p:wait(20000)
+  local code, out, err = T.node({ HARNESS, PLUGIN, json.encode({ config = config, steps = steps }) },
+    { env = T.with({ CALLAGENT_API_TOKEN = false }, env) })
   local all = table.concat(out, "\n") .. "\n" .. table.concat(err, "\n")
-  if code == nil and sig == "ETIMEDOUT" then
-    p:kill("SIGKILL")
-    error("the harness did not finish in 20 s: " .. all, 0)
-  end
   T.eq(code, 0, "harness exit: " .. all)
   local r = json.try_decode(out[#out] or "")
   T.ok(type(r) == "table", "the harness printed no JSON: " .. all)
@@ -91,10 +71,8 @@ T.test("the package and manifest are what Clawdbot loads; register gives the thr
     T.no_match(line, "^warn", "a loader warning")
   end
   -- A config the manifest's schema refuses never reaches the plugin.
-  local out = {}
-  local p = assert(process.spawn({ "node", HARNESS, PLUGIN, json.encode({ config = { baseUrl = 4545 } }),
-    on_stdout = function(l) out[#out + 1] = l end }))
-  T.eq(p:wait(20000), 0)
+  local code, out = T.node({ HARNESS, PLUGIN, json.encode({ config = { baseUrl = 4545 } }) })
+  T.eq(code, 0)
   T.match(json.decode(out[#out]).error, "baseUrl: must be string")
 end)
 

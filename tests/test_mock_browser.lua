@@ -9,7 +9,6 @@
 local T = require "testing"
 local fake_rt = require "fakes.realtime"
 local callagent = require "callagent"
-local process = require "callagent.process"
 local json = require "callagent.json"
 local audio = require "callagent.audio"
 local crypto = require "callagent.crypto"
@@ -33,33 +32,7 @@ end
 -- Runs node on a script of tests/browser; returns the JSON of its last line
 -- that is one, the exit code and its stderr.
 local function node(args, timeout_ms)
-  local out, err = {}, {}
-  local spec = { "node" }
-  for _, a in ipairs(args) do
-    spec[#spec + 1] = a
-  end
-  spec.cwd = ROOT .. "/tests"
-  spec.max_line = 1 << 20
-  spec.on_stdout = function(l)
-    out[#out + 1] = l
-  end
-  spec.on_stderr = function(l)
-    err[#err + 1] = l
-  end
-  local p, perr = process.spawn(spec)
-  if not p then
-    error("cannot run node (install Node.js): " .. tostring(perr), 0)
-  end
-  T.defer(function()
-    if p:running() then
-      p:kill("SIGKILL")
-    end
-  end)
-  local code, sig = p:wait(timeout_ms)
-  if code == nil and sig == "ETIMEDOUT" then
-    p:kill("SIGKILL")
-    error("node " .. args[1] .. " did not finish in " .. timeout_ms .. " ms; stderr: " .. table.concat(err, "\n"), 0)
-  end
+  local code, out, err = T.node(args, { cwd = ROOT .. "/tests", timeout = timeout_ms })
   local result
   for i = #out, 1, -1 do
     if out[i]:sub(1, 1) == "{" then

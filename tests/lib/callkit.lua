@@ -55,6 +55,19 @@ local function merge(dst, src)
   return dst
 end
 
+--- A stand-in of Twilio's REST API that answers every request with
+-- handler(req) (an http route handler), for answers the fake Twilio does not
+-- give; returns its base URL, for config.twilio.apiBaseUrl. Closed after the test.
+function M.rest_stub(handler)
+  local api = require("callagent.http").server({ host = "127.0.0.1", port = 0 })
+  api:route("*", "/*", handler)
+  assert(api:listen())
+  T.defer(function()
+    api:close()
+  end)
+  return "http://127.0.0.1:" .. api.port
+end
+
 function M.start(opts)
   opts = opts or {}
   local env = setmetatable({ hooks = { received = {} } }, Env)

@@ -289,6 +289,43 @@ function T.spawn_app(path, args, opts)
   return p
 end
 
+--- Runs node (Node.js) with args to completion: exit code, stdout lines,
+-- stderr lines. opts: cwd, env (over the inherited environment), timeout
+-- (ms, default 20000: then killed, and the test fails with its stderr).
+function T.node(args, opts)
+  local process = require "callagent.process"
+  opts = opts or {}
+  local out, err = {}, {}
+  local spec = { "node", table.unpack(args) }
+  spec.cwd = opts.cwd
+  spec.env = opts.env
+  spec.inherit_env = opts.env ~= nil or nil
+  spec.max_line = 1 << 20
+  spec.on_stdout = function(l)
+    out[#out + 1] = l
+  end
+  spec.on_stderr = function(l)
+    err[#err + 1] = l
+  end
+  local p, perr = process.spawn(spec)
+  if not p then
+    error("cannot run node (install Node.js >= 20): " .. tostring(perr), 0)
+  end
+  T.defer(function()
+    if p:running() then
+      p:kill("SIGKILL")
+    end
+  end)
+  local timeout = opts.timeout or 20000
+  local code, sig = p:wait(timeout)
+  if code == nil and sig == "ETIMEDOUT" then
+    p:kill("SIGKILL")
+    error("node " .. tostring(args[1]) .. " did not finish in " .. timeout .. " ms; stdout: "
+      .. table.concat(out, "\n") .. " stderr: " .. table.concat(err, "\n"), 0)
+  end
+  return code, out, err
+end
+
 --- Runs an app to completion (timeout_ms, default 20000): code, signal, p.
 function T.run_app(path, args, opts)
   local p = T.spawn_app(path, args, opts)
