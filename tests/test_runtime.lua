@@ -7,19 +7,7 @@ local core = require "callagent.core"
 
 -- Runs the binary with raw arguments (not "run"): code, stdout, stderr.
 local function cli(args)
-  local out, err = {}, {}
-  local spec = { T.bin }
-  for _, a in ipairs(args) do
-    spec[#spec + 1] = a
-  end
-  spec.on_stdout = function(l)
-    out[#out + 1] = l
-  end
-  spec.on_stderr = function(l)
-    err[#err + 1] = l
-  end
-  local p = assert(process.spawn(spec))
-  local code = p:wait(10000)
+  local code, out, err = T.exec({ T.bin, table.unpack(args) }, { timeout = 10000 })
   return code, table.concat(out, "\n"), table.concat(err, "\n")
 end
 

@@ -289,14 +289,15 @@ function T.spawn_app(path, args, opts)
   return p
 end
 
---- Runs node (Node.js) with args to completion: exit code, stdout lines,
--- stderr lines. opts: cwd, env (over the inherited environment), timeout
--- (ms, default 20000: then killed, and the test fails with its stderr).
-function T.node(args, opts)
+--- Runs a program (argv: its path or name, then its arguments) to
+-- completion: exit code, stdout lines, stderr lines. opts: cwd, env (over the
+-- inherited environment), timeout (ms, default 20000: then killed, and the
+-- test fails with its output).
+function T.exec(argv, opts)
   local process = require "callagent.process"
   opts = opts or {}
   local out, err = {}, {}
-  local spec = { "node", table.unpack(args) }
+  local spec = { table.unpack(argv) }
   spec.cwd = opts.cwd
   spec.env = opts.env
   spec.inherit_env = opts.env ~= nil or nil
@@ -309,7 +310,7 @@ function T.node(args, opts)
   end
   local p, perr = process.spawn(spec)
   if not p then
-    error("cannot run node (install Node.js >= 20): " .. tostring(perr), 0)
+    error("cannot run " .. tostring(argv[1]) .. ": " .. tostring(perr), 0)
   end
   T.defer(function()
     if p:running() then
@@ -320,10 +321,15 @@ function T.node(args, opts)
   local code, sig = p:wait(timeout)
   if code == nil and sig == "ETIMEDOUT" then
     p:kill("SIGKILL")
-    error("node " .. tostring(args[1]) .. " did not finish in " .. timeout .. " ms; stdout: "
+    error(table.concat(argv, " ", 1, math.min(#argv, 2)) .. " did not finish in " .. timeout .. " ms; stdout: "
       .. table.concat(out, "\n") .. " stderr: " .. table.concat(err, "\n"), 0)
   end
   return code, out, err
+end
+
+--- T.exec of node (Node.js >= 20) with args.
+function T.node(args, opts)
+  return T.exec({ "node", table.unpack(args) }, opts)
 end
 
 --- Runs an app to completion (timeout_ms, default 20000): code, signal, p.
