@@ -25,6 +25,11 @@
 --   openai.realtimeUrl      ["wss://api.openai.com/v1/realtime"]
 --   openai.caFile           PEM file of extra CAs for a wss:// realtimeUrl (a proxy's)
 --   openai.transcriptionModel ["gpt-4o-mini-transcribe"]
+--   openai.sessionMaxSec [3600]: how long the model service keeps a session
+--                           (OpenAI: 60 minutes); a call wraps up before it
+--                           ends, as at call.maxDurationSec. It must exceed
+--                           call.wrapUpSec + call.goodbyeTimeoutSec; a
+--                           maxDurationSec that does not fit in it is warned about
 --   notify.hooksUrl         notify.hooksToken*    notify.sessionKey
 --   defaults.timezone       ["America/Los_Angeles"]   defaults.locale ["en-US"]
 --   retry.maxAttempts [3]   retry.initialDelayMs [60000]   retry.backoffFactor [2]
@@ -323,6 +328,7 @@ local SCHEMA = {
       url_check({ "wss", "ws" }, { no_fragment = true }), { url = true }),
     caFile = field("string", nil, ca_file, { optional = true }),
     transcriptionModel = field("string", "gpt-4o-mini-transcribe", not_blank("a model name")),
+    sessionMaxSec = field("integer", 3600, range(10, 86400)),
   },
   notify = {
     hooksUrl = field("string", nil, url_check({ "https", "http" }, { no_fragment = true }),
@@ -649,6 +655,21 @@ function M.normalize(input, opts)
   end
   if cfg.openai.outputFormat ~= "audio/pcm" and input.openai and input.openai.outputSampleRate then
     warnings[#warnings + 1] = "openai.outputSampleRate: only used with outputFormat audio/pcm"
+  end
+  -- The model's session must hold at least the wrap-up (the report, then
+  -- the goodbye): else every call would end cut off when it expires.
+  local wrap_up = cfg.call.wrapUpSec + cfg.call.goodbyeTimeoutSec
+  if cfg.openai.sessionMaxSec <= wrap_up then
+    return nil, string.format("openai.sessionMaxSec: expected more than call.wrapUpSec + call.goodbyeTimeoutSec "
+      .. "(%d s), got %d: a call must be able to wrap up before the model's session ends", wrap_up,
+      cfg.openai.sessionMaxSec)
+  end
+  -- A call allowed longer than the session is still wrapped up in time,
+  -- only earlier than call.maxDurationSec says.
+  if cfg.call.maxDurationSec + wrap_up > cfg.openai.sessionMaxSec then
+    warnings[#warnings + 1] = string.format("call.maxDurationSec (%d s) + call.wrapUpSec + call.goodbyeTimeoutSec "
+      .. "is more than openai.sessionMaxSec (%d s): calls that long wrap up before the model's session ends instead",
+      cfg.call.maxDurationSec, cfg.openai.sessionMaxSec)
   end
   if cfg.notify.hooksUrl and not cfg.notify.hooksToken then
     return nil, "notify.hooksToken: required when notify.hooksUrl is set"
