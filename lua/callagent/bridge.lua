@@ -16,8 +16,9 @@
 --     cleared and the model's item truncated at the played audio_end_ms
 --   report_call (first one wins) -> stored; the agent says goodbye; once that
 --     has played (or call.goodbyeTimeoutSec) the provider hangs up
---   faults (model lost or failing, maximum duration, a silent callee, the
---     phone hanging up) end or wrap up the call with a reason
+--   faults (model lost or failing, maximum duration, the model's session
+--     limit near, a silent callee, the phone hanging up) end or wrap up the
+--     call with a reason
 --
 -- The per-frame work (media, appends, deltas, marks) runs in C from the
 -- phone stream's start (callagent.core.bridge, src/bridge.c; the model
@@ -42,6 +43,20 @@ end })
 
 local MAX_PENDING_OUT = 2 * 1024 * 1024 -- bytes of model audio kept until the phone connects
 local SESSION_READY_MS = 10000 -- session.update sent, session.updated awaited
+local SESSION_MARGIN_MS = 15000 -- between the end of the wrap-up and the session's
+
+-- When the model's session (openai.sessionMaxSec from its open) is near
+-- enough to ask for the wrap-up: the report (call.wrapUpSec) and the goodbye
+-- (call.goodbyeTimeoutSec) must end before it does, with a margin for what
+-- those bounds do not count (the report's response finishing before the
+-- goodbye timer starts, the hang-up, the service's clock starting before
+-- our open). The margin is SESSION_MARGIN_MS, or half of what the wrap-up
+-- leaves when that is less: a short session keeps some talk time (the
+-- config makes sure the wrap-up fits in it at all).
+function M.session_wrap_up_ms(cfg)
+  local left = (cfg.openai.sessionMaxSec - cfg.call.wrapUpSec - cfg.call.goodbyeTimeoutSec) * 1000
+  return left - math.min(SESSION_MARGIN_MS, left // 2)
+end
 
 function M.new(engine, call, attempt)
   local cfg = engine.config
@@ -85,6 +100,14 @@ function Bridge:start_model()
     on_open = function(rt)
       if self.cb and not self.ended then
         self.cb:link_model(rt.conn)
+      end
+      -- The service ends the session at its limit, without a warning: the
+      -- call is wrapped up before, from the session's own start.
+      if not self.ended then
+        self.session_timer = timer.after(M.session_wrap_up_ms(self.cfg), function()
+          self.session_timer = nil
+          self:on_session_limit()
+        end)
       end
       -- A service that never confirms the session would leave the call silent.
       self.ready_timer = timer.after(SESSION_READY_MS, function()
@@ -155,22 +178,29 @@ function Bridge:_model_closed(code, reason)
   end
   self.model_ready = false
   if self.report then
-    -- The report is in: finish the call as if the goodbye were done, once
-    -- the phone has played what was sent (a goodbye already generated is
-    -- still queued there), within call.goodbyeTimeoutSec.
-    self:_start_goodbye_timer()
-    self:_when_drained(function()
-      if not self.ended then
-        self:hangup("completed")
-      end
-    end)
-    return
+    return self:_finish_after_report()
   end
   local why = code and string.format("model connection closed (%s %s)", tostring(code), reason or "")
     or ("model connection failed: " .. tostring(reason))
   log.warn("model connection lost", { call = self.call_id, attempt = self.attempt, reason = why })
   self.engine:bridge_error(self, why)
   self:hangup("model_error")
+end
+
+-- The model is gone after the report: the call is finished as if the
+-- goodbye were done, once the phone has played what was sent (a goodbye
+-- already generated is still queued there), within call.goodbyeTimeoutSec.
+function Bridge:_finish_after_report()
+  if self.finishing_after_report then
+    return
+  end
+  self.finishing_after_report = true
+  self:_start_goodbye_timer()
+  self:_when_drained(function()
+    if not self.ended then
+      self:hangup("completed")
+    end
+  end)
 end
 
 -- A field of a server event, if it has the type the protocol gives it (a
@@ -288,7 +318,12 @@ function Bridge:_model_event(ev)
     log.warn("model error", { call = self.call_id, code = code, type = etype, message = message })
     self.engine:bridge_error(self, "model error: " .. tostring(code or etype) .. ": " .. tostring(message))
     if code == "session_expired" then
-      self:_wrap_up_now("model session expired")
+      if self.report then
+        -- The close follows: the goodbye already sent still plays.
+        return self:_finish_after_report()
+      end
+      -- Asked to wrap up for this very limit, the model did not report in time.
+      self:_wrap_up_now(self.wrapup_reason == "session_limit" and "session_limit" or "model session expired")
     end
   end
 end
@@ -779,14 +814,31 @@ function Bridge:_wrap_up_now(reason)
   self:hangup(reason)
 end
 
-function Bridge:on_max_duration()
-  if self.ended or self.report then
+-- The call's time is up: call.maxDurationSec of streaming, or the model's
+-- session near its end. The first of the two asks for the wrap-up; the
+-- other then does nothing (its timer is stopped), nor does either while
+-- another wrap-up (a silent callee's) runs: its own bound is sooner.
+function Bridge:_time_up(reason, message, why)
+  self:_stop_timer("max_timer")
+  self:_stop_timer("session_timer")
+  if self.ended or self.report or self.time_up or self.wrapup_reason then
     return
   end
-  log.info("maximum call duration reached: wrapping up", self.log_fields)
-  self.engine:bridge_error(self, "maximum call duration reached (" .. self.cfg.call.maxDurationSec .. " s)")
+  self.time_up = reason
+  log.info(message .. ": wrapping up", self.log_fields)
+  self.engine:bridge_error(self, why)
   self:_ask_to_wrap_up("The time for this call is up. Call report_call now with what you have, then say a one-sentence goodbye.",
-    "max_duration")
+    reason)
+end
+
+function Bridge:on_max_duration()
+  self:_time_up("max_duration", "maximum call duration reached",
+    "maximum call duration reached (" .. self.cfg.call.maxDurationSec .. " s)")
+end
+
+function Bridge:on_session_limit()
+  self:_time_up("session_limit", "model session ends soon",
+    "model session ends soon (openai.sessionMaxSec " .. self.cfg.openai.sessionMaxSec .. " s)")
 end
 
 --- Ends the attempt: the provider hangs up; the rest follows from its status.
@@ -894,8 +946,8 @@ function Bridge:finish(reason)
     return
   end
   self.ended = true
-  for _, name in ipairs({ "max_timer", "silence_timer", "goodbye_timer", "wrapup_timer", "ready_timer", "respond_timer",
-    "greet_retry_timer", "dtmf_timer" }) do
+  for _, name in ipairs({ "max_timer", "session_timer", "silence_timer", "goodbye_timer", "wrapup_timer",
+    "ready_timer", "respond_timer", "greet_retry_timer", "dtmf_timer" }) do
     self:_stop_timer(name)
   end
   self:_flush_lines() -- what was said and not yet (known to be) played

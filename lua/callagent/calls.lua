@@ -40,7 +40,9 @@ local STREAM_WAIT_MS = 15000
 -- After callagent's own hang-up, how long the provider's final status may take.
 local HANGUP_WAIT_MS = 10000
 -- An end reason that makes an answered call without a report a failure:
--- the agent could not carry it out.
+-- the agent could not carry it out. A limit reached (max_duration,
+-- session_limit, callee_silent, "model session expired") is not one: the
+-- call was carried on as long as it could be.
 local function agent_failed(reason)
   return reason == "model_error" or reason == "no_stream" or reason == "shutdown"
     or type(reason) == "string" and reason:find("^interrupted by restart") ~= nil
