@@ -19,6 +19,10 @@
 --                                   -- nothing at all (a service that hangs)
 --     no_response_metadata = false, -- true: response.metadata is an unknown
 --                                   -- parameter (a service without it)
+--     session_max_ms = nil,         -- the session limit (OpenAI's is 60 min):
+--                                   -- that long after session.created, an
+--                                   -- `error` session_expired and close 1000,
+--                                   -- with no warning before (session.expired_at)
 --     max_connections = 4096,
 --     tls = { cert = ..., key = ... }, -- optional: serve wss:// (see tests/lib/certs.lua)
 --   })
@@ -1220,6 +1224,16 @@ local function open(rt, conn, req)
 
   session:send({ type = "session.created", session = session.config })
   rt._queue:push(session)
+  if rt.opts.session_max_ms then
+    session._expiry = timer.after(rt.opts.session_max_ms, function()
+      if session._ended then
+        return
+      end
+      session.expired_at = now()
+      send_error(session, "session_expired", "Your session hit the maximum duration of 60 minutes.")
+      session:close(1000, "session expired")
+    end)
+  end
   local script = rt.opts.script or default_script
   task.spawn(function()
     local ok, err = xpcall(script, debug.traceback, session)
@@ -1239,6 +1253,9 @@ local function closed(conn, code, reason)
   session.closed = { code = code, reason = reason }
   session.closed_at = now()
   session._ended = true
+  if session._expiry then
+    session._expiry:stop()
+  end
   cancel_active(session, "client_cancelled")
   notify(session)
 end
