@@ -1015,6 +1015,139 @@ T.test("at call.maxDurationSec the agent is asked to wrap up, then the call is h
   T.match(wrap.item.content[1].text, "time for this call is up")
 end, { timeout = 30000 })
 
+-- The model's session limit (openai.sessionMaxSec): 10 s here, wrapUpSec and
+-- goodbyeTimeoutSec 2 s each, so 6 s are left and the margin is half of
+-- them: the wrap-up is asked for 3 s after the session opened. The fake
+-- model's session expires at 10 s, as OpenAI's does at 60 minutes.
+local SESSION_LIMIT = {
+  config = { openai = { sessionMaxSec = 10 }, call = { maxDurationSec = 600, wrapUpSec = 2, goodbyeTimeoutSec = 2 } },
+  session_max_ms = 10000,
+}
+
+-- The system messages the model got.
+local function system_messages(s)
+  local list = {}
+  for _, ev in ipairs(s.events) do
+    if ev.type == "conversation.item.create" and type(ev.item) == "table" and ev.item.role == "system" then
+      list[#list + 1] = ev
+    end
+  end
+  return list
+end
+
+T.test("before the model's session limit the agent is asked to wrap up, reports and says goodbye", function()
+  local env = kit.start({
+    config = SESSION_LIMIT.config,
+    realtime = {
+      session_max_ms = SESSION_LIMIT.session_max_ms,
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        session:speak({ ms = 300, text = "Let us talk for hours." })
+        session.wrap = session:wait_event("conversation.item.create", 15000)
+        assert(session:wait_event("response.create", 5000), "the wrap-up's response")
+        session:report_and_goodbye({ summary = "Talked until the session's limit.", outcome = "success" },
+          { ms = 500, text = "Thank you, goodbye." })
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550140", prompt = "Talk forever." })
+  local call = env:wait_final(id, 20000)
+  local s, tw = env.rt.sessions[1], env.tw.calls[1]
+  T.eq(s.script_error, nil)
+  T.eq({ call.status, call.endReason, call.report and call.report.summary },
+    { "completed", "completed", "Talked until the session's limit." })
+  T.eq(call.lastError, "model session ends soon (openai.sessionMaxSec 10 s)")
+  T.eq(#system_messages(s), 1, "one wrap-up message")
+  T.match(s.wrap.item.content[1].text, "time for this call is up")
+  T.near(s.wrap.at - s.opened_at, 3000, 700, "sessionMaxSec - wrapUpSec - goodbyeTimeoutSec - margin")
+  local said = {}
+  for _, line in ipairs(call.transcript) do
+    said[#said + 1] = line.role .. ": " .. line.text
+  end
+  T.eq(said[#said], "agent: Thank you, goodbye.", "the goodbye was said")
+  T.lt(tw.hangup_requested_at - s.opened_at, 10000, "hung up before the session's end")
+  T.eq(s.expired_at, nil, "the session never expired")
+end, { timeout = 30000 })
+
+T.test("a model that does not report before its session limit is hung up with session_limit, before the session ends", function()
+  local env = kit.start({
+    config = SESSION_LIMIT.config,
+    realtime = {
+      session_max_ms = SESSION_LIMIT.session_max_ms,
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        session:speak({ ms = 300, text = "Let us talk for hours." })
+        -- Ignores the wrap-up request.
+        session.wrap = session:wait_event("conversation.item.create", 15000)
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550141", prompt = "Talk forever." })
+  local call = env:wait_final(id, 20000)
+  local s, tw = env.rt.sessions[1], env.tw.calls[1]
+  T.eq({ call.status, call.endReason, call.report }, { "completed", "session_limit", nil })
+  T.eq(call.attempts[1].reason, "session_limit")
+  T.eq(call.lastError, "model session ends soon (openai.sessionMaxSec 10 s)")
+  T.ok(s.wrap, "a wrap-up message reached the model")
+  T.near(tw.hangup_requested_at - s.opened_at, 5000, 800, "at the wrap-up (3 s) + wrapUpSec (2 s)")
+  T.eq(s.expired_at, nil, "the session never expired")
+end, { timeout = 30000 })
+
+T.test("call.maxDurationSec before the session limit: its wrap-up goes on, and the session limit adds nothing", function()
+  -- sessionMaxSec 24, wrapUpSec 8, goodbyeTimeoutSec 2: the session's
+  -- wrap-up would be asked for at 7 s. The maximum duration (1 s) comes
+  -- first, and the model reports at 8 s, after that.
+  local env = kit.start({
+    config = { openai = { sessionMaxSec = 24 }, call = { maxDurationSec = 1, wrapUpSec = 8, goodbyeTimeoutSec = 2 } },
+    realtime = {
+      session_max_ms = 24000,
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        session:speak({ ms = 300, text = "Let us talk for hours." })
+        session.wrap = session:wait_event("conversation.item.create", 5000)
+        assert(session:wait_event("response.create", 5000), "the wrap-up's response")
+        timer.sleep(math.max(0, session.opened_at + 8000 - timer.now()))
+        session:report_and_goodbye({ summary = "Out of time.", outcome = "success" }, { ms = 300, text = "Bye now." })
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550142", prompt = "Talk forever." })
+  local call = env:wait_final(id, 20000)
+  local s = env.rt.sessions[1]
+  T.eq(s.script_error, nil)
+  T.eq({ call.status, call.endReason, call.report and call.report.summary }, { "completed", "completed", "Out of time." })
+  T.eq(call.lastError, "maximum call duration reached (1 s)", "not the session limit's")
+  T.eq(#system_messages(s), 1, "one wrap-up message")
+  T.lt(s.wrap.at - s.opened_at, 3000, "at call.maxDurationSec")
+end, { timeout = 30000 })
+
+T.test("a session that expires after the report lets the goodbye queued at the phone play, and the call completes", function()
+  -- A service whose limit (2 s) is shorter than openai.sessionMaxSec says.
+  local env = kit.start({
+    config = { call = { goodbyeTimeoutSec = 8 } },
+    realtime = {
+      session_max_ms = 2000,
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        session:speak({ ms = 200, text = "Hi." })
+        session:call_function("report_call", { summary = "Quick.", outcome = "success" })
+        assert(session:wait_event("response.create", 5000))
+        -- All of it at once, faster than real time: it plays past the expiry.
+        session:speak({ ms = 4000, pace = false, text = "Thanks so much for your time, goodbye." })
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550143", prompt = "x" })
+  local call = env:wait_final(id, 20000)
+  local s, tw = env.rt.sessions[1], env.tw.calls[1]
+  T.ok(s.expired_at, "the session expired")
+  T.eq({ call.status, call.endReason, call.report.summary }, { "completed", "completed", "Quick." })
+  T.match(call.lastError, "session_expired")
+  local last = tw.marks_sent[#tw.marks_sent]
+  T.gt(last.due, s.expired_at + 500, "the goodbye still played at the expiry")
+  T.ge(tw.hangup_requested_at, last.due - 200, "hung up once the goodbye played")
+end, { timeout = 30000 })
+
 T.test("a callee who never speaks: the agent is told, reports no_answer, and the call ends", function()
   local env = kit.start({
     config = { call = { silenceTimeoutSec = 1, wrapUpSec = 3 } },
