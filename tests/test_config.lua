@@ -393,6 +393,67 @@ T.test("openai.caFile must hold PEM certificates OpenSSL can load, not only exis
   T.match(err, "^openai%.caFile: expected an existing PEM file of CA certificates")
 end)
 
+T.test("openai.sessionMaxSec: 3600 by default, 10-86400, and more than the wrap-up", function()
+  local cfg = assert(config.normalize({ openai = { apiKey = "sk-test-key" } }, { quiet = true }))
+  T.eq(cfg.openai.sessionMaxSec, 3600)
+  local _, err = config.normalize({ openai = { apiKey = "sk-test-key", sessionMaxSec = 9 } }, { quiet = true })
+  T.eq(err, "openai.sessionMaxSec: expected a number from 10 to 86400, got 9")
+  _, err = config.normalize({ openai = { apiKey = "sk-test-key", sessionMaxSec = 86401 } }, { quiet = true })
+  T.eq(err, "openai.sessionMaxSec: expected a number from 10 to 86400, got 86401")
+  -- wrapUpSec 20 + goodbyeTimeoutSec 8 by default: a session of 28 s leaves
+  -- no time to wrap up in.
+  _, err = config.normalize({ openai = { apiKey = "sk-test-key", sessionMaxSec = 28 }, call = { maxDurationSec = 1 } },
+    { quiet = true })
+  T.eq(err, "openai.sessionMaxSec: expected more than call.wrapUpSec + call.goodbyeTimeoutSec (28 s), got 28: "
+    .. "a call must be able to wrap up before the model's session ends")
+  cfg, err = config.normalize({ openai = { apiKey = "sk-test-key", sessionMaxSec = 29 }, call = { maxDurationSec = 1 } },
+    { quiet = true })
+  T.ok(cfg, err)
+end)
+
+T.test("a call.maxDurationSec longer than the model's session is warned about, not refused", function()
+  local function warnings_for(session, max)
+    local cfg, err, warnings = config.normalize({ openai = { apiKey = "sk-test-key", sessionMaxSec = session },
+      call = { maxDurationSec = max } }, { quiet = true })
+    T.ok(cfg, err)
+    return warnings
+  end
+  -- maxDurationSec + wrapUpSec (20) + goodbyeTimeoutSec (8) against the session.
+  T.eq(warnings_for(628, 600), {}, "it just fits")
+  T.eq(warnings_for(nil, 3572), {}, "it just fits the default hour")
+  local expected = { "call.maxDurationSec (600 s) + call.wrapUpSec + call.goodbyeTimeoutSec is more than "
+    .. "openai.sessionMaxSec (627 s): calls that long wrap up before the model's session ends instead" }
+  T.eq(warnings_for(627, 600), expected)
+  T.eq(warnings_for(nil, 4 * 3600)[1]:match("^call%.maxDurationSec %(14400 s%).*openai%.sessionMaxSec %(3600 s%)"),
+    "call.maxDurationSec (14400 s) + call.wrapUpSec + call.goodbyeTimeoutSec is more than openai.sessionMaxSec (3600 s)")
+  -- The app starts, and says so once in its log.
+  local code, _, p = T.run_app(nil, nil, {
+    source = [[
+local callagent = require "callagent"
+local task = require "callagent.task"
+local app = assert(callagent.app({ openai = { apiKey = "sk-test-key" }, call = { maxDurationSec = 7200 },
+  server = { port = 0 }, tunnel = { provider = "none" }, store = { backend = "memory" },
+  twilio = { accountSid = "AC" .. string.rep("a", 32), authToken = "tw-token-for-tests", fromNumber = "+15551234567" } },
+  { no_shutdown_hook = true, public_url = function(u) return u end }))
+task.spawn(function()
+  assert(app:start())
+  print("started")
+  app:stop()
+end)
+]],
+  })
+  T.eq(code, 0, p.errtext())
+  T.eq(p.out, { "started" })
+  local n = 0
+  for line in (p.errtext() .. "\n"):gmatch("([^\n]*)\n") do
+    if line:find("WARN config: call.maxDurationSec (7200 s)", 1, true) then
+      n = n + 1
+      T.match(line, "openai%.sessionMaxSec %(3600 s%)")
+    end
+  end
+  T.eq(n, 1, "one warning: " .. p.errtext())
+end)
+
 T.test("load_file reports a missing file, a folder and invalid JSON by path", function()
   local dir = T.tmpdir()
   local cfg, err = config.load_file(dir .. "/none.json")
