@@ -47,6 +47,9 @@ T.test("POST /v1/calls validates every field and answers 400 naming it", functio
     { { to = "+14155550100", prompt = "a C1 \194\133 next line" }, "invalid_prompt", "prompt" },
     { { to = "+14155550100", prompt = "a CSI \194\155 2J" }, "invalid_prompt", "prompt" },
     { { to = "+14155550100", prompt = "\194\160\227\128\128 \226\128\139" }, "invalid_prompt", "prompt" },
+    -- The line and paragraph separators are Unicode spaces too: alone, with
+    -- line breaks, they say nothing.
+    { { to = "+14155550100", prompt = "\226\128\168\n\226\128\169 " }, "invalid_prompt", "prompt" },
     { { to = "+14155550100", prompt = "x", calleeName = "Ada\226\128\168Lovelace" }, "invalid_calleeName", "calleeName" },
     { { to = "+14155550100", prompt = "x", callerName = "B\194\133b" }, "invalid_callerName", "callerName" },
     { { to = "+14155550100", prompt = "x", calleeName = "Ada\nLovelace" }, "invalid_calleeName", "calleeName" },

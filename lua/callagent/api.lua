@@ -50,9 +50,10 @@ local CONTROL_IN_TEXT = "[%z\1-\8\11\12\14-\31\127]"
 local C1 = "\194[\128-\159]"
 local LINE_SEPARATOR = "\226\128[\168\169]"
 -- Unicode's spaces that are not ASCII (and the zero-width ones): a prompt of
--- nothing else says nothing.
-local WIDE_SPACES = { "\194\160", "\225\154\128", "\226\128[\128-\141]", "\226\128\175", "\226\129\159",
-  "\227\128\128", "\239\187\191" }
+-- nothing else says nothing. The line and paragraph separators (U+2028/9)
+-- are spaces too: a prompt may hold them, but not only them.
+local WIDE_SPACES = { "\194\160", "\225\154\128", "\226\128[\128-\141]", LINE_SEPARATOR, "\226\128\175",
+  "\226\129\159", "\227\128\128", "\239\187\191" }
 
 local function blank(s)
   for _, p in ipairs(WIDE_SPACES) do
