@@ -389,6 +389,32 @@ T.test("GET /v1/calls lists newest first, filters by status and pages with a cur
   T.eq(first.calls[1].callId, ids[5], "an empty cursor is the first page")
 end)
 
+T.test("GET /v1/calls shows a call as GET /v1/calls/{id} does while the store refuses its end", function()
+  local env = env_with()
+  local id = env:create({ to = "+14155550160", prompt = "x" })
+  env:wait(id, function(r)
+    return r.status == "dialing" and r.attempts[1] and r.attempts[1].providerCallId ~= nil
+  end, 5000, "ringing")
+  -- The disk stops taking writes: the hang-up's end is kept in the process.
+  local db = env.app.store.db
+  assert(db:exec("PRAGMA query_only = ON"))
+  T.defer(function()
+    db:exec("PRAGMA query_only = OFF")
+  end)
+  T.eq((env:api("POST", "/v1/calls/" .. id .. "/hangup")), 202)
+  T.eq(env:get(id).status, "canceled", "the call as the engine has it")
+  local _, page = env:api("GET", "/v1/calls")
+  T.eq({ page.calls[1].callId, page.calls[1].status }, { id, "canceled" }, "the listing agrees")
+  T.eq(page.calls[1].completedAt ~= nil, true, "with the end's fields")
+  local _, dialing = env:api("GET", "/v1/calls?status=dialing")
+  T.eq(#dialing.calls, 0, "not listed as dialing: it has ended")
+  assert(db:exec("PRAGMA query_only = OFF"))
+  T.wait_for(function()
+    local _, p = env:api("GET", "/v1/calls?status=canceled")
+    return #p.calls == 1
+  end, 10000, "the end written at last")
+end, { timeout = 30000 })
+
 T.test("a store that cannot read answers 500 store_failed: never a 404 for a call that exists, nor an empty list", function()
   local recording = require "callagent.store.recording"
   local env = kit.start({ twilio = { behaviour = "busy" }, config = { store = { backend = "recording" }, retry = { maxAttempts = 1 } } })

@@ -369,7 +369,12 @@ function M.register(srv, engine, cfg, opts)
     end
     local out = json.array({})
     for _, c in ipairs(calls) do
-      out[#out + 1] = engine:list_view(c)
+      local v = engine:list_view(c)
+      -- The store filtered by the status it has; a call whose later status
+      -- it has not taken yet is shown as it is, so not under the old one.
+      if status == nil or v.status == status then
+        out[#out + 1] = v
+      end
     end
     return 200, { calls = out, nextCursor = next_cursor }
   end))
