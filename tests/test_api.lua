@@ -92,6 +92,21 @@ T.test("POST /v1/calls validates every field and answers 400 naming it", functio
   T.eq(#env.tw.calls, 0, "nothing was dialed")
 end)
 
+T.test("of several fields at fault, the first by name is named, every time", function()
+  local env = env_with()
+  -- pairs() walks a table in an order that changes from run to run: ten
+  -- unknown fields would be named in any order.
+  local body = { to = "+14155550100", prompt = "x" }
+  for i = 9, 0, -1 do
+    body["extra" .. i] = i
+  end
+  local status, res = env:api("POST", "/v1/calls", body)
+  T.eq({ status, res.error.code, res.error.field }, { 400, "unknown_field", "extra0" })
+  -- A value that is no UTF-8 and an unknown field: the first name of the two.
+  status, res = env:api("POST", "/v1/calls", { to = "+14155550100", prompt = "caf\255", zzz = 1 })
+  T.eq({ status, res.error.code, res.error.field }, { 400, "invalid_prompt", "prompt" })
+end)
+
 T.test("mutated request bodies get 201 or a 400 error naming the problem, never anything else; what is accepted is UTF-8", function()
   local env = env_with()
   math.randomseed(20261126) -- a failure reproduces
