@@ -339,6 +339,30 @@ T.test("with server.apiToken every /v1 request needs the bearer token (401 other
   T.le(l.busySec, l.uptimeSec)
 end)
 
+T.test("the bearer token's check takes no less time for a token of another length", function()
+  local crypto = require "callagent.crypto"
+  local token = "api-token-0123456789abcdef"
+  local env = env_with({ server = { apiToken = token } })
+  -- A compare returns at once for strings of unequal lengths: the time a
+  -- 401 takes would tell the token's length. Every compare is of equal ones.
+  local eq, seen = crypto.constant_time_eq, {}
+  crypto.constant_time_eq = function(a, b)
+    seen[#seen + 1] = { #a, #b }
+    return eq(a, b)
+  end
+  T.defer(function()
+    crypto.constant_time_eq = eq
+  end)
+  for _, given in ipairs({ "short", token .. "-and-more", string.rep("t", 300), token }) do
+    local status = env:api("GET", "/v1/calls", nil, { Authorization = "Bearer " .. given })
+    T.eq(status, given == token and 200 or 401, #given .. " bytes")
+  end
+  T.eq(#seen, 4, "each request compared")
+  for _, s in ipairs(seen) do
+    T.eq(s[1], s[2], "lengths compared")
+  end
+end)
+
 T.test("unknown ids are 404, wrong methods 405, oversized bodies 413", function()
   local env = env_with()
   local status, body = env:api("GET", "/v1/calls/c_doesnotexist")
