@@ -237,6 +237,29 @@ T.test("a web page cannot drive the API: another origin, a rebound host name, a 
   T.eq(status, 200, "Origin " .. public)
 end)
 
+T.test("a Host header smuggled in through an encoded line break of the URL names no loopback host", function()
+  local env = env_with({})
+  local port = env.base:match(":(%d+)$")
+  local id = env:create({ to = "+14155550132", prompt = "A prompt a rebound page must not read." })
+  -- libwebsockets decodes the URL in place and then reads a %0a in it as the
+  -- end of the request line: what follows is a header line of the
+  -- attacker's, joined to the real Host ("localhost:1 HTTP/1.1,  evil...").
+  -- A page whose name was rebound to 127.0.0.1 controls its URLs' paths.
+  for _, path in ipairs({ "/v1/calls?x=%0aHost:localhost:1", "/v1/calls/" .. id .. "?x=%0aHost:127.0.0.1:1",
+    "/v1/calls?x=%0aHost:[::1]", "/v1/calls?x=%0aHost:localhost:1%0aX:" }) do
+    local status, body = env:api("GET", path, nil, { Host = "evil.example:" .. port })
+    T.eq({ status, body and body.error and body.error.code }, { 403, "forbidden_host" }, path)
+  end
+  -- A Host that is not one host name and port names no host.
+  for _, host in ipairs({ "localhost:1, evil.example", "localhost evil.example", "127.0.0.1:80x", "localhost:" .. port .. "/x" }) do
+    local status, body = env:api("GET", "/v1/calls", nil, { Host = host })
+    T.eq({ status, body.error.code }, { 403, "forbidden_host" }, host)
+  end
+  for _, host in ipairs({ "localhost", "LOCALHOST:" .. port, "127.0.0.1:", "[::1]", "app.localhost:" .. port }) do
+    T.eq((env:api("GET", "/v1/calls", nil, { Host = host })), 200, host)
+  end
+end)
+
 T.test("metadata comes back as sent: long numbers, nested empty arrays; null is an optional field not given", function()
   local env = env_with({})
   local sent = '{"orderId":123456789012345,"ratio":0.1234567890123456,"big":9007199254740993e0,'

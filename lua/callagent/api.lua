@@ -174,9 +174,20 @@ function M.validate_call(body)
   return input
 end
 
--- The host name of a Host header ("[::1]:4545" -> "::1"), lowercase.
+-- The host name of a Host header ("[::1]:4545" -> "::1"), lowercase; nil
+-- when the header is not one host and an optional port. Two Host headers
+-- arrive joined by a comma, and one smuggled in through the URL (an encoded
+-- line break that libwebsockets decodes before it reads the headers) ends in
+-- " HTTP/1.1": neither names a host.
 local function host_name(host)
-  return (host:match("^%[([^%]]*)%]") or host:match("^[^:]*")):lower()
+  local name, port = host:match("^%[([%x:%.]+)%](.*)$")
+  if not name then
+    name, port = host:match("^([%w%.%-_]+)(.*)$")
+  end
+  if not name or not port:match("^:?%d*$") then
+    return nil
+  end
+  return name:lower()
 end
 
 --- True when a Host header names this machine: localhost (and names under
@@ -184,8 +195,8 @@ end
 -- to 127.0.0.1 sends its own name.
 function M.loopback_host(host)
   local name = host_name(host)
-  return name == "localhost" or name:match("%.localhost%.?$") ~= nil or name == "::1"
-    or (name:match("^127%.%d+%.%d+%.%d+$") ~= nil)
+  return name ~= nil and (name == "localhost" or name:match("%.localhost%.?$") ~= nil or name == "::1"
+    or name:match("^127%.%d+%.%d+%.%d+$") ~= nil)
 end
 
 -- The Origin a browser sends from a page of this server itself: at the
