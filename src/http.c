@@ -151,6 +151,18 @@ struct pss {
 	struct ca_ws *ws;
 };
 
+/*
+ * Whether the request line ended with its HTTP version. libwebsockets 4.1.6
+ * decodes %0d and %0a in the URI and takes them for the end of the line, so
+ * what follows them in the URI is read as header lines of the client's
+ * choosing (a Host that passes as loopback, a Content-Type a form could not
+ * send): such a request has no version, and is refused.
+ */
+static int whole_request_line(struct lws *wsi)
+{
+	return lws_hdr_total_length(wsi, WSI_TOKEN_HTTP) > 0;
+}
+
 static const char *method_names[] = {
 	"GET", "POST", "OPTIONS", "PUT", "PATCH", "DELETE", "CONNECT", "HEAD", "GET"
 };
@@ -730,6 +742,12 @@ static int server_callback(struct lws *wsi, enum lws_callback_reasons reason,
 			quick_response(r, 503, "busy", "too many connections");
 			return 0;
 		}
+		if (!whole_request_line(wsi)) {
+			ca_log(CA_LOG_WARN, "http: %s %s: request line without an HTTP version (a line break "
+			       "encoded in the URI?): answering 400", method_names[r->method], r->path);
+			quick_response(r, 400, "bad_request", "malformed request line");
+			return 0;
+		}
 		if (lws_hdr_total_length(wsi, WSI_TOKEN_HTTP_TRANSFER_ENCODING) > 0) {
 			ca_log(CA_LOG_WARN, "http: %s %s: chunked body refused (Transfer-Encoding): answering 411",
 			       method_names[r->method], r->path);
@@ -845,6 +863,12 @@ static int server_callback(struct lws *wsi, enum lws_callback_reasons reason,
 
 		if (n <= 0 || !path_accepts_ws(s, path)) {
 			lws_return_http_status(wsi, HTTP_STATUS_NOT_FOUND, NULL);
+			return 1;
+		}
+		if (!whole_request_line(wsi)) {
+			ca_log(CA_LOG_WARN, "http: WebSocket upgrade %s: request line without an HTTP version "
+			       "(a line break encoded in the URI?): refused", path);
+			lws_return_http_status(wsi, HTTP_STATUS_BAD_REQUEST, NULL);
 			return 1;
 		}
 		if (s->nconn > s->max_connections) {

@@ -237,6 +237,34 @@ T.test("static files are served with their content types; .. and missing files a
   T.ne(out, "200", "path traversal")
 end)
 
+T.test("a line break encoded in the URI cannot add header lines: 400, for requests and WebSocket upgrades", function()
+  -- libwebsockets decodes %0a / %0d in the URI and ends the request line
+  -- there: what follows would be read as a header of the client's choosing.
+  local ran = false
+  local srv = server({}, function(s)
+    s:get("/who", function(req)
+      ran = true
+      return 200, { host = req.headers.host, injected = req.headers["x-injected"] }
+    end)
+    s:websocket("/ws", { open = function() end })
+  end)
+  local base = srv:url("")
+  for _, esc in ipairs({ "%0a", "%0d%0a", "%0d" }) do
+    local out = run({ "curl", "-s", "-i", "--path-as-is", base .. "/who?x=" .. esc .. "X-Injected:yes" })
+    T.match(out, "^HTTP/1%.%d 400 ", esc .. ": " .. out)
+    T.match(out, '"code":"bad_request"', esc)
+    T.no_match(out, "yes", esc)
+    out = run({ "curl", "-s", "-i", "--path-as-is", "-H", "Connection: Upgrade", "-H", "Upgrade: websocket",
+      "-H", "Sec-WebSocket-Version: 13", "-H", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+      base .. "/ws?x=" .. esc .. "Host:localhost" })
+    T.match(out, "^HTTP/1%.%d 400 ", "upgrade " .. esc .. ": " .. out)
+  end
+  T.eq(ran, false, "no handler ran")
+  -- An encoded line break elsewhere than a URI is just data.
+  local res = assert(fetch(srv:url("/who?x=%25%30a")))
+  T.eq(res.status, 200)
+end)
+
 T.test("a body over max_body is refused with 413 JSON and logged, not read", function()
   local got = false
   local srv = server({ max_body = 1000 }, function(s)
