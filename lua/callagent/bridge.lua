@@ -685,6 +685,14 @@ end
 function Bridge:_run_functions()
   local list = self.fn_pending
   self.fn_pending = nil
+  -- The report ends the call: its goodbye bound starts now, not once the
+  -- tools called in the same response have returned (one that never does
+  -- would hold the call open, with no wrap-up left to end it).
+  for _, fc in ipairs(list) do
+    if fc.first_report then
+      self:_start_goodbye_timer()
+    end
+  end
   self.tools_running = (self.tools_running or 0) + 1
   task.spawn(function()
     local goodbye = false

@@ -1,0 +1,56 @@
+-- The model side of a call, second pass: events in unusual but legal orders
+-- (several function calls in one response, the report alongside a tool),
+-- errors at each stage, and what reaches the call's record.
+local T = require "testing"
+local kit = require "callkit"
+local timer = require "callagent.timer"
+local json = require "callagent.json"
+
+-- One response of the model's holding several function calls, as the
+-- service sends it: each call's arguments.done and output item, then
+-- response.done listing them all. calls: { {name, arguments (table)}, ... }.
+local function function_calls(session, rid, calls)
+  session:send({ type = "response.created", response = { id = rid, object = "realtime.response",
+    status = "in_progress", output = json.array({}) } })
+  local items = {}
+  for i, c in ipairs(calls) do
+    local cid, iid = rid .. "_call" .. i, rid .. "_item" .. i
+    local arguments = json.encode(c[2])
+    local item = { id = iid, object = "realtime.item", type = "function_call", status = "completed", name = c[1],
+      call_id = cid, arguments = arguments }
+    session:send({ type = "response.function_call_arguments.done", response_id = rid, item_id = iid,
+      output_index = i - 1, call_id = cid, name = c[1], arguments = arguments })
+    session:send({ type = "response.output_item.done", response_id = rid, output_index = i - 1, item = item })
+    items[i] = item
+  end
+  session:send({ type = "response.done", response = { id = rid, object = "realtime.response", status = "completed",
+    output = items } })
+end
+
+T.test("report_call with a tool that never returns in the same response: the call still ends, within call.goodbyeTimeoutSec", function()
+  local env = kit.start({
+    config = { call = { goodbyeTimeoutSec = 2 } },
+    tools = { { name = "stuck", description = "x", parameters = { type = "object", properties = {} },
+      handler = function()
+        timer.sleep(60000)
+        return { ok = true }
+      end } },
+    realtime = {
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        session:speak({ ms = 200, text = "Hello." })
+        session.report_at = timer.now()
+        function_calls(session, "resp_both", { { "report_call", { summary = "Done.", outcome = "success" } },
+          { "stuck", {} } })
+        session:wait_event("response.create", 20000)
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550171", prompt = "Say hello." })
+  local call = env:wait_final(id, 15000)
+  T.eq({ call.status, call.endReason, call.report.summary }, { "completed", "completed", "Done." })
+  local s = env.rt.sessions[1]
+  T.lt(env.tw.calls[1].hangup_requested_at - s.report_at, 2000 + 1500, "hung up at call.goodbyeTimeoutSec")
+end, { timeout = 40000 })
+
+T.run()
