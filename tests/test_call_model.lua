@@ -53,4 +53,19 @@ T.test("report_call with a tool that never returns in the same response: the cal
   T.lt(env.tw.calls[1].hangup_requested_at - s.report_at, 2000 + 1500, "hung up at call.goodbyeTimeoutSec")
 end, { timeout = 40000 })
 
+T.test("a session.updated with other audio formats than asked fails the call: no noise played, no garbled input", function()
+  local env = kit.start({
+    realtime = { keep_formats = true },
+    config = { retry = { maxAttempts = 1 } },
+  })
+  local id = env:create({ to = "+14155550172", prompt = "Say hello." })
+  local call = env:wait_final(id, 15000)
+  T.eq({ call.status, call.endReason }, { "failed", "model_error" })
+  T.eq(call.lastError, "model session has other audio formats than asked: input audio/pcm (asked audio/pcmu), "
+    .. "output audio/pcm (asked audio/pcmu)")
+  T.eq(#env.rt.sessions[1].response_creates, 0, "nothing asked of a session that would play noise")
+  T.eq(env.rt.sessions[1].appends, 0, "no mu-law sent to a session that takes it for PCM")
+  T.ok(env.tw.calls[1].hangup_requested_at, "Twilio was told to hang up")
+end, { timeout = 30000 })
+
 T.run()

@@ -119,8 +119,8 @@ function Bridge:start_model()
         end
       end)
     end,
-    on_ready = function()
-      self:_model_ready()
+    on_ready = function(_, ev)
+      self:_model_ready(ev)
     end,
     on_event = function(_, ev)
       self:_model_event(ev)
@@ -132,9 +132,18 @@ function Bridge:start_model()
   self.rt:connect()
 end
 
-function Bridge:_model_ready()
+function Bridge:_model_ready(ev)
   if self.ended then
     return
+  end
+  -- A session in other audio formats than asked would take the phone's
+  -- mu-law for something else and send the phone noise: not a call to go on.
+  local mismatch = realtime.format_mismatch(self.cfg.openai, type(ev) == "table" and ev.session)
+  if mismatch then
+    self:_stop_timer("ready_timer")
+    log.warn("model session has other audio formats than asked", { call = self.call_id, formats = mismatch })
+    self.engine:bridge_error(self, "model session has other audio formats than asked: " .. mismatch)
+    return self:hangup("model_error")
   end
   self.model_ready = true
   self:_stop_timer("ready_timer")

@@ -4,13 +4,15 @@
 --     instructions = "...", voice = "alloy", tools = { ... },
 --     on_event = function(s, ev) end,      -- every server event, decoded
 --     on_open = function(s) end,           -- connected (s.conn is the WebSocket)
---     on_ready = function(s) end,          -- session.updated: audio may flow
+--     on_ready = function(s, ev) end,      -- session.updated (ev): audio may flow
 --     on_close = function(s, code, reason) end,  -- closed or failed (code nil, reason = err)
 --   })
 --   s:connect()                  -- starts connecting now (does not wait)
 --   s:send(event_table)          -- any client event
 --   s:close()
 --   s.ready, s.closed
+--   realtime.format_mismatch(cfg, session)  -- nil, or how the audio formats a
+--                                session.updated names differ from cfg's
 --
 -- The session.update sent on connect: realtime type, the model, instructions,
 -- audio output only, input in cfg.inputFormat with transcription and server
@@ -66,6 +68,35 @@ function M.session_update(cfg, opts)
     session.tools = opts.tools
   end
   return { type = "session.update", session = session }
+end
+
+-- The name of a GA format object, "audio/pcm" at a rate other than 24000 as
+-- "audio/pcm;rate=N" (the bridge resamples from 24 kHz only); nil if none.
+local function format_name(f)
+  if type(f) ~= "table" or type(f.type) ~= "string" then
+    return nil
+  end
+  if f.type == "audio/pcm" and f.rate ~= nil and f.rate ~= 24000 then
+    return "audio/pcm;rate=" .. tostring(f.rate)
+  end
+  return f.type
+end
+
+--- What differs between the audio formats a session.updated names and the
+-- ones asked for (cfg.inputFormat, cfg.outputFormat), or nil. A format the
+-- session does not name is taken as granted.
+function M.format_mismatch(cfg, session)
+  local audio = type(session) == "table" and session.audio
+  audio = type(audio) == "table" and audio or {}
+  local diffs = {}
+  for _, side in ipairs({ { "input", cfg.inputFormat }, { "output", cfg.outputFormat } }) do
+    local dir = type(audio[side[1]]) == "table" and audio[side[1]] or {}
+    local got = format_name(dir.format)
+    if got and got ~= side[2] then
+      diffs[#diffs + 1] = side[1] .. " " .. got .. " (asked " .. side[2] .. ")"
+    end
+  end
+  return #diffs > 0 and table.concat(diffs, ", ") or nil
 end
 
 function M.session(cfg, opts)
@@ -128,7 +159,7 @@ function Session:_on_text(msg)
   if ev.type == "session.updated" and not self.ready then
     self.ready = true
     if self.opts.on_ready then
-      self.opts.on_ready(self)
+      self.opts.on_ready(self, ev)
     end
     return
   end

@@ -17,6 +17,10 @@
 --                                   -- answered with that error (a model or key
 --                                   -- the service will not serve), or true: with
 --                                   -- nothing at all (a service that hangs)
+--     keep_formats = false,         -- true: the audio formats of a session.update
+--                                   -- are not applied (the defaults, 24 kHz PCM
+--                                   -- both ways, stay and are echoed), as by a
+--                                   -- service that does not take them
 --     no_response_metadata = false, -- true: response.metadata is an unknown
 --                                   -- parameter (a service without it)
 --     session_max_ms = nil,         -- the session limit (OpenAI's is 60 min):
@@ -950,7 +954,12 @@ handlers["session.update"] = function(self, ev)
   if code then
     return send_error(self, code, msg, param, ev.event_id)
   end
+  local kept = self.rt.opts.keep_formats and self.config.audio
+    and { self.config.audio.input.format, self.config.audio.output.format }
   merge_session(self.config, ev.session)
+  if kept then
+    self.config.audio.input.format, self.config.audio.output.format = kept[1], kept[2]
+  end
   self.updates = self.updates + 1
   self:send({ type = "session.updated", session = self.config })
 end
