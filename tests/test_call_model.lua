@@ -68,4 +68,35 @@ T.test("a session.updated with other audio formats than asked fails the call: no
   T.ok(env.tw.calls[1].hangup_requested_at, "Twilio was told to hang up")
 end, { timeout = 30000 })
 
+T.test("a model that stalls while a response is due fails the call instead of a silent line until call.maxDurationSec", function()
+  local bridge = require "callagent.bridge"
+  local saved = bridge.RESPONSE_STALL_MS
+  bridge.RESPONSE_STALL_MS = 2000
+  T.defer(function()
+    bridge.RESPONSE_STALL_MS = saved
+  end)
+  for _, case in ipairs({ { started = true }, { started = false } }) do
+    local env = kit.start({
+      config = { retry = { maxAttempts = 1 }, call = { maxDurationSec = 30 } },
+      realtime = {
+        script = function(session)
+          local create = assert(session:wait_event("response.create", 5000))
+          if case.started then
+            -- The greeting's response starts, and then nothing comes: no delta, no done.
+            session:send({ type = "response.created", response = { id = "resp_stuck", object = "realtime.response",
+              status = "in_progress", output = json.array({}), metadata = create.response.metadata } })
+          end
+          session.stalled_at = timer.now()
+        end,
+      },
+    })
+    local id = env:create({ to = "+14155550173", prompt = "Say hello." })
+    local call = env:wait_final(id, 15000)
+    T.eq({ call.status, call.endReason }, { "failed", "model_error" })
+    T.eq(call.lastError, "model stalled: nothing from it for 2 s while a response was due")
+    T.near(env.tw.calls[1].hangup_requested_at - env.rt.sessions[1].stalled_at, 2000, 2100,
+      "hung up once RESPONSE_STALL_MS passed")
+  end
+end, { timeout = 60000 })
+
 T.run()

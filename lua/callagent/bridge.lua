@@ -45,6 +45,12 @@ local MAX_PENDING_OUT = 2 * 1024 * 1024 -- bytes of model audio kept until the p
 local SESSION_READY_MS = 10000 -- session.update sent, session.updated awaited
 local SESSION_MARGIN_MS = 15000 -- between the end of the wrap-up and the session's
 
+-- A response asked for, or started, and nothing at all from the model for
+-- this long (no event, no audio delta): the model has stalled. A response
+-- streams its deltas as it is generated, so even a long one is never quiet
+-- this long. A field so that tests can shorten it.
+M.RESPONSE_STALL_MS = 15000
+
 -- When the model's session (openai.sessionMaxSec from its open) is near
 -- enough to ask for the wrap-up: the report (call.wrapUpSec) and the goodbye
 -- (call.goodbyeTimeoutSec) must end before it does, with a margin for what
@@ -229,6 +235,7 @@ end
 
 function Bridge:_model_event(ev)
   local t = ev.type
+  self.model_events = (self.model_events or 0) + 1
   if t == "response.output_audio.delta" or t == "response.audio.delta" then
     return self:_audio_out(ev.item_id, ev.delta)
   elseif t == "input_audio_buffer.speech_started" then
@@ -242,6 +249,7 @@ function Bridge:_model_event(ev)
     self.echoes_metadata = self.echoes_metadata or n ~= nil
     local ours = n ~= nil or not self.echoes_metadata
     self.responding = true
+    self:_watch_response()
     if ours then
       self.create_sent_at = nil
     end
@@ -502,6 +510,41 @@ function Bridge:_respond()
     event_id = self.create_event_id,
     response = not self.plain_creates and { metadata = { callagent = n } } or nil,
   })
+  self:_watch_response()
+end
+
+-- How much the model has sent: its events that reached Lua, and the deltas
+-- (audio, text) the C path took.
+function Bridge:_model_progress()
+  local st = self.cb and self.cb:stats() or EMPTY
+  return (self.model_events or 0) + (st.deltas or 0) + (st.text_deltas or 0)
+end
+
+-- While a response is due (ours asked for and not started, or one active),
+-- the model must send something every RESPONSE_STALL_MS; else the call
+-- would be a silent line until call.maxDurationSec. After the report the
+-- goodbye's own bound ends the call, and a wrap-up's its own.
+function Bridge:_watch_response()
+  if self.stall_timer or self.ended then
+    return
+  end
+  local seen = self:_model_progress()
+  self.stall_timer = timer.after(M.RESPONSE_STALL_MS, function()
+    self.stall_timer = nil
+    if self.ended or not (self.responding or self.create_sent_at) then
+      return
+    end
+    if self:_model_progress() ~= seen then
+      return self:_watch_response()
+    end
+    if self.report or self.wrapup_reason or self.hanging_up then
+      return
+    end
+    local why = "model stalled: nothing from it for " .. M.RESPONSE_STALL_MS // 1000 .. " s while a response was due"
+    log.warn("model stalled", { call = self.call_id, attempt = self.attempt, reason = why })
+    self.engine:bridge_error(self, why)
+    self:hangup("model_error")
+  end)
 end
 
 function Bridge:_response_done(r)
@@ -964,7 +1007,7 @@ function Bridge:finish(reason)
   end
   self.ended = true
   for _, name in ipairs({ "max_timer", "session_timer", "silence_timer", "goodbye_timer", "wrapup_timer",
-    "ready_timer", "respond_timer", "greet_retry_timer", "dtmf_timer" }) do
+    "ready_timer", "respond_timer", "greet_retry_timer", "dtmf_timer", "stall_timer" }) do
     self:_stop_timer(name)
   end
   self:_flush_lines() -- what was said and not yet (known to be) played
