@@ -99,4 +99,45 @@ T.test("a model that stalls while a response is due fails the call instead of a 
   end
 end, { timeout = 60000 })
 
+-- The roles and texts of a record's transcript, in order.
+local function lines(call)
+  local out = {}
+  for _, l in ipairs(call.transcript) do
+    out[#out + 1] = l.role .. ": " .. l.text
+  end
+  return out
+end
+
+T.test("a callee line whose transcription comes after the agent's answer has played is still written before it", function()
+  local env = kit.start({
+    realtime = {
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        session:speak({ ms = 300, text = "Hello, is this Ann?" })
+        -- The callee speaks; the service answers at once, and its
+        -- transcription of what was said is slow.
+        session:send({ type = "input_audio_buffer.speech_started", audio_start_ms = 500, item_id = "item_user1" })
+        timer.sleep(300)
+        session:send({ type = "input_audio_buffer.speech_stopped", audio_end_ms = 800, item_id = "item_user1" })
+        session:send({ type = "input_audio_buffer.committed", previous_item_id = json.null, item_id = "item_user1" })
+        session:speak({ ms = 300, text = "Great.", auto = true })
+        timer.sleep(1000)
+        session:send({ type = "conversation.item.input_audio_transcription.completed", item_id = "item_user1",
+          content_index = 0, transcript = "Yes, speaking." })
+        -- One whose transcription fails holds nothing back.
+        session:send({ type = "input_audio_buffer.committed", previous_item_id = "item_user1", item_id = "item_user2" })
+        session:speak({ ms = 200, text = "Sorry?", auto = true })
+        session:send({ type = "conversation.item.input_audio_transcription.failed", item_id = "item_user2",
+          content_index = 0, error = { type = "transcription_error", code = "audio_unintelligible", message = "x" } })
+        session:report_and_goodbye({ summary = "Ann.", outcome = "success" }, { ms = 200, text = "Bye." })
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550174", prompt = "Say hello." })
+  local call = env:wait_final(id, 20000)
+  T.eq(call.status, "completed")
+  T.eq(lines(call), { "agent: Hello, is this Ann?", "callee: Yes, speaking.", "agent: Great.", "agent: Sorry?",
+    "agent: Bye." })
+end, { timeout = 40000 })
+
 T.run()

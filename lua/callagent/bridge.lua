@@ -273,11 +273,16 @@ function Bridge:_model_event(ev)
     if item.type == "function_call" then
       return self:_decide_function(item)
     end
+  elseif t == "input_audio_buffer.committed" then
+    self:_await_transcript(str(ev.item_id))
   elseif t == "conversation.item.input_audio_transcription.completed" then
     local line = text(ev.transcript)
     if line and line:match("%S") then
       self.engine:bridge_transcript(self, "callee", line)
     end
+    self:_transcript_in(str(ev.item_id))
+  elseif t == "conversation.item.input_audio_transcription.failed" then
+    self:_transcript_in(str(ev.item_id))
   elseif t == "response.output_audio_transcript.done" or t == "response.audio_transcript.done" then
     local line = text(ev.transcript)
     if line and line:match("%S") then
@@ -435,7 +440,7 @@ end
 -- faster than real time): a barge-in meanwhile marks them interrupted.
 function Bridge:_agent_line(item, line)
   if not self.cb then
-    return self.engine:bridge_transcript(self, "agent", line, self.truncated[item or false])
+    return self:_write_agent(line, self.truncated[item or false])
   end
   self.pending_lines = self.pending_lines or {}
   self.pending_lines[#self.pending_lines + 1] = { item = item, line = line }
@@ -448,8 +453,58 @@ function Bridge:_flush_lines(lines)
   lines = lines or self.pending_lines
   self.pending_lines = nil
   for _, l in ipairs(lines or {}) do
-    self.engine:bridge_transcript(self, "agent", l.line, self.truncated[l.item or false])
+    self:_write_agent(l.line, self.truncated[l.item or false])
   end
+end
+
+-- The callee's words are transcribed after they are committed, and that can
+-- take longer than the agent's answer takes to play: agent lines wait, up
+-- to TRANSCRIPT_WAIT_MS, for the transcripts of the callee items committed
+-- before them, so that the record keeps the order things were said in.
+local TRANSCRIPT_WAIT_MS = 5000
+
+function Bridge:_await_transcript(item)
+  if not item or self.ended then
+    return
+  end
+  self.awaiting = self.awaiting or {}
+  if self.awaiting[item] then
+    return
+  end
+  self.awaiting[item] = timer.after(TRANSCRIPT_WAIT_MS, function()
+    self.awaiting[item] = false
+    self:_transcript_in(item)
+  end)
+end
+
+-- A callee item's transcript came (or failed, or was waited for long
+-- enough): agent lines held for it are written once no other is awaited.
+function Bridge:_transcript_in(item)
+  local t = item and self.awaiting and self.awaiting[item]
+  if t == nil then
+    return
+  end
+  if t then
+    t:stop()
+  end
+  self.awaiting[item] = nil
+  if next(self.awaiting) == nil then
+    self.awaiting = nil
+    local held = self.held_agent
+    self.held_agent = nil
+    for _, l in ipairs(held or EMPTY) do
+      self.engine:bridge_transcript(self, "agent", l[1], l[2])
+    end
+  end
+end
+
+function Bridge:_write_agent(line, interrupted)
+  if self.awaiting then
+    self.held_agent = self.held_agent or {}
+    self.held_agent[#self.held_agent + 1] = { line, interrupted }
+    return
+  end
+  self.engine:bridge_transcript(self, "agent", line, interrupted)
 end
 
 -- fn() once the phone has played all the audio sent to it (now, if so).
@@ -1011,6 +1066,10 @@ function Bridge:finish(reason)
     self:_stop_timer(name)
   end
   self:_flush_lines() -- what was said and not yet (known to be) played
+  -- Transcripts still awaited are not: the agent lines held for them go now.
+  for item in pairs(self.awaiting or EMPTY) do
+    self:_transcript_in(item)
+  end
   local st = self.cb and self.cb:stats() or { bad_in = 0, bad_out = 0, dropped_kept = 0 }
   if st.bad_in > 0 or st.bad_out > 0 or st.dropped_kept > 0 then
     log.warn("call audio dropped", {
