@@ -140,4 +140,33 @@ T.test("a callee line whose transcription comes after the agent's answer has pla
     "agent: Bye." })
 end, { timeout = 40000 })
 
+T.test("model events that were on their way when the call ended: transcripts are kept, errors change nothing", function()
+  -- The model connection delivers what the service sent before it read
+  -- our close; the bridge has ended by then.
+  local bridge = require "callagent.bridge"
+  local seen = {}
+  local engine = {
+    config = { openai = { outputFormat = "audio/pcmu", inputFormat = "audio/pcmu" }, call = {} },
+    tools = {},
+  }
+  setmetatable(engine, { __index = function(_, name)
+    return function(_, _, ...)
+      seen[#seen + 1] = { name, ... }
+    end
+  end })
+  local b = bridge.new(engine, { id = "c_test" }, 1)
+  b.model_ready = true
+  b:finish("callee_hung_up")
+  seen = {}
+  b:_model_event({ type = "conversation.item.input_audio_transcription.completed", item_id = "i1", transcript = "Bye." })
+  b:_model_event({ type = "error", error = { type = "invalid_request_error", code = "session_expired",
+    message = "Your session hit the maximum duration of 60 minutes." } })
+  b:_model_event({ type = "error", error = { type = "server_error", code = "server_error", message = "Oops." } })
+  local names = {}
+  for _, s in ipairs(seen) do
+    names[#names + 1] = s[1]
+  end
+  T.eq(names, { "bridge_transcript" }, "the callee's last words only: no lastError, no second hang-up")
+end)
+
 T.run()

@@ -289,6 +289,11 @@ function Bridge:_model_event(ev)
       self:_agent_line(str(ev.item_id), line)
     end
   elseif t == "error" then
+    if self.ended then
+      -- One the service sent before it read our close: the call is over,
+      -- and its record and hang-up are no longer the model's to change.
+      return
+    end
     local e = obj(ev.error)
     local code, etype, message = text(e.code), text(e.type), text(e.message)
     if not self.model_ready then
