@@ -169,4 +169,26 @@ T.test("model events that were on their way when the call ended: transcripts are
   T.eq(names, { "bridge_transcript" }, "the callee's last words only: no lastError, no second hang-up")
 end)
 
+T.test("a tool output too long for the model connection is replaced by an error: the call goes on", function()
+  local env = kit.start({
+    tools = { { name = "big", description = "x", parameters = { type = "object", properties = {} },
+      handler = function()
+        return string.rep("x", 6 * 1024 * 1024)
+      end } },
+    realtime = {
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        session:speak({ ms = 200, text = "Hello." })
+        session.big_out = session:call_function("big", {})
+        session:report_and_goodbye({ summary = "ok", outcome = "success" }, { ms = 200, text = "Bye." })
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550175", prompt = "Say hello." })
+  local call = env:wait_final(id, 30000)
+  T.eq({ call.status, call.endReason, call.report.summary }, { "completed", "completed", "ok" })
+  local out = json.decode(env.rt.sessions[1].big_out)
+  T.eq(out.error, "the tool's output was too long (6291456 bytes, at most 262144)")
+end, { timeout = 40000 })
+
 T.run()

@@ -837,7 +837,23 @@ function Bridge:_run_functions()
   end)
 end
 
+-- A tool's output goes to the model as one message, with the call's audio
+-- queued beside it: one over the connection's send queue (4 MiB) would drop
+-- the model, and the call with it. Far less already fills the model's
+-- context; past this the model is told the output was too long.
+local MAX_TOOL_OUTPUT = 256 * 1024
+
 function Bridge:_run_tool(fc)
+  local out = self:_tool_output(fc)
+  if #out > MAX_TOOL_OUTPUT then
+    log.warn("tool output too long: the model is told so", { call = self.call_id, tool = fc.name, bytes = #out })
+    return json.encode({ error = "the tool's output was too long (" .. #out .. " bytes, at most " .. MAX_TOOL_OUTPUT
+      .. ")" })
+  end
+  return out
+end
+
+function Bridge:_tool_output(fc)
   local tool = self.engine.tools_by_name[fc.name]
   if not tool then
     return json.encode({ error = "unknown function " .. tostring(fc.name) })
