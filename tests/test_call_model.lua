@@ -191,4 +191,32 @@ T.test("a tool output too long for the model connection is replaced by an error:
   T.eq(out.error, "the tool's output was too long (6291456 bytes, at most 262144)")
 end, { timeout = 40000 })
 
+T.test("a goodbye response that only calls report_call again is not the goodbye: the one after it is, and plays", function()
+  local env = kit.start({
+    config = { call = { goodbyeTimeoutSec = 8 } },
+    realtime = {
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        session:speak({ ms = 200, text = "Hello." })
+        session:call_function("report_call", { summary = "one", outcome = "success" })
+        assert(session:wait_event("response.create", 5000))
+        -- Asked for the goodbye, the model reports again instead.
+        session:call_function("report_call", { summary = "two", outcome = "failure" })
+        assert(session:wait_event("response.create", 5000), "asked again after the second report's output")
+        session.goodbye_at = timer.now()
+        session:speak({ ms = 1500, pace = false, text = "Goodbye then." })
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550176", prompt = "Say hello." })
+  local call = env:wait_final(id, 20000)
+  T.eq({ call.status, call.endReason, call.report.summary }, { "completed", "completed", "one" })
+  local tw = env.tw.calls[1]
+  local last = tw.marks_sent[#tw.marks_sent]
+  T.ok(env.rt.sessions[1].goodbye_at, "the goodbye was asked for")
+  T.ge(tw.hangup_requested_at, env.rt.sessions[1].goodbye_at + 1300, "hung up once the goodbye played")
+  T.ge(tw.hangup_requested_at, last.due - 200, "hung up once the goodbye played")
+  T.eq(lines(call), { "agent: Hello.", "agent: Goodbye then." })
+end, { timeout = 40000 })
+
 T.run()

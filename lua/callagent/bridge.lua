@@ -607,6 +607,16 @@ function Bridge:_watch_response()
   end)
 end
 
+-- Whether a response's output holds a message (what the agent said).
+local function spoke(r)
+  for _, item in ipairs(type(r.output) == "table" and r.output or EMPTY) do
+    if obj(item).type == "message" then
+      return true
+    end
+  end
+  return false
+end
+
 function Bridge:_response_done(r)
   self.responding = false
   if self.greeting_waiting then
@@ -640,6 +650,14 @@ function Bridge:_response_done(r)
     end
   end
   self.fn_held = keep
+  -- A goodbye response that said nothing and only called functions
+  -- (report_call once more, say) is not the goodbye: taken for it, it would
+  -- hang up before anything was said. The response asked for once their
+  -- outputs are in is.
+  if self.goodbye_id and r.id == self.goodbye_id and self.fn_pending and not spoke(r) then
+    self.goodbye_id = nil
+    self.goodbye_from = (self.creates or 0) + 1
+  end
   if self.fn_pending then
     self:_run_functions()
   end
