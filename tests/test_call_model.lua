@@ -219,4 +219,28 @@ T.test("a goodbye response that only calls report_call again is not the goodbye:
   T.eq(lines(call), { "agent: Hello.", "agent: Goodbye then." })
 end, { timeout = 40000 })
 
+T.test("an app tool's parameters written with required = {} go to the model as an array, and the call talks", function()
+  -- An empty Lua table encodes as {}; the service refuses a schema whose
+  -- required is no array, and with it the whole session.update.
+  local env = kit.start({
+    config = { retry = { maxAttempts = 1 } },
+    tools = { { name = "ping", description = "x",
+      parameters = { type = "object", properties = { mode = { type = "string", enum = {} } }, required = {} },
+      handler = function()
+        return { ok = true }
+      end } },
+    realtime = {
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        session:speak({ ms = 200, text = "Hello." })
+        session:report_and_goodbye({ summary = "Talked.", outcome = "success" }, { ms = 100, text = "Bye." })
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550177", prompt = "Say hello." })
+  local call = env:wait_final(id, 15000)
+  T.eq({ call.status, call.endReason, call.report and call.report.summary }, { "completed", "completed", "Talked." },
+    tostring(call.lastError))
+end, { timeout = 30000 })
+
 T.run()

@@ -76,6 +76,33 @@ function M.new(cfg, opts)
   }, App)
 end
 
+-- JSON Schema keywords whose value is an array. An empty Lua table encodes
+-- as {}, and the model service refuses a schema with `"required": {}` (and
+-- the whole session with it): each empty one becomes an empty array.
+local SCHEMA_ARRAYS = { required = true, enum = true, anyOf = true, oneOf = true, allOf = true, prefixItems = true }
+-- Keywords whose value maps names (of properties, of definitions) to schemas.
+local SCHEMA_MAPS = { properties = true, patternProperties = true, ["$defs"] = true, definitions = true }
+
+local function schema_arrays(v, depth)
+  if type(v) ~= "table" or depth > 32 then
+    return v
+  end
+  local out = json.is_array(v) and json.array({}) or {}
+  for k, x in pairs(v) do
+    if SCHEMA_ARRAYS[k] and type(x) == "table" and next(x) == nil then
+      out[k] = json.array({})
+    elseif SCHEMA_MAPS[k] and type(x) == "table" then
+      out[k] = {}
+      for name, sub in pairs(x) do
+        out[k][name] = schema_arrays(sub, depth + 1)
+      end
+    else
+      out[k] = schema_arrays(x, depth + 1)
+    end
+  end
+  return out
+end
+
 function App:tool(def)
   assert(type(def) == "table", "app:tool needs a table")
   assert(type(def.name) == "string" and def.name:match("^[%a_][%w_]*$"), "tool name must be an identifier")
@@ -85,7 +112,7 @@ function App:tool(def)
   self.tools[#self.tools + 1] = {
     name = def.name,
     description = def.description or "",
-    parameters = def.parameters or { type = "object", properties = {} },
+    parameters = schema_arrays(def.parameters or { type = "object", properties = {} }, 0),
     handler = def.handler,
   }
   return self

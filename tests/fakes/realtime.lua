@@ -942,7 +942,37 @@ end
 
 local handlers = {}
 
-handlers["session.update"] = function(self, ev)
+-- JSON Schema keywords whose value is an array: the service refuses a
+-- function whose parameters give one of them as an object (an empty Lua
+-- table encodes as {}).
+local SCHEMA_ARRAYS = { required = true, enum = true, anyOf = true, oneOf = true, allOf = true, prefixItems = true }
+
+local function schema_error(v, depth)
+  if type(v) ~= "table" or depth > 30 then
+    return nil
+  end
+  for k, x in pairs(v) do
+    if SCHEMA_ARRAYS[k] and type(x) == "table" and next(x) == nil and not json.is_array(x) then
+      return "'" .. k .. "' is not of type 'array'"
+    end
+    local e = schema_error(x, depth + 1)
+    if e then
+      return e
+    end
+  end
+end
+
+handlers["session.update"] = function(self, ev, raw)
+  -- Read again keeping [] apart from {}: cjson decodes both as an empty table.
+  local exact = json.try_decode(raw, true)
+  for i, tool in ipairs(type(exact) == "table" and type(exact.session) == "table"
+    and type(exact.session.tools) == "table" and exact.session.tools or {}) do
+    local e = type(tool) == "table" and schema_error(tool.parameters, 0)
+    if e then
+      return send_error(self, "invalid_function_parameters", "Invalid schema for function '" .. tostring(tool.name)
+        .. "': " .. e .. ".", "session.tools[" .. (i - 1) .. "].parameters", ev.event_id)
+    end
+  end
   local refuse = self.rt.opts.refuse_update
   if refuse == true then
     return
@@ -1156,7 +1186,7 @@ local function on_text(self, msg)
     send_error(self, "invalid_value", "Invalid value: '" .. tostring(typ) .. "'. Supported values are the GA client event types.",
       "type", ev.event_id)
   else
-    h(self, ev)
+    h(self, ev, msg)
   end
   if type(typ) == "string" then
     pending_push(self, ev)
