@@ -23,7 +23,8 @@ local app, err = callagent.app({
     caFile = os.getenv("BENCH_RT_CA"),
     outputFormat = os.getenv("BENCH_OUTPUT") or "audio/pcmu",
   },
-  call = { maxDurationSec = 3600, silenceTimeoutSec = 3600, ringTimeoutSec = 600 },
+  -- Long enough for any row, and within the model's session (openai.sessionMaxSec).
+  call = { maxDurationSec = 3000, silenceTimeoutSec = 3000, ringTimeoutSec = 600 },
   retry = { maxAttempts = 1 },
   store = { backend = os.getenv("BENCH_STORE") or "sqlite", path = os.getenv("BENCH_DB") or "/tmp/callagent-bench.db" },
   -- The churn row: each call's end is notified to the bench.
