@@ -205,17 +205,22 @@ end
 -- The model is gone after the report: the call is finished as if the
 -- goodbye were done, once the phone has played what was sent (a goodbye
 -- already generated is still queued there), within call.goodbyeTimeoutSec.
+-- Hangs up, done, once the phone has played what was sent to it.
+function Bridge:_hangup_when_drained()
+  self:_when_drained(function()
+    if not self.ended then
+      self:hangup("completed")
+    end
+  end)
+end
+
 function Bridge:_finish_after_report()
   if self.finishing_after_report then
     return
   end
   self.finishing_after_report = true
   self:_start_goodbye_timer()
-  self:_when_drained(function()
-    if not self.ended then
-      self:hangup("completed")
-    end
-  end)
+  self:_hangup_when_drained()
 end
 
 -- A field of a server event, if it has the type the protocol gives it (a
@@ -909,11 +914,7 @@ function Bridge:_check_goodbye()
   if not self.cb then
     return self:hangup("completed")
   end
-  self:_when_drained(function()
-    if not self.ended then
-      self:hangup("completed")
-    end
-  end)
+  self:_hangup_when_drained()
 end
 
 -- Wrapping up ---------------------------------------------------------------
