@@ -992,16 +992,21 @@ T.test("a recoverable model error is recorded and the call goes on", function()
   T.match(call.lastError, "rate_limit_exceeded")
 end, { timeout = 30000 })
 
+-- A model that greets, then ignores the wrap-up request (kept in
+-- session.wrap, waited for up to wait_ms): the call is hung up anyway.
+local function talks_on(wait_ms)
+  return function(session)
+    assert(session:wait_event("response.create", 5000))
+    session:speak({ ms = 300, text = "Let me tell you everything." })
+    session.wrap = session:wait_event("conversation.item.create", wait_ms)
+  end
+end
+
 T.test("at call.maxDurationSec the agent is asked to wrap up, then the call is hung up", function()
   local env = kit.start({
     config = { call = { maxDurationSec = 2, wrapUpSec = 1 } },
     realtime = {
-      script = function(session)
-        assert(session:wait_event("response.create", 5000))
-        session:speak({ ms = 300, text = "Let me tell you everything." })
-        -- Ignores the wrap-up request: the call is hung up anyway.
-        session.wrap = session:wait_event("conversation.item.create", 5000)
-      end,
+      script = talks_on(5000),
     },
   })
   local id = env:create({ to = "+14155550126", prompt = "Talk forever." })
@@ -1074,12 +1079,7 @@ T.test("a model that does not report before its session limit is hung up with se
     config = SESSION_LIMIT.config,
     realtime = {
       session_max_ms = SESSION_LIMIT.session_max_ms,
-      script = function(session)
-        assert(session:wait_event("response.create", 5000))
-        session:speak({ ms = 300, text = "Let us talk for hours." })
-        -- Ignores the wrap-up request.
-        session.wrap = session:wait_event("conversation.item.create", 15000)
-      end,
+      script = talks_on(15000),
     },
   })
   local id = env:create({ to = "+14155550141", prompt = "Talk forever." })
