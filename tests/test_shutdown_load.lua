@@ -14,7 +14,6 @@ local T = require "testing"
 local json = require "callagent.json"
 local timer = require "callagent.timer"
 local task = require "callagent.task"
-local sqlite = require "callagent.sqlite"
 local durable = require "durable_world"
 
 local FINAL = durable.FINAL
@@ -110,29 +109,7 @@ local function world()
   })
 end
 
-local function stored_all(w)
-  local db = assert(sqlite.open(w.db, { readonly = true }))
-  local rows = db:rows("SELECT id, doc FROM calls")
-  local out = {}
-  for _, r in ipairs(rows) do
-    out[r.id] = json.decode(r.doc)
-  end
-  local notes = db:rows("SELECT * FROM notifications")
-  db:close()
-  return out, notes
-end
-
-local function tally(t)
-  local parts, keys = {}, {}
-  for k in pairs(t) do
-    keys[#keys + 1] = k
-  end
-  table.sort(keys)
-  for _, k in ipairs(keys) do
-    parts[#parts + 1] = k .. " " .. t[k]
-  end
-  return table.concat(parts, ", ")
-end
+local tally = durable.tally
 
 local function scan_log(text, what)
   local bad = {}
@@ -257,7 +234,7 @@ T.test(string.format("SIGTERM under load (%s, %d calls, seed %d, update_delay %d
     T.lt(took, 10500, "within the grace")
   end
   -- What the store has after the stop.
-  local recs = stored_all(w)
+  local recs = w.stored()
   local after = {}
   local inprog_kinds = {}
   for _, id in ipairs(ids) do
@@ -363,15 +340,11 @@ T.test(string.format("SIGTERM under load (%s, %d calls, seed %d, update_delay %d
       .. table.concat(dups, ", ", 1, math.min(#dups, 10)))
   end
   -- Twilio: no call dialed twice at once, none left up.
-  local by_id = {}
+  local by_id = w.dials_by_call()
   local up = {}
   for _, c in ipairs(w.tw.calls) do
-    local id = c.params.Url and c.params.Url:match("callId=([^&]+)")
-    if id then
-      by_id[id] = by_id[id] or {}
-      table.insert(by_id[id], c)
-    end
     if c.sid and not c.final then
+      local id = c.params.Url and c.params.Url:match("callId=([^&]+)")
       up[#up + 1] = (id or "?") .. " " .. tostring(c.status)
     end
   end

@@ -5,10 +5,8 @@
 --   TEST_RACE_CB_DELAY (ms; every other call's status callbacks this late; 60)
 --   TEST_RACE_LOST (1: final "completed" callbacks lost; 0)
 local T = require "testing"
-local json = require "callagent.json"
 local timer = require "callagent.timer"
 local task = require "callagent.task"
-local sqlite = require "callagent.sqlite"
 local durable = require "durable_world"
 
 local FINAL = durable.FINAL
@@ -81,20 +79,8 @@ T.test(string.format("SIGTERM while callees answer (%d calls, seed %d, spread %d
   T.eq(code, 0, "exit 0")
   local first_log = w.app.errtext()
   -- The store after the stop.
-  local db = assert(sqlite.open(w.db, { readonly = true }))
-  local recs = {}
-  for _, r in ipairs(db:rows("SELECT id, doc FROM calls")) do
-    recs[r.id] = json.decode(r.doc)
-  end
-  db:close()
-  local tw_by = {}
-  for _, c in ipairs(w.tw.calls) do
-    local id = c.params.Url and c.params.Url:match("callId=([^&]+)")
-    if id then
-      tw_by[id] = tw_by[id] or {}
-      table.insert(tw_by[id], c)
-    end
-  end
+  local recs = w.stored()
+  local tw_by = w.dials_by_call()
   local after, answered_requeued, detail = {}, {}, {}
   for i, id in ipairs(ids) do
     local r = recs[id]
@@ -112,14 +98,7 @@ T.test(string.format("SIGTERM while callees answer (%d calls, seed %d, spread %d
       detail[dk] = (detail[dk] or 0) + 1
     end
   end
-  local function tally(t)
-    local ks = {}
-    for k, v in pairs(t) do
-      ks[#ks + 1] = k .. " " .. v
-    end
-    table.sort(ks)
-    return table.concat(ks, ", ")
-  end
+  local tally = durable.tally
   T.diag("after the stop: " .. tally(after))
   T.diag("attempt 1: " .. tally(detail))
   if #answered_requeued > 0 then
@@ -139,14 +118,7 @@ T.test(string.format("SIGTERM while callees answer (%d calls, seed %d, spread %d
   end, 60000, "all final")
   T.ok(ok, "every call final after the restart")
   timer.sleep(1500)
-  tw_by = {}
-  for _, c in ipairs(w.tw.calls) do
-    local id = c.params.Url and c.params.Url:match("callId=([^&]+)")
-    if id then
-      tw_by[id] = tw_by[id] or {}
-      table.insert(tw_by[id], c)
-    end
-  end
+  tw_by = w.dials_by_call()
   local finals, multi, missing, redialed_after_answer, hung_up_by_us = {}, {}, {}, {}, {}
   for _, id in ipairs(ids) do
     local st, rec = api("GET", "/v1/calls/" .. id)

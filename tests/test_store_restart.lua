@@ -223,10 +223,7 @@ end, { timeout = 60000 })
 
 -- The record as the store has it, read beside the process (or after it).
 local function stored(w, id)
-  local db = assert(sqlite.open(w.db, { readonly = true }))
-  local rows = db:rows("SELECT doc FROM calls WHERE id = ?", id)
-  db:close()
-  return rows[1] and json.decode(rows[1].doc)
+  return (w.stored())[id]
 end
 
 T.test("SIGTERM during a conversation: the call ends failed with endReason shutdown before the exit, notified once", function()

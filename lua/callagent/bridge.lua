@@ -202,9 +202,6 @@ function Bridge:_model_closed(code, reason)
   self:hangup("model_error")
 end
 
--- The model is gone after the report: the call is finished as if the
--- goodbye were done, once the phone has played what was sent (a goodbye
--- already generated is still queued there), within call.goodbyeTimeoutSec.
 -- Hangs up, done, once the phone has played what was sent to it.
 function Bridge:_hangup_when_drained()
   self:_when_drained(function()
@@ -214,6 +211,9 @@ function Bridge:_hangup_when_drained()
   end)
 end
 
+-- The model is gone after the report: the call is finished as if the
+-- goodbye were done, once the phone has played what was sent (a goodbye
+-- already generated is still queued there), within call.goodbyeTimeoutSec.
 function Bridge:_finish_after_report()
   if self.finishing_after_report then
     return

@@ -13,12 +13,15 @@
 -- never answered), refuse (400), redirect (308 to this Location).
 -- What the receiver saw: w.requests (Idempotency-Keys in order), and of the
 -- answered 200s w.deliveries ({key, body}), w.by_key (key -> count) and
--- w.by_call (call id -> set of keys).
+-- w.by_call (call id -> set of keys). w.stored() reads the store file,
+-- w.dials_by_call() groups the fake Twilio's calls; durable.tally(counts)
+-- writes counts as one sorted line for T.diag.
 local T = require "testing"
 local http = require "callagent.http"
 local fetch = require "callagent.fetch"
 local json = require "callagent.json"
 local timer = require "callagent.timer"
+local sqlite = require "callagent.sqlite"
 local fake_tw = require "fakes.twilio"
 local fake_rt = require "fakes.realtime"
 
@@ -28,6 +31,18 @@ local M = {
   KEY = "sk-durable-tests",
   FINAL = { completed = true, busy = true, no_answer = true, failed = true, canceled = true },
 }
+
+function M.tally(t)
+  local keys = {}
+  for k in pairs(t) do
+    keys[#keys + 1] = k
+  end
+  table.sort(keys)
+  for i, k in ipairs(keys) do
+    keys[i] = k .. " " .. t[k]
+  end
+  return table.concat(keys, ", ")
+end
 
 function M.new(opts)
   opts = opts or {}
@@ -133,6 +148,29 @@ function M.new(opts)
     return w.wait(id, function(r)
       return M.FINAL[r.status]
     end, ms, "the call to end")
+  end
+  -- The records in the store file (id -> record), and its notification rows.
+  function w.stored()
+    local db = assert(sqlite.open(w.db, { readonly = true }))
+    local recs = {}
+    for _, r in ipairs(db:rows("SELECT id, doc FROM calls")) do
+      recs[r.id] = json.decode(r.doc)
+    end
+    local notes = db:rows("SELECT * FROM notifications")
+    db:close()
+    return recs, notes
+  end
+  -- The fake Twilio's calls by callagent's call id (from their voice URL), in order.
+  function w.dials_by_call()
+    local by = {}
+    for _, c in ipairs(w.tw.calls) do
+      local id = c.params.Url and c.params.Url:match("callId=([^&]+)")
+      if id then
+        by[id] = by[id] or {}
+        table.insert(by[id], c)
+      end
+    end
+    return by
   end
   -- A call placed and ringing, then callagent killed (-9) and started again.
   function w.ring_and_restart(to)
