@@ -77,12 +77,14 @@ struct item {
 	double sent_ms, played_ms;
 	uint64_t played_at;	/* uv_hrtime() when the phone was at played_ms; 0: not playing yet */
 	int truncated;
+	uint32_t gen;		/* which item of the call holds the slot, counting from 1 */
 };
 
 /* A mark sent after a chunk: when it comes back, item played up to end_ms. */
 struct mark {
 	uint32_t seq;
 	int item;
+	uint32_t gen;		/* items[item].gen when sent: a reused slot is another item */
 	double end_ms;
 };
 
@@ -105,6 +107,7 @@ struct bridge {
 	struct item items[ITEMS];
 	int cur;			/* index of the current item, -1: none */
 	int next_item;
+	uint32_t gens;			/* items seen so far */
 	struct mark *marks;		/* FIFO ring */
 	size_t m_head, m_len, m_cap;
 	uint32_t seq;
@@ -400,19 +403,25 @@ static int find_item(struct bridge *b, const char *id, size_t n)
 	for (int i = 0; i < ITEMS; i++)
 		if (b->items[i].id_len > 0 && is_item(&b->items[i], id, n))
 			return i;
-	/* A new item: the oldest slot; an odd byte the resampler kept of that one's is not this one's. */
+	/*
+	 * A new item: the oldest slot; an odd byte the resampler kept of that
+	 * one's is not this one's. Marks of the old item may still be in
+	 * flight (more than ITEMS queued at the phone): its generation tells
+	 * them apart, so they do not count as this item's playing.
+	 */
 	if (b->rs_item == b->next_item)
 		b->rs_item = -1;
 	it = &b->items[b->next_item];
 	memset(it, 0, sizeof *it);
 	it->id_len = n;
+	it->gen = ++b->gens;
 	memcpy(it->id, id, n < sizeof it->id ? n : sizeof it->id - 1);
 	b->cur = b->next_item;
 	b->next_item = (b->next_item + 1) % ITEMS;
 	return b->cur;
 }
 
-static void push_mark(struct bridge *b, uint32_t seq, int item, double end_ms)
+static void push_mark(struct bridge *b, uint32_t seq, int item, uint32_t gen, double end_ms)
 {
 	if (b->m_len == b->m_cap) {
 		size_t cap = b->m_cap ? b->m_cap * 2 : 8;	/* a mark per 100 ms: a few in flight */
@@ -425,7 +434,7 @@ static void push_mark(struct bridge *b, uint32_t seq, int item, double end_ms)
 		b->m_head = 0;
 		b->m_cap = cap;
 	}
-	b->marks[(b->m_head + b->m_len) % b->m_cap] = (struct mark){seq, item, end_ms};
+	b->marks[(b->m_head + b->m_len) % b->m_cap] = (struct mark){seq, item, gen, end_ms};
 	b->m_len++;
 }
 
@@ -456,7 +465,7 @@ static unsigned char *put_mark(struct bridge *b, unsigned char *p)
 /* Mark b->seq went out after item's audio so far: none is unmarked now. */
 static void marked(struct bridge *b, int item)
 {
-	push_mark(b, b->seq, item, b->items[item].sent_ms);
+	push_mark(b, b->seq, item, b->items[item].gen, b->items[item].sent_ms);
 	b->unmarked = -1;
 	b->unmarked_ms = 0;
 }
@@ -639,10 +648,18 @@ static void call_drained(struct bridge *b)
 	}
 }
 
-/* The item the phone plays now, or -1: the oldest one with audio not confirmed played. */
+/*
+ * The item the phone plays now, or -1: the oldest one with audio not
+ * confirmed played; -1 too when that one's slot went to a newer item.
+ */
 static int playing(struct bridge *b)
 {
-	return b->m_len > 0 ? b->marks[b->m_head].item : b->unmarked;
+	const struct mark *m;
+
+	if (b->m_len == 0)
+		return b->unmarked;
+	m = &b->marks[b->m_head];
+	return b->items[m->item].gen == m->gen ? m->item : -1;
 }
 
 /* The phone echoed mark seq: everything sent up to it has played. */
@@ -658,7 +675,7 @@ static void mark_played(struct bridge *b, uint32_t seq)
 		if ((int32_t)(m->seq - seq) > 0)
 			break;
 		it = &b->items[m->item];
-		if (!it->truncated && m->end_ms > it->played_ms) {
+		if (it->gen == m->gen && !it->truncated && m->end_ms > it->played_ms) {
 			it->played_ms = m->end_ms;
 			it->played_at = now;
 		}

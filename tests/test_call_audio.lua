@@ -562,6 +562,42 @@ T.test("a barge-in cuts the item the phone plays, and the one queued behind it a
   T.eq({ s.truncates[2].item_id, s.truncates[2].audio_end_ms }, { s.b.item_id, 0 }, "B was never heard")
 end, { timeout = 40000 })
 
+T.test("a barge-in with more items queued than the bridge keeps cuts each one that was not heard", function()
+  -- Nine items arrive at once: the bridge keeps eight, so the ninth takes
+  -- the first one's slot while the first one's marks are still in flight.
+  -- The callee speaks 0.5 s into the second item.
+  local env = kit.start({
+    realtime = {
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        session.items_spoken = {}
+        for i = 1, 9 do
+          local it = session:speak({ ms = i <= 2 and 1000 or 300, pace = false, text = "Part " .. i .. "." })
+          session.items_spoken[i] = it.item_id
+        end
+        timer.sleep(1500)
+        session:user_speech({ ms = 300, text = "Stop." })
+        session:report_and_goodbye({ summary = "x", outcome = "failure" }, { ms = 200, text = "Bye." })
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550112", prompt = "Explain." })
+  env:wait_final(id, 20000)
+  local s = env.rt.sessions[1]
+  T.eq(#env.tw.calls[1].clears, 1)
+  local cut = {}
+  for _, t in ipairs(s.truncates) do
+    cut[t.item_id] = t.audio_end_ms
+  end
+  T.eq(cut[s.items_spoken[1]], nil, "the first item played whole: " .. json.encode(s.truncates))
+  T.ok(cut[s.items_spoken[2]] and cut[s.items_spoken[2]] >= 200 and cut[s.items_spoken[2]] <= 900,
+    "the second item cut where the phone was: " .. tostring(cut[s.items_spoken[2]]))
+  for i = 3, 9 do
+    T.eq(cut[s.items_spoken[i]], 0, "item " .. i .. " was never heard")
+  end
+  T.eq(#s.truncates, 8)
+end, { timeout = 40000 })
+
 T.test("the silence timeout counts from the end of the greeting's playing, not its generation", function()
   local env = kit.start({
     config = { call = { silenceTimeoutSec = 2, wrapUpSec = 2 } },
