@@ -687,73 +687,6 @@ static int core_time(lua_State *L)
 	return 1;
 }
 
-/* Whether tz names a zone of the system's tz database (no path tricks). */
-static int valid_tz(const char *tz)
-{
-	char path[PATH_MAX];
-	struct stat st;
-
-	if (tz[0] == '\0' || tz[0] == '/' || tz[0] == '.' || strstr(tz, "..") || strlen(tz) > 64)
-		return 0;
-	for (const char *p = tz; *p; p++)
-		if (!((*p >= 'A' && *p <= 'Z') || (*p >= 'a' && *p <= 'z') || (*p >= '0' && *p <= '9') ||
-		      *p == '/' || *p == '_' || *p == '-' || *p == '+'))
-			return 0;
-	snprintf(path, sizeof path, "/usr/share/zoneinfo/%s", tz);
-	if (stat(path, &st) != 0 || !S_ISREG(st.st_mode))
-		return 0;
-	/* A zone file, not another file of the folder (leapseconds, zone.tab). */
-	FILE *f = fopen(path, "rb");
-	char magic[4];
-	int ok = f && fread(magic, 1, 4, f) == 4 && memcmp(magic, "TZif", 4) == 0;
-
-	if (f)
-		fclose(f);
-	return ok;
-}
-
-/*
- * core.localtime(tz, [t]): the broken-down local time of t (default now) in
- * the IANA zone tz: {year, month, day, hour, min, sec, wday (1 = Sunday),
- * utc_offset (seconds), abbrev}; or nil, "EINVAL: unknown time zone ...".
- */
-static int core_localtime(lua_State *L)
-{
-	size_t tzlen;
-	const char *tz = luaL_checklstring(L, 1, &tzlen);
-	time_t t = (time_t)luaL_optnumber(L, 2, (lua_Number)time(NULL));
-	char *old = getenv("TZ"), *saved = old ? ca_strdup(old) : NULL, abbrev[16];
-	struct tm tm;
-
-	if (strlen(tz) != tzlen || !valid_tz(tz)) {	/* "Europe/Paris\0x" is no zone */
-		free(saved);
-		return ca_fail(L, "EINVAL", "unknown time zone");
-	}
-	setenv("TZ", tz, 1);
-	tzset();
-	localtime_r(&t, &tm);
-	strftime(abbrev, sizeof abbrev, "%Z", &tm);
-	if (saved) {
-		setenv("TZ", saved, 1);
-		free(saved);
-	} else {
-		unsetenv("TZ");
-	}
-	tzset();
-	lua_createtable(L, 0, 9);
-	ca_set_int_field(L, "year", tm.tm_year + 1900);
-	ca_set_int_field(L, "month", tm.tm_mon + 1);
-	ca_set_int_field(L, "day", tm.tm_mday);
-	ca_set_int_field(L, "hour", tm.tm_hour);
-	ca_set_int_field(L, "min", tm.tm_min);
-	ca_set_int_field(L, "sec", tm.tm_sec);
-	ca_set_int_field(L, "wday", tm.tm_wday + 1);
-	ca_set_int_field(L, "utc_offset", tm.tm_gmtoff);
-	lua_pushstring(L, abbrev);
-	lua_setfield(L, -2, "abbrev");
-	return 1;
-}
-
 int luaopen_callagent_core(lua_State *L)
 {
 	static const luaL_Reg fns[] = {
@@ -772,7 +705,6 @@ int luaopen_callagent_core(lua_State *L)
 		{"loop_busy_ms", core_loop_busy_ms},
 		{"after_poll", core_after_poll},
 		{"time", core_time},
-		{"localtime", core_localtime},
 		{NULL, NULL}
 	};
 

@@ -17,6 +17,7 @@
 local json = require "callagent.json"
 local crypto = require "callagent.crypto"
 local core = require "callagent.core"
+local tz = require "callagent.tz"
 local config = require "callagent.config"
 local log = require "callagent.log"
 
@@ -129,7 +130,7 @@ function M.validate_call(body)
   end
   input.prompt = body.prompt
   if body.timezone ~= nil then
-    if type(body.timezone) ~= "string" or not core.localtime(body.timezone) then
+    if type(body.timezone) ~= "string" or not tz.valid(body.timezone) then
       return nil, err(400, "invalid_timezone", "timezone must be an IANA time zone like Europe/Paris", "timezone")
     end
     input.timezone = body.timezone

@@ -58,6 +58,7 @@
 local json = require "callagent.json"
 local log = require "callagent.log"
 local core = require "callagent.core"
+local tz = require "callagent.tz"
 local url = require "callagent.url"
 
 local M = {}
@@ -338,7 +339,7 @@ local SCHEMA = {
   },
   defaults = {
     timezone = field("string", "America/Los_Angeles", function(v)
-      return not core.localtime(v) and "an IANA time zone like Europe/Paris" or nil
+      return not tz.valid(v) and "an IANA time zone like Europe/Paris" or nil
     end),
     locale = field("string", "en-US", function(v)
       return not is_locale(v) and "a language tag like en-US" or nil

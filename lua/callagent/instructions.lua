@@ -5,7 +5,7 @@
 --     opts.now: epoch seconds (default: now); opts.extra_tools: names of the
 --     app's tools, mentioned so the model knows it may use them
 --   instructions.report_tool() -> the report_call tool definition (GA shape)
-local core = require "callagent.core"
+local tz = require "callagent.tz"
 
 local M = {}
 
@@ -16,8 +16,8 @@ local MONTHS = {
 }
 
 --- "Tuesday, November 25, 2026, 07:12 (PST, UTC-08:00)" in the call's zone.
-function M.local_time(tz, now)
-  local t = core.localtime(tz, now)
+function M.local_time(zone, now)
+  local t = tz.localtime(zone, now)
   if not t then
     return nil
   end
