@@ -66,7 +66,7 @@ T.test("the package and manifest are what Clawdbot loads; register gives the thr
   local r = host({}, {})
   T.eq(r.id, "callagent")
   T.eq(r.tools, { "call_agent", "call_agent_status", "call_agent_hangup" })
-  T.eq(r.optional, {})
+  T.eq(r.optional, { "call_agent", "call_agent_hangup" }, "what dials or hangs up is opt-in")
   for _, line in ipairs(r.logs) do
     T.no_match(line, "^warn", "a loader warning")
   end

@@ -310,7 +310,12 @@ export default {
   // Synchronous: Clawdbot ignores what an async register() does after it returns.
   register(api) {
     const cfg = resolveConfig(api.pluginConfig);
-    for (const tool of createTools(cfg)) api.registerTool(tool);
+    // Tools that dial or hang up cost money and reach people: opt-in, as
+    // Clawdbot's docs advise for side effects (agents' tools.allow).
+    for (const tool of createTools(cfg)) {
+      if (tool.name === "call_agent_status") api.registerTool(tool);
+      else api.registerTool(tool, { optional: true });
+    }
     api.logger?.info?.(`callagent: tools call_agent, call_agent_status, call_agent_hangup -> ${cfg.shown}`);
   },
 };
