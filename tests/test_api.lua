@@ -295,12 +295,13 @@ end)
 T.test("Idempotency-Key: the same request sent again gets the call it created; another request with it is 422", function()
   local env = env_with({})
   local key = { ["Idempotency-Key"] = "order-4711-call" }
-  local status, first, res = env:api("POST", "/v1/calls", '{"to":"+14155550133","prompt":"Book it.","metadata":{"a":1,"b":2}}', key)
+  local status, first, res = env:api("POST", "/v1/calls", '{"to":"+14155550133","prompt":"Book it.","metadata":{"a":1,"b":2,"c":0}}', key)
   T.eq(status, 201)
   T.eq(res.headers["idempotent-replayed"], nil)
-  -- Sent again (a client that timed out), its keys in another order.
+  -- Sent again (a client that timed out), its keys in another order, its
+  -- numbers written another way: the same JSON numbers.
   local again
-  status, again, res = env:api("POST", "/v1/calls", '{"metadata":{"b":2,"a":1},"prompt":"Book it.","to":"+14155550133"}', key)
+  status, again, res = env:api("POST", "/v1/calls", '{"metadata":{"b":2e0,"c":-0.0,"a":1.0},"prompt":"Book it.","to":"+14155550133"}', key)
   T.eq(status, 201)
   T.eq(again.callId, first.callId, "the same call")
   T.eq(res.headers["idempotent-replayed"], "true")

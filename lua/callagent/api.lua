@@ -212,10 +212,11 @@ local function same_origin(origin, host, public)
   return base ~= nil and origin == base
 end
 
--- v as text with keys sorted at every level: equal requests, equal text.
+-- v as text with keys sorted at every level: equal requests, equal text
+-- (-0 and 0 too).
 local function canonical(v, out)
   if type(v) ~= "table" then
-    out[#out + 1] = json.encode(v)
+    out[#out + 1] = json.encode(type(v) == "number" and math.tointeger(v) or v)
     return out
   end
   local n, keys = #v, {}
