@@ -185,6 +185,11 @@ function P:validateRequest(req, publicBaseUrl)
     params = url.form_decode(req.body or "")
   end
   local full = base .. req.path .. ((req.raw_query and req.raw_query ~= "") and ("?" .. req.raw_query) or "")
+  -- Any other body (JSON) is signed through its hash in the URL; without
+  -- it the signature would cover the URL alone, and any body would pass.
+  if (req.body or "") ~= "" and not next(params) and not full:find("[?&]bodySHA256=") then
+    return false, "a body that is not a form comes without bodySHA256"
+  end
   if P.check_signature(self.tw.authToken, full, params, sig, req.body) then
     return true
   end

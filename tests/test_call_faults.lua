@@ -11,6 +11,7 @@ local timer = require "callagent.timer"
 local task = require "callagent.task"
 local json = require "callagent.json"
 local fake_twilio = require "fakes.twilio"
+local crypto = require "callagent.crypto"
 
 local function healthy(env)
   local status, body = env:api("GET", "/healthz")
@@ -37,10 +38,21 @@ T.test("a status callback with a bad or missing signature gets 403 and changes n
   local tampered = url.form_encode({ CallSid = params.CallSid, CallStatus = "busy", SequenceNumber = "9", AccountSid = kit.ACCOUNT })
   res = assert(fetch(target, { method = "POST", body = tampered, headers = headers }))
   T.eq(res.status, 403, "body changed after signing")
+  -- A JSON body is signed through its hash (bodySHA256 in the URL): a
+  -- signature of the URL alone does not vouch for it.
+  local function jpost(text, bare)
+    local signed = bare and target or (target .. "&bodySHA256=" .. crypto.to_hex(crypto.sha256(text)))
+    return assert(fetch(signed, { method = "POST", body = text, headers = {
+      ["Content-Type"] = "application/json", ["X-Twilio-Signature"] = fake_twilio.sign(kit.TOKEN, signed) } }))
+  end
+  T.eq(jpost('{"CallStatus":"completed"}', true).status, 403, "JSON without bodySHA256")
+  local signed = target .. "&bodySHA256=" .. crypto.to_hex(crypto.sha256('{"CallStatus":"busy"}'))
+  res = assert(fetch(signed, { method = "POST", body = '{"CallStatus":"completed"}', headers = {
+    ["Content-Type"] = "application/json", ["X-Twilio-Signature"] = fake_twilio.sign(kit.TOKEN, signed) } }))
+  T.eq(res.status, 403, "JSON that is not the body hashed")
   -- Signed, but JSON that is no object, or fields of the wrong type: 400.
-  local jheaders = { ["Content-Type"] = "application/json", ["X-Twilio-Signature"] = fake_twilio.sign(kit.TOKEN, target) }
   for _, text in ipairs({ "5", "[1]", '"completed"', '{"CallStatus":{"x":1}}', "{not json" }) do
-    res = assert(fetch(target, { method = "POST", body = text, headers = jheaders }))
+    res = jpost(text)
     T.eq(res.status, 400, text)
     T.eq(json.decode(res.body).error.code, "bad_status", text)
   end
@@ -50,7 +62,7 @@ T.test("a status callback with a bad or missing signature gets 403 and changes n
     ['{"CallStatus":"exploded"}'] = "unknown CallStatus exploded",
     ['{"CallStatus":"\\u001b[2J\\u00ff"}'] = "unknown CallStatus",
   }) do
-    res = assert(fetch(target, { method = "POST", body = text, headers = jheaders }))
+    res = jpost(text)
     local e = json.decode(res.body).error
     T.eq({ e.message, e.field }, { message, "CallStatus" }, text)
   end
@@ -64,7 +76,7 @@ T.test("a status callback with a bad or missing signature gets 403 and changes n
   T.eq(after.status, "dialing", "nothing changed")
   T.eq(#after.attempts, 1)
   -- A status with other fields of the wrong type: taken, those passed over.
-  res = assert(fetch(target, { method = "POST", body = '{"CallStatus":"failed","SipResponseCode":{},"CallSid":[1]}', headers = jheaders }))
+  res = jpost('{"CallStatus":"failed","SipResponseCode":{},"CallSid":[1]}')
   T.eq(res.status, 204)
   after = env:get(id)
   T.eq({ after.attempts[1].status, after.attempts[1].providerCallId, after.attempts[1].reason },
