@@ -402,6 +402,48 @@ for _, lost in ipairs({ false, true }) do
   end, { timeout = 60000 })
 end
 
+T.test("a retry queued before a restart that lowered retry.maxAttempts is not dialed: the call ends, notified once", function()
+  local opts = { behaviour = { answer = "busy" }, retry_ms = 3000, config = { retry = { maxAttempts = 3 } } }
+  local w = world(opts)
+  w.start()
+  local id = w.create("+14155550165", "Talk.")
+  w.wait(id, function(r)
+    return r.status == "queued" and r.attempt == 2 and r.nextAttemptAt ~= nil
+  end, 15000, "the wait for attempt 3")
+  w.kill9()
+  opts.config = { retry = { maxAttempts = 2 } }
+  w.start()
+  local rec = w.wait_final(id, 10000)
+  timer.sleep(4000) -- past the retry's due time: it would have been dialed by now
+  rec = w.call(id)
+  T.eq(#w.tw.calls, 2, "attempt 3 not dialed")
+  T.eq(rec.status, "busy", "final as the last attempt ended, as when retries run out")
+  T.eq(rec.endReason, "line busy", "the last attempt's end reason kept")
+  T.eq(#rec.attempts, 2)
+  T.eq(rec.attempts[2].reason, "line busy")
+  T.eq(rec.nextAttemptAt, nil)
+  T.match(rec.lastError, "retry%.maxAttempts", "lastError says why it was not dialed")
+  T.match(w.app.errtext() .. w.app.text(), "past retry%.maxAttempts", "and so does the log")
+  T.wait_for(function()
+    return #w.deliveries >= 1
+  end, 10000, "the notification")
+  timer.sleep(300)
+  T.eq(#w.deliveries, 1, "notified once")
+  T.eq(w.deliveries[1].key, id .. ":busy")
+  local recs, notes = w.stored()
+  T.eq(recs[id].status, "busy", "the end is in the store")
+  T.eq(#notes, 1)
+  local db = assert(sqlite.open(w.db, { readonly = true }))
+  T.eq(db:value("SELECT count(*) FROM retries WHERE call_id = ?", id), 0, "its retry row is gone")
+  db:close()
+  -- Started again: nothing more happens to it.
+  w.kill9()
+  w.start()
+  timer.sleep(1000)
+  T.eq(#w.tw.calls, 2)
+  T.eq(#w.deliveries, 1)
+end, { timeout = 60000 })
+
 T.test("a store whose call is dialing but its attempt is over: after restart the retry policy goes on", function()
   -- What a kill -9 between the two writes left before they were one commit.
   local w = world({ behaviour = { answer = "busy", ring_ms = 1000 } })

@@ -442,7 +442,7 @@ function App:start()
     self.prune_timer:unref()
   end
   self:_watch_loop()
-  if recovered.retries + recovered.dialed + recovered.resolved > 0 then
+  if recovered.retries + recovered.dialed + recovered.resolved + recovered.ended > 0 then
     log.info("recovered calls from the last run", recovered)
   end
   log.info("callagent ready", {

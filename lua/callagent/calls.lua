@@ -1315,16 +1315,49 @@ function Engine:_resolve_interrupted(call)
   return ok
 end
 
+-- A queued call whose attempts the retry policy made (not those a stop
+-- canceled while they rang: they are dialed again) reach retry.maxAttempts,
+-- which a restart may have lowered: its last such attempt; else nil.
+function Engine:_spent_attempt(call)
+  local made, last = 0, nil
+  for n = 1, call.attempt or 0 do
+    local a = call.attempts[n]
+    if a and a.status ~= "canceled" then
+      made, last = made + 1, a
+    end
+  end
+  if made >= self.config.retry.maxAttempts then
+    return last
+  end
+end
+
+-- Ends a queued call whose next attempt is past retry.maxAttempts, as its
+-- retries running out would have: final as its last attempt ended, with that
+-- attempt's reason; lastError says why it was not dialed.
+function Engine:_end_past_max(call, a)
+  local max = self.config.retry.maxAttempts
+  local why = error_text("not dialed again: retry.maxAttempts is " .. max .. " now (attempt " .. a.n
+    .. " was the last: " .. tostring(a.reason or a.status) .. ")")
+  log.warn("a retry queued before the restart is past retry.maxAttempts: not dialed; the call ends",
+    { call = call.id, attempts = a.n, max_attempts = max, status = a.status })
+  call.lastError = why
+  local status = FINAL[a.status] and a.status ~= "canceled" and a.status or "failed"
+  return self:_finish(call, status, a.reason or status, function()
+    self:_save(call, { lastError = why })
+  end)
+end
+
 --- Picks up where the last run stopped: due and overdue retries are
 -- scheduled (each runs once: its row goes when it dials), calls never dialed
--- are dialed, calls that were dialing or talking are resolved. Returns counts.
+-- are dialed, calls that were dialing or talking are resolved, calls whose
+-- attempts reached a lowered retry.maxAttempts end. Returns counts.
 function Engine:recover()
   local active = self.store:active_calls()
   local retries = {}
   for _, r in ipairs(self.store:due_retries()) do
     retries[r.call_id] = r.due_at
   end
-  local counts = { retries = 0, dialed = 0, resolved = 0 }
+  local counts = { retries = 0, dialed = 0, resolved = 0, ended = 0 }
   for _, call in ipairs(active) do
     if self.live[call.id] then
       goto next -- this run's own (created before recover ran): not interrupted
@@ -1342,7 +1375,12 @@ function Engine:recover()
     call.usage = call.usage or {}
     call.events = nil
     self.live[call.id] = call
-    if call.status == "queued" then
+    local spent = call.status == "queued" and self:_spent_attempt(call)
+    if spent then
+      -- Its retry was queued under a higher retry.maxAttempts than this run's.
+      counts.ended = counts.ended + 1
+      self:_end_past_max(call, spent)
+    elseif call.status == "queued" then
       local due = retries[call.id]
       local delay = due and math.max(0, math.floor((due - core.time()) * 1000)) or 0
       counts[due and "retries" or "dialed"] = counts[due and "retries" or "dialed"] + 1
