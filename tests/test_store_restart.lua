@@ -444,6 +444,36 @@ T.test("a retry queued before a restart that lowered retry.maxAttempts is not di
   T.eq(#w.deliveries, 1)
 end, { timeout = 60000 })
 
+T.test("a notification sent by the restart's recovery while a backlog resumes is not sent again by the backlog", function()
+  -- The recovery ends a call (its retry past a lowered retry.maxAttempts) and
+  -- sends its notification at once; the backlog read at the same start holds
+  -- it too, behind 16 others that a slow receiver takes a while to answer.
+  local opts = { behaviour = { answer = "busy" }, retry_ms = 3000, hook_ms = 300,
+    config = { retry = { maxAttempts = 3 } } }
+  local w = world(opts)
+  w.start()
+  local id = w.create("+14155550166", "Talk.")
+  w.wait(id, function(r)
+    return r.status == "queued" and r.attempt == 2
+  end, 15000, "the wait for attempt 3")
+  w.kill9()
+  local db = assert(sqlite.open(w.db))
+  local old = require("callagent.core").time() - 60
+  for i = 1, 16 do
+    assert(db:run("INSERT INTO notifications (key, call_id, payload, created) VALUES (?, ?, ?, ?)",
+      "c_backlog" .. i .. ":completed", "c_backlog" .. i, json.encode({ message = "old", name = "CallAgent" }), old + i))
+  end
+  db:close()
+  opts.config = { retry = { maxAttempts = 2 } }
+  w.start()
+  T.wait_for(function()
+    return #w.deliveries >= 17
+  end, 15000, "the backlog and the recovered call's notification")
+  timer.sleep(1500)
+  T.eq(w.by_key[id .. ":busy"], 1, "the recovered call notified once")
+  T.eq(#w.deliveries, 17, "each notification delivered once")
+end, { timeout = 60000 })
+
 T.test("a store whose call is dialing but its attempt is over: after restart the retry policy goes on", function()
   -- What a kill -9 between the two writes left before they were one commit.
   local w = world({ behaviour = { answer = "busy", ring_ms = 1000 } })

@@ -128,6 +128,10 @@ local MAX_RETRY_AFTER_MS = 60000
 
 -- Delivers one notification, with its retries (in a task; in_flight[key] set).
 function Notifier:_deliver(key, body)
+  if self.resuming then
+    -- Sent now, and so no more the business of the backlog being resumed.
+    self.resuming[key] = nil
+  end
   -- "/agent" goes on the path, before a query the URL may have.
   local path, query = self.cfg.hooksUrl:match("^([^?#]*)(.*)$")
   local target = path:gsub("/+$", "") .. "/agent" .. query
@@ -227,15 +231,26 @@ function Notifier:resume()
     return 0
   end
   local pending = self.store:pending_notifications()
+  -- The backlog's keys not yet taken: one the engine sends, or sent before
+  -- (a call the recovery ended), is its own to deliver; the backlog, coming
+  -- to it after it was delivered, would send it again.
+  local waiting = {}
+  for _, n in ipairs(pending) do
+    waiting[n.key] = not self.in_flight[n.key] or nil
+  end
+  self.resuming = waiting
   local next_one = 0
   local function worker()
     while next_one < #pending and not self.stopped do
       next_one = next_one + 1
       local n = pending[next_one]
-      if not self.in_flight[n.key] then
+      if waiting[n.key] and not self.in_flight[n.key] then
         self.in_flight[n.key] = true
         self:_deliver(n.key, n.payload)
       end
+    end
+    if self.resuming == waiting then
+      self.resuming = nil
     end
   end
   for _ = 1, math.min(RESUME_AT_ONCE, #pending) do
