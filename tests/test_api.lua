@@ -499,6 +499,23 @@ T.test("a store that cannot read answers 500 store_failed: never a 404 for a cal
   T.eq((env:api("GET", "/v1/calls/c_none")), 404)
 end)
 
+T.test("a full disk when a call is created answers 500 store_failed, and nothing is dialed", function()
+  local env = kit.start({})
+  local db = env.app.store.db
+  -- The file may not grow: as a full disk, SQLite answers SQLITE_FULL.
+  assert(db:value("PRAGMA max_page_count = " .. db:value("PRAGMA page_count")))
+  T.defer(function()
+    db:value("PRAGMA max_page_count = 1073741823")
+  end)
+  local status, body = env:api("POST", "/v1/calls", { to = "+14155550100", prompt = string.rep("Ask about the order. ", 380) })
+  T.eq({ status, body.error and body.error.code }, { 500, "store_failed" })
+  T.no_match(body.error.message, "ENOSPC", "the store's own words stay in the log")
+  timer.sleep(300)
+  T.eq(#env.tw.calls, 0, "nothing dialed")
+  db:value("PRAGMA max_page_count = 1073741823")
+  T.eq((env:api("POST", "/v1/calls", { to = "+14155550100", prompt = "Hi." })), 201, "taken once there is room")
+end)
+
 T.test("the webhooks answer 400 naming callId or attempt when the query repeats or lacks them", function()
   local env = env_with({ twilio = { validateSignature = false } })
   local form = { ["Content-Type"] = "application/x-www-form-urlencoded" }

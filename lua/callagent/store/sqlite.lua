@@ -164,18 +164,29 @@ end
 
 function Store:insert_call(call)
   local db = self.db
-  return check(db:transaction(function()
-    assert(db:run("INSERT INTO calls (id, status, created, doc) VALUES (?, ?, ?, ?)",
-      call.id, call.status, core.time(), doc_of(call)))
+  -- A write that fails (a full disk) raises out of the transaction, which
+  -- undoes it; here it is the write's failure, nil, err, like any other.
+  local pok, ok, err = pcall(db.transaction, db, function()
+    local function write(sql, ...)
+      local n, werr = db:run(sql, ...)
+      if n == nil then
+        error(werr, 0)
+      end
+    end
+    write("INSERT INTO calls (id, status, created, doc) VALUES (?, ?, ?, ?)", call.id, call.status, core.time(),
+      doc_of(call))
     local idem = call._idempotency
     if idem then
-      assert(db:run("INSERT INTO idempotency (key, call_id, fingerprint) VALUES (?, ?, ?)", idem.key, call.id,
-        idem.fingerprint))
+      write("INSERT INTO idempotency (key, call_id, fingerprint) VALUES (?, ?, ?)", idem.key, call.id, idem.fingerprint)
     end
     for _, a in ipairs(call.attempts or {}) do
-      assert(db:run("INSERT INTO attempts (call_id, n, doc) VALUES (?, ?, ?)", call.id, a.n, encode(a)))
+      write("INSERT INTO attempts (call_id, n, doc) VALUES (?, ?, ?)", call.id, a.n, encode(a))
     end
-  end), nil, "insert_call")
+  end)
+  if not pok then
+    ok, err = nil, ok
+  end
+  return check(ok, err, "insert_call")
 end
 
 function Store:update_call(id, fields)
