@@ -113,6 +113,40 @@ T.test("sqlite: finished calls older than the retention are pruned with their ro
   T.eq(s.db:value("SELECT count(*) FROM transcript WHERE call_id = 'c_old'"), 0, "its rows went with it")
 end)
 
+T.test("memory: finished calls older than the retention are pruned with their keys; active ones stay", function()
+  -- A process on the memory store that runs for months must not keep every call.
+  local s = open("memory")
+  local old = call("c_old", "completed")
+  old._idempotency = { key = "k-old", fingerprint = "f" }
+  assert(s:insert_call(old))
+  assert(s:insert_call(call("c_live", "in_progress")))
+  assert(s:insert_call(call("c_new", "completed")))
+  T.eq(s:add_notification("c_old:completed", "c_old", "{}"), true)
+  T.eq(s:add_notification("c_new:completed", "c_new", "{}"), true)
+  -- Aged by 40 days.
+  for _, id in ipairs({ "c_old", "c_live" }) do
+    s.calls[id]._created = core.time() - 40 * 86400
+  end
+  s.notifications["c_old:completed"].created = core.time() - 40 * 86400
+  T.eq(s:prune(999999999999999), 0)
+  T.eq(s:prune(30), 1)
+  T.eq(s:get_call("c_old"), nil)
+  T.eq(s:find_idempotent("k-old"), nil, "its Idempotency-Key went with it")
+  T.ok(s:get_call("c_live"), "active calls are never pruned")
+  T.ok(s:get_call("c_new"))
+  local listed = {}
+  for _, c in ipairs(s:list_calls({})) do
+    listed[#listed + 1] = c.id
+  end
+  T.eq(listed, { "c_new", "c_live" })
+  T.eq(s:get_call("c_new")._created, nil, "the store's clock is not part of the record")
+  local left = {}
+  for _, n in ipairs(s:pending_notifications()) do
+    left[#left + 1] = n.key
+  end
+  T.eq(left, { "c_new:completed" })
+end)
+
 T.test("sqlite: notifications older than the retention are pruned, delivered or not", function()
   local s = open("sqlite")
   for _, key in ipairs({ "old-sent", "old-pending", "old-failed", "new-pending" }) do

@@ -3,6 +3,8 @@
 -- For tests and throwaway runs (store.backend = "memory"). The durable default
 -- is callagent.store.sqlite; both implement the interface documented in
 -- lua/callagent/store/init.lua, and return copies, never live objects.
+local core = require "callagent.core"
+
 local M = {}
 local Store = {}
 Store.__index = Store
@@ -34,6 +36,7 @@ function Store:insert_call(call)
   local c = copy(call)
   c._idempotency = nil -- kept apart, as the sqlite store does
   c._seq = self.seq
+  c._created = core.time() -- when it was stored, as the sqlite store keeps it: prune's clock
   c.attempts = c.attempts or {}
   c.transcript = c.transcript or {}
   c.events = c.events or {}
@@ -71,7 +74,7 @@ function Store:get_call(id)
     return nil
   end
   local out = copy(c)
-  out._seq = nil
+  out._seq, out._created = nil, nil
   return out
 end
 
@@ -147,7 +150,7 @@ function Store:list_calls(opts)
   end
   for i, c in ipairs(out) do
     local x = copy(c)
-    x._seq = nil
+    x._seq, x._created = nil, nil
     out[i] = x
   end
   return out, next_cursor
@@ -189,7 +192,9 @@ function Store:add_notification(key, call_id, payload)
   if self.notifications[key] then
     return false
   end
-  self.notifications[key] = { key = key, call_id = call_id, payload = payload, sent = false, tries = 0 }
+  self.seq = self.seq + 1
+  self.notifications[key] = { key = key, call_id = call_id, payload = payload, sent = false, tries = 0,
+    created = core.time(), _seq = self.seq }
   return true
 end
 
@@ -211,11 +216,48 @@ function Store:pending_notifications()
       out[#out + 1] = copy(n)
     end
   end
+  table.sort(out, function(a, b) -- oldest first
+    return a._seq < b._seq
+  end)
+  for _, n in ipairs(out) do
+    n._seq = nil
+  end
   return out
 end
 
-function Store:prune()
-  return 0
+local ACTIVE = { queued = true, dialing = true, in_progress = true }
+
+--- Removes finished calls stored more than days ago, with their Idempotency-Keys,
+-- and notifications that old: a long-running process does not keep every call.
+function Store:prune(days)
+  local now = core.time()
+  local cutoff = now - (days or 30) * 86400.0
+  if cutoff > now then
+    return 0
+  end
+  local removed, order = 0, {}
+  for _, id in ipairs(self.order) do
+    local c = self.calls[id]
+    if c and c._created < cutoff and not ACTIVE[c.status] then
+      self.calls[id] = nil
+      self.retries[id] = nil
+      removed = removed + 1
+    elseif c then
+      order[#order + 1] = id
+    end
+  end
+  self.order = order
+  for key, i in pairs(self.idempotency) do
+    if not self.calls[i.call_id] then
+      self.idempotency[key] = nil
+    end
+  end
+  for key, n in pairs(self.notifications) do
+    if n.created < cutoff then
+      self.notifications[key] = nil
+    end
+  end
+  return removed
 end
 
 function Store:close() end
