@@ -423,7 +423,7 @@ T.test("a retry queued before a restart that lowered retry.maxAttempts is not di
   T.eq(rec.attempts[2].reason, "line busy")
   T.eq(rec.nextAttemptAt, nil)
   T.match(rec.lastError, "retry%.maxAttempts", "lastError says why it was not dialed")
-  T.match(w.app.errtext() .. w.app.text(), "past retry%.maxAttempts", "and so does the log")
+  T.match(w.app.errtext() .. w.app.text(), "past this run.s retry policy: not dialed.*retry%.maxAttempts is 2 now", "and so does the log")
   T.wait_for(function()
     return #w.deliveries >= 1
   end, 10000, "the notification")
@@ -442,6 +442,30 @@ T.test("a retry queued before a restart that lowered retry.maxAttempts is not di
   timer.sleep(1000)
   T.eq(#w.tw.calls, 2)
   T.eq(#w.deliveries, 1)
+end, { timeout = 60000 })
+
+T.test("a retry queued before a restart that took its status out of retry.retryStatuses is not dialed", function()
+  local opts = { behaviour = { answer = "busy" }, retry_ms = 3000 }
+  local w = world(opts)
+  w.start()
+  local id = w.create("+14155550167", "Talk.")
+  w.wait(id, function(r)
+    return r.status == "queued" and r.attempt == 1
+  end, 15000, "the wait for attempt 2")
+  w.kill9()
+  opts.config = { retry = { retryStatuses = { "no_answer", "failed" } } }
+  w.start()
+  w.wait_final(id, 10000)
+  timer.sleep(4000) -- past the retry's due time
+  local rec = w.call(id)
+  T.eq(#w.tw.calls, 1, "attempt 2 not dialed")
+  T.eq({ rec.status, rec.endReason, #rec.attempts }, { "busy", "line busy", 1 })
+  T.match(rec.lastError, "retry%.retryStatuses", "lastError says why it was not dialed")
+  T.wait_for(function()
+    return #w.deliveries >= 1
+  end, 10000, "the notification")
+  timer.sleep(300)
+  T.eq(#w.deliveries, 1, "notified once")
 end, { timeout = 60000 })
 
 T.test("a notification sent by the restart's recovery while a backlog resumes is not sent again by the backlog", function()

@@ -1315,10 +1315,11 @@ function Engine:_resolve_interrupted(call)
   return ok
 end
 
--- A queued call whose attempts the retry policy made (not those a stop
--- canceled while they rang: they are dialed again) reach retry.maxAttempts,
--- which a restart may have lowered: its last such attempt; else nil.
-function Engine:_spent_attempt(call)
+-- A queued call that this run's retry policy would not have queued (a
+-- restart may have lowered retry.maxAttempts, or taken its last attempt's
+-- status out of retry.retryStatuses): its last attempt and why; else nil.
+-- Attempts a stop canceled while they rang do not count: they are dialed again.
+function Engine:_retry_void(call)
   local made, last = 0, nil
   for n = 1, call.attempt or 0 do
     local a = call.attempts[n]
@@ -1326,20 +1327,29 @@ function Engine:_spent_attempt(call)
       made, last = made + 1, a
     end
   end
-  if made >= self.config.retry.maxAttempts then
-    return last
+  if not last then
+    return nil
   end
+  local r = self.config.retry
+  if made >= r.maxAttempts then
+    return last, "retry.maxAttempts is " .. r.maxAttempts .. " now"
+  end
+  for _, st in ipairs(r.retryStatuses) do
+    if st == last.status then
+      return nil
+    end
+  end
+  return last, "retry.retryStatuses has no " .. tostring(last.status) .. " now"
 end
 
--- Ends a queued call whose next attempt is past retry.maxAttempts, as its
--- retries running out would have: final as its last attempt ended, with that
--- attempt's reason; lastError says why it was not dialed.
-function Engine:_end_past_max(call, a)
-  local max = self.config.retry.maxAttempts
-  local why = error_text("not dialed again: retry.maxAttempts is " .. max .. " now (attempt " .. a.n
-    .. " was the last: " .. tostring(a.reason or a.status) .. ")")
-  log.warn("a retry queued before the restart is past retry.maxAttempts: not dialed; the call ends",
-    { call = call.id, attempts = a.n, max_attempts = max, status = a.status })
+-- Ends a queued call whose retry this run's policy would not have made, as
+-- its retries running out would have: final as its last attempt ended, with
+-- that attempt's reason; lastError and the log say why it was not dialed.
+function Engine:_end_retry_void(call, a, why)
+  why = error_text("not dialed again: " .. why .. " (attempt " .. a.n .. " was the last: "
+    .. tostring(a.reason or a.status) .. ")")
+  log.warn("a retry queued before the restart is past this run's retry policy: not dialed; the call ends",
+    { call = call.id, attempt = a.n, status = a.status, why = why })
   call.lastError = why
   local status = FINAL[a.status] and a.status ~= "canceled" and a.status or "failed"
   return self:_finish(call, status, a.reason or status, function()
@@ -1349,8 +1359,8 @@ end
 
 --- Picks up where the last run stopped: due and overdue retries are
 -- scheduled (each runs once: its row goes when it dials), calls never dialed
--- are dialed, calls that were dialing or talking are resolved, calls whose
--- attempts reached a lowered retry.maxAttempts end. Returns counts.
+-- are dialed, calls that were dialing or talking are resolved, queued calls
+-- this run's retry policy would not retry end. Returns counts.
 function Engine:recover()
   local active = self.store:active_calls()
   local retries = {}
@@ -1375,11 +1385,14 @@ function Engine:recover()
     call.usage = call.usage or {}
     call.events = nil
     self.live[call.id] = call
-    local spent = call.status == "queued" and self:_spent_attempt(call)
-    if spent then
-      -- Its retry was queued under a higher retry.maxAttempts than this run's.
+    local last, why
+    if call.status == "queued" then
+      last, why = self:_retry_void(call)
+    end
+    if last then
+      -- Its retry was queued under another retry policy than this run's.
       counts.ended = counts.ended + 1
-      self:_end_past_max(call, spent)
+      self:_end_retry_void(call, last, why)
     elseif call.status == "queued" then
       local due = retries[call.id]
       local delay = due and math.max(0, math.floor((due - core.time()) * 1000)) or 0
