@@ -147,6 +147,34 @@ T.test("memory: finished calls older than the retention are pruned with their ke
   T.eq(left, { "c_new:completed" })
 end)
 
+T.test("sqlite: a read at recovery that fails is nil, err: never an empty list of calls, retries or notifications", function()
+  -- Read as empty, a restart would leave the last run's calls undialed and
+  -- unresolved, and dial retries at once, not at their time.
+  local s = open("sqlite")
+  assert(s:insert_call(call("c_1", "queued")))
+  assert(s:set_retry("c_1", core.time() + 60))
+  assert(s:add_notification("c_1:busy", "c_1", "{}"))
+  -- The disk fails under the open store: another connection moves
+  -- everything into the main file (so the store reads it again from there),
+  -- whose pages past the first then turn to garbage.
+  local other = assert(require("callagent.sqlite").open(s.path))
+  assert(other:run("UPDATE meta SET value = value"))
+  assert(other:checkpoint("TRUNCATE"))
+  local ps = other:value("PRAGMA page_size")
+  other:close()
+  local f = assert(io.open(s.path, "r+b"))
+  for off = ps, f:seek("end") - 1, ps do
+    f:seek("set", off)
+    f:write(string.rep("\255", ps))
+  end
+  f:close()
+  for _, m in ipairs({ "active_calls", "due_retries", "pending_notifications" }) do
+    local res, err = s[m](s)
+    T.eq(res, nil, m)
+    T.match(tostring(err), "^ECORRUPT", m)
+  end
+end)
+
 T.test("sqlite: notifications older than the retention are pruned, delivered or not", function()
   local s = open("sqlite")
   for _, key in ipairs({ "old-sent", "old-pending", "old-failed", "new-pending" }) do

@@ -1362,9 +1362,15 @@ end
 -- are dialed, calls that were dialing or talking are resolved, queued calls
 -- this run's retry policy would not retry end. Returns counts.
 function Engine:recover()
-  local active = self.store:active_calls()
+  -- A read that fails stops the start (app:start says so): going on would
+  -- leave the last run's calls undialed and unresolved.
+  local active, err = self.store:active_calls()
+  local due = active and table.pack(self.store:due_retries())
+  if not active or not due[1] then
+    error("the store could not be read: " .. tostring(err or due[2]), 0)
+  end
   local retries = {}
-  for _, r in ipairs(self.store:due_retries()) do
+  for _, r in ipairs(due[1]) do
     retries[r.call_id] = r.due_at
   end
   local counts = { retries = 0, dialed = 0, resolved = 0, ended = 0 }

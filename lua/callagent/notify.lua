@@ -230,7 +230,12 @@ function Notifier:resume()
   if not self:enabled() then
     return 0
   end
-  local pending = self.store:pending_notifications()
+  local pending, err = self.store:pending_notifications()
+  if not pending then
+    -- Left pending in the store: the next start sends them.
+    log.error("the notifications not yet delivered could not be read", { error = err })
+    return 0
+  end
   -- The backlog's keys not yet taken: one the engine sends, or sent before
   -- (a call the recovery ended), is its own to deliver; the backlog, coming
   -- to it after it was delivered, would send it again.

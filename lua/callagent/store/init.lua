@@ -15,7 +15,9 @@
 --   store:transcript(id) -> lines            a call's transcript lines, oldest first ({} if none)
 --   store:list_calls{status, limit, cursor} -> calls, next_cursor   newest first;
 --                                            nil, "ECURSOR: ..." for a cursor it did not give
---   store:active_calls() -> calls            queued, dialing or in_progress
+--   store:active_calls() -> calls            queued, dialing or in_progress (nil, err when
+--                                            the read failed; so for due_retries and
+--                                            pending_notifications)
 --   store:add_attempt(id, attempt)           store:update_attempt(id, n, fields)
 --   store:add_transcript(id, line)           store:add_event(id, event)
 --   store:set_retry(id, due_at)  store:clear_retry(id)  store:due_retries() -> {{call_id, due_at}}

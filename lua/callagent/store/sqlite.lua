@@ -330,11 +330,20 @@ function Store:list_calls(opts)
   return out, next_cursor
 end
 
+-- The reads a restart recovers from: one that fails is nil, err, not an
+-- empty list (the last run's calls would be left as they are, unseen).
 function Store:active_calls()
   local out = {}
-  local rows = self.db:rows("SELECT id FROM calls WHERE status IN ('queued', 'dialing', 'in_progress') ORDER BY seq") or {}
+  local rows, err = self.db:rows("SELECT id FROM calls WHERE status IN ('queued', 'dialing', 'in_progress') ORDER BY seq")
+  if not rows then
+    return nil, err
+  end
   for _, r in ipairs(rows) do
-    out[#out + 1] = self:get_call(r.id)
+    local c, cerr = self:get_call(r.id)
+    if not c then
+      return nil, cerr or "ENOENT: call " .. r.id .. " went while it was read"
+    end
+    out[#out + 1] = c
   end
   return out
 end
@@ -348,7 +357,7 @@ function Store:clear_retry(id)
 end
 
 function Store:due_retries()
-  return self.db:rows("SELECT call_id, due_at FROM retries ORDER BY due_at") or {}
+  return self.db:rows("SELECT call_id, due_at FROM retries ORDER BY due_at")
 end
 
 function Store:add_notification(key, call_id, payload)
@@ -370,7 +379,7 @@ function Store:mark_notified(key, state, err)
 end
 
 function Store:pending_notifications()
-  return self.db:rows("SELECT key, call_id, payload, tries FROM notifications WHERE sent = 0 ORDER BY created") or {}
+  return self.db:rows("SELECT key, call_id, payload, tries FROM notifications WHERE sent = 0 ORDER BY created")
 end
 
 function Store:find_idempotent(key)
