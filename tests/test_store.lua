@@ -175,6 +175,22 @@ T.test("sqlite: a read at recovery that fails is nil, err: never an empty list o
   end
 end)
 
+T.test("sqlite: a prune the store refuses is nil, err, and keeps everything", function()
+  local s = open("sqlite")
+  assert(s:insert_call(call("c_old", "completed")))
+  assert(s:add_notification("c_old:completed", "c_old", "{}"))
+  assert(s.db:run("UPDATE calls SET created = ?", core.time() - 40 * 86400))
+  assert(s.db:run("UPDATE notifications SET created = ?", core.time() - 40 * 86400))
+  assert(s.db:exec("PRAGMA query_only = ON")) -- as a full or read-only disk
+  local n, err = s:prune(30)
+  T.eq(n, nil, "not 0: nothing was found to prune is not what happened")
+  T.match(tostring(err), "^E")
+  assert(s.db:exec("PRAGMA query_only = OFF"))
+  T.ok(s:get_call("c_old"))
+  T.eq(#s:pending_notifications(), 1)
+  T.eq(s:prune(30), 1)
+end)
+
 T.test("sqlite: notifications older than the retention are pruned, delivered or not", function()
   local s = open("sqlite")
   for _, key in ipairs({ "old-sent", "old-pending", "old-failed", "new-pending" }) do

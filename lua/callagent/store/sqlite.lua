@@ -400,11 +400,31 @@ function Store:prune(days)
   if cutoff > now then
     return 0
   end
-  local n = self.db:run([[DELETE FROM calls WHERE created < ? AND status NOT IN ('queued', 'dialing', 'in_progress')]], cutoff)
-  -- Undelivered ones too: a receiver that was never reachable must not have
-  -- its backlog grow for ever, nor hear of calls older than the retention.
-  local stale = self.db:value("SELECT count(*) FROM notifications WHERE created < ? AND sent = 0", cutoff)
-  self.db:run("DELETE FROM notifications WHERE created < ?", cutoff)
+  local db, n, stale = self.db, nil, nil
+  -- One commit; one that the store refuses (a full disk) is nil, err, and
+  -- the next prune tries again.
+  local pok, ok, err = pcall(db.transaction, db, function()
+    local werr
+    n, werr = db:run([[DELETE FROM calls WHERE created < ? AND status NOT IN ('queued', 'dialing', 'in_progress')]],
+      cutoff)
+    -- Undelivered ones too: a receiver that was never reachable must not have
+    -- its backlog grow for ever, nor hear of calls older than the retention.
+    if n ~= nil then
+      stale = db:value("SELECT count(*) FROM notifications WHERE created < ? AND sent = 0", cutoff)
+      local done
+      done, werr = db:run("DELETE FROM notifications WHERE created < ?", cutoff)
+      n = done and n
+    end
+    if n == nil then
+      error(werr, 0)
+    end
+  end)
+  if not pok then
+    ok, err = nil, ok
+  end
+  if not ok then
+    return check(nil, err, "prune")
+  end
   if stale and stale > 0 then
     log.warn("store pruned notifications never delivered", { removed = stale, older_than_days = days })
   end
