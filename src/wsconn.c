@@ -442,6 +442,11 @@ void ca__ws_drop(struct ca_ws *ws, int code, const char *reason)
 {
 	if (ws->fail_code || ws->wsi == NULL)
 		return;
+	/*
+	 * The frames after this one in the read being parsed (a handler that
+	 * aborts) are not answered either: no pong, no close frame.
+	 */
+	ws->fr.broken = 1;
 	ws->fail_code = code;
 	snprintf(ws->close_reason, sizeof ws->close_reason, "%s", reason);
 	free_queue(ws);

@@ -810,6 +810,14 @@ T.test("messages and a close that came in one read: the echoes and the close ans
   T.eq({ c:receive(5000) }, { "close", 1006, "connection lost" })
 end)
 
+T.test("a handler that aborts in the middle of a read: the frames after it in that read get no answer", function()
+  local srv = echo_server()
+  local p = edge_client("abortburst", srv)
+  T.eq(server_frame(p), { op = 1, masked = false, fin = true, data = "last words" })
+  T.eq(server_frame(p), { ["end"] = true }, "no pong, no close frame after the abort")
+  T.eq(close_event(srv, 3000), { "close", 1006, "aborted" })
+end)
+
 T.test("a frame sent with the upgrade request is refused with 1002, not lost without a word", function()
   local srv = echo_server()
   local p = edge_client("pipelined", srv)

@@ -61,6 +61,15 @@ const scenarios = {
     frames.push(frame(8, Buffer.from([0x0f, 0xa1]), { mask: KEY }));
     sock.write(Buffer.concat(frames));
   },
+  // A message whose handler aborts the connection, then a ping and a close,
+  // in one write: after the abort nothing more may go to this peer.
+  abortburst(sock) {
+    sock.write(Buffer.concat([
+      frame(1, 'last words, then abort', { mask: KEY }),
+      frame(9, 'p1', { mask: KEY }),
+      frame(8, Buffer.from([0x0f, 0xa1]), { mask: KEY }),
+    ]));
+  },
   // Two text messages, then a protocol error, in one write.
   bursterror(sock) {
     sock.write(Buffer.concat([frame(1, 'm1', { mask: KEY }), frame(1, 'm2', { mask: KEY }), frame(1, 'x')]));
