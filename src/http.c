@@ -68,6 +68,7 @@
 #define SERVER_MT "callagent.HttpServer"
 #define REQ_MT "callagent.HttpRequest"
 #define BODY_CHUNK 16384
+#define BODY_RESERVE (1 << 20)		/* bytes of a declared body reserved at once */
 
 /*
  * One accepted connection of a server, from SERVER_NEW_CLIENT_INSTANTIATED
@@ -815,8 +816,20 @@ static int server_callback(struct lws *wsi, enum lws_callback_reasons reason,
 			return 0;
 		}
 		if (r->body_len + len > r->body_cap) {
-			size_t cap = r->expect > r->body_len + len ? r->expect : r->body_len + len;
+			/*
+			 * The declared length is the client's word: it is reserved
+			 * at once only up to BODY_RESERVE, past that the buffer
+			 * doubles as the bytes come (a huge max_body and a client
+			 * that claims it, sending nothing, made us ask for it all).
+			 */
+			size_t need = r->body_len + len, cap = r->body_cap * 2;
 
+			if (cap < BODY_RESERVE && cap < r->expect)
+				cap = r->expect < BODY_RESERVE ? r->expect : BODY_RESERVE;
+			if (r->expect >= need && cap > r->expect)
+				cap = r->expect;	/* the whole body: no more to come */
+			if (cap < need)
+				cap = need;
 			r->body = ca_realloc(r->body, cap + 1);
 			r->body_cap = cap;
 		}

@@ -91,6 +91,18 @@ T.test("a zero-padded 40-character Content-Length: over max_body 413; within it 
   T.eq(seen, { "hello" })
 end)
 
+T.test("a declared Content-Length within a huge max_body is not allocated up front: the server lives on", function()
+  local srv, seen = counting_server({ max_body = 1 << 40 })
+  local res, err = fetch(srv:url("/up"), {
+    method = "POST", body = "x", headers = { ["Content-Length"] = tostring(1 << 40) }, timeout = 500,
+  })
+  T.eq(res, nil, "the body never came whole")
+  T.match(err, "^ETIMEDOUT")
+  res = post(srv, "5", "hello")
+  T.eq({ res.status, res.body }, { 200, '{"n":5}' }, "still serving")
+  T.eq(seen, { "hello" })
+end)
+
 T.test("header values reach Lua without the spaces and tabs around them (headers, req:header, captured extra headers)", function()
   local srv = server({ headers = { "x-extra" } }, function(s)
     s:get("/h", function(req)
