@@ -981,10 +981,10 @@ static int server_callback(struct lws *wsi, enum lws_callback_reasons reason,
 
 static void free_server(struct server *s)
 {
-	for (int i = 0; i < s->n_ws_paths; i++)
+	for (int i = 0; s->ws_paths && i < s->n_ws_paths; i++)
 		free(s->ws_paths[i]);
 	free(s->ws_paths);
-	for (int i = 0; i < s->n_extra; i++)
+	for (int i = 0; s->extra && i < s->n_extra; i++)
 		free(s->extra[i]);
 	free(s->extra);
 	free(s);
@@ -1327,6 +1327,7 @@ static char **string_list(lua_State *L, int idx, const char *field, int *count, 
 			for (int j = 0; j < *count; j++)
 				free(out[j]);
 			free(out);
+			*count = 0;
 			luaL_error(L, "option '%s' must be an array of strings", field);
 		}
 		c = ca_malloc(len + 2);
@@ -1348,6 +1349,19 @@ static const struct lws_protocols protocols[] = {
 };
 
 /* http.listen(opts, on_request, on_ws) */
+/*
+ * A byte limit of opts (table at 1): a negative one would be no limit at
+ * all once it is a size_t, so it raises.
+ */
+static lua_Integer limit_field(lua_State *L, const char *k, lua_Integer def)
+{
+	lua_Integer v = ca_opt_int_field(L, 1, k, def);
+
+	if (v < 0)
+		luaL_error(L, "option '%s' must be >= 0", k);
+	return v;
+}
+
 static int l_listen(lua_State *L)
 {
 	struct lws_context_creation_info info;
@@ -1355,6 +1369,7 @@ static int l_listen(lua_State *L)
 	struct server *s;
 	const char *host, *cert = NULL, *key = NULL, *cerr = NULL;
 	lua_Integer port, max_header, max_header_opt, ping, pong;
+	lua_Integer max_body, max_ws_message, max_send_queue;
 
 	luaL_checktype(L, 1, LUA_TTABLE);
 	luaL_checktype(L, 2, LUA_TFUNCTION);
@@ -1372,6 +1387,9 @@ static int l_listen(lua_State *L)
 	pong = ca_opt_int_field(L, 1, "ws_pong", 10);
 	luaL_argcheck(L, ping >= 0 && ping <= 86400 && pong >= 1 && pong <= 3600, 1,
 		      "ws_ping must be 0..86400 s (0: none), ws_pong 1..3600 s");
+	max_body = limit_field(L, "max_body", 1 << 20);
+	max_ws_message = limit_field(L, "max_ws_message", 1 << 20);
+	max_send_queue = limit_field(L, "max_send_queue", 1 << 20);
 	if (lua_getfield(L, 1, "tls") != LUA_TNIL) {
 		luaL_argcheck(L, lua_istable(L, -1), 1, "tls must be {cert = file, key = file}");
 		cert = ca_opt_string_field(L, -1, "cert", NULL);
@@ -1395,9 +1413,10 @@ static int l_listen(lua_State *L)
 	s->listen_fd = -1;
 	s->lua_alive = 1;
 	snprintf(s->host, sizeof s->host, "%s", host);
-	s->max_body = (size_t)ca_opt_int_field(L, 1, "max_body", 1 << 20);
-	s->max_ws_message = (size_t)ca_opt_int_field(L, 1, "max_ws_message", 1 << 20);
-	s->max_send_queue = (size_t)ca_opt_int_field(L, 1, "max_send_queue", 1 << 20);
+	b->s = s;	/* from here a raise (a bad option) leaves it to __gc */
+	s->max_body = (size_t)max_body;
+	s->max_ws_message = (size_t)max_ws_message;
+	s->max_send_queue = (size_t)max_send_queue;
 	s->max_connections = (int)ca_opt_int_field(L, 1, "max_connections", 1024);
 	s->ws_ping_ms = (uint64_t)ping * 1000;
 	s->ws_pong_ms = (uint64_t)pong * 1000;
@@ -1405,7 +1424,6 @@ static int l_listen(lua_State *L)
 		s->max_connections = 1;
 	s->ws_paths = string_list(L, 1, "ws_paths", &s->n_ws_paths, 0);
 	s->extra = string_list(L, 1, "headers", &s->n_extra, 1);
-	b->s = s;
 
 	if (ca__lws_ctx((unsigned)max_header_opt, &cerr) == NULL) {
 		begin_close(s);

@@ -1407,7 +1407,7 @@ static int l_connect(lua_State *L)
 	char *buf, *host, *path, hosthdr[300], fullpath[2048], accept[32];
 	unsigned char *req;
 	int tls, port;
-	lua_Integer timeout, ping, pong;
+	lua_Integer timeout, ping, pong, max_message, max_send_queue;
 	size_t urllen, req_len;
 
 	luaL_checktype(L, 1, LUA_TTABLE);
@@ -1423,6 +1423,11 @@ static int l_connect(lua_State *L)
 	luaL_argcheck(L, timeout > 0, 1, "timeout must be > 0");
 	luaL_argcheck(L, ping >= 0 && ping < 65535 && pong > 0 && pong < 65535, 1,
 		      "ping_interval and pong_timeout must be seconds");
+	/* Read before anything is allocated: a raise would leak it. */
+	max_message = ca_opt_int_field(L, 1, "max_message", 16 << 20);
+	max_send_queue = ca_opt_int_field(L, 1, "max_send_queue", 4 << 20);
+	luaL_argcheck(L, max_message >= 0 && max_send_queue >= 0, 1,
+		      "max_message and max_send_queue must be >= 0");
 	if (urllen >= sizeof fullpath - 2)
 		return ca_fail(L, "EINVAL", "URL too long");
 
@@ -1449,8 +1454,7 @@ static int l_connect(lua_State *L)
 		return lua_error(L);
 	}
 
-	ws = ca__ws_new(L, (size_t)ca_opt_int_field(L, 1, "max_message", 16 << 20),
-			(size_t)ca_opt_int_field(L, 1, "max_send_queue", 4 << 20));
+	ws = ca__ws_new(L, (size_t)max_message, (size_t)max_send_queue);
 	ws->is_client = 1;
 	ws->handler_ref = ca_ref(L, 2);
 	ws->cl = ca_malloc(sizeof *ws->cl);

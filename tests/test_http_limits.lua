@@ -103,6 +103,20 @@ T.test("a declared Content-Length within a huge max_body is not allocated up fro
   T.eq(seen, { "hello" })
 end)
 
+T.test("a negative byte limit is refused, not taken for no limit; a bad option leaks nothing", function()
+  local function f() end
+  for _, k in ipairs({ "max_body", "max_ws_message", "max_send_queue" }) do
+    local ok, err = pcall(core.listen, { [k] = -1 }, f, f)
+    T.eq(ok, false, k .. " = -1")
+    T.match(err, k .. "' must be >= 0")
+  end
+  -- Raised after the server was made: LSan (make SAN=1) finds it if it is lost.
+  T.eq(pcall(core.listen, { headers = "x-foo" }, f, f), false)
+  T.eq(pcall(core.listen, { max_connections = "many" }, f, f), false)
+  T.eq(pcall(core.listen, { ws_paths = { "/a", {} } }, f, f), false)
+  collectgarbage()
+end)
+
 T.test("header values reach Lua without the spaces and tabs around them (headers, req:header, captured extra headers)", function()
   local srv = server({ headers = { "x-extra" } }, function(s)
     s:get("/h", function(req)

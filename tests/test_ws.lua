@@ -935,6 +935,17 @@ T.test("a wss:// host TLS cannot take (over 255 bytes) fails with ETLS naming it
     .. (registry_size() - before) .. " more registry entries")
 end)
 
+T.test("a negative max_message or max_send_queue is refused, not taken for no limit; a bad one leaks nothing", function()
+  for _, k in ipairs({ "max_message", "max_send_queue" }) do
+    local ok, err = pcall(ws.connect, "ws://127.0.0.1:1/x", { [k] = -1 })
+    T.eq(ok, false, k .. " = -1")
+    T.match(err, "must be >= 0")
+    -- Raised after the connection was made: LSan (make SAN=1) finds it if it is lost.
+    T.eq(pcall(ws.connect, "ws://127.0.0.1:1/x", { [k] = "big" }), false)
+  end
+  collectgarbage()
+end)
+
 T.test("connect_cb tells a connection that fails at once its error once, not twice", function()
   -- Out of descriptors, lws fails connections inside the connect call.
   local dir = T.tmpdir()
