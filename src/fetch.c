@@ -54,6 +54,7 @@
 #define DEFAULT_TIMEOUT 30000
 #define DEFAULT_CONNECT_TIMEOUT 10000
 #define DEFAULT_MAX_BODY (16 * 1024 * 1024)
+#define BODY_RESERVE_MAX DEFAULT_MAX_BODY	/* most of a declared body reserved at once */
 #define REDACTED "[redacted]"
 
 #define container_of(p, type, member) ((type *)((char *)(p) - offsetof(type, member)))
@@ -495,10 +496,15 @@ static size_t on_header(char *p, size_t size, size_t n, void *ud)
 	} else if (len == 0) {
 		curl_off_t cl = -1;
 
-		/* End of the headers: make room for the body in one allocation. */
+		/*
+		 * End of the headers: make room for the body in one allocation,
+		 * up to BODY_RESERVE_MAX. The length is the server's word: past
+		 * that the buffer grows as the bytes come (a server that
+		 * declared 1 TiB under a huge max_body made us ask for it).
+		 */
 		curl_easy_getinfo(r->easy, CURLINFO_CONTENT_LENGTH_DOWNLOAD_T, &cl);
 		if (cl > 0 && cl <= r->max_body)
-			buf_reserve(&r->body, (size_t)cl);
+			buf_reserve(&r->body, (size_t)(cl < BODY_RESERVE_MAX ? cl : BODY_RESERVE_MAX));
 	} else if (*p == ' ' || *p == '\t') {
 		/* obs-fold: the line continues the previous value. */
 		size_t skip = strspn(p, " \t");

@@ -397,6 +397,24 @@ T.test("a followed https request is not taken on over plain http", function()
   T.eq(res.status, 302, "unfollowed, the redirect itself is the answer")
 end)
 
+T.test("a Content-Length the server declares within a huge max_body is not allocated up front", function()
+  -- A server that declares 1 TiB and sends one byte, then nothing.
+  local p = assert(process.spawn({ "node", "-e", [[
+    const s = require('net').createServer((c) => {
+      c.on('error', () => {});
+      c.write('HTTP/1.1 200 OK\r\nContent-Length: 1099511627776\r\n\r\nx');
+    });
+    s.listen(0, '127.0.0.1', () => console.log(s.address().port));
+  ]] }))
+  T.defer(function()
+    p:kill()
+  end)
+  local port = assert(p:read_line(10000), "the server's port")
+  local res, err = fetch("http://127.0.0.1:" .. port .. "/", { max_body = 1 << 41, timeout = 500 })
+  T.eq(res, nil)
+  T.match(err, "^ETIMEDOUT")
+end)
+
 T.test("a new https connection resumes the TLS session of an earlier one", function()
   -- openssl s_server -www answers each request with a page that says whether
   -- the session was new or resumed, and closes the connection: every request
