@@ -69,6 +69,7 @@
 #define REQ_MT "callagent.HttpRequest"
 #define BODY_CHUNK 16384
 #define BODY_RESERVE (1 << 20)		/* bytes of a declared body reserved at once */
+#define MAX_CONNECTIONS (1 << 24)	/* a larger max_connections is this */
 
 /*
  * One accepted connection of a server, from SERVER_NEW_CLIENT_INSTANTIATED
@@ -1369,7 +1370,7 @@ static int l_listen(lua_State *L)
 	struct server *s;
 	const char *host, *cert = NULL, *key = NULL, *cerr = NULL;
 	lua_Integer port, max_header, max_header_opt, ping, pong;
-	lua_Integer max_body, max_ws_message, max_send_queue;
+	lua_Integer max_body, max_ws_message, max_send_queue, max_connections;
 
 	luaL_checktype(L, 1, LUA_TTABLE);
 	luaL_checktype(L, 2, LUA_TFUNCTION);
@@ -1417,11 +1418,16 @@ static int l_listen(lua_State *L)
 	s->max_body = (size_t)max_body;
 	s->max_ws_message = (size_t)max_ws_message;
 	s->max_send_queue = (size_t)max_send_queue;
-	s->max_connections = (int)ca_opt_int_field(L, 1, "max_connections", 1024);
+	max_connections = ca_opt_int_field(L, 1, "max_connections", 1024);
+	/*
+	 * Past MAX_CONNECTIONS (fds run out long before) it is no limit: as an
+	 * int, math.maxinteger was -1, and 2^30 overflowed the flood check
+	 * (2 * max + 16), which then refused every connection.
+	 */
+	s->max_connections = max_connections < 1 ? 1 :
+			     (int)(max_connections > MAX_CONNECTIONS ? MAX_CONNECTIONS : max_connections);
 	s->ws_ping_ms = (uint64_t)ping * 1000;
 	s->ws_pong_ms = (uint64_t)pong * 1000;
-	if (s->max_connections < 1)
-		s->max_connections = 1;
 	s->ws_paths = string_list(L, 1, "ws_paths", &s->n_ws_paths, 0);
 	s->extra = string_list(L, 1, "headers", &s->n_extra, 1);
 

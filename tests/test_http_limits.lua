@@ -117,6 +117,14 @@ T.test("a negative byte limit is refused, not taken for no limit; a bad option l
   collectgarbage()
 end)
 
+T.test("a max_connections past what an int holds, or near it, is no limit rather than a server that refuses everyone", function()
+  for _, max in ipairs({ 1 << 30, math.maxinteger }) do
+    local srv = counting_server({ max_connections = max })
+    local res = post(srv, "5", "hello")
+    T.eq({ res.status, res.body }, { 200, '{"n":5}' }, "max_connections " .. max)
+  end
+end)
+
 T.test("header values reach Lua without the spaces and tabs around them (headers, req:header, captured extra headers)", function()
   local srv = server({ headers = { "x-extra" } }, function(s)
     s:get("/h", function(req)
