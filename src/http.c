@@ -70,6 +70,12 @@
 #define BODY_CHUNK 16384
 #define BODY_RESERVE (1 << 20)		/* bytes of a declared body reserved at once */
 #define MAX_CONNECTIONS (1 << 24)	/* a larger max_connections is this */
+/*
+ * A response the client takes nothing of for this long is dropped with its
+ * connection (and the body it holds): the handler's time is not bounded
+ * (dispatch), but a reader that stalls is.
+ */
+#define RESPONSE_IDLE_S 30
 
 /*
  * One accepted connection of a server, from SERVER_NEW_CLIENT_INSTANTIATED
@@ -308,6 +314,7 @@ static int req_respond(lua_State *L)
 	}
 	r->out_len = blen;
 	r->responded = 1;
+	lws_set_timeout(r->wsi, PENDING_TIMEOUT_HTTP_CONTENT, RESPONSE_IDLE_S);
 	lws_callback_on_writable(r->wsi);
 	lua_pushboolean(L, 1);
 	return 1;
@@ -585,6 +592,8 @@ static int write_response(struct req *r)
 			return -1;
 		r->out_off += n;
 		if (!last && lws_send_pipe_choked(wsi)) {
+			/* Some of it went: the client has RESPONSE_IDLE_S again. */
+			lws_set_timeout(wsi, PENDING_TIMEOUT_HTTP_CONTENT, RESPONSE_IDLE_S);
 			lws_callback_on_writable(wsi);
 			return 0;
 		}

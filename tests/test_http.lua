@@ -710,4 +710,31 @@ T.test("on a loop saturated with I/O, paced requests still get a share of each p
   T.ge(most, 3, "several paced requests in one pass of the saturated loop")
 end, { timeout = 120000 })
 
+T.test("a client that never reads its response is dropped once the response makes no progress for 30 s", function()
+  local big = string.rep("x", 64 << 20)
+  local srv = server({}, function(s)
+    s:get("/big", function()
+      return 200, big
+    end)
+  end)
+  -- Sends the request, then reads nothing; says "sent" once it has.
+  local p = assert(process.spawn({ "node", "-e", [[
+    const c = require('net').connect(+process.argv[1], '127.0.0.1', () => {
+      c.pause();
+      c.write('GET /big HTTP/1.1\r\nHost: x\r\n\r\n', () => console.log('sent'));
+    });
+    c.on('error', () => {});
+    setInterval(() => {}, 1000); // a paused socket alone does not keep node running
+  ]], tostring(srv.port) }))
+  T.defer(function()
+    p:kill()
+  end)
+  T.eq(p:read_line(5000), "sent")
+  timer.sleep(2000)
+  T.eq(srv:connections(), 1, "still there while within the timeout")
+  T.wait_for(function()
+    return srv:connections() == 0
+  end, 40000, "the stalled connection dropped")
+end, { timeout = 60000 })
+
 T.run()
