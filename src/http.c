@@ -542,7 +542,12 @@ static int write_response(struct req *r)
 	struct lws *wsi = r->wsi;
 
 	if (!r->headers_sent) {
-		size_t cap = LWS_PRE + r->hdrs_len + 512;
+		/*
+		 * Each header is written one byte longer than it is kept
+		 * ("name: value\r\n" against "name:\0value\0"), and is kept in 4
+		 * bytes at least; 512 for the status line and lws' own headers.
+		 */
+		size_t cap = LWS_PRE + r->hdrs_len + r->hdrs_len / 4 + 512;
 		unsigned char *buf = ca_malloc(cap), *start = buf + LWS_PRE, *p = start, *end = buf + cap - 1;
 		size_t off = 0;
 		int bad = 0;
@@ -570,8 +575,11 @@ static int write_response(struct req *r)
 		if (!bad && lws_finalize_write_http_header(wsi, start, &p, end))
 			bad = 1;
 		free(buf);
-		if (bad)
+		if (bad) {
+			ca_log(CA_LOG_WARN, "http: %s %s: the response headers could not be written: connection closed",
+			       method_names[r->method], r->path);
 			return -1;
+		}
 		r->headers_sent = 1;
 		if (r->out_len == 0 || r->method == LWSHUMETH_HEAD)
 			return 1;

@@ -710,6 +710,23 @@ T.test("on a loop saturated with I/O, paced requests still get a share of each p
   T.ge(most, 3, "several paced requests in one pass of the saturated loop")
 end, { timeout = 120000 })
 
+T.test("a response with a thousand headers goes out whole", function()
+  local many = {}
+  for i = 1, 1000 do
+    many[i] = "c" .. i
+  end
+  local srv = server({}, function(s)
+    s:get("/many", function()
+      return 200, "ok", { ["X-Many"] = many }
+    end)
+  end)
+  local res, err = fetch(srv:url("/many"), { timeout = 5000 })
+  T.ok(res, err)
+  T.eq(res.status, 200)
+  T.eq(res.body, "ok")
+  T.eq(res.headers["x-many"], table.concat(many, ", "))
+end)
+
 T.test("a client that never reads its response is dropped once the response makes no progress for 30 s", function()
   local big = string.rep("x", 64 << 20)
   local srv = server({}, function(s)
