@@ -247,6 +247,21 @@ function App:_routes(srv)
   end
   local start_ms = self.opts.stream_start_ms or 10000
 
+  -- The stream's `start` as {streamSid, parameters}: the provider's
+  -- streamStart reads its vendor's shape; without one, Twilio's.
+  local function stream_start(ev)
+    if provider.streamStart then
+      local ok, st, serr = pcall(provider.streamStart, provider, ev)
+      if not ok then
+        log.error("the provider's streamStart failed", { provider = provider.name, error = st })
+        return nil, "start not understood"
+      end
+      return st, serr
+    end
+    local start = type(ev.start) == "table" and ev.start or {}
+    return { streamSid = ev.streamSid or start.streamSid, parameters = start.customParameters }
+  end
+
   srv:websocket("/voice/stream", {
     open = function(conn, req)
       req.upgrade = true
@@ -275,8 +290,9 @@ function App:_routes(srv)
       if conn.refused then
         return
       end
-      -- Before `start`: connected, then start with the customParameters.
-      -- Anything else is not Twilio Media Streams.
+      -- Before `start`: connected, then start with the stream token (Twilio:
+      -- customParameters; another vendor: its provider's streamStart).
+      -- Anything else is no media stream we speak.
       local ev = json.try_decode(msg)
       if type(ev) ~= "table" or (ev.event ~= "connected" and ev.event ~= "start") then
         local what = type(ev) == "table" and type(ev.event) == "string" and #ev.event <= 32 and ("event " .. ev.event)
@@ -284,13 +300,16 @@ function App:_routes(srv)
         return refuse(conn, "expected connected or start, got " .. what, "expected start")
       end
       if ev.event == "start" then
-        local start = type(ev.start) == "table" and ev.start or {}
-        local sid = ev.streamSid or start.streamSid
+        local st, serr = stream_start(ev)
+        if not st then
+          return refuse(conn, serr or "start not understood")
+        end
+        local sid = st.streamSid
         -- It goes into every message to the phone as it is.
         if type(sid) ~= "string" or #sid > 63 or not sid:find("^[\33-\126]+$") or sid:find('["\\]') then
           return refuse(conn, "bad streamSid")
         end
-        local bridge, berr = engine:claim_stream(type(start.customParameters) == "table" and start.customParameters or {})
+        local bridge, berr = engine:claim_stream(type(st.parameters) == "table" and st.parameters or {})
         if not bridge then
           return refuse(conn, berr)
         end

@@ -31,13 +31,19 @@
 --                                        streaming yet cannot be hung up then
 --   getCall(self, providerCallId)       optional: the vendor's view of the call
 --                                        -> {status, duration} | nil, err
+--   streamStart(self, ev)               optional: the media stream's decoded `start`
+--                                        -> {streamSid, parameters = {callId,
+--                                        attempt?, token}} | nil, why. Without
+--                                        it, Twilio's shape: ev.streamSid and
+--                                        ev.start.customParameters
 --   close(self)                         optional: app:stop() calls it; it stops
 --                                        the provider's timers (nothing of the
 --                                        app may run after the stop)
 --
 -- The call flow is the same for every vendor: POST /voice answers with
 -- buildVoiceResponse, POST /status goes through mapStatus, and the audio
--- arrives on WS /voice/stream speaking Twilio's Media Streams protocol.
+-- arrives on WS /voice/stream speaking Twilio's Media Streams protocol (or a
+-- vendor's like it: its `start` read by the provider's streamStart).
 local core = require "callagent.core"
 
 local M = {}
@@ -51,7 +57,7 @@ M.required = {
 }
 
 -- Optional, but functions when given.
-M.optional = { "init", "endCall", "getCall" }
+M.optional = { "init", "endCall", "getCall", "streamStart" }
 
 --- The folders searched, in order: extra dirs (opts.provider_dirs), the
 --- providers/ folder next to the app being run, then callagent's own.
