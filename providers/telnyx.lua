@@ -1,0 +1,511 @@
+--- providers/telnyx.lua: Telnyx Call Control (API v2) with Media Streaming.
+--
+-- Config (section "telnyx", passed through with ${NAME} replaced, checked in
+-- init): apiKey* (Bearer key; registered with log.secret), connectionId (the
+-- Call Control application / Voice API connection), fromNumber (E.164),
+-- publicKey (the account's Ed25519 public key, base64; required while
+-- validateSignature), apiBaseUrl ["https://api.telnyx.com"],
+-- validateSignature [true], requestTimeoutSec [15]; server.publicBaseUrl (or
+-- a tunnel).
+--
+-- The flow:
+--   1. Dial: POST {apiBaseUrl}/v2/calls (JSON, Bearer) with connection_id, to,
+--      from, webhook_url = <public>/telnyx/webhook?callId=&attempt=,
+--      webhook_url_method POST, timeout_secs (ring time), time_limit_secs (a
+--      backstop past the wrap-up). Its answer's data.call_control_id is the
+--      attempt's providerCallId.
+--   2. Every Call Control webhook of that call comes to POST /telnyx/webhook
+--      (registerRoutes), signed with Ed25519. call.initiated -> dialing,
+--      call.answered -> in_progress, call.hangup -> by hangup_cause.
+--   3. On call.answered: a one-time stream token (engine:prepare_stream), and
+--      POST /v2/calls/{id}/actions/streaming_start with stream_url =
+--      wss://<public>/voice/stream, stream_track inbound_track,
+--      stream_bidirectional_mode rtp, stream_bidirectional_codec PCMU and
+--      custom_parameters callId, attempt, token. The token is not in the URL
+--      (URLs are what proxies and Telnyx's own call logs keep); it is single
+--      use and expires in 120 s either way. Streaming starts only once the
+--      call is answered: no token exists for a call nobody picked up.
+--   4. Telnyx opens WS /voice/stream: `connected`, then `start`, read by
+--      streamStart (stream_id, start.custom_parameters). The audio path is
+--      the same C bridge as Twilio's (see README, "Telnyx").
+--   5. Hang up: POST /v2/calls/{id}/actions/hangup. getCall: GET /v2/calls/{id}
+--      (is_alive only: Telnyx's call status does not say how a call ended).
+--
+-- Wire facts and where they come from (checked 2026-11):
+--   - Dial body fields connection_id, to, from, stream_url, stream_track;
+--     POST /v2/calls with Bearer: developers.telnyx.com/docs/voice/
+--     programmable-voice/media-streaming ("Requesting streaming using Dial
+--     Command").
+--   - streaming_start: POST /calls/{call_control_id}/actions/streaming_start
+--     (developers.telnyx.com/api-reference/call-commands/streaming-start);
+--     its params stream_url, stream_track, custom_parameters (a list of
+--     {name, value}), stream_auth_token, stream_bidirectional_mode (mp3 |
+--     rtp), stream_bidirectional_codec (PCMU | PCMA | G722): the SDK's
+--     ActionStartStreamingParams (rubydoc.info/gems/telnyx/Telnyx/Models/
+--     Calls/ActionStartStreamingParams) and the TeXML streams reference
+--     (developers.telnyx.com/api/call-scripting-twexit/start-te-xml-call-streaming).
+--   - WebSocket: `connected` then `start`; `media` with base64 RTP payloads;
+--     to Telnyx `media`, `mark`, `clear`; from Telnyx `dtmf`, `mark`, `error`,
+--     `stop`; bidirectional only with stream_bidirectional_mode rtp, chunks
+--     of 20 ms to 30 s; frame order not guaranteed (sequence_number, chunk,
+--     timestamp): developers.telnyx.com/api-reference/websockets/
+--     stream-call-media-over-websocket. `start` carries sequence_number,
+--     stream_id (same page's example); start.call_control_id,
+--     start.media_format and start.custom_parameters: shared/reference
+--     protocols.md section 5 (ASSUMED: the object shape of custom_parameters
+--     in `start`; both an object and a list of {name, value} are read).
+--   - Webhook signature: Ed25519 over "<telnyx-timestamp>|<raw body>",
+--     headers telnyx-timestamp (Unix seconds) and telnyx-signature-ed25519
+--     (base64, 64 bytes), the account's base64 public key, a replay window:
+--     developers.telnyx.com/docs/development/api-fundamentals/webhooks and
+--     developers.telnyx.com/docs/development/sdk/python/webhooks;
+--     team-telnyx/telnyx-python PR 242. Window here: 300 s either way.
+--   - Webhook envelope {data: {event_type, id, occurred_at, payload:
+--     {call_control_id, ...}, record_type}, meta}: the call.initiated /
+--     call.answered examples in Telnyx's webhook references (seen through
+--     third-party logs of real deliveries).
+--   - Call status: GET /calls/{call_control_id} -> data.is_alive,
+--     call_duration; available 10 minutes after the end:
+--     developers.telnyx.com/api-reference/call-information/retrieve-a-call-status.
+--   - Errors: {"errors":[{code, title, detail, source, meta}]} (same page).
+--   - call_control_id shape "v3:" + base64url-ish text (examples on those
+--     pages): accepted here only as [A-Za-z0-9:_-], at most 256 bytes.
+--   ASSUMED (not found in the docs read): hangup_cause values user_busy,
+--   timeout, no_answer, call_rejected, normal_clearing, originator_cancel,
+--   time_limit, not_found, unspecified; timeout_secs / time_limit_secs on
+--   the dial; hangup working on a ringing call (cancels it); error code
+--   90018 "call has already ended"; that the webhook_url's query is kept;
+--   that Telnyx ignores the extra "streamSid" key the bridge writes in each
+--   media / mark / clear message.
+local fetch = require "callagent.fetch"
+local json = require "callagent.json"
+local crypto = require "callagent.crypto"
+local log = require "callagent.log"
+local task = require "callagent.task"
+local timer = require "callagent.timer"
+local url = require "callagent.url"
+local config = require "callagent.config"
+
+local P = {
+  name = "telnyx",
+  needs = { "telnyx.apiKey", "telnyx.connectionId", "telnyx.fromNumber" },
+  needs_public_url = true,
+}
+
+local DEFAULT_BASE = "https://api.telnyx.com"
+local WINDOW_S = 300 -- a webhook signed longer ago (or ahead) than this is refused
+local SEEN_MAX = 4096 -- webhook ids remembered against replays within the window
+
+local function cfg_error(key, what)
+  error("telnyx." .. key .. ": " .. what, 0)
+end
+
+-- The section as given, checked; the normalized copy is the provider's own.
+local function check_config(c)
+  if type(c) ~= "table" then
+    error('telnyx: expected an object (the "telnyx" section)', 0)
+  end
+  local out = {}
+  local key = c.apiKey
+  if type(key) ~= "string" or #key < 8 or key:find("[%s%c]") then
+    cfg_error("apiKey", "expected a secret of at least 8 characters without spaces or control characters, got [redacted]")
+  end
+  out.apiKey = key
+  log.secret(key) -- from now on "[redacted]" in every log line and stored error
+  if type(c.connectionId) ~= "string" or c.connectionId == "" or #c.connectionId > 128
+    or c.connectionId:find("[%s%c]") then
+    cfg_error("connectionId", "expected the Call Control connection's id (a non-empty string without spaces)")
+  end
+  out.connectionId = c.connectionId
+  if not config.is_e164(c.fromNumber) then
+    cfg_error("fromNumber", "expected an E.164 number like +15551234567")
+  end
+  out.fromNumber = c.fromNumber
+  local v = c.validateSignature
+  if v == nil or v == json.null then
+    v = true
+  elseif type(v) ~= "boolean" then
+    cfg_error("validateSignature", "expected true or false")
+  end
+  out.validateSignature = v
+  if c.publicKey ~= nil and c.publicKey ~= json.null then
+    local raw = type(c.publicKey) == "string" and crypto.base64_decode(c.publicKey)
+    if not raw or #raw ~= 32 then
+      cfg_error("publicKey", "expected the account's Ed25519 public key in base64 (32 bytes; Mission Control: "
+        .. "Keys & Credentials, Public Key)")
+    end
+    out.publicKey = raw
+  elseif v then
+    cfg_error("publicKey", "required while telnyx.validateSignature is true (the account's Ed25519 public key, base64)")
+  end
+  local base = c.apiBaseUrl
+  if base == nil or base == json.null then
+    base = DEFAULT_BASE
+  end
+  local u = type(base) == "string" and url.parse(base)
+  if not u or (u.scheme ~= "https" and u.scheme ~= "http") or base:find("[?#%s]") then
+    cfg_error("apiBaseUrl", "expected an http(s) URL without query or fragment")
+  end
+  out.apiBaseUrl = base:gsub("/+$", "")
+  local t = c.requestTimeoutSec
+  if t == nil or t == json.null then
+    t = 15
+  end
+  if type(t) ~= "number" or t ~= math.floor(t) or t < 1 or t > 120 then
+    cfg_error("requestTimeoutSec", "expected a whole number of seconds from 1 to 120")
+  end
+  out.requestTimeoutSec = math.tointeger(t)
+  return out
+end
+
+function P:init(ctx)
+  self.cfg = ctx.config
+  self.engine = ctx.engine
+  self.app = ctx.app
+  self.tx = check_config(ctx.config.telnyx)
+  self.seen = {} -- webhook id -> when seen (ms), against replays
+  self.nseen = 0
+end
+
+--- A call_control_id that may go into a REST path: Telnyx's are "v3:" and
+-- base64url-like text. Anything else (a "/", "?", "%", ".", a space, too
+-- long), wherever it came from, never does.
+local function control_id(v)
+  return type(v) == "string" and #v >= 1 and #v <= 256 and v:find("^[%w][%w:_%-]*$") and v or nil
+end
+P.control_id = control_id
+
+-- Request options: Bearer key, JSON, and the timeout (a hang-up, a
+-- streaming_start or a status lookup waits at most 10 s).
+local function request(self, method, body, max_ms)
+  local ms = self.tx.requestTimeoutSec * 1000
+  return {
+    method = method,
+    body = body and json.encode(body) or nil,
+    headers = {
+      Authorization = "Bearer " .. self.tx.apiKey,
+      ["Content-Type"] = body and "application/json" or nil,
+      Accept = "application/json",
+    },
+    timeout = max_ms and math.min(ms, max_ms) or ms,
+  }
+end
+
+-- A Telnyx REST error as one line: "telnyx 10009: Authentication failed -
+-- <detail> (HTTP 401)". Whatever Telnyx quotes, our key does not appear.
+local function rest_error(res, err)
+  local msg
+  if not res then
+    msg = "telnyx request failed: " .. tostring(err)
+  else
+    local body = json.try_decode(res.body)
+    local e = type(body) == "table" and type(body.errors) == "table" and body.errors[1]
+    if type(e) == "table" and (type(e.title) == "string" or type(e.detail) == "string") then
+      local code = (type(e.code) == "string" and e.code:find("^[%w_.-]+$") and #e.code <= 16 and e.code)
+        or (math.type(e.code) == "integer" and tostring(e.code)) or "error"
+      local text = type(e.title) == "string" and e.title or ""
+      if type(e.detail) == "string" and e.detail ~= "" and e.detail ~= text then
+        text = text ~= "" and (text .. " - " .. e.detail) or e.detail
+      end
+      msg = string.format("telnyx %s: %s (HTTP %d)", code, text:sub(1, 300), res.status)
+    else
+      msg = string.format("telnyx answered HTTP %d", res.status)
+    end
+  end
+  return log.scrub(msg)
+end
+
+local function first_error_code(res)
+  local body = res and json.try_decode(res.body)
+  local e = type(body) == "table" and type(body.errors) == "table" and body.errors[1]
+  return type(e) == "table" and tostring(e.code) or nil
+end
+
+local function calls_url(self, id, action)
+  local u = self.tx.apiBaseUrl .. "/v2/calls"
+  if id then
+    u = u .. "/" .. id
+  end
+  if action then
+    u = u .. "/actions/" .. action
+  end
+  return u
+end
+
+function P:startCall(call, publicBaseUrl)
+  local c = self.cfg.call
+  local body = {
+    connection_id = self.tx.connectionId,
+    to = call.to,
+    from = self.tx.fromNumber,
+    webhook_url = publicBaseUrl .. "/telnyx/webhook?callId=" .. call.callId .. "&attempt=" .. call.attempt,
+    webhook_url_method = "POST",
+    timeout_secs = c.ringTimeoutSec,
+    -- A backstop only: the wrap-up at maxDurationSec and the goodbye after
+    -- the report come first.
+    time_limit_secs = math.min(14400, c.maxDurationSec + c.wrapUpSec + c.goodbyeTimeoutSec + 60),
+  }
+  local res, err = fetch(calls_url(self), request(self, "POST", body))
+  if not res or res.status < 200 or res.status >= 300 then
+    return nil, rest_error(res, err)
+  end
+  local b = json.try_decode(res.body)
+  local data = type(b) == "table" and type(b.data) == "table" and b.data
+  local id = data and control_id(data.call_control_id)
+  if not id then
+    return nil, "telnyx answered without a usable call_control_id"
+  end
+  return { providerCallId = id }
+end
+
+-- Telnyx asks for no voice document: streaming starts by command (above).
+-- /voice is never Telnyx's, and answers "nothing here".
+function P:buildVoiceResponse()
+  return "", "text/plain"
+end
+
+-- Webhook signatures -----------------------------------------------------------
+
+--- Whether sig (base64) is the Ed25519 signature by public key pk (32 raw
+-- bytes) of "<timestamp>|<body>", and the timestamp within WINDOW_S of now_s.
+function P.check_signature(pk, timestamp, body, sig, now_s)
+  if type(timestamp) ~= "string" or not timestamp:find("^%d+$") or #timestamp > 12 then
+    return false, "telnyx-timestamp missing or not a Unix time"
+  end
+  if math.abs((now_s or os.time()) - tonumber(timestamp)) > WINDOW_S then
+    return false, "telnyx-timestamp is more than 5 minutes away from now (a replay, or a clock off)"
+  end
+  local raw = type(sig) == "string" and crypto.base64_decode(sig)
+  if not raw or #raw ~= 64 then
+    return false, "telnyx-signature-ed25519 missing or not 64 bytes of base64"
+  end
+  if not crypto.ed25519_verify(pk, timestamp .. "|" .. (body or ""), raw) then
+    return false, "telnyx-signature-ed25519 does not match"
+  end
+  return true
+end
+
+function P:validateRequest(req)
+  -- Telnyx does not sign the media stream's upgrade: the stream proves
+  -- itself with the one-time token in its `start` (engine:claim_stream).
+  if req.upgrade then
+    return true
+  end
+  if not self.tx.validateSignature then
+    return true
+  end
+  return P.check_signature(self.tx.publicKey, req.headers["telnyx-timestamp"], req.body,
+    req.headers["telnyx-signature-ed25519"])
+end
+
+-- Statuses ------------------------------------------------------------------------
+
+-- hangup_cause -> status and reason (ASSUMED values: see the header).
+local HANGUP = {
+  normal_clearing = { "completed" },
+  time_limit = { "completed", "time limit reached" },
+  user_busy = { "busy", "line busy" },
+  call_rejected = { "busy", "call rejected" },
+  timeout = { "no_answer", "no answer" },
+  no_answer = { "no_answer", "no answer" },
+  originator_cancel = { "canceled", "canceled" },
+}
+
+local function safe_word(s)
+  return type(s) == "string" and #s <= 40 and s:find("^[%w_.%-]+$") and s or nil
+end
+
+--- A webhook's decoded JSON -> {status, providerCallId, reason, raw}, or
+-- nil, why, field for anything that is no status of a call.
+function P:mapStatus(body)
+  local data = type(body) == "table" and body.data
+  if type(data) ~= "table" then
+    return nil, "not a Telnyx webhook (no data object)", "data"
+  end
+  local ev = data.event_type
+  local p = type(data.payload) == "table" and data.payload or {}
+  local st
+  if ev == "call.initiated" then
+    st = { status = "dialing" }
+  elseif ev == "call.answered" then
+    st = { status = "in_progress" }
+  elseif ev == "call.hangup" then
+    local cause = p.hangup_cause
+    local m = HANGUP[cause]
+    if m then
+      st = { status = m[1], reason = m[2] }
+    else
+      -- not_found, unspecified, a cause not known here: the call failed.
+      local sip = math.tointeger(tonumber(p.sip_hangup_cause))
+      st = { status = "failed", reason = "call failed" .. (safe_word(cause) and (": " .. cause) or "")
+        .. ((sip and sip >= 100 and sip < 700) and (" (SIP " .. sip .. ")") or "") }
+    end
+  elseif type(ev) ~= "string" then
+    return nil, "event_type is missing or not a string", "data.event_type"
+  else
+    return nil, "not a call status event" .. (safe_word(ev) and (": " .. ev) or ""), "data.event_type"
+  end
+  st.providerCallId = control_id(p.call_control_id)
+  st.raw = ev == "call.hangup" and ("call.hangup/" .. (safe_word(p.hangup_cause) or "?")) or ev
+  return st
+end
+
+-- Media streaming ------------------------------------------------------------------
+
+--- The stream's `start`: stream_id, and the custom_parameters we gave in
+-- streaming_start (an object, or a list of {name, value}).
+function P:streamStart(ev)
+  local start = type(ev.start) == "table" and ev.start or {}
+  local cp = start.custom_parameters
+  local params = {}
+  if type(cp) == "table" then
+    if cp[1] ~= nil then
+      for _, kv in ipairs(cp) do
+        if type(kv) == "table" and type(kv.name) == "string" and type(kv.value) == "string" then
+          params[kv.name] = kv.value
+        end
+      end
+    else
+      for k, v in pairs(cp) do
+        if type(k) == "string" and type(v) == "string" then
+          params[k] = v
+        end
+      end
+    end
+  end
+  return { streamSid = ev.stream_id, parameters = params }
+end
+
+-- Answered: the stream token, then streaming_start. A call nobody will speak
+-- in (hung up meanwhile, the app stopping) is hung up instead.
+function P:_start_stream(call_id, n, id)
+  local token, terr = self.engine:prepare_stream(call_id, n)
+  if not token then
+    log.warn("telnyx call answered for a call that is not dialing: hung up", { call = call_id, attempt = n,
+      reason = terr })
+    return self:_hangup(id)
+  end
+  local body = {
+    stream_url = self.app:public_url():gsub("^http", "ws") .. "/voice/stream",
+    stream_track = "inbound_track",
+    stream_bidirectional_mode = "rtp",
+    stream_bidirectional_codec = "PCMU",
+    custom_parameters = {
+      { name = "callId", value = call_id },
+      { name = "attempt", value = tostring(n) },
+      { name = "token", value = token },
+    },
+  }
+  local res, err = fetch(calls_url(self, id, "streaming_start"), request(self, "POST", body, 10000))
+  if not res or res.status < 200 or res.status >= 300 then
+    -- No stream comes: the engine hangs the answered call up after 15 s (no_stream).
+    log.warn("telnyx streaming_start failed", { call = call_id, attempt = n, error = rest_error(res, err) })
+  end
+end
+
+-- Replays: a webhook id seen in the signature window is answered and dropped.
+function P:_replayed(id)
+  if type(id) ~= "string" or id == "" then
+    return false
+  end
+  local now = timer.now()
+  if self.seen[id] then
+    return true
+  end
+  if self.nseen >= SEEN_MAX then
+    for k, t in pairs(self.seen) do
+      if now - t > 2 * WINDOW_S * 1000 then
+        self.seen[k] = nil
+        self.nseen = self.nseen - 1
+      end
+    end
+  end
+  if self.nseen < SEEN_MAX then
+    self.seen[id] = now
+    self.nseen = self.nseen + 1
+  end
+  return false
+end
+
+function P:registerRoutes(srv)
+  srv:post("/telnyx/webhook", function(req)
+    local ok, why = self:validateRequest(req)
+    if not ok then
+      log.warn("telnyx webhook refused", { reason = why, remote = req.remote })
+      return 403, { error = { code = "forbidden", message = "invalid signature" } }
+    end
+    local q = req.query or {}
+    local n = type(q.attempt) == "string" and q.attempt:find("^%d+$") and #q.attempt <= 9
+      and math.tointeger(tonumber(q.attempt))
+    if type(q.callId) ~= "string" or not n then
+      log.warn("telnyx webhook with a bad query", { remote = req.remote })
+      return 400, { error = { code = "bad_request", message = "callId and attempt must be given once in the query" } }
+    end
+    local body = req:json_object()
+    local data = type(body) == "table" and body.data
+    if type(data) ~= "table" then
+      return 400, { error = { code = "bad_status", message = "the body must be a Telnyx webhook (a data object)" } }
+    end
+    if self:_replayed(data.id) then
+      return 200, { ok = true }
+    end
+    local st, serr = self:mapStatus(body)
+    if not st then
+      -- streaming.started, call.machine.*, ...: nothing to do here.
+      log.debug("telnyx webhook ignored", { call = q.callId, reason = serr })
+      return 200, { ok = true }
+    end
+    self.engine:provider_status(q.callId, n, st)
+    if data.event_type == "call.answered" and st.providerCallId then
+      task.spawn(self._start_stream, self, q.callId, n, st.providerCallId)
+    end
+    return 200, { ok = true }
+  end)
+end
+
+function P:_hangup(id)
+  if not control_id(id) then
+    return nil, "not a Telnyx call_control_id: not hung up"
+  end
+  local res, err = fetch(calls_url(self, id, "hangup"), request(self, "POST", {}, 10000))
+  if res and res.status >= 200 and res.status < 300 then
+    return true
+  end
+  if res and res.status == 422 and first_error_code(res) == "90018" then
+    return true -- it has already ended
+  end
+  local e = rest_error(res, err)
+  log.warn("telnyx hang-up failed", { id = id, error = e })
+  return nil, e
+end
+
+function P:endCall(_, attempt)
+  local id = attempt and attempt.providerCallId
+  if not id then
+    return nil, "no Telnyx call to hang up"
+  end
+  return self:_hangup(id)
+end
+
+function P:getCall(id)
+  if not control_id(id) then
+    return nil, "not a Telnyx call_control_id"
+  end
+  local res, err = fetch(calls_url(self, id), request(self, "GET", nil, 10000))
+  if not res or res.status ~= 200 then
+    return nil, rest_error(res, err)
+  end
+  local b = json.try_decode(res.body)
+  local data = type(b) == "table" and type(b.data) == "table" and b.data
+  if not data or type(data.is_alive) ~= "boolean" then
+    return nil, "telnyx answered no call status"
+  end
+  if data.is_alive then
+    -- Up, ringing or answered (Telnyx does not say which): treated as still
+    -- ringing, which ends in a hang-up.
+    return { status = "dialing", raw = "alive" }
+  end
+  return nil, "telnyx says the call has ended, not how"
+end
+
+return P
