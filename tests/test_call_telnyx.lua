@@ -1,0 +1,432 @@
+-- Whole calls through the Telnyx provider (providers/telnyx.lua): REST dial
+-- with a Bearer key, Ed25519-signed Call Control webhooks, streaming_start at
+-- the answer, Telnyx's media stream on WS /voice/stream, the OpenAI Realtime
+-- session, the report, the goodbye, the hang-up and the notification -
+-- against the fake Telnyx and the fake OpenAI on loopback.
+local T = require "testing"
+local kit = require "callkit"
+local fake = require "fakes.telnyx"
+local fetch = require "callagent.fetch"
+local json = require "callagent.json"
+local crypto = require "callagent.crypto"
+local log = require "callagent.log"
+local timer = require "callagent.timer"
+
+local API_KEY = "KEY0123456789ABCDEF_telnyx-test-key"
+local CONNECTION = "1494404757140276705"
+local FROM = "+15550002222"
+
+-- The callee greets back; the agent reports and says goodbye.
+local function happy_script(session)
+  assert(session:wait_event("response.create", 5000))
+  session:speak({ ms = 600, text = "Hello, this is the assistant of Ada calling about a check-up." })
+  session:user_speech({ ms = 300, text = "Sure, next Tuesday at ten works." })
+  session:speak({ ms = 400, text = "Great, Tuesday at ten it is." })
+  session.report_output = session:call_function("report_call", {
+    summary = "Booked a check-up for Tuesday 10:00.",
+    outcome = "success",
+    nextSteps = { "Add to calendar" },
+    data = { date = "Tuesday", time = "10:00" },
+  })
+  assert(session:wait_event("response.create", 5000))
+  session:speak({ ms = 300, text = "Thank you, goodbye!" })
+end
+
+-- A fake Telnyx and an app using it. opts: behaviour, script, config, fake
+-- (more fakes.telnyx options).
+local function start(opts)
+  opts = opts or {}
+  local fo = { api_key = API_KEY, connection_id = CONNECTION, behaviour = opts.behaviour }
+  for k, v in pairs(opts.fake or {}) do
+    fo[k] = v
+  end
+  local tx = assert(fake.start(fo))
+  T.defer(function()
+    tx:close()
+  end)
+  local config = {
+    telephony = { provider = "telnyx" },
+    telnyx = { apiKey = API_KEY, connectionId = CONNECTION, fromNumber = FROM, publicKey = tx.public_key,
+      apiBaseUrl = tx.url },
+  }
+  for k, v in pairs(opts.config or {}) do
+    if type(v) == "table" and type(config[k]) == "table" then
+      for k2, v2 in pairs(v) do
+        config[k][k2] = v2
+      end
+    else
+      config[k] = v
+    end
+  end
+  local env = kit.start({ realtime = { script = opts.script or happy_script }, config = config })
+  env.tx = tx
+  return env
+end
+
+-- A webhook as Telnyx sends one, signed with key (raw private) at ts.
+local function post_webhook(env, id, n, event, payload, key, ts, sig)
+  local body = json.encode({
+    data = { event_type = event, id = crypto.uuid4(), occurred_at = "2026-01-01T00:00:00Z", payload = payload,
+      record_type = "event" },
+    meta = { attempt = 1 },
+  })
+  ts = tostring(ts or os.time())
+  local res = assert(fetch(env.base .. "/telnyx/webhook?callId=" .. id .. "&attempt=" .. n, {
+    method = "POST",
+    body = body,
+    headers = {
+      ["Content-Type"] = "application/json",
+      ["telnyx-timestamp"] = ts,
+      ["telnyx-signature-ed25519"] = sig or fake.sign(key or env.tx.private_key, ts, body),
+    },
+  }))
+  return res.status, res
+end
+
+local function events_of(rec)
+  local out = {}
+  for _, e in ipairs(rec.events or {}) do
+    out[#out + 1] = e
+  end
+  return out
+end
+
+T.test("happy path: dial, answered, streaming_start, talk, report, goodbye, hang up, completed, notified", function()
+  local env = start()
+  local id = env:create({ to = "+14155550100", prompt = "Book a dental check-up for next week.", callerName = "Ada" })
+  local call = env:wait_final(id, 20000)
+  T.eq(call.status, "completed")
+  T.eq(call.report.outcome, "success")
+  T.eq(call.report.summary, "Booked a check-up for Tuesday 10:00.")
+  T.eq(call.report.data, { date = "Tuesday", time = "10:00" })
+  T.eq(#call.attempts, 1)
+  T.eq(call.attempts[1].status, "completed")
+  local tx = env.tx.calls[1]
+  T.eq(call.attempts[1].providerCallId, tx.control_id)
+  T.match(tx.control_id, "^v3:")
+
+  -- The transcript of both sides.
+  local lines = {}
+  for _, l in ipairs(call.transcript) do
+    lines[#lines + 1] = l.role .. ": " .. l.text
+  end
+  T.match(lines[1], "^agent: Hello, this is the assistant of Ada")
+  local heard = false
+  for _, l in ipairs(lines) do
+    heard = heard or l == "callee: Sure, next Tuesday at ten works."
+  end
+  T.ok(heard, "the callee's line: " .. json.encode(lines))
+  T.match(lines[#lines], "goodbye")
+
+  -- The dial as Telnyx's API takes it.
+  local b = tx.body
+  T.eq({ b.connection_id, b.to, b.from }, { CONNECTION, "+14155550100", FROM })
+  T.match(b.webhook_url, "/telnyx/webhook%?callId=" .. id .. "&attempt=1$")
+  T.eq(b.webhook_url_method, "POST")
+  T.eq(b.timeout_secs, 30)
+  T.eq(b.time_limit_secs, 600 + 20 + 3 + 60)
+  T.eq(b.stream_url, nil, "no stream before the answer")
+  for _, r in ipairs(env.tx.requests) do
+    T.eq(r.auth, "Bearer " .. API_KEY, r.method .. " " .. r.path)
+  end
+
+  -- streaming_start after call.answered, with the one-time token.
+  local s = tx.stream
+  T.ok(s, "streaming_start was sent")
+  T.eq(s.stream_url, env.base:gsub("^http", "ws") .. "/voice/stream")
+  T.eq({ s.stream_track, s.stream_bidirectional_mode, s.stream_bidirectional_codec }, { "inbound_track", "rtp", "PCMU" })
+  T.eq(tx.stream_params.callId, id)
+  T.eq(tx.stream_params.attempt, "1")
+  T.ok(#(tx.stream_params.token or "") >= 20, "a stream token")
+  T.no_match(s.stream_url, "token", "the token is not in the URL")
+
+  -- Audio both ways, marks echoed, hung up by the API; no protocol mistakes.
+  T.ok(tx.hangup_requested_at, "callagent hung up through the REST API")
+  T.gt(tx:played_bytes(), 8 * 1000, "agent audio played on the phone")
+  T.gt(#tx.marks_echoed, 0, "marks echoed")
+  T.eq(tx.errors, {})
+  T.gt(env.rt.sessions[1].input_bytes, 8 * 500, "the callee's audio reached the model")
+  tx:wait(function()
+    return tx.done
+  end, 5000)
+  for _, e in ipairs(tx.events) do
+    T.eq(e.status, 200, "webhook " .. e.event)
+  end
+  local names = {}
+  for _, e in ipairs(tx.events) do
+    names[#names + 1] = e.event
+  end
+  T.eq(names, { "call.initiated", "call.answered", "streaming.started", "call.hangup" })
+
+  -- Notified once.
+  T.wait_for(function()
+    return #env.hooks.received >= 1
+  end, 5000, "notification")
+  timer.sleep(100)
+  T.eq(#env.hooks.received, 1)
+  T.eq(env.hooks.received[1].json.data.status, "completed")
+  T.eq(env.hooks.received[1].json.data.report.outcome, "success")
+end, { timeout = 40000 })
+
+T.test("busy (user_busy) and no answer (timeout) are retried by the retry policy; the third attempt talks", function()
+  local n = 0
+  local env = start({ behaviour = function()
+    n = n + 1
+    return ({ "busy", "no-answer", "answer" })[n]
+  end })
+  local id = env:create({ to = "+14155550101", prompt = "Book a check-up." })
+  local call = env:wait_final(id, 30000)
+  T.eq(call.status, "completed")
+  T.eq(#call.attempts, 3)
+  T.eq({ call.attempts[1].status, call.attempts[2].status, call.attempts[3].status }, { "busy", "no_answer", "completed" })
+  T.eq(call.attempts[1].reason, "line busy")
+  T.eq(call.attempts[2].reason, "no answer")
+  T.eq(#env.tx.calls, 3)
+  T.eq(env.tx.calls[1].stream, nil, "no stream for a busy line")
+  T.match(env.tx.calls[2].body.webhook_url, "attempt=2$")
+end, { timeout = 40000 })
+
+T.test("a rejected call is busy; out of attempts, the call ends busy and is notified", function()
+  local env = start({ behaviour = "rejected", config = { retry = { maxAttempts = 2, initialDelayMs = 50 } } })
+  local id = env:create({ to = "+14155550102", prompt = "x" })
+  local call = env:wait_final(id, 20000)
+  T.eq(call.status, "busy")
+  T.eq(#call.attempts, 2)
+  T.eq(call.attempts[2].reason, "call rejected")
+  T.wait_for(function()
+    return #env.hooks.received >= 1
+  end, 5000, "notification")
+  T.eq(env.hooks.received[1].json.data.status, "busy")
+end, { timeout = 30000 })
+
+T.test("a key pressed reaches the model from Telnyx's dtmf event", function()
+  local env = start({ script = function(session)
+    assert(session:wait_event("response.create", 5000))
+    local ev = session:wait_event("conversation.item.create", 5000)
+    session.key = ev and ev.item.content[1].text
+    session:call_function("report_call", { summary = "A key.", outcome = "success" })
+    session:wait_event("response.create", 5000)
+  end })
+  local id = env:create({ to = "+14155550108", prompt = "Ask for a key." })
+  local tx = assert(env.tx:wait_call(5000))
+  tx:wait(function()
+    return tx.stream_started_at
+  end, 10000)
+  T.wait_for(function()
+    local s = env.rt.sessions[1]
+    return s and #s.response_creates > 0
+  end, 5000, "the greeting: the model session is ready")
+  assert(tx:send_dtmf("7"))
+  T.eq(env:wait_final(id, 20000).status, "completed")
+  T.eq(env.rt.sessions[1].key, "[The callee pressed the key 7]")
+end, { timeout = 40000 })
+
+T.test("a Telnyx-shaped start with a token that is not the call's is refused (1008); the call goes on", function()
+  local ws = require "callagent.ws"
+  local env = start({ script = function()
+    timer.sleep(15000)
+  end })
+  local id = env:create({ to = "+14155550109", prompt = "x" })
+  local tx = assert(env.tx:wait_call(5000))
+  tx:wait(function()
+    return tx.stream_started_at
+  end, 10000)
+  local closed
+  local conn = assert(ws.connect(env.base:gsub("^http", "ws") .. "/voice/stream", {
+    on_close = function(_, code)
+      closed = code
+    end,
+  }))
+  conn:send('{"event":"connected","version":"1.0.0"}')
+  -- The call's own token, already used by Telnyx's stream.
+  conn:send(json.encode({ event = "start", sequence_number = "1", stream_id = "5f0c4f2b-hostile",
+    start = { call_control_id = tx.control_id, custom_parameters = tx.stream_params } }))
+  T.wait_for(function()
+    return closed
+  end, 5000, "the hostile stream closed")
+  T.eq(closed, 1008)
+  timer.sleep(200)
+  T.eq(env:get(id).status, "in_progress")
+  T.eq(tx.stream_closed, nil, "Telnyx's stream is untouched")
+end, { timeout = 30000 })
+
+T.test("hangup causes map to statuses; other events are no status", function()
+  local env = start({ script = function() end })
+  local p = env.app.provider
+  local function map(event, cause, sip)
+    local st, err = p:mapStatus({ data = { event_type = event, payload = { call_control_id = "v3:abc-_:1",
+      hangup_cause = cause, sip_hangup_cause = sip } } })
+    return st and st.status or err, st and st.reason
+  end
+  T.eq({ map("call.initiated") }, { "dialing" })
+  T.eq({ map("call.answered") }, { "in_progress" })
+  T.eq({ map("call.hangup", "normal_clearing") }, { "completed" })
+  T.eq({ map("call.hangup", "user_busy") }, { "busy", "line busy" })
+  T.eq({ map("call.hangup", "timeout") }, { "no_answer", "no answer" })
+  T.eq({ map("call.hangup", "call_rejected") }, { "busy", "call rejected" })
+  T.eq({ map("call.hangup", "originator_cancel") }, { "canceled", "canceled" })
+  T.eq({ map("call.hangup", "not_found", "404") }, { "failed", "call failed: not_found (SIP 404)" })
+  T.eq({ map("call.hangup", "a/b?c") }, { "failed", "call failed" })
+  T.eq(map("streaming.started"), "not a call status event: streaming.started")
+  T.eq(p:mapStatus({ data = { event_type = "call.answered", payload = { call_control_id = "v3:x/../y" } } })
+    .providerCallId, nil, "an odd id is not taken")
+end)
+
+T.test("a forged, stale, future or unsigned webhook is refused with 403 and changes nothing", function()
+  local env = start({ script = function()
+    timer.sleep(15000)
+  end })
+  local id = env:create({ to = "+14155550103", prompt = "x" })
+  local tx = assert(env.tx:wait_call(5000))
+  local rec = env:wait(id, function(r)
+    return r.status == "in_progress"
+  end, 10000, "the call in progress")
+  local before = #events_of(rec)
+  local hangup = { call_control_id = tx.control_id, hangup_cause = "normal_clearing" }
+  local _, other = crypto.ed25519_keypair()
+  T.eq(post_webhook(env, id, 1, "call.hangup", hangup, other), 403, "signed with another key")
+  T.eq(post_webhook(env, id, 1, "call.hangup", hangup, nil, os.time() - 400), 403, "stale")
+  T.eq(post_webhook(env, id, 1, "call.hangup", hangup, nil, os.time() + 400), 403, "from the future")
+  T.eq(post_webhook(env, id, 1, "call.hangup", hangup, nil, nil, ""), 403, "no signature")
+  T.eq(post_webhook(env, id, 1, "call.hangup", hangup, nil, nil, crypto.base64_encode(string.rep("\0", 64))), 403,
+    "a zero signature")
+  -- A real signature over another body.
+  local ts = tostring(os.time())
+  local sig = fake.sign(env.tx.private_key, ts, '{"data":{"event_type":"call.initiated"}}')
+  T.eq(post_webhook(env, id, 1, "call.hangup", hangup, nil, ts, sig), 403, "signature of another body")
+  -- Through the generic /status route too.
+  local res = assert(fetch(env.base .. "/status?callId=" .. id .. "&attempt=1", { method = "POST",
+    body = json.encode({ data = { event_type = "call.hangup", payload = hangup } }),
+    headers = { ["Content-Type"] = "application/json" } }))
+  T.eq(res.status, 403, "/status unsigned")
+  local after = env:get(id)
+  T.eq(after.status, "in_progress")
+  T.eq(#events_of(after), before, "no event recorded")
+  T.eq(tx.final, nil, "the call goes on")
+  -- The window is 5 minutes: a signature 200 s old is still good (and ends the call).
+  T.eq(post_webhook(env, id, 1, "call.hangup", hangup, nil, os.time() - 200), 200, "within the window")
+  T.eq(env:wait_final(id, 10000).status, "completed")
+end, { timeout = 30000 })
+
+T.test("a replayed webhook (same id, valid signature) is answered and changes nothing", function()
+  local env = start({ script = function()
+    timer.sleep(15000)
+  end })
+  local id = env:create({ to = "+14155550104", prompt = "x" })
+  local tx = assert(env.tx:wait_call(5000))
+  tx:wait(function()
+    return tx.stream_started_at
+  end, 10000)
+  local answered
+  for _, e in ipairs(tx.events) do
+    if e.event == "call.answered" then
+      answered = e.body
+    end
+  end
+  T.ok(answered, "the call.answered webhook")
+  local streams = #env.tx.requests
+  local ts = tostring(os.time())
+  local res = assert(fetch(tx.body.webhook_url, { method = "POST", body = answered, headers = {
+    ["Content-Type"] = "application/json", ["telnyx-timestamp"] = ts,
+    ["telnyx-signature-ed25519"] = fake.sign(env.tx.private_key, ts, answered) } }))
+  T.eq(res.status, 200)
+  timer.sleep(300)
+  local n = 0
+  for i = streams + 1, #env.tx.requests do
+    n = n + (env.tx.requests[i].path:find("streaming_start", 1, true) and 1 or 0)
+  end
+  T.eq(n, 0, "no second streaming_start")
+end, { timeout = 30000 })
+
+T.test("a call_control_id that is not Telnyx's shape never reaches a REST path", function()
+  for _, bad in ipairs({ "../../v2/calls", "v3:abc/actions/hangup", "v3:a?b=c", "v3:%2e%2e", "v3:a b" }) do
+    local env = start({ behaviour = { answer = "answer", control_id = bad }, config = { retry = { maxAttempts = 1 } } })
+    local id = env:create({ to = "+14155550105", prompt = "x" })
+    local call = env:wait_final(id, 10000)
+    T.eq(call.status, "failed", bad)
+    T.match(call.lastError or "", "call_control_id", bad)
+    T.eq(call.attempts[1].providerCallId, nil, bad)
+    -- Its webhooks (signed, for an id no attempt took) change nothing and
+    -- send nothing: only the dial reached the API.
+    timer.sleep(300)
+    for _, r in ipairs(env.tx.requests) do
+      T.eq(r.method .. " " .. r.path, "POST /v2/calls", bad)
+    end
+  end
+  local p = dofile(require("callagent.core").root .. "/providers/telnyx.lua") -- what goes into a path
+  for _, bad in ipairs({ "a/b", "a?b", "a%2fb", "..", "a.b", "", string.rep("a", 257), 42 }) do
+    T.eq(p.control_id(bad), nil, tostring(bad))
+  end
+  T.eq(p.control_id("v3:MdI91X4lWFEs7IgbBEOT9M4AigoY08M0WWZFISt1Yw2axZ_IiE4pqg"),
+    "v3:MdI91X4lWFEs7IgbBEOT9M4AigoY08M0WWZFISt1Yw2axZ_IiE4pqg")
+end, { timeout = 60000 })
+
+T.test("the API key is in no log line, stored error or API answer, even when Telnyx quotes it", function()
+  local env = start({ behaviour = { answer = "reject-api", reject_detail = "key " .. API_KEY .. " may not call" },
+    config = { retry = { maxAttempts = 1 } } })
+  T.eq(log.scrub("x " .. API_KEY .. " y"), "x [redacted] y", "registered with log.secret")
+  local id = env:create({ to = "+14155550106", prompt = "x" })
+  local call = env:wait_final(id, 10000)
+  T.eq(call.status, "failed")
+  T.match(call.lastError, "^telnyx 10038: Feature not permitted")
+  T.match(call.lastError, "%[redacted%]")
+  local _, one = env:api("GET", "/v1/calls/" .. id)
+  local _, list = env:api("GET", "/v1/calls")
+  for what, text in pairs({ one = json.encode(one), list = json.encode(list),
+    store = json.encode(env.app.store:get_call(id)) }) do
+    T.eq(text:find(API_KEY, 1, true), nil, what)
+  end
+end, { timeout = 20000 })
+
+T.test("a wrong API key: Telnyx's 401 ends the attempt failed with its error, not retried forever", function()
+  local env = start({ fake = { api_key = "another-key-entirely" }, config = { retry = { maxAttempts = 1 } } })
+  local id = env:create({ to = "+14155550107", prompt = "x" })
+  local call = env:wait_final(id, 10000)
+  T.eq(call.status, "failed")
+  T.eq(call.lastError, "telnyx 10009: Authentication failed - The API key is not valid. (HTTP 401)")
+end, { timeout = 20000 })
+
+T.test("config: a missing or bad telnyx key stops the start with a message naming it", function()
+  local callagent = require "callagent"
+  local base = {
+    telephony = { provider = "telnyx" },
+    server = { host = "127.0.0.1", port = 0, publicBaseUrl = "https://example.com" },
+    openai = { apiKey = "sk-test-xxxxxxxx", realtimeUrl = "ws://127.0.0.1:9/v1/realtime" },
+    store = { backend = "memory" },
+    tunnel = { provider = "none" },
+  }
+  local function try(section)
+    local cfg = {}
+    for k, v in pairs(base) do
+      cfg[k] = v
+    end
+    cfg.telnyx = section
+    local app, err = callagent.app(cfg, { no_shutdown_hook = true })
+    if not app then
+      return err
+    end
+    local ok, serr = app:start()
+    if ok then
+      app:stop()
+      return "started"
+    end
+    return serr
+  end
+  local pk = crypto.base64_encode(string.rep("k", 32))
+  T.eq(try({ connectionId = "c", fromNumber = FROM }), "telnyx.apiKey: required by the telnyx provider")
+  T.match(try({ apiKey = API_KEY, connectionId = "c", fromNumber = FROM }), "telnyx%.publicKey: required while")
+  T.match(try({ apiKey = API_KEY, connectionId = "c", fromNumber = FROM, publicKey = "abc" }),
+    "telnyx%.publicKey: expected the account's Ed25519 public key")
+  T.match(try({ apiKey = API_KEY, connectionId = "c", fromNumber = "555", publicKey = pk }),
+    "telnyx%.fromNumber: expected an E%.164 number")
+  T.match(try({ apiKey = "short", connectionId = "c", fromNumber = FROM, publicKey = pk }),
+    "telnyx%.apiKey: expected a secret .* got %[redacted%]")
+  T.match(try({ apiKey = API_KEY, connectionId = "c", fromNumber = FROM, publicKey = pk, apiBaseUrl = "ftp://x" }),
+    "telnyx%.apiBaseUrl")
+  T.match(try({ apiKey = API_KEY, connectionId = "c", fromNumber = FROM, publicKey = pk, requestTimeoutSec = "9" }),
+    "telnyx%.requestTimeoutSec")
+  T.eq(try({ apiKey = API_KEY, connectionId = "c", fromNumber = FROM, validateSignature = false }), "started")
+  T.eq(try({ apiKey = API_KEY, connectionId = "c", fromNumber = FROM, publicKey = pk }), "started")
+end)
+
+T.run()
