@@ -378,6 +378,40 @@ T.test("the API key is in no log line, stored error or API answer, even when Tel
   end
 end, { timeout = 20000 })
 
+T.test("a real callagent process: its log never shows the API key, through a refused and a whole call", function()
+  local n = 0
+  local tx = assert(fake.start({ api_key = API_KEY, connection_id = CONNECTION, behaviour = function()
+    n = n + 1
+    if n == 1 then
+      return { answer = "reject-api", reject_detail = "key " .. API_KEY .. " may not call" }
+    end
+    return "answer"
+  end }))
+  T.defer(function()
+    tx:close()
+  end)
+  local rt = assert(require("fakes.realtime").start({ api_key = kit.API_KEY, script = happy_script }))
+  T.defer(function()
+    rt:close()
+  end)
+  local p, api = kit.app_process({ url = "http://127.0.0.1:9" }, rt, { config = {
+    telephony = { provider = "telnyx" },
+    telnyx = { apiKey = API_KEY, connectionId = CONNECTION, fromNumber = FROM, publicKey = tx.public_key,
+      apiBaseUrl = tx.url },
+    retry = { maxAttempts = 1 },
+  } })
+  local refused = api:create({ to = "+14155550110", prompt = "x" })
+  T.eq(api:wait_final(refused, 10000).status, "failed")
+  local id = api:create({ to = "+14155550111", prompt = "Book a check-up." })
+  T.eq(api:wait_final(id, 30000).status, "completed")
+  local text = p.errtext() .. "\n" .. p.text()
+  T.match(text, "key %[redacted%] may not call", "the refusal is logged, redacted")
+  T.eq(text:find(API_KEY, 1, true), nil, "the key in the process's output")
+  for _, r in ipairs(tx.requests) do
+    T.eq(r.auth, "Bearer " .. API_KEY, "the key went where it belongs")
+  end
+end, { timeout = 60000 })
+
 T.test("a wrong API key: Telnyx's 401 ends the attempt failed with its error, not retried forever", function()
   local env = start({ fake = { api_key = "another-key-entirely" }, config = { retry = { maxAttempts = 1 } } })
   local id = env:create({ to = "+14155550107", prompt = "x" })
