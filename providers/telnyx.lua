@@ -373,7 +373,7 @@ function P:streamStart(ev)
       end
     end
   end
-  return { streamSid = ev.stream_id, parameters = params }
+  return { streamSid = ev.stream_id or start.stream_id, parameters = params }
 end
 
 -- Answered: the stream token, then streaming_start. A call nobody will speak
