@@ -272,6 +272,31 @@ T.test("hangup causes map to statuses; other events are no status", function()
     .providerCallId, nil, "an odd id is not taken")
 end)
 
+T.test("getCall: a live call counts as ringing, an ended one cannot say how it ended, an odd id asks nothing", function()
+  local env = start({ script = function()
+    timer.sleep(15000)
+  end })
+  local id = env:create({ to = "+14155550112", prompt = "x" })
+  local tx = assert(env.tx:wait_call(5000))
+  tx:wait(function()
+    return tx.stream_started_at
+  end, 10000)
+  local p = env.app.provider
+  local st = p:getCall(tx.control_id)
+  T.eq(st and st.status, "dialing", "alive")
+  tx:hangup()
+  tx:wait(function()
+    return tx.done
+  end, 5000)
+  local none, err = p:getCall(tx.control_id)
+  T.eq(none, nil)
+  T.match(err, "has ended")
+  local before = #env.tx.requests
+  T.eq(p:getCall("v3:a/../b"), nil)
+  T.eq(#env.tx.requests, before, "no request for an odd id")
+  T.eq(env:wait_final(id, 10000).status, "completed")
+end, { timeout = 30000 })
+
 T.test("a forged, stale, future or unsigned webhook is refused with 403 and changes nothing", function()
   local env = start({ script = function()
     timer.sleep(15000)
