@@ -5,6 +5,7 @@ local T = require "testing"
 local kit = require "callkit"
 local timer = require "callagent.timer"
 local json = require "callagent.json"
+local bridge_mod = require "callagent.bridge"
 
 -- One response of the model's holding several function calls, as the
 -- service sends it: each call's arguments.done and output item, then
@@ -242,5 +243,79 @@ T.test("an app tool's parameters written with required = {} go to the model as a
   T.eq({ call.status, call.endReason, call.report and call.report.summary }, { "completed", "completed", "Talked." },
     tostring(call.lastError))
 end, { timeout = 30000 })
+
+-- The callee says something and hangs up at once: the model is still
+-- transcribing it. script(session, hangup) plays the call; hangup() is the
+-- callee hanging up (Twilio's stop, the stream's close, then completed).
+local function last_words_call(to, script)
+  local env
+  env = kit.start({
+    config = { retry = { maxAttempts = 1 } },
+    realtime = {
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        session:speak({ ms = 300, text = "Hello, is this Ann?" })
+        script(session, function()
+          session.hung_up_at = timer.now()
+          env.tw.calls[1]:hangup()
+        end)
+      end,
+    },
+  })
+  local id = env:create({ to = to, prompt = "Say hello." })
+  local call = env:wait_final(id, 20000)
+  local s = env.rt.sessions[1]
+  s.final_seen_at = timer.now()
+  return call, s, env
+end
+
+T.test("the callee's last words before they hang up are in the transcript, in order", function()
+  local call, s = last_words_call("+14155550178", function(session, hangup)
+    -- speech_stopped and committed have come; the transcription takes 800 ms.
+    session:user_speech({ ms = 300, text = "Sorry, I have to go.", transcript_delay_ms = 800 })
+    -- The service answers at once; the callee hangs up while it plays.
+    session:speak({ ms = 300, text = "Oh, okay.", auto = true })
+    hangup()
+  end)
+  T.eq({ call.status, call.endReason }, { "completed", "callee_hung_up" })
+  T.eq(lines(call), { "agent: Hello, is this Ann?", "callee: Sorry, I have to go.", "agent: Oh, okay." })
+  T.eq(s.transcribed, 1, "the service sent the transcription before the close")
+  T.lt(s.closed_at - s.hung_up_at, bridge_mod.LAST_WORDS_MS, "closed once the words were in")
+end, { timeout = 40000 })
+
+T.test("the callee hangs up mid-sentence: what they said is committed, transcribed and written", function()
+  local call, s = last_words_call("+14155550179", function(session, hangup)
+    -- Speech goes on when the phone hangs up: VAD never hears its end.
+    session:user_speech({ ms = 400, text = "No, wait, call me", until_commit = true, transcript_delay_ms = 300 })
+    hangup()
+  end)
+  T.eq({ call.status, call.endReason }, { "completed", "callee_hung_up" })
+  T.eq(lines(call), { "agent: Hello, is this Ann?", "callee: No, wait, call me" })
+  local commits = 0
+  for _, ev in ipairs(s.events) do
+    commits = commits + (ev.type == "input_audio_buffer.commit" and 1 or 0)
+  end
+  T.eq(commits, 1, "the bridge committed the speech the phone cut off")
+end, { timeout = 40000 })
+
+T.test("the callee's last words: the call ends within LAST_WORDS_MS when the transcription does not come, at once when none is pending", function()
+  local call, s, env = last_words_call("+14155550180", function(session, hangup)
+    session:user_speech({ ms = 300, text = "Never transcribed.", transcript_delay_ms = 20000 })
+    hangup()
+  end)
+  T.eq({ call.status, call.endReason }, { "completed", "callee_hung_up" })
+  T.eq(lines(call), { "agent: Hello, is this Ann?" })
+  local ended = env.tw.calls[1].ended_at
+  T.near(s.closed_at - s.hung_up_at, bridge_mod.LAST_WORDS_MS, 500, "the model kept open for the bound only")
+  T.lt(s.final_seen_at - ended, bridge_mod.LAST_WORDS_MS + 1000, "the record final once the bound passed")
+  -- Nothing pending: the model connection closes with the phone's.
+  local call2, s2 = last_words_call("+14155550181", function(session, hangup)
+    session:user_speech({ ms = 300, text = "Bye." })
+    timer.sleep(200)
+    hangup()
+  end)
+  T.eq(lines(call2), { "agent: Hello, is this Ann?", "callee: Bye." })
+  T.lt(s2.closed_at - s2.hung_up_at, 300, "no wait when no transcript is pending")
+end, { timeout = 60000 })
 
 T.run()

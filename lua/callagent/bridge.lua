@@ -51,6 +51,13 @@ local SESSION_MARGIN_MS = 15000 -- between the end of the wrap-up and the sessio
 -- this long. A field so that tests can shorten it.
 M.RESPONSE_STALL_MS = 15000
 
+-- The callee's last words: when the phone side ends while the model still
+-- transcribes what the callee said (speech started, or committed and its
+-- transcription not in), the model connection stays open this long at most
+-- for it, and the attempt's end (its final state) waits as long. Nothing
+-- pending: no wait. A field so that tests can read it.
+M.LAST_WORDS_MS = 2500
+
 -- When the model's session (openai.sessionMaxSec from its open) is near
 -- enough to ask for the wrap-up: the report (call.wrapUpSec) and the goodbye
 -- (call.goodbyeTimeoutSec) must end before it does, with a margin for what
@@ -189,7 +196,7 @@ end
 
 function Bridge:_model_closed(code, reason)
   if self.ended then
-    return
+    return self:_end_last_words() -- if they were awaited, they will not come now
   end
   self.model_ready = false
   if self.report then
@@ -238,13 +245,32 @@ local function obj(v)
   return type(v) == "table" and v or EMPTY
 end
 
+-- What the model may still send once the call has ended: the callee's
+-- words and their transcription (responses to them go nowhere).
+local AFTER_END = {
+  ["input_audio_buffer.speech_started"] = true,
+  ["input_audio_buffer.speech_stopped"] = true,
+  ["input_audio_buffer.committed"] = true,
+  ["conversation.item.input_audio_transcription.completed"] = true,
+  ["conversation.item.input_audio_transcription.failed"] = true,
+  ["error"] = true,
+}
+
 function Bridge:_model_event(ev)
   local t = ev.type
+  if self.ended and not AFTER_END[t] then
+    return
+  end
   self.model_events = (self.model_events or 0) + 1
   if t == "response.output_audio.delta" or t == "response.audio.delta" then
     return self:_audio_out(ev.item_id, ev.delta)
   elseif t == "input_audio_buffer.speech_started" then
+    -- The callee's words are pending from now until their transcript is in.
+    self.speaking = str(ev.item_id) or true
+    self.speech_stopped = false
     return self:_speech_started()
+  elseif t == "input_audio_buffer.speech_stopped" then
+    self.speech_stopped = true
   elseif t == "response.created" then
     -- Ours carries the number of its response.create in its metadata; one
     -- without it was started by the service (turn detection) - once the
@@ -279,15 +305,19 @@ function Bridge:_model_event(ev)
       return self:_decide_function(item)
     end
   elseif t == "input_audio_buffer.committed" then
+    self.speaking = nil -- now awaited as a committed item
     self:_await_transcript(str(ev.item_id))
+    self:_check_last_words()
   elseif t == "conversation.item.input_audio_transcription.completed" then
     local line = text(ev.transcript)
     if line and line:match("%S") then
       self.engine:bridge_transcript(self, "callee", line)
     end
     self:_transcript_in(str(ev.item_id))
+    self:_check_last_words()
   elseif t == "conversation.item.input_audio_transcription.failed" then
     self:_transcript_in(str(ev.item_id))
+    self:_check_last_words()
   elseif t == "response.output_audio_transcript.done" or t == "response.audio_transcript.done" then
     local line = text(ev.transcript)
     if line and line:match("%S") then
@@ -297,6 +327,12 @@ function Bridge:_model_event(ev)
     if self.ended then
       -- One the service sent before it read our close: the call is over,
       -- and its record and hang-up are no longer the model's to change.
+      -- One refusing the commit of the callee's cut-off words (too short
+      -- to commit): there is nothing to wait for.
+      if self.last_words and str(obj(ev.error).code) == "input_audio_buffer_commit_empty" then
+        self.speaking = nil
+        self:_check_last_words()
+      end
       return
     end
     local e = obj(ev.error)
@@ -474,7 +510,7 @@ end
 local TRANSCRIPT_WAIT_MS = 5000
 
 function Bridge:_await_transcript(item)
-  if not item or self.ended then
+  if not item or (self.ended and not self.last_words) then
     return
   end
   self.awaiting = self.awaiting or {}
@@ -1106,10 +1142,6 @@ function Bridge:finish(reason)
     self:_stop_timer(name)
   end
   self:_flush_lines() -- what was said and not yet (known to be) played
-  -- Transcripts still awaited are not: the agent lines held for them go now.
-  for item in pairs(self.awaiting or EMPTY) do
-    self:_transcript_in(item)
-  end
   local st = self.cb and self.cb:stats() or { bad_in = 0, bad_out = 0, dropped_kept = 0 }
   if st.bad_in > 0 or st.bad_out > 0 or st.dropped_kept > 0 then
     log.warn("call audio dropped", {
@@ -1123,15 +1155,84 @@ function Bridge:finish(reason)
     self.cb:close()
     self.cb = nil
   end
-  if self.rt then
-    self.rt:close()
-  end
   if self.stream and self.stream:is_open() then
     self.stream:close(1000, "call ended")
   end
   self.stream = nil
   self.pending_out = {}
-  self.engine:bridge_finished(self, self.end_reason or reason)
+  self.finish_reason = self.end_reason or reason
+  -- The callee's last words, still being transcribed: the model connection
+  -- stays open for them, LAST_WORDS_MS at most, and the attempt ends after.
+  -- Not at a stop (the store closes), nor with no model session to hear them.
+  if self:_callee_pending() and self.rt and self.rt.ready and not self.rt.closed and reason ~= "shutdown"
+    and not self.engine.stopped and not self.engine.closed then
+    self.last_words = { waiters = {} }
+    log.info("waiting for the callee's last words", { call = self.call_id, attempt = self.attempt })
+    if self.speaking and not self.speech_stopped then
+      -- The phone ended mid-sentence: no end of speech for the service's
+      -- turn detection to hear. What it has is committed, and transcribed.
+      self.rt:send({ type = "input_audio_buffer.commit" })
+    end
+    self.last_words.timer = timer.after(M.LAST_WORDS_MS, function()
+      self.last_words.timer = nil
+      log.info("the callee's last words did not come in time", { call = self.call_id, attempt = self.attempt })
+      self:_end_last_words()
+    end)
+    return
+  end
+  self:_close_model()
+end
+
+-- Whether the callee said something whose transcript has not come.
+function Bridge:_callee_pending()
+  return self.speaking ~= nil or next(self.awaiting or EMPTY) ~= nil
+end
+
+function Bridge:_check_last_words()
+  if self.last_words and not self:_callee_pending() then
+    self:_end_last_words()
+  end
+end
+
+-- The wait for the callee's last words is over (they came, or the bound
+-- passed, or the model went): the attempt ends now.
+function Bridge:_end_last_words()
+  local lw = self.last_words
+  if not lw then
+    return
+  end
+  self.last_words = nil
+  if lw.timer then
+    lw.timer:stop()
+  end
+  self:_close_model()
+  for _, fn in ipairs(lw.waiters) do
+    fn()
+  end
+end
+
+-- The model connection closes, and the engine learns the attempt is over.
+function Bridge:_close_model()
+  -- Transcripts still awaited will not come: the agent lines held for them go now.
+  for item in pairs(self.awaiting or EMPTY) do
+    self:_transcript_in(item)
+  end
+  self.speaking = nil
+  if self.rt then
+    self.rt:close()
+  end
+  self.engine:bridge_finished(self, self.finish_reason)
+end
+
+--- fn() once the callee's last words are in (see LAST_WORDS_MS); false, and
+-- fn is not kept, when they are not being waited for.
+function Bridge:after_last_words(fn)
+  if not self.last_words then
+    return false
+  end
+  local w = self.last_words.waiters
+  w[#w + 1] = fn
+  return true
 end
 
 return M

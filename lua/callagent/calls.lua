@@ -996,6 +996,15 @@ function Engine:_attempt_final(call, n, status, reason, err)
   if b and not b.ended then
     b:finish(b.end_reason or reason)
   end
+  -- The callee's last words are still being transcribed: the attempt ends
+  -- once they are in the transcript, a bounded wait (bridge.LAST_WORDS_MS).
+  if b and b:after_last_words(function()
+    if not self.closed then
+      self:_attempt_final(call, n, status, reason, err)
+    end
+  end) then
+    return true
+  end
   -- An API hang-up whose final status came before the vendor's answer to
   -- the request: the reason is still the API's, not the callee's.
   if call._cancel_requested and call._end_reason == nil then

@@ -54,7 +54,9 @@
 --                     audio.input and audio.output field by field; deeper values
 --                     replaced whole) and answered with session.updated.
 --   input_audio_buffer.append   base64 decoded into session.input_audio
---   input_audio_buffer.commit / clear   committed (+ user item) / cleared
+--   input_audio_buffer.commit / clear   committed (+ user item) / cleared; a
+--                     commit during user_speech{until_commit} commits that
+--                     speech, and its transcription follows
 --   conversation.item.create    conversation.item.added + .done; a
 --                     function_call_output goes to session.function_outputs
 --   conversation.item.truncate  checked against the assistant audio sent for
@@ -112,7 +114,14 @@
 --       after opts.ms (500) speech_stopped, committed, conversation.item.added,
 --       conversation.item.done (user item), then
 --       conversation.item.input_audio_transcription.completed {transcript =
---       opts.text}. opts.interrupt = true first waits (opts.wait_ms, 5000) for a
+--       opts.text}; opts.transcript_delay_ms: the transcription comes that
+--       much later, as .delta then .completed (not at all if the session
+--       closed meanwhile: as the service's, it is lost). opts.until_commit:
+--       speech_started only, and the speech goes on (the phone hung up
+--       mid-sentence, no end for VAD to hear) until the client's
+--       input_audio_buffer.commit, which commits it as that item and
+--       transcribes opts.text (after transcript_delay_ms). session.transcribed
+--       counts the transcriptions sent. opts.interrupt = true first waits (opts.wait_ms, 5000) for a
 --       speak() in progress that has sent audio, then opts.after_ms more: barge-in.
 --       The service does not start a response by itself here: scripts do.
 --   session:interrupt(opts)       user_speech with interrupt = true
@@ -629,6 +638,12 @@ function Session:user_speech(opts)
     return nil, "ECLOSED"
   end
   local end_ms = start_ms + ms
+  if opts.until_commit then
+    -- Speech that goes on: the service's VAD never hears its end (the
+    -- phone hung up mid-sentence). Only the client's commit ends it.
+    self._speaking = { item_id = iid, text = opts.text or "", delay = opts.transcript_delay_ms }
+    return { item_id = iid, audio_start_ms = start_ms }
+  end
   local prev = self.last_item_id or null
   self.last_item_id = iid
   self._buffered = 0
@@ -636,13 +651,34 @@ function Session:user_speech(opts)
   self:send({ type = "input_audio_buffer.committed", previous_item_id = prev, item_id = iid })
   self:send({ type = "conversation.item.added", previous_item_id = prev, item = user_item(iid) })
   self:send({ type = "conversation.item.done", previous_item_id = prev, item = user_item(iid) })
-  self:send({
-    type = "conversation.item.input_audio_transcription.completed",
-    item_id = iid,
-    content_index = 0,
-    transcript = opts.text or "",
-  })
+  self:_transcribe(iid, opts.text or "", opts.transcript_delay_ms)
   return { item_id = iid, audio_start_ms = start_ms, audio_end_ms = end_ms, cancelled_response = cancelled }
+end
+
+-- The transcription of a committed user item, as the service sends it: at
+-- once, or delay_ms later (in its own task) as .delta then .completed;
+-- nothing once the session has closed (the words are lost).
+function Session:_transcribe(iid, text, delay_ms)
+  local function send()
+    if self._ended then
+      return
+    end
+    if delay_ms then
+      self:send({ type = "conversation.item.input_audio_transcription.delta", item_id = iid, content_index = 0,
+        delta = text })
+    end
+    self:send({ type = "conversation.item.input_audio_transcription.completed", item_id = iid, content_index = 0,
+      transcript = text })
+    self.transcribed = (self.transcribed or 0) + 1
+    notify(self)
+  end
+  if not delay_ms then
+    return send()
+  end
+  task.spawn(function()
+    timer.sleep(delay_ms)
+    send()
+  end)
 end
 
 function Session:interrupt(opts)
@@ -1002,12 +1038,17 @@ handlers["input_audio_buffer.commit"] = function(self, ev)
       nil, ev.event_id)
   end
   self._buffered = 0
-  local iid = new_id("item")
+  local speaking = self._speaking
+  self._speaking = nil
+  local iid = speaking and speaking.item_id or new_id("item")
   local prev = self.last_item_id or null
   self.last_item_id = iid
   self:send({ type = "input_audio_buffer.committed", previous_item_id = prev, item_id = iid })
   self:send({ type = "conversation.item.added", previous_item_id = prev, item = user_item(iid) })
   self:send({ type = "conversation.item.done", previous_item_id = prev, item = user_item(iid) })
+  if speaking then
+    self:_transcribe(iid, speaking.text, speaking.delay)
+  end
 end
 
 handlers["input_audio_buffer.clear"] = function(self)
