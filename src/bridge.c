@@ -33,6 +33,8 @@
  *                        made when the phone's stream starts: its frames are
  *                        checked and kept here from the first one
  *   b:link_model(conn)   the model connection, when it comes after the phone
+ *   b:unlink_model()     lets go of it (not ready: dropped to connect again);
+ *                        phone frames are kept again until the next is ready
  *   b:model_ready()      appends start; phone frames kept until now are sent first
  *   b:send_audio(item_id, b64)   model audio from Lua (what came before the phone,
  *                        or a delta the model tap left to Lua)
@@ -1016,6 +1018,21 @@ static int l_link_model(lua_State *L)
 	return 0;
 }
 
+/* The model connection is dropped before it was ready (to connect again):
+ * the bridge lets go of it, and keeps the phone's frames for the next one. */
+static int l_unlink_model(lua_State *L)
+{
+	struct bridge *b = check(L);
+
+	if (b->model) {
+		b->model->tap = NULL;
+		b->model->tap_closed = NULL;
+		b->model = NULL;
+	}
+	b->ready = 0;
+	return 0;
+}
+
 static int l_model_ready(lua_State *L)
 {
 	struct bridge *b = check(L);
@@ -1190,6 +1207,7 @@ int luaopen_callagent_core_bridge(lua_State *L)
 {
 	static const luaL_Reg methods[] = {
 		{"link_model", l_link_model},
+		{"unlink_model", l_unlink_model},
 		{"model_ready", l_model_ready},
 		{"send_audio", l_send_audio},
 		{"phone_media", l_phone_media},

@@ -318,4 +318,118 @@ T.test("the callee's last words: the call ends within LAST_WORDS_MS when the tra
   T.lt(s2.closed_at - s2.hung_up_at, 300, "no wait when no transcript is pending")
 end, { timeout = 60000 })
 
+T.test("a rate limit on the model's first session.update: the model connection is tried again while the phone waits, and the call talks", function()
+  local env = kit.start({
+    config = { retry = { maxAttempts = 1 } },
+    realtime = {
+      refuse_update = { "rate_limit_exceeded", "Rate limit reached for sessions. Please try again in 0.2s.",
+        sessions = 2 },
+      script = function(session)
+        if not session:wait_event("response.create", 10000) then
+          return -- a refused session: the client goes
+        end
+        session:speak({ ms = 300, text = "Hello, is this Ann?" })
+        session:user_speech({ ms = 300, text = "Yes." })
+        session:report_and_goodbye({ summary = "Ann.", outcome = "success" }, { ms = 200, text = "Bye." })
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550182", prompt = "Say hello." })
+  local call = env:wait_final(id, 30000)
+  T.eq({ call.status, call.endReason, call.report and call.report.summary }, { "completed", "completed", "Ann." },
+    tostring(call.lastError))
+  T.eq(#env.rt.sessions, 3, "two refused sessions, then one that talked")
+  local s1, s2, s3 = env.rt.sessions[1], env.rt.sessions[2], env.rt.sessions[3]
+  T.ok(s1.closed and s2.closed, "the refused sessions were closed by the client")
+  T.ge(s2.opened_at - s1.opened_at, bridge_mod.MODEL_RETRY_MS[1] - 50, "waited before trying again")
+  T.gt(s3.input_bytes, 0, "the phone's audio went to the session that talked")
+  T.eq(lines(call), { "agent: Hello, is this Ann?", "callee: Yes.", "agent: Bye." })
+end, { timeout = 40000 })
+
+-- A TCP front for the fake Realtime server (Node, which the tests have):
+-- its first `refuse` connections are answered HTTP 429 at the upgrade, as
+-- OpenAI answers a rate-limited connection; later ones are passed through.
+-- Returns its ws:// URL and the times of the refusals (read them with poll()).
+local function rate_limiting_front(rt_port, refuse)
+  local process = require "callagent.process"
+  local p = assert(process.spawn({ "node", "-e", [[
+const net = require('net');
+const target = +process.argv[1], refuse = +process.argv[2];
+let n = 0;
+const s = net.createServer(c => {
+  c.on('error', () => {});
+  if (++n <= refuse) {
+    c.once('data', () => {
+      const body = '{"error":{"message":"Too many requests","type":"requests","code":"rate_limit_exceeded"}}';
+      c.end('HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\nContent-Length: ' +
+        body.length + '\r\nConnection: close\r\n\r\n' + body);
+      console.log('refused');
+    });
+  } else {
+    const u = net.connect(target, '127.0.0.1');
+    u.on('error', () => c.destroy());
+    c.pipe(u); u.pipe(c);
+    console.log('passed');
+  }
+});
+s.listen(0, '127.0.0.1', () => console.log(s.address().port));
+]], tostring(rt_port), tostring(refuse) }))
+  T.defer(function()
+    p:kill()
+  end)
+  local port = assert(p:read_line(5000), "the front's port")
+  local seen = {}
+  local function poll()
+    while true do
+      local l = p:read_line(0)
+      if not l then
+        return seen
+      end
+      seen[#seen + 1] = { l, timer.now() }
+    end
+  end
+  return "ws://127.0.0.1:" .. port .. "/v1/realtime", poll
+end
+
+T.test("HTTP 429 at the model's WebSocket upgrade: tried again while the phone waits, and the call talks", function()
+  local env = kit.start({
+    config = { retry = { maxAttempts = 1 } },
+    realtime = {
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        session:speak({ ms = 300, text = "Hello, is this Ann?" })
+        session:report_and_goodbye({ summary = "Ann.", outcome = "success" }, { ms = 200, text = "Bye." })
+      end,
+    },
+  })
+  local front, poll = rate_limiting_front(env.rt.port, 2)
+  env.app.config.openai.realtimeUrl = front -- the engine's config: read at each model connection
+  local id = env:create({ to = "+14155550183", prompt = "Say hello." })
+  local call = env:wait_final(id, 30000)
+  T.eq({ call.status, call.endReason, call.report and call.report.summary }, { "completed", "completed", "Ann." },
+    tostring(call.lastError))
+  T.eq(#poll(), 3, "two connections refused, the third passed")
+  T.eq(#env.rt.sessions, 1, "one session reached the service")
+  T.gt(env.rt.sessions[1].input_bytes, 0, "the phone's audio reached it")
+  T.eq(lines(call), { "agent: Hello, is this Ann?", "agent: Bye." })
+end, { timeout = 40000 })
+
+T.test("HTTP 429 at every model connection: a bounded number of tries with backoff, then the call fails model_error", function()
+  local env = kit.start({ config = { retry = { maxAttempts = 1 } } })
+  local front, poll = rate_limiting_front(env.rt.port, 100)
+  env.app.config.openai.realtimeUrl = front
+  local id = env:create({ to = "+14155550184", prompt = "Say hello." })
+  local call = env:wait_final(id, 30000)
+  T.eq({ call.status, call.endReason }, { "failed", "model_error" })
+  T.match(call.lastError, "HTTP 429 .*%(4 tries%)$")
+  T.eq(#poll(), #bridge_mod.MODEL_RETRY_MS + 1, "the first connection and each retry")
+  local waited = 0
+  for _, ms in ipairs(bridge_mod.MODEL_RETRY_MS) do
+    waited = waited + ms
+  end
+  local took = env.tw.calls[1].hangup_requested_at - env.tw.calls[1].stream_started_at
+  T.ge(took, waited - 100, "backed off between tries")
+  T.lt(took, 10000, "within the 10 s the phone's frames are kept")
+end, { timeout = 40000 })
+
 T.run()

@@ -58,6 +58,17 @@ M.RESPONSE_STALL_MS = 15000
 -- pending: no wait. A field so that tests can read it.
 M.LAST_WORDS_MS = 2500
 
+-- A rate limit at the session's start (an `error` rate_limit_exceeded
+-- before session.updated, or HTTP 429 at the WebSocket upgrade) is often
+-- over in a second or two: the model connection is tried again after each of
+-- these waits (a longer "try again in N s" of the service's, up to
+-- MODEL_RETRY_MAX_MS, is waited instead), while the phone's frames are kept
+-- (10 s). The callee hears silence meanwhile, so the tries are few; after
+-- the last, the call fails model_error. Redialing is no remedy: the call
+-- was answered. A field so that tests can read it.
+M.MODEL_RETRY_MS = { 500, 1500, 3000 }
+local MODEL_RETRY_MAX_MS = 4000
+
 -- When the model's session (openai.sessionMaxSec from its open) is near
 -- enough to ask for the wrap-up: the report (call.wrapUpSec) and the goodbye
 -- (call.goodbyeTimeoutSec) must end before it does, with a margin for what
@@ -106,11 +117,15 @@ function Bridge:start_model()
     tools[#tools + 1] = { type = "function", name = t.name, description = t.description, parameters = t.parameters }
     names[#names + 1] = t.name
   end
-  self.rt = realtime.session(self.cfg.openai, {
+  local rt
+  rt = realtime.session(self.cfg.openai, {
     instructions = instructions.build(call, { extra_tools = names }),
     voice = call.voice,
     tools = tools,
-    on_open = function(rt)
+    on_open = function()
+      if rt ~= self.rt then
+        return -- dropped for another (rate limited) while it opened
+      end
       if self.cb and not self.ended then
         self.cb:link_model(rt.conn)
       end
@@ -133,16 +148,65 @@ function Bridge:start_model()
       end)
     end,
     on_ready = function(_, ev)
-      self:_model_ready(ev)
+      if rt == self.rt then
+        self:_model_ready(ev)
+      end
     end,
     on_event = function(_, ev)
-      self:_model_event(ev)
+      if rt == self.rt then
+        self:_model_event(ev)
+      end
     end,
     on_close = function(_, code, reason)
-      self:_model_closed(code, reason)
+      if rt == self.rt then
+        self:_model_closed(code, reason)
+      end
     end,
   })
-  self.rt:connect()
+  self.rt = rt
+  rt:connect()
+end
+
+-- The service refused the session's start for its rate limit: the model
+-- connection is dropped and made again after a wait, up to
+-- #MODEL_RETRY_MS times; false once they are used up (or the call is over).
+function Bridge:_model_rate_limited(why, message)
+  if self.model_retry_timer then
+    return true -- another event of the session already dropped: one retry for it
+  end
+  local n = (self.model_retries or 0) + 1
+  local wait = M.MODEL_RETRY_MS[n]
+  if not wait or self.ended or self.hanging_up or self.model_ready then
+    return false
+  end
+  self.model_retries = n
+  -- "Please try again in 1.5s" / "in 800ms": the service's own hint.
+  local num, unit = tostring(message or ""):match("try again in ([%d%.]+)%s*(m?s)")
+  local hint = tonumber(num)
+  if hint then
+    hint = math.ceil(unit == "ms" and hint or hint * 1000)
+    wait = math.max(wait, math.min(hint, MODEL_RETRY_MAX_MS))
+  end
+  log.warn("model rate limited at the session's start: connecting again", { call = self.call_id,
+    attempt = self.attempt, retry = n, after_ms = wait, reason = why })
+  self:_stop_timer("ready_timer")
+  self:_stop_timer("session_timer")
+  if self.cb then
+    self.cb:unlink_model()
+  end
+  self.rt:close()
+  self.model_retry_timer = timer.after(wait, function()
+    self.model_retry_timer = nil
+    if not self.ended and not self.hanging_up then
+      self:start_model()
+    end
+  end)
+  return true
+end
+
+-- After the tries a rate limit got, for lastError.
+function Bridge:_tries()
+  return self.model_retries and string.format(" (%d tries)", self.model_retries + 1) or ""
 end
 
 function Bridge:_model_ready(ev)
@@ -202,8 +266,14 @@ function Bridge:_model_closed(code, reason)
   if self.report then
     return self:_finish_after_report()
   end
+  if not code and tostring(reason):find("^EHANDSHAKE: server answered HTTP 429 ") then
+    -- Refused at the upgrade for the rate limit: tried again, a few times.
+    if self:_model_rate_limited(tostring(reason), nil) then
+      return
+    end
+  end
   local why = code and string.format("model connection closed (%s %s)", tostring(code), reason or "")
-    or ("model connection failed: " .. tostring(reason))
+    or ("model connection failed: " .. tostring(reason) .. self:_tries())
   log.warn("model connection lost", { call = self.call_id, attempt = self.attempt, reason = why })
   self.engine:bridge_error(self, why)
   self:hangup("model_error")
@@ -338,10 +408,15 @@ function Bridge:_model_event(ev)
     local e = obj(ev.error)
     local code, etype, message = text(e.code), text(e.type), text(e.message)
     if not self.model_ready then
+      if (code == "rate_limit_exceeded" or etype == "rate_limit_exceeded")
+        and self:_model_rate_limited(tostring(code) .. ": " .. tostring(message), message) then
+        return
+      end
       -- Before session.updated: the service refused the session (its model,
       -- a field of it). Nothing will be said: the call ends now.
       log.warn("model refused the session", { call = self.call_id, code = code, type = etype, message = message })
-      self.engine:bridge_error(self, "model refused the session: " .. tostring(code or etype) .. ": " .. tostring(message))
+      self.engine:bridge_error(self, "model refused the session: " .. tostring(code or etype) .. ": " .. tostring(message)
+        .. self:_tries())
       return self:hangup("model_error")
     end
     -- An error that answers our latest response.create refuses it.
@@ -1138,7 +1213,7 @@ function Bridge:finish(reason)
   end
   self.ended = true
   for _, name in ipairs({ "max_timer", "session_timer", "silence_timer", "goodbye_timer", "wrapup_timer",
-    "ready_timer", "respond_timer", "greet_retry_timer", "dtmf_timer", "stall_timer" }) do
+    "ready_timer", "respond_timer", "greet_retry_timer", "dtmf_timer", "stall_timer", "model_retry_timer" }) do
     self:_stop_timer(name)
   end
   self:_flush_lines() -- what was said and not yet (known to be) played

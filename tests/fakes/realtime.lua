@@ -16,7 +16,10 @@
 --     refuse_update = nil,          -- {code, message}: every session.update is
 --                                   -- answered with that error (a model or key
 --                                   -- the service will not serve), or true: with
---                                   -- nothing at all (a service that hangs)
+--                                   -- nothing at all (a service that hangs);
+--                                   -- {code, message, sessions = n}: only the
+--                                   -- first n sessions are refused (a rate
+--                                   -- limit that passes)
 --     keep_formats = false,         -- true: the audio formats of a session.update
 --                                   -- are not applied (the defaults, 24 kHz PCM
 --                                   -- both ways, stay and are echoed), as by a
@@ -1010,6 +1013,9 @@ handlers["session.update"] = function(self, ev, raw)
     end
   end
   local refuse = self.rt.opts.refuse_update
+  if type(refuse) == "table" and refuse.sessions and self.index > refuse.sessions then
+    refuse = nil -- only the first refuse.sessions sessions are refused
+  end
   if refuse == true then
     return
   elseif refuse then
@@ -1275,6 +1281,7 @@ local function open(rt, conn, req)
   }, session_mt)
   conn.session = session
   rt.sessions[#rt.sessions + 1] = session
+  session.index = #rt.sessions
   session.config = default_config(session.model)
   if rt.opts.session_defaults then
     merge_session(session.config, rt.opts.session_defaults)
