@@ -288,9 +288,13 @@ T.test("the callee hangs up mid-sentence: what they said is committed, transcrib
     -- Speech goes on when the phone hangs up: VAD never hears its end.
     session:user_speech({ ms = 400, text = "No, wait, call me", until_commit = true, transcript_delay_ms = 300 })
     hangup()
+    -- The service answers the committed words, to a phone that is gone.
+    assert(session:wait_event("input_audio_buffer.commit", 3000))
+    session:speak({ ms = 200, pace = false, text = "Okay, goodbye.", auto = true })
   end)
   T.eq({ call.status, call.endReason }, { "completed", "callee_hung_up" })
-  T.eq(lines(call), { "agent: Hello, is this Ann?", "callee: No, wait, call me" })
+  T.eq(lines(call), { "agent: Hello, is this Ann?", "callee: No, wait, call me" }, "no line for what nobody heard")
+  T.eq(call.usage.responses, 2, "the unheard response's tokens are counted")
   local commits = 0
   for _, ev in ipairs(s.events) do
     commits = commits + (ev.type == "input_audio_buffer.commit" and 1 or 0)

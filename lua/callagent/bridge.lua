@@ -315,8 +315,10 @@ local function obj(v)
   return type(v) == "table" and v or EMPTY
 end
 
--- What the model may still send once the call has ended: the callee's
--- words and their transcription (responses to them go nowhere).
+-- What the model may still send once the call has ended (on its way when we
+-- closed, or while the callee's last words are awaited) that still counts:
+-- the callee's words and their transcription. A response to them goes
+-- nowhere and is no agent line (nobody heard it); its usage is counted.
 local AFTER_END = {
   ["input_audio_buffer.speech_started"] = true,
   ["input_audio_buffer.speech_stopped"] = true,
@@ -329,6 +331,10 @@ local AFTER_END = {
 function Bridge:_model_event(ev)
   local t = ev.type
   if self.ended and not AFTER_END[t] then
+    local r = t == "response.done" and obj(ev.response)
+    if r and type(r.usage) == "table" then
+      self.engine:bridge_usage(self, r.usage) -- tokens spent all the same
+    end
     return
   end
   self.model_events = (self.model_events or 0) + 1
