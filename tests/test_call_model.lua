@@ -436,4 +436,13 @@ T.test("HTTP 429 at every model connection: a bounded number of tries with backo
   T.lt(took, 10000, "within the 10 s the phone's frames are kept")
 end, { timeout = 40000 })
 
+T.test("without openai.apiKey (a proxy that holds the key) the model connection carries no Authorization header", function()
+  local env = kit.start({ config = { openai = { apiKey = json.null }, retry = { maxAttempts = 1 } } })
+  local id = env:create({ to = "+14155550185", prompt = "Say hello." })
+  env:wait_final(id, 15000) -- the fake wants a key: refused
+  local s = env.rt.sessions[1]
+  T.ok(s, "the model was connected to")
+  T.eq(s.headers.authorization, nil)
+end, { timeout = 30000 })
+
 T.run()
