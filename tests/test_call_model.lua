@@ -445,4 +445,34 @@ T.test("without openai.apiKey (a proxy that holds the key) the model connection 
   T.eq(s.headers.authorization, nil)
 end, { timeout = 30000 })
 
+T.test("the app stops while the callee's last words are awaited: the call still ends as the callee ended it, and is notified", function()
+  local env
+  env = kit.start({
+    config = { retry = { maxAttempts = 1 } },
+    realtime = {
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        session:speak({ ms = 300, text = "Hello, is this Ann?" })
+        session:user_speech({ ms = 300, text = "Never transcribed.", transcript_delay_ms = 20000 })
+        env.tw.calls[1]:hangup()
+        session.hung_up_at = timer.now()
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550186", prompt = "Say hello." })
+  T.wait_for(function()
+    return env.rt.sessions[1] and env.rt.sessions[1].hung_up_at
+  end, 10000, "the callee to hang up")
+  timer.sleep(300) -- the stream has closed: the last words are awaited
+  env.app:stop()
+  local note
+  for _, r in ipairs(env.hooks.received) do
+    if r.json and r.json.data and r.json.data.callId == id then
+      note = r.json.data
+    end
+  end
+  T.ok(note, "the call was notified before the stop ended")
+  T.eq({ note.status, note.endReason }, { "completed", "callee_hung_up" })
+end, { timeout = 30000 })
+
 T.run()

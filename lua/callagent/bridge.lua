@@ -260,7 +260,7 @@ end
 
 function Bridge:_model_closed(code, reason)
   if self.ended then
-    return self:_end_last_words() -- if they were awaited, they will not come now
+    return self:end_last_words() -- if they were awaited, they will not come now
   end
   self.model_ready = false
   if self.report then
@@ -1257,7 +1257,7 @@ function Bridge:finish(reason)
     self.last_words.timer = timer.after(M.LAST_WORDS_MS, function()
       self.last_words.timer = nil
       log.info("the callee's last words did not come in time", { call = self.call_id, attempt = self.attempt })
-      self:_end_last_words()
+      self:end_last_words()
     end)
     return
   end
@@ -1271,13 +1271,13 @@ end
 
 function Bridge:_check_last_words()
   if self.last_words and not self:_callee_pending() then
-    self:_end_last_words()
+    self:end_last_words()
   end
 end
 
--- The wait for the callee's last words is over (they came, or the bound
--- passed, or the model went): the attempt ends now.
-function Bridge:_end_last_words()
+--- The wait for the callee's last words is over (they came, or the bound
+-- passed, or the model went, or the app stops): the attempt ends now.
+function Bridge:end_last_words()
   local lw = self.last_words
   if not lw then
     return

@@ -1461,6 +1461,14 @@ function Engine:shutdown(deadline_ms)
   self.stopped = true -- background hang-up retries end
   -- No retries or other timers fire while the calls are being hung up.
   self:_cancel_timers()
+  -- Attempts waiting for the callee's last words end now, while the store is open.
+  local tails = {}
+  for _, b in pairs(self.bridges) do
+    tails[#tails + 1] = b
+  end
+  for _, b in ipairs(tails) do
+    b:end_last_words()
+  end
   local todo = {}
   for id, call in pairs(self.live) do
     local b = self.bridges[id .. "#" .. call.attempt]
