@@ -18,7 +18,10 @@
 --     has played (or call.goodbyeTimeoutSec) the provider hangs up
 --   faults (model lost or failing, maximum duration, the model's session
 --     limit near, a silent callee, the phone hanging up) end or wrap up the
---     call with a reason
+--     call with a reason; a rate limit at the session's start is tried
+--     again (MODEL_RETRY_MS)
+--   the phone gone while the callee's words are still being transcribed:
+--     the model stays open for them, LAST_WORDS_MS at most
 --
 -- The per-frame work (media, appends, deltas, marks) runs in C from the
 -- phone stream's start (callagent.core.bridge, src/bridge.c; the model
