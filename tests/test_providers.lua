@@ -144,13 +144,18 @@ T.test("a file missing functions is reported by path and missing names", functio
   local p, err = providers.load("half", cfg(), { dir })
   T.eq(p, nil)
   T.match(err, "^provider " .. dir:gsub("%p", "%%%0") .. "/half%.lua: missing buildVoiceResponse, validateRequest, registerRoutes %(")
-  -- endCall, init and getCall are optional, but functions when given.
+  -- endCall, init, getCall, streamStart and close are optional, but functions when given.
   write(dir .. "/noend.lua", (COMPLETE:gsub(", endCall = function%(%) end", "")))
   T.eq(assert(providers.load("noend", cfg(), { dir })).endCall, nil)
   write(dir .. "/badend.lua", (COMPLETE:gsub("endCall = function%(%) end", "endCall = true")))
   p, err = providers.load("badend", cfg(), { dir })
   T.eq(p, nil)
   T.match(err, "/badend%.lua: endCall must be a function, not a boolean$")
+  -- close is optional too (app:stop() calls it): checked when the file is read, not at the stop.
+  write(dir .. "/badclose.lua", (COMPLETE:gsub("endCall = function%(%) end", "endCall = function() end, close = true")))
+  p, err = providers.load("badclose", cfg(), { dir })
+  T.eq(p, nil)
+  T.match(err or "", "/badclose%.lua: close must be a function, not a boolean$")
 end)
 
 T.test("a file that does not load or returns no table is reported by path", function()

@@ -57,7 +57,7 @@ M.required = {
 }
 
 -- Optional, but functions when given.
-M.optional = { "init", "endCall", "getCall", "streamStart" }
+M.optional = { "init", "endCall", "getCall", "streamStart", "close" }
 
 --- The folders searched, in order: extra dirs (opts.provider_dirs), the
 --- providers/ folder next to the app being run, then callagent's own.
