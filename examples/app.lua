@@ -50,6 +50,9 @@ end
 task.spawn(function()
   local ok, serr = app:start()
   if not ok then
+    if type(config) == "table" and serr:find("EADDRINUSE", 1, true) then -- the local setup: PORT picks the port
+      serr = serr .. " (another port: PORT=8080 make run)"
+    end
     io.stderr:write("callagent: ", serr, "\n")
     runtime.exit(1)
   end

@@ -64,6 +64,15 @@ T.test("a PORT that is no number stops the start, naming it", function()
   T.eq(p.text(), "", "no banner")
 end)
 
+T.test("make run's app on a port in use says so once, and how to pick another", function()
+  local busy = T.server({}, function() end)
+  local code, _, p = T.run_app(APP, nil, { env = env({ PORT = tostring(busy.port) }), cwd = T.tmpdir() })
+  T.eq(code, 1, p.errtext())
+  T.eq(p.err[#p.err], "callagent: server: cannot listen on 127.0.0.1:" .. busy.port
+    .. ": EADDRINUSE: Address already in use (another port: PORT=8080 make run)")
+  T.eq(p.text(), "", "no banner")
+end)
+
 T.test("tools.lua and twilio.lua that cannot start exit 1 with one line, not a traceback", function()
   -- tools.lua on a port in use.
   local busy = T.server({}, function() end)

@@ -408,7 +408,9 @@ function App:start()
   local ok, lerr = srv:listen()
   if not ok then
     srv:close()
-    return fail("server: cannot listen on " .. cfg.server.host .. ":" .. cfg.server.port .. ": " .. tostring(lerr))
+    -- The server's own words name the address too ("EADDRINUSE: cannot listen on h:p: ..."): once is enough.
+    lerr = tostring(lerr):gsub("^(%u+: )cannot listen on [^ ]+: ", "%1")
+    return fail("server: cannot listen on " .. cfg.server.host .. ":" .. cfg.server.port .. ": " .. lerr)
   end
   self.server = srv
   -- This machine's URL: a wildcard address is no place to go (nor, for the
