@@ -489,4 +489,39 @@ log.info("leak attempt tw-secret-token-1234 sk-openai-secret-5678 api-token-abcd
   T.match(all, "leak attempt %[redacted%] %[redacted%] %[redacted%] %[redacted%]")
 end)
 
+
+T.test("server.host must be an IP address or localhost: a name or a blank is refused at start, naming the key", function()
+  local token = string.rep("t", 32)
+  for _, h in ipairs({ "example.com", "", " 127.0.0.1", "[::1]", "127.000.000.001", "127.1", "fe80::1%eth0",
+    "127.evil.example" }) do
+    local cfg, err = config.normalize({ server = { host = h, apiToken = token }, openai = { apiKey = "sk-test-key" } },
+      { quiet = true })
+    T.eq(cfg, nil, h)
+    T.match(err, "^server%.host: expected an IP address %(IPv4 or IPv6%) or localhost, got ", h)
+  end
+  for _, h in ipairs({ "127.0.0.1", "localhost", "0.0.0.0", "::", "::1", "192.168.1.10", "fd7a:115c:a1e0::1",
+    "::ffff:127.0.0.1" }) do
+    local cfg, err = config.normalize({ server = { host = h, apiToken = token }, openai = { apiKey = "sk-test-key" } },
+      { quiet = true })
+    T.ok(cfg, h .. ": " .. tostring(err))
+  end
+end)
+
+T.test("notify keys that send nothing are warned about: a token without a URL, a URL already ending in /agent", function()
+  local _, _, w = config.normalize({ notify = { hooksToken = "hook-token-123", sessionKey = "s" },
+    openai = { apiKey = "sk-test-key" } }, { quiet = true })
+  T.eq(w, { "notify.hooksToken: set without notify.hooksUrl: no notifications are sent" })
+  local cfg
+  cfg, _, w = config.normalize({ notify = { hooksUrl = "http://127.0.0.1:19000/hooks/agent/", hooksToken = "hook-token-123" },
+    openai = { apiKey = "sk-test-key" } }, { quiet = true })
+  T.eq(cfg.notify.hooksUrl, "http://127.0.0.1:19000/hooks/agent", "kept as given: /agent is appended to it")
+  T.eq(w, { "notify.hooksUrl: ends in /agent, and /agent is appended to it: notifications go to "
+    .. "http://127.0.0.1:19000/hooks/agent/agent (set it to http://127.0.0.1:19000/hooks)" })
+  _, _, w = config.normalize({ notify = { hooksUrl = "https://u:pw@h.example/hooks/agent?token=abc", hooksToken = "hook-token-123" },
+    openai = { apiKey = "sk-test-key" } }, { quiet = true })
+  T.match(w[1], "^notify%.hooksUrl: ends in /agent")
+  T.no_match(w[1], "pw")
+  T.no_match(w[1], "abc")
+end)
+
 T.run()

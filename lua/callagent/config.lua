@@ -273,6 +273,29 @@ local function ca_file(v)
   end
 end
 
+-- What the server can listen on: it resolves no name but "localhost", so
+-- an address as inet_pton(3) reads it (a dotted quad without leading zeros,
+-- or IPv6 without brackets or a zone). Anything else was accepted here and
+-- failed only at the start, with an error that did not name the key.
+local function listen_host(v)
+  if v == "localhost" then
+    return nil
+  end
+  local quad = { v:match("^(%d+)%.(%d+)%.(%d+)%.(%d+)$") }
+  if #quad == 4 then
+    for _, x in ipairs(quad) do
+      if #x > 3 or tonumber(x) > 255 or (#x > 1 and x:sub(1, 1) == "0") then
+        return "an IP address (IPv4 or IPv6) or localhost"
+      end
+    end
+    return nil
+  end
+  if v:find(":", 1, true) and not v:find("[^%x:.]") and is_ipv6(v) then
+    return nil
+  end
+  return "an IP address (IPv4 or IPv6) or localhost"
+end
+
 -- A name or a path: an empty or blank one would only fail later, less clearly.
 local function not_blank(what)
   return function(v)
@@ -296,7 +319,7 @@ local SCHEMA = {
   },
   server = {
     port = field("integer", 4545, range(0, 65535)),
-    host = field("string", "127.0.0.1"),
+    host = field("string", "127.0.0.1", listen_host),
     publicBaseUrl = field("string", nil, url_check({ "https", "http" }, { base = true }),
       { optional = true, url = true }),
     apiToken = field("string", nil, function(v)
@@ -675,6 +698,10 @@ function M.normalize(input, opts)
   if cfg.notify.hooksUrl and not cfg.notify.hooksToken then
     return nil, "notify.hooksToken: required when notify.hooksUrl is set"
   end
+  -- Settings that send nothing, where the user meant notifications to go.
+  if cfg.notify.hooksToken and not cfg.notify.hooksUrl then
+    warnings[#warnings + 1] = "notify.hooksToken: set without notify.hooksUrl: no notifications are sent"
+  end
   -- OpenAI itself needs the key; a proxy, a local stand-in or a test fake may not.
   -- The host as the connection will see it: any case, a final dot, userinfo.
   local rt = url.parse(cfg.openai.realtimeUrl)
@@ -689,7 +716,16 @@ function M.normalize(input, opts)
   if cfg.notify.hooksUrl then
     -- From the path only: a query is the receiver's, sent as given.
     local path, query = cfg.notify.hooksUrl:match("^([^?]*)(.*)$")
-    cfg.notify.hooksUrl = path:gsub("/+$", "") .. query
+    path = path:gsub("/+$", "")
+    cfg.notify.hooksUrl = path .. query
+    -- The receiver's whole URL given (the seed's is ".../hooks"): every
+    -- notification would go to .../agent/agent, refused (404), and never
+    -- sent again. Kept as given (a receiver may really want that), said.
+    if path:find("/agent$") then
+      warnings[#warnings + 1] = string.format("notify.hooksUrl: ends in /agent, and /agent is appended to it: "
+        .. "notifications go to %s (set it to %s)", url.display(path .. "/agent" .. query),
+        url.display(path:gsub("/agent$", "") .. query))
+    end
   end
 
   if not opts.quiet then
