@@ -21,6 +21,9 @@ local function notifier(handler)
   end)
   local n = notify.new({ hooksUrl = hooks:url("/hooks"), hooksToken = "hooks-token-for-tests" }, store,
     { base_delay_ms = 50 })
+  T.defer(function()
+    n:stop()
+  end)
   return n, store
 end
 
@@ -70,6 +73,45 @@ T.test("a receiver's Retry-After (429 or 503) is waited for before the next try,
   T.wait_for(function()
     return #store:pending_notifications() == 0
   end, 5000, "delivered")
+end)
+
+
+T.test("a notification out of tries is sent again while the app runs (a sweep), not only after a restart; once", function()
+  local tries, delivered = 0, 0
+  local hooks = http.server({ headers = { "idempotency-key" } })
+  hooks:post("/hooks/agent", function()
+    tries = tries + 1
+    if tries <= 2 then
+      return 503, { error = "down for a while" }
+    end
+    delivered = delivered + 1
+    return 200, { ok = true }
+  end)
+  assert(hooks:listen())
+  T.defer(function()
+    hooks:close()
+  end)
+  local store = assert(store_mod.open({ backend = "sqlite", path = T.tmpdir() .. "/n.db", retentionDays = 30 }))
+  T.defer(function()
+    store:close()
+  end)
+  local n = notify.new({ hooksUrl = hooks:url("/hooks"), hooksToken = "hooks-token-for-tests" }, store,
+    { attempts = 2, base_delay_ms = 20, sweep_ms = 300 })
+  T.defer(function()
+    n:stop()
+  end)
+  T.eq(n:resume(), 0, "nothing pending at the start")
+  assert(store:add_notification("c_1:completed", "c_1", "{}"))
+  n:send("c_1:completed", "{}")
+  T.wait_for(function()
+    return tries == 2 and not n.in_flight["c_1:completed"]
+  end, 5000, "both tries failed: given up")
+  T.eq(#store:pending_notifications(), 1, "still pending")
+  T.wait_for(function()
+    return #store:pending_notifications() == 0
+  end, 5000, "sent again by the sweep, without a restart")
+  timer.sleep(800)
+  T.eq({ tries, delivered }, { 3, 1 }, "delivered once; a sweep sends nothing delivered")
 end)
 
 T.run()

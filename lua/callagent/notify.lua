@@ -12,8 +12,8 @@
 -- final no. Every notification is recorded in the store first (record, in
 -- the commit of the call's final status), so one not yet
 -- delivered - cut short by a restart, or out of tries - is sent again after a
--- restart, but never one the receiver refused; the Idempotency-Key lets the
--- receiver drop duplicates.
+-- restart, and every sweep_ms (5 minutes) while the app runs, but never one
+-- the receiver refused; the Idempotency-Key lets the receiver drop duplicates.
 local fetch = require "callagent.fetch"
 local json = require "callagent.json"
 local log = require "callagent.log"
@@ -33,6 +33,7 @@ function M.new(cfg, store, opts)
     attempts = opts.attempts or 6,
     base_delay_ms = opts.base_delay_ms or 1000,
     timeout_ms = opts.timeout_ms or 10000,
+    sweep_ms = opts.sweep_ms or 300000,
     in_flight = {},
     requests = 0, -- requests waiting for their answer (drain)
   }, Notifier)
@@ -196,7 +197,8 @@ function Notifier:_deliver(key, body)
       timer.sleep(wait)
       delay = delay * 2
     else
-      log.error("notification failed; giving up", { key = key, error = why, tries = try })
+      log.error("notification failed; out of tries: the next sweep sends it again", { key = key, error = why,
+        tries = try, sweep_in_s = self.sweep_ms // 1000 })
     end
   end
   self.in_flight[key] = nil
@@ -218,6 +220,10 @@ end
 -- about to close); what they had not delivered stays pending for resume().
 function Notifier:stop()
   self.stopped = true
+  if self.sweep_timer then
+    self.sweep_timer:stop()
+    self.sweep_timer = nil
+  end
 end
 
 -- Notifications resume() sends at once: a backlog of thousands (a receiver
@@ -225,10 +231,30 @@ end
 local RESUME_AT_ONCE = 8
 
 --- Sends every notification recorded but not delivered (after a restart),
--- RESUME_AT_ONCE at a time, oldest first.
+-- RESUME_AT_ONCE at a time, oldest first; then again every sweep_ms, for
+-- those that ran out of tries meanwhile (a receiver down for a minute would
+-- otherwise get them only at the next restart: weeks later, or never).
 function Notifier:resume()
   if not self:enabled() then
     return 0
+  end
+  if not self.sweep_timer and not self.stopped then
+    self.sweep_timer = timer.every(self.sweep_ms, function()
+      -- One sweep at a time: the last one's keys are all taken (each in
+      -- flight or done) once it is no longer self.resuming.
+      if not self.stopped and not self.resuming then
+        task.spawn(self._sweep, self)
+      end
+    end)
+    self.sweep_timer:unref()
+  end
+  return self:_sweep()
+end
+
+-- Sends the pending notifications not already on their way.
+function Notifier:_sweep()
+  if self.stopped then
+    return 0 -- the store is closed
   end
   local pending, err = self.store:pending_notifications()
   if not pending then
@@ -239,6 +265,9 @@ function Notifier:resume()
   -- The backlog's keys not yet taken: one the engine sends, or sent before
   -- (a call the recovery ended), is its own to deliver; the backlog, coming
   -- to it after it was delivered, would send it again.
+  if #pending == 0 then
+    return 0 -- no worker would end this sweep (self.resuming)
+  end
   local waiting = {}
   for _, n in ipairs(pending) do
     waiting[n.key] = not self.in_flight[n.key] or nil
