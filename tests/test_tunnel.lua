@@ -608,4 +608,23 @@ T.test("app:start() outside a task is refused at once, before anything listens",
   T.no_match(p.errtext(), "callagent ready")
 end)
 
+
+T.test("a tunnel to an app that listens elsewhere than 127.0.0.1 or 0.0.0.0 is refused at start: it would reach nothing", function()
+  -- ngrok and tailscale forward to localhost:<port>; an app on 127.0.0.2
+  -- (or a LAN address, or IPv6 only) would have a public URL that reaches
+  -- nothing, and every call would fail at the vendor.
+  for _, host in ipairs({ "127.0.0.2", "::1" }) do
+    local dir = T.tmpdir()
+    local code, _, p = T.run_app(nil, nil, {
+      source = APP:gsub("server = { port = 0 }", "server = { port = 0, host = '" .. host .. "' }"),
+      env = app_env(bindir({ "ngrok" }), dir .. "/ngrok.log"),
+      timeout = 15000,
+    })
+    T.eq(code, 3, host .. ": " .. p.text() .. p.errtext())
+    T.match(p.text(), "^START FAILED: tunnel: ngrok and tailscale forward to 127%.0%.0%.1:%d+, where nothing listens: "
+      .. "server%.host is " .. host:gsub("%p", "%%%0") .. "; set it to 127%.0%.0%.1 or 0%.0%.0%.0, or set server%.publicBaseUrl")
+    T.eq(io.open(dir .. "/ngrok.log"), nil, "ngrok was not started")
+  end
+end)
+
 T.run()

@@ -428,7 +428,7 @@ function App:start()
   end
   if not self.public_base and self.provider.needs_public_url then
     local tunnel = require "callagent.tunnel"
-    local pub, terr = tunnel.open(cfg.tunnel, srv.port)
+    local pub, terr = tunnel.open(cfg.tunnel, srv.port, srv.host)
     if not pub then
       return fail(self.stopped and "stopped during start" or terr)
     end

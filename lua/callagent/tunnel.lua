@@ -3,7 +3,8 @@
 -- no public address of its own.
 --
 --   local tunnel = require "callagent.tunnel"
---   local t, err = tunnel.open(cfg.tunnel, port)   inside a task; waits up to tunnel.timeoutSec
+--   local t, err = tunnel.open(cfg.tunnel, port, host)   inside a task; waits up to tunnel.timeoutSec
+--                (host: the address the server listens on, 127.0.0.1 if not given)
 --   t.url        "https://abcd.ngrok-free.app": no trailing slash, exactly the
 --                base URL the vendor calls (and signs requests for)
 --   t.provider   "ngrok" or "tailscale"
@@ -459,13 +460,24 @@ local function opened(t)
   return t
 end
 
-function M.open(cfg, port)
+-- The listen addresses the tools' forwarding reaches: ngrok's goes to
+-- localhost:<port>, Funnel's to 127.0.0.1:<port>. Not another 127.x, a LAN
+-- address, nor IPv6 (the server listens there IPv6 only, "::" too).
+local REACHED = { ["127.0.0.1"] = true, localhost = true, ["0.0.0.0"] = true }
+
+function M.open(cfg, port, host)
   assert(math.type(port) == "integer" and port > 0 and port < 65536, "tunnel.open needs a port number")
   assert(task.running(), "tunnel.open must be called inside a task (see callagent.task.spawn)")
   cfg = with_defaults(cfg)
   local provider = cfg.provider
   if provider == "none" then
     return nil, 'tunnel: tunnel.provider is "none"; set server.publicBaseUrl to the URL the telephony vendor reaches this server at'
+  end
+  if host and not REACHED[host] then
+    -- Opened anyway, the public URL would reach nothing: every call would
+    -- fail at the vendor, with nothing said here.
+    return nil, string.format("tunnel: ngrok and tailscale forward to 127.0.0.1:%d, where nothing listens: "
+      .. "server.host is %s; set it to 127.0.0.1 or 0.0.0.0, or set server.publicBaseUrl", port, host)
   end
   -- One deadline, for auto's both tries too: tunnel.timeoutSec is what opening may take.
   local deadline = timer.now() + cfg.timeoutSec * 1000
