@@ -8,7 +8,7 @@ local notify = require "callagent.notify"
 
 -- A notifier on a fresh SQLite store, sending to a receiver whose
 -- /hooks/agent is handler: the notifier and its store.
-local function notifier(handler)
+local function notifier(handler, opts)
   local hooks = http.server({ headers = { "idempotency-key" } })
   hooks:post("/hooks/agent", handler)
   assert(hooks:listen())
@@ -20,7 +20,7 @@ local function notifier(handler)
     store:close()
   end)
   local n = notify.new({ hooksUrl = hooks:url("/hooks"), hooksToken = "hooks-token-for-tests" }, store,
-    { base_delay_ms = 50 })
+    opts or { base_delay_ms = 50 })
   T.defer(function()
     n:stop()
   end)
@@ -112,6 +112,24 @@ T.test("a notification out of tries is sent again while the app runs (a sweep), 
   end, 5000, "sent again by the sweep, without a restart")
   timer.sleep(800)
   T.eq({ tries, delivered }, { 3, 1 }, "delivered once; a sweep sends nothing delivered")
+end)
+
+T.test("a receiver that is down costs one round of tries per sweep, not every notification's: the sweep stops", function()
+  local tries = 0
+  local n, store = notifier(function()
+    tries = tries + 1
+    return 503, { error = "down" }
+  end, { attempts = 2, base_delay_ms = 10, sweep_ms = 60000 })
+  for i = 1, 40 do
+    assert(store:add_notification(("c_%02d:completed"):format(i), ("c_%02d"):format(i), "{}"))
+  end
+  T.eq(n:resume(), 40)
+  T.wait_for(function()
+    return tries >= 16 and next(n.in_flight) == nil
+  end, 5000, "the first ones out of tries")
+  timer.sleep(300)
+  T.eq(tries, 16, "8 at once, 2 tries each, then no more: the rest wait for the next sweep")
+  T.eq(#store:pending_notifications(), 40, "none lost: all still pending")
 end)
 
 T.run()

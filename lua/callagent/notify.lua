@@ -14,6 +14,7 @@
 -- delivered - cut short by a restart, or out of tries - is sent again after a
 -- restart, and every sweep_ms (5 minutes) while the app runs, but never one
 -- the receiver refused; the Idempotency-Key lets the receiver drop duplicates.
+-- A sweep ends at the first notification out of tries (the receiver is down).
 local fetch = require "callagent.fetch"
 local json = require "callagent.json"
 local log = require "callagent.log"
@@ -128,6 +129,7 @@ end
 local MAX_RETRY_AFTER_MS = 60000
 
 -- Delivers one notification, with its retries (in a task; in_flight[key] set).
+-- Returns whether the receiver answered for good (delivered, or refused).
 function Notifier:_deliver(key, body)
   if self.resuming then
     -- Sent now, and so no more the business of the backlog being resumed.
@@ -164,7 +166,7 @@ function Notifier:_deliver(key, body)
       self.store:mark_notified(key, "sent")
       log.info("notification delivered", { key = key, status = res.status, try = try })
       self.in_flight[key] = nil
-      return
+      return true
     end
     local why = res and ("HTTP " .. res.status) or err
     -- 408 and 429 say "later"; another answer under 500 will not change.
@@ -178,11 +180,11 @@ function Notifier:_deliver(key, body)
       log.error("notification redirected; not retrying: set notify.hooksUrl to the receiver's own address",
         { key = key, error = why, location = to and url.display(to) })
       self.in_flight[key] = nil
-      return
+      return true
     elseif refused then
       log.warn("notification refused; not retrying", { key = key, error = why })
       self.in_flight[key] = nil
-      return
+      return true
     end
     if try < self.attempts then
       -- A receiver that says when (Retry-After in seconds, with 429 or 503)
@@ -202,6 +204,7 @@ function Notifier:_deliver(key, body)
     end
   end
   self.in_flight[key] = nil
+  return false
 end
 
 --- Inside a task: waits, at most ms, for the requests on their way to be
@@ -273,14 +276,17 @@ function Notifier:_sweep()
     waiting[n.key] = not self.in_flight[n.key] or nil
   end
   self.resuming = waiting
-  local next_one = 0
+  -- One out of tries ends the sweep: the receiver is down, and the rest
+  -- would each cost it a round of tries too (a backlog of thousands, every
+  -- sweep); they wait for the next one.
+  local next_one, down = 0, false
   local function worker()
-    while next_one < #pending and not self.stopped do
+    while next_one < #pending and not self.stopped and not down do
       next_one = next_one + 1
       local n = pending[next_one]
       if waiting[n.key] and not self.in_flight[n.key] then
         self.in_flight[n.key] = true
-        self:_deliver(n.key, n.payload)
+        down = not self:_deliver(n.key, n.payload) or down
       end
     end
     if self.resuming == waiting then
