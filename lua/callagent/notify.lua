@@ -265,12 +265,12 @@ function Notifier:_sweep()
     log.error("the notifications not yet delivered could not be read", { error = err })
     return 0
   end
-  -- The backlog's keys not yet taken: one the engine sends, or sent before
-  -- (a call the recovery ended), is its own to deliver; the backlog, coming
-  -- to it after it was delivered, would send it again.
   if #pending == 0 then
     return 0 -- no worker would end this sweep (self.resuming)
   end
+  -- The backlog's keys not yet taken: one the engine sends, or sent before
+  -- (a call the recovery ended), is its own to deliver; the backlog, coming
+  -- to it after it was delivered, would send it again.
   local waiting = {}
   for _, n in ipairs(pending) do
     waiting[n.key] = not self.in_flight[n.key] or nil
