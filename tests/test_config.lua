@@ -93,7 +93,7 @@ T.test("invalid values are errors naming the key and what is expected", function
     { { notify = { hooksToken = "2026" } }, "^notify%.hooksToken: expected a secret of at least 8 characters, got %[redacted%]$" },
     -- A list where an object belongs.
     { { 1, 2 }, "^config: expected a JSON object" },
-    { { server = { 4545 } }, "^server: expected an object, got %[4545%]$" },
+    { { server = { 4545 } }, "^server: expected an object, got a list$" },
   }
   for _, c in ipairs(cases) do
     local cfg, err = config.normalize(c[1], { quiet = true })
@@ -522,6 +522,21 @@ T.test("notify keys that send nothing are warned about: a token without a URL, a
   T.match(w[1], "^notify%.hooksUrl: ends in /agent")
   T.no_match(w[1], "pw")
   T.no_match(w[1], "abc")
+end)
+
+T.test("a section that is no object is refused without showing what it holds: it may be a secret", function()
+  local cases = {
+    { { server = { apiToken = "secret-token-1234567890", 4545 } }, "server: expected an object, got a table whose keys are not all names" },
+    { { openai = { "sk-live-abcdefgh12345678" } }, "openai: expected an object, got a list" },
+    { { openai = "sk-live-abcdefgh12345678" }, "openai: expected an object, got a string" },
+    { { notify = "http://u:pw@host/hooks?token=abc" }, "notify: expected an object, got a string" },
+    { { twilio = 5 }, "twilio: expected an object, got a number" },
+    { { tunnel = true }, "tunnel: expected an object, got true or false" },
+  }
+  for _, c in ipairs(cases) do
+    local cfg, err = config.normalize(c[1], { quiet = true })
+    T.eq({ cfg, err }, { nil, c[2] })
+  end
 end)
 
 T.run()

@@ -526,6 +526,25 @@ local function describe(v)
   return tostring(v)
 end
 
+-- What a section that is no object is, without what it holds: its
+-- contents may be a secret (the key written as the section, an apiToken
+-- next to a stray list item), and nothing is registered with log.secret yet.
+local function kind(v)
+  if type(v) == "table" then
+    local n = 0
+    for k in pairs(v) do
+      if math.type(k) ~= "integer" or k < 1 or k > #v then
+        return "a table whose keys are not all names"
+      end
+      n = n + 1
+    end
+    return n > 0 and "a list" or "an empty list"
+  elseif type(v) == "boolean" then
+    return "true or false"
+  end
+  return ({ string = "a string", number = "a number" })[type(v)] or ("a " .. type(v))
+end
+
 local function check_value(f, v, key)
   local t, given = f.type, v
   -- A secret's value is never shown, whatever is wrong with it; a URL's
@@ -625,7 +644,7 @@ function M.normalize(input, opts)
       given = nil
     end
     if given ~= nil and not is_object(given) then
-      return nil, section .. ": expected an object, got " .. describe(given)
+      return nil, section .. ": expected an object, got " .. kind(given)
     end
     given = given or {}
     cfg[section] = {}
