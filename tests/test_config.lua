@@ -539,4 +539,28 @@ T.test("a section that is no object is refused without showing what it holds: it
   end
 end)
 
+T.test("a value from the environment that fails its check is not shown: the variable may hold another key's secret", function()
+  -- Two variables swapped (accountSid = "${TWILIO_AUTH_TOKEN}") printed the
+  -- auth token in the error, before it was registered as a secret.
+  local home = os.getenv("HOME")
+  local cases = {
+    { { twilio = { accountSid = "${HOME}" } }, 'twilio.accountSid: expected AC followed by 32 hex digits, '
+      .. 'got "${HOME}" (its value from the environment is not shown)' },
+    { { server = { publicBaseUrl = "https://${HOME}" } }, 'server.publicBaseUrl: expected a URL with a valid host '
+      .. '(a DNS name, an IPv4 address or an [IPv6] one), got "https://${HOME}" (its value from the environment is not shown)' },
+    { { retry = { retryStatuses = { "busy", "${HOME}" } } }, 'retry.retryStatuses: expected a list of "busy", "no_answer", '
+      .. '"failed", got ["busy","${HOME}"] (its value from the environment is not shown)' },
+  }
+  for _, c in ipairs(cases) do
+    c[1].openai = { apiKey = "sk-test-key" }
+    local cfg, err = config.normalize(c[1], { quiet = true })
+    T.eq(cfg, nil)
+    T.eq(err, c[2])
+    T.ok(not err:find(home, 1, true), "the value is not in the error")
+  end
+  -- A value written out is still shown.
+  local _, err = config.normalize({ twilio = { accountSid = "AC123" }, openai = { apiKey = "sk-test-key" } }, { quiet = true })
+  T.eq(err, 'twilio.accountSid: expected AC followed by 32 hex digits, got "AC123"')
+end)
+
 T.run()

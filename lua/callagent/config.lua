@@ -480,8 +480,22 @@ end
 -- section is only warned about, "$schema" ignored: a variable unset in
 -- them is no error. Of several unset, the first in the order keys are
 -- checked in.
+-- Whether v (a string, or a table at any depth) names a variable.
+local function has_variable(v)
+  if type(v) == "string" then
+    return v:find("%${[%w_]+}") ~= nil
+  elseif type(v) == "table" then
+    for _, x in pairs(v) do
+      if has_variable(x) then
+        return true
+      end
+    end
+  end
+  return false
+end
+
 local function substitute_known(input)
-  local raw = {}
+  local raw, templates = {}, {}
   for k, v in pairs(input) do
     raw[k] = v
   end
@@ -495,6 +509,9 @@ local function substitute_known(input)
           v, err = substitute(v, section .. "." .. name)
           if err then
             return nil, err
+          end
+          if has_variable(given[name]) then
+            templates[section .. "." .. name] = given[name]
           end
         end
         out[name] = v
@@ -510,7 +527,7 @@ local function substitute_known(input)
     end
     raw[provider] = out
   end
-  return raw
+  return raw, nil, templates
 end
 
 local function describe(v)
@@ -545,7 +562,8 @@ local function kind(v)
   return ({ string = "a string", number = "a number" })[type(v)] or ("a " .. type(v))
 end
 
-local function check_value(f, v, key)
+-- template: what the config said, when a variable was substituted into v.
+local function check_value(f, v, key, template)
   local t, given = f.type, v
   -- A secret's value is never shown, whatever is wrong with it; a URL's
   -- userinfo and query are not either (they may hold a password or a token).
@@ -554,6 +572,14 @@ local function check_value(f, v, key)
   end or f.url and function(x)
     return describe(type(x) == "string" and url.display(x) or x)
   end or describe
+  if template ~= nil and not f.secret then
+    -- Nor a value from the environment: the variable may be another key's
+    -- secret (two names swapped), not registered yet. What was written is.
+    local shown = describe
+    describe = function()
+      return shown(template) .. " (its value from the environment is not shown)"
+    end
+  end
   if t == "integer" then
     -- 4545.0 is 4545; 1e300 and inf are no integer (tointeger gives nil).
     v = type(v) == "number" and math.tointeger(v) or nil
@@ -632,7 +658,7 @@ function M.normalize(input, opts)
   if not is_object(input) then
     return nil, "config: expected a JSON object (an object of sections such as server, twilio, openai)"
   end
-  local raw, serr = substitute_known(input)
+  local raw, serr, templates = substitute_known(input)
   if not raw then
     return nil, serr
   end
@@ -665,7 +691,7 @@ function M.normalize(input, opts)
           v = copy
         end
       else
-        local ok, err = check_value(f, v, key)
+        local ok, err = check_value(f, v, key, templates[key])
         if err then
           return nil, err
         end
