@@ -205,4 +205,27 @@ T.test("the dial page offers an API token field and sends it as a bearer token",
   T.match(res.body, 'headers.Authorization = "Bearer " %+ token')
 end)
 
+T.test("a page's link and session work for its own call only: not to poll, hang up or answer another", function()
+  local app = start()
+  local function post(path, body)
+    local r = assert(fetch(app.url .. path, { method = "POST", headers = { ["Content-Type"] = "application/json" },
+      body = json.encode(body) }))
+    return r.status, json.try_decode(r.body)
+  end
+  local a = assert(app:create_call({ to = "+15555550100", prompt = "Test." })).callId
+  local b = assert(app:create_call({ to = "+15555550101", prompt = "Test." })).callId
+  local ta = app.engine:call_view(a).hint:match("[?&]t=([^&]+)")
+  local tb = app.engine:call_view(b).hint:match("[?&]t=([^&]+)")
+  T.eq(post("/mock/api/answer", { callId = a, token = tb }), 403, "b's link does not answer a")
+  local status, body = post("/mock/api/answer", { callId = a, token = ta })
+  T.eq(status, 200)
+  local sa = body.session
+  local r = assert(fetch(app.url .. "/mock/api/call/" .. b .. "?s=" .. sa))
+  T.eq(r.status, 403, "a's session does not read b")
+  T.eq(post("/mock/api/hangup", { callId = b, session = sa }), 403, "nor hang it up")
+  T.eq(post("/mock/api/answer", { callId = b, token = ta }), 403, "a's used link does not answer b")
+  T.eq(app.engine:call_view(b).status, "dialing", "b untouched")
+  T.eq(post("/mock/api/answer", { callId = b, token = tb }), 200, "b's own link, tried on a before, still answers b")
+end)
+
 T.run()
