@@ -563,4 +563,26 @@ T.test("a value from the environment that fails its check is not shown: the vari
   T.eq(err, 'twilio.accountSid: expected AC followed by 32 hex digits, got "AC123"')
 end)
 
+T.test("a secret that would go in clear text to another machine is warned about, naming both keys", function()
+  local _, _, w = config.normalize({
+    notify = { hooksUrl = "http://hooks.example.org/hooks?token=abc", hooksToken = "hook-token-123" },
+    openai = { apiKey = "sk-test-key", realtimeUrl = "ws://u:pw@proxy.example.org/v1/realtime" },
+    twilio = { authToken = "tw-token-for-tests", apiBaseUrl = "http://10.0.0.5:8080" },
+  }, { quiet = true })
+  T.eq(w, {
+    "twilio.apiBaseUrl: http:// to 10.0.0.5, another machine: twilio.authToken goes over the network unencrypted",
+    "openai.realtimeUrl: ws:// to proxy.example.org, another machine: openai.apiKey goes over the network unencrypted",
+    "notify.hooksUrl: http:// to hooks.example.org, another machine: notify.hooksToken goes over the network unencrypted",
+  })
+  -- This machine, TLS, or no secret to send: nothing to say.
+  _, _, w = config.normalize({
+    notify = { hooksUrl = "http://127.0.0.1:19000/hooks", hooksToken = "hook-token-123" },
+    openai = { apiKey = "sk-test-key", realtimeUrl = "ws://localhost:9000/v1/realtime" },
+    twilio = { authToken = "tw-token-for-tests", apiBaseUrl = "https://api.twilio.example" },
+  }, { quiet = true })
+  T.eq(w, {})
+  _, _, w = config.normalize({ openai = { realtimeUrl = "ws://10.0.0.5/v1/realtime" } }, { quiet = true })
+  T.eq(w, {})
+end)
+
 T.run()

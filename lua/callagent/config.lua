@@ -773,6 +773,21 @@ function M.normalize(input, opts)
     end
   end
 
+  -- A secret sent in clear text to another machine: said, not refused (a
+  -- private network, a sidecar container), since anyone on the way reads it.
+  local function cleartext(key, secret_key, scheme)
+    local section, name = key:match("^(%w+)%.(%w+)$")
+    local u = cfg[section][name] and url.parse(cfg[section][name])
+    local s2, n2 = secret_key:match("^(%w+)%.(%w+)$")
+    if u and cfg[s2][n2] and u.scheme == scheme and not is_loopback(u.host) then
+      warnings[#warnings + 1] = string.format("%s: %s:// to %s, another machine: %s goes over the network unencrypted",
+        key, scheme, u.host, secret_key)
+    end
+  end
+  cleartext("twilio.apiBaseUrl", "twilio.authToken", "http")
+  cleartext("openai.realtimeUrl", "openai.apiKey", "ws")
+  cleartext("notify.hooksUrl", "notify.hooksToken", "http")
+
   if not opts.quiet then
     for _, w in ipairs(warnings) do
       log.warn("config: " .. w)
