@@ -163,6 +163,11 @@ function P:init(ctx)
   self.engine = ctx.engine
   self.app = ctx.app
   self.tx = check_config(ctx.config.telnyx)
+  local ring = ctx.config.call.ringTimeoutSec
+  if ring < 5 or ring > 120 then
+    log.warn("telnyx rings a call 5 to 120 s: call.ringTimeoutSec is taken as " .. math.max(5, math.min(120, ring)),
+      { ringTimeoutSec = ring })
+  end
   self.seen = {} -- webhook id -> when seen (ms), against replays
   self.nseen = 0
 end
@@ -240,7 +245,9 @@ function P:startCall(call, publicBaseUrl)
     from = self.tx.fromNumber,
     webhook_url = publicBaseUrl .. "/telnyx/webhook?callId=" .. call.callId .. "&attempt=" .. call.attempt,
     webhook_url_method = "POST",
-    timeout_secs = c.ringTimeoutSec,
+    -- Telnyx takes 5..120 s (and refuses the dial otherwise): the engine's own
+    -- ring timeout still applies past 120 s.
+    timeout_secs = math.max(5, math.min(120, c.ringTimeoutSec)),
     -- A backstop only: the wrap-up at maxDurationSec and the goodbye after
     -- the report come first.
     time_limit_secs = math.min(14400, c.maxDurationSec + c.wrapUpSec + c.goodbyeTimeoutSec + 60),

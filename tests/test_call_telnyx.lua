@@ -488,4 +488,41 @@ T.test("config: a missing or bad telnyx key stops the start with a message namin
   T.eq(try({ apiKey = API_KEY, connectionId = "c", fromNumber = FROM, publicKey = pk }), "started")
 end)
 
+
+T.test("ring time: timeout_secs stays in Telnyx's 5-120 s, whatever call.ringTimeoutSec says", function()
+  for _, c in ipairs({ { 180, 120 }, { 2, 5 } }) do
+    local env = start({ script = function()
+      timer.sleep(15000)
+    end, config = { call = { ringTimeoutSec = c[1] }, retry = { maxAttempts = 1 } } })
+    local id = env:create({ to = "+14155550113", prompt = "x" })
+    local rec = env:wait(id, function(r)
+      return r.status == "in_progress" or r.status == "failed"
+    end, 10000, "answered or failed")
+    T.eq(rec.status, "in_progress", "ringTimeoutSec " .. c[1] .. ": " .. tostring(rec.lastError))
+    T.eq(env.tx.calls[1].body.timeout_secs, c[2], "ringTimeoutSec " .. c[1])
+    T.eq(env:api("POST", "/v1/calls/" .. id .. "/hangup"), 202)
+    T.eq(env:wait_final(id, 10000).status, "completed")
+  end
+end, { timeout = 40000 })
+
+T.test("call.answered twice (a second delivery with its own id): one streaming_start, the call goes on", function()
+  local env = start({ script = function()
+    timer.sleep(15000)
+  end })
+  local id = env:create({ to = "+14155550114", prompt = "x" })
+  local tx = assert(env.tx:wait_call(5000))
+  tx:wait(function()
+    return tx.stream_started_at
+  end, 10000)
+  T.eq(post_webhook(env, id, 1, "call.answered", { call_control_id = tx.control_id }), 200)
+  timer.sleep(300)
+  local n = 0
+  for _, r in ipairs(env.tx.requests) do
+    n = n + (r.path:find("streaming_start", 1, true) and 1 or 0)
+  end
+  T.eq(n, 1, "streaming_start requests")
+  T.eq(tx.hangup_requested_at, nil, "not hung up")
+  T.eq(env:get(id).status, "in_progress")
+end, { timeout = 30000 })
+
 T.run()

@@ -393,6 +393,16 @@ function Fake:_dial(req)
   if type(body.webhook_url) ~= "string" or not body.webhook_url:find("^https?://") then
     return terror(422, "10015", "Invalid webhook_url", "webhook_url must be an http(s) URL.")
   end
+  -- Telnyx's dial: timeout_secs 5..120 (default 30), time_limit_secs at most
+  -- 14400 (default 14400).
+  local t = body.timeout_secs
+  if t ~= nil and (type(t) ~= "number" or t ~= math.floor(t) or t < 5 or t > 120) then
+    return terror(422, "10015", "Invalid timeout_secs", "timeout_secs must be from 5 to 120.")
+  end
+  t = body.time_limit_secs
+  if t ~= nil and (type(t) ~= "number" or t ~= math.floor(t) or t < 1 or t > 14400) then
+    return terror(422, "10015", "Invalid time_limit_secs", "time_limit_secs must be at most 14400.")
+  end
   local call = setmetatable({
     tx = self, body = body, events = {}, errors = {}, clears = {}, marks_echoed = {},
     received_bytes = 0, dropped_bytes = 0, _play_end = 0, _seq = 0, _mark_timers = {}, _pending_marks = {},
