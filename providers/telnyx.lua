@@ -462,9 +462,17 @@ function P:registerRoutes(srv)
       log.debug("telnyx webhook ignored", { call = q.callId, reason = serr })
       return 200, { ok = true }
     end
-    self.engine:provider_status(q.callId, n, st)
+    local taken, why = self.engine:provider_status(q.callId, n, st)
     if data.event_type == "call.answered" and st.providerCallId then
-      task.spawn(self._start_stream, self, q.callId, n, st.providerCallId)
+      if taken then
+        task.spawn(self._start_stream, self, q.callId, n, st.providerCallId)
+      elseif why ~= "not newer" then
+        -- Answered for an attempt that is over here (hung up while it rang,
+        -- or a late delivery): nobody will talk, it is hung up. A second
+        -- call.answered of a call in progress (another delivery, another
+        -- id) changes nothing: its stream was asked for once.
+        task.spawn(self._hangup, self, st.providerCallId)
+      end
     end
     return 200, { ok = true }
   end)
