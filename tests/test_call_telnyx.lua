@@ -525,4 +525,66 @@ T.test("call.answered twice (a second delivery with its own id): one streaming_s
   T.eq(env:get(id).status, "in_progress")
 end, { timeout = 30000 })
 
+
+T.test("a provider's streamStart that raises, yields or returns junk: the stream is refused (1008) at once", function()
+  local ws = require "callagent.ws"
+  local dir = T.tmpdir()
+  local f = assert(io.open(dir .. "/telnyx.lua", "w"))
+  f:write([[
+-- Telnyx, with a streamStart that misbehaves as the start's stream_id says.
+local timer = require "callagent.timer"
+local P = {}
+for k, v in pairs(dofile(require("callagent.core").root .. "/providers/telnyx.lua")) do
+  P[k] = v
+end
+P.junk = true
+function P:streamStart(ev)
+  local m = ev.stream_id
+  if m == "raise" then
+    error({ "not a string" })
+  elseif m == "number" then
+    return 42
+  elseif m == "string" then
+    return "x"
+  elseif m == "nilerr" then
+    return nil, { why = "a table" }
+  elseif m == "sleep" then
+    timer.sleep(10)
+  elseif m == "badparams" then
+    return { streamSid = "s1", parameters = 7 }
+  end
+  return true
+end
+return P
+]])
+  f:close()
+  local tx = assert(fake.start({ api_key = API_KEY, connection_id = CONNECTION }))
+  T.defer(function()
+    tx:close()
+  end)
+  local env = kit.start({ realtime = { script = happy_script }, provider_dirs = { dir }, config = {
+    telephony = { provider = "telnyx" },
+    telnyx = { apiKey = API_KEY, connectionId = CONNECTION, fromNumber = FROM, publicKey = tx.public_key,
+      apiBaseUrl = tx.url },
+  } })
+  T.eq(env.app.provider.junk, true, "the provider of the test's folder")
+  for _, mode in ipairs({ "raise", "number", "string", "nilerr", "sleep", "badparams", "true" }) do
+    local closed
+    local conn = assert(ws.connect(env.base:gsub("^http", "ws") .. "/voice/stream", {
+      on_close = function(_, code)
+        closed = code
+      end,
+    }))
+    conn:send('{"event":"connected","version":"1.0.0"}')
+    conn:send(json.encode({ event = "start", sequence_number = "1", stream_id = mode,
+      start = { custom_parameters = { callId = "c_x", token = "t" } } }))
+    T.wait_for(function()
+      return closed
+    end, 2000, "the stream closed: " .. mode)
+    T.eq(closed, 1008, mode)
+  end
+  -- The server goes on.
+  T.eq((env:api("GET", "/v1/calls")), 200)
+end, { timeout = 30000 })
+
 T.run()

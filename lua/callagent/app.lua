@@ -256,7 +256,17 @@ function App:_routes(srv)
         log.error("the provider's streamStart failed", { provider = provider.name, error = st })
         return nil, "start not understood"
       end
-      return st, serr
+      -- Anything but {streamSid, parameters} is refused here, not indexed
+      -- (a number would raise in the handler and hold the stream until the
+      -- start timeout); a why goes into the close frame, so it stays short.
+      if type(st) ~= "table" then
+        if st ~= nil then
+          log.error("the provider's streamStart returned a " .. type(st) .. ", not a table",
+            { provider = provider.name })
+        end
+        return nil, type(serr) == "string" and serr ~= "" and serr:sub(1, 100) or "start not understood"
+      end
+      return st
     end
     local start = type(ev.start) == "table" and ev.start or {}
     return { streamSid = ev.streamSid or start.streamSid, parameters = start.customParameters }
