@@ -587,4 +587,90 @@ return P
   T.eq((env:api("GET", "/v1/calls")), 200)
 end, { timeout = 30000 })
 
+
+T.test("kill -9 with a Telnyx call talking and one ringing: after restart both are hung up at Telnyx, not dialed again", function()
+  local n = 0
+  local tx = assert(fake.start({ api_key = API_KEY, connection_id = CONNECTION, behaviour = function()
+    n = n + 1
+    return n == 1 and "answer" or { ring_ms = 60000 }
+  end }))
+  T.defer(function()
+    tx:close()
+  end)
+  local rt = assert(require("fakes.realtime").start({ api_key = kit.API_KEY, script = function(session)
+    assert(session:wait_event("response.create", 5000))
+    session:speak({ ms = 20000, text = "A very long monologue." })
+  end }))
+  T.defer(function()
+    rt:close()
+  end)
+  local config = {
+    telephony = { provider = "telnyx" },
+    telnyx = { apiKey = API_KEY, connectionId = CONNECTION, fromNumber = FROM, publicKey = tx.public_key,
+      apiBaseUrl = tx.url },
+    retry = { maxAttempts = 1 },
+  }
+  local p, api = kit.app_process({ url = "http://127.0.0.1:9" }, rt, { config = config })
+  local talking = api:create({ to = "+14155550115", prompt = "Talk." })
+  api:wait(talking, function(r)
+    return r.status == "in_progress"
+  end, 10000, "in progress")
+  local ringing = api:create({ to = "+14155550116", prompt = "Talk." })
+  local rang = api:wait(ringing, function(r)
+    return r.attempts[1] and r.attempts[1].providerCallId
+  end, 10000, "the second call ringing")
+  T.eq(rang.status, "dialing")
+  timer.sleep(300)
+  p:kill("SIGKILL")
+  p:wait(5000)
+  T.eq(tx.calls[1].final, nil, "the talking call is up at Telnyx")
+  T.eq(tx.calls[2].final, nil, "the ringing call rings on")
+  local _, api2 = kit.app_process({ url = "http://127.0.0.1:9" }, rt, { config = config, port = api.port, db = api.db })
+  for i, id in ipairs({ talking, ringing }) do
+    local rec = api2:wait_final(id, 15000)
+    T.eq(rec.status, "failed", id)
+    T.eq(rec.endReason, "interrupted by restart (the call was still up: hung up)", id)
+    T.eq(#rec.attempts, 1, "not dialed again")
+    local c = tx.calls[i]
+    c:wait(function()
+      return c.final
+    end, 5000)
+    T.ok(c.hangup_requested_at, "hung up through Telnyx's API")
+    T.eq(c.final, i == 1 and "normal_clearing" or "originator_cancel")
+  end
+  T.eq(#tx.calls, 2)
+end, { timeout = 60000 })
+
+
+T.test("hung up through the API while ringing: Telnyx's hangup cancels it; an answer racing it is hung up, never streamed", function()
+  local env = start({ behaviour = { ring_ms = 60000 }, config = { retry = { maxAttempts = 1 } } })
+  local id = env:create({ to = "+14155550117", prompt = "x" })
+  local tx = assert(env.tx:wait_call(5000))
+  env:wait(id, function(r)
+    return r.attempts[1] and r.attempts[1].providerCallId == tx.control_id
+  end, 5000, "ringing")
+  T.eq(env:api("POST", "/v1/calls/" .. id .. "/hangup"), 202)
+  local rec = env:wait_final(id, 5000)
+  T.eq(rec.status, "canceled")
+  T.ok(tx.hangup_requested_at, "Telnyx was asked to hang up")
+  tx:wait(function()
+    return tx.done
+  end, 5000)
+  T.eq(tx.final, "originator_cancel")
+  -- The callee's answer crossed the hang-up: it is hung up again, no stream.
+  local before = #env.tx.requests
+  T.eq(post_webhook(env, id, 1, "call.answered", { call_control_id = tx.control_id }), 200)
+  T.wait_for(function()
+    return #env.tx.requests > before
+  end, 3000, "a request to Telnyx")
+  timer.sleep(200)
+  local paths = {}
+  for i = before + 1, #env.tx.requests do
+    paths[#paths + 1] = env.tx.requests[i].path
+  end
+  T.eq(paths, { "/v2/calls/" .. tx.control_id .. "/actions/hangup" })
+  T.eq(tx.stream, nil, "no streaming_start")
+  T.eq(env:get(id).status, "canceled")
+end, { timeout = 30000 })
+
 T.run()
