@@ -466,11 +466,12 @@ function P:registerRoutes(srv)
     if data.event_type == "call.answered" and st.providerCallId then
       if taken then
         task.spawn(self._start_stream, self, q.callId, n, st.providerCallId)
-      elseif why ~= "not newer" then
+      elseif why == "attempt already ended" or why == "unknown or finished call" then
         -- Answered for an attempt that is over here (hung up while it rang,
         -- or a late delivery): nobody will talk, it is hung up. A second
         -- call.answered of a call in progress (another delivery, another
-        -- id) changes nothing: its stream was asked for once.
+        -- id) changes nothing: its stream was asked for once; nor does one
+        -- naming another call than the attempt's.
         task.spawn(self._hangup, self, st.providerCallId)
       end
     end

@@ -673,4 +673,29 @@ T.test("hung up through the API while ringing: Telnyx's hangup cancels it; an an
   T.eq(env:get(id).status, "canceled")
 end, { timeout = 30000 })
 
+
+T.test("a signed webhook of another call (its call_control_id) posted to this call's URL changes nothing", function()
+  local env = start({ script = function()
+    timer.sleep(15000)
+  end })
+  local id = env:create({ to = "+14155550118", prompt = "x" })
+  local tx = assert(env.tx:wait_call(5000))
+  tx:wait(function()
+    return tx.stream_started_at
+  end, 10000)
+  -- The URL's query is not signed, only the body: Telnyx's own webhook of
+  -- another call, sent (or replayed) here, must not end this one.
+  T.eq(post_webhook(env, id, 1, "call.hangup", { call_control_id = "v3:another-call", hangup_cause = "user_busy" }),
+    200)
+  timer.sleep(300)
+  local rec = env:get(id)
+  T.eq(rec.status, "in_progress")
+  T.eq(rec.attempts[1].providerCallId, tx.control_id)
+  T.eq(tx.final, nil, "the call goes on at Telnyx")
+  -- Its own hang-up still ends it.
+  T.eq(post_webhook(env, id, 1, "call.hangup", { call_control_id = tx.control_id, hangup_cause = "normal_clearing" }),
+    200)
+  T.eq(env:wait_final(id, 10000).status, "completed")
+end, { timeout = 30000 })
+
 T.run()

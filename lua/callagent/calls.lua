@@ -698,6 +698,14 @@ function Engine:provider_status(id, n, st)
   if over then
     return false, "attempt already ended"
   end
+  -- A status naming another vendor call than the attempt's is not this
+  -- attempt's (a vendor that signs the body only, not the URL that names
+  -- the attempt: Telnyx).
+  if type(st.providerCallId) == "string" and a.providerCallId and st.providerCallId ~= a.providerCallId then
+    log.warn("a status for another provider call than the attempt's: ignored", { call = id, attempt = n,
+      status = st.status })
+    return false, "another provider call"
+  end
   if st.sequence then
     if a._seq and st.sequence <= a._seq then
       log.debug("stale status callback ignored", { call = id, attempt = n, seq = st.sequence, status = st.status })
