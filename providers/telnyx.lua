@@ -49,34 +49,56 @@
 --     `stop`; bidirectional only with stream_bidirectional_mode rtp, chunks
 --     of 20 ms to 30 s; frame order not guaranteed (sequence_number, chunk,
 --     timestamp): developers.telnyx.com/api-reference/websockets/
---     stream-call-media-over-websocket. `start` carries sequence_number,
---     stream_id (same page's example); start.call_control_id,
---     start.media_format and start.custom_parameters: shared/reference
---     protocols.md section 5 (ASSUMED: the object shape of custom_parameters
---     in `start`; both an object and a list of {name, value} are read).
+--     stream-call-media-over-websocket. `start` carries sequence_number and
+--     stream_id, and start.call_control_id, start.media_format and
+--     start.custom_parameters, an object of name -> value (the same page's
+--     Start Frame example, checked 2026-11; a list of {name, value} is read
+--     too). The same page: a mark comes back when the media before it has
+--     played (at once when nothing is queued), and `clear` returns the
+--     queued marks.
 --   - Webhook signature: Ed25519 over "<telnyx-timestamp>|<raw body>",
 --     headers telnyx-timestamp (Unix seconds) and telnyx-signature-ed25519
 --     (base64, 64 bytes), the account's base64 public key, a replay window:
 --     developers.telnyx.com/docs/development/api-fundamentals/webhooks and
 --     developers.telnyx.com/docs/development/sdk/python/webhooks;
---     team-telnyx/telnyx-python PR 242. Window here: 300 s either way.
---   - Webhook envelope {data: {event_type, id, occurred_at, payload:
---     {call_control_id, ...}, record_type}, meta}: the call.initiated /
---     call.answered examples in Telnyx's webhook references (seen through
---     third-party logs of real deliveries).
+--     team-telnyx/telnyx-python PR 242; the headers and "timestamp|payload"
+--     also in developers.telnyx.com/api-reference/callbacks/call-hangup.
+--     Window here: 300 s either way. Only the body is signed, not the
+--     webhook URL whose query names the attempt: a status whose
+--     call_control_id is not the attempt's is ignored (engine).
+--   - Webhook envelope {data: {record_type, event_type, id, occurred_at,
+--     payload: {call_control_id, ...}}}: the call.hangup callback reference
+--     (developers.telnyx.com/api-reference/callbacks/call-hangup), which also
+--     says anything but HTTP 200 makes Telnyx deliver again (to the failover
+--     URL).
+--   - call.hangup payload: hangup_cause one of call_rejected,
+--     normal_clearing, originator_cancel, timeout, time_limit, user_busy,
+--     not_found, no_answer, unspecified; hangup_source callee | caller |
+--     unknown; sip_hangup_cause the SIP code ("unspecified" when there is
+--     none): the SDK's model (rubydoc.info/gems/telnyx/Telnyx/Models/
+--     CallHangup/Payload) and team-telnyx/telnyx-java docs/CallHangupPayload.md.
+--   - Dial timeout_secs (5..120, default 30; at the end hangup_cause
+--     timeout) and time_limit_secs (at most and by default 14400, counted
+--     from the answer; hangup_cause time_limit): team-telnyx/telnyx-java
+--     docs/CallRequest.md and the v1 dial reference (developers.telnyx.com/
+--     api/v1/mission-control/call-control-dial). call.ringTimeoutSec is
+--     clamped to 5..120 here: Telnyx refuses the dial otherwise.
+--   - Hang-up: POST /calls/{call_control_id}/actions/hangup, body optional
+--     (client_state, command_id), expected webhook call.hangup:
+--     developers.telnyx.com/api-reference/call-commands/hangup-call.
 --   - Call status: GET /calls/{call_control_id} -> data.is_alive,
 --     call_duration; available 10 minutes after the end:
 --     developers.telnyx.com/api-reference/call-information/retrieve-a-call-status.
 --   - Errors: {"errors":[{code, title, detail, source, meta}]} (same page).
 --   - call_control_id shape "v3:" + base64url-ish text (examples on those
 --     pages): accepted here only as [A-Za-z0-9:_-], at most 256 bytes.
---   ASSUMED (not found in the docs read): hangup_cause values user_busy,
---   timeout, no_answer, call_rejected, normal_clearing, originator_cancel,
---   time_limit, not_found, unspecified; timeout_secs / time_limit_secs on
---   the dial; hangup working on a ringing call (cancels it); error code
---   90018 "call has already ended"; that the webhook_url's query is kept;
---   that Telnyx ignores the extra "streamSid" key the bridge writes in each
---   media / mark / clear message.
+--   ASSUMED (not found in the docs read, 2026-11): that hangup on a ringing
+--   outbound call cancels it (the docs say only "hang up the call"); the
+--   answer for a call that has already ended (422 with code 90018 here; any
+--   other answer is logged as a failed hang-up); that the webhook_url's query
+--   is kept; that Telnyx ignores the extra "streamSid" key the bridge writes
+--   in each media / mark / clear message (the docs show only event and
+--   media.payload / mark.name).
 local fetch = require "callagent.fetch"
 local json = require "callagent.json"
 local crypto = require "callagent.crypto"
@@ -307,7 +329,8 @@ end
 
 -- Statuses ------------------------------------------------------------------------
 
--- hangup_cause -> status and reason (ASSUMED values: see the header).
+-- hangup_cause -> status and reason (the documented values: see the header;
+-- not_found, unspecified and any other -> failed).
 local HANGUP = {
   normal_clearing = { "completed" },
   time_limit = { "completed", "time limit reached" },

@@ -22,7 +22,8 @@
 --
 -- REST (Bearer api_key, else 401 {"errors":[{code "10009", title
 -- "Authentication failed"}]}):
---   POST /v2/calls   JSON connection_id, to, from (E.164), webhook_url: 422
+--   POST /v2/calls   JSON connection_id, to, from (E.164), webhook_url,
+--     timeout_secs (5..120) and time_limit_secs (at most 14400) if given: 422
 --     {"errors":[...]} when one is missing or wrong; 200 {"data":{call_control_id,
 --     call_leg_id, call_session_id, is_alive, record_type "call"}}.
 --   POST /v2/calls/{id}/actions/streaming_start  JSON stream_url, stream_track,
