@@ -116,7 +116,7 @@ local P = {
 
 local DEFAULT_BASE = "https://api.telnyx.com"
 local WINDOW_S = 300 -- a webhook signed longer ago (or ahead) than this is refused
-local SEEN_MAX = 4096 -- webhook ids remembered against replays within the window
+local SEEN_MAX = 20000 -- webhook ids per generation remembered against replays (_replayed)
 
 local function cfg_error(key, what)
   error("telnyx." .. key .. ": " .. what, 0)
@@ -190,8 +190,8 @@ function P:init(ctx)
     log.warn("telnyx rings a call 5 to 120 s: call.ringTimeoutSec is taken as " .. math.max(5, math.min(120, ring)),
       { ringTimeoutSec = ring })
   end
-  self.seen = {} -- webhook id -> when seen (ms), against replays
-  self.nseen = 0
+  self.seen, self.seen_old = {}, {} -- webhook ids, against replays (_replayed)
+  self.nseen, self.seen_since = 0, timer.now()
 end
 
 --- A call_control_id that may go into a REST path: Telnyx's are "v3:" and
@@ -201,6 +201,7 @@ local function control_id(v)
   return type(v) == "string" and #v >= 1 and #v <= 256 and v:find("^[%w][%w:_%-]*$") and v or nil
 end
 P.control_id = control_id
+P.SEEN_MAX = SEEN_MAX
 
 -- Request options: Bearer key, JSON, and the timeout (a hang-up, a
 -- streaming_start or a status lookup waits at most 10 s).
@@ -434,26 +435,24 @@ function P:_start_stream(call_id, n, id)
 end
 
 -- Replays: a webhook id seen in the signature window is answered and dropped.
+-- Two generations of ids, each SEEN_MAX at most, the older dropped whole when
+-- the newer is 2 windows old or full: an id is remembered for 10 minutes
+-- (a signature is good 5 minutes either way), or, in a flood of more than
+-- SEEN_MAX webhooks in that time, for at least the last SEEN_MAX ids. O(1)
+-- per webhook; no scan.
 function P:_replayed(id)
   if type(id) ~= "string" or id == "" then
     return false
   end
   local now = timer.now()
-  if self.seen[id] then
+  if self.seen[id] or self.seen_old[id] then
     return true
   end
-  if self.nseen >= SEEN_MAX then
-    for k, t in pairs(self.seen) do
-      if now - t > 2 * WINDOW_S * 1000 then
-        self.seen[k] = nil
-        self.nseen = self.nseen - 1
-      end
-    end
+  if self.nseen >= SEEN_MAX or now - self.seen_since >= 2 * WINDOW_S * 1000 then
+    self.seen_old, self.seen, self.nseen, self.seen_since = self.seen, {}, 0, now
   end
-  if self.nseen < SEEN_MAX then
-    self.seen[id] = now
-    self.nseen = self.nseen + 1
-  end
+  self.seen[id] = true
+  self.nseen = self.nseen + 1
   return false
 end
 

@@ -698,4 +698,27 @@ T.test("a signed webhook of another call (its call_control_id) posted to this ca
   T.eq(env:wait_final(id, 10000).status, "completed")
 end, { timeout = 30000 })
 
+
+T.test("replays: past SEEN_MAX webhook ids in the window, a new id is still remembered, and old ones rotate out", function()
+  local env = start({ script = function() end })
+  local p = env.app.provider
+  local max = p.SEEN_MAX
+  local t0 = timer.now()
+  for i = 1, max do
+    T.eq(p:_replayed("id-" .. i), false)
+  end
+  -- The table is full of ids still in the window: the next one is new, and
+  -- its replay is caught.
+  T.eq(p:_replayed("one-more"), false, "first delivery")
+  T.eq(p:_replayed("one-more"), true, "its replay")
+  T.eq(p:_replayed("id-" .. max), true, "an id of the full table")
+  -- Memory stays bounded: SEEN_MAX ids later, the first ones are forgotten.
+  for i = 1, max do
+    p:_replayed("more-" .. i)
+  end
+  T.eq(p:_replayed("id-1"), false, "forgotten")
+  T.eq(p:_replayed("more-" .. max), true, "a recent one")
+  T.ok(timer.now() - t0 < 3000, "cheap per webhook")
+end)
+
 T.run()
