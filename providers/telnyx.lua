@@ -501,19 +501,36 @@ function P:registerRoutes(srv)
   end)
 end
 
+-- A hang-up Telnyx could not take (no answer, 429, 5xx) is sent again, 0.5
+-- and 1 s later: unlike Twilio's, a Telnyx call outlives its media stream,
+-- and a callee left on a silent line stays there until time_limit_secs.
+-- One command_id for all tries: Telnyx ignores a command whose command_id
+-- it has already had for the call (developers.telnyx.com/api-reference/
+-- call-commands/hangup-call).
+local HANGUP_TRIES = 3
+
 function P:_hangup(id)
   if not control_id(id) then
     return nil, "not a Telnyx call_control_id: not hung up"
   end
-  local res, err = fetch(calls_url(self, id, "hangup"), request(self, "POST", {}, 10000))
-  if res and res.status >= 200 and res.status < 300 then
-    return true
+  local body = { command_id = crypto.uuid4() }
+  local e
+  for try = 1, HANGUP_TRIES do
+    local res, err = fetch(calls_url(self, id, "hangup"), request(self, "POST", body, 10000))
+    if res and res.status >= 200 and res.status < 300 then
+      return true
+    end
+    if res and res.status == 422 and first_error_code(res) == "90018" then
+      return true -- it has already ended
+    end
+    e = rest_error(res, err)
+    local again = try < HANGUP_TRIES and (not res or res.status == 429 or res.status >= 500)
+    log.warn("telnyx hang-up failed", { id = id, error = e, try = try, again = again or nil })
+    if not again then
+      break
+    end
+    timer.sleep(500 * 2 ^ (try - 1))
   end
-  if res and res.status == 422 and first_error_code(res) == "90018" then
-    return true -- it has already ended
-  end
-  local e = rest_error(res, err)
-  log.warn("telnyx hang-up failed", { id = id, error = e })
   return nil, e
 end
 

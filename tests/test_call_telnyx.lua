@@ -721,4 +721,20 @@ T.test("replays: past SEEN_MAX webhook ids in the window, a new id is still reme
   T.ok(timer.now() - t0 < 3000, "cheap per webhook")
 end)
 
+
+T.test("a hang-up Telnyx answers 503 once is sent again (same command_id): the callee is not left on a silent line", function()
+  local env = start({ fake = { fail_hangups = 1 } })
+  local id = env:create({ to = "+14155550119", prompt = "Book a check-up." })
+  T.eq(env:wait_final(id, 20000).status, "completed")
+  local tx = env.tx.calls[1]
+  tx:wait(function()
+    return tx.final
+  end, 5000)
+  T.eq(tx.final, "normal_clearing", "the call ended at Telnyx")
+  T.eq(env.tx.hangups, 2, "hang-up requests")
+  local cid = tx.hangup_command_ids[1]
+  T.ok(type(cid) == "string" and #cid >= 16, "a command_id")
+  T.eq(tx.hangup_command_ids, { cid, cid }, "the same command_id both times")
+end, { timeout = 30000 })
+
 T.run()

@@ -14,6 +14,7 @@
 --                                  -- hangup_after_ms, stream = false}
 --                                  -- | fn(call) -> one of those
 --     clock_skew_s = 0,            -- the webhooks' telnyx-timestamp this far off
+--     fail_hangups = 0,            -- the first n hangup requests get 503
 --   })
 --   tx.url, tx.public_key (base64), tx.private_key (raw 32 bytes)
 --   tx.calls (in creation order), tx.requests ({method, path, auth, body, at})
@@ -55,7 +56,8 @@
 -- events (webhooks sent: {event, status (HTTP answer), body}), stream
 -- (streaming_start's JSON), stream_params, stream_id, stream_closed,
 -- received_bytes, played_bytes(), marks_echoed, clears, errors (protocol
--- mistakes of the app), hangup_requested_at, final, done.
+-- mistakes of the app), hangup_requested_at, hangup_command_ids (each hangup
+-- request's command_id), final, done. tx.hangups counts hangup requests.
 --   call:wait(pred, [ms]) -> pred() once true (inside a task)
 --   call:hangup()   the callee hangs up
 --   call:send_dtmf(digit)   a `dtmf` event on the stream
@@ -448,6 +450,13 @@ function Fake:_action(req)
   end
   local action = req.params.action
   if action == "hangup" then
+    self.hangups = (self.hangups or 0) + 1
+    call.hangup_command_ids = call.hangup_command_ids or {}
+    local hb = req:json_object()
+    call.hangup_command_ids[#call.hangup_command_ids + 1] = hb and hb.command_id or json.null
+    if self.hangups <= (self.opts.fail_hangups or 0) then
+      return terror(503, "10011", "Service unavailable", "Please try again.")
+    end
     if call.final then
       return terror(422, "90018", "Call has already ended", "This call is no longer active and can't receive commands.")
     end
