@@ -515,6 +515,7 @@ function P:_hangup(id)
   end
   local body = { command_id = crypto.uuid4() }
   local e
+  local t0 = timer.now()
   for try = 1, HANGUP_TRIES do
     local res, err = fetch(calls_url(self, id, "hangup"), request(self, "POST", body, 10000))
     if res and res.status >= 200 and res.status < 300 then
@@ -524,14 +525,24 @@ function P:_hangup(id)
       return true -- it has already ended
     end
     e = rest_error(res, err)
+    -- Not again after a slow failure (a 10 s timeout), nor once the app stopped.
     local again = try < HANGUP_TRIES and (not res or res.status == 429 or res.status >= 500)
+      and timer.now() - t0 < 5000 and not self.closed
     log.warn("telnyx hang-up failed", { id = id, error = e, try = try, again = again or nil })
     if not again then
       break
     end
     timer.sleep(500 * 2 ^ (try - 1))
+    if self.closed then
+      break
+    end
   end
   return nil, e
+end
+
+-- app:stop(): no hang-up is tried again after it.
+function P:close()
+  self.closed = true
 end
 
 function P:endCall(_, attempt)
