@@ -427,10 +427,10 @@ function P:_start_stream(call_id, n, id)
       { name = "token", value = token },
     },
   }
-  local res, err = fetch(calls_url(self, id, "streaming_start"), request(self, "POST", body, 10000))
-  if not res or res.status < 200 or res.status >= 300 then
+  local res, e = self:_command(id, "streaming_start", body)
+  if not res then
     -- No stream comes: the engine hangs the answered call up after 15 s (no_stream).
-    log.warn("telnyx streaming_start failed", { call = call_id, attempt = n, error = rest_error(res, err) })
+    log.warn("telnyx streaming_start failed", { call = call_id, attempt = n, error = e })
   end
 end
 
@@ -501,46 +501,55 @@ function P:registerRoutes(srv)
   end)
 end
 
--- A hang-up Telnyx could not take (no answer, 429, 5xx) is sent again, 0.5
--- and 1 s later: unlike Twilio's, a Telnyx call outlives its media stream,
--- and a callee left on a silent line stays there until time_limit_secs.
--- One command_id for all tries: Telnyx ignores a command whose command_id
--- it has already had for the call (developers.telnyx.com/api-reference/
--- call-commands/hangup-call).
-local HANGUP_TRIES = 3
+-- A command Telnyx could not take (no answer, 429, 5xx) is sent again, 0.5
+-- and 1 s later: an answered call waits for its stream, and a call outlives
+-- its media stream - a callee left on a silent line stays there until
+-- time_limit_secs. One command_id for all tries: Telnyx ignores a command
+-- whose command_id it has already had for the call (developers.telnyx.com/
+-- api-reference/call-commands/hangup-call, .../streaming-start). Not again
+-- after a slow failure (a 10 s timeout), nor once the app stopped.
+-- -> the response | nil, error, "ended" (422 code 90018: the call has ended).
+local COMMAND_TRIES = 3
 
-function P:_hangup(id)
-  if not control_id(id) then
-    return nil, "not a Telnyx call_control_id: not hung up"
-  end
-  local body = { command_id = crypto.uuid4() }
+function P:_command(id, action, body)
+  body.command_id = crypto.uuid4()
   local e
   local t0 = timer.now()
-  for try = 1, HANGUP_TRIES do
-    local res, err = fetch(calls_url(self, id, "hangup"), request(self, "POST", body, 10000))
+  for try = 1, COMMAND_TRIES do
+    local res, err = fetch(calls_url(self, id, action), request(self, "POST", body, 10000))
     if res and res.status >= 200 and res.status < 300 then
-      return true
-    end
-    if res and res.status == 422 and first_error_code(res) == "90018" then
-      return true -- it has already ended
+      return res
     end
     e = rest_error(res, err)
-    -- Not again after a slow failure (a 10 s timeout), nor once the app stopped.
-    local again = try < HANGUP_TRIES and (not res or res.status == 429 or res.status >= 500)
-      and timer.now() - t0 < 5000 and not self.closed
-    log.warn("telnyx hang-up failed", { id = id, error = e, try = try, again = again or nil })
-    if not again then
-      break
+    if res and res.status == 422 and first_error_code(res) == "90018" then
+      return nil, e, "ended"
     end
-    timer.sleep(500 * 2 ^ (try - 1))
-    if self.closed then
+    local again = try < COMMAND_TRIES and (not res or res.status == 429 or res.status >= 500)
+      and timer.now() - t0 < 5000 and not self.closed
+    if again then
+      log.warn("telnyx " .. action .. " failed: trying again", { id = id, error = e, try = try })
+      timer.sleep(500 * 2 ^ (try - 1))
+    end
+    if not again or self.closed then
       break
     end
   end
   return nil, e
 end
 
--- app:stop(): no hang-up is tried again after it.
+function P:_hangup(id)
+  if not control_id(id) then
+    return nil, "not a Telnyx call_control_id: not hung up"
+  end
+  local res, e, ended = self:_command(id, "hangup", {})
+  if res or ended then
+    return true -- hung up, or it has already ended
+  end
+  log.warn("telnyx hang-up failed", { id = id, error = e })
+  return nil, e
+end
+
+-- app:stop(): no command is tried again after it.
 function P:close()
   self.closed = true
 end

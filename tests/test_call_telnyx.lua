@@ -737,4 +737,22 @@ T.test("a hang-up Telnyx answers 503 once is sent again (same command_id): the c
   T.eq(tx.hangup_command_ids, { cid, cid }, "the same command_id both times")
 end, { timeout = 30000 })
 
+
+T.test("a streaming_start Telnyx answers 503 once is sent again (same command_id): the call talks", function()
+  local env = start({ fake = { fail_streaming_starts = 1 } })
+  local id = env:create({ to = "+14155550120", prompt = "Book a check-up." })
+  local tx = assert(env.tx:wait_call(5000))
+  tx:wait(function()
+    return tx.stream_started_at
+  end, 5000)
+  T.ok(tx.stream_started_at, "the stream came within 5 s of the answer")
+  local call = env:wait_final(id, 20000)
+  T.eq(call.status, "completed")
+  T.eq(call.report and call.report.outcome, "success")
+  T.eq(env.tx.stream_starts, 2, "streaming_start requests")
+  local cid = tx.stream_command_ids[1]
+  T.ok(type(cid) == "string" and #cid >= 16, "a command_id")
+  T.eq(tx.stream_command_ids, { cid, cid }, "the same command_id both times")
+end, { timeout = 30000 })
+
 T.run()

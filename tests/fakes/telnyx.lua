@@ -15,6 +15,7 @@
 --                                  -- | fn(call) -> one of those
 --     clock_skew_s = 0,            -- the webhooks' telnyx-timestamp this far off
 --     fail_hangups = 0,            -- the first n hangup requests get 503
+--     fail_streaming_starts = 0,   -- the first n streaming_start requests get 503
 --   })
 --   tx.url, tx.public_key (base64), tx.private_key (raw 32 bytes)
 --   tx.calls (in creation order), tx.requests ({method, path, auth, body, at})
@@ -57,7 +58,8 @@
 -- (streaming_start's JSON), stream_params, stream_id, stream_closed,
 -- received_bytes, played_bytes(), marks_echoed, clears, errors (protocol
 -- mistakes of the app), hangup_requested_at, hangup_command_ids (each hangup
--- request's command_id), final, done. tx.hangups counts hangup requests.
+-- request's command_id), stream_command_ids (streaming_start's), final, done.
+-- tx.hangups and tx.stream_starts count those requests.
 --   call:wait(pred, [ms]) -> pred() once true (inside a task)
 --   call:hangup()   the callee hangs up
 --   call:send_dtmf(digit)   a `dtmf` event on the stream
@@ -464,6 +466,13 @@ function Fake:_action(req)
     finish(call, call.answered_at and "normal_clearing" or "originator_cancel", { source = "caller", sip = "200" })
     return 200, { data = { result = "ok" } }
   elseif action == "streaming_start" then
+    self.stream_starts = (self.stream_starts or 0) + 1
+    local sb = req:json_object()
+    call.stream_command_ids = call.stream_command_ids or {}
+    call.stream_command_ids[#call.stream_command_ids + 1] = sb and sb.command_id or json.null
+    if self.stream_starts <= (self.opts.fail_streaming_starts or 0) then
+      return terror(503, "10011", "Service unavailable", "Please try again.")
+    end
     if call.final then
       return terror(422, "90018", "Call has already ended", "This call is no longer active and can't receive commands.")
     end
