@@ -755,4 +755,27 @@ T.test("a streaming_start Telnyx answers 503 once is sent again (same command_id
   T.eq(tx.stream_command_ids, { cid, cid }, "the same command_id both times")
 end, { timeout = 30000 })
 
+
+T.test("call.hangup delivered before call.answered: the attempt ends once, the late answer starts no stream", function()
+  local env = start({ behaviour = { ring_ms = 60000 }, config = { retry = { maxAttempts = 1 } } })
+  local id = env:create({ to = "+14155550121", prompt = "x" })
+  local tx = assert(env.tx:wait_call(5000))
+  env:wait(id, function(r)
+    return r.attempts[1] and r.attempts[1].providerCallId == tx.control_id
+  end, 5000, "ringing")
+  -- Answered and hung up at once by the callee; Telnyx delivers the two out of order.
+  T.eq(post_webhook(env, id, 1, "call.hangup", { call_control_id = tx.control_id, hangup_cause = "normal_clearing",
+    sip_hangup_cause = "200" }), 200)
+  -- As any answered call whose stream never came: failed, and not dialed again.
+  local rec = env:wait_final(id, 5000)
+  T.eq(rec.status, "failed")
+  T.ok(rec.attempts[1].answeredAt, "answered (the hang-up says so)")
+  T.eq(post_webhook(env, id, 1, "call.answered", { call_control_id = tx.control_id }), 200)
+  timer.sleep(300)
+  T.eq(tx.stream, nil, "no streaming_start")
+  T.eq(#env.rt.sessions, 0, "no model session")
+  local after = env:get(id)
+  T.eq({ after.status, #after.attempts }, { "failed", 1 })
+end, { timeout = 30000 })
+
 T.run()
