@@ -11,12 +11,16 @@
 -- The flow:
 --   1. Dial: POST {apiBaseUrl}/v2/calls (JSON, Bearer) with connection_id, to,
 --      from, webhook_url = <public>/telnyx/webhook?callId=&attempt=,
---      webhook_url_method POST, timeout_secs (ring time), time_limit_secs (a
---      backstop past the wrap-up). Its answer's data.call_control_id is the
+--      webhook_url_method POST, client_state = base64("<callId> <attempt>"),
+--      timeout_secs (ring time), time_limit_secs (a backstop past the
+--      wrap-up). Its answer's data.call_control_id is the
 --      attempt's providerCallId.
 --   2. Every Call Control webhook of that call comes to POST /telnyx/webhook
---      (registerRoutes), signed with Ed25519. call.initiated -> dialing,
---      call.answered -> in_progress, call.hangup -> by hangup_cause.
+--      (registerRoutes), signed with Ed25519. Its call and attempt: the
+--      echoed client_state (inside the signed body), else the URL's query;
+--      one where the two disagree is answered 200 and ignored.
+--      call.initiated -> dialing, call.answered -> in_progress, call.hangup ->
+--      by hangup_cause.
 --   3. On call.answered: a one-time stream token (engine:prepare_stream), and
 --      POST /v2/calls/{id}/actions/streaming_start with stream_url =
 --      wss://<public>/voice/stream, stream_track inbound_track,
@@ -64,8 +68,14 @@
 --     team-telnyx/telnyx-python PR 242; the headers and "timestamp|payload"
 --     also in developers.telnyx.com/api-reference/callbacks/call-hangup.
 --     Window here: 300 s either way. Only the body is signed, not the
---     webhook URL whose query names the attempt: a status whose
---     call_control_id is not the attempt's is ignored (engine).
+--     webhook URL: the attempt is named by client_state, which Telnyx
+--     echoes in every later webhook of the call (the dial's and commands'
+--     client_state, base64; the payload's client_state in the callback
+--     references and developers.telnyx.com/docs/voice/programmable-voice/
+--     receiving-webhooks), and a status whose call_control_id is not the
+--     attempt's is ignored (engine). That page also says webhooks may come
+--     out of order, twice, or at once, and that a command_id repeated within
+--     60 s is ignored.
 --   - Webhook envelope {data: {record_type, event_type, id, occurred_at,
 --     payload: {call_control_id, ...}}}: the call.hangup callback reference
 --     (developers.telnyx.com/api-reference/callbacks/call-hangup), which also
@@ -96,7 +106,8 @@
 --   outbound call cancels it (the docs say only "hang up the call"); the
 --   answer for a call that has already ended (422 with code 90018 here; any
 --   other answer is logged as a failed hang-up); that the webhook_url's query
---   is kept; that Telnyx ignores the extra "streamSid" key the bridge writes
+--   is kept (client_state stands in when it is not); that Telnyx ignores
+--   the extra "streamSid" key the bridge writes
 --   in each media / mark / clear message (the docs show only event and
 --   media.payload / mark.name).
 local fetch = require "callagent.fetch"
@@ -267,6 +278,9 @@ function P:startCall(call, publicBaseUrl)
     to = call.to,
     from = self.tx.fromNumber,
     webhook_url = publicBaseUrl .. "/telnyx/webhook?callId=" .. call.callId .. "&attempt=" .. call.attempt,
+    -- Echoed in every webhook of the call, inside the signed body (the URL's
+    -- query is not signed): what names the call and attempt.
+    client_state = crypto.base64_encode(call.callId .. " " .. call.attempt),
     webhook_url_method = "POST",
     -- Telnyx takes 5..120 s (and refuses the dial otherwise): the engine's own
     -- ring timeout still applies past 120 s.
@@ -456,6 +470,37 @@ function P:_replayed(id)
   return false
 end
 
+-- The call and attempt a webhook is for: the signed client_state the dial
+-- set ("<callId> <attempt>", base64), else the webhook URL's query. One
+-- whose client_state and query disagree is no one's.
+local function attempt_number(s)
+  return type(s) == "string" and s:find("^%d+$") and #s <= 9 and math.tointeger(tonumber(s)) or nil
+end
+
+local function webhook_attempt(q, payload)
+  local qid, qn = q.callId, attempt_number(q.attempt)
+  if type(qid) ~= "string" then
+    qid = nil
+  end
+  local cs = type(payload) == "table" and type(payload.client_state) == "string"
+    and #payload.client_state <= 400 and crypto.base64_decode(payload.client_state)
+  local cid, cn = nil, nil
+  if cs then
+    local a, b = cs:match("^(%S+) (%d+)$")
+    cid, cn = a, attempt_number(b)
+  end
+  if cid and cn then
+    if (qid and qid ~= cid) or (q.attempt ~= nil and qn ~= cn) then
+      return nil, "its client_state names another call or attempt than its URL"
+    end
+    return cid, cn
+  end
+  if qid and qn then
+    return qid, qn
+  end
+  return nil
+end
+
 function P:registerRoutes(srv)
   srv:post("/telnyx/webhook", function(req)
     local ok, why = self:validateRequest(req)
@@ -463,17 +508,19 @@ function P:registerRoutes(srv)
       log.warn("telnyx webhook refused", { reason = why, remote = req.remote })
       return 403, { error = { code = "forbidden", message = "invalid signature" } }
     end
-    local q = req.query or {}
-    local n = type(q.attempt) == "string" and q.attempt:find("^%d+$") and #q.attempt <= 9
-      and math.tointeger(tonumber(q.attempt))
-    if type(q.callId) ~= "string" or not n then
-      log.warn("telnyx webhook with a bad query", { remote = req.remote })
-      return 400, { error = { code = "bad_request", message = "callId and attempt must be given once in the query" } }
-    end
     local body = req:json_object()
     local data = type(body) == "table" and body.data
     if type(data) ~= "table" then
       return 400, { error = { code = "bad_status", message = "the body must be a Telnyx webhook (a data object)" } }
+    end
+    local call_id, n = webhook_attempt(req.query or {}, data.payload)
+    if not call_id then
+      if n then -- signed, but not this URL's: answered, so that Telnyx does not send it again
+        log.warn("telnyx webhook ignored", { reason = n, remote = req.remote })
+        return 200, { ok = true }
+      end
+      log.warn("telnyx webhook with a bad query", { remote = req.remote })
+      return 400, { error = { code = "bad_request", message = "callId and attempt must be given once in the query" } }
     end
     if self:_replayed(data.id) then
       return 200, { ok = true }
@@ -481,13 +528,13 @@ function P:registerRoutes(srv)
     local st, serr = self:mapStatus(body)
     if not st then
       -- streaming.started, call.machine.*, ...: nothing to do here.
-      log.debug("telnyx webhook ignored", { call = q.callId, reason = serr })
+      log.debug("telnyx webhook ignored", { call = call_id, reason = serr })
       return 200, { ok = true }
     end
-    local taken, why = self.engine:provider_status(q.callId, n, st)
+    local taken, why = self.engine:provider_status(call_id, n, st)
     if data.event_type == "call.answered" and st.providerCallId then
       if taken then
-        task.spawn(self._start_stream, self, q.callId, n, st.providerCallId)
+        task.spawn(self._start_stream, self, call_id, n, st.providerCallId)
       elseif why == "attempt already ended" or why == "unknown or finished call" then
         -- Answered for an attempt that is over here (hung up while it rang,
         -- or a late delivery): nobody will talk, it is hung up. A second

@@ -778,4 +778,52 @@ T.test("call.hangup delivered before call.answered: the attempt ends once, the l
   T.eq({ after.status, #after.attempts }, { "failed", 1 })
 end, { timeout = 30000 })
 
+
+T.test("client_state (signed) names the call and attempt: a webhook without the URL's query still counts", function()
+  local env = start({ script = function()
+    timer.sleep(15000)
+  end })
+  local id = env:create({ to = "+14155550122", prompt = "x" })
+  local tx = assert(env.tx:wait_call(5000))
+  tx:wait(function()
+    return tx.stream_started_at
+  end, 10000)
+  local cs = tx.body.client_state
+  T.eq(crypto.base64_decode(cs), id .. " 1", "the dial's client_state")
+  -- Telnyx echoes client_state in every webhook of the call.
+  for _, e in ipairs(tx.events) do
+    T.eq(json.decode(e.body).data.payload.client_state, cs, e.event)
+  end
+  -- A webhook whose URL lost its query: client_state says whose it is.
+  local body = json.encode({ data = { event_type = "call.hangup", id = crypto.uuid4(), record_type = "event",
+    payload = { call_control_id = tx.control_id, client_state = cs, hangup_cause = "normal_clearing" } } })
+  local ts = tostring(os.time())
+  local res = assert(fetch(env.base .. "/telnyx/webhook", { method = "POST", body = body, headers = {
+    ["Content-Type"] = "application/json", ["telnyx-timestamp"] = ts,
+    ["telnyx-signature-ed25519"] = fake.sign(env.tx.private_key, ts, body) } }))
+  T.eq(res.status, 200)
+  T.eq(env:wait_final(id, 10000).status, "completed")
+end, { timeout = 30000 })
+
+T.test("a webhook whose signed client_state names another call than its URL is not applied to either", function()
+  local env = start({ script = function()
+    timer.sleep(15000)
+  end })
+  local a = env:create({ to = "+14155550123", prompt = "x" })
+  local ta = assert(env.tx:wait_call(5000))
+  local b = env:create({ to = "+14155550124", prompt = "x" })
+  local tb = assert(env.tx:wait_call(5000))
+  for _, t in ipairs({ ta, tb }) do
+    t:wait(function()
+      return t.stream_started_at
+    end, 10000)
+  end
+  -- Call a's own hang-up webhook, sent to call b's URL.
+  T.eq(post_webhook(env, b, 1, "call.hangup", { call_control_id = ta.control_id, client_state = ta.body.client_state,
+    hangup_cause = "normal_clearing" }), 200)
+  timer.sleep(300)
+  T.eq(env:get(a).status, "in_progress")
+  T.eq(env:get(b).status, "in_progress")
+end, { timeout = 30000 })
+
 T.run()

@@ -116,7 +116,7 @@ local function webhook(call, event, payload)
   payload.connection_id = call.body.connection_id
   payload.from = call.body.from
   payload.to = call.body.to
-  payload.client_state = json.null
+  payload.client_state = call.body.client_state or json.null -- echoed in every webhook of the call
   local body = json.encode({
     data = { event_type = event, id = crypto.uuid4(), occurred_at = os.date("!%Y-%m-%dT%H:%M:%S.000000Z"),
       payload = payload, record_type = "event" },
