@@ -83,6 +83,20 @@ local function post_webhook(env, id, n, event, payload, key, ts, sig)
   return res.status, res
 end
 
+-- A call answered and streaming, whose model says nothing (for 15 s): env,
+-- the call's id, and the fake's call.
+local function streaming_call(to)
+  local env = start({ script = function()
+    timer.sleep(15000)
+  end })
+  local id = env:create({ to = to, prompt = "x" })
+  local tx = assert(env.tx:wait_call(5000))
+  tx:wait(function()
+    return tx.stream_started_at
+  end, 10000)
+  return env, id, tx
+end
+
 local function events_of(rec)
   local out = {}
   for _, e in ipairs(rec.events or {}) do
@@ -223,14 +237,7 @@ end, { timeout = 40000 })
 
 T.test("a Telnyx-shaped start with a token that is not the call's is refused (1008); the call goes on", function()
   local ws = require "callagent.ws"
-  local env = start({ script = function()
-    timer.sleep(15000)
-  end })
-  local id = env:create({ to = "+14155550109", prompt = "x" })
-  local tx = assert(env.tx:wait_call(5000))
-  tx:wait(function()
-    return tx.stream_started_at
-  end, 10000)
+  local env, id, tx = streaming_call("+14155550109")
   local closed
   local conn = assert(ws.connect(env.base:gsub("^http", "ws") .. "/voice/stream", {
     on_close = function(_, code)
@@ -273,14 +280,7 @@ T.test("hangup causes map to statuses; other events are no status", function()
 end)
 
 T.test("getCall: a live call counts as ringing, an ended one cannot say how it ended, an odd id asks nothing", function()
-  local env = start({ script = function()
-    timer.sleep(15000)
-  end })
-  local id = env:create({ to = "+14155550112", prompt = "x" })
-  local tx = assert(env.tx:wait_call(5000))
-  tx:wait(function()
-    return tx.stream_started_at
-  end, 10000)
+  local env, id, tx = streaming_call("+14155550112")
   local p = env.app.provider
   local st = p:getCall(tx.control_id)
   T.eq(st and st.status, "dialing", "alive")
@@ -334,14 +334,7 @@ T.test("a forged, stale, future or unsigned webhook is refused with 403 and chan
 end, { timeout = 30000 })
 
 T.test("a replayed webhook (same id, valid signature) is answered and changes nothing", function()
-  local env = start({ script = function()
-    timer.sleep(15000)
-  end })
-  local id = env:create({ to = "+14155550104", prompt = "x" })
-  local tx = assert(env.tx:wait_call(5000))
-  tx:wait(function()
-    return tx.stream_started_at
-  end, 10000)
+  local env, id, tx = streaming_call("+14155550104")
   local answered
   for _, e in ipairs(tx.events) do
     if e.event == "call.answered" then
@@ -506,14 +499,7 @@ T.test("ring time: timeout_secs stays in Telnyx's 5-120 s, whatever call.ringTim
 end, { timeout = 40000 })
 
 T.test("call.answered twice (a second delivery with its own id): one streaming_start, the call goes on", function()
-  local env = start({ script = function()
-    timer.sleep(15000)
-  end })
-  local id = env:create({ to = "+14155550114", prompt = "x" })
-  local tx = assert(env.tx:wait_call(5000))
-  tx:wait(function()
-    return tx.stream_started_at
-  end, 10000)
+  local env, id, tx = streaming_call("+14155550114")
   T.eq(post_webhook(env, id, 1, "call.answered", { call_control_id = tx.control_id }), 200)
   timer.sleep(300)
   local n = 0
@@ -675,14 +661,7 @@ end, { timeout = 30000 })
 
 
 T.test("a signed webhook of another call (its call_control_id) posted to this call's URL changes nothing", function()
-  local env = start({ script = function()
-    timer.sleep(15000)
-  end })
-  local id = env:create({ to = "+14155550118", prompt = "x" })
-  local tx = assert(env.tx:wait_call(5000))
-  tx:wait(function()
-    return tx.stream_started_at
-  end, 10000)
+  local env, id, tx = streaming_call("+14155550118")
   -- The URL's query is not signed, only the body: Telnyx's own webhook of
   -- another call, sent (or replayed) here, must not end this one.
   T.eq(post_webhook(env, id, 1, "call.hangup", { call_control_id = "v3:another-call", hangup_cause = "user_busy" }),
@@ -780,14 +759,7 @@ end, { timeout = 30000 })
 
 
 T.test("client_state (signed) names the call and attempt: a webhook without the URL's query still counts", function()
-  local env = start({ script = function()
-    timer.sleep(15000)
-  end })
-  local id = env:create({ to = "+14155550122", prompt = "x" })
-  local tx = assert(env.tx:wait_call(5000))
-  tx:wait(function()
-    return tx.stream_started_at
-  end, 10000)
+  local env, id, tx = streaming_call("+14155550122")
   local cs = tx.body.client_state
   T.eq(crypto.base64_decode(cs), id .. " 1", "the dial's client_state")
   -- Telnyx echoes client_state in every webhook of the call.
