@@ -436,6 +436,37 @@ T.test("HTTP 429 at every model connection: a bounded number of tries with backo
   T.lt(took, 10000, "within the 10 s the phone's frames are kept")
 end, { timeout = 40000 })
 
+T.test("a dropped (rate limited) session's late events are not the call's: the next session greets and hears the phone", function()
+  local env
+  env = kit.start({
+    config = { retry = { maxAttempts = 1 } },
+    realtime = {
+      refuse_update = { "rate_limit_exceeded", "Rate limit reached for sessions. Please try again in 0.6s.",
+        sessions = 1 },
+      script = function(session)
+        if session.index == 1 then
+          -- On its way with the refusal, before the service read the client's close.
+          assert(session:wait_event("session.update", 5000))
+          session:send({ type = "session.updated", session = { type = "realtime", audio = {
+            input = { format = { type = "audio/pcmu" } }, output = { format = { type = "audio/pcmu" } } } } })
+          return
+        end
+        assert(session:wait_event("response.create", 5000), "the greeting asked of the session that talks")
+        session:speak({ ms = 300, text = "Hello, is this Ann?" })
+        session:user_speech({ ms = 300, text = "Yes." })
+        session:report_and_goodbye({ summary = "Ann.", outcome = "success" }, { ms = 200, text = "Bye." })
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550187", prompt = "Say hello." })
+  local call = env:wait_final(id, 15000)
+  T.eq({ call.status, call.endReason, call.report and call.report.summary }, { "completed", "completed", "Ann." },
+    tostring(call.lastError))
+  T.eq(#env.rt.sessions, 2, "one refused session, then one that talked")
+  T.eq(#env.rt.sessions[1].response_creates, 0, "nothing asked of the dropped session")
+  T.gt(env.rt.sessions[2].input_bytes, 0, "the phone's audio went to the session that talked")
+  T.eq(lines(call), { "agent: Hello, is this Ann?", "callee: Yes.", "agent: Bye." })
+end, { timeout = 40000 })
 T.test("without openai.apiKey (a proxy that holds the key) the model connection carries no Authorization header", function()
   local env = kit.start({ config = { openai = { apiKey = json.null }, retry = { maxAttempts = 1 } } })
   local id = env:create({ to = "+14155550185", prompt = "Say hello." })

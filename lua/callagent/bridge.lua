@@ -121,12 +121,17 @@ function Bridge:start_model()
     names[#names + 1] = t.name
   end
   local rt
+  -- The call's session: not one dropped for a rate limit (its events, on
+  -- their way before the service read our close, are not the call's).
+  local function current()
+    return rt == self.rt and not rt.dropped
+  end
   rt = realtime.session(self.cfg.openai, {
     instructions = instructions.build(call, { extra_tools = names }),
     voice = call.voice,
     tools = tools,
     on_open = function()
-      if rt ~= self.rt then
+      if not current() then
         return -- dropped for another (rate limited) while it opened
       end
       if self.cb and not self.ended then
@@ -151,17 +156,17 @@ function Bridge:start_model()
       end)
     end,
     on_ready = function(_, ev)
-      if rt == self.rt then
+      if current() then
         self:_model_ready(ev)
       end
     end,
     on_event = function(_, ev)
-      if rt == self.rt then
+      if current() then
         self:_model_event(ev)
       end
     end,
     on_close = function(_, code, reason)
-      if rt == self.rt then
+      if current() then
         self:_model_closed(code, reason)
       end
     end,
@@ -197,6 +202,7 @@ function Bridge:_model_rate_limited(why, message)
   if self.cb then
     self.cb:unlink_model()
   end
+  self.rt.dropped = true
   self.rt:close()
   self.model_retry_timer = timer.after(wait, function()
     self.model_retry_timer = nil
