@@ -245,8 +245,8 @@ T.test("an app tool's parameters written with required = {} go to the model as a
 end, { timeout = 30000 })
 
 -- The callee says something and hangs up at once: the model is still
--- transcribing it. script(session, hangup) plays the call; hangup() is the
--- callee hanging up (Twilio's stop, the stream's close, then completed).
+-- transcribing it. script(session, hangup, env) plays the call; hangup() is
+-- the callee hanging up (Twilio's stop, the stream's close, then completed).
 local function last_words_call(to, script)
   local env
   env = kit.start({
@@ -258,7 +258,7 @@ local function last_words_call(to, script)
         script(session, function()
           session.hung_up_at = timer.now()
           env.tw.calls[1]:hangup()
-        end)
+        end, env)
       end,
     },
   })
@@ -321,6 +321,25 @@ T.test("the callee's last words: the call ends within LAST_WORDS_MS when the tra
   T.eq(lines(call2), { "agent: Hello, is this Ann?", "callee: Bye." })
   T.lt(s2.closed_at - s2.hung_up_at, 300, "no wait when no transcript is pending")
 end, { timeout = 60000 })
+
+T.test("a report_call that comes once the phone hung up (while the callee's last words are awaited) is stored", function()
+  local call, s = last_words_call("+14155550188", function(session, hangup, env)
+    session:user_speech({ ms = 300, text = "Tuesday at five works. Bye.", transcript_delay_ms = 1500 })
+    hangup()
+    T.wait_for(function()
+      return env.tw.calls[1].stream_closed
+    end, 3000, "the phone's stream to close")
+    timer.sleep(100) -- the bridge has ended
+    -- The model reports what it heard; no tool output is awaited from a call that ended.
+    session:call_function("report_call", { summary = "Booked for Tuesday at five.", outcome = "success" },
+      { wait = false })
+  end)
+  T.eq({ call.status, call.endReason }, { "completed", "callee_hung_up" })
+  T.eq(call.report and call.report.summary, "Booked for Tuesday at five.", "the report the model made is the call's")
+  T.eq(call.report.outcome, "success")
+  T.eq(#s.function_outputs, 0, "nothing sent back for a call that ended")
+  T.eq(lines(call), { "agent: Hello, is this Ann?", "callee: Tuesday at five works. Bye." })
+end, { timeout = 40000 })
 
 T.test("a rate limit on the model's first session.update: the model connection is tried again while the phone waits, and the call talks", function()
   local env = kit.start({

@@ -327,7 +327,8 @@ end
 -- What the model may still send once the call has ended (on its way when we
 -- closed, or while the callee's last words are awaited) that still counts:
 -- the callee's words and their transcription. A response to them goes
--- nowhere and is no agent line (nobody heard it); its usage is counted.
+-- nowhere and is no agent line (nobody heard it); its usage is counted, and
+-- a report_call in it is the call's report (_late_report).
 local AFTER_END = {
   ["input_audio_buffer.speech_started"] = true,
   ["input_audio_buffer.speech_stopped"] = true,
@@ -343,6 +344,12 @@ function Bridge:_model_event(ev)
     local r = t == "response.done" and obj(ev.response)
     if r and type(r.usage) == "table" then
       self.engine:bridge_usage(self, r.usage) -- tokens spent all the same
+    end
+    if t == "response.output_item.done" then
+      self:_late_report(obj(ev.item))
+    end
+    for _, item in ipairs(r and type(r.output) == "table" and r.output or EMPTY) do
+      self:_late_report(obj(item))
     end
     return
   end
@@ -889,6 +896,23 @@ local function bad_arguments(fc)
     out.ok = false
   end
   return json.encode(out)
+end
+
+-- A report_call that comes once the call has ended (the model made it as the
+-- phone hung up, or answering the callee's last words) is stored: the report
+-- must not depend on the rest of the call. Nothing else of the call runs
+-- then: no tool, no output to the model, no goodbye for a phone that is gone.
+function Bridge:_late_report(item)
+  if self.report or item.type ~= "function_call" or item.name ~= "report_call"
+    or (item.status ~= nil and item.status ~= "completed") then
+    return
+  end
+  local args = decode_arguments(str(item.arguments))
+  if args then
+    self.report = normalize_report(args)
+    log.info("report_call came after the call ended: stored", self.log_fields)
+    self.engine:bridge_report(self, self.report)
+  end
 end
 
 -- The function call held for call_id (from its arguments.done), taken out.
