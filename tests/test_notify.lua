@@ -132,4 +132,31 @@ T.test("a receiver that is down costs one round of tries per sweep, not every no
   T.eq(#store:pending_notifications(), 40, "none lost: all still pending")
 end)
 
+
+T.test("a notification the receiver never takes does not hold back the healthy ones behind it at every sweep", function()
+  -- 8 poisoned payloads (5xx for ever), the oldest: each sweep's 8 workers
+  -- took them first, all ran out of tries, and the sweep ended there; the
+  -- healthy one behind them never went out while the app ran.
+  local tries = {}
+  local n, store = notifier(function(req)
+    local key = req.headers["idempotency-key"]
+    tries[key] = (tries[key] or 0) + 1
+    if key:match("^bad") then
+      return 500, { error = "cannot take this one" }
+    end
+    return 200, { ok = true }
+  end, { attempts = 1, base_delay_ms = 10, sweep_ms = 150 })
+  for i = 1, 8 do
+    local key = ("bad_%d:completed"):format(i)
+    assert(store:add_notification(key, "bad_" .. i, "{}"))
+    assert(store.db:run("UPDATE notifications SET created = ? WHERE key = ?", 1000 + i, key))
+  end
+  assert(store:add_notification("good:completed", "good", "{}"))
+  assert(store.db:run("UPDATE notifications SET created = ? WHERE key = ?", 2000, "good:completed"))
+  T.eq(n:resume(), 9)
+  T.wait_for(function()
+    return tries["good:completed"] == 1
+  end, 3000, "the healthy one sent by a later sweep")
+  T.eq(#store:pending_notifications(), 8, "delivered: only the poisoned ones left")
+end)
 T.run()

@@ -14,7 +14,8 @@
 -- delivered - cut short by a restart, or out of tries - is sent again after a
 -- restart, and every sweep_ms (5 minutes) while the app runs, but never one
 -- the receiver refused; the Idempotency-Key lets the receiver drop duplicates.
--- A sweep ends at the first notification out of tries (the receiver is down).
+-- A sweep ends at the first notification out of tries (the receiver is down);
+-- those that ran out of tries go last in the next one.
 local fetch = require "callagent.fetch"
 local json = require "callagent.json"
 local log = require "callagent.log"
@@ -36,6 +37,10 @@ function M.new(cfg, store, opts)
     timeout_ms = opts.timeout_ms or 10000,
     sweep_ms = opts.sweep_ms or 300000,
     in_flight = {},
+    -- key -> when it last ran out of tries (a count, not a time): a sweep
+    -- sends those last, the longest untried first.
+    ran_out = {},
+    ran_outs = 0,
     requests = 0, -- requests waiting for their answer (drain)
   }, Notifier)
 end
@@ -165,13 +170,16 @@ function Notifier:_deliver(key, body)
     if res and res.status < 300 then
       self.store:mark_notified(key, "sent")
       log.info("notification delivered", { key = key, status = res.status, try = try })
-      self.in_flight[key] = nil
+      self.in_flight[key], self.ran_out[key] = nil, nil
       return true
     end
     local why = res and ("HTTP " .. res.status) or err
     -- 408 and 429 say "later"; another answer under 500 will not change.
     local refused = res and res.status < 500 and res.status ~= 429 and res.status ~= 408
     self.store:mark_notified(key, refused and "refused" or "failed", why)
+    if refused then
+      self.ran_out[key] = nil -- never sent again
+    end
     if refused and res.status >= 300 and res.status < 400 then
       -- Not followed: the body and its bearer token go where configured,
       -- nowhere else. The address, without its password or query (either
@@ -201,6 +209,8 @@ function Notifier:_deliver(key, body)
     else
       log.error("notification failed; out of tries: the next sweep sends it again", { key = key, error = why,
         tries = try, sweep_in_s = self.sweep_ms // 1000 })
+      self.ran_outs = self.ran_outs + 1
+      self.ran_out[key] = self.ran_outs
     end
   end
   self.in_flight[key] = nil
@@ -266,8 +276,22 @@ function Notifier:_sweep()
     return 0
   end
   if #pending == 0 then
+    self.ran_out = {}
     return 0 -- no worker would end this sweep (self.resuming)
   end
+  -- Those that ran out of tries go last, the longest untried first; the
+  -- others oldest first. In store order, a payload the receiver fails for
+  -- ever (5xx) came first at every sweep and ended it there: 8 of them, and
+  -- none behind them went out while the app ran.
+  local ran_out, rank = {}, {}
+  for i, n in ipairs(pending) do
+    ran_out[n.key] = self.ran_out[n.key] -- those still pending: no growth
+    rank[n] = (ran_out[n.key] or 0) * (#pending + 1) + i
+  end
+  self.ran_out = ran_out
+  table.sort(pending, function(a, b)
+    return rank[a] < rank[b]
+  end)
   -- The backlog's keys not yet taken: one the engine sends, or sent before
   -- (a call the recovery ended), is its own to deliver; the backlog, coming
   -- to it after it was delivered, would send it again.
