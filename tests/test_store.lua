@@ -3,6 +3,8 @@
 local T = require "testing"
 local store_mod = require "callagent.store"
 local core = require "callagent.core"
+local timer = require "callagent.timer"
+local task = require "callagent.task"
 
 local function open(backend)
   local cfg = { backend = backend, path = T.tmpdir() .. "/s.db", retentionDays = 30 }
@@ -368,4 +370,78 @@ T.test("the store folder is created when missing", function()
   T.eq(core.stat(path), "file")
 end)
 
+
+T.test("sqlite: a prune of thousands of calls goes in batches, the loop served between them; the same calls go", function()
+  -- One DELETE of months of calls held the loop, and every live call's
+  -- audio, until it was done.
+  local s = open("sqlite")
+  local old = core.time() - 40 * 86400
+  assert(s.db:exec(([[
+    BEGIN;
+    WITH RECURSIVE k(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM k WHERE i < 3000)
+      INSERT INTO calls (id, status, created, doc) SELECT 'c_' || i, 'completed', %f, '{}' FROM k;
+    WITH RECURSIVE k(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM k WHERE i < 10)
+      INSERT INTO transcript (call_id, doc) SELECT c.id, '{"role":"agent","text":"x"}' FROM calls c, k;
+    INSERT INTO notifications (key, call_id, payload, sent, created)
+      SELECT id || ':completed', id, '{}', seq %% 2, created FROM calls;
+    COMMIT;
+  ]]):format(old)))
+  assert(s:insert_call(call("c_live", "in_progress")))
+  assert(s:insert_call(call("c_new", "completed")))
+  assert(s:add_notification("c_new:completed", "c_new", "{}"))
+  assert(s.db:run("UPDATE calls SET created = ? WHERE id = 'c_live'", old))
+  local ticks, last, longest = 0, timer.now(), 0
+  local t = timer.every(1, function()
+    ticks = ticks + 1
+    longest = math.max(longest, timer.now() - last)
+    last = timer.now()
+  end)
+  T.defer(function()
+    t:stop()
+  end)
+  timer.sleep(5)
+  ticks, last, longest = 0, timer.now(), 0
+  local started = timer.now()
+  T.eq(s:prune(30), 3000, "the calls removed")
+  local took = timer.now() - started
+  t:stop()
+  T.diag(("prune: %.1f ms, %d timer ticks in it, longest gap %.1f ms"):format(took, ticks, longest))
+  T.ge(ticks, 5, "the loop ran timers between the batches")
+  T.eq(s.db:value("SELECT count(*) FROM calls"), 2, "the active one and the new one stay")
+  T.ok(s:get_call("c_live"))
+  T.eq(s.db:value("SELECT count(*) FROM transcript"), 0, "their rows went with them")
+  local left = {}
+  for _, n in ipairs(s:pending_notifications()) do
+    left[#left + 1] = n.key
+  end
+  T.eq(left, { "c_new:completed" })
+  T.eq(s.db:value("SELECT count(*) FROM notifications"), 1)
+  T.eq(s:prune(30), 0, "nothing left to prune")
+end)
+
+T.test("sqlite: a store closed during a prune's turn ends it without an error raised", function()
+  local s = assert(store_mod.open({ backend = "sqlite", path = T.tmpdir() .. "/closing.db", retentionDays = 30 }))
+  assert(s.db:exec(([[
+    WITH RECURSIVE k(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM k WHERE i < 2000)
+      INSERT INTO calls (id, status, created, doc) SELECT 'c_' || i, 'completed', %f, '{}' FROM k;
+  ]]):format(core.time() - 40 * 86400)))
+  local n, err
+  local done = false
+  -- The loop busy for a while in this pass: the prune's first batch is
+  -- followed by its turn.
+  local busy = os.clock()
+  repeat
+  until os.clock() - busy > 0.005
+  task.spawn(function()
+    n, err = s:prune(30)
+    done = true
+  end)
+  T.eq(done, false, "the prune took turns")
+  s:close()
+  T.wait_for(function()
+    return done
+  end, 2000, "the prune ended")
+  T.eq(n, nil)
+  T.match(tostring(err), "^ECLOSED")
+end)
 T.run()

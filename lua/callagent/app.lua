@@ -466,9 +466,17 @@ function App:start()
   self.engine.starting = nil
   self.notifier:resume()
   if store.prune then
-    store:prune(cfg.store.retentionDays)
+    -- In a task of its own, at start and hourly: a prune of many calls
+    -- takes turns with live calls (task.pace), which a timer's callback
+    -- cannot, and does not hold up the start.
+    local function prune()
+      if not self.stopped then
+        store:prune(cfg.store.retentionDays)
+      end
+    end
+    task.spawn(prune)
     self.prune_timer = timer.every(3600 * 1000, function()
-      store:prune(cfg.store.retentionDays)
+      task.spawn(prune)
     end)
     self.prune_timer:unref()
   end

@@ -12,6 +12,7 @@ local sqlite = require "callagent.sqlite"
 local json = require "callagent.json"
 local core = require "callagent.core"
 local log = require "callagent.log"
+local task = require "callagent.task"
 
 local M = {}
 local Store = {}
@@ -59,6 +60,7 @@ CREATE TABLE IF NOT EXISTS notifications (
   last_error TEXT,
   created REAL NOT NULL
 );
+CREATE INDEX IF NOT EXISTS notifications_by_created ON notifications (created);
 CREATE TABLE IF NOT EXISTS idempotency (
   key TEXT PRIMARY KEY,
   call_id TEXT NOT NULL REFERENCES calls (id) ON DELETE CASCADE,
@@ -390,7 +392,72 @@ function Store:find_idempotent(key)
   return rows[1]
 end
 
---- Removes finished calls created more than days ago (their rows go with them).
+-- The calls (with their rows: a call's transcript and events can be
+-- hundreds) or notifications one commit of a prune removes.
+local PRUNE_BATCH = 200
+local PRUNE_CALLS = [[DELETE FROM calls WHERE seq IN (SELECT seq FROM calls WHERE created < ?
+  AND status NOT IN ('queued', 'dialing', 'in_progress') ORDER BY created LIMIT ?)]]
+local OLD_NOTIFICATIONS = "rowid IN (SELECT rowid FROM notifications WHERE created < ? ORDER BY created LIMIT ?)"
+
+-- Runs fn in one commit: true, or nil, err when the store refused it (undone).
+local function commit(db, fn)
+  local pok, ok, err = pcall(db.transaction, db, fn)
+  if not pok then
+    return nil, ok
+  end
+  return ok, err
+end
+
+-- The batches of a prune: the calls removed, the notifications never
+-- delivered removed, and the error that ended it, if one did.
+local function prune_batches(self, cutoff)
+  local n, stale = 0, 0
+  for _, step in ipairs({ "calls", "notifications" }) do
+    local removed = PRUNE_BATCH
+    while removed == PRUNE_BATCH do
+      local db = self.db
+      if not db then
+        return n, stale, "ECLOSED: the store closed during the prune"
+      end
+      local ok, err = commit(db, function()
+        local werr
+        if step == "calls" then
+          removed, werr = db:run(PRUNE_CALLS, cutoff, PRUNE_BATCH)
+        else
+          -- Undelivered ones too: a receiver that was never reachable must
+          -- not have its backlog grow for ever, nor hear of calls older
+          -- than the retention.
+          local never = db:value("SELECT count(*) FROM notifications WHERE sent = 0 AND " .. OLD_NOTIFICATIONS,
+            cutoff, PRUNE_BATCH)
+          removed, werr = db:run("DELETE FROM notifications WHERE " .. OLD_NOTIFICATIONS, cutoff, PRUNE_BATCH)
+          stale = removed and stale + (never or 0) or stale
+        end
+        if removed == nil then
+          error(werr, 0)
+        end
+      end)
+      if not ok then
+        return n, stale, err or "a prune write failed"
+      end
+      if step == "calls" then
+        n = n + removed
+      end
+      if removed == PRUNE_BATCH then
+        -- Live calls' audio goes first (inside a task).
+        task.pace()
+      end
+    end
+  end
+  return n, stale
+end
+
+--- Removes finished calls created more than days ago (their rows go with
+-- them), and notifications as old. PRUNE_BATCH at a time, a commit each,
+-- taking turns with live calls between them inside a task (task.pace): one
+-- statement that removed months of calls held the loop, and every call's
+-- audio, for seconds. Returns the calls removed; nil, err when the store
+-- refused a batch (the batches before it stay removed, the next prune goes
+-- on) or closed meanwhile.
 function Store:prune(days)
   days = days or self.retention_days
   -- In floating point: an integer product past 2^63 wraps, and a cutoff in
@@ -400,38 +467,27 @@ function Store:prune(days)
   if cutoff > now then
     return 0
   end
-  local db, n, stale = self.db, nil, nil
-  -- One commit; one that the store refuses (a full disk) is nil, err, and
-  -- the next prune tries again.
-  local pok, ok, err = pcall(db.transaction, db, function()
-    local werr
-    n, werr = db:run([[DELETE FROM calls WHERE created < ? AND status NOT IN ('queued', 'dialing', 'in_progress')]],
-      cutoff)
-    -- Undelivered ones too: a receiver that was never reachable must not have
-    -- its backlog grow for ever, nor hear of calls older than the retention.
-    if n ~= nil then
-      stale = db:value("SELECT count(*) FROM notifications WHERE created < ? AND sent = 0", cutoff)
-      local done
-      done, werr = db:run("DELETE FROM notifications WHERE created < ?", cutoff)
-      n = done and n
-    end
-    if n == nil then
-      error(werr, 0)
-    end
-  end)
+  if self.pruning then
+    return 0 -- the prune under way removes them
+  end
+  self.pruning = true
+  local pok, n, stale, err = pcall(prune_batches, self, cutoff)
+  self.pruning = nil
   if not pok then
-    ok, err = nil, ok
+    error(n, 0)
   end
-  if not ok then
-    return check(nil, err, "prune")
-  end
-  if stale and stale > 0 then
+  if stale > 0 then
     log.warn("store pruned notifications never delivered", { removed = stale, older_than_days = days })
   end
-  if n and n > 0 then
+  if n > 0 then
     log.info("store pruned old calls", { removed = n, older_than_days = days })
   end
-  return n or 0
+  if err and not self.db then
+    return nil, err -- a stop: the next start's prune goes on
+  elseif err then
+    return check(nil, err, "prune")
+  end
+  return n
 end
 
 function Store:close()
