@@ -159,4 +159,40 @@ T.test("a notification the receiver never takes does not hold back the healthy o
   end, 3000, "the healthy one sent by a later sweep")
   T.eq(#store:pending_notifications(), 8, "delivered: only the poisoned ones left")
 end)
+
+T.test("a call notified while sweeps run is sent once, and so is each of the backlog", function()
+  local by_key, order = {}, {}
+  local n, store = notifier(function(req)
+    local key = req.headers["idempotency-key"]
+    order[#order + 1] = key
+    timer.sleep(30) -- a receiver that takes a moment: sweeps overlap the sends
+    if #order <= 12 then
+      return 503, { error = "busy" }
+    end
+    by_key[key] = (by_key[key] or 0) + 1
+    return 200, { ok = true }
+  end, { attempts = 2, base_delay_ms = 10, sweep_ms = 40 })
+  for i = 1, 12 do
+    assert(store:add_notification(("c_%02d:completed"):format(i), ("c_%02d"):format(i), "{}"))
+  end
+  T.eq(n:resume(), 12)
+  for i = 1, 6 do
+    timer.sleep(25)
+    -- As the engine does: recorded in the commit of the final status, sent at once.
+    local key = ("e_%d:completed"):format(i)
+    assert(store:add_notification(key, "e_" .. i, "{}"))
+    n:send(key, "{}")
+  end
+  T.wait_for(function()
+    return #store:pending_notifications() == 0 and next(n.in_flight) == nil
+  end, 5000, "all delivered")
+  timer.sleep(200)
+  local twice = {}
+  for key, c in pairs(by_key) do
+    if c > 1 then
+      twice[#twice + 1] = key
+    end
+  end
+  T.eq(twice, {}, "none delivered twice")
+end)
 T.run()
