@@ -26,6 +26,10 @@
 --                                            restart) or "refused" (the receiver said no: never again)
 --   store:pending_notifications()            neither sent nor refused
 --   store:prune(older_than) -> removed       store:close()
+--                                            prune: nil, err when the store refused
+--                                            it; called in a task, it may take turns
+--                                            with the loop (task.pace) and must then
+--                                            end quietly if the store closes meanwhile
 --   store:batch(fn)                          optional: runs fn, whose writes commit
 --                                            together (fn does not yield); without it
 --                                            the engine makes them one by one
