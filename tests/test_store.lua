@@ -444,4 +444,34 @@ T.test("sqlite: a store closed during a prune's turn ends it without an error ra
   T.eq(n, nil)
   T.match(tostring(err), "^ECLOSED")
 end)
+
+T.test("sqlite: a prune of calls with long transcripts takes smaller batches: no turn holds the loop for long", function()
+  local s = open("sqlite")
+  assert(s.db:exec(([[
+    BEGIN;
+    WITH RECURSIVE k(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM k WHERE i < 600)
+      INSERT INTO calls (id, status, created, doc) SELECT 'c_' || i, 'completed', %f, '{}' FROM k;
+    WITH RECURSIVE k(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM k WHERE i < 300)
+      INSERT INTO transcript (call_id, doc) SELECT c.id, '{"role":"agent","text":"a line of what was said"}'
+      FROM calls c, k;
+    COMMIT;
+  ]]):format(core.time() - 40 * 86400)))
+  local last, longest = timer.now(), 0
+  local t = timer.every(1, function()
+    longest = math.max(longest, timer.now() - last)
+    last = timer.now()
+  end)
+  T.defer(function()
+    t:stop()
+  end)
+  timer.sleep(5)
+  last, longest = timer.now(), 0
+  local started = timer.now()
+  T.eq(s:prune(30), 600)
+  local took = timer.now() - started
+  longest = math.max(longest, timer.now() - last)
+  T.diag(("prune: %.1f ms, longest the loop waited for a timer %.1f ms"):format(took, longest))
+  T.eq(s.db:value("SELECT count(*) FROM transcript"), 0)
+  T.lt(longest, took / 3, "no batch held the loop for most of the prune")
+end)
 T.run()

@@ -13,6 +13,7 @@ local json = require "callagent.json"
 local core = require "callagent.core"
 local log = require "callagent.log"
 local task = require "callagent.task"
+local timer = require "callagent.timer"
 
 local M = {}
 local Store = {}
@@ -393,8 +394,11 @@ function Store:find_idempotent(key)
 end
 
 -- The calls (with their rows: a call's transcript and events can be
--- hundreds) or notifications one commit of a prune removes.
-local PRUNE_BATCH = 200
+-- hundreds) or notifications one commit of a prune removes at first: cut
+-- to fit PRUNE_BATCH_MS after a batch that took longer (calls with long
+-- transcripts), doubled after one that took under a quarter of it.
+local PRUNE_BATCH, PRUNE_BATCH_MIN, PRUNE_BATCH_MAX = 20, 5, 1000
+local PRUNE_BATCH_MS = 20
 local PRUNE_CALLS = [[DELETE FROM calls WHERE seq IN (SELECT seq FROM calls WHERE created < ?
   AND status NOT IN ('queued', 'dialing', 'in_progress') ORDER BY created LIMIT ?)]]
 local OLD_NOTIFICATIONS = "rowid IN (SELECT rowid FROM notifications WHERE created < ? ORDER BY created LIMIT ?)"
@@ -412,24 +416,26 @@ end
 -- delivered removed, and the error that ended it, if one did.
 local function prune_batches(self, cutoff)
   local n, stale = 0, 0
+  local size = PRUNE_BATCH
   for _, step in ipairs({ "calls", "notifications" }) do
-    local removed = PRUNE_BATCH
-    while removed == PRUNE_BATCH do
+    local removed = size
+    while removed == size do
       local db = self.db
       if not db then
         return n, stale, "ECLOSED: the store closed during the prune"
       end
+      local started = timer.now()
       local ok, err = commit(db, function()
         local werr
         if step == "calls" then
-          removed, werr = db:run(PRUNE_CALLS, cutoff, PRUNE_BATCH)
+          removed, werr = db:run(PRUNE_CALLS, cutoff, size)
         else
           -- Undelivered ones too: a receiver that was never reachable must
           -- not have its backlog grow for ever, nor hear of calls older
           -- than the retention.
           local never = db:value("SELECT count(*) FROM notifications WHERE sent = 0 AND " .. OLD_NOTIFICATIONS,
-            cutoff, PRUNE_BATCH)
-          removed, werr = db:run("DELETE FROM notifications WHERE " .. OLD_NOTIFICATIONS, cutoff, PRUNE_BATCH)
+            cutoff, size)
+          removed, werr = db:run("DELETE FROM notifications WHERE " .. OLD_NOTIFICATIONS, cutoff, size)
           stale = removed and stale + (never or 0) or stale
         end
         if removed == nil then
@@ -442,7 +448,14 @@ local function prune_batches(self, cutoff)
       if step == "calls" then
         n = n + removed
       end
-      if removed == PRUNE_BATCH then
+      if removed == size then
+        local took = timer.now() - started
+        if took > PRUNE_BATCH_MS then
+          size = math.max(PRUNE_BATCH_MIN, math.floor(size * PRUNE_BATCH_MS / took))
+        elseif took < PRUNE_BATCH_MS / 4 then
+          size = math.min(PRUNE_BATCH_MAX, size * 2)
+        end
+        removed = size -- not the end yet
         -- Live calls' audio goes first (inside a task).
         task.pace()
       end
@@ -452,7 +465,8 @@ local function prune_batches(self, cutoff)
 end
 
 --- Removes finished calls created more than days ago (their rows go with
--- them), and notifications as old. PRUNE_BATCH at a time, a commit each,
+-- them), and notifications as old. In batches of about PRUNE_BATCH_MS, a
+-- commit each,
 -- taking turns with live calls between them inside a task (task.pace): one
 -- statement that removed months of calls held the loop, and every call's
 -- audio, for seconds. Returns the calls removed; nil, err when the store
