@@ -244,6 +244,19 @@ T.test("an app tool's parameters written with required = {} go to the model as a
     tostring(call.lastError))
 end, { timeout = 30000 })
 
+-- The call the rate-limit tests end with, once a session talks: a greeting,
+-- the callee's answer, the report and the goodbye; and how it ends.
+local function talk_with_ann(session)
+  session:speak({ ms = 300, text = "Hello, is this Ann?" })
+  session:user_speech({ ms = 300, text = "Yes." })
+  session:report_and_goodbye({ summary = "Ann.", outcome = "success" }, { ms = 200, text = "Bye." })
+end
+
+local function completed_with_ann(call)
+  T.eq({ call.status, call.endReason, call.report and call.report.summary }, { "completed", "completed", "Ann." },
+    tostring(call.lastError))
+end
+
 -- The callee says something and hangs up at once: the model is still
 -- transcribing it. script(session, hangup, env) plays the call; hangup() is
 -- the callee hanging up (Twilio's stop, the stream's close, then completed).
@@ -351,16 +364,13 @@ T.test("a rate limit on the model's first session.update: the model connection i
         if not session:wait_event("response.create", 10000) then
           return -- a refused session: the client goes
         end
-        session:speak({ ms = 300, text = "Hello, is this Ann?" })
-        session:user_speech({ ms = 300, text = "Yes." })
-        session:report_and_goodbye({ summary = "Ann.", outcome = "success" }, { ms = 200, text = "Bye." })
+        talk_with_ann(session)
       end,
     },
   })
   local id = env:create({ to = "+14155550182", prompt = "Say hello." })
   local call = env:wait_final(id, 30000)
-  T.eq({ call.status, call.endReason, call.report and call.report.summary }, { "completed", "completed", "Ann." },
-    tostring(call.lastError))
+  completed_with_ann(call)
   T.eq(#env.rt.sessions, 3, "two refused sessions, then one that talked")
   local s1, s2, s3 = env.rt.sessions[1], env.rt.sessions[2], env.rt.sessions[3]
   T.ok(s1.closed and s2.closed, "the refused sessions were closed by the client")
@@ -429,8 +439,7 @@ T.test("HTTP 429 at the model's WebSocket upgrade: tried again while the phone w
   env.app.config.openai.realtimeUrl = front -- the engine's config: read at each model connection
   local id = env:create({ to = "+14155550183", prompt = "Say hello." })
   local call = env:wait_final(id, 30000)
-  T.eq({ call.status, call.endReason, call.report and call.report.summary }, { "completed", "completed", "Ann." },
-    tostring(call.lastError))
+  completed_with_ann(call)
   T.eq(#poll(), 3, "two connections refused, the third passed")
   T.eq(#env.rt.sessions, 1, "one session reached the service")
   T.gt(env.rt.sessions[1].input_bytes, 0, "the phone's audio reached it")
@@ -471,16 +480,13 @@ T.test("a dropped (rate limited) session's late events are not the call's: the n
           return
         end
         assert(session:wait_event("response.create", 5000), "the greeting asked of the session that talks")
-        session:speak({ ms = 300, text = "Hello, is this Ann?" })
-        session:user_speech({ ms = 300, text = "Yes." })
-        session:report_and_goodbye({ summary = "Ann.", outcome = "success" }, { ms = 200, text = "Bye." })
+        talk_with_ann(session)
       end,
     },
   })
   local id = env:create({ to = "+14155550187", prompt = "Say hello." })
   local call = env:wait_final(id, 15000)
-  T.eq({ call.status, call.endReason, call.report and call.report.summary }, { "completed", "completed", "Ann." },
-    tostring(call.lastError))
+  completed_with_ann(call)
   T.eq(#env.rt.sessions, 2, "one refused session, then one that talked")
   T.eq(#env.rt.sessions[1].response_creates, 0, "nothing asked of the dropped session")
   T.gt(env.rt.sessions[2].input_bytes, 0, "the phone's audio went to the session that talked")
