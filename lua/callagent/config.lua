@@ -281,13 +281,7 @@ local function listen_host(v)
   if v == "localhost" then
     return nil
   end
-  local quad = { v:match("^(%d+)%.(%d+)%.(%d+)%.(%d+)$") }
-  if #quad == 4 then
-    for _, x in ipairs(quad) do
-      if #x > 3 or tonumber(x) > 255 or (#x > 1 and x:sub(1, 1) == "0") then
-        return "an IP address (IPv4 or IPv6) or localhost"
-      end
-    end
+  if is_ipv4(v) and not v:find("%f[%d]0%d") then -- inet_pton takes no leading zero
     return nil
   end
   if v:find(":", 1, true) and not v:find("[^%x:.]") and is_ipv6(v) then

@@ -165,11 +165,20 @@ local function doc_of(call)
   return encode(d)
 end
 
+-- Runs fn in one commit: true, or nil, err when the store refused it (undone).
+local function commit(db, fn)
+  local pok, ok, err = pcall(db.transaction, db, fn)
+  if not pok then
+    return nil, ok
+  end
+  return ok, err
+end
+
 function Store:insert_call(call)
   local db = self.db
   -- A write that fails (a full disk) raises out of the transaction, which
   -- undoes it; here it is the write's failure, nil, err, like any other.
-  local pok, ok, err = pcall(db.transaction, db, function()
+  local ok, err = commit(db, function()
     local function write(sql, ...)
       local n, werr = db:run(sql, ...)
       if n == nil then
@@ -186,9 +195,6 @@ function Store:insert_call(call)
       write("INSERT INTO attempts (call_id, n, doc) VALUES (?, ?, ?)", call.id, a.n, encode(a))
     end
   end)
-  if not pok then
-    ok, err = nil, ok
-  end
   return check(ok, err, "insert_call")
 end
 
@@ -402,15 +408,6 @@ local PRUNE_BATCH_MS = 20
 local PRUNE_CALLS = [[DELETE FROM calls WHERE seq IN (SELECT seq FROM calls WHERE created < ?
   AND status NOT IN ('queued', 'dialing', 'in_progress') ORDER BY created LIMIT ?)]]
 local OLD_NOTIFICATIONS = "rowid IN (SELECT rowid FROM notifications WHERE created < ? ORDER BY created LIMIT ?)"
-
--- Runs fn in one commit: true, or nil, err when the store refused it (undone).
-local function commit(db, fn)
-  local pok, ok, err = pcall(db.transaction, db, fn)
-  if not pok then
-    return nil, ok
-  end
-  return ok, err
-end
 
 -- The batches of a prune: the calls removed, the notifications never
 -- delivered removed, and the error that ended it, if one did.
