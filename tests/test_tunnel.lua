@@ -314,7 +314,22 @@ T.test("tailscale waiting for Funnel to be enabled: stopped after tunnel.timeout
     .. "https://login.tailscale.com/f/funnel?node=nTEST123CNTRL to enable it, then try again")
   T.ge(r.ms, 900)
   T.lt(r.ms, 3000)
-  T.eq(read_lines(logs.tailscale), { "status --json", "exit 0", "funnel --bg " .. PORT, "waiting" })
+  -- Stopped, `funnel --bg` is undone all the same: it cannot be known how
+  -- far it got.
+  T.eq(read_lines(logs.tailscale), { "status --json", "exit 0", "funnel --bg " .. PORT, "waiting",
+    "funnel --https=443 off", "exit 0" })
+end)
+
+T.test("tailscale whose `funnel --bg` hangs after publishing: stopped at tunnel.timeoutSec, then `funnel off` undoes it", function()
+  local r, _, logs = scenario({
+    path = bindir({ "tailscale" }),
+    env = { FAKE_TAILSCALE_MODE = "hang" },
+    cfg = { provider = "tailscale", timeoutSec = 1 },
+  })
+  T.eq(r.err, "tunnel: `tailscale funnel --bg " .. PORT .. "` did not finish within 1 s")
+  T.lt(r.ms, 3000)
+  T.eq(read_lines(logs.tailscale), { "status --json", "exit 0", "funnel --bg " .. PORT, "published",
+    "funnel --https=443 off", "exit 0" })
 end)
 
 T.test("tailscale that floods its output: an error after tunnel.timeoutSec, the output not all kept", function()

@@ -27,7 +27,8 @@
 -- --https=443 off`, the command the CLI itself prints to undo --bg (`funnel
 -- <port> off` is refused as the pre-1.52 syntax; `funnel reset` would also
 -- drop the user's other serve/funnel settings); it waits OFF_MS for it, then
--- leaves it to finish.
+-- leaves it to finish. A `funnel --bg` stopped at tunnel.timeoutSec is
+-- followed by the same `off`: it may have published the port before it hung.
 --
 -- auto: ngrok if installed, else tailscale; when the first fails for another
 -- reason, the other is tried too, in what is left of timeoutSec. Errors are one line starting "tunnel: ",
@@ -428,6 +429,12 @@ local function open_tailscale(cfg, port, deadline)
   local r, err = run({ "funnel", "--bg", tostring(port) }, math.max(1, left()))
   if not r then
     return nil, "tailscale cannot be started: " .. err
+  end
+  if r.timed_out then
+    -- Stopped halfway, it may have published the port already (tailscaled
+    -- took the setting, the CLI was still waiting on something): undone,
+    -- or the machine would stay on the internet with nothing behind it.
+    funnel_off()
   end
   if r.timed_out or r.code ~= 0 then
     return nil, tailscale_error("funnel --bg " .. port, r, cfg.timeoutSec)
