@@ -1,13 +1,15 @@
 /*
  * process.c - callagent.core.process: child processes on libuv (uv_spawn + pipes).
  *
- *   p = process.spawn(spec, on_stdout, on_stderr, on_exit)
+ *   p = process.spawn(spec, on_stdout, on_stderr, on_exit, on_eof)
  *       spec[1] the program (a name without "/" is searched in PATH: the
  *       PATH of spec.env if it sets one, else callagent's own), spec[2..]
  *       its arguments; spec.env {NAME = value | false}: replaces the
  *       environment, or with spec.inherit_env = true is merged over
  *       callagent's (false removes a name); spec.cwd; spec.stdin (true: a
- *       pipe for p:write, else /dev/null); spec.max_line (default 65536:
+ *       pipe for p:write, else /dev/null); spec.max_stdin (default 1 MiB:
+ *       the most bytes p:write leaves queued for a child that has not read
+ *       them); spec.max_line (default 65536:
  *       longer lines come in pieces of that size); spec.kill_on_exit
  *       (default true: SIGTERM at callagent's teardown if still running,
  *       and when callagent dies without one - SIGKILL, a crash: the child
@@ -19,6 +21,9 @@
  *       on_stdout(line) / on_stderr(line): a function gets each line without
  *       its "\n" (or "\r\n"); a final line without newline comes at EOF;
  *       nil or false sends that stream to /dev/null.
+ *       on_eof(stream) (may be nil) runs when the child closes "stdout" or
+ *       "stderr" (a pipe that is read), after that stream's last line; the
+ *       child may still run.
  *       on_exit(code, signal) (may be nil) runs once the child has exited
  *       AND both output pipes reached EOF, after every line callback:
  *       code is the exit status (nil if a signal ended it), signal the
@@ -29,6 +34,9 @@
  *   p:running()        true until the child has exited
  *   p:write(data)      queues data for the child's stdin (never blocks):
  *                      true, or nil, "EBADF: ..." (no stdin pipe) / "EPIPE: ..."
+ *                      / "ENOBUFS: ..." (more than max_stdin bytes would
+ *                      wait: none of data is taken, stdin stays open)
+ *   p:buffered()       bytes queued for stdin that the child has not taken
  *   p:close_stdin()    ends stdin after the queued data (the child reads EOF)
  *   p:kill([sig])      sig a name ("SIGTERM", "TERM") or number, default
  *                      SIGTERM, to the child's process group: true, or nil,
@@ -101,7 +109,9 @@ struct ca_proc {
 	struct proc_box *box;
 	struct ca_proc *prev, *next;	/* the list of live children, for teardown */
 	size_t max_line;
+	size_t max_stdin;	/* the most bytes p:write leaves queued for stdin */
 	int exit_ref;
+	int eof_ref;	/* on_eof(stream), or LUA_NOREF */
 	int in_state;	/* IN_NONE, IN_OPEN, IN_CLOSING (shutdown or closing) */
 	int in_err;	/* the error that ended stdin, for later writes */
 	int exited;
@@ -226,6 +236,7 @@ static void close_all(struct ca_proc *p)
 		ca_unref(L, &p->out.fn_ref);
 		ca_unref(L, &p->err.fn_ref);
 		ca_unref(L, &p->exit_ref);
+		ca_unref(L, &p->eof_ref);
 	}
 	if (p->out.open)
 		close_handle(p, (uv_handle_t *)&p->out.h);
@@ -519,6 +530,7 @@ static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
 /* EOF (or a read error): the last unfinished line, then maybe on_exit. */
 static void finish_pipe(struct ca_proc *p, struct out_pipe *s)
 {
+	lua_State *L = ca_lua();
 	size_t n = s->len;
 
 	s->len = 0;
@@ -528,6 +540,11 @@ static void finish_pipe(struct ca_proc *p, struct out_pipe *s)
 		return;
 	s->done = 1;
 	close_handle(p, (uv_handle_t *)&s->h);
+	if (L && p->eof_ref != LUA_NOREF) {
+		lua_rawgeti(L, LUA_REGISTRYINDEX, p->eof_ref);
+		lua_pushstring(L, s == &p->out ? "stdout" : "stderr");
+		ca_call(L, 1, 0, "process on_eof");
+	}
 	maybe_complete(p);
 }
 
@@ -790,7 +807,7 @@ static int l_spawn(lua_State *L)
 	struct ca_proc *p;
 	const char *path = getenv("PATH"), *cwd, *name, *file;
 	char **args, **env = NULL;
-	lua_Integer max_line;
+	lua_Integer max_line, max_stdin;
 	int n, anchor, want_out, want_err, want_in, kill_on_exit, drop_secrets, rc;
 
 	luaL_checktype(L, 1, LUA_TTABLE);
@@ -798,7 +815,9 @@ static int l_spawn(lua_State *L)
 	want_err = callback_arg(L, 3);
 	if (!lua_isnoneornil(L, 4))
 		luaL_checktype(L, 4, LUA_TFUNCTION);
-	lua_settop(L, 4);
+	if (!lua_isnoneornil(L, 5))
+		luaL_checktype(L, 5, LUA_TFUNCTION);
+	lua_settop(L, 5);
 	n = (int)lua_rawlen(L, 1);
 	luaL_argcheck(L, n >= 1, 1, "spec[1] must name the program");
 	cwd = ca_opt_string_field(L, 1, "cwd", NULL);
@@ -807,7 +826,10 @@ static int l_spawn(lua_State *L)
 	want_in = ca_opt_bool_field(L, 1, "stdin", 0);
 	kill_on_exit = ca_opt_bool_field(L, 1, "kill_on_exit", 1);
 
-	/* Every string and array handed to uv_spawn is anchored here (index 5). */
+	max_stdin = ca_opt_int_field(L, 1, "max_stdin", 1 << 20);
+	luaL_argcheck(L, max_stdin >= 1 && max_stdin <= 0x7fffffff, 1, "max_stdin must be 1 .. 2^31-1");
+
+	/* Every string and array handed to uv_spawn is anchored here (index 6). */
 	lua_newtable(L);
 	anchor = lua_gettop(L);
 	args = lua_newuserdatauv(L, ((size_t)n + 1) * sizeof *args, 0);
@@ -847,6 +869,8 @@ static int l_spawn(lua_State *L)
 	p = ca_malloc(sizeof *p);
 	memset(p, 0, sizeof *p);
 	p->exit_ref = LUA_NOREF;
+	p->eof_ref = LUA_NOREF;
+	p->max_stdin = (size_t)max_stdin;
 	p->max_line = (size_t)max_line;
 	p->kill_on_exit = kill_on_exit;
 	p->next = live;
@@ -904,6 +928,7 @@ static int l_spawn(lua_State *L)
 	box->pid = p->h.pid;
 	p->box = box;
 	p->exit_ref = ca_ref(L, 4);
+	p->eof_ref = ca_ref(L, 5);
 	start_out(p, &p->out, L, 2);
 	start_out(p, &p->err, L, 3);
 	return 1;
@@ -942,6 +967,14 @@ static int l_write(lua_State *L)
 
 	luaL_argcheck(L, len <= 0x7fffffff, 2, "too large");
 	if (p && p->in_state == IN_OPEN) {
+		/*
+		 * All or nothing: a write that would leave more than max_stdin
+		 * bytes waiting is refused whole, so the child's input stays
+		 * whole and the caller may retry once it has read.
+		 */
+		if (p->in.write_queue_size + len > p->max_stdin)
+			return ca_fail(L, "ENOBUFS", "stdin queue over %d bytes: the child is not reading",
+				       (int)p->max_stdin);
 		b = uv_buf_init((char *)data, (unsigned)len);
 		n = len ? uv_try_write((uv_stream_t *)&p->in, &b, 1) : 0;
 		if (n == UV_EAGAIN || n == UV_ENOSYS)
@@ -967,6 +1000,14 @@ static int l_write(lua_State *L)
 	if (p && p->in_state == IN_NONE)
 		return ca_fail(L, "EBADF", "stdin is not a pipe (spawn with stdin = true)");
 	return ca_fail(L, "EPIPE", "stdin is closed");
+}
+
+static int l_buffered(lua_State *L)
+{
+	struct ca_proc *p = check_box(L)->p;
+
+	lua_pushinteger(L, p && p->in_state != IN_NONE ? (lua_Integer)p->in.write_queue_size : 0);
+	return 1;
 }
 
 static int l_close_stdin(lua_State *L)
@@ -1031,6 +1072,7 @@ int luaopen_callagent_core_process(lua_State *L)
 		{"pid", l_pid},
 		{"running", l_running},
 		{"write", l_write},
+		{"buffered", l_buffered},
 		{"close_stdin", l_close_stdin},
 		{"kill", l_kill},
 		{NULL, NULL}

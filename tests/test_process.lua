@@ -189,13 +189,14 @@ T.test("write without stdin = true fails with EBADF", function()
   T.eq(p:wait(5000), 0, "cat reads /dev/null and ends")
 end)
 
-T.test("a large stdin write (4 MB) is queued without blocking and arrives whole", function()
+T.test("a large stdin write (4 MB, under max_stdin) is queued without blocking and arrives whole", function()
   local bytes = 0
   local p = assert(process.spawn({
     "/bin/sh",
     "-c",
     "wc -c",
     stdin = true,
+    max_stdin = 8 * 1024 * 1024,
     on_stdout = function(l)
       bytes = tonumber(l)
     end,
@@ -209,6 +210,58 @@ T.test("a large stdin write (4 MB) is queued without blocking and arrives whole"
   p:close_stdin()
   T.eq(p:wait(10000), 0)
   T.eq(bytes, 4 * 1024 * 1024)
+end)
+
+T.test("a child that does not read stdin: writes past max_stdin queued bytes fail with ENOBUFS, stdin stays open", function()
+  local bytes
+  local p = assert(process.spawn({
+    "/bin/sh",
+    "-c",
+    "sleep 0.3; wc -c",
+    stdin = true,
+    max_stdin = 256 * 1024,
+    on_stdout = function(l)
+      bytes = tonumber(l)
+    end,
+  }))
+  local chunk = string.rep("x", 64 * 1024)
+  local sent, ok, err = 0, nil, nil
+  for _ = 1, 100 do -- 6.4 MB if nothing stops it
+    ok, err = p:write(chunk)
+    if not ok then
+      break
+    end
+    sent = sent + #chunk
+  end
+  T.eq(ok, nil, "a write was refused")
+  T.match(err, "^ENOBUFS")
+  T.le(p:buffered(), 256 * 1024, "queued bytes stay under max_stdin")
+  T.gt(p:buffered(), 256 * 1024 - #chunk, "queued up to the limit")
+  ok, err = p:write(string.rep("y", 256 * 1024 + 1))
+  T.eq(ok, nil)
+  T.match(err, "^ENOBUFS", "a write larger than max_stdin")
+  T.wait_for(function()
+    return p:buffered() == 0
+  end, 5000, "the queue to drain once the child reads")
+  T.eq(p:write(chunk), true, "stdin is still open")
+  sent = sent + #chunk
+  p:close_stdin()
+  T.eq(p:wait(5000), 0)
+  T.eq(bytes, sent, "every accepted byte arrived, none of a refused write")
+end)
+
+T.test("read_line gives EOF when the child closes stdout but keeps running", function()
+  local p = assert(process.spawn({ "/bin/sh", "-c", "echo one; exec >&-; sleep 5" }))
+  T.defer(function()
+    p:kill("KILL")
+  end)
+  T.eq(p:read_line(2000), "one")
+  local t0 = timer.now()
+  local v, err = p:read_line(2000)
+  T.eq(v, nil)
+  T.eq(err, "EOF")
+  T.lt(timer.now() - t0, 1000, "at the EOF, not at a timeout")
+  T.eq(p:running(), true)
 end)
 
 T.test("kill of sleep 100 ends it with SIGTERM quickly; a second kill gives ESRCH", function()
@@ -446,7 +499,7 @@ T.test("kill_on_exit: a child of callagent gets SIGTERM when callagent exits", f
     local process = require "callagent.process"
     -- A stdin pipe with a write queued (sleep never reads it) and line
     -- callbacks: teardown must cancel and free all of it.
-    local p = assert(process.spawn{ "sleep", "100", stdin = true, on_stdout = print })
+    local p = assert(process.spawn{ "sleep", "100", stdin = true, max_stdin = 8 * 1024 * 1024, on_stdout = print })
     assert(p:write(string.rep("x", 4 * 1024 * 1024)))
     io.stdout:write(p.pid, "\n"); io.stdout:flush()
     require("callagent.core").stop(0)

@@ -9,6 +9,7 @@
 --     on_stderr = function(line) end, -- false: discard the stream (/dev/null)
 --     on_exit = function(code, signal) end,
 --     stdin = true,                    -- a pipe for p:write (default: /dev/null)
+--     max_stdin = 1048576,             -- most bytes queued for stdin (1 MiB)
 --     max_line = 65536,                -- longer lines arrive in pieces of this size
 --     max_queued = 10000,              -- lines kept for read_line per stream
 --     kill_on_exit = true,             -- SIGTERM when callagent exits (default true)
@@ -29,7 +30,12 @@
 --   p.pid                      the child's process id
 --   p:running()                true until the child has exited
 --   p:write(data)              queue data for stdin (never blocks): true, or nil, err
---                              ("EBADF: ..." without stdin = true, "EPIPE: ..." once closed)
+--                              ("EBADF: ..." without stdin = true, "EPIPE: ..." once closed,
+--                              "ENOBUFS: ..." when more than max_stdin bytes would be
+--                              waiting for a child that does not read: none of data is
+--                              taken, stdin stays open, so a write may be retried once
+--                              p:buffered() has fallen)
+--   p:buffered()               bytes queued for stdin that the child has not taken yet
 --   p:close_stdin()            the child reads EOF after the queued data
 --   p:kill([signal])           name ("SIGTERM", "KILL") or number, default SIGTERM;
 --                              true, or nil, "ESRCH: ..." once it has exited
@@ -39,7 +45,8 @@
 --   p:read_line([timeout_ms], [stream])
 --                              inside a task, when no on_<stream> callback was
 --                              given (stream "stdout", the default, or "stderr"):
---                              the next line, or nil, "EOF" / "ETIMEDOUT"
+--                              the next line, or nil, "EOF" / "ETIMEDOUT"; EOF as
+--                              soon as the child closes that stream, even if it runs on
 --   p:lines([stream])          iterator over read_line: for line in p:lines() do ... end
 --   p.dropped                  lines dropped because max_queued lines were waiting
 --   p.code, p.signal, p.done   the outcome, once complete
@@ -99,6 +106,13 @@ function M.spawn(spec)
     for _, w in ipairs(ws) do
       w(true)
     end
+  end, function(stream)
+    -- The child closed this stream (it may run on): read_line sees EOF
+    -- once the lines before it are read.
+    local q = self._queues[stream]
+    if q then
+      q:close()
+    end
   end)
   if not c then
     return nil, err
@@ -114,6 +128,10 @@ end
 
 function Process:write(data)
   return self._c:write(data)
+end
+
+function Process:buffered()
+  return self._c:buffered()
 end
 
 function Process:close_stdin()
