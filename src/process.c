@@ -617,7 +617,7 @@ static void on_shutdown(uv_shutdown_t *req, int status)
  * Pushes the file to execute for name: as given if it has a "/", else the
  * first regular, executable file of that name in path. Returns 0, or a libuv
  * error (nothing pushed): UV_ENOENT, or UV_EACCES if only non-executable
- * files matched.
+ * files matched (or, for a path, it is not a regular executable file).
  */
 static int resolve(lua_State *L, const char *name, const char *path, const char *cwd)
 {
@@ -636,9 +636,10 @@ static int resolve(lua_State *L, const char *name, const char *path, const char 
 			lua_pushstring(L, name);
 			return 0;
 		}
-		if (stat(name, &st) != 0 || !S_ISREG(st.st_mode))
+		if (stat(name, &st) != 0)
 			return errno == EACCES ? UV_EACCES : UV_ENOENT;
-		if (access(name, X_OK) != 0)
+		/* A directory is EACCES, as execve says (errno is not stat's here). */
+		if (!S_ISREG(st.st_mode) || access(name, X_OK) != 0)
 			return UV_EACCES;
 		lua_pushstring(L, name);
 		return 0;
@@ -856,8 +857,8 @@ static int l_spawn(lua_State *L)
 	name = args[0];
 	rc = resolve(L, name, path, cwd);
 	if (rc < 0)
-		return ca_fail(L, uv_err_name(rc), "%s: %s in PATH", name,
-			       rc == UV_EACCES ? "not executable" : "not found");
+		return ca_fail(L, uv_err_name(rc), "%s: %s%s", name,
+			       rc == UV_EACCES ? "not executable" : "not found", strchr(name, '/') ? "" : " in PATH");
 	file = lua_tostring(L, -1);	/* anchored: it stays on the stack */
 
 	/* The userdata exists, closed, before the child does. */

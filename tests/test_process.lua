@@ -138,6 +138,25 @@ T.test("a program that does not exist gives nil, ENOENT", function()
   T.match(err2, "^ENOENT: ")
 end)
 
+T.test("a directory or a file without x given by path gives EACCES, whatever failed before", function()
+  local dir = T.tmpdir()
+  local f = assert(io.open(dir .. "/script.sh", "w"))
+  f:write("#!/bin/sh\necho hi\n")
+  f:close()
+  for _, first in ipairs({ "/nonexistent/bin/prog", dir .. "/script.sh" }) do
+    process.spawn({ first }) -- a failure of its own (ENOENT, EACCES) just before
+    local p, err = process.spawn({ dir })
+    T.eq(p, nil)
+    T.eq(err, "EACCES: " .. dir .. ": not executable", "a directory, after " .. first)
+  end
+  local p, err = process.spawn({ dir .. "/script.sh" })
+  T.eq(p, nil)
+  T.eq(err, "EACCES: " .. dir .. "/script.sh: not executable")
+  local p2, err2 = process.spawn({ "script.sh", env = { PATH = dir } })
+  T.eq(p2, nil)
+  T.eq(err2, "EACCES: script.sh: not executable in PATH")
+end)
+
 T.test("misuse raises: empty spec, bad callbacks, bad env, unknown signal", function()
   T.raises(function()
     process.spawn({})
