@@ -150,7 +150,12 @@ function M.validate_call(body)
       if v:find(CONTROL) or v:find(C1) or v:find(LINE_SEPARATOR) then
         return nil, err(400, "invalid_" .. k, k .. " must be one line of text, without control characters", k)
       end
-      input[k] = v
+      -- A blank name (a form's empty field) names nobody: as null, not
+      -- given, rather than "a call to +1... ()" in the notification and
+      -- "on behalf of   " in what the model is told.
+      if not blank(v) then
+        input[k] = v
+      end
     end
   end
   if body.voice ~= nil then

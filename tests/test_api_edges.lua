@@ -1,0 +1,34 @@
+-- The REST API's edges found on a second look: what a demanding client
+-- sends that the first pass let through.
+local T = require "testing"
+local kit = require "callkit"
+local json = require "callagent.json"
+
+local function env_with(config)
+  return kit.start({ twilio = { behaviour = { ring_ms = 10000 } }, config = config })
+end
+
+T.test("a blank callerName or calleeName counts as not given: not in the record, the notification or the agent's words", function()
+  local env = env_with()
+  local notify = require "callagent.notify"
+  local instructions = require "callagent.instructions"
+  for _, blank in ipairs({ "", "   ", "\194\160\226\128\139" }) do
+    local id = env:create({ to = "+14155550170", prompt = "Ask for the hours.", callerName = blank, calleeName = blank })
+    local rec = env:get(id)
+    T.eq({ rec.callerName, rec.calleeName }, { nil, nil }, json.encode(blank))
+    -- What the notification would say: no empty "()" after the number.
+    T.no_match(notify.message(rec), "%(", json.encode(blank))
+    -- Nor "on behalf of   ." in what the model is told.
+    T.no_match(instructions.build(rec), "behalf", json.encode(blank))
+  end
+  -- A name with text around its spaces is kept as sent.
+  local id = env:create({ to = "+14155550170", prompt = "x", calleeName = " Ada " })
+  T.eq(env:get(id).calleeName, " Ada ")
+  -- Still checked first: a blank name too long, or with a control character, is refused.
+  local status, body = env:api("POST", "/v1/calls", { to = "+14155550170", prompt = "x", callerName = string.rep(" ", 121) })
+  T.eq({ status, body.error.code, body.error.field }, { 400, "invalid_callerName", "callerName" })
+  status, body = env:api("POST", "/v1/calls", { to = "+14155550170", prompt = "x", calleeName = " \t " })
+  T.eq({ status, body.error.code, body.error.field }, { 400, "invalid_calleeName", "calleeName" })
+end)
+
+T.run()
