@@ -31,4 +31,30 @@ T.test("a blank callerName or calleeName counts as not given: not in the record,
   T.eq({ status, body.error.code, body.error.field }, { 400, "invalid_calleeName", "calleeName" })
 end)
 
+T.test("GET /v1/calls refuses a query parameter it does not know (a typo of status would list every call)", function()
+  local env = kit.start({ twilio = { behaviour = "busy" }, config = { retry = { maxAttempts = 1 } } })
+  local id = env:create({ to = "+14155550171", prompt = "x" })
+  env:wait_final(id, 5000)
+  for _, q in ipairs({ "?stauts=completed", "?status=busy&page=2", "?limit=5&Status=busy", "?offset=10" }) do
+    local status, body = env:api("GET", "/v1/calls" .. q)
+    local name = q:match("[?&]([^=&]+)=[^&]*$") -- the last one of each is the unknown one
+    T.eq({ status, body.error and body.error.code, body.error and body.error.field }, { 400, "unknown_field", name }, q)
+    T.match(body.error.message, name, q)
+  end
+  -- Of several, the first by name.
+  local status, body = env:api("GET", "/v1/calls?zz=1&aa=2")
+  T.eq({ status, body.error.field }, { 400, "aa" })
+  -- A name that is not UTF-8 is quoted as UTF-8: the body stays JSON a client can read.
+  local res
+  status, body, res = env:api("GET", "/v1/calls?x%ff=1")
+  T.eq({ status, body and body.error.code }, { 400, "unknown_field" })
+  T.ok(utf8.len(res.body), "a UTF-8 body")
+  -- The known ones, and empty separators, are as before.
+  for _, q in ipairs({ "", "?status=busy", "?limit=5&", "?status=busy&limit=1&cursor=", "?&&" }) do
+    status, body = env:api("GET", "/v1/calls" .. q)
+    T.eq(status, 200, q)
+    T.eq(#body.calls, 1, q)
+  end
+end)
+
 T.run()

@@ -33,6 +33,8 @@ local ALLOWED = {
   to = true, prompt = true, timezone = true, locale = true,
   callerName = true, calleeName = true, voice = true, metadata = true,
 }
+-- The query parameters of GET /v1/calls.
+local LIST_PARAMS = { status = true, limit = true, cursor = true }
 local STATUSES = {
   queued = true, dialing = true, in_progress = true, completed = true,
   busy = true, no_answer = true, failed = true, canceled = true,
@@ -379,6 +381,22 @@ function M.register(srv, engine, cfg, opts)
 
   srv:get("/v1/calls", guard(function(req)
     local q = req.query or {}
+    -- A parameter it does not know is refused, not ignored: a typo of
+    -- status would list every call as if they had that one. Of several,
+    -- the first by name (pairs' order changes from run to run). Empty
+    -- ones ("?&&") name nothing; nor does "/", which libwebsockets 4.1
+    -- makes of a query that ends with "&" ("?limit=5&").
+    local unknown
+    for name in pairs(q) do
+      if not LIST_PARAMS[name] and name ~= "" and name ~= "/" and (unknown == nil or name < unknown) then
+        unknown = name
+      end
+    end
+    if unknown then
+      local name = json.utf8(unknown)
+      return err(400, "unknown_field", "unknown query parameter '" .. name .. "' (GET /v1/calls takes status, limit "
+        .. "and cursor)", name)
+    end
     local status = q.status
     if status ~= nil and (type(status) ~= "string" or not STATUSES[status]) then
       return err(400, "invalid_status", "status must be one of queued, dialing, in_progress, completed, busy, no_answer, failed, canceled", "status")
