@@ -57,4 +57,36 @@ T.test("GET /v1/calls refuses a query parameter it does not know (a typo of stat
   end
 end)
 
+T.test("the same request with the same Idempotency-Key sent eight times at once makes one call, dialed once", function()
+  local env = env_with()
+  local task = require "callagent.task"
+  local timer = require "callagent.timer"
+  local sends = {}
+  for i = 1, 8 do
+    sends[i] = function()
+      local status, body, res = env:api("POST", "/v1/calls", '{"to":"+14155550172","prompt":"Once only."}',
+        { ["Idempotency-Key"] = "at-once-1" })
+      return { status = status, id = body and body.callId, replayed = res.headers["idempotent-replayed"] }
+    end
+  end
+  local got = { task.all(sends) }
+  local ids, replayed = {}, 0
+  for i, r in ipairs(got) do
+    T.eq(r.status, 201, "request " .. i)
+    ids[r.id] = true
+    replayed = replayed + (r.replayed == "true" and 1 or 0)
+  end
+  T.eq(#got, 8)
+  local n = 0
+  for _ in pairs(ids) do
+    n = n + 1
+  end
+  T.eq({ n, replayed }, { 1, 7 }, "one call, seven replays")
+  T.wait_for(function()
+    return #env.tw.calls >= 1
+  end, 5000)
+  timer.sleep(100)
+  T.eq(#env.tw.calls, 1, "dialed once")
+end)
+
 T.run()
