@@ -11,7 +11,10 @@
 --                                  -- {answer = one of those, ring_ms,
 --                                  -- control_id (the id the dial answers),
 --                                  -- audio (mu-law bytes the callee says),
---                                  -- hangup_after_ms, stream = false}
+--                                  -- hangup_after_ms, stream = false (no
+--                                  -- stream, no webhook) | "fail" (a
+--                                  -- streaming.failed webhook instead of the
+--                                  -- stream), failure_reason}
 --                                  -- | fn(call) -> one of those
 --     clock_skew_s = 0,            -- the webhooks' telnyx-timestamp this far off
 --     fail_hangups = 0,            -- the first n hangup requests get 503
@@ -40,7 +43,11 @@
 -- "payload":{...},"record_type":"event"},"meta":{"attempt":1,"delivered_to"}},
 -- signed: telnyx-timestamp (Unix s) and telnyx-signature-ed25519 =
 -- base64(Ed25519(private, ts .. "|" .. body)). Events: call.initiated;
--- call.answered; streaming.started; call.hangup (hangup_cause user_busy,
+-- call.answered; streaming.started; streaming.failed (behaviour stream
+-- "fail": failure_reason, stream_id, stream_params {stream_url,
+-- stream_track}, stream_type "websocket", as developers.telnyx.com/
+-- api-reference/callbacks/streaming-failed shows it); streaming.stopped
+-- (call:stop_stream(): stream_url); call.hangup (hangup_cause user_busy,
 -- timeout, call_rejected, normal_clearing, originator_cancel,
 -- unspecified + sip_hangup_cause).
 --
@@ -63,6 +70,11 @@
 --   call:wait(pred, [ms]) -> pred() once true (inside a task)
 --   call:hangup()   the callee hangs up
 --   call:send_dtmf(digit)   a `dtmf` event on the stream
+--   call:stop_stream([opts])   Telnyx stops streaming, the call stays up:
+--     `stop` and a close on the WebSocket, then a streaming.stopped webhook
+--     opts.delay_ms later (opts.keep_socket: the webhook only); inside a task
+--   call:webhook(event, payload)   one more signed webhook of the call (its
+--     ids and client_state filled in, call_control_id unless given); inside a task
 local http = require "callagent.http"
 local ws = require "callagent.ws"
 local fetch = require "callagent.fetch"
@@ -188,6 +200,26 @@ end
 
 function Call:hangup()
   finish(self, self.answered_at and "normal_clearing" or "user_busy", { source = "callee" })
+end
+
+function Call:webhook(event, payload)
+  return webhook(self, event, payload or {})
+end
+
+-- Telnyx ends the media stream (an error on its side) and keeps the call.
+function Call:stop_stream(opts)
+  if self.ws and not self.stream_closed and not (opts and opts.keep_socket) then
+    self._seq = self._seq + 1
+    ws_send(self, json.encode({ event = "stop", sequence_number = tostring(self._seq), stream_id = self.stream_id,
+      stop = { call_control_id = self.control_id, user_id = "u-1" } }))
+    self.stream_closed = { code = 1000, reason = "stream stopped", by = "telnyx", at = now() }
+    self.ws:close(1000, "stream stopped")
+  end
+  self.stream_stopped_at = now()
+  if opts and opts.delay_ms then
+    timer.sleep(opts.delay_ms)
+  end
+  return webhook(self, "streaming.stopped", { stream_url = self.stream and self.stream.stream_url })
 end
 
 -- What the app sends on the stream.
@@ -481,7 +513,16 @@ function Fake:_action(req)
       return terror(422, "10015", "Invalid stream_url", "stream_url must be a ws(s) URL.")
     end
     call.stream = body
-    if call.behaviour.stream ~= false then
+    if call.behaviour.stream == "fail" then
+      -- Telnyx could not reach stream_url: no stream, a streaming.failed.
+      task.spawn(function()
+        timer.sleep(20)
+        call.stream_failed_at = now()
+        webhook(call, "streaming.failed", { failure_reason = call.behaviour.failure_reason or "connection_failed",
+          stream_id = crypto.uuid4(), stream_params = { stream_url = body.stream_url, stream_track = body.stream_track },
+          stream_type = "websocket" })
+      end)
+    elseif call.behaviour.stream ~= false then
       task.spawn(function()
         webhook(call, "streaming.started", { stream_url = body.stream_url })
       end)
