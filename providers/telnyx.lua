@@ -31,7 +31,12 @@
 --      call is answered: no token exists for a call nobody picked up.
 --   4. Telnyx opens WS /voice/stream: `connected`, then `start`, read by
 --      streamStart (stream_id, start.custom_parameters). The audio path is
---      the same C bridge as Twilio's (see README, "Telnyx").
+--      the same C bridge as Twilio's (see README, "Telnyx"). A
+--      streaming.failed or streaming.stopped webhook of the attempt's call
+--      while it is in progress hangs the call up at once (_stream_over):
+--      Telnyx keeps a call whose stream ended. No stream came yet: failed
+--      (no_stream), lastError "telnyx media stream failed: <failure_reason>";
+--      streaming already: as a Twilio stream close ends (callee_hung_up).
 --   5. Hang up: POST /v2/calls/{id}/actions/hangup. getCall: GET /v2/calls/{id}
 --      (is_alive only: Telnyx's call status does not say how a call ended).
 --
@@ -76,6 +81,18 @@
 --     attempt's is ignored (engine). That page also says webhooks may come
 --     out of order, twice, or at once, and that a command_id repeated within
 --     60 s is ignored.
+--   - streaming.failed payload: call_control_id, client_state,
+--     failure_reason (a short text, "connection_failed" in the example),
+--     stream_id, stream_params {stream_url, stream_track}, stream_type
+--     (websocket | dialogflow): developers.telnyx.com/api-reference/
+--     callbacks/streaming-failed (and .../callbacks/call-streaming-failed),
+--     team-telnyx/telnyx-java docs/CallStreamingFailedPayload.md.
+--     streaming.stopped payload: call_control_id, client_state, stream_url
+--     (developers.telnyx.com/api-reference/callbacks/streaming-stopped);
+--     it is the expected webhook of streaming_stop
+--     (developers.telnyx.com/api-reference/call-commands/streaming-stop).
+--     failure_reason is logged and stored only as printable ASCII of at most
+--     120 bytes, scrubbed; stream_params is not read.
 --   - Webhook envelope {data: {record_type, event_type, id, occurred_at,
 --     payload: {call_control_id, ...}}}: the call.hangup callback reference
 --     (developers.telnyx.com/api-reference/callbacks/call-hangup), which also
@@ -109,7 +126,9 @@
 --   is kept (client_state stands in when it is not); that Telnyx ignores
 --   the extra "streamSid" key the bridge writes
 --   in each media / mark / clear message (the docs show only event and
---   media.payload / mark.name).
+--   media.payload / mark.name); that a call stays up after its stream
+--   failed or stopped (the pages say what the webhooks carry, not what
+--   becomes of the call).
 local fetch = require "callagent.fetch"
 local json = require "callagent.json"
 local crypto = require "callagent.crypto"
@@ -203,6 +222,7 @@ function P:init(ctx)
   end
   self.seen, self.seen_old = {}, {} -- webhook ids, against replays (_replayed)
   self.nseen, self.seen_since = 0, timer.now()
+  self.hung_up, self.nhung = {}, 0 -- call_control_ids callagent has asked Telnyx to hang up (_stream_over)
 end
 
 --- A call_control_id that may go into a REST path: Telnyx's are "v3:" and
@@ -448,6 +468,71 @@ function P:_start_stream(call_id, n, id)
   end
 end
 
+-- Telnyx's failure_reason ("connection_failed" in the callback reference):
+-- printable ASCII, at most 120 bytes, scrubbed of our secrets; else nil.
+local function failure_text(s)
+  if type(s) ~= "string" then
+    return nil
+  end
+  s = s:sub(1, 120)
+  return s:find("^[\32-\126]+$") and log.scrub(s) or nil
+end
+
+-- streaming.failed or streaming.stopped for attempt n: its media stream is
+-- over at Telnyx. Telnyx keeps the call up when its stream ends (nothing
+-- follows the stream there, unlike Twilio's <Connect><Stream>), and no one
+-- would speak on it again: the call is hung up now, not left silent until
+-- the engine's 15 s no_stream timer (or time_limit_secs).
+--   - No stream came here yet (Telnyx could not connect it): the attempt
+--     ends as one whose stream never came, failed (no_stream), by the
+--     bridge's own hang-up; lastError names Telnyx's failure_reason.
+--   - The stream is attached: hung up as the bridge hangs up; the record
+--     reads as after a Twilio stream close (callee_hung_up).
+--   - The stream has closed here already (the bridge is done, the attempt
+--     waits for Telnyx's final status): the call is hung up at Telnyx.
+-- Only for the attempt's own call (call_control_id) while that attempt is
+-- the call's and in progress here; a stale attempt's, another call's, or
+-- one being hung up already changes nothing. The engine's live call and its
+-- bridge are read here, not changed: the ending is the engine's usual one.
+function P:_stream_over(call_id, n, event, payload)
+  local p = type(payload) == "table" and payload or {}
+  local id = control_id(p.call_control_id)
+  local call = self.engine.live[call_id]
+  local a = call and call.attempts[n]
+  local fields = { call = call_id, attempt = n, event = event }
+  if not (a and id and call.attempt == n and a.status == "in_progress" and a.providerCallId == id) then
+    log.debug("telnyx stream event ignored: not the stream of an attempt in progress", fields)
+    return
+  end
+  local failed = event == "streaming.failed"
+  if failed then
+    fields.failure_reason = failure_text(p.failure_reason) or "(none given)"
+  end
+  local b = self.engine.bridges[call_id .. "#" .. n]
+  if b and not b.ended then
+    if b.hanging_up then
+      return -- being hung up already (the goodbye, the API): its stream stops with it
+    end
+    if not b.stream then
+      log.warn("telnyx media stream " .. (failed and "failed" or "stopped") .. " before it reached callagent: hanging up",
+        fields)
+      self.engine:bridge_error(b, failed and ("telnyx media stream failed: " .. fields.failure_reason)
+        or "telnyx media stream stopped before it reached callagent")
+      return b:hangup("no_stream")
+    end
+    log.warn("telnyx media stream " .. (failed and "failed" or "stopped") .. " during the call: hanging up", fields)
+    if failed then
+      self.engine:bridge_error(b, "telnyx media stream failed: " .. fields.failure_reason)
+    end
+    return b:hangup()
+  end
+  if self.hung_up[id] then
+    return -- hung up by callagent: its final status is on its way
+  end
+  log.warn("telnyx media stream over and its call still up: hanging up", fields)
+  task.spawn(self._hangup, self, id)
+end
+
 -- Replays: a webhook id seen in the signature window is answered and dropped.
 -- Two generations of ids, each SEEN_MAX at most, the older dropped whole when
 -- the newer is 2 windows old or full: an id is remembered for 10 minutes
@@ -525,6 +610,10 @@ function P:registerRoutes(srv)
     if self:_replayed(data.id) then
       return 200, { ok = true }
     end
+    if data.event_type == "streaming.failed" or data.event_type == "streaming.stopped" then
+      self:_stream_over(call_id, n, data.event_type, data.payload)
+      return 200, { ok = true }
+    end
     local st, serr = self:mapStatus(body)
     if not st then
       -- streaming.started, call.machine.*, ...: nothing to do here.
@@ -588,10 +677,17 @@ function P:_hangup(id)
   if not control_id(id) then
     return nil, "not a Telnyx call_control_id: not hung up"
   end
+  if self.nhung >= SEEN_MAX then
+    self.hung_up, self.nhung = {}, 0
+  end
+  if not self.hung_up[id] then
+    self.hung_up[id], self.nhung = true, self.nhung + 1
+  end
   local res, e, ended = self:_command(id, "hangup", {})
   if res or ended then
     return true -- hung up, or it has already ended
   end
+  self.hung_up[id] = nil -- a later streaming.stopped may try again
   log.warn("telnyx hang-up failed", { id = id, error = e })
   return nil, e
 end

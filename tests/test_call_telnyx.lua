@@ -798,4 +798,196 @@ T.test("a webhook whose signed client_state names another call than its URL is n
   T.eq(env:get(b).status, "in_progress")
 end, { timeout = 30000 })
 
+
+-- The model greets, then says nothing more (for 15 s).
+local function greet_script(session)
+  assert(session:wait_event("response.create", 5000))
+  session:speak({ ms = 300, text = "Hello, this is the assistant." })
+  timer.sleep(15000)
+end
+
+local function quiet_script()
+  timer.sleep(15000)
+end
+
+T.test("streaming.failed after the answer: hung up at Telnyx at once, failed (no_stream) with its failure_reason, notified once", function()
+  local env = start({ behaviour = { stream = "fail", failure_reason = "connection_failed" }, script = quiet_script })
+  local id = env:create({ to = "+14155550125", prompt = "x" })
+  local tx = assert(env.tx:wait_call(5000))
+  tx:wait(function()
+    return tx.stream_failed_at
+  end, 5000)
+  T.ok(tx.stream_failed_at, "Telnyx sent streaming.failed")
+  -- Not the 15 s no_stream timer: within a second of the webhook.
+  local call = env:wait_final(id, 3000)
+  T.ok(tx.hangup_requested_at, "hung up through Telnyx's API")
+  T.ok(tx.hangup_requested_at - tx.stream_failed_at < 1000,
+    "hung up " .. (tx.hangup_requested_at - tx.stream_failed_at) .. " ms after streaming.failed")
+  tx:wait(function()
+    return tx.done
+  end, 5000)
+  T.eq(tx.final, "normal_clearing", "the call ended at Telnyx")
+  T.eq(call.status, "failed")
+  T.eq(call.endReason, "no_stream")
+  T.eq(call.lastError, "telnyx media stream failed: connection_failed")
+  -- The record keeps its attempt (answered, Telnyx's id) and its transcript list.
+  T.eq(#call.attempts, 1)
+  local a = call.attempts[1]
+  T.eq({ a.status, a.reason, a.providerCallId }, { "failed", "no_stream", tx.control_id })
+  T.ok(a.answeredAt, "answered")
+  T.eq(type(call.transcript), "table")
+  -- Notified once; no second stream asked for, nothing dialed again, one hang-up.
+  T.wait_for(function()
+    return #env.hooks.received >= 1
+  end, 5000, "notification")
+  timer.sleep(300)
+  T.eq(#env.hooks.received, 1)
+  T.eq(env.hooks.received[1].json.data.status, "failed")
+  T.eq(env.hooks.received[1].json.data.endReason, "no_stream")
+  T.eq({ env.tx.stream_starts, env.tx.hangups, #env.tx.calls }, { 1, 1, 1 })
+  T.eq(#env.rt.sessions <= 1, true, "at most the one model session")
+end, { timeout = 30000 })
+
+T.test("a forged, stale or unsigned streaming.failed is refused (403) and changes nothing; Telnyx's own ends the call", function()
+  local env = start({ behaviour = { stream = false }, script = quiet_script })
+  local id = env:create({ to = "+14155550126", prompt = "x" })
+  local tx = assert(env.tx:wait_call(5000))
+  tx:wait(function()
+    return tx.stream
+  end, 5000)
+  local rec = env:wait(id, function(r)
+    return r.status == "in_progress"
+  end, 5000, "in progress")
+  local p = { call_control_id = tx.control_id, client_state = tx.body.client_state,
+    failure_reason = "connection_failed", stream_id = crypto.uuid4() }
+  local _, other = crypto.ed25519_keypair()
+  T.eq(post_webhook(env, id, 1, "streaming.failed", p, other), 403, "signed with another key")
+  T.eq(post_webhook(env, id, 1, "streaming.failed", p, nil, nil, ""), 403, "unsigned")
+  T.eq(post_webhook(env, id, 1, "streaming.failed", p, nil, os.time() - 400), 403, "stale")
+  T.eq(post_webhook(env, id, 1, "streaming.stopped", p, other), 403, "streaming.stopped signed with another key")
+  timer.sleep(300)
+  local after = env:get(id)
+  T.eq(after.status, "in_progress")
+  T.eq(after.lastError, rec.lastError)
+  T.eq(#events_of(after), #events_of(rec), "no event recorded")
+  T.eq(env.tx.hangups, nil, "no hang-up request")
+  T.eq(tx.final, nil, "the call goes on at Telnyx")
+  -- Signed by Telnyx: the call ends at once, not at the 15 s no_stream timer.
+  local t0 = timer.now()
+  T.eq(post_webhook(env, id, 1, "streaming.failed", p), 200)
+  local call = env:wait_final(id, 3000)
+  T.ok(timer.now() - t0 < 1500, "ended " .. (timer.now() - t0) .. " ms after")
+  T.eq({ call.status, call.endReason, call.lastError }, { "failed", "no_stream",
+    "telnyx media stream failed: connection_failed" })
+  T.ok(tx.hangup_requested_at, "hung up through Telnyx's API")
+end, { timeout = 30000 })
+
+T.test("a streaming.failed of another call, or of an attempt that is over, changes nothing; the attempt's own ends it", function()
+  local n = 0
+  local env = start({ behaviour = function()
+    n = n + 1
+    return n == 1 and "busy" or { stream = false }
+  end, script = quiet_script })
+  local id = env:create({ to = "+14155550127", prompt = "x" })
+  local t1 = assert(env.tx:wait_call(5000))
+  local t2 = assert(env.tx:wait_call(5000))
+  t2:wait(function()
+    return t2.stream
+  end, 5000)
+  local rec = env:wait(id, function(r)
+    return r.attempts[2] and r.attempts[2].status == "in_progress"
+  end, 5000, "the second attempt in progress")
+  local fr = "connection_failed"
+  -- The first attempt's call (busy, over here): a late streaming.failed of it.
+  T.eq(post_webhook(env, id, 1, "streaming.failed", { call_control_id = t1.control_id,
+    client_state = t1.body.client_state, failure_reason = fr }), 200)
+  -- The second attempt's call, posted as the first attempt's.
+  T.eq(post_webhook(env, id, 1, "streaming.failed", { call_control_id = t2.control_id, failure_reason = fr }), 200)
+  -- Another call's, posted to the second attempt's URL (only the body is signed).
+  T.eq(post_webhook(env, id, 2, "streaming.failed", { call_control_id = "v3:another-call", failure_reason = fr }), 200)
+  T.eq(post_webhook(env, id, 2, "streaming.stopped", { call_control_id = "v3:another-call" }), 200)
+  timer.sleep(300)
+  local after = env:get(id)
+  T.eq({ after.status, after.attempts[1].status, after.attempts[2].status }, { "in_progress", "busy", "in_progress" })
+  T.eq(after.lastError, rec.lastError)
+  T.eq(env.tx.hangups, nil, "no hang-up request")
+  T.eq({ t1.final, t2.final }, { "user_busy", nil })
+  -- Its own: ended at once.
+  T.eq(post_webhook(env, id, 2, "streaming.failed", { call_control_id = t2.control_id, failure_reason = fr }), 200)
+  local call = env:wait_final(id, 3000)
+  T.eq({ call.status, call.endReason, #call.attempts }, { "failed", "no_stream", 2 })
+  T.eq(call.attempts[1].status, "busy")
+  T.ok(t2.hangup_requested_at, "the second attempt's call hung up at Telnyx")
+  T.eq(t1.hangup_requested_at, nil, "not the first's")
+end, { timeout = 30000 })
+
+T.test("streaming.stopped while the call is up: hung up at Telnyx at once, ended as after a Twilio stream close, transcript kept", function()
+  local env = start({ script = greet_script })
+  -- Telnyx closes the stream and says so (before and after callagent has
+  -- seen the close), or says so with the stream still open.
+  for i, how in ipairs({ {}, { delay_ms = 300 }, { keep_socket = true } }) do
+    local id = env:create({ to = "+1415555013" .. i, prompt = "x" })
+    local tx = assert(env.tx:wait_call(5000))
+    tx:wait(function()
+      return tx.stream_started_at
+    end, 5000)
+    env:wait(id, function(r)
+      return #r.transcript >= 1
+    end, 5000, "the greeting in the transcript")
+    local t0 = timer.now()
+    tx:stop_stream(how)
+    -- Not the bridge's 5 s wait for a final status that never comes.
+    local call = env:wait_final(id, 3000)
+    T.ok(tx.hangup_requested_at, "hung up through Telnyx's API")
+    T.ok(tx.hangup_requested_at - t0 < 1000 + (how.delay_ms or 0),
+      "hung up " .. (tx.hangup_requested_at - t0) .. " ms after")
+    tx:wait(function()
+      return tx.done
+    end, 5000)
+    T.eq(tx.final, "normal_clearing", "the call ended at Telnyx")
+    T.eq({ call.status, call.endReason }, { "completed", "callee_hung_up" })
+    T.eq(call.transcript[1].text, "Hello, this is the assistant.")
+    T.eq(#call.attempts, 1)
+    T.eq(env.tx.hangups, i, "one hang-up per call")
+  end
+  T.wait_for(function()
+    return #env.hooks.received >= 3
+  end, 5000, "notifications")
+  timer.sleep(300)
+  T.eq(#env.hooks.received, 3, "one notification per call")
+end, { timeout = 30000 })
+
+T.test("a real process: a streaming.failed is one WARN line naming Telnyx's failure_reason, never the key", function()
+  local tx = assert(fake.start({ api_key = API_KEY, connection_id = CONNECTION,
+    behaviour = { stream = "fail", failure_reason = "connection_failed: " .. API_KEY .. " refused" } }))
+  T.defer(function()
+    tx:close()
+  end)
+  local rt = assert(require("fakes.realtime").start({ api_key = kit.API_KEY, script = quiet_script }))
+  T.defer(function()
+    rt:close()
+  end)
+  local p, api = kit.app_process({ url = "http://127.0.0.1:9" }, rt, { config = {
+    telephony = { provider = "telnyx" },
+    telnyx = { apiKey = API_KEY, connectionId = CONNECTION, fromNumber = FROM, publicKey = tx.public_key,
+      apiBaseUrl = tx.url },
+  } })
+  local id = api:create({ to = "+14155550128", prompt = "x" })
+  local call = api:wait_final(id, 5000)
+  T.eq({ call.status, call.endReason }, { "failed", "no_stream" })
+  T.eq(call.lastError, "telnyx media stream failed: connection_failed: [redacted] refused")
+  timer.sleep(200)
+  local text = p.errtext() .. "\n" .. p.text()
+  local lines = {}
+  for line in text:gmatch("[^\n]+") do
+    if line:find("media stream failed", 1, true) and line:find("WARN", 1, true) then
+      lines[#lines + 1] = line
+    end
+  end
+  T.eq(#lines, 1, "WARN lines: " .. table.concat(lines, "\n"))
+  T.match(lines[1] or "", "failure_reason=\"connection_failed: %[redacted%] refused\"")
+  T.match(lines[1] or "", "call=" .. id)
+  T.eq(text:find(API_KEY, 1, true), nil, "the key in the process's output")
+end, { timeout = 30000 })
+
 T.run()
