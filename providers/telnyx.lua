@@ -37,6 +37,8 @@
 --      Telnyx keeps a call whose stream ended. No stream came yet: failed
 --      (no_stream), lastError "telnyx media stream failed: <failure_reason>";
 --      streaming already: as a Twilio stream close ends (callee_hung_up).
+--      A stream that closes here with no webhook at all is hung up too:
+--      streamEndsCall = false tells the engine to.
 --   5. Hang up: POST /v2/calls/{id}/actions/hangup. getCall: GET /v2/calls/{id}
 --      (is_alive only: Telnyx's call status does not say how a call ended).
 --
@@ -142,6 +144,9 @@ local P = {
   name = "telnyx",
   needs = { "telnyx.apiKey", "telnyx.connectionId", "telnyx.fromNumber" },
   needs_public_url = true,
+  -- The call outlives its media stream (Telnyx): the engine hangs up a call
+  -- whose stream closed while the attempt was up.
+  streamEndsCall = false,
 }
 
 local DEFAULT_BASE = "https://api.telnyx.com"
@@ -222,7 +227,6 @@ function P:init(ctx)
   end
   self.seen, self.seen_old = {}, {} -- webhook ids, against replays (_replayed)
   self.nseen, self.seen_since = 0, timer.now()
-  self.hung_up, self.nhung = {}, 0 -- call_control_ids callagent has asked Telnyx to hang up (_stream_over)
 end
 
 --- A call_control_id that may go into a REST path: Telnyx's are "v3:" and
@@ -479,58 +483,29 @@ local function failure_text(s)
 end
 
 -- streaming.failed or streaming.stopped for attempt n: its media stream is
--- over at Telnyx. Telnyx keeps the call up when its stream ends (nothing
--- follows the stream there, unlike Twilio's <Connect><Stream>), and no one
--- would speak on it again: the call is hung up now, not left silent until
--- the engine's 15 s no_stream timer (or time_limit_secs).
---   - No stream came here yet (Telnyx could not connect it): the attempt
---     ends as one whose stream never came, failed (no_stream), by the
---     bridge's own hang-up; lastError names Telnyx's failure_reason.
---   - The stream is attached: hung up as the bridge hangs up; the record
---     reads as after a Twilio stream close (callee_hung_up).
---   - The stream has closed here already (the bridge is done, the attempt
---     waits for Telnyx's final status): the call is hung up at Telnyx.
--- Only for the attempt's own call (call_control_id) while that attempt is
--- the call's and in progress here; a stale attempt's, another call's, or
--- one being hung up already changes nothing. The engine's live call and its
--- bridge are read here, not changed: the ending is the engine's usual one.
+-- over at Telnyx, which keeps the call up when its stream ends (nothing
+-- follows the stream there, unlike Twilio's <Connect><Stream>). The engine
+-- hangs it up now (engine:stream_over) rather than leaving the callee in
+-- silence until the 15 s no_stream timer (or time_limit_secs): a stream
+-- that never came here ends failed (no_stream), lastError naming Telnyx's
+-- failure_reason; one that was streaming ends as a Twilio stream close
+-- does. Only the attempt's own call while it is in progress is acted on.
 function P:_stream_over(call_id, n, event, payload)
   local p = type(payload) == "table" and payload or {}
-  local id = control_id(p.call_control_id)
-  local call = self.engine.live[call_id]
-  local a = call and call.attempts[n]
-  local fields = { call = call_id, attempt = n, event = event }
-  if not (a and id and call.attempt == n and a.status == "in_progress" and a.providerCallId == id) then
-    log.debug("telnyx stream event ignored: not the stream of an attempt in progress", fields)
-    return
-  end
   local failed = event == "streaming.failed"
+  local fields = { call = call_id, attempt = n, event = event }
+  local why
   if failed then
     fields.failure_reason = failure_text(p.failure_reason) or "(none given)"
+    why = "telnyx media stream failed: " .. fields.failure_reason
   end
-  local b = self.engine.bridges[call_id .. "#" .. n]
-  if b and not b.ended then
-    if b.hanging_up then
-      return -- being hung up already (the goodbye, the API): its stream stops with it
-    end
-    if not b.stream then
-      log.warn("telnyx media stream " .. (failed and "failed" or "stopped") .. " before it reached callagent: hanging up",
-        fields)
-      self.engine:bridge_error(b, failed and ("telnyx media stream failed: " .. fields.failure_reason)
-        or "telnyx media stream stopped before it reached callagent")
-      return b:hangup("no_stream")
-    end
-    log.warn("telnyx media stream " .. (failed and "failed" or "stopped") .. " during the call: hanging up", fields)
-    if failed then
-      self.engine:bridge_error(b, "telnyx media stream failed: " .. fields.failure_reason)
-    end
-    return b:hangup()
+  local acted, reason = self.engine:stream_over(call_id, n, control_id(p.call_control_id), why)
+  if acted then
+    log.warn("telnyx media stream " .. (failed and "failed" or "stopped") .. " with the call up: hanging up", fields)
+  else
+    fields.reason = reason
+    log.debug("telnyx stream event ignored", fields)
   end
-  if self.hung_up[id] then
-    return -- hung up by callagent: its final status is on its way
-  end
-  log.warn("telnyx media stream over and its call still up: hanging up", fields)
-  task.spawn(self._hangup, self, id)
 end
 
 -- Replays: a webhook id seen in the signature window is answered and dropped.
@@ -677,17 +652,10 @@ function P:_hangup(id)
   if not control_id(id) then
     return nil, "not a Telnyx call_control_id: not hung up"
   end
-  if self.nhung >= SEEN_MAX then
-    self.hung_up, self.nhung = {}, 0
-  end
-  if not self.hung_up[id] then
-    self.hung_up[id], self.nhung = true, self.nhung + 1
-  end
   local res, e, ended = self:_command(id, "hangup", {})
   if res or ended then
     return true -- hung up, or it has already ended
   end
-  self.hung_up[id] = nil -- a later streaming.stopped may try again
   log.warn("telnyx hang-up failed", { id = id, error = e })
   return nil, e
 end

@@ -924,8 +924,9 @@ end, { timeout = 30000 })
 T.test("streaming.stopped while the call is up: hung up at Telnyx at once, ended as after a Twilio stream close, transcript kept", function()
   local env = start({ script = greet_script })
   -- Telnyx closes the stream and says so (before and after callagent has
-  -- seen the close), or says so with the stream still open.
-  for i, how in ipairs({ {}, { delay_ms = 300 }, { keep_socket = true } }) do
+  -- seen the close), says so with the stream still open, or closes it and
+  -- its webhook is lost.
+  for i, how in ipairs({ {}, { delay_ms = 300 }, { keep_socket = true }, { no_webhook = true } }) do
     local id = env:create({ to = "+1415555013" .. i, prompt = "x" })
     local tx = assert(env.tx:wait_call(5000))
     tx:wait(function()
@@ -951,10 +952,10 @@ T.test("streaming.stopped while the call is up: hung up at Telnyx at once, ended
     T.eq(env.tx.hangups, i, "one hang-up per call")
   end
   T.wait_for(function()
-    return #env.hooks.received >= 3
+    return #env.hooks.received >= 4
   end, 5000, "notifications")
   timer.sleep(300)
-  T.eq(#env.hooks.received, 3, "one notification per call")
+  T.eq(#env.hooks.received, 4, "one notification per call")
 end, { timeout = 30000 })
 
 T.test("a real process: a streaming.failed is one WARN line naming Telnyx's failure_reason, never the key", function()

@@ -156,6 +156,11 @@ T.test("a file missing functions is reported by path and missing names", functio
   p, err = providers.load("badclose", cfg(), { dir })
   T.eq(p, nil)
   T.match(err or "", "/badclose%.lua: close must be a function, not a boolean$")
+  -- The flags are booleans: "no" would read as true.
+  write(dir .. "/badflag.lua", (COMPLETE:gsub("endCall = function%(%) end", 'endCall = function() end, streamEndsCall = "no"')))
+  p, err = providers.load("badflag", cfg(), { dir })
+  T.eq(p, nil)
+  T.match(err or "", "/badflag%.lua: streamEndsCall must be true or false, not a string$")
 end)
 
 T.test("a file that does not load or returns no table is reported by path", function()

@@ -1242,6 +1242,7 @@ end
 
 --- The stream's WebSocket closed (the phone hung up, or after our hang-up).
 function Bridge:on_stream_closed()
+  self.stream_closed = true
   self:finish(self.end_reason or (self.hanging_up and "completed") or "callee_hung_up")
 end
 

@@ -959,6 +959,38 @@ function Engine:bridge_hangup(b, reason)
   end)
 end
 
+--- The vendor says attempt n's media stream is over (it could not start, or
+--- it stopped) while its call may still be up: the call is hung up now, not
+--- left silent until the no_stream timer. provider_call_id must be the
+--- attempt's; message (may be nil) becomes lastError. A stream that never
+--- came here ends the attempt failed (no_stream); one that was streaming as
+--- a closed stream does. -> true, or false, why it changed nothing.
+function Engine:stream_over(id, n, provider_call_id, message)
+  local call = self.live[id]
+  local a = call and call.attempts[n]
+  if not (a and call.attempt == n and a.status == "in_progress" and provider_call_id
+      and a.providerCallId == provider_call_id) then
+    return false, "not the vendor call of an attempt in progress"
+  end
+  local b = self.bridges[id .. "#" .. n]
+  if b and not b.ended then
+    if b.hanging_up then
+      return false, "being hung up already"
+    end
+    if message then
+      self:bridge_error(b, message)
+    end
+    b:hangup(not b.stream and "no_stream" or nil)
+    return true
+  end
+  if a._hung_up_after_stream then
+    return false, "hung up when its stream closed"
+  end
+  a._hung_up_after_stream = true
+  self:_end_in_task(id, a)
+  return true
+end
+
 --- The bridge is done (the stream closed, or the provider ended the call).
 function Engine:bridge_finished(b, reason)
   local key = b.call_id .. "#" .. b.attempt
@@ -974,6 +1006,14 @@ function Engine:bridge_finished(b, reason)
   end
   call._end_reason = call._end_reason or reason
   local a = call.attempts[b.attempt]
+  if a and not FINAL[a.status] and b.stream_closed and not b.hanging_up and self.provider.streamEndsCall == false
+      and call.attempt == b.attempt and not a._hung_up_after_stream then
+    -- A vendor whose call outlives its stream (Telnyx): nobody would speak
+    -- on it again, and the callee is not left in silence.
+    a._hung_up_after_stream = true
+    log.info("media stream closed with the call up at the vendor: hanging up", { call = call.id, attempt = b.attempt })
+    self:_end_in_task(call.id, a)
+  end
   if a and not FINAL[a.status] then
     -- Wait briefly for the provider's own final status, then decide ourselves.
     timer.after(5000, function()

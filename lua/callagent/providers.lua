@@ -36,6 +36,9 @@
 --                                        attempt?, token}} | nil, why. Without
 --                                        it, Twilio's shape: ev.streamSid and
 --                                        ev.start.customParameters
+--   streamEndsCall                      optional: false when the vendor keeps a
+--                                        call up after its media stream closes
+--                                        (Telnyx): the engine hangs it up then
 --   close(self)                         optional: app:stop() calls it; it stops
 --                                        the provider's timers (nothing of the
 --                                        app may run after the stop)
@@ -118,6 +121,11 @@ function M.load_file(path, name)
   for _, f in ipairs(M.optional) do
     if p[f] ~= nil and type(p[f]) ~= "function" then
       return nil, "provider " .. path .. ": " .. f .. " must be a function, not a " .. type(p[f])
+    end
+  end
+  for _, f in ipairs({ "needs_public_url", "streamEndsCall" }) do
+    if p[f] ~= nil and type(p[f]) ~= "boolean" then
+      return nil, "provider " .. path .. ": " .. f .. " must be true or false, not a " .. type(p[f])
     end
   end
   if p.needs ~= nil then

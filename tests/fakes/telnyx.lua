@@ -72,7 +72,8 @@
 --   call:send_dtmf(digit)   a `dtmf` event on the stream
 --   call:stop_stream([opts])   Telnyx stops streaming, the call stays up:
 --     `stop` and a close on the WebSocket, then a streaming.stopped webhook
---     opts.delay_ms later (opts.keep_socket: the webhook only); inside a task
+--     opts.delay_ms later (opts.keep_socket: the webhook only; opts.no_webhook:
+--     the close only, the webhook lost); inside a task
 --   call:webhook(event, payload)   one more signed webhook of the call (its
 --     ids and client_state filled in, call_control_id unless given); inside a task
 local http = require "callagent.http"
@@ -216,6 +217,9 @@ function Call:stop_stream(opts)
     self.ws:close(1000, "stream stopped")
   end
   self.stream_stopped_at = now()
+  if opts and opts.no_webhook then
+    return
+  end
   if opts and opts.delay_ms then
     timer.sleep(opts.delay_ms)
   end
