@@ -223,7 +223,7 @@ end
 
 local function zone_path(name)
   if type(name) ~= "string" or name == "" or #name > 64 or find(name, "^[/.]") or find(name, "..", 1, true)
-    or find(name, "[^%w/_+-]") then
+    or find(name, "//", 1, true) or find(name, "[^%w/_+-]") then
     return nil
   end
   return M.DIR .. "/" .. name
