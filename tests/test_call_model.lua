@@ -335,6 +335,34 @@ T.test("the callee's last words: the call ends within LAST_WORDS_MS when the tra
   T.lt(s2.closed_at - s2.hung_up_at, 300, "no wait when no transcript is pending")
 end, { timeout = 60000 })
 
+T.test("the callee's last words transcribed after LAST_WORDS_MS, before the service read our close, are stored before the agent's answer", function()
+  local call, s, env = last_words_call("+14155550189", function(session, hangup)
+    -- The callee's words are committed; their transcription is slow.
+    session:send({ type = "input_audio_buffer.speech_started", audio_start_ms = 1000, item_id = "item_late" })
+    session:send({ type = "input_audio_buffer.speech_stopped", audio_end_ms = 1300, item_id = "item_late" })
+    session:send({ type = "input_audio_buffer.committed", previous_item_id = json.null, item_id = "item_late" })
+    -- The service answers at once; the callee hangs up once it has played.
+    session:speak({ ms = 300, text = "Oh, okay.", auto = true })
+    hangup()
+    -- The service reads nothing of ours for a while (our close among it),
+    -- and its transcription comes after the bound.
+    session.conn:pause()
+    timer.sleep(bridge_mod.LAST_WORDS_MS + 400)
+    session:send({ type = "conversation.item.input_audio_transcription.completed", item_id = "item_late",
+      content_index = 0, transcript = "Sorry, I have to go." })
+    session.late_sent_at = timer.now()
+    session.conn:resume()
+  end)
+  -- Read once the service has had its say (the record is final before it, without the fix).
+  T.wait_for(function()
+    return s.script_done and s.closed_at
+  end, 10000, "the script to end and the session to close")
+  call = env:get(call.callId)
+  T.ok(s.late_sent_at and s.closed_at and s.closed_at >= s.late_sent_at, "the transcription was sent before the close was read")
+  T.eq({ call.status, call.endReason }, { "completed", "callee_hung_up" })
+  T.eq(lines(call), { "agent: Hello, is this Ann?", "callee: Sorry, I have to go.", "agent: Oh, okay." })
+end, { timeout = 40000 })
+
 T.test("a report_call that comes once the phone hung up (while the callee's last words are awaited) is stored", function()
   local call, s = last_words_call("+14155550188", function(session, hangup, env)
     session:user_speech({ ms = 300, text = "Tuesday at five works. Bye.", transcript_delay_ms = 1500 })

@@ -1291,7 +1291,7 @@ function Bridge:finish(reason)
     self.last_words.timer = timer.after(M.LAST_WORDS_MS, function()
       self.last_words.timer = nil
       log.info("the callee's last words did not come in time", { call = self.call_id, attempt = self.attempt })
-      self:end_last_words()
+      self:_last_words_late()
     end)
     return
   end
@@ -1309,8 +1309,28 @@ function Bridge:_check_last_words()
   end
 end
 
---- The wait for the callee's last words is over (they came, or the bound
--- passed, or the model went, or the app stops): the attempt ends now.
+-- LAST_WORDS_MS passed, and the callee's words are still being transcribed.
+-- Their transcription may be on its way, sent before the service read our
+-- close: the model connection closes now, and the wait ends once the service
+-- has answered the close (nothing of its comes after that), CLOSE_WAIT_MS at
+-- most, or once the words came. Until then the agent lines said after them
+-- are held, and the attempt's end waits, so that a late line is still
+-- written, before those lines.
+local CLOSE_WAIT_MS = 1000
+
+function Bridge:_last_words_late()
+  local lw = self.last_words
+  lw.timer = timer.after(CLOSE_WAIT_MS, function()
+    lw.timer = nil
+    self:end_last_words()
+  end)
+  self.rt:close(function()
+    self:end_last_words()
+  end)
+end
+
+--- The wait for the callee's last words is over (they came, or the bound and
+-- the close passed, or the model went, or the app stops): the attempt ends now.
 function Bridge:end_last_words()
   local lw = self.last_words
   if not lw then

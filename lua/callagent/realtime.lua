@@ -9,7 +9,9 @@
 --   })
 --   s:connect()                  -- starts connecting now (does not wait)
 --   s:send(event_table)          -- any client event
---   s:close()
+--   s:close([on_closed])         -- on_closed() once the service has answered
+--                                   the close, or the connection ended (what
+--                                   it sent before it read the close comes first)
 --   s.ready, s.closed
 --   realtime.format_mismatch(cfg, session)  -- nil, or how the audio formats a
 --                                session.updated names differ from cfg's
@@ -143,6 +145,11 @@ end
 
 function Session:_closed(code, reason)
   if self.closed then
+    local f = self.on_closed -- ours: s:close(on_closed)
+    self.on_closed = nil
+    if f then
+      f()
+    end
     return
   end
   self.closed = true
@@ -176,14 +183,20 @@ function Session:send(ev)
   return c:send(json.encode(ev))
 end
 
-function Session:close()
+function Session:close(on_closed)
   if self.closed then
+    if on_closed then
+      on_closed()
+    end
     return
   end
   self.closed = true
   self.ready = false
   if self.conn then
+    self.on_closed = on_closed
     self.conn:close(1000, "call ended")
+  elseif on_closed then
+    on_closed()
   end
 end
 
