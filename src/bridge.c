@@ -51,7 +51,9 @@
  *   b:on_drained(fn)     fn() once, when nothing is left unplayed (now, if so)
  *   b:stats()            {frames_in, appended, kept, deltas, media_out, dropped_kept,
  *                        bad_in, bad_out (payloads that were not base64: dropped),
- *                        text_deltas (dropped)}
+ *                        text_deltas (dropped), scratch (bytes held, for the
+ *                        whole process, to unescape payloads written with
+ *                        JSON escapes: at most 64 KiB between messages)}
  *   b:close()            detaches from both connections (idempotent; also __gc)
  */
 #define _GNU_SOURCE
@@ -255,19 +257,22 @@ static int base64_char(int c)
  * has not: NULL, the value is not base64. Dropping only the backslash made
  * "AAA\u002F" the base64 "AAAu002F", and "\n" an "n": wrong audio, unseen.
  */
+static char *scratch;		/* unescaped values, one for the process */
+static size_t scratch_cap;
+
 static const char *unescaped(const char *v, size_t *n)
 {
-	static char *tmp;
-	static size_t cap;
+	char *tmp;
 	const char *s = v, *end = v + *n, *bs = memchr(v, '\\', *n);
 	size_t k = 0;
 
 	if (bs == NULL)
 		return v;
-	if (*n > cap) {
-		cap = *n + 1024;
-		tmp = ca_realloc(tmp, cap);
+	if (*n > scratch_cap) {
+		scratch_cap = *n + 1024;
+		scratch = ca_realloc(scratch, scratch_cap);
 	}
+	tmp = scratch;
 	/* From escape to escape: the runs between are copied whole. */
 	do {
 		int c;
@@ -287,6 +292,22 @@ static const char *unescaped(const char *v, size_t *n)
 	memcpy(tmp + k, s, (size_t)(end - s));
 	*n = k + (size_t)(end - s);
 	return tmp;
+}
+
+/*
+ * Once the value unescaped() gave is used: a scratch grown past SCRATCH_KEEP
+ * for one large value (a model delta may be megabytes) is freed, not held
+ * for the rest of the process; a small one is kept for the next.
+ */
+#define SCRATCH_KEEP 65536
+
+static void scratch_done(void)
+{
+	if (scratch_cap > SCRATCH_KEEP) {
+		free(scratch);
+		scratch = NULL;
+		scratch_cap = 0;
+	}
 }
 
 /* ---- writing ---- */
@@ -792,6 +813,8 @@ static int phone_tap(void *ctx, struct ca_ws *ws, const char *s, size_t n)
 			b->frames_in++;
 			bad_payload(b, &b->bad_in, "a phone media payload", payl);
 		}
+		if (p != pay)
+			scratch_done();	/* it was unescaped */
 	} else if (ev == MARK && name) {
 		if (memchr(name, '\\', namel))
 			return 0;	/* Lua's, to read the name */
@@ -859,6 +882,8 @@ static int model_tap(void *ctx, struct ca_ws *ws, const char *s, size_t n)
 		model_audio(b, id, idn, p, dn);
 	else
 		bad_payload(b, &b->bad_out, "a model audio delta", dn);
+	if (p != d)
+		scratch_done();	/* it was unescaped */
 	return 1;
 }
 
@@ -1171,7 +1196,7 @@ static int l_stats(lua_State *L)
 {
 	struct bridge *b = check(L);
 
-	lua_createtable(L, 0, 9);
+	lua_createtable(L, 0, 10);
 	ca_set_int_field(L, "frames_in", b->frames_in);
 	ca_set_int_field(L, "appended", b->appended);
 	ca_set_int_field(L, "kept", b->n_kept);
@@ -1181,6 +1206,7 @@ static int l_stats(lua_State *L)
 	ca_set_int_field(L, "bad_in", b->bad_in);
 	ca_set_int_field(L, "bad_out", b->bad_out);
 	ca_set_int_field(L, "text_deltas", b->text_deltas);
+	ca_set_int_field(L, "scratch", (lua_Integer)scratch_cap);
 	return 1;
 }
 

@@ -545,6 +545,56 @@ T.test("base64 with JSON escapes: \\/ and \\u00XX of a base64 character are deco
   T.eq(r.bad, {})
 end)
 
+T.test("the scratch a large escaped payload needed is let go after it; small ones keep at most 64 KiB", function()
+  local r = rig()
+  local b = new_bridge(r, "audio/pcmu", "audio/pcmu", true)
+  local bytes = 0
+  r.on.phone = function(msg)
+    local m = cjson.decode(msg)
+    if m.event == "media" then
+      bytes = bytes + #crypto.base64_decode(m.media.payload)
+    end
+  end
+  local function escaped(raw)
+    -- "\255\255\255" is "////" in base64: every character escaped.
+    return (crypto.base64_encode(raw):gsub("/", "\\/"))
+  end
+  -- 256 KiB of mu-law in one delta, 683 KiB as JSON with its escapes.
+  local big = string.rep("\255", 256 * 1024)
+  r.fake_model:send(delta("i1", escaped(big)))
+  T.wait_for(function()
+    return bytes >= #big
+  end, 10000, "the large delta's audio")
+  T.eq({ b:stats().deltas, b:stats().bad_out, bytes }, { 1, 0, #big }, "deltas, bad_out, bytes")
+  T.eq(b:stats().scratch, 0, "the large delta's scratch let go")
+  -- Small escaped deltas: one scratch, kept for the next.
+  local small = string.rep("\255", 3000)
+  r.fake_model:send(delta("i1", escaped(small)))
+  T.wait_for(function()
+    return b:stats().deltas == 2
+  end, 5000, "a small delta")
+  local held = b:stats().scratch
+  T.ok(held >= 4000 and held <= 64 * 1024, "a small delta's scratch kept: " .. held)
+  r.fake_model:send(delta("i1", escaped(small)))
+  T.wait_for(function()
+    return b:stats().deltas == 3
+  end, 5000, "another small delta")
+  T.eq(b:stats().scratch, held, "the same scratch")
+  -- A large escaped phone payload, likewise.
+  local frames = 0
+  r.on.model = function(msg)
+    frames = frames + 1
+    T.eq(#cjson.decode(msg).audio, #crypto.base64_encode(big), "the append's audio, unescaped")
+  end
+  r.fake_phone:send(media(escaped(big)))
+  T.wait_for(function()
+    return frames == 1
+  end, 10000, "the large frame's append")
+  T.eq({ b:stats().appended, b:stats().bad_in, b:stats().scratch }, { 1, 0, 0 }, "appended, bad_in, scratch")
+  T.eq(r.bad, {})
+  b:close()
+end)
+
 -- Messages whose keys a scan without depth, or without a look at the rest,
 -- reads otherwise than a JSON parser: each with what the bridge must send on
 -- (the append's or the media's payload), or "lua": the message is left to
