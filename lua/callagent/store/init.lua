@@ -24,7 +24,14 @@
 --   store:add_notification(key, call_id, payload) -> false when key exists
 --   store:mark_notified(key, state, err)     state: "sent", "failed" (send again after a
 --                                            restart) or "refused" (the receiver said no: never again)
---   store:pending_notifications()            neither sent nor refused
+--   store:pending_notifications(opts)        neither sent nor refused, oldest first
+--                                            ({key, payload, ...}); without opts all of them;
+--                                            opts.limit: a page of at most that many, and the
+--                                            next page's cursor (nil after the last), which
+--                                            opts.after takes (keyset: a row recorded
+--                                            meanwhile is in a later page, never in two);
+--                                            opts.upto: only those created at or before that
+--                                            core.time(); opts.keys: only those keys (no paging)
 --   store:prune(older_than) -> removed       store:close()
 --                                            prune: nil, err when the store refused
 --                                            it; called in a task, it may take turns

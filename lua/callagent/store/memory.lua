@@ -27,6 +27,7 @@ function M.open()
     seq = 0,
     retries = {},
     notifications = {},
+    notes = {}, -- the notifications in the order recorded
     idempotency = {},
   }, Store)
 end
@@ -193,8 +194,11 @@ function Store:add_notification(key, call_id, payload)
     return false
   end
   self.seq = self.seq + 1
-  self.notifications[key] = { key = key, call_id = call_id, payload = payload, sent = false, tries = 0,
+  local n = { key = key, call_id = call_id, payload = payload, sent = false, tries = 0,
     created = core.time(), _seq = self.seq }
+  self.notifications[key] = n
+  -- In the order recorded (_seq ascending): what a page walks.
+  self.notes[#self.notes + 1] = n
   return true
 end
 
@@ -209,20 +213,61 @@ function Store:mark_notified(key, state, err)
   return true
 end
 
-function Store:pending_notifications()
+local function pending_copy(n)
+  local x = copy(n)
+  x._seq = nil
+  return x
+end
+
+--- Neither sent nor refused, oldest first; opts as the sqlite store takes
+-- them (limit, after: a page and the next one's cursor; upto; keys).
+function Store:pending_notifications(opts)
+  opts = opts or {}
   local out = {}
-  for _, n in pairs(self.notifications) do
-    if not n.sent then
-      out[#out + 1] = copy(n)
+  if opts.keys then
+    local found = {}
+    for _, key in ipairs(opts.keys) do
+      local n = self.notifications[key]
+      if n and not n.sent and not found[n] then
+        found[n] = true
+        out[#out + 1] = n
+      end
+    end
+    table.sort(out, function(a, b)
+      return a._seq < b._seq
+    end)
+    for i, n in ipairs(out) do
+      out[i] = pending_copy(n)
+    end
+    return out
+  end
+  local notes, limit, upto = self.notes, opts.limit or math.huge, opts.upto
+  -- The first one after the cursor (a _seq): notes is in _seq order.
+  local lo, hi = 1, #notes + 1
+  local after = opts.after or 0
+  while lo < hi do
+    local mid = (lo + hi) // 2
+    if notes[mid]._seq <= after then
+      lo = mid + 1
+    else
+      hi = mid
     end
   end
-  table.sort(out, function(a, b) -- oldest first
-    return a._seq < b._seq
-  end)
-  for _, n in ipairs(out) do
-    n._seq = nil
+  local next_cursor
+  for i = lo, #notes do
+    local n = notes[i]
+    if not n.sent and (not upto or n.created <= upto) then
+      if #out == limit then
+        next_cursor = out[#out]._seq
+        break
+      end
+      out[#out + 1] = n
+    end
   end
-  return out
+  for i, n in ipairs(out) do
+    out[i] = pending_copy(n)
+  end
+  return out, next_cursor
 end
 
 local ACTIVE = { queued = true, dialing = true, in_progress = true }
@@ -252,11 +297,15 @@ function Store:prune(days)
       self.idempotency[key] = nil
     end
   end
-  for key, n in pairs(self.notifications) do
+  local notes = {}
+  for _, n in ipairs(self.notes) do
     if n.created < cutoff then
-      self.notifications[key] = nil
+      self.notifications[n.key] = nil
+    else
+      notes[#notes + 1] = n
     end
   end
+  self.notes = notes
   return removed
 end
 

@@ -62,6 +62,9 @@ CREATE TABLE IF NOT EXISTS notifications (
   created REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS notifications_by_created ON notifications (created);
+-- The backlog still to send, walked a page at a time in (created, rowid)
+-- order: sent ones, most of the table, are not in it.
+CREATE INDEX IF NOT EXISTS notifications_pending ON notifications (created) WHERE sent = 0;
 CREATE TABLE IF NOT EXISTS idempotency (
   key TEXT PRIMARY KEY,
   call_id TEXT NOT NULL REFERENCES calls (id) ON DELETE CASCADE,
@@ -387,8 +390,48 @@ function Store:mark_notified(key, state, err)
     v, err, key))
 end
 
-function Store:pending_notifications()
-  return self.db:rows("SELECT key, call_id, payload, tries FROM notifications WHERE sent = 0 ORDER BY created")
+local PENDING = "SELECT rowid, key, call_id, payload, tries, created FROM notifications WHERE sent = 0"
+
+--- Neither sent nor refused, oldest first (created, then rowid: the order
+-- they were recorded in). Without opts, all of them. opts.limit: a page of
+-- at most that many, and the cursor of the next page (nil after the last),
+-- which opts.after takes back: keyset paging on (created, rowid), so a page
+-- costs the same at the backlog's end as at its start, and a row recorded
+-- meanwhile is in a later page, never in two. opts.upto: only those
+-- created at or before that time (core.time()). opts.keys: only those keys (no paging).
+function Store:pending_notifications(opts)
+  local db = self.db
+  if not opts then
+    return db:rows(PENDING .. " ORDER BY created, rowid")
+  end
+  if opts.keys then
+    if #opts.keys == 0 then
+      return {}
+    end
+    return db:rows(PENDING .. " AND key IN (" .. string.rep("?", #opts.keys, ", ") .. ") ORDER BY created, rowid",
+      table.unpack(opts.keys))
+  end
+  local sql, args = PENDING, {}
+  if opts.upto then
+    sql, args[#args + 1] = sql .. " AND created <= ?", opts.upto
+  end
+  if opts.after then
+    sql = sql .. " AND (created, rowid) > (?, ?)"
+    args[#args + 1], args[#args + 2] = opts.after[1], opts.after[2]
+  end
+  local limit = opts.limit or math.maxinteger
+  -- One more than the page: whether there is a next one.
+  args[#args + 1] = math.min(limit, math.maxinteger - 1) + 1
+  local rows, err = db:rows(sql .. " ORDER BY created, rowid LIMIT ?", table.unpack(args))
+  if not rows then
+    return nil, err
+  end
+  if #rows > limit then
+    rows[#rows] = nil
+    local last = rows[#rows]
+    return rows, { last.created, last.rowid }
+  end
+  return rows
 end
 
 function Store:find_idempotent(key)
