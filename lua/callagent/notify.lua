@@ -15,7 +15,11 @@
 -- restart, and every sweep_ms (5 minutes) while the app runs, but never one
 -- the receiver refused; the Idempotency-Key lets the receiver drop duplicates.
 -- A sweep ends at the first notification out of tries (the receiver is down);
--- those that ran out of tries go last in the next one.
+-- those that ran out of tries go last in the next one. A sweep (the one at
+-- start too) walks the backlog a page of PAGE rows at a time, oldest first,
+-- never whole: a receiver down for a day is thousands of rows, and what is
+-- held at once is a page and the RESUME_AT_ONCE on their way.
+local core = require "callagent.core"
 local fetch = require "callagent.fetch"
 local json = require "callagent.json"
 local log = require "callagent.log"
@@ -41,6 +45,7 @@ function M.new(cfg, store, opts)
     -- sends those last, the longest untried first.
     ran_out = {},
     ran_outs = 0,
+    stats = { pages = 0, most_rows = 0 }, -- backlog reads: pages, the most rows one returned
     requests = 0, -- requests waiting for their answer (drain)
   }, Notifier)
 end
@@ -242,11 +247,16 @@ end
 -- Notifications resume() sends at once: a backlog of thousands (a receiver
 -- down for a day) is not thousands of connections at the start.
 local RESUME_AT_ONCE = 8
+-- The rows one read of the backlog takes: a backlog of any size is walked a
+-- page at a time (keyset paging, oldest first), never read whole, so what a
+-- sweep holds is a page and the notifications on their way.
+local PAGE = 200
 
 --- Sends every notification recorded but not delivered (after a restart),
 -- RESUME_AT_ONCE at a time, oldest first; then again every sweep_ms, for
 -- those that ran out of tries meanwhile (a receiver down for a minute would
 -- otherwise get them only at the next restart: weeks later, or never).
+-- Returns how many its first page holds (at most PAGE).
 function Notifier:resume()
   if not self:enabled() then
     return 0
@@ -254,8 +264,8 @@ function Notifier:resume()
   if not self.sweep_timer and not self.stopped then
     self.sweep_timer = timer.every(self.sweep_ms, function()
       -- One sweep at a time: the last one's keys are all taken (each in
-      -- flight or done) once it is no longer self.resuming.
-      if not self.stopped and not self.resuming then
+      -- flight or done) once it is no longer self.walking.
+      if not self.stopped and not self.walking then
         task.spawn(self._sweep, self)
       end
     end)
@@ -264,63 +274,183 @@ function Notifier:resume()
   return self:_sweep()
 end
 
--- Sends the pending notifications not already on their way.
+-- Reads one page of the backlog (opts as store:pending_notifications takes
+-- them), counting what it read: stats.pages, and stats.most_rows, the most
+-- rows one read returned (what a sweep holds at once, but those on their way).
+function Notifier:_read(opts)
+  local rows, next_cursor = self.store:pending_notifications(opts)
+  if not rows then
+    -- Left pending in the store: the next sweep, or start, sends them.
+    log.error("the notifications not yet delivered could not be read", { error = next_cursor })
+    return nil
+  end
+  local stats = self.stats
+  stats.pages = stats.pages + 1
+  stats.most_rows = math.max(stats.most_rows, #rows)
+  return rows, next_cursor
+end
+
+-- Takes a page: its rows, and which of them are the backlog's to send. One
+-- the engine sends, or sent before (a call the recovery ended), is its own
+-- to deliver; the backlog, coming to it after it was delivered, would send
+-- it again (_deliver takes it out of self.resuming).
+function Notifier:_take_page(walk, rows)
+  local waiting = {}
+  for _, n in ipairs(rows) do
+    waiting[n.key] = not self.in_flight[n.key] or nil
+  end
+  walk.rows, walk.i, walk.waiting = rows, 0, waiting
+  if self.walking == walk then
+    self.resuming = waiting
+  end
+end
+
+-- The ran-out ones' next page (phase 2): up to PAGE of the keys that had
+-- run out of tries before the sweep began, the longest untried first.
+function Notifier:_ran_out_page(walk)
+  local keys, rank = {}, {}
+  while #keys < PAGE and walk.ki < #walk.keys do
+    walk.ki = walk.ki + 1
+    local key = walk.keys[walk.ki]
+    if self.ran_out[key] == walk.rank[key] then -- not delivered, refused or out of tries since
+      keys[#keys + 1] = key
+      rank[key] = walk.rank[key]
+    end
+  end
+  if #keys == 0 then
+    return {}
+  end
+  local rows = self:_read({ keys = keys })
+  if not rows then
+    return nil
+  end
+  local found, out = {}, {}
+  for _, n in ipairs(rows) do
+    if rank[n.key] and not found[n.key] then -- a backend that ignores keys returns them all
+      found[n.key] = true
+      out[#out + 1] = n
+    end
+  end
+  -- Those no longer pending (pruned) are no longer anyone's: no growth.
+  for key in pairs(rank) do
+    if not found[key] and self.ran_out[key] == rank[key] then
+      self.ran_out[key] = nil
+    end
+  end
+  table.sort(out, function(a, b)
+    return rank[a.key] < rank[b.key]
+  end)
+  return out
+end
+
+-- The next notification of the walk to send, reading the next page when
+-- the last is taken; nil at its end.
+function Notifier:_next(walk)
+  while not self.stopped and not walk.down and not walk.over do
+    walk.i = walk.i + 1
+    local n = walk.rows[walk.i]
+    if n then
+      walk.rows[walk.i] = nil -- taken: no longer held here
+      local key = n.key
+      if walk.waiting[key] and not self.in_flight[key] then
+        if walk.phase == 1 and not self.ran_out[key] then
+          return n
+        elseif walk.phase == 2 and self.ran_out[key] == walk.rank[key] then
+          return n
+        end
+      end
+    elseif walk.phase == 1 and walk.cursor then
+      local rows, cursor = self:_read({ limit = PAGE, after = walk.cursor, upto = walk.upto })
+      if not rows then
+        walk.over = true
+      else
+        walk.cursor = cursor
+        self:_take_page(walk, rows)
+      end
+    else
+      if walk.phase == 1 then
+        -- Those that ran out of tries before the sweep go last, the
+        -- longest untried first: in store order, a payload the receiver
+        -- fails for ever (5xx) came first at every sweep and ended it
+        -- there: 8 of them, and none behind them went out while the app
+        -- ran. Their keys only are held, never their payloads.
+        walk.phase, walk.keys, walk.rank, walk.ki = 2, {}, {}, 0
+        for key, r in pairs(self.ran_out) do
+          if r <= walk.ran_outs then
+            walk.keys[#walk.keys + 1] = key
+            walk.rank[key] = r
+          end
+        end
+        table.sort(walk.keys, function(a, b)
+          return walk.rank[a] < walk.rank[b]
+        end)
+      end
+      local rows = walk.ki < #walk.keys and self:_ran_out_page(walk)
+      if not rows then
+        walk.over = true
+      else
+        self:_take_page(walk, rows)
+      end
+    end
+  end
+  return nil
+end
+
+-- Sends the pending notifications not already on their way: the backlog
+-- oldest first, a page at a time, RESUME_AT_ONCE at once; then those that
+-- ran out of tries before it began. Returns the first page's rows.
 function Notifier:_sweep()
   if self.stopped then
     return 0 -- the store is closed
   end
-  local pending, err = self.store:pending_notifications()
-  if not pending then
-    -- Left pending in the store: the next start sends them.
-    log.error("the notifications not yet delivered could not be read", { error = err })
+  -- Rows recorded once the walk began are the engine's, which sends what
+  -- it records; the walk leaves them be, as a read of the whole backlog at
+  -- once did.
+  local walk = { phase = 1, ran_outs = self.ran_outs, upto = core.time() }
+  local rows, cursor = self:_read({ limit = PAGE, upto = walk.upto })
+  if not rows then
     return 0
   end
-  if #pending == 0 then
-    self.ran_out = {}
-    return 0 -- no worker would end this sweep (self.resuming)
+  if #rows == 0 and next(self.ran_out) == nil then
+    return 0 -- no worker would end this sweep (self.walking)
   end
-  -- Those that ran out of tries go last, the longest untried first; the
-  -- others oldest first. In store order, a payload the receiver fails for
-  -- ever (5xx) came first at every sweep and ended it there: 8 of them, and
-  -- none behind them went out while the app ran.
-  local ran_out, rank = {}, {}
-  for i, n in ipairs(pending) do
-    ran_out[n.key] = self.ran_out[n.key] -- those still pending: no growth
-    rank[n] = (ran_out[n.key] or 0) * (#pending + 1) + i
-  end
-  self.ran_out = ran_out
-  table.sort(pending, function(a, b)
-    return rank[a] < rank[b]
-  end)
-  -- The backlog's keys not yet taken: one the engine sends, or sent before
-  -- (a call the recovery ended), is its own to deliver; the backlog, coming
-  -- to it after it was delivered, would send it again.
-  local waiting = {}
-  for _, n in ipairs(pending) do
-    waiting[n.key] = not self.in_flight[n.key] or nil
-  end
-  self.resuming = waiting
-  -- One out of tries ends the sweep: the receiver is down, and the rest
-  -- would each cost it a round of tries too (a backlog of thousands, every
-  -- sweep); they wait for the next one.
-  local next_one, down = 0, false
+  walk.cursor = cursor
+  self.walking = walk
+  self:_take_page(walk, rows)
+  local taken = 0
   local function worker()
-    while next_one < #pending and not self.stopped and not down do
-      next_one = next_one + 1
-      local n = pending[next_one]
-      if waiting[n.key] and not self.in_flight[n.key] then
-        self.in_flight[n.key] = true
-        down = not self:_deliver(n.key, n.payload) or down
+    while true do
+      local n = self:_next(walk)
+      if not n then
+        break
+      end
+      taken = taken + 1
+      self.in_flight[n.key] = true
+      -- One out of tries ends the sweep: the receiver is down, and the rest
+      -- would each cost it a round of tries too (a backlog of thousands,
+      -- every sweep); they wait for the next one.
+      if not self:_deliver(n.key, n.payload) then
+        walk.down = true
       end
     end
-    if self.resuming == waiting then
-      self.resuming = nil
+    walk.over = true
+    if self.walking == walk then
+      self.walking, self.resuming = nil, nil
+      if taken > 0 then
+        log.info("notification backlog walked", { sent = taken, pages = self.stats.pages - walk.pages,
+          most_rows = self.stats.most_rows, receiver_down = walk.down or nil })
+      end
     end
   end
-  for _ = 1, math.min(RESUME_AT_ONCE, #pending) do
+  walk.pages = self.stats.pages - 1
+  local workers = cursor and RESUME_AT_ONCE or math.min(RESUME_AT_ONCE, math.max(#rows, 1))
+  if next(self.ran_out) ~= nil then
+    workers = RESUME_AT_ONCE
+  end
+  for _ = 1, workers do
     task.spawn(worker)
   end
-  return #pending
+  return #rows
 end
 
 return M

@@ -1,0 +1,249 @@
+-- A backlog of notifications larger than many pages (a receiver down for a
+-- day) is walked a page at a time, never read whole: each delivered once,
+-- oldest first, a bounded number of rows held at once; and one recorded
+-- while the backlog is walked is sent once.
+local T = require "testing"
+local http = require "callagent.http"
+local timer = require "callagent.timer"
+local core = require "callagent.core"
+local store_mod = require "callagent.store"
+local notify = require "callagent.notify"
+local durable = require "durable_world"
+
+local BACKLOG = 1200
+-- notify.lua reads the backlog in pages of 200 rows.
+local PAGE = 200
+
+local function key_of(i)
+  return ("c_%04d:completed"):format(i)
+end
+
+-- Records the backlog's rows c_0001 .. c_<count>, oldest first. On SQLite,
+-- in threes with one creation time, so that pages end inside a run of
+-- equal times (a cursor on the time alone would skip or repeat rows there).
+local function seed(store, count)
+  local function add()
+    for i = 1, count do
+      assert(store:add_notification(key_of(i), ("c_%04d"):format(i), ('{"n":%d}'):format(i)))
+    end
+  end
+  if store.batch then
+    assert(store:batch(add))
+  else
+    add()
+  end
+  if store.db then
+    -- A day ago: within the retention (an app's start prunes older ones).
+    assert(store.db:run("UPDATE notifications SET created = ? + (CAST(substr(key, 3, 4) AS INTEGER) - 1) / 3",
+      math.floor(core.time()) - 86400))
+  end
+end
+
+-- Counts the rows each read of the backlog returns (it reads the store as
+-- before; the count is what it held at once).
+local function count_reads(store)
+  local read = store.pending_notifications
+  -- reads.all: every pending row, read whole (the test's own look, not counted).
+  local reads = { most = 0, n = 0, all = function()
+    return read(store)
+  end }
+  store.pending_notifications = function(self, ...)
+    local rows, cursor = read(self, ...)
+    if rows then
+      reads.n = reads.n + 1
+      reads.most = math.max(reads.most, #rows)
+    end
+    return rows, cursor
+  end
+  return reads
+end
+
+-- A receiver whose /hooks/agent answers 200 after hook(key), if given: the
+-- notifier (attempts opts) on store sending to it, and what it saw: order
+-- (Idempotency-Keys as they came), by_key (counts), most (at once).
+local function receiver(store, hook, opts)
+  local seen = { order = {}, by_key = {}, now = 0, most = 0 }
+  local hooks = http.server({ headers = { "idempotency-key" } })
+  hooks:post("/hooks/agent", function(req)
+    local key = req.headers["idempotency-key"]
+    seen.now = seen.now + 1
+    seen.most = math.max(seen.most, seen.now)
+    seen.order[#seen.order + 1] = key
+    seen.by_key[key] = (seen.by_key[key] or 0) + 1
+    if hook then
+      hook(key)
+    end
+    seen.now = seen.now - 1
+    return 200, { ok = true }
+  end)
+  assert(hooks:listen())
+  T.defer(function()
+    hooks:close()
+  end)
+  local n = notify.new({ hooksUrl = hooks:url("/hooks"), hooksToken = "hooks-token-for-tests" }, store,
+    opts or { base_delay_ms = 50 })
+  T.defer(function()
+    n:stop()
+  end)
+  return n, seen
+end
+
+-- Each of the backlog once, and oldest first: with 8 at once, key i is
+-- taken only once keys 1 .. i-1 are, all but 7 of them answered.
+local function check_delivered(seen, extra)
+  local twice, missing, late = {}, 0, nil
+  for i = 1, BACKLOG do
+    local c = seen.by_key[key_of(i)]
+    if not c then
+      missing = missing + 1
+    elseif c > 1 then
+      twice[#twice + 1] = key_of(i)
+    end
+  end
+  T.eq(missing, 0, "none left out")
+  T.eq(twice, {}, "none sent twice")
+  T.eq(#seen.order, BACKLOG + (extra or 0), "one request each")
+  local j = 0
+  for _, key in ipairs(seen.order) do
+    local i = tonumber(key:match("^c_(%d+):"))
+    if i then
+      j = j + 1
+      if i > j + 8 and not late then
+        late = ("%s came %dth"):format(key, j)
+      end
+    end
+  end
+  T.eq(late, nil, "oldest first (each within the 8 on their way at once)")
+  T.le(seen.most, 8, "at most 8 at once")
+end
+
+for _, backend in ipairs({ "sqlite", "memory" }) do
+  T.test(backend .. ": pages of the backlog: at most the limit each, oldest first, each row once, and a row recorded meanwhile once",
+    function()
+      local store = assert(store_mod.open({ backend = backend, path = T.tmpdir() .. "/p.db", retentionDays = 30 }))
+      T.defer(function()
+        store:close()
+      end)
+      seed(store, 450)
+      T.eq(#store:pending_notifications(), 450, "without opts: all of them, as before")
+      local got, cursor, pages = {}, nil, 0
+      repeat
+        local rows, next_cursor = store:pending_notifications({ limit = PAGE, after = cursor })
+        T.le(#rows, PAGE, "a page holds at most the limit")
+        pages = pages + 1
+        for _, r in ipairs(rows) do
+          got[#got + 1] = r.key
+          T.eq(type(r.payload), "string")
+        end
+        if pages == 1 then
+          -- Recorded during the walk: in a later page, once.
+          assert(store:add_notification("late:completed", "late", "{}"))
+        end
+        cursor = next_cursor
+      until not cursor or pages > 10
+      T.eq(pages, 3, "450 + 1 rows in pages of 200")
+      T.eq(#got, 451)
+      for i = 1, 450 do
+        if got[i] ~= key_of(i) then
+          T.eq(got[i], key_of(i), "row " .. i .. " in order")
+          break
+        end
+      end
+      T.eq(got[451], "late:completed", "the one recorded meanwhile last, once")
+      -- Sent ones are not in any page; upto leaves out those recorded after it.
+      store:mark_notified(key_of(1), "sent")
+      store:mark_notified(key_of(2), "refused", "HTTP 400")
+      store:mark_notified(key_of(3), "failed", "HTTP 503")
+      local rows, next_cursor = store:pending_notifications({ limit = 2 })
+      T.eq({ rows[1].key, rows[2].key }, { key_of(3), key_of(4) })
+      T.ok(next_cursor ~= nil, "a next page")
+      local last = store:pending_notifications({ limit = 1, after = next_cursor, upto = 1 })
+      T.eq(#last, 0, "none created at or before upto")
+      local some = store:pending_notifications({ keys = { key_of(450), key_of(1), key_of(7), "nope" } })
+      T.eq({ #some, some[1].key, some[2].key }, { 2, key_of(7), key_of(450) }, "keys: those pending, oldest first")
+    end)
+
+  T.test(backend .. ": a backlog of 1,200 is walked in pages: each sent once, oldest first, at most a page of rows read at once",
+    function()
+      local store = assert(store_mod.open({ backend = backend, path = T.tmpdir() .. "/n.db", retentionDays = 30 }))
+      T.defer(function()
+        store:close()
+      end)
+      seed(store, BACKLOG)
+      local reads = count_reads(store)
+      local n, seen = receiver(store)
+      T.le(n:resume(), PAGE, "the first read: a page")
+      T.wait_for(function()
+        return #reads.all() == 0 and next(n.in_flight) == nil
+      end, 10000, "every one delivered and recorded so")
+      T.le(reads.most, PAGE, "no read of the backlog returned more than a page")
+      T.ge(reads.n, BACKLOG // PAGE, "read in pages")
+      T.le(n.stats.most_rows, PAGE, "the notifier's own count agrees")
+      check_delivered(seen)
+    end)
+end
+
+T.test("sqlite: notifications recorded while the backlog is walked are each sent once", function()
+  local store = assert(store_mod.open({ backend = "sqlite", path = T.tmpdir() .. "/n.db", retentionDays = 30 }))
+  T.defer(function()
+    store:close()
+  end)
+  seed(store, BACKLOG)
+  local n, seen
+  local added = 0
+  n, seen = receiver(store, function()
+    -- Mid-walk (a page or two in): calls end. One as the engine does
+    -- (recorded in the commit of its final status, sent at once); one
+    -- recorded only (its send still to come).
+    if #seen.order == 300 then
+      added = added + 1
+      assert(store:add_notification("e_1:completed", "e_1", "{}"))
+      n:send("e_1:completed", "{}")
+    elseif #seen.order == 500 then
+      added = added + 1
+      assert(store:add_notification("e_2:completed", "e_2", "{}"))
+      timer.after(50, function()
+        n:send("e_2:completed", "{}")
+      end)
+    end
+  end)
+  n:resume()
+  T.wait_for(function()
+    return added == 2 and #store:pending_notifications() == 0 and next(n.in_flight) == nil
+  end, 10000, "every one delivered and recorded so")
+  timer.sleep(100)
+  T.eq(seen.by_key["e_1:completed"], 1, "the one the engine sent, once")
+  T.eq(seen.by_key["e_2:completed"], 1, "the one recorded during the walk and sent after, once")
+  check_delivered(seen, 2)
+end)
+
+T.test("restart: a backlog of 1,200 left in the store is delivered once each, oldest first, read in pages", function()
+  local w = durable.new({})
+  -- The store a run left with its receiver down: 1,200 not delivered.
+  local store = assert(store_mod.open({ backend = "sqlite", path = w.db, retentionDays = 30 }))
+  seed(store, BACKLOG)
+  store:close()
+  w.start()
+  T.wait_for(function()
+    return #w.requests >= BACKLOG
+  end, 10000, "the backlog sent")
+  T.wait_for(function()
+    return w.app.errtext():match("notification backlog walked") or w.app.text():match("notification backlog walked")
+  end, 5000, "the walk's end logged")
+  timer.sleep(200)
+  local seen = { order = w.requests, by_key = w.by_key, most = 0 }
+  check_delivered(seen)
+  local log = w.app.errtext() .. w.app.text()
+  local most = tonumber(log:match("notification backlog walked[^\n]*most_rows=(%d+)"))
+  local pages = tonumber(log:match("notification backlog walked[^\n]*pages=(%d+)"))
+  T.le(most, PAGE, "no read of the backlog held more than a page")
+  T.ge(pages, BACKLOG // PAGE, "read in pages")
+  local _, notes = w.stored()
+  local pending = 0
+  for _, r in ipairs(notes) do
+    pending = pending + (r.sent == 0 and 1 or 0)
+  end
+  T.eq(pending, 0, "all recorded delivered")
+end)
+
+T.run()
