@@ -1249,7 +1249,12 @@ function Engine:_write_unsaved(id)
   end)
 end
 
---- POST /v1/calls/{id}/hangup.
+--- POST /v1/calls/{id}/hangup. Returns true (202), or nil, "not_active".
+-- One hang-up of an attempt at the vendor at a time: requests that come
+-- while it is on its way wait for it and get its answer; once the vendor
+-- took it, later ones send nothing (the vendor's final status ends the
+-- call, or _await_final does); once the vendor refused it, the next
+-- request asks again.
 function Engine:hangup(id)
   local call = self.live[id]
   if not call then
@@ -1269,13 +1274,43 @@ function Engine:hangup(id)
     b:hangup("hung_up_by_api")
     return true
   end
+  if not a then
+    return (self:_hangup_attempt(call, n, a))
+  end
+  local h = a._api_hangup
+  if h == "taken" then
+    return true
+  elseif h then
+    local ok, res = task.wait_in(h)
+    if not ok then
+      error(res, 0) -- the first request's error, as it got it
+    end
+    return res
+  end
+  h = {}
+  a._api_hangup = h
+  local res = table.pack(pcall(self._hangup_attempt, self, call, n, a))
+  a._api_hangup = res[1] and res[3] and "taken" or nil
+  for _, wake in ipairs(h) do
+    wake(res[1], res[2])
+  end
+  if not res[1] then
+    error(res[2], 0)
+  end
+  return res[2]
+end
+
+-- The API's hang-up of attempt n, with no bridge: returns true, and whether
+-- the vendor took the hang-up.
+function Engine:_hangup_attempt(call, n, a)
+  local id = call.id
   local was = a and a.status
   local ok, err = self:_end_at_provider(call, a)
   if not ok then
     log.warn("provider hang-up failed", { call = id, error = err })
   end
   if self.closed then
-    return true -- app:stop() closed the store meanwhile: the next start resolves the call
+    return true, ok -- app:stop() closed the store meanwhile: the next start resolves the call
   end
   if a and a.status == "dialing" then
     if not ok then
@@ -1291,11 +1326,17 @@ function Engine:hangup(id)
     call._end_reason = call._end_reason or "hung_up_by_api"
     if was == "dialing" then
       log.info("answered while being hung up: hanging up again", { call = id, attempt = n })
-      self:_end_in_task(id, a)
+      ok, err = self:_provider_end(self:call_view(id) or { callId = id }, a)
+      if not ok then
+        log.warn("provider hang-up failed", { call = id, error = err })
+      end
+      if self.closed then
+        return true, ok
+      end
     end
     self:_await_final(call, n)
   end
-  return true
+  return true, ok
 end
 
 -- After a restart ---------------------------------------------------------------

@@ -1,0 +1,98 @@
+-- POST /v1/calls/{id}/hangup and the engine's other ways of ending a call
+-- at the vendor: one hang-up request per attempt at a time, whatever the
+-- number of API requests; a cancel the vendor refuses is asked again even
+-- when it waited for the dial's answer; a stop does not dial again a call
+-- the API canceled.
+local T = require "testing"
+local kit = require "callkit"
+local timer = require "callagent.timer"
+local task = require "callagent.task"
+local callagent = require "callagent"
+
+-- n hang-up requests for call id at once: their HTTP statuses and bodies.
+local function hang_up_at_once(env, id, n)
+  local fns = {}
+  for i = 1, n do
+    fns[i] = function()
+      local status, body = env:api("POST", "/v1/calls/" .. id .. "/hangup")
+      return { status = status, body = body }
+    end
+  end
+  return task.all(fns)
+end
+
+-- The Status of each update (hang-up) callagent sent Twilio for call tw.
+local function update_statuses(tw)
+  local s = {}
+  for i, u in ipairs(tw.updates) do
+    s[i] = u.params.Status
+  end
+  return s
+end
+
+T.test("hang-ups asked for at once for a ringing call send Twilio one cancel, and all get its 202", function()
+  -- Twilio answers the cancel 500 ms late (its canceled callback comes first).
+  local env = kit.start({ twilio = { behaviour = { ring_ms = 8000, update_delay_ms = 500 } } })
+  local id = env:create({ to = "+14155550501", prompt = "Say hello." })
+  env:wait(id, function(r)
+    return r.status == "dialing" and r.attempts[1] and r.attempts[1].providerCallId
+  end, 5000, "ringing")
+  local answers = hang_up_at_once(env, id, 5)
+  for i, a in ipairs(answers) do
+    T.eq({ a.status, a.body.callId }, { 202, id }, "request " .. i)
+  end
+  local call = env:wait_final(id, 5000)
+  T.eq({ call.status, call.endReason }, { "canceled", "canceled by API" })
+  local tw = env.tw.calls[1]
+  assert(tw:wait_final(3000), "the call over at Twilio")
+  timer.sleep(200)
+  T.eq(update_statuses(tw), { "canceled" }, "one cancel")
+  -- Once the call is over, a hang-up is 409 not_active, and sends nothing.
+  local status, body = env:api("POST", "/v1/calls/" .. id .. "/hangup")
+  T.eq({ status, body.error.code }, { 409, "not_active" })
+  T.eq(#tw.updates, 1)
+end)
+
+T.test("hang-ups at once for an answered call share one request; after a refused one, a later hang-up asks again", function()
+  -- Answered, its voice webhook slow (no stream yet: the API hangs up at
+  -- Twilio itself). Twilio refuses the first hang-up (503), 300 ms late.
+  local env = kit.start({ twilio = { update_fail = 503, update_fail_times = 1,
+    behaviour = { ring_ms = 50, voice_delay_ms = 8000, update_delay_ms = 300 } } })
+  local id = env:create({ to = "+14155550502", prompt = "Say hello." })
+  env:wait(id, function(r)
+    return r.status == "in_progress"
+  end, 5000, "answered")
+  local tw = env.tw.calls[1]
+  local answers = hang_up_at_once(env, id, 4)
+  for i, a in ipairs(answers) do
+    T.eq({ a.status, a.body.callId, a.body.status }, { 202, id, "in_progress" }, "request " .. i)
+  end
+  T.eq(update_statuses(tw), { "completed" }, "one hang-up, refused")
+  T.eq(tw.final, nil, "the call still up at Twilio")
+  -- A later hang-up asks Twilio again, which ends the call this time.
+  T.eq((env:api("POST", "/v1/calls/" .. id .. "/hangup")), 202)
+  T.eq(update_statuses(tw), { "completed", "completed" })
+  local call = env:wait_final(id, 5000)
+  T.eq({ call.status, call.endReason }, { "completed", "hung_up_by_api" })
+  T.eq(tw.final, "completed")
+end, { timeout = 20000 })
+
+T.test("a hang-up Twilio took is not sent again by later hang-ups while its final status is on its way", function()
+  -- Answered, no stream yet; the final callback of Twilio's is lost.
+  local env = kit.start({ twilio = { behaviour = { ring_ms = 50, voice_delay_ms = 8000,
+    lost_callbacks = { completed = true } } } })
+  local id = env:create({ to = "+14155550503", prompt = "Say hello." })
+  env:wait(id, function(r)
+    return r.status == "in_progress"
+  end, 5000, "answered")
+  local tw = env.tw.calls[1]
+  T.eq((env:api("POST", "/v1/calls/" .. id .. "/hangup")), 202)
+  assert(tw:wait_final(3000), "the call over at Twilio")
+  for _ = 1, 3 do
+    local status, body = env:api("POST", "/v1/calls/" .. id .. "/hangup")
+    T.eq({ status, body.status }, { 202, "in_progress" }, "waiting for the final status")
+  end
+  T.eq(update_statuses(tw), { "completed" }, "one hang-up")
+end, { timeout = 20000 })
+
+T.run()
