@@ -95,4 +95,24 @@ T.test("a hang-up Twilio took is not sent again by later hang-ups while its fina
   T.eq(update_statuses(tw), { "completed" }, "one hang-up")
 end, { timeout = 20000 })
 
+T.test("a cancel that waited for Twilio to name the call, and that Twilio refuses, is asked again: the phone stops ringing", function()
+  -- Twilio answers the dial 800 ms late with no callback before it, and
+  -- refuses the first cancel (503).
+  local env = kit.start({ twilio = { create_delay_ms = 800, update_fail = 503, update_fail_times = 1,
+    behaviour = { initiated_ms = 3000, ring_ms = 30000 } } })
+  local id = env:create({ to = "+14155550504", prompt = "Say hello." })
+  local rec = env:wait(id, function(r)
+    return r.status == "dialing"
+  end, 5000, "dialing")
+  T.eq(rec.attempts[1].providerCallId, nil, "Twilio has not answered yet")
+  T.eq((env:api("POST", "/v1/calls/" .. id .. "/hangup")), 202)
+  T.eq(env:wait_final(id, 3000).status, "canceled")
+  local tw = env.tw.calls[1]
+  assert(tw:wait_final(4000), "the call canceled at Twilio, not left ringing")
+  T.eq(tw.final, "canceled", "canceled by the second try, not rung until answered")
+  T.eq(tw.answered_at, nil)
+  T.eq(update_statuses(tw), { "canceled", "canceled" })
+  T.lt(tw.updates[2].at - tw.updates[1].at, 2000, "asked again about a second later")
+end, { timeout = 20000 })
+
 T.run()

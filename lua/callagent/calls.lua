@@ -559,7 +559,18 @@ function Engine:_provider_id(call, n, pid)
   if a._end_pending then
     a._end_pending = nil
     log.info("hanging up now that the provider has named the call", { call = call.id, attempt = n })
-    self:_end_in_task(call.id, a)
+    task.spawn(function()
+      local ok, err = self:_provider_end(self:call_view(call.id) or { callId = call.id }, a)
+      if ok then
+        return
+      end
+      log.warn("provider hang-up failed", { call = call.id, attempt = n, error = err })
+      if not a.answeredAt then
+        -- A ringing call canceled here: the vendor is asked again, as for
+        -- any cancel it refuses (hangup), so that the phone stops ringing.
+        self:_cancel_retrying(call.id, { n = n, providerCallId = pid, status = "dialing" })
+      end
+    end)
   end
 end
 
