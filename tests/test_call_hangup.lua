@@ -115,4 +115,58 @@ T.test("a cancel that waited for Twilio to name the call, and that Twilio refuse
   T.lt(tw.updates[2].at - tw.updates[1].at, 2000, "asked again about a second later")
 end, { timeout = 20000 })
 
+T.test("a stop while the API's cancel of a ringing call is on its way: the call ends canceled, not dialed again", function()
+  -- The first hang-up of each call takes Twilio 5 s (a provider that waits
+  -- before its request); the stop's own cancel goes at once. Twilio's final
+  -- callbacks are lost.
+  local dir = T.tmpdir()
+  local f = assert(io.open(dir .. "/slowcancel.lua", "w"))
+  f:write([[
+local timer = require "callagent.timer"
+local P = {}
+for k, v in pairs(dofile(require("callagent.core").root .. "/providers/twilio.lua")) do
+  P[k] = v
+end
+P.name = "slowcancel"
+local twilio_end, slowed = P.endCall, {}
+function P:endCall(view, a)
+  if not slowed[view.callId] then
+    slowed[view.callId] = true
+    timer.sleep(5000)
+  end
+  return twilio_end(self, view, a)
+end
+return P
+]])
+  f:close()
+  local env = kit.start({
+    provider_dirs = { dir },
+    twilio = { behaviour = { ring_ms = 30000, lost_callbacks = { completed = true } } },
+    config = { telephony = { provider = "slowcancel" } },
+  })
+  local id = env:create({ to = "+14155550505", prompt = "Say hello." })
+  env:wait(id, function(r)
+    return r.status == "dialing" and r.attempts[1].providerCallId
+  end, 5000, "ringing")
+  task.spawn(function()
+    env.app.engine:hangup(id)
+  end)
+  timer.sleep(100)
+  env.app:stop()
+  local tw = env.tw.calls[1]
+  T.eq(tw.final, "canceled", "the stop canceled the ringing call")
+  -- The next start finds the call canceled, and dials nothing.
+  local app2 = assert(callagent.app(env.app.config, { public_url = function(u)
+    return u
+  end, no_shutdown_hook = true, provider_dirs = { dir } }))
+  assert(app2:start())
+  T.defer(function()
+    app2:stop()
+  end)
+  timer.sleep(500)
+  T.eq(#env.tw.calls, 1, "not dialed again")
+  local rec = app2.engine:call_view(id)
+  T.eq({ rec.status, rec.endReason, rec.attempts[1].status }, { "canceled", "canceled by API", "canceled" })
+end, { timeout = 30000 })
+
 T.run()

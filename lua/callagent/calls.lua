@@ -1673,7 +1673,11 @@ function Engine:_end_hung_up(todo, wait_ms)
   end
   for _, entry in ipairs(todo) do
     local call, a = open(entry), entry[2]
-    if call and a.status == "dialing" then
+    if call and a.status == "dialing" and call._cancel_requested then
+      -- Canceled through the API as well (its request still on its way):
+      -- it ends canceled, as that request would have ended it, not dialed again.
+      self:_attempt_final(call, a.n, "canceled", "canceled by API")
+    elseif call and a.status == "dialing" then
       -- A ringing call canceled, its canceled status not come: queued again.
       self:_requeue_at_stop(call, a.n, RANG_AT_STOP)
     elseif call then
