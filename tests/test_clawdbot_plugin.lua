@@ -278,4 +278,57 @@ T.test("call_agent_hangup cancels a ringing call; a second hang-up says it has e
     { "canceled", true, json.null })
 end)
 
+
+T.test("a baseUrl with a wrong path is named as such, not taken for a missing call", function()
+  local env = start({ twilio = { behaviour = { ring_ms = 10000 } } })
+  local r = host({ baseUrl = env.base .. "/v1", apiToken = TOKEN }, {
+    { tool = "call_agent_status", params = { callId = "c_00000000000000000000" } },
+    { tool = "call_agent_hangup", params = { callId = "c_00000000000000000000" } },
+    { tool = "call_agent", toolCallId = "toolu_path", params = { to = "+14155550100", prompt = "Book it." } },
+  })
+  local paths = { "GET /v1/v1/calls/c_00000000000000000000", "POST /v1/v1/calls/c_00000000000000000000/hangup",
+    "POST /v1/v1/calls" }
+  for i, path in ipairs(paths) do
+    local s = r.steps[i]
+    T.eq(s.isError, true, "step " .. i)
+    T.no_match(s.error, "no call", "step " .. i .. ": not a missing call")
+    T.eq(s.error, "callagent at " .. env.base .. "/v1 has no route " .. path .. " (404 not_found): set "
+      .. "plugins.entries.callagent.config.baseUrl to callagent's address; the plugin adds /v1 itself", "step " .. i)
+  end
+  T.eq(count_calls(env), 0)
+end)
+
+T.test("call_agent whose answer never came asks again with the same Idempotency-Key and dials once", function()
+  local env = start({ twilio = { behaviour = { ring_ms = 10000 } } })
+  -- Between the plugin and callagent: the first answer comes after the
+  -- plugin's timeoutMs (callagent has placed the call by then).
+  local seen = {}
+  local proxy = T.server({}, function(srv)
+    srv:post("/v1/calls", function(req)
+      seen[#seen + 1] = req:header("idempotency-key") or "none"
+      local res = assert(fetch(env.base .. "/v1/calls", { method = "POST", body = req.body, headers = {
+        Authorization = req:header("authorization"), ["Content-Type"] = req:header("content-type"),
+        ["Idempotency-Key"] = req:header("idempotency-key") } }))
+      if #seen == 1 then
+        timer.sleep(1000)
+      end
+      return res.status, res.body, { ["Content-Type"] = "application/json",
+        ["Idempotent-Replayed"] = res.headers["idempotent-replayed"] }
+    end)
+  end)
+  local r, all = host({ baseUrl = "http://127.0.0.1:" .. proxy.port, apiToken = TOKEN, timeoutMs = 400 }, {
+    { tool = "call_agent", toolCallId = "toolu_slow", params = { to = "+14155550100", prompt = "Book it." } },
+  })
+  local s = r.steps[1]
+  T.eq(s.isError, false, s.error)
+  T.eq(seen, { "clawdbot-toolu_slow", "clawdbot-toolu_slow" }, "sent again with the same key")
+  local _, list = api(env, "GET", "/v1/calls?limit=100")
+  T.eq(#list.calls, 1, "one call")
+  T.eq(s.details.callId, list.calls[1].callId, "the call the first request placed")
+  T.eq(s.details.replayed, true)
+  lacks(all, TOKEN)
+  timer.sleep(300)
+  T.eq(#env.tw.calls, 1, "dialed once")
+end)
+
 T.run()

@@ -96,19 +96,28 @@ function redact(cfg, s) {
   return cfg.apiToken ? String(s).split(cfg.apiToken).join("[redacted]") : String(s);
 }
 
+// Failures that tell the request never reached callagent: no connection
+// was made. Any other (a timeout, a connection closed before the answer)
+// may have come after callagent carried the request out.
+const NOT_SENT = new Set(["ECONNREFUSED", "ENOTFOUND", "EAI_AGAIN", "EHOSTUNREACH", "ENETUNREACH", "EADDRNOTAVAIL"]);
+
 function notReachable(cfg, err, method) {
-  let why;
+  let why, unanswered;
   if (err && (err.name === "TimeoutError" || err.cause?.name === "TimeoutError")) {
     why = `no answer within ${cfg.timeoutMs} ms`;
+    unanswered = true;
   } else {
     const c = err?.cause;
     why = c?.code || c?.message || err?.message || String(err);
+    unanswered = !NOT_SENT.has(c?.code);
   }
   let msg = `callagent is not reachable at ${cfg.shown} (${why}); is it running, and is ${CONFIG_KEY}.baseUrl its address?`;
-  if (method === "POST" && why.startsWith("no answer")) {
+  if (method === "POST" && unanswered) {
     msg += " The request may still have been carried out.";
   }
-  return new Error(redact(cfg, msg));
+  const e = new Error(redact(cfg, msg));
+  e.unanswered = unanswered;
+  return e;
 }
 
 async function request(cfg, method, path, { body, headers = {}, signal } = {}) {
@@ -155,6 +164,9 @@ function apiError(cfg, r, { callId } = {}) {
       : `callagent at ${cfg.shown} needs an apiToken ${tag}: set ${CONFIG_KEY}.apiToken to callagent's server.apiToken`;
   } else if (r.status === 403) {
     msg = `callagent at ${cfg.shown} refused the request ${tag}: ${message}. Without server.apiToken it answers only requests to a loopback address; set server.apiToken in callagent and ${CONFIG_KEY}.apiToken here`;
+  } else if (r.status === 404 && code === "not_found" && message.startsWith("no route ")) {
+    // callagent's 404 for a path it has no route for: a baseUrl with a path.
+    msg = `callagent at ${cfg.shown} has no route ${message.replace(/^no route (for )?/, "")} ${tag}: set ${CONFIG_KEY}.baseUrl to callagent's address; the plugin adds /v1 itself`;
   } else if (r.status === 404 && callId !== undefined && code === "not_found") {
     msg = `field "callId": callagent has no call ${callId} ${tag}`;
   } else if (r.status === 409 && code === "not_active") {
@@ -234,11 +246,18 @@ export function createTools(cfg) {
     },
     async execute(toolCallId, params, signal) {
       const body = callRequest(params);
-      const r = await request(cfg, "POST", "/v1/calls", {
-        body,
-        headers: { "Idempotency-Key": idempotencyKey(toolCallId) },
-        signal,
-      });
+      const send = () =>
+        request(cfg, "POST", "/v1/calls", { body, headers: { "Idempotency-Key": idempotencyKey(toolCallId) }, signal });
+      let r;
+      try {
+        r = await send();
+      } catch (err) {
+        if (!err.unanswered) throw err;
+        // The call may have been placed and its answer lost: sent again with
+        // the same Idempotency-Key, callagent answers with that call (or
+        // places it now), and the callee's phone rings once.
+        r = await send();
+      }
       if (r.status !== 201 || !r.json || typeof r.json.callId !== "string") throw apiError(cfg, r);
       const out = { callId: r.json.callId, status: r.json.status, to: body.to };
       if (r.json.hint) out.hint = r.json.hint;
