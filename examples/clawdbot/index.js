@@ -96,10 +96,10 @@ function redact(cfg, s) {
   return cfg.apiToken ? String(s).split(cfg.apiToken).join("[redacted]") : String(s);
 }
 
-// Failures that tell the request never reached callagent: no connection
-// was made. Any other (a timeout, a connection closed before the answer)
-// may have come after callagent carried the request out.
-const NOT_SENT = new Set(["ECONNREFUSED", "ENOTFOUND", "EAI_AGAIN", "EHOSTUNREACH", "ENETUNREACH", "EADDRNOTAVAIL"]);
+// Failures that may come after callagent carried the request out: the
+// connection closed before the answer (a timeout is the other). Any other
+// (ECONNREFUSED, ENOTFOUND, a port fetch refuses) means nothing was sent.
+const UNANSWERED = new Set(["UND_ERR_SOCKET", "ECONNRESET", "EPIPE", "UND_ERR_HEADERS_TIMEOUT", "UND_ERR_BODY_TIMEOUT"]);
 
 function notReachable(cfg, err, method) {
   let why, unanswered;
@@ -109,7 +109,7 @@ function notReachable(cfg, err, method) {
   } else {
     const c = err?.cause;
     why = c?.code || c?.message || err?.message || String(err);
-    unanswered = !NOT_SENT.has(c?.code);
+    unanswered = UNANSWERED.has(c?.code);
   }
   let msg = `callagent is not reachable at ${cfg.shown} (${why}); is it running, and is ${CONFIG_KEY}.baseUrl its address?`;
   if (method === "POST" && unanswered) {
