@@ -332,4 +332,27 @@ T.test("call_agent whose answer never came asks again with the same Idempotency-
   T.eq(#env.tw.calls, 1, "dialed once")
 end)
 
+T.test("callagent starting or stopping: one line that says so once, with when to try again", function()
+  -- callagent's own 503s (lua/callagent/api.lua), as a tunnel opens or the app stops.
+  local answers = {
+    { 503, { error = { code = "starting", message = "callagent is starting: send the call again in a moment" } },
+      { ["Retry-After"] = "2" } },
+    { 503, { error = { code = "shutting_down", message = "callagent is shutting down: send the call again to the next run" } } },
+    -- The HTTP server's, to a request on a connection left open while it drains.
+    { 503, { error = { code = "closing", message = "the server is closing" } } },
+  }
+  local n = 0
+  local srv = T.server({}, function(s)
+    s:post("/v1/calls", function()
+      n = n + 1
+      return table.unpack(answers[n])
+    end)
+  end)
+  local step = { tool = "call_agent", toolCallId = "toolu_503", params = { to = "+14155550100", prompt = "Book it." } }
+  local r = host({ baseUrl = "http://127.0.0.1:" .. srv.port, apiToken = TOKEN }, { step, step, step })
+  T.eq(r.steps[1].error, "callagent is starting: send the call again in a moment; try again in 2 s (503 starting)")
+  T.eq(r.steps[2].error, "callagent is shutting down: send the call again to the next run (503 shutting_down)")
+  T.eq(r.steps[3].error, "callagent is shutting down: the server is closing (503 closing)")
+end)
+
 T.run()

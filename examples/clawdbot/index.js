@@ -175,7 +175,9 @@ function apiError(cfg, r, { callId } = {}) {
     msg = `this tool call id was already used to place a different call ${tag}`;
   } else if (r.status === 503) {
     const after = r.headers.get("retry-after");
-    msg = `callagent is ${code === "starting" ? "starting" : code === "shutting_down" ? "shutting down" : "busy"}: ${message}${after ? `; try again in ${after} s` : ""} ${tag}`;
+    const head = `callagent is ${code === "starting" ? "starting" : code === "shutting_down" || code === "closing" ? "shutting down" : "busy"}`;
+    // callagent's own messages already say so.
+    msg = `${message.startsWith(head) ? message : `${head}: ${message}`}${after ? `; try again in ${after} s` : ""} ${tag}`;
   } else if (typeof e.field === "string" && e.field) {
     msg = `field "${e.field}": callagent refused it: ${message} ${tag}`;
   } else if (!r.json) {
