@@ -401,6 +401,34 @@ T.test("a microphone allowed after 16 s: the call is answered then, and connects
   T.gt(rt.sessions[1].input_bytes, 0, "the model heard the callee")
 end, { timeout = 80000 })
 
+T.test("through a forwarded port: the page streams through it, and when it is cut says callagent is gone", function()
+  need_tools()
+  local dir = T.tmpdir()
+  local wav = dir .. "/callee.wav"
+  write_wav(wav)
+  local app = start_app(function(s)
+    assert(s:wait_event("response.create", 20000))
+    s:speak({ ms = 8000, text = "A long story." })
+  end)
+  local view = assert(app:create_call({ to = "+14155550195", prompt = "Talk." }))
+  local shot = ROOT .. "/tests/artifacts/mock-phone-lost.png"
+  local r, code, err = node({ "browser/drive.mjs", view.hint, wav, shot, "--forward", "--cut-after=1000",
+    "--timeout=15000" }, 30000)
+  T.ok(r, "drive.mjs printed no JSON (exit " .. tostring(code) .. "): " .. err)
+  T.ok(r.ok, "drive.mjs: " .. tostring(r.error) .. "; page: " .. json.encode({ r.banner, r.problem, r.stats }))
+  -- ssh -L 9000:127.0.0.1:4545: the page's stream goes where the page came from.
+  T.eq(r.forward.streams, 1, "the media stream went through the forward")
+  T.gt(r.stats.framesSent, 0, "the page streamed")
+  T.eq(r.stats.state, "ended")
+  T.match(r.problem, "^Lost the connection to callagent", "the page says what happened")
+  T.ne(r.status, "In progress", "the status pill does not show a live call")
+  T.eq(r.afterCut.errorsAt3000ms, r.afterCut.errorsAt1500ms, "the page stopped polling a server that is gone")
+  T.wait_for(function()
+    local v = app.engine:call_view(view.callId)
+    return v.status ~= "in_progress"
+  end, 10000, "the call to end at callagent")
+end, { timeout = 40000 })
+
 T.test("hanging up on the page: stop, close, and the call ends as the callee's hang-up", function()
   need_tools()
   local dir = T.tmpdir()

@@ -69,6 +69,8 @@ let markIds = 0;
 const pendingMarks = new Map(); // id -> name, in the order they came
 let pollTimer = null;
 let pollsAfterFinal = 0;
+let pollFailures = 0; // in a row
+let lost = false; // callagent stopped answering the page
 let lastTranscriptKey = "";
 
 const FINAL = new Set(["completed", "busy", "no_answer", "failed", "canceled"]);
@@ -110,7 +112,10 @@ function renderPill() {
   const st = stats.callStatus;
   let text;
   let cls = "";
-  if (stats.state === "error" || stats.state === "mic-denied") {
+  if (lost && !(st && FINAL.has(st))) {
+    text = "Disconnected";
+    cls = "bad";
+  } else if (stats.state === "error" || stats.state === "mic-denied") {
     text = st && FINAL.has(st) ? STATUS_TEXT[st] || st : "Not connected";
     cls = "bad";
   } else if (st) {
@@ -179,10 +184,20 @@ async function answer() {
     return false;
   }
   call.session = body.session;
-  call.streamUrl = body.streamUrl;
+  call.streamUrl = streamUrlHere(body.streamUrl);
   call.parameters = body.parameters;
   call.pollUrl = body.pollUrl;
   return true;
+}
+
+// The stream goes to the server that served this page, as the page's own
+// requests do: opened through a forwarded port (ssh -L 9000:127.0.0.1:4545)
+// or a mapped one, callagent's own address is not the one that reaches it.
+function streamUrlHere(given) {
+  const u = new URL(given, location.href);
+  u.protocol = location.protocol === "https:" ? "wss:" : "ws:";
+  u.host = location.host;
+  return u.href;
 }
 
 function fail(text, banner) {
@@ -490,6 +505,9 @@ function onStreamClosed(e) {
   stopAudio();
   if (e.code === 1000 || e.code === 1001 || e.code === 1005) {
     setState("ended", "Call ended");
+  } else if (e.code === 1006) {
+    // No close frame: the connection itself broke (callagent stopped or was killed).
+    lostContact(`the audio stream broke off (1006)`);
   } else {
     const why = `The audio stream closed (${e.code}${e.reason ? ": " + e.reason : ""}).`;
     noteError(why);
@@ -519,10 +537,20 @@ function sendDigit(digit) {
 
 // The call's view ------------------------------------------------------------------
 
+function lostContact(why) {
+  if (lost) return;
+  lost = true;
+  const text = `Lost the connection to callagent at ${location.origin}: ${why}. Is it still running? The call is over for this page; its record says how it ended (GET /v1/calls/${call.id}).`;
+  noteError(text);
+  showProblem(text);
+  setState("ended", "Call ended");
+}
+
 async function poll() {
   pollTimer = null;
   try {
     const res = await fetch(call.pollUrl, { cache: "no-store" });
+    pollFailures = 0;
     if (res.ok) {
       render(await res.json());
     } else if (res.status === 403 || res.status === 404) {
@@ -531,6 +559,13 @@ async function poll() {
     }
   } catch (e) {
     noteError("poll: " + e.message);
+    pollFailures++;
+    // Once the call is over here: three in a row (1.5 s), or one after the
+    // stream broke off, and callagent is gone; nothing more will come.
+    if (finished && (lost || pollFailures >= 3)) {
+      lostContact("it does not answer");
+      return;
+    }
   }
   const st = stats.callStatus;
   if (st && FINAL.has(st)) {

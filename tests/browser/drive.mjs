@@ -14,6 +14,13 @@
 //                       what the page says in .reopen {state, problem}
 //   --mic-delay=MS      the microphone is granted MS after the page asks (a person
 //                       reading the prompt)
+//   --forward           open URL through a TCP forward on another port (as
+//                       ssh -L does), which counts the connections that upgrade
+//                       to /voice/stream: .forward {streams}
+//   --cut-after=MS      with --forward: MS after the stream connected, close
+//                       the forward and all its connections (callagent gone,
+//                       as the page sees it), then watch the page 3 s more:
+//                       .afterCut {errorsAt1500ms, errorsAt3000ms}
 //   --timeout=MS        how long to wait for the end (default 30000)
 //   --chromium=PATH     the browser (default /usr/bin/chromium)
 //
@@ -28,6 +35,7 @@
 // ok is false (exit status 1) with .error when something failed on the way.
 import { chromium } from "playwright-core";
 import fs from "node:fs";
+import net from "node:net";
 import os from "node:os";
 import path from "node:path";
 
@@ -42,9 +50,11 @@ for (const a of process.argv.slice(2)) {
   else if (a.startsWith("--timeout=")) opts.timeout = Number(a.slice(10));
   else if (a.startsWith("--mic-delay=")) opts.micDelay = Number(a.slice(12));
   else if (a.startsWith("--chromium=")) opts.chromium = a.slice(11);
+  else if (a === "--forward") opts.forward = true;
+  else if (a.startsWith("--cut-after=")) opts.cutAfter = Number(a.slice(12));
   else positional.push(a);
 }
-const [url, wav, shot] = positional;
+let [url, wav, shot] = positional;
 const out = { ok: false, console: [] };
 const t0 = Date.now();
 const FINAL = ["completed", "busy", "no_answer", "failed", "canceled"];
@@ -56,6 +66,40 @@ function finish(code) {
 }
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+// A TCP forward from a port of its own to the URL's (ssh -L, in small).
+async function startForward(target) {
+  const t = new URL(target);
+  const sockets = new Set();
+  const stats = { streams: 0 };
+  const server = net.createServer((c) => {
+    const up = net.connect(Number(t.port), t.hostname);
+    sockets.add(c);
+    sockets.add(up);
+    c.once("data", (d) => {
+      if (/^GET \/voice\/stream[ ?]/.test(d.toString("latin1"))) stats.streams++;
+    });
+    c.pipe(up);
+    up.pipe(c);
+    const end = () => {
+      c.destroy();
+      up.destroy();
+      sockets.delete(c);
+      sockets.delete(up);
+    };
+    c.on("error", end).on("close", end);
+    up.on("error", end).on("close", end);
+  });
+  await new Promise((r) => server.listen(0, "127.0.0.1", r));
+  return {
+    stats,
+    url: target.replace(/^http:\/\/[^/]+/, `http://127.0.0.1:${server.address().port}`),
+    cut() {
+      server.close();
+      for (const s of sockets) s.destroy();
+    },
+  };
+}
 
 async function visibleText(page, id) {
   return page.evaluate((i) => {
@@ -105,12 +149,19 @@ async function run() {
         md.getUserMedia = (c) => new Promise((r) => setTimeout(r, ms)).then(() => ask(c));
       }, opts.micDelay);
     }
+    let forward = null;
+    if (opts.forward) {
+      forward = await startForward(url);
+      out.forward = forward.stats;
+      url = forward.url;
+    }
     await page.goto(url, { waitUntil: "load" });
 
     const samples = [];
     const start = Date.now();
     const deadline = start + opts.timeout;
-    const wantReport = !opts.denyMic && opts.hangupAfter == null;
+    const wantReport = !opts.denyMic && opts.hangupAfter == null && opts.cutAfter == null;
+    let cutAt = null;
     let connectedAt = null;
     let pressed = false;
     let hungUp = false;
@@ -148,13 +199,25 @@ async function run() {
             fs.mkdirSync(path.dirname(opts.liveShot), { recursive: true });
             await page.screenshot({ path: opts.liveShot, fullPage: true });
           }
+          if (cutAt === null && forward && opts.cutAfter != null && now - connectedAt >= opts.cutAfter) {
+            cutAt = now;
+            forward.cut();
+          }
           if (!hungUp && opts.hangupAfter != null && now - connectedAt >= opts.hangupAfter) {
             hungUp = true;
             await page.click("#hangup");
           }
         }
         const over = s.state !== "answering" && s.state !== "connected";
-        if (over && FINAL.includes(s.callStatus) && (!wantReport || last.reportShown)) {
+        if (cutAt !== null) {
+          // callagent is gone: no final status will come; the page is watched.
+          if (now - cutAt >= 1500 && !out.afterCut) out.afterCut = { errorsAt1500ms: s.errors.length };
+          if (now - cutAt >= 3000) {
+            out.afterCut.errorsAt3000ms = s.errors.length;
+            done = true;
+            break;
+          }
+        } else if (over && FINAL.includes(s.callStatus) && (!wantReport || last.reportShown)) {
           done = true;
           break;
         }
