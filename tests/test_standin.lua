@@ -71,11 +71,13 @@ T.test("a mock-phone call with the stand-in: greeting, echo of the caller's turn
   local greeting_ms = #p.received / 8
   T.gt(greeting_ms, 3000, "a spoken greeting")
   T.gt(audio.ulaw_rms_dbfs(p.received), -40, "the greeting is audible")
-  -- The stand-in does not listen while its voice plays: wait that long, then speak 1 s.
+  -- The stand-in does not listen while its voice plays: wait that long, then
+  -- speak 1.16 s (with the 100 ms it keeps of the quiet after, 1.26 s: a
+  -- length whose tenths round up).
   timer.sleep(math.max(0, greeting_ms - (timer.now() - t0)) + 800)
   local before = #p.received
-  p:say(phone.tone(1000, 500))
-  -- The stand-in answers: "You said:" and our own 1 s tone back.
+  p:say(phone.tone(1160, 500))
+  -- The stand-in answers: "You said:" and our own tone back.
   T.wait_for(function()
     return #p.received > before + 8000
   end, 10000, "the played-back turn")
@@ -88,6 +90,9 @@ T.test("a mock-phone call with the stand-in: greeting, echo of the caller's turn
   end, 20000, "the call to complete")
   T.eq(call.report.outcome, "success")
   T.eq(call.report.data.turns, 1)
+  T.near(call.report.data.speechSeconds, 1.3, 0.15, "the turn is about as long as the tone")
+  T.match(call.report.summary, (string.format("%.1f s of speech", call.report.data.speechSeconds):gsub("%.", "%%.")),
+    "the summary and data.speechSeconds give the same length")
   T.match(call.report.summary, "local stand%-in")
   local transcript = {}
   for _, l in ipairs(call.transcript) do

@@ -204,12 +204,14 @@ function Session:report()
   end
   self.reported = true
   local rid, iid, cid = id("resp"), id("item"), id("call")
+  -- One rounding for the summary and the data: they must not disagree.
+  local seconds = math.floor(self.speech_ms / 100 + 0.5) / 10
   local args = json.encode({
     summary = string.format("A test call with callagent's local stand-in model: the caller took %d turn%s, %.1f s of speech in all.",
-      self.turns, self.turns == 1 and "" or "s", self.speech_ms / 1000),
+      self.turns, self.turns == 1 and "" or "s", seconds),
     outcome = "success",
     nextSteps = json.array({ "Set OPENAI_API_KEY to talk to the real model." }),
-    data = { turns = self.turns, speechSeconds = math.floor(self.speech_ms / 100) / 10, model = "local stand-in" },
+    data = { turns = self.turns, speechSeconds = seconds, model = "local stand-in" },
   })
   self.pending_report = cid
   self:say(M.REPORTING)
