@@ -991,4 +991,36 @@ T.test("a real process: a streaming.failed is one WARN line naming Telnyx's fail
   T.eq(text:find(API_KEY, 1, true), nil, "the key in the process's output")
 end, { timeout = 30000 })
 
+
+T.test("Telnyx's streaming.stopped after callagent's own hang-up (stream closed, call.hangup not yet in) sends no second hang-up", function()
+  -- Telnyx ends the stream of a call it hangs up, and may say so before its
+  -- call.hangup: the API's hang-up, and the agent's goodbye.
+  for _, how in ipairs({ "api", "goodbye" }) do
+    local env = start({ fake = { stopped_at_end = 200 }, script = how == "goodbye" and happy_script or quiet_script })
+    local id = env:create({ to = "+14155550140", prompt = "x" })
+    local tx = assert(env.tx:wait_call(5000))
+    tx:wait(function()
+      return tx.stream_started_at
+    end, 5000)
+    if how == "api" then
+      env:wait(id, function(r)
+        return r.status == "in_progress"
+      end, 5000, "in progress")
+      T.eq((env:api("POST", "/v1/calls/" .. id .. "/hangup")), 202)
+    end
+    local call = env:wait_final(id, 10000)
+    tx:wait(function()
+      return tx.done
+    end, 5000)
+    local names = {}
+    for _, e in ipairs(tx.events) do
+      names[#names + 1] = e.event
+    end
+    T.eq(names[#names - 1], "streaming.stopped", how .. ": Telnyx said the stream stopped before the call.hangup")
+    timer.sleep(300)
+    T.eq(env.tx.hangups, 1, how .. ": hang-up requests")
+    T.eq(call.endReason, how == "api" and "hung_up_by_api" or "completed", how)
+  end
+end, { timeout = 30000 })
+
 T.run()

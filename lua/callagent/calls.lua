@@ -955,10 +955,16 @@ function Engine:bridge_hangup(b, reason)
   end
   local a = call.attempts[b.attempt]
   log.info("hanging up", { call = call.id, attempt = b.attempt, reason = reason })
+  if a then
+    a._bridge_hangup = true -- on its way or taken: stream_over sends no other
+  end
   task.spawn(function()
     local ok, err = self:_end_at_provider(call, a)
     if not ok then
       log.warn("provider hang-up failed", { call = call.id, error = err })
+      if a then
+        a._bridge_hangup = nil
+      end
       -- Closing the media stream ends the call at the vendor too (its
       -- <Connect><Stream> is over): the callee is not kept waiting.
       if not b.ended then
@@ -993,6 +999,11 @@ function Engine:stream_over(id, n, provider_call_id, message)
     end
     b:hangup(not b.stream and "no_stream" or nil)
     return true
+  end
+  if a._bridge_hangup then
+    -- The bridge hung up (the goodbye, the API), and the vendor stopped the
+    -- stream of the call it ends: its final status is on its way.
+    return false, "being hung up already"
   end
   if a._hung_up_after_stream then
     return false, "hung up when its stream closed"

@@ -18,6 +18,8 @@
 --                                  -- | fn(call) -> one of those
 --     clock_skew_s = 0,            -- the webhooks' telnyx-timestamp this far off
 --     fail_hangups = 0,            -- the first n hangup requests get 503
+--     stopped_at_end = nil,        -- ms: a call that streamed sends streaming.stopped
+--                                  -- that long after it ends, before its call.hangup
 --     fail_streaming_starts = 0,   -- the first n streaming_start requests get 503
 --   })
 --   tx.url, tx.public_key (base64), tx.private_key (raw 32 bytes)
@@ -178,6 +180,10 @@ local function finish(call, cause, extra)
       ws_send(call, json.encode({ event = "stop", sequence_number = tostring(call._seq), stream_id = call.stream_id,
         stop = { call_control_id = call.control_id, user_id = "u-1" } }))
       call.ws:close(1000, "call ended")
+    end
+    if call.tx.opts.stopped_at_end and call.stream_id and call.stream then
+      timer.sleep(call.tx.opts.stopped_at_end)
+      webhook(call, "streaming.stopped", { stream_url = call.stream.stream_url })
     end
     local p = { hangup_cause = cause, hangup_source = extra and extra.source or "callee",
       sip_hangup_cause = extra and extra.sip or (cause == "user_busy" and "486" or "unspecified"),
