@@ -53,7 +53,9 @@
  *                        bad_in, bad_out (payloads that were not base64: dropped),
  *                        text_deltas (dropped), scratch (bytes held, for the
  *                        whole process, to unescape payloads written with
- *                        JSON escapes: at most 64 KiB between messages)}
+ *                        JSON escapes: at most 64 KiB between messages),
+ *                        out (bytes of the output buffer the messages sent
+ *                        are written into, for the whole process: likewise)}
  *   b:close()            detaches from both connections (idempotent; also __gc)
  */
 #define _GNU_SOURCE
@@ -324,6 +326,21 @@ static char *room(size_t n)
 	return buf;
 }
 
+/*
+ * After a message written into an output buffer grown past SCRATCH_KEEP
+ * (an append of a phone payload of hundreds of KiB): freed, as the scratch
+ * is. Media to the phone (MEDIA_MAX at most) and appends of phone frames
+ * never grow it that far: no allocation per frame.
+ */
+static void room_done(void)
+{
+	if (buf_cap > SCRATCH_KEEP) {
+		free(buf);
+		buf = NULL;
+		buf_cap = 0;
+	}
+}
+
 static unsigned char *put(unsigned char *p, const void *s, size_t n)
 {
 	memcpy(p, s, n);
@@ -346,6 +363,7 @@ static void append_to_model(struct bridge *b, const char *b64, size_t n)
 	len += sizeof post - 1;
 	if (ca__ws_send(b->model, p, len, LWS_WRITE_TEXT, &err) == 0)
 		b->appended++;
+	room_done();
 }
 
 /*
@@ -1196,7 +1214,7 @@ static int l_stats(lua_State *L)
 {
 	struct bridge *b = check(L);
 
-	lua_createtable(L, 0, 10);
+	lua_createtable(L, 0, 11);
 	ca_set_int_field(L, "frames_in", b->frames_in);
 	ca_set_int_field(L, "appended", b->appended);
 	ca_set_int_field(L, "kept", b->n_kept);
@@ -1207,6 +1225,7 @@ static int l_stats(lua_State *L)
 	ca_set_int_field(L, "bad_out", b->bad_out);
 	ca_set_int_field(L, "text_deltas", b->text_deltas);
 	ca_set_int_field(L, "scratch", (lua_Integer)scratch_cap);
+	ca_set_int_field(L, "out", (lua_Integer)buf_cap);
 	return 1;
 }
 

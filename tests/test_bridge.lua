@@ -595,6 +595,37 @@ T.test("the scratch a large escaped payload needed is let go after it; small one
   b:close()
 end)
 
+T.test("the output buffer a large phone payload's append needed is let go after it; frames and media keep at most 64 KiB", function()
+  local r = rig()
+  local b = new_bridge(r, "audio/pcmu", "audio/pcmu", true)
+  local appends = 0
+  r.on.model = function(msg)
+    appends = appends + 1
+  end
+  -- 256 KiB of mu-law in one phone message (341 KiB of base64).
+  local big = crypto.base64_encode(string.rep("\255", 256 * 1024))
+  r.fake_phone:send(media(big))
+  T.wait_for(function()
+    return appends == 1
+  end, 10000, "the large frame's append")
+  T.eq({ b:stats().appended, b:stats().bad_in }, { 1, 0 }, "appended, bad_in")
+  T.ok(b:stats().out <= 64 * 1024, "the output buffer after the large append: " .. b:stats().out)
+  -- Ordinary frames: one buffer, kept for the next.
+  r.fake_phone:send(media(crypto.base64_encode(string.rep("\255", 160))))
+  T.wait_for(function()
+    return appends == 2
+  end, 5000, "a frame's append")
+  local held = b:stats().out
+  T.ok(held > 0 and held <= 64 * 1024, "a frame's buffer kept: " .. held)
+  r.fake_phone:send(media(crypto.base64_encode(string.rep("\255", 160))))
+  T.wait_for(function()
+    return appends == 3
+  end, 5000, "another frame's append")
+  T.eq(b:stats().out, held, "the same buffer")
+  T.eq(r.bad, {})
+  b:close()
+end)
+
 -- Messages whose keys a scan without depth, or without a look at the rest,
 -- reads otherwise than a JSON parser: each with what the bridge must send on
 -- (the append's or the media's payload), or "lua": the message is left to
