@@ -1023,4 +1023,25 @@ T.test("Telnyx's streaming.stopped after callagent's own hang-up (stream closed,
   end
 end, { timeout = 30000 })
 
+
+T.test("the callee hangs up while their last words are transcribed: no hang-up request for the call Telnyx has ended", function()
+  local tx
+  local env
+  env = start({ script = function(session)
+    assert(session:wait_event("response.create", 5000))
+    session:speak({ ms = 300, text = "Hello, is this Ann?" })
+    -- The transcription takes 800 ms; the callee hangs up meanwhile, and
+    -- Telnyx's call.hangup comes while the words are awaited.
+    session:user_speech({ ms = 300, text = "Sorry, I have to go.", transcript_delay_ms = 800 })
+    tx:hangup()
+  end })
+  local id = env:create({ to = "+14155550141", prompt = "x" })
+  tx = assert(env.tx:wait_call(5000))
+  local call = env:wait_final(id, 10000)
+  T.eq({ call.status, call.endReason }, { "completed", "callee_hung_up" })
+  T.eq(call.transcript[#call.transcript].text, "Sorry, I have to go.")
+  timer.sleep(300)
+  T.eq(env.tx.hangups, nil, "hang-up requests")
+end, { timeout = 30000 })
+
 T.run()

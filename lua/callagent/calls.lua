@@ -1000,9 +1000,10 @@ function Engine:stream_over(id, n, provider_call_id, message)
     b:hangup(not b.stream and "no_stream" or nil)
     return true
   end
-  if a._bridge_hangup then
-    -- The bridge hung up (the goodbye, the API), and the vendor stopped the
-    -- stream of the call it ends: its final status is on its way.
+  if a._bridge_hangup or a._final_pending then
+    -- The bridge hung up (the goodbye, the API), or the attempt's end waits
+    -- for the callee's last words only: the vendor stopped the stream of a
+    -- call that is ending.
     return false, "being hung up already"
   end
   if a._hung_up_after_stream then
@@ -1029,7 +1030,7 @@ function Engine:bridge_finished(b, reason)
   call._end_reason = call._end_reason or reason
   local a = call.attempts[b.attempt]
   if a and not FINAL[a.status] and b.stream_closed and not b.hanging_up and self.provider.streamEndsCall == false
-      and call.attempt == b.attempt and not a._hung_up_after_stream then
+      and call.attempt == b.attempt and not a._hung_up_after_stream and not a._final_pending then
     -- A vendor whose call outlives its stream (Telnyx): nobody would speak
     -- on it again, and the callee is not left in silence.
     a._hung_up_after_stream = true
@@ -1073,6 +1074,8 @@ function Engine:_attempt_final(call, n, status, reason, err)
       self:_attempt_final(call, n, status, reason, err)
     end
   end) then
+    -- Over at the vendor, or hung up by us: nothing more to hang up there.
+    a._final_pending = true
     return true
   end
   -- An API hang-up whose final status came before the vendor's answer to
