@@ -183,6 +183,33 @@ for _, backend in ipairs({ "sqlite", "memory" }) do
     end)
 end
 
+for _, backend in ipairs({ "sqlite", "memory" }) do
+  T.test(backend .. ": a notification recorded while the clock was ahead (set back since) is sent by a sweep, not left out",
+    function()
+      local store = assert(store_mod.open({ backend = backend, path = T.tmpdir() .. "/n.db", retentionDays = 30 }))
+      T.defer(function()
+        store:close()
+      end)
+      seed(store, 3)
+      -- Recorded by a run whose wall clock was an hour ahead (a clock NTP has
+      -- set back since): its creation time is later than now.
+      assert(store:add_notification("ahead:completed", "ahead", "{}"))
+      local ahead = core.time() + 3600
+      if store.db then
+        assert(store.db:run("UPDATE notifications SET created = ? WHERE key = ?", ahead, "ahead:completed"))
+      else
+        store.notifications["ahead:completed"].created = ahead
+      end
+      local n, seen = receiver(store)
+      n:resume()
+      T.wait_for(function()
+        return #store:pending_notifications() == 0 and next(n.in_flight) == nil
+      end, 3000, "all four delivered, the one created 'later' than the walk's start too")
+      T.eq(seen.by_key["ahead:completed"], 1, "sent once")
+      T.eq(#seen.order, 4, "one request each")
+    end)
+end
+
 T.test("sqlite: notifications recorded while the backlog is walked are each sent once", function()
   local store = assert(store_mod.open({ backend = "sqlite", path = T.tmpdir() .. "/n.db", retentionDays = 30 }))
   T.defer(function()
@@ -191,25 +218,29 @@ T.test("sqlite: notifications recorded while the backlog is walked are each sent
   seed(store, BACKLOG)
   local n, seen
   local added = 0
+  local function ended(id)
+    added = added + 1
+    return assert(n:record({ callId = id, status = "completed", to = "+14155550100" }))
+  end
   n, seen = receiver(store, function()
-    -- Mid-walk (a page or two in): calls end. One as the engine does
-    -- (recorded in the commit of its final status, sent at once); one
-    -- recorded only (its send still to come).
+    -- Mid-walk: calls end. One as the engine does (recorded in the commit
+    -- of its final status, sent at once); one recorded only, before the
+    -- walk reads its last page, its send still to come when the walk has
+    -- read it (the walk leaves it be: not the walk's, recorded after it
+    -- began).
     if #seen.order == 300 then
-      added = added + 1
-      assert(store:add_notification("e_1:completed", "e_1", "{}"))
-      n:send("e_1:completed", "{}")
-    elseif #seen.order == 500 then
-      added = added + 1
-      assert(store:add_notification("e_2:completed", "e_2", "{}"))
-      timer.after(50, function()
-        n:send("e_2:completed", "{}")
+      n:send(ended("e_1"))
+    elseif #seen.order == 990 then
+      local key, body = ended("e_2")
+      timer.after(600, function()
+        n:send(key, body)
+        added = added + 1
       end)
     end
   end)
   n:resume()
   T.wait_for(function()
-    return added == 2 and #store:pending_notifications() == 0 and next(n.in_flight) == nil
+    return added == 3 and #store:pending_notifications() == 0 and next(n.in_flight) == nil
   end, 10000, "every one delivered and recorded so")
   timer.sleep(100)
   T.eq(seen.by_key["e_1:completed"], 1, "the one the engine sent, once")

@@ -19,7 +19,6 @@
 -- start too) walks the backlog a page of PAGE rows at a time, oldest first,
 -- never whole: a receiver down for a day is thousands of rows, and what is
 -- held at once is a page and the RESUME_AT_ONCE on their way.
-local core = require "callagent.core"
 local fetch = require "callagent.fetch"
 local json = require "callagent.json"
 local log = require "callagent.log"
@@ -122,6 +121,10 @@ function Notifier:record(view)
   local added = self.store:add_notification(key, view.callId, body)
   if not added then
     return nil -- already recorded (sent or pending); or not written (nil): not sent either
+  end
+  if self.walking then
+    -- The caller's to send, not the walk's: it may come to it before send.
+    self.walking.recorded[key] = true
   end
   return key, body
 end
@@ -353,14 +356,14 @@ function Notifier:_next(walk)
       walk.rows[walk.i] = nil -- taken: no longer held here
       local key = n.key
       if walk.waiting[key] and not self.in_flight[key] then
-        if walk.phase == 1 and not self.ran_out[key] then
+        if walk.phase == 1 and not self.ran_out[key] and not walk.recorded[key] then
           return n
         elseif walk.phase == 2 and self.ran_out[key] == walk.rank[key] then
           return n
         end
       end
     elseif walk.phase == 1 and walk.cursor then
-      local rows, cursor = self:_read({ limit = PAGE, after = walk.cursor, upto = walk.upto })
+      local rows, cursor = self:_read({ limit = PAGE, after = walk.cursor })
       if not rows then
         walk.over = true
       else
@@ -404,18 +407,21 @@ function Notifier:_sweep()
     return 0 -- the store is closed
   end
   -- Rows recorded once the walk began are the engine's, which sends what
-  -- it records; the walk leaves them be, as a read of the whole backlog at
-  -- once did.
-  local walk = { phase = 1, ran_outs = self.ran_outs, upto = core.time() }
-  local rows, cursor = self:_read({ limit = PAGE, upto = walk.upto })
-  if not rows then
+  -- it records; the walk leaves them be (walk.recorded, which record()
+  -- fills), as a read of the whole backlog at once did. Not by their
+  -- creation time: a wall clock set back (NTP) would leave those recorded
+  -- before, by a clock ahead, out of every sweep until it caught up.
+  local walk = { phase = 1, ran_outs = self.ran_outs, recorded = {} }
+  self.walking = walk
+  local rows, cursor = self:_read({ limit = PAGE })
+  if not rows or (#rows == 0 and next(self.ran_out) == nil) then
+    -- Nothing to walk: no worker would end this sweep (self.walking).
+    if self.walking == walk then
+      self.walking = nil
+    end
     return 0
   end
-  if #rows == 0 and next(self.ran_out) == nil then
-    return 0 -- no worker would end this sweep (self.walking)
-  end
   walk.cursor = cursor
-  self.walking = walk
   self:_take_page(walk, rows)
   local taken = 0
   local function worker()
