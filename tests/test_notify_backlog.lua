@@ -248,6 +248,82 @@ T.test("sqlite: notifications recorded while the backlog is walked are each sent
   check_delivered(seen, 2)
 end)
 
+for _, backend in ipairs({ "sqlite", "memory" }) do
+  T.test(backend .. ": 450 out of tries go in the next sweep, read by key 200 at a time, each once, the longest untried first",
+    function()
+      local store = assert(store_mod.open({ backend = backend, path = T.tmpdir() .. "/n.db", retentionDays = 30 }))
+      T.defer(function()
+        store:close()
+      end)
+      local count, down = 450, true
+      local reads = count_reads(store)
+      local seen = { order = {}, by_key = {} }
+      local hooks = http.server({ headers = { "idempotency-key" } })
+      hooks:post("/hooks/agent", function(req)
+        if down then
+          return 503, { error = "down" }
+        end
+        local key = req.headers["idempotency-key"]
+        seen.order[#seen.order + 1] = key
+        seen.by_key[key] = (seen.by_key[key] or 0) + 1
+        return 200, { ok = true }
+      end)
+      assert(hooks:listen())
+      T.defer(function()
+        hooks:close()
+      end)
+      local n = notify.new({ hooksUrl = hooks:url("/hooks"), hooksToken = "hooks-token-for-tests" }, store,
+        { attempts = 1, sweep_ms = 600000 })
+      T.defer(function()
+        n:stop()
+      end)
+      -- Calls end while the receiver is down: each notification's one try
+      -- fails, in an order of its own (the answers' order).
+      for i = 1, count do
+        n:send(assert(n:record({ callId = ("c_%04d"):format(i), status = "completed", to = "+14155550100" })))
+      end
+      T.wait_for(function()
+        return next(n.in_flight) == nil
+      end, 10000, "every one out of tries")
+      local by_rank = {}
+      for key, r in pairs(n.ran_out) do
+        by_rank[#by_rank + 1] = { key = key, r = r }
+      end
+      T.eq(#by_rank, count, "all of them out of tries")
+      table.sort(by_rank, function(a, b)
+        return a.r < b.r
+      end)
+      down = false
+      reads.n, reads.most = 0, 0
+      n:resume()
+      T.wait_for(function()
+        return #reads.all() == 0 and next(n.in_flight) == nil
+      end, 10000, "every one delivered and recorded so")
+      T.le(reads.most, PAGE, "no read returned more than a page")
+      T.eq(reads.n, 6, "the backlog in 3 pages (all out of tries: none sent), then their payloads in 3 reads by key")
+      T.eq(#seen.order, count, "one request each")
+      local twice, late = {}, nil
+      for key, c in pairs(seen.by_key) do
+        if c > 1 then
+          twice[#twice + 1] = key
+        end
+      end
+      T.eq(twice, {}, "none sent twice")
+      local pos = {}
+      for i, key in ipairs(seen.order) do
+        pos[key] = i
+      end
+      for i, e in ipairs(by_rank) do
+        if not pos[e.key] or pos[e.key] > i + 8 then
+          late = ("%s, untried %dth longest, came %s"):format(e.key, i, tostring(pos[e.key]))
+          break
+        end
+      end
+      T.eq(late, nil, "the longest untried first (each within the 8 on their way at once)")
+      T.eq(next(n.ran_out), nil, "none held as out of tries")
+    end)
+end
+
 T.test("restart: a backlog of 1,200 left in the store is delivered once each, oldest first, read in pages", function()
   local w = durable.new({})
   -- The store a run left with its receiver down: 1,200 not delivered.
