@@ -30,8 +30,7 @@
 --                                            next page's cursor (nil after the last), which
 --                                            opts.after takes (keyset: a row recorded
 --                                            meanwhile is in a later page, never in two);
---                                            opts.upto: only those created at or before that
---                                            core.time(); opts.keys: only those keys (no paging)
+--                                            opts.keys: only those keys (no paging)
 --   store:prune(older_than) -> removed       store:close()
 --                                            prune: nil, err when the store refused
 --                                            it; called in a task, it may take turns

@@ -220,7 +220,7 @@ local function pending_copy(n)
 end
 
 --- Neither sent nor refused, oldest first; opts as the sqlite store takes
--- them (limit, after: a page and the next one's cursor; upto; keys).
+-- them (limit, after: a page and the next one's cursor; keys).
 function Store:pending_notifications(opts)
   opts = opts or {}
   local out = {}
@@ -241,7 +241,7 @@ function Store:pending_notifications(opts)
     end
     return out
   end
-  local notes, limit, upto = self.notes, opts.limit or math.huge, opts.upto
+  local notes, limit = self.notes, opts.limit or math.huge
   -- The first one after the cursor (a _seq): notes is in _seq order.
   local lo, hi = 1, #notes + 1
   local after = opts.after or 0
@@ -256,7 +256,7 @@ function Store:pending_notifications(opts)
   local next_cursor
   for i = lo, #notes do
     local n = notes[i]
-    if not n.sent and (not upto or n.created <= upto) then
+    if not n.sent then
       if #out == limit then
         next_cursor = out[#out]._seq
         break

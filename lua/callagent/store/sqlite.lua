@@ -397,8 +397,8 @@ local PENDING = "SELECT rowid, key, call_id, payload, tries, created FROM notifi
 -- at most that many, and the cursor of the next page (nil after the last),
 -- which opts.after takes back: keyset paging on (created, rowid), so a page
 -- costs the same at the backlog's end as at its start, and a row recorded
--- meanwhile is in a later page, never in two. opts.upto: only those
--- created at or before that time (core.time()). opts.keys: only those keys (no paging).
+-- meanwhile is in a later page, never in two. opts.keys: only those keys
+-- (no paging).
 function Store:pending_notifications(opts)
   local db = self.db
   if not opts then
@@ -412,9 +412,6 @@ function Store:pending_notifications(opts)
       table.unpack(opts.keys))
   end
   local sql, args = PENDING, {}
-  if opts.upto then
-    sql, args[#args + 1] = sql .. " AND created <= ?", opts.upto
-  end
   if opts.after then
     sql = sql .. " AND (created, rowid) > (?, ?)"
     args[#args + 1], args[#args + 2] = opts.after[1], opts.after[2]
