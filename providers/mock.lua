@@ -4,13 +4,16 @@
 -- one-time token, to a page callagent serves (providers/mock/). Opening the
 -- page answers the phone: it asks for the microphone and speaks Twilio's
 -- Media Streams protocol to /voice/stream, so the whole call engine runs as
--- with Twilio. Nobody opening the page within call.ringTimeoutSec is no_answer.
+-- with Twilio. Nobody opening the page within call.ringTimeoutSec is no_answer;
+-- its Decline button (while it waits for the microphone) ends the attempt busy.
 --
 -- Routes (added by registerRoutes):
 --   GET  /mock/                        a page to place a test call (POST /v1/calls)
 --   GET  /mock/call/{callId}?t=TOKEN   the phone page (TOKEN: the hint's, one use)
 --   GET  /mock/static/*                the page's scripts
 --   POST /mock/api/answer              {callId, token} -> {streamUrl, parameters, pollUrl}
+--   POST /mock/api/decline             {callId, token, status?} the attempt ends busy (or failed)
+--                                      -> {callId, attempt, attemptStatus, status, nextAttemptAt?}
 --   GET  /mock/api/call/{callId}?s=S   the page's view: status, transcript, report
 --   POST /mock/api/hangup              {callId, session} the page hung up
 local crypto = require "callagent.crypto"
@@ -150,6 +153,7 @@ function P:registerRoutes(srv)
   end)
 
   local NOT_OBJECT = { error = { code = "invalid_body", message = "the body must be a JSON object" } }
+  local DECLINED = { error = { code = "declined", message = "the call was declined from this link" } }
   -- The page's requests refused: the browser shows the message, the log says who.
   local function refuse(req, code, message)
     log.warn("mock page refused", { code = code, path = req.path, remote = req.remote })
@@ -165,6 +169,12 @@ function P:registerRoutes(srv)
     if not entry or entry.call_id ~= body.callId then
       return refuse(req, "invalid_token", "this call link was already used or is not valid")
     end
+    if entry.answered then
+      return refuse(req, "invalid_token", "this call link was already used or is not valid")
+    end
+    if entry.declined then
+      return 410, DECLINED
+    end
     if entry.expires < timer.now() then
       self:_expire_page(body.token) -- told so again, until it is forgotten
       return 410, { error = { code = "expired", message = "the call stopped ringing" } }
@@ -173,7 +183,9 @@ function P:registerRoutes(srv)
       -- Not answered: the call stays as it was, for the next start.
       return 503, { error = { code = "shutting_down", message = "callagent is shutting down" } }
     end
-    self.pages[body.token] = nil -- one use
+    -- One use; kept a while, so that a decline from it is told it was answered.
+    entry.answered = true
+    self:_expire_page(body.token)
     self:_stop_ringing(key(entry.call_id, entry.attempt))
     self.engine:provider_status(entry.call_id, entry.attempt, { status = "in_progress" })
     local stream_token, err = self.engine:prepare_stream(entry.call_id, entry.attempt)
@@ -194,6 +206,57 @@ function P:registerRoutes(srv)
       pollUrl = "/mock/api/call/" .. entry.call_id .. "?s=" .. session,
       session = session,
     }
+  end)
+
+  -- Declining the call, as a real phone's reject: the attempt ends busy (as
+  -- Twilio reports a rejected call), and the retry policy decides what comes
+  -- next. {"status": "failed"} ends it failed instead (a call the network
+  -- could not connect), for trying that retry too. Guarded as the answer is:
+  -- by the link's token, which a page of another origin cannot know, and
+  -- one action per link.
+  local DECLINE_AS = { busy = "declined on the mock phone", failed = "failed on the mock phone (asked by its link)" }
+  srv:post("/mock/api/decline", function(req)
+    local body = req:json_object()
+    if not body then
+      return 400, NOT_OBJECT
+    end
+    local status = body.status == nil and "busy" or body.status
+    if not DECLINE_AS[status] then
+      log.warn("mock page refused", { code = "invalid_field", field = "status", path = req.path, remote = req.remote })
+      return 400, { error = { code = "invalid_field", field = "status",
+        message = 'status must be "busy" (the default) or "failed"' } }
+    end
+    local entry = type(body.token) == "string" and self.pages[body.token]
+    if not entry or entry.call_id ~= body.callId then
+      return refuse(req, "invalid_token", "this call link was already used or is not valid")
+    end
+    if entry.answered then
+      return 409, { error = { code = "answered", message = "the call was already answered from this link: "
+        .. "it can no longer be declined" } }
+    end
+    if entry.declined then
+      return 410, DECLINED
+    end
+    if entry.expires < timer.now() then
+      self:_expire_page(body.token)
+      return 410, { error = { code = "expired", message = "the call stopped ringing" } }
+    end
+    if self.engine.stopped then
+      return 503, { error = { code = "shutting_down", message = "callagent is shutting down" } }
+    end
+    self:_stop_ringing(key(entry.call_id, entry.attempt))
+    self:_expire_page(body.token)
+    local ok, err = self.engine:provider_status(entry.call_id, entry.attempt,
+      { status = status, reason = DECLINE_AS[status] })
+    if not ok then
+      return 409, { error = { code = "not_ringing", message = "the call is no longer ringing: " .. tostring(err) } }
+    end
+    entry.declined = status
+    log.info("mock phone declined", { call = entry.call_id, attempt = entry.attempt, status = status })
+    local v = self.engine:call_view(entry.call_id) or {}
+    -- The page says what comes next: another ring (under a new link) or the end.
+    return 200, { callId = entry.call_id, attempt = entry.attempt, attemptStatus = status, status = v.status,
+      nextAttemptAt = v.nextAttemptAt }
   end)
 
   srv:get("/mock/api/call/{id}", function(req)

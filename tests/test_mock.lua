@@ -154,7 +154,7 @@ end)
 
 T.test("the phone page's routes answer a body that is no JSON object with 400, and a wrong token with 403", function()
   local app = start()
-  for _, path in ipairs({ "/mock/api/answer", "/mock/api/hangup" }) do
+  for _, path in ipairs({ "/mock/api/answer", "/mock/api/decline", "/mock/api/hangup" }) do
     for _, text in ipairs({ "5", "[1]", '"x"', "null", "{not json", "" }) do
       local r = assert(fetch(app.url .. path, { method = "POST", headers = { ["Content-Type"] = "application/json" }, body = text }))
       T.eq({ r.status, (json.try_decode(r.body) or {}).error }, { 400, { code = "invalid_body", message = "the body must be a JSON object" } },
@@ -226,6 +226,114 @@ T.test("a page's link and session work for its own call only: not to poll, hang 
   T.eq(post("/mock/api/answer", { callId = b, token = ta }), 403, "a's used link does not answer b")
   T.eq(app.engine:call_view(b).status, "dialing", "b untouched")
   T.eq(post("/mock/api/answer", { callId = b, token = tb }), 200, "b's own link, tried on a before, still answers b")
+end)
+
+-- POSTs body (a table, sent as JSON) to one of the page's routes: status, decoded body.
+local function post(app, path, body)
+  local r = assert(fetch(app.url .. path, { method = "POST", headers = { ["Content-Type"] = "application/json" },
+    body = json.encode(body) }))
+  return r.status, json.try_decode(r.body)
+end
+
+local function link_token(hint)
+  return hint:match("[?&]t=([^&]+)")
+end
+
+T.test("declining on the mock phone ends the attempt busy; retried, the next attempt rings under a new link", function()
+  local app = start({
+    retry = { maxAttempts = 2, initialDelayMs = 100, retryStatuses = { "busy" } },
+  })
+  local id = assert(app:create_call({ to = "+15555550100", prompt = "Test." })).callId
+  local first = link_token(app.engine:call_view(id).hint)
+  local status, body = post(app, "/mock/api/decline", { callId = id, token = first })
+  T.eq(status, 200, json.encode(body))
+  T.eq({ body.callId, body.attempt, body.attemptStatus, body.status, type(body.nextAttemptAt) },
+    { id, 1, "busy", "queued", "string" }, "the page is told a retry comes")
+  local v = app.engine:call_view(id)
+  T.eq({ v.attempts[1].status, v.attempts[1].reason }, { "busy", "declined on the mock phone" })
+  T.wait_for(function()
+    v = app.engine:call_view(id)
+    return v.attempt == 2 and v.status == "dialing" and v.hint
+  end, 5000, "attempt 2 ringing")
+  local second = link_token(v.hint)
+  T.ok(second and second ~= first, "another link")
+  -- The first link stopped ringing: 410, to answer and to decline, every time.
+  for _, path in ipairs({ "/mock/api/answer", "/mock/api/decline", "/mock/api/answer" }) do
+    status, body = post(app, path, { callId = id, token = first })
+    T.eq({ status, body.error.code }, { 410, "declined" }, path)
+  end
+  -- The second, declined too: no attempts are left, the call ends busy.
+  status, body = post(app, "/mock/api/decline", { callId = id, token = second })
+  T.eq({ status, body.attempt, body.status, body.nextAttemptAt }, { 200, 2, "busy", nil })
+  v = app.engine:call_view(id)
+  T.eq({ v.status, #v.attempts, v.attempts[2].status }, { "busy", 2, "busy" })
+end)
+
+T.test("a mock call declined with status failed ends the attempt failed; another status is refused with 400", function()
+  local app = start({ retry = { maxAttempts = 1 } })
+  local id = assert(app:create_call({ to = "+15555550100", prompt = "Test." })).callId
+  local token = link_token(app.engine:call_view(id).hint)
+  local status, body = post(app, "/mock/api/decline", { callId = id, token = token, status = "completed" })
+  T.eq({ status, body.error.code, body.error.field }, { 400, "invalid_field", "status" })
+  T.eq(app.engine:call_view(id).status, "dialing", "still ringing")
+  status, body = post(app, "/mock/api/decline", { callId = id, token = token, status = "failed" })
+  T.eq({ status, body.attemptStatus, body.status }, { 200, "failed", "failed" })
+  local v = app.engine:call_view(id)
+  T.eq({ v.status, v.attempts[1].status, v.attempts[1].reason },
+    { "failed", "failed", "failed on the mock phone (asked by its link)" })
+end)
+
+T.test("one action per mock link: a decline after the answer is refused 409, an answer after a decline 410", function()
+  local app = start()
+  local a = assert(app:create_call({ to = "+15555550100", prompt = "Test." })).callId
+  local b = assert(app:create_call({ to = "+15555550101", prompt = "Test." })).callId
+  local ta = link_token(app.engine:call_view(a).hint)
+  local tb = link_token(app.engine:call_view(b).hint)
+  T.eq(post(app, "/mock/api/answer", { callId = a, token = ta }), 200)
+  local status, body = post(app, "/mock/api/decline", { callId = a, token = ta })
+  T.eq({ status, body.error.code }, { 409, "answered" })
+  T.match(body.error.message, "already answered")
+  local va = app.engine:call_view(a)
+  T.ok(va.attempts[1].answeredAt and va.attempts[1].status ~= "busy", "the answered call was not declined")
+  T.eq(post(app, "/mock/api/answer", { callId = a, token = ta }), 403, "a second answer: as before, used")
+
+  T.eq(post(app, "/mock/api/decline", { callId = b, token = tb }), 200)
+  status, body = post(app, "/mock/api/answer", { callId = b, token = tb })
+  T.eq({ status, body.error.code, body.error.message }, { 410, "declined", "the call was declined from this link" })
+  local v = app.engine:call_view(b)
+  T.eq({ v.attempts[1].status, v.attempts[1].answeredAt }, { "busy", nil }, "not answered")
+end)
+
+T.test("a mock decline with a wrong token, another call's, or by GET is refused and changes nothing", function()
+  local app = start()
+  local a = assert(app:create_call({ to = "+15555550100", prompt = "Test." })).callId
+  local b = assert(app:create_call({ to = "+15555550101", prompt = "Test." })).callId
+  local ta = link_token(app.engine:call_view(a).hint)
+  local tb = link_token(app.engine:call_view(b).hint)
+  for _, body in ipairs({ { callId = a, token = "guess" }, { callId = a, token = tb }, { callId = a },
+    { callId = b, token = ta }, { token = ta } }) do
+    local status, res = post(app, "/mock/api/decline", body)
+    T.eq({ status, res.error.code }, { 403, "invalid_token" }, json.encode(body))
+  end
+  local r = assert(fetch(app.url .. "/mock/api/decline?callId=" .. a .. "&token=" .. ta))
+  T.eq(r.status, 405, "GET")
+  T.eq({ app.engine:call_view(a).status, app.engine:call_view(b).status }, { "dialing", "dialing" })
+  -- The links still work.
+  T.eq(post(app, "/mock/api/decline", { callId = a, token = ta }), 200)
+  T.eq(post(app, "/mock/api/answer", { callId = b, token = tb }), 200)
+end)
+
+T.test("a mock call that stopped ringing (hung up through the API) is not declined: 410, nothing changes", function()
+  local app = start()
+  local id = assert(app:create_call({ to = "+15555550100", prompt = "Test." })).callId
+  local token = link_token(app.engine:call_view(id).hint)
+  T.ok(app.engine:hangup(id))
+  local status, body = post(app, "/mock/api/decline", { callId = id, token = token })
+  T.eq({ status, body.error.code }, { 410, "expired" })
+  T.wait_for(function()
+    return app.engine:call_view(id).status == "canceled"
+  end, 5000, "canceled")
+  T.eq(app.engine:call_view(id).attempts[1].status, "canceled", "not busy")
 end)
 
 T.run()
