@@ -461,4 +461,29 @@ T.test("hanging up on the page: stop, close, and the call ends as the callee's h
   T.near(s.input_bytes, r.stats.bytesSent, 800, "what the page sent is what the model got")
 end, { timeout = 40000 })
 
+T.test("Decline on the ringing page: the attempt ends busy, the page says so and when callagent calls again", function()
+  need_tools()
+  local dir = T.tmpdir()
+  local wav = dir .. "/callee.wav"
+  write_wav(wav)
+  local app, rt = start_app(function() end)
+  local view = assert(app:create_call({ to = "+14155550194", prompt = "Nobody takes it." }))
+  local shot = ROOT .. "/tests/artifacts/mock-phone-declined.png"
+  -- The microphone comes late, so the page is still ringing when Decline is clicked.
+  local r, code, err = node({ "browser/drive.mjs", view.hint, wav, shot, "--decline", "--mic-delay=1500", "--reopen",
+    "--timeout=10000" }, 20000)
+  T.ok(r, "drive.mjs printed no JSON (exit " .. tostring(code) .. "): " .. err)
+  T.ok(r.ok, "drive.mjs: " .. tostring(r.error) .. "; page: " .. json.encode({ r.banner, r.problem, r.stats }))
+  T.eq({ r.stats.state, r.status, r.banner, r.problem },
+    { "declined", "Declined", "You declined the call: callagent was told the line is busy.", "" })
+  -- This setup retries busy (the defaults: 3 attempts, 60 s apart).
+  T.match(r.endText, "^callagent calls again at .+ %(attempt 2%), under a new link")
+  T.eq(r.stats.framesSent, 0, "no audio was sent")
+  local v = app.engine:call_view(view.callId)
+  T.eq({ v.status, v.attempts[1].status, v.attempts[1].answeredAt }, { "queued", "busy", nil })
+  T.eq(#rt.sessions, 0, "the model was never reached")
+  T.eq(r.reopen and r.reopen.state, "error", "the declined link opened again")
+  T.match(r.reopen.problem, "^This call was declined from this link")
+end, { timeout = 30000 })
+
 T.run()

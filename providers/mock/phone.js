@@ -16,8 +16,13 @@
 //      played, every pending mark echoed at once on clear, stop on hang-up.
 //   5. GET pollUrl every 500 ms: call status, transcript, report.
 //
+// Until the answer goes out (the microphone prompt), Decline rejects the
+// call instead: POST /mock/api/decline {callId, token} -> {attemptStatus
+// "busy", status, nextAttemptAt?}; nothing is answered, the microphone is let go.
+//
 // For tests: window.mockPhone = {stats, hangup()}. stats: state ("answering"
-// | "connected" | "ended" | "error" | "mic-denied"), callStatus (polled),
+// | "connected" | "ended" | "error" | "mic-denied" | "declined"), callStatus
+// (polled; once declined, the call's status the decline returned),
 // sampleRate, framesSent, bytesSent (mu-law sent), mediaReceived (mu-law
 // bytes received), playedSamples / playedFrames (agent audio played, at
 // 8 kHz / in 20 ms frames), clears, marksReceived, marksEchoed, lastPeak
@@ -55,6 +60,8 @@ const call = { id: null, token: null, session: null, streamUrl: null, parameters
 let ws = null;
 let opened = false;
 let finished = false; // the call is over for this page (whoever ended it)
+let answerSent = false; // past this, the call can no longer be declined
+let declined = false;
 let ctx = null;
 let mic = null;
 let capture = null;
@@ -92,6 +99,7 @@ function setState(state, banner) {
   if (banner !== undefined) $("banner").textContent = banner;
   const live = state === "connected";
   $("hangup").disabled = !live;
+  $("decline").hidden = state !== "answering" || answerSent || finished;
   for (const b of $("keypad").querySelectorAll("button")) b.disabled = !live;
   renderPill();
 }
@@ -112,7 +120,10 @@ function renderPill() {
   const st = stats.callStatus;
   let text;
   let cls = "";
-  if (lost && !(st && FINAL.has(st))) {
+  if (stats.state === "declined") {
+    text = "Declined";
+    cls = "bad";
+  } else if (lost && !(st && FINAL.has(st))) {
     text = "Disconnected";
     cls = "bad";
   } else if (stats.state === "error" || stats.state === "mic-denied") {
@@ -153,6 +164,9 @@ function randomHex(bytes) {
 // Answering ---------------------------------------------------------------------
 
 async function answer() {
+  if (declined) return false;
+  answerSent = true;
+  $("decline").hidden = true;
   let res;
   try {
     res = await fetch("/mock/api/answer", {
@@ -174,6 +188,8 @@ async function answer() {
     const msg = body && body.error && body.error.message;
     if (res.status === 403) {
       fail("This call link was already used or is not valid. Each link answers one call once: start a new call to get a new link.");
+    } else if (res.status === 410 && body && body.error && body.error.code === "declined") {
+      fail("This call was declined from this link, so it cannot be answered. Each link answers one call once: start a new call to get a new link.");
     } else if (res.status === 410) {
       fail("This call stopped ringing before it was answered: the link has expired. Start a new call to get a new link.");
     } else if (res.status === 409) {
@@ -198,6 +214,67 @@ function streamUrlHere(given) {
   u.protocol = location.protocol === "https:" ? "wss:" : "ws:";
   u.host = location.host;
   return u.href;
+}
+
+// Decline: as a phone's reject button, the attempt ends busy; callagent's
+// retry policy decides whether it rings again (under a new link).
+async function decline() {
+  if (finished || answerSent) return;
+  finished = true;
+  declined = true;
+  $("decline").disabled = true;
+  $("start-audio").hidden = true;
+  releaseMicrophone();
+  $("banner").textContent = "Declining the call…";
+  let res;
+  try {
+    res = await fetch("/mock/api/decline", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ callId: call.id, token: call.token }),
+    });
+  } catch (e) {
+    fail(`Could not reach callagent at ${location.origin}: is it still running? (${e.message})`, "The call could not be declined.");
+    return;
+  }
+  let body = null;
+  try {
+    body = await res.json();
+  } catch {
+    body = null;
+  }
+  const msg = body && body.error && body.error.message;
+  if (!res.ok) {
+    let text;
+    if (res.status === 403) {
+      text = "This call link was already used or is not valid: there is nothing to decline.";
+    } else if (res.status === 409) {
+      text = `This call can no longer be declined${msg ? ` (${msg})` : ""}.`;
+    } else if (res.status === 410) {
+      text = `This call stopped ringing before it was declined${msg ? ` (${msg})` : ""}.`;
+    } else {
+      text = `Could not decline the call: HTTP ${res.status}${msg ? `: ${msg}` : ""}.`;
+    }
+    fail(text, "The call could not be declined.");
+    return;
+  }
+  stats.callStatus = body.status;
+  setState("declined", "You declined the call: callagent was told the line is busy.");
+  const note = $("end-reason");
+  if (body.nextAttemptAt) {
+    const at = new Date(body.nextAttemptAt);
+    const when = isNaN(at) ? body.nextAttemptAt : at.toLocaleTimeString();
+    note.textContent = `callagent calls again at ${when} (attempt ${body.attempt + 1}), under a new link: the call's hint (GET /v1/calls/${call.id}) has it.`;
+  } else {
+    note.textContent = `No retry is left for this call: it ended ${STATUS_TEXT[body.status] || body.status}.`;
+  }
+  note.hidden = false;
+}
+
+// The microphone and the audio, when the call was declined while they were asked for.
+function releaseMicrophone() {
+  if (mic) for (const t of mic.getTracks()) t.stop();
+  if (ctx && ctx.state !== "closed") ctx.close().catch(() => {});
 }
 
 function fail(text, banner) {
@@ -232,8 +309,13 @@ async function openMicrophone() {
       audio: { channelCount: 1, echoCancellation: true, noiseSuppression: true, autoGainControl: true },
       video: false,
     });
+    if (declined) {
+      releaseMicrophone();
+      return false;
+    }
     return true;
   } catch (e) {
+    if (declined) return false;
     const name = e && e.name;
     if (name === "NotAllowedError" || name === "SecurityError" || name === "PermissionDeniedError") {
       micProblem(
@@ -652,6 +734,7 @@ function renderReport(r) {
 async function main() {
   setState("answering", "Answering the call…");
   $("hangup").onclick = () => hangUp();
+  $("decline").onclick = () => decline();
   for (const b of $("keypad").querySelectorAll("button")) b.onclick = () => sendDigit(b.dataset.digit);
   document.addEventListener("keydown", (e) => {
     if (/^[0-9*#]$/.test(e.key) && !e.ctrlKey && !e.metaKey && !e.altKey) sendDigit(e.key);
@@ -676,8 +759,9 @@ async function main() {
   // 15 s for an answered call's stream, and a person may take longer than
   // that over the microphone prompt. A page that cannot talk answers and
   // hangs up at once, so that the call ends now instead of ringing on.
-  $("banner").textContent = "Allow the microphone to answer the call.";
+  $("banner").textContent = "Allow the microphone to answer the call, or decline it.";
   if (!(await openMicrophone())) {
+    if (declined) return;
     if (await answer()) {
       poll(); // shows the call end
       postHangup();
@@ -688,11 +772,16 @@ async function main() {
     await startAudio();
   } catch (e) {
     if (mic) for (const t of mic.getTracks()) t.stop();
+    if (declined) return;
     fail(`The audio could not start in this browser: ${e.message}. The call was hung up.`, "Call ended");
     if (await answer()) {
       poll(); // shows the call end
       postHangup();
     }
+    return;
+  }
+  if (declined) {
+    releaseMicrophone();
     return;
   }
   await waitForAudioStart();

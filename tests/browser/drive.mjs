@@ -14,6 +14,9 @@
 //                       what the page says in .reopen {state, problem}
 //   --mic-delay=MS      the microphone is granted MS after the page asks (a person
 //                       reading the prompt)
+//   --decline           click Decline while the page rings (with --mic-delay, so
+//                       that it has not answered yet); the end is then the page
+//                       leaving "answering", whatever the call's status
 //   --forward           open URL through a TCP forward on another port (as
 //                       ssh -L does), which counts the connections that upgrade
 //                       to /voice/stream: .forward {streams}
@@ -44,6 +47,7 @@ const opts = { timeout: 30000, chromium: "/usr/bin/chromium", denyMic: false, pr
 for (const a of process.argv.slice(2)) {
   if (a === "--deny-mic") opts.denyMic = true;
   else if (a === "--reopen") opts.reopen = true;
+  else if (a === "--decline") opts.decline = true;
   else if (a.startsWith("--press=")) opts.press = a.slice(8);
   else if (a.startsWith("--hangup-after=")) opts.hangupAfter = Number(a.slice(15));
   else if (a.startsWith("--live-shot=")) opts.liveShot = a.slice(12);
@@ -160,7 +164,8 @@ async function run() {
     const samples = [];
     const start = Date.now();
     const deadline = start + opts.timeout;
-    const wantReport = !opts.denyMic && opts.hangupAfter == null && opts.cutAfter == null;
+    const wantReport = !opts.denyMic && !opts.decline && opts.hangupAfter == null && opts.cutAfter == null;
+    let declined = false;
     let cutAt = null;
     let connectedAt = null;
     let pressed = false;
@@ -189,6 +194,10 @@ async function run() {
           s.marksEchoed,
         ]);
         if (s.state === "connected" && connectedAt === null) connectedAt = now;
+        if (opts.decline && !declined && s.state === "answering" && (await page.isVisible("#decline"))) {
+          declined = true;
+          await page.click("#decline");
+        }
         if (connectedAt !== null && s.state === "connected") {
           if (!pressed && opts.press) {
             pressed = true;
@@ -217,7 +226,7 @@ async function run() {
             done = true;
             break;
           }
-        } else if (over && FINAL.includes(s.callStatus) && (!wantReport || last.reportShown)) {
+        } else if (over && (opts.decline || (FINAL.includes(s.callStatus) && (!wantReport || last.reportShown)))) {
           done = true;
           break;
         }
