@@ -4,7 +4,8 @@
 --                                 calleeName?, voice?, metadata?} -> 201 {callId, status, hint?};
 --                                 with an Idempotency-Key, sent again: the same call
 --   GET  /v1/calls/{callId}       the call record (see lua/callagent/calls.lua)
---   GET  /v1/calls?status=&limit=&cursor=   newest first: {calls, nextCursor}
+--   GET  /v1/calls?status=&limit=&cursor=   newest first: {calls, nextCursor?};
+--                                 any other query parameter is 400 unknown_field
 --   POST /v1/calls/{callId}/hangup          -> 202 {callId, status}
 --   GET  /healthz                 {ok, version, provider, activeCalls, uptimeSec, loop}
 --
@@ -13,7 +14,9 @@
 -- loopback host name. A web page of another origin is refused either way
 -- (403), and POST /v1/calls takes only Content-Type application/json (415).
 -- Errors: {"error": {"code", "message", "field"?}} with 400 (validation),
--- 401, 403, 404, 405, 409, 413, 415.
+-- 401, 403, 404, 405, 409, 411, 413, 415, 422 (an Idempotency-Key reused),
+-- 500 (the store), 501 (no Idempotency-Key support) and 503 (starting,
+-- shutting down, too many connections): README.md, "Errors".
 local json = require "callagent.json"
 local crypto = require "callagent.crypto"
 local core = require "callagent.core"

@@ -22,7 +22,8 @@
 --
 -- opts (second argument of callagent.app): provider_dirs (extra folders with
 -- provider files), public_url = fn(local_url) -> URL the vendor reaches (for
--- local setups and tests), notify = {attempts, base_delay_ms, sweep_ms}, max_connections,
+-- local setups and tests), notify = {attempts, base_delay_ms, timeout_ms, sweep_ms},
+-- max_connections (4096), no_shutdown_hook,
 -- gc_pause (the Lua collector's pause set by app:start(), percent; 130),
 -- loop_watch_ms (10000: how often the event loop's load is checked; a
 -- warning is logged, at most once a minute, when it was 90% busy or one

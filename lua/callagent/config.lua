@@ -18,6 +18,8 @@
 --   twilio.apiBaseUrl       ["https://api.twilio.com"]
 --   twilio.requestTimeoutSec [15]: how long a request to Twilio's REST API may
 --                           take (a hang-up or a status lookup at most 10 s)
+--   telnyx.*                the telnyx provider's own section, checked by
+--                           providers/telnyx.lua when the app starts
 --   openai.apiKey*          openai.model ["gpt-realtime"]   openai.voice ["alloy"]
 --   openai.inputFormat      ["audio/pcmu"] (also "audio/pcma")
 --   openai.outputFormat     ["audio/pcm"] or "audio/pcmu" / "audio/pcma"

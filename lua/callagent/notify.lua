@@ -4,7 +4,8 @@
 --   Authorization: Bearer {notify.hooksToken}
 --   Idempotency-Key: {callId}:{status}
 --   {"message": "...", "name": "CallAgent", "sessionKey": ..., "wakeMode": "now",
---    "deliver": true, "data": {callId, status, to, calleeName, report, metadata}}
+--    "deliver": true, "data": {callId, status, to, calleeName, report, metadata,
+--    attempts, endReason}}
 --
 -- Sent once per call, on its final state, from a task of its own: it never
 -- blocks or breaks the call. Network errors and 5xx answers are retried with
