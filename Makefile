@@ -6,7 +6,8 @@
 #   make run        deps + build + start examples/app.lua
 #   make bench      the concurrent-call benchmark (see README.md)
 #   make fuzz       libFuzzer on the bridge's per-frame path (clang; FUZZ_SECONDS=60)
-#   make install    PREFIX=/usr/local: binary + Lua files
+#   make install    PREFIX=/usr/local: binary + Lua files + providers/ (make uninstall removes them)
+#   make clean      removes build/
 #
 # Everything the project needs comes from Debian 12 packages (see DEB_PKGS)
 # and, for the browser tests, npm (tests/package.json).
