@@ -12,6 +12,7 @@ local url = require "callagent.url"
 local json = require "callagent.json"
 local crypto = require "callagent.crypto"
 local log = require "callagent.log"
+local timer = require "callagent.timer"
 
 local P = {
   name = "twilio",
@@ -58,6 +59,22 @@ local function rest_error(res, err)
   return string.format("twilio answered HTTP %d", res.status)
 end
 
+-- HTTP statuses of a refused dial that another try would meet alike: the
+-- request itself is at fault (400: the To number, Twilio's geo permissions,
+-- a blocked destination), or the credentials (401) or the account (403, 404).
+local REFUSED_FOR_GOOD = { [400] = true, [401] = true, [403] = true, [404] = true }
+-- A dial answered 429 (Twilio's 20429, never processed) is sent again this
+-- many times, after Retry-After seconds (at most RATE_WAIT_MAX_S) or 1, 2 s.
+local RATE_RETRIES, RATE_WAIT_MAX_S = 2, 5
+
+local function retry_after_ms(res, try)
+  local s = tonumber((res.headers or {})["retry-after"] or "")
+  if s and s >= 0 then
+    return math.floor(math.min(s, RATE_WAIT_MAX_S) * 1000)
+  end
+  return 1000 * 2 ^ (try - 1)
+end
+
 function P:startCall(call, publicBaseUrl)
   local q = "?callId=" .. call.callId .. "&attempt=" .. call.attempt
   local form = {
@@ -77,9 +94,18 @@ function P:startCall(call, publicBaseUrl)
   o.method = "POST"
   o.body = url.form_encode(form)
   o.headers = { ["Content-Type"] = "application/x-www-form-urlencoded", Accept = "application/json" }
-  local res, err = fetch(calls_url(self), o)
+  local res, err
+  for try = 1, RATE_RETRIES + 1 do
+    res, err = fetch(calls_url(self), o)
+    if not res or res.status ~= 429 or try > RATE_RETRIES then
+      break
+    end
+    local wait = retry_after_ms(res, try)
+    log.warn("twilio rate-limited the dial: sending it again", { call = call.callId, after_ms = wait, retry = try })
+    timer.sleep(wait)
+  end
   if not res or res.status ~= 201 and res.status ~= 200 then
-    return nil, rest_error(res, err)
+    return nil, rest_error(res, err), { permanent = res ~= nil and REFUSED_FOR_GOOD[res.status] == true }
   end
   local body = json.try_decode(res.body)
   if type(body) ~= "table" or not call_sid(body.sid) then

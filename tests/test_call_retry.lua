@@ -157,7 +157,7 @@ T.test("a status not in retryStatuses is final at once", function()
   T.eq(#call.attempts, 1)
 end)
 
-T.test("a dial the Twilio API refuses fails with Twilio's error in lastError, and is retried", function()
+T.test("a dial the Twilio API refuses fails with Twilio's error in lastError, and is not retried", function()
   local env = kit.start({
     twilio = { behaviour = "reject-api" },
     config = { retry = { maxAttempts = 2, initialDelayMs = 50 } },
@@ -165,7 +165,7 @@ T.test("a dial the Twilio API refuses fails with Twilio's error in lastError, an
   local id = env:create({ to = "+14155550104", prompt = "Say hello." })
   local call = env:wait_final(id, 10000)
   T.eq(call.status, "failed")
-  T.eq(#call.attempts, 2)
+  T.eq(#call.attempts, 1, "a refusal for good (HTTP 400) is not retried")
   T.match(call.lastError, "^twilio 21215: .*%(HTTP 400%)")
   T.match(call.attempts[1].reason, "21215")
 end)

@@ -14,7 +14,9 @@
 --     the order dialing < in_progress < final); "dialing"/"ringing" never retry;
 --   - an attempt that ends busy, no_answer or failed before it was answered is
 --     retried when its status is in retry.retryStatuses, after
---     retry.initialDelayMs * retry.backoffFactor^(n-1), up to retry.maxAttempts;
+--     retry.initialDelayMs * retry.backoffFactor^(n-1), up to retry.maxAttempts
+--     (not a dial the provider refused for good: startCall's nil, err,
+--     {permanent = true});
 --   - an answered attempt ends the call: completed (with the report, or with
 --     endReason "callee_hung_up" and no report when the callee hung up first),
 --     or failed when the agent could not carry on (model lost: no retry - the
@@ -378,7 +380,7 @@ function Engine:dial(id)
   attempt._placing = true
   self:_busy(1) -- a stop waits for the dial's answer (see _placed_while_stopping)
   -- A provider's error is the attempt's, not a call left dialing for good.
-  local res, err = self:_provider("startCall", self:call_view(id), self.public_url(), self.local_url())
+  local res, err, how = self:_provider("startCall", self:call_view(id), self.public_url(), self.local_url())
   attempt._placing = nil
   if res ~= nil and type(res) ~= "table" then
     res, err = nil, "the " .. tostring(self.provider.name) .. " provider's startCall returned a "
@@ -411,7 +413,12 @@ function Engine:dial(id)
   if not res then
     log.warn("dialing failed", { call = id, attempt = n, error = err })
     err = error_text(err)
-    return self:_attempt_final(call, n, "failed", err, err)
+    -- The vendor refused the call for good (the number, the account): a
+    -- retry would be refused alike.
+    call._no_retry = type(how) == "table" and how.permanent == true or nil
+    local ended = self:_attempt_final(call, n, "failed", err, err)
+    call._no_retry = nil
+    return ended
   end
   if res.userHint and res.userHint ~= call.hint then
     -- Each attempt's own: a retry's link is a new one.
@@ -575,15 +582,16 @@ function Engine:_provider_id(call, n, pid)
 end
 
 -- provider:method(...) for call id: one that raises is logged and fails like
--- one that says no (nil, err).
+-- one that says no (nil, err). A third value (startCall's {permanent = true})
+-- is passed on.
 local function guarded(self, method, id, ...)
-  local ok, res, err = xpcall(self.provider[method], debug.traceback, self.provider, ...)
+  local ok, res, err, how = xpcall(self.provider[method], debug.traceback, self.provider, ...)
   if not ok then
     log.error("provider " .. method .. " raised", { call = id, provider = self.provider.name, error = res })
     return nil, "the " .. tostring(self.provider.name) .. " provider's " .. method .. " failed: "
       .. tostring(res):match("^[^\n]*")
   end
-  return res, err
+  return res, err, how
 end
 
 function Engine:_provider(method, view, ...)
@@ -1125,7 +1133,7 @@ function Engine:_after_attempt(call, n, status, answered, reason, also)
   end
   local r = self.config.retry
   local retryable = false
-  if not answered and call._cancel_requested == nil then
+  if not answered and call._cancel_requested == nil and not call._no_retry then
     for _, s in ipairs(r.retryStatuses) do
       if s == status then
         retryable = true

@@ -20,6 +20,10 @@
 --     update_fail = nil,         -- an HTTP status (503, say): every call update
 --                                -- (hang-up, redirect) fails with it, unapplied
 --     update_fail_times = nil,   -- with update_fail: only the first n updates fail
+--     rate_limit = nil,          -- n: the first n call creations are answered
+--                                -- 429 {code 20429} (never processed: no call)
+--     retry_after = nil,         -- with rate_limit: the Retry-After header's
+--                                -- value (a string; nil: no header)
 --     create_delay_ms = 0,       -- answer each call creation this late while
 --                                -- the call goes ahead: its callbacks and
 --                                -- webhooks come before the answer, as they
@@ -36,9 +40,11 @@
 --   POST /2010-04-01/Accounts/{Sid}/Calls.json   form: To, From (E.164), Url or
 --       Twiml, Method, StatusCallback, StatusCallbackEvent (repeated),
 --       StatusCallbackMethod, Timeout, TimeLimit, MachineDetection, ...
---       400 21201/21211 (To), 21213/21212 (From), 21205 (Url); 201 call JSON
---       (status "queued"); behaviour "reject-api": 400 21215 (behaviour
---       {answer = "reject-api", reject_message = s}: with message s).
+--       400 21201/21211 (To), 21213/21212 (From), 21208 (Timeout not a
+--       positive whole number), 21205 (Url); 201 call JSON (status "queued");
+--       behaviour "reject-api": 400 21215 (behaviour {answer = "reject-api",
+--       reject_message = s, reject_code = n, reject_status = http}: with
+--       message s, Twilio code n, HTTP status http).
 --   POST .../Calls/{CallSid}.json   Status=completed|canceled hangs up (an
 --       answered call: stop event, WS close, then the completed callback; a
 --       queued/ringing one ends "canceled"); Url/Twiml are only recorded
@@ -1049,6 +1055,12 @@ function Fake:_create(req)
   if req.params.account ~= self.account_sid then
     return not_found(req)
   end
+  if self.opts.rate_limit and self._rate_limited < self.opts.rate_limit then
+    -- 20429: not processed, no call record (Twilio: safe to send again).
+    self._rate_limited = self._rate_limited + 1
+    local status, body = twilio_error(429, 20429, "Too Many Requests")
+    return status, body, { ["Retry-After"] = self.opts.retry_after }
+  end
   local p = url.form_decode(req.body)
   if p.To == nil or p.To == "" then
     return twilio_error(400, 21201, "No 'To' number is specified")
@@ -1061,6 +1073,9 @@ function Fake:_create(req)
   end
   if not e164(p.From) then
     return twilio_error(400, 21212, "Invalid From Number (caller ID): " .. tostring(p.From))
+  end
+  if p.Timeout ~= nil and not (p.Timeout:find("^%d+$") and tonumber(p.Timeout) > 0) then
+    return twilio_error(400, 21208, "Invalid Timeout: " .. tostring(p.Timeout))
   end
   if (p.Url == nil or p.Url == "") and (p.Twiml == nil or p.Twiml == "") then
     return twilio_error(400, 21205, "Url parameter is required.")
@@ -1104,12 +1119,13 @@ function Fake:_create(req)
   self.calls[#self.calls + 1] = call
   if call.behaviour.answer == "reject-api" then
     call.sid = nil
-    call.rejected = { status = 400, code = 21215 }
+    local b = call.behaviour
+    call.rejected = { status = b.reject_status or 400, code = b.reject_code or 21215 }
     call.final = "rejected"
     call.done = true
     call._ended = true
     self._queue:push(call)
-    return twilio_error(400, 21215, call.behaviour.reject_message or ("Account not authorized to call " .. p.To
+    return twilio_error(call.rejected.status, call.rejected.code, call.behaviour.reject_message or ("Account not authorized to call " .. p.To
       .. ". Perhaps you need to enable some international permissions: https://www.twilio.com/console/voice/calls/geo-permissions/low-risk"))
   end
   self.by_sid[call.sid] = call
@@ -1194,6 +1210,7 @@ function M.start(opts)
     auth_token = opts.auth_token,
     calls = {},
     by_sid = {},
+    _rate_limited = 0,
     _queue = task.queue(),
   }, Fake)
   local srv = http.server({ host = "127.0.0.1", port = 0, max_connections = opts.max_connections or 4096 })

@@ -1,0 +1,95 @@
+-- Twilio's REST answers to a dial, as Twilio gives them: errors that no retry
+-- cures end the call at once; 429 (20429, never processed) is sent again;
+-- 5xx is left to the retry policy.
+local T = require "testing"
+local kit = require "callkit"
+local timer = require "callagent.timer"
+
+T.test("a dial Twilio refuses for the number or the account fails at once, naming Twilio's code, and is not retried", function()
+  local refusals = {
+    { 400, 21211, "Invalid 'To' Phone Number: +14155550999" },
+    { 400, 21214, "'To' phone number cannot be reached" },
+    { 400, 21215, "Account not authorized to call +14155550999. Perhaps you need to enable some international permissions" },
+    { 400, 21216, "Call blocked by Twilio" },
+    { 401, 20003, "Authenticate" },
+  }
+  local n = 0
+  local env = kit.start({
+    twilio = {
+      behaviour = function()
+        n = n + 1
+        local r = refusals[n]
+        return { answer = "reject-api", reject_status = r[1], reject_code = r[2], reject_message = r[3] }
+      end,
+    },
+    config = { retry = { maxAttempts = 3, initialDelayMs = 50 } },
+  })
+  for i, r in ipairs(refusals) do
+    local id = env:create({ to = "+14155550999", prompt = "Say hello." })
+    local call = env:wait_final(id, 5000)
+    T.eq(call.status, "failed", "refusal " .. r[2])
+    T.eq(#call.attempts, 1, "no retry after " .. r[2])
+    T.eq(call.lastError, string.format("twilio %d: %s (HTTP %d)", r[2], r[3], r[1]))
+    T.eq(call.attempts[1].reason, call.lastError)
+    T.eq(call.endReason, call.lastError)
+    T.ok(not call.lastError:find(kit.TOKEN, 1, true), "no auth token")
+    T.eq(#env.tw.calls, i, "one dial per call")
+  end
+end)
+
+T.test("a dial Twilio answers 5xx fails the attempt and follows the retry policy", function()
+  local n = 0
+  local env = kit.start({
+    twilio = {
+      behaviour = function()
+        n = n + 1
+        if n == 1 then
+          return { answer = "reject-api", reject_status = 503, reject_code = 20500, reject_message = "Service Unavailable" }
+        end
+        return "busy"
+      end,
+    },
+    config = { retry = { maxAttempts = 2, initialDelayMs = 50 } },
+  })
+  local id = env:create({ to = "+14155550998", prompt = "Say hello." })
+  local call = env:wait_final(id, 10000)
+  T.eq(#call.attempts, 2)
+  T.eq(call.attempts[1].status, "failed")
+  T.eq(call.attempts[1].reason, "twilio 20500: Service Unavailable (HTTP 503)")
+  T.eq(call.attempts[2].status, "busy")
+  T.eq(call.status, "busy")
+end)
+
+T.test("a dial answered 429 (20429) is sent again after Retry-After, within the same attempt", function()
+  local env = kit.start({
+    twilio = { behaviour = "busy", rate_limit = 1, retry_after = "1" },
+    config = { retry = { maxAttempts = 1 } },
+  })
+  local t0 = timer.now()
+  local id = env:create({ to = "+14155550997", prompt = "Say hello." })
+  local tw_call = assert(env.tw:wait_call(5000))
+  local waited = timer.now() - t0
+  local call = env:wait_final(id, 10000)
+  T.eq(env.tw._rate_limited, 1, "one 429")
+  T.eq(#call.attempts, 1)
+  T.eq(call.attempts[1].providerCallId, tw_call.sid, "the second try placed the call")
+  T.eq(call.status, "busy")
+  T.ge(waited, 900, "Retry-After: 1 waited")
+  T.lt(waited, 3000)
+end)
+
+T.test("a dial still answered 429 after two more tries fails with 20429, and the retry policy decides", function()
+  local env = kit.start({
+    twilio = { behaviour = "busy", rate_limit = 3, retry_after = "0" },
+    config = { retry = { maxAttempts = 2, initialDelayMs = 50 } },
+  })
+  local id = env:create({ to = "+14155550996", prompt = "Say hello." })
+  local call = env:wait_final(id, 10000)
+  T.eq(env.tw._rate_limited, 3)
+  T.eq(#call.attempts, 2, "a rate limit is no refusal for good")
+  T.eq(call.attempts[1].status, "failed")
+  T.eq(call.attempts[1].reason, "twilio 20429: Too Many Requests (HTTP 429)")
+  T.eq(call.attempts[2].status, "busy")
+end)
+
+T.run()
