@@ -7,6 +7,54 @@
 -- answer). Config: twilio.accountSid, twilio.authToken, twilio.fromNumber,
 -- twilio.apiBaseUrl, twilio.validateSignature, twilio.requestTimeoutSec;
 -- server.publicBaseUrl (or a tunnel).
+--
+-- Wire facts and where they come from (checked 2026-11):
+--   - Calls are created by POST to the Calls resource, rate limited per
+--     account by calls per second and queued beyond it (queue_time); the
+--     REST statuses are queued, ringing, in-progress, completed, busy,
+--     failed, no-answer, canceled (www.twilio.com/docs/voice/api/call; the
+--     CallStatus type of twilio-node lib/rest/api/v2010/account/call.d.ts),
+--     all mapped by getCall. Status callbacks (a StatusCallback with
+--     StatusCallbackEvent): www.twilio.com/docs/usage/webhooks/voice-webhooks.
+--   - Errors are JSON {code, message, more_info, status} (e.g. {"code":21211,
+--     "message":"The 'To' number ... is not a valid phone number.",
+--     "status":400}). Refusals no retry cures, answered HTTP 400/401/403/404,
+--     end the attempt failed with no retry (startCall's third value
+--     {permanent = true}): 21211 invalid To, 21214 To cannot be reached
+--     (twilio.com/docs/api/errors/21214), 21215 geo permissions, 21216 call
+--     blocked by Twilio (www.twilio.com/docs/errors/21216), 21217 not a valid
+--     number (twilio.com/docs/api/errors/21217), 20003 Authenticate (401).
+--     13224/13225 are errors of TwiML <Dial> (twilio.com/docs/api/errors/
+--     13224), not of the Calls resource. 429 / 20429 "is never processed and
+--     is always safe to retry" (www.twilio.com/docs/errors/20429): sent again
+--     up to twice after Retry-After (at most 5 s) or 1 s, 2 s. Any other
+--     failure (5xx, a timeout) may have placed the call: the attempt fails
+--     and the retry policy decides (a callback naming a call placed all the
+--     same has it hung up: README, Status callbacks).
+--   - Timeout: "any positive, whole integer" (21208 otherwise,
+--     twilio.com/docs/api/errors/21208), default 60, at most 600, Twilio may
+--     add 5 s: call.ringTimeoutSec (1..600) is sent as is. TimeLimit: the
+--     account's limit, 4 h by default and configurable up to 24 h, per call
+--     from 1 minute (www.twilio.com/en-us/blog/introducing-configurable-call-
+--     limits-for-programmable-voice); a call over it ends with warning 32015
+--     (twilio.com/docs/api/errors/32015). Ours is at least 62 s, and at most
+--     15120 s (call.maxDurationSec 14400 + wrap-up + goodbye + 60): an
+--     account left at 4 h cuts a call with maxDurationSec near 14400 first.
+--   - Hang-up: Status is canceled or completed only (CallUpdateStatus in
+--     twilio-node call.d.ts; 21218 otherwise); canceled ends a queued or
+--     ringing call and has no effect on one in progress (twilio/twilio-python
+--     issue 10), hence completed once answered.
+--   - Signatures: /work/shared/reference/protocols.md section 4 (the
+--     twilio-python / twilio-node validators and their test vectors, checked
+--     in tests/test_twilio_signature.lua).
+--   ASSUMED (not found in the docs read, 2026-11): that Twilio sends a
+--   Retry-After with its 429 (honoured when it does); the answer to a hang-up
+--   of a call that has already ended (21220 "Invalid call state" is
+--   documented for redirects and recordings of a call not in progress,
+--   twilio.com/docs/api/errors/21220; any refusal is logged and left to the
+--   engine's retries); an ErrorCode field in voice status callbacks (not
+--   read: a failed call's reason names the SipResponseCode only); what
+--   Twilio does with a TimeLimit above the account's limit.
 local fetch = require "callagent.fetch"
 local url = require "callagent.url"
 local json = require "callagent.json"
