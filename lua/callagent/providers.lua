@@ -9,6 +9,8 @@
 --   init(self, ctx)           optional; ctx = {config, engine, app, log}
 --   startCall(self, call, publicBaseUrl, localBaseUrl)
 --                             -> {providerCallId, userHint} | nil, err   (may wait)
+--                             | nil, err, {permanent = true}: refused for good
+--                             (the number, the account): failed, not retried
 --   buildVoiceResponse(self, callId, publicBaseUrl, stream)
 --                             -> body, content_type   (stream = {url, parameters})
 --   validateRequest(self, req, publicBaseUrl) -> true | false, reason
