@@ -150,6 +150,8 @@ local P = {
 }
 
 local DEFAULT_BASE = "https://api.telnyx.com"
+-- Dial answers that end the call failed at once, not retried (startCall).
+local REFUSED_FOR_GOOD = { [400] = true, [401] = true, [403] = true, [404] = true, [422] = true }
 local WINDOW_S = 300 -- a webhook signed longer ago (or ahead) than this is refused
 local SEEN_MAX = 20000 -- webhook ids per generation remembered against replays (_replayed)
 
@@ -315,7 +317,9 @@ function P:startCall(call, publicBaseUrl)
   }
   local res, err = fetch(calls_url(self), request(self, "POST", body))
   if not res or res.status < 200 or res.status >= 300 then
-    return nil, rest_error(res, err)
+    -- Refused for good: the request (400, 422: the number, a parameter), the
+    -- key (401) or what it may do (403, 404): a retry would be refused alike.
+    return nil, rest_error(res, err), { permanent = res ~= nil and REFUSED_FOR_GOOD[res.status] == true }
   end
   local b = json.try_decode(res.body)
   local data = type(b) == "table" and type(b.data) == "table" and b.data

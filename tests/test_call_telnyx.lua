@@ -379,6 +379,26 @@ T.test("a call_control_id that is not Telnyx's shape never reaches a REST path",
     "v3:MdI91X4lWFEs7IgbBEOT9M4AigoY08M0WWZFISt1Yw2axZ_IiE4pqg")
 end, { timeout = 60000 })
 
+T.test("a dial Telnyx refuses for good (403, 422) fails at once and is not dialed again; one it answers 503 is", function()
+  local retry = { maxAttempts = 3, initialDelayMs = 50, retryStatuses = { "busy", "no_answer", "failed" } }
+  for _, case in ipairs({
+    { "403", { behaviour = { answer = "reject-api" } }, 1, "^telnyx 10038: Feature not permitted" },
+    { "422", { fake = { connection_id = "another-connection" } }, 1, "^telnyx 10010: Invalid value for connection_id" },
+    { "503", { fake = { fail_dials = 3 } }, 3, "^telnyx 10011: Service unavailable" },
+  }) do
+    local how, opts, dials, err = case[1], case[2], case[3], case[4]
+    opts.config = { retry = retry }
+    local env = start(opts)
+    local id = env:create({ to = "+14155550140", prompt = "x" })
+    local call = env:wait_final(id, 10000)
+    T.eq(call.status, "failed", how)
+    T.match(call.lastError, err)
+    T.eq(#call.attempts, dials, how .. ": attempts")
+    timer.sleep(200)
+    T.eq(env.tx.dials, dials, how .. ": dial requests")
+  end
+end, { timeout = 30000 })
+
 T.test("the API key is in no log line, stored error or API answer, even when Telnyx quotes it", function()
   local env = start({ behaviour = { answer = "reject-api", reject_detail = "key " .. API_KEY .. " may not call" },
     config = { retry = { maxAttempts = 1 } } })

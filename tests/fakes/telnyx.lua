@@ -21,6 +21,7 @@
 --     stopped_at_end = nil,        -- ms: a call that streamed sends streaming.stopped
 --                                  -- that long after it ends, before its call.hangup
 --     fail_streaming_starts = 0,   -- the first n streaming_start requests get 503
+--     fail_dials = 0,              -- the first n dials get 503 (tx.dials counts them all)
 --   })
 --   tx.url, tx.public_key (base64), tx.private_key (raw 32 bytes)
 --   tx.calls (in creation order), tx.requests ({method, path, auth, body, at})
@@ -423,6 +424,10 @@ end
 function Fake:_dial(req)
   if not self:_auth(req) then
     return terror(401, "10009", "Authentication failed", "The API key is not valid.")
+  end
+  self.dials = (self.dials or 0) + 1
+  if self.dials <= (self.opts.fail_dials or 0) then
+    return terror(503, "10011", "Service unavailable", "Please try again.")
   end
   local body = req:json_object()
   if not body then
