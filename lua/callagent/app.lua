@@ -28,7 +28,8 @@
 -- loop_watch_ms (10000: how often the event loop's load is checked; a
 -- warning is logged, at most once a minute, when it was 90% busy or one
 -- iteration took 250 ms; 0: never), stream_start_ms (10000: a media stream
--- that has not sent `start` by then is closed with 1008).
+-- that has not sent `start` by then is closed with 1008, as is one whose first
+-- message is neither `connected` nor `start`, binary ones included).
 --
 -- Routes: the REST API (lua/callagent/api.lua), and for the provider
 -- POST /voice, POST /status and the WebSocket /voice/stream (Twilio Media
@@ -327,6 +328,15 @@ function App:_routes(srv)
         stop_start_timer(conn)
         conn.bridge = bridge
         bridge:attach(conn, { streamSid = sid })
+      end
+    end,
+    -- Media Streams are text only. Before `start` a binary message is
+    -- refused as any other first message (it was dropped unseen, and the
+    -- stream held until the start deadline); once the stream runs, or once
+    -- refused, it is ignored, as the bridge ignores events it does not know.
+    binary = function(conn)
+      if not conn.bridge and not conn.refused then
+        return refuse(conn, "expected connected or start, got a binary message", "expected start")
       end
     end,
     close = function(conn)
