@@ -6,6 +6,8 @@ local fetch = require "callagent.fetch"
 local ws = require "callagent.ws"
 local json = require "callagent.json"
 local fake_twilio = require "fakes.twilio"
+local timer = require "callagent.timer"
+local task = require "callagent.task"
 
 local function rigs()
   local tw = assert(fake_twilio.start({ account_sid = kit.ACCOUNT, auth_token = kit.TOKEN }))
@@ -40,5 +42,43 @@ T.test("a binary message before start is refused with 1008 at once and logged, a
   T.match(p.errtext(), 'WARN media stream refused reason="expected connected or start, got a binary message" remote=127%.0%.0%.1')
   T.eq(assert(fetch(api.base .. "/healthz")).status, 200)
 end, { timeout = 20000 })
+
+
+T.test("a second app:stop() inside a task while the first is under way returns once the first is done", function()
+  local env = kit.start({
+    twilio = { update_delay_ms = 1500 }, -- the hang-up takes a while
+    realtime = { script = function() timer.sleep(20000) end },
+  })
+  env:create({ to = "+14155550150", prompt = "Stay on the line." })
+  T.wait_for(function()
+    return #env.rt.sessions >= 1
+  end, 10000, "a live call")
+  -- The first stop (a signal's, say) and then the app's own, as an embedder
+  -- that stops its app before it exits would.
+  local store, closed_at = env.app.store, nil
+  local close = store.close
+  store.close = function(self)
+    closed_at = closed_at or timer.now()
+    return close(self)
+  end
+  local first_done, second_done
+  task.spawn(function()
+    env.app:stop()
+    first_done = timer.now()
+  end)
+  local t0 = timer.now()
+  task.spawn(function()
+    env.app:stop()
+    second_done = timer.now()
+  end)
+  T.wait_for(function()
+    return first_done and second_done
+  end, 15000, "both stops returned")
+  T.ok(closed_at and second_done >= closed_at, "the second stop returned once the store was closed: after "
+    .. (second_done - t0) .. " ms, the store closed after " .. tostring(closed_at and closed_at - t0) .. " ms")
+  -- From a plain callback it waits for nothing, as the first would.
+  local ok, err = pcall(env.app.stop, env.app)
+  T.eq({ ok, err }, { true, nil })
+end, { timeout = 30000 })
 
 T.run()

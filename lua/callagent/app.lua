@@ -18,7 +18,8 @@
 --   app:create_call{ to = "+14155550100", prompt = "..." }   -- same as POST /v1/calls
 --   app:stop()   inside a task it waits for the hang-ups (grace - 4 s at most) and the
 --                notifications they send (the rest, up to 2 s); from a plain
---                callback the hang-ups go on in the background
+--                callback the hang-ups go on in the background; a second stop
+--                inside a task returns once the first is done
 --
 -- opts (second argument of callagent.app): provider_dirs (extra folders with
 -- provider files), public_url = fn(local_url) -> URL the vendor reaches (for
@@ -568,9 +569,16 @@ local TUNNEL_RESERVE_MS = 3000
 
 function App:stop()
   if self.stopped then
+    -- A second stop inside a task (the app's own after a signal's, say)
+    -- returns once the first is done, within the grace: returning at once,
+    -- its caller went on (and exited) while the hang-ups were under way.
+    if self.stop_waiters and task.running() then
+      task.wait_in(self.stop_waiters, runtime.grace_ms)
+    end
     return
   end
   self.stopped = true
+  self.stop_waiters = {}
   local deadline = timer.now() + runtime.grace_ms - TUNNEL_RESERVE_MS -- for all but the tunnel
   if self.engine then
     -- The tunnel and the store close after the hang-ups (the tunnel stays
@@ -623,6 +631,11 @@ function App:stop()
   -- store's close past the grace period.
   if self.tunnel then
     self.tunnel:close()
+  end
+  local waiters = self.stop_waiters
+  self.stop_waiters = nil
+  for _, wake in ipairs(waiters) do
+    wake()
   end
 end
 
