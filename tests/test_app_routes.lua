@@ -81,4 +81,55 @@ T.test("a second app:stop() inside a task while the first is under way returns o
   T.eq({ ok, err }, { true, nil })
 end, { timeout = 30000 })
 
+
+T.test("an app:on handler that raises is logged with its traceback; the other handlers and the call go on", function()
+  local log = require "callagent.log"
+  local errs = {}
+  local e = log.error
+  log.error = function(msg, f)
+    errs[#errs + 1] = { msg = msg, fields = f }
+    return e(msg, f)
+  end
+  T.defer(function()
+    log.error = e
+  end)
+  local env = kit.start({
+    realtime = {
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        session:speak({ ms = 200, text = "Hello." })
+        session:call_function("report_call", { summary = "Said hello.", outcome = "success" })
+        assert(session:wait_event("response.create", 5000))
+        session:speak({ ms = 200, text = "Goodbye!" })
+      end,
+    },
+  })
+  local seen = {}
+  for _, ev in ipairs({ "status", "transcript", "report", "ended" }) do
+    env.app:on(ev, function()
+      error("handler of " .. ev .. " failed")
+    end)
+    env.app:on(ev, function()
+      seen[ev] = (seen[ev] or 0) + 1
+    end)
+  end
+  local id = env:create({ to = "+14155550151", prompt = "Say hello." })
+  local call = env:wait_final(id, 15000)
+  T.eq(call.status, "completed")
+  T.eq(call.report.outcome, "success")
+  T.wait_for(function()
+    return seen.ended == 1
+  end, 2000, "the second ended handler ran")
+  T.ok(seen.status and seen.transcript and seen.report, "every second handler ran: " .. json.encode(seen))
+  local logged = {}
+  for _, x in ipairs(errs) do
+    if x.msg == "event handler failed" then
+      T.match(x.fields.error, "handler of " .. x.fields.event .. " failed")
+      T.match(x.fields.error, "stack traceback")
+      logged[x.fields.event] = true
+    end
+  end
+  T.eq(logged, { status = true, transcript = true, report = true, ended = true })
+end, { timeout = 30000 })
+
 T.run()
