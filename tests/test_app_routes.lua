@@ -132,4 +132,19 @@ T.test("an app:on handler that raises is logged with its traceback; the other ha
   T.eq(logged, { status = true, transcript = true, report = true, ended = true })
 end, { timeout = 30000 })
 
+
+T.test("a first stream message over 256 KiB is closed with 1009 and logged; the server goes on", function()
+  local tw, rt = rigs()
+  local p, api = kit.app_process(tw, rt, { stream_start_ms = 8000 })
+  local stream_url = api.base:gsub("^http", "ws") .. "/voice/stream"
+  local conn = assert(ws.connect(stream_url, { headers = { ["X-Twilio-Signature"] = fake_twilio.sign(kit.TOKEN, stream_url) } }))
+  conn:send(json.encode({ event = "start", pad = string.rep("x", 256 * 1024) }))
+  local kind, code = conn:receive(2000)
+  T.eq({ kind, code }, { "close", 1009 })
+  T.wait_for(function()
+    return p.errtext():find("message over 262144 bytes", 1, true)
+  end, 3000, "a warning: " .. p.errtext())
+  T.eq(assert(fetch(api.base .. "/healthz")).status, 200)
+end, { timeout = 20000 })
+
 T.run()
