@@ -519,6 +519,7 @@ T.test("while the tunnel opens the API places no call (503 starting, Retry-After
     return res and res.status == 200 or p.done
   end, 10000, "the server listening")
   T.ok(not app.ready, "not ready yet: the tunnel is opening")
+  T.eq(json.decode(assert(fetch(base .. "/healthz")).body).starting, true, "/healthz says it is starting")
   local function create()
     return assert(fetch(base .. "/v1/calls", { method = "POST",
       body = json.encode({ to = "+14155550172", prompt = "Talk." }),
@@ -536,6 +537,7 @@ T.test("while the tunnel opens the API places no call (503 starting, Retry-After
     return app.ready or p.done
   end, 15000, "callagent ready")
   T.ok(app.ready, p.errtext())
+  T.eq(json.decode(assert(fetch(base .. "/healthz")).body).starting, false, "/healthz says it is ready")
   local public = app.ready:match("public=(https://%S+)")
   res = create()
   T.eq(res.status, 201, res.body)

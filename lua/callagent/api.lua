@@ -7,7 +7,7 @@
 --   GET  /v1/calls?status=&limit=&cursor=   newest first: {calls, nextCursor?};
 --                                 any other query parameter is 400 unknown_field
 --   POST /v1/calls/{callId}/hangup          -> 202 {callId, status}
---   GET  /healthz                 {ok, version, provider, activeCalls, uptimeSec, loop}
+--   GET  /healthz                 {ok, starting, version, provider, activeCalls, uptimeSec, loop}
 --
 -- With server.apiToken set, every /v1 request needs "Authorization: Bearer
 -- <token>" (401 otherwise); without it, /v1 answers only requests made to a
@@ -476,6 +476,9 @@ function M.register(srv, engine, cfg, opts)
     local l = core.loop_stats()
     return 200, {
       ok = true,
+      -- Still opening its tunnel or picking up the last run's calls: POST
+      -- /v1/calls answers 503 until then. A readiness check waits for false.
+      starting = engine.starting and true or false,
       version = core.version,
       provider = opts.provider_name,
       activeCalls = engine:active_count(),
