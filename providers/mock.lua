@@ -1,16 +1,19 @@
 --- providers/mock.lua: a phone in your browser, for local work.
 --
 -- telephony.provider = "mock". Dialing returns a hint: a loopback URL with a
--- one-time token, to a page callagent serves (providers/mock/). Opening the
--- page answers the phone: it asks for the microphone and speaks Twilio's
--- Media Streams protocol to /voice/stream, so the whole call engine runs as
--- with Twilio. Nobody opening the page within call.ringTimeoutSec is no_answer;
--- its Decline button (while it waits for the microphone) ends the attempt busy.
+-- one-time token, to a page callagent serves (providers/mock/). The page
+-- rings, with Answer and Decline: Answer asks for the microphone and speaks
+-- Twilio's Media Streams protocol to /voice/stream, so the whole call engine
+-- runs as with Twilio; Decline ends the attempt busy. Nobody answering
+-- within call.ringTimeoutSec is no_answer.
 --
 -- Routes (added by registerRoutes):
 --   GET  /mock/                        a page to place a test call (POST /v1/calls)
 --   GET  /mock/call/{callId}?t=TOKEN   the phone page (TOKEN: the hint's, one use)
 --   GET  /mock/static/*                the page's scripts
+--   GET  /mock/api/ring/{callId}?t=TOKEN  whether the link still rings, and who is called
+--                                      -> {callId, attempt, link, attemptStatus, status,
+--                                          nextAttemptAt?, to, calleeName?, callerName?}
 --   POST /mock/api/answer              {callId, token} -> {streamUrl, parameters, pollUrl}
 --   POST /mock/api/decline             {callId, token, status?} the attempt ends busy (or failed)
 --                                      -> {callId, attempt, attemptStatus, status, nextAttemptAt?}
@@ -257,6 +260,32 @@ function P:registerRoutes(srv)
     -- The page says what comes next: another ring (under a new link) or the end.
     return 200, { callId = entry.call_id, attempt = entry.attempt, attemptStatus = status, status = v.status,
       nextAttemptAt = v.nextAttemptAt }
+  end)
+
+  -- The ringing page's view of its link, read by its token as the answer
+  -- is: whether it still rings (link "ringing", or "answered", "declined",
+  -- "expired": it stopped ringing), and what the page may show of the
+  -- call: its id, the number called and the names it was placed with (the
+  -- agent says them on the call), never the prompt or the metadata.
+  srv:get("/mock/api/ring/{id}", function(req)
+    local token = (req.query or {}).t
+    local entry = type(token) == "string" and self.pages[token]
+    if not entry or entry.call_id ~= req.params.id then
+      return refuse(req, "invalid_token", "this call link was already used or is not valid")
+    end
+    local v = self.engine:call_view(entry.call_id) or {}
+    local a = (v.attempts or {})[entry.attempt] or {}
+    local link = "ringing"
+    if entry.answered then
+      link = "answered"
+    elseif entry.declined then
+      link = "declined"
+    elseif entry.expires < timer.now() or a.status ~= "dialing" then
+      link = "expired"
+    end
+    return 200, { callId = entry.call_id, attempt = entry.attempt, link = link, attemptStatus = a.status,
+      status = v.status, nextAttemptAt = v.status == "queued" and v.nextAttemptAt or nil, to = v.to,
+      calleeName = v.calleeName, callerName = v.callerName }
   end)
 
   srv:get("/mock/api/call/{id}", function(req)

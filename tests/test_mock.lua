@@ -336,4 +336,46 @@ T.test("a mock call that stopped ringing (hung up through the API) is not declin
   T.eq(app.engine:call_view(id).attempts[1].status, "canceled", "not busy")
 end)
 
+T.test("a mock link's ring view: who is called while it rings, then how it stopped; a wrong token 403", function()
+  local app = start({
+    call = { ringTimeoutSec = 1, statusGraceSec = 1 },
+    retry = { maxAttempts = 2, initialDelayMs = 5000, retryStatuses = { "no_answer" } },
+  })
+  local function ring(id, token)
+    local r = assert(fetch(app.url .. "/mock/api/ring/" .. id .. "?t=" .. token))
+    return r.status, json.try_decode(r.body)
+  end
+  local function call(to)
+    local id = assert(app:create_call({ to = to, prompt = "Secret plan.", calleeName = "Bob", callerName = "Ada",
+      metadata = { ref = "hidden" } })).callId
+    return id, link_token(app.engine:call_view(id).hint)
+  end
+  local a, ta = call("+15555550100")
+  local b, tb = call("+15555550101")
+  local c, tc = call("+15555550102")
+  local d, td = call("+15555550103")
+  local status, body = ring(a, ta)
+  T.eq({ status, body }, { 200, { callId = a, attempt = 1, link = "ringing", attemptStatus = "dialing",
+    status = "dialing", to = "+15555550100", calleeName = "Bob", callerName = "Ada" } },
+    "who is called, and no prompt or metadata")
+  T.eq(ring(a, tb), 403, "another call's link")
+  T.eq(ring(a, "guess"), 403, "a wrong token")
+  T.eq(select(2, ring(a, "guess")).error.code, "invalid_token")
+
+  T.eq(post(app, "/mock/api/answer", { callId = a, token = ta }), 200)
+  T.eq(select(2, ring(a, ta)).link, "answered", "answered (here or in another tab)")
+  T.eq(post(app, "/mock/api/decline", { callId = b, token = tb }), 200)
+  T.eq(select(2, ring(b, tb)).link, "declined")
+  T.ok(app.engine:hangup(c))
+  T.eq(select(2, ring(c, tc)), { callId = c, attempt = 1, link = "expired", attemptStatus = "canceled",
+    status = "canceled", to = "+15555550102", calleeName = "Bob", callerName = "Ada" }, "hung up through the API")
+  -- Nobody answered within call.ringTimeoutSec: a retry comes, under a new link.
+  T.wait_for(function()
+    return app.engine:call_view(d).status == "queued"
+  end, 5000, "d's ring to time out")
+  status, body = ring(d, td)
+  T.eq({ status, body.link, body.attemptStatus, body.status, type(body.nextAttemptAt) },
+    { 200, "expired", "no_answer", "queued", "string" })
+end)
+
 T.run()
