@@ -206,7 +206,8 @@ T.test("the page's DSP in Node: G.711 as callagent's, a clean telephone band, ga
     b.worstMarkError, c.droppedMs, c.playedAtClearMs))
 end, { timeout = 30000 })
 
-T.test("a call in Chromium: the mic's tone reaches the model, the agent plays, clear cuts it, the report shows", function()
+T.test("a call in Chromium: it rings, Enter answers, the mic's tone reaches the model, the agent plays, clear cuts it, "
+  .. "the report shows", function()
   need_tools()
   local dir = T.tmpdir()
   local wav = dir .. "/callee.wav"
@@ -232,13 +233,33 @@ T.test("a call in Chromium: the mic's tone reaches the model, the agent plays, c
     s:wait_event("response.create", 5000)
     s.goodbye = s:speak({ ms = 1200, text = "Thanks, goodbye." })
   end)
-  local view = assert(app:create_call({ to = "+14155550199", prompt = "Listen, explain, be interrupted, report." }))
+  local view = assert(app:create_call({ to = "+14155550199", prompt = "Listen, explain, be interrupted, report.",
+    calleeName = "Dr. Smith's office", callerName = "Ada Lovelace" }))
   T.match(view.hint or "", "^http://127%.0%.0%.1:%d+/mock/call/", "the hint is the page's URL")
   local shot = ROOT .. "/tests/artifacts/mock-phone.png"
-  local r, code, err = node({ "browser/drive.mjs", view.hint, wav, shot, "--timeout=30000", "--press=5#",
+  local r, code, err = node({ "browser/drive.mjs", view.hint, wav, shot, "--timeout=30000", "--press=5#", "--answer-key",
+    "--ring-shot=" .. ROOT .. "/tests/artifacts/mock-phone-ringing.png",
     "--live-shot=" .. ROOT .. "/tests/artifacts/mock-phone-live.png" }, 45000)
   T.ok(r, "drive.mjs printed no JSON (exit " .. tostring(code) .. "): " .. err)
   T.ok(r.ok, "drive.mjs: " .. tostring(r.error) .. "; page: " .. json.encode({ r.banner, r.problem, r.console, r.stats }))
+  -- It rang first: who calls whom, Answer (focused: Enter took the call) and
+  -- Decline, and the microphone not asked for yet.
+  T.eq(r.ring, {
+    title = "Incoming call",
+    from = "callagent, on behalf of Ada Lovelace",
+    to = "Dr. Smith's office (+14155550199)",
+    call = view.callId,
+    banner = "Incoming call: answer to talk to the agent, or decline it.",
+    status = "Ringing",
+    focused = "answer",
+    micRequests = 0,
+    micPermission = "granted",
+    answer = { visible = true, enabled = true },
+    decline = { visible = true, enabled = true },
+  }, "the ringing page")
+  T.eq(core.stat(ROOT .. "/tests/artifacts/mock-phone-ringing.png"), "file", "screenshot of the ring saved")
+  T.eq(r.micRequests, 1, "the microphone was asked for once, after Answer")
+  T.eq({ r.buttons.answer.visible, r.buttons.decline.visible }, { false, false }, "the ring is gone once answered")
   local st = r.stats
   T.diag(string.format("page: %d Hz, %d frames (%d bytes) sent, %d bytes received, %d samples played, %d dropped by "
     .. "%d clear(s) (played %d at the clear), marks %d/%d echoed, starved %d, in %d ms", st.sampleRate, st.framesSent,
@@ -429,7 +450,8 @@ T.test("through a forwarded port: the page streams through it, and when it is cu
   end, 10000, "the call to end at callagent")
 end, { timeout = 40000 })
 
-T.test("hanging up on the page: stop, close, and the call ends as the callee's hang-up", function()
+T.test("placed from the dial form, answered, hung up on the page: stop, close, and the call ends as the callee's "
+  .. "hang-up", function()
   need_tools()
   local dir = T.tmpdir()
   local wav = dir .. "/callee.wav"
@@ -438,11 +460,16 @@ T.test("hanging up on the page: stop, close, and the call ends as the callee's h
     assert(s:wait_event("response.create", 20000))
     s.talk = s:speak({ ms = 8000, text = "A long story nobody wants to hear." })
   end)
-  local view = assert(app:create_call({ to = "+14155550197", prompt = "Talk until they hang up." }))
   local shot = ROOT .. "/tests/artifacts/mock-phone-hangup.png"
-  local r, code, err = node({ "browser/drive.mjs", view.hint, wav, shot, "--hangup-after=1500", "--timeout=15000" }, 30000)
+  -- /mock/'s Call places the call and opens its page, which rings: Answer takes it.
+  local r, code, err = node({ "browser/drive.mjs", app.url .. "/mock/", wav, shot, "--dial", "--hangup-after=1500",
+    "--timeout=15000" }, 30000)
   T.ok(r, "drive.mjs printed no JSON (exit " .. tostring(code) .. "): " .. err)
   T.ok(r.ok, "drive.mjs: " .. tostring(r.error) .. "; page: " .. json.encode({ r.banner, r.problem, r.stats }))
+  local view = { callId = r.callId }
+  T.match(view.callId, "^c_%x+$", "the dial form placed a call")
+  T.eq({ r.ring.title, r.ring.to, r.ring.answer.enabled }, { "Incoming call", "Dr. Smith's office (+15555550100)", true },
+    "its page rang")
   T.eq(r.stats.state, "ended")
   T.eq(r.banner, "Call ended: you hung up.")
   T.gt(r.stats.playedSamples, 8 * 500, "the agent was heard before the hang-up")
@@ -461,7 +488,8 @@ T.test("hanging up on the page: stop, close, and the call ends as the callee's h
   T.near(s.input_bytes, r.stats.bytesSent, 800, "what the page sent is what the model got")
 end, { timeout = 40000 })
 
-T.test("Decline on the ringing page: the attempt ends busy, the page says so and when callagent calls again", function()
+T.test("Decline on the ringing page, the microphone allowed already: the attempt ends busy, the page says so and when "
+  .. "callagent calls again", function()
   need_tools()
   local dir = T.tmpdir()
   local wav = dir .. "/callee.wav"
@@ -469,13 +497,18 @@ T.test("Decline on the ringing page: the attempt ends busy, the page says so and
   local app, rt = start_app(function() end)
   local view = assert(app:create_call({ to = "+14155550194", prompt = "Nobody takes it." }))
   local shot = ROOT .. "/tests/artifacts/mock-phone-declined.png"
-  -- The microphone comes late, so the page is still ringing when Decline is clicked.
-  local r, code, err = node({ "browser/drive.mjs", view.hint, wav, shot, "--decline", "--mic-delay=1500", "--reopen",
-    "--timeout=10000" }, 20000)
+  -- The microphone is allowed already (a browser that remembers it): the
+  -- page still rings, and Decline takes it.
+  local r, code, err = node({ "browser/drive.mjs", view.hint, wav, shot, "--decline", "--reopen", "--timeout=10000" },
+    20000)
   T.ok(r, "drive.mjs printed no JSON (exit " .. tostring(code) .. "): " .. err)
   T.ok(r.ok, "drive.mjs: " .. tostring(r.error) .. "; page: " .. json.encode({ r.banner, r.problem, r.stats }))
-  T.eq({ r.stats.state, r.status, r.banner, r.problem },
-    { "declined", "Declined", "You declined the call: callagent was told the line is busy.", "" })
+  T.eq({ r.ring.micPermission, r.ring.decline.enabled }, { "granted", true }, "rang with the microphone allowed")
+  T.eq({ r.stats.state, r.status, r.banner, r.problem, r.ringTitle },
+    { "declined", "Declined", "You declined the call: callagent was told the line is busy.", "", "Declined" })
+  T.eq(r.buttons, { answer = { visible = true, enabled = false }, decline = { visible = true, enabled = false } },
+    "both buttons stay, disabled")
+  T.eq(r.micRequests, 0, "the microphone was never asked for")
   -- This setup retries busy (the defaults: 3 attempts, 60 s apart).
   T.match(r.endText, "^callagent calls again at .+ %(attempt 2%), under a new link")
   T.eq(r.stats.framesSent, 0, "no audio was sent")
@@ -484,6 +517,52 @@ T.test("Decline on the ringing page: the attempt ends busy, the page says so and
   T.eq(#rt.sessions, 0, "the model was never reached")
   T.eq(r.reopen and r.reopen.state, "error", "the declined link opened again")
   T.match(r.reopen.problem, "^This call was declined from this link")
+end, { timeout = 30000 })
+
+
+-- Opens the hint with one of drive.mjs's ways to end the ring from outside
+-- (--api-hangup, --answer-elsewhere); checks that the page rang, then said
+-- so and took Answer and Decline away. Returns drive.mjs's result.
+local function ring_stopped_elsewhere(app, view, how, shot)
+  local dir = T.tmpdir()
+  local wav = dir .. "/callee.wav"
+  write_wav(wav)
+  local r, code, err = node({ "browser/drive.mjs", view.hint, wav, ROOT .. "/tests/artifacts/" .. shot, how,
+    "--timeout=10000" }, 20000)
+  T.ok(r, "drive.mjs printed no JSON (exit " .. tostring(code) .. "): " .. err)
+  T.ok(r.ok, "drive.mjs: " .. tostring(r.error) .. "; page: " .. json.encode({ r.banner, r.problem, r.stats }))
+  T.eq({ r.ring.title, r.ring.answer.enabled, r.ring.decline.enabled }, { "Incoming call", true, true }, "it rang")
+  T.eq(r.stats.state, "stopped")
+  T.eq(r.buttons, { answer = { visible = true, enabled = false }, decline = { visible = true, enabled = false } },
+    "both buttons stay, disabled")
+  T.eq(r.micRequests, 0, "the microphone was never asked for")
+  T.eq(r.problem, "", "no error")
+  return r
+end
+
+T.test("hung up through the API while the page rings: the page says so and disables Answer and Decline", function()
+  need_tools()
+  local app, rt = start_app(function() end)
+  local view = assert(app:create_call({ to = "+14155550193", prompt = "Never mind." }))
+  local r = ring_stopped_elsewhere(app, view, "--api-hangup", "mock-phone-stopped.png")
+  T.eq(r.action.status, 202, "the API took the hang-up: " .. json.encode(r.action))
+  T.eq({ r.ringTitle, r.status, r.banner, r.endText }, { "Call canceled", "Canceled",
+    "The call stopped ringing: callagent hung up before it was answered.", "The call ended: Canceled." })
+  T.eq(app.engine:call_view(view.callId).status, "canceled")
+  T.eq(#rt.sessions, 0, "the model was never reached")
+end, { timeout = 30000 })
+
+T.test("answered in another tab while the page rings: the page says so and disables Answer and Decline", function()
+  need_tools()
+  local app = start_app(function(s)
+    s:wait_event("response.create", 5000)
+  end)
+  local view = assert(app:create_call({ to = "+14155550192", prompt = "Someone else takes it." }))
+  local r = ring_stopped_elsewhere(app, view, "--answer-elsewhere", "mock-phone-answered-elsewhere.png")
+  T.eq(r.action.status, 200, "the other tab answered: " .. json.encode(r.action))
+  T.eq({ r.ringTitle, r.status, r.banner }, { "Answered elsewhere", "Answered elsewhere",
+    "The call was answered elsewhere: this link was opened in another window or tab, which took it." })
+  T.eq(app.engine:call_view(view.callId).attempts[1].answeredAt ~= nil, true, "answered once, by the other tab")
 end, { timeout = 30000 })
 
 T.run()

@@ -1,27 +1,43 @@
 // phone.js: the mock phone page (providers/mock.lua serves it at
-// /mock/call/{callId}?t=TOKEN). Opening the page answers the call:
+// /mock/call/{callId}?t=TOKEN). Opening the page shows the call ringing:
 //
-//   1. POST /mock/api/answer {callId, token} -> {streamUrl, parameters,
-//      pollUrl, session}; 403/409/410 mean the link was used or expired.
-//   2. The microphone (getUserMedia, mono, echo cancellation, noise
-//      suppression, automatic gain). Refused or missing: a clear message,
-//      POST /mock/api/hangup {callId, session}, no stream.
-//   3. An AudioContext at the device rate with two worklets:
+//   0. GET /mock/api/ring/{callId}?t=TOKEN, at once and every 500 ms while
+//      it rings: whether the link still rings (link "ringing"; "answered",
+//      "declined" or "expired" when it stopped) and who is called (the
+//      call's id and number, the names it was placed with). A link that no
+//      longer rings when the page opens is an error; one that stops while
+//      the page rings (ring timeout, hung up through the API, answered or
+//      declined in another window) is said so, and the buttons go.
+//
+// Answer (focused, so Enter or Space answers):
+//
+//   1. An AudioContext at the device rate, made in the click (a user
+//      gesture, so the browser lets it play), with two worklets:
 //      capture-worklet.js (mic -> 8 kHz mu-law, 160-byte frames) and
 //      playback-worklet.js (agent mu-law -> the context rate, a jitter-safe
 //      queue that reports the marks it has played).
+//   2. The microphone (getUserMedia, mono, echo cancellation, noise
+//      suppression, automatic gain). Refused or missing: a clear message;
+//      the call is answered and hung up at once (so it ends now instead of
+//      ringing on), no stream.
+//   3. POST /mock/api/answer {callId, token} -> {streamUrl, parameters,
+//      pollUrl, session}; 403/409/410 mean the link was used or expired.
+//      After the microphone: callagent waits 15 s for an answered call's
+//      stream, and a person may take longer over the microphone prompt.
 //   4. A WebSocket to streamUrl speaking Twilio Media Streams as Twilio does:
 //      connected, start (customParameters = the answer's parameters), one
 //      media event per 20 ms frame, dtmf from the keypad, marks echoed once
 //      played, every pending mark echoed at once on clear, stop on hang-up.
 //   5. GET pollUrl every 500 ms: call status, transcript, report.
 //
-// Until the answer goes out (the microphone prompt), Decline rejects the
-// call instead: POST /mock/api/decline {callId, token} -> {attemptStatus
-// "busy", status, nextAttemptAt?}; nothing is answered, the microphone is let go.
+// Decline, until the answer goes out (also while the microphone prompt is
+// open): POST /mock/api/decline {callId, token} -> {attemptStatus "busy",
+// status, nextAttemptAt?}; nothing is answered, the microphone is let go.
 //
-// For tests: window.mockPhone = {stats, hangup()}. stats: state ("answering"
-// | "connected" | "ended" | "error" | "mic-denied" | "declined"), callStatus
+// For tests: window.mockPhone = {stats, hangup()}. stats: state ("opening"
+// | "ringing" | "answering" | "connected" | "ended" | "error" | "mic-denied"
+// | "declined" | "stopped": it stopped ringing while the page rang), ring
+// (the link's view while it rang, then as it stopped), callStatus
 // (polled; once declined, the call's status the decline returned),
 // sampleRate, framesSent, bytesSent (mu-law sent), mediaReceived (mu-law
 // bytes received), playedSamples / playedFrames (agent audio played, at
@@ -34,7 +50,8 @@ import { Resampler } from "./dsp.js";
 const $ = (id) => document.getElementById(id);
 
 const stats = {
-  state: "answering",
+  state: "opening",
+  ring: null,
   callStatus: null,
   sampleRate: 0,
   framesSent: 0,
@@ -61,7 +78,8 @@ let ws = null;
 let opened = false;
 let finished = false; // the call is over for this page (whoever ended it)
 let answerSent = false; // past this, the call can no longer be declined
-let declined = false;
+let ringEnded = false; // declined here, or it stopped ringing: nothing may answer it now
+let inCall = false; // answered: the meters, keypad and Hang up show instead of the ring
 let ctx = null;
 let mic = null;
 let capture = null;
@@ -79,6 +97,10 @@ let pollsAfterFinal = 0;
 let pollFailures = 0; // in a row
 let lost = false; // callagent stopped answering the page
 let lastTranscriptKey = "";
+let ringTimer = null;
+let ringFailures = 0; // in a row
+let ringUnsettled = 0; // views of a stopped link whose attempt had not ended yet
+const TITLE = document.title;
 
 const FINAL = new Set(["completed", "busy", "no_answer", "failed", "canceled"]);
 const STATUS_TEXT = {
@@ -99,9 +121,22 @@ function setState(state, banner) {
   if (banner !== undefined) $("banner").textContent = banner;
   const live = state === "connected";
   $("hangup").disabled = !live;
-  $("decline").hidden = state !== "answering" || answerSent || finished;
   for (const b of $("keypad").querySelectorAll("button")) b.disabled = !live;
+  $("incall").hidden = !inCall;
+  $("ring").hidden = inCall || stats.ring === null;
+  if (state === "error" || state === "mic-denied" || (state === "ended" && !inCall)) $("ring-title").textContent = "Not answered";
+  renderRingButtons();
+  document.title = state === "ringing" ? "Ringing · " + TITLE : TITLE;
   renderPill();
+}
+
+// Answer while it rings; Decline until the answer goes out (the microphone
+// prompt included); neither once it was declined or stopped ringing.
+function renderRingButtons() {
+  const ringing = (stats.state === "ringing" || stats.state === "answering") && !answerSent && !finished;
+  $("answer").disabled = !(ringing && stats.state === "ringing");
+  $("decline").disabled = !ringing;
+  $("ring").classList.toggle("ringing", ringing);
 }
 
 function showProblem(text) {
@@ -123,6 +158,14 @@ function renderPill() {
   if (stats.state === "declined") {
     text = "Declined";
     cls = "bad";
+  } else if (stats.state === "stopped" && !lost) {
+    const r = stats.ring || {};
+    text = r.link === "answered" ? "Answered elsewhere" : r.link === "declined" ? "Declined" : STATUS_TEXT[r.attemptStatus] || "Not ringing";
+    cls = r.link === "answered" ? "ended" : "bad";
+  } else if (stats.state === "opening") {
+    text = "Opening";
+  } else if (stats.state === "ringing" || stats.state === "answering") {
+    text = answerSent ? "Answering" : "Ringing";
   } else if (lost && !(st && FINAL.has(st))) {
     text = "Disconnected";
     cls = "bad";
@@ -164,9 +207,10 @@ function randomHex(bytes) {
 // Answering ---------------------------------------------------------------------
 
 async function answer() {
-  if (declined) return false;
+  if (ringEnded) return false;
   answerSent = true;
-  $("decline").hidden = true;
+  stopRingCheck();
+  renderRingButtons();
   let res;
   try {
     res = await fetch("/mock/api/answer", {
@@ -200,6 +244,7 @@ async function answer() {
     return false;
   }
   call.session = body.session;
+  stats.callStatus = null; // the ring's; the poll has the call's from now on
   call.streamUrl = streamUrlHere(body.streamUrl);
   call.parameters = body.parameters;
   call.pollUrl = body.pollUrl;
@@ -221,9 +266,9 @@ function streamUrlHere(given) {
 async function decline() {
   if (finished || answerSent) return;
   finished = true;
-  declined = true;
-  $("decline").disabled = true;
-  $("start-audio").hidden = true;
+  ringEnded = true;
+  stopRingCheck();
+  renderRingButtons();
   releaseMicrophone();
   $("banner").textContent = "Declining the call…";
   let res;
@@ -259,6 +304,7 @@ async function decline() {
     return;
   }
   stats.callStatus = body.status;
+  $("ring-title").textContent = "Declined";
   setState("declined", "You declined the call: callagent was told the line is busy.");
   const note = $("end-reason");
   if (body.nextAttemptAt) {
@@ -271,7 +317,8 @@ async function decline() {
   note.hidden = false;
 }
 
-// The microphone and the audio, when the call was declined while they were asked for.
+// The microphone and the audio, when the call was declined or stopped
+// ringing while they were asked for (or could not be used).
 function releaseMicrophone() {
   if (mic) for (const t of mic.getTracks()) t.stop();
   if (ctx && ctx.state !== "closed") ctx.close().catch(() => {});
@@ -309,13 +356,13 @@ async function openMicrophone() {
       audio: { channelCount: 1, echoCancellation: true, noiseSuppression: true, autoGainControl: true },
       video: false,
     });
-    if (declined) {
+    if (ringEnded) {
       releaseMicrophone();
       return false;
     }
     return true;
   } catch (e) {
-    if (declined) return false;
+    if (ringEnded) return false;
     const name = e && e.name;
     if (name === "NotAllowedError" || name === "SecurityError" || name === "PermissionDeniedError") {
       micProblem(
@@ -355,16 +402,26 @@ function rateWorks(rate) {
   }
 }
 
-async function startAudio() {
+// In the Answer click: the context is made and resumed in a user gesture,
+// which every browser's autoplay rules let play (made later, after the
+// microphone prompt, Safari would hold it). Its worklets load meanwhile.
+function prepareAudio() {
   ctx = new AudioContext({ latencyHint: "interactive" });
   if (!rateWorks(ctx.sampleRate)) {
-    await ctx.close();
+    ctx.close().catch(() => {});
     ctx = new AudioContext({ latencyHint: "interactive", sampleRate: 48000 });
   }
   stats.sampleRate = ctx.sampleRate;
-  await ctx.audioWorklet.addModule("/mock/static/capture-worklet.js");
-  await ctx.audioWorklet.addModule("/mock/static/playback-worklet.js");
+  ctx.resume().catch(() => {});
+  const c = ctx;
+  return c.audioWorklet
+    .addModule("/mock/static/capture-worklet.js")
+    .then(() => c.audioWorklet.addModule("/mock/static/playback-worklet.js"));
+}
 
+// Once the microphone is open: the worklets, wired to it and to the speaker.
+async function startAudio(ready) {
+  await ready;
   playback = new AudioWorkletNode(ctx, "mock-phone-playback", {
     numberOfInputs: 0,
     numberOfOutputs: 1,
@@ -387,25 +444,21 @@ async function startAudio() {
   ctx.createMediaStreamSource(mic).connect(capture);
 }
 
-// The context may take a moment to start (Firefox), or wait for a click
-// (autoplay rules): a button appears if it has not started within a second.
-function waitForAudioStart() {
-  if (ctx.state === "running") return Promise.resolve();
-  const btn = $("start-audio");
+// The context, made in the click, may take a moment to start (Firefox).
+// One that does not start within 3 s is one the browser holds back: false.
+function audioRunning() {
+  if (ctx.state === "running") return Promise.resolve(true);
   return new Promise((resolve) => {
-    const check = () => {
-      if (ctx.state !== "running") return;
+    const done = () => {
       ctx.removeEventListener("statechange", check);
       clearTimeout(timer);
-      btn.hidden = true;
-      resolve();
+      resolve(ctx.state === "running");
     };
-    const timer = setTimeout(() => {
-      btn.hidden = false;
-      $("banner").textContent = "Your browser paused the audio: press Start audio to talk.";
-    }, 1000);
+    const check = () => {
+      if (ctx.state === "running") done();
+    };
+    const timer = setTimeout(done, 3000);
     ctx.addEventListener("statechange", check);
-    btn.onclick = () => ctx.resume().then(check, () => {});
     ctx.resume().then(check, () => {});
   });
 }
@@ -599,7 +652,7 @@ function onStreamClosed(e) {
 }
 
 function hangUp() {
-  if (finished) return;
+  if (finished || !inCall) return;
   finished = true;
   seq++;
   send({ event: "stop", sequenceNumber: String(seq), streamSid, stop: { accountSid, callSid } });
@@ -729,11 +782,208 @@ function renderReport(r) {
   $("report-data-block").hidden = data.length === 0;
 }
 
+// The ring ----------------------------------------------------------------------------
+
+function ringUrl() {
+  return `/mock/api/ring/${encodeURIComponent(call.id)}?t=${encodeURIComponent(call.token)}`;
+}
+
+function stopRingCheck() {
+  if (ringTimer) clearTimeout(ringTimer);
+  ringTimer = null;
+}
+
+// GET the link's view: at once when the page opens, then every 500 ms while
+// it rings (and while the microphone prompt is open, until the answer).
+async function ringCheck() {
+  ringTimer = null;
+  if (answerSent || finished) return;
+  let res;
+  let body = null;
+  try {
+    res = await fetch(ringUrl(), { cache: "no-store" });
+    body = await res.json().catch(() => null);
+  } catch (e) {
+    if (answerSent || finished) return;
+    if (stats.state === "opening") {
+      fail(`Could not reach callagent at ${location.origin}: is it still running? (${e.message})`);
+      return;
+    }
+    noteError("ring: " + e.message);
+    // Three in a row (1.5 s): callagent is gone, and the call with it.
+    if (++ringFailures >= 3) {
+      ringEnded = true;
+      finished = true;
+      releaseMicrophone();
+      lostContact("it does not answer");
+      return;
+    }
+    ringTimer = setTimeout(ringCheck, 500);
+    return;
+  }
+  ringFailures = 0;
+  if (answerSent || finished) return; // answered or declined meanwhile: that request says how it went
+  if (!res.ok || !body || typeof body.link !== "string") {
+    const msg = body && body.error && body.error.message;
+    if (stats.state === "opening" || res.status === 403) {
+      if (res.status === 403) {
+        fail("This call link was already used or is not valid. Each link answers one call once: start a new call to get a new link.");
+      } else {
+        fail(`Could not open the call: HTTP ${res.status}${msg ? `: ${msg}` : ""}.`);
+      }
+      return;
+    }
+    noteError(`ring: HTTP ${res.status}`);
+    ringTimer = setTimeout(ringCheck, 500);
+    return;
+  }
+  if (stats.state === "opening") {
+    // Opened after it stopped ringing: the link can do nothing more.
+    if (body.link === "answered") {
+      fail("This call link was already used or is not valid. Each link answers one call once: start a new call to get a new link.");
+    } else if (body.link === "declined") {
+      fail("This call was declined from this link, so it cannot be answered. Each link answers one call once: start a new call to get a new link.");
+    } else if (body.link !== "ringing") {
+      fail("This call stopped ringing before it was answered: the link has expired. Start a new call to get a new link.");
+    } else {
+      showRing(body);
+      ringTimer = setTimeout(ringCheck, 500);
+    }
+    return;
+  }
+  if (body.link === "ringing") {
+    stats.ring = body;
+    ringTimer = setTimeout(ringCheck, 500);
+  } else if (body.link === "expired" && body.attemptStatus === "dialing" && ringUnsettled++ < 4) {
+    // The link stopped a moment before its attempt's end was recorded: how it ended comes next.
+    ringTimer = setTimeout(ringCheck, 100);
+  } else {
+    stoppedRinging(body);
+  }
+}
+
+// Who calls whom, from the link's view (the page shows only text it was given).
+function showRing(v) {
+  stats.ring = v;
+  stats.callStatus = v.status;
+  $("ring-from").textContent = v.callerName ? `callagent, on behalf of ${v.callerName}` : "callagent";
+  const to = v.to || "an unknown number";
+  $("ring-to").textContent = v.calleeName ? `${v.calleeName} (${to})` : to;
+  $("ring-call").textContent = v.attempt > 1 ? `${v.callId}, attempt ${v.attempt}` : v.callId;
+  $("ring-title").textContent = "Incoming call";
+  setState("ringing", "Incoming call: answer to talk to the agent, or decline it.");
+  $("answer").focus();
+}
+
+// The call stopped ringing while the page showed it: the page says why and
+// what comes next; nothing can answer or decline it from here any more.
+function stoppedRinging(v) {
+  finished = true;
+  ringEnded = true;
+  stopRingCheck();
+  releaseMicrophone();
+  stats.ring = v;
+  stats.callStatus = v.status;
+  let title;
+  let banner;
+  if (v.link === "answered") {
+    title = "Answered elsewhere";
+    banner = "The call was answered elsewhere: this link was opened in another window or tab, which took it.";
+  } else if (v.link === "declined") {
+    title = "Declined elsewhere";
+    banner = "The call was declined elsewhere: this link was opened in another window or tab, which declined it.";
+  } else if (v.attemptStatus === "no_answer") {
+    title = "Missed call";
+    banner = "Missed call: it stopped ringing before it was answered (call.ringTimeoutSec).";
+  } else if (v.attemptStatus === "canceled") {
+    title = "Call canceled";
+    banner = "The call stopped ringing: callagent hung up before it was answered.";
+  } else {
+    title = "Stopped ringing";
+    const st = v.attemptStatus && v.attemptStatus !== "dialing" ? STATUS_TEXT[v.attemptStatus] || v.attemptStatus : "";
+    banner = `The call stopped ringing${st ? ` (${st})` : ""}.`;
+  }
+  $("ring-title").textContent = title;
+  setState("stopped", banner);
+  const note = $("end-reason");
+  if (v.nextAttemptAt) {
+    const at = new Date(v.nextAttemptAt);
+    const when = isNaN(at) ? v.nextAttemptAt : at.toLocaleTimeString();
+    note.textContent = `callagent calls again at ${when} (attempt ${v.attempt + 1}), under a new link: the call's hint (GET /v1/calls/${v.callId}) has it.`;
+    note.hidden = false;
+  } else if (FINAL.has(v.status)) {
+    note.textContent = `The call ended: ${STATUS_TEXT[v.status] || v.status}.`;
+    note.hidden = false;
+  }
+}
+
+// Answer: the audio context in the click itself, then the microphone, then
+// the answer. callagent waits 15 s for an answered call's stream, and a
+// person may take longer than that over the microphone prompt. A page that
+// cannot talk answers and hangs up at once, so that the call ends now
+// instead of ringing on.
+async function answerCall() {
+  if (stats.state !== "ringing" || finished) return;
+  let ready;
+  try {
+    ready = prepareAudio();
+  } catch (e) {
+    ready = Promise.reject(e);
+  }
+  ready.catch(() => {}); // awaited below, unless the call is declined first
+  setState("answering", "Allow the microphone to answer the call, or decline it.");
+  if (!(await openMicrophone())) {
+    if (ringEnded) return;
+    releaseMicrophone();
+    await answerToEnd();
+    return;
+  }
+  try {
+    await startAudio(ready);
+  } catch (e) {
+    releaseMicrophone();
+    if (ringEnded) return;
+    fail(`The audio could not start in this browser: ${e.message}. The call was hung up.`, "Call ended");
+    await answerToEnd();
+    return;
+  }
+  if (ringEnded) return releaseMicrophone();
+  if (!(await audioRunning())) {
+    releaseMicrophone();
+    if (ringEnded) return;
+    fail("The browser did not start the audio for this page, so the call was hung up. Allow sound for this site and place the call again.", "Call ended");
+    await answerToEnd();
+    return;
+  }
+  if (ringEnded) return releaseMicrophone();
+  setState("answering", "Answering the call…");
+  if (!(await answer())) {
+    releaseMicrophone();
+    return;
+  }
+  inCall = true;
+  setState("answering");
+  poll();
+  connect();
+}
+
+// The call answered and hung up at once: it ends now, as it would for a
+// phone picked up and put down.
+async function answerToEnd() {
+  if (await answer()) {
+    poll(); // shows the call end
+    postHangup();
+  }
+}
+
 // Start ---------------------------------------------------------------------------
 
 async function main() {
-  setState("answering", "Answering the call…");
+  setState("opening", "Opening the call link…");
   $("hangup").onclick = () => hangUp();
+  $("answer").onclick = () => {
+    answerCall().catch(pageFailed);
+  };
   $("decline").onclick = () => decline();
   for (const b of $("keypad").querySelectorAll("button")) b.onclick = () => sendDigit(b.dataset.digit);
   document.addEventListener("keydown", (e) => {
@@ -755,48 +1005,14 @@ async function main() {
     fail("This link is incomplete: it needs the call id and the ?t= token. Open the whole link callagent printed.");
     return;
   }
-  // The microphone and the audio first, then the answer: callagent waits
-  // 15 s for an answered call's stream, and a person may take longer than
-  // that over the microphone prompt. A page that cannot talk answers and
-  // hangs up at once, so that the call ends now instead of ringing on.
-  $("banner").textContent = "Allow the microphone to answer the call, or decline it.";
-  if (!(await openMicrophone())) {
-    if (declined) return;
-    if (await answer()) {
-      poll(); // shows the call end
-      postHangup();
-    }
-    return;
-  }
-  try {
-    await startAudio();
-  } catch (e) {
-    if (mic) for (const t of mic.getTracks()) t.stop();
-    if (declined) return;
-    fail(`The audio could not start in this browser: ${e.message}. The call was hung up.`, "Call ended");
-    if (await answer()) {
-      poll(); // shows the call end
-      postHangup();
-    }
-    return;
-  }
-  if (declined) {
-    releaseMicrophone();
-    return;
-  }
-  await waitForAudioStart();
-  if (finished) return;
-  setState("answering", "Answering the call…");
-  if (!(await answer())) {
-    if (mic) for (const t of mic.getTracks()) t.stop();
-    return;
-  }
-  poll();
-  connect();
+  await ringCheck();
 }
 
-main().catch((e) => {
+function pageFailed(e) {
   noteError(String(e && e.stack ? e.stack : e));
   fail(`Something went wrong on this page: ${e && e.message ? e.message : e}`, "Call ended");
+  releaseMicrophone();
   postHangup();
-});
+}
+
+main().catch(pageFailed);

@@ -5,8 +5,24 @@
 //     URL         the hint of a mock call (http://127.0.0.1:PORT/mock/call/ID?t=...)
 //     WAV         16-bit PCM WAV the fake microphone plays (looped by Chromium)
 //     SCREENSHOT  where the PNG of the page at the end goes
+//
+// The page rings first: once it shows Answer and Decline, what it shows is
+// recorded in .ring {title, from, to, call, banner, status, focused (the id
+// of the focused element), answer, decline (each {enabled}), micRequests
+// (getUserMedia calls so far), micPermission (the Permissions API's state)},
+// and Answer is clicked (found by its accessible name), unless an option
+// below says otherwise. Chromium runs with its usual autoplay rules: the
+// click is what lets the page's audio play. The microphone permission is
+// granted beforehand (a browser that remembers it), and .micRequests at the
+// end counts the page's getUserMedia calls.
+//
 //   --deny-mic          the microphone is refused: no fake-UI auto-accept,
 //                       --deny-permission-prompts, and the context grants nothing
+//   --dial              URL is the dial form (/mock/): press its Call, which
+//                       opens the new call's page; .callId is that call's
+//   --answer-key        answer with the Enter key (on the focused element)
+//                       instead of a click
+//   --ring-shot=PATH    a screenshot of the ringing page, before answering
 //   --press=DIGITS      once connected, click these keypad keys
 //   --hangup-after=MS   click Hang up MS after the stream connected
 //   --live-shot=PATH    a screenshot 2 s after the stream connected
@@ -14,9 +30,15 @@
 //                       what the page says in .reopen {state, problem}
 //   --mic-delay=MS      the microphone is granted MS after the page asks (a person
 //                       reading the prompt)
-//   --decline           click Decline while the page rings (with --mic-delay, so
-//                       that it has not answered yet); the end is then the page
-//                       leaving "answering", whatever the call's status
+//   --decline           click Decline (not Answer) while the page rings; the end
+//                       is then the page's "declined" (or another end of the
+//                       ring), whatever the call's status
+//   --api-hangup        neither button: once it rings, hang the call up through
+//                       callagent's API (POST /v1/calls/ID/hangup); the end is
+//                       the page leaving "ringing"
+//   --answer-elsewhere  neither button: once it rings, answer it as another tab
+//                       with the same link would (POST /mock/api/answer); the
+//                       end as for --api-hangup
 //   --forward           open URL through a TCP forward on another port (as
 //                       ssh -L does), which counts the connections that upgrade
 //                       to /voice/stream: .forward {streams}
@@ -27,13 +49,15 @@
 //   --timeout=MS        how long to wait for the end (default 30000)
 //   --chromium=PATH     the browser (default /usr/bin/chromium)
 //
-// The end: the page's state is no longer "answering" or "connected", the
-// call status it polls is final, and - unless --deny-mic or --hangup-after -
-// the report is on the page. window.mockPhone.stats is sampled every 100 ms
-// meanwhile. Then the screenshot is saved and one JSON line printed:
+// The end: the page's state is no longer "opening", "ringing", "answering"
+// or "connected", the call status it polls is final, and - unless --deny-mic
+// or --hangup-after - the report is on the page. window.mockPhone.stats is
+// sampled every 100 ms meanwhile. Then the screenshot is saved and one JSON
+// line printed:
 //   {ok, elapsedMs, stats, samples: [[ms, playedSamples, clears, lastPeak,
-//    mediaReceived, framesSent, droppedOnClear, marksEchoed]...],
-//    banner, problem, status, reportText, transcriptText, endText, console,
+//    mediaReceived, framesSent, droppedOnClear, marksEchoed]...], ring,
+//    banner, problem, status, ringTitle, reportText, transcriptText, endText,
+//    buttons {answer, decline: {visible, enabled}}, micRequests, console,
 //    reopen}
 // ok is false (exit status 1) with .error when something failed on the way.
 import { chromium } from "playwright-core";
@@ -48,6 +72,11 @@ for (const a of process.argv.slice(2)) {
   if (a === "--deny-mic") opts.denyMic = true;
   else if (a === "--reopen") opts.reopen = true;
   else if (a === "--decline") opts.decline = true;
+  else if (a === "--api-hangup") opts.apiHangup = true;
+  else if (a === "--answer-elsewhere") opts.answerElsewhere = true;
+  else if (a === "--answer-key") opts.answerKey = true;
+  else if (a === "--dial") opts.dial = true;
+  else if (a.startsWith("--ring-shot=")) opts.ringShot = a.slice(12);
   else if (a.startsWith("--press=")) opts.press = a.slice(8);
   else if (a.startsWith("--hangup-after=")) opts.hangupAfter = Number(a.slice(15));
   else if (a.startsWith("--live-shot=")) opts.liveShot = a.slice(12);
@@ -105,6 +134,15 @@ async function startForward(target) {
   };
 }
 
+// A button by its accessible name, as a screen reader finds it.
+const button = (page, name) => page.getByRole("button", { name, exact: true });
+
+async function buttonState(page, name) {
+  const b = button(page, name);
+  const visible = (await b.count()) === 1 && (await b.isVisible());
+  return { visible, enabled: visible && (await b.isEnabled()) };
+}
+
 async function visibleText(page, id) {
   return page.evaluate((i) => {
     const el = document.getElementById(i);
@@ -129,7 +167,6 @@ async function run() {
     "--disable-quic",
     "--use-fake-device-for-media-stream",
     `--use-file-for-fake-audio-capture=${wav}`,
-    "--autoplay-policy=no-user-gesture-required",
   ];
   args.push(opts.denyMic ? "--deny-permission-prompts" : "--use-fake-ui-for-media-stream");
   let context;
@@ -139,20 +176,24 @@ async function run() {
       headless: true,
       args,
       viewport: { width: 1100, height: 860 },
-      permissions: [],
+      permissions: opts.denyMic ? [] : ["microphone"],
     });
     const page = context.pages()[0] || (await context.newPage());
     page.on("console", (m) => {
       if (m.type() === "error" || m.type() === "warning") out.console.push(`${m.type()}: ${m.text()}`.slice(0, 300));
     });
     page.on("pageerror", (e) => out.console.push(`pageerror: ${e.message}`.slice(0, 300)));
-    if (opts.micDelay) {
-      await page.addInitScript((ms) => {
-        const md = navigator.mediaDevices;
-        const ask = md.getUserMedia.bind(md);
-        md.getUserMedia = (c) => new Promise((r) => setTimeout(r, ms)).then(() => ask(c));
-      }, opts.micDelay);
-    }
+    // Counts the page's microphone requests; with --mic-delay, grants them late.
+    await page.addInitScript((ms) => {
+      window.__micRequests = 0;
+      const md = navigator.mediaDevices;
+      if (!md) return;
+      const ask = md.getUserMedia.bind(md);
+      md.getUserMedia = (c) => {
+        window.__micRequests++;
+        return ms ? new Promise((r) => setTimeout(r, ms)).then(() => ask(c)) : ask(c);
+      };
+    }, opts.micDelay || 0);
     let forward = null;
     if (opts.forward) {
       forward = await startForward(url);
@@ -160,12 +201,19 @@ async function run() {
       url = forward.url;
     }
     await page.goto(url, { waitUntil: "load" });
+    if (opts.dial) {
+      await button(page, "Call").click();
+      await page.waitForURL(/\/mock\/call\//, { timeout: 10000 });
+      url = page.url();
+      out.callId = callIdOf(url);
+    }
 
     const samples = [];
     const start = Date.now();
     const deadline = start + opts.timeout;
-    const wantReport = !opts.denyMic && !opts.decline && opts.hangupAfter == null && opts.cutAfter == null;
-    let declined = false;
+    const watchRing = opts.apiHangup || opts.answerElsewhere;
+    const wantReport = !opts.denyMic && !opts.decline && !watchRing && opts.hangupAfter == null && opts.cutAfter == null;
+    let rang = false;
     let cutAt = null;
     let connectedAt = null;
     let pressed = false;
@@ -194,9 +242,22 @@ async function run() {
           s.marksEchoed,
         ]);
         if (s.state === "connected" && connectedAt === null) connectedAt = now;
-        if (opts.decline && !declined && s.state === "answering" && (await page.isVisible("#decline"))) {
-          declined = true;
-          await page.click("#decline");
+        if (!rang && s.state === "ringing") {
+          rang = true;
+          out.ring = await ringView(page);
+          if (opts.ringShot) {
+            fs.mkdirSync(path.dirname(opts.ringShot), { recursive: true });
+            await page.screenshot({ path: opts.ringShot, fullPage: true });
+          }
+          if (opts.decline) await button(page, "Decline").click();
+          else if (opts.apiHangup) out.action = await post(new URL(url).origin + "/v1/calls/" + callIdOf(url) + "/hangup", {});
+          else if (opts.answerElsewhere) {
+            out.action = await post(new URL(url).origin + "/mock/api/answer", {
+              callId: callIdOf(url),
+              token: new URL(url).searchParams.get("t"),
+            });
+          } else if (opts.answerKey) await page.keyboard.press("Enter");
+          else await button(page, "Answer").click();
         }
         if (connectedAt !== null && s.state === "connected") {
           if (!pressed && opts.press) {
@@ -217,7 +278,7 @@ async function run() {
             await page.click("#hangup");
           }
         }
-        const over = s.state !== "answering" && s.state !== "connected";
+        const over = !["opening", "ringing", "answering", "connected"].includes(s.state);
         if (cutAt !== null) {
           // callagent is gone: no final status will come; the page is watched.
           if (now - cutAt >= 1500 && !out.afterCut) out.afterCut = { errorsAt1500ms: s.errors.length };
@@ -226,7 +287,7 @@ async function run() {
             done = true;
             break;
           }
-        } else if (over && (opts.decline || (FINAL.includes(s.callStatus) && (!wantReport || last.reportShown)))) {
+        } else if (over && (opts.decline || watchRing || (FINAL.includes(s.callStatus) && (!wantReport || last.reportShown)))) {
           done = true;
           break;
         }
@@ -238,21 +299,24 @@ async function run() {
     out.banner = await visibleText(page, "banner");
     out.problem = await visibleText(page, "problem");
     out.status = await visibleText(page, "status");
+    out.ringTitle = await visibleText(page, "ring-title");
+    out.buttons = { answer: await buttonState(page, "Answer"), decline: await buttonState(page, "Decline") };
+    out.micRequests = await page.evaluate(() => window.__micRequests);
     out.reportText = await visibleText(page, "report");
     out.transcriptText = await visibleText(page, "transcript");
     out.endText = await visibleText(page, "end-reason");
     fs.mkdirSync(path.dirname(shot), { recursive: true });
     await page.screenshot({ path: shot, fullPage: true });
     if (!done) throw new Error(`the call did not end on the page within ${opts.timeout} ms (state ${last && last.stats.state})`);
+    if (!rang) throw new Error(`the page never rang (state ${last && last.stats.state})`);
     if (opts.reopen) {
       await page.goto(url, { waitUntil: "load" });
       const until = Date.now() + 5000;
       let st = null;
       while (Date.now() < until) {
         st = await page.evaluate(() => window.mockPhone && window.mockPhone.stats.state);
-        // The microphone comes before the answer: refused, the page then
-        // answers (to end the call) and learns the link was used.
-        if (st && st !== "answering" && st !== "mic-denied") break;
+        // The link's view tells a used link at once.
+        if (st && st !== "opening") break;
         await sleep(50);
       }
       out.reopen = { state: st, problem: await visibleText(page, "problem") };
@@ -262,6 +326,39 @@ async function run() {
     if (context) await context.close().catch(() => {});
     fs.rmSync(profile, { recursive: true, force: true });
   }
+}
+
+function callIdOf(u) {
+  return decodeURIComponent(new URL(u).pathname.split("/").pop());
+}
+
+async function post(u, body) {
+  const res = await fetch(u, { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
+  return { status: res.status, body: await res.json().catch(() => null) };
+}
+
+async function ringView(page) {
+  const view = await page.evaluate(async () => {
+    const text = (id) => document.getElementById(id).innerText.trim();
+    let micPermission = null;
+    try {
+      micPermission = (await navigator.permissions.query({ name: "microphone" })).state;
+    } catch {}
+    return {
+      title: text("ring-title"),
+      from: text("ring-from"),
+      to: text("ring-to"),
+      call: text("ring-call"),
+      banner: text("banner"),
+      status: text("status"),
+      focused: document.activeElement && document.activeElement.id,
+      micRequests: window.__micRequests,
+      micPermission,
+    };
+  });
+  view.answer = await buttonState(page, "Answer");
+  view.decline = await buttonState(page, "Decline");
+  return view;
 }
 
 run().then(
