@@ -3,8 +3,16 @@
 -- no public address of its own.
 --
 --   local tunnel = require "callagent.tunnel"
---   local t, err = tunnel.open(cfg.tunnel, port, host)   inside a task; waits up to tunnel.timeoutSec
---                (host: the address the server listens on, 127.0.0.1 if not given)
+--   local t, err = tunnel.open(cfg.tunnel, port, host, opts)   inside a task; waits up to tunnel.timeoutSec
+--                (host: the address the server listens on, 127.0.0.1 if not given;
+--                opts.cancel: a tunnel.cancel() that may end the opening)
+--   local c = tunnel.cancel()
+--   c:cancel()   ends an open under way with nil, "tunnel: canceled" (kind
+--                "canceled" as third value): ngrok is stopped, a running
+--                tailscale command killed, and a `funnel --bg` followed by
+--                `funnel --https=443 off`, as at the timeout; open returns
+--                once that is done (a few seconds at most). An open given a
+--                canceled one fails at once. c.canceled: whether it was.
 --   t.url        "https://abcd.ngrok-free.app": no trailing slash, exactly the
 --                base URL the vendor calls (and signs requests for)
 --   t.provider   "ngrok" or "tailscale"
@@ -56,6 +64,46 @@ local POLL_MS = 250
 local STOP_MS = 3000 -- how long close() waits for a child before SIGKILL
 local OFF_MS = 5000 -- how long close() waits for `tailscale funnel ... off`
 local NOT_INSTALLED = "not installed"
+local CANCELED = "canceled"
+
+local Cancel = {}
+Cancel.__index = Cancel
+
+function M.cancel()
+  return setmetatable({ canceled = false, hooks = {} }, Cancel)
+end
+
+function Cancel:cancel()
+  if self.canceled then
+    return
+  end
+  self.canceled = true
+  local hooks = self.hooks
+  self.hooks = {}
+  for fn in pairs(hooks) do
+    fn()
+  end
+end
+
+-- fn() runs when c is canceled (at once if it is already; never without a
+-- c); returns the function that unhooks it.
+local function on_cancel(c, fn)
+  if not c then
+    return function() end
+  end
+  if c.canceled then
+    fn()
+    return function() end
+  end
+  c.hooks[fn] = true
+  return function()
+    c.hooks[fn] = nil
+  end
+end
+
+local function canceled(c)
+  return c ~= nil and c.canceled
+end
 
 local Tunnel = {}
 Tunnel.__index = Tunnel
@@ -189,7 +237,7 @@ local function ngrok_said(st)
   return st.code and (st.headline .. " (" .. st.code .. ")") or st.headline
 end
 
-local function open_ngrok(cfg, port, deadline)
+local function open_ngrok(cfg, port, deadline, cancel)
   local st = {}
   local wake = task.queue(1)
   local function poke()
@@ -230,12 +278,17 @@ local function open_ngrok(cfg, port, deadline)
     end
     return nil, "ngrok cannot be started: " .. err
   end
-  local function fail(msg)
+  local unhook = on_cancel(cancel, poke)
+  local function fail(msg, kind)
+    unhook()
     stop_child(p)
-    return nil, msg
+    return nil, msg, kind
   end
   while true do
     wake:pop(POLL_MS)
+    if canceled(cancel) then
+      return fail(CANCELED, CANCELED)
+    end
     if st.auth then
       return fail("ngrok is not logged in: run `ngrok config add-authtoken <token>` (ngrok said: "
         .. (st.auth_line or ngrok_said(st)) .. ")")
@@ -252,7 +305,11 @@ local function open_ngrok(cfg, port, deadline)
       connect_timeout = 500,
     })
     local url = res and res.status == 200 and find_tunnel(res.body, port)
+    if canceled(cancel) then
+      return fail(CANCELED, CANCELED)
+    end
     if url and not p.done then
+      unhook()
       tun = new_tunnel("ngrok", url, function()
         stop_child(p)
       end)
@@ -271,8 +328,9 @@ end
 -- tailscale
 
 -- Runs a short tailscale command, waiting at most ms: a result {code,
--- signal, out (stdout lines), lines (both streams), timed_out}, or nil, err
--- when it cannot start.
+-- signal, out (stdout lines), lines (both streams), timed_out, canceled}, or
+-- nil, err when it cannot start. opts.cancel canceled: the command is
+-- stopped as at the timeout.
 -- What is kept of a command's output: the JSON of `status` (a big tailnet's
 -- runs to a few MB), and lines enough for an error message. A CLI that
 -- floods its output is not kept in memory, nor searched line by line.
@@ -309,8 +367,16 @@ local function run(args, ms, opts)
   if ms == false then
     return r
   end
+  local cancel = opts and opts.cancel
+  local unhook = on_cancel(cancel, function()
+    p:kill("SIGTERM") -- its wait below returns
+  end)
   local code, sig = p:wait(math.max(1, math.floor(ms)))
-  if code == nil and sig == "ETIMEDOUT" then
+  unhook()
+  if canceled(cancel) then
+    stop_child(p)
+    r.canceled = true
+  elseif code == nil and sig == "ETIMEDOUT" then
     stop_child(p)
     r.timed_out = true
   else
@@ -397,18 +463,24 @@ local function funnel_off()
   end
 end
 
-local function open_tailscale(cfg, port, deadline)
+local function open_tailscale(cfg, port, deadline, cancel)
   local function left()
     return deadline - timer.now()
   end
   local status
   while true do
-    local r, err = run({ "status", "--json" }, left())
+    if canceled(cancel) then
+      return nil, CANCELED, CANCELED
+    end
+    local r, err = run({ "status", "--json" }, left(), { cancel = cancel })
     if not r then
       if not_found(err) then
         return nil, "tailscale is not installed (not found in PATH)", NOT_INSTALLED
       end
       return nil, "tailscale cannot be started: " .. err
+    end
+    if r.canceled then
+      return nil, CANCELED, CANCELED
     end
     if r.timed_out or r.code ~= 0 then
       return nil, tailscale_error("status --json", r, cfg.timeoutSec)
@@ -423,18 +495,29 @@ local function open_tailscale(cfg, port, deadline)
     if status.BackendState ~= "Starting" or left() < 2 * POLL_MS then
       return nil, state_error(status.BackendState)
     end
-    timer.sleep(2 * POLL_MS)
+    local wake = task.queue(1)
+    local unhook = on_cancel(cancel, function()
+      wake:push(true)
+    end)
+    wake:pop(2 * POLL_MS)
+    unhook()
+  end
+  if canceled(cancel) then
+    return nil, CANCELED, CANCELED
   end
 
-  local r, err = run({ "funnel", "--bg", tostring(port) }, math.max(1, left()))
+  local r, err = run({ "funnel", "--bg", tostring(port) }, math.max(1, left()), { cancel = cancel })
   if not r then
     return nil, "tailscale cannot be started: " .. err
   end
-  if r.timed_out then
+  if r.timed_out or r.canceled then
     -- Stopped halfway, it may have published the port already (tailscaled
     -- took the setting, the CLI was still waiting on something): undone,
     -- or the machine would stay on the internet with nothing behind it.
     funnel_off()
+  end
+  if r.canceled then
+    return nil, CANCELED, CANCELED
   end
   if r.timed_out or r.code ~= 0 then
     return nil, tailscale_error("funnel --bg " .. port, r, cfg.timeoutSec)
@@ -472,9 +555,11 @@ end
 -- address, nor IPv6 (the server listens there IPv6 only, "::" too).
 local REACHED = { ["127.0.0.1"] = true, localhost = true, ["0.0.0.0"] = true }
 
-function M.open(cfg, port, host)
+function M.open(cfg, port, host, opts)
   assert(math.type(port) == "integer" and port > 0 and port < 65536, "tunnel.open needs a port number")
   assert(task.running(), "tunnel.open must be called inside a task (see callagent.task.spawn)")
+  local cancel = opts and opts.cancel
+  assert(cancel == nil or getmetatable(cancel) == Cancel, "tunnel.open: opts.cancel must come from tunnel.cancel()")
   cfg = with_defaults(cfg)
   local provider = cfg.provider
   if provider == "none" then
@@ -488,9 +573,15 @@ function M.open(cfg, port, host)
   end
   -- One deadline, for auto's both tries too: tunnel.timeoutSec is what opening may take.
   local deadline = timer.now() + cfg.timeoutSec * 1000
+  if canceled(cancel) then
+    return nil, "tunnel: " .. CANCELED, CANCELED
+  end
   local single = OPENERS[provider]
   if single then
-    local t, err, kind = single(cfg, port, deadline)
+    local t, err, kind = single(cfg, port, deadline, cancel)
+    if kind == CANCELED then
+      return nil, "tunnel: " .. CANCELED, CANCELED
+    end
     if t then
       return opened(t)
     end
@@ -509,7 +600,10 @@ function M.open(cfg, port, host)
       -- Started now, it would be killed at once, with a misleading reason.
       err = string.format("%s was not tried: the first took all of tunnel.timeoutSec (%d s)", name, cfg.timeoutSec)
     else
-      t, err, kind = OPENERS[name](cfg, port, deadline)
+      t, err, kind = OPENERS[name](cfg, port, deadline, cancel)
+    end
+    if kind == CANCELED then
+      return nil, "tunnel: " .. CANCELED, CANCELED
     end
     if t then
       return opened(t)
