@@ -149,6 +149,18 @@ T.test('tunnel.provider "none" refuses at once and points to server.publicBaseUr
   T.eq(err, 'tunnel: tunnel.provider is "none"; set server.publicBaseUrl to the URL the telephony vendor reaches this server at')
 end)
 
+T.test("tunnel.open given a canceled tunnel.cancel() fails at once, starting nothing", function()
+  local c = tunnel.cancel()
+  T.eq(c.canceled, false)
+  c:cancel()
+  c:cancel()
+  T.eq(c.canceled, true)
+  local t, err, kind = tunnel.open({ provider = "auto" }, PORT, nil, { cancel = c })
+  T.eq(t, nil)
+  T.eq({ err, kind }, { "tunnel: canceled", "canceled" })
+  T.ok(not pcall(tunnel.open, { provider = "ngrok" }, PORT, nil, { cancel = {} }), "a cancel of another kind is refused")
+end)
+
 T.test("ngrok: the https URL comes from ngrok's own API (the address it logs), and close() ends ngrok with SIGTERM", function()
   -- ngrokApiUrl points nowhere: the API must be found through ngrok's "starting web service" line.
   local r, p, logs = scenario({
@@ -609,6 +621,89 @@ end)
   local pid = grep(log, "^start pid=(%d+) ")
   T.ok(pid, "ngrok was started")
   T.eq(grep(log, "^end pid=" .. pid .. " signal=(%S+)$"), "SIGTERM", "and stopped")
+end)
+
+-- A Twilio app with its own shutdown hook (a signal stops it), a sqlite
+-- store at DB and the tunnel of TUNNEL (timeoutSec 20). It prints start()'s
+-- outcome; a failed start exits 3 unless the program is stopping anyway.
+local SIGNAL_APP = [[
+local callagent = require "callagent"
+local task = require "callagent.task"
+local runtime = require "callagent.runtime"
+local app = assert(callagent.app({
+  telephony = { provider = "twilio" },
+  server = { port = 0 },
+  twilio = { accountSid = "AC" .. string.rep("0", 32), authToken = "dummy-auth-token", fromNumber = "+15550001111" },
+  openai = { apiKey = "sk-dummy" },
+  tunnel = { provider = os.getenv("TUNNEL"), timeoutSec = 20 },
+  store = { backend = "sqlite", path = os.getenv("DB") },
+}))
+task.spawn(function()
+  local ok, err = app:start()
+  io.stdout:write("START: ", tostring(ok and "ok"), " ", tostring(err), "\n")
+  io.stdout:flush()
+  if not ok and not runtime.shutting_down() then
+    runtime.stop(3)
+  end
+end)
+]]
+
+-- SIGTERM to a SIGNAL_APP once ready() is true: its exit status, how long it
+-- took to exit, the process.
+local function signal_during_start(env, ready)
+  local timer = require "callagent.timer"
+  local app = spawn_tunnel_app(SIGNAL_APP, env)
+  local p = app.p
+  T.wait_for(function()
+    return ready() or p.done
+  end, 10000, "the tunnel opening")
+  T.ok(not p.done and not app.ready, "still starting; stdout: " .. p.text() .. " stderr: " .. p.errtext())
+  local t0 = timer.now()
+  T.ok(p:kill("SIGTERM"))
+  local code = p:wait(15000)
+  return code, timer.now() - t0, p
+end
+
+T.test("SIGTERM while ngrok opens: start() fails as stopped, ngrok is stopped, the store closed, at once", function()
+  local dir = T.tmpdir()
+  local logfile = dir .. "/ngrok.log"
+  local db = dir .. "/calls.db"
+  local code, ms, p = signal_during_start(app_env(bindir({ "ngrok" }), logfile,
+    { FAKE_NGROK_DELAY_MS = "60000", TUNNEL = "ngrok", DB = db }), function()
+    return grep(read_lines(logfile), "^start pid=(%d+) ") ~= nil
+  end)
+  T.eq(code, 0, "the exit status of a signal's stop; stderr: " .. p.errtext())
+  T.lt(ms, 5000, "no waiting for tunnel.timeoutSec")
+  T.eq(p.text(), "START: nil stopped during start", "start() returned")
+  T.no_match(p.errtext(), "ERROR")
+  T.no_match(p.errtext(), "still running after grace period")
+  local log = read_lines(logfile)
+  local pid = grep(log, "^start pid=(%d+) ")
+  T.eq(grep(log, "^end pid=" .. pid .. " signal=(%S+)$"), "SIGTERM", "ngrok was stopped")
+  T.ok(pid_gone(tonumber(pid)), "no ngrok process is left")
+  -- Closed, not left to the exit: its WAL was checkpointed and removed.
+  T.eq(require("callagent.core").stat(db .. "-wal"), nil, "the store's WAL is gone")
+  local store = require("callagent.store").open({ backend = "sqlite", path = db })
+  T.ok(store, "the store opens at once, not in use")
+  store:close()
+end)
+
+T.test("SIGTERM while `tailscale funnel --bg` hangs after publishing: the CLI is stopped and `funnel off` undoes it", function()
+  local dir = T.tmpdir()
+  local tslog = dir .. "/tailscale.log"
+  local code, ms, p = signal_during_start(app_env(bindir({ "tailscale" }), dir .. "/ngrok.log",
+    { FAKE_TAILSCALE_MODE = "hang", FAKE_TAILSCALE_LOG = tslog, TUNNEL = "tailscale", DB = dir .. "/calls.db" }),
+    function()
+      local l = read_lines(tslog)
+      return l[#l] == "published"
+    end)
+  T.eq(code, 0, "the exit status of a signal's stop; stderr: " .. p.errtext())
+  T.lt(ms, 5000, "no waiting for tunnel.timeoutSec")
+  T.eq(p.text(), "START: nil stopped during start", "start() returned")
+  local log = read_lines(tslog)
+  T.match(log[3] or "", "^funnel %-%-bg %d+$")
+  T.eq({ log[1], log[2], log[4], log[5], log[6], log[7] },
+    { "status --json", "exit 0", "published", "funnel --https=443 off", "exit 0" }, table.concat(log, " | "))
 end)
 
 T.test("app:start() outside a task is refused at once, before anything listens", function()

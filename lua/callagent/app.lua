@@ -359,6 +359,35 @@ function App:start()
   if not coroutine.isyieldable() then
     error("app:start() must run inside a task (task.spawn): it may wait for the store and a tunnel", 2)
   end
+  -- From here on a signal stops the app as app:stop() does, a start under
+  -- way included: without a hook then, the runtime stopped the loop at once,
+  -- with the tunnel opening (a published Funnel never undone).
+  if not self.opts.no_shutdown_hook and not self.shutdown_hook then
+    self.shutdown_hook = runtime.on_shutdown(function()
+      if self.starting or self.started then
+        self:stop()
+      end
+    end)
+  end
+  -- What app:stop() needs of a start under way: the tunnel's cancel, and
+  -- the waiters for its return (an error's too).
+  local starting = { cancel = require("callagent.tunnel").cancel(), waiters = {}, co = coroutine.running() }
+  self.starting = starting
+  local ok, err
+  do
+    local _ <close> = setmetatable({}, { __close = function()
+      self.starting = nil
+      self.started = ok and true or nil
+      for _, wake in ipairs(starting.waiters) do
+        wake()
+      end
+    end })
+    ok, err = self:_start()
+  end
+  return ok, err
+end
+
+function App:_start()
   local cfg = self.config
   -- A long-running server: start a collection when the heap has grown 30%
   -- over what the last one kept, not the default 100%. Per call that is
@@ -450,7 +479,9 @@ function App:start()
   end
   if not self.public_base and self.provider.needs_public_url then
     local tunnel = require "callagent.tunnel"
-    local pub, terr = tunnel.open(cfg.tunnel, srv.port, srv.host)
+    -- app:stop() (a signal's too) cancels the opening: no waiting for it
+    -- up to tunnel.timeoutSec.
+    local pub, terr = tunnel.open(cfg.tunnel, srv.port, srv.host, { cancel = self.starting.cancel })
     if not pub then
       return fail(self.stopped and "stopped during start" or terr)
     end
@@ -460,6 +491,13 @@ function App:start()
     end
     self.tunnel = pub
     self.public_base = pub.url
+  end
+  if self.stopped then -- app:stop() while the provider's init waited, say
+    if self.tunnel then
+      self.tunnel:close()
+      self.tunnel = nil
+    end
+    return fail("stopped during start")
   end
   local public_host = self.public_base and self.public_base:match("^%a[%w+.-]*://([^/?#]*)")
   if public_host and not api.loopback_host(public_host) and not cfg.server.apiToken then
@@ -502,11 +540,6 @@ function App:start()
     provider = self.provider.name,
     store = cfg.store.backend,
   })
-  if not self.opts.no_shutdown_hook then
-    runtime.on_shutdown(function()
-      self:stop()
-    end)
-  end
   return self
 end
 
@@ -579,7 +612,14 @@ function App:stop()
   end
   self.stopped = true
   self.stop_waiters = {}
-  local deadline = timer.now() + runtime.grace_ms - TUNNEL_RESERVE_MS -- for all but the tunnel
+  local stop_at = timer.now()
+  local deadline = stop_at + runtime.grace_ms - TUNNEL_RESERVE_MS -- for all but the tunnel
+  local starting = self.starting
+  if starting then
+    -- start() under way: a tunnel opening ends now (ngrok stopped, a
+    -- `funnel --bg` undone), and start() returns "stopped during start".
+    starting.cancel:cancel()
+  end
   if self.engine then
     -- The tunnel and the store close after the hang-ups (the tunnel stays
     -- open meanwhile: the vendor's final status callbacks come through it),
@@ -631,6 +671,15 @@ function App:stop()
   -- store's close past the grace period.
   if self.tunnel then
     self.tunnel:close()
+  end
+  -- A start under way closes what it opened (the tunnel too) before it
+  -- returns: inside a task, that is waited for (within the grace), or a
+  -- signal's stop would end the program before.
+  if starting and self.starting == starting and task.running() and coroutine.running() ~= starting.co then
+    local _, err = task.wait_in(starting.waiters, math.max(1, stop_at + runtime.grace_ms - timer.now()))
+    if err then
+      log.warn("app:start() had not returned at the end of the stop's grace period", { grace_ms = runtime.grace_ms })
+    end
   end
   local waiters = self.stop_waiters
   self.stop_waiters = nil
