@@ -49,6 +49,9 @@ end
 
 task.spawn(function()
   local ok, serr = app:start()
+  if not ok and runtime.shutting_down() then
+    return -- stopped by a signal while it started: the stop's exit status stands
+  end
   if not ok then
     if type(config) == "table" and serr:find("EADDRINUSE", 1, true) then -- the local setup: PORT picks the port
       serr = serr .. " (another port: PORT=8080 make run)"

@@ -58,6 +58,9 @@ end
 
 task.spawn(function()
   local ok, err = app:start()
+  if not ok and runtime.shutting_down() then
+    return -- stopped by a signal while it started: the stop's exit status stands
+  end
   if not ok then
     io.stderr:write("callagent: ", err, "\n") -- one line, and exit status 1: it did not start
     runtime.exit(1)
