@@ -430,6 +430,36 @@ T.test("24 kHz output: an odd byte at the end of one item is not joined with the
   T.eq(item_b(3), item_b(2), "item B's mu-law after an odd item A is as after an even one")
 end)
 
+T.test("24 kHz output: after a barge-in cuts an item, the next item starts as from a new resampler", function()
+  local audio = require "callagent.audio"
+  local function tone(hz, amp)
+    local t = {}
+    for i = 0, 2399 do
+      t[#t + 1] = string.pack("<i2", math.floor(amp * math.sin(2 * math.pi * hz * i / 24000)))
+    end
+    return table.concat(t)
+  end
+  local a, b_pcm = tone(1000, 30000), tone(440, 4000)
+  local r = rig()
+  local b = new_bridge(r, "audio/pcm", "audio/pcmu", true)
+  local out = media_payloads(r)
+  r.fake_model:send(delta("item_A", crypto.base64_encode(a .. "\1")))
+  T.wait_for(function()
+    return #out >= 1
+  end, 5000, "item A's media")
+  local cut = b:clear()
+  T.eq(cut and cut[1] and cut[1][1], "item_A", "item A is cut")
+  r.fake_model:send(delta("item_B", crypto.base64_encode(b_pcm)))
+  T.wait_for(function()
+    return #out >= 2
+  end, 5000, "item B's media")
+  T.eq(r.bad, {})
+  b:close()
+  -- Neither item A's filter history nor its odd byte reaches item B's first samples.
+  local fresh = audio.ulaw_encode(audio.resampler(24000, 8000):process(b_pcm))
+  T.ok(crypto.base64_decode(out[2]) == fresh, "item B's mu-law is B alone")
+end)
+
 T.test("a delta of minutes of audio reaches the phone in media messages of 4 s at most, marked and counted", function()
   local r = rig()
   local b = new_bridge(r, "audio/pcmu", "audio/pcmu", true)
