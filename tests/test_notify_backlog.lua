@@ -21,6 +21,15 @@ end
 -- Records the backlog's rows c_0001 .. c_<count>, oldest first. On SQLite,
 -- in threes with one creation time, so that pages end inside a run of
 -- equal times (a cursor on the time alone would skip or repeat rows there).
+-- A store of that backend in a folder of its own, closed after the test.
+local function open_store(backend)
+  local store = assert(store_mod.open({ backend = backend, path = T.tmpdir() .. "/n.db", retentionDays = 30 }))
+  T.defer(function()
+    store:close()
+  end)
+  return store
+end
+
 local function seed(store, count)
   local function add()
     for i = 1, count do
@@ -120,10 +129,7 @@ end
 for _, backend in ipairs({ "sqlite", "memory" }) do
   T.test(backend .. ": pages of the backlog: at most the limit each, oldest first, each row once, and a row recorded meanwhile once",
     function()
-      local store = assert(store_mod.open({ backend = backend, path = T.tmpdir() .. "/p.db", retentionDays = 30 }))
-      T.defer(function()
-        store:close()
-      end)
+      local store = open_store(backend)
       seed(store, 450)
       T.eq(#store:pending_notifications(), 450, "without opts: all of them, as before")
       local got, cursor, pages = {}, nil, 0
@@ -163,10 +169,7 @@ for _, backend in ipairs({ "sqlite", "memory" }) do
 
   T.test(backend .. ": a backlog of 1,200 is walked in pages: each sent once, oldest first, at most a page of rows read at once",
     function()
-      local store = assert(store_mod.open({ backend = backend, path = T.tmpdir() .. "/n.db", retentionDays = 30 }))
-      T.defer(function()
-        store:close()
-      end)
+      local store = open_store(backend)
       seed(store, BACKLOG)
       local reads = count_reads(store)
       local n, seen = receiver(store)
@@ -184,10 +187,7 @@ end
 for _, backend in ipairs({ "sqlite", "memory" }) do
   T.test(backend .. ": a notification recorded while the clock was ahead (set back since) is sent by a sweep, not left out",
     function()
-      local store = assert(store_mod.open({ backend = backend, path = T.tmpdir() .. "/n.db", retentionDays = 30 }))
-      T.defer(function()
-        store:close()
-      end)
+      local store = open_store(backend)
       seed(store, 3)
       -- Recorded by a run whose wall clock was an hour ahead (a clock NTP has
       -- set back since): its creation time is later than now.
@@ -209,10 +209,7 @@ for _, backend in ipairs({ "sqlite", "memory" }) do
 end
 
 T.test("sqlite: notifications recorded while the backlog is walked are each sent once", function()
-  local store = assert(store_mod.open({ backend = "sqlite", path = T.tmpdir() .. "/n.db", retentionDays = 30 }))
-  T.defer(function()
-    store:close()
-  end)
+  local store = open_store("sqlite")
   seed(store, BACKLOG)
   local n, seen
   local added = 0
@@ -249,10 +246,7 @@ end)
 for _, backend in ipairs({ "sqlite", "memory" }) do
   T.test(backend .. ": 450 out of tries go in the next sweep, read by key 200 at a time, each once, the longest untried first",
     function()
-      local store = assert(store_mod.open({ backend = backend, path = T.tmpdir() .. "/n.db", retentionDays = 30 }))
-      T.defer(function()
-        store:close()
-      end)
+      local store = open_store(backend)
       local count, down = 450, true
       local reads = count_reads(store)
       local seen = { order = {}, by_key = {} }
