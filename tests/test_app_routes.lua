@@ -82,6 +82,29 @@ T.test("a second app:stop() inside a task while the first is under way returns o
 end, { timeout = 30000 })
 
 
+T.test("an app:start() that raises (the app's public_url) closes its server and store, and raises on", function()
+  local callagent = require "callagent"
+  local dir = T.tmpdir()
+  local app = assert(callagent.app({
+    telephony = { provider = "mock" },
+    server = { port = 0 },
+    openai = { apiKey = "sk-unused-0123456789" },
+    store = { backend = "sqlite", path = dir .. "/calls.db" },
+  }, { no_shutdown_hook = true, public_url = function()
+    error("public_url broke", 0)
+  end }))
+  local ok, err = pcall(app.start, app)
+  T.eq({ ok, err }, { false, "public_url broke" })
+  T.ok(app.url, "it had listened")
+  local res, ferr = fetch(app.url .. "/healthz", { timeout = 1000 })
+  T.eq(res, nil, "nothing listens any more")
+  T.match(ferr, "ECONNREFUSED")
+  T.eq({ app.server, app.store }, { nil, nil })
+  -- Closed, not left open: its WAL was checkpointed and removed.
+  T.eq(require("callagent.core").stat(dir .. "/calls.db-wal"), nil, "the store's WAL is gone")
+  app:stop() -- as an embedder's cleanup would: nothing is closed twice
+end)
+
 T.test("an app:on handler that raises is logged with its traceback; the other handlers and the call go on", function()
   local log = require "callagent.log"
   local errs = {}

@@ -382,9 +382,41 @@ function App:start()
         wake()
       end
     end })
-    ok, err = self:_start()
+    -- A start that raises (a routes function of the app's, its public_url)
+    -- closes what it opened, as a failed one does, then raises on: left, the
+    -- server went on answering and the store stayed open, with no stop to
+    -- come (the shutdown hook stops only an app that started).
+    local fine, a, b = pcall(self._start, self)
+    if not fine then
+      self:_undo_start()
+      error(a, 0)
+    end
+    ok, err = a, b
   end
   return ok, err
+end
+
+-- What a start that did not finish opened, closed (twice is harmless: a stop
+-- during the start may have closed it already).
+function App:_undo_start()
+  if self.prune_timer then
+    self.prune_timer:stop()
+  end
+  if self.loop_timer then
+    self.loop_timer:stop()
+  end
+  if self.tunnel then
+    self.tunnel:close()
+    self.tunnel = nil
+  end
+  if self.server then
+    self.server:close()
+    self.server = nil
+  end
+  if self.store then
+    self.store:close()
+    self.store = nil
+  end
 end
 
 function App:_start()
