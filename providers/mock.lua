@@ -162,11 +162,21 @@ function P:registerRoutes(srv)
     log.warn("mock page refused", { code = code, path = req.path, remote = req.remote })
     return 403, { error = { code = code, message = message } }
   end
-
-  srv:post("/mock/api/answer", function(req)
+  -- The page's POST body, a JSON object; else nil and the 400 (logged, as
+  -- any bad input is).
+  local function page_body(req)
     local body = req:json_object()
     if not body then
-      return 400, NOT_OBJECT
+      log.warn("mock page refused", { code = "invalid_body", path = req.path, remote = req.remote })
+      return nil, 400, NOT_OBJECT
+    end
+    return body
+  end
+
+  srv:post("/mock/api/answer", function(req)
+    local body, status, err = page_body(req)
+    if not body then
+      return status, err
     end
     local entry = type(body.token) == "string" and self.pages[body.token]
     if not entry or entry.call_id ~= body.callId then
@@ -219,9 +229,9 @@ function P:registerRoutes(srv)
   -- one action per link.
   local DECLINE_AS = { busy = "declined on the mock phone", failed = "failed on the mock phone (asked by its link)" }
   srv:post("/mock/api/decline", function(req)
-    local body = req:json_object()
+    local body, status, err = page_body(req)
     if not body then
-      return 400, NOT_OBJECT
+      return status, err
     end
     local status = body.status == nil and "busy" or body.status
     if not DECLINE_AS[status] then
@@ -310,9 +320,9 @@ function P:registerRoutes(srv)
   end)
 
   srv:post("/mock/api/hangup", function(req)
-    local body = req:json_object()
+    local body, status, err = page_body(req)
     if not body then
-      return 400, NOT_OBJECT
+      return status, err
     end
     local s = type(body.session) == "string" and self.sessions[body.session]
     if not s or s.call_id ~= body.callId then

@@ -152,13 +152,24 @@ end)
   T.no_match(log, "ERROR")
 end)
 
-T.test("the phone page's routes answer a body that is no JSON object with 400, and a wrong token with 403", function()
+T.test("the phone page's routes answer a body that is no JSON object with 400 (and a log line), and a wrong token with 403", function()
   local app = start()
+  local log = require "callagent.log"
+  local warned, warn = {}, log.warn
+  log.warn = function(msg, f)
+    warned[#warned + 1] = msg .. " " .. tostring(f and f.code) .. " " .. tostring(f and f.path)
+    return warn(msg, f)
+  end
+  T.defer(function()
+    log.warn = warn
+  end)
   for _, path in ipairs({ "/mock/api/answer", "/mock/api/decline", "/mock/api/hangup" }) do
     for _, text in ipairs({ "5", "[1]", '"x"', "null", "{not json", "" }) do
+      warned = {}
       local r = assert(fetch(app.url .. path, { method = "POST", headers = { ["Content-Type"] = "application/json" }, body = text }))
       T.eq({ r.status, (json.try_decode(r.body) or {}).error }, { 400, { code = "invalid_body", message = "the body must be a JSON object" } },
         path .. " " .. text)
+      T.eq(warned, { "mock page refused invalid_body " .. path }, "logged: " .. path .. " " .. text)
     end
     local r = assert(fetch(app.url .. path, {
       method = "POST",
