@@ -272,7 +272,8 @@ local function rest_error(res, err)
       if type(e.detail) == "string" and e.detail ~= "" and e.detail ~= text then
         text = text ~= "" and (text .. " - " .. e.detail) or e.detail
       end
-      msg = string.format("telnyx %s: %s (HTTP %d)", code, text:sub(1, 300), res.status)
+      -- Scrubbed before the cut: a key across it would keep its first bytes.
+      msg = string.format("telnyx %s: %s (HTTP %d)", code, log.scrub(text):sub(1, 300), res.status)
     else
       msg = string.format("telnyx answered HTTP %d", res.status)
     end

@@ -416,6 +416,20 @@ T.test("the API key is in no log line, stored error or API answer, even when Tel
   end
 end, { timeout = 20000 })
 
+T.test("a Telnyx error quoting the API key where its text is cut (300 bytes) shows no part of the key", function()
+  -- The key straddles the cut: cut first and scrubbed after, its first
+  -- bytes were no longer the whole key the scrub looks for.
+  local detail = string.rep("x", 300 - #"Feature not permitted - " - 12) .. API_KEY .. " may not call"
+  local env = start({ behaviour = { answer = "reject-api", reject_detail = detail },
+    config = { retry = { maxAttempts = 1 } } })
+  local id = env:create({ to = "+14155550108", prompt = "x" })
+  local call = env:wait_final(id, 10000)
+  T.eq(call.status, "failed")
+  T.match(call.lastError, "^telnyx 10038: Feature not permitted %- x+%[redacted%]")
+  T.eq(call.lastError:find(API_KEY:sub(1, 8), 1, true), nil, "a part of the key in lastError")
+  T.eq(json.encode(env.app.store:get_call(id)):find(API_KEY:sub(1, 8), 1, true), nil, "a part of the key in the store")
+end, { timeout = 20000 })
+
 T.test("a real callagent process: its log never shows the API key, through a refused and a whole call", function()
   local n = 0
   local tx = assert(fake.start({ api_key = API_KEY, connection_id = CONNECTION, behaviour = function()
