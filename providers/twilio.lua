@@ -27,7 +27,9 @@
 --     13224/13225 are errors of TwiML <Dial> (twilio.com/docs/api/errors/
 --     13224), not of the Calls resource. 429 / 20429 "is never processed and
 --     is always safe to retry" (www.twilio.com/docs/errors/20429): sent again
---     up to twice after Retry-After (at most 5 s) or 1 s, 2 s. Any other
+--     up to twice after Retry-After (at most 5 s) or 1 s, 2 s, unless the
+--     engine no longer wants it (engine:dial_wanted: hung up through the
+--     API, the app stopping; asked every 100 ms of the wait). Any other
 --     failure (5xx, a timeout) may have placed the call: the attempt fails
 --     and the retry policy decides (a callback naming a call placed all the
 --     same has it hung up: README, Status callbacks).
@@ -71,6 +73,7 @@ local P = {
 function P:init(ctx)
   self.cfg = ctx.config
   self.tw = ctx.config.twilio
+  self.engine = ctx.engine
 end
 
 -- A Twilio call sid: "CA" and 32 hex digits. It goes into the path of REST
@@ -123,6 +126,28 @@ local function retry_after_ms(res, try)
   return 1000 * 2 ^ (try - 1)
 end
 
+-- Whether the engine still wants this attempt dialed (not hung up through
+-- the API, the app not stopping): asked before a dial is sent again.
+local function wanted(self, call)
+  local e = self.engine
+  return not (e and e.dial_wanted) or e:dial_wanted(call.callId, call.attempt)
+end
+
+-- Waits ms before a dial is sent again, asking every WANT_CHECK_MS whether it
+-- is still wanted: false as soon as it is not (a stop does not wait it out).
+local WANT_CHECK_MS = 100
+local function wait_wanted(self, call, ms)
+  local until_ms = timer.now() + ms
+  while wanted(self, call) do
+    local left = until_ms - timer.now()
+    if left <= 0 then
+      return true
+    end
+    timer.sleep(math.min(WANT_CHECK_MS, left))
+  end
+  return false
+end
+
 function P:startCall(call, publicBaseUrl)
   local q = "?callId=" .. call.callId .. "&attempt=" .. call.attempt
   local form = {
@@ -150,7 +175,11 @@ function P:startCall(call, publicBaseUrl)
     end
     local wait = retry_after_ms(res, try)
     log.warn("twilio rate-limited the dial: sending it again", { call = call.callId, after_ms = wait, retry = try })
-    timer.sleep(wait)
+    if not wait_wanted(self, call, wait) then
+      log.info("the rate-limited dial is no longer wanted (hung up, or callagent stops): not sent again",
+        { call = call.callId, attempt = call.attempt })
+      break
+    end
   end
   if not res or res.status ~= 201 and res.status ~= 200 then
     return nil, rest_error(res, err), { permanent = res ~= nil and REFUSED_FOR_GOOD[res.status] == true }

@@ -4,6 +4,7 @@
 local T = require "testing"
 local kit = require "callkit"
 local timer = require "callagent.timer"
+local callagent = require "callagent"
 
 T.test("a dial Twilio refuses for the number or the account fails at once, naming Twilio's code, and is not retried", function()
   local refusals = {
@@ -92,4 +93,50 @@ T.test("a dial still answered 429 after two more tries fails with 20429, and the
   T.eq(call.attempts[2].status, "busy")
 end)
 
+
+T.test("a call hung up through the API while its dial waits out a 429 is not dialed: Twilio gets no second request", function()
+  local env = kit.start({
+    twilio = { behaviour = { ring_ms = 30000 }, rate_limit = 1, retry_after = "2" },
+    config = { retry = { maxAttempts = 1 } },
+  })
+  local id = env:create({ to = "+14155550995", prompt = "Say hello." })
+  T.wait_for(function()
+    return env.tw._rate_limited == 1
+  end, 3000, "the 429")
+  T.eq((env:api("POST", "/v1/calls/" .. id .. "/hangup")), 202)
+  local call = env:wait_final(id, 3000)
+  T.eq({ call.status, call.endReason }, { "canceled", "canceled by API" })
+  timer.sleep(2500) -- past the Retry-After
+  T.eq(#env.tw.calls, 0, "no call placed at Twilio for a call already canceled")
+  call = env:get(id)
+  T.eq({ call.status, #call.attempts, call.attempts[1].status, call.lastError }, { "canceled", 1, "canceled", nil })
+end, { timeout = 20000 })
+
+T.test("a stop while a dial waits out a 429: the stop does not wait for it, nothing is dialed, the next start dials the call", function()
+  local env = kit.start({
+    twilio = { behaviour = { ring_ms = 30000 }, rate_limit = 1, retry_after = "4" },
+    config = { retry = { maxAttempts = 1 } },
+  })
+  local id = env:create({ to = "+14155550994", prompt = "Say hello." })
+  T.wait_for(function()
+    return env.tw._rate_limited == 1
+  end, 3000, "the 429")
+  local t0 = timer.now()
+  env.app:stop()
+  T.lt(timer.now() - t0, 1500, "the stop waited out the Retry-After")
+  timer.sleep(300)
+  T.eq(#env.tw.calls, 0, "a dial sent after the stop began")
+  -- The next start dials the call again (its first attempt canceled by the stop).
+  local cfg = env.app.config
+  local app2 = assert(callagent.app(cfg, { public_url = function(u) return u end, no_shutdown_hook = true }))
+  assert(app2:start())
+  T.defer(function()
+    app2:stop()
+  end)
+  T.wait_for(function()
+    return #env.tw.calls == 1
+  end, 5000, "dialed again by the next start")
+  local rec = app2.engine:call_view(id)
+  T.eq({ rec.attempt, rec.attempts[1].status, rec.attempts[1].reason }, { 2, "canceled", "callagent stopped while dialing" })
+end, { timeout = 20000 })
 T.run()

@@ -393,8 +393,9 @@ function Engine:dial(id)
       { call = id, attempt = n, error = err })
     res = { providerCallId = attempt.providerCallId }
   end
-  if self.stopped and res then
-    self:_placed_while_stopping(call, n, res.providerCallId)
+  if self.stopped and (res or attempt._unsent_at_stop) then
+    -- Placed, or not sent because of the stop (dial_wanted): queued again.
+    self:_placed_while_stopping(call, n, res and res.providerCallId)
     return self:_busy(-1)
   end
   self:_busy(-1)
@@ -434,6 +435,26 @@ function Engine:dial(id)
       task.spawn(self._ring_timeout, self, call, n)
     end
   end)
+  return true
+end
+
+--- Whether attempt n of call id is still to be placed: a provider whose
+-- startCall waits before it sends its dial again (a vendor's 429) asks
+-- before each request, and sends none once the answer is false (the call
+-- hung up through the API, the attempt over, the app stopping); startCall
+-- then returns nil, err. One the stop made unwanted goes back to the queue
+-- for the next start (dial, _placed_while_stopping).
+function Engine:dial_wanted(id, n)
+  local call = self.live[id]
+  local a = call and call.attempts[n]
+  if not a or call.attempt ~= n or a.status ~= "dialing" or call.status ~= "dialing" or call._cancel_requested
+    or a._end_pending then
+    return false
+  end
+  if self.stopped then
+    a._unsent_at_stop = true
+    return false
+  end
   return true
 end
 
