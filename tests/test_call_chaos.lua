@@ -310,6 +310,11 @@ local function check(c)
         T.eq(a.providerCallId, call.sid, what .. ": attempt " .. n .. "'s sid")
       end
       answered = answered or (call and call.answered_at ~= nil)
+      if call and call.rejected and call.rejected.status == 400 then
+        -- Refused for good (21215): the last attempt, never retried.
+        T.eq(n, #rec.attempts, what .. ": attempt " .. n .. " refused for good, yet retried")
+        T.ok(a.status == "failed" or a.status == "canceled", what .. ": a refused attempt ended " .. a.status)
+      end
       T.eq(call and #call.errors or 0, 0, what .. ": no protocol mistake on Twilio's stream: "
         .. json.encode(call and call.errors or {}))
     end
