@@ -139,4 +139,35 @@ T.test("a stop while a dial waits out a 429: the stop does not wait for it, noth
   local rec = app2.engine:call_view(id)
   T.eq({ rec.attempt, rec.attempts[1].status, rec.attempts[1].reason }, { 2, "canceled", "callagent stopped while dialing" })
 end, { timeout = 20000 })
+
+T.test("a retry Twilio refuses for good ends the call failed with that refusal, notified once, with no third attempt", function()
+  local n = 0
+  local env = kit.start({
+    twilio = {
+      behaviour = function()
+        n = n + 1
+        if n == 1 then
+          return "busy"
+        end
+        return { answer = "reject-api", reject_status = 400, reject_code = 21216, reject_message = "Call blocked by Twilio" }
+      end,
+    },
+    config = { retry = { maxAttempts = 3, initialDelayMs = 50 } },
+  })
+  local id = env:create({ to = "+14155550993", prompt = "Say hello." })
+  local call = env:wait_final(id, 10000)
+  local refusal = "twilio 21216: Call blocked by Twilio (HTTP 400)"
+  T.eq({ call.status, #call.attempts, call.attempts[1].status, call.attempts[2].status },
+    { "failed", 2, "busy", "failed" })
+  T.eq({ call.lastError, call.endReason, call.attempts[2].reason }, { refusal, refusal, refusal })
+  timer.sleep(500)
+  T.eq(#env.tw.calls, 2, "no third dial")
+  local notes = {}
+  for _, h in ipairs(env.hooks.received) do
+    if h.body and h.body:find(id, 1, true) then
+      notes[#notes + 1] = h
+    end
+  end
+  T.eq(#notes, 1, "notified once")
+end)
 T.run()
