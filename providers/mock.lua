@@ -10,7 +10,7 @@
 -- Routes (added by registerRoutes):
 --   GET  /mock/                        a page to place a test call (POST /v1/calls)
 --   GET  /mock/call/{callId}?t=TOKEN   the phone page (TOKEN: the hint's, one use)
---   GET  /mock/static/*                the page's scripts
+--   GET  /mock/static/{file}           the pages' scripts and style sheets (providers/mock/*)
 --   GET  /mock/api/ring/{callId}?t=TOKEN  whether the link still rings, and who is called
 --                                      -> {callId, attempt, link, attemptStatus, status,
 --                                          nextAttemptAt?, to, calleeName?, callerName?}
@@ -24,6 +24,7 @@ local timer = require "callagent.timer"
 local json = require "callagent.json"
 local log = require "callagent.log"
 local core = require "callagent.core"
+local http = require "callagent.http"
 
 local P = {
   name = "mock",
@@ -131,28 +132,52 @@ local function page_file(name)
   return core.root .. "/providers/mock/" .. name
 end
 
+-- Every page and file of the mock phone is sent with these. The phone page's
+-- URL carries its one-time token (?t=): no Referer may take it anywhere. The
+-- pages run only their own files (no inline script or style, no other
+-- origin), talk only to the origin they came from (phone.js streams to the
+-- host it was loaded from: 'self' covers ws: and wss: there), and are framed
+-- by nobody.
+local CSP = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+  .. "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+
+local function headers(content_type, cache)
+  return {
+    ["Content-Type"] = content_type,
+    ["Cache-Control"] = cache,
+    ["Content-Security-Policy"] = CSP,
+    ["X-Content-Type-Options"] = "nosniff",
+    ["Referrer-Policy"] = "no-referrer",
+    ["X-Frame-Options"] = "DENY",
+  }
+end
+
+-- A file of providers/mock/ (a plain name: no folders, no "..") with those
+-- headers; status, body, headers.
+local function serve_file(name, cache)
+  local f = name:match("^[%w_][%w_%-%.]*$") and not name:find("..", 1, true) and io.open(page_file(name), "rb")
+  local body = f and f:read("a")
+  if f then
+    f:close()
+  end
+  if not body then
+    return 404, json.encode(http.error_body("not_found", "no such file")), headers("application/json", "no-store")
+  end
+  return 200, body, headers(http.content_type(name), cache)
+end
+
 function P:registerRoutes(srv)
-  srv:static("/mock/static/", core.root .. "/providers/mock")
+  srv:get("/mock/static/{name}", function(req)
+    return serve_file(req.params.name, "no-cache")
+  end)
 
   -- A page to place a test call from the browser (local setups have no API token).
   srv:get("/mock/", function()
-    local f = io.open(page_file("dial.html"), "rb")
-    if not f then
-      return 500, { error = { code = "missing_page", message = "providers/mock/dial.html is missing" } }
-    end
-    local html = f:read("a")
-    f:close()
-    return 200, html, { ["Content-Type"] = "text/html; charset=utf-8", ["Cache-Control"] = "no-store" }
+    return serve_file("dial.html", "no-store")
   end)
 
-  srv:get("/mock/call/{id}", function(req)
-    local f = io.open(page_file("phone.html"), "rb")
-    if not f then
-      return 500, { error = { code = "missing_page", message = "providers/mock/phone.html is missing" } }
-    end
-    local html = f:read("a")
-    f:close()
-    return 200, html, { ["Content-Type"] = "text/html; charset=utf-8", ["Cache-Control"] = "no-store" }
+  srv:get("/mock/call/{id}", function()
+    return serve_file("phone.html", "no-store")
   end)
 
   local NOT_OBJECT = { error = { code = "invalid_body", message = "the body must be a JSON object" } }

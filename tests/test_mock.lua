@@ -213,7 +213,64 @@ T.test("the dial page offers an API token field and sends it as a bearer token",
   local res = assert(fetch(app.url .. "/mock/"))
   T.eq(res.status, 200)
   T.match(res.body, '<input id="token" type="password"')
+  T.match(res.body, '<script src="/mock/static/dial.js"')
+  res = assert(fetch(app.url .. "/mock/static/dial.js"))
+  T.eq(res.status, 200)
   T.match(res.body, 'headers.Authorization = "Bearer " %+ token')
+end)
+
+-- The headers every mock page and file is sent with; the HTML pages' policy
+-- is proven not to break them by tests/test_mock_browser.lua.
+local CSP = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+  .. "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+
+local function check_headers(res, what)
+  T.eq(res.headers["content-security-policy"], CSP, what .. ": Content-Security-Policy")
+  T.eq(res.headers["x-content-type-options"], "nosniff", what .. ": X-Content-Type-Options")
+  T.eq(res.headers["referrer-policy"], "no-referrer", what .. ": Referrer-Policy")
+  T.eq(res.headers["x-frame-options"], "DENY", what .. ": X-Frame-Options")
+end
+
+T.test("the mock phone's pages and files are sent with a strict CSP, nosniff, no Referer and no framing", function()
+  local app = start()
+  local call = assert(app:create_call({ to = "+15555550100", prompt = "Test." }))
+  local hint = app.engine:call_view(call.callId or call.id).hint
+  local pages = { ["/mock/"] = app.url .. "/mock/", ["/mock/call/{id}?t="] = hint }
+  for what, url in pairs(pages) do
+    local res = assert(fetch(url))
+    T.eq(res.status, 200, what)
+    T.match(res.headers["content-type"], "^text/html", what)
+    check_headers(res, what)
+    -- Nothing inline, which the policy would block.
+    for tag in res.body:gmatch("<script[^>]*>") do
+      T.match(tag, " src=\"/mock/static/", what .. ": a script of its own file, not inline")
+    end
+    T.no_match(res.body, "<style", what .. ": an inline style sheet")
+    T.no_match(res.body, "%sstyle=", what .. ": a style attribute")
+    T.no_match(res.body, "%son%a+=", what .. ": an event handler attribute")
+  end
+  local types = { js = "^text/javascript", css = "^text/css", html = "^text/html" }
+  local files = {}
+  for name in io.popen("ls " .. T.root .. "/providers/mock"):lines() do
+    files[#files + 1] = name
+  end
+  T.ok(#files >= 8, "the page's files are listed")
+  for _, name in ipairs(files) do
+    for _, method in ipairs({ "GET", "HEAD" }) do
+      local what = method .. " /mock/static/" .. name
+      local res = assert(fetch(app.url .. "/mock/static/" .. name, { method = method }))
+      T.eq(res.status, 200, what)
+      T.match(res.headers["content-type"], types[name:match("%.(%a+)$")], what)
+      check_headers(res, what)
+    end
+  end
+  local res = assert(fetch(app.url .. "/mock/static/nope.js"))
+  T.eq(res.status, 404, "a file that is not there")
+  check_headers(res, "/mock/static/nope.js")
+  -- Nothing outside providers/mock/.
+  for _, name in ipairs({ "..%2Fmock.lua", "%2e%2e%2Fmock.lua", "%2e%2e" }) do
+    T.eq(assert(fetch(app.url .. "/mock/static/" .. name)).status, 404, name)
+  end
 end)
 
 T.test("a page's link and session work for its own call only: not to poll, hang up or answer another", function()

@@ -207,7 +207,7 @@ T.test("the page's DSP in Node: G.711 as callagent's, a clean telephone band, ga
 end, { timeout = 30000 })
 
 T.test("a call in Chromium: it rings, Enter answers, the mic's tone reaches the model, the agent plays, clear cuts it, "
-  .. "the report shows", function()
+  .. "the report shows, all under the page's Content-Security-Policy", function()
   need_tools()
   local dir = T.tmpdir()
   local wav = dir .. "/callee.wav"
@@ -239,9 +239,17 @@ T.test("a call in Chromium: it rings, Enter answers, the mic's tone reaches the 
   local shot = ROOT .. "/tests/artifacts/mock-phone.png"
   local r, code, err = node({ "browser/drive.mjs", view.hint, wav, shot, "--timeout=30000", "--press=5#", "--answer-key",
     "--ring-shot=" .. ROOT .. "/tests/artifacts/mock-phone-ringing.png",
-    "--live-shot=" .. ROOT .. "/tests/artifacts/mock-phone-live.png" }, 45000)
+    "--live-shot=" .. ROOT .. "/tests/artifacts/mock-phone-live.png", "--csp-probe" }, 45000)
   T.ok(r, "drive.mjs printed no JSON (exit " .. tostring(code) .. "): " .. err)
   T.ok(r.ok, "drive.mjs: " .. tostring(r.error) .. "; page: " .. json.encode({ r.banner, r.problem, r.console, r.stats }))
+  -- The page ran under its policy (drive.mjs fails on any violation of it),
+  -- which is in force: an inline script added to the page was blocked, and
+  -- reported as a violation would be.
+  T.match(r.documents[1].path, "^/mock/call/c_%x+$")
+  T.match(r.documents[1].csp or "", "script%-src 'self';")
+  T.eq(r.cspProbe, { ran = false, reported = r.cspProbe.reported }, "the inline script did not run")
+  T.ge(r.cspProbe.reported, 1, "its violation was reported")
+  T.eq(r.cspViolations, {}, "no violation from the page itself")
   -- It rang first: who calls whom, Answer (focused: Enter took the call) and
   -- Decline, and the microphone not asked for yet.
   T.eq(r.ring, {
@@ -468,6 +476,12 @@ T.test("placed from the dial form, answered, hung up on the page: stop, close, a
   T.ok(r.ok, "drive.mjs: " .. tostring(r.error) .. "; page: " .. json.encode({ r.banner, r.problem, r.stats }))
   local view = { callId = r.callId }
   T.match(view.callId, "^c_%x+$", "the dial form placed a call")
+  -- Both pages under their policy, with no violation of it (or drive.mjs fails).
+  T.eq(#r.documents, 2)
+  T.eq(r.documents[1].path, "/mock/")
+  T.match(r.documents[2].path, "^/mock/call/c_%x+$")
+  T.match(r.documents[1].csp or "", "script%-src 'self';", "/mock/'s policy")
+  T.match(r.documents[2].csp or "", "script%-src 'self';", "the phone page's policy")
   T.eq({ r.ring.title, r.ring.to, r.ring.answer.enabled }, { "Incoming call", "Dr. Smith's office (+15555550100)", true },
     "its page rang")
   T.eq(r.stats.state, "ended")

@@ -46,6 +46,9 @@
 //                       the forward and all its connections (callagent gone,
 //                       as the page sees it), then watch the page 3 s more:
 //                       .afterCut {errorsAt1500ms, errorsAt3000ms}
+//   --csp-probe         once the page loaded, add an inline script to it, which
+//                       its Content-Security-Policy must block:
+//                       .cspProbe {ran, reported (violations it caused)}
 //   --timeout=MS        how long to wait for the end (default 30000)
 //   --chromium=PATH     the browser (default /usr/bin/chromium)
 //
@@ -59,6 +62,10 @@
 //    banner, problem, status, ringTitle, reportText, transcriptText, endText,
 //    buttons {answer, decline: {visible, enabled}}, micRequests, console,
 //    reopen}
+// .documents lists the pages loaded in the tab, each {path, csp (its
+// Content-Security-Policy header, or null)}; .cspViolations the page's
+// Content-Security-Policy violations (securitypolicyviolation events and the
+// browser's console reports of them): any is a failure.
 // ok is false (exit status 1) with .error when something failed on the way.
 import { chromium } from "playwright-core";
 import fs from "node:fs";
@@ -84,11 +91,12 @@ for (const a of process.argv.slice(2)) {
   else if (a.startsWith("--mic-delay=")) opts.micDelay = Number(a.slice(12));
   else if (a.startsWith("--chromium=")) opts.chromium = a.slice(11);
   else if (a === "--forward") opts.forward = true;
+  else if (a === "--csp-probe") opts.cspProbe = true;
   else if (a.startsWith("--cut-after=")) opts.cutAfter = Number(a.slice(12));
   else positional.push(a);
 }
 let [url, wav, shot] = positional;
-const out = { ok: false, console: [] };
+const out = { ok: false, console: [], documents: [], cspViolations: [] };
 const t0 = Date.now();
 const FINAL = ["completed", "busy", "no_answer", "failed", "canceled"];
 
@@ -181,6 +189,18 @@ async function run() {
     const page = context.pages()[0] || (await context.newPage());
     page.on("console", (m) => {
       if (m.type() === "error" || m.type() === "warning") out.console.push(`${m.type()}: ${m.text()}`.slice(0, 300));
+      if (/Content Security Policy/i.test(m.text())) out.cspViolations.push(`console: ${m.text()}`.slice(0, 300));
+    });
+    page.on("response", (r) => {
+      if (r.request().resourceType() === "document" && r.frame() === page.mainFrame()) {
+        out.documents.push({ path: new URL(r.url()).pathname, csp: r.headers()["content-security-policy"] || null });
+      }
+    });
+    await page.exposeFunction("__cspViolation", (v) => out.cspViolations.push(`event: ${v}`.slice(0, 300)));
+    await page.addInitScript(() => {
+      document.addEventListener("securitypolicyviolation", (e) =>
+        window.__cspViolation(`${e.effectiveDirective} blocked ${e.blockedURI || "(inline)"} at ${e.sourceFile}:${e.lineNumber}`),
+      );
     });
     page.on("pageerror", (e) => out.console.push(`pageerror: ${e.message}`.slice(0, 300)));
     // Counts the page's microphone requests; with --mic-delay, grants them late.
@@ -201,6 +221,22 @@ async function run() {
       url = forward.url;
     }
     await page.goto(url, { waitUntil: "load" });
+    if (opts.cspProbe) {
+      const logged = out.console.length;
+      const ran = await page.evaluate(() => {
+        const s = document.createElement("script");
+        s.textContent = "window.__inlineRan = true";
+        document.head.appendChild(s);
+        s.remove();
+        return !!window.__inlineRan;
+      });
+      const until = Date.now() + 2000;
+      while (out.cspViolations.length === 0 && Date.now() < until) await sleep(20);
+      await sleep(100); // the console's report of the same violation
+      out.cspProbe = { ran, reported: out.cspViolations.length };
+      out.cspViolations = [];
+      out.console.length = logged; // the probe's own report
+    }
     if (opts.dial) {
       await button(page, "Call").click();
       await page.waitForURL(/\/mock\/call\//, { timeout: 10000 });
@@ -309,6 +345,7 @@ async function run() {
     await page.screenshot({ path: shot, fullPage: true });
     if (!done) throw new Error(`the call did not end on the page within ${opts.timeout} ms (state ${last && last.stats.state})`);
     if (!rang) throw new Error(`the page never rang (state ${last && last.stats.state})`);
+    if (out.cspViolations.length) throw new Error(`Content-Security-Policy violations: ${out.cspViolations.join("; ")}`);
     if (opts.reopen) {
       await page.goto(url, { waitUntil: "load" });
       const until = Date.now() + 5000;
@@ -320,6 +357,7 @@ async function run() {
         await sleep(50);
       }
       out.reopen = { state: st, problem: await visibleText(page, "problem") };
+      if (out.cspViolations.length) throw new Error(`Content-Security-Policy violations: ${out.cspViolations.join("; ")}`);
     }
     out.ok = true;
   } finally {
