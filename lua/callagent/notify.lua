@@ -15,11 +15,17 @@
 -- delivered - cut short by a restart, or out of tries - is sent again after a
 -- restart, and every sweep_ms (5 minutes) while the app runs, but never one
 -- the receiver refused; the Idempotency-Key lets the receiver drop duplicates.
+-- But one refused with 401, 403 or 404 was refused for callagent's token or
+-- address, not for itself: it is recorded with the fingerprint of the
+-- (hooksUrl, hooksToken) it went under (a SHA-256, never the token), and a
+-- start under another fingerprint sends it again, once (refused again, it is
+-- refused under the new one).
 -- A sweep ends at the first notification out of tries (the receiver is down);
 -- those that ran out of tries go last in the next one. A sweep (the one at
 -- start too) walks the backlog a page of PAGE rows at a time, oldest first,
 -- never whole: a receiver down for a day is thousands of rows, and what is
 -- held at once is a page and the RESUME_AT_ONCE on their way.
+local crypto = require "callagent.crypto"
 local fetch = require "callagent.fetch"
 local json = require "callagent.json"
 local log = require "callagent.log"
@@ -97,6 +103,29 @@ function Notifier:enabled()
   return self.cfg.hooksUrl ~= nil and self.cfg.hooksToken ~= nil
 end
 
+-- Where a notification goes: "/agent" on the path, before a query the URL
+-- may have.
+function Notifier:_target()
+  local path, query = self.cfg.hooksUrl:match("^([^?#]*)(.*)$")
+  return path:gsub("/+$", "") .. "/agent" .. query
+end
+
+--- What notifications are sent under: the SHA-256 (hex) of where they go
+-- and the token, never the token itself. A refusal for the credentials or
+-- the address is recorded with it.
+function Notifier:fingerprint()
+  if not self._fingerprint then
+    self._fingerprint = crypto.to_hex(crypto.sha256("callagent notify\0" .. self:_target() .. "\0"
+      .. self.cfg.hooksToken))
+  end
+  return self._fingerprint
+end
+
+-- The answers that refuse callagent's token (401, 403) or address (404), not
+-- the notification: another token or address may be taken. Other 4xx (400,
+-- 413, 422 ...) refuse the payload, which no config change alters.
+local REFUSED_CONFIG = { [401] = true, [403] = true, [404] = true }
+
 --- Records the notification of a call's end without sending it: the engine
 -- does this in the commit of the final status, so that a stop between the
 -- two cannot lose it. Returns what send takes, or nil (notifications off,
@@ -149,9 +178,7 @@ function Notifier:_deliver(key, body)
     -- Sent now, and so no more the business of the backlog being resumed.
     self.resuming[key] = nil
   end
-  -- "/agent" goes on the path, before a query the URL may have.
-  local path, query = self.cfg.hooksUrl:match("^([^?#]*)(.*)$")
-  local target = path:gsub("/+$", "") .. "/agent" .. query
+  local target = self:_target()
   local delay = self.base_delay_ms
   for try = 1, self.attempts do
     if self.stopped then
@@ -183,9 +210,13 @@ function Notifier:_deliver(key, body)
       return true
     end
     local why = res and ("HTTP " .. res.status) or err
-    -- 408 and 429 say "later"; another answer under 500 will not change.
+    -- 408 and 429 say "later"; another answer under 500 will not change
+    -- (401, 403 and 404 may, under another token or address: REFUSED_CONFIG).
     local refused = res and res.status < 500 and res.status ~= 429 and res.status ~= 408
-    self.store:mark_notified(key, refused and "refused" or "failed", why)
+    -- Refused for the token or the address: under which (a backend that
+    -- does not keep it ignores it, and the refusal is for good).
+    local under = refused and REFUSED_CONFIG[res.status] and self:fingerprint() or nil
+    self.store:mark_notified(key, refused and "refused" or "failed", why, under)
     if refused then
       self.ran_out[key] = nil -- never sent again
     end
@@ -196,6 +227,11 @@ function Notifier:_deliver(key, body)
       local to = res.headers and res.headers.location
       log.error("notification redirected; not retrying: set notify.hooksUrl to the receiver's own address",
         { key = key, error = why, location = to and url.display(to) })
+      self.in_flight[key] = nil
+      return true
+    elseif under then
+      log.warn("notification refused; not retrying: sent again at a start with another notify.hooksUrl or hooksToken",
+        { key = key, error = why })
       self.in_flight[key] = nil
       return true
     elseif refused then
@@ -264,6 +300,18 @@ local PAGE = 200
 function Notifier:resume()
   if not self:enabled() then
     return 0
+  end
+  if not self.requeued and self.store.requeue_refused then
+    -- Those refused for the token or address of another config go back
+    -- into the backlog, once: the operator has changed what was refused.
+    self.requeued = true
+    local n, err = self.store:requeue_refused(self:fingerprint())
+    if n == nil then
+      log.error("the notifications refused under another notify.hooksUrl or hooksToken could not be sent again",
+        { error = err })
+    elseif n > 0 then
+      log.info("notifications refused under another notify.hooksUrl or hooksToken: sending them again", { count = n })
+    end
   end
   if not self.sweep_timer and not self.stopped then
     self.sweep_timer = timer.every(self.sweep_ms, function()
@@ -450,14 +498,17 @@ function Notifier:_sweep()
     end
   end
   walk.pages = self.stats.pages - 1
-  local workers = cursor and RESUME_AT_ONCE or math.min(RESUME_AT_ONCE, math.max(#rows, 1))
+  -- Counted before the workers start: each takes its row out of the page
+  -- (a task runs until it yields), and # of a page with holes is any border.
+  local first = #rows
+  local workers = cursor and RESUME_AT_ONCE or math.min(RESUME_AT_ONCE, math.max(first, 1))
   if next(self.ran_out) ~= nil then
     workers = RESUME_AT_ONCE
   end
   for _ = 1, workers do
     task.spawn(worker)
   end
-  return #rows
+  return first
 end
 
 return M

@@ -22,8 +22,14 @@
 --   store:add_transcript(id, line)           store:add_event(id, event)
 --   store:set_retry(id, due_at)  store:clear_retry(id)  store:due_retries() -> {{call_id, due_at}}
 --   store:add_notification(key, call_id, payload) -> false when key exists
---   store:mark_notified(key, state, err)     state: "sent", "failed" (send again after a
---                                            restart) or "refused" (the receiver said no: never again)
+--   store:mark_notified(key, state, err, under)  state: "sent", "failed" (send again after a
+--                                            restart) or "refused" (the receiver said no: never again);
+--                                            under, with "refused": the fingerprint of the config
+--                                            it was refused under (401/403/404), nil otherwise
+--   store:requeue_refused(fingerprint) -> n  optional: those refused under a fingerprint
+--                                            other than this one are pending again (and
+--                                            lose it); nil, err when the store refused it.
+--                                            Without it (or the under above), refused is for good
 --   store:pending_notifications(opts)        neither sent nor refused, oldest first
 --                                            ({key, payload, ...}); without opts all of them;
 --                                            opts.limit: a page of at most that many, and the

@@ -202,15 +202,39 @@ function Store:add_notification(key, call_id, payload)
   return true
 end
 
-function Store:mark_notified(key, state, err)
+--- under: for state "refused", the fingerprint of the config it was refused
+-- under (for its token or address), which requeue_refused compares. As the
+-- sqlite store: a refused one marked refused again takes the latest; a sent
+-- or refused one stays so.
+function Store:mark_notified(key, state, err, under)
   assert(state == "sent" or state == "failed" or state == "refused", "mark_notified: state must be sent, failed or refused")
   local n = self.notifications[key]
   if n then
     n.tries = n.tries + 1
-    n.sent = n.sent or state ~= "failed"
+    if not n.sent then
+      n.sent = state ~= "failed"
+      if state == "refused" then
+        n.refused, n.refused_under = true, under
+      end
+    elseif n.refused and state == "refused" then
+      n.refused_under = under
+    end
     n.last_error = err
   end
   return true
+end
+
+--- Sends again those refused under another config than fingerprint's:
+-- pending again, in their place. Returns how many.
+function Store:requeue_refused(fingerprint)
+  local count = 0
+  for _, n in ipairs(self.notes) do
+    if n.refused and n.refused_under ~= nil and n.refused_under ~= fingerprint then
+      n.sent, n.refused, n.refused_under = false, nil, nil
+      count = count + 1
+    end
+  end
+  return count
 end
 
 local function pending_copy(n)

@@ -59,7 +59,8 @@ CREATE TABLE IF NOT EXISTS notifications (
   sent INTEGER NOT NULL DEFAULT 0,
   tries INTEGER NOT NULL DEFAULT 0,
   last_error TEXT,
-  created REAL NOT NULL
+  created REAL NOT NULL,
+  refused_under TEXT
 );
 CREATE INDEX IF NOT EXISTS notifications_by_created ON notifications (created);
 -- The backlog still to send, walked a page at a time in (created, rowid)
@@ -74,8 +75,23 @@ CREATE INDEX IF NOT EXISTS idempotency_by_call ON idempotency (call_id);
 INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', '1');
 ]]
 -- The meta row 'schema': changes a callagent before this one cannot read
--- bump it (tables added with CREATE IF NOT EXISTS do not).
+-- bump it (tables added with CREATE IF NOT EXISTS do not, nor nullable
+-- columns: every statement names its columns).
 local SCHEMA_VERSION = 1
+
+-- Columns added since the tables were first written: a store from before
+-- gets them at open (NULL in its rows, which is what they held then).
+local ADDED_COLUMNS = {
+  -- The fingerprint of the notify.hooksUrl and hooksToken a notification was
+  -- refused under (401, 403, 404); NULL for every other state.
+  { "notifications", "refused_under", "TEXT" },
+}
+-- What needs the added columns: after them.
+local SCHEMA_ADDED = [[
+-- The notifications refused for a config's token or address, which a start
+-- under another one sends again.
+CREATE INDEX IF NOT EXISTS notifications_refused ON notifications (refused_under) WHERE refused_under IS NOT NULL;
+]]
 
 -- The call document holds everything but the rows of its own tables.
 local SEPARATE = { attempts = true, transcript = true, events = true, id = true }
@@ -130,6 +146,20 @@ function M.open(cfg)
       .. "; this one reads " .. SCHEMA_VERSION .. "): run that version, or give this one another store.path"
   end
   local sok, serr = db:exec(SCHEMA)
+  for _, c in ipairs(ADDED_COLUMNS) do
+    if not sok then
+      break
+    end
+    local cols
+    cols, serr = db:rows("SELECT name FROM pragma_table_info(?) WHERE name = ?", c[1], c[2])
+    sok = cols ~= nil
+    if sok and #cols == 0 then
+      sok, serr = db:exec("ALTER TABLE " .. c[1] .. " ADD COLUMN " .. c[2] .. " " .. c[3])
+    end
+  end
+  if sok then
+    sok, serr = db:exec(SCHEMA_ADDED)
+  end
   if not sok then
     db:close()
     return nil, "store.path: cannot set up " .. path .. ": " .. tostring(serr)
@@ -384,10 +414,30 @@ end
 
 local NOTIFY_STATE = { failed = 0, sent = 1, refused = 2 }
 
-function Store:mark_notified(key, state, err)
+-- refused_under: of a refused one (one refused before too: the latest),
+-- the fingerprint given, or NULL; a refused one marked otherwise keeps it;
+-- any other is NULL.
+local MARK = [[UPDATE notifications SET tries = tries + 1, sent = max(sent, ?1), last_error = ?2,
+  refused_under = CASE WHEN ?1 = 2 AND sent <> 1 THEN ?3 WHEN sent = 2 THEN refused_under END
+  WHERE key = ?4]]
+
+--- under: for state "refused", the fingerprint of the config it was refused
+-- under (for its token or address), which requeue_refused compares.
+function Store:mark_notified(key, state, err, under)
   local v = assert(NOTIFY_STATE[state], "mark_notified: state must be sent, failed or refused")
-  return check(self.db:run("UPDATE notifications SET tries = tries + 1, sent = max(sent, ?), last_error = ? WHERE key = ?",
-    v, err, key))
+  return check(self.db:run(MARK, v, err, under, key))
+end
+
+--- Sends again those refused under another config than fingerprint's: they
+-- are pending again (in their place in the backlog), their fingerprint
+-- gone. Returns how many; nil, err when the store refused it.
+function Store:requeue_refused(fingerprint)
+  local n, err = self.db:run("UPDATE notifications SET sent = 0, refused_under = NULL "
+    .. "WHERE refused_under IS NOT NULL AND refused_under <> ? AND sent = 2", fingerprint)
+  if n == nil then
+    return check(nil, err, "requeue_refused")
+  end
+  return n
 end
 
 local PENDING = "SELECT rowid, key, call_id, payload, tries, created FROM notifications WHERE sent = 0"
