@@ -275,7 +275,10 @@ end)
   T.eq(r.echoed, 1100, "every echo came back")
   T.ge(r.busy_ms, 220, "2200 messages at 100 us each")
   T.ge(r.iterations, 3, "the messages came in three polls or more")
-  T.lt(r.max_ms, 0.7 * r.busy_ms, "the longest iteration is one poll's handlers, not the pass's: "
+  -- One poll's handlers are at most 1024 of the 2200 (about half the busy
+  -- time), the whole pass all of it; the margin is for a machine whose other
+  -- work preempts this one mid-iteration (seen: 0.74 with the suite running).
+  T.lt(r.max_ms, 0.85 * r.busy_ms, "the longest iteration is one poll's handlers, not the pass's: "
     .. r.max_ms .. " ms of " .. r.busy_ms)
   T.ge(r.max_ms, 50, "and one poll brought hundreds of them")
 end)
