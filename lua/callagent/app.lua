@@ -436,12 +436,7 @@ function App:_start()
   self.store = store
   -- A failed start leaves nothing open behind it.
   local function fail(msg)
-    if self.server then
-      self.server:close()
-      self.server = nil
-    end
-    store:close()
-    self.store = nil
+    self:_undo_start()
     return nil, msg
   end
   self.notifier = notify.new(cfg.notify, store, self.opts.notify)
@@ -525,10 +520,6 @@ function App:_start()
     self.public_base = pub.url
   end
   if self.stopped then -- app:stop() while the provider's init waited, say
-    if self.tunnel then
-      self.tunnel:close()
-      self.tunnel = nil
-    end
     return fail("stopped during start")
   end
   local public_host = self.public_base and self.public_base:match("^%a[%w+.-]*://([^/?#]*)")
@@ -539,10 +530,6 @@ function App:_start()
   end
   local rok, recovered = pcall(self.engine.recover, self.engine)
   if not rok then
-    if self.tunnel then
-      self.tunnel:close()
-      self.tunnel = nil
-    end
     return fail("store: the calls of the last run could not be recovered: " .. tostring(recovered))
   end
   self.engine.starting = nil

@@ -416,10 +416,8 @@ function Engine:dial(id)
     err = error_text(err)
     -- The vendor refused the call for good (the number, the account): a
     -- retry would be refused alike.
-    call._no_retry = type(how) == "table" and how.permanent == true or nil
-    local ended = self:_attempt_final(call, n, "failed", err, err)
-    call._no_retry = nil
-    return ended
+    attempt._no_retry = type(how) == "table" and how.permanent == true or nil
+    return self:_attempt_final(call, n, "failed", err, err)
   end
   if res.userHint and res.userHint ~= call.hint then
     -- Each attempt's own: a retry's link is a new one.
@@ -587,12 +585,7 @@ function Engine:_provider_id(call, n, pid)
   if a._end_pending then
     a._end_pending = nil
     log.info("hanging up now that the provider has named the call", { call = call.id, attempt = n })
-    task.spawn(function()
-      local ok, err = self:_provider_end(self:call_view(call.id) or { callId = call.id }, a)
-      if ok then
-        return
-      end
-      log.warn("provider hang-up failed", { call = call.id, attempt = n, error = err })
+    self:_end_in_task(call.id, a, function()
       if not a.answeredAt then
         -- A ringing call canceled here: the vendor is asked again, as for
         -- any cancel it refuses (hangup), so that the phone stops ringing.
@@ -642,12 +635,16 @@ function Engine:_provider_end(view, a)
   return nil, "the " .. tostring(self.provider.name) .. " provider has no endCall, and the call has no media stream to close"
 end
 
--- Hangs up attempt a at the vendor from a task of its own; a failure is logged.
-function Engine:_end_in_task(id, a)
+-- Hangs up attempt a at the vendor from a task of its own; a failure is
+-- logged, and then on_failed() runs (may be nil).
+function Engine:_end_in_task(id, a, on_failed)
   task.spawn(function()
     local ok, err = self:_provider_end(self:call_view(id) or { callId = id }, a)
     if not ok then
-      log.warn("provider hang-up failed", { call = id, error = err })
+      log.warn("provider hang-up failed", { call = id, attempt = a.n, error = err })
+      if on_failed then
+        on_failed()
+      end
     end
   end)
 end
@@ -1154,7 +1151,7 @@ function Engine:_after_attempt(call, n, status, answered, reason, also)
   end
   local r = self.config.retry
   local retryable = false
-  if not answered and call._cancel_requested == nil and not call._no_retry then
+  if not answered and call._cancel_requested == nil and not (call.attempts[n] or {})._no_retry then
     for _, s in ipairs(r.retryStatuses) do
       if s == status then
         retryable = true
