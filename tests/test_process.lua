@@ -270,8 +270,10 @@ T.test("a child that does not read stdin: writes past max_stdin queued bytes fai
 end)
 
 T.test("writing to a child that closed its stdin gives EPIPE, no SIGPIPE, and the child runs on", function()
-  local p = assert(process.spawn({ "/bin/sh", "-c", "exec <&-; sleep 0.3; echo alive", stdin = true }))
-  timer.sleep(100)
+  -- The child says when its stdin is closed: a fixed sleep lost the race on a
+  -- loaded machine (the write was queued before the shell ran exec <&-).
+  local p = assert(process.spawn({ "/bin/sh", "-c", "exec <&-; echo closed; sleep 0.3; echo alive", stdin = true }))
+  T.eq(p:read_line(5000), "closed")
   local ok, err = p:write(string.rep("x", 100000))
   T.eq(ok, nil)
   T.match(err, "^EPIPE")
