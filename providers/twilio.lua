@@ -53,8 +53,8 @@
 --   Retry-After with its 429 (honoured when it does); the answer to a hang-up
 --   of a call that has already ended (21220 "Invalid call state" is
 --   documented for redirects and recordings of a call not in progress,
---   twilio.com/docs/api/errors/21220; any refusal is logged and left to the
---   engine's retries); an ErrorCode field in voice status callbacks (not
+--   twilio.com/docs/api/errors/21220; the engine asks getCall after any
+--   refused hang-up, and one of a call over at Twilio counts as done); an ErrorCode field in voice status callbacks (not
 --   read: a failed call's reason names the SipResponseCode only); what
 --   Twilio does with a TimeLimit above the account's limit.
 local fetch = require "callagent.fetch"

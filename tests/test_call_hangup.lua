@@ -115,6 +115,26 @@ T.test("a cancel that waited for Twilio to name the call, and that Twilio refuse
   T.lt(tw.updates[2].at - tw.updates[1].at, 2000, "asked again about a second later")
 end, { timeout = 20000 })
 
+T.test("a hang-up Twilio refuses because the call is over there already is done, not asked again", function()
+  -- The callee declines while it rings; Twilio's final callback is lost, and
+  -- it answers the cancel of the call that is over with 400 21220.
+  local env = kit.start({ twilio = { ended_update = { status = 400, code = 21220 },
+    behaviour = { ring_ms = 30000, lost_callbacks = { completed = true } } } })
+  local id = env:create({ to = "+14155550506", prompt = "Say hello." })
+  env:wait(id, function(r)
+    return r.status == "dialing" and r.attempts[1] and r.attempts[1].providerCallId
+  end, 5000, "ringing")
+  local tw = env.tw.calls[1]
+  tw:hangup()
+  assert(tw:wait_final(3000), "declined at Twilio")
+  T.eq(tw.final, "busy")
+  T.eq((env:api("POST", "/v1/calls/" .. id .. "/hangup")), 202)
+  local call = env:wait_final(id, 3000)
+  T.eq({ call.status, call.endReason }, { "canceled", "canceled by API" })
+  timer.sleep(1500) -- a cancel asked again would go 1 s after the first
+  T.eq(update_statuses(tw), { "canceled" }, "one cancel: Twilio's GET said the call was over")
+end, { timeout = 20000 })
+
 T.test("a stop while the API's cancel of a ringing call is on its way: the call ends canceled, not dialed again", function()
   -- The first hang-up of each call takes Twilio 5 s (a provider that waits
   -- before its request); the stop's own cancel goes at once. Twilio's final

@@ -624,7 +624,19 @@ end
 
 function Engine:_provider_end(view, a)
   if self.provider.endCall then
-    return self:_provider("endCall", view, a)
+    local ok, err, how = self:_provider("endCall", view, a)
+    if not ok and a and a.providerCallId and self.provider.getCall then
+      -- A hang-up refused because the call is over already (Twilio's
+      -- answer for one is not documented): what the vendor says of the
+      -- call decides, so it is neither asked again nor reported failed.
+      local seen = self:_provider_state({ id = view.callId }, a)
+      if FINAL[seen] then
+        log.info("the provider refused the hang-up of a call already over there",
+          { call = view.callId, attempt = a.n, status = seen, error = err })
+        return true
+      end
+    end
+    return ok, err, how
   end
   -- No endCall (it is optional): the call ends with its media stream.
   local b = a and self.bridges[view.callId .. "#" .. tostring(a.n)]

@@ -48,7 +48,9 @@
 --   POST .../Calls/{CallSid}.json   Status=completed|canceled hangs up (an
 --       answered call: stop event, WS close, then the completed callback; a
 --       queued/ringing one ends "canceled"); Url/Twiml are only recorded
---       (call.redirects). 200 call JSON.
+--       (call.redirects). 200 call JSON. Option or behaviour ended_update =
+--       {status, code, message} (400, 21220, "Call is not in-progress. ...")
+--       answers an update of a call already over with that error instead.
 --   GET  .../Calls/{CallSid}.json   the call JSON (status: queued, ringing,
 --       in-progress, completed, busy, no-answer, failed, canceled; duration).
 --   Unknown call or path: 404 {code 20404}.
@@ -1163,6 +1165,10 @@ function Fake:_update(req)
   local times = call.behaviour.update_fail_times or self.opts.update_fail_times
   if fail and (not times or #call.updates <= times) then
     return twilio_error(fail, 20500, "Internal Server Error")
+  end
+  local ended = call.behaviour.ended_update or self.opts.ended_update
+  if call.final and ended then
+    return twilio_error(ended.status or 400, ended.code or 21220, ended.message or "Call is not in-progress. Cannot redirect.")
   end
   if p.Status ~= nil then
     if p.Status ~= "completed" and p.Status ~= "canceled" then
