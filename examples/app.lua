@@ -29,7 +29,7 @@ if not config then
   config = {
     telephony = { provider = "mock" },
     server = { port = math.tointeger(tonumber(port or "4545")) },
-    openai = { apiKey = local_model and "local-standin" or key, outputFormat = "audio/pcm" },
+    openai = { apiKey = local_model and standin.KEY or key, outputFormat = "audio/pcm" },
     call = { ringTimeoutSec = 600 },
     retry = { maxAttempts = 1 },
     store = { backend = "memory" },

@@ -23,7 +23,7 @@ local local_model = not key or key == ""
 local app, err = callagent.app({
   telephony = { provider = "mock" },
   server = { port = port },
-  openai = { apiKey = local_model and "local-standin" or key },
+  openai = { apiKey = local_model and standin.KEY or key },
   call = { ringTimeoutSec = 600 },
   store = { backend = "memory" },
 })

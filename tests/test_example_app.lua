@@ -57,6 +57,35 @@ T.test("the local setup prints its banner, takes a call through the API and stop
   T.eq(files, {}, "the in-memory store writes nothing")
 end)
 
+T.test("make run's stand-in takes its own calls and refuses a session without its key, logging no key", function()
+  local ws = require "callagent.ws"
+  local phone = require "phone"
+  local port = T.free_port()
+  local p = T.spawn_app(APP, nil, { env = env({ PORT = tostring(port) }), cwd = T.tmpdir() })
+  T.defer(function()
+    p:kill("SIGKILL")
+  end)
+  local base = "http://127.0.0.1:" .. port
+  T.wait_for(function()
+    return p.text():find("Ctrl-C stops", 1, true) ~= nil
+  end, 10000, "the banner")
+  -- Someone who reached the app's server (through a tunnel, say).
+  local conn = assert(ws.connect("ws://127.0.0.1:" .. port .. "/standin/v1/realtime",
+    { headers = { Authorization = "Bearer local-standin" } }))
+  T.eq({ conn:receive(5000) }, { "close", 1008, "invalid api key" })
+  T.wait_for(function()
+    return p.errtext():find("WARN stand-in model refused a session without its key", 1, true) ~= nil
+  end, 5000, "the refusal logged")
+  -- The app's own call still gets the stand-in: its greeting reaches the phone.
+  local res = assert(fetch(base .. "/v1/calls", { method = "POST", headers = { ["Content-Type"] = "application/json" },
+    body = '{"to": "+15555550100", "prompt": "Say hello."}' }))
+  T.eq(res.status, 201, res.body)
+  local ph = assert(phone.answer(json.decode(res.body).hint))
+  T.ok(ph:wait_received(8000, 15000), "a second of the stand-in's greeting")
+  T.no_match(p.errtext(), "standin%-[%w_%-]", "the stand-in's key is not logged")
+  T.no_match(p.text(), "standin%-[%w_%-]", "nor printed")
+end, { timeout = 30000 })
+
 T.test("a PORT that is no number stops the start, naming it", function()
   local code, _, p = T.run_app(APP, nil, { env = env({ PORT = "80a" }), cwd = T.tmpdir() })
   T.eq(code, 1)

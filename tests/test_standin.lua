@@ -33,7 +33,7 @@ T.test("a mock-phone call with the stand-in: greeting, echo of the caller's turn
   local app = assert(callagent.app({
     telephony = { provider = "mock" },
     server = { port = 0 },
-    openai = { apiKey = "local-standin", outputFormat = "audio/pcmu" },
+    openai = { apiKey = standin.KEY, outputFormat = "audio/pcmu" },
     call = { ringTimeoutSec = 60, goodbyeTimeoutSec = 8 },
     store = { backend = "memory" },
   }, { no_shutdown_hook = true }))
@@ -105,5 +105,31 @@ T.test("a mock-phone call with the stand-in: greeting, echo of the caller's turn
   T.match(all, "Goodbye")
   T.ok(p:wait_closed(5000), "the stream was closed by the hang-up")
 end, { timeout = 60000 })
+
+T.test("the stand-in refuses a session without its key: closed with 1008, no session.created", function()
+  local ws = require "callagent.ws"
+  local http = require "callagent.http"
+  local srv = http.server({ host = "127.0.0.1", port = 0 })
+  standin.mount(srv, "/standin/v1/realtime")
+  assert(srv:listen())
+  T.defer(function()
+    srv:close()
+  end)
+  local url = srv:ws_url("/standin/v1/realtime")
+  for what, headers in pairs({
+    none = nil,
+    wrong = { Authorization = "Bearer " .. standin.KEY:sub(1, -2) .. "x" },
+    bare = { Authorization = standin.KEY },
+  }) do
+    local conn = assert(ws.connect(url, { headers = headers }))
+    local kind, code, reason = conn:receive(5000)
+    T.eq({ kind, code, reason }, { "close", 1008, "invalid api key" }, what .. ": closed, no session.created")
+  end
+  local conn = assert(ws.connect(url, { headers = { Authorization = "Bearer " .. standin.KEY } }))
+  local kind, msg = conn:receive(5000)
+  T.eq(kind, "text")
+  T.eq(require("callagent.json").decode(msg).type, "session.created", "with the key")
+  conn:close(1000, "bye")
+end)
 
 T.run()

@@ -12,8 +12,14 @@
 -- no speech recognition here.
 --
 --   local standin = require "callagent.standin"
+--   -- openai = { apiKey = standin.KEY } in the app's config, then
 --   standin.mount(srv, "/standin/v1/realtime")   -- before srv:listen()
 --   -- then point openai.realtimeUrl at ws://host:port/standin/v1/realtime
+--
+-- The route is on the app's own server, which a tunnel may make public: a
+-- session must send the key (Authorization: Bearer <standin.KEY>, made at
+-- random for this process; opts.key to mount gives another). One without it
+-- is closed at once (1008) and logged, before any speech is made for it.
 local json = require "callagent.json"
 local audio = require "callagent.audio"
 local crypto = require "callagent.crypto"
@@ -24,6 +30,9 @@ local process = require "callagent.process"
 local core = require "callagent.core"
 
 local M = {}
+
+--- The key sessions must send: random, for this process only.
+M.KEY = "standin-" .. crypto.random_token(24)
 
 M.GREETING = "Hello! This is callagent's local stand-in model. Say something, and I will repeat it. "
   .. "Press the hash key to finish."
@@ -328,9 +337,16 @@ function Session:on_event(ev)
   end
 end
 
-function M.mount(srv, path)
+function M.mount(srv, path, opts)
+  local want = "Bearer " .. (opts and opts.key or M.KEY)
   srv:websocket(path, {
-    open = function(conn)
+    open = function(conn, req)
+      local auth = req.headers and req.headers.authorization
+      if type(auth) ~= "string" or not crypto.constant_time_eq(auth, want) then
+        log.warn("stand-in model refused a session without its key", { remote = req.remote, path = path })
+        conn:close(1008, "invalid api key")
+        return
+      end
       local s = setmetatable({ conn = conn, config = { type = "realtime" }, turns = 0, speech_ms = 0, input_ms = 0, quiet = 0, loud = 0 }, Session)
       conn.standin = s
       s:send({
