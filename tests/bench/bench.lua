@@ -185,7 +185,12 @@ local function start_loadgen(r)
       end
     elseif word == "error" and (k == "call" or k == "end") then
       note(r, "loadgen: %s", line)
-    elseif line ~= "ok call" and line ~= "ok hangup" and line ~= "ok end" then -- nobody waits for those
+    elseif word == "ok" and k == "hangup" then
+      -- twilio_call_ended waits for it (r.hangup_acks), else nobody does.
+      for _, wake in ipairs(r.hangup_acks and r.hangup_acks[tonumber(rest)] or {}) do
+        wake()
+      end
+    elseif line ~= "ok call" and line ~= "ok end" then -- nobody waits for those
       lg.replies:push(line)
     end
   end
@@ -297,8 +302,17 @@ local function twilio_call_ended(r, c)
   end
   c.hung_up = now()
   r.by_sid[c.sid], r.by_k[c.k] = nil, nil
-  r.lg:tell("hangup " .. c.k)
   task.spawn(function()
+    -- The stream's `stop` first, then the status callback, as Twilio sends
+    -- them. Told at once, the generator could read of the hang-up after
+    -- callagent, ending the call on the callback, had closed its
+    -- connections: closes it would count as callagent's own.
+    local waiting = {}
+    r.hangup_acks = r.hangup_acks or {}
+    r.hangup_acks[c.k] = waiting
+    r.lg:tell("hangup " .. c.k)
+    task.wait_in(waiting, 5000)
+    r.hangup_acks[c.k] = nil
     local res, err = signed_post(c.status_cb, { CallSid = c.sid, AccountSid = SID, CallStatus = "completed",
       CallDuration = tostring(math.floor((c.hung_up - c.t) / 1000)), SequenceNumber = "2" })
     r.on_hangup(c, res and res.status >= 200 and res.status < 300 or false, res and res.status or err)

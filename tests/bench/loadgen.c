@@ -27,7 +27,7 @@
  *   call <k> <ws_url> <signature> <stream_sid> <start_json>
  *                                           -> ok call; later, asynchronously:
  *                                              established <k> | failed <k> <reason>
- *   hangup <k>                              -> ok hangup (`stop`, then close 1000 to
+ *   hangup <k>                              -> ok hangup <k> (`stop`, then close 1000 to
  *                                              callagent: the call is over)
  *   end <k>                                 -> ok end | error end <k> <reason>: the
  *                                              model ends call k as a real one does
@@ -1721,7 +1721,7 @@ static void command(char *line)
 			ws_send(c->phone, 1, stop, (size_t)n);
 			ws_close(c->phone, 1000);
 		}
-		say("ok hangup");
+		say("ok hangup %d", k);
 	} else if (strcmp(cmd, "end") == 0) {
 		char *ks = strtok_r(NULL, " ", &save);
 		int k = ks ? atoi(ks) : -1;
