@@ -48,7 +48,6 @@ T.test("POST /status and /voice are refused for mock calls and change nothing", 
 end)
 
 T.test("a retried mock call's hint is the new attempt's link; the old one answers 410, not 403", function()
-  local timer = require "callagent.timer"
   local app = start({
     call = { ringTimeoutSec = 1, statusGraceSec = 1 },
     retry = { maxAttempts = 2, initialDelayMs = 100, retryStatuses = { "no_answer" } },
@@ -57,10 +56,12 @@ T.test("a retried mock call's hint is the new attempt's link; the old one answer
   local id = call.callId or call.id
   local first = app.engine:call_view(id).hint
   T.ok(first, "a link for attempt 1")
+  -- The hint is the attempt's once its dial is placed, a moment after the
+  -- attempt says "dialing": waited for, not slept for.
   T.wait_for(function()
-    return app.engine:call_view(id).attempt == 2 and app.engine:call_view(id).status == "dialing"
-  end, 10000, "attempt 2 ringing")
-  timer.sleep(100)
+    local v = app.engine:call_view(id)
+    return v.attempt == 2 and v.status == "dialing" and v.hint and v.hint ~= first
+  end, 10000, "attempt 2 ringing, with a link of its own")
   local second = app.engine:call_view(id).hint
   T.ok(second and second ~= first, "another link")
   local token = second:match("[?&]t=([^&]+)")
