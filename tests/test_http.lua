@@ -459,7 +459,7 @@ T.test("close with drain_ms answers the requests in progress first; meanwhile ne
   end)
   T.wait_for(function()
     return started
-  end, 2000, "the slow request to start")
+  end, 10000, "the slow request to start")
   T.eq(assert(fetch(srv:url("/fast"))).body, "fast", "a second connection, left open (kept alive)")
   T.eq(srv:connections(), 2)
   local cut, took
@@ -492,7 +492,9 @@ end)
 
 T.test("close with drain_ms cuts off a request still in progress when the time is up, and says so", function()
   local srv = http.server({})
+  local started = false
   srv:get("/hang", function()
+    started = true
     timer.sleep(5000)
     return 200, "late"
   end)
@@ -502,7 +504,11 @@ T.test("close with drain_ms cuts off a request still in progress when the time i
     res, err = fetch(srv:url("/hang"), { timeout = 8000 })
     done = true
   end)
-  timer.sleep(100)
+  -- The request must be in its handler for the close to cut it off: waited
+  -- for, not assumed after a sleep.
+  T.wait_for(function()
+    return started
+  end, 10000, "the request to reach its handler")
   local t0 = timer.now()
   T.eq(srv:close({ drain_ms = 300 }), 1, "one request cut off")
   local took = timer.now() - t0
