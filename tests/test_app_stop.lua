@@ -34,7 +34,11 @@ T.test("a call whose dial was on its way when the app stopped is hung up, and di
   })
   local db = env.app.config.store.path
   local id = env:create({ to = "+14155550140", prompt = "Hello." })
-  timer.sleep(200)
+  -- The dial has reached Twilio (its answer 1.5 s away): waited for, not
+  -- slept for, so the stop begins well before that answer on a loaded machine.
+  T.wait_for(function()
+    return #env.tw.calls >= 1
+  end, 10000, "the dial to reach Twilio")
   local t0 = timer.now()
   env.app:stop()
   T.ok(timer.now() - t0 >= 1000, "stop waited for the dial's answer")
