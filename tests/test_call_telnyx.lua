@@ -1011,14 +1011,22 @@ T.test("a real process: a streaming.failed is one WARN line naming Telnyx's fail
   local call = api:wait_final(id, 5000)
   T.eq({ call.status, call.endReason }, { "failed", "no_stream" })
   T.eq(call.lastError, "telnyx media stream failed: connection_failed: [redacted] refused")
-  timer.sleep(200)
-  local text = p.errtext() .. "\n" .. p.text()
-  local lines = {}
-  for line in text:gmatch("[^\n]+") do
-    if line:find("media stream failed", 1, true) and line:find("WARN", 1, true) then
-      lines[#lines + 1] = line
+  local text, lines
+  local function warn_lines()
+    text = p.errtext() .. "\n" .. p.text()
+    lines = {}
+    for line in text:gmatch("[^\n]+") do
+      if line:find("media stream failed", 1, true) and line:find("WARN", 1, true) then
+        lines[#lines + 1] = line
+      end
     end
+    return #lines > 0
   end
+  -- The child's output comes through a pipe: its WARN line is waited for, not
+  -- assumed read 200 ms after the record went final; then a moment for a second.
+  T.wait_for(warn_lines, 10000, "the WARN line")
+  timer.sleep(200)
+  warn_lines()
   T.eq(#lines, 1, "WARN lines: " .. table.concat(lines, "\n"))
   T.match(lines[1] or "", "failure_reason=\"connection_failed: %[redacted%] refused\"")
   T.match(lines[1] or "", "call=" .. id)
