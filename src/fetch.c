@@ -681,14 +681,30 @@ static size_t walk_headers(lua_State *L, int t, struct curl_slist *block, int *n
 	return total;
 }
 
-/* The options of one request() call, read and checked before anything is allocated; on its stack. */
+/*
+ * The options of one request() call, read and checked before anything is
+ * allocated; on its stack. Each field is read once, and the strings and
+ * tables read stay on the Lua stack until request() returns: an __index
+ * function may answer with a fresh value each time (a second read of
+ * headers could hold more than the block sized on the first).
+ */
 struct opts {
 	const char *method, *body, *ca_file, *username, *password;
 	size_t body_len;
 	lua_Integer timeout, connect_timeout, max_body;
-	int follow, has_headers, n_headers, expect;
+	int follow, headers_idx, body_idx, n_headers, expect;
 	size_t headers_size;
 };
+
+/* Like ca_opt_string_field, but the value stays on the stack (one slot, nil or the string). */
+static const char *opt_string(lua_State *L, int idx, const char *k, const char *def)
+{
+	if (lua_getfield(L, idx, k) == LUA_TNIL)
+		return def;
+	if (lua_type(L, -1) != LUA_TSTRING)
+		luaL_error(L, "option '%s' must be a string", k);
+	return lua_tostring(L, -1);
+}
 
 static void read_opts(lua_State *L, int idx, struct opts *o)
 {
@@ -700,12 +716,13 @@ static void read_opts(lua_State *L, int idx, struct opts *o)
 	if (lua_isnoneornil(L, idx))
 		return;
 	luaL_argcheck(L, lua_type(L, idx) == LUA_TTABLE, idx, "options must be a table");
-	o->method = ca_opt_string_field(L, idx, "method", "GET");
+	luaL_checkstack(L, 8, NULL);
+	o->method = opt_string(L, idx, "method", "GET");
 	if (!is_token(o->method, strlen(o->method)))
 		luaL_error(L, "option 'method' must be an HTTP method token");
-	o->ca_file = ca_opt_string_field(L, idx, "ca_file", NULL);
-	o->username = ca_opt_string_field(L, idx, "username", NULL);
-	o->password = ca_opt_string_field(L, idx, "password", NULL);
+	o->ca_file = opt_string(L, idx, "ca_file", NULL);
+	o->username = opt_string(L, idx, "username", NULL);
+	o->password = opt_string(L, idx, "password", NULL);
 	o->timeout = ca_opt_int_field(L, idx, "timeout", DEFAULT_TIMEOUT);
 	o->connect_timeout = ca_opt_int_field(L, idx, "connect_timeout", DEFAULT_CONNECT_TIMEOUT);
 	o->max_body = ca_opt_int_field(L, idx, "max_body", DEFAULT_MAX_BODY);
@@ -717,35 +734,30 @@ static void read_opts(lua_State *L, int idx, struct opts *o)
 	if (lua_getfield(L, idx, "body") != LUA_TNIL) {
 		if (lua_type(L, -1) != LUA_TSTRING)
 			luaL_error(L, "option 'body' must be a string");
-		/* The table keeps the string alive until it is referenced below. */
 		o->body = lua_tolstring(L, -1, &o->body_len);
+		o->body_idx = lua_gettop(L);
 	}
-	lua_pop(L, 1);
 	if (lua_getfield(L, idx, "headers") != LUA_TNIL) {
 		if (lua_type(L, -1) != LUA_TTABLE)
 			luaL_error(L, "option 'headers' must be a table");
-		o->has_headers = 1;
-		o->headers_size = walk_headers(L, lua_gettop(L), NULL, &o->n_headers, &o->expect);
+		o->headers_idx = lua_gettop(L);
+		o->headers_size = walk_headers(L, o->headers_idx, NULL, &o->n_headers, &o->expect);
 	}
-	lua_pop(L, 1);
 }
 
 /*
  * Builds the request's header list in one allocation: the user's headers,
  * plus an empty "Expect:" so curl does not wait for 100-continue.
  */
-static struct curl_slist *build_headers(lua_State *L, int idx, struct opts *o)
+static struct curl_slist *build_headers(lua_State *L, struct opts *o)
 {
 	static const char no_expect[] = "Expect:";
 	int n = o->n_headers + !o->expect;
 	size_t size = (size_t)n * sizeof(struct curl_slist) + o->headers_size + sizeof no_expect;
 	struct curl_slist *block = ca_malloc(size);
 
-	if (o->has_headers) {
-		lua_getfield(L, idx, "headers");
-		walk_headers(L, lua_gettop(L), block, &n, &o->expect);
-		lua_pop(L, 1);
-	}
+	if (o->headers_idx)
+		walk_headers(L, o->headers_idx, block, &n, &o->expect);
 	if (!o->expect) {
 		char *s = (char *)block + size - sizeof no_expect;
 
@@ -873,6 +885,8 @@ static int l_request(lua_State *L)
 	luaL_checktype(L, 1, LUA_TSTRING);
 	url = lua_tolstring(L, 1, &url_len);
 	luaL_checktype(L, 3, LUA_TFUNCTION);
+	/* Stack: url, opts, fn, then what read_opts leaves (values it points into). */
+	lua_settop(L, 3);
 	read_opts(L, 2, &o);
 
 	/* Everything is checked: from here on nothing raises but out of memory. */
@@ -892,7 +906,7 @@ static int l_request(lua_State *L)
 	n_active++;
 	if (o.password)
 		r->secret = ca_strdup(o.password);
-	r->headers = build_headers(L, 2, &o);
+	r->headers = build_headers(L, &o);
 
 	bad = parse_url(r, url, url_len);
 	if (bad) {
@@ -904,7 +918,7 @@ static int l_request(lua_State *L)
 		return 1;
 	}
 	if (o.body) {
-		lua_getfield(L, 2, "body");
+		lua_pushvalue(L, o.body_idx);
 		r->body_ref = luaL_ref(L, LUA_REGISTRYINDEX);
 	}
 	r->easy = take_easy();

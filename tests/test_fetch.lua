@@ -367,6 +367,40 @@ T.test("misuse raises: bad options, header injection, missing callback", functio
   T.eq(fetch.active(), 0, "nothing was started")
 end)
 
+T.test("options are read once: an __index that answers differently each time cannot overrun the header block", function()
+  -- The header block is sized on the first read of opts.headers and filled
+  -- on a second; a second answer with more headers wrote past its end.
+  local _, base = serve()
+  local reads = { headers = 0, body = 0, method = 0 }
+  local many = {}
+  for i = 1, 200 do
+    many["X-Many-" .. i] = string.rep("v", 200)
+  end
+  local opts = setmetatable({}, {
+    __index = function(_, k)
+      if reads[k] then
+        reads[k] = reads[k] + 1
+      end
+      if k == "headers" then
+        return reads.headers == 1 and { ["X-Custom"] = "first" } or many
+      elseif k == "body" then
+        -- A fresh string each time, held by nothing but the stack.
+        return reads.body == 1 and string.rep("b", 10) .. "-first" or "second"
+      elseif k == "method" then
+        return reads.method == 1 and "PUT" or "DELETE"
+      end
+    end,
+  })
+  local res, err = fetch(base .. "/echo", opts)
+  T.ok(res, err)
+  T.eq(reads, { headers = 1, body = 1, method = 1 })
+  local got = cjson.decode(res.body)
+  T.eq(got.method, "PUT")
+  T.eq(got.body, "bbbbbbbbbb-first")
+  T.eq(got.headers["x-custom"], "first")
+  T.eq(got.headers["x-many-1"], nil)
+end)
+
 T.test("https trusts ca_file in addition to the system store; without it ETLS", function()
   local c = certs.make(T.tmpdir())
   local srv = serve({ tls = { cert = c.cert, key = c.key } })
