@@ -32,7 +32,8 @@
  * err = "ECODE: message" with ECODE one of ETIMEDOUT, ECONNREFUSED (could not
  * connect), ENOTFOUND, ETLS, EMSGSIZE (body over max_body), EINVAL (bad URL or
  * scheme other than http/https), ECANCELED, ECURL (anything else). Messages never
- * carry the password, the URL's password or Authorization header values.
+ * carry the password, the URL's password, Authorization header values or the
+ * user:password of a URL curl quotes (a proxy's, from the environment).
  * Misuse (wrong argument or option types, a bad method or header) raises.
  *
  * A request whose handle is dropped still runs and calls fn. At teardown
@@ -248,34 +249,64 @@ static const char *code_of(struct req *r, CURLcode rc)
 	}
 }
 
+/*
+ * Replaces the slen bytes at hit, inside msg (cap bytes), by REDACTED,
+ * cutting the message short if it does not fit; returns where to go on,
+ * or NULL when nothing is left.
+ */
+static char *redact_at(char *msg, size_t cap, char *hit, size_t slen)
+{
+	size_t rlen = sizeof REDACTED - 1, keep = (size_t)(hit - msg);
+	size_t tail = strlen(hit + slen);
+
+	if (keep + rlen >= cap) {
+		*hit = '\0';
+		return NULL;
+	}
+	if (keep + rlen + tail >= cap)
+		tail = cap - 1 - keep - rlen;
+	memmove(hit + rlen, hit + slen, tail);
+	memcpy(hit, REDACTED, rlen);
+	hit[rlen + tail] = '\0';
+	return hit + rlen;
+}
+
 /* Replaces each occurrence of secret (4 bytes or more) in msg by REDACTED. */
 static void scrub(char *msg, size_t cap, const char *secret)
 {
-	size_t slen = strlen(secret), rlen = sizeof REDACTED - 1;
+	size_t slen = strlen(secret);
 	char *at = msg, *hit;
 
 	if (slen < 4)
 		return;
-	while ((hit = strstr(at, secret)) != NULL) {
-		size_t keep = (size_t)(hit - msg);
-		size_t tail = strlen(hit + slen);
+	while (at && (hit = strstr(at, secret)) != NULL)
+		at = redact_at(msg, cap, hit, slen);
+}
 
-		if (keep + rlen >= cap) {
-			*hit = '\0';
-			return;
-		}
-		if (keep + rlen + tail >= cap)
-			tail = cap - 1 - keep - rlen;
-		memmove(hit + rlen, hit + slen, tail);
-		memcpy(hit, REDACTED, rlen);
-		hit[rlen + tail] = '\0';
-		at = hit + rlen;
+/*
+ * Replaces the userinfo of every URL in msg ("scheme://user:pass@host") by
+ * REDACTED: curl quotes a proxy URL from the environment whole when it
+ * cannot use it, and that password is none we were given.
+ */
+static void scrub_userinfo(char *msg, size_t cap)
+{
+	char *at = msg, *p;
+
+	while (at && (p = strstr(at, "://")) != NULL) {
+		char *u = p + 3, *last = NULL;
+		size_t n = strcspn(u, "/?# \t'\"");
+
+		for (size_t i = 0; i < n; i++)
+			if (u[i] == '@')
+				last = u + i;
+		at = last && last > u ? redact_at(msg, cap, u, (size_t)(last - u)) : u;
 	}
 }
 
-/* Keeps the password and Authorization header values out of r->err. */
+/* Keeps passwords, URL userinfo and Authorization header values out of r->err. */
 static void scrub_secrets(struct req *r)
 {
+	scrub_userinfo(r->err, sizeof r->err);
 	if (r->secret)
 		scrub(r->err, sizeof r->err, r->secret);
 	for (struct curl_slist *h = r->headers; h; h = h->next) {

@@ -342,6 +342,37 @@ T.test("secrets in headers, passwords and URLs do not appear in errors", functio
   T.no_match(err, "127%.0%.0%.1")
 end)
 
+T.test("a proxy URL from the environment that curl quotes in an error loses its password", function()
+  -- curl names a proxy it cannot use whole, credentials and all; the
+  -- variables are read per request, so a child process gets them.
+  local dir = T.tmpdir()
+  local script = dir .. "/proxy.lua"
+  local f = assert(io.open(script, "w"))
+  f:write([[
+local fetch, task = require "callagent.fetch", require "callagent.task"
+task.spawn(function()
+  print(select(2, fetch("http://127.0.0.1:1/")))
+  print(select(2, fetch("https://127.0.0.1:1/")))
+end)
+]])
+  f:close()
+  for _, proxy in ipairs({
+    "http://user:PROXYPASS-SECRET@[::1",
+    "bogus://user:PROXYPASS-SECRET@127.0.0.1:1",
+    "http://user:p@ss:PROXYPASS-SECRET@[::1",
+  }) do
+    local code, out, errl = T.exec({ T.bin, "run", script }, {
+      env = { http_proxy = proxy, https_proxy = proxy, no_proxy = "", NO_PROXY = "" },
+    })
+    T.eq(code, 0, table.concat(errl, "\n"))
+    T.eq(#out, 2, proxy)
+    for _, line in ipairs(out) do
+      T.match(line, "^E%u+: .*proxy.*://%[redacted%]@", proxy)
+      T.no_match(line, "PROXYPASS", proxy)
+    end
+  end
+end)
+
 T.test("misuse raises: bad options, header injection, missing callback", function()
   T.raises(function()
     fetch.request({ url = "http://127.0.0.1:1/", headers = { ["X-A"] = "a\r\nX-Injected: 1" } }, function() end)

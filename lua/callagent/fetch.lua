@@ -27,8 +27,9 @@
 --         time_ms = 12.3 }: header names lowercase, repeated headers joined with ", ".
 -- err = "ECODE: message": ETIMEDOUT, ECONNREFUSED (could not connect), ENOTFOUND,
 -- ETLS, EMSGSIZE (body over max_body), EINVAL (bad URL, scheme not http/https),
--- ECANCELED, ECURL (anything else). No error carries a password or an
--- Authorization value. Any status code is a result, not an error.
+-- ECANCELED, ECURL (anything else). No error carries a password, an
+-- Authorization value or a proxy URL's user:password. Any status code is a
+-- result, not an error.
 --
 -- Wrong option types, a header value with CR/LF or a bad method raise.
 -- A request whose handle is dropped still completes and calls fn. Proxies
