@@ -30,8 +30,10 @@
  * res = {status = int, headers = {lowercase name = value; repeats joined with
  *        ", "}, body = string, time_ms = float}
  * err = "ECODE: message" with ECODE one of ETIMEDOUT, ECONNREFUSED (could not
- * connect), ENOTFOUND, ETLS, EMSGSIZE (body over max_body), EINVAL (bad URL or
- * scheme other than http/https), ECANCELED, ECURL (anything else). Messages never
+ * connect), ENOTFOUND, ETLS, EMSGSIZE (body over max_body), EINVAL (bad URL, or
+ * a scheme other than http/https, also in a followed redirect), ECANCELED,
+ * ECURL (anything else: a reply that is not HTTP, too many redirects, response
+ * headers over curl's 300 KiB). Messages never
  * carry the password, the URL's password, Authorization header values or the
  * user:password of a URL curl quotes (a proxy's, from the environment).
  * Misuse (wrong argument or option types, a bad method or header) raises.
@@ -226,8 +228,19 @@ static const char *code_of(struct req *r, CURLcode rc)
 	case CURLE_WRITE_ERROR:
 		return r->too_big ? "EMSGSIZE" : "ECURL";
 	case CURLE_URL_MALFORMAT:
-	case CURLE_UNSUPPORTED_PROTOCOL:
 		return "EINVAL";
+	case CURLE_UNSUPPORTED_PROTOCOL: {
+		long status = 0;
+
+		/*
+		 * Our checks pass only http and https to curl: this is a redirect
+		 * to another scheme, or, before any response, a reply that is not
+		 * HTTP (curl calls it HTTP/0.9), which no URL of ours could fix.
+		 */
+		if (r->easy)
+			curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &status);
+		return status ? "EINVAL" : "ECURL";
+	}
 	case CURLE_SSL_CONNECT_ERROR:
 	case CURLE_PEER_FAILED_VERIFICATION:
 	case CURLE_SSL_CERTPROBLEM:

@@ -6,6 +6,8 @@ local timer = require "callagent.timer"
 local cjson = require "cjson"
 local certs = require "certs"
 local process = require "callagent.process"
+local runtime = require "callagent.runtime"
+local url = require "callagent.url"
 
 -- The server the tests share (made on first use, closed by the teardown), or,
 -- with opts, one of their own that is closed after the test.
@@ -62,6 +64,65 @@ local function serve(opts)
     shared = srv
   end
   return srv, "http://127.0.0.1:" .. srv.port
+end
+
+-- A raw HTTP/1.1 peer in Node, for what callagent.http will not send: each
+-- request's path picks a behaviour (started on first use, shared, stopped
+-- with the test run).
+local raw_base
+local function raw_server()
+  if raw_base then
+    return raw_base
+  end
+  local p = assert(process.spawn({ "node", "-e", [[
+    const net = require('net');
+    const reply = (c, head, body) => c.write('HTTP/1.1 ' + head + '\r\nContent-Length: ' + body.length + '\r\n\r\n' + body);
+    const routes = {
+      '/redirect': (c, q) => reply(c, '302 Found\r\nLocation: ' + decodeURIComponent(q), ''),
+      '/loop': (c) => reply(c, '302 Found\r\nLocation: /loop', ''),
+      '/silent': () => {},
+      '/trickle': (c) => {
+        c.write('HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n');
+        const t = setInterval(() => c.write('x'), 100);
+        c.on('close', () => clearInterval(t));
+      },
+      '/endless': (c) => {
+        // A gigabyte in chunks, as fast as the client reads.
+        c.write('HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n');
+        const chunk = '10000\r\n' + 'x'.repeat(65536) + '\r\n';
+        let n = 0;
+        const more = () => { while (n < 16384 && c.write(chunk)) n++; };
+        c.on('drain', more);
+        more();
+      },
+      '/endless-headers': (c) => {
+        c.write('HTTP/1.1 200 OK\r\n');
+        const lines = ('X-Filler: ' + 'f'.repeat(1000) + '\r\n').repeat(100);
+        let n = 0;
+        const more = () => { while (n < 10000 && c.write(lines)) n++; };
+        c.on('drain', more);
+        more();
+      },
+      '/close': (c, q) => { c.end('HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: ' + q.length + '\r\n\r\n' + q); },
+      '/not-http': (c) => c.end('SSH-2.0-OpenSSH_9.2\r\n\r\n'),
+    };
+    net.createServer((c) => {
+      c.on('error', () => {});
+      let got = '';
+      c.on('data', (d) => {
+        got += d;
+        let i;
+        while ((i = got.indexOf('\r\n\r\n')) >= 0) {
+          const target = got.slice(0, i).split(' ')[1];
+          got = got.slice(i + 4);
+          const [path, q] = target.split('?');
+          (routes[path] || ((c) => reply(c, '404 Not Found', '')))(c, q || '');
+        }
+      });
+    }).listen(0, '127.0.0.1', function () { console.log(this.address().port); });
+  ]] }))
+  raw_base = "http://127.0.0.1:" .. assert(p:read_line(10000), "the raw server's port")
+  return raw_base
 end
 
 T.test("GET and POST round-trip method, headers and body through the server", function()
@@ -523,6 +584,127 @@ T.test("a new https connection resumes the TLS session of an earlier one", funct
   local res, err = fetch(url)
   T.eq(res, nil)
   T.match(err, "^ETLS: ")
+end)
+
+T.test("a followed redirect to file://, gopher:// or another scheme than http(s) is refused", function()
+  local base = raw_server()
+  for _, to in ipairs({ "file:///etc/passwd", "gopher://127.0.0.1:1/x", "dict://127.0.0.1:1/", "ftp://127.0.0.1:1/" }) do
+    local res, err = fetch(base .. "/redirect?" .. url.encode(to), { follow = true })
+    T.eq(res, nil, to)
+    T.match(err, "^EINVAL: Protocol \"%a+\" not supported", to)
+  end
+end)
+
+T.test("redirects are followed at most 5 times", function()
+  local res, err = fetch(raw_server() .. "/loop", { follow = true })
+  T.eq(res, nil)
+  T.match(err, "^ECURL: Maximum %(5%) redirects followed")
+end)
+
+T.test("a server that never answers, or trickles a byte every 100 ms, ends at the total timeout", function()
+  local base = raw_server()
+  for _, path in ipairs({ "/silent", "/trickle" }) do
+    local t0 = timer.now()
+    local res, err = fetch(base .. path, { timeout = 300 })
+    local took = timer.now() - t0
+    T.eq(res, nil, path)
+    T.match(err, "^ETIMEDOUT: ", path)
+    T.ge(took, 295, path)
+    T.lt(took, 1000, path)
+  end
+end)
+
+T.test("a 1 GiB response fails with EMSGSIZE at the default max_body (16 MiB) without holding it", function()
+  collectgarbage()
+  local rss0 = runtime.rss()
+  local t0 = timer.now()
+  local res, err = fetch(raw_server() .. "/endless")
+  T.eq(res, nil)
+  T.eq(err, "EMSGSIZE: response body larger than 16777216 bytes")
+  T.lt(timer.now() - t0, 3000)
+  T.lt(runtime.rss() - rss0, 100 * 1024 * 1024, "RSS grew by less than 100 MiB")
+end)
+
+T.test("endless response headers stop at curl's limit (300 KiB) with an error", function()
+  local res, err = fetch(raw_server() .. "/endless-headers")
+  T.eq(res, nil)
+  T.match(err, "^ECURL: Too large response headers")
+end)
+
+T.test("a reply that is not HTTP is ECURL, not EINVAL (the URL was fine)", function()
+  local res, err = fetch(raw_server() .. "/not-http")
+  T.eq(res, nil)
+  T.match(err, "^ECURL: ")
+end)
+
+T.test("a server that closes after each answer: 3 rounds of 100 at once, on descriptors curl closes and reopens", function()
+  local base = raw_server()
+  for round = 1, 3 do
+    local fns = {}
+    for i = 1, 100 do
+      fns[i] = function()
+        local res, err = fetch(base .. "/close?r" .. round .. "i" .. i)
+        return res and res.body or err
+      end
+    end
+    local got = { task.all(fns) }
+    for i = 1, 100 do
+      T.eq(got[i], "r" .. round .. "i" .. i)
+    end
+  end
+  T.eq(fetch.active(), 0)
+end)
+
+T.test("a callback may cancel another request, start one and cancel it, and drop its own handle", function()
+  local _, base = serve()
+  local got = {}
+  local fast, slow
+  fast = fetch.request({ url = base .. "/sleep/10" }, function(res, err)
+    got[#got + 1] = "fast " .. tostring(res and res.body or err)
+    T.eq(fast:cancel(), false, "its own request is no longer in flight")
+    T.eq(slow:cancel(), true)
+    fast = nil
+    collectgarbage()
+  end)
+  slow = fetch.request({ url = base .. "/sleep/2000" }, function(res, err)
+    got[#got + 1] = "slow " .. tostring(res and res.body or err)
+    slow = nil
+    collectgarbage()
+    local again = fetch.request({ url = base .. "/sleep/2000" }, function(_, e)
+      got[#got + 1] = "again " .. tostring(e)
+    end)
+    T.eq(again:cancel(), true)
+  end)
+  T.wait_for(function()
+    return #got == 3
+  end, 3000, "three callbacks")
+  T.eq(got, { "fast slept 10", "slow ECANCELED: request canceled", "again ECANCELED: request canceled" })
+  T.eq(fetch.active(), 0)
+end)
+
+T.test("stopping with requests in flight, done and canceled releases them all (clean exit, no leak)", function()
+  -- Under the SAN build a leak or a use after free makes the child exit non-zero.
+  local _, base = serve()
+  local script = T.tmpdir() .. "/stop.lua"
+  local f = assert(io.open(script, "w"))
+  f:write(([[
+local fetch, timer, runtime = require "callagent.fetch", require "callagent.timer", require "callagent.runtime"
+local base, kept = %q, {}
+for i = 1, 40 do
+  kept[i] = fetch.request({ url = base .. "/sleep/" .. (i %% 2 == 0 and 3000 or 1) }, function() end)
+  fetch.request({ url = base .. "/sleep/3000?dropped=" .. i }, function() end)
+end
+kept[1]:cancel()
+timer.after(200, function()
+  kept[2]:cancel() -- done, its callback not run yet
+  print("active " .. fetch.active())
+  runtime.stop(0)
+end)
+]]):format(base))
+  f:close()
+  local code, out, errl = T.exec({ T.bin, "run", script })
+  T.eq(code, 0, table.concat(errl, "\n"))
+  T.eq(out, { "active 60" })
 end)
 
 T.run()

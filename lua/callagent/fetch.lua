@@ -26,10 +26,11 @@
 -- res = { status = 200, headers = { ["content-type"] = "...", ... }, body = "...",
 --         time_ms = 12.3 }: header names lowercase, repeated headers joined with ", ".
 -- err = "ECODE: message": ETIMEDOUT, ECONNREFUSED (could not connect), ENOTFOUND,
--- ETLS, EMSGSIZE (body over max_body), EINVAL (bad URL, scheme not http/https),
--- ECANCELED, ECURL (anything else). No error carries a password, an
--- Authorization value or a proxy URL's user:password. Any status code is a
--- result, not an error.
+-- ETLS, EMSGSIZE (body over max_body), EINVAL (bad URL, scheme not http/https,
+-- also in a followed redirect), ECANCELED, ECURL (anything else: a reply that
+-- is not HTTP, too many redirects, response headers over curl's 300 KiB).
+-- No error carries a password, an Authorization value or a proxy URL's
+-- user:password. Any status code is a result, not an error.
 --
 -- Wrong option types, a header value with CR/LF or a bad method raise.
 -- A request whose handle is dropped still completes and calls fn. Proxies
