@@ -456,6 +456,9 @@ T.test("misuse raises: bad options, header injection, missing callback", functio
   T.raises(function()
     fetch.request("http://127.0.0.1:1/", function() end)
   end, "options table")
+  T.raises(function()
+    fetch.request({ URL = "http://127.0.0.1:1/" }, function() end)
+  end, "opts%.url")
   T.eq(fetch.active(), 0, "nothing was started")
 end)
 

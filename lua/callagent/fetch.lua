@@ -15,7 +15,7 @@
 --   body             string; without a Content-Type header curl sends
 --                    application/x-www-form-urlencoded
 --   timeout          total ms (default 30000; 0 = none)
---   connect_timeout  ms (default 10000)
+--   connect_timeout  ms (default 10000; 0 = curl's own, 300000), within timeout
 --   max_body         response body limit in bytes (default 16 MiB)
 --   follow           follow redirects, at most 5 (default false); from https only
 --                    to https. Your headers go along, but for Authorization and
@@ -45,6 +45,9 @@ local M = { active = core.active }
 function M.request(opts, fn)
   if type(opts) ~= "table" then
     error("fetch.request needs an options table with a url", 2)
+  end
+  if type(opts.url) ~= "string" then
+    error("fetch.request: opts.url must be a string, got " .. type(opts.url), 2)
   end
   return request(opts.url, opts, fn)
 end
