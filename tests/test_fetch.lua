@@ -390,6 +390,13 @@ T.test("secrets in headers, passwords and URLs do not appear in errors", functio
   _, err = fetch("http://user:URLPASS-SECRET@[::1/")
   T.match(err, "^EINVAL: ")
   T.no_match(err, "URLPASS")
+  _, err = fetch("http://127.0.0.1:" .. port .. "/?token=QUERY-SECRET")
+  T.match(err, "^ECONNREFUSED: ")
+  T.no_match(err, "QUERY%-SECRET")
+  _, err = fetch(raw_server() .. "/redirect?" .. url.encode("gopher://u:LOCPASS-SECRET@127.0.0.1:1/?t=LOC-SECRET"),
+    { follow = true, headers = { Authorization = token } })
+  T.match(err, "^EINVAL: ")
+  T.no_match(err, "SECRET")
   local _, base = serve()
   _, err = fetch(base .. "/sleep/1000", { timeout = 50, headers = { Authorization = token } })
   T.match(err, "^ETIMEDOUT: ")
@@ -508,6 +515,15 @@ T.test("https trusts ca_file in addition to the system store; without it ETLS", 
   T.match(err, "^ETLS: ")
   res, err = fetch(base .. "/n/tls", { ca_file = c.ca })
   T.ok(res, err)
+  -- The host name is checked too: the certificate names 127.0.0.1, not 127.0.0.2.
+  local other = T.server({ host = "127.0.0.2", port = 0, tls = { cert = c.cert, key = c.key } }, function(s)
+    s:get("/x", function()
+      return 200, "x"
+    end)
+  end)
+  res, err = fetch("https://127.0.0.2:" .. other.port .. "/x", { ca_file = c.ca })
+  T.eq(res, nil, "a certificate for another address")
+  T.match(err, "^ETLS: .*127%.0%.0%.2")
 end)
 
 T.test("a followed https request is not taken on over plain http", function()
