@@ -707,18 +707,24 @@ T.test("stopping with requests in flight, done and canceled releases them all (c
   local script = T.tmpdir() .. "/stop.lua"
   local f = assert(io.open(script, "w"))
   f:write(([[
-local fetch, timer, runtime = require "callagent.fetch", require "callagent.timer", require "callagent.runtime"
-local base, kept = %q, {}
+local fetch, runtime = require "callagent.fetch", require "callagent.runtime"
+local base, kept, quick = %q, {}, 0
 for i = 1, 40 do
-  kept[i] = fetch.request({ url = base .. "/sleep/" .. (i %% 2 == 0 and 3000 or 1) }, function() end)
+  -- The odd ones answer at once (kept[1] with ECANCELED); when the last
+  -- of them has, the program stops from inside that callback.
+  kept[i] = fetch.request({ url = base .. "/sleep/" .. (i %% 2 == 0 and 3000 or 1) }, function()
+    if i %% 2 == 1 then
+      quick = quick + 1
+      if quick == 20 then
+        kept[2]:cancel() -- done, its callback not run yet
+        print("active " .. fetch.active())
+        runtime.stop(0)
+      end
+    end
+  end)
   fetch.request({ url = base .. "/sleep/3000?dropped=" .. i }, function() end)
 end
 kept[1]:cancel()
-timer.after(200, function()
-  kept[2]:cancel() -- done, its callback not run yet
-  print("active " .. fetch.active())
-  runtime.stop(0)
-end)
 ]]):format(base))
   f:close()
   local code, out, errl = T.exec({ T.bin, "run", script })
