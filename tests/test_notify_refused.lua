@@ -1,5 +1,5 @@
 -- A notification the receiver refused for callagent's token (401, 403) or
--- address (404) is sent again, once, by a start with another notify.hooksUrl
+-- address (404, or a redirect) is sent again, once, by a start with another notify.hooksUrl
 -- or hooksToken; one refused for its payload (422) never is; the store keeps
 -- a fingerprint of what it was refused under, never the token.
 local T = require "testing"
@@ -164,6 +164,35 @@ for _, backend in ipairs({ "sqlite", "memory" }) do
       wrong:stop()
       local right = notifier(store, seen.url, TOKEN_A)
       T.eq(right:resume(), 1, "sent again at the right address")
+      settle(right)
+      T.eq(seen.delivered[KEY], 1, "delivered once")
+    end)
+
+  T.test(backend .. ": redirected (308) from an old hooksUrl, it is delivered by a start with the receiver's own",
+    function()
+      local seen = receiver(function()
+        return TOKEN_A
+      end)
+      -- The receiver moved: its old address answers with a redirect, which
+      -- is not followed (the token goes nowhere but hooksUrl).
+      local moved = http.server({})
+      local redirects = 0
+      moved:post("/old/agent", function()
+        redirects = redirects + 1
+        return 308, "", { Location = seen.url .. "/agent" }
+      end)
+      assert(moved:listen())
+      T.defer(function()
+        moved:close()
+      end)
+      local store = open_store(backend)
+      local old = notifier(store, moved:url("/old"), TOKEN_A)
+      refused_by(old, store)
+      old:stop()
+      T.eq({ redirects, seen.total }, { 1, 0 }, "redirected once, not followed")
+      T.eq(notifier(store, moved:url("/old"), TOKEN_A):resume(), 0, "not again under the same config")
+      local right = notifier(store, seen.url, TOKEN_A)
+      T.eq(right:resume(), 1, "sent again at the receiver's own address")
       settle(right)
       T.eq(seen.delivered[KEY], 1, "delivered once")
     end)

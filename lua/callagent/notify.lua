@@ -15,8 +15,8 @@
 -- delivered - cut short by a restart, or out of tries - is sent again after a
 -- restart, and every sweep_ms (5 minutes) while the app runs, but never one
 -- the receiver refused; the Idempotency-Key lets the receiver drop duplicates.
--- But one refused with 401, 403 or 404 was refused for callagent's token or
--- address, not for itself: it is recorded with the fingerprint of the
+-- But one refused with 401, 403 or 404, or redirected (3xx), was refused for
+-- callagent's token or address, not for itself: it is recorded with the fingerprint of the
 -- (hooksUrl, hooksToken) it went under (a SHA-256, never the token), and a
 -- start under another fingerprint sends it again, once (refused again, it is
 -- refused under the new one).
@@ -121,10 +121,13 @@ function Notifier:fingerprint()
   return self._fingerprint
 end
 
--- The answers that refuse callagent's token (401, 403) or address (404), not
--- the notification: another token or address may be taken. Other 4xx (400,
--- 413, 422 ...) refuse the payload, which no config change alters.
-local REFUSED_CONFIG = { [401] = true, [403] = true, [404] = true }
+-- The answers that refuse callagent's token (401, 403) or address (404, and a
+-- redirect: 3xx), not the notification: another token or address may be
+-- taken. Other 4xx (400, 413, 422 ...) refuse the payload, which no config
+-- change alters.
+local function refused_config(status)
+  return status == 401 or status == 403 or status == 404 or (status >= 300 and status < 400)
+end
 
 --- Records the notification of a call's end without sending it: the engine
 -- does this in the commit of the final status, so that a stop between the
@@ -211,11 +214,11 @@ function Notifier:_deliver(key, body)
     end
     local why = res and ("HTTP " .. res.status) or err
     -- 408 and 429 say "later"; another answer under 500 will not change
-    -- (401, 403 and 404 may, under another token or address: REFUSED_CONFIG).
+    -- (401, 403, 404 and 3xx may, under another token or address: refused_config).
     local refused = res and res.status < 500 and res.status ~= 429 and res.status ~= 408
     -- Refused for the token or the address: under which (a backend that
     -- does not keep it ignores it, and the refusal is for good).
-    local under = refused and REFUSED_CONFIG[res.status] and self:fingerprint() or nil
+    local under = refused and refused_config(res.status) and self:fingerprint() or nil
     self.store:mark_notified(key, refused and "refused" or "failed", why, under)
     if refused then
       self.ran_out[key] = nil -- never sent again
@@ -225,7 +228,8 @@ function Notifier:_deliver(key, body)
       -- nowhere else. The address, without its password or query (either
       -- may hold a token).
       local to = res.headers and res.headers.location
-      log.error("notification redirected; not retrying: set notify.hooksUrl to the receiver's own address",
+      log.error("notification redirected; not retrying: set notify.hooksUrl to the receiver's own address"
+        .. " (a start with another sends it again)",
         { key = key, error = why, location = to and url.display(to) })
       self.in_flight[key] = nil
       return true
