@@ -70,4 +70,48 @@ T.test("the model quoting our API key in its error and close reason: the record 
   end
 end)
 
+-- The child's stdout and stderr, and what its API answers of call id, as text.
+local function process_everywhere(p, env, id)
+  local _, _, r1 = env:api("GET", "/v1/calls/" .. id)
+  local _, _, r2 = env:api("GET", "/v1/calls")
+  return {
+    ["GET /v1/calls/{id}"] = r1.body,
+    ["GET /v1/calls"] = r2.body,
+    stdout = p.text(),
+    stderr = p.errtext(),
+  }
+end
+
+T.test("Twilio echoing our Authorization header (Basic sid:token) in its refusal: the log, lastError and the API hold none of it",
+  function()
+    local basic = crypto.base64_encode(kit.ACCOUNT .. ":" .. kit.TOKEN)
+    local tw = http.server({ headers = { "authorization" } })
+    local seen
+    tw:post("/2010-04-01/Accounts/{sid}/Calls.json", function(req)
+      seen = req.headers.authorization
+      return 401, { code = 20003, message = "Authenticate: header '" .. tostring(seen) .. "' rejected", status = 401 }
+    end)
+    assert(tw:listen())
+    T.defer(function()
+      tw:close()
+    end)
+    local rt = assert(require("fakes.realtime").start({ api_key = kit.API_KEY }))
+    T.defer(function()
+      rt:close()
+    end)
+    local p, env = kit.app_process({ url = tw:url("") }, rt, { config = { retry = { maxAttempts = 1 } } })
+    local id = env:create({ to = "+14155550100", prompt = "x" })
+    local rec = env:wait_final(id, 10000)
+    T.eq(seen, "Basic " .. basic, "the fake saw the credential it echoes")
+    T.eq(rec.status, "failed")
+    T.match(rec.lastError, "header 'Basic %[redacted%]' rejected", "the message is kept, less the credential")
+    T.wait_for(function()
+      return p.errtext():find("dialing failed", 1, true)
+    end, 5000, "the log line of the refusal")
+    for where, text in pairs(process_everywhere(p, env, id)) do
+      T.ok(not has(text, basic), where .. " holds no Basic credential")
+      T.ok(not has(text, kit.TOKEN), where .. " holds no twilio.authToken")
+    end
+  end)
+
 T.run()

@@ -750,6 +750,13 @@ function M.normalize(input, opts)
     return nil, "openai.apiKey: required to use " .. url.display(cfg.openai.realtimeUrl)
       .. ' (for example "${OPENAI_API_KEY}")'
   end
+  -- Twilio's REST requests carry "Authorization: Basic base64(sid:token)":
+  -- a vendor or a proxy that echoes the header quotes the token in a form
+  -- the token itself does not match.
+  if cfg.twilio.accountSid and cfg.twilio.authToken then
+    local crypto = require "callagent.crypto"
+    log.secret(crypto.base64_encode(cfg.twilio.accountSid .. ":" .. cfg.twilio.authToken))
+  end
   if cfg.server.publicBaseUrl then
     cfg.server.publicBaseUrl = cfg.server.publicBaseUrl:gsub("/+$", "")
   end
