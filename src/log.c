@@ -295,7 +295,51 @@ int ca__log_holds_secret(const char *s, size_t n)
 	return 0;
 }
 
-/* Replaces every registered secret in s[0..n): the longest match wins. */
+/* Whether s[k] is a backslash that begins an escape: an odd run of them ends at k. */
+static int escapes(const char *s, size_t k)
+{
+	size_t run = 0;
+
+	while (s[k] == '\\') {
+		run++;
+		if (k == 0)
+			break;
+		k--;
+	}
+	return run % 2 == 1;
+}
+
+/*
+ * The start of the escape (\x or \uXXXX, as JSON and a quoted text value
+ * write them) that s[i] is inside of, or i when it is inside none: a match
+ * must not begin after a backslash, which would then escape "[redacted]".
+ */
+static size_t escape_start(const char *s, size_t i)
+{
+	if (i > 0 && escapes(s, i - 1))
+		return i - 1;
+	for (size_t d = 2; d <= 5 && d <= i; d++)
+		if (s[i - d] == '\\' && s[i - d + 1] == 'u' && escapes(s, i - d))
+			return i - d;
+	return i;
+}
+
+/* The end of a span s[..end) that must not stop inside an escape either. */
+static size_t escape_end(const char *s, size_t n, size_t end)
+{
+	size_t last = end - 1, e = escape_start(s, last);
+
+	if (e == last && !escapes(s, last))
+		return end;	/* the last byte is inside no escape and begins none */
+	end = e + (e + 1 < n && s[e + 1] == 'u' ? 6 : 2);
+	return end < n ? end : n;
+}
+
+/*
+ * Replaces every registered secret in s[0..n): the longest match wins. A
+ * match is widened to whole escapes: "\nsecret" where a secret is "nsecret"
+ * becomes "[redacted]", not "\[redacted]", which is no JSON.
+ */
 static void redact(struct buf *out, const char *s, size_t n)
 {
 	size_t i = 0, from = 0;
@@ -315,19 +359,21 @@ static void redact(struct buf *out, const char *s, size_t n)
 			i++;
 			continue;
 		}
-		b_put(out, s + from, i - from);
-		b_put(out, "[redacted]", 10);
 		{
 			/* Another secret starting inside this one and going past it
 			 * is redacted in the same span: no tail of it is left. */
-			size_t end = i + secret_len[hit];
+			size_t start = escape_start(s, i), end = i + secret_len[hit];
 
+			if (start < from)
+				start = from;
 			for (size_t j = i + 1; j < end; j++)
 				for (int k = 0; k < n_secrets; k++)
 					if (j + secret_len[k] > end && secret_len[k] <= n - j &&
 					    memcmp(s + j, secrets[k], secret_len[k]) == 0)
 						end = j + secret_len[k];
-			i = end;
+			b_put(out, s + from, start - from);
+			b_put(out, "[redacted]", 10);
+			i = escape_end(s, n, end);
 		}
 		from = i;
 	}

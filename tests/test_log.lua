@@ -167,6 +167,26 @@ require("callagent.log").warn("bad bytes", { path = "/a\127b\255c\194\155d" })
   T.match(err[1], ' path=/a\\x7fb\\xffc\\xc2\\x9bd$', "text: DEL, a stray byte and C1 CSI escaped")
 end)
 
+T.test("JSON lines stay JSON when a secret matches next to an escape: the escape is redacted with it", function()
+  -- "\n" then the rest of a secret that starts with "n"; a secret ending in
+  -- "\" before an escaped quote; one inside a \u escape's hex digits.
+  local err = run([[
+local log = require "callagent.log"
+log.secret("nabcdefghij")
+log.secret("klmnopqr\\")
+log.secret("001bstuvwxyz")
+log.info("m", { a = "\nabcdefghij", b = 'klmnopqr"}', c = "\27stuvwxyz!", d = "x\\nabcdefghij" })
+]], { CALLAGENT_LOG_FORMAT = "json" })
+  T.eq(#err, 1)
+  local ok, obj = pcall(json.decode, err[1])
+  T.ok(ok, "the line is JSON: " .. err[1])
+  T.eq(obj.a, "[redacted]")
+  T.eq(obj.b, "[redacted]}")
+  T.eq(obj.c, "[redacted]!")
+  T.eq(obj.d, "x\\[redacted]", "an escaped backslash before it is kept")
+  T.no_match(err[1], "abcdefghij")
+end)
+
 T.test("JSON lines stay JSON when a field holds what JSON cannot (NaN, a function, a sparse array)", function()
   local err = run([[
 local log = require "callagent.log"
