@@ -17,7 +17,8 @@
  * process from exiting. What is left then is dropped and counted.
  *
  * Secrets registered with add_secret() are replaced by "[redacted]" in every
- * line, from Lua or from C, before it is written.
+ * line, from Lua or from C, before it is written; so is anything shaped like
+ * an OpenAI API key (sk_key()), registered or not.
  *
  * Lua API (the framework's callagent.log builds on it):
  *   write(level, line)   level 0..3 (debug..error); line without newline
@@ -287,8 +288,36 @@ static void b_free(struct buf *b)
 		free(b->p);
 }
 
+/* A byte of an API key as OpenAI writes them: letters, digits, "-" and "_". */
+static int key_byte(unsigned char c)
+{
+	return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' || c == '_';
+}
+
+/*
+ * The length of an OpenAI API key at s[i] ("sk-", "sk-proj-", ... and at
+ * least CA_MIN_SK_KEY more key bytes, not inside a longer word), or 0:
+ * redacted as a registered secret is, whether it is ours or not (a proxy's
+ * upstream key in its error, a key pasted where it does not belong).
+ */
+#define CA_MIN_SK_KEY 32
+static size_t sk_key(const char *s, size_t n, size_t i)
+{
+	size_t j;
+
+	if (n - i < 3 + CA_MIN_SK_KEY || memcmp(s + i, "sk-", 3) != 0 ||
+	    (i > 0 && key_byte((unsigned char)s[i - 1])))
+		return 0;
+	for (j = i + 3; j < n && key_byte((unsigned char)s[j]); j++)
+		;
+	return j - i >= 3 + CA_MIN_SK_KEY ? j - i : 0;
+}
+
 int ca__log_holds_secret(const char *s, size_t n)
 {
+	for (size_t i = 0; i + 3 + CA_MIN_SK_KEY <= n; i++)
+		if (s[i] == 's' && sk_key(s, n, i))
+			return 1;
 	for (int k = 0; k < n_secrets; k++)
 		if (secret_len[k] <= n && memmem(s, n, secrets[k], secret_len[k]))
 			return 1;
@@ -346,31 +375,42 @@ static void redact(struct buf *out, const char *s, size_t n)
 
 	while (i < n) {
 		unsigned char c = (unsigned char)s[i];
-		int hit = -1;
+		size_t len = 0;
 
 		if (first_bytes[c >> 3] & (1u << (c & 7)))
 			for (int k = 0; k < n_secrets; k++)	/* longest first */
 				if (secret_len[k] <= n - i && (unsigned char)secrets[k][0] == c &&
 				    memcmp(s + i, secrets[k], secret_len[k]) == 0) {
-					hit = k;
+					len = secret_len[k];
 					break;
 				}
-		if (hit < 0) {
+		if (c == 's') {
+			size_t sk = sk_key(s, n, i);
+
+			if (sk > len)
+				len = sk;
+		}
+		if (len == 0) {
 			i++;
 			continue;
 		}
 		{
 			/* Another secret starting inside this one and going past it
 			 * is redacted in the same span: no tail of it is left. */
-			size_t start = escape_start(s, i), end = i + secret_len[hit];
+			size_t start = escape_start(s, i), end = i + len;
 
 			if (start < from)
 				start = from;
-			for (size_t j = i + 1; j < end; j++)
+			for (size_t j = i + 1; j < end; j++) {
+				size_t sk = s[j] == 's' ? sk_key(s, n, j) : 0;
+
+				if (j + sk > end)
+					end = j + sk;
 				for (int k = 0; k < n_secrets; k++)
 					if (j + secret_len[k] > end && secret_len[k] <= n - j &&
 					    memcmp(s + j, secrets[k], secret_len[k]) == 0)
 						end = j + secret_len[k];
+			}
 			b_put(out, s + from, start - from);
 			b_put(out, "[redacted]", 10);
 			i = escape_end(s, n, end);

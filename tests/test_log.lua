@@ -187,6 +187,26 @@ log.info("m", { a = "\nabcdefghij", b = 'klmnopqr"}', c = "\27stuvwxyz!", d = "x
   T.no_match(err[1], "abcdefghij")
 end)
 
+T.test("an OpenAI key (sk-...) is redacted in every line and by log.scrub, registered or not", function()
+  local err, out = run([[
+local log = require "callagent.log"
+local timer = require "callagent.timer"
+local key = "sk-proj-" .. string.rep("Ab3_", 10)
+log.info("upstream said: Incorrect API key provided: " .. key, { body = '{"key":"' .. key .. '"}' })
+log.info("not keys", { word = "task-" .. string.rep("x", 40), short = "sk-abc", masked = "sk-proj-****Ab3_" })
+print(log.scrub("echo " .. key .. "!"))
+timer.after(1, function() error("from C: " .. key) end)
+]])
+  local all = table.concat(err, "\n") .. table.concat(out, "\n")
+  T.no_match(all, "Ab3_Ab3_", "no part of the key")
+  T.match(err[1], "Incorrect API key provided: %[redacted%] body=")
+  T.match(err[2], "word=task%-xxxx")
+  T.match(err[2], "short=sk%-abc")
+  T.match(err[2], "masked=sk%-proj%-%*%*%*%*Ab3_")
+  T.eq(out[1], "echo [redacted]!")
+  T.match(all, "from C: %[redacted%]")
+end)
+
 T.test("JSON lines stay JSON when a field holds what JSON cannot (NaN, a function, a sparse array)", function()
   local err = run([[
 local log = require "callagent.log"
