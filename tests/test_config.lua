@@ -243,11 +243,12 @@ T.test("a string that is not UTF-8 is refused: it would go out in invalid JSON",
   T.ok(cfg, err)
 end)
 
-T.test("an empty store path or model name is refused at start, not failed on later", function()
+T.test("an empty store path, model name or session key is refused at start, not failed on later", function()
   local cases = {
     { "store", "path", "", 'store.path: expected a file path, got ""' },
     { "openai", "model", "", 'openai.model: expected a model name, got ""' },
     { "openai", "transcriptionModel", " ", 'openai.transcriptionModel: expected a model name, got " "' },
+    { "notify", "sessionKey", "", 'notify.sessionKey: expected a session key (leave the key out for none), got ""' },
   }
   for _, c in ipairs(cases) do
     local t = { openai = { apiKey = "sk-test-key" } }

@@ -354,7 +354,8 @@ local SCHEMA = {
     hooksUrl = field("string", nil, url_check({ "https", "http" }, { no_fragment = true }),
       { optional = true, url = true }),
     hooksToken = field("string", nil, nil, { secret = true, optional = true }),
-    sessionKey = field("string", nil, nil, { optional = true }),
+    -- Empty, it would go out in every notification as a session named "".
+    sessionKey = field("string", nil, not_blank("a session key (leave the key out for none)"), { optional = true }),
   },
   defaults = {
     timezone = field("string", "America/Los_Angeles", function(v)
