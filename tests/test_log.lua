@@ -327,6 +327,14 @@ log.warn("hello", { n = 3, list = {1, 2} })
   T.match(obj.ts, "Z$")
 end)
 
+T.test("a field name with a space, '=' or a quote is quoted: it cannot forge another field", function()
+  local err = run([[
+require("callagent.log").warn("m", { ["a b=c"] = "v", ['q"'] = 1, plain_name = 2, ["x.y-z"] = 3 })
+]])
+  T.eq(#err, 1)
+  T.match(err[1], ' WARN m "a b=c"=v plain_name=2 "q\\""=1 x%.y%-z=3$')
+end)
+
 T.test("a multi-line message stays one line", function()
   local err = run([[
 require("callagent.log").error("first\nsecond", { tb = "a\nb" })

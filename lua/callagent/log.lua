@@ -17,7 +17,8 @@
 --
 -- Text lines look like
 --   2026-11-25T14:22:04.123Z INFO call started call=c_1 to=+14155550100
--- with values quoted when they hold spaces, quotes or '='. Fields are written
+-- with values quoted when they hold spaces, quotes or '=' (field names when they
+-- hold anything but letters, digits, '_', '.' and '-'). Fields are written
 -- in sorted key order. Writing goes through callagent.core.log, which queues
 -- what a slow stderr reader has not taken (bounded) instead of blocking.
 local core = require "callagent.core.log"
@@ -119,7 +120,10 @@ local function text_line(level, msg, fields)
         local ok, s = pcall(cjson.encode, v)
         v = ok and s or tostring(v)
       end
-      parts[#parts + 1] = " " .. k .. "=" .. quote(v)
+      -- A name that is not plain is quoted as a value is: "a b=c" would
+      -- read as two fields.
+      local name = k:find("^[%w_.%-]+$") and k or '"' .. quoted_inside(k) .. '"'
+      parts[#parts + 1] = " " .. name .. "=" .. quote(v)
     end
   end
   return table.concat(parts)
