@@ -491,6 +491,29 @@ log.info("leak attempt tw-secret-token-1234 sk-openai-secret-5678 api-token-abcd
 end)
 
 
+T.test("an error never quotes a secret written at another key too, nor an OpenAI key pasted at any key", function()
+  -- As an app prints it: io.stderr:write(err), no log line to redact it.
+  local tok = "f3a9c2e1d4b5a6978877665544332211"
+  local key = "sk-proj-" .. string.rep("Zy9_", 12)
+  local cases = {
+    { { twilio = { accountSid = tok, authToken = tok }, openai = { apiKey = "sk-test-key" } },
+      'twilio.accountSid: expected AC followed by 32 hex digits, got "[redacted]"' },
+    { { openai = { apiKey = "sk-test-key", realtimeUrl = key } },
+      'openai.realtimeUrl: expected a URL like wss://host, got "[redacted]..."' },
+  }
+  for _, c in ipairs(cases) do
+    local code, _, p = T.run_app(nil, nil, {
+      source = string.format([[
+local config = require "callagent.config"
+local cfg, err = config.normalize(require("callagent.json").decode(%q), { quiet = true })
+io.stderr:write(tostring(err), "\n")
+]], require("callagent.json").encode(c[1])),
+    })
+    T.eq(code, 0, p.errtext())
+    T.eq(p.err[1], c[2])
+  end
+end)
+
 T.test("server.host must be an IP address or localhost: a name or a blank is refused at start, naming the key", function()
   local token = string.rep("t", 32)
   for _, h in ipairs({ "example.com", "", " 127.0.0.1", "[::1]", "127.000.000.001", "127.1", "fe80::1%eth0",

@@ -646,8 +646,40 @@ local function check_value(f, v, key, template)
   return v
 end
 
+-- Registers every secret given (at least 8 bytes) before any key is
+-- checked: the same value written at another key too is then not quoted
+-- by that key's error.
+local function register_secrets(raw)
+  for _, section in ipairs(SECTIONS) do
+    local given = raw[section]
+    if is_object(given) then
+      for name, f in pairs(SCHEMA[section]) do
+        local v = given[name]
+        if f.secret and type(v) == "string" and #v >= 8 then
+          log.secret(v)
+        end
+      end
+    end
+  end
+end
+
+local check
+
 --- Checks a config table (seed shape); returns the full config and a list of warnings.
+-- The error and the warnings are scrubbed of secrets (log.scrub): an app
+-- may print them with io.stderr:write, past the log's redaction.
 function M.normalize(input, opts)
+  local cfg, err, warnings = check(input, opts)
+  if not cfg then
+    return nil, log.scrub(err)
+  end
+  for i, w in ipairs(warnings) do
+    warnings[i] = log.scrub(w)
+  end
+  return cfg, nil, warnings
+end
+
+function check(input, opts)
   opts = opts or {}
   if input == nil then
     input = {}
@@ -659,6 +691,7 @@ function M.normalize(input, opts)
   if not raw then
     return nil, serr
   end
+  register_secrets(raw)
   local cfg, warnings = {}, {}
   for _, section in ipairs(SECTIONS) do
     local fields = SCHEMA[section]
