@@ -514,6 +514,13 @@ io.stderr:write(tostring(err), "\n")
   end
 end)
 
+T.test("a value with a line break is shown on one line: an error is one line of the log", function()
+  local cfg, err = config.normalize({ openai = { apiKey = "sk-test-key" }, twilio = { fromNumber = "+15551234567\n" } },
+    { quiet = true })
+  T.eq(cfg, nil)
+  T.eq(err, 'twilio.fromNumber: expected an E.164 number like +15551234567, got "+15551234567\\n"')
+end)
+
 T.test("server.host must be an IP address or localhost: a name or a blank is refused at start, naming the key", function()
   local token = string.rep("t", 32)
   for _, h in ipairs({ "example.com", "", " 127.0.0.1", "[::1]", "127.000.000.001", "127.1", "fe80::1%eth0",

@@ -529,7 +529,8 @@ end
 
 local function describe(v)
   if type(v) == "string" then
-    return string.format("%q", #v > 40 and v:sub(1, 40) .. "..." or v)
+    -- %q writes a newline as "\" and a line break: an error is one line.
+    return (string.format("%q", #v > 40 and v:sub(1, 40) .. "..." or v):gsub("\\\n", "\\n"))
   elseif type(v) == "table" then
     local ok, text = pcall(json.encode, v)
     if ok then
