@@ -5,6 +5,7 @@ local kit = require "callkit"
 local http = require "callagent.http"
 local json = require "callagent.json"
 local crypto = require "callagent.crypto"
+local url = require "callagent.url"
 
 local function has(s, needle)
   return s ~= nil and s:find(needle, 1, true) ~= nil
@@ -113,5 +114,65 @@ T.test("Twilio echoing our Authorization header (Basic sid:token) in its refusal
       T.ok(not has(text, kit.TOKEN), where .. " holds no twilio.authToken")
     end
   end)
+
+T.test("Twilio quoting our webhook URL with its password (user:pass@) in its refusal: the log, lastError and the API hold no password",
+  function()
+    local password = "url-password-for-tests"
+    local tw = http.server()
+    local seen
+    tw:post("/2010-04-01/Accounts/{sid}/Calls.json", function(req)
+      seen = url.form_decode(req.body or "").Url
+      return 400, { code = 21205, message = "Url is not a valid URL: " .. tostring(seen), status = 400 }
+    end)
+    assert(tw:listen())
+    T.defer(function()
+      tw:close()
+    end)
+    local rt = assert(require("fakes.realtime").start({ api_key = kit.API_KEY }))
+    T.defer(function()
+      rt:close()
+    end)
+    local port = T.free_port()
+    local p, env = kit.app_process({ url = tw:url("") }, rt, { port = port, config = {
+      retry = { maxAttempts = 1 },
+      server = { publicBaseUrl = "http://callagent:" .. password .. "@127.0.0.1:" .. port },
+    } })
+    local id = env:create({ to = "+14155550100", prompt = "x" })
+    local rec = env:wait_final(id, 10000)
+    T.ok(has(seen, password), "the fake saw the password it quotes")
+    T.eq(rec.status, "failed")
+    T.match(rec.lastError, "not a valid URL: http://callagent:%[redacted%]@127%.0%.0%.1", "the message is kept, less the password")
+    T.wait_for(function()
+      return p.errtext():find("dialing failed", 1, true)
+    end, 5000, "the log line of the refusal")
+    for where, text in pairs(process_everywhere(p, env, id)) do
+      T.ok(not has(text, password), where .. " holds no password of server.publicBaseUrl")
+    end
+  end)
+
+T.test("a model proxy quoting its URL with our ?api-key= in its error: the record says [redacted], never the key", function()
+  local proxy_key = "proxy-key-for-tests-123"
+  local rt = http.server()
+  rt:websocket("/v1/realtime", {
+    open = function(conn, req)
+      conn:send(json.encode({ type = "error", error = { type = "invalid_request_error", code = "invalid_api_key",
+        message = "no deployment at /v1/realtime?" .. tostring(req.raw_query) } }))
+      conn:close(1008, ("bad key: ?" .. tostring(req.raw_query)):sub(1, 100))
+    end,
+  })
+  assert(rt:listen())
+  T.defer(function()
+    rt:close()
+  end)
+  local env = kit.start({ config = { openai = { realtimeUrl = rt:ws_url("/v1/realtime") .. "?api-key=" .. proxy_key },
+    retry = { maxAttempts = 1 } } })
+  local id = env:create({ to = "+14155550100", prompt = "x" })
+  local rec = env:wait_final(id, 15000)
+  T.eq(rec.status, "failed")
+  T.match(rec.lastError, "api%-key=%[redacted%]")
+  for where, text in pairs(everywhere(env, id)) do
+    T.ok(not has(text, proxy_key), where .. " holds no api-key of openai.realtimeUrl")
+  end
+end)
 
 T.run()

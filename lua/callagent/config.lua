@@ -7,7 +7,9 @@
 --   -- key and what is expected ("twilio.fromNumber: expected an E.164 number
 --   -- like +15551234567, got '555'"). Unknown keys are logged as warnings.
 --
--- Keys (defaults in brackets; * = a secret, redacted from every log line):
+-- Keys (defaults in brackets; * = a secret, redacted from every log line, as
+-- are Twilio's Basic credential, a URL key's password and its query values
+-- named like a credential):
 --   telephony.provider      name of a provider file in providers/ ["twilio"]
 --   server.port [4545]      server.host ["127.0.0.1"]
 --   server.publicBaseUrl    the URL the telephony vendor reaches us at (else a tunnel)
@@ -791,6 +793,31 @@ function check(input, opts)
   if cfg.twilio.accountSid and cfg.twilio.authToken then
     local crypto = require "callagent.crypto"
     log.secret(crypto.base64_encode(cfg.twilio.accountSid .. ":" .. cfg.twilio.authToken))
+  end
+  -- A URL's password (user:pass@, or a lone token@), and a query value
+  -- named like a credential (?api-key=, ?token=): a vendor quoting the URL
+  -- in an error (Twilio's "Url is not a valid URL: ...") quotes them too.
+  for _, section in ipairs(SECTIONS) do
+    for _, name in ipairs(ordered_keys(SCHEMA[section])) do
+      local u = SCHEMA[section][name].url and cfg[section][name] and url.parse(cfg[section][name])
+      if u then
+        local pass = u.userinfo and (u.userinfo:match("^[^:]*:(.*)$") or u.userinfo)
+        local values = { pass }
+        for k, v in (u.query or ""):gmatch("([^&=]+)=([^&]*)") do
+          if k:lower():find("key") or k:lower():find("token") or k:lower():find("secret")
+            or k:lower():find("pass") or k:lower():find("auth") or k:lower():find("sig") then
+            values[#values + 1] = v
+          end
+        end
+        for _, v in pairs(values) do
+          for _, form in ipairs({ v, url.decode(v) }) do
+            if #form >= 8 then
+              log.secret(form)
+            end
+          end
+        end
+      end
+    end
   end
   if cfg.server.publicBaseUrl then
     cfg.server.publicBaseUrl = cfg.server.publicBaseUrl:gsub("/+$", "")
