@@ -316,6 +316,17 @@ T.test("of several problems, the same one is reported every time: sections in th
   T.eq(err, "server.publicBaseUrl: environment variable CALLAGENT_UNSET_C is not set")
 end)
 
+T.test("twilio.validateSignature false is warned about while twilio is the provider: anyone could forge its webhooks", function()
+  local cfg, _, w = config.normalize({ twilio = { validateSignature = false }, openai = { apiKey = "sk-test-key" } },
+    { quiet = true })
+  T.eq(cfg.twilio.validateSignature, false)
+  T.eq(w, { "twilio.validateSignature: false: Twilio's webhooks are not checked, and anyone who reaches the server "
+    .. "can forge a call's statuses or have it hung up (for tests on loopback only)" })
+  _, _, w = config.normalize({ telephony = { provider = "mock" }, twilio = { validateSignature = false },
+    openai = { apiKey = "sk-test-key" } }, { quiet = true })
+  T.eq(w, {}, "another provider: the key is not used")
+end)
+
 T.test("a non-loopback host is fine with an API token", function()
   local cfg = assert(config.normalize({ server = { host = "0.0.0.0", apiToken = string.rep("t", 32) }, openai = { apiKey = "sk-test-key" } }, { quiet = true }))
   T.eq(cfg.server.host, "0.0.0.0")

@@ -780,6 +780,10 @@ function check(input, opts)
   if cfg.notify.hooksToken and not cfg.notify.hooksUrl then
     warnings[#warnings + 1] = "notify.hooksToken: set without notify.hooksUrl: no notifications are sent"
   end
+  if cfg.telephony.provider == "twilio" and not cfg.twilio.validateSignature then
+    warnings[#warnings + 1] = "twilio.validateSignature: false: Twilio's webhooks are not checked, and anyone who "
+      .. "reaches the server can forge a call's statuses or have it hung up (for tests on loopback only)"
+  end
   -- OpenAI itself needs the key; a proxy, a local stand-in or a test fake may not.
   -- The host as the connection will see it: any case, a final dot, userinfo.
   local rt = url.parse(cfg.openai.realtimeUrl)
