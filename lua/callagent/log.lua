@@ -10,7 +10,8 @@
 --   log.redact(s)               a safe display form of a secret: "[redacted]" or
 --                               "…" plus its last 4 characters for long values
 --   log.scrub(s)                s with every secret registered (in each form
---                               log.secret registers) replaced by "[redacted]",
+--                               log.secret registers), and anything shaped like
+--                               an OpenAI key (sk-...), replaced by "[redacted]",
 --                               as in a log line: for text that leaves by another
 --                               way (an API answer, a webhook, the store); s itself
 --                               when it holds none; nil stays nil
