@@ -187,6 +187,37 @@ log.info("m", { a = "\nabcdefghij", b = 'klmnopqr"}', c = "\27stuvwxyz!", d = "x
   T.no_match(err[1], "abcdefghij")
 end)
 
+T.test("JSON lines stay JSON whatever secrets of backslashes, newlines and n's they redact", function()
+  -- Secrets and values of three characters that JSON escapes or follows an
+  -- escape with: matches start and end inside escapes in every way.
+  local err = run([[
+local log = require "callagent.log"
+math.randomseed(7)
+local alpha = { "n", "\n", "\\" }
+local function rnd(n)
+  local t = {}
+  for i = 1, n do
+    t[i] = alpha[math.random(#alpha)]
+  end
+  return table.concat(t)
+end
+for _ = 1, 40 do
+  log.secret(rnd(8))
+end
+for _ = 1, 2000 do
+  log.info(rnd(math.random(20)), { v = rnd(math.random(60)), w = { rnd(10) } })
+end
+]], { CALLAGENT_LOG_FORMAT = "json" })
+  T.eq(#err, 2000)
+  local bad, redacted = 0, 0
+  for _, line in ipairs(err) do
+    bad = bad + (pcall(json.decode, line) and 0 or 1)
+    redacted = redacted + (line:find("[redacted]", 1, true) and 1 or 0)
+  end
+  T.ok(redacted > 100, "secrets were matched: " .. redacted)
+  T.eq(bad, 0, "lines that are no JSON")
+end)
+
 T.test("an OpenAI key (sk-...) is redacted in every line and by log.scrub, registered or not", function()
   local err, out = run([[
 local log = require "callagent.log"
