@@ -582,6 +582,22 @@ T.test("a Twilio app whose tunnel cannot open does not start, and says why", fun
   T.match(p.text(), "^START FAILED: tunnel: ngrok is not logged in: run `ngrok config add%-authtoken <token>`")
 end)
 
+T.test("a start error quoting a secret (ngrok's message with the Twilio token) reaches the app redacted", function()
+  local dir = T.tmpdir()
+  local f = assert(io.open(dir .. "/say", "w"))
+  f:write("bad header: Authorization dummy-auth-token\n")
+  f:close()
+  local code, _, p = T.run_app(nil, nil, {
+    source = APP,
+    env = app_env(bindir({ "ngrok" }), dir .. "/ngrok.log", { FAKE_NGROK_MODE = "say", FAKE_NGROK_SAY = dir .. "/say" }),
+    timeout = 15000,
+  })
+  T.eq(code, 3)
+  T.match(p.text(), "^START FAILED: tunnel: ngrok exited %(status 1%) before opening a tunnel: bad header: "
+    .. "Authorization %[redacted%]$")
+  T.no_match(p.text() .. p.errtext(), "dummy%-auth%-token")
+end)
+
 T.test("app:stop() while start() waits for the tunnel: start fails, and the tunnel opened meanwhile is closed", function()
   local dir = T.tmpdir()
   local logfile = dir .. "/ngrok.log"

@@ -393,7 +393,9 @@ function App:start()
     end
     ok, err = a, b
   end
-  return ok, err
+  -- An app prints it as it likes (io.stderr:write), past the log's
+  -- redaction: a tunnel's or the store's message quoting a secret.
+  return ok, err and log.scrub(err)
 end
 
 -- What a start that did not finish opened, closed (twice is harmless: a stop

@@ -14,6 +14,9 @@
 --                         hang: logs its start and serves an empty tunnel list
 --                         until SIGTERM.
 --                         longline: a 200 KB error line on stderr, exit 1.
+--                         say: the first line of the file FAKE_NGROK_SAY as its error
+--                         line on stderr, exit 1 (a file: callagent gives its
+--                         children no variable that holds a secret).
 --   FAKE_NGROK_API_PORT   port of the local API on 127.0.0.1 (default 0: any free one)
 --   FAKE_NGROK_NO_WEB_LOG 1: do not log "starting web service" (the client must
 --                         then know the API address from its config)
@@ -111,8 +114,14 @@ elseif mode == "longline" then
   io.stderr:write("ERROR:  ", string.rep("y", 200000), "\n")
   record("end pid=" .. pid .. " status=1")
   os.exit(1)
+elseif mode == "say" then
+  local f = assert(io.open((assert(os.getenv("FAKE_NGROK_SAY"), "FAKE_NGROK_SAY"))))
+  io.stderr:write("ERROR:  ", f:read("l") or "", "\n")
+  f:close()
+  record("end pid=" .. pid .. " status=1")
+  os.exit(1)
 elseif mode ~= "ok" and mode ~= "hang" then
-  usage_error("FAKE_NGROK_MODE must be ok, auth, limit, longline or hang, not " .. mode)
+  usage_error("FAKE_NGROK_MODE must be ok, auth, limit, longline, say or hang, not " .. mode)
 end
 
 local addr_form = os.getenv("FAKE_NGROK_ADDR") or "url"
