@@ -221,9 +221,15 @@ end
 
 -- ---- the zone file ----
 
+-- Files of the zone directory that are TZif but no zone's name: the
+-- machine's own zone (localtime), the zic defaults (posixrules, Factory),
+-- and the trees that repeat every zone with other leap second rules.
+local NOT_ZONES = { localtime = true, posixrules = true, Factory = true }
+
 local function zone_path(name)
   if type(name) ~= "string" or name == "" or #name > 64 or find(name, "^[/.]") or find(name, "..", 1, true)
-    or find(name, "//", 1, true) or find(name, "[^%w/_+-]") then
+    or find(name, "//", 1, true) or find(name, "[^%w/_+-]") or NOT_ZONES[name] or find(name, "^posix/")
+    or find(name, "^right/") then
     return nil
   end
   return M.DIR .. "/" .. name
