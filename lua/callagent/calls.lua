@@ -197,11 +197,19 @@ function Engine:_save(call, fields)
 end
 
 -- Runs fn's store writes as one commit where the backend can (store:batch;
--- without it, one each). fn must not yield.
+-- without it, one each). fn must not yield. A store that raises (a backend's
+-- way to say "disk full") refused the writes: logged, and nil, err, as for
+-- a refusal. The caller keeps what was not written (a call's end is written
+-- again by _write_unsaved), and a timer's work runs again at its next turn
+-- instead of ending with the error for good.
 function Engine:_batch(fn)
   local store = self.store
   if not store.batch then
-    fn()
+    local ok, err = pcall(fn)
+    if not ok then
+      log.error("store write failed", { what = "raised", error = tostring(err) })
+      return nil, err
+    end
     return true
   end
   -- The rows written in it: kept again with their calls if it is undone.
@@ -211,7 +219,8 @@ function Engine:_batch(fn)
   local res = table.pack(pcall(store.batch, store, fn))
   self._batch_rows = outer
   if not res[1] then
-    error(res[2], 0)
+    log.error("store write failed", { what = "batch raised", error = tostring(res[2]) })
+    res = { true, nil, res[2] }
   end
   if res[2] then
     if outer then -- committed only with the outer batch

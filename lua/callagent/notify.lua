@@ -174,6 +174,18 @@ end
 -- The longest a receiver's Retry-After holds a notification back.
 local MAX_RETRY_AFTER_MS = 60000
 
+-- store:method(...), where a store that raises (a backend's way to say "disk
+-- full") is one that failed: nil, err. Raised out of a sweep, it left the
+-- sweep under way for good (self.walking): no later one ever ran.
+local function store_call(store, method, ...)
+  local res = table.pack(pcall(store[method], store, ...))
+  if not res[1] then
+    log.error("the store raised", { what = method, error = tostring(res[2]) })
+    return nil, res[2]
+  end
+  return table.unpack(res, 2, res.n)
+end
+
 -- Delivers one notification, with its retries (in a task; in_flight[key] set).
 -- Returns whether the receiver answered for good (delivered, or refused).
 function Notifier:_deliver(key, body)
@@ -207,7 +219,7 @@ function Notifier:_deliver(key, body)
       return
     end
     if res and res.status < 300 then
-      self.store:mark_notified(key, "sent")
+      store_call(self.store, "mark_notified", key, "sent")
       log.info("notification delivered", { key = key, status = res.status, try = try })
       self.in_flight[key], self.ran_out[key] = nil, nil
       return true
@@ -219,7 +231,7 @@ function Notifier:_deliver(key, body)
     -- Refused for the token or the address: under which (a backend that
     -- does not keep it ignores it, and the refusal is for good).
     local under = refused and refused_config(res.status) and self:fingerprint() or nil
-    self.store:mark_notified(key, refused and "refused" or "failed", why, under)
+    store_call(self.store, "mark_notified", key, refused and "refused" or "failed", why, under)
     if refused then
       self.ran_out[key] = nil -- never sent again
     end
@@ -334,7 +346,7 @@ end
 -- them), counting what it read: stats.pages, and stats.most_rows, the most
 -- rows one read returned (what a sweep holds at once, but those on their way).
 function Notifier:_read(opts)
-  local rows, next_cursor = self.store:pending_notifications(opts)
+  local rows, next_cursor = store_call(self.store, "pending_notifications", opts)
   if not rows then
     -- Left pending in the store: the next sweep, or start, sends them.
     log.error("the notifications not yet delivered could not be read", { error = next_cursor })

@@ -1,7 +1,10 @@
 --- A store backend for tests (store.backend = "recording"): the memory store,
 -- with every write recorded in M.writes as {op, args, batch}: batch is the
 -- number of the store:batch it ran in, nil outside one. While M.fail_reads is
--- true, get_call and list_calls fail as a disk would: nil, "EIO: ...".
+-- true, get_call and list_calls fail as a disk would: nil, "EIO: ...". While
+-- M.raise is a function, each method call asks it first: raise(op, args)
+-- returning a message makes that call raise it (a backend that raises on a
+-- full disk, say), before it does anything.
 local memory = require "callagent.store.memory"
 
 local M = { writes = {} }
@@ -47,6 +50,10 @@ function M.open(cfg)
             end
           end
           M.writes[#M.writes + 1] = { op = k, args = args, batch = current }
+        end
+        local boom = M.raise and M.raise(k, table.pack(...))
+        if boom then
+          error(boom, 0)
         end
         if READS[k] and M.fail_reads then
           return nil, "EIO: disk I/O error"

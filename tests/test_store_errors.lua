@@ -1,0 +1,98 @@
+-- A store method that raises (a backend's way to say "disk full", or a bug
+-- in one) instead of returning nil, err: the engine's and the notifier's
+-- periodic work logs it and runs again at its next period; no call's end and
+-- no notification is lost for good.
+local T = require "testing"
+local kit = require "callkit"
+local http = require "callagent.http"
+local store_mod = require "callagent.store"
+local notify = require "callagent.notify"
+
+T.test("a store that raises on a call's final write and on the next periodic one: the write after that takes it, then notifies",
+  function()
+    local recording = require "callagent.store.recording"
+    local raised = 0
+    T.defer(function()
+      recording.raise = nil
+    end)
+    recording.raise = function(op)
+      -- The final batch's first write (one attempt: no retry to clear before),
+      -- and the first periodic write's, 5 s later.
+      if op == "clear_retry" and raised < 2 then
+        raised = raised + 1
+        return "EIO: disk I/O error (the backend raised)"
+      end
+    end
+    local env = kit.start({ twilio = { behaviour = "busy" },
+      config = { store = { backend = "recording" }, retry = { maxAttempts = 1 } } })
+    local id = env:create({ to = "+14155550170", prompt = "x" })
+    T.eq(env:wait_final(id, 5000).status, "busy", "the API shows the end the engine holds")
+    T.eq(raised, 1, "the final write raised")
+    -- Its notification is recorded last in the batch, and sent once the
+    -- batch is through: by the periodic write after the one that raised.
+    T.wait_for(function()
+      return #env.hooks.received >= 1
+    end, 13000, "notified once written")
+    T.eq(raised, 2, "the first periodic write raised too")
+    T.eq(env.app.store:get_call(id).status, "busy", "the end is in the store")
+    T.eq(env.hooks.received[1].json.data.status, "busy")
+  end, { timeout = 20000 })
+
+-- A real SQLite store whose pending_notifications raises while armed.
+local function raising_store(path)
+  local inner = assert(store_mod.open({ backend = "sqlite", path = path, retentionDays = 30 }))
+  local w = { armed = 0, raised = 0, inner = inner }
+  return setmetatable(w, {
+    __index = function(_, k)
+      local f = inner[k]
+      if type(f) ~= "function" then
+        return f
+      end
+      return function(_, ...)
+        if (k == "pending_notifications" or k == "mark_notified") and w.armed > 0 and w.fail == k then
+          w.armed, w.raised = w.armed - 1, w.raised + 1
+          error("EIO: disk I/O error (the backend raised)", 0)
+        end
+        return f(inner, ...)
+      end
+    end,
+  })
+end
+
+for _, method in ipairs({ "pending_notifications", "mark_notified" }) do
+  T.test("a store whose " .. method .. " raises once: the next sweep sends the notification", function()
+    local received = {}
+    local hooks = http.server({ headers = { "idempotency-key" } })
+    hooks:post("/hooks/agent", function(req)
+      received[#received + 1] = req.headers["idempotency-key"]
+      return 200, { ok = true }
+    end)
+    assert(hooks:listen())
+    T.defer(function()
+      hooks:close()
+    end)
+    local store = raising_store(T.tmpdir() .. "/n.db")
+    T.defer(function()
+      store.inner:close()
+    end)
+    local n = notify.new({ hooksUrl = hooks:url("/hooks"), hooksToken = "hooks-token-for-tests" }, store,
+      { attempts = 1, base_delay_ms = 10, sweep_ms = 100 })
+    T.defer(function()
+      n:stop()
+    end)
+    T.eq(n:resume(), 0, "nothing at start")
+    -- Recorded by another run, say: only a sweep sends it.
+    assert(store:add_notification("c_1:completed", "c_1", "{}"))
+    store.fail, store.armed = method, 1
+    T.wait_for(function()
+      return store.raised == 1
+    end, 2000, "a sweep met the raise")
+    T.wait_for(function()
+      return #store:pending_notifications() == 0
+    end, 2000, "a later sweep delivered it and marked it sent")
+    T.ge(#received, 1)
+    T.eq(received[1], "c_1:completed")
+  end)
+end
+
+T.run()
