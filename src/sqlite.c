@@ -89,7 +89,13 @@
  *                           BEGIN) it is a SAVEPOINT instead: an error rolls
  *                           back to it only. fn must not yield (it runs under
  *                           the write lock; a yield raises "attempt to yield
- *                           across a C-call boundary" and rolls back)
+ *                           across a C-call boundary" and rolls back).
+ *                           Some errors (SQLITE_FULL, SQLITE_IOERR, ...) make
+ *                           SQLite roll the whole transaction back; from then
+ *                           until it returns, statements of the db (and a
+ *                           nested transaction) return nil, "ECANCELED: ..."
+ *                           without running, so none commits on its own, and
+ *                           transaction returns nil, "ECANCELED: ..." too
  *   db:checkpoint([mode])   WAL checkpoint, mode "PASSIVE" (default, never
  *                           waits), "FULL", "RESTART" or "TRUNCATE" (these
  *                           may wait up to busy_timeout for readers/writers;
@@ -206,6 +212,7 @@ struct ca_db {
 	int autockpt;			/* WAL pages that start a background checkpoint */
 	struct bg_ckpt *bg;		/* NULL unless background checkpoints are on */
 	int lock;			/* fd of <path>.lock, flock()ed while open; -1: none */
+	int tx_depth;		/* transaction() calls under way (nested ones included) */
 };
 
 /*
@@ -660,6 +667,21 @@ static void push_row(lua_State *L, sqlite3_stmt *st, int ncols, int names)
 	}
 }
 
+/*
+ * Whether a transaction() under way has lost its transaction: on some errors
+ * (SQLITE_FULL, SQLITE_IOERR, SQLITE_NOMEM) SQLite rolls the whole of it
+ * back, and a statement run after that would commit on its own, outside it:
+ * part of an all-or-none write kept. If so, pushes nil, "ECANCELED: ..." and
+ * returns 1; the statement is not run.
+ */
+static int tx_lost(lua_State *L, struct ca_db *db)
+{
+	if (db->tx_depth == 0 || !sqlite3_get_autocommit(db->h))
+		return 0;
+	ca_fail(L, "ECANCELED", "the transaction was rolled back by an earlier error: none of it is written");
+	return 1;
+}
+
 /* Resets st after a use and lets go of the bound strings. */
 static void done(sqlite3_stmt *st)
 {
@@ -687,6 +709,8 @@ static int do_run(lua_State *L, struct ca_stmt *e, int first, int top)
 	sqlite3 *h = e->db->h;
 	int rc;
 
+	if (tx_lost(L, e->db))
+		return 2;
 	bind_args(L, st, first, top);
 	while ((rc = sqlite3_step(st)) == SQLITE_ROW)
 		;
@@ -704,6 +728,8 @@ static int do_rows(lua_State *L, struct ca_stmt *e, int first, int top)
 	int ncols = sqlite3_column_count(st), names, rc;
 	lua_Integer n = 0;
 
+	if (tx_lost(L, e->db))
+		return 2;
 	bind_args(L, st, first, top);
 	luaL_checkstack(L, ncols + 4, "too many columns");
 	lua_createtable(L, 4, 0);
@@ -727,6 +753,8 @@ static int do_first(lua_State *L, struct ca_stmt *e, int first, int top, int who
 	sqlite3_stmt *st = e->st;
 	int ncols = sqlite3_column_count(st), rc, names;
 
+	if (tx_lost(L, e->db))
+		return 2;
 	bind_args(L, st, first, top);
 	rc = sqlite3_step(st);
 	if (rc == SQLITE_DONE) {
@@ -852,8 +880,12 @@ static int exec_all(lua_State *L, sqlite3 *h, const char *sql)
 static int l_exec(lua_State *L)
 {
 	struct ca_db *db = check_db(L);
-	int rc = exec_all(L, db->h, luaL_checkstring(L, 2));
+	const char *sql = luaL_checkstring(L, 2);
+	int rc;
 
+	if (tx_lost(L, db))
+		return 2;
+	rc = exec_all(L, db->h, sql);
 	if (rc != SQLITE_OK)
 		return push_err(L, db->h, rc);
 	lua_pushboolean(L, 1);
@@ -891,22 +923,31 @@ static void tx_undo(struct ca_db *db, int nested)
 static int l_transaction(lua_State *L)
 {
 	struct ca_db *db = check_db(L);
-	int nested = !sqlite3_get_autocommit(db->h);
-	int top, rc;
+	int nested, top, rc, status;
 
 	luaL_checktype(L, 2, LUA_TFUNCTION);
+	/* Inside one whose transaction is gone: a BEGIN now would commit on its own. */
+	if (tx_lost(L, db))
+		return 2;
+	nested = !sqlite3_get_autocommit(db->h);
 	rc = tx_step(db, nested ? TX_SAVE : TX_BEGIN);
 	if (rc != SQLITE_OK)
 		return push_err(L, db->h, rc);
 	/* Stack: db fn args... -> call fn(args...) with everything after db. */
 	top = lua_gettop(L);
-	if (lua_pcall(L, top - 2, LUA_MULTRET, 0) != LUA_OK) {
+	db->tx_depth++;
+	status = lua_pcall(L, top - 2, LUA_MULTRET, 0);
+	db->tx_depth--;
+	if (status != LUA_OK) {
 		if (db->h)
 			tx_undo(db, nested);
 		return lua_error(L);
 	}
 	if (db->h == NULL)
 		return luaL_error(L, "sqlite: the database was closed inside its transaction");
+	/* fn went on after an error that rolled it all back: nothing to commit. */
+	if (sqlite3_get_autocommit(db->h))
+		return ca_fail(L, "ECANCELED", "the transaction was rolled back by an error inside it: none of it is written");
 	rc = tx_step(db, nested ? TX_RELEASE : TX_COMMIT);
 	if (rc != SQLITE_OK) {
 		int n = push_err(L, db->h, rc);

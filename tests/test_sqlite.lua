@@ -355,6 +355,42 @@ T.test("nested transactions are savepoints: an inner error undoes only the inner
   T.eq(db:value("SELECT count(*) FROM t WHERE v = 'lost'"), 0)
 end)
 
+T.test("a full database rolls the whole transaction back: later writes in it are refused, none commits on its own",
+  function()
+    local db = fresh()
+    assert(db:exec("CREATE TABLE t(v); CREATE TABLE big(v)"))
+    -- Full at a few pages more: a 100 kB value does not fit, small rows do.
+    assert(db:value("PRAGMA max_page_count = " .. (db:value("PRAGMA page_count") + 3)))
+    local seen = {}
+    local ok, err = db:transaction(function()
+      assert(db:run("INSERT INTO t VALUES('before')"))
+      local n, ferr = db:run("INSERT INTO big VALUES(?)", string.rep("x", 100000))
+      seen.full = { n, ferr }
+      seen.after = { db:run("INSERT INTO t VALUES('after')") }
+      seen.read = { db:value("SELECT count(*) FROM t") }
+      seen.exec = { db:exec("INSERT INTO t VALUES('exec')") }
+      seen.nested = { db:transaction(function()
+        seen.nested_ran = true
+        db:run("INSERT INTO t VALUES('nested')")
+      end) }
+    end)
+    T.eq(seen.full[1], nil)
+    T.match(seen.full[2], "^ENOSPC")
+    T.eq(seen.after[1], nil, "a write after it is refused")
+    T.match(seen.after[2], "^ECANCELED: the transaction was rolled back")
+    T.match(seen.read[2], "^ECANCELED", "a read too")
+    T.match(seen.exec[2], "^ECANCELED", "exec too")
+    T.match(seen.nested[2], "^ECANCELED", "and a nested transaction")
+    T.eq(seen.nested_ran, nil, "whose fn does not run")
+    T.eq(ok, nil)
+    T.match(err, "^ECANCELED: the transaction was rolled back by an error inside it")
+    T.eq(db:value("SELECT count(*) FROM t"), 0, "none of it written: not 'after', 'exec' or 'nested' on their own")
+    T.eq(db:run("INSERT INTO t VALUES('next')"), 1, "the db works after it")
+    T.eq(db:transaction(function()
+      assert(db:run("INSERT INTO t VALUES('next tx')"))
+    end), true, "and so does the next transaction")
+  end)
+
 -- (A plain yield: timer.sleep would leave its timer armed to resume this task later.)
 T.test("a yield inside a transaction raises and rolls back", function()
   local db = fresh()
