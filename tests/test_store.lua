@@ -308,6 +308,49 @@ T.test("sqlite: a batch's writes commit together; one that raises leaves none of
   end), true, "the next batch is not taken for failed")
 end)
 
+T.test("sqlite: a full disk in a batch undoes all of it: the writes after the refused one are not kept either", function()
+  local s = open("sqlite")
+  assert(s:insert_call(call("c_1")))
+  -- Full at a few pages more: a 100 kB transcript line does not fit, an event does.
+  assert(s.db:value("PRAGMA max_page_count = " .. (s.db:value("PRAGMA page_count") + 3)))
+  local ok, err = s:batch(function()
+    s:add_event("c_1", { type = "status", to = "dialing" })
+    s:add_transcript("c_1", { role = "callee", text = string.rep("x", 100000), at = "t" })
+    s:add_event("c_1", { type = "status", to = "in_progress" })
+    s:update_call("c_1", { status = "in_progress" })
+  end)
+  T.eq(ok, nil)
+  T.match(tostring(err), "^ENOSPC", "the batch's error is the write the disk refused")
+  local c = s:get_call("c_1")
+  T.eq({ c.status, #c.events, #c.transcript }, { "queued", 0, 0 }, "none of the batch is in the store")
+  -- Room again: the same writes go.
+  assert(s.db:value("PRAGMA max_page_count = 1000000"))
+  T.eq(s:batch(function()
+    s:add_transcript("c_1", { role = "callee", text = string.rep("x", 100000), at = "t" })
+    s:update_call("c_1", { status = "in_progress" })
+  end), true)
+  T.eq(s:get_call("c_1").status, "in_progress")
+end)
+
+T.test("sqlite: a read that fails under update_call and update_attempt is their error, not 'no such call'", function()
+  local s = open("sqlite")
+  assert(s:insert_call(call("c_1")))
+  assert(s:add_attempt("c_1", { n = 1, status = "dialing" }))
+  local ok, err = s.db:transaction(function()
+    -- The transaction gone under the store (a full disk rolls it back):
+    -- every statement until it returns is refused.
+    assert(s.db:exec("ROLLBACK"))
+    local r1 = { s:update_call("c_1", { status = "dialing" }) }
+    local r2 = { s:update_attempt("c_1", 1, { status = "busy" }) }
+    T.eq(r1[1], nil)
+    T.match(tostring(r1[2]), "^ECANCELED", "update_call")
+    T.eq(r2[1], nil)
+    T.match(tostring(r2[2]), "^ECANCELED", "update_attempt")
+  end)
+  T.eq(ok, nil)
+  T.match(tostring(err), "^ECANCELED")
+end)
+
 T.test("the engine writes a status change with its event and attempt rows in one batch", function()
   local kit = require "callkit"
   local recording = require "callagent.store.recording"

@@ -233,8 +233,10 @@ end
 
 function Store:update_call(id, fields)
   local db = self.db
-  local raw = db:value("SELECT doc FROM calls WHERE id = ?", id)
-  if not raw then
+  local raw, rerr = db:value("SELECT doc FROM calls WHERE id = ?", id)
+  if rerr then
+    return check(nil, rerr, "update_call") -- the read failed: not "no such call"
+  elseif not raw then
     return nil, "ENOENT: no call " .. tostring(id)
   end
   local d = decode(raw)
@@ -315,8 +317,10 @@ end
 
 function Store:update_attempt(id, n, fields)
   local db = self.db
-  local raw = db:value("SELECT doc FROM attempts WHERE call_id = ? AND n = ?", id, n)
-  if not raw then
+  local raw, rerr = db:value("SELECT doc FROM attempts WHERE call_id = ? AND n = ?", id, n)
+  if rerr then
+    return check(nil, rerr, "update_attempt")
+  elseif not raw then
     return nil, "ENOENT: no attempt"
   end
   local a = decode(raw)
