@@ -48,6 +48,9 @@
 --
 -- Every write is durable when it returns (for backends that persist); in a
 -- batch, when the batch returns.
+-- A failure is nil, err, not a raise: the engine takes a raise inside its
+-- commits, and the notifier any, as a refused write (logged), but elsewhere
+-- it ends the request or callback that wrote.
 local M = {}
 
 function M.open(cfg)
