@@ -49,6 +49,18 @@ for _, backend in ipairs({ "memory", "sqlite" }) do
     T.match(err, "^ENOENT")
   end)
 
+  T.test(backend .. ": an attempt added again (a call rewritten whole) replaces the one with its n", function()
+    local s = open(backend)
+    assert(s:insert_call(call("c_1")))
+    assert(s:add_attempt("c_1", { n = 1, status = "dialing" }))
+    assert(s:add_attempt("c_1", { n = 2, status = "dialing" }))
+    assert(s:add_attempt("c_1", { n = 1, status = "busy", providerCallId = "CA1" }))
+    local a = s:get_call("c_1").attempts
+    T.eq(#a, 2)
+    T.eq(a[1], { n = 1, status = "busy", providerCallId = "CA1" })
+    T.eq(a[2].status, "dialing")
+  end)
+
   T.test(backend .. ": listing is newest first, filtered, and paged with a cursor", function()
     local s = open(backend)
     for i = 1, 7 do

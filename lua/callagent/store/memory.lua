@@ -87,7 +87,9 @@ end
 function Store:add_attempt(id, attempt)
   local c = self.calls[id]
   if c then
-    c.attempts[#c.attempts + 1] = copy(attempt)
+    -- Attempt n, as the sqlite store keys it: written again, it replaces
+    -- the one before (the engine rewrites a call whole after a refusal).
+    c.attempts[math.tointeger(attempt.n) or #c.attempts + 1] = copy(attempt)
   end
   return true
 end
