@@ -38,6 +38,34 @@ T.test("a store that raises on a call's final write and on the next periodic one
     T.eq(env.hooks.received[1].json.data.status, "busy")
   end, { timeout = 20000 })
 
+T.test("an attempt's vendor id the store refused is written with the call's end: the stored attempt has it, once", function()
+  local recording = require "callagent.store.recording"
+  local refused = 0
+  T.defer(function()
+    recording.refuse = nil
+  end)
+  recording.refuse = function(op, args)
+    if op == "update_attempt" and type(args[3]) == "table" and args[3].providerCallId and refused == 0 then
+      refused = refused + 1
+      return "ENOSPC: database or disk is full"
+    end
+  end
+  local env = kit.start({ twilio = { behaviour = "busy" },
+    config = { store = { backend = "recording" }, retry = { maxAttempts = 1 } } })
+  local id = env:create({ to = "+14155550171", prompt = "x" })
+  env:wait_final(id, 5000)
+  T.eq(refused, 1, "the vendor id's write was refused")
+  local pid
+  for _, w in ipairs(recording.writes) do
+    pid = pid or (w.op == "update_attempt" and w.args[1] == id and w.args[3].providerCallId)
+  end
+  T.ok(pid, "the vendor id the engine had")
+  local c = env.app.store:get_call(id)
+  T.eq(c.status, "busy")
+  T.eq(#c.attempts, 1, "the attempt once, not once more for the rewrite")
+  T.eq({ c.attempts[1].providerCallId, c.attempts[1].status }, { pid, "busy" }, "with its vendor id and its end")
+end)
+
 -- A real SQLite store whose pending_notifications raises while armed.
 local function raising_store(path)
   local inner = assert(store_mod.open({ backend = "sqlite", path = path, retentionDays = 30 }))

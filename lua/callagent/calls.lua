@@ -576,7 +576,9 @@ function Engine:_mark_answered(call, n)
   local a = call.attempts[n]
   if not a.answeredAt then
     a.answeredAt = iso()
-    self.store:update_attempt(call.id, n, { answeredAt = a.answeredAt })
+    if not self.store:update_attempt(call.id, n, { answeredAt = a.answeredAt }) then
+      call._save_failed = true -- its end is then written whole (_finish)
+    end
   end
 end
 
@@ -590,7 +592,9 @@ function Engine:_provider_id(call, n, pid)
     return
   end
   a.providerCallId = pid
-  self.store:update_attempt(call.id, n, { providerCallId = pid })
+  if not self.store:update_attempt(call.id, n, { providerCallId = pid }) then
+    call._save_failed = true -- its end is then written whole (_finish)
+  end
   if a._end_pending then
     a._end_pending = nil
     log.info("hanging up now that the provider has named the call", { call = call.id, attempt = n })

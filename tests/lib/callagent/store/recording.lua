@@ -5,6 +5,8 @@
 -- M.raise is a function, each method call asks it first: raise(op, args)
 -- returning a message makes that call raise it (a backend that raises on a
 -- full disk, say), before it does anything.
+-- While M.refuse is one, refuse(op, args) returning an error makes that call
+-- return nil, err instead (a write the store did not take), doing nothing.
 local memory = require "callagent.store.memory"
 
 local M = { writes = {} }
@@ -54,6 +56,10 @@ function M.open(cfg)
         local boom = M.raise and M.raise(k, table.pack(...))
         if boom then
           error(boom, 0)
+        end
+        local refused = M.refuse and M.refuse(k, table.pack(...))
+        if refused then
+          return nil, refused
         end
         if READS[k] and M.fail_reads then
           return nil, "EIO: disk I/O error"
