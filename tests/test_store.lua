@@ -417,6 +417,28 @@ T.test("the engine writes a status change with its event and attempt rows in one
   end
 end)
 
+T.test("sqlite: another program's database at store.path is an error naming it, left as it was, its lock let go", function()
+  local sqlite = require "callagent.sqlite"
+  for _, foreign in ipairs({ "CREATE TABLE meta (k TEXT, v TEXT)", "CREATE TABLE calls (x); INSERT INTO calls VALUES (1)" }) do
+    local path = T.tmpdir() .. "/other.db"
+    local db = assert(sqlite.open(path))
+    assert(db:exec(foreign))
+    local before = db:rows("SELECT name FROM sqlite_master ORDER BY name")
+    db:close()
+    for try = 1, 2 do
+      local ok, s, err = pcall(store_mod.open, { backend = "sqlite", path = path, retentionDays = 30 })
+      T.eq(ok, true, foreign .. ": no raise")
+      T.eq(s, nil, foreign)
+      T.match(err, "^store%.path: cannot set up .*other%.db %(another program's database%?%): no such column",
+        foreign .. ", try " .. try .. ": not 'in use' by this very process")
+      T.no_match(err, "CREATE", "SQLite's words, not the schema's SQL")
+    end
+    db = assert(sqlite.open(path, { readonly = true }))
+    T.eq(db:rows("SELECT name FROM sqlite_master ORDER BY name"), before, foreign .. ": nothing created in it")
+    db:close()
+  end
+end)
+
 T.test("the store folder is created when missing", function()
   local path = T.tmpdir() .. "/a/b/c/calls.db"
   local s = assert(store_mod.open({ backend = "sqlite", path = path, retentionDays = 30 }))

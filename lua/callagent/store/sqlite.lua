@@ -113,6 +113,35 @@ local function mkdir_p(dir)
   end
 end
 
+-- The tables, the columns added since and the indexes on them, in one
+-- commit. Returns a message when the file is a store a newer callagent
+-- wrote; raises when the SQL does not fit the file (another program's
+-- database with a table called meta or calls): rolled back, left as it was.
+local function set_up(db, path)
+  local function must(ok, err)
+    if ok == nil then
+      error(err, 0)
+    end
+    return ok
+  end
+  -- Before anything is created in it: a store a newer callagent wrote is
+  -- not this one's to change.
+  local version = must(db:value("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'meta'")) > 0
+    and tonumber(db:value("SELECT value FROM meta WHERE key = 'schema'") or nil)
+  if version and version > SCHEMA_VERSION then
+    return "store.path: " .. path .. " was written by a newer callagent (store schema " .. version
+      .. "; this one reads " .. SCHEMA_VERSION .. "): run that version, or give this one another store.path"
+  end
+  must(db:exec(SCHEMA))
+  for _, c in ipairs(ADDED_COLUMNS) do
+    local cols = must(db:rows("SELECT name FROM pragma_table_info(?) WHERE name = ?", c[1], c[2]))
+    if #cols == 0 then
+      must(db:exec("ALTER TABLE " .. c[1] .. " ADD COLUMN " .. c[2] .. " " .. c[3]))
+    end
+  end
+  must(db:exec(SCHEMA_ADDED))
+end
+
 --- Opens (creating if missing) the store; a corrupt or unwritable file is an
 -- error here, naming the path, not a crash later.
 function M.open(cfg)
@@ -136,33 +165,20 @@ function M.open(cfg)
     db:close()
     return nil, "store.path: " .. path .. " is damaged: " .. tostring(cerr)
   end
-  -- Before anything is created in it: a store a newer callagent wrote is
-  -- not this one's to change.
-  local version = db:value("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'meta'") > 0
-    and tonumber(db:value("SELECT value FROM meta WHERE key = 'schema'") or nil)
-  if version and version > SCHEMA_VERSION then
+  local pok, tok, res = pcall(db.transaction, db, set_up, db, path)
+  local failure
+  local misfit = not pok and tostring(tok):match("sqlite: (.-) in: ")
+  if misfit then
+    -- SQLite's words, without the SQL (all of SCHEMA, for a CREATE).
+    failure = "store.path: cannot set up " .. path .. " (another program's database?): " .. misfit
+  elseif not pok or not tok then
+    failure = "store.path: cannot set up " .. path .. ": " .. tostring(pok and res or tok)
+  else
+    failure = res -- a newer callagent's store, or nil
+  end
+  if failure then
     db:close()
-    return nil, "store.path: " .. path .. " was written by a newer callagent (store schema " .. version
-      .. "; this one reads " .. SCHEMA_VERSION .. "): run that version, or give this one another store.path"
-  end
-  local sok, serr = db:exec(SCHEMA)
-  for _, c in ipairs(ADDED_COLUMNS) do
-    if not sok then
-      break
-    end
-    local cols
-    cols, serr = db:rows("SELECT name FROM pragma_table_info(?) WHERE name = ?", c[1], c[2])
-    sok = cols ~= nil
-    if sok and #cols == 0 then
-      sok, serr = db:exec("ALTER TABLE " .. c[1] .. " ADD COLUMN " .. c[2] .. " " .. c[3])
-    end
-  end
-  if sok then
-    sok, serr = db:exec(SCHEMA_ADDED)
-  end
-  if not sok then
-    db:close()
-    return nil, "store.path: cannot set up " .. path .. ": " .. tostring(serr)
+    return nil, failure
   end
   local self = setmetatable({ db = db, path = path, retention_days = cfg.retentionDays }, Store)
   log.info("store open", { path = path, calls = db:value("SELECT count(*) FROM calls") })
