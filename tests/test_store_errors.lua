@@ -66,6 +66,65 @@ T.test("an attempt's vendor id the store refused is written with the call's end:
   T.eq({ c.attempts[1].providerCallId, c.attempts[1].status }, { pid, "busy" }, "with its vendor id and its end")
 end)
 
+T.test("a transcript line whose write raised is kept with its call and written with its end", function()
+  local recording = require "callagent.store.recording"
+  local raised = 0
+  T.defer(function()
+    recording.raise = nil
+  end)
+  recording.raise = function(op)
+    if op == "add_transcript" and raised == 0 then
+      raised = raised + 1
+      return "EIO: disk I/O error (the backend raised)"
+    end
+  end
+  local env = kit.start({
+    config = { store = { backend = "recording" } },
+    realtime = {
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        session:call_function("report_call", { summary = "Done.", outcome = "success" })
+        assert(session:wait_event("response.create", 5000))
+        session:speak({ ms = 100, text = "Bye." })
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550172", prompt = "Report at once." })
+  T.eq(env:wait_final(id, 20000).status, "completed")
+  T.eq(raised, 1, "the line's first write raised")
+  local texts = {}
+  for _, l in ipairs(env.app.store:get_call(id).transcript) do
+    texts[#texts + 1] = l.text
+  end
+  T.eq(texts, { "Bye." }, "the line is in the store, once")
+end)
+
+T.test("a status event whose write raised inside its commit is kept and written later: every status event is stored", function()
+  local recording = require "callagent.store.recording"
+  local raised = 0
+  T.defer(function()
+    recording.raise = nil
+  end)
+  recording.raise = function(op, args)
+    if op == "add_event" and args[2].type == "status" and args[2].to == "dialing" and raised == 0 then
+      raised = raised + 1
+      return "EIO: disk I/O error (the backend raised)"
+    end
+  end
+  local env = kit.start({ twilio = { behaviour = "busy" },
+    config = { store = { backend = "recording" }, retry = { maxAttempts = 1 } } })
+  local id = env:create({ to = "+14155550173", prompt = "x" })
+  T.eq(env:wait_final(id, 5000).status, "busy")
+  T.eq(raised, 1, "the dialing event's write raised")
+  local to = {}
+  for _, e in ipairs(env.app.store:get_call(id).events) do
+    if e.type == "status" then
+      to[#to + 1] = e.to
+    end
+  end
+  T.eq(to, { "dialing", "busy" }, "both status events, in order")
+end)
+
 -- A real SQLite store whose pending_notifications raises while armed.
 local function raising_store(path)
   local inner = assert(store_mod.open({ backend = "sqlite", path = path, retentionDays = 30 }))

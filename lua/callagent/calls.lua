@@ -256,16 +256,20 @@ function Engine:_keep_row(call, kind, row)
 end
 
 function Engine:_write_row(call, kind, row)
-  local ok
-  if kind == "transcript" then
-    ok = self.store:add_transcript(call.id, row)
-  else
-    ok = self.store:add_event(call.id, row)
-  end
+  local store, method = self.store, kind == "transcript" and "add_transcript" or "add_event"
   local batch = self._batch_rows
   if batch then
+    -- Taken first: a write that raises undoes the batch (_batch), which
+    -- keeps its rows again.
     batch[#batch + 1] = { call, kind, row }
-  elseif not ok then
+    store[method](store, call.id, row)
+    return
+  end
+  local pok, ok = pcall(store[method], store, call.id, row)
+  if not pok then
+    log.error("store write failed", { what = method .. " raised", call = call.id, error = tostring(ok) })
+  end
+  if not (pok and ok) then
     self:_keep_row(call, kind, row)
   end
 end
