@@ -116,11 +116,14 @@ T.test("the stand-in refuses a session without its key: closed with 1008, no ses
     srv:close()
   end)
   local url = srv:ws_url("/standin/v1/realtime")
-  for what, headers in pairs({
-    none = nil,
-    wrong = { Authorization = "Bearer " .. standin.KEY:sub(1, -2) .. "x" },
-    bare = { Authorization = standin.KEY },
+  -- A list: a field set to nil in a table constructor would not be there.
+  for _, case in ipairs({
+    { "none", nil },
+    { "wrong", { Authorization = "Bearer " .. standin.KEY:sub(1, -2) .. "x" } },
+    { "bare", { Authorization = standin.KEY } },
+    { "empty", { Authorization = "" } },
   }) do
+    local what, headers = case[1], case[2]
     local conn = assert(ws.connect(url, { headers = headers }))
     local kind, code, reason = conn:receive(5000)
     T.eq({ kind, code, reason }, { "close", 1008, "invalid api key" }, what .. ": closed, no session.created")
