@@ -296,23 +296,40 @@ static void scrub(char *msg, size_t cap, const char *secret)
 		at = redact_at(msg, cap, hit, slen);
 }
 
+/* What ends a word of an error message: a URL curl quotes is one word. */
+#define WORD_END " \t\r\n'\""
+
 /*
- * Replaces the userinfo of every URL in msg ("scheme://user:pass@host") by
- * REDACTED: curl quotes a proxy URL from the environment whole when it
- * cannot use it, and that password is none we were given.
+ * Replaces the userinfo of every URL in msg ("user:pass@host", after its
+ * "scheme://" or not) by REDACTED: curl quotes a proxy from the environment
+ * as it was given when it cannot use it (http_proxy=user:pass@host is
+ * common), and that password is none we were given. In a word with an '@',
+ * what comes before its last '@' (after its "://") is userinfo, whatever
+ * '/', '?' or '#' a password left unencoded holds. A message that fills the
+ * buffer may have been cut inside a userinfo, before its '@': its last word
+ * goes (after its "://") too.
  */
 static void scrub_userinfo(char *msg, size_t cap)
 {
-	char *at = msg, *p;
+	int cut = strlen(msg) >= cap - 1;
+	char *at = msg;
 
-	while (at && (p = strstr(at, "://")) != NULL) {
-		char *u = p + 3, *last = NULL;
-		size_t n = strcspn(u, "/?# \t'\"");
+	while (at != NULL && *(at += strspn(at, WORD_END)) != '\0') {
+		size_t n = strcspn(at, WORD_END);
+		char *start = at, *last = NULL;
 
-		for (size_t i = 0; i < n; i++)
-			if (u[i] == '@')
-				last = u + i;
-		at = last && last > u ? redact_at(msg, cap, u, (size_t)(last - u)) : u;
+		for (size_t i = 0; i < n; i++) {
+			if (last == NULL && i + 3 <= n && memcmp(at + i, "://", 3) == 0)
+				start = at + i + 3;
+			else if (at[i] == '@')
+				last = at + i;
+		}
+		if (cut && at[n] == '\0') {
+			if (at + n > start)
+				redact_at(msg, cap, start, (size_t)(at + n - start));
+			return;
+		}
+		at = last != NULL && last > start ? redact_at(msg, cap, start, (size_t)(last - start)) : at + n;
 	}
 }
 

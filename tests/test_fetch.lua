@@ -441,6 +441,37 @@ end)
   end
 end)
 
+T.test("a proxy's password stays out of errors without a scheme, with a slash in it, or past the message's cut", function()
+  -- curl quotes the variable as it was given; http_proxy=user:pass@host is
+  -- common. Its error buffer holds 255 bytes: a long password is cut there,
+  -- before its '@'.
+  local dir = T.tmpdir()
+  local script = dir .. "/proxy.lua"
+  local f = assert(io.open(script, "w"))
+  f:write([[
+local fetch, task = require "callagent.fetch", require "callagent.task"
+task.spawn(function()
+  print(select(2, fetch("http://127.0.0.1:1/")))
+end)
+]])
+  f:close()
+  for _, proxy in ipairs({
+    "user:PROXYPASS-SECRET@[::1",
+    "http://user:pa/PROXYPASS-SECRET@[::1",
+    "http://user:p#x?PROXYPASS-SECRET@[::1",
+    "http://user:PROXYPASS-SECRET" .. string.rep("S", 300) .. "@[::1",
+  }) do
+    local code, out, errl = T.exec({ T.bin, "run", script }, {
+      env = { http_proxy = proxy, no_proxy = "", NO_PROXY = "" },
+    })
+    T.eq(code, 0, table.concat(errl, "\n"))
+    T.eq(#out, 1, proxy)
+    T.match(out[1], "^E%u+: .*proxy.*%[redacted%]", proxy)
+    T.no_match(out[1], "PROXYPASS", proxy)
+    T.no_match(out[1], "SSSS", proxy)
+  end
+end)
+
 T.test("misuse raises: bad options, header injection, missing callback", function()
   T.raises(function()
     fetch.request({ url = "http://127.0.0.1:1/", headers = { ["X-A"] = "a\r\nX-Injected: 1" } }, function() end)
