@@ -784,7 +784,7 @@ function check(input, opts)
     warnings[#warnings + 1] = "twilio.validateSignature: false: Twilio's webhooks are not checked, and anyone who "
       .. "reaches the server can forge a call's statuses or have it hung up (for tests on loopback only)"
   end
-  -- OpenAI itself needs the key; a proxy, a local stand-in or a test fake may not.
+  -- OpenAI itself needs the key (so does the stand-in: standin.KEY); a proxy or a test fake may not.
   -- The host as the connection will see it: any case, a final dot, userinfo.
   local rt = url.parse(cfg.openai.realtimeUrl)
   if not cfg.openai.apiKey and rt and rt.host:gsub("%.$", "") == "api.openai.com" then

@@ -110,7 +110,7 @@ function Session:connect()
   local target = cfg.realtimeUrl .. (cfg.realtimeUrl:find("?", 1, true) and "&" or "?") .. "model=" .. url.encode(cfg.model)
   self.t_connect = require("callagent.timer").now()
   ws.connect_cb(target, {
-    -- No key (a proxy, the stand-in): no Authorization at all. "Bearer "
+    -- No key (a proxy, a test fake): no Authorization at all. "Bearer "
     -- with nothing after it is a malformed credential a proxy may refuse.
     headers = cfg.apiKey and { Authorization = "Bearer " .. cfg.apiKey } or {},
     ca_file = cfg.caFile,
