@@ -135,6 +135,35 @@ T.test("a hang-up Twilio refuses because the call is over there already is done,
   T.eq(update_statuses(tw), { "canceled" }, "one cancel: Twilio's GET said the call was over")
 end, { timeout = 20000 })
 
+T.test("a stop's cancel Twilio refuses because the callee declined: the call ends busy, not dialed again", function()
+  -- The callee declines while it rings; Twilio's final callback is lost, and
+  -- it refuses the stop's cancel of the call that is over (400 21220). The
+  -- retry policy allows no second attempt: what Twilio's GET says ends it.
+  local env = kit.start({ config = { retry = { maxAttempts = 1 } }, twilio = { ended_update = { status = 400,
+    code = 21220 }, behaviour = { ring_ms = 30000, lost_callbacks = { completed = true } } } })
+  local id = env:create({ to = "+14155550507", prompt = "Say hello." })
+  env:wait(id, function(r)
+    return r.status == "dialing" and r.attempts[1] and r.attempts[1].providerCallId
+  end, 5000, "ringing")
+  local tw = env.tw.calls[1]
+  tw:hangup()
+  assert(tw:wait_final(3000), "declined at Twilio")
+  T.eq(tw.final, "busy")
+  env.app:stop()
+  T.eq(update_statuses(tw), { "canceled" }, "the stop's cancel")
+  local app2 = assert(callagent.app(env.app.config, { public_url = function(u)
+    return u
+  end, no_shutdown_hook = true }))
+  assert(app2:start())
+  T.defer(function()
+    app2:stop()
+  end)
+  timer.sleep(500)
+  T.eq(#env.tw.calls, 1, "not dialed again")
+  local rec = app2.engine:call_view(id)
+  T.eq({ rec.status, #rec.attempts, rec.attempts[1].status }, { "busy", 1, "busy" })
+end, { timeout = 20000 })
+
 T.test("a stop while the API's cancel of a ringing call is on its way: the call ends canceled, not dialed again", function()
   -- The first hang-up of each call takes Twilio 5 s (a provider that waits
   -- before its request); the stop's own cancel goes at once. Twilio's final

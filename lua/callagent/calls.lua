@@ -646,10 +646,14 @@ function Engine:_provider_end(view, a)
       -- A hang-up refused because the call is over already (Twilio's
       -- answer for one is not documented): what the vendor says of the
       -- call decides, so it is neither asked again nor reported failed.
+      -- Its final callback may have been lost: the attempt ends with the
+      -- status the vendor reports (else a stop would take a declined call
+      -- for one its cancel ended, and dial it again past the retry policy).
       local seen = self:_provider_state({ id = view.callId }, a)
       if FINAL[seen] then
         log.info("the provider refused the hang-up of a call already over there",
           { call = view.callId, attempt = a.n, status = seen, error = err })
+        self:_ended_there(view.callId, a, seen)
         return true
       end
     end
@@ -662,6 +666,24 @@ function Engine:_provider_end(view, a)
     return true
   end
   return nil, "the " .. tostring(self.provider.name) .. " provider has no endCall, and the call has no media stream to close"
+end
+
+-- Attempt a of call id is over at the vendor with final status seen (its
+-- API says so): if it is still the call's attempt and not over here, it
+-- ends as that status would have ended it (completed: answered, as
+-- _ring_timeout takes it). Nothing once app:stop() closed the store.
+function Engine:_ended_there(id, a, seen)
+  local call = self.live[id]
+  local mine = call and a.n and call.attempts[a.n]
+  if self.closed or not mine or call.attempt ~= a.n or FINAL[mine.status]
+      or mine.providerCallId ~= a.providerCallId then
+    return
+  end
+  if seen == "completed" then
+    self:_mark_answered(call, a.n)
+  end
+  self:provider_status(id, a.n, { status = seen, providerCallId = a.providerCallId,
+    raw = "(the provider's API, after a refused hang-up)" })
 end
 
 -- Hangs up attempt a at the vendor from a task of its own; a failure is
