@@ -747,7 +747,11 @@ static size_t walk_headers(lua_State *L, int t, struct curl_slist *block, int *n
  * allocated; on its stack. Each field is read once, and the strings and
  * tables read stay on the Lua stack until request() returns: an __index
  * function may answer with a fresh value each time (a second read of
- * headers could hold more than the block sized on the first).
+ * headers could hold more than the block sized on the first). The headers
+ * are walked in a copy only this call holds: the collector may run a
+ * finalizer between the walk that sizes the block and the one that fills
+ * it (an allocation, a number made a string), and a finalizer may change
+ * the caller's table.
  */
 struct opts {
 	const char *method, *body, *ca_file, *username, *password;
@@ -756,6 +760,19 @@ struct opts {
 	int follow, headers_idx, body_idx, n_headers, expect;
 	size_t headers_size;
 };
+
+/* Replaces the table at t by a shallow copy of it (raw: no metamethod runs). */
+static void copy_table(lua_State *L, int t)
+{
+	lua_newtable(L);
+	lua_pushnil(L);
+	while (lua_next(L, t)) {
+		lua_pushvalue(L, -2);
+		lua_insert(L, -2);
+		lua_rawset(L, -4);
+	}
+	lua_replace(L, t);
+}
 
 /* Like ca_opt_string_field, but the value stays on the stack (one slot, nil or the string). */
 static const char *opt_string(lua_State *L, int idx, const char *k, const char *def)
@@ -777,7 +794,8 @@ static void read_opts(lua_State *L, int idx, struct opts *o)
 	if (lua_isnoneornil(L, idx))
 		return;
 	luaL_argcheck(L, lua_type(L, idx) == LUA_TTABLE, idx, "options must be a table");
-	luaL_checkstack(L, 8, NULL);
+	/* 6 values kept, and the headers' copy: the table, a key twice, a value. */
+	luaL_checkstack(L, 10, NULL);
 	o->method = opt_string(L, idx, "method", "GET");
 	if (!is_token(o->method, strlen(o->method)))
 		luaL_error(L, "option 'method' must be an HTTP method token");
@@ -802,6 +820,7 @@ static void read_opts(lua_State *L, int idx, struct opts *o)
 		if (lua_type(L, -1) != LUA_TTABLE)
 			luaL_error(L, "option 'headers' must be a table");
 		o->headers_idx = lua_gettop(L);
+		copy_table(L, o->headers_idx);
 		o->headers_size = walk_headers(L, o->headers_idx, NULL, &o->n_headers, &o->expect);
 	}
 }

@@ -534,6 +534,35 @@ T.test("options are read once: an __index that answers differently each time can
   T.eq(got.headers["x-many-1"], nil)
 end)
 
+T.test("a finalizer that adds headers while request() builds its header block cannot overrun it", function()
+  -- The collector may run a finalizer between the walk of opts.headers that
+  -- sizes the block and the one that fills it (numbers made strings
+  -- allocate); one that adds headers to the table wrote past the block's
+  -- end (malloc's abort in release, heap-buffer-overflow under ASan).
+  local script = T.tmpdir() .. "/gc.lua"
+  local f = assert(io.open(script, "w"))
+  f:write([[
+local fetch = require "callagent.fetch"
+collectgarbage("incremental", 0, 1000, 1)
+for _ = 1, 2000 do
+  local headers = {}
+  for i = 1, 30 do
+    headers["X-N" .. i] = i + 0.5
+  end
+  setmetatable({}, { __gc = function()
+    for i = 1, 40 do
+      headers["X-Extra-" .. i] = string.rep("v", 200)
+    end
+  end })
+  fetch.request({ url = "http://127.0.0.1:1/", headers = headers }, function() end)
+end
+print("done")
+]])
+  f:close()
+  local code, out, errl = T.exec({ T.bin, "run", script })
+  T.eq({ code, out[1] }, { 0, "done" }, table.concat(errl, "\n"):sub(1, 2000))
+end)
+
 T.test("https trusts ca_file in addition to the system store; without it ETLS", function()
   local c = certs.make(T.tmpdir())
   local srv = serve({ tls = { cert = c.cert, key = c.key } })
