@@ -31,7 +31,8 @@
  *        ", "}, body = string, time_ms = float}
  * err = "ECODE: message" with ECODE one of ETIMEDOUT, ECONNREFUSED (could not
  * connect), ENOTFOUND, ETLS, EMSGSIZE (body over max_body), EINVAL (bad URL, or
- * a scheme other than http/https, also in a followed redirect), ECANCELED,
+ * a scheme other than http/https, also in a followed redirect, or http after
+ * https), ECANCELED,
  * ECURL (anything else: a reply that is not HTTP, too many redirects, response
  * headers over curl's 300 KiB). Messages never carry the password, the URL's
  * password, Authorization header values or the user:password of a URL curl
@@ -213,6 +214,8 @@ static void count_running(int delta)
 
 /* ---- error messages ---- */
 
+static int https_url(CURLU *cu);
+
 static const char *code_of(struct req *r, CURLcode rc)
 {
 	switch (rc) {
@@ -230,16 +233,19 @@ static const char *code_of(struct req *r, CURLcode rc)
 	case CURLE_URL_MALFORMAT:
 		return "EINVAL";
 	case CURLE_UNSUPPORTED_PROTOCOL: {
-		long status = 0;
+		char *u = NULL;
 
 		/*
-		 * Our checks pass only http and https to curl: this is a redirect
-		 * to another scheme, or, before any response, a reply that is not
-		 * HTTP (curl calls it HTTP/0.9), which no URL of ours could fix.
+		 * Our checks pass only http and https to curl: a URL of a scheme
+		 * it may not follow (another one, or http from https) is a
+		 * redirect's; else this is a reply that is not HTTP (curl calls
+		 * it HTTP/0.9), which no URL of ours could fix. (The status of a
+		 * redirect before it stays curl's response code: no help here.)
 		 */
-		if (r->easy)
-			curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &status);
-		return status ? "EINVAL" : "ECURL";
+		if (r->easy && curl_easy_getinfo(r->easy, CURLINFO_EFFECTIVE_URL, &u) == CURLE_OK && u &&
+		    strncasecmp(u, "https://", 8) != 0 && (strncasecmp(u, "http://", 7) != 0 || https_url(r->cu)))
+			return "EINVAL";
+		return "ECURL";
 	}
 	case CURLE_SSL_CONNECT_ERROR:
 	case CURLE_PEER_FAILED_VERIFICATION:
