@@ -32,11 +32,10 @@
  * err = "ECODE: message" with ECODE one of ETIMEDOUT, ECONNREFUSED (could not
  * connect), ENOTFOUND, ETLS, EMSGSIZE (body over max_body), EINVAL (bad URL, or
  * a scheme other than http/https, also in a followed redirect, or http after
- * https), ECANCELED,
- * ECURL (anything else: a reply that is not HTTP, too many redirects, response
- * headers over curl's 300 KiB). Messages never carry the password, the URL's
- * password, Authorization header values or the user:password of a URL curl
- * quotes (a proxy's, from the environment).
+ * https), ECANCELED, ECURL (anything else: a reply that is not HTTP, too many
+ * redirects, response headers over curl's 300 KiB). Messages never carry the
+ * password, the URL's password, Authorization header values or the
+ * user:password of a URL curl quotes (a proxy's, from the environment).
  * Misuse (wrong argument or option types, a bad method or header) raises.
  *
  * A request whose handle is dropped still runs and calls fn. At teardown

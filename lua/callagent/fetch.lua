@@ -27,8 +27,9 @@
 --         time_ms = 12.3 }: header names lowercase, repeated headers joined with ", ".
 -- err = "ECODE: message": ETIMEDOUT, ECONNREFUSED (could not connect), ENOTFOUND,
 -- ETLS, EMSGSIZE (body over max_body), EINVAL (bad URL, scheme not http/https,
--- also in a followed redirect, or http after https), ECANCELED, ECURL (anything else: a reply that
--- is not HTTP, too many redirects, response headers over curl's 300 KiB).
+-- also in a followed redirect, or http after https), ECANCELED, ECURL
+-- (anything else: a reply that is not HTTP, too many redirects, response
+-- headers over curl's 300 KiB).
 -- No error carries a password, an Authorization value or a proxy URL's
 -- user:password. Any status code is a result, not an error.
 --
