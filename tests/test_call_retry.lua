@@ -36,7 +36,9 @@ T.test("busy, then no answer, then success on attempt 3, with the backoff delays
       end,
     },
     realtime = { script = quick_report },
-    config = { retry = { maxAttempts = 3, initialDelayMs = 150, backoffFactor = 2 } },
+    -- A large factor keeps the bounds apart: each delay's upper bound is the
+    -- next power of the factor, and leaves a loaded ASan run room.
+    config = { retry = { maxAttempts = 3, initialDelayMs = 100, backoffFactor = 8 } },
   })
   local id = env:create({ to = "+14155550101", prompt = "Say hello." })
   local call = env:wait_final(id, 20000)
@@ -49,10 +51,10 @@ T.test("busy, then no answer, then success on attempt 3, with the backoff delays
   T.eq(call.report.outcome, "success")
   local d1 = ms(call.attempts[2].startedAt) - ms(call.attempts[1].endedAt)
   local d2 = ms(call.attempts[3].startedAt) - ms(call.attempts[2].endedAt)
-  T.ge(d1, 140, "first retry after initialDelayMs")
-  T.lt(d1, 600)
-  T.ge(d2, 290, "second retry after initialDelayMs * backoffFactor")
-  T.lt(d2, 800)
+  T.ge(d1, 90, "first retry after initialDelayMs")
+  T.lt(d1, 800, "first retry before initialDelayMs * backoffFactor")
+  T.ge(d2, 790, "second retry after initialDelayMs * backoffFactor")
+  T.lt(d2, 6400, "second retry before initialDelayMs * backoffFactor^2")
   T.eq(#env.tw.calls, 3)
   T.diag(string.format("retry delays: %d ms, %d ms", d1, d2))
 end, { timeout = 40000 })
