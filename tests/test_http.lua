@@ -146,10 +146,17 @@ T.test("req:header reads any header, standard or not, while the handler runs", f
 end)
 
 T.test("a handler may wait (it runs in a task) while other requests are served", function()
+  -- The slow handler waits until the test releases it, after the fast answer
+  -- came; were handlers served one at a time, it would give up after 5 s.
+  local started, released = false, false
   local srv = server({}, function(s)
     s:get("/slow", function()
-      timer.sleep(300)
-      return 200, "slow"
+      started = true
+      local deadline = timer.now() + 5000
+      while not released and timer.now() < deadline do
+        timer.sleep(5)
+      end
+      return 200, released and "slow" or "not released"
     end)
     s:get("/fast", function()
       return 200, "fast"
@@ -160,11 +167,13 @@ T.test("a handler may wait (it runs in a task) while other requests are served",
     local r = fetch(srv:url("/slow"))
     slow_done = r and r.body
   end)
-  timer.sleep(20)
+  T.wait_for(function()
+    return started
+  end, 3000, "the slow request in its handler")
   local r = assert(fetch(srv:url("/fast")))
   T.eq(r.body, "fast")
-  -- Ordering, not a time limit: the slow one sleeps 300 ms in its handler.
   T.eq(slow_done, nil, "the fast request was answered while the slow one waited")
+  released = true
   T.wait_for(function()
     return slow_done
   end, 3000, "slow request")
