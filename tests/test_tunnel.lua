@@ -280,19 +280,21 @@ end)
 T.test("tailscale whose `funnel off` is slow at the stop: the stop waits 5 s, then leaves it to finish, not killed", function()
   local r, p, logs = scenario({
     path = bindir({ "tailscale" }),
-    env = { FAKE_TAILSCALE_OFF_DELAY = "7" },
+    env = { FAKE_TAILSCALE_OFF_DELAY = "8" },
     cfg = { provider = "tailscale", timeoutSec = 10 },
   })
   T.eq(r.url, "https://box.tail1234.ts.net")
   local timer = require "callagent.timer"
   local t0 = timer.now()
   stop_driver(r, p)
-  T.near(timer.now() - t0, 5000, 1000, "the stop waited OFF_MS for it")
+  -- Not the 8 s of the off: the bounds leave a loaded ASan run room.
+  T.ge(timer.now() - t0, 4900, "the stop waited OFF_MS for it")
+  T.lt(timer.now() - t0, 6500, "and no longer")
   T.match(p.errtext(), "WARN tunnel: `tailscale funnel %-%-https=443 off` is still running after 5 s: left to finish")
   -- Killed, the funnel would stay published after the app: it is not.
   T.wait_for(function()
     local lines = read_lines(logs.tailscale)
-    return lines[#lines] == "exit 0" and lines[#lines - 1] == "off waits 7 s"
+    return lines[#lines] == "exit 0" and lines[#lines - 1] == "off waits 8 s"
   end, 6000, "the off to finish on its own: " .. table.concat(read_lines(logs.tailscale), " | "))
 end, { timeout = 30000 })
 
