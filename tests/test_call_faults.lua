@@ -693,7 +693,7 @@ T.test("a response.create refused for another reason does not hold back the next
   local s = env.rt.sessions[1]
   T.eq(s.errors_sent[1] and s.errors_sent[1].code, "server_error")
   T.match(s.errors_sent[1].event_id, "^callagent_create_%d+$", "the error names the refused event")
-  T.lt(s.gap, 1000, "sent at once, not when the refused one's 2 s window ends")
+  T.lt(s.gap, 1500, "sent at once, not when the refused one's 2 s window ends")
   T.match(call.lastError, "^model refused a response: server_error: The server had an error%.")
   for _, ev in ipairs(s.events) do
     if ev.type == "response.create" then
@@ -949,7 +949,10 @@ T.test("a refused greeting is asked for once more, and a silent callee is still 
     end
   end
   T.ge(#creates, 2, "the greeting was asked for again")
-  T.near(creates[2] - creates[1], 1000, 400, "a second after the refusal")
+  -- Asked again a second after the refusal: not at once, and not with the
+  -- wrap-up 2 s after the greeting (the room is for a loaded ASan run).
+  T.ge(creates[2] - creates[1], 950, "a second after the refusal")
+  T.lt(creates[2] - creates[1], 1800, "a second after the refusal, before the wrap-up")
 end, { timeout = 40000 })
 
 T.test("the model closing after the report lets the goodbye queued at the phone play, within call.goodbyeTimeoutSec", function()
@@ -1101,7 +1104,9 @@ T.test("a model that does not report before its session limit is hung up with se
   T.eq(call.attempts[1].reason, "session_limit")
   T.eq(call.lastError, "model session ends soon (openai.sessionMaxSec 10 s)")
   T.ok(s.wrap, "a wrap-up message reached the model")
-  T.near(tw.hangup_requested_at - s.opened_at, 5000, 800, "at the wrap-up (3 s) + wrapUpSec (2 s)")
+  -- Not at the wrap-up (3 s), nor after goodbyeTimeoutSec more (7 s).
+  T.ge(tw.hangup_requested_at - s.opened_at, 4200, "at the wrap-up (3 s) + wrapUpSec (2 s)")
+  T.lt(tw.hangup_requested_at - s.opened_at, 6500, "at the wrap-up (3 s) + wrapUpSec (2 s)")
   T.eq(s.expired_at, nil, "the session never expired")
 end, { timeout = 30000 })
 
@@ -1130,7 +1135,7 @@ T.test("call.maxDurationSec before the session limit: its wrap-up goes on, and t
   T.eq({ call.status, call.endReason, call.report and call.report.summary }, { "completed", "completed", "Out of time." })
   T.eq(call.lastError, "maximum call duration reached (1 s)", "not the session limit's")
   T.eq(#system_messages(s), 1, "one wrap-up message")
-  T.lt(s.wrap.at - s.opened_at, 3000, "at call.maxDurationSec")
+  T.lt(s.wrap.at - s.opened_at, 5000, "at call.maxDurationSec (1 s), not at the session's wrap-up (7 s)")
 end, { timeout = 30000 })
 
 T.test("a session that expires after the report lets the goodbye queued at the phone play, and the call completes", function()
