@@ -44,8 +44,9 @@
 //                       to /voice/stream: .forward {streams}
 //   --cut-after=MS      with --forward: MS after the stream connected, close
 //                       the forward and all its connections (callagent gone,
-//                       as the page sees it), then watch the page 3 s more:
-//                       .afterCut {errorsAt1500ms, errorsAt3000ms}
+//                       as the page sees it), then watch the page until it
+//                       ended and 1 s more (at least 1.5 s after the cut), and
+//                       1.5 s after that: .afterCut {errorsSoon, errorsLater}
 //   --csp-probe         once the page loaded, add an inline script to it, which
 //                       its Content-Security-Policy must block:
 //                       .cspProbe {ran, reported (violations it caused)}
@@ -251,6 +252,7 @@ async function run() {
     const wantReport = !opts.denyMic && !opts.decline && !watchRing && opts.hangupAfter == null && opts.cutAfter == null;
     let rang = false;
     let cutAt = null;
+    let endedAfterCut = null;
     let connectedAt = null;
     let pressed = false;
     let hungUp = false;
@@ -316,10 +318,14 @@ async function run() {
         }
         const over = !["opening", "ringing", "answering", "connected"].includes(s.state);
         if (cutAt !== null) {
-          // callagent is gone: no final status will come; the page is watched.
-          if (now - cutAt >= 1500 && !out.afterCut) out.afterCut = { errorsAt1500ms: s.errors.length };
-          if (now - cutAt >= 3000) {
-            out.afterCut.errorsAt3000ms = s.errors.length;
+          // callagent is gone: no final status will come; the page is watched
+          // from when it has ended (a loaded machine may take a while to show
+          // it) and its last poll, if one was under way, has failed.
+          if (endedAfterCut === null && s.state === "ended") endedAfterCut = now;
+          const from = endedAfterCut === null ? null : Math.max(cutAt + 1500, endedAfterCut + 1000);
+          if (from !== null && now >= from && !out.afterCut) out.afterCut = { errorsSoon: s.errors.length };
+          if (out.afterCut && now - from >= 1500) {
+            out.afterCut.errorsLater = s.errors.length;
             done = true;
             break;
           }
