@@ -12,6 +12,8 @@
  *                          Process-wide: all servers and clients share it (see
  *                          configure); a different value fails with EINVAL
  *     opts.max_body        request body bytes (default 1 MiB); over it: 413
+ *     opts.body_timeout    seconds a request body may take after its headers (60);
+ *                          the first bytes past it get 408 and the connection closes
  *     opts.max_connections open connections (default 1024); over it: 503
  *     opts.max_ws_message  incoming WebSocket message bytes (default 1 MiB); over it: close 1009
  *     opts.max_send_queue  bytes queued per WebSocket (default 1 MiB); over it the
@@ -111,6 +113,7 @@ struct server {
 	size_t max_body, max_ws_message, max_send_queue;
 	int max_connections, nconn;
 	uint64_t ws_ping_ms, ws_pong_ms;	/* see opts.ws_ping, ws_pong */
+	uint64_t body_timeout_ms;	/* see opts.body_timeout */
 	int port;
 	char host[64];
 	int closing;
@@ -135,6 +138,7 @@ struct req {
 	char *path;
 	unsigned char *body;
 	size_t body_len, body_cap, expect;
+	uint64_t body_deadline;		/* uv_now() past which its body is too slow */
 	int dispatched, lua_alive;
 
 	/* The response. */
@@ -815,6 +819,12 @@ static int server_callback(struct lws *wsi, enum lws_callback_reasons reason,
 				if (lws_write(wsi, buf + LWS_PRE, sizeof cont - 1, LWS_WRITE_RAW) < (int)sizeof cont - 1)
 					return -1;
 			}
+			/*
+			 * lws times out only a pause between the body's reads
+			 * (timeout_secs), so a byte a second would hold the
+			 * connection for as long as the body is long.
+			 */
+			r->body_deadline = uv_now(ca_loop()) + s->body_timeout_ms;
 			if (v > 0 || r->method == LWSHUMETH_POST)
 				return 0;	/* lws calls HTTP_BODY / HTTP_BODY_COMPLETION */
 		}
@@ -827,6 +837,13 @@ static int server_callback(struct lws *wsi, enum lws_callback_reasons reason,
 
 		if (r == NULL || r->dispatched)
 			return 0;
+		if (uv_now(ca_loop()) > r->body_deadline) {
+			ca_log(CA_LOG_WARN, "http: %s %s: body not in within body_timeout %llu s (%zu of %zu bytes): answering 408",
+			       method_names[r->method], r->path, (unsigned long long)(s->body_timeout_ms / 1000),
+			       r->body_len, r->expect);
+			quick_response(r, 408, "request_timeout", "the request body took too long");
+			return 0;
+		}
 		if (r->body_len + len > s->max_body) {
 			ca_log(CA_LOG_WARN, "http: %s %s: body over max_body %zu: answering 413",
 			       method_names[r->method], r->path, s->max_body);
@@ -1386,7 +1403,7 @@ static int l_listen(lua_State *L)
 	struct server_box *b;
 	struct server *s;
 	const char *host, *cert = NULL, *key = NULL, *cerr = NULL;
-	lua_Integer port, max_header, max_header_opt, ping, pong;
+	lua_Integer port, max_header, max_header_opt, ping, pong, body_timeout;
 	lua_Integer max_body, max_ws_message, max_send_queue, max_connections;
 
 	luaL_checktype(L, 1, LUA_TTABLE);
@@ -1405,6 +1422,8 @@ static int l_listen(lua_State *L)
 	pong = ca_opt_int_field(L, 1, "ws_pong", 10);
 	luaL_argcheck(L, ping >= 0 && ping <= 86400 && pong >= 1 && pong <= 3600, 1,
 		      "ws_ping must be 0..86400 s (0: none), ws_pong 1..3600 s");
+	body_timeout = ca_opt_int_field(L, 1, "body_timeout", 60);
+	luaL_argcheck(L, body_timeout >= 1 && body_timeout <= 86400, 1, "body_timeout must be 1..86400 s");
 	max_body = limit_field(L, "max_body", 1 << 20);
 	max_ws_message = limit_field(L, "max_ws_message", 1 << 20);
 	max_send_queue = limit_field(L, "max_send_queue", 1 << 20);
@@ -1445,6 +1464,7 @@ static int l_listen(lua_State *L)
 			     (int)(max_connections > MAX_CONNECTIONS ? MAX_CONNECTIONS : max_connections);
 	s->ws_ping_ms = (uint64_t)ping * 1000;
 	s->ws_pong_ms = (uint64_t)pong * 1000;
+	s->body_timeout_ms = (uint64_t)body_timeout * 1000;
 	s->ws_paths = string_list(L, 1, "ws_paths", &s->n_ws_paths, 0);
 	s->extra = string_list(L, 1, "headers", &s->n_extra, 1);
 

@@ -5,6 +5,8 @@ local http = require "callagent.http"
 local fetch = require "callagent.fetch"
 local core = require "callagent.core.http"
 local json = require "callagent.json"
+local process = require "callagent.process"
+local timer = require "callagent.timer"
 
 assert(core.configure({ max_header = 1024 }))
 
@@ -178,6 +180,49 @@ end)
   T.match(log, "WARN http: POST /up: body of 5000 bytes over max_body 1000: answering 413")
   T.match(log, "WARN http: POST /up: chunked body refused %(Transfer%-Encoding%): answering 411")
   T.no_match(log, "secret", "the value stays out of the log")
+end)
+
+
+-- A raw client over loopback: node writes `head`, then `drip` once every
+-- `every` ms, and prints what came back and after how long once the server
+-- closes (or "open" after `give_up` ms).
+local function drip_client(port, head, drip, every, give_up)
+  return assert(process.spawn({ "node", "-e", [[
+    const [port, head, drip, every, giveUp] = process.argv.slice(1);
+    const t0 = Date.now();
+    let out = '';
+    const c = require('net').connect(+port, '127.0.0.1', () => c.write(head));
+    c.on('data', (d) => { out += d; });
+    c.on('error', () => {});
+    c.on('close', () => { console.log(JSON.stringify({ out, ms: Date.now() - t0 })); process.exit(0); });
+    if (drip) setInterval(() => c.write(drip), +every);
+    setTimeout(() => { console.log(JSON.stringify({ out, open: true })); process.exit(0); }, +giveUp);
+  ]], tostring(port), head, drip or "", tostring(every or 1000), tostring(give_up) }))
+end
+
+T.test("a body dripped in past body_timeout is refused with 408 and its connection closed; others are served meanwhile", function()
+  local srv, seen = counting_server({ max_body = 1000, body_timeout = 1 })
+  -- 900 bytes at one per 50 ms would take 45 s.
+  local p = drip_client(srv.port, "POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 900\r\n\r\n", "a", 50, 5000)
+  T.defer(function()
+    p:kill()
+  end)
+  timer.sleep(300)
+  local res = post(srv, "5", "hello")
+  T.eq({ res.status, res.body }, { 200, '{"n":5}' }, "another request meanwhile")
+  local line = assert(p:read_line(6000))
+  local got = json.decode(line)
+  T.eq(got.open, nil, "closed, not still open: " .. T.fmt(got))
+  T.match(got.out, "^HTTP/1%.1 408 ")
+  T.match(got.out, '"code":"request_timeout"')
+  T.le(got.ms, 2500, "within body_timeout and a little")
+  T.eq(#seen, 1, "only the other request reached its handler")
+end)
+
+T.test("a body_timeout below 1 s is refused", function()
+  T.raises(function()
+    http.server({ body_timeout = 0 }):listen()
+  end, "body_timeout")
 end)
 
 T.run()

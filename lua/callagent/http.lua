@@ -18,7 +18,8 @@
 -- Options (http.server{...}): host (default "127.0.0.1"), port (0), max_header
 -- (8192 bytes; larger request heads are refused and logged; process-wide, see
 -- http.configure{max_header = n}), max_body (1 MiB;
--- 413), max_connections (1024; 503), max_ws_message (1 MiB; close 1009),
+-- 413), body_timeout (60 s a body may take after its headers; 408),
+-- max_connections (1024; 503), max_ws_message (1 MiB; close 1009),
 -- max_send_queue (1 MiB per WebSocket; a slower peer is dropped with 1008),
 -- ws_ping (60: a WebSocket peer silent this many seconds is pinged; 0: never)
 -- and ws_pong (10: one that does not answer within it is dropped, 1006),
@@ -396,6 +397,7 @@ function Server:listen()
     port = o.port,
     max_header = o.max_header,
     max_body = o.max_body,
+    body_timeout = o.body_timeout,
     max_connections = o.max_connections,
     max_ws_message = o.max_ws_message,
     max_send_queue = o.max_send_queue,
