@@ -280,6 +280,7 @@ static int req_respond(lua_State *L)
 		return ca_fail(L, "ECLOSED", "the client has gone");
 
 	r->status = (int)status;
+	r->hdrs_len = 0;	/* an earlier call that raised took some: not for this one */
 	if (lua_istable(L, 3)) {
 		lua_pushnil(L);
 		while (lua_next(L, 3)) {

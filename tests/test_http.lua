@@ -197,6 +197,21 @@ T.test("an error in a handler answers 500 without details and the server keeps s
   T.eq(res.body, "ok")
 end)
 
+T.test("a response with a header that cannot be sent answers 500 JSON without the headers it had taken", function()
+  local srv = server({}, function(s)
+    s:get("/bad", function()
+      -- The first value is fine and taken before the second is refused.
+      return 200, "body", { ["X-Taken"] = { "first", "bad\r\nX-Injected: yes" } }
+    end)
+  end)
+  local res = assert(fetch(srv:url("/bad")))
+  T.eq(res.status, 500)
+  T.eq(json.decode(res.body).error.code, "internal")
+  T.eq(res.headers["x-taken"], nil, "nothing of the refused response")
+  T.eq(res.headers["x-injected"], nil)
+  T.eq(res.headers["content-type"], "application/json")
+end)
+
 T.test("returning nothing answers 204; a table body is JSON with [] for marked empty arrays", function()
   local srv = server({}, function(s)
     s:get("/none", function() end)
