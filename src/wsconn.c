@@ -1336,6 +1336,7 @@ int ca__ws_send(struct ca_ws *ws, const void *data, size_t len, int kind, const 
 {
 	struct ca_wsmsg *m;
 	long n;
+	int pong = kind == LWS_WRITE_PONG && len <= 125;
 
 	if (ws->state != CA_WS_OPEN || closing(ws) || ws->wsi == NULL) {
 		*err = "ECLOSED";
@@ -1370,6 +1371,24 @@ int ca__ws_send(struct ca_ws *ws, const void *data, size_t len, int kind, const 
 		}
 		return 0;
 	}
+	/*
+	 * A pong still waiting at the end of the queue answers the latest ping
+	 * instead (RFC 6455 5.5.3): a peer that pings and reads nothing had one
+	 * queued for each ping, without bound for empty ones (counted 0 bytes).
+	 */
+	m = ws->tail;
+	if (pong && m && m->pong) {
+		n = wire_form(ws, m->buf + LWS_PRE, data, len, &kind);
+		if (n < 0) {
+			ca__ws_drop(ws, 1006, "no masking key");
+			*err = "ECLOSED";
+			return -1;
+		}
+		ws->queued = ws->queued - m->len + (size_t)n;
+		m->len = (size_t)n;
+		m->kind = kind;
+		return 0;
+	}
 	if (ws->queued + len > ws->max_queue) {
 		ca_log(CA_LOG_WARN, "websocket %lld: peer too slow (send queue over %zu bytes): dropping it",
 		       (long long)ws->id, ws->max_queue);
@@ -1377,8 +1396,9 @@ int ca__ws_send(struct ca_ws *ws, const void *data, size_t len, int kind, const 
 		*err = "ENOBUFS";
 		return -1;
 	}
-	m = ca_malloc(sizeof *m + LWS_PRE + len + 14);
+	m = ca_malloc(sizeof *m + LWS_PRE + (pong ? 125 : len) + 14);
 	m->next = NULL;
+	m->pong = pong;
 	n = wire_form(ws, m->buf + LWS_PRE, data, len, &kind);
 	m->kind = kind;
 	if (n < 0) {

@@ -17,6 +17,7 @@ struct ca_wsmsg {
 	struct ca_wsmsg *next;
 	size_t len;
 	int kind;		/* LWS_WRITE_TEXT, LWS_WRITE_BINARY or LWS_WRITE_PING */
+	int pong;		/* a pong, with room for any: a later ping's may replace it */
 	unsigned char buf[];
 };
 

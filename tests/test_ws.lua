@@ -883,6 +883,57 @@ T.test("a paused connection is not dropped by its own ping: the peer is judged a
   c:close()
 end)
 
+T.test("pings from a peer that reads nothing queue one pong, the latest, not one each: no memory or queue grows", function()
+  local srv = echo_server({ ws_ping = 0, max_send_queue = 64 * 1024 })
+  -- Upgrades, stops reading, then sends `n` pings of 125 bytes (numbered);
+  -- on "read" it reads again and reports the pongs once one carries the last number.
+  local p = assert(process.spawn({ "node", "-e", [[
+const n = +process.argv[2];
+const s = require("net").connect(+process.argv[1], "127.0.0.1", () => {
+  s.write("GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" +
+    "Sec-WebSocket-Key: " + require("crypto").randomBytes(16).toString("base64") + "\r\nSec-WebSocket-Version: 13\r\n\r\n");
+  s.once("data", () => {
+    s.pause();
+    const frames = [];
+    for (let i = 1; i <= n; i++) {
+      const body = Buffer.from(String(i).padStart(125, "0"));
+      frames.push(Buffer.from([0x89, 0x80 | 125, 0, 0, 0, 0]), body); // a zero mask: the body as it is
+    }
+    s.write(Buffer.concat(frames), () => console.log("sent"));
+  });
+});
+let buf = Buffer.alloc(0), pongs = 0;
+process.stdin.once("data", () => {
+  s.on("data", (d) => {
+    buf = Buffer.concat([buf, d]);
+    while (buf.length >= 2 && buf.length >= 2 + (buf[1] & 0x7f)) {
+      const len = buf[1] & 0x7f, last = +buf.subarray(2, 2 + len).toString();
+      buf = buf.subarray(2 + len);
+      pongs++;
+      if (last === n) { console.log(JSON.stringify({ pongs })); process.exit(0); }
+    }
+  });
+  s.resume();
+});
+s.on("error", () => {});
+s.on("close", () => { console.log(JSON.stringify({ closed: true, pongs })); process.exit(0); });
+setTimeout(() => {}, 60000);]], tostring(srv.port), "100000", stdin = true }))
+  T.defer(function()
+    p:kill("SIGKILL")
+  end)
+  T.eq(p:read_line(10000), "sent")
+  T.wait_for(function()
+    return srv.last
+  end, 3000, "the server's side open")
+  timer.sleep(300) -- the server has read them all: the socket's buffers are full
+  T.le(srv.last:buffered(), 127, "one pong waits, not one per ping")
+  p:write("read\n") -- (a node that has seen its connection dropped has said so and exited)
+  local got = json.decode((assert(p:read_line(10000))))
+  T.eq(got.closed, nil, "not dropped as too slow: " .. T.fmt(got))
+  T.lt(got.pongs, 100000, "fewer pongs than pings, the last one answered")
+  T.eq(#srv.events, 1, "the connection is still open")
+end)
+
 T.test("conn:close() on a peer that reads nothing: the connection ends within 5 s, its queue with it", function()
   local srv = echo_server({ ws_ping = 0 })
   -- Upgrades, then never reads again.
