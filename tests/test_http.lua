@@ -197,6 +197,44 @@ T.test("an error in a handler answers 500 without details and the server keeps s
   T.eq(res.body, "ok")
 end)
 
+T.test("ten clients that hang up while their handlers run: each handler finishes, sees is_open() false, and the server serves on", function()
+  local started, finished, open_after = 0, 0, nil
+  local srv = server({}, function(s)
+    s:post("/wait", function(req)
+      started = started + 1
+      timer.sleep(300)
+      open_after = req._h and req._h:is_open()
+      finished = finished + 1
+      return 200, string.rep("x", 100000), { ["X-Big"] = "yes" }
+    end)
+    s:get("/ok", function()
+      return 200, "ok"
+    end)
+  end)
+  -- Ten clients send a request with a body, then hang up at once.
+  local p = assert(process.spawn({ "node", "-e", [[
+    const net = require('net');
+    let left = 10;
+    for (let i = 0; i < 10; i++) {
+      const c = net.connect(+process.argv[1], '127.0.0.1', () => {
+        c.end('POST /wait HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello', () => c.destroy());
+      });
+      c.on('error', () => {});
+      c.on('close', () => { if (--left === 0) console.log('gone'); });
+    }
+  ]], tostring(srv.port) }))
+  T.defer(function()
+    p:kill()
+  end)
+  T.eq(p:read_line(5000), "gone")
+  T.wait_for(function()
+    return finished == started and started > 0 and srv:connections() == 0
+  end, 5000, "handlers done and connections gone")
+  T.eq(open_after, false, "the handler's request knows its client has gone")
+  local res = assert(fetch(srv:url("/ok")))
+  T.eq(res.body, "ok")
+end)
+
 T.test("a response with a header that cannot be sent answers 500 JSON without the headers it had taken", function()
   local srv = server({}, function(s)
     s:get("/bad", function()
