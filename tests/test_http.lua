@@ -327,6 +327,24 @@ T.test("a line break encoded in the URI cannot add header lines: 400, for reques
   T.eq(res.status, 200)
 end)
 
+T.test("a % without two hex digits after it, in the path or the query, is refused (libwebsockets' 403); no handler runs", function()
+  local ran = false
+  local srv = server({}, function(s)
+    s:get("/p/{x}", function(req)
+      ran = true
+      return 200, req.params.x
+    end)
+  end)
+  local base = srv:url("")
+  for _, bad in ipairs({ "/p/%zz", "/p/a%", "/p/a%2", "/p/a?x=%zz", "/p/a?x=1%2" }) do
+    local out = run({ "curl", "-s", "-i", "--path-as-is", base .. bad })
+    T.match(out, "^HTTP/1%.%d 403 ", bad .. ": " .. out)
+  end
+  T.eq(ran, false, "no handler ran")
+  local res = assert(fetch(srv:url("/p/%41b?x=%7a")))
+  T.eq({ res.status, res.body }, { 200, "Ab" }, "a valid one is decoded, and the server serves on")
+end)
+
 T.test("a body over max_body is refused with 413 JSON and logged, not read", function()
   local got = false
   local srv = server({ max_body = 1000 }, function(s)
