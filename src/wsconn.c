@@ -79,6 +79,12 @@ static void lws_log_emit(int level, const char *line)
 		ca_log(CA_LOG_WARN, "http: request headers larger than the server's max_header: connection closed");
 		return;
 	}
+	if (strstr(msg, "More hdr frags than we can deal with")) {
+		/* Its WSI_TOKEN_COUNT (95) slots: the URI, the version, each query parameter, each known header line. */
+		ca_log(CA_LOG_WARN, "http: a request with more query parameters and header lines than libwebsockets keeps "
+		       "(about 90): connection closed");
+		return;
+	}
 	(void)level;
 	if (ca_log_enabled(CA_LOG_DEBUG))
 		ca_log(CA_LOG_DEBUG, "lws: %.*s", (int)n, msg);

@@ -225,4 +225,41 @@ T.test("a body_timeout below 1 s is refused", function()
   end, "body_timeout")
 end)
 
+
+T.test("a request with more query parameters and header lines than libwebsockets keeps is closed and logged; the server serves on", function()
+  local code, _, p = T.run_app(nil, nil, { source = [[
+local http = require "callagent.http"
+local fetch = require "callagent.fetch"
+local task = require "callagent.task"
+local runtime = require "callagent.runtime"
+local srv = http.server({})
+srv:get("/q", function(req)
+  local n = 0
+  for _ in pairs(req.query) do
+    n = n + 1
+  end
+  return 200, tostring(n)
+end)
+assert(srv:listen())
+task.spawn(function()
+  local function get(n)
+    local q = {}
+    for i = 1, n do
+      q[i] = "k" .. i .. "=v"
+    end
+    local r, err = fetch(srv:url("/q?" .. table.concat(q, "&")), { timeout = 5000 })
+    print(r and r.body or "no answer")
+  end
+  get(60)
+  get(100)
+  get(1)
+  srv:close()
+  runtime.stop(0)
+end)
+]] })
+  T.eq(code, 0, p.errtext())
+  T.eq(p.out, { "60", "no answer", "1" })
+  T.match(p.errtext(), "WARN http: a request with more query parameters and header lines than libwebsockets keeps %(about 90%): connection closed")
+end)
+
 T.run()
