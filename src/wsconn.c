@@ -512,7 +512,8 @@ void ca__ws_receive(struct ca_ws *ws, const void *in, size_t len, int final, int
 		ws->rx = ca_realloc(ws->rx, cap);
 		ws->rx_cap = cap;
 	}
-	memcpy(ws->rx + ws->rx_len, in, len);
+	if (len)	/* an empty first fragment: no buffer yet, and NULL is no memcpy argument */
+		memcpy(ws->rx + ws->rx_len, in, len);
 	ws->rx_len += len;
 	if (final) {
 		size_t n = ws->rx_len;

@@ -771,6 +771,14 @@ T.test("the server reads frames split byte by byte, a ping between fragments, 64
   T.eq(close_event(srv, 5000), { "close", 4001, "bye" })
 end)
 
+T.test("a fragmented message whose first fragment is empty arrives whole, as does one of empty fragments only", function()
+  local srv = echo_server()
+  local p = edge_client("emptyfirst", srv)
+  T.eq(server_frame(p), { op = 1, masked = false, fin = true, data = "abc" })
+  T.eq(server_frame(p), { op = 1, masked = false, fin = true, data = "" })
+  T.eq(#srv.events, 1, "still open")
+end)
+
 T.test("protocol errors from a client close it with 1002, and the server says why", function()
   for _, scenario in ipairs({ "unmasked", "rsv", "opcode", "longping", "close1006", "close999" }) do
     local srv = echo_server()

@@ -35,6 +35,16 @@ const scenarios = {
       setTimeout(() => sock.write(frame(8, Buffer.concat([Buffer.from([0x0f, 0xa1]), Buffer.from('bye')]), { mask: KEY })), 100);
     });
   },
+  // Fragmented messages whose first fragment is empty (RFC 6455 allows it):
+  // "abc", then one of empty fragments only.
+  emptyfirst(sock) {
+    sock.write(Buffer.concat([
+      frame(1, '', { fin: false, mask: KEY }),
+      frame(0, 'abc', { mask: KEY }),
+      frame(1, '', { fin: false, mask: KEY }),
+      frame(0, '', { mask: KEY }),
+    ]));
+  },
   unmasked(sock) {
     sock.write(frame(1, 'x'));
   },
