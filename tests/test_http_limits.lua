@@ -262,4 +262,26 @@ end)
   T.match(p.errtext(), "WARN http: a request with more query parameters and header lines than libwebsockets keeps %(about 90%): connection closed")
 end)
 
+
+T.test("Content-Length or Transfer-Encoding with spaces or tabs before the colon is 400, not a header libwebsockets ignores (smuggling)", function()
+  local srv, seen = counting_server({ max_body = 1000 })
+  local base = "POST /up HTTP/1.1\r\nHost: x\r\n"
+  for _, h in ipairs({
+    "Content-Length : 5\r\n",
+    "Content-Length\t: 5\r\n",
+    "Transfer-Encoding : chunked\r\nContent-Length: 5\r\n",
+    "Transfer-Encoding  : chunked\r\nContent-Length: 5\r\n",
+  }) do
+    -- What follows is a second request to a proxy that took the header.
+    local p = drip_client(srv.port, base .. h .. "\r\nhello", nil, nil, 3000)
+    local got = json.decode((assert(p:read_line(5000))))
+    T.eq(got.open, nil, T.fmt(h) .. ": closed")
+    T.match(got.out, "^HTTP/1%.1 400 ", T.fmt(h))
+    T.match(got.out, '"code":"bad_request"', T.fmt(h))
+  end
+  T.eq(#seen, 0, "no handler saw them")
+  local res = post(srv, "5", "hello")
+  T.eq({ res.status, res.body }, { 200, '{"n":5}' })
+end)
+
 T.run()
