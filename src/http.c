@@ -708,6 +708,25 @@ static int framing_header_spaced(struct lws *wsi)
 	return 0;
 }
 
+/*
+ * Whether the request's Connection header has the close option (RFC 9112
+ * 9.6: the connection ends after the answer, which says so). lws 4.1.6
+ * knows it only as the whole value: "keep-alive, close" kept it open.
+ */
+static int asks_close(struct lws *wsi)
+{
+	char v[256], *save = NULL;
+	int n = lws_hdr_copy(wsi, v, sizeof v, WSI_TOKEN_CONNECTION);
+
+	for (char *t = n > 0 ? strtok_r(v, ",", &save) : NULL; t; t = strtok_r(NULL, ",", &save)) {
+		const char *p = t;
+
+		if (ca__ows_trim(&p, strlen(t)) == 5 && !strncasecmp(p, "close", 5))
+			return 1;
+	}
+	return 0;
+}
+
 static int path_accepts_ws(struct server *s, const char *path)
 {
 	for (int i = 0; i < s->n_ws_paths; i++)
@@ -838,6 +857,7 @@ static int server_callback(struct lws *wsi, enum lws_callback_reasons reason,
 			quick_response(r, 400, "bad_request", "invalid Content-Length");
 			return 0;
 		}
+		r->close_after = asks_close(wsi);
 		if (clr > 0) {
 			const char *e = ex;
 

@@ -451,6 +451,32 @@ T.test("a thousand idle connections and more starve no request; past max_connect
   T.ok(timer.now() - t0 < 2000, "refused at once: " .. (timer.now() - t0) .. " ms")
 end)
 
+T.test("a request with Connection: close gets Connection: close, and a request after it on that connection no answer", function()
+  local ran = {}
+  local srv = server({}, function(s)
+    s:get("/p/{x}", function(req)
+      ran[#ran + 1] = req.params.x
+      return 200, req.params.x
+    end)
+  end)
+  local p = assert(process.spawn({ "node", "-e", [[
+    const c = require('net').connect(+process.argv[1], '127.0.0.1', () =>
+      c.write('GET /p/first HTTP/1.1\r\nHost: x\r\nConnection: Keep-Alive, Close\r\n\r\nGET /p/second HTTP/1.1\r\nHost: x\r\n\r\n'));
+    let out = '';
+    c.on('data', (d) => { out += d; });
+    c.on('error', () => {});
+    c.on('close', () => { console.log(JSON.stringify(out)); process.exit(0); });
+    setTimeout(() => { console.log('still open'); process.exit(0); }, 3000);
+  ]], tostring(srv.port) }))
+  local out = assert(p:read_line(5000))
+  T.ne(out, "still open")
+  out = json.decode(out)
+  T.match(out, "^HTTP/1%.1 200 ")
+  T.match(out:lower(), "\r\nconnection: close\r\n", "the answer says it closes")
+  T.match(out, "\r\n\r\nfirst$", "one answer only")
+  T.eq(ran, { "first" })
+end)
+
 T.test("HEAD gets the headers of GET without a body", function()
   local srv = server({}, function(s)
     s:route("HEAD", "/x", function()
