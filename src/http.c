@@ -820,6 +820,13 @@ static int server_callback(struct lws *wsi, enum lws_callback_reasons reason,
 			quick_response(r, 400, "bad_request", "malformed request line");
 			return 0;
 		}
+		if (lws_hdr_fragment_length(wsi, WSI_TOKEN_HOST, 1) > 0) {
+			/* lws joins them ("a,  b"; a second, even empty, holds the space it adds). */
+			ca_log(CA_LOG_WARN, "http: %s %s: more than one Host header: answering 400",
+			       method_names[r->method], r->path);
+			quick_response(r, 400, "bad_request", "more than one Host header");
+			return 0;
+		}
 		if (framing_header_spaced(wsi)) {
 			ca_log(CA_LOG_WARN, "http: %s %s: Content-Length or Transfer-Encoding with whitespace before "
 			       "its colon: answering 400", method_names[r->method], r->path);

@@ -284,4 +284,17 @@ T.test("Content-Length or Transfer-Encoding with spaces or tabs before the colon
   T.eq({ res.status, res.body }, { 200, '{"n":5}' })
 end)
 
+
+T.test("a request with two Host header lines is 400 (RFC 9112 3.2), not handed on with the two joined", function()
+  local srv, seen = counting_server({ max_body = 1000 })
+  local p = drip_client(srv.port, "POST /up HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\nContent-Length: 2\r\n\r\nhi", nil, nil, 3000)
+  local got = json.decode((assert(p:read_line(5000))))
+  T.eq(got.open, nil, "closed")
+  T.match(got.out, "^HTTP/1%.1 400 ")
+  T.match(got.out, '"code":"bad_request"')
+  T.eq(#seen, 0, "no handler saw it")
+  local res = post(srv, "2", "hi")
+  T.eq({ res.status, res.body }, { 200, '{"n":2}' })
+end)
+
 T.run()
