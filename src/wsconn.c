@@ -9,7 +9,8 @@
  *   conn:close([code=1000], [reason])  close after what is queued has been sent
  *   conn:abort()             drop the connection now, no close frame (peer sees 1006)
  *   conn:is_open()           true until closed (or while connecting: false)
- *   conn:buffered()          bytes queued and not yet taken by the socket
+ *   conn:buffered()          bytes queued and not yet taken by the socket (as on
+ *                            the wire: a server's frame headers counted too)
  *   conn:stats()             {messages_in, messages_out, reads, writes}: the
  *                            messages (pings and pongs not counted), and
  *                            the recv / send calls once the socket is
@@ -557,7 +558,7 @@ int ca__ws_writeable(struct ca_ws *ws)
 		ws->head = m->next;
 		if (ws->head == NULL)
 			ws->tail = NULL;
-		ws->queued -= m->len;
+		ws->queued -= m->cost;
 		free(m);
 		if (ws->head && partial(ws)) {
 			want_write(ws);
@@ -1339,6 +1340,16 @@ int ca__ws_write_close(struct ca_ws *ws, const void *body, size_t len)
 	return 0;
 }
 
+/*
+ * A queued message's bytes on the wire: a client's are framed already, a
+ * server's get their header when written. Counted whole, an empty message
+ * is not free: a queue of them was, and grew without bound.
+ */
+static void set_cost(struct ca_ws *ws, struct ca_wsmsg *m)
+{
+	m->cost = m->len + (ws->is_client ? 0 : ca__ws_header_len(m->len));
+}
+
 int ca__ws_send(struct ca_ws *ws, const void *data, size_t len, int kind, const char **err)
 {
 	struct ca_wsmsg *m;
@@ -1381,7 +1392,8 @@ int ca__ws_send(struct ca_ws *ws, const void *data, size_t len, int kind, const 
 	/*
 	 * A pong still waiting at the end of the queue answers the latest ping
 	 * instead (RFC 6455 5.5.3): a peer that pings and reads nothing had one
-	 * queued for each ping, without bound for empty ones (counted 0 bytes).
+	 * queued for each ping, some 70 bytes of memory for the 2 an empty one
+	 * counts (and empty ones once counted nothing: 10M pings, 500 MB).
 	 */
 	m = ws->tail;
 	if (pong && m && m->pong) {
@@ -1391,12 +1403,14 @@ int ca__ws_send(struct ca_ws *ws, const void *data, size_t len, int kind, const 
 			*err = "ECLOSED";
 			return -1;
 		}
-		ws->queued = ws->queued - m->len + (size_t)n;
+		ws->queued -= m->cost;
 		m->len = (size_t)n;
 		m->kind = kind;
+		set_cost(ws, m);
+		ws->queued += m->cost;
 		return 0;
 	}
-	if (ws->queued + len > ws->max_queue) {
+	if (ws->queued + len + ca__ws_header_len(len) > ws->max_queue) {
 		ca_log(CA_LOG_WARN, "websocket %lld: peer too slow (send queue over %zu bytes): dropping it",
 		       (long long)ws->id, ws->max_queue);
 		ca__ws_drop(ws, 1008, "send queue full: peer too slow");
@@ -1415,12 +1429,13 @@ int ca__ws_send(struct ca_ws *ws, const void *data, size_t len, int kind, const 
 		return -1;
 	}
 	m->len = (size_t)n;
+	set_cost(ws, m);
 	if (ws->tail)
 		ws->tail->next = m;
 	else
 		ws->head = m;
 	ws->tail = m;
-	ws->queued += m->len;
+	ws->queued += m->cost;
 	want_write(ws);
 	return 0;
 }

@@ -16,6 +16,7 @@
 struct ca_wsmsg {
 	struct ca_wsmsg *next;
 	size_t len;
+	size_t cost;		/* its bytes on the wire: len, and a server's frame header */
 	int kind;		/* LWS_WRITE_TEXT, LWS_WRITE_BINARY or LWS_WRITE_PING */
 	int pong;		/* a pong, with room for any: a later ping's may replace it */
 	unsigned char buf[];
@@ -79,7 +80,7 @@ struct ca_ws {
 	lua_Integer id;
 
 	struct ca_wsmsg *head, *tail;	/* send queue */
-	size_t queued;			/* bytes in the send queue */
+	size_t queued;			/* bytes in the send queue, as they go on the wire */
 	size_t max_queue;		/* over this, the peer is too slow: dropped */
 	size_t max_message;		/* largest message accepted */
 

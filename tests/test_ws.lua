@@ -274,6 +274,42 @@ T.test("a slow reader is disconnected when its send queue passes max_send_queue"
   end, 5000, "the client to see the connection end")
 end)
 
+T.test("empty messages count against max_send_queue too (their frames' bytes): a peer that reads nothing is dropped", function()
+  local srv = http.server({ max_send_queue = 64 * 1024 })
+  local conn
+  srv:websocket("/sink", {
+    open = function(c)
+      conn = c
+    end,
+  })
+  assert(srv:listen())
+  T.defer(function()
+    srv:close()
+  end)
+  local c = assert(connect(srv:ws_url("/sink"), { on_text = function() end }))
+  c:pause() -- reads nothing from here on
+  T.wait_for(function()
+    return conn
+  end, 3000, "the server's side open")
+  -- Fill the socket until messages queue, then send empty ones.
+  local chunk = string.rep("x", 16 * 1024)
+  while conn:buffered() == 0 do
+    assert(conn:send(chunk))
+    timer.sleep(1)
+  end
+  local sent, err = 0, nil
+  while sent < 200000 do
+    local ok, e = conn:send("")
+    if not ok then
+      err = e
+      break
+    end
+    sent = sent + 1
+  end
+  T.match(err, "^ENOBUFS", "refused after " .. sent .. " empty messages")
+  T.le(sent, 32 * 1024, "each counts its 2 bytes of frame")
+end)
+
 T.test("many messages sent while one read is handled, past what the socket takes: all arrive, in order", function()
   local srv = http.server({ max_send_queue = 64 * 1024 * 1024 })
   local state = {}
