@@ -95,6 +95,37 @@ T.test("a request with Expect: 100-continue gets 100 Continue, then its answer, 
   T.match(out, '^HTTP/1%.0 200 OK\r?\n.*{"n":3}$')
 end)
 
+T.test("answers say nosniff; JSON ones no-store; a handler's own Cache-Control and nosniff stand", function()
+  local srv = http.server({})
+  srv:get("/record", function()
+    return 200, { callId = "c_1", transcript = { "callee: my address is ..." } }
+  end)
+  srv:get("/page", function()
+    return 200, "<p>hi</p>", { ["Content-Type"] = "text/html" }
+  end)
+  srv:get("/cached", function()
+    return 200, { ok = true }, { ["cache-control"] = "max-age=60", ["x-content-type-options"] = "nosniff" }
+  end)
+  srv:get("/boom", function()
+    error("a handler's bug")
+  end)
+  assert(srv:listen())
+  T.defer(function()
+    srv:close()
+  end)
+  local function get(path)
+    local res = assert(fetch(srv:url(path)))
+    return { res.status, res.headers["x-content-type-options"], res.headers["cache-control"] }
+  end
+  T.eq(get("/record"), { 200, "nosniff", "no-store" }, "a call record")
+  T.eq(get("/page"), { 200, "nosniff", nil }, "a page: its own caching")
+  T.eq(get("/cached"), { 200, "nosniff", "max-age=60" }, "the handler's, once each")
+  T.eq(get("/boom"), { 500, "nosniff", "no-store" }, "the 500")
+  T.eq(get("/nowhere"), { 404, "nosniff", "no-store" }, "the 404")
+  local res = assert(fetch(srv:url("/record"), { method = "POST" }))
+  T.eq({ res.status, res.headers["x-content-type-options"], res.headers["cache-control"] }, { 405, "nosniff", "no-store" })
+end)
+
 T.test("unknown path is 404 and a known path with another method is 405 with Allow", function()
   local srv = server({}, function(s)
     s:get("/only-get", function()

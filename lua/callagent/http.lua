@@ -291,6 +291,39 @@ local function normalize(a, b, c)
   return math.tointeger(status) or 500, headers, body and tostring(body) or ""
 end
 
+-- What every answer carries unless its handler said otherwise: no MIME
+-- sniffing (a browser never runs a JSON body, or a file, as another type),
+-- and JSON - the API's call records and transcripts - kept by no cache on
+-- the way (a proxy, a tunnel's edge, the browser).
+local function with_defaults(headers)
+  local nosniff, cache, json_body = true, true, false
+  for k, v in pairs(headers) do
+    local name = type(k) == "string" and k:lower()
+    if name == "x-content-type-options" then
+      nosniff = false
+    elseif name == "cache-control" then
+      cache = false
+    elseif name == "content-type" and type(v) == "string" then
+      json_body = v:lower():find("^application/json") ~= nil
+    end
+  end
+  if nosniff then
+    headers["X-Content-Type-Options"] = "nosniff"
+  end
+  if cache and json_body then
+    headers["Cache-Control"] = "no-store"
+  end
+  return headers
+end
+
+local function json_headers(extra)
+  local h = { ["Content-Type"] = "application/json" }
+  for k, v in pairs(extra or {}) do
+    h[k] = v
+  end
+  return with_defaults(h)
+end
+
 local function traceback(e)
   return debug.traceback(tostring(e), 2)
 end
@@ -315,15 +348,15 @@ function Server:_handle(h, req)
   if not route then
     if params then
       local allow = table.concat(params, ", ")
-      return h:respond(405, { ["Content-Type"] = "application/json", Allow = allow },
+      return h:respond(405, json_headers({ Allow = allow }),
         json.encode(M.error_body("method_not_allowed", req.method .. " is not allowed on " .. req.path)))
     end
-    return h:respond(404, { ["Content-Type"] = "application/json" },
+    return h:respond(404, json_headers(),
       json.encode(M.error_body("not_found", "no route for " .. req.method .. " " .. req.path)))
   end
   if self.draining then
     -- A request sent on a connection left open while the server drains.
-    return h:respond(503, { ["Content-Type"] = "application/json" },
+    return h:respond(503, json_headers(),
       json.encode(M.error_body("closing", "the server is closing")))
   end
   req.params = params
@@ -333,7 +366,7 @@ function Server:_handle(h, req)
     if pace and task.pace() and not self.core then
       -- The server closed while this request waited its turn: nothing of
       -- the app runs after it (its store may be closed too).
-      pcall(h.respond, h, 503, { ["Content-Type"] = "application/json" },
+      pcall(h.respond, h, 503, json_headers(),
         json.encode(M.error_body("closing", "the server is closing")))
       req._h = nil
       self.in_flight = self.in_flight - 1
@@ -352,13 +385,13 @@ function Server:_handle(h, req)
       log.error("http handler failed", { method = req.method, path = req.path, error = r[2] })
     end
     if not status then
-      status, headers, body = 500, { ["Content-Type"] = "application/json" },
+      status, headers, body = 500, json_headers(),
         json.encode(M.error_body("internal", "internal error"))
     end
-    local ok, err = pcall(h.respond, h, status, headers, body)
+    local ok, err = pcall(h.respond, h, status, with_defaults(headers), body)
     if not ok then
       log.error("http response could not be sent", { method = req.method, path = req.path, error = err })
-      pcall(h.respond, h, 500, { ["Content-Type"] = "application/json" },
+      pcall(h.respond, h, 500, json_headers(),
         json.encode(M.error_body("internal", "internal error")))
     end
     req._h = nil
