@@ -288,42 +288,6 @@ static void b_free(struct buf *b)
 		free(b->p);
 }
 
-/* A byte of an API key as OpenAI writes them: letters, digits, "-" and "_". */
-static int key_byte(unsigned char c)
-{
-	return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' || c == '_';
-}
-
-/*
- * The length of an OpenAI API key at s[i] ("sk-", "sk-proj-", ... and at
- * least CA_MIN_SK_KEY more key bytes, not inside a longer word), or 0:
- * redacted as a registered secret is, whether it is ours or not (a proxy's
- * upstream key in its error, a key pasted where it does not belong).
- */
-#define CA_MIN_SK_KEY 32
-static size_t sk_key(const char *s, size_t n, size_t i)
-{
-	size_t j;
-
-	if (n - i < 3 + CA_MIN_SK_KEY || memcmp(s + i, "sk-", 3) != 0 ||
-	    (i > 0 && key_byte((unsigned char)s[i - 1])))
-		return 0;
-	for (j = i + 3; j < n && key_byte((unsigned char)s[j]); j++)
-		;
-	return j - i >= 3 + CA_MIN_SK_KEY ? j - i : 0;
-}
-
-int ca__log_holds_secret(const char *s, size_t n)
-{
-	for (size_t i = 0; i + 3 + CA_MIN_SK_KEY <= n; i++)
-		if (s[i] == 's' && sk_key(s, n, i))
-			return 1;
-	for (int k = 0; k < n_secrets; k++)
-		if (secret_len[k] <= n && memmem(s, n, secrets[k], secret_len[k]))
-			return 1;
-	return 0;
-}
-
 /* Whether s[k] is a backslash that begins an escape: an odd run of them ends at k. */
 static int escapes(const char *s, size_t k)
 {
@@ -351,6 +315,43 @@ static size_t escape_start(const char *s, size_t i)
 		if (s[i - d] == '\\' && s[i - d + 1] == 'u' && escapes(s, i - d))
 			return i - d;
 	return i;
+}
+
+/* A byte of an API key as OpenAI writes them: letters, digits, "-" and "_". */
+static int key_byte(unsigned char c)
+{
+	return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' || c == '_';
+}
+
+/*
+ * The length of an OpenAI API key at s[i] ("sk-", "sk-proj-", ... and at
+ * least CA_MIN_SK_KEY more key bytes, not inside a longer word; the last
+ * letter of an escape, as in "\nsk-...", ends a word), or 0:
+ * redacted as a registered secret is, whether it is ours or not (a proxy's
+ * upstream key in its error, a key pasted where it does not belong).
+ */
+#define CA_MIN_SK_KEY 32
+static size_t sk_key(const char *s, size_t n, size_t i)
+{
+	size_t j;
+
+	if (n - i < 3 + CA_MIN_SK_KEY || memcmp(s + i, "sk-", 3) != 0 ||
+	    (i > 0 && key_byte((unsigned char)s[i - 1]) && escape_start(s, i - 1) == i - 1))
+		return 0;
+	for (j = i + 3; j < n && key_byte((unsigned char)s[j]); j++)
+		;
+	return j - i >= 3 + CA_MIN_SK_KEY ? j - i : 0;
+}
+
+int ca__log_holds_secret(const char *s, size_t n)
+{
+	for (size_t i = 0; i + 3 + CA_MIN_SK_KEY <= n; i++)
+		if (s[i] == 's' && sk_key(s, n, i))
+			return 1;
+	for (int k = 0; k < n_secrets; k++)
+		if (secret_len[k] <= n && memmem(s, n, secrets[k], secret_len[k]))
+			return 1;
+	return 0;
 }
 
 /* The end of a span s[..end) that must not stop inside an escape either. */

@@ -238,6 +238,25 @@ timer.after(1, function() error("from C: " .. key) end)
   T.match(all, "from C: %[redacted%]")
 end)
 
+T.test("an OpenAI key right after an escaped line break, tab or control character is redacted", function()
+  -- The line holds "\nsk-..." (text quoted, JSON): the 'n' of the escape
+  -- is no letter of a word the key would be inside of.
+  local src = [[
+local log = require "callagent.log"
+local key = "sk-proj-" .. string.rep("Ab3_", 10)
+log.info("upstream", { a = "said:\n" .. key, b = "said:\t" .. key, c = "said:\1" .. key, d = "said:\r" .. key })
+]]
+  for _, format in ipairs({ "text", "json" }) do
+    local err = run(src, { CALLAGENT_LOG_FORMAT = format })
+    T.eq(#err, 1, format)
+    T.no_match(err[1], "Ab3_Ab3_", format .. ": no part of the key")
+    if format == "json" then
+      local obj = json.decode(err[1])
+      T.eq({ obj.a, obj.b, obj.c, obj.d }, { "said:\n[redacted]", "said:\t[redacted]", "said:\1[redacted]", "said:\r[redacted]" })
+    end
+  end
+end)
+
 T.test("JSON lines stay JSON when a field holds what JSON cannot (NaN, a function, a sparse array)", function()
   local err = run([[
 local log = require "callagent.log"
