@@ -510,7 +510,7 @@ T.test("an error never quotes a secret written at another key too, nor an OpenAI
     { { twilio = { accountSid = tok, authToken = tok }, openai = { apiKey = "sk-test-key" } },
       'twilio.accountSid: expected AC followed by 32 hex digits, got "[redacted]"' },
     { { openai = { apiKey = "sk-test-key", realtimeUrl = key } },
-      'openai.realtimeUrl: expected a URL like wss://host, got "[redacted]..."' },
+      'openai.realtimeUrl: expected a URL like wss://host, got "[redacted]"' },
   }
   for _, c in ipairs(cases) do
     local code, _, p = T.run_app(nil, nil, {
@@ -530,6 +530,38 @@ T.test("a value with a line break is shown on one line: an error is one line of 
     { quiet = true })
   T.eq(cfg, nil)
   T.eq(err, 'twilio.fromNumber: expected an E.164 number like +15551234567, got "+15551234567\\n"')
+end)
+
+T.test("an error that shortens a long value never shows the head of a secret inside it", function()
+  -- The value is cut at 40 bytes: a secret that runs past the cut no
+  -- longer matches whole, so it is redacted before the cut.
+  local tok = "f3a9c2e1d4b5a6978877665544332211"
+  local key = "sk-proj-" .. string.rep("Zy9_", 12)
+  local cases = {
+    { { twilio = { authToken = tok, fromNumber = "the token is " .. tok }, openai = { apiKey = "sk-test-key" } },
+      'twilio.fromNumber: expected an E.164 number like +15551234567, got "the token is [redacted]"' },
+    { { openai = { apiKey = "sk-test-key", voice = "Bearer " .. key } },
+      "^openai%.voice: expected one of .*, got \"Bearer %[redacted%]\"$" },
+    { { openai = { apiKey = "sk-test-key" }, retry = { retryStatuses = { "busy", "upstream said the key " .. key } } },
+      '^retry%.retryStatuses: .*%["busy","upstream said the key %[redacted%]"%]' },
+  }
+  for _, c in ipairs(cases) do
+    local code, _, p = T.run_app(nil, nil, {
+      source = string.format([[
+local config = require "callagent.config"
+local cfg, err = config.normalize(require("callagent.json").decode(%q), { quiet = true })
+io.stderr:write(tostring(err), "\n")
+]], require("callagent.json").encode(c[1])),
+    })
+    T.eq(code, 0, p.errtext())
+    T.no_match(p.err[1], "Zy9_", "no piece of the OpenAI key")
+    T.no_match(p.err[1], "f3a9c2", "no piece of the token")
+    if c[2]:sub(1, 1) == "^" then
+      T.match(p.err[1], c[2])
+    else
+      T.eq(p.err[1], c[2])
+    end
+  end
 end)
 
 T.test("server.host must be an IP address or localhost: a name or a blank is refused at start, naming the key", function()

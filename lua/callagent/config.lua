@@ -529,13 +529,17 @@ local function substitute_known(input)
   return raw, nil, templates
 end
 
+-- Secrets are redacted before a long value is cut: one running past the
+-- cut would no longer match whole, and its head would be shown.
 local function describe(v)
   if type(v) == "string" then
+    v = log.scrub(v)
     -- %q writes a newline as "\" and a line break: an error is one line.
     return (string.format("%q", #v > 40 and v:sub(1, 40) .. "..." or v):gsub("\\\n", "\\n"))
   elseif type(v) == "table" then
     local ok, text = pcall(json.encode, v)
     if ok then
+      text = log.scrub(text)
       return #text > 60 and text:sub(1, 60) .. "..." or text
     end
     return "a table"
