@@ -66,6 +66,51 @@ T.test("an attempt's vendor id the store refused is written with the call's end:
   T.eq({ c.attempts[1].providerCallId, c.attempts[1].status }, { pid, "busy" }, "with its vendor id and its end")
 end)
 
+T.test("an attempt's vendor id whose write raised is written with the call's end: the stored attempt has it", function()
+  local recording = require "callagent.store.recording"
+  local raised = 0
+  T.defer(function()
+    recording.raise = nil
+  end)
+  recording.raise = function(op, args)
+    if op == "update_attempt" and type(args[3]) == "table" and args[3].providerCallId and raised == 0 then
+      raised = raised + 1
+      return "EIO: disk I/O error (the backend raised)"
+    end
+  end
+  local env = kit.start({ twilio = { behaviour = "busy" },
+    config = { store = { backend = "recording" }, retry = { maxAttempts = 1 } } })
+  local id = env:create({ to = "+14155550174", prompt = "x" })
+  T.eq(env:wait_final(id, 5000).status, "busy")
+  T.eq(raised, 1, "the vendor id's write raised")
+  local c = env.app.store:get_call(id)
+  T.eq(#c.attempts, 1)
+  T.eq(c.attempts[1].providerCallId, env.tw.calls[1].sid, "the stored attempt has its vendor id")
+end)
+
+T.test("a failed dial whose lastError write raised still ends the call, written whole", function()
+  local recording = require "callagent.store.recording"
+  local raised = 0
+  T.defer(function()
+    recording.raise = nil
+  end)
+  recording.raise = function(op, args)
+    if op == "update_call" and type(args[2]) == "table" and args[2].lastError and raised == 0 then
+      raised = raised + 1
+      return "EIO: disk I/O error (the backend raised)"
+    end
+  end
+  local env = kit.start({ twilio = { behaviour = "reject-api" },
+    config = { store = { backend = "recording" }, retry = { maxAttempts = 1 } } })
+  local id = env:create({ to = "+14155550175", prompt = "x" })
+  local view = env:wait_final(id, 5000)
+  T.eq(view and view.status, "failed", "the call ended, not left dialing")
+  T.eq(raised, 1, "the lastError write raised")
+  local c = env.app.store:get_call(id)
+  T.eq(c.status, "failed")
+  T.match(c.lastError or "", "21215", "its lastError is in the store")
+end)
+
 T.test("a transcript line whose write raised is kept with its call and written with its end", function()
   local recording = require "callagent.store.recording"
   local raised = 0

@@ -189,7 +189,7 @@ end
 function Engine:_save(call, fields)
   call.updatedAt = iso()
   fields.updatedAt = call.updatedAt
-  local ok, err = self.store:update_call(call.id, fields)
+  local ok, err = self:_store_write("update_call", call.id, fields)
   if not ok then
     log.error("store update failed", { call = call.id, error = err })
     call._save_failed = true -- its end is then written whole (_finish)
@@ -205,7 +205,9 @@ end
 function Engine:_batch(fn)
   local store = self.store
   if not store.batch then
+    self._batching = (self._batching or 0) + 1
     local ok, err = pcall(fn)
+    self._batching = self._batching - 1
     if not ok then
       log.error("store write failed", { what = "raised", error = tostring(err) })
       return nil, err
@@ -216,7 +218,9 @@ function Engine:_batch(fn)
   local outer = self._batch_rows
   local rows = {}
   self._batch_rows = rows
+  self._batching = (self._batching or 0) + 1
   local res = table.pack(pcall(store.batch, store, fn))
+  self._batching = self._batching - 1
   self._batch_rows = outer
   if not res[1] then
     log.error("store write failed", { what = "batch raised", error = tostring(res[2]) })
@@ -232,6 +236,24 @@ function Engine:_batch(fn)
     end
   end
   return res[2], res[3]
+end
+
+-- store:method(...) outside a batch, where a store that raises is one that
+-- refused the write: logged, nil, err. Raised up, it ended the work that
+-- called it (a failed dial's end, an attempt's vendor id) half done: a call
+-- left dialing for good. Inside a batch (_batch) it raises, which undoes
+-- the batch, whose caller keeps what was not written.
+function Engine:_store_write(method, ...)
+  local store = self.store
+  if (self._batching or 0) > 0 then
+    return store[method](store, ...)
+  end
+  local res = table.pack(pcall(store[method], store, ...))
+  if not res[1] then
+    log.error("store write failed", { what = method .. " raised", error = tostring(res[2]) })
+    return nil, res[2]
+  end
+  return table.unpack(res, 2, res.n)
 end
 
 -- Rows ----------------------------------------------------------------------
@@ -580,7 +602,7 @@ function Engine:_mark_answered(call, n)
   local a = call.attempts[n]
   if not a.answeredAt then
     a.answeredAt = iso()
-    if not self.store:update_attempt(call.id, n, { answeredAt = a.answeredAt }) then
+    if not self:_store_write("update_attempt", call.id, n, { answeredAt = a.answeredAt }) then
       call._save_failed = true -- its end is then written whole (_finish)
     end
   end
@@ -596,7 +618,7 @@ function Engine:_provider_id(call, n, pid)
     return
   end
   a.providerCallId = pid
-  if not self.store:update_attempt(call.id, n, { providerCallId = pid }) then
+  if not self:_store_write("update_attempt", call.id, n, { providerCallId = pid }) then
     call._save_failed = true -- its end is then written whole (_finish)
   end
   if a._end_pending then
