@@ -417,6 +417,29 @@ T.test("the engine writes a status change with its event and attempt rows in one
   end
 end)
 
+T.test("sqlite: a store written before notifications.refused_under gets the column and its index at open, rows kept", function()
+  local sqlite = require "callagent.sqlite"
+  local path = T.tmpdir() .. "/old.db"
+  local db = assert(sqlite.open(path))
+  assert(db:exec([[
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
+INSERT INTO meta (key, value) VALUES ('schema', '1');
+CREATE TABLE notifications (key TEXT PRIMARY KEY, call_id TEXT NOT NULL, payload TEXT NOT NULL,
+  sent INTEGER NOT NULL DEFAULT 0, tries INTEGER NOT NULL DEFAULT 0, last_error TEXT, created REAL NOT NULL);
+INSERT INTO notifications (key, call_id, payload, created) VALUES ('c_1:completed', 'c_1', '{}', 1);
+]]))
+  db:close()
+  local s = assert(store_mod.open({ backend = "sqlite", path = path, retentionDays = 30 }))
+  T.defer(function()
+    s:close()
+  end)
+  T.eq(#s.db:rows("SELECT name FROM pragma_table_info('notifications') WHERE name = 'refused_under'"), 1)
+  T.eq(s.db:value("SELECT count(*) FROM sqlite_master WHERE name = 'notifications_refused'"), 1)
+  assert(s:mark_notified("c_1:completed", "refused", "HTTP 401", "fp-old"))
+  T.eq(s:requeue_refused("fp-new"), 1, "the old row refused under another config is pending again")
+  T.eq(#s:pending_notifications(), 1)
+end)
+
 T.test("sqlite: another program's database at store.path is an error naming it, left as it was, its lock let go", function()
   local sqlite = require "callagent.sqlite"
   for _, foreign in ipairs({ "CREATE TABLE meta (k TEXT, v TEXT)", "CREATE TABLE calls (x); INSERT INTO calls VALUES (1)" }) do
