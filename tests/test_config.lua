@@ -525,6 +525,20 @@ io.stderr:write(tostring(err), "\n")
   end
 end)
 
+T.test("a URL's credential-named query values become secrets; others, as ?auth_mode=required, do not", function()
+  local log = require "callagent.log"
+  local cfg = good()
+  cfg.openai.realtimeUrl = "wss://proxy.example.test/v1/realtime?auth_mode=required&design=standard1"
+    .. "&X-Api-Key=proxy-key-one-1&access_token=proxy-token-2&sig=proxy-sig-33&tokenizer=cl100k_base"
+  assert(config.normalize(cfg))
+  for _, secret in ipairs({ "proxy-key-one-1", "proxy-token-2", "proxy-sig-33" }) do
+    T.eq(log.scrub("got " .. secret), "got [redacted]", secret)
+  end
+  for _, plain in ipairs({ "required", "standard1", "cl100k_base" }) do
+    T.eq(log.scrub("mode " .. plain), "mode " .. plain, plain .. " is no secret")
+  end
+end)
+
 T.test("a value with a line break is shown on one line: an error is one line of the log", function()
   local cfg, err = config.normalize({ openai = { apiKey = "sk-test-key" }, twilio = { fromNumber = "+15551234567\n" } },
     { quiet = true })

@@ -9,7 +9,7 @@
 --
 -- Keys (defaults in brackets; * = a secret, redacted from every log line, as
 -- are Twilio's Basic credential, a URL key's password and its query values
--- named like a credential):
+-- named like a credential: credential_name):
 --   telephony.provider      name of a provider file in providers/ ["twilio"]
 --   server.port [4545]      server.host ["127.0.0.1"]
 --   server.publicBaseUrl    the URL the telephony vendor reaches us at (else a tunnel)
@@ -531,6 +531,23 @@ end
 
 -- Secrets are redacted before a long value is cut: one running past the
 -- cut would no longer match whole, and its head would be shown.
+-- Whether a URL's query parameter name says its value is a credential:
+-- its letters end with one of these (api-key, access_token, X-Amz-Signature,
+-- client_secret, sig). Matched anywhere in the name, "auth_mode", "design"
+-- or "tokenizer" made their values - "required" - secrets, redacted from
+-- every log line.
+local CREDENTIAL_ENDS = { "key", "token", "secret", "password", "passwd", "pass", "pwd", "auth",
+  "authorization", "sig", "signature", "credential", "credentials" }
+local function credential_name(k)
+  local letters = k:lower():gsub("[^%a]", "")
+  for _, e in ipairs(CREDENTIAL_ENDS) do
+    if letters:sub(-#e) == e then
+      return true
+    end
+  end
+  return false
+end
+
 local function describe(v)
   if type(v) == "string" then
     v = log.scrub(v)
@@ -812,8 +829,7 @@ function check(input, opts)
         local pass = u.userinfo and (u.userinfo:match("^[^:]*:(.*)$") or u.userinfo)
         local values = { pass }
         for k, v in (u.query or ""):gmatch("([^&=]+)=([^&]*)") do
-          if k:lower():find("key") or k:lower():find("token") or k:lower():find("secret")
-            or k:lower():find("pass") or k:lower():find("auth") or k:lower():find("sig") then
+          if credential_name(k) then
             values[#values + 1] = v
           end
         end
