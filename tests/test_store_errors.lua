@@ -8,32 +8,44 @@ local http = require "callagent.http"
 local store_mod = require "callagent.store"
 local notify = require "callagent.notify"
 
+-- The recording store (tests/lib/callagent/store/recording.lua) raises at
+-- the first times writes pick(op, args) picks, at most times (1); returns a
+-- function giving how many times it raised. Undone after the test.
+local function raise_at(times, pick)
+  local recording = require "callagent.store.recording"
+  local raised = 0
+  T.defer(function()
+    recording.raise = nil
+  end)
+  recording.raise = function(op, args)
+    if raised < times and pick(op, args) then
+      raised = raised + 1
+      return "EIO: disk I/O error (the backend raised)"
+    end
+  end
+  return function()
+    return raised
+  end
+end
+
 T.test("a store that raises on a call's final write and on the next periodic one: the write after that takes it, then notifies",
   function()
-    local recording = require "callagent.store.recording"
-    local raised = 0
-    T.defer(function()
-      recording.raise = nil
+    -- The final batch's first write (one attempt: no retry to clear before),
+    -- and the first periodic write's, 5 s later.
+    local raised = raise_at(2, function(op)
+      return op == "clear_retry"
     end)
-    recording.raise = function(op)
-      -- The final batch's first write (one attempt: no retry to clear before),
-      -- and the first periodic write's, 5 s later.
-      if op == "clear_retry" and raised < 2 then
-        raised = raised + 1
-        return "EIO: disk I/O error (the backend raised)"
-      end
-    end
     local env = kit.start({ twilio = { behaviour = "busy" },
       config = { store = { backend = "recording" }, retry = { maxAttempts = 1 } } })
     local id = env:create({ to = "+14155550170", prompt = "x" })
     T.eq(env:wait_final(id, 5000).status, "busy", "the API shows the end the engine holds")
-    T.eq(raised, 1, "the final write raised")
+    T.eq(raised(), 1, "the final write raised")
     -- Its notification is recorded last in the batch, and sent once the
     -- batch is through: by the periodic write after the one that raised.
     T.wait_for(function()
       return #env.hooks.received >= 1
     end, 13000, "notified once written")
-    T.eq(raised, 2, "the first periodic write raised too")
+    T.eq(raised(), 2, "the first periodic write raised too")
     T.eq(env.app.store:get_call(id).status, "busy", "the end is in the store")
     T.eq(env.hooks.received[1].json.data.status, "busy")
   end, { timeout = 20000 })
@@ -67,62 +79,38 @@ T.test("an attempt's vendor id the store refused is written with the call's end:
 end)
 
 T.test("an attempt's vendor id whose write raised is written with the call's end: the stored attempt has it", function()
-  local recording = require "callagent.store.recording"
-  local raised = 0
-  T.defer(function()
-    recording.raise = nil
+  local raised = raise_at(1, function(op, args)
+    return op == "update_attempt" and type(args[3]) == "table" and args[3].providerCallId
   end)
-  recording.raise = function(op, args)
-    if op == "update_attempt" and type(args[3]) == "table" and args[3].providerCallId and raised == 0 then
-      raised = raised + 1
-      return "EIO: disk I/O error (the backend raised)"
-    end
-  end
   local env = kit.start({ twilio = { behaviour = "busy" },
     config = { store = { backend = "recording" }, retry = { maxAttempts = 1 } } })
   local id = env:create({ to = "+14155550174", prompt = "x" })
   T.eq(env:wait_final(id, 5000).status, "busy")
-  T.eq(raised, 1, "the vendor id's write raised")
+  T.eq(raised(), 1, "the vendor id's write raised")
   local c = env.app.store:get_call(id)
   T.eq(#c.attempts, 1)
   T.eq(c.attempts[1].providerCallId, env.tw.calls[1].sid, "the stored attempt has its vendor id")
 end)
 
 T.test("a failed dial whose lastError write raised still ends the call, written whole", function()
-  local recording = require "callagent.store.recording"
-  local raised = 0
-  T.defer(function()
-    recording.raise = nil
+  local raised = raise_at(1, function(op, args)
+    return op == "update_call" and type(args[2]) == "table" and args[2].lastError
   end)
-  recording.raise = function(op, args)
-    if op == "update_call" and type(args[2]) == "table" and args[2].lastError and raised == 0 then
-      raised = raised + 1
-      return "EIO: disk I/O error (the backend raised)"
-    end
-  end
   local env = kit.start({ twilio = { behaviour = "reject-api" },
     config = { store = { backend = "recording" }, retry = { maxAttempts = 1 } } })
   local id = env:create({ to = "+14155550175", prompt = "x" })
   local view = env:wait_final(id, 5000)
   T.eq(view and view.status, "failed", "the call ended, not left dialing")
-  T.eq(raised, 1, "the lastError write raised")
+  T.eq(raised(), 1, "the lastError write raised")
   local c = env.app.store:get_call(id)
   T.eq(c.status, "failed")
   T.match(c.lastError or "", "21215", "its lastError is in the store")
 end)
 
 T.test("a transcript line whose write raised is kept with its call and written with its end", function()
-  local recording = require "callagent.store.recording"
-  local raised = 0
-  T.defer(function()
-    recording.raise = nil
+  local raised = raise_at(1, function(op)
+    return op == "add_transcript"
   end)
-  recording.raise = function(op)
-    if op == "add_transcript" and raised == 0 then
-      raised = raised + 1
-      return "EIO: disk I/O error (the backend raised)"
-    end
-  end
   local env = kit.start({
     config = { store = { backend = "recording" } },
     realtime = {
@@ -136,7 +124,7 @@ T.test("a transcript line whose write raised is kept with its call and written w
   })
   local id = env:create({ to = "+14155550172", prompt = "Report at once." })
   T.eq(env:wait_final(id, 20000).status, "completed")
-  T.eq(raised, 1, "the line's first write raised")
+  T.eq(raised(), 1, "the line's first write raised")
   local texts = {}
   for _, l in ipairs(env.app.store:get_call(id).transcript) do
     texts[#texts + 1] = l.text
@@ -145,22 +133,14 @@ T.test("a transcript line whose write raised is kept with its call and written w
 end)
 
 T.test("a status event whose write raised inside its commit is kept and written later: every status event is stored", function()
-  local recording = require "callagent.store.recording"
-  local raised = 0
-  T.defer(function()
-    recording.raise = nil
+  local raised = raise_at(1, function(op, args)
+    return op == "add_event" and args[2].type == "status" and args[2].to == "dialing"
   end)
-  recording.raise = function(op, args)
-    if op == "add_event" and args[2].type == "status" and args[2].to == "dialing" and raised == 0 then
-      raised = raised + 1
-      return "EIO: disk I/O error (the backend raised)"
-    end
-  end
   local env = kit.start({ twilio = { behaviour = "busy" },
     config = { store = { backend = "recording" }, retry = { maxAttempts = 1 } } })
   local id = env:create({ to = "+14155550173", prompt = "x" })
   T.eq(env:wait_final(id, 5000).status, "busy")
-  T.eq(raised, 1, "the dialing event's write raised")
+  T.eq(raised(), 1, "the dialing event's write raised")
   local to = {}
   for _, e in ipairs(env.app.store:get_call(id).events) do
     if e.type == "status" then
