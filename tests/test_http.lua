@@ -281,6 +281,19 @@ T.test("a response with a header that cannot be sent answers 500 JSON without th
   T.eq(res.headers["content-type"], "application/json")
 end)
 
+T.test("headers returned as a string, not a table, answer 500 JSON, and the request is no longer in flight", function()
+  local srv = server({}, function(s)
+    s:get("/str", function()
+      return 200, "<p>hi</p>", "text/html"
+    end)
+  end)
+  local res = assert(fetch(srv:url("/str"), { timeout = 3000 }))
+  T.eq(res.status, 500)
+  T.eq(json.decode(res.body).error.code, "internal")
+  T.eq(res.headers["x-content-type-options"], "nosniff")
+  T.eq(srv.in_flight, 0, "the handler's request is done")
+end)
+
 T.test("returning nothing answers 204; a table body is JSON with [] for marked empty arrays", function()
   local srv = server({}, function(s)
     s:get("/none", function() end)

@@ -296,6 +296,9 @@ end
 -- and JSON - the API's call records and transcripts - kept by no cache on
 -- the way (a proxy, a tunnel's edge, the browser).
 local function with_defaults(headers)
+  if type(headers) ~= "table" then
+    return headers -- h:respond refuses it, saying what it is
+  end
   local nosniff, cache, json_body = true, true, false
   for k, v in pairs(headers) do
     local name = type(k) == "string" and k:lower()
@@ -388,7 +391,11 @@ function Server:_handle(h, req)
       status, headers, body = 500, json_headers(),
         json.encode(M.error_body("internal", "internal error"))
     end
-    local ok, err = pcall(h.respond, h, status, with_defaults(headers), body)
+    -- The defaults inside the pcall: headers that are no table (a handler's
+    -- bug) raise there and get the 500, as h:respond's refusal of them does.
+    local ok, err = pcall(function()
+      return h:respond(status, with_defaults(headers), body)
+    end)
     if not ok then
       log.error("http response could not be sent", { method = req.method, path = req.path, error = err })
       pcall(h.respond, h, 500, json_headers(),
