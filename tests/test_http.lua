@@ -521,6 +521,33 @@ T.test("a request with Connection: close gets Connection: close, and a request a
   T.eq(ran, { "first" })
 end)
 
+T.test("a Connection header of 300 bytes with close among its options closes too (not only one that fits 256)", function()
+  local ran = {}
+  local srv = server({}, function(s)
+    s:get("/p/{x}", function(req)
+      ran[#ran + 1] = req.params.x
+      return 200, req.params.x
+    end)
+  end)
+  local conn = "keep-alive, " .. string.rep("x-option-", 32) .. ", close"
+  local p = assert(process.spawn({ "node", "-e", [[
+    const c = require('net').connect(+process.argv[1], '127.0.0.1', () =>
+      c.write('GET /p/first HTTP/1.1\r\nHost: x\r\nConnection: ' + process.argv[2] + '\r\n\r\nGET /p/second HTTP/1.1\r\nHost: x\r\n\r\n'));
+    let out = '';
+    c.on('data', (d) => { out += d; });
+    c.on('error', () => {});
+    c.on('close', () => { console.log(JSON.stringify(out)); process.exit(0); });
+    setTimeout(() => { console.log('still open'); process.exit(0); }, 3000);
+  ]], tostring(srv.port), conn }))
+  T.gt(#conn, 300)
+  local out = assert(p:read_line(5000))
+  T.ne(out, "still open")
+  out = json.decode(out)
+  T.match(out:lower(), "\r\nconnection: close\r\n", "the answer says it closes")
+  T.match(out, "\r\n\r\nfirst$", "one answer only")
+  T.eq(ran, { "first" })
+end)
+
 T.test("HEAD gets the headers of GET without a body", function()
   local srv = server({}, function(s)
     s:route("HEAD", "/x", function()
