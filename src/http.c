@@ -528,6 +528,9 @@ static void quick_response(struct req *r, int status, const char *code, const ch
 	int n = snprintf(body, sizeof body, "{\"error\":{\"code\":\"%s\",\"message\":\"%s\"}}", code, msg);
 
 	add_hdr(r, "content-type", 12, "application/json", 16);
+	/* As every answer of the Lua server's (see callagent.http's with_defaults). */
+	add_hdr(r, "x-content-type-options", 22, "nosniff", 7);
+	add_hdr(r, "cache-control", 13, "no-store", 8);
 	r->status = status;
 	r->out = ca_malloc((size_t)n);
 	memcpy(r->out, body, (size_t)n);

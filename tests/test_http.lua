@@ -126,6 +126,21 @@ T.test("answers say nosniff; JSON ones no-store; a handler's own Cache-Control a
   T.eq({ res.status, res.headers["x-content-type-options"], res.headers["cache-control"] }, { 405, "nosniff", "no-store" })
 end)
 
+T.test("the server's own refusals (411, 413, 400) say nosniff and no-store too, as the handlers' answers do", function()
+  local srv = server({ max_body = 10 }, function(s)
+    s:post("/up", function()
+      return 200, "ok"
+    end)
+  end)
+  local function answer(headers, body)
+    local res = assert(fetch(srv:url("/up"), { method = "POST", headers = headers, body = body, timeout = 5000 }))
+    return { res.status, res.headers["x-content-type-options"], res.headers["cache-control"] }
+  end
+  T.eq(answer({ ["Transfer-Encoding"] = "chunked" }, "hello"), { 411, "nosniff", "no-store" })
+  T.eq(answer({}, string.rep("x", 20)), { 413, "nosniff", "no-store" })
+  T.eq(answer({ ["Content-Length"] = "5x" }, "hello"), { 400, "nosniff", "no-store" })
+end)
+
 T.test("unknown path is 404 and a known path with another method is 405 with Allow", function()
   local srv = server({}, function(s)
     s:get("/only-get", function()
