@@ -539,6 +539,19 @@ T.test("a URL's credential-named query values become secrets; others, as ?auth_m
   end
 end)
 
+T.test("an Azure Functions ?code=, a ?passphrase=, a ?jwt= and a ?session= value are secrets; ?zipcode= is not", function()
+  local log = require "callagent.log"
+  local cfg = good()
+  cfg.notify.hooksUrl = "https://fn.example.test/api/hook?code=azure-fn-key-1&passphrase=phrase-two-2"
+    .. "&jwt=eyJhbGciOi-jwt-3&session=sess-value-4&zipcode=zip-99999-5"
+  cfg.notify.hooksToken = "hooks-token-for-test"
+  assert(config.normalize(cfg))
+  for _, secret in ipairs({ "azure-fn-key-1", "phrase-two-2", "eyJhbGciOi-jwt-3", "sess-value-4" }) do
+    T.eq(log.scrub("got " .. secret), "got [redacted]", secret)
+  end
+  T.eq(log.scrub("at zip-99999-5"), "at zip-99999-5", "a zip code is no secret")
+end)
+
 T.test("a value with a line break is shown on one line: an error is one line of the log", function()
   local cfg, err = config.normalize({ openai = { apiKey = "sk-test-key" }, twilio = { fromNumber = "+15551234567\n" } },
     { quiet = true })

@@ -529,17 +529,20 @@ local function substitute_known(input)
   return raw, nil, templates
 end
 
--- Secrets are redacted before a long value is cut: one running past the
--- cut would no longer match whole, and its head would be shown.
 -- Whether a URL's query parameter name says its value is a credential:
 -- its letters end with one of these (api-key, access_token, X-Amz-Signature,
--- client_secret, sig). Matched anywhere in the name, "auth_mode", "design"
--- or "tokenizer" made their values - "required" - secrets, redacted from
--- every log line.
-local CREDENTIAL_ENDS = { "key", "token", "secret", "password", "passwd", "pass", "pwd", "auth",
-  "authorization", "sig", "signature", "credential", "credentials" }
+-- client_secret, sig, passphrase, jwt, sessionid), or are one of the names
+-- that are a credential whole (Azure Functions' ?code=). Matched anywhere in
+-- the name, "auth_mode", "design" or "tokenizer" made their values -
+-- "required" - secrets, redacted from every log line.
+local CREDENTIAL_ENDS = { "key", "token", "secret", "password", "passwd", "pass", "passphrase", "pwd", "auth",
+  "authorization", "sig", "signature", "credential", "credentials", "jwt", "session", "sessionid" }
+local CREDENTIAL_NAMES = { code = true }
 local function credential_name(k)
   local letters = k:lower():gsub("[^%a]", "")
+  if CREDENTIAL_NAMES[letters] then
+    return true
+  end
   for _, e in ipairs(CREDENTIAL_ENDS) do
     if letters:sub(-#e) == e then
       return true
@@ -548,6 +551,8 @@ local function credential_name(k)
   return false
 end
 
+-- Secrets are redacted before a long value is cut: one running past the
+-- cut would no longer match whole, and its head would be shown.
 local function describe(v)
   if type(v) == "string" then
     v = log.scrub(v)
