@@ -138,6 +138,31 @@ end)
   T.match(p.out[#p.out], "^start: nil the acme provider's init failed: .*acme: no API key")
 end)
 
+T.test("a start that raises quoting a secret (an app's routes function) raises it redacted, as a failed start returns it", function()
+  local dir = T.tmpdir()
+  assert(require("callagent.core").mkdir(dir .. "/providers", 448))
+  write(dir .. "/providers/acme.lua", COMPLETE)
+  write(dir .. "/app.lua", [[
+local callagent = require "callagent"
+local task = require "callagent.task"
+local runtime = require "callagent.runtime"
+local key = "sk-test-" .. "raised-secret-42"
+local app = assert(callagent.app({ telephony = { provider = "acme" }, server = { port = 0 },
+  openai = { apiKey = key }, store = { backend = "memory" } }, { no_shutdown_hook = true }))
+app:routes(function()
+  error("cannot use the key " .. key, 0)
+end)
+task.spawn(function()
+  local ok, err = pcall(app.start, app)
+  io.stdout:write("start: ", tostring(ok), " ", tostring(err), "\n")
+  runtime.stop(ok and 0 or 1)
+end)
+]])
+  local code, _, p = T.run_app(dir .. "/app.lua")
+  T.eq(code, 1, "stderr: " .. p.errtext())
+  T.eq(p.out[#p.out], "start: false cannot use the key [redacted]")
+end)
+
 T.test("a file missing functions is reported by path and missing names", function()
   local dir = T.tmpdir()
   write(dir .. "/half.lua", "return { startCall = function() end, mapStatus = function() end }")

@@ -389,7 +389,8 @@ function App:start()
     local fine, a, b = pcall(self._start, self)
     if not fine then
       self:_undo_start()
-      error(a, 0)
+      -- Scrubbed as a returned error is (below): the app prints it as it likes.
+      error(type(a) == "string" and log.scrub(a) or a, 0)
     end
     ok, err = a, b
   end
