@@ -719,21 +719,21 @@ static int framing_header_spaced(struct lws *wsi)
 static int asks_close(struct lws *wsi)
 {
 	char small[256], *v, *save = NULL;
-	int len = lws_hdr_total_length(wsi, WSI_TOKEN_CONNECTION), n, close = 0;
+	int len = lws_hdr_total_length(wsi, WSI_TOKEN_CONNECTION), n, asked = 0;
 
 	if (len <= 0)
 		return 0;
 	/* Any length (max_header bounds it): lws_hdr_copy fails on a short buffer. */
 	v = (size_t)len < sizeof small ? small : ca_malloc((size_t)len + 1);
 	n = lws_hdr_copy(wsi, v, len + 1, WSI_TOKEN_CONNECTION);
-	for (char *t = n > 0 ? strtok_r(v, ",", &save) : NULL; t && !close; t = strtok_r(NULL, ",", &save)) {
+	for (char *t = n > 0 ? strtok_r(v, ",", &save) : NULL; t && !asked; t = strtok_r(NULL, ",", &save)) {
 		const char *p = t;
 
-		close = ca__ows_trim(&p, strlen(t)) == 5 && !strncasecmp(p, "close", 5);
+		asked = ca__ows_trim(&p, strlen(t)) == 5 && !strncasecmp(p, "close", 5);
 	}
 	if (v != small)
 		free(v);
-	return close;
+	return asked;
 }
 
 static int path_accepts_ws(struct server *s, const char *path)
