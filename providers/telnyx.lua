@@ -658,8 +658,12 @@ function P:_hangup(id)
     return nil, "not a Telnyx call_control_id: not hung up"
   end
   local res, e, ended = self:_command(id, "hangup", {})
-  if res or ended then
-    return true -- hung up, or it has already ended
+  if res then
+    return true
+  elseif ended then
+    -- Over before the hang-up, how Telnyx does not say: the engine ends a
+    -- ringing attempt as failed, not as one the hang-up canceled.
+    return true, nil, { ended = true }
   end
   log.warn("telnyx hang-up failed", { id = id, error = e })
   return nil, e

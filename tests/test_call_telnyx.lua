@@ -662,6 +662,43 @@ T.test("kill -9 with a Telnyx call talking and one ringing: after restart both a
 end, { timeout = 60000 })
 
 
+T.test("a stop's cancel Telnyx answers 'already ended' (the decline's webhook lost): the retry policy decides, no dial past it", function()
+  local tx = assert(fake.start({ api_key = API_KEY, connection_id = CONNECTION,
+    behaviour = { ring_ms = 60000, lost_hangup_webhook = true } }))
+  T.defer(function()
+    tx:close()
+  end)
+  local rt = assert(require("fakes.realtime").start({ api_key = kit.API_KEY }))
+  T.defer(function()
+    rt:close()
+  end)
+  local config = {
+    telephony = { provider = "telnyx" },
+    telnyx = { apiKey = API_KEY, connectionId = CONNECTION, fromNumber = FROM, publicKey = tx.public_key,
+      apiBaseUrl = tx.url },
+    retry = { maxAttempts = 1 },
+  }
+  local p, api = kit.app_process({ url = "http://127.0.0.1:9" }, rt, { config = config })
+  local id = api:create({ to = "+14155550119", prompt = "Talk." })
+  api:wait(id, function(r)
+    return r.attempts[1] and r.attempts[1].providerCallId
+  end, 10000, "ringing")
+  local c = tx.calls[1]
+  c:hangup() -- declined; Telnyx's call.hangup never comes
+  c:wait(function()
+    return c.done
+  end, 5000)
+  T.ok(p:kill("SIGTERM"))
+  T.eq(p:wait(15000), 0)
+  T.eq(#(c.hangup_command_ids or {}), 1, "the stop asked Telnyx to hang up, which said it had ended")
+  local _, api2 = kit.app_process({ url = "http://127.0.0.1:9" }, rt, { config = config, port = api.port, db = api.db })
+  local rec = api2:wait_final(id, 10000)
+  T.eq({ rec.status, #rec.attempts }, { "failed", 1 })
+  T.eq(rec.attempts[1].reason, "it ended before the stop's cancel; the provider did not say how")
+  timer.sleep(300)
+  T.eq(#tx.calls, 1, "not dialed again: maxAttempts is 1")
+end, { timeout = 60000 })
+
 T.test("hung up through the API while ringing: Telnyx's hangup cancels it; an answer racing it is hung up, never streamed", function()
   local env = start({ behaviour = { ring_ms = 60000 }, config = { retry = { maxAttempts = 1 } } })
   local id = env:create({ to = "+14155550117", prompt = "x" })

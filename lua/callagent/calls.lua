@@ -519,6 +519,9 @@ end
 
 -- The reason of a ringing attempt a stop canceled (it is dialed again).
 local RANG_AT_STOP = "callagent stopped while it rang"
+-- The reason of a ringing attempt whose stop's cancel found it over at the
+-- vendor, which did not say how (its final status lost).
+local ENDED_BEFORE_CANCEL = "it ended before the stop's cancel; the provider did not say how"
 
 -- Attempt n, answered during the stop and hung up there: it ends before the
 -- exit, as answered (_end_hung_up).
@@ -1708,7 +1711,10 @@ function Engine:shutdown(deadline_ms)
     while next_one < #todo do
       next_one = next_one + 1
       local entry = todo[next_one]
-      local ok, err = self:_provider_end(entry[1], entry[2])
+      local ok, err, how = self:_provider_end(entry[1], entry[2])
+      if ok and type(how) == "table" and how.ended then
+        entry.ended_there = true -- over before the cancel (_end_hung_up)
+      end
       if ok and entry.ringing then
         self:_rang_at_stop(entry)
       end
@@ -1790,6 +1796,12 @@ function Engine:_end_hung_up(todo, wait_ms)
       -- Canceled through the API as well (its request still on its way):
       -- it ends canceled, as that request would have ended it, not dialed again.
       self:_attempt_final(call, a.n, "canceled", "canceled by API")
+    elseif call and a.status == "dialing" and entry.ended_there then
+      -- The vendor said it was over before the cancel, not how (Telnyx's
+      -- "already ended"), and its final status never came: it ended on its
+      -- own (declined, unanswered), so the retry policy decides, as for a
+      -- failed attempt; requeued, it was dialed again past maxAttempts.
+      self:_attempt_final(call, a.n, "failed", ENDED_BEFORE_CANCEL)
     elseif call and a.status == "dialing" then
       -- A ringing call canceled, its canceled status not come: queued again.
       self:_requeue_at_stop(call, a.n, RANG_AT_STOP)

@@ -14,7 +14,9 @@
 --                                  -- hangup_after_ms, stream = false (no
 --                                  -- stream, no webhook) | "fail" (a
 --                                  -- streaming.failed webhook instead of the
---                                  -- stream), failure_reason}
+--                                  -- stream), failure_reason,
+--                                  -- lost_hangup_webhook (its call.hangup
+--                                  -- is never sent)}
 --                                  -- | fn(call) -> one of those
 --     clock_skew_s = 0,            -- the webhooks' telnyx-timestamp this far off
 --     fail_hangups = 0,            -- the first n hangup requests get 503
@@ -189,7 +191,9 @@ local function finish(call, cause, extra)
     local p = { hangup_cause = cause, hangup_source = extra and extra.source or "callee",
       sip_hangup_cause = extra and extra.sip or (cause == "user_busy" and "486" or "unspecified"),
       start_time = call.started_iso, end_time = os.date("!%Y-%m-%dT%H:%M:%SZ") }
-    webhook(call, "call.hangup", p)
+    if not call.behaviour.lost_hangup_webhook then
+      webhook(call, "call.hangup", p)
+    end
     call.done = true
     call._ended = true
     notify(call)
