@@ -3,6 +3,7 @@
 local T = require "testing"
 local providers = require "callagent.providers"
 local config = require "callagent.config"
+local task = require "callagent.task"
 
 local function write(path, text)
   local f = assert(io.open(path, "w"))
@@ -199,6 +200,60 @@ T.test("a file that does not load or returns no table is reported by path", func
   T.match(e2, "boom%.lua: error while loading: .*cannot start")
   local _, e3 = providers.load("nil", cfg(), { dir })
   T.match(e3, "nil%.lua: must return a table, returned number")
+end)
+
+T.test("a provider file that misbehaves while read is an error naming it: never a raise, nor a task suspended for good", function()
+  local dir = T.tmpdir()
+  local function load(name, src)
+    write(dir .. "/" .. name .. ".lua", src)
+    local ok, p, err = pcall(providers.load, name, cfg(), { dir })
+    T.ok(ok, name .. " raised: " .. tostring(p))
+    T.eq(p, nil, name)
+    return err
+  end
+  -- Its name goes into messages ("the <name> provider's init failed: ..."): text only.
+  T.match(load("tname", (COMPLETE:gsub("^return {", "return { name = {},"))),
+    "/tname%.lua: name must be a non%-empty string, not a table$")
+  T.match(load("ename", (COMPLETE:gsub("^return {", 'return { name = "",'))),
+    "/ename%.lua: name must be a non%-empty string, not empty$")
+  -- An error value whose __tostring raises.
+  T.match(load("errobj", 'error(setmetatable({}, { __tostring = function() error("inner") end }))'),
+    "/errobj%.lua: error while loading: %(error object is a table value%)$")
+  -- A table whose __index raises when its functions are looked up.
+  T.match(load("badidx", 'return setmetatable({}, { __index = function(_, k) error("no " .. k) end })'),
+    "/badidx%.lua: error while checking it: .*no startCall$")
+  -- A file that waits while loading, the app created in a task (as apps do).
+  write(dir .. "/waits.lua", "coroutine.yield() " .. COMPLETE)
+  local done
+  task.spawn(function()
+    done = table.pack(pcall(providers.load, "waits", cfg(), { dir }))
+  end)
+  T.wait_for(function()
+    return done
+  end, 2000, "the load returns")
+  T.eq(done[1], true, tostring(done[2]))
+  T.eq(done[2], nil)
+  T.match(done[3], "/waits%.lua: error while loading: it waits %(yields%) while loading")
+end)
+
+T.test("provider_dirs that is not a list of folders is named, not read as no folder", function()
+  local dir = T.tmpdir()
+  write(dir .. "/acme.lua", COMPLETE)
+  local p, err = providers.load("acme", cfg(), dir)
+  T.eq(p, nil)
+  T.eq(err, "provider_dirs: must be a list of folders, not a string")
+  p, err = providers.load("acme", cfg(), { dir, 42 })
+  T.eq(p, nil)
+  T.eq(err, "provider_dirs[2]: must be a folder's path, not a number")
+  local app, aerr = require("callagent").app({ telephony = { provider = "acme" }, openai = { apiKey = "sk-test-key" },
+    store = { backend = "memory" } }, { provider_dirs = dir })
+  T.eq(app, nil)
+  T.eq(aerr, "provider_dirs: must be a list of folders, not a string")
+  -- A name with path characters never reaches the file system.
+  app, aerr = require("callagent").app({ telephony = { provider = "../acme" }, openai = { apiKey = "sk-test-key" },
+    store = { backend = "memory" } }, { provider_dirs = { dir } })
+  T.eq(app, nil)
+  T.match(aerr, "^telephony%.provider: ")
 end)
 
 T.test("an unknown provider name lists the ones found; missing config keys are named", function()

@@ -3,7 +3,8 @@
 -- A provider file (providers/<name>.lua, in callagent's own providers/ folder
 -- or in a providers/ folder next to the app) returns a table:
 --
---   name                      the provider's name (defaults to the file name)
+--   name                      the provider's name, a non-empty string (defaults
+--                             to the file name)
 --   needs                     config keys it requires, e.g. {"twilio.accountSid"}
 --   needs_public_url          true when the vendor must reach us (webhooks, media)
 --   init(self, ctx)           optional; ctx = {config, engine, app, log}
@@ -66,9 +67,18 @@ M.optional = { "init", "endCall", "getCall", "streamStart", "close" }
 
 --- The folders searched, in order: extra dirs (opts.provider_dirs), the
 --- providers/ folder next to the app being run, then callagent's own.
+--- A provider_dirs that is no list of strings is nil, err: a string given
+--- for a list would be read as an empty one, and the provider it holds
+--- reported as not found.
 function M.dirs(extra)
   local dirs = {}
-  for _, d in ipairs(extra or {}) do
+  if extra ~= nil and type(extra) ~= "table" then
+    return nil, "provider_dirs: must be a list of folders, not a " .. type(extra)
+  end
+  for i, d in ipairs(extra or {}) do
+    if type(d) ~= "string" or d == "" then
+      return nil, "provider_dirs[" .. i .. "]: must be a folder's path, not " .. (d == "" and "empty" or "a " .. type(d))
+    end
     dirs[#dirs + 1] = d
   end
   local own = core.root .. "/providers"
@@ -82,10 +92,15 @@ function M.dirs(extra)
   return dirs
 end
 
---- name -> path of every provider file found (the first folder wins).
+--- name -> path of every provider file found (the first folder wins), or
+--- nil, err for a bad provider_dirs.
 function M.list(extra)
+  local dirs, err = M.dirs(extra)
+  if not dirs then
+    return nil, err
+  end
   local found = {}
-  for _, dir in ipairs(M.dirs(extra)) do
+  for _, dir in ipairs(dirs) do
     local names = core.listdir(dir)
     for _, f in ipairs(names or {}) do
       local name = f:match("^([%w_-]+)%.lua$")
@@ -97,16 +112,41 @@ function M.list(extra)
   return found
 end
 
---- Loads and checks one provider file: the table, or nil and a message naming the file.
+-- An error value as text, even one whose __tostring raises.
+local function as_text(v)
+  local ok, s = pcall(tostring, v)
+  return ok and type(s) == "string" and s or "(error object is a " .. type(v) .. " value)"
+end
+
+local check
+
+--- Loads and checks one provider file: the table, or nil and a message naming
+--- the file. It never raises: what the file's table does when read (a
+--- metatable's __index that raises) is an error naming the file too.
 function M.load_file(path, name)
   local chunk, err = loadfile(path)
   if not chunk then
-    return nil, "provider " .. path .. ": " .. tostring(err)
+    return nil, "provider " .. path .. ": " .. as_text(err)
   end
-  local ok, p = pcall(chunk)
+  -- In a coroutine of its own: a file that waits (yields) while it loads
+  -- would otherwise suspend the task creating the app, for good.
+  local co = coroutine.create(chunk)
+  local ok, p = coroutine.resume(co)
+  if ok and coroutine.status(co) ~= "dead" then
+    coroutine.close(co)
+    ok, p = false, "it waits (yields) while loading: a provider file is run when the app is created, and may not wait"
+  end
   if not ok then
-    return nil, "provider " .. path .. ": error while loading: " .. tostring(p)
+    return nil, "provider " .. path .. ": error while loading: " .. as_text(p)
   end
+  local cok, res, cerr = pcall(check, p, path, name)
+  if not cok then
+    return nil, "provider " .. path .. ": error while checking it: " .. as_text(res)
+  end
+  return res, cerr
+end
+
+check = function(p, path, name)
   if type(p) ~= "table" then
     return nil, "provider " .. path .. ": must return a table, returned " .. type(p)
   end
@@ -139,6 +179,11 @@ function M.load_file(path, name)
       return nil, "provider " .. path .. ': needs must be a list of config keys like {"twilio.accountSid"}'
     end
   end
+  -- The name goes into messages ("the <name> provider's ..."): text.
+  if p.name ~= nil and (type(p.name) ~= "string" or p.name == "") then
+    return nil, "provider " .. path .. ": name must be a non-empty string, not "
+      .. (p.name == "" and "empty" or "a " .. type(p.name))
+  end
   p.name = p.name or name
   p.path = path
   return p
@@ -146,7 +191,10 @@ end
 
 --- Loads the provider named in config (telephony.provider) and checks its config needs.
 function M.load(name, cfg, extra)
-  local all = M.list(extra)
+  local all, lerr = M.list(extra)
+  if not all then
+    return nil, lerr
+  end
   local path = all[name]
   if not path then
     local names = {}
