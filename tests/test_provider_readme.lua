@@ -1,0 +1,143 @@
+-- A provider written from README's "Writing a telephony provider" alone: a
+-- file dropped in a folder of provider_dirs, with a config section of its
+-- own, whose calls are answered through a route of its own (as the mock
+-- provider's are) and whose phone speaks Twilio's Media Streams protocol.
+-- The whole call runs: dial, answer, stream, model, report, goodbye, hang-up.
+local T = require "testing"
+local kit = require "callkit"
+local fetch = require "callagent.fetch"
+local json = require "callagent.json"
+local ws = require "callagent.ws"
+local crypto = require "callagent.crypto"
+local timer = require "callagent.timer"
+
+local ACME = [[
+local timer = require "callagent.timer"
+local P = { needs = { "acme.apiKey" } }
+
+function P:init(ctx)
+  self.engine, self.app, self.key = ctx.engine, ctx.app, ctx.config.acme.apiKey
+  self.placed, self.ended = {}, {}
+end
+
+function P:startCall(call, publicBaseUrl, localBaseUrl)
+  local id = "acme-" .. call.callId .. "-" .. call.attempt
+  self.placed[call.callId] = id
+  return { providerCallId = id, userHint = localBaseUrl .. "/acme/answer/" .. call.callId .. "?n=" .. call.attempt }
+end
+
+function P:buildVoiceResponse()
+  return "", "text/plain"
+end
+
+function P:validateRequest(req)
+  if req.upgrade then
+    return true
+  end
+  return false, "acme posts no webhooks"
+end
+
+function P:mapStatus()
+  return nil, "acme posts no status", "status"
+end
+
+function P:registerRoutes(srv, ctx)
+  srv:post("/acme/answer/{id}", function(req)
+    local id, n = req.params.id, tonumber(req.query.n)
+    local ok, why = ctx.engine:provider_status(id, n, { status = "in_progress", providerCallId = self.placed[id],
+      raw = "answered" })
+    if not ok then
+      return 409, { error = { code = "not_ringing", message = why } }
+    end
+    local token, err = ctx.engine:prepare_stream(id, n)
+    if not token then
+      return 409, { error = { code = "not_ringing", message = err } }
+    end
+    return 200, { streamUrl = (self.app.url:gsub("^http", "ws")) .. "/voice/stream",
+      parameters = { callId = id, attempt = tostring(n), token = token } }
+  end)
+end
+
+function P:endCall(call, attempt)
+  self.ended[#self.ended + 1] = { callId = call.callId, n = attempt.n, providerCallId = attempt.providerCallId }
+  -- The vendor's "it hung up" comes later, as a callback would.
+  timer.after(10, function()
+    self.engine:provider_status(call.callId, attempt.n, { status = "completed", providerCallId = attempt.providerCallId,
+      raw = "hungup" })
+  end)
+  return true
+end
+
+return P
+]]
+
+T.test("a provider written as README says (own folder, own config section, own answer route) places a whole call", function()
+  local dir = T.tmpdir()
+  local f = assert(io.open(dir .. "/acme.lua", "w"))
+  f:write(ACME)
+  f:close()
+  local env = kit.start({
+    provider_dirs = { dir },
+    config = { telephony = { provider = "acme" }, acme = { apiKey = "acme-key-for-tests" } },
+    realtime = {
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        session:speak({ ms = 300, text = "Hello, calling for Ada." })
+        session:call_function("report_call", { summary = "Said hello.", outcome = "success" })
+        assert(session:wait_event("response.create", 5000))
+        session:speak({ ms = 200, text = "Goodbye!" })
+      end,
+    },
+  })
+  T.eq(env.app.provider.name, "acme")
+  T.eq(env.app.provider.key, "acme-key-for-tests", "init got its config section")
+  local id = env:create({ to = "+14155550100", prompt = "Say hello for Ada.", callerName = "Ada" })
+  local rec = env:wait(id, function(r)
+    return r.hint ~= nil
+  end, 5000, "the hint")
+  T.match(rec.hint, "/acme/answer/" .. id .. "%?n=1$")
+
+  -- The phone answers: the provider's route reports in_progress and gives the stream.
+  local res = assert(fetch(rec.hint, { method = "POST" }))
+  T.eq(res.status, 200, res.body)
+  local a = json.decode(res.body)
+  local received, closed, conn = "", nil, nil
+  conn = assert(ws.connect(a.streamUrl, {
+    on_text = function(_, msg)
+      local ev = json.decode(msg)
+      if ev.event == "media" then
+        received = received .. crypto.base64_decode(ev.media.payload)
+      elseif ev.event == "mark" then -- played (at once): echoed, as Twilio does
+        conn:send(json.encode({ event = "mark", streamSid = ev.streamSid, mark = ev.mark }))
+      end
+    end,
+    on_close = function()
+      closed = true
+    end,
+  }))
+  local sid = "MZ" .. crypto.to_hex(crypto.random_bytes(16))
+  conn:send(json.encode({ event = "start", streamSid = sid, start = { streamSid = sid,
+    mediaFormat = { encoding = "audio/x-mulaw", sampleRate = 8000, channels = 1 }, customParameters = a.parameters } }))
+  local frames = timer.every(20, function()
+    if not closed then
+      conn:send(json.encode({ event = "media", streamSid = sid,
+        media = { track = "inbound", payload = crypto.base64_encode(string.rep("\255", 160)) } }))
+    end
+  end)
+  T.defer(function()
+    frames:stop()
+    conn:close()
+  end)
+
+  local call = env:wait_final(id, 10000)
+  T.eq({ call.status, call.endReason, call.report and call.report.summary }, { "completed", "completed", "Said hello." })
+  T.eq(call.attempts[1].providerCallId, "acme-" .. id .. "-1")
+  T.gt(#received, 8 * 300, "the agent's audio reached the phone")
+  T.eq(env.app.provider.ended, { { callId = id, n = 1, providerCallId = "acme-" .. id .. "-1" } },
+    "endCall hung up that attempt, once")
+  local s = env.rt.sessions[1]
+  T.match(s.config.instructions, "Say hello for Ada%.")
+  T.eq(s.config.tools[1].name, "report_call")
+end, { timeout = 20000 })
+
+T.run()
