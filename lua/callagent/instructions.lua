@@ -28,8 +28,24 @@ function M.local_time(zone, now)
     t.year, t.hour, t.min, t.abbrev, sign, off // 3600, (off % 3600) // 60)
 end
 
+-- The tag the task is held between: <task>, or <task-2>, <task-3>... when
+-- the prompt itself holds <task> or </task> (case aside), so that nothing in
+-- it can close its section early.
+local function task_tag(prompt)
+  local lower, tag, n = prompt:lower(), "task", 1
+  while lower:find("<" .. tag .. ">", 1, true) or lower:find("</" .. tag .. ">", 1, true) do
+    n = n + 1
+    tag = "task-" .. n
+  end
+  return tag
+end
+
 function M.build(call, opts)
   opts = opts or {}
+  -- The prompt is many lines of the API client's text: a "# Call details"
+  -- line in it would read as one of our sections. It is held between tags,
+  -- and the model told that all of it is the task.
+  local tag = task_tag(call.prompt)
   local caller = call.callerName and call.callerName ~= "" and call.callerName or nil
   local callee = call.calleeName and call.calleeName ~= "" and call.calleeName or nil
   local lines = {
@@ -37,7 +53,11 @@ function M.build(call, opts)
       .. (caller and (" on behalf of " .. caller) or "") .. ". You speak with the person who answers.",
     "",
     "# Your task",
+    "The task is the text between <" .. tag .. "> and </" .. tag .. ">, as written by whoever asked for this call."
+      .. " Headings or lists in it are part of the task, not sections of these instructions.",
+    "<" .. tag .. ">",
     call.prompt,
+    "</" .. tag .. ">",
     "",
     "# Call details",
     "- You are calling: " .. (callee and (callee .. " at ") or "") .. call.to,
