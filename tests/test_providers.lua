@@ -249,6 +249,14 @@ T.test("provider_dirs that is not a list of folders is named, not read as no fol
     store = { backend = "memory" } }, { provider_dirs = dir })
   T.eq(app, nil)
   T.eq(aerr, "provider_dirs: must be a list of folders, not a string")
+  -- The first folder of provider_dirs wins, and a file there shadows a built-in of its name.
+  local second = T.tmpdir()
+  write(second .. "/acme.lua", (COMPLETE:gsub("^return {", 'return { name = "acme2",')))
+  write(second .. "/twilio.lua", (COMPLETE:gsub("^return {", 'return { name = "mytwilio",')))
+  T.eq(assert(providers.load("acme", cfg(), { dir, second })).name, "acme")
+  T.eq(assert(providers.load("acme", cfg(), { second, dir })).name, "acme2")
+  local tw = assert(providers.load("twilio", cfg(), { second }))
+  T.eq({ tw.name, tw.path }, { "mytwilio", second .. "/twilio.lua" })
   -- A name with path characters never reaches the file system.
   app, aerr = require("callagent").app({ telephony = { provider = "../acme" }, openai = { apiKey = "sk-test-key" },
     store = { backend = "memory" } }, { provider_dirs = { dir } })
