@@ -28,4 +28,62 @@ end)
   T.eq(#p.err, 2, "one line per error")
 end)
 
+T.test("task.all: a nil member is an error like a non-function's, and all still returns", function()
+  -- ipairs stopped at the hole: the count never reached 0 and the caller
+  -- waited for good.
+  local code, _, p = T.run_app(nil, nil, {
+    source = [[
+local task = require "callagent.task"
+task.spawn(function()
+  print(task.all({ function() return 1 end, nil, function() return 3 end }))
+  print(task.all({ function() return 1 end, 42 }))
+end)
+]],
+  })
+  T.eq(code, 0, p.errtext())
+  T.eq(p.out, { "1\tnil\t3", "1\tnil" })
+  T.match(p.errtext(), 'uncaught error in task error="attempt to call a nil value"')
+  T.match(p.errtext(), 'uncaught error in task error="attempt to call a number value"')
+end)
+
+T.test("await: a done() that comes after the task was resumed from elsewhere is ignored", function()
+  -- It used to resume the coroutine again: an error about a dead coroutine,
+  -- or, had the task been waiting elsewhere, a wake with the wrong values.
+  local code, _, p = T.run_app(nil, nil, {
+    source = [[
+local task = require "callagent.task"
+local timer = require "callagent.timer"
+local co = task.spawn(function()
+  print("first", task.await(function(done) timer.after(30, function() done("late") end) end))
+  print("second", task.await(function(done) timer.after(60, function() done("mine") end) end))
+end)
+timer.after(5, function() task.resume(co, "external") end)
+]],
+  })
+  T.eq(code, 0, p.errtext())
+  T.eq(p.out, { "first\texternal", "second\tmine" })
+  T.eq(p.err, {}, "nothing logged")
+end)
+
+T.test("a task that fails deep in nested spawns is logged with its own error, once", function()
+  -- Loading callagent.log to report it overflowed the C stack in turn, and
+  -- the loader's error was logged instead of the task's.
+  local code, _, p = T.run_app(nil, nil, {
+    source = [[
+local task = require "callagent.task"
+local depth = 0
+local function f(n)
+  depth = n
+  if n < 1000 then task.spawn(f, n + 1) end
+end
+task.spawn(f, 1)
+print(depth > 100)
+]],
+  })
+  T.eq(code, 0, p.errtext())
+  T.eq(p.out, { "true" })
+  T.eq(#p.err, 1, p.errtext())
+  T.match(p.err[1], 'ERROR uncaught error in task error="C stack overflow"')
+end)
+
 T.run()

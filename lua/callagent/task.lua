@@ -37,11 +37,20 @@
 local M = { pace_ms = 2 }
 
 local unpack, pack = table.unpack, table.pack
-local log -- required lazily: callagent.log needs nothing from here, but keep loads cheap
+-- Loaded now, not when an error is first reported: a task that fails deep in
+-- nested resumes (a C stack overflow) could not load it then, and the
+-- loader's error took the place of the task's.
+local log = require "callagent.log"
+local ctimer = require "callagent.core.timer"
 
 local function report(co, err)
-  log = log or require "callagent.log"
-  log.error("uncaught error in task", { error = tostring(err), traceback = debug.traceback(co) })
+  local fields = { error = tostring(err), traceback = debug.traceback(co) }
+  if not pcall(log.error, "uncaught error in task", fields) then
+    -- Too deep in nested resumes to log here: from the loop, at once.
+    ctimer.start(0, 0, function()
+      log.error("uncaught error in task", fields)
+    end)
+  end
 end
 
 -- xpcall's handler in task.all: the error and where it was raised.
@@ -98,10 +107,12 @@ function M.await(start)
   end
   waiting = true
   local r = pack(pcall(coroutine.yield))
+  -- Whoever resumed it (done, or a task.resume from elsewhere), this wait is
+  -- over: a late done() must not resume the coroutine, which has moved on
+  -- (to another wait it would wake with the wrong values, or it has ended).
+  -- So too when the yield itself failed (e.g. across a C call).
+  done = true
   if not r[1] then
-    -- The yield itself failed (e.g. across a C call): a late done() must
-    -- not resume this coroutine, which has moved on.
-    done = true
     error(r[2], 0)
   end
   return unpack(r, 2, r.n)
@@ -245,30 +256,33 @@ end
 -- all ------------------------------------------------------------------------
 
 function M.all(fns)
-  local co = must_be_in_task("task.all")
+  must_be_in_task("task.all")
   local n, left, results = #fns, #fns, {}
   if n == 0 then
     return
   end
-  local waiting = false
-  for i, fn in ipairs(fns) do
+  local finish
+  -- 1 to n, not ipairs: a nil member (an error, as a non-function is) must
+  -- not leave the count short and the caller waiting forever.
+  for i = 1, n do
+    local fn = fns[i]
     M.spawn(function()
       local ok, r = xpcall(fn, caught)
       if ok then
         results[i] = r
       else
-        log = log or require "callagent.log"
         log.error("uncaught error in task", { error = tostring(r.err), traceback = r.traceback })
       end
       left = left - 1
-      if left == 0 and waiting then
-        M.resume(co)
+      if left == 0 and finish then
+        finish()
       end
     end)
   end
   if left > 0 then
-    waiting = true
-    coroutine.yield()
+    M.await(function(done)
+      finish = done
+    end)
   end
   return unpack(results, 1, n)
 end
