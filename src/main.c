@@ -222,16 +222,21 @@ static void preload(lua_State *L)
 
 /* ---- callagent.core: the runtime's own few functions ---- */
 
+/*
+ * The first stop's code is the exit status: a shutdown handler's
+ * runtime.stop(4) is not undone by the shutdown's own stop(0) as it ends.
+ */
 static void begin_stop(int code)
 {
-	exit_code = code;
 	if (!stopping) {
+		exit_code = code;
 		stopping = 1;
 		uv_stop(loop);
 	}
 }
 
-/* core.stop([code]): ends the loop after the current callback; exits with code. */
+/* core.stop([code]): ends the loop after the current callback; exits with code
+ * (a later stop keeps the first one's). */
 static int core_stop(lua_State *L)
 {
 	begin_stop((int)luaL_optinteger(L, 1, 0));

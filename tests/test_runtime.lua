@@ -519,6 +519,28 @@ timer.after(10, function() runtime.shutdown(3, "test") end)
   T.match(p.errtext(), "still running after grace period")
 end)
 
+T.test("runtime.stop(code) from a shutdown handler is the exit status, and runtime.exit(code) too", function()
+  -- The shutdown's own stop(0), once its handlers were done, overwrote it.
+  local code, _, p = T.run_app(nil, nil, {
+    source = [[
+local runtime = require "callagent.runtime"
+runtime.on_shutdown(function() runtime.stop(4) end)
+require("callagent.timer").after(10, function() runtime.shutdown(0, "test") end)
+]],
+  })
+  T.eq(code, 4, p.errtext())
+  code, _, p = T.run_app(nil, nil, {
+    source = [[
+local runtime = require "callagent.runtime"
+local timer = require "callagent.timer"
+runtime.on_shutdown(function() timer.sleep(5); runtime.exit(7) end)
+timer.every(1000, function() end)
+timer.after(10, function() runtime.shutdown(0, "test") end)
+]],
+  })
+  T.eq(code, 7, p.errtext())
+end)
+
 T.test("make install puts a binary that finds its Lua code without environment variables", function()
   local dir = T.tmpdir()
   local san = os.getenv("CALLAGENT_SAN") == "1" and "SAN=1" or ""
