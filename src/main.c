@@ -8,7 +8,8 @@
  * until no work is left or callagent.core.stop() is called. SIGINT/SIGTERM
  * (and SIGHUP: the terminal closed)
  * go to the Lua signal handler (callagent.runtime installs one that runs the
- * shutdown handlers); a second signal exits at once.
+ * shutdown handlers); a second signal exits at once (within a second even
+ * when the loop is stuck in the app's own code, see raw_signal).
  *
  * Exit codes: 0 done, 1 the app failed (error in app.lua, or stop(1)),
  * 2 usage error, 128+N forced exit by a second signal N.
@@ -745,6 +746,73 @@ static void on_signal(uv_signal_t *h, int signum)
 	ca_call_ref(signal_ref, 1, "signal handler");
 }
 
+/*
+ * A second signal while the loop is stuck (an app's own endless loop, at its
+ * top level or in a handler) never reaches on_signal: libuv's handler only
+ * writes it into a pipe the loop reads. So the signals are counted as they
+ * come too, in a handler of ours in front of libuv's, and the second one
+ * arms an alarm: if the loop has not exited on it within a second, the alarm
+ * exits. The children started with kill_on_exit get their SIGTERM from the
+ * kernel then (PR_SET_PDEATHSIG); nothing else here is safe in a handler.
+ */
+#define STUCK_EXIT_SEC 1
+
+static const int watched[] = {SIGINT, SIGTERM, SIGHUP};
+static struct sigaction uv_act[3];	/* libuv's handlers for them */
+static volatile sig_atomic_t raw_seen, raw_last;
+
+static void on_stuck_alarm(int signum)
+{
+	static const char msg[] = "callagent: second signal, and the event loop did not take it within "
+		"a second: exiting now\n";
+	ssize_t n;
+
+	(void)signum;
+	n = write(2, msg, sizeof msg - 1);
+	(void)n;
+	_exit(128 + raw_last);
+}
+
+static void raw_signal(int signum, siginfo_t *info, void *ctx)
+{
+	int e = errno;
+
+	raw_last = signum;
+	if (++raw_seen == 2) {
+		struct sigaction sa;
+
+		memset(&sa, 0, sizeof sa);
+		sa.sa_handler = on_stuck_alarm;
+		sigemptyset(&sa.sa_mask);
+		sigaction(SIGALRM, &sa, NULL);
+		alarm(STUCK_EXIT_SEC);
+	}
+	for (int i = 0; i < 3; i++) {
+		if (watched[i] != signum)
+			continue;
+		if (uv_act[i].sa_flags & SA_SIGINFO)
+			uv_act[i].sa_sigaction(signum, info, ctx);
+		else if (uv_act[i].sa_handler != SIG_DFL && uv_act[i].sa_handler != SIG_IGN)
+			uv_act[i].sa_handler(signum);
+	}
+	errno = e;
+}
+
+/* After uv_signal_start: raw_signal goes in front of libuv's handlers. */
+static void count_raw_signals(void)
+{
+	for (int i = 0; i < 3; i++) {
+		struct sigaction sa;
+
+		if (sigaction(watched[i], NULL, &uv_act[i]) != 0)
+			continue;
+		sa = uv_act[i];
+		sa.sa_sigaction = raw_signal;
+		sa.sa_flags = (uv_act[i].sa_flags & ~SA_RESETHAND) | SA_SIGINFO;
+		sigaction(watched[i], &sa, NULL);
+	}
+}
+
 /* ---- run ---- */
 
 static int run_app(int argc, char **argv)
@@ -794,6 +862,7 @@ static int run_app(int argc, char **argv)
 	 * no longer get its SIGHUP, so callagent must not just die of it.
 	 */
 	uv_signal_start(&sig_hup, on_signal, SIGHUP);
+	count_raw_signals();
 	uv_unref((uv_handle_t *)&sig_int);
 	uv_unref((uv_handle_t *)&sig_term);
 	uv_unref((uv_handle_t *)&sig_hup);

@@ -502,6 +502,40 @@ print("ready")
   T.match(p.errtext(), "second signal SIGTERM: exiting now")
 end)
 
+T.test("a second signal exits too when a shutdown handler never gives the loop back", function()
+  -- The loop never got to read the second signal (libuv only queues it for
+  -- the loop): a handler stuck in a loop of its own kept the program up.
+  local p = T.spawn_app(nil, nil, {
+    source = [[
+local runtime = require "callagent.runtime"
+runtime.on_shutdown(function()
+  print("spinning")
+  io.stdout:flush()
+  local t = os.time()
+  while os.time() - t < 30 do end
+end)
+require("callagent.timer").every(1000, function() end)
+print("ready")
+]],
+  })
+  T.wait_for(function()
+    return p.out[1] == "ready"
+  end, 5000, "ready")
+  p:kill("SIGTERM")
+  T.wait_for(function()
+    return p.out[2] == "spinning"
+  end, 5000, "the handler runs")
+  local t0 = timer.now()
+  p:kill("SIGTERM")
+  local code, why = p:wait(5000)
+  if code == nil then
+    p:kill("SIGKILL")
+  end
+  T.eq(code, 128 + 15, "exit status (" .. tostring(why) .. ")")
+  T.lt(timer.now() - t0, 3000)
+  T.match(p.errtext(), "second signal, and the event loop did not take it within a second: exiting now")
+end)
+
 T.test("runtime.shutdown honours grace_ms when a handler hangs", function()
   local t0 = timer.now()
   local code, _, p = T.run_app(nil, nil, {
