@@ -870,7 +870,9 @@ static int run_app(int argc, char **argv)
 	rc = luaL_loadfile(L, script);
 	if (rc != LUA_OK) {
 		ca__log_fatal("%s", lua_tostring(L, -1));
-		exit_code = 1;
+		/* A file it cannot read (a folder, no permission) is a usage
+		 * error, as a missing one is; a syntax error is the app's. */
+		exit_code = rc == LUA_ERRFILE ? 2 : 1;
 		goto out;
 	}
 	for (int i = 1; i < argc; i++)

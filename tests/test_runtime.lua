@@ -37,6 +37,11 @@ T.test("usage errors say what is wrong and exit 2", function()
   T.eq(code, 2)
   T.match(err, "cannot open /nonexistent/app%.lua")
   T.eq(out, "")
+  -- One that is there but cannot be read (here a folder) is one too; it was 1.
+  local dir = T.tmpdir()
+  code, out, err = cli({ "run", dir })
+  T.eq(code, 2, err)
+  T.match(err, "cannot read .*: Is a directory")
 end)
 
 T.test("an error at the top level of app.lua exits 1 with its traceback", function()
