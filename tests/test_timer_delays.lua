@@ -53,4 +53,23 @@ T.test("a delay of NaN, -math.huge or below 0 is 0; every's period is at least 1
   T.gt(n, 0, "every(NaN) fires")
 end)
 
+T.test("a delay that is not a number or a callback that is not a function is an error naming the call", function()
+  -- They were "attempt to compare number with string" and "bad argument #3
+  -- to 'start'": neither said which call, nor what was wrong with it.
+  local cases = {
+    { timer.after, "5", function() end, "timer%.after: the delay must be a number of milliseconds, not string" },
+    { timer.every, nil, function() end, "timer%.every: the delay must be a number of milliseconds, not nil" },
+    { timer.after, 5, nil, "timer%.after: the callback must be a function, not nil" },
+    { timer.every, 5, "x", "timer%.every: the callback must be a function, not string" },
+  }
+  for i, c in ipairs(cases) do
+    local ok, err = pcall(c[1], c[2], c[3])
+    T.eq(ok, false, "case " .. i)
+    T.match(err, c[4])
+  end
+  local ok, err = pcall(timer.sleep, {})
+  T.eq(ok, false)
+  T.match(err, "timer%.sleep: the delay must be a number of milliseconds, not table")
+end)
+
 T.run()
