@@ -407,4 +407,220 @@ T.test("Twilio signatures fail for a changed parameter, URL or token", function(
   T.eq(twilio_valid("12346", url, defaults, sig), false, "other token")
 end)
 
+-- Fuzz-style properties: a seeded generator, each case checked against a
+-- small reference written here in Lua from the module's documented contract.
+
+local ALPHA = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+
+-- RFC 4648 in plain Lua: encode with the alphabet's last two characters x, y
+-- (padded when pad), and the strict decoder crypto.c documents.
+local function ref_encode(s, x, y, pad)
+  local a, out = ALPHA .. x .. y, {}
+  for i = 1, #s, 3 do
+    local b1, b2, b3 = s:byte(i, i + 2)
+    local v = b1 << 16 | (b2 or 0) << 8 | (b3 or 0)
+    local n = b3 and 4 or b2 and 3 or 2
+    for k = 1, 4 do
+      if k <= n then
+        local c = v >> (24 - 6 * k) & 63
+        out[#out + 1] = a:sub(c + 1, c + 1)
+      elseif pad then
+        out[#out + 1] = "="
+      end
+    end
+  end
+  return table.concat(out)
+end
+
+local function ref_decode(s, x, y, padded)
+  local val = {}
+  for i = 1, 64 do
+    val[(ALPHA .. x .. y):byte(i)] = i - 1
+  end
+  local body = s
+  if padded then
+    if #s % 4 ~= 0 then
+      return nil
+    end
+    body = s:match("^(.-)=?=?$")
+    if #s - #body > 0 and #s % 4 ~= 0 then
+      return nil
+    end
+    if #body % 4 == 1 or (#s - #body == 2 and #body % 4 ~= 2) or (#s - #body == 1 and #body % 4 ~= 3) then
+      return nil
+    end
+  elseif #s % 4 == 1 then
+    return nil
+  end
+  local out, acc, bits = {}, 0, 0
+  for i = 1, #body do
+    local v = val[body:byte(i)]
+    if not v then
+      return nil
+    end
+    acc, bits = (acc << 6 | v) & 0xFFFF, bits + 6
+    if bits >= 8 then
+      bits = bits - 8
+      out[#out + 1] = string.char(acc >> bits & 255)
+    end
+  end
+  if acc & ((1 << bits) - 1) ~= 0 then
+    return nil -- non-zero padding bits
+  end
+  return table.concat(out)
+end
+
+local function rand_bytes(n)
+  local t = {}
+  for i = 1, n do
+    t[i] = string.char(math.random(0, 255))
+  end
+  return table.concat(t)
+end
+
+-- s with a few characters replaced, inserted or dropped, drawn mostly from
+-- the characters a decoder must look at twice.
+local TRICKY = "=+/-_ \n\r\tAQgw0z\0\xff.%"
+local function mutate(s)
+  for _ = 1, math.random(1, 3) do
+    local i = math.random(1, #s + 1)
+    local op = math.random(1, 3)
+    local k = math.random(1, #TRICKY)
+    local c = TRICKY:sub(k, k)
+    if op == 1 then
+      s = s:sub(1, i - 1) .. c .. s:sub(i + 1)
+    elseif op == 2 then
+      s = s:sub(1, i - 1) .. c .. s:sub(i)
+    else
+      s = s:sub(1, i - 1) .. s:sub(i + 1)
+    end
+  end
+  return s
+end
+
+T.test("fuzz: base64 and base64url agree with an RFC 4648 reference on 6000 random and mutated inputs", function()
+  math.randomseed(4648)
+  local checked, refused = 0, 0
+  for _ = 1, 3000 do
+    local raw = rand_bytes(math.random(0, 40))
+    T.eq(crypto.base64_encode(raw), ref_encode(raw, "+", "/", true))
+    T.eq(crypto.base64url_encode(raw), ref_encode(raw, "-", "_", false))
+    for _, m in ipairs({ mutate(crypto.base64_encode(raw)), mutate(crypto.base64url_encode(raw)) }) do
+      local want = ref_decode(m, "+", "/", true)
+      local got, err = crypto.base64_decode(m)
+      if got ~= want then
+        T.eq(got, want, string.format("base64_decode(%q)", m))
+      end
+      if not got and not err:find("^EINVAL: ") then
+        T.eq(err, "EINVAL: ...", string.format("base64_decode(%q)", m))
+      end
+      want = ref_decode(m, "-", "_", false)
+      got, err = crypto.base64url_decode(m)
+      if got ~= want then
+        T.eq(got, want, string.format("base64url_decode(%q)", m))
+      end
+      if not got and not err:find("^EINVAL: ") then
+        T.eq(err, "EINVAL: ...", string.format("base64url_decode(%q)", m))
+      end
+      checked, refused = checked + 1, refused + (got and 0 or 1)
+    end
+  end
+  T.diag(string.format("%d mutated inputs, %d refused", checked, refused))
+  T.ok(refused > 1000 and refused < checked, "the mutations hit both outcomes")
+end)
+
+T.test("fuzz: from_hex agrees with a reference on random and mutated hex, to_hex round-trips", function()
+  math.randomseed(16)
+  for _ = 1, 3000 do
+    local raw = rand_bytes(math.random(0, 30))
+    local h = hex(raw)
+    T.eq(unhex(h), raw)
+    local m = mutate(math.random(2) == 1 and h or h:upper())
+    local want = #m % 2 == 0 and not m:find("[^%x]") and m:gsub("%x%x", function(p)
+      return string.char(tonumber(p, 16))
+    end) or nil
+    local got, err = unhex(m)
+    if got ~= want then
+      T.eq(got, want, string.format("from_hex(%q)", m))
+    end
+    T.ok(got or err:find("^EINVAL: "))
+  end
+end)
+
+-- HMAC (RFC 2104) built here from the hash functions: keys longer than the
+-- block are hashed first.
+local function ref_hmac(hash, key, data)
+  if #key > 64 then
+    key = hash(key)
+  end
+  key = key .. string.rep("\0", 64 - #key)
+  local ipad = key:gsub(".", function(c) return string.char(c:byte() ~ 0x36) end)
+  local opad = key:gsub(".", function(c) return string.char(c:byte() ~ 0x5c) end)
+  return hash(opad .. hash(ipad .. data))
+end
+
+T.test("hmac_sha1 and hmac_sha256 match all RFC 2202 and RFC 4231 vectors", function()
+  local rep = string.rep
+  local long_key = rep("\xaa", 80)
+  local sha1_cases = {
+    { rep("\x0b", 20), "Hi There", "b617318655057264e28bc0b6fb378c8ef146be00" },
+    { "Jefe", "what do ya want for nothing?", "effcdf6ae5eb2fa2d27416d5f184df9c259a7c79" },
+    { rep("\xaa", 20), rep("\xdd", 50), "125d7342b9ac11cd91a39af48aa17b4f63f175d3" },
+    { unhex("0102030405060708090a0b0c0d0e0f10111213141516171819"), rep("\xcd", 50),
+      "4c9007f4026250c6bc8414f9bf50c86c2d7235da" },
+    { rep("\x0c", 20), "Test With Truncation", "4c1a03424b55e07fe7f27be1d58bb9324a9a5a04" },
+    { long_key, "Test Using Larger Than Block-Size Key - Hash Key First", "aa4ae5e15272d00e95705637ce8a3b55ed402112" },
+    { long_key, "Test Using Larger Than Block-Size Key and Larger Than One Block-Size Data",
+      "e8e99d0f45237d786d6bbaa7965c7808bbff1a91" },
+  }
+  for i, c in ipairs(sha1_cases) do
+    T.eq(hex(crypto.hmac_sha1(c[1], c[2])), c[3], "RFC 2202 case " .. i)
+  end
+  local key131 = rep("\xaa", 131)
+  local sha256_cases = {
+    { rep("\x0b", 20), "Hi There", "b0344c61d8db38535ca8afceaf0bf12b881dc200c9833da726e9376c2e32cff7" },
+    { "Jefe", "what do ya want for nothing?", "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843" },
+    { rep("\xaa", 20), rep("\xdd", 50), "773ea91e36800e46854db8ebd09181a72959098b3ef8c122d9635514ced565fe" },
+    { unhex("0102030405060708090a0b0c0d0e0f10111213141516171819"), rep("\xcd", 50),
+      "82558a389a443c0ea4cc819899f2083a85f0faa3e578f8077a2e3ff46729665b" },
+    { rep("\x0c", 20), "Test With Truncation", "a3b6167473100ee06e0c796c2955552b", 16 },
+    { key131, "Test Using Larger Than Block-Size Key - Hash Key First",
+      "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54" },
+    { key131, "This is a test using a larger than block-size key and a larger than block-size data. "
+      .. "The key needs to be hashed before being used by the HMAC algorithm.",
+      "9b09ffa71b942fcb27635fbcd5b0e944bfdc63644f0713938a7f51535c3a35e2" },
+  }
+  for i, c in ipairs(sha256_cases) do
+    T.eq(hex(crypto.hmac_sha256(c[1], c[2])):sub(1, 2 * (c[4] or 32)), c[3], "RFC 4231 case " .. i)
+  end
+end)
+
+T.test("fuzz: hmac_sha1 and hmac_sha256 equal RFC 2104 built from the hashes, keys of 0..200 bytes", function()
+  math.randomseed(2104)
+  for klen = 0, 200 do
+    local key, data = rand_bytes(klen), rand_bytes(math.random(0, 150))
+    T.eq(crypto.hmac_sha1(key, data), ref_hmac(crypto.sha1, key, data), "key of " .. klen)
+    T.eq(crypto.hmac_sha256(key, data), ref_hmac(crypto.sha256, key, data), "key of " .. klen)
+  end
+end)
+
+T.test("fuzz: constant_time_eq agrees with == on 5000 near-equal pairs", function()
+  math.randomseed(5000)
+  for _ = 1, 5000 do
+    local a = rand_bytes(math.random(0, 8))
+    local b = math.random(3) == 1 and a or mutate(a)
+    T.ok(crypto.constant_time_eq(a, b) == (a == b), string.format("%q %q", a, b))
+  end
+end)
+
+T.test("fuzz: random_token(n) decodes to n bytes for every n from 1 to 1024", function()
+  for n = 1, 1024 do
+    local t = crypto.random_token(n)
+    T.no_match(t, "[^%w%-_]")
+    T.eq(#crypto.base64url_decode(t), n)
+  end
+  T.raises(function() crypto.random_token(0) end, "bad argument #1")
+  T.raises(function() crypto.random_token(1025) end, "bad argument #1")
+end)
+
 T.run()
