@@ -140,4 +140,191 @@ T.test("parse rejects bad input with EINVAL and does not echo the URL", function
   end, "needs a string")
 end)
 
+-- Fuzz-style properties: a seeded generator, each case checked against the
+-- documented contract or a small reference written here.
+
+local function pick(s)
+  local i = math.random(1, #s)
+  return s:sub(i, i)
+end
+
+local function rand_string(alphabet, min, max)
+  local t = {}
+  for i = 1, math.random(min, max) do
+    t[i] = alphabet and pick(alphabet) or string.char(math.random(0, 255))
+  end
+  return table.concat(t)
+end
+
+-- Form-style percent-decoding, one character at a time.
+local function ref_decode(s)
+  local out, i = {}, 1
+  while i <= #s do
+    local c = s:sub(i, i)
+    if c == "+" then
+      out[#out + 1], i = " ", i + 1
+    elseif c == "%" and s:sub(i + 1, i + 2):find("^%x%x$") then
+      out[#out + 1], i = string.char(tonumber(s:sub(i + 1, i + 2), 16)), i + 3
+    else
+      out[#out + 1], i = c, i + 1
+    end
+  end
+  return table.concat(out)
+end
+
+T.test("fuzz: encode writes only unreserved characters and %XX, decode undoes it, 3000 random byte strings", function()
+  math.randomseed(3986)
+  for _ = 1, 3000 do
+    local s = rand_string(nil, 0, 24)
+    local e = url.encode(s)
+    T.eq(e:gsub("%%%x%x", ""):find("[^A-Za-z0-9%-._~]"), nil, e)
+    T.no_match(e, "%%%x?[a-f]", "hex digits are uppercase")
+    T.eq(url.decode(e), s)
+  end
+end)
+
+T.test("fuzz: decode agrees with a one-character-at-a-time reference on 3000 strings of %, + and hex", function()
+  math.randomseed(1738)
+  for _ = 1, 3000 do
+    local s = rand_string("%%%+2bBfFzZ0 \xe9", 0, 12)
+    T.eq(url.decode(s), ref_decode(s), string.format("%q", s))
+  end
+end)
+
+T.test("fuzz: form_decode(form_encode(t)) gives t back for 2000 random tables, repeated names included", function()
+  math.randomseed(1866)
+  for _ = 1, 2000 do
+    local t = {}
+    for _ = 1, math.random(0, 5) do
+      local k = rand_string(math.random(2) == 1 and "ab=&+% " or nil, 1, 6)
+      if math.random(3) == 1 then
+        local list = {}
+        for i = 1, math.random(2, 4) do
+          list[i] = rand_string(nil, 0, 6)
+        end
+        t[k] = list
+      else
+        t[k] = rand_string(math.random(2) == 1 and "ab=&+% %2B" or nil, 0, 8)
+      end
+    end
+    local body = url.form_encode(t)
+    T.eq(url.form_decode(body), t, body)
+    T.no_match(body, "[^%w%-._~%%=&]", "only encoded names and values, = and &")
+  end
+end)
+
+T.test("fuzz: form_decode splits at & and the first =, and decodes both sides, on 3000 random bodies", function()
+  math.randomseed(1867)
+  for _ = 1, 3000 do
+    local s = rand_string("a=&+%2B", 0, 14)
+    local want = {}
+    for pair in (s .. "&"):gmatch("([^&]*)&") do
+      local eq = pair:find("=", 1, true)
+      local k = ref_decode(eq and pair:sub(1, eq - 1) or pair)
+      local v = eq and ref_decode(pair:sub(eq + 1)) or ""
+      if k ~= "" then
+        local cur = want[k]
+        want[k] = cur == nil and v or type(cur) == "table" and (function() cur[#cur + 1] = v return cur end)()
+          or { cur, v }
+      end
+    end
+    T.eq(url.form_decode(s), want, s)
+  end
+end)
+
+T.test("form_encode keeps a number key and its string twin apart, and writes whole floats as integers", function()
+  T.eq(url.form_encode({ [1] = "x", ["1"] = "y" }), "1=x&1=y")
+  T.eq(url.form_encode({ Timeout = 30.0, Rate = 0.1, Big = 2 ^ 53, Tiny = 1e-7 }),
+    "Big=9007199254740992&Rate=0.1&Timeout=30&Tiny=1e-07")
+  T.eq(url.form_encode({ n = 0.1 + 0.2 }), "n=0.30000000000000004", "as many digits as read back")
+  T.eq(url.encode(30.0), "30")
+  T.eq(url.form_decode(url.form_encode({ x = 1 / 3 })).x, "0.3333333333333333", "tostring would write 14 digits")
+end)
+
+local HOSTS = { "example.com", "a-b.c_d~e", "127.0.0.1", "[::1]", "[2001:db8::a]", "[fe80::1%25eth0]", "x" }
+
+T.test("fuzz: parse gives back the parts of 3000 URLs built from random parts", function()
+  math.randomseed(3987)
+  local PCHARS = "abcXYZ019-._~%!$&'()*+,;=:@"
+  for _ = 1, 3000 do
+    local scheme = ({ "http", "HTTPS", "ws", "wss", "redis", "a+b.c-d" })[math.random(6)]
+    local host = HOSTS[math.random(#HOSTS)]
+    local port = math.random(3) == 1 and math.random(0, 65535) or nil
+    local userinfo = math.random(3) == 1 and rand_string(PCHARS .. "@", 0, 8) or nil
+    local path = math.random(3) == 1 and "" or "/" .. rand_string(PCHARS .. "/", 0, 10)
+    local query = math.random(2) == 1 and rand_string(PCHARS .. "/?", 0, 10) or nil
+    local fragment = math.random(3) == 1 and rand_string(PCHARS .. "/?#", 0, 6) or nil
+    local u = scheme .. "://" .. (userinfo and userinfo .. "@" or "") .. host .. (port and ":" .. port or "")
+      .. path .. (query and "?" .. query or "") .. (fragment and "#" .. fragment or "")
+    local defaults = { http = 80, https = 443, ws = 80, wss = 443 }
+    T.eq(url.parse(u), {
+      scheme = scheme:lower(),
+      host = host:gsub("^%[(.*)%]$", "%1"):lower(),
+      port = port or defaults[scheme:lower()],
+      path = path == "" and "/" or path,
+      query = query,
+      userinfo = userinfo,
+      fragment = fragment,
+    }, u)
+  end
+end)
+
+T.test("fuzz: parse never raises on 5000 random strings and never repeats them in its error", function()
+  math.randomseed(3988)
+  local ALPHA = "hs:/[]@?#%.:0129aAfF-_~ \t\0\xff:/"
+  for _ = 1, 5000 do
+    local s = (math.random(2) == 1 and "http://" or "") .. rand_string(ALPHA, 0, 20) .. "SECRETpw"
+    local ok, u, err = pcall(url.parse, s)
+    T.ok(ok, s)
+    if u then
+      T.ok(u.port == nil or math.type(u.port) == "integer" and u.port >= 0 and u.port <= 65535, s)
+      T.ok(u.host ~= "", s)
+    else
+      T.match(err, "^EINVAL: ", s)
+      T.no_match(err, "SECRETpw", s)
+    end
+  end
+end)
+
+T.test("parse refuses ports out of range and signs, also after an IPv6 address", function()
+  for _, u in ipairs({ "http://h:65536/", "http://[::1]:65536/", "http://h:99999999999999999999/", "http://h:+80/",
+    "http://h:0x50/", "http://[::1]:-1/", "http://h: 80/" }) do
+    T.eq(url.parse(u), nil, u)
+  end
+  T.eq(url.parse("http://[::1]:65535/").port, 65535)
+  T.eq(url.parse("http://h:00080/").port, 80)
+end)
+
+T.test("display hides a password with a raw /, ? or # in it, and keeps the host", function()
+  T.eq(url.display("wss://user:p#ss@host/x"), "wss://[redacted]@host/x")
+  T.eq(url.display("wss://user:p?ss@host/x?k=v"), "wss://[redacted]@host/x?[redacted]")
+  T.eq(url.display("https://u:a/b@h/x?k=1"), "https://[redacted]@h/x?[redacted]")
+  T.eq(url.display("https://h/p?to=a@b#f"), "https://h/p?[redacted]#[redacted]", "an @ in the query after a path")
+end)
+
+T.test("fuzz: display never shows a userinfo, query or fragment of 3000 random URLs", function()
+  math.randomseed(3989)
+  -- Passwords of any printable characters but / together with ? or #.
+  local PW = "abcXYZ019-._~%!$&'()*+,;=:@?#"
+  for _ = 1, 3000 do
+    local pw = "S" .. rand_string(math.random(2) == 1 and PW or PW:gsub("[?#]", "") .. "/", 0, 8) .. "S"
+    local host = HOSTS[math.random(#HOSTS)]
+    local q = math.random(2) == 1 and "?Q" .. rand_string(PW .. "/", 0, 6) .. "Q" or ""
+    local f = math.random(2) == 1 and "#F" .. rand_string(PW .. "/", 0, 6) .. "F" or ""
+    local path = math.random(2) == 1 and "/p" or ""
+    local with_user = math.random(4) > 1
+    local u = "wss://" .. (with_user and "user:" .. pw .. "@" or "") .. host .. path .. q .. f
+    local d = url.display(u)
+    T.no_match(d, "S.*S", u)
+    T.no_match(d, "Q.*Q", u)
+    T.no_match(d, "F.*F", u)
+    if with_user then
+      T.match(d, "^wss://%[redacted%]@", u)
+    end
+    if path ~= "" and (with_user or not (q .. f):find("@")) then
+      T.ok(d:find(host .. "/p", 1, true), u .. " -> " .. d)
+    end
+  end
+end)
+
 T.run()

@@ -8,7 +8,9 @@
 --   url.form_encode(t)   application/x-www-form-urlencoded from {name = value}: names
 --                        sorted; an array value repeats its name in order
 --                        ({Event = {"initiated", "ringing"}} -> Event=initiated&Event=ringing);
---                        values may be strings, numbers or booleans
+--                        values may be strings, numbers or booleans; a number is
+--                        written so it reads back exactly, a whole one without ".0"
+--                        (30.0 -> "30"; url.encode writes numbers the same way)
 --   url.form_decode(s)   {name = value}; a repeated name -> array of its values in
 --                        order; a name without "=" gets ""; nil -> {}
 --   url.query_decode(q)  the same as form_decode
@@ -17,7 +19,8 @@
 --   url.display(u)       u as a log line or an error message may show it: the userinfo
 --                        becomes "[redacted]@", a query "?[redacted]", a fragment
 --                        "#[redacted]" ("wss://u:pw@h/v1?key=x" -> "wss://[redacted]@h/v1?[redacted]");
---                        any string, a valid URL or not
+--                        any string, a valid URL or not; a password with a raw "/", or
+--                        with a raw "?" or "#", is hidden whole
 --
 -- parse: scheme is lowercased and must be followed by "//"; host is lowercased,
 -- an IPv6 literal comes without its brackets ("http://[::1]:8080/" -> host "::1");
@@ -46,12 +49,29 @@ do
   end
 end
 
+-- A number as text that reads back as the same number: whole floats without
+-- ".0" (30.0, as cjson decodes 30, is "30"), others with as many digits as
+-- that takes (tostring writes 14: 1/3 would lose its last digits).
+local function number_text(x)
+  local i = math.tointeger(x)
+  if i then
+    return format("%d", i)
+  end
+  for digits = 14, 17 do
+    local s = format("%." .. digits .. "g", x)
+    if tonumber(s) == x then
+      return s
+    end
+  end
+  return tostring(x) -- inf, nan
+end
+
 local function str(s, what)
   local t = type(s)
   if t == "string" then
     return s
   elseif t == "number" then
-    return tostring(s)
+    return number_text(s)
   end
   error(what .. " needs a string, got " .. t, 3)
 end
@@ -78,7 +98,9 @@ local function scalar(v, name)
   local t = type(v)
   if t == "string" then
     return v
-  elseif t == "number" or t == "boolean" then
+  elseif t == "number" then
+    return number_text(v)
+  elseif t == "boolean" then
     return tostring(v)
   end
   error("url.form_encode: value of '" .. name .. "' must be a string, number, boolean or array of them", 3)
@@ -88,16 +110,21 @@ function M.form_encode(t)
   if type(t) ~= "table" then
     error("url.form_encode needs a table", 2)
   end
-  local names, orig = {}, {}
+  -- Pairs of name and key: a key 1 and a key "1" are two names "1".
+  local names = {}
   for k in pairs(t) do
-    local name = str(k, "url.form_encode key")
-    names[#names + 1] = name
-    orig[name] = k
+    names[#names + 1] = { str(k, "url.form_encode key"), k }
   end
-  sort(names)
+  sort(names, function(a, b)
+    if a[1] ~= b[1] then
+      return a[1] < b[1]
+    end
+    return type(a[2]) == "number" and type(b[2]) ~= "number" -- the number first
+  end)
   local out, encode = {}, M.encode
-  for _, name in ipairs(names) do
-    local v, ename = t[orig[name]], encode(name)
+  for _, nk in ipairs(names) do
+    local name = nk[1]
+    local v, ename = t[nk[2]], encode(name)
     if type(v) == "table" then
       for _, item in ipairs(v) do
         out[#out + 1] = ename .. "=" .. encode(scalar(item, name))
@@ -231,13 +258,19 @@ function M.display(u)
   if not scheme then
     scheme, rest = "", u
   end
-  -- The userinfo ends at the last "@" before the query: a password with a
-  -- raw "/" in it is hidden too (a path with an "@" loses its start).
-  local head, tail = rest:match("^([^?#]*)(.*)$")
-  local at = head:match(".*()@")
+  -- The userinfo ends at the last "@" before the query or before the path,
+  -- whichever comes later: a password with a raw "/" in it is hidden, and
+  -- so is one with a raw "?" or "#" (a path with an "@", or a query with
+  -- one where no path comes first, loses its start). A password with both
+  -- "/" and "?" or "#" is beyond telling apart from a path and a query.
+  local ends = math.max(rest:find("[?#]") or #rest + 1, rest:find("/", 1, true) or #rest + 1)
+  local at = rest:sub(1, ends - 1):match(".*()@")
+  local user = ""
   if at then
-    head = "[redacted]" .. head:sub(at)
+    user, rest = "[redacted]", rest:sub(at)
   end
+  local head, tail = rest:match("^([^?#]*)(.*)$")
+  head = user .. head
   local query, fragment = tail:match("^(%??[^#]*)(.*)$")
   if #query > 1 then
     query = "?[redacted]"
