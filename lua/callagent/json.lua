@@ -13,7 +13,9 @@
 --   json.is_array(t)       whether t was marked with json.array
 --   json.check(v, depth)   true when v encodes and nests at most depth tables
 --                          deep; else false and why ("is nested deeper than
---                          20 levels", "holds a number JSON cannot hold")
+--                          20 levels", "holds a number JSON cannot hold",
+--                          "holds a sparse array JSON cannot hold", "holds a
+--                          function JSON cannot hold", ...)
 --   json.is_utf8(v)        whether every string in v (keys too, at any depth)
 --                          is UTF-8: strict, no overlong forms, surrogates or
 --                          values past U+10FFFF (cjson does not check)
@@ -103,7 +105,7 @@ local function prepare(v, depth, stored)
   elseif type(v) ~= "table" then
     return v, false
   end
-  if depth > 100 then
+  if depth >= 100 then -- depth counts from 0: this table is the 101st level
     error("json: nesting too deep", 0)
   end
   if getmetatable(v) == array_mt and next(v) == nil then
@@ -285,11 +287,22 @@ function M.check(v, depth)
   if deeper(v, depth) then
     return false, "is nested deeper than " .. depth .. " levels"
   end
-  local ok = pcall(M.encode, v)
-  if not ok then
-    return false, "holds a number JSON cannot hold" -- 1e400 decodes as inf
+  local ok, err = pcall(M.encode, v)
+  if ok then
+    return true
   end
-  return true
+  -- cjson's reasons name no value, only its type; ours say it in words.
+  err = tostring(err)
+  if err:find("NaN or Inf", 1, true) then
+    return false, "holds a number JSON cannot hold" -- 1e400 decodes as inf
+  elseif err:find("nesting too deep", 1, true) then
+    return false, "is nested deeper than 100 levels"
+  elseif err:find("sparse array", 1, true) then
+    return false, "holds a sparse array JSON cannot hold"
+  elseif err:find("table key must be", 1, true) then
+    return false, "holds a key JSON cannot hold (not a string or number)"
+  end
+  return false, "holds a " .. (err:match("Cannot serialise (%a+)") or "value") .. " JSON cannot hold"
 end
 
 local utf8len = utf8.len
