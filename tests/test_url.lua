@@ -241,6 +241,31 @@ T.test("form_encode keeps a number key and its string twin apart, and writes who
   T.eq(url.form_decode(url.form_encode({ x = 1 / 3 })).x, "0.3333333333333333", "tostring would write 14 digits")
 end)
 
+T.test("fuzz: a Twilio form body, spaces written + or %20 and any case of hex, checks as the params it came from", function()
+  local twilio = dofile(require("callagent.core").root .. "/providers/twilio.lua")
+  local full = "https://example.test/twilio/status?callId=c1&attempt=1"
+  math.randomseed(2010)
+  for _ = 1, 500 do
+    local params = {}
+    for _ = 1, math.random(1, 4) do
+      local name = ({ "CallSid", "From", "To", "SpeechResult", "Digits", "CallStatus" })[math.random(6)]
+      local v = rand_string("ab +%&=é✓/", 0, 8)
+      if math.random(4) == 1 then
+        params[name] = { v, rand_string("ab +", 0, 3) }
+      else
+        params[name] = v
+      end
+    end
+    local body = url.form_encode(params):gsub("%%20", function()
+      return math.random(2) == 1 and "+" or "%20"
+    end):gsub("%%(%x%x)", function(h)
+      return "%" .. (math.random(2) == 1 and h:lower() or h)
+    end)
+    local sig = twilio.signature("tok", full, params)
+    T.ok(twilio.check_signature("tok", full, url.form_decode(body), sig), body)
+  end
+end)
+
 local HOSTS = { "example.com", "a-b.c_d~e", "127.0.0.1", "[::1]", "[2001:db8::a]", "[fe80::1%25eth0]", "x" }
 
 T.test("fuzz: parse gives back the parts of 3000 URLs built from random parts", function()
