@@ -51,6 +51,15 @@ T.test("form_encode rejects values it cannot encode", function()
   end, "needs a table")
 end)
 
+T.test("form_encode rejects a table value that is not an array instead of dropping its fields", function()
+  for _, v in ipairs({ { x = "1" }, { "a", x = "1" }, { [1] = "a", [3] = "c" }, { [2] = "b" } }) do
+    T.raises(function()
+      url.form_encode({ Event = v })
+    end, "value of 'Event'")
+  end
+  T.eq(url.form_encode({ Event = { "a", "b" } }), "Event=a&Event=b")
+end)
+
 T.test("form_decode returns values and arrays for repeated names", function()
   local t = url.form_decode("CallSid=CA123&StatusCallbackEvent=initiated&Digits=1%232&StatusCallbackEvent=ringing&Note=a+b&flag")
   T.eq(t, {

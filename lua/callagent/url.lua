@@ -8,7 +8,8 @@
 --   url.form_encode(t)   application/x-www-form-urlencoded from {name = value}: names
 --                        sorted; an array value repeats its name in order
 --                        ({Event = {"initiated", "ringing"}} -> Event=initiated&Event=ringing);
---                        values may be strings, numbers or booleans; a number is
+--                        values may be strings, numbers, booleans or arrays of them (a
+--                        table that is not an array raises); a number is
 --                        written so it reads back exactly, a whole one without ".0"
 --                        (30.0 -> "30"; url.encode writes numbers the same way)
 --   url.form_decode(s)   {name = value}; a repeated name -> array of its values in
@@ -126,6 +127,14 @@ function M.form_encode(t)
     local name = nk[1]
     local v, ename = t[nk[2]], encode(name)
     if type(v) == "table" then
+      -- Only an array: a map's fields (or items past a hole) would go unsent.
+      local n = 0
+      for _ in pairs(v) do
+        n = n + 1
+      end
+      if n ~= #v or (n > 0 and v[n] == nil) then
+        scalar(v, name)
+      end
       for _, item in ipairs(v) do
         out[#out + 1] = ename .. "=" .. encode(scalar(item, name))
       end
