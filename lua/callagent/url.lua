@@ -21,7 +21,10 @@
 --                        becomes "[redacted]@", a query "?[redacted]", a fragment
 --                        "#[redacted]" ("wss://u:pw@h/v1?key=x" -> "wss://[redacted]@h/v1?[redacted]");
 --                        any string, a valid URL or not; a password with a raw "/", or
---                        with a raw "?" or "#", is hidden whole
+--                        with a raw "?" or "#", is hidden whole; an "@" in a query
+--                        with no path before it is the query's ("https://h?to=a@b" ->
+--                        "https://h?[redacted]"), and where it might end a password too
+--                        ("https://u:pw@h?to=a@b") all after the scheme is hidden
 --
 -- parse: scheme is lowercased and must be followed by "//"; host is lowercased,
 -- an IPv6 literal comes without its brackets ("http://[::1]:8080/" -> host "::1");
@@ -261,6 +264,19 @@ function M.parse(u)
   }
 end
 
+-- Whether a (up to the first "/", "?" or "#") reads as [userinfo@]host[:port].
+local function authority_ok(a)
+  local hp = a:match("^.*@(.*)$") or a
+  local host, port = hp:match("^(%[[^%]]*%])(.*)$")
+  if not host then
+    host, port = hp:match("^([^:]*)(.*)$")
+    if not host:find("^[%w%-._~%%!$&'()*+,;=]+$") then
+      return false
+    end
+  end
+  return port == "" or port:find("^:%d*$") ~= nil
+end
+
 function M.display(u)
   u = str(u, "url.display")
   local scheme, rest = u:match("^(%a[%w+.-]*://)(.*)$")
@@ -269,11 +285,26 @@ function M.display(u)
   end
   -- The userinfo ends at the last "@" before the query or before the path,
   -- whichever comes later: a password with a raw "/" in it is hidden, and
-  -- so is one with a raw "?" or "#" (a path with an "@", or a query with
-  -- one where no path comes first, loses its start). A password with both
+  -- so is one with a raw "?" or "#" (a path with an "@" loses its start, see
+  -- below for an "@" after the "?" or "#"). A password with both
   -- "/" and "?" or "#" is beyond telling apart from a path and a query.
-  local ends = math.max(rest:find("[?#]") or #rest + 1, rest:find("/", 1, true) or #rest + 1)
+  local q = rest:find("[?#]")
+  local ends = math.max(q or #rest + 1, rest:find("/", 1, true) or #rest + 1)
   local at = rest:sub(1, ends - 1):match(".*()@")
+  if at and q and at > q then
+    -- An "@" after the "?" or "#": a password's, or the query's, whose
+    -- text after it must not pass for the host. Without a ":" before the
+    -- "?" there is no password: the query's. With one, when the text up
+    -- to the first "/", "?" or "#" is a host (and port) as it stands, or
+    -- when more than one "@" comes after the "?" or "#" (the password ends
+    -- at one, the query holds the next), both readings hold: nothing is shown.
+    if not rest:sub(1, q - 1):find(":", 1, true) then
+      at = rest:sub(1, q - 1):match(".*()@")
+    elseif authority_ok(rest:sub(1, (rest:find("[/?#]")) - 1))
+      or rest:sub(q, at - 1):find("@", 1, true) then
+      return scheme .. "[redacted]"
+    end
+  end
   local user = ""
   if at then
     user, rest = "[redacted]", rest:sub(at)
