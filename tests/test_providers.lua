@@ -202,6 +202,20 @@ T.test("a file that does not load or returns no table is reported by path", func
   T.match(e3, "nil%.lua: must return a table, returned number")
 end)
 
+T.test("a provider file that raises while loading has its to-be-closed variables closed, as a pcall would", function()
+  -- Run in a coroutine of its own, which an error leaves unwound: a file
+  -- it opened with <close> stayed open.
+  local dir = T.tmpdir()
+  write(dir .. "/tbc.lua", [[
+local f <close> = setmetatable({}, { __close = function() _G.tbc_closed = (_G.tbc_closed or 0) + 1 end })
+error("cannot start")
+]])
+  _G.tbc_closed = nil
+  local _, err = providers.load("tbc", cfg(), { dir })
+  T.match(err, "tbc%.lua: error while loading: .*cannot start$")
+  T.eq(_G.tbc_closed, 1)
+end)
+
 T.test("a provider file that misbehaves while read is an error naming it: never a raise, nor a task suspended for good", function()
   local dir = T.tmpdir()
   local function load(name, src)

@@ -137,6 +137,13 @@ function M.load_file(path, name)
     ok, p = false, "it waits (yields) while loading: a provider file is run when the app is created, and may not wait"
   end
   if not ok then
+    -- An error leaves the coroutine's stack as it was: its to-be-closed
+    -- variables are closed now, as a pcall would have (an error in one of
+    -- them is the error then, as with a pcall).
+    local _, cerr = coroutine.close(co)
+    if cerr ~= nil then
+      p = cerr
+    end
     return nil, "provider " .. path .. ": error while loading: " .. as_text(p)
   end
   local cok, res, cerr = pcall(check, p, path, name)
