@@ -608,28 +608,35 @@ return P
 end, { timeout = 30000 })
 
 
-T.test("kill -9 with a Telnyx call talking and one ringing: after restart both are hung up at Telnyx, not dialed again", function()
-  local n = 0
-  local tx = assert(fake.start({ api_key = API_KEY, connection_id = CONNECTION, behaviour = function()
-    n = n + 1
-    return n == 1 and "answer" or { ring_ms = 60000 }
-  end }))
+-- A fake Telnyx (behaviour) and model (script, may be nil), closed after
+-- the test, and the config of a callagent process on them (one attempt):
+-- tx, rt, config, for kit.app_process.
+local function process_world(behaviour, script)
+  local tx = assert(fake.start({ api_key = API_KEY, connection_id = CONNECTION, behaviour = behaviour }))
   T.defer(function()
     tx:close()
   end)
-  local rt = assert(require("fakes.realtime").start({ api_key = kit.API_KEY, script = function(session)
-    assert(session:wait_event("response.create", 5000))
-    session:speak({ ms = 20000, text = "A very long monologue." })
-  end }))
+  local rt = assert(require("fakes.realtime").start({ api_key = kit.API_KEY, script = script }))
   T.defer(function()
     rt:close()
   end)
-  local config = {
+  return tx, rt, {
     telephony = { provider = "telnyx" },
     telnyx = { apiKey = API_KEY, connectionId = CONNECTION, fromNumber = FROM, publicKey = tx.public_key,
       apiBaseUrl = tx.url },
     retry = { maxAttempts = 1 },
   }
+end
+
+T.test("kill -9 with a Telnyx call talking and one ringing: after restart both are hung up at Telnyx, not dialed again", function()
+  local n = 0
+  local tx, rt, config = process_world(function()
+    n = n + 1
+    return n == 1 and "answer" or { ring_ms = 60000 }
+  end, function(session)
+    assert(session:wait_event("response.create", 5000))
+    session:speak({ ms = 20000, text = "A very long monologue." })
+  end)
   local p, api = kit.app_process({ url = "http://127.0.0.1:9" }, rt, { config = config })
   local talking = api:create({ to = "+14155550115", prompt = "Talk." })
   api:wait(talking, function(r)
@@ -663,21 +670,7 @@ end, { timeout = 60000 })
 
 
 T.test("a stop's cancel Telnyx answers 'already ended' (the decline's webhook lost): the retry policy decides, no dial past it", function()
-  local tx = assert(fake.start({ api_key = API_KEY, connection_id = CONNECTION,
-    behaviour = { ring_ms = 60000, lost_hangup_webhook = true } }))
-  T.defer(function()
-    tx:close()
-  end)
-  local rt = assert(require("fakes.realtime").start({ api_key = kit.API_KEY }))
-  T.defer(function()
-    rt:close()
-  end)
-  local config = {
-    telephony = { provider = "telnyx" },
-    telnyx = { apiKey = API_KEY, connectionId = CONNECTION, fromNumber = FROM, publicKey = tx.public_key,
-      apiBaseUrl = tx.url },
-    retry = { maxAttempts = 1 },
-  }
+  local tx, rt, config = process_world({ ring_ms = 60000, lost_hangup_webhook = true })
   local p, api = kit.app_process({ url = "http://127.0.0.1:9" }, rt, { config = config })
   local id = api:create({ to = "+14155550119", prompt = "Talk." })
   api:wait(id, function(r)
