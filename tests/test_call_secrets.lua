@@ -83,32 +83,37 @@ local function process_everywhere(p, env, id)
   }
 end
 
+-- A callagent process on the fake model whose Twilio answers every request
+-- with answer(req) (kit.rest_stub): p, env. Both fakes close after the test.
+local function process_refused_by(answer, opts)
+  local rt = assert(require("fakes.realtime").start({ api_key = kit.API_KEY }))
+  T.defer(function()
+    rt:close()
+  end)
+  return kit.app_process({ url = kit.rest_stub(answer) }, rt, opts)
+end
+
+-- Waits for the process to log the refused dial.
+local function refusal_logged(p)
+  T.wait_for(function()
+    return p.errtext():find("dialing failed", 1, true)
+  end, 5000, "the log line of the refusal")
+end
+
 T.test("Twilio echoing our Authorization header (Basic sid:token) in its refusal: the log, lastError and the API hold none of it",
   function()
     local basic = crypto.base64_encode(kit.ACCOUNT .. ":" .. kit.TOKEN)
-    local tw = http.server({ headers = { "authorization" } })
     local seen
-    tw:post("/2010-04-01/Accounts/{sid}/Calls.json", function(req)
+    local p, env = process_refused_by(function(req)
       seen = req.headers.authorization
       return 401, { code = 20003, message = "Authenticate: header '" .. tostring(seen) .. "' rejected", status = 401 }
-    end)
-    assert(tw:listen())
-    T.defer(function()
-      tw:close()
-    end)
-    local rt = assert(require("fakes.realtime").start({ api_key = kit.API_KEY }))
-    T.defer(function()
-      rt:close()
-    end)
-    local p, env = kit.app_process({ url = tw:url("") }, rt, { config = { retry = { maxAttempts = 1 } } })
+    end, { config = { retry = { maxAttempts = 1 } } })
     local id = env:create({ to = "+14155550100", prompt = "x" })
     local rec = env:wait_final(id, 10000)
     T.eq(seen, "Basic " .. basic, "the fake saw the credential it echoes")
     T.eq(rec.status, "failed")
     T.match(rec.lastError, "header 'Basic %[redacted%]' rejected", "the message is kept, less the credential")
-    T.wait_for(function()
-      return p.errtext():find("dialing failed", 1, true)
-    end, 5000, "the log line of the refusal")
+    refusal_logged(p)
     for where, text in pairs(process_everywhere(p, env, id)) do
       T.ok(not has(text, basic), where .. " holds no Basic credential")
       T.ok(not has(text, kit.TOKEN), where .. " holds no twilio.authToken")
@@ -118,22 +123,12 @@ T.test("Twilio echoing our Authorization header (Basic sid:token) in its refusal
 T.test("Twilio quoting our webhook URL with its password (user:pass@) in its refusal: the log, lastError and the API hold no password",
   function()
     local password = "url-password-for-tests"
-    local tw = http.server()
     local seen
-    tw:post("/2010-04-01/Accounts/{sid}/Calls.json", function(req)
+    local port = T.free_port()
+    local p, env = process_refused_by(function(req)
       seen = url.form_decode(req.body or "").Url
       return 400, { code = 21205, message = "Url is not a valid URL: " .. tostring(seen), status = 400 }
-    end)
-    assert(tw:listen())
-    T.defer(function()
-      tw:close()
-    end)
-    local rt = assert(require("fakes.realtime").start({ api_key = kit.API_KEY }))
-    T.defer(function()
-      rt:close()
-    end)
-    local port = T.free_port()
-    local p, env = kit.app_process({ url = tw:url("") }, rt, { port = port, config = {
+    end, { port = port, config = {
       retry = { maxAttempts = 1 },
       server = { publicBaseUrl = "http://callagent:" .. password .. "@127.0.0.1:" .. port },
     } })
@@ -142,9 +137,7 @@ T.test("Twilio quoting our webhook URL with its password (user:pass@) in its ref
     T.ok(has(seen, password), "the fake saw the password it quotes")
     T.eq(rec.status, "failed")
     T.match(rec.lastError, "not a valid URL: http://callagent:%[redacted%]@127%.0%.0%.1", "the message is kept, less the password")
-    T.wait_for(function()
-      return p.errtext():find("dialing failed", 1, true)
-    end, 5000, "the log line of the refusal")
+    refusal_logged(p)
     for where, text in pairs(process_everywhere(p, env, id)) do
       T.ok(not has(text, password), where .. " holds no password of server.publicBaseUrl")
     end
