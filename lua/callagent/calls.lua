@@ -238,22 +238,17 @@ function Engine:_batch(fn)
   return res[2], res[3]
 end
 
--- store:method(...) outside a batch, where a store that raises is one that
--- refused the write: logged, nil, err. Raised up, it ended the work that
--- called it (a failed dial's end, an attempt's vendor id) half done: a call
--- left dialing for good. Inside a batch (_batch) it raises, which undoes
--- the batch, whose caller keeps what was not written.
+-- store:method(...) outside a batch through store.call, where a store that
+-- raises refused the write (logged, nil, err): raised up, it ended the work
+-- that called it (a failed dial's end, an attempt's vendor id) half done, a
+-- call left dialing for good. Inside a batch (_batch) it raises, which
+-- undoes the batch, whose caller keeps what was not written.
 function Engine:_store_write(method, ...)
   local store = self.store
   if (self._batching or 0) > 0 then
     return store[method](store, ...)
   end
-  local res = table.pack(pcall(store[method], store, ...))
-  if not res[1] then
-    log.error("store write failed", { what = method .. " raised", error = tostring(res[2]) })
-    return nil, res[2]
-  end
-  return table.unpack(res, 2, res.n)
+  return store_mod.call(store, method, ...)
 end
 
 -- Rows ----------------------------------------------------------------------
@@ -285,13 +280,7 @@ function Engine:_write_row(call, kind, row)
     -- keeps its rows again.
     batch[#batch + 1] = { call, kind, row }
     store[method](store, call.id, row)
-    return
-  end
-  local pok, ok = pcall(store[method], store, call.id, row)
-  if not pok then
-    log.error("store write failed", { what = method .. " raised", call = call.id, error = tostring(ok) })
-  end
-  if not (pok and ok) then
+  elseif not store_mod.call(store, method, call.id, row) then
     self:_keep_row(call, kind, row)
   end
 end

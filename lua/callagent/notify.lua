@@ -174,17 +174,9 @@ end
 -- The longest a receiver's Retry-After holds a notification back.
 local MAX_RETRY_AFTER_MS = 60000
 
--- store:method(...), where a store that raises (a backend's way to say "disk
--- full") is one that failed: nil, err. Raised out of a sweep, it left the
--- sweep under way for good (self.walking): no later one ever ran.
-local function store_call(store, method, ...)
-  local res = table.pack(pcall(store[method], store, ...))
-  if not res[1] then
-    log.error("the store raised", { what = method, error = tostring(res[2]) })
-    return nil, res[2]
-  end
-  return table.unpack(res, 2, res.n)
-end
+-- The store is called through store.call: one that raised out of a sweep
+-- left the sweep under way for good (self.walking), and no later one ran.
+local store_call = require("callagent.store").call
 
 -- Delivers one notification, with its retries (in a task; in_flight[key] set).
 -- Returns whether the receiver answered for good (delivered, or refused).

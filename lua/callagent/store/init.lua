@@ -65,4 +65,17 @@ end
 
 M.NULL = require("callagent.store.memory").NULL
 
+--- store:method(...), where a store that raises (a backend's way to say
+--- "disk full", or a bug in one) is one that failed: logged (ERROR the store
+--- raised what=<method>), nil, err. The engine and the notifier call it so
+--- outside a commit: raised up, it ended their work half done.
+function M.call(store, method, ...)
+  local res = table.pack(pcall(store[method], store, ...))
+  if not res[1] then
+    require("callagent.log").error("the store raised", { what = method, error = tostring(res[2]) })
+    return nil, res[2]
+  end
+  return table.unpack(res, 2, res.n)
+end
+
 return M
