@@ -427,7 +427,9 @@ end, { timeout = 40000 })
 -- A TCP front for the fake Realtime server (Node, which the tests have):
 -- its first `refuse` connections are answered HTTP 429 at the upgrade, as
 -- OpenAI answers a rate-limited connection; later ones are passed through.
--- Returns its ws:// URL and the times of the refusals (read them with poll()).
+-- Returns its ws:// URL and poll(want), the front's connection lines. Node's
+-- stdout is a pipe written behind the socket's answer, so poll waits up to
+-- 5 s for `want` lines, then 300 ms more for any extra line.
 local function rate_limiting_front(rt_port, refuse)
   local process = require "callagent.process"
   local p = assert(process.spawn({ "node", "-e", [[
@@ -439,9 +441,9 @@ const s = net.createServer(c => {
   if (++n <= refuse) {
     c.once('data', () => {
       const body = '{"error":{"message":"Too many requests","type":"requests","code":"rate_limit_exceeded"}}';
+      console.log('refused');
       c.end('HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\nContent-Length: ' +
         body.length + '\r\nConnection: close\r\n\r\n' + body);
-      console.log('refused');
     });
   } else {
     const u = net.connect(target, '127.0.0.1');
@@ -457,9 +459,11 @@ s.listen(0, '127.0.0.1', () => console.log(s.address().port));
   end)
   local port = assert(p:read_line(5000), "the front's port")
   local seen = {}
-  local function poll()
+  local function poll(want)
+    local deadline = timer.now() + 5000
     while true do
-      local l = p:read_line(0)
+      local wait = #seen < want and math.max(0, deadline - timer.now()) or 300
+      local l = p:read_line(wait)
       if not l then
         return seen
       end
@@ -485,7 +489,7 @@ T.test("HTTP 429 at the model's WebSocket upgrade: tried again while the phone w
   local id = env:create({ to = "+14155550183", prompt = "Say hello." })
   local call = env:wait_final(id, 30000)
   completed_with_ann(call)
-  T.eq(#poll(), 3, "two connections refused, the third passed")
+  T.eq(#poll(3), 3, "two connections refused, the third passed")
   T.eq(#env.rt.sessions, 1, "one session reached the service")
   T.gt(env.rt.sessions[1].input_bytes, 0, "the phone's audio reached it")
   T.eq(lines(call), { "agent: Hello, is this Ann?", "agent: Bye." })
@@ -499,7 +503,7 @@ T.test("HTTP 429 at every model connection: a bounded number of tries with backo
   local call = env:wait_final(id, 30000)
   T.eq({ call.status, call.endReason }, { "failed", "model_error" })
   T.match(call.lastError, "HTTP 429 .*%(4 tries%)$")
-  T.eq(#poll(), #bridge_mod.MODEL_RETRY_MS + 1, "the first connection and each retry")
+  T.eq(#poll(#bridge_mod.MODEL_RETRY_MS + 1), #bridge_mod.MODEL_RETRY_MS + 1, "the first connection and each retry")
   local waited = 0
   for _, ms in ipairs(bridge_mod.MODEL_RETRY_MS) do
     waited = waited + ms
