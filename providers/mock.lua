@@ -180,20 +180,21 @@ function P:registerRoutes(srv)
     return serve_file("phone.html", "no-store")
   end)
 
-  local NOT_OBJECT = { error = { code = "invalid_body", message = "the body must be a JSON object" } }
-  local DECLINED = { error = { code = "declined", message = "the call was declined from this link" } }
-  -- The page's requests refused: the browser shows the message, the log says who.
-  local function refuse(req, code, message)
-    log.warn("mock page refused", { code = code, path = req.path, remote = req.remote })
-    return 403, { error = { code = code, message = message } }
+  -- The page's requests refused, each the same way: the browser shows the
+  -- message, and one log line says what and who (never the token sent).
+  -- field: the request's field at fault (the link's token, the session),
+  -- when one is.
+  local function refuse(req, status, code, message, field)
+    log.warn("mock page refused", { code = code, field = field, path = req.path, remote = req.remote })
+    return status, http.error_body(code, message, field)
   end
-  -- The page's POST body, a JSON object; else nil and the 400 (logged, as
-  -- any bad input is).
+  local USED = "this call link was already used or is not valid"
+  local STOPPED = "the call stopped ringing"
+  -- The page's POST body, a JSON object; else nil and the 400.
   local function page_body(req)
     local body = req:json_object()
     if not body then
-      log.warn("mock page refused", { code = "invalid_body", path = req.path, remote = req.remote })
-      return nil, 400, NOT_OBJECT
+      return nil, refuse(req, 400, "invalid_body", "the body must be a JSON object")
     end
     return body
   end
@@ -204,22 +205,19 @@ function P:registerRoutes(srv)
       return status, err
     end
     local entry = type(body.token) == "string" and self.pages[body.token]
-    if not entry or entry.call_id ~= body.callId then
-      return refuse(req, "invalid_token", "this call link was already used or is not valid")
-    end
-    if entry.answered then
-      return refuse(req, "invalid_token", "this call link was already used or is not valid")
+    if not entry or entry.call_id ~= body.callId or entry.answered then
+      return refuse(req, 403, "invalid_token", USED, "token")
     end
     if entry.declined then
-      return 410, DECLINED
+      return refuse(req, 410, "declined", "the call was declined from this link")
     end
     if entry.expires < timer.now() then
       self:_expire_page(body.token) -- told so again, until it is forgotten
-      return 410, { error = { code = "expired", message = "the call stopped ringing" } }
+      return refuse(req, 410, "expired", STOPPED)
     end
     if self.engine.stopped then
       -- Not answered: the call stays as it was, for the next start.
-      return 503, { error = { code = "shutting_down", message = "callagent is shutting down" } }
+      return refuse(req, 503, "shutting_down", "callagent is shutting down")
     end
     -- One use; kept a while, so that a decline from it is told it was answered.
     entry.answered = true
@@ -228,7 +226,7 @@ function P:registerRoutes(srv)
     self.engine:provider_status(entry.call_id, entry.attempt, { status = "in_progress" })
     local stream_token, err = self.engine:prepare_stream(entry.call_id, entry.attempt)
     if not stream_token then
-      return 409, { error = { code = "not_ringing", message = tostring(err) } }
+      return refuse(req, 409, "not_ringing", "the call is no longer ringing: " .. tostring(err))
     end
     local session = crypto.random_token(18)
     self.sessions[session] = { call_id = entry.call_id, attempt = entry.attempt }
@@ -260,34 +258,31 @@ function P:registerRoutes(srv)
     end
     local status = body.status == nil and "busy" or body.status
     if not DECLINE_AS[status] then
-      log.warn("mock page refused", { code = "invalid_field", field = "status", path = req.path, remote = req.remote })
-      return 400, { error = { code = "invalid_field", field = "status",
-        message = 'status must be "busy" (the default) or "failed"' } }
+      return refuse(req, 400, "invalid_field", 'status must be "busy" (the default) or "failed"', "status")
     end
     local entry = type(body.token) == "string" and self.pages[body.token]
     if not entry or entry.call_id ~= body.callId then
-      return refuse(req, "invalid_token", "this call link was already used or is not valid")
+      return refuse(req, 403, "invalid_token", USED, "token")
     end
     if entry.answered then
-      return 409, { error = { code = "answered", message = "the call was already answered from this link: "
-        .. "it can no longer be declined" } }
+      return refuse(req, 409, "answered", "the call was already answered from this link: it can no longer be declined")
     end
     if entry.declined then
-      return 410, DECLINED
+      return refuse(req, 410, "declined", "the call was declined from this link")
     end
     if entry.expires < timer.now() then
       self:_expire_page(body.token)
-      return 410, { error = { code = "expired", message = "the call stopped ringing" } }
+      return refuse(req, 410, "expired", STOPPED)
     end
     if self.engine.stopped then
-      return 503, { error = { code = "shutting_down", message = "callagent is shutting down" } }
+      return refuse(req, 503, "shutting_down", "callagent is shutting down")
     end
     self:_stop_ringing(key(entry.call_id, entry.attempt))
     self:_expire_page(body.token)
     local ok, err = self.engine:provider_status(entry.call_id, entry.attempt,
       { status = status, reason = DECLINE_AS[status] })
     if not ok then
-      return 409, { error = { code = "not_ringing", message = "the call is no longer ringing: " .. tostring(err) } }
+      return refuse(req, 409, "not_ringing", "the call is no longer ringing: " .. tostring(err))
     end
     entry.declined = status
     log.info("mock phone declined", { call = entry.call_id, attempt = entry.attempt, status = status })
@@ -306,7 +301,7 @@ function P:registerRoutes(srv)
     local token = (req.query or {}).t
     local entry = type(token) == "string" and self.pages[token]
     if not entry or entry.call_id ~= req.params.id then
-      return refuse(req, "invalid_token", "this call link was already used or is not valid")
+      return refuse(req, 403, "invalid_token", USED, "t")
     end
     local v = self.engine:call_view(entry.call_id) or {}
     local a = (v.attempts or {})[entry.attempt] or {}
@@ -326,11 +321,11 @@ function P:registerRoutes(srv)
   srv:get("/mock/api/call/{id}", function(req)
     local s = self.sessions[(req.query or {}).s or ""]
     if not s or s.call_id ~= req.params.id then
-      return refuse(req, "invalid_session", "unknown page session")
+      return refuse(req, 403, "invalid_session", "unknown page session", "s")
     end
     local v = self.engine:call_view(s.call_id)
     if not v then
-      return 404, { error = { code = "not_found", message = "no such call" } }
+      return refuse(req, 404, "not_found", "no such call")
     end
     return 200, {
       callId = v.callId,
@@ -351,7 +346,7 @@ function P:registerRoutes(srv)
     end
     local s = type(body.session) == "string" and self.sessions[body.session]
     if not s or s.call_id ~= body.callId then
-      return refuse(req, "invalid_session", "unknown page session")
+      return refuse(req, 403, "invalid_session", "unknown page session", "session")
     end
     self.engine:provider_status(s.call_id, s.attempt, { status = "completed", reason = "the page hung up" })
     return 204

@@ -153,20 +153,30 @@ end)
   T.no_match(log, "ERROR")
 end)
 
-T.test("the phone page's routes answer a body that is no JSON object with 400 (and a log line), and a wrong token with 403", function()
-  local app = start()
+-- The WARN lines written during the test, as "msg code path" (and " field"
+-- when there is one), in a list the caller may empty; still written to the log.
+local function warnings()
   local log = require "callagent.log"
   local warned, warn = {}, log.warn
   log.warn = function(msg, f)
     warned[#warned + 1] = msg .. " " .. tostring(f and f.code) .. " " .. tostring(f and f.path)
+      .. (f and f.field and (" " .. f.field) or "")
     return warn(msg, f)
   end
   T.defer(function()
     log.warn = warn
   end)
+  return warned
+end
+
+T.test("the phone page's routes answer a body that is no JSON object with 400 (and a log line), and a wrong token with 403", function()
+  local app = start()
+  local warned = warnings()
   for _, path in ipairs({ "/mock/api/answer", "/mock/api/decline", "/mock/api/hangup" }) do
     for _, text in ipairs({ "5", "[1]", '"x"', "null", "{not json", "" }) do
-      warned = {}
+      for k in pairs(warned) do
+        warned[k] = nil
+      end
       local r = assert(fetch(app.url .. path, { method = "POST", headers = { ["Content-Type"] = "application/json" }, body = text }))
       T.eq({ r.status, (json.try_decode(r.body) or {}).error }, { 400, { code = "invalid_body", message = "the body must be a JSON object" } },
         path .. " " .. text)
@@ -203,9 +213,9 @@ end)
   T.eq(code, 0, p.errtext())
   T.eq(p.out, { "403", "403", "403" })
   local log = p.errtext()
-  T.match(log, "WARN mock page refused code=invalid_token path=/mock/api/answer remote=127%.0%.0%.1")
-  T.match(log, "WARN mock page refused code=invalid_session path=/mock/api/hangup remote=127%.0%.0%.1")
-  T.match(log, "WARN mock page refused code=invalid_session path=/mock/api/call/c_1 remote=127%.0%.0%.1")
+  T.match(log, "WARN mock page refused code=invalid_token field=token path=/mock/api/answer remote=127%.0%.0%.1")
+  T.match(log, "WARN mock page refused code=invalid_session field=session path=/mock/api/hangup remote=127%.0%.0%.1")
+  T.match(log, "WARN mock page refused code=invalid_session field=s path=/mock/api/call/c_1 remote=127%.0%.0%.1")
   T.no_match(log, "guess", "what the client sent stays out")
 end)
 
@@ -445,6 +455,57 @@ T.test("a mock link's ring view: who is called while it rings, then how it stopp
   status, body = ring(d, td)
   T.eq({ status, body.link, body.attemptStatus, body.status, type(body.nextAttemptAt) },
     { 200, "expired", "no_answer", "queued", "string" })
+end)
+
+T.test("each refusal of the phone page's routes is a JSON error and one WARN line with its code, route and field", function()
+  local app = start()
+  local warned = warnings()
+  local function call(to)
+    local id = assert(app:create_call({ to = to, prompt = "Test." })).callId
+    return id, link_token(app.engine:call_view(id).hint)
+  end
+  local a, ta = call("+15555550100")
+  local b, tb = call("+15555550101")
+  local c, tc = call("+15555550102")
+  T.eq(post(app, "/mock/api/decline", { callId = b, token = tb }), 200)
+  T.ok(app.engine:hangup(c))
+  local status, body = post(app, "/mock/api/answer", { callId = a, token = ta })
+  T.eq(status, 200)
+  local session = body.session
+  local function get(path)
+    local r = assert(fetch(app.url .. path))
+    return r.status, json.try_decode(r.body)
+  end
+  local cases = {
+    { "/mock/api/answer", { callId = a, token = "guess" }, 403, "invalid_token", "token" },
+    { "/mock/api/decline", { callId = a, token = tb }, 403, "invalid_token", "token" },
+    { "/mock/api/ring/" .. a .. "?t=guess", nil, 403, "invalid_token", "t" },
+    { "/mock/api/hangup", { callId = b, session = session }, 403, "invalid_session", "session" },
+    { "/mock/api/call/" .. a .. "?s=guess", nil, 403, "invalid_session", "s" },
+    { "/mock/api/decline", { callId = a, token = ta, status = "ok" }, 400, "invalid_field", "status" },
+    { "/mock/api/decline", { callId = a, token = ta }, 409, "answered" },
+    { "/mock/api/answer", { callId = b, token = tb }, 410, "declined" },
+    { "/mock/api/decline", { callId = b, token = tb }, 410, "declined" },
+    { "/mock/api/answer", { callId = c, token = tc }, 410, "expired" },
+    { "/mock/api/decline", { callId = c, token = tc }, 410, "expired" },
+  }
+  for _, case in ipairs(cases) do
+    local path, req, want, code, field = table.unpack(case)
+    for k in pairs(warned) do
+      warned[k] = nil
+    end
+    if req then
+      status, body = post(app, path, req)
+    else
+      status, body = get(path)
+    end
+    local what = path .. " " .. json.encode(req or {})
+    T.eq({ status, type(body) == "table" and body.error and body.error.code, body and body.error.field },
+      { want, code, field }, what)
+    T.eq(type(body.error.message), "string", what .. ": a message")
+    T.eq(warned, { "mock page refused " .. code .. " " .. path:match("^[^?]*") .. (field and (" " .. field) or "") },
+      what .. ": one WARN line")
+  end
 end)
 
 T.run()
