@@ -236,6 +236,39 @@ T.test("ngrok that fails with a 200 KB line: the error quotes 300 bytes of it", 
   T.eq(r.err, "tunnel: ngrok exited (status 1) before opening a tunnel: " .. string.rep("y", 300))
 end)
 
+-- A scenario whose stand-in ngrok fails with the given line on stderr.
+local function ngrok_says(line)
+  local dir = T.tmpdir()
+  local f = assert(io.open(dir .. "/say", "wb"))
+  f:write(line, "\n")
+  f:close()
+  return scenario({
+    path = bindir({ "ngrok" }),
+    env = { FAKE_NGROK_MODE = "say", FAKE_NGROK_SAY = dir .. "/say" },
+    cfg = { provider = "ngrok", timeoutSec = 5 },
+  })
+end
+
+T.test("ngrok's garbage in an error: one line of UTF-8, control characters as spaces, cut between characters", function()
+  local prefix = "tunnel: ngrok exited (status 1) before opening a tunnel: "
+  local r = ngrok_says("bad\0bytes\27[31m red\255\254 end")
+  T.eq(r.err, prefix .. "bad bytes [31m red\u{FFFD}\u{FFFD} end")
+  -- 300 bytes would end inside the 150th "é" (2 bytes each, after one "x").
+  r = ngrok_says("x" .. string.rep("é", 400))
+  T.eq(r.err, prefix .. "x" .. string.rep("é", 149))
+end)
+
+T.test("ngrok's error quoting the authtoken (ERR_NGROK_105/107: 'Your authtoken: ...') is quoted without it", function()
+  local token = "2fAkEngrokTok3n_0123456789abcdefghijklmnopq"
+  local r, p = ngrok_says("authentication failed: The authtoken you specified is properly formed, but it is invalid. "
+    .. "Your authtoken: " .. token .. " This usually happens when: You reset your authtoken")
+  T.eq(r.err, "tunnel: ngrok is not logged in: run `ngrok config add-authtoken <token>` (ngrok said: authentication "
+    .. "failed: The authtoken you specified is properly formed, but it is invalid. Your authtoken: [redacted] This "
+    .. "usually happens when: You reset your authtoken)")
+  T.eq(p:wait(5000), 0)
+  T.no_match(p.text() .. p.errtext(), token:sub(1, 12), "nowhere, not in part")
+end)
+
 T.test("ngrok that never opens a tunnel: timeout error after tunnel.timeoutSec, and ngrok is killed", function()
   local r, _, logs = scenario({
     path = bindir({ "ngrok" }),

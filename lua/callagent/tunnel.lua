@@ -195,6 +195,28 @@ local AUTH_CODES = { ERR_NGROK_4018 = true, ERR_NGROK_105 = true, ERR_NGROK_107 
 -- max_line (64 KiB) long, and an error is one line of a log.
 local MAX_SAID = 300
 
+-- A tool's line as an error may quote it: one line of UTF-8 (its control
+-- characters as spaces, bytes that are no UTF-8 as U+FFFD), trimmed, at
+-- most MAX_SAID bytes cut between characters, and without the value after
+-- "authtoken:" (ngrok's ERR_NGROK_105 and 107 print "Your authtoken: ...",
+-- a secret callagent cannot know to redact).
+local function said_text(s)
+  s = json.utf8((s:sub(1, MAX_SAID + 4):gsub("[%z\1-\31\127]", " ")))
+  s = s:gsub("([Aa]uthtoken%s*[:=]%s*)([^%s,;]+)", function(name, value)
+    if not value:find("^https?://") then -- "Install your authtoken: https://dashboard..." stays
+      return name .. "[redacted]"
+    end
+  end)
+  if #s > MAX_SAID then
+    local cut = MAX_SAID
+    while (s:byte(cut + 1) or 0) >= 0x80 and s:byte(cut + 1) < 0xc0 do -- not inside a character
+      cut = cut - 1
+    end
+    s = s:sub(1, cut)
+  end
+  return (s:match("^%s*(.-)%s*$"))
+end
+
 -- Reads one line of ngrok's output (JSON logs on stdout, "ERROR:  ..." lines
 -- on stderr) into st: web (its API address), headline (the first error
 -- line), code (ERR_NGROK_...), auth (not logged in).
@@ -214,7 +236,7 @@ local function ngrok_line(st, line)
   end
   text = text or line:gsub("^ERROR:%s*", "")
   for piece in text:gmatch("[^\r\n]+") do
-    piece = piece:sub(1, MAX_SAID):match("^%s*(.-)%s*$")
+    piece = said_text(piece)
     local code = piece:match("ERR_NGROK_%d+")
     if code then
       st.code = st.code or code
@@ -388,7 +410,7 @@ end
 -- The first non-blank line (matching pattern), at most MAX_SAID bytes of it.
 local function first_line(lines, pattern)
   for _, l in ipairs(lines) do
-    local s = l:sub(1, MAX_SAID):match("^%s*(.-)%s*$")
+    local s = said_text(l)
     if s ~= "" and (not pattern or s:find(pattern)) then
       return s
     end
