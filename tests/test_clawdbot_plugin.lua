@@ -257,6 +257,24 @@ T.test("call_agent retried with the same toolCallId gets the same call and dials
   T.eq(#env.tw.calls, 2, "dialed once per call")
 end)
 
+T.test("call_agent run with an empty tool call id places a call each time, never another run's", function()
+  -- A host or model API that gives no tool call id: runs must not share one
+  -- Idempotency-Key (the second was taken for a replay, or refused 422).
+  local env = start({ twilio = { behaviour = { ring_ms = 10000 } } })
+  local params = { to = "+14155550100", prompt = "Book it." }
+  local r = host({ baseUrl = env.base, apiToken = TOKEN }, {
+    { tool = "call_agent", toolCallId = "", params = params },
+    { tool = "call_agent", toolCallId = "", params = params },
+    { tool = "call_agent", toolCallId = "", params = { to = "+14155550199", prompt = "Other." } },
+  })
+  for i = 1, 3 do
+    T.eq(r.steps[i].isError, false, "step " .. i .. ": " .. tostring(r.steps[i].error))
+    T.eq(r.steps[i].details.replayed, nil, "step " .. i)
+  end
+  T.ne(r.steps[2].details.callId, r.steps[1].details.callId)
+  T.eq(count_calls(env), 3)
+end)
+
 T.test("with the mock provider call_agent returns the phone page's link as hint", function()
   local env = start({ config = { telephony = { provider = "mock" } } })
   local r = host({ baseUrl = env.base, apiToken = TOKEN },
@@ -321,7 +339,7 @@ T.test("call_agent whose answer never came asks again with the same Idempotency-
       local res = assert(fetch(env.base .. "/v1/calls", { method = "POST", body = req.body, headers = {
         Authorization = req:header("authorization"), ["Content-Type"] = req:header("content-type"),
         ["Idempotency-Key"] = req:header("idempotency-key") } }))
-      if #seen == 1 then
+      if #seen % 2 == 1 then
         timer.sleep(1000)
       end
       return res.status, res.body, { ["Content-Type"] = "application/json",
@@ -339,8 +357,15 @@ T.test("call_agent whose answer never came asks again with the same Idempotency-
   T.eq(s.details.callId, list.calls[1].callId, "the call the first request placed")
   T.eq(s.details.replayed, true)
   lacks(all, TOKEN)
+  -- Without a tool call id: the run's own key, the same for its resend.
+  r = host({ baseUrl = "http://127.0.0.1:" .. proxy.port, apiToken = TOKEN, timeoutMs = 400 }, {
+    { tool = "call_agent", toolCallId = "", params = { to = "+14155550199", prompt = "Book it." } },
+  })
+  T.eq(r.steps[1].isError, false, r.steps[1].error)
+  T.match(seen[3], "^clawdbot%-run%-")
+  T.eq(seen[4], seen[3], "sent again with the same key")
   timer.sleep(300)
-  T.eq(#env.tw.calls, 1, "dialed once")
+  T.eq(#env.tw.calls, 2, "dialed once per call")
 end)
 
 T.test("callagent starting or stopping: one line that says so once, with when to try again", function()

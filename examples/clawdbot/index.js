@@ -6,7 +6,7 @@
 // from package.json "clawdbot.extensions" and calls register(api) once;
 // config comes from plugins.entries.callagent.config (api.pluginConfig),
 // checked first against configSchema in clawdbot.plugin.json.
-import { createHash } from "node:crypto";
+import { createHash, randomUUID } from "node:crypto";
 
 const DEFAULT_BASE_URL = "http://127.0.0.1:4545";
 const DEFAULT_TIMEOUT_MS = 10000;
@@ -60,8 +60,11 @@ function callIdParam(params) {
 // Idempotency-Key for POST /v1/calls: the same tool call sent again (a retry
 // by the host, a re-run of the turn) gets the call it created instead of a
 // second one. callagent takes 1-255 printable ASCII characters, no spaces.
+// Without a tool call id (none given, "" or blanks), the key is this run's own: a
+// fixed one made every such run after the first a replay of it.
 export function idempotencyKey(toolCallId) {
   const id = String(toolCallId ?? "");
+  if (id.trim() === "") return `clawdbot-run-${randomUUID()}`;
   if (/^[\x21-\x7e]{1,200}$/.test(id)) return `clawdbot-${id}`;
   return `clawdbot-sha256-${createHash("sha256").update(id).digest("hex")}`;
 }
@@ -248,8 +251,9 @@ export function createTools(cfg) {
     },
     async execute(toolCallId, params, signal) {
       const body = callRequest(params);
-      const send = () =>
-        request(cfg, "POST", "/v1/calls", { body, headers: { "Idempotency-Key": idempotencyKey(toolCallId) }, signal });
+      // One key for both sends below: a run without a tool call id gets a new one.
+      const key = idempotencyKey(toolCallId);
+      const send = () => request(cfg, "POST", "/v1/calls", { body, headers: { "Idempotency-Key": key }, signal });
       let r;
       try {
         r = await send();
