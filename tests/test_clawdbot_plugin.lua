@@ -183,6 +183,26 @@ T.test("a wrong or missing apiToken is a clear error that never shows a token", 
   T.eq(count_calls(env), 1)
 end)
 
+T.test("an apiToken no HTTP header can carry is refused at load, by its key, not shown", function()
+  -- Before, the plugin loaded and each tool call failed as "callagent is not
+  -- reachable … is it running?", for a token fetch would not send.
+  for _, bad in ipairs({ "token-with-a-line\nbreak-inside", "token-with-euros-€€€€-inside", "token-with-a-tab\there" }) do
+    local code, out, err = T.node({ HARNESS, PLUGIN, json.encode({ config = {}, steps = {} }) },
+      { env = { CALLAGENT_API_TOKEN = bad } })
+    local all = table.concat(out, "\n") .. "\n" .. table.concat(err, "\n")
+    T.eq(code, 0, all)
+    local r = json.decode(out[#out])
+    T.eq(r.ok, false, "loaded with " .. json.encode(bad))
+    T.match(r.error, "plugins%.entries%.callagent%.config%.apiToken: expected callagent's server%.apiToken")
+    T.match(r.error, "printable ASCII")
+    lacks(all, bad)
+    -- In the config, the manifest's schema refuses it first.
+    code, out = T.node({ HARNESS, PLUGIN, json.encode({ config = { apiToken = bad }, steps = {} }) })
+    T.match(json.decode(out[#out]).error, "^invalid config: apiToken: must match pattern")
+    lacks(table.concat(out, "\n"), bad)
+  end
+end)
+
 T.test("callagent down or not answering: not reachable at its baseUrl", function()
   local port = T.free_port()
   local base = "http://127.0.0.1:" .. port

@@ -14,6 +14,7 @@ const CONFIG_KEY = "plugins.entries.callagent.config";
 
 const FINAL = new Set(["completed", "busy", "no_answer", "failed", "canceled"]);
 const CALL_ID = /^[A-Za-z0-9_-]{1,100}$/;
+const TOKEN_CHARS = /^[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?$/;
 
 class ToolInputError extends Error {}
 
@@ -83,8 +84,11 @@ export function resolveConfig(raw, env = process.env) {
   }
   const baseUrl = u.href.replace(/\/+$/, "");
   const token = cfg.apiToken ?? (env.CALLAGENT_API_TOKEN || undefined);
-  if (token !== undefined && (typeof token !== "string" || token.trim() !== token || token.length < 16)) {
-    throw new Error(`${CONFIG_KEY}.apiToken: expected callagent's server.apiToken (at least 16 characters, no spaces at either end)`);
+  // It goes in the Authorization header: printable ASCII (fetch refuses a
+  // line break or a tab, and a character over U+00FF; one from U+0080 to
+  // U+00FF would go as a byte that is not its UTF-8, and never match).
+  if (token !== undefined && (typeof token !== "string" || !TOKEN_CHARS.test(token) || token.length < 16)) {
+    throw new Error(`${CONFIG_KEY}.apiToken: expected callagent's server.apiToken (at least 16 printable ASCII characters, no spaces at either end)`);
   }
   const timeoutMs = cfg.timeoutMs ?? DEFAULT_TIMEOUT_MS;
   if (!Number.isInteger(timeoutMs) || timeoutMs < 100 || timeoutMs > 120000) {
