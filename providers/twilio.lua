@@ -70,10 +70,25 @@ local P = {
   needs_public_url = true,
 }
 
+-- Twilio's own REST API (api.twilio.com, or a region's api.<edge>.twilio.com),
+-- not a fake or an emulator of it.
+local function real_twilio(api)
+  local host = (url.parse(api) or {}).host or ""
+  return host == "twilio.com" or host:sub(-#".twilio.com") == ".twilio.com"
+end
+
 function P:init(ctx)
   self.cfg = ctx.config
   self.tw = ctx.config.twilio
   self.engine = ctx.engine
+  -- Twilio connects <Stream> to wss:// only (protocols.md section 2): with an
+  -- http:// public URL each call was answered, got no stream (no_stream after
+  -- 15 s) and was dialed again. A tunnel's URL is https://.
+  local public = ctx.config.server.publicBaseUrl
+  if public and public:find("^http://") and real_twilio(self.tw.apiBaseUrl) then
+    error("server.publicBaseUrl: Twilio connects its media stream only to wss://, and an http:// URL makes it "
+      .. "ws://: give the https:// URL Twilio reaches this server at", 0)
+  end
 end
 
 -- A Twilio call sid: "CA" and 32 hex digits. It goes into the path of REST

@@ -224,4 +224,36 @@ T.test("on shutdown, live calls are hung up concurrently, not one API round trip
   T.lt(took, N / 2 * 400, "in about one round trip, not " .. N .. " (" .. N * 400 .. " ms)")
 end, { timeout = 30000 })
 
+T.test("with Twilio's own API, an http:// public URL is refused at start: its <Stream> would be ws://", function()
+  -- Twilio connects Media Streams to wss:// only (protocols.md section 2):
+  -- each call was answered, got no stream, was hung up as no_stream and
+  -- dialed again. A fake or emulator of Twilio (another apiBaseUrl) may
+  -- take ws://, and an https:// public URL is wss://.
+  local callagent = require "callagent"
+  local function start(public, api)
+    local app = assert(callagent.app({
+      telephony = { provider = "twilio" },
+      server = { host = "127.0.0.1", port = 0, publicBaseUrl = public, apiToken = "api-token-for-twilio-tests" },
+      twilio = { accountSid = kit.ACCOUNT, authToken = kit.TOKEN, fromNumber = "+15550001111", apiBaseUrl = api },
+      openai = { apiKey = kit.API_KEY },
+      store = { backend = "memory" },
+      tunnel = { provider = "none" },
+    }, { no_shutdown_hook = true }))
+    local ok, err = app:start()
+    if ok then
+      app:stop()
+    end
+    return ok, err
+  end
+  for _, api in ipairs({ "https://api.twilio.com", "https://api.dublin.ie1.twilio.com", "https://API.Twilio.com/" }) do
+    local ok, err = start("http://calls.example.com:8080", api)
+    T.eq(ok, nil, api)
+    T.eq(err, "the twilio provider's init failed: server.publicBaseUrl: Twilio connects its media stream only to "
+      .. "wss://, and an http:// URL makes it ws://: give the https:// URL Twilio reaches this server at", api)
+    T.no_match(err, kit.TOKEN, "no auth token")
+  end
+  T.ok(start("https://calls.example.com", "https://api.twilio.com"))
+  T.ok(start("http://calls.example.com", "http://twilio-emulator.internal:8080"))
+end)
+
 T.run()
