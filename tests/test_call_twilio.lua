@@ -224,6 +224,19 @@ T.test("on shutdown, live calls are hung up concurrently, not one API round trip
   T.lt(took, N / 2 * 400, "in about one round trip, not " .. N .. " (" .. N * 400 .. " ms)")
 end, { timeout = 30000 })
 
+T.test("a publicBaseUrl whose scheme is in capitals (HTTP://) still gives the call a ws:// stream URL, and its stream starts", function()
+  -- The scheme was kept as written: the stream URL became HTTP://…/voice/stream
+  -- (Twilio's <Stream> takes wss:// only) and the upgrade's signature was
+  -- checked over it too, so every call was answered and never streamed.
+  local port = T.free_port()
+  local env = kit.start({ config = { server = { port = port, publicBaseUrl = "HTTP://127.0.0.1:" .. port } } })
+  local id = env:create({ to = "+14155550111", prompt = "Say hello." })
+  local call = assert(env.tw:wait_call(5000))
+  T.eq(call.params.Url, "http://127.0.0.1:" .. port .. "/voice?callId=" .. id .. "&attempt=1")
+  T.ok(call:wait_stream(5000), "the stream started: " .. tostring(call.stream_error))
+  T.eq(call.stream_url, "ws://127.0.0.1:" .. port .. "/voice/stream")
+end)
+
 T.test("with Twilio's own API, an http:// public URL is refused at start: its <Stream> would be ws://", function()
   -- Twilio connects Media Streams to wss:// only (protocols.md section 2):
   -- each call was answered, got no stream, was hung up as no_stream and

@@ -849,7 +849,10 @@ function check(input, opts)
     end
   end
   if cfg.server.publicBaseUrl then
-    cfg.server.publicBaseUrl = cfg.server.publicBaseUrl:gsub("/+$", "")
+    -- The scheme in lower case: the stream URL is this one with "^http"
+    -- made "ws" (HTTPS:// stayed HTTPS://, which no vendor streams to).
+    local u = cfg.server.publicBaseUrl:gsub("/+$", "")
+    cfg.server.publicBaseUrl = u:gsub("^%a+:", string.lower)
   end
   cfg.twilio.apiBaseUrl = cfg.twilio.apiBaseUrl:gsub("/+$", "")
   if cfg.notify.hooksUrl then
