@@ -499,6 +499,65 @@ T.test("a store that cannot read answers 500 store_failed: never a 404 for a cal
   T.eq((env:api("GET", "/v1/calls/c_none")), 404)
 end)
 
+T.test("a store that raises (a backend's way to say disk full) answers 500 store_failed, as one that returns its error", function()
+  local recording = require "callagent.store.recording"
+  local env = kit.start({ twilio = { behaviour = { ring_ms = 10000 } }, config = { store = { backend = "recording" } } })
+  local live = env:create({ to = "+14155550100", prompt = "x" })
+  local ended = env:create({ to = "+14155550100", prompt = "x" })
+  T.eq((env:api("POST", "/v1/calls/" .. ended .. "/hangup")), 202)
+  T.defer(function()
+    recording.raise = nil
+  end)
+  local post = '{"to":"+14155550100","prompt":"y"}'
+  for _, case in ipairs({
+    { "insert_call", "POST", "/v1/calls", post },
+    { "find_idempotent", "POST", "/v1/calls", post, { ["Idempotency-Key"] = "k-1" } },
+    { "get_call", "GET", "/v1/calls/" .. ended },
+    { "get_call", "POST", "/v1/calls/" .. ended .. "/hangup" },
+    { "list_calls", "GET", "/v1/calls" },
+    { "transcript", "GET", "/v1/calls/" .. live },
+  }) do
+    recording.raise = function(op)
+      return op == case[1] and "EIO: the disk said no" or nil
+    end
+    local status, body = env:api(case[2], case[3], case[4], case[5])
+    recording.raise = nil
+    local what = case[1] .. ": " .. case[2] .. " " .. case[3]
+    T.eq({ status, body and body.error and body.error.code }, { 500, "store_failed" }, what)
+    T.no_match(body.error.message, "EIO", "the store's own words stay in the log")
+  end
+  T.eq(env:get(live).status, "dialing", "the live call goes on")
+  -- A hang-up needs no transcript: it goes on.
+  recording.raise = function(op)
+    return op == "transcript" and "EIO: the disk said no" or nil
+  end
+  local status, body = env:api("POST", "/v1/calls/" .. live .. "/hangup")
+  recording.raise = nil
+  T.eq({ status, body.status }, { 202, "canceled" }, "hung up while the transcript cannot be read")
+end)
+
+T.test("a store read that raises just after a call is stored: 201, and the call is dialed (it was left queued for good)", function()
+  local recording = require "callagent.store.recording"
+  local env = kit.start({ twilio = { behaviour = { ring_ms = 10000 } }, config = { store = { backend = "recording" } } })
+  T.defer(function()
+    recording.raise = nil
+  end)
+  -- The first read of the new call's transcript (the view the 201 and the
+  -- status event are made of) raises.
+  recording.raise = function(op)
+    if op == "transcript" then
+      recording.raise = nil
+      return "EIO: the disk said no"
+    end
+  end
+  local status, body = env:api("POST", "/v1/calls", { to = "+14155550100", prompt = "x" })
+  T.eq({ status, body and body.status }, { 201, "dialing" })
+  T.wait_for(function()
+    return #env.tw.calls == 1
+  end, 3000, "the call dialed")
+  T.eq(env:get(body.callId).status, "dialing")
+end)
+
 T.test("a full disk when a call is created answers 500 store_failed, and nothing is dialed", function()
   local env = kit.start({})
   local db = env.app.store.db

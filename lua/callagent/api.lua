@@ -23,6 +23,9 @@ local core = require "callagent.core"
 local tz = require "callagent.tz"
 local config = require "callagent.config"
 local log = require "callagent.log"
+-- Store reads through store.call: a store that raises (a backend's way to
+-- say "disk full") failed to read, 500 store_failed like one that says so.
+local store_call = require("callagent.store").call
 
 local M = {}
 
@@ -351,7 +354,7 @@ function M.register(srv, engine, cfg, opts)
         return err(501, "idempotency_unsupported", "this store keeps no Idempotency-Keys", "Idempotency-Key")
       end
       idem = { key = key, fingerprint = M.fingerprint(input) }
-      local prev, ferr = engine.store:find_idempotent(key)
+      local prev, ferr = store_call(engine.store, "find_idempotent", key)
       if ferr then
         log.error("api: idempotency key could not be read", { error = ferr })
         return err(500, "store_failed", "the Idempotency-Key could not be looked up")
@@ -360,7 +363,14 @@ function M.register(srv, engine, cfg, opts)
         return err(422, "idempotency_key_reused", "this Idempotency-Key was sent with another request (call "
           .. prev.call_id .. ")", "Idempotency-Key")
       end
-      local view = prev and engine:call_view(prev.call_id)
+      local view, verr = nil, nil
+      if prev then
+        view, verr = engine:call_view(prev.call_id)
+      end
+      if verr then
+        log.error("api: call could not be read", { call = prev.call_id, error = verr })
+        return err(500, "store_failed", "the call of this Idempotency-Key could not be read")
+      end
       if view then
         return 201, { callId = view.callId, status = view.status, hint = view.hint }, { ["Idempotent-Replayed"] = "true" }
       end
@@ -378,7 +388,9 @@ function M.register(srv, engine, cfg, opts)
       log.error("api: call could not be stored", { error = cerr })
       return err(500, "store_failed", "the call could not be stored")
     end
-    local view = engine:call_view(call.id)
+    -- Stored and dialing: a 201 whatever a read of it says now (a 500 would
+    -- have the client send it again, and the callee rung twice).
+    local view = engine:call_view(call.id) or { callId = call.id, status = call.status, hint = call.hint }
     return 201, { callId = view.callId, status = view.status, hint = view.hint }
   end))
 
@@ -412,7 +424,7 @@ function M.register(srv, engine, cfg, opts)
         return err(400, "invalid_limit", "limit must be an integer from 1 to 100", "limit")
       end
     end
-    local calls, next_cursor = engine.store:list_calls({ status = status, limit = limit, cursor = q.cursor })
+    local calls, next_cursor = store_call(engine.store, "list_calls", { status = status, limit = limit, cursor = q.cursor })
     if not calls then
       if tostring(next_cursor):match("^ECURSOR") then
         return err(400, "invalid_cursor", "cursor must be a nextCursor from an earlier page", "cursor")
@@ -433,9 +445,11 @@ function M.register(srv, engine, cfg, opts)
   end))
 
   -- The call's view; or the 404 when there is none, the 500 when the store
-  -- could not read it (a call that exists is never "not found").
-  local function view_or_error(id)
-    local v, verr = engine:call_view(id)
+  -- could not read it (a call that exists is never "not found"). strict: a
+  -- live call's transcript the store cannot read is a 500 too (a hang-up
+  -- needs none, and goes on).
+  local function view_or_error(id, strict)
+    local v, verr = engine:call_view(id, strict)
     if v then
       return v
     elseif verr then
@@ -446,7 +460,7 @@ function M.register(srv, engine, cfg, opts)
   end
 
   srv:get("/v1/calls/{id}", guard(function(req)
-    local v, status, body = view_or_error(req.params.id)
+    local v, status, body = view_or_error(req.params.id, true)
     if not v then
       return status, body
     end

@@ -122,7 +122,12 @@ local function public_fields(t)
 end
 
 --- A read-only copy of a call for API responses, tools and event handlers.
-function Engine:call_view(id)
+-- Never raises: a store that raises (a backend's way to say "disk full") is
+-- one that failed to read (logged). A call the store cannot read is nil,
+-- err; a live call whose transcript it cannot read is its view without
+-- those lines (the engine and the app's handlers go on with it), and, with
+-- strict (the API's GET), nil, err.
+function Engine:call_view(id, strict)
   local c = self.live[id] or self.unsaved[id]
   local transcript
   if self.closed then
@@ -133,11 +138,16 @@ function Engine:call_view(id)
   elseif c then
     -- A live record holds no transcript (it would grow, and be walked by
     -- the collector, for as long as the call lasts): the store has it.
-    local store = self.store
+    local store, err = self.store, nil
     if store.transcript then
-      transcript = store:transcript(id)
+      transcript, err = store_mod.call(store, "transcript", id)
     else -- a backend from before store:transcript
-      transcript = (store:get_call(id) or {}).transcript
+      local r
+      r, err = store_mod.call(store, "get_call", id)
+      transcript = r and r.transcript
+    end
+    if err ~= nil and strict then
+      return nil, err
     end
     -- Lines the store refused come after every line it has.
     for _, r in ipairs(c._unsaved_rows or {}) do
@@ -148,7 +158,7 @@ function Engine:call_view(id)
     end
   else
     local err
-    c, err = self.store:get_call(id)
+    c, err = store_mod.call(self.store, "get_call", id)
     if not c then
       return nil, err -- err: the store could not read it (nil: no such call)
     end
@@ -369,7 +379,9 @@ function Engine:create(input, idempotency)
     updatedAt = now,
     _idempotency = idempotency, -- {key, fingerprint}: kept by the store, not in the record
   }
-  local ok, err = self.store:insert_call(call)
+  -- A store that raises refused it, as one that answers nil, err: the API
+  -- answers 500 store_failed, not internal.
+  local ok, err = store_mod.call(self.store, "insert_call", call)
   if not ok then
     return nil, err
   end
