@@ -21,6 +21,9 @@
  *   timeout          total ms, default 30000 (0: none)
  *   connect_timeout  ms, default 10000 (0: curl's default)
  *   max_body         response body limit in bytes, default 16 MiB
+ *   truncate         a body past max_body is cut there (res.truncated = true)
+ *                    rather than an EMSGSIZE error, default false: for a
+ *                    caller that needs the status, not the whole body
  *   follow           follow redirects (at most 5), default false; from https
  *                    only to https. The request's headers go along, but for
  *                    Authorization and Cookie when the host changes (libcurl)
@@ -28,7 +31,7 @@
  *                    store (OpenSSL's default cert directory, or SSL_CERT_DIR)
  *   username, password  HTTP basic auth
  * res = {status = int, headers = {lowercase name = value; repeats joined with
- *        ", "}, body = string, time_ms = float}
+ *        ", "}, body = string, time_ms = float, truncated = true or nil}
  * err = "ECODE: message" with ECODE one of ETIMEDOUT, ECONNREFUSED (could not
  * connect), ENOTFOUND, ETLS, EMSGSIZE (body over max_body), EINVAL (bad URL, or
  * a scheme other than http/https, also in a followed redirect, or http after
@@ -135,6 +138,7 @@ struct req {
 	int fn_ref, body_ref;
 	int state;
 	int too_big;
+	int truncate;			/* too_big cuts the body: no error */
 	curl_off_t max_body;
 	long status;
 	double time_ms;
@@ -371,6 +375,8 @@ static void finish(struct req *r, CURLcode rc, const char *code)
 
 	if (code == NULL && rc != CURLE_OK)
 		code = code_of(r, rc);
+	if (code && r->truncate && r->too_big && !strcmp(code, "EMSGSIZE"))
+		code = NULL;	/* the body is cut at max_body: a result */
 	if (r->easy) {
 		if (code == NULL) {
 			curl_off_t us = 0;
@@ -440,6 +446,10 @@ static void push_result(lua_State *L, struct req *r)
 	lua_setfield(L, -2, "body");
 	lua_pushnumber(L, r->time_ms);
 	lua_setfield(L, -2, "time_ms");
+	if (r->too_big) {
+		lua_pushboolean(L, 1);
+		lua_setfield(L, -2, "truncated");
+	}
 }
 
 static void free_req(struct req *r)
@@ -530,6 +540,8 @@ static size_t on_body(char *p, size_t size, size_t n, void *ud)
 	size_t len = size * n;
 
 	if ((curl_off_t)(r->body.len + len) > r->max_body) {
+		if (r->truncate)	/* what fits is kept */
+			buf_add(&r->body, p, (size_t)(r->max_body - (curl_off_t)r->body.len));
 		r->too_big = 1;
 		return 0;
 	}
@@ -762,7 +774,7 @@ struct opts {
 	const char *method, *body, *ca_file, *username, *password;
 	size_t body_len;
 	lua_Integer timeout, connect_timeout, max_body;
-	int follow, headers_idx, body_idx, n_headers, expect;
+	int follow, truncate, headers_idx, body_idx, n_headers, expect;
 	size_t headers_size;
 };
 
@@ -811,6 +823,7 @@ static void read_opts(lua_State *L, int idx, struct opts *o)
 	o->connect_timeout = ca_opt_int_field(L, idx, "connect_timeout", DEFAULT_CONNECT_TIMEOUT);
 	o->max_body = ca_opt_int_field(L, idx, "max_body", DEFAULT_MAX_BODY);
 	o->follow = ca_opt_bool_field(L, idx, "follow", 0);
+	o->truncate = ca_opt_bool_field(L, idx, "truncate", 0);
 	if (o->timeout < 0 || o->connect_timeout < 0)
 		luaL_error(L, "options 'timeout' and 'connect_timeout' must be >= 0");
 	if (o->max_body < 0)
@@ -919,7 +932,8 @@ static void setup_easy(struct req *r, struct opts *o)
 	curl_easy_setopt(e, CURLOPT_USERAGENT, "callagent/" CA_VERSION);
 	curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, (long)o->timeout);
 	curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, (long)o->connect_timeout);
-	curl_easy_setopt(e, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)o->max_body);
+	/* Refused from its Content-Length at once; not when it is to be cut (0: none). */
+	curl_easy_setopt(e, CURLOPT_MAXFILESIZE_LARGE, o->truncate ? (curl_off_t)0 : (curl_off_t)o->max_body);
 	curl_easy_setopt(e, CURLOPT_FOLLOWLOCATION, (long)o->follow);
 	curl_easy_setopt(e, CURLOPT_MAXREDIRS, MAX_REDIRS);
 	curl_easy_setopt(e, CURLOPT_HTTPHEADER, r->headers);
@@ -984,6 +998,7 @@ static int l_request(lua_State *L)
 	r->link.prev = r->link.next = &r->link;
 	r->box = box;
 	r->max_body = (curl_off_t)o.max_body;
+	r->truncate = o.truncate;
 	r->fn_ref = ca_ref(L, 3);
 	r->body_ref = LUA_NOREF;
 	r->state = REQ_RUNNING;

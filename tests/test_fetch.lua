@@ -283,6 +283,23 @@ T.test("a response over max_body fails with EMSGSIZE", function()
   T.eq(#res.body, 1024, "exactly max_body is fine")
 end)
 
+T.test("truncate: a response over max_body is its status and headers and the body cut there, truncated = true", function()
+  local _, base = serve()
+  -- Refused by its Content-Length without truncate; with it, a result.
+  local res, err = fetch(base .. "/big/65536", { max_body = 1000, truncate = true })
+  T.ok(res, err)
+  T.eq({ res.status, #res.body, res.truncated }, { 200, 1000, true })
+  res, err = fetch(base .. "/big/1024", { max_body = 1024, truncate = true })
+  T.ok(res, err)
+  T.eq({ #res.body, res.truncated }, { 1024, nil }, "exactly max_body is not cut")
+  -- Endless, with no Content-Length: cut at once, not read to the timeout.
+  local t0 = timer.now()
+  res, err = fetch(raw_server() .. "/endless", { max_body = 4096, truncate = true, timeout = 5000 })
+  T.ok(res, err)
+  T.eq({ res.status, #res.body, res.truncated }, { 200, 4096, true })
+  T.lt(timer.now() - t0, 1000)
+end)
+
 T.test("200 concurrent requests all succeed with their own bodies", function()
   -- A server of its own, so the 200 connections close with it; the shared one
   -- stays up meanwhile (closing the last server with many connections open

@@ -199,4 +199,21 @@ T.test("a call notified while sweeps run is sent once, and so is each of the bac
   end
   T.eq(twice, {}, "none delivered twice")
 end)
+T.test("a 2xx with a body past fetch's limit is delivered once, not sent again at every try", function()
+  -- Only the status and headers are read: a receiver answering its 200 with
+  -- 17 MiB (a page, a dump) was a failure (EMSGSIZE), and the notification
+  -- went out again at every try and every sweep.
+  local tries = 0
+  local big = string.rep("x", 17 * 1024 * 1024)
+  local n, store = notifier(function()
+    tries = tries + 1
+    return 200, big, { ["Content-Type"] = "text/plain" }
+  end, { attempts = 3, base_delay_ms = 20 })
+  assert(store:add_notification("c_1:completed", "c_1", "{}"))
+  n:send("c_1:completed", "{}")
+  T.wait_for(function()
+    return not n.in_flight["c_1:completed"]
+  end, 10000, "the delivery over")
+  T.eq({ tries, #store:pending_notifications() }, { 1, 0 }, "delivered at the first try")
+end)
 T.run()

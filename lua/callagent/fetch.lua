@@ -17,6 +17,9 @@
 --   timeout          total ms (default 30000; 0 = none)
 --   connect_timeout  ms (default 10000; 0 = curl's own, 300000), within timeout
 --   max_body         response body limit in bytes (default 16 MiB)
+--   truncate         a body past max_body is cut there (res.truncated = true)
+--                    instead of an EMSGSIZE error (default false): for a caller
+--                    that needs the status, not the whole body
 --   follow           follow redirects, at most 5 (default false); from https only
 --                    to https. Your headers go along, but for Authorization and
 --                    Cookie when the host changes: keep secrets out of others
@@ -24,7 +27,8 @@
 --   username, password  HTTP basic auth (e.g. Twilio account SID and token)
 --
 -- res = { status = 200, headers = { ["content-type"] = "...", ... }, body = "...",
---         time_ms = 12.3 }: header names lowercase, repeated headers joined with ", ".
+--         time_ms = 12.3, truncated = true when cut at max_body }: header names
+--         lowercase, repeated headers joined with ", ".
 -- err = "ECODE: message": ETIMEDOUT, ECONNREFUSED (could not connect), ENOTFOUND,
 -- ETLS, EMSGSIZE (body over max_body), EINVAL (bad URL, scheme not http/https,
 -- also in a followed redirect, or http after https), ECANCELED, ECURL

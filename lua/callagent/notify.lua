@@ -171,6 +171,11 @@ function Notifier:send(key, body)
   task.spawn(self._deliver, self, key, body)
 end
 
+-- The most of a receiver's answer kept: only its status and headers are read.
+-- A 2xx with a larger body (a page, a dump) is delivered all the same: as
+-- an EMSGSIZE error it was sent again at every try and every sweep.
+local MAX_ANSWER_BODY = 4096
+
 -- The longest a receiver's Retry-After holds a notification back.
 local MAX_RETRY_AFTER_MS = 60000
 
@@ -197,6 +202,8 @@ function Notifier:_deliver(key, body)
       method = "POST",
       body = body,
       timeout = self.timeout_ms,
+      max_body = MAX_ANSWER_BODY,
+      truncate = true,
       headers = {
         ["Content-Type"] = "application/json",
         Authorization = "Bearer " .. self.cfg.hooksToken,
