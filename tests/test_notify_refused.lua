@@ -383,4 +383,38 @@ T.test("a restart with another hooksToken delivers the one refused before once, 
   end
 end)
 
+T.test("a hooksUrl with a user, password and query secret: none of them is logged, whatever the receiver answers", function()
+  local SECRETS = { "hook-url-password", "hook-query-secret", "loc-password", "loc-query-secret" }
+  local seen = receiver(function()
+    return TOKEN_B
+  end)
+  local redirect = http.server()
+  redirect:post("/hooks/agent", function()
+    return 308, "", { Location = "http://luser:loc-password@127.0.0.1:9/hooks/agent?token=loc-query-secret" }
+  end)
+  assert(redirect:listen())
+  T.defer(function()
+    redirect:close()
+  end)
+  local function with_secrets(u)
+    return (u:gsub("^http://", "http://hookuser:hook-url-password@")) .. "?sig=hook-query-secret"
+  end
+  for _, case in ipairs({
+    { "refused (401)", with_secrets(seen.url), TOKEN_A, "notification refused" },
+    { "delivered", with_secrets(seen.url), TOKEN_B, "notification delivered" },
+    { "no connection", with_secrets("http://127.0.0.1:9/hooks"), TOKEN_B, "notification failed; out of tries" },
+    { "redirected", with_secrets(redirect:url("/hooks")), TOKEN_B, "notification redirected.*location=" },
+  }) do
+    local p = T.spawn_app(nil, nil, { source = RUN, name = "run.lua",
+      env = { N_DB = T.tmpdir() .. "/n.db", N_HOOKS = case[2], N_TOKEN = case[3], N_SEED = "1" } })
+    T.eq(p:wait(10000), 0, case[1] .. ": exits 0: " .. p.errtext())
+    local log = p.errtext()
+    T.match(log, case[4], case[1] .. ": logged")
+    for _, secret in ipairs(SECRETS) do
+      T.eq(log:find(secret, 1, true), nil, case[1] .. ": " .. secret .. " not logged:\n" .. log)
+    end
+  end
+  T.eq(seen.delivered[KEY], 1, "the receiver took it under its URL's user and query")
+end)
+
 T.run()
