@@ -89,4 +89,41 @@ T.test("the same request with the same Idempotency-Key sent eight times at once 
   T.eq(#env.tw.calls, 1, "dialed once")
 end)
 
+T.test("a huge unknown field name is quoted cut in the error message and the log line, named whole in field", function()
+  -- A 200 KB name made a 400 KB log line (error= and field=) per request.
+  local env = env_with()
+  local name = string.rep("z", 200000)
+  local log_lines = {}
+  local log = require "callagent.log"
+  local warn = log.warn
+  log.warn = function(msg, fields)
+    log_lines[#log_lines + 1] = { msg = msg, fields = fields }
+    return warn(msg, fields)
+  end
+  T.defer(function()
+    log.warn = warn
+  end)
+  local status, body = env:api("POST", "/v1/calls", '{"to":"+14155550100","prompt":"x","' .. name .. '":1}')
+  T.eq({ status, body.error.code, body.error.field == name }, { 400, "unknown_field", true })
+  T.lt(#body.error.message, 200, "the message quotes the name cut")
+  T.match(body.error.message, "^unknown field 'zzz+…'$")
+  -- A name of many-byte characters is cut between two of them: still UTF-8.
+  status, body = env:api("POST", "/v1/calls", '{"to":"+14155550100","prompt":"x","' .. string.rep("é", 500) .. '":1}')
+  T.eq({ status, body.error.code }, { 400, "unknown_field" })
+  T.ok(utf8.len(body.error.message), "UTF-8")
+  T.lt(#body.error.message, 200)
+  local logged
+  for _, l in ipairs(log_lines) do
+    if l.msg == "api: bad request" then
+      logged = l.fields
+    end
+  end
+  T.ok(logged, "logged")
+  T.lt(#logged.field + #logged.error, 400, "the log line is short")
+  -- So is a query parameter's.
+  status, body = env:api("GET", "/v1/calls?" .. string.rep("q", 3000) .. "=1")
+  T.eq({ status, body.error.code }, { 400, "unknown_field" })
+  T.lt(#body.error.message, 300)
+end)
+
 T.run()

@@ -46,6 +46,21 @@ local STATUSES = {
   busy = true, no_answer = true, failed = true, canceled = true,
 }
 
+-- What a message quotes of a name the client sent (a field, a query
+-- parameter): at most QUOTE_MAX bytes, cut between two UTF-8 characters
+-- and ended with "…". A 200 KB field name made a 400 KB log line.
+local QUOTE_MAX = 64
+local function quote(s)
+  if #s <= QUOTE_MAX then
+    return s
+  end
+  local n = QUOTE_MAX
+  while n > 0 and s:byte(n + 1) >= 0x80 and s:byte(n + 1) < 0xC0 do
+    n = n - 1 -- not inside a character
+  end
+  return s:sub(1, n) .. "…"
+end
+
 local function err(status, code, message, field)
   -- A message may quote the request (a call id from the path): kept UTF-8.
   return status, { error = { code = code, message = json.utf8(message), field = field } }
@@ -108,7 +123,7 @@ function M.validate_call(body)
       return nil, err(400, "invalid_body", "a field name is not valid UTF-8")
     end
     if not ALLOWED[k] then
-      return nil, err(400, "unknown_field", "unknown field '" .. tostring(k) .. "'", tostring(k))
+      return nil, err(400, "unknown_field", "unknown field '" .. quote(tostring(k)) .. "'", tostring(k))
     end
     if not json.is_utf8(v) then
       return nil, err(400, "invalid_" .. k, k .. " is not valid UTF-8 text", k)
@@ -320,7 +335,7 @@ function M.register(srv, engine, cfg, opts)
       local e = type(status) == "number" and status >= 400 and status < 500 and type(body) == "table" and body.error
       if type(e) == "table" then
         log.warn("api: bad request", { method = req.method, path = req.path, status = status, code = e.code,
-          field = e.field, error = e.message })
+          field = e.field and quote(e.field), error = e.message })
       end
       return status, body, headers
     end
@@ -409,7 +424,7 @@ function M.register(srv, engine, cfg, opts)
     end
     if unknown then
       local name = json.utf8(unknown)
-      return err(400, "unknown_field", "unknown query parameter '" .. name .. "' (GET /v1/calls takes status, limit "
+      return err(400, "unknown_field", "unknown query parameter '" .. quote(name) .. "' (GET /v1/calls takes status, limit "
         .. "and cursor)", name)
     end
     local status = q.status
