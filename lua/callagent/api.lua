@@ -439,7 +439,8 @@ function M.register(srv, engine, cfg, opts)
         return err(400, "invalid_limit", "limit must be an integer from 1 to 100", "limit")
       end
     end
-    local calls, next_cursor = store_call(engine.store, "list_calls", { status = status, limit = limit, cursor = q.cursor })
+    local calls, next_cursor = store_call(engine.store, "list_calls",
+      { status = status, limit = limit, cursor = q.cursor })
     if not calls then
       if tostring(next_cursor):match("^ECURSOR") then
         return err(400, "invalid_cursor", "cursor must be a nextCursor from an earlier page", "cursor")
