@@ -269,6 +269,35 @@ T.test("ngrok's error quoting the authtoken (ERR_NGROK_105/107: 'Your authtoken:
   T.no_match(p.text() .. p.errtext(), token:sub(1, 12), "nowhere, not in part")
 end)
 
+T.test("an authtoken quoted as a JSON field, in capitals or with a comma in it is redacted too", function()
+  -- "[Aa]uthtoken:" followed by [^%s,;]+ let each of these through: the
+  -- JSON key's closing quote comes before its ':', NGROK_AUTHTOKEN is in
+  -- capitals, and a malformed token (ERR_NGROK_105) may hold a comma.
+  local token = "2fAkEngrokTok3n_0123456789abcdefghijklmnopq"
+  local prefix = "tunnel: ngrok exited (status 1) before opening a tunnel: "
+  for _, case in ipairs({
+    { '{"lvl":"eror","authtoken":"' .. token .. '","msg":"bad"', '{"lvl":"eror","authtoken":"[redacted]","msg":"bad"' },
+    { "env: NGROK_AUTHTOKEN=" .. token .. " set", "env: NGROK_AUTHTOKEN=[redacted] set" },
+    { "Your authtoken: abc," .. token, "Your authtoken: [redacted]" },
+    { "Your Authtoken: 'abc " .. token .. "' is bad", "Your Authtoken: '[redacted]' is bad" },
+    { 'err="{\\"authtoken\\": \\"' .. token .. '\\"}"', 'err="{\\"authtoken\\": \\"[redacted]\\"}"' },
+  }) do
+    local r, p = ngrok_says(case[1])
+    T.eq(r.err, prefix .. case[2], case[1])
+    T.eq(p:wait(5000), 0)
+    T.no_match(p.text() .. p.errtext(), token:sub(1, 12), "nowhere, not in part")
+  end
+end)
+
+T.test("a redacted authtoken leaves room for what follows it: no U+FFFD for a character cut before the redaction", function()
+  -- The line was cut at 304 bytes before the token was replaced: a
+  -- character cut there became U+FFFD, then the shorter text ended with it.
+  local token = string.rep("t", 100)
+  local r = ngrok_says("xYour authtoken: " .. token .. " " .. string.rep("é", 100))
+  T.eq(r.err, "tunnel: ngrok exited (status 1) before opening a tunnel: xYour authtoken: [redacted] "
+    .. string.rep("é", 100))
+end)
+
 T.test("ngrok that never opens a tunnel: timeout error after tunnel.timeoutSec, and ngrok is killed", function()
   local r, _, logs = scenario({
     path = bindir({ "ngrok" }),

@@ -195,18 +195,47 @@ local AUTH_CODES = { ERR_NGROK_4018 = true, ERR_NGROK_105 = true, ERR_NGROK_107 
 -- max_line (64 KiB) long, and an error is one line of a log.
 local MAX_SAID = 300
 
+-- "authtoken" in any case, the closing quote of a JSON or YAML key (escaped
+-- too, in JSON quoted in JSON), then ':' or '=': "Your authtoken: ...",
+-- "authtoken":"...", NGROK_AUTHTOKEN=....
+local TOKEN_NAME = "[Aa][Uu][Tt][Hh][Tt][Oo][Kk][Ee][Nn]\\?[\"']?%s*[:=]%s*"
+
+-- s with "[redacted]" for the value after each TOKEN_NAME: a quoted one up
+-- to its closing quote (or the end), else up to the next space, commas and
+-- all (a malformed token, ERR_NGROK_105, may hold any); not a URL ("Install
+-- your authtoken: https://dashboard..." stays).
+local function redact_authtoken(s)
+  local out, i = {}, 1
+  while true do
+    local _, name_end = s:find(TOKEN_NAME, i)
+    if not name_end then
+      break
+    end
+    out[#out + 1] = s:sub(i, name_end)
+    local esc, q = s:match("^(\\?)([\"'])", name_end + 1)
+    if q then
+      out[#out + 1] = esc .. q .. "[redacted]"
+      i = s:find(esc .. q, name_end + #esc + 2, true) or #s + 1
+    else
+      local value = s:match("^%S*", name_end + 1)
+      out[#out + 1] = (value == "" or value:find("^https?://")) and value or "[redacted]"
+      i = name_end + 1 + #value
+    end
+  end
+  out[#out + 1] = s:sub(i)
+  return table.concat(out)
+end
+
 -- A tool's line as an error may quote it: one line of UTF-8 (its control
 -- characters as spaces, bytes that are no UTF-8 as U+FFFD), trimmed, at
 -- most MAX_SAID bytes cut between characters, and without the value after
 -- "authtoken:" (ngrok's ERR_NGROK_105 and 107 print "Your authtoken: ...",
--- a secret callagent cannot know to redact).
+-- a secret callagent cannot know to redact). The token goes before the
+-- line is cut: cut first, a character cut at the 304th byte stayed as
+-- U+FFFD, and the text after a long token was lost.
 local function said_text(s)
-  s = json.utf8((s:sub(1, MAX_SAID + 4):gsub("[%z\1-\31\127]", " ")))
-  s = s:gsub("([Aa]uthtoken%s*[:=]%s*)([^%s,;]+)", function(name, value)
-    if not value:find("^https?://") then -- "Install your authtoken: https://dashboard..." stays
-      return name .. "[redacted]"
-    end
-  end)
+  s = redact_authtoken((s:gsub("[%z\1-\31\127]", " ")))
+  s = json.utf8(s:sub(1, MAX_SAID + 4))
   if #s > MAX_SAID then
     local cut = MAX_SAID
     while (s:byte(cut + 1) or 0) >= 0x80 and s:byte(cut + 1) < 0xc0 do -- not inside a character
