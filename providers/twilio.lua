@@ -71,9 +71,10 @@ local P = {
 }
 
 -- Twilio's own REST API (api.twilio.com, or a region's api.<edge>.twilio.com),
--- not a fake or an emulator of it.
+-- not a fake or an emulator of it. A name written with the root's dot
+-- (api.twilio.com.) is the same host.
 local function real_twilio(api)
-  local host = (url.parse(api) or {}).host or ""
+  local host = ((url.parse(api) or {}).host or ""):gsub("%.$", "")
   return host == "twilio.com" or host:sub(-#".twilio.com") == ".twilio.com"
 end
 

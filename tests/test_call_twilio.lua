@@ -258,7 +258,9 @@ T.test("with Twilio's own API, an http:// public URL is refused at start: its <S
     end
     return ok, err
   end
-  for _, api in ipairs({ "https://api.twilio.com", "https://api.dublin.ie1.twilio.com", "https://API.Twilio.com/" }) do
+  -- A host name may end in the root's dot, and carry a port.
+  for _, api in ipairs({ "https://api.twilio.com", "https://api.dublin.ie1.twilio.com", "https://API.Twilio.com/",
+    "https://api.twilio.com.", "https://API.TWILIO.COM.:443/" }) do
     local ok, err = start("http://calls.example.com:8080", api)
     T.eq(ok, nil, api)
     T.eq(err, "the twilio provider's init failed: server.publicBaseUrl: Twilio connects its media stream only to "
@@ -267,6 +269,7 @@ T.test("with Twilio's own API, an http:// public URL is refused at start: its <S
   end
   T.ok(start("https://calls.example.com", "https://api.twilio.com"))
   T.ok(start("http://calls.example.com", "http://twilio-emulator.internal:8080"))
+  T.ok(start("http://calls.example.com", "http://twilio.com.emulator.internal"))
 end)
 
 T.run()
