@@ -277,7 +277,7 @@ T.test("call_agent retried with the same toolCallId gets the same call and dials
   T.eq(#env.tw.calls, 2, "dialed once per call")
 end)
 
-T.test("call_agent run with an empty tool call id places a call each time, never another run's", function()
+T.test("call_agent run with an empty or blank tool call id places a call each time, never another run's", function()
   -- A host or model API that gives no tool call id: runs must not share one
   -- Idempotency-Key (the second was taken for a replay, or refused 422).
   local env = start({ twilio = { behaviour = { ring_ms = 10000 } } })
@@ -285,14 +285,16 @@ T.test("call_agent run with an empty tool call id places a call each time, never
   local r = host({ baseUrl = env.base, apiToken = TOKEN }, {
     { tool = "call_agent", toolCallId = "", params = params },
     { tool = "call_agent", toolCallId = "", params = params },
-    { tool = "call_agent", toolCallId = "", params = { to = "+14155550199", prompt = "Other." } },
+    { tool = "call_agent", toolCallId = " \t ", params = { to = "+14155550199", prompt = "Other." } },
+    { tool = "call_agent", toolCallId = " \t ", params = { to = "+14155550199", prompt = "Other." } },
   })
-  for i = 1, 3 do
+  for i = 1, 4 do
     T.eq(r.steps[i].isError, false, "step " .. i .. ": " .. tostring(r.steps[i].error))
     T.eq(r.steps[i].details.replayed, nil, "step " .. i)
   end
   T.ne(r.steps[2].details.callId, r.steps[1].details.callId)
-  T.eq(count_calls(env), 3)
+  T.ne(r.steps[4].details.callId, r.steps[3].details.callId)
+  T.eq(count_calls(env), 4)
 end)
 
 T.test("with the mock provider call_agent returns the phone page's link as hint", function()
