@@ -383,6 +383,25 @@ T.test("one action per mock link: a decline after the answer is refused 409, an 
   T.eq({ v.attempts[1].status, v.attempts[1].answeredAt }, { "busy", nil }, "not answered")
 end)
 
+T.test("a mock call answered whose page never connects its audio fails no_stream, and lastError says so", function()
+  -- The mock phone reports its end inside endCall, before the engine's own
+  -- ending: the reason why came second, and the record had no lastError.
+  local rt = assert(require("fakes.realtime").start({ api_key = "sk-mock-test-model-key-0123456789abcdef" }))
+  T.defer(function()
+    rt:close()
+  end)
+  local app = start({ openai = { apiKey = rt.api_key, realtimeUrl = rt.url } })
+  local id = assert(app:create_call({ to = "+15555550102", prompt = "Test." })).callId
+  T.eq(post(app, "/mock/api/answer", { callId = id, token = link_token(app.engine:call_view(id).hint) }), 200)
+  local v
+  T.wait_for(function()
+    v = app.engine:call_view(id)
+    return v.status == "failed"
+  end, 20000, "the call's end")
+  T.eq({ v.endReason, v.lastError }, { "no_stream", "no media stream 15 s after the answer" })
+  T.eq({ #v.attempts, v.attempts[1].status, v.attempts[1].reason }, { 1, "failed", "no_stream" })
+end, { timeout = 30000 })
+
 T.test("a mock decline with a wrong token, another call's, or by GET is refused and changes nothing", function()
   local app = start()
   local a = assert(app:create_call({ to = "+15555550100", prompt = "Test." })).callId

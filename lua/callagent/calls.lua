@@ -888,6 +888,10 @@ function Engine:_no_stream(call, n)
   local why = string.format("no media stream %d s after the answer", STREAM_WAIT_MS // 1000)
   log.warn("no media stream came: hanging up", { call = call.id, attempt = n })
   call._end_reason = call._end_reason or "no_stream"
+  -- Before the hang-up: a provider may end the attempt inside its endCall
+  -- (the mock phone does), and the why then came after the end.
+  call.lastError = why
+  self:_save(call, { lastError = why })
   self:_end_in_task(call.id, a)
   self:_attempt_final(call, n, "completed", why, why)
 end
