@@ -27,7 +27,10 @@ T.test("the local setup prints its banner, takes a call through the API and stop
   T.match(out, "callagent %S+ is running on " .. base:gsub("%p", "%%%0") .. "\n")
   T.match(out, "telephony: mock   model: LOCAL STAND%-IN")
   T.match(out, "Open " .. base:gsub("%p", "%%%0") .. "/mock/ in your browser")
-  T.match(p.errtext(), "INFO callagent ready")
+  -- stderr is another pipe than the banner's stdout: its line may come later.
+  T.wait_for(function()
+    return p.errtext():find("INFO callagent ready", 1, true)
+  end, 5000, "the ready line: " .. p.errtext())
 
   -- The banner's curl command, as a request.
   local res = assert(fetch(base .. "/v1/calls", {
@@ -173,10 +176,11 @@ T.test("examples/twilio.lua carries a call end to end against stand-ins of Twili
   end, 20000, "the call to complete")
   T.eq({ call.report.outcome, call.report.summary }, { "success", "Booked for Tuesday." })
   T.eq(tw.calls[1].params.To, "+14155550100")
-  T.match(p.errtext(), "INFO report call=" .. id .. " outcome=success summary=\"Booked for Tuesday%.\"")
-  T.no_match(p.errtext(), token)
   T.ok(p:kill("SIGTERM"))
   T.eq(p:wait(10000), 0, p.errtext())
+  -- Read once it has exited: every line of its stderr has come through the pipe.
+  T.match(p.errtext(), "INFO report call=" .. id .. " outcome=success summary=\"Booked for Tuesday%.\"")
+  T.no_match(p.errtext(), token)
 end, { timeout = 40000 })
 
 T.test("an empty CALLAGENT_CONFIG stops the start with a line saying so, not a file named ''", function()
