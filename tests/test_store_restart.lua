@@ -423,7 +423,9 @@ T.test("a retry queued before a restart that lowered retry.maxAttempts is not di
   T.eq(rec.attempts[2].reason, "line busy")
   T.eq(rec.nextAttemptAt, nil)
   T.match(rec.lastError, "retry%.maxAttempts", "lastError says why it was not dialed")
-  T.match(w.app.errtext() .. w.app.text(), "past this run.s retry policy: not dialed.*retry%.maxAttempts is 2 now", "and so does the log")
+  T.wait_for(function()
+    return (w.app.errtext() .. w.app.text()):match("past this run.s retry policy: not dialed.*retry%.maxAttempts is 2 now")
+  end, 5000, "the log line saying so: " .. w.app.errtext())
   T.wait_for(function()
     return #w.deliveries >= 1
   end, 10000, "the notification")
@@ -574,6 +576,11 @@ T.test("a notification redirected (3xx) is not followed nor retried, and the log
   local id = first_notification(w, "+14155550164")
   T.eq(#w.requests, 1, "not retried, and not followed (the body and its token stay with hooksUrl)")
   T.eq(w.call(id).status, "completed")
+  -- The child logs the redirect once it has read the receiver's answer: a
+  -- line on its stderr pipe, which comes when it comes.
+  T.wait_for(function()
+    return w.app.errtext():find("ERROR notification redirected", 1, true)
+  end, 5000, "the redirect's log line: " .. w.app.errtext())
   local log = w.app.errtext()
   T.match(log, "ERROR notification redirected; not retrying: set notify%.hooksUrl to the receiver's own address "
     .. "%(a start with another sends it again%) error=\"HTTP 308\" key=" .. id .. ":completed location=\"?https://%[redacted%]@hooks%.example%.test/agent%?%[redacted%]")
