@@ -107,6 +107,10 @@ T.test("a call hung up while it waits for a retry ends canceled, without nextAtt
   timer.sleep(2000)
   T.eq(#env.tw.calls, 1, "not dialed again")
   T.eq(env:get(id).nextAttemptAt, nil, "as stored")
+  -- The notification goes out after the call is final, on its own time.
+  T.wait_for(function()
+    return #env.hooks.received >= 1
+  end, 5000, "the notification")
   T.eq(#env.hooks.received, 1, "notified once")
 end, { timeout = 30000 })
 
