@@ -386,6 +386,10 @@ T.test("call_agent whose answer never came asks again with the same Idempotency-
   T.eq(r.steps[1].isError, false, r.steps[1].error)
   T.match(seen[3], "^clawdbot%-run%-")
   T.eq(seen[4], seen[3], "sent again with the same key")
+  -- The dials are callagent's own tasks: waited for, then a moment for a third.
+  T.wait_for(function()
+    return #env.tw.calls >= 2
+  end, 5000, "both calls dialed")
   timer.sleep(300)
   T.eq(#env.tw.calls, 2, "dialed once per call")
 end)
