@@ -456,6 +456,9 @@ T.test("a real callagent process: its log never shows the API key, through a ref
   T.eq(api:wait_final(refused, 10000).status, "failed")
   local id = api:create({ to = "+14155550111", prompt = "Book a check-up." })
   T.eq(api:wait_final(id, 30000).status, "completed")
+  p:kill("SIGTERM")
+  T.eq(p:wait(10000), 0, "exit status")
+  -- Read once it has exited: every line of its output has come through the pipes.
   local text = p.errtext() .. "\n" .. p.text()
   T.match(text, "key %[redacted%] may not call", "the refusal is logged, redacted")
   T.eq(text:find(API_KEY, 1, true), nil, "the key in the process's output")
