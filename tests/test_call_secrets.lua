@@ -71,10 +71,13 @@ T.test("the model quoting our API key in its error and close reason: the record 
   end
 end)
 
--- The child's stdout and stderr, and what its API answers of call id, as text.
+-- What the child's API answers of call id, then (stopped, so that every line
+-- has come through the pipes) its whole stdout and stderr, as text.
 local function process_everywhere(p, env, id)
   local _, _, r1 = env:api("GET", "/v1/calls/" .. id)
   local _, _, r2 = env:api("GET", "/v1/calls")
+  p:kill("SIGTERM")
+  T.eq(p:wait(10000), 0, "the child's exit status")
   return {
     ["GET /v1/calls/{id}"] = r1.body,
     ["GET /v1/calls"] = r2.body,
