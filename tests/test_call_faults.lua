@@ -478,6 +478,11 @@ T.test("no response is asked for after the goodbye", function()
   local id = env:create({ to = "+14155550128", prompt = "Explain." })
   T.eq(env:wait_final(id, 20000).status, "completed")
   local s = env.rt.sessions[1]
+  -- The script's last wait ends when the connection closes (or after its
+  -- 3 s): until then a late response.create could still be on its way.
+  T.wait_for(function()
+    return s.script_done
+  end, 5000, "the model's script to end")
   T.eq(s.third, nil, "no response.create after the goodbye")
   T.eq(creates_and_outputs(s), { "create", "output", "create" })
 end, { timeout = 40000 })
