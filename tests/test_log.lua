@@ -268,7 +268,8 @@ log.info("odd fields", { nan = 0/0, f = { g = print }, sparse = { [1] = 1, [50] 
 end)
 
 -- Runs the app source with its stderr (JSON lines) read delay_s late into a
--- file; returns that file's text once it holds the dropped-lines count.
+-- file; returns that file's text once it ends with the dropped-lines count,
+-- whole (the file is written by `cat`, which may still be at it).
 local function slow_reader_run(delay_s, source)
   local dir = T.tmpdir()
   local app, out = dir .. "/app.lua", dir .. "/stderr.txt"
@@ -286,8 +287,8 @@ local function slow_reader_run(delay_s, source)
     if fh then
       fh:close()
     end
-    return text:find("dropped", 1, true) ~= nil
-  end, 10000, "the dropped count")
+    return text:find("dropped[^\n]*\n$") ~= nil
+  end, 10000, "the dropped count's whole line")
   return text
 end
 
