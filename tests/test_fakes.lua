@@ -575,7 +575,19 @@ end)
 T.test("realtime: wait_event returns events received earlier, times out, and error/close reach the client", function()
   local rt = start_rt({
     script = function(s)
-      timer.sleep(150)
+      -- Until the client's response.create is in (a fixed sleep may end
+      -- before it on a loaded machine): the wait below must find it there.
+      local deadline = timer.now() + 5000
+      local function received()
+        for _, ev in ipairs(s.events) do
+          if ev.type == "response.create" then
+            return true
+          end
+        end
+      end
+      while not received() and timer.now() < deadline do
+        timer.sleep(10)
+      end
       s.early = s:wait_event("response.create", 10)
       s.none = { s:wait_event("input_audio_buffer.clear", 30) }
       s:error("server_error", "something broke", "server_error")
