@@ -540,7 +540,8 @@ static size_t on_body(char *p, size_t size, size_t n, void *ud)
 	size_t len = size * n;
 
 	if ((curl_off_t)(r->body.len + len) > r->max_body) {
-		if (r->truncate)	/* what fits is kept */
+		/* What fits is kept (none with max_body 0: the buffer may not exist). */
+		if (r->truncate && r->max_body > (curl_off_t)r->body.len)
 			buf_add(&r->body, p, (size_t)(r->max_body - (curl_off_t)r->body.len));
 		r->too_big = 1;
 		return 0;

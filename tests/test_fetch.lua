@@ -300,6 +300,36 @@ T.test("truncate: a response over max_body is its status and headers and the bod
   T.lt(timer.now() - t0, 1000)
 end)
 
+T.test("truncate with max_body 0: the status and headers, an empty body, truncated = true (clean under UBSan)", function()
+  -- The first bytes of the body were copied, 0 of them, into a buffer not
+  -- made yet: memcpy from NULL, which UBSan stops at.
+  local _, base = serve()
+  local res, err = fetch(base .. "/big/1024", { max_body = 0, truncate = true })
+  T.ok(res, err)
+  T.eq({ res.status, res.body, res.truncated, res.headers["content-type"] },
+    { 200, "", true, "application/octet-stream" })
+  res, err = fetch(raw_server() .. "/endless", { max_body = 0, truncate = true })
+  T.ok(res, err)
+  T.eq({ res.status, res.body, res.truncated }, { 200, "", true })
+end)
+
+T.test("truncate: a request that times out or is canceled before its body passes max_body is still an error", function()
+  -- /trickle: 1 byte every 100 ms of 100.
+  local res, err = fetch(raw_server() .. "/trickle", { max_body = 1000, truncate = true, timeout = 300 })
+  T.eq(res, nil)
+  T.match(err, "^ETIMEDOUT")
+  local got
+  local req = fetch.request({ url = raw_server() .. "/trickle", max_body = 1000, truncate = true }, function(r, e)
+    got = { r, e }
+  end)
+  timer.sleep(150)
+  T.eq(req:cancel(), true)
+  T.wait_for(function()
+    return got
+  end, 3000, "the callback")
+  T.eq(got, { nil, "ECANCELED: request canceled" })
+end)
+
 T.test("200 concurrent requests all succeed with their own bodies", function()
   -- A server of its own, so the 200 connections close with it; the shared one
   -- stays up meanwhile (closing the last server with many connections open
