@@ -536,6 +536,31 @@ T.test("a store that raises (a backend's way to say disk full) answers 500 store
   T.eq({ status, body.status }, { 202, "canceled" }, "hung up while the transcript cannot be read")
 end)
 
+T.test("a store that raises with no message (error()) failed too: 500, not a 404 for a call that exists or a second call", function()
+  local env = kit.start({ twilio = { behaviour = { ring_ms = 10000 } }, config = { store = { backend = "recording" } } })
+  local ended = env:create({ to = "+14155550100", prompt = "x" })
+  T.eq((env:api("POST", "/v1/calls/" .. ended .. "/hangup")), 202)
+  local req = { to = "+14155550100", prompt = "y" }
+  local status = env:api("POST", "/v1/calls", req, { ["Idempotency-Key"] = "k-nil" })
+  T.eq(status, 201)
+  local store = env.app.engine.store
+  local function raises_nothing()
+    error()
+  end
+  -- The store's own methods, shadowed on the instance: a backend with a bug.
+  store.get_call, store.find_idempotent = raises_nothing, raises_nothing
+  T.defer(function()
+    store.get_call, store.find_idempotent = nil, nil
+  end)
+  local body
+  status, body = env:api("GET", "/v1/calls/" .. ended)
+  T.eq({ status, body.error.code }, { 500, "store_failed" }, "GET of a call that exists")
+  status, body = env:api("POST", "/v1/calls", req, { ["Idempotency-Key"] = "k-nil" })
+  T.eq({ status, body.error and body.error.code }, { 500, "store_failed" }, "the Idempotency-Key sent again")
+  store.get_call, store.find_idempotent = nil, nil
+  T.eq(#env.tw.calls, 2, "dialed once for k-nil")
+end)
+
 T.test("a store read that raises just after a call is stored: 201, and the call is dialed (it was left queued for good)", function()
   local recording = require "callagent.store.recording"
   local env = kit.start({ twilio = { behaviour = { ring_ms = 10000 } }, config = { store = { backend = "recording" } } })

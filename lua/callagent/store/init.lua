@@ -73,7 +73,9 @@ function M.call(store, method, ...)
   local res = table.pack(pcall(store[method], store, ...))
   if not res[1] then
     require("callagent.log").error("the store raised", { what = method, error = tostring(res[2]) })
-    return nil, res[2]
+    -- Never nil, err nil: to a read that is "none" (a call that exists
+    -- answered 404, an Idempotency-Key sent again dialed again).
+    return nil, res[2] == nil and ("the store raised in " .. method) or res[2]
   end
   return table.unpack(res, 2, res.n)
 end
