@@ -216,4 +216,29 @@ T.test("a 2xx with a body past fetch's limit is delivered once, not sent again a
   end, 10000, "the delivery over")
   T.eq({ tries, #store:pending_notifications() }, { 1, 0 }, "delivered at the first try")
 end)
+T.test("a 4xx or 5xx with a body past fetch's limit is judged by its status: 422 refused, 500 retried, 'HTTP n' recorded", function()
+  -- As EMSGSIZE, a 422 (the receiver will never take it) was sent again
+  -- at every try and sweep like a network error.
+  local big = string.rep("x", 17 * 1024 * 1024)
+  local answers = { ["c_1:completed"] = 422, ["c_2:completed"] = 500 }
+  local tries = {}
+  local n, store = notifier(function(req)
+    local key = req.headers["idempotency-key"]
+    tries[key] = (tries[key] or 0) + 1
+    return answers[key], big, { ["Content-Type"] = "text/plain" }
+  end, { attempts = 2, base_delay_ms = 20 })
+  for key in pairs(answers) do
+    assert(store:add_notification(key, key:match("^[^:]+"), "{}"))
+    n:send(key, "{}")
+  end
+  T.wait_for(function()
+    return not n.in_flight["c_1:completed"] and not n.in_flight["c_2:completed"]
+  end, 10000, "the deliveries over")
+  T.eq(tries, { ["c_1:completed"] = 1, ["c_2:completed"] = 2 })
+  local rows = {}
+  for _, r in ipairs(store.db:rows("SELECT key, sent, last_error FROM notifications ORDER BY key")) do
+    rows[#rows + 1] = { r.key or r[1], r.sent or r[2], r.last_error or r[3] }
+  end
+  T.eq(rows, { { "c_1:completed", 2, "HTTP 422" }, { "c_2:completed", 0, "HTTP 500" } })
+end)
 T.run()
