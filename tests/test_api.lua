@@ -583,6 +583,29 @@ T.test("a store read that raises just after a call is stored: 201, and the call 
   T.eq(env:get(body.callId).status, "dialing")
 end)
 
+T.test("GET of a live call whose transcript SQLite cannot read answers 500 store_failed, not an empty transcript", function()
+  local env = kit.start({ twilio = { behaviour = { ring_ms = 10000 } } })
+  local live = env:create({ to = "+14155550100", prompt = "x" })
+  local db = env.app.store.db
+  -- A read that fails (the table out of the way: "no such table").
+  assert(db:run("ALTER TABLE transcript RENAME TO transcript_away"))
+  local back = false
+  T.defer(function()
+    if not back then
+      db:run("ALTER TABLE transcript_away RENAME TO transcript")
+    end
+  end)
+  local status, body = env:api("GET", "/v1/calls/" .. live)
+  T.eq({ status, body.error and body.error.code }, { 500, "store_failed" })
+  -- A hang-up needs no transcript: it goes on (its answer's status is the
+  -- one read before: the ended call's read back fails too).
+  T.eq((env:api("POST", "/v1/calls/" .. live .. "/hangup")), 202)
+  assert(db:run("ALTER TABLE transcript_away RENAME TO transcript"))
+  back = true
+  status, body = env:api("GET", "/v1/calls/" .. live)
+  T.eq({ status, body.status }, { 200, "canceled" })
+end)
+
 T.test("a full disk when a call is created answers 500 store_failed, and nothing is dialed", function()
   local env = kit.start({})
   local db = env.app.store.db

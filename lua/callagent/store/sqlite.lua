@@ -296,8 +296,14 @@ function Store:get_call(id)
   return c
 end
 
+--- A call's transcript lines, or nil, err when the read fails (not {}: the
+-- API's GET answers 500 store_failed, not a call that said nothing).
 function Store:transcript(id)
-  return rows_docs(self.db:rows(CALL_ROWS.transcript, id) or {})
+  local rows, err = self.db:rows(CALL_ROWS.transcript, id)
+  if not rows then
+    return nil, err
+  end
+  return rows_docs(rows)
 end
 
 --- Runs fn, whose writes commit together: one transaction instead of one each.
