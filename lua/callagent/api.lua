@@ -492,13 +492,16 @@ function M.register(srv, engine, cfg, opts)
     if engine.starting and not engine.live[id] then
       return starting("the hang-up") -- the last run's calls are not loaded yet: this one may still be up
     end
+    -- The engine's own record: it ends with the hang-up, and says so when
+    -- the store cannot give the ended call back.
+    local rec = engine.live[id]
     local ok = engine:hangup(id)
     if not ok then
       return err(409, "not_active", "the call has already ended (" .. v.status .. ")")
     end
     -- Read again: the hang-up may have waited on the vendor (and the app
     -- may have stopped meanwhile).
-    v = engine:call_view(id) or v
+    v = engine:call_view(id) or rec or v
     return 202, { callId = id, status = v.status }
   end))
 
