@@ -12,7 +12,8 @@
 --   store:update_call(id, fields)            set fields (store.NULL clears one)
 --   store:get_call(id) -> call | nil         with attempts, transcript and events;
 --                                            nil, err when the read failed
---   store:transcript(id) -> lines            a call's transcript lines, oldest first ({} if none); nil, err when the read fails
+--   store:transcript(id) -> lines            a call's transcript lines, oldest first ({} if none);
+--                                            nil, err when the read failed
 --   store:list_calls{status, limit, cursor} -> calls, next_cursor   newest first;
 --                                            nil, "ECURSOR: ..." for a cursor it did not give
 --   store:active_calls() -> calls            queued, dialing or in_progress (nil, err when
