@@ -582,4 +582,22 @@ T.test("the app stops while the callee's last words are awaited: the call still 
   T.eq({ note.status, note.endReason }, { "completed", "callee_hung_up" })
 end, { timeout = 30000 })
 
+
+T.test("a session.update that cannot be encoded (an app tool's schema with an infinite number) fails the call at once, not a silent call", function()
+  local env = kit.start({
+    config = { retry = { maxAttempts = 1 } },
+    tools = { { name = "book", description = "Books a slot.", parameters = { type = "object",
+      properties = { n = { type = "number", maximum = math.huge } } }, handler = function()
+        return { ok = true }
+      end } },
+  })
+  local t0 = timer.now()
+  local id = env:create({ to = "+14155550190", prompt = "Say hello." })
+  local call = env:wait_final(id, 20000)
+  T.eq({ call.status, call.endReason }, { "failed", "model_error" })
+  T.match(call.lastError, "^model connection failed: ESESSION: the session.update could not be encoded: Cannot serialise number")
+  T.lt(timer.now() - t0, 8000, "at once, not at the session's confirmation bound nor call.maxDurationSec")
+  T.ok(env.tw.calls[1].hangup_requested_at, "Twilio was told to hang up")
+end, { timeout = 30000 })
+
 T.run()

@@ -133,7 +133,19 @@ function Session:connect()
       return
     end
     self.conn = conn
-    conn:send(json.encode(M.session_update(cfg, opts)))
+    -- One that cannot be encoded (an app tool's schema with an infinite
+    -- number, say) fails the session now: raised here, it left a model
+    -- connection open that nothing set up, and the call silent.
+    local eok, update = pcall(json.encode, M.session_update(cfg, opts))
+    if not eok then
+      local why = "ESESSION: the session.update could not be encoded: "
+        .. tostring(update):gsub("^[^\n]-:%d+: ", "")
+      log.error("realtime: " .. why)
+      self:_closed(nil, why)
+      conn:close(1000, "session not set up")
+      return
+    end
+    conn:send(update)
     -- Sent once: a call need not hold its instructions and tool schemas
     -- (a few KiB) for the rest of its length.
     opts.instructions, opts.tools = nil, nil
