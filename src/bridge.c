@@ -78,8 +78,9 @@ enum { FMT_PCMU, FMT_PCMA, FMT_PCM24 };
 
 /* A model audio item: how much of it was sent to the phone and played there. */
 struct item {
-	char id[64];		/* the first 63 bytes of a longer id */
+	char id[64];		/* the id, or the first 63 bytes of a longer one */
 	size_t id_len;		/* the whole id's length: 0, a free slot */
+	char *long_id;		/* a longer id whole (NULL: id holds it all): a truncate must name it */
 	double sent_ms, played_ms;
 	uint64_t played_at;	/* uv_hrtime() when the phone was at played_ms; 0: not playing yet */
 	int truncated;
@@ -427,12 +428,19 @@ done:
 	}
 }
 
-/* Item i is id: the same length, and the same bytes as far as kept. */
+/* Item i is id: the same length and bytes (a long id: its first 63, then all). */
 static int is_item(const struct item *it, const char *id, size_t n)
 {
 	size_t kept = n < sizeof it->id ? n : sizeof it->id - 1;
 
-	return it->id_len == n && memcmp(it->id, id, kept) == 0;
+	return it->id_len == n && memcmp(it->id, id, kept) == 0 &&
+	       (n < sizeof it->id || memcmp(it->long_id, id, n) == 0);
+}
+
+/* An item's id, whole, on the Lua stack. */
+static void push_id(lua_State *L, const struct item *it)
+{
+	lua_pushlstring(L, it->long_id ? it->long_id : it->id, it->id_len);
 }
 
 static int find_item(struct bridge *b, const char *id, size_t n)
@@ -453,10 +461,15 @@ static int find_item(struct bridge *b, const char *id, size_t n)
 	if (b->rs_item == b->next_item)
 		b->rs_item = -1;
 	it = &b->items[b->next_item];
+	free(it->long_id);
 	memset(it, 0, sizeof *it);
 	it->id_len = n;
 	it->gen = ++b->gens;
 	memcpy(it->id, id, n < sizeof it->id ? n : sizeof it->id - 1);
+	if (n >= sizeof it->id) {	/* once per item, not per delta */
+		it->long_id = ca_malloc(n);
+		memcpy(it->long_id, id, n);
+	}
 	b->cur = b->next_item;
 	b->next_item = (b->next_item + 1) % ITEMS;
 	return b->cur;
@@ -1126,7 +1139,7 @@ static int l_item(lua_State *L)
 	if (b->cur < 0)
 		return 0;
 	it = &b->items[b->cur];
-	lua_pushstring(L, it->id);
+	push_id(L, it);
 	lua_pushnumber(L, it->sent_ms);
 	lua_pushnumber(L, played_now(b, b->cur));
 	lua_pushboolean(L, it->truncated);
@@ -1143,7 +1156,7 @@ static void cut_item(lua_State *L, struct bridge *b, int i)
 	it->played_ms = played_now(b, i);
 	it->truncated = 1;
 	lua_createtable(L, 3, 0);
-	lua_pushstring(L, it->id);
+	push_id(L, it);
 	lua_rawseti(L, -2, 1);
 	lua_pushnumber(L, it->played_ms);
 	lua_rawseti(L, -2, 2);
@@ -1240,6 +1253,8 @@ static int l_close(lua_State *L)
 		return 0;
 	detach(b);
 	free_kept(b);
+	for (int i = 0; i < ITEMS; i++)
+		free(b->items[i].long_id);
 	if (ML)
 		ca_unref(ML, &b->drained_ref);
 	free(b->marks);

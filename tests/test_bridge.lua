@@ -165,7 +165,7 @@ T.test("payloads with escaped quotes are dropped in both directions, not written
   end
 end)
 
-T.test("an item id longer than the bridge keeps is still one item: its audio adds up, a mark per 100 ms", function()
+T.test("a long item id (over 63 bytes) is one item: its audio adds up, a mark per 100 ms; a barge-in cuts it by its whole id", function()
   local r = rig()
   local b = new_bridge(r, "audio/pcmu", "audio/pcmu", true)
   local marks = 0
@@ -184,11 +184,26 @@ T.test("an item id longer than the bridge keeps is still one item: its audio add
   T.eq(marks, 2, "a mark after each 100 ms, not one per delta")
   local id, sent_ms = b:item()
   T.eq(sent_ms, 200, "all ten deltas counted in one item")
-  T.eq(id, long:sub(1, 63), "the id as kept: its first 63 bytes")
-  -- Another id with the same first 63 bytes is another item.
+  T.eq(id, long, "the whole id")
+  -- Another id with the same first 63 bytes is another item, of another
+  -- length or of the same.
   r.fake_model:send(delta(long .. "x", FRAME))
   wait_got(r, 0, 13, "its media")
-  T.eq(select(2, b:item()), 20, "a new item")
+  T.eq({ b:item() }, { long .. "x", 20, select(3, b:item()), false }, "a new item")
+  local same_len = long:sub(1, -2) .. "X"
+  r.fake_model:send(delta(same_len, FRAME))
+  wait_got(r, 0, 14, "its media")
+  T.eq({ b:item() }, { same_len, 20, select(3, b:item()), false }, "a new item, of the same length")
+  -- The truncate of a barge-in names the items by their whole ids (with
+  -- 63 bytes of them, the service knows no such item, and the model takes
+  -- what the callee did not hear for said).
+  local cut = b:clear()
+  local ids = {}
+  for i, c in ipairs(cut or {}) do
+    ids[i] = c[1]
+  end
+  table.sort(ids)
+  T.eq(ids, { long, long .. "x", same_len }, "every item cut, by its whole id")
   b:close()
 end)
 
