@@ -600,4 +600,38 @@ T.test("a session.update that cannot be encoded (an app tool's schema with an in
   T.ok(env.tw.calls[1].hangup_requested_at, "Twilio was told to hang up")
 end, { timeout = 30000 })
 
+
+T.test("callee lines transcribed out of order, and an agent line said between them, are written in the order they were said", function()
+  local env = kit.start({
+    realtime = {
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        session:speak({ ms = 300, text = "Hello, is this Ann?" })
+        local function committed(item, prev)
+          session:send({ type = "input_audio_buffer.speech_started", audio_start_ms = 500, item_id = item })
+          session:send({ type = "input_audio_buffer.speech_stopped", audio_end_ms = 800, item_id = item })
+          session:send({ type = "input_audio_buffer.committed", previous_item_id = prev or json.null, item_id = item })
+        end
+        -- The callee speaks (a slow transcription), the agent answers, the
+        -- callee speaks again (a quick one): the second is transcribed first.
+        committed("item_a")
+        session:speak({ ms = 300, text = "Great.", auto = true })
+        timer.sleep(300) -- played: the agent line is in
+        committed("item_b", "item_a")
+        session:send({ type = "conversation.item.input_audio_transcription.completed", item_id = "item_b",
+          content_index = 0, transcript = "And Bob is here too." })
+        timer.sleep(300)
+        session:send({ type = "conversation.item.input_audio_transcription.completed", item_id = "item_a",
+          content_index = 0, transcript = "Yes, speaking." })
+        session:report_and_goodbye({ summary = "Ann.", outcome = "success" }, { ms = 200, text = "Bye." })
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550191", prompt = "Say hello." })
+  local call = env:wait_final(id, 20000)
+  T.eq(call.status, "completed")
+  T.eq(lines(call), { "agent: Hello, is this Ann?", "callee: Yes, speaking.", "agent: Great.",
+    "callee: And Bob is here too.", "agent: Bye." })
+end, { timeout = 40000 })
+
 T.run()

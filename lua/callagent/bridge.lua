@@ -402,10 +402,7 @@ function Bridge:_model_event(ev)
     self:_check_last_words()
   elseif t == "conversation.item.input_audio_transcription.completed" then
     local line = text(ev.transcript)
-    if line and line:match("%S") then
-      self.engine:bridge_transcript(self, "callee", line)
-    end
-    self:_transcript_in(str(ev.item_id))
+    self:_transcript_in(str(ev.item_id), line and line:match("%S") and line or nil)
     self:_check_last_words()
   elseif t == "conversation.item.input_audio_transcription.failed" then
     self:_transcript_in(str(ev.item_id))
@@ -601,9 +598,13 @@ function Bridge:_flush_lines(lines)
 end
 
 -- The callee's words are transcribed after they are committed, and that can
--- take longer than the agent's answer takes to play: agent lines wait, up
--- to TRANSCRIPT_WAIT_MS, for the transcripts of the callee items committed
--- before them, so that the record keeps the order things were said in.
+-- take longer than the agent's answer takes to play, or than the callee's
+-- next words take to be transcribed: lines wait in self.record, in the order
+-- things were said (a callee item at its commit, an agent line once its
+-- audio played), up to TRANSCRIPT_WAIT_MS for each awaited transcript, and
+-- are written from its front as they come in (written as they came, two
+-- callee lines could swap, and an agent line waited for every callee line
+-- awaited, those said after it too).
 local TRANSCRIPT_WAIT_MS = 5000
 
 function Bridge:_await_transcript(item)
@@ -614,37 +615,52 @@ function Bridge:_await_transcript(item)
   if self.awaiting[item] then
     return
   end
-  self.awaiting[item] = timer.after(TRANSCRIPT_WAIT_MS, function()
-    self.awaiting[item] = false
+  local e = { item = item }
+  e.timer = timer.after(TRANSCRIPT_WAIT_MS, function()
+    e.timer = nil
     self:_transcript_in(item)
   end)
+  self.awaiting[item] = e
+  self.record = self.record or {}
+  self.record[#self.record + 1] = e
 end
 
--- A callee item's transcript came (or failed, or was waited for long
--- enough): agent lines held for it are written once no other is awaited.
-function Bridge:_transcript_in(item)
-  local t = item and self.awaiting and self.awaiting[item]
-  if t == nil then
+-- A callee item's transcript came (line, or nil: it failed, it was empty, or
+-- it was waited for long enough): the lines held for it are written, up to
+-- the next one still awaited. One not awaited (its wait is over) is written
+-- at once.
+function Bridge:_transcript_in(item, line)
+  local e = item and self.awaiting and self.awaiting[item]
+  if not e then
+    if line then
+      self.engine:bridge_transcript(self, "callee", line)
+    end
     return
   end
-  if t then
-    t:stop()
+  if e.timer then
+    e.timer:stop()
+    e.timer = nil
   end
+  e.done, e.line = true, line
   self.awaiting[item] = nil
   if next(self.awaiting) == nil then
     self.awaiting = nil
-    local held = self.held_agent
-    self.held_agent = nil
-    for _, l in ipairs(held or EMPTY) do
-      self.engine:bridge_transcript(self, "agent", l[1], l[2])
+  end
+  while self.record and self.record[1].done do
+    local rec = self.record
+    local first = table.remove(rec, 1)
+    if #rec == 0 then
+      self.record = nil
+    end
+    if first.line then
+      self.engine:bridge_transcript(self, first.agent and "agent" or "callee", first.line, first.interrupted)
     end
   end
 end
 
 function Bridge:_write_agent(line, interrupted)
-  if self.awaiting then
-    self.held_agent = self.held_agent or {}
-    self.held_agent[#self.held_agent + 1] = { line, interrupted }
+  if self.record then
+    self.record[#self.record + 1] = { agent = true, done = true, line = line, interrupted = interrupted }
     return
   end
   self.engine:bridge_transcript(self, "agent", line, interrupted)
