@@ -495,6 +495,44 @@ T.test("the same for the frames that come before the model connection", function
   bad_payloads(true)
 end, { timeout = 40000 })
 
+T.test("stream messages not understood (not JSON, no known event, a second start) are ignored and logged once per stream", function()
+  local tw = assert(require("fakes.twilio").start({ account_sid = kit.ACCOUNT, auth_token = kit.TOKEN }))
+  local rt = assert(require("fakes.realtime").start({
+    api_key = kit.API_KEY,
+    script = function(session)
+      assert(session:wait_event("response.create", 5000))
+      session:speak({ ms = 200, text = "Hello." })
+      T.wait_for(function()
+        return session.phone_done
+      end, 10000, "the phone's messages")
+      session:report_and_goodbye({ summary = "Fine.", outcome = "success" }, { ms = 100, text = "Bye." })
+    end,
+  }))
+  T.defer(function()
+    tw:close()
+    rt:close()
+  end)
+  local p, api = kit.app_process(tw, rt)
+  local id = api:create({ to = "+14155550192", prompt = "Listen." })
+  local c = assert(tw:wait_call(10000))
+  assert(c:wait_stream(10000))
+  local s = assert(rt:wait_session(10000))
+  for _, text in ipairs({ "not json at all", '{"event":"bogus"}', "[1,2]", '{"event":"start","streamSid":"MZx",'
+    .. '"start":{"streamSid":"MZx","customParameters":{"callId":"c_x","token":"t"}}}' }) do
+    c.ws:send(text)
+  end
+  timer.sleep(100)
+  s.phone_done = true
+  local call = api:wait_final(id, 20000)
+  T.eq(call.status, "completed", "the call goes on")
+  p:kill("SIGTERM")
+  p:wait(5000)
+  local log = p.errtext()
+  local _, n = log:gsub("WARN media stream: a message not understood ignored, and any more like it attempt=1 call=" .. id
+    .. " what=\"a message that is not a JSON object\"", "")
+  T.eq(n, 1, "one line for the stream, naming the first: " .. log)
+  T.match(log, "WARN media stream: messages not understood were ignored attempt=1 call=" .. id .. " count=4")
+end, { timeout = 40000 })
 T.test("a model connection that fails after the stream started: the kept frames are let go, the call fails and hangs up", function()
   local tw = assert(require("fakes.twilio").start({ account_sid = kit.ACCOUNT, auth_token = kit.TOKEN }))
   local rt = assert(require("fakes.realtime").start({ api_key = kit.API_KEY }))

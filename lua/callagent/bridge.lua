@@ -1187,6 +1187,21 @@ function Bridge:attach(conn, start)
   self:_maybe_greet()
 end
 
+-- The events of a Media Streams stream after its start (a `connected`
+-- before it is no harm either).
+local STREAM_EVENTS = { media = true, mark = true, stop = true, dtmf = true, connected = true }
+
+-- A stream message that is none of them, or a second start: ignored, the
+-- first logged (no vendor of ours sends one: a peer that speaks another
+-- protocol, or a broken one), the count when the attempt ends.
+function Bridge:_stream_ignored(what)
+  self.stream_ignored = (self.stream_ignored or 0) + 1
+  if self.stream_ignored == 1 then
+    log.warn("media stream: a message not understood ignored, and any more like it", { call = self.call_id,
+      attempt = self.attempt, what = what })
+  end
+end
+
 --- Text messages of the attached stream that the C path did not take:
 -- everything but media and marks, and those of them that only a JSON
 -- parser reads right (a key twice, an escaped event name): their fields go
@@ -1194,9 +1209,16 @@ end
 function Bridge:on_stream_text(msg)
   local ev = json.try_decode(msg)
   if type(ev) ~= "table" then
-    return
+    return self:_stream_ignored("a message that is not a JSON object")
   end
   local e = ev.event
+  if type(e) ~= "string" then
+    return self:_stream_ignored("a message without an event name")
+  elseif e == "start" then
+    return self:_stream_ignored("a second start")
+  elseif not STREAM_EVENTS[e] then
+    return self:_stream_ignored(#e <= 32 and "event " .. e or "an event of an unknown name")
+  end
   if e == "media" or e == "mark" then
     local m = ev[e]
     local v = type(m) == "table" and m[e == "media" and "payload" or "name"]
@@ -1273,6 +1295,10 @@ function Bridge:finish(reason)
     self:_stop_timer(name)
   end
   self:_flush_lines() -- what was said and not yet (known to be) played
+  if (self.stream_ignored or 0) > 1 then
+    log.warn("media stream: messages not understood were ignored", { call = self.call_id, attempt = self.attempt,
+      count = self.stream_ignored })
+  end
   local st = self.cb and self.cb:stats() or { bad_in = 0, bad_out = 0, dropped_kept = 0 }
   if st.bad_in > 0 or st.bad_out > 0 or st.dropped_kept > 0 then
     log.warn("call audio dropped", {
