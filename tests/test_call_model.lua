@@ -634,4 +634,37 @@ T.test("callee lines transcribed out of order, and an agent line said between th
     "callee: And Bob is here too.", "agent: Bye." })
 end, { timeout = 40000 })
 
+
+T.test("a tool output that is not UTF-8 (Latin-1 text, as a string or in a table) reaches the model as UTF-8", function()
+  -- The model connection's text frames must be UTF-8: the service fails
+  -- the connection on one that is not (RFC 6455 8.1), and the call with it.
+  local env = kit.start({
+    tools = {
+      { name = "page", description = "x", parameters = { type = "object", properties = {} }, handler = function()
+        return "Caf\xe9 ouvert"
+      end },
+      { name = "who", description = "x", parameters = { type = "object", properties = {} }, handler = function()
+        return { name = "M\xfcller" }
+      end },
+    },
+    realtime = {
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        session:speak({ ms = 200, text = "Hello." })
+        session.outs = { session:call_function("page", {}), session:call_function("who", {}) }
+        session:report_and_goodbye({ summary = "ok", outcome = "success" }, { ms = 200, text = "Bye." })
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550193", prompt = "Say hello." })
+  local call = env:wait_final(id, 30000)
+  T.eq({ call.status, call.endReason }, { "completed", "completed" })
+  local outs = env.rt.sessions[1].outs
+  T.eq(outs[1], "Caf\u{FFFD} ouvert")
+  T.eq(json.decode(outs[2]), { name = "M\u{FFFD}ller" })
+  for _, ev in ipairs(env.rt.sessions[1].events) do
+    T.ok(json.is_utf8(ev), "every event the model got is UTF-8: " .. tostring(ev.type))
+  end
+end, { timeout = 40000 })
+
 T.run()

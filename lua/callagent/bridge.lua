@@ -1039,7 +1039,10 @@ function Bridge:_run_tool(fc)
     return json.encode({ error = "the tool's output was too long (" .. #out .. " bytes, at most " .. MAX_TOOL_OUTPUT
       .. ")" })
   end
-  return out
+  -- The connection's text frames must be UTF-8 (the service fails it on one
+  -- that is not): a tool's Latin-1 text, say, gets U+FFFD for its bad bytes.
+  -- In an encoded table they are inside its strings: it stays JSON.
+  return json.utf8(out)
 end
 
 function Bridge:_tool_output(fc)
