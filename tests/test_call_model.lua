@@ -667,4 +667,25 @@ T.test("a tool output that is not UTF-8 (Latin-1 text, as a string or in a table
   end
 end, { timeout = 40000 })
 
+
+T.test("the callee hangs up while the model's session start is rate limited: the record says the agent never got to speak", function()
+  local env = kit.start({
+    config = { retry = { maxAttempts = 1 } },
+    realtime = {
+      refuse_update = { "rate_limit_exceeded", "Rate limit reached. Please try again in 1.5s.", sessions = 4 },
+    },
+  })
+  local id = env:create({ to = "+14155550194", prompt = "Say hello." })
+  local c = assert(env.tw:wait_call(10000))
+  assert(c:wait_stream(10000))
+  T.wait_for(function()
+    return env.rt.sessions[1] and env.rt.sessions[1].closed
+  end, 5000, "the first session refused")
+  c:hangup()
+  local call = env:wait_final(id, 20000)
+  T.eq({ call.status, call.endReason }, { "completed", "callee_hung_up" })
+  T.eq(call.lastError, "the phone side ended before the model session was ready (rate limited 1 time)")
+  T.eq(#env.rt.sessions, 1, "no session opened for a call that ended")
+end, { timeout = 40000 })
+
 T.run()

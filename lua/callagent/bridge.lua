@@ -232,6 +232,7 @@ function Bridge:_model_ready(ev)
     return self:hangup("model_error")
   end
   self.model_ready = true
+  self.was_ready = true
   self:_stop_timer("ready_timer")
   if log.enabled("debug") then
     local tls = self.rt.conn and self.rt.conn.tls
@@ -1291,6 +1292,14 @@ end
 function Bridge:finish(reason)
   if self.ended then
     return
+  end
+  -- The phone side ended before the model session was ready (still opening,
+  -- or its start rate limited): the agent never got to speak, and a record
+  -- with no more than callee_hung_up would not say why the callee went.
+  if self.stream_sid and not self.was_ready and not self.hanging_up and reason ~= "shutdown" then
+    local n = self.model_retries
+    self.engine:bridge_error(self, "the phone side ended before the model session was ready"
+      .. (n and string.format(" (rate limited %d %s)", n, n == 1 and "time" or "times") or ""))
   end
   self.ended = true
   for _, name in ipairs({ "max_timer", "session_timer", "silence_timer", "goodbye_timer", "wrapup_timer",
