@@ -71,6 +71,7 @@
 #define MAX_KEPT 500		/* phone frames kept while the model is not ready (10 s) */
 #define MAX_KEPT_BYTES 262144	/* and their base64 at most: 500 frames are 107 KiB */
 #define ITEMS 8			/* model audio items remembered */
+#define ITEM_ID_MAX 1024	/* an id kept whole up to this long (no real one is); a longer one: 63 bytes */
 #define MARK_MS 100.0		/* audio sent between two marks */
 #define MEDIA_MAX 43688		/* base64 characters of a media message at most: 32766 bytes, 4 s */
 
@@ -434,13 +435,16 @@ static int is_item(const struct item *it, const char *id, size_t n)
 	size_t kept = n < sizeof it->id ? n : sizeof it->id - 1;
 
 	return it->id_len == n && memcmp(it->id, id, kept) == 0 &&
-	       (n < sizeof it->id || memcmp(it->long_id, id, n) == 0);
+	       (it->long_id == NULL || memcmp(it->long_id, id, n) == 0);
 }
 
-/* An item's id, whole, on the Lua stack. */
+/* An item's id, whole (past ITEM_ID_MAX: its first 63 bytes), on the Lua stack. */
 static void push_id(lua_State *L, const struct item *it)
 {
-	lua_pushlstring(L, it->long_id ? it->long_id : it->id, it->id_len);
+	if (it->long_id)
+		lua_pushlstring(L, it->long_id, it->id_len);
+	else
+		lua_pushlstring(L, it->id, it->id_len < sizeof it->id ? it->id_len : sizeof it->id - 1);
 }
 
 static int find_item(struct bridge *b, const char *id, size_t n)
@@ -466,7 +470,7 @@ static int find_item(struct bridge *b, const char *id, size_t n)
 	it->id_len = n;
 	it->gen = ++b->gens;
 	memcpy(it->id, id, n < sizeof it->id ? n : sizeof it->id - 1);
-	if (n >= sizeof it->id) {	/* once per item, not per delta */
+	if (n >= sizeof it->id && n <= ITEM_ID_MAX) {	/* once per item, not per delta */
 		it->long_id = ca_malloc(n);
 		memcpy(it->long_id, id, n);
 	}
