@@ -40,7 +40,8 @@
  *                        or a delta the model tap left to Lua)
  *   b:phone_media(b64), b:phone_mark(name)   a phone media or mark message
  *                        the phone tap left to Lua, its field decoded
- *   b:item()             the model's current audio item: id, sent_ms, played_ms (now), truncated
+ *   b:item()             the model's current audio item: id (whole up to ITEM_ID_MAX),
+ *                        sent_ms, played_ms (now), truncated
  *   b:clear()            barge-in: `clear` to the phone; every item with audio
  *                        not confirmed played stops (its later audio is dropped),
  *                        pending marks forgotten; returns a list of {id,
