@@ -1254,4 +1254,77 @@ T.test("a call hung up through the API before its stream, with the final callbac
   T.eq(tw.voice_request, nil, "over before the voice webhook")
 end, { timeout = 30000 })
 
+-- A call whose stream runs, the greeting heard: its fake Twilio call.
+local function streaming_call(env, to)
+  local id = env:create({ to = to, prompt = "Say hello." })
+  local tw = env.tw:wait_call(5000)
+  assert(tw:wait_stream(5000), "the stream")
+  env:wait(id, function(r)
+    return #(r.transcript or {}) >= 1
+  end, 5000, "the greeting")
+  return id, tw
+end
+
+T.test("a media stream message over max_ws_message ends the call failed (stream_error), not as the callee hanging up", function()
+  local env = kit.start({})
+  local id, tw = streaming_call(env, "+14155550141")
+  -- A media event of 256 KiB and more: the server closes the stream, 1009.
+  assert(tw.ws:send(json.encode({ event = "media", streamSid = tw.stream_sid,
+    media = { track = "inbound", payload = string.rep("A", 256 * 1024) } })))
+  local call = env:wait_final(id, 15000)
+  T.eq({ call.status, call.endReason }, { "failed", "stream_error" })
+  T.eq(call.lastError, "media stream closed: message too big (1009)")
+  T.eq(#call.attempts, 1, "an answered call is not dialed again")
+  T.eq({ call.attempts[1].status, call.attempts[1].reason }, { "failed", "stream_error" })
+  -- The vendor call is over: Twilio's <Connect><Stream> ends with its stream.
+  assert(tw:wait_closed(5000), "the call over at Twilio")
+  T.eq({ tw.stream_closed.code, tw.stream_closed.by }, { 1009, "app" })
+  T.eq(tw.final, "completed")
+  T.wait_for(function()
+    return #env.hooks.received >= 1
+  end, 5000, "notification")
+  timer.sleep(300)
+  T.eq(#env.hooks.received, 1, "notified once")
+  T.eq({ env.hooks.received[1].json.data.status, env.hooks.received[1].json.data.endReason },
+    { "failed", "stream_error" })
+  healthy(env)
+end, { timeout = 30000 })
+
+T.test("a stream closed for a fault before the model session was ready: lastError names the fault, not the phone side", function()
+  local env = kit.start({
+    realtime = {
+      refuse_update = { "rate_limit_exceeded", "Rate limit reached. Please try again in 1.5s.", sessions = 4 },
+    },
+  })
+  local id = env:create({ to = "+14155550146", prompt = "Say hello." })
+  local tw = env.tw:wait_call(5000)
+  assert(tw:wait_stream(5000), "the stream")
+  T.wait_for(function()
+    return env.rt.sessions[1] and env.rt.sessions[1].closed
+  end, 5000, "the first session refused")
+  tw.ws:close(1002, "bad frame")
+  local call = env:wait_final(id, 15000)
+  T.eq({ call.status, call.endReason, #call.attempts }, { "failed", "stream_error", 1 })
+  T.eq(call.lastError, "media stream closed: protocol error (1002: bad frame)")
+end, { timeout = 30000 })
+
+T.test("the phone closing its stream: 1000 or a lost connection is the callee hanging up, its 1011 a stream error", function()
+  local env = kit.start({})
+  local cases = {
+    { to = "+14155550142", close = function(c) c:close(1000, "bye") end, status = "completed",
+      reason = "callee_hung_up" },
+    { to = "+14155550143", close = function(c) c:abort() end, status = "completed", reason = "callee_hung_up" },
+    { to = "+14155550144", close = function(c) c:close(1011, "media server fault") end, status = "failed",
+      reason = "stream_error", err = "media stream closed: internal error (1011: media server fault)" },
+  }
+  for _, case in ipairs(cases) do
+    local id, tw = streaming_call(env, case.to)
+    case.close(tw.ws)
+    local call = env:wait_final(id, 15000)
+    T.eq({ call.status, call.endReason, #call.attempts }, { case.status, case.reason, 1 }, case.to)
+    T.eq(call.lastError, case.err, case.to)
+  end
+  healthy(env)
+end, { timeout = 30000 })
+
 T.run()

@@ -1119,4 +1119,32 @@ T.test("the callee hangs up while their last words are transcribed: no hang-up r
   T.eq(env.tx.hangups, nil, "hang-up requests")
 end, { timeout = 30000 })
 
+T.test("a stream message over max_ws_message: the call Telnyx keeps up is hung up once, failed (stream_error)", function()
+  local env = start({ script = greet_script })
+  local id = env:create({ to = "+14155550145", prompt = "x" })
+  local tx = assert(env.tx:wait_call(5000))
+  tx:wait(function()
+    return tx.stream_started_at
+  end, 5000)
+  env:wait(id, function(r)
+    return #r.transcript >= 1
+  end, 5000, "the greeting in the transcript")
+  assert(tx.ws:send(json.encode({ event = "media", stream_id = tx.stream_id,
+    media = { track = "inbound", payload = string.rep("A", 256 * 1024) } })))
+  local call = env:wait_final(id, 3000)
+  T.eq({ call.status, call.endReason, #call.attempts }, { "failed", "stream_error", 1 })
+  T.eq(call.lastError, "media stream closed: message too big (1009)")
+  T.eq({ tx.stream_closed.code, tx.stream_closed.by }, { 1009, "app" })
+  tx:wait(function()
+    return tx.done
+  end, 5000)
+  T.eq(tx.final, "normal_clearing", "hung up at Telnyx")
+  T.wait_for(function()
+    return #env.hooks.received >= 1
+  end, 5000, "notification")
+  timer.sleep(300)
+  T.eq(env.tx.hangups, 1, "one hang-up request")
+  T.eq(#env.hooks.received, 1, "notified once")
+end, { timeout = 30000 })
+
 T.run()

@@ -340,13 +340,13 @@ function App:_routes(srv)
         return refuse(conn, "expected connected or start, got a binary message", "expected start")
       end
     end,
-    close = function(conn)
+    close = function(conn, code, reason)
       conn.gone = true
       stop_start_timer(conn)
       local b = conn.bridge
       if b then
         conn.bridge = nil
-        b:on_stream_closed()
+        b:on_stream_closed(code, reason)
       end
     end,
   })

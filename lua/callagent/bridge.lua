@@ -1282,9 +1282,34 @@ function Bridge:_key_pressed(digit)
   end)
 end
 
---- The stream's WebSocket closed (the phone hung up, or after our hang-up).
-function Bridge:on_stream_closed()
+-- Close codes (RFC 6455 7.4.1) that end a media stream for a fault: ours
+-- (the C side gives its own fail code first: a protocol error, a message
+-- over max_ws_message) or the peer's. Not the callee hanging up, as 1000,
+-- 1001, 1005 (no code) and 1006 (the connection lost) are taken to be.
+local STREAM_FAULTS = {
+  [1002] = "protocol error",
+  [1007] = "invalid data",
+  [1009] = "message too big",
+  [1011] = "internal error",
+}
+
+--- The stream's WebSocket closed (the phone hung up, or after our hang-up,
+-- or for a fault): code, reason as the connection's close gives them.
+function Bridge:on_stream_closed(code, reason)
   self.stream_closed = true
+  local fault = STREAM_FAULTS[code]
+  if fault and not self.ended and not self.hanging_up and not self.end_reason then
+    -- Nobody hung up: the stream broke. The call ends with it (Twilio's
+    -- <Connect><Stream> is over; a vendor whose call outlives its stream
+    -- is hung up by the engine), and the record says callagent's side
+    -- failed, not that the callee went.
+    local why = type(reason) == "string" and reason ~= "" and reason ~= fault and (": " .. reason) or ""
+    log.warn("media stream closed for a fault", { call = self.call_id, attempt = self.attempt, code = code,
+      reason = fault .. why })
+    self.end_reason = "stream_error"
+    self.stream_fault = true
+    self.engine:bridge_error(self, string.format("media stream closed: %s (%d%s)", fault, code, why))
+  end
   self:finish(self.end_reason or (self.hanging_up and "completed") or "callee_hung_up")
 end
 
@@ -1296,7 +1321,9 @@ function Bridge:finish(reason)
   -- The phone side ended before the model session was ready (still opening,
   -- or its start rate limited): the agent never got to speak, and a record
   -- with no more than callee_hung_up would not say why the callee went.
-  if self.stream_sid and not self.was_ready and not self.hanging_up and reason ~= "shutdown" then
+  -- A stream that failed says so in lastError already: the phone side did not end it.
+  if self.stream_sid and not self.was_ready and not self.hanging_up and not self.stream_fault
+    and reason ~= "shutdown" then
     local n = self.model_retries
     self.engine:bridge_error(self, "the phone side ended before the model session was ready"
       .. (n and string.format(" (rate limited %d %s)", n, n == 1 and "time" or "times") or ""))

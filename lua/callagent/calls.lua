@@ -19,8 +19,8 @@
 --     {permanent = true});
 --   - an answered attempt ends the call: completed (with the report, or with
 --     endReason "callee_hung_up" and no report when the callee hung up first),
---     or failed when the agent could not carry on (model lost: no retry - the
---     callee already picked up once);
+--     or failed when the agent could not carry on (model lost, media stream
+--     broken: no retry - the callee already picked up once);
 --   - the final state is notified once (callagent.notify).
 local crypto = require "callagent.crypto"
 local timer = require "callagent.timer"
@@ -46,7 +46,7 @@ local HANGUP_WAIT_MS = 10000
 -- session_limit, callee_silent, "model session expired") is not one: the
 -- call was carried on as long as it could be.
 local function agent_failed(reason)
-  return reason == "model_error" or reason == "no_stream" or reason == "shutdown"
+  return reason == "model_error" or reason == "no_stream" or reason == "stream_error" or reason == "shutdown"
     or type(reason) == "string" and reason:find("^interrupted by restart") ~= nil
 end
 -- lastError and end reasons reach API clients, webhooks and the store, from
