@@ -881,6 +881,34 @@ T.test("report_call arguments that are no JSON object are logged with a short re
   T.no_match(log, "very long summary", "the arguments are not logged")
 end, { timeout = 40000 })
 
+T.test("model events that are no JSON object: the first logged, then only their count when the session ends", function()
+  local tw = assert(fake_twilio.start({ account_sid = kit.ACCOUNT, auth_token = kit.TOKEN }))
+  local rt = assert(require("fakes.realtime").start({ api_key = kit.API_KEY, script = function(session)
+    assert(session:wait_event("response.create", 5000))
+    for i = 1, 50 do
+      session:send("not json " .. i)
+    end
+    session:speak({ ms = 200, text = "Hello." })
+    session:report_and_goodbye({ summary = "x", outcome = "success" }, { ms = 200, text = "Bye." })
+  end }))
+  T.defer(function()
+    tw:close()
+    rt:close()
+  end)
+  local p, api = kit.app_process(tw, rt)
+  local id = api:create({ to = "+14155550147", prompt = "Say hello." })
+  local call = api:wait_final(id, 20000)
+  T.eq({ call.status, call.endReason }, { "completed", "completed" }, "the call goes on")
+  p:kill("SIGTERM")
+  p:wait(5000)
+  local log = p.errtext()
+  local _, n = log:gsub("undecodable event ignored", "")
+  T.eq(n, 1, "one line for the first: " .. log)
+  T.match(log, "WARN realtime: undecodable event ignored, and any more like it [^\n]*attempt=1 call=" .. id
+    .. " size=10")
+  T.match(log, "WARN realtime: undecodable events were ignored [^\n]*call=" .. id .. " count=50")
+end, { timeout = 40000 })
+
 T.test("a function call cut short after its arguments.done is not run; one its response completes is", function()
   local lookup = counted_lookup()
   local env = kit.start({

@@ -127,6 +127,7 @@ function Bridge:start_model()
     return rt == self.rt and not rt.dropped
   end
   rt = realtime.session(self.cfg.openai, {
+    log_fields = self.log_fields,
     instructions = instructions.build(call, { extra_tools = names }),
     voice = call.voice,
     tools = tools,

@@ -6,6 +6,7 @@
 --     on_open = function(s) end,           -- connected (s.conn is the WebSocket)
 --     on_ready = function(s, ev) end,      -- session.updated (ev): audio may flow
 --     on_close = function(s, code, reason) end,  -- closed or failed (code nil, reason = err)
+--     log_fields = { call = id, attempt = n },  -- optional: in its log lines
 --   })
 --   s:connect()                  -- starts connecting now (does not wait)
 --   s:send(event_table)          -- any client event
@@ -156,6 +157,10 @@ function Session:connect()
 end
 
 function Session:_closed(code, reason)
+  if (self.undecodable or 0) > 1 then
+    log.warn("realtime: undecodable events were ignored", self:_log_fields({ count = self.undecodable }))
+  end
+  self.undecodable = nil
   if self.closed then
     local f = self.on_closed -- ours: s:close(on_closed)
     self.on_closed = nil
@@ -171,11 +176,28 @@ function Session:_closed(code, reason)
   end
 end
 
+-- opts.log_fields (call, attempt) added to t.
+function Session:_log_fields(t)
+  for k, v in pairs(self.opts.log_fields or {}) do
+    t[k] = v
+  end
+  return t
+end
+
+-- An event that is no JSON object: ignored, the first logged, the count once
+-- the connection has ended (a broken service may send thousands, and a line
+-- each would flood the log).
+function Session:_undecodable(msg)
+  self.undecodable = (self.undecodable or 0) + 1
+  if self.undecodable == 1 then
+    log.warn("realtime: undecodable event ignored, and any more like it", self:_log_fields({ size = #msg }))
+  end
+end
+
 function Session:_on_text(msg)
   local ok, ev = pcall(decode, msg)
   if not ok or type(ev) ~= "table" then
-    log.warn("realtime: undecodable event ignored", { size = #msg })
-    return
+    return self:_undecodable(msg)
   end
   if ev.type == "session.updated" and not self.ready then
     self.ready = true
