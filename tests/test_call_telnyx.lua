@@ -1067,6 +1067,52 @@ T.test("a real process: a streaming.failed is one WARN line naming Telnyx's fail
 end, { timeout = 30000 })
 
 
+T.test("a real process: Telnyx's error frames on the stream are one WARN line with what the first says and a count, not messages not understood", function()
+  local tx = assert(fake.start({ api_key = API_KEY, connection_id = CONNECTION }))
+  T.defer(function()
+    tx:close()
+  end)
+  local rt = assert(require("fakes.realtime").start({ api_key = kit.API_KEY, script = function(session)
+    assert(session:wait_event("response.create", 5000))
+    session:speak({ ms = 200, text = "Hello." })
+    T.wait_for(function()
+      return session.errors_sent
+    end, 10000, "the error frames")
+    session:report_and_goodbye({ summary = "Fine.", outcome = "success" }, { ms = 100, text = "Bye." })
+  end }))
+  T.defer(function()
+    rt:close()
+  end)
+  local p, api = kit.app_process({ url = "http://127.0.0.1:9" }, rt, { config = {
+    telephony = { provider = "telnyx" },
+    telnyx = { apiKey = API_KEY, connectionId = CONNECTION, fromNumber = FROM, publicKey = tx.public_key,
+      apiBaseUrl = tx.url },
+  } })
+  local id = api:create({ to = "+14155550129", prompt = "x" })
+  local c = assert(tx:wait_call(10000))
+  c:wait(function()
+    return c.stream_started_at
+  end, 10000)
+  local s = assert(rt:wait_session(10000))
+  for i = 1, 3 do
+    c.ws:send(json.encode({ event = "error", sequence_number = tostring(100 + i), stream_id = c.stream_id,
+      payload = { code = 100004, title = "invalid_media", detail = "Media payload could not be decoded" } }))
+  end
+  timer.sleep(100)
+  s.errors_sent = true
+  local call = api:wait_final(id, 20000)
+  T.eq({ call.status, call.endReason }, { "completed", "completed" }, "the call goes on")
+  p:kill("SIGTERM")
+  p:wait(10000)
+  local text = p.errtext() .. "\n" .. p.text()
+  T.eq(text:find("not understood", 1, true), nil, "Telnyx's error frame is no message not understood: " .. text)
+  local _, n = text:gsub("WARN media stream: the vendor reported an error attempt=1 call=" .. id
+    .. " code=100004 detail=\"Media payload could not be decoded\" title=invalid_media", "")
+  T.eq(n, 1, "one line, with what the first says: " .. text)
+  T.match(text, "WARN media stream: the vendor reported more errors attempt=1 call=" .. id .. " count=3")
+end, { timeout = 40000 })
+
+
 T.test("Telnyx's streaming.stopped after callagent's own hang-up (stream closed, call.hangup not yet in) sends no second hang-up", function()
   -- Telnyx ends the stream of a call it hangs up, and may say so before its
   -- call.hangup: the API's hang-up, and the agent's goodbye.

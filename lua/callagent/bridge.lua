@@ -1193,8 +1193,8 @@ function Bridge:attach(conn, start)
 end
 
 -- The events of a Media Streams stream after its start (a `connected`
--- before it is no harm either).
-local STREAM_EVENTS = { media = true, mark = true, stop = true, dtmf = true, connected = true }
+-- before it is no harm either), and Telnyx's `error`.
+local STREAM_EVENTS = { media = true, mark = true, stop = true, dtmf = true, connected = true, error = true }
 
 -- A stream message that is none of them, or a second start: ignored, the
 -- first logged (no vendor of ours sends one: a peer that speaks another
@@ -1204,6 +1204,30 @@ function Bridge:_stream_ignored(what)
   if self.stream_ignored == 1 then
     log.warn("media stream: a message not understood ignored, and any more like it", { call = self.call_id,
       attempt = self.attempt, what = what })
+  end
+end
+
+-- A field of the vendor's error, for the log: a whole number (JSON's
+-- decode gives a float), or text made UTF-8 and cut to 200 bytes.
+local function error_field(v)
+  if type(v) == "number" and v % 1 == 0 and math.abs(v) < 2 ^ 53 then
+    return string.format("%d", v)
+  end
+  return type(v) == "string" and json.utf8(v:sub(1, 200)) or nil
+end
+
+-- Telnyx's Media Streaming sends an `error` frame when an error occurs in
+-- the stream (of the media sent to it, say): the vendor's word, not a
+-- message not understood. Its fields (payload.code, title, detail) are
+-- ASSUMED from Telnyx's error shape elsewhere. The first is logged with
+-- them; a vendor that sends one per frame is not a line per frame: the
+-- count when the attempt ends.
+function Bridge:_stream_error(ev)
+  self.stream_errors = (self.stream_errors or 0) + 1
+  if self.stream_errors == 1 then
+    local p = type(ev.payload) == "table" and ev.payload or ev
+    log.warn("media stream: the vendor reported an error", { call = self.call_id, attempt = self.attempt,
+      code = error_field(p.code), title = error_field(p.title), detail = error_field(p.detail) })
   end
 end
 
@@ -1237,6 +1261,8 @@ function Bridge:on_stream_text(msg)
   elseif e == "stop" then
     log.info("media stream stopped", { call = self.call_id, attempt = self.attempt })
     self.phone_stopped = true
+  elseif e == "error" then
+    self:_stream_error(ev)
   elseif e == "dtmf" then
     local d = type(ev.dtmf) == "table" and ev.dtmf.digit
     if type(d) == "string" and d:match("^[%d*#A-Da-d]$") then
@@ -1338,6 +1364,10 @@ function Bridge:finish(reason)
   if (self.stream_ignored or 0) > 1 then
     log.warn("media stream: messages not understood were ignored", { call = self.call_id, attempt = self.attempt,
       count = self.stream_ignored })
+  end
+  if (self.stream_errors or 0) > 1 then
+    log.warn("media stream: the vendor reported more errors", { call = self.call_id, attempt = self.attempt,
+      count = self.stream_errors })
   end
   local st = self.cb and self.cb:stats() or { bad_in = 0, bad_out = 0, dropped_kept = 0 }
   if st.bad_in > 0 or st.bad_out > 0 or st.dropped_kept > 0 then
