@@ -350,6 +350,25 @@ T.test("the callee's last words: the call ends within LAST_WORDS_MS when the tra
   T.lt(s2.closed_at - s2.hung_up_at, bridge_mod.LAST_WORDS_MS / 2, "no wait when no transcript is pending")
 end, { timeout = 60000 })
 
+T.test("the callee's last words: the wait ends when the transcript awaited is given up (its TRANSCRIPT_WAIT_MS over), not at LAST_WORDS_MS", function()
+  local saved = bridge_mod.TRANSCRIPT_WAIT_MS
+  bridge_mod.TRANSCRIPT_WAIT_MS = 1500
+  T.defer(function()
+    bridge_mod.TRANSCRIPT_WAIT_MS = saved
+  end)
+  local call, s = last_words_call("+14155550195", function(session, hangup)
+    -- Committed 1 s before the hang-up, never transcribed: given up 0.5 s after it.
+    session:send({ type = "input_audio_buffer.speech_started", audio_start_ms = 1000, item_id = "item_lost" })
+    session:send({ type = "input_audio_buffer.speech_stopped", audio_end_ms = 1300, item_id = "item_lost" })
+    session:send({ type = "input_audio_buffer.committed", previous_item_id = json.null, item_id = "item_lost" })
+    timer.sleep(1000)
+    hangup()
+  end)
+  T.eq({ call.status, call.endReason }, { "completed", "callee_hung_up" })
+  T.eq(lines(call), { "agent: Hello, is this Ann?" })
+  T.lt(s.closed_at - s.hung_up_at, bridge_mod.LAST_WORDS_MS - 700, "closed once nothing was awaited any more")
+end, { timeout = 30000 })
+
 T.test("the callee's last words transcribed after LAST_WORDS_MS, before the service read our close, are stored before the agent's answer", function()
   local call, s, env = last_words_call("+14155550189", function(session, hangup)
     -- The callee's words are committed; their transcription is slow.

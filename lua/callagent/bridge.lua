@@ -603,11 +603,11 @@ end
 -- take longer than the agent's answer takes to play, or than the callee's
 -- next words take to be transcribed: lines wait in self.record, in the order
 -- things were said (a callee item at its commit, an agent line once its
--- audio played), up to TRANSCRIPT_WAIT_MS for each awaited transcript, and
+-- audio played), up to M.TRANSCRIPT_WAIT_MS for each awaited transcript, and
 -- are written from its front as they come in (written as they came, two
 -- callee lines could swap, and an agent line waited for every callee line
--- awaited, those said after it too).
-local TRANSCRIPT_WAIT_MS = 5000
+-- awaited, those said after it too). A field so that tests can shorten it.
+M.TRANSCRIPT_WAIT_MS = 5000
 
 function Bridge:_await_transcript(item)
   if not item or (self.ended and not self.last_words) then
@@ -618,9 +618,11 @@ function Bridge:_await_transcript(item)
     return
   end
   local e = { item = item }
-  e.timer = timer.after(TRANSCRIPT_WAIT_MS, function()
+  e.timer = timer.after(M.TRANSCRIPT_WAIT_MS, function()
     e.timer = nil
     self:_transcript_in(item)
+    -- The last one the callee's last words waited for: no more to wait.
+    self:_check_last_words()
   end)
   self.awaiting[item] = e
   self.record = self.record or {}
