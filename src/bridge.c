@@ -82,7 +82,8 @@ enum { FMT_PCMU, FMT_PCMA, FMT_PCM24 };
 struct item {
 	char id[64];		/* the id, or the first 63 bytes of a longer one */
 	size_t id_len;		/* the whole id's length: 0, a free slot */
-	char *long_id;		/* a longer id whole (NULL: id holds it all): a truncate must name it */
+	char *long_id;		/* an id of 64 to ITEM_ID_MAX bytes whole (a truncate must name it), else NULL;
+				   the slot's own: freed when the slot is reused, and at close */
 	double sent_ms, played_ms;
 	uint64_t played_at;	/* uv_hrtime() when the phone was at played_ms; 0: not playing yet */
 	int truncated;
