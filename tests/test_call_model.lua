@@ -707,4 +707,30 @@ T.test("the callee hangs up while the model's session start is rate limited: the
   T.eq(#env.rt.sessions, 1, "no session opened for a call that ended")
 end, { timeout = 40000 })
 
+T.test("the callee hangs up while the model session is still opening: lastError says so; a hang-up through the API then does not", function()
+  for _, how in ipairs({ "callee", "api" }) do
+    local env = kit.start({
+      config = { retry = { maxAttempts = 1 } },
+      realtime = { refuse_update = true }, -- session.updated never comes
+    })
+    local id = env:create({ to = "+14155550196", prompt = "Say hello." })
+    local c = assert(env.tw:wait_call(10000))
+    assert(c:wait_stream(10000))
+    if how == "callee" then
+      c:hangup()
+    else
+      local status = env:api("POST", "/v1/calls/" .. id .. "/hangup")
+      T.eq(status, 202, "hang-up accepted")
+    end
+    local call = env:wait_final(id, 20000)
+    if how == "callee" then
+      T.eq({ call.status, call.endReason }, { "completed", "callee_hung_up" })
+      T.eq(call.lastError, "the phone side ended before the model session was ready")
+    else
+      T.eq(call.endReason, "hung_up_by_api")
+      T.eq(call.lastError, nil, "the API's hang-up is no fault of the phone side's")
+    end
+  end
+end, { timeout = 40000 })
+
 T.run()
