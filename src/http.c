@@ -148,6 +148,7 @@ struct req {
 	unsigned char *out;
 	size_t out_len, out_off;
 	int responded, headers_sent, close_after;
+	int no_content;		/* a 204 or 304: no body, no Content-Length */
 };
 
 /*
@@ -313,6 +314,17 @@ static int req_respond(lua_State *L)
 			lua_pop(L, 1);
 		}
 	}
+	/*
+	 * A 204 or a 304 has no content (RFC 9110 15.3.5, 15.4.5), nor has an
+	 * answer to HEAD (9.3.2): a body a handler gives them is not sent,
+	 * else the client would read it as the start of the next answer on the
+	 * kept-alive connection. HEAD keeps the Content-Length of its body, as
+	 * GET's; a 204 and a 304 send none (8.6: a 304's would have to be
+	 * the 200's, not known here).
+	 */
+	r->no_content = status == 204 || status == 304;
+	if (r->no_content)
+		blen = 0;
 	if (blen && r->method != LWSHUMETH_HEAD) {
 		r->out = ca_malloc(blen);
 		memcpy(r->out, body, blen);
@@ -578,7 +590,7 @@ static int write_response(struct req *r)
 		    lws_add_http_header_by_name(wsi, (const unsigned char *)"connection:",
 						(const unsigned char *)"close", 5, &p, end))
 			bad = 1;
-		if (!bad && lws_add_http_header_content_length(wsi, r->out_len, &p, end))
+		if (!bad && !r->no_content && lws_add_http_header_content_length(wsi, r->out_len, &p, end))
 			bad = 1;
 		if (!bad && lws_finalize_write_http_header(wsi, start, &p, end))
 			bad = 1;

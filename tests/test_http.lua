@@ -574,6 +574,68 @@ T.test("HEAD gets the headers of GET without a body", function()
   T.no_match(out, "abcdef")
 end)
 
+-- Sends each request on one connection once the answers before it have
+-- begun; returns all the bytes the server sent (the last request closes).
+local function one_connection(port, requests)
+  local p = assert(process.spawn({ "node", "-e", [[
+    const reqs = JSON.parse(process.argv[2]);
+    const c = require('net').connect(+process.argv[1], '127.0.0.1');
+    let out = '', sent = 0;
+    const next = () => { if (sent < reqs.length) c.write(reqs[sent++]); };
+    c.on('connect', next);
+    c.on('data', (d) => {
+      out += d.toString('latin1');
+      if ((out.match(/HTTP\/1\.1 /g) || []).length >= sent) setTimeout(next, 50);
+    });
+    c.on('error', () => {});
+    c.on('close', () => { console.log(JSON.stringify(out)); process.exit(0); });
+    setTimeout(() => { console.log(JSON.stringify('still open: ' + out)); process.exit(0); }, 4000);
+  ]], tostring(port), json.encode(requests) }))
+  return (json.decode((assert(p:read_line(6000)))))
+end
+
+T.test("204, 304 and HEAD answers carry no body whatever the handler returns; the kept-alive connection goes on", function()
+  local srv = server({}, function(s)
+    s:get("/204", function()
+      return 204, "a 204's body"
+    end)
+    s:get("/304", function()
+      return 304, "a 304's body", { ETag = '"v1"' }
+    end)
+    s:get("/get", function()
+      return 200, "the GET's body", { ["Content-Type"] = "text/plain" }
+    end)
+  end)
+  local out = one_connection(srv.port, {
+    "GET /204 HTTP/1.1\r\nHost: x\r\n\r\n",
+    "GET /304 HTTP/1.1\r\nHost: x\r\n\r\n",
+    "HEAD /get HTTP/1.1\r\nHost: x\r\n\r\n",
+    "GET /get HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+  })
+  T.no_match(out, "^still open")
+  T.no_match(out, "a 204's body")
+  T.no_match(out, "a 304's body")
+  local heads = {}
+  for head in out:gmatch("HTTP/1%.1 .-\r\n\r\n") do
+    heads[#heads + 1] = head:lower()
+  end
+  T.eq(#heads, 4, out)
+  T.match(heads[1], "^http/1%.1 204 ")
+  T.no_match(heads[1], "content%-length", "a 204 has no Content-Length (RFC 9110 8.6)")
+  T.match(heads[2], "^http/1%.1 304 ")
+  T.match(heads[2], 'etag: "v1"')
+  T.no_match(heads[2], "content%-length", "nor a 304 (it would have to be the 200's)")
+  T.match(heads[3], "^http/1%.1 200 ")
+  T.match(heads[3], "content%-length: 14\r\n", "HEAD: the GET's Content-Length")
+  T.match(heads[4], "^http/1%.1 200 ")
+  T.match(out, "\r\n\r\nthe GET's body$", "the GET's body once, after the last head")
+  T.eq(select(2, out:gsub("the GET's body", "")), 1)
+  -- A real client on the same connection: curl reuses it for the next URL.
+  local codes = run({ "curl", "-s", "-o", "/dev/null", "-o", "/dev/null", "-w", "%{http_code} %{num_connects}\n",
+    srv:url("/204"), srv:url("/get") })
+  T.eq(codes, "204 1\n200 0")
+end)
+
 T.test("keep-alive: many sequential requests reuse one connection", function()
   local peers = {}
   local srv = server({}, function(s)
