@@ -271,7 +271,11 @@ static int req_respond(lua_State *L)
 	size_t blen = 0;
 	const char *body;
 
-	luaL_argcheck(L, status >= 100 && status <= 599, 2, "HTTP status must be 100..599");
+	/*
+	 * A 1xx is no final answer (RFC 9110 15.2): the client would wait on
+	 * for one the handler never gives.
+	 */
+	luaL_argcheck(L, status >= 200 && status <= 599, 2, "HTTP status must be 200..599");
 	if (!lua_isnoneornil(L, 3))
 		luaL_checktype(L, 3, LUA_TTABLE);
 	body = luaL_optlstring(L, 4, "", &blen);

@@ -636,6 +636,37 @@ T.test("204, 304 and HEAD answers carry no body whatever the handler returns; th
   T.eq(codes, "204 1\n200 0")
 end)
 
+T.test("a handler's 1xx is no final answer: 500, logged, and the kept-alive connection goes on", function()
+  local log = require "callagent.log"
+  local error_ = log.error
+  local logged = {}
+  log.error = function(msg, fields)
+    logged[#logged + 1] = msg .. " " .. tostring(fields and fields.error)
+    return error_(msg, fields)
+  end
+  T.defer(function()
+    log.error = error_
+  end)
+  local srv = server({}, function(s)
+    s:get("/100", function()
+      return 100, "a 100's body"
+    end)
+    s:get("/ok", function()
+      return 200, "ok"
+    end)
+  end)
+  local out = one_connection(srv.port, {
+    "GET /100 HTTP/1.1\r\nHost: x\r\n\r\n",
+    "GET /ok HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+  })
+  T.no_match(out, "a 100's body")
+  T.match(out, "^HTTP/1%.1 500 ")
+  T.match(out, '"code":"internal"')
+  T.match(out, "\r\n\r\nok$")
+  T.eq(#logged, 1)
+  T.match(logged[1], "^http response could not be sent .*HTTP status must be 200%.%.599")
+end)
+
 T.test("keep-alive: many sequential requests reuse one connection", function()
   local peers = {}
   local srv = server({}, function(s)
