@@ -693,6 +693,13 @@ T.test("each refused request is logged once with what was wrong; a request witho
   T.eq(send("POST", "/v1/calls", json.encode({ to = "+1", prompt = "x" })), 400)
   T.eq(send("GET", "/v1/calls?limit=0"), 400)
   T.eq(send("GET", "/v1/calls/c_nosuchcall"), 404)
+  -- No route takes these: the server answers them before any guard, and
+  -- they are logged alike (the path without its query, where a token may be).
+  T.eq(send("GET", "/v1/nothing/here?token=sk-in-the-query"), 404)
+  local res = assert(fetch(base .. "/v1/calls", { method = "DELETE" }))
+  T.eq(res.status, 405)
+  T.eq(json.decode(res.body).error.code, "method_not_allowed")
+  T.eq(res.headers["allow"], "POST, GET, HEAD")
   -- HTTP/1.1 requires Host; fetch always sends one, so the request is written by hand.
   local lines = {}
   local node = assert(require("callagent.process").spawn({ "node", "-e", [[
@@ -708,8 +715,8 @@ let out = ""; s.on("data", d => out += d); s.on("end", () => process.stdout.writ
   T.match(out, "^HTTP/1%.1 403 ")
   T.match(out, '"code":"forbidden_host"')
   T.wait_for(function()
-    return select(2, p.errtext():gsub("WARN api: ", "")) >= 6
-  end, 5000, "six log lines: " .. p.errtext())
+    return select(2, p.errtext():gsub("WARN api: ", "")) >= 8
+  end, 5000, "eight log lines: " .. p.errtext())
   local log = p.errtext()
   -- Each: the line's message and code, then fields it must carry too.
   for _, want in ipairs({
@@ -718,6 +725,8 @@ let out = ""; s.on("data", d => out += d); s.on("end", () => process.stdout.writ
     { "WARN api: bad request code=invalid_to ", 'field=to method=POST path=/v1/calls status=400' },
     { "WARN api: bad request code=invalid_limit ", "field=limit method=GET path=/v1/calls status=400" },
     { "WARN api: bad request code=not_found ", "path=/v1/calls/c_nosuchcall status=404" },
+    { "WARN api: bad request code=not_found ", "method=GET path=/v1/nothing/here status=404" },
+    { "WARN api: bad request code=method_not_allowed ", "method=DELETE path=/v1/calls status=405" },
     { "WARN api: request refused code=forbidden_host ", "method=GET path=/v1/calls" },
   }) do
     local found
@@ -727,6 +736,8 @@ let out = ""; s.on("data", d => out += d); s.on("end", () => process.stdout.writ
     T.ok(found, "logged: " .. want[1] .. "... " .. want[2] .. "\n" .. log)
   end
   T.eq(select(2, log:gsub("code=invalid_to", "")), 1, "once, not twice")
+  T.no_match(log, "sk%-in%-the%-query")
+  T.no_match(log, "token=")
 end)
 
 T.run()

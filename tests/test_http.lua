@@ -667,6 +667,25 @@ T.test("a handler's 1xx is no final answer: 500, logged, and the kept-alive conn
   T.match(logged[1], "^http response could not be sent .*HTTP status must be 200%.%.599")
 end)
 
+T.test("on_no_route sees each 404 and 405 with its error, the path without its query; its own error keeps no answer back", function()
+  local seen = {}
+  local srv = server({}, function(s)
+    s:get("/only-get", function()
+      return 200, "x"
+    end)
+    s:on_no_route(function(req, status, e)
+      seen[#seen + 1] = table.concat({ req.method, req.path, status, e.code }, " ")
+      error("a bug of the hook's")
+    end)
+  end)
+  local res = assert(fetch(srv:url("/nope?key=secret")))
+  T.eq({ res.status, json.decode(res.body).error.code }, { 404, "not_found" })
+  res = assert(fetch(srv:url("/only-get"), { method = "POST" }))
+  T.eq({ res.status, json.decode(res.body).error.code, res.headers["allow"] }, { 405, "method_not_allowed", "GET, HEAD" })
+  T.eq(assert(fetch(srv:url("/only-get"))).status, 200)
+  T.eq(seen, { "GET /nope 404 not_found", "POST /only-get 405 method_not_allowed" })
+end)
+
 T.test("keep-alive: many sequential requests reuse one connection", function()
   local peers = {}
   local srv = server({}, function(s)

@@ -341,6 +341,17 @@ function M.register(srv, engine, cfg, opts)
     end
   end
 
+  -- A /v1 path no route has (404), or a method its route does not take
+  -- (405), is answered by the server before any guard: logged as the other
+  -- refusals are. req.path has no query (where a token may have been put).
+  srv:on_no_route(function(req, status, e)
+    local path = req.path
+    if path == "/v1" or path:sub(1, 4) == "/v1/" then
+      log.warn("api: bad request", { method = req.method, path = path, status = status, code = e.code,
+        error = e.message })
+    end
+  end)
+
   srv:post("/v1/calls", guard(function(req)
     local ctype = req:content_type()
     if not (ctype:match("^%s*application/json%s*;") or ctype:match("^%s*application/json%s*$")) then

@@ -37,6 +37,8 @@
 -- Routes match in the order they were added. A path that matches with another
 -- method answers 405 with Allow; no match answers 404. Errors are JSON:
 -- {"error": {"code", "message"}}.
+-- srv:on_no_route(fn) has fn(req, status, error) called before such a 404 or
+-- 405 goes out (the server logs none).
 --
 -- A handler runs in its own task (it may wait: fetch, timer.sleep, ...) and gets
 -- req = {id, method, path, params, query (table), raw_query, headers (lowercase
@@ -184,6 +186,16 @@ for _, m in ipairs({ "get", "post", "put", "delete", "patch" }) do
   Server[m] = function(self, pattern, handler)
     return self:route(m:upper(), pattern, handler)
   end
+end
+
+--- Calls fn(req, status, error) before a request no route takes is answered:
+-- 404 (no route has its path) or 405 (none takes its method), error its
+-- {code, message}; req.path has no query. For a log line of the caller's (the
+-- API's): the server logs none for them. One fn; fn must not wait.
+function Server:on_no_route(fn)
+  assert(fn == nil or type(fn) == "function", "on_no_route takes a function")
+  self.no_route = fn
+  return self
 end
 
 --- Serves the files under dir at prefix (GET and HEAD). "index.html" for folders.
@@ -350,13 +362,22 @@ function Server:_handle(h, req)
   req._h = h
   local route, params = find_route(self.routes, req.method, req.path)
   if not route then
+    local status, body, headers
     if params then
-      local allow = table.concat(params, ", ")
-      return h:respond(405, json_headers({ Allow = allow }),
-        json.encode(M.error_body("method_not_allowed", req.method .. " is not allowed on " .. req.path)))
+      status, headers = 405, json_headers({ Allow = table.concat(params, ", ") })
+      body = M.error_body("method_not_allowed", req.method .. " is not allowed on " .. req.path)
+    else
+      status, headers = 404, json_headers()
+      body = M.error_body("not_found", "no route for " .. req.method .. " " .. req.path)
     end
-    return h:respond(404, json_headers(),
-      json.encode(M.error_body("not_found", "no route for " .. req.method .. " " .. req.path)))
+    if self.no_route then
+      -- Its error must not keep the answer from going out.
+      local ok, e = pcall(self.no_route, req, status, body.error)
+      if not ok then
+        log.error("http on_no_route failed", { method = req.method, path = req.path, error = e })
+      end
+    end
+    return h:respond(status, headers, json.encode(body))
   end
   if self.draining then
     -- A request sent on a connection left open while the server drains.
