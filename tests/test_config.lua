@@ -131,6 +131,29 @@ T.test("a secret with a space or a control character is refused, saying where bu
   T.ok(cfg, err)
 end)
 
+T.test("a secret with a byte past ASCII is refused, saying at which byte but not what: no header could carry it", function()
+  local cases = {
+    -- A token with an accent: valid UTF-8, no space, no control character.
+    { "server", "apiToken", "0123456789abcdé0", 15 },
+    -- A no-break space (U+00A0) pasted at the end, which %s does not see.
+    { "server", "apiToken", "0123456789abcdef\194\160", 17 },
+    -- A zero-width space (U+200B) inside.
+    { "openai", "apiKey", "sk-test\226\128\139key-123", 8 },
+    { "notify", "hooksToken", "hooks-token-\195\169x", 13 },
+    { "twilio", "authToken", "\194\1600123456789abcdef0123456789abcdef", 1 },
+  }
+  for _, c in ipairs(cases) do
+    local section, name, value, at = c[1], c[2], c[3], c[4]
+    local t = { openai = { apiKey = "sk-test-key" }, [section] = { [name] = value } }
+    local cfg, err = config.normalize(t, { quiet = true })
+    T.eq(cfg, nil, section .. "." .. name)
+    T.eq(err, string.format("%s.%s: expected a secret of printable ASCII (byte %d is not), got [redacted]", section, name, at))
+    T.no_match(err, "0123456789")
+    T.no_match(err, "sk%-test")
+    T.no_match(err, "hooks%-token")
+  end
+end)
+
 T.test("a URL in an error shows no userinfo and no query: they may hold a password or a token", function()
   local url = require "callagent.url"
   T.eq(url.display("wss://u:pw@h.example/v1?key=x#f"), "wss://[redacted]@h.example/v1?[redacted]#[redacted]")

@@ -51,10 +51,10 @@
 --   store.backend ["sqlite"] (or "memory": nothing kept)   store.path ["./callagent.db"]
 --   store.retentionDays [30]: finished calls older than this are pruned
 --
--- A secret holds no space and no control character. A URL key needs a valid
--- host (IPv4, [IPv6] or a DNS name) and a port 1-65535 if it has one; a base
--- URL (publicBaseUrl, apiBaseUrl, ngrokApiUrl) no query and no fragment,
--- realtimeUrl and hooksUrl no fragment. Every string must be UTF-8.
+-- A secret is printable ASCII without spaces (it goes into a header as is).
+-- A URL key needs a valid host (IPv4, [IPv6] or a DNS name) and a port
+-- 1-65535 if it has one; a base URL (publicBaseUrl, apiBaseUrl, ngrokApiUrl)
+-- no query and no fragment, realtimeUrl and hooksUrl no fragment. Every string must be UTF-8.
 --
 -- "${NAME}" anywhere in a string value is replaced by the environment
 -- variable NAME (a missing variable is an error naming the key), in the keys
@@ -658,6 +658,14 @@ local function check_value(f, v, key, template)
       return nil, key .. ": expected a secret without spaces or control characters at either end, got [redacted]"
     elseif v:find("[%s%c]") then
       return nil, key .. ": expected a secret without spaces or control characters inside, got [redacted]"
+    end
+    -- Nor a byte past ASCII (é, a no-break space or a zero-width one pasted
+    -- with it): most HTTP clients cannot send it in a header, and one that
+    -- can sends bytes the other side does not match, so every request is
+    -- refused (401) without a word on why.
+    local at = v:find("[\128-\255]")
+    if at then
+      return nil, string.format("%s: expected a secret of printable ASCII (byte %d is not), got [redacted]", key, at)
     end
   end
   if f.secret and #v < 8 then
