@@ -583,6 +583,33 @@ T.test("a store read that raises just after a call is stored: 201, and the call 
   T.eq(env:get(body.callId).status, "dialing")
 end)
 
+T.test("app:create_call of a call that ended before it returned, whose record the store cannot read: the call, not nil", function()
+  local recording = require "callagent.store.recording"
+  T.defer(function()
+    recording.raise = nil
+  end)
+  -- An app's handler cancels the call as it is queued (a number it will
+  -- not ring), and from then on the store raises on reads.
+  local env
+  env = kit.start({ config = { store = { backend = "recording" } }, on = {
+    status = function(view, _, status)
+      if status == "queued" then
+        assert(env.app.engine:hangup(view.callId))
+        recording.raise = function(op)
+          return (op == "get_call" or op == "transcript") and "EIO: the disk said no" or nil
+        end
+      end
+    end,
+  } })
+  local call, err = env.app:create_call({ to = "+14155550100", prompt = "x" })
+  recording.raise = nil
+  T.ok(call, err)
+  T.match(call.callId, "^c_")
+  T.eq(call.status, "canceled")
+  T.eq(env:get(call.callId).status, "canceled", "the call it names")
+  T.eq(#env.tw.calls, 0, "nothing dialed")
+end)
+
 T.test("GET of a live call whose transcript SQLite cannot read is 500 store_failed, not an empty transcript; a hang-up says how it ended",
   function()
   local env = kit.start({ twilio = { behaviour = { ring_ms = 10000 } } })

@@ -608,7 +608,10 @@ function App:create_call(input)
   if not call then
     return nil, err
   end
-  return self.engine:call_view(call.id)
+  -- Stored and dialing: the record whatever a read of it says now (a call
+  -- that ended meanwhile is read from the store, which may fail). nil would
+  -- have the caller create it again, and the callee rung twice.
+  return self.engine:call_view(call.id) or self.engine:list_view(call)
 end
 
 -- How long a stop waits for the answers to notifications on their way, and
