@@ -1355,4 +1355,16 @@ T.test("the phone closing its stream: 1000 or a lost connection is the callee ha
   healthy(env)
 end, { timeout = 30000 })
 
+
+T.test("the phone closing its stream with 1008 (a policy violation, as callagent drops a peer too slow to read) is a stream error, not the callee hanging up", function()
+  local env = kit.start({})
+  local id, tw = streaming_call(env, "+14155550145")
+  tw.ws:close(1008, "send queue full: peer too slow")
+  local call = env:wait_final(id, 15000)
+  T.eq({ call.status, call.endReason, #call.attempts }, { "failed", "stream_error", 1 })
+  T.eq(call.lastError, "media stream closed: policy violation (1008: send queue full: peer too slow)")
+  T.eq({ call.attempts[1].status, call.attempts[1].reason }, { "failed", "stream_error" })
+  healthy(env)
+end, { timeout = 30000 })
+
 T.run()

@@ -1313,11 +1313,13 @@ end
 
 -- Close codes (RFC 6455 7.4.1) that end a media stream for a fault: ours
 -- (the C side gives its own fail code first: a protocol error, a message
--- over max_ws_message) or the peer's. Not the callee hanging up, as 1000,
--- 1001, 1005 (no code) and 1006 (the connection lost) are taken to be.
+-- over max_ws_message, 1008 for a peer that reads too slowly, its send
+-- queue over max_send_queue) or the peer's. Not the callee hanging up, as
+-- 1000, 1001, 1005 (no code) and 1006 (the connection lost) are taken to be.
 local STREAM_FAULTS = {
   [1002] = "protocol error",
   [1007] = "invalid data",
+  [1008] = "policy violation",
   [1009] = "message too big",
   [1011] = "internal error",
 }
