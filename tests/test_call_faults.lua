@@ -1355,7 +1355,6 @@ T.test("the phone closing its stream: 1000 or a lost connection is the callee ha
   healthy(env)
 end, { timeout = 30000 })
 
-
 T.test("the phone closing its stream with 1008 (a policy violation, as callagent drops a peer too slow to read) is a stream error, not the callee hanging up", function()
   local env = kit.start({})
   local id, tw = streaming_call(env, "+14155550145")
@@ -1364,6 +1363,20 @@ T.test("the phone closing its stream with 1008 (a policy violation, as callagent
   T.eq({ call.status, call.endReason, #call.attempts }, { "failed", "stream_error", 1 })
   T.eq(call.lastError, "media stream closed: policy violation (1008: send queue full: peer too slow)")
   T.eq({ call.attempts[1].status, call.attempts[1].reason }, { "failed", "stream_error" })
+  healthy(env)
+end, { timeout = 30000 })
+
+T.test("a stream closed with 1011 after the vendor's stop is the callee hanging up, not a stream error", function()
+  local env = kit.start({})
+  local id, tw = streaming_call(env, "+14155550148")
+  -- The vendor said the stream stopped (the call ended there); how its
+  -- socket then closes is no fault of the call's.
+  assert(tw.ws:send(json.encode({ event = "stop", sequenceNumber = "999", streamSid = tw.stream_sid,
+    stop = { accountSid = kit.ACCOUNT, callSid = tw.sid } })))
+  tw.ws:close(1011, "teardown")
+  local call = env:wait_final(id, 15000)
+  T.eq({ call.status, call.endReason, #call.attempts }, { "completed", "callee_hung_up", 1 })
+  T.eq(call.lastError, nil, "no stream error")
   healthy(env)
 end, { timeout = 30000 })
 

@@ -1329,7 +1329,9 @@ local STREAM_FAULTS = {
 function Bridge:on_stream_closed(code, reason)
   self.stream_closed = true
   local fault = STREAM_FAULTS[code]
-  if fault and not self.ended and not self.hanging_up and not self.end_reason then
+  -- After the vendor's `stop` the stream was over (the call ended there):
+  -- how its socket then closes says nothing of the call.
+  if fault and not self.ended and not self.hanging_up and not self.end_reason and not self.phone_stopped then
     -- Nobody hung up: the stream broke. The call ends with it (Twilio's
     -- <Connect><Stream> is over; a vendor whose call outlives its stream
     -- is hung up by the engine), and the record says callagent's side
