@@ -1380,4 +1380,34 @@ T.test("a stream closed with 1011 after the vendor's stop is the callee hanging 
   healthy(env)
 end, { timeout = 30000 })
 
+T.test("a stream closed with 1011 during the goodbye after the report: completed with the report, notified once", function()
+  local env = kit.start({
+    realtime = {
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        session:speak({ ms = 200, text = "Hello." })
+        session:report_and_goodbye({ summary = "Booked.", outcome = "success" }, { ms = 4000, text = "Goodbye now." })
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550149", prompt = "Say hello." })
+  local tw = env.tw:wait_call(5000)
+  assert(tw:wait_stream(5000), "the stream")
+  env:wait(id, function(r)
+    return r.report ~= nil
+  end, 10000, "the report")
+  timer.sleep(300) -- the goodbye plays
+  tw.ws:close(1011, "media server fault")
+  local call = env:wait_final(id, 15000)
+  T.eq({ call.status, call.endReason, #call.attempts }, { "completed", "stream_error", 1 })
+  T.eq(call.report.summary, "Booked.")
+  T.eq(call.lastError, "media stream closed: internal error (1011: media server fault)")
+  T.wait_for(function()
+    return #env.hooks.received >= 1
+  end, 5000, "notification")
+  timer.sleep(300)
+  T.eq(#env.hooks.received, 1, "notified once")
+  T.eq(env.hooks.received[1].json.data.status, "completed")
+end, { timeout = 30000 })
+
 T.run()
