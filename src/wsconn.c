@@ -812,6 +812,13 @@ static int control_frame(struct ca_ws *ws)
 	if (ca__ws_peer_close(ws, f->ctl, f->ctl_len) != 0)
 		return -1;	/* the answer to ours: done */
 	/*
+	 * Nothing the peer sends after its close frame is read (RFC 6455
+	 * 5.5.1: it sends no more): a message would reach the app after the
+	 * close, and a bad frame fail the connection, its 1002 taking the
+	 * place of the peer's own code.
+	 */
+	f->broken = 1;
+	/*
 	 * The peer closes: answer with its code. A client then waits for the
 	 * server to end the TCP connection; a server ends it once the answer
 	 * is out.

@@ -58,7 +58,7 @@ struct ca_wsframe {
 	unsigned key_pos;		/* payload bytes unmasked so far, mod 4 */
 	unsigned char ctl[125];		/* a control frame's payload */
 	size_t ctl_len;
-	int broken;			/* a protocol error: the rest of the stream is ignored */
+	int broken;			/* a protocol error, or the peer's close: the rest of the stream is ignored */
 };
 
 struct ca_wsio;

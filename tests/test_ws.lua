@@ -978,6 +978,46 @@ setTimeout(() => {}, 60000);]], tostring(srv.port), "100000", stdin = true }))
   T.eq(#srv.events, 1, "the connection is still open")
 end)
 
+T.test("frames after the peer's close frame are not read: its code stands, not a protocol error of what came after", function()
+  local srv = echo_server({ ws_ping = 0 })
+  -- Upgrades and stops reading; on stdin, sends a close (1000 "bye"), a
+  -- text message and a frame of an unknown opcode in one write, then reads
+  -- again (300 ms later) so that the answer to its close can go out.
+  local p = assert(process.spawn({ "node", "-e", [[
+const s = require("net").connect(+process.argv[1], "127.0.0.1", () => {
+  s.write("GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" +
+    "Sec-WebSocket-Key: " + require("crypto").randomBytes(16).toString("base64") + "\r\nSec-WebSocket-Version: 13\r\n\r\n");
+  s.once("data", () => { s.pause(); console.log("upgraded"); });
+});
+process.stdin.once("data", () => {
+  s.write(Buffer.concat([
+    Buffer.from([0x88, 0x85, 0, 0, 0, 0, 0x03, 0xe8]), Buffer.from("bye"),
+    Buffer.from([0x81, 0x85, 0, 0, 0, 0]), Buffer.from("after"),
+    Buffer.from([0x83, 0x80, 0, 0, 0, 0]),
+  ]));
+  setTimeout(() => { s.on("data", () => {}); s.resume(); }, 300);
+});
+s.on("error", () => {});
+setTimeout(() => {}, 60000);]], tostring(srv.port), stdin = true }))
+  T.defer(function()
+    p:kill("SIGKILL")
+  end)
+  T.eq(p:read_line(5000), "upgraded")
+  T.wait_for(function()
+    return srv.last
+  end, 3000, "the server's side open")
+  -- The socket full, and a write left over: the answer to the close waits.
+  local chunk = string.rep("x", 65536)
+  while srv.last:buffered() < 100000 do
+    assert(srv.last:send(chunk))
+    timer.sleep(1)
+  end
+  local conn = srv.last
+  p:write("go\n")
+  T.eq(close_event(srv, 5000), { "close", 1000, "bye" }, "the peer's close, as it gave it")
+  T.eq(conn:stats().messages_in, 0, "the message after the close frame is not delivered")
+end)
+
 T.test("conn:close() on a peer that reads nothing: the connection ends within 5 s, its queue with it", function()
   local srv = echo_server({ ws_ping = 0 })
   -- Upgrades, then never reads again.
