@@ -1026,20 +1026,9 @@ T.test("streaming.stopped while the call is up: hung up at Telnyx at once, ended
 end, { timeout = 30000 })
 
 T.test("a real process: a streaming.failed is one WARN line naming Telnyx's failure_reason, never the key", function()
-  local tx = assert(fake.start({ api_key = API_KEY, connection_id = CONNECTION,
-    behaviour = { stream = "fail", failure_reason = "connection_failed: " .. API_KEY .. " refused" } }))
-  T.defer(function()
-    tx:close()
-  end)
-  local rt = assert(require("fakes.realtime").start({ api_key = kit.API_KEY, script = quiet_script }))
-  T.defer(function()
-    rt:close()
-  end)
-  local p, api = kit.app_process({ url = "http://127.0.0.1:9" }, rt, { config = {
-    telephony = { provider = "telnyx" },
-    telnyx = { apiKey = API_KEY, connectionId = CONNECTION, fromNumber = FROM, publicKey = tx.public_key,
-      apiBaseUrl = tx.url },
-  } })
+  local _, rt, config = process_world({ stream = "fail", failure_reason = "connection_failed: " .. API_KEY .. " refused" },
+    quiet_script)
+  local p, api = kit.app_process({ url = "http://127.0.0.1:9" }, rt, { config = config })
   local id = api:create({ to = "+14155550128", prompt = "x" })
   local call = api:wait_final(id, 5000)
   T.eq({ call.status, call.endReason }, { "failed", "no_stream" })
@@ -1066,28 +1055,16 @@ T.test("a real process: a streaming.failed is one WARN line naming Telnyx's fail
   T.eq(text:find(API_KEY, 1, true), nil, "the key in the process's output")
 end, { timeout = 30000 })
 
-
 T.test("a real process: Telnyx's error frames on the stream are one WARN line with what the first says and a count, not messages not understood", function()
-  local tx = assert(fake.start({ api_key = API_KEY, connection_id = CONNECTION }))
-  T.defer(function()
-    tx:close()
-  end)
-  local rt = assert(require("fakes.realtime").start({ api_key = kit.API_KEY, script = function(session)
+  local tx, rt, config = process_world(nil, function(session)
     assert(session:wait_event("response.create", 5000))
     session:speak({ ms = 200, text = "Hello." })
     T.wait_for(function()
       return session.errors_sent
     end, 10000, "the error frames")
     session:report_and_goodbye({ summary = "Fine.", outcome = "success" }, { ms = 100, text = "Bye." })
-  end }))
-  T.defer(function()
-    rt:close()
   end)
-  local p, api = kit.app_process({ url = "http://127.0.0.1:9" }, rt, { config = {
-    telephony = { provider = "telnyx" },
-    telnyx = { apiKey = API_KEY, connectionId = CONNECTION, fromNumber = FROM, publicKey = tx.public_key,
-      apiBaseUrl = tx.url },
-  } })
+  local p, api = kit.app_process({ url = "http://127.0.0.1:9" }, rt, { config = config })
   local id = api:create({ to = "+14155550129", prompt = "x" })
   local c = assert(tx:wait_call(10000))
   c:wait(function()

@@ -978,6 +978,21 @@ setTimeout(() => {}, 60000);]], tostring(srv.port), "100000", stdin = true }))
   T.eq(#srv.events, 1, "the connection is still open")
 end)
 
+-- p, a Node peer that upgrades, prints "upgraded" and stops reading: once
+-- the server's side is open, sends to it until more than 100000 bytes wait
+-- in its queue (the socket's buffers full).
+local function fill_stalled(srv, p)
+  T.eq(p:read_line(5000), "upgraded")
+  T.wait_for(function()
+    return srv.last
+  end, 3000, "the server's side open")
+  local chunk = string.rep("x", 65536)
+  while srv.last:buffered() < 100000 do
+    assert(srv.last:send(chunk))
+    timer.sleep(1)
+  end
+end
+
 T.test("frames after the peer's close frame are not read: its code stands, not a protocol error of what came after", function()
   local srv = echo_server({ ws_ping = 0 })
   -- Upgrades and stops reading; on stdin, sends a close (1000 "bye"), a
@@ -1002,16 +1017,8 @@ setTimeout(() => {}, 60000);]], tostring(srv.port), stdin = true }))
   T.defer(function()
     p:kill("SIGKILL")
   end)
-  T.eq(p:read_line(5000), "upgraded")
-  T.wait_for(function()
-    return srv.last
-  end, 3000, "the server's side open")
   -- The socket full, and a write left over: the answer to the close waits.
-  local chunk = string.rep("x", 65536)
-  while srv.last:buffered() < 100000 do
-    assert(srv.last:send(chunk))
-    timer.sleep(1)
-  end
+  fill_stalled(srv, p)
   local conn = srv.last
   p:write("go\n")
   T.eq(close_event(srv, 5000), { "close", 1000, "bye" }, "the peer's close, as it gave it")
@@ -1031,15 +1038,7 @@ setTimeout(() => {}, 60000);]], tostring(srv.port) }))
   T.defer(function()
     p:kill("SIGKILL")
   end)
-  T.eq(p:read_line(5000), "upgraded")
-  T.wait_for(function()
-    return srv.last
-  end, 3000, "the server's side open")
-  local chunk = string.rep("x", 65536)
-  while srv.last:buffered() < 100000 do
-    assert(srv.last:send(chunk))
-    timer.sleep(1)
-  end
+  fill_stalled(srv, p)
   local t0 = timer.now()
   srv.last:close(1000, "bye")
   local ev = close_event(srv, 8000, "the close event")
