@@ -87,6 +87,20 @@ local function exact(x)
   end
 end
 
+--- x as the shortest text that reads back as x: integers (and whole floats:
+--- 30.0, as cjson decodes 30, is "30") in digits, others with as many digits
+--- as that takes (tostring writes 14: 1/3 would lose its last digits); inf
+--- and nan as tostring writes them.
+function M.number_text(x)
+  local i = math.tointeger(x)
+  if i then
+    return fmt("%d", i)
+  elseif x ~= x or x == math.huge or x == -math.huge then
+    return tostring(x)
+  end
+  return exact(x) or fmt("%.14g", x)
+end
+
 -- Returns v with every marked empty array replaced by the EMPTY sentinel and
 -- every number cjson would round by a NUM string, or v itself when it holds
 -- neither (no copy made).

@@ -53,22 +53,8 @@ do
   end
 end
 
--- A number as text that reads back as the same number: whole floats without
--- ".0" (30.0, as cjson decodes 30, is "30"), others with as many digits as
--- that takes (tostring writes 14: 1/3 would lose its last digits).
-local function number_text(x)
-  local i = math.tointeger(x)
-  if i then
-    return format("%d", i)
-  end
-  for digits = 14, 17 do
-    local s = format("%." .. digits .. "g", x)
-    if tonumber(s) == x then
-      return s
-    end
-  end
-  return tostring(x) -- inf, nan
-end
+-- A number as text that reads back as the same number (30.0 as "30").
+local number_text = require("callagent.json").number_text
 
 local function str(s, what)
   local t = type(s)
