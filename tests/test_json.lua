@@ -224,21 +224,7 @@ T.test("fuzz: every finite double is written so it reads back exactly, in at mos
 end)
 
 -- Texts near valid JSON: a few characters replaced, inserted or dropped.
-local NEAR = '[]{}",:\\/0-1e.E+tfnu \t\n\r\0\xff\xc3ua'
-local function mutate(s)
-  for _ = 1, math.random(1, 3) do
-    local i = math.random(1, #s + 1)
-    local op = math.random(3)
-    if op == 1 then
-      s = s:sub(1, i - 1) .. pick(NEAR) .. s:sub(i + 1)
-    elseif op == 2 then
-      s = s:sub(1, i - 1) .. pick(NEAR) .. s:sub(i)
-    else
-      s = s:sub(1, i - 1) .. s:sub(i + 1)
-    end
-  end
-  return s
-end
+local mutate = require("mutate").near('[]{}",:\\/0-1e.E+tfnu \t\n\r\0\xff\xc3ua')
 
 T.test("fuzz: try_decode never raises on 5000 mutated texts, and arrays=true only marks empty arrays", function()
   math.randomseed(7159)

@@ -4,6 +4,9 @@
 --   local edit = mutate.new({ '"', "\\", "{" })  -- what to insert, besides random bytes
 --   s = edit(s)   -- one edit: a byte replaced, one of those inserted, up to 16
 --                 -- bytes deleted, up to 24 repeated, or the rest cut off
+--   local near = mutate.near("[]{}\",:")  -- text left near what it was:
+--   s = near(s)   -- 1 to 3 one-character edits, each a character replaced
+--                 -- by or inserted from those, or one dropped
 --   t2 = mutate.shape(t, keep)  -- a copy of the decoded JSON value t with one
 --                 -- value somewhere in it replaced by one of another type
 --                 -- (or its key removed); keys in `keep` (a set) at the top
@@ -104,6 +107,23 @@ function M.new(inserts)
       return s:sub(1, at + random(1, 24)) .. s:sub(at + 1)
     end
     return s:sub(1, at)
+  end
+end
+
+function M.near(chars)
+  local random = math.random
+  return function(s)
+    for _ = 1, random(1, 3) do
+      local i = random(1, #s + 1)
+      local op = random(3)
+      if op == 3 then
+        s = s:sub(1, i - 1) .. s:sub(i + 1)
+      else
+        local k = random(1, #chars)
+        s = s:sub(1, i - 1) .. chars:sub(k, k) .. s:sub(op == 1 and i + 1 or i)
+      end
+    end
+    return s
   end
 end
 
