@@ -877,6 +877,20 @@ local function quiet_script()
   timer.sleep(15000)
 end
 
+-- A call to `to` on env (whose model greets) answered, streaming, and its
+-- greeting in the transcript: its id and the fake's call.
+local function greeted_call(env, to)
+  local id = env:create({ to = to, prompt = "x" })
+  local tx = assert(env.tx:wait_call(5000))
+  tx:wait(function()
+    return tx.stream_started_at
+  end, 5000)
+  env:wait(id, function(r)
+    return #r.transcript >= 1
+  end, 5000, "the greeting in the transcript")
+  return id, tx
+end
+
 T.test("streaming.failed after the answer: hung up at Telnyx at once, failed (no_stream) with its failure_reason, notified once", function()
   local env = start({ behaviour = { stream = "fail", failure_reason = "connection_failed" }, script = quiet_script })
   local id = env:create({ to = "+14155550125", prompt = "x" })
@@ -994,14 +1008,7 @@ T.test("streaming.stopped while the call is up: hung up at Telnyx at once, ended
   -- seen the close), says so with the stream still open, or closes it and
   -- its webhook is lost.
   for i, how in ipairs({ {}, { delay_ms = 300 }, { keep_socket = true }, { no_webhook = true } }) do
-    local id = env:create({ to = "+1415555013" .. i, prompt = "x" })
-    local tx = assert(env.tx:wait_call(5000))
-    tx:wait(function()
-      return tx.stream_started_at
-    end, 5000)
-    env:wait(id, function(r)
-      return #r.transcript >= 1
-    end, 5000, "the greeting in the transcript")
+    local id, tx = greeted_call(env, "+1415555013" .. i)
     local t0 = timer.now()
     tx:stop_stream(how)
     -- Not the bridge's 5 s wait for a final status that never comes.
@@ -1144,14 +1151,7 @@ end, { timeout = 30000 })
 
 T.test("a stream message over max_ws_message: the call Telnyx keeps up is hung up once, failed (stream_error)", function()
   local env = start({ script = greet_script })
-  local id = env:create({ to = "+14155550145", prompt = "x" })
-  local tx = assert(env.tx:wait_call(5000))
-  tx:wait(function()
-    return tx.stream_started_at
-  end, 5000)
-  env:wait(id, function(r)
-    return #r.transcript >= 1
-  end, 5000, "the greeting in the transcript")
+  local id, tx = greeted_call(env, "+14155550145")
   assert(tx.ws:send(json.encode({ event = "media", stream_id = tx.stream_id,
     media = { track = "inbound", payload = string.rep("A", 256 * 1024) } })))
   local call = env:wait_final(id, 3000)
