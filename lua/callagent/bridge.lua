@@ -1340,7 +1340,6 @@ function Bridge:on_stream_closed(code, reason)
     log.warn("media stream closed for a fault", { call = self.call_id, attempt = self.attempt, code = code,
       reason = fault .. why })
     self.end_reason = "stream_error"
-    self.stream_fault = true
     self.engine:bridge_error(self, string.format("media stream closed: %s (%d%s)", fault, code, why))
   end
   self:finish(self.end_reason or (self.hanging_up and "completed") or "callee_hung_up")
@@ -1355,7 +1354,7 @@ function Bridge:finish(reason)
   -- or its start rate limited): the agent never got to speak, and a record
   -- with no more than callee_hung_up would not say why the callee went.
   -- A stream that failed says so in lastError already: the phone side did not end it.
-  if self.stream_sid and not self.was_ready and not self.hanging_up and not self.stream_fault
+  if self.stream_sid and not self.was_ready and not self.hanging_up and self.end_reason ~= "stream_error"
     and reason ~= "shutdown" then
     local n = self.model_retries
     self.engine:bridge_error(self, "the phone side ended before the model session was ready"

@@ -889,11 +889,12 @@ function Engine:_no_stream(call, n)
   log.warn("no media stream came: hanging up", { call = call.id, attempt = n })
   call._end_reason = call._end_reason or "no_stream"
   -- Before the hang-up: a provider may end the attempt inside its endCall
-  -- (the mock phone does), and the why then came after the end.
+  -- (the mock phone does), and the why then came after the end. So not
+  -- again with the end below.
   call.lastError = why
   self:_save(call, { lastError = why })
   self:_end_in_task(call.id, a)
-  self:_attempt_final(call, n, "completed", why, why)
+  self:_attempt_final(call, n, "completed", why)
 end
 
 -- After callagent's own hang-up of attempt n: with no final status from the
