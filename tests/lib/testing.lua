@@ -182,6 +182,7 @@ local function run_one(i, t)
     end
   end
   local timeout = t.opts.timeout or T.timeout_ms
+  local started = timer.now()
   local tm = timer.after(timeout, function()
     finish(false, "timed out after " .. timeout .. " ms")
   end)
@@ -205,6 +206,9 @@ local function run_one(i, t)
   end
   if ok then
     io.stdout:write(string.format("ok %d - %s\n", i, t.name))
+    if os.getenv("TEST_TIMES") then
+      io.stdout:write(string.format("# %.0f ms\n", timer.now() - started))
+    end
   else
     io.stdout:write(string.format("not ok %d - %s\n", i, t.name))
     io.stdout:write("# ", (tostring(err):gsub("\n", "\n# ")), "\n")
