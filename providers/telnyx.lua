@@ -364,6 +364,13 @@ function P:validateRequest(req)
   if req.upgrade then
     return true
   end
+  -- Telnyx posts to /telnyx/webhook only. Its signature covers the body,
+  -- not the URL: on /voice or /status (no client_state check, no replay
+  -- check) any body Telnyx signed in the last 5 minutes would act on the
+  -- call the query names (answer a ringing call, start its model).
+  if req.path ~= "/telnyx/webhook" then
+    return false, "Telnyx sends no webhook to " .. (type(req.path) == "string" and req.path:sub(1, 40) or "?")
+  end
   if not self.tx.validateSignature then
     return true
   end

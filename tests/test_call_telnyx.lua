@@ -745,6 +745,28 @@ T.test("a signed webhook of another call (its call_control_id) posted to this ca
 end, { timeout = 30000 })
 
 
+T.test("a Telnyx-signed body posted to /voice or /status (whose query is not signed) is refused (403)", function()
+  local env = start({ behaviour = { ring_ms = 60000 }, config = { retry = { maxAttempts = 1 } } })
+  local id = env:create({ to = "+14155550126", prompt = "x" })
+  local tx = assert(env.tx:wait_call(5000))
+  env:wait(id, function(r)
+    return r.attempts[1] and r.attempts[1].providerCallId == tx.control_id
+  end, 5000, "ringing")
+  -- A body Telnyx signed (another call's, say): only the body is signed.
+  local body = json.encode({ data = { event_type = "call.hangup", id = crypto.uuid4(), payload = {
+    call_control_id = tx.control_id, client_state = crypto.base64_encode("c_other 1"), hangup_cause = "user_busy" } } })
+  for _, path in ipairs({ "/voice", "/status" }) do
+    local ts = tostring(os.time())
+    local res = assert(fetch(env.base .. path .. "?callId=" .. id .. "&attempt=1", { method = "POST", body = body,
+      headers = { ["Content-Type"] = "application/json", ["telnyx-timestamp"] = ts,
+        ["telnyx-signature-ed25519"] = fake.sign(env.tx.private_key, ts, body) } }))
+    T.eq(res.status, 403, path)
+  end
+  timer.sleep(200)
+  T.eq(env:get(id).status, "dialing", "still ringing")
+  T.eq(#env.rt.sessions, 0, "no model session")
+end, { timeout = 20000 })
+
 T.test("replays: past SEEN_MAX webhook ids in the window, a new id is still remembered, and old ones rotate out", function()
   local env = start({ script = function() end })
   local p = env.app.provider
