@@ -23,8 +23,8 @@
 --      by hangup_cause.
 --   3. On call.answered: a one-time stream token (engine:prepare_stream), and
 --      POST /v2/calls/{id}/actions/streaming_start with stream_url =
---      wss://<public>/voice/stream, stream_track inbound_track,
---      stream_bidirectional_mode rtp, stream_bidirectional_codec PCMU and
+--      wss://<public>/voice/stream, stream_track inbound_track, stream_codec
+--      PCMU, stream_bidirectional_mode rtp, stream_bidirectional_codec PCMU and
 --      custom_parameters callId, attempt, token. The token is not in the URL
 --      (URLs are what proxies and Telnyx's own call logs keep); it is single
 --      use and expires in 120 s either way. Streaming starts only once the
@@ -49,7 +49,10 @@
 --     Command").
 --   - streaming_start: POST /calls/{call_control_id}/actions/streaming_start
 --     (developers.telnyx.com/api-reference/call-commands/streaming-start);
---     its params stream_url, stream_track, custom_parameters (a list of
+--     its params stream_url, stream_track, stream_codec (PCMU | PCMA | G722 |
+--     OPUS | AMR-WB | L16 | default; default: the call's codec, and also
+--     when Telnyx cannot transcode, which it does only between PCMU and
+--     PCMA), custom_parameters (a list of
 --     {name, value}), stream_auth_token, stream_bidirectional_mode (mp3 |
 --     rtp), stream_bidirectional_codec (PCMU | PCMA | G722): the SDK's
 --     ActionStartStreamingParams (rubydoc.info/gems/telnyx/Telnyx/Models/
@@ -437,6 +440,13 @@ end
 -- streaming_start (an object, or a list of {name, value}).
 function P:streamStart(ev)
   local start = type(ev.start) == "table" and ev.start or {}
+  -- The bridge hears mu-law only: a stream in another codec (a call Telnyx
+  -- cannot transcode to the stream_codec asked for) would be noise to the
+  -- model. Refused (1008); no media_format at all is taken as PCMU.
+  local enc = type(start.media_format) == "table" and start.media_format.encoding
+  if enc and enc ~= json.null and enc ~= "PCMU" then
+    return nil, "media_format encoding " .. (safe_word(enc) or "?") .. ", not PCMU"
+  end
   local cp = start.custom_parameters
   local params = {}
   if type(cp) == "table" then
@@ -469,6 +479,9 @@ function P:_start_stream(call_id, n, id)
   local body = {
     stream_url = self.app:public_url():gsub("^http", "ws") .. "/voice/stream",
     stream_track = "inbound_track",
+    -- The stream's audio is the call's codec by default (PCMA on many
+    -- calls outside North America): the bridge hears mu-law only.
+    stream_codec = "PCMU",
     stream_bidirectional_mode = "rtp",
     stream_bidirectional_codec = "PCMU",
     custom_parameters = {

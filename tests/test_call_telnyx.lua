@@ -913,6 +913,29 @@ local function greeted_call(env, to)
   return id, tx
 end
 
+T.test("a call whose codec is PCMA streams PCMU all the same (stream_codec): the bridge speaks mu-law only", function()
+  local env = start({ behaviour = { codec = "PCMA" }, script = quiet_script })
+  local id = env:create({ to = "+14155550127", prompt = "x" })
+  local tx = assert(env.tx:wait_call(5000))
+  tx:wait(function()
+    return tx.stream_started_at
+  end, 5000)
+  T.eq(tx.stream and tx.stream.stream_codec, "PCMU", "streaming_start's stream_codec")
+  T.eq(tx.stream_encoding, "PCMU", "the stream's media_format")
+  T.eq(env:get(id).status, "in_progress")
+end, { timeout = 20000 })
+
+T.test("a stream Telnyx cannot transcode to PCMU (a G722 call) is refused (1008), not fed to the model as noise", function()
+  local env = start({ behaviour = { codec = "G722" }, script = quiet_script })
+  env:create({ to = "+14155550128", prompt = "x" })
+  local tx = assert(env.tx:wait_call(5000))
+  tx:wait(function()
+    return tx.stream_closed
+  end, 5000)
+  T.eq(tx.stream_encoding, "G722")
+  T.eq(tx.stream_closed and tx.stream_closed.code, 1008, "refused")
+end, { timeout = 20000 })
+
 T.test("streaming.failed after the answer: hung up at Telnyx at once, failed (no_stream) with its failure_reason, notified once", function()
   local env = start({ behaviour = { stream = "fail", failure_reason = "connection_failed" }, script = quiet_script })
   local id = env:create({ to = "+14155550125", prompt = "x" })

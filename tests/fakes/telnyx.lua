@@ -16,7 +16,8 @@
 --                                  -- streaming.failed webhook instead of the
 --                                  -- stream), failure_reason,
 --                                  -- lost_hangup_webhook (its call.hangup
---                                  -- is never sent)}
+--                                  -- is never sent), codec (the call's:
+--                                  -- "PCMU" (default), "PCMA", "G722"...)}
 --                                  -- | fn(call) -> one of those
 --     clock_skew_s = 0,            -- the webhooks' telnyx-timestamp this far off
 --     fail_hangups = 0,            -- the first n hangup requests get 503
@@ -61,7 +62,10 @@
 -- client_state, media_format:{encoding "PCMU", sample_rate 8000, channels 1},
 -- custom_parameters (an object name -> value)}}, then `media` every 20 ms
 -- (160 bytes, track "inbound", chunk, timestamp, sequence_number as strings,
--- stream_id). Plays what the app sends at 8 bytes/ms, echoes each mark once
+-- stream_id). The stream's encoding (call.stream_encoding, in media_format):
+-- streaming_start's stream_codec where Telnyx can transcode (PCMU <-> PCMA),
+-- else (no stream_codec, "default", or no transcoding) the call's codec;
+-- A-law audio is the mu-law audio converted. Plays what the app sends at 8 bytes/ms, echoes each mark once
 -- its audio has played, and on `clear` drops what is queued and echoes the
 -- pending marks at once. `stop` and a close when the call ends.
 --
@@ -89,6 +93,7 @@ local task = require "callagent.task"
 local timer = require "callagent.timer"
 local crypto = require "callagent.crypto"
 local waiters = require "fakes.waiters"
+local audio = require "callagent.audio"
 
 local M = {}
 local now = timer.now
@@ -316,6 +321,15 @@ local function run_stream(call)
   end
   call.ws = conn
   call.stream_id = crypto.uuid4()
+  -- Telnyx transcodes between PCMU and PCMA only; else the call's codec.
+  local codec = call.behaviour.codec or "PCMU"
+  local want = st.stream_codec
+  local g711 = { PCMU = true, PCMA = true }
+  local enc = (g711[want] and g711[codec]) and want or codec
+  call.stream_encoding = enc
+  local conv = enc == "PCMA" and audio.ulaw_to_alaw or function(x)
+    return x
+  end
   ws_send(call, '{"event":"connected","version":"1.0.0"}')
   call._seq = 1
   ws_send(call, json.encode({
@@ -326,7 +340,7 @@ local function run_stream(call)
       user_id = "3E6F995F-85F7-4705-9741-53B116D28237",
       call_control_id = call.control_id,
       client_state = json.null,
-      media_format = { encoding = "PCMU", sample_rate = 8000, channels = 1 },
+      media_format = { encoding = enc, sample_rate = 8000, channels = 1 },
       custom_parameters = params,
     },
   }))
@@ -343,11 +357,11 @@ local function run_stream(call)
   local k = 0
   while not call.final and not call.stream_closed do
     k = k + 1
-    local payload = SILENCE_B64
+    local payload = enc == "PCMU" and SILENCE_B64 or b64enc(conv(string.rep("\255", 160)))
     local off = (k - 1) * 160
     if src and off < #src then
       local piece = src:sub(off + 1, off + 160)
-      payload = b64enc(piece .. string.rep("\255", 160 - #piece))
+      payload = b64enc(conv(piece .. string.rep("\255", 160 - #piece)))
     end
     call._seq = call._seq + 1
     -- Telnyx's shape: numbers as strings, extra keys the app must not mind.
