@@ -444,7 +444,7 @@ function P:streamStart(ev)
   -- cannot transcode to the stream_codec asked for) would be noise to the
   -- model. Refused (1008); no media_format at all is taken as PCMU.
   local enc = type(start.media_format) == "table" and start.media_format.encoding
-  if enc and enc ~= json.null and enc ~= "PCMU" then
+  if enc and enc ~= json.null and not (type(enc) == "string" and enc:upper() == "PCMU") then
     return nil, "media_format encoding " .. (safe_word(enc) or "?") .. ", not PCMU"
   end
   local cp = start.custom_parameters
