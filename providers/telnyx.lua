@@ -17,8 +17,9 @@
 --      attempt's providerCallId.
 --   2. Every Call Control webhook of that call comes to POST /telnyx/webhook
 --      (registerRoutes), signed with Ed25519. Its call and attempt: the
---      echoed client_state (inside the signed body), else the URL's query;
---      one where the two disagree is answered 200 and ignored.
+--      echoed client_state (inside the signed body); one without it, or
+--      where it and the URL's query disagree, is answered 200 and ignored
+--      (the query alone counts only while signatures are not checked).
 --      call.initiated -> dialing, call.answered -> in_progress, call.hangup ->
 --      by hangup_cause.
 --   3. On call.answered: a one-time stream token (engine:prepare_stream), and
@@ -128,7 +129,7 @@
 --   outbound call cancels it (the docs say only "hang up the call"); the
 --   answer for a call that has already ended (422 with code 90018 here; any
 --   other answer is logged as a failed hang-up); that the webhook_url's query
---   is kept (client_state stands in when it is not); that Telnyx ignores
+--   is kept (only a cross-check of client_state); that Telnyx ignores
 --   the extra "streamSid" key the bridge writes
 --   in each media / mark / clear message (the docs show only event and
 --   media.payload / mark.name); that a call stays up after its stream
@@ -556,13 +557,16 @@ function P:_replayed(id)
 end
 
 -- The call and attempt a webhook is for: the signed client_state the dial
--- set ("<callId> <attempt>", base64), else the webhook URL's query. One
--- whose client_state and query disagree is no one's.
+-- set ("<callId> <attempt>", base64). One whose client_state and query
+-- disagree is no one's; so is a signed one without our client_state (an
+-- inbound call's, another app's of the account: the query is not signed,
+-- and would have it act on any call, hang up its call_control_id). The
+-- query alone names the call only while signatures are not checked.
 local function attempt_number(s)
   return type(s) == "string" and s:find("^%d+$") and #s <= 9 and math.tointeger(tonumber(s)) or nil
 end
 
-local function webhook_attempt(q, payload)
+local function webhook_attempt(q, payload, signed)
   local qid, qn = q.callId, attempt_number(q.attempt)
   if type(qid) ~= "string" then
     qid = nil
@@ -579,6 +583,9 @@ local function webhook_attempt(q, payload)
       return nil, "its client_state names another call or attempt than its URL"
     end
     return cid, cn
+  end
+  if signed then
+    return nil, "no client_state of a call callagent placed"
   end
   if qid and qn then
     return qid, qn
@@ -598,7 +605,7 @@ function P:registerRoutes(srv)
     if type(data) ~= "table" then
       return 400, { error = { code = "bad_status", message = "the body must be a Telnyx webhook (a data object)" } }
     end
-    local call_id, n = webhook_attempt(req.query or {}, data.payload)
+    local call_id, n = webhook_attempt(req.query or {}, data.payload, self.tx.validateSignature)
     if not call_id then
       if n then -- signed, but not this URL's: answered, so that Telnyx does not send it again
         log.warn("telnyx webhook ignored", { reason = n, remote = req.remote })

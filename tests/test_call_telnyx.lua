@@ -63,8 +63,16 @@ local function start(opts)
   return env
 end
 
--- A webhook as Telnyx sends one, signed with key (raw private) at ts.
+-- A webhook as Telnyx sends one, signed with key (raw private) at ts. Its
+-- client_state is the dial's for call id, attempt n (Telnyx echoes it in
+-- every webhook of the call) unless payload.client_state is given (false:
+-- none).
 local function post_webhook(env, id, n, event, payload, key, ts, sig)
+  if payload.client_state == nil then
+    payload.client_state = crypto.base64_encode(id .. " " .. n)
+  elseif payload.client_state == false then
+    payload.client_state = nil
+  end
   local body = json.encode({
     data = { event_type = event, id = crypto.uuid4(), occurred_at = "2026-01-01T00:00:00Z", payload = payload,
       record_type = "event" },
@@ -912,6 +920,19 @@ local function greeted_call(env, to)
   end, 5000, "the greeting in the transcript")
   return id, tx
 end
+
+T.test("a signed call.answered without callagent's client_state (another call of the account) hangs up nothing", function()
+  local env = start({ behaviour = "busy", config = { retry = { maxAttempts = 1 } } })
+  local id = env:create({ to = "+14155550129", prompt = "x" })
+  T.eq(env:wait_final(id, 10000).status, "busy")
+  local before = #env.tx.requests
+  -- An inbound call's webhook (no client_state), posted to this call's URL:
+  -- only the body is signed, the query is anyone's.
+  T.eq(post_webhook(env, id, 1, "call.answered", { call_control_id = "v3:someone-elses-call", client_state = false }),
+    200)
+  timer.sleep(300)
+  T.eq(#env.tx.requests, before, "no request to Telnyx (no hang-up of that call)")
+end, { timeout = 20000 })
 
 T.test("a call whose codec is PCMA streams PCMU all the same (stream_codec): the bridge speaks mu-law only", function()
   local env = start({ behaviour = { codec = "PCMA" }, script = quiet_script })
