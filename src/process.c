@@ -615,31 +615,49 @@ static void on_shutdown(uv_shutdown_t *req, int status)
 
 /*
  * Pushes the file to execute for name: as given if it has a "/", else the
- * first regular, executable file of that name in path. Returns 0, or a libuv
- * error (nothing pushed): UV_ENOENT, or UV_EACCES if only non-executable
- * files matched (or, for a path, it is not a regular executable file).
+ * first regular, executable file of that name in path (a relative name or
+ * PATH entry is looked up from cwd, where the child's exec looks). Returns
+ * 0, or a libuv error (nothing pushed): UV_ENOENT, or UV_EACCES if only
+ * non-executable files matched (or, for a path, it is not a regular
+ * executable file).
  */
+/*
+ * The path by which callagent sees file where the child, started in cwd,
+ * will: file itself, or cwd/file (in buf) for a relative one; NULL if that
+ * does not fit.
+ */
+static const char *seen_from(char *buf, size_t size, const char *file, const char *cwd)
+{
+	int n;
+
+	if (file[0] == '/' || cwd == NULL)
+		return file;
+	n = snprintf(buf, size, "%s/%s", cwd, file);
+	return n > 0 && (size_t)n < size ? buf : NULL;
+}
+
 static int resolve(lua_State *L, const char *name, const char *path, const char *cwd)
 {
-	char buf[4096];
+	char buf[4096], at[4096];
 	int err = UV_ENOENT;
-	const char *d = path ? path : "/usr/local/bin:/usr/bin:/bin";
+	const char *d = path ? path : "/usr/local/bin:/usr/bin:/bin", *f;
 
 	if (strchr(name, '/')) {
 		struct stat st;
 
 		/*
 		 * Checked here: behind the wrapper (kill_on_exit) the exec's error
-		 * comes too late (a relative name in another cwd: it does).
+		 * comes too late. A relative name is looked up from cwd, as the
+		 * child's exec will.
 		 */
-		if (name[0] != '/' && cwd) {
-			lua_pushstring(L, name);
+		if ((f = seen_from(at, sizeof at, name, cwd)) == NULL) {
+			lua_pushstring(L, name);	/* the exec will tell */
 			return 0;
 		}
-		if (stat(name, &st) != 0)
+		if (stat(f, &st) != 0)
 			return errno == EACCES ? UV_EACCES : UV_ENOENT;
 		/* A directory is EACCES, as execve says (errno is not stat's here). */
-		if (!S_ISREG(st.st_mode) || access(name, X_OK) != 0)
+		if (!S_ISREG(st.st_mode) || access(f, X_OK) != 0)
 			return UV_EACCES;
 		lua_pushstring(L, name);
 		return 0;
@@ -652,8 +670,10 @@ static int resolve(lua_State *L, const char *name, const char *path, const char 
 		int n = snprintf(buf, sizeof buf, "%.*s/%s", dl ? dl : 1, dl ? d : ".", name);
 		struct stat st;
 
-		if (n > 0 && (size_t)n < sizeof buf && stat(buf, &st) == 0 && S_ISREG(st.st_mode)) {
-			if (access(buf, X_OK) == 0) {
+		/* A relative entry ("bin", "" for ".") is the child's: from cwd. */
+		if (n > 0 && (size_t)n < sizeof buf && (f = seen_from(at, sizeof at, buf, cwd)) != NULL &&
+		    stat(f, &st) == 0 && S_ISREG(st.st_mode)) {
+			if (access(f, X_OK) == 0) {
 				lua_pushstring(L, buf);
 				return 0;
 			}
@@ -700,6 +720,8 @@ static char **build_env(lua_State *L, int idx, int inherit, int drop_secrets, in
 
 		if (name == NULL || *name == '\0' || strchr(name, '='))
 			luaL_error(L, "env names must be non-empty strings without '='");
+		if (has_nul(L, -2))	/* "A\0B" would set A */
+			luaL_error(L, "env name holds a NUL byte");
 		if (lua_type(L, -1) == LUA_TBOOLEAN && !lua_toboolean(L, -1))
 			continue;
 		if (lua_type(L, -1) != LUA_TSTRING && lua_type(L, -1) != LUA_TNUMBER)
@@ -822,6 +844,9 @@ static int l_spawn(lua_State *L)
 	n = (int)lua_rawlen(L, 1);
 	luaL_argcheck(L, n >= 1, 1, "spec[1] must name the program");
 	cwd = ca_opt_string_field(L, 1, "cwd", NULL);
+	lua_getfield(L, 1, "cwd");	/* the child would start where the part before it says */
+	luaL_argcheck(L, cwd == NULL || !has_nul(L, -1), 1, "cwd holds a NUL byte");
+	lua_pop(L, 1);
 	max_line = ca_opt_int_field(L, 1, "max_line", 65536);
 	luaL_argcheck(L, max_line >= 1 && max_line <= (1 << 30), 1, "max_line must be 1 .. 2^30");
 	want_in = ca_opt_bool_field(L, 1, "stdin", 0);

@@ -183,6 +183,28 @@ T.test("misuse raises: empty spec, bad callbacks, bad env, unknown signal", func
   end, "unknown signal")
 end)
 
+T.test("an env name or a cwd holding a NUL byte raises (C would cut it there, silently)", function()
+  T.raises(function()
+    process.spawn({ "true", env = { ["A\0B"] = "x" } })
+  end, "env name holds a NUL byte")
+  T.raises(function()
+    process.spawn({ "true", cwd = "/tmp\0/missing" })
+  end, "cwd holds a NUL byte")
+end)
+
+T.test("a relative program and relative PATH entries are found from cwd, as the child's exec finds them", function()
+  local dir = T.tmpdir()
+  assert(os.execute("mkdir " .. dir .. "/bin && printf '#!/bin/sh\\necho ran\\n' > " .. dir
+    .. "/bin/tool && chmod +x " .. dir .. "/bin/tool"))
+  for _, k in ipairs({ true, false }) do
+    local p, err = process.spawn({ "./missing", cwd = dir, kill_on_exit = k })
+    T.eq(p, nil, "kill_on_exit " .. tostring(k))
+    T.eq(err, "ENOENT: ./missing: not found", "kill_on_exit " .. tostring(k))
+    local r = run({ "tool", cwd = dir, env = { PATH = "bin" }, kill_on_exit = k })
+    T.eq({ r.out, r.code }, { { "ran" }, 0 }, "PATH=bin, kill_on_exit " .. tostring(k))
+  end
+end)
+
 T.test("stdin writes reach cat and come back; close_stdin ends it", function()
   local p = assert(process.spawn({ "/bin/cat", stdin = true }))
   T.eq(p:write("hello\n"), true)

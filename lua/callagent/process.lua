@@ -16,7 +16,8 @@
 --   }
 --
 -- The program is searched in the PATH that env sets, else in callagent's
--- own PATH. A child that cannot be started gives nil, "ECODE: message"
+-- own PATH; a relative program ("./x") or PATH entry ("bin") is found from
+-- cwd, as the child's exec finds it. A child that cannot be started gives nil, "ECODE: message"
 -- ("ENOENT: ngrok: not found in PATH", or uv_spawn's error for a bad cwd);
 -- a malformed spec raises.
 --
