@@ -35,7 +35,8 @@
  *   p:write(data)      queues data for the child's stdin (never blocks):
  *                      true, or nil, "EBADF: ..." (no stdin pipe) / "EPIPE: ..."
  *                      / "ENOBUFS: ..." (more than max_stdin bytes would
- *                      wait: none of data is taken, stdin stays open)
+ *                      wait: none of data is taken, stdin stays open;
+ *                      a write longer than max_stdin is refused always)
  *   p:buffered()       bytes queued for stdin that the child has not taken
  *   p:close_stdin()    ends stdin after the queued data (the child reads EOF)
  *   p:kill([sig])      sig a name ("SIGTERM", "TERM") or number, default
@@ -998,6 +999,9 @@ static int l_write(lua_State *L)
 		 * bytes waiting is refused whole, so the child's input stays
 		 * whole and the caller may retry once it has read.
 		 */
+		if (len > p->max_stdin)	/* waiting cannot help this one */
+			return ca_fail(L, "ENOBUFS", "a write of %zu bytes is over max_stdin (%zu): split it", len,
+				       p->max_stdin);
 		if (p->in.write_queue_size + len > p->max_stdin)
 			return ca_fail(L, "ENOBUFS", "stdin queue over %d bytes: the child is not reading",
 				       (int)p->max_stdin);

@@ -291,6 +291,16 @@ T.test("a child that does not read stdin: writes past max_stdin queued bytes fai
   T.eq(bytes, sent, "every accepted byte arrived, none of a refused write")
 end)
 
+T.test("a write larger than max_stdin says so, not that the child is not reading (no retry can pass)", function()
+  local p = assert(process.spawn({ "cat", stdin = true, max_stdin = 1000, on_stdout = false }))
+  local ok, err = p:write(string.rep("y", 1001))
+  T.eq(ok, nil)
+  T.eq(err, "ENOBUFS: a write of 1001 bytes is over max_stdin (1000): split it")
+  T.eq(p:write(string.rep("y", 1000)), true, "one of max_stdin bytes is taken")
+  p:close_stdin()
+  T.eq(p:wait(5000), 0)
+end)
+
 T.test("writing to a child that closed its stdin gives EPIPE, no SIGPIPE, and the child runs on", function()
   -- The child says when its stdin is closed: a fixed sleep lost the race on a
   -- loaded machine (the write was queued before the shell ran exec <&-).

@@ -35,7 +35,8 @@
 --                              "ENOBUFS: ..." when more than max_stdin bytes would be
 --                              waiting for a child that does not read: none of data is
 --                              taken, stdin stays open, so a write may be retried once
---                              p:buffered() has fallen)
+--                              p:buffered() has fallen; a write of more than
+--                              max_stdin bytes is refused whatever is queued)
 --   p:buffered()               bytes queued for stdin that the child has not taken yet
 --   p:close_stdin()            the child reads EOF after the queued data
 --   p:kill([signal])           name ("SIGTERM", "KILL") or number, default SIGTERM;
