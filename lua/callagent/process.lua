@@ -55,8 +55,10 @@
 --
 -- A process keeps running, with its callbacks, when its object is no longer
 -- referenced; everything is freed once it is complete. When callagent exits
--- (its loop stops), children with kill_on_exit get SIGTERM; the others keep
--- running with their pipes closed. runtime.exit() and a forced exit skip this.
+-- (its loop stops), children with kill_on_exit get SIGTERM (and SIGKILL for
+-- what of their groups is left a second later); the others keep running with
+-- their pipes closed. runtime.exit() and a forced exit (a second signal) send
+-- the SIGTERM only.
 local core = require "callagent.core.process"
 local task = require "callagent.task"
 
