@@ -43,7 +43,10 @@
  *                      SIGTERM, to the child's process group: true, or nil,
  *                      "ESRCH: ..." once it has exited and nothing it started
  *                      holds its output pipes (a grandchild that outlived its
- *                      wrapper still gets the signal)
+ *                      wrapper still gets the signal), or once its group is
+ *                      empty (a grandchild that left it, setsid, is out of
+ *                      reach, and keeps the child incomplete while it holds
+ *                      the pipes)
  *
  * Each child leads a process group of its own (a new session), and every
  * signal goes to the group: what a wrapper script started (npm, a shell that

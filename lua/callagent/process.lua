@@ -26,7 +26,8 @@
 -- stdout and stderr was delivered: code is the exit status (nil when a signal
 -- ended it), signal the signal's name ("SIGTERM") or nil. A child that leaves
 -- a grandchild holding its stdout/stderr open is complete only when that one
--- closes them too.
+-- closes them too; p:kill reaches such a grandchild only while it stays in
+-- the child's process group (one that ran setsid gets nothing: ESRCH).
 --
 --   p.pid                      the child's process id
 --   p:running()                true until the child has exited
