@@ -183,6 +183,12 @@ T.test("misuse raises: empty spec, bad callbacks, bad env, unknown signal", func
   end, "unknown signal")
 end)
 
+T.test("a max_queued that is not a count raises at spawn, not at every line", function()
+  T.raises(function()
+    process.spawn({ "true", max_queued = "10" })
+  end, "max_queued must be an integer >= 0")
+end)
+
 T.test("an env name or a cwd holding a NUL byte raises (C would cut it there, silently)", function()
   T.raises(function()
     process.spawn({ "true", env = { ["A\0B"] = "x" } })

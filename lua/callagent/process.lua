@@ -87,6 +87,9 @@ function M.spawn(spec)
   assert(type(spec) == "table", "process.spawn needs a table: { program, args..., options }")
   local self = setmetatable({ dropped = 0, done = false, _queues = {}, _waiters = {} }, Process)
   local max = spec.max_queued or 10000
+  if math.type(max) ~= "integer" or max < 0 then
+    error("process.spawn: max_queued must be an integer >= 0", 2)
+  end
   local on_stdout, on_stderr = spec.on_stdout, spec.on_stderr
   if on_stdout == nil then
     on_stdout = queued(self, "stdout", max)
