@@ -189,6 +189,14 @@ T.test("a max_queued that is not a count raises at spawn, not at every line", fu
   end, "max_queued must be an integer >= 0")
 end)
 
+T.test("read_line of a stream that is neither stdout nor stderr names the two", function()
+  local p = assert(process.spawn({ "true" }))
+  T.raises(function()
+    p:read_line(10, "stdin")
+  end, 'stream must be "stdout" or "stderr"')
+  p:wait(5000)
+end)
+
 T.test("an env name or a cwd holding a NUL byte raises (C would cut it there, silently)", function()
   T.raises(function()
     process.spawn({ "true", env = { ["A\0B"] = "x" } })

@@ -162,6 +162,9 @@ end
 
 function Process:read_line(timeout_ms, stream)
   stream = stream or "stdout"
+  if stream ~= "stdout" and stream ~= "stderr" then
+    error('read_line: stream must be "stdout" or "stderr", not ' .. tostring(stream), 2)
+  end
   local q = self._queues[stream]
   if not q then
     error("read_line(" .. stream .. "): the process was spawned with on_" .. stream, 2)
