@@ -618,14 +618,6 @@ static void on_shutdown(uv_shutdown_t *req, int status)
 /* ---- spawn ---- */
 
 /*
- * Pushes the file to execute for name: as given if it has a "/", else the
- * first regular, executable file of that name in path (a relative name or
- * PATH entry is looked up from cwd, where the child's exec looks). Returns
- * 0, or a libuv error (nothing pushed): UV_ENOENT, or UV_EACCES if only
- * non-executable files matched (or, for a path, it is not a regular
- * executable file).
- */
-/*
  * The path by which callagent sees file where the child, started in cwd,
  * will: file itself, or cwd/file (in buf) for a relative one; NULL if that
  * does not fit.
@@ -640,6 +632,14 @@ static const char *seen_from(char *buf, size_t size, const char *file, const cha
 	return n > 0 && (size_t)n < size ? buf : NULL;
 }
 
+/*
+ * Pushes the file to execute for name: as given if it has a "/", else the
+ * first regular, executable file of that name in path (a relative name or
+ * PATH entry is looked up from cwd, where the child's exec looks). Returns
+ * 0, or a libuv error (nothing pushed): UV_ENOENT, or UV_EACCES if only
+ * non-executable files matched (or, for a path, it is not a regular
+ * executable file).
+ */
 static int resolve(lua_State *L, const char *name, const char *path, const char *cwd)
 {
 	char buf[4096], at[4096];
