@@ -689,14 +689,6 @@ static int resolve(lua_State *L, const char *name, const char *path, const char 
 	}
 }
 
-/*
- * Builds the NULL-terminated environment from the table at idx (names to
- * strings, numbers or false), merged over environ when inherit is set. The
- * array and the "NAME=value" strings are anchored in the table at anchor.
- * Also returns the PATH the table sets, if any. With drop_secrets, an
- * inherited variable whose value holds a secret of the log's is left out.
- */
-
 /* A string argument C would cut at its first NUL. */
 static int has_nul(lua_State *L, int idx)
 {
@@ -705,6 +697,14 @@ static int has_nul(lua_State *L, int idx)
 
 	return strlen(v) != len;
 }
+
+/*
+ * Builds the NULL-terminated environment from the table at idx (names to
+ * strings, numbers or false), merged over environ when inherit is set. The
+ * array and the "NAME=value" strings are anchored in the table at anchor.
+ * Also returns the PATH the table sets, if any. With drop_secrets, an
+ * inherited variable whose value holds a secret of the log's is left out.
+ */
 static char **build_env(lua_State *L, int idx, int inherit, int drop_secrets, int anchor, const char **path)
 {
 	size_t n = 0, cap = 1;
