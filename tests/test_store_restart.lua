@@ -304,6 +304,33 @@ for _, lost in ipairs({ false, true }) do
   end, { timeout = 60000 })
 end
 
+T.test("an attempt a stop canceled while it rang does not count toward retry.maxAttempts", function()
+  -- maxAttempts 2: the ring the stop canceled, then a busy line, then the
+  -- second real attempt, which is answered.
+  local n = 0
+  local w = world({
+    behaviour = function()
+      n = n + 1
+      return n == 1 and { ring_ms = 60000 } or n == 2 and "busy" or "answer"
+    end,
+    script = report_script,
+    retry_ms = 200,
+    config = { retry = { maxAttempts = 2 } },
+  })
+  w.start()
+  local id = w.create("+14155550178")
+  local tw = w.tw:wait_call(5000)
+  assert(tw:wait_status("ringing", 3000), "ringing")
+  assert(w.app:kill("SIGTERM"))
+  T.eq(w.app:wait(10000), 0)
+  T.eq(stored(w, id).status, "queued")
+  w.start()
+  local rec = w.wait_final(id, 15000)
+  T.eq({ rec.status, #rec.attempts, #w.tw.calls }, { "completed", 3, 3 },
+    "two real attempts: the busy line is retried")
+  T.eq({ rec.attempts[1].status, rec.attempts[2].status }, { "canceled", "busy" })
+end, { timeout = 60000 })
+
 T.test("SIGTERM during the goodbye: the report is kept, the call completed with endReason shutdown", function()
   local w = world({
     script = function(session)

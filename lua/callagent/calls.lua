@@ -1222,6 +1222,20 @@ end
 
 local function none() end
 
+-- How many of attempts 1..n were made: its last one and the count. Those a
+-- stop canceled while they rang (the only canceled attempts a call goes on
+-- after) do not count: they are dialed again.
+local function attempts_made(call, n)
+  local made, last = 0, nil
+  for i = 1, n or 0 do
+    local a = call.attempts[i]
+    if a and a.status ~= "canceled" then
+      made, last = made + 1, a
+    end
+  end
+  return made, last
+end
+
 -- After attempt n ended with status: a retry, or the call's end, by the
 -- retry policy. also: store writes that commit with the call's next state.
 function Engine:_after_attempt(call, n, status, answered, reason, also)
@@ -1240,9 +1254,11 @@ function Engine:_after_attempt(call, n, status, answered, reason, also)
       end
     end
   end
-  if retryable and n < r.maxAttempts then
+  -- Attempts a stop canceled while they rang do not count (_retry_void).
+  local made = attempts_made(call, n)
+  if retryable and made < r.maxAttempts then
     -- At most a day: 10^19 ms would not even be a timer's integer.
-    local delay = math.floor(math.min(r.initialDelayMs * r.backoffFactor ^ (n - 1), 86400000))
+    local delay = math.floor(math.min(r.initialDelayMs * r.backoffFactor ^ (made - 1), 86400000))
     local due = core.time() + delay / 1000
     call._end_reason = nil
     self:_set_status(call, "queued", { nextAttemptAt = iso(due) }, function()
@@ -1551,13 +1567,7 @@ end
 -- status out of retry.retryStatuses): its last attempt and why; else nil.
 -- Attempts a stop canceled while they rang do not count: they are dialed again.
 function Engine:_retry_void(call)
-  local made, last = 0, nil
-  for n = 1, call.attempt or 0 do
-    local a = call.attempts[n]
-    if a and a.status ~= "canceled" then
-      made, last = made + 1, a
-    end
-  end
+  local made, last = attempts_made(call, call.attempt)
   if not last then
     return nil
   end
