@@ -1261,6 +1261,23 @@ T.test("an answered call whose voice webhook never reached callagent fails: the 
   healthy(env)
 end)
 
+T.test("an answered call whose media stream cannot connect fails (no_stream): the callee did not hang up on the agent", function()
+  -- The voice webhook is answered, Twilio cannot open the stream (its URL
+  -- unreachable: a tunnel or TLS fault), so its <Connect> ends and Twilio
+  -- ends the call; the completed callback comes.
+  local env = kit.start({ twilio = { public_url_rewrite = function(u)
+    return u:find("/voice/stream", 1, true) and u:gsub("^(wss?://[^/:]+):%d+", "%1:9") or u
+  end } })
+  local id = env:create({ to = "+14155550132", prompt = "Say hello." })
+  local tw = env.tw:wait_call(5000)
+  local call = env:wait_final(id, 10000)
+  T.eq(tw.end_reason, "stream_failed", "Twilio could not open the stream")
+  T.eq({ call.status, call.endReason, call.attempts[1].reason }, { "failed", "no_stream", "no_stream" })
+  T.match(call.lastError, "before its media stream came")
+  T.eq(#call.attempts, 1, "an answered call is not dialed again")
+  healthy(env)
+end)
+
 T.test("a call hung up through the API before its stream, with the final callback lost, ends", function()
   -- Answered (the callback came), the voice webhook still on its way: there
   -- is no conversation to end yet, and Twilio's completed callback is lost.

@@ -858,18 +858,23 @@ function Engine:provider_status(id, n, st)
   provider_event()
   -- Answered and over, and its voice webhook never came (it failed on its
   -- way: the callee heard the vendor's error message, then the vendor hung
-  -- up). The agent never had the call: it fails as one whose stream never
-  -- came does, not as a callee who hung up on the agent.
+  -- up), or came and its media stream never started (the vendor could not
+  -- connect it: its <Connect> ended, and the call with it). The agent never
+  -- had the call: it fails as one whose stream never came does, not as a
+  -- callee who hung up on the agent. Not when callagent was hanging up.
   local err
-  if st.status == "completed" and not a._voiced and call._end_reason == nil and not call._cancel_requested
-    and not call._resolving and not self.stopped then
-    err = "the call ended before its media stream came: its voice webhook never reached callagent"
-    log.warn("the provider ended an answered call whose voice webhook never came", { call = id, attempt = n })
+  local b = self.bridges[id .. "#" .. n]
+  local streamless = b and not b.ended and not b.stream_sid and not b.hanging_up and b.end_reason == nil
+  if st.status == "completed" and (not a._voiced or streamless) and call._end_reason == nil
+    and not call._cancel_requested and not call._resolving and not self.stopped then
+    err = "the call ended before its media stream came: "
+      .. (a._voiced and "no stream started after its voice webhook" or "its voice webhook never reached callagent")
+    log.warn("the provider ended an answered call whose " .. (a._voiced and "media stream" or "voice webhook")
+      .. " never came", { call = id, attempt = n })
     call._end_reason = "no_stream"
     self:_mark_answered(call, n)
   end
   -- Final, as the provider sees it.
-  local b = self.bridges[id .. "#" .. n]
   if b and not b.ended then
     b:finish(b.end_reason or (st.status == "completed" and "callee_hung_up") or st.status)
   end
