@@ -634,6 +634,37 @@ T.test("a backend without store:batch that refuses the call's end: kept and writ
   T.eq(#env.hooks.received, 1, "notified once")
 end, { timeout = 60000 })
 
+T.test("a backend without store:batch that takes the notification but refuses the call's end: notified once the end is written", function()
+  -- One write at a time: the notification's row goes in, the record's
+  -- final write is refused (a moment's I/O error), and the end is written
+  -- again 5 s later; its notification is sent then, not left to a sweep.
+  local env = kit.start({ realtime = { script = held_script({}) } })
+  local store = env.app.store
+  store.batch = false
+  local update, refuse = store.update_call, true
+  store.update_call = function(st, cid, fields)
+    if refuse and fields.completedAt then
+      return nil, "EIO: disk I/O error"
+    end
+    return update(st, cid, fields)
+  end
+  local id = env:create({ to = "+14155550134", prompt = "Book it." })
+  T.wait_for(function()
+    return env.rt.sessions[1]
+  end, 5000, "the model session")
+  env.rt.sessions[1].go = 1
+  env:wait(id, function(r)
+    return r.status == "completed"
+  end, 10000, "the call's end, as the engine has it")
+  T.eq(#env.hooks.received, 0, "no notification for an end the store does not have")
+  refuse = false
+  T.wait_for(function()
+    return #env.hooks.received >= 1
+  end, 8000, "the notification, once the end is written")
+  T.eq(store:get_call(id).status, "completed")
+  T.eq(#env.hooks.received, 1, "notified once")
+end, { timeout = 30000 })
+
 T.test("a store that refuses writes mid-call: the lines and events it refused are written in order once it can", function()
   local env = kit.start({ realtime = { script = held_script({ "Line two." }) } })
   local id = env:create({ to = "+14155550132", prompt = "Book it." })

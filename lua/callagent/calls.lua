@@ -1345,6 +1345,10 @@ function Engine:_finish(call, status, reason, also)
     -- then, so none goes out for a state the store does not have.
     log.error("the end of a call could not be written: writing it again every 5 s", { call = call.id,
       status = status, error = serr })
+    -- A backend without store:batch may have taken the notification's row
+    -- (one write at a time): recorded again, it is not new, and would not
+    -- be sent. It goes out with the end's write (_write_unsaved).
+    call._note = note_key and { note_key, note_body } or nil
     note_key = nil
     self.unsaved[call.id] = call
     self:_write_unsaved(call.id)
@@ -1395,6 +1399,10 @@ function Engine:_write_unsaved(id)
     if not ok or call._save_failed then
       return self:_write_unsaved(id)
     end
+    if not key and call._note then
+      key, body = call._note[1], call._note[2] -- recorded by _finish, not sent
+    end
+    call._note = nil
     self.unsaved[id] = nil
     log.info("the end of a call was written at last", { call = id, status = call.status })
     if key then
