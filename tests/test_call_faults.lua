@@ -665,6 +665,29 @@ T.test("a backend without store:batch that takes the notification but refuses th
   T.eq(#env.hooks.received, 1, "notified once")
 end, { timeout = 30000 })
 
+T.test("a call hung up during its retry wait whose end the store refused at first is written without nextAttemptAt", function()
+  local env = kit.start({
+    twilio = { behaviour = "busy" },
+    config = { retry = { maxAttempts = 3, initialDelayMs = 20000, backoffFactor = 1 } },
+  })
+  local id = env:create({ to = "+14155550135", prompt = "Say hello." })
+  env:wait(id, function(r)
+    return r.status == "queued" and r.nextAttemptAt ~= nil
+  end, 10000, "the retry wait")
+  local db = env.app.store.db
+  assert(db:exec("PRAGMA query_only = ON"))
+  T.eq((env:api("POST", "/v1/calls/" .. id .. "/hangup")), 202)
+  T.eq(env:get(id).nextAttemptAt, nil, "none for the final call the process holds")
+  assert(db:exec("PRAGMA query_only = OFF"))
+  T.wait_for(function()
+    return env.app.store:get_call(id).status == "canceled"
+  end, 8000, "the end, written")
+  local stored = env.app.store:get_call(id)
+  T.eq({ stored.status, stored.endReason, stored.nextAttemptAt }, { "canceled", "canceled by API", nil },
+    "a final call has no next attempt, in the store too")
+  T.eq(env:get(id).nextAttemptAt, nil, "as the API shows it")
+end, { timeout = 30000 })
+
 T.test("a store that refuses writes mid-call: the lines and events it refused are written in order once it can", function()
   local env = kit.start({ realtime = { script = held_script({ "Line two." }) } })
   local id = env:create({ to = "+14155550132", prompt = "Book it." })

@@ -1364,9 +1364,19 @@ end
 local UNSAVED_RETRY_MS = 5000
 
 -- The fields of a call's record as the store keeps them (not its rows).
+-- Those the call may have dropped since its last write that was taken (a
+-- retry's nextAttemptAt, once it dialed or ended) are cleared in the store
+-- too: written whole, the record is the call as the process has it.
+local CLEARABLE = { "nextAttemptAt", "endReason" }
+
 function Engine:_record_fields(call)
   local fields = public_fields(call)
   fields.id, fields.attempts, fields.transcript, fields.events = nil, nil, nil, nil
+  for _, k in ipairs(CLEARABLE) do
+    if fields[k] == nil then
+      fields[k] = store_mod.NULL
+    end
+  end
   return fields
 end
 
