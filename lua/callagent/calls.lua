@@ -1410,7 +1410,13 @@ function Engine:_write_unsaved(id)
       return self:_write_unsaved(id)
     end
     if not key and call._note then
-      key, body = call._note[1], call._note[2] -- recorded by _finish, not sent
+      -- Recorded by _finish, not sent by it; unless a sweep sent it meanwhile.
+      local pending = store_mod.call(self.store, "pending_notifications", { keys = { call._note[1] } })
+      for _, p in ipairs(pending or {}) do
+        if p.key == call._note[1] then
+          key, body = call._note[1], call._note[2]
+        end
+      end
     end
     call._note = nil
     self.unsaved[id] = nil
