@@ -611,6 +611,27 @@ T.test("a late ringing callback for a call that has ended hangs nothing up", fun
   T.eq(env:get(id).status, "completed", "the record unchanged")
 end)
 
+T.test("a late callback for an ended call, with a store that raises on reads, is answered 204, not 500", function()
+  local env = kit.start({ realtime = { script = short_call_script(300) } })
+  local id = env:create({ to = "+14155550119", prompt = "Say hello." })
+  T.eq(env:wait_final(id, 15000).status, "completed")
+  local tw = env.tw.calls[1]
+  local updates = #tw.updates
+  -- The store's way to say its disk failed: a read that raises.
+  env.app.store.get_call = function()
+    error("disk I/O error")
+  end
+  local target = env.base .. "/status?callId=" .. id .. "&attempt=1"
+  local params = { CallSid = tw.sid, CallStatus = "ringing", SequenceNumber = "1", AccountSid = kit.ACCOUNT }
+  local res = assert(fetch(target, { method = "POST", body = url.form_encode(params), headers = {
+    ["Content-Type"] = "application/x-www-form-urlencoded",
+    ["X-Twilio-Signature"] = fake_twilio.sign(kit.TOKEN, target, params),
+  } }))
+  T.eq(res.status, 204, "a callback for a call not live changes nothing: answered as such")
+  timer.sleep(300)
+  T.eq(#tw.updates, updates, "nothing hung up on a read that failed")
+end)
+
 T.test("when Twilio's API refuses the hang-up, closing the stream ends the call at once", function()
   -- Twilio ends a call whose <Connect><Stream> closes: callagent need not
   -- keep the callee waiting for a final status that will not come.

@@ -779,7 +779,17 @@ function Engine:_end_stray(id, n, st, call)
   if (st.status ~= "dialing" and st.status ~= "in_progress") or type(pid) ~= "string" or self.strays[pid] then
     return
   end
-  call = call or self.store:get_call(id)
+  -- A call whose end the store has not taken yet is the process's; a read
+  -- that fails (or raises) cannot tell whose the call is: nothing is hung up.
+  call = call or self.unsaved[id]
+  if not call then
+    local err
+    call, err = store_mod.call(self.store, "get_call", id)
+    if err ~= nil then
+      log.warn("cannot read the call a callback names: nothing hung up", { call = id, error = err })
+      return
+    end
+  end
   for _, a in ipairs(call and type(call.attempts) == "table" and call.attempts or {}) do
     if a.providerCallId == pid or a._end_pending then
       return -- the call of one of its attempts, or one a hang-up waits for
