@@ -590,6 +590,40 @@ return P
   end, 5000, "the notification")
 end, { timeout = 30000 })
 
+T.test("a provider that reports the cancel from inside endCall: a ring timeout still ends no_answer, and is retried", function()
+  -- As the mock phone does: the end of a hang-up reported at once, from
+  -- inside endCall, before the engine's own end of the attempt.
+  local dir = T.tmpdir()
+  local f = assert(io.open(dir .. "/prompt.lua", "w"))
+  f:write([[
+local P = {}
+for k, v in pairs(dofile(require("callagent.core").root .. "/providers/twilio.lua")) do
+  P[k] = v
+end
+P.name = "prompt"
+P.getCall = nil
+function P:endCall(call, attempt)
+  self.engine:provider_status(call.callId, attempt.n, { status = attempt.status == "in_progress" and "completed"
+    or "canceled", providerCallId = attempt.providerCallId, reason = "hung up" })
+  return true
+end
+return P
+]])
+  f:close()
+  local env = kit.start({
+    provider_dirs = { dir },
+    twilio = { behaviour = { ring_ms = 60000, lost_callbacks = { completed = true } } },
+    config = { telephony = { provider = "prompt" }, retry = { maxAttempts = 2, initialDelayMs = 60000 },
+      call = { ringTimeoutSec = 1, statusGraceSec = 1 } },
+  })
+  local id = env:create({ to = "+14155550125", prompt = "Say hello." })
+  local rec = env:wait(id, function(r)
+    return r.attempts[1] and r.attempts[1].status ~= "dialing"
+  end, 6000, "the ring timeout")
+  T.eq({ rec.status, rec.attempts[1].status, rec.attempts[1].reason }, { "queued", "no_answer", "ring timeout" },
+    "a ring timeout, not a cancel: retried")
+end, { timeout = 30000 })
+
 T.test("a late ringing callback for a call that has ended hangs nothing up", function()
   local env = kit.start({ realtime = { script = short_call_script(300) } })
   local id = env:create({ to = "+14155550118", prompt = "Say hello." })

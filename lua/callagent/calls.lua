@@ -597,8 +597,10 @@ function Engine:_ring_timeout(call, n)
     return self:_attempt_final(call, n, seen, "ended " .. seen .. " (no final status callback came; the provider's API)")
   end
   log.warn("no answer and no status from the provider: giving up on this attempt", { call = call.id, attempt = n })
-  self:_end_in_task(call.id, a)
+  -- Ended here first: a provider may report the cancel's status from inside
+  -- its endCall (the mock phone does), which ended the attempt canceled.
   self:_attempt_final(call, n, "no_answer", "ring timeout")
+  self:_end_in_task(call.id, { n = n, providerCallId = a.providerCallId, status = "dialing" })
 end
 
 -- Attempt n was answered, as the provider's API says (its callback lost).
