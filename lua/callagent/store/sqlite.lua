@@ -319,8 +319,13 @@ function Store:batch(fn)
     end
   end)
   local failed = batch_failed
-  -- A batch inside another fails that one too.
-  batch_failed = outer ~= nil and (outer or failed) or nil
+  -- A batch inside another fails that one too; one that went through leaves
+  -- it still watching (false, not nil: `a and false or nil` is nil).
+  if outer == nil then
+    batch_failed = nil
+  else
+    batch_failed = outer or failed
+  end
   if not pok then
     if ok == BATCH_FAILED then
       return nil, failed
