@@ -107,6 +107,16 @@ for _, backend in ipairs({ "memory", "sqlite" }) do
     s:mark_notified("c_2:failed", "failed", "HTTP 503")
     T.eq(#s:pending_notifications(), 0, "and stays refused")
   end)
+
+  T.test(backend .. ": a delivered notification marked refused afterwards stays delivered: requeue_refused leaves it", function()
+    local s = open(backend)
+    T.eq(s:add_notification("k", "c_1", "{}"), true)
+    s:mark_notified("k", "sent")
+    s:mark_notified("k", "refused", "HTTP 401", "fp-old")
+    s:mark_notified("k", "refused", "HTTP 401", "fp-old")
+    T.eq(s:requeue_refused("fp-new"), 0)
+    T.eq(#s:pending_notifications(), 0, "not sent again")
+  end)
 end
 
 T.test("sqlite: finished calls older than the retention are pruned with their rows; active ones stay", function()

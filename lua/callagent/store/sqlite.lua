@@ -445,10 +445,13 @@ end
 
 local NOTIFY_STATE = { failed = 0, sent = 1, refused = 2 }
 
+-- A pending one takes the state; a sent or refused one stays so (not
+-- max(sent, ?1): a sent one marked refused became refused, and with a
+-- fingerprint sent again by requeue_refused).
 -- refused_under: of a refused one (one refused before too: the latest),
 -- the fingerprint given, or NULL; a refused one marked otherwise keeps it;
 -- any other is NULL.
-local MARK = [[UPDATE notifications SET tries = tries + 1, sent = max(sent, ?1), last_error = ?2,
+local MARK = [[UPDATE notifications SET tries = tries + 1, sent = CASE WHEN sent = 0 THEN ?1 ELSE sent END, last_error = ?2,
   refused_under = CASE WHEN ?1 = 2 AND sent <> 1 THEN ?3 WHEN sent = 2 THEN refused_under END
   WHERE key = ?4]]
 
