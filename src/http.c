@@ -14,6 +14,8 @@
  *     opts.max_body        request body bytes (default 1 MiB); over it: 413
  *     opts.body_timeout    seconds a request body may take after its headers (60);
  *                          the first bytes past it get 408 and the connection closes
+ *     opts.response_idle   seconds a response may make no progress (30): a client
+ *                          that takes none of it for this long is dropped
  *     opts.max_connections open connections (default 1024); over it: 503
  *     opts.max_ws_message  incoming WebSocket message bytes (default 1 MiB); over it: close 1009
  *     opts.max_send_queue  bytes queued per WebSocket (default 1 MiB); over it the
@@ -72,12 +74,6 @@
 #define BODY_CHUNK 16384
 #define BODY_RESERVE (1 << 20)		/* bytes of a declared body reserved at once */
 #define MAX_CONNECTIONS (1 << 24)	/* a larger max_connections is this */
-/*
- * A response the client takes nothing of for this long is dropped with its
- * connection (and the body it holds): the handler's time is not bounded
- * (dispatch), but a reader that stalls is.
- */
-#define RESPONSE_IDLE_S 30
 
 /*
  * One accepted connection of a server, from SERVER_NEW_CLIENT_INSTANTIATED
@@ -114,6 +110,12 @@ struct server {
 	int max_connections, nconn;
 	uint64_t ws_ping_ms, ws_pong_ms;	/* see opts.ws_ping, ws_pong */
 	uint64_t body_timeout_ms;	/* see opts.body_timeout */
+	/*
+	 * A response the client takes nothing of for this many seconds is
+	 * dropped with its connection (and the body it holds): the handler's
+	 * time is not bounded (dispatch), but a reader that stalls is.
+	 */
+	int response_idle_s;		/* see opts.response_idle */
 	int port;
 	char host[64];
 	int closing;
@@ -335,7 +337,7 @@ static int req_respond(lua_State *L)
 	}
 	r->out_len = blen;
 	r->responded = 1;
-	lws_set_timeout(r->wsi, PENDING_TIMEOUT_HTTP_CONTENT, RESPONSE_IDLE_S);
+	lws_set_timeout(r->wsi, PENDING_TIMEOUT_HTTP_CONTENT, r->srv->response_idle_s);
 	lws_callback_on_writable(r->wsi);
 	lua_pushboolean(L, 1);
 	return 1;
@@ -624,8 +626,8 @@ static int write_response(struct req *r)
 			return -1;
 		r->out_off += n;
 		if (!last && lws_send_pipe_choked(wsi)) {
-			/* Some of it went: the client has RESPONSE_IDLE_S again. */
-			lws_set_timeout(wsi, PENDING_TIMEOUT_HTTP_CONTENT, RESPONSE_IDLE_S);
+			/* Some of it went: the client has response_idle_s again. */
+			lws_set_timeout(wsi, PENDING_TIMEOUT_HTTP_CONTENT, r->srv->response_idle_s);
 			lws_callback_on_writable(wsi);
 			return 0;
 		}
@@ -1491,7 +1493,7 @@ static int l_listen(lua_State *L)
 	struct server_box *b;
 	struct server *s;
 	const char *host, *cert = NULL, *key = NULL, *cerr = NULL;
-	lua_Integer port, max_header, max_header_opt, ping, pong, body_timeout;
+	lua_Integer port, max_header, max_header_opt, ping, pong, body_timeout, response_idle;
 	lua_Integer max_body, max_ws_message, max_send_queue, max_connections;
 
 	luaL_checktype(L, 1, LUA_TTABLE);
@@ -1512,6 +1514,8 @@ static int l_listen(lua_State *L)
 		      "ws_ping must be 0..86400 s (0: none), ws_pong 1..3600 s");
 	body_timeout = ca_opt_int_field(L, 1, "body_timeout", 60);
 	luaL_argcheck(L, body_timeout >= 1 && body_timeout <= 86400, 1, "body_timeout must be 1..86400 s");
+	response_idle = ca_opt_int_field(L, 1, "response_idle", 30);
+	luaL_argcheck(L, response_idle >= 1 && response_idle <= 86400, 1, "response_idle must be 1..86400 s");
 	max_body = limit_field(L, "max_body", 1 << 20);
 	max_ws_message = limit_field(L, "max_ws_message", 1 << 20);
 	max_send_queue = limit_field(L, "max_send_queue", 1 << 20);
@@ -1553,6 +1557,7 @@ static int l_listen(lua_State *L)
 	s->ws_ping_ms = (uint64_t)ping * 1000;
 	s->ws_pong_ms = (uint64_t)pong * 1000;
 	s->body_timeout_ms = (uint64_t)body_timeout * 1000;
+	s->response_idle_s = (int)response_idle;
 	s->ws_paths = string_list(L, 1, "ws_paths", &s->n_ws_paths, 0);
 	s->extra = string_list(L, 1, "headers", &s->n_extra, 1);
 

@@ -1026,9 +1026,10 @@ T.test("a response with a thousand headers goes out whole", function()
   T.eq(res.headers["x-many"], table.concat(many, ", "))
 end)
 
-T.test("a client that never reads its response is dropped once the response makes no progress for 30 s", function()
+T.test("a client that never reads its response is dropped once the response makes no progress for response_idle s", function()
   local big = string.rep("x", 64 << 20)
-  local srv = server({}, function(s)
+  local idle = 2
+  local srv = server({ response_idle = idle }, function(s)
     s:get("/big", function()
       return 200, big
     end)
@@ -1046,11 +1047,19 @@ T.test("a client that never reads its response is dropped once the response make
     p:kill()
   end)
   T.eq(p:read_line(5000), "sent")
-  timer.sleep(2000)
+  local sent = timer.now()
+  timer.sleep(idle * 1000 // 2)
   T.eq(srv:connections(), 1, "still there while within the timeout")
   T.wait_for(function()
     return srv:connections() == 0
-  end, 40000, "the stalled connection dropped")
+  end, 20000, "the stalled connection dropped")
+  T.ge(timer.now() - sent, idle * 1000 - 100, "not before response_idle s without progress")
 end, { timeout = 60000 })
+
+T.test("a response_idle below 1 s is refused", function()
+  T.raises(function()
+    http.server({ response_idle = 0 }):listen()
+  end, "response_idle")
+end)
 
 T.run()

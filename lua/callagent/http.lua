@@ -19,6 +19,8 @@
 -- (8192 bytes; larger request heads are refused and logged; process-wide, see
 -- http.configure{max_header = n}), max_body (1 MiB;
 -- 413), body_timeout (60 s a body may take after its headers; 408),
+-- response_idle (30: a client that takes none of its response for this many
+-- seconds is dropped with it),
 -- max_connections (1024; 503), max_ws_message (1 MiB; close 1009),
 -- max_send_queue (1 MiB per WebSocket; a slower peer is dropped with 1008),
 -- ws_ping (60: a WebSocket peer silent this many seconds is pinged; 0: never)
@@ -460,6 +462,7 @@ function Server:listen()
     max_header = o.max_header,
     max_body = o.max_body,
     body_timeout = o.body_timeout,
+    response_idle = o.response_idle,
     max_connections = o.max_connections,
     max_ws_message = o.max_ws_message,
     max_send_queue = o.max_send_queue,
