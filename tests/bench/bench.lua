@@ -41,6 +41,7 @@
 --   frame), means the row measures the harness, and it says so.
 --
 -- Environment: BENCH_N ("10,100,200,400,800,1000"), BENCH_SECONDS (20),
+-- BENCH_WARMUP_SECONDS (2: each row runs this long before it is measured),
 -- BENCH_BIN (the callagent measured: build/release/callagent),
 -- BENCH_FLOOR_SECONDS (1: each of the kernel floor's six runs),
 -- BENCH_TLS (1: the model connection is wss://, as to OpenAI), BENCH_APP_LOG
@@ -92,6 +93,8 @@ local MODES = env_list("BENCH_MODES", "audio/pcmu,audio/pcm")
 -- The calls at which the issue's targets are set: CPU and latency, then scale.
 local TARGET_N = env_list("BENCH_TARGET_CALLS", "400,1000")
 local SECONDS = tonumber(os.getenv("BENCH_SECONDS") or "20")
+-- Seconds each row runs before its measured window.
+local WARMUP = tonumber(os.getenv("BENCH_WARMUP_SECONDS") or "2")
 local PIN = os.getenv("BENCH_PIN") ~= "0"
 local STORE = os.getenv("BENCH_STORE") or "sqlite"
 local LOG_LINES = tonumber(os.getenv("BENCH_LOG_LINES") or "30")
@@ -608,7 +611,7 @@ local function run_one(r, n)
   local during = json.decode(assert(lg:cmd("stats"):match("^stats (.*)$")))
 
   -- Warm up, then measure a window of SECONDS.
-  timer.sleep(2000)
+  timer.sleep(WARMUP * 1000)
   if os.getenv("BENCH_PROFILE") then
     io.stderr:write("PROFILE callagent pid ", app.pid, ", loadgen pid ", lg.pid, "\n")
   end
@@ -1065,7 +1068,7 @@ local function main()
   local model = sh_line("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2") or "?"
   print(string.format("callagent %s benchmark - %s, %s CPUs, %s", core.version, os.date("!%Y-%m-%d %H:%M UTC"), cpus, model:gsub("^%s+", "")))
   local turn = tonumber(os.getenv("LOADGEN_TURN") or "250")
-  print(string.format("%d s measured per row after a 2 s warm-up; store: %s (%s); model connection: %s; %s", SECONDS, STORE,
+  print(string.format("%d s measured per row after a %g s warm-up; store: %s (%s); model connection: %s; %s", SECONDS, WARMUP, STORE,
     turn > 0 and string.format("a turn every %g s per call writes 2 transcript lines and usage", turn * 0.02)
       or "no turns: the store is idle while audio flows",
     TLS and "wss:// (TLS)" or "ws://",
