@@ -12,6 +12,19 @@ local task = require "callagent.task"
 local json = require "callagent.json"
 local fake_twilio = require "fakes.twilio"
 local crypto = require "callagent.crypto"
+local calls = require "callagent.calls"
+local bridge = require "callagent.bridge"
+
+-- Sets mod[field] (a wait of the engine or the bridge, in ms) to ms for this
+-- test, restored after it; returns the product's value.
+local function shorten(mod, field, ms)
+  local saved = mod[field]
+  mod[field] = ms
+  T.defer(function()
+    mod[field] = saved
+  end)
+  return saved
+end
 
 local function healthy(env)
   local status, body = env:api("GET", "/healthz")
@@ -388,6 +401,9 @@ end, { timeout = 30000 })
 T.test("an API hang-up after the model dropped keeps the call failed with model_error", function()
   -- The model drops before the phone's stream has come; Twilio's completed
   -- callback is lost, so the call is still up here when the API asks.
+  -- The wait for the provider's final status after the hang-up (10 s)
+  -- shortened: the call ends at it.
+  shorten(calls, "HANGUP_WAIT_MS", 3000)
   local env = kit.start({
     twilio = { behaviour = { stream_delay_ms = 5000, lost_callbacks = { completed = true } } },
     realtime = {
@@ -570,6 +586,8 @@ local function held_script(lines)
 end
 
 T.test("a store that refuses writes at the call's end: the call is kept, written once it can be, notified once", function()
+  -- The store is tried again every UNSAVED_RETRY_MS (5 s; here 1 s).
+  shorten(calls, "UNSAVED_RETRY_MS", 1000)
   local env = kit.start({ realtime = { script = held_script({}) } })
   local id = env:create({ to = "+14155550131", prompt = "Book it." })
   local s
@@ -602,12 +620,13 @@ T.test("a store that refuses writes at the call's end: the call is kept, written
     texts[#texts + 1] = l.text
   end
   T.eq(texts, { "Hello.", "Bye." }, "the goodbye's line, refused at first, was written with the end")
-  timer.sleep(6000) -- past another retry: nothing more is written or sent
+  timer.sleep(2500) -- past two more retries: nothing more is written or sent
   T.eq(#env.hooks.received, 1, "notified once")
   T.eq(env.hooks.received[1].json.data.status, "completed")
 end, { timeout = 60000 })
 
 T.test("a backend without store:batch that refuses the call's end: kept and written later, notified only then", function()
+  shorten(calls, "UNSAVED_RETRY_MS", 1000) -- the store tried again every 1 s, not 5
   local env = kit.start({ realtime = { script = held_script({}) } })
   local store = env.app.store
   store.batch = false -- as a backend that has none: one write at a time
@@ -630,7 +649,7 @@ T.test("a backend without store:batch that refuses the call's end: kept and writ
   end, 10000, "the notification, once the end is written")
   local stored = store:get_call(id)
   T.eq({ stored.status, stored.report and stored.report.outcome }, { "completed", "success" })
-  timer.sleep(5500)
+  timer.sleep(2500) -- past two more retries
   T.eq(#env.hooks.received, 1, "notified once")
 end, { timeout = 60000 })
 
@@ -810,9 +829,11 @@ T.test("while the app stops, a new call is refused (503) and nothing is dialed",
 end, { timeout = 30000 })
 
 T.test("a session the model refuses, or never confirms, fails the call at once instead of a silent call", function()
+  -- The wait for session.updated (10 s) shortened to 2 s.
+  T.eq(shorten(bridge, "SESSION_READY_MS", 2000), 10000, "the product waits 10 s")
   for _, case in ipairs({
     { refuse = { "model_not_found", "The model gpt-nonesuch does not exist." }, error = "^model refused the session: model_not_found: The model" },
-    { refuse = true, error = "^model did not confirm the session within 10 s" },
+    { refuse = true, error = "^model did not confirm the session within 2 s" },
   }) do
     local env = kit.start({
       realtime = { refuse_update = case.refuse },
@@ -1276,9 +1297,11 @@ T.test("a callee who never speaks: the agent is told, reports no_answer, and the
   T.match(env.rt.sessions[1].silence_msg.item.content[1].text, "has not said anything")
 end, { timeout = 30000 })
 
-T.test("an answered call whose media stream never comes is hung up after 15 s and fails", function()
+T.test("an answered call whose media stream never comes is hung up after STREAM_WAIT_MS and fails", function()
   -- The voice webhook is answered, the stream never connects, and the final
   -- callback is lost: nothing but the wait for the stream ends the attempt.
+  -- That wait (15 s) shortened to 3 s.
+  T.eq(shorten(calls, "STREAM_WAIT_MS", 3000), 15000, "the product waits 15 s")
   local env = kit.start({ twilio = { behaviour = { stream = false, lost_callbacks = { completed = true } } } })
   local id = env:create({ to = "+14155550130", prompt = "Say hello." })
   local tw = env.tw:wait_call(5000)
@@ -1288,11 +1311,11 @@ T.test("an answered call whose media stream never comes is hung up after 15 s an
   local call = env:wait_final(id, 20000)
   T.eq(call.status, "failed")
   T.eq(call.endReason, "no_stream")
-  T.eq(call.lastError, "no media stream 15 s after the answer")
+  T.eq(call.lastError, "no media stream 3 s after the answer")
   T.eq(#call.attempts, 1, "an answered call is not dialed again")
   assert(tw:wait_final(3000), "the call over at Twilio")
   T.eq(tw.end_reason, "api", "hung up through the API")
-  T.near((tw.ended_at - tw.answered_at) / 1000, 15, 1, "15 s after the answer")
+  T.near((tw.ended_at - tw.answered_at) / 1000, 3, 1, "STREAM_WAIT_MS after the answer")
   healthy(env)
 end, { timeout = 40000 })
 
@@ -1335,6 +1358,8 @@ end)
 T.test("a call hung up through the API before its stream, with the final callback lost, ends", function()
   -- Answered (the callback came), the voice webhook still on its way: there
   -- is no conversation to end yet, and Twilio's completed callback is lost.
+  -- The wait for the provider's final status (10 s) shortened to 3 s.
+  T.eq(shorten(calls, "HANGUP_WAIT_MS", 3000), 10000, "the product waits 10 s")
   local env = kit.start({
     twilio = { behaviour = { voice_delay_ms = 3000, lost_callbacks = { completed = true } } },
   })
@@ -1347,7 +1372,7 @@ T.test("a call hung up through the API before its stream, with the final callbac
   local call = env:wait_final(id, 15000)
   T.eq(call.status, "completed")
   T.eq(call.endReason, "hung_up_by_api")
-  T.near((timer.now() - asked) / 1000, 10, 1, "10 s after the hang-up, without the provider's final status")
+  T.near((timer.now() - asked) / 1000, 3, 1, "HANGUP_WAIT_MS after the hang-up, without the provider's final status")
   local tw = env.tw.calls[1]
   T.eq(tw.end_reason, "api")
   T.eq(tw.voice_request, nil, "over before the voice webhook")

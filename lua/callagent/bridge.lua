@@ -45,7 +45,9 @@ local EMPTY = setmetatable({}, { __newindex = function()
 end })
 
 local MAX_PENDING_OUT = 2 * 1024 * 1024 -- bytes of model audio kept until the phone connects
-local SESSION_READY_MS = 10000 -- session.update sent, session.updated awaited
+-- session.update sent, session.updated awaited this long (a module field,
+-- read when used, so that a test can shorten it)
+M.SESSION_READY_MS = 10000
 local SESSION_MARGIN_MS = 15000 -- between the end of the wrap-up and the session's
 
 -- A response asked for, or started, and nothing at all from the model for
@@ -147,11 +149,11 @@ function Bridge:start_model()
         end)
       end
       -- A service that never confirms the session would leave the call silent.
-      self.ready_timer = timer.after(SESSION_READY_MS, function()
+      self.ready_timer = timer.after(M.SESSION_READY_MS, function()
         self.ready_timer = nil
         if not self.model_ready and not self.ended then
           log.warn("model did not confirm the session", self.log_fields)
-          self.engine:bridge_error(self, "model did not confirm the session within " .. SESSION_READY_MS // 1000 .. " s")
+          self.engine:bridge_error(self, "model did not confirm the session within " .. M.SESSION_READY_MS // 1000 .. " s")
           self:hangup("model_error")
         end
       end)

@@ -37,10 +37,14 @@ Engine.__index = Engine
 
 local FINAL = { completed = true, busy = true, no_answer = true, failed = true, canceled = true }
 -- An answered call's media stream comes within a second or two; one that has
--- not come this long after the answer never will.
-local STREAM_WAIT_MS = 15000
+-- not come this long after the answer never will. (Module fields, read when
+-- used, so that a test can shorten them.)
+M.STREAM_WAIT_MS = 15000
 -- After callagent's own hang-up, how long the provider's final status may take.
-local HANGUP_WAIT_MS = 10000
+M.HANGUP_WAIT_MS = 10000
+-- After an attempt's conversation ended (its bridge closed), how long the
+-- provider's final status may take.
+M.BRIDGE_END_WAIT_MS = 5000
 -- An end reason that makes an answered call without a report a failure:
 -- the agent could not carry it out. A limit reached (max_duration,
 -- session_limit, callee_silent, "model session expired") is not one: the
@@ -852,7 +856,7 @@ function Engine:provider_status(id, n, st)
     a.status = "in_progress"
     a.answeredAt = iso()
     self:_cancel_timer(id .. "#dial")
-    self.timers[id .. "#stream"] = timer.after(STREAM_WAIT_MS, function()
+    self.timers[id .. "#stream"] = timer.after(M.STREAM_WAIT_MS, function()
       self.timers[id .. "#stream"] = nil
       self:_no_stream(call, n)
     end)
@@ -893,7 +897,7 @@ function Engine:provider_status(id, n, st)
   return self:_attempt_final(call, n, st.status, st.reason, err)
 end
 
--- Answered STREAM_WAIT_MS ago, and no media stream has come: the voice
+-- Answered M.STREAM_WAIT_MS ago, and no media stream has come: the voice
 -- webhook or the stream's connection failed. With the final callback lost
 -- too, nothing else would end the attempt. The call is hung up, and ends
 -- failed (no_stream) unless something ended it already (a hang-up).
@@ -902,7 +906,7 @@ function Engine:_no_stream(call, n)
   if not a or FINAL[a.status] or call.attempt ~= n then
     return
   end
-  local why = string.format("no media stream %d s after the answer", STREAM_WAIT_MS // 1000)
+  local why = string.format("no media stream %d s after the answer", M.STREAM_WAIT_MS // 1000)
   log.warn("no media stream came: hanging up", { call = call.id, attempt = n })
   call._end_reason = call._end_reason or "no_stream"
   -- Before the hang-up: a provider may end the attempt inside its endCall
@@ -915,9 +919,9 @@ function Engine:_no_stream(call, n)
 end
 
 -- After callagent's own hang-up of attempt n: with no final status from the
--- provider HANGUP_WAIT_MS later, the attempt ends completed.
+-- provider M.HANGUP_WAIT_MS later, the attempt ends completed.
 function Engine:_await_final(call, n)
-  timer.after(HANGUP_WAIT_MS, function()
+  timer.after(M.HANGUP_WAIT_MS, function()
     local a = call.attempts[n]
     if self.closed then
       return -- app:stop() closed the store meanwhile
@@ -1164,7 +1168,7 @@ function Engine:bridge_finished(b, reason)
   end
   if a and not FINAL[a.status] then
     -- Wait briefly for the provider's own final status, then decide ourselves.
-    timer.after(5000, function()
+    timer.after(M.BRIDGE_END_WAIT_MS, function()
       if self.closed then
         return -- app:stop() closed the store meanwhile
       end
@@ -1373,7 +1377,8 @@ function Engine:_finish(call, status, reason, also)
   return true
 end
 
-local UNSAVED_RETRY_MS = 5000
+-- A module field, read when used, so that a test can shorten it.
+M.UNSAVED_RETRY_MS = 5000
 
 -- The fields of a call's record as the store keeps them (not its rows).
 -- Those the call may have dropped since its last write that was taken (a
@@ -1399,9 +1404,9 @@ function Engine:_write_attempts(call)
 end
 
 -- Writes a final call the store refused, whole (its record, its attempts,
--- its notification, one commit), every UNSAVED_RETRY_MS until it takes it.
+-- its notification, one commit), every M.UNSAVED_RETRY_MS until it takes it.
 function Engine:_write_unsaved(id)
-  self.timers[id .. "#unsaved"] = timer.after(UNSAVED_RETRY_MS, function()
+  self.timers[id .. "#unsaved"] = timer.after(M.UNSAVED_RETRY_MS, function()
     self.timers[id .. "#unsaved"] = nil
     local call = self.unsaved[id]
     if not call or self.closed then
