@@ -7,6 +7,15 @@ local kit = require "callkit"
 local timer = require "callagent.timer"
 
 T.test("app:stop() with a live call, then the process goes on", function()
+  -- The engine's waits for a final status after the stop's hang-up (10 s)
+  -- and after the conversation's end (5 s) shortened to 1.5 s each.
+  local calls = require "callagent.calls"
+  local saved = { calls.HANGUP_WAIT_MS, calls.BRIDGE_END_WAIT_MS }
+  T.eq(saved, { 10000, 5000 }, "the product's waits")
+  calls.HANGUP_WAIT_MS, calls.BRIDGE_END_WAIT_MS = 1500, 1500
+  T.defer(function()
+    calls.HANGUP_WAIT_MS, calls.BRIDGE_END_WAIT_MS = saved[1], saved[2]
+  end)
   local env = kit.start({
     realtime = {
       script = function(session)
@@ -21,7 +30,7 @@ T.test("app:stop() with a live call, then the process goes on", function()
   end, 10000, "in progress")
   timer.sleep(1500)
   env.app:stop()
-  timer.sleep(11000) -- past the 5 s and 10 s waits for a final status
+  timer.sleep(3000) -- past the two 1.5 s waits for a final status
   print("still running")
 end, { timeout = 40000 })
 
