@@ -515,6 +515,12 @@ T.test("HTTP 429 at the model's WebSocket upgrade: tried again while the phone w
 end, { timeout = 40000 })
 
 T.test("HTTP 429 at every model connection: a bounded number of tries with backoff, then the call fails model_error", function()
+  -- The backoffs (0.5, 1.5 and 3 s) shortened, as many of them.
+  local saved = bridge_mod.MODEL_RETRY_MS
+  bridge_mod.MODEL_RETRY_MS = { 200, 400, 800 }
+  T.defer(function()
+    bridge_mod.MODEL_RETRY_MS = saved
+  end)
   local env = kit.start({ config = { retry = { maxAttempts = 1 } } })
   local front, poll = rate_limiting_front(env.rt.port, 100)
   env.app.config.openai.realtimeUrl = front
