@@ -406,7 +406,7 @@ for _, lost in ipairs({ false, true }) do
   T.test("dial on its way, answered during the stop" .. (lost and " (final callback lost)" or "")
     .. ": ended before the exit, not left in progress", function()
     local b = { create_delay_ms = 3000, ring_ms = 1500, lost_callbacks = lost and { completed = true } or nil }
-    local w = world({ behaviour = first_then_answer(b), script = monologue })
+    local w = world({ behaviour = first_then_answer(b), script = monologue, retry_ms = 500 })
     w.start()
     local id = w.create("+14155550191")
     local tw = w.tw:wait_call(5000)
@@ -422,7 +422,7 @@ for _, lost in ipairs({ false, true }) do
       .. json.encode(rec.attempts and rec.attempts[1]))
     T.ok(rec.status ~= "in_progress" and rec.status ~= "dialing", "not left for the next start to resolve")
     w.start()
-    timer.sleep(3000)
+    timer.sleep(1500) -- a retry would have been dialed by now (500 ms)
     rec = w.call(id)
     T.diag("after the restart: " .. rec.status .. " " .. tostring(rec.endReason) .. ", twilio calls " .. #w.tw.calls)
     T.eq(#w.tw.calls, 1, "a callee who answered is not dialed again")
@@ -430,7 +430,7 @@ for _, lost in ipairs({ false, true }) do
 end
 
 T.test("a retry queued before a restart that lowered retry.maxAttempts is not dialed: the call ends, notified once", function()
-  local opts = { behaviour = { answer = "busy" }, retry_ms = 3000, config = { retry = { maxAttempts = 3 } } }
+  local opts = { behaviour = { answer = "busy" }, retry_ms = 1500, config = { retry = { maxAttempts = 3 } } }
   local w = world(opts)
   w.start()
   local id = w.create("+14155550165", "Talk.")
@@ -441,7 +441,7 @@ T.test("a retry queued before a restart that lowered retry.maxAttempts is not di
   opts.config = { retry = { maxAttempts = 2 } }
   w.start()
   local rec = w.wait_final(id, 10000)
-  timer.sleep(4000) -- past the retry's due time: it would have been dialed by now
+  timer.sleep(2500) -- past the retry's due time (1.5 s after attempt 2): it would have been dialed by now
   rec = w.call(id)
   T.eq(#w.tw.calls, 2, "attempt 3 not dialed")
   T.eq(rec.status, "busy", "final as the last attempt ended, as when retries run out")
@@ -474,7 +474,7 @@ T.test("a retry queued before a restart that lowered retry.maxAttempts is not di
 end, { timeout = 60000 })
 
 T.test("a retry queued before a restart that took its status out of retry.retryStatuses is not dialed", function()
-  local opts = { behaviour = { answer = "busy" }, retry_ms = 3000 }
+  local opts = { behaviour = { answer = "busy" }, retry_ms = 1500 }
   local w = world(opts)
   w.start()
   local id = w.create("+14155550167", "Talk.")
@@ -485,7 +485,7 @@ T.test("a retry queued before a restart that took its status out of retry.retryS
   opts.config = { retry = { retryStatuses = { "no_answer", "failed" } } }
   w.start()
   w.wait_final(id, 10000)
-  timer.sleep(4000) -- past the retry's due time
+  timer.sleep(2500) -- past the retry's due time (1.5 s after attempt 1)
   local rec = w.call(id)
   T.eq(#w.tw.calls, 1, "attempt 2 not dialed")
   T.eq({ rec.status, rec.endReason, #rec.attempts }, { "busy", "line busy", 1 })
@@ -501,7 +501,7 @@ T.test("a notification sent by the restart's recovery while a backlog resumes is
   -- The recovery ends a call (its retry past a lowered retry.maxAttempts) and
   -- sends its notification at once; the backlog read at the same start holds
   -- it too, behind 16 others that a slow receiver takes a while to answer.
-  local opts = { behaviour = { answer = "busy" }, retry_ms = 3000, hook_ms = 300,
+  local opts = { behaviour = { answer = "busy" }, retry_ms = 1500, hook_ms = 300,
     config = { retry = { maxAttempts = 3 } } }
   local w = world(opts)
   w.start()
