@@ -409,8 +409,18 @@ T.test("microphone refused: the page says so, hangs up, and the call ends withou
   T.match(r.reopen.problem, "already used", "the message for a used link")
 end, { timeout = 40000 })
 
-T.test("a microphone allowed after 16 s: the call is answered then, and connects", function()
+T.test("a microphone allowed after STREAM_WAIT_MS: the call is answered then, and connects", function()
   need_tools()
+  -- A page that answered before it had the microphone would have its call
+  -- fail (no_stream) once the engine's wait for the stream (15 s) passed: that
+  -- wait is 3 s here, and the microphone comes after 4.5 s.
+  local calls = require "callagent.calls"
+  local saved = calls.STREAM_WAIT_MS
+  T.eq(saved, 15000, "the product waits 15 s")
+  calls.STREAM_WAIT_MS = 3000
+  T.defer(function()
+    calls.STREAM_WAIT_MS = saved
+  end)
   local dir = T.tmpdir()
   local wav = dir .. "/callee.wav"
   write_wav(wav)
@@ -420,7 +430,7 @@ T.test("a microphone allowed after 16 s: the call is answered then, and connects
   end)
   local view = assert(app:create_call({ to = "+14155550196", prompt = "Say hello." }))
   local shot = ROOT .. "/tests/artifacts/mock-phone-slow-mic.png"
-  local r, code, err = node({ "browser/drive.mjs", view.hint, wav, shot, "--mic-delay=16000", "--hangup-after=1500",
+  local r, code, err = node({ "browser/drive.mjs", view.hint, wav, shot, "--mic-delay=4500", "--hangup-after=1500",
     "--timeout=40000" }, 60000)
   T.ok(r, "drive.mjs printed no JSON (exit " .. tostring(code) .. "): " .. err)
   T.ok(r.ok, "drive.mjs: " .. tostring(r.error) .. "; page: " .. json.encode({ r.banner, r.problem, r.stats }))
