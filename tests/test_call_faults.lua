@@ -656,7 +656,9 @@ end, { timeout = 60000 })
 T.test("a backend without store:batch that takes the notification but refuses the call's end: notified once the end is written", function()
   -- One write at a time: the notification's row goes in, the record's
   -- final write is refused (a moment's I/O error), and the end is written
-  -- again 5 s later; its notification is sent then, not left to a sweep.
+  -- again UNSAVED_RETRY_MS later (5 s; here 1 s); its notification is sent
+  -- then, not left to a sweep.
+  shorten(calls, "UNSAVED_RETRY_MS", 1000)
   local env = kit.start({ realtime = { script = held_script({}) } })
   local store = env.app.store
   store.batch = false
@@ -685,6 +687,7 @@ T.test("a backend without store:batch that takes the notification but refuses th
 end, { timeout = 30000 })
 
 T.test("a call hung up during its retry wait whose end the store refused at first is written without nextAttemptAt", function()
+  shorten(calls, "UNSAVED_RETRY_MS", 1000) -- the store tried again every 1 s, not 5
   local env = kit.start({
     twilio = { behaviour = "busy" },
     config = { retry = { maxAttempts = 3, initialDelayMs = 20000, backoffFactor = 1 } },
