@@ -995,6 +995,21 @@ T.test("streaming.failed after the answer: hung up at Telnyx at once, failed (no
   T.eq(#env.rt.sessions <= 1, true, "at most the one model session")
 end, { timeout = 30000 })
 
+T.test("the callee hangs up after the answer, before Telnyx's stream opens: completed by the callee, not no_stream", function()
+  local env = start({ behaviour = { stream = false }, config = { retry = { maxAttempts = 1 } } })
+  local id = env:create({ to = "+14155550127", prompt = "x" })
+  local tx = assert(env.tx:wait_call(5000))
+  tx:wait(function()
+    return tx.stream
+  end, 5000)
+  env:wait(id, function(r)
+    return r.status == "in_progress"
+  end, 5000, "in progress")
+  tx:hangup()
+  local call = env:wait_final(id, 5000)
+  T.eq({ call.status, call.endReason, call.lastError }, { "completed", "callee_hung_up", nil })
+end, { timeout = 20000 })
+
 T.test("a forged, stale or unsigned streaming.failed is refused (403) and changes nothing; Telnyx's own ends the call", function()
   local env = start({ behaviour = { stream = false }, script = quiet_script })
   local id = env:create({ to = "+14155550126", prompt = "x" })

@@ -879,8 +879,13 @@ function Engine:provider_status(id, n, st)
   -- had the call: it fails as one whose stream never came does, not as a
   -- callee who hung up on the agent. Not when callagent was hanging up.
   local err
+  -- Only where the call ends with its stream (Twilio's <Connect>): Telnyx
+  -- keeps a call whose stream failed (streaming.failed says so), and a
+  -- status that says why it came (the mock page's own hang-up) is the
+  -- callee's, there as a callee who hangs up before the stream opens is.
   local b = self.bridges[id .. "#" .. n]
   local streamless = b and not b.ended and not b.stream_sid and not b.hanging_up and b.end_reason == nil
+    and self.provider.streamEndsCall ~= false and st.reason == nil
   if st.status == "completed" and (not a._voiced or streamless) and call._end_reason == nil
     and not call._cancel_requested and not call._resolving and not self.stopped then
     err = "the call ended before its media stream came: "
