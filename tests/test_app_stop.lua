@@ -140,11 +140,7 @@ T.test("app:stop() from a plain callback, not a task: the live call is hung up, 
   -- The engine's wait for a final status after the conversation's end (5 s)
   -- shortened to 1.5 s.
   local calls = require "callagent.calls"
-  local saved = calls.BRIDGE_END_WAIT_MS
-  calls.BRIDGE_END_WAIT_MS = 1500
-  T.defer(function()
-    calls.BRIDGE_END_WAIT_MS = saved
-  end)
+  T.shorten(calls, "BRIDGE_END_WAIT_MS", 1500)
   local env = kit.start({
     realtime = {
       script = function(session)

@@ -15,17 +15,6 @@ local crypto = require "callagent.crypto"
 local calls = require "callagent.calls"
 local bridge = require "callagent.bridge"
 
--- Sets mod[field] (a wait of the engine or the bridge, in ms) to ms for this
--- test, restored after it; returns the product's value.
-local function shorten(mod, field, ms)
-  local saved = mod[field]
-  mod[field] = ms
-  T.defer(function()
-    mod[field] = saved
-  end)
-  return saved
-end
-
 local function healthy(env)
   local status, body = env:api("GET", "/healthz")
   T.eq(status, 200)
@@ -403,7 +392,7 @@ T.test("an API hang-up after the model dropped keeps the call failed with model_
   -- callback is lost, so the call is still up here when the API asks.
   -- The wait for the provider's final status after the hang-up (10 s)
   -- shortened: the call ends at it.
-  shorten(calls, "HANGUP_WAIT_MS", 3000)
+  T.shorten(calls, "HANGUP_WAIT_MS", 3000)
   local env = kit.start({
     twilio = { behaviour = { stream_delay_ms = 5000, lost_callbacks = { completed = true } } },
     realtime = {
@@ -587,7 +576,7 @@ end
 
 T.test("a store that refuses writes at the call's end: the call is kept, written once it can be, notified once", function()
   -- The store is tried again every UNSAVED_RETRY_MS (5 s; here 1 s).
-  shorten(calls, "UNSAVED_RETRY_MS", 1000)
+  T.shorten(calls, "UNSAVED_RETRY_MS", 1000)
   local env = kit.start({ realtime = { script = held_script({}) } })
   local id = env:create({ to = "+14155550131", prompt = "Book it." })
   local s
@@ -626,7 +615,7 @@ T.test("a store that refuses writes at the call's end: the call is kept, written
 end, { timeout = 60000 })
 
 T.test("a backend without store:batch that refuses the call's end: kept and written later, notified only then", function()
-  shorten(calls, "UNSAVED_RETRY_MS", 1000) -- the store tried again every 1 s, not 5
+  T.shorten(calls, "UNSAVED_RETRY_MS", 1000) -- the store tried again every 1 s, not 5
   local env = kit.start({ realtime = { script = held_script({}) } })
   local store = env.app.store
   store.batch = false -- as a backend that has none: one write at a time
@@ -658,7 +647,7 @@ T.test("a backend without store:batch that takes the notification but refuses th
   -- final write is refused (a moment's I/O error), and the end is written
   -- again UNSAVED_RETRY_MS later (5 s; here 1 s); its notification is sent
   -- then, not left to a sweep.
-  shorten(calls, "UNSAVED_RETRY_MS", 1000)
+  T.shorten(calls, "UNSAVED_RETRY_MS", 1000)
   local env = kit.start({ realtime = { script = held_script({}) } })
   local store = env.app.store
   store.batch = false
@@ -687,7 +676,7 @@ T.test("a backend without store:batch that takes the notification but refuses th
 end, { timeout = 30000 })
 
 T.test("a call hung up during its retry wait whose end the store refused at first is written without nextAttemptAt", function()
-  shorten(calls, "UNSAVED_RETRY_MS", 1000) -- the store tried again every 1 s, not 5
+  T.shorten(calls, "UNSAVED_RETRY_MS", 1000) -- the store tried again every 1 s, not 5
   local env = kit.start({
     twilio = { behaviour = "busy" },
     config = { retry = { maxAttempts = 3, initialDelayMs = 20000, backoffFactor = 1 } },
@@ -833,7 +822,7 @@ end, { timeout = 30000 })
 
 T.test("a session the model refuses, or never confirms, fails the call at once instead of a silent call", function()
   -- The wait for session.updated (10 s) shortened to 2 s.
-  T.eq(shorten(bridge, "SESSION_READY_MS", 2000), 10000, "the product waits 10 s")
+  T.eq(T.shorten(bridge, "SESSION_READY_MS", 2000), 10000, "the product waits 10 s")
   for _, case in ipairs({
     { refuse = { "model_not_found", "The model gpt-nonesuch does not exist." }, error = "^model refused the session: model_not_found: The model" },
     { refuse = true, error = "^model did not confirm the session within 2 s" },
@@ -1304,7 +1293,7 @@ T.test("an answered call whose media stream never comes is hung up after STREAM_
   -- The voice webhook is answered, the stream never connects, and the final
   -- callback is lost: nothing but the wait for the stream ends the attempt.
   -- That wait (15 s) shortened to 3 s.
-  T.eq(shorten(calls, "STREAM_WAIT_MS", 3000), 15000, "the product waits 15 s")
+  T.eq(T.shorten(calls, "STREAM_WAIT_MS", 3000), 15000, "the product waits 15 s")
   local env = kit.start({ twilio = { behaviour = { stream = false, lost_callbacks = { completed = true } } } })
   local id = env:create({ to = "+14155550130", prompt = "Say hello." })
   local tw = env.tw:wait_call(5000)
@@ -1362,7 +1351,7 @@ T.test("a call hung up through the API before its stream, with the final callbac
   -- Answered (the callback came), the voice webhook still on its way: there
   -- is no conversation to end yet, and Twilio's completed callback is lost.
   -- The wait for the provider's final status (10 s) shortened to 3 s.
-  T.eq(shorten(calls, "HANGUP_WAIT_MS", 3000), 10000, "the product waits 10 s")
+  T.eq(T.shorten(calls, "HANGUP_WAIT_MS", 3000), 10000, "the product waits 10 s")
   local env = kit.start({
     twilio = { behaviour = { voice_delay_ms = 3000, lost_callbacks = { completed = true } } },
   })

@@ -71,11 +71,7 @@ end, { timeout = 30000 })
 
 T.test("a model that stalls while a response is due fails the call instead of a silent line until call.maxDurationSec", function()
   local bridge = require "callagent.bridge"
-  local saved = bridge.RESPONSE_STALL_MS
-  bridge.RESPONSE_STALL_MS = 2000
-  T.defer(function()
-    bridge.RESPONSE_STALL_MS = saved
-  end)
+  T.shorten(bridge, "RESPONSE_STALL_MS", 2000)
   for _, case in ipairs({ { started = true }, { started = false } }) do
     local env = kit.start({
       config = { retry = { maxAttempts = 1 }, call = { maxDurationSec = 30 } },
@@ -351,11 +347,7 @@ T.test("the callee's last words: the call ends within LAST_WORDS_MS when the tra
 end, { timeout = 60000 })
 
 T.test("the callee's last words: the wait ends when the transcript awaited is given up (its TRANSCRIPT_WAIT_MS over), not at LAST_WORDS_MS", function()
-  local saved = bridge_mod.TRANSCRIPT_WAIT_MS
-  bridge_mod.TRANSCRIPT_WAIT_MS = 1500
-  T.defer(function()
-    bridge_mod.TRANSCRIPT_WAIT_MS = saved
-  end)
+  T.shorten(bridge_mod, "TRANSCRIPT_WAIT_MS", 1500)
   local call, s = last_words_call("+14155550195", function(session, hangup)
     -- Committed 1 s before the hang-up, never transcribed: given up 0.5 s after it.
     session:send({ type = "input_audio_buffer.speech_started", audio_start_ms = 1000, item_id = "item_lost" })
@@ -516,11 +508,7 @@ end, { timeout = 40000 })
 
 T.test("HTTP 429 at every model connection: a bounded number of tries with backoff, then the call fails model_error", function()
   -- The backoffs (0.5, 1.5 and 3 s) shortened, as many of them.
-  local saved = bridge_mod.MODEL_RETRY_MS
-  bridge_mod.MODEL_RETRY_MS = { 200, 400, 800 }
-  T.defer(function()
-    bridge_mod.MODEL_RETRY_MS = saved
-  end)
+  T.shorten(bridge_mod, "MODEL_RETRY_MS", { 200, 400, 800 })
   local env = kit.start({ config = { retry = { maxAttempts = 1 } } })
   local front, poll = rate_limiting_front(env.rt.port, 100)
   env.app.config.openai.realtimeUrl = front

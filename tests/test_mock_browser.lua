@@ -415,12 +415,8 @@ T.test("a microphone allowed after STREAM_WAIT_MS: the call is answered then, an
   -- fail (no_stream) once the engine's wait for the stream (15 s) passed: that
   -- wait is 3 s here, and the microphone comes after 4.5 s.
   local calls = require "callagent.calls"
-  local saved = calls.STREAM_WAIT_MS
+  local saved = T.shorten(calls, "STREAM_WAIT_MS", 3000)
   T.eq(saved, 15000, "the product waits 15 s")
-  calls.STREAM_WAIT_MS = 3000
-  T.defer(function()
-    calls.STREAM_WAIT_MS = saved
-  end)
   local dir = T.tmpdir()
   local wav = dir .. "/callee.wav"
   write_wav(wav)

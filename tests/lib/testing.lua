@@ -158,6 +158,17 @@ function T.wait_for(pred, timeout_ms, what)
   end
 end
 
+--- Sets mod[field] to value for the running test (a module's wait, made
+-- short), restored when the test ends. Returns the value it had.
+function T.shorten(mod, field, value)
+  local saved = mod[field]
+  mod[field] = value
+  T.defer(function()
+    mod[field] = saved
+  end)
+  return saved
+end
+
 function T.diag(...)
   local parts = {}
   for i = 1, select("#", ...) do
