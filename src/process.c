@@ -645,7 +645,13 @@ static int resolve(lua_State *L, const char *name, const char *path, const char 
 	char buf[4096], at[4096];
 	int err = UV_ENOENT;
 	const char *d = path ? path : "/usr/local/bin:/usr/bin:/bin", *f;
+	struct stat cst;
 
+	/* A cwd the child cannot enter: uv_spawn's chdir error says so. */
+	if (cwd && (stat(cwd, &cst) != 0 || !S_ISDIR(cst.st_mode) || access(cwd, X_OK) != 0)) {
+		lua_pushstring(L, name);
+		return 0;
+	}
 	if (strchr(name, '/')) {
 		struct stat st;
 

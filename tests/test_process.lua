@@ -127,6 +127,15 @@ T.test("cwd sets the child's working directory, a missing one fails with ENOENT"
   local p, err = process.spawn({ "pwd", cwd = dir .. "/missing" })
   T.eq(p, nil)
   T.match(err, "^ENOENT: ")
+  -- A relative program is not blamed for a cwd the child cannot enter.
+  for _, k in ipairs({ true, false }) do
+    p, err = process.spawn({ "./missing", cwd = dir .. "/missing", kill_on_exit = k })
+    T.eq(p, nil)
+    T.match(err, "^ENOENT: .*starting %./missing in ")
+    p, err = process.spawn({ "./missing", cwd = "/etc/passwd", kill_on_exit = k })
+    T.eq(p, nil)
+    T.match(err, "^ENOTDIR: ")
+  end
 end)
 
 T.test("a program that does not exist gives nil, ENOENT", function()
