@@ -877,12 +877,12 @@ function Engine:provider_status(id, n, st)
   -- up), or came and its media stream never started (the vendor could not
   -- connect it: its <Connect> ended, and the call with it). The agent never
   -- had the call: it fails as one whose stream never came does, not as a
-  -- callee who hung up on the agent. Not when callagent was hanging up.
-  local err
-  -- Only where the call ends with its stream (Twilio's <Connect>): Telnyx
+  -- callee who hung up on the agent. Not when callagent was hanging up; the
+  -- second case only where the call ends with its stream (Twilio's): Telnyx
   -- keeps a call whose stream failed (streaming.failed says so), and a
   -- status that says why it came (the mock page's own hang-up) is the
   -- callee's, there as a callee who hangs up before the stream opens is.
+  local err
   local b = self.bridges[id .. "#" .. n]
   local streamless = b and not b.ended and not b.stream_sid and not b.hanging_up and b.end_reason == nil
     and self.provider.streamEndsCall ~= false and st.reason == nil
@@ -1434,10 +1434,8 @@ function Engine:_write_unsaved(id)
     if not key and call._note then
       -- Recorded by _finish, not sent by it; unless a sweep sent it meanwhile.
       local pending = store_mod.call(self.store, "pending_notifications", { keys = { call._note[1] } })
-      for _, p in ipairs(pending or {}) do
-        if p.key == call._note[1] then
-          key, body = call._note[1], call._note[2]
-        end
+      if pending and pending[1] then
+        key, body = call._note[1], call._note[2]
       end
     end
     call._note = nil
