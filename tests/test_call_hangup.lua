@@ -168,15 +168,8 @@ T.test("a stop while the API's cancel of a ringing call is on its way: the call 
   -- The first hang-up of each call takes Twilio 5 s (a provider that waits
   -- before its request); the stop's own cancel goes at once. Twilio's final
   -- callbacks are lost.
-  local dir = T.tmpdir()
-  local f = assert(io.open(dir .. "/slowcancel.lua", "w"))
-  f:write([[
+  local dir = kit.twilio_variant("slowcancel", [[
 local timer = require "callagent.timer"
-local P = {}
-for k, v in pairs(dofile(require("callagent.core").root .. "/providers/twilio.lua")) do
-  P[k] = v
-end
-P.name = "slowcancel"
 local twilio_end, slowed = P.endCall, {}
 function P:endCall(view, a)
   if not slowed[view.callId] then
@@ -185,9 +178,7 @@ function P:endCall(view, a)
   end
   return twilio_end(self, view, a)
 end
-return P
 ]])
-  f:close()
   local env = kit.start({
     provider_dirs = { dir },
     twilio = { behaviour = { ring_ms = 30000, lost_callbacks = { completed = true } } },

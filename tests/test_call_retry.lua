@@ -563,18 +563,9 @@ T.test("a call Twilio's API says is up at the ring timeout is in progress, not c
 end, { timeout = 30000 })
 
 T.test("a provider whose getCall raises at the ring timeout: the attempt ends no_answer, hung up, not stuck dialing", function()
-  local dir = T.tmpdir()
-  local f = assert(io.open(dir .. "/raising.lua", "w"))
-  f:write([[
-local P = {}
-for k, v in pairs(dofile(require("callagent.core").root .. "/providers/twilio.lua")) do
-  P[k] = v
-end
-P.name = "raising"
+  local dir = kit.twilio_variant("raising", [[
 function P:getCall() error("vendor library bug") end
-return P
 ]])
-  f:close()
   local env = kit.start({
     provider_dirs = { dir },
     twilio = { behaviour = { ring_ms = 60000, lost_callbacks = { completed = true } } },
@@ -593,23 +584,14 @@ end, { timeout = 30000 })
 T.test("a provider that reports the cancel from inside endCall: a ring timeout still ends no_answer, and is retried", function()
   -- As the mock phone does: the end of a hang-up reported at once, from
   -- inside endCall, before the engine's own end of the attempt.
-  local dir = T.tmpdir()
-  local f = assert(io.open(dir .. "/prompt.lua", "w"))
-  f:write([[
-local P = {}
-for k, v in pairs(dofile(require("callagent.core").root .. "/providers/twilio.lua")) do
-  P[k] = v
-end
-P.name = "prompt"
+  local dir = kit.twilio_variant("prompt", [[
 P.getCall = nil
 function P:endCall(call, attempt)
   self.engine:provider_status(call.callId, attempt.n, { status = attempt.status == "in_progress" and "completed"
     or "canceled", providerCallId = attempt.providerCallId, reason = "hung up" })
   return true
 end
-return P
 ]])
-  f:close()
   local env = kit.start({
     provider_dirs = { dir },
     twilio = { behaviour = { ring_ms = 60000, lost_callbacks = { completed = true } } },

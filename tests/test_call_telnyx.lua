@@ -703,13 +703,19 @@ T.test("a stop's cancel Telnyx answers 'already ended' (the decline's webhook lo
   T.eq(#tx.calls, 1, "not dialed again: maxAttempts is 1")
 end, { timeout = 60000 })
 
-T.test("hung up through the API while ringing: Telnyx's hangup cancels it; an answer racing it is hung up, never streamed", function()
-  local env = start({ behaviour = { ring_ms = 60000 }, config = { retry = { maxAttempts = 1 } } })
-  local id = env:create({ to = "+14155550117", prompt = "x" })
+-- A call created on env, ringing at Telnyx: its id and the fake's call.
+local function ringing_call(env, to)
+  local id = env:create({ to = to, prompt = "x" })
   local tx = assert(env.tx:wait_call(5000))
   env:wait(id, function(r)
     return r.attempts[1] and r.attempts[1].providerCallId == tx.control_id
   end, 5000, "ringing")
+  return id, tx
+end
+
+T.test("hung up through the API while ringing: Telnyx's hangup cancels it; an answer racing it is hung up, never streamed", function()
+  local env = start({ behaviour = { ring_ms = 60000 }, config = { retry = { maxAttempts = 1 } } })
+  local id, tx = ringing_call(env, "+14155550117")
   T.eq(env:api("POST", "/v1/calls/" .. id .. "/hangup"), 202)
   local rec = env:wait_final(id, 5000)
   T.eq(rec.status, "canceled")
@@ -755,11 +761,7 @@ end, { timeout = 30000 })
 
 T.test("a Telnyx-signed body posted to /voice or /status (whose query is not signed) is refused (403)", function()
   local env = start({ behaviour = { ring_ms = 60000 }, config = { retry = { maxAttempts = 1 } } })
-  local id = env:create({ to = "+14155550126", prompt = "x" })
-  local tx = assert(env.tx:wait_call(5000))
-  env:wait(id, function(r)
-    return r.attempts[1] and r.attempts[1].providerCallId == tx.control_id
-  end, 5000, "ringing")
+  local id, tx = ringing_call(env, "+14155550126")
   -- A body Telnyx signed (another call's, say): only the body is signed.
   local body = json.encode({ data = { event_type = "call.hangup", id = crypto.uuid4(), payload = {
     call_control_id = tx.control_id, client_state = crypto.base64_encode("c_other 1"), hangup_cause = "user_busy" } } })
@@ -834,11 +836,7 @@ end, { timeout = 30000 })
 
 T.test("call.hangup delivered before call.answered: the attempt ends once, the late answer starts no stream", function()
   local env = start({ behaviour = { ring_ms = 60000 }, config = { retry = { maxAttempts = 1 } } })
-  local id = env:create({ to = "+14155550121", prompt = "x" })
-  local tx = assert(env.tx:wait_call(5000))
-  env:wait(id, function(r)
-    return r.attempts[1] and r.attempts[1].providerCallId == tx.control_id
-  end, 5000, "ringing")
+  local id, tx = ringing_call(env, "+14155550121")
   -- Answered and hung up at once by the callee; Telnyx delivers the two out of order.
   T.eq(post_webhook(env, id, 1, "call.hangup", { call_control_id = tx.control_id, hangup_cause = "normal_clearing",
     sip_hangup_cause = "200" }), 200)

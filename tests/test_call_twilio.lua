@@ -168,18 +168,10 @@ T.test("happy path: dial, talk, report, goodbye, hang up, notify", function()
 end, { timeout = 40000 })
 
 T.test("a provider without endCall (it is optional) hangs up by closing the media stream", function()
-  local dir = T.tmpdir()
-  local f = assert(io.open(dir .. "/nohangup.lua", "w"))
-  f:write([[
--- Twilio without its REST hang-up.
-local P = {}
-for k, v in pairs(dofile(require("callagent.core").root .. "/providers/twilio.lua")) do
-  P[k] = v
-end
-P.name, P.endCall = "nohangup", nil
-return P
+  -- Twilio without its REST hang-up.
+  local dir = kit.twilio_variant("nohangup", [[
+P.endCall = nil
 ]])
-  f:close()
   local env = kit.start({ realtime = { script = happy_script }, provider_dirs = { dir },
     config = { telephony = { provider = "nohangup" } } })
   T.eq(env.app.provider.name, "nohangup")

@@ -10,12 +10,8 @@ T.test("app:stop() with a live call, then the process goes on", function()
   -- The engine's waits for a final status after the stop's hang-up (10 s)
   -- and after the conversation's end (5 s) shortened to 1.5 s each.
   local calls = require "callagent.calls"
-  local saved = { calls.HANGUP_WAIT_MS, calls.BRIDGE_END_WAIT_MS }
-  T.eq(saved, { 10000, 5000 }, "the product's waits")
-  calls.HANGUP_WAIT_MS, calls.BRIDGE_END_WAIT_MS = 1500, 1500
-  T.defer(function()
-    calls.HANGUP_WAIT_MS, calls.BRIDGE_END_WAIT_MS = saved[1], saved[2]
-  end)
+  T.eq({ T.shorten(calls, "HANGUP_WAIT_MS", 1500), T.shorten(calls, "BRIDGE_END_WAIT_MS", 1500) }, { 10000, 5000 },
+    "the product's waits")
   local env = kit.start({
     realtime = {
       script = function(session)

@@ -19,6 +19,9 @@
 --   env:wait_final(callId, timeout_ms) -> record once its status is final
 -- Everything is closed after the test (T.defer).
 --
+--   kit.twilio_variant(name, lua_source) -> a provider_dirs folder whose
+--   provider `name` is Twilio's, changed by lua_source (P is the provider)
+--
 --   local p, api = kit.app_process(tw, rt, { slow_model = true })
 -- A real callagent process (tests/apps/durable.lua) against fakes of the
 -- test process, so that its log lines can be read (p.errtext()); api has
@@ -53,6 +56,21 @@ local function merge(dst, src)
     end
   end
   return dst
+end
+
+--- A providers folder (for provider_dirs) holding name.lua: Twilio's
+-- provider with its fields copied into P, P.name set to name, then the Lua
+-- source body run (it changes P). Returns the folder.
+function M.twilio_variant(name, body)
+  local dir = T.tmpdir()
+  local f = assert(io.open(dir .. "/" .. name .. ".lua", "w"))
+  f:write("local P = {}\n",
+    'for k, v in pairs(dofile(require("callagent.core").root .. "/providers/twilio.lua")) do\n',
+    "  P[k] = v\nend\n",
+    "P.name = ", string.format("%q", name), "\n",
+    body, "\nreturn P\n")
+  f:close()
+  return dir
 end
 
 --- A stand-in of Twilio's REST API that answers every request with
