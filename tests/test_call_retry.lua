@@ -545,6 +545,23 @@ T.test("with no final callback by the ring timeout, Twilio's API says how the ca
   T.eq(tw_ringing.final, "canceled", "the ringing call ended")
 end, { timeout = 60000 })
 
+T.test("a cancel Twilio refuses at the ring timeout is asked again, so the phone stops ringing", function()
+  local env = kit.start({
+    twilio = { behaviour = { ring_ms = 60000, update_fail = 503, update_fail_times = 1 } },
+    config = { retry = { maxAttempts = 1 }, call = { ringTimeoutSec = 1, statusGraceSec = 1 } },
+  })
+  local id = env:create({ to = "+14155550126", prompt = "Say hello." })
+  local call = env:wait_final(id, 10000)
+  T.eq({ call.status, call.attempts[1].reason }, { "no_answer", "ring timeout" })
+  local tw = env.tw.calls[1]
+  T.wait_for(function()
+    return tw.final ~= nil
+  end, 5000, "the call over at Twilio")
+  T.eq(tw.final, "canceled", "the ringing call ended")
+  T.eq(#tw.updates, 2, "refused once, then asked again")
+  T.eq({ tw.updates[1].params.Status, tw.updates[2].params.Status }, { "canceled", "canceled" })
+end, { timeout = 30000 })
+
 T.test("a call Twilio's API says is up at the ring timeout is in progress, not canceled and dialed again", function()
   -- Its answered callback is lost and its voice webhook is slow: at the
   -- ring timeout (1 + 1 s) only Twilio's API knows the callee picked up.

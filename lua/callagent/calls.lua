@@ -604,7 +604,10 @@ function Engine:_ring_timeout(call, n)
   -- Ended here first: a provider may report the cancel's status from inside
   -- its endCall (the mock phone does), which ended the attempt canceled.
   self:_attempt_final(call, n, "no_answer", "ring timeout")
-  self:_end_in_task(call.id, { n = n, providerCallId = a.providerCallId, status = "dialing" })
+  local ringing = { n = n, providerCallId = a.providerCallId, status = "dialing" }
+  self:_end_in_task(call.id, ringing, function()
+    self:_cancel_retrying(call.id, ringing) -- asked again, so that the phone stops ringing
+  end)
 end
 
 -- Attempt n was answered, as the provider's API says (its callback lost).
