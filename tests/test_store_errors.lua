@@ -107,6 +107,31 @@ T.test("a failed dial whose lastError write raised still ends the call, written 
   T.match(c.lastError or "", "21215", "its lastError is in the store")
 end)
 
+T.test("the ended event gets the call as it ended when the store cannot read it back", function()
+  local recording = require "callagent.store.recording"
+  T.defer(function()
+    recording.refuse = nil
+  end)
+  recording.refuse = function(op)
+    if op == "get_call" then
+      return "EIO: disk I/O error (refused)"
+    end
+  end
+  local ended = {}
+  local env = kit.start({ twilio = { behaviour = "busy" }, on = { ended = function(call)
+    ended[#ended + 1] = call or false
+  end }, config = { store = { backend = "recording" }, retry = { maxAttempts = 1 } } })
+  local id = env:create({ to = "+14155550175", prompt = "x" })
+  T.wait_for(function()
+    return #ended > 0
+  end, 5000, "the ended event")
+  recording.refuse = nil
+  T.eq(#ended, 1)
+  T.ok(ended[1], "a call, not nil")
+  T.eq({ ended[1].callId, ended[1].status, ended[1].attempts[1].status }, { id, "busy", "busy" })
+  T.eq(ended[1], env:wait_final(id, 5000), "the call as the store has it")
+end)
+
 T.test("a transcript line whose write raised is kept with its call and written with its end", function()
   local raised = raise_at(1, function(op)
     return op == "add_transcript"

@@ -1357,6 +1357,9 @@ function Engine:_finish(call, status, reason, also)
     -- failed while the rest may have gone.
     saved, serr, call._save_failed = nil, "the store did not take the call's record", nil
   end
+  -- The call as it ended, from the record held here: the store may not be
+  -- able to read it back now (the event got nil).
+  local view = self:call_view(call.id)
   self.live[call.id] = nil
   for key in pairs(self.timers) do
     if key:sub(1, #call.id + 1) == call.id .. "#" then
@@ -1377,7 +1380,6 @@ function Engine:_finish(call, status, reason, also)
     self.unsaved[call.id] = call
     self:_write_unsaved(call.id)
   end
-  local view = self:call_view(call.id)
   self.emit("ended", view)
   if note_key then
     self.notifier:send(note_key, note_body)
