@@ -635,6 +635,140 @@ T.test("while the tunnel opens the API places no call (503 starting, Retry-After
   T.eq(p:wait(15000), 0, "the app's exit status")
 end)
 
+T.test("ngrok that exits while the app runs: calls pause (503 paused, retries wait), the tunnel opens again, calls go on", function()
+  local fetch = require "callagent.fetch"
+  local timer = require "callagent.timer"
+  local dir = T.tmpdir()
+  local port = T.free_port()
+  local base = "http://127.0.0.1:" .. port
+  local busy = 0
+  local tw = assert(require("fakes.twilio").start({
+    account_sid = "AC" .. string.rep("0", 32),
+    auth_token = "dummy-auth-token",
+    behaviour = function(call)
+      if call.params.To == "+14155550174" then
+        busy = busy + 1
+        if busy == 1 then
+          return { answer = "busy" }
+        end
+      end
+      return { ring_ms = 60000 }
+    end,
+    public_url_rewrite = function(u)
+      return (u:gsub("^https://[^/]+", base))
+    end,
+  }))
+  T.defer(function()
+    tw:close()
+  end)
+  local logfile = dir .. "/ngrok.log"
+  local held
+  local app = {}
+  app.p = T.spawn_app(nil, nil, {
+    source = APP:gsub("port = 0", "port = " .. port)
+      :gsub('fromNumber = "%+15550001111"', '%0, apiBaseUrl = "' .. tw.url .. '"')
+      :gsub('store = { backend = "memory" },', '%0 retry = { maxAttempts = 2, initialDelayMs = 3000 },'),
+    env = app_env(bindir({ "ngrok" }), logfile, { FAKE_NGROK_CONTROL = dir }),
+    on_stderr = function(line)
+      app.ready = app.ready or line:find("callagent ready", 1, true) and line
+      app.again = app.again or line:find("tunnel open again", 1, true) and line
+      held = held or line:find("dial held", 1, true) and line
+    end,
+  })
+  local p = app.p
+  T.wait_for(function()
+    return app.ready or p.done
+  end, 15000, "callagent ready")
+  T.ok(app.ready, p.errtext())
+  local function create(to)
+    return assert(fetch(base .. "/v1/calls", { method = "POST", body = json.encode({ to = to, prompt = "Talk." }),
+      headers = { ["Content-Type"] = "application/json" } }))
+  end
+  local function health()
+    return json.decode(assert(fetch(base .. "/healthz")).body)
+  end
+  T.eq(health().paused, false)
+  -- A call whose first try is busy: its retry is due 3 s later.
+  local res = create("+14155550174")
+  T.eq(res.status, 201, res.body)
+  local id = json.decode(res.body).callId
+  T.wait_for(function()
+    local c = json.decode(assert(fetch(base .. "/v1/calls/" .. id)).body)
+    return c.status == "queued" and c.attempts[1] and c.attempts[1].status == "busy"
+  end, 5000, "the busy try over, its retry waiting")
+
+  assert(io.open(dir .. "/die", "w")):close() -- ngrok's session ends
+  T.wait_for(function()
+    return health().paused or p.done
+  end, 5000, "calls paused")
+  res = create("+14155550175")
+  T.eq(res.status, 503, res.body)
+  T.eq(res.headers["retry-after"], "5")
+  local e = json.decode(res.body).error
+  T.eq(e.code, "paused")
+  T.match(e.message, "^calls are paused: the public tunnel is down %(ngrok exited %(status 1%): session closed by "
+    .. "the remote")
+  T.match(e.message, "send the call again in a moment$")
+  T.wait_for(function()
+    return held
+  end, 6000, "the retry due while paused, held")
+  T.match(held, "call=" .. id)
+  timer.sleep(300)
+  T.eq(#tw.calls, 1, "not dialed while the tunnel is down")
+
+  assert(io.open(dir .. "/back", "w")):close() -- the second ngrok's tunnel comes up
+  T.wait_for(function()
+    return app.again or p.done
+  end, 10000, "the tunnel open again")
+  T.eq(health().paused, false)
+  local urls = {}
+  for _, l in ipairs(read_lines(logfile)) do
+    urls[#urls + 1] = l:match("^tunnel pid=%d+ url=(%S+)")
+  end
+  T.eq(#urls, 2, "ngrok started again")
+  T.ne(urls[2], urls[1])
+  T.match(app.again, "url=" .. urls[2]:gsub("%p", "%%%0"))
+  T.wait_for(function()
+    return #tw.calls == 2
+  end, 5000, "the held retry dialed")
+  T.eq(tw.calls[2].params.To, "+14155550174")
+  T.eq(tw.calls[2].params.StatusCallback:sub(1, #urls[2] + 1), urls[2] .. "/", "with the new tunnel's URL")
+  res = create("+14155550175")
+  T.eq(res.status, 201, res.body)
+  T.ok(p:kill("SIGTERM"))
+  T.eq(p:wait(15000), 0, "the app's exit status")
+  local pid = grep(read_lines(logfile), "^tunnel pid=(%d+) url=" .. urls[2]:gsub("%p", "%%%0"))
+  T.eq(grep(read_lines(logfile), "^end pid=" .. pid .. " signal=(%S+)$"), "SIGTERM", "the second ngrok was stopped")
+end, { timeout = 60000 })
+
+T.test("SIGTERM while the tunnel that died opens again: the app exits at once, and the new ngrok is stopped", function()
+  local dir = T.tmpdir()
+  local logfile = dir .. "/ngrok.log"
+  local app = spawn_tunnel_app(APP, app_env(bindir({ "ngrok" }), logfile, { FAKE_NGROK_CONTROL = dir }))
+  local p = app.p
+  T.wait_for(function()
+    return app.ready or p.done
+  end, 15000, "callagent ready")
+  T.ok(app.ready, p.errtext())
+  assert(io.open(dir .. "/die", "w")):close()
+  -- The second ngrok never lists its tunnel ("back" never comes).
+  T.wait_for(function()
+    return #read_lines(logfile) >= 4 -- start, tunnel, end, start
+  end, 5000, "ngrok started again")
+  local first = grep(read_lines(logfile), "^start pid=(%d+)")
+  local second
+  for _, l in ipairs(read_lines(logfile)) do
+    second = l:match("^start pid=(%d+)") or second
+  end
+  T.ne(second, first)
+  T.ok(p:kill("SIGTERM"))
+  local t0 = require("callagent.timer").now()
+  T.eq(p:wait(10000), 0, "the app's exit status")
+  T.lt(require("callagent.timer").now() - t0, 5000, "not the tunnel's whole timeoutSec")
+  T.eq(grep(read_lines(logfile), "^end pid=" .. second .. " signal=(%S+)$"), "SIGTERM", "the second ngrok was stopped")
+  T.no_match(p.errtext(), "could not be opened again", "a stop is not a failure to open")
+end, { timeout = 30000 })
+
 T.test("a Twilio app whose tunnel cannot open does not start, and says why", function()
   local dir = T.tmpdir()
   local code, _, p = T.run_app(nil, nil, {

@@ -7,7 +7,7 @@
 --   GET  /v1/calls?status=&limit=&cursor=   newest first: {calls, nextCursor?};
 --                                 any other query parameter is 400 unknown_field
 --   POST /v1/calls/{callId}/hangup          -> 202 {callId, status}
---   GET  /healthz                 {ok, starting, version, provider, activeCalls, uptimeSec, loop}
+--   GET  /healthz                 {ok, starting, paused, version, provider, activeCalls, uptimeSec, loop}
 --
 -- With server.apiToken set, every /v1 request needs "Authorization: Bearer
 -- <token>" (401 otherwise); without it, /v1 answers only requests made to a
@@ -15,7 +15,7 @@
 -- (403), and POST /v1/calls takes only Content-Type application/json (415).
 -- Errors: {"error": {"code", "message", "field"?}} with 400 (validation),
 -- 401, 403, 404, 405, 409, 411, 413, 415, 422 (an Idempotency-Key reused),
--- 500 (the store), 501 (no Idempotency-Key support) and 503 (starting,
+-- 500 (the store), 501 (no Idempotency-Key support) and 503 (starting, paused,
 -- shutting down, too many connections): README.md, "Errors".
 local json = require "callagent.json"
 local crypto = require "callagent.crypto"
@@ -407,6 +407,13 @@ function M.register(srv, engine, cfg, opts)
       -- reach, and then taken for one the restart interrupted.
       return starting("the call")
     end
+    if engine.paused then
+      -- The vendor could not reach us (the tunnel is down): the callee would
+      -- answer a call that hears nothing.
+      local status, body = err(503, "paused", "calls are paused: " .. engine.paused
+        .. "; send the call again in a moment")
+      return status, body, { ["Retry-After"] = "5" }
+    end
     local call, cerr = engine:create(input, idem)
     if not call and tostring(cerr):match("^ESTOPPED") then
       return err(503, "shutting_down", "callagent is shutting down: send the call again to the next run")
@@ -523,6 +530,9 @@ function M.register(srv, engine, cfg, opts)
       -- Still opening its tunnel or picking up the last run's calls: POST
       -- /v1/calls answers 503 until then. A readiness check waits for false.
       starting = engine.starting and true or false,
+      -- Calls paused (the public tunnel is down, being opened again): POST
+      -- /v1/calls answers 503 paused, and retries wait, until false.
+      paused = engine.paused ~= nil,
       version = core.version,
       provider = opts.provider_name,
       activeCalls = engine:active_count(),

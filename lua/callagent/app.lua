@@ -511,7 +511,10 @@ function App:_start()
     local tunnel = require "callagent.tunnel"
     -- app:stop() (a signal's too) cancels the opening: no waiting for it
     -- up to tunnel.timeoutSec.
-    local pub, terr = tunnel.open(cfg.tunnel, srv.port, srv.host, { cancel = self.starting.cancel })
+    local pub, terr = tunnel.open(cfg.tunnel, srv.port, srv.host, { cancel = self.starting.cancel,
+      on_lost = function(why)
+        self:_tunnel_lost(why)
+      end })
     if not pub then
       return fail(self.stopped and "stopped during start" or terr)
     end
@@ -625,6 +628,57 @@ local SERVER_DRAIN_MS = 1000
 -- The end of the grace kept for the tunnel's close (see below).
 local TUNNEL_RESERVE_MS = 3000
 
+-- How long the tunnel's reopening waits after a failed try: doubled each
+-- time, up to the second value.
+M.REOPEN_MS = { 1000, 60000 }
+
+-- The tunnel died on its own (ngrok exited): the vendor reaches nothing, so
+-- dialing pauses (POST /v1/calls answers 503 paused; retries wait) while the
+-- tunnel is opened again, until it opens or the app stops. Then the calls
+-- go on with its URL (a new one, with ngrok's free plan).
+function App:_tunnel_lost(why)
+  if self.stopped or self.reopen then
+    return
+  end
+  local tunnel = require "callagent.tunnel"
+  local reopen = { cancel = tunnel.cancel(), wake = task.queue(1), waiters = {} }
+  self.reopen = reopen
+  self.engine:pause("the public tunnel is down (" .. why .. ")")
+  log.warn("calls paused: opening the tunnel again", { reason = why })
+  if self.tunnel then
+    self.tunnel:close()
+    self.tunnel = nil
+  end
+  task.spawn(function()
+    local wait = M.REOPEN_MS[1]
+    while not self.stopped do
+      local pub, err = tunnel.open(self.config.tunnel, self.server.port, self.server.host, { cancel = reopen.cancel,
+        on_lost = function(w)
+          self:_tunnel_lost(w)
+        end })
+      if self.stopped then
+        if pub then
+          pub:close()
+        end
+        break
+      end
+      if pub then
+        self.tunnel, self.public_base, self.reopen = pub, pub.url, nil
+        log.info("tunnel open again: calls resumed", { url = pub.url })
+        self.engine:resume()
+        break
+      end
+      log.error("the tunnel could not be opened again: trying again later", { error = err, after_ms = wait })
+      reopen.wake:pop(wait)
+      wait = math.min(wait * 2, M.REOPEN_MS[2])
+    end
+    for _, wake in ipairs(reopen.waiters) do
+      wake()
+    end
+    reopen.waiters = nil
+  end)
+end
+
 function App:stop()
   if self.stopped then
     -- A second stop inside a task (the app's own after a signal's, say)
@@ -644,6 +698,12 @@ function App:stop()
     -- start() under way: a tunnel opening ends now (ngrok stopped, a
     -- `funnel --bg` undone), and start() returns "stopped during start".
     starting.cancel:cancel()
+  end
+  local reopen = self.reopen
+  if reopen then
+    -- The tunnel opening again after it died: ended now, as a start's.
+    reopen.cancel:cancel()
+    reopen.wake:push(true)
   end
   if self.engine then
     -- The tunnel and the store close after the hang-ups (the tunnel stays
@@ -705,6 +765,9 @@ function App:stop()
     if err then
       log.warn("app:start() had not returned at the end of the stop's grace period", { grace_ms = runtime.grace_ms })
     end
+  end
+  if reopen and reopen.waiters and task.running() then
+    task.wait_in(reopen.waiters, math.max(1, stop_at + runtime.grace_ms - timer.now()))
   end
   local waiters = self.stop_waiters
   self.stop_waiters = nil

@@ -406,6 +406,16 @@ function Engine:dial(id)
   if not call or FINAL[call.status] or self.stopped then
     return -- stopped: a queued call is dialed by the next run's recover()
   end
+  if self.paused then
+    -- Queued until resume(): placed now, the callee would answer a call
+    -- whose webhooks reach nothing.
+    if not self.held_set[id] then
+      self.held_set[id] = true
+      self.held[#self.held + 1] = id
+      log.info("dial held: calls are paused", { call = id, reason = self.paused })
+    end
+    return
+  end
   local n = call.attempt + 1
   call.attempt = n
   call.nextAttemptAt = nil
@@ -474,6 +484,27 @@ function Engine:dial(id)
     end
   end)
   return true
+end
+
+--- Pauses dialing (reason: why, for the log and the API): dials wait,
+-- queued, until resume(). The app pauses while its tunnel is down.
+function Engine:pause(reason)
+  self.paused = reason
+  self.held, self.held_set = self.held or {}, self.held_set or {}
+end
+
+--- Dials what waited, in the order it came.
+function Engine:resume()
+  local held = self.held or {}
+  self.paused, self.held, self.held_set = nil, nil, nil
+  for _, id in ipairs(held) do
+    task.spawn(function()
+      self:dial(id)
+    end)
+  end
+  if #held > 0 then
+    log.info("calls resumed: dialing those that waited", { calls = #held })
+  end
 end
 
 --- Whether attempt n of call id is still to be placed: a provider whose

@@ -5,7 +5,9 @@
 --   local tunnel = require "callagent.tunnel"
 --   local t, err = tunnel.open(cfg.tunnel, port, host, opts)   inside a task; waits up to tunnel.timeoutSec
 --                (host: the address the server listens on, 127.0.0.1 if not given;
---                opts.cancel: a tunnel.cancel() that may end the opening)
+--                opts.cancel: a tunnel.cancel() that may end the opening;
+--                opts.on_lost: fn(reason), called once if the open tunnel
+--                dies on its own - ngrok exited; never after close())
 --   local c = tunnel.cancel()
 --   c:cancel()   ends an open under way with nil, "tunnel: canceled" (kind
 --                "canceled" as third value): ngrok is stopped, a running
@@ -288,7 +290,7 @@ local function ngrok_said(st)
   return st.code and (st.headline .. " (" .. st.code .. ")") or st.headline
 end
 
-local function open_ngrok(cfg, port, deadline, cancel)
+local function open_ngrok(cfg, port, deadline, cancel, on_lost)
   local st = {}
   local wake = task.queue(1)
   local function poke()
@@ -315,10 +317,15 @@ local function open_ngrok(cfg, port, deadline, cancel)
     on_exit = function(code, signal)
       poke()
       if tun and not tun.closed then
+        local said = ngrok_said(st)
         log.error("tunnel: ngrok exited; the telephony vendor cannot reach this server any more", {
           exit = exit_text(code, signal),
-          said = ngrok_said(st),
+          said = said,
         })
+        tun.lost = "ngrok exited (" .. exit_text(code, signal) .. ")" .. (said and (": " .. said) or "")
+        if on_lost then
+          on_lost(tun.lost)
+        end
       end
     end,
     kill_on_exit = true,
@@ -629,7 +636,7 @@ function M.open(cfg, port, host, opts)
   end
   local single = OPENERS[provider]
   if single then
-    local t, err, kind = single(cfg, port, deadline, cancel)
+    local t, err, kind = single(cfg, port, deadline, cancel, opts and opts.on_lost)
     if kind == CANCELED then
       return nil, "tunnel: " .. CANCELED, CANCELED
     end
@@ -651,7 +658,7 @@ function M.open(cfg, port, host, opts)
       -- Started now, it would be killed at once, with a misleading reason.
       err = string.format("%s was not tried: the first took all of tunnel.timeoutSec (%d s)", name, cfg.timeoutSec)
     else
-      t, err, kind = OPENERS[name](cfg, port, deadline, cancel)
+      t, err, kind = OPENERS[name](cfg, port, deadline, cancel, opts and opts.on_lost)
     end
     if kind == CANCELED then
       return nil, "tunnel: " .. CANCELED, CANCELED

@@ -24,6 +24,11 @@
 --                         and an http one for ours, before ours
 --   FAKE_NGROK_ADDR       form of config.addr: url (default, "http://localhost:PORT"),
 --                         hostport ("localhost:PORT") or port ("PORT")
+--   FAKE_NGROK_CONTROL    a directory, for a tunnel that dies: a run that finds
+--                         no file "died" there exits (status 1, after a session
+--                         error line, as when ngrok's session ends) once a file
+--                         "die" appears, and makes "died"; a run that finds
+--                         "died" lists its tunnel only once "back" appears
 --   FAKE_NGROK_LOG        a file that gets "start pid=N mode=M argv=...",
 --                         "tunnel pid=N url=U addr=A" and "end pid=N signal=SIGTERM"
 --                         (or "end pid=N status=1") lines
@@ -176,11 +181,47 @@ runtime.on_shutdown(function(reason)
   srv:close()
 end)
 
-if mode == "ok" then
-  timer.after(tonumber(os.getenv("FAKE_NGROK_DELAY_MS")) or 300, function()
-    ready = true
-    record("tunnel pid=" .. pid .. " url=" .. public .. " addr=" .. addr)
-    jlog({ lvl = "info", msg = "started tunnel", obj = "tunnels", name = "command_line", addr = addr, url = public })
+local control = os.getenv("FAKE_NGROK_CONTROL")
+local function exists(name)
+  local f = control and control ~= "" and io.open(control .. "/" .. name)
+  if f then
+    f:close()
+  end
+  return f ~= nil
+end
+local second = exists("died")
+
+-- Checks every 50 ms until exists(name), then runs fn.
+local function when(name, fn)
+  local t
+  t = timer.every(50, function()
+    if exists(name) then
+      t:stop()
+      fn()
+    end
   end)
+end
+
+local function up()
+  if second and not exists("back") then
+    return when("back", up)
+  end
+  ready = true
+  record("tunnel pid=" .. pid .. " url=" .. public .. " addr=" .. addr)
+  jlog({ lvl = "info", msg = "started tunnel", obj = "tunnels", name = "command_line", addr = addr, url = public })
+  if control and not second then
+    when("die", function()
+      assert(io.open(control .. "/died", "w")):close()
+      local said = "session closed by the remote: the tunnel session was stopped"
+      jlog({ lvl = "eror", msg = "session closing", obj = "tunnels.session", err = said })
+      io.stderr:write("ERROR:  ", said, "\n")
+      record("end pid=" .. pid .. " status=1")
+      os.exit(1)
+    end)
+  end
+end
+
+if mode == "ok" then
+  timer.after(tonumber(os.getenv("FAKE_NGROK_DELAY_MS")) or 300, up)
 end
 -- Keeps running (the server holds the loop) until SIGTERM.
