@@ -343,9 +343,18 @@ T.test("with server.apiToken every /v1 request needs the bearer token (401 other
   T.eq(status, 201)
   status = env:api("GET", "/v1/calls/" .. body.callId, nil, { Authorization = "Bearer " .. token })
   T.eq(status, 200)
+  -- Paths no route has and methods no route takes: nothing of the routes
+  -- is told without the token.
+  for _, r in ipairs({ { "GET", "/v1/nothing/here", 404 }, { "DELETE", "/v1/calls", 405 }, { "GET", "/v1", 404 } }) do
+    status, body = env:api(r[1], r[2])
+    T.eq({ status, body.error.code }, { 401, "unauthorized" }, r[1] .. " " .. r[2] .. " without the token")
+    status = env:api(r[1], r[2], nil, { Authorization = "Bearer " .. token })
+    T.eq(status, r[3], r[1] .. " " .. r[2] .. " with it")
+  end
   status, body = env:api("GET", "/healthz")
   T.eq(status, 200, "health needs no token")
   T.eq(body.ok, true)
+  T.eq({ body.starting, body.paused }, { false, false })
   T.eq(body.provider, "twilio")
   T.eq(body.activeCalls, 1, "the call above is live")
   -- The event loop's load: a loop that served these requests. The app's

@@ -675,6 +675,26 @@ T.test("on_no_route sees each 404 and 405 with its error, the path without its q
   T.eq(seen, { "GET /nope 404 not_found", "POST /only-get 405 method_not_allowed" })
 end)
 
+T.test("on_no_route may answer instead, as a handler; an unusable answer leaves the 404", function()
+  local srv = server({}, function(s)
+    s:on_no_route(function(req)
+      if req.path == "/guarded" then
+        return 401, { error = { code = "unauthorized", message = "no" } }, { ["WWW-Authenticate"] = "Bearer" }
+      elseif req.path == "/odd" then
+        return 42
+      end
+    end)
+  end)
+  local res = assert(fetch(srv:url("/guarded")))
+  T.eq({ res.status, json.decode(res.body).error.code, res.headers["www-authenticate"] }, { 401, "unauthorized",
+    "Bearer" })
+  T.eq(res.headers["content-type"], "application/json")
+  res = assert(fetch(srv:url("/odd")))
+  T.eq({ res.status, json.decode(res.body).error.code }, { 404, "not_found" })
+  res = assert(fetch(srv:url("/other")))
+  T.eq({ res.status, json.decode(res.body).error.code }, { 404, "not_found" }, "nothing returned: the 404")
+end)
+
 T.test("keep-alive: many sequential requests reuse one connection", function()
   local peers = {}
   local srv = server({}, function(s)

@@ -315,19 +315,28 @@ function M.register(srv, engine, cfg, opts)
     end
   end
 
+  -- The answer to a request the API refuses before reading it (logged), or
+  -- nil: a web page's, or one without the token.
+  local function refusal(req)
+    local code, message = refused_browser(req)
+    if code then
+      log.warn("api: request refused", { method = req.method, path = req.path, remote = req.remote, code = code,
+        origin = req.headers.origin, host = req.headers.host })
+      return err(403, code, message)
+    end
+    if not authorized(req) then
+      log.warn("api: unauthorized request", { method = req.method, path = req.path, remote = req.remote })
+      return 401, { error = { code = "unauthorized", message = "missing or wrong bearer token" } }, {
+        ["WWW-Authenticate"] = 'Bearer realm="callagent"',
+      }
+    end
+  end
+
   local function guard(fn)
     return function(req)
-      local code, message = refused_browser(req)
-      if code then
-        log.warn("api: request refused", { method = req.method, path = req.path, remote = req.remote, code = code,
-          origin = req.headers.origin, host = req.headers.host })
-        return err(403, code, message)
-      end
-      if not authorized(req) then
-        log.warn("api: unauthorized request", { method = req.method, path = req.path, remote = req.remote })
-        return 401, { error = { code = "unauthorized", message = "missing or wrong bearer token" } }, {
-          ["WWW-Authenticate"] = 'Bearer realm="callagent"',
-        }
+      local rs, rb, rh = refusal(req)
+      if rs then
+        return rs, rb, rh
       end
       local status, body, headers = fn(req)
       -- Every refusal of the client's input is logged once, here, with what
@@ -342,11 +351,16 @@ function M.register(srv, engine, cfg, opts)
   end
 
   -- A /v1 path no route has (404), or a method its route does not take
-  -- (405), is answered by the server before any guard: logged as the other
+  -- (405): refused as any /v1 request first (403, 401), so that one without
+  -- the token learns nothing of the routes; then logged as the other
   -- refusals are. req.path has no query (where a token may have been put).
   srv:on_no_route(function(req, status, e)
     local path = req.path
     if path == "/v1" or path:sub(1, 4) == "/v1/" then
+      local rs, rb, rh = refusal(req)
+      if rs then
+        return rs, rb, rh
+      end
       log.warn("api: bad request", { method = req.method, path = path, status = status, code = e.code,
         error = e.message })
     end

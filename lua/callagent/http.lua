@@ -40,7 +40,7 @@
 -- method answers 405 with Allow; no match answers 404. Errors are JSON:
 -- {"error": {"code", "message"}}.
 -- srv:on_no_route(fn) has fn(req, status, error) called before such a 404 or
--- 405 goes out (the server logs none).
+-- 405 goes out (the server logs none); fn may answer instead, as a handler.
 --
 -- A handler runs in its own task (it may wait: fetch, timer.sleep, ...) and gets
 -- req = {id, method, path, params, query (table), raw_query, headers (lowercase
@@ -193,7 +193,9 @@ end
 --- Calls fn(req, status, error) before a request no route takes is answered:
 -- 404 (no route has its path) or 405 (none takes its method), error its
 -- {code, message}; req.path has no query. For a log line of the caller's (the
--- API's): the server logs none for them. One fn; fn must not wait.
+-- API's): the server logs none for them. fn returning a status answers with
+-- it instead, as a handler would (status, body, headers): the API's 401 for
+-- a request without its token. One fn; fn must not wait.
 function Server:on_no_route(fn)
   assert(fn == nil or type(fn) == "function", "on_no_route takes a function")
   self.no_route = fn
@@ -374,9 +376,20 @@ function Server:_handle(h, req)
     end
     if self.no_route then
       -- Its error must not keep the answer from going out.
-      local ok, e = pcall(self.no_route, req, status, body.error)
-      if not ok then
-        log.error("http on_no_route failed", { method = req.method, path = req.path, error = e })
+      local r = table.pack(pcall(self.no_route, req, status, body.error))
+      if not r[1] then
+        log.error("http on_no_route failed", { method = req.method, path = req.path, error = r[2] })
+      elseif r[2] ~= nil then
+        -- As a handler's answer (h:respond checks it before sending).
+        local ok, e = pcall(function()
+          local s, hd, bd = normalize(r[2], r[3], r[4])
+          return h:respond(s, with_defaults(hd), bd)
+        end)
+        if ok then
+          return
+        end
+        log.error("http on_no_route returned an unusable response", { method = req.method, path = req.path,
+          error = e })
       end
     end
     return h:respond(status, headers, json.encode(body))
