@@ -242,6 +242,46 @@ static void add_hdr(struct req *r, const char *name, size_t nl, const char *val,
 	r->hdrs[r->hdrs_len++] = '\0';
 }
 
+/* Whether the value (a Connection header's) has the close option. */
+static int has_close(const char *v, size_t vl)
+{
+	size_t i = 0;
+
+	while (i <= vl) {
+		size_t j = i;
+		const char *t;
+
+		while (j < vl && v[j] != ',')
+			j++;
+		t = v + i;
+		if (ca__ows_trim(&t, j - i) == 5 && !strncasecmp(t, "close", 5))
+			return 1;
+		i = j + 1;
+	}
+	return 0;
+}
+
+/*
+ * A handler's header, kept for the answer. The server frames the body
+ * itself (Content-Length, or none on a 204 or 304) and says whether the
+ * connection stays open: a handler's Content-Length, Transfer-Encoding or
+ * Connection would go out next to its own, two lengths that disagree (a
+ * desync of the client or a proxy), so they are not kept; a Connection
+ * with the close option closes the connection after the answer.
+ */
+static void take_hdr(struct req *r, const char *name, size_t nl, const char *val, size_t vl)
+{
+	if ((nl == 14 && !strncasecmp(name, "content-length", 14)) ||
+	    (nl == 17 && !strncasecmp(name, "transfer-encoding", 17)))
+		return;
+	if (nl == 10 && !strncasecmp(name, "connection", 10)) {
+		if (has_close(val, vl))
+			r->close_after = 1;
+		return;
+	}
+	add_hdr(r, name, nl, val, vl);
+}
+
 static int valid_header_name(const char *s, size_t n)
 {
 	if (n == 0)
@@ -307,14 +347,14 @@ static int req_respond(lua_State *L)
 					val = luaL_tolstring(L, -1, &vl);
 					if (!valid_header_value(val, vl))
 						return luaL_error(L, "invalid value for header '%s'", name);
-					add_hdr(r, name, nl, val, vl);
+					take_hdr(r, name, nl, val, vl);
 					lua_pop(L, 2);
 				}
 			} else {
 				val = luaL_tolstring(L, -1, &vl);
 				if (!valid_header_value(val, vl))
 					return luaL_error(L, "invalid value for header '%s'", name);
-				add_hdr(r, name, nl, val, vl);
+				take_hdr(r, name, nl, val, vl);
 				lua_pop(L, 1);
 			}
 			lua_pop(L, 1);

@@ -625,6 +625,46 @@ T.test("204, 304 and HEAD answers carry no body whatever the handler returns; th
   T.eq(codes, "204 1\n200 0")
 end)
 
+T.test("a handler's Content-Length, Transfer-Encoding and Connection are the server's: not sent; Connection: close closes", function()
+  local srv = server({}, function(s)
+    s:get("/length", function()
+      return 200, "hello", { ["Content-Length"] = "10", ["Content-Type"] = "text/plain" }
+    end)
+    s:get("/chunked", function()
+      return 200, "chunk", { ["transfer-encoding"] = "chunked" }
+    end)
+    s:get("/empty", function()
+      return 204, "", { ["CONTENT-LENGTH"] = "0", Connection = { "keep-alive", "Upgrade" } }
+    end)
+    s:get("/close", function()
+      return 200, "bye", { Connection = "keep-alive , Close" }
+    end)
+  end)
+  local out = one_connection(srv.port, {
+    "GET /length HTTP/1.1\r\nHost: x\r\n\r\n",
+    "GET /chunked HTTP/1.1\r\nHost: x\r\n\r\n",
+    "GET /empty HTTP/1.1\r\nHost: x\r\n\r\n",
+    "GET /close HTTP/1.1\r\nHost: x\r\n\r\n",
+    "GET /length HTTP/1.1\r\nHost: x\r\n\r\n",
+  })
+  local heads = {}
+  for head in out:gmatch("HTTP/1%.1 .-\r\n\r\n") do
+    heads[#heads + 1] = head:lower()
+  end
+  T.no_match(out, "^still open", "closed by the server after /close")
+  T.eq(#heads, 4, out)
+  T.eq(select(2, heads[1]:gsub("content%-length", "")), 1, heads[1])
+  T.match(heads[1], "content%-length: 5\r\n")
+  T.no_match(heads[2], "transfer%-encoding", heads[2])
+  T.match(heads[2], "content%-length: 5\r\n")
+  T.no_match(heads[3], "content%-length")
+  T.no_match(heads[3], "connection", heads[3])
+  T.eq(select(2, heads[4]:gsub("connection:", "")), 1, heads[4])
+  T.match(heads[4], "connection: close\r\n")
+  T.match(out, "\r\n\r\nhelloHTTP/1%.1 200 ", "the bodies are framed by their own lengths")
+  T.match(out, "\r\n\r\nchunkHTTP/1%.1 204 ")
+end)
+
 T.test("a handler's 1xx is no final answer: 500, logged, and the kept-alive connection goes on", function()
   local log = require "callagent.log"
   local error_ = log.error

@@ -51,8 +51,11 @@
 -- none) and req:header(name). It returns either status, body, headers - body a string,
 -- or a table sent as JSON - or a table {status, headers, body}. Returning
 -- nothing answers 204. A 204 or 304 goes out without the body it was given
--- (so does any answer to HEAD); a 1xx is no final answer (500). An error in a
--- handler is logged with its traceback and answered 500 without details.
+-- (so does any answer to HEAD); a 1xx is no final answer (500). The server
+-- frames the body: a handler's Content-Length, Transfer-Encoding and
+-- Connection are not sent (a Connection with "close" closes the connection
+-- after the answer). An error in a handler is logged with its traceback and
+-- answered 500 without details.
 --
 -- WebSocket handlers are plain calls (not tasks) so the per-message path stays
 -- cheap; spawn a task from them to wait on something. conn.request is the
