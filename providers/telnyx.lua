@@ -173,6 +173,12 @@ local function check_config(c)
   if type(key) ~= "string" or #key < 8 or key:find("[%s%c]") then
     cfg_error("apiKey", "expected a secret of at least 8 characters without spaces or control characters, got [redacted]")
   end
+  -- Nor a byte past ASCII (an é, a no-break space pasted with it): no header
+  -- carries it as Telnyx reads it, so every request would be a silent 401.
+  local at = key:find("[\128-\255]")
+  if at then
+    cfg_error("apiKey", string.format("expected a secret of printable ASCII (byte %d is not), got [redacted]", at))
+  end
   out.apiKey = key
   log.secret(key) -- from now on "[redacted]" in every log line and stored error
   if type(c.connectionId) ~= "string" or c.connectionId == "" or #c.connectionId > 128
