@@ -467,7 +467,8 @@ end)
 
 T.test("sqlite: another program's database at store.path is an error naming it, left as it was, its lock let go", function()
   local sqlite = require "callagent.sqlite"
-  for _, foreign in ipairs({ "CREATE TABLE meta (k TEXT, v TEXT)", "CREATE TABLE calls (x); INSERT INTO calls VALUES (1)" }) do
+  for _, foreign in ipairs({ "CREATE TABLE meta (k TEXT, v TEXT)", "CREATE TABLE calls (x); INSERT INTO calls VALUES (1)",
+    "CREATE TABLE users (name TEXT); CREATE TABLE orders (id INTEGER PRIMARY KEY AUTOINCREMENT)" }) do
     local path = T.tmpdir() .. "/other.db"
     local db = assert(sqlite.open(path))
     assert(db:exec(foreign))
@@ -477,9 +478,9 @@ T.test("sqlite: another program's database at store.path is an error naming it, 
       local ok, s, err = pcall(store_mod.open, { backend = "sqlite", path = path, retentionDays = 30 })
       T.eq(ok, true, foreign .. ": no raise")
       T.eq(s, nil, foreign)
-      T.match(err, "^store%.path: cannot set up .*other%.db %(another program's database%?%): no such column",
-        foreign .. ", try " .. try .. ": not 'in use' by this very process")
-      T.no_match(err, "CREATE", "SQLite's words, not the schema's SQL")
+      T.match(err, "^store%.path: .*other%.db is another program's database %(tables [%w, ]+; no callagent store "
+        .. "schema%): give callagent a file of its own$", foreign .. ", try " .. try .. ": not 'in use' by this very process")
+      T.no_match(err, "sqlite_", "SQLite's own tables are not named")
     end
     db = assert(sqlite.open(path, { readonly = true }))
     T.eq(db:rows("SELECT name FROM sqlite_master ORDER BY name"), before, foreign .. ": nothing created in it")

@@ -126,8 +126,21 @@ local function set_up(db, path)
   end
   -- Before anything is created in it: a store a newer callagent wrote is
   -- not this one's to change.
-  local version = must(db:value("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'meta'")) > 0
-    and tonumber(db:value("SELECT value FROM meta WHERE key = 'schema'") or nil)
+  local tables, has_meta = {}, false
+  for _, r in ipairs(must(db:rows("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite!_%' "
+    .. "ESCAPE '!' ORDER BY name"))) do
+    tables[#tables + 1] = r.name
+    has_meta = has_meta or r.name == "meta"
+  end
+  -- A failed read (a meta table of another shape) is no schema row.
+  local version = has_meta and tonumber((select(2, pcall(db.value, db, "SELECT value FROM meta WHERE key = 'schema'"))))
+  if #tables > 0 and not version then
+    -- Tables, none of them a callagent store's: another program's database,
+    -- which the store's tables would be added to.
+    local shown = table.concat(tables, ", ", 1, math.min(#tables, 5)) .. (#tables > 5 and ", ..." or "")
+    return "store.path: " .. path .. " is another program's database (tables " .. shown
+      .. "; no callagent store schema): give callagent a file of its own"
+  end
   if version and version > SCHEMA_VERSION then
     return "store.path: " .. path .. " was written by a newer callagent (store schema " .. version
       .. "; this one reads " .. SCHEMA_VERSION .. "): run that version, or give this one another store.path"
