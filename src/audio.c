@@ -17,7 +17,9 @@
  *                                   no filter, no history. For speech made at
  *                                   an odd rate (espeak-ng's 22050 Hz) on its
  *                                   way to 24 kHz; output sample i is input
- *                                   position i * from / to
+ *                                   position i * from / to, computed exactly
+ *                                   and rounded half up; N samples in give
+ *                                   (N - 1) * to // from + 1 out
  *
  *   r = audio.resampler(from, to)  rates 8000, 16000 or 24000, any pair
  *   r:process(pcm)               -> pcm at the new rate (possibly "")
@@ -681,10 +683,10 @@ static int l_ulaw_rms_dbfs(lua_State *L)
 
 static int l_resample_linear(lua_State *L)
 {
-	size_t len, n, m;
+	size_t len, n, m, j = 0;
 	const uint8_t *s = (const uint8_t *)luaL_checklstring(L, 1, &len);
 	lua_Integer from = luaL_checkinteger(L, 2), to = luaL_checkinteger(L, 3);
-	double ratio;
+	int64_t rem = 0;
 	luaL_Buffer b;
 	uint8_t *out;
 
@@ -696,17 +698,28 @@ static int l_resample_linear(lua_State *L)
 		lua_pushliteral(L, "");
 		return 1;
 	}
-	ratio = (double)from / (double)to;
-	m = (size_t)floor((double)(n - 1) / ratio) + 1;
+	/*
+	 * Exact integer positions: output i is input j + rem / to with
+	 * j * to + rem = i * from. Floating point put (n - 1) * to / from a hair
+	 * under a whole number and lost the last sample (24000 -> 22050 Hz of
+	 * 481 samples gave 441, not 442).
+	 */
+	luaL_argcheck(L, n - 1 <= (SIZE_MAX / 2 - 1) / (size_t)to, 1, "clip too long");
+	m = (n - 1) * (size_t)to / (size_t)from + 1;
 	out = (uint8_t *)luaL_buffinitsize(L, &b, 2 * m);
 	for (size_t i = 0; i < m; i++) {
-		double x = (double)i * ratio;
-		size_t j = (size_t)floor(x);
-		double f = x - (double)j;
 		int a = rd16(s + 2 * j), c = j + 1 < n ? rd16(s + 2 * j + 2) : a;
-		int v = (int)floor(a + (c - a) * f + 0.5);	/* between a and c: in range */
+		/* a + (c - a) * rem / to rounded half up, i.e. floor(2x + 1) / 2 */
+		int64_t num = 2 * ((int64_t)a * to + (int64_t)(c - a) * rem) + to;
+		int64_t den = 2 * (int64_t)to;
+		int64_t v = num >= 0 ? num / den : -((-num + den - 1) / den);
 
-		wr16(out + 2 * i, v);
+		wr16(out + 2 * i, (int)v);	/* between a and c: in range */
+		rem += from;
+		if (rem >= to) {
+			j += (size_t)(rem / to);
+			rem %= to;
+		}
 	}
 	luaL_pushresultsize(&b, 2 * m);
 	return 1;
