@@ -439,6 +439,29 @@ T.test("framer rejects a bad size or pad byte", function()
   end, "pad")
 end)
 
+T.test("NaN, infinite, fractional and out-of-range numbers are argument errors", function()
+  local f = audio.framer(4)
+  local calls = {
+    { "resampler", function(x) return audio.resampler(x, 8000) end, "number has no integer representation" },
+    { "resampler to", function(x) return audio.resampler(8000, x) end, "number has no integer representation" },
+    { "resample_linear", function(x) return audio.resample_linear("ab", x, 8000) end,
+      "number has no integer representation" },
+    { "framer", function(x) return audio.framer(x) end, "number has no integer representation" },
+    { "flush", function(x) f:push("a") return f:flush(x) end, "number has no integer representation" },
+  }
+  for _, c in ipairs(calls) do
+    for _, x in ipairs({ 0 / 0, math.huge, -math.huge, 1.5, 2 ^ 63 }) do
+      T.raises(function() c[2](x) end, c[3], c[1] .. "(" .. tostring(x) .. ")")
+    end
+  end
+  for _, x in ipairs({ math.mininteger, -1, math.maxinteger }) do
+    T.raises(function() audio.resampler(x, 8000) end, "rate must be")
+    T.raises(function() audio.resample_linear("ab", 8000, x) end, "rate must be")
+    T.raises(function() audio.framer(x) end, "frame size")
+    T.raises(function() f:flush(x) end, "pad must be")
+  end
+end)
+
 -- speed (diagnostics, not asserted) ----------------------------------------
 
 T.test("speed of 20 ms chunks (diagnostic)", function()

@@ -616,4 +616,19 @@ T.test("fuzz: random_token(n) decodes to n bytes for every n from 1 to 1024", fu
   T.raises(function() crypto.random_token(1025) end, "bad argument #1")
 end)
 
+T.test("NaN, infinite, fractional and out-of-range byte counts are argument errors", function()
+  for _, x in ipairs({ 0 / 0, math.huge, -math.huge, 1.5, 2 ^ 63 }) do
+    T.raises(function() crypto.random_bytes(x) end, "number has no integer representation")
+    T.raises(function() crypto.random_token(x) end, "number has no integer representation")
+  end
+  for _, x in ipairs({ math.mininteger, -1, math.maxinteger, 1024 * 1024 + 1 }) do
+    T.raises(function() crypto.random_bytes(x) end, "must be 0 .. 1048576")
+  end
+  for _, x in ipairs({ math.mininteger, 0, 1025, math.maxinteger }) do
+    T.raises(function() crypto.random_token(x) end, "must be 1 .. 1024")
+  end
+  T.raises(function() crypto.random_bytes() end, "number expected")
+  T.raises(function() crypto.random_bytes("ten") end, "number expected")
+end)
+
 T.run()
