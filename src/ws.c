@@ -16,8 +16,10 @@
  *       "text", "binary", "close" (code, reason), or "error" (a = "ECODE:
  *       message") when it never connected: ETIMEDOUT (the name lookup
  *       included), ENOTFOUND, ECONNREFUSED, ETLS (certificate or TLS
- *       failure), EHANDSHAKE (the server did not upgrade; the HTTP status is
- *       in the message), ECANCELED.
+ *       failure), EHANDSHAKE (the server did not upgrade - the HTTP status is
+ *       in the message -, or its 101 lacks Upgrade or the right
+ *       Sec-WebSocket-Accept, or chose an extension, or a subprotocol not
+ *       among those of a Sec-WebSocket-Protocol in opts.headers), ECANCELED.
  *   Returns the connection (connecting), or nil, "EINVAL: ..." for a bad URL.
  *
  * The header values (API keys) never appear in errors or logs.
@@ -61,6 +63,7 @@ struct ca_wsc {
 	unsigned char *req;		/* LWS_PRE bytes, then the request */
 	size_t req_len;
 	char accept[32];		/* the Sec-WebSocket-Accept the server must send */
+	char *protocols;		/* the Sec-WebSocket-Protocol offered (opts.headers), or NULL */
 	char *head;			/* the server's response head so far */
 	size_t head_len;
 
@@ -163,6 +166,7 @@ static void free_client(struct ca_ws *ws)
 		uv_close((uv_handle_t *)c->next_timer, (uv_close_cb)free);
 	wipe_free(c->req, LWS_PRE + c->req_len);
 	free(c->head);
+	free(c->protocols);
 	SSL_free(c->ssl);
 	free(c);
 }
@@ -314,6 +318,22 @@ static int check_upgrade(struct ca_ws *ws, const char *head)
 	if (find_header(head, "sec-websocket-extensions", &n)) {
 		snprintf(ws->error, sizeof ws->error, "EHANDSHAKE: the server chose an extension we did not offer");
 		return -1;
+	}
+	/* A subprotocol must be one that was offered (RFC 6455 4.1), if any was. */
+	if ((v = find_header(head, "sec-websocket-protocol", &n)) != NULL) {
+		const char *offered = ws->cl->protocols;
+		char chosen[128];
+		int ok = 0;
+
+		if (offered && n > 0 && n < sizeof chosen && memchr(v, ',', n) == NULL) {
+			memcpy(chosen, v, n);
+			chosen[n] = '\0';
+			ok = has_token(offered, strlen(offered), chosen);
+		}
+		if (!ok) {
+			snprintf(ws->error, sizeof ws->error, "EHANDSHAKE: the server chose a subprotocol we did not offer");
+			return -1;
+		}
 	}
 	return 0;
 }
@@ -1326,11 +1346,12 @@ static void sb_str(struct sbuf *b, const char *s)
 /*
  * Builds the upgrade request (LWS_PRE bytes of headroom first) with the
  * extra headers of opts (at index 1) and a fresh key; accept gets the
- * answer the server must give. -1 with an error message on L for a bad
- * header (its value is never shown).
+ * answer the server must give, *offered a copy of any Sec-WebSocket-Protocol
+ * among the headers (the subprotocols the server may choose from). -1 with
+ * an error message on L for a bad header (its value is never shown).
  */
 static int build_request(lua_State *L, const char *path, const char *host,
-			 unsigned char **out, size_t *out_len, char accept[32])
+			 unsigned char **out, size_t *out_len, char accept[32], char **offered)
 {
 	static const char pre[LWS_PRE];
 	unsigned char nonce[16], digest[EVP_MAX_MD_SIZE];
@@ -1380,8 +1401,14 @@ static int build_request(lua_State *L, const char *path, const char *host,
 			}
 			if (bad) {
 				wipe_free(b.p, b.cap);
+				free(*offered);
+				*offered = NULL;
 				lua_pushfstring(L, "ws.connect: %s", bad);
 				return -1;
+			}
+			if (nl == 22 && strncasecmp(name, "Sec-WebSocket-Protocol", 22) == 0 && *offered == NULL) {
+				*offered = ca_malloc(vl + 1);
+				memcpy(*offered, val, vl + 1);
 			}
 			sb_add(&b, name, nl);
 			sb_str(&b, ": ");
@@ -1404,7 +1431,7 @@ static int l_connect(lua_State *L)
 	const char *verr = NULL;
 	struct ca_ws *ws;
 	const char *url, *ca_file;
-	char *buf, *host, *path, hosthdr[300], fullpath[2048], accept[32];
+	char *buf, *host, *path, hosthdr[300], fullpath[2048], accept[32], *offered = NULL;
 	unsigned char *req;
 	int tls, port;
 	lua_Integer timeout, ping, pong, max_message, max_send_queue;
@@ -1449,7 +1476,7 @@ static int l_connect(lua_State *L)
 		return ca_fail(L, vh ? "ETLS" : "EIO", "%s", verr);
 	}
 
-	if (build_request(L, fullpath, hosthdr, &req, &req_len, accept) != 0) {
+	if (build_request(L, fullpath, hosthdr, &req, &req_len, accept, &offered) != 0) {
 		free(buf);
 		return lua_error(L);
 	}
@@ -1462,6 +1489,7 @@ static int l_connect(lua_State *L)
 	ws->cl->req = req;
 	ws->cl->req_len = req_len;
 	memcpy(ws->cl->accept, accept, sizeof accept);
+	ws->cl->protocols = offered;
 	ws->ping_ms = (uint64_t)ping * 1000;
 	ws->pong_ms = (uint64_t)pong * 1000;
 	if (tls && tls_new(ws, tctx, host, port) != 0) {

@@ -758,7 +758,8 @@ T.test("over wss:// the same, with every TLS record split across reads", functio
 end)
 
 T.test("protocol errors from the server close the client with 1002", function()
-  for _, scenario in ipairs({ "masked", "rsv", "continuation", "close1005", "close5000" }) do
+  for _, scenario in ipairs({ "masked", "rsv", "continuation", "close1005", "close5000", "opcode", "longping",
+    "fragping", "newmessage" }) do
     local p, port = edge_server(scenario)
     local c = assert(connect("ws://127.0.0.1:" .. port .. "/edge"))
     local kind, code = c:receive(5000)
@@ -904,6 +905,22 @@ T.test("a 101 without Upgrade or with the wrong Sec-WebSocket-Accept is EHANDSHA
   c, err = ws.connect("ws://127.0.0.1:" .. port .. "/edge", { timeout = 3000 })
   T.eq(c, nil)
   T.match(err, "^EHANDSHAKE: .*Upgrade")
+end)
+
+T.test("a 101 with an extension or a subprotocol the client did not offer is EHANDSHAKE; an offered one opens", function()
+  local _, port = edge_server("extension")
+  local c, err = ws.connect("ws://127.0.0.1:" .. port .. "/edge", { timeout = 3000 })
+  T.eq(c, nil)
+  T.match(err, "^EHANDSHAKE: .*extension")
+  _, port = edge_server("subprotocol") -- it chooses "chat"
+  c, err = ws.connect("ws://127.0.0.1:" .. port .. "/edge", { timeout = 3000 })
+  T.eq(c, nil)
+  T.match(err, "^EHANDSHAKE: .*subprotocol")
+  c, err = ws.connect("ws://127.0.0.1:" .. port .. "/edge",
+    { timeout = 3000, headers = { ["Sec-WebSocket-Protocol"] = "superchat, chat" } })
+  T.ok(c, err)
+  T.eq(c.response_headers["sec-websocket-protocol"], "chat")
+  c:close()
 end)
 
 T.test("handshake headers with line breaks are refused before anything is sent", function()

@@ -22,8 +22,10 @@
 --               --   server was resumed (no certificate exchange) }; nil over ws://
 --
 -- Errors ("ECODE: message"): EINVAL (bad URL), ETIMEDOUT, ECONNREFUSED,
--- ENOTFOUND, ETLS (certificate or TLS failure), EHANDSHAKE (no upgrade; the
--- message holds the HTTP status), ECANCELED. Header values never appear in
+-- ENOTFOUND, ETLS (certificate or TLS failure), EHANDSHAKE (no upgrade: the
+-- message holds the HTTP status; or a 101 without the right Accept, with an
+-- extension, or with a subprotocol the headers' Sec-WebSocket-Protocol did
+-- not offer), ECANCELED. Header values never appear in
 -- errors or logs. ws.connect_cb(url, opts, fn) is the callback form: fn(conn)
 -- or fn(nil, err).
 local core = require "callagent.core.ws"

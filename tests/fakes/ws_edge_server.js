@@ -25,6 +25,7 @@ function upgrade(sock, head, extra = {}) {
   const lines = ['HTTP/1.1 101 Switching Protocols'];
   if (!extra.noUpgrade) lines.push('Upgrade: websocket', 'Connection: Upgrade');
   lines.push('Sec-WebSocket-Accept: ' + (extra.badAccept ? 'AAAA' + accept.slice(4) : accept));
+  if (extra.headers) lines.push(...extra.headers);
   lines.push('X-Edge: ' + scenario);
   return Buffer.from(lines.join('\r\n') + '\r\n\r\n');
 }
@@ -70,6 +71,27 @@ const scenarios = {
   },
   noupgrade(sock, head) {
     sock.write(upgrade(sock, head, { noUpgrade: true }));
+  },
+  // Answers the client did not ask for: an extension, a subprotocol.
+  extension(sock, head) {
+    sock.write(upgrade(sock, head, { headers: ['Sec-WebSocket-Extensions: permessage-deflate'] }));
+  },
+  subprotocol(sock, head) {
+    sock.write(upgrade(sock, head, { headers: ['Sec-WebSocket-Protocol: chat'] }));
+  },
+  // Other protocol errors: an unknown opcode, a long or fragmented ping, a
+  // new message inside a fragmented one.
+  opcode(sock, head) {
+    sock.write(Buffer.concat([upgrade(sock, head), frame(3, 'x')]));
+  },
+  longping(sock, head) {
+    sock.write(Buffer.concat([upgrade(sock, head), frame(9, Buffer.alloc(126))]));
+  },
+  fragping(sock, head) {
+    sock.write(Buffer.concat([upgrade(sock, head), frame(9, 'x', { fin: false })]));
+  },
+  newmessage(sock, head) {
+    sock.write(Buffer.concat([upgrade(sock, head), frame(1, 'a', { fin: false }), frame(2, 'b')]));
   },
 };
 
