@@ -25,7 +25,8 @@
  * "ENOBUFS: ..." when the send queue would pass its limit - the peer is not
  * reading fast enough, so the connection is dropped (close code 1008), which
  * is how a slow peer is kept from growing memory without bound. An incoming
- * message larger than the limit closes the connection with 1009.
+ * message larger than the limit closes the connection with 1009, a close
+ * frame whose reason is not UTF-8 with 1007 (the reason is not shown).
  *
  * Events reach the connection's handler as handler(conn, event, a, b):
  * "open" (server: a = request table; client: a = response headers),
@@ -787,6 +788,49 @@ static void protocol_error(struct ca_ws *ws, const char *what)
 	ca__ws_fail(ws, 1002, what);
 }
 
+/*
+ * Whether p[0..n) is UTF-8 (RFC 3629: no overlong forms, no surrogates,
+ * nothing past U+10FFFF).
+ */
+static int utf8_valid(const unsigned char *p, size_t n)
+{
+	size_t i = 0;
+
+	while (i < n) {
+		unsigned c = p[i], lo = 0x80, hi = 0xbf;
+		size_t len;
+
+		if (c < 0x80) {
+			i++;
+			continue;
+		}
+		if (c >= 0xc2 && c <= 0xdf)
+			len = 2;
+		else if (c >= 0xe0 && c <= 0xef)
+			len = 3;
+		else if (c >= 0xf0 && c <= 0xf4)
+			len = 4;
+		else
+			return 0;
+		/* The second byte's range rules out overlong forms, surrogates and > U+10FFFF. */
+		if (c == 0xe0)
+			lo = 0xa0;
+		else if (c == 0xed)
+			hi = 0x9f;
+		else if (c == 0xf0)
+			lo = 0x90;
+		else if (c == 0xf4)
+			hi = 0x8f;
+		if (n - i < len || p[i + 1] < lo || p[i + 1] > hi)
+			return 0;
+		for (size_t k = 2; k < len; k++)
+			if ((p[i + k] & 0xc0) != 0x80)
+				return 0;
+		i += len;
+	}
+	return 1;
+}
+
 /* A whole control frame. -1: close the connection now. */
 static int control_frame(struct ca_ws *ws)
 {
@@ -807,6 +851,17 @@ static int control_frame(struct ca_ws *ws)
 	if (f->ctl_len >= 2 && !sendable_close_code((f->ctl[0] << 8) | f->ctl[1])) {
 		/* Not echoed: it is no code to send, nor one the app should see. */
 		protocol_error(ws, "a close code no endpoint may send");
+		return 0;
+	}
+	if (!ws->close_sent && f->ctl_len > 2 && !utf8_valid(f->ctl + 2, f->ctl_len - 2)) {
+		/*
+		 * The reason is text (RFC 6455 5.5.1, 8.1): not echoed, not shown
+		 * to the app. (The answer to our own close ends it as it is.)
+		 */
+		ca_log(CA_LOG_WARN, "websocket %lld: a close reason that is not UTF-8 from the %s: closing (1007)",
+		       (long long)ws->id, ws->is_client ? "server" : "client");
+		f->broken = 1;
+		ca__ws_fail(ws, 1007, "close reason that is not UTF-8");
 		return 0;
 	}
 	if (ca__ws_peer_close(ws, f->ctl, f->ctl_len) != 0)

@@ -770,6 +770,22 @@ T.test("protocol errors from the server close the client with 1002", function()
   end
 end)
 
+T.test("a close reason from the server that is not UTF-8 closes the client with 1007, not shown to the app", function()
+  local p, port = edge_server("badreason")
+  local c = assert(connect("ws://127.0.0.1:" .. port .. "/edge"))
+  T.eq({ c:receive(5000) }, { "close", 1007, "close reason that is not UTF-8" })
+  local f = client_frame(p)
+  T.eq({ f.op, f.masked, f.code }, { 8, true, 1007 }, "the server was told")
+end)
+
+T.test("UTF-8 split mid-character across fragments arrives whole; a UTF-8 close reason is kept", function()
+  local p, port = edge_server("utf8split")
+  local c = assert(connect("ws://127.0.0.1:" .. port .. "/edge"))
+  T.eq({ c:receive(5000) }, { "text", "h\u{e9}llo \u{1f600}" })
+  T.eq({ c:receive(5000) }, { "close", 1000, "s\u{fc}\u{df}" })
+  T.eq(client_frame(p).code, 1000, "the close answered")
+end)
+
 T.test("a connection cut in the middle of a frame ends with 1006 and no message", function()
   local _, port = edge_server("drop")
   local c = assert(connect("ws://127.0.0.1:" .. port .. "/edge"))
@@ -826,6 +842,14 @@ T.test("protocol errors from a client close it with 1002, and the server says wh
     T.eq(close_event(srv, 3000, scenario .. ": the server's close event, once the client has ended the connection")[2],
       1002, scenario)
   end
+end)
+
+T.test("a close reason from a client that is not UTF-8 closes it with 1007, not shown to the app", function()
+  local srv = echo_server()
+  local p = edge_client("badreason", srv)
+  local f = server_frame(p)
+  T.eq({ f.op, f.code }, { 8, 1007 }, "not echoed: a close of the server's own")
+  T.eq(close_event(srv, 3000), { "close", 1007, "close reason that is not UTF-8" })
 end)
 
 T.test("messages and a close that came in one read: the echoes and the close answer go out in order, in one write", function()

@@ -64,6 +64,10 @@ const scenarios = {
   close999(sock) {
     sock.write(frame(8, Buffer.from([0x03, 0xe7]), { mask: KEY }));
   },
+  // A close reason that is not UTF-8 (RFC 6455 8.1): an overlong form.
+  badreason(sock) {
+    sock.write(frame(8, Buffer.from([0x03, 0xe8, 0xc0, 0x80]), { mask: KEY }));
+  },
   // Five text messages and a close in one write: the echoes and the answer
   // to the close must come back whole and in order.
   burst(sock) {

@@ -93,6 +93,18 @@ const scenarios = {
   newmessage(sock, head) {
     sock.write(Buffer.concat([upgrade(sock, head), frame(1, 'a', { fin: false }), frame(2, 'b')]));
   },
+  // A close reason that is not UTF-8 (RFC 6455 8.1).
+  badreason(sock, head) {
+    sock.write(Buffer.concat([upgrade(sock, head), frame(8, Buffer.from([0x03, 0xe8, 0xff, 0xfe]))]));
+  },
+  // Valid UTF-8 split mid-character across fragments, then a close whose
+  // reason is UTF-8 of more than one byte a character.
+  utf8split(sock, head) {
+    const text = Buffer.from('h\u00e9llo \u{1f600}');
+    sock.write(Buffer.concat([upgrade(sock, head), frame(1, text.subarray(0, 2), { fin: false }),
+      frame(0, text.subarray(2, 8), { fin: false }), frame(0, text.subarray(8))]));
+    setTimeout(() => sock.write(frame(8, Buffer.concat([Buffer.from([0x03, 0xe8]), Buffer.from('s\u00fc\u00df')]))), 50);
+  },
 };
 
 if (!scenarios[scenario]) {
