@@ -1562,9 +1562,17 @@ static int l_abort(lua_State *L)
 {
 	struct ca_ws *ws = check_ws(L);
 
-	if (ws->state == CA_WS_CONNECTING && ws->wsi == NULL && ws->is_client) {
+	if (ws->state == CA_WS_CONNECTING && ws->is_client) {
+		/*
+		 * Its error says so, as a close's does: without one, the end of
+		 * a connection under way (TCP, TLS, the upgrade) was taken for
+		 * the server's, ECONNREFUSED.
+		 */
 		snprintf(ws->error, sizeof ws->error, "ECANCELED: aborted before it connected");
-		ca__wsc_cancel(ws);	/* no lws connection yet */
+		if (ws->wsi)
+			ca__ws_kill(ws->wsi);
+		else
+			ca__wsc_cancel(ws);	/* no lws connection yet */
 	} else if (ws->wsi && ws->state != CA_WS_CLOSED) {
 		ca__ws_drop(ws, 1006, "aborted");
 	}

@@ -202,6 +202,36 @@ T.test("a server that accepts TCP but never answers gives ETIMEDOUT after the co
   end
 end)
 
+T.test("abort or close while TCP, TLS or the upgrade is under way: one error, ECANCELED, not the server's fault", function()
+  local core_ws = require "callagent.core.ws"
+  local p = assert(process.spawn({
+    "node",
+    "-e",
+    "const s=require('net').createServer(()=>{});s.listen(0,'127.0.0.1',()=>console.log(s.address().port))",
+  }))
+  T.defer(function()
+    p:kill()
+  end)
+  local port = assert(p:read_line(5000))
+  for _, how in ipairs({ "abort", "close" }) do
+    for _, scheme in ipairs({ "ws", "wss" }) do
+      local events = {}
+      local c = core_ws.connect({ url = scheme .. "://127.0.0.1:" .. port .. "/x", timeout = 3000 }, function(_, ev, a)
+        events[#events + 1] = { ev, a }
+      end)
+      timer.sleep(50) -- connected: the server says nothing
+      c[how](c)
+      T.wait_for(function()
+        return #events > 0
+      end, 2000, how .. " " .. scheme .. ": its event")
+      timer.sleep(50)
+      T.eq(#events, 1, how .. " " .. scheme .. ": one event")
+      T.eq(events[1][1], "error", how .. " " .. scheme)
+      T.match(events[1][2], "^ECANCELED: ", how .. " " .. scheme)
+    end
+  end
+end)
+
 T.test("an incoming message over max_ws_message closes the connection with 1009", function()
   local srv = echo_server({ max_ws_message = 1000 })
   local c = assert(connect(srv:ws_url("/echo")))
