@@ -1265,10 +1265,13 @@ void ca__wsc_cancel(struct ca_ws *ws)
 	uv_timer_start(ws->connect_timer, on_connect_timeout, 0, 0);
 }
 
-/* Splits "ws[s]://host[:port]/path" into its parts (in place, in buf). */
-static int parse_url(char *buf, int *tls, char **host, int *port, char **path)
+/*
+ * Splits "ws[s]://host[:port][/path][?query]" into its parts (in place, in
+ * buf); path gets the path and query ("/" when neither), which fit in it.
+ */
+static int parse_url(char *buf, int *tls, char **host, int *port, char *path, size_t pathcap)
 {
-	char *p = buf, *slash, *colon;
+	char *p = buf, *rest, *colon;
 
 	if (strncasecmp(p, "ws://", 5) == 0) {
 		*tls = 0;
@@ -1280,14 +1283,18 @@ static int parse_url(char *buf, int *tls, char **host, int *port, char **path)
 		return -1;
 	}
 	*port = *tls ? 443 : 80;
-	slash = strchr(p, '/');
-	*path = slash ? slash : NULL;
-	if (slash)
-		*slash = '\0';
+	/*
+	 * The host ends at a '?' too ("wss://h?model=x" was looked up as the
+	 * name "h?model=x", and the error quoted the query); a fragment is
+	 * not sent (RFC 6455 3).
+	 */
+	rest = p + strcspn(p, "/?#");
+	snprintf(path, pathcap, "%s%.*s", *rest == '/' ? "" : "/", (int)strcspn(rest, "#"), rest);
+	*rest = '\0';
 	if (*p == '[') {
 		char *close = strchr(p, ']');
 
-		if (close == NULL)
+		if (close == NULL || (close[1] != ':' && close[1] != '\0'))
 			return -1;
 		*close = '\0';
 		*host = p + 1;
@@ -1431,7 +1438,7 @@ static int l_connect(lua_State *L)
 	const char *verr = NULL;
 	struct ca_ws *ws;
 	const char *url, *ca_file;
-	char *buf, *host, *path, hosthdr[300], fullpath[2048], accept[32], *offered = NULL;
+	char *buf, *host, hosthdr[300], fullpath[2048], accept[32], *offered = NULL;
 	unsigned char *req;
 	int tls, port;
 	lua_Integer timeout, ping, pong, max_message, max_send_queue;
@@ -1460,11 +1467,10 @@ static int l_connect(lua_State *L)
 
 	buf = ca_malloc(urllen + 1);
 	memcpy(buf, url, urllen + 1);
-	if (parse_url(buf, &tls, &host, &port, &path) != 0) {
+	if (parse_url(buf, &tls, &host, &port, fullpath, sizeof fullpath) != 0) {
 		free(buf);
 		return ca_fail(L, "EINVAL", "not a ws:// or wss:// URL");
 	}
-	snprintf(fullpath, sizeof fullpath, "/%s", path ? path + 1 : "");
 	if ((tls && port == 443) || (!tls && port == 80))
 		snprintf(hosthdr, sizeof hosthdr, "%s", host);
 	else

@@ -961,6 +961,23 @@ T.test("a 101 without Upgrade or with the wrong Sec-WebSocket-Accept is EHANDSHA
   T.match(err, "^EHANDSHAKE: .*Upgrade")
 end)
 
+T.test("a URL's query right after the host goes in the request line; a fragment is not sent; junk after [v6] is EINVAL", function()
+  local _, port = edge_server("requestline")
+  local base = "ws://127.0.0.1:" .. port
+  for url, line in pairs({
+    [base .. "?model=x&api-key=k"] = "GET /?model=x&api-key=k HTTP/1.1",
+    [base .. "#frag"] = "GET / HTTP/1.1",
+    [base .. "/a/b?y=2#frag?z"] = "GET /a/b?y=2 HTTP/1.1",
+    [base] = "GET / HTTP/1.1",
+  }) do
+    local c, err = connect(url, { timeout = 3000 })
+    T.ok(c, url .. ": " .. tostring(err))
+    T.eq({ c:receive(5000) }, { "text", line .. "\nHost: 127.0.0.1:" .. port }, url)
+  end
+  local c, err = ws.connect("ws://[::1]junk:" .. port .. "/x")
+  T.eq({ c, err }, { nil, "EINVAL: not a ws:// or wss:// URL" })
+end)
+
 T.test("a 101 with an extension or a subprotocol the client did not offer is EHANDSHAKE; an offered one opens", function()
   local _, port = edge_server("extension")
   local c, err = ws.connect("ws://127.0.0.1:" .. port .. "/edge", { timeout = 3000 })

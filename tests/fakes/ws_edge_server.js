@@ -72,6 +72,12 @@ const scenarios = {
   noupgrade(sock, head) {
     sock.write(upgrade(sock, head, { noUpgrade: true }));
   },
+  // Sends the request line and the Host header back, as a text message.
+  requestline(sock, head) {
+    const lines = head.split('\r\n');
+    const host = lines.find((l) => /^host:/i.test(l));
+    sock.write(Buffer.concat([upgrade(sock, head), frame(1, lines[0] + '\n' + host)]));
+  },
   // Answers the client did not ask for: an extension, a subprotocol.
   extension(sock, head) {
     sock.write(upgrade(sock, head, { headers: ['Sec-WebSocket-Extensions: permessage-deflate'] }));
