@@ -978,6 +978,16 @@ T.test("a URL's query right after the host goes in the request line; a fragment 
   T.eq({ c, err }, { nil, "EINVAL: not a ws:// or wss:// URL" })
 end)
 
+T.test("a connection that opens after ws.connect's wait was ended elsewhere is closed, not left open for good", function()
+  local p, port = edge_server("late")
+  local co = task.spawn(function()
+    ws.connect("ws://127.0.0.1:" .. port .. "/edge", { timeout = 3000 })
+  end)
+  task.resume(co) -- the app ends the wait early: no one will have the connection
+  local f = client_frame(p)
+  T.eq({ f.op, f.code, f.reason }, { 8, 1001, "not needed" })
+end)
+
 T.test("a 101 with an extension or a subprotocol the client did not offer is EHANDSHAKE; an offered one opens", function()
   local _, port = edge_server("extension")
   local c, err = ws.connect("ws://127.0.0.1:" .. port .. "/edge", { timeout = 3000 })

@@ -90,9 +90,19 @@ local function receive(conn, timeout_ms)
 end
 
 function M.connect(url, opts)
+  local over = false
   local conn, err = task.await(function(done)
-    start(url, opts, done)
+    start(url, opts, function(c, e)
+      -- The wait ended before (the task was resumed from elsewhere): no one
+      -- would ever hold this connection, and it stayed open, pinged, for good.
+      if over and c then
+        c:close(1001, "not needed")
+        return
+      end
+      done(c, e)
+    end)
   end)
+  over = true
   if conn then
     conn.receive = receive
   end

@@ -72,6 +72,10 @@ const scenarios = {
   noupgrade(sock, head) {
     sock.write(upgrade(sock, head, { noUpgrade: true }));
   },
+  // Answers the upgrade 300 ms late.
+  late(sock, head) {
+    setTimeout(() => sock.write(upgrade(sock, head)), 300);
+  },
   // Sends the request line and the Host header back, as a text message.
   requestline(sock, head) {
     const lines = head.split('\r\n');
