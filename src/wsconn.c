@@ -1334,6 +1334,7 @@ int ca__ws_take_socket(struct ca_ws *ws, int (*rx)(struct ca_ws *ws, unsigned ch
 	io->fd = fd;
 	io->ws = ws;
 	io->rx = rx ? rx : ca__ws_parse;
+	io->paused = ws->paused;	/* a client paused while it connected */
 	uv_poll_init_socket(ca_loop(), &io->poll, fd);
 	io->poll.data = io;
 	lws_rx_flow_control(ws->wsi, 0);
@@ -1614,7 +1615,8 @@ static int l_pause(lua_State *L)
 	if (ws->io) {
 		ws->io->paused = 1;
 		io_update(ws->io);
-	} else if (ws->wsi) {
+	} else if (ws->wsi && ws->state == CA_WS_OPEN) {
+		/* A client still connecting reads the upgrade's answer; then its socket is paused (ca__ws_take_socket). */
 		lws_rx_flow_control(ws->wsi, 0);
 	}
 	return 0;

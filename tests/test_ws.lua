@@ -988,6 +988,30 @@ T.test("a connection that opens after ws.connect's wait was ended elsewhere is c
   T.eq({ f.op, f.code, f.reason }, { 8, 1001, "not needed" })
 end)
 
+T.test("paused while connecting: it opens, then reads nothing until resumed", function()
+  local core_ws = require "callagent.core.ws"
+  local _, port = edge_server("hello")
+  local events = {}
+  local c = core_ws.connect({ url = "ws://127.0.0.1:" .. port .. "/edge", timeout = 2000 }, function(_, ev, a)
+    events[#events + 1] = { ev, type(a) == "string" and a or nil }
+  end)
+  T.defer(function()
+    c:abort()
+  end)
+  c:pause()
+  T.wait_for(function()
+    return #events > 0
+  end, 3000, "the open event")
+  T.eq(events[1][1], "open", "the answer to the upgrade is read")
+  timer.sleep(300)
+  T.eq(#events, 1, "the message 100 ms after the open is not read while paused")
+  c:resume()
+  T.wait_for(function()
+    return #events > 1
+  end, 2000, "the message once resumed")
+  T.eq(events[2], { "text", "hello" })
+end)
+
 T.test("a 101 with an extension or a subprotocol the client did not offer is EHANDSHAKE; an offered one opens", function()
   local _, port = edge_server("extension")
   local c, err = ws.connect("ws://127.0.0.1:" .. port .. "/edge", { timeout = 3000 })

@@ -72,6 +72,11 @@ const scenarios = {
   noupgrade(sock, head) {
     sock.write(upgrade(sock, head, { noUpgrade: true }));
   },
+  // A text message 100 ms after the upgrade, in a read of its own.
+  hello(sock, head) {
+    sock.write(upgrade(sock, head));
+    setTimeout(() => sock.write(frame(1, 'hello')), 100);
+  },
   // Answers the upgrade 300 ms late.
   late(sock, head) {
     setTimeout(() => sock.write(upgrade(sock, head)), 300);
