@@ -38,7 +38,7 @@
 --                                            opts.after takes (keyset: a row recorded
 --                                            meanwhile is in a later page, never in two);
 --                                            opts.keys: only those keys (no paging)
---   store:prune(older_than) -> removed       store:close()
+--   store:prune(days) -> removed             store:close()
 --                                            prune: nil, err when the store refused
 --                                            it; called in a task, it may take turns
 --                                            with the loop (task.pace) and must then
