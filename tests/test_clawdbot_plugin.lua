@@ -417,4 +417,91 @@ T.test("callagent starting or stopping: one line that says so once, with when to
   T.eq(r.steps[3].error, "callagent is shutting down: the server is closing (503 closing)")
 end)
 
+T.test("callagent's own failure (5xx) is told as one, not as a refusal of the input; a POST's may have been carried out", function()
+  local recording = require "callagent.store.recording"
+  T.defer(function()
+    recording.raise = nil
+  end)
+  local env = start({ twilio = { behaviour = { ring_ms = 10000 } }, config = { store = { backend = "recording" } } })
+  local cfg = { baseUrl = env.base, apiToken = TOKEN }
+  local r = host(cfg, { { tool = "call_agent", toolCallId = "toolu_5xx", params = { to = "+14155550100", prompt = "Book it." } } })
+  local id = r.steps[1].details.callId
+  -- Ended, so read from the store (a live call is read from memory).
+  T.eq((api(env, "POST", "/v1/calls/" .. id .. "/hangup")), 202)
+  T.wait_for(function()
+    local _, rec = api(env, "GET", "/v1/calls/" .. id)
+    return rec.status == "canceled"
+  end, 10000, "the call to be canceled")
+  recording.raise = function(op)
+    return (op == "insert_call" or op == "get_call") and "EIO: the disk said no" or nil
+  end
+  r = host(cfg, {
+    { tool = "call_agent", toolCallId = "toolu_5xx2", params = { to = "+14155550199", prompt = "Other." } },
+    { tool = "call_agent_status", params = { callId = id } },
+  })
+  recording.raise = nil
+  -- Before: "callagent refused the request: the call could not be stored".
+  T.eq(r.steps[1].error, "callagent failed: the call could not be stored (500 store_failed); its log says why")
+  T.eq(r.steps[2].error, "callagent failed: the call could not be read (500 store_failed); its log says why")
+  -- A handler's error (500 internal) may come after the call was placed.
+  local srv = T.server({}, function(s)
+    s:post("/v1/calls", function()
+      return 500, { error = { code = "internal", message = "internal error" } }
+    end)
+  end)
+  r = host({ baseUrl = "http://127.0.0.1:" .. srv.port, apiToken = TOKEN },
+    { { tool = "call_agent", toolCallId = "toolu_500", params = { to = "+14155550100", prompt = "Book it." } } })
+  T.eq(r.steps[1].error, "callagent failed: internal error (500 internal); its log says why. "
+    .. "The request may still have been carried out.")
+end)
+
+T.test("an answer that is not callagent's (a 2xx without its fields, another error shape, a proxy's page) says so", function()
+  local answers = {
+    { 201, { ok = true } },
+    { 200, { calls = {} } },
+    { 202, "accepted", { ["Content-Type"] = "text/plain" } },
+    { 400, { error = "bad request" } },
+    { 503, "<html>Service Unavailable</html>", { ["Content-Type"] = "text/html" } },
+  }
+  local n = 0
+  local function answer()
+    n = n + 1
+    return table.unpack(answers[n])
+  end
+  local srv = T.server({}, function(s)
+    s:post("/v1/calls", answer)
+    s:get("/v1/calls/{id}", answer)
+    s:post("/v1/calls/{id}/hangup", answer)
+  end)
+  local base = "http://127.0.0.1:" .. srv.port
+  local step = { tool = "call_agent", toolCallId = "toolu_odd", params = { to = "+14155550100", prompt = "Book it." } }
+  local r = host({ baseUrl = base, apiToken = TOKEN }, {
+    step,
+    { tool = "call_agent_status", params = { callId = "c_00000000000000000000" } },
+    { tool = "call_agent_hangup", params = { callId = "c_00000000000000000000" } },
+    step, step,
+  })
+  local tail = "; is plugins.entries.callagent.config.baseUrl callagent's address?"
+  -- Before: "callagent refused the request: no error message (201 http_201)",
+  -- and "callagent is busy: no error message" for the proxy's 503.
+  T.eq(r.steps[1].error, "callagent at " .. base .. " answered HTTP 201 that is not callagent's answer" .. tail)
+  T.eq(r.steps[2].error, "callagent at " .. base .. " answered HTTP 200 that is not callagent's answer" .. tail)
+  T.eq(r.steps[3].error, "callagent at " .. base .. " answered HTTP 202 that is not callagent's JSON" .. tail)
+  T.eq(r.steps[4].error, "callagent at " .. base .. " answered HTTP 400 that is not callagent's answer" .. tail)
+  T.eq(r.steps[5].error, "callagent at " .. base .. " answered HTTP 503 that is not callagent's JSON" .. tail)
+end)
+
+T.test("a callagent whose store keeps no Idempotency-Keys (501) still places the call", function()
+  local env = start({ twilio = { behaviour = { ring_ms = 10000 } } })
+  -- An app's own store without find_idempotent (optional in the interface).
+  env.app.engine.store.find_idempotent = false
+  local r = host({ baseUrl = env.base, apiToken = TOKEN },
+    { { tool = "call_agent", toolCallId = "toolu_501", params = { to = "+14155550100", prompt = "Book it." } } })
+  -- Before: 'field "Idempotency-Key": callagent refused it: this store keeps
+  -- no Idempotency-Keys (501 idempotency_unsupported)', a field the model never sent.
+  T.eq(r.steps[1].isError, false, r.steps[1].error)
+  T.match(r.steps[1].details.callId, "^c_")
+  T.eq(count_calls(env), 1, "one call")
+end)
+
 T.run()

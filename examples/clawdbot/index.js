@@ -157,8 +157,11 @@ async function request(cfg, method, path, { body, headers = {}, signal } = {}) {
   return { status: res.status, headers: res.headers, json };
 }
 
-function apiError(cfg, r, { callId } = {}) {
-  const e = (r.json && typeof r.json.error === "object" && r.json.error) || {};
+function apiError(cfg, r, { callId, method } = {}) {
+  // callagent's error is {"error": {"code", "message", "field"?}}; anything
+  // else (a 2xx without what it always holds, a proxy's page) is not its.
+  const theirs = r.json && typeof r.json === "object" && r.json.error && typeof r.json.error === "object";
+  const e = theirs ? r.json.error : {};
   const code = typeof e.code === "string" ? e.code : `http_${r.status}`;
   const message = typeof e.message === "string" ? e.message : "no error message";
   const tag = `(${r.status} ${code})`;
@@ -169,6 +172,8 @@ function apiError(cfg, r, { callId } = {}) {
     msg = cfg.apiToken
       ? `callagent at ${cfg.shown} refused the apiToken ${tag}: set ${CONFIG_KEY}.apiToken to callagent's server.apiToken`
       : `callagent at ${cfg.shown} needs an apiToken ${tag}: set ${CONFIG_KEY}.apiToken to callagent's server.apiToken`;
+  } else if (!theirs) {
+    msg = `callagent at ${cfg.shown} answered HTTP ${r.status} that is not callagent's ${r.json ? "answer" : "JSON"}; is ${CONFIG_KEY}.baseUrl callagent's address?`;
   } else if (r.status === 403) {
     msg = `callagent at ${cfg.shown} refused the request ${tag}: ${message}. Without server.apiToken it answers only requests to a loopback address; set server.apiToken in callagent and ${CONFIG_KEY}.apiToken here`;
   } else if (r.status === 404 && code === "not_found" && message.startsWith("no route ")) {
@@ -185,10 +190,13 @@ function apiError(cfg, r, { callId } = {}) {
     const head = `callagent is ${code === "starting" ? "starting" : code === "shutting_down" || code === "closing" ? "shutting down" : "busy"}`;
     // callagent's own messages already say so.
     msg = `${message.startsWith(head) ? message : `${head}: ${message}`}${after ? `; try again in ${after} s` : ""} ${tag}`;
+  } else if (r.status >= 500) {
+    // Its own failure (the store, a bug), not a refusal of the input.
+    msg = `callagent failed: ${message} ${tag}; its log says why`;
+    // store_failed: nothing was stored, so nothing was done.
+    if (method === "POST" && code !== "store_failed") msg += ". The request may still have been carried out.";
   } else if (typeof e.field === "string" && e.field) {
     msg = `field "${e.field}": callagent refused it: ${message} ${tag}`;
-  } else if (!r.json) {
-    msg = `callagent at ${cfg.shown} answered HTTP ${r.status} that is not callagent's JSON; is ${CONFIG_KEY}.baseUrl callagent's address?`;
   } else {
     msg = `callagent refused the request: ${message} ${tag}`;
   }
@@ -257,18 +265,24 @@ export function createTools(cfg) {
       const body = callRequest(params);
       // One key for both sends below: a run without a tool call id gets a new one.
       const key = idempotencyKey(toolCallId);
-      const send = () => request(cfg, "POST", "/v1/calls", { body, headers: { "Idempotency-Key": key }, signal });
+      const send = (k) => request(cfg, "POST", "/v1/calls", { body, headers: k ? { "Idempotency-Key": k } : {}, signal });
       let r;
       try {
-        r = await send();
+        r = await send(key);
       } catch (err) {
         if (!err.unanswered) throw err;
         // The call may have been placed and its answer lost: sent again with
         // the same Idempotency-Key, callagent answers with that call (or
         // places it now), and the callee's phone rings once.
-        r = await send();
+        r = await send(key);
       }
-      if (r.status !== 201 || !r.json || typeof r.json.callId !== "string") throw apiError(cfg, r);
+      if (r.status === 501 && r.json?.error?.code === "idempotency_unsupported") {
+        // A store that keeps no keys (one of an app's own): it refused the
+        // header before doing anything, and takes the call without it. Not
+        // sent a third time: without a key, a resend could ring twice.
+        r = await send(undefined);
+      }
+      if (r.status !== 201 || !r.json || typeof r.json.callId !== "string") throw apiError(cfg, r, { method: "POST" });
       const out = { callId: r.json.callId, status: r.json.status, to: body.to };
       if (r.json.hint) out.hint = r.json.hint;
       if (r.headers.get("idempotent-replayed") === "true") out.replayed = true;
@@ -324,7 +338,7 @@ export function createTools(cfg) {
         if (k !== "callId") throw fieldError(k, "unknown field; call_agent_hangup takes callId");
       }
       const r = await request(cfg, "POST", `/v1/calls/${encodeURIComponent(callId)}/hangup`, { signal });
-      if (r.status !== 202 || !r.json) throw apiError(cfg, r, { callId });
+      if (r.status !== 202 || !r.json || typeof r.json.status !== "string") throw apiError(cfg, r, { callId, method: "POST" });
       return jsonResult({ callId: r.json.callId ?? callId, status: r.json.status });
     },
   };
