@@ -491,6 +491,19 @@ T.test("an answer that is not callagent's (a 2xx without its fields, another err
   T.eq(r.steps[5].error, "callagent at " .. base .. " answered HTTP 503 that is not callagent's JSON" .. tail)
 end)
 
+T.test("an answer larger than callagent ever sends is not read whole into the host's memory", function()
+  local srv = T.server({}, function(s)
+    s:get("/v1/calls/{id}", function()
+      return 200, '{"callId":"' .. string.rep("x", 17 * 1024 * 1024) .. '"}', { ["Content-Type"] = "application/json" }
+    end)
+  end)
+  local base = "http://127.0.0.1:" .. srv.port
+  local r = host({ baseUrl = base, timeoutMs = 5000 }, { { tool = "call_agent_status", params = { callId = "c_00000000000000000000" } } })
+  -- Before: read whole (and this one then taken for a call without a status).
+  T.eq(r.steps[1].error, "callagent at " .. base .. " answered HTTP 200 of more than 16 MiB, which is not callagent's; "
+    .. "is plugins.entries.callagent.config.baseUrl callagent's address?")
+end)
+
 T.test("a callagent whose store keeps no Idempotency-Keys (501) still places the call", function()
   local env = start({ twilio = { behaviour = { ring_ms = 10000 } } })
   -- An app's own store without find_idempotent (optional in the interface).

@@ -127,6 +127,25 @@ function notReachable(cfg, err, method) {
   return e;
 }
 
+// The most of an answer read: callagent's largest, a long call's record
+// with its transcript, is far smaller. Something else at baseUrl may send
+// without end, into the host's memory, until timeoutMs.
+const MAX_ANSWER = 16 * 1024 * 1024;
+
+class TooLarge extends Error {}
+
+async function readCapped(res) {
+  const chunks = [];
+  let n = 0;
+  // Leaving the loop by the throw cancels the body: the rest is not read.
+  for await (const chunk of res.body ?? []) {
+    n += chunk.length;
+    if (n > MAX_ANSWER) throw new TooLarge();
+    chunks.push(chunk);
+  }
+  return Buffer.concat(chunks).toString("utf8");
+}
+
 async function request(cfg, method, path, { body, headers = {}, signal } = {}) {
   const h = { Accept: "application/json", ...headers };
   if (cfg.apiToken) h.Authorization = `Bearer ${cfg.apiToken}`;
@@ -143,9 +162,12 @@ async function request(cfg, method, path, { body, headers = {}, signal } = {}) {
       signal: sig,
       redirect: "manual",
     });
-    text = await res.text();
+    text = await readCapped(res);
   } catch (err) {
     if (signal?.aborted) throw err; // the host cancelled the tool call
+    if (err instanceof TooLarge) {
+      throw new Error(`callagent at ${cfg.shown} answered HTTP ${res.status} of more than ${MAX_ANSWER / 1048576} MiB, which is not callagent's; is ${CONFIG_KEY}.baseUrl callagent's address?`);
+    }
     throw notReachable(cfg, err, method);
   }
   let json = null;
