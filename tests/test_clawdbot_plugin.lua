@@ -491,6 +491,41 @@ T.test("an answer that is not callagent's (a 2xx without its fields, another err
   T.eq(r.steps[5].error, "callagent at " .. base .. " answered HTTP 503 that is not callagent's JSON" .. tail)
 end)
 
+T.test("a tool call the host cancels ends at once, and call_agent is not sent again", function()
+  local released, posts = false, 0
+  local slow = T.server({}, function(srv)
+    local function wait()
+      local deadline = timer.now() + 10000
+      while not released and timer.now() < deadline do
+        timer.sleep(10)
+      end
+    end
+    srv:post("/v1/calls", function()
+      posts = posts + 1
+      wait()
+      return 201, { callId = "c_late", status = "dialing" }
+    end)
+    srv:get("/v1/calls/{id}", function()
+      wait()
+      return 200, { callId = "c_late", status = "dialing" }
+    end)
+  end)
+  T.defer(function()
+    released = true
+  end)
+  local r = host({ baseUrl = "http://127.0.0.1:" .. slow.port, timeoutMs = 8000 }, {
+    { tool = "call_agent", abortAfterMs = 200, params = { to = "+14155550100", prompt = "Book it." } },
+    { tool = "call_agent_status", abortAfterMs = 200, params = { callId = "c_late" } },
+  })
+  released = true
+  for i = 1, 2 do
+    T.eq(r.steps[i].isError, true, "step " .. i)
+    T.lt(r.steps[i].ms, 2000, "step " .. i .. " ended with the cancel, not at timeoutMs")
+    T.no_match(r.steps[i].error, "not reachable", "step " .. i .. ": a cancel is not callagent's fault")
+  end
+  T.eq(posts, 1, "a cancelled call_agent is not sent again")
+end)
+
 T.test("an answer larger than callagent ever sends is not read whole into the host's memory", function()
   local srv = T.server({}, function(s)
     s:get("/v1/calls/{id}", function()

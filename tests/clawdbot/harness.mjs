@@ -6,9 +6,11 @@
 //   node harness.mjs PLUGIN_DIR PLAN_JSON
 //
 // PLAN_JSON: {"config": {...plugins.entries.<id>.config},
-//             "steps": [{"tool", "toolCallId", "params"}, ...]}
+//             "steps": [{"tool", "toolCallId", "params", "abortAfterMs"?}, ...]}
+// abortAfterMs: the host cancels the tool call then (the run was stopped),
+// through the signal execute gets.
 // Prints one JSON line: {ok, id, tools, logs, steps: [{tool, toolCallId,
-// isError, details, text, error?}]}, or {ok: false, error} when the plugin
+// isError, details, text, error?, ms}]}, or {ok: false, error} when the plugin
 // would not load. Exit 0 either way (a crash is a non-zero exit).
 import fs from "node:fs";
 import path from "node:path";
@@ -149,19 +151,24 @@ for (const step of Array.isArray(plan.steps) ? plan.steps : []) {
   const entry = tools.find((t) => t.tool.name === step.tool);
   if (!entry) fail(`no tool named ${step.tool}`);
   let result, isError = false, error;
+  const ctl = new AbortController();
+  const cancel = step.abortAfterMs === undefined ? null : setTimeout(() => ctl.abort(), step.abortAfterMs);
+  const t0 = performance.now();
   try {
-    result = await entry.tool.execute(step.toolCallId ?? "call_1", step.params ?? {}, new AbortController().signal, () => {});
+    result = await entry.tool.execute(step.toolCallId ?? "call_1", step.params ?? {}, ctl.signal, () => {});
   } catch (err) {
     isError = true;
     error = err instanceof Error && err.message.trim() ? err.message : String(err);
     const payload = { status: "error", tool: step.tool, error };
     result = { content: [{ type: "text", text: JSON.stringify(payload, null, 2) }], details: payload };
   }
+  const ms = Math.round(performance.now() - t0);
+  if (cancel) clearTimeout(cancel);
   const content = result?.content;
   if (!Array.isArray(content) || content.length === 0 || content.some((c) => c.type !== "text" || typeof c.text !== "string")) {
     fail(`tool ${step.tool}: result content must be an array of {type: "text", text}`);
   }
-  steps.push({ tool: step.tool, toolCallId: step.toolCallId, isError, error, details: result.details ?? null, text: content[0].text });
+  steps.push({ tool: step.tool, toolCallId: step.toolCallId, isError, error, details: result.details ?? null, text: content[0].text, ms });
 }
 
 out({
