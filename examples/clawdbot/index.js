@@ -299,9 +299,10 @@ export function createTools(cfg) {
         r = await send(key);
       }
       if (r.status === 501 && r.json?.error?.code === "idempotency_unsupported") {
-        // A store that keeps no keys (one of an app's own): it refused the
-        // header before doing anything, and takes the call without it. Not
-        // sent a third time: without a key, a resend could ring twice.
+        // A store that keeps no keys (one of an app's own): callagent refused
+        // the header before doing anything, and takes the call without it.
+        // This answer, if lost, is not asked for again: without a key, a
+        // resend could ring the callee twice.
         r = await send(undefined);
       }
       if (r.status !== 201 || !r.json || typeof r.json.callId !== "string") throw apiError(cfg, r, { method: "POST" });
