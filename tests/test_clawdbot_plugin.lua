@@ -398,7 +398,7 @@ T.test("call_agent whose answer never came asks again with the same Idempotency-
   T.eq(#env.tw.calls, 2, "dialed once per call")
 end)
 
-T.test("callagent starting or stopping: one line that says so once, with when to try again", function()
+T.test("callagent starting, paused or stopping: one line that says so once, with when to try again", function()
   -- callagent's own 503s (lua/callagent/api.lua), as a tunnel opens or the app stops.
   local answers = {
     { 503, { error = { code = "starting", message = "callagent is starting: send the call again in a moment" } },
@@ -406,6 +406,8 @@ T.test("callagent starting or stopping: one line that says so once, with when to
     { 503, { error = { code = "shutting_down", message = "callagent is shutting down: send the call again to the next run" } } },
     -- The HTTP server's, to a request on a connection left open while it drains.
     { 503, { error = { code = "closing", message = "the server is closing" } } },
+    { 503, { error = { code = "paused", message = "calls are paused: the public tunnel is down (ngrok exited (status 1)); "
+      .. "send the call again in a moment" } }, { ["Retry-After"] = "5" } },
   }
   local n = 0
   local srv = T.server({}, function(s)
@@ -415,10 +417,12 @@ T.test("callagent starting or stopping: one line that says so once, with when to
     end)
   end)
   local step = { tool = "call_agent", toolCallId = "toolu_503", params = { to = "+14155550100", prompt = "Book it." } }
-  local r = host({ baseUrl = "http://127.0.0.1:" .. srv.port, apiToken = TOKEN }, { step, step, step })
+  local r = host({ baseUrl = "http://127.0.0.1:" .. srv.port, apiToken = TOKEN }, { step, step, step, step })
   T.eq(r.steps[1].error, "callagent is starting: send the call again in a moment; try again in 2 s (503 starting)")
   T.eq(r.steps[2].error, "callagent is shutting down: send the call again to the next run (503 shutting_down)")
   T.eq(r.steps[3].error, "callagent is shutting down: the server is closing (503 closing)")
+  T.eq(r.steps[4].error, "callagent has paused calls: the public tunnel is down (ngrok exited (status 1)); send the "
+    .. "call again in a moment; try again in 5 s (503 paused)")
 end)
 
 T.test("callagent's own failure (5xx) is told as one, not as a refusal of the input; a POST's may have been carried out", function()

@@ -210,8 +210,10 @@ function apiError(cfg, r, { callId, method } = {}) {
   } else if (r.status === 503) {
     const after = r.headers.get("retry-after");
     const head = `callagent is ${code === "starting" ? "starting" : code === "shutting_down" || code === "closing" ? "shutting down" : "busy"}`;
-    // callagent's own messages already say so.
-    msg = `${message.startsWith(head) ? message : `${head}: ${message}`}${after ? `; try again in ${after} s` : ""} ${tag}`;
+    // callagent's own messages already say so; a pause says why after its head.
+    const told = code === "paused" ? `callagent has paused calls: ${message.replace(/^calls are paused: /, "")}`
+      : message.startsWith(head) ? message : `${head}: ${message}`;
+    msg = `${told}${after ? `; try again in ${after} s` : ""} ${tag}`;
   } else if (r.status >= 500) {
     // Its own failure (the store, a bug), not a refusal of the input.
     msg = `callagent failed: ${message} ${tag}; its log says why`;
