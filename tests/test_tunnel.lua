@@ -569,16 +569,13 @@ T.test("a Twilio app without publicBaseUrl opens an ngrok tunnel, announces it, 
   T.ok(pid_gone(tonumber(pid)), "no ngrok process is left")
 end)
 
-T.test("while the tunnel opens the API places no call (503 starting, Retry-After); once open, calls use its URL", function()
-  local fetch = require "callagent.fetch"
-  local dir = T.tmpdir()
-  local port = T.free_port()
-  local base = "http://127.0.0.1:" .. port
-  -- Twilio reaches the app's public (tunnel) URL: here, its local one.
+-- A fake Twilio (undone after the test) that reaches the app's public
+-- (tunnel) URL at base, its local one.
+local function tunnel_twilio(base, behaviour)
   local tw = assert(require("fakes.twilio").start({
     account_sid = "AC" .. string.rep("0", 32),
     auth_token = "dummy-auth-token",
-    behaviour = { ring_ms = 60000 },
+    behaviour = behaviour,
     public_url_rewrite = function(u)
       return (u:gsub("^https://[^/]+", base))
     end,
@@ -586,6 +583,15 @@ T.test("while the tunnel opens the API places no call (503 starting, Retry-After
   T.defer(function()
     tw:close()
   end)
+  return tw
+end
+
+T.test("while the tunnel opens the API places no call (503 starting, Retry-After); once open, calls use its URL", function()
+  local fetch = require "callagent.fetch"
+  local dir = T.tmpdir()
+  local port = T.free_port()
+  local base = "http://127.0.0.1:" .. port
+  local tw = tunnel_twilio(base, { ring_ms = 60000 })
   local app = spawn_tunnel_app(APP:gsub("port = 0", "port = " .. port)
     :gsub('fromNumber = "%+15550001111"', '%0, apiBaseUrl = "' .. tw.url .. '"'),
     app_env(bindir({ "ngrok" }), dir .. "/ngrok.log", { FAKE_NGROK_DELAY_MS = "2500" }))
@@ -642,24 +648,14 @@ T.test("ngrok that exits while the app runs: calls pause (503 paused, retries wa
   local port = T.free_port()
   local base = "http://127.0.0.1:" .. port
   local busy = 0
-  local tw = assert(require("fakes.twilio").start({
-    account_sid = "AC" .. string.rep("0", 32),
-    auth_token = "dummy-auth-token",
-    behaviour = function(call)
-      if call.params.To == "+14155550174" then
-        busy = busy + 1
-        if busy == 1 then
-          return { answer = "busy" }
-        end
+  local tw = tunnel_twilio(base, function(call)
+    if call.params.To == "+14155550174" then
+      busy = busy + 1
+      if busy == 1 then
+        return { answer = "busy" }
       end
-      return { ring_ms = 60000 }
-    end,
-    public_url_rewrite = function(u)
-      return (u:gsub("^https://[^/]+", base))
-    end,
-  }))
-  T.defer(function()
-    tw:close()
+    end
+    return { ring_ms = 60000 }
   end)
   local logfile = dir .. "/ngrok.log"
   local held

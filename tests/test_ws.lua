@@ -179,8 +179,9 @@ T.test("bad URLs and refused connections are error values", function()
   T.match(err, "^ECONNREFUSED")
 end)
 
-T.test("a server that accepts TCP but never answers gives ETIMEDOUT after the connect timeout", function()
-  -- A silent TCP listener in a separate process (Node, which the tests have).
+-- A TCP listener that accepts and never says a word, in a Node process of
+-- its own (undone after the test); its port.
+local function silent_listener()
   local p = assert(process.spawn({
     "node",
     "-e",
@@ -189,7 +190,12 @@ T.test("a server that accepts TCP but never answers gives ETIMEDOUT after the co
   T.defer(function()
     p:kill()
   end)
-  local port = assert(p:read_line(5000))
+  return assert(p:read_line(5000))
+end
+
+T.test("a server that accepts TCP but never answers gives ETIMEDOUT after the connect timeout", function()
+  -- A silent TCP listener in a separate process (Node, which the tests have).
+  local port = silent_listener()
   -- Over wss:// it is the TLS handshake that never gets an answer.
   for _, scheme in ipairs({ "ws", "wss" }) do
     local t0 = timer.now()
@@ -204,15 +210,7 @@ end)
 
 T.test("abort or close while TCP, TLS or the upgrade is under way: one error, ECANCELED, not the server's fault", function()
   local core_ws = require "callagent.core.ws"
-  local p = assert(process.spawn({
-    "node",
-    "-e",
-    "const s=require('net').createServer(()=>{});s.listen(0,'127.0.0.1',()=>console.log(s.address().port))",
-  }))
-  T.defer(function()
-    p:kill()
-  end)
-  local port = assert(p:read_line(5000))
+  local port = silent_listener()
   for _, how in ipairs({ "abort", "close" }) do
     for _, scheme in ipairs({ "ws", "wss" }) do
       local events = {}
