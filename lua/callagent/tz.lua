@@ -208,10 +208,10 @@ local function rule_at(r, t)
   local start = rule_day(r.start, y) * 86400 + r.start.time - r.std_off
   local stop = rule_day(r.stop, y) * 86400 + r.stop.time - r.dst_off
   local dst
-  if start < stop then
-    dst = t >= start and t < stop
-  else
+  if start > stop then -- southern: DST over the new year
     dst = not (t >= stop and t < start)
+  else -- as glibc, a start and end at the same instant is no DST at all
+    dst = t >= start and t < stop
   end
   if dst then
     return r.dst_off, r.dst, true
