@@ -135,4 +135,78 @@ T.test("the stand-in refuses a session without its key: closed with 1008, no ses
   conn:close(1000, "bye")
 end)
 
+-- A server with the stand-in and one session that has its key.
+local function session()
+  local ws = require "callagent.ws"
+  local http = require "callagent.http"
+  local srv = http.server({ host = "127.0.0.1", port = 0 })
+  standin.mount(srv, "/standin/v1/realtime")
+  assert(srv:listen())
+  T.defer(function()
+    srv:close()
+  end)
+  local conn = assert(ws.connect(srv:ws_url("/standin/v1/realtime"),
+    { headers = { Authorization = "Bearer " .. standin.KEY } }))
+  local json = require "callagent.json"
+  local function next_event(ms)
+    local kind, msg = conn:receive(ms or 2000)
+    return kind == "text" and json.decode(msg) or nil
+  end
+  T.eq(next_event().type, "session.created")
+  return conn, next_event
+end
+
+T.test("events the stand-in cannot use get an error event, as from the real service, and the session goes on", function()
+  local conn, next_event = session()
+  for _, case in ipairs({
+    { "not json", "invalid_json" },
+    { "42", "invalid_json" },
+    { "[1]", "missing_required_parameter", "type" },
+    { '{"type":5}', "missing_required_parameter", "type" },
+    { '{"type":"session.update","session":"x","event_id":"ev1"}', "invalid_value", "session" },
+    { '{"type":"session.update","session":{"audio":{"output":"pcm"}}}', "invalid_value", "session.audio.output.format" },
+    { '{"type":"session.update","session":{"audio":{"input":{"format":{"type":"audio/opus"}}}}}', "invalid_value",
+      "session.audio.input.format" },
+    { '{"type":"input_audio_buffer.append","audio":5}', "invalid_value", "audio" },
+    { '{"type":"input_audio_buffer.append","audio":"!!!"}', "invalid_value", "audio" },
+    { '{"type":"conversation.item.create","item":5}', "invalid_value", "item" },
+  }) do
+    conn:send(case[1])
+    local ev = next_event()
+    T.eq(ev and ev.type, "error", case[1])
+    T.eq({ ev.error.type, ev.error.code, ev.error.param }, { "invalid_request_error", case[2], case[3] }, case[1])
+  end
+  -- Odd but well-formed: no reply, no harm.
+  conn:send('{"type":"conversation.item.create","item":{"type":"message","content":[{"text":5}]}}')
+  conn:send('{"type":"conversation.item.create","item":{"type":"message","content":"x"}}')
+  conn:send('{"type":"response.cancel"}')
+  -- The session still works: a format it refused did not stick, and it greets.
+  conn:send('{"type":"session.update","session":{"audio":{"output":{"format":{"type":"audio/pcmu"}}}}}')
+  local ev = next_event()
+  T.eq(ev.type, "session.updated")
+  T.eq(ev.session.audio.output.format.type, "audio/pcmu")
+  conn:send('{"type":"response.create"}')
+  T.eq(next_event(15000).type, "response.created", "the greeting")
+  conn:close(1000, "bye")
+end)
+
+T.test("with 24 kHz PCM input the detector hears PCM: silence is no turn, a tone is one", function()
+  local conn, next_event = session()
+  local crypto = require "callagent.crypto"
+  conn:send('{"type":"session.update","session":{"audio":{"input":{"format":{"type":"audio/pcm","rate":24000}}}}}')
+  T.eq(next_event().type, "session.updated")
+  -- One second of digital silence: as mu-law, its zero bytes would be full scale.
+  conn:send('{"type":"input_audio_buffer.append","audio":"' .. crypto.base64_encode(string.rep("\0", 48000)) .. '"}')
+  T.eq(next_event(300), nil, "no speech_started for silence")
+  local tone = {}
+  for i = 0, 24000 - 1 do
+    tone[#tone + 1] = string.pack("<i2", math.floor(8000 * math.sin(2 * math.pi * 440 * i / 24000)))
+  end
+  conn:send('{"type":"input_audio_buffer.append","audio":"' .. crypto.base64_encode(table.concat(tone)) .. '"}')
+  local ev = next_event()
+  T.eq(ev and ev.type, "input_audio_buffer.speech_started", "the tone starts a turn")
+  T.near(ev.audio_start_ms, 1000, 100, "counted in the PCM's own time")
+  conn:close(1000, "bye")
+end)
+
 T.run()

@@ -9,7 +9,9 @@
 --   - files report_call after the third turn, or when the caller presses #
 --     on the mock phone's keypad, then says goodbye.
 -- Transcripts say how long the caller spoke ("[caller spoke 2.3 s]"): there is
--- no speech recognition here.
+-- no speech recognition here. An event it cannot use (not JSON, no type, a
+-- field of the wrong kind, an audio format it does not speak) gets an
+-- "error" event, as from the real service, and the session goes on.
 --
 --   local standin = require "callagent.standin"
 --   -- openai = { apiKey = standin.KEY } in the app's config, then
@@ -125,9 +127,36 @@ function Session:send(ev)
   end
 end
 
+-- t[k1][k2]... when each step is a table, else nil.
+local function dig(t, ...)
+  for _, k in ipairs({ ... }) do
+    if type(t) ~= "table" then
+      return nil
+    end
+    t = t[k]
+  end
+  return t
+end
+
+local FORMATS = { ["audio/pcm"] = true, ["audio/pcmu"] = true, ["audio/pcma"] = true }
+
 function Session:out_format()
-  local o = self.config.audio and self.config.audio.output and self.config.audio.output.format
-  return o and o.type or "audio/pcm"
+  return dig(self.config, "audio", "output", "format", "type") or "audio/pcm"
+end
+
+function Session:in_format()
+  return dig(self.config, "audio", "input", "format", "type") or "audio/pcm"
+end
+
+-- An event it cannot use, answered as the real service does: an error
+-- event, and the session goes on.
+function Session:refuse(ev, code, message, param)
+  self:send({
+    type = "error",
+    event_id = id("event"),
+    error = { type = "invalid_request_error", code = code, message = message, param = param,
+      event_id = type(ev) == "table" and type(ev.event_id) == "string" and ev.event_id or nil },
+  })
 end
 
 -- Encodes 24 kHz PCM for the session's output format.
@@ -255,7 +284,7 @@ function Session:frame(ulaw)
         self.turn_audio = self.pre
         self.pre, self.quiet = nil, 0
         self.item = id("item")
-        self:send({ type = "input_audio_buffer.speech_started", audio_start_ms = math.floor(self.input_ms), item_id = self.item })
+        self:send({ type = "input_audio_buffer.speech_started", audio_start_ms = math.floor(self.input_ms - #self.turn_audio * 20), item_id = self.item })
       end
     else
       self.loud, self.pre = 0, nil
@@ -296,21 +325,38 @@ end
 
 function Session:on_event(ev)
   local t = ev.type
-  if t == "input_audio_buffer.append" then
-    local ulaw = crypto.base64_decode(ev.audio or "")
+  if type(t) ~= "string" then
+    return self:refuse(ev, "missing_required_parameter", "The event has no type.", "type")
+  elseif t == "input_audio_buffer.append" then
+    local ulaw = type(ev.audio) == "string" and crypto.base64_decode(ev.audio)
     if not ulaw then
-      return
+      return self:refuse(ev, "invalid_value", "audio must be a base64 string.", "audio")
     end
-    local fmt = self.config.audio and self.config.audio.input and self.config.audio.input.format
-    if fmt and fmt.type == "audio/pcma" then
+    local fmt = self:in_format()
+    if fmt == "audio/pcma" then
       ulaw = audio.alaw_to_ulaw(ulaw)
+    elseif fmt == "audio/pcm" then -- 24 kHz 16-bit: the detector takes 8 kHz mu-law
+      ulaw = audio.ulaw_encode(audio.resampler(24000, 8000):process(ulaw:sub(1, #ulaw - #ulaw % 2)))
     end
-    self.input_ms = self.input_ms + #ulaw / 8
     for i = 1, #ulaw, 160 do
-      self:frame(ulaw:sub(i, i + 159))
+      local f = ulaw:sub(i, i + 159)
+      self.input_ms = self.input_ms + #f / 8 -- the end of this frame, in the input's own time
+      self:frame(f)
     end
   elseif t == "session.update" then
-    local s = ev.session or {}
+    local s = ev.session
+    if type(s) ~= "table" then
+      return self:refuse(ev, "invalid_value", "session must be an object.", "session")
+    end
+    if s.audio ~= nil and type(s.audio) ~= "table" then
+      return self:refuse(ev, "invalid_value", "session.audio must be an object.", "session.audio")
+    end
+    for _, dir in ipairs({ "input", "output" }) do
+      local d = dig(s, "audio", dir)
+      if d ~= nil and (type(d) ~= "table" or (d.format ~= nil and not FORMATS[dig(d.format, "type")])) then
+        return self:refuse(ev, "invalid_value", "Unsupported audio format.", "session.audio." .. dir .. ".format")
+      end
+    end
     for k, v in pairs(s) do
       self.config[k] = v
     end
@@ -324,13 +370,15 @@ function Session:on_event(ev)
       self:say(M.GOODBYE)
     end
   elseif t == "conversation.item.create" then
-    local item = ev.item or {}
+    local item = ev.item
+    if type(item) ~= "table" then
+      return self:refuse(ev, "invalid_value", "item must be an object.", "item")
+    end
     if item.type == "function_call_output" and item.call_id == self.pending_report then
       self.report_answered = true
     elseif item.type == "message" then
-      local c = item.content and item.content[1]
-      local text = c and c.text or ""
-      if text:find("pressed the key #", 1, true) then
+      local text = dig(item, "content", 1, "text")
+      if type(text) == "string" and text:find("pressed the key #", 1, true) then
         self:report()
       end
     end
@@ -356,10 +404,14 @@ function M.mount(srv, path, opts)
     end,
     text = function(conn, msg)
       local s = conn.standin
-      local ev = json.try_decode(msg)
-      if s and type(ev) == "table" then
-        s:on_event(ev)
+      if not s then
+        return
       end
+      local ev = json.try_decode(msg)
+      if type(ev) ~= "table" then
+        return s:refuse(ev, "invalid_json", "The event is not a JSON object.", nil)
+      end
+      s:on_event(ev)
     end,
     close = function(conn)
       if conn.standin then
