@@ -55,4 +55,17 @@ T.test("a prompt that holds the closing tag itself is held between other tags", 
   T.match(text, "The task is the text between <task%-3> and </task%-3>")
 end)
 
+T.test("the app's tools are named under how to run the call, not under how to end it", function()
+  local text = instructions.build({ to = "+14155550100", prompt = "Ask about order A-1001.", timezone = "UTC",
+    locale = "en-US" }, { now = 0, extra_tools = { "lookup_order", "book_slot" } })
+  local run = text:match("\n# How to run the call\n(.-)\n\n# How to end the call\n")
+  local ending = text:match("\n# How to end the call\n(.*)$")
+  T.match(run, "\n%- You can also use these functions when they help: lookup_order, book_slot%.$")
+  T.no_match(ending, "lookup_order")
+  T.match(ending, "The call is then hung up for you%.$", "the end section ends the text")
+  -- Without tools, no such line.
+  T.no_match(instructions.build({ to = "+14155550100", prompt = "x", timezone = "UTC", locale = "en-US" },
+    { now = 0, extra_tools = {} }), "these functions")
+end)
+
 T.run()

@@ -80,18 +80,24 @@ function M.build(call, opts)
     "- If asked whether you are an AI, say honestly that you are an AI assistant calling"
       .. (caller and (" on behalf of " .. caller) or "") .. ".",
     "- If you reach voicemail or an automated system you cannot get past, leave a short message only if the task asks for one, then finish.",
+  }
+  -- The app's tools are for running the call: their line is in that
+  -- section, not under how to end it.
+  if opts.extra_tools and #opts.extra_tools > 0 then
+    more[#more + 1] = "- You can also use these functions when they help: " .. table.concat(opts.extra_tools, ", ") .. "."
+  end
+  for _, l in ipairs({
     "",
     "# How to end the call",
     "- When the task is done, cannot be done, or the person wants to end the call, call the report_call function once with: "
       .. "a short summary, the outcome (success, failure, voicemail, no_answer or unknown), any next steps, "
       .. "and the details you collected in data (for example dates, times, names, confirmation numbers).",
     "- After report_call, say a short, friendly goodbye (one sentence). The call is then hung up for you.",
-  }
+  }) do
+    more[#more + 1] = l
+  end
   for _, l in ipairs(more) do
     lines[#lines + 1] = l
-  end
-  if opts.extra_tools and #opts.extra_tools > 0 then
-    lines[#lines + 1] = "- You can also use these functions when they help: " .. table.concat(opts.extra_tools, ", ") .. "."
   end
   return table.concat(lines, "\n")
 end
