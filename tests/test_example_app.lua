@@ -215,4 +215,13 @@ T.test("the seed's JSON config stays JSON without its publicBaseUrl line, as the
   T.eq(v.server, { port = 4545 })
 end)
 
+T.test("the example JSON config sends no placeholder session key to Clawdbot", function()
+  local f = assert(io.open(T.root .. "/examples/callagent.json"))
+  local v = json.decode(f:read("a"))
+  f:close()
+  -- The seed's "sessionKey": "optional" went out as the key of every notification.
+  T.eq(v.notify.sessionKey, nil)
+  T.eq(v.notify.hooksToken, "${CLAWDBOT_HOOKS_TOKEN}")
+end)
+
 T.run()
