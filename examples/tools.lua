@@ -1,7 +1,9 @@
 -- examples/tools.lua: an app that gives the voice model a tool of its own -
 -- looking up an order by number - and reacts to call events. Runs on the mock
 -- phone with the local stand-in when no OPENAI_API_KEY is set (the stand-in
--- never calls tools; the real model does when the brief asks about an order).
+-- never calls tools; the real model does when the prompt asks about an order).
+-- OPENAI_REALTIME_URL points it at another Realtime endpoint (a proxy, or
+-- the tests' fake model).
 local callagent = require "callagent"
 local standin = require "callagent.standin"
 local task = require "callagent.task"
@@ -23,7 +25,8 @@ local local_model = not key or key == ""
 local app, err = callagent.app({
   telephony = { provider = "mock" },
   server = { port = port },
-  openai = { apiKey = local_model and standin.KEY or key },
+  openai = { apiKey = local_model and standin.KEY or key, realtimeUrl = not local_model and os.getenv("OPENAI_REALTIME_URL") ~= ""
+    and os.getenv("OPENAI_REALTIME_URL") or nil },
   call = { ringTimeoutSec = 600 },
   store = { backend = "memory" },
 })
@@ -42,7 +45,10 @@ app:tool({
   },
   handler = function(args, call)
     log.info("tool lookup_order", { call = call.callId, number = args.number })
-    return ORDERS[args.number] or { error = "no order " .. tostring(args.number) }
+    -- The number as the model heard it: "a 1001", "A1001" and "A-1001" are one order.
+    local letter, digits = tostring(args.number):upper():gsub("[%s%-]", ""):match("^(%a)(%d+)$")
+    local order = letter and ORDERS[letter .. "-" .. digits]
+    return order or { error = "no order " .. tostring(args.number) }
   end,
 })
 

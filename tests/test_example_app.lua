@@ -183,6 +183,45 @@ T.test("examples/twilio.lua carries a call end to end against stand-ins of Twili
   T.no_match(p.errtext(), token)
 end, { timeout = 40000 })
 
+T.test("tools.lua's lookup_order finds an order however the model wrote its number", function()
+  local fake_rt = require "fakes.realtime"
+  local phone = require "phone"
+  local key = "sk-example-key"
+  local outputs = {}
+  local rt = assert(fake_rt.start({ api_key = key, script = function(session)
+    assert(session:wait_event("response.create", 5000))
+    for _, number in ipairs({ "A-1001", "a1001", "A 1002", "B-1001" }) do
+      outputs[#outputs + 1] = json.decode(assert(session:call_function("lookup_order", { number = number })))
+    end
+    session:report_and_goodbye({ summary = "Looked up.", outcome = "success" }, { ms = 100, text = "Bye." })
+  end }))
+  T.defer(function()
+    rt:close()
+  end)
+  local port = T.free_port()
+  local base = "http://127.0.0.1:" .. port
+  local p = T.spawn_app(T.root .. "/examples/tools.lua", nil, { cwd = T.tmpdir(), env = env({
+    PORT = tostring(port), OPENAI_API_KEY = key, OPENAI_REALTIME_URL = rt.url }) })
+  T.defer(function()
+    p:kill("SIGKILL")
+  end)
+  T.wait_for(function()
+    return p.text():find("open " .. base .. "/mock/", 1, true) ~= nil
+  end, 10000, "the start line: " .. p.errtext())
+  local res = assert(fetch(base .. "/v1/calls", { method = "POST", headers = { ["Content-Type"] = "application/json" },
+    body = '{"to": "+14155550100", "prompt": "Ask about order A-1001."}' }))
+  T.eq(res.status, 201, res.body)
+  local created = json.decode(res.body)
+  assert(phone.answer(created.hint))
+  T.wait_for(function()
+    return #outputs == 4
+  end, 15000, "the four lookups")
+  T.eq(outputs[1].status, "shipped")
+  T.eq(outputs[2].status, "shipped", "lower case, no dash")
+  T.eq(outputs[3].status, "processing", "a space for the dash")
+  T.eq(outputs[4].error, "no order B-1001")
+end, { timeout = 30000 })
+
 T.test("an empty CALLAGENT_CONFIG stops the start with a line saying so, not a file named ''", function()
   local code, _, p = T.run_app(APP, nil, { env = env({ CALLAGENT_CONFIG = "" }), cwd = T.tmpdir() })
   T.eq(code, 1)
