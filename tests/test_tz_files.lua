@@ -75,10 +75,10 @@ local function glibc(path, ts)
   return out
 end
 
--- Every 6 hours through 2030 and 2031 (both halves of a southern summer).
+-- Every 6 hours from 2030 through 2032 (southern summers whole; a leap year for Jn and n).
 local function year_times()
   local ts = {}
-  for t = 1893456000, 1956528000, 6 * 3600 do
+  for t = 1893456000, 1988150400, 6 * 3600 do
     ts[#ts + 1] = t
   end
   return ts
