@@ -68,4 +68,10 @@ T.test("the app's tools are named under how to run the call, not under how to en
     { now = 0, extra_tools = {} }), "these functions")
 end)
 
+T.test("a time zone the database does not have gives an unknown time, not the zone's name as the time", function()
+  local text = instructions.build({ to = "+14155550100", prompt = "x", timezone = "Mars/Olympus_Mons", locale = "en-US" },
+    { now = 0 })
+  T.match(text, "\n%- Current date and time where you are calling: unknown %(time zone Mars/Olympus_Mons%)\n")
+end)
+
 T.run()
