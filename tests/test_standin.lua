@@ -135,6 +135,37 @@ T.test("the stand-in refuses a session without its key: closed with 1008, no ses
   conn:close(1000, "bye")
 end)
 
+T.test("sessions that need the same phrase at once share one espeak-ng run", function()
+  local dir = T.tmpdir()
+  local real = io.popen("command -v espeak-ng"):read("l")
+  local f = assert(io.open(dir .. "/espeak-ng", "w"))
+  -- A stand-in that counts its runs, then runs the real one (or fails as it would without one).
+  f:write("#!/bin/sh\necho run >> '" .. dir .. "/runs'\n", real and ("exec '" .. real .. "' \"$@\"\n") or "exit 1\n")
+  f:close()
+  os.execute("chmod +x '" .. dir .. "/espeak-ng'")
+  f = assert(io.open(dir .. "/app.lua", "w"))
+  f:write([[
+local standin, task = require "callagent.standin", require "callagent.task"
+task.spawn(function()
+  local fns = {}
+  for i = 1, 5 do
+    fns[i] = function() return #standin.speech("Five sessions want this at once.") end
+  end
+  print(table.concat({ task.all(fns) }, " "))
+end)
+]])
+  f:close()
+  local code, _, p = T.run_app(dir .. "/app.lua", nil, { env = { PATH = dir .. ":" .. os.getenv("PATH") }, timeout = 20000 })
+  T.eq(code, 0, p.errtext())
+  local n = assert((p.out[1] or ""):match("^(%d+)"), p.text() .. p.errtext())
+  T.eq(p.out[1], (n .. " "):rep(5):sub(1, -2), "five the same length")
+  local runs = 0
+  for _ in io.lines(dir .. "/runs") do
+    runs = runs + 1
+  end
+  T.eq(runs, 1, "espeak-ng ran once")
+end)
+
 -- A server with the stand-in and one session that has its key.
 local function session()
   local ws = require "callagent.ws"

@@ -51,6 +51,7 @@ local MAX_TURN_MS = 8000
 -- Speech --------------------------------------------------------------------
 
 local cache = {} -- text -> 24 kHz 16-bit PCM
+local making = {} -- text -> the tasks waiting for its synthesis under way
 
 -- 22050 Hz (espeak-ng) to 24000 Hz by linear interpolation, in C; the FIR
 -- resampler then takes it to 8 kHz when the phone needs it. (In Lua a
@@ -76,6 +77,12 @@ function M.speech(text)
   if cache[text] then
     return cache[text]
   end
+  -- Sessions that start together (a burst of calls, or one during the
+  -- warm-up) wait for the one espeak-ng run, rather than each start one.
+  if making[text] then
+    return task.wait_in(making[text])
+  end
+  making[text] = {}
   local file = os.tmpname()
   local p = process.spawn({ "espeak-ng", "-v", "en-us", "-s", "165", "-w", file, text, on_stdout = false, on_stderr = false })
   local pcm
@@ -100,6 +107,11 @@ function M.speech(text)
     pcm = chime(math.min(1500, 40 * #text))
   end
   cache[text] = pcm
+  local waiting = making[text]
+  making[text] = nil
+  for _, wake in ipairs(waiting) do
+    wake(pcm)
+  end
   return pcm
 end
 
