@@ -3,7 +3,8 @@
 --   tz.localtime(name, [t]) -> {year, month, day, hour, min, sec, wday (1 = Sunday),
 --                              utc_offset (seconds east of UTC), abbrev, isdst}
 --                              of epoch second t (default: now) in zone name
---                              ("Europe/Paris"); or nil, "EINVAL: unknown time zone"
+--                              ("Europe/Paris"); or nil, "EINVAL: unknown time zone";
+--                              a t that is no number, or past 2^53 s either way, raises
 --   tz.valid(name)          -> whether name is a zone of the database
 --
 -- The zone files (RFC 8536, TZif) are read from /usr/share/zoneinfo, once per
@@ -24,6 +25,7 @@ local unpack, byte, sub, find = string.unpack, string.byte, string.sub, string.f
 local floor = math.floor
 
 M.DIR = "/usr/share/zoneinfo"
+local MAX_T = 1 << 53
 local CACHE_MAX = 32
 
 local cache, cached = {}, 0
@@ -360,6 +362,12 @@ function M.localtime(name, t)
   t = math.tointeger(floor(t or os.time()))
   if not t then
     error("tz.localtime: the time must be an epoch second", 2)
+  end
+  -- About 285 million years either way: past that, t + offset and the
+  -- rule's seconds of the year would wrap around (a negative year for
+  -- math.maxinteger), not fail.
+  if t > MAX_T or t < -MAX_T then
+    error("tz.localtime: the time is out of range (at most 2^53 seconds from 1970)", 2)
   end
   local off, abbrev, isdst = zone_at(z, t)
   local s = t + off
