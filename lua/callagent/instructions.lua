@@ -46,8 +46,6 @@ function M.build(call, opts)
   -- line in it would read as one of our sections. It is held between tags,
   -- and the model told that all of it is the task.
   local tag = task_tag(call.prompt)
-  -- A zone the database no longer has (a record from before a tzdata
-  -- update): the time is said to be unknown, not given as the zone's name.
   local caller = call.callerName and call.callerName ~= "" and call.callerName or nil
   local callee = call.calleeName and call.calleeName ~= "" and call.calleeName or nil
   local lines = {
@@ -63,6 +61,8 @@ function M.build(call, opts)
     "",
     "# Call details",
     "- You are calling: " .. (callee and (callee .. " at ") or "") .. call.to,
+    -- A zone the database no longer has (a record from before a tzdata
+    -- update): the time is said to be unknown, not given as the zone's name.
     "- Current date and time where you are calling: " .. (M.local_time(call.timezone, opts.now) or "unknown")
       .. " (time zone " .. call.timezone .. ")",
     "- Language: speak " .. call.locale .. " unless the other person clearly prefers another language.",
