@@ -468,7 +468,8 @@ end)
 T.test("sqlite: another program's database at store.path is an error naming it, left as it was, its lock let go", function()
   local sqlite = require "callagent.sqlite"
   for _, foreign in ipairs({ "CREATE TABLE meta (k TEXT, v TEXT)", "CREATE TABLE calls (x); INSERT INTO calls VALUES (1)",
-    "CREATE TABLE users (name TEXT); CREATE TABLE orders (id INTEGER PRIMARY KEY AUTOINCREMENT)" }) do
+    "CREATE TABLE users (name TEXT); CREATE TABLE orders (id INTEGER PRIMARY KEY AUTOINCREMENT)",
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT); INSERT INTO meta VALUES ('version', '3')" }) do
     local path = T.tmpdir() .. "/other.db"
     local db = assert(sqlite.open(path))
     assert(db:exec(foreign))
@@ -486,6 +487,25 @@ T.test("sqlite: another program's database at store.path is an error naming it, 
     T.eq(db:rows("SELECT name FROM sqlite_master ORDER BY name"), before, foreign .. ": nothing created in it")
     db:close()
   end
+end)
+
+T.test("sqlite: a store an older callagent began to set up and was stopped in is finished, not refused", function()
+  -- Before the one-commit set-up, the schema went statement by statement:
+  -- meta first, its schema row last. A kill between left this.
+  local sqlite = require "callagent.sqlite"
+  local path = T.tmpdir() .. "/calls.db"
+  local db = assert(sqlite.open(path))
+  assert(db:exec("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT); CREATE TABLE calls (seq INTEGER PRIMARY KEY "
+    .. "AUTOINCREMENT, id TEXT NOT NULL UNIQUE, status TEXT NOT NULL, created REAL NOT NULL, doc TEXT NOT NULL)"))
+  db:close()
+  local s, err = store_mod.open({ backend = "sqlite", path = path, retentionDays = 30 })
+  T.ok(s, err)
+  assert(s:insert_call(call("c_1")))
+  T.eq(s:get_call("c_1").id, "c_1")
+  s:close()
+  db = assert(sqlite.open(path, { readonly = true }))
+  T.eq(db:value("SELECT value FROM meta WHERE key = 'schema'"), "1", "its set-up finished")
+  db:close()
 end)
 
 T.test("the store folder is created when missing", function()

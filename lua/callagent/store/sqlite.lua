@@ -78,6 +78,11 @@ INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', '1');
 -- bump it (tables added with CREATE IF NOT EXISTS do not, nor nullable
 -- columns: every statement names its columns).
 local SCHEMA_VERSION = 1
+-- The tables of SCHEMA.
+local OWN_TABLES = {}
+for name in SCHEMA:gmatch("CREATE TABLE IF NOT EXISTS ([%w_]+)") do
+  OWN_TABLES[name] = true
+end
 
 -- Columns added since the tables were first written: a store from before
 -- gets them at open (NULL in its rows, which is what they held then).
@@ -133,8 +138,20 @@ local function set_up(db, path)
     has_meta = has_meta or r.name == "meta"
   end
   -- A failed read (a meta table of another shape) is no schema row.
-  local version = has_meta and tonumber((select(2, pcall(db.value, db, "SELECT value FROM meta WHERE key = 'schema'"))))
-  if #tables > 0 and not version then
+  local read, value = false, nil
+  if has_meta then
+    read, value = pcall(db.value, db, "SELECT value FROM meta WHERE key = 'schema'")
+  end
+  local version = read and tonumber(value)
+  -- A callagent before the one-commit set-up (it ran the schema statement
+  -- by statement, meta first, its schema row last) stopped part-way: meta
+  -- readable and empty (that row was its only one), and only tables of its
+  -- own. Its set-up is finished.
+  local cut_off = read and value == nil and db:value("SELECT count(*) FROM meta") == 0
+  for _, name in ipairs(tables) do
+    cut_off = cut_off and OWN_TABLES[name]
+  end
+  if #tables > 0 and not version and not cut_off then
     -- Tables, none of them a callagent store's: another program's database,
     -- which the store's tables would be added to.
     local shown = table.concat(tables, ", ", 1, math.min(#tables, 5)) .. (#tables > 5 and ", ..." or "")
