@@ -765,6 +765,38 @@ T.test("SIGTERM while the tunnel that died opens again: the app exits at once, a
   T.no_match(p.errtext(), "could not be opened again", "a stop is not a failure to open")
 end, { timeout = 30000 })
 
+T.test("an ngrok that dies as soon as it is up is started again later and later, not in a loop", function()
+  local dir = T.tmpdir()
+  local logfile = dir .. "/ngrok.log"
+  assert(io.open(dir .. "/always", "w")):close()
+  local app = spawn_tunnel_app(APP, app_env(bindir({ "ngrok" }), logfile, { FAKE_NGROK_CONTROL = dir }))
+  local p = app.p
+  T.wait_for(function()
+    return app.ready or p.done
+  end, 15000, "callagent ready")
+  T.ok(app.ready, p.errtext())
+  local function starts()
+    local n = 0
+    for _, l in ipairs(read_lines(logfile)) do
+      n = n + (l:find("^start pid=") and 1 or 0)
+    end
+    return n
+  end
+  -- Each lives about 1 s: reopened 1, then 2 s later (then 4 ...).
+  T.wait_for(function()
+    return starts() >= 3
+  end, 10000, "ngrok started again twice")
+  require("callagent.timer").sleep(1500)
+  T.eq(starts(), 3, "not started again within the next wait")
+  local waits = {}
+  for w in p.errtext():gmatch("the tunnel died soon after it opened: opening it again later after_ms=(%d+)") do
+    waits[#waits + 1] = tonumber(w)
+  end
+  T.eq({ waits[1], waits[2] }, { 1000, 2000 })
+  T.ok(p:kill("SIGTERM"))
+  T.eq(p:wait(10000), 0, "the app's exit status")
+end, { timeout = 30000 })
+
 T.test("a Twilio app whose tunnel cannot open does not start, and says why", function()
   local dir = T.tmpdir()
   local code, _, p = T.run_app(nil, nil, {

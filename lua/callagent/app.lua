@@ -523,6 +523,7 @@ function App:_start()
       return fail("stopped during start")
     end
     self.tunnel = pub
+    self.tunnel_opened_at = timer.now()
     self.public_base = pub.url
   end
   if self.stopped then -- app:stop() while the provider's init waited, say
@@ -629,8 +630,12 @@ local SERVER_DRAIN_MS = 1000
 local TUNNEL_RESERVE_MS = 3000
 
 -- How long the tunnel's reopening waits after a failed try: doubled each
--- time, up to the second value.
+-- time, up to the second value. A tunnel that died within STABLE_MS of its
+-- opening is reopened after such a wait too (doubled for each such death
+-- in a row), not at once: a tool that dies as soon as it is up (a session
+-- its service ends at once) is not restarted in a loop.
 M.REOPEN_MS = { 1000, 60000 }
+M.TUNNEL_STABLE_MS = 60000
 
 -- The tunnel died on its own (ngrok exited): the vendor reaches nothing, so
 -- dialing pauses (POST /v1/calls answers 503 paused; retries wait) while the
@@ -645,12 +650,23 @@ function App:_tunnel_lost(why)
   self.reopen = reopen
   self.engine:pause("the public tunnel is down (" .. why .. ")")
   log.warn("calls paused: opening the tunnel again", { reason = why })
+  local lived = self.tunnel_opened_at and timer.now() - self.tunnel_opened_at
+  self.quick_deaths = lived and lived < M.TUNNEL_STABLE_MS and (self.quick_deaths or 0) + 1 or 0
   if self.tunnel then
     self.tunnel:close()
     self.tunnel = nil
   end
   task.spawn(function()
     local wait = M.REOPEN_MS[1]
+    for _ = 2, self.quick_deaths do
+      wait = math.min(wait * 2, M.REOPEN_MS[2])
+    end
+    if self.quick_deaths > 0 then
+      log.warn("the tunnel died soon after it opened: opening it again later", { lived_ms = math.floor(lived),
+        after_ms = wait })
+      reopen.wake:pop(wait)
+      wait = math.min(wait * 2, M.REOPEN_MS[2])
+    end
     while not self.stopped do
       local pub, err = tunnel.open(self.config.tunnel, self.server.port, self.server.host, { cancel = reopen.cancel,
         on_lost = function(w)
@@ -664,6 +680,7 @@ function App:_tunnel_lost(why)
       end
       if pub then
         self.tunnel, self.public_base, self.reopen = pub, pub.url, nil
+        self.tunnel_opened_at = timer.now()
         log.info("tunnel open again: calls resumed", { url = pub.url })
         self.engine:resume()
         break

@@ -28,7 +28,9 @@
 --                         no file "died" there exits (status 1, after a session
 --                         error line, as when ngrok's session ends) once a file
 --                         "die" appears, and makes "died"; a run that finds
---                         "died" lists its tunnel only once "back" appears
+--                         "died" lists its tunnel only once "back" appears;
+--                         with a file "always" there, every run exits 1 s
+--                         after its tunnel is up
 --   FAKE_NGROK_LOG        a file that gets "start pid=N mode=M argv=...",
 --                         "tunnel pid=N url=U addr=A" and "end pid=N signal=SIGTERM"
 --                         (or "end pid=N status=1") lines
@@ -203,21 +205,24 @@ local function when(name, fn)
 end
 
 local function up()
-  if second and not exists("back") then
+  if second and not exists("back") and not exists("always") then
     return when("back", up)
   end
   ready = true
   record("tunnel pid=" .. pid .. " url=" .. public .. " addr=" .. addr)
   jlog({ lvl = "info", msg = "started tunnel", obj = "tunnels", name = "command_line", addr = addr, url = public })
-  if control and not second then
-    when("die", function()
-      assert(io.open(control .. "/died", "w")):close()
-      local said = "session closed by the remote: the tunnel session was stopped"
-      jlog({ lvl = "eror", msg = "session closing", obj = "tunnels.session", err = said })
-      io.stderr:write("ERROR:  ", said, "\n")
-      record("end pid=" .. pid .. " status=1")
-      os.exit(1)
-    end)
+  local function die()
+    assert(io.open(control .. "/died", "w")):close()
+    local said = "session closed by the remote: the tunnel session was stopped"
+    jlog({ lvl = "eror", msg = "session closing", obj = "tunnels.session", err = said })
+    io.stderr:write("ERROR:  ", said, "\n")
+    record("end pid=" .. pid .. " status=1")
+    os.exit(1)
+  end
+  if exists("always") then
+    timer.after(1000, die)
+  elseif control and not second then
+    when("die", die)
   end
 end
 
