@@ -418,6 +418,17 @@ static int client_rx(struct ca_ws *ws, unsigned char *p, size_t len)
 
 /* ---- the lws callback ---- */
 
+/*
+ * Closed, aborted or timed out before the open (ws->error says which): lws
+ * ends the connection soon (ca__ws_kill), and until then nothing more is
+ * done for it. An upgrade answer already read would open it: an "open"
+ * event after the app gave it up, and no error event.
+ */
+static int given_up(const struct ca_ws *ws)
+{
+	return ws->state == CA_WS_CONNECTING && ws->error[0];
+}
+
 static int client_callback(struct lws *wsi, enum lws_callback_reasons reason,
 			   void *user, void *in, size_t len)
 {
@@ -430,11 +441,12 @@ static int client_callback(struct lws *wsi, enum lws_callback_reasons reason,
 		if (ws == NULL || ws->cl == NULL)
 			return -1;
 		ws->cl->tcp_up = 1;
-		lws_callback_on_writable(wsi);
+		if (!given_up(ws))
+			lws_callback_on_writable(wsi);
 		return 0;
 
 	case LWS_CALLBACK_RAW_WRITEABLE:
-		if (ws == NULL || ws->cl == NULL)
+		if (ws == NULL || ws->cl == NULL || given_up(ws))
 			return 0;
 		if (ws->cl->ssl && !ws->cl->tls_started)
 			return tls_start(ws);
@@ -443,7 +455,7 @@ static int client_callback(struct lws *wsi, enum lws_callback_reasons reason,
 		return ca__ws_writeable(ws);
 
 	case LWS_CALLBACK_RAW_RX:
-		if (ws == NULL || ws->cl == NULL || ws->fr.broken)
+		if (ws == NULL || ws->cl == NULL || ws->fr.broken || given_up(ws))
 			return 0;
 		ws->last_rx = uv_now(ca_loop());
 		return client_rx(ws, in, len);

@@ -986,6 +986,30 @@ T.test("a connection that opens after ws.connect's wait was ended elsewhere is c
   T.eq({ f.op, f.code, f.reason }, { 8, 1001, "not needed" })
 end)
 
+T.test("abort or close with the server's 101 already come but not read: ECANCELED, never an open", function()
+  local core_ws = require "callagent.core.ws"
+  local _, port = edge_server("late") -- answers the upgrade 300 ms late
+  local conns = {}
+  for i, how in ipairs({ "abort", "close" }) do
+    conns[i] = { how = how, events = {} }
+    conns[i].c = core_ws.connect({ url = "ws://127.0.0.1:" .. port .. "/edge", timeout = 3000 }, function(_, ev, a)
+      table.insert(conns[i].events, ev .. " " .. (type(a) == "string" and a or ""))
+    end)
+  end
+  timer.sleep(50) -- TCP up, the request sent
+  local t = os.clock() + 0.4
+  repeat -- the loop held: the 101 waits in the socket, unread
+  until os.clock() > t
+  for _, x in ipairs(conns) do
+    x.c[x.how](x.c)
+  end
+  timer.sleep(100)
+  for _, x in ipairs(conns) do
+    T.eq(x.events, { "error ECANCELED: " .. (x.how == "abort" and "aborted" or "closed") .. " before it connected" },
+      x.how)
+  end
+end)
+
 T.test("paused while connecting: it opens, then reads nothing until resumed", function()
   local core_ws = require "callagent.core.ws"
   local _, port = edge_server("hello")
