@@ -398,6 +398,37 @@ T.test("call_agent whose answer never came asks again with the same Idempotency-
   T.eq(#env.tw.calls, 2, "dialed once per call")
 end)
 
+T.test("call_agent whose answer never came, then an error for its resend: the first may have placed the call", function()
+  -- The first send's answer is lost (after timeoutMs); the resend's is an
+  -- error that says nothing of the first: a store that could not look the
+  -- key up, a pause that began in between. Told as a call not placed, the
+  -- model would call again, with a new tool call id: a second ring.
+  local n = 0
+  local srv = T.server({}, function(s)
+    s:post("/v1/calls", function()
+      n = n + 1
+      if n % 2 == 1 then
+        timer.sleep(800)
+        return 201, { callId = "c_" .. string.rep("0", 20), status = "queued" }
+      elseif n == 2 then
+        return 500, { error = { code = "store_failed", message = "the Idempotency-Key could not be looked up" } }
+      end
+      return 503, { error = { code = "paused", message = "calls are paused: the tunnel is down; send the call again in a "
+        .. "moment" } }, { ["Retry-After"] = "5" }
+    end)
+  end)
+  local r = host({ baseUrl = "http://127.0.0.1:" .. srv.port, apiToken = TOKEN, timeoutMs = 300 }, {
+    { tool = "call_agent", toolCallId = "toolu_lost1", params = { to = "+14155550100", prompt = "Book it." } },
+    { tool = "call_agent", toolCallId = "toolu_lost2", params = { to = "+14155550100", prompt = "Book it." } },
+  })
+  T.eq(n, 4, "each sent twice")
+  -- Before: "...; its log says why" and "...; try again in 5 s (503 paused)", as if nothing was done.
+  T.eq(r.steps[1].error, "callagent failed: the Idempotency-Key could not be looked up (500 store_failed); its log "
+    .. "says why. The request may still have been carried out: its first send got no answer.")
+  T.eq(r.steps[2].error, "callagent has paused calls: the tunnel is down; send the call again in a moment; try again "
+    .. "in 5 s (503 paused). The request may still have been carried out: its first send got no answer.")
+end)
+
 T.test("callagent starting, paused or stopping: one line that says so once, with when to try again", function()
   -- callagent's own 503s (lua/callagent/api.lua), as a tunnel opens or the app stops.
   local answers = {

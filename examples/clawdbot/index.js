@@ -179,7 +179,9 @@ async function request(cfg, method, path, { body, headers = {}, signal } = {}) {
   return { status: res.status, headers: res.headers, json };
 }
 
-function apiError(cfg, r, { callId, method } = {}) {
+// resent: the answer is to a second send of a request whose first got none,
+// which may have been carried out whatever this answer says.
+function apiError(cfg, r, { callId, method, resent } = {}) {
   // callagent's error is {"error": {"code", "message", "field"?}}; anything
   // else (a 2xx without what it always holds, a proxy's page) is not its.
   const theirs = r.json && typeof r.json === "object" && r.json.error && typeof r.json.error === "object";
@@ -218,12 +220,13 @@ function apiError(cfg, r, { callId, method } = {}) {
     // Its own failure (the store, a bug), not a refusal of the input.
     msg = `callagent failed: ${message} ${tag}; its log says why`;
     // store_failed: nothing was stored, so nothing was done.
-    if (method === "POST" && code !== "store_failed") msg += ". The request may still have been carried out.";
+    if (method === "POST" && code !== "store_failed" && !resent) msg += ". The request may still have been carried out.";
   } else if (typeof e.field === "string" && e.field) {
     msg = `field "${e.field}": callagent refused it: ${message} ${tag}`;
   } else {
     msg = `callagent refused the request: ${message} ${tag}`;
   }
+  if (resent) msg += ". The request may still have been carried out: its first send got no answer.";
   return new Error(redact(cfg, msg));
 }
 
@@ -291,10 +294,12 @@ export function createTools(cfg) {
       const key = idempotencyKey(toolCallId);
       const send = (k) => request(cfg, "POST", "/v1/calls", { body, headers: k ? { "Idempotency-Key": k } : {}, signal });
       let r;
+      let resent = false;
       try {
         r = await send(key);
       } catch (err) {
         if (!err.unanswered) throw err;
+        resent = true;
         // The call may have been placed and its answer lost: sent again with
         // the same Idempotency-Key, callagent answers with that call (or
         // places it now), and the callee's phone rings once.
@@ -306,8 +311,9 @@ export function createTools(cfg) {
         // This answer, if lost, is not asked for again: without a key, a
         // resend could ring the callee twice.
         r = await send(undefined);
+        resent = false; // the first, too, was refused before anything was done
       }
-      if (r.status !== 201 || !r.json || typeof r.json.callId !== "string") throw apiError(cfg, r, { method: "POST" });
+      if (r.status !== 201 || !r.json || typeof r.json.callId !== "string") throw apiError(cfg, r, { method: "POST", resent });
       const out = { callId: r.json.callId, status: r.json.status, to: body.to };
       if (r.json.hint) out.hint = r.json.hint;
       if (r.headers.get("idempotent-replayed") === "true") out.replayed = true;
