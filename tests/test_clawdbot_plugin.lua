@@ -427,6 +427,21 @@ T.test("call_agent whose answer never came, then an error for its resend: the fi
     .. "says why. The request may still have been carried out: its first send got no answer.")
   T.eq(r.steps[2].error, "callagent has paused calls: the tunnel is down; send the call again in a moment; try again "
     .. "in 5 s (503 paused). The request may still have been carried out: its first send got no answer.")
+  -- callagent gone before the resend: that one was never sent, the first may have been carried out.
+  local gone
+  gone = T.server({}, function(s)
+    s:post("/v1/calls", function()
+      gone:close()
+      timer.sleep(800)
+      return 201, { callId = "c_" .. string.rep("0", 20), status = "queued" }
+    end)
+  end)
+  local base = "http://127.0.0.1:" .. gone.port
+  r = host({ baseUrl = base, apiToken = TOKEN, timeoutMs = 300 },
+    { { tool = "call_agent", toolCallId = "toolu_lost3", params = { to = "+14155550100", prompt = "Book it." } } })
+  T.eq(r.steps[1].error, "callagent is not reachable at " .. base .. " (ECONNREFUSED); is it running, and is "
+    .. "plugins.entries.callagent.config.baseUrl its address? The request may still have been carried out: its first "
+    .. "send got no answer.")
 end)
 
 T.test("callagent starting, paused or stopping: one line that says so once, with when to try again", function()

@@ -303,7 +303,13 @@ export function createTools(cfg) {
         // The call may have been placed and its answer lost: sent again with
         // the same Idempotency-Key, callagent answers with that call (or
         // places it now), and the callee's phone rings once.
-        r = await send(key);
+        try {
+          r = await send(key);
+        } catch (again) {
+          // Not sent this time (callagent gone, say): the first still may have been carried out.
+          if (!again.unanswered && !signal?.aborted) again.message += " The request may still have been carried out: its first send got no answer.";
+          throw again;
+        }
       }
       if (r.status === 501 && r.json?.error?.code === "idempotency_unsupported") {
         // A store that keeps no keys (one of an app's own): callagent refused
