@@ -986,6 +986,21 @@ T.test("a connection that opens after ws.connect's wait was ended elsewhere is c
   T.eq({ f.op, f.code, f.reason }, { 8, 1001, "not needed" })
 end)
 
+T.test("a connection whose ws.connect raised (its wait could not yield) is closed once it opens", function()
+  local p, port = edge_server("late")
+  local ok, err
+  task.spawn(function()
+    -- gsub's callback is a C call: the wait cannot yield there, and raises.
+    ok, err = pcall(string.gsub, "a", "a", function()
+      ws.connect("ws://127.0.0.1:" .. port .. "/edge", { timeout = 3000 })
+    end)
+  end)
+  T.eq(ok, false)
+  T.match(err, "yield across")
+  local f = client_frame(p)
+  T.eq({ f.op, f.code, f.reason }, { 8, 1001, "not needed" })
+end)
+
 T.test("abort or close with the server's 101 already come but not read: ECANCELED, never an open", function()
   local core_ws = require "callagent.core.ws"
   local _, port = edge_server("late") -- answers the upgrade 300 ms late

@@ -91,6 +91,10 @@ end
 
 function M.connect(url, opts)
   local over = false
+  -- Over however the wait ends: an error too (a yield across a C call).
+  local _ <close> = setmetatable({}, { __close = function()
+    over = true
+  end })
   local conn, err = task.await(function(done)
     start(url, opts, function(c, e)
       -- The wait ended before (the task was resumed from elsewhere): no one
@@ -102,7 +106,6 @@ function M.connect(url, opts)
       done(c, e)
     end)
   end)
-  over = true
   if conn then
     conn.receive = receive
   end
