@@ -408,7 +408,7 @@ T.test("call_agent whose answer never came, then an error for its resend: the fi
     s:post("/v1/calls", function()
       n = n + 1
       if n % 2 == 1 then
-        timer.sleep(800)
+        timer.sleep(900)
         return 201, { callId = "c_" .. string.rep("0", 20), status = "queued" }
       elseif n == 2 then
         return 500, { error = { code = "store_failed", message = "the Idempotency-Key could not be looked up" } }
@@ -417,7 +417,7 @@ T.test("call_agent whose answer never came, then an error for its resend: the fi
         .. "moment" } }, { ["Retry-After"] = "5" }
     end)
   end)
-  local r = host({ baseUrl = "http://127.0.0.1:" .. srv.port, apiToken = TOKEN, timeoutMs = 300 }, {
+  local r = host({ baseUrl = "http://127.0.0.1:" .. srv.port, apiToken = TOKEN, timeoutMs = 400 }, {
     { tool = "call_agent", toolCallId = "toolu_lost1", params = { to = "+14155550100", prompt = "Book it." } },
     { tool = "call_agent", toolCallId = "toolu_lost2", params = { to = "+14155550100", prompt = "Book it." } },
   })
@@ -432,12 +432,12 @@ T.test("call_agent whose answer never came, then an error for its resend: the fi
   gone = T.server({}, function(s)
     s:post("/v1/calls", function()
       gone:close()
-      timer.sleep(800)
+      timer.sleep(900)
       return 201, { callId = "c_" .. string.rep("0", 20), status = "queued" }
     end)
   end)
   local base = "http://127.0.0.1:" .. gone.port
-  r = host({ baseUrl = base, apiToken = TOKEN, timeoutMs = 300 },
+  r = host({ baseUrl = base, apiToken = TOKEN, timeoutMs = 400 },
     { { tool = "call_agent", toolCallId = "toolu_lost3", params = { to = "+14155550100", prompt = "Book it." } } })
   T.eq(r.steps[1].error, "callagent is not reachable at " .. base .. " (ECONNREFUSED); is it running, and is "
     .. "plugins.entries.callagent.config.baseUrl its address? The request may still have been carried out: its first "
