@@ -166,6 +166,40 @@ end)
   T.eq(runs, 1, "espeak-ng ran once")
 end)
 
+T.test("an espeak-ng run that fails with an error wakes the sessions waiting for it: all chime, none waits for ever", function()
+  local dir = T.tmpdir()
+  local f = assert(io.open(dir .. "/espeak-ng", "w"))
+  -- A WAV whose data has an odd byte: reading it raises. Slow enough that the others wait for it.
+  f:write("#!/bin/sh\nsleep 0.3\nwhile [ \"$1\" != -w ]; do shift; done\nprintf 'RIFFxxxxWAVEdataxxxxabc' > \"$2\"\n")
+  f:close()
+  os.execute("chmod +x '" .. dir .. "/espeak-ng'")
+  f = assert(io.open(dir .. "/app.lua", "w"))
+  f:write([[
+local standin, task, timer, runtime = require "callagent.standin", require "callagent.task", require "callagent.timer",
+  require "callagent.runtime"
+timer.after(3000, function()
+  print("hung")
+  runtime.exit(3)
+end)
+task.spawn(function()
+  local fns = {}
+  for i = 1, 3 do
+    fns[i] = function() return #standin.speech("This phrase cannot be read.") end
+  end
+  local a, b, c = task.all(fns)
+  print(a, b, c, #standin.speech("This phrase cannot be read."))
+  runtime.exit(0)
+end)
+]])
+  f:close()
+  local code, _, p = T.run_app(dir .. "/app.lua", nil, { env = { PATH = dir .. ":" .. os.getenv("PATH") }, timeout = 10000 })
+  T.eq(code, 0, p.text() .. p.errtext())
+  local n = (p.out[1] or ""):match("^(%d+)")
+  T.ok(n and tonumber(n) > 0, "chimes: " .. p.text())
+  T.eq(p.out[1], table.concat({ n, n, n, n }, "\t"), "all four the same chime")
+  T.match(p.errtext(), "espeak%-ng's speech could not be used")
+end)
+
 -- A server with the stand-in and one session that has its key.
 local function session()
   local ws = require "callagent.ws"

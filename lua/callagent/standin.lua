@@ -72,6 +72,25 @@ local function chime(ms)
   return table.concat(out)
 end
 
+-- espeak-ng's speech for text as 24 kHz PCM, or nil when it is not there
+-- (or failed).
+local function espeak(text)
+  local file = os.tmpname()
+  local p = process.spawn({ "espeak-ng", "-v", "en-us", "-s", "165", "-w", file, text, on_stdout = false, on_stderr = false })
+  local wav
+  if p then
+    local code = p:wait(15000)
+    local f = code == 0 and io.open(file, "rb")
+    if f then
+      wav = f:read("a")
+      f:close()
+    end
+  end
+  os.remove(file)
+  local data = wav and wav:find("data", 1, true)
+  return data and to_24k(wav:sub(data + 8)) or nil
+end
+
 --- 24 kHz PCM for text (inside a task: espeak-ng runs as a child process).
 function M.speech(text)
   if cache[text] then
@@ -83,29 +102,18 @@ function M.speech(text)
     return task.wait_in(making[text])
   end
   making[text] = {}
-  local file = os.tmpname()
-  local p = process.spawn({ "espeak-ng", "-v", "en-us", "-s", "165", "-w", file, text, on_stdout = false, on_stderr = false })
-  local pcm
-  if p then
-    local code = p:wait(15000)
-    local f = code == 0 and io.open(file, "rb")
-    if f then
-      local wav = f:read("a")
-      f:close()
-      local data = wav:find("data", 1, true)
-      if data then
-        pcm = to_24k(wav:sub(data + 8))
-      end
-    end
+  -- Under pcall: an error (no temporary file to be had, a WAV with an odd
+  -- byte) must not leave making[text] set, or every session after it
+  -- would wait for this phrase for ever. It chimes instead.
+  local ok, pcm = pcall(espeak, text)
+  if not ok then
+    log.warn("stand-in model: espeak-ng's speech could not be used; it will chime instead", { error = tostring(pcm) })
+    pcm = nil
+  elseif not pcm and not M.warned then
+    M.warned = true
+    log.warn("stand-in model: espeak-ng is not installed; it will chime instead of speaking (apt-get install espeak-ng)")
   end
-  os.remove(file)
-  if not pcm then
-    if not M.warned then
-      M.warned = true
-      log.warn("stand-in model: espeak-ng is not installed; it will chime instead of speaking (apt-get install espeak-ng)")
-    end
-    pcm = chime(math.min(1500, 40 * #text))
-  end
+  pcm = pcm or chime(math.min(1500, 40 * #text))
   cache[text] = pcm
   local waiting = making[text]
   making[text] = nil
