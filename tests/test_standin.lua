@@ -270,8 +270,49 @@ T.test("with 24 kHz PCM input the detector hears PCM: silence is no turn, a tone
   conn:send('{"type":"input_audio_buffer.append","audio":"' .. crypto.base64_encode(table.concat(tone)) .. '"}')
   local ev = next_event()
   T.eq(ev and ev.type, "input_audio_buffer.speech_started", "the tone starts a turn")
-  T.near(ev.audio_start_ms, 1000, 100, "counted in the PCM's own time")
+  T.near(ev.audio_start_ms, 1000, 10, "counted in the PCM's own time, from the turn's first frame")
   conn:close(1000, "bye")
 end)
 
+
+T.test("24 kHz PCM input in 5 ms appends: turns timed in 20 ms frames, the caller's words played back as sent", function()
+  local conn, next_event = session()
+  local crypto = require "callagent.crypto"
+  local json = require "callagent.json"
+  conn:send('{"type":"session.update","session":{"audio":{"input":{"format":{"type":"audio/pcm","rate":24000}},'
+    .. '"output":{"format":{"type":"audio/pcmu"}}}}}')
+  T.eq(next_event().type, "session.updated")
+  -- 1 s of silence, 1 s of a tone, 1.5 s of silence, sent 5 ms (240 bytes) at a time.
+  local s = {}
+  for i = 0, 24000 * 7 // 2 - 1 do
+    local v = (i >= 24000 and i < 48000) and math.floor(8000 * math.sin(2 * math.pi * 440 * i / 24000)) or 0
+    s[#s + 1] = string.pack("<i2", v)
+  end
+  local pcm = table.concat(s)
+  for i = 1, #pcm, 240 do
+    conn:send(json.encode({ type = "input_audio_buffer.append", audio = crypto.base64_encode(pcm:sub(i, i + 239)) }))
+  end
+  local started, stopped = next_event(), next_event()
+  T.eq(started and started.type, "input_audio_buffer.speech_started")
+  -- The tone's first frame; 3 frames of 5 ms started a turn that began 60 ms before.
+  T.near(started.audio_start_ms, 1000, 10, "the turn starts with the tone")
+  T.eq(stopped and stopped.type, "input_audio_buffer.speech_stopped")
+  -- 35 frames of quiet end it: 700 ms, not 35 appends of 5 ms.
+  T.near(stopped.audio_end_ms, 2700, 30, "it ends 700 ms after the tone")
+  -- The words played back are the input as one resampler makes it, whatever the appends.
+  local want = audio.ulaw_encode(audio.resampler(24000, 8000):process(pcm))
+  local said = #audio.ulaw_encode(audio.resampler(24000, 8000):process(standin.speech(standin.YOU_SAID)))
+  local deltas = {}
+  repeat
+    local ev = next_event(5000)
+    if ev and ev.type == "response.output_audio.delta" then
+      deltas[#deltas + 1] = crypto.base64_decode(ev.delta)
+    end
+  until not ev or ev.type == "response.done"
+  local words = table.concat(deltas):sub(said + 1)
+  T.gt(#words, 8000, "over a second of the caller's words")
+  local at = started.audio_start_ms * 8
+  T.ok(words == want:sub(at + 1, at + #words), "the words are the input's, byte for byte")
+  conn:close(1000, "bye")
+end)
 T.run()

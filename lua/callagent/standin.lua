@@ -355,12 +355,17 @@ function Session:on_event(ev)
     local fmt = self:in_format()
     if fmt == "audio/pcma" then
       ulaw = audio.alaw_to_ulaw(ulaw)
-    elseif fmt == "audio/pcm" then -- 24 kHz 16-bit: the detector takes 8 kHz mu-law
-      ulaw = audio.ulaw_encode(audio.resampler(24000, 8000):process(ulaw:sub(1, #ulaw - #ulaw % 2)))
+    elseif fmt == "audio/pcm" then
+      -- 24 kHz 16-bit: the detector takes 8 kHz mu-law. One resampler for
+      -- the session, so its filter history (and an odd byte) carry from one
+      -- append to the next: a new one for each append faded in every
+      -- append's start and lost its end (the words played back buzzed).
+      self.in_rs = self.in_rs or audio.resampler(24000, 8000)
+      ulaw = audio.ulaw_encode(self.in_rs:process(ulaw))
     end
-    for i = 1, #ulaw, 160 do
-      local f = ulaw:sub(i, i + 159)
-      self.input_ms = self.input_ms + #f / 8 -- the end of this frame, in the input's own time
+    -- 20 ms frames whatever the appends' size: the detector counts frames.
+    for _, f in ipairs(self.framer:push(ulaw)) do
+      self.input_ms = self.input_ms + 20 -- the end of this frame, in the input's own time
       self:frame(f)
     end
   elseif t == "session.update" then
@@ -377,8 +382,12 @@ function Session:on_event(ev)
         return self:refuse(ev, "invalid_value", "Unsupported audio format.", "session.audio." .. dir .. ".format")
       end
     end
+    local was = self:in_format()
     for k, v in pairs(s) do
       self.config[k] = v
+    end
+    if self:in_format() ~= was then
+      self.in_rs = nil -- another format: no history from the one before
     end
     self:send({ type = "session.updated", session = self.config })
   elseif t == "response.create" then
@@ -415,7 +424,8 @@ function M.mount(srv, path, opts)
         conn:close(1008, "invalid api key")
         return
       end
-      local s = setmetatable({ conn = conn, config = { type = "realtime" }, turns = 0, speech_ms = 0, input_ms = 0, quiet = 0, loud = 0 }, Session)
+      local s = setmetatable({ conn = conn, config = { type = "realtime" }, turns = 0, speech_ms = 0, input_ms = 0, quiet = 0, loud = 0,
+        framer = audio.framer(160) }, Session)
       conn.standin = s
       s:send({
         type = "session.created",
