@@ -232,6 +232,8 @@ T.test("events the stand-in cannot use get an error event, as from the real serv
     { '{"type":"session.update","session":{"audio":{"output":"pcm"}}}', "invalid_value", "session.audio.output.format" },
     { '{"type":"session.update","session":{"audio":{"input":{"format":{"type":"audio/opus"}}}}}', "invalid_value",
       "session.audio.input.format" },
+    { '{"type":"session.update","session":{"audio":{"output":{"format":{"type":"audio/pcm","rate":16000}}}}}', "invalid_value",
+      "session.audio.output.format" },
     { '{"type":"input_audio_buffer.append","audio":5}', "invalid_value", "audio" },
     { '{"type":"input_audio_buffer.append","audio":"!!!"}', "invalid_value", "audio" },
     { '{"type":"conversation.item.create","item":5}', "invalid_value", "item" },

@@ -10,8 +10,9 @@
 --     on the mock phone's keypad, then says goodbye.
 -- Transcripts say how long the caller spoke ("[caller spoke 2.3 s]"): there is
 -- no speech recognition here. An event it cannot use (not JSON, no type, a
--- field of the wrong kind, an audio format it does not speak) gets an
--- "error" event, as from the real service, and the session goes on.
+-- field of the wrong kind, an audio format it does not speak, PCM at a
+-- rate other than 24 kHz too) gets an "error" event, as from the real
+-- service, and the session goes on.
 --
 --   local standin = require "callagent.standin"
 --   -- openai = { apiKey = standin.KEY } in the app's config, then
@@ -159,6 +160,12 @@ local function dig(t, ...)
 end
 
 local FORMATS = { ["audio/pcm"] = true, ["audio/pcmu"] = true, ["audio/pcma"] = true }
+
+-- Whether f is a format it speaks: PCM only at 24 kHz, as the real service.
+local function known_format(f)
+  local t = dig(f, "type")
+  return FORMATS[t] and (t ~= "audio/pcm" or f.rate == nil or f.rate == 24000) or false
+end
 
 function Session:out_format()
   return dig(self.config, "audio", "output", "format", "type") or "audio/pcm"
@@ -378,7 +385,7 @@ function Session:on_event(ev)
     end
     for _, dir in ipairs({ "input", "output" }) do
       local d = dig(s, "audio", dir)
-      if d ~= nil and (type(d) ~= "table" or (d.format ~= nil and not FORMATS[dig(d.format, "type")])) then
+      if d ~= nil and (type(d) ~= "table" or (d.format ~= nil and not known_format(d.format))) then
         return self:refuse(ev, "invalid_value", "Unsupported audio format.", "session.audio." .. dir .. ".format")
       end
     end
