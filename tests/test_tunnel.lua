@@ -768,8 +768,12 @@ end, { timeout = 30000 })
 T.test("an ngrok that dies as soon as it is up is started again later and later, not in a loop", function()
   local dir = T.tmpdir()
   local logfile = dir .. "/ngrok.log"
-  assert(io.open(dir .. "/always", "w")):close()
-  local app = spawn_tunnel_app(APP, app_env(bindir({ "ngrok" }), logfile, { FAKE_NGROK_CONTROL = dir }))
+  -- Each run lives 500 ms; the waits start at 300 ms (1 s in the app as shipped), so the test is short.
+  local f = assert(io.open(dir .. "/always", "w"))
+  f:write("500")
+  f:close()
+  local src = 'require("callagent.app").REOPEN_MS = { 300, 60000 }\n' .. APP
+  local app = spawn_tunnel_app(src, app_env(bindir({ "ngrok" }), logfile, { FAKE_NGROK_CONTROL = dir }))
   local p = app.p
   T.wait_for(function()
     return app.ready or p.done
@@ -782,17 +786,18 @@ T.test("an ngrok that dies as soon as it is up is started again later and later,
     end
     return n
   end
-  -- Each lives about 1 s: reopened 1, then 2 s later (then 4 ...).
+  -- Reopened 300, then 600 ms after each death (then 1200 ...); reopened at
+  -- once, the fourth started as the third died, 500 ms after it was up.
   T.wait_for(function()
     return starts() >= 3
   end, 10000, "ngrok started again twice")
-  require("callagent.timer").sleep(1500)
+  require("callagent.timer").sleep(1200)
   T.eq(starts(), 3, "not started again within the next wait")
   local waits = {}
   for w in p.errtext():gmatch("the tunnel died soon after it opened: opening it again later after_ms=(%d+)") do
     waits[#waits + 1] = tonumber(w)
   end
-  T.eq({ waits[1], waits[2] }, { 1000, 2000 })
+  T.eq({ waits[1], waits[2] }, { 300, 600 })
   T.ok(p:kill("SIGTERM"))
   T.eq(p:wait(10000), 0, "the app's exit status")
 end, { timeout = 30000 })

@@ -30,7 +30,8 @@
 --                         "die" appears, and makes "died"; a run that finds
 --                         "died" lists its tunnel only once "back" appears;
 --                         with a file "always" there, every run exits 1 s
---                         after its tunnel is up
+--                         (or the milliseconds the file holds) after its
+--                         tunnel is up
 --   FAKE_NGROK_LOG        a file that gets "start pid=N mode=M argv=...",
 --                         "tunnel pid=N url=U addr=A" and "end pid=N signal=SIGTERM"
 --                         (or "end pid=N status=1") lines
@@ -220,7 +221,10 @@ local function up()
     os.exit(1)
   end
   if exists("always") then
-    timer.after(1000, die)
+    local f = assert(io.open(control .. "/always"))
+    local ms = tonumber(f:read("a"))
+    f:close()
+    timer.after(ms or 1000, die)
   elseif control and not second then
     when("die", die)
   end
