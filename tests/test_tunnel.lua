@@ -75,6 +75,17 @@ local function grep(lines, pattern)
   return nil
 end
 
+-- Every line matching pattern.
+local function grep_all(lines, pattern)
+  local out = {}
+  for _, l in ipairs(lines) do
+    if l:find(pattern) then
+      out[#out + 1] = l
+    end
+  end
+  return out
+end
+
 -- Whether a pid is gone (no /proc entry, or a zombie).
 local function pid_gone(pid)
   local f = io.open(string.format("/proc/%d/stat", pid))
@@ -661,7 +672,10 @@ T.test("ngrok that exits while the app runs: calls pause (503 paused, retries wa
   local held
   local app = {}
   app.p = T.spawn_app(nil, nil, {
-    source = APP:gsub("port = 0", "port = " .. port)
+    -- Any tunnel counts as one that lived long (reopened at once); one
+    -- taken for short-lived would wait 10 s.
+    source = 'require("callagent.app").TUNNEL_STABLE_MS = 0\nrequire("callagent.app").REOPEN_MS = { 10000, 60000 }\n'
+      .. APP:gsub("port = 0", "port = " .. port)
       :gsub('fromNumber = "%+15550001111"', '%0, apiBaseUrl = "' .. tw.url .. '"')
       :gsub('store = { backend = "memory" },', '%0 retry = { maxAttempts = 2, initialDelayMs = 3000 },'),
     env = app_env(bindir({ "ngrok" }), logfile, { FAKE_NGROK_CONTROL = dir }),
@@ -697,6 +711,9 @@ T.test("ngrok that exits while the app runs: calls pause (503 paused, retries wa
   T.wait_for(function()
     return health().paused or p.done
   end, 5000, "calls paused")
+  T.wait_for(function()
+    return #grep_all(read_lines(logfile), "^start pid=") == 2
+  end, 5000, "ngrok started again at once")
   res = create("+14155550175")
   T.eq(res.status, 503, res.body)
   T.eq(res.headers["retry-after"], "5")
