@@ -409,7 +409,8 @@ T.test("microphone refused: the page says so, hangs up, and the call ends withou
   T.match(r.reopen.problem, "already used", "the message for a used link")
 end, { timeout = 40000 })
 
-T.test("a microphone allowed after STREAM_WAIT_MS: the call is answered then, and connects", function()
+T.test("a microphone allowed after STREAM_WAIT_MS: the call is answered then, and connects; a key held down is "
+  .. "sent once", function()
   need_tools()
   -- A page that answered before it had the microphone would have its call
   -- fail (no_stream) once the engine's wait for the stream (15 s) passed: that
@@ -426,8 +427,8 @@ T.test("a microphone allowed after STREAM_WAIT_MS: the call is answered then, an
   end)
   local view = assert(app:create_call({ to = "+14155550196", prompt = "Say hello." }))
   local shot = ROOT .. "/tests/artifacts/mock-phone-slow-mic.png"
-  local r, code, err = node({ "browser/drive.mjs", view.hint, wav, shot, "--mic-delay=4500", "--hangup-after=1500",
-    "--timeout=40000" }, 60000)
+  local r, code, err = node({ "browser/drive.mjs", view.hint, wav, shot, "--mic-delay=4500", "--hold=7",
+    "--hangup-after=1500", "--timeout=40000" }, 60000)
   T.ok(r, "drive.mjs printed no JSON (exit " .. tostring(code) .. "): " .. err)
   T.ok(r.ok, "drive.mjs: " .. tostring(r.error) .. "; page: " .. json.encode({ r.banner, r.problem, r.stats }))
   T.eq(r.banner, "Call ended: you hung up.")
@@ -439,6 +440,8 @@ T.test("a microphone allowed after STREAM_WAIT_MS: the call is answered then, an
   end, 10000, "the call to end")
   T.eq({ v.status, v.endReason }, { "completed", "callee_hung_up" }, "not failed for want of a stream")
   T.gt(rt.sessions[1].input_bytes, 0, "the model heard the callee")
+  -- A key held down is one key, as on a phone: not one per keyboard repeat.
+  T.eq(r.stats.dtmfSent, 1, "the held key was sent once")
 end, { timeout = 80000 })
 
 T.test("through a forwarded port: the page streams through it, and when it is cut says callagent is gone", function()
@@ -469,15 +472,17 @@ T.test("through a forwarded port: the page streams through it, and when it is cu
   end, 10000, "the call to end at callagent")
 end, { timeout = 40000 })
 
-T.test("placed from the dial form, answered, hung up on the page: stop, close, and the call ends as the callee's "
-  .. "hang-up", function()
+T.test("placed from the dial form, answered, hung up on the page: stop, close, the agent is silent at once, and the "
+  .. "call ends as the callee's hang-up", function()
   need_tools()
   local dir = T.tmpdir()
   local wav = dir .. "/callee.wav"
   write_wav(wav)
   local app, rt = start_app(function(s)
     assert(s:wait_event("response.create", 20000))
-    s.talk = s:speak({ ms = 8000, text = "A long story nobody wants to hear." })
+    -- Four times real time, as the real service sends ahead: seconds of it
+    -- are queued on the page when it hangs up.
+    s.talk = s:speak({ ms = 20000, pace = 4, text = "A long story nobody wants to hear." })
   end)
   local shot = ROOT .. "/tests/artifacts/mock-phone-hangup.png"
   -- /mock/'s Call places the call and opens its page, which rings: Answer takes it.
@@ -498,6 +503,20 @@ T.test("placed from the dial form, answered, hung up on the page: stop, close, a
   T.eq(r.stats.state, "ended")
   T.eq(r.banner, "Call ended: you hung up.")
   T.gt(r.stats.playedSamples, 8 * 500, "the agent was heard before the hang-up")
+  -- Hung up: the agent's queued audio is dropped, not played out.
+  local at, last
+  for i = 1, #r.samples do
+    local x = sample_at(r.samples, i)
+    if x.ms <= r.hungUpMs then
+      at = x
+    end
+    last = x
+  end
+  T.ok(at and last.ms - r.hungUpMs >= 1000, "watched for a second after the hang-up")
+  T.diag(string.format("at the hang-up: %d samples received, %d played; %d played %d ms later", at.media, at.played,
+    last.played, last.ms - at.ms))
+  T.gt(at.media - at.played, 8 * 1000, "more than 1 s of the agent was queued when the page hung up")
+  T.lt(last.played - at.played, 8 * 300, "and it did not play after the hang-up")
   local v
   T.wait_for(function()
     v = app.engine:call_view(view.callId)

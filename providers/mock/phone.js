@@ -463,15 +463,18 @@ function audioRunning() {
   });
 }
 
-function stopAudio() {
+// The call is over here. drain: the far end ended it (the agent's goodbye
+// is queued): what is queued plays out, up to 5 s, before the device is let
+// go. Not when the page hangs up: a phone hung up is silent at once, and
+// the agent's audio runs seconds ahead of what has played.
+function stopAudio(drain) {
   if (mic) for (const t of mic.getTracks()) t.stop();
   if (capture) capture.port.postMessage({ type: "stop" });
   $("mic-level").style.width = "0";
-  // Let what is queued play out (the agent's goodbye), then release the device.
   const started = performance.now();
   const check = () => {
     if (!ctx || ctx.state === "closed") return;
-    if (stats.bufferedMs <= 0 || performance.now() - started > 5000) {
+    if (!drain || stats.bufferedMs <= 0 || performance.now() - started > 5000) {
       if (playback) playback.port.postMessage({ type: "stop" });
       ctx.close().catch(() => {});
       $("agent-level").style.width = "0";
@@ -479,7 +482,8 @@ function stopAudio() {
       setTimeout(check, 100);
     }
   };
-  setTimeout(check, 100);
+  if (drain) setTimeout(check, 100);
+  else check();
 }
 
 // A level meter's width: 60 dB of range, full at 0 dBFS.
@@ -538,7 +542,7 @@ function streamFailed(text) {
   noteError(text);
   showProblem(text);
   finished = true;
-  stopAudio();
+  stopAudio(false);
   setState("error", "The call could not be connected.");
   postHangup();
 }
@@ -637,7 +641,7 @@ function onStreamClosed(e) {
     streamFailed(`The audio stream to ${call.streamUrl} could not be opened.`);
     return;
   }
-  stopAudio();
+  stopAudio(true);
   if (e.code === 1000 || e.code === 1001 || e.code === 1005) {
     setState("ended", "Call ended");
   } else if (e.code === 1006) {
@@ -657,7 +661,7 @@ function hangUp() {
   seq++;
   send({ event: "stop", sequenceNumber: String(seq), streamSid, stop: { accountSid, callSid } });
   if (ws) ws.close(1000, "hung up");
-  stopAudio();
+  stopAudio(false);
   setState("ended", "Call ended: you hung up.");
   postHangup();
 }
@@ -987,7 +991,8 @@ async function main() {
   $("decline").onclick = () => decline();
   for (const b of $("keypad").querySelectorAll("button")) b.onclick = () => sendDigit(b.dataset.digit);
   document.addEventListener("keydown", (e) => {
-    if (/^[0-9*#]$/.test(e.key) && !e.ctrlKey && !e.metaKey && !e.altKey) sendDigit(e.key);
+    // A key held down is one key, as on a phone: not one per keyboard repeat.
+    if (/^[0-9*#]$/.test(e.key) && !e.repeat && !e.ctrlKey && !e.metaKey && !e.altKey) sendDigit(e.key);
   });
   window.addEventListener("pagehide", () => {
     if (finished || !call.session) return;

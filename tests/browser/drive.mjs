@@ -24,7 +24,13 @@
 //                       instead of a click
 //   --ring-shot=PATH    a screenshot of the ringing page, before answering
 //   --press=DIGITS      once connected, click these keypad keys
-//   --hangup-after=MS   click Hang up MS after the stream connected
+//   --hold=KEY          once connected (after --press), hold KEY down as a
+//                       person does: one keydown and then the keyboard's
+//                       repeats (repeat: true), then its keyup
+//   --hangup-after=MS   click Hang up MS after the stream connected; the page
+//                       is then watched 1.5 s past the click (the end may
+//                       come sooner), and .hungUpMs is when the click was
+//                       (in ms, as the samples' first field)
 //   --live-shot=PATH    a screenshot 2 s after the stream connected
 //   --reopen            at the end, open URL again (a used link) and record
 //                       what the page says in .reopen {state, problem}
@@ -87,6 +93,7 @@ for (const a of process.argv.slice(2)) {
   else if (a.startsWith("--ring-shot=")) opts.ringShot = a.slice(12);
   else if (a.startsWith("--press=")) opts.press = a.slice(8);
   else if (a.startsWith("--hangup-after=")) opts.hangupAfter = Number(a.slice(15));
+  else if (a.startsWith("--hold=")) opts.hold = a.slice(7);
   else if (a.startsWith("--live-shot=")) opts.liveShot = a.slice(12);
   else if (a.startsWith("--timeout=")) opts.timeout = Number(a.slice(10));
   else if (a.startsWith("--mic-delay=")) opts.micDelay = Number(a.slice(12));
@@ -255,6 +262,7 @@ async function run() {
     let endedAfterCut = null;
     let connectedAt = null;
     let pressed = false;
+    let held = !opts.hold;
     let hungUp = false;
     let liveShot = !opts.liveShot;
     let done = false;
@@ -302,6 +310,11 @@ async function run() {
             pressed = true;
             for (const d of opts.press) await page.click(`#keypad button[data-digit="${d}"]`);
           }
+          if (!held) {
+            held = true;
+            for (let i = 0; i < 5; i++) await page.keyboard.down(opts.hold);
+            await page.keyboard.up(opts.hold);
+          }
           if (!liveShot && now - connectedAt >= 2000) {
             liveShot = true;
             fs.mkdirSync(path.dirname(opts.liveShot), { recursive: true });
@@ -313,6 +326,7 @@ async function run() {
           }
           if (!hungUp && opts.hangupAfter != null && now - connectedAt >= opts.hangupAfter) {
             hungUp = true;
+            out.hungUpMs = now - start;
             await page.click("#hangup");
           }
         }
@@ -329,6 +343,8 @@ async function run() {
             done = true;
             break;
           }
+        } else if (hungUp && Date.now() - start < out.hungUpMs + 1500) {
+          // Watched a while past the click: what the page still plays.
         } else if (over && (opts.decline || watchRing || (FINAL.includes(s.callStatus) && (!wantReport || last.reportShown)))) {
           done = true;
           break;
