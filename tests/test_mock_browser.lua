@@ -532,6 +532,32 @@ T.test("placed from the dial form, answered, hung up on the page: stop, close, t
   T.near(s.input_bytes, r.stats.bytesSent, 800, "what the page sent is what the model got")
 end, { timeout = 40000 })
 
+T.test("reloaded mid-call: the call is hung up as the callee's, and the reloaded page says its link answered it", function()
+  need_tools()
+  local dir = T.tmpdir()
+  local wav = dir .. "/callee.wav"
+  write_wav(wav)
+  local app = start_app(function(s)
+    assert(s:wait_event("response.create", 20000))
+    s:speak({ ms = 8000, text = "A long story." })
+  end)
+  local view = assert(app:create_call({ to = "+14155550191", prompt = "Talk." }))
+  local r, code, err = node({ "browser/drive.mjs", view.hint, wav, ROOT .. "/tests/artifacts/mock-phone-reloaded.png",
+    "--reload-after=1000", "--timeout=15000" }, 30000)
+  T.ok(r, "drive.mjs printed no JSON (exit " .. tostring(code) .. "): " .. err)
+  T.ok(r.ok, "drive.mjs: " .. tostring(r.error) .. "; page: " .. json.encode({ r.banner, r.problem, r.stats }))
+  T.gt(r.reload.stats.framesSent, 0, "the page streamed before the reload")
+  local v
+  T.wait_for(function()
+    v = app.engine:call_view(view.callId)
+    return v and v.status ~= "in_progress"
+  end, 10000, "the call to end")
+  T.eq({ v.status, v.endReason }, { "completed", "callee_hung_up" }, "leaving the page hung up")
+  -- Reloaded, the page has no session: the link was used, by this call.
+  T.eq(r.reload.state, "error")
+  T.match(r.reload.problem, "^This call link was already used: the call was answered from it")
+end, { timeout = 40000 })
+
 T.test("Decline on the ringing page, the microphone allowed already: the attempt ends busy, the page says so and when "
   .. "callagent calls again", function()
   need_tools()
@@ -561,6 +587,8 @@ T.test("Decline on the ringing page, the microphone allowed already: the attempt
   T.eq(#rt.sessions, 0, "the model was never reached")
   T.eq(r.reopen and r.reopen.state, "error", "the declined link opened again")
   T.match(r.reopen.problem, "^This call was declined from this link")
+  T.match(r.reopen.problem, "callagent calls again at .+ %(attempt 2%), under a new link: the call's hint",
+    "and where the call went on")
 end, { timeout = 30000 })
 
 

@@ -842,13 +842,23 @@ async function ringCheck() {
     return;
   }
   if (stats.state === "opening") {
-    // Opened after it stopped ringing: the link can do nothing more.
+    // Opened after it stopped ringing: the link can do nothing more. What
+    // became of the call: over, going on elsewhere, or ringing again.
+    if (body.link !== "ringing") {
+      stats.ring = body;
+      stats.callStatus = body.status;
+    }
+    const over = FINAL.has(body.status);
     if (body.link === "answered") {
-      fail("This call link was already used or is not valid. Each link answers one call once: start a new call to get a new link.");
+      fail(
+        over
+          ? `This call link was already used: the call was answered from it, and it is over (${STATUS_TEXT[body.status] || body.status}). Each link answers one call once: start a new call to get a new link.`
+          : "This call link was already used: the call was answered from it, in another window or tab (or on this page before it was reloaded or left, which hangs the call up). Each link answers one call once.",
+      );
     } else if (body.link === "declined") {
-      fail("This call was declined from this link, so it cannot be answered. Each link answers one call once: start a new call to get a new link.");
+      fail(`This call was declined from this link, so it cannot be answered: each link answers one call once. ${nextLink(body)}`);
     } else if (body.link !== "ringing") {
-      fail("This call stopped ringing before it was answered: the link has expired. Start a new call to get a new link.");
+      fail(`This call stopped ringing before it was answered: the link has expired. ${nextLink(body)}`);
     } else {
       showRing(body);
       ringTimer = setTimeout(ringCheck, 500);
@@ -864,6 +874,22 @@ async function ringCheck() {
   } else {
     stoppedRinging(body);
   }
+}
+
+// Where a link that can do nothing more sends the page: the call's next
+// attempt rings under a link of its own (the call's hint has it), or a new
+// call is needed.
+function nextLink(v) {
+  const hint = `the call's hint (GET /v1/calls/${v.callId}) has it.`;
+  if (v.status === "queued" && v.nextAttemptAt) {
+    const at = new Date(v.nextAttemptAt);
+    const when = isNaN(at) ? v.nextAttemptAt : at.toLocaleTimeString();
+    return `callagent calls again at ${when} (attempt ${v.attempt + 1}), under a new link: ${hint}`;
+  }
+  if (v.status === "dialing" || v.status === "in_progress") {
+    return `callagent has called again since (attempt ${v.attempt + 1} or later), under a new link: ${hint}`;
+  }
+  return "Start a new call to get a new link.";
 }
 
 // Who calls whom, from the link's view (the page shows only text it was given).

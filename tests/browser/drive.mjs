@@ -32,6 +32,9 @@
 //                       come sooner), and .hungUpMs is when the click was
 //                       (in ms, as the samples' first field)
 //   --live-shot=PATH    a screenshot 2 s after the stream connected
+//   --reload-after=MS   reload the page MS after the stream connected, and
+//                       end once the reloaded page left "opening": .reload
+//                       {state, problem, status, stats (the page's before)}
 //   --reopen            at the end, open URL again (a used link) and record
 //                       what the page says in .reopen {state, problem}
 //   --mic-delay=MS      the microphone is granted MS after the page asks (a person
@@ -94,6 +97,7 @@ for (const a of process.argv.slice(2)) {
   else if (a.startsWith("--press=")) opts.press = a.slice(8);
   else if (a.startsWith("--hangup-after=")) opts.hangupAfter = Number(a.slice(15));
   else if (a.startsWith("--hold=")) opts.hold = a.slice(7);
+  else if (a.startsWith("--reload-after=")) opts.reloadAfter = Number(a.slice(15));
   else if (a.startsWith("--live-shot=")) opts.liveShot = a.slice(12);
   else if (a.startsWith("--timeout=")) opts.timeout = Number(a.slice(10));
   else if (a.startsWith("--mic-delay=")) opts.micDelay = Number(a.slice(12));
@@ -323,6 +327,25 @@ async function run() {
           if (cutAt === null && forward && opts.cutAfter != null && now - connectedAt >= opts.cutAfter) {
             cutAt = now;
             forward.cut();
+          }
+          if (opts.reloadAfter != null && now - connectedAt >= opts.reloadAfter) {
+            out.reload = { stats: s };
+            await page.reload({ waitUntil: "load" });
+            const until = Date.now() + 5000;
+            let st = null;
+            while (Date.now() < until) {
+              st = await page.evaluate(() => window.mockPhone && window.mockPhone.stats.state);
+              if (st && st !== "opening") break;
+              await sleep(50);
+            }
+            Object.assign(out.reload, {
+              state: st,
+              problem: await visibleText(page, "problem"),
+              status: await visibleText(page, "status"),
+            });
+            last = await page.evaluate(() => ({ stats: window.mockPhone.stats }));
+            done = true;
+            break;
           }
           if (!hungUp && opts.hangupAfter != null && now - connectedAt >= opts.hangupAfter) {
             hungUp = true;
