@@ -472,8 +472,8 @@ T.test("through a forwarded port: the page streams through it, and when it is cu
   end, 10000, "the call to end at callagent")
 end, { timeout = 40000 })
 
-T.test("placed from the dial form, answered, hung up on the page: stop, close, the agent is silent at once, and the "
-  .. "call ends as the callee's hang-up", function()
+T.test("placed from the dial form through a forwarded port, answered, hung up on the page: the call's page is on "
+  .. "that port, stop, close, the agent is silent at once, and the call ends as the callee's hang-up", function()
   need_tools()
   local dir = T.tmpdir()
   local wav = dir .. "/callee.wav"
@@ -486,12 +486,16 @@ T.test("placed from the dial form, answered, hung up on the page: stop, close, t
   end)
   local shot = ROOT .. "/tests/artifacts/mock-phone-hangup.png"
   -- /mock/'s Call places the call and opens its page, which rings: Answer takes it.
-  local r, code, err = node({ "browser/drive.mjs", app.url .. "/mock/", wav, shot, "--dial", "--hangup-after=1500",
-    "--timeout=15000" }, 30000)
+  -- Through a forward (ssh -L 9000:127.0.0.1:4545): the call's page opens
+  -- on the form's own origin, not on the hint's, which the browser may not reach.
+  local r, code, err = node({ "browser/drive.mjs", app.url .. "/mock/", wav, shot, "--dial", "--forward",
+    "--hangup-after=1500", "--timeout=15000" }, 30000)
   T.ok(r, "drive.mjs printed no JSON (exit " .. tostring(code) .. "): " .. err)
   T.ok(r.ok, "drive.mjs: " .. tostring(r.error) .. "; page: " .. json.encode({ r.banner, r.problem, r.stats }))
   local view = { callId = r.callId }
   T.match(view.callId, "^c_%x+$", "the dial form placed a call")
+  T.eq(r.forward.streams, 1, "the call's page, opened by the form, streamed through the forward")
+  T.eq(r.console, {}, "no errors or warnings in the browser console (the form's page has an icon: no 404)")
   -- Both pages under their policy, with no violation of it (or drive.mjs fails).
   T.eq(#r.documents, 2)
   T.eq(r.documents[1].path, "/mock/")

@@ -190,6 +190,7 @@ async function run() {
   ];
   args.push(opts.denyMic ? "--deny-permission-prompts" : "--use-fake-ui-for-media-stream");
   let context;
+  let forward = null;
   try {
     context = await chromium.launchPersistentContext(profile, {
       executablePath: opts.chromium,
@@ -226,7 +227,6 @@ async function run() {
         return ms ? new Promise((r) => setTimeout(r, ms)).then(() => ask(c)) : ask(c);
       };
     }, opts.micDelay || 0);
-    let forward = null;
     if (opts.forward) {
       forward = await startForward(url);
       out.forward = forward.stats;
@@ -407,6 +407,7 @@ async function run() {
     out.ok = true;
   } finally {
     if (context) await context.close().catch(() => {});
+    if (forward) forward.cut(); // else its listener keeps node running
     fs.rmSync(profile, { recursive: true, force: true });
   }
 }
