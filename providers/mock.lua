@@ -8,7 +8,8 @@
 -- within call.ringTimeoutSec is no_answer.
 --
 -- Routes (added by registerRoutes):
---   GET  /mock/                        a page to place a test call (POST /v1/calls)
+--   GET  /mock/                        a page to place a test call (POST /v1/calls);
+--                                      /mock redirects there (308)
 --   GET  /mock/call/{callId}?t=TOKEN   the phone page (TOKEN: the hint's, one use)
 --   GET  /mock/static/{file}           the pages' scripts and style sheets (providers/mock/*)
 --   GET  /mock/api/ring/{callId}?t=TOKEN  whether the link still rings, and who is called
@@ -174,6 +175,14 @@ function P:registerRoutes(srv)
   -- A page to place a test call from the browser (local setups have no API token).
   srv:get("/mock/", function()
     return serve_file("dial.html", "no-store")
+  end)
+
+  -- /mock, as it is often typed: the form is /mock/ (its files are named
+  -- relative to that).
+  srv:get("/mock", function()
+    local h = headers("text/plain; charset=utf-8", "no-store")
+    h.Location = "/mock/"
+    return 308, "", h
   end)
 
   srv:get("/mock/call/{id}", function()

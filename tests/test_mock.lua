@@ -230,6 +230,17 @@ T.test("the dial page offers an API token field and sends it as a bearer token",
   T.match(res.body, 'headers.Authorization = "Bearer " %+ token')
 end)
 
+T.test("/mock without its slash, as it is often typed, redirects to the dial page /mock/", function()
+  local app = start()
+  for _, method in ipairs({ "GET", "HEAD" }) do
+    local res = assert(fetch(app.url .. "/mock", { method = method }))
+    T.eq({ res.status, res.headers["location"] }, { 308, "/mock/" }, method)
+    T.eq(res.headers["referrer-policy"], "no-referrer", method .. ": sent with the pages' headers")
+  end
+  local res = assert(fetch(app.url .. "/mock?x=1"))
+  T.eq({ res.status, res.headers["location"] }, { 308, "/mock/" }, "a query is dropped")
+end)
+
 -- The headers every mock page and file is sent with; the HTML pages' policy
 -- is proven not to break them by tests/test_mock_browser.lua.
 local CSP = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
