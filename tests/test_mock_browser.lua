@@ -562,6 +562,40 @@ T.test("reloaded mid-call: the call is hung up as the callee's, and the reloaded
   T.match(r.reload.problem, "^This call link was already used: the call was answered from it")
 end, { timeout = 40000 })
 
+T.test("the model refuses callagent's key: the call fails, and the page shows callagent's why", function()
+  need_tools()
+  local dir = T.tmpdir()
+  local wav = dir .. "/callee.wav"
+  write_wav(wav)
+  local rt = assert(fake_rt.start({ api_key = API_KEY }))
+  T.defer(function()
+    rt:close()
+  end)
+  local app = assert(callagent.app({
+    telephony = { provider = "mock" },
+    server = { host = "127.0.0.1", port = 0 },
+    openai = { apiKey = "sk-revoked-key-0123456789", realtimeUrl = rt.url, outputFormat = "audio/pcmu" },
+    store = { backend = "memory" },
+    call = { ringTimeoutSec = 30 },
+  }, { no_shutdown_hook = true }))
+  assert(app:start())
+  T.defer(function()
+    app:stop()
+  end)
+  local view = assert(app:create_call({ to = "+14155550190", prompt = "Talk." }))
+  local r, code, err = node({ "browser/drive.mjs", view.hint, wav, ROOT .. "/tests/artifacts/mock-phone-model-refused.png",
+    "--no-report", "--timeout=15000" }, 30000)
+  T.ok(r, "drive.mjs printed no JSON (exit " .. tostring(code) .. "): " .. err)
+  T.ok(r.ok, "drive.mjs: " .. tostring(r.error) .. "; page: " .. json.encode({ r.banner, r.problem, r.stats }))
+  local v = app.engine:call_view(view.callId)
+  T.eq(v.status, "failed")
+  T.ok(type(v.lastError) == "string" and #v.lastError > 0, "the record says why")
+  T.eq(r.status, "Failed")
+  T.ok(r.endText:find(v.lastError, 1, true), "the page shows the record's lastError: " .. r.endText)
+  T.diag(r.endText)
+  T.no_match(r.endText, "revoked", "not the key")
+end, { timeout = 40000 })
+
 T.test("Decline on the ringing page, the microphone allowed already: the attempt ends busy, the page says so and when "
   .. "callagent calls again", function()
   need_tools()

@@ -723,7 +723,10 @@ function render(v) {
   if (FINAL.has(v.status)) {
     const parts = [`The call ended: ${STATUS_TEXT[v.status] || v.status}`];
     if (v.endReason && v.endReason !== v.status) parts.push(`(${String(v.endReason).replace(/_/g, " ")})`);
-    endNote.textContent = parts.join(" ") + ".";
+    // Why, in callagent's words (a model that refused the key, a stream
+    // that never came): what the call's record says, not only in the log.
+    const why = v.status !== "completed" && typeof v.lastError === "string" && v.lastError ? ` callagent says: ${v.lastError}` : "";
+    endNote.textContent = parts.join(" ") + "." + why;
     endNote.hidden = false;
     if (stats.state === "connected") {
       // The engine ended it; the stream closes next.

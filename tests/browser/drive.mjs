@@ -59,6 +59,7 @@
 //   --csp-probe         once the page loaded, add an inline script to it, which
 //                       its Content-Security-Policy must block:
 //                       .cspProbe {ran, reported (violations it caused)}
+//   --no-report         the end does not wait for a report (a call that fails)
 //   --timeout=MS        how long to wait for the end (default 30000)
 //   --chromium=PATH     the browser (default /usr/bin/chromium)
 //
@@ -93,6 +94,7 @@ for (const a of process.argv.slice(2)) {
   else if (a === "--answer-elsewhere") opts.answerElsewhere = true;
   else if (a === "--answer-key") opts.answerKey = true;
   else if (a === "--dial") opts.dial = true;
+  else if (a === "--no-report") opts.noReport = true;
   else if (a.startsWith("--ring-shot=")) opts.ringShot = a.slice(12);
   else if (a.startsWith("--press=")) opts.press = a.slice(8);
   else if (a.startsWith("--hangup-after=")) opts.hangupAfter = Number(a.slice(15));
@@ -260,7 +262,7 @@ async function run() {
     const start = Date.now();
     const deadline = start + opts.timeout;
     const watchRing = opts.apiHangup || opts.answerElsewhere;
-    const wantReport = !opts.denyMic && !opts.decline && !watchRing && opts.hangupAfter == null && opts.cutAfter == null;
+    const wantReport = !opts.noReport && !opts.denyMic && !opts.decline && !watchRing && opts.hangupAfter == null && opts.cutAfter == null;
     let rang = false;
     let cutAt = null;
     let endedAfterCut = null;
