@@ -596,6 +596,27 @@ T.test("the model refuses callagent's key: the call fails, and the page shows ca
   T.no_match(r.endText, "revoked", "not the key")
 end, { timeout = 40000 })
 
+T.test("answered, its media stream never connects: the call fails no_stream, and the page ends instead of answering "
+  .. "on", function()
+  need_tools()
+  local calls = require "callagent.calls"
+  T.shorten(calls, "STREAM_WAIT_MS", 3000)
+  local dir = T.tmpdir()
+  local wav = dir .. "/callee.wav"
+  write_wav(wav)
+  local app = start_app(function() end)
+  local view = assert(app:create_call({ to = "+14155550189", prompt = "Talk." }))
+  local r, code, err = node({ "browser/drive.mjs", view.hint, wav, ROOT .. "/tests/artifacts/mock-phone-no-stream.png",
+    "--forward", "--hold-stream", "--no-report", "--timeout=15000" }, 30000)
+  T.ok(r, "drive.mjs printed no JSON (exit " .. tostring(code) .. "): " .. err)
+  T.ok(r.ok, "drive.mjs: " .. tostring(r.error) .. "; page: " .. json.encode({ r.banner, r.problem, r.stats }))
+  T.eq(r.forward.held, 1, "the stream's connection went nowhere")
+  local v = app.engine:call_view(view.callId)
+  T.eq({ v.status, v.endReason }, { "failed", "no_stream" })
+  T.eq({ r.stats.state, r.status, r.banner }, { "error", "Failed", "The call ended before its audio connected." })
+  T.match(r.endText, "^The call ended: Failed %(no stream%)%.")
+end, { timeout = 40000 })
+
 T.test("Decline on the ringing page, the microphone allowed already: the attempt ends busy, the page says so and when "
   .. "callagent calls again", function()
   need_tools()

@@ -120,7 +120,8 @@ function setState(state, banner) {
   stats.state = state;
   if (banner !== undefined) $("banner").textContent = banner;
   const live = state === "connected";
-  $("hangup").disabled = !live;
+  // Answered and still connecting: Hang up gives up on it.
+  $("hangup").disabled = !(live || (state === "answering" && inCall && !finished));
   for (const b of $("keypad").querySelectorAll("button")) b.disabled = !live;
   $("incall").hidden = !inCall;
   $("ring").hidden = inCall || stats.ring === null;
@@ -731,6 +732,13 @@ function render(v) {
     if (stats.state === "connected") {
       // The engine ended it; the stream closes next.
       $("banner").textContent = "Call ended";
+    } else if (stats.state === "answering" && inCall && !finished) {
+      // Answered, and over before its stream opened (callagent waits 15 s
+      // for it): nothing will connect now.
+      finished = true;
+      if (ws) ws.close(1000, "call ended");
+      stopAudio(false);
+      setState("error", "The call ended before its audio connected.");
     }
   }
   $("diag").textContent = JSON.stringify({ ...stats, lastError: v.lastError || undefined }, null, 1);

@@ -51,6 +51,8 @@
 //   --forward           open URL through a TCP forward on another port (as
 //                       ssh -L does), which counts the connections that upgrade
 //                       to /voice/stream: .forward {streams}
+//   --hold-stream       with --forward: the page's media stream connection
+//                       gets no answer, ever (.forward {streams, held})
 //   --cut-after=MS      with --forward: MS after the stream connected, close
 //                       the forward and all its connections (callagent gone,
 //                       as the page sees it), then watch the page until it
@@ -105,6 +107,7 @@ for (const a of process.argv.slice(2)) {
   else if (a.startsWith("--mic-delay=")) opts.micDelay = Number(a.slice(12));
   else if (a.startsWith("--chromium=")) opts.chromium = a.slice(11);
   else if (a === "--forward") opts.forward = true;
+  else if (a === "--hold-stream") opts.holdStream = true;
   else if (a === "--csp-probe") opts.cspProbe = true;
   else if (a.startsWith("--cut-after=")) opts.cutAfter = Number(a.slice(12));
   else positional.push(a);
@@ -123,27 +126,38 @@ function finish(code) {
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 // A TCP forward from a port of its own to the URL's (ssh -L, in small).
-async function startForward(target) {
+// holdStreams: a connection that asks for /voice/stream gets no answer, ever
+// (it is kept open, and goes nowhere).
+async function startForward(target, holdStreams) {
   const t = new URL(target);
   const sockets = new Set();
-  const stats = { streams: 0 };
+  const stats = { streams: 0, held: 0 };
   const server = net.createServer((c) => {
-    const up = net.connect(Number(t.port), t.hostname);
     sockets.add(c);
-    sockets.add(up);
+    c.on("error", () => c.destroy());
     c.once("data", (d) => {
-      if (/^GET \/voice\/stream[ ?]/.test(d.toString("latin1"))) stats.streams++;
+      if (/^GET \/voice\/stream[ ?]/.test(d.toString("latin1"))) {
+        stats.streams++;
+        if (holdStreams) {
+          stats.held++;
+          c.on("close", () => sockets.delete(c));
+          return;
+        }
+      }
+      const up = net.connect(Number(t.port), t.hostname);
+      sockets.add(up);
+      up.write(d);
+      c.pipe(up);
+      up.pipe(c);
+      const end = () => {
+        c.destroy();
+        up.destroy();
+        sockets.delete(c);
+        sockets.delete(up);
+      };
+      c.on("close", end);
+      up.on("error", end).on("close", end);
     });
-    c.pipe(up);
-    up.pipe(c);
-    const end = () => {
-      c.destroy();
-      up.destroy();
-      sockets.delete(c);
-      sockets.delete(up);
-    };
-    c.on("error", end).on("close", end);
-    up.on("error", end).on("close", end);
   });
   await new Promise((r) => server.listen(0, "127.0.0.1", r));
   return {
@@ -230,7 +244,7 @@ async function run() {
       };
     }, opts.micDelay || 0);
     if (opts.forward) {
-      forward = await startForward(url);
+      forward = await startForward(url, opts.holdStream);
       out.forward = forward.stats;
       url = forward.url;
     }
