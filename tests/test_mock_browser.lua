@@ -112,7 +112,8 @@ local function analyse_input(ulaw)
   return r
 end
 
-local function start_app(script)
+-- extra: config sections that replace start_app's own (call, retry).
+local function start_app(script, extra)
   local rt = assert(fake_rt.start({ api_key = API_KEY, script = script }))
   T.defer(function()
     rt:close()
@@ -123,7 +124,8 @@ local function start_app(script)
     openai = { apiKey = API_KEY, realtimeUrl = rt.url, outputFormat = "audio/pcmu" },
     store = { backend = "memory" },
     tunnel = { provider = "none" },
-    call = { goodbyeTimeoutSec = 3, ringTimeoutSec = 30 },
+    call = extra and extra.call or { goodbyeTimeoutSec = 3, ringTimeoutSec = 30 },
+    retry = extra and extra.retry,
   }, { no_shutdown_hook = true })
   assert(app, err)
   assert(app:start())
@@ -680,6 +682,24 @@ T.test("hung up through the API while the page rings: the page says so and disab
   T.eq({ r.ringTitle, r.status, r.banner, r.endText }, { "Call canceled", "Canceled",
     "The call stopped ringing: callagent hung up before it was answered.", "The call ended: Canceled." })
   T.eq(app.engine:call_view(view.callId).status, "canceled")
+  T.eq(#rt.sessions, 0, "the model was never reached")
+end, { timeout = 30000 })
+
+T.test("left ringing until the ring time is up, retried at once: the page says it was missed and that the call rings "
+  .. "again under a new link", function()
+  need_tools()
+  local app, rt = start_app(function() end, {
+    call = { ringTimeoutSec = 3, statusGraceSec = 1 },
+    retry = { maxAttempts = 2, initialDelayMs = 0, retryStatuses = { "no_answer" } },
+  })
+  local view = assert(app:create_call({ to = "+14155550188", prompt = "Nobody answers." }))
+  local r = ring_stopped_elsewhere(app, view, "--let-ring", "mock-phone-missed.png")
+  T.eq({ r.ringTitle, r.status }, { "Missed call", "No answer" })
+  T.match(r.endText, "^callagent .*again.* %(attempt 2[%) ].*under a new link: the call's hint %(GET /v1/calls/"
+    .. view.callId .. "%) has it%.$")
+  T.wait_for(function()
+    return app.engine:call_view(view.callId).attempt == 2
+  end, 5000, "attempt 2")
   T.eq(#rt.sessions, 0, "the model was never reached")
 end, { timeout = 30000 })
 

@@ -892,10 +892,10 @@ async function ringCheck() {
 // call is needed.
 function nextLink(v) {
   const hint = `the call's hint (GET /v1/calls/${v.callId}) has it.`;
-  if (v.status === "queued" && v.nextAttemptAt) {
-    const at = new Date(v.nextAttemptAt);
-    const when = isNaN(at) ? v.nextAttemptAt : at.toLocaleTimeString();
-    return `callagent calls again at ${when} (attempt ${v.attempt + 1}), under a new link: ${hint}`;
+  if (v.status === "queued") {
+    const at = v.nextAttemptAt ? new Date(v.nextAttemptAt) : null;
+    const when = !at ? "" : isNaN(at) ? ` at ${v.nextAttemptAt}` : ` at ${at.toLocaleTimeString()}`;
+    return `callagent calls again${when} (attempt ${v.attempt + 1}), under a new link: ${hint}`;
   }
   if (v.status === "dialing" || v.status === "in_progress") {
     return `callagent has called again since (attempt ${v.attempt + 1} or later), under a new link: ${hint}`;
@@ -947,13 +947,13 @@ function stoppedRinging(v) {
   $("ring-title").textContent = title;
   setState("stopped", banner);
   const note = $("end-reason");
-  if (v.nextAttemptAt) {
-    const at = new Date(v.nextAttemptAt);
-    const when = isNaN(at) ? v.nextAttemptAt : at.toLocaleTimeString();
-    note.textContent = `callagent calls again at ${when} (attempt ${v.attempt + 1}), under a new link: the call's hint (GET /v1/calls/${v.callId}) has it.`;
-    note.hidden = false;
-  } else if (FINAL.has(v.status)) {
+  if (FINAL.has(v.status)) {
     note.textContent = `The call ended: ${STATUS_TEXT[v.status] || v.status}.`;
+    note.hidden = false;
+  } else if (v.link !== "answered" && (v.status === "queued" || FINAL.has(v.attemptStatus))) {
+    // This attempt is over and the call is not: it rings again (or rings
+    // already, a retry with no delay), under a new link.
+    note.textContent = nextLink(v);
     note.hidden = false;
   }
 }

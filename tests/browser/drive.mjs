@@ -48,6 +48,8 @@
 //   --answer-elsewhere  neither button: once it rings, answer it as another tab
 //                       with the same link would (POST /mock/api/answer); the
 //                       end as for --api-hangup
+//   --let-ring          neither button: let it ring until it stops (the ring
+//                       time); the end as for --api-hangup
 //   --forward           open URL through a TCP forward on another port (as
 //                       ssh -L does), which counts the connections that upgrade
 //                       to /voice/stream: .forward {streams}
@@ -94,6 +96,7 @@ for (const a of process.argv.slice(2)) {
   else if (a === "--decline") opts.decline = true;
   else if (a === "--api-hangup") opts.apiHangup = true;
   else if (a === "--answer-elsewhere") opts.answerElsewhere = true;
+  else if (a === "--let-ring") opts.letRing = true;
   else if (a === "--answer-key") opts.answerKey = true;
   else if (a === "--dial") opts.dial = true;
   else if (a === "--no-report") opts.noReport = true;
@@ -275,7 +278,7 @@ async function run() {
     const samples = [];
     const start = Date.now();
     const deadline = start + opts.timeout;
-    const watchRing = opts.apiHangup || opts.answerElsewhere;
+    const watchRing = opts.apiHangup || opts.answerElsewhere || opts.letRing;
     const wantReport = !opts.noReport && !opts.denyMic && !opts.decline && !watchRing && opts.hangupAfter == null && opts.cutAfter == null;
     let rang = false;
     let cutAt = null;
@@ -322,6 +325,8 @@ async function run() {
               callId: callIdOf(url),
               token: new URL(url).searchParams.get("t"),
             });
+          } else if (opts.letRing) {
+            // Nobody answers.
           } else if (opts.answerKey) await page.keyboard.press("Enter");
           else await button(page, "Answer").click();
         }
