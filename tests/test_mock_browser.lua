@@ -598,8 +598,8 @@ T.test("the model refuses callagent's key: the call fails, and the page shows ca
   T.no_match(r.endText, "revoked", "not the key")
 end, { timeout = 40000 })
 
-T.test("answered, its media stream never connects: the call fails no_stream, and the page ends instead of answering "
-  .. "on", function()
+T.test("answered, its media stream never connects: Hang up works meanwhile, the call fails no_stream, and the page "
+  .. "ends instead of answering on", function()
   need_tools()
   local calls = require "callagent.calls"
   T.shorten(calls, "STREAM_WAIT_MS", 3000)
@@ -613,6 +613,7 @@ T.test("answered, its media stream never connects: the call fails no_stream, and
   T.ok(r, "drive.mjs printed no JSON (exit " .. tostring(code) .. "): " .. err)
   T.ok(r.ok, "drive.mjs: " .. tostring(r.error) .. "; page: " .. json.encode({ r.banner, r.problem, r.stats }))
   T.eq(r.forward.held, 1, "the stream's connection went nowhere")
+  T.eq(r.hangupWhileAnswering, { visible = true, enabled = true }, "Hang up could give up on it meanwhile")
   local v = app.engine:call_view(view.callId)
   T.eq({ v.status, v.endReason }, { "failed", "no_stream" })
   T.eq({ r.stats.state, r.status, r.banner }, { "error", "Failed", "The call ended before its audio connected." })

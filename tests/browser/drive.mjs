@@ -77,6 +77,8 @@
 //    banner, problem, status, ringTitle, reportText, transcriptText, endText,
 //    buttons {answer, decline: {visible, enabled}}, micRequests, console,
 //    reopen}
+// .hangupWhileAnswering is Hang up's {visible, enabled} at the last sample
+// of the state "answering" (the microphone prompt, then the stream's connect).
 // .documents lists the pages loaded in the tab, each {path, csp (its
 // Content-Security-Policy header, or null)}; .cspViolations the page's
 // Content-Security-Policy violations (securitypolicyviolation events and the
@@ -311,6 +313,8 @@ async function run() {
           s.marksEchoed,
         ]);
         if (s.state === "connected" && connectedAt === null) connectedAt = now;
+        // The last look at Hang up while the page answered (and connects).
+        if (s.state === "answering") out.hangupWhileAnswering = await buttonState(page, "Hang up");
         if (!rang && s.state === "ringing") {
           rang = true;
           out.ring = await ringView(page);
