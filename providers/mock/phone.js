@@ -27,8 +27,13 @@
 //   4. A WebSocket to streamUrl speaking Twilio Media Streams as Twilio does:
 //      connected, start (customParameters = the answer's parameters), one
 //      media event per 20 ms frame, dtmf from the keypad, marks echoed once
-//      played, every pending mark echoed at once on clear, stop on hang-up.
-//   5. GET pollUrl every 500 ms: call status, transcript, report.
+//      played, every pending mark echoed at once on clear, stop on hang-up
+//      (Hang up, also while it connects, or leaving the page). A key held
+//      down is one dtmf. Hung up here, the agent is silent at once; ended
+//      by callagent, what it queued (the goodbye) plays out.
+//   5. GET pollUrl every 500 ms: call status, transcript, report, and why a
+//      call failed (lastError). A call over before its stream opened ends
+//      the page.
 //
 // Decline, until the answer goes out (also while the microphone prompt is
 // open): POST /mock/api/decline {callId, token} -> {attemptStatus "busy",
