@@ -106,15 +106,20 @@ T.test("a mock-phone call with the stand-in: greeting, echo of the caller's turn
   T.ok(p:wait_closed(5000), "the stream was closed by the hang-up")
 end, { timeout = 60000 })
 
-T.test("the stand-in refuses a session without its key: closed with 1008, no session.created", function()
-  local ws = require "callagent.ws"
-  local http = require "callagent.http"
-  local srv = http.server({ host = "127.0.0.1", port = 0 })
+-- A server with the stand-in at /standin/v1/realtime (closed after the test).
+local function standin_server()
+  local srv = require("callagent.http").server({ host = "127.0.0.1", port = 0 })
   standin.mount(srv, "/standin/v1/realtime")
   assert(srv:listen())
   T.defer(function()
     srv:close()
   end)
+  return srv
+end
+
+T.test("the stand-in refuses a session without its key: closed with 1008, no session.created", function()
+  local ws = require "callagent.ws"
+  local srv = standin_server()
   local url = srv:ws_url("/standin/v1/realtime")
   -- A list: a field set to nil in a table constructor would not be there.
   for _, case in ipairs({
@@ -203,13 +208,7 @@ end)
 -- A server with the stand-in and one session that has its key.
 local function session()
   local ws = require "callagent.ws"
-  local http = require "callagent.http"
-  local srv = http.server({ host = "127.0.0.1", port = 0 })
-  standin.mount(srv, "/standin/v1/realtime")
-  assert(srv:listen())
-  T.defer(function()
-    srv:close()
-  end)
+  local srv = standin_server()
   local conn = assert(ws.connect(srv:ws_url("/standin/v1/realtime"),
     { headers = { Authorization = "Bearer " .. standin.KEY } }))
   local json = require "callagent.json"

@@ -553,6 +553,16 @@ local function spawn_tunnel_app(source, env)
   return app
 end
 
+-- spawn_tunnel_app, once it is ready (a test error if it is not).
+local function ready_tunnel_app(source, env)
+  local app = spawn_tunnel_app(source, env)
+  T.wait_for(function()
+    return app.ready or app.p.done
+  end, 15000, "callagent ready")
+  T.ok(app.ready, app.p.errtext())
+  return app
+end
+
 T.test("a Twilio app without publicBaseUrl opens an ngrok tunnel, announces it, and stops ngrok on SIGTERM", function()
   local dir = T.tmpdir()
   local logfile = dir .. "/ngrok.log"
@@ -757,12 +767,7 @@ end, { timeout = 60000 })
 T.test("SIGTERM while the tunnel that died opens again: the app exits at once, and the new ngrok is stopped", function()
   local dir = T.tmpdir()
   local logfile = dir .. "/ngrok.log"
-  local app = spawn_tunnel_app(APP, app_env(bindir({ "ngrok" }), logfile, { FAKE_NGROK_CONTROL = dir }))
-  local p = app.p
-  T.wait_for(function()
-    return app.ready or p.done
-  end, 15000, "callagent ready")
-  T.ok(app.ready, p.errtext())
+  local p = ready_tunnel_app(APP, app_env(bindir({ "ngrok" }), logfile, { FAKE_NGROK_CONTROL = dir })).p
   assert(io.open(dir .. "/die", "w")):close()
   -- The second ngrok never lists its tunnel ("back" never comes).
   T.wait_for(function()
@@ -790,18 +795,9 @@ T.test("an ngrok that dies as soon as it is up is started again later and later,
   f:write("500")
   f:close()
   local src = 'require("callagent.app").REOPEN_MS = { 300, 60000 }\n' .. APP
-  local app = spawn_tunnel_app(src, app_env(bindir({ "ngrok" }), logfile, { FAKE_NGROK_CONTROL = dir }))
-  local p = app.p
-  T.wait_for(function()
-    return app.ready or p.done
-  end, 15000, "callagent ready")
-  T.ok(app.ready, p.errtext())
+  local p = ready_tunnel_app(src, app_env(bindir({ "ngrok" }), logfile, { FAKE_NGROK_CONTROL = dir })).p
   local function starts()
-    local n = 0
-    for _, l in ipairs(read_lines(logfile)) do
-      n = n + (l:find("^start pid=") and 1 or 0)
-    end
-    return n
+    return #grep_all(read_lines(logfile), "^start pid=")
   end
   -- Reopened 300, then 600 ms after each death (then 1200 ...); reopened at
   -- once, the fourth started as the third died, 500 ms after it was up.
