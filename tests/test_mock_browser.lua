@@ -446,16 +446,21 @@ T.test("a microphone allowed after STREAM_WAIT_MS: the call is answered then, an
   T.eq(r.stats.dtmfSent, 1, "the held key was sent once")
 end, { timeout = 80000 })
 
-T.test("through a forwarded port: the page streams through it, and when it is cut says callagent is gone", function()
+-- A call to number to, on an app whose agent tells an 8 s story once greeted,
+-- and the callee's recording: app, the call's view, the WAV's path.
+local function long_story_call(to)
   need_tools()
-  local dir = T.tmpdir()
-  local wav = dir .. "/callee.wav"
+  local wav = T.tmpdir() .. "/callee.wav"
   write_wav(wav)
   local app = start_app(function(s)
     assert(s:wait_event("response.create", 20000))
     s:speak({ ms = 8000, text = "A long story." })
   end)
-  local view = assert(app:create_call({ to = "+14155550195", prompt = "Talk." }))
+  return app, assert(app:create_call({ to = to, prompt = "Talk." })), wav
+end
+
+T.test("through a forwarded port: the page streams through it, and when it is cut says callagent is gone", function()
+  local app, view, wav = long_story_call("+14155550195")
   local shot = ROOT .. "/tests/artifacts/mock-phone-lost.png"
   local r, code, err = node({ "browser/drive.mjs", view.hint, wav, shot, "--forward", "--cut-after=1000",
     "--timeout=15000" }, 30000)
@@ -539,15 +544,7 @@ T.test("placed from the dial form through a forwarded port, answered, hung up on
 end, { timeout = 40000 })
 
 T.test("reloaded mid-call: the call is hung up as the callee's, and the reloaded page says its link answered it", function()
-  need_tools()
-  local dir = T.tmpdir()
-  local wav = dir .. "/callee.wav"
-  write_wav(wav)
-  local app = start_app(function(s)
-    assert(s:wait_event("response.create", 20000))
-    s:speak({ ms = 8000, text = "A long story." })
-  end)
-  local view = assert(app:create_call({ to = "+14155550191", prompt = "Talk." }))
+  local app, view, wav = long_story_call("+14155550191")
   local r, code, err = node({ "browser/drive.mjs", view.hint, wav, ROOT .. "/tests/artifacts/mock-phone-reloaded.png",
     "--reload-after=1000", "--timeout=15000" }, 30000)
   T.ok(r, "drive.mjs printed no JSON (exit " .. tostring(code) .. "): " .. err)
