@@ -134,7 +134,10 @@ end
 
 local addr_form = os.getenv("FAKE_NGROK_ADDR") or "url"
 local addr = ({ url = "http://localhost:" .. port, hostport = "localhost:" .. port, port = tostring(port) })[addr_form]
-local public = string.format("https://%04x-%04x-%04x.ngrok-free.app", math.random(0, 0xffff), math.random(0, 0xffff), math.random(0, 0xffff))
+-- Each run its own host (as ngrok's free plan gives): the pid in it, as two
+-- runs in the same second may start math.random alike.
+local public = string.format("https://%04x-%04x-%04x.ngrok-free.app", pid, math.random(0, 0xffff),
+  math.random(0, 0xffff))
 local ready = false
 
 local srv = http.server({ host = "127.0.0.1", port = tonumber(os.getenv("FAKE_NGROK_API_PORT")) or 0 })
