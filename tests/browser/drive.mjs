@@ -297,7 +297,12 @@ async function run() {
         const p = window.mockPhone;
         if (!p) return null;
         const report = document.getElementById("report");
-        return { stats: p.stats, reportShown: !!report && !report.hidden };
+        // Hang up as it is at this very state (a look after this evaluate
+        // could see the state after it).
+        const h = document.getElementById("hangup");
+        const shown = !!h && h.getClientRects().length > 0 && getComputedStyle(h).visibility !== "hidden";
+        return { stats: p.stats, reportShown: !!report && !report.hidden,
+          hangup: { visible: shown, enabled: shown && !h.disabled } };
       });
       if (last) {
         const s = last.stats;
@@ -314,7 +319,7 @@ async function run() {
         ]);
         if (s.state === "connected" && connectedAt === null) connectedAt = now;
         // The last look at Hang up while the page answered (and connects).
-        if (s.state === "answering") out.hangupWhileAnswering = await buttonState(page, "Hang up");
+        if (s.state === "answering") out.hangupWhileAnswering = last.hangup;
         if (!rang && s.state === "ringing") {
           rang = true;
           out.ring = await ringView(page);
