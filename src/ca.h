@@ -116,6 +116,12 @@ int ca__log_holds_secret(const char *s, size_t n);	/* a registered secret, as wr
 void ca__log_set_level(int level);
 /* "text" or "json"; -1 for anything else. */
 int ca__log_set_format(const char *f);
+/*
+ * log.c: the length of the valid UTF-8 sequence at s (1..4; RFC 3629: no
+ * overlong forms, surrogates or code points past U+10FFFF), or 0 when it is
+ * not one. n > 0 bytes are there.
+ */
+size_t ca__utf8_len(const unsigned char *s, size_t n);
 /* A fatal error: written at once, redacted, keeping its traceback's lines. */
 void ca__log_fatal(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 

@@ -242,25 +242,6 @@ static void add_hdr(struct req *r, const char *name, size_t nl, const char *val,
 	r->hdrs[r->hdrs_len++] = '\0';
 }
 
-/* Whether the value (a Connection header's) has the close option. */
-static int has_close(const char *v, size_t vl)
-{
-	size_t i = 0;
-
-	while (i <= vl) {
-		size_t j = i;
-		const char *t;
-
-		while (j < vl && v[j] != ',')
-			j++;
-		t = v + i;
-		if (ca__ows_trim(&t, j - i) == 5 && !strncasecmp(t, "close", 5))
-			return 1;
-		i = j + 1;
-	}
-	return 0;
-}
-
 /*
  * A handler's header, kept for the answer. The server frames the body
  * itself (Content-Length, or none on a 204 or 304) and says whether the
@@ -275,7 +256,7 @@ static void take_hdr(struct req *r, const char *name, size_t nl, const char *val
 	    (nl == 17 && !strncasecmp(name, "transfer-encoding", 17)))
 		return;
 	if (nl == 10 && !strncasecmp(name, "connection", 10)) {
-		if (has_close(val, vl))
+		if (ca__has_token(val, vl, "close"))
 			r->close_after = 1;
 		return;
 	}
@@ -776,19 +757,15 @@ static int framing_header_spaced(struct lws *wsi)
  */
 static int asks_close(struct lws *wsi)
 {
-	char small[256], *v, *save = NULL;
-	int len = lws_hdr_total_length(wsi, WSI_TOKEN_CONNECTION), n, asked = 0;
+	char small[256], *v;
+	int len = lws_hdr_total_length(wsi, WSI_TOKEN_CONNECTION), n, asked;
 
 	if (len <= 0)
 		return 0;
 	/* Any length (max_header bounds it): lws_hdr_copy fails on a short buffer. */
 	v = (size_t)len < sizeof small ? small : ca_malloc((size_t)len + 1);
 	n = lws_hdr_copy(wsi, v, len + 1, WSI_TOKEN_CONNECTION);
-	for (char *t = n > 0 ? strtok_r(v, ",", &save) : NULL; t && !asked; t = strtok_r(NULL, ",", &save)) {
-		const char *p = t;
-
-		asked = ca__ows_trim(&p, strlen(t)) == 5 && !strncasecmp(p, "close", 5);
-	}
+	asked = n > 0 && ca__has_token(v, (size_t)n, "close");
 	if (v != small)
 		free(v);
 	return asked;

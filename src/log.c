@@ -421,8 +421,7 @@ static void redact(struct buf *out, const char *s, size_t n)
 	b_put(out, s + from, n - from);
 }
 
-/* Length of the valid UTF-8 sequence at s (1..4), or 0 when it is not one. */
-static size_t utf8_len(const unsigned char *s, size_t n)
+size_t ca__utf8_len(const unsigned char *s, size_t n)
 {
 	unsigned c = s[0];
 	size_t len;
@@ -464,7 +463,7 @@ static void sanitize_text(struct buf *out, const char *s, size_t n, int block)
 
 	for (size_t i = 0; i < n;) {
 		unsigned char c = u[i];
-		size_t len = utf8_len(u + i, n - i);
+		size_t len = ca__utf8_len(u + i, n - i);
 
 		if (len > 1 && !(c == 0xc2 && u[i + 1] < 0xa0)) {
 			b_put(out, s + i, len);
@@ -503,7 +502,7 @@ static void escape_json(struct buf *out, const char *s, size_t n, int quote)
 
 	for (size_t i = 0; i < n;) {
 		unsigned char c = u[i];
-		size_t len = utf8_len(u + i, n - i);
+		size_t len = ca__utf8_len(u + i, n - i);
 
 		if (len == 0) {
 			b_put(out, "\\ufffd", 6);

@@ -277,19 +277,6 @@ static void push_response_headers(lua_State *L, const char *head)
 	}
 }
 
-/* Whether the comma-separated list v[0..n) holds token (any case). */
-static int has_token(const char *v, size_t n, const char *token)
-{
-	size_t tl = strlen(token);
-
-	for (size_t i = 0; i + tl <= n; i++)
-		if (strncasecmp(v + i, token, tl) == 0 &&
-		    (i == 0 || v[i - 1] == ',' || v[i - 1] == ' ') &&
-		    (i + tl == n || v[i + tl] == ',' || v[i + tl] == ' '))
-			return 1;
-	return 0;
-}
-
 /* Checks the complete response head; 0 if the server upgraded, else -1 with ws->error set. */
 static int check_upgrade(struct ca_ws *ws, const char *head)
 {
@@ -306,7 +293,7 @@ static int check_upgrade(struct ca_ws *ws, const char *head)
 		return -1;
 	}
 	if ((v = find_header(head, "upgrade", &n)) == NULL || n != 9 || strncasecmp(v, "websocket", 9) != 0 ||
-	    (v = find_header(head, "connection", &n)) == NULL || !has_token(v, n, "upgrade")) {
+	    (v = find_header(head, "connection", &n)) == NULL || !ca__has_token(v, n, "upgrade")) {
 		snprintf(ws->error, sizeof ws->error, "EHANDSHAKE: the server's 101 lacks Upgrade: websocket");
 		return -1;
 	}
@@ -328,7 +315,7 @@ static int check_upgrade(struct ca_ws *ws, const char *head)
 		if (offered && n > 0 && n < sizeof chosen && memchr(v, ',', n) == NULL) {
 			memcpy(chosen, v, n);
 			chosen[n] = '\0';
-			ok = has_token(offered, strlen(offered), chosen);
+			ok = ca__has_token(offered, strlen(offered), chosen);
 		}
 		if (!ok) {
 			snprintf(ws->error, sizeof ws->error, "EHANDSHAKE: the server chose a subprotocol we did not offer");

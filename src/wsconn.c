@@ -315,6 +315,23 @@ size_t ca__ows_trim(const char **s, size_t n)
 	return n;
 }
 
+int ca__has_token(const char *v, size_t n, const char *token)
+{
+	size_t tl = strlen(token);
+
+	for (size_t i = 0; i <= n;) {
+		size_t j = i;
+		const char *t = v + i;
+
+		while (j < n && v[j] != ',')
+			j++;
+		if (ca__ows_trim(&t, j - i) == tl && strncasecmp(t, token, tl) == 0)
+			return 1;
+		i = j + 1;
+	}
+	return 0;
+}
+
 void ca__push_headers(lua_State *L, struct lws *wsi)
 {
 	char stackbuf[1024];
@@ -788,46 +805,12 @@ static void protocol_error(struct ca_ws *ws, const char *what)
 	ca__ws_fail(ws, 1002, what);
 }
 
-/*
- * Whether p[0..n) is UTF-8 (RFC 3629: no overlong forms, no surrogates,
- * nothing past U+10FFFF).
- */
+/* Whether p[0..n) is UTF-8 (see ca__utf8_len). */
 static int utf8_valid(const unsigned char *p, size_t n)
 {
-	size_t i = 0;
-
-	while (i < n) {
-		unsigned c = p[i], lo = 0x80, hi = 0xbf;
-		size_t len;
-
-		if (c < 0x80) {
-			i++;
-			continue;
-		}
-		if (c >= 0xc2 && c <= 0xdf)
-			len = 2;
-		else if (c >= 0xe0 && c <= 0xef)
-			len = 3;
-		else if (c >= 0xf0 && c <= 0xf4)
-			len = 4;
-		else
+	for (size_t i = 0, len; i < n; i += len)
+		if ((len = ca__utf8_len(p + i, n - i)) == 0)
 			return 0;
-		/* The second byte's range rules out overlong forms, surrogates and > U+10FFFF. */
-		if (c == 0xe0)
-			lo = 0xa0;
-		else if (c == 0xed)
-			hi = 0x9f;
-		else if (c == 0xf0)
-			lo = 0x90;
-		else if (c == 0xf4)
-			hi = 0x8f;
-		if (n - i < len || p[i + 1] < lo || p[i + 1] > hi)
-			return 0;
-		for (size_t k = 2; k < len; k++)
-			if ((p[i + k] & 0xc0) != 0x80)
-				return 0;
-		i += len;
-	}
 	return 1;
 }
 

@@ -264,6 +264,13 @@ void ca__push_headers(lua_State *L, struct lws *wsi);
  */
 size_t ca__ows_trim(const char **s, size_t n);
 
+/*
+ * Whether the comma-separated list v[0..n) (a Connection header's value,
+ * say) has token as one of its elements, spaces and tabs around it
+ * ignored, in any case.
+ */
+int ca__has_token(const char *v, size_t n, const char *token);
+
 /* Registers the "callagent.WebSocket" metatable (idempotent). */
 void ca__ws_register(lua_State *L);
 
