@@ -43,10 +43,12 @@ local function node(args, timeout_ms)
   return result, code, table.concat(err, "\n")
 end
 
--- A 16-bit PCM mono WAV: 2.5 s of 800 Hz at half scale, then 1 s of silence
--- (Chromium's fake microphone loops it, so the callee beeps in a rhythm).
+-- The callee's recording, in a folder of its own; its path. A 16-bit PCM
+-- mono WAV: 2.5 s of 800 Hz at half scale, then 1 s of silence (Chromium's
+-- fake microphone loops it, so the callee beeps in a rhythm).
 local WAV_RATE, TONE_MS, GAP_MS, TONE_HZ = 16000, 2500, 1000, 800
-local function write_wav(path)
+local function callee_wav()
+  local path = T.tmpdir() .. "/callee.wav"
   local parts = {}
   local n_tone, n = TONE_MS * WAV_RATE // 1000, (TONE_MS + GAP_MS) * WAV_RATE // 1000
   for i = 0, n - 1 do
@@ -63,6 +65,7 @@ local function write_wav(path)
   f:write(string.pack("<c4I4c4c4I4I2I2I4I4I2I2c4I4", "RIFF", 36 + #data, "WAVE", "fmt ", 16, 1, 1, WAV_RATE,
     WAV_RATE * 2, 2, 16, "data", #data), data)
   f:close()
+  return path
 end
 
 -- The callee's audio as the model got it (mu-law 8 kHz), in 20 ms blocks:
@@ -211,9 +214,7 @@ end, { timeout = 30000 })
 T.test("a call in Chromium: it rings, Enter answers, the mic's tone reaches the model, the agent plays, clear cuts it, "
   .. "the report shows, all under the page's Content-Security-Policy", function()
   need_tools()
-  local dir = T.tmpdir()
-  local wav = dir .. "/callee.wav"
-  write_wav(wav)
+  local wav = callee_wav()
   local rt_session
   local app = start_app(function(s)
     rt_session = s
@@ -382,9 +383,7 @@ end, { timeout = 60000 })
 
 T.test("microphone refused: the page says so, hangs up, and the call ends without a stream", function()
   need_tools()
-  local dir = T.tmpdir()
-  local wav = dir .. "/callee.wav"
-  write_wav(wav)
+  local wav = callee_wav()
   local app, rt = start_app(function(s)
     s:wait_event("response.create", 20000)
   end)
@@ -420,9 +419,7 @@ T.test("a microphone allowed after STREAM_WAIT_MS: the call is answered then, an
   local calls = require "callagent.calls"
   local saved = T.shorten(calls, "STREAM_WAIT_MS", 3000)
   T.eq(saved, 15000, "the product waits 15 s")
-  local dir = T.tmpdir()
-  local wav = dir .. "/callee.wav"
-  write_wav(wav)
+  local wav = callee_wav()
   local app, rt = start_app(function(s)
     assert(s:wait_event("response.create", 40000))
     s:speak({ ms = 4000, text = "Hello there." })
@@ -450,8 +447,7 @@ end, { timeout = 80000 })
 -- and the callee's recording: app, the call's view, the WAV's path.
 local function long_story_call(to)
   need_tools()
-  local wav = T.tmpdir() .. "/callee.wav"
-  write_wav(wav)
+  local wav = callee_wav()
   local app = start_app(function(s)
     assert(s:wait_event("response.create", 20000))
     s:speak({ ms = 8000, text = "A long story." })
@@ -482,9 +478,7 @@ end, { timeout = 40000 })
 T.test("placed from the dial form through a forwarded port, answered, hung up on the page: the call's page is on "
   .. "that port, stop, close, the agent is silent at once, and the call ends as the callee's hang-up", function()
   need_tools()
-  local dir = T.tmpdir()
-  local wav = dir .. "/callee.wav"
-  write_wav(wav)
+  local wav = callee_wav()
   local app, rt = start_app(function(s)
     assert(s:wait_event("response.create", 20000))
     -- Four times real time, as the real service sends ahead: seconds of it
@@ -563,9 +557,7 @@ end, { timeout = 40000 })
 
 T.test("the model refuses callagent's key: the call fails, and the page shows callagent's why", function()
   need_tools()
-  local dir = T.tmpdir()
-  local wav = dir .. "/callee.wav"
-  write_wav(wav)
+  local wav = callee_wav()
   local rt = assert(fake_rt.start({ api_key = API_KEY }))
   T.defer(function()
     rt:close()
@@ -600,9 +592,7 @@ T.test("answered, its media stream never connects: Hang up works meanwhile, the 
   need_tools()
   local calls = require "callagent.calls"
   T.shorten(calls, "STREAM_WAIT_MS", 3000)
-  local dir = T.tmpdir()
-  local wav = dir .. "/callee.wav"
-  write_wav(wav)
+  local wav = callee_wav()
   local app = start_app(function() end)
   local view = assert(app:create_call({ to = "+14155550189", prompt = "Talk." }))
   local r, code, err = node({ "browser/drive.mjs", view.hint, wav, ROOT .. "/tests/artifacts/mock-phone-no-stream.png",
@@ -620,9 +610,7 @@ end, { timeout = 40000 })
 T.test("Decline on the ringing page, the microphone allowed already: the attempt ends busy, the page says so and when "
   .. "callagent calls again", function()
   need_tools()
-  local dir = T.tmpdir()
-  local wav = dir .. "/callee.wav"
-  write_wav(wav)
+  local wav = callee_wav()
   local app, rt = start_app(function() end)
   local view = assert(app:create_call({ to = "+14155550194", prompt = "Nobody takes it." }))
   local shot = ROOT .. "/tests/artifacts/mock-phone-declined.png"
@@ -655,9 +643,7 @@ end, { timeout = 30000 })
 -- (--api-hangup, --answer-elsewhere); checks that the page rang, then said
 -- so and took Answer and Decline away. Returns drive.mjs's result.
 local function ring_stopped_elsewhere(app, view, how, shot)
-  local dir = T.tmpdir()
-  local wav = dir .. "/callee.wav"
-  write_wav(wav)
+  local wav = callee_wav()
   local r, code, err = node({ "browser/drive.mjs", view.hint, wav, ROOT .. "/tests/artifacts/" .. shot, how,
     "--timeout=10000" }, 20000)
   T.ok(r, "drive.mjs printed no JSON (exit " .. tostring(code) .. "): " .. err)

@@ -107,6 +107,10 @@ function redact(cfg, s) {
 // connection closed before the answer (a timeout is the other). Any other
 // (ECONNREFUSED, ENOTFOUND, a port fetch refuses) means nothing was sent.
 const UNANSWERED = new Set(["UND_ERR_SOCKET", "ECONNRESET", "EPIPE", "UND_ERR_HEADERS_TIMEOUT", "UND_ERR_BODY_TIMEOUT"]);
+// Said of a POST after any of those, or an error that may have come after
+// the request was carried out.
+const MAYBE_DONE = "The request may still have been carried out";
+const FIRST_UNANSWERED = `${MAYBE_DONE}: its first send got no answer.`;
 
 function notReachable(cfg, err, method) {
   let why, unanswered;
@@ -120,7 +124,7 @@ function notReachable(cfg, err, method) {
   }
   let msg = `callagent is not reachable at ${cfg.shown} (${why}); is it running, and is ${CONFIG_KEY}.baseUrl its address?`;
   if (method === "POST" && unanswered) {
-    msg += " The request may still have been carried out.";
+    msg += ` ${MAYBE_DONE}.`;
   }
   const e = new Error(redact(cfg, msg));
   e.unanswered = unanswered;
@@ -220,13 +224,13 @@ function apiError(cfg, r, { callId, method, resent } = {}) {
     // Its own failure (the store, a bug), not a refusal of the input.
     msg = `callagent failed: ${message} ${tag}; its log says why`;
     // store_failed: nothing was stored, so nothing was done.
-    if (method === "POST" && code !== "store_failed" && !resent) msg += ". The request may still have been carried out.";
+    if (method === "POST" && code !== "store_failed" && !resent) msg += `. ${MAYBE_DONE}.`;
   } else if (typeof e.field === "string" && e.field) {
     msg = `field "${e.field}": callagent refused it: ${message} ${tag}`;
   } else {
     msg = `callagent refused the request: ${message} ${tag}`;
   }
-  if (resent) msg += ". The request may still have been carried out: its first send got no answer.";
+  if (resent) msg += `. ${FIRST_UNANSWERED}`;
   return new Error(redact(cfg, msg));
 }
 
@@ -307,7 +311,7 @@ export function createTools(cfg) {
           r = await send(key);
         } catch (again) {
           // Not sent this time (callagent gone, say): the first still may have been carried out.
-          if (!again.unanswered && !signal?.aborted) again.message += " The request may still have been carried out: its first send got no answer.";
+          if (!again.unanswered && !signal?.aborted) again.message += ` ${FIRST_UNANSWERED}`;
           throw again;
         }
       }

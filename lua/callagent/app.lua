@@ -656,16 +656,19 @@ function App:_tunnel_lost(why)
     self.tunnel:close()
     self.tunnel = nil
   end
+  local function later(ms)
+    return math.min(ms * 2, M.REOPEN_MS[2])
+  end
   task.spawn(function()
     local wait = M.REOPEN_MS[1]
     for _ = 2, self.quick_deaths do
-      wait = math.min(wait * 2, M.REOPEN_MS[2])
+      wait = later(wait)
     end
     if self.quick_deaths > 0 then
       log.warn("the tunnel died soon after it opened: opening it again later", { lived_ms = math.floor(lived),
         after_ms = wait })
       reopen.wake:pop(wait)
-      wait = math.min(wait * 2, M.REOPEN_MS[2])
+      wait = later(wait)
     end
     while not self.stopped do
       local pub, err = tunnel.open(self.config.tunnel, self.server.port, self.server.host, { cancel = reopen.cancel,
@@ -687,7 +690,7 @@ function App:_tunnel_lost(why)
       end
       log.error("the tunnel could not be opened again: trying again later", { error = err, after_ms = wait })
       reopen.wake:pop(wait)
-      wait = math.min(wait * 2, M.REOPEN_MS[2])
+      wait = later(wait)
     end
     for _, wake in ipairs(reopen.waiters) do
       wake()

@@ -67,10 +67,15 @@ function M.build(call, opts)
       .. " (time zone " .. call.timezone .. ")",
     "- Language: speak " .. call.locale .. " unless the other person clearly prefers another language.",
   }
-  if caller then
-    lines[#lines + 1] = "- You are calling on behalf of: " .. caller
+  local function add(...)
+    for _, l in ipairs({ ... }) do
+      lines[#lines + 1] = l
+    end
   end
-  local more = {
+  if caller then
+    add("- You are calling on behalf of: " .. caller)
+  end
+  add(
     "",
     "# How to run the call",
     "- Speak first: greet the person briefly"
@@ -81,26 +86,21 @@ function M.build(call, opts)
     "- Never invent facts, promises or personal data you were not given. If asked something you do not know, say so and offer to pass the question on.",
     "- If asked whether you are an AI, say honestly that you are an AI assistant calling"
       .. (caller and (" on behalf of " .. caller) or "") .. ".",
-    "- If you reach voicemail or an automated system you cannot get past, leave a short message only if the task asks for one, then finish.",
-  }
+    "- If you reach voicemail or an automated system you cannot get past, leave a short message only if the task asks for one, then finish."
+  )
   -- The app's tools are for running the call: their line is in that
   -- section, not under how to end it.
   if opts.extra_tools and #opts.extra_tools > 0 then
-    more[#more + 1] = "- You can also use these functions when they help: " .. table.concat(opts.extra_tools, ", ") .. "."
+    add("- You can also use these functions when they help: " .. table.concat(opts.extra_tools, ", ") .. ".")
   end
-  for _, l in ipairs({
+  add(
     "",
     "# How to end the call",
     "- When the task is done, cannot be done, or the person wants to end the call, call the report_call function once with: "
       .. "a short summary, the outcome (success, failure, voicemail, no_answer or unknown), any next steps, "
       .. "and the details you collected in data (for example dates, times, names, confirmation numbers).",
-    "- After report_call, say a short, friendly goodbye (one sentence). The call is then hung up for you.",
-  }) do
-    more[#more + 1] = l
-  end
-  for _, l in ipairs(more) do
-    lines[#lines + 1] = l
-  end
+    "- After report_call, say a short, friendly goodbye (one sentence). The call is then hung up for you."
+  )
   return table.concat(lines, "\n")
 end
 

@@ -322,9 +322,8 @@ local function open_ngrok(cfg, port, deadline, cancel, on_lost)
           exit = exit_text(code, signal),
           said = said,
         })
-        tun.lost = "ngrok exited (" .. exit_text(code, signal) .. ")" .. (said and (": " .. said) or "")
         if on_lost then
-          on_lost(tun.lost)
+          on_lost("ngrok exited (" .. exit_text(code, signal) .. ")" .. (said and (": " .. said) or ""))
         end
       end
     end,
@@ -616,7 +615,7 @@ local REACHED = { ["127.0.0.1"] = true, localhost = true, ["0.0.0.0"] = true }
 function M.open(cfg, port, host, opts)
   assert(math.type(port) == "integer" and port > 0 and port < 65536, "tunnel.open needs a port number")
   assert(task.running(), "tunnel.open must be called inside a task (see callagent.task.spawn)")
-  local cancel = opts and opts.cancel
+  local cancel, on_lost = opts and opts.cancel, opts and opts.on_lost
   assert(cancel == nil or getmetatable(cancel) == Cancel, "tunnel.open: opts.cancel must come from tunnel.cancel()")
   cfg = with_defaults(cfg)
   local provider = cfg.provider
@@ -636,7 +635,7 @@ function M.open(cfg, port, host, opts)
   end
   local single = OPENERS[provider]
   if single then
-    local t, err, kind = single(cfg, port, deadline, cancel, opts and opts.on_lost)
+    local t, err, kind = single(cfg, port, deadline, cancel, on_lost)
     if kind == CANCELED then
       return nil, "tunnel: " .. CANCELED, CANCELED
     end
@@ -658,7 +657,7 @@ function M.open(cfg, port, host, opts)
       -- Started now, it would be killed at once, with a misleading reason.
       err = string.format("%s was not tried: the first took all of tunnel.timeoutSec (%d s)", name, cfg.timeoutSec)
     else
-      t, err, kind = OPENERS[name](cfg, port, deadline, cancel, opts and opts.on_lost)
+      t, err, kind = OPENERS[name](cfg, port, deadline, cancel, on_lost)
     end
     if kind == CANCELED then
       return nil, "tunnel: " .. CANCELED, CANCELED

@@ -314,9 +314,7 @@ async function decline() {
   setState("declined", "You declined the call: callagent was told the line is busy.");
   const note = $("end-reason");
   if (body.nextAttemptAt) {
-    const at = new Date(body.nextAttemptAt);
-    const when = isNaN(at) ? body.nextAttemptAt : at.toLocaleTimeString();
-    note.textContent = `callagent calls again at ${when} (attempt ${body.attempt + 1}), under a new link: the call's hint (GET /v1/calls/${call.id}) has it.`;
+    note.textContent = nextLink(body);
   } else {
     note.textContent = `No retry is left for this call: it ended ${STATUS_TEXT[body.status] || body.status}.`;
   }

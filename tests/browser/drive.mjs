@@ -184,6 +184,19 @@ async function buttonState(page, name) {
   return { visible, enabled: visible && (await b.isEnabled()) };
 }
 
+// The page's state once it is past "opening" (a freshly loaded page asks
+// its link's view first), or as it is after 5 s.
+async function settledState(page) {
+  const until = Date.now() + 5000;
+  let st = null;
+  while (Date.now() < until) {
+    st = await page.evaluate(() => window.mockPhone && window.mockPhone.stats.state);
+    if (st && st !== "opening") break;
+    await sleep(50);
+  }
+  return st;
+}
+
 async function visibleText(page, id) {
   return page.evaluate((i) => {
     const el = document.getElementById(i);
@@ -361,13 +374,7 @@ async function run() {
           if (opts.reloadAfter != null && now - connectedAt >= opts.reloadAfter) {
             out.reload = { stats: s };
             await page.reload({ waitUntil: "load" });
-            const until = Date.now() + 5000;
-            let st = null;
-            while (Date.now() < until) {
-              st = await page.evaluate(() => window.mockPhone && window.mockPhone.stats.state);
-              if (st && st !== "opening") break;
-              await sleep(50);
-            }
+            const st = await settledState(page);
             Object.assign(out.reload, {
               state: st,
               problem: await visibleText(page, "problem"),
@@ -423,14 +430,7 @@ async function run() {
     if (out.cspViolations.length) throw new Error(`Content-Security-Policy violations: ${out.cspViolations.join("; ")}`);
     if (opts.reopen) {
       await page.goto(url, { waitUntil: "load" });
-      const until = Date.now() + 5000;
-      let st = null;
-      while (Date.now() < until) {
-        st = await page.evaluate(() => window.mockPhone && window.mockPhone.stats.state);
-        // The link's view tells a used link at once.
-        if (st && st !== "opening") break;
-        await sleep(50);
-      }
+      const st = await settledState(page); // the link's view tells a used link at once
       out.reopen = { state: st, problem: await visibleText(page, "problem") };
       if (out.cspViolations.length) throw new Error(`Content-Security-Policy violations: ${out.cspViolations.join("; ")}`);
     }
