@@ -417,6 +417,8 @@ T.test("model audio that comes before the phone's stream is kept and played firs
   local early = string.rep("\1\2\3\4", 600) -- 300 ms of mu-law
   local env = kit.start({
     twilio = { behaviour = { stream_delay_ms = 800 } },
+    -- The session opens at the answer (one opened while it rings hears nothing before it).
+    config = { openai = { connectWhileRinging = false } },
     realtime = {
       script = function(session)
         -- Unasked, at once: the phone is not there yet.

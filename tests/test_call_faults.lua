@@ -130,7 +130,8 @@ T.test("a CallSid that is no Twilio call sid never becomes part of a REST URL", 
 end)
 
 T.test("the voice webhook without a valid signature gets 403 and hands out no stream", function()
-  local env = kit.start({ twilio = { behaviour = { ring_ms = 3000 } } })
+  -- No session opened while it rings (openai.connectWhileRinging): the webhook's own are counted.
+  local env = kit.start({ twilio = { behaviour = { ring_ms = 3000 } }, config = { openai = { connectWhileRinging = false } } })
   local id = env:create({ to = "+14155550121", prompt = "Say hello." })
   env:wait(id, function(r)
     return r.status == "dialing"
@@ -148,7 +149,8 @@ end)
 
 
 T.test("a webhook whose attempt is not a whole number gets 400: no second bridge, no model session", function()
-  local env = kit.start({ twilio = { behaviour = { ring_ms = 3000 } } })
+  -- No session opened while it rings (openai.connectWhileRinging): the webhook's own are counted.
+  local env = kit.start({ twilio = { behaviour = { ring_ms = 3000 } }, config = { openai = { connectWhileRinging = false } } })
   local id = env:create({ to = "+14155550124", prompt = "Say hello." })
   local rec = env:wait(id, function(r)
     return r.status == "dialing" and r.attempts[1].providerCallId
@@ -528,6 +530,8 @@ end, { timeout = 40000 })
 T.test("a response the service started before the greeting went out is the agent's first turn: no second greeting", function()
   local env = kit.start({
     twilio = { behaviour = { stream_delay_ms = 600 } },
+    -- The session opens at the answer, the callee already there to be heard.
+    config = { openai = { connectWhileRinging = false } },
     realtime = {
       script = function(session)
         -- Its turn detection answers the callee at once (a "Hello?"): the

@@ -411,8 +411,9 @@ T.test("a report_call that comes once the phone hung up (while the callee's last
 end, { timeout = 40000 })
 
 T.test("a rate limit on the model's first session.update: the model connection is tried again while the phone waits, and the call talks", function()
+  -- The answer's own connection (one opened while the phone rings would take the first refusal).
   local env = kit.start({
-    config = { retry = { maxAttempts = 1 } },
+    config = { retry = { maxAttempts = 1 }, openai = { connectWhileRinging = false } },
     realtime = {
       refuse_update = { "rate_limit_exceeded", "Rate limit reached for sessions. Please try again in 0.2s.",
         sessions = 2 },
@@ -509,7 +510,7 @@ end, { timeout = 40000 })
 T.test("HTTP 429 at every model connection: a bounded number of tries with backoff, then the call fails model_error", function()
   -- The backoffs (0.5, 1.5 and 3 s) shortened, as many of them.
   T.shorten(bridge_mod, "MODEL_RETRY_MS", { 200, 400, 800 })
-  local env = kit.start({ config = { retry = { maxAttempts = 1 } } })
+  local env = kit.start({ config = { retry = { maxAttempts = 1 }, openai = { connectWhileRinging = false } } })
   local front, poll = rate_limiting_front(env.rt.port, 100)
   env.app.config.openai.realtimeUrl = front
   local id = env:create({ to = "+14155550184", prompt = "Say hello." })
@@ -683,7 +684,7 @@ end, { timeout = 40000 })
 
 T.test("the callee hangs up while the model's session start is rate limited: the record says the agent never got to speak", function()
   local env = kit.start({
-    config = { retry = { maxAttempts = 1 } },
+    config = { retry = { maxAttempts = 1 }, openai = { connectWhileRinging = false } },
     realtime = {
       refuse_update = { "rate_limit_exceeded", "Rate limit reached. Please try again in 1.5s.", sessions = 4 },
     },
@@ -700,6 +701,128 @@ T.test("the callee hangs up while the model's session start is rate limited: the
   T.eq(call.lastError, "the phone side ended before the model session was ready (rate limited 1 time)")
   T.eq(#env.rt.sessions, 1, "no session opened for a call that ended")
 end, { timeout = 40000 })
+
+T.test("the model session opens while the phone rings, and the answered call talks on it: no connection at the answer", function()
+  for _, early in ipairs({ true, false }) do
+    local env = kit.start({
+      config = { retry = { maxAttempts = 1 }, openai = { connectWhileRinging = early } },
+      twilio = { behaviour = { answer = true, ring_ms = 600 } },
+      realtime = {
+        script = function(session)
+          if session:wait_event("response.create", 10000) then
+            talk_with_ann(session)
+          end
+        end,
+      },
+    })
+    local id = env:create({ to = "+14155550196", prompt = "Say hello." })
+    local call = env:wait_final(id, 30000)
+    completed_with_ann(call)
+    local c = env.tw.calls[1]
+    T.eq(#env.rt.sessions, 1, "one model session for the call")
+    local s = env.rt.sessions[1]
+    local created = s.events[1]
+    T.eq(created and created.type, "session.update")
+    if early then
+      T.lt(s.opened_at, c.answered_at, "opened before the answer")
+      T.lt(created.at, c.answered_at, "set up before the answer")
+    else
+      T.ge(s.opened_at, c.answered_at, "openai.connectWhileRinging false: opened at the answer")
+    end
+    T.gt(s.input_bytes, 0, "the phone's audio went to it")
+    T.eq(#s.response_creates >= 1 and s.events[1].type, "session.update", "one session.update, first")
+    local updates = 0
+    for _, e in ipairs(s.events) do
+      updates = updates + (e.type == "session.update" and 1 or 0)
+    end
+    T.eq(updates, 1, "set up once")
+    env:close()
+  end
+end, { timeout = 60000 })
+
+T.test("an attempt that ends while it rings closes the model session opened for it, unused; its retry opens its own", function()
+  local dialed = 0
+  local env = kit.start({
+    config = { retry = { maxAttempts = 2, initialDelayMs = 200 } },
+    twilio = { behaviour = function()
+      dialed = dialed + 1
+      return dialed == 1 and { answer = "busy", ring_ms = 400 } or { answer = true, ring_ms = 300 }
+    end },
+    realtime = {
+      script = function(session)
+        if session:wait_event("response.create", 10000) then
+          talk_with_ann(session)
+        end
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550197", prompt = "Say hello." })
+  local call = env:wait_final(id, 30000)
+  completed_with_ann(call)
+  T.eq({ call.attempts[1].status, call.attempts[2].status }, { "busy", "completed" })
+  T.eq(#env.rt.sessions, 2, "one session per attempt")
+  local s1, s2 = env.rt.sessions[1], env.rt.sessions[2]
+  T.ok(s1.closed, "the busy attempt's session was closed")
+  T.eq({ s1.closed.code, s1.input_bytes, #s1.response_creates }, { 1000, 0, 0 }, "closed normally, never used")
+  T.lt(s1.closed_at, env.tw.calls[2].statuses[1].at, "closed before the retry was dialed")
+  T.gt(s2.input_bytes, 0, "the answered attempt talked on its own")
+  T.eq(call.lastError, nil, "a session closed unused is no error of the call")
+end, { timeout = 40000 })
+
+T.test("a stop while the phone rings closes the model session opened for it", function()
+  local env = kit.start({ twilio = { behaviour = { ring_ms = 30000 } } })
+  local id = env:create({ to = "+14155550199", prompt = "Say hello." })
+  T.wait_for(function()
+    return env.rt.sessions[1] and #env.rt.sessions[1].events > 0
+  end, 5000, "the session opened while it rings")
+  T.eq(env.app.engine:call_view(id).status, "dialing")
+  env.app:stop()
+  T.wait_for(function()
+    return env.rt.sessions[1].closed
+  end, 3000, "the session closed by the stop")
+  T.eq({ env.rt.sessions[1].closed.code, env.rt.sessions[1].input_bytes }, { 1000, 0 })
+end, { timeout = 20000 })
+
+T.test("a model session refused while the phone rings is no fault of the call: a new one opens at the answer, and the call talks", function()
+  for _, how in ipairs({ "rate_limit", "429" }) do
+    local env = kit.start({
+      config = { retry = { maxAttempts = 1 } },
+      twilio = { behaviour = { answer = true, ring_ms = 500 } },
+      realtime = {
+        refuse_update = how == "rate_limit"
+          and { "rate_limit_exceeded", "Rate limit reached for sessions. Please try again in 0.2s.", sessions = 1 }
+          or nil,
+        script = function(session)
+          if session:wait_event("response.create", 10000) then
+            talk_with_ann(session)
+          end
+        end,
+      },
+    })
+    local poll
+    if how == "429" then
+      local front
+      front, poll = rate_limiting_front(env.rt.port, 1)
+      env.app.config.openai.realtimeUrl = front
+    end
+    local id = env:create({ to = "+14155550198", prompt = "Say hello." })
+    local call = env:wait_final(id, 30000)
+    completed_with_ann(call)
+    T.eq(call.lastError, nil, how .. ": nothing went wrong for the call")
+    local c = env.tw.calls[1]
+    local talked = env.rt.sessions[#env.rt.sessions]
+    T.eq(#env.rt.sessions, how == "rate_limit" and 2 or 1, how .. ": the sessions the fake served")
+    if how == "rate_limit" then
+      T.lt(env.rt.sessions[1].opened_at, c.answered_at, "refused while the phone rang")
+      T.ok(env.rt.sessions[1].closed, "the refused one was closed")
+    else
+      T.eq(#poll(2), 2, "the refused upgrade and the answer's connection")
+    end
+    T.ge(talked.opened_at, c.answered_at, how .. ": the session that talked opened at the answer")
+    T.gt(talked.input_bytes, 0)
+    env:close()
+  end
+end, { timeout = 60000 })
 
 T.test("the callee hangs up while the model session is still opening: lastError says so; a hang-up through the API then does not", function()
   for _, how in ipairs({ "callee", "api" }) do

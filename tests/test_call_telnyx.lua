@@ -763,7 +763,9 @@ end, { timeout = 30000 })
 
 
 T.test("a Telnyx-signed body posted to /voice or /status (whose query is not signed) is refused (403)", function()
-  local env = start({ behaviour = { ring_ms = 60000 }, config = { retry = { maxAttempts = 1 } } })
+  -- No session opened while it rings (openai.connectWhileRinging): a webhook's would be counted.
+  local env = start({ behaviour = { ring_ms = 60000 }, config = { retry = { maxAttempts = 1 },
+    openai = { connectWhileRinging = false } } })
   local id, tx = ringing_call(env, "+14155550126")
   -- A body Telnyx signed (another call's, say): only the body is signed.
   local body = json.encode({ data = { event_type = "call.hangup", id = crypto.uuid4(), payload = {
@@ -838,7 +840,8 @@ end, { timeout = 30000 })
 
 
 T.test("call.hangup delivered before call.answered: the attempt ends once, the late answer starts no stream", function()
-  local env = start({ behaviour = { ring_ms = 60000 }, config = { retry = { maxAttempts = 1 } } })
+  local env = start({ behaviour = { ring_ms = 60000 }, config = { retry = { maxAttempts = 1 },
+    openai = { connectWhileRinging = false } } })
   local id, tx = ringing_call(env, "+14155550121")
   -- Answered and hung up at once by the callee; Telnyx delivers the two out of order.
   T.eq(post_webhook(env, id, 1, "call.hangup", { call_control_id = tx.control_id, hangup_cause = "normal_clearing",

@@ -114,49 +114,53 @@ end
 
 -- Model ------------------------------------------------------------------
 
-function Bridge:start_model()
-  local call = self.call
+-- A field of a server event, if it has the type the protocol gives it (a
+-- model server that sends another is not trusted with the call flow).
+local function str(v)
+  return type(v) == "string" and v or nil
+end
+
+-- A string of the model's that goes into the call's record: made UTF-8.
+local function text(v)
+  return type(v) == "string" and json.utf8(v) or nil
+end
+
+local function obj(v)
+  return type(v) == "table" and v or EMPTY
+end
+
+-- The options of the call's model session: its instructions, voice and
+-- tools (report_call and the app's).
+local function session_opts(engine, call, log_fields)
   local tools = { instructions.report_tool() }
   local names = {}
-  for _, t in ipairs(self.engine.tools) do
+  for _, t in ipairs(engine.tools) do
     tools[#tools + 1] = { type = "function", name = t.name, description = t.description, parameters = t.parameters }
     names[#names + 1] = t.name
   end
+  return {
+    log_fields = log_fields,
+    instructions = instructions.build(call, { extra_tools = names }),
+    voice = call.voice,
+    tools = tools,
+  }
+end
+
+--- Connects the model, or takes over warm (M.warm's, opened while the phone
+-- rang) when it is still good: then the callee need not wait for the model's
+-- connection and session.update before the greeting.
+function Bridge:start_model(warm)
   local rt
   -- The call's session: not one dropped for a rate limit (its events, on
   -- their way before the service read our close, are not the call's).
   local function current()
     return rt == self.rt and not rt.dropped
   end
-  rt = realtime.session(self.cfg.openai, {
-    log_fields = self.log_fields,
-    instructions = instructions.build(call, { extra_tools = names }),
-    voice = call.voice,
-    tools = tools,
+  local handlers = {
     on_open = function()
-      if not current() then
-        return -- dropped for another (rate limited) while it opened
+      if current() then -- not dropped for another (rate limited) while it opened
+        self:_model_open()
       end
-      if self.cb and not self.ended then
-        self.cb:link_model(rt.conn)
-      end
-      -- The service ends the session at its limit, without a warning: the
-      -- call is wrapped up before, from the session's own start.
-      if not self.ended then
-        self.session_timer = timer.after(M.session_wrap_up_ms(self.cfg), function()
-          self.session_timer = nil
-          self:on_session_limit()
-        end)
-      end
-      -- A service that never confirms the session would leave the call silent.
-      self.ready_timer = timer.after(M.SESSION_READY_MS, function()
-        self.ready_timer = nil
-        if not self.model_ready and not self.ended then
-          log.warn("model did not confirm the session", self.log_fields)
-          self.engine:bridge_error(self, "model did not confirm the session within " .. M.SESSION_READY_MS // 1000 .. " s")
-          self:hangup("model_error")
-        end
-      end)
     end,
     on_ready = function(_, ev)
       if current() then
@@ -173,9 +177,144 @@ function Bridge:start_model()
         self:_model_closed(code, reason)
       end
     end,
-  })
+  }
+  local ready_ev
+  if warm then
+    rt, ready_ev = warm:take()
+  end
+  if rt then
+    for k, f in pairs(handlers) do
+      rt.opts[k] = f
+    end
+    rt.opts.log_fields = self.log_fields
+    self.rt = rt
+    log.debug("model session taken over from the ring", { call = self.call_id, attempt = self.attempt,
+      ready = rt.ready })
+    if rt.conn then
+      self:_model_open()
+    end
+    if rt.ready then
+      self:_model_ready(ready_ev)
+    end
+    return
+  end
+  local opts = session_opts(self.engine, self.call, self.log_fields)
+  for k, f in pairs(handlers) do
+    opts[k] = f
+  end
+  rt = realtime.session(self.cfg.openai, opts)
   self.rt = rt
   rt:connect()
+end
+
+-- The model connection is open (the session.update sent): the phone's audio
+-- joins it, and its session's bounds count from the open.
+function Bridge:_model_open()
+  local rt = self.rt
+  local since = timer.now() - (rt.t_open or timer.now())
+  if self.cb and not self.ended then
+    self.cb:link_model(rt.conn)
+  end
+  -- The service ends the session at its limit, without a warning: the
+  -- call is wrapped up before, from the session's own start.
+  if not self.ended then
+    self.session_timer = timer.after(math.max(0, M.session_wrap_up_ms(self.cfg) - since), function()
+      self.session_timer = nil
+      self:on_session_limit()
+    end)
+  end
+  -- A service that never confirms the session would leave the call silent.
+  if not rt.ready then
+    self.ready_timer = timer.after(math.max(0, M.SESSION_READY_MS - since), function()
+      self.ready_timer = nil
+      if not self.model_ready and not self.ended then
+        log.warn("model did not confirm the session", self.log_fields)
+        self.engine:bridge_error(self, "model did not confirm the session within " .. M.SESSION_READY_MS // 1000 .. " s")
+        self:hangup("model_error")
+      end
+    end)
+  end
+end
+
+-- A model session opened while the phone rings (attempt n of call), for the
+-- bridge to take over at the answer (Bridge:start_model). Until then it only
+-- waits: audio and responses start with the bridge. One that fails meanwhile
+-- (refused, rate limited, closed, not confirmed within SESSION_READY_MS) is
+-- dropped, and the bridge connects at the answer as it would without it:
+-- the call's faults stay the answered call's, told as they always are.
+local Warm = {}
+Warm.__index = Warm
+
+function M.warm(engine, call, n)
+  local w = setmetatable({ call_id = call.id, attempt = n }, Warm)
+  local fields = { call = call.id, attempt = n }
+  local opts = session_opts(engine, call, fields)
+  opts.on_open = function()
+    w.ready_timer = timer.after(M.SESSION_READY_MS, function()
+      w.ready_timer = nil
+      w:_drop("not confirmed within " .. M.SESSION_READY_MS // 1000 .. " s")
+    end)
+  end
+  opts.on_ready = function(_, ev)
+    w:_stop_ready()
+    w.ready_ev = ev
+  end
+  opts.on_event = function(_, ev)
+    if ev.type == "error" then
+      local e = obj(ev.error)
+      w:_drop("error " .. tostring(text(e.code) or text(e.type)) .. ": " .. tostring(text(e.message)))
+    end
+  end
+  opts.on_close = function(_, code, reason)
+    w:_stop_ready()
+    if w.rt then
+      w.rt = nil
+      log.info("model session opened while ringing was lost: connecting at the answer",
+        { call = w.call_id, attempt = w.attempt, code = code, reason = reason })
+    end
+  end
+  w.rt = realtime.session(engine.config.openai, opts)
+  w.rt:connect()
+  return w
+end
+
+function Warm:_stop_ready()
+  if self.ready_timer then
+    self.ready_timer:stop()
+    self.ready_timer = nil
+  end
+end
+
+function Warm:_drop(why)
+  local rt = self.rt
+  if not rt then
+    return
+  end
+  log.info("model session opened while ringing dropped: connecting at the answer",
+    { call = self.call_id, attempt = self.attempt, reason = why })
+  self:close()
+end
+
+--- The session, and its session.updated event if it came; nil when it
+-- failed or was taken already.
+function Warm:take()
+  local rt = self.rt
+  self:_stop_ready()
+  self.rt = nil
+  if not rt or rt.closed then
+    return nil
+  end
+  return rt, self.ready_ev
+end
+
+--- Closes the session if nobody took it (the attempt ended while ringing).
+function Warm:close()
+  self:_stop_ready()
+  local rt = self.rt
+  self.rt = nil
+  if rt then
+    rt:close()
+  end
 end
 
 -- The service refused the session's start for its rate limit: the model
@@ -311,21 +450,6 @@ function Bridge:_finish_after_report()
   self.finishing_after_report = true
   self:_start_goodbye_timer()
   self:_hangup_when_drained()
-end
-
--- A field of a server event, if it has the type the protocol gives it (a
--- model server that sends another is not trusted with the call flow).
-local function str(v)
-  return type(v) == "string" and v or nil
-end
-
--- A string of the model's that goes into the call's record: made UTF-8.
-local function text(v)
-  return type(v) == "string" and json.utf8(v) or nil
-end
-
-local function obj(v)
-  return type(v) == "table" and v or EMPTY
 end
 
 -- What the model may still send once the call has ended (on its way when we

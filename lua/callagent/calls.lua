@@ -100,6 +100,7 @@ function M.new(opts)
     live = {}, -- call id -> live record (active calls)
     unsaved = {}, -- call id -> a final call the store has not taken yet (_finish)
     bridges = {}, -- call id .. "#" .. n -> bridge
+    warm = {}, -- call id .. "#" .. n -> model session opened while it rings (bridge.warm)
     tokens = {}, -- stream token -> {call_id, attempt, expires}
     timers = {}, -- call id -> retry or dial timers
     strays = {}, -- vendor call ids hung up as strays (_end_stray)
@@ -483,7 +484,21 @@ function Engine:dial(id)
       task.spawn(self._ring_timeout, self, call, n)
     end
   end)
+  -- The model session opens while the phone rings: at the answer, the
+  -- greeting need not wait for its connection and setup.
+  if self.config.openai.connectWhileRinging then
+    self.warm[id .. "#" .. n] = bridge_mod.warm(self, call, n)
+  end
   return true
+end
+
+-- Closes attempt key's model session opened while it rang, if nobody took it.
+function Engine:_close_warm(key)
+  local w = self.warm[key]
+  if w then
+    self.warm[key] = nil
+    w:close()
+  end
 end
 
 --- Pauses dialing (reason: why, for the log and the API): dials wait,
@@ -1020,7 +1035,9 @@ function Engine:prepare_stream(id, n)
   if not b then
     b = bridge_mod.new(self, call, n)
     self.bridges[key] = b
-    b:start_model()
+    local warm = self.warm[key]
+    self.warm[key] = nil
+    b:start_model(warm)
   end
   local token = crypto.random_token(24)
   self.tokens[token] = { call_id = id, attempt = n, expires = timer.now() + 120000 }
@@ -1221,6 +1238,7 @@ end
 -- Endings ----------------------------------------------------------------------
 
 function Engine:_attempt_final(call, n, status, reason, err)
+  self:_close_warm(call.id .. "#" .. n)
   local a = call.attempts[n]
   if not a or FINAL[a.status] then
     return false
@@ -1767,6 +1785,13 @@ function Engine:close()
   self.stopped = true
   self.closed = true
   self:_cancel_timers()
+  self:_close_warms()
+end
+
+function Engine:_close_warms()
+  for key in pairs(self.warm) do
+    self:_close_warm(key)
+  end
 end
 
 --- Stops everything (program shutdown): hang up active calls. Inside a
@@ -1778,6 +1803,7 @@ function Engine:shutdown(deadline_ms)
   self.stopped = true -- background hang-up retries end
   -- No retries or other timers fire while the calls are being hung up.
   self:_cancel_timers()
+  self:_close_warms() -- a call answered now is hung up (prepare_stream)
   -- Attempts waiting for the callee's last words end now, while the store is open.
   local tails = {}
   for _, b in pairs(self.bridges) do

@@ -34,6 +34,8 @@
 --                           ends, as at call.maxDurationSec. It must exceed
 --                           call.wrapUpSec + call.goodbyeTimeoutSec; a
 --                           maxDurationSec that does not fit in it is warned about
+--   openai.connectWhileRinging [true]: open the model session as the phone
+--                           rings, so the greeting does not wait for it at the answer
 --   notify.hooksUrl         notify.hooksToken*    notify.sessionKey
 --   defaults.timezone       ["America/Los_Angeles"]   defaults.locale ["en-US"]
 --   retry.maxAttempts [3]   retry.initialDelayMs [60000]   retry.backoffFactor [2]
@@ -351,6 +353,7 @@ local SCHEMA = {
     caFile = field("string", nil, ca_file, { optional = true }),
     transcriptionModel = field("string", "gpt-4o-mini-transcribe", not_blank("a model name")),
     sessionMaxSec = field("integer", 3600, range(10, 86400)),
+    connectWhileRinging = field("boolean", true),
   },
   notify = {
     hooksUrl = field("string", nil, url_check({ "https", "http" }, { no_fragment = true }),

@@ -13,7 +13,9 @@
 --   s:close([on_closed])         -- on_closed() once the service has answered
 --                                   the close, or the connection ended (what
 --                                   it sent before it read the close comes first)
---   s.ready, s.closed
+--   s.ready, s.closed, s.t_open (timer.now() at the open)
+--   s.opts.on_*                  may be replaced while the session runs (a
+--                                session opened ahead of its call is handed over)
 --   realtime.format_mismatch(cfg, session)  -- nil, or how the audio formats a
 --                                session.updated names differ from cfg's
 --
@@ -134,6 +136,7 @@ function Session:connect()
       return
     end
     self.conn = conn
+    self.t_open = require("callagent.timer").now()
     -- One that cannot be encoded (an app tool's schema with an infinite
     -- number, say) fails the session now: raised here, it left a model
     -- connection open that nothing set up, and the call silent.
