@@ -1356,6 +1356,11 @@ static void sb_str(struct sbuf *b, const char *s)
  * among the headers (the subprotocols the server may choose from). -1 with
  * an error message on L for a bad header (its value is never shown).
  */
+/* Headers the handshake sets itself: a second Host, or a key of the caller's
+ * beside ours, would make a request a server reads its own way. */
+static const char *const own_headers[] = { "Host", "Upgrade", "Connection", "Sec-WebSocket-Key",
+					   "Sec-WebSocket-Version", "Sec-WebSocket-Extensions", NULL };
+
 static int build_request(lua_State *L, const char *path, const char *host,
 			 unsigned char **out, size_t *out_len, char accept[32], char **offered)
 {
@@ -1401,6 +1406,10 @@ static int build_request(lua_State *L, const char *path, const char *host,
 						bad = "a header name has a character HTTP does not allow";
 				if (nl == 0)
 					bad = "a header name is empty";
+				for (size_t i = 0; own_headers[i] && !bad; i++)
+					if (strlen(own_headers[i]) == nl && strncasecmp(name, own_headers[i], nl) == 0)
+						bad = "a header the handshake sets itself (Host, Upgrade, Connection, "
+						      "Sec-WebSocket-Key, -Version, -Extensions) cannot be given";
 				for (size_t i = 0; i < vl && !bad; i++)
 					if (val[i] == '\r' || val[i] == '\n' || val[i] == '\0')
 						bad = "a header value has a line break or NUL byte";
@@ -1471,7 +1480,7 @@ static int l_connect(lua_State *L)
 		return ca_fail(L, "EINVAL", "not a ws:// or wss:// URL");
 	}
 	if ((tls && port == 443) || (!tls && port == 80))
-		snprintf(hosthdr, sizeof hosthdr, "%s", host);
+		snprintf(hosthdr, sizeof hosthdr, strchr(host, ':') ? "[%s]" : "%s", host);
 	else
 		snprintf(hosthdr, sizeof hosthdr, strchr(host, ':') ? "[%s]:%d" : "%s:%d", host, port);
 

@@ -1072,6 +1072,39 @@ T.test("handshake headers with line breaks are refused before anything is sent",
   T.no_match(err, "Injected")
 end)
 
+T.test("headers the handshake sets itself (Host, the key, ...) are refused, whatever their case", function()
+  for _, name in ipairs({ "Host", "host", "Upgrade", "CONNECTION", "Sec-WebSocket-Key", "sec-websocket-version",
+    "Sec-WebSocket-Extensions" }) do
+    local ok, err = pcall(ws.connect, "ws://127.0.0.1:9/x", { headers = { [name] = "x" } })
+    T.eq(ok, false, name)
+    T.match(err, "a header the handshake sets itself", name)
+  end
+  local c, err = ws.connect("ws://127.0.0.1:9/x", { headers = { ["X-Host"] = "x", ["Sec-WebSocket-Keys"] = "y" } })
+  T.eq(c, nil)
+  T.match(err, "^ECONNREFUSED", "names that only look alike are taken, and the connection tried")
+end)
+
+T.test("an IPv6 literal on the scheme's default port goes bracketed into Host", function()
+  -- Port 80 needs root, as CI runs the tests; elsewhere it cannot be bound.
+  local hosts = {}
+  local srv = http.server({ host = "::1", port = 80 })
+  srv:websocket("/x", { open = function(conn, req)
+    hosts[#hosts + 1] = req.headers.host
+    conn:close(1000, "")
+  end })
+  local ok, err = srv:listen()
+  if not ok then
+    T.diag("not run: [::1]:80 could not be bound (" .. tostring(err) .. "); the tests run as root in CI")
+    return
+  end
+  T.defer(function()
+    srv:close()
+  end)
+  local c = assert(connect("ws://[::1]/x", { timeout = 3000 }))
+  c:close()
+  T.eq(hosts, { "[::1]" })
+end)
+
 T.test("a paused connection is not dropped by its own ping: the peer is judged again after resume", function()
   local srv = echo_server({ ws_ping = 0 })
   local c = assert(ws.connect(srv:ws_url("/echo"), { ping_interval = 1, pong_timeout = 1 }))

@@ -4,6 +4,9 @@
 --   -- inside a task: waits until connected (or failed)
 --   local conn, err = ws.connect("wss://api.example.com/v1/realtime?model=x", {
 --     headers = { Authorization = "Bearer " .. key },  -- extra handshake headers
+--                                     -- (not Host, Upgrade, Connection nor a
+--                                     -- Sec-WebSocket-Key/-Version/-Extensions:
+--                                     -- the handshake's own; raises)
 --     ca_file = "/path/test-ca.pem",  -- extra trusted CAs (system store always on)
 --     timeout = 10000,                -- connect + handshake, ms
 --     ping_interval = 20,             -- s of silence before a ping; no pong within
