@@ -662,24 +662,32 @@ T.test("while the tunnel opens the API places no call (503 starting, Retry-After
   T.eq(p:wait(15000), 0, "the app's exit status")
 end)
 
-T.test("ngrok that exits while the app runs: calls pause (503 paused, retries wait), the tunnel opens again, calls go on", function()
+T.test("ngrok that exits while the app runs: calls pause (503 paused, retries wait, ringing calls canceled), the tunnel opens again, calls go on", function()
   local fetch = require "callagent.fetch"
   local timer = require "callagent.timer"
   local dir = T.tmpdir()
   local port = T.free_port()
   local base = "http://127.0.0.1:" .. port
-  local busy = 0
+  local busy, rang = 0, 0
   local tw = tunnel_twilio(base, function(call)
     if call.params.To == "+14155550174" then
       busy = busy + 1
       if busy == 1 then
         return { answer = "busy" }
       end
+    elseif call.params.To == "+14155550176" or call.params.To == "+14155550177" then
+      rang = rang + 1
+      if rang <= 2 then
+        -- Ringing as the tunnel dies: its final status goes to the dead URL.
+        -- The second's dial is answered after the tunnel died.
+        return { ring_ms = 60000, lost_callbacks = { completed = true },
+          create_delay_ms = call.params.To == "+14155550177" and 2000 or nil }
+      end
     end
     return { ring_ms = 60000 }
   end)
   local logfile = dir .. "/ngrok.log"
-  local held
+  local held = {}
   local app = {}
   app.p = T.spawn_app(nil, nil, {
     -- Any tunnel counts as one that lived long (reopened at once); one
@@ -692,7 +700,9 @@ T.test("ngrok that exits while the app runs: calls pause (503 paused, retries wa
     on_stderr = function(line)
       app.ready = app.ready or line:find("callagent ready", 1, true) and line
       app.again = app.again or line:find("tunnel open again", 1, true) and line
-      held = held or line:find("dial held", 1, true) and line
+      if line:find("dial held", 1, true) then
+        held[#held + 1] = line
+      end
     end,
   })
   local p = app.p
@@ -716,6 +726,20 @@ T.test("ngrok that exits while the app runs: calls pause (503 paused, retries wa
     local c = json.decode(assert(fetch(base .. "/v1/calls/" .. id)).body)
     return c.status == "queued" and c.attempts[1] and c.attempts[1].status == "busy"
   end, 5000, "the busy try over, its retry waiting")
+  -- A call ringing when the tunnel dies.
+  res = create("+14155550176")
+  T.eq(res.status, 201, res.body)
+  local ringing = json.decode(res.body).callId
+  T.wait_for(function()
+    return tw.calls[2] and tw.calls[2].status == "ringing"
+  end, 5000, "the second call ringing")
+  -- And one whose dial request is still on its way.
+  res = create("+14155550177")
+  T.eq(res.status, 201, res.body)
+  local placing = json.decode(res.body).callId
+  T.wait_for(function()
+    return tw.calls[3]
+  end, 5000, "the third call placed")
 
   assert(io.open(dir .. "/die", "w")):close() -- ngrok's session ends
   T.wait_for(function()
@@ -732,12 +756,35 @@ T.test("ngrok that exits while the app runs: calls pause (503 paused, retries wa
   T.match(e.message, "^calls are paused: the public tunnel is down %(ngrok exited %(status 1%): session closed by "
     .. "the remote")
   T.match(e.message, "send the call again in a moment$")
+  local function held_line(call_id)
+    for _, l in ipairs(held) do
+      if l:find("call=" .. call_id, 1, true) then
+        return l
+      end
+    end
+  end
   T.wait_for(function()
-    return held
+    return held_line(id)
   end, 6000, "the retry due while paused, held")
-  T.match(held, "call=" .. id)
+  -- The ringing call, whose callee would answer into webhooks that reach
+  -- nothing, was canceled; its attempt does not count, and it waits too.
+  T.eq(tw.calls[2].final, "canceled", "the ringing call canceled at the vendor")
+  local rec = json.decode(assert(fetch(base .. "/v1/calls/" .. ringing)).body)
+  T.eq({ rec.status, #rec.attempts, rec.attempts[1].status, rec.attempts[1].reason },
+    { "queued", 1, "canceled", "the public tunnel went down while it rang" })
+  T.ok(held_line(ringing), "the canceled call waits for the tunnel")
+  T.wait_for(function()
+    return tw.calls[3].final
+  end, 5000, "the call dialed as the tunnel died canceled")
+  T.eq(tw.calls[3].final, "canceled")
+  T.wait_for(function()
+    return held_line(placing)
+  end, 3000, "the call dialed as the tunnel died waits")
+  rec = json.decode(assert(fetch(base .. "/v1/calls/" .. placing)).body)
+  T.eq({ rec.status, #rec.attempts, rec.attempts[1].status, rec.attempts[1].reason },
+    { "queued", 1, "canceled", "the public tunnel went down while it rang" })
   timer.sleep(300)
-  T.eq(#tw.calls, 1, "not dialed while the tunnel is down")
+  T.eq(#tw.calls, 3, "not dialed while the tunnel is down")
 
   assert(io.open(dir .. "/back", "w")):close() -- the second ngrok's tunnel comes up
   T.wait_for(function()
@@ -752,10 +799,16 @@ T.test("ngrok that exits while the app runs: calls pause (503 paused, retries wa
   T.ne(urls[2], urls[1])
   T.match(app.again, "url=" .. urls[2]:gsub("%p", "%%%0"))
   T.wait_for(function()
-    return #tw.calls == 2
-  end, 5000, "the held retry dialed")
-  T.eq(tw.calls[2].params.To, "+14155550174")
-  T.eq(tw.calls[2].params.StatusCallback:sub(1, #urls[2] + 1), urls[2] .. "/", "with the new tunnel's URL")
+    return #tw.calls == 6
+  end, 5000, "the held retry and the canceled calls dialed")
+  local again = {}
+  for i = 4, 6 do
+    again[tw.calls[i].params.To] = true
+    T.eq(tw.calls[i].params.StatusCallback:sub(1, #urls[2] + 1), urls[2] .. "/", "with the new tunnel's URL")
+  end
+  T.eq(again, { ["+14155550174"] = true, ["+14155550176"] = true, ["+14155550177"] = true })
+  rec = json.decode(assert(fetch(base .. "/v1/calls/" .. ringing)).body)
+  T.eq({ rec.status, #rec.attempts, rec.attempts[2].status }, { "dialing", 2, "dialing" })
   res = create("+14155550175")
   T.eq(res.status, 201, res.body)
   T.ok(p:kill("SIGTERM"))

@@ -112,6 +112,32 @@ T.test("a call hung up through the API while its dial waits out a 429 is not dia
   T.eq({ call.status, #call.attempts, call.attempts[1].status, call.lastError }, { "canceled", 1, "canceled", nil })
 end, { timeout = 20000 })
 
+T.test("calls paused while a dial waits out a 429: nothing is sent, the attempt ends canceled, uncounted, and resume dials the call", function()
+  local env = kit.start({
+    twilio = { behaviour = { ring_ms = 30000 }, rate_limit = 1, retry_after = "1" },
+    config = { retry = { maxAttempts = 1 } },
+  })
+  local id = env:create({ to = "+14155550993", prompt = "Say hello." })
+  T.wait_for(function()
+    return env.tw._rate_limited == 1
+  end, 3000, "the 429")
+  env.app.engine:pause("the public tunnel is down (a test)") -- what the app does when its tunnel dies
+  local call = env:wait(id, function(r)
+    return r.status == "queued"
+  end, 3000, "the call waiting")
+  T.eq({ #call.attempts, call.attempts[1].status, call.attempts[1].reason },
+    { 1, "canceled", "the public tunnel went down before it was placed" })
+  timer.sleep(1200) -- past the Retry-After
+  T.eq(#env.tw.calls, 0, "nothing sent while paused")
+  env.app.engine:resume()
+  local c = assert(env.tw:wait_call(3000))
+  call = env:wait(id, function(r)
+    return r.attempts[2] and r.attempts[2].providerCallId ~= nil
+  end, 3000, "dialed again")
+  T.eq({ call.status, call.attempts[2].providerCallId }, { "dialing", c.sid },
+    "retry.maxAttempts 1: the canceled attempt did not count")
+end, { timeout = 20000 })
+
 T.test("a stop while a dial waits out a 429: the stop does not wait for it, nothing is dialed, the next start dials the call", function()
   local env = kit.start({
     twilio = { behaviour = { ring_ms = 30000 }, rate_limit = 1, retry_after = "4" },

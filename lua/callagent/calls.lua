@@ -402,6 +402,11 @@ end
 
 -- Dialing ------------------------------------------------------------------
 
+-- The reasons of an attempt the pause canceled (it is dialed again, and
+-- does not count against retry.maxAttempts).
+local RANG_AT_PAUSE = "the public tunnel went down while it rang"
+local UNSENT_AT_PAUSE = "the public tunnel went down before it was placed"
+
 function Engine:dial(id)
   local call = self.live[id]
   if not call or FINAL[call.status] or self.stopped then
@@ -462,6 +467,9 @@ function Engine:dial(id)
   if call.status ~= "dialing" or call.attempt ~= n then
     return -- answered or canceled meanwhile
   end
+  if not res and attempt._unsent_at_pause then
+    return self:_hold_canceled(call, n, UNSENT_AT_PAUSE) -- not sent: the tunnel went down (dial_wanted)
+  end
   if not res then
     log.warn("dialing failed", { call = id, attempt = n, error = err })
     err = error_text(err)
@@ -484,6 +492,11 @@ function Engine:dial(id)
       task.spawn(self._ring_timeout, self, call, n)
     end
   end)
+  if self.paused then
+    -- Placed while the tunnel went down: its webhooks reach nothing.
+    task.spawn(self._cancel_at_pause, self, call, n)
+    return true
+  end
   -- The model session opens while the phone rings: at the answer, the
   -- greeting need not wait for its connection and setup.
   if self.config.openai.connectWhileRinging then
@@ -502,10 +515,70 @@ function Engine:_close_warm(key)
 end
 
 --- Pauses dialing (reason: why, for the log and the API): dials wait,
--- queued, until resume(). The app pauses while its tunnel is down.
+-- queued, until resume(). The app pauses while its tunnel is down. Calls
+-- ringing now were placed with webhooks that reach nothing: a callee who
+-- answered would hear the vendor's error message. They are canceled, and
+-- wait with the others (_cancel_at_pause).
 function Engine:pause(reason)
+  local was = self.paused
   self.paused = reason
   self.held, self.held_set = self.held or {}, self.held_set or {}
+  if was then
+    return
+  end
+  for _, call in pairs(self.live) do
+    local a = call.attempts[call.attempt]
+    if a and a.status == "dialing" and call.status == "dialing" and a.providerCallId and not a._placing then
+      task.spawn(self._cancel_at_pause, self, call, a.n)
+    end
+  end
+end
+
+-- Attempt n rings with webhooks that reach nothing (the tunnel is down): it
+-- is canceled at the vendor and ends canceled, and the call waits for the
+-- tunnel (_hold_canceled). One the vendor had ended already, or whose cancel
+-- failed, is left to its ring timeout, which asks the vendor how it went.
+function Engine:_cancel_at_pause(call, n)
+  local a = call.attempts[n]
+  if not (a and a.status == "dialing" and call.attempt == n and a.providerCallId) or call._cancel_requested
+    or self.stopped then
+    return
+  end
+  log.info("the tunnel is down: canceling a ringing call, to dial it again once it is back",
+    { call = call.id, attempt = n })
+  call._pause_cancel = n -- its canceled status holds it (_attempt_final)
+  local ok, err, how = self:_provider_end(self:call_view(call.id), a)
+  if call._pause_cancel == n then
+    call._pause_cancel = nil
+  end
+  if not ok then
+    log.warn("the cancel of a ringing call failed; it rings on", { call = call.id, attempt = n, error = err })
+    return
+  end
+  if type(how) == "table" and how.ended then
+    return -- over at the vendor before the cancel: its status, or the ring timeout, ends it
+  end
+  -- The vendor's canceled status went to the dead tunnel: ended here.
+  if a.status == "dialing" and call.attempt == n and not call._cancel_requested and not self.stopped then
+    self:_hold_canceled(call, n, RANG_AT_PAUSE)
+  end
+end
+
+-- Attempt n ends canceled because of the pause (why), uncounted, and the
+-- call waits for the tunnel with the others (dial).
+function Engine:_hold_canceled(call, n, why)
+  local a = call.attempts[n]
+  self:_cancel_timer(call.id .. "#dial")
+  self:_close_warm(call.id .. "#" .. n)
+  a.status, a.endedAt, a.reason = "canceled", iso(), why
+  log.info("attempt ended", { call = call.id, attempt = n, status = "canceled", reason = why })
+  self:_set_status(call, "queued", nil, function()
+    self.store:update_attempt(call.id, n, { status = a.status, endedAt = a.endedAt, reason = a.reason,
+      providerCallId = a.providerCallId })
+  end)
+  task.spawn(function()
+    self:dial(call.id)
+  end)
 end
 
 --- Dials what waited, in the order it came.
@@ -537,6 +610,10 @@ function Engine:dial_wanted(id, n)
   end
   if self.stopped then
     a._unsent_at_stop = true
+    return false
+  end
+  if self.paused then
+    a._unsent_at_pause = true
     return false
   end
   return true
@@ -1249,6 +1326,12 @@ function Engine:_attempt_final(call, n, status, reason, err)
     -- The stop's own cancel of a ringing call: dialed again by the next start.
     return self:_requeue_at_stop(call, n, RANG_AT_STOP)
   end
+  if call._pause_cancel == n and status == "canceled" and not answered and not call._cancel_requested
+    and not self.closed and not self.stopped then
+    call._pause_cancel = nil
+    self:_hold_canceled(call, n, RANG_AT_PAUSE)
+    return true
+  end
   local b = self.bridges[call.id .. "#" .. n]
   if b and not b.ended then
     b:finish(b.end_reason or reason)
@@ -1301,8 +1384,8 @@ end
 local function none() end
 
 -- How many of attempts 1..n were made: its last one and the count. Those a
--- stop canceled while they rang (the only canceled attempts a call goes on
--- after) do not count: they are dialed again.
+-- stop or a pause canceled while they rang (the only canceled attempts a
+-- call goes on after) do not count: they are dialed again.
 local function attempts_made(call, n)
   local made, last = 0, nil
   for i = 1, n or 0 do
