@@ -205,6 +205,32 @@ end)
   T.match(p.errtext(), "espeak%-ng's speech could not be used")
 end)
 
+T.test("an espeak-ng run that hangs is killed after its wait, and the sessions chime", function()
+  local dir = T.tmpdir()
+  local f = assert(io.open(dir .. "/espeak-ng", "w"))
+  f:write("#!/bin/sh\necho $$ > '" .. dir .. "/pid'\nexec sleep 30\n")
+  f:close()
+  os.execute("chmod +x '" .. dir .. "/espeak-ng'")
+  f = assert(io.open(dir .. "/app.lua", "w"))
+  f:write([[
+local standin, task, runtime = require "callagent.standin", require "callagent.task", require "callagent.runtime"
+standin.ESPEAK_WAIT_MS = 300
+task.spawn(function()
+  print(#standin.speech("This phrase never comes."))
+  runtime.exit(0)
+end)
+]])
+  f:close()
+  local code, _, p = T.run_app(dir .. "/app.lua", nil, { env = { PATH = dir .. ":" .. os.getenv("PATH") }, timeout = 10000 })
+  T.eq(code, 0, p.text() .. p.errtext())
+  T.ok(tonumber(p.out[1] or "") and tonumber(p.out[1]) > 0, "a chime: " .. p.text())
+  T.match(p.errtext(), "espeak%-ng's speech could not be used; it will chime instead error=\"espeak%-ng took more than 0%.3 s\"")
+  local pid = assert(tonumber(assert(io.open(dir .. "/pid")):read("l")), "espeak-ng's pid")
+  T.wait_for(function()
+    return not io.open("/proc/" .. pid .. "/stat")
+  end, 2000, "the hung espeak-ng gone")
+end)
+
 -- A server with the stand-in and one session that has its key.
 local function session()
   local ws = require "callagent.ws"

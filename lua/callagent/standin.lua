@@ -73,14 +73,23 @@ local function chime(ms)
   return table.concat(out)
 end
 
--- espeak-ng's speech for text as 24 kHz PCM, or nil when it is not there
--- (or failed).
+-- How long an espeak-ng run may take (a field, so that a test can shorten it).
+M.ESPEAK_WAIT_MS = 15000
+
+-- espeak-ng's speech for text as 24 kHz PCM; nil when it is not there, or
+-- nil, why when it failed.
 local function espeak(text)
   local file = os.tmpname()
   local p = process.spawn({ "espeak-ng", "-v", "en-us", "-s", "165", "-w", file, text, on_stdout = false, on_stderr = false })
-  local wav
+  local wav, why
   if p then
-    local code = p:wait(15000)
+    local code, sig = p:wait(M.ESPEAK_WAIT_MS)
+    if code == nil and not p.done then
+      p:kill("SIGKILL") -- hung: not left running until callagent exits
+      why = string.format("espeak-ng took more than %g s", M.ESPEAK_WAIT_MS / 1000)
+    elseif code ~= 0 then
+      why = "espeak-ng " .. (code and ("exited " .. code) or ("was killed by " .. tostring(sig)))
+    end
     local f = code == 0 and io.open(file, "rb")
     if f then
       wav = f:read("a")
@@ -89,7 +98,10 @@ local function espeak(text)
   end
   os.remove(file)
   local data = wav and wav:find("data", 1, true)
-  return data and to_24k(wav:sub(data + 8)) or nil
+  if data then
+    return to_24k(wav:sub(data + 8))
+  end
+  return nil, p and (why or "espeak-ng wrote no WAV data") or nil
 end
 
 --- 24 kHz PCM for text (inside a task: espeak-ng runs as a child process).
@@ -106,9 +118,10 @@ function M.speech(text)
   -- Under pcall: an error (no temporary file to be had, a WAV with an odd
   -- byte) must not leave making[text] set, or every session after it
   -- would wait for this phrase for ever. It chimes instead.
-  local ok, pcm = pcall(espeak, text)
-  if not ok then
-    log.warn("stand-in model: espeak-ng's speech could not be used; it will chime instead", { error = tostring(pcm) })
+  local ok, pcm, why = pcall(espeak, text)
+  if not ok or why then
+    log.warn("stand-in model: espeak-ng's speech could not be used; it will chime instead",
+      { error = tostring(ok and why or pcm) })
     pcm = nil
   elseif not pcm and not M.warned then
     M.warned = true
