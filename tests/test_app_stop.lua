@@ -207,4 +207,69 @@ T.test("hang-ups that take the grace period, and a tunnel slow to close: the sto
   T.ok(store_closed and store_closed < runtime.grace_ms, "the store closed within the grace: " .. tostring(store_closed))
 end, { timeout = 30000 })
 
+-- An app whose start finds a notification not yet delivered, sending to a
+-- receiver that answers as `answer` does, stops itself 500 ms later and
+-- ends its script: how long the program then takes to exit.
+local function exit_after_stop(answer)
+  local hooks = T.server({}, function(srv)
+    srv:post("/hooks/agent", answer)
+  end)
+  local dir = T.tmpdir()
+  local store_mod = require "callagent.store"
+  local store = assert(store_mod.open({ backend = "sqlite", path = dir .. "/c.db", retentionDays = 30 }))
+  assert(store:add_notification("c_1:completed", "c_1", "{}"))
+  store:close()
+  local p = T.spawn_app(nil, nil, { source = [[
+local callagent = require "callagent"
+local task = require "callagent.task"
+local timer = require "callagent.timer"
+local app = assert(callagent.app({
+  telephony = { provider = "mock" },
+  server = { port = 0 },
+  openai = { apiKey = "sk-unused", realtimeUrl = "ws://127.0.0.1:9/v1/realtime" },
+  store = { backend = "sqlite", path = ]] .. string.format("%q", dir .. "/c.db") .. [[ },
+  notify = { hooksUrl = ]] .. string.format("%q", hooks:url("/hooks")) .. [[, hooksToken = "hooks-token" },
+}, { no_shutdown_hook = true, notify = { timeout_ms = 30000 } }))
+task.spawn(function()
+  assert(app:start())
+  timer.sleep(500)
+  app:stop()
+  print("stopped")
+end)
+]] })
+  T.wait_for(function()
+    return p.text():find("stopped", 1, true) ~= nil
+  end, 10000, "the app stopped: " .. p.errtext())
+  local t0 = timer.now()
+  local code = p:wait(5000)
+  return code, timer.now() - t0, p
+end
+
+T.test("a stop leaves no notification retry waiting its turn: the program exits at once, not at the retry", function()
+  -- 503 with Retry-After: 30: the second try was 30 s away, and its timer
+  -- kept the program running until then, the app long stopped.
+  local tries = 0
+  local code, took, p = exit_after_stop(function()
+    tries = tries + 1
+    return 503, { error = "later" }, { ["Retry-After"] = "30" }
+  end)
+  T.eq(code, 0, "exited within 5 s of the stop: " .. p.errtext())
+  T.lt(took, 2000)
+  T.eq(tries, 1)
+  T.no_match(p.errtext(), "ERROR")
+end, { timeout = 30000 })
+
+T.test("a stop leaves no notification request on its way: past the stop's wait for its answer it is canceled", function()
+  -- A receiver that holds the request: it went on until its timeout (30 s
+  -- here), and kept the program running as long.
+  local code, took, p = exit_after_stop(function()
+    timer.sleep(20000)
+    return 200, { ok = true }
+  end)
+  T.eq(code, 0, "exited within 5 s of the stop: " .. p.errtext())
+  T.lt(took, 2000)
+  T.match(p.errtext(), "notifications still on their way at the stop")
+  T.no_match(p.errtext(), "ERROR")
+end, { timeout = 40000 })
+
 T.run()

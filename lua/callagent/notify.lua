@@ -53,6 +53,11 @@ function M.new(cfg, store, opts)
     ran_outs = 0,
     stats = { pages = 0, most_rows = 0 }, -- backlog reads: pages, the most rows one returned
     requests = 0, -- requests waiting for their answer (drain)
+    -- What stop() ends, so that nothing of the notifier keeps the program
+    -- running after it: the requests on their way (fetch handles), and
+    -- the retries waiting their turn (task.wait_in's list).
+    on_way = {},
+    sleepers = {},
   }, Notifier)
 end
 
@@ -183,6 +188,19 @@ local MAX_RETRY_AFTER_MS = 60000
 -- left the sweep under way for good (self.walking), and no later one ran.
 local store_call = require("callagent.store").call
 
+-- fetch(opts.url, opts), its handle in on_way while it is on its way, so
+-- that stop() can cancel it.
+function Notifier:_post(opts)
+  local req
+  local res, err = task.await(function(done)
+    req = fetch.request(opts, done)
+    self.on_way[req] = true
+  end)
+  self.on_way[req] = nil
+  task.pace() -- as fetch() does: answers come in bursts too
+  return res, err
+end
+
 -- Delivers one notification, with its retries (in a task; in_flight[key] set).
 -- Returns whether the receiver answered for good (delivered, or refused).
 function Notifier:_deliver(key, body)
@@ -198,7 +216,8 @@ function Notifier:_deliver(key, body)
       return
     end
     self.requests = self.requests + 1
-    local res, err = fetch(target, {
+    local res, err = self:_post({
+      url = target,
       method = "POST",
       body = body,
       timeout = self.timeout_ms,
@@ -264,7 +283,7 @@ function Notifier:_deliver(key, body)
         wait = math.max(wait, math.min(tonumber(after) * 1000, MAX_RETRY_AFTER_MS))
       end
       log.warn("notification failed; retrying", { key = key, error = why, try = try, retry_in_ms = wait })
-      timer.sleep(wait)
+      task.wait_in(self.sleepers, wait) -- stop() ends the wait
       delay = delay * 2
     else
       log.error("notification failed; out of tries: the next sweep sends it again", { key = key, error = why,
@@ -291,11 +310,25 @@ end
 
 --- No more sending: sends in flight end without touching the store (it is
 -- about to close); what they had not delivered stays pending for resume().
+-- They end now: a retry waiting its turn (up to a minute, with a
+-- Retry-After) and a request still on its way (up to timeout_ms) kept a
+-- program that had stopped its app running until then.
 function Notifier:stop()
   self.stopped = true
   if self.sweep_timer then
     self.sweep_timer:stop()
     self.sweep_timer = nil
+  end
+  local sleepers, reqs = self.sleepers, {}
+  self.sleepers = {}
+  for req in pairs(self.on_way) do
+    reqs[#reqs + 1] = req
+  end
+  for _, wake in ipairs(sleepers) do
+    wake()
+  end
+  for _, req in ipairs(reqs) do
+    req:cancel()
   end
 end
 
