@@ -413,6 +413,35 @@ T.test("keys pressed while the model connection opens reach it, before the greet
   T.ok(s.greeting and s.key_at and s.greeting.at >= s.key_at, "the greeting came after it")
 end, { timeout = 40000 })
 
+T.test("a model whose connection takes 1.5 s, opened while the phone rings: the greeting is asked for as the stream starts", function()
+  local tw = assert(require("fakes.twilio").start({ account_sid = kit.ACCOUNT, auth_token = kit.TOKEN,
+    behaviour = { ring_ms = 2500 } }))
+  local rt = assert(require("fakes.realtime").start({
+    api_key = kit.API_KEY,
+    script = function(session)
+      session.greeting = session:wait_event("response.create", 8000)
+      session:report_and_goodbye({ summary = "Greeted.", outcome = "success" }, { ms = 100, text = "Bye." })
+    end,
+  }))
+  T.defer(function()
+    tw:close()
+    rt:close()
+  end)
+  local p, api = kit.app_process(tw, rt, { slow_model = true }) -- its name takes 1.5 s to resolve
+  T.defer(function()
+    p:kill("SIGKILL")
+  end)
+  local id = api:create({ to = "+14155550120", prompt = "Greet." })
+  local call = api:wait_final(id, 20000)
+  T.eq(call.status, "completed")
+  local s, c = rt.sessions[1], tw.calls[1]
+  T.eq(#rt.sessions, 1)
+  T.lt(s.opened_at, c.answered_at, "the session opened while it rang")
+  local wait = s.greeting.at - c.stream_started_at
+  T.diag(string.format("greeting asked for %.0f ms after the stream's start", wait))
+  T.lt(wait, 1000, "not after the model's 1.5 s connection")
+end, { timeout = 40000 })
+
 T.test("model audio that comes before the phone's stream is kept and played first once it starts", function()
   local early = string.rep("\1\2\3\4", 600) -- 300 ms of mu-law
   local env = kit.start({
