@@ -171,3 +171,18 @@ T.test("a first stream message over 256 KiB is closed with 1009 and logged; the 
 end, { timeout = 20000 })
 
 T.run()
+
+T.test("an app starts once: a second app:start() (or one after app:stop()) is refused, and the first server goes on", function()
+  local env = kit.start()
+  local ok, err = env.app:start()
+  T.eq({ ok, err }, { nil, "this app is started already" })
+  local res = assert(fetch(env.base .. "/healthz"))
+  T.eq(res.status, 200, "the first server still answers")
+  local port = env.app.server.port
+  env.app:stop()
+  ok, err = env.app:start()
+  T.eq({ ok, err }, { nil, "this app was stopped: make a new one to start again" })
+  T.eq(env.app.server.port, port, "no second server")
+  local _, ferr = fetch(env.base .. "/healthz", { timeout = 1000 })
+  T.ok(ferr, "nothing listens after the stop")
+end)

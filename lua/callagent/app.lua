@@ -359,6 +359,12 @@ function App:start()
   if not coroutine.isyieldable() then
     error("app:start() must run inside a task (task.spawn): it may wait for the store and a tunnel", 2)
   end
+  -- A second store and server over the first ones, which stop() would then
+  -- never close. A stopped app is not started again either: make a new one.
+  if self.starting or self.started or self.stopped then
+    return nil, self.stopped and "this app was stopped: make a new one to start again"
+      or "this app is started already"
+  end
   -- From here on a signal stops the app as app:stop() does, a start under
   -- way included: without a hook then, the runtime stopped the loop at once,
   -- with the tunnel opening (a published Funnel never undone).
