@@ -273,3 +273,31 @@ T.test("a stop leaves no notification request on its way: past the stop's wait f
 end, { timeout = 40000 })
 
 T.run()
+
+T.test("an app stopped, or whose start failed, leaves no shutdown handler behind: the program keeps none of them", function()
+  local busy = T.server({}, function() end) -- its port: where the failing app cannot listen
+  local p = T.spawn_app(nil, nil, { source = [[
+local callagent = require "callagent"
+local task = require "callagent.task"
+local runtime = require "callagent.runtime"
+local function cfg(port)
+  return { telephony = { provider = "mock" }, server = { host = "127.0.0.1", port = port },
+    openai = { apiKey = "sk-unused", realtimeUrl = "ws://127.0.0.1:9/v1/realtime" }, store = { backend = "memory" } }
+end
+task.spawn(function()
+  for _ = 1, 3 do
+    local app = assert(callagent.app(cfg(0)))
+    assert(app:start())
+    app:stop()
+  end
+  local bad = assert(callagent.app(cfg(]] .. busy.port .. [[)))
+  print("bad start:", (select(2, bad:start())))
+  local live = assert(callagent.app(cfg(0)))
+  assert(live:start())
+  runtime.shutdown(0, "done")
+end)
+]] })
+  T.eq(p:wait(10000), 0, p.errtext())
+  T.match(p.text(), "bad start:%s+%S")
+  T.match(p.errtext(), "shutting down handlers=1 reason=done", "only the live app's")
+end, { timeout = 20000 })

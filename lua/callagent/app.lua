@@ -384,6 +384,9 @@ function App:start()
     local _ <close> = setmetatable({}, { __close = function()
       self.starting = nil
       self.started = ok and true or nil
+      if not ok then
+        self:_drop_shutdown_hook() -- a failed app is not kept for the program's life
+      end
       for _, wake in ipairs(starting.waiters) do
         wake()
       end
@@ -795,10 +798,20 @@ function App:stop()
   if reopen and reopen.waiters and task.running() then
     task.wait_in(reopen.waiters, math.max(1, stop_at + runtime.grace_ms - timer.now()))
   end
+  self:_drop_shutdown_hook()
   local waiters = self.stop_waiters
   self.stop_waiters = nil
   for _, wake in ipairs(waiters) do
     wake()
+  end
+end
+
+-- The runtime's shutdown no longer stops this app (it stopped, or its start
+-- failed): its handler, which holds the app, is dropped.
+function App:_drop_shutdown_hook()
+  if self.shutdown_hook then
+    runtime.off_shutdown(self.shutdown_hook)
+    self.shutdown_hook = nil
   end
 end
 

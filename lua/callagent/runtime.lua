@@ -3,6 +3,7 @@
 --   runtime.version, runtime.root       callagent's version; the folder holding lua/ and providers/
 --   runtime.on_shutdown(fn)             fn(reason) runs (in a task) when the program is
 --                                       asked to stop; may wait for I/O
+--   runtime.off_shutdown(fn)            fn no longer runs at the shutdown
 --   runtime.shutdown([code], [reason])  graceful stop: run the shutdown handlers (at most
 --                                       runtime.grace_ms, default 10000), then end with code
 --   runtime.stop([code])                end the loop now (after the current callback)
@@ -42,6 +43,16 @@ function M.on_shutdown(fn)
   assert(type(fn) == "function", "on_shutdown needs a function")
   handlers[#handlers + 1] = fn
   return fn
+end
+
+--- fn (given to on_shutdown) no longer runs at the shutdown: an app that
+-- stopped, or failed to start, is not kept alive by its handler.
+function M.off_shutdown(fn)
+  for i = #handlers, 1, -1 do
+    if handlers[i] == fn then
+      table.remove(handlers, i)
+    end
+  end
 end
 
 function M.shutting_down()
