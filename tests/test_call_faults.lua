@@ -418,7 +418,8 @@ end, { timeout = 30000 })
 
 T.test("a model that refuses the session (bad key) fails the call and hangs up", function()
   local env = kit.start({
-    config = { openai = { apiKey = "sk-wrong-key" }, retry = { maxAttempts = 1 } },
+    -- Opened at the answer (one opened while it rings cancels the ring: test_call_model).
+    config = { openai = { apiKey = "sk-wrong-key", connectWhileRinging = false }, retry = { maxAttempts = 1 } },
   })
   local id = env:create({ to = "+14155550124", prompt = "Say hello." })
   local call = env:wait_final(id, 20000)

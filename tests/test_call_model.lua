@@ -57,7 +57,8 @@ end, { timeout = 40000 })
 T.test("a session.updated with other audio formats than asked fails the call: no noise played, no garbled input", function()
   local env = kit.start({
     realtime = { keep_formats = true },
-    config = { retry = { maxAttempts = 1 } },
+    -- Opened at the answer (one opened while it rings cancels the ring: below).
+    config = { retry = { maxAttempts = 1 }, openai = { connectWhileRinging = false } },
   })
   local id = env:create({ to = "+14155550172", prompt = "Say hello." })
   local call = env:wait_final(id, 15000)
@@ -767,6 +768,31 @@ T.test("an attempt that ends while it rings closes the model session opened for 
   T.lt(s1.closed_at, env.tw.calls[2].statuses[1].at, "closed before the retry was dialed")
   T.gt(s2.input_bytes, 0, "the answered attempt talked on its own")
   T.eq(call.lastError, nil, "a session closed unused is no error of the call")
+end, { timeout = 40000 })
+
+T.test("a model that refuses the session while the phone rings (key, formats): the ring is canceled, the call fails, no retry", function()
+  for _, case in ipairs({
+    { what = "a bad key", config = { apiKey = "sk-wrong-key" }, err = "^model refused the session: invalid_api_key: " },
+    { what = "other formats", realtime = { keep_formats = true },
+      err = "^model session has other audio formats than asked: input audio/pcm %(asked audio/pcmu%)" },
+  }) do
+    local env = kit.start({
+      config = { retry = { maxAttempts = 3, initialDelayMs = 100 }, openai = case.config },
+      twilio = { behaviour = { ring_ms = 5000 } },
+      realtime = case.realtime,
+    })
+    local id = env:create({ to = "+14155550189", prompt = "Say hello." })
+    local call = env:wait_final(id, 10000)
+    local c = env.tw.calls[1]
+    T.eq({ call.status, call.endReason, #call.attempts, call.attempts[1].status },
+      { "failed", "model_error", 1, "failed" }, case.what .. ": not retried")
+    T.match(call.lastError, case.err, case.what)
+    T.eq({ c.final, c.answered_at }, { "canceled", nil }, case.what .. ": the ring canceled, never answered")
+    T.lt(c.ended_at - c.statuses[1].at, 2000, case.what .. ": canceled at once, not at the ring's end")
+    timer.sleep(300)
+    T.eq(#env.tw.calls, 1, case.what .. ": dialed once")
+    env:close()
+  end
 end, { timeout = 40000 })
 
 T.test("a stop while the phone rings closes the model session opened for it", function()

@@ -239,14 +239,21 @@ end
 -- A model session opened while the phone rings (attempt n of call), for the
 -- bridge to take over at the answer (Bridge:start_model). Until then it only
 -- waits: audio and responses start with the bridge. One that fails meanwhile
--- (refused, rate limited, closed, not confirmed within SESSION_READY_MS) is
--- dropped, and the bridge connects at the answer as it would without it:
--- the call's faults stay the answered call's, told as they always are.
+-- (rate limited, closed, not confirmed within SESSION_READY_MS) is dropped,
+-- and the bridge connects at the answer as it would without it. One the
+-- service refuses for good - the same session would be refused at the answer:
+-- the key or the model (HTTP 401, 403 or 404 at the upgrade, an error such as
+-- invalid_api_key or model_not_found before session.updated), the session's
+-- fields, its audio formats - is told to engine:warm_refused(w, why), which
+-- cancels the ringing call: nobody is to answer into silence.
 local Warm = {}
 Warm.__index = Warm
 
+local REFUSED_CODES = { invalid_api_key = true, model_not_found = true, unknown_parameter = true,
+  invalid_value = true, missing_required_parameter = true, beta_api_shape_disabled = true }
+
 function M.warm(engine, call, n)
-  local w = setmetatable({ call_id = call.id, attempt = n }, Warm)
+  local w = setmetatable({ engine = engine, call_id = call.id, attempt = n }, Warm)
   local fields = { call = call.id, attempt = n }
   local opts = session_opts(engine, call, fields)
   opts.on_open = function()
@@ -257,21 +264,34 @@ function M.warm(engine, call, n)
   end
   opts.on_ready = function(_, ev)
     w:_stop_ready()
+    local mismatch = realtime.format_mismatch(engine.config.openai, type(ev) == "table" and ev.session)
+    if mismatch then
+      return w:_refused("model session has other audio formats than asked: " .. mismatch)
+    end
     w.ready_ev = ev
   end
-  opts.on_event = function(_, ev)
+  opts.on_event = function(rt, ev)
     if ev.type == "error" then
       local e = obj(ev.error)
-      w:_drop("error " .. tostring(text(e.code) or text(e.type)) .. ": " .. tostring(text(e.message)))
+      local code, why = text(e.code), tostring(text(e.code) or text(e.type)) .. ": " .. tostring(text(e.message))
+      if not rt.ready and REFUSED_CODES[code] then
+        return w:_refused("model refused the session: " .. why)
+      end
+      w:_drop("error " .. why)
     end
   end
   opts.on_close = function(_, code, reason)
     w:_stop_ready()
-    if w.rt then
-      w.rt = nil
-      log.info("model session opened while ringing was lost: connecting at the answer",
-        { call = w.call_id, attempt = w.attempt, code = code, reason = reason })
+    if not w.rt then
+      return
     end
+    local status = not code and tostring(reason):match("^EHANDSHAKE: server answered HTTP (%d+) ")
+    if status == "401" or status == "403" or status == "404" or not code and tostring(reason):find("^ESESSION:") then
+      return w:_refused("model connection failed: " .. tostring(reason))
+    end
+    w.rt = nil
+    log.info("model session opened while ringing was lost: connecting at the answer",
+      { call = w.call_id, attempt = w.attempt, code = code, reason = reason })
   end
   w.rt = realtime.session(engine.config.openai, opts)
   w.rt:connect()
@@ -293,6 +313,16 @@ function Warm:_drop(why)
   log.info("model session opened while ringing dropped: connecting at the answer",
     { call = self.call_id, attempt = self.attempt, reason = why })
   self:close()
+end
+
+function Warm:_refused(why)
+  if not self.rt then
+    return
+  end
+  log.warn("model refused the session while the phone rang", { call = self.call_id, attempt = self.attempt,
+    reason = why })
+  self:close()
+  self.engine:warm_refused(self, why)
 end
 
 --- The session, and its session.updated event if it came; nil when it

@@ -505,6 +505,35 @@ function Engine:dial(id)
   return true
 end
 
+--- The model refused attempt n's session while it rang (bridge.warm), for
+-- good: the same session would be refused at the answer, and the callee
+-- would answer into silence. The ringing call is canceled; the attempt ends
+-- failed (model_error), why in lastError, and the call is not retried (a
+-- retry would be refused alike).
+function Engine:warm_refused(w, why)
+  local key = w.call_id .. "#" .. w.attempt
+  if self.warm[key] == w then
+    self.warm[key] = nil
+  end
+  local call = self.live[w.call_id]
+  local a = call and call.attempts[w.attempt]
+  if not a or a.status ~= "dialing" or call.attempt ~= w.attempt or a._voiced or call._cancel_requested
+    or self.stopped or self.paused then
+    return -- answered meanwhile (its bridge connects, and is refused as any), ended, or being ended
+  end
+  log.warn("canceling the ringing call: the model refused its session", { call = call.id, attempt = a.n })
+  call._model_refused = a.n -- its canceled status ends it failed (_attempt_final)
+  call._end_reason = call._end_reason or "model_error"
+  a._no_retry = true
+  why = error_text(why)
+  call.lastError = why
+  self:_save(call, { lastError = why })
+  self.emit("error", call.id, why)
+  self:_end_in_task(call.id, a, function()
+    self:_cancel_retrying(call.id, a)
+  end)
+end
+
 -- Closes attempt key's model session opened while it rang, if nobody took it.
 function Engine:_close_warm(key)
   local w = self.warm[key]
@@ -1321,6 +1350,9 @@ function Engine:_attempt_final(call, n, status, reason, err)
     return false
   end
   local answered = a.status == "in_progress" or a.answeredAt ~= nil
+  if status == "canceled" and call._model_refused == n and not answered and not call._cancel_requested then
+    status = "failed" -- canceled because the model refused its session (warm_refused)
+  end
   if call._stop_cancel == n and status == "canceled" and not answered and not call._cancel_requested
     and not self.closed then
     -- The stop's own cancel of a ringing call: dialed again by the next start.
