@@ -850,6 +850,40 @@ T.test("a model session refused while the phone rings is no fault of the call: a
   end
 end, { timeout = 60000 })
 
+T.test("a ring longer than the session limit can spare: the session opened while it rang is not taken over, and the call keeps its whole maxDurationSec", function()
+  -- sessionMaxSec 10, wrapUpSec and goodbyeTimeoutSec 2: the session's
+  -- wrap-up comes 3 s after its open; maxDurationSec 2 leaves 1 s of it to
+  -- spare. A session open 1.5 s when the phone is answered would wrap the
+  -- call up 1.5 s after the answer, before its 2 s.
+  local env = kit.start({
+    config = { retry = { maxAttempts = 1 }, openai = { sessionMaxSec = 10 },
+      call = { maxDurationSec = 2, wrapUpSec = 2, goodbyeTimeoutSec = 2 } },
+    twilio = { behaviour = { answer = true, ring_ms = 1500 } },
+    realtime = {
+      script = function(session)
+        if not session:wait_event("response.create", 10000) then
+          return
+        end
+        session:speak({ ms = 200, text = "Hello." })
+        session.wrap = session:wait_event("conversation.item.create", 5000)
+        assert(session:wait_event("response.create", 5000), "the wrap-up's response")
+        session:report_and_goodbye({ summary = "Out of time.", outcome = "success" }, { ms = 200, text = "Bye." })
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550195", prompt = "Talk forever." })
+  local call = env:wait_final(id, 20000)
+  local c = env.tw.calls[1]
+  T.eq({ call.status, call.report and call.report.summary }, { "completed", "Out of time." })
+  T.eq(call.lastError, "maximum call duration reached (2 s)", "not the session limit's")
+  T.eq(#env.rt.sessions, 2, "the one opened while it rang, and the answer's")
+  local s1, s2 = env.rt.sessions[1], env.rt.sessions[2]
+  T.lt(s1.opened_at, c.answered_at, "opened while it rang")
+  T.eq({ s1.closed and s1.closed.code, s1.input_bytes, #s1.response_creates }, { 1000, 0, 0 }, "closed unused")
+  T.ge(s2.opened_at, c.answered_at, "the call's session opened at the answer")
+  T.ge(s2.wrap.at - c.answered_at, 1900, "wrapped up at maxDurationSec after the answer")
+end, { timeout = 30000 })
+
 T.test("the callee hangs up while the model session is still opening: lastError says so; a hang-up through the API then does not", function()
   for _, how in ipairs({ "callee", "api" }) do
     local env = kit.start({

@@ -87,6 +87,15 @@ function M.session_wrap_up_ms(cfg)
   return left - math.min(SESSION_MARGIN_MS, left // 2)
 end
 
+-- How long a session opened while the phone rang (M.warm) may have been open
+-- at the answer and still leave the call its whole call.maxDurationSec before
+-- the session's wrap-up (which counts from the session's open): one open
+-- longer is not taken over, so that a long ring does not shorten the call.
+-- Zero or less (a session limit shorter than the call's): none ever is.
+function M.warm_spare_ms(cfg)
+  return M.session_wrap_up_ms(cfg) - cfg.call.maxDurationSec * 1000
+end
+
 function M.new(engine, call, attempt)
   local cfg = engine.config
   local self = setmetatable({
@@ -180,7 +189,7 @@ function Bridge:start_model(warm)
   }
   local ready_ev
   if warm then
-    rt, ready_ev = warm:take()
+    rt, ready_ev = warm:take(self.cfg)
   end
   if rt then
     for k, f in pairs(handlers) do
@@ -326,12 +335,20 @@ function Warm:_refused(why)
 end
 
 --- The session, and its session.updated event if it came; nil when it
--- failed or was taken already.
-function Warm:take()
+-- failed, was taken already, or has been open too long for the call's time
+-- (M.warm_spare_ms of cfg: then it is closed).
+function Warm:take(cfg)
   local rt = self.rt
   self:_stop_ready()
   self.rt = nil
   if not rt or rt.closed then
+    return nil
+  end
+  local open_ms = rt.t_open and timer.now() - rt.t_open or 0
+  if open_ms > M.warm_spare_ms(cfg) then
+    log.info("model session opened while ringing is too old for the call's time: connecting at the answer",
+      { call = self.call_id, attempt = self.attempt, open_ms = math.floor(open_ms) })
+    rt:close()
     return nil
   end
   return rt, self.ready_ev

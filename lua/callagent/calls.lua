@@ -498,8 +498,9 @@ function Engine:dial(id)
     return true
   end
   -- The model session opens while the phone rings: at the answer, the
-  -- greeting need not wait for its connection and setup.
-  if self.config.openai.connectWhileRinging then
+  -- greeting need not wait for its connection and setup. Not where it could
+  -- never be taken over (bridge.warm_spare_ms).
+  if self.config.openai.connectWhileRinging and bridge_mod.warm_spare_ms(self.config) > 0 then
     self.warm[id .. "#" .. n] = bridge_mod.warm(self, call, n)
   end
   return true
