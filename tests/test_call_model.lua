@@ -832,6 +832,8 @@ T.test("a model session refused while the phone rings is no fault of the call: a
       env.app.config.openai.realtimeUrl = front
     end
     local id = env:create({ to = "+14155550198", prompt = "Say hello." })
+    -- The refusal's line, read as it comes (its time read is after the refusal).
+    local early = poll and poll(1)[1]
     local call = env:wait_final(id, 30000)
     completed_with_ann(call)
     T.eq(call.lastError, nil, how .. ": nothing went wrong for the call")
@@ -843,6 +845,8 @@ T.test("a model session refused while the phone rings is no fault of the call: a
       T.ok(env.rt.sessions[1].closed, "the refused one was closed")
     else
       T.eq(#poll(2), 2, "the refused upgrade and the answer's connection")
+      T.eq(early and early[1], "refused")
+      T.lt(early and early[2], c.answered_at, "refused while the phone rang")
     end
     T.ge(talked.opened_at, c.answered_at, how .. ": the session that talked opened at the answer")
     T.gt(talked.input_bytes, 0)
