@@ -282,7 +282,8 @@ function M.warm(engine, call, n)
   opts.on_event = function(rt, ev)
     if ev.type == "error" then
       local e = obj(ev.error)
-      local code, why = text(e.code), tostring(text(e.code) or text(e.type)) .. ": " .. tostring(text(e.message))
+      local code = text(e.code)
+      local why = (code or text(e.type) or "no code") .. ": " .. (text(e.message) or "no message")
       if not rt.ready and REFUSED_CODES[code] then
         return w:_refused("model refused the session: " .. why)
       end
