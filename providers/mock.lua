@@ -34,6 +34,7 @@ local P = {
 }
 
 local RING_EXTRA_MS = 0
+local FINAL = { completed = true, busy = true, no_answer = true, failed = true, canceled = true }
 
 function P:init(ctx)
   self.cfg = ctx.config
@@ -322,9 +323,12 @@ function P:registerRoutes(srv)
     elseif entry.expires < timer.now() or a.status ~= "dialing" then
       link = "expired"
     end
+    -- A call over (failed, say: its model refused the session while it
+    -- rang) says why, as the page's end does for an answered one.
     return 200, { callId = entry.call_id, attempt = entry.attempt, link = link, attemptStatus = a.status,
       status = v.status, nextAttemptAt = v.status == "queued" and v.nextAttemptAt or nil, to = v.to,
-      calleeName = v.calleeName, callerName = v.callerName }
+      calleeName = v.calleeName, callerName = v.callerName,
+      lastError = link == "expired" and v.status ~= "completed" and FINAL[v.status] and v.lastError or nil }
   end)
 
   srv:get("/mock/api/call/{id}", function(req)

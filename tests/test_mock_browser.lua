@@ -573,9 +573,8 @@ T.test("reloaded mid-call: the call is hung up as the callee's, and the reloaded
   T.match(r.reload.problem, "^This call link was already used: the call was answered from it")
 end, { timeout = 40000 })
 
-T.test("the model refuses callagent's key: the call fails, and the page shows callagent's why", function()
-  need_tools()
-  local wav = callee_wav()
+-- An app whose model refuses its key; connect_early: openai.connectWhileRinging.
+local function refusing_model_app(connect_early)
   local rt = assert(fake_rt.start({ api_key = API_KEY }))
   T.defer(function()
     rt:close()
@@ -583,7 +582,8 @@ T.test("the model refuses callagent's key: the call fails, and the page shows ca
   local app = assert(callagent.app({
     telephony = { provider = "mock" },
     server = { host = "127.0.0.1", port = 0 },
-    openai = { apiKey = "sk-revoked-key-0123456789", realtimeUrl = rt.url, outputFormat = "audio/pcmu" },
+    openai = { apiKey = "sk-revoked-key-0123456789", realtimeUrl = rt.url, outputFormat = "audio/pcmu",
+      connectWhileRinging = connect_early },
     store = { backend = "memory" },
     call = { ringTimeoutSec = 30 },
   }, { no_shutdown_hook = true }))
@@ -591,6 +591,33 @@ T.test("the model refuses callagent's key: the call fails, and the page shows ca
   T.defer(function()
     app:stop()
   end)
+  return app
+end
+
+T.test("the model refuses callagent's key while the page rings: the ring is canceled, and the page shows callagent's why", function()
+  need_tools()
+  local wav = callee_wav()
+  local app = refusing_model_app(true)
+  local view = assert(app:create_call({ to = "+14155550191", prompt = "Talk." }))
+  T.wait_for(function()
+    return app.engine:call_view(view.callId).status == "failed"
+  end, 5000, "the call failed while it rang")
+  local v = app.engine:call_view(view.callId)
+  T.eq({ v.endReason, v.attempts[1].answeredAt }, { "model_error", nil })
+  local r, code, err = node({ "browser/drive.mjs", view.hint, wav, ROOT .. "/tests/artifacts/mock-phone-model-refused-ringing.png",
+    "--no-report", "--timeout=15000" }, 30000)
+  T.ok(r, "drive.mjs printed no JSON (exit " .. tostring(code) .. "): " .. err)
+  T.eq({ r.ok, r.stats and r.stats.state }, { false, "error" }, "nothing to answer")
+  T.eq(r.problem, "This call stopped ringing before it was answered: the link has expired. callagent says: "
+    .. v.lastError .. " Start a new call to get a new link.")
+  T.match(v.lastError, "^model refused the session: invalid_api_key: ")
+  T.no_match(r.problem, "revoked", "not the key")
+end, { timeout = 40000 })
+
+T.test("the model refuses callagent's key at the answer: the call fails, and the page shows callagent's why", function()
+  need_tools()
+  local wav = callee_wav()
+  local app = refusing_model_app(false)
   local view = assert(app:create_call({ to = "+14155550190", prompt = "Talk." }))
   local r, code, err = node({ "browser/drive.mjs", view.hint, wav, ROOT .. "/tests/artifacts/mock-phone-model-refused.png",
     "--no-report", "--timeout=15000" }, 30000)

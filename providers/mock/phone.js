@@ -872,7 +872,7 @@ async function ringCheck() {
     } else if (body.link === "declined") {
       fail(`This call was declined from this link, so it cannot be answered: each link answers one call once. ${nextLink(body)}`);
     } else if (body.link !== "ringing") {
-      fail(`This call stopped ringing before it was answered: the link has expired. ${nextLink(body)}`);
+      fail(`This call stopped ringing before it was answered: the link has expired.${saysWhy(body)} ${nextLink(body)}`);
     } else {
       showRing(body);
       ringTimer = setTimeout(ringCheck, 500);
@@ -893,6 +893,12 @@ async function ringCheck() {
 // Where a link that can do nothing more sends the page: the call's next
 // attempt rings under a link of its own (the call's hint has it), or a new
 // call is needed.
+// Why a call that stopped ringing is over, in callagent's words (its model
+// refused the session while it rang, say), or "".
+function saysWhy(v) {
+  return typeof v.lastError === "string" && v.lastError ? ` callagent says: ${v.lastError}` : "";
+}
+
 function nextLink(v) {
   const hint = `the call's hint (GET /v1/calls/${v.callId}) has it.`;
   if (v.status === "queued") {
@@ -951,7 +957,7 @@ function stoppedRinging(v) {
   setState("stopped", banner);
   const note = $("end-reason");
   if (FINAL.has(v.status)) {
-    note.textContent = `The call ended: ${STATUS_TEXT[v.status] || v.status}.`;
+    note.textContent = `The call ended: ${STATUS_TEXT[v.status] || v.status}.${saysWhy(v)}`;
     note.hidden = false;
   } else if (v.link !== "answered" && (v.status === "queued" || FINAL.has(v.attemptStatus))) {
     // This attempt is over and the call is not: it rings again (or rings
