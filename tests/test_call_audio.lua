@@ -380,25 +380,29 @@ T.test("key presses get a reply (one after a run of keys, at once on #) and end 
   end
 end, { timeout = 40000 })
 
-T.test("keys pressed while the model connection opens reach it, before the greeting", function()
-  local tw = assert(require("fakes.twilio").start({ account_sid = kit.ACCOUNT, auth_token = kit.TOKEN }))
-  local rt = assert(require("fakes.realtime").start({
-    api_key = kit.API_KEY,
-    script = function(session)
-      local key = session:wait_event("conversation.item.create", 5000)
-      session.key = key and key.item.content[1].text
-      session.key_at = key and key.at
-      session.greeting = session:wait_event("response.create", 5000)
-      session:report_and_goodbye({ summary = "Key heard.", outcome = "success" }, { ms = 100, text = "Bye." })
-    end,
-  }))
+-- The fake model (script per session) and an app process whose model's
+-- name takes 1.5 s to resolve (slow DNS): rt, the app's API.
+local function slow_model_app(tw, script)
+  local rt = assert(require("fakes.realtime").start({ api_key = kit.API_KEY, script = script }))
   T.defer(function()
     tw:close()
     rt:close()
   end)
-  local p, api = kit.app_process(tw, rt, { slow_model = true }) -- its name takes 1.5 s to resolve
+  local p, api = kit.app_process(tw, rt, { slow_model = true })
   T.defer(function()
     p:kill("SIGKILL")
+  end)
+  return rt, api
+end
+
+T.test("keys pressed while the model connection opens reach it, before the greeting", function()
+  local tw = assert(require("fakes.twilio").start({ account_sid = kit.ACCOUNT, auth_token = kit.TOKEN }))
+  local rt, api = slow_model_app(tw, function(session)
+    local key = session:wait_event("conversation.item.create", 5000)
+    session.key = key and key.item.content[1].text
+    session.key_at = key and key.at
+    session.greeting = session:wait_event("response.create", 5000)
+    session:report_and_goodbye({ summary = "Key heard.", outcome = "success" }, { ms = 100, text = "Bye." })
   end)
   local id = api:create({ to = "+14155550119", prompt = "Listen." })
   local c = assert(tw:wait_call(5000))
@@ -416,20 +420,9 @@ end, { timeout = 40000 })
 T.test("a model whose connection takes 1.5 s, opened while the phone rings: the greeting is asked for as the stream starts", function()
   local tw = assert(require("fakes.twilio").start({ account_sid = kit.ACCOUNT, auth_token = kit.TOKEN,
     behaviour = { ring_ms = 2500 } }))
-  local rt = assert(require("fakes.realtime").start({
-    api_key = kit.API_KEY,
-    script = function(session)
-      session.greeting = session:wait_event("response.create", 8000)
-      session:report_and_goodbye({ summary = "Greeted.", outcome = "success" }, { ms = 100, text = "Bye." })
-    end,
-  }))
-  T.defer(function()
-    tw:close()
-    rt:close()
-  end)
-  local p, api = kit.app_process(tw, rt, { slow_model = true }) -- its name takes 1.5 s to resolve
-  T.defer(function()
-    p:kill("SIGKILL")
+  local rt, api = slow_model_app(tw, function(session)
+    session.greeting = session:wait_event("response.create", 8000)
+    session:report_and_goodbye({ summary = "Greeted.", outcome = "success" }, { ms = 100, text = "Bye." })
   end)
   local id = api:create({ to = "+14155550120", prompt = "Greet." })
   local call = api:wait_final(id, 20000)

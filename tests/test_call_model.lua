@@ -249,6 +249,13 @@ local function talk_with_ann(session)
   session:report_and_goodbye({ summary = "Ann.", outcome = "success" }, { ms = 200, text = "Bye." })
 end
 
+-- talk_with_ann once the greeting is asked for (a session never asked ends).
+local function ann_when_asked(session)
+  if session:wait_event("response.create", 10000) then
+    talk_with_ann(session)
+  end
+end
+
 local function completed_with_ann(call)
   T.eq({ call.status, call.endReason, call.report and call.report.summary }, { "completed", "completed", "Ann." },
     tostring(call.lastError))
@@ -709,11 +716,7 @@ T.test("the model session opens while the phone rings, and the answered call tal
       config = { retry = { maxAttempts = 1 }, openai = { connectWhileRinging = early } },
       twilio = { behaviour = { answer = true, ring_ms = 600 } },
       realtime = {
-        script = function(session)
-          if session:wait_event("response.create", 10000) then
-            talk_with_ann(session)
-          end
-        end,
+        script = ann_when_asked,
       },
     })
     local id = env:create({ to = "+14155550196", prompt = "Say hello." })
@@ -731,7 +734,6 @@ T.test("the model session opens while the phone rings, and the answered call tal
       T.ge(s.opened_at, c.answered_at, "openai.connectWhileRinging false: opened at the answer")
     end
     T.gt(s.input_bytes, 0, "the phone's audio went to it")
-    T.eq(#s.response_creates >= 1 and s.events[1].type, "session.update", "one session.update, first")
     local updates = 0
     for _, e in ipairs(s.events) do
       updates = updates + (e.type == "session.update" and 1 or 0)
@@ -750,11 +752,7 @@ T.test("an attempt that ends while it rings closes the model session opened for 
       return dialed == 1 and { answer = "busy", ring_ms = 400 } or { answer = true, ring_ms = 300 }
     end },
     realtime = {
-      script = function(session)
-        if session:wait_event("response.create", 10000) then
-          talk_with_ann(session)
-        end
-      end,
+      script = ann_when_asked,
     },
   })
   local id = env:create({ to = "+14155550197", prompt = "Say hello." })
@@ -818,11 +816,7 @@ T.test("a model session refused while the phone rings is no fault of the call: a
         refuse_update = how == "rate_limit"
           and { "rate_limit_exceeded", "Rate limit reached for sessions. Please try again in 0.2s.", sessions = 1 }
           or nil,
-        script = function(session)
-          if session:wait_event("response.create", 10000) then
-            talk_with_ann(session)
-          end
-        end,
+        script = ann_when_asked,
       },
     })
     local poll
