@@ -817,6 +817,66 @@ T.test("ngrok that exits while the app runs: calls pause (503 paused, retries wa
   T.eq(grep(read_lines(logfile), "^end pid=" .. pid .. " signal=(%S+)$"), "SIGTERM", "the second ngrok was stopped")
 end, { timeout = 60000 })
 
+T.test("a dial on its way while the tunnel dies and opens again is canceled once placed (its webhooks name the dead tunnel), and dialed again under the new URL", function()
+  local fetch = require "callagent.fetch"
+  local dir = T.tmpdir()
+  local port = T.free_port()
+  local base = "http://127.0.0.1:" .. port
+  local n = 0
+  local tw = tunnel_twilio(base, function()
+    n = n + 1
+    -- The first dial's answer comes once the tunnel has died and opened again.
+    return { ring_ms = 60000, create_delay_ms = n == 1 and 2500 or nil }
+  end)
+  local logfile = dir .. "/ngrok.log"
+  local app = {}
+  app.p = T.spawn_app(nil, nil, {
+    source = 'require("callagent.app").TUNNEL_STABLE_MS = 0\n' .. APP:gsub("port = 0", "port = " .. port)
+      :gsub('fromNumber = "%+15550001111"', '%0, apiBaseUrl = "' .. tw.url .. '"'),
+    env = app_env(bindir({ "ngrok" }), logfile, { FAKE_NGROK_CONTROL = dir }),
+    on_stderr = function(line)
+      app.ready = app.ready or line:find("callagent ready", 1, true) and line
+      app.again = app.again or line:find("tunnel open again", 1, true) and line
+    end,
+  })
+  local p = app.p
+  T.wait_for(function()
+    return app.ready or p.done
+  end, 15000, "callagent ready")
+  T.ok(app.ready, p.errtext())
+  local res = assert(fetch(base .. "/v1/calls", { method = "POST", body = json.encode({ to = "+14155550178",
+    prompt = "Talk." }), headers = { ["Content-Type"] = "application/json" } }))
+  T.eq(res.status, 201, res.body)
+  local id = json.decode(res.body).callId
+  T.wait_for(function()
+    return tw.calls[1]
+  end, 3000, "the dial on its way")
+  assert(io.open(dir .. "/back", "w")):close() -- the next ngrok's tunnel comes up at once
+  assert(io.open(dir .. "/die", "w")):close()
+  T.wait_for(function()
+    return app.again or p.done
+  end, 5000, "the tunnel open again")
+  T.eq(tw.calls[1].final, nil, "the dial's answer has not come yet")
+  T.wait_for(function()
+    return tw.calls[1].final
+  end, 5000, "the call placed with the dead tunnel's URL canceled")
+  T.eq(tw.calls[1].final, "canceled")
+  T.wait_for(function()
+    return tw.calls[2]
+  end, 3000, "the call dialed again")
+  local urls = {}
+  for _, l in ipairs(read_lines(logfile)) do
+    urls[#urls + 1] = l:match("^tunnel pid=%d+ url=(%S+)")
+  end
+  T.eq(#urls, 2, "ngrok started again")
+  T.eq(tw.calls[1].params.StatusCallback:sub(1, #urls[1] + 1), urls[1] .. "/", "the first dial had the dead URL")
+  T.eq(tw.calls[2].params.StatusCallback:sub(1, #urls[2] + 1), urls[2] .. "/", "dialed again with the new URL")
+  local rec = json.decode(assert(fetch(base .. "/v1/calls/" .. id)).body)
+  T.eq({ rec.status, #rec.attempts, rec.attempts[1].status, rec.attempts[1].reason },
+    { "dialing", 2, "canceled", "the public tunnel went down while it rang" })
+  T.ok(p:kill("SIGTERM"))
+  T.eq(p:wait(15000), 0, "the app's exit status")
+end, { timeout = 30000 })
 T.test("SIGTERM while the tunnel that died opens again: the app exits at once, and the new ngrok is stopped", function()
   local dir = T.tmpdir()
   local logfile = dir .. "/ngrok.log"

@@ -434,6 +434,10 @@ function Engine:dial(id)
     self.store:add_attempt(id, attempt)
   end)
   attempt._placing = true
+  -- A pause that comes while the request is on its way, even one over by
+  -- its answer (the tunnel died and opened again under a new URL): the call
+  -- was placed with the dead tunnel's webhooks.
+  local pauses = self.pauses
   self:_busy(1) -- a stop waits for the dial's answer (see _placed_while_stopping)
   -- A provider's error is the attempt's, not a call left dialing for good.
   local res, err, how = self:_provider("startCall", self:call_view(id), self.public_url(), self.local_url())
@@ -492,7 +496,7 @@ function Engine:dial(id)
       task.spawn(self._ring_timeout, self, call, n)
     end
   end)
-  if self.paused then
+  if self.paused or self.pauses ~= pauses then
     -- Placed while the tunnel went down: its webhooks reach nothing.
     task.spawn(self._cancel_at_pause, self, call, n)
     return true
@@ -556,6 +560,7 @@ function Engine:pause(reason)
   if was then
     return
   end
+  self.pauses = (self.pauses or 0) + 1 -- a dial on its way sees it (dial)
   for _, call in pairs(self.live) do
     local a = call.attempts[call.attempt]
     if a and a.status == "dialing" and call.status == "dialing" and a.providerCallId and not a._placing then
