@@ -368,13 +368,21 @@ function P:endCall(_, attempt)
   end
   local o = request(self, 10000)
   o.method = "POST"
-  o.body = "Status=" .. ((attempt.status == "in_progress") and "completed" or "canceled")
+  local cancel = attempt.status ~= "in_progress"
+  o.body = "Status=" .. (cancel and "canceled" or "completed")
   o.headers = { ["Content-Type"] = "application/x-www-form-urlencoded" }
   local res, err = fetch(calls_url(self, sid), o)
   if not res or res.status >= 300 then
     local e = rest_error(res, err)
     log.warn("twilio hang-up failed", { sid = sid, error = e })
     return nil, e
+  end
+  -- A cancel leaves an answered call up (Twilio answers with the call, its
+  -- status in-progress): the engine is told (its answered callback may not
+  -- have come, nor ever come: the tunnel died).
+  local body = cancel and json.try_decode(res.body)
+  if type(body) == "table" and body.status == "in-progress" then
+    return true, nil, { answered = true }
   end
   return true
 end

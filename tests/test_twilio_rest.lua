@@ -138,6 +138,32 @@ T.test("calls paused while a dial waits out a 429: nothing is sent, the attempt 
     "retry.maxAttempts 1: the canceled attempt did not count")
 end, { timeout = 20000 })
 
+T.test("a ringing call answered before the tunnel's cancel came (its answered callback and voice webhook lost) is hung up as answered, ends failed no_stream, and is not dialed again", function()
+  local env = kit.start({
+    twilio = { behaviour = { answer = true, ring_ms = 100, lost_callbacks = { answered = true, completed = true },
+      voice_delay_ms = 5000 } },
+  })
+  local id = env:create({ to = "+14155550994", prompt = "Say hello." })
+  local c = assert(env.tw:wait_call(3000))
+  T.wait_for(function()
+    return c.answered_at
+  end, 3000, "the callee answers")
+  env.app.engine:pause("the public tunnel is down (a test)") -- what the app does when its tunnel dies
+  local call = env:wait(id, function(r)
+    return r.status ~= "dialing" and r.status ~= "in_progress"
+  end, 3000, "the call over")
+  T.eq({ call.status, call.endReason, #call.attempts, call.attempts[1].status, call.attempts[1].answeredAt ~= nil,
+    call.lastError }, { "failed", "no_stream", 1, "failed", true,
+    "answered while the public tunnel was down: its voice webhook reached nothing" })
+  T.wait_for(function()
+    return c.final
+  end, 3000, "the answered call hung up")
+  T.eq({ c.final, c.end_reason }, { "completed", "api" })
+  env.app.engine:resume()
+  timer.sleep(300)
+  T.eq(#env.tw.calls, 1, "the callee who answered is not called again")
+end, { timeout = 20000 })
+
 T.test("a stop while a dial waits out a 429: the stop does not wait for it, nothing is dialed, the next start dials the call", function()
   local env = kit.start({
     twilio = { behaviour = { ring_ms = 30000 }, rate_limit = 1, retry_after = "4" },

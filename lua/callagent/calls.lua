@@ -593,10 +593,39 @@ function Engine:_cancel_at_pause(call, n)
   if type(how) == "table" and how.ended then
     return -- over at the vendor before the cancel: its status, or the ring timeout, ends it
   end
+  if type(how) == "table" and how.answered then
+    return self:_answered_at_pause(call, n)
+  end
   -- The vendor's canceled status went to the dead tunnel: ended here.
   if a.status == "dialing" and call.attempt == n and not call._cancel_requested and not self.stopped then
     self:_hold_canceled(call, n, RANG_AT_PAUSE)
   end
+end
+
+-- Attempt n was answered before the pause's cancel came (a vendor whose
+-- cancel leaves an answered call up says so: Twilio): its voice webhook went
+-- to the dead tunnel, so nobody talks to the callee. The callee picked up
+-- once: it is hung up as answered and ends failed (no_stream), not dialed
+-- again.
+function Engine:_answered_at_pause(call, n)
+  local a = call.attempts[n]
+  if call.attempt ~= n or FINAL[a.status] or self.stopped then
+    return
+  end
+  if a.status == "dialing" then
+    self:provider_status(call.id, n, { status = "in_progress", raw = "(the provider's answer to the cancel)" })
+  end
+  if a.status ~= "in_progress" or call.attempt ~= n or self.bridges[call.id .. "#" .. n] then
+    return -- its stream came after all
+  end
+  log.warn("a ringing call was answered before the tunnel's cancel came: hanging it up", { call = call.id,
+    attempt = n })
+  local why = "answered while the public tunnel was down: its voice webhook reached nothing"
+  call._end_reason = call._end_reason or "no_stream"
+  call.lastError = why
+  self:_save(call, { lastError = why })
+  self:_end_in_task(call.id, { n = n, providerCallId = a.providerCallId, status = "in_progress" })
+  self:_attempt_final(call, n, "completed", why)
 end
 
 -- Attempt n ends canceled because of the pause (why), uncounted, and the
