@@ -793,6 +793,28 @@ T.test("a model that refuses the session while the phone rings (key, formats): t
   end
 end, { timeout = 40000 })
 
+T.test("a ring the model's refusal canceled, then the tunnel's (its canceled status lost): the call fails model_error, not dialed again", function()
+  local env = kit.start({
+    config = { retry = { maxAttempts = 3, initialDelayMs = 100 }, openai = { apiKey = "sk-wrong-key" } },
+    twilio = { behaviour = { ring_ms = 5000, lost_callbacks = { completed = true }, update_delay_ms = 500 } },
+  })
+  local id = env:create({ to = "+14155550198", prompt = "Say hello." })
+  local c = assert(env.tw:wait_call(3000))
+  T.wait_for(function()
+    return #c.updates >= 1
+  end, 5000, "the ring canceled for the model's refusal")
+  env.app.engine:pause("the public tunnel is down (a test)") -- what the app does when its tunnel dies
+  local call = env:wait(id, function(r)
+    return r.status ~= "dialing"
+  end, 3000, "the attempt over")
+  T.eq({ call.status, call.endReason, #call.attempts, call.attempts[1].status },
+    { "failed", "model_error", 1, "failed" }, "not retried")
+  T.match(call.lastError, "^model refused the session: invalid_api_key: ")
+  env.app.engine:resume()
+  timer.sleep(300)
+  T.eq(#env.tw.calls, 1, "dialed once")
+end, { timeout = 20000 })
+
 T.test("a stop while the phone rings closes the model session opened for it", function()
   local env = kit.start({ twilio = { behaviour = { ring_ms = 30000 } } })
   local id = env:create({ to = "+14155550199", prompt = "Say hello." })

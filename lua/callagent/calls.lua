@@ -598,6 +598,11 @@ function Engine:_cancel_at_pause(call, n)
   end
   -- The vendor's canceled status went to the dead tunnel: ended here.
   if a.status == "dialing" and call.attempt == n and not call._cancel_requested and not self.stopped then
+    if call._model_refused == n then
+      -- Canceled for the model's refusal as well (warm_refused): it ends
+      -- failed, not retried, as that cancel's status would have ended it.
+      return self:_attempt_final(call, n, "canceled", "canceled: the model refused its session")
+    end
     self:_hold_canceled(call, n, RANG_AT_PAUSE)
   end
 end
