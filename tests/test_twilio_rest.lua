@@ -192,6 +192,29 @@ T.test("a stop while a dial waits out a 429: the stop does not wait for it, noth
   T.eq({ rec.attempt, rec.attempts[1].status, rec.attempts[1].reason }, { 2, "canceled", "callagent stopped while dialing" })
 end, { timeout = 20000 })
 
+T.test("a ringing call answered before the stop's cancel came (its answered callback lost, its voice webhook slow) is hung up as answered, not dialed again by the next start", function()
+  local env = kit.start({
+    twilio = { behaviour = { answer = true, ring_ms = 100, lost_callbacks = { answered = true }, voice_delay_ms = 5000 } },
+  })
+  local id = env:create({ to = "+14155550995", prompt = "Say hello." })
+  local c = assert(env.tw:wait_call(3000))
+  T.wait_for(function()
+    return c.answered_at
+  end, 3000, "the callee answers")
+  env.app:stop()
+  T.eq({ c.final, c.end_reason }, { "completed", "api" }, "hung up as answered")
+  local cfg = env.app.config
+  local app2 = assert(callagent.app(cfg, { public_url = function(u) return u end, no_shutdown_hook = true }))
+  assert(app2:start())
+  T.defer(function()
+    app2:stop()
+  end)
+  timer.sleep(500)
+  T.eq(#env.tw.calls, 1, "the callee who answered is not called again")
+  local rec = app2.engine:call_view(id) or {}
+  T.eq({ rec.status, rec.attempt, rec.endReason }, { "failed", 1, "shutdown" })
+end, { timeout = 20000 })
+
 T.test("a retry Twilio refuses for good ends the call failed with that refusal, notified once, with no third attempt", function()
   local n = 0
   local env = kit.start({

@@ -1997,6 +1997,12 @@ function Engine:shutdown(deadline_ms)
       if ok and type(how) == "table" and how.ended then
         entry.ended_there = true -- over before the cancel (_end_hung_up)
       end
+      if ok and entry.ringing and type(how) == "table" and how.answered then
+        -- Answered before the cancel came, its answered status not come
+        -- (Twilio's cancel leaves the call up and says so): hung up as
+        -- answered below, not queued again.
+        self:_answered_at_stop(entry)
+      end
       if ok and entry.ringing then
         self:_rang_at_stop(entry)
       end
@@ -2022,6 +2028,15 @@ function Engine:shutdown(deadline_ms)
         hangups_left = #todo - next_one, in_flight = self.busy, waited_ms = deadline_ms })
     end
     self:_end_hung_up(todo, math.min(SHUTDOWN_FINAL_WAIT_MS, (deadline_ms or math.huge) - (timer.now() - started)))
+  end
+end
+
+-- A ringing call the vendor says was answered before the stop's cancel:
+-- in progress now, as its answered status would have made it.
+function Engine:_answered_at_stop(entry)
+  local call, a = self.live[entry[1].callId], entry[2]
+  if call and call.attempt == a.n and a.status == "dialing" and not self.closed then
+    self:provider_status(call.id, a.n, { status = "in_progress", raw = "(the provider's answer to the cancel)" })
   end
 end
 
