@@ -164,6 +164,31 @@ T.test("a ringing call answered before the tunnel's cancel came (its answered ca
   T.eq(#env.tw.calls, 1, "the callee who answered is not called again")
 end, { timeout = 20000 })
 
+T.test("the tunnel's cancel of a ringing call taken by Twilio, its answer and the check after it lost: the ring timeout finds it canceled and the call waits, not ended canceled", function()
+  local env = kit.start({
+    twilio = { behaviour = { ring_ms = 30000, lost_callbacks = { completed = true }, update_answer_lost_times = 1,
+      get_fail_times = 1 } },
+    config = { retry = { maxAttempts = 1 }, call = { ringTimeoutSec = 1, statusGraceSec = 1 } },
+  })
+  local id = env:create({ to = "+14155550996", prompt = "Say hello." })
+  local c = assert(env.tw:wait_call(3000))
+  T.wait_for(function()
+    return c.status == "ringing" and env.app.engine:call_view(id).attempts[1].providerCallId
+  end, 3000, "ringing")
+  env.app.engine:pause("the public tunnel is down (a test)") -- what the app does when its tunnel dies
+  local call = env:wait(id, function(r)
+    return r.status ~= "dialing"
+  end, 5000, "the ring timeout")
+  T.eq(c.final, "canceled", "canceled at the vendor")
+  T.eq({ call.status, #call.attempts, call.attempts[1].status, call.attempts[1].reason },
+    { "queued", 1, "canceled", "the public tunnel went down while it rang" })
+  env.app.engine:resume()
+  call = env:wait(id, function(r)
+    return r.attempts[2] and r.attempts[2].providerCallId ~= nil
+  end, 3000, "dialed again")
+  T.eq(#env.tw.calls, 2)
+end, { timeout = 20000 })
+
 T.test("a stop while a dial waits out a 429: the stop does not wait for it, nothing is dialed, the next start dials the call", function()
   local env = kit.start({
     twilio = { behaviour = { ring_ms = 30000 }, rate_limit = 1, retry_after = "4" },

@@ -583,7 +583,9 @@ function Engine:_cancel_at_pause(call, n)
     { call = call.id, attempt = n })
   call._pause_cancel = n -- its canceled status holds it (_attempt_final)
   local ok, err, how = self:_provider_end(self:call_view(call.id), a)
-  if call._pause_cancel == n then
+  if ok and call._pause_cancel == n then
+    -- Kept after a failed cancel: the vendor may have taken it all the same
+    -- (its answer lost), and the ring timeout then finds it canceled.
     call._pause_cancel = nil
   end
   if not ok then

@@ -76,7 +76,9 @@
 --   this call only; voice_delay_ms (the voice webhook this long after the
 --   answer, as over a slow link); callback_delay_ms (each status callback
 --   sent this much later, one after the other); get_delay_ms (GET of the
---   call answered this late).
+--   call answered this late); update_answer_lost_times (the first n updates
+--   are applied but answered 502, as an answer lost on its way);
+--   get_fail_times (the first n GETs of the call answered 503).
 --
 -- Call flow (a task per call): initiated, ringing (not for failed), then
 --   busy/no-answer/failed, or answered: in-progress, POST (Method) the Url with
@@ -1192,6 +1194,10 @@ function Fake:_update(req)
   if update_delay then
     timer.sleep(update_delay)
   end
+  local lost = call.behaviour.update_answer_lost_times
+  if lost and #call.updates <= lost then
+    return twilio_error(502, 20500, "Bad Gateway") -- applied, but the answer did not make it back
+  end
   return 200, call:resource()
 end
 
@@ -1202,6 +1208,10 @@ function Fake:_get(req)
   end
   if call.behaviour.get_delay_ms then
     timer.sleep(call.behaviour.get_delay_ms) -- answered with the call as it is then
+  end
+  call.gets = (call.gets or 0) + 1
+  if call.behaviour.get_fail_times and call.gets <= call.behaviour.get_fail_times then
+    return twilio_error(503, 20500, "Service Unavailable")
   end
   return 200, call:resource()
 end
