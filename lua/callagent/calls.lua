@@ -579,7 +579,7 @@ function Engine:_cancel_at_pause(call, n)
     or self.stopped then
     return
   end
-  log.info("the tunnel is down: canceling a ringing call, to dial it again once it is back",
+  log.info("canceling a ringing call placed with the dead tunnel's URL, to dial it again once a tunnel is up",
     { call = call.id, attempt = n })
   call._pause_cancel = n -- its canceled status holds it (_attempt_final)
   local ok, err, how = self:_provider_end(self:call_view(call.id), a)
