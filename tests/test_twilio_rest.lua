@@ -94,15 +94,22 @@ T.test("a dial still answered 429 after two more tries fails with 20429, and the
 end)
 
 
-T.test("a call hung up through the API while its dial waits out a 429 is not dialed: Twilio gets no second request", function()
+-- A ringing-to-be call whose first dial Twilio answers 429 (Retry-After:
+-- after seconds): env and the call's id, once the 429 came.
+local function rate_limited_dial(to, after)
   local env = kit.start({
-    twilio = { behaviour = { ring_ms = 30000 }, rate_limit = 1, retry_after = "2" },
+    twilio = { behaviour = { ring_ms = 30000 }, rate_limit = 1, retry_after = after },
     config = { retry = { maxAttempts = 1 } },
   })
-  local id = env:create({ to = "+14155550995", prompt = "Say hello." })
+  local id = env:create({ to = to, prompt = "Say hello." })
   T.wait_for(function()
     return env.tw._rate_limited == 1
   end, 3000, "the 429")
+  return env, id
+end
+
+T.test("a call hung up through the API while its dial waits out a 429 is not dialed: Twilio gets no second request", function()
+  local env, id = rate_limited_dial("+14155550995", "2")
   T.eq((env:api("POST", "/v1/calls/" .. id .. "/hangup")), 202)
   local call = env:wait_final(id, 3000)
   T.eq({ call.status, call.endReason }, { "canceled", "canceled by API" })
@@ -113,14 +120,7 @@ T.test("a call hung up through the API while its dial waits out a 429 is not dia
 end, { timeout = 20000 })
 
 T.test("calls paused while a dial waits out a 429: nothing is sent, the attempt ends canceled, uncounted, and resume dials the call", function()
-  local env = kit.start({
-    twilio = { behaviour = { ring_ms = 30000 }, rate_limit = 1, retry_after = "1" },
-    config = { retry = { maxAttempts = 1 } },
-  })
-  local id = env:create({ to = "+14155550993", prompt = "Say hello." })
-  T.wait_for(function()
-    return env.tw._rate_limited == 1
-  end, 3000, "the 429")
+  local env, id = rate_limited_dial("+14155550993", "1")
   env.app.engine:pause("the public tunnel is down (a test)") -- what the app does when its tunnel dies
   local call = env:wait(id, function(r)
     return r.status == "queued"
@@ -190,14 +190,7 @@ T.test("the tunnel's cancel of a ringing call taken by Twilio, its answer and th
 end, { timeout = 20000 })
 
 T.test("a stop while a dial waits out a 429: the stop does not wait for it, nothing is dialed, the next start dials the call", function()
-  local env = kit.start({
-    twilio = { behaviour = { ring_ms = 30000 }, rate_limit = 1, retry_after = "4" },
-    config = { retry = { maxAttempts = 1 } },
-  })
-  local id = env:create({ to = "+14155550994", prompt = "Say hello." })
-  T.wait_for(function()
-    return env.tw._rate_limited == 1
-  end, 3000, "the 429")
+  local env, id = rate_limited_dial("+14155550994", "4")
   local t0 = timer.now()
   env.app:stop()
   T.lt(timer.now() - t0, 1500, "the stop waited out the Retry-After")
