@@ -48,13 +48,8 @@ T.test("a call whose dial was on its way when the app stopped is hung up, and di
   end, 5000, "the ringing call canceled at Twilio (it is " .. tostring(placed.status) .. ")")
   T.eq(#errs, 0, table.concat(errs, "\n"))
   -- The next start dials the call again.
-  local cfg = env.app.config
-  local app2 = assert(callagent.app(cfg, { public_url = function(u) return u end, no_shutdown_hook = true }))
-  assert(app2:start())
-  T.defer(function()
-    app2:stop()
-  end)
-  T.eq(cfg.store.path, db)
+  local app2 = env:next_start()
+  T.eq(env.app.config.store.path, db)
   T.wait_for(function()
     return #env.tw.calls == 2
   end, 5000, "dialed again by the next start")

@@ -7,7 +7,6 @@ local T = require "testing"
 local kit = require "callkit"
 local timer = require "callagent.timer"
 local task = require "callagent.task"
-local callagent = require "callagent"
 
 -- n hang-up requests for call id at once: their HTTP statuses and bodies.
 local function hang_up_at_once(env, id, n)
@@ -151,13 +150,7 @@ T.test("a stop's cancel Twilio refuses because the callee declined: the call end
   T.eq(tw.final, "busy")
   env.app:stop()
   T.eq(update_statuses(tw), { "canceled" }, "the stop's cancel")
-  local app2 = assert(callagent.app(env.app.config, { public_url = function(u)
-    return u
-  end, no_shutdown_hook = true }))
-  assert(app2:start())
-  T.defer(function()
-    app2:stop()
-  end)
+  local app2 = env:next_start()
   timer.sleep(500)
   T.eq(#env.tw.calls, 1, "not dialed again")
   local rec = app2.engine:call_view(id)
@@ -196,13 +189,7 @@ end
   local tw = env.tw.calls[1]
   T.eq(tw.final, "canceled", "the stop canceled the ringing call")
   -- The next start finds the call canceled, and dials nothing.
-  local app2 = assert(callagent.app(env.app.config, { public_url = function(u)
-    return u
-  end, no_shutdown_hook = true, provider_dirs = { dir } }))
-  assert(app2:start())
-  T.defer(function()
-    app2:stop()
-  end)
+  local app2 = env:next_start({ provider_dirs = { dir } })
   timer.sleep(500)
   T.eq(#env.tw.calls, 1, "not dialed again")
   local rec = app2.engine:call_view(id)

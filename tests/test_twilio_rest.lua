@@ -4,7 +4,6 @@
 local T = require "testing"
 local kit = require "callkit"
 local timer = require "callagent.timer"
-local callagent = require "callagent"
 
 T.test("a dial Twilio refuses for the number or the account fails at once, naming Twilio's code, and is not retried", function()
   local refusals = {
@@ -197,12 +196,7 @@ T.test("a stop while a dial waits out a 429: the stop does not wait for it, noth
   timer.sleep(300)
   T.eq(#env.tw.calls, 0, "a dial sent after the stop began")
   -- The next start dials the call again (its first attempt canceled by the stop).
-  local cfg = env.app.config
-  local app2 = assert(callagent.app(cfg, { public_url = function(u) return u end, no_shutdown_hook = true }))
-  assert(app2:start())
-  T.defer(function()
-    app2:stop()
-  end)
+  local app2 = env:next_start()
   T.wait_for(function()
     return #env.tw.calls == 1
   end, 5000, "dialed again by the next start")
@@ -221,12 +215,7 @@ T.test("a ringing call answered before the stop's cancel came (its answered call
   end, 3000, "the callee answers")
   env.app:stop()
   T.eq({ c.final, c.end_reason }, { "completed", "api" }, "hung up as answered")
-  local cfg = env.app.config
-  local app2 = assert(callagent.app(cfg, { public_url = function(u) return u end, no_shutdown_hook = true }))
-  assert(app2:start())
-  T.defer(function()
-    app2:stop()
-  end)
+  local app2 = env:next_start()
   timer.sleep(500)
   T.eq(#env.tw.calls, 1, "the callee who answered is not called again")
   local rec = app2.engine:call_view(id) or {}

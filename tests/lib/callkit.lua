@@ -163,6 +163,23 @@ function Env:close()
   self.hooks.server:close()
 end
 
+--- The next start: a second app on env's config (its store, its fakes),
+-- started, and stopped after the test. opts: more app options.
+function Env:next_start(opts)
+  local o = { public_url = function(u)
+    return u
+  end, no_shutdown_hook = true }
+  for k, v in pairs(opts or {}) do
+    o[k] = v
+  end
+  local app = assert(callagent.app(self.app.config, o))
+  assert(app:start())
+  T.defer(function()
+    app:stop()
+  end)
+  return app
+end
+
 function Env:api(method, path, body, headers)
   local h = headers or {}
   if body ~= nil and type(body) ~= "string" then
