@@ -34,7 +34,7 @@ local P = {
 }
 
 local RING_EXTRA_MS = 0
-local FINAL = { completed = true, busy = true, no_answer = true, failed = true, canceled = true }
+local FINAL = require("callagent.calls").FINAL
 
 function P:init(ctx)
   self.cfg = ctx.config

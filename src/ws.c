@@ -1349,6 +1349,11 @@ static void sb_str(struct sbuf *b, const char *s)
 	sb_add(b, s, strlen(s));
 }
 
+/* Headers the handshake sets itself: a second Host, or a key of the caller's
+ * beside ours, would make a request a server reads its own way. */
+static const char *const own_headers[] = { "Host", "Upgrade", "Connection", "Sec-WebSocket-Key",
+					   "Sec-WebSocket-Version", "Sec-WebSocket-Extensions", NULL };
+
 /*
  * Builds the upgrade request (LWS_PRE bytes of headroom first) with the
  * extra headers of opts (at index 1) and a fresh key; accept gets the
@@ -1356,11 +1361,6 @@ static void sb_str(struct sbuf *b, const char *s)
  * among the headers (the subprotocols the server may choose from). -1 with
  * an error message on L for a bad header (its value is never shown).
  */
-/* Headers the handshake sets itself: a second Host, or a key of the caller's
- * beside ours, would make a request a server reads its own way. */
-static const char *const own_headers[] = { "Host", "Upgrade", "Connection", "Sec-WebSocket-Key",
-					   "Sec-WebSocket-Version", "Sec-WebSocket-Extensions", NULL };
-
 static int build_request(lua_State *L, const char *path, const char *host,
 			 unsigned char **out, size_t *out_len, char accept[32], char **offered)
 {

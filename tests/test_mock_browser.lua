@@ -115,7 +115,6 @@ local function analyse_input(ulaw)
   return r
 end
 
--- extra: config sections that replace start_app's own (call, retry).
 -- The model sessions opened while the page rang (openai.connectWhileRinging),
 -- each closed once its attempt was over, and none ever used: no audio went to
 -- the model, and no response was asked for.
@@ -134,15 +133,21 @@ local function model_unused(rt, want, closed)
   end
 end
 
+-- extra: config sections that replace start_app's own (call, retry), and
+-- openai keys set over its own.
 local function start_app(script, extra)
   local rt = assert(fake_rt.start({ api_key = API_KEY, script = script }))
   T.defer(function()
     rt:close()
   end)
+  local openai = { apiKey = API_KEY, realtimeUrl = rt.url, outputFormat = "audio/pcmu" }
+  for k, v in pairs(extra and extra.openai or {}) do
+    openai[k] = v
+  end
   local app, err = callagent.app({
     telephony = { provider = "mock" },
     server = { host = "127.0.0.1", port = 0 },
-    openai = { apiKey = API_KEY, realtimeUrl = rt.url, outputFormat = "audio/pcmu" },
+    openai = openai,
     store = { backend = "memory" },
     tunnel = { provider = "none" },
     call = extra and extra.call or { goodbyeTimeoutSec = 3, ringTimeoutSec = 30 },
@@ -575,23 +580,7 @@ end, { timeout = 40000 })
 
 -- An app whose model refuses its key; connect_early: openai.connectWhileRinging.
 local function refusing_model_app(connect_early)
-  local rt = assert(fake_rt.start({ api_key = API_KEY }))
-  T.defer(function()
-    rt:close()
-  end)
-  local app = assert(callagent.app({
-    telephony = { provider = "mock" },
-    server = { host = "127.0.0.1", port = 0 },
-    openai = { apiKey = "sk-revoked-key-0123456789", realtimeUrl = rt.url, outputFormat = "audio/pcmu",
-      connectWhileRinging = connect_early },
-    store = { backend = "memory" },
-    call = { ringTimeoutSec = 30 },
-  }, { no_shutdown_hook = true }))
-  assert(app:start())
-  T.defer(function()
-    app:stop()
-  end)
-  return app
+  return (start_app(nil, { openai = { apiKey = "sk-revoked-key-0123456789", connectWhileRinging = connect_early } }))
 end
 
 T.test("the model refuses callagent's key while the page rings: the ring is canceled, and the page shows callagent's why", function()

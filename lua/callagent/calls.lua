@@ -534,9 +534,7 @@ function Engine:warm_refused(w, why)
   call.lastError = why
   self:_save(call, { lastError = why })
   self.emit("error", call.id, why)
-  self:_end_in_task(call.id, a, function()
-    self:_cancel_retrying(call.id, a)
-  end)
+  self:_cancel_in_task(call.id, a)
 end
 
 -- Closes attempt key's model session opened while it rang, if nobody took it.
@@ -798,10 +796,7 @@ function Engine:_ring_timeout(call, n)
   -- Ended here first: a provider may report the cancel's status from inside
   -- its endCall (the mock phone does), which ended the attempt canceled.
   self:_attempt_final(call, n, "no_answer", "ring timeout")
-  local ringing = { n = n, providerCallId = a.providerCallId, status = "dialing" }
-  self:_end_in_task(call.id, ringing, function()
-    self:_cancel_retrying(call.id, ringing) -- asked again, so that the phone stops ringing
-  end)
+  self:_cancel_in_task(call.id, { n = n, providerCallId = a.providerCallId, status = "dialing" })
 end
 
 -- Attempt n was answered, as the provider's API says (its callback lost).
@@ -926,6 +921,14 @@ function Engine:_end_in_task(id, a, on_failed)
         on_failed()
       end
     end
+  end)
+end
+
+-- Cancels ringing attempt a at the vendor, in a task; a cancel it refuses
+-- is asked again (_cancel_retrying), so that the phone stops ringing.
+function Engine:_cancel_in_task(id, a)
+  self:_end_in_task(id, a, function()
+    self:_cancel_retrying(id, a)
   end)
 end
 
