@@ -2,7 +2,6 @@
 -- (its calls are driven by its own token-checked routes), and its dial page
 -- can carry the API token.
 local T = require "testing"
-local callagent = require "callagent"
 local fetch = require "callagent.fetch"
 local json = require "callagent.json"
 
@@ -19,12 +18,7 @@ local function start(extra)
   for k, v in pairs(extra or {}) do
     cfg[k] = v
   end
-  local app = assert(callagent.app(cfg, { no_shutdown_hook = true }))
-  assert(app:start())
-  T.defer(function()
-    app:stop()
-  end)
-  return app
+  return T.started_app(cfg, { no_shutdown_hook = true })
 end
 
 T.test("POST /status and /voice are refused for mock calls and change nothing", function()

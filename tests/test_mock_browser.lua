@@ -8,7 +8,6 @@
 -- tests/node_modules (npm ci in tests/): a missing one fails, it never skips.
 local T = require "testing"
 local fake_rt = require "fakes.realtime"
-local callagent = require "callagent"
 local json = require "callagent.json"
 local audio = require "callagent.audio"
 local crypto = require "callagent.crypto"
@@ -144,7 +143,7 @@ local function start_app(script, extra)
   for k, v in pairs(extra and extra.openai or {}) do
     openai[k] = v
   end
-  local app, err = callagent.app({
+  local app = T.started_app({
     telephony = { provider = "mock" },
     server = { host = "127.0.0.1", port = 0 },
     openai = openai,
@@ -153,11 +152,6 @@ local function start_app(script, extra)
     call = extra and extra.call or { goodbyeTimeoutSec = 3, ringTimeoutSec = 30 },
     retry = extra and extra.retry,
   }, { no_shutdown_hook = true })
-  assert(app, err)
-  assert(app:start())
-  T.defer(function()
-    app:stop()
-  end)
   return app, rt
 end
 

@@ -172,12 +172,7 @@ function Env:next_start(opts)
   for k, v in pairs(opts or {}) do
     o[k] = v
   end
-  local app = assert(callagent.app(self.app.config, o))
-  assert(app:start())
-  T.defer(function()
-    app:stop()
-  end)
-  return app
+  return T.started_app(self.app.config, o)
 end
 
 function Env:api(method, path, body, headers)

@@ -372,6 +372,17 @@ function T.server(opts, setup)
   return srv
 end
 
+--- callagent.app(cfg, opts), started (inside a task), and stopped after the test.
+function T.started_app(cfg, opts)
+  local app, err = require("callagent").app(cfg, opts)
+  assert(app, err)
+  assert(app:start())
+  T.defer(function()
+    app:stop()
+  end)
+  return app
+end
+
 --- A loopback port that was free a moment ago: one a server had, now closed
 -- (nothing listens on it until someone binds it again).
 function T.free_port()
