@@ -94,6 +94,28 @@ T.test("a hang-up Twilio took is not sent again by later hang-ups while its fina
   T.eq(update_statuses(tw), { "completed" }, "one hang-up")
 end, { timeout = 20000 })
 
+T.test("the API's cancel of a ringing call the callee answered just before (its answered callback lost, its voice webhook slow): hung up as answered, not recorded canceled", function()
+  -- Twilio's cancel leaves an answered call up and answers with its status
+  -- in-progress: the callee is on the line, and only a hang-up ends it.
+  local env = kit.start({ twilio = { behaviour = { answer = true, ring_ms = 100, voice_delay_ms = 8000,
+    lost_callbacks = { answered = true } } } })
+  local id = env:create({ to = "+14155550508", prompt = "Say hello." })
+  local tw = assert(env.tw:wait_call(3000))
+  T.wait_for(function()
+    return tw.answered_at and env.app.engine:call_view(id).attempts[1].providerCallId
+  end, 3000, "the callee answers")
+  T.eq(env.app.engine:call_view(id).status, "dialing", "no answered callback came")
+  local status, body = env:api("POST", "/v1/calls/" .. id .. "/hangup")
+  T.eq({ status, body.callId }, { 202, id })
+  local t0 = timer.now()
+  assert(tw:wait_final(3000), "the answered call hung up at Twilio, not left up for its voice webhook")
+  T.lt(timer.now() - t0, 3000)
+  T.eq({ tw.final, update_statuses(tw) }, { "completed", { "canceled", "completed" } })
+  local call = env:wait_final(id, 3000)
+  T.eq({ call.status, call.endReason, call.attempts[1].status, call.attempts[1].answeredAt ~= nil },
+    { "completed", "hung_up_by_api", "completed", true })
+end, { timeout = 20000 })
+
 T.test("a cancel that waited for Twilio to name the call, and that Twilio refuses, is asked again: the phone stops ringing", function()
   -- Twilio answers the dial 800 ms late with no callback before it, and
   -- refuses the first cancel (503).

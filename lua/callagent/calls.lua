@@ -1717,12 +1717,17 @@ end
 function Engine:_hangup_attempt(call, n, a)
   local id = call.id
   local was = a and a.status
-  local ok, err = self:_end_at_provider(call, a)
+  local ok, err, how = self:_end_at_provider(call, a)
   if not ok then
     log.warn("provider hang-up failed", { call = id, error = err })
   end
   if self.closed then
     return true, ok -- app:stop() closed the store meanwhile: the next start resolves the call
+  end
+  if ok and type(how) == "table" and how.answered and a.status == "dialing" and call.attempt == n then
+    -- The cancel came after the answer (Twilio's leaves the call up): the
+    -- callee is on the line, and is hung up as answered below.
+    self:provider_status(id, n, { status = "in_progress", raw = "(the provider's answer to the cancel)" })
   end
   if a and a.status == "dialing" then
     if not ok then
