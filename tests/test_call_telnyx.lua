@@ -706,6 +706,29 @@ T.test("a stop's cancel Telnyx answers 'already ended' (the decline's webhook lo
   T.eq(#tx.calls, 1, "not dialed again: maxAttempts is 1")
 end, { timeout = 60000 })
 
+T.test("the tunnel's cancel Telnyx answers 'already ended' (the decline's webhook lost): the attempt fails at once, the retry policy decides", function()
+  local env = start({ behaviour = { ring_ms = 60000, lost_hangup_webhook = true },
+    config = { retry = { maxAttempts = 1 } } })
+  local id = env:create({ to = "+14155550120", prompt = "Talk." })
+  local c = assert(env.tx:wait_call(5000))
+  env:wait(id, function(r)
+    return r.attempts[1] and r.attempts[1].providerCallId == c.control_id
+  end, 5000, "ringing")
+  c:hangup() -- declined; Telnyx's call.hangup never comes
+  c:wait(function()
+    return c.done
+  end, 5000)
+  env.app.engine:pause("the public tunnel is down (a test)") -- what the app does when its tunnel dies
+  -- Not left to the ring timeout (30 s), which would end it no_answer.
+  local rec = env:wait_final(id, 3000)
+  T.eq({ rec.status, #rec.attempts, rec.attempts[1].status, rec.attempts[1].reason },
+    { "failed", 1, "failed", "it ended before the tunnel's cancel; the provider did not say how" })
+  T.eq(#(c.hangup_command_ids or {}), 1, "one cancel, which Telnyx said came after the end")
+  env.app.engine:resume()
+  timer.sleep(300)
+  T.eq(#env.tx.calls, 1, "not dialed again: maxAttempts is 1")
+end, { timeout = 20000 })
+
 -- A call created on env, ringing at Telnyx: its id and the fake's call.
 local function ringing_call(env, to)
   local id = env:create({ to = to, prompt = "x" })

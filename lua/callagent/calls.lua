@@ -406,6 +406,9 @@ end
 -- does not count against retry.maxAttempts).
 local RANG_AT_PAUSE = "the public tunnel went down while it rang"
 local UNSENT_AT_PAUSE = "the public tunnel went down before it was placed"
+-- The reason of a ringing attempt whose pause's cancel found it over at the
+-- vendor, which did not say how (its final status went to the dead tunnel).
+local ENDED_BEFORE_PAUSE = "it ended before the tunnel's cancel; the provider did not say how"
 
 function Engine:dial(id)
   local call = self.live[id]
@@ -591,7 +594,14 @@ function Engine:_cancel_at_pause(call, n)
     return
   end
   if type(how) == "table" and how.ended then
-    return -- over at the vendor before the cancel: its status, or the ring timeout, ends it
+    -- Over at the vendor before the cancel (Telnyx's "already ended"), its
+    -- final status sent to the dead tunnel: it ended on its own (declined,
+    -- unanswered), so the retry policy decides, as at a stop; not left to
+    -- the ring timeout, which would end it no_answer half a minute later.
+    if a.status == "dialing" and call.attempt == n and not call._cancel_requested and not self.stopped then
+      self:_attempt_final(call, n, "failed", ENDED_BEFORE_PAUSE)
+    end
+    return
   end
   if type(how) == "table" and how.answered then
     return self:_answered_at_pause(call, n)
