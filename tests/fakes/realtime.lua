@@ -20,6 +20,9 @@
 --                                   -- {code, message, sessions = n}: only the
 --                                   -- first n sessions are refused (a rate
 --                                   -- limit that passes)
+--     update_delay_ms = nil,        -- each session.update is answered (applied
+--                                   -- or refused) this long after it came, as
+--                                   -- by a slow service
 --     keep_formats = false,         -- true: the audio formats of a session.update
 --                                   -- are not applied (the defaults, 24 kHz PCM
 --                                   -- both ways, stay and are echoed), as by a
@@ -1001,17 +1004,8 @@ local function schema_error(v, depth)
   end
 end
 
-handlers["session.update"] = function(self, ev, raw)
-  -- Read again keeping [] apart from {}: cjson decodes both as an empty table.
-  local exact = json.try_decode(raw, true)
-  for i, tool in ipairs(type(exact) == "table" and type(exact.session) == "table"
-    and type(exact.session.tools) == "table" and exact.session.tools or {}) do
-    local e = type(tool) == "table" and schema_error(tool.parameters, 0)
-    if e then
-      return send_error(self, "invalid_function_parameters", "Invalid schema for function '" .. tostring(tool.name)
-        .. "': " .. e .. ".", "session.tools[" .. (i - 1) .. "].parameters", ev.event_id)
-    end
-  end
+-- The answer to a session.update (its tools' schemas checked already).
+local function answer_update(self, ev)
   local refuse = self.rt.opts.refuse_update
   if type(refuse) == "table" and refuse.sessions and self.index > refuse.sessions then
     refuse = nil -- only the first refuse.sessions sessions are refused
@@ -1034,6 +1028,30 @@ handlers["session.update"] = function(self, ev, raw)
   end
   self.updates = self.updates + 1
   self:send({ type = "session.updated", session = self.config })
+end
+
+handlers["session.update"] = function(self, ev, raw)
+  -- Read again keeping [] apart from {}: cjson decodes both as an empty table.
+  local exact = json.try_decode(raw, true)
+  for i, tool in ipairs(type(exact) == "table" and type(exact.session) == "table"
+    and type(exact.session.tools) == "table" and exact.session.tools or {}) do
+    local e = type(tool) == "table" and schema_error(tool.parameters, 0)
+    if e then
+      return send_error(self, "invalid_function_parameters", "Invalid schema for function '" .. tostring(tool.name)
+        .. "': " .. e .. ".", "session.tools[" .. (i - 1) .. "].parameters", ev.event_id)
+    end
+  end
+  local delay = self.rt.opts.update_delay_ms
+  if delay then
+    -- Answered (applied, refused) later, as by a slow service; nothing once
+    -- the session has closed.
+    return timer.after(delay, function()
+      if not self._ended then
+        answer_update(self, ev)
+      end
+    end)
+  end
+  return answer_update(self, ev)
 end
 
 handlers["input_audio_buffer.commit"] = function(self, ev)
