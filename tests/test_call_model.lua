@@ -904,6 +904,28 @@ T.test("a ring longer than the session limit can spare: the session opened while
   T.ge(s2.wrap.at - c.answered_at, 1900, "wrapped up at maxDurationSec after the answer")
 end, { timeout = 30000 })
 
+T.test("a callee who answers before the cancel of a session refused while it rang talks on the answer's session: the call ends completed, not model_error", function()
+  local env = kit.start({
+    config = { retry = { maxAttempts = 1 } },
+    -- The answered callback lost and the voice webhook late: callagent still
+    -- sees the call ringing when the refusal comes, and cancels it; Twilio's
+    -- cancel leaves the answered call up.
+    twilio = { behaviour = { answer = true, ring_ms = 100, lost_callbacks = { answered = true }, voice_delay_ms = 1000 } },
+    realtime = {
+      refuse_update = { "invalid_value", "Invalid value: 'x'.", sessions = 1 },
+      update_delay_ms = 400,
+      script = ann_when_asked,
+    },
+  })
+  local id = env:create({ to = "+14155550191", prompt = "Say hello." })
+  local call = env:wait_final(id, 30000)
+  local c = env.tw.calls[1]
+  T.ok(c.updates[1] and c.answered_at and c.updates[1].at > c.answered_at, "the refusal's cancel came after the answer")
+  completed_with_ann(call)
+  T.eq({ #env.rt.sessions, #env.rt.sessions[1].response_creates }, { 2, 0 }, "the refused one, and the answer's")
+  T.gt(env.rt.sessions[2].input_bytes, 0, "the answer's session talked")
+end, { timeout = 30000 })
+
 T.test("the callee hangs up while the model session is still opening: lastError says so; a hang-up through the API then does not", function()
   for _, how in ipairs({ "callee", "api" }) do
     local env = kit.start({

@@ -424,6 +424,7 @@ function Bridge:_model_ready(ev)
   self.model_ready = true
   self.was_ready = true
   self:_stop_timer("ready_timer")
+  self.engine:bridge_model_ready(self)
   if log.enabled("debug") then
     local tls = self.rt.conn and self.rt.conn.tls
     log.debug("model ready", {

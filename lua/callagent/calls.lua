@@ -540,6 +540,20 @@ function Engine:warm_refused(w, why)
   self:_cancel_in_task(call.id, a)
 end
 
+--- Bridge b's model session is ready. A refusal of the session opened while
+-- the attempt rang (warm_refused) whose cancel came after the callee had
+-- answered (Twilio's leaves an answered call up) was no refusal for good:
+-- the call, talking on the answer's session, no longer ends for it.
+function Engine:bridge_model_ready(b)
+  local call = self.live[b.call_id]
+  if call and call._model_refused == b.attempt then
+    call._model_refused = nil
+    if call._end_reason == "model_error" then
+      call._end_reason = nil
+    end
+  end
+end
+
 -- Closes attempt key's model session opened while it rang, if nobody took it.
 function Engine:_close_warm(key)
   local w = self.warm[key]
