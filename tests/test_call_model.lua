@@ -926,6 +926,21 @@ T.test("a callee who answers before the cancel of a session refused while it ran
   T.gt(env.rt.sessions[2].input_bytes, 0, "the answer's session talked")
 end, { timeout = 30000 })
 
+T.test("a session taken over at the answer before its session.updated has the whole SESSION_READY_MS from the answer, as one opened then would", function()
+  T.shorten(bridge_mod, "SESSION_READY_MS", 1500)
+  local env = kit.start({
+    config = { retry = { maxAttempts = 1 } },
+    twilio = { behaviour = { answer = true, ring_ms = 1000 } },
+    -- Confirmed 2 s after it opened: 1 s after the answer.
+    realtime = { update_delay_ms = 2000, script = ann_when_asked },
+  })
+  local id = env:create({ to = "+14155550192", prompt = "Say hello." })
+  local call = env:wait_final(id, 30000)
+  completed_with_ann(call)
+  T.eq(#env.rt.sessions, 1, "the session opened while it rang talked")
+  T.lt(env.rt.sessions[1].opened_at, env.tw.calls[1].answered_at, "opened while it rang")
+end, { timeout = 30000 })
+
 T.test("the callee hangs up while the model session is still opening: lastError says so; a hang-up through the API then does not", function()
   for _, how in ipairs({ "callee", "api" }) do
     local env = kit.start({

@@ -217,7 +217,9 @@ function Bridge:start_model(warm)
 end
 
 -- The model connection is open (the session.update sent): the phone's audio
--- joins it, and its session's bounds count from the open.
+-- joins it. The session's limit counts from its open; its confirmation is
+-- awaited SESSION_READY_MS from now, also for a session opened while the
+-- phone rang (the answer's wait is as long as for one opened at the answer).
 function Bridge:_model_open()
   local rt = self.rt
   local since = timer.now() - (rt.t_open or timer.now())
@@ -234,7 +236,7 @@ function Bridge:_model_open()
   end
   -- A service that never confirms the session would leave the call silent.
   if not rt.ready then
-    self.ready_timer = timer.after(math.max(0, M.SESSION_READY_MS - since), function()
+    self.ready_timer = timer.after(M.SESSION_READY_MS, function()
       self.ready_timer = nil
       if not self.model_ready and not self.ended then
         log.warn("model did not confirm the session", self.log_fields)
