@@ -941,6 +941,45 @@ T.test("a session taken over at the answer before its session.updated has the wh
   T.lt(env.rt.sessions[1].opened_at, env.tw.calls[1].answered_at, "opened while it rang")
 end, { timeout = 30000 })
 
+T.test("the session opened while the phone rang is told the date and time of the answer, not of the dial", function()
+  local instructions = require "callagent.instructions"
+  local env = kit.start({
+    config = { retry = { maxAttempts = 1 } },
+    twilio = { behaviour = { answer = true, ring_ms = 600 } },
+    realtime = { script = ann_when_asked },
+  })
+  local id = env:create({ to = "+14155550193", prompt = "Say hello." })
+  T.wait_for(function()
+    return env.rt.sessions[1] and env.rt.sessions[1].updates >= 1
+  end, 3000, "set up while it rings")
+  -- Three hours pass while it rings (the wall clock the instructions read).
+  local real_time = os.time
+  T.shorten(os, "time", function(t)
+    return t and real_time(t) or real_time() + 3 * 3600
+  end)
+  local call = env:wait_final(id, 30000)
+  completed_with_ann(call)
+  T.eq(#env.rt.sessions, 1, "the session opened while it rang talked")
+  local s = env.rt.sessions[1]
+  local told, told_at = {}, nil
+  for _, e in ipairs(s.events) do
+    if e.type == "session.update" then
+      told_at = e.at
+      told[#told + 1] = e.session.instructions:match("Current date and time where you are calling: ([^\n]-) %(time zone")
+    end
+  end
+  T.eq(#told, 2, "the dial's instructions, then the answer's time")
+  local now = os.time()
+  local near = {}
+  for _, dt in ipairs({ -60, 0 }) do
+    near[instructions.local_time("America/Los_Angeles", now + dt)] = true
+  end
+  T.ok(near[told[2]], "the answer's time: " .. tostring(told[2]))
+  T.ne(told[1], told[2], "not the dial's")
+  T.ok(s.config.instructions:find(told[2], 1, true), "the session's instructions now hold it")
+  T.lt(told_at, s.response_creates[1].at, "told before the greeting was asked for")
+end, { timeout = 30000 })
+
 T.test("the callee hangs up while the model session is still opening: lastError says so; a hang-up through the API then does not", function()
   for _, how in ipairs({ "callee", "api" }) do
     local env = kit.start({

@@ -138,18 +138,25 @@ local function obj(v)
   return type(v) == "table" and v or EMPTY
 end
 
+-- The call's instructions, with the date and time of now.
+local function call_instructions(engine, call)
+  local names = {}
+  for _, t in ipairs(engine.tools) do
+    names[#names + 1] = t.name
+  end
+  return instructions.build(call, { extra_tools = names })
+end
+
 -- The options of the call's model session: its instructions, voice and
 -- tools (report_call and the app's).
 local function session_opts(engine, call, log_fields)
   local tools = { instructions.report_tool() }
-  local names = {}
   for _, t in ipairs(engine.tools) do
     tools[#tools + 1] = { type = "function", name = t.name, description = t.description, parameters = t.parameters }
-    names[#names + 1] = t.name
   end
   return {
     log_fields = log_fields,
-    instructions = instructions.build(call, { extra_tools = names }),
+    instructions = call_instructions(engine, call),
     voice = call.voice,
     tools = tools,
   }
@@ -187,9 +194,9 @@ function Bridge:start_model(warm)
       end
     end,
   }
-  local ready_ev
+  local ready_ev, told
   if warm then
-    rt, ready_ev = warm:take(self.cfg)
+    rt, ready_ev, told = warm:take(self.cfg)
   end
   if rt then
     for k, f in pairs(handlers) do
@@ -199,6 +206,17 @@ function Bridge:start_model(warm)
     self.rt = rt
     log.debug("model session taken over from the ring", { call = self.call_id, attempt = self.attempt,
       ready = rt.ready })
+    -- Its instructions give the date and time of the dial, up to
+    -- call.ringTimeoutSec ago: the model is told the answer's (before the
+    -- greeting's response.create, which it then answers with them).
+    local now_told = call_instructions(self.engine, self.call)
+    if now_told ~= told then
+      if rt.conn then
+        rt:send({ type = "session.update", session = { type = "realtime", instructions = now_told } })
+      else
+        rt.opts.instructions = now_told -- still connecting: its session.update is yet to go
+      end
+    end
     if rt.conn then
       self:_model_open()
     end
@@ -267,6 +285,7 @@ function M.warm(engine, call, n)
   local w = setmetatable({ engine = engine, call_id = call.id, attempt = n }, Warm)
   local fields = { call = call.id, attempt = n }
   local opts = session_opts(engine, call, fields)
+  w.instructions = opts.instructions -- as sent, for the answer to compare (Warm:take)
   opts.on_open = function()
     w.ready_timer = timer.after(M.SESSION_READY_MS, function()
       w.ready_timer = nil
@@ -337,13 +356,14 @@ function Warm:_refused(why)
   self.engine:warm_refused(self, why)
 end
 
---- The session, and its session.updated event if it came; nil when it
--- failed, was taken already, or has been open too long for the call's time
--- (M.warm_spare_ms of cfg: then it is closed).
+--- The session, its session.updated event if it came, and the instructions
+-- it was opened with; nil when it failed, was taken already, or has been
+-- open too long for the call's time (M.warm_spare_ms of cfg: then it is
+-- closed).
 function Warm:take(cfg)
-  local rt = self.rt
+  local rt, told = self.rt, self.instructions
   self:_stop_ready()
-  self.rt = nil
+  self.rt, self.instructions = nil, nil
   if not rt or rt.closed then
     return nil
   end
@@ -354,14 +374,14 @@ function Warm:take(cfg)
     rt:close()
     return nil
   end
-  return rt, self.ready_ev
+  return rt, self.ready_ev, told
 end
 
 --- Closes the session if nobody took it (the attempt ended while ringing).
 function Warm:close()
   self:_stop_ready()
   local rt = self.rt
-  self.rt = nil
+  self.rt, self.instructions = nil, nil
   if rt then
     rt:close()
   end
