@@ -926,6 +926,30 @@ T.test("a callee who answers before the cancel of a session refused while it ran
   T.gt(env.rt.sessions[2].input_bytes, 0, "the answer's session talked")
 end, { timeout = 30000 })
 
+T.test("the refusal's cancel asked again after the callee answered is still a cancel: the call that talks on the answer's session is not hung up", function()
+  local env = kit.start({
+    config = { retry = { maxAttempts = 1 } },
+    -- The refusal's cancel fails once (asked again 1 s later); the callee
+    -- answers meanwhile.
+    twilio = { behaviour = { answer = true, ring_ms = 500, update_fail = 503, update_fail_times = 1 } },
+    realtime = {
+      refuse_update = { "invalid_value", "Invalid value: 'x'.", sessions = 1 },
+      update_delay_ms = 300,
+      script = ann_when_asked,
+    },
+  })
+  local id = env:create({ to = "+14155550190", prompt = "Say hello." })
+  local call = env:wait_final(id, 30000)
+  local c = env.tw.calls[1]
+  local asked = {}
+  for i, u in ipairs(c.updates) do
+    asked[i] = u.params.Status
+  end
+  T.eq(asked[2], "canceled", "asked again as a cancel")
+  T.lt(c.answered_at, c.updates[2].at, "after the answer")
+  completed_with_ann(call)
+end, { timeout = 30000 })
+
 T.test("a session taken over at the answer before its session.updated has the whole SESSION_READY_MS from the answer, as one opened then would", function()
   T.shorten(bridge_mod, "SESSION_READY_MS", 1500)
   local env = kit.start({

@@ -537,7 +537,10 @@ function Engine:warm_refused(w, why)
   call.lastError = why
   self:_save(call, { lastError = why })
   self.emit("error", call.id, why)
-  self:_cancel_in_task(call.id, a)
+  -- As it is now (a copy): a cancel asked again after the callee answered is
+  -- still a cancel, which leaves the answered call up (Twilio's), not a
+  -- hang-up of the call that now talks on the answer's session.
+  self:_cancel_in_task(call.id, { n = a.n, providerCallId = a.providerCallId, status = "dialing" })
 end
 
 --- Bridge b's model session is ready. A refusal of the session opened while
