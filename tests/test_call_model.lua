@@ -815,6 +815,29 @@ T.test("a ring the model's refusal canceled, then the tunnel's (its canceled sta
   T.eq(#env.tw.calls, 1, "dialed once")
 end, { timeout = 20000 })
 
+T.test("a model that refuses the session while the tunnel's cancel of the ring is on its way: the call fails model_error, not dialed again", function()
+  local env = kit.start({
+    config = { retry = { maxAttempts = 3, initialDelayMs = 100 } },
+    twilio = { behaviour = { ring_ms = 5000, lost_callbacks = { completed = true }, update_delay_ms = 800 } },
+    realtime = { refuse_update = { "invalid_value", "Invalid value: 'x'." }, update_delay_ms = 500 },
+  })
+  local id = env:create({ to = "+14155550188", prompt = "Say hello." })
+  T.wait_for(function()
+    return env.rt.sessions[1] and #env.rt.sessions[1].events > 0
+  end, 3000, "the session set up while it rings")
+  env.app.engine:pause("the public tunnel is down (a test)") -- what the app does when its tunnel dies
+  T.eq(#env.rt.sessions[1].errors_sent, 0, "refused after the pause")
+  local call = env:wait(id, function(r)
+    return r.status ~= "dialing"
+  end, 5000, "the attempt over")
+  T.eq({ call.status, call.endReason, #call.attempts, call.attempts[1].status },
+    { "failed", "model_error", 1, "failed" }, "not retried")
+  T.match(call.lastError, "^model refused the session: invalid_value: ")
+  env.app.engine:resume()
+  timer.sleep(300)
+  T.eq(#env.tw.calls, 1, "dialed once")
+end, { timeout = 20000 })
+
 T.test("a stop while the phone rings closes the model session opened for it", function()
   local env = kit.start({ twilio = { behaviour = { ring_ms = 30000 } } })
   local id = env:create({ to = "+14155550199", prompt = "Say hello." })

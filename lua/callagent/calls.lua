@@ -517,7 +517,8 @@ end
 -- good: the same session would be refused at the answer, and the callee
 -- would answer into silence. The ringing call is canceled; the attempt ends
 -- failed (model_error), why in lastError, and the call is not retried (a
--- retry would be refused alike).
+-- retry would be refused alike). Also while the tunnel is down: the pause's
+-- cancel, on its way, would have the call wait and ring the callee again.
 function Engine:warm_refused(w, why)
   local key = w.call_id .. "#" .. w.attempt
   if self.warm[key] == w then
@@ -526,7 +527,7 @@ function Engine:warm_refused(w, why)
   local call = self.live[w.call_id]
   local a = call and call.attempts[w.attempt]
   if not a or a.status ~= "dialing" or call.attempt ~= w.attempt or a._voiced or call._cancel_requested
-    or self.stopped or self.paused then
+    or self.stopped then
     return -- answered meanwhile (its bridge connects, and is refused as any), ended, or being ended
   end
   log.warn("canceling the ringing call: the model refused its session", { call = call.id, attempt = a.n })
