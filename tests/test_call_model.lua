@@ -945,6 +945,7 @@ T.test("a callee who answers before the cancel of a session refused while it ran
   local c = env.tw.calls[1]
   T.ok(c.updates[1] and c.answered_at and c.updates[1].at > c.answered_at, "the refusal's cancel came after the answer")
   completed_with_ann(call)
+  T.match(call.lastError, "^model refused the session: invalid_value: ", "the refusal, as it happened")
   T.eq({ #env.rt.sessions, #env.rt.sessions[1].response_creates }, { 2, 0 }, "the refused one, and the answer's")
   T.gt(env.rt.sessions[2].input_bytes, 0, "the answer's session talked")
 end, { timeout = 30000 })
