@@ -538,10 +538,12 @@ function Engine:warm_refused(w, why)
   call.lastError = why
   self:_save(call, { lastError = why })
   self.emit("error", call.id, why)
-  -- As it is now (a copy): a cancel asked again after the callee answered is
-  -- still a cancel, which leaves the answered call up (Twilio's), not a
-  -- hang-up of the call that now talks on the answer's session.
-  self:_cancel_in_task(call.id, { n = a.n, providerCallId = a.providerCallId, status = "dialing" })
+  -- A cancel: asked again only while the call rings (a vendor's hang-up
+  -- ends an answered call too, Telnyx's), and as one (a copy of the ringing
+  -- attempt, not the live one, in progress once answered).
+  self:_cancel_in_task(call.id, { n = a.n, providerCallId = a.providerCallId, status = "dialing" }, function()
+    return a.status == "dialing" and call.attempt == a.n
+  end)
 end
 
 --- Bridge b's model session is ready. A refusal of the session opened while
@@ -953,21 +955,23 @@ function Engine:_end_in_task(id, a, on_failed)
 end
 
 -- Cancels ringing attempt a at the vendor, in a task; a cancel it refuses
--- is asked again (_cancel_retrying), so that the phone stops ringing.
-function Engine:_cancel_in_task(id, a)
+-- is asked again (_cancel_retrying), so that the phone stops ringing, while
+-- wanted() (optional) is true.
+function Engine:_cancel_in_task(id, a, wanted)
   self:_end_in_task(id, a, function()
-    self:_cancel_retrying(id, a)
+    self:_cancel_retrying(id, a, wanted)
   end)
 end
 
--- A cancel the vendor refused, asked again in the background: 1, 2, 4 s later.
+-- A cancel the vendor refused, asked again in the background: 1, 2, 4 s
+-- later, each while wanted() (optional) is true.
 local CANCEL_RETRIES = 3
 
-function Engine:_cancel_retrying(id, a)
+function Engine:_cancel_retrying(id, a, wanted)
   task.spawn(function()
     for i = 1, CANCEL_RETRIES do
       timer.sleep(1000 * 2 ^ (i - 1))
-      if self.stopped then
+      if self.stopped or wanted and not wanted() then
         return
       end
       local ok, err = self:_provider_end(self:call_view(id) or { callId = id }, a)
