@@ -86,6 +86,39 @@ for _, backend in ipairs({ "memory", "sqlite" }) do
     T.eq(#active, 0)
   end)
 
+  T.test(backend .. ": an update of an attempt (or call) it does not have is ENOENT, and adds none", function()
+    local s = open(backend)
+    assert(s:insert_call(call("c_1")))
+    assert(s:add_attempt("c_1", { n = 1, status = "dialing" }))
+    for _, args in ipairs({ { "c_1", 2 }, { "c_none", 1 } }) do
+      local ok, err = s:update_attempt(args[1], args[2], { status = "busy" })
+      T.eq(ok, nil, args[1] .. " #" .. args[2])
+      T.match(tostring(err), "^ENOENT", args[1] .. " #" .. args[2])
+    end
+    T.eq(s:get_call("c_1").attempts, { { n = 1, status = "dialing" } }, "attempt 1 as it was, no attempt 2")
+    T.eq(s:get_call("c_none"), nil)
+  end)
+
+  T.test(backend .. ": a list with limit 0 is an empty page without a next one, not a raise", function()
+    local s = open(backend)
+    for i = 1, 3 do
+      assert(s:insert_call(call("c_" .. i, "completed")))
+      T.eq(s:add_notification("k" .. i, "c_" .. i, "{}"), true)
+    end
+    local _, cursor = s:list_calls({ limit = 1 })
+    for _, opts in ipairs({ { limit = 0 }, { limit = 0, status = "completed" }, { limit = 0, cursor = cursor } }) do
+      local page, next_cursor = s:list_calls(opts)
+      T.eq(page, {}, "list_calls")
+      T.eq(next_cursor, nil, "list_calls")
+    end
+    local _, after = s:pending_notifications({ limit = 1 })
+    for _, opts in ipairs({ { limit = 0 }, { limit = 0, after = after } }) do
+      local page, next_cursor = s:pending_notifications(opts)
+      T.eq(page, {}, "pending_notifications")
+      T.eq(next_cursor, nil, "pending_notifications")
+    end
+  end)
+
   T.test(backend .. ": retries and notifications are kept until done", function()
     local s = open(backend)
     assert(s:insert_call(call("c_1")))

@@ -15,11 +15,13 @@
 --   store:transcript(id) -> lines            a call's transcript lines, oldest first ({} if none);
 --                                            nil, err when the read failed
 --   store:list_calls{status, limit, cursor} -> calls, next_cursor   newest first;
---                                            nil, "ECURSOR: ..." for a cursor it did not give
+--                                            nil, "ECURSOR: ..." for a cursor it did not give;
+--                                            limit 0: an empty page (so for pending_notifications)
 --   store:active_calls() -> calls            queued, dialing or in_progress (nil, err when
 --                                            the read failed; so for due_retries and
 --                                            pending_notifications)
---   store:add_attempt(id, attempt)           store:update_attempt(id, n, fields)
+--   store:add_attempt(id, attempt)           store:update_attempt(id, n, fields): nil,
+--                                            "ENOENT: ..." for an attempt it does not have
 --   store:add_transcript(id, line)           store:add_event(id, event)
 --   store:set_retry(id, due_at)  store:clear_retry(id)  store:due_retries() -> {{call_id, due_at}}
 --   store:add_notification(key, call_id, payload) -> false when key exists

@@ -94,13 +94,16 @@ function Store:add_attempt(id, attempt)
   return true
 end
 
+--- nil, "ENOENT: ..." for an attempt (or call) it does not have, as the
+--- sqlite store answers.
 function Store:update_attempt(id, n, fields)
   local c = self.calls[id]
   local a = c and c.attempts[n]
-  if a then
-    for k, v in pairs(fields) do
-      a[k] = copy(v)
-    end
+  if not a then
+    return nil, "ENOENT: no attempt " .. tostring(n) .. " of call " .. tostring(id)
+  end
+  for k, v in pairs(fields) do
+    a[k] = copy(v)
   end
   return true
 end
@@ -131,13 +134,17 @@ function M.cursor_seq(cursor)
 end
 
 --- Newest first. opts: status, limit, cursor (opaque string from a previous
---- page); nil, "ECURSOR: ..." for a cursor that is not one.
+--- page); nil, "ECURSOR: ..." for a cursor that is not one. A limit of 0 (or
+--- less) is an empty page, without a next one.
 function Store:list_calls(opts)
   opts = opts or {}
   local limit = opts.limit or 20
   local before = M.cursor_seq(opts.cursor)
   if before == false then
     return nil, "ECURSOR: not a cursor of this list"
+  end
+  if limit < 1 then
+    return {}
   end
   before = before or math.huge
   local out, next_cursor = {}, nil
@@ -268,6 +275,9 @@ function Store:pending_notifications(opts)
     return out
   end
   local notes, limit = self.notes, opts.limit or math.huge
+  if limit < 1 then
+    return out
+  end
   -- The first one after the cursor (a _seq): notes is in _seq order.
   local lo, hi = 1, #notes + 1
   local after = opts.after or 0

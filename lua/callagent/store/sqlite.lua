@@ -378,7 +378,7 @@ function Store:update_attempt(id, n, fields)
   if rerr then
     return check(nil, rerr, "update_attempt")
   elseif not raw then
-    return nil, "ENOENT: no attempt"
+    return nil, "ENOENT: no attempt " .. tostring(n) .. " of call " .. tostring(id)
   end
   local a = decode(raw)
   for k, v in pairs(fields) do
@@ -397,12 +397,16 @@ end
 
 --- Newest first; the cursor is the last row's sequence number. nil,
 --- "ECURSOR: ..." for a cursor that is not one; nil, err when the read fails.
+--- A limit of 0 (or less) is an empty page, without a next one.
 function Store:list_calls(opts)
   opts = opts or {}
   local limit = opts.limit or 20
   local before = cursor_seq(opts.cursor)
   if before == false then
     return nil, "ECURSOR: not a cursor of this list"
+  end
+  if limit < 1 then
+    return {}
   end
   before = before or math.maxinteger
   local rows, err
@@ -531,6 +535,9 @@ function Store:pending_notifications(opts)
     args[#args + 1], args[#args + 2] = opts.after[1], opts.after[2]
   end
   local limit = opts.limit or math.maxinteger
+  if limit < 1 then
+    return {}
+  end
   -- One more than the page: whether there is a next one.
   args[#args + 1] = math.min(limit, math.maxinteger - 1) + 1
   local rows, err = db:rows(sql .. " ORDER BY created, rowid LIMIT ?", table.unpack(args))
