@@ -19,7 +19,9 @@
 --   POST /mock/api/decline             {callId, token, status?} the attempt ends busy (or failed)
 --                                      -> {callId, attempt, attemptStatus, status, nextAttemptAt?}
 --   GET  /mock/api/call/{callId}?s=S   the page's view: status, transcript, report
---   POST /mock/api/hangup              {callId, session} the page hung up
+--   POST /mock/api/hangup              {callId, session, reason?} the page hung up;
+--                                      reason "microphone_lost": its microphone stopped
+--                                      mid-call, which the call's lastError says
 local crypto = require "callagent.crypto"
 local timer = require "callagent.timer"
 local json = require "callagent.json"
@@ -34,6 +36,9 @@ local P = {
 }
 
 local RING_EXTRA_MS = 0
+-- lastError of a call whose page lost its microphone mid-call.
+local MIC_LOST = "the mock phone's microphone stopped mid-call (unplugged, or its permission taken back): "
+  .. "the page hung up"
 local FINAL = require("callagent.calls").FINAL
 
 function P:init(ctx)
@@ -62,11 +67,13 @@ function P:startCall(call, _, localBaseUrl)
     self:_expire_page(token)
     self.engine:provider_status(call.callId, n, { status = "no_answer", reason = "nobody opened the mock phone page" })
   end)
+  local pid = "MOCK" .. crypto.to_hex(crypto.random_bytes(8))
+  self.pages[token].pid = pid
   local hint = localBaseUrl .. "/mock/call/" .. call.callId .. "?t=" .. token
   -- Not the hint itself: its token answers the call, and a log is read by others.
   log.info("mock phone ringing: open the call's hint (in the API's answer) to answer", { call = call.callId,
     page = localBaseUrl .. "/mock/call/" .. call.callId })
-  return { providerCallId = "MOCK" .. crypto.to_hex(crypto.random_bytes(8)), userHint = hint }
+  return { providerCallId = pid, userHint = hint }
 end
 
 function P:buildVoiceResponse()
@@ -239,7 +246,7 @@ function P:registerRoutes(srv)
       return refuse(req, 409, "not_ringing", "the call is no longer ringing: " .. tostring(err))
     end
     local session = crypto.random_token(18)
-    self.sessions[session] = { call_id = entry.call_id, attempt = entry.attempt }
+    self.sessions[session] = { call_id = entry.call_id, attempt = entry.attempt, pid = entry.pid }
     -- The page polls and hangs up with it while the call lasts, and reads
     -- the end; forgotten after a day.
     timer.after(86400000, function()
@@ -352,16 +359,33 @@ function P:registerRoutes(srv)
     }
   end)
 
+  -- The page hung up. reason "microphone_lost": its microphone stopped
+  -- mid-call (unplugged, its permission taken back), and the page hung up
+  -- rather than go on in silence; the call's lastError says so. The page
+  -- sends this before it closes its stream, so that the stream's stop is
+  -- not the end, without a why.
+  local HANGUP_WHY = { microphone_lost = MIC_LOST }
   srv:post("/mock/api/hangup", function(req)
     local body, status, err = page_body(req)
     if not body then
       return status, err
     end
+    if body.reason ~= nil and not HANGUP_WHY[body.reason] then
+      return refuse(req, 400, "invalid_field", 'reason must be "microphone_lost" when given', "reason")
+    end
     local s = type(body.session) == "string" and self.sessions[body.session]
     if not s or s.call_id ~= body.callId then
       return refuse(req, 403, "invalid_session", "unknown page session", "session")
     end
-    self.engine:provider_status(s.call_id, s.attempt, { status = "completed", reason = "the page hung up" })
+    local why = HANGUP_WHY[body.reason]
+    if why then
+      log.info("mock phone lost its microphone: hanging up", { call = s.call_id, attempt = s.attempt })
+    end
+    -- Streaming: hung up as a vendor whose call's stream stopped, why in
+    -- lastError. Not (yet) streaming, or over: as any hang-up of the page.
+    if not (why and s.pid and self.engine:stream_over(s.call_id, s.attempt, s.pid, why)) then
+      self.engine:provider_status(s.call_id, s.attempt, { status = "completed", reason = "the page hung up" })
+    end
     return 204
   end)
 end

@@ -410,6 +410,34 @@ T.test("a mock call answered whose page never connects its audio fails no_stream
   T.eq({ #v.attempts, v.attempts[1].status, v.attempts[1].reason }, { 1, "failed", "no_stream" })
 end, { timeout = 30000 })
 
+T.test("a mock page that lost its microphone mid-call hangs up with reason microphone_lost: the call ends at once, "
+  .. "its lastError says why", function()
+  local rt = assert(require("fakes.realtime").start({ api_key = "sk-mock-test-model-key-0123456789abcdef",
+    script = function(s)
+      s:wait_event("response.create", 20000)
+    end }))
+  T.defer(function()
+    rt:close()
+  end)
+  local app = start({ openai = { apiKey = rt.api_key, realtimeUrl = rt.url } })
+  local id = assert(app:create_call({ to = "+15555550103", prompt = "Test." })).callId
+  local p = assert(require("phone").answer(app.engine:call_view(id).hint))
+  T.wait_for(function()
+    local s = rt.sessions[1]
+    return s and s.input_bytes > 0
+  end, 5000, "the page's audio reaching the model")
+  T.eq(post(app, "/mock/api/hangup", { callId = id, session = p.session, reason = "microphone_lost" }), 204)
+  assert(p:wait_closed(3000), "callagent closes the page's stream")
+  local v
+  T.wait_for(function()
+    v = app.engine:call_view(id)
+    return v.status ~= "in_progress"
+  end, 3000, "the call's end")
+  T.eq({ v.status, v.endReason }, { "completed", "callee_hung_up" })
+  T.eq(v.lastError, "the mock phone's microphone stopped mid-call (unplugged, or its permission taken back): "
+    .. "the page hung up")
+end)
+
 T.test("a mock decline with a wrong token, another call's, or by GET is refused and changes nothing", function()
   local app = start()
   local a = assert(app:create_call({ to = "+15555550100", prompt = "Test." })).callId
@@ -508,6 +536,7 @@ T.test("each refusal of the phone page's routes is a JSON error and one WARN lin
     { "/mock/api/decline", { callId = a, token = tb }, 403, "invalid_token", "token" },
     { "/mock/api/ring/" .. a .. "?t=guess", nil, 403, "invalid_token", "t" },
     { "/mock/api/hangup", { callId = b, session = session }, 403, "invalid_session", "session" },
+    { "/mock/api/hangup", { callId = a, session = session, reason = "bored" }, 400, "invalid_field", "reason" },
     { "/mock/api/call/" .. a .. "?s=guess", nil, 403, "invalid_session", "s" },
     { "/mock/api/decline", { callId = a, token = ta, status = "ok" }, 400, "invalid_field", "status" },
     { "/mock/api/decline", { callId = a, token = ta }, 409, "answered" },
