@@ -572,6 +572,41 @@ T.test("reloaded mid-call: the call is hung up as the callee's, and the reloaded
   T.match(r.reload.problem, "^This call link was already used: the call was answered from it")
 end, { timeout = 40000 })
 
+T.test("the microphone lost mid-call: the page says so and hangs up, the call ends at once, its lastError says why",
+  function()
+  local app, view, wav = long_story_call("+14155550187")
+  local r, code, err = node({ "browser/drive.mjs", view.hint, wav, ROOT .. "/tests/artifacts/mock-phone-mic-lost.png",
+    "--mic-lost-after=1000", "--no-report", "--timeout=15000" }, 30000)
+  T.ok(r, "drive.mjs printed no JSON (exit " .. tostring(code) .. "): " .. err)
+  T.ok(r.ok, "drive.mjs: " .. tostring(r.error) .. "; page: " .. json.encode({ r.banner, r.problem, r.stats }))
+  T.gt(r.stats.framesSent, 0, "the page streamed before")
+  T.eq({ r.stats.state, r.banner, r.status }, { "mic-lost", "Call ended: the microphone stopped.", "Completed" })
+  T.match(r.problem, "^The microphone stopped %(unplugged, or its permission was taken back%), so the call was hung up%.")
+  local v = app.engine:call_view(view.callId)
+  T.eq({ v.status, v.endReason }, { "completed", "callee_hung_up" })
+  T.eq(v.lastError, "the mock phone's microphone stopped mid-call (unplugged, or its permission taken back): "
+    .. "the page hung up")
+end, { timeout = 40000 })
+
+T.test("left mid-call, back from the back/forward cache: the page loads again and says its link answered the call",
+  function()
+  local app, view, wav = long_story_call("+14155550186")
+  local r, code, err = node({ "browser/drive.mjs", view.hint, wav, ROOT .. "/tests/artifacts/mock-phone-back.png",
+    "--cache-after=1000", "--timeout=15000" }, 30000)
+  T.ok(r, "drive.mjs printed no JSON (exit " .. tostring(code) .. "): " .. err)
+  T.ok(r.ok, "drive.mjs: " .. tostring(r.error) .. "; page: " .. json.encode({ r.banner, r.problem, r.stats }))
+  -- Not the page as it was left: loaded again, it asks its link's view.
+  T.eq(r.back.reloaded, true, "the page loaded again")
+  T.eq(r.back.state, "error")
+  T.match(r.back.problem, "^This call link was already used: the call was answered from it")
+  local v
+  T.wait_for(function()
+    v = app.engine:call_view(view.callId)
+    return v and v.status ~= "in_progress"
+  end, 10000, "the call to end")
+  T.eq({ v.status, v.endReason }, { "completed", "callee_hung_up" }, "leaving the page hung up")
+end, { timeout = 40000 })
+
 -- An app whose model refuses its key; connect_early: openai.connectWhileRinging.
 local function refusing_model_app(connect_early)
   return (start_app(nil, { openai = { apiKey = "sk-revoked-key-0123456789", connectWhileRinging = connect_early } }))

@@ -39,9 +39,20 @@
 // open): POST /mock/api/decline {callId, token} -> {attemptStatus "busy",
 // status, nextAttemptAt?}; nothing is answered, the microphone is let go.
 //
+// The microphone lost (its track's `ended`: unplugged, its permission taken
+// back) would go on as silence: the page says so and hangs up, as the
+// callee. Connected, it asks POST /mock/api/hangup {reason:
+// "microphone_lost"} first, so that the call's lastError says why, then
+// stops its stream; before that, it hangs up as Hang up does (answered) or
+// as a refused microphone does (not yet answered).
+//
+// Restored from the browser's back/forward cache (pageshow, persisted), what
+// the page shows is from before it was left (a call it hung up then, a ring
+// that stopped meanwhile): it loads again, and shows the link as it is now.
+//
 // For tests: window.mockPhone = {stats, hangup()}. stats: state ("opening"
 // | "ringing" | "answering" | "connected" | "ended" | "error" | "mic-denied"
-// | "declined" | "stopped": it stopped ringing while the page rang), ring
+// | "mic-lost" | "declined" | "stopped": it stopped ringing while the page rang), ring
 // (the link's view while it rang, then as it stopped), callStatus
 // (polled; once declined, the call's status the decline returned),
 // sampleRate, framesSent, bytesSent (mu-law sent), mediaReceived (mu-law
@@ -105,6 +116,7 @@ let lastTranscriptKey = "";
 let ringTimer = null;
 let ringFailures = 0; // in a row
 let ringUnsettled = 0; // views of a stopped link whose attempt had not ended yet
+let micEnded = false; // the microphone's track ended (unplugged, permission taken back)
 const TITLE = document.title;
 
 const FINAL = new Set(["completed", "busy", "no_answer", "failed", "canceled"]);
@@ -130,7 +142,9 @@ function setState(state, banner) {
   for (const b of $("keypad").querySelectorAll("button")) b.disabled = !live;
   $("incall").hidden = !inCall;
   $("ring").hidden = inCall || stats.ring === null;
-  if (state === "error" || state === "mic-denied" || (state === "ended" && !inCall)) $("ring-title").textContent = "Not answered";
+  if (state === "error" || state === "mic-denied" || (state === "mic-lost" && !inCall) || (state === "ended" && !inCall)) {
+    $("ring-title").textContent = "Not answered";
+  }
   renderRingButtons();
   document.title = state === "ringing" ? "Ringing · " + TITLE : TITLE;
   renderPill();
@@ -175,8 +189,8 @@ function renderPill() {
   } else if (lost && !(st && FINAL.has(st))) {
     text = "Disconnected";
     cls = "bad";
-  } else if (stats.state === "error" || stats.state === "mic-denied") {
-    text = st && FINAL.has(st) ? STATUS_TEXT[st] || st : "Not connected";
+  } else if (stats.state === "error" || stats.state === "mic-denied" || (stats.state === "mic-lost" && !(st && FINAL.has(st)))) {
+    text = st && FINAL.has(st) ? STATUS_TEXT[st] || st : stats.state === "mic-lost" ? "Microphone lost" : "Not connected";
     cls = "bad";
   } else if (st) {
     text = STATUS_TEXT[st] || st;
@@ -335,12 +349,13 @@ function fail(text, banner) {
   setState("error", banner || "The call could not be answered.");
 }
 
-function postHangup(keepalive) {
+// reason: "microphone_lost" (micLost), or none.
+function postHangup(keepalive, reason) {
   if (!call.session) return Promise.resolve();
   return fetch("/mock/api/hangup", {
     method: "POST",
     headers: { "Content-Type": "application/json" },
-    body: JSON.stringify({ callId: call.id, session: call.session }),
+    body: JSON.stringify({ callId: call.id, session: call.session, reason }),
     keepalive: !!keepalive,
   }).catch((e) => noteError("hangup: " + e.message));
 }
@@ -364,6 +379,7 @@ async function openMicrophone() {
       releaseMicrophone();
       return false;
     }
+    for (const t of mic.getAudioTracks()) t.addEventListener("ended", () => micLost());
     return true;
   } catch (e) {
     if (ringEnded) return false;
@@ -393,6 +409,36 @@ function micProblem(state, text) {
   finished = true;
   setState(state, "Call ended");
   postHangup();
+}
+
+const MIC_LOST_TEXT =
+  "The microphone stopped (unplugged, or its permission was taken back), so the call was hung up. Connect or allow it and place the call again.";
+
+// The microphone's track ended. Connected: the page hangs up, telling
+// callagent why before the stream's stop (that stop alone is a callee who
+// hung up, without a why). Answered and still connecting: as Hang up.
+// Before the answer, answerCall sees micEnded and answers to hang up, as
+// for a refused microphone.
+function micLost() {
+  micEnded = true;
+  if (finished || !inCall) return;
+  finished = true;
+  const connected = stats.state === "connected";
+  noteError(MIC_LOST_TEXT);
+  showProblem(MIC_LOST_TEXT);
+  stopAudio(false);
+  setState("mic-lost", "Call ended: the microphone stopped.");
+  const closeStream = () => {
+    seq++;
+    send({ event: "stop", sequenceNumber: String(seq), streamSid, stop: { accountSid, callSid } });
+    if (ws) ws.close(1000, "microphone lost");
+  };
+  if (!connected) {
+    closeStream();
+    postHangup();
+    return;
+  }
+  postHangup(false, "microphone_lost").finally(closeStream);
 }
 
 // Rates whose polyphase filters the worklets can build (dsp.js): any usual one.
@@ -1006,6 +1052,13 @@ async function answerCall() {
     return;
   }
   if (ringEnded) return releaseMicrophone();
+  if (micEnded) {
+    // Lost while the audio started: nothing to talk with.
+    releaseMicrophone();
+    micProblem("mic-lost", MIC_LOST_TEXT);
+    await answerToEnd();
+    return;
+  }
   setState("answering", "Answering the call…");
   if (!(await answer())) {
     releaseMicrophone();
@@ -1014,6 +1067,11 @@ async function answerCall() {
   inCall = true;
   setState("answering");
   poll();
+  if (micEnded) {
+    // Lost during the answer's request.
+    micLost();
+    return;
+  }
   connect();
 }
 
@@ -1040,6 +1098,12 @@ async function main() {
     // A key held down is one key, as on a phone: not one per keyboard repeat.
     if (/^[0-9*#]$/.test(e.key) && !e.repeat && !e.ctrlKey && !e.metaKey && !e.altKey) sendDigit(e.key);
   });
+  // Back from the back/forward cache: the page as it was left (a call it
+  // hung up then, a ring that may have stopped since); loaded again, it
+  // asks its link's view afresh.
+  window.addEventListener("pageshow", (e) => {
+    if (e.persisted) location.reload();
+  });
   window.addEventListener("pagehide", () => {
     if (finished || !call.session) return;
     finished = true;
@@ -1047,6 +1111,10 @@ async function main() {
     send({ event: "stop", sequenceNumber: String(seq), streamSid, stop: { accountSid, callSid } });
     if (ws) ws.close(1000, "page closed");
     postHangup(true);
+    // The microphone let go, and the page (kept in the back/forward cache)
+    // no longer live.
+    stopAudio(false);
+    setState("ended", "Call ended: you left the page.");
   });
 
   const m = location.pathname.match(/^\/mock\/call\/([^/]+)\/?$/);

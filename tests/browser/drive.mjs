@@ -35,6 +35,19 @@
 //   --reload-after=MS   reload the page MS after the stream connected, and
 //                       end once the reloaded page left "opening": .reload
 //                       {state, problem, status, stats (the page's before)}
+//   --mic-lost-after=MS MS after the stream connected, the page's microphone
+//                       is lost: its tracks are stopped and each gets the
+//                       `ended` an unplugged device (or a revoked permission)
+//                       fires; .micLostMs is when (as --hangup-after's); the
+//                       end as for --no-report
+//   --cache-after=MS    MS after the stream connected, the page goes into the
+//                       back/forward cache and comes back: the window gets a
+//                       pagehide and then a pageshow, each persisted, as
+//                       Firefox and Safari do (Chromium keeps a page that used
+//                       the microphone out of its cache: notRestoredReasons
+//                       "mediastream", so it is played here). .back {reloaded
+//                       (the page loaded again within 5 s), state, problem,
+//                       status}; the end once it is past "opening"
 //   --reopen            at the end, open URL again (a used link) and record
 //                       what the page says in .reopen {state, problem}
 //   --mic-delay=MS      the microphone is granted MS after the page asks (a person
@@ -107,6 +120,8 @@ for (const a of process.argv.slice(2)) {
   else if (a.startsWith("--hangup-after=")) opts.hangupAfter = Number(a.slice(15));
   else if (a.startsWith("--hold=")) opts.hold = a.slice(7);
   else if (a.startsWith("--reload-after=")) opts.reloadAfter = Number(a.slice(15));
+  else if (a.startsWith("--mic-lost-after=")) opts.micLostAfter = Number(a.slice(17));
+  else if (a.startsWith("--cache-after=")) opts.cacheAfter = Number(a.slice(14));
   else if (a.startsWith("--live-shot=")) opts.liveShot = a.slice(12);
   else if (a.startsWith("--timeout=")) opts.timeout = Number(a.slice(10));
   else if (a.startsWith("--mic-delay=")) opts.micDelay = Number(a.slice(12));
@@ -258,7 +273,11 @@ async function run() {
       const ask = md.getUserMedia.bind(md);
       md.getUserMedia = (c) => {
         window.__micRequests++;
-        return ms ? new Promise((r) => setTimeout(r, ms)).then(() => ask(c)) : ask(c);
+        const got = ms ? new Promise((r) => setTimeout(r, ms)).then(() => ask(c)) : ask(c);
+        return got.then((s) => {
+          (window.__micStreams = window.__micStreams || []).push(s);
+          return s;
+        });
       };
     }, opts.micDelay || 0);
     if (opts.forward) {
@@ -294,7 +313,8 @@ async function run() {
     const start = Date.now();
     const deadline = start + opts.timeout;
     const watchRing = opts.apiHangup || opts.answerElsewhere || opts.letRing;
-    const wantReport = !opts.noReport && !opts.denyMic && !opts.decline && !watchRing && opts.hangupAfter == null && opts.cutAfter == null;
+    const wantReport = !opts.noReport && !opts.denyMic && !opts.decline && !watchRing && opts.hangupAfter == null
+      && opts.cutAfter == null && opts.micLostAfter == null;
     let rang = false;
     let cutAt = null;
     let endedAfterCut = null;
@@ -302,6 +322,7 @@ async function run() {
     let pressed = false;
     let held = !opts.hold;
     let hungUp = false;
+    let micLost = false;
     let liveShot = !opts.liveShot;
     let done = false;
     let last = null;
@@ -383,6 +404,42 @@ async function run() {
             last = await page.evaluate(() => ({ stats: window.mockPhone.stats }));
             done = true;
             break;
+          }
+          if (opts.cacheAfter != null && now - connectedAt >= opts.cacheAfter) {
+            await page.evaluate(() => {
+              window.__beforeCache = true; // gone once the page loaded again
+              window.dispatchEvent(new PageTransitionEvent("pagehide", { persisted: true }));
+              window.dispatchEvent(new PageTransitionEvent("pageshow", { persisted: true }));
+            });
+            const until = Date.now() + 5000;
+            let reloaded = false;
+            while (!reloaded && Date.now() < until) {
+              await sleep(50);
+              reloaded = await page.evaluate(() => !window.__beforeCache).catch(() => false);
+            }
+            await page.waitForLoadState("load");
+            out.back = { reloaded };
+            const st = await settledState(page);
+            Object.assign(out.back, {
+              state: st,
+              problem: await visibleText(page, "problem"),
+              status: await visibleText(page, "status"),
+            });
+            last = await page.evaluate(() => ({ stats: window.mockPhone.stats }));
+            done = true;
+            break;
+          }
+          if (!micLost && opts.micLostAfter != null && now - connectedAt >= opts.micLostAfter) {
+            micLost = true;
+            out.micLostMs = now - start;
+            await page.evaluate(() => {
+              for (const s of window.__micStreams || []) {
+                for (const t of s.getAudioTracks()) {
+                  t.stop(); // which fires no ended: an ended device does
+                  t.dispatchEvent(new Event("ended"));
+                }
+              }
+            });
           }
           if (!hungUp && opts.hangupAfter != null && now - connectedAt >= opts.hangupAfter) {
             hungUp = true;
