@@ -588,6 +588,22 @@ T.test("the microphone lost mid-call: the page says so and hangs up, the call en
     .. "the page hung up")
 end, { timeout = 40000 })
 
+T.test("the microphone lost before the answer went out: the page says so, answers and hangs up, nothing streamed",
+  function()
+  need_tools()
+  local wav = callee_wav()
+  local app = start_app(function() end)
+  local view = assert(app:create_call({ to = "+14155550185", prompt = "Talk." }))
+  local r, code, err = node({ "browser/drive.mjs", view.hint, wav, ROOT .. "/tests/artifacts/mock-phone-mic-lost-early.png",
+    "--mic-lost-on-grant", "--timeout=15000" }, 30000)
+  T.ok(r, "drive.mjs printed no JSON (exit " .. tostring(code) .. "): " .. err)
+  T.ok(r.ok, "drive.mjs: " .. tostring(r.error) .. "; page: " .. json.encode({ r.banner, r.problem, r.stats }))
+  T.eq({ r.stats.state, r.stats.framesSent }, { "mic-lost", 0 })
+  T.match(r.problem, "^The microphone stopped %(unplugged, or its permission was taken back%), so the call was hung up%.")
+  local v = app.engine:call_view(view.callId)
+  T.eq({ v.status, v.endReason }, { "completed", "callee_hung_up" }, "answered and hung up, not left ringing")
+end, { timeout = 40000 })
+
 T.test("left mid-call, back from the back/forward cache: the page loads again and says its link answered the call",
   function()
   local app, view, wav = long_story_call("+14155550186")

@@ -40,6 +40,9 @@
 //                       `ended` an unplugged device (or a revoked permission)
 //                       fires; .micLostMs is when (as --hangup-after's); the
 //                       end as for --no-report
+//   --mic-lost-on-grant the microphone is lost as soon as it is granted, before
+//                       the page answered (the same way as --mic-lost-after);
+//                       the end as for --no-report
 //   --cache-after=MS    MS after the stream connected, the page goes into the
 //                       back/forward cache and comes back: the window gets a
 //                       pagehide and then a pageshow, each persisted, as
@@ -122,6 +125,7 @@ for (const a of process.argv.slice(2)) {
   else if (a.startsWith("--reload-after=")) opts.reloadAfter = Number(a.slice(15));
   else if (a.startsWith("--mic-lost-after=")) opts.micLostAfter = Number(a.slice(17));
   else if (a.startsWith("--cache-after=")) opts.cacheAfter = Number(a.slice(14));
+  else if (a === "--mic-lost-on-grant") opts.micLostOnGrant = true;
   else if (a.startsWith("--live-shot=")) opts.liveShot = a.slice(12);
   else if (a.startsWith("--timeout=")) opts.timeout = Number(a.slice(10));
   else if (a.startsWith("--mic-delay=")) opts.micDelay = Number(a.slice(12));
@@ -266,7 +270,7 @@ async function run() {
     });
     page.on("pageerror", (e) => out.console.push(`pageerror: ${e.message}`.slice(0, 300)));
     // Counts the page's microphone requests; with --mic-delay, grants them late.
-    await page.addInitScript((ms) => {
+    await page.addInitScript(([ms, loseOnGrant]) => {
       window.__micRequests = 0;
       const md = navigator.mediaDevices;
       if (!md) return;
@@ -276,10 +280,19 @@ async function run() {
         const got = ms ? new Promise((r) => setTimeout(r, ms)).then(() => ask(c)) : ask(c);
         return got.then((s) => {
           (window.__micStreams = window.__micStreams || []).push(s);
+          if (loseOnGrant) {
+            // Once the page has it (and listens to its tracks).
+            setTimeout(() => {
+              for (const t of s.getAudioTracks()) {
+                t.stop();
+                t.dispatchEvent(new Event("ended"));
+              }
+            }, 0);
+          }
           return s;
         });
       };
-    }, opts.micDelay || 0);
+    }, [opts.micDelay || 0, !!opts.micLostOnGrant]);
     if (opts.forward) {
       forward = await startForward(url, opts.holdStream);
       out.forward = forward.stats;
@@ -314,7 +327,7 @@ async function run() {
     const deadline = start + opts.timeout;
     const watchRing = opts.apiHangup || opts.answerElsewhere || opts.letRing;
     const wantReport = !opts.noReport && !opts.denyMic && !opts.decline && !watchRing && opts.hangupAfter == null
-      && opts.cutAfter == null && opts.micLostAfter == null;
+      && opts.cutAfter == null && opts.micLostAfter == null && !opts.micLostOnGrant;
     let rang = false;
     let cutAt = null;
     let endedAfterCut = null;
