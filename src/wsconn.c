@@ -25,8 +25,10 @@
  * "ENOBUFS: ..." when the send queue would pass its limit - the peer is not
  * reading fast enough, so the connection is dropped (close code 1008), which
  * is how a slow peer is kept from growing memory without bound. An incoming
- * message larger than the limit closes the connection with 1009, a close
- * frame whose reason is not UTF-8 with 1007 (the reason is not shown).
+ * message larger than the limit closes the connection with 1009; a text
+ * message that is not UTF-8 (checked as its fragments come: see
+ * ca__utf8_check), and a close frame whose reason is not, with 1007 (RFC
+ * 6455 8.1; neither is shown to the app, nor to a C tap).
  *
  * Events reach the connection's handler as handler(conn, event, a, b):
  * "open" (server: a = request table; client: a = response headers),
@@ -493,6 +495,109 @@ void ca__ws_fail(struct ca_ws *ws, int code, const char *reason)
 	close_deadline(ws);
 }
 
+/* ---- UTF-8 of text messages ---- */
+
+#define HIGH_BITS 0x8080808080808080ull
+
+static inline uint64_t load64(const unsigned char *p)
+{
+	uint64_t w;
+
+	memcpy(&w, p, 8);
+	return w;
+}
+
+/* Bytes of ASCII at the start of p[0..n): 32 bytes at a time, then 8, then one. */
+static size_t ascii_run(const unsigned char *p, size_t n)
+{
+	size_t i = 0;
+
+	for (; i + 32 <= n; i += 32)
+		if ((load64(p + i) | load64(p + i + 8) | load64(p + i + 16) | load64(p + i + 24)) & HIGH_BITS)
+			break;
+	for (; i + 8 <= n; i += 8)
+		if (load64(p + i) & HIGH_BITS)
+			break;
+	while (i < n && p[i] < 0x80)
+		i++;
+	return i;
+}
+
+/*
+ * Whether p[0..n) (1 to 4 bytes, none left after them) is the start of a
+ * UTF-8 sequence that more bytes may complete. ca__utf8_len judges it with
+ * continuation bytes after it: 0x80 fits any third and fourth byte, and
+ * every lead byte's second takes 0x80 or 0xa0.
+ */
+static int utf8_begins(const unsigned char *p, size_t n)
+{
+	unsigned char s[4] = {0x80, 0x80, 0x80, 0x80};
+
+	memcpy(s, p, n);
+	if (ca__utf8_len(s, 4) > n)
+		return 1;
+	if (n > 1)
+		return 0;
+	s[1] = 0xa0;
+	return ca__utf8_len(s, 4) > n;
+}
+
+int ca__utf8_check(struct ca_utf8 *st, const unsigned char *p, size_t n, int final, size_t *at)
+{
+	size_t i = 0, len;
+
+	*at = 0;
+	if (st->len) {
+		/* The sequence the last piece ended in, with what this one adds to it. */
+		unsigned char s[4];
+		size_t k = st->len, take = n < 4 - k ? n : 4 - k;
+
+		memcpy(s, st->part, k);
+		if (take)	/* p may be NULL for an empty piece */
+			memcpy(s + k, p, take);
+		len = ca__utf8_len(s, k + take);
+		if (len == 0) {
+			if (take == n && !final && utf8_begins(s, k + take)) {
+				memcpy(st->part, s, k + take);
+				st->len = (unsigned)(k + take);
+				return 0;
+			}
+			st->len = 0;
+			return take == n && utf8_begins(s, k + take) ? -2 : -1;
+		}
+		st->len = 0;
+		i = len - k;
+	}
+	while (i < n) {
+		i += ascii_run(p + i, n - i);
+		if (i == n)
+			break;
+		len = ca__utf8_len(p + i, n - i);
+		if (len == 0) {
+			if (n - i < 4 && utf8_begins(p + i, n - i)) {
+				if (final)
+					return -2;
+				memcpy(st->part, p + i, n - i);
+				st->len = (unsigned)(n - i);
+				return 0;
+			}
+			*at = i;
+			return -1;
+		}
+		i += len;
+	}
+	return 0;
+}
+
+/* Whether p[0..n) is UTF-8. */
+static int utf8_valid(const unsigned char *p, size_t n)
+{
+	struct ca_utf8 st = {{0}, 0};
+	size_t at;
+
+	return ca__utf8_check(&st, p, n, 1, &at) == 0;
+}
+
 static void deliver(struct ca_ws *ws, const void *data, size_t len, int binary)
 {
 	lua_State *L = ca_lua();
@@ -507,6 +612,33 @@ static void deliver(struct ca_ws *ws, const void *data, size_t len, int binary)
 	ca__ws_emit(ws, binary ? "binary" : "text", 1);
 }
 
+/*
+ * A piece of a text message that is not UTF-8 (RFC 6455 8.1: the
+ * connection fails with 1007), checked as it comes: bytes that start no
+ * sequence fail it at once, a sequence cut short at its end. The log says
+ * where, never what.
+ */
+static int not_utf8(struct ca_ws *ws, const void *in, size_t len, int final)
+{
+	size_t at;
+	int r = ca__utf8_check(&ws->utf8, in, len, final, &at);
+
+	if (r == 0)
+		return 0;
+	if (r == -2)
+		ca_log(CA_LOG_WARN, "websocket %lld: a text message from the %s ends inside a UTF-8 sequence "
+		       "(at byte %zu): closing (1007)", (long long)ws->id, ws->is_client ? "server" : "client",
+		       ws->rx_len + len);
+	else
+		ca_log(CA_LOG_WARN, "websocket %lld: a text message from the %s that is not UTF-8 (at byte %zu): "
+		       "closing (1007)", (long long)ws->id, ws->is_client ? "server" : "client", ws->rx_len + at);
+	ws->rx_len = 0;
+	/* Nothing after it in the stream is read (as after a protocol error). */
+	ws->fr.broken = 1;
+	ca__ws_fail(ws, 1007, "text message that is not UTF-8");
+	return 1;
+}
+
 void ca__ws_receive(struct ca_ws *ws, const void *in, size_t len, int final, int binary)
 {
 	if (ws->fail_code || ws->state != CA_WS_OPEN)
@@ -515,9 +647,12 @@ void ca__ws_receive(struct ca_ws *ws, const void *in, size_t len, int final, int
 		ca_log(CA_LOG_WARN, "websocket %lld: message over %zu bytes: closing (1009)",
 		       (long long)ws->id, ws->max_message);
 		ws->rx_len = 0;
+		ws->utf8.len = 0;
 		ca__ws_fail(ws, 1009, "message too big");
 		return;
 	}
+	if (!binary && not_utf8(ws, in, len, final))
+		return;
 	if (final && ws->rx_len == 0) {
 		/* The common case: a whole message in one piece, no copy of ours. */
 		deliver(ws, in, len, binary);
@@ -803,15 +938,6 @@ static void protocol_error(struct ca_ws *ws, const char *what)
 	       (long long)ws->id, ws->is_client ? "server" : "client", what);
 	ws->fr.broken = 1;
 	ca__ws_fail(ws, 1002, what);
-}
-
-/* Whether p[0..n) is UTF-8 (see ca__utf8_len). */
-static int utf8_valid(const unsigned char *p, size_t n)
-{
-	for (size_t i = 0, len; i < n; i += len)
-		if ((len = ca__utf8_len(p + i, n - i)) == 0)
-			return 0;
-	return 1;
 }
 
 /* A whole control frame. -1: close the connection now. */

@@ -64,6 +64,27 @@ struct ca_wsframe {
 struct ca_wsio;
 
 /*
+ * The UTF-8 check of a text message whose pieces come one by one (see
+ * ca__utf8_check): the start of a sequence the last piece ended in.
+ */
+struct ca_utf8 {
+	unsigned char part[4];
+	unsigned len;			/* 0..3 bytes of it */
+};
+
+/*
+ * Checks the next piece p[0..n) of a text message for UTF-8 (RFC 3629, as
+ * ca__utf8_len; RFC 6455 8.1); final: the message's last piece. A sequence
+ * cut at the end of a piece waits in st for the next one: it is an error
+ * only at the last piece, unless its bytes so far start no sequence.
+ * ASCII goes 32 and 8 bytes at a time. 0 when it is UTF-8 so far; -1 when
+ * not, *at the offset in p of the byte where it failed (0: in a sequence
+ * begun in an earlier piece); -2 when the message ends inside a sequence.
+ * st is empty again after the last piece, or an error.
+ */
+int ca__utf8_check(struct ca_utf8 *st, const unsigned char *p, size_t n, int final, size_t *at);
+
+/*
  * One WebSocket connection, server or client side. On the server side lws
  * speaks the protocol; a client's connection is raw to lws and src/ws.c
  * speaks it (cl), sending through ca__wsc_write. Allocated when the
@@ -86,6 +107,7 @@ struct ca_ws {
 
 	unsigned char *rx;		/* partial incoming message */
 	size_t rx_len, rx_cap;
+	struct ca_utf8 utf8;		/* the text message being read, checked as it comes */
 
 	int close_code;			/* our close request (0: none) */
 	int close_sent;			/* our close frame is out; the peer's ends it */

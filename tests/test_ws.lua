@@ -880,6 +880,130 @@ T.test("a close reason from a client that is not UTF-8 closes it with 1007, not 
   T.eq(close_event(srv, 3000), { "close", 1007, "close reason that is not UTF-8" })
 end)
 
+-- A server whose /bad route sends "ok", then text that is not UTF-8 (over
+-- TLS with tls from certs.make); srv.closes gets the close events.
+local function bad_text_server(tls)
+  return T.server(tls and { tls = { cert = tls.cert, key = tls.key } }, function(srv)
+    srv.closes = {}
+    srv:websocket("/bad", {
+      open = function(conn)
+        conn:send("ok")
+        conn:send("a\255b")
+      end,
+      close = function(_, code, reason)
+        srv.closes[#srv.closes + 1] = { code, reason }
+      end,
+    })
+  end)
+end
+
+T.test("a text message from the server that is not UTF-8 closes the client with 1007, over ws:// and wss://", function()
+  local tls = certs.make(T.tmpdir())
+  for _, over in ipairs({ "ws", "wss" }) do
+    local srv = bad_text_server(over == "wss" and tls)
+    local c = assert(connect(srv:ws_url("/bad"), { ca_file = tls.ca }))
+    T.eq({ c:receive(3000) }, { "text", "ok" }, over)
+    T.eq({ c:receive(3000) }, { "close", 1007, "text message that is not UTF-8" }, over .. ": not delivered")
+    T.wait_for(function()
+      return #srv.closes > 0
+    end, 3000, over .. ": the server's close event")
+    T.eq(srv.closes[1], { 1007, "text message that is not UTF-8" }, over .. ": the server was told why")
+  end
+end)
+
+T.test("a text message from a client that is not UTF-8 closes it with 1007, over ws:// and wss://; the handler never sees it", function()
+  local tls = certs.make(T.tmpdir())
+  for _, over in ipairs({ "ws", "wss" }) do
+    local srv = echo_server(over == "wss" and { tls = { cert = tls.cert, key = tls.key } } or nil)
+    local c = assert(connect(srv:ws_url("/echo"), { ca_file = tls.ca }))
+    c:send("fine")
+    T.eq({ c:receive(3000) }, { "text", "fine" }, over)
+    c:send("x\237\160\128y") -- a surrogate, U+D800
+    T.eq({ c:receive(3000) }, { "close", 1007, "text message that is not UTF-8" }, over .. ": not echoed")
+    T.eq(close_event(srv, 3000), { "close", 1007, "text message that is not UTF-8" }, over)
+  end
+end)
+
+T.test("text that is not UTF-8 across fragments closes the client with 1007: at once for bytes that start no sequence, at the end for a cut one", function()
+  -- utf8early's message never ends: the 1007 comes from its first fragment.
+  for _, scenario in ipairs({ "utf8early", "utf8cut", "utf8surrogate" }) do
+    local p, port = edge_server(scenario)
+    local c = assert(connect("ws://127.0.0.1:" .. port .. "/edge"))
+    T.eq({ c:receive(5000) }, { "close", 1007, "text message that is not UTF-8" }, scenario)
+    local f = client_frame(p)
+    T.eq({ f.op, f.masked, f.code }, { 8, true, 1007 }, scenario .. ": the server was told")
+  end
+end)
+
+T.test("a client's UTF-8 split inside characters across fragments is echoed whole; text that is not UTF-8 across fragments closes it with 1007", function()
+  local srv = echo_server()
+  local p = edge_client("utf8split", srv)
+  T.eq(server_frame(p), { op = 1, masked = false, fin = true, data = "h\u{e9}llo \u{1f600}" })
+  T.eq(#srv.events, 1, "still open")
+  for _, scenario in ipairs({ "utf8early", "utf8cut", "utf8surrogate" }) do
+    srv = echo_server()
+    p = edge_client(scenario, srv)
+    local f = server_frame(p)
+    T.eq({ f.op, f.code, f.reason }, { 8, 1007, "text message that is not UTF-8" }, scenario)
+    T.eq(close_event(srv, 3000, scenario .. ": the server's close event"), { "close", 1007, "text message that is not UTF-8" },
+      scenario)
+  end
+end)
+
+T.test("text that is not UTF-8 is logged as a WARN naming the connection and where, never its bytes", function()
+  local code, _, p = T.run_app(nil, nil, { source = [[
+local http = require "callagent.http"
+local ws = require "callagent.ws"
+local task = require "callagent.task"
+local runtime = require "callagent.runtime"
+local srv = http.server({})
+srv:websocket("/w", {
+  text = function(conn, msg)
+    conn:send("secret-from-server\255")
+  end,
+})
+assert(srv:listen())
+task.spawn(function()
+  local c = assert(ws.connect(srv:ws_url("/w")))
+  c:send("go")
+  print(c:receive(3000))
+  c = assert(ws.connect(srv:ws_url("/w")))
+  c:send("secret-from-client\192\128")
+  print(c:receive(3000))
+  srv:close()
+  runtime.stop(0)
+end)
+]] })
+  T.eq(code, 0, p.errtext())
+  T.eq(p.out, { "close\t1007\ttext message that is not UTF-8", "close\t1007\ttext message that is not UTF-8" })
+  local log = p.errtext()
+  T.match(log, "WARN websocket %d+: a text message from the server that is not UTF%-8 %(at byte 18%): closing %(1007%)")
+  T.match(log, "WARN websocket %d+: a text message from the client that is not UTF%-8 %(at byte 18%): closing %(1007%)")
+  T.no_match(log, "secret", "no payload in the log")
+end)
+
+T.test("a phone message that is not UTF-8 closes the stream with 1007 and never reaches the bridge", function()
+  local cbridge = require "callagent.core.bridge"
+  local b
+  local srv = T.server(nil, function(s)
+    s:websocket("/phone", {
+      open = function(conn)
+        b = cbridge.new(conn, nil, { stream_sid = "MZ1" })
+      end,
+    })
+  end)
+  local c = assert(connect(srv:ws_url("/phone")))
+  local media = '{"event":"media","media":{"payload":"f39/fw=="}%s}'
+  c:send(media:format(""))
+  T.wait_for(function()
+    return b and b:stats().frames_in == 1
+  end, 3000, "the first frame at the bridge")
+  c:send(media:format(',"x":"\255"'))
+  T.eq({ c:receive(3000) }, { "close", 1007, "text message that is not UTF-8" })
+  T.eq(b:stats().frames_in, 1, "the bridge took no second frame")
+  b:close()
+end)
+
 T.test("messages and a close that came in one read: the echoes and the close answer go out in order, in one write", function()
   local srv = echo_server()
   local p = edge_client("burst", srv)

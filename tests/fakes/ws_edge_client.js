@@ -68,6 +68,27 @@ const scenarios = {
   badreason(sock) {
     sock.write(frame(8, Buffer.from([0x03, 0xe8, 0xc0, 0x80]), { mask: KEY }));
   },
+  // UTF-8 across fragments (RFC 6455 8.1): a valid message split inside
+  // characters, echoed whole; text that is not UTF-8 - bytes that start no
+  // sequence, in a first fragment whose last never comes (utf8early); a
+  // message that ends inside a sequence (utf8cut); a surrogate split across
+  // fragments (utf8surrogate).
+  utf8split(sock) {
+    const text = Buffer.from('h\u00e9llo \u{1f600}');
+    sock.write(Buffer.concat([frame(1, text.subarray(0, 2), { fin: false, mask: KEY }),
+      frame(0, text.subarray(2, 8), { fin: false, mask: KEY }), frame(0, text.subarray(8), { mask: KEY })]));
+  },
+  utf8early(sock) {
+    sock.write(frame(1, Buffer.from([0x6f, 0x6b, 0xc0, 0xaf]), { fin: false, mask: KEY }));
+  },
+  utf8cut(sock) {
+    sock.write(Buffer.concat([frame(1, Buffer.from([0x61, 0xe2]), { fin: false, mask: KEY }),
+      frame(0, Buffer.from([0x82]), { mask: KEY })]));
+  },
+  utf8surrogate(sock) {
+    sock.write(Buffer.concat([frame(1, Buffer.from([0x78, 0xed]), { fin: false, mask: KEY }),
+      frame(0, Buffer.from([0xa0, 0x80]), { mask: KEY })]));
+  },
   // Five text messages and a close in one write: the echoes and the answer
   // to the close must come back whole and in order.
   burst(sock) {

@@ -120,6 +120,18 @@ const scenarios = {
       frame(0, text.subarray(2, 8), { fin: false }), frame(0, text.subarray(8))]));
     setTimeout(() => sock.write(frame(8, Buffer.concat([Buffer.from([0x03, 0xe8]), Buffer.from('s\u00fc\u00df')]))), 50);
   },
+  // Text that is not UTF-8 across fragments: see ws_edge_client.js.
+  utf8early(sock, head) {
+    sock.write(Buffer.concat([upgrade(sock, head), frame(1, Buffer.from([0x6f, 0x6b, 0xc0, 0xaf]), { fin: false })]));
+  },
+  utf8cut(sock, head) {
+    sock.write(Buffer.concat([upgrade(sock, head), frame(1, Buffer.from([0x61, 0xe2]), { fin: false }),
+      frame(0, Buffer.from([0x82]))]));
+  },
+  utf8surrogate(sock, head) {
+    sock.write(Buffer.concat([upgrade(sock, head), frame(1, Buffer.from([0x78, 0xed]), { fin: false }),
+      frame(0, Buffer.from([0xa0, 0x80]))]));
+  },
 };
 
 if (!scenarios[scenario]) {
