@@ -16,7 +16,11 @@
  *                            the recv / send calls once the socket is
  *                            callagent's (see ca__ws_take_socket; 0 before,
  *                            and on a TLS server, where lws does them)
- *   conn:pause() / conn:resume()  stop / restart reading from the peer
+ *   conn:pause() / conn:resume()  stop / restart reading from the peer: after
+ *                            pause() no message (nor close) event comes until
+ *                            resume(), even of what one read already brought
+ *                            (that is kept, and handled after the resume, in
+ *                            order, from the loop: not inside resume())
  *   conn.id                  a number unique in this process
  *   conn.<anything>          other fields live in a per-connection table, so
  *                            Lua code can keep its own state on the connection
@@ -758,6 +762,7 @@ static void free_ws(struct ca_ws *ws)
 		ws->tap_closed(ws->tap_ctx, ws);
 	free_queue(ws);
 	free(ws->rx);
+	free(ws->held);
 	free(ws);
 }
 
@@ -779,6 +784,14 @@ void ca__ws_closed(struct ca_ws *ws)
 		uv_close((uv_handle_t *)ws->ping_timer, (uv_close_cb)free);
 		ws->ping_timer = NULL;
 	}
+	if (ws->resume_timer) {
+		uv_timer_stop(ws->resume_timer);
+		uv_close((uv_handle_t *)ws->resume_timer, (uv_close_cb)free);
+		ws->resume_timer = NULL;
+	}
+	free(ws->held);
+	ws->held = NULL;
+	ws->held_len = 0;
 	ws->wsi = NULL;
 	ws->state = CA_WS_CLOSED;
 	free_queue(ws);
@@ -1046,6 +1059,16 @@ static void start_frame(struct ca_ws *ws)
 		f->msg = op;
 }
 
+/* Keeps bytes read while paused (see ca__ws_parse), after those kept already. */
+static void hold(struct ca_ws *ws, const unsigned char *p, size_t len)
+{
+	if (len == 0)
+		return;
+	ws->held = ca_realloc(ws->held, ws->held_len + len);
+	memcpy(ws->held + ws->held_len, p, len);
+	ws->held_len += len;
+}
+
 /*
  * A data frame's payload goes on as it arrives, in as few pieces as the
  * reads give (a message read whole is delivered from the read buffer
@@ -1059,6 +1082,15 @@ int ca__ws_parse(struct ca_ws *ws, unsigned char *p, size_t len)
 	while (!f->broken && (len > 0 || (f->in_payload && f->left == 0))) {
 		size_t n;
 
+		if (ws->paused || ws->held_len) {
+			/*
+			 * A handler paused the connection (or bytes held from
+			 * then wait to be parsed): the rest of the read waits
+			 * for conn:resume(), as it is (still masked).
+			 */
+			hold(ws, p, len);
+			break;
+		}
 		if (!f->in_payload) {
 			n = (f->hdr_len < 2 ? 2 : header_size(f->hdr)) - f->hdr_len;
 			if (n > len)
@@ -1428,6 +1460,42 @@ static void io_cb(uv_poll_t *h, int status, int events)
 		io_read(ws);
 }
 
+/*
+ * Whether bytes read before a pause wait to be parsed: held ones, or an
+ * empty frame whose header was the last thing read.
+ */
+static int held(const struct ca_ws *ws)
+{
+	return ws->held_len || (ws->fr.in_payload && ws->fr.left == 0 && !ws->fr.broken);
+}
+
+/* A paused connection resumed: what was read before goes on, then the socket is read again. */
+static void on_resume(uv_timer_t *t)
+{
+	struct ca_ws *ws = t->data;
+	unsigned char *p = ws->held, none[1];
+	size_t n = ws->held_len;
+	int r;
+
+	if (ws->paused || ws->io == NULL)
+		return;	/* paused again before this turn, or over */
+	ws->held = NULL;
+	ws->held_len = 0;
+	corking = 1;	/* as for a read: what it sets off goes in one write */
+	r = ws->fr.broken ? 0 : ca__ws_parse(ws, p ? p : none, n);
+	corking = 0;
+	cork_flush();
+	free(p);
+	if (r != 0) {
+		ca__ws_kill_conn(ws);
+		return;
+	}
+	if (ws->io && !ws->paused) {
+		ws->io->paused = 0;
+		io_update(ws->io);
+	}
+}
+
 int ca__ws_take_socket(struct ca_ws *ws, int (*rx)(struct ca_ws *ws, unsigned char *p, size_t len))
 {
 	struct ca_wsio *io;
@@ -1740,7 +1808,19 @@ static int l_resume(lua_State *L)
 		ws->last_rx = uv_now(ca_loop());	/* a ping's wait starts over */
 		ws->ping_sent = 0;
 	}
-	if (ws->io) {
+	if (ws->io && held(ws)) {
+		/*
+		 * What was read before the pause goes first, from the loop
+		 * (not inside this call, whose caller may be the handler, or
+		 * a task); the socket is read again after it (on_resume).
+		 */
+		if (ws->resume_timer == NULL) {
+			ws->resume_timer = ca_malloc(sizeof *ws->resume_timer);
+			uv_timer_init(ca_loop(), ws->resume_timer);
+			ws->resume_timer->data = ws;
+		}
+		uv_timer_start(ws->resume_timer, on_resume, 0, 0);
+	} else if (ws->io) {
 		ws->io->paused = 0;
 		io_update(ws->io);
 	} else if (ws->wsi) {

@@ -131,6 +131,14 @@ struct ca_ws {
 	uint64_t ping_ms, pong_ms;
 	uint64_t last_rx, ping_sent;
 	int paused;			/* conn:pause(): not read, so not pinged either */
+	/*
+	 * What a read held after the frame whose message paused the
+	 * connection (ca__ws_parse): parsed once it is resumed, from the
+	 * loop (resume_timer, owned here), ahead of anything read later.
+	 */
+	unsigned char *held;
+	size_t held_len;
+	uv_timer_t *resume_timer;
 
 	/* Client side only. */
 	uv_timer_t *connect_timer;	/* connect timeout, owned here */

@@ -1173,6 +1173,119 @@ T.test("paused while connecting: it opens, then reads nothing until resumed", fu
   T.eq(events[2], { "text", "hello" })
 end)
 
+T.test("a server connection paused by its handler gets no more messages, nor the close, of that read until resumed; then all, in order", function()
+  local got, conn = {}, nil
+  local srv = T.server(nil, function(s)
+    s:websocket("/echo", {
+      text = function(c, msg)
+        got[#got + 1] = msg
+        if msg == "m1" or msg == "m3" then
+          conn = c
+          c:pause()
+        end
+      end,
+      close = function(_, code)
+        got[#got + 1] = "close " .. code
+      end,
+    })
+  end)
+  local p = edge_client("burst", srv) -- m1..m5 and a close frame, in one write
+  T.wait_for(function()
+    return conn
+  end, 3000, "the first message")
+  timer.sleep(200)
+  T.eq(got, { "m1" }, "nothing more while paused")
+  conn:resume()
+  T.wait_for(function()
+    return #got >= 3
+  end, 3000, "the messages kept, up to the next pause")
+  timer.sleep(100)
+  T.eq(got, { "m1", "m2", "m3" }, "paused again by m3's handler")
+  conn:resume()
+  T.wait_for(function()
+    return #got == 6
+  end, 3000, "the rest")
+  T.eq(got, { "m1", "m2", "m3", "m4", "m5", "close 4001" })
+  T.eq(server_frame(p), { op = 8, masked = false, fin = true, code = 4001, reason = "" }, "the close answered after the resume")
+end)
+
+T.test("a client paused by its handler gets no more messages of that read until resumed (ws:// and wss://), then all, in order", function()
+  local tls = certs.make(T.tmpdir())
+  for _, over in ipairs({ "ws", "wss" }) do
+    local srv = T.server(over == "wss" and { tls = { cert = tls.cert, key = tls.key } } or nil, function(s)
+      s:websocket("/five", {
+        text = function(c)
+          for i = 1, 5 do
+            c:send("m" .. i) -- one write (gathered), one read at the client
+          end
+        end,
+      })
+    end)
+    local got = {}
+    local c = assert(connect(srv:ws_url("/five"), {
+      ca_file = tls.ca,
+      on_text = function(conn, msg)
+        got[#got + 1] = msg
+        if #got == 1 or #got == 3 then
+          conn:pause()
+        end
+      end,
+    }))
+    c:send("go")
+    T.wait_for(function()
+      return #got > 0
+    end, 3000, over .. ": the first message")
+    timer.sleep(200)
+    T.eq(got, { "m1" }, over .. ": nothing more while paused")
+    c:resume()
+    T.wait_for(function()
+      return #got >= 3
+    end, 3000, over .. ": the messages kept, up to the next pause")
+    timer.sleep(100)
+    T.eq(got, { "m1", "m2", "m3" }, over .. ": paused again by m3's handler")
+    c:resume()
+    T.wait_for(function()
+      return #got == 5
+    end, 3000, over .. ": the rest")
+    T.eq(got, { "m1", "m2", "m3", "m4", "m5" }, over)
+    c:send("go")
+    T.wait_for(function()
+      return #got == 10
+    end, 3000, over .. ": read again after the resume")
+    T.eq(got[10], "m5", over)
+  end
+end)
+
+T.test("a TLS server connection paused by its handler gets no more messages until resumed; then all, in order", function()
+  local tls = certs.make(T.tmpdir())
+  local got, conn = {}, nil
+  local srv = T.server({ tls = { cert = tls.cert, key = tls.key } }, function(s)
+    s:websocket("/echo", {
+      text = function(c, msg)
+        got[#got + 1] = msg
+        if msg == "m1" then
+          conn = c
+          c:pause()
+        end
+      end,
+    })
+  end)
+  local c = assert(connect(srv:ws_url("/echo"), { ca_file = tls.ca }))
+  for i = 1, 5 do
+    c:send("m" .. i) -- all written before the server reads
+  end
+  T.wait_for(function()
+    return conn
+  end, 3000, "the first message")
+  timer.sleep(200)
+  T.eq(got, { "m1" }, "nothing more while paused")
+  conn:resume()
+  T.wait_for(function()
+    return #got == 5
+  end, 3000, "the rest")
+  T.eq(got, { "m1", "m2", "m3", "m4", "m5" })
+end)
+
 T.test("a 101 with an extension or a subprotocol the client did not offer is EHANDSHAKE; an offered one opens", function()
   local _, port = edge_server("extension")
   local c, err = ws.connect("ws://127.0.0.1:" .. port .. "/edge", { timeout = 3000 })

@@ -4,7 +4,8 @@
  * 3629 and RFC 6455 8.1) on fixed vectors, split at every point, and
  * against a byte-by-byte check over ca__utf8_len on random input; and the
  * frame parser (ca__ws_parse) on a connection with a C tap: text that is
- * not UTF-8 never reaches the tap.
+ * not UTF-8 never reaches the tap, and a tap that pauses the connection
+ * leaves the rest of the read held.
  * Prints the speed of the check and of a whole text frame's parse on
  * audio-path sizes (300 and 1000 bytes of ASCII JSON) as "# " diagnostics.
  */
@@ -199,10 +200,11 @@ static size_t tapped_len;
 static int count_tap(void *ctx, struct ca_ws *ws, const char *data, size_t len)
 {
 	(void)ctx;
-	(void)ws;
 	(void)data;
 	tapped++;
 	tapped_len = len;
+	if (ws->tap_ctx == (void *)1)
+		ws->paused = 1;		/* as conn:pause() in a handler */
 	return 1;
 }
 
@@ -257,6 +259,30 @@ static void test_parse(void)
 	      "a euro sign cut across two fragments arrives whole");
 	free(ws.rx);
 
+	/* A tap that pauses: the rest of the read is held, as it came. */
+	init_conn(&ws);
+	ws.tap_ctx = (void *)1;
+	tapped = 0;
+	n = 0;
+	n += text_frame(buf + n, "m1", 2);
+	n += text_frame(buf + n, "m2", 2);
+	n += text_frame(buf + n, "m3", 2);
+	CHECK(ca__ws_parse(&ws, buf, n) == 0 && tapped == 1, "paused by the first message: one at the tap");
+	CHECK(ws.held_len == 8 && memcmp(ws.held, buf + 4, 8) == 0, "the other two frames held, as read (%zu bytes)",
+	      ws.held_len);
+	CHECK(ca__ws_parse(&ws, buf, 4) == 0 && tapped == 1 && ws.held_len == 12,
+	      "a later read while held goes behind them, not to the tap");
+	ws.paused = 0;
+	ws.tap_ctx = NULL;
+	{
+		unsigned char *p = ws.held;
+		size_t len = ws.held_len;
+
+		ws.held = NULL;
+		ws.held_len = 0;
+		CHECK(ca__ws_parse(&ws, p, len) == 0 && tapped == 4, "resumed: the three held messages, in order");
+		free(p);
+	}
 }
 
 /* ---- speed ---- */
