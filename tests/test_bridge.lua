@@ -319,18 +319,9 @@ local mutate = require("mutate").new({ '"', "\\", "{", "}", "[", "]", ":", ",", 
   "\195", "\255" })
 local random = math.random
 
--- s with every byte that starts no UTF-8 sequence as U+FFFD: a text message
--- that is not UTF-8 fails its connection (1007, RFC 6455 8.1) before the
--- bridge could see it.
-local function as_text(s)
-  while true do
-    local ok, at = utf8.len(s)
-    if ok then
-      return s
-    end
-    s = s:sub(1, at - 1) .. "\u{fffd}" .. s:sub(at + 1)
-  end
-end
+-- A text message that is not UTF-8 fails its connection (1007, RFC 6455
+-- 8.1) before the bridge could see it: mutations go as UTF-8.
+local as_text = require("mutate").as_text
 
 T.test("while the model is not ready, at most 256 KiB of the phone's audio is kept: long frames do not hold more", function()
   local r = rig()

@@ -69,13 +69,16 @@ local function phone_events(sid)
 end
 
 -- n events from templates, each with one value of the wrong type (the
--- type or event name kept, but one in ten times).
+-- type or event name kept, but one in ten times). As UTF-8: a text message
+-- that is not fails its connection (1007) before callagent reads it, and
+-- the call would end before the rest of its hostile events (test_ws has
+-- that close).
 local function hostile(templates, keep, n)
   local out = {}
   for i = 1, n do
     local ev = mutate.shape(templates[math.random(#templates)], math.random(10) > 1 and keep or nil)
     local ok, text = pcall(cjson.encode, ev)
-    out[i] = ok and text or "{}"
+    out[i] = ok and mutate.as_text(text) or "{}"
   end
   return out
 end

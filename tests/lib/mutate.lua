@@ -11,6 +11,9 @@
 --                 -- value somewhere in it replaced by one of another type
 --                 -- (or its key removed); keys in `keep` (a set) at the top
 --                 -- stay, so the message is still taken for what it was
+--   s = mutate.as_text(s)  -- s with each byte that starts no UTF-8 sequence
+--                 -- as U+FFFD: a WebSocket text message that is not UTF-8
+--                 -- fails its connection (1007) before anything reads it
 --
 -- It draws from math.random: seed that (math.randomseed) so a failure reproduces.
 local M = {}
@@ -124,6 +127,16 @@ function M.near(chars)
       end
     end
     return s
+  end
+end
+
+function M.as_text(s)
+  while true do
+    local ok, at = utf8.len(s)
+    if ok then
+      return s
+    end
+    s = s:sub(1, at - 1) .. "\u{fffd}" .. s:sub(at + 1)
   end
 end
 
