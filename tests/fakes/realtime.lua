@@ -20,9 +20,16 @@
 --                                   -- {code, message, sessions = n}: only the
 --                                   -- first n sessions are refused (a rate
 --                                   -- limit that passes)
+--                                   -- {code, message, updates = m}: only the
+--                                   -- first m session.updates of a session are
+--                                   -- refused (a field of the setup; a later
+--                                   -- update without it is applied)
 --     update_delay_ms = nil,        -- each session.update is answered (applied
 --                                   -- or refused) this long after it came, as
---                                   -- by a slow service
+--                                   -- by a slow service, and never before the
+--                                   -- one before it (a session's events are
+--                                   -- answered in order); a list: the i-th
+--                                   -- update's (the last for those after)
 --     keep_formats = false,         -- true: the audio formats of a session.update
 --                                   -- are not applied (the defaults, 24 kHz PCM
 --                                   -- both ways, stay and are echoed), as by a
@@ -1010,6 +1017,10 @@ local function answer_update(self, ev)
   if type(refuse) == "table" and refuse.sessions and self.index > refuse.sessions then
     refuse = nil -- only the first refuse.sessions sessions are refused
   end
+  self.updates_answered = (self.updates_answered or 0) + 1
+  if type(refuse) == "table" and refuse.updates and self.updates_answered > refuse.updates then
+    refuse = nil -- only the first refuse.updates updates of the session are refused
+  end
   if refuse == true then
     return
   elseif refuse then
@@ -1042,10 +1053,20 @@ handlers["session.update"] = function(self, ev, raw)
     end
   end
   local delay = self.rt.opts.update_delay_ms
-  if delay then
-    -- Answered (applied, refused) later, as by a slow service; nothing once
-    -- the session has closed.
-    return timer.after(delay, function()
+  self.updates_received = (self.updates_received or 0) + 1
+  if type(delay) == "table" then
+    delay = delay[math.min(self.updates_received, #delay)]
+  end
+  if delay or self._update_due then
+    -- Answered (applied, refused) later, as by a slow service, and in the
+    -- order they came (not before the one before); nothing once the session
+    -- has closed.
+    local due = math.max(now() + (delay or 0), self._update_due and self._update_due + 1 or 0)
+    self._update_due = due
+    return timer.after(math.max(0, due - now()), function()
+      if self._update_due == due then
+        self._update_due = nil
+      end
       if not self._ended then
         answer_update(self, ev)
       end
