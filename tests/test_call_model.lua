@@ -1039,6 +1039,63 @@ T.test("the session opened while the phone rang is told the date and time of the
   T.lt(told_at, s.response_creates[1].at, "told before the greeting was asked for")
 end, { timeout = 30000 })
 
+T.test("a session taken over before its session.updated is told the answer's time once it is confirmed, never if it is refused", function()
+  local instructions_mod = require "callagent.instructions"
+  local real_time = os.time
+  for _, refused in ipairs({ false, true }) do
+    local env = kit.start({
+      config = { retry = { maxAttempts = 1 } },
+      -- The answer (600 ms) comes before the setup's answer (1.5 s).
+      twilio = { behaviour = { answer = true, ring_ms = 600 } },
+      realtime = {
+        -- An update sent behind the setup is answered right after it.
+        update_delay_ms = { 1500, 0 },
+        -- The setup refused, a later update of the instructions alone applied
+        -- (as the service does: the refused one is not applied, the session
+        -- stays in its default formats).
+        refuse_update = refused and { "invalid_value", "Invalid value: 'x'.", updates = 1 } or nil,
+        script = ann_when_asked,
+      },
+    })
+    local id = env:create({ to = "+14155550194", prompt = "Say hello." })
+    T.wait_for(function()
+      return env.rt.sessions[1] and #env.rt.sessions[1].events > 0
+    end, 3000, "set up while it rings")
+    -- Three hours pass while it rings (the wall clock the instructions read).
+    T.shorten(os, "time", function(t)
+      return t and real_time(t) or real_time() + 3 * 3600
+    end)
+    local call = env:wait_final(id, 30000)
+    os.time = real_time -- the next case dials at the real time (T.shorten restores it too)
+    local s = env.rt.sessions[1]
+    T.eq(#env.rt.sessions, 1, "the session opened while it rang, taken over")
+    T.lt(s.opened_at, env.tw.calls[1].answered_at, "opened while it rang")
+    local updates = {}
+    for _, e in ipairs(s.events) do
+      if e.type == "session.update" then
+        updates[#updates + 1] = e
+      end
+    end
+    if refused then
+      T.eq({ call.status, call.endReason }, { "failed", "model_error" })
+      T.match(call.lastError, "^model refused the session: invalid_value: ", "the refusal, not what came after it")
+      T.eq({ #updates, #s.response_creates }, { 1, 0 }, "nothing more sent to a session the service refused")
+    else
+      completed_with_ann(call)
+      T.eq(#updates, 2, "the setup, then the answer's time")
+      T.ge(updates[2].at, updates[1].at + 1400, "sent once the setup was confirmed (1.5 s after it came), not before")
+      local told = updates[2].session.instructions:match("Current date and time where you are calling: ([^\n]-) %(time zone")
+      local near = {}
+      for _, dt in ipairs({ -60, 0 }) do
+        near[instructions_mod.local_time("America/Los_Angeles", real_time() + 3 * 3600 + dt)] = true
+      end
+      T.ok(near[told], "the answer's time: " .. tostring(told))
+      T.lt(updates[2].at, s.response_creates[1].at, "told before the greeting was asked for")
+    end
+    env:close()
+  end
+end, { timeout = 30000 })
+
 T.test("the callee hangs up while the model session is still opening: lastError says so; a hang-up through the API then does not", function()
   for _, how in ipairs({ "callee", "api" }) do
     local env = kit.start({

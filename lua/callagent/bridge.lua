@@ -208,13 +208,18 @@ function Bridge:start_model(warm)
       ready = rt.ready })
     -- Its instructions give the date and time of the dial, up to
     -- call.ringTimeoutSec ago: the model is told the answer's (before the
-    -- greeting's response.create, which it then answers with them).
+    -- greeting's response.create, which it then answers with them). Not
+    -- before its session.updated: a session the service refuses gets
+    -- nothing more (an update applied after the refused one would confirm
+    -- it, in other formats than asked).
     local now_told = call_instructions(self.engine, self.call)
     if now_told ~= told then
-      if rt.conn then
-        rt:send({ type = "session.update", session = { type = "realtime", instructions = now_told } })
-      else
+      if not rt.conn then
         rt.opts.instructions = now_told -- still connecting: its session.update is yet to go
+      elseif rt.ready then
+        self:_tell_instructions(now_told)
+      else
+        self.told_when_ready = { rt = rt, instructions = now_told } -- Bridge:_model_ready
       end
     end
     if rt.conn then
@@ -232,6 +237,11 @@ function Bridge:start_model(warm)
   rt = realtime.session(self.cfg.openai, opts)
   self.rt = rt
   rt:connect()
+end
+
+-- Sends the session's instructions again (the answer's time).
+function Bridge:_tell_instructions(text)
+  self.rt:send({ type = "session.update", session = { type = "realtime", instructions = text } })
 end
 
 -- The model connection is open (the session.update sent): the phone's audio
@@ -434,6 +444,8 @@ function Bridge:_model_ready(ev)
   if self.ended then
     return
   end
+  local later = self.told_when_ready
+  self.told_when_ready = nil
   -- A session in other audio formats than asked would take the phone's
   -- mu-law for something else and send the phone noise: not a call to go on.
   local mismatch = realtime.format_mismatch(self.cfg.openai, type(ev) == "table" and ev.session)
@@ -446,6 +458,9 @@ function Bridge:_model_ready(ev)
   self.model_ready = true
   self.was_ready = true
   self:_stop_timer("ready_timer")
+  if later and later.rt == self.rt then
+    self:_tell_instructions(later.instructions) -- the answer's time (Bridge:start_model)
+  end
   self.engine:bridge_model_ready(self)
   if log.enabled("debug") then
     local tls = self.rt.conn and self.rt.conn.tls
