@@ -592,8 +592,10 @@ end
 
 -- Attempt n rings with webhooks that reach nothing (the tunnel is down): it
 -- is canceled at the vendor and ends canceled, and the call waits for the
--- tunnel (_hold_canceled). One the vendor had ended already, or whose cancel
--- failed, is left to its ring timeout, which asks the vendor how it went.
+-- tunnel (_hold_canceled). One the vendor had ended already, not saying how,
+-- ends failed (ENDED_BEFORE_PAUSE); one answered, as answered
+-- (_answered_at_pause); one whose cancel failed is left to its ring timeout,
+-- which asks the vendor how it went.
 function Engine:_cancel_at_pause(call, n)
   local a = call.attempts[n]
   if not (a and a.status == "dialing" and call.attempt == n and a.providerCallId) or call._cancel_requested
