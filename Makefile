@@ -54,7 +54,7 @@ LIB_OBJS := $(filter-out $(BUILD)/obj/main.o,$(OBJS))
 CTESTS := $(patsubst tests/c/%.c,$(BUILD)/tests/%,$(filter-out tests/c/host_stub.c,$(wildcard tests/c/test_*.c)))
 BIN := $(BUILD)/callagent
 
-.PHONY: all deps test-deps test run bench fuzz install uninstall clean check-clean
+.PHONY: all deps test-deps test run bench fuzz install uninstall clean
 
 all: $(BIN)
 

@@ -105,6 +105,26 @@ T.test("an app:start() that raises (the app's public_url) closes its server and 
   app:stop() -- as an embedder's cleanup would: nothing is closed twice
 end)
 
+T.test("app:create_call before app:start() is nil and a message saying so, not a raise; after app:stop(), refused too", function()
+  local callagent = require "callagent"
+  local app = assert(callagent.app({
+    telephony = { provider = "mock" },
+    server = { port = 0 },
+    openai = { apiKey = "sk-unused-0123456789" },
+    store = { backend = "memory" },
+  }, { no_shutdown_hook = true }))
+  local ok, call, err = pcall(app.create_call, app, { to = "+14155550100", prompt = "x" })
+  T.eq({ ok, call, err }, { true, nil, "the app is not started: app:start() first" })
+  -- Bad input is still 400's message and status, started or not.
+  local _, berr, status = app:create_call({ to = "nope", prompt = "x" })
+  T.eq(status, 400, berr)
+  assert(app:start())
+  app:stop()
+  ok, call, err = pcall(app.create_call, app, { to = "+14155550100", prompt = "x" })
+  T.eq({ ok, call }, { true, nil })
+  T.match(err, "shutting down")
+end)
+
 T.test("an app:on handler that raises is logged with its traceback; the other handlers and the call go on", function()
   local log = require "callagent.log"
   local errs = {}

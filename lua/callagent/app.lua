@@ -617,6 +617,9 @@ function App:create_call(input)
   if not checked then
     return nil, ebody.error.message, status
   end
+  if not self.engine then
+    return nil, "the app is not started: app:start() first"
+  end
   local call, err = self.engine:create(checked)
   if not call then
     return nil, err

@@ -54,8 +54,9 @@
 -- churn row), BENCH_CHURN_CALLS (100 at once), BENCH_CHURN_LIFE (4 s per
 -- call), BENCH_CHURN_MODE (audio/pcmu), BENCH_VERBOSE (the load generator's
 -- stats line per row on stderr), BENCH_TARGET_CALLS ("400,1000": the rows the
--- issue's targets are judged on, at the end), LOADGEN_WAKE and LOADGEN_TURN
--- (see loadgen.c).
+-- issue's targets are judged on, at the end), BENCH_GC_PAUSE (130) and
+-- BENCH_PACE_MS (2: the app's gc_pause and task.pace_ms, read by
+-- tests/bench/app.lua), LOADGEN_WAKE and LOADGEN_TURN (see loadgen.c).
 local http = require "callagent.http"
 local fetch = require "callagent.fetch"
 local url = require "callagent.url"
