@@ -1758,7 +1758,7 @@ function Engine:_hangup_attempt(call, n, a)
   if self.closed then
     return true, ok -- app:stop() closed the store meanwhile: the next start resolves the call
   end
-  if ok and type(how) == "table" and how.answered and a.status == "dialing" and call.attempt == n then
+  if ok and a and type(how) == "table" and how.answered and a.status == "dialing" and call.attempt == n then
     -- The cancel came after the answer (Twilio's leaves the call up): the
     -- callee is on the line, and is hung up as answered below.
     self:provider_status(id, n, { status = "in_progress", raw = "(the provider's answer to the cancel)" })
