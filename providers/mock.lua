@@ -382,8 +382,12 @@ function P:registerRoutes(srv)
       log.info("mock phone lost its microphone: hanging up", { call = s.call_id, attempt = s.attempt })
     end
     -- Streaming: hung up as a vendor whose call's stream stopped, why in
-    -- lastError. Not (yet) streaming, or over: as any hang-up of the page.
-    if not (why and s.pid and self.engine:stream_over(s.call_id, s.attempt, s.pid, why)) then
+    -- lastError. Not (yet) streaming, or over: as any hang-up of the page
+    -- (stream_over would end an answered call whose stream has not started
+    -- failed, no_stream).
+    local b = why and self.engine.bridges[key(s.call_id, s.attempt)]
+    local streaming = b and b.stream and not b.ended
+    if not (streaming and s.pid and self.engine:stream_over(s.call_id, s.attempt, s.pid, why)) then
       self.engine:provider_status(s.call_id, s.attempt, { status = "completed", reason = "the page hung up" })
     end
     return 204

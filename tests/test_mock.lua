@@ -438,6 +438,25 @@ T.test("a mock page that lost its microphone mid-call hangs up with reason micro
     .. "the page hung up")
 end)
 
+T.test("a mock page's microphone_lost hang-up of a call answered whose stream has not started is as any hang-up "
+  .. "of the page: completed, callee_hung_up, no lastError", function()
+  local rt = assert(require("fakes.realtime").start({ api_key = "sk-mock-test-model-key-0123456789abcdef" }))
+  T.defer(function()
+    rt:close()
+  end)
+  local app = start({ openai = { apiKey = rt.api_key, realtimeUrl = rt.url } })
+  local id = assert(app:create_call({ to = "+15555550103", prompt = "Test." })).callId
+  local status, a = post(app, "/mock/api/answer", { callId = id, token = link_token(app.engine:call_view(id).hint) })
+  T.eq(status, 200)
+  T.eq(post(app, "/mock/api/hangup", { callId = id, session = a.session, reason = "microphone_lost" }), 204)
+  local v
+  T.wait_for(function()
+    v = app.engine:call_view(id)
+    return v.status ~= "in_progress"
+  end, 3000, "the call's end")
+  T.eq({ v.status, v.endReason, v.lastError, v.attempts[1].status }, { "completed", "callee_hung_up", nil, "completed" })
+end)
+
 T.test("a mock decline with a wrong token, another call's, or by GET is refused and changes nothing", function()
   local app = start()
   local a = assert(app:create_call({ to = "+15555550100", prompt = "Test." })).callId
