@@ -604,13 +604,14 @@ T.test("the microphone lost before the answer went out: the page says so, answer
   T.eq({ v.status, v.endReason }, { "completed", "callee_hung_up" }, "answered and hung up, not left ringing")
 end, { timeout = 40000 })
 
-T.test("left mid-call, back from the back/forward cache: the page loads again and says its link answered the call",
-  function()
+T.test("left mid-call, back from the back/forward cache: the microphone was let go on leaving, the page loads again "
+  .. "and says its link answered the call", function()
   local app, view, wav = long_story_call("+14155550186")
   local r, code, err = node({ "browser/drive.mjs", view.hint, wav, ROOT .. "/tests/artifacts/mock-phone-back.png",
     "--cache-after=1000", "--timeout=15000" }, 30000)
   T.ok(r, "drive.mjs printed no JSON (exit " .. tostring(code) .. "): " .. err)
   T.ok(r.ok, "drive.mjs: " .. tostring(r.error) .. "; page: " .. json.encode({ r.banner, r.problem, r.stats }))
+  T.eq(r.back.micLiveInCache, false, "leaving the page let the microphone go")
   -- Not the page as it was left: loaded again, it asks its link's view.
   T.eq(r.back.reloaded, true, "the page loaded again")
   T.eq(r.back.state, "error")

@@ -49,8 +49,9 @@
 //                       Firefox and Safari do (Chromium keeps a page that used
 //                       the microphone out of its cache: notRestoredReasons
 //                       "mediastream", so it is played here). .back {reloaded
-//                       (the page loaded again within 5 s), state, problem,
-//                       status}; the end once it is past "opening"
+//                       (the page loaded again within 5 s), micLiveInCache (a
+//                       microphone track still live between the two), state,
+//                       problem, status}; the end once it is past "opening"
 //   --reopen            at the end, open URL again (a used link) and record
 //                       what the page says in .reopen {state, problem}
 //   --mic-delay=MS      the microphone is granted MS after the page asks (a person
@@ -419,11 +420,14 @@ async function run() {
             break;
           }
           if (opts.cacheAfter != null && now - connectedAt >= opts.cacheAfter) {
-            await page.evaluate(() => {
+            // In the cache (after pagehide, before pageshow): whether a
+            // microphone track is still live.
+            const micLiveInCache = await page.evaluate(() => {
               window.__beforeCache = true; // gone once the page loaded again
               window.dispatchEvent(new PageTransitionEvent("pagehide", { persisted: true }));
-              window.dispatchEvent(new PageTransitionEvent("pageshow", { persisted: true }));
+              return (window.__micStreams || []).some((s) => s.getAudioTracks().some((t) => t.readyState === "live"));
             });
+            await page.evaluate(() => window.dispatchEvent(new PageTransitionEvent("pageshow", { persisted: true })));
             const until = Date.now() + 5000;
             let reloaded = false;
             while (!reloaded && Date.now() < until) {
@@ -431,7 +435,7 @@ async function run() {
               reloaded = await page.evaluate(() => !window.__beforeCache).catch(() => false);
             }
             await page.waitForLoadState("load");
-            out.back = { reloaded };
+            out.back = { reloaded, micLiveInCache };
             const st = await settledState(page);
             Object.assign(out.back, {
               state: st,
