@@ -385,8 +385,7 @@ function P:registerRoutes(srv)
     -- lastError. Not (yet) streaming, or over: as any hang-up of the page
     -- (stream_over would end an answered call whose stream has not started
     -- failed, no_stream).
-    local b = why and self.engine.bridges[key(s.call_id, s.attempt)]
-    local streaming = b and b.stream and not b.ended
+    local streaming = why and self.engine:streaming(s.call_id, s.attempt)
     if not (streaming and s.pid and self.engine:stream_over(s.call_id, s.attempt, s.pid, why)) then
       self.engine:provider_status(s.call_id, s.attempt, { status = "completed", reason = "the page hung up" })
     end

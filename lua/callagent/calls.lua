@@ -1346,6 +1346,13 @@ function Engine:bridge_hangup(b, reason)
   end)
 end
 
+--- Whether attempt n of call id has its media stream up (a bridge whose
+--- stream came, not ended).
+function Engine:streaming(id, n)
+  local b = self.bridges[id .. "#" .. tostring(n)]
+  return b ~= nil and b.stream ~= nil and not b.ended
+end
+
 --- The vendor says attempt n's media stream is over (it could not start, or
 --- it stopped) while its call may still be up: the call is hung up now, not
 --- left silent until the no_stream timer. provider_call_id must be the
