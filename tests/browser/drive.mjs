@@ -224,6 +224,15 @@ async function visibleText(page, id) {
   }, id);
 }
 
+// What a page loaded again shows: its settled state, problem and status.
+async function shownAgain(page) {
+  return {
+    state: await settledState(page),
+    problem: await visibleText(page, "problem"),
+    status: await visibleText(page, "status"),
+  };
+}
+
 async function run() {
   if (!url || !wav || !shot) throw new Error("usage: drive.mjs URL WAV SCREENSHOT [options]");
   if (!fs.existsSync(opts.chromium)) {
@@ -409,12 +418,7 @@ async function run() {
           if (opts.reloadAfter != null && now - connectedAt >= opts.reloadAfter) {
             out.reload = { stats: s };
             await page.reload({ waitUntil: "load" });
-            const st = await settledState(page);
-            Object.assign(out.reload, {
-              state: st,
-              problem: await visibleText(page, "problem"),
-              status: await visibleText(page, "status"),
-            });
+            Object.assign(out.reload, await shownAgain(page));
             last = await page.evaluate(() => ({ stats: window.mockPhone.stats }));
             done = true;
             break;
@@ -435,13 +439,7 @@ async function run() {
               reloaded = await page.evaluate(() => !window.__beforeCache).catch(() => false);
             }
             await page.waitForLoadState("load");
-            out.back = { reloaded, micLiveInCache };
-            const st = await settledState(page);
-            Object.assign(out.back, {
-              state: st,
-              problem: await visibleText(page, "problem"),
-              status: await visibleText(page, "status"),
-            });
+            out.back = { reloaded, micLiveInCache, ...(await shownAgain(page)) };
             last = await page.evaluate(() => ({ stats: window.mockPhone.stats }));
             done = true;
             break;
