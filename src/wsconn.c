@@ -1469,6 +1469,17 @@ static int held(const struct ca_ws *ws)
 	return ws->held_len || (ws->fr.in_payload && ws->fr.left == 0 && !ws->fr.broken);
 }
 
+/*
+ * Whether ca__ws_parse reads this connection: its socket is ours, or it is
+ * a client whose socket stayed lws's (ca__ws_take_socket failed: out of
+ * descriptors), read through its raw receive callback. A TLS server's is
+ * lws's, and a server's that is over has none.
+ */
+static int parsed_here(const struct ca_ws *ws)
+{
+	return ws->io || (ws->is_client && ws->wsi);
+}
+
 /* A paused connection resumed: what was read before goes on, then the socket is read again. */
 static void on_resume(uv_timer_t *t)
 {
@@ -1477,7 +1488,7 @@ static void on_resume(uv_timer_t *t)
 	size_t n = ws->held_len;
 	int r;
 
-	if (ws->paused || ws->io == NULL)
+	if (ws->paused || !parsed_here(ws))
 		return;	/* paused again before this turn, or over */
 	ws->held = NULL;
 	ws->held_len = 0;
@@ -1490,9 +1501,13 @@ static void on_resume(uv_timer_t *t)
 		ca__ws_kill_conn(ws);
 		return;
 	}
-	if (ws->io && !ws->paused) {
+	if (ws->paused)
+		return;
+	if (ws->io) {
 		ws->io->paused = 0;
 		io_update(ws->io);
+	} else if (ws->wsi) {
+		lws_rx_flow_control(ws->wsi, 1);
 	}
 }
 
@@ -1808,7 +1823,7 @@ static int l_resume(lua_State *L)
 		ws->last_rx = uv_now(ca_loop());	/* a ping's wait starts over */
 		ws->ping_sent = 0;
 	}
-	if (ws->io && held(ws)) {
+	if (parsed_here(ws) && held(ws)) {
 		/*
 		 * What was read before the pause goes first, from the loop
 		 * (not inside this call, whose caller may be the handler, or

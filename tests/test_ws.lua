@@ -1256,6 +1256,52 @@ T.test("a client paused by its handler gets no more messages of that read until 
   end
 end)
 
+T.test("a client whose socket stayed lws's (out of descriptors at the open) paused by its handler gets the rest of that read once resumed", function()
+  -- The descriptors left are used up between the connect and the upgrade's
+  -- answer (300 ms late): the socket cannot be duplicated (ca__ws_take_socket),
+  -- so lws goes on reading it; "reads 0" says so (no recv of ours).
+  local _, port = edge_server("latethree")
+  local script = T.tmpdir() .. "/lws_read.lua"
+  local f = assert(io.open(script, "w"))
+  f:write((([[
+local ws, timer, task = require "callagent.ws", require "callagent.timer", require "callagent.task"
+local got, fill = {}, {}
+task.spawn(function()
+  timer.sleep(100)
+  while true do
+    local h = io.open("/dev/null")
+    if not h then break end
+    fill[#fill + 1] = h
+  end
+end)
+task.spawn(function()
+  local c = assert(ws.connect("ws://127.0.0.1:PORT/edge", { timeout = 3000, on_text = function(conn, m)
+    got[#got + 1] = m
+    if #got == 1 then conn:pause() end
+  end }))
+  for _, h in ipairs(fill) do h:close() end
+  timer.sleep(200)
+  print(table.concat(got, " "))
+  c:resume()
+  timer.sleep(300)
+  print(table.concat(got, " "), "reads " .. c:stats().reads, #fill > 0)
+  io.stdout:flush()
+  os.exit(0)
+end)
+]]):gsub("PORT", port)))
+  f:close()
+  local out = {}
+  local p = assert(process.spawn({ "bash", "-c", 'ulimit -n 64; exec "$0" run "$1"', T.bin, script,
+    inherit_env = true,
+    on_stdout = function(line)
+      out[#out + 1] = line
+    end, on_stderr = function(line)
+      out[#out + 1] = line
+    end }))
+  T.eq(p:wait(10000), 0, table.concat(out, "\n"))
+  T.eq(out, { "m1", "m1 m2 m3\treads 0\ttrue" })
+end)
+
 T.test("a TLS server connection paused by its handler gets no more messages until resumed; then all, in order", function()
   local tls = certs.make(T.tmpdir())
   local got, conn = {}, nil

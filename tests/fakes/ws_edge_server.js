@@ -81,6 +81,10 @@ const scenarios = {
   late(sock, head) {
     setTimeout(() => sock.write(upgrade(sock, head)), 300);
   },
+  // Answers the upgrade 300 ms late, with three text messages in the same write.
+  latethree(sock, head) {
+    setTimeout(() => sock.write(Buffer.concat([upgrade(sock, head), frame(1, 'm1'), frame(1, 'm2'), frame(1, 'm3')])), 300);
+  },
   // Sends the request line and the Host header back, as a text message.
   requestline(sock, head) {
     const lines = head.split('\r\n');
