@@ -935,9 +935,10 @@ T.test("text that is not UTF-8 across fragments closes the client with 1007: at 
   end
 end)
 
-T.test("a client's UTF-8 split inside characters across fragments is echoed whole; text that is not UTF-8 across fragments closes it with 1007", function()
+T.test("a client's UTF-8 split inside characters across fragments, a ping between, is echoed whole; text that is not UTF-8 across fragments closes it with 1007", function()
   local srv = echo_server()
   local p = edge_client("utf8split", srv)
+  T.eq(server_frame(p), { op = 10, masked = false, fin = true, data = "p1" }, "the ping between the halves of a character")
   T.eq(server_frame(p), { op = 1, masked = false, fin = true, data = "h\u{e9}llo \u{1f600}" })
   T.eq(#srv.events, 1, "still open")
   for _, scenario in ipairs({ "utf8early", "utf8cut", "utf8surrogate" }) do

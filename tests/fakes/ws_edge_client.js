@@ -69,13 +69,13 @@ const scenarios = {
     sock.write(frame(8, Buffer.from([0x03, 0xe8, 0xc0, 0x80]), { mask: KEY }));
   },
   // UTF-8 across fragments (RFC 6455 8.1): a valid message split inside
-  // characters, echoed whole; text that is not UTF-8 - bytes that start no
+  // characters, a ping between the halves of one, echoed whole; text that is not UTF-8 - bytes that start no
   // sequence, in a first fragment whose last never comes (utf8early); a
   // message that ends inside a sequence (utf8cut); a surrogate split across
   // fragments (utf8surrogate).
   utf8split(sock) {
     const text = Buffer.from('h\u00e9llo \u{1f600}');
-    sock.write(Buffer.concat([frame(1, text.subarray(0, 2), { fin: false, mask: KEY }),
+    sock.write(Buffer.concat([frame(1, text.subarray(0, 2), { fin: false, mask: KEY }), frame(9, 'p1', { mask: KEY }),
       frame(0, text.subarray(2, 8), { fin: false, mask: KEY }), frame(0, text.subarray(8), { mask: KEY })]));
   },
   utf8early(sock) {
