@@ -1516,11 +1516,20 @@ int ca__ws_take_socket(struct ca_ws *ws, int (*rx)(struct ca_ws *ws, unsigned ch
 	struct ca_wsio *io;
 	int fd;
 
-	if (ws->wsi == NULL || ws->io || lws_partial_buffered(ws->wsi))
+	if (ws->wsi == NULL || ws->io)
 		return -1;
-	fd = fcntl(lws_get_socket_fd(ws->wsi), F_DUPFD_CLOEXEC, 0);
-	if (fd < 0)
+	fd = lws_partial_buffered(ws->wsi) ? -1 : fcntl(lws_get_socket_fd(ws->wsi), F_DUPFD_CLOEXEC, 0);
+	if (fd < 0) {
+		/*
+		 * lws goes on reading it (a client: its raw callback). One
+		 * paused while it connected is paused there now (l_pause left
+		 * lws reading the upgrade's answer): else what comes while it
+		 * is paused would be read, and held (ca__ws_parse), without end.
+		 */
+		if (ws->paused)
+			lws_rx_flow_control(ws->wsi, 0);
 		return -1;
+	}
 	io = ca_malloc(sizeof *io);
 	memset(io, 0, sizeof *io);
 	io->fd = fd;

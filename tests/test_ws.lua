@@ -1303,6 +1303,53 @@ end)
   T.eq(out, { "m1", "m1 m2 m3\treads 0\ttrue" })
 end)
 
+T.test("a client paused while connecting whose socket stayed lws's (out of descriptors at the open) reads nothing while paused", function()
+  -- As above. While paused, the server's 32 MB message must stay in TCP's
+  -- buffers: read, it would be held (and grow the process) without end.
+  local _, port = edge_server("lateflood")
+  local script = T.tmpdir() .. "/lws_paused.lua"
+  local f = assert(io.open(script, "w"))
+  f:write((([[
+local core_ws, timer, task = require "callagent.core.ws", require "callagent.timer", require "callagent.task"
+local function rss_mb()
+  local h = assert(io.open("/proc/self/statm"))
+  local pages = h:read("n")
+  pages = h:read("n")
+  h:close()
+  return pages * 4096 / 2^20
+end
+local fill, opened, before = {}, false, rss_mb()
+local c = core_ws.connect({ url = "ws://127.0.0.1:PORT/edge", timeout = 3000 }, function(_, ev)
+  opened = opened or ev == "open"
+end)
+c:pause()
+task.spawn(function()
+  timer.sleep(100)
+  while true do
+    local h = io.open("/dev/null")
+    if not h then break end
+    fill[#fill + 1] = h
+  end
+  timer.sleep(1200)
+  for _, h in ipairs(fill) do h:close() end
+  print(opened, "reads " .. c:stats().reads, #fill > 0, rss_mb() - before < 8 or rss_mb() - before)
+  io.stdout:flush()
+  os.exit(0)
+end)
+]]):gsub("PORT", port)))
+  f:close()
+  local out = {}
+  local p = assert(process.spawn({ "bash", "-c", 'ulimit -n 64; exec "$0" run "$1"', T.bin, script,
+    inherit_env = true,
+    on_stdout = function(line)
+      out[#out + 1] = line
+    end, on_stderr = function(line)
+      out[#out + 1] = line
+    end }))
+  T.eq(p:wait(10000), 0, table.concat(out, "\n"))
+  T.eq(out, { "true\treads 0\ttrue\ttrue" }, "opened, read by lws, and not 8 MB more")
+end)
+
 T.test("a TLS server connection paused by its handler gets no more messages until resumed; then all, in order", function()
   local tls = certs.make(T.tmpdir())
   local got, conn = {}, nil

@@ -85,6 +85,10 @@ const scenarios = {
   latethree(sock, head) {
     setTimeout(() => sock.write(Buffer.concat([upgrade(sock, head), frame(1, 'm1'), frame(1, 'm2'), frame(1, 'm3')])), 300);
   },
+  // Answers the upgrade 300 ms late, then sends a 32 MB binary message.
+  lateflood(sock, head) {
+    setTimeout(() => sock.write(Buffer.concat([upgrade(sock, head), frame(2, Buffer.alloc(32 << 20))])), 300);
+  },
   // Sends the request line and the Host header back, as a text message.
   requestline(sock, head) {
     const lines = head.split('\r\n');
