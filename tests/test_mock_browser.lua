@@ -42,6 +42,15 @@ local function node(args, timeout_ms)
   return result, code, table.concat(err, "\n")
 end
 
+-- drive.mjs run with args (the page's URL first): its JSON result, which
+-- must say the page went as asked (ok).
+local function drive(args, timeout_ms)
+  local r, code, err = node({ "browser/drive.mjs", table.unpack(args) }, timeout_ms)
+  T.ok(r, "drive.mjs printed no JSON (exit " .. tostring(code) .. "): " .. err)
+  T.ok(r.ok, "drive.mjs: " .. tostring(r.error) .. "; page: " .. json.encode({ r.banner, r.problem, r.console, r.stats }))
+  return r
+end
+
 -- The callee's recording, in a folder of its own; its path. A 16-bit PCM
 -- mono WAV: 2.5 s of 800 Hz at half scale, then 1 s of silence (Chromium's
 -- fake microphone loops it, so the callee beeps in a rhythm).
@@ -257,11 +266,9 @@ T.test("a call in Chromium: it rings, Enter answers, the mic's tone reaches the 
     calleeName = "Dr. Smith's office", callerName = "Ada Lovelace" }))
   T.match(view.hint or "", "^http://127%.0%.0%.1:%d+/mock/call/", "the hint is the page's URL")
   local shot = ROOT .. "/tests/artifacts/mock-phone.png"
-  local r, code, err = node({ "browser/drive.mjs", view.hint, wav, shot, "--timeout=30000", "--press=5#", "--answer-key",
+  local r = drive({ view.hint, wav, shot, "--timeout=30000", "--press=5#", "--answer-key",
     "--ring-shot=" .. ROOT .. "/tests/artifacts/mock-phone-ringing.png",
     "--live-shot=" .. ROOT .. "/tests/artifacts/mock-phone-live.png", "--csp-probe" }, 45000)
-  T.ok(r, "drive.mjs printed no JSON (exit " .. tostring(code) .. "): " .. err)
-  T.ok(r.ok, "drive.mjs: " .. tostring(r.error) .. "; page: " .. json.encode({ r.banner, r.problem, r.console, r.stats }))
   -- The page ran under its policy (drive.mjs fails on any violation of it),
   -- which is in force: an inline script added to the page was blocked, and
   -- reported as a violation would be.
@@ -406,10 +413,8 @@ T.test("microphone refused: the page says so, hangs up, and the call ends withou
   end)
   local view = assert(app:create_call({ to = "+14155550198", prompt = "Nobody can talk." }))
   local shot = ROOT .. "/tests/artifacts/mock-phone-mic-denied.png"
-  local r, code, err = node({ "browser/drive.mjs", view.hint, wav, shot, "--deny-mic", "--reopen", "--timeout=15000" },
+  local r = drive({ view.hint, wav, shot, "--deny-mic", "--reopen", "--timeout=15000" },
     30000)
-  T.ok(r, "drive.mjs printed no JSON (exit " .. tostring(code) .. "): " .. err)
-  T.ok(r.ok, "drive.mjs: " .. tostring(r.error) .. "; page: " .. json.encode({ r.banner, r.problem, r.stats }))
   T.eq(r.stats.state, "mic-denied")
   T.match(r.problem, "^Microphone access was refused", "the message on the page")
   T.eq(r.stats.framesSent, 0, "no audio was sent")
@@ -443,10 +448,8 @@ T.test("a microphone allowed after STREAM_WAIT_MS: the call is answered then, an
   end)
   local view = assert(app:create_call({ to = "+14155550196", prompt = "Say hello." }))
   local shot = ROOT .. "/tests/artifacts/mock-phone-slow-mic.png"
-  local r, code, err = node({ "browser/drive.mjs", view.hint, wav, shot, "--mic-delay=4500", "--hold=7",
+  local r = drive({ view.hint, wav, shot, "--mic-delay=4500", "--hold=7",
     "--hangup-after=1500", "--timeout=40000" }, 60000)
-  T.ok(r, "drive.mjs printed no JSON (exit " .. tostring(code) .. "): " .. err)
-  T.ok(r.ok, "drive.mjs: " .. tostring(r.error) .. "; page: " .. json.encode({ r.banner, r.problem, r.stats }))
   T.eq(r.banner, "Call ended: you hung up.")
   T.gt(r.stats.framesSent, 0, "the page streamed")
   local v
@@ -475,10 +478,8 @@ end
 T.test("through a forwarded port: the page streams through it, and when it is cut says callagent is gone", function()
   local app, view, wav = long_story_call("+14155550195")
   local shot = ROOT .. "/tests/artifacts/mock-phone-lost.png"
-  local r, code, err = node({ "browser/drive.mjs", view.hint, wav, shot, "--forward", "--cut-after=1000",
+  local r = drive({ view.hint, wav, shot, "--forward", "--cut-after=1000",
     "--timeout=15000" }, 30000)
-  T.ok(r, "drive.mjs printed no JSON (exit " .. tostring(code) .. "): " .. err)
-  T.ok(r.ok, "drive.mjs: " .. tostring(r.error) .. "; page: " .. json.encode({ r.banner, r.problem, r.stats }))
   -- ssh -L 9000:127.0.0.1:4545: the page's stream goes where the page came from.
   T.eq(r.forward.streams, 1, "the media stream went through the forward")
   T.gt(r.stats.framesSent, 0, "the page streamed")
@@ -506,10 +507,8 @@ T.test("placed from the dial form through a forwarded port, answered, hung up on
   -- /mock/'s Call places the call and opens its page, which rings: Answer takes it.
   -- Through a forward (ssh -L 9000:127.0.0.1:4545): the call's page opens
   -- on the form's own origin, not on the hint's, which the browser may not reach.
-  local r, code, err = node({ "browser/drive.mjs", app.url .. "/mock/", wav, shot, "--dial", "--forward",
+  local r = drive({ app.url .. "/mock/", wav, shot, "--dial", "--forward",
     "--hangup-after=1500", "--timeout=15000" }, 30000)
-  T.ok(r, "drive.mjs printed no JSON (exit " .. tostring(code) .. "): " .. err)
-  T.ok(r.ok, "drive.mjs: " .. tostring(r.error) .. "; page: " .. json.encode({ r.banner, r.problem, r.stats }))
   local view = { callId = r.callId }
   T.match(view.callId, "^c_%x+$", "the dial form placed a call")
   T.eq(r.forward.streams, 1, "the call's page, opened by the form, streamed through the forward")
@@ -556,10 +555,8 @@ end, { timeout = 40000 })
 
 T.test("reloaded mid-call: the call is hung up as the callee's, and the reloaded page says its link answered it", function()
   local app, view, wav = long_story_call("+14155550191")
-  local r, code, err = node({ "browser/drive.mjs", view.hint, wav, ROOT .. "/tests/artifacts/mock-phone-reloaded.png",
+  local r = drive({ view.hint, wav, ROOT .. "/tests/artifacts/mock-phone-reloaded.png",
     "--reload-after=1000", "--timeout=15000" }, 30000)
-  T.ok(r, "drive.mjs printed no JSON (exit " .. tostring(code) .. "): " .. err)
-  T.ok(r.ok, "drive.mjs: " .. tostring(r.error) .. "; page: " .. json.encode({ r.banner, r.problem, r.stats }))
   T.gt(r.reload.stats.framesSent, 0, "the page streamed before the reload")
   local v
   T.wait_for(function()
@@ -575,10 +572,8 @@ end, { timeout = 40000 })
 T.test("the microphone lost mid-call: the page says so and hangs up, the call ends at once, its lastError says why",
   function()
   local app, view, wav = long_story_call("+14155550187")
-  local r, code, err = node({ "browser/drive.mjs", view.hint, wav, ROOT .. "/tests/artifacts/mock-phone-mic-lost.png",
+  local r = drive({ view.hint, wav, ROOT .. "/tests/artifacts/mock-phone-mic-lost.png",
     "--mic-lost-after=1000", "--no-report", "--timeout=15000" }, 30000)
-  T.ok(r, "drive.mjs printed no JSON (exit " .. tostring(code) .. "): " .. err)
-  T.ok(r.ok, "drive.mjs: " .. tostring(r.error) .. "; page: " .. json.encode({ r.banner, r.problem, r.stats }))
   T.gt(r.stats.framesSent, 0, "the page streamed before")
   T.eq({ r.stats.state, r.banner, r.status }, { "mic-lost", "Call ended: the microphone stopped.", "Completed" })
   T.match(r.problem, "^The microphone stopped %(unplugged, or its permission was taken back%), so the call was hung up%.")
@@ -594,10 +589,8 @@ T.test("the microphone lost before the answer went out: the page says so, answer
   local wav = callee_wav()
   local app = start_app(function() end)
   local view = assert(app:create_call({ to = "+14155550185", prompt = "Talk." }))
-  local r, code, err = node({ "browser/drive.mjs", view.hint, wav, ROOT .. "/tests/artifacts/mock-phone-mic-lost-early.png",
+  local r = drive({ view.hint, wav, ROOT .. "/tests/artifacts/mock-phone-mic-lost-early.png",
     "--mic-lost-on-grant", "--timeout=15000" }, 30000)
-  T.ok(r, "drive.mjs printed no JSON (exit " .. tostring(code) .. "): " .. err)
-  T.ok(r.ok, "drive.mjs: " .. tostring(r.error) .. "; page: " .. json.encode({ r.banner, r.problem, r.stats }))
   T.eq({ r.stats.state, r.stats.framesSent }, { "mic-lost", 0 })
   T.match(r.problem, "^The microphone stopped %(unplugged, or its permission was taken back%), so the call was hung up%.")
   local v = app.engine:call_view(view.callId)
@@ -607,10 +600,8 @@ end, { timeout = 40000 })
 T.test("left mid-call, back from the back/forward cache: the microphone was let go on leaving, the page loads again "
   .. "and says its link answered the call", function()
   local app, view, wav = long_story_call("+14155550186")
-  local r, code, err = node({ "browser/drive.mjs", view.hint, wav, ROOT .. "/tests/artifacts/mock-phone-back.png",
+  local r = drive({ view.hint, wav, ROOT .. "/tests/artifacts/mock-phone-back.png",
     "--cache-after=1000", "--timeout=15000" }, 30000)
-  T.ok(r, "drive.mjs printed no JSON (exit " .. tostring(code) .. "): " .. err)
-  T.ok(r.ok, "drive.mjs: " .. tostring(r.error) .. "; page: " .. json.encode({ r.banner, r.problem, r.stats }))
   T.eq(r.back.micLiveInCache, false, "leaving the page let the microphone go")
   -- Not the page as it was left: loaded again, it asks its link's view.
   T.eq(r.back.reloaded, true, "the page loaded again")
@@ -654,10 +645,8 @@ T.test("the model refuses callagent's key at the answer: the call fails, and the
   local wav = callee_wav()
   local app = refusing_model_app(false)
   local view = assert(app:create_call({ to = "+14155550190", prompt = "Talk." }))
-  local r, code, err = node({ "browser/drive.mjs", view.hint, wav, ROOT .. "/tests/artifacts/mock-phone-model-refused.png",
+  local r = drive({ view.hint, wav, ROOT .. "/tests/artifacts/mock-phone-model-refused.png",
     "--no-report", "--timeout=15000" }, 30000)
-  T.ok(r, "drive.mjs printed no JSON (exit " .. tostring(code) .. "): " .. err)
-  T.ok(r.ok, "drive.mjs: " .. tostring(r.error) .. "; page: " .. json.encode({ r.banner, r.problem, r.stats }))
   local v = app.engine:call_view(view.callId)
   T.eq(v.status, "failed")
   T.ok(type(v.lastError) == "string" and #v.lastError > 0, "the record says why")
@@ -675,10 +664,8 @@ T.test("answered, its media stream never connects: Hang up works meanwhile, the 
   local wav = callee_wav()
   local app = start_app(function() end)
   local view = assert(app:create_call({ to = "+14155550189", prompt = "Talk." }))
-  local r, code, err = node({ "browser/drive.mjs", view.hint, wav, ROOT .. "/tests/artifacts/mock-phone-no-stream.png",
+  local r = drive({ view.hint, wav, ROOT .. "/tests/artifacts/mock-phone-no-stream.png",
     "--forward", "--hold-stream", "--no-report", "--timeout=15000" }, 30000)
-  T.ok(r, "drive.mjs printed no JSON (exit " .. tostring(code) .. "): " .. err)
-  T.ok(r.ok, "drive.mjs: " .. tostring(r.error) .. "; page: " .. json.encode({ r.banner, r.problem, r.stats }))
   T.eq(r.forward.held, 1, "the stream's connection went nowhere")
   T.eq(r.hangupWhileAnswering, { visible = true, enabled = true }, "Hang up could give up on it meanwhile")
   local v = app.engine:call_view(view.callId)
@@ -696,10 +683,8 @@ T.test("Decline on the ringing page, the microphone allowed already: the attempt
   local shot = ROOT .. "/tests/artifacts/mock-phone-declined.png"
   -- The microphone is allowed already (a browser that remembers it): the
   -- page still rings, and Decline takes it.
-  local r, code, err = node({ "browser/drive.mjs", view.hint, wav, shot, "--decline", "--reopen", "--timeout=10000" },
+  local r = drive({ view.hint, wav, shot, "--decline", "--reopen", "--timeout=10000" },
     20000)
-  T.ok(r, "drive.mjs printed no JSON (exit " .. tostring(code) .. "): " .. err)
-  T.ok(r.ok, "drive.mjs: " .. tostring(r.error) .. "; page: " .. json.encode({ r.banner, r.problem, r.stats }))
   T.eq({ r.ring.micPermission, r.ring.decline.enabled }, { "granted", true }, "rang with the microphone allowed")
   T.eq({ r.stats.state, r.status, r.banner, r.problem, r.ringTitle },
     { "declined", "Declined", "You declined the call: callagent was told the line is busy.", "", "Declined" })
@@ -724,10 +709,8 @@ end, { timeout = 30000 })
 -- so and took Answer and Decline away. Returns drive.mjs's result.
 local function ring_stopped_elsewhere(app, view, how, shot)
   local wav = callee_wav()
-  local r, code, err = node({ "browser/drive.mjs", view.hint, wav, ROOT .. "/tests/artifacts/" .. shot, how,
+  local r = drive({ view.hint, wav, ROOT .. "/tests/artifacts/" .. shot, how,
     "--timeout=10000" }, 20000)
-  T.ok(r, "drive.mjs printed no JSON (exit " .. tostring(code) .. "): " .. err)
-  T.ok(r.ok, "drive.mjs: " .. tostring(r.error) .. "; page: " .. json.encode({ r.banner, r.problem, r.stats }))
   T.eq({ r.ring.title, r.ring.answer.enabled, r.ring.decline.enabled }, { "Incoming call", true, true }, "it rang")
   T.eq(r.stats.state, "stopped")
   T.eq(r.buttons, { answer = { visible = true, enabled = false }, decline = { visible = true, enabled = false } },
