@@ -804,6 +804,21 @@ T.test("a model that refuses the session while the phone rings (key, formats): t
   end
 end, { timeout = 40000 })
 
+-- Call id of env rang with a model session the model refused (code), and
+-- the tunnel died (env's engine paused): the call fails model_error, not
+-- retried, and once the tunnel is back it is not dialed again.
+local function refused_not_redialed(env, id, code, wait_ms)
+  local call = env:wait(id, function(r)
+    return r.status ~= "dialing"
+  end, wait_ms, "the attempt over")
+  T.eq({ call.status, call.endReason, #call.attempts, call.attempts[1].status },
+    { "failed", "model_error", 1, "failed" }, "not retried")
+  T.match(call.lastError, "^model refused the session: " .. code .. ": ")
+  env.app.engine:resume()
+  timer.sleep(300)
+  T.eq(#env.tw.calls, 1, "dialed once")
+end
+
 T.test("a ring the model's refusal canceled, then the tunnel's (its canceled status lost): the call fails model_error, not dialed again", function()
   local env = kit.start({
     config = { retry = { maxAttempts = 3, initialDelayMs = 100 }, openai = { apiKey = "sk-wrong-key" } },
@@ -815,15 +830,7 @@ T.test("a ring the model's refusal canceled, then the tunnel's (its canceled sta
     return #c.updates >= 1
   end, 5000, "the ring canceled for the model's refusal")
   env.app.engine:pause("the public tunnel is down (a test)") -- what the app does when its tunnel dies
-  local call = env:wait(id, function(r)
-    return r.status ~= "dialing"
-  end, 3000, "the attempt over")
-  T.eq({ call.status, call.endReason, #call.attempts, call.attempts[1].status },
-    { "failed", "model_error", 1, "failed" }, "not retried")
-  T.match(call.lastError, "^model refused the session: invalid_api_key: ")
-  env.app.engine:resume()
-  timer.sleep(300)
-  T.eq(#env.tw.calls, 1, "dialed once")
+  refused_not_redialed(env, id, "invalid_api_key", 3000)
 end, { timeout = 20000 })
 
 T.test("a model that refuses the session while the tunnel's cancel of the ring is on its way: the call fails model_error, not dialed again", function()
@@ -838,15 +845,7 @@ T.test("a model that refuses the session while the tunnel's cancel of the ring i
   end, 3000, "the session set up while it rings")
   env.app.engine:pause("the public tunnel is down (a test)") -- what the app does when its tunnel dies
   T.eq(#env.rt.sessions[1].errors_sent, 0, "refused after the pause")
-  local call = env:wait(id, function(r)
-    return r.status ~= "dialing"
-  end, 5000, "the attempt over")
-  T.eq({ call.status, call.endReason, #call.attempts, call.attempts[1].status },
-    { "failed", "model_error", 1, "failed" }, "not retried")
-  T.match(call.lastError, "^model refused the session: invalid_value: ")
-  env.app.engine:resume()
-  timer.sleep(300)
-  T.eq(#env.tw.calls, 1, "dialed once")
+  refused_not_redialed(env, id, "invalid_value", 5000)
 end, { timeout = 20000 })
 
 T.test("a stop while the phone rings closes the model session opened for it", function()

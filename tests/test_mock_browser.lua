@@ -553,17 +553,23 @@ T.test("placed from the dial form through a forwarded port, answered, hung up on
   T.near(s.input_bytes, r.stats.bytesSent, 800, "what the page sent is what the model got")
 end, { timeout = 40000 })
 
-T.test("reloaded mid-call: the call is hung up as the callee's, and the reloaded page says its link answered it", function()
-  local app, view, wav = long_story_call("+14155550191")
-  local r = drive({ view.hint, wav, ROOT .. "/tests/artifacts/mock-phone-reloaded.png",
-    "--reload-after=1000", "--timeout=15000" }, 30000)
-  T.gt(r.reload.stats.framesSent, 0, "the page streamed before the reload")
+-- The call of view, whose page was left mid-call, ends as the callee
+-- hanging up.
+local function left_page_hung_up(app, view)
   local v
   T.wait_for(function()
     v = app.engine:call_view(view.callId)
     return v and v.status ~= "in_progress"
   end, 10000, "the call to end")
   T.eq({ v.status, v.endReason }, { "completed", "callee_hung_up" }, "leaving the page hung up")
+end
+
+T.test("reloaded mid-call: the call is hung up as the callee's, and the reloaded page says its link answered it", function()
+  local app, view, wav = long_story_call("+14155550191")
+  local r = drive({ view.hint, wav, ROOT .. "/tests/artifacts/mock-phone-reloaded.png",
+    "--reload-after=1000", "--timeout=15000" }, 30000)
+  T.gt(r.reload.stats.framesSent, 0, "the page streamed before the reload")
+  left_page_hung_up(app, view)
   -- Reloaded, the page has no session: the link was used, by this call.
   T.eq(r.reload.state, "error")
   T.match(r.reload.problem, "^This call link was already used: the call was answered from it")
@@ -607,12 +613,7 @@ T.test("left mid-call, back from the back/forward cache: the microphone was let 
   T.eq(r.back.reloaded, true, "the page loaded again")
   T.eq(r.back.state, "error")
   T.match(r.back.problem, "^This call link was already used: the call was answered from it")
-  local v
-  T.wait_for(function()
-    v = app.engine:call_view(view.callId)
-    return v and v.status ~= "in_progress"
-  end, 10000, "the call to end")
-  T.eq({ v.status, v.endReason }, { "completed", "callee_hung_up" }, "leaving the page hung up")
+  left_page_hung_up(app, view)
 end, { timeout = 40000 })
 
 -- An app whose model refuses its key; connect_early: openai.connectWhileRinging.

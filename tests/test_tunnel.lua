@@ -538,8 +538,10 @@ local function app_env(path, logfile, extra)
   return T.with({ PATH = path, CALLAGENT_BIN = T.bin, FAKE_NGROK_LOG = logfile, CALLAGENT_LOG = "info" }, extra)
 end
 
--- Spawns a tunnel app: .p its process, .ready its "callagent ready" line once logged.
-local function spawn_tunnel_app(source, env)
+-- Spawns a tunnel app: .p its process, .ready its "callagent ready" line
+-- once logged, .again its first "tunnel open again" line; on_line (optional)
+-- is given every stderr line too.
+local function spawn_tunnel_app(source, env, on_line)
   local app = {}
   app.p = T.spawn_app(nil, nil, {
     source = source,
@@ -548,14 +550,18 @@ local function spawn_tunnel_app(source, env)
       if line:find("callagent ready", 1, true) then
         app.ready = line
       end
+      app.again = app.again or line:find("tunnel open again", 1, true) and line
+      if on_line then
+        on_line(line)
+      end
     end,
   })
   return app
 end
 
 -- spawn_tunnel_app, once it is ready (a test error if it is not).
-local function ready_tunnel_app(source, env)
-  local app = spawn_tunnel_app(source, env)
+local function ready_tunnel_app(source, env, on_line)
+  local app = spawn_tunnel_app(source, env, on_line)
   T.wait_for(function()
     return app.ready or app.p.done
   end, 15000, "callagent ready")
@@ -688,28 +694,19 @@ T.test("ngrok that exits while the app runs: calls pause (503 paused, retries wa
   end)
   local logfile = dir .. "/ngrok.log"
   local held = {}
-  local app = {}
-  app.p = T.spawn_app(nil, nil, {
-    -- Any tunnel counts as one that lived long (reopened at once); one
-    -- taken for short-lived would wait 10 s.
-    source = 'require("callagent.app").TUNNEL_STABLE_MS = 0\nrequire("callagent.app").REOPEN_MS = { 10000, 60000 }\n'
-      .. APP:gsub("port = 0", "port = " .. port)
+  -- Any tunnel counts as one that lived long (reopened at once); one taken
+  -- for short-lived would wait 10 s.
+  local app = ready_tunnel_app('require("callagent.app").TUNNEL_STABLE_MS = 0\n'
+    .. 'require("callagent.app").REOPEN_MS = { 10000, 60000 }\n'
+    .. APP:gsub("port = 0", "port = " .. port)
       :gsub('fromNumber = "%+15550001111"', '%0, apiBaseUrl = "' .. tw.url .. '"')
       :gsub('store = { backend = "memory" },', '%0 retry = { maxAttempts = 2, initialDelayMs = 3000 },'),
-    env = app_env(bindir({ "ngrok" }), logfile, { FAKE_NGROK_CONTROL = dir }),
-    on_stderr = function(line)
-      app.ready = app.ready or line:find("callagent ready", 1, true) and line
-      app.again = app.again or line:find("tunnel open again", 1, true) and line
+    app_env(bindir({ "ngrok" }), logfile, { FAKE_NGROK_CONTROL = dir }), function(line)
       if line:find("dial held", 1, true) then
         held[#held + 1] = line
       end
-    end,
-  })
+    end)
   local p = app.p
-  T.wait_for(function()
-    return app.ready or p.done
-  end, 15000, "callagent ready")
-  T.ok(app.ready, p.errtext())
   local function create(to)
     return assert(fetch(base .. "/v1/calls", { method = "POST", body = json.encode({ to = to, prompt = "Talk." }),
       headers = { ["Content-Type"] = "application/json" } }))
@@ -829,21 +826,11 @@ T.test("a dial on its way while the tunnel dies and opens again is canceled once
     return { ring_ms = 60000, create_delay_ms = n == 1 and 2500 or nil }
   end)
   local logfile = dir .. "/ngrok.log"
-  local app = {}
-  app.p = T.spawn_app(nil, nil, {
-    source = 'require("callagent.app").TUNNEL_STABLE_MS = 0\n' .. APP:gsub("port = 0", "port = " .. port)
+  local app = ready_tunnel_app('require("callagent.app").TUNNEL_STABLE_MS = 0\n'
+    .. APP:gsub("port = 0", "port = " .. port)
       :gsub('fromNumber = "%+15550001111"', '%0, apiBaseUrl = "' .. tw.url .. '"'),
-    env = app_env(bindir({ "ngrok" }), logfile, { FAKE_NGROK_CONTROL = dir }),
-    on_stderr = function(line)
-      app.ready = app.ready or line:find("callagent ready", 1, true) and line
-      app.again = app.again or line:find("tunnel open again", 1, true) and line
-    end,
-  })
+    app_env(bindir({ "ngrok" }), logfile, { FAKE_NGROK_CONTROL = dir }))
   local p = app.p
-  T.wait_for(function()
-    return app.ready or p.done
-  end, 15000, "callagent ready")
-  T.ok(app.ready, p.errtext())
   local res = assert(fetch(base .. "/v1/calls", { method = "POST", body = json.encode({ to = "+14155550178",
     prompt = "Talk." }), headers = { ["Content-Type"] = "application/json" } }))
   T.eq(res.status, 201, res.body)

@@ -1174,13 +1174,18 @@ T.test("paused while connecting: it opens, then reads nothing until resumed", fu
   T.eq(events[2], { "text", "hello" })
 end)
 
-T.test("a server connection paused by its handler gets no more messages, nor the close, of that read until resumed; then all, in order", function()
+-- A server (opts as T.server's) whose /echo handler keeps the messages and
+-- the close it gets in got, and pauses the connection on each message in
+-- pause_on (a set). Returns the server, got, and a function that waits for
+-- the first pause and checks that nothing more came while paused: the
+-- paused connection.
+local function pausing_server(opts, pause_on)
   local got, conn = {}, nil
-  local srv = T.server(nil, function(s)
+  local srv = T.server(opts, function(s)
     s:websocket("/echo", {
       text = function(c, msg)
         got[#got + 1] = msg
-        if msg == "m1" or msg == "m3" then
+        if pause_on[msg] then
           conn = c
           c:pause()
         end
@@ -1190,12 +1195,20 @@ T.test("a server connection paused by its handler gets no more messages, nor the
       end,
     })
   end)
-  local p = edge_client("burst", srv) -- m1..m5 and a close frame, in one write
-  T.wait_for(function()
+  return srv, got, function()
+    T.wait_for(function()
+      return conn
+    end, 3000, "the first message")
+    timer.sleep(200)
+    T.eq(got, { "m1" }, "nothing more while paused")
     return conn
-  end, 3000, "the first message")
-  timer.sleep(200)
-  T.eq(got, { "m1" }, "nothing more while paused")
+  end
+end
+
+T.test("a server connection paused by its handler gets no more messages, nor the close, of that read until resumed; then all, in order", function()
+  local srv, got, paused = pausing_server(nil, { m1 = true, m3 = true })
+  local p = edge_client("burst", srv) -- m1..m5 and a close frame, in one write
+  local conn = paused()
   conn:resume()
   T.wait_for(function()
     return #got >= 3
@@ -1347,27 +1360,12 @@ end)
 
 T.test("a TLS server connection paused by its handler gets no more messages until resumed; then all, in order", function()
   local tls = certs.make(T.tmpdir())
-  local got, conn = {}, nil
-  local srv = T.server({ tls = { cert = tls.cert, key = tls.key } }, function(s)
-    s:websocket("/echo", {
-      text = function(c, msg)
-        got[#got + 1] = msg
-        if msg == "m1" then
-          conn = c
-          c:pause()
-        end
-      end,
-    })
-  end)
+  local srv, got, paused = pausing_server({ tls = { cert = tls.cert, key = tls.key } }, { m1 = true })
   local c = assert(connect(srv:ws_url("/echo"), { ca_file = tls.ca }))
   for i = 1, 5 do
     c:send("m" .. i) -- all written before the server reads
   end
-  T.wait_for(function()
-    return conn
-  end, 3000, "the first message")
-  timer.sleep(200)
-  T.eq(got, { "m1" }, "nothing more while paused")
+  local conn = paused()
   conn:resume()
   T.wait_for(function()
     return #got == 5

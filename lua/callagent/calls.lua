@@ -639,6 +639,16 @@ function Engine:_cancel_at_pause(call, n)
   end
 end
 
+-- Attempt n, ringing here, whose cancel the vendor answered saying the
+-- callee had answered (Twilio's leaves an answered call up): in progress
+-- now, as its answered status would have made it.
+function Engine:_answered_at_cancel(call, n)
+  local a = call.attempts[n]
+  if a and a.status == "dialing" and call.attempt == n then
+    self:provider_status(call.id, n, { status = "in_progress", raw = "(the provider's answer to the cancel)" })
+  end
+end
+
 -- Attempt n was answered before the pause's cancel came (a vendor whose
 -- cancel leaves an answered call up says so: Twilio): its voice webhook went
 -- to the dead tunnel, so nobody talks to the callee. The callee picked up
@@ -649,9 +659,7 @@ function Engine:_answered_at_pause(call, n)
   if call.attempt ~= n or FINAL[a.status] or self.stopped then
     return
   end
-  if a.status == "dialing" then
-    self:provider_status(call.id, n, { status = "in_progress", raw = "(the provider's answer to the cancel)" })
-  end
+  self:_answered_at_cancel(call, n)
   if a.status ~= "in_progress" or call.attempt ~= n or self.bridges[call.id .. "#" .. n] then
     return -- its stream came after all
   end
@@ -1765,10 +1773,10 @@ function Engine:_hangup_attempt(call, n, a)
   if self.closed then
     return true, ok -- app:stop() closed the store meanwhile: the next start resolves the call
   end
-  if ok and a and type(how) == "table" and how.answered and a.status == "dialing" and call.attempt == n then
-    -- The cancel came after the answer (Twilio's leaves the call up): the
-    -- callee is on the line, and is hung up as answered below.
-    self:provider_status(id, n, { status = "in_progress", raw = "(the provider's answer to the cancel)" })
+  if ok and type(how) == "table" and how.answered then
+    -- The cancel came after the answer: the callee is on the line, and is
+    -- hung up as answered below.
+    self:_answered_at_cancel(call, n)
   end
   if a and a.status == "dialing" then
     if not ok then
@@ -2052,7 +2060,10 @@ function Engine:shutdown(deadline_ms)
         -- Answered before the cancel came, its answered status not come
         -- (Twilio's cancel leaves the call up and says so): hung up as
         -- answered below, not queued again.
-        self:_answered_at_stop(entry)
+        local call = self.live[entry[1].callId]
+        if call and not self.closed then
+          self:_answered_at_cancel(call, entry[2].n)
+        end
       end
       if ok and entry.ringing then
         self:_rang_at_stop(entry)
@@ -2082,14 +2093,6 @@ function Engine:shutdown(deadline_ms)
   end
 end
 
--- A ringing call the vendor says was answered before the stop's cancel:
--- in progress now, as its answered status would have made it.
-function Engine:_answered_at_stop(entry)
-  local call, a = self.live[entry[1].callId], entry[2]
-  if call and call.attempt == a.n and a.status == "dialing" and not self.closed then
-    self:provider_status(call.id, a.n, { status = "in_progress", raw = "(the provider's answer to the cancel)" })
-  end
-end
 
 -- A ringing call shutdown canceled, answered meanwhile: hung up again, as
 -- answered (a vendor takes the cancel of an answered call as a no-op).

@@ -411,6 +411,13 @@ function micProblem(state, text) {
   postHangup();
 }
 
+// The stream's `stop` (the callee hung up), then its close (why: the close reason).
+function stopStream(why) {
+  seq++;
+  send({ event: "stop", sequenceNumber: String(seq), streamSid, stop: { accountSid, callSid } });
+  if (ws) ws.close(1000, why);
+}
+
 const MIC_LOST_TEXT =
   "The microphone stopped (unplugged, or its permission was taken back), so the call was hung up. Connect or allow it and place the call again.";
 
@@ -428,17 +435,12 @@ function micLost() {
   showProblem(MIC_LOST_TEXT);
   stopAudio(false);
   setState("mic-lost", "Call ended: the microphone stopped.");
-  const closeStream = () => {
-    seq++;
-    send({ event: "stop", sequenceNumber: String(seq), streamSid, stop: { accountSid, callSid } });
-    if (ws) ws.close(1000, "microphone lost");
-  };
   if (!connected) {
-    closeStream();
+    stopStream("microphone lost");
     postHangup();
     return;
   }
-  postHangup(false, "microphone_lost").finally(closeStream);
+  postHangup(false, "microphone_lost").finally(() => stopStream("microphone lost"));
 }
 
 // Rates whose polyphase filters the worklets can build (dsp.js): any usual one.
@@ -708,9 +710,7 @@ function onStreamClosed(e) {
 function hangUp() {
   if (finished || !inCall) return;
   finished = true;
-  seq++;
-  send({ event: "stop", sequenceNumber: String(seq), streamSid, stop: { accountSid, callSid } });
-  if (ws) ws.close(1000, "hung up");
+  stopStream("hung up");
   stopAudio(false);
   setState("ended", "Call ended: you hung up.");
   postHangup();
@@ -1107,9 +1107,7 @@ async function main() {
   window.addEventListener("pagehide", () => {
     if (finished || !call.session) return;
     finished = true;
-    seq++;
-    send({ event: "stop", sequenceNumber: String(seq), streamSid, stop: { accountSid, callSid } });
-    if (ws) ws.close(1000, "page closed");
+    stopStream("page closed");
     postHangup(true);
     // The microphone let go, and the page (kept in the back/forward cache)
     // no longer live.
