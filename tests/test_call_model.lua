@@ -984,6 +984,34 @@ T.test("the refusal's cancel is not asked again once the callee answered: the ca
   completed_with_ann(call)
 end, { timeout = 30000 })
 
+T.test("a refusal's cancel Twilio answers in-progress (the answered callback lost): the call is in progress at once, not ringing until its voice webhook", function()
+  local env = kit.start({
+    config = { retry = { maxAttempts = 1 } },
+    -- Twilio's cancel leaves the answered call up and says so; the answered
+    -- callback never comes, the voice webhook comes 2 s after the answer.
+    twilio = { behaviour = { answer = true, ring_ms = 100, lost_callbacks = { answered = true }, voice_delay_ms = 2000 } },
+    realtime = {
+      refuse_update = { "invalid_value", "Invalid value: 'x'.", sessions = 1 },
+      update_delay_ms = 400,
+      script = ann_when_asked,
+    },
+  })
+  local id = env:create({ to = "+14155550187", prompt = "Say hello." })
+  local c = assert(env.tw:wait_call(3000))
+  T.wait_for(function()
+    return c.updates[1]
+  end, 3000, "the refusal's cancel")
+  T.ok(c.answered_at and c.updates[1].at > c.answered_at, "the cancel came after the answer")
+  local rec = env:wait(id, function(r)
+    return r.status == "in_progress"
+  end, 1000, "in progress on the cancel's answer")
+  T.eq({ rec.attempts[1].status, rec.attempts[1].answeredAt ~= nil }, { "in_progress", true })
+  T.eq(c.voice_request, nil, "before the voice webhook came")
+  local call = env:wait_final(id, 30000)
+  completed_with_ann(call)
+  T.eq(#env.rt.sessions, 2, "the refused one, and the answer's")
+end, { timeout = 30000 })
+
 T.test("a session taken over at the answer before its session.updated has the whole SESSION_READY_MS from the answer, as one opened then would", function()
   T.shorten(bridge_mod, "SESSION_READY_MS", 1500)
   local env = kit.start({

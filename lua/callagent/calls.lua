@@ -966,11 +966,28 @@ end
 
 -- Cancels ringing attempt a at the vendor, in a task; a cancel it refuses
 -- is asked again (_cancel_retrying), so that the phone stops ringing, while
--- wanted() (optional) is true.
+-- wanted() (optional) is true. One it answers saying the callee had
+-- answered (Twilio's leaves an answered call up) makes the attempt, still
+-- ringing here, in progress (_answered_at_cancel), as the pause's, the
+-- stop's and the API's cancels do.
 function Engine:_cancel_in_task(id, a, wanted)
-  self:_end_in_task(id, a, function()
-    self:_cancel_retrying(id, a, wanted)
+  task.spawn(function()
+    local ok, err, how = self:_provider_end(self:call_view(id) or { callId = id }, a)
+    if not ok then
+      log.warn("provider hang-up failed", { call = id, attempt = a.n, error = err })
+      return self:_cancel_retrying(id, a, wanted)
+    end
+    self:_cancel_answered(id, a, how)
   end)
+end
+
+-- The vendor's answer to a cancel of attempt a of call id (how: endCall's
+-- third value) says the callee had answered: see _cancel_in_task.
+function Engine:_cancel_answered(id, a, how)
+  local call = self.live[id]
+  if call and type(how) == "table" and how.answered and not self.closed then
+    self:_answered_at_cancel(call, a.n)
+  end
 end
 
 -- A cancel the vendor refused, asked again in the background: 1, 2, 4 s
@@ -984,10 +1001,10 @@ function Engine:_cancel_retrying(id, a, wanted)
       if self.stopped or wanted and not wanted() then
         return
       end
-      local ok, err = self:_provider_end(self:call_view(id) or { callId = id }, a)
+      local ok, err, how = self:_provider_end(self:call_view(id) or { callId = id }, a)
       if ok then
         log.info("provider hang-up done on a later try", { call = id, attempt = a.n, try = i + 1 })
-        return
+        return self:_cancel_answered(id, a, how)
       end
       log.warn("provider hang-up failed", { call = id, attempt = a.n, try = i + 1, error = err })
     end
