@@ -1012,6 +1012,24 @@ T.test("a refusal's cancel Twilio answers in-progress (the answered callback los
   T.eq(#env.rt.sessions, 2, "the refused one, and the answer's")
 end, { timeout = 30000 })
 
+T.test("a refusal whose cancels the vendor all refuses, then the ring timeout (no getCall): the call fails model_error, not no_answer, and is not retried", function()
+  local dir = kit.twilio_variant("nogetcall", "P.getCall = nil\n")
+  local env = kit.start({
+    provider_dirs = { dir },
+    config = { telephony = { provider = "nogetcall" }, retry = { maxAttempts = 3, initialDelayMs = 100 },
+      openai = { apiKey = "sk-wrong-key" }, call = { ringTimeoutSec = 1, statusGraceSec = 1 } },
+    twilio = { update_fail = 503, behaviour = { ring_ms = 60000 } },
+  })
+  local id = env:create({ to = "+14155550186", prompt = "Say hello." })
+  local call = env:wait_final(id, 6000)
+  T.eq({ call.status, call.endReason, #call.attempts, call.attempts[1].status, call.attempts[1].reason },
+    { "failed", "model_error", 1, "failed", "model_error" })
+  T.match(call.lastError, "^model refused the session: invalid_api_key: ")
+  T.ge(#env.tw.calls[1].updates, 2, "the refusal's cancel, refused, and asked again")
+  timer.sleep(300)
+  T.eq(#env.tw.calls, 1, "dialed once")
+end, { timeout = 20000 })
+
 T.test("a session taken over at the answer before its session.updated has the whole SESSION_READY_MS from the answer, as one opened then would", function()
   T.shorten(bridge_mod, "SESSION_READY_MS", 1500)
   local env = kit.start({

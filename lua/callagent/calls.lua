@@ -531,7 +531,7 @@ function Engine:warm_refused(w, why)
     return -- answered meanwhile (its bridge connects, and is refused as any), ended, or being ended
   end
   log.warn("canceling the ringing call: the model refused its session", { call = call.id, attempt = a.n })
-  call._model_refused = a.n -- its canceled status ends it failed (_attempt_final)
+  call._model_refused = a.n -- unanswered, it ends failed however the ring ends (_attempt_final)
   call._end_reason = call._end_reason or "model_error"
   a._no_retry = true
   why = error_text(why)
@@ -1461,8 +1461,12 @@ function Engine:_attempt_final(call, n, status, reason, err)
     return false
   end
   local answered = a.status == "in_progress" or a.answeredAt ~= nil
-  if status == "canceled" and call._model_refused == n and not answered and not call._cancel_requested then
-    status = "failed" -- canceled because the model refused its session (warm_refused)
+  if call._model_refused == n and not answered and not call._cancel_requested then
+    -- Being ended because the model refused its session (warm_refused):
+    -- failed, as its model_error says, whatever ended the ring (its cancel's
+    -- canceled status, the ring timeout after cancels the vendor refused,
+    -- the vendor's own no-answer or busy before a cancel took).
+    status = "failed"
   end
   if call._stop_cancel == n and status == "canceled" and not answered and not call._cancel_requested
     and not self.closed then
