@@ -1030,6 +1030,27 @@ T.test("a refusal whose cancels the vendor all refuses, then the ring timeout (n
   T.eq(#env.tw.calls, 1, "dialed once")
 end, { timeout = 20000 })
 
+T.test("an API hang-up while the cancel of a ring the model refused is on its way: the call fails model_error (the refusal came first), as status and endReason say", function()
+  local env = kit.start({
+    config = { retry = { maxAttempts = 3, initialDelayMs = 100 }, openai = { apiKey = "sk-wrong-key" } },
+    -- The cancel is answered 800 ms late, and its canceled callback is lost.
+    twilio = { behaviour = { ring_ms = 5000, update_delay_ms = 800, lost_callbacks = { completed = true } } },
+  })
+  local id = env:create({ to = "+14155550185", prompt = "Say hello." })
+  local c = assert(env.tw:wait_call(3000))
+  T.wait_for(function()
+    return c.updates[1]
+  end, 3000, "the refusal's cancel on its way")
+  T.eq((env:api("POST", "/v1/calls/" .. id .. "/hangup")), 202)
+  local call = env:wait_final(id, 5000)
+  T.eq({ call.status, call.endReason, #call.attempts, call.attempts[1].status, call.attempts[1].reason },
+    { "failed", "model_error", 1, "failed", "model_error" })
+  T.match(call.lastError, "^model refused the session: invalid_api_key: ")
+  T.eq(c.final, "canceled", "the ring canceled")
+  timer.sleep(300)
+  T.eq(#env.tw.calls, 1, "dialed once")
+end, { timeout = 20000 })
+
 T.test("a session taken over at the answer before its session.updated has the whole SESSION_READY_MS from the answer, as one opened then would", function()
   T.shorten(bridge_mod, "SESSION_READY_MS", 1500)
   local env = kit.start({

@@ -1461,11 +1461,13 @@ function Engine:_attempt_final(call, n, status, reason, err)
     return false
   end
   local answered = a.status == "in_progress" or a.answeredAt ~= nil
-  if call._model_refused == n and not answered and not call._cancel_requested then
+  if call._model_refused == n and not answered then
     -- Being ended because the model refused its session (warm_refused):
     -- failed, as its model_error says, whatever ended the ring (its cancel's
     -- canceled status, the ring timeout after cancels the vendor refused,
-    -- the vendor's own no-answer or busy before a cancel took).
+    -- the vendor's own no-answer or busy before a cancel took). Also when an
+    -- API hang-up came after the refusal (warm_refused ignores one after
+    -- it): the call was being ended for the refusal already.
     status = "failed"
   end
   if call._stop_cancel == n and status == "canceled" and not answered and not call._cancel_requested
@@ -1586,8 +1588,8 @@ function Engine:_after_attempt(call, n, status, answered, reason, also)
     return true
   end
   local final = status
-  if call._cancel_requested and not answered then
-    final = "canceled"
+  if call._cancel_requested and not answered and call._model_refused ~= n then
+    final = "canceled" -- not one the model's refusal was ending (_attempt_final)
   end
   return self:_finish(call, final, end_reason or (answered and status == "completed" and "completed") or reason, also)
 end
