@@ -1051,6 +1051,25 @@ T.test("an API hang-up while the cancel of a ring the model refused is on its wa
   T.eq(#env.tw.calls, 1, "dialed once")
 end, { timeout = 20000 })
 
+T.test("a stop after the cancel of a ring the model refused (its canceled status lost): the call fails model_error, and the next start does not dial it again", function()
+  local env = kit.start({
+    config = { retry = { maxAttempts = 3, initialDelayMs = 100 }, openai = { apiKey = "sk-wrong-key" } },
+    twilio = { behaviour = { ring_ms = 30000, lost_callbacks = { completed = true } } },
+  })
+  local id = env:create({ to = "+14155550184", prompt = "Say hello." })
+  local c = assert(env.tw:wait_call(3000))
+  T.wait_for(function()
+    return c.final
+  end, 3000, "the ring canceled for the model's refusal")
+  env.app:stop()
+  local app2 = env:next_start()
+  timer.sleep(500)
+  T.eq(#env.tw.calls, 1, "not dialed again")
+  local rec = app2.engine:call_view(id)
+  T.eq({ rec.status, rec.endReason, #rec.attempts, rec.attempts[1].status }, { "failed", "model_error", 1, "failed" })
+  T.match(rec.lastError, "^model refused the session: invalid_api_key: ")
+end, { timeout = 30000 })
+
 T.test("a session taken over at the answer before its session.updated has the whole SESSION_READY_MS from the answer, as one opened then would", function()
   T.shorten(bridge_mod, "SESSION_READY_MS", 1500)
   local env = kit.start({

@@ -2176,6 +2176,12 @@ function Engine:_end_hung_up(todo, wait_ms)
       -- own (declined, unanswered), so the retry policy decides, as for a
       -- failed attempt; requeued, it was dialed again past maxAttempts.
       self:_attempt_final(call, a.n, "failed", ENDED_BEFORE_CANCEL)
+    elseif call and a.status == "dialing" and call._model_refused == a.n then
+      -- Canceled for the model's refusal as well (warm_refused), its
+      -- canceled status not come: it ends failed (model_error), not retried,
+      -- as that status would have ended it; queued, the next start dialed it
+      -- again, to the same refusal.
+      self:_attempt_final(call, a.n, "canceled", "canceled: the model refused its session")
     elseif call and a.status == "dialing" then
       -- A ringing call canceled, its canceled status not come: queued again.
       self:_requeue_at_stop(call, a.n, RANG_AT_STOP)
