@@ -328,6 +328,14 @@ local STATUS = {
   canceled = "canceled",
 }
 
+-- A status callback's SequenceNumber or CallDuration: Twilio writes them as
+-- decimal whole numbers ("0", "17"). Anything else ("1e999", "0x10", " 7",
+-- "1.5", "-1") is no number of Twilio's and is passed over: tonumber took
+-- "1e999" as infinity, and every later callback of the call as stale.
+local function whole(v)
+  return type(v) == "string" and #v <= 15 and v:find("^%d+$") and math.tointeger(tonumber(v)) or nil
+end
+
 function P:mapStatus(payload)
   local s = payload.CallStatus
   local status = STATUS[s]
@@ -350,8 +358,8 @@ function P:mapStatus(payload)
   return {
     status = status,
     raw = s,
-    sequence = tonumber(payload.SequenceNumber),
-    duration = tonumber(payload.CallDuration),
+    sequence = whole(payload.SequenceNumber),
+    duration = whole(payload.CallDuration),
     providerCallId = call_sid(payload.CallSid),
     reason = reason,
   }

@@ -232,6 +232,39 @@ T.test("a publicBaseUrl whose scheme is in capitals (HTTP://) still gives the ca
   T.eq(call.stream_url, "ws://127.0.0.1:" .. port .. "/voice/stream")
 end)
 
+-- A form POST to one of our webhook URLs, signed as Twilio signs it.
+local function signed_post(env, path, params)
+  local fetch = require "callagent.fetch"
+  local target = env.base .. path
+  return assert(fetch(target, { method = "POST", body = require("callagent.url").form_encode(params), headers = {
+    ["Content-Type"] = "application/x-www-form-urlencoded",
+    ["X-Twilio-Signature"] = require("fakes.twilio").sign(kit.TOKEN, target, params) } }))
+end
+
+T.test("a SequenceNumber that is no decimal whole number (1e999, 0x10, ' 7', 1.5, -1) orders nothing: later callbacks still count", function()
+  -- tonumber took "1e999" as infinity (and "0x10" as 16, " 7" as 7): every
+  -- later callback of the call, its busy one here, was dropped as stale and
+  -- the call stayed dialing until the ring timeout.
+  local twilio = dofile(require("callagent.core").root .. "/providers/twilio.lua")
+  for _, v in ipairs({ "1e999", "0x10", " 7", "7 ", "1.5", "-1", "+3", "", "9999999999999999" }) do
+    T.eq(twilio:mapStatus({ CallStatus = "ringing", SequenceNumber = v }).sequence, nil, v)
+  end
+  T.eq(twilio:mapStatus({ CallStatus = "ringing", SequenceNumber = "12" }).sequence, 12)
+  T.eq(twilio:mapStatus({ CallStatus = "completed", CallDuration = "1e9" }).duration, nil)
+  local env = kit.start({ twilio = { behaviour = { answer = "busy", ring_ms = 1500 } }, config = { retry = { maxAttempts = 1 } } })
+  local id = env:create({ to = "+14155550112", prompt = "Say hello." })
+  local rec = env:wait(id, function(r)
+    return r.status == "dialing" and r.attempts[1].providerCallId
+  end, 5000, "dialing")
+  for _, v in ipairs({ " 7", "0x10", "1e999" }) do
+    local res = signed_post(env, "/status?callId=" .. id .. "&attempt=1",
+      { CallSid = rec.attempts[1].providerCallId, CallStatus = "ringing", SequenceNumber = v, AccountSid = kit.ACCOUNT })
+    T.eq(res.status, 204, v)
+  end
+  local call = env:wait_final(id, 5000)
+  T.eq(call.status, "busy", "Twilio's busy callback (SequenceNumber 2) was taken")
+end)
+
 T.test("with Twilio's own API, an http:// public URL is refused at start: its <Stream> would be ws://", function()
   -- Twilio connects Media Streams to wss:// only (protocols.md section 2):
   -- each call was answered, got no stream, was hung up as no_stream and
