@@ -443,8 +443,9 @@ end
 
 -- Media streaming ------------------------------------------------------------------
 
---- The stream's `start`: stream_id, and the custom_parameters we gave in
--- streaming_start (an object, or a list of {name, value}).
+--- The stream's `start`: stream_id, the custom_parameters we gave in
+-- streaming_start (an object, or a list of {name, value}), and its
+-- call_control_id.
 function P:streamStart(ev)
   local start = type(ev.start) == "table" and ev.start or {}
   -- The bridge hears mu-law only: a stream in another codec (a call Telnyx
@@ -471,7 +472,14 @@ function P:streamStart(ev)
       end
     end
   end
-  return { streamSid = ev.stream_id or start.stream_id, parameters = params }
+  -- The call it streams: the engine refuses a stream of another call than
+  -- the attempt's (engine:claim_stream). Telnyx's start carries it (the
+  -- Start Frame example); one without it is refused.
+  local cc = control_id(start.call_control_id)
+  if not cc then
+    return nil, "start without a call_control_id"
+  end
+  return { streamSid = ev.stream_id or start.stream_id, parameters = params, providerCallId = cc }
 end
 
 -- Answered: the stream token, then streaming_start. A call nobody will speak

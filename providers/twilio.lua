@@ -225,6 +225,19 @@ function P:buildVoiceResponse(_, _, stream)
     .. table.concat(params) .. "</Stream></Connect></Response>", "text/xml"
 end
 
+--- The stream's `start`: its streamSid, the <Parameter>s (start.customParameters)
+-- and the call it streams (start.callSid, in every start Twilio sends:
+-- protocols.md section 2). The engine refuses a stream whose callSid is not
+-- the attempt's (engine:claim_stream); one without any is refused here.
+function P:streamStart(ev)
+  local start = type(ev.start) == "table" and ev.start or {}
+  if type(start.callSid) ~= "string" or start.callSid == "" then
+    return nil, "start without a callSid"
+  end
+  return { streamSid = ev.streamSid or start.streamSid, parameters = start.customParameters,
+    providerCallId = start.callSid }
+end
+
 -- X-Twilio-Signature -----------------------------------------------------------
 
 --- base64(HMAC-SHA1(token, url .. sorted name..value pairs)); values of a

@@ -265,6 +265,37 @@ T.test("a Telnyx-shaped start with a token that is not the call's is refused (10
   T.eq(tx.stream_closed, nil, "Telnyx's stream is untouched")
 end, { timeout = 30000 })
 
+T.test("a start whose call_control_id is not the attempt's call is refused (1008); the token stays for the call's own stream", function()
+  local ws = require "callagent.ws"
+  local env = start({ behaviour = { stream = false }, script = function() timer.sleep(15000) end })
+  local id = env:create({ to = "+14155550139", prompt = "x" })
+  local tx = assert(env.tx:wait_call(5000))
+  T.wait_for(function()
+    return tx.stream
+  end, 5000, "streaming_start")
+  local params = {}
+  for _, kv in ipairs(tx.stream.custom_parameters) do
+    params[kv.name] = kv.value
+  end
+  local function try(control_id)
+    local conn = assert(ws.connect(env.base:gsub("^http", "ws") .. "/voice/stream"))
+    conn:send('{"event":"connected","version":"1.0.0"}')
+    conn:send(json.encode({ event = "start", sequence_number = "1", stream_id = "5f0c4f2b-0001",
+      start = { call_control_id = control_id, custom_parameters = params,
+        media_format = { encoding = "PCMU", sample_rate = 8000, channels = 1 } } }))
+    return conn, conn:receive(1000)
+  end
+  local _, kind, code, reason = try("v3:another-call-of-the-account")
+  T.eq({ kind, code, reason }, { "close", 1008, "stream of another provider call" })
+  _, kind, code, reason = try(json.null)
+  T.eq({ kind, code, reason }, { "close", 1008, "start without a call_control_id" })
+  local conn
+  conn, kind = try(tx.control_id)
+  T.ne(kind, "close", "the call's own stream is taken")
+  T.ok(env.app.engine.bridges[id .. "#1"].stream, "the bridge has the stream")
+  conn:close(1000, "bye")
+end, { timeout = 20000 })
+
 T.test("hangup causes map to statuses; other events are no status", function()
   local env = start({ script = function() end })
   local p = env.app.provider

@@ -265,6 +265,42 @@ T.test("a SequenceNumber that is no decimal whole number (1e999, 0x10, ' 7', 1.5
   T.eq(call.status, "busy", "Twilio's busy callback (SequenceNumber 2) was taken")
 end)
 
+T.test("a stream whose start.callSid is not the attempt's call is refused, and the token stays for the call's own stream", function()
+  -- The token and callId alone took the call: a stream of another Twilio
+  -- call (of the same account, with the token copied from a log or a
+  -- TwiML bin) got the agent, and the call's own stream was refused as
+  -- "already used".
+  local ws = require "callagent.ws"
+  local fake = require "fakes.twilio"
+  local env = kit.start({ twilio = { behaviour = { stream = false } } })
+  local id = env:create({ to = "+14155550113", prompt = "Say hello." })
+  local tw = assert(env.tw:wait_call(5000))
+  T.wait_for(function()
+    return tw.twiml and tw.twiml.stream
+  end, 5000, "the TwiML")
+  local stream_url = env.base:gsub("^http", "ws") .. "/voice/stream"
+  local sid = "MZ" .. string.rep("2", 32)
+  local function start(call_sid)
+    local conn = assert(ws.connect(stream_url, { headers = { ["X-Twilio-Signature"] = fake.sign(kit.TOKEN, stream_url) } }))
+    conn:send(json.encode({ event = "connected", protocol = "Call", version = "1.0.0" }))
+    conn:send(json.encode({ event = "start", sequenceNumber = "1", streamSid = sid, start = { streamSid = sid,
+      callSid = call_sid, accountSid = kit.ACCOUNT, customParameters = tw.twiml.stream.parameters } }))
+    return conn, conn:receive(1000)
+  end
+  local other = "CA" .. string.rep("f", 32)
+  T.ne(other, tw.sid)
+  local _, kind, code, reason = start(other)
+  T.eq({ kind, code, reason }, { "close", 1008, "stream of another provider call" })
+  _, kind, code, reason = start(json.null)
+  T.eq({ kind, code, reason }, { "close", 1008, "start without a callSid" })
+  T.eq(env:get(id).status, "in_progress", "the call goes on")
+  local conn
+  conn, kind = start(tw.sid)
+  T.ne(kind, "close", "the call's own stream is taken")
+  T.ok(env.app.engine.bridges[id .. "#1"].stream, "the bridge has the stream")
+  conn:close(1000, "bye")
+end)
+
 T.test("with Twilio's own API, an http:// public URL is refused at start: its <Stream> would be ws://", function()
   -- Twilio connects Media Streams to wss:// only (protocols.md section 2):
   -- each call was answered, got no stream, was hung up as no_stream and

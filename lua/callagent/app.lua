@@ -322,7 +322,8 @@ function App:_routes(srv)
         if type(sid) ~= "string" or #sid > 63 or not sid:find("^[\33-\126]+$") or sid:find('["\\]') then
           return refuse(conn, "bad streamSid")
         end
-        local bridge, berr = engine:claim_stream(type(st.parameters) == "table" and st.parameters or {})
+        local bridge, berr = engine:claim_stream(type(st.parameters) == "table" and st.parameters or {},
+          type(st.providerCallId) == "string" and st.providerCallId or nil)
         if not bridge then
           return refuse(conn, berr)
         end

@@ -1255,11 +1255,26 @@ function Engine:prepare_stream(id, n)
 end
 
 --- A Media Streams `start` with its customParameters: the bridge, or nil, why.
-function Engine:claim_stream(params)
+-- provider_call_id: the vendor's call the stream says it belongs to (Twilio's
+-- start.callSid, Telnyx's start.call_control_id), when the provider reads
+-- one: a stream of another call than the attempt's is refused, and the
+-- token stays for the attempt's own stream (a token that leaked to a stream
+-- of another call, of the same account, does not take the call's place).
+function Engine:claim_stream(params, provider_call_id)
   local token = params and params.token
   local entry = token and self.tokens[token]
   if not entry then
     return nil, "unknown or already used stream token"
+  end
+  if entry.expires >= timer.now() and params.callId == entry.call_id and provider_call_id ~= nil then
+    local call = self.live[entry.call_id]
+    local a = call and call.attempts[entry.attempt]
+    local pid = a and a.providerCallId
+    if pid and provider_call_id ~= pid then
+      log.warn("media stream refused: its start names another provider call than the attempt's (stream token "
+        .. "kept for the attempt's own stream)", { call = entry.call_id, attempt = entry.attempt })
+      return nil, "stream of another provider call"
+    end
   end
   self.tokens[token] = nil -- single use
   if entry.expires < timer.now() then

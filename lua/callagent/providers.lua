@@ -36,7 +36,10 @@
 --                                        -> {status, duration} | nil, err
 --   streamStart(self, ev)               optional: the media stream's decoded `start`
 --                                        -> {streamSid, parameters = {callId,
---                                        attempt?, token}} | nil, why. Without
+--                                        attempt?, token}, providerCallId?} |
+--                                        nil, why (providerCallId: the call the
+--                                        stream says it is of; another than
+--                                        the attempt's is refused). Without
 --                                        it, Twilio's shape: ev.streamSid and
 --                                        ev.start.customParameters
 --   streamEndsCall                      optional: false when the vendor keeps a
