@@ -17,9 +17,11 @@
 --      attempt's providerCallId.
 --   2. Every Call Control webhook of that call comes to POST /telnyx/webhook
 --      (registerRoutes), signed with Ed25519. Its call and attempt: the
---      echoed client_state (inside the signed body); one without it, or
---      where it and the URL's query disagree, is answered 200 and ignored
---      (the query alone counts only while signatures are not checked).
+--      echoed client_state (inside the signed body); one where it and the
+--      URL's query disagree, or with another client_state than ours, is
+--      answered 200 and ignored; one with none counts for the query's
+--      attempt only if its call_control_id is that attempt's (the query
+--      alone counts only while signatures are not checked).
 --      call.initiated -> dialing, call.answered -> in_progress, call.hangup ->
 --      by hangup_cause.
 --   3. On call.answered: a one-time stream token (engine:prepare_stream), and
@@ -580,13 +582,17 @@ local function attempt_number(s)
   return type(s) == "string" and s:find("^%d+$") and #s <= 9 and math.tointeger(tonumber(s)) or nil
 end
 
+-- A third value true: the attempt is the query's, taken only if the signed
+-- call_control_id is the attempt's own (the route checks it): a signed
+-- webhook with no client_state at all, should Telnyx leave it out of an
+-- event (its docs show it in every one we use, but do not promise it).
 local function webhook_attempt(q, payload, signed)
   local qid, qn = q.callId, attempt_number(q.attempt)
   if type(qid) ~= "string" then
     qid = nil
   end
-  local cs = type(payload) == "table" and type(payload.client_state) == "string"
-    and #payload.client_state <= 400 and crypto.base64_decode(payload.client_state)
+  local raw_cs = type(payload) == "table" and payload.client_state
+  local cs = type(raw_cs) == "string" and #raw_cs <= 400 and crypto.base64_decode(raw_cs)
   local cid, cn = nil, nil
   if cs then
     local a, b = cs:match("^(%S+) (%d+)$")
@@ -599,6 +605,9 @@ local function webhook_attempt(q, payload, signed)
     return cid, cn
   end
   if signed then
+    if (raw_cs == nil or raw_cs == json.null) and qid and qn then
+      return qid, qn, true
+    end
     return nil, "no client_state of a call callagent placed"
   end
   if qid and qn then
@@ -619,7 +628,16 @@ function P:registerRoutes(srv)
     if type(data) ~= "table" then
       return 400, { error = { code = "bad_status", message = "the body must be a Telnyx webhook (a data object)" } }
     end
-    local call_id, n = webhook_attempt(req.query or {}, data.payload, self.tx.validateSignature)
+    local call_id, n, by_id = webhook_attempt(req.query or {}, data.payload, self.tx.validateSignature)
+    if by_id then
+      -- No client_state: the URL's call only if the signed call_control_id
+      -- is that attempt's (known from the dial's answer).
+      local pid = self.engine:provider_call_id(call_id, n)
+      local p = type(data.payload) == "table" and data.payload or {}
+      if not pid or control_id(p.call_control_id) ~= pid then
+        call_id, n = nil, "no client_state, and its call_control_id is not the attempt's"
+      end
+    end
     if not call_id then
       if n then -- signed, but not this URL's: answered, so that Telnyx does not send it again
         log.warn("telnyx webhook ignored", { reason = n, remote = req.remote })

@@ -932,6 +932,21 @@ T.test("client_state (signed) names the call and attempt: a webhook without the 
   T.eq(env:wait_final(id, 10000).status, "completed")
 end, { timeout = 30000 })
 
+T.test("a signed webhook without client_state counts for its URL's attempt only when its call_control_id is that attempt's", function()
+  -- Were Telnyx to leave client_state out of one event (its docs show it
+  -- in each we use, but do not promise it), that event was dropped with a
+  -- WARN: a call.hangup so lost left the record in_progress until the
+  -- engine's own timers.
+  local env, id, tx = streaming_call("+14155550138")
+  T.eq(post_webhook(env, id, 1, "call.hangup", { call_control_id = "v3:someone-elses-call", client_state = false,
+    hangup_cause = "normal_clearing" }), 200)
+  timer.sleep(200)
+  T.eq(env:get(id).status, "in_progress", "another call's webhook changes nothing")
+  T.eq(post_webhook(env, id, 1, "call.hangup", { call_control_id = tx.control_id, client_state = false,
+    hangup_cause = "normal_clearing" }), 200)
+  T.eq(env:wait_final(id, 3000).status, "completed")
+end, { timeout = 30000 })
+
 T.test("a webhook whose signed client_state names another call than its URL is not applied to either", function()
   local env = start({ script = function()
     timer.sleep(15000)

@@ -1393,6 +1393,14 @@ function Engine:streaming(id, n)
   return b ~= nil and b.stream ~= nil and not b.ended
 end
 
+--- The vendor's id of attempt n of live call id (its providerCallId), or nil
+-- (no such live call or attempt, or its id not known yet).
+function Engine:provider_call_id(id, n)
+  local call = self.live[id]
+  local a = call and call.attempts[n]
+  return a and a.providerCallId or nil
+end
+
 --- The vendor says attempt n's media stream is over (it could not start, or
 --- it stopped) while its call may still be up: the call is hung up now, not
 --- left silent until the no_stream timer. provider_call_id must be the
