@@ -54,8 +54,11 @@
 --   of a call that has already ended (21220 "Invalid call state" is
 --   documented for redirects and recordings of a call not in progress,
 --   twilio.com/docs/api/errors/21220; the engine asks getCall after any
---   refused hang-up, and one of a call over at Twilio counts as done); an ErrorCode field in voice status callbacks (not
---   read: a failed call's reason names the SipResponseCode only); what
+--   refused hang-up, and one of a call over at Twilio counts as done); an
+--   ErrorCode field in the callback of a failed call (not in the status
+--   callback parameters the docs list; when one comes, 5 digits, the
+--   attempt's reason names it after the SipResponseCode; ErrorMessage is
+--   not read); what
 --   Twilio does with a TimeLimit above the account's limit.
 local fetch = require "callagent.fetch"
 local url = require "callagent.url"
@@ -342,10 +345,14 @@ local STATUS = {
 }
 
 -- A status callback's SequenceNumber or CallDuration: Twilio writes them as
--- decimal whole numbers ("0", "17"). Anything else ("1e999", "0x10", " 7",
+-- decimal whole numbers ("0", "17"); a JSON body may hold them as numbers.
+-- Anything else ("1e999", "0x10", " 7",
 -- "1.5", "-1") is no number of Twilio's and is passed over: tonumber took
 -- "1e999" as infinity, and every later callback of the call as stale.
 local function whole(v)
+  if type(v) == "number" then -- a JSON body's number (Twilio's forms send text)
+    return v >= 0 and v < 2 ^ 53 and math.tointeger(v) or nil
+  end
   return type(v) == "string" and #v <= 15 and v:find("^%d+$") and math.tointeger(tonumber(v)) or nil
 end
 
@@ -361,8 +368,19 @@ function P:mapStatus(payload)
   end
   local reason
   if status == "failed" then
-    local sip = tonumber(payload.SipResponseCode)
-    reason = "call failed" .. ((sip and sip >= 100 and sip < 700) and (" (SIP " .. math.floor(sip) .. ")") or "")
+    local sip = whole(payload.SipResponseCode)
+    -- Twilio's error code, should a failed call's callback carry one
+    -- (ASSUMED: header): a whole number of 5 digits only, never its text.
+    local code = whole(payload.ErrorCode)
+    code = code and code >= 10000 and code <= 99999 and code
+    local why = {}
+    if sip and sip >= 100 and sip < 700 then
+      why[#why + 1] = "SIP " .. sip
+    end
+    if code then
+      why[#why + 1] = "Twilio error " .. code
+    end
+    reason = "call failed" .. (#why > 0 and (" (" .. table.concat(why, ", ") .. ")") or "")
   elseif status == "busy" then
     reason = "line busy"
   elseif status == "no_answer" then

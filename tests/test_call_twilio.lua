@@ -265,6 +265,32 @@ T.test("a SequenceNumber that is no decimal whole number (1e999, 0x10, ' 7', 1.5
   T.eq(call.status, "busy", "Twilio's busy callback (SequenceNumber 2) was taken")
 end)
 
+T.test("a failed call's callback with an ErrorCode: the attempt's reason names it after the SIP code, never ErrorMessage", function()
+  local twilio = dofile(require("callagent.core").root .. "/providers/twilio.lua")
+  local function reason(p)
+    p.CallStatus = "failed"
+    return twilio:mapStatus(p).reason
+  end
+  T.eq(reason({ SipResponseCode = "404", ErrorCode = "13227", ErrorMessage = "Geo permissions <script>" }),
+    "call failed (SIP 404, Twilio error 13227)")
+  T.eq(reason({ ErrorCode = "32009" }), "call failed (Twilio error 32009)")
+  T.eq(reason({ SipResponseCode = 503 }), "call failed (SIP 503)", "a JSON body's number")
+  for _, bad in ipairs({ "1e4", "123", "123456", " 13227", "13227x", "-1322" }) do
+    T.eq(reason({ SipResponseCode = "500", ErrorCode = bad }), "call failed (SIP 500)", bad)
+  end
+  -- Through the server: the record's attempt says why.
+  local env = kit.start({ twilio = { behaviour = { ring_ms = 3000 } }, config = { retry = { maxAttempts = 1 } } })
+  local id = env:create({ to = "+14155550114", prompt = "Say hello." })
+  local rec = env:wait(id, function(r)
+    return r.status == "dialing" and r.attempts[1].providerCallId
+  end, 5000, "dialing")
+  T.eq(signed_post(env, "/status?callId=" .. id .. "&attempt=1", { CallSid = rec.attempts[1].providerCallId,
+    CallStatus = "failed", SequenceNumber = "5", SipResponseCode = "404", ErrorCode = "13227",
+    ErrorMessage = "Twilio could not place the call", AccountSid = kit.ACCOUNT }).status, 204)
+  local call = env:wait_final(id, 3000)
+  T.eq({ call.status, call.attempts[1].reason }, { "failed", "call failed (SIP 404, Twilio error 13227)" })
+end)
+
 T.test("a stream whose start.callSid is not the attempt's call is refused, and the token stays for the call's own stream", function()
   -- The token and callId alone took the call: a stream of another Twilio
   -- call (of the same account, with the token copied from a log or a
