@@ -46,6 +46,10 @@
 --     twilio-node call.d.ts; 21218 otherwise); canceled ends a queued or
 --     ringing call and has no effect on one in progress (twilio/twilio-python
 --     issue 10), hence completed once answered.
+--   - Media Streams: every `start` carries start.callSid (protocols.md
+--     section 2): a stream whose callSid is not the attempt's is refused
+--     (streamStart, engine:claim_stream). Status callbacks' SequenceNumber
+--     (from 0) and CallDuration are decimal text (protocols.md section 3).
 --   - Signatures: /work/shared/reference/protocols.md section 4 (the
 --     twilio-python / twilio-node validators and their test vectors, checked
 --     in tests/test_twilio_signature.lua).
@@ -58,8 +62,7 @@
 --   ErrorCode field in the callback of a failed call (not in the status
 --   callback parameters the docs list; when one comes, 5 digits, the
 --   attempt's reason names it after the SipResponseCode; ErrorMessage is
---   not read); what
---   Twilio does with a TimeLimit above the account's limit.
+--   not read); what Twilio does with a TimeLimit above the account's limit.
 local fetch = require "callagent.fetch"
 local url = require "callagent.url"
 local json = require "callagent.json"
@@ -346,9 +349,9 @@ local STATUS = {
 
 -- A status callback's SequenceNumber or CallDuration: Twilio writes them as
 -- decimal whole numbers ("0", "17"); a JSON body may hold them as numbers.
--- Anything else ("1e999", "0x10", " 7",
--- "1.5", "-1") is no number of Twilio's and is passed over: tonumber took
--- "1e999" as infinity, and every later callback of the call as stale.
+-- Anything else ("1e999", "0x10", " 7", "1.5", "-1") is no number of
+-- Twilio's and is passed over: tonumber took "1e999" as infinity, and every
+-- later callback of the call as stale.
 local function whole(v)
   if type(v) == "number" then -- a JSON body's number (Twilio's forms send text)
     return v >= 0 and v < 2 ^ 53 and math.tointeger(v) or nil
