@@ -327,6 +327,36 @@ T.test("a stream whose start.callSid is not the attempt's call is refused, and t
   conn:close(1000, "bye")
 end)
 
+T.test("a real process: a stream of another callSid is one WARN naming the call and the mismatch, never the token", function()
+  local ws = require "callagent.ws"
+  local fake = require "fakes.twilio"
+  local tw = assert(fake.start({ account_sid = kit.ACCOUNT, auth_token = kit.TOKEN, behaviour = { stream = false } }))
+  local rt = assert(require("fakes.realtime").start({ api_key = kit.API_KEY }))
+  T.defer(function()
+    tw:close()
+    rt:close()
+  end)
+  local p, api = kit.app_process(tw, rt)
+  local id = api:create({ to = "+14155550115", prompt = "Say hello." })
+  local c = assert(tw:wait_call(10000))
+  T.wait_for(function()
+    return c.twiml and c.twiml.stream
+  end, 10000, "the TwiML")
+  local stream_url = "ws://127.0.0.1:" .. api.port .. "/voice/stream"
+  local conn = assert(ws.connect(stream_url, { headers = { ["X-Twilio-Signature"] = fake.sign(kit.TOKEN, stream_url) } }))
+  local sid = "MZ" .. string.rep("3", 32)
+  conn:send(json.encode({ event = "start", sequenceNumber = "1", streamSid = sid, start = { streamSid = sid,
+    callSid = "CA" .. string.rep("e", 32), customParameters = c.twiml.stream.parameters } }))
+  T.eq(select(3, conn:receive(3000)), "stream of another provider call")
+  p:kill("SIGTERM")
+  p:wait(5000)
+  local log = p.errtext()
+  local _, n = log:gsub("WARN media stream refused: its start names another provider call than the attempt's %(stream "
+    .. "token kept for the attempt's own stream%) attempt=1 call=" .. id, "")
+  T.eq(n, 1, log)
+  T.no_match(log, c.twiml.stream.parameters.token, "no stream token in the log")
+end, { timeout = 30000 })
+
 T.test("with Twilio's own API, an http:// public URL is refused at start: its <Stream> would be ws://", function()
   -- Twilio connects Media Streams to wss:// only (protocols.md section 2):
   -- each call was answered, got no stream, was hung up as no_stream and
