@@ -15,13 +15,17 @@
 --   GET  /mock/api/ring/{callId}?t=TOKEN  whether the link still rings, and who is called
 --                                      -> {callId, attempt, link, attemptStatus, status,
 --                                          nextAttemptAt?, to, calleeName?, callerName?}
---   POST /mock/api/answer              {callId, token} -> {streamUrl, parameters, pollUrl}
+--   POST /mock/api/answer              {callId, token, page?} -> {streamUrl, parameters, pollUrl,
+--                                      session}; page: the page's own id
 --   POST /mock/api/decline             {callId, token, status?} the attempt ends busy (or failed)
 --                                      -> {callId, attempt, attemptStatus, status, nextAttemptAt?}
 --   GET  /mock/api/call/{callId}?s=S   the page's view: status, transcript, report
 --   POST /mock/api/hangup              {callId, session, reason?} the page hung up;
 --                                      reason "microphone_lost": its microphone stopped
---                                      mid-call, which the call's lastError says
+--                                      mid-call, which the call's lastError says; or
+--                                      {callId, token, page}: a page left before its
+--                                      answer's reply (its link answered by that page,
+--                                      or answered now to be hung up at once)
 local crypto = require "callagent.crypto"
 local timer = require "callagent.timer"
 local json = require "callagent.json"
@@ -216,6 +220,44 @@ function P:registerRoutes(srv)
     return body
   end
 
+  -- Answers the link of token (entry: its page entry) for the page that
+  -- names itself page (phone.js's own random id, or nil): -> the page's
+  -- session, or nil and the refusal's status and body.
+  local function answer_link(req, token, entry, page)
+    if entry.declined then
+      return nil, refuse(req, 410, "declined", "the call was declined from this link")
+    end
+    if entry.expires < timer.now() then
+      self:_expire_page(token) -- told so again, until it is forgotten
+      return nil, refuse(req, 410, "expired", STOPPED)
+    end
+    if self.engine.stopped then
+      -- Not answered: the call stays as it was, for the next start.
+      return nil, refuse(req, 503, "shutting_down", "callagent is shutting down")
+    end
+    -- One use; kept a while, so that a decline from it is told it was answered.
+    entry.answered = true
+    entry.page = type(page) == "string" and page ~= "" and page or nil
+    self:_expire_page(token)
+    self:_stop_ringing(key(entry.call_id, entry.attempt))
+    self.engine:provider_status(entry.call_id, entry.attempt, { status = "in_progress" })
+    local stream_token, err = self.engine:prepare_stream(entry.call_id, entry.attempt)
+    if not stream_token then
+      return nil, refuse(req, 409, "not_ringing", "the call is no longer ringing: " .. tostring(err))
+    end
+    local session = crypto.random_token(18)
+    self.sessions[session] = { call_id = entry.call_id, attempt = entry.attempt, pid = entry.pid }
+    entry.session = session
+    -- The page polls and hangs up with it while the call lasts, and reads
+    -- the end; forgotten after a day.
+    timer.after(86400000, function()
+      self.sessions[session] = nil
+    end):unref()
+    return session, stream_token
+  end
+
+  -- page (optional): the page's own id, which a hang-up of a page left
+  -- before the answer's reply came names (POST /mock/api/hangup).
   srv:post("/mock/api/answer", function(req)
     local body, status, err = page_body(req)
     if not body then
@@ -225,33 +267,10 @@ function P:registerRoutes(srv)
     if not entry or entry.call_id ~= body.callId or entry.answered then
       return refuse(req, 403, "invalid_token", USED, "token")
     end
-    if entry.declined then
-      return refuse(req, 410, "declined", "the call was declined from this link")
+    local session, stream_token, rbody = answer_link(req, body.token, entry, body.page)
+    if not session then
+      return stream_token, rbody
     end
-    if entry.expires < timer.now() then
-      self:_expire_page(body.token) -- told so again, until it is forgotten
-      return refuse(req, 410, "expired", STOPPED)
-    end
-    if self.engine.stopped then
-      -- Not answered: the call stays as it was, for the next start.
-      return refuse(req, 503, "shutting_down", "callagent is shutting down")
-    end
-    -- One use; kept a while, so that a decline from it is told it was answered.
-    entry.answered = true
-    self:_expire_page(body.token)
-    self:_stop_ringing(key(entry.call_id, entry.attempt))
-    self.engine:provider_status(entry.call_id, entry.attempt, { status = "in_progress" })
-    local stream_token, err = self.engine:prepare_stream(entry.call_id, entry.attempt)
-    if not stream_token then
-      return refuse(req, 409, "not_ringing", "the call is no longer ringing: " .. tostring(err))
-    end
-    local session = crypto.random_token(18)
-    self.sessions[session] = { call_id = entry.call_id, attempt = entry.attempt, pid = entry.pid }
-    -- The page polls and hangs up with it while the call lasts, and reads
-    -- the end; forgotten after a day.
-    timer.after(86400000, function()
-      self.sessions[session] = nil
-    end):unref()
     local base = self.app.url
     return 200, {
       streamUrl = base:gsub("^http", "ws") .. "/voice/stream",
@@ -365,6 +384,28 @@ function P:registerRoutes(srv)
   -- sends this before it closes its stream, so that the stream's stop is
   -- not the end, without a why.
   local HANGUP_WHY = { microphone_lost = MIC_LOST }
+  -- The session of a page left before its answer's reply came: {callId,
+  -- token, page}. Its link not answered yet (the answer still on its way,
+  -- or never sent): answered now, to be hung up at once, as a refused
+  -- microphone's is. Answered by that page: its session. Answered by
+  -- another page (tab): nil (409), that call is not this page's.
+  local function left_session(req, body)
+    local entry = type(body.token) == "string" and self.pages[body.token]
+    if not entry or entry.call_id ~= body.callId or type(body.page) ~= "string" or body.page == "" then
+      return nil, refuse(req, 403, "invalid_token", USED, "token")
+    end
+    if entry.answered then
+      if entry.page ~= body.page or not entry.session then
+        return nil, refuse(req, 409, "answered", "the call was answered from this link by another page")
+      end
+      return entry.session
+    end
+    local session, status, rbody = answer_link(req, body.token, entry, body.page)
+    if session then
+      log.info("mock phone page left while answering: hanging up", { call = entry.call_id, attempt = entry.attempt })
+    end
+    return session, status, rbody
+  end
   srv:post("/mock/api/hangup", function(req)
     local body, status, err = page_body(req)
     if not body then
@@ -373,7 +414,15 @@ function P:registerRoutes(srv)
     if body.reason ~= nil and not HANGUP_WHY[body.reason] then
       return refuse(req, 400, "invalid_field", 'reason must be "microphone_lost" when given', "reason")
     end
-    local s = type(body.session) == "string" and self.sessions[body.session]
+    local session = body.session
+    if session == nil and body.token ~= nil then
+      local st, rbody
+      session, st, rbody = left_session(req, body)
+      if not session then
+        return st, rbody
+      end
+    end
+    local s = type(session) == "string" and self.sessions[session]
     if not s or s.call_id ~= body.callId then
       return refuse(req, 403, "invalid_session", "unknown page session", "session")
     end

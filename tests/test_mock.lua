@@ -457,6 +457,33 @@ T.test("a mock page's microphone_lost hang-up of a call answered whose stream ha
   T.eq({ v.status, v.endReason, v.lastError, v.attempts[1].status }, { "completed", "callee_hung_up", nil, "completed" })
 end)
 
+T.test("a mock page left before its answer's reply hangs up by its link and page id: its own answer is hung up, "
+  .. "another page's is not", function()
+  local rt = assert(require("fakes.realtime").start({ api_key = "sk-mock-test-model-key-0123456789abcdef" }))
+  T.defer(function()
+    rt:close()
+  end)
+  local app = start({ openai = { apiKey = rt.api_key, realtimeUrl = rt.url } })
+  local a = assert(app:create_call({ to = "+15555550104", prompt = "Test." })).callId
+  local b = assert(app:create_call({ to = "+15555550105", prompt = "Test." })).callId
+  local ta = link_token(app.engine:call_view(a).hint)
+  local tb = link_token(app.engine:call_view(b).hint)
+  -- a: answered by page P1 (its reply lost with the page), hung up by P1.
+  T.eq(post(app, "/mock/api/answer", { callId = a, token = ta, page = "p1" }), 200)
+  local status, body = post(app, "/mock/api/hangup", { callId = a, token = ta, page = "p2" })
+  T.eq({ status, body.error.code }, { 409, "answered" }, "another page's answer is not this page's to hang up")
+  T.eq(app.engine:call_view(a).status, "in_progress")
+  T.eq(post(app, "/mock/api/hangup", { callId = a, token = ta, page = "p1" }), 204)
+  local v = app.engine:call_view(a)
+  T.eq({ v.status, v.endReason }, { "completed", "callee_hung_up" })
+  -- b: the hang-up came before the answer: answered and hung up at once;
+  -- the answer then finds the link used.
+  T.eq(post(app, "/mock/api/hangup", { callId = b, token = tb, page = "p3" }), 204)
+  v = app.engine:call_view(b)
+  T.eq({ v.status, v.endReason }, { "completed", "callee_hung_up" })
+  T.eq(post(app, "/mock/api/answer", { callId = b, token = tb, page = "p3" }), 403)
+end)
+
 T.test("a mock decline with a wrong token, another call's, or by GET is refused and changes nothing", function()
   local app = start()
   local a = assert(app:create_call({ to = "+15555550100", prompt = "Test." })).callId

@@ -616,6 +616,28 @@ T.test("left mid-call, back from the back/forward cache: the microphone was let 
   left_page_hung_up(app, view)
 end, { timeout = 40000 })
 
+-- Left after Answer, before the answer's reply (drive.mjs --leave=WHEN):
+-- the microphone let go, nothing streamed, and the call hung up.
+local function left_while_answering(when, to)
+  need_tools()
+  local wav = callee_wav()
+  local app = start_app(function() end)
+  local view = assert(app:create_call({ to = to, prompt = "Talk." }))
+  local r = drive({ view.hint, wav, ROOT .. "/tests/artifacts/mock-phone-left-" .. when .. ".png",
+    "--leave=" .. when, "--timeout=15000" }, 30000)
+  T.eq(r.left, { micLive = false, state = "ended", framesSent = 0 }, "the microphone let go, nothing streamed")
+  T.eq(r.banner, "Call ended: you left the page.")
+  left_page_hung_up(app, view)
+end
+
+T.test("left while the microphone prompt is open: the grant that comes after is let go, the call is hung up", function()
+  left_while_answering("prompt", "+14155550184")
+end, { timeout = 40000 })
+
+T.test("left once the microphone is granted, before the answer's reply: it is let go, the call is hung up", function()
+  left_while_answering("granted", "+14155550183")
+end, { timeout = 40000 })
+
 -- An app whose model refuses its key; connect_early: openai.connectWhileRinging.
 local function refusing_model_app(connect_early)
   return (start_app(nil, { openai = { apiKey = "sk-revoked-key-0123456789", connectWhileRinging = connect_early } }))

@@ -46,6 +46,12 @@
 // stops its stream; before that, it hangs up as Hang up does (answered) or
 // as a refused microphone does (not yet answered).
 //
+// Left (pagehide) at any point, the page lets the microphone go (a grant
+// that comes after, too). A call it answered is hung up; one it may be
+// answering (Answer pressed, the answer's reply not in) is hung up by its
+// link's token and the page's id: callagent answers it to hang it up if
+// the answer had not come. A page left while it only rang leaves it ringing.
+//
 // Restored from the browser's back/forward cache (pageshow, persisted), what
 // the page shows is from before it was left (a call it hung up then, a ring
 // that stopped meanwhile): it loads again, and shows the link as it is now.
@@ -117,6 +123,11 @@ let ringTimer = null;
 let ringFailures = 0; // in a row
 let ringUnsettled = 0; // views of a stopped link whose attempt had not ended yet
 let micEnded = false; // the microphone's track ended (unplugged, permission taken back)
+let answerClicked = false; // Answer was pressed: the page may answer the call from now on
+let left = false; // the page was left (pagehide): nothing more may start
+// This page's own id, sent with its answer: a hang-up of the page left
+// before the answer's reply came names it (it has no session yet).
+const PAGE_ID = randomHex(16);
 const TITLE = document.title;
 
 const FINAL = new Set(["completed", "busy", "no_answer", "failed", "canceled"]);
@@ -236,9 +247,10 @@ async function answer() {
     res = await fetch("/mock/api/answer", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ callId: call.id, token: call.token }),
+      body: JSON.stringify({ callId: call.id, token: call.token, page: PAGE_ID }),
     });
   } catch (e) {
+    if (left) return false;
     fail(`Could not reach callagent at ${location.origin}: is it still running? (${e.message})`);
     return false;
   }
@@ -248,6 +260,8 @@ async function answer() {
   } catch {
     body = null;
   }
+  // Left meanwhile: the page's hang-up (pagehide) ends the call, answered or not.
+  if (left) return false;
   if (!res.ok) {
     const msg = body && body.error && body.error.message;
     if (res.status === 403) {
@@ -1020,6 +1034,7 @@ function stoppedRinging(v) {
 // instead of ringing on.
 async function answerCall() {
   if (stats.state !== "ringing" || finished) return;
+  answerClicked = true;
   let ready;
   try {
     ready = prepareAudio();
@@ -1104,16 +1119,7 @@ async function main() {
   window.addEventListener("pageshow", (e) => {
     if (e.persisted) location.reload();
   });
-  window.addEventListener("pagehide", () => {
-    if (finished || !call.session) return;
-    finished = true;
-    stopStream("page closed");
-    postHangup(true);
-    // The microphone let go, and the page (kept in the back/forward cache)
-    // no longer live.
-    stopAudio(false);
-    setState("ended", "Call ended: you left the page.");
-  });
+  window.addEventListener("pagehide", () => leavePage());
 
   const m = location.pathname.match(/^\/mock\/call\/([^/]+)\/?$/);
   call.id = m ? decodeURIComponent(m[1]) : null;
@@ -1123,6 +1129,36 @@ async function main() {
     return;
   }
   await ringCheck();
+}
+
+// The page is left (closed, navigated away, or kept in the back/forward
+// cache): the microphone is let go whatever the page was doing (a grant
+// that comes later is let go as it comes: ringEnded), and a call it
+// answered, or may be answering, is hung up. Answered: with its session.
+// Answer pressed and the answer's reply not in (the microphone prompt, the
+// audio starting, the answer on its way): by the link's token and this
+// page's id, which callagent answers and hangs up if it was not answered
+// yet, as a refused microphone's call. Only ringing: it rings on.
+function leavePage() {
+  left = true;
+  const answering = answerClicked && !call.session && !ringEnded;
+  const wasFinished = finished;
+  ringEnded = true;
+  finished = true;
+  stopRingCheck();
+  stopAudio(false);
+  if (call.session && !wasFinished) {
+    stopStream("page closed");
+    postHangup(true);
+  } else if (answering) {
+    fetch("/mock/api/hangup", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ callId: call.id, token: call.token, page: PAGE_ID }),
+      keepalive: true,
+    }).catch((e) => noteError("hangup: " + e.message));
+  }
+  if (!wasFinished && (call.session || answering)) setState("ended", "Call ended: you left the page.");
 }
 
 function pageFailed(e) {

@@ -52,6 +52,14 @@
 //                       (the page loaded again within 5 s), micLiveInCache (a
 //                       microphone track still live between the two), state,
 //                       problem, status}; the end once it is past "opening"
+//   --leave=WHEN        the page is left (a pagehide, persisted, and no
+//                       pageshow: the page is watched on, as a browser that
+//                       froze it late would let it run) after Answer: WHEN
+//                       "prompt", while the microphone prompt is open (the
+//                       grant comes just after); "granted", as soon as the
+//                       page has the microphone, before its answer's reply.
+//                       The end 1.5 s later: .left {micLive (a microphone
+//                       track still live), state, framesSent}
 //   --reopen            at the end, open URL again (a used link) and record
 //                       what the page says in .reopen {state, problem}
 //   --mic-delay=MS      the microphone is granted MS after the page asks (a person
@@ -127,6 +135,7 @@ for (const a of process.argv.slice(2)) {
   else if (a.startsWith("--mic-lost-after=")) opts.micLostAfter = Number(a.slice(17));
   else if (a.startsWith("--cache-after=")) opts.cacheAfter = Number(a.slice(14));
   else if (a === "--mic-lost-on-grant") opts.micLostOnGrant = true;
+  else if (a.startsWith("--leave=")) opts.leave = a.slice(8);
   else if (a.startsWith("--live-shot=")) opts.liveShot = a.slice(12);
   else if (a.startsWith("--timeout=")) opts.timeout = Number(a.slice(10));
   else if (a.startsWith("--mic-delay=")) opts.micDelay = Number(a.slice(12));
@@ -280,7 +289,11 @@ async function run() {
     });
     page.on("pageerror", (e) => out.console.push(`pageerror: ${e.message}`.slice(0, 300)));
     // Counts the page's microphone requests; with --mic-delay, grants them late.
-    await page.addInitScript(([ms, loseOnGrant]) => {
+    await page.addInitScript(([ms, loseOnGrant, leave]) => {
+      const leavePage = () => {
+        window.__leftAt = performance.now();
+        window.dispatchEvent(new PageTransitionEvent("pagehide", { persisted: true }));
+      };
       window.__micRequests = 0;
       const md = navigator.mediaDevices;
       if (!md) return;
@@ -290,6 +303,8 @@ async function run() {
         const got = ms ? new Promise((r) => setTimeout(r, ms)).then(() => ask(c)) : ask(c);
         return got.then((s) => {
           (window.__micStreams = window.__micStreams || []).push(s);
+          if (leave === "prompt") leavePage(); // before the page has the grant
+          if (leave === "granted") setTimeout(leavePage, 0); // once it has it
           if (loseOnGrant) {
             // Once the page has it (and listens to its tracks).
             setTimeout(() => {
@@ -302,7 +317,7 @@ async function run() {
           return s;
         });
       };
-    }, [opts.micDelay || 0, !!opts.micLostOnGrant]);
+    }, [opts.micDelay || 0, !!opts.micLostOnGrant, opts.leave || ""]);
     if (opts.forward) {
       forward = await startForward(url, opts.holdStream);
       out.forward = forward.stats;
@@ -463,7 +478,18 @@ async function run() {
           }
         }
         const over = !["opening", "ringing", "answering", "connected"].includes(s.state);
-        if (cutAt !== null) {
+        const sinceLeft = opts.leave && (await page.evaluate(() => window.__leftAt && performance.now() - window.__leftAt));
+        if (opts.leave) {
+          if (sinceLeft >= 1500) {
+            out.left = await page.evaluate(() => ({
+              micLive: (window.__micStreams || []).some((m) => m.getAudioTracks().some((t) => t.readyState === "live")),
+              state: window.mockPhone.stats.state,
+              framesSent: window.mockPhone.stats.framesSent,
+            }));
+            done = true;
+            break;
+          }
+        } else if (cutAt !== null) {
           // callagent is gone: no final status will come; the page is watched
           // from when it has ended (a loaded machine may take a while to show
           // it) and its last poll, if one was under way, has failed.
