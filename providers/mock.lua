@@ -19,7 +19,9 @@
 --                                      session}; page: the page's own id
 --   POST /mock/api/decline             {callId, token, status?} the attempt ends busy (or failed)
 --                                      -> {callId, attempt, attemptStatus, status, nextAttemptAt?}
---   GET  /mock/api/call/{callId}?s=S   the page's view: status, transcript, report
+--   GET  /mock/api/call/{callId}?s=S   the page's view: status, transcript, report,
+--                                      endReason, lastError (lastErrorIsPages: the
+--                                      page's own why, its microphone lost)
 --   POST /mock/api/hangup              {callId, session, reason?} the page hung up;
 --                                      reason "microphone_lost": its microphone stopped
 --                                      mid-call, which the call's lastError says; or
@@ -375,6 +377,8 @@ function P:registerRoutes(srv)
       report = v.report,
       endReason = v.endReason,
       lastError = v.lastError,
+      -- The page's own why (its microphone lost), which it shows already.
+      lastErrorIsPages = v.lastError == MIC_LOST or nil,
     }
   end)
 

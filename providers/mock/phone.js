@@ -31,9 +31,10 @@
 //      (Hang up, also while it connects, or leaving the page). A key held
 //      down is one dtmf. Hung up here, the agent is silent at once; ended
 //      by callagent, what it queued (the goodbye) plays out.
-//   5. GET pollUrl every 500 ms: call status, transcript, report, and why a
-//      call failed (lastError). A call over before its stream opened ends
-//      the page.
+//   5. GET pollUrl every 500 ms: call status, transcript, report, and at
+//      the end why it ended (endReason, in plain words, and lastError
+//      whatever the status, unless the problem box says it already). A
+//      call over before its stream opened ends the page.
 //
 // Decline, until the answer goes out (also while the microphone prompt is
 // open): POST /mock/api/decline {callId, token} -> {attemptStatus "busy",
@@ -131,6 +132,19 @@ const PAGE_ID = randomHex(16);
 const TITLE = document.title;
 
 const FINAL = new Set(["completed", "busy", "no_answer", "failed", "canceled"]);
+// Why a call ended (its record's endReason), as the page says it.
+const END_REASON_TEXT = {
+  completed: "the agent ended it",
+  callee_hung_up: "hung up on this phone",
+  hung_up_by_api: "hung up through callagent's API",
+  max_duration: "its time was up: call.maxDurationSec",
+  session_limit: "the model's session was at its end",
+  callee_silent: "nobody spoke",
+  model_error: "the model failed",
+  no_stream: "its audio never connected",
+  stream_error: "its audio stream failed",
+  shutdown: "callagent was stopped",
+};
 const STATUS_TEXT = {
   queued: "Queued",
   dialing: "Ringing",
@@ -786,10 +800,16 @@ function render(v) {
   const endNote = $("end-reason");
   if (FINAL.has(v.status)) {
     const parts = [`The call ended: ${STATUS_TEXT[v.status] || v.status}`];
-    if (v.endReason && v.endReason !== v.status) parts.push(`(${String(v.endReason).replace(/_/g, " ")})`);
+    if (v.endReason) parts.push(`(${END_REASON_TEXT[v.endReason] || String(v.endReason).replace(/_/g, " ")})`);
     // Why, in callagent's words (a model that refused the key, a stream
-    // that never came): what the call's record says, not only in the log.
-    const why = v.status !== "completed" && typeof v.lastError === "string" && v.lastError ? ` callagent says: ${v.lastError}` : "";
+    // that never came, a model error in a call that went on): what the
+    // call's record says, not only in the log, whatever the status. Not
+    // when it is the page's own why, which its problem box says already
+    // (the microphone lost).
+    const why =
+      typeof v.lastError === "string" && v.lastError && !(v.lastErrorIsPages && !$("problem").hidden)
+        ? ` callagent says: ${v.lastError}`
+        : "";
     endNote.textContent = parts.join(" ") + "." + why;
     endNote.hidden = false;
     if (stats.state === "connected") {
