@@ -277,6 +277,7 @@ async function answer() {
   // Left meanwhile: the page's hang-up (pagehide) ends the call, answered or not.
   if (left) return false;
   if (!res.ok) {
+    ringEnded = true; // refused: nothing of this page's answers it, nor has it to be hung up
     const msg = body && body.error && body.error.message;
     if (res.status === 403) {
       fail("This call link was already used or is not valid. Each link answers one call once: start a new call to get a new link.");
@@ -325,6 +326,7 @@ async function decline() {
       method: "POST",
       headers: { "Content-Type": "application/json" },
       body: JSON.stringify({ callId: call.id, token: call.token }),
+      keepalive: true, // a page closed right after Decline still declines
     });
   } catch (e) {
     fail(`Could not reach callagent at ${location.origin}: is it still running? (${e.message})`, "The call could not be declined.");
@@ -1158,11 +1160,13 @@ async function main() {
 // Answer pressed and the answer's reply not in (the microphone prompt, the
 // audio starting, the answer on its way): by the link's token and this
 // page's id, which callagent answers and hangs up if it was not answered
-// yet, as a refused microphone's call. Only ringing: it rings on.
+// yet, as a refused microphone's call. Only ringing: it rings on, and the
+// page is left as it was (it has no microphone yet).
 function leavePage() {
-  left = true;
   const answering = answerClicked && !call.session && !ringEnded;
   const wasFinished = finished;
+  if (!wasFinished && !call.session && !answering) return;
+  left = true;
   ringEnded = true;
   finished = true;
   stopRingCheck();
@@ -1178,7 +1182,7 @@ function leavePage() {
       keepalive: true,
     }).catch((e) => noteError("hangup: " + e.message));
   }
-  if (!wasFinished && (call.session || answering)) setState("ended", "Call ended: you left the page.");
+  if (!wasFinished) setState("ended", "Call ended: you left the page.");
 }
 
 function pageFailed(e) {
