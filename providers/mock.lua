@@ -394,8 +394,11 @@ function P:registerRoutes(srv)
   -- microphone's is. Answered by that page: its session. Answered by
   -- another page (tab): nil (409), that call is not this page's.
   local function left_session(req, body)
+    if type(body.page) ~= "string" or body.page == "" then
+      return nil, refuse(req, 400, "invalid_field", "page must be the id the page's answer sent", "page")
+    end
     local entry = type(body.token) == "string" and self.pages[body.token]
-    if not entry or entry.call_id ~= body.callId or type(body.page) ~= "string" or body.page == "" then
+    if not entry or entry.call_id ~= body.callId then
       return nil, refuse(req, 403, "invalid_token", USED, "token")
     end
     if entry.answered then

@@ -470,7 +470,11 @@ T.test("a mock page left before its answer's reply hangs up by its link and page
   local tb = link_token(app.engine:call_view(b).hint)
   -- a: answered by page P1 (its reply lost with the page), hung up by P1.
   T.eq(post(app, "/mock/api/answer", { callId = a, token = ta, page = "p1" }), 200)
-  local status, body = post(app, "/mock/api/hangup", { callId = a, token = ta, page = "p2" })
+  local status, body = post(app, "/mock/api/hangup", { callId = a, token = ta })
+  T.eq({ status, body.error.code, body.error.field }, { 400, "invalid_field", "page" })
+  status, body = post(app, "/mock/api/hangup", { callId = a, token = "not-the-link", page = "p1" })
+  T.eq({ status, body.error.code }, { 403, "invalid_token" })
+  status, body = post(app, "/mock/api/hangup", { callId = a, token = ta, page = "p2" })
   T.eq({ status, body.error.code }, { 409, "answered" }, "another page's answer is not this page's to hang up")
   T.eq(app.engine:call_view(a).status, "in_progress")
   T.eq(post(app, "/mock/api/hangup", { callId = a, token = ta, page = "p1" }), 204)
