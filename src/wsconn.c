@@ -548,10 +548,10 @@ static int utf8_begins(const unsigned char *p, size_t n)
 
 int ca__utf8_check(struct ca_utf8 *st, const unsigned char *p, size_t n, int final, size_t *at)
 {
-	size_t i = 0, len;
+	size_t i = 0, len, held = st->len;
 
-	*at = 0;
-	if (st->len) {
+	*at = 0;	/* the held sequence's first byte, if it fails */
+	if (held) {
 		/* The sequence the last piece ended in, with what this one adds to it. */
 		unsigned char s[4];
 		size_t k = st->len, take = n < 4 - k ? n : 4 - k;
@@ -579,13 +579,15 @@ int ca__utf8_check(struct ca_utf8 *st, const unsigned char *p, size_t n, int fin
 		len = ca__utf8_len(p + i, n - i);
 		if (len == 0) {
 			if (n - i < 4 && utf8_begins(p + i, n - i)) {
-				if (final)
+				if (final) {
+					*at = held + i;
 					return -2;
+				}
 				memcpy(st->part, p + i, n - i);
 				st->len = (unsigned)(n - i);
 				return 0;
 			}
-			*at = i;
+			*at = held + i;
 			return -1;
 		}
 		i += len;
@@ -624,18 +626,19 @@ static void deliver(struct ca_ws *ws, const void *data, size_t len, int binary)
  */
 static int not_utf8(struct ca_ws *ws, const void *in, size_t len, int final)
 {
-	size_t at;
+	size_t at, held = ws->utf8.len;
 	int r = ca__utf8_check(&ws->utf8, in, len, final, &at);
 
 	if (r == 0)
 		return 0;
+	/* In the message: the bad sequence's first byte, which an earlier piece may hold. */
+	at += ws->rx_len - held;
 	if (r == -2)
 		ca_log(CA_LOG_WARN, "websocket %lld: a text message from the %s ends inside a UTF-8 sequence "
-		       "(at byte %zu): closing (1007)", (long long)ws->id, ws->is_client ? "server" : "client",
-		       ws->rx_len + len);
+		       "(at byte %zu): closing (1007)", (long long)ws->id, ws->is_client ? "server" : "client", at);
 	else
 		ca_log(CA_LOG_WARN, "websocket %lld: a text message from the %s that is not UTF-8 (at byte %zu): "
-		       "closing (1007)", (long long)ws->id, ws->is_client ? "server" : "client", ws->rx_len + at);
+		       "closing (1007)", (long long)ws->id, ws->is_client ? "server" : "client", at);
 	ws->rx_len = 0;
 	/* Nothing after it in the stream is read (as after a protocol error). */
 	ws->fr.broken = 1;

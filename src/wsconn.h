@@ -78,8 +78,10 @@ struct ca_utf8 {
  * cut at the end of a piece waits in st for the next one: it is an error
  * only at the last piece, unless its bytes so far start no sequence.
  * ASCII goes 32 and 8 bytes at a time. 0 when it is UTF-8 so far; -1 when
- * not, *at the offset in p of the byte where it failed (0: in a sequence
- * begun in an earlier piece); -2 when the message ends inside a sequence.
+ * not; -2 when the message ends inside a sequence. On -1 and -2 *at is the
+ * offset of that sequence's first byte, counted from the first of the bytes
+ * st held before this piece (from p[0] when it held none): 0 for a sequence
+ * begun in an earlier piece.
  * st is empty again after the last piece, or an error.
  */
 int ca__utf8_check(struct ca_utf8 *st, const unsigned char *p, size_t n, int final, size_t *at);

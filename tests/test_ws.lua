@@ -983,6 +983,30 @@ end)
   T.no_match(log, "secret", "no payload in the log")
 end)
 
+T.test("a character cut wrong across fragments is logged at its first byte in the message, not at the fragment's start", function()
+  -- utf8surrogate: "x\xed", then "\xa0\x80"; utf8cut: "a\xe2", then a last "\x82". Both sequences start at byte 1.
+  local code, _, p = T.run_app(nil, nil, { source = string.format([[
+local ws = require "callagent.ws"
+local task = require "callagent.task"
+local process = require "callagent.process"
+local runtime = require "callagent.runtime"
+task.spawn(function()
+  for _, scenario in ipairs({ "utf8surrogate", "utf8cut" }) do
+    local edge = assert(process.spawn({ "node", %q, scenario }))
+    local c = assert(ws.connect("ws://127.0.0.1:" .. assert(edge:read_line(5000)) .. "/edge"))
+    print(c:receive(3000))
+    edge:kill()
+  end
+  runtime.stop(0)
+end)
+]], T.root .. "/tests/fakes/ws_edge_server.js") })
+  T.eq(code, 0, p.errtext())
+  T.eq(p.out, { "close\t1007\ttext message that is not UTF-8", "close\t1007\ttext message that is not UTF-8" })
+  local log = p.errtext()
+  T.match(log, "WARN websocket %d+: a text message from the server that is not UTF%-8 %(at byte 1%): closing %(1007%)")
+  T.match(log, "WARN websocket %d+: a text message from the server ends inside a UTF%-8 sequence %(at byte 1%): closing %(1007%)")
+end)
+
 T.test("a phone message that is not UTF-8 closes the stream with 1007 and never reaches the bridge", function()
   local cbridge = require "callagent.core.bridge"
   local b

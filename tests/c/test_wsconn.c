@@ -135,6 +135,36 @@ static void test_fails_early(void)
 	      "a surrogate split after its lead byte fails at its second byte, before the last piece");
 }
 
+/*
+ * Where a failure is: the first byte of the bad sequence, counted from the
+ * bytes the last piece left held, so that one begun in an earlier piece is
+ * not placed at the start of this one.
+ */
+static void test_fail_offset(void)
+{
+	struct ca_utf8 st = {{0}, 0};
+	size_t at = 99;
+
+	CHECK(ca__utf8_check(&st, (const unsigned char *)"x\xed", 2, 0, &at) == 0 && st.len == 1 &&
+	      ca__utf8_check(&st, (const unsigned char *)"\xa0\x80", 2, 1, &at) == -1 && at == 0,
+	      "a surrogate split after its lead byte: at its lead byte, held from the piece before (%zu)", at);
+	at = 99;
+	CHECK(ca__utf8_check(&st, (const unsigned char *)"a\xe2", 2, 0, &at) == 0 &&
+	      ca__utf8_check(&st, (const unsigned char *)"\x82", 1, 1, &at) == -2 && at == 0,
+	      "a message ending inside a sequence begun a piece before: at its lead byte (%zu)", at);
+	at = 99;
+	CHECK(ca__utf8_check(&st, (const unsigned char *)"\xe2", 1, 0, &at) == 0 &&
+	      ca__utf8_check(&st, (const unsigned char *)"\x82\xacz\xc0\xaf", 5, 0, &at) == -1 && at == 4,
+	      "a held sequence completed, then bytes that start none: counted from the held byte (%zu)", at);
+	at = 99;
+	CHECK(ca__utf8_check(&st, (const unsigned char *)"\xe2\x82", 2, 0, &at) == 0 &&
+	      ca__utf8_check(&st, (const unsigned char *)"\xac\xf0\x9f", 3, 1, &at) == -2 && at == 3,
+	      "a held sequence completed, then the message ends inside the next one (%zu)", at);
+	at = 99;
+	CHECK(ca__utf8_check(&st, (const unsigned char *)"ok\xf0\x9f", 4, 1, &at) == -2 && at == 2,
+	      "a whole message ending inside a sequence: at its lead byte (%zu)", at);
+}
+
 static uint64_t rng = 0x9e3779b97f4a7c15ull;
 
 static unsigned next_rand(void)
@@ -358,6 +388,7 @@ int main(void)
 	setvbuf(stdout, NULL, _IOLBF, 0);	/* the WARN lines on stderr between, not inside, the points */
 	test_vectors();
 	test_fails_early();
+	test_fail_offset();
 	test_random();
 	test_parse();
 	bench_utf8();
