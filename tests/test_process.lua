@@ -421,6 +421,36 @@ T.test("max_queued drops lines nobody reads and counts them", function()
   T.eq(p:read_line(), "2")
 end)
 
+T.test("long lines nobody reads are kept up to max_queued_bytes (1 MiB by default), the rest dropped and counted", function()
+  -- 40 lines of 60000 bytes: 17 fit in 1 MiB (1020000 bytes), an 18th would not.
+  local p = assert(process.spawn({ "/bin/sh", "-c",
+    "s=$(head -c 60000 /dev/zero | tr '\\0' x); i=0; while [ $i -lt 40 ]; do echo $s; i=$((i + 1)); done" }))
+  T.eq(p:wait(5000), 0)
+  T.eq(p.dropped, 23)
+  local kept = 0
+  for line in p:lines() do
+    T.eq(#line, 60000)
+    kept = kept + 1
+  end
+  T.eq(kept, 17)
+  -- A small cap; a line read gives its bytes back.
+  p = assert(process.spawn({ "/bin/sh", "-c", "echo 1234; echo 5678; read x; echo 9abc", stdin = true, max_queued_bytes = 6 }))
+  T.wait_for(function()
+    return p.dropped == 1
+  end, 2000, "5678 dropped: 1234 waits, and 8 bytes would pass 6")
+  T.eq(p:read_line(2000), "1234")
+  p:write("go\n")
+  T.eq(p:read_line(2000), "9abc", "a line read makes room")
+  T.eq(p:wait(2000), 0)
+  T.eq(p.dropped, 1)
+  p = assert(process.spawn({ "seq", "1", "100", max_queued_bytes = 10 }))
+  T.eq(p:wait(5000), 0)
+  T.eq(p.dropped, 91, "1 to 9 (9 bytes) kept, 10 would pass 10 bytes, the rest drop too")
+  T.raises(function()
+    process.spawn({ "true", max_queued_bytes = "10" })
+  end, "max_queued_bytes must be an integer >= 0")
+end)
+
 T.test("on_stdout = false discards the output", function()
   local p = assert(process.spawn({ "seq", "1", "100000", on_stdout = false }))
   T.eq(p:wait(5000), 0)

@@ -12,6 +12,7 @@
 --     max_stdin = 1048576,             -- most bytes queued for stdin (1 MiB)
 --     max_line = 65536,                -- longer lines arrive in pieces of this size
 --     max_queued = 10000,              -- lines kept for read_line per stream
+--     max_queued_bytes = 1048576,      -- ... and bytes of them (1 MiB) per stream
 --     kill_on_exit = true,             -- SIGTERM when callagent exits (default true)
 --   }
 --
@@ -51,7 +52,9 @@
 --                              the next line, or nil, "EOF" / "ETIMEDOUT"; EOF as
 --                              soon as the child closes that stream, even if it runs on
 --   p:lines([stream])          iterator over read_line: for line in p:lines() do ... end
---   p.dropped                  lines dropped because max_queued lines were waiting
+--   p.dropped                  lines dropped because max_queued lines, or max_queued_bytes
+--                              bytes with this line, were waiting to be read (a line is
+--                              counted until read_line returns it; newlines are not)
 --   p.code, p.signal, p.done   the outcome, once complete
 --
 -- A process keeps running, with its callbacks, when its object is no longer
@@ -73,11 +76,15 @@ local function report(what, err)
 end
 
 -- The line callback for a stream nobody listens to: keep lines for read_line.
-local function queued(self, stream, max)
+local function queued(self, stream, max, max_bytes)
   local q = task.queue(max)
   self._queues[stream] = q
+  self._queued_bytes[stream] = 0
   return function(line)
-    if not q:push(line) then
+    local bytes = self._queued_bytes[stream] + #line
+    if bytes <= max_bytes and q:push(line) then
+      self._queued_bytes[stream] = bytes
+    else
       self.dropped = self.dropped + 1
     end
   end
@@ -85,17 +92,21 @@ end
 
 function M.spawn(spec)
   assert(type(spec) == "table", "process.spawn needs a table: { program, args..., options }")
-  local self = setmetatable({ dropped = 0, done = false, _queues = {}, _waiters = {} }, Process)
+  local self = setmetatable({ dropped = 0, done = false, _queues = {}, _queued_bytes = {}, _waiters = {} }, Process)
   local max = spec.max_queued or 10000
   if math.type(max) ~= "integer" or max < 0 then
     error("process.spawn: max_queued must be an integer >= 0", 2)
   end
+  local max_bytes = spec.max_queued_bytes or 1048576
+  if math.type(max_bytes) ~= "integer" or max_bytes < 0 then
+    error("process.spawn: max_queued_bytes must be an integer >= 0", 2)
+  end
   local on_stdout, on_stderr = spec.on_stdout, spec.on_stderr
   if on_stdout == nil then
-    on_stdout = queued(self, "stdout", max)
+    on_stdout = queued(self, "stdout", max, max_bytes)
   end
   if on_stderr == nil then
-    on_stderr = queued(self, "stderr", max)
+    on_stderr = queued(self, "stderr", max, max_bytes)
   end
   local user_exit = spec.on_exit
   local c, err = core.spawn(spec, on_stdout, on_stderr, function(code, signal)
@@ -170,6 +181,9 @@ function Process:read_line(timeout_ms, stream)
     error("read_line(" .. stream .. "): the process was spawned with on_" .. stream, 2)
   end
   local line, err = q:pop(timeout_ms)
+  if line ~= nil then
+    self._queued_bytes[stream] = self._queued_bytes[stream] - #line
+  end
   if line == nil and err == "ECLOSED" then
     return nil, "EOF"
   end
