@@ -65,6 +65,7 @@
  *
  * callagent.process (lua/callagent/process.lua) adds wait() and read_line().
  */
+#define _GNU_SOURCE	/* pipe2 */
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -796,25 +797,54 @@ static void start_out(struct ca_proc *p, struct out_pipe *s, lua_State *L, int f
 }
 
 /*
- * callagent --pdeathsig PARENT SIGNAL FILE ARGV0 [ARGS...]: what a child with
- * kill_on_exit is started as. libuv cannot run code in the child before the
- * exec, so the child runs this, which asks the kernel for SIGNAL when its
- * parent dies (kept across the exec) and becomes the program. If PARENT has
- * died already (between the fork and here), the program is not started.
+ * callagent --pdeathsig PARENT SIGNAL ERRFD FILE ARGV0 [ARGS...]: what a
+ * child with kill_on_exit is started as. libuv cannot run code in the child
+ * before the exec, so the child runs this, which asks the kernel for SIGNAL
+ * when its parent dies (kept across the exec) and becomes the program. If
+ * PARENT has died already (between the fork and here), the program is not
+ * started. ERRFD (-1: none) is the pipe the exec's failure goes back on, as
+ * libuv's own does: its errno, an int; a successful exec closes it (EOF).
  */
 int ca__pdeathsig_main(int argc, char **argv)
 {
-	long parent, sig;
+	long parent, sig, fd;
+	int err;
 
-	if (argc < 6)
+	if (argc < 7)
 		return 127;
 	parent = strtol(argv[2], NULL, 10);
 	sig = strtol(argv[3], NULL, 10);
+	fd = strtol(argv[4], NULL, 10);
+	if (fd >= 0 && fcntl((int)fd, F_SETFD, FD_CLOEXEC) != 0)
+		fd = -1;
 	if (prctl(PR_SET_PDEATHSIG, (unsigned long)sig) != 0 || getppid() != (pid_t)parent)
 		return 127;
-	execvp(argv[4], argv + 5);	/* as libuv: a script without #! runs with /bin/sh */
-	fprintf(stderr, "callagent: cannot start %s: %s\n", argv[4], strerror(errno));
+	execvp(argv[5], argv + 6);	/* as libuv: a script without #! runs with /bin/sh */
+	err = errno;
+	if (fd < 0 || write((int)fd, &err, sizeof err) != (ssize_t)sizeof err)
+		fprintf(stderr, "callagent: cannot start %s: %s\n", argv[5], strerror(err));
 	return 127;
+}
+
+/*
+ * After uv_spawn of the wrapper, whose exec of the program reports on fd:
+ * 0 once the program runs (EOF), or the exec's error as a libuv error, the
+ * wrapper reaped (it exits at once), so that spawn fails as it does
+ * without the wrapper. Blocks, as uv_spawn does for its own exec.
+ */
+static int wrapper_exec_error(int fd, int pid)
+{
+	int err;
+	ssize_t n;
+
+	do
+		n = read(fd, &err, sizeof err);
+	while (n < 0 && errno == EINTR);
+	if (n != (ssize_t)sizeof err)
+		return 0;
+	while (waitpid(pid, NULL, 0) < 0 && errno == EINTR)
+		;
+	return uv_translate_sys_error(err);
 }
 
 /*
@@ -835,13 +865,14 @@ static const char *self_exe(void)
 static int l_spawn(lua_State *L)
 {
 	uv_process_options_t o;
-	uv_stdio_container_t stdio[3];
+	uv_stdio_container_t stdio[4];
 	struct proc_box *box;
 	struct ca_proc *p;
 	const char *path = getenv("PATH"), *cwd, *name, *file;
 	char **args, **env = NULL;
 	lua_Integer max_line, max_stdin;
 	int n, anchor, want_out, want_err, want_in, kill_on_exit, drop_secrets, rc;
+	int errpipe[2] = {-1, -1};	/* the wrapper's exec error, read end and write end */
 
 	luaL_checktype(L, 1, LUA_TTABLE);
 	want_out = callback_arg(L, 2);
@@ -932,8 +963,8 @@ static int l_spawn(lua_State *L)
 	o.file = file;
 	o.args = args;
 	if (kill_on_exit && self_exe()) {
-		/* Through the wrapper (ca__pdeathsig_main): [self, flag, parent, signal, file, args...]. */
-		char **w = lua_newuserdatauv(L, ((size_t)n + 6) * sizeof *w, 0);
+		/* Through the wrapper (ca__pdeathsig_main): [self, flag, parent, signal, errfd, file, args...]. */
+		char **w = lua_newuserdatauv(L, ((size_t)n + 7) * sizeof *w, 0);
 
 		lua_rawseti(L, anchor, (lua_Integer)lua_rawlen(L, anchor) + 1);
 		lua_pushfstring(L, "%d", (int)getpid());
@@ -942,19 +973,32 @@ static int l_spawn(lua_State *L)
 		w[0] = "callagent";
 		w[1] = "--pdeathsig";
 		w[3] = "15";	/* SIGTERM */
-		w[4] = (char *)file;
-		memcpy(w + 5, args, ((size_t)n + 1) * sizeof *w);
+		w[4] = "-1";
+		if (pipe2(errpipe, O_CLOEXEC) == 0) {
+			/* The child's descriptor 3, after its stdio. */
+			w[4] = "3";
+			stdio[3].flags = UV_INHERIT_FD;
+			stdio[3].data.fd = errpipe[1];
+		}
+		w[5] = (char *)file;
+		memcpy(w + 6, args, ((size_t)n + 1) * sizeof *w);
 		o.file = self_exe();
 		o.args = w;
 	}
 	o.env = env;
 	o.cwd = cwd;
-	o.stdio_count = 3;
+	o.stdio_count = errpipe[1] >= 0 ? 4 : 3;
 	o.stdio = stdio;
 	o.flags = UV_PROCESS_DETACHED;	/* setsid(): its own process group */
 	cloexec_all();
 	rc = uv_spawn(ca_loop(), &p->h, &o);
 	p->h.data = p;
+	if (errpipe[1] >= 0) {
+		close(errpipe[1]);
+		if (rc >= 0)
+			rc = wrapper_exec_error(errpipe[0], p->h.pid);
+		close(errpipe[0]);
+	}
 	if (rc < 0) {
 		close_all(p);
 		return ca_fail(L, uv_err_name(rc), "%s (starting %s%s%s)", uv_strerror(rc), name,

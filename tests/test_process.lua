@@ -147,6 +147,19 @@ T.test("a program that does not exist gives nil, ENOENT", function()
   T.match(err2, "^ENOENT: ")
 end)
 
+T.test("an exec that fails after the checks (a script whose #! interpreter is missing) gives nil, ENOENT, through the kill_on_exit wrapper too", function()
+  local dir = T.tmpdir()
+  local f = assert(io.open(dir .. "/script.sh", "w"))
+  f:write("#!/nonexistent/interpreter\necho hi\n")
+  f:close()
+  assert(os.execute("chmod +x " .. dir .. "/script.sh"))
+  for _, k in ipairs({ true, false }) do
+    local p, err = process.spawn({ dir .. "/script.sh", kill_on_exit = k })
+    T.eq(p, nil, "kill_on_exit " .. tostring(k))
+    T.eq(err, "ENOENT: no such file or directory (starting " .. dir .. "/script.sh)", "kill_on_exit " .. tostring(k))
+  end
+end)
+
 T.test("a directory or a file without x given by path gives EACCES, whatever failed before", function()
   local dir = T.tmpdir()
   local f = assert(io.open(dir .. "/script.sh", "w"))

@@ -19,7 +19,9 @@
 -- The program is searched in the PATH that env sets, else in callagent's
 -- own PATH; a relative program ("./x") or PATH entry ("bin") is found from
 -- cwd, as the child's exec finds it. A child that cannot be started gives nil, "ECODE: message"
--- ("ENOENT: ngrok: not found in PATH", or uv_spawn's error for a bad cwd);
+-- ("ENOENT: ngrok: not found in PATH", or uv_spawn's error for a bad cwd or an exec
+-- that fails, such as a script whose #! interpreter is missing, with or without
+-- kill_on_exit);
 -- a malformed spec raises.
 --
 -- Lines are split in C. A final line without newline arrives at EOF.
