@@ -581,6 +581,62 @@ static void quick_response(struct req *r, int status, const char *code, const ch
 }
 
 /*
+ * RFC 9110's reason phrase (15) for the statuses lws writes without one
+ * ("HTTP/1.1 204 ") or with the wrong one (every 3xx but 304 is
+ * "Redirect"); NULL where lws' is right (200, 304, 400-417, 500-505).
+ */
+static const char *reason_phrase(int status)
+{
+	switch (status) {
+	case 201: return "Created";
+	case 202: return "Accepted";
+	case 203: return "Non-Authoritative Information";
+	case 204: return "No Content";
+	case 205: return "Reset Content";
+	case 206: return "Partial Content";
+	case 300: return "Multiple Choices";
+	case 301: return "Moved Permanently";
+	case 302: return "Found";
+	case 303: return "See Other";
+	case 307: return "Temporary Redirect";
+	case 308: return "Permanent Redirect";
+	case 421: return "Misdirected Request";
+	case 422: return "Unprocessable Content";
+	case 426: return "Upgrade Required";
+	case 428: return "Precondition Required";
+	case 429: return "Too Many Requests";
+	case 431: return "Request Header Fields Too Large";
+	case 451: return "Unavailable For Legal Reasons";
+	default: return NULL;
+	}
+}
+
+/*
+ * Puts reason_phrase(status) into the status line lws wrote at start
+ * ("HTTP/1.1 204 \r\n", then lws' own headers up to *p), moving what follows
+ * it. 1 when it does not fit before end.
+ */
+static int set_reason(unsigned char *start, unsigned char **p, unsigned char *end, int status)
+{
+	const char *reason = reason_phrase(status);
+	unsigned char *at = start + 13, *crlf;	/* after "HTTP/1.1 204 " */
+	size_t rl;
+
+	if (reason == NULL || *p - start < 15 || memcmp(start, "HTTP/1.", 7) || start[8] != ' ' || start[12] != ' ')
+		return 0;
+	crlf = memchr(at, '\r', (size_t)(*p - at));
+	if (crlf == NULL)
+		return 0;
+	rl = strlen(reason);
+	if ((size_t)(end - *p) < rl)
+		return 1;
+	memmove(at + rl, crlf, (size_t)(*p - crlf));
+	memcpy(at, reason, rl);
+	*p = at + rl + (*p - crlf);
+	return 0;
+}
+
+/*
  * Writes the response headers, then the body in chunks. Returns 0 when more
  * is to come, 1 when the response is complete, -1 to close the connection.
  */
@@ -599,7 +655,8 @@ static int write_response(struct req *r)
 		size_t off = 0;
 		int bad = 0;
 
-		if (lws_add_http_header_status(wsi, (unsigned int)r->status, &p, end))
+		if (lws_add_http_header_status(wsi, (unsigned int)r->status, &p, end) ||
+		    set_reason(start, &p, end, r->status))
 			bad = 1;
 		while (!bad && off < r->hdrs_len) {
 			const char *name = r->hdrs + off;
