@@ -41,12 +41,12 @@
  *   p:close_stdin()    ends stdin after the queued data (the child reads EOF)
  *   p:kill([sig])      sig a name ("SIGTERM", "TERM") or number, default
  *                      SIGTERM, to the child's process group: true, or nil,
- *                      "ESRCH: ..." once it has exited and nothing it started
- *                      holds its output pipes (a grandchild that outlived its
- *                      wrapper still gets the signal), or once its group is
- *                      empty (a grandchild that left it, setsid, is out of
- *                      reach, and keeps the child incomplete while it holds
- *                      the pipes)
+ *                      "ESRCH: ..." once its group is empty (a grandchild
+ *                      that outlived its wrapper still gets the signal,
+ *                      whether it holds the output pipes or, the child
+ *                      complete, none; one that left the group, setsid, is
+ *                      out of reach, and keeps the child incomplete while it
+ *                      holds the pipes)
  *
  * Each child leads a process group of its own (a new session), and every
  * signal goes to the group: what a wrapper script started (npm, a shell that
@@ -61,7 +61,9 @@
  * handled by the module's ca__at_close hook. That hook then gives the
  * groups so signalled a second (EXIT_GRACE_MS) to end, and SIGKILLs what is
  * left of them: what ignores SIGTERM (a grandchild that traps it) does not
- * outlive callagent.
+ * outlive callagent. The groups of kill_on_exit children that completed
+ * with members left in them (holding none of the pipes: see left_groups)
+ * get the same SIGTERM, then SIGKILL.
  *
  * callagent.process (lua/callagent/process.lua) adds wait() and read_line().
  */
@@ -305,18 +307,22 @@ static int may_run(const struct ca_proc *p)
 static pid_t *exit_groups;
 static size_t n_exit_groups, exit_groups_cap;
 
+static void add_exit_group(pid_t pgid)
+{
+	if (n_exit_groups == exit_groups_cap) {
+		exit_groups_cap = exit_groups_cap ? 2 * exit_groups_cap : 8;
+		exit_groups = ca_realloc(exit_groups, exit_groups_cap * sizeof *exit_groups);
+	}
+	exit_groups[n_exit_groups++] = pgid;
+}
+
 /* SIGTERM to a child with kill_on_exit that may still run (callagent is ending). */
 static void term_on_exit(struct ca_proc *p)
 {
 	if (!p->kill_on_exit || !may_run(p) || p->closing || signal_child(p, SIGTERM) != 0)
 		return;
-	if (ca_stopping() && p->h.pid > 0) {
-		if (n_exit_groups == exit_groups_cap) {
-			exit_groups_cap = exit_groups_cap ? 2 * exit_groups_cap : 8;
-			exit_groups = ca_realloc(exit_groups, exit_groups_cap * sizeof *exit_groups);
-		}
-		exit_groups[n_exit_groups++] = p->h.pid;
-	}
+	if (ca_stopping() && p->h.pid > 0)
+		add_exit_group(p->h.pid);
 }
 
 /*
@@ -388,11 +394,92 @@ static void end_exit_groups(void)
 	n_exit_groups = exit_groups_cap = 0;
 }
 
-/* SIGTERM to every running child with kill_on_exit (a forced exit). */
+/*
+ * The process groups of children that completed with members of theirs
+ * still there - what the child started with its output elsewhere (a daemon
+ * writing to /dev/null) holds none of the pipes, so the child's end did not
+ * wait for it. p:kill still reaches such a group, and callagent's exit ends
+ * those of kill_on_exit children as it ends a running child's. An entry
+ * goes once its group is empty (checked as entries are added), or when a
+ * new child gets its id (it was free then).
+ */
+struct left_group {
+	pid_t pgid;
+	int kill_on_exit;
+};
+static struct left_group *left_groups;
+static size_t n_left, left_cap;
+
+static void forget_group(pid_t pgid)
+{
+	size_t j = 0;
+
+	for (size_t i = 0; i < n_left; i++)
+		if (left_groups[i].pgid != pgid)
+			left_groups[j++] = left_groups[i];
+	n_left = j;
+}
+
+static int left_over(pid_t pgid)
+{
+	for (size_t i = 0; i < n_left; i++)
+		if (left_groups[i].pgid == pgid)
+			return 1;
+	return 0;
+}
+
+/*
+ * Whether a group kept here still has a member that is not a zombie: kill
+ * with no signal, then (it succeeds for zombies, which a container's init
+ * may never reap) a look at /proc.
+ */
+static int left_alive(pid_t pgid)
+{
+	return kill(-pgid, 0) == 0 && group_alive(pgid);
+}
+
+/* At a child's completion (its leader reaped): keeps its group if it has members. */
+static void keep_group(struct ca_proc *p)
+{
+	size_t j = 0;
+
+	if (p->h.pid <= 0 || !left_alive(p->h.pid))
+		return;
+	for (size_t i = 0; i < n_left; i++)
+		if (left_groups[i].pgid != p->h.pid && left_alive(left_groups[i].pgid))
+			left_groups[j++] = left_groups[i];
+	n_left = j;
+	if (n_left == left_cap) {
+		left_cap = left_cap ? 2 * left_cap : 8;
+		left_groups = ca_realloc(left_groups, left_cap * sizeof *left_groups);
+	}
+	left_groups[n_left].pgid = p->h.pid;
+	left_groups[n_left++].kill_on_exit = p->kill_on_exit;
+}
+
+/*
+ * SIGTERM to the groups kept of completed kill_on_exit children (callagent
+ * is ending), once: the list is emptied.
+ */
+static void term_left_groups(void)
+{
+	for (size_t i = 0; i < n_left; i++)
+		if (left_groups[i].kill_on_exit && kill(-left_groups[i].pgid, SIGTERM) == 0 && ca_stopping())
+			add_exit_group(left_groups[i].pgid);
+	free(left_groups);
+	left_groups = NULL;
+	n_left = left_cap = 0;
+}
+
+/*
+ * SIGTERM to every running child with kill_on_exit (a forced exit), and to
+ * what is left of the groups of those that completed.
+ */
 void ca__kill_children(void)
 {
 	for (struct ca_proc *p = live; p; p = p->next)
 		term_on_exit(p);
+	term_left_groups();
 }
 
 /* Teardown hook: children whose userdata is gone are stopped and closed too. */
@@ -407,6 +494,7 @@ static void at_close(void)
 		close_all(p);
 		p = next;
 	}
+	term_left_groups();
 	end_exit_groups();
 }
 
@@ -433,6 +521,7 @@ static void maybe_complete(struct ca_proc *p)
 		}
 		call = 1;
 	}
+	keep_group(p);
 	close_all(p);
 	if (call)
 		ca_call(L, 2, 0, "process on_exit");
@@ -1004,6 +1093,7 @@ static int l_spawn(lua_State *L)
 		return ca_fail(L, uv_err_name(rc), "%s (starting %s%s%s)", uv_strerror(rc), name,
 			       cwd ? " in " : "", cwd ? cwd : "");
 	}
+	forget_group(p->h.pid);	/* the id was free: no group of an earlier child has it */
 	box->p = p;
 	box->pid = p->h.pid;
 	p->box = box;
@@ -1111,8 +1201,15 @@ static int l_kill(lua_State *L)
 	struct proc_box *box = check_box(L);
 	int sig = check_signal(L, 2), rc;
 
-	if (box->p == NULL || !may_run(box->p))
+	if (box->p == NULL || !may_run(box->p)) {
+		/* What it left in its group, holding none of its pipes. */
+		if (box->pid > 0 && left_over((pid_t)box->pid) && left_alive((pid_t)box->pid) &&
+		    kill(-(pid_t)box->pid, sig) == 0) {
+			lua_pushboolean(L, 1);
+			return 1;
+		}
 		return ca_fail(L, "ESRCH", "process %d has exited", (int)box->pid);
+	}
 	rc = signal_child(box->p, sig);
 	if (rc < 0)
 		return ca_fail_uv(L, rc);

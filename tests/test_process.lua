@@ -626,6 +626,51 @@ T.test("a kill after the child exited still reaches what it started and holds it
   T.match(e, "^ESRCH", "nothing left to signal")
 end)
 
+T.test("a kill after the child completed still reaches what it left in its group holding none of its pipes", function()
+  local p = assert(process.spawn({ "sh", "-c", "sleep 100 >/dev/null 2>&1 & echo $!" }))
+  local pid = tonumber(p:read_line(5000))
+  watch_pid(pid, "the grandchild's pid")
+  T.eq(p:wait(5000), 0, "complete: the grandchild holds no pipe")
+  T.eq(pid_gone(pid), false)
+  T.eq(p:kill(), true, "the group still has a member")
+  wait_gone(pid)
+end)
+
+T.test("kill_on_exit: what a completed child left in its group holding no pipes gets SIGTERM at callagent's exit, SIGKILL a second later", function()
+  local dir = T.tmpdir()
+  local t0 = timer.now()
+  local pid, code, err = child_callagent(string.format([[
+    local process = require "callagent.process"
+    local timer = require "callagent.timer"
+    require("callagent.task").spawn(function()
+      -- The grandchild notes the SIGTERM and runs on; its output goes to /dev/null.
+      local p = assert(process.spawn{ "sh", "-c",
+        "sh -c 'trap \"echo term > %s/got\" TERM; echo $$ > %s/ready; while :; do sleep 0.05; done' >/dev/null 2>&1 &" })
+      assert(p:wait(5000) == 0)
+      local pid
+      for _ = 1, 200 do
+        local f = io.open("%s/ready")
+        pid = f and f:read("l")
+        if f then f:close() end
+        if pid then break end
+        timer.sleep(10)
+      end
+      io.stdout:write(assert(pid, "the grandchild ready"), "\n"); io.stdout:flush()
+      require("callagent.core").stop(0)
+    end)
+  ]], dir, dir, dir))
+  watch_pid(pid, "child printed the grandchild's pid")
+  T.eq(code, 0)
+  T.lt(timer.now() - t0, 4000, "callagent's exit waited about a second, no more")
+  local f = io.open(dir .. "/got")
+  T.eq(f and f:read("l"), "term", "the grandchild got SIGTERM")
+  if f then
+    f:close()
+  end
+  T.match(table.concat(err, "\n"), "process group %d+ still running 1000 ms after SIGTERM at exit: SIGKILL")
+  wait_gone(pid)
+end)
+
 T.test("kill_on_exit: a child of callagent gets SIGTERM when callagent exits", function()
   local pid, code, err = child_callagent([[
     local process = require "callagent.process"

@@ -44,7 +44,8 @@
 --   p:buffered()               bytes queued for stdin that the child has not taken yet
 --   p:close_stdin()            the child reads EOF after the queued data
 --   p:kill([signal])           name ("SIGTERM", "KILL") or number, default SIGTERM;
---                              true, or nil, "ESRCH: ..." once it has exited
+--                              true, or nil, "ESRCH: ..." once it has exited and
+--                              nothing is left in its process group
 --   p:wait([timeout_ms])       inside a task: waits until complete (as for on_exit);
 --                              returns code, signal (nil, "SIGTERM" after a kill),
 --                              or nil, "ETIMEDOUT"
@@ -62,7 +63,9 @@
 -- A process keeps running, with its callbacks, when its object is no longer
 -- referenced; everything is freed once it is complete. When callagent exits
 -- (its loop stops), children with kill_on_exit get SIGTERM (and SIGKILL for
--- what of their groups is left a second later); the others keep running with
+-- what of their groups is left a second later), and so does what such a child
+-- that completed left in its group (a grandchild writing to /dev/null, which
+-- holds none of its pipes); the others keep running with
 -- their pipes closed. runtime.exit() and a forced exit (a second signal) send
 -- the SIGTERM only.
 local core = require "callagent.core.process"
