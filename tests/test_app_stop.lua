@@ -202,6 +202,79 @@ T.test("hang-ups that take the grace period, and a tunnel slow to close: the sto
   T.ok(store_closed and store_closed < runtime.grace_ms, "the store closed within the grace: " .. tostring(store_closed))
 end, { timeout = 30000 })
 
+T.test("a request that holds the stop's drain its whole second leaves the hang-ups' notifications their time to be answered", function()
+  local runtime = require "callagent.runtime"
+  local store_mod = require "callagent.store"
+  -- A 6 s grace: 3 s for the tunnel, 1 s kept for the notifications' answers,
+  -- up to 1 s for the server's drain, the hang-ups the first 1 s.
+  T.shorten(runtime, "grace_ms", 6000)
+  -- The receiver takes 1.5 s to answer: more than the drain, less than the
+  -- drain and the notifications' turn.
+  local answered = {}
+  local hooks = T.server({}, function(srv)
+    srv:post("/hooks/agent", function()
+      timer.sleep(1500)
+      answered[#answered + 1] = timer.now()
+      return 200, { ok = true }
+    end)
+  end)
+  -- An API client whose request is still in progress when the drain begins,
+  -- and past its end.
+  local release, in_route = false, false
+  T.defer(function()
+    release = true
+  end)
+  local env = kit.start({
+    -- The final status of the stop's hang-up never comes: the hang-ups' wait
+    -- for it takes their whole share, and the call ends at its end.
+    twilio = { behaviour = { lost_callbacks = { completed = true } } },
+    realtime = { script = function() timer.sleep(20000) end },
+    config = { notify = { hooksUrl = hooks:url("/hooks") } },
+    routes = function(srv)
+      srv:get("/slow", function()
+        in_route = true
+        local until_ms = timer.now() + 5000
+        while not release and timer.now() < until_ms do
+          timer.sleep(20)
+        end
+        return 200, { done = true }
+      end)
+    end,
+  })
+  local id = env:create({ to = "+14155550145", prompt = "Stay on the line." })
+  env:wait(id, function(r)
+    return r.status == "in_progress"
+  end, 10000, "a live call")
+  task.spawn(function()
+    fetch(env.base .. "/slow", { timeout = 10000 })
+  end)
+  T.wait_for(function()
+    return in_route
+  end, 5000, "the slow request in progress")
+  local warns = {}
+  local w = log.warn
+  log.warn = function(msg, f)
+    warns[#warns + 1] = msg
+    return w(msg, f)
+  end
+  T.defer(function()
+    log.warn = w
+  end)
+  local t0 = timer.now()
+  env.app:stop()
+  local took = timer.now() - t0
+  T.lt(took, runtime.grace_ms - 3000 + 200, "the stop left the tunnel's 3 s")
+  T.match(table.concat(warns, "\n"), "requests still in progress at the stop were cut off",
+    "the drain was busy to its end")
+  T.no_match(table.concat(warns, "\n"), "notifications still on their way at the stop")
+  T.eq(#answered, 1, "the receiver answered within the stop")
+  -- Marked delivered before the store closed: the next start does not send it again.
+  local store = assert(store_mod.open(env.app.config.store))
+  local pending = store:pending_notifications()
+  store:close()
+  T.eq(#pending, 0, "no notification left for the next start")
+end, { timeout = 30000 })
+
 -- An app whose start finds a notification not yet delivered, sending to a
 -- receiver that answers as `answer` does, stops itself 500 ms later and
 -- ends its script: how long the program then takes to exit.

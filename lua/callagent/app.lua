@@ -16,8 +16,9 @@
 --   app:routes(function(srv) srv:get("/hello", fn) end)  -- routes of your own
 --   assert(app:start())        -- listens; app.url is the local base URL
 --   app:create_call{ to = "+14155550100", prompt = "..." }   -- same as POST /v1/calls
---   app:stop()   inside a task it waits for the hang-ups (grace - 4 s at most) and the
---                notifications they send (the rest, up to 2 s); from a plain
+--   app:stop()   inside a task it waits for the hang-ups (grace - 5 s at most), the
+--                requests in progress (up to 1 s) and the notifications the
+--                hang-ups send (the rest, 1 s at least, up to 2 s); from a plain
 --                callback the hang-ups go on in the background; a second stop
 --                inside a task returns once the first is done
 --
@@ -641,6 +642,20 @@ local NOTIFY_RESERVE_MS = 1000
 local SERVER_DRAIN_MS = 1000
 -- The end of the grace kept for the tunnel's close (see below).
 local TUNNEL_RESERVE_MS = 3000
+-- A stop's grace (runtime.grace_ms, 10 s) is split in turns, each ending by
+-- its own deadline so that none takes the next one's share: the hang-ups
+-- (what is left: 5 s; at least 1 s), the server's drain (at most
+-- SERVER_DRAIN_MS), the notifications' answers (NOTIFY_RESERVE_MS at least,
+-- NOTIFY_DRAIN_MS at most), the tunnel's close (TUNNEL_RESERVE_MS). The
+-- drain used to end at the notifications' deadline: hang-ups that took their
+-- time and a request that held the drain its whole second left the
+-- notifications of the calls just ended no time to be answered, and the
+-- next start sent them again.
+local function stop_budget(grace_ms)
+  local notify_by = grace_ms - TUNNEL_RESERVE_MS
+  local drain_by = notify_by - NOTIFY_RESERVE_MS
+  return { hangups = math.max(1000, drain_by - SERVER_DRAIN_MS), drain_by = drain_by, notify_by = notify_by }
+end
 
 -- How long the tunnel's reopening waits after a failed try: doubled each
 -- time, up to the second value. A tunnel that died within STABLE_MS of its
@@ -725,7 +740,8 @@ function App:stop()
   self.stopped = true
   self.stop_waiters = {}
   local stop_at = timer.now()
-  local deadline = stop_at + runtime.grace_ms - TUNNEL_RESERVE_MS -- for all but the tunnel
+  local budget = stop_budget(runtime.grace_ms)
+  local deadline = stop_at + budget.notify_by -- for all but the tunnel
   local starting = self.starting
   if starting then
     -- start() under way: a tunnel opening ends now (ngrok stopped, a
@@ -742,12 +758,14 @@ function App:stop()
     -- The tunnel and the store close after the hang-ups (the tunnel stays
     -- open meanwhile: the vendor's final status callbacks come through it),
     -- within the grace period: a Funnel left published would outlive the app.
-    self.engine:shutdown(math.max(1000, runtime.grace_ms - TUNNEL_RESERVE_MS - NOTIFY_RESERVE_MS))
+    self.engine:shutdown(budget.hangups)
   end
   if self.server then
     -- A client whose request was cut off could not know what came of it (was
-    -- the call created?): those in progress are answered first.
-    local cut = self.server:close({ drain_ms = math.max(0, math.min(SERVER_DRAIN_MS, deadline - timer.now())) })
+    -- the call created?): those in progress are answered first, up to the
+    -- drain's deadline (the notifications' turn is theirs).
+    local drain = math.min(SERVER_DRAIN_MS, stop_at + budget.drain_by - timer.now())
+    local cut = self.server:close({ drain_ms = math.max(0, drain) })
     if cut > 0 then
       log.warn("requests still in progress at the stop were cut off", { requests = cut })
     end
@@ -771,9 +789,12 @@ function App:stop()
   if self.notifier then
     -- The calls that ended above were notified: their requests' answers are
     -- waited for a little (within the grace), or the next start would send
-    -- what the receiver already has.
-    local left = math.min(NOTIFY_DRAIN_MS, deadline - timer.now())
-    if task.running() and left > 0 and not self.notifier:drain(left) then
+    -- what the receiver already has: NOTIFY_RESERVE_MS at least, whatever
+    -- the drain took.
+    -- Those left are said to be, also when there was no time left to wait
+    -- (a stop from a plain callback, hang-ups past their share).
+    local left = task.running() and math.max(0, math.min(NOTIFY_DRAIN_MS, deadline - timer.now())) or 0
+    if not self.notifier:drain(left) then
       log.warn("notifications still on their way at the stop: the next start sends them again")
     end
     self.notifier:stop()
