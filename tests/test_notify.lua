@@ -241,4 +241,37 @@ T.test("a 4xx or 5xx with a body past fetch's limit is judged by its status: 422
   end
   T.eq(rows, { { "c_1:completed", 2, "HTTP 422" }, { "c_2:completed", 0, "HTTP 500" } })
 end)
+
+T.test("a token changed after start (app.config.notify) and refused: a start with the start's token sends it again", function()
+  -- The receiver takes only the token of the config file; the operator set
+  -- another one after start, which it refuses (401). Recorded as refused
+  -- under the start's token, the next start (the config file's token) took
+  -- it for refused under its own, and never sent it.
+  local got = {}
+  local n, store = notifier(function(req)
+    got[#got + 1] = req.headers.authorization
+    return req.headers.authorization == "Bearer hooks-token-for-tests" and 200 or 401, {}
+  end)
+  T.eq(n:resume(), 0, "started: nothing pending")
+  local start_cfg = { hooksUrl = n.cfg.hooksUrl, hooksToken = n.cfg.hooksToken }
+  n.cfg.hooksToken = "a-token-set-after-start"
+  assert(store:add_notification("c_1:completed", "c_1", "{}"))
+  n:send("c_1:completed", "{}")
+  T.wait_for(function()
+    return not n.in_flight["c_1:completed"]
+  end, 5000, "the delivery over")
+  T.eq({ #got, #store:pending_notifications() }, { 1, 0 }, "refused once")
+  n:stop()
+  local again = notify.new(start_cfg, store, { base_delay_ms = 50 })
+  T.defer(function()
+    again:stop()
+  end)
+  again:resume()
+  T.wait_for(function()
+    return #got == 2 and not again.in_flight["c_1:completed"]
+  end, 5000, "sent again by the next start")
+  T.eq(got[2], "Bearer hooks-token-for-tests")
+  T.eq(#store:pending_notifications(), 0)
+  T.eq(store.db:rows("SELECT sent FROM notifications")[1].sent, 1, "delivered")
+end)
 T.run()

@@ -117,11 +117,16 @@ end
 
 --- What notifications are sent under: the SHA-256 (hex) of where they go
 -- and the token, never the token itself. A refusal for the credentials or
--- the address is recorded with it.
-function Notifier:fingerprint()
-  if not self._fingerprint then
-    self._fingerprint = crypto.to_hex(crypto.sha256("callagent notify\0" .. self:_target() .. "\0"
-      .. self.cfg.hooksToken))
+-- the address is recorded with it. Of the settings as they are now, or as
+-- a request went (target, token): app.config may be changed after start,
+-- and a refusal recorded under the start's settings, not those it was
+-- refused under, was never sent again by a start with the start's ones.
+function Notifier:fingerprint(target, token)
+  target, token = target or self:_target(), token or self.cfg.hooksToken
+  local under = target .. "\0" .. token
+  if self._fingerprint_of ~= under then
+    self._fingerprint_of = under
+    self._fingerprint = crypto.to_hex(crypto.sha256("callagent notify\0" .. under))
   end
   return self._fingerprint
 end
@@ -208,13 +213,15 @@ function Notifier:_deliver(key, body)
     -- Sent now, and so no more the business of the backlog being resumed.
     self.resuming[key] = nil
   end
-  local target = self:_target()
   local delay = self.base_delay_ms
   for try = 1, self.attempts do
-    if self.stopped then
+    if self.stopped or not self:enabled() then
+      -- Stopped, or notifications turned off since (app.config): left pending.
       self.in_flight[key] = nil
       return
     end
+    -- The settings of each try (app.config.notify may change meanwhile).
+    local target, token = self:_target(), self.cfg.hooksToken
     self.requests = self.requests + 1
     local res, err = self:_post({
       url = target,
@@ -225,7 +232,7 @@ function Notifier:_deliver(key, body)
       truncate = true,
       headers = {
         ["Content-Type"] = "application/json",
-        Authorization = "Bearer " .. self.cfg.hooksToken,
+        Authorization = "Bearer " .. token,
         ["Idempotency-Key"] = key,
       },
     })
@@ -248,7 +255,7 @@ function Notifier:_deliver(key, body)
     local refused = res and res.status < 500 and res.status ~= 429 and res.status ~= 408
     -- Refused for the token or the address: under which (a backend that
     -- does not keep it ignores it, and the refusal is for good).
-    local under = refused and refused_config(res.status) and self:fingerprint() or nil
+    local under = refused and refused_config(res.status) and self:fingerprint(target, token) or nil
     store_call(self.store, "mark_notified", key, refused and "refused" or "failed", why, under)
     if refused then
       self.ran_out[key] = nil -- never sent again
