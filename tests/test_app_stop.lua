@@ -26,6 +26,32 @@ local function errors()
   return lines
 end
 
+-- Waits until every HTTP request of this process has its answer (fetch.active
+-- counts them, the app's and the fakes' alike), then for a turn behind the
+-- tasks that got one: fetch paces each answer (task.pace, first come first
+-- served), so those tasks have gone on with it when this returns.
+local function answers_taken(what)
+  T.wait_for(function()
+    return fetch.active() == 0
+  end, 10000, what)
+  task.pace()
+end
+
+-- app:stop() from a plain callback, which waits for nothing (inside a task it
+-- waits for the resolutions and hang-ups under way): returns once it has,
+-- the store closed.
+local function stop_from_callback(app)
+  local closed
+  timer.after(0, function()
+    app:stop()
+    closed = app.store.db == nil
+  end)
+  T.wait_for(function()
+    return closed ~= nil
+  end, 2000, "the stop")
+  T.ok(closed, "the store closed")
+end
+
 T.test("a call whose dial was on its way when the app stopped is hung up, and dialed again by the next start", function()
   local errs = errors()
   local env = kit.start({
@@ -62,24 +88,29 @@ end, { timeout = 30000 })
 T.test("a stop while the last run's calls are resolved, or while a hang-up waits for Twilio: nothing writes to the closed store", function()
   local errs = errors()
   local env = kit.start({
-    -- Ringing for long; Twilio's GET of a call answers 1.5 s late.
-    twilio = { behaviour = { ring_ms = 30000, get_delay_ms = 1500 } },
+    -- Ringing for long; the stop's cancel of it fails (the next start
+    -- resolves it), the next one does not; Twilio's GET of a call answers
+    -- 300 ms late.
+    twilio = { behaviour = { ring_ms = 30000, get_delay_ms = 300, update_fail = 500, update_fail_times = 1 } },
   })
   local id = env:create({ to = "+14155550141", prompt = "Hello." })
   env:wait(id, function(r)
     return r.status == "dialing" and r.attempts[1].providerCallId
   end, 5000, "ringing")
-  env.app:stop() -- a ringing call is left to the next start
+  env.app:stop() -- its cancel fails: the ringing call is left to the next start
   local app2 = assert(callagent.app(env.app.config, { public_url = function(u) return u end,
     no_shutdown_hook = true }))
   assert(app2:start()) -- asks Twilio how the call is doing
-  app2:stop()
-  timer.sleep(2500) -- Twilio has answered
+  local gets = env.tw.calls[1].gets or 0
+  stop_from_callback(app2)
+  T.gt(fetch.active(), 0, "the GET still on its way as the store closed")
+  answers_taken("Twilio's answer to the GET")
+  T.eq(env.tw.calls[1].gets, gets + 1, "Twilio was asked, and answered")
   T.eq(#errs, 0, table.concat(errs, "\n"))
 
   -- The same for a hang-up (POST /v1/calls/{id}/hangup) that Twilio answers late.
   local env3 = kit.start({
-    twilio = { update_delay_ms = 1500, behaviour = { ring_ms = 30000, lost_callbacks = { completed = true } } },
+    twilio = { update_delay_ms = 300, behaviour = { ring_ms = 30000, lost_callbacks = { completed = true } } },
   })
   local id3 = env3:create({ to = "+14155550142", prompt = "Hello." })
   env3:wait(id3, function(r)
@@ -88,9 +119,12 @@ T.test("a stop while the last run's calls are resolved, or while a hang-up waits
   task.spawn(function()
     env3.app.engine:hangup(id3)
   end)
-  timer.sleep(200)
-  env3.app:stop()
-  timer.sleep(2000) -- Twilio has answered the hang-up
+  T.wait_for(function()
+    return #env3.tw.calls[1].updates >= 1
+  end, 5000, "the hang-up to reach Twilio")
+  stop_from_callback(env3.app)
+  T.gt(fetch.active(), 0, "the hang-up still on its way as the store closed")
+  answers_taken("Twilio's answer to the hang-up")
   T.eq(#errs, 0, table.concat(errs, "\n"))
 end, { timeout = 30000 })
 
@@ -120,7 +154,9 @@ T.test("a stop answers the requests in progress before it closes the server, and
     env.app:stop()
     stopped = true
   end)
-  timer.sleep(50)
+  T.wait_for(function()
+    return env.app.server.draining
+  end, 2000, "the stop's drain")
   local res, err = fetch(env.base .. "/v1/calls", { timeout = 2000 })
   T.eq(res, nil, "a new connection during the stop is refused")
   T.match(err, "^ECONNREFUSED")
@@ -133,9 +169,9 @@ end)
 T.test("app:stop() from a plain callback, not a task: the live call is hung up, and nothing runs after it", function()
   local errs = errors()
   -- The engine's wait for a final status after the conversation's end (5 s)
-  -- shortened to 1.5 s.
+  -- shortened to 300 ms.
   local calls = require "callagent.calls"
-  T.shorten(calls, "BRIDGE_END_WAIT_MS", 1500)
+  T.shorten(calls, "BRIDGE_END_WAIT_MS", 300)
   local env = kit.start({
     realtime = {
       script = function(session)
@@ -148,7 +184,9 @@ T.test("app:stop() from a plain callback, not a task: the live call is hung up, 
   env:wait(id, function(c)
     return c.status == "in_progress"
   end, 10000, "in progress")
-  timer.sleep(500)
+  T.wait_for(function()
+    return (env.tw.calls[1].received_bytes or 0) > 0
+  end, 5000, "the model talking to the phone")
   local ok, err
   timer.after(0, function() -- the main thread: nothing can wait here
     ok, err = pcall(env.app.stop, env.app)
@@ -161,7 +199,12 @@ T.test("app:stop() from a plain callback, not a task: the live call is hung up, 
   T.wait_for(function()
     return env.tw.calls[1].status == "completed"
   end, 5000, "hung up at Twilio")
-  timer.sleep(2500) -- past the 1.5 s wait for a final status
+  -- The bridge ends as its stream closes, and starts the engine's wait for
+  -- the final status then: a timer started after it, as long, fires after it.
+  T.wait_for(function()
+    return next(env.app.engine.bridges) == nil
+  end, 5000, "the bridge to end")
+  timer.sleep(calls.BRIDGE_END_WAIT_MS + 5)
   T.eq(#errs, 0, table.concat(errs, "\n"))
 end, { timeout = 30000 })
 
@@ -276,9 +319,10 @@ T.test("a request that holds the stop's drain its whole second leaves the hang-u
 end, { timeout = 30000 })
 
 -- An app whose start finds a notification not yet delivered, sending to a
--- receiver that answers as `answer` does, stops itself 500 ms later and
--- ends its script: how long the program then takes to exit.
-local function exit_after_stop(answer)
+-- receiver that answers as `answer` does, stops itself once `ready` (a Lua
+-- expression over its notifier, n) is true and ends its script: how long
+-- the program then takes to exit.
+local function exit_after_stop(answer, ready)
   local hooks = T.server({}, function(srv)
     srv:post("/hooks/agent", answer)
   end)
@@ -300,7 +344,11 @@ local app = assert(callagent.app({
 }, { no_shutdown_hook = true, notify = { timeout_ms = 30000 } }))
 task.spawn(function()
   assert(app:start())
-  timer.sleep(500)
+  local n, deadline = app.notifier, timer.now() + 5000
+  while not (]] .. ready .. [[) and timer.now() < deadline do
+    timer.sleep(5)
+  end
+  print("ready: " .. tostring(]] .. ready .. [[))
   app:stop()
   print("stopped")
 end)
@@ -308,6 +356,7 @@ end)
   T.wait_for(function()
     return p.text():find("stopped", 1, true) ~= nil
   end, 10000, "the app stopped: " .. p.errtext())
+  T.match(p.text(), "ready: true", ready)
   local t0 = timer.now()
   local code = p:wait(5000)
   return code, timer.now() - t0, p
@@ -320,7 +369,7 @@ T.test("a stop leaves no notification retry waiting its turn: the program exits 
   local code, took, p = exit_after_stop(function()
     tries = tries + 1
     return 503, { error = "later" }, { ["Retry-After"] = "30" }
-  end)
+  end, "#n.sleepers > 0") -- the retry waits its turn
   T.eq(code, 0, "exited within 5 s of the stop: " .. p.errtext())
   T.lt(took, 2000)
   T.eq(tries, 1)
@@ -333,7 +382,7 @@ T.test("a stop leaves no notification request on its way: past the stop's wait f
   local code, took, p = exit_after_stop(function()
     timer.sleep(20000)
     return 200, { ok = true }
-  end)
+  end, "n.requests > 0") -- the request is on its way
   T.eq(code, 0, "exited within 5 s of the stop: " .. p.errtext())
   T.lt(took, 2000)
   T.match(p.errtext(), "notifications still on their way at the stop")
