@@ -395,23 +395,85 @@ local function slow_model_app(tw, script)
   return rt, api
 end
 
-T.test("keys pressed while the model connection opens reach it, before the greeting", function()
-  local tw = assert(require("fakes.twilio").start({ account_sid = kit.ACCOUNT, auth_token = kit.TOKEN }))
-  local rt, api = slow_model_app(tw, function(session)
-    local key = session:wait_event("conversation.item.create", 5000)
-    session.key = key and key.item.content[1].text
-    session.key_at = key and key.at
-    session.greeting = session:wait_event("response.create", 5000)
-    session:report_and_goodbye({ summary = "Key heard.", outcome = "success" }, { ms = 100, text = "Bye." })
+-- A TCP front for the fake Realtime server (Node, which the tests have) that
+-- holds the model connection in its connect phase until told: it accepts,
+-- takes the WebSocket upgrade request and answers nothing (prints "held")
+-- until release(), then passes it on to the fake, and all that follows.
+local function holding_front(rt_port)
+  local process = require "callagent.process"
+  local p = assert(process.spawn({ "node", "-e", [[
+const net = require('net');
+const target = +process.argv[1];
+const conns = [];
+let go = false;
+function pass(c) {
+  const u = net.connect(target, '127.0.0.1');
+  u.on('error', () => c.destroy());
+  c.upstream = u;
+  for (const d of c.held) u.write(d);
+  u.on('data', d => c.write(d));
+  u.on('end', () => c.end());
+  c.on('end', () => u.end());
+  c.on('close', () => u.destroy());
+}
+const s = net.createServer(c => {
+  c.on('error', () => {});
+  c.held = [];
+  c.on('data', d => {
+    if (c.upstream) return c.upstream.write(d);
+    if (c.held.length === 0) console.log('held');
+    c.held.push(d);
+  });
+  if (go) pass(c); else conns.push(c);
+});
+process.stdin.on('data', () => { go = true; conns.splice(0).forEach(pass); });
+s.listen(0, '127.0.0.1', () => console.log(s.address().port));
+]], tostring(rt_port), stdin = true }))
+  T.defer(function()
+    p:kill()
   end)
-  local id = api:create({ to = "+14155550119", prompt = "Listen." })
-  local c = assert(tw:wait_call(5000))
+  local port = assert(p:read_line(5000), "the front's port")
+  return {
+    url = "ws://127.0.0.1:" .. port .. "/v1/realtime",
+    held = function()
+      T.eq(p:read_line(5000), "held", "a model connection's upgrade held")
+    end,
+    release = function()
+      assert(p:write("go\n"))
+    end,
+  }
+end
+
+T.test("keys pressed while the model connection opens reach it, before the greeting", function()
+  local env = kit.start({
+    realtime = {
+      script = function(session)
+        local key = session:wait_event("conversation.item.create", 5000)
+        session.key = key and key.item.content[1].text
+        session.key_at = key and key.at
+        session.greeting = session:wait_event("response.create", 5000)
+        session:report_and_goodbye({ summary = "Key heard.", outcome = "success" }, { ms = 100, text = "Bye." })
+      end,
+    },
+  })
+  local front = holding_front(env.rt.port)
+  env.app.config.openai.realtimeUrl = front.url -- the engine's config: read at each model connection
+  local id = env:create({ to = "+14155550119", prompt = "Listen." })
+  front.held() -- the model connection is in its connect phase until released
+  local c = assert(env.tw:wait_call(5000))
   assert(c:wait_stream(5000))
   assert(c:send_dtmf("7"))
   local pressed = timer.now()
-  local call = api:wait_final(id, 20000)
+  -- The bridge has it (kept until the model is there), then the model connects.
+  T.wait_for(function()
+    local b = env.app.engine.bridges[id .. "#1"]
+    return b and #b.held_keys == 1
+  end, 5000, "the key to reach the bridge")
+  front.release()
+  local call = env:wait_final(id, 20000)
   T.eq(call.status, "completed")
-  local s = rt.sessions[1]
+  local s = env.rt.sessions[1]
+  T.eq(#env.rt.sessions, 1)
   T.ok(pressed < s.opened_at, "the key came before the model connection opened")
   T.eq(s.key, "[The callee pressed the key 7]")
   T.ok(s.greeting and s.key_at and s.greeting.at >= s.key_at, "the greeting came after it")
