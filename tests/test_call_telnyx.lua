@@ -947,6 +947,22 @@ T.test("a signed webhook without client_state counts for its URL's attempt only 
   T.eq(env:wait_final(id, 3000).status, "completed")
 end, { timeout = 30000 })
 
+T.test("a signed call.answered without client_state, to the URL of a call's ended attempt, hangs up no other call", function()
+  -- The call lives on (its retry waits): the engine takes a call that is
+  -- up for an attempt that is over as one to hang up, so only the route's
+  -- call_control_id check keeps another call of the account from it.
+  local env = start({ behaviour = "busy", config = { retry = { maxAttempts = 2, initialDelayMs = 60000 } } })
+  local id = env:create({ to = "+14155550137", prompt = "x" })
+  env:wait(id, function(r)
+    return r.attempts[1] and r.attempts[1].status == "busy"
+  end, 10000, "the first attempt busy")
+  local before = #env.tx.requests
+  T.eq(post_webhook(env, id, 1, "call.answered", { call_control_id = "v3:someone-elses-call", client_state = false }),
+    200)
+  timer.sleep(300)
+  T.eq(#env.tx.requests, before, "no request to Telnyx (no hang-up of that call)")
+end, { timeout = 20000 })
+
 T.test("a webhook whose signed client_state names another call than its URL is not applied to either", function()
   local env = start({ script = function()
     timer.sleep(15000)
