@@ -351,9 +351,17 @@ T.test("a real process: a stream of another callSid is one WARN naming the call 
   p:kill("SIGTERM")
   p:wait(5000)
   local log = p.errtext()
-  local _, n = log:gsub("WARN media stream refused: its start names another provider call than the attempt's %(stream "
-    .. "token kept for the attempt's own stream%) attempt=1 call=" .. id, "")
-  T.eq(n, 1, log)
+  local lines = {}
+  for line in log:gmatch("[^\n]*media stream refused[^\n]*") do
+    lines[#lines + 1] = line
+  end
+  -- One line for one refusal (README: each refusal is one WARN line), and it
+  -- says whose call the stream tried to take, and why it could not.
+  T.eq(#lines, 1, log)
+  T.match(lines[1], "WARN media stream refused ")
+  T.match(lines[1], " call=" .. id .. "%f[^%w_]")
+  T.match(lines[1], " attempt=1%f[^%w_]")
+  T.match(lines[1], 'reason="stream of another provider call"')
   -- Plainly: the token is base64url, and a "-" in it made the pattern miss
   -- the token written out whole.
   T.eq(log:find(c.twiml.stream.parameters.token, 1, true), nil, "no stream token in the log")

@@ -243,10 +243,12 @@ function App:_routes(srv)
       conn.start_timer = nil
     end
   end
-  local function refuse(conn, reason, close_reason)
+  -- who: {call, attempt} a refused start tried to take, for the log line.
+  local function refuse(conn, reason, close_reason, who)
     stop_start_timer(conn)
     conn.refused = true
-    log.warn("media stream refused", { reason = reason, remote = conn.request and conn.request.remote })
+    log.warn("media stream refused", { reason = reason, remote = conn.request and conn.request.remote,
+      call = who and who.call, attempt = who and who.attempt })
     conn:close(1008, close_reason or reason)
   end
   local start_ms = self.opts.stream_start_ms or 10000
@@ -323,10 +325,10 @@ function App:_routes(srv)
         if type(sid) ~= "string" or #sid > 63 or not sid:find("^[\33-\126]+$") or sid:find('["\\]') then
           return refuse(conn, "bad streamSid")
         end
-        local bridge, berr = engine:claim_stream(type(st.parameters) == "table" and st.parameters or {},
+        local bridge, berr, who = engine:claim_stream(type(st.parameters) == "table" and st.parameters or {},
           type(st.providerCallId) == "string" and st.providerCallId or nil)
         if not bridge then
-          return refuse(conn, berr)
+          return refuse(conn, berr, nil, who)
         end
         stop_start_timer(conn)
         conn.bridge = bridge

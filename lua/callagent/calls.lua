@@ -1254,12 +1254,14 @@ function Engine:prepare_stream(id, n)
   return token
 end
 
---- A Media Streams `start` with its customParameters: the bridge, or nil, why.
--- provider_call_id: the vendor's call the stream says it belongs to (Twilio's
--- start.callSid, Telnyx's start.call_control_id), when the provider reads
--- one: a stream of another call than the attempt's is refused, and the
--- token stays for the attempt's own stream (a token that leaked to a stream
--- of another call, of the same account, does not take the call's place).
+--- A Media Streams `start` with its customParameters: the bridge, or nil, why
+-- (and, for a stream of another call, {call, attempt} for the refusal's log
+-- line). provider_call_id: the vendor's call the stream says it belongs to
+-- (Twilio's start.callSid, Telnyx's start.call_control_id), when the
+-- provider reads one: a stream of another call than the attempt's is
+-- refused, and the token stays for the attempt's own stream (a token that
+-- leaked to a stream of another call, of the same account, does not take
+-- the call's place).
 function Engine:claim_stream(params, provider_call_id)
   local token = params and params.token
   local entry = token and self.tokens[token]
@@ -1271,9 +1273,8 @@ function Engine:claim_stream(params, provider_call_id)
     local a = call and call.attempts[entry.attempt]
     local pid = a and a.providerCallId
     if pid and provider_call_id ~= pid then
-      log.warn("media stream refused: its start names another provider call than the attempt's (stream token "
-        .. "kept for the attempt's own stream)", { call = entry.call_id, attempt = entry.attempt })
-      return nil, "stream of another provider call"
+      -- The route logs the refusal (one line for it), naming the call.
+      return nil, "stream of another provider call", { call = entry.call_id, attempt = entry.attempt }
     end
   end
   self.tokens[token] = nil -- single use
