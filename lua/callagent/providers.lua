@@ -39,7 +39,8 @@
 --                                        attempt?, token}, providerCallId?} |
 --                                        nil, why (providerCallId: the call the
 --                                        stream says it is of; another than
---                                        the attempt's is refused). Without
+--                                        the attempt's, once known, is
+--                                        refused). Without
 --                                        it, Twilio's shape: ev.streamSid and
 --                                        ev.start.customParameters
 --   streamEndsCall                      optional: false when the vendor keeps a
