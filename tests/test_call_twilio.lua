@@ -327,6 +327,24 @@ T.test("a stream whose start.callSid is not the attempt's call is refused, and t
   conn:close(1000, "bye")
 end)
 
+T.test("a stream that starts before Twilio has named the call (dial's answer and callbacks late) is taken", function()
+  -- Nothing to compare its callSid with yet: it is not refused, and the
+  -- call goes on once the answer names the call.
+  local env = kit.start({ twilio = { create_delay_ms = 800, behaviour = { ring_ms = 20, callback_delay_ms = 800 } } })
+  local id = env:create({ to = "+14155550116", prompt = "Say hello." })
+  local tw = assert(env.tw:wait_call(5000))
+  assert(tw:wait_stream(5000))
+  T.wait_for(function()
+    local b = env.app.engine.bridges[id .. "#1"]
+    return b and b.stream
+  end, 3000, "the bridge has the stream")
+  T.eq(env:get(id).attempts[1].providerCallId, nil, "Twilio has not named the call yet")
+  env:wait(id, function(r)
+    return r.attempts[1].providerCallId == tw.sid
+  end, 5000, "the dial's answer")
+  T.eq(env:get(id).status, "in_progress")
+end)
+
 T.test("a real process: a stream of another callSid is one WARN naming the call and the mismatch, never the token", function()
   local ws = require "callagent.ws"
   local fake = require "fakes.twilio"
