@@ -306,16 +306,20 @@ T.test("a stream whose start.callSid is not the attempt's call is refused, and t
   end, 5000, "the TwiML")
   local stream_url = env.base:gsub("^http", "ws") .. "/voice/stream"
   local sid = "MZ" .. string.rep("2", 32)
-  local function start(call_sid)
+  local function start(call_sid, params)
     local conn = assert(ws.connect(stream_url, { headers = { ["X-Twilio-Signature"] = fake.sign(kit.TOKEN, stream_url) } }))
     conn:send(json.encode({ event = "connected", protocol = "Call", version = "1.0.0" }))
     conn:send(json.encode({ event = "start", sequenceNumber = "1", streamSid = sid, start = { streamSid = sid,
-      callSid = call_sid, accountSid = kit.ACCOUNT, customParameters = tw.twiml.stream.parameters } }))
+      callSid = call_sid, accountSid = kit.ACCOUNT, customParameters = params or tw.twiml.stream.parameters } }))
     return conn, conn:receive(1000)
   end
   local other = "CA" .. string.rep("f", 32)
   T.ne(other, tw.sid)
   local _, kind, code, reason = start(other)
+  T.eq({ kind, code, reason }, { "close", 1008, "stream of another provider call" })
+  -- Nor does one that names another callId beside the token use it up.
+  _, kind, code, reason = start(other, { callId = "c_someone_else", attempt = "1",
+    token = tw.twiml.stream.parameters.token })
   T.eq({ kind, code, reason }, { "close", 1008, "stream of another provider call" })
   _, kind, code, reason = start(json.null)
   T.eq({ kind, code, reason }, { "close", 1008, "start without a callSid" })

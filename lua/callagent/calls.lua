@@ -1268,7 +1268,9 @@ function Engine:claim_stream(params, provider_call_id)
   if not entry then
     return nil, "unknown or already used stream token"
   end
-  if entry.expires >= timer.now() and params.callId == entry.call_id and provider_call_id ~= nil then
+  -- Whatever callId it names beside the token: a start of another call
+  -- uses up no token (the call's own stream would then be refused).
+  if entry.expires >= timer.now() and provider_call_id ~= nil then
     local call = self.live[entry.call_id]
     local a = call and call.attempts[entry.attempt]
     local pid = a and a.providerCallId
