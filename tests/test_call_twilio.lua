@@ -417,7 +417,7 @@ T.test("with Twilio's own API, an http:// public URL is refused at start: its <S
     T.eq(ok, nil, api)
     T.eq(err, "the twilio provider's init failed: server.publicBaseUrl: Twilio connects its media stream only to "
       .. "wss://, and an http:// URL makes it ws://: give the https:// URL Twilio reaches this server at", api)
-    T.no_match(err, kit.TOKEN, "no auth token")
+    T.lacks(err, kit.TOKEN, "no auth token")
   end
   T.ok(start("https://calls.example.com", "https://api.twilio.com"))
   T.ok(start("http://calls.example.com", "http://twilio-emulator.internal:8080"))

@@ -101,6 +101,14 @@ function T.no_match(s, pattern, what)
   end
 end
 
+-- s does not hold text (plain text, not a pattern: a secret such as
+-- "tw-auth-token" is no pattern of itself).
+function T.lacks(s, text, what)
+  if type(s) == "string" and s:find(text, 1, true) then
+    fail(string.format("%sexpected %s not to hold %q", what and (what .. ": ") or "", fmt(s), text))
+  end
+end
+
 function T.near(actual, expected, eps, what)
   if type(actual) ~= "number" or math.abs(actual - expected) > eps then
     fail(string.format("%sexpected %s within %s of %s", what and (what .. ": ") or "", fmt(actual), eps, expected))
