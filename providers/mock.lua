@@ -212,6 +212,16 @@ function P:registerRoutes(srv)
     return status, http.error_body(code, message, field)
   end
   local USED = "this call link was already used or is not valid"
+  -- A page's own id (phone.js: 32 hex digits), kept with the link it
+  -- answers: 1-64 letters, digits, "-" or "_". nil when it is one, else
+  -- the 400 (status, body).
+  local BAD_PAGE = "page must be the id the page's answer sent: 1-64 letters, digits, - or _"
+  local function bad_page(req, page)
+    if type(page) == "string" and #page <= 64 and page:match("^[%w_%-]+$") then
+      return nil
+    end
+    return refuse(req, 400, "invalid_field", BAD_PAGE, "page")
+  end
   local STOPPED = "the call stopped ringing"
   -- The page's POST body, a JSON object; else nil and the 400.
   local function page_body(req)
@@ -239,7 +249,7 @@ function P:registerRoutes(srv)
     end
     -- One use; kept a while, so that a decline from it is told it was answered.
     entry.answered = true
-    entry.page = type(page) == "string" and page ~= "" and page or nil
+    entry.page = page
     self:_expire_page(token)
     self:_stop_ringing(key(entry.call_id, entry.attempt))
     self.engine:provider_status(entry.call_id, entry.attempt, { status = "in_progress" })
@@ -264,6 +274,12 @@ function P:registerRoutes(srv)
     local body, status, err = page_body(req)
     if not body then
       return status, err
+    end
+    if body.page ~= nil then
+      local st, rbody = bad_page(req, body.page)
+      if st then
+        return st, rbody
+      end
     end
     local entry = type(body.token) == "string" and self.pages[body.token]
     if not entry or entry.call_id ~= body.callId or entry.answered then
@@ -394,8 +410,9 @@ function P:registerRoutes(srv)
   -- microphone's is. Answered by that page: its session. Answered by
   -- another page (tab): nil (409), that call is not this page's.
   local function left_session(req, body)
-    if type(body.page) ~= "string" or body.page == "" then
-      return nil, refuse(req, 400, "invalid_field", "page must be the id the page's answer sent", "page")
+    local st, rbody = bad_page(req, body.page)
+    if st then
+      return nil, st, rbody
     end
     local entry = type(body.token) == "string" and self.pages[body.token]
     if not entry or entry.call_id ~= body.callId then

@@ -488,6 +488,32 @@ T.test("a mock page left before its answer's reply hangs up by its link and page
   T.eq(post(app, "/mock/api/answer", { callId = b, token = tb, page = "p3" }), 403)
 end)
 
+T.test("a mock answer or hang-up by link whose page id is not 1-64 letters, digits, - or _ is refused 400 naming page, "
+  .. "and answers nothing", function()
+  local rt = assert(require("fakes.realtime").start({ api_key = "sk-mock-test-model-key-0123456789abcdef" }))
+  T.defer(function()
+    rt:close()
+  end)
+  local app = start({ openai = { apiKey = rt.api_key, realtimeUrl = rt.url } })
+  local a = assert(app:create_call({ to = "+15555550106", prompt = "Test." })).callId
+  local ta = link_token(app.engine:call_view(a).hint)
+  local bad = { 5, true, {}, "", string.rep("a", 65), "p 1", "p\"1" }
+  for _, page in ipairs(bad) do
+    for _, path in ipairs({ "/mock/api/answer", "/mock/api/hangup" }) do
+      local status, body = post(app, path, { callId = a, token = ta, page = page })
+      local e = type(body) == "table" and body.error or {}
+      T.eq({ status, e.code, e.field }, { 400, "invalid_field", "page" }, path .. " " .. json.encode(page))
+    end
+  end
+  T.eq(app.engine:call_view(a).status, "dialing", "nothing answered")
+  -- Its own id, as phone.js makes it (32 hex digits), answers and hangs up.
+  local page = string.rep("0f", 16)
+  T.eq(post(app, "/mock/api/answer", { callId = a, token = ta, page = page }), 200)
+  T.eq(post(app, "/mock/api/hangup", { callId = a, token = ta, page = page }), 204)
+  local v = app.engine:call_view(a)
+  T.eq({ v.status, v.endReason }, { "completed", "callee_hung_up" })
+end)
+
 T.test("a mock decline with a wrong token, another call's, or by GET is refused and changes nothing", function()
   local app = start()
   local a = assert(app:create_call({ to = "+15555550100", prompt = "Test." })).callId
