@@ -643,6 +643,11 @@ T.test("left once the microphone is granted, before the answer's reply: it is le
   left_while_answering("granted", "+14155550183")
 end, { timeout = 40000 })
 
+T.test("left once callagent answered, before the page read the reply: the page's hang-up by link ends the call, "
+  .. "nothing streams", function()
+  left_while_answering("answer", "+14155550181")
+end, { timeout = 40000 })
+
 T.test("a model error in a call that went on, then hung up on the page: the end line says what callagent's record says",
   function()
   need_tools()

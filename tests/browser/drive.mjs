@@ -57,7 +57,9 @@
 //                       froze it late would let it run) after Answer: WHEN
 //                       "prompt", while the microphone prompt is open (the
 //                       grant comes just after); "granted", as soon as the
-//                       page has the microphone, before its answer's reply.
+//                       page has the microphone, before its answer's reply;
+//                       "answer", once callagent answered the page's answer,
+//                       before the page reads its reply.
 //                       The end 1.5 s later: .left {micLive (a microphone
 //                       track still live), state, framesSent}
 //   --reopen            at the end, open URL again (a used link) and record
@@ -294,6 +296,17 @@ async function run() {
         window.__leftAt = performance.now();
         window.dispatchEvent(new PageTransitionEvent("pagehide", { persisted: true }));
       };
+      if (leave === "answer") {
+        // The answer answered at callagent, its reply not yet read by the page.
+        const f = window.fetch.bind(window);
+        window.fetch = (u, o) =>
+          String(u).endsWith("/mock/api/answer")
+            ? f(u, o).then((res) => {
+                leavePage();
+                return res;
+              })
+            : f(u, o);
+      }
       window.__micRequests = 0;
       const md = navigator.mediaDevices;
       if (!md) return;
