@@ -379,14 +379,15 @@ function fail(text, banner) {
   setState("error", banner || "The call could not be answered.");
 }
 
-// reason: "microphone_lost" (micLost), or none.
-function postHangup(keepalive, reason) {
+// reason: "microphone_lost" (micLost), or none. Keepalive: a page closed
+// right after (the tab shut as the answer's reply came) still hangs up.
+function postHangup(reason) {
   if (!call.session) return Promise.resolve();
   return fetch("/mock/api/hangup", {
     method: "POST",
     headers: { "Content-Type": "application/json" },
     body: JSON.stringify({ callId: call.id, session: call.session, reason }),
-    keepalive: !!keepalive,
+    keepalive: true,
   }).catch((e) => noteError("hangup: " + e.message));
 }
 
@@ -470,7 +471,7 @@ function micLost() {
     postHangup();
     return;
   }
-  postHangup(false, "microphone_lost").finally(() => stopStream("microphone lost"));
+  postHangup("microphone_lost").finally(() => stopStream("microphone lost"));
 }
 
 // Rates whose polyphase filters the worklets can build (dsp.js): any usual one.
@@ -1173,7 +1174,7 @@ function leavePage() {
   stopAudio(false);
   if (call.session && !wasFinished) {
     stopStream("page closed");
-    postHangup(true);
+    postHangup();
   } else if (answering) {
     fetch("/mock/api/hangup", {
       method: "POST",
