@@ -321,8 +321,9 @@ end, { timeout = 30000 })
 -- An app whose start finds a notification not yet delivered, sending to a
 -- receiver that answers as `answer` does, stops itself once `ready` (a Lua
 -- expression over its notifier, n) is true and ends its script: how long
--- the program then takes to exit.
-local function exit_after_stop(answer, ready)
+-- the program then takes to exit, and the store's path. from_callback: the
+-- stop is called from a plain callback (a timer's), not the task.
+local function exit_after_stop(answer, ready, from_callback)
   local hooks = T.server({}, function(srv)
     srv:post("/hooks/agent", answer)
   end)
@@ -349,8 +350,8 @@ task.spawn(function()
     timer.sleep(5)
   end
   print("ready: " .. tostring(]] .. ready .. [[))
-  app:stop()
-  print("stopped")
+  ]] .. (from_callback and "timer.after(0, function() app:stop() print('stopped') end)"
+    or "app:stop() print('stopped')") .. [[
 end)
 ]] })
   T.wait_for(function()
@@ -359,7 +360,7 @@ end)
   T.match(p.text(), "ready: true", ready)
   local t0 = timer.now()
   local code = p:wait(5000)
-  return code, timer.now() - t0, p
+  return code, timer.now() - t0, p, dir .. "/c.db"
 end
 
 T.test("a stop leaves no notification retry waiting its turn: the program exits at once, not at the retry", function()
@@ -387,6 +388,23 @@ T.test("a stop leaves no notification request on its way: past the stop's wait f
   T.lt(took, 2000)
   T.match(p.errtext(), "notifications still on their way at the stop")
   T.no_match(p.errtext(), "ERROR")
+end, { timeout = 40000 })
+
+T.test("a stop from a plain callback, which waits for nothing, warns of the notification request on its way, left for the next start", function()
+  -- No time to wait for its answer: the request is canceled, said so (it was
+  -- said only after a wait inside a task), and stays pending.
+  local code, took, p, path = exit_after_stop(function()
+    timer.sleep(20000)
+    return 200, { ok = true }
+  end, "n.requests > 0", true)
+  T.eq(code, 0, "exited within 5 s of the stop: " .. p.errtext())
+  T.lt(took, 2000)
+  T.match(p.errtext(), "notifications still on their way at the stop")
+  T.no_match(p.errtext(), "ERROR")
+  local store = assert(require("callagent.store").open({ backend = "sqlite", path = path, retentionDays = 30 }))
+  local pending = store:pending_notifications()
+  store:close()
+  T.eq(#pending, 1, "pending: the next start sends it")
 end, { timeout = 40000 })
 
 T.run()
