@@ -274,4 +274,35 @@ T.test("a token changed after start (app.config.notify) and refused: a start wit
   T.eq(#store:pending_notifications(), 0)
   T.eq(store.db:rows("SELECT sent FROM notifications")[1].sent, 1, "delivered")
 end)
+
+T.test("hooksUrl and hooksToken changed between two tries (app.config.notify): the retry goes to the new address with the new token, the old one gets neither", function()
+  -- The receiver moved, and its token with it: a retry that kept the first
+  -- try's address sent the new token there.
+  local old_got, new_got = {}, {}
+  local n, store = notifier(function(req)
+    old_got[#old_got + 1] = req.headers.authorization
+    return 503, { error = "moving" }
+  end)
+  local moved = http.server({})
+  moved:post("/new/agent", function(req)
+    new_got[#new_got + 1] = req.headers.authorization
+    return 200, { ok = true }
+  end)
+  assert(moved:listen())
+  T.defer(function()
+    moved:close()
+  end)
+  assert(store:add_notification("c_1:completed", "c_1", "{}"))
+  n:send("c_1:completed", "{}")
+  T.wait_for(function()
+    return #old_got == 1 and #n.sleepers == 1
+  end, 5000, "the first try answered 503, the retry waiting its turn")
+  n.cfg.hooksUrl, n.cfg.hooksToken = moved:url("/new"), "the-new-token"
+  T.wait_for(function()
+    return not n.in_flight["c_1:completed"]
+  end, 5000, "the delivery over")
+  T.eq(old_got, { "Bearer hooks-token-for-tests" }, "the old address: its first try only")
+  T.eq(new_got, { "Bearer the-new-token" })
+  T.eq(#store:pending_notifications(), 0, "delivered")
+end)
 T.run()
