@@ -642,19 +642,22 @@ local NOTIFY_RESERVE_MS = 1000
 -- finish before it closes their connections (usually no time: they answer
 -- in milliseconds).
 local SERVER_DRAIN_MS = 1000
--- The end of the grace kept for the tunnel's close (see below).
+-- The end of the grace kept for the tunnel's close (see below); without a
+-- tunnel, for closing the rest (the store) within the grace.
 local TUNNEL_RESERVE_MS = 3000
+local CLOSE_RESERVE_MS = 1000
 -- A stop's grace (runtime.grace_ms, 10 s) is split in turns, each ending by
 -- its own deadline so that none takes the next one's share: the hang-ups
 -- (what is left: 5 s; at least 1 s), the server's drain (at most
 -- SERVER_DRAIN_MS), the notifications' answers (NOTIFY_RESERVE_MS at least,
--- NOTIFY_DRAIN_MS at most), the tunnel's close (TUNNEL_RESERVE_MS). The
+-- NOTIFY_DRAIN_MS at most), the tunnel's close (TUNNEL_RESERVE_MS; an app
+-- without a tunnel keeps CLOSE_RESERVE_MS, its hang-ups getting the rest). The
 -- drain used to end at the notifications' deadline: hang-ups that took their
 -- time and a request that held the drain its whole second left the
 -- notifications of the calls just ended no time to be answered, and the
 -- next start sent them again.
-local function stop_budget(grace_ms)
-  local notify_by = grace_ms - TUNNEL_RESERVE_MS
+local function stop_budget(grace_ms, tunnel)
+  local notify_by = grace_ms - (tunnel and TUNNEL_RESERVE_MS or CLOSE_RESERVE_MS)
   local drain_by = notify_by - NOTIFY_RESERVE_MS
   return { hangups = math.max(1000, drain_by - SERVER_DRAIN_MS), drain_by = drain_by, notify_by = notify_by }
 end
@@ -742,9 +745,10 @@ function App:stop()
   self.stopped = true
   self.stop_waiters = {}
   local stop_at = timer.now()
-  local budget = stop_budget(runtime.grace_ms)
-  local deadline = stop_at + budget.notify_by -- for all but the tunnel
   local starting = self.starting
+  -- A start under way may be opening a tunnel, and a reopen is one.
+  local budget = stop_budget(runtime.grace_ms, self.tunnel or starting or self.reopen)
+  local deadline = stop_at + budget.notify_by -- for all but the tunnel
   if starting then
     -- start() under way: a tunnel opening ends now (ngrok stopped, a
     -- `funnel --bg` undone), and start() returns "stopped during start".
