@@ -253,8 +253,8 @@ T.test("a token changed after start (app.config.notify) and refused: a start wit
     return req.headers.authorization == "Bearer hooks-token-for-tests" and 200 or 401, {}
   end)
   T.eq(n:resume(), 0, "started: nothing pending")
-  local start_cfg = { hooksUrl = n.cfg.hooksUrl, hooksToken = n.cfg.hooksToken }
-  n.cfg.hooksToken = "a-token-set-after-start"
+  local start_cfg = { hooksUrl = n:conf().hooksUrl, hooksToken = n:conf().hooksToken }
+  n:conf().hooksToken = "a-token-set-after-start"
   assert(store:add_notification("c_1:completed", "c_1", "{}"))
   n:send("c_1:completed", "{}")
   T.wait_for(function()
@@ -297,7 +297,7 @@ T.test("hooksUrl and hooksToken changed between two tries (app.config.notify): t
   T.wait_for(function()
     return #old_got == 1 and #n.sleepers == 1
   end, 5000, "the first try answered 503, the retry waiting its turn")
-  n.cfg.hooksUrl, n.cfg.hooksToken = moved:url("/new"), "the-new-token"
+  n:conf().hooksUrl, n:conf().hooksToken = moved:url("/new"), "the-new-token"
   T.wait_for(function()
     return not n.in_flight["c_1:completed"]
   end, 5000, "the delivery over")
@@ -305,4 +305,27 @@ T.test("hooksUrl and hooksToken changed between two tries (app.config.notify): t
   T.eq(new_got, { "Bearer the-new-token" })
   T.eq(#store:pending_notifications(), 0, "delivered")
 end)
+
+T.test("app.config.notify replaced by a new table after start: the call's notification goes to its hooksUrl with its token", function()
+  local kit = require "callkit"
+  local env = kit.start({ twilio = { behaviour = "busy" }, config = { retry = { maxAttempts = 1 } } })
+  local got = {}
+  local moved = http.server({})
+  moved:post("/new/agent", function(req)
+    got[#got + 1] = req.headers.authorization
+    return 200, { ok = true }
+  end)
+  assert(moved:listen())
+  T.defer(function()
+    moved:close()
+  end)
+  env.app.config.notify = { hooksUrl = moved:url("/new"), hooksToken = "the-new-token" }
+  local id = env:create({ to = "+14155550103", prompt = "Say hello." })
+  env:wait_final(id, 10000)
+  T.wait_for(function()
+    return #got == 1
+  end, 5000, "the new table's receiver notified")
+  T.eq(got, { "Bearer the-new-token" })
+  T.eq(#env.hooks.received, 0, "the start's receiver got nothing")
+end, { timeout = 20000 })
 T.run()

@@ -455,7 +455,9 @@ function App:_start()
     self:_undo_start()
     return nil, msg
   end
-  self.notifier = notify.new(cfg.notify, store, self.opts.notify)
+  self.notifier = notify.new(function()
+    return cfg.notify
+  end, store, self.opts.notify)
   self.engine = calls.new({
     config = cfg,
     store = store,

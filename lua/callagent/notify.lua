@@ -37,10 +37,15 @@ local M = {}
 local Notifier = {}
 Notifier.__index = Notifier
 
+-- cfg: the notify settings (hooksUrl, hooksToken, ...), or a function that
+-- returns them, read at each try (an app's: app.config.notify as it is
+-- then, its fields changed or the table replaced).
 function M.new(cfg, store, opts)
   opts = opts or {}
   return setmetatable({
-    cfg = cfg,
+    get_cfg = type(cfg) == "function" and cfg or function()
+      return cfg
+    end,
     store = store,
     attempts = opts.attempts or 6,
     base_delay_ms = opts.base_delay_ms or 1000,
@@ -59,6 +64,11 @@ function M.new(cfg, store, opts)
     on_way = {},
     sleepers = {},
   }, Notifier)
+end
+
+--- The settings as they are now.
+function Notifier:conf()
+  return self.get_cfg() or {}
 end
 
 function M.message(view)
@@ -105,13 +115,13 @@ function M.payload(cfg, view)
 end
 
 function Notifier:enabled()
-  return self.cfg.hooksUrl ~= nil and self.cfg.hooksToken ~= nil
+  return self:conf().hooksUrl ~= nil and self:conf().hooksToken ~= nil
 end
 
 -- Where a notification goes: "/agent" on the path, before a query the URL
 -- may have.
 function Notifier:_target()
-  local path, query = self.cfg.hooksUrl:match("^([^?#]*)(.*)$")
+  local path, query = self:conf().hooksUrl:match("^([^?#]*)(.*)$")
   return path:gsub("/+$", "") .. "/agent" .. query
 end
 
@@ -122,7 +132,7 @@ end
 -- and a refusal recorded under the start's settings, not those it was
 -- refused under, was never sent again by a start with the start's ones.
 function Notifier:fingerprint(target, token)
-  target, token = target or self:_target(), token or self.cfg.hooksToken
+  target, token = target or self:_target(), token or self:conf().hooksToken
   local under = target .. "\0" .. token
   if self._fingerprint_of ~= under then
     self._fingerprint_of = under
@@ -148,7 +158,7 @@ function Notifier:record(view)
     return nil
   end
   local key = view.callId .. ":" .. view.status
-  local payload = M.payload(self.cfg, view)
+  local payload = M.payload(self:conf(), view)
   local ok, body = pcall(json.encode, payload)
   if not ok then
     -- Runs in the commit of the final status: it must not raise (the API
@@ -221,7 +231,7 @@ function Notifier:_deliver(key, body)
       return
     end
     -- The settings of each try (app.config.notify may change meanwhile).
-    local target, token = self:_target(), self.cfg.hooksToken
+    local target, token = self:_target(), self:conf().hooksToken
     self.requests = self.requests + 1
     local res, err = self:_post({
       url = target,
