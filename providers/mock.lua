@@ -419,8 +419,10 @@ function P:registerRoutes(srv)
       return nil, refuse(req, 403, "invalid_token", USED, "token")
     end
     if entry.answered then
-      if entry.page ~= body.page or not entry.session then
+      if entry.page ~= body.page then
         return nil, refuse(req, 409, "answered", "the call was answered from this link by another page")
+      elseif not entry.session then
+        return nil, refuse(req, 409, "answered", "this page's answer failed: it has no session to hang up")
       end
       return entry.session
     end
