@@ -464,6 +464,20 @@ T.test("long lines nobody reads are kept up to max_queued_bytes (1 MiB by defaul
   end, "max_queued_bytes must be an integer >= 0")
 end)
 
+T.test("lines handed straight to a waiting read_line count nothing against max_queued_bytes", function()
+  -- 200 lines of 10 bytes, 2000 in all, past a 100-byte cap: each one finds read_line waiting.
+  local p = assert(process.spawn({ "/bin/sh", "-c", "i=0; while [ $i -lt 200 ]; do echo 0123456789; i=$((i + 1)); done",
+    max_queued_bytes = 100 }))
+  local n = 0
+  for line in p:lines() do
+    T.eq(line, "0123456789")
+    n = n + 1
+  end
+  T.eq(n, 200, "every line read")
+  T.eq(p.dropped, 0)
+  T.eq(p:wait(5000), 0)
+end)
+
 T.test("on_stdout = false discards the output", function()
   local p = assert(process.spawn({ "seq", "1", "100000", on_stdout = false }))
   T.eq(p:wait(5000), 0)

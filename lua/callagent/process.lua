@@ -87,9 +87,15 @@ local function queued(self, stream, max, max_bytes)
   self._queued_bytes[stream] = 0
   return function(line)
     local bytes = self._queued_bytes[stream] + #line
-    if bytes <= max_bytes and q:push(line) then
-      self._queued_bytes[stream] = bytes
-    else
+    if bytes > max_bytes then
+      self.dropped = self.dropped + 1
+      return
+    end
+    -- Counted before the push: a read_line waiting takes the line inside it,
+    -- and gives its bytes back there.
+    self._queued_bytes[stream] = bytes
+    if not q:push(line) then
+      self._queued_bytes[stream] = self._queued_bytes[stream] - #line
       self.dropped = self.dropped + 1
     end
   end
