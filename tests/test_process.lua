@@ -685,6 +685,101 @@ T.test("kill_on_exit: what a completed child left in its group holding no pipes 
   wait_gone(pid)
 end)
 
+-- A kept group that empties, whose id then goes to a process of someone
+-- else's leading a group of its own. Made deterministic in a pid namespace
+-- of the test's own (unshare, as an unprivileged user too), where
+-- /proc/sys/kernel/ns_last_pid gives the next process that id; where
+-- namespaces cannot be made (unprivileged user namespaces off) it is
+-- skipped, with a "# skipped" line.
+local function reused_group_id(kill_first)
+  if not os.execute("unshare --user --map-root-user --pid --fork --mount-proc true >/dev/null 2>&1") then
+    T.diag("skipped: unshare cannot make a user and pid namespace here")
+    return nil
+  end
+  local dir = T.tmpdir()
+  local f = assert(io.open(dir .. "/child.lua", "w"))
+  f:write(string.format([[
+local process = require "callagent.process"
+local timer = require "callagent.timer"
+local dir, kill_first = %q, %s
+local function gone(pid)
+  local f = io.open("/proc/" .. pid .. "/stat")
+  if f then f:close() end
+  return f == nil
+end
+require("callagent.task").spawn(function()
+  -- The child leaves a member in its group, holding none of its pipes, and completes.
+  local p = assert(process.spawn({ "sh", "-c", "sleep 100 >/dev/null 2>&1 & echo $!" }))
+  local member = assert(p:read_line(5000))
+  assert(p:wait(5000) == 0)
+  -- The member ends and is reaped (by sh, this namespace's init): the group's id is free.
+  os.execute("kill -9 " .. member)
+  for _ = 1, 300 do
+    if gone(member) then break end
+    timer.sleep(10)
+  end
+  assert(gone(member), "the member reaped")
+  -- That id again, for a process not of process.spawn's that leads a group of its own.
+  -- (os.execute: no child of process.spawn completes meanwhile, whose completion prunes the kept groups.)
+  assert(os.execute("echo " .. (p.pid - 1) .. " > /proc/sys/kernel/ns_last_pid; " ..
+    "setsid sh -c 'trap \"echo term > " .. dir .. "/got; exit\" TERM; echo $$ > " .. dir .. "/ready; " ..
+    "while :; do sleep 0.05; done' >/dev/null 2>&1 &"))
+  local other
+  for _ = 1, 300 do
+    local f = io.open(dir .. "/ready")
+    other = f and tonumber(f:read("l"))
+    if f then f:close() end
+    if other then break end
+    timer.sleep(10)
+  end
+  print(other == p.pid and "reused" or ("not reused: " .. tostring(other) .. " for " .. p.pid))
+  if kill_first then
+    local ok, err = p:kill()
+    print(ok and "kill: true" or "kill: " .. err:match("^%%u+"))
+    timer.sleep(200)
+  end
+  local g = io.open(dir .. "/got")
+  print(g and "the other group got SIGTERM" or "the other group untouched")
+  if g then g:close() end
+  require("callagent.core").stop(0)
+end)
+]], dir, tostring(kill_first)))
+  f:close()
+  local out, err = {}, {}
+  local p = assert(process.spawn({ "unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount-proc",
+    "sh", "-c", '"$0" run "$1"; exit $?', T.bin, dir .. "/child.lua",
+    on_stdout = function(l)
+      out[#out + 1] = l
+    end,
+    on_stderr = function(l)
+      err[#err + 1] = l
+    end }))
+  T.eq(p:wait(10000), 0, table.concat(err, "\n"))
+  -- At the namespace's end its processes are SIGKILLed: a SIGTERM in got came from callagent.
+  local g = io.open(dir .. "/got")
+  if g then
+    g:close()
+  end
+  return out, g ~= nil, table.concat(err, "\n")
+end
+
+T.test("a kept group whose id a process of someone else's now has (it emptied first) gets no p:kill: ESRCH", function()
+  local out, got = reused_group_id(true)
+  if out then
+    T.eq(out, { "reused", "kill: ESRCH", "the other group untouched" })
+    T.eq(got, false, "no SIGTERM at callagent's exit either")
+  end
+end)
+
+T.test("kill_on_exit: a kept group whose id a process of someone else's now has gets no SIGTERM at callagent's exit", function()
+  local out, got, err = reused_group_id(false)
+  if out then
+    T.eq(out, { "reused", "the other group untouched" })
+    T.eq(got, false, "the process leading the other group got no SIGTERM")
+    T.no_match(err, "SIGKILL")
+  end
+end)
+
 T.test("kill_on_exit: a child of callagent gets SIGTERM when callagent exits", function()
   local pid, code, err = child_callagent([[
     local process = require "callagent.process"
