@@ -598,6 +598,7 @@ static const char *reason_phrase(int status)
 	case 301: return "Moved Permanently";
 	case 302: return "Found";
 	case 303: return "See Other";
+	case 305: return "Use Proxy";
 	case 307: return "Temporary Redirect";
 	case 308: return "Permanent Redirect";
 	case 421: return "Misdirected Request";

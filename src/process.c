@@ -71,6 +71,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <signal.h>
 #include <stdio.h>
 #include <sys/prctl.h>
@@ -937,7 +938,8 @@ int ca__pdeathsig_main(int argc, char **argv)
 	parent = strtol(argv[2], NULL, 10);
 	sig = strtol(argv[3], NULL, 10);
 	fd = strtol(argv[4], NULL, 10);
-	if (fd >= 0 && fcntl((int)fd, F_SETFD, FD_CLOEXEC) != 0)
+	/* Never one of the program's stdio (a hand-made command line). */
+	if (fd < 3 || fd > INT_MAX || fcntl((int)fd, F_SETFD, FD_CLOEXEC) != 0)
 		fd = -1;
 	if (prctl(PR_SET_PDEATHSIG, (unsigned long)sig) != 0 || getppid() != (pid_t)parent)
 		return 127;
