@@ -275,6 +275,21 @@ T.test("a token changed after start (app.config.notify) and refused: a start wit
   T.eq(store.db:rows("SELECT sent FROM notifications")[1].sent, 1, "delivered")
 end)
 
+-- A receiver that moved: its /new/agent answers 200 and keeps each
+-- request's Authorization in got.
+local function moved_receiver(got)
+  local moved = http.server({})
+  moved:post("/new/agent", function(req)
+    got[#got + 1] = req.headers.authorization
+    return 200, { ok = true }
+  end)
+  assert(moved:listen())
+  T.defer(function()
+    moved:close()
+  end)
+  return moved
+end
+
 T.test("hooksUrl and hooksToken changed between two tries (app.config.notify): the retry goes to the new address with the new token, the old one gets neither", function()
   -- The receiver moved, and its token with it: a retry that kept the first
   -- try's address sent the new token there.
@@ -283,15 +298,7 @@ T.test("hooksUrl and hooksToken changed between two tries (app.config.notify): t
     old_got[#old_got + 1] = req.headers.authorization
     return 503, { error = "moving" }
   end)
-  local moved = http.server({})
-  moved:post("/new/agent", function(req)
-    new_got[#new_got + 1] = req.headers.authorization
-    return 200, { ok = true }
-  end)
-  assert(moved:listen())
-  T.defer(function()
-    moved:close()
-  end)
+  local moved = moved_receiver(new_got)
   assert(store:add_notification("c_1:completed", "c_1", "{}"))
   n:send("c_1:completed", "{}")
   T.wait_for(function()
@@ -310,15 +317,7 @@ T.test("app.config.notify replaced by a new table after start: the call's notifi
   local kit = require "callkit"
   local env = kit.start({ twilio = { behaviour = "busy" }, config = { retry = { maxAttempts = 1 } } })
   local got = {}
-  local moved = http.server({})
-  moved:post("/new/agent", function(req)
-    got[#got + 1] = req.headers.authorization
-    return 200, { ok = true }
-  end)
-  assert(moved:listen())
-  T.defer(function()
-    moved:close()
-  end)
+  local moved = moved_receiver(got)
   env.app.config.notify = { hooksUrl = moved:url("/new"), hooksToken = "the-new-token" }
   local id = env:create({ to = "+14155550103", prompt = "Say hello." })
   env:wait_final(id, 10000)
