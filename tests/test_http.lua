@@ -665,9 +665,9 @@ T.test("a handler's Content-Length, Transfer-Encoding and Connection are the ser
   T.match(out, "\r\n\r\nchunkHTTP/1%.1 204 ")
 end)
 
-T.test("status lines carry RFC 9110's reason phrase (204 No Content, not lws' empty one); a 204 keeps no Content-Length of the handler's", function()
+T.test("status lines carry RFC 9110's reason phrase (204 No Content, not lws' empty one; 305 Use Proxy, not lws' Redirect); a 204 keeps no Content-Length of the handler's", function()
   local srv = server({}, function(s)
-    for _, st in ipairs({ 204, 201, 301, 422 }) do
+    for _, st in ipairs({ 204, 201, 301, 305, 422 }) do
       s:get("/" .. st, function()
         return st, "", { ["Content-Length"] = "0", ["X-Mine"] = "kept" }
       end)
@@ -677,20 +677,21 @@ T.test("status lines carry RFC 9110's reason phrase (204 No Content, not lws' em
     "GET /204 HTTP/1.1\r\nHost: x\r\n\r\n",
     "GET /201 HTTP/1.1\r\nHost: x\r\n\r\n",
     "GET /301 HTTP/1.1\r\nHost: x\r\n\r\n",
+    "GET /305 HTTP/1.1\r\nHost: x\r\n\r\n",
     "GET /422 HTTP/1.0\r\nHost: x\r\n\r\n",
   })
   local heads = {}
   for head in out:gmatch("HTTP/1%.%d .-\r\n\r\n") do
     heads[#heads + 1] = head
   end
-  T.eq(#heads, 4, out)
+  T.eq(#heads, 5, out)
   local lines = {}
   for i, head in ipairs(heads) do
     lines[i] = head:match("^(.-)\r\n")
     T.match(head, "\r\nx%-mine: kept\r\n", "the headers after the status line intact: " .. lines[i])
   end
   T.eq(lines, { "HTTP/1.1 204 No Content", "HTTP/1.1 201 Created", "HTTP/1.1 301 Moved Permanently",
-    "HTTP/1.0 422 Unprocessable Content" })
+    "HTTP/1.1 305 Use Proxy", "HTTP/1.0 422 Unprocessable Content" })
   T.no_match(heads[1]:lower(), "content%-length", "a 204 has no Content-Length (RFC 9110 8.6), not even the handler's")
   T.match(heads[2]:lower(), "\r\ncontent%-length: 0\r\n", "a 201: the server's own, once")
   T.eq(select(2, heads[2]:lower():gsub("content%-length", "")), 1)

@@ -982,4 +982,16 @@ T.test("kill_on_exit = false leaves the child running after callagent exits", fu
   T.eq(pid_gone(pid), false, "sleep still running")
 end)
 
+T.test("the --pdeathsig wrapper given one of the program's stdio as ERRFD leaves it open: the program writes to it", function()
+  local bin = assert(os.getenv("CALLAGENT_BIN"), "the runner sets CALLAGENT_BIN")
+  local pid = tostring(require("callagent.runtime").pid())
+  -- ERRFD 1 made close-on-exec: echo had no stdout ("write error").
+  local m = run({ bin, "--pdeathsig", pid, "15", "1", "echo", "echo", "hi" })
+  T.eq({ m.code, m.out, m.err }, { 0, { "hi" }, {} })
+  -- ERRFD 2 given the exec's errno as raw bytes: the message is told on stderr instead.
+  m = run({ bin, "--pdeathsig", pid, "15", "2", "no-such-program-callagent-test", "x" })
+  T.eq(m.code, 127)
+  T.eq(m.err, { "callagent: cannot start no-such-program-callagent-test: No such file or directory" })
+end)
+
 T.run()
