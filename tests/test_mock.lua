@@ -21,6 +21,20 @@ local function start(extra)
   return T.started_app(cfg, { no_shutdown_hook = true })
 end
 
+-- start() with a fake model (fakes.realtime, with opts: its script) for the
+-- calls' sessions, closed at the test's end: the app, and the fake model.
+local function start_with_model(opts)
+  local rt_opts = { api_key = "sk-mock-test-model-key-0123456789abcdef" }
+  for k, v in pairs(opts or {}) do
+    rt_opts[k] = v
+  end
+  local rt = assert(require("fakes.realtime").start(rt_opts))
+  T.defer(function()
+    rt:close()
+  end)
+  return start({ openai = { apiKey = rt.api_key, realtimeUrl = rt.url } }), rt
+end
+
 T.test("POST /status and /voice are refused for mock calls and change nothing", function()
   local app = start()
   local res = assert(fetch(app.url .. "/v1/calls", {
@@ -394,11 +408,7 @@ end)
 T.test("a mock call answered whose page never connects its audio fails no_stream, and lastError says so", function()
   -- The mock phone reports its end inside endCall, before the engine's own
   -- ending: the reason why came second, and the record had no lastError.
-  local rt = assert(require("fakes.realtime").start({ api_key = "sk-mock-test-model-key-0123456789abcdef" }))
-  T.defer(function()
-    rt:close()
-  end)
-  local app = start({ openai = { apiKey = rt.api_key, realtimeUrl = rt.url } })
+  local app = start_with_model()
   local id = assert(app:create_call({ to = "+15555550102", prompt = "Test." })).callId
   T.eq(post(app, "/mock/api/answer", { callId = id, token = link_token(app.engine:call_view(id).hint) }), 200)
   local v
@@ -412,14 +422,9 @@ end, { timeout = 30000 })
 
 T.test("a mock page that lost its microphone mid-call hangs up with reason microphone_lost: the call ends at once, "
   .. "its lastError says why", function()
-  local rt = assert(require("fakes.realtime").start({ api_key = "sk-mock-test-model-key-0123456789abcdef",
-    script = function(s)
-      s:wait_event("response.create", 20000)
-    end }))
-  T.defer(function()
-    rt:close()
-  end)
-  local app = start({ openai = { apiKey = rt.api_key, realtimeUrl = rt.url } })
+  local app, rt = start_with_model({ script = function(s)
+    s:wait_event("response.create", 20000)
+  end })
   local id = assert(app:create_call({ to = "+15555550103", prompt = "Test." })).callId
   local p = assert(require("phone").answer(app.engine:call_view(id).hint))
   T.wait_for(function()
@@ -440,11 +445,7 @@ end)
 
 T.test("a mock page's microphone_lost hang-up of a call answered whose stream has not started is as any hang-up "
   .. "of the page: completed, callee_hung_up, no lastError", function()
-  local rt = assert(require("fakes.realtime").start({ api_key = "sk-mock-test-model-key-0123456789abcdef" }))
-  T.defer(function()
-    rt:close()
-  end)
-  local app = start({ openai = { apiKey = rt.api_key, realtimeUrl = rt.url } })
+  local app = start_with_model()
   local id = assert(app:create_call({ to = "+15555550103", prompt = "Test." })).callId
   local status, a = post(app, "/mock/api/answer", { callId = id, token = link_token(app.engine:call_view(id).hint) })
   T.eq(status, 200)
@@ -459,11 +460,7 @@ end)
 
 T.test("a mock page left before its answer's reply hangs up by its link and page id: its own answer is hung up, "
   .. "another page's is not", function()
-  local rt = assert(require("fakes.realtime").start({ api_key = "sk-mock-test-model-key-0123456789abcdef" }))
-  T.defer(function()
-    rt:close()
-  end)
-  local app = start({ openai = { apiKey = rt.api_key, realtimeUrl = rt.url } })
+  local app = start_with_model()
   local a = assert(app:create_call({ to = "+15555550104", prompt = "Test." })).callId
   local b = assert(app:create_call({ to = "+15555550105", prompt = "Test." })).callId
   local ta = link_token(app.engine:call_view(a).hint)
@@ -490,11 +487,7 @@ end)
 
 T.test("a mock answer or hang-up by link whose page id is not 1-64 letters, digits, - or _ is refused 400 naming page, "
   .. "and answers nothing", function()
-  local rt = assert(require("fakes.realtime").start({ api_key = "sk-mock-test-model-key-0123456789abcdef" }))
-  T.defer(function()
-    rt:close()
-  end)
-  local app = start({ openai = { apiKey = rt.api_key, realtimeUrl = rt.url } })
+  local app = start_with_model()
   local a = assert(app:create_call({ to = "+15555550106", prompt = "Test." })).callId
   local ta = link_token(app.engine:call_view(a).hint)
   local bad = { 5, true, {}, "", string.rep("a", 65), "p 1", "p\"1" }

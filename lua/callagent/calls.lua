@@ -952,14 +952,16 @@ end
 
 -- Hangs up attempt a at the vendor from a task of its own; a failure is
 -- logged, and then on_failed() runs (may be nil).
-function Engine:_end_in_task(id, a, on_failed)
+function Engine:_end_in_task(id, a, on_failed, on_ended)
   task.spawn(function()
-    local ok, err = self:_provider_end(self:call_view(id) or { callId = id }, a)
+    local ok, err, how = self:_provider_end(self:call_view(id) or { callId = id }, a)
     if not ok then
       log.warn("provider hang-up failed", { call = id, attempt = a.n, error = err })
       if on_failed then
         on_failed()
       end
+    elseif on_ended then
+      on_ended(how)
     end
   end)
 end
@@ -971,22 +973,19 @@ end
 -- ringing here, in progress (_answered_at_cancel), as the pause's, the
 -- stop's and the API's cancels do.
 function Engine:_cancel_in_task(id, a, wanted)
-  task.spawn(function()
-    local ok, err, how = self:_provider_end(self:call_view(id) or { callId = id }, a)
-    if not ok then
-      log.warn("provider hang-up failed", { call = id, attempt = a.n, error = err })
-      return self:_cancel_retrying(id, a, wanted)
-    end
-    self:_cancel_answered(id, a, how)
+  self:_end_in_task(id, a, function()
+    self:_cancel_retrying(id, a, wanted)
+  end, function(how)
+    self:_cancel_answered(id, a.n, how)
   end)
 end
 
--- The vendor's answer to a cancel of attempt a of call id (how: endCall's
--- third value) says the callee had answered: see _cancel_in_task.
-function Engine:_cancel_answered(id, a, how)
+-- The vendor's answer to a cancel of attempt n of call id (how: endCall's
+-- third value), when it says the callee had answered: _answered_at_cancel.
+function Engine:_cancel_answered(id, n, how)
   local call = self.live[id]
   if call and type(how) == "table" and how.answered and not self.closed then
-    self:_answered_at_cancel(call, a.n)
+    self:_answered_at_cancel(call, n)
   end
 end
 
@@ -1004,7 +1003,7 @@ function Engine:_cancel_retrying(id, a, wanted)
       local ok, err, how = self:_provider_end(self:call_view(id) or { callId = id }, a)
       if ok then
         log.info("provider hang-up done on a later try", { call = id, attempt = a.n, try = i + 1 })
-        return self:_cancel_answered(id, a, how)
+        return self:_cancel_answered(id, a.n, how)
       end
       log.warn("provider hang-up failed", { call = id, attempt = a.n, try = i + 1, error = err })
     end
@@ -1822,10 +1821,10 @@ function Engine:_hangup_attempt(call, n, a)
   if self.closed then
     return true, ok -- app:stop() closed the store meanwhile: the next start resolves the call
   end
-  if ok and type(how) == "table" and how.answered then
-    -- The cancel came after the answer: the callee is on the line, and is
+  if ok then
+    -- A cancel that came after the answer: the callee is on the line, and is
     -- hung up as answered below.
-    self:_answered_at_cancel(call, n)
+    self:_cancel_answered(id, n, how)
   end
   if a and a.status == "dialing" then
     if not ok then
@@ -2105,16 +2104,11 @@ function Engine:shutdown(deadline_ms)
       if ok and type(how) == "table" and how.ended then
         entry.ended_there = true -- over before the cancel (_end_hung_up)
       end
-      if ok and entry.ringing and type(how) == "table" and how.answered then
+      if ok and entry.ringing then
         -- Answered before the cancel came, its answered status not come
         -- (Twilio's cancel leaves the call up and says so): hung up as
         -- answered below, not queued again.
-        local call = self.live[entry[1].callId]
-        if call and not self.closed then
-          self:_answered_at_cancel(call, entry[2].n)
-        end
-      end
-      if ok and entry.ringing then
+        self:_cancel_answered(entry[1].callId, entry[2].n, how)
         self:_rang_at_stop(entry)
       end
       entry.hung_up = ok

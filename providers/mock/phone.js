@@ -379,16 +379,22 @@ function fail(text, banner) {
   setState("error", banner || "The call could not be answered.");
 }
 
-// reason: "microphone_lost" (micLost), or none. Keepalive: a page closed
-// right after (the tab shut as the answer's reply came) still hangs up.
-function postHangup(reason) {
-  if (!call.session) return Promise.resolve();
+// POST /mock/api/hangup of this call, with fields (its session, or its
+// link's token and this page's id). Keepalive: a page closed right after
+// (the tab shut as the answer's reply came) still hangs up.
+function sendHangup(fields) {
   return fetch("/mock/api/hangup", {
     method: "POST",
     headers: { "Content-Type": "application/json" },
-    body: JSON.stringify({ callId: call.id, session: call.session, reason }),
+    body: JSON.stringify({ callId: call.id, ...fields }),
     keepalive: true,
   }).catch((e) => noteError("hangup: " + e.message));
+}
+
+// reason: "microphone_lost" (micLost), or none.
+function postHangup(reason) {
+  if (!call.session) return Promise.resolve();
+  return sendHangup({ session: call.session, reason });
 }
 
 // Microphone and audio ------------------------------------------------------------
@@ -1176,12 +1182,7 @@ function leavePage() {
     stopStream("page closed");
     postHangup();
   } else if (answering) {
-    fetch("/mock/api/hangup", {
-      method: "POST",
-      headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ callId: call.id, token: call.token, page: PAGE_ID }),
-      keepalive: true,
-    }).catch((e) => noteError("hangup: " + e.message));
+    sendHangup({ token: call.token, page: PAGE_ID });
   }
   if (!wasFinished) setState("ended", "Call ended: you left the page.");
 }
