@@ -478,6 +478,27 @@ T.test("lines handed straight to a waiting read_line count nothing against max_q
   T.eq(p:wait(5000), 0)
 end)
 
+T.test("max_queued_bytes = 0 keeps no line waiting, yet a read_line waiting gets each line, as max_queued = 0 does", function()
+  for _, cap in ipairs({ "max_queued_bytes", "max_queued" }) do
+    local p = assert(process.spawn({ "/bin/sh", "-c", "echo first; read x; echo second; read x; echo third",
+      stdin = true, [cap] = 0 }))
+    T.eq(p:read_line(2000), "first", cap .. ": read_line waits before the line comes")
+    p:write("\n")
+    T.eq(p:read_line(2000), "second", cap)
+    p:write("\n")
+    T.wait_for(function()
+      return p.dropped == 1
+    end, 2000, cap .. ": third dropped, as nobody waits for it")
+    T.eq(select(2, p:read_line(2000)), "EOF", cap)
+    T.eq(p:wait(2000), 0)
+  end
+  -- A line longer than the cap, with read_line waiting for it, is read too.
+  local p = assert(process.spawn({ "echo", "0123456789", max_queued_bytes = 4 }))
+  T.eq(p:read_line(2000), "0123456789")
+  T.eq(p.dropped, 0)
+  T.eq(p:wait(2000), 0)
+end)
+
 T.test("on_stdout = false discards the output", function()
   local p = assert(process.spawn({ "seq", "1", "100000", on_stdout = false }))
   T.eq(p:wait(5000), 0)

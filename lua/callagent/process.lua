@@ -57,7 +57,10 @@
 --   p:lines([stream])          iterator over read_line: for line in p:lines() do ... end
 --   p.dropped                  lines dropped because max_queued lines, or max_queued_bytes
 --                              bytes with this line, were waiting to be read (a line is
---                              counted until read_line returns it; newlines are not)
+--                              counted until read_line returns it; newlines are not); a
+--                              line that comes while read_line waits is never dropped:
+--                              it waits nowhere (so 0 for either keeps no line waiting
+--                              and still gives a waiting read_line each)
 --   p.code, p.signal, p.done   the outcome, once complete
 --
 -- A process keeps running, with its callbacks, when its object is no longer
@@ -86,18 +89,19 @@ local function queued(self, stream, max, max_bytes)
   self._queues[stream] = q
   self._queued_bytes[stream] = 0
   return function(line)
+    if q:waiting() > 0 then
+      -- A read_line waits (so nothing else does): the line is its at once,
+      -- waits nowhere, and counts against neither cap, as max_queued's
+      -- queue hands it over too, even with max_queued = 0.
+      q:push(line)
+      return
+    end
     local bytes = self._queued_bytes[stream] + #line
-    if bytes > max_bytes then
+    if bytes > max_bytes or not q:push(line) then
       self.dropped = self.dropped + 1
       return
     end
-    -- Counted before the push: a read_line waiting takes the line inside it,
-    -- and gives its bytes back there.
     self._queued_bytes[stream] = bytes
-    if not q:push(line) then
-      self._queued_bytes[stream] = self._queued_bytes[stream] - #line
-      self.dropped = self.dropped + 1
-    end
   end
 end
 
@@ -191,8 +195,11 @@ function Process:read_line(timeout_ms, stream)
   if not q then
     error("read_line(" .. stream .. "): the process was spawned with on_" .. stream, 2)
   end
+  -- A line that waited gives its bytes back; one handed to this read_line
+  -- while it waited was never counted.
+  local waited = #q > 0
   local line, err = q:pop(timeout_ms)
-  if line ~= nil then
+  if waited then
     self._queued_bytes[stream] = self._queued_bytes[stream] - #line
   end
   if line == nil and err == "ECLOSED" then

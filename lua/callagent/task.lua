@@ -17,7 +17,8 @@
 --                              the wake function, or entry with entry.wake set
 --   task.running()             the current task's coroutine, or nil on the main thread
 --   task.queue([max])          FIFO between tasks: q:push(v), q:pop([timeout_ms])
---                              (nil, "ETIMEDOUT" / nil, "ECLOSED"), q:close(), #q
+--                              (nil, "ETIMEDOUT" / nil, "ECLOSED"), q:close(), #q,
+--                              q:waiting() (pops waiting: the next push is theirs)
 --   task.all(fns)              inside a task: run fns concurrently, wait for all,
 --                              return their first results in order; one that
 --                              raises is done too, its result nil and its error
@@ -189,6 +190,12 @@ function Queue:pop(timeout_ms)
     return nil, "ECLOSED"
   end
   return M.wait_in(self.waiters, timeout_ms)
+end
+
+--- How many pops wait: while any does, a push hands its value to the first
+-- of them, whatever max, and the queue stays empty.
+function Queue:waiting()
+  return #self.waiters
 end
 
 --- Closes the queue: waiting pops get nil, "ECLOSED"; items already in it can
