@@ -984,12 +984,14 @@ end)
 end)
 
 -- A Twilio app with its own shutdown hook (a signal stops it), a sqlite
--- store at DB and the tunnel of TUNNEL (timeoutSec 20). It prints start()'s
--- outcome; a failed start exits 3 unless the program is stopping anyway.
+-- store at DB and the tunnel of TUNNEL (timeoutSec 20), runtime.grace_ms
+-- GRACE_MS if set. It prints start()'s outcome; a failed start exits 3
+-- unless the program is stopping anyway.
 local SIGNAL_APP = [[
 local callagent = require "callagent"
 local task = require "callagent.task"
 local runtime = require "callagent.runtime"
+runtime.grace_ms = tonumber(os.getenv("GRACE_MS")) or runtime.grace_ms
 local app = assert(callagent.app({
   telephony = { provider = "twilio" },
   server = { port = 0 },
@@ -1064,6 +1066,42 @@ T.test("SIGTERM while `tailscale funnel --bg` hangs after publishing: the CLI is
   T.match(log[3] or "", "^funnel %-%-bg %d+$")
   T.eq({ log[1], log[2], log[4], log[5], log[6], log[7] },
     { "status --json", "exit 0", "published", "funnel --https=443 off", "exit 0" }, table.concat(log, " | "))
+end)
+
+-- SIGTERM to a ready SIGNAL_APP whose runtime.grace_ms is 1 s, a tunnel
+-- slow to close: its exit status, how long it took to exit, the process.
+local function slow_close_stop(env)
+  local timer = require "callagent.timer"
+  local p = ready_tunnel_app(SIGNAL_APP, T.with(env, { GRACE_MS = "1000", DB = T.tmpdir() .. "/calls.db" })).p
+  local t0 = timer.now()
+  T.ok(p:kill("SIGTERM"))
+  local code = p:wait(15000)
+  T.eq(code, 0, "the exit status of a signal's stop; stderr: " .. p.errtext())
+  -- The bounds leave a loaded ASan run room; the tools would take 8 s.
+  T.lt(timer.now() - t0, 1800, "the program exited within runtime.grace_ms")
+  T.no_match(p.errtext(), "still running after grace period", "the stop ended within the grace on its own")
+  return p
+end
+
+T.test("a `tailscale funnel off` slower than the stop's grace is left to finish at its end, with a warning", function()
+  local dir = T.tmpdir()
+  local tslog = dir .. "/tailscale.log"
+  local p = slow_close_stop(app_env(bindir({ "tailscale" }), dir .. "/ngrok.log",
+    { FAKE_TAILSCALE_OFF_DELAY = "8", FAKE_TAILSCALE_LOG = tslog, TUNNEL = "tailscale" }))
+  T.match(p.errtext(), "WARN tunnel: `tailscale funnel %-%-https=443 off` is still running after %d+ ms: left to finish")
+  T.match(p.errtext(), "INFO tunnel closed provider=tailscale")
+  local log = read_lines(tslog)
+  T.eq({ log[#log - 1], log[#log] }, { "funnel --https=443 off", "off waits 8 s" }, "the off runs on, not killed")
+end)
+
+T.test("an ngrok slower to exit than the stop's grace is killed at its end, with a warning", function()
+  local dir = T.tmpdir()
+  local logfile = dir .. "/ngrok.log"
+  local p = slow_close_stop(app_env(bindir({ "ngrok" }), logfile, { FAKE_NGROK_STOP_MS = "8000", TUNNEL = "ngrok" }))
+  T.match(p.errtext(), "WARN tunnel: ngrok had not exited %d+ ms after SIGTERM: killed %(SIGKILL%)")
+  local pid = grep(read_lines(logfile), "^start pid=(%d+) ")
+  T.eq(grep(read_lines(logfile), "^end pid=" .. pid .. " signal=(%S+)$"), "SIGTERM", "ngrok had its SIGTERM first")
+  T.ok(pid_gone(tonumber(pid)), "no ngrok process is left")
 end)
 
 T.test("app:start() outside a task is refused at once, before anything listens", function()

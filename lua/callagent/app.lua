@@ -648,6 +648,11 @@ local SERVER_DRAIN_MS = 1000
 -- tunnel, for closing the rest (the store) within the grace.
 local TUNNEL_RESERVE_MS = 3000
 local CLOSE_RESERVE_MS = 1000
+-- The tunnel's close ends this long before the grace does (the runtime ends
+-- the program there), so that the stop itself ends within the grace, its
+-- warnings logged: a tool slower than its share (`tailscale funnel ...
+-- off` may take 5 s) is given up, not waited for past the grace.
+local END_MARGIN_MS = 100
 -- A stop's grace (runtime.grace_ms, 10 s) is split in turns, each ending by
 -- its own deadline so that none takes the next one's share: the hang-ups
 -- (what is left: 5 s; at least 1 s), the server's drain (at most
@@ -815,9 +820,9 @@ function App:stop()
   end
   -- Last: inside a task its close waits for ngrok to exit or for `tailscale
   -- funnel ... off` (seconds at worst), which would otherwise push the
-  -- store's close past the grace period.
+  -- store's close past the grace period; until the grace's end at most.
   if self.tunnel then
-    self.tunnel:close()
+    self.tunnel:close(math.max(0, stop_at + runtime.grace_ms - END_MARGIN_MS - timer.now()))
   end
   -- A start under way closes what it opened (the tunnel too) before it
   -- returns: inside a task, that is waited for (within the grace), or a

@@ -18,8 +18,11 @@
 --   t.url        "https://abcd.ngrok-free.app": no trailing slash, exactly the
 --                base URL the vendor calls (and signs requests for)
 --   t.provider   "ngrok" or "tailscale"
---   t:close()    takes the tunnel down; idempotent; inside a task it waits
---                (a few seconds at most) until that is done
+--   t:close([ms]) takes the tunnel down; idempotent; inside a task it waits
+--                (a few seconds at most, ms when less) until that is done:
+--                an ngrok still running then is killed (SIGKILL), a
+--                `tailscale funnel --https=443 off` left to finish, each with
+--                a warning
 --
 -- cfg (the config's tunnel section): provider "auto" | "ngrok" | "tailscale" |
 -- "none", timeoutSec (default 20), ngrokApiUrl (default "http://127.0.0.1:4040").
@@ -29,16 +32,18 @@
 -- tunnel whose config.addr is our port. <api> is the web address ngrok logs
 -- ("starting web service", so a second ngrok on 4041 is found too), else
 -- ngrokApiUrl. The ngrok process lives as long as the tunnel; close() sends it
--- SIGTERM. Any failure kills it.
+-- SIGTERM, and SIGKILL after STOP_MS (ms, when close(ms) gives less). Any
+-- failure kills it.
 --
 -- tailscale: `tailscale status --json` must show BackendState "Running";
 -- then `tailscale funnel --bg <port>` (exit 0) publishes the port on
 -- https://<Self.DNSName> (port 443). close() runs `tailscale funnel
 -- --https=443 off`, the command the CLI itself prints to undo --bg (`funnel
 -- <port> off` is refused as the pre-1.52 syntax; `funnel reset` would also
--- drop the user's other serve/funnel settings); it waits OFF_MS for it, then
--- leaves it to finish. A `funnel --bg` stopped at tunnel.timeoutSec is
--- followed by the same `off`: it may have published the port before it hung.
+-- drop the user's other serve/funnel settings); it waits OFF_MS for it (ms,
+-- when close(ms) gives less), then leaves it to finish. A `funnel --bg`
+-- stopped at tunnel.timeoutSec is followed by the same `off`: it may have
+-- published the port before it hung.
 --
 -- auto: ngrok if installed, else tailscale; when the first fails for another
 -- reason, the other is tried too, in what is left of timeoutSec. Errors are one line starting "tunnel: ",
@@ -110,12 +115,12 @@ end
 local Tunnel = {}
 Tunnel.__index = Tunnel
 
-function Tunnel:close()
+function Tunnel:close(ms)
   if self.closed then
     return
   end
   self.closed = true
-  self._stop()
+  self._stop(ms)
   log.info("tunnel closed", { provider = self.provider, url = self.url })
 end
 
@@ -127,17 +132,29 @@ local function new_tunnel(provider, url, stop)
   return setmetatable({ provider = provider, url = (url:gsub("/+$", "")), closed = false, _stop = stop }, Tunnel)
 end
 
--- Ends a child: SIGTERM; inside a task waits up to STOP_MS, then SIGKILL.
-local function stop_child(p)
+-- "5 s", or "900 ms" for a time that is not whole seconds.
+local function duration(ms)
+  return ms % 1000 == 0 and string.format("%d s", ms // 1000) or string.format("%d ms", ms)
+end
+
+-- Ends a child: SIGTERM; inside a task waits up to STOP_MS (ms when less),
+-- then SIGKILL, and waits for that up to 1 s (what is left of ms). Returns
+-- how long it waited before the SIGKILL, if it sent one.
+local function stop_child(p, ms)
   if p.done then
     return
   end
   p:kill("SIGTERM")
   if task.running() then
-    local code, err = p:wait(STOP_MS)
+    local waited = math.max(1, math.floor(math.min(STOP_MS, ms or STOP_MS)))
+    local code, err = p:wait(waited)
     if code == nil and err == "ETIMEDOUT" then
       p:kill("SIGKILL")
-      p:wait(1000)
+      local left = math.min(1000, ms and ms - waited or 1000)
+      if left >= 1 then
+        p:wait(math.floor(left))
+      end
+      return waited
     end
   end
 end
@@ -367,8 +384,12 @@ local function open_ngrok(cfg, port, deadline, cancel, on_lost)
     end
     if url and not p.done then
       unhook()
-      tun = new_tunnel("ngrok", url, function()
-        stop_child(p)
+      tun = new_tunnel("ngrok", url, function(ms)
+        local waited = stop_child(p, ms)
+        if waited then
+          log.warn(string.format("tunnel: ngrok had not exited %s after SIGTERM: killed (SIGKILL)", duration(waited)),
+            { pid = p.pid })
+        end
       end)
       tun.pid = p.pid
       return tun
@@ -495,11 +516,11 @@ end
 
 local FUNNEL_OFF = { "funnel", "--https=443", "off" }
 
--- Turns the funnel off; inside a task waits for it (OFF_MS at most). One
--- that takes longer (a slow tailscaled) is left to finish, not killed: killed,
--- it could leave the funnel published after the app; detached, it outlives
--- callagent's exit too.
-local function funnel_off()
+-- Turns the funnel off; inside a task waits for it (OFF_MS at most, ms when
+-- less). One that takes longer (a slow tailscaled) is left to finish, not
+-- killed: killed, it could leave the funnel published after the app;
+-- detached, it outlives callagent's exit too.
+local function funnel_off(ms)
   local r, err = run(FUNNEL_OFF, false, { detached = true })
   if not r then
     log.warn("tunnel: cannot turn tailscale funnel off", { error = err })
@@ -508,10 +529,11 @@ local function funnel_off()
   if not task.running() then
     return
   end
-  local code, sig = r.p:wait(OFF_MS)
+  local wait = math.max(1, math.floor(math.min(OFF_MS, ms or OFF_MS)))
+  local code, sig = r.p:wait(wait)
   if code == nil and sig == "ETIMEDOUT" then
-    log.warn(string.format("tunnel: `tailscale funnel --https=443 off` is still running after %d s: left to finish; "
-      .. "if `tailscale funnel status` still shows the funnel, run that command", OFF_MS // 1000))
+    log.warn(string.format("tunnel: `tailscale funnel --https=443 off` is still running after %s: left to finish; "
+      .. "if `tailscale funnel status` still shows the funnel, run that command", duration(wait)))
   elseif code ~= 0 then
     log.warn("tunnel: `tailscale funnel --https=443 off` failed", {
       exit = exit_text(code, sig),

@@ -32,6 +32,8 @@
 --                         with a file "always" there, every run exits 1 s
 --                         (or the milliseconds the file holds) after its
 --                         tunnel is up
+--   FAKE_NGROK_STOP_MS    on SIGTERM, exits only this long after it (an ngrok slow
+--                         to close its session)
 --   FAKE_NGROK_LOG        a file that gets "start pid=N mode=M argv=...",
 --                         "tunnel pid=N url=U addr=A" and "end pid=N signal=SIGTERM"
 --                         (or "end pid=N status=1") lines
@@ -182,9 +184,16 @@ if os.getenv("FAKE_NGROK_NO_WEB_LOG") ~= "1" then
 end
 jlog({ lvl = "info", msg = "client session established", obj = "tunnels.session" })
 
+local stop_ms = tonumber(os.getenv("FAKE_NGROK_STOP_MS"))
+if stop_ms then
+  runtime.grace_ms = stop_ms + 10000
+end
 runtime.on_shutdown(function(reason)
   record("end pid=" .. pid .. " signal=" .. tostring(reason))
   srv:close()
+  if stop_ms then
+    timer.sleep(stop_ms)
+  end
 end)
 
 local control = os.getenv("FAKE_NGROK_CONTROL")
