@@ -1070,6 +1070,32 @@ T.test("a stop after the cancel of a ring the model refused (its canceled status
   T.match(rec.lastError, "^model refused the session: invalid_api_key: ")
 end, { timeout = 30000 })
 
+T.test("a stop whose cancel of a ring the model refused fails as the refusal's did: the next start ends the call failed model_error, and does not dial it again", function()
+  local env = kit.start({
+    config = { retry = { maxAttempts = 3, initialDelayMs = 100 }, openai = { apiKey = "sk-wrong-key" } },
+    twilio = { update_fail = 503, behaviour = { ring_ms = 30000 } },
+  })
+  local id = env:create({ to = "+14155550183", prompt = "Say hello." })
+  local c = assert(env.tw:wait_call(3000))
+  T.wait_for(function()
+    return c.updates[1]
+  end, 3000, "the refusal's cancel, refused")
+  env.app:stop()
+  T.eq(c.final, nil, "still ringing: every cancel refused")
+  local app2 = env:next_start()
+  local rec
+  T.wait_for(function()
+    rec = app2.engine:call_view(id)
+    return rec.status ~= "dialing"
+  end, 3000, "the interrupted call resolved")
+  timer.sleep(300)
+  T.eq(#env.tw.calls, 1, "not dialed again")
+  rec = app2.engine:call_view(id)
+  T.eq({ rec.status, rec.endReason, #rec.attempts, rec.attempts[1].status, rec.attempts[1].reason },
+    { "failed", "model_error", 1, "failed", "model_error" })
+  T.match(rec.lastError, "^model refused the session: invalid_api_key: ", "the refusal's, as it happened")
+end, { timeout = 30000 })
+
 T.test("a session taken over at the answer before its session.updated has the whole SESSION_READY_MS from the answer, as one opened then would", function()
   T.shorten(bridge_mod, "SESSION_READY_MS", 1500)
   local env = kit.start({

@@ -536,7 +536,16 @@ function Engine:warm_refused(w, why)
   a._no_retry = true
   why = error_text(why)
   call.lastError = why
-  self:_save(call, { lastError = why })
+  -- Kept with the attempt as well (one commit): should its cancel and the
+  -- stop's both fail, the next start resolves it as refused (recover,
+  -- _resolve_interrupted), not as a call to dial again.
+  local ok = self:_batch(function()
+    self:_save(call, { lastError = why })
+    self.store:update_attempt(call.id, a.n, { _modelRefused = true })
+  end)
+  if not ok then
+    call._save_failed = true -- its end is then written whole (_finish)
+  end
   self.emit("error", call.id, why)
   -- A cancel: asked again only while the call rings (a vendor's hang-up
   -- ends an answered call too, Telnyx's), and as one (a copy of the ringing
@@ -1894,6 +1903,11 @@ function Engine:_resolve_interrupted(call)
     -- callee picked up once, so this attempt is not followed by another.
     self:_mark_answered(call, n)
   end
+  -- The model refused its session while it rang, and neither the refusal's
+  -- cancel nor the stop's had taken (recover): unanswered, it ends as that
+  -- cancel would have ended it, failed (model_error, the refusal's
+  -- lastError), not retried; a dial again would ring into the same refusal.
+  local refused = call._model_refused == n and a.status == "dialing" and not a.answeredAt
   local up
   if seen and ALIVE[seen] then
     -- Still up at the vendor, but its audio had nowhere to go: end it (as
@@ -1914,10 +1928,15 @@ function Engine:_resolve_interrupted(call)
     up = { n = n, providerCallId = a.providerCallId, status = a.status }
     why = why .. " (its state unknown: hung up)"
   end
-  call._end_reason = why
-  if not call.report then
-    call.lastError = why
-    self:_save(call, { lastError = why })
+  if refused then
+    log.info("an interrupted call rang with a session the model refused: it ends failed (model_error)",
+      { call = call.id, attempt = n })
+  else
+    call._end_reason = why
+    if not call.report then
+      call.lastError = why
+      self:_save(call, { lastError = why })
+    end
   end
   -- Answered attempts end the call; unanswered ones follow the retry policy.
   local ok = self:_attempt_final(call, n, call.report and "completed" or "failed", why)
@@ -1993,6 +2012,14 @@ function Engine:recover()
       attempts[a.n] = a
     end
     call.attempts = attempts
+    local last = attempts[call.attempt]
+    if last and last._modelRefused and last.status == "dialing" and not last.answeredAt then
+      -- Ringing when the last run ended, with a session the model had
+      -- refused (warm_refused): as that run had it, in memory.
+      call._model_refused = last.n
+      call._end_reason = "model_error"
+      last._no_retry = true
+    end
     call.transcript = nil -- in the store; see call_view
     call.usage = call.usage or {}
     call.events = nil

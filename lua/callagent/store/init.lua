@@ -21,7 +21,10 @@
 --                                            the read failed; so for due_retries and
 --                                            pending_notifications)
 --   store:add_attempt(id, attempt)           store:update_attempt(id, n, fields): nil,
---                                            "ENOENT: ..." for an attempt it does not have
+--                                            "ENOENT: ..." for an attempt it does not have;
+--                                            fields may hold the engine's own (named "_...",
+--                                            _modelRefused), kept with the attempt and read
+--                                            back as any (the API never shows them)
 --   store:add_transcript(id, line)           store:add_event(id, event)
 --   store:set_retry(id, due_at)  store:clear_retry(id)  store:due_retries() -> {{call_id, due_at}}
 --   store:add_notification(key, call_id, payload) -> false when key exists
