@@ -579,6 +579,32 @@ T.test("a call Twilio's API says is up at the ring timeout is in progress, not c
   T.eq(env.tw.calls[1].updates[1] and env.tw.calls[1].updates[1].params.Status, "completed", "hung up, not canceled")
 end, { timeout = 30000 })
 
+T.test("a ring timeout's cancel the vendor answers saying the callee had answered (no getCall): in progress, not no_answer and dialed again", function()
+  -- Its answered callback is lost and its voice webhook is slow: at the
+  -- ring timeout (1 + 1 s) only the answer to the cancel (Twilio's leaves an
+  -- answered call up, and says in-progress) tells that the callee picked up.
+  local dir = kit.twilio_variant("nogetcall", "P.getCall = nil\n")
+  local env = kit.start({
+    provider_dirs = { dir },
+    twilio = { behaviour = { ring_ms = 200, lost_callbacks = { answered = true }, voice_delay_ms = 3500 } },
+    realtime = { script = quick_report },
+    config = { telephony = { provider = "nogetcall" }, retry = { maxAttempts = 2, initialDelayMs = 50 },
+      call = { ringTimeoutSec = 1, statusGraceSec = 1 } },
+  })
+  local id = env:create({ to = "+14155550127", prompt = "Say hello." })
+  local c = assert(env.tw:wait_call(3000))
+  local rec = env:wait(id, function(r)
+    return r.status ~= "dialing"
+  end, 5000, "the ring timeout")
+  T.eq({ rec.status, rec.attempts[1].status, rec.attempts[1].answeredAt ~= nil }, { "in_progress", "in_progress", true })
+  T.eq({ c.updates[1] and c.updates[1].params.Status, c.voice_request }, { "canceled", nil },
+    "on the cancel's answer, before the voice webhook came")
+  local call = env:wait_final(id, 20000)
+  T.eq({ call.status, call.report and call.report.outcome, #call.attempts }, { "completed", "success", 1 },
+    "the conversation took place")
+  T.eq(#env.tw.calls, 1, "dialed once")
+end, { timeout = 30000 })
+
 T.test("a provider whose getCall raises at the ring timeout: the attempt ends no_answer, hung up, not stuck dialing", function()
   local dir = kit.twilio_variant("raising", [[
 function P:getCall() error("vendor library bug") end

@@ -842,10 +842,31 @@ function Engine:_ring_timeout(call, n)
     return self:_attempt_final(call, n, seen, "ended " .. seen .. " (no final status callback came; the provider's API)")
   end
   log.warn("no answer and no status from the provider: giving up on this attempt", { call = call.id, attempt = n })
-  -- Ended here first: a provider may report the cancel's status from inside
-  -- its endCall (the mock phone does), which ended the attempt canceled.
-  self:_attempt_final(call, n, "no_answer", "ring timeout")
-  self:_cancel_in_task(call.id, { n = n, providerCallId = a.providerCallId, status = "dialing" })
+  -- Canceled first, and ended no_answer once the vendor answered: a cancel
+  -- it answers saying the callee had answered (Twilio's leaves an answered
+  -- call up; the answered callback lost, no getCall to ask, or the answer
+  -- came after it) makes the attempt in progress (_answered_at_cancel), not
+  -- no_answer and dialed again beside the callee on the line. A canceled
+  -- status for this cancel, even one a provider reports from inside its
+  -- endCall (the mock phone does), ends it no_answer too (_attempt_final).
+  a._rang_out = true
+  local copy = { n = n, providerCallId = a.providerCallId, status = "dialing" }
+  local ok, err, how = self:_provider_end(self:call_view(call.id) or { callId = call.id }, copy)
+  if self.closed then
+    return -- app:stop() closed the store meanwhile: the next start resolves the call
+  end
+  if ok then
+    self:_cancel_answered(call.id, n, how)
+  else
+    log.warn("provider hang-up failed", { call = call.id, attempt = n, error = err })
+  end
+  if a.status == "dialing" and call.attempt == n then
+    self:_attempt_final(call, n, "no_answer", "ring timeout")
+  end
+  if not ok then
+    -- Asked again, so that the phone stops ringing.
+    self:_cancel_retrying(call.id, copy)
+  end
 end
 
 -- Attempt n was answered, as the provider's API says (its callback lost).
@@ -1503,6 +1524,10 @@ function Engine:_attempt_final(call, n, status, reason, err)
     -- API hang-up came after the refusal (warm_refused ignores one after
     -- it): the call was being ended for the refusal already.
     status = "failed"
+  end
+  if a._rang_out and status == "canceled" and not answered and not call._cancel_requested then
+    -- The ring timeout's own cancel (_ring_timeout): no answer.
+    status, reason = "no_answer", "ring timeout"
   end
   if call._stop_cancel == n and status == "canceled" and not answered and not call._cancel_requested
     and not self.closed then
