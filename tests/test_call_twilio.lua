@@ -291,7 +291,7 @@ T.test("a failed call's callback with an ErrorCode: the attempt's reason names i
   T.eq({ call.status, call.attempts[1].reason }, { "failed", "call failed (SIP 404, Twilio error 13227)" })
 end)
 
-T.test("a stream whose start.callSid is not the attempt's call is refused, and the token stays for the call's own stream", function()
+T.test("a stream whose start.callSid is not the attempt's call, or whose callId is not the token's, is refused, and the token stays for the call's own stream", function()
   -- The token and callId alone took the call: a stream of another Twilio
   -- call (of the same account, with the token copied from a log or a
   -- TwiML bin) got the agent, and the call's own stream was refused as
@@ -323,6 +323,26 @@ T.test("a stream whose start.callSid is not the attempt's call is refused, and t
   T.eq({ kind, code, reason }, { "close", 1008, "stream of another provider call" })
   _, kind, code, reason = start(json.null)
   T.eq({ kind, code, reason }, { "close", 1008, "start without a callSid" })
+  -- The call's own callSid with another callId beside the token: refused
+  -- alike, in one WARN naming the call the token is for, never the token.
+  local log = require "callagent.log"
+  local warn, refusals = log.warn, {}
+  log.warn = function(msg, fields)
+    if msg == "media stream refused" then
+      refusals[#refusals + 1] = fields
+    end
+    return warn(msg, fields)
+  end
+  T.defer(function()
+    log.warn = warn
+  end)
+  local token = tw.twiml.stream.parameters.token
+  _, kind, code, reason = start(tw.sid, { callId = "c_someone_else", attempt = "1", token = token })
+  log.warn = warn
+  T.eq({ kind, code, reason }, { "close", 1008, "stream token belongs to another call" })
+  T.eq(#refusals, 1, "one line")
+  T.eq({ refusals[1].call, refusals[1].attempt, refusals[1].reason }, { id, 1, "stream token belongs to another call" })
+  T.lacks(json.encode(refusals[1]), token, "no stream token in the log")
   T.eq(env:get(id).status, "in_progress", "the call goes on")
   local conn
   conn, kind = start(tw.sid)

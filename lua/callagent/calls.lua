@@ -1287,33 +1287,35 @@ end
 -- (and, for a stream of another call, {call, attempt} for the refusal's log
 -- line). provider_call_id: the vendor's call the stream says it belongs to
 -- (Twilio's start.callSid, Telnyx's start.call_control_id), when the
--- provider reads one: a stream of another call than the attempt's is
--- refused, and the token stays for the attempt's own stream (a token that
--- leaked to a stream of another call, of the same account, does not take
--- the call's place).
+-- provider reads one. A stream of another call than the attempt's, by that
+-- or by the callId beside the token, is refused, and the token stays for
+-- the attempt's own stream (a token that leaked to a stream of another
+-- call, of the same account, does not take the call's place, nor keep the
+-- call's own stream out).
 function Engine:claim_stream(params, provider_call_id)
   local token = params and params.token
   local entry = token and self.tokens[token]
   if not entry then
     return nil, "unknown or already used stream token"
   end
-  -- Whatever callId it names beside the token: a start of another call
-  -- uses up no token (the call's own stream would then be refused).
-  if entry.expires >= timer.now() and provider_call_id ~= nil then
-    local call = self.live[entry.call_id]
-    local a = call and call.attempts[entry.attempt]
-    local pid = a and a.providerCallId
-    if pid and provider_call_id ~= pid then
-      -- The route logs the refusal (one line for it), naming the call.
-      return nil, "stream of another provider call", { call = entry.call_id, attempt = entry.attempt }
+  if entry.expires >= timer.now() then
+    -- The route logs the refusal (one line for it), naming the call.
+    local who = { call = entry.call_id, attempt = entry.attempt }
+    if provider_call_id ~= nil then
+      local call = self.live[entry.call_id]
+      local a = call and call.attempts[entry.attempt]
+      local pid = a and a.providerCallId
+      if pid and provider_call_id ~= pid then
+        return nil, "stream of another provider call", who -- whatever callId it names
+      end
+    end
+    if params.callId ~= entry.call_id then
+      return nil, "stream token belongs to another call", who
     end
   end
   self.tokens[token] = nil -- single use
   if entry.expires < timer.now() then
     return nil, "expired stream token"
-  end
-  if params.callId ~= entry.call_id then
-    return nil, "stream token belongs to another call"
   end
   local b = self.bridges[entry.call_id .. "#" .. entry.attempt]
   if not b or b.ended or b.stream then
