@@ -19,7 +19,7 @@
 --      (registerRoutes), signed with Ed25519. Its call and attempt: the
 --      echoed client_state (inside the signed body); one where it and the
 --      URL's query disagree, or with another client_state than ours, is
---      answered 200 and ignored; one with none counts for the query's
+--      answered 200 and ignored; one with none (or "") counts for the query's
 --      attempt only if its call_control_id is that attempt's (the query
 --      alone counts only while signatures are not checked).
 --      call.initiated -> dialing, call.answered -> in_progress, call.hangup ->
@@ -586,6 +586,7 @@ end
 -- call_control_id is the attempt's own (the route checks it): a signed
 -- webhook with no client_state at all, should Telnyx leave it out of an
 -- event (its docs show it in every one we use, but do not promise it).
+-- An empty client_state is none too: it names no call either.
 local function webhook_attempt(q, payload, signed)
   local qid, qn = q.callId, attempt_number(q.attempt)
   if type(qid) ~= "string" then
@@ -605,7 +606,7 @@ local function webhook_attempt(q, payload, signed)
     return cid, cn
   end
   if signed then
-    if (raw_cs == nil or raw_cs == json.null) and qid and qn then
+    if (raw_cs == nil or raw_cs == json.null or raw_cs == "") and qid and qn then
       return qid, qn, true
     end
     return nil, "no client_state of a call callagent placed"

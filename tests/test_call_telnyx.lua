@@ -959,6 +959,19 @@ T.test("a signed webhook without client_state counts for its URL's attempt only 
   T.eq(env:wait_final(id, 3000).status, "completed")
 end, { timeout = 30000 })
 
+T.test("a signed webhook whose client_state is empty counts as one without: for its URL's attempt only when its call_control_id is that attempt's", function()
+  -- Empty is no client_state: before, it was taken for another app's and
+  -- the call's own call.hangup was dropped.
+  local env, id, tx = streaming_call("+14155550139")
+  T.eq(post_webhook(env, id, 1, "call.hangup", { call_control_id = "v3:someone-elses-call", client_state = "",
+    hangup_cause = "normal_clearing" }), 200)
+  timer.sleep(200)
+  T.eq(env:get(id).status, "in_progress", "another call's webhook changes nothing")
+  T.eq(post_webhook(env, id, 1, "call.hangup", { call_control_id = tx.control_id, client_state = "",
+    hangup_cause = "normal_clearing" }), 200)
+  T.eq(env:wait_final(id, 3000).status, "completed")
+end, { timeout = 30000 })
+
 T.test("a signed call.answered without client_state, to the URL of a call's ended attempt, hangs up no other call", function()
   -- The call lives on (its retry waits): the engine takes a call that is
   -- up for an attempt that is over as one to hang up, so only the route's
