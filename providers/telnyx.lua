@@ -632,7 +632,9 @@ function P:registerRoutes(srv)
     local call_id, n, by_id = webhook_attempt(req.query or {}, data.payload, self.tx.validateSignature)
     if by_id then
       -- No client_state: the URL's call only if the signed call_control_id
-      -- is that attempt's (known from the dial's answer).
+      -- is that attempt's (known from the dial's answer; the store's once
+      -- the call is over, so that a late call.answered is hung up as one
+      -- with client_state is).
       local pid = self.engine:provider_call_id(call_id, n)
       local p = type(data.payload) == "table" and data.payload or {}
       if not pid or control_id(p.call_control_id) ~= pid then

@@ -798,6 +798,24 @@ T.test("hung up through the API while ringing: Telnyx's hangup cancels it; an an
 end, { timeout = 30000 })
 
 
+T.test("a signed call.answered without client_state for a call already over (canceled while ringing) is hung up as one with it is", function()
+  -- The call's record is final (no longer live): its call_control_id is
+  -- read from the store. Before, the answer was ignored, and a callee who
+  -- picked up heard silence until time_limit_secs.
+  local env = start({ behaviour = { ring_ms = 60000 }, config = { retry = { maxAttempts = 1 } } })
+  local id, tx = ringing_call(env, "+14155550140")
+  T.eq(env:api("POST", "/v1/calls/" .. id .. "/hangup"), 202)
+  T.eq(env:wait_final(id, 5000).status, "canceled")
+  local before = #env.tx.requests
+  T.eq(post_webhook(env, id, 1, "call.answered", { call_control_id = tx.control_id, client_state = false }), 200)
+  T.wait_for(function()
+    return #env.tx.requests > before
+  end, 3000, "a request to Telnyx")
+  T.eq(env.tx.requests[before + 1].path, "/v2/calls/" .. tx.control_id .. "/actions/hangup")
+  T.eq(tx.stream, nil, "no streaming_start")
+  T.eq(env:get(id).status, "canceled")
+end, { timeout = 30000 })
+
 T.test("a signed webhook of another call (its call_control_id) posted to this call's URL changes nothing", function()
   local env, id, tx = streaming_call("+14155550118")
   -- The URL's query is not signed, only the body: Telnyx's own webhook of

@@ -1427,12 +1427,25 @@ function Engine:streaming(id, n)
   return b ~= nil and b.stream ~= nil and not b.ended
 end
 
---- The vendor's id of attempt n of live call id (its providerCallId), or nil
--- (no such live call or attempt, or its id not known yet).
+--- The vendor's id of attempt n of call id (its providerCallId), or nil (no
+-- such call or attempt, its id not known yet, or the store cannot be read).
+-- A call that is over is read from the store, as _end_stray reads it.
 function Engine:provider_call_id(id, n)
-  local call = self.live[id]
-  local a = call and call.attempts[n]
-  return a and a.providerCallId or nil
+  local call = self.live[id] or self.unsaved[id]
+  if not call then
+    local err
+    call, err = store_mod.call(self.store, "get_call", id)
+    if err ~= nil then
+      log.warn("cannot read the call a callback names", { call = id, error = err })
+      return nil
+    end
+  end
+  for _, a in ipairs(call and type(call.attempts) == "table" and call.attempts or {}) do
+    if a.n == n then
+      return a.providerCallId
+    end
+  end
+  return nil
 end
 
 --- The vendor says attempt n's media stream is over (it could not start, or
