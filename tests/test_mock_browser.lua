@@ -13,6 +13,7 @@ local audio = require "callagent.audio"
 local crypto = require "callagent.crypto"
 local core = require "callagent.core"
 local task = require "callagent.task"
+local timer = require "callagent.timer"
 
 local ROOT = T.root
 local CHROMIUM = "/usr/bin/chromium"
@@ -803,6 +804,28 @@ T.test("left ringing until the ring time is up, retried at once: the page says i
     return #rt.sessions == 2
   end, 3000, "attempt 2's session")
   model_unused(rt, 2, 1)
+end, { timeout = 30000 })
+
+T.test("the page fails as it shows the ring: it declines the call as failed at once, not left ringing for the ring time",
+  function()
+  need_tools()
+  local app, rt = start_app(function() end, { call = { goodbyeTimeoutSec = 3, ringTimeoutSec = 30 },
+    retry = { maxAttempts = 1 } })
+  local view = assert(app:create_call({ to = "+14155550187", prompt = "Nobody takes it." }))
+  local t0 = timer.now()
+  local r = drive({ view.hint, callee_wav(), ROOT .. "/tests/artifacts/mock-phone-ring-fault.png", "--ring-fault",
+    "--timeout=10000" }, 20000)
+  T.eq({ r.stats.state, r.banner }, { "error", "Call ended" })
+  T.match(r.problem, "^Something went wrong on this page: injected fault")
+  -- Before, the page said "Call ended" and the call rang on for 30 s.
+  T.wait_for(function()
+    return app.engine:call_view(view.callId).status == "failed"
+  end, 3000, "the call failed")
+  T.ok(timer.now() - t0 < 15000, "well before the ring time")
+  local v = app.engine:call_view(view.callId)
+  T.eq({ v.attempts[1].status, v.attempts[1].answeredAt }, { "failed", nil })
+  T.eq({ v.status, v.endReason }, { "failed", "failed on the mock phone (asked by its link)" })
+  model_unused(rt, 1, 1)
 end, { timeout = 30000 })
 
 T.test("answered in another tab while the page rings: the page says so and disables Answer and Decline", function()

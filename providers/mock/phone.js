@@ -1187,11 +1187,33 @@ function leavePage() {
   if (!wasFinished) setState("ended", "Call ended: you left the page.");
 }
 
+// A fault of the page itself (a bug, a browser without something it uses):
+// it says so, and ends on the server what it had of the call, so that the
+// call's status agrees with the page. Answered: hung up with its session.
+// Answer pressed, the answer's reply not in: by its link's token and this
+// page's id, as when it is left. Only ringing (or opening): declined with
+// status "failed" (Decline's request): nobody can answer on this page, and
+// it must not ring on until the ring time.
 function pageFailed(e) {
+  const answering = answerClicked && !call.session && !ringEnded;
+  const ringing = !answerClicked && !ringEnded && !finished && call.id && call.token;
+  ringEnded = true;
+  stopRingCheck();
   noteError(String(e && e.stack ? e.stack : e));
   fail(`Something went wrong on this page: ${e && e.message ? e.message : e}`, "Call ended");
   releaseMicrophone();
-  postHangup();
+  if (call.session) {
+    postHangup();
+  } else if (answering) {
+    sendHangup({ token: call.token, page: PAGE_ID });
+  } else if (ringing) {
+    fetch("/mock/api/decline", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ callId: call.id, token: call.token, status: "failed" }),
+      keepalive: true,
+    }).catch((err) => noteError("decline: " + err.message));
+  }
 }
 
 main().catch(pageFailed);

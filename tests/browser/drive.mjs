@@ -75,6 +75,10 @@
 //   --answer-elsewhere  neither button: once it rings, answer it as another tab
 //                       with the same link would (POST /mock/api/answer); the
 //                       end as for --api-hangup
+//   --ring-fault        the page fails as it shows the ring (its document.title
+//                       set to "Ringing ..." throws, a bug of the page's own);
+//                       neither button; the end is the page leaving "opening"
+//                       / "ringing"
 //   --let-ring          neither button: let it ring until it stops (the ring
 //                       time); the end as for --api-hangup
 //   --forward           open URL through a TCP forward on another port (as
@@ -126,6 +130,7 @@ for (const a of process.argv.slice(2)) {
   else if (a === "--api-hangup") opts.apiHangup = true;
   else if (a === "--answer-elsewhere") opts.answerElsewhere = true;
   else if (a === "--let-ring") opts.letRing = true;
+  else if (a === "--ring-fault") opts.ringFault = true;
   else if (a === "--answer-key") opts.answerKey = true;
   else if (a === "--dial") opts.dial = true;
   else if (a === "--no-report") opts.noReport = true;
@@ -290,6 +295,21 @@ async function run() {
       );
     });
     page.on("pageerror", (e) => out.console.push(`pageerror: ${e.message}`.slice(0, 300)));
+    if (opts.ringFault) {
+      await page.addInitScript(() => {
+        const d = Object.getOwnPropertyDescriptor(Document.prototype, "title");
+        Object.defineProperty(Document.prototype, "title", {
+          configurable: true,
+          get() {
+            return d.get.call(this);
+          },
+          set(v) {
+            if (String(v).startsWith("Ringing")) throw new Error("injected fault");
+            d.set.call(this, v);
+          },
+        });
+      });
+    }
     // Counts the page's microphone requests; with --mic-delay, grants them late.
     await page.addInitScript(([ms, loseOnGrant, leave]) => {
       const leavePage = () => {
@@ -363,7 +383,7 @@ async function run() {
     const samples = [];
     const start = Date.now();
     const deadline = start + opts.timeout;
-    const watchRing = opts.apiHangup || opts.answerElsewhere || opts.letRing;
+    const watchRing = opts.apiHangup || opts.answerElsewhere || opts.letRing || opts.ringFault;
     const wantReport = !opts.noReport && !opts.denyMic && !opts.decline && !watchRing && opts.hangupAfter == null
       && opts.cutAfter == null && opts.micLostAfter == null && !opts.micLostOnGrant;
     let rang = false;
@@ -419,7 +439,7 @@ async function run() {
               callId: callIdOf(url),
               token: new URL(url).searchParams.get("t"),
             });
-          } else if (opts.letRing) {
+          } else if (opts.letRing || opts.ringFault) {
             // Nobody answers.
           } else if (opts.answerKey) await page.keyboard.press("Enter");
           else await button(page, "Answer").click();
@@ -537,7 +557,7 @@ async function run() {
     fs.mkdirSync(path.dirname(shot), { recursive: true });
     await page.screenshot({ path: shot, fullPage: true });
     if (!done) throw new Error(`the call did not end on the page within ${opts.timeout} ms (state ${last && last.stats.state})`);
-    if (!rang) throw new Error(`the page never rang (state ${last && last.stats.state})`);
+    if (!rang && !opts.ringFault) throw new Error(`the page never rang (state ${last && last.stats.state})`);
     if (out.cspViolations.length) throw new Error(`Content-Security-Policy violations: ${out.cspViolations.join("; ")}`);
     if (opts.reopen) {
       await page.goto(url, { waitUntil: "load" });
