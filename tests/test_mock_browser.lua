@@ -668,6 +668,22 @@ T.test("a model error in a call that went on, then hung up on the page: the end 
   T.match(v.lastError, "^model error: server_error: ")
 end, { timeout = 40000 })
 
+T.test("a stream closed for a fault mid-call: the problem box says the close, the end line the end reason, not the close again",
+  function()
+  need_tools()
+  local app = start_app(function(s)
+    s:speak({ ms = 8000, text = "A long story." })
+  end)
+  local view = assert(app:create_call({ to = "+14155550186", prompt = "Talk." }))
+  local r = drive({ view.hint, callee_wav(), ROOT .. "/tests/artifacts/mock-phone-stream-fault.png",
+    "--oversize-after=500", "--timeout=15000" }, 30000)
+  local v = app.engine:call_view(view.callId)
+  T.eq({ v.status, v.endReason, v.lastError }, { "failed", "stream_error", "media stream closed: message too big (1009)" })
+  T.match(r.problem, "^The audio stream closed %(1009")
+  -- Before, the end line went on: " callagent says: media stream closed: message too big (1009)".
+  T.eq(r.endText, "The call ended: Failed (its audio stream failed).")
+end, { timeout = 40000 })
+
 -- An app whose model refuses its key; connect_early: openai.connectWhileRinging.
 local function refusing_model_app(connect_early)
   return (start_app(nil, { openai = { apiKey = "sk-revoked-key-0123456789", connectWhileRinging = connect_early } }))

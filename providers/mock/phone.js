@@ -119,6 +119,7 @@ let pollTimer = null;
 let pollsAfterFinal = 0;
 let pollFailures = 0; // in a row
 let lost = false; // callagent stopped answering the page
+let faultClose = null; // the close code of a stream closed for a fault, which the problem box says
 let lastTranscriptKey = "";
 let ringTimer = null;
 let ringFailures = 0; // in a row
@@ -738,6 +739,7 @@ function onStreamClosed(e) {
     lostContact(`the audio stream broke off (1006)`);
   } else {
     const why = `The audio stream closed (${e.code}${e.reason ? ": " + e.reason : ""}).`;
+    faultClose = e.code;
     noteError(why);
     showProblem(why);
     setState("ended", "Call ended");
@@ -813,12 +815,15 @@ function render(v) {
     // Why, in callagent's words (a model that refused the key, a stream
     // that never came, a model error in a call that went on): what the
     // call's record says, not only in the log, whatever the status. Not
-    // when it is the page's own why, which its problem box says already
-    // (the microphone lost).
-    const why =
-      typeof v.lastError === "string" && v.lastError && !(v.lastErrorIsPages && !$("problem").hidden)
-        ? ` callagent says: ${v.lastError}`
-        : "";
+    // when its problem box says it already: the page's own why (the
+    // microphone lost), or the close of a stream closed for a fault (its
+    // code and reason; the end reason above stays).
+    const err = typeof v.lastError === "string" ? v.lastError : "";
+    const saidClose =
+      faultClose !== null &&
+      err.startsWith("media stream closed:") &&
+      (err.includes(`(${faultClose}:`) || err.includes(`(${faultClose})`));
+    const why = err && !((v.lastErrorIsPages || saidClose) && !$("problem").hidden) ? ` callagent says: ${err}` : "";
     endNote.textContent = parts.join(" ") + "." + why;
     endNote.hidden = false;
     if (stats.state === "connected") {

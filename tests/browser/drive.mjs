@@ -32,6 +32,9 @@
 //                       come sooner), and .hungUpMs is when the click was
 //                       (in ms, as the samples' first field)
 //   --live-shot=PATH    a screenshot 2 s after the stream connected
+//   --oversize-after=MS MS after the stream connected, send on the page's
+//                       stream a 300 KiB text message (over a callagent
+//                       app's max_ws_message: callagent closes it, 1009)
 //   --reload-after=MS   reload the page MS after the stream connected, and
 //                       end once the reloaded page left "opening": .reload
 //                       {state, problem, status, stats (the page's before)}
@@ -137,6 +140,7 @@ for (const a of process.argv.slice(2)) {
   else if (a.startsWith("--ring-shot=")) opts.ringShot = a.slice(12);
   else if (a.startsWith("--press=")) opts.press = a.slice(8);
   else if (a.startsWith("--hangup-after=")) opts.hangupAfter = Number(a.slice(15));
+  else if (a.startsWith("--oversize-after=")) opts.oversizeAfter = Number(a.slice(17));
   else if (a.startsWith("--hold=")) opts.hold = a.slice(7);
   else if (a.startsWith("--reload-after=")) opts.reloadAfter = Number(a.slice(15));
   else if (a.startsWith("--mic-lost-after=")) opts.micLostAfter = Number(a.slice(17));
@@ -295,6 +299,19 @@ async function run() {
       );
     });
     page.on("pageerror", (e) => out.console.push(`pageerror: ${e.message}`.slice(0, 300)));
+    if (opts.oversizeAfter != null) {
+      // Keeps the page's WebSockets, to send on its stream.
+      await page.addInitScript(() => {
+        const WS = window.WebSocket;
+        window.__sockets = [];
+        window.WebSocket = class extends WS {
+          constructor(...args) {
+            super(...args);
+            window.__sockets.push(this);
+          }
+        };
+      });
+    }
     if (opts.ringFault) {
       await page.addInitScript(() => {
         const d = Object.getOwnPropertyDescriptor(Document.prototype, "title");
@@ -385,7 +402,7 @@ async function run() {
     const deadline = start + opts.timeout;
     const watchRing = opts.apiHangup || opts.answerElsewhere || opts.letRing || opts.ringFault;
     const wantReport = !opts.noReport && !opts.denyMic && !opts.decline && !watchRing && opts.hangupAfter == null
-      && opts.cutAfter == null && opts.micLostAfter == null && !opts.micLostOnGrant;
+      && opts.cutAfter == null && opts.micLostAfter == null && !opts.micLostOnGrant && opts.oversizeAfter == null;
     let rang = false;
     let cutAt = null;
     let endedAfterCut = null;
@@ -393,6 +410,7 @@ async function run() {
     let pressed = false;
     let held = !opts.hold;
     let hungUp = false;
+    let oversized = false;
     let micLost = false;
     let liveShot = !opts.liveShot;
     let done = false;
@@ -503,6 +521,10 @@ async function run() {
                 }
               }
             });
+          }
+          if (!oversized && opts.oversizeAfter != null && now - connectedAt >= opts.oversizeAfter) {
+            oversized = true;
+            await page.evaluate(() => window.__sockets.at(-1).send("x".repeat(300 * 1024)));
           }
           if (!hungUp && opts.hangupAfter != null && now - connectedAt >= opts.hangupAfter) {
             hungUp = true;
