@@ -199,9 +199,10 @@ T.test("a web page cannot drive the API: another origin, a rebound host name, a 
   status, body = env:api("GET", "/v1/calls", nil, { Host = "calls.example.org" })
   T.eq({ status, body.error.code }, { 403, "forbidden_host" }, "a request through a tunnel, with no token")
   T.eq((env:api("GET", "/v1/calls", nil, { Host = "127.0.0.1:" .. port })), 200)
-  -- A proxy that rewrote Host to 127.0.0.1: it says it forwarded.
+  -- A proxy that rewrote Host to 127.0.0.1: it says it forwarded. Via is
+  -- RFC 9110's (a proxy must send it); X-Real-IP nginx's common one.
   for _, h in ipairs({ { ["X-Forwarded-For"] = "203.0.113.9" }, { ["X-Forwarded-Host"] = "calls.example.org" },
-    { Forwarded = "for=203.0.113.9" } }) do
+    { Forwarded = "for=203.0.113.9" }, { Via = "1.1 proxy.example.org" }, { ["X-Real-IP"] = "203.0.113.9" } }) do
     status, body = env:api("GET", "/v1/calls", nil, h)
     T.eq({ status, body.error.code }, { 403, "forbidden_host" }, json.encode(h))
   end

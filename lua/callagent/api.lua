@@ -309,8 +309,10 @@ function M.register(srv, engine, cfg, opts)
       return "forbidden_host", "without server.apiToken the API answers only requests to a loopback host "
         .. "(127.0.0.1, [::1] or localhost)"
     end
-    -- A proxy that rewrites Host to 127.0.0.1 still says it forwarded.
-    if not token and (h["x-forwarded-for"] or h["x-forwarded-host"] or h.forwarded) then
+    -- A proxy that rewrites Host to 127.0.0.1 still says it forwarded: in
+    -- Via (RFC 9110 has every proxy send it), or as nginx's setups do, in
+    -- X-Real-IP alone.
+    if not token and (h["x-forwarded-for"] or h["x-forwarded-host"] or h.forwarded or h.via or h["x-real-ip"]) then
       return "forbidden_host", "without server.apiToken the API answers no request a proxy forwarded"
     end
   end
