@@ -258,7 +258,8 @@ T.test("a Host header smuggled in through an encoded line break of the URL names
     local status, body = env:api("GET", "/v1/calls", nil, { Host = host })
     T.eq({ status, body.error.code }, { 403, "forbidden_host" }, host)
   end
-  for _, host in ipairs({ "localhost", "LOCALHOST:" .. port, "127.0.0.1:", "[::1]", "app.localhost:" .. port }) do
+  for _, host in ipairs({ "localhost", "LOCALHOST:" .. port, "127.0.0.1:", "[::1]", "app.localhost:" .. port,
+    "localhost.:" .. port, "app.localhost." }) do -- a trailing dot: the same name, fully qualified
     T.eq((env:api("GET", "/v1/calls", nil, { Host = host })), 200, host)
   end
 end)
