@@ -316,6 +316,26 @@ T.test("a report whose data is no object (an array, a string) keeps it as data.v
   end
 end, { timeout = 60000 })
 
+T.test("report_call fields beside summary, outcome, nextSteps and data (a schema the prompt asked for) are kept in data", function()
+  local env = kit.start({
+    realtime = {
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        session:report_and_goodbye({ summary = "Booked.", outcome = "success", appointment = "Tuesday 10:00",
+          confirmation = "AB12", data = { room = "3", confirmation = "CD34" } }, { ms = 100, text = "Bye." })
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550126", prompt = "Book it. Report appointment and confirmation." })
+  local call = env:wait_final(id, 20000)
+  local want = { room = "3", confirmation = "CD34", appointment = "Tuesday 10:00" }
+  T.eq(call.report.data, want, "data's own key wins over one beside it")
+  T.wait_for(function()
+    return #env.hooks.received >= 1
+  end, 10000, "the notification")
+  T.eq(env.hooks.received[1].json.data.report.data, want)
+end, { timeout = 30000 })
+
 T.test("a report whose data no record could hold is kept without it: the call completes and is notified", function()
   -- 97 levels: the model's arguments encode; the call document, one
   -- level more, and the webhook's payload would not (encoding stops at 100).

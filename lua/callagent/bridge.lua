@@ -1070,6 +1070,7 @@ end
 
 local OUTCOMES = { success = true, failure = true, voicemail = true, no_answer = true, unknown = true }
 local DATA_DEPTH = 20
+local REPORT_FIELDS = { summary = true, outcome = true, nextSteps = true, data = true }
 
 local function normalize_report(args)
   local r = {}
@@ -1093,7 +1094,16 @@ local function normalize_report(args)
       or type(data) })
     data = { value = data }
   end
-  r.data = type(data) == "table" and json.utf8(data) or {}
+  data = type(data) == "table" and data or {}
+  -- Fields the model put beside these (a report schema the prompt asked
+  -- for, written at the top level) are the call's details too: kept in
+  -- data, where one of data's own keys wins.
+  for k, v in pairs(args) do
+    if not REPORT_FIELDS[k] and data[k] == nil then
+      data[k] = v
+    end
+  end
+  r.data = json.utf8(data)
   -- The record and the webhook must be able to hold it.
   local ok, why = json.check(r.data, DATA_DEPTH)
   if not ok then
