@@ -336,6 +336,21 @@ T.test("report_call fields beside summary, outcome, nextSteps and data (a schema
   T.eq(env.hooks.received[1].json.data.report.data, want)
 end, { timeout = 30000 })
 
+T.test("report_call near misses of its schema keep what the model said: nextSteps as one string, outcome in capitals", function()
+  local env = kit.start({
+    realtime = {
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        session:report_and_goodbye({ summary = "Booked.", outcome = "Success", nextSteps = "Call back Tuesday." },
+          { ms = 100, text = "Bye." })
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550127", prompt = "Book it." })
+  local call = env:wait_final(id, 20000)
+  T.eq({ call.report.outcome, call.report.nextSteps }, { "success", { "Call back Tuesday." } })
+end, { timeout = 30000 })
+
 T.test("a report whose data no record could hold is kept without it: the call completes and is notified", function()
   -- 97 levels: the model's arguments encode; the call document, one
   -- level more, and the webhook's payload would not (encoding stops at 100).

@@ -1075,10 +1075,14 @@ local REPORT_FIELDS = { summary = true, outcome = true, nextSteps = true, data =
 local function normalize_report(args)
   local r = {}
   r.summary = text(args.summary) or ""
-  r.outcome = OUTCOMES[args.outcome] and args.outcome or "unknown"
+  -- "Success" is success: the model's word, not a new one.
+  local outcome = type(args.outcome) == "string" and args.outcome:lower()
+  r.outcome = OUTCOMES[outcome] and outcome or "unknown"
   r.nextSteps = json.array({})
-  if type(args.nextSteps) == "table" then
-    for _, s in ipairs(args.nextSteps) do
+  -- One step written as a string, not a list of one, is that step.
+  local steps = type(args.nextSteps) == "string" and { args.nextSteps } or args.nextSteps
+  if type(steps) == "table" then
+    for _, s in ipairs(steps) do
       if type(s) == "string" then
         r.nextSteps[#r.nextSteps + 1] = json.utf8(s)
       end
