@@ -513,6 +513,15 @@ function Engine:dial(id)
   return true
 end
 
+-- Ringing attempt a of call has a session the model refused, for good
+-- (warm_refused; recover, for one the last run had): unanswered, it ends
+-- failed however the ring ends (_attempt_final), and is not dialed again.
+local function model_refused(call, a)
+  call._model_refused = a.n
+  call._end_reason = call._end_reason or "model_error"
+  a._no_retry = true
+end
+
 --- The model refused attempt n's session while it rang (bridge.warm), for
 -- good: the same session would be refused at the answer, and the callee
 -- would answer into silence. The ringing call is canceled; the attempt ends
@@ -531,9 +540,7 @@ function Engine:warm_refused(w, why)
     return -- answered meanwhile (its bridge connects, and is refused as any), ended, or being ended
   end
   log.warn("canceling the ringing call: the model refused its session", { call = call.id, attempt = a.n })
-  call._model_refused = a.n -- unanswered, it ends failed however the ring ends (_attempt_final)
-  call._end_reason = call._end_reason or "model_error"
-  a._no_retry = true
+  model_refused(call, a)
   why = error_text(why)
   call.lastError = why
   -- Kept with the attempt as well (one commit): should its cancel and the
@@ -2056,9 +2063,7 @@ function Engine:recover()
     if last and last._modelRefused and last.status == "dialing" and not last.answeredAt then
       -- Ringing when the last run ended, with a session the model had
       -- refused (warm_refused): as that run had it, in memory.
-      call._model_refused = last.n
-      call._end_reason = "model_error"
-      last._no_retry = true
+      model_refused(call, last)
     end
     call.transcript = nil -- in the store; see call_view
     call.usage = call.usage or {}
