@@ -217,6 +217,81 @@ T.test("a goodbye response that only calls report_call again is not the goodbye:
   T.eq(lines(call), { "agent: Hello.", "agent: Goodbye then." })
 end, { timeout = 40000 })
 
+-- The agent's lines of a call, an interrupted one marked.
+local function lines_marked(call)
+  local out = {}
+  for _, l in ipairs(call.transcript) do
+    out[#out + 1] = l.role .. (l.interrupted and " (interrupted)" or "") .. ": " .. l.text
+  end
+  return out
+end
+
+-- The goodbye, then the callee speaking over it once it has played for
+-- 600 ms; paced: it is still being generated then, or not: all of it is
+-- already at the phone, playing.
+local function talked_over_goodbye(paced, answer)
+  return function(session)
+    assert(session:wait_event("response.create", 5000))
+    session:speak({ ms = 200, text = "Hello." })
+    session:call_function("report_call", { summary = "ok", outcome = "success" })
+    assert(session:wait_event("response.create", 5000))
+    session.report_at = timer.now()
+    if paced then
+      require("callagent.task").spawn(function()
+        session:speak({ ms = 2000, text = "Thank you for your time, and goodbye." })
+      end)
+      session:user_speech({ interrupt = true, after_ms = 600, ms = 400, text = "Wait, one more thing." })
+    else
+      session:speak({ ms = 2000, pace = false, text = "Thank you for your time, and goodbye." })
+      timer.sleep(600)
+      session:user_speech({ ms = 400, text = "Wait, one more thing." })
+    end
+    if answer then
+      -- The service's turn detection answers them.
+      session:speak({ auto = true, ms = 600, text = "Of course: we will call you back. Goodbye." })
+      session.answered_at = timer.now()
+    end
+  end
+end
+
+for _, paced in ipairs({ true, false }) do
+  T.test("the callee speaking over the goodbye (" .. (paced and "still generated" or "all of it at the phone")
+    .. ") is answered before the hang-up, not hung up on", function()
+    local env = kit.start({
+      config = { call = { goodbyeTimeoutSec = 8 } },
+      realtime = { script = talked_over_goodbye(paced, true) },
+    })
+    local id = env:create({ to = "+14155550178", prompt = "Say hello." })
+    local call = env:wait_final(id, 20000)
+    T.eq({ call.status, call.endReason, call.report and call.report.summary }, { "completed", "completed", "ok" })
+    local s, tw = env.rt.sessions[1], env.tw.calls[1]
+    T.ok(s.answered_at, "the answer was spoken")
+    T.ge(tw.hangup_requested_at, s.answered_at, "hung up after the answer, not when the callee spoke")
+    T.lt(tw.hangup_requested_at - s.answered_at, 1500, "and once it had played")
+    T.eq(#tw.clears, 1, "the goodbye was cut at the phone")
+    local l = lines_marked(call)
+    T.eq(#l, 4, json.encode(l))
+    T.eq(l[1], "agent: Hello.")
+    T.ok(l[2]:find("^agent %(interrupted%): Thank you"), "the goodbye, cut: " .. l[2])
+    T.eq({ l[3], l[4] }, { "callee: Wait, one more thing.", "agent: Of course: we will call you back. Goodbye." })
+  end, { timeout = 40000 })
+end
+
+T.test("the callee speaking over the goodbye with no answer after: hung up at call.goodbyeTimeoutSec from the report", function()
+  local env = kit.start({
+    config = { call = { goodbyeTimeoutSec = 2 } },
+    realtime = { script = talked_over_goodbye(true, false) },
+  })
+  local id = env:create({ to = "+14155550179", prompt = "Say hello." })
+  local call = env:wait_final(id, 20000)
+  T.eq({ call.status, call.endReason }, { "completed", "completed" })
+  local s, tw = env.rt.sessions[1], env.tw.calls[1]
+  local after = tw.hangup_requested_at - s.report_at
+  T.diag(string.format("hung up %.0f ms after the goodbye was asked for", after))
+  T.ge(after, 1700, "not when the callee spoke")
+  T.lt(after, 3500, "at the goodbye's bound")
+end, { timeout = 40000 })
+
 T.test("an app tool's parameters written with required = {} go to the model as an array, and the call talks", function()
   -- An empty Lua table encodes as {}; the service refuses a schema whose
   -- required is no array, and with it the whole session.update.

@@ -590,7 +590,8 @@ function Bridge:_model_event(ev)
     if ours then
       self.create_sent_at = nil
     end
-    if self.goodbye_requested and not self.goodbye_id and ours and (n or math.huge) >= self.goodbye_from then
+    if self.goodbye_requested and not self.goodbye_id
+      and (self.goodbye_any or ours and (n or math.huge) >= self.goodbye_from) then
       self.goodbye_id = str(r.id)
     end
   elseif t == "response.done" then
@@ -770,6 +771,14 @@ end
 function Bridge:_speech_started()
   self.callee_spoke_at = timer.now()
   self:_stop_timer("silence_timer")
+  -- The callee speaks over the goodbye (its words cut it, as any agent
+  -- line): it is not over, and they are not hung up on mid-sentence. The
+  -- next response, the service's answer to them too, is the goodbye now,
+  -- within call.goodbyeTimeoutSec of the report still. Before the clear,
+  -- whose drained callbacks would hang up.
+  if self.goodbye_id then
+    self.goodbye_id, self.goodbye_done, self.goodbye_any = nil, false, true
+  end
   if not self.cb then
     return
   end
@@ -1313,7 +1322,11 @@ function Bridge:_check_goodbye()
   if not self.cb then
     return self:hangup("completed")
   end
-  self:_hangup_when_drained()
+  self:_when_drained(function()
+    if self.goodbye_done and not self.ended then -- not if the callee spoke over it (_speech_started)
+      self:hangup("completed")
+    end
+  end)
 end
 
 -- Wrapping up ---------------------------------------------------------------
