@@ -292,6 +292,42 @@ T.test("the callee speaking over the goodbye with no answer after: hung up at ca
   T.lt(after, 3500, "at the goodbye's bound")
 end, { timeout = 40000 })
 
+-- report_call's arguments.done, then the model gone before the output item
+-- or the response that would say how the call ended.
+local function report_then_drop(arguments)
+  return function(session)
+    assert(session:wait_event("response.create", 5000))
+    session:speak({ ms = 200, text = "Hello." })
+    local rid = "resp_dropped"
+    session:send({ type = "response.created", response = { id = rid, object = "realtime.response",
+      status = "in_progress", output = json.array({}) } })
+    session:send({ type = "response.function_call_arguments.done", response_id = rid, item_id = "item_r",
+      output_index = 0, call_id = "call_r", name = "report_call", arguments = arguments })
+    timer.sleep(100)
+    session:drop()
+  end
+end
+
+T.test("report_call's arguments in, then the model drops before its output item: the report is kept, completed", function()
+  local env = kit.start({
+    realtime = { script = report_then_drop(json.encode({ summary = "Booked for Tuesday.", outcome = "success" })) },
+  })
+  local id = env:create({ to = "+14155550180", prompt = "Book." })
+  local call = env:wait_final(id, 20000)
+  T.eq({ call.status, call.endReason, call.report and call.report.summary, call.report and call.report.outcome },
+    { "completed", "completed", "Booked for Tuesday.", "success" }, tostring(call.lastError))
+end, { timeout = 30000 })
+
+T.test("report_call's arguments cut short (JSON not closed), then the model drops: no report, model_error", function()
+  local env = kit.start({
+    config = { retry = { maxAttempts = 1 } },
+    realtime = { script = report_then_drop('{"summary":"Booked for Tu') },
+  })
+  local id = env:create({ to = "+14155550181", prompt = "Book." })
+  local call = env:wait_final(id, 20000)
+  T.eq({ call.status, call.endReason, call.report }, { "failed", "model_error", nil })
+end, { timeout = 30000 })
+
 T.test("an app tool's parameters written with required = {} go to the model as an array, and the call talks", function()
   -- An empty Lua table encodes as {}; the service refuses a schema whose
   -- required is no array, and with it the whole session.update.

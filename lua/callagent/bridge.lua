@@ -497,6 +497,7 @@ function Bridge:_maybe_greet()
 end
 
 function Bridge:_model_closed(code, reason)
+  self:_report_held_at_close()
   if self.ended then
     return self:end_last_words() -- if they were awaited, they will not come now
   end
@@ -1167,6 +1168,26 @@ function Bridge:_late_report(item)
     self.report = normalize_report(args)
     log.info("report_call came after the call ended: stored", self.log_fields)
     self.engine:bridge_report(self, self.report)
+  end
+end
+
+-- The model went after a report_call's arguments.done, before its output
+-- item or its response said how it ended: arguments that are a JSON object
+-- are whole (a cut leaves the JSON unclosed), so they are the call's report
+-- rather than lost with the model.
+function Bridge:_report_held_at_close()
+  if self.report then
+    return
+  end
+  for _, h in ipairs(self.fn_held or EMPTY) do
+    local args = h.name == "report_call" and decode_arguments(h.arguments)
+    if args then
+      self.functions_seen[h.call_id] = true
+      self.report = normalize_report(args)
+      log.info("report_call's arguments came before the model went: stored", self.log_fields)
+      self.engine:bridge_report(self, self.report)
+      return
+    end
   end
 end
 
