@@ -734,6 +734,12 @@ T.test("each refused request is logged once with what was wrong; a request witho
   -- No route takes these: the server answers them before any guard, and
   -- they are logged alike (the path without its query, where a token may be).
   T.eq(send("GET", "/v1/nothing/here?token=sk-in-the-query"), 404)
+  -- A very long id or path is quoted cut, in the answer and the log line.
+  local long = assert(fetch(base .. "/v1/calls/c_" .. string.rep("x", 5000)))
+  T.eq(long.status, 404)
+  local msg = json.decode(long.body).error.message
+  T.ok(#msg < 100 and msg:find("^no call c_x+…$"), "the id cut: " .. msg:sub(1, 200))
+  T.eq(send("GET", "/v1/" .. string.rep("y", 5000)), 404)
   local res = assert(fetch(base .. "/v1/calls", { method = "DELETE" }))
   T.eq(res.status, 405)
   T.eq(json.decode(res.body).error.code, "method_not_allowed")
@@ -753,9 +759,12 @@ let out = ""; s.on("data", d => out += d); s.on("end", () => process.stdout.writ
   T.match(out, "^HTTP/1%.1 403 ")
   T.match(out, '"code":"forbidden_host"')
   T.wait_for(function()
-    return select(2, p.errtext():gsub("WARN api: ", "")) >= 8
-  end, 5000, "eight log lines: " .. p.errtext())
+    return select(2, p.errtext():gsub("WARN api: ", "")) >= 10
+  end, 5000, "ten log lines: " .. p.errtext())
   local log = p.errtext()
+  for line in log:gmatch("[^\n]+") do
+    T.lt(#line, 600, "a log line of a long id or path: " .. line:sub(1, 200))
+  end
   -- Each: the line's message and code, then fields it must carry too.
   for _, want in ipairs({
     { "WARN api: bad request code=invalid_json ", "method=POST path=/v1/calls status=400" },

@@ -345,7 +345,7 @@ function M.register(srv, engine, cfg, opts)
       -- was wrong (the message quotes the request, never a secret).
       local e = type(status) == "number" and status >= 400 and status < 500 and type(body) == "table" and body.error
       if type(e) == "table" then
-        log.warn("api: bad request", { method = req.method, path = req.path, status = status, code = e.code,
+        log.warn("api: bad request", { method = req.method, path = quote(req.path), status = status, code = e.code,
           field = e.field and quote(e.field), error = e.message })
       end
       return status, body, headers
@@ -363,7 +363,7 @@ function M.register(srv, engine, cfg, opts)
       if rs then
         return rs, rb, rh
       end
-      log.warn("api: bad request", { method = req.method, path = path, status = status, code = e.code,
+      log.warn("api: bad request", { method = req.method, path = quote(path), status = status, code = e.code,
         error = e.message })
     end
   end)
@@ -506,7 +506,7 @@ function M.register(srv, engine, cfg, opts)
       log.error("api: call could not be read", { call = id, error = verr })
       return nil, err(500, "store_failed", "the call could not be read")
     end
-    return nil, err(404, "not_found", "no call " .. id)
+    return nil, err(404, "not_found", "no call " .. quote(id))
   end
 
   srv:get("/v1/calls/{id}", guard(function(req)

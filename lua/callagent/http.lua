@@ -134,6 +134,20 @@ function M.content_type(path)
   return ext and MIME[ext:lower()] or "application/octet-stream"
 end
 
+-- A path as an error message quotes it: at most 200 bytes, cut between two
+-- UTF-8 characters and ended with "…" (a request line may be 8 KB).
+local PATH_SHOWN = 200
+local function shown(path)
+  if #path <= PATH_SHOWN then
+    return path
+  end
+  local n = PATH_SHOWN
+  while n > 0 and path:byte(n + 1) >= 0x80 and path:byte(n + 1) < 0xC0 do
+    n = n - 1
+  end
+  return path:sub(1, n) .. "…"
+end
+
 --- A JSON error body as every callagent endpoint writes it.
 function M.error_body(code, message, field)
   -- Messages may quote a request's bytes (a path): the body stays UTF-8.
@@ -372,16 +386,16 @@ function Server:_handle(h, req)
     local status, body, headers
     if params then
       status, headers = 405, json_headers({ Allow = table.concat(params, ", ") })
-      body = M.error_body("method_not_allowed", req.method .. " is not allowed on " .. req.path)
+      body = M.error_body("method_not_allowed", req.method .. " is not allowed on " .. shown(req.path))
     else
       status, headers = 404, json_headers()
-      body = M.error_body("not_found", "no route for " .. req.method .. " " .. req.path)
+      body = M.error_body("not_found", "no route for " .. req.method .. " " .. shown(req.path))
     end
     if self.no_route then
       -- Its error must not keep the answer from going out.
       local r = table.pack(pcall(self.no_route, req, status, body.error))
       if not r[1] then
-        log.error("http on_no_route failed", { method = req.method, path = req.path, error = r[2] })
+        log.error("http on_no_route failed", { method = req.method, path = shown(req.path), error = r[2] })
       elseif r[2] ~= nil then
         -- As a handler's answer (h:respond checks it before sending).
         local ok, e = pcall(function()
@@ -391,7 +405,7 @@ function Server:_handle(h, req)
         if ok then
           return
         end
-        log.error("http on_no_route returned an unusable response", { method = req.method, path = req.path,
+        log.error("http on_no_route returned an unusable response", { method = req.method, path = shown(req.path),
           error = e })
       end
     end
@@ -422,10 +436,10 @@ function Server:_handle(h, req)
       if ok then
         status, headers, body = s, hd, bd
       else
-        log.error("http handler returned an unusable response", { method = req.method, path = req.path, error = s })
+        log.error("http handler returned an unusable response", { method = req.method, path = shown(req.path), error = s })
       end
     else
-      log.error("http handler failed", { method = req.method, path = req.path, error = r[2] })
+      log.error("http handler failed", { method = req.method, path = shown(req.path), error = r[2] })
     end
     if not status then
       status, headers, body = 500, json_headers(),
@@ -437,7 +451,7 @@ function Server:_handle(h, req)
       return h:respond(status, with_defaults(headers), body)
     end)
     if not ok then
-      log.error("http response could not be sent", { method = req.method, path = req.path, error = err })
+      log.error("http response could not be sent", { method = req.method, path = shown(req.path), error = err })
       pcall(h.respond, h, 500, json_headers(),
         json.encode(M.error_body("internal", "internal error")))
     end
