@@ -316,13 +316,19 @@ T.test("a report whose data is no object (an array, a string) keeps it as data.v
   end
 end, { timeout = 60000 })
 
-T.test("report_call fields beside summary, outcome, nextSteps and data (a schema the prompt asked for) are kept in data", function()
+T.test("report_call fields beside summary, outcome, nextSteps and data (a schema the prompt asked for) are kept in data; one no record could hold is dropped alone", function()
+  -- 20 levels: data with it would be 21 deep, past the 20 a record holds.
+  local deep = {}
+  for _ = 1, 20 do
+    deep = { a = deep }
+  end
   local env = kit.start({
     realtime = {
       script = function(session)
         assert(session:wait_event("response.create", 5000))
         session:report_and_goodbye({ summary = "Booked.", outcome = "success", appointment = "Tuesday 10:00",
-          confirmation = "AB12", data = { room = "3", confirmation = "CD34" } }, { ms = 100, text = "Bye." })
+          confirmation = "AB12", notes = deep, data = { room = "3", confirmation = "CD34" } },
+          { ms = 100, text = "Bye." })
       end,
     },
   })

@@ -1111,10 +1111,16 @@ local function normalize_report(args)
   data = type(data) == "table" and data or {}
   -- Fields the model put beside these (a report schema the prompt asked
   -- for, written at the top level) are the call's details too: kept in
-  -- data, where one of data's own keys wins.
+  -- data, where one of data's own keys wins. One no record could hold is
+  -- dropped alone: in data, it would take data's own fields with it.
   for k, v in pairs(args) do
     if not REPORT_FIELDS[k] and data[k] == nil then
-      data[k] = v
+      local fits, why = json.check(json.utf8(v), DATA_DEPTH - 1)
+      if fits then
+        data[k] = v
+      else
+        log.warn("report_call field beside data dropped", { reason = "it " .. why })
+      end
     end
   end
   r.data = json.utf8(data)
