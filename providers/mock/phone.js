@@ -1198,14 +1198,16 @@ function leavePage() {
 // Answer pressed, the answer's reply not in: by its link's token and this
 // page's id, as when it is left. Only ringing (or opening): declined with
 // status "failed" (Decline's request): nobody can answer on this page, and
-// it must not ring on until the ring time.
+// it must not ring on until the ring time. The server first, the page's
+// own display last: a fault that recurs there (what failed, failing again)
+// must not keep the call ringing on.
 function pageFailed(e) {
   const answering = answerClicked && !call.session && !ringEnded;
   const ringing = !answerClicked && !ringEnded && !finished && call.id && call.token;
   ringEnded = true;
+  finished = true;
   stopRingCheck();
   noteError(String(e && e.stack ? e.stack : e));
-  fail(`Something went wrong on this page: ${e && e.message ? e.message : e}`, "Call ended");
   releaseMicrophone();
   if (call.session) {
     postHangup();
@@ -1219,6 +1221,7 @@ function pageFailed(e) {
       keepalive: true,
     }).catch((err) => noteError("decline: " + err.message));
   }
+  fail(`Something went wrong on this page: ${e && e.message ? e.message : e}`, "Call ended");
 }
 
 main().catch(pageFailed);

@@ -79,9 +79,11 @@
 //                       with the same link would (POST /mock/api/answer); the
 //                       end as for --api-hangup
 //   --ring-fault        the page fails as it shows the ring (its document.title
-//                       set to "Ringing ..." throws, a bug of the page's own);
-//                       neither button; the end is the page leaving "opening"
-//                       / "ringing"
+//                       set to "Ringing ..." throws, a bug of the page's own,
+//                       and every title set after that throws too, as a
+//                       feature the browser lacks stays missing); neither
+//                       button; the end is the page leaving "opening" /
+//                       "ringing"
 //   --let-ring          neither button: let it ring until it stops (the ring
 //                       time); the end as for --api-hangup
 //   --forward           open URL through a TCP forward on another port (as
@@ -315,13 +317,17 @@ async function run() {
     if (opts.ringFault) {
       await page.addInitScript(() => {
         const d = Object.getOwnPropertyDescriptor(Document.prototype, "title");
+        let broken = false;
         Object.defineProperty(Document.prototype, "title", {
           configurable: true,
           get() {
             return d.get.call(this);
           },
           set(v) {
-            if (String(v).startsWith("Ringing")) throw new Error("injected fault");
+            if (broken || String(v).startsWith("Ringing")) {
+              broken = true;
+              throw new Error("injected fault");
+            }
             d.set.call(this, v);
           },
         });
