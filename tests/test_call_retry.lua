@@ -605,6 +605,23 @@ T.test("a ring timeout's cancel the vendor answers saying the callee had answere
   T.eq(#env.tw.calls, 1, "dialed once")
 end, { timeout = 30000 })
 
+T.test("an API hang-up while the ring timeout's cancel is on its way: the attempt ends canceled, as the call does", function()
+  local env = kit.start({
+    twilio = { behaviour = { ring_ms = 60000, lost_callbacks = { completed = true }, update_delay_ms = 800 } },
+    config = { retry = { maxAttempts = 2, initialDelayMs = 50 }, call = { ringTimeoutSec = 1, statusGraceSec = 1 } },
+  })
+  local id = env:create({ to = "+14155550128", prompt = "Say hello." })
+  local c = assert(env.tw:wait_call(3000))
+  T.wait_for(function()
+    return c.updates[1]
+  end, 5000, "the ring timeout's cancel")
+  T.eq((env:api("POST", "/v1/calls/" .. id .. "/hangup")), 202)
+  local call = env:wait_final(id, 10000)
+  T.eq({ call.status, call.endReason, call.attempts[1].status, call.attempts[1].reason },
+    { "canceled", "canceled by API", "canceled", "canceled by API" }, "not no_answer with the API's reason")
+  T.eq(#env.tw.calls, 1, "dialed once")
+end, { timeout = 30000 })
+
 T.test("a provider whose getCall raises at the ring timeout: the attempt ends no_answer, hung up, not stuck dialing", function()
   local dir = kit.twilio_variant("raising", [[
 function P:getCall() error("vendor library bug") end

@@ -868,7 +868,14 @@ function Engine:_ring_timeout(call, n)
     log.warn("provider hang-up failed", { call = call.id, attempt = n, error = err })
   end
   if a.status == "dialing" and call.attempt == n then
-    self:_attempt_final(call, n, "no_answer", "ring timeout")
+    if call._cancel_requested then
+      -- An API hang-up came while this cancel was on its way: canceled, as
+      -- that hang-up's (or the vendor's canceled status) would end it, not
+      -- no_answer with the API's reason.
+      self:_attempt_final(call, n, "canceled", "canceled by API")
+    else
+      self:_attempt_final(call, n, "no_answer", "ring timeout")
+    end
   end
   if not ok then
     -- Asked again, so that the phone stops ringing.
