@@ -1082,7 +1082,18 @@ local OUTCOMES = { success = true, failure = true, voicemail = true, no_answer =
 local DATA_DEPTH = 20
 local REPORT_FIELDS = { summary = true, outcome = true, nextSteps = true, data = true }
 
-local function normalize_report(args)
+-- fields: the call's log fields (call, attempt), for the warnings.
+local function normalize_report(args, fields)
+  local function warn(msg, extra)
+    local f = {}
+    for k, v in pairs(fields or EMPTY) do
+      f[k] = v
+    end
+    for k, v in pairs(extra) do
+      f[k] = v
+    end
+    log.warn(msg, f)
+  end
   local r = {}
   r.summary = text(args.summary) or ""
   -- "Success" is success: the model's word, not a new one.
@@ -1104,7 +1115,7 @@ local function normalize_report(args)
   elseif data ~= nil and (type(data) ~= "table" or json.is_array(data) or rawlen(data) > 0) then
     -- An array, a string, a number: kept, under "value", so that data stays
     -- the object the record and the webhook promise.
-    log.warn("report_call data was not an object: kept as data.value", { kind = type(data) == "table" and "array"
+    warn("report_call data was not an object: kept as data.value", { kind = type(data) == "table" and "array"
       or type(data) })
     data = { value = data }
   end
@@ -1119,7 +1130,8 @@ local function normalize_report(args)
       if fits then
         data[k] = v
       else
-        log.warn("report_call field beside data dropped", { reason = "it " .. why })
+        local name = #k > 64 and json.utf8(k:sub(1, 61)) .. "..." or json.utf8(k) -- the model's: may be long
+        warn("report_call field beside data dropped", { field = name, reason = "it " .. why })
       end
     end
   end
@@ -1127,7 +1139,7 @@ local function normalize_report(args)
   -- The record and the webhook must be able to hold it.
   local ok, why = json.check(r.data, DATA_DEPTH)
   if not ok then
-    log.warn("report_call data dropped", { reason = "it " .. why })
+    warn("report_call data dropped", { reason = "it " .. why })
     r.data = {}
   end
   return r
@@ -1171,7 +1183,7 @@ function Bridge:_late_report(item)
   end
   local args = decode_arguments(str(item.arguments))
   if args then
-    self.report = normalize_report(args)
+    self.report = normalize_report(args, self.log_fields)
     log.info("report_call came after the call ended: stored", self.log_fields)
     self.engine:bridge_report(self, self.report)
   end
@@ -1189,7 +1201,7 @@ function Bridge:_report_held_at_close()
     local args = h.name == "report_call" and decode_arguments(h.arguments)
     if args then
       self.functions_seen[h.call_id] = true
-      self.report = normalize_report(args)
+      self.report = normalize_report(args, self.log_fields)
       log.info("report_call's arguments came before the model went: stored", self.log_fields)
       self.engine:bridge_report(self, self.report)
       return
@@ -1239,7 +1251,7 @@ function Bridge:_function_call(call_id, name, arguments)
       ["function"] = name, reason = why })
   elseif name == "report_call" and not self.report then
     -- Stored at once: the report must not depend on the rest of the call.
-    self.report = normalize_report(args)
+    self.report = normalize_report(args, self.log_fields)
     self.engine:bridge_report(self, self.report)
     fc.first_report = true
     self:_stop_timer("silence_timer")
