@@ -18,6 +18,7 @@
 -- 500 (the store), 501 (no Idempotency-Key support) and 503 (starting, paused,
 -- shutting down, too many connections): README.md, "Errors".
 local json = require "callagent.json"
+local http = require "callagent.http"
 local crypto = require "callagent.crypto"
 local core = require "callagent.core"
 local tz = require "callagent.tz"
@@ -47,18 +48,10 @@ local STATUSES = {
 }
 
 -- What a message quotes of a name the client sent (a field, a query
--- parameter): at most QUOTE_MAX bytes, cut between two UTF-8 characters
--- and ended with "…". A 200 KB field name made a 400 KB log line.
-local QUOTE_MAX = 64
+-- parameter, a call id, a path): its first 64 bytes and "…". A 200 KB field
+-- name made a 400 KB log line.
 local function quote(s)
-  if #s <= QUOTE_MAX then
-    return s
-  end
-  local n = QUOTE_MAX
-  while n > 0 and s:byte(n + 1) >= 0x80 and s:byte(n + 1) < 0xC0 do
-    n = n - 1 -- not inside a character
-  end
-  return s:sub(1, n) .. "…"
+  return http.cut(s, 64)
 end
 
 local function err(status, code, message, field)

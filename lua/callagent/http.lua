@@ -134,18 +134,23 @@ function M.content_type(path)
   return ext and MIME[ext:lower()] or "application/octet-stream"
 end
 
--- A path as an error message quotes it: at most 200 bytes, cut between two
--- UTF-8 characters and ended with "…" (a request line may be 8 KB).
-local PATH_SHOWN = 200
+--- s as a message or log line quotes what a client sent: at most max bytes,
+-- cut between two UTF-8 characters and ended with "…" (a request line may
+-- be 8 KB, a JSON field name far more).
+function M.cut(s, max)
+  if #s <= max then
+    return s
+  end
+  local n = max
+  while n > 0 and s:byte(n + 1) >= 0x80 and s:byte(n + 1) < 0xC0 do
+    n = n - 1 -- not inside a character
+  end
+  return s:sub(1, n) .. "…"
+end
+
+-- A path as the server's own messages and error lines quote it.
 local function shown(path)
-  if #path <= PATH_SHOWN then
-    return path
-  end
-  local n = PATH_SHOWN
-  while n > 0 and path:byte(n + 1) >= 0x80 and path:byte(n + 1) < 0xC0 do
-    n = n - 1
-  end
-  return path:sub(1, n) .. "…"
+  return M.cut(path, 200)
 end
 
 --- A JSON error body as every callagent endpoint writes it.
