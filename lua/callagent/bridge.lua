@@ -32,6 +32,7 @@ local realtime = require "callagent.realtime"
 local cbridge = require "callagent.core.bridge"
 local instructions = require "callagent.instructions"
 local json = require "callagent.json"
+local http = require "callagent.http" -- http.cut: what a log line quotes of the model's field names
 local timer = require "callagent.timer"
 local task = require "callagent.task"
 local log = require "callagent.log"
@@ -1130,8 +1131,7 @@ local function normalize_report(args, fields)
       if fits then
         data[k] = v
       else
-        local name = #k > 64 and json.utf8(k:sub(1, 61)) .. "..." or json.utf8(k) -- the model's: may be long
-        warn("report_call field beside data dropped", { field = name, reason = "it " .. why })
+        warn("report_call field beside data dropped", { field = http.cut(json.utf8(k), 64), reason = "it " .. why })
       end
     end
   end
