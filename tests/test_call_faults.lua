@@ -294,17 +294,23 @@ T.test("a media stream that never starts, or sends something else first, is clos
   T.eq(assert(fetch(api.base .. "/healthz")).status, 200)
 end, { timeout = 30000 })
 
+-- A call whose model files report at its first turn and says "Bye."
+-- (bye_ms of audio, 100 by default).
+local function reporting(report, bye_ms)
+  return kit.start({
+    realtime = {
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        session:report_and_goodbye(report, { ms = bye_ms or 100, text = "Bye." })
+      end,
+    },
+  })
+end
+
 T.test("a report whose data is no object (an array, a string) keeps it as data.value: data stays an object", function()
   for _, case in ipairs({ { { "Tuesday", "10:00" }, { value = { "Tuesday", "10:00" } } }, { "Tuesday", { value = "Tuesday" } },
     { json.array({}), { value = {} } }, { json.null, {} } }) do
-    local env = kit.start({
-      realtime = {
-        script = function(session)
-          assert(session:wait_event("response.create", 5000))
-          session:report_and_goodbye({ summary = "Booked.", outcome = "success", data = case[1] }, { ms = 100, text = "Bye." })
-        end,
-      },
-    })
+    local env = reporting({ summary = "Booked.", outcome = "success", data = case[1] })
     local id = env:create({ to = "+14155550125", prompt = "Book it." })
     local call = env:wait_final(id, 20000)
     T.eq(call.report.data, case[2], json.encode(case[1]))
@@ -322,16 +328,8 @@ T.test("report_call fields beside summary, outcome, nextSteps and data (a schema
   for _ = 1, 20 do
     deep = { a = deep }
   end
-  local env = kit.start({
-    realtime = {
-      script = function(session)
-        assert(session:wait_event("response.create", 5000))
-        session:report_and_goodbye({ summary = "Booked.", outcome = "success", appointment = "Tuesday 10:00",
-          confirmation = "AB12", notes = deep, data = { room = "3", confirmation = "CD34" } },
-          { ms = 100, text = "Bye." })
-      end,
-    },
-  })
+  local env = reporting({ summary = "Booked.", outcome = "success", appointment = "Tuesday 10:00",
+    confirmation = "AB12", notes = deep, data = { room = "3", confirmation = "CD34" } })
   local id = env:create({ to = "+14155550126", prompt = "Book it. Report appointment and confirmation." })
   local call = env:wait_final(id, 20000)
   local want = { room = "3", confirmation = "CD34", appointment = "Tuesday 10:00" }
@@ -343,15 +341,7 @@ T.test("report_call fields beside summary, outcome, nextSteps and data (a schema
 end, { timeout = 30000 })
 
 T.test("report_call near misses of its schema keep what the model said: nextSteps as one string, outcome in capitals", function()
-  local env = kit.start({
-    realtime = {
-      script = function(session)
-        assert(session:wait_event("response.create", 5000))
-        session:report_and_goodbye({ summary = "Booked.", outcome = "Success", nextSteps = "Call back Tuesday." },
-          { ms = 100, text = "Bye." })
-      end,
-    },
-  })
+  local env = reporting({ summary = "Booked.", outcome = "Success", nextSteps = "Call back Tuesday." })
   local id = env:create({ to = "+14155550127", prompt = "Book it." })
   local call = env:wait_final(id, 20000)
   T.eq({ call.report.outcome, call.report.nextSteps }, { "success", { "Call back Tuesday." } })
@@ -364,14 +354,7 @@ T.test("a report whose data no record could hold is kept without it: the call co
   for _ = 1, 97 do
     deep = { a = deep }
   end
-  local env = kit.start({
-    realtime = {
-      script = function(session)
-        assert(session:wait_event("response.create", 5000))
-        session:report_and_goodbye({ summary = "Booked.", outcome = "success", data = deep }, { ms = 200, text = "Bye." })
-      end,
-    },
-  })
+  local env = reporting({ summary = "Booked.", outcome = "success", data = deep }, 200)
   local id = env:create({ to = "+14155550124", prompt = "Book it.", metadata = { ref = "r1" } })
   local call = env:wait_final(id, 20000)
   T.eq(call.status, "completed")

@@ -217,7 +217,7 @@ end
 -- to 127.0.0.1 sends its own name.
 function M.loopback_host(host)
   local name = host_name(host)
-  return name ~= nil and (name:match("^localhost%.?$") ~= nil or name:match("%.localhost%.?$") ~= nil or name == "::1"
+  return name ~= nil and (("." .. name):match("%.localhost%.?$") ~= nil or name == "::1"
     or name:match("^127%.%d+%.%d+%.%d+$") ~= nil)
 end
 

@@ -311,6 +311,18 @@ function streamUrlHere(given) {
   return u.href;
 }
 
+// POST /mock/api/decline of this ringing call, by its link's token: status
+// "failed" (a page that failed), or none (Decline: busy). Keepalive: a page
+// closed right after still declines.
+function sendDecline(status) {
+  return fetch("/mock/api/decline", {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ callId: call.id, token: call.token, status }),
+    keepalive: true,
+  });
+}
+
 // Decline: as a phone's reject button, the attempt ends busy; callagent's
 // retry policy decides whether it rings again (under a new link).
 async function decline() {
@@ -323,12 +335,7 @@ async function decline() {
   $("banner").textContent = "Declining the call…";
   let res;
   try {
-    res = await fetch("/mock/api/decline", {
-      method: "POST",
-      headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ callId: call.id, token: call.token }),
-      keepalive: true, // a page closed right after Decline still declines
-    });
+    res = await sendDecline();
   } catch (e) {
     fail(`Could not reach callagent at ${location.origin}: is it still running? (${e.message})`, "The call could not be declined.");
     return;
@@ -1214,12 +1221,7 @@ function pageFailed(e) {
   } else if (answering) {
     sendHangup({ token: call.token, page: PAGE_ID });
   } else if (ringing) {
-    fetch("/mock/api/decline", {
-      method: "POST",
-      headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ callId: call.id, token: call.token, status: "failed" }),
-      keepalive: true,
-    }).catch((err) => noteError("decline: " + err.message));
+    sendDecline("failed").catch((err) => noteError("decline: " + err.message));
   }
   fail(`Something went wrong on this page: ${e && e.message ? e.message : e}`, "Call ended");
 }
