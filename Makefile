@@ -6,7 +6,8 @@
 #   make run        deps + build + start examples/app.lua
 #   make bench      the concurrent-call benchmark (see README.md)
 #   make fuzz       libFuzzer on the bridge's per-frame path (clang; FUZZ_SECONDS=60)
-#   make install    PREFIX=/usr/local: binary + Lua files + providers/ (make uninstall removes them)
+#   make install    PREFIX=/usr/local: binary (+ its libexec/callagent/callagent-pdeathsig),
+#                   Lua files, providers/ (make uninstall removes them)
 #   make clean      removes build/
 #
 # Everything the project needs comes from Debian 12 packages (see DEB_PKGS)
@@ -53,10 +54,12 @@ OBJS := $(patsubst src/%.c,$(BUILD)/obj/%.o,$(SRCS))
 LIB_OBJS := $(filter-out $(BUILD)/obj/main.o,$(OBJS))
 CTESTS := $(patsubst tests/c/%.c,$(BUILD)/tests/%,$(filter-out tests/c/host_stub.c,$(wildcard tests/c/test_*.c)))
 BIN := $(BUILD)/callagent
+# The wrapper kill_on_exit children start through (src/pdeathsig.c): libc only, so it execs fast.
+WRAPPER := $(BUILD)/callagent-pdeathsig
 
 .PHONY: all deps test-deps test run bench fuzz install uninstall clean
 
-all: $(BIN)
+all: $(BIN) $(WRAPPER)
 
 $(BUILD)/obj/%.o: src/%.c src/*.h | $(BUILD)/obj
 	$(CC) $(CFLAGS_ALL) -c -o $@ $<
@@ -66,6 +69,9 @@ $(BIN): $(OBJS)
 ifneq ($(SAN),1)
 	ln -sfn release/callagent build/callagent
 endif
+
+$(WRAPPER): src/pdeathsig.c src/ca.h | $(BUILD)/obj
+	$(CC) $(CFLAGS_ALL) -DCA_PDEATHSIG_MAIN $(LDSAN) $(LDFLAGS) -o $@ src/pdeathsig.c
 
 $(BUILD)/tests/%: tests/c/%.c tests/c/host_stub.c $(LIB_OBJS) | $(BUILD)/tests
 	$(CC) $(CFLAGS_ALL) -Isrc $(LDSAN) $(LDFLAGS) -o $@ $< tests/c/host_stub.c $(LIB_OBJS) $(PKG_LIBS) -lm
@@ -99,11 +105,11 @@ tests/node_modules/.package-lock.json: tests/package.json tests/package-lock.jso
 	cd tests && npm ci --no-audit --no-fund
 
 test: test-deps
-	@$(MAKE) --no-print-directory $(BIN) $(CTESTS) $(BENCH_TOOLS) $(TEST_TOOLS)
+	@$(MAKE) --no-print-directory $(BIN) $(WRAPPER) $(CTESTS) $(BENCH_TOOLS) $(TEST_TOOLS)
 	@CALLAGENT_SAN=$(SAN) tests/run $(BIN) $(BUILD)/tests
 
 run: deps
-	@$(MAKE) --no-print-directory $(BIN)
+	@$(MAKE) --no-print-directory $(BIN) $(WRAPPER)
 	$(BIN) run examples/app.lua
 
 # The benchmark's C helpers: the data-plane load generator and the loopback floor.
@@ -125,7 +131,7 @@ build/release/tests/bench/loopback: tests/bench/loopback.c
 	$(CC) -std=gnu11 -O2 -Wall -Wextra -o $@ $<
 
 bench: deps
-	@$(MAKE) --no-print-directory $(BIN) $(BENCH_TOOLS)
+	@$(MAKE) --no-print-directory $(BIN) $(WRAPPER) $(BENCH_TOOLS)
 	$(BIN) run tests/bench/bench.lua
 
 # libFuzzer on the bridge's per-frame path (tests/c/fuzz_bridge.c, which
@@ -144,15 +150,16 @@ fuzz:
 		-o build/fuzz/bridge tests/c/fuzz_bridge.c tests/c/host_stub.c $(FUZZ_SRCS) $(PKG_LIBS) -lm
 	cd build/fuzz && ./bridge -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 bridge-corpus
 
-install: $(BIN)
-	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/callagent
+install: $(BIN) $(WRAPPER)
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/callagent $(DESTDIR)$(PREFIX)/libexec/callagent
 	install -m 755 $(BIN) $(DESTDIR)$(PREFIX)/bin/callagent
+	install -m 755 $(WRAPPER) $(DESTDIR)$(PREFIX)/libexec/callagent/callagent-pdeathsig
 	cp -r lua $(DESTDIR)$(PREFIX)/share/callagent/
 	if [ -d providers ]; then cp -r providers $(DESTDIR)$(PREFIX)/share/callagent/; fi
 
 uninstall:
 	rm -f $(DESTDIR)$(PREFIX)/bin/callagent
-	rm -rf $(DESTDIR)$(PREFIX)/share/callagent
+	rm -rf $(DESTDIR)$(PREFIX)/share/callagent $(DESTDIR)$(PREFIX)/libexec/callagent
 
 clean:
 	rm -rf build

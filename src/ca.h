@@ -100,7 +100,7 @@ int luaopen_callagent_sqlite(lua_State *L);
 /* Shutdown hooks of C modules: run once after the loop stops (e.g. curl multi cleanup). */
 void ca__at_close(void (*fn)(void));
 void ca__kill_children(void);	/* process.c: SIGTERM to kill_on_exit children (forced exit) */
-int ca__pdeathsig_main(int argc, char **argv);	/* process.c: callagent --pdeathsig ... (a child's wrapper) */
+int ca__pdeathsig_main(int argc, char **argv);	/* pdeathsig.c: a kill_on_exit child's wrapper */
 
 /*
  * Thread-pool work whose result no one needs once the loop stops (a DNS

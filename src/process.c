@@ -13,8 +13,8 @@
  *       longer lines come in pieces of that size); spec.kill_on_exit
  *       (default true: SIGTERM at callagent's teardown if still running,
  *       and when callagent dies without one - SIGKILL, a crash: the child
- *       is started through "callagent --pdeathsig" (/proc/self/exe, so an
- *       upgraded or removed binary does not matter), which sets
+ *       is started through a wrapper (callagent-pdeathsig, else
+ *       "callagent --pdeathsig": see wrapper_exe), which sets
  *       PR_SET_PDEATHSIG and execs the program, so its pid is the program's);
  *       spec.drop_secrets (default false: the child gets no inherited
  *       variable whose value holds a secret registered with the log).
@@ -74,7 +74,6 @@
 #include <limits.h>
 #include <signal.h>
 #include <stdio.h>
-#include <sys/prctl.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -920,37 +919,6 @@ static void start_out(struct ca_proc *p, struct out_pipe *s, lua_State *L, int f
 }
 
 /*
- * callagent --pdeathsig PARENT SIGNAL ERRFD FILE ARGV0 [ARGS...]: what a
- * child with kill_on_exit is started as. libuv cannot run code in the child
- * before the exec, so the child runs this, which asks the kernel for SIGNAL
- * when its parent dies (kept across the exec) and becomes the program. If
- * PARENT has died already (between the fork and here), the program is not
- * started. ERRFD (-1: none) is the pipe the exec's failure goes back on, as
- * libuv's own does: its errno, an int; a successful exec closes it (EOF).
- */
-int ca__pdeathsig_main(int argc, char **argv)
-{
-	long parent, sig, fd;
-	int err;
-
-	if (argc < 7)
-		return 127;
-	parent = strtol(argv[2], NULL, 10);
-	sig = strtol(argv[3], NULL, 10);
-	fd = strtol(argv[4], NULL, 10);
-	/* Never one of the program's stdio (a hand-made command line). */
-	if (fd < 3 || fd > INT_MAX || fcntl((int)fd, F_SETFD, FD_CLOEXEC) != 0)
-		fd = -1;
-	if (prctl(PR_SET_PDEATHSIG, (unsigned long)sig) != 0 || getppid() != (pid_t)parent)
-		return 127;
-	execvp(argv[5], argv + 6);	/* as libuv: a script without #! runs with /bin/sh */
-	err = errno;
-	if (fd < 0 || write((int)fd, &err, sizeof err) != (ssize_t)sizeof err)
-		fprintf(stderr, "callagent: cannot start %s: %s\n", argv[5], strerror(err));
-	return 127;
-}
-
-/*
  * After uv_spawn of the wrapper, whose exec of the program reports on fd:
  * 0 once the program runs (EOF), or the exec's error as a libuv error, the
  * wrapper reaped (it exits at once), so that spawn fails as it does
@@ -972,18 +940,38 @@ static int wrapper_exec_error(int fd, int pid)
 }
 
 /*
- * This program, for the wrapper above; NULL without /proc. The child execs
- * /proc/self/exe - its own, which is ours - rather than our path: that works
- * even when the binary has been replaced or removed since callagent started
- * (an upgrade under a running process).
+ * The wrapper to start a kill_on_exit child through (src/pdeathsig.c), or
+ * NULL without /proc: the small program callagent-pdeathsig beside this one
+ * (the build tree) or in ../libexec/callagent/ (make install), looked for
+ * once and checked at each spawn, so that one removed since is not tried;
+ * else this program itself. That is /proc/self/exe - its own, which is
+ * ours - rather than our path: it works even when the binary has been
+ * replaced or removed since callagent started (an upgrade under a running
+ * process). The small program execs in a millisecond where callagent
+ * takes six to load its libraries, and spawn waits for that exec.
  */
-static const char *self_exe(void)
+static const char *wrapper_exe(void)
 {
-	static int ok = -1;
+	static const char *const places[] = {"/callagent-pdeathsig", "/../libexec/callagent/callagent-pdeathsig"};
+	static char small[PATH_MAX];
+	static int self = -1;
+	char dir[PATH_MAX];
+	ssize_t n;
+	size_t i;
 
-	if (ok < 0)
-		ok = access("/proc/self/exe", X_OK) == 0;
-	return ok ? "/proc/self/exe" : NULL;
+	if (self < 0) {
+		self = access("/proc/self/exe", X_OK) == 0;
+		n = readlink("/proc/self/exe", dir, sizeof dir - 1);
+		while (n > 0 && dir[n - 1] != '/')	/* its directory ("... (deleted)" is the name's) */
+			n--;
+		for (i = 0; n > 0 && i < sizeof places / sizeof *places && !small[0]; i++)
+			if ((size_t)snprintf(small, sizeof small, "%.*s%s", (int)n - 1, dir, places[i]) >= sizeof small ||
+			    access(small, X_OK) != 0)
+				small[0] = '\0';
+	}
+	if (small[0] && access(small, X_OK) == 0)
+		return small;
+	return self ? "/proc/self/exe" : NULL;
 }
 
 static int l_spawn(lua_State *L)
@@ -992,7 +980,7 @@ static int l_spawn(lua_State *L)
 	uv_stdio_container_t stdio[4];
 	struct proc_box *box;
 	struct ca_proc *p;
-	const char *path = getenv("PATH"), *cwd, *name, *file;
+	const char *path = getenv("PATH"), *cwd, *name, *file, *wrap;
 	char **args, **env = NULL;
 	lua_Integer max_line, max_stdin;
 	int n, anchor, want_out, want_err, want_in, kill_on_exit, drop_secrets, rc;
@@ -1086,8 +1074,8 @@ static int l_spawn(lua_State *L)
 	o.exit_cb = on_child_exit;
 	o.file = file;
 	o.args = args;
-	if (kill_on_exit && self_exe()) {
-		/* Through the wrapper (ca__pdeathsig_main): [self, flag, parent, signal, errfd, file, args...]. */
+	if (kill_on_exit && (wrap = wrapper_exe()) != NULL) {
+		/* Through the wrapper (ca__pdeathsig_main): [name, flag, parent, signal, errfd, file, args...]. */
 		char **w = lua_newuserdatauv(L, ((size_t)n + 7) * sizeof *w, 0);
 
 		lua_rawseti(L, anchor, (lua_Integer)lua_rawlen(L, anchor) + 1);
@@ -1106,7 +1094,7 @@ static int l_spawn(lua_State *L)
 		}
 		w[5] = (char *)file;
 		memcpy(w + 6, args, ((size_t)n + 1) * sizeof *w);
-		o.file = self_exe();
+		o.file = wrap;
 		o.args = w;
 	}
 	o.env = env;

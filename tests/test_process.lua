@@ -990,6 +990,81 @@ T.test("children start after callagent's binary was replaced or removed (an upgr
   T.eq(out, { "child ran", "exit 0" })
 end)
 
+-- A copy of callagent in dir .. bin_at, with CALLAGENT_PATH set, running app (its arg[1] is dir).
+local function run_copy(dir, bin_at, app)
+  local bin = dir .. bin_at
+  T.eq(os.execute("mkdir -p \"$(dirname '" .. bin .. "')\" && cp '" .. T.bin .. "' '" .. bin .. "'"), true)
+  local f = assert(io.open(dir .. "/app.lua", "w"))
+  f:write(app)
+  f:close()
+  return run({ bin, "run", dir .. "/app.lua", dir, env = { CALLAGENT_PATH = T.root .. "/lua" }, inherit_env = true })
+end
+
+-- A callagent-pdeathsig at path that notes each start in dir/used and then is the real one.
+local function noting_wrapper(dir, path)
+  local real = T.bin:match("^(.*)/") .. "/callagent-pdeathsig"
+  T.eq(os.execute("mkdir -p \"$(dirname '" .. path .. "')\""), true)
+  local f = assert(io.open(path, "w"))
+  f:write("#!/bin/sh\necho \"$*\" >> '" .. dir .. "/used'\nexec '" .. real .. "' \"$@\"\n")
+  f:close()
+  T.eq(os.execute("chmod 755 '" .. path .. "'"), true)
+end
+
+local function lines_of(path)
+  local f = io.open(path)
+  if not f then
+    return {}
+  end
+  local t = {}
+  for l in f:lines() do
+    t[#t + 1] = l
+  end
+  f:close()
+  return t
+end
+
+T.test("kill_on_exit children start through callagent-pdeathsig beside the binary or in ../libexec/callagent/, while it is there", function()
+  -- Two children, the wrapper removed between them: the first goes through
+  -- it, the second through callagent itself; both run, one process each.
+  local app = [[
+    local process = require "callagent.process"
+    local task = require "callagent.task"
+    task.spawn(function()
+      for i = 1, 2 do
+        local p
+        p = assert(process.spawn({ "sh", "-c", "echo child $$", on_stdout = function(l)
+          print((l:gsub("%d+$", function(pid) return pid == tostring(p.pid) and "pid" or pid end)))
+        end }))
+        print("exit " .. tostring(p:wait(5000)))
+        if i == 1 then
+          assert(os.remove(arg[1] .. WRAPPER))
+        end
+      end
+      os.exit(0)
+    end)
+  ]]
+  for _, at in ipairs({ { bin = "/callagent", wrapper = "/callagent-pdeathsig" },
+    { bin = "/bin/callagent", wrapper = "/libexec/callagent/callagent-pdeathsig" } }) do
+    local dir = T.tmpdir()
+    noting_wrapper(dir, dir .. at.wrapper)
+    local m = run_copy(dir, at.bin, app:gsub("WRAPPER", "\"" .. at.wrapper .. "\""))
+    T.eq({ m.code, m.out, m.err }, { 0, { "child pid", "exit 0", "child pid", "exit 0" }, {} }, at.wrapper)
+    local used = lines_of(dir .. "/used")
+    T.eq(#used, 1, "one start through the wrapper, at " .. at.wrapper)
+    T.eq((used[1] or ""):match("^%-%-pdeathsig (%d+) 15 3 /%S+/sh sh %-c echo child %$%$$"), tostring(m.p.pid),
+      "callagent's pid, SIGTERM, the error pipe, the program found in PATH and its arguments")
+  end
+  -- One not executable is passed over.
+  local dir = T.tmpdir()
+  noting_wrapper(dir, dir .. "/callagent-pdeathsig")
+  T.eq(os.execute("chmod 644 '" .. dir .. "/callagent-pdeathsig'"), true)
+  local m = run_copy(dir, "/callagent", [[
+    local p = assert(require("callagent.process").spawn({ "true" }))
+    require("callagent.task").spawn(function() print("exit " .. tostring(p:wait(5000))); os.exit(0) end)
+  ]])
+  T.eq({ m.code, m.out, m.err, lines_of(dir .. "/used") }, { 0, { "exit 0" }, {}, {} })
+end)
+
 T.test("kill_on_exit = false leaves the child running after callagent exits", function()
   local pid, code = child_callagent([[
     local process = require "callagent.process"
@@ -1006,13 +1081,20 @@ end)
 T.test("the --pdeathsig wrapper given one of the program's stdio as ERRFD leaves it open: the program writes to it", function()
   local bin = assert(os.getenv("CALLAGENT_BIN"), "the runner sets CALLAGENT_BIN")
   local pid = tostring(require("callagent.runtime").pid())
-  -- ERRFD 1 made close-on-exec: echo had no stdout ("write error").
-  local m = run({ bin, "--pdeathsig", pid, "15", "1", "echo", "echo", "hi" })
-  T.eq({ m.code, m.out, m.err }, { 0, { "hi" }, {} })
-  -- ERRFD 2 given the exec's errno as raw bytes: the message is told on stderr instead.
-  m = run({ bin, "--pdeathsig", pid, "15", "2", "no-such-program-callagent-test", "x" })
+  for _, w in ipairs({ bin, bin:match("^(.*)/") .. "/callagent-pdeathsig" }) do
+    -- ERRFD 1 made close-on-exec: echo had no stdout ("write error").
+    local m = run({ w, "--pdeathsig", pid, "15", "1", "echo", "echo", "hi" })
+    T.eq({ m.code, m.out, m.err }, { 0, { "hi" }, {} }, w)
+    -- ERRFD 2 given the exec's errno as raw bytes: the message is told on stderr instead.
+    m = run({ w, "--pdeathsig", pid, "15", "2", "no-such-program-callagent-test", "x" })
+    T.eq(m.code, 127)
+    T.eq(m.err, { "callagent: cannot start no-such-program-callagent-test: No such file or directory" }, w)
+  end
+  -- The small one started by hand without its flag says what it is for.
+  local m = run({ bin:match("^(.*)/") .. "/callagent-pdeathsig", pid, "15", "-1", "echo", "echo", "hi" })
   T.eq(m.code, 127)
-  T.eq(m.err, { "callagent: cannot start no-such-program-callagent-test: No such file or directory" })
+  T.eq(m.out, {})
+  T.match(m.err[1] or "", "^usage: callagent%-pdeathsig %-%-pdeathsig PARENT")
 end)
 
 T.run()
