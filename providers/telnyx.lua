@@ -555,13 +555,20 @@ end
 -- the newer is 2 windows old or full: an id is remembered for 10 minutes
 -- (a signature is good 5 minutes either way), or, in a flood of more than
 -- SEEN_MAX webhooks in that time, for at least the last SEEN_MAX ids. O(1)
--- per webhook; no scan.
+-- per webhook; no scan. _seen only looks: the route asks it first, so that
+-- a replay costs nothing more (no store read, no warning, whatever URL it
+-- is posted to), and takes an id with _replayed once the webhook is
+-- known to be for one of our calls.
+function P:_seen(id)
+  return type(id) == "string" and (self.seen[id] or self.seen_old[id]) == true
+end
+
 function P:_replayed(id)
   if type(id) ~= "string" or id == "" then
     return false
   end
   local now = timer.now()
-  if self.seen[id] or self.seen_old[id] then
+  if self:_seen(id) then
     return true
   end
   if self.nseen >= SEEN_MAX or now - self.seen_since >= 2 * WINDOW_S * 1000 then
@@ -628,6 +635,9 @@ function P:registerRoutes(srv)
     local data = type(body) == "table" and body.data
     if type(data) ~= "table" then
       return 400, { error = { code = "bad_status", message = "the body must be a Telnyx webhook (a data object)" } }
+    end
+    if self:_seen(data.id) then
+      return 200, { ok = true }
     end
     local call_id, n, by_id = webhook_attempt(req.query or {}, data.payload, self.tx.validateSignature)
     if by_id then

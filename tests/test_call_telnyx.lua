@@ -673,6 +673,39 @@ local function process_world(behaviour, script)
   }
 end
 
+T.test("a replayed webhook is dropped before its URL is looked at: posted to another call's URL, no warning", function()
+  local tx, rt, config = process_world("answer", happy_script)
+  local p, api = kit.app_process({ url = "http://127.0.0.1:9" }, rt, { config = config })
+  local id = api:create({ to = "+14155550104", prompt = "Book a check-up." })
+  T.eq(api:wait_final(id, 30000).status, "completed")
+  local call = tx.calls[1]
+  local answered
+  for _, e in ipairs(call.events) do
+    if e.event == "call.answered" then
+      answered = e.body
+    end
+  end
+  T.ok(answered, "the call.answered webhook")
+  local elsewhere = call.body.webhook_url:gsub("callId=[^&]+", "callId=c_another")
+  T.ok(elsewhere ~= call.body.webhook_url, "another call's URL")
+  local function post(body)
+    local ts = tostring(os.time())
+    return assert(fetch(elsewhere, { method = "POST", body = body, headers = {
+      ["Content-Type"] = "application/json", ["telnyx-timestamp"] = ts,
+      ["telnyx-signature-ed25519"] = fake.sign(tx.private_key, ts, body) } })).status
+  end
+  T.eq(post(answered), 200, "the replay")
+  -- The same webhook under a new id is no replay: its URL and client_state disagree (one warning).
+  local fresh = json.decode(answered)
+  fresh.data.id = crypto.uuid4()
+  T.eq(post(json.encode(fresh)), 200, "a new id")
+  p:kill("SIGTERM")
+  T.eq(p:wait(10000), 0, "exit status")
+  local _, warnings = (p.errtext() .. "\n" .. p.text()):gsub("telnyx webhook ignored", "")
+  T.eq(warnings, 1, "warned of the new id only")
+  T.eq(#tx.calls, 1, "nothing dialed")
+end, { timeout = 60000 })
+
 T.test("kill -9 with a Telnyx call talking and one ringing: after restart both are hung up at Telnyx, not dialed again", function()
   local n = 0
   local tx, rt, config = process_world(function()
