@@ -90,6 +90,37 @@ T.test("the same with Twilio's keys in another order, spaced, with escaped quote
   barge_in("shuffled")
 end, { timeout = 40000 })
 
+T.test("a truncate the model refuses is logged, not the call's lastError: the call goes on and completes", function()
+  local env = kit.start({
+    realtime = {
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        require("callagent.task").spawn(function()
+          session:speak({ ms = 3000, text = "A long explanation that the callee interrupts." })
+        end)
+        -- The service no longer has the item when the cut comes (its
+        -- answer: invalid_value, item not found, with the cut's event_id).
+        local send = session.send
+        session.send = function(self, ev)
+          if type(ev) == "table" and ev.type == "input_audio_buffer.speech_started" and self._active then
+            self.items[self._active.item_id] = nil
+          end
+          return send(self, ev)
+        end
+        session:user_speech({ interrupt = true, after_ms = 600, ms = 300, text = "Stop, wrong number." })
+        session:report_and_goodbye({ summary = "Wrong number.", outcome = "failure" }, { ms = 200, text = "Bye." })
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550112", prompt = "Explain at length." })
+  local call = env:wait_final(id, 20000)
+  T.eq(call.status, "completed")
+  local s = env.rt.sessions[1]
+  T.eq(#s.truncates, 1, "one truncate")
+  T.match(s.truncates[1].error or "", "not found", "the service refused it")
+  T.eq(call.lastError, nil, "not the call's error")
+end)
+
 T.test("a mark per 100 ms of audio and one at each item's end, many in flight; the hang-up waits for the goodbye's tail to play", function()
   local env = kit.start({
     realtime = {

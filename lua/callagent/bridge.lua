@@ -74,6 +74,9 @@ M.LAST_WORDS_MS = 2500
 -- was answered. A field so that tests can read it.
 M.MODEL_RETRY_MS = { 500, 1500, 3000 }
 local MODEL_RETRY_MAX_MS = 4000
+-- The event_id of each conversation.item.truncate: an error that answers
+-- one has it.
+local TRUNCATE_EVENT_ID = "callagent_truncate"
 
 -- When the model's session (openai.sessionMaxSec from its open) is near
 -- enough to ask for the wrap-up: the report (call.wrapUpSec) and the goodbye
@@ -660,6 +663,14 @@ function Bridge:_model_event(ev)
     if refused then
       self.create_sent_at = nil
     end
+    if str(e.event_id) == TRUNCATE_EVENT_ID then
+      -- A cut the service did not take (an item it no longer has, a
+      -- played length a rounding past its own): the model's idea of what
+      -- was heard is a little off, nothing more. Logged, not the call's
+      -- lastError.
+      log.warn("model refused a truncate", { call = self.call_id, code = code, type = etype, message = message })
+      return
+    end
     if code == "conversation_already_has_active_response" then
       -- A response the service started (its own turn detection) was
       -- active: ours is asked for again when it is done.
@@ -794,7 +805,8 @@ function Bridge:_speech_started()
   for _, c in ipairs(cut or {}) do
     local item, played, sent = c[1], math.floor(c[2]), c[3]
     self.truncated[item] = true
-    self.rt:send({ type = "conversation.item.truncate", item_id = item, content_index = 0, audio_end_ms = played })
+    self.rt:send({ type = "conversation.item.truncate", event_id = TRUNCATE_EVENT_ID, item_id = item, content_index = 0,
+      audio_end_ms = played })
     log.debug("barge-in", { call = self.call_id, item = item, played_ms = played, sent_ms = math.floor(sent) })
     self.engine:bridge_bargein(self, item, played)
   end
