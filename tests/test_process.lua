@@ -966,30 +966,6 @@ T.test("kill_on_exit: the child ends even when callagent is killed with SIGKILL 
   T.eq(pid_gone(b), false, "kill_on_exit = false: still running")
 end)
 
-T.test("children start after callagent's binary was replaced or removed (an upgrade under a running process)", function()
-  local dir = T.tmpdir()
-  local bin = dir .. "/callagent"
-  T.eq(os.execute("cp '" .. T.bin .. "' '" .. bin .. "'"), true)
-  local f = assert(io.open(dir .. "/app.lua", "w"))
-  f:write([[
-    local process = require "callagent.process"
-    local task = require "callagent.task"
-    assert(os.remove(arg[1]))
-    task.spawn(function()
-      local p = assert(process.spawn({ "sh", "-c", "echo child ran", on_stdout = print }))
-      print("exit " .. tostring(p:wait(5000)))
-    end)
-  ]])
-  f:close()
-  local out = {}
-  local p = assert(process.spawn({ bin, "run", dir .. "/app.lua", bin, env = { CALLAGENT_PATH = T.root .. "/lua" },
-    inherit_env = true, on_stdout = function(l)
-      out[#out + 1] = l
-    end }))
-  T.eq(p:wait(10000), 0)
-  T.eq(out, { "child ran", "exit 0" })
-end)
-
 -- A copy of callagent in dir .. bin_at, with CALLAGENT_PATH set, running app (its arg[1] is dir).
 local function run_copy(dir, bin_at, app)
   local bin = dir .. bin_at
@@ -1022,6 +998,21 @@ local function lines_of(path)
   f:close()
   return t
 end
+
+T.test("children start after callagent's binary was replaced or removed (an upgrade under a running process)", function()
+  -- A copy alone (no callagent-pdeathsig beside it): callagent is its own wrapper.
+  local m = run_copy(T.tmpdir(), "/callagent", [[
+    local process = require "callagent.process"
+    local task = require "callagent.task"
+    assert(os.remove(arg[1] .. "/callagent"))
+    task.spawn(function()
+      local p = assert(process.spawn({ "sh", "-c", "echo child ran", on_stdout = print }))
+      print("exit " .. tostring(p:wait(5000)))
+    end)
+  ]])
+  T.eq(m.code, 0)
+  T.eq(m.out, { "child ran", "exit 0" })
+end)
 
 T.test("kill_on_exit children start through callagent-pdeathsig beside the binary or in ../libexec/callagent/, while it is there", function()
   -- Two children, the wrapper removed between them: the first goes through
