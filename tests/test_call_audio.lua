@@ -118,6 +118,7 @@ T.test("a truncate the model refuses is logged, not the call's lastError: the ca
   local s = env.rt.sessions[1]
   T.eq(#s.truncates, 1, "one truncate")
   T.match(s.truncates[1].error or "", "not found", "the service refused it")
+  T.eq(s.truncates[1].event_id, "callagent_truncate_1", "numbered, as response.create's are")
   T.eq(call.lastError, nil, "not the call's error")
 end)
 

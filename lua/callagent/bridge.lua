@@ -74,9 +74,9 @@ M.LAST_WORDS_MS = 2500
 -- was answered. A field so that tests can read it.
 M.MODEL_RETRY_MS = { 500, 1500, 3000 }
 local MODEL_RETRY_MAX_MS = 4000
--- The event_id of each conversation.item.truncate: an error that answers
--- one has it.
-local TRUNCATE_EVENT_ID = "callagent_truncate"
+-- Each conversation.item.truncate's event_id is this and its number: an
+-- error that answers one has it.
+local TRUNCATE_EVENT_ID = "callagent_truncate_"
 
 -- When the model's session (openai.sessionMaxSec from its open) is near
 -- enough to ask for the wrap-up: the report (call.wrapUpSec) and the goodbye
@@ -663,7 +663,7 @@ function Bridge:_model_event(ev)
     if refused then
       self.create_sent_at = nil
     end
-    if str(e.event_id) == TRUNCATE_EVENT_ID then
+    if (str(e.event_id) or ""):sub(1, #TRUNCATE_EVENT_ID) == TRUNCATE_EVENT_ID then
       -- A cut the service did not take (an item it no longer has, a
       -- played length a rounding past its own): the model's idea of what
       -- was heard is a little off, nothing more. Logged, not the call's
@@ -805,8 +805,9 @@ function Bridge:_speech_started()
   for _, c in ipairs(cut or {}) do
     local item, played, sent = c[1], math.floor(c[2]), c[3]
     self.truncated[item] = true
-    self.rt:send({ type = "conversation.item.truncate", event_id = TRUNCATE_EVENT_ID, item_id = item, content_index = 0,
-      audio_end_ms = played })
+    self.truncates = (self.truncates or 0) + 1
+    self.rt:send({ type = "conversation.item.truncate", event_id = TRUNCATE_EVENT_ID .. self.truncates, item_id = item,
+      content_index = 0, audio_end_ms = played })
     log.debug("barge-in", { call = self.call_id, item = item, played_ms = played, sent_ms = math.floor(sent) })
     self.engine:bridge_bargein(self, item, played)
   end
