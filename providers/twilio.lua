@@ -74,6 +74,8 @@ local P = {
   name = "twilio",
   needs = { "twilio.accountSid", "twilio.authToken", "twilio.fromNumber" },
   needs_public_url = true,
+  -- Twilio signs the /voice/stream upgrade too (validateRequest).
+  requestHeaders = { "x-twilio-signature" },
 }
 
 -- Twilio's own REST API (api.twilio.com, or a region's api.<edge>.twilio.com),

@@ -140,4 +140,55 @@ T.test("a provider written as README says (own folder, own config section, own a
   T.eq(s.config.tools[1].name, "report_call")
 end, { timeout = 20000 })
 
+-- A vendor that signs its media stream's upgrade with a header of its own
+-- lists it in requestHeaders: the upgrade's req.headers holds only the
+-- headers libwebsockets knows, and these.
+local SIGNED = [[
+local P = { requestHeaders = { "X-Acme-Signature" }, seen = {} }
+function P:startCall(call) return { providerCallId = "acme-" .. call.callId } end
+function P:buildVoiceResponse() return "", "text/plain" end
+function P:validateRequest(req)
+  if not req.upgrade then
+    return false, "acme posts no webhooks"
+  end
+  self.seen[#self.seen + 1] = req.headers["x-acme-signature"] or false
+  if req.headers["x-acme-signature"] ~= "signed-by-acme" then
+    return false, "bad x-acme-signature"
+  end
+  return true
+end
+function P:mapStatus() return nil, "acme posts no status", "status" end
+function P:registerRoutes() end
+return P
+]]
+
+T.test("validateRequest reads a header of the provider's own (requestHeaders) at the /voice/stream upgrade", function()
+  local dir = T.tmpdir()
+  local f = assert(io.open(dir .. "/acme.lua", "w"))
+  f:write(SIGNED)
+  f:close()
+  local env = kit.start({ provider_dirs = { dir }, config = { telephony = { provider = "acme" } } })
+  local url = env.app.url:gsub("^http", "ws") .. "/voice/stream"
+  local closed = {}
+  local function connect(headers)
+    local conn = assert(ws.connect(url, { headers = headers, on_close = function(_, code)
+      closed[#closed + 1] = code
+    end }))
+    T.defer(function()
+      conn:close()
+    end)
+  end
+  local seen = env.app.provider.seen
+  connect({ ["X-Acme-Signature"] = "signed-by-acme" })
+  T.wait_for(function()
+    return #seen == 1
+  end, 2000, "the upgrade checked")
+  T.eq(seen[1], "signed-by-acme", "the provider's own header reached validateRequest")
+  connect({ ["X-Acme-Signature"] = "forged" })
+  T.wait_for(function()
+    return #closed == 1
+  end, 2000, "the forged upgrade closed")
+  T.eq({ seen[2], closed[1] }, { "forged", 1008 }, "a wrong one refused")
+end)
+
 T.run()

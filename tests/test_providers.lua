@@ -99,7 +99,7 @@ T.test("a provider whose startCall raises, or returns no table, fails the attemp
   T.eq(v.lastError, "the acme provider's startCall returned a string, not {providerCallId, userHint}")
 end)
 
-T.test("a provider of the app's own gets its own config section; a bad needs list is named", function()
+T.test("a provider of the app's own gets its own config section; a bad needs or requestHeaders list is named", function()
   local dir = T.tmpdir()
   write(dir .. "/acme.lua", (COMPLETE:gsub("^return {", 'return { needs = { "acme.apiKey" },')))
   local c, err, warnings = config.normalize({ telephony = { provider = "acme" }, openai = { apiKey = "sk-test-key" },
@@ -115,6 +115,11 @@ T.test("a provider of the app's own gets its own config section; a bad needs lis
     write(dir .. "/bad.lua", (COMPLETE:gsub("^return {", "return { needs = " .. needs .. ",")))
     local _, berr = providers.load_file(dir .. "/bad.lua", "bad")
     T.match(berr, "^provider .*/bad%.lua: needs must be a list of config keys", needs)
+  end
+  for _, headers in ipairs({ '"x-acme-signature"', '{ "x acme" }', "{ 5 }" }) do
+    write(dir .. "/bad.lua", (COMPLETE:gsub("^return {", "return { requestHeaders = " .. headers .. ",")))
+    local _, berr = providers.load_file(dir .. "/bad.lua", "bad")
+    T.match(berr, "^provider .*/bad%.lua: requestHeaders must be a list of header names", headers)
   end
 end)
 

@@ -487,7 +487,9 @@ function App:_start()
     max_body = 256 * 1024,
     max_ws_message = 256 * 1024,
     max_connections = self.opts.max_connections or 4096,
-    headers = { "x-twilio-signature" },
+    -- The upgrade of /voice/stream has only the headers libwebsockets
+    -- knows, and these (Twilio's signature): a provider names its own.
+    headers = self.provider.requestHeaders,
   })
   self:_routes(srv)
   api.register(srv, self.engine, cfg, {

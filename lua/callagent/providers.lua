@@ -7,6 +7,10 @@
 --                             to the file name)
 --   needs                     config keys it requires, e.g. {"twilio.accountSid"}
 --   needs_public_url          true when the vendor must reach us (webhooks, media)
+--   requestHeaders            names of headers of its own that validateRequest
+--                             reads, e.g. {"x-twilio-signature"}: the
+--                             /voice/stream upgrade's req.headers holds only
+--                             the headers libwebsockets knows, and these
 --   init(self, ctx)           optional; ctx = {config, engine, app, log}
 --   startCall(self, call, publicBaseUrl, localBaseUrl)
 --                             -> {providerCallId, userHint} | nil, err   (may wait)
@@ -188,6 +192,16 @@ check = function(p, path, name)
     end
     if bad then
       return nil, "provider " .. path .. ': needs must be a list of config keys like {"twilio.accountSid"}'
+    end
+  end
+  -- Header names: the server copies them for the /voice/stream upgrade.
+  if p.requestHeaders ~= nil then
+    local bad = type(p.requestHeaders) ~= "table"
+    for _, h in ipairs(bad and {} or p.requestHeaders) do
+      bad = bad or type(h) ~= "string" or not h:match("^[%w!#$%%&'*+.^_`|~-]+$")
+    end
+    if bad then
+      return nil, "provider " .. path .. ': requestHeaders must be a list of header names like {"x-twilio-signature"}'
     end
   end
   -- The name goes into messages ("the <name> provider's ..."): text.
