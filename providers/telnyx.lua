@@ -226,6 +226,18 @@ local function check_config(c)
     cfg_error("requestTimeoutSec", "expected a whole number of seconds from 1 to 120")
   end
   out.requestTimeoutSec = math.tointeger(t)
+  -- A key of no meaning here (a typo: validatesignature) is said, by name,
+  -- as config.lua says of its own sections' keys.
+  local unknown = {}
+  for k in pairs(c) do
+    if out[k] == nil and k ~= "publicKey" then
+      unknown[#unknown + 1] = tostring(k)
+    end
+  end
+  table.sort(unknown)
+  for _, k in ipairs(unknown) do
+    log.warn("config: telnyx." .. k .. ": unknown key, ignored")
+  end
   return out
 end
 

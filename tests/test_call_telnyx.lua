@@ -561,6 +561,27 @@ T.test("config: a missing or bad telnyx key stops the start with a message namin
 end)
 
 
+T.test("config: a telnyx key the provider does not know (a typo) is warned about, as config.lua's own are", function()
+  local _, _, p = T.run_app(nil, nil, { source = [[
+local callagent = require "callagent"
+local task = require "callagent.task"
+local app = assert(callagent.app({ telephony = { provider = "telnyx" }, store = { backend = "memory" },
+  server = { port = 0, publicBaseUrl = "https://example.com" }, tunnel = { provider = "none" },
+  openai = { apiKey = "sk-test-xxxxxxxx", realtimeUrl = "ws://127.0.0.1:9/v1/realtime" },
+  telnyx = { apiKey = "KEY0123456789", connectionId = "c", fromNumber = "+15550001111",
+    validateSignature = false, validatesignature = true, timeoutSec = 5 } }, { no_shutdown_hook = true }))
+task.spawn(function()
+  assert(app:start())
+  app:stop()
+end)
+]] })
+  local err = p.errtext()
+  T.match(err, "WARN config: telnyx%.timeoutSec: unknown key, ignored\n.*WARN config: telnyx%.validatesignature: "
+    .. "unknown key, ignored", "one line each, by name")
+  T.no_match(err, "telnyx%.[a-zA-Z]+: unknown key, ignored.*telnyx%.[a-zA-Z]+: unknown key, ignored.*"
+    .. "telnyx%.[a-zA-Z]+: unknown key", "the known keys are not")
+end)
+
 T.test("ring time: timeout_secs stays in Telnyx's 5-120 s, whatever call.ringTimeoutSec says", function()
   for _, c in ipairs({ { 180, 120 }, { 2, 5 } }) do
     local env = start({ script = function()
