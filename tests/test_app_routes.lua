@@ -125,6 +125,17 @@ T.test("app:create_call before app:start() is nil and a message saying so, not a
   T.match(err, "shutting down")
 end)
 
+T.test("app:on with an event name the app has not (a typo) raises, naming the events", function()
+  local app = assert(require("callagent").app({ telephony = { provider = "mock" }, openai = { apiKey = "sk-test-key" },
+    store = { backend = "memory" } }))
+  T.raises(function()
+    app:on("reports", function() end)
+  end, 'app:on: no event "reports" %(the events: status, transcript, report, bargein, error, ended%)')
+  for _, ev in ipairs({ "status", "transcript", "report", "bargein", "error", "ended" }) do
+    T.eq(app:on(ev, function() end), app, ev)
+  end
+end)
+
 T.test("an app:on handler that raises is logged with its traceback; the other handlers and the call go on", function()
   local log = require "callagent.log"
   local errs = {}

@@ -131,7 +131,18 @@ function App:routes(fn)
   return self
 end
 
+-- The events the engine emits: a handler for another name (a typo) would
+-- never run.
+local EVENTS = { "status", "transcript", "report", "bargein", "error", "ended" }
+
 function App:on(event, fn)
+  local known = false
+  for _, e in ipairs(EVENTS) do
+    known = known or e == event
+  end
+  if not known then
+    error(string.format('app:on: no event %q (the events: %s)', tostring(event), table.concat(EVENTS, ", ")), 2)
+  end
   assert(type(fn) == "function", "app:on needs a function")
   local list = self.handlers[event] or {}
   list[#list + 1] = fn
