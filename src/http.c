@@ -583,7 +583,8 @@ static void quick_response(struct req *r, int status, const char *code, const ch
 /*
  * RFC 9110's reason phrase (15) for the statuses lws writes without one
  * ("HTTP/1.1 204 ") or with the wrong one (every 3xx but 304 is
- * "Redirect"); NULL where lws' is right (200, 304, 400-417, 500-505).
+ * "Redirect"; RFC 2616's words for 407, 413, 414 and 416); NULL where lws'
+ * is right (200, 304, the other 4xx to 417, 500-505).
  */
 static const char *reason_phrase(int status)
 {
@@ -601,6 +602,10 @@ static const char *reason_phrase(int status)
 	case 305: return "Use Proxy";
 	case 307: return "Temporary Redirect";
 	case 308: return "Permanent Redirect";
+	case 407: return "Proxy Authentication Required";
+	case 413: return "Content Too Large";
+	case 414: return "URI Too Long";
+	case 416: return "Range Not Satisfiable";
 	case 421: return "Misdirected Request";
 	case 422: return "Unprocessable Content";
 	case 426: return "Upgrade Required";

@@ -665,9 +665,9 @@ T.test("a handler's Content-Length, Transfer-Encoding and Connection are the ser
   T.match(out, "\r\n\r\nchunkHTTP/1%.1 204 ")
 end)
 
-T.test("status lines carry RFC 9110's reason phrase (204 No Content, not lws' empty one; 305 Use Proxy, not lws' Redirect); a 204 keeps no Content-Length of the handler's", function()
+T.test("status lines carry RFC 9110's reason phrase (204 No Content, not lws' empty one; 305 Use Proxy, not lws' Redirect; 413 Content Too Large, not lws' RFC 2616 one); a 204 keeps no Content-Length of the handler's", function()
   local srv = server({}, function(s)
-    for _, st in ipairs({ 204, 201, 301, 305, 422 }) do
+    for _, st in ipairs({ 204, 201, 301, 305, 422, 407, 413, 414, 416 }) do
       s:get("/" .. st, function()
         return st, "", { ["Content-Length"] = "0", ["X-Mine"] = "kept" }
       end)
@@ -680,6 +680,19 @@ T.test("status lines carry RFC 9110's reason phrase (204 No Content, not lws' em
     "GET /305 HTTP/1.1\r\nHost: x\r\n\r\n",
     "GET /422 HTTP/1.0\r\nHost: x\r\n\r\n",
   })
+  -- lws writes RFC 2616's words for these ("Request Entity Too Large").
+  local late = one_connection(srv.port, {
+    "GET /407 HTTP/1.1\r\nHost: x\r\n\r\n",
+    "GET /413 HTTP/1.1\r\nHost: x\r\n\r\n",
+    "GET /414 HTTP/1.1\r\nHost: x\r\n\r\n",
+    "GET /416 HTTP/1.1\r\nHost: x\r\n\r\n",
+  })
+  local late_lines = {}
+  for line in late:gmatch("(HTTP/1%.1 %d%d%d [^\r]*)\r\n") do
+    late_lines[#late_lines + 1] = line
+  end
+  T.eq(late_lines, { "HTTP/1.1 407 Proxy Authentication Required", "HTTP/1.1 413 Content Too Large",
+    "HTTP/1.1 414 URI Too Long", "HTTP/1.1 416 Range Not Satisfiable" })
   local heads = {}
   for head in out:gmatch("HTTP/1%.%d .-\r\n\r\n") do
     heads[#heads + 1] = head
