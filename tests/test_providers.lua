@@ -255,6 +255,25 @@ T.test("a provider file that misbehaves while read is an error naming it: never 
   T.match(done[3], "/waits%.lua: error while loading: it waits %(yields%) while loading")
 end)
 
+T.test("a provider file that sleeps while loading is refused, and its sleep's end later logs no error", function()
+  local log = require "callagent.log"
+  local errs = {}
+  local e = log.error
+  log.error = function(msg, f)
+    errs[#errs + 1] = msg .. " " .. require("callagent.json").encode(f or {})
+    return e(msg, f)
+  end
+  T.defer(function()
+    log.error = e
+  end)
+  local dir = T.tmpdir()
+  write(dir .. "/sleeps.lua", 'require("callagent.timer").sleep(20) ' .. COMPLETE)
+  local _, err = providers.load("sleeps", cfg(), { dir })
+  T.match(err, "/sleeps%.lua: error while loading: it waits %(yields%) while loading")
+  require("callagent.timer").sleep(60)
+  T.eq(errs, {}, "the timer's wake-up of the closed load is dropped")
+end)
+
 T.test("provider_dirs that is not a list of folders is named, not read as no folder", function()
   local dir = T.tmpdir()
   write(dir .. "/acme.lua", COMPLETE)

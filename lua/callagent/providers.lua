@@ -59,6 +59,7 @@
 -- arrives on WS /voice/stream speaking Twilio's Media Streams protocol (or a
 -- vendor's like it: its `start` read by the provider's streamStart).
 local core = require "callagent.core"
+local task = require "callagent.task"
 
 local M = {}
 
@@ -141,7 +142,8 @@ function M.load_file(path, name)
   local co = coroutine.create(chunk)
   local ok, p = coroutine.resume(co)
   if ok and coroutine.status(co) ~= "dead" then
-    coroutine.close(co)
+    -- Closed as a task: what it waits for (a timer) may still wake it.
+    task.close(co)
     ok, p = false, "it waits (yields) while loading: a provider file is run when the app is created, and may not wait"
   end
   if not ok then

@@ -16,6 +16,8 @@
 --                              list and returns nil, "ETIMEDOUT". The waiter is
 --                              the wake function, or entry with entry.wake set
 --   task.running()             the current task's coroutine, or nil on the main thread
+--   task.close(co)             ends a suspended task (coroutine.close): a wake-up
+--                              still on its way to it (a timer's) is dropped
 --   task.queue([max])          FIFO between tasks: q:push(v), q:pop([timeout_ms])
 --                              (nil, "ETIMEDOUT" / nil, "ECLOSED"), q:close(), #q,
 --                              q:waiting() (pops waiting: the next push is theirs)
@@ -59,7 +61,18 @@ local function caught(err)
   return { err = err, traceback = debug.traceback(nil, 2) }
 end
 
+-- Tasks ended by M.close: a wake-up that comes for one later is no error.
+local closed = setmetatable({}, { __mode = "k" })
+
+function M.close(co)
+  closed[co] = true
+  return coroutine.close(co)
+end
+
 function M.resume(co, ...)
+  if closed[co] then
+    return false, "the task was closed"
+  end
   local ok, err = coroutine.resume(co, ...)
   if not ok then
     report(co, err)
