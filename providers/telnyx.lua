@@ -185,7 +185,7 @@ local function check_config(c)
   log.secret(key) -- from now on "[redacted]" in every log line and stored error
   if type(c.connectionId) ~= "string" or c.connectionId == "" or #c.connectionId > 128
     or c.connectionId:find("[%s%c]") then
-    cfg_error("connectionId", "expected the Call Control connection's id (a non-empty string without spaces)")
+    cfg_error("connectionId", "expected the Call Control connection's id (1 to 128 characters, no spaces)")
   end
   out.connectionId = c.connectionId
   if not config.is_e164(c.fromNumber) then

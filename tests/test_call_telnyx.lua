@@ -552,6 +552,8 @@ T.test("config: a missing or bad telnyx key stops the start with a message namin
   local pasted = try({ apiKey = "KEY0123456789\u{a0}", connectionId = "c", fromNumber = FROM, publicKey = pk })
   T.match(pasted, "telnyx%.apiKey: expected a secret of printable ASCII %(byte 14 is not%), got %[redacted%]$",
     "a no-break space pasted with the key")
+  T.match(try({ apiKey = API_KEY, connectionId = string.rep("c", 129), fromNumber = FROM, publicKey = pk }),
+    "telnyx%.connectionId: expected the Call Control connection's id %(1 to 128 characters, no spaces%)")
   T.match(try({ apiKey = API_KEY, connectionId = "c", fromNumber = FROM, publicKey = pk, apiBaseUrl = "ftp://x" }),
     "telnyx%.apiBaseUrl")
   T.match(try({ apiKey = API_KEY, connectionId = "c", fromNumber = FROM, publicKey = pk, requestTimeoutSec = "9" }),
