@@ -192,6 +192,17 @@ T.test("a file missing functions is reported by path and missing names", functio
   p, err = providers.load("badflag", cfg(), { dir })
   T.eq(p, nil)
   T.match(err or "", "/badflag%.lua: streamEndsCall must be true or false, not a string$")
+  -- A name the engine reads written in another case would never be read: a typo.
+  write(dir .. "/lower.lua", (COMPLETE:gsub("endCall = function%(%) end", "endcall = function() end")))
+  p, err = providers.load("lower", cfg(), { dir })
+  T.eq(p, nil)
+  T.match(err or "", "/lower%.lua: endcall: no such name %(did you mean endCall%?%)$")
+  write(dir .. "/upper.lua", (COMPLETE:gsub("startCall = function", "StartCall = function")))
+  p, err = providers.load("upper", cfg(), { dir })
+  T.match(err or "", "/upper%.lua: StartCall: no such name %(did you mean startCall%?%)$")
+  write(dir .. "/flag.lua", (COMPLETE:gsub("endCall = function%(%) end", "endCall = function() end, streamendscall = false")))
+  p, err = providers.load("flag", cfg(), { dir })
+  T.match(err or "", "/flag%.lua: streamendscall: no such name %(did you mean streamEndsCall%?%)$")
 end)
 
 T.test("a file that does not load or returns no table is reported by path", function()

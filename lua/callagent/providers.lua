@@ -73,6 +73,8 @@ M.required = {
 
 -- Optional, but functions when given.
 M.optional = { "init", "endCall", "getCall", "streamStart", "close" }
+-- Its other fields the engine reads.
+M.fields = { "name", "needs", "needs_public_url", "requestHeaders", "streamEndsCall" }
 
 --- The folders searched, in order: extra dirs (opts.provider_dirs), the
 --- providers/ folder next to the app being run, then callagent's own.
@@ -166,6 +168,19 @@ end
 check = function(p, path, name)
   if type(p) ~= "table" then
     return nil, "provider " .. path .. ": must return a table, returned " .. type(p)
+  end
+  -- A name the engine reads, written in another case ("endcall"), would
+  -- never be called: a typo, said as one.
+  for _, list in ipairs({ M.required, M.optional, M.fields }) do
+    for _, f in ipairs(list) do
+      if p[f] == nil then
+        for k in pairs(p) do
+          if type(k) == "string" and k:lower() == f:lower() then
+            return nil, "provider " .. path .. ": " .. k .. ": no such name (did you mean " .. f .. "?)"
+          end
+        end
+      end
+    end
   end
   local missing = {}
   for _, f in ipairs(M.required) do
