@@ -822,6 +822,25 @@ T.test("left ringing until the ring time is up, retried at once: the page says i
   model_unused(rt, 2, 1)
 end, { timeout = 30000 })
 
+-- A page that failed before its answer went out: the call declined as
+-- failed, never answered, and the page's console without an error that
+-- escaped it (pageFailed had it).
+local function declined_for_fault(app, rt, view, r, t0)
+  T.eq({ r.stats.state, r.banner }, { "error", "Call ended" })
+  T.match(r.problem, "^Something went wrong on this page: injected fault")
+  T.wait_for(function()
+    return app.engine:call_view(view.callId).status == "failed"
+  end, 3000, "the call failed")
+  T.ok(timer.now() - t0 < 15000, "well before the ring time")
+  local v = app.engine:call_view(view.callId)
+  T.eq({ v.attempts[1].status, v.attempts[1].answeredAt }, { "failed", nil })
+  T.eq({ v.status, v.endReason }, { "failed", "failed on the mock phone (asked by its link)" })
+  for _, line in ipairs(r.console) do
+    T.ok(not line:match("^pageerror"), "a fault escaped the page: " .. line)
+  end
+  model_unused(rt, 1, 1)
+end
+
 T.test("the page fails as it shows the ring: it declines the call as failed at once, not left ringing for the ring time",
   function()
   need_tools()
@@ -831,17 +850,23 @@ T.test("the page fails as it shows the ring: it declines the call as failed at o
   local t0 = timer.now()
   local r = drive({ view.hint, callee_wav(), ROOT .. "/tests/artifacts/mock-phone-ring-fault.png", "--ring-fault",
     "--timeout=10000" }, 20000)
-  T.eq({ r.stats.state, r.banner }, { "error", "Call ended" })
-  T.match(r.problem, "^Something went wrong on this page: injected fault")
   -- Before, the page said "Call ended" and the call rang on for 30 s.
-  T.wait_for(function()
-    return app.engine:call_view(view.callId).status == "failed"
-  end, 3000, "the call failed")
-  T.ok(timer.now() - t0 < 15000, "well before the ring time")
-  local v = app.engine:call_view(view.callId)
-  T.eq({ v.attempts[1].status, v.attempts[1].answeredAt }, { "failed", nil })
-  T.eq({ v.status, v.endReason }, { "failed", "failed on the mock phone (asked by its link)" })
-  model_unused(rt, 1, 1)
+  declined_for_fault(app, rt, view, r, t0)
+end, { timeout = 30000 })
+
+T.test("the page fails in a later check of its ring: it declines the call as failed at once, not left ringing",
+  function()
+  need_tools()
+  local app, rt = start_app(function() end, { call = { goodbyeTimeoutSec = 3, ringTimeoutSec = 30 },
+    retry = { maxAttempts = 1 } })
+  local view = assert(app:create_call({ to = "+14155550186", prompt = "Nobody takes it." }))
+  local t0 = timer.now()
+  -- Before, the fault was an unhandled rejection: the page rang on, its ring no longer checked.
+  local r = drive({ view.hint, callee_wav(), ROOT .. "/tests/artifacts/mock-phone-ring-check-fault.png",
+    "--ring-check-fault", "--timeout=5000" }, 15000)
+  T.eq(r.ring.title, "Incoming call", "it rang first")
+  T.eq(r.micRequests, 0)
+  declined_for_fault(app, rt, view, r, t0)
 end, { timeout = 30000 })
 
 T.test("answered in another tab while the page rings: the page says so and disables Answer and Decline", function()

@@ -53,6 +53,11 @@
 // link's token and the page's id: callagent answers it to hang it up if
 // the answer had not come. A page left while it only rang leaves it ringing.
 //
+// A fault of the page itself (a bug, a browser without something it uses),
+// in whatever step (the start, a button, a timer's, an event's): the page
+// says so and ends its part of the call: ringing, POST /mock/api/decline
+// {status: "failed"}; after Answer, it hangs up.
+//
 // Restored from the browser's back/forward cache (pageshow, persisted), what
 // the page shows is from before it was left (a call it hung up then, a ring
 // that stopped meanwhile): it loads again, and shows the link as it is now.
@@ -424,7 +429,7 @@ async function openMicrophone() {
       releaseMicrophone();
       return false;
     }
-    for (const t of mic.getAudioTracks()) t.addEventListener("ended", () => micLost());
+    for (const t of mic.getAudioTracks()) t.addEventListener("ended", guarded(micLost));
     return true;
   } catch (e) {
     if (ringEnded) return false;
@@ -485,7 +490,7 @@ function micLost() {
     postHangup();
     return;
   }
-  postHangup("microphone_lost").finally(() => stopStream("microphone lost"));
+  postHangup("microphone_lost").finally(() => run(stopStream, "microphone lost"));
 }
 
 // Rates whose polyphase filters the worklets can build (dsp.js): any usual one.
@@ -524,7 +529,7 @@ async function startAudio(ready) {
     numberOfOutputs: 1,
     outputChannelCount: [1],
   });
-  playback.port.onmessage = (e) => onPlayback(e.data);
+  playback.port.onmessage = guarded((e) => onPlayback(e.data));
   playback.onprocessorerror = () => noteError("the playback worklet failed");
   playback.connect(ctx.destination);
 
@@ -536,7 +541,7 @@ async function startAudio(ready) {
     channelCountMode: "explicit",
     channelInterpretation: "speakers",
   });
-  capture.port.onmessage = (e) => onFrame(e.data);
+  capture.port.onmessage = guarded((e) => onFrame(e.data));
   capture.onprocessorerror = () => noteError("the capture worklet failed");
   ctx.createMediaStreamSource(mic).connect(capture);
 }
@@ -554,7 +559,7 @@ function audioRunning() {
     const check = () => {
       if (ctx.state === "running") done();
     };
-    const timer = setTimeout(done, 3000);
+    const timer = after(3000, done);
     ctx.addEventListener("statechange", check);
     ctx.resume().then(check, () => {});
   });
@@ -576,10 +581,10 @@ function stopAudio(drain) {
       ctx.close().catch(() => {});
       $("agent-level").style.width = "0";
     } else {
-      setTimeout(check, 100);
+      after(100, check);
     }
   };
-  if (drain) setTimeout(check, 100);
+  if (drain) after(100, check);
   else check();
 }
 
@@ -610,7 +615,7 @@ function connect() {
     streamFailed(`Could not open the audio stream to ${call.streamUrl}: ${e.message}`);
     return;
   }
-  ws.onopen = () => {
+  ws.onopen = guarded(() => {
     opened = true;
     t0 = performance.now();
     send({ event: "connected", protocol: "Call", version: "1.0.0" });
@@ -629,10 +634,10 @@ function connect() {
       },
     });
     setState("connected", "Connected: talk to the agent.");
-  };
-  ws.onmessage = (e) => onStreamMessage(e.data);
+  });
+  ws.onmessage = guarded((e) => onStreamMessage(e.data));
   ws.onerror = () => noteError("websocket error");
-  ws.onclose = (e) => onStreamClosed(e);
+  ws.onclose = guarded(onStreamClosed);
 }
 
 function streamFailed(text) {
@@ -807,7 +812,7 @@ async function poll() {
     pollsAfterFinal++;
     if (pollsAfterFinal > 6) return; // the report comes with the final status; a few more to be sure
   }
-  pollTimer = setTimeout(poll, 500);
+  pollTimer = after(500, poll);
 }
 
 function render(v) {
@@ -937,7 +942,7 @@ async function ringCheck() {
       lostContact("it does not answer");
       return;
     }
-    ringTimer = setTimeout(ringCheck, 500);
+    ringTimer = after(500, ringCheck);
     return;
   }
   ringFailures = 0;
@@ -953,7 +958,7 @@ async function ringCheck() {
       return;
     }
     noteError(`ring: HTTP ${res.status}`);
-    ringTimer = setTimeout(ringCheck, 500);
+    ringTimer = after(500, ringCheck);
     return;
   }
   if (stats.state === "opening") {
@@ -976,16 +981,16 @@ async function ringCheck() {
       fail(`This call stopped ringing before it was answered: the link has expired.${saysWhy(body)} ${nextLink(body)}`);
     } else {
       showRing(body);
-      ringTimer = setTimeout(ringCheck, 500);
+      ringTimer = after(500, ringCheck);
     }
     return;
   }
   if (body.link === "ringing") {
     stats.ring = body;
-    ringTimer = setTimeout(ringCheck, 500);
+    ringTimer = after(500, ringCheck);
   } else if (body.link === "expired" && body.attemptStatus === "dialing" && ringUnsettled++ < 4) {
     // The link stopped a moment before its attempt's end was recorded: how it ended comes next.
-    ringTimer = setTimeout(ringCheck, 100);
+    ringTimer = after(100, ringCheck);
   } else {
     stoppedRinging(body);
   }
@@ -1122,7 +1127,7 @@ async function answerCall() {
   }
   inCall = true;
   setState("answering");
-  poll();
+  run(poll);
   if (micEnded) {
     // Lost during the answer's request.
     micLost();
@@ -1135,7 +1140,7 @@ async function answerCall() {
 // phone picked up and put down.
 async function answerToEnd() {
   if (await answer()) {
-    poll(); // shows the call end
+    run(poll); // shows the call end
     postHangup();
   }
 }
@@ -1144,23 +1149,24 @@ async function answerToEnd() {
 
 async function main() {
   setState("opening", "Opening the call link…");
-  $("hangup").onclick = () => hangUp();
-  $("answer").onclick = () => {
-    answerCall().catch(pageFailed);
-  };
-  $("decline").onclick = () => decline();
-  for (const b of $("keypad").querySelectorAll("button")) b.onclick = () => sendDigit(b.dataset.digit);
-  document.addEventListener("keydown", (e) => {
-    // A key held down is one key, as on a phone: not one per keyboard repeat.
-    if (/^[0-9*#]$/.test(e.key) && !e.repeat && !e.ctrlKey && !e.metaKey && !e.altKey) sendDigit(e.key);
-  });
+  $("hangup").onclick = guarded(() => hangUp());
+  $("answer").onclick = guarded(() => answerCall());
+  $("decline").onclick = guarded(() => decline());
+  for (const b of $("keypad").querySelectorAll("button")) b.onclick = guarded(() => sendDigit(b.dataset.digit));
+  document.addEventListener(
+    "keydown",
+    guarded((e) => {
+      // A key held down is one key, as on a phone: not one per keyboard repeat.
+      if (/^[0-9*#]$/.test(e.key) && !e.repeat && !e.ctrlKey && !e.metaKey && !e.altKey) sendDigit(e.key);
+    }),
+  );
   // Back from the back/forward cache: the page as it was left (a call it
   // hung up then, a ring that may have stopped since); loaded again, it
   // asks its link's view afresh.
   window.addEventListener("pageshow", (e) => {
     if (e.persisted) location.reload();
   });
-  window.addEventListener("pagehide", () => leavePage());
+  window.addEventListener("pagehide", guarded(leavePage));
 
   const m = location.pathname.match(/^\/mock\/call\/([^/]+)\/?$/);
   call.id = m ? decodeURIComponent(m[1]) : null;
@@ -1189,33 +1195,37 @@ function leavePage() {
   ringEnded = true;
   finished = true;
   stopRingCheck();
-  stopAudio(false);
+  // The server first (a fault in what follows must not keep the call on).
   if (call.session && !wasFinished) {
-    stopStream("page closed");
     postHangup();
   } else if (answering) {
     sendHangup({ token: call.token, page: PAGE_ID });
   }
+  if (call.session && !wasFinished) stopStream("page closed");
+  stopAudio(false);
   if (!wasFinished) setState("ended", "Call ended: you left the page.");
 }
 
-// A fault of the page itself (a bug, a browser without something it uses):
+// A fault of the page itself (a bug, a browser without something it uses),
+// wherever it comes from (main, a button, a timer's step, an event: run):
 // it says so, and ends on the server what it had of the call, so that the
 // call's status agrees with the page. Answered: hung up with its session.
 // Answer pressed, the answer's reply not in: by its link's token and this
 // page's id, as when it is left. Only ringing (or opening): declined with
 // status "failed" (Decline's request): nobody can answer on this page, and
-// it must not ring on until the ring time. The server first, the page's
-// own display last: a fault that recurs there (what failed, failing again)
-// must not keep the call ringing on.
+// it must not ring on until the ring time. The server first, the page's own display last: a fault that
+// recurs there (what failed, failing again) must not keep the call ringing
+// on, and is only noted. Once: a later fault is only noted.
+let faulted = false;
 function pageFailed(e) {
+  noteError(String(e && e.stack ? e.stack : e));
+  if (faulted) return;
+  faulted = true;
   const answering = answerClicked && !call.session && !ringEnded;
   const ringing = !answerClicked && !ringEnded && !finished && call.id && call.token;
   ringEnded = true;
   finished = true;
   stopRingCheck();
-  noteError(String(e && e.stack ? e.stack : e));
-  releaseMicrophone();
   if (call.session) {
     postHangup();
   } else if (answering) {
@@ -1223,7 +1233,35 @@ function pageFailed(e) {
   } else if (ringing) {
     sendDecline("failed").catch((err) => noteError("decline: " + err.message));
   }
-  fail(`Something went wrong on this page: ${e && e.message ? e.message : e}`, "Call ended");
+  try {
+    releaseMicrophone();
+    fail(`Something went wrong on this page: ${e && e.message ? e.message : e}`, "Call ended");
+  } catch (again) {
+    noteError(String(again && again.stack ? again.stack : again));
+  }
+}
+
+// Runs step(...args), a step of the page that nothing awaits (a timer's, a
+// button's, an event's; async or not): its fault, thrown or a rejection,
+// goes to pageFailed, as main()'s does, rather than to the console as an
+// error that ends nothing (the call ringing on to the ring time).
+function run(step, ...args) {
+  try {
+    const p = step(...args);
+    if (p && typeof p.then === "function") p.then(undefined, pageFailed);
+  } catch (e) {
+    pageFailed(e);
+  }
+}
+
+// step as a handler (an event's, a button's), run as run() does.
+function guarded(step) {
+  return (...args) => run(step, ...args);
+}
+
+// setTimeout of step, run as run() does.
+function after(ms, step) {
+  return setTimeout(run, ms, step);
 }
 
 main().catch(pageFailed);

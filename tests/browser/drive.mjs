@@ -84,6 +84,11 @@
 //                       feature the browser lacks stays missing); neither
 //                       button; the end is the page leaving "opening" /
 //                       "ringing"
+//   --ring-check-fault  the page fails in a later check of its ring: from the
+//                       second ring view on, the reply's link field throws as
+//                       the page reads it (a bug of the page's own, after it
+//                       showed the ring); neither button; the end as for
+//                       --ring-fault
 //   --let-ring          neither button: let it ring until it stops (the ring
 //                       time); the end as for --api-hangup
 //   --forward           open URL through a TCP forward on another port (as
@@ -136,6 +141,7 @@ for (const a of process.argv.slice(2)) {
   else if (a === "--answer-elsewhere") opts.answerElsewhere = true;
   else if (a === "--let-ring") opts.letRing = true;
   else if (a === "--ring-fault") opts.ringFault = true;
+  else if (a === "--ring-check-fault") opts.ringCheckFault = true;
   else if (a === "--answer-key") opts.answerKey = true;
   else if (a === "--dial") opts.dial = true;
   else if (a === "--no-report") opts.noReport = true;
@@ -333,6 +339,23 @@ async function run() {
         });
       });
     }
+    if (opts.ringCheckFault) {
+      await page.addInitScript(() => {
+        const json = Response.prototype.json;
+        let views = 0;
+        Response.prototype.json = function () {
+          const got = json.call(this);
+          if (!this.url.includes("/mock/api/ring/") || ++views < 2) return got;
+          return got.then((v) =>
+            Object.defineProperty(v, "link", {
+              get() {
+                throw new Error("injected fault");
+              },
+            }),
+          );
+        };
+      });
+    }
     // Counts the page's microphone requests; with --mic-delay, grants them late.
     await page.addInitScript(([ms, loseOnGrant, leave]) => {
       const leavePage = () => {
@@ -406,7 +429,7 @@ async function run() {
     const samples = [];
     const start = Date.now();
     const deadline = start + opts.timeout;
-    const watchRing = opts.apiHangup || opts.answerElsewhere || opts.letRing || opts.ringFault;
+    const watchRing = opts.apiHangup || opts.answerElsewhere || opts.letRing || opts.ringFault || opts.ringCheckFault;
     const wantReport = !opts.noReport && !opts.denyMic && !opts.decline && !watchRing && opts.hangupAfter == null
       && opts.cutAfter == null && opts.micLostAfter == null && !opts.micLostOnGrant && opts.oversizeAfter == null;
     let rang = false;
@@ -463,7 +486,7 @@ async function run() {
               callId: callIdOf(url),
               token: new URL(url).searchParams.get("t"),
             });
-          } else if (opts.letRing || opts.ringFault) {
+          } else if (opts.letRing || opts.ringFault || opts.ringCheckFault) {
             // Nobody answers.
           } else if (opts.answerKey) await page.keyboard.press("Enter");
           else await button(page, "Answer").click();
