@@ -869,6 +869,20 @@ T.test("the page fails in a later check of its ring: it declines the call as fai
   declined_for_fault(app, rt, view, r, t0)
 end, { timeout = 30000 })
 
+T.test("the page fails after Answer, before its answer went out: it declines the call as failed and lets the "
+  .. "microphone go, never answered", function()
+  need_tools()
+  local app, rt = start_app(function() end, { call = { goodbyeTimeoutSec = 3, ringTimeoutSec = 30 },
+    retry = { maxAttempts = 1 } })
+  local view = assert(app:create_call({ to = "+14155550185", prompt = "Nobody takes it." }))
+  local t0 = timer.now()
+  -- Before, the page's hang-up answered the call to hang it up at once (completed).
+  local r = drive({ view.hint, callee_wav(), ROOT .. "/tests/artifacts/mock-phone-answer-fault.png",
+    "--answer-fault", "--timeout=10000" }, 20000)
+  T.eq({ r.micRequests, r.micLive }, { 1, false }, "the microphone was granted, then let go")
+  declined_for_fault(app, rt, view, r, t0)
+end, { timeout = 30000 })
+
 T.test("answered in another tab while the page rings: the page says so and disables Answer and Decline", function()
   need_tools()
   local app = start_app(function(s)

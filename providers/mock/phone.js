@@ -55,8 +55,9 @@
 //
 // A fault of the page itself (a bug, a browser without something it uses),
 // in whatever step (the start, a button, a timer's, an event's): the page
-// says so and ends its part of the call: ringing, POST /mock/api/decline
-// {status: "failed"}; after Answer, it hangs up.
+// says so and ends its part of the call. Until its answer went out
+// (ringing, or Answer pressed: the microphone prompt, the audio starting),
+// POST /mock/api/decline {status: "failed"}; after, it hangs up.
 //
 // Restored from the browser's back/forward cache (pageshow, persisted), what
 // the page shows is from before it was left (a call it hung up then, a ring
@@ -1210,10 +1211,12 @@ function leavePage() {
 // wherever it comes from (main, a button, a timer's step, an event: run):
 // it says so, and ends on the server what it had of the call, so that the
 // call's status agrees with the page. Answered: hung up with its session.
-// Answer pressed, the answer's reply not in: by its link's token and this
-// page's id, as when it is left. Only ringing (or opening): declined with
-// status "failed" (Decline's request): nobody can answer on this page, and
-// it must not ring on until the ring time. The server first, the page's own display last: a fault that
+// The answer sent and its reply not in: by its link's token and this page's
+// id, as when it is left. Ringing (or opening), Answer pressed or not, and
+// the answer not sent (the microphone prompt, the audio starting): declined
+// with status "failed" (Decline's request): nobody can answer on this page,
+// and it must not ring on until the ring time, nor be answered only to be
+// hung up. The server first, the page's own display last: a fault that
 // recurs there (what failed, failing again) must not keep the call ringing
 // on, and is only noted. Once: a later fault is only noted.
 let faulted = false;
@@ -1221,8 +1224,8 @@ function pageFailed(e) {
   noteError(String(e && e.stack ? e.stack : e));
   if (faulted) return;
   faulted = true;
-  const answering = answerClicked && !call.session && !ringEnded;
-  const ringing = !answerClicked && !ringEnded && !finished && call.id && call.token;
+  const answering = answerSent && !call.session && !ringEnded;
+  const ringing = !answerSent && !ringEnded && call.id && call.token;
   ringEnded = true;
   finished = true;
   stopRingCheck();

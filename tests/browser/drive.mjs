@@ -89,6 +89,12 @@
 //                       the page reads it (a bug of the page's own, after it
 //                       showed the ring); neither button; the end as for
 //                       --ring-fault
+//   --answer-fault      Answer is clicked, and the page fails once it has the
+//                       microphone, before its answer goes out: a
+//                       document.title set while it answers with the
+//                       microphone granted throws (a bug of the page's own);
+//                       the end is the page leaving "answering", whatever
+//                       the call's status
 //   --let-ring          neither button: let it ring until it stops (the ring
 //                       time); the end as for --api-hangup
 //   --forward           open URL through a TCP forward on another port (as
@@ -116,8 +122,8 @@
 //   {ok, elapsedMs, stats, samples: [[ms, playedSamples, clears, lastPeak,
 //    mediaReceived, framesSent, droppedOnClear, marksEchoed]...], ring,
 //    banner, problem, status, ringTitle, reportText, transcriptText, endText,
-//    buttons {answer, decline: {visible, enabled}}, micRequests, console,
-//    reopen}
+//    buttons {answer, decline: {visible, enabled}}, micRequests, micLive (a
+//    microphone track still live at the end), console, reopen}
 // .hangupWhileAnswering is Hang up's {visible, enabled} at the last sample
 // of the state "answering" (the microphone prompt, then the stream's connect).
 // .documents lists the pages loaded in the tab, each {path, csp (its
@@ -142,6 +148,7 @@ for (const a of process.argv.slice(2)) {
   else if (a === "--let-ring") opts.letRing = true;
   else if (a === "--ring-fault") opts.ringFault = true;
   else if (a === "--ring-check-fault") opts.ringCheckFault = true;
+  else if (a === "--answer-fault") opts.answerFault = true;
   else if (a === "--answer-key") opts.answerKey = true;
   else if (a === "--dial") opts.dial = true;
   else if (a === "--no-report") opts.noReport = true;
@@ -356,6 +363,24 @@ async function run() {
         };
       });
     }
+    if (opts.answerFault) {
+      await page.addInitScript(() => {
+        const d = Object.getOwnPropertyDescriptor(Document.prototype, "title");
+        Object.defineProperty(Document.prototype, "title", {
+          configurable: true,
+          get() {
+            return d.get.call(this);
+          },
+          set(v) {
+            const p = window.mockPhone;
+            if (p && p.stats.state === "answering" && (window.__micStreams || []).length) {
+              throw new Error("injected fault");
+            }
+            d.set.call(this, v);
+          },
+        });
+      });
+    }
     // Counts the page's microphone requests; with --mic-delay, grants them late.
     await page.addInitScript(([ms, loseOnGrant, leave]) => {
       const leavePage = () => {
@@ -430,7 +455,8 @@ async function run() {
     const start = Date.now();
     const deadline = start + opts.timeout;
     const watchRing = opts.apiHangup || opts.answerElsewhere || opts.letRing || opts.ringFault || opts.ringCheckFault;
-    const wantReport = !opts.noReport && !opts.denyMic && !opts.decline && !watchRing && opts.hangupAfter == null
+    const wantReport = !opts.noReport && !opts.denyMic && !opts.decline && !watchRing && !opts.answerFault
+      && opts.hangupAfter == null
       && opts.cutAfter == null && opts.micLostAfter == null && !opts.micLostOnGrant && opts.oversizeAfter == null;
     let rang = false;
     let cutAt = null;
@@ -587,7 +613,7 @@ async function run() {
           }
         } else if (hungUp && Date.now() - start < out.hungUpMs + 1500) {
           // Watched a while past the click: what the page still plays.
-        } else if (over && (opts.decline || watchRing || (FINAL.includes(s.callStatus) && (!wantReport || last.reportShown)))) {
+        } else if (over && (opts.decline || watchRing || opts.answerFault || (FINAL.includes(s.callStatus) && (!wantReport || last.reportShown)))) {
           done = true;
           break;
         }
@@ -602,6 +628,9 @@ async function run() {
     out.ringTitle = await visibleText(page, "ring-title");
     out.buttons = { answer: await buttonState(page, "Answer"), decline: await buttonState(page, "Decline") };
     out.micRequests = await page.evaluate(() => window.__micRequests);
+    out.micLive = await page.evaluate(() =>
+      (window.__micStreams || []).some((m) => m.getAudioTracks().some((t) => t.readyState === "live")),
+    );
     out.reportText = await visibleText(page, "report");
     out.transcriptText = await visibleText(page, "transcript");
     out.endText = await visibleText(page, "end-reason");
