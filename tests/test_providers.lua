@@ -111,12 +111,14 @@ T.test("a provider of the app's own gets its own config section; a bad needs or 
   local _, lerr = providers.load("acme", assert(config.normalize({ telephony = { provider = "acme" },
     openai = { apiKey = "sk-test-key" } }, { quiet = true })), { dir })
   T.eq(lerr, "acme.apiKey: required by the acme provider")
-  for _, needs in ipairs({ '"acme.apiKey"', "5", '{ "apiKey" }' }) do
+  -- A list with a hole (a misspelt constant is nil) is no list: ipairs would stop at it.
+  for _, needs in ipairs({ '"acme.apiKey"', "5", '{ "apiKey" }', '{ nil, "acme.apiKey" }' }) do
     write(dir .. "/bad.lua", (COMPLETE:gsub("^return {", "return { needs = " .. needs .. ",")))
     local _, berr = providers.load_file(dir .. "/bad.lua", "bad")
     T.match(berr, "^provider .*/bad%.lua: needs must be a list of config keys", needs)
   end
-  for _, headers in ipairs({ '"x-acme-signature"', '{ "x acme" }', "{ 5 }" }) do
+  for _, headers in ipairs({ '"x-acme-signature"', '{ "x acme" }', "{ 5 }", '{ nil, "x-acme-timestamp" }',
+    '{ "x-acme-signature", nil, "x-acme-timestamp" }', '{ ["x-acme-signature"] = true }' }) do
     write(dir .. "/bad.lua", (COMPLETE:gsub("^return {", "return { requestHeaders = " .. headers .. ",")))
     local _, berr = providers.load_file(dir .. "/bad.lua", "bad")
     T.match(berr, "^provider .*/bad%.lua: requestHeaders must be a list of header names", headers)

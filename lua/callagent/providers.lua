@@ -165,6 +165,29 @@ function M.load_file(path, name)
   return res, cerr
 end
 
+-- Whether t is a list (keys 1..n, no hole) of strings matching pattern. A
+-- hole (a misspelt constant is nil) would end ipairs there, and the rest
+-- be passed over without a word (needs), or refused by the server only
+-- when the app starts (requestHeaders: "option 'headers' must be an array").
+local function list_of(t, pattern)
+  if type(t) ~= "table" then
+    return false
+  end
+  local n = 0
+  for k in pairs(t) do
+    if math.type(k) ~= "integer" then
+      return false
+    end
+    n = n + 1
+  end
+  for i = 1, n do
+    if type(t[i]) ~= "string" or not t[i]:match(pattern) then
+      return false
+    end
+  end
+  return true
+end
+
 check = function(p, path, name)
   if type(p) ~= "table" then
     return nil, "provider " .. path .. ": must return a table, returned " .. type(p)
@@ -202,24 +225,12 @@ check = function(p, path, name)
       return nil, "provider " .. path .. ": " .. f .. " must be true or false, not a " .. type(p[f])
     end
   end
-  if p.needs ~= nil then
-    local bad = type(p.needs) ~= "table"
-    for _, key in ipairs(bad and {} or p.needs) do
-      bad = bad or type(key) ~= "string" or not key:match("^[^.]+%..+$")
-    end
-    if bad then
-      return nil, "provider " .. path .. ': needs must be a list of config keys like {"twilio.accountSid"}'
-    end
+  if p.needs ~= nil and not list_of(p.needs, "^[^.]+%..+$") then
+    return nil, "provider " .. path .. ': needs must be a list of config keys like {"twilio.accountSid"}'
   end
   -- Header names: the server copies them for the /voice/stream upgrade.
-  if p.requestHeaders ~= nil then
-    local bad = type(p.requestHeaders) ~= "table"
-    for _, h in ipairs(bad and {} or p.requestHeaders) do
-      bad = bad or type(h) ~= "string" or not h:match("^[%w!#$%%&'*+.^_`|~-]+$")
-    end
-    if bad then
-      return nil, "provider " .. path .. ': requestHeaders must be a list of header names like {"x-twilio-signature"}'
-    end
+  if p.requestHeaders ~= nil and not list_of(p.requestHeaders, "^[%w!#$%%&'*+.^_`|~-]+$") then
+    return nil, "provider " .. path .. ': requestHeaders must be a list of header names like {"x-twilio-signature"}'
   end
   -- The name goes into messages ("the <name> provider's ..."): text.
   if p.name ~= nil and (type(p.name) ~= "string" or p.name == "") then
