@@ -86,4 +86,23 @@ print(depth > 100)
   T.match(p.err[1], 'ERROR uncaught error in task error="C stack overflow"')
 end)
 
+T.test("task.close of a task that is running raises, and the task still wakes from its waits", function()
+  -- The task was marked closed before coroutine.close refused it: every
+  -- later wake-up was dropped, and it waited for good without a word.
+  local code, _, p = T.run_app(nil, nil, {
+    source = [[
+local task = require "callagent.task"
+local timer = require "callagent.timer"
+task.spawn(function()
+  print(pcall(task.close, task.running()))
+  timer.sleep(5)
+  print("woke")
+end)
+]],
+  })
+  T.eq(code, 0, p.errtext())
+  T.match(p.out[1] or "", "^false\t.*cannot close a running coroutine$")
+  T.eq(p.out[2], "woke")
+end)
+
 T.run()

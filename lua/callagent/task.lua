@@ -65,7 +65,13 @@ end
 local closed = setmetatable({}, { __mode = "k" })
 
 function M.close(co)
-  closed[co] = true
+  -- Marked before the close, whose to-be-closed variables may wake it; not
+  -- when coroutine.close refuses it (running, or resuming another): it
+  -- goes on, and its wake-ups are still its own.
+  local st = coroutine.status(co)
+  if st == "suspended" or st == "dead" then
+    closed[co] = true
+  end
   return coroutine.close(co)
 end
 
