@@ -940,36 +940,55 @@ static int wrapper_exec_error(int fd, int pid)
 }
 
 /*
+ * Whether path is a program callagent may start its children through: a
+ * file (not a folder) of the binary's own owner or root, executable. A
+ * file another user put beside a binary run from a shared folder (/tmp)
+ * would run with callagent's environment, its secrets.
+ */
+static int trusted_program(const char *path, uid_t owner)
+{
+	struct stat st;
+
+	return stat(path, &st) == 0 && S_ISREG(st.st_mode) && (st.st_uid == owner || st.st_uid == 0) &&
+	       access(path, X_OK) == 0;
+}
+
+/*
  * The wrapper to start a kill_on_exit child through (src/pdeathsig.c), or
  * NULL without /proc: the small program callagent-pdeathsig beside this one
  * (the build tree) or in ../libexec/callagent/ (make install), looked for
- * once and checked at each spawn, so that one removed since is not tried;
- * else this program itself. That is /proc/self/exe - its own, which is
- * ours - rather than our path: it works even when the binary has been
- * replaced or removed since callagent started (an upgrade under a running
- * process). The small program execs in a millisecond where callagent
- * takes six to load its libraries, and spawn waits for that exec.
+ * once and checked at each spawn (trusted_program), so that one removed
+ * since is not tried; else this program itself. That is /proc/self/exe -
+ * its own, which is ours - rather than our path: it works even when the
+ * binary has been replaced or removed since callagent started (an upgrade
+ * under a running process). The small program execs in a millisecond where
+ * callagent takes six to load its libraries, and spawn waits for that exec.
  */
 static const char *wrapper_exe(void)
 {
 	static const char *const places[] = {"/callagent-pdeathsig", "/../libexec/callagent/callagent-pdeathsig"};
 	static char small[PATH_MAX];
 	static int self = -1;
+	static uid_t owner;
 	char dir[PATH_MAX];
-	ssize_t n;
+	struct stat st;
+	ssize_t n = -1;
 	size_t i;
 
 	if (self < 0) {
 		self = access("/proc/self/exe", X_OK) == 0;
-		n = readlink("/proc/self/exe", dir, sizeof dir - 1);
+		if (stat("/proc/self/exe", &st) == 0) {
+			owner = st.st_uid;
+			n = readlink("/proc/self/exe", dir, sizeof dir - 1);
+		}
 		while (n > 0 && dir[n - 1] != '/')	/* its directory ("... (deleted)" is the name's) */
 			n--;
 		for (i = 0; n > 0 && i < sizeof places / sizeof *places && !small[0]; i++)
 			if ((size_t)snprintf(small, sizeof small, "%.*s%s", (int)n - 1, dir, places[i]) >= sizeof small ||
-			    access(small, X_OK) != 0)
+			    !trusted_program(small, owner))
 				small[0] = '\0';
 	}
-	if (small[0] && access(small, X_OK) == 0)
+	if (small[0] && trusted_program(small, owner))
 		return small;
 	return self ? "/proc/self/exe" : NULL;
 }

@@ -1054,6 +1054,25 @@ T.test("kill_on_exit children start through callagent-pdeathsig beside the binar
     require("callagent.task").spawn(function() print("exit " .. tostring(p:wait(5000))); os.exit(0) end)
   ]])
   T.eq({ m.code, m.out, m.err, lines_of(dir .. "/used") }, { 0, { "exit 0" }, {}, {} })
+  -- Nor a folder of that name (spawn failed: EACCES), nor a file of
+  -- another user's: one put beside a binary run from a shared folder
+  -- such as /tmp would run with callagent's environment.
+  dir = T.tmpdir()
+  T.eq(os.execute("mkdir '" .. dir .. "/callagent-pdeathsig'"), true)
+  m = run_copy(dir, "/callagent", [[
+    local p = assert(require("callagent.process").spawn({ "true" }))
+    require("callagent.task").spawn(function() print("exit " .. tostring(p:wait(5000))); os.exit(0) end)
+  ]])
+  T.eq({ m.code, m.out }, { 0, { "exit 0" } }, "a folder: " .. table.concat(m.err, "\n"))
+  dir = T.tmpdir()
+  noting_wrapper(dir, dir .. "/callagent-pdeathsig")
+  if os.execute("chown 65534 '" .. dir .. "/callagent-pdeathsig' 2>/dev/null") then
+    m = run_copy(dir, "/callagent", app:gsub("WRAPPER", "\"/callagent-pdeathsig\""))
+    T.eq({ m.code, m.out, m.err, lines_of(dir .. "/used") },
+      { 0, { "child pid", "exit 0", "child pid", "exit 0" }, {}, {} }, "another user's")
+  else
+    T.diag("not root: the wrapper of another user's is not tried")
+  end
 end)
 
 T.test("kill_on_exit = false leaves the child running after callagent exits", function()
