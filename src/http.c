@@ -422,20 +422,30 @@ static int req_is_open(lua_State *L)
 	return 1;
 }
 
-/* Pushes the extra (custom) headers the server captures into the table on top. */
+/*
+ * Pushes the extra (custom) headers the server captures into the table on
+ * top, each whole whatever its length (max_header bounds it: a token past
+ * 2 KiB was left out, and a provider's validateRequest saw no header).
+ */
 static void push_extra_headers(lua_State *L, struct server *s, struct lws *wsi)
 {
-	char buf[2048];
+	char stackbuf[2048], *buf;
 
 	for (int i = 0; i < s->n_extra; i++) {
 		int nl = (int)strlen(s->extra[i]);
-		int len = lws_hdr_custom_copy(wsi, buf, sizeof buf, s->extra[i], nl);
+		int len = lws_hdr_custom_length(wsi, s->extra[i], nl);
 
+		if (len < 0)
+			continue;
+		buf = (size_t)len < sizeof stackbuf ? stackbuf : ca_malloc((size_t)len + 1);
+		len = lws_hdr_custom_copy(wsi, buf, len + 1, s->extra[i], nl);
 		if (len >= 0) {
 			lua_pushlstring(L, s->extra[i], (size_t)nl - 1);
 			push_value(L, buf, len);
 			lua_rawset(L, -3);
 		}
+		if (buf != stackbuf)
+			free(buf);
 	}
 }
 

@@ -189,6 +189,13 @@ T.test("validateRequest reads a header of the provider's own (requestHeaders) at
     return #closed == 1
   end, 2000, "the forged upgrade closed")
   T.eq({ seen[2], closed[1] }, { "forged", 1008 }, "a wrong one refused")
+  -- One past 2 KiB (a token) is there whole too: it was left out.
+  local long = string.rep("t", 3000)
+  connect({ ["X-Acme-Signature"] = long })
+  T.wait_for(function()
+    return #seen == 3
+  end, 2000, "the third upgrade checked")
+  T.eq(seen[3] == long or seen[3], true, "a 3000-byte header reached validateRequest")
 end)
 
 T.run()
