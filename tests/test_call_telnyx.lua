@@ -105,6 +105,18 @@ local function streaming_call(to)
   return env, id, tx
 end
 
+-- The body of the call.answered webhook the fake sent for its call.
+local function answered_body(call)
+  local body
+  for _, e in ipairs(call.events) do
+    if e.event == "call.answered" then
+      body = e.body
+    end
+  end
+  T.ok(body, "the call.answered webhook")
+  return body
+end
+
 local function events_of(rec)
   local out = {}
   for _, e in ipairs(rec.events or {}) do
@@ -374,13 +386,7 @@ end, { timeout = 30000 })
 
 T.test("a replayed webhook (same id, valid signature) is answered and changes nothing", function()
   local env, id, tx = streaming_call("+14155550104")
-  local answered
-  for _, e in ipairs(tx.events) do
-    if e.event == "call.answered" then
-      answered = e.body
-    end
-  end
-  T.ok(answered, "the call.answered webhook")
+  local answered = answered_body(tx)
   local streams = #env.tx.requests
   local ts = tostring(os.time())
   local res = assert(fetch(tx.body.webhook_url, { method = "POST", body = answered, headers = {
@@ -702,13 +708,7 @@ T.test("a replayed webhook is dropped before its URL is looked at: posted to ano
   local id = api:create({ to = "+14155550104", prompt = "Book a check-up." })
   T.eq(api:wait_final(id, 30000).status, "completed")
   local call = tx.calls[1]
-  local answered
-  for _, e in ipairs(call.events) do
-    if e.event == "call.answered" then
-      answered = e.body
-    end
-  end
-  T.ok(answered, "the call.answered webhook")
+  local answered = answered_body(call)
   local elsewhere = call.body.webhook_url:gsub("callId=[^&]+", "callId=c_another")
   T.ok(elsewhere ~= call.body.webhook_url, "another call's URL")
   local function post(body)
