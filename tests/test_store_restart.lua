@@ -309,6 +309,31 @@ for _, lost in ipairs({ false, true }) do
   end, { timeout = 60000 })
 end
 
+T.test("SIGTERM while the ring timeout's cancel is on its way, the canceled callback lost: no_answer, not queued to ring again", function()
+  -- The ring timeout (1 + 1 s) sends its cancel, which Twilio answers 8 s
+  -- later; the stop's own cancel is answered at once, and the canceled
+  -- callback of either never comes. The attempt rang out: no_answer.
+  local w = world({
+    behaviour = { ring_ms = 60000, lost_callbacks = { completed = true }, update_delay_ms = { 8000 } },
+    script = report_script,
+    config = { retry = { maxAttempts = 1 }, call = { ringTimeoutSec = 1, statusGraceSec = 1 } },
+  })
+  w.start()
+  local id = w.create("+14155550179")
+  local tw = w.tw:wait_call(5000)
+  T.wait_for(function()
+    return #tw.updates >= 1
+  end, 8000, "the ring timeout's cancel")
+  assert(w.app:kill("SIGTERM"))
+  T.eq(w.app:wait(15000), 0)
+  T.eq(#tw.updates, 2, "the stop's cancel too")
+  T.eq(stored(w, id).status, "no_answer", "ended, not queued")
+  w.start()
+  local rec = w.wait_final(id, 5000)
+  T.eq({ rec.status, rec.attempts[1].status, rec.attempts[1].reason, #rec.attempts, #w.tw.calls },
+    { "no_answer", "no_answer", "ring timeout", 1, 1 }, "not dialed again")
+end, { timeout = 60000 })
+
 T.test("an attempt a stop canceled while it rang does not count toward retry.maxAttempts", function()
   -- maxAttempts 2: the ring the stop canceled, then a busy line, then the
   -- second real attempt, which is answered.

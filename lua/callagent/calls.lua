@@ -2281,6 +2281,12 @@ function Engine:_end_hung_up(todo, wait_ms)
       -- as that status would have ended it; queued, the next start dialed it
       -- again, to the same refusal.
       self:_attempt_final(call, a.n, "canceled", "canceled: the model refused its session")
+    elseif call and a.status == "dialing" and a._rang_out then
+      -- The ring timeout's cancel was on its way too (_ring_timeout), its
+      -- canceled status not come: it rang out, no_answer (_attempt_final),
+      -- as that status would have ended it; queued, it rang again, and
+      -- did not count toward retry.maxAttempts.
+      self:_attempt_final(call, a.n, "canceled", "ring timeout")
     elseif call and a.status == "dialing" then
       -- A ringing call canceled, its canceled status not come: queued again.
       self:_requeue_at_stop(call, a.n, RANG_AT_STOP)

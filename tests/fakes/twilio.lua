@@ -73,7 +73,8 @@
 --   number -> text written as that frame's payload string as is, JSON escapes
 --   and all: what a broken or hostile sender might put there);
 --   create_delay_ms, update_delay_ms, update_fail: as the options above, for
---   this call only; voice_delay_ms (the voice webhook this long after the
+--   this call only (update_delay_ms may be a list: the nth update's delay,
+--   the ones past it at once); voice_delay_ms (the voice webhook this long after the
 --   answer, as over a slow link); callback_delay_ms (each status callback
 --   sent this much later, one after the other); get_delay_ms (GET of the
 --   call answered this late); update_answer_lost_times (the first n updates
@@ -1191,6 +1192,9 @@ function Fake:_update(req)
     call.redirects[#call.redirects + 1] = { params = p, at = now() }
   end
   local update_delay = call.behaviour.update_delay_ms or self.opts.update_delay_ms
+  if type(update_delay) == "table" then
+    update_delay = update_delay[#call.updates] -- this update's (nil: at once)
+  end
   if update_delay then
     timer.sleep(update_delay)
   end
