@@ -841,29 +841,32 @@ local function declined_for_fault(app, rt, view, r, t0)
   model_unused(rt, 1, 1)
 end
 
-T.test("the page fails as it shows the ring: it declines the call as failed at once, not left ringing for the ring time",
-  function()
+-- A call to `to` whose page fails where drive's flag makes it (shot: the
+-- screenshot's file in tests/artifacts): app, rt, view, drive's result, and
+-- when the page opened.
+local function faulting_page(to, flag, shot, timeout_ms)
   need_tools()
   local app, rt = start_app(function() end, { call = { goodbyeTimeoutSec = 3, ringTimeoutSec = 30 },
     retry = { maxAttempts = 1 } })
-  local view = assert(app:create_call({ to = "+14155550187", prompt = "Nobody takes it." }))
+  local view = assert(app:create_call({ to = to, prompt = "Nobody takes it." }))
   local t0 = timer.now()
-  local r = drive({ view.hint, callee_wav(), ROOT .. "/tests/artifacts/mock-phone-ring-fault.png", "--ring-fault",
-    "--timeout=10000" }, 20000)
+  local r = drive({ view.hint, callee_wav(), ROOT .. "/tests/artifacts/" .. shot, flag, "--timeout=" .. timeout_ms },
+    timeout_ms + 10000)
+  return app, rt, view, r, t0
+end
+
+T.test("the page fails as it shows the ring: it declines the call as failed at once, not left ringing for the ring time",
+  function()
+  local app, rt, view, r, t0 = faulting_page("+14155550187", "--ring-fault", "mock-phone-ring-fault.png", 10000)
   -- Before, the page said "Call ended" and the call rang on for 30 s.
   declined_for_fault(app, rt, view, r, t0)
 end, { timeout = 30000 })
 
 T.test("the page fails in a later check of its ring: it declines the call as failed at once, not left ringing",
   function()
-  need_tools()
-  local app, rt = start_app(function() end, { call = { goodbyeTimeoutSec = 3, ringTimeoutSec = 30 },
-    retry = { maxAttempts = 1 } })
-  local view = assert(app:create_call({ to = "+14155550186", prompt = "Nobody takes it." }))
-  local t0 = timer.now()
   -- Before, the fault was an unhandled rejection: the page rang on, its ring no longer checked.
-  local r = drive({ view.hint, callee_wav(), ROOT .. "/tests/artifacts/mock-phone-ring-check-fault.png",
-    "--ring-check-fault", "--timeout=5000" }, 15000)
+  local app, rt, view, r, t0 = faulting_page("+14155550186", "--ring-check-fault", "mock-phone-ring-check-fault.png",
+    5000)
   T.eq(r.ring.title, "Incoming call", "it rang first")
   T.eq(r.micRequests, 0)
   declined_for_fault(app, rt, view, r, t0)
@@ -871,14 +874,8 @@ end, { timeout = 30000 })
 
 T.test("the page fails after Answer, before its answer went out: it declines the call as failed and lets the "
   .. "microphone go, never answered", function()
-  need_tools()
-  local app, rt = start_app(function() end, { call = { goodbyeTimeoutSec = 3, ringTimeoutSec = 30 },
-    retry = { maxAttempts = 1 } })
-  local view = assert(app:create_call({ to = "+14155550185", prompt = "Nobody takes it." }))
-  local t0 = timer.now()
   -- Before, the page's hang-up answered the call to hang it up at once (completed).
-  local r = drive({ view.hint, callee_wav(), ROOT .. "/tests/artifacts/mock-phone-answer-fault.png",
-    "--answer-fault", "--timeout=10000" }, 20000)
+  local app, rt, view, r, t0 = faulting_page("+14155550185", "--answer-fault", "mock-phone-answer-fault.png", 10000)
   T.eq({ r.micRequests, r.micLive }, { 1, false }, "the microphone was granted, then let go")
   declined_for_fault(app, rt, view, r, t0)
 end, { timeout = 30000 })

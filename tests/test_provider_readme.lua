@@ -71,11 +71,17 @@ end
 return P
 ]]
 
-T.test("a provider written as README says (own folder, own config section, own answer route) places a whole call", function()
+-- A folder holding source as acme.lua, for provider_dirs.
+local function provider_dir(source)
   local dir = T.tmpdir()
   local f = assert(io.open(dir .. "/acme.lua", "w"))
-  f:write(ACME)
+  f:write(source)
   f:close()
+  return dir
+end
+
+T.test("a provider written as README says (own folder, own config section, own answer route) places a whole call", function()
+  local dir = provider_dir(ACME)
   local env = kit.start({
     provider_dirs = { dir },
     config = { telephony = { provider = "acme" }, acme = { apiKey = "acme-key-for-tests" } },
@@ -163,10 +169,7 @@ return P
 ]]
 
 T.test("validateRequest reads a header of the provider's own (requestHeaders) at the /voice/stream upgrade", function()
-  local dir = T.tmpdir()
-  local f = assert(io.open(dir .. "/acme.lua", "w"))
-  f:write(SIGNED)
-  f:close()
+  local dir = provider_dir(SIGNED)
   local env = kit.start({ provider_dirs = { dir }, config = { telephony = { provider = "acme" } } })
   local url = env.app.url:gsub("^http", "ws") .. "/voice/stream"
   local closed = {}

@@ -194,14 +194,17 @@ check = function(p, path, name)
   end
   -- A name the engine reads, written in another case ("endcall"), would
   -- never be called: a typo, said as one.
+  local by_lower = {}
+  for k in pairs(p) do
+    if type(k) == "string" then
+      by_lower[k:lower()] = k
+    end
+  end
   for _, list in ipairs({ M.required, M.optional, M.fields }) do
     for _, f in ipairs(list) do
-      if p[f] == nil then
-        for k in pairs(p) do
-          if type(k) == "string" and k:lower() == f:lower() then
-            return nil, "provider " .. path .. ": " .. k .. ": no such name (did you mean " .. f .. "?)"
-          end
-        end
+      local k = by_lower[f:lower()]
+      if k and p[f] == nil then
+        return nil, "provider " .. path .. ": " .. k .. ": no such name (did you mean " .. f .. "?)"
       end
     end
   end
