@@ -582,6 +582,23 @@ T.test("an Azure Functions ?code=, a ?passphrase=, a ?jwt= and a ?session= value
   T.eq(log.scrub("at zip-99999-5"), "at zip-99999-5", "a zip code is no secret")
 end)
 
+T.test("a shortened value keeps a [redacted] and a UTF-8 character whole at the cut", function()
+  local tok = "f3a9c2e1d4b5a6978877665544332211"
+  local pad = string.rep("x", 35)
+  local cases = {
+    -- "[redacted]" runs from byte 36 to 45, across the cut at 40.
+    { pad .. tok .. " and more", pad .. "[redacted]..." },
+    { pad .. tok, pad .. "[redacted]" },
+    -- "é" is bytes 40 and 41.
+    { string.rep("a", 39) .. "\u{e9}bcd", string.rep("a", 39) .. "..." },
+    { string.rep("a", 38) .. "\u{e9}bcd", string.rep("a", 38) .. "\u{e9}..." },
+  }
+  for _, c in ipairs(cases) do
+    local printed = printed_error({ twilio = { authToken = tok, fromNumber = c[1] }, openai = { apiKey = "sk-test-key" } })
+    T.eq(printed, 'twilio.fromNumber: expected an E.164 number like +15551234567, got "' .. c[2] .. '"')
+  end
+end)
+
 T.test("a value with a line break is shown on one line: an error is one line of the log", function()
   local cfg, err = config.normalize({ openai = { apiKey = "sk-test-key" }, twilio = { fromNumber = "+15551234567\n" } },
     { quiet = true })

@@ -554,18 +554,39 @@ local function credential_name(k)
   return false
 end
 
+-- s (redacted) shortened to about n bytes: never inside a "[redacted]",
+-- which is kept whole, nor inside a UTF-8 character.
+local function shorten(s, n)
+  if #s <= n then
+    return s
+  end
+  local at = 1
+  while true do
+    local i, j = s:find("[redacted]", at, true)
+    if not i or i > n then
+      break
+    elseif j > n then
+      n = j
+      break
+    end
+    at = j + 1
+  end
+  while n > 0 and n < #s and s:byte(n + 1) & 0xC0 == 0x80 do
+    n = n - 1
+  end
+  return n < #s and s:sub(1, n) .. "..." or s
+end
+
 -- Secrets are redacted before a long value is cut: one running past the
 -- cut would no longer match whole, and its head would be shown.
 local function describe(v)
   if type(v) == "string" then
-    v = log.scrub(v)
     -- %q writes a newline as "\" and a line break: an error is one line.
-    return (string.format("%q", #v > 40 and v:sub(1, 40) .. "..." or v):gsub("\\\n", "\\n"))
+    return (string.format("%q", shorten(log.scrub(v), 40)):gsub("\\\n", "\\n"))
   elseif type(v) == "table" then
     local ok, text = pcall(json.encode, v)
     if ok then
-      text = log.scrub(text)
-      return #text > 60 and text:sub(1, 60) .. "..." or text
+      return shorten(log.scrub(text), 60)
     end
     return "a table"
   end
