@@ -816,14 +816,7 @@ end
 -- ended; if it cannot, or the call still rings, it is hung up as no_answer.
 function Engine:_ring_timeout(call, n)
   local a = call.attempts[n]
-  local seen
-  if a.providerCallId and self.provider.getCall then
-    local err
-    seen, err = self:_provider_state(call, a)
-    if not seen then
-      log.warn("cannot ask the provider about a call that sent no status", { call = call.id, error = err })
-    end
-  end
+  local seen = self:_ask_provider(call, a, "a call that sent no status")
   if self.closed then
     return -- app:stop() closed the store meanwhile: the next start resolves the call
   end
@@ -945,6 +938,19 @@ function Engine:_provider_state(call, a)
     return nil, err or "the provider's getCall gave no status"
   end
   return st.status
+end
+
+-- The same where the vendor may have no getCall (it is optional) or no
+-- id for the call yet: nil then, and where it could not say (logged).
+function Engine:_ask_provider(call, a, what)
+  if not (a.providerCallId and self.provider.getCall) then
+    return nil
+  end
+  local seen, err = self:_provider_state(call, a)
+  if not seen then
+    log.warn("cannot ask the provider about " .. what, { call = call.id, error = err })
+  end
+  return seen
 end
 
 function Engine:_provider_end(view, a)
@@ -1937,14 +1943,7 @@ function Engine:_resolve_interrupted(call)
   -- No stream for it now: a voice webhook that comes while the vendor is
   -- asked is answered with a hang-up.
   call._resolving = true
-  local seen
-  if a.providerCallId and self.provider.getCall then
-    local err
-    seen, err = self:_provider_state(call, a)
-    if not seen then
-      log.warn("cannot ask the provider about an interrupted call", { call = call.id, error = err })
-    end
-  end
+  local seen = self:_ask_provider(call, a, "an interrupted call")
   if self.closed then
     return -- app:stop() closed the store meanwhile: the next start resolves it again
   end
