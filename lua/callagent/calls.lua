@@ -1640,6 +1640,16 @@ local function attempts_made(call, n)
   return made, last
 end
 
+-- Call id is dialed again in delay ms (its retry timer, canceled by a hang-up).
+function Engine:_dial_after(id, delay)
+  self.timers[id .. "#retry"] = timer.after(delay, function()
+    self.timers[id .. "#retry"] = nil
+    task.spawn(function()
+      self:dial(id)
+    end)
+  end)
+end
+
 -- After attempt n ended with status: a retry, or the call's end, by the
 -- retry policy. also: store writes that commit with the call's next state.
 function Engine:_after_attempt(call, n, status, answered, reason, also)
@@ -1673,12 +1683,7 @@ function Engine:_after_attempt(call, n, status, answered, reason, also)
     if self.stopped then
       return true -- the store's retry row: the next start dials it
     end
-    self.timers[call.id .. "#retry"] = timer.after(delay, function()
-      self.timers[call.id .. "#retry"] = nil
-      task.spawn(function()
-        self:dial(call.id)
-      end)
-    end)
+    self:_dial_after(call.id, delay)
     return true
   end
   local final = status
@@ -2088,12 +2093,7 @@ function Engine:recover()
       local delay = due and math.max(0, math.floor((due - core.time()) * 1000)) or 0
       counts[due and "retries" or "dialed"] = counts[due and "retries" or "dialed"] + 1
       log.info("recovered a queued call", { call = call.id, dial_in_ms = delay, attempt = call.attempt + 1 })
-      self.timers[call.id .. "#retry"] = timer.after(delay, function()
-        self.timers[call.id .. "#retry"] = nil
-        task.spawn(function()
-          self:dial(call.id)
-        end)
-      end)
+      self:_dial_after(call.id, delay)
     else
       counts.resolved = counts.resolved + 1
       log.info("resolving a call interrupted by the restart", { call = call.id, status = call.status })
