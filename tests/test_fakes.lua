@@ -232,6 +232,53 @@ T.test("realtime: session.update without type or with beta-only fields is reject
   T.eq(ev.error.param, "type")
 end)
 
+T.test("realtime: tools and message items not in the GA shape are refused with the field named", function()
+  local rt = start_rt({ script = function() end })
+  local c = assert(rt_connect(rt))
+  next_event(c)
+  local lookup = { name = "lookup", parameters = { type = "object", properties = { id = { type = "string" } } } }
+  local cases = {
+    -- Chat Completions' nesting, not the Realtime one.
+    { "session.update", { session = { type = "realtime", tools = { { type = "function", ["function"] = lookup } } } },
+      "unknown_parameter", "session.tools[0].function" },
+    { "session.update", { session = { type = "realtime", tools = { { type = "function", description = "x" } } } },
+      "missing_required_parameter", "session.tools[0].name" },
+    { "session.update", { session = { type = "realtime", tools = { { type = "retrieval", name = "x" } } } },
+      "invalid_value", "session.tools[0].type" },
+    { "response.create", { response = { tools = { { type = "function", ["function"] = lookup } } } },
+      "unknown_parameter", "response.tools[0].function" },
+    { "conversation.item.create", { item = { type = "message", role = "user", content = { { type = "text", text = "hi" } } } },
+      "invalid_value", "item.content[0].type" },
+    { "conversation.item.create", { item = { type = "message", role = "system",
+      content = { { type = "input_text", text = "a" }, { type = "output_text", text = "b" } } } },
+      "invalid_value", "item.content[1].type" },
+    { "conversation.item.create", { item = { type = "message", role = "developer",
+      content = { { type = "input_text", text = "a" } } } }, "invalid_value", "item.role" },
+    { "conversation.item.create", { item = { type = "message", role = "user" } }, "missing_required_parameter",
+      "item.content" },
+  }
+  for i, case in ipairs(cases) do
+    local ev = case[2]
+    ev.type, ev.event_id = case[1], "evt_" .. i
+    send(c, ev)
+    local got = next_event(c)
+    T.eq(got.type, "error", "case " .. i)
+    T.eq({ got.error.code, got.error.param, got.error.event_id }, { case[3], case[4], "evt_" .. i }, "case " .. i)
+  end
+  local s = rt.sessions[1]
+  T.eq({ s.updates, #s.response_creates }, { 0, 0 }, "nothing applied")
+  -- The shapes callagent sends are taken.
+  send(c, { type = "session.update", session = { type = "realtime",
+    tools = { { type = "function", name = "lookup", description = "x", parameters = lookup.parameters } } } })
+  T.eq(next_event(c).type, "session.updated")
+  for _, role in ipairs({ "system", "user" }) do
+    send(c, { type = "conversation.item.create", item = { type = "message", role = role,
+      content = { { type = "input_text", text = "a" } } } })
+    T.eq(next_event(c).type, "conversation.item.added", role)
+    T.eq(next_event(c).type, "conversation.item.done", role)
+  end
+end)
+
 T.test("realtime: appended audio is decoded and concatenated; wait_audio wakes once enough arrived", function()
   local rt = start_rt({
     script = function(s)

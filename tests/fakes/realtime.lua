@@ -62,7 +62,11 @@
 --                     input_audio_format, output_audio_format,
 --                     input_audio_transcription, turn_detection, modalities,
 --                     temperature, ...) - is unknown_parameter with param;
---                     bad formats/voices are invalid_value. A rejected update is
+--                     bad formats/voices are invalid_value; a tool not in the
+--                     GA shape {type "function", name, description, parameters}
+--                     (Chat Completions' {type, function = {...}}, say) is
+--                     unknown_parameter or missing_required_parameter, as in
+--                     response.create's response.tools. A rejected update is
 --                     not applied. A valid one is merged (session, audio,
 --                     audio.input and audio.output field by field; deeper values
 --                     replaced whole) and answered with session.updated.
@@ -70,7 +74,11 @@
 --   input_audio_buffer.commit / clear   committed (+ user item) / cleared; a
 --                     commit during user_speech{until_commit} commits that
 --                     speech, and its transcription follows
---   conversation.item.create    conversation.item.added + .done; a
+--   conversation.item.create    conversation.item.added + .done (a message's
+--                     role must be system, user or assistant, its content
+--                     parts of that role's types: input_text for system;
+--                     input_text, input_audio, input_image for user;
+--                     output_text, output_audio for assistant); a
 --                     function_call_output goes to session.function_outputs
 --   conversation.item.truncate  checked against the assistant audio sent for
 --                     that item: conversation.item.truncated or an error
@@ -874,6 +882,36 @@ local function check_format(f, param)
   end
 end
 
+-- A GA function tool is flat: {type = "function", name, description,
+-- parameters} (openai-python types/realtime/realtime_function_tool_param.py);
+-- Chat Completions' {type, function = {...}} is an unknown parameter there.
+-- An "mcp" tool is taken as it is.
+local FUNCTION_TOOL_KEYS = { type = true, name = true, description = true, parameters = true }
+
+-- Returns code, message, param for a tools array (at param) that is not the GA one, or nil.
+local function check_tools(tools, param)
+  if type(tools) ~= "table" then
+    return invalid(param, tools, "Expected an array of tools.")
+  end
+  for i, t in ipairs(tools) do
+    local p = fmt("%s[%d]", param, i - 1)
+    if type(t) ~= "table" then
+      return invalid(p, t, "Expected an object.")
+    end
+    if t.type == "function" then
+      local k = unknown_key(t, FUNCTION_TOOL_KEYS)
+      if k then
+        return unknown(p .. "." .. k)
+      end
+      if type(t.name) ~= "string" or t.name == "" then
+        return "missing_required_parameter", "Missing required parameter: '" .. p .. ".name'.", p .. ".name"
+      end
+    elseif t.type ~= "mcp" then
+      return invalid(p .. ".type", t.type, "Supported values are: 'function' and 'mcp'.")
+    end
+  end
+end
+
 -- Returns code, message, param for an invalid GA session object, or nil.
 local function check_session(s, produced_audio, current_voice)
   if type(s) ~= "table" then
@@ -952,6 +990,9 @@ local function check_session(s, produced_audio, current_voice)
         end
       end
     end
+  end
+  if s.tools ~= nil then
+    return check_tools(s.tools, "session.tools")
   end
 end
 
@@ -1101,6 +1142,15 @@ handlers["input_audio_buffer.clear"] = function(self)
   self:send({ type = "input_audio_buffer.cleared" })
 end
 
+-- The content part types of a message item, by role (openai-python
+-- types/realtime/realtime_conversation_item_{system,user,assistant}_message_param.py);
+-- [1]: them as an error message lists them.
+local MESSAGE_CONTENT = {
+  system = { "'input_text'", input_text = true },
+  user = { "'input_text', 'input_audio', 'input_image'", input_text = true, input_audio = true, input_image = true },
+  assistant = { "'output_text', 'output_audio'", output_text = true, output_audio = true },
+}
+
 handlers["conversation.item.create"] = function(self, ev)
   local item = ev.item
   if type(item) ~= "table" then
@@ -1111,6 +1161,24 @@ handlers["conversation.item.create"] = function(self, ev)
     return send_error(self, "invalid_value",
       fmt("Invalid value: '%s'. Supported values are: 'message', 'function_call', and 'function_call_output'.", tostring(t)),
       "item.type", ev.event_id)
+  end
+  if t == "message" then
+    local allowed = MESSAGE_CONTENT[item.role]
+    if not allowed then
+      return send_error(self, "invalid_value", fmt("Invalid value: '%s'. Supported values are: 'user', 'assistant', and "
+        .. "'system'.", tostring(item.role)), "item.role", ev.event_id)
+    end
+    if type(item.content) ~= "table" then
+      return send_error(self, "missing_required_parameter", "Missing required parameter: 'item.content'.",
+        "item.content", ev.event_id)
+    end
+    for i, part in ipairs(item.content) do
+      local pt = type(part) == "table" and part.type
+      if type(pt) ~= "string" or not allowed[pt] then
+        return send_error(self, "invalid_value", fmt("Invalid value: '%s'. Supported values for a %s message are: %s.",
+          tostring(pt), item.role, allowed[1]), fmt("item.content[%d].type", i - 1), ev.event_id)
+      end
+    end
   end
   if t == "function_call_output" then
     if type(item.call_id) ~= "string" then
@@ -1193,6 +1261,12 @@ handlers["response.create"] = function(self, ev)
     if k then
       return send_error(self, "unknown_parameter", "Unknown parameter: 'response." .. k .. "'.", "response." .. k,
         ev.event_id)
+    end
+    if r.tools ~= nil then
+      local code, msg, param = check_tools(r.tools, "response.tools")
+      if code then
+        return send_error(self, code, msg, param, ev.event_id)
+      end
     end
   end
   local meta = r and r.metadata
