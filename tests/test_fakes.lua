@@ -1,5 +1,5 @@
--- The fake outside world (tests/fakes): the OpenAI Realtime (GA) server and
--- Twilio (REST, call progress, Media Streams), driven through the real
+-- The fake outside world (tests/fakes): the OpenAI Realtime (GA) server,
+-- Twilio (REST, call progress, Media Streams) and Telnyx's media stream, driven through the real
 -- callagent clients and a tiny stand-in app, so engine tests can trust them.
 local T = require "testing"
 local ws = require "callagent.ws"
@@ -1326,6 +1326,57 @@ T.test("twilio: public URLs are signed as given and rewritten to the local app, 
   local cbs = statuses_of(app, call.sid)
   T.eq(#cbs, 4)
   T.eq(cbs[1].signature, twilio.sign(TOKEN, public .. "/status", cbs[1].params))
+end)
+
+
+-- Telnyx ----------------------------------------------------------------------------
+
+T.test("telnyx media: audio sent back plays only on a stream started with stream_bidirectional_mode rtp", function()
+  local telnyx = require "fakes.telnyx"
+  local tx = assert(telnyx.start({ api_key = "KEY-test", connection_id = "conn-1" }))
+  T.defer(function()
+    tx:close()
+  end)
+  -- An app whose stream answers every `start` with 400 bytes of mu-law.
+  local srv = T.server({}, function(srv)
+    srv:post("/hook", function()
+      return 200, { ok = true }
+    end)
+    srv:websocket("/voice/stream", {
+      text = function(conn, msg)
+        if json.decode(msg).event == "start" then
+          conn:send(json.encode({ event = "media", media = { payload = crypto.base64_encode(string.rep("\0", 400)) } }))
+        end
+      end,
+    })
+  end)
+  local auth = { Authorization = "Bearer KEY-test", ["Content-Type"] = "application/json" }
+  for _, mode in ipairs({ false, "rtp" }) do
+    local res = assert(fetch(tx.url .. "/v2/calls", { method = "POST", headers = auth, body = json.encode({
+      connection_id = "conn-1", to = "+14155550100", from = "+14155550199", webhook_url = srv:url("/hook") }) }))
+    T.eq(res.status, 200, res.body)
+    local call = assert(tx:wait_call(1000))
+    T.ok(call:wait(function()
+      return call.answered_at
+    end, 3000), "answered")
+    res = assert(fetch(tx.url .. "/v2/calls/" .. call.control_id .. "/actions/streaming_start", { method = "POST",
+      headers = auth, body = json.encode({ stream_url = srv:ws_url("/voice/stream"), stream_track = "inbound_track",
+        stream_bidirectional_mode = mode or nil, stream_bidirectional_codec = mode and "PCMU" or nil }) }))
+    T.eq(res.status, 200, res.body)
+    T.ok(call:wait(function()
+      return call.received_bytes + (call.dropped_bytes_unplayable or 0) >= 400
+    end, 3000), "the app's media reached the fake")
+    if mode then
+      T.eq({ call.received_bytes, call.errors }, { 400, {} }, "played")
+    else
+      T.eq({ call.received_bytes, call.dropped_bytes_unplayable }, { 0, 400 }, "dropped, not played")
+      T.match(call.errors[1], "stream_bidirectional_mode")
+    end
+    call:hangup()
+    T.ok(call:wait(function()
+      return call.done
+    end, 3000), "its call.hangup delivered")
+  end
 end)
 
 T.run()

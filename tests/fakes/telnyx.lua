@@ -65,14 +65,16 @@
 -- stream_id). The stream's encoding (call.stream_encoding, in media_format):
 -- streaming_start's stream_codec where Telnyx can transcode (PCMU <-> PCMA),
 -- else (no stream_codec, "default", or no transcoding) the call's codec;
--- A-law audio is the mu-law audio converted. Plays what the app sends at 8 bytes/ms, echoes each mark once
+-- A-law audio is the mu-law audio converted. Plays what the app sends at 8 bytes/ms (only on a stream
+-- started with stream_bidirectional_mode "rtp": without it Telnyx drops audio sent back, and so does the
+-- fake, counting it in call.dropped_bytes_unplayable with one entry in call.errors), echoes each mark once
 -- its audio has played, and on `clear` drops what is queued and echoes the
 -- pending marks at once. `stop` and a close when the call ends.
 --
 -- Call record: control_id, body (the dial's JSON), behaviour, status,
 -- events (webhooks sent: {event, status (HTTP answer), body}), stream
 -- (streaming_start's JSON), stream_params, stream_id, stream_closed,
--- received_bytes, played_bytes(), marks_echoed, clears, errors (protocol
+-- received_bytes, dropped_bytes_unplayable, played_bytes(), marks_echoed, clears, errors (protocol
 -- mistakes of the app), hangup_requested_at, hangup_command_ids (each hangup
 -- request's command_id), stream_command_ids (streaming_start's), final, done.
 -- tx.hangups and tx.stream_starts count those requests.
@@ -254,6 +256,15 @@ local function on_app_message(call, msg)
     local data = type(m.media) == "table" and type(m.media.payload) == "string" and b64dec(m.media.payload)
     if not data then
       call.errors[#call.errors + 1] = "media without a base64 payload"
+      return
+    end
+    if (call.stream or {}).stream_bidirectional_mode ~= "rtp" then
+      -- Not a bidirectional RTP stream: Telnyx drops what is sent back.
+      if not call.dropped_bytes_unplayable then
+        call.errors[#call.errors + 1] = "media sent on a stream started without stream_bidirectional_mode rtp: dropped"
+      end
+      call.dropped_bytes_unplayable = (call.dropped_bytes_unplayable or 0) + #data
+      notify(call)
       return
     end
     local start = math.max(t, call._play_end)
