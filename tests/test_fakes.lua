@@ -1256,6 +1256,25 @@ T.test("twilio: TwiML without <Connect><Stream> (or a failing /voice) is recorde
   T.eq(#app.streams, 0)
 end)
 
+T.test("twilio: a <Stream> url's query string is not passed on (Twilio takes data by <Parameter> only)", function()
+  local app = start_app()
+  local tw = start_tw()
+  app.voice_reply = function()
+    return 200, '<Response><Connect><Stream url="' .. app.stream_url .. '?token=t1&amp;callId=c_1">'
+      .. '<Parameter name="callId" value="c_1"/></Stream></Connect></Response>', { ["Content-Type"] = "text/xml" }
+  end
+  local _, call = create(tw, app)
+  T.ok(call:wait_stream(3000), "stream started")
+  local s = app.streams[1]
+  T.eq(s.req.path, "/voice/stream")
+  T.eq(s.req.raw_query or "", "", "no query reached the app")
+  T.eq(call.stream_url, app.stream_url, "connected to the url without its query")
+  T.eq(call.stream_headers["X-Twilio-Signature"], twilio.sign(TOKEN, app.stream_url))
+  T.match(call.twiml.stream.url, "%?token=t1&callId=c_1$", "the TwiML as the app sent it")
+  T.match(call.errors[1] and call.errors[1].message or "", "query string")
+  call:hangup()
+end)
+
 T.test("twilio: canceling a ringing call ends it canceled without /voice", function()
   local app = start_app()
   local tw = start_tw({ behaviour = { ring_ms = 2000 } })

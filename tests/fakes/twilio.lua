@@ -86,7 +86,8 @@
 --   the voice webhook params, signed; the TwiML must be
 --   <Response><Connect><Stream url><Parameter name value/>...; otherwise the
 --   call completes. Then the Media Streams client: a WebSocket to the stream
---   URL with X-Twilio-Signature (over the URL, no params), `connected`,
+--   URL (without its query string, which Twilio does not pass on: noted in
+--   call.errors) with X-Twilio-Signature (over the URL, no params), `connected`,
 --   `start` (customParameters from <Parameter>s), `media` every 20 ms on a
 --   drift-free schedule (160 bytes mu-law, sequenceNumber/chunk/timestamp as
 --   strings). From the app: `media` is played at 8 bytes/ms from when it
@@ -847,13 +848,20 @@ end
 local function run_stream(call)
   local tw = call.tw
   local st = call.twiml.stream
-  call.stream_url = st.url
+  -- The url "does not support query string parameters" (Twilio's <Stream>
+  -- docs; protocols.md section 2): data goes in <Parameter>s. A query is not
+  -- passed on: the connection is made (and signed) without it.
+  local stream_url = st.url:match("^[^?#]*")
+  if stream_url ~= st.url then
+    protocol_error(call, "a <Stream> url with a query string: Twilio does not pass it on (use <Parameter>)")
+  end
+  call.stream_url = stream_url
   call.stream_params = st.parameters
   call.stream_headers = {
-    ["X-Twilio-Signature"] = M.sign(tw.auth_token, st.url),
+    ["X-Twilio-Signature"] = M.sign(tw.auth_token, stream_url),
     ["User-Agent"] = "Twilio.TmeWs/1.0",
   }
-  local conn, err = ws.connect(rewrite(tw, st.url), {
+  local conn, err = ws.connect(rewrite(tw, stream_url), {
     headers = call.stream_headers,
     ca_file = tw.opts.ca_file,
     timeout = 5000,
