@@ -211,6 +211,10 @@ T.test("realtime: session.update without type or with beta-only fields is reject
       "session.audio.output.format.type" },
     { { type = "realtime", audio = { output = { voice = "nova" } } }, "invalid_value", "session.audio.output.voice" },
     { { type = "realtime", output_modalities = { "audio", "text" } }, "invalid_value", "session.output_modalities" },
+    { { type = "realtime", audio = { input = { turn_detection = { type = "server_vad", silence_duration = 500 } } } },
+      "unknown_parameter", "session.audio.input.turn_detection.silence_duration" },
+    { { type = "realtime", audio = { input = { transcription = { model = "whisper-1", enabled = true } } } },
+      "unknown_parameter", "session.audio.input.transcription.enabled" },
   }
   for i, case in ipairs(cases) do
     case[1].instructions = "must not apply"

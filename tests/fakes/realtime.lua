@@ -61,7 +61,8 @@
 --                     schema - the beta ones included (session.voice,
 --                     input_audio_format, output_audio_format,
 --                     input_audio_transcription, turn_detection, modalities,
---                     temperature, ...) - is unknown_parameter with param;
+--                     temperature, ...) or a misspelt one of turn_detection
+--                     or transcription - is unknown_parameter with param;
 --                     bad formats/voices are invalid_value; a tool not in the
 --                     GA shape {type "function", name, description, parameters}
 --                     (Chat Completions' {type, function = {...}}, say) is
@@ -827,6 +828,12 @@ local SESSION_KEYS = {
 local AUDIO_KEYS = { input = true, output = true }
 local INPUT_KEYS = { format = true, transcription = true, noise_reduction = true, turn_detection = true }
 local OUTPUT_KEYS = { format = true, voice = true, speed = true }
+-- The fields of server_vad and semantic_vad together, and of transcription
+-- (openai-python types/realtime/realtime_audio_input_turn_detection_param.py,
+-- audio_transcription_param.py): a misspelt one is an unknown parameter.
+local TURN_DETECTION_KEYS = { type = true, threshold = true, prefix_padding_ms = true, silence_duration_ms = true,
+  idle_timeout_ms = true, create_response = true, interrupt_response = true, eagerness = true }
+local TRANSCRIPTION_KEYS = { model = true, language = true, prompt = true }
 local RESPONSE_KEYS = {
   conversation = true,
   input = true,
@@ -962,6 +969,20 @@ local function check_session(s, produced_audio, current_voice)
         if type(td) ~= "table" or (td.type ~= "server_vad" and td.type ~= "semantic_vad") then
           return invalid("session.audio.input.turn_detection.type", type(td) == "table" and td.type or td,
             "Supported values are: 'server_vad' and 'semantic_vad'.")
+        end
+        k = unknown_key(td, TURN_DETECTION_KEYS)
+        if k then
+          return unknown("session.audio.input.turn_detection." .. k)
+        end
+      end
+      local tr = i.transcription
+      if tr ~= nil and tr ~= null then
+        if type(tr) ~= "table" then
+          return invalid("session.audio.input.transcription", tr, "Expected an object.")
+        end
+        k = unknown_key(tr, TRANSCRIPTION_KEYS)
+        if k then
+          return unknown("session.audio.input.transcription." .. k)
         end
       end
     end
