@@ -201,4 +201,65 @@ T.test("validateRequest reads a header of the provider's own (requestHeaders) at
   T.eq(seen[3] == long or seen[3], true, "a 3000-byte header reached validateRequest")
 end)
 
+-- The seed's mapStatus maps a webhook "to CallStatus": a status word alone
+-- is taken as {status = word}. A word that is none of callagent's seven was
+-- answered 204 and dropped without a word: the call rang on to its timeout.
+local WORDS = [[
+local P = {}
+function P:startCall(call) return { providerCallId = "acme-" .. call.callId } end
+function P:buildVoiceResponse() return "<Response/>" end
+function P:validateRequest() return true end
+function P:mapStatus(p)
+  if p.shape == "word" then
+    return p.status
+  end
+  return { status = p.status }
+end
+function P:registerRoutes() end
+return P
+]]
+
+T.test("mapStatus may return the status word alone (the seed's CallStatus); a word callagent lacks is a 500 naming it", function()
+  local log = require "callagent.log"
+  local errs, e = {}, log.error
+  log.error = function(msg, f)
+    errs[#errs + 1] = { msg = msg, fields = f }
+    return e(msg, f)
+  end
+  T.defer(function()
+    log.error = e
+  end)
+  local env = kit.start({ provider_dirs = { provider_dir(WORDS) },
+    config = { telephony = { provider = "acme" }, retry = { maxAttempts = 1 } } })
+  local function status(id, body)
+    local res = assert(fetch(env.app.url .. "/status?callId=" .. id .. "&attempt=1", { method = "POST", body = body,
+      headers = { ["Content-Type"] = "application/x-www-form-urlencoded" } }))
+    return res.status, json.try_decode(res.body)
+  end
+  local id = env:create({ to = "+14155550100", prompt = "Say hello." })
+  env:wait(id, function(r)
+    return r.status == "dialing"
+  end, 5000, "dialing")
+  T.eq(status(id, "shape=word&status=busy"), 204)
+  local rec = env:wait(id, function(r)
+    return r.status ~= "dialing"
+  end, 2000, "the word's status applied")
+  T.eq({ rec.status, rec.attempts[1].status }, { "busy", "busy" })
+
+  id = env:create({ to = "+14155550100", prompt = "Say hello." })
+  env:wait(id, function(r)
+    return r.status == "dialing"
+  end, 5000, "dialing")
+  local code, body = status(id, "shape=table&status=ringing")
+  T.eq({ code, body and body.error and body.error.code }, { 500, "internal" })
+  T.eq(errs[#errs] and errs[#errs].msg, "the provider's mapStatus returned no status callagent knows")
+  T.eq(errs[#errs].fields.status, "ringing")
+  code = status(id, "shape=word&status=")
+  T.eq(code, 500, "an empty word")
+  T.eq(env:get(id).status, "dialing", "nothing applied")
+  -- A provider's own route gets the same from engine:provider_status.
+  local ok, why = env.app.engine:provider_status(id, 1, { status = "answered" })
+  T.eq({ ok, why }, { false, 'not a status: "answered" (dialing, in_progress, completed, busy, no_answer, failed or canceled)' })
+end)
+
 T.run()

@@ -74,6 +74,12 @@ local function rank(s)
   return FINAL[s] and 3 or RANK[s] or 0
 end
 M.FINAL = FINAL
+-- The statuses a provider reports (mapStatus, provider_status): an
+-- attempt's, which is never queued.
+M.PROVIDER_STATUSES = { dialing = true, in_progress = true, completed = true, busy = true, no_answer = true,
+  failed = true, canceled = true }
+local STATUS_WORDS = "dialing, in_progress, completed, busy, no_answer, failed or canceled"
+M.STATUS_WORDS = STATUS_WORDS
 
 function M.iso(t)
   t = t or core.time()
@@ -1119,6 +1125,14 @@ end
 
 --- Applies a provider status (from mapStatus) to attempt n of a call.
 function Engine:provider_status(id, n, st)
+  -- Another word would rank below every status and be dropped as "not
+  -- newer" without a word, the call ringing on to its timeout.
+  if type(st) ~= "table" or not M.PROVIDER_STATUSES[st.status] then
+    local word = type(st) == "table" and st.status or st
+    word = type(word) == "string" and ('"' .. json.utf8(word:sub(1, 64)) .. '"') or tostring(word)
+    log.error("a provider status callagent does not know: ignored", { call = id, attempt = n, status = word })
+    return false, "not a status: " .. word .. " (" .. STATUS_WORDS .. ")"
+  end
   local call = self.live[id]
   if not call then
     self:_end_stray(id, n, st, nil)

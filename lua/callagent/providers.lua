@@ -22,7 +22,9 @@
 --   mapStatus(self, payload)  -> {status, providerCallId?, sequence?, reason?, raw?,
 --                             duration?} | nil, err, field? (the payload field at fault)
 --                             status: "dialing" | "in_progress" | "completed" |
---                             "busy" | "no_answer" | "failed" | "canceled";
+--                             "busy" | "no_answer" | "failed" | "canceled"
+--                             (the word alone is {status = word}: the seed's
+--                             CallStatus; another word is a 500 and an error);
 --                             providerCallId: the vendor's id of that call (how
 --                             a lost dial answer's id is learnt, and a call
 --                             unknown here hung up); sequence: grows per
