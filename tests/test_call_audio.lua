@@ -306,6 +306,30 @@ T.test("an app tool is offered to the model, called with its arguments, and its 
   T.eq(call.report.data, { order = "A-123" })
 end, { timeout = 40000 })
 
+T.test("call.goodbyeTimeoutSec 0 hangs up once the report's response is done, as the seed's report_call did", function()
+  local env = kit.start({
+    config = { call = { goodbyeTimeoutSec = 0 } },
+    realtime = {
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        session:speak({ ms = 200, pace = false, text = "Hello there." })
+        session:call_function("report_call", { summary = "Said hello.", outcome = "success" })
+        session.reported_at = timer.now()
+        if session:wait_event("response.create", 2000) then
+          session:speak({ ms = 3000, text = "A goodbye nobody hears." })
+        end
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550119", prompt = "Say hello." })
+  local call = env:wait_final(id, 20000)
+  T.eq({ call.status, call.endReason, call.report.summary }, { "completed", "completed", "Said hello." })
+  local tw, s = env.tw.calls[1], env.rt.sessions[1]
+  T.ok(tw.hangup_requested_at, "callagent hung up")
+  T.lt(tw.hangup_requested_at - s.reported_at, 1000, "at the report, not after a goodbye")
+  T.lt(tw.received_bytes, (200 + 1000) * 8, "the 3 s goodbye was not played out")
+end)
+
 T.test("only the first report_call is stored; a second one is acknowledged", function()
   local env = kit.start({
     config = { call = { goodbyeTimeoutSec = QUICK_GOODBYE } },
