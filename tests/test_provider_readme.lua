@@ -262,4 +262,44 @@ T.test("mapStatus may return the status word alone (the seed's CallStatus); a wo
   T.eq({ ok, why }, { false, 'not a status: "answered" (dialing, in_progress, completed, busy, no_answer, failed or canceled)' })
 end)
 
+-- The seed's startCall returns {providerCallId?, userHint?}: a vendor that
+-- names its call only later. endCall gets the id once a status gave one.
+local LATER = [[
+local P = { ended = {} }
+function P:init(ctx) self.engine = ctx.engine end
+function P:startCall() return {} end
+function P:buildVoiceResponse() return "<Response/>" end
+function P:validateRequest() return true end
+function P:mapStatus(p) return { status = p.status, providerCallId = p.id } end
+function P:registerRoutes() end
+function P:endCall(call, attempt)
+  self.ended[#self.ended + 1] = attempt.providerCallId or false
+  self.engine:provider_status(call.callId, attempt.n, { status = "canceled", providerCallId = attempt.providerCallId })
+  return true
+end
+return P
+]]
+
+T.test("startCall may leave providerCallId out (the seed's {providerCallId?}): the first status that names it gives it", function()
+  local env = kit.start({ provider_dirs = { provider_dir(LATER) }, config = { telephony = { provider = "acme" } } })
+  local function place()
+    local id = env:create({ to = "+14155550100", prompt = "Say hello." })
+    return id, env:wait(id, function(r)
+      return r.status == "dialing"
+    end, 5000, "dialing")
+  end
+  local id, rec = place()
+  T.eq(rec.attempts[1].providerCallId, nil)
+  T.eq(env:api("POST", "/v1/calls/" .. id .. "/hangup"), 202)
+  T.eq(env:wait_final(id, 5000).status, "canceled")
+  id = place()
+  local res = assert(fetch(env.app.url .. "/status?callId=" .. id .. "&attempt=1", { method = "POST",
+    body = "status=dialing&id=VENDOR-1", headers = { ["Content-Type"] = "application/x-www-form-urlencoded" } }))
+  T.eq(res.status, 204)
+  T.eq(env:get(id).attempts[1].providerCallId, "VENDOR-1")
+  T.eq(env:api("POST", "/v1/calls/" .. id .. "/hangup"), 202)
+  T.eq(env:wait_final(id, 5000).attempts[1].providerCallId, "VENDOR-1")
+  T.eq(env.app.provider.ended, { false, "VENDOR-1" }, "endCall got nil, then the id the status gave")
+end)
+
 T.run()
