@@ -260,6 +260,9 @@ T.test("mapStatus may return the status word alone (the seed's CallStatus); a wo
   -- A provider's own route gets the same from engine:provider_status.
   local ok, why = env.app.engine:provider_status(id, 1, { status = "answered" })
   T.eq({ ok, why }, { false, 'not a status: "answered" (dialing, in_progress, completed, busy, no_answer, failed or canceled)' })
+  T.eq({ env.app.engine:provider_status(id, 1, "answered") }, { false, why }, "the word alone")
+  T.eq(env.app.engine:provider_status(id, 1, "in_progress"), true, "a status word alone is taken")
+  T.eq(env:get(id).status, "in_progress")
 end)
 
 -- The seed's startCall returns {providerCallId?, userHint?}: a vendor that

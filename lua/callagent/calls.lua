@@ -1125,6 +1125,10 @@ end
 
 --- Applies a provider status (from mapStatus) to attempt n of a call.
 function Engine:provider_status(id, n, st)
+  -- The word alone, as mapStatus may give it (the seed's CallStatus).
+  if type(st) == "string" then
+    st = { status = st }
+  end
   -- Another word would rank below every status and be dropped as "not
   -- newer" without a word, the call ringing on to its timeout.
   if type(st) ~= "table" or not M.PROVIDER_STATUSES[st.status] then
