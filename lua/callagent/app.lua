@@ -242,19 +242,15 @@ function App:_routes(srv)
       log.warn("status callback not understood", { call = q.callId, error = serr, field = field })
       return 400, { error = { code = "bad_status", message = serr, field = field } }
     end
-    -- The seed's mapStatus returns a CallStatus, the word alone.
-    if type(st) == "string" then
-      st = { status = st }
-    end
-    if type(st) ~= "table" or not calls.PROVIDER_STATUSES[st.status] then
+    local known, word = calls.status_of(st)
+    if not known then
       -- The provider's fault, not the vendor's: as if mapStatus had raised.
-      local word = type(st) == "table" and st.status or st
       log.error("the provider's mapStatus returned no status callagent knows", { provider = provider.name,
-        call = q.callId, status = type(word) == "string" and json.utf8(word:sub(1, 64)) or tostring(word) })
+        call = q.callId, status = word })
       return 500, { error = { code = "internal", message = "the provider's mapStatus returned no status (one of "
         .. calls.STATUS_WORDS .. ")" } }
     end
-    engine:provider_status(q.callId, n, st)
+    engine:provider_status(q.callId, n, known)
     return 204
   end)
 

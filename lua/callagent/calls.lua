@@ -81,6 +81,21 @@ M.PROVIDER_STATUSES = { dialing = true, in_progress = true, completed = true, bu
 local STATUS_WORDS = "dialing, in_progress, completed, busy, no_answer, failed or canceled"
 M.STATUS_WORDS = STATUS_WORDS
 
+-- A provider's status as {status, ...}: the word alone (the seed's
+-- CallStatus) is {status = word}. nil and the word as shown in a log line
+-- for a word not among PROVIDER_STATUSES: it would rank below every
+-- status and be dropped as "not newer" without a word, the call ringing on.
+function M.status_of(st)
+  if type(st) == "string" then
+    st = { status = st }
+  end
+  if type(st) == "table" and M.PROVIDER_STATUSES[st.status] then
+    return st
+  end
+  local word = type(st) == "table" and st.status or st
+  return nil, type(word) == "string" and json.utf8(word:sub(1, 64)) or tostring(word)
+end
+
 function M.iso(t)
   t = t or core.time()
   return os.date("!%Y-%m-%dT%H:%M:%S", math.floor(t)) .. string.format(".%03dZ", math.floor((t % 1) * 1000))
@@ -1125,18 +1140,15 @@ end
 
 --- Applies a provider status (from mapStatus) to attempt n of a call.
 function Engine:provider_status(id, n, st)
-  -- The word alone, as mapStatus may give it (the seed's CallStatus).
-  if type(st) == "string" then
-    st = { status = st }
-  end
-  -- Another word would rank below every status and be dropped as "not
-  -- newer" without a word, the call ringing on to its timeout.
-  if type(st) ~= "table" or not M.PROVIDER_STATUSES[st.status] then
-    local word = type(st) == "table" and st.status or st
-    word = type(word) == "string" and ('"' .. json.utf8(word:sub(1, 64)) .. '"') or tostring(word)
+  local known, word = M.status_of(st)
+  if not known then
+    if type(type(st) == "table" and st.status or st) == "string" then
+      word = '"' .. word .. '"'
+    end
     log.error("a provider status callagent does not know: ignored", { call = id, attempt = n, status = word })
     return false, "not a status: " .. word .. " (" .. STATUS_WORDS .. ")"
   end
+  st = known
   local call = self.live[id]
   if not call then
     self:_end_stray(id, n, st, nil)
