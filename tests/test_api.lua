@@ -355,6 +355,9 @@ T.test("with server.apiToken every /v1 request needs the bearer token (401 other
   end
   status, body = env:api("GET", "/healthz")
   T.eq(status, 200, "health needs no token")
+  T.eq(body, { ok = true, starting = false, paused = false }, "without the token, whether it is up only")
+  status, body = env:api("GET", "/healthz", nil, { Authorization = "Bearer " .. token })
+  T.eq(status, 200)
   T.eq(body.ok, true)
   T.eq({ body.starting, body.paused }, { false, false })
   T.eq(body.provider, "twilio")
@@ -706,6 +709,22 @@ task.spawn(function()
   assert(app:start())
 end)
 ]]
+
+T.test("/healthz tells a request the API would refuse (a tunnel's, a proxy's, a web page's) only whether callagent is up", function()
+  local env = env_with({})
+  local port = env.base:match(":(%d+)$")
+  local up = { ok = true, starting = false, paused = false }
+  for _, h in ipairs({ { Host = "calls.example.org" }, { ["X-Forwarded-For"] = "203.0.113.9" },
+    { Origin = "http://evil.example" } }) do
+    local status, body, res = env:api("GET", "/healthz", nil, h)
+    T.eq({ status, body }, { 200, up }, json.encode(h))
+    T.lacks(res.body, "activeCalls", json.encode(h))
+  end
+  local status, body = env:api("GET", "/healthz", nil, { Host = "127.0.0.1:" .. port })
+  T.eq(status, 200)
+  T.eq({ body.provider, body.activeCalls }, { "twilio", 0 }, "this machine's own request has it all")
+  T.eq(type(body.loop), "table")
+end)
 
 T.test("each refused request is logged once with what was wrong; a request without Host is refused", function()
   local port = T.free_port()

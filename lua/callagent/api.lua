@@ -7,7 +7,8 @@
 --   GET  /v1/calls?status=&limit=&cursor=   newest first: {calls, nextCursor?};
 --                                 any other query parameter is 400 unknown_field
 --   POST /v1/calls/{callId}/hangup          -> 202 {callId, status}
---   GET  /healthz                 {ok, starting, paused, version, provider, activeCalls, uptimeSec, loop}
+--   GET  /healthz                 {ok, starting, paused, version, provider, activeCalls, uptimeSec, loop};
+--                                 {ok, starting, paused} to a request /v1 would refuse
 --
 -- With server.apiToken set, every /v1 request needs "Authorization: Bearer
 -- <token>" (401 otherwise); without it, /v1 answers only requests made to a
@@ -532,9 +533,8 @@ function M.register(srv, engine, cfg, opts)
     return 202, { callId = id, status = v.status }
   end))
 
-  srv:get("/healthz", function()
-    local l = core.loop_stats()
-    return 200, {
+  srv:get("/healthz", function(req)
+    local health = {
       ok = true,
       -- Still opening its tunnel or picking up the last run's calls: POST
       -- /v1/calls answers 503 until then. A readiness check waits for false.
@@ -542,6 +542,16 @@ function M.register(srv, engine, cfg, opts)
       -- Calls paused (the public tunnel is down, being opened again): POST
       -- /v1/calls answers 503 paused, and retries wait, until false.
       paused = engine.paused ~= nil,
+    }
+    -- The rest only to whom the API would answer (the token, or without
+    -- one a loopback request): through a tunnel anyone on the internet
+    -- asked how many calls were live, since when callagent ran, and its
+    -- version. Not logged: health checks ask all the time.
+    if refused_browser(req) or not authorized(req) then
+      return 200, health
+    end
+    local l = core.loop_stats()
+    for k, v in pairs({
       version = core.version,
       provider = opts.provider_name,
       activeCalls = engine:active_count(),
@@ -560,7 +570,10 @@ function M.register(srv, engine, cfg, opts)
         slowSec = round(l.slow_s, 1e3),
         uptimeSec = round(l.uptime_s, 1e3),
       },
-    }
+    }) do
+      health[k] = v
+    end
+    return 200, health
   end)
 end
 
