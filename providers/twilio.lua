@@ -312,17 +312,36 @@ function P.check_signature(token, full_url, params, signature, body)
   return false
 end
 
+-- The most form parameters a webhook may have. Twilio's voice webhooks and
+-- status callbacks have about 50 (twilio.com/docs/voice/twiml#request-
+-- parameters, .../voice/api/call-resource#statuscallback): a body of
+-- 256 KiB held 26,000, whose decoding, sorting and hashing, before the
+-- signature could fail, held the event loop (every call's audio) 100 ms,
+-- for anyone who can reach the server.
+P.MAX_FORM_PARAMS = 200
+
 function P:validateRequest(req, publicBaseUrl)
   if not self.tw.validateSignature then
     return true
   end
+  -- An HMAC-SHA1 in base64 is 28 characters: anything else is refused
+  -- before the body is looked at.
   local sig = req.headers["x-twilio-signature"]
+  if type(sig) ~= "string" or sig == "" then
+    return false, "X-Twilio-Signature missing"
+  elseif #sig ~= 28 or not sig:find("^[%w+/]+=$") then
+    return false, "X-Twilio-Signature is not an HMAC-SHA1 in base64"
+  end
   local base = publicBaseUrl
   local params = {}
   if req.method == "GET" and req.upgrade then
     base = base:gsub("^http", "ws") -- the stream URL Twilio connected to
   elseif req:content_type():find("application/x-www-form-urlencoded", 1, true) then
-    params = url.form_decode(req.body or "")
+    local body = req.body or ""
+    if select(2, body:gsub("&", "")) >= P.MAX_FORM_PARAMS then
+      return false, "a form of more than " .. P.MAX_FORM_PARAMS .. " parameters (no Twilio webhook has as many)"
+    end
+    params = url.form_decode(body)
   end
   local full = base .. req.path .. ((req.raw_query and req.raw_query ~= "") and ("?" .. req.raw_query) or "")
   -- Any other body (JSON) is signed through its hash in the URL; without
@@ -333,7 +352,7 @@ function P:validateRequest(req, publicBaseUrl)
   if P.check_signature(self.tw.authToken, full, params, sig, req.body) then
     return true
   end
-  return false, sig and "X-Twilio-Signature does not match" or "X-Twilio-Signature missing"
+  return false, "X-Twilio-Signature does not match"
 end
 
 local STATUS = {

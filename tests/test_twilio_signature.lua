@@ -1,6 +1,9 @@
 -- providers/twilio.lua checks X-Twilio-Signature exactly as Twilio signs
 -- (protocols.md section 4 vectors, port variants, bodySHA256).
 local T = require "testing"
+local kit = require "callkit"
+local fetch = require "callagent.fetch"
+local fake_twilio = require "fakes.twilio"
 local twilio = dofile(require("callagent.core").root .. "/providers/twilio.lua")
 
 local TOKEN = "12345"
@@ -48,6 +51,46 @@ T.test("any change to token, URL, parameters or signature fails", function()
   T.eq(twilio.check_signature(TOKEN, url, p, sig), false)
   T.eq(twilio.check_signature(TOKEN, url, DEFAULT, nil), false)
   T.eq(twilio.check_signature(TOKEN, url, DEFAULT, ""), false)
+end)
+
+T.test("a real process: a signature that is no HMAC-SHA1, or a form of more parameters than Twilio sends, is refused unread", function()
+  local tw = assert(fake_twilio.start({ account_sid = kit.ACCOUNT, auth_token = kit.TOKEN }))
+  local rt = assert(require("fakes.realtime").start({ api_key = kit.API_KEY }))
+  T.defer(function()
+    tw:close()
+    rt:close()
+  end)
+  local p, api = kit.app_process(tw, rt)
+  local u = api.base .. "/voice?callId=c_none&attempt=1"
+  local function post(sig, params)
+    local form = {}
+    for k, v in pairs(params) do
+      form[#form + 1] = k .. "=" .. v
+    end
+    return assert(fetch(u, { method = "POST", body = table.concat(form, "&"),
+      headers = { ["Content-Type"] = "application/x-www-form-urlencoded", ["X-Twilio-Signature"] = sig } })).status
+  end
+  -- 26,000 parameters (256 KiB) took 100 ms of the event loop to refuse.
+  local many, some = {}, { CallSid = "CA" .. string.rep("0", 32) }
+  for i = 1, 26000 do
+    many[string.format("k%05d", i)] = "v"
+  end
+  for i = 1, 198 do
+    some[string.format("k%03d", i)] = "v"
+  end
+  T.eq(post("RSOYDt4T1cUTdK1PDd93/VVr8B8=", many), 403)
+  T.eq(post("not-a-signature", some), 403)
+  -- Twilio's signature of 199 parameters still counts: the voice webhook
+  -- of a call that is not dialing is answered with <Hangup/>.
+  T.eq(post(fake_twilio.sign(kit.TOKEN, u, some), some), 200)
+  local reasons = { "a form of more than 200 parameters (no Twilio webhook has as many)",
+    "X-Twilio-Signature is not an HMAC-SHA1 in base64" }
+  T.wait_for(function()
+    return p.errtext():find("voice webhook for a call that is not dialing", 1, true) ~= nil
+  end, 5000, "the log lines: " .. p.errtext())
+  for _, why in ipairs(reasons) do
+    T.ok(p.errtext():find('voice webhook refused reason="' .. why .. '"', 1, true), why .. ": " .. p.errtext())
+  end
 end)
 
 T.run()
