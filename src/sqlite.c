@@ -15,7 +15,8 @@
  *       not at the first write.
  *       opts (all optional):
  *         readonly = false       open read-only (no WAL switch, no write check)
- *         create = true          create the file if missing (ignored if readonly)
+ *         create = true          create the file if missing (ignored if readonly),
+ *                                mode 0600: its -wal and -shm files get the same
  *         busy_timeout = 5000    ms to wait for another connection's lock. The
  *                                wait blocks the loop thread; it only happens
  *                                when another connection uses the same file
@@ -1401,6 +1402,19 @@ static int l_open(lua_State *L)
 		flags |= SQLITE_OPEN_READONLY;
 	else
 		flags |= SQLITE_OPEN_READWRITE | (create ? SQLITE_OPEN_CREATE : 0);
+	/*
+	 * A new file is made readable by its owner only: it holds every call's
+	 * number, prompt, transcript and report. SQLite made it 0644 (less the
+	 * umask), for every user of the machine to read; it gives the -wal and
+	 * -shm files the mode of the database's. An existing file keeps its own.
+	 * Whatever fails here (no folder, no permission) SQLite's open reports.
+	 */
+	if (!readonly && create && path[0] && strcmp(path, ":memory:")) {
+		int fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+
+		if (fd >= 0)
+			close(fd);
+	}
 	rc = sqlite3_open_v2(path, &h, flags, NULL);
 	if (rc != SQLITE_OK) {
 		const char *code = open_code(h, rc);

@@ -51,6 +51,25 @@ T.test("open creates a new file in WAL mode with NORMAL sync, foreign keys and t
   T.match(sqlite.version, "^3%.%d+%.%d+")
 end)
 
+T.test("a new database file, and its -wal and -shm, are readable by their owner only; an existing one keeps its mode", function()
+  local db, path, dir = fresh()
+  db:exec("CREATE TABLE t (x)")
+  db:exec("INSERT INTO t VALUES (1)")
+  local function mode(p)
+    local code, out = T.exec({ "stat", "-c", "%a", p })
+    T.eq(code, 0, p)
+    return out[1]
+  end
+  for _, p in ipairs({ path, path .. "-wal", path .. "-shm" }) do
+    T.eq(mode(p), "600", p .. " (SQLite made it 644, for every user of the machine to read the calls)")
+  end
+  local old = dir .. "/old.db"
+  assert(io.open(old, "w")):close()
+  T.eq(T.exec({ "chmod", "640", old }), 0)
+  assert(sqlite.open(old)):close()
+  T.eq(mode(old), "640", "a file made by its owner keeps the mode given")
+end)
+
 T.test("open applies synchronous = FULL and busy_timeout, and rejects bad options", function()
   local db = fresh({ synchronous = "FULL", busy_timeout = 250 })
   T.eq(db:value("PRAGMA synchronous"), 2, "FULL")
