@@ -80,7 +80,10 @@ M.ESPEAK_WAIT_MS = 15000
 -- nil, why when it failed.
 local function espeak(text)
   local file = os.tmpname()
-  local p = process.spawn({ "espeak-ng", "-v", "en-us", "-s", "165", "-w", file, text, on_stdout = false, on_stderr = false })
+  -- drop_secrets: the config's secrets (a Twilio token, a hooks token) are
+  -- none of espeak-ng's business.
+  local p = process.spawn({ "espeak-ng", "-v", "en-us", "-s", "165", "-w", file, text, on_stdout = false,
+    on_stderr = false, drop_secrets = true })
   local wav, why
   if p then
     local code, sig = p:wait(M.ESPEAK_WAIT_MS)
