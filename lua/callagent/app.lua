@@ -192,13 +192,19 @@ function App:_routes(srv)
     return q, n
   end
 
-  srv:post("/voice", function(req)
+  -- A webhook's query, once the provider has taken the request for its
+  -- vendor's; else the 403 or 400 to answer.
+  local function webhook_query(req, what)
     local ok, why = provider:validateRequest(provider_req(req), self:public_url())
     if not ok then
-      log.warn("voice webhook refused", { reason = why, remote = req.remote })
-      return 403, { error = { code = "forbidden", message = "invalid signature" } }
+      log.warn(what .. " refused", { reason = why, remote = req.remote })
+      return nil, 403, { error = { code = "forbidden", message = "invalid signature" } }
     end
-    local q, n, body = call_query(req, "voice webhook")
+    return call_query(req, what)
+  end
+
+  srv:post("/voice", function(req)
+    local q, n, body = webhook_query(req, "voice webhook")
     if not q then
       return n, body
     end
@@ -218,12 +224,7 @@ function App:_routes(srv)
   end)
 
   srv:post("/status", function(req)
-    local ok, why = provider:validateRequest(provider_req(req), self:public_url())
-    if not ok then
-      log.warn("status callback refused", { reason = why, remote = req.remote })
-      return 403, { error = { code = "forbidden", message = "invalid signature" } }
-    end
-    local q, n, body = call_query(req, "status callback")
+    local q, n, body = webhook_query(req, "status callback")
     if not q then
       return n, body
     end
