@@ -407,6 +407,30 @@ T.test("tailscale waiting for Funnel to be enabled: stopped after tunnel.timeout
     "funnel --https=443 off", "exit 0" })
 end)
 
+T.test("tailscale whose `funnel --bg` exits 0 without publishing (Funnel not enabled, no wait): an error with the admin link, not a dead URL", function()
+  local r, _, logs = scenario({
+    path = bindir({ "tailscale" }),
+    env = { FAKE_TAILSCALE_MODE = "enablenowait" },
+    cfg = { provider = "tailscale", timeoutSec = 10 },
+  })
+  T.eq(r.url, nil)
+  T.eq(r.err, "tunnel: tailscale Funnel is not enabled on this tailnet: visit "
+    .. "https://login.tailscale.com/f/funnel?node=nTEST123CNTRL to enable it, then try again")
+  T.eq(read_lines(logs.tailscale), { "status --json", "exit 0", "funnel --bg " .. PORT, "exit 0",
+    "funnel --https=443 off", "exit 0" })
+end)
+
+T.test("tailscale whose `funnel --bg` exits 0 saying only why it did not publish: the error quotes it", function()
+  local r = scenario({
+    path = bindir({ "tailscale" }),
+    env = { FAKE_TAILSCALE_MODE = "nopermission" },
+    cfg = { provider = "tailscale", timeoutSec = 10 },
+  })
+  T.eq(r.url, nil)
+  T.eq(r.err, "tunnel: `tailscale funnel --bg " .. PORT .. "` published nothing (no https://box.tail1234.ts.net "
+    .. "in its output): You don't have permission to enable this feature.")
+end)
+
 T.test("tailscale whose `funnel --bg` hangs after publishing: stopped at tunnel.timeoutSec, then `funnel off` undoes it", function()
   local r, _, logs = scenario({
     path = bindir({ "tailscale" }),

@@ -36,8 +36,8 @@
 -- failure kills it.
 --
 -- tailscale: `tailscale status --json` must show BackendState "Running";
--- then `tailscale funnel --bg <port>` (exit 0) publishes the port on
--- https://<Self.DNSName> (port 443). close() runs `tailscale funnel
+-- then `tailscale funnel --bg <port>` (exit 0, and that URL in its output)
+-- publishes the port on https://<Self.DNSName> (port 443). close() runs `tailscale funnel
 -- --https=443 off`, the command the CLI itself prints to undo --bg (`funnel
 -- <port> off` is refused as the pre-1.52 syntax; `funnel reset` would also
 -- drop the user's other serve/funnel settings); it waits OFF_MS for it (ms,
@@ -542,6 +542,18 @@ local function funnel_off(ms)
   end
 end
 
+-- Whether `funnel --bg`'s stdout shows url published: its "https://<name>/"
+-- line (messageForPort in cmd/tailscale/cli/serve_v2.go).
+local function published(out, url)
+  for _, l in ipairs(out) do
+    local s = l:match("^%s*(.-)%s*$")
+    if s == url or s:sub(1, #url + 1) == url .. "/" then
+      return true
+    end
+  end
+  return false
+end
+
 local function open_tailscale(cfg, port, deadline, cancel)
   local function left()
     return deadline - timer.now()
@@ -607,6 +619,17 @@ local function open_tailscale(cfg, port, deadline, cancel)
   if not url then
     funnel_off()
     return nil, "tailscale has no DNS name for this machine (is MagicDNS on?); set server.publicBaseUrl"
+  end
+  -- Exit 0 is not enough: when Funnel is not enabled and the control server
+  -- says not to wait for it, the CLI prints why (and the admin link) and
+  -- exits 0 having published nothing. Published, it prints the URL.
+  if not published(r.out, url) then
+    funnel_off()
+    if first_line(r.lines, "https://login%.tailscale%.com/f/%S+") then
+      return nil, tailscale_error("funnel --bg " .. port, r, cfg.timeoutSec)
+    end
+    return nil, string.format("`tailscale funnel --bg %d` published nothing (no %s in its output): %s", port, url,
+      first_line(r.lines) or "(it said nothing)")
   end
   return new_tunnel("tailscale", url, funnel_off)
 end
