@@ -431,6 +431,17 @@ T.test("tailscale whose `funnel --bg` exits 0 saying only why it did not publish
     .. "in its output): You don't have permission to enable this feature.")
 end)
 
+T.test("tailscale older than 1.52 (no `funnel --bg`): the error says to update it, naming its version", function()
+  local r, _, logs = scenario({
+    path = bindir({ "tailscale" }),
+    env = { FAKE_TAILSCALE_MODE = "old" },
+    cfg = { provider = "tailscale", timeoutSec = 10 },
+  })
+  T.eq(r.err, "tunnel: tailscale 1.50.1 is too old for `tailscale funnel --bg` (Tailscale 1.52 or later): "
+    .. "update it, or set server.publicBaseUrl (tailscale said: flag provided but not defined: -bg)")
+  T.eq(read_lines(logs.tailscale), { "status --json", "exit 0", "funnel --bg " .. PORT, "exit 2" })
+end)
+
 T.test("tailscale whose `funnel --bg` hangs after publishing: stopped at tunnel.timeoutSec, then `funnel off` undoes it", function()
   local r, _, logs = scenario({
     path = bindir({ "tailscale" }),

@@ -55,6 +55,7 @@
 --   tunnel: tailscale is not logged in: run `tailscale up`
 --   tunnel: tailscale Funnel is not available for this machine: <tailscale's message>
 --   tunnel: tailscale Funnel is not enabled on this tailnet: visit <admin link> to enable it, then try again
+--   tunnel: tailscale 1.50.1 is too old for `tailscale funnel --bg` (Tailscale 1.52 or later): update it, or set server.publicBaseUrl (tailscale said: ...)
 --   tunnel: neither ngrok nor tailscale is installed; install one, or set server.publicBaseUrl
 --   tunnel: no tunnel could be opened: ngrok ...; tailscale .... Fix one, or set server.publicBaseUrl
 --   tunnel: tunnel.provider is "none"; set server.publicBaseUrl to ...
@@ -611,6 +612,16 @@ local function open_tailscale(cfg, port, deadline, cancel)
     return nil, CANCELED, CANCELED
   end
   if r.timed_out or r.code ~= 0 then
+    local version = type(status.Version) == "string" and status.Version:match("^(%d+%.%d+[%.%d]*)") or nil
+    local major, minor = (version or ""):match("^(%d+)%.(%d+)")
+    local old = major and (tonumber(major) < 1 or (tonumber(major) == 1 and tonumber(minor) < 52))
+    local no_bg = first_line(r.lines, "flag provided but not defined: %-%-?bg")
+    if not r.timed_out and (no_bg or old) then
+      local said = no_bg or first_line(r.lines)
+      return nil, string.format("tailscale%s is too old for `tailscale funnel --bg` (Tailscale 1.52 or later): "
+        .. "update it, or set server.publicBaseUrl%s", version and (" " .. version) or "",
+        said and (" (tailscale said: " .. said .. ")") or "")
+    end
     return nil, tailscale_error("funnel --bg " .. port, r, cfg.timeoutSec)
   end
   local me = type(status.Self) == "table" and status.Self or {}
