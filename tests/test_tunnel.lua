@@ -442,6 +442,33 @@ T.test("tailscale older than 1.52 (no `funnel --bg`): the error says to update i
   T.eq(read_lines(logs.tailscale), { "status --json", "exit 0", "funnel --bg " .. PORT, "exit 2" })
 end)
 
+T.test("tailscaled not running, or not reachable: the error quotes the CLI's reason and hint, not a guess", function()
+  local r = scenario({
+    path = bindir({ "tailscale" }),
+    env = { FAKE_TAILSCALE_MODE = "nodaemon" },
+    cfg = { provider = "tailscale", timeoutSec = 10 },
+  })
+  T.eq(r.err, "tunnel: tailscale cannot reach tailscaled: failed to connect to local tailscaled; it doesn't appear "
+    .. "to be running (sudo systemctl start tailscaled ?)")
+  r = scenario({
+    path = bindir({ "tailscale" }),
+    env = { FAKE_TAILSCALE_MODE = "noreach" },
+    cfg = { provider = "tailscale", timeoutSec = 10 },
+  })
+  T.match(r.err, "^tunnel: tailscale cannot reach tailscaled: failed to connect to local tailscaled %(which appears to "
+    .. "be running as /usr/sbin/tailscaled, pid 812%)%. Got error: ")
+end)
+
+T.test("tailscale refusing a user who is not its operator: the error says to run `tailscale set --operator`", function()
+  local r = scenario({
+    path = bindir({ "tailscale" }),
+    env = { FAKE_TAILSCALE_MODE = "denied" },
+    cfg = { provider = "tailscale", timeoutSec = 10 },
+  })
+  T.eq(r.err, "tunnel: tailscale refused (Access denied: serve config denied): run `sudo tailscale set "
+    .. "--operator=$USER` once, so callagent may configure Funnel")
+end)
+
 T.test("tailscale whose `funnel --bg` hangs after publishing: stopped at tunnel.timeoutSec, then `funnel off` undoes it", function()
   local r, _, logs = scenario({
     path = bindir({ "tailscale" }),

@@ -501,7 +501,9 @@ local function tailscale_error(what, r, timeout_s)
   elseif first_line(lines, "Logged out") or first_line(lines, "NeedsLogin") or first_line(lines, "not logged in") then
     return LOGIN
   elseif first_line(lines, "tailscaled") and first_line(lines, "connect") then
-    return "tailscaled is not running: " .. first_line(lines, "tailscaled")
+    -- The CLI's own words say whether tailscaled runs, and what to do
+    -- ("sudo systemctl start tailscaled ?"): it may run, its socket refusing us.
+    return "tailscale cannot reach tailscaled: " .. first_line(lines, "tailscaled")
   elseif first_line(lines, "[Aa]ccess denied") or first_line(lines, "[Pp]ermission denied") then
     return "tailscale refused (" .. (first_line(lines, "[Aa]ccess denied") or first_line(lines, "[Pp]ermission denied"))
       .. "): run `sudo tailscale set --operator=$USER` once, so callagent may configure Funnel"
