@@ -43,7 +43,9 @@
 -- drop the user's other serve/funnel settings); it waits OFF_MS for it (ms,
 -- when close(ms) gives less), then leaves it to finish. A `funnel --bg`
 -- stopped at tunnel.timeoutSec is followed by the same `off`: it may have
--- published the port before it hung.
+-- published the port before it hung. Not one that printed the link to
+-- enable Funnel: the CLI sets nothing before that, and an off would wait
+-- for the link too.
 --
 -- auto: ngrok if installed, else tailscale; when the first fails for another
 -- reason, the other is tried too, in what is left of timeoutSec. Errors are one line starting "tunnel: ",
@@ -488,10 +490,13 @@ local function state_error(state)
   return "tailscale is not running (BackendState " .. tostring(state) .. "): run `tailscale up`"
 end
 
+-- The admin link the CLI prints when Funnel is not enabled on the tailnet.
+local ENABLE_LINK = "https://login%.tailscale%.com/f/%S+"
+
 -- What a failed tailscale command's output means, as one actionable line.
 local function tailscale_error(what, r, timeout_s)
   local lines = r.lines
-  local enable = first_line(lines, "https://login%.tailscale%.com/f/%S+")
+  local enable = first_line(lines, ENABLE_LINK)
   local no_funnel = first_line(lines, "Funnel not available")
   if no_funnel then
     return "tailscale Funnel is not available for this machine: " .. no_funnel
@@ -604,7 +609,12 @@ local function open_tailscale(cfg, port, deadline, cancel)
   if not r then
     return nil, "tailscale cannot be started: " .. err
   end
-  if r.timed_out or r.canceled then
+  -- The link to enable Funnel: the CLI prints it, and waits or exits,
+  -- before it sets anything; an off would print it and wait just the same
+  -- (`funnel` checks Funnel is enabled first, turning off too:
+  -- runServeCombined in cmd/tailscale/cli/serve_v2.go).
+  local asked = first_line(r.lines, ENABLE_LINK)
+  if (r.timed_out or r.canceled) and not asked then
     -- Stopped halfway, it may have published the port already (tailscaled
     -- took the setting, the CLI was still waiting on something): undone,
     -- or the machine would stay on the internet with nothing behind it.
@@ -637,10 +647,10 @@ local function open_tailscale(cfg, port, deadline, cancel)
   -- says not to wait for it, the CLI prints why (and the admin link) and
   -- exits 0 having published nothing. Published, it prints the URL.
   if not published(r.out, url) then
-    funnel_off()
-    if first_line(r.lines, "https://login%.tailscale%.com/f/%S+") then
+    if asked then
       return nil, tailscale_error("funnel --bg " .. port, r, cfg.timeoutSec)
     end
+    funnel_off()
     return nil, string.format("`tailscale funnel --bg %d` published nothing (no %s in its output): %s", port, url,
       first_line(r.lines) or "(it said nothing)")
   end
