@@ -338,16 +338,51 @@ T.test("tailscale: funnel --bg PORT publishes https://<Self.DNSName>, close() ru
   T.eq(r.err, nil)
   T.eq(r.provider, "tailscale")
   T.eq(r.url, "https://box.tail1234.ts.net")
-  T.eq(read_lines(logs.tailscale), { "status --json", "exit 0", "funnel --bg " .. PORT, "exit 0" })
+  T.eq(read_lines(logs.tailscale), { "status --json", "exit 0", "funnel status --json", "exit 0", "funnel --bg " .. PORT, "exit 0" })
   stop_driver(r, p)
   T.eq(read_lines(logs.tailscale), {
     "status --json",
+    "exit 0",
+    "funnel status --json",
     "exit 0",
     "funnel --bg " .. PORT,
     "exit 0",
     "funnel --https=443 off",
     "exit 0",
   }, "off ran once (close is idempotent) and succeeded")
+end)
+
+-- A serve config as `tailscale funnel status --json` prints it: port 443 of
+-- box.tail1234.ts.net proxied to target.
+local function serve_json(target)
+  return json.encode({
+    TCP = { ["443"] = { HTTPS = true } },
+    Web = { ["box.tail1234.ts.net:443"] = { Handlers = { ["/"] = { Proxy = target } } } },
+  })
+end
+
+T.test("tailscale already serving something else on https 443: refused, not replaced (and removed at the stop)", function()
+  local r, _, logs = scenario({
+    path = bindir({ "tailscale" }),
+    env = { FAKE_TAILSCALE_SERVE_JSON = serve_json("http://127.0.0.1:3000") },
+    cfg = { provider = "tailscale", timeoutSec = 10 },
+  })
+  T.eq(r.url, nil)
+  T.eq(r.err, "tunnel: tailscale already serves https://box.tail1234.ts.net/ (proxy http://127.0.0.1:3000): "
+    .. "`tailscale funnel --bg " .. PORT .. "` would replace it, and its stop remove it; free https port 443 "
+    .. "(see `tailscale funnel status`), or set server.publicBaseUrl")
+  T.eq(read_lines(logs.tailscale), { "status --json", "exit 0", "funnel status --json", "exit 0" })
+end)
+
+T.test("tailscale still serving our own port (a funnel left by a callagent that was killed): published again", function()
+  local r, p = scenario({
+    path = bindir({ "tailscale" }),
+    env = { FAKE_TAILSCALE_SERVE_JSON = serve_json("http://127.0.0.1:" .. PORT) },
+    cfg = { provider = "tailscale", timeoutSec = 10 },
+  })
+  T.eq(r.err, nil)
+  T.eq(r.url, "https://box.tail1234.ts.net")
+  stop_driver(r, p)
 end)
 
 T.test("tailscale whose `funnel off` is slow at the stop: the stop waits 5 s, then leaves it to finish, not killed", function()
@@ -403,7 +438,7 @@ T.test("tailscale waiting for Funnel to be enabled: stopped after tunnel.timeout
   T.lt(r.ms, 3000)
   -- No `funnel --https=443 off` after it: the CLI asks for the link before
   -- it sets anything, and an off would wait for the link just the same.
-  T.eq(read_lines(logs.tailscale), { "status --json", "exit 0", "funnel --bg " .. PORT, "waiting" })
+  T.eq(read_lines(logs.tailscale), { "status --json", "exit 0", "funnel status --json", "exit 0", "funnel --bg " .. PORT, "waiting" })
 end)
 
 T.test("tailscale whose `funnel --bg` exits 0 without publishing (Funnel not enabled, no wait): an error with the admin link, not a dead URL", function()
@@ -415,7 +450,7 @@ T.test("tailscale whose `funnel --bg` exits 0 without publishing (Funnel not ena
   T.eq(r.url, nil)
   T.eq(r.err, "tunnel: tailscale Funnel is not enabled on this tailnet: visit "
     .. "https://login.tailscale.com/f/funnel?node=nTEST123CNTRL to enable it, then try again")
-  T.eq(read_lines(logs.tailscale), { "status --json", "exit 0", "funnel --bg " .. PORT, "exit 0" })
+  T.eq(read_lines(logs.tailscale), { "status --json", "exit 0", "funnel status --json", "exit 0", "funnel --bg " .. PORT, "exit 0" })
 end)
 
 T.test("tailscale whose `funnel --bg` exits 0 saying only why it did not publish: the error quotes it", function()
@@ -437,7 +472,7 @@ T.test("tailscale older than 1.52 (no `funnel --bg`): the error says to update i
   })
   T.eq(r.err, "tunnel: tailscale 1.50.1 is too old for `tailscale funnel --bg` (Tailscale 1.52 or later): "
     .. "update it, or set server.publicBaseUrl (tailscale said: flag provided but not defined: -bg)")
-  T.eq(read_lines(logs.tailscale), { "status --json", "exit 0", "funnel --bg " .. PORT, "exit 2" })
+  T.eq(read_lines(logs.tailscale), { "status --json", "exit 0", "funnel status --json", "exit 0", "funnel --bg " .. PORT, "exit 2" })
 end)
 
 T.test("tailscaled not running, or not reachable: the error quotes the CLI's reason and hint, not a guess", function()
@@ -475,7 +510,7 @@ T.test("tailscale whose `funnel --bg` hangs after publishing: stopped at tunnel.
   })
   T.eq(r.err, "tunnel: `tailscale funnel --bg " .. PORT .. "` did not finish within 1 s")
   T.lt(r.ms, 3000)
-  T.eq(read_lines(logs.tailscale), { "status --json", "exit 0", "funnel --bg " .. PORT, "published",
+  T.eq(read_lines(logs.tailscale), { "status --json", "exit 0", "funnel status --json", "exit 0", "funnel --bg " .. PORT, "published",
     "funnel --https=443 off", "exit 0" })
 end)
 
@@ -1123,9 +1158,10 @@ T.test("SIGTERM while `tailscale funnel --bg` hangs after publishing: the CLI is
   T.lt(ms, 5000, "no waiting for tunnel.timeoutSec")
   T.eq(p.text(), "START: nil stopped during start", "start() returned")
   local log = read_lines(tslog)
-  T.match(log[3] or "", "^funnel %-%-bg %d+$")
-  T.eq({ log[1], log[2], log[4], log[5], log[6], log[7] },
-    { "status --json", "exit 0", "published", "funnel --https=443 off", "exit 0" }, table.concat(log, " | "))
+  T.match(log[5] or "", "^funnel %-%-bg %d+$")
+  T.eq({ log[1], log[2], log[3], log[4], log[6], log[7], log[8] },
+    { "status --json", "exit 0", "funnel status --json", "exit 0", "published", "funnel --https=443 off", "exit 0" },
+    table.concat(log, " | "))
 end)
 
 -- SIGTERM to a ready SIGNAL_APP whose runtime.grace_ms is 1 s, a tunnel

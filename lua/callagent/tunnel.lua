@@ -35,9 +35,12 @@
 -- SIGTERM, and SIGKILL after STOP_MS (ms, when close(ms) gives less). Any
 -- failure kills it.
 --
--- tailscale: `tailscale status --json` must show BackendState "Running";
--- then `tailscale funnel --bg <port>` (exit 0, and that URL in its output)
--- publishes the port on https://<Self.DNSName> (port 443). close() runs `tailscale funnel
+-- tailscale: `tailscale status --json` must show BackendState "Running",
+-- `tailscale funnel status --json` nothing but a proxy to our port on
+-- https://<Self.DNSName>:443 (`funnel --bg` would replace the user's own
+-- handler, and `off` remove it); then `tailscale funnel --bg <port>` (exit
+-- 0, and that URL in its output) publishes the port on
+-- https://<Self.DNSName> (port 443). close() runs `tailscale funnel
 -- --https=443 off`, the command the CLI itself prints to undo --bg (`funnel
 -- <port> off` is refused as the pre-1.52 syntax; `funnel reset` would also
 -- drop the user's other serve/funnel settings); it waits OFF_MS for it (ms,
@@ -56,6 +59,7 @@
 --   tunnel: no ngrok tunnel for port 4545 after 20 s
 --   tunnel: tailscale is not logged in: run `tailscale up`
 --   tunnel: tailscale Funnel is not available for this machine: <tailscale's message>
+--   tunnel: tailscale already serves https://box.tail1234.ts.net/ (proxy http://127.0.0.1:3000): ...; free https port 443 (see `tailscale funnel status`), or set server.publicBaseUrl
 --   tunnel: tailscale Funnel is not enabled on this tailnet: visit <admin link> to enable it, then try again
 --   tunnel: tailscale 1.50.1 is too old for `tailscale funnel --bg` (Tailscale 1.52 or later): update it, or set server.publicBaseUrl (tailscale said: ...)
 --   tunnel: neither ngrok nor tailscale is installed; install one, or set server.publicBaseUrl
@@ -562,6 +566,36 @@ local function published(out, url)
   return false
 end
 
+-- What the user's serve config already does on https://<name>:443 other
+-- than proxy to our port, as "proxy http://127.0.0.1:3000", or nil (nothing,
+-- or a funnel to our port left by a callagent that was killed). `funnel --bg
+-- <port>` sets the "/" handler there whatever it was, and `funnel
+-- --https=443 off` removes every handler of the port, without asking when
+-- not on a terminal (serve_v2.go setServe/removeWebServe, util/prompt YesNo).
+-- A config that cannot be read is no reason to refuse: nil. Second value:
+-- canceled.
+local function serving_other(name, port, ms, cancel)
+  local r = run({ "funnel", "status", "--json" }, math.max(1, ms), { cancel = cancel })
+  if not r or r.canceled then
+    return nil, r ~= nil
+  end
+  local doc = r.code == 0 and json.try_decode(table.concat(r.out, "\n"))
+  local web = type(doc) == "table" and type(doc.Web) == "table" and doc.Web[name .. ":443"]
+  local handlers = type(web) == "table" and type(web.Handlers) == "table" and web.Handlers or {}
+  local ours = "http://127.0.0.1:" .. port
+  for _, h in pairs(handlers) do
+    if type(h) == "table" and h.Proxy ~= ours then
+      for _, kind in ipairs({ "Proxy", "Path", "Text", "Redirect" }) do
+        if type(h[kind]) == "string" then
+          return said_text(kind:lower() .. " " .. h[kind])
+        end
+      end
+      return "a handler"
+    end
+  end
+  return nil
+end
+
 local function open_tailscale(cfg, port, deadline, cancel)
   local function left()
     return deadline - timer.now()
@@ -605,6 +639,20 @@ local function open_tailscale(cfg, port, deadline, cancel)
     return nil, CANCELED, CANCELED
   end
 
+  local me = type(status.Self) == "table" and status.Self or {}
+  local name = type(me.DNSName) == "string" and me.DNSName:gsub("%.$", "") or ""
+  if name ~= "" then
+    local other, canceled_now = serving_other(name, port, left(), cancel)
+    if canceled_now then
+      return nil, CANCELED, CANCELED
+    end
+    if other then
+      return nil, string.format("tailscale already serves https://%s/ (%s): `tailscale funnel --bg %d` would replace "
+        .. "it, and its stop remove it; free https port 443 (see `tailscale funnel status`), or set "
+        .. "server.publicBaseUrl", name, other, port)
+    end
+  end
+
   local r, err = run({ "funnel", "--bg", tostring(port) }, math.max(1, left()), { cancel = cancel })
   if not r then
     return nil, "tailscale cannot be started: " .. err
@@ -636,8 +684,6 @@ local function open_tailscale(cfg, port, deadline, cancel)
     end
     return nil, tailscale_error("funnel --bg " .. port, r, cfg.timeoutSec)
   end
-  local me = type(status.Self) == "table" and status.Self or {}
-  local name = type(me.DNSName) == "string" and me.DNSName:gsub("%.$", "") or ""
   local url = name ~= "" and ("https://" .. name) or (first_line(r.out, "^https://") or ""):match("^https://[^/%s]+")
   if not url then
     funnel_off()
