@@ -228,6 +228,18 @@ T.test("ngrok without an authtoken: the error says how to log in, quoting ngrok"
   T.ok(grep(read_lines(logs.ngrok), "^(end) pid=%d+ status=1$"))
 end)
 
+T.test("ngrok without an authtoken that keeps retrying (its JSON log only): the same error at once, ngrok stopped", function()
+  local r, _, logs = scenario({
+    path = bindir({ "ngrok" }),
+    env = { FAKE_NGROK_MODE = "authretry" },
+    cfg = { provider = "ngrok", timeoutSec = 10 },
+  })
+  T.eq(r.err, "tunnel: ngrok is not logged in: run `ngrok config add-authtoken <token>` "
+    .. "(ngrok said: authentication failed: Usage of ngrok requires a verified account and authtoken.)")
+  T.lt(r.ms, 5000, "no waiting for the timeout")
+  T.ok(grep(read_lines(logs.ngrok), "^(end) pid=%d+ signal="), "ngrok was stopped")
+end)
+
 T.test("ngrok that exits on another error: the error gives its status and ngrok's headline with the code", function()
   local r = scenario({
     path = bindir({ "ngrok" }),

@@ -13,6 +13,11 @@
 --                         error line and on stderr, exit 1.
 --                         hang: logs its start and serves an empty tunnel list
 --                         until SIGTERM.
+--                         authretry: no authtoken as a current ngrok 3 logs it
+--                         with --log-format json: "failed to reconnect session"
+--                         and "session closing" error lines whose err ends in
+--                         ERR_NGROK_4018, again every second, running until
+--                         SIGTERM (the log quoted in runatlantis/atlantis#6164).
 --                         longline: a 200 KB error line on stderr, exit 1.
 --                         say: the first line of the file FAKE_NGROK_SAY as its error
 --                         line on stderr, exit 1 (a file: callagent gives its
@@ -130,8 +135,8 @@ elseif mode == "say" then
   f:close()
   record("end pid=" .. pid .. " status=1")
   os.exit(1)
-elseif mode ~= "ok" and mode ~= "hang" then
-  usage_error("FAKE_NGROK_MODE must be ok, auth, limit, longline, say or hang, not " .. mode)
+elseif mode ~= "ok" and mode ~= "hang" and mode ~= "authretry" then
+  usage_error("FAKE_NGROK_MODE must be ok, auth, authretry, limit, longline, say or hang, not " .. mode)
 end
 
 local addr_form = os.getenv("FAKE_NGROK_ADDR") or "url"
@@ -242,6 +247,17 @@ local function up()
   end
 end
 
+if mode == "authretry" then
+  local said = "authentication failed: Usage of ngrok requires a verified account and authtoken.\n\n"
+    .. "Sign up for an account: https://dashboard.ngrok.com/signup\n"
+    .. "Install your authtoken: https://dashboard.ngrok.com/get-started/your-authtoken\r\n\r\nERR_NGROK_4018\r\n"
+  local function fail_session()
+    jlog({ lvl = "eror", msg = "failed to reconnect session", obj = "tunnels.session", err = said })
+    jlog({ lvl = "eror", msg = "session closing", obj = "tunnels.session", err = said })
+  end
+  fail_session()
+  timer.every(1000, fail_session)
+end
 if mode == "ok" then
   timer.after(tonumber(os.getenv("FAKE_NGROK_DELAY_MS")) or 300, up)
 end
