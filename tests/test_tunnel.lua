@@ -240,14 +240,16 @@ T.test("ngrok without an authtoken that keeps retrying (its JSON log only): the 
   T.ok(grep(read_lines(logs.ngrok), "^(end) pid=%d+ signal="), "ngrok was stopped")
 end)
 
-T.test("ngrok that exits on another error: the error gives its status and ngrok's headline with the code", function()
-  local r = scenario({
+T.test("ngrok retrying a session the service refused (ERR_NGROK_108): the error at once with its code, ngrok stopped", function()
+  local r, _, logs = scenario({
     path = bindir({ "ngrok" }),
     env = { FAKE_NGROK_MODE = "limit" },
-    cfg = { provider = "ngrok", timeoutSec = 10 },
+    cfg = { provider = "ngrok", timeoutSec = 5 },
   })
-  T.eq(r.err, "tunnel: ngrok exited (status 1) before opening a tunnel: authentication failed: "
+  T.eq(r.err, "tunnel: ngrok did not open a tunnel: authentication failed: "
     .. "Your account is limited to 1 simultaneous ngrok agent sessions. (ERR_NGROK_108)")
+  T.lt(r.ms, 3000, "not the whole tunnel.timeoutSec: auto has the other tool to try in it")
+  T.ok(grep(read_lines(logs.ngrok), "^(end) pid=%d+ signal="), "ngrok was stopped")
 end)
 
 T.test("ngrok that fails with a 200 KB line: the error quotes 300 bytes of it", function()

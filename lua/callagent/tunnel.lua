@@ -55,7 +55,8 @@
 -- saying what to do:
 --   tunnel: ngrok is not installed (not found in PATH); install it or set server.publicBaseUrl
 --   tunnel: ngrok is not logged in: run `ngrok config add-authtoken <token>` (ngrok said: ...)
---   tunnel: ngrok exited (status 1) before opening a tunnel: <ngrok's error> (ERR_NGROK_108)
+--   tunnel: ngrok did not open a tunnel: <ngrok's error> (ERR_NGROK_108)
+--   tunnel: ngrok exited (status 1) before opening a tunnel: <ngrok's error>
 --   tunnel: no ngrok tunnel for port 4545 after 20 s
 --   tunnel: tailscale is not logged in: run `tailscale up`
 --   tunnel: tailscale Funnel is not available for this machine: <tailscale's message>
@@ -75,6 +76,7 @@ local log = require "callagent.log"
 local M = {}
 
 local POLL_MS = 250
+local CODE_EXIT_MS = 1000 -- how long an ngrok that logged an ERR_NGROK_ code may take to exit on it
 local STOP_MS = 3000 -- how long close() waits for a child before SIGKILL
 local OFF_MS = 5000 -- how long close() waits for `tailscale funnel ... off`
 local NOT_INSTALLED = "not installed"
@@ -323,7 +325,7 @@ local function open_ngrok(cfg, port, deadline, cancel, on_lost)
   local tun
   local function on_line(line)
     ngrok_line(st, line)
-    if st.auth then
+    if st.auth or st.code then
       poke()
     end
   end
@@ -374,10 +376,21 @@ local function open_ngrok(cfg, port, deadline, cancel, on_lost)
       return fail("ngrok is not logged in: run `ngrok config add-authtoken <token>` (ngrok said: "
         .. (st.auth_line or ngrok_said(st)) .. ")")
     end
+    if st.code and not p.done then
+      -- An ERR_NGROK_ code: the service refused the session (one agent
+      -- session at a time, ERR_NGROK_108; an agent too old, 121; ...).
+      -- ngrok retries it over and over rather than exit; waiting would
+      -- take all of tunnel.timeoutSec, auto's other tool's time too. One
+      -- that exits on it is given CODE_EXIT_MS to, and reported so.
+      p:wait(CODE_EXIT_MS)
+    end
     if p.done then
       local said = ngrok_said(st)
       return fail("ngrok exited (" .. exit_text(p.code, p.signal) .. ") before opening a tunnel"
         .. (said and (": " .. said) or ""))
+    end
+    if st.code then
+      return fail("ngrok did not open a tunnel: " .. ngrok_said(st))
     end
     local left = deadline - timer.now()
     local api = (st.web or cfg.ngrokApiUrl):gsub("/+$", "")

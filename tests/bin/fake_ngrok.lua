@@ -10,7 +10,10 @@
 --                         auth: ngrok's no-authtoken error (ERR_NGROK_4018) on
 --                         stderr, exit 1.
 --                         limit: the one-session limit (ERR_NGROK_108) as a JSON
---                         error line and on stderr, exit 1.
+--                         error line and ERROR lines on stderr, again every
+--                         second, running until SIGTERM: ngrok retries a
+--                         refused session (the repeated ERROR blocks quoted in
+--                         vdesabou/kafka-docker-playground#7689; ngrok/ngrok-go#108).
 --                         hang: logs its start and serves an empty tunnel list
 --                         until SIGTERM.
 --                         authretry: no authtoken as a current ngrok 3 logs it
@@ -115,16 +118,6 @@ if mode == "auth" then
   io.stderr:write("ERROR:  https://ngrok.com/docs/errors/err_ngrok_4018\n")
   record("end pid=" .. pid .. " status=1")
   os.exit(1)
-elseif mode == "limit" then
-  local said = "authentication failed: Your account is limited to 1 simultaneous ngrok agent sessions."
-  jlog({ lvl = "eror", msg = "session closing", obj = "tunnels.session", err = said .. "\r\n\r\nERR_NGROK_108\r\n" })
-  io.stderr:write("ERROR:  ", said, "\n")
-  io.stderr:write("ERROR:  You can run multiple simultaneous tunnels from a single agent session.\n")
-  io.stderr:write("ERROR:  \n")
-  io.stderr:write("ERROR:  ERR_NGROK_108\n")
-  io.stderr:write("ERROR:  https://ngrok.com/docs/errors/err_ngrok_108\n")
-  record("end pid=" .. pid .. " status=1")
-  os.exit(1)
 elseif mode == "longline" then
   io.stderr:write("ERROR:  ", string.rep("y", 200000), "\n")
   record("end pid=" .. pid .. " status=1")
@@ -135,7 +128,7 @@ elseif mode == "say" then
   f:close()
   record("end pid=" .. pid .. " status=1")
   os.exit(1)
-elseif mode ~= "ok" and mode ~= "hang" and mode ~= "authretry" then
+elseif mode ~= "ok" and mode ~= "hang" and mode ~= "authretry" and mode ~= "limit" then
   usage_error("FAKE_NGROK_MODE must be ok, auth, authretry, limit, longline, say or hang, not " .. mode)
 end
 
@@ -257,6 +250,21 @@ if mode == "authretry" then
   end
   fail_session()
   timer.every(1000, fail_session)
+elseif mode == "limit" then
+  local said = "authentication failed: Your account is limited to 1 simultaneous ngrok agent sessions."
+  local function refused()
+    jlog({ lvl = "eror", msg = "failed to reconnect session", obj = "tunnels.session",
+      err = said .. "\r\n\r\nERR_NGROK_108\r\n" })
+    io.stderr:write("ERROR:  ", said, "\n")
+    io.stderr:write("ERROR:  Run multiple endpoints at the same time from a single agent by defining them in your "
+      .. "agent configuration file and running `ngrok start --all`.\n")
+    io.stderr:write("ERROR:  \n")
+    io.stderr:write("ERROR:  ERR_NGROK_108\n")
+    io.stderr:write("ERROR:  https://ngrok.com/docs/errors/err_ngrok_108\n")
+    io.stderr:write("ERROR:  \n")
+  end
+  refused()
+  timer.every(1000, refused)
 end
 if mode == "ok" then
   timer.after(tonumber(os.getenv("FAKE_NGROK_DELAY_MS")) or 300, up)
