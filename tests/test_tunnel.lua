@@ -339,6 +339,17 @@ T.test("ngrok that never opens a tunnel: timeout error after tunnel.timeoutSec, 
   T.ok(pid_gone(tonumber(pid)), "no ngrok process is left")
 end)
 
+T.test("ngrok with its local API turned off (web_addr: false): the timeout error says that is why", function()
+  local r = scenario({
+    path = bindir({ "ngrok" }),
+    env = { FAKE_NGROK_NO_WEB = "1", FAKE_NGROK_DELAY_MS = "0" },
+    cfg = { provider = "ngrok", timeoutSec = 1, ngrokApiUrl = "http://127.0.0.1:9" },
+  })
+  T.eq(r.err, "tunnel: no ngrok tunnel for port " .. PORT .. " after 1 s (ngrok logged no \"starting web service\": "
+    .. "callagent reads the tunnel's URL from ngrok's local API, which `web_addr: false` in ngrok.yml turns off; "
+    .. "remove it, or set tunnel.ngrokApiUrl to its address)")
+end)
+
 T.test("ngrok not installed: the error says so and names server.publicBaseUrl", function()
   local r = scenario({ path = bindir({}), cfg = { provider = "ngrok", timeoutSec = 5 } })
   T.eq(r.err, "tunnel: ngrok is not installed (not found in PATH); install it or set server.publicBaseUrl")

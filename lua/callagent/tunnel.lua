@@ -399,6 +399,7 @@ local function open_ngrok(cfg, port, deadline, cancel, on_lost)
       connect_timeout = 500,
     })
     local url = res and res.status == 200 and find_tunnel(res.body, port)
+    st.api_seen = st.api_seen or (res and res.status == 200)
     if canceled(cancel) then
       return fail(CANCELED, CANCELED)
     end
@@ -416,6 +417,13 @@ local function open_ngrok(cfg, port, deadline, cancel, on_lost)
     end
     if timer.now() >= deadline then
       local said = ngrok_said(st)
+      if not said and not st.web and not st.api_seen then
+        -- Its API never answered, nor did it log where it listens: most
+        -- likely turned off (ngrok/ngrok-docs agent/config/v3.mdx web_addr).
+        return fail(string.format("no ngrok tunnel for port %d after %d s (ngrok logged no \"starting web service\": "
+          .. "callagent reads the tunnel's URL from ngrok's local API, which `web_addr: false` in ngrok.yml turns "
+          .. "off; remove it, or set tunnel.ngrokApiUrl to its address)", port, cfg.timeoutSec))
+      end
       return fail(string.format("no ngrok tunnel for port %d after %d s", port, cfg.timeoutSec)
         .. (said and (" (ngrok said: " .. said .. ")") or ""))
     end

@@ -28,6 +28,9 @@
 --   FAKE_NGROK_API_PORT   port of the local API on 127.0.0.1 (default 0: any free one)
 --   FAKE_NGROK_NO_WEB_LOG 1: do not log "starting web service" (the client must
 --                         then know the API address from its config)
+--   FAKE_NGROK_NO_WEB     1: no local API and no "starting web service" line, as
+--                         with `web_addr: false` in ngrok.yml (ngrok/ngrok-docs
+--                         agent/config/v3.mdx: "disable the web UI")
 --   FAKE_NGROK_EXTRA      1: the API also lists an https tunnel for another port
 --                         and an http one for ours, before ours
 --   FAKE_NGROK_ADDR       form of config.addr: url (default, "http://localhost:PORT"),
@@ -176,8 +179,13 @@ srv:get("/api/tunnels", function()
   end
   return 200, json.encode({ tunnels = list, uri = "/api/tunnels" }), { ["Content-Type"] = "application/json" }
 end)
-assert(srv:listen())
-if os.getenv("FAKE_NGROK_NO_WEB_LOG") ~= "1" then
+local keep
+if os.getenv("FAKE_NGROK_NO_WEB") == "1" then
+  keep = timer.every(3600000, function() end) -- holds the loop, as the server would
+else
+  assert(srv:listen())
+end
+if os.getenv("FAKE_NGROK_NO_WEB_LOG") ~= "1" and not keep then
   jlog({ lvl = "info", msg = "starting web service", obj = "web", addr = "127.0.0.1:" .. srv.port, allow_hosts = json.array() })
 end
 jlog({ lvl = "info", msg = "client session established", obj = "tunnels.session" })
@@ -189,6 +197,9 @@ end
 runtime.on_shutdown(function(reason)
   record("end pid=" .. pid .. " signal=" .. tostring(reason))
   srv:close()
+  if keep then
+    keep:stop()
+  end
   if stop_ms then
     timer.sleep(stop_ms)
   end
