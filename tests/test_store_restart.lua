@@ -42,6 +42,11 @@ local function report_script(session)
   session:report_and_goodbye({ summary = "All good.", outcome = "success" }, { ms = 100, text = "Bye." })
 end
 
+-- The record as the store has it, read beside the process (or after it).
+local function stored(w, id)
+  return (w.stored())[id]
+end
+
 T.test("kill -9 during a retry wait: after restart the retry fires once, at its time", function()
   local w = world({
     behaviour = first_then_answer("busy"),
@@ -202,6 +207,37 @@ T.test("kill -9 while ringing, Twilio's API silent at restart: the call is hung 
   T.ok(tw.ended_at <= second.statuses[1].at, "it ended before the retry was placed")
 end, { timeout = 60000 })
 
+T.test("kill -9 while the dial request is on its way, answered after the restart: hung up, never dialed again", function()
+  -- Twilio has the call but has not answered the create request (nor sent
+  -- a callback that names it) when callagent dies: the restart cannot ask
+  -- about it and ends the attempt, retry queued. Then its answered callback
+  -- comes: the callee picked up once, so the retry is dropped.
+  local w = world({
+    behaviour = first_then_answer({ create_delay_ms = 4000, ring_ms = 800,
+      lost_callbacks = { initiated = true, ringing = true } }),
+    script = report_script,
+  })
+  w.start()
+  local id = w.create("+14155550168")
+  local tw = w.tw:wait_call(5000)
+  w.kill9()
+  w.start()
+  local rec = w.wait_final(id, 10000)
+  T.eq(#w.tw.calls, 1, "dialed once: the callee picked up")
+  T.eq({ rec.status, rec.endReason, #rec.attempts }, { "failed", "interrupted by restart", 1 })
+  T.ok(rec.attempts[1].answeredAt, "the attempt was answered")
+  T.eq(rec.nextAttemptAt, nil)
+  T.eq(rec.lastError, "not dialed again: the callee answered attempt 1's call after it had ended here "
+    .. "(interrupted by restart); it was hung up")
+  assert(tw:wait_final(5000), "the call over at Twilio")
+  T.eq(tw.final, "completed", "hung up as answered")
+  T.eq(stored(w, id).status, "failed", "the end is in the store")
+  T.wait_for(function()
+    return #w.deliveries >= 1
+  end, 5000, "the notification")
+  T.eq(w.deliveries[1].key, id .. ":failed")
+end, { timeout = 60000 })
+
 T.test("kill -9 while ringing, hung up through the API while the restart asks Twilio: canceled, as the API asked", function()
   local w = world({
     behaviour = first_then_answer({ ring_ms = 60000, get_delay_ms = 5000 }),
@@ -226,10 +262,6 @@ T.test("kill -9 while ringing, hung up through the API while the restart asks Tw
   T.eq(#w.tw.calls, 1, "not dialed again")
 end, { timeout = 60000 })
 
--- The record as the store has it, read beside the process (or after it).
-local function stored(w, id)
-  return (w.stored())[id]
-end
 
 T.test("SIGTERM during a conversation: the call ends failed with endReason shutdown before the exit, notified once", function()
   local w = world({ script = monologue })

@@ -1138,6 +1138,33 @@ function Engine:_end_stray(id, n, st, call)
   self:_end_in_task(id, { n = n, providerCallId = pid, status = st.status }) -- answered: ended as such
 end
 
+-- The vendor says the callee answered (in_progress, or completed: answered
+-- and over) the call of attempt n, which had ended here without ever
+-- knowing that call (its dial failed, or a restart interrupted it before the
+-- vendor named it), while the call waits to dial attempt n + 1. The callee
+-- picked up once (the call is hung up: _end_stray): an answered call is
+-- not retried, so the retry is dropped and the call ends as that attempt
+-- did.
+function Engine:_answered_after_end(call, n, st)
+  local a = call.attempts[n]
+  if (st.status ~= "in_progress" and st.status ~= "completed") or type(st.providerCallId) ~= "string"
+      or a.providerCallId or a.answeredAt or call.status ~= "queued" or call.attempt ~= n then
+    return
+  end
+  self:_cancel_timer(call.id .. "#retry")
+  a.answeredAt = iso()
+  local why = error_text("not dialed again: the callee answered attempt " .. n .. "'s call after it had ended here ("
+    .. tostring(a.reason or a.status) .. "); it was hung up")
+  log.warn("the callee answered the call of an attempt that had ended: not dialed again; the call ends",
+    { call = call.id, attempt = n })
+  call.lastError = why
+  local status = a.status ~= "canceled" and a.status or "failed"
+  return self:_finish(call, status, a.reason or status, function()
+    self:_save(call, { lastError = why })
+    self.store:update_attempt(call.id, n, { answeredAt = a.answeredAt })
+  end)
+end
+
 --- Applies a provider status (from mapStatus) to attempt n of a call.
 function Engine:provider_status(id, n, st)
   local known, word = M.status_of(st)
@@ -1159,6 +1186,9 @@ function Engine:provider_status(id, n, st)
   local over = not a or FINAL[a.status]
   if over then
     self:_end_stray(id, n, st, call) -- before the attempt learns the id below
+    if a then
+      self:_answered_after_end(call, n, st)
+    end
   end
   if a then
     self:_provider_id(call, n, st.providerCallId)
