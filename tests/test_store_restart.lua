@@ -263,6 +263,54 @@ T.test("kill -9 while ringing, hung up through the API while the restart asks Tw
 end, { timeout = 60000 })
 
 
+T.test("kill -9 after an API hang-up (202) of a live call, its final callback not in: completed, hung_up_by_api", function()
+  local w = world({ behaviour = { lost_callbacks = { completed = true } }, script = monologue })
+  w.start()
+  local id = in_conversation(w, "+14155550169")
+  local tw = w.tw.calls[1]
+  T.eq(w.api("POST", "/v1/calls/" .. id .. "/hangup"), 202)
+  assert(tw:wait_final(5000), "hung up at Twilio")
+  T.eq(stored(w, id).status, "in_progress", "its end not in the store yet (the final callback lost)")
+  w.kill9()
+  w.start()
+  local rec = w.wait_final(id, 10000)
+  T.eq({ rec.status, rec.endReason, rec.lastError, #rec.attempts }, { "completed", "hung_up_by_api", nil, 1 },
+    "ended as the API's hang-up ends a call")
+  T.eq(rec.attempts[1]._hangupAsked, nil, "the engine's own field is not shown")
+  T.wait_for(function()
+    return #w.deliveries >= 1
+  end, 5000, "the notification")
+  T.eq(w.deliveries[1].key, id .. ":completed")
+  T.eq(#w.tw.calls, 1)
+end, { timeout = 60000 })
+
+T.test("kill -9 while the API's cancel of a ringing call is on its way: canceled after the restart, not dialed again", function()
+  -- Twilio has canceled the call, but its answer and its canceled callback
+  -- do not reach callagent, and its API cannot say at the restart: the
+  -- call is hung up as one of unknown state would be, and not retried.
+  local w = world({
+    behaviour = first_then_answer({ ring_ms = 60000, update_delay_ms = 3000, get_fail_times = 1,
+      lost_callbacks = { completed = true } }),
+    script = report_script,
+    retry_ms = 500,
+  })
+  w.start()
+  local id = w.create("+14155550170")
+  local tw = w.tw:wait_call(5000)
+  assert(tw:wait_status("ringing", 3000), "ringing")
+  task.spawn(function()
+    w.api("POST", "/v1/calls/" .. id .. "/hangup") -- its answer never comes: killed first
+  end)
+  T.wait_for(function()
+    return #tw.updates >= 1
+  end, 3000, "the cancel on its way to Twilio")
+  w.kill9()
+  w.start()
+  local rec = w.wait_final(id, 10000)
+  T.eq({ rec.status, rec.endReason, rec.nextAttemptAt, #rec.attempts }, { "canceled", "canceled by API", nil, 1 })
+  T.eq(#w.tw.calls, 1, "not dialed again")
+end, { timeout = 60000 })
+
 T.test("SIGTERM during a conversation: the call ends failed with endReason shutdown before the exit, notified once", function()
   local w = world({ script = monologue })
   w.start()

@@ -1906,6 +1906,13 @@ function Engine:hangup(id)
   call._cancel_requested = true
   local n = call.attempt
   local a = call.attempts[n]
+  if a and not a._hangupAsked and not FINAL[a.status] then
+    -- Kept with the attempt: a restart before the call ends (the vendor's
+    -- final status on its way) ends it as this hang-up asked, not as one
+    -- the restart interrupted (recover).
+    a._hangupAsked = true
+    self:_store_write("update_attempt", id, n, { _hangupAsked = true })
+  end
   if call.status == "queued" then
     self:_cancel_timer(id .. "#retry")
     self:_finish(call, "canceled", "canceled by API")
@@ -2046,9 +2053,16 @@ function Engine:_resolve_interrupted(call)
     up = { n = n, providerCallId = a.providerCallId, status = a.status }
     why = why .. " (its state unknown: hung up)"
   end
+  local answered = a.status == "in_progress" or a.answeredAt ~= nil
   if refused then
     log.info("an interrupted call rang with a session the model refused: it ends failed (model_error)",
       { call = call.id, attempt = n })
+  elseif call._cancel_requested then
+    -- Hung up through the API before the stop, its end not in yet: it ends
+    -- as the API's hang-up ends a call (completed, hung_up_by_api; one
+    -- never answered, canceled).
+    log.info("an interrupted call had been hung up through the API: it ends so", { call = call.id, attempt = n })
+    call._end_reason = answered and "hung_up_by_api" or nil
   else
     call._end_reason = why
     if not call.report then
@@ -2057,7 +2071,9 @@ function Engine:_resolve_interrupted(call)
     end
   end
   -- Answered attempts end the call; unanswered ones follow the retry policy.
-  local ok = self:_attempt_final(call, n, call.report and "completed" or "failed", why)
+  local status = (call.report or call._cancel_requested and answered) and "completed"
+    or call._cancel_requested and "canceled" or "failed"
+  local ok = self:_attempt_final(call, n, status, why)
   if up then
     self:_end_in_task(call.id, up)
   end
@@ -2135,6 +2151,9 @@ function Engine:recover()
       -- Ringing when the last run ended, with a session the model had
       -- refused (warm_refused): as that run had it, in memory.
       model_refused(call, last)
+    end
+    if last and last._hangupAsked then
+      call._cancel_requested = true -- hung up through the API (hangup): it ends as that asked
     end
     call.transcript = nil -- in the store; see call_view
     call.usage = call.usage or {}
