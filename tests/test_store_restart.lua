@@ -332,6 +332,20 @@ T.test("SIGTERM during a conversation: the call ends failed with endReason shutd
   T.eq(w.deliveries[1].body.data.status, "failed")
 end, { timeout = 60000 })
 
+T.test("SIGTERM right after an API hang-up (202) of a live call: completed, hung_up_by_api, as the 202 said", function()
+  -- Twilio's completed callback comes during the stop (each callback 200 ms late).
+  local w = world({ behaviour = { callback_delay_ms = 200 }, script = monologue })
+  w.start()
+  local id = in_conversation(w, "+14155550171")
+  T.eq(w.api("POST", "/v1/calls/" .. id .. "/hangup"), 202)
+  assert(w.app:kill("SIGTERM"))
+  T.eq(w.app:wait(10000), 0)
+  local rec = stored(w, id)
+  T.eq({ rec.status, rec.endReason, rec.lastError }, { "completed", "hung_up_by_api", nil }, "not ended as the stop's own hang-up")
+  T.eq(#w.deliveries, 1)
+  T.eq(w.deliveries[1].key, id .. ":completed")
+end, { timeout = 60000 })
+
 T.test("SIGTERM during a conversation, the receiver slow to answer: notified once, not again by the next start", function()
   local w = world({
     hook_ms = 400,

@@ -2236,7 +2236,14 @@ function Engine:shutdown(deadline_ms)
     local b = self.bridges[id .. "#" .. call.attempt]
     local a = call.attempts[call.attempt]
     if b then
-      b.end_reason = "shutdown"
+      -- One hung up through the API already ends as that hang-up asked
+      -- (hung_up_by_api; also when its final status does not come and
+      -- _end_hung_up ends it), as it does when the stop waits for its end.
+      if call._cancel_requested and b.end_reason then
+        call._end_reason = call._end_reason or b.end_reason
+      else
+        b.end_reason = "shutdown"
+      end
       todo[#todo + 1] = { self:call_view(id), a }
     elseif a and a.status == "in_progress" then
       -- Answered, its stream not come yet: hung up as well, not left talking
