@@ -238,6 +238,30 @@ T.test("kill -9 while the dial request is on its way, answered after the restart
   T.eq(w.deliveries[1].key, id .. ":failed")
 end, { timeout = 60000 })
 
+T.test("kill -9 while the dial request is on its way, the call ringing unseen: its retry waits for the ring to be over", function()
+  -- Twilio rings the call, its first callbacks lost with the process: the
+  -- restart cannot name it nor cancel it. A retry due sooner (300 ms)
+  -- waits until ringTimeoutSec + statusGraceSec after the dial.
+  local w = world({
+    behaviour = first_then_answer({ answer = "no-answer", create_delay_ms = 4000, ring_ms = 1200,
+      lost_callbacks = { initiated = true, ringing = true } }),
+    script = report_script,
+    retry_ms = 300,
+    config = { call = { ringTimeoutSec = 1, statusGraceSec = 1 } },
+  })
+  w.start()
+  local id = w.create("+14155550172")
+  local first = w.tw:wait_call(5000)
+  w.kill9()
+  w.start()
+  local rec = w.wait_final(id, 10000)
+  T.eq({ rec.status, #rec.attempts, #w.tw.calls }, { "completed", 2, 2 })
+  T.eq(rec.attempts[1].reason, "interrupted by restart")
+  local second = w.tw.calls[2]
+  T.ok(first.ended_at and first.ended_at <= second.created_at, "never two rings at once")
+  T.ge(second.created_at - first.created_at, 1950, "dialed again 2 s after the first dial")
+end, { timeout = 60000 })
+
 T.test("kill -9 while ringing, hung up through the API while the restart asks Twilio: canceled, as the API asked", function()
   local w = world({
     behaviour = first_then_answer({ ring_ms = 60000, get_delay_ms = 5000 }),

@@ -102,6 +102,24 @@ function M.iso(t)
 end
 local iso = M.iso
 
+-- Epoch seconds of a time M.iso wrote; nil for anything else.
+local function from_iso(s)
+  local y, mo, d, h, mi, sec, ms = tostring(s):match("^(%d%d%d%d)%-(%d%d)%-(%d%d)T(%d%d):(%d%d):(%d%d)%.(%d%d%d)Z$")
+  if not y then
+    return nil
+  end
+  y, mo = tonumber(y), tonumber(mo)
+  if mo <= 2 then
+    y = y - 1
+  end
+  -- Days since 1970-01-01 of a proleptic Gregorian date (days_from_civil, as tz.lua).
+  local era = y // 400
+  local yoe = y - era * 400
+  local doy = (153 * ((mo + 9) % 12) + 2) // 5 + tonumber(d) - 1
+  local days = era * 146097 + yoe * 365 + yoe // 4 - yoe // 100 + doy - 719468
+  return days * 86400 + tonumber(h) * 3600 + tonumber(mi) * 60 + tonumber(sec) + tonumber(ms) / 1000
+end
+
 function M.new_id()
   return "c_" .. crypto.to_hex(crypto.random_bytes(10))
 end
@@ -1733,6 +1751,11 @@ function Engine:_after_attempt(call, n, status, answered, reason, also)
   if retryable and made < r.maxAttempts then
     -- At most a day: 10^19 ms would not even be a timer's integer.
     local delay = math.floor(math.min(r.initialDelayMs * r.backoffFactor ^ (made - 1), 86400000))
+    if call._retry_not_before then
+      -- The vendor may still ring the attempt's call (_resolve_interrupted).
+      delay = math.max(delay, math.ceil((call._retry_not_before - core.time()) * 1000))
+      call._retry_not_before = nil
+    end
     local due = core.time() + delay / 1000
     call._end_reason = nil
     self:_set_status(call, "queued", { nextAttemptAt = iso(due) }, function()
@@ -2054,6 +2077,16 @@ function Engine:_resolve_interrupted(call)
     why = why .. " (its state unknown: hung up)"
   end
   local answered = a.status == "in_progress" or a.answeredAt ~= nil
+  if not a.providerCallId and a.status == "dialing" then
+    -- Its dial request was on its way: the vendor may ring a call nobody
+    -- here can name or cancel (its first callbacks went to the process
+    -- that died). A retry waits until that ring is over, as the ring
+    -- timeout would end it (ringTimeoutSec + statusGraceSec after the
+    -- dial), so that two calls never ring the callee at once.
+    local started = from_iso(a.startedAt)
+    local c = self.config.call
+    call._retry_not_before = started and started + c.ringTimeoutSec + c.statusGraceSec
+  end
   if refused then
     log.info("an interrupted call rang with a session the model refused: it ends failed (model_error)",
       { call = call.id, attempt = n })
