@@ -189,6 +189,20 @@ T.test("kill -9 while ringing: after restart the call is hung up, and its retry 
   T.eq(tw.final, "canceled", "the ringing call was hung up")
 end, { timeout = 60000 })
 
+T.test("kill -9 while ringing, the restart's cancel refused once: asked again, the phone stops ringing", function()
+  local w = world({
+    behaviour = first_then_answer({ ring_ms = 60000, update_fail = 503, update_fail_times = 1 }),
+    script = report_script,
+    retry_ms = 10000,
+  })
+  w.start()
+  local id, tw = w.ring_and_restart("+14155550173")
+  assert(tw:wait_final(3000), "the call canceled at Twilio: " .. #tw.updates .. " cancel(s) sent")
+  T.eq({ tw.final, #tw.updates }, { "canceled", 2 }, "canceled at the second try, a second after the first")
+  local rec = w.call(id)
+  T.eq({ rec.status, rec.attempts[1].reason }, { "queued", "interrupted by restart (the call was still up: hung up)" })
+end, { timeout = 60000 })
+
 T.test("kill -9 while ringing, Twilio's API silent at restart: the call is hung up all the same, before its retry rings", function()
   local w = world({
     behaviour = first_then_answer({ ring_ms = 60000, get_delay_ms = 5000 }),

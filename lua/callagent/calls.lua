@@ -2108,7 +2108,11 @@ function Engine:_resolve_interrupted(call)
     or call._cancel_requested and "canceled" or "failed"
   local ok = self:_attempt_final(call, n, status, why)
   if up then
-    self:_end_in_task(call.id, up)
+    -- A hang-up the vendor refuses is asked again (1, 2, 4 s later), as any
+    -- cancel is: the phone would ring on, beside the retry.
+    self:_end_in_task(call.id, up, function()
+      self:_cancel_retrying(call.id, up)
+    end)
   end
   return ok
 end
