@@ -349,6 +349,30 @@ T.test("kill -9 while the API's cancel of a ringing call is on its way: canceled
   T.eq(#w.tw.calls, 1, "not dialed again")
 end, { timeout = 60000 })
 
+T.test("kill -9 after the agent's own hang-up, its final callback not in: the call ends as that hang-up would have", function()
+  -- The model's session expires (a limit, not a failure): the agent hangs
+  -- up, and Twilio's completed callback is lost.
+  local w = world({
+    behaviour = { lost_callbacks = { completed = true } },
+    script = function(session)
+      assert(session:wait_event("response.create", 5000))
+      session:error("session_expired", "Your session hit the maximum duration of 60 minutes.")
+    end,
+  })
+  w.start()
+  local id = in_conversation(w, "+14155550174")
+  local tw = w.tw.calls[1]
+  assert(tw:wait_final(5000), "hung up at Twilio")
+  T.eq(stored(w, id).status, "in_progress", "its end not in the store yet (the final callback lost)")
+  w.kill9()
+  w.start()
+  local rec = w.wait_final(id, 10000)
+  T.eq({ rec.status, rec.endReason, #rec.attempts }, { "completed", "model session expired", 1 },
+    "ended as after the hang-up, not as a call the restart interrupted")
+  T.match(rec.lastError, "session_expired", "the session's end, as it happened")
+  T.eq(#w.tw.calls, 1)
+end, { timeout = 60000 })
+
 T.test("SIGTERM during a conversation: the call ends failed with endReason shutdown before the exit, notified once", function()
   local w = world({ script = monologue })
   w.start()

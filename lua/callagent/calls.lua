@@ -1499,6 +1499,12 @@ function Engine:bridge_hangup(b, reason)
   log.info("hanging up", { call = call.id, attempt = b.attempt, reason = reason })
   if a then
     a._bridge_hangup = true -- on its way or taken: stream_over sends no other
+    if not a._hangupReason and not FINAL[a.status] then
+      -- Kept with the attempt: a restart before the vendor's final status
+      -- comes ends the call as this hang-up would have (recover).
+      a._hangupReason = b.end_reason or reason
+      self:_store_write("update_attempt", call.id, b.attempt, { _hangupReason = a._hangupReason })
+    end
   end
   task.spawn(function()
     local ok, err = self:_end_at_provider(call, a)
@@ -2096,6 +2102,14 @@ function Engine:_resolve_interrupted(call)
     -- never answered, canceled).
     log.info("an interrupted call had been hung up through the API: it ends so", { call = call.id, attempt = n })
     call._end_reason = answered and "hung_up_by_api" or nil
+  elseif call._hangup_reason and answered then
+    -- The agent had hung up (the goodbye done, a limit, the model's
+    -- failure), the vendor's final status on its way: it ends as that
+    -- hang-up ends a call (a failure of the agent's, failed), its
+    -- lastError what happened.
+    log.info("an interrupted call had been hung up by its agent: it ends so", { call = call.id, attempt = n,
+      reason = call._hangup_reason })
+    call._end_reason = call._hangup_reason
   else
     call._end_reason = why
     if not call.report then
@@ -2104,7 +2118,7 @@ function Engine:_resolve_interrupted(call)
     end
   end
   -- Answered attempts end the call; unanswered ones follow the retry policy.
-  local status = (call.report or call._cancel_requested and answered) and "completed"
+  local status = (call.report or (call._cancel_requested or call._hangup_reason) and answered) and "completed"
     or call._cancel_requested and "canceled" or "failed"
   local ok = self:_attempt_final(call, n, status, why)
   if up then
@@ -2189,8 +2203,11 @@ function Engine:recover()
       -- refused (warm_refused): as that run had it, in memory.
       model_refused(call, last)
     end
-    if last and last._hangupAsked then
+    if last and last._hangupAsked and call.status ~= "queued" then
       call._cancel_requested = true -- hung up through the API (hangup): it ends as that asked
+    end
+    if last and type(last._hangupReason) == "string" and call.status ~= "queued" then
+      call._hangup_reason = last._hangupReason -- the agent's own hang-up (bridge_hangup)
     end
     call.transcript = nil -- in the store; see call_view
     call.usage = call.usage or {}
