@@ -108,16 +108,8 @@ local function from_iso(s)
   if not y then
     return nil
   end
-  y, mo = tonumber(y), tonumber(mo)
-  if mo <= 2 then
-    y = y - 1
-  end
-  -- Days since 1970-01-01 of a proleptic Gregorian date (days_from_civil, as tz.lua).
-  local era = y // 400
-  local yoe = y - era * 400
-  local doy = (153 * ((mo + 9) % 12) + 2) // 5 + tonumber(d) - 1
-  local days = era * 146097 + yoe * 365 + yoe // 4 - yoe // 100 + doy - 719468
-  return days * 86400 + tonumber(h) * 3600 + tonumber(mi) * 60 + tonumber(sec) + tonumber(ms) / 1000
+  return require("callagent.tz").days_from_civil(tonumber(y), tonumber(mo), tonumber(d)) * 86400
+    + tonumber(h) * 3600 + tonumber(mi) * 60 + tonumber(sec) + tonumber(ms) / 1000
 end
 
 function M.new_id()
