@@ -1385,6 +1385,14 @@ static int l_open(lua_State *L)
 		if (statements < 1 || statements > 100000)
 			luaL_error(L, "option 'statements' must be between 1 and 100000");
 	}
+	/*
+	 * A path is a file's name, never a URI: this SQLite reads "file:..." as
+	 * one, which opened another file than the one created 0600 here and
+	 * locked beside it (store.path "file:calls.db": calls.db, mode 0644,
+	 * while "file:calls.db.lock" guarded nothing).
+	 */
+	if (!strncmp(path, "file:", 5))
+		path = lua_pushfstring(L, "./%s", path);
 
 	/* The userdata exists, closed, before the connection does. */
 	db = lua_newuserdatauv(L, sizeof *db, 2);

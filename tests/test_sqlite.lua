@@ -70,6 +70,18 @@ T.test("a new database file, and its -wal and -shm, are readable by their owner 
   T.eq(mode(old), "640", "a file made by its owner keeps the mode given")
 end)
 
+T.test("a path that starts with file: is that file, made 0600, not a URI naming another one", function()
+  local dir = T.tmpdir()
+  local script = dir .. "/child.lua"
+  write_file(script, 'local db = assert(require("callagent.sqlite").open("file:u.db")) db:exec("CREATE TABLE t (x)") db:close()')
+  local p = assert(process.spawn({ T.bin, "run", script, cwd = dir }))
+  T.eq(p:wait(10000), 0, "child exit")
+  T.eq(core.stat(dir .. "/u.db"), nil, "SQLite took file:u.db for a URI naming u.db")
+  local code, out = T.exec({ "stat", "-c", "%a %s", dir .. "/file:u.db" })
+  T.eq(code, 0)
+  T.match(out[1], "^600 [1-9]", "the file named holds the database, mode 600")
+end)
+
 T.test("open applies synchronous = FULL and busy_timeout, and rejects bad options", function()
   local db = fresh({ synchronous = "FULL", busy_timeout = 250 })
   T.eq(db:value("PRAGMA synchronous"), 2, "FULL")
