@@ -500,6 +500,16 @@ T.test("tailscale older than 1.52 (no `funnel --bg`): the error says to update i
   T.eq(read_lines(logs.tailscale), { "status --json", "exit 0", "funnel status --json", "exit 0", "funnel --bg " .. PORT, "exit 2" })
 end)
 
+T.test("an old tailscale CLI talking to a newer tailscaled: too old, without the daemon's version", function()
+  local r = scenario({
+    path = bindir({ "tailscale" }),
+    env = { FAKE_TAILSCALE_MODE = "oldcli" },
+    cfg = { provider = "tailscale", timeoutSec = 10 },
+  })
+  T.eq(r.err, "tunnel: tailscale is too old for `tailscale funnel --bg` (Tailscale 1.52 or later): "
+    .. "update it, or set server.publicBaseUrl (tailscale said: flag provided but not defined: -bg)")
+end)
+
 T.test("tailscaled not running, or not reachable: the error quotes the CLI's reason and hint, not a guess", function()
   local r = scenario({
     path = bindir({ "tailscale" }),

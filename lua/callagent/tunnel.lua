@@ -693,6 +693,8 @@ local function open_tailscale(cfg, port, deadline, cancel)
     return nil, CANCELED, CANCELED
   end
   if r.timed_out or r.code ~= 0 then
+    -- status's Version is tailscaled's: named only when it is the old one
+    -- (an old CLI in PATH before a newer daemon's fails on --bg the same).
     local version = type(status.Version) == "string" and status.Version:match("^(%d+%.%d+[%.%d]*)") or nil
     local major, minor = (version or ""):match("^(%d+)%.(%d+)")
     local old = major and (tonumber(major) < 1 or (tonumber(major) == 1 and tonumber(minor) < 52))
@@ -700,7 +702,7 @@ local function open_tailscale(cfg, port, deadline, cancel)
     if not r.timed_out and (no_bg or old) then
       local said = no_bg or first_line(r.lines)
       return nil, string.format("tailscale%s is too old for `tailscale funnel --bg` (Tailscale 1.52 or later): "
-        .. "update it, or set server.publicBaseUrl%s", version and (" " .. version) or "",
+        .. "update it, or set server.publicBaseUrl%s", old and (" " .. version) or "",
         said and (" (tailscale said: " .. said .. ")") or "")
     end
     return nil, tailscale_error("funnel --bg " .. port, r, cfg.timeoutSec)
