@@ -9,18 +9,9 @@ local fake_twilio = require "fakes.twilio"
 local timer = require "callagent.timer"
 local task = require "callagent.task"
 
-local function rigs()
-  local tw = assert(fake_twilio.start({ account_sid = kit.ACCOUNT, auth_token = kit.TOKEN }))
-  local rt = assert(require("fakes.realtime").start({ api_key = kit.API_KEY }))
-  T.defer(function()
-    tw:close()
-    rt:close()
-  end)
-  return tw, rt
-end
 
 T.test("a binary message before start is refused with 1008 at once and logged, as any other first message", function()
-  local tw, rt = rigs()
+  local tw, rt = kit.fakes()
   -- The start deadline is far: a refusal must come from the message itself.
   local p, api = kit.app_process(tw, rt, { stream_start_ms = 8000 })
   local stream_url = api.base:gsub("^http", "ws") .. "/voice/stream"
@@ -188,7 +179,7 @@ end, { timeout = 30000 })
 
 
 T.test("a first stream message over 256 KiB is closed with 1009 and logged; the server goes on", function()
-  local tw, rt = rigs()
+  local tw, rt = kit.fakes()
   local p, api = kit.app_process(tw, rt, { stream_start_ms = 8000 })
   local stream_url = api.base:gsub("^http", "ws") .. "/voice/stream"
   local conn = assert(ws.connect(stream_url, { headers = { ["X-Twilio-Signature"] = fake_twilio.sign(kit.TOKEN, stream_url) } }))

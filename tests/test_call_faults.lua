@@ -255,12 +255,7 @@ T.test("a refused media stream is not heard any more: a start it sends after cla
 end, { timeout = 30000 })
 
 T.test("a media stream that never starts, or sends something else first, is closed with 1008 and logged", function()
-  local tw = assert(fake_twilio.start({ account_sid = kit.ACCOUNT, auth_token = kit.TOKEN }))
-  local rt = assert(require("fakes.realtime").start({ api_key = kit.API_KEY }))
-  T.defer(function()
-    tw:close()
-    rt:close()
-  end)
+  local tw, rt = kit.fakes()
   local p, api = kit.app_process(tw, rt, { stream_start_ms = 500 })
   local stream_url = api.base:gsub("^http", "ws") .. "/voice/stream"
   local function open()

@@ -54,12 +54,7 @@ T.test("any change to token, URL, parameters or signature fails", function()
 end)
 
 T.test("a real process: a signature that is no HMAC-SHA1, or a form of more parameters than Twilio sends, is refused unread", function()
-  local tw = assert(fake_twilio.start({ account_sid = kit.ACCOUNT, auth_token = kit.TOKEN }))
-  local rt = assert(require("fakes.realtime").start({ api_key = kit.API_KEY }))
-  T.defer(function()
-    tw:close()
-    rt:close()
-  end)
+  local tw, rt = kit.fakes()
   local p, api = kit.app_process(tw, rt)
   local u = api.base .. "/voice?callId=c_none&attempt=1"
   local function post(sig, params)

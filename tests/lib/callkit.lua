@@ -22,6 +22,10 @@
 --   kit.twilio_variant(name, lua_source) -> a provider_dirs folder whose
 --   provider `name` is Twilio's, changed by lua_source (P is the provider)
 --
+--   local tw, rt = kit.fakes()
+-- A fake Twilio and a fake Realtime with the kit's credentials, for
+-- app_process; closed after the test.
+--
 --   local p, api = kit.app_process(tw, rt, { slow_model = true })
 -- A real callagent process (tests/apps/durable.lua) against fakes of the
 -- test process, so that its log lines can be read (p.errtext()); api has
@@ -207,6 +211,16 @@ function Env:wait(id, pred, timeout_ms, what)
     return pred(rec)
   end, timeout_ms or 10000, what or "call condition")
   return rec
+end
+
+function M.fakes()
+  local tw = assert(require("fakes.twilio").start({ account_sid = M.ACCOUNT, auth_token = M.TOKEN }))
+  local rt = assert(require("fakes.realtime").start({ api_key = M.API_KEY }))
+  T.defer(function()
+    tw:close()
+    rt:close()
+  end)
+  return tw, rt
 end
 
 function M.app_process(tw, rt, opts)
