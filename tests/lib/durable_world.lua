@@ -106,9 +106,14 @@ function M.new(opts)
   end
   function w.start()
     w.app = T.spawn_app(T.root .. "/tests/apps/durable.lua", nil, { env = w.env() })
+    -- What it said is read when the wait fails (one that exited, its port
+    -- taken meanwhile say, ends the wait at once).
     T.wait_for(function()
-      return w.app.out[1] and w.app.out[1]:match("^ready")
-    end, opts.ready_ms or 10000, "the app to be ready: " .. w.app.errtext())
+      return w.app.out[1] and w.app.out[1]:match("^ready") or not w.app:running()
+    end, opts.ready_ms or 10000, function()
+      return "the app to be ready: " .. w.app.errtext()
+    end)
+    T.ok(w.app:running(), "the app exited before it was ready: " .. w.app.errtext())
   end
   function w.kill9()
     w.app:kill("SIGKILL")

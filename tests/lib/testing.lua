@@ -151,7 +151,8 @@ function T.raises(fn, pattern, what)
   return err
 end
 
---- Waits (inside a test) until pred() is true, polling every 5 ms.
+--- Waits (inside a test) until pred() is true, polling every 5 ms. what:
+-- what was waited for, or a function that says it when the wait fails.
 function T.wait_for(pred, timeout_ms, what)
   local deadline = timer.now() + (timeout_ms or 5000)
   while true do
@@ -160,7 +161,7 @@ function T.wait_for(pred, timeout_ms, what)
       return v
     end
     if timer.now() > deadline then
-      fail("timed out waiting for " .. (what or "condition"))
+      fail("timed out waiting for " .. (type(what) == "function" and what() or what or "condition"))
     end
     timer.sleep(5)
   end
