@@ -140,16 +140,31 @@ T.test("the stand-in refuses a session without its key: closed with 1008, no ses
   conn:close(1000, "bye")
 end)
 
-T.test("sessions that need the same phrase at once share one espeak-ng run", function()
+-- Runs app (Lua source) with an espeak-ng of the test's first in PATH: a
+-- shell script whose lines after "#!/bin/sh" are script(dir), dir the
+-- folder it is in, where it may leave what the test reads. opts.env: more
+-- variables; opts.timeout: run_app's. Returns code, p, dir.
+local function with_espeak(script, app, opts)
+  opts = opts or {}
   local dir = T.tmpdir()
-  local real = io.popen("command -v espeak-ng"):read("l")
   local f = assert(io.open(dir .. "/espeak-ng", "w"))
-  -- A stand-in that counts its runs, then runs the real one (or fails as it would without one).
-  f:write("#!/bin/sh\necho run >> '" .. dir .. "/runs'\n", real and ("exec '" .. real .. "' \"$@\"\n") or "exit 1\n")
+  f:write("#!/bin/sh\n", script(dir))
   f:close()
   os.execute("chmod +x '" .. dir .. "/espeak-ng'")
   f = assert(io.open(dir .. "/app.lua", "w"))
-  f:write([[
+  f:write(app)
+  f:close()
+  local code, _, p = T.run_app(dir .. "/app.lua", nil, { env = T.with({ PATH = dir .. ":" .. os.getenv("PATH") },
+    opts.env), timeout = opts.timeout })
+  return code, p, dir
+end
+
+T.test("sessions that need the same phrase at once share one espeak-ng run", function()
+  local real = io.popen("command -v espeak-ng"):read("l")
+  -- A stand-in that counts its runs, then runs the real one (or fails as it would without one).
+  local code, p, dir = with_espeak(function(dir)
+    return "echo run >> '" .. dir .. "/runs'\n" .. (real and ("exec '" .. real .. "' \"$@\"\n") or "exit 1\n")
+  end, [[
 local standin, task = require "callagent.standin", require "callagent.task"
 task.spawn(function()
   local fns = {}
@@ -158,9 +173,7 @@ task.spawn(function()
   end
   print(table.concat({ task.all(fns) }, " "))
 end)
-]])
-  f:close()
-  local code, _, p = T.run_app(dir .. "/app.lua", nil, { env = { PATH = dir .. ":" .. os.getenv("PATH") }, timeout = 20000 })
+]], { timeout = 20000 })
   T.eq(code, 0, p.errtext())
   local n = assert((p.out[1] or ""):match("^(%d+)"), p.text() .. p.errtext())
   T.eq(p.out[1], (n .. " "):rep(5):sub(1, -2), "five the same length")
@@ -172,22 +185,15 @@ end)
 end)
 
 T.test("espeak-ng gets callagent's environment without the variables that hold a secret", function()
-  local dir = T.tmpdir()
-  local f = assert(io.open(dir .. "/espeak-ng", "w"))
-  f:write("#!/bin/sh\nenv > '" .. dir .. "/env'\nexit 1\n")
-  f:close()
-  os.execute("chmod +x '" .. dir .. "/espeak-ng'")
-  f = assert(io.open(dir .. "/app.lua", "w"))
-  f:write([[
+  local code, p, dir = with_espeak(function(dir)
+    return "env > '" .. dir .. "/env'\nexit 1\n"
+  end, [[
 local standin, task, log = require "callagent.standin", require "callagent.task", require "callagent.log"
 log.secret(os.getenv("HOOKS_TOKEN"))
 task.spawn(function()
   print(standin.speech("Hello there.") == nil)
 end)
-]])
-  f:close()
-  local code, _, p = T.run_app(dir .. "/app.lua", nil, { env = { PATH = dir .. ":" .. os.getenv("PATH"),
-    HOOKS_TOKEN = "hk-7f3a9c2e1d4b5a69", PLAIN_SETTING = "kept-as-is" } })
+]], { env = { HOOKS_TOKEN = "hk-7f3a9c2e1d4b5a69", PLAIN_SETTING = "kept-as-is" } })
   T.eq(code, 0, p.errtext())
   local env = assert(io.open(dir .. "/env")):read("a")
   T.lacks(env, "hk-7f3a9c2e1d4b5a69", "the secret's variable left out")
@@ -195,14 +201,10 @@ end)
 end)
 
 T.test("an espeak-ng run that fails with an error wakes the sessions waiting for it: all chime, none waits for ever", function()
-  local dir = T.tmpdir()
-  local f = assert(io.open(dir .. "/espeak-ng", "w"))
   -- A WAV whose data has an odd byte: reading it raises. Slow enough that the others wait for it.
-  f:write("#!/bin/sh\nsleep 0.3\nwhile [ \"$1\" != -w ]; do shift; done\nprintf 'RIFFxxxxWAVEdataxxxxabc' > \"$2\"\n")
-  f:close()
-  os.execute("chmod +x '" .. dir .. "/espeak-ng'")
-  f = assert(io.open(dir .. "/app.lua", "w"))
-  f:write([[
+  local code, p = with_espeak(function()
+    return "sleep 0.3\nwhile [ \"$1\" != -w ]; do shift; done\nprintf 'RIFFxxxxWAVEdataxxxxabc' > \"$2\"\n"
+  end, [[
 local standin, task, timer, runtime = require "callagent.standin", require "callagent.task", require "callagent.timer",
   require "callagent.runtime"
 timer.after(3000, function()
@@ -218,9 +220,7 @@ task.spawn(function()
   print(a, b, c, #standin.speech("This phrase cannot be read."))
   runtime.exit(0)
 end)
-]])
-  f:close()
-  local code, _, p = T.run_app(dir .. "/app.lua", nil, { env = { PATH = dir .. ":" .. os.getenv("PATH") }, timeout = 10000 })
+]], { timeout = 10000 })
   T.eq(code, 0, p.text() .. p.errtext())
   local n = (p.out[1] or ""):match("^(%d+)")
   T.ok(n and tonumber(n) > 0, "chimes: " .. p.text())
@@ -229,22 +229,16 @@ end)
 end)
 
 T.test("an espeak-ng run that hangs is killed after its wait, and the sessions chime", function()
-  local dir = T.tmpdir()
-  local f = assert(io.open(dir .. "/espeak-ng", "w"))
-  f:write("#!/bin/sh\necho $$ > '" .. dir .. "/pid'\nexec sleep 30\n")
-  f:close()
-  os.execute("chmod +x '" .. dir .. "/espeak-ng'")
-  f = assert(io.open(dir .. "/app.lua", "w"))
-  f:write([[
+  local code, p, dir = with_espeak(function(dir)
+    return "echo $$ > '" .. dir .. "/pid'\nexec sleep 30\n"
+  end, [[
 local standin, task, runtime = require "callagent.standin", require "callagent.task", require "callagent.runtime"
 standin.ESPEAK_WAIT_MS = 300
 task.spawn(function()
   print(#standin.speech("This phrase never comes."))
   runtime.exit(0)
 end)
-]])
-  f:close()
-  local code, _, p = T.run_app(dir .. "/app.lua", nil, { env = { PATH = dir .. ":" .. os.getenv("PATH") }, timeout = 10000 })
+]], { timeout = 10000 })
   T.eq(code, 0, p.text() .. p.errtext())
   T.ok(tonumber(p.out[1] or "") and tonumber(p.out[1]) > 0, "a chime: " .. p.text())
   T.match(p.errtext(), "espeak%-ng's speech could not be used; it will chime instead error=\"espeak%-ng took more than 0%.3 s\"")
