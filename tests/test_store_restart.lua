@@ -119,9 +119,7 @@ T.test("kill -9 while ringing, answered while the restart asks Twilio: no stream
     end,
   })
   w.start()
-  local id = w.create("+14155550163", "Talk.")
-  local tw = w.tw:wait_call(5000)
-  assert(tw:wait_status("ringing", 3000), "ringing")
+  local id, tw = w.ring("+14155550163", "Talk.")
   w.kill9()
   local restarted = timer.now()
   w.start()
@@ -153,9 +151,7 @@ T.test("kill -9 while ringing, answered while callagent is down: hung up as answ
       retry_ms = 500,
     })
     w.start()
-    local id = w.create("+14155550166")
-    local tw = w.tw:wait_call(5000)
-    assert(tw:wait_status("ringing", 3000), "ringing")
+    local id, tw = w.ring("+14155550166")
     w.kill9()
     assert(tw:wait_status("in-progress", 5000), "answered while down")
     if hang_up_first then
@@ -333,9 +329,7 @@ T.test("kill -9 while the API's cancel of a ringing call is on its way: canceled
     retry_ms = 500,
   })
   w.start()
-  local id = w.create("+14155550170")
-  local tw = w.tw:wait_call(5000)
-  assert(tw:wait_status("ringing", 3000), "ringing")
+  local id, tw = w.ring("+14155550170")
   task.spawn(function()
     w.api("POST", "/v1/calls/" .. id .. "/hangup") -- its answer never comes: killed first
   end)
@@ -444,9 +438,7 @@ for _, lost in ipairs({ false, true }) do
     local ringing = { ring_ms = 60000, lost_callbacks = lost and { completed = true } or nil }
     local w = world({ behaviour = first_then_answer(ringing), script = report_script })
     w.start()
-    local id = w.create("+14155550177")
-    local tw = w.tw:wait_call(5000)
-    assert(tw:wait_status("ringing", 3000), "ringing")
+    local id, tw = w.ring("+14155550177")
     assert(w.app:kill("SIGTERM"))
     T.eq(w.app:wait(10000), 0)
     T.eq(tw.final, "canceled", "no phone rings for a callagent that is down")
@@ -504,9 +496,7 @@ T.test("an attempt a stop canceled while it rang does not count toward retry.max
     config = { retry = { maxAttempts = 2 } },
   })
   w.start()
-  local id = w.create("+14155550178")
-  local tw = w.tw:wait_call(5000)
-  assert(tw:wait_status("ringing", 3000), "ringing")
+  local id, tw = w.ring("+14155550178")
   assert(w.app:kill("SIGTERM"))
   T.eq(w.app:wait(10000), 0)
   T.eq(stored(w, id).status, "queued")
@@ -546,9 +536,7 @@ for _, order in ipairs({ "sigterm-then-hangup", "hangup-then-sigterm" }) do
       local ringing = { ring_ms = 60000, update_delay_ms = 1000, lost_callbacks = lost and { completed = true } or nil }
       local w = world({ behaviour = first_then_answer(ringing), script = report_script })
       w.start()
-      local id = w.create("+14155550190")
-      local tw = w.tw:wait_call(5000)
-      assert(tw:wait_status("ringing", 3000), "ringing")
+      local id, tw = w.ring("+14155550190")
       local hst, hbody
       local function hang()
         local res, ferr = fetch(w.base .. "/v1/calls/" .. id .. "/hangup", { method = "POST" })
@@ -594,9 +582,7 @@ for _, lost in ipairs({ false, true }) do
     local b = { create_delay_ms = 3000, ring_ms = 1500, lost_callbacks = lost and { completed = true } or nil }
     local w = world({ behaviour = first_then_answer(b), script = monologue, retry_ms = 500 })
     w.start()
-    local id = w.create("+14155550191")
-    local tw = w.tw:wait_call(5000)
-    assert(tw:wait_status("ringing", 3000), "ringing")
+    local id, tw = w.ring("+14155550191")
     timer.sleep(500)
     assert(w.app:kill("SIGTERM"))
     local t0 = timer.now()
@@ -717,9 +703,7 @@ T.test("a store whose call is dialing but its attempt is over: after restart the
   -- What a kill -9 between the two writes left before they were one commit.
   local w = world({ behaviour = { answer = "busy", ring_ms = 1000 } })
   w.start()
-  local id = w.create("+14155550164", "Talk.")
-  local tw = w.tw:wait_call(5000)
-  assert(tw:wait_status("ringing", 3000), "ringing")
+  local id, tw = w.ring("+14155550164", "Talk.")
   w.kill9()
   assert(tw:wait_status("busy", 5000), "busy at Twilio")
   local db = assert(sqlite.open(w.db))
@@ -854,9 +838,7 @@ T.test("a second process on the store of a running one exits at once: the first 
   })
   w.start()
   local first = w.app
-  local id = w.create("+14155550167")
-  local tw = w.tw:wait_call(5000)
-  assert(tw:wait_status("ringing", 3000), "ringing")
+  local id, tw = w.ring("+14155550167")
   local second_port = T.free_port()
   local code, _, p = T.run_app(T.root .. "/tests/apps/durable.lua", nil, { env = w.env(second_port), timeout = 10000 })
   T.eq(code, 1, "the second process fails: " .. p.errtext())

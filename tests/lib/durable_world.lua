@@ -6,6 +6,7 @@
 --   local world = require "durable_world"
 --   local w = world.new({ behaviour = ..., script = ..., retry_ms = 2000 })
 --   w.start(); local id = w.create("+14155550100"); w.wait_final(id)
+--   local id, tw = w.ring("+14155550100")  -- placed, and ringing at the fake Twilio
 --
 -- opts: behaviour (fake Twilio), script (fake model), retry_ms (1500),
 -- config (merged over the app's), ready_ms (10000), and for the receiver:
@@ -177,11 +178,16 @@ function M.new(opts)
     end
     return by
   end
-  -- A call placed and ringing, then callagent killed (-9) and started again.
-  function w.ring_and_restart(to)
-    local id = w.create(to)
+  -- A call placed, and its fake Twilio call once it rings: id, tw.
+  function w.ring(to, prompt)
+    local id = w.create(to, prompt)
     local tw = w.tw:wait_call(5000)
     assert(tw:wait_status("ringing", 3000), "ringing")
+    return id, tw
+  end
+  -- The same, then callagent killed (-9) and started again.
+  function w.ring_and_restart(to)
+    local id, tw = w.ring(to)
     w.kill9()
     w.start()
     return id, tw
