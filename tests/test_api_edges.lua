@@ -93,16 +93,7 @@ T.test("a huge unknown field name is quoted cut in the error message and the log
   -- A 200 KB name made a 400 KB log line (error= and field=) per request.
   local env = env_with()
   local name = string.rep("z", 200000)
-  local log_lines = {}
-  local log = require "callagent.log"
-  local warn = log.warn
-  log.warn = function(msg, fields)
-    log_lines[#log_lines + 1] = { msg = msg, fields = fields }
-    return warn(msg, fields)
-  end
-  T.defer(function()
-    log.warn = warn
-  end)
+  local log_lines = T.log_lines("warn")
   local status, body = env:api("POST", "/v1/calls", '{"to":"+14155550100","prompt":"x","' .. name .. '":1}')
   T.eq({ status, body.error.code, body.error.field == name }, { 400, "unknown_field", true })
   T.lt(#body.error.message, 200, "the message quotes the name cut")

@@ -128,16 +128,7 @@ T.test("app:on with an event name the app has not (a typo) raises, naming the ev
 end)
 
 T.test("an app:on handler that raises is logged with its traceback; the other handlers and the call go on", function()
-  local log = require "callagent.log"
-  local errs = {}
-  local e = log.error
-  log.error = function(msg, f)
-    errs[#errs + 1] = { msg = msg, fields = f }
-    return e(msg, f)
-  end
-  T.defer(function()
-    log.error = e
-  end)
+  local errs = T.log_lines("error")
   local env = kit.start({
     realtime = {
       script = function(session)

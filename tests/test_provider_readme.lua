@@ -220,15 +220,7 @@ return P
 ]]
 
 T.test("mapStatus may return the status word alone (the seed's CallStatus); a word callagent lacks is a 500 naming it", function()
-  local log = require "callagent.log"
-  local errs, e = {}, log.error
-  log.error = function(msg, f)
-    errs[#errs + 1] = { msg = msg, fields = f }
-    return e(msg, f)
-  end
-  T.defer(function()
-    log.error = e
-  end)
+  local errs = T.log_lines("error")
   local env = kit.start({ provider_dirs = { provider_dir(WORDS) },
     config = { telephony = { provider = "acme" }, retry = { maxAttempts = 1 } } })
   local function status(id, body)

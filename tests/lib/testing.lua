@@ -167,6 +167,21 @@ function T.wait_for(pred, timeout_ms, what)
   end
 end
 
+--- The lines this process logs at level ("warn", "error") during the
+-- running test, each {msg, fields}, as they come (still logged too).
+function T.log_lines(level)
+  local log = require "callagent.log"
+  local lines, real = {}, log[level]
+  log[level] = function(msg, fields)
+    lines[#lines + 1] = { msg = msg, fields = fields }
+    return real(msg, fields)
+  end
+  T.defer(function()
+    log[level] = real
+  end)
+  return lines
+end
+
 --- Sets mod[field] to value for the running test (a module's wait, made
 -- short), restored when the test ends. Returns the value it had.
 function T.shorten(mod, field, value)
