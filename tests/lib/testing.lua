@@ -407,14 +407,22 @@ function T.started_app(cfg, opts)
   return app
 end
 
---- A loopback port that was free a moment ago: one a server had, now closed
--- (nothing listens on it until someone binds it again).
+--- A loopback port that was free a moment ago, for a child to listen on.
+-- It is drawn below the kernel's ephemeral range (32768-60999 on Debian),
+-- where no connect() and no listen on port 0 takes a port of its own
+-- accord: a port the kernel handed out and took back could go to another
+-- test's outgoing connection before the child binds it.
 function T.free_port()
-  local srv = require("callagent.http").server({})
-  assert(srv:listen())
-  local port = srv.port
-  srv:close()
-  return port
+  local http = require("callagent.http")
+  for _ = 1, 200 do
+    local srv = http.server({ port = math.random(20000, 32767) })
+    if srv:listen() then
+      local port = srv.port
+      srv:close()
+      return port
+    end
+  end
+  error("no free port in 20000-32767 after 200 tries")
 end
 
 --- A new table: base's fields, then over's on top (e.g. a child's environment).
