@@ -339,7 +339,27 @@ T.test("report_call near misses of its schema keep what the model said: nextStep
   local env = reporting({ summary = "Booked.", outcome = "Success", nextSteps = "Call back Tuesday." })
   local id = env:create({ to = "+14155550127", prompt = "Book it." })
   local call = env:wait_final(id, 20000)
-  T.eq({ call.report.outcome, call.report.nextSteps }, { "success", { "Call back Tuesday." } })
+  T.eq({ call.report.outcome, call.report.nextSteps, call.report.outcomeRaw }, { "success", { "Call back Tuesday." }, nil })
+end, { timeout = 30000 })
+
+T.test("a report_call outcome outside the five is unknown, the model's word kept as outcomeRaw and warned about", function()
+  local warns = T.log_lines("warn")
+  local env = reporting({ summary = "They asked us to call back.", outcome = "callback_requested" })
+  local id = env:create({ to = "+14155550128", prompt = "Book it." })
+  local call = env:wait_final(id, 20000)
+  T.eq({ call.report.outcome, call.report.outcomeRaw }, { "unknown", "callback_requested" })
+  T.wait_for(function()
+    return #env.hooks.received >= 1
+  end, 10000, "the notification")
+  local sent = env.hooks.received[1].json.data.report
+  T.eq({ sent.outcome, sent.outcomeRaw }, { "unknown", "callback_requested" }, "in the notification too")
+  local said
+  for _, l in ipairs(warns) do
+    if l.msg:find("report_call outcome is none of", 1, true) then
+      said = l.fields
+    end
+  end
+  T.eq({ said and said.outcome, said and said.call }, { "callback_requested", id }, "one WARN line naming it")
 end, { timeout = 30000 })
 
 T.test("a report whose data no record could hold is kept without it: the call completes and is notified", function()

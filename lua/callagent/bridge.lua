@@ -32,7 +32,7 @@ local realtime = require "callagent.realtime"
 local cbridge = require "callagent.core.bridge"
 local instructions = require "callagent.instructions"
 local json = require "callagent.json"
-local http = require "callagent.http" -- http.cut: what a log line quotes of the model's field names
+local http = require "callagent.http" -- http.cut: what a log line quotes of the model's field names and outcome
 local timer = require "callagent.timer"
 local task = require "callagent.task"
 local log = require "callagent.log"
@@ -1113,6 +1113,20 @@ local function normalize_report(args, fields)
   -- "Success" is success: the model's word, not a new one.
   local outcome = type(args.outcome) == "string" and args.outcome:lower()
   r.outcome = OUTCOMES[outcome] and outcome or "unknown"
+  if not OUTCOMES[outcome] and args.outcome ~= nil and args.outcome ~= json.null then
+    -- Another word than the five ("callback_requested"; the schema's enum
+    -- guides the model, the service does not enforce it): unknown, and the
+    -- model's own kept beside it (a value that is no string as its JSON),
+    -- so that nothing it said is lost.
+    local raw = text(args.outcome)
+    if raw == nil then
+      local ok, s = pcall(json.encode, json.utf8(args.outcome))
+      raw = ok and s or nil
+    end
+    r.outcomeRaw = raw
+    warn("report_call outcome is none of success, failure, voicemail, no_answer, unknown: unknown, the model's "
+      .. "kept as outcomeRaw", { outcome = raw and http.cut(raw, 64) or "(" .. type(args.outcome) .. ")" })
+  end
   r.nextSteps = json.array({})
   -- One step written as a string, not a list of one, is that step.
   local steps = type(args.nextSteps) == "string" and { args.nextSteps } or args.nextSteps

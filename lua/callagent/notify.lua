@@ -167,7 +167,8 @@ function Notifier:record(view)
       { call = view.callId, error = body })
     payload.data.metadata = nil
     if type(payload.data.report) == "table" then
-      payload.data.report = { summary = payload.data.report.summary, outcome = payload.data.report.outcome }
+      local r = payload.data.report
+      payload.data.report = { summary = r.summary, outcome = r.outcome, outcomeRaw = r.outcomeRaw }
     end
     body = json.encode(payload)
   end
