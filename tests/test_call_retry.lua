@@ -605,6 +605,28 @@ T.test("a ring timeout's cancel the vendor answers saying the callee had answere
   T.eq(#env.tw.calls, 1, "dialed once")
 end, { timeout = 30000 })
 
+T.test("a callee who answers while the ring timeout's refused cancel is asked again, the answered callback lost (no getCall): talks, not no_answer and dialed again", function()
+  -- The ring timeout (1 + 1 s) finds the call ringing; Twilio refuses its
+  -- cancel (503) and the callee picks up 0.4 s later, the answered callback
+  -- lost. Before, the attempt ended no_answer at the refusal, the voice
+  -- webhook got <Hangup/>, and the retry rang the callee who had answered.
+  local dir = kit.twilio_variant("nogetcall", "P.getCall = nil\n")
+  local env = kit.start({
+    provider_dirs = { dir },
+    twilio = { behaviour = { ring_ms = 2400, lost_callbacks = { answered = true }, update_fail = 503,
+      update_fail_times = 1 } },
+    realtime = { script = quick_report },
+    config = { telephony = { provider = "nogetcall" }, retry = { maxAttempts = 2, initialDelayMs = 200 },
+      call = { ringTimeoutSec = 1, statusGraceSec = 1 } },
+  })
+  local id = env:create({ to = "+14155550129", prompt = "Say hello." })
+  local call = env:wait_final(id, 20000)
+  T.eq({ call.status, call.report and call.report.outcome, #call.attempts }, { "completed", "success", 1 },
+    "the conversation took place: " .. tostring(call.attempts[1] and call.attempts[1].reason))
+  T.eq(#env.tw.calls, 1, "dialed once")
+  T.eq(env.tw.calls[1].updates[1].params.Status, "canceled", "the ring timeout's cancel, refused")
+end, { timeout = 30000 })
+
 T.test("an API hang-up while the ring timeout's cancel is on its way: the attempt ends canceled, as the call does", function()
   local env = kit.start({
     twilio = { behaviour = { ring_ms = 60000, lost_callbacks = { completed = true }, update_delay_ms = 800 } },

@@ -888,22 +888,45 @@ function Engine:_ring_timeout(call, n)
   end
   if ok then
     self:_cancel_answered(call.id, n, how)
-  else
-    log.warn("provider hang-up failed", { call = call.id, attempt = n, error = err })
+    return self:_rang_out(call, n)
   end
-  if a.status == "dialing" and call.attempt == n then
-    if call._cancel_requested then
-      -- An API hang-up came while this cancel was on its way: canceled, as
-      -- that hang-up's (or the vendor's canceled status) would end it, not
-      -- no_answer with the API's reason.
-      self:_attempt_final(call, n, "canceled", "canceled by API")
-    else
-      self:_attempt_final(call, n, "no_answer", "ring timeout")
+  log.warn("provider hang-up failed", { call = call.id, attempt = n, error = err })
+  -- The cancel refused, the phone rings on, and the callee may pick up
+  -- before a later one is taken, the answered callback lost: ended
+  -- no_answer now, the attempt's voice webhook got a hang-up and its retry
+  -- rang the callee who had answered. So it stays dialing while the cancel
+  -- is asked again (1, 2, 4 s later, until it is answered here): its voice
+  -- webhook or answered status makes it in progress, as does the answer to
+  -- a later cancel saying the callee had answered; a final status ends it.
+  -- It ends no_answer once a cancel is taken, or call.statusGraceSec from
+  -- now at the latest (the cancel asked again all the same).
+  self:_cancel_retrying(call.id, copy, function()
+    return a.answeredAt == nil
+  end, function()
+    self:_rang_out(call, n)
+  end)
+  self.timers[call.id .. "#dial"] = timer.after(self.config.call.statusGraceSec * 1000, function()
+    self.timers[call.id .. "#dial"] = nil
+    if not self.closed then
+      self:_rang_out(call, n)
     end
+  end)
+end
+
+-- Attempt n, ringing at its ring timeout, whose cancel was taken (or the
+-- wait for one is over): no_answer, unless a status or a voice webhook
+-- came meanwhile. An API hang-up that came while the cancel was on its way
+-- makes it canceled, as that hang-up (or the vendor's canceled status)
+-- would end it, not no_answer with the API's reason.
+function Engine:_rang_out(call, n)
+  local a = call.attempts[n]
+  if a.status ~= "dialing" or call.attempt ~= n then
+    return
   end
-  if not ok then
-    -- Asked again, so that the phone stops ringing.
-    self:_cancel_retrying(call.id, copy)
+  if call._cancel_requested then
+    self:_attempt_final(call, n, "canceled", "canceled by API")
+  else
+    self:_attempt_final(call, n, "no_answer", "ring timeout")
   end
 end
 
@@ -1071,10 +1094,11 @@ function Engine:_cancel_answered(id, n, how)
 end
 
 -- A cancel the vendor refused, asked again in the background: 1, 2, 4 s
--- later, each while wanted() (optional) is true.
+-- later, each while wanted() (optional) is true; on_taken() (optional)
+-- runs once the vendor took one.
 local CANCEL_RETRIES = 3
 
-function Engine:_cancel_retrying(id, a, wanted)
+function Engine:_cancel_retrying(id, a, wanted, on_taken)
   task.spawn(function()
     for i = 1, CANCEL_RETRIES do
       timer.sleep(1000 * 2 ^ (i - 1))
@@ -1084,7 +1108,11 @@ function Engine:_cancel_retrying(id, a, wanted)
       local ok, err, how = self:_provider_end(self:call_view(id) or { callId = id }, a)
       if ok then
         log.info("provider hang-up done on a later try", { call = id, attempt = a.n, try = i + 1 })
-        return self:_cancel_answered(id, a.n, how)
+        self:_cancel_answered(id, a.n, how)
+        if on_taken and not self.closed then
+          on_taken()
+        end
+        return
       end
       log.warn("provider hang-up failed", { call = id, attempt = a.n, try = i + 1, error = err })
     end
