@@ -18,8 +18,10 @@
 --   2. Every Call Control webhook of that call comes to POST /telnyx/webhook
 --      (registerRoutes), signed with Ed25519. Its call and attempt: the
 --      echoed client_state (inside the signed body); one where it and the
---      URL's query disagree, or with another client_state than ours, is
---      answered 200 and ignored; one with none (or "") counts for the query's
+--      URL's query disagree, with another client_state than ours, or with
+--      ours naming a call this callagent has no record of (another
+--      callagent's on the account, come by the connection's failover URL),
+--      is answered 200 and ignored; one with none (or "") counts for the query's
 --      attempt only if its call_control_id is that attempt's (the query
 --      alone counts only while signatures are not checked).
 --      call.initiated -> dialing, call.answered -> in_progress, call.hangup ->
@@ -87,8 +89,11 @@
 --     references and developers.telnyx.com/docs/voice/programmable-voice/
 --     receiving-webhooks), and a status whose call_control_id is not the
 --     attempt's is ignored (engine). That page also says webhooks may come
---     out of order, twice, or at once, and that a command_id repeated within
---     60 s is ignored.
+--     out of order, twice, or at once, that a command_id repeated within
+--     60 s is ignored, and that a webhook its URL does not take (no 200) goes
+--     to the application's failover URL (developers.telnyx.com/docs/voice/
+--     programmable-voice/voice-api-webhooks: failover_url is a setting of the
+--     connection), which may be ours for another callagent's calls.
 --   - streaming.failed payload: call_control_id, client_state,
 --     failure_reason (a short text, "connection_failed" in the example),
 --     stream_id, stream_params {stream_url, stream_track}, stream_type
@@ -670,6 +675,16 @@ function P:registerRoutes(srv)
       end
       log.warn("telnyx webhook with a bad query", { remote = req.remote })
       return 400, { error = { code = "bad_request", message = "callId and attempt must be given once in the query" } }
+    end
+    if not by_id and self.engine:has_call(call_id) == false then
+      -- callagent's client_state, but of a call this one never had: another
+      -- callagent's on the account, whose webhooks Telnyx sends to the
+      -- connection's failover URL when its own webhook_url fails. Its call
+      -- is not ours to hang up (a stray of ours is a call the store has:
+      -- engine _end_stray).
+      log.warn("telnyx webhook for a call callagent has no record of: ignored (another callagent's?)",
+        { call = call_id, attempt = n, event = safe_word(data.event_type) })
+      return 200, { ok = true }
     end
     if self:_replayed(data.id) then
       return 200, { ok = true }

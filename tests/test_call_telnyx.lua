@@ -1112,6 +1112,39 @@ T.test("a signed call.answered without callagent's client_state (another call of
   another_calls_answer_hangs_up_nothing(env, id)
 end, { timeout = 20000 })
 
+T.test("a signed webhook whose client_state names a call callagent never had (another deployment's on the account) hangs up nothing", function()
+  -- Telnyx sends a call's webhooks to the connection's failover URL when
+  -- its own webhook_url fails: another callagent's call on the same
+  -- connection can reach this one. Its client_state is well-formed, its
+  -- call is not ours to hang up. Before, it was hung up as a stray.
+  local env = start({ behaviour = "busy", config = { retry = { maxAttempts = 1 } } })
+  local warns = T.log_lines("warn")
+  local theirs = "c_" .. string.rep("ab", 10)
+  local before = #env.tx.requests
+  for _, ev in ipairs({ "call.initiated", "call.answered" }) do
+    T.eq(post_webhook(env, theirs, 1, ev, { call_control_id = "v3:another-deployments-call" }), 200, ev)
+  end
+  timer.sleep(300)
+  T.eq(#env.tx.requests, before, "no request to Telnyx (no hang-up of that call)")
+  local said = 0
+  for _, l in ipairs(warns) do
+    if l.msg:find("no record of", 1, true) and l.fields.call == theirs then
+      said = said + 1
+    end
+  end
+  T.eq(said, 2, "a WARN line each")
+  -- A call of ours that is over still has a late answer of it hung up.
+  local id = env:create({ to = "+14155550141", prompt = "x" })
+  T.eq(env:wait_final(id, 10000).status, "busy")
+  local tx = env.tx.calls[#env.tx.calls]
+  before = #env.tx.requests
+  T.eq(post_webhook(env, id, 1, "call.answered", { call_control_id = tx.control_id }), 200)
+  T.wait_for(function()
+    return #env.tx.requests > before
+  end, 3000, "the hang-up")
+  T.eq(env.tx.requests[before + 1].path, "/v2/calls/" .. tx.control_id .. "/actions/hangup")
+end, { timeout = 20000 })
+
 T.test("a call whose codec is PCMA streams PCMU all the same (stream_codec): the bridge speaks mu-law only", function()
   local env = start({ behaviour = { codec = "PCMA" }, script = quiet_script })
   local id = env:create({ to = "+14155550127", prompt = "x" })

@@ -1544,6 +1544,21 @@ function Engine:bridge_hangup(b, reason)
   end)
 end
 
+--- Whether this callagent has call id: true for a call it holds or its
+-- store has, false for one the store never had, nil when the store cannot
+-- be read (logged: it cannot tell).
+function Engine:has_call(id)
+  if self.live[id] or self.unsaved[id] then
+    return true
+  end
+  local call, err = store_mod.call(self.store, "get_call", id)
+  if err ~= nil then
+    log.warn("cannot read the call a callback names", { call = id, error = err })
+    return nil
+  end
+  return call ~= nil
+end
+
 --- Whether attempt n of call id has its media stream up (a bridge whose
 --- stream came, not ended).
 function Engine:streaming(id, n)
