@@ -627,6 +627,31 @@ T.test("a callee who answers while the ring timeout's refused cancel is asked ag
   T.eq(env.tw.calls[1].updates[1].params.Status, "canceled", "the ring timeout's cancel, refused")
 end, { timeout = 30000 })
 
+T.test("a callee who answers after the ring timeout gave up on a call whose cancels were all refused: its retry is dropped, not rung again", function()
+  -- The ring timeout (1 + 1 s) ends the attempt no_answer 1 s after its
+  -- refused cancel (statusGraceSec); Twilio refuses every cancel, and the
+  -- callee picks up 0.5 s after that, the answered callback lost.
+  local dir = kit.twilio_variant("nogetcall", "P.getCall = nil\n")
+  local env = kit.start({
+    provider_dirs = { dir },
+    twilio = { behaviour = { ring_ms = 3500, lost_callbacks = { answered = true }, update_fail = 503 } },
+    config = { telephony = { provider = "nogetcall" }, retry = { maxAttempts = 2, initialDelayMs = 2500 },
+      call = { ringTimeoutSec = 1, statusGraceSec = 1 } },
+  })
+  local id = env:create({ to = "+14155550130", prompt = "Say hello." })
+  local rec = env:wait(id, function(r)
+    return r.status == "queued" and r.attempt == 1
+  end, 6000, "the ring timeout's end of the attempt")
+  T.eq({ rec.attempts[1].status, rec.attempts[1].reason }, { "no_answer", "ring timeout" })
+  local call = env:wait_final(id, 6000)
+  T.eq({ call.status, #call.attempts, call.attempts[1].answeredAt ~= nil }, { "no_answer", 1, true })
+  T.match(call.lastError, "^not dialed again: the callee answered attempt 1's call after it had ended here")
+  T.eq(env.tw.calls[1].voice_request and env.tw.calls[1].voice_request.body:match("<Hangup/>"), "<Hangup/>",
+    "the callee hung up by the voice webhook's answer")
+  timer.sleep(1500) -- past the retry's due time
+  T.eq(#env.tw.calls, 1, "dialed once")
+end, { timeout = 30000 })
+
 T.test("an API hang-up while the ring timeout's cancel is on its way: the attempt ends canceled, as the call does", function()
   local env = kit.start({
     twilio = { behaviour = { ring_ms = 60000, lost_callbacks = { completed = true }, update_delay_ms = 800 } },

@@ -899,10 +899,16 @@ function Engine:_ring_timeout(call, n)
   -- webhook or answered status makes it in progress, as does the answer to
   -- a later cancel saying the callee had answered; a final status ends it.
   -- It ends no_answer once a cancel is taken, or call.statusGraceSec from
-  -- now at the latest (the cancel asked again all the same).
+  -- now at the latest (the cancel asked again all the same): an answer
+  -- after that still drops its retry (_answered_after_end).
+  a._cancel_unconfirmed = true
   self:_cancel_retrying(call.id, copy, function()
     return a.answeredAt == nil
-  end, function()
+  end, function(how)
+    if type(how) == "table" and how.answered then
+      self:_answered_after_end(call, n, { status = "in_progress" })
+    end
+    a._cancel_unconfirmed = nil
     self:_rang_out(call, n)
   end)
   self.timers[call.id .. "#dial"] = timer.after(self.config.call.statusGraceSec * 1000, function()
@@ -1094,8 +1100,8 @@ function Engine:_cancel_answered(id, n, how)
 end
 
 -- A cancel the vendor refused, asked again in the background: 1, 2, 4 s
--- later, each while wanted() (optional) is true; on_taken() (optional)
--- runs once the vendor took one.
+-- later, each while wanted() (optional) is true; on_taken(how) (optional)
+-- runs once the vendor took one (how: endCall's third value).
 local CANCEL_RETRIES = 3
 
 function Engine:_cancel_retrying(id, a, wanted, on_taken)
@@ -1110,7 +1116,7 @@ function Engine:_cancel_retrying(id, a, wanted, on_taken)
         log.info("provider hang-up done on a later try", { call = id, attempt = a.n, try = i + 1 })
         self:_cancel_answered(id, a.n, how)
         if on_taken and not self.closed then
-          on_taken()
+          on_taken(how)
         end
         return
       end
@@ -1179,14 +1185,19 @@ end
 -- The vendor says the callee answered (in_progress, or completed: answered
 -- and over) the call of attempt n, which had ended here without ever
 -- knowing that call (its dial failed, or a restart interrupted it before the
--- vendor named it), while the call waits to dial attempt n + 1. The callee
--- picked up once (the call is hung up: _end_stray): an answered call is
+-- vendor named it), or which its ring timeout ended while the vendor
+-- refused every cancel (_ring_timeout: its voice webhook counts too), while
+-- the call waits to dial attempt n + 1. The callee picked up once (the call
+-- is hung up: _end_stray, the voice webhook's answer): an answered call is
 -- not retried, so the retry is dropped and the call ends as that attempt
 -- did.
 function Engine:_answered_after_end(call, n, st)
   local a = call.attempts[n]
-  if (st.status ~= "in_progress" and st.status ~= "completed") or type(st.providerCallId) ~= "string"
-      or a.providerCallId or a.answeredAt or call.status ~= "queued" or call.attempt ~= n then
+  local pid = type(st.providerCallId) == "string" and st.providerCallId or nil
+  local unknown = pid and not a.providerCallId
+  local rang_out = a._cancel_unconfirmed and (pid == nil or pid == a.providerCallId)
+  if (st.status ~= "in_progress" and st.status ~= "completed") or not (unknown or rang_out) or a.answeredAt
+      or call.status ~= "queued" or call.attempt ~= n then
     return
   end
   self:_cancel_timer(call.id .. "#retry")
@@ -1366,6 +1377,11 @@ function Engine:prepare_stream(id, n)
   end
   n = n or call.attempt
   local a = call.attempts[n]
+  if a and FINAL[a.status] and a._cancel_unconfirmed then
+    -- Answered after its ring timeout ended it, every cancel refused: its
+    -- retry would ring a callee who picked up (hung up by the answer here).
+    self:_answered_after_end(call, n, { status = "in_progress" })
+  end
   if not a or FINAL[a.status] or n ~= call.attempt then
     return nil, "attempt not active"
   end
