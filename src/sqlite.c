@@ -16,7 +16,8 @@
  *       opts (all optional):
  *         readonly = false       open read-only (no WAL switch, no write check)
  *         create = true          create the file if missing (ignored if readonly),
- *                                mode 0600: its -wal and -shm files get the same
+ *                                mode 0600 whatever the umask: its -wal and -shm
+ *                                files get the same
  *         busy_timeout = 5000    ms to wait for another connection's lock. The
  *                                wait blocks the loop thread; it only happens
  *                                when another connection uses the same file
@@ -41,7 +42,8 @@
  *         lock = false           a writable open takes an exclusive advisory
  *                                lock for the life of the db: <path>.lock,
  *                                created beside the file (mode 0600, kept
- *                                afterwards), flock()ed without waiting, with
+ *                                afterwards; not opened through a symbolic
+ *                                link), flock()ed without waiting, with
  *                                this process's pid in it. While one db holds
  *                                it, another locking open of the file fails
  *                                with EBUSY, in this process too (flock belongs
@@ -1309,6 +1311,23 @@ static int folder_writable(const char *path)
 }
 
 /*
+ * Creates the file at path, mode 0600 whatever the umask (one that takes the
+ * owner's write bit off made it 0400: a database SQLite then opened read-only,
+ * and a lock file the next start could not open), never through a symbolic
+ * link. Returns its fd, or -1 with errno: EEXIST when something is there
+ * already, a dangling symbolic link too.
+ */
+static int create_private(const char *path)
+{
+	int fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+
+	/* Only a file system without modes (vfat) refuses: it has the mount's. */
+	if (fd >= 0 && fchmod(fd, 0600) != 0)
+		ca_log(CA_LOG_WARN, "sqlite: cannot make %s mode 0600: %s", path, strerror(errno));
+	return fd;
+}
+
+/*
  * Takes the lock of path (opts.lock): <path>.lock, created if missing,
  * flock()ed without waiting, with our pid written in it. Returns its fd; or
  * pushes nil, err and returns -1, with EBUSY and the holder's pid from the
@@ -1321,7 +1340,9 @@ static int take_lock(lua_State *L, const char *path)
 	int fd, e, n;
 
 	snprintf(lpath, sizeof lpath, "%s.lock", path);
-	fd = open(lpath, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+	fd = create_private(lpath);
+	if (fd < 0 && errno == EEXIST)
+		fd = open(lpath, O_RDWR | O_NOFOLLOW | O_CLOEXEC);
 	if (fd < 0) {
 		e = errno;
 		ca_fail(L, errno_code(e, "EIO"), "%s: cannot open the lock file %s: %s", path, lpath,
@@ -1418,7 +1439,7 @@ static int l_open(lua_State *L)
 	 * Whatever fails here (no folder, no permission) SQLite's open reports.
 	 */
 	if (!readonly && create && path[0] && strcmp(path, ":memory:")) {
-		int fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+		int fd = create_private(path);
 
 		if (fd >= 0)
 			close(fd);

@@ -889,4 +889,43 @@ T.test("an unwritable store path is refused at start with a clear error", functi
   end
 end)
 
+-- The mode of each file (stat's %a), nil for one that is not there.
+local function modes(paths)
+  local out = {}
+  for _, p in ipairs(paths) do
+    local code, lines = T.exec({ "stat", "-c", "%a", p })
+    out[#out + 1] = code == 0 and lines[1] or nil
+  end
+  return out
+end
+
+-- The durable app of world w on store db (under umask): once it is ready or has exited.
+local function start_on(w, db, umask)
+  local app = T.spawn_app(T.root .. "/tests/apps/durable.lua", nil, { env = w.env(nil, db), umask = umask })
+  T.wait_for(function()
+    return app.out[1] or not app:running()
+  end, 10000, "the app to be ready or exit")
+  return app
+end
+
+-- Stops the app (SIGTERM), which must exit 0.
+local function stop(app)
+  assert(app:kill("SIGTERM"))
+  T.eq(app:wait(15000), 0, "a graceful stop")
+end
+
+T.test("a new store, its -wal, -shm and lock file are 0600 under any umask: 0277 leaves it writable, 000 unreadable to others",
+  function()
+    local w = world()
+    for _, umask in ipairs({ "0277", "000" }) do
+      local db = T.tmpdir() .. "/calls.db"
+      local app = start_on(w, db, umask)
+      T.match(app.out[1] or "", "^ready", "umask " .. umask .. ": started: " .. app.errtext())
+      -- 0400 under umask 0277: a file SQLite opens read-only (for any user
+      -- but root), and a lock file the next start cannot open.
+      T.eq(modes({ db, db .. "-wal", db .. "-shm", db .. ".lock" }), { "600", "600", "600", "600" }, "umask " .. umask)
+      stop(app)
+    end
+  end, { timeout = 40000 })
+
 T.run()

@@ -278,7 +278,8 @@ T.root = core.root
 --- Starts the callagent binary on a Lua file (or source text when opts.source
 -- is given; the file is written under a temporary folder). Returns the process
 -- (callagent.process) with its output collected in p.out and p.err (arrays of
--- lines); p:text() and p:errtext() join them. Killed after the test.
+-- lines); p:text() and p:errtext() join them. opts.umask ("0277"): the
+-- umask it runs under (set by sh, which then execs it). Killed after the test.
 function T.spawn_app(path, args, opts)
   local process = require "callagent.process"
   opts = opts or {}
@@ -291,6 +292,9 @@ function T.spawn_app(path, args, opts)
   end
   local out, err = {}, {}
   local spec = { T.bin, "run", path }
+  if opts.umask then
+    spec = { "sh", "-c", 'umask "$0" && exec "$@"', opts.umask, T.bin, "run", path }
+  end
   for _, a in ipairs(args or {}) do
     spec[#spec + 1] = a
   end
