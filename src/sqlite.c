@@ -17,7 +17,9 @@
  *         readonly = false       open read-only (no WAL switch, no write check)
  *         create = true          create the file if missing (ignored if readonly),
  *                                mode 0600 whatever the umask: its -wal and -shm
- *                                files get the same
+ *                                files get the same. Never through a symbolic
+ *                                link: one to an existing file is followed, one
+ *                                to a missing file fails (ENOENT)
  *         busy_timeout = 5000    ms to wait for another connection's lock. The
  *                                wait blocks the loop thread; it only happens
  *                                when another connection uses the same file
@@ -53,7 +55,9 @@
  *                                stopped by one. SQLite's own locks still
  *                                apply, and opens without lock ignore it
  *       Errors, as nil, "ECODE: <path>: message":
- *         ENOENT    the folder, or the file with create = false, does not exist
+ *         ENOENT    the folder, or the file with create = false, does not exist;
+ *                   or path is a symbolic link to a missing file: "<path>: a
+ *                   symbolic link to <target>, which does not exist (...)"
  *         EACCES    no permission, or a read-only location or file when writing
  *                   is needed (also when SQLite could only open it read-only)
  *         EISDIR    path is a folder
@@ -1436,13 +1440,33 @@ static int l_open(lua_State *L)
 	 * number, prompt, transcript and report. SQLite made it 0644 (less the
 	 * umask), for every user of the machine to read; it gives the -wal and
 	 * -shm files the mode of the database's. An existing file keeps its own.
-	 * Whatever fails here (no folder, no permission) SQLite's open reports.
+	 * Once the file is there SQLite only opens it, never creates it: not
+	 * 0644 should it be gone by then, nor where a symbolic link put there
+	 * meanwhile points. A link to an existing file is followed (SQLite puts
+	 * the -wal and -shm beside the file it points to); one to a missing
+	 * file is refused, rather than a file created wherever it points.
+	 * Whatever else fails here (no folder, no permission) SQLite's open
+	 * reports.
 	 */
 	if (!readonly && create && path[0] && strcmp(path, ":memory:")) {
 		int fd = create_private(path);
+		struct stat st;
 
-		if (fd >= 0)
+		if (fd >= 0) {
 			close(fd);
+			flags &= ~SQLITE_OPEN_CREATE;
+		} else if (errno == EEXIST) {
+			flags &= ~SQLITE_OPEN_CREATE;
+			if (lstat(path, &st) == 0 && S_ISLNK(st.st_mode) && stat(path, &st) != 0 && errno == ENOENT) {
+				char to[4096];
+				ssize_t n = readlink(path, to, sizeof to - 1);
+
+				to[n > 0 ? n : 0] = '\0';
+				return ca_fail(L, "ENOENT", "%s: a symbolic link to %s, which does not exist "
+					       "(not created through a link: create it first, or give the file's own path)",
+					       path, n > 0 ? to : "a missing file");
+			}
+		}
 	}
 	rc = sqlite3_open_v2(path, &h, flags, NULL);
 	if (rc != SQLITE_OK) {

@@ -928,4 +928,29 @@ T.test("a new store, its -wal, -shm and lock file are 0600 under any umask: 0277
     end
   end, { timeout = 40000 })
 
+T.test("a store.path that is a symbolic link to a missing file is refused at start; one to an existing file is followed",
+  function()
+    local w = world()
+    local dir = T.tmpdir()
+    local link, target = dir .. "/calls.db", dir .. "/data/calls.db"
+    assert(require("callagent.core").mkdir(dir .. "/data"))
+    T.eq(T.exec({ "ln", "-s", target, link }), 0)
+    local app = start_on(w, link)
+    T.eq(app.out[1], nil, "refused, never ready")
+    T.eq(app:wait(5000), 1, "exit status")
+    T.match(app.errtext(), "callagent: store%.path: cannot open " .. link:gsub("%p", "%%%0") .. ": ENOENT: "
+      .. link:gsub("%p", "%%%0") .. ": a symbolic link to " .. target:gsub("%p", "%%%0") .. ", which does not exist")
+    T.eq(modes({ target }), {}, "nothing created where it points (SQLite created it 0644)")
+    -- Created first (an empty file is a new database), it is the store.
+    assert(io.open(target, "w")):close()
+    T.eq(T.exec({ "chmod", "600", target }), 0)
+    app = start_on(w, link)
+    T.match(app.out[1] or "", "^ready", "started: " .. app.errtext())
+    T.eq(modes({ target .. "-wal" }), { "600" }, "its WAL beside the file linked to")
+    stop(app)
+    local db = assert(sqlite.open(target, { readonly = true }))
+    T.eq(db:value("SELECT value FROM meta WHERE key = 'schema'"), "1", "the store is in the file linked to")
+    db:close()
+  end, { timeout = 40000 })
+
 T.run()
