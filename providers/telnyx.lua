@@ -575,7 +575,11 @@ end
 -- per webhook; no scan. _seen only looks: the route asks it first, so that
 -- a replay costs nothing more (no store read, no warning, whatever URL it
 -- is posted to), and takes an id with _replayed once the webhook is
--- known to be for one of our calls.
+-- known to be for one of our calls. The ids die with the process: a replay
+-- of the last run's webhooks after a restart is taken, and changes nothing
+-- (the engine ignores statuses of attempts that are over, and the restart
+-- ends every attempt of the last run; tests/test_call_telnyx.lua "after a
+-- restart, ...").
 function P:_seen(id)
   return type(id) == "string" and (self.seen[id] or self.seen_old[id]) == true
 end

@@ -770,6 +770,93 @@ T.test("kill -9 with a Telnyx call talking and one ringing: after restart both a
 end, { timeout = 60000 })
 
 
+-- What the store at path holds of its calls: their rows, attempts, events,
+-- retries and notifications (which, not how their delivery goes).
+local function stored(path)
+  local db = assert(require("callagent.sqlite").open(path, { readonly = true }))
+  local out = {}
+  for _, sql in ipairs({ "SELECT id, status, doc FROM calls ORDER BY seq", "SELECT * FROM attempts ORDER BY call_id, n",
+    "SELECT * FROM events ORDER BY id", "SELECT * FROM retries ORDER BY call_id",
+    "SELECT key, call_id FROM notifications ORDER BY key" }) do
+    out[#out + 1] = assert(db:rows(sql))
+  end
+  db:close()
+  return out
+end
+
+-- A webhook the fake sent (rec: one of call.events), posted again as it was
+-- sent: its body, telnyx-timestamp and signature. -> HTTP status.
+local function replay(call, rec)
+  local res = assert(fetch(call.body.webhook_url, { method = "POST", body = rec.body, headers = {
+    ["Content-Type"] = "application/json", ["telnyx-timestamp"] = rec.ts, ["telnyx-signature-ed25519"] = rec.sig } }))
+  return res.status
+end
+
+T.test("after a restart, the last run's signed webhooks replayed in their window change no call: over, queued or interrupted",
+  function()
+    -- The ids seen against replays are in the process only. What a replay
+    -- can still do after a restart: every attempt of the last run is over
+    -- (or being resolved: recover), and its effects are in the store.
+    local behaviours = { { answer = "answer", hangup_after_ms = 300 }, "busy", "answer" }
+    local tx, rt, config = process_world(function()
+      return table.remove(behaviours, 1)
+    end, function(session)
+      if session:wait_event("response.create", 5000) then -- the first callee hangs up at once
+        session:speak({ ms = 20000, text = "A very long monologue." })
+      end
+    end)
+    config.retry = { maxAttempts = 2, initialDelayMs = 60000, backoffFactor = 1 }
+    local p, api = kit.app_process({ url = "http://127.0.0.1:9" }, rt, { config = config })
+    local done = api:create({ to = "+14155550117", prompt = "Talk." })
+    T.eq(api:wait_final(done, 10000).status, "completed", "the callee hung up")
+    local queued = api:create({ to = "+14155550118", prompt = "Talk." })
+    api:wait(queued, function(r)
+      return r.status == "queued" and r.attempts[1] and r.attempts[1].status == "busy"
+    end, 10000, "busy, its retry a minute away")
+    local talking = api:create({ to = "+14155550119", prompt = "Talk." })
+    api:wait(talking, function(r)
+      return r.status == "in_progress"
+    end, 10000, "in progress")
+    p:kill("SIGKILL")
+    p:wait(5000)
+    local sent = {}
+    for i, c in ipairs(tx.calls) do
+      sent[i] = { table.unpack(c.events) }
+    end
+    T.ok(#sent[1] >= 3 and #sent[2] >= 2 and #sent[3] >= 2, "each call's webhooks")
+    local _, api2 = kit.app_process({ url = "http://127.0.0.1:9" }, rt, { config = config, port = api.port, db = api.db })
+    T.eq(api2:wait_final(talking, 15000).endReason, "interrupted by restart (the call was still up: hung up)")
+    local before = {}
+    for _, id in ipairs({ done, queued, talking }) do
+      before[id] = api2:get(id)
+    end
+    T.eq(before[queued].status, "queued")
+    local rows = stored(api.db)
+    local requests = #tx.requests
+    for i, c in ipairs(tx.calls) do
+      for _, rec in ipairs(sent[i]) do
+        T.eq(replay(c, rec), 200, rec.event .. " of call " .. i)
+      end
+    end
+    -- A call.answered of a call that is over asks Telnyx to hang that call
+    -- up (as a late one does): it is over there too, and Telnyx says so.
+    T.wait_for(function()
+      return #tx.requests >= requests + 2
+    end, 5000, "the answered calls' hang-ups")
+    timer.sleep(200) -- anything else they would set off
+    local asked = {}
+    for i = requests + 1, #tx.requests do
+      asked[#asked + 1] = tx.requests[i].method .. " " .. tx.requests[i].path
+    end
+    T.eq(asked, { "POST /v2/calls/" .. tx.calls[1].control_id .. "/actions/hangup",
+      "POST /v2/calls/" .. tx.calls[3].control_id .. "/actions/hangup" }, "nothing dialed, streamed or asked but those")
+    for _, id in ipairs({ done, queued, talking }) do
+      T.eq(api2:get(id), before[id], "the record of " .. id .. " is unchanged")
+    end
+    T.eq(stored(api.db), rows, "the store's rows are unchanged: no event, attempt, retry or notification")
+    T.eq(#tx.calls, 3)
+  end, { timeout = 60000 })
+
 T.test("a stop's cancel Telnyx answers 'already ended' (the decline's webhook lost): the retry policy decides, no dial past it", function()
   local tx, rt, config = process_world({ ring_ms = 60000, lost_hangup_webhook = true })
   local p, api = kit.app_process({ url = "http://127.0.0.1:9" }, rt, { config = config })

@@ -72,7 +72,8 @@
 -- pending marks at once. `stop` and a close when the call ends.
 --
 -- Call record: control_id, body (the dial's JSON), behaviour, status,
--- events (webhooks sent: {event, status (HTTP answer), body}), stream
+-- events (webhooks sent: {event, status (HTTP answer), body, ts, sig: its
+-- telnyx-timestamp and signature, to replay it as sent}), stream
 -- (streaming_start's JSON), stream_params, stream_id, stream_closed,
 -- received_bytes, dropped_bytes_unplayable, played_bytes(), marks_echoed, clears, errors (protocol
 -- mistakes of the app), hangup_requested_at, hangup_command_ids (each hangup
@@ -148,7 +149,7 @@ local function webhook(call, event, payload)
     meta = { attempt = 1, delivered_to = call.body.webhook_url },
   })
   local ts = tostring(os.time() + (tx.opts.clock_skew_s or 0))
-  local rec = { event = event, body = body, at = now() }
+  local rec = { event = event, body = body, at = now(), ts = ts, sig = M.sign(tx.private_key, ts, body) }
   call.events[#call.events + 1] = rec
   local res, err = fetch(call.body.webhook_url, {
     method = "POST",
@@ -156,7 +157,7 @@ local function webhook(call, event, payload)
     headers = {
       ["Content-Type"] = "application/json",
       ["telnyx-timestamp"] = ts,
-      ["telnyx-signature-ed25519"] = M.sign(tx.private_key, ts, body),
+      ["telnyx-signature-ed25519"] = rec.sig,
       ["User-Agent"] = "telnyx-webhooks",
     },
     timeout = 5000,
