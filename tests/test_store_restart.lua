@@ -889,6 +889,20 @@ T.test("an unwritable store path is refused at start with a clear error", functi
   end
 end)
 
+T.test("a store folder that cannot be created is refused at start naming that folder", function()
+  -- Under a umask that takes the owner's write bit off, the folder made
+  -- first cannot take the next one (for any user but root): SQLite then
+  -- said "No such file or directory" of the file. Here a file is in the way.
+  local w = world()
+  local dir = T.tmpdir()
+  assert(io.open(dir .. "/data", "w")):close()
+  local path = dir .. "/data/callagent/calls.db"
+  local code, _, p = T.run_app(T.root .. "/tests/apps/durable.lua", nil, { env = w.env(nil, path) })
+  T.eq(code, 1)
+  T.match(p.errtext(), "callagent: store%.path: cannot open " .. path:gsub("%p", "%%%0")
+    .. ": EEXIST: cannot create the folder " .. (dir .. "/data"):gsub("%p", "%%%0") .. ": ")
+end)
+
 -- The mode of each file (stat's %a), nil for one that is not there.
 local function modes(paths)
   local out = {}

@@ -110,12 +110,21 @@ local CALL_ROWS = {
   events = "SELECT doc FROM events WHERE call_id = ? ORDER BY id",
 }
 
+-- Creates dir and its missing parents: true, or nil, "ECODE: cannot create
+-- the folder <one>: message" for the first that could not be made (under a
+-- umask that takes the owner's write bit off, the one in a folder made
+-- just before: SQLite then said "No such file or directory" of the file).
 local function mkdir_p(dir)
   local acc = dir:sub(1, 1) == "/" and "" or "."
   for part in dir:gmatch("[^/]+") do
     acc = acc .. "/" .. part
-    core.mkdir(acc)
+    local ok, err = core.mkdir(acc)
+    if not ok then
+      local code, msg = tostring(err):match("^(E%u+): (.*)$")
+      return nil, (code or "EIO") .. ": cannot create the folder " .. acc .. ": " .. (msg or tostring(err))
+    end
   end
+  return true
 end
 
 -- The tables, the columns added since and the indexes on them, in one
@@ -178,7 +187,10 @@ function M.open(cfg)
   local path = cfg.path
   local dir = path:match("^(.*)/[^/]*$")
   if dir and dir ~= "" and not core.stat(dir) then
-    mkdir_p(dir)
+    local ok, err = mkdir_p(dir)
+    if not ok then
+      return nil, "store.path: cannot open " .. path .. ": " .. err
+    end
   end
   -- lock: one process per file. A second one would take the first one's
   -- live calls for calls interrupted by a restart.
