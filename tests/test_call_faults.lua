@@ -362,6 +362,55 @@ T.test("a report_call outcome outside the five is unknown, the model's word kept
   T.eq({ said and said.outcome, said and said.call }, { "callback_requested", id }, "one WARN line naming it")
 end, { timeout = 30000 })
 
+T.test("an oversized report is cut to its limits: the record keeps the rest, and its notification is small enough to deliver", function()
+  local warns = T.log_lines("warn")
+  local steps = {}
+  for i = 1, 25 do
+    steps[i] = "Step " .. i .. "."
+  end
+  steps[2] = string.rep("s", 5000)
+  -- 1.1 MB: over the 1 MiB body the test's hooks receiver (callagent's own
+  -- server) takes, as a receiver's limit would refuse it for good.
+  local report = { summary = "Booked. " .. string.rep("é", 550000), outcome = "success", nextSteps = steps,
+    data = { slots = string.rep("x", 40000) } }
+  local env = kit.start({
+    realtime = {
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        session:call_function("report_call", report, { delta_size = 65536 })
+        assert(session:wait_event("response.create", 5000))
+        session:speak({ ms = 100, text = "Bye." })
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550128", prompt = "Book it." })
+  local call = env:wait_final(id, 20000)
+  T.eq({ call.status, call.endReason, call.report.outcome }, { "completed", "completed", "success" })
+  local summary = call.report.summary
+  T.le(#summary, 4096 + #"…", "the summary cut to 4 KiB")
+  T.eq(summary:sub(1, 10), "Booked. é", "its start kept")
+  T.eq(summary:sub(-3), "…", "marked as cut")
+  T.ok(utf8.len(summary), "cut between characters")
+  T.eq(#call.report.nextSteps, 20, "20 steps kept")
+  T.eq({ call.report.nextSteps[1], #call.report.nextSteps[2], call.report.nextSteps[20] },
+    { "Step 1.", 1024 + #"…", "Step 20." })
+  T.eq(call.report.data, {}, "data over 32 KiB dropped")
+  T.wait_for(function()
+    return #env.hooks.received >= 1
+  end, 10000, "the notification")
+  local note = env.hooks.received[1]
+  T.eq(note.json.data.report.summary, summary)
+  T.lt(#note.body, 64 * 1024, "the notification's body")
+  local said = {}
+  for _, w in ipairs(warns) do
+    said[#said + 1] = w.msg
+  end
+  for _, msg in ipairs({ "report_call summary cut", "report_call next step cut", "report_call next steps dropped",
+    "report_call data dropped" }) do
+    T.ok(table.concat(said, "\n"):find(msg, 1, true), "warned: " .. msg)
+  end
+end, { timeout = 30000 })
+
 T.test("a report whose data no record could hold is kept without it: the call completes and is notified", function()
   -- 97 levels: the model's arguments encode; the call document, one
   -- level more, and the webhook's payload would not (encoding stops at 100).

@@ -1094,6 +1094,12 @@ end
 
 local OUTCOMES = { success = true, failure = true, voicemail = true, no_answer = true, unknown = true }
 local DATA_DEPTH = 20
+-- The most of a report kept: the record, every listing of it and the
+-- notification hold it (the notification twice: its message quotes the
+-- summary and the steps), and a receiver refuses a body over its limit for
+-- good (a 413: 1 MiB in callagent's own server, 100 KiB in Express's). A
+-- model asked for two or three sentences writes a few hundred bytes.
+M.REPORT_LIMITS = { summary = 4096, step = 1024, steps = 20, data = 32768 }
 local REPORT_FIELDS = { summary = true, outcome = true, nextSteps = true, data = true }
 
 -- fields: the call's log fields (call, attempt), for the warnings.
@@ -1108,8 +1114,16 @@ local function normalize_report(args, fields)
     end
     log.warn(msg, f)
   end
+  local limits = M.REPORT_LIMITS
+  local function cut(s, what)
+    if #s > limits[what] then
+      warn("report_call " .. (what == "step" and "next step" or what) .. " cut", { bytes = #s, kept = limits[what] })
+      return http.cut(s, limits[what])
+    end
+    return s
+  end
   local r = {}
-  r.summary = text(args.summary) or ""
+  r.summary = cut(text(args.summary) or "", "summary")
   -- "Success" is success: the model's word, not a new one.
   local outcome = type(args.outcome) == "string" and args.outcome:lower()
   r.outcome = OUTCOMES[outcome] and outcome or "unknown"
@@ -1133,7 +1147,11 @@ local function normalize_report(args, fields)
   if type(steps) == "table" then
     for _, s in ipairs(steps) do
       if type(s) == "string" then
-        r.nextSteps[#r.nextSteps + 1] = json.utf8(s)
+        if #r.nextSteps == limits.steps then
+          warn("report_call next steps dropped", { given = #steps, kept = limits.steps })
+          break
+        end
+        r.nextSteps[#r.nextSteps + 1] = cut(json.utf8(s), "step")
       end
     end
   end
@@ -1165,6 +1183,10 @@ local function normalize_report(args, fields)
   r.data = json.utf8(data)
   -- The record and the webhook must be able to hold it.
   local ok, why = json.check(r.data, DATA_DEPTH)
+  local size = ok and #json.encode(r.data)
+  if size and size > limits.data then
+    ok, why = false, "is " .. size .. " bytes of JSON, more than " .. limits.data
+  end
   if not ok then
     warn("report_call data dropped", { reason = "it " .. why })
     r.data = {}
