@@ -5,6 +5,7 @@
 local T = require "testing"
 local http = require "callagent.http"
 local timer = require "callagent.timer"
+local task = require "callagent.task"
 local core = require "callagent.core"
 local store_mod = require "callagent.store"
 local notify = require "callagent.notify"
@@ -315,6 +316,49 @@ for _, backend in ipairs({ "sqlite", "memory" }) do
       T.eq(next(n.ran_out), nil, "none held as out of tries")
     end)
 end
+
+T.test("sqlite: a sweep over a backlog all out of tries (the receiver down for days) takes turns with live calls between pages",
+  function()
+    local store = open_store("sqlite")
+    local count = 4000
+    seed(store, count)
+    local reads = count_reads(store)
+    local hooks = http.server({})
+    hooks:post("/hooks/agent", function()
+      return 503, { error = "down" }
+    end)
+    assert(hooks:listen())
+    T.defer(function()
+      hooks:close()
+    end)
+    local n = notify.new({ hooksUrl = hooks:url("/hooks"), hooksToken = "hooks-token-for-tests" }, store,
+      { attempts = 1, sweep_ms = 600000 })
+    T.defer(function()
+      n:stop()
+    end)
+    -- What days of a receiver down leave: every notification of the backlog
+    -- ran out of tries in this run (each call's own sends), oldest first.
+    for i = 1, count do
+      n.ran_outs = n.ran_outs + 1
+      n.ran_out[key_of(i)] = n.ran_outs
+    end
+    -- Pacing on every page, not only once the loop has been busy 2 ms: the
+    -- count does not depend on the machine's speed.
+    T.shorten(task, "pace_ms", 0)
+    local at_turn
+    timer.after(0, function()
+      at_turn = reads.n
+    end)
+    n:resume()
+    T.wait_for(function()
+      return at_turn and not n.walking
+    end, 10000, "the sweep over")
+    -- 20 pages, all passed over, then one read by key: the oldest's payload,
+    -- which fails and ends the sweep.
+    T.eq(reads.n, count // PAGE + 1, "the backlog walked whole")
+    -- The sweep's first page, then one more by each of its 8 workers.
+    T.le(at_turn, 1 + 8, "a turn came before the backlog was read whole (" .. reads.n .. " reads)")
+  end)
 
 T.test("restart: a backlog of 1,200 left in the store is delivered once each, oldest first, read in pages", function()
   local w = durable.new({})
