@@ -339,8 +339,7 @@ T.test("sqlite: a sweep over a backlog all out of tries (the receiver down for d
     -- What days of a receiver down leave: every notification of the backlog
     -- ran out of tries in this run (each call's own sends), oldest first.
     for i = 1, count do
-      n.ran_outs = n.ran_outs + 1
-      n.ran_out[key_of(i)] = n.ran_outs
+      n:_ran_out_set(key_of(i))
     end
     -- Pacing on every page, not only once the loop has been busy 2 ms: the
     -- count does not depend on the machine's speed.
@@ -359,6 +358,42 @@ T.test("sqlite: a sweep over a backlog all out of tries (the receiver down for d
     -- The sweep's first page, then one more by each of its 8 workers.
     T.le(at_turn, 1 + 8, "a turn came before the backlog was read whole (" .. reads.n .. " reads)")
   end)
+
+T.test("sqlite: 100,000 keys out of tries are taken in their order without a stall, and those no longer pending let go", function()
+  local store = open_store("sqlite")
+  local count = 100000
+  local n = notify.new({ hooksUrl = "http://127.0.0.1:9/hooks", hooksToken = "hooks-token-for-tests" }, store,
+    { attempts = 1, sweep_ms = 600000 })
+  T.defer(function()
+    n:stop()
+  end)
+  -- Out of tries while the receiver was down, then pruned from the store
+  -- (store.retentionDays): each sweep's second phase reads them by key.
+  for i = 1, count do
+    n:_ran_out_set(key_of(i))
+  end
+  T.shorten(task, "pace_ms", 0)
+  local last, longest = timer.now(), 0
+  local tick = timer.every(1, function()
+    local now = timer.now()
+    longest = math.max(longest, now - last)
+    last = now
+  end)
+  T.defer(function()
+    tick:stop()
+  end)
+  timer.sleep(5)
+  last = timer.now()
+  n:resume()
+  T.wait_for(function()
+    return not n.walking
+  end, 20000, "the sweep over")
+  -- Sorted by when they ran out, 100,000 keys held the event loop 250 ms.
+  T.lt(longest, 100, "the event loop's longest turn during the sweep, ms")
+  T.eq(next(n.ran_out), nil, "none held once found no longer pending")
+  n:_sweep()
+  T.eq(#n.ran_out_keys, 0, "nor in the list of them, at the next sweep")
+end, { timeout = 60000 })
 
 T.test("restart: a backlog of 1,200 left in the store is delivered once each, oldest first, read in pages", function()
   local w = durable.new({})
