@@ -1099,7 +1099,7 @@ local DATA_DEPTH = 20
 -- summary and the steps), and a receiver refuses a body over its limit for
 -- good (a 413: 1 MiB in callagent's own server, 100 KiB in Express's). A
 -- model asked for two or three sentences writes a few hundred bytes.
-M.REPORT_LIMITS = { summary = 4096, step = 1024, steps = 20, data = 32768 }
+M.REPORT_LIMITS = { summary = 4096, outcome = 256, step = 1024, steps = 20, data = 32768 }
 local REPORT_FIELDS = { summary = true, outcome = true, nextSteps = true, data = true }
 
 -- fields: the call's log fields (call, attempt), for the warnings.
@@ -1137,7 +1137,7 @@ local function normalize_report(args, fields)
       local ok, s = pcall(json.encode, json.utf8(args.outcome))
       raw = ok and s or nil
     end
-    r.outcomeRaw = raw
+    r.outcomeRaw = raw and cut(raw, "outcome")
     warn("report_call outcome is none of success, failure, voicemail, no_answer, unknown: unknown, the model's "
       .. "kept as outcomeRaw", { outcome = raw and http.cut(raw, 64) or "(" .. type(args.outcome) .. ")" })
   end
