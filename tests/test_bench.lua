@@ -128,7 +128,12 @@ T.test("calls that come and go: each ends as real calls do, and nothing of it is
   T.ge(reported, 6, "ended by the agent")
   T.ge(hung_up, 6, "ended by the callee")
   -- Each call's end notified to the hooks URL, once.
+  -- (A row the load generator fell behind on ends with a note saying so: a
+  -- loaded machine's, which changes none of these counts.)
   local once, more = row:match("| (%d+) %((%d+)%) |$")
+  if not once then
+    once, more = row:match("| (%d+) %((%d+)%) | %*%*harness%-limited: [^*]*%*%*$")
+  end
   T.eq({ tonumber(once), tonumber(more) }, { created, 0 }, "every call notified once")
   T.no_match(out, "churn run failed")
   T.no_match(out, "Against the targets", "no targets judged without rows of calls")
