@@ -257,6 +257,42 @@ T.test("mapStatus may return the status word alone (the seed's CallStatus); a wo
   T.eq(env:get(id).status, "in_progress")
 end)
 
+
+-- A word callagent lacks is shown cut to 64 bytes. It was cut, then its
+-- bytes that are no UTF-8 made U+FFFD: a character across byte 64 ended
+-- the word as a U+FFFD of its own (66 bytes), and 64 bad bytes grew to 192.
+T.test("a status word callagent lacks is logged cut to at most 64 bytes of whole characters", function()
+  local errs = T.log_lines("error")
+  local env = kit.start({ provider_dirs = { provider_dir(WORDS) },
+    config = { telephony = { provider = "acme" }, retry = { maxAttempts = 1 } } })
+  local id = env:create({ to = "+14155550100", prompt = "Say hello." })
+  env:wait(id, function(r)
+    return r.status == "dialing"
+  end, 5000, "dialing")
+  local function shown(word)
+    local form = "shape=word&status=" .. word:gsub("[^%w]", function(c)
+      return string.format("%%%02X", c:byte())
+    end)
+    local res = assert(fetch(env.app.url .. "/status?callId=" .. id .. "&attempt=1", { method = "POST", body = form,
+      headers = { ["Content-Type"] = "application/x-www-form-urlencoded" } }))
+    T.eq(res.status, 500)
+    T.eq(errs[#errs] and errs[#errs].msg, "the provider's mapStatus returned no status callagent knows")
+    return errs[#errs].fields.status
+  end
+  local e = "\u{e9}" -- 2 bytes
+  -- "a" and 40 é: byte 64 is the first of the 32nd é.
+  T.eq(shown("a" .. e:rep(40)), "a" .. e:rep(31), "cut before the é across byte 64")
+  T.eq(shown(e:rep(40)), e:rep(32), "64 bytes of whole characters are kept whole")
+  -- 70 bytes that are no UTF-8: 21 U+FFFD (63 bytes), not 64 (192 bytes).
+  T.eq(shown(("\xff"):rep(70)), ("\u{FFFD}"):rep(21), "bad bytes made U+FFFD, then cut")
+  -- A 4-byte character across byte 64, after 62 ASCII bytes.
+  T.eq(shown(("x"):rep(62) .. "\u{1F600}" .. "tail"), ("x"):rep(62), "a 4-byte character is not split")
+  T.eq(shown("short\xffword"), "short\u{FFFD}word", "a bad byte inside a short word")
+  -- The engine's own answer quotes the word so too.
+  local ok, why = env.app.engine:provider_status(id, 1, "a" .. e:rep(40))
+  T.eq({ ok, why }, { false, 'not a status: "a' .. e:rep(31) .. '" (' .. "dialing, in_progress, completed, busy, "
+    .. "no_answer, failed or canceled)" })
+end)
 -- The seed's startCall returns {providerCallId?, userHint?}: a vendor that
 -- names its call only later. endCall gets the id once a status gave one.
 local LATER = [[

@@ -85,6 +85,25 @@ M.STATUS_WORDS = STATUS_WORDS
 -- CallStatus) is {status = word}. nil and the word as shown in a log line
 -- for a word not among PROVIDER_STATUSES: it would rank below every
 -- status and be dropped as "not newer" without a word, the call ringing on.
+-- The word shown is UTF-8 of at most 64 bytes, cut between characters: its
+-- bytes that are no UTF-8 are U+FFFD first (3 bytes each), then it is cut.
+-- Cut first, a character across byte 64 became a U+FFFD of its own, and
+-- each bad byte grew to 3 bytes after the cut (64 of them: 192 bytes).
+local WORD_MAX = 64
+local function shown_word(word)
+  -- A character that starts by byte 64 ends by byte 67; repair makes
+  -- nothing shorter, so what follows byte 67 cannot come before the cut.
+  local s = json.utf8(word:sub(1, WORD_MAX + 3))
+  if #s <= WORD_MAX then
+    return s
+  end
+  local i = WORD_MAX + 1 -- the first byte left out: back to a character's start
+  while i > 1 and s:byte(i) >= 0x80 and s:byte(i) < 0xC0 do
+    i = i - 1
+  end
+  return s:sub(1, i - 1)
+end
+
 function M.status_of(st)
   if type(st) == "string" then
     st = { status = st }
@@ -93,7 +112,7 @@ function M.status_of(st)
     return st
   end
   local word = type(st) == "table" and st.status or st
-  return nil, type(word) == "string" and json.utf8(word:sub(1, 64)) or tostring(word)
+  return nil, type(word) == "string" and shown_word(word) or tostring(word)
 end
 
 function M.iso(t)
