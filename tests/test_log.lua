@@ -541,4 +541,73 @@ end)
   T.diag("timer lateness under a 20 MB log flood into a stalled reader: " .. worst .. " ms; lines dropped: " .. dropped)
 end)
 
+
+-- log.limited: lines anyone outside can cause as often as they like (a
+-- refused webhook, a wrong token) flood neither the log nor the disk.
+T.test("log.limited writes the first 5 lines of a kind in a window, then one line with the count when it ends", function()
+  local err = run([[
+local log = require "callagent.log"
+local timer = require "callagent.timer"
+log.LIMIT_WINDOW_MS = 150
+for i = 1, 50 do
+  log.limited("warn", "webhook refused", { reason = "bad signature", remote = "10.0.0." .. i })
+end
+for i = 1, 3 do
+  log.limited("warn", "webhook refused", { reason = "no signature", remote = "10.0.1." .. i })
+end
+log.limited("debug", "not shown below its level", { reason = "bad signature" })
+-- The window's timer writes the count, and the kind starts afresh.
+timer.after(400, function()
+  log.limited("warn", "webhook refused", { reason = "bad signature", remote = "10.0.2.1" })
+end)
+]])
+  local all = table.concat(err, "\n")
+  T.eq(#err, 5 + 3 + 1 + 1, all)
+  for i = 1, 5 do
+    T.match(err[i], 'WARN webhook refused reason="bad signature" remote=10%.0%.0%.' .. i .. "$")
+  end
+  for i = 1, 3 do
+    T.match(err[5 + i], 'WARN webhook refused reason="no signature" remote=10%.0%.1%.' .. i .. "$")
+  end
+  -- The last one's fields, and how many were not written.
+  T.match(err[9], "WARN webhook refused %(and 45 more like this in the last 0%.[12] s, not logged; the last one's fields "
+    .. 'follow%) reason="bad signature" remote=10%.0%.0%.50 suppressed=45$')
+  T.match(err[10], 'WARN webhook refused reason="bad signature" remote=10%.0%.2%.1$')
+end)
+
+T.test("log.limited: kinds past LIMIT_KINDS share one window, so that reasons a client chooses stay bounded", function()
+  local err = run([[
+local log = require "callagent.log"
+log.LIMIT_KINDS, log.LIMIT_LINES = 3, 2
+for i = 1, 20 do
+  log.limited("warn", "telnyx webhook refused", { reason = "no webhook to /p" .. i })
+end
+log.flush()
+]])
+  local all = table.concat(err, "\n")
+  T.eq(#err, 3 + 2 + 1, all)
+  for i = 1, 5 do
+    T.match(err[i], 'WARN telnyx webhook refused reason="no webhook to /p' .. i .. '"$')
+  end
+  T.match(err[6], "WARN 15 more lines of other kinds in the last 0 s were not logged %(the last one's fields follow%) "
+    .. 'last="telnyx webhook refused" reason="no webhook to /p20" suppressed=15$')
+end)
+
+T.test("log.limited: the count is written at the program's shutdown, which does not wait for the window", function()
+  local t0 = timer.now()
+  local err = run([[
+local log = require "callagent.log"
+local runtime = require "callagent.runtime"
+for i = 1, 30 do
+  log.limited("warn", "api: unauthorized request", { path = "/healthz" })
+end
+-- A 60 s window: the shutdown writes its count, and the timer keeps nothing alive.
+runtime.shutdown(0, "test")
+]])
+  T.lt(timer.now() - t0, 10000, "not held by the window")
+  local all = table.concat(err, "\n")
+  T.eq(select(2, all:gsub("WARN api: unauthorized request path=/healthz\n", "")), 5, all)
+  T.match(all, "WARN api: unauthorized request %(and 25 more like this in the last 0 s, not logged; the last one's "
+    .. "fields follow%) path=/healthz suppressed=25")
+end)
 T.run()

@@ -15,6 +15,15 @@
 --                               as in a log line: for text that leaves by another
 --                               way (an API answer, a webhook, the store); s itself
 --                               when it holds none; nil stays nil
+--   log.limited(level, msg, fields[, kind])
+--                               a line anyone outside can cause as often as they
+--                               like (a refused webhook, a wrong token): as
+--                               log[level](msg, fields), but of each kind (msg and
+--                               fields.reason unless kind is given) only the first
+--                               log.LIMIT_LINES (5) in log.LIMIT_WINDOW_MS (60 s) are
+--                               written; the rest are counted, and one line at the
+--                               window's end says how many, with the last one's fields
+--   log.flush()                 writes those counts now (the app's stop calls it)
 --
 -- Text lines look like
 --   2026-11-25T14:22:04.123Z INFO call started call=c_1 to=+14155550100
@@ -168,5 +177,98 @@ M.debug = writer(0)
 M.info = writer(1)
 M.warn = writer(2)
 M.error = writer(3)
+
+-- Lines anyone outside can cause ----------------------------------------------
+--
+-- A kind's window starts with its first line and ends LIMIT_WINDOW_MS later,
+-- on a timer that does not keep the program alive: then a line says how many
+-- were not written (none if none were), and the kind starts afresh. At most
+-- LIMIT_KINDS kinds have a window at once (a reason may quote a path, which
+-- a client chooses): lines of a new kind past them share one more window,
+-- "other kinds". Memory and lines are so bounded whatever arrives: per
+-- window, LIMIT_LINES + 1 lines of each of LIMIT_KINDS + 1 kinds.
+M.LIMIT_WINDOW_MS = 60000
+M.LIMIT_LINES = 5
+M.LIMIT_KINDS = 100
+
+local ctimer -- callagent.core.timer, required on first use
+local windows, nwindows = {}, 0 -- kind -> {level, since, logged, more, msg, fields, timer}
+local OTHER = {} -- the key of the window of kinds past LIMIT_KINDS
+
+local function seconds(ms)
+  local s = math.floor(ms / 100 + 0.5) / 10
+  return s == math.floor(s) and string.format("%d", s) or string.format("%.1f", s)
+end
+
+-- Ends a kind's window: the count of lines not written, if any.
+local function close_window(key)
+  local w = windows[key]
+  if not w then
+    return
+  end
+  windows[key], nwindows = nil, nwindows - 1
+  w.timer:stop()
+  if w.more == 0 then
+    return
+  end
+  local fields = {}
+  for k, v in pairs(w.fields or {}) do
+    fields[k] = v
+  end
+  fields.suppressed = w.more
+  local span = seconds(ctimer.now() - w.since)
+  local msg
+  if key == OTHER then
+    fields.last = w.msg
+    msg = string.format("%d more lines of other kinds in the last %s s were not logged (the last one's fields follow)",
+      w.more, span)
+  else
+    msg = string.format("%s (and %d more like this in the last %s s, not logged; the last one's fields follow)",
+      w.msg, w.more, span)
+  end
+  M[w.level](msg, fields)
+end
+
+function M.limited(level, msg, fields, kind)
+  if not core.enabled(level_of(level)) then
+    return
+  end
+  if kind == nil then
+    kind = msg
+    if type(fields) == "table" and fields.reason ~= nil then
+      kind = kind .. "\0" .. tostring(fields.reason)
+    end
+  end
+  kind = level .. "\0" .. tostring(kind)
+  local key = kind
+  if not windows[key] and nwindows >= M.LIMIT_KINDS then
+    key = OTHER
+  end
+  local w = windows[key]
+  if not w then
+    ctimer = ctimer or require "callagent.core.timer"
+    w = { level = level, since = ctimer.now(), logged = 0, more = 0 }
+    w.timer = ctimer.start(math.max(1, math.floor(M.LIMIT_WINDOW_MS)), 0, function()
+      close_window(key)
+    end)
+    w.timer:unref()
+    windows[key], nwindows = w, nwindows + 1
+  end
+  if w.logged < M.LIMIT_LINES then
+    w.logged = w.logged + 1
+    -- Looked up now: what replaced log[level] (a test's) sees these lines.
+    return M[level](msg, fields)
+  end
+  w.more, w.msg, w.fields = w.more + 1, msg, fields
+  if key == OTHER then
+    w.level = level
+  end
+end
+
+function M.flush()
+  for key in pairs(windows) do
+    close_window(key)
+  end
+end
 
 return M

@@ -68,12 +68,14 @@ function M.shutdown(code, reason)
   log.info("shutting down", { reason = reason or "requested", handlers = #handlers })
   local left = #handlers
   if left == 0 then
+    log.flush()
     return core.stop(code)
   end
   local finished = false
   local function finish()
     if not finished then
       finished = true
+      log.flush() -- the counts of rate-limited lines, which no timer writes after this
       core.stop(code)
     end
   end
