@@ -208,7 +208,8 @@ function P:registerRoutes(srv)
   -- field: the request's field at fault (the link's token, the session),
   -- when one is.
   local function refuse(req, status, code, message, field)
-    log.warn("mock page refused", { code = code, field = field, path = req.path, remote = req.remote })
+    log.limited("warn", "mock page refused", { code = code, field = field, path = req.path, remote = req.remote },
+      "mock page refused " .. code)
     return status, http.error_body(code, message, field)
   end
   local USED = "this call link was already used or is not valid"

@@ -649,12 +649,13 @@ function P:registerRoutes(srv)
   srv:post("/telnyx/webhook", function(req)
     local ok, why = self:validateRequest(req)
     if not ok then
-      log.warn("telnyx webhook refused", { reason = why, remote = req.remote })
+      log.limited("warn", "telnyx webhook refused", { reason = why, remote = req.remote })
       return 403, { error = { code = "forbidden", message = "invalid signature" } }
     end
     local body = req:json_object()
     local data = type(body) == "table" and body.data
     if type(data) ~= "table" then
+      log.limited("warn", "telnyx webhook not understood", { reason = "no data object", remote = req.remote })
       return 400, { error = { code = "bad_status", message = "the body must be a Telnyx webhook (a data object)" } }
     end
     if self:_seen(data.id) then
@@ -674,10 +675,10 @@ function P:registerRoutes(srv)
     end
     if not call_id then
       if n then -- signed, but not this URL's: answered, so that Telnyx does not send it again
-        log.warn("telnyx webhook ignored", { reason = n, remote = req.remote })
+        log.limited("warn", "telnyx webhook ignored", { reason = n, remote = req.remote })
         return 200, { ok = true }
       end
-      log.warn("telnyx webhook with a bad query", { remote = req.remote })
+      log.limited("warn", "telnyx webhook with a bad query", { remote = req.remote })
       return 400, { error = { code = "bad_request", message = "callId and attempt must be given once in the query" } }
     end
     if not by_id and self.engine:has_call(call_id) == false then

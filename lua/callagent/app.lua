@@ -180,13 +180,13 @@ function App:_routes(srv)
     local q = req.query or {}
     for _, k in ipairs({ "callId", "attempt" }) do
       if type(q[k]) ~= "string" and (k == "callId" or q[k] ~= nil) then
-        log.warn(what .. " with a bad query", { field = k, remote = req.remote })
+        log.limited("warn", what .. " with a bad query", { field = k, remote = req.remote })
         return nil, 400, { error = { code = "bad_request", message = k .. " must be given once in the query", field = k } }
       end
     end
     local n = q.attempt and q.attempt:find("^%d+$") and #q.attempt <= 9 and math.tointeger(tonumber(q.attempt))
     if q.attempt and not n then
-      log.warn(what .. " with a bad query", { field = "attempt", remote = req.remote })
+      log.limited("warn", what .. " with a bad query", { field = "attempt", remote = req.remote })
       return nil, 400, { error = { code = "bad_request", message = "attempt must be a whole number", field = "attempt" } }
     end
     return q, n
@@ -197,7 +197,7 @@ function App:_routes(srv)
   local function webhook_query(req, what)
     local ok, why = provider:validateRequest(provider_req(req), self:public_url())
     if not ok then
-      log.warn(what .. " refused", { reason = why, remote = req.remote })
+      log.limited("warn", what .. " refused", { reason = why, remote = req.remote })
       return nil, 403, { error = { code = "forbidden", message = "invalid signature" } }
     end
     return call_query(req, what)
@@ -211,7 +211,8 @@ function App:_routes(srv)
     local id = q.callId
     local token, terr = engine:prepare_stream(id, n)
     if not token then
-      log.warn("voice webhook for a call that is not dialing", { call = id, attempt = q.attempt, reason = terr })
+      log.limited("warn", "voice webhook for a call that is not dialing", { call = id, attempt = q.attempt,
+        reason = terr })
       local body, ctype = provider:buildVoiceResponse(id, self:public_url(), nil)
       return 200, body, { ["Content-Type"] = ctype or "text/xml" }
     end
@@ -240,7 +241,8 @@ function App:_routes(srv)
       field = type(field) == "string" and field or nil
     end
     if not st then
-      log.warn("status callback not understood", { call = q.callId, error = serr, field = field })
+      log.limited("warn", "status callback not understood", { call = q.callId, error = serr, field = field },
+        "status callback not understood " .. tostring(field))
       return 400, { error = { code = "bad_status", message = serr, field = field } }
     end
     local known, word = calls.status_of(st)
@@ -267,7 +269,7 @@ function App:_routes(srv)
   local function refuse(conn, reason, close_reason, who)
     stop_start_timer(conn)
     conn.refused = true
-    log.warn("media stream refused", { reason = reason, remote = conn.request and conn.request.remote,
+    log.limited("warn", "media stream refused", { reason = reason, remote = conn.request and conn.request.remote,
       call = who and who.call, attempt = who and who.attempt })
     conn:close(1008, close_reason or reason)
   end
@@ -804,6 +806,9 @@ function App:stop()
     if cut > 0 then
       log.warn("requests still in progress at the stop were cut off", { requests = cut })
     end
+    -- No request comes any more: the counts of refusals not logged (their
+    -- window's timer would not keep the program alive to write them).
+    log.flush()
   end
   if self.prune_timer then
     self.prune_timer:stop()

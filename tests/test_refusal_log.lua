@@ -1,0 +1,121 @@
+-- Refusals anyone outside can cause as fast as they like (webhooks with a bad
+-- signature, wrong API tokens, media streams with a bad token) are logged
+-- through log.limited: a flood writes the first few lines of each reason and
+-- then one line with the count, at the window's end or at the app's stop;
+-- the log stays readable and the disk does not fill.
+local T = require "testing"
+local kit = require "callkit"
+local fetch = require "callagent.fetch"
+local log = require "callagent.log"
+local json = require "callagent.json"
+local ws = require "callagent.ws"
+local fake_twilio = require "fakes.twilio"
+
+local FORM = { ["Content-Type"] = "application/x-www-form-urlencoded" }
+
+local function post(url, sig)
+  local res = assert(fetch(url, { method = "POST", body = "CallSid=CA1&CallStatus=ringing",
+    headers = { ["Content-Type"] = FORM["Content-Type"], ["X-Twilio-Signature"] = sig } }))
+  return res.status
+end
+
+-- The lines of msg, and the count lines of msg's kind.
+local function of(lines, msg)
+  local full, counts = {}, {}
+  for _, l in ipairs(lines) do
+    if l.msg == msg then
+      full[#full + 1] = l
+    elseif l.msg:sub(1, #msg + 6) == msg .. " (and " then
+      counts[#counts + 1] = l
+    end
+  end
+  return full, counts
+end
+
+local function with_reason(lines, reason)
+  local out = {}
+  for _, l in ipairs(lines) do
+    if l.fields.reason == reason then
+      out[#out + 1] = l
+    end
+  end
+  return out
+end
+
+T.test("a flood of webhooks with a bad signature logs 5 lines per reason, and the rest as one count at the app's stop",
+  function()
+  local warns = T.log_lines("warn")
+  local env = kit.start()
+  local u = env.base .. "/voice?callId=c_flood&attempt=1"
+  for _ = 1, 120 do
+    T.eq(post(u, "not-a-signature"), 403)
+  end
+  -- A signature of the right shape that does not match: another reason.
+  local wrong = fake_twilio.sign("not-the-auth-token", u, { CallSid = "CA1", CallStatus = "ringing" })
+  for _ = 1, 40 do
+    T.eq(post(u, wrong), 403)
+  end
+  local full, counts = of(warns, "voice webhook refused")
+  local shape, match = "X-Twilio-Signature is not an HMAC-SHA1 in base64", "X-Twilio-Signature does not match"
+  T.eq({ #with_reason(full, shape), #with_reason(full, match), #counts }, { 5, 5, 0 }, "in the window: 5 each")
+  T.eq(full[1].fields.remote ~= nil, true, "who sent it")
+  env:close() -- the stop writes the counts: the 60 s window is not waited for
+  full, counts = of(warns, "voice webhook refused")
+  T.eq(#full, 10)
+  local by_reason = {}
+  for _, c in ipairs(counts) do
+    by_reason[c.fields.reason] = c.fields.suppressed
+    T.match(c.msg, "^voice webhook refused %(and " .. c.fields.suppressed .. " more like this in the last [%d.]+ s, not logged")
+  end
+  T.eq(by_reason, { [shape] = 115, [match] = 35 })
+  local text = json.encode(warns)
+  T.lacks(text, wrong, "the signature sent")
+  T.lacks(text, kit.TOKEN, "the auth token")
+end)
+
+T.test("the count of a flood is written when its window ends, with the app still running", function()
+  local warns = T.log_lines("warn")
+  T.shorten(log, "LIMIT_WINDOW_MS", 200)
+  local env = kit.start()
+  local n = 60
+  for _ = 1, n do
+    T.eq(post(env.base .. "/status?callId=c_flood&attempt=1", nil), 403)
+  end
+  local reason = "X-Twilio-Signature missing"
+  local full, counts
+  T.wait_for(function()
+    full, counts = of(warns, "status callback refused")
+    local said = #full
+    for _, c in ipairs(counts) do
+      said = said + c.fields.suppressed
+    end
+    return said == n
+  end, 5000, "every refusal logged or counted")
+  T.ok(#counts >= 1, "a count line came from the window's timer")
+  -- However slow the posts, each window of 200 ms writes 5 lines at most.
+  T.le(#full, 5 * (#counts + 1))
+  T.eq(#with_reason(full, reason), #full, "each line names what was wrong")
+  T.eq(#with_reason(counts, reason), #counts)
+end)
+
+T.test("media streams refused for a bad token are rate-limited as webhooks are", function()
+  local warns = T.log_lines("warn")
+  local env = kit.start()
+  local url = env.base:gsub("^http", "ws") .. "/voice/stream"
+  local sig = fake_twilio.sign(kit.TOKEN, url)
+  for i = 1, 12 do
+    local conn = assert(ws.connect(url, { headers = { ["X-Twilio-Signature"] = sig } }))
+    conn:send(json.encode({ event = "start", streamSid = "MZ" .. i, start = { callSid = "CA" .. i,
+      customParameters = { callId = "c_none", attempt = "1", token = "guess-" .. i } } }))
+    local kind, code = conn:receive(5000)
+    T.eq({ kind, code }, { "close", 1008 })
+  end
+  env:close()
+  local full, counts = of(warns, "media stream refused")
+  T.eq(#full, 5)
+  T.eq(full[1].fields.reason, "unknown or already used stream token")
+  T.eq({ #counts, counts[1] and counts[1].fields.suppressed }, { 1, 7 })
+  T.lacks(json.encode(warns), "guess-", "the tokens sent")
+end)
+
+T.run()
