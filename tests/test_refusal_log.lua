@@ -118,4 +118,36 @@ T.test("media streams refused for a bad token are rate-limited as webhooks are",
   T.lacks(json.encode(warns), "guess-", "the tokens sent")
 end)
 
+T.test("wrong API tokens at /v1 and /healthz are logged as guesses, rate-limited, without the token", function()
+  local warns = T.log_lines("warn")
+  local token = "api-token-0123456789abcdef"
+  local env = kit.start({ config = { server = { apiToken = token } } })
+  local guess = "Bearer guess-0123456789abcdef"
+  for _ = 1, 3 do
+    local status, body = env:api("GET", "/healthz", nil, { Authorization = guess })
+    T.eq({ status, body }, { 200, { ok = true, starting = false, paused = false } }, "the short answer")
+  end
+  local full = of(warns, "api: unauthorized request")
+  T.eq(#full, 3, "each guess at /healthz logged")
+  T.eq({ full[1].fields.method, full[1].fields.path }, { "GET", "/healthz" })
+  T.ok(full[1].fields.remote, "who guessed")
+  -- A health check without a token guesses nothing: not logged.
+  T.eq(env:api("GET", "/healthz"), 200)
+  T.eq(#of(warns, "api: unauthorized request"), 3, "no line for a check without a token")
+  T.eq(env:api("GET", "/healthz", nil, { Authorization = "Bearer " .. token }), 200)
+  for _ = 1, 30 do
+    T.eq(env:api("GET", "/v1/calls", nil, { Authorization = guess }), 401)
+  end
+  local counts
+  full, counts = of(warns, "api: unauthorized request")
+  T.eq({ #full, #counts }, { 5, 0 }, "one kind for /v1 and /healthz: 5 lines in the window")
+  env:close()
+  full, counts = of(warns, "api: unauthorized request")
+  T.eq({ #counts, counts[1] and counts[1].fields.suppressed }, { 1, 28 })
+  T.eq(counts[1].fields.path, "/v1/calls", "the last one's")
+  local text = json.encode(warns)
+  T.lacks(text, "guess-0123456789abcdef", "the token guessed")
+  T.lacks(text, token, "the token")
+end)
+
 T.run()

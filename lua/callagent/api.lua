@@ -311,17 +311,24 @@ function M.register(srv, engine, cfg, opts)
     end
   end
 
+  -- A request without the token (a guess at it, or none): anyone may send
+  -- them as fast as they like, so the lines are rate-limited (log.limited),
+  -- one kind for all paths. Never the token sent.
+  local function log_unauthorized(req)
+    log.limited("warn", "api: unauthorized request", { method = req.method, path = req.path, remote = req.remote })
+  end
+
   -- The answer to a request the API refuses before reading it (logged), or
   -- nil: a web page's, or one without the token.
   local function refusal(req)
     local code, message = refused_browser(req)
     if code then
-      log.warn("api: request refused", { method = req.method, path = req.path, remote = req.remote, code = code,
-        origin = req.headers.origin, host = req.headers.host })
+      log.limited("warn", "api: request refused", { method = req.method, path = req.path, remote = req.remote,
+        code = code, origin = req.headers.origin, host = req.headers.host }, "api: request refused " .. code)
       return err(403, code, message)
     end
     if not authorized(req) then
-      log.warn("api: unauthorized request", { method = req.method, path = req.path, remote = req.remote })
+      log_unauthorized(req)
       return 401, { error = { code = "unauthorized", message = "missing or wrong bearer token" } }, {
         ["WWW-Authenticate"] = 'Bearer realm="callagent"',
       }
@@ -546,8 +553,16 @@ function M.register(srv, engine, cfg, opts)
     -- The rest only to whom the API would answer (the token, or without
     -- one a loopback request): through a tunnel anyone on the internet
     -- asked how many calls were live, since when callagent ran, and its
-    -- version. Not logged: health checks ask all the time.
-    if refused_browser(req) or not authorized(req) then
+    -- version. Not logged: health checks ask all the time. But a wrong
+    -- token is a guess at it, logged as one at /v1 is (the short answer
+    -- tells the guesser nothing either way).
+    if refused_browser(req) then
+      return 200, health
+    end
+    if not authorized(req) then
+      if req.headers.authorization then
+        log_unauthorized(req)
+      end
       return 200, health
     end
     local l = core.loop_stats()
