@@ -384,6 +384,38 @@ T.test("a forged, stale, future or unsigned webhook is refused with 403 and chan
   T.eq(env:wait_final(id, 10000).status, "completed")
 end, { timeout = 30000 })
 
+-- Anyone can post forged webhooks by the thousand: their lines are
+-- rate-limited (log.limited), 5 of a reason, then one line with the count.
+T.test("a flood of forged webhooks logs 5 lines per reason and a count; a signed body without data is logged too", function()
+  local warns = T.log_lines("warn")
+  local env = start()
+  local _, other = crypto.ed25519_keypair()
+  for _ = 1, 30 do
+    T.eq(post_webhook(env, "c_none", 1, "call.hangup", { call_control_id = "v3:forged" }, other), 403)
+  end
+  local body = '{"event_type":"call.hangup"}'
+  for _ = 1, 8 do
+    local ts = tostring(os.time())
+    local res = assert(fetch(env.base .. "/telnyx/webhook?callId=c_none&attempt=1", { method = "POST", body = body,
+      headers = { ["Content-Type"] = "application/json", ["telnyx-timestamp"] = ts,
+        ["telnyx-signature-ed25519"] = fake.sign(env.tx.private_key, ts, body) } }))
+    T.eq(res.status, 400)
+  end
+  env:close()
+  local seen = {}
+  for _, l in ipairs(warns) do
+    for _, m in ipairs({ "telnyx webhook refused", "telnyx webhook not understood" }) do
+      if l.msg == m then
+        seen[m] = (seen[m] or 0) + 1
+      elseif l.msg:sub(1, #m + 6) == m .. " (and " then
+        seen[m .. " count"] = (seen[m .. " count"] or 0) + l.fields.suppressed
+      end
+    end
+  end
+  T.eq(seen, { ["telnyx webhook refused"] = 5, ["telnyx webhook refused count"] = 25,
+    ["telnyx webhook not understood"] = 5, ["telnyx webhook not understood count"] = 3 })
+end)
+
 T.test("a replayed webhook (same id, valid signature) is answered and changes nothing", function()
   local env, id, tx = streaming_call("+14155550104")
   local answered = answered_body(tx)
