@@ -71,6 +71,28 @@ enum { CA_LOG_DEBUG = 0, CA_LOG_INFO, CA_LOG_WARN, CA_LOG_ERROR };
 void ca_log(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 int ca_log_enabled(int level);
 
+/*
+ * A line anyone outside can cause as often as they like (a refused request):
+ * as ca_log, but of each call site only the first CA_LOG_LIMIT_LINES in a
+ * window (60 s; core.log.limits) are written. The rest are counted, and
+ * one line at the window's end (or at exit) gives the count with the last
+ * one's text. Each CA_LOG_LIMITED is a site of its own.
+ */
+struct ca_log_limit {
+	struct ca_log_limit *next;	/* in the list of sites with lines not written */
+	uint64_t since;			/* uv_now() at the window's first line */
+	unsigned int logged, more;
+	int level, listed;
+	char last[400];			/* the last line not written (cut) */
+};
+#define CA_LOG_LIMIT_LINES 5
+void ca_log_limited(struct ca_log_limit *l, int level, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+#define CA_LOG_LIMITED(level, ...) do { \
+		static struct ca_log_limit ca_limit_; \
+		ca_log_limited(&ca_limit_, (level), __VA_ARGS__); \
+	} while (0)
+
 /* Allocation that treats out-of-memory as fatal, as the host does. */
 void *ca_malloc(size_t n);
 void *ca_realloc(void *p, size_t n);

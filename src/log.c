@@ -32,6 +32,8 @@
  *   scrub(s)             s with every registered secret replaced by
  *                        "[redacted]" as in a line (s itself when it holds none)
  *   dropped()            lines dropped so far because the reader was too slow
+ *   limits([window_ms])  get/set the window of C's rate-limited lines
+ *                        (ca_log_limited: 60000 ms)
  */
 #define _GNU_SOURCE	/* memmem */
 #include <errno.h>
@@ -541,6 +543,7 @@ void ca__log_write(const char *line, size_t len)
 }
 
 static void write_c_line(int level, const char *msg, size_t len, int block);
+static void limits_flush(void);
 
 /*
  * The end: writes what is queued synchronously and stops the stream, so that
@@ -554,6 +557,7 @@ void ca__log_flush(void)
 	struct chunk *c = head;
 	int failed = 0;
 
+	limits_flush();	/* their counts are lines too */
 	if (ca_lua() != NULL && wait_left_ns > CA_LOG_FORCED_WAIT_MS * 1000000LL)
 		wait_left_ns = CA_LOG_FORCED_WAIT_MS * 1000000LL;
 	if (sink_kind == 1) {
@@ -710,6 +714,133 @@ void ca__log_fatal(const char *fmt, ...)
 	va_end(ap);
 }
 
+/*
+ * Rate-limited lines (ca_log_limited). A site's window opens with its first
+ * line; lines past CA_LOG_LIMIT_LINES in it are counted, the site listed,
+ * and one timer (unref'd: it never keeps the process alive) ends the
+ * listed windows, writing each count. A site whose window is over and has
+ * no count starts a new one at its next line.
+ */
+static uint64_t limit_window_ms = 60000;
+static struct ca_log_limit *limited;	/* listed sites */
+static uv_timer_t limit_timer;
+static int limit_timer_state;		/* 0 none, 1 initialised, 2 closed (the exit) */
+
+static void limit_close(struct ca_log_limit *l, uint64_t now)
+{
+	if (l->more) {
+		char msg[512];
+		uint64_t ms = now - l->since;
+		int n = snprintf(msg, sizeof msg, "%s (and %u more like this in the last %llu.%llu s, not logged; "
+				 "this was the last)", l->last, l->more, (unsigned long long)(ms / 1000),
+				 (unsigned long long)(ms % 1000 / 100));
+
+		if (n < 0)
+			n = 0;
+		if ((size_t)n >= sizeof msg)
+			n = (int)sizeof msg - 1;
+		write_c_line(l->level, msg, (size_t)n, 0);
+	}
+	l->logged = l->more = 0;
+}
+
+static void limit_arm(uint64_t now);
+
+static void on_limit_timer(uv_timer_t *t)
+{
+	uint64_t now = uv_now(t->loop);
+	struct ca_log_limit **p = &limited;
+
+	while (*p) {
+		struct ca_log_limit *l = *p;
+
+		if (now - l->since >= limit_window_ms) {
+			*p = l->next;
+			l->next = NULL;
+			l->listed = 0;
+			limit_close(l, now);
+		} else {
+			p = &l->next;
+		}
+	}
+	limit_arm(now);
+}
+
+/* The timer, for the earliest end of a listed window. */
+static void limit_arm(uint64_t now)
+{
+	uint64_t due = UINT64_MAX;
+
+	if (limit_timer_state == 2)
+		return;
+	for (struct ca_log_limit *l = limited; l; l = l->next)
+		if (l->since + limit_window_ms < due)
+			due = l->since + limit_window_ms;
+	if (due == UINT64_MAX) {
+		if (limit_timer_state == 1)
+			uv_timer_stop(&limit_timer);
+		return;
+	}
+	if (limit_timer_state == 0) {
+		uv_timer_init(ca_loop(), &limit_timer);
+		uv_unref((uv_handle_t *)&limit_timer);
+		limit_timer_state = 1;
+	}
+	uv_timer_start(&limit_timer, on_limit_timer, due > now ? due - now : 0, 0);
+}
+
+/* The exit: every count written now, and the timer closed. */
+static void limits_flush(void)
+{
+	uint64_t now = ca_loop() ? uv_now(ca_loop()) : 0;
+
+	while (limited) {
+		struct ca_log_limit *l = limited;
+
+		limited = l->next;
+		l->next = NULL;
+		l->listed = 0;
+		limit_close(l, now);
+	}
+	if (limit_timer_state == 1)
+		uv_close((uv_handle_t *)&limit_timer, NULL);
+	limit_timer_state = 2;
+}
+
+void ca_log_limited(struct ca_log_limit *l, int level, const char *fmt, ...)
+{
+	uint64_t now;
+	va_list ap;
+
+	if (level < min_level)
+		return;
+	now = uv_now(ca_loop());
+	if (l->logged && !l->listed && now - l->since >= limit_window_ms)
+		l->logged = 0;	/* its window is over, with nothing counted */
+	if (l->logged == 0)
+		l->since = now;
+	va_start(ap, fmt);
+	if (l->logged < CA_LOG_LIMIT_LINES) {
+		l->logged++;
+		vlog(level, 0, fmt, ap);
+	} else {
+		int n = vsnprintf(l->last, sizeof l->last, fmt, ap);
+
+		/* Cut: C's lines carry no secret whose head could be left. */
+		if (n >= (int)sizeof l->last)
+			memcpy(l->last + sizeof l->last - 4, "...", 4);
+		l->more++;
+		l->level = level;
+		if (!l->listed) {
+			l->listed = 1;
+			l->next = limited;
+			limited = l;
+			limit_arm(now);
+		}
+	}
+	va_end(ap);
+}
+
 int ca__log_set_format(const char *f)
 {
 	if (strcmp(f, "text") && strcmp(f, "json"))
@@ -809,6 +940,18 @@ static int l_scrub(lua_State *L)
 	return 1;
 }
 
+static int l_limits(lua_State *L)
+{
+	if (!lua_isnoneornil(L, 1)) {
+		lua_Integer ms = luaL_checkinteger(L, 1);
+
+		luaL_argcheck(L, ms >= 1 && ms <= 86400000, 1, "window must be 1..86400000 ms");
+		limit_window_ms = (uint64_t)ms;
+	}
+	lua_pushinteger(L, (lua_Integer)limit_window_ms);
+	return 1;
+}
+
 static int l_dropped(lua_State *L)
 {
 	lua_pushinteger(L, (lua_Integer)dropped);
@@ -824,6 +967,7 @@ int luaopen_callagent_core_log(lua_State *L)
 		{"timestamp", l_timestamp},
 		{"add_secret", l_add_secret},
 		{"dropped", l_dropped},
+		{"limits", l_limits},
 		{"format", l_format},
 		{"scrub", l_scrub},
 		{NULL, NULL}

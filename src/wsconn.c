@@ -84,12 +84,12 @@ static void lws_log_emit(int level, const char *line)
 	while (n && (msg[n - 1] == '\n' || msg[n - 1] == '\r'))
 		n--;
 	if (strstr(msg, "Ran out of header data space")) {
-		ca_log(CA_LOG_WARN, "http: request headers larger than the server's max_header: connection closed");
+		CA_LOG_LIMITED(CA_LOG_WARN, "http: request headers larger than the server's max_header: connection closed");
 		return;
 	}
 	if (strstr(msg, "More hdr frags than we can deal with")) {
 		/* Its WSI_TOKEN_COUNT (95) slots: the URI, the version, each query parameter, each known header line. */
-		ca_log(CA_LOG_WARN, "http: a request with more query parameters and header lines than libwebsockets keeps "
+		CA_LOG_LIMITED(CA_LOG_WARN, "http: a request with more query parameters and header lines than libwebsockets keeps "
 		       "(about 90): connection closed");
 		return;
 	}

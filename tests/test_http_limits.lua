@@ -298,3 +298,59 @@ T.test("a request with two Host header lines is 400 (RFC 9112 3.2), not handed o
 end)
 
 T.run()
+
+-- A child whose server refuses `n` request heads over max_header (1024),
+-- with C's rate-limit window `window` ms; it waits `wait` ms, then exits.
+local function oversized_heads(n, window, wait)
+  local code, _, p = T.run_app(nil, nil, { source = string.format([[
+local http = require "callagent.http"
+local fetch = require "callagent.fetch"
+local task = require "callagent.task"
+local timer = require "callagent.timer"
+local runtime = require "callagent.runtime"
+require("callagent.core.log").limits(%d)
+assert(require("callagent.core.http").configure({ max_header = 1024 }))
+local srv = http.server({})
+srv:get("/", function() return 200, "ok" end)
+assert(srv:listen())
+task.spawn(function()
+  for _ = 1, %d do
+    assert(not fetch(srv:url("/"), { headers = { ["X-Pad"] = string.rep("a", 4000) }, timeout = 5000 }))
+  end
+  print("sent")
+  timer.sleep(%d)
+  print("waited")
+  srv:close()
+  runtime.stop(0)
+end)
+]], window, n, wait) })
+  T.eq(code, 0, p.errtext())
+  T.eq(p.out, { "sent", "waited" })
+  local lines = {}
+  for line in p.errtext():gmatch("[^\n]+") do
+    if line:find("request headers larger than the server's max_header", 1, true) then
+      lines[#lines + 1] = line
+    end
+  end
+  return lines
+end
+
+T.test("a flood of refused request heads writes 5 lines and then one count, at exit at the latest", function()
+  local lines = oversized_heads(40, 60000, 0)
+  T.eq(#lines, 6, table.concat(lines, "\n"))
+  for i = 1, 5 do
+    T.match(lines[i], "WARN http: request headers larger than the server's max_header: connection closed$")
+  end
+  T.match(lines[6], "WARN http: request headers larger than the server's max_header: connection closed %(and 35 more "
+    .. "like this in the last [%d.]+ s, not logged; this was the last%)$")
+end)
+
+T.test("the count of refused request heads is written when the window ends, while the server runs", function()
+  local lines = oversized_heads(12, 500, 1500)
+  T.eq(#lines, 6, table.concat(lines, "\n"))
+  local s = lines[6]:match("in the last ([%d.]+) s")
+  T.match(lines[6], "%(and 7 more like this")
+  -- Ended by the timer about 0.5 s after the window opened (at exit it
+  -- would say about 1.5 s or more).
+  T.lt(tonumber(s), 1.3, lines[6])
+end)
