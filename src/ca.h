@@ -144,6 +144,12 @@ int ca__log_set_format(const char *f);
  * not one. n > 0 bytes are there.
  */
 size_t ca__utf8_len(const unsigned char *s, size_t n);
+/*
+ * util.c: the bytes of a TCP socket's stream that the process has read so far
+ * (those the kernel received, less those still waiting to be read), or -1
+ * when the kernel does not say.
+ */
+long long ca__tcp_bytes_read(int fd);
 /* A fatal error: written at once, redacted, keeping its traceback's lines. */
 void ca__log_fatal(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 

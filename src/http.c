@@ -86,6 +86,13 @@ struct conn_node {
 	struct lws *wsi;
 	struct server *s;
 	struct conn_node *prev, *next;
+	/*
+	 * The bytes of the connection the process had read when its last
+	 * answer was done (ca__tcp_bytes_read), 0 before the first, -1 when
+	 * the kernel did not say. (Not in the pss: lws gives each request on
+	 * a kept-alive connection a new one.)
+	 */
+	long long read_at_answer;
 };
 
 /*
@@ -165,6 +172,18 @@ struct pss {
 	struct req *req;
 	struct ca_ws *ws;
 };
+
+/*
+ * Whether lws 4.1.6 reads a body for the request: one its Content-Length
+ * (clr, v: content_length()) does not say is empty, or without one a POST,
+ * PUT or PATCH (lws reads up to 100 MB of what follows as its body).
+ */
+static int lws_reads_body(int method, int clr, unsigned long long v)
+{
+	if (clr == 0)
+		return method == LWSHUMETH_POST || method == LWSHUMETH_PUT || method == LWSHUMETH_PATCH;
+	return !(clr == 1 && v == 0);
+}
 
 /*
  * Whether the request line ended with its HTTP version. libwebsockets 4.1.6
@@ -870,6 +889,7 @@ static int server_callback(struct lws *wsi, enum lws_callback_reasons reason,
 
 		n->wsi = wsi;
 		n->s = s;
+		n->read_at_answer = 0;
 		n->prev = NULL;
 		n->next = s->conns;
 		if (s->conns)
@@ -925,6 +945,26 @@ static int server_callback(struct lws *wsi, enum lws_callback_reasons reason,
 		r->path[len] = '\0';
 		pss->req = r;
 
+		clr = content_length(wsi, &v, &why);
+		if (node && node->read_at_answer > 0 && lws_reads_body(r->method, clr, v) &&
+		    ca__tcp_bytes_read(lws_get_socket_fd(wsi)) == node->read_at_answer) {
+			/*
+			 * Pipelined: sent before the answer to the request before
+			 * it, its bytes came with that one's, and lws holds them
+			 * (nothing was read since that answer). lws 4.1.6 reads the
+			 * body of such a request from the start of its head, and
+			 * then calls HTTP_BODY_COMPLETION in a loop for good: the
+			 * whole server hangs. Refused before lws goes on with it:
+			 * the connection closes (RFC 9112 9.3.2: a client resends
+			 * on a new one what a closed pipeline left unanswered).
+			 */
+			ca_log(CA_LOG_WARN, "http: %s %s: a request with a body pipelined behind another (sent before "
+			       "its answer): connection closed", method_names[r->method], r->path);
+			pss->req = NULL;
+			release_req(r);
+			return -1;
+		}
+
 		if (s->nconn > s->max_connections) {
 			ca_log(CA_LOG_WARN, "http: %d connections open (max_connections %d): answering 503",
 			       s->nconn, s->max_connections);
@@ -956,7 +996,6 @@ static int server_callback(struct lws *wsi, enum lws_callback_reasons reason,
 			quick_response(r, 411, "length_required", "chunked request bodies are not supported: send Content-Length");
 			return 0;
 		}
-		clr = content_length(wsi, &v, &why);
 		if (clr < 0) {
 			/* Not its value: that is no number, and may be anything (a secret). */
 			ca_log(CA_LOG_WARN, "http: %s %s: invalid Content-Length (%s): answering 400",
@@ -1075,6 +1114,8 @@ static int server_callback(struct lws *wsi, enum lws_callback_reasons reason,
 		release_req(r);
 		if (rc < 0 || close_after)
 			return -1;
+		if (node)
+			node->read_at_answer = ca__tcp_bytes_read(lws_get_socket_fd(wsi));
 		return lws_http_transaction_completed(wsi) ? -1 : 0;
 	}
 

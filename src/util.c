@@ -3,9 +3,14 @@
  */
 #include <errno.h>
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 
 #include "ca.h"
 
@@ -165,4 +170,37 @@ const char *ca_opt_string_field(lua_State *L, int idx, const char *k, const char
 	}
 	lua_pop(L, 1);
 	return v;
+}
+
+/*
+ * glibc's tcp_info and the fields Linux 4.1 added after it, up to
+ * tcpi_bytes_received (linux/tcp.h has them, but clashes with the
+ * netinet/tcp.h that uv.h includes).
+ */
+struct tcp_info_41 {
+	struct tcp_info base;
+	uint64_t pacing_rate, max_pacing_rate, bytes_acked, bytes_received;
+};
+_Static_assert(offsetof(struct tcp_info_41, bytes_received) == 128, "linux/tcp.h's tcpi_bytes_received is at 128");
+
+long long ca__tcp_bytes_read(int fd)
+{
+	for (int i = 0; i < 4; i++) {
+		struct tcp_info_41 a, b;
+		socklen_t la = sizeof a, lb = sizeof b;
+		int inq, fin;
+
+		if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &a, &la) || ioctl(fd, FIONREAD, &inq) ||
+		    getsockopt(fd, IPPROTO_TCP, TCP_INFO, &b, &lb))
+			return -1;
+		if (la < sizeof a || inq < 0)
+			return -1;	/* a kernel before 4.1 */
+		if (a.bytes_received != b.bytes_received || a.base.tcpi_state != b.base.tcpi_state)
+			continue;	/* bytes came between the two reads: ask again */
+		/* The peer's FIN, once in, counts one in bytes_received and none in FIONREAD. */
+		fin = a.base.tcpi_state == TCP_CLOSE_WAIT || a.base.tcpi_state == TCP_LAST_ACK ||
+		      a.base.tcpi_state == TCP_CLOSING || a.base.tcpi_state == TCP_TIME_WAIT;
+		return (long long)(a.bytes_received - (unsigned)inq - (unsigned)fin);
+	}
+	return -1;
 }
