@@ -1020,7 +1020,13 @@ static int server_callback(struct lws *wsi, enum lws_callback_reasons reason,
 			quick_response(r, 400, "bad_request", "invalid Content-Length");
 			return 0;
 		}
-		r->close_after = asks_close(wsi);
+		/*
+		 * A POST, PUT or PATCH without Content-Length has no body (RFC
+		 * 9112 6.3), but lws reads what follows on the connection as
+		 * one (and would eat the next request): the connection closes
+		 * after the answer.
+		 */
+		r->close_after = asks_close(wsi) || (clr == 0 && lws_reads_body(r->method, clr, v));
 		if (clr > 0) {
 			const char *e = ex;
 

@@ -1169,6 +1169,31 @@ end)
 
 
 
+T.test("a POST without Content-Length has an empty body and closes its connection: what follows is not read as its body", function()
+  local bodies = {}
+  local srv = server({}, function(s)
+    s:post("/up", function(req)
+      bodies[#bodies + 1] = req.body
+      return 200, "up"
+    end)
+    s:get("/get", function()
+      return 200, "got"
+    end)
+  end)
+  -- curl -X POST sends none: libwebsockets took the next request on the
+  -- kept-alive connection for up to 100 MB of the POST's body, and the
+  -- client waited for its answer in vain.
+  local out = one_connection(srv.port, { "POST /up HTTP/1.1\r\nHost: x\r\n\r\n", "GET /get HTTP/1.1\r\nHost: x\r\n\r\n" })
+  T.no_match(out, "^still open")
+  T.match(out:lower(), "^http/1%.1 200 .-\r\nconnection: close\r\n", "the answer says it closes")
+  T.match(out, "\r\n\r\nup$", "one answer")
+  T.eq(bodies, { "" })
+  local w = "%{http_code} %{num_connects}\n"
+  local codes = run({ "curl", "-s", "-o", "/dev/null", "-w", w, "-X", "POST", srv:url("/up"),
+    "--next", "-s", "-o", "/dev/null", "-w", w, srv:url("/get") })
+  T.eq(codes, "200 1\n200 1", "curl's next request on a new connection")
+end)
+
 -- A server in a child process of its own (libwebsockets 4.1.6 spun in a
 -- loop for good on a pipelined request with a body: the child, not the test,
 -- would hang), with GET /get and POST /up (answers the body's length).
