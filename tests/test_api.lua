@@ -300,6 +300,7 @@ T.test("Idempotency-Key: the same request sent again gets the call it created; a
   local status, first, res = env:api("POST", "/v1/calls", '{"to":"+14155550133","prompt":"Book it.","metadata":{"a":1,"b":2,"c":0}}', key)
   T.eq(status, 201)
   T.eq(res.headers["idempotent-replayed"], nil)
+  T.eq(res.headers.location, "/v1/calls/" .. first.callId, "201 Created says where the call is")
   -- Sent again (a client that timed out), its keys in another order, its
   -- numbers written another way: the same JSON numbers.
   local again
@@ -307,6 +308,7 @@ T.test("Idempotency-Key: the same request sent again gets the call it created; a
   T.eq(status, 201)
   T.eq(again.callId, first.callId, "the same call")
   T.eq(res.headers["idempotent-replayed"], "true")
+  T.eq(res.headers.location, "/v1/calls/" .. first.callId)
   T.wait_for(function()
     return #env.tw.calls >= 1
   end, 5000)

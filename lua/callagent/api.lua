@@ -1,7 +1,8 @@
 --- callagent.api: the REST API (JSON in and out).
 --
 --   POST /v1/calls                {to, prompt, timezone?, locale?, callerName?,
---                                 calleeName?, voice?, metadata?} -> 201 {callId, status, hint?};
+--                                 calleeName?, voice?, metadata?} -> 201 {callId, status, hint?}
+--                                 with Location: /v1/calls/{callId};
 --                                 with an Idempotency-Key, sent again: the same call
 --   GET  /v1/calls/{callId}       the call record (see lua/callagent/calls.lua)
 --   GET  /v1/calls?status=&limit=&cursor=   newest first: {calls, nextCursor?};
@@ -415,7 +416,8 @@ function M.register(srv, engine, cfg, opts)
         return err(500, "store_failed", "the call of this Idempotency-Key could not be read")
       end
       if view then
-        return 201, { callId = view.callId, status = view.status, hint = view.hint }, { ["Idempotent-Replayed"] = "true" }
+        return 201, { callId = view.callId, status = view.status, hint = view.hint },
+          { Location = "/v1/calls/" .. view.callId, ["Idempotent-Replayed"] = "true" }
       end
     end
     if engine.starting then
@@ -441,7 +443,8 @@ function M.register(srv, engine, cfg, opts)
     -- Stored and dialing: a 201 whatever a read of it says now (a 500 would
     -- have the client send it again, and the callee rung twice).
     local view = engine:call_view(call.id) or { callId = call.id, status = call.status, hint = call.hint }
-    return 201, { callId = view.callId, status = view.status, hint = view.hint }
+    -- Where the new call is (RFC 9110 15.3.2), as GET /v1/calls/{callId}.
+    return 201, { callId = view.callId, status = view.status, hint = view.hint }, { Location = "/v1/calls/" .. view.callId }
   end))
 
   srv:get("/v1/calls", guard(function(req)
