@@ -64,6 +64,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <time.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -671,6 +672,36 @@ static int set_reason(unsigned char *start, unsigned char **p, unsigned char *en
 	return 0;
 }
 
+/* Whether the answer has a header of that name ("date:", lowercase). */
+static int has_hdr(const struct req *r, const char *name)
+{
+	size_t off = 0, nl = strlen(name);
+
+	while (off < r->hdrs_len) {
+		const char *n = r->hdrs + off, *val = n + strlen(n) + 1;
+
+		if (strlen(n) == nl && memcmp(n, name, nl) == 0)
+			return 1;
+		off = (size_t)(val - r->hdrs) + strlen(val) + 1;
+	}
+	return 0;
+}
+
+/* Now as RFC 9110's IMF-fixdate ("Sun, 06 Nov 1994 08:49:37 GMT"), whatever the locale. */
+static int http_date(char *out, size_t n)
+{
+	static const char days[7][4] = { "Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat" };
+	static const char months[12][4] = { "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct",
+					    "Nov", "Dec" };
+	time_t t = time(NULL);
+	struct tm tm;
+
+	if (gmtime_r(&t, &tm) == NULL)
+		return 0;
+	return snprintf(out, n, "%s, %02d %s %04d %02d:%02d:%02d GMT", days[tm.tm_wday], tm.tm_mday,
+			months[tm.tm_mon], tm.tm_year + 1900, tm.tm_hour, tm.tm_min, tm.tm_sec);
+}
+
 /*
  * Writes the response headers, then the body in chunks. Returns 0 when more
  * is to come, 1 when the response is complete, -1 to close the connection.
@@ -701,6 +732,15 @@ static int write_response(struct req *r)
 			off = (size_t)(val - r->hdrs) + vl + 1;
 			if (lws_add_http_header_by_name(wsi, (const unsigned char *)name,
 							(const unsigned char *)val, (int)vl, &p, end))
+				bad = 1;
+		}
+		if (!bad && !has_hdr(r, "date:")) {
+			/* RFC 9110 6.6.1: an origin server with a clock sends it. */
+			char date[40];
+			int dl = http_date(date, sizeof date);
+
+			if (dl > 0 && lws_add_http_header_by_name(wsi, (const unsigned char *)"date:",
+								  (const unsigned char *)date, dl, &p, end))
 				bad = 1;
 		}
 		if (r->srv->draining)

@@ -1169,6 +1169,35 @@ end)
 
 
 
+
+T.test("every answer carries Date (RFC 9110 6.6.1): a handler's, a 404, a 405, a 413; a handler's own Date is kept", function()
+  local srv = server({ max_body = 10 }, function(s)
+    s:get("/x", function()
+      return 200, "x"
+    end)
+    s:get("/own", function()
+      return 200, "own", { Date = "Sun, 06 Nov 1994 08:49:37 GMT" }
+    end)
+  end)
+  local function near_now(date)
+    for d = -2, 2 do
+      if date == os.date("!%a, %d %b %Y %H:%M:%S GMT", os.time() + d) then
+        return true
+      end
+    end
+    return false
+  end
+  for _, r in ipairs({ { "GET", "/x", 200 }, { "GET", "/nowhere", 404 }, { "DELETE", "/x", 405 },
+    { "POST", "/x", 413, string.rep("b", 20) } }) do
+    local res = assert(fetch(srv:url(r[2]), { method = r[1], body = r[4], timeout = 5000 }))
+    T.eq(res.status, r[3], r[2])
+    T.ok(near_now(res.headers.date), r[1] .. " " .. r[2] .. ": Date " .. tostring(res.headers.date))
+  end
+  local out = run({ "curl", "-s", "-i", srv:url("/own") })
+  T.eq(select(2, out:lower():gsub("\ndate: ", "")), 1, out)
+  T.match(out, "\ndate: Sun, 06 Nov 1994 08:49:37 GMT", "the handler's")
+end)
+
 T.test("a POST without Content-Length has an empty body and closes its connection: what follows is not read as its body", function()
   local bodies = {}
   local srv = server({}, function(s)
