@@ -57,6 +57,24 @@ T.test("GET /v1/calls refuses a query parameter it does not know (a typo of stat
   end
 end)
 
+
+T.test("POST /v1/calls and a hang-up refuse a query parameter (?dryRun=true placed a real call)", function()
+  local env = kit.start({ twilio = { behaviour = { ring_ms = 10000 } } })
+  local body = '{"to":"+14155550172","prompt":"x"}'
+  for _, q in ipairs({ "?dryRun=true", "?test=1&&", "?zz=1&aa=2" }) do
+    local status, b = env:api("POST", "/v1/calls" .. q, body)
+    T.eq({ status, b.error and b.error.code, b.error and b.error.field }, { 400, "unknown_field", q == "?zz=1&aa=2" and "aa" or q:match("%?(%w+)") }, q)
+  end
+  T.eq(#env.tw.calls, 0, "nothing dialed")
+  -- Empty separators name nothing.
+  local status, created = env:api("POST", "/v1/calls?&", body)
+  T.eq(status, 201)
+  local b
+  status, b = env:api("POST", "/v1/calls/" .. created.callId .. "/hangup?force=1")
+  T.eq({ status, b.error and b.error.code, b.error and b.error.field }, { 400, "unknown_field", "force" })
+  T.eq((env:api("POST", "/v1/calls/" .. created.callId .. "/hangup")), 202)
+end)
+
 T.test("the same request with the same Idempotency-Key sent eight times at once makes one call, dialed once", function()
   local env = env_with()
   local task = require "callagent.task"

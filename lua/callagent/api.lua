@@ -8,6 +8,7 @@
 --   GET  /v1/calls?status=&limit=&cursor=   newest first: {calls, nextCursor?};
 --                                 any other query parameter is 400 unknown_field
 --   POST /v1/calls/{callId}/hangup          -> 202 {callId, status}
+--                                 (the POSTs take no query parameter: 400 unknown_field)
 --   GET  /healthz                 {ok, starting, paused, version, provider, activeCalls, uptimeSec, loop};
 --                                 {ok, starting, paused} to a request /v1 would refuse
 --
@@ -274,6 +275,23 @@ function M.fingerprint(input)
   return crypto.to_hex(crypto.sha256(table.concat(canonical(input, {}))))
 end
 
+-- The 400 for a query parameter a route does not take (known: the names it
+-- takes), or nil. Of several, the first by name (pairs' order changes from
+-- run to run). Empty ones ("?&&") name nothing; nor does "/", which
+-- libwebsockets 4.1 makes of a query that ends with "&" ("?limit=5&").
+local function unknown_param(req, known, takes)
+  local unknown
+  for name in pairs(req.query or {}) do
+    if not known[name] and name ~= "" and name ~= "/" and (unknown == nil or name < unknown) then
+      unknown = name
+    end
+  end
+  if unknown then
+    local name = json.utf8(unknown)
+    return err(400, "unknown_field", "unknown query parameter '" .. quote(name) .. "' (" .. takes .. ")", name)
+  end
+end
+
 --- Registers the API routes on an http server for the engine.
 function M.register(srv, engine, cfg, opts)
   opts = opts or {}
@@ -371,6 +389,12 @@ function M.register(srv, engine, cfg, opts)
   end)
 
   srv:post("/v1/calls", guard(function(req)
+    -- A call is placed for real: a parameter the client thought did
+    -- something (?dryRun=true, ?test=1) is refused, not ignored.
+    local qs, qb = unknown_param(req, {}, "POST /v1/calls takes none: the call is its JSON body")
+    if qs then
+      return qs, qb
+    end
     local ctype = req:content_type()
     if not (ctype:match("^%s*application/json%s*;") or ctype:match("^%s*application/json%s*$")) then
       return err(415, "unsupported_media_type", "the body must be JSON, sent with Content-Type: application/json")
@@ -450,20 +474,10 @@ function M.register(srv, engine, cfg, opts)
   srv:get("/v1/calls", guard(function(req)
     local q = req.query or {}
     -- A parameter it does not know is refused, not ignored: a typo of
-    -- status would list every call as if they had that one. Of several,
-    -- the first by name (pairs' order changes from run to run). Empty
-    -- ones ("?&&") name nothing; nor does "/", which libwebsockets 4.1
-    -- makes of a query that ends with "&" ("?limit=5&").
-    local unknown
-    for name in pairs(q) do
-      if not LIST_PARAMS[name] and name ~= "" and name ~= "/" and (unknown == nil or name < unknown) then
-        unknown = name
-      end
-    end
-    if unknown then
-      local name = json.utf8(unknown)
-      return err(400, "unknown_field", "unknown query parameter '" .. quote(name) .. "' (GET /v1/calls takes status, limit "
-        .. "and cursor)", name)
+    -- status would list every call as if they had that one.
+    local status, body = unknown_param(req, LIST_PARAMS, "GET /v1/calls takes status, limit and cursor")
+    if status then
+      return status, body
     end
     local status = q.status
     if status ~= nil and (type(status) ~= "string" or not STATUSES[status]) then
@@ -522,6 +536,10 @@ function M.register(srv, engine, cfg, opts)
   end))
 
   srv:post("/v1/calls/{id}/hangup", guard(function(req)
+    local qs, qb = unknown_param(req, {}, "POST /v1/calls/{callId}/hangup takes none")
+    if qs then
+      return qs, qb
+    end
     local id = req.params.id
     local v, status, body = view_or_error(id)
     if not v then
