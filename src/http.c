@@ -555,7 +555,7 @@ static void dispatch(struct server *s, struct req *r)
 		return;
 	if (s->closing || s->req_ref == LUA_NOREF) {
 		/* Read in the same turn the server was closed: nobody to hand it to. */
-		ca_log(CA_LOG_WARN, "http: %s %s: the server is closing: answering 503",
+		CA_LOG_LIMITED(CA_LOG_WARN, "http: %s %s: the server is closing: answering 503",
 		       method_names[r->method], r->path);
 		quick_response(r, 503, "closing", "the server is closing");
 		return;
@@ -755,7 +755,7 @@ static int write_response(struct req *r)
 			bad = 1;
 		free(buf);
 		if (bad) {
-			ca_log(CA_LOG_WARN, "http: %s %s: the response headers could not be written: connection closed",
+			CA_LOG_LIMITED(CA_LOG_WARN, "http: %s %s: the response headers could not be written: connection closed",
 			       method_names[r->method], r->path);
 			return -1;
 		}
@@ -998,7 +998,7 @@ static int server_callback(struct lws *wsi, enum lws_callback_reasons reason,
 			 * the connection closes (RFC 9112 9.3.2: a client resends
 			 * on a new one what a closed pipeline left unanswered).
 			 */
-			ca_log(CA_LOG_WARN, "http: %s %s: a request with a body pipelined behind another (sent before "
+			CA_LOG_LIMITED(CA_LOG_WARN, "http: %s %s: a request with a body pipelined behind another (sent before "
 			       "its answer): connection closed", method_names[r->method], r->path);
 			pss->req = NULL;
 			release_req(r);
@@ -1006,55 +1006,55 @@ static int server_callback(struct lws *wsi, enum lws_callback_reasons reason,
 		}
 
 		if (s->nconn > s->max_connections) {
-			ca_log(CA_LOG_WARN, "http: %d connections open (max_connections %d): answering 503",
+			CA_LOG_LIMITED(CA_LOG_WARN, "http: %d connections open (max_connections %d): answering 503",
 			       s->nconn, s->max_connections);
 			quick_response(r, 503, "busy", "too many connections");
 			return 0;
 		}
 		if (!whole_request_line(wsi)) {
-			ca_log(CA_LOG_WARN, "http: %s %s: request line without an HTTP version (a line break "
+			CA_LOG_LIMITED(CA_LOG_WARN, "http: %s %s: request line without an HTTP version (a line break "
 			       "encoded in the URI?): answering 400", method_names[r->method], r->path);
 			quick_response(r, 400, "bad_request", "malformed request line");
 			return 0;
 		}
 		if (lws_hdr_fragment_length(wsi, WSI_TOKEN_HOST, 1) > 0) {
 			/* lws joins them ("a,  b"; a second, even empty, holds the space it adds). */
-			ca_log(CA_LOG_WARN, "http: %s %s: more than one Host header: answering 400",
+			CA_LOG_LIMITED(CA_LOG_WARN, "http: %s %s: more than one Host header: answering 400",
 			       method_names[r->method], r->path);
 			quick_response(r, 400, "bad_request", "more than one Host header");
 			return 0;
 		}
 		if (framing_header_spaced(wsi)) {
-			ca_log(CA_LOG_WARN, "http: %s %s: Content-Length or Transfer-Encoding with whitespace before "
+			CA_LOG_LIMITED(CA_LOG_WARN, "http: %s %s: Content-Length or Transfer-Encoding with whitespace before "
 			       "its colon: answering 400", method_names[r->method], r->path);
 			quick_response(r, 400, "bad_request", "whitespace before the colon of Content-Length or Transfer-Encoding");
 			return 0;
 		}
 		if (lws_hdr_total_length(wsi, WSI_TOKEN_HTTP_TRANSFER_ENCODING) > 0) {
-			ca_log(CA_LOG_WARN, "http: %s %s: chunked body refused (Transfer-Encoding): answering 411",
+			CA_LOG_LIMITED(CA_LOG_WARN, "http: %s %s: chunked body refused (Transfer-Encoding): answering 411",
 			       method_names[r->method], r->path);
 			quick_response(r, 411, "length_required", "chunked request bodies are not supported: send Content-Length");
 			return 0;
 		}
 		if (clr < 0) {
 			/* Not its value: that is no number, and may be anything (a secret). */
-			ca_log(CA_LOG_WARN, "http: %s %s: invalid Content-Length (%s): answering 400",
+			CA_LOG_LIMITED(CA_LOG_WARN, "http: %s %s: invalid Content-Length (%s): answering 400",
 			       method_names[r->method], r->path, why);
 			quick_response(r, 400, "bad_request", "invalid Content-Length");
 			return 0;
 		}
 		if (clr > 0 && v > s->max_body) {
 			if (v == ULLONG_MAX)
-				ca_log(CA_LOG_WARN, "http: %s %s: body of more than %llu bytes over max_body %zu: answering 413",
+				CA_LOG_LIMITED(CA_LOG_WARN, "http: %s %s: body of more than %llu bytes over max_body %zu: answering 413",
 				       method_names[r->method], r->path, ULLONG_MAX / 10 * 10 - 1, s->max_body);
 			else
-				ca_log(CA_LOG_WARN, "http: %s %s: body of %llu bytes over max_body %zu: answering 413",
+				CA_LOG_LIMITED(CA_LOG_WARN, "http: %s %s: body of %llu bytes over max_body %zu: answering 413",
 				       method_names[r->method], r->path, v, s->max_body);
 			quick_response(r, 413, "payload_too_large", "request body too large");
 			return 0;
 		}
 		if (clr == 2) {
-			ca_log(CA_LOG_WARN, "http: %s %s: invalid Content-Length (%d characters, over the %d libwebsockets reads): answering 400",
+			CA_LOG_LIMITED(CA_LOG_WARN, "http: %s %s: invalid Content-Length (%d characters, over the %d libwebsockets reads): answering 400",
 			       method_names[r->method], r->path,
 			       lws_hdr_total_length(wsi, WSI_TOKEN_HTTP_CONTENT_LENGTH), LWS_CONTENT_LENGTH_MAX);
 			quick_response(r, 400, "bad_request", "invalid Content-Length");
@@ -1103,14 +1103,14 @@ static int server_callback(struct lws *wsi, enum lws_callback_reasons reason,
 		if (r == NULL || r->dispatched)
 			return 0;
 		if (uv_now(ca_loop()) > r->body_deadline) {
-			ca_log(CA_LOG_WARN, "http: %s %s: body not in within body_timeout %llu s (%zu of %zu bytes): answering 408",
+			CA_LOG_LIMITED(CA_LOG_WARN, "http: %s %s: body not in within body_timeout %llu s (%zu of %zu bytes): answering 408",
 			       method_names[r->method], r->path, (unsigned long long)(s->body_timeout_ms / 1000),
 			       r->body_len, r->expect);
 			quick_response(r, 408, "request_timeout", "the request body took too long");
 			return 0;
 		}
 		if (r->body_len + len > s->max_body) {
-			ca_log(CA_LOG_WARN, "http: %s %s: body over max_body %zu: answering 413",
+			CA_LOG_LIMITED(CA_LOG_WARN, "http: %s %s: body over max_body %zu: answering 413",
 			       method_names[r->method], r->path, s->max_body);
 			quick_response(r, 413, "payload_too_large", "request body too large");
 			return 0;
@@ -1181,13 +1181,13 @@ static int server_callback(struct lws *wsi, enum lws_callback_reasons reason,
 			return 1;
 		}
 		if (!whole_request_line(wsi)) {
-			ca_log(CA_LOG_WARN, "http: WebSocket upgrade %s: request line without an HTTP version "
+			CA_LOG_LIMITED(CA_LOG_WARN, "http: WebSocket upgrade %s: request line without an HTTP version "
 			       "(a line break encoded in the URI?): refused", path);
 			lws_return_http_status(wsi, HTTP_STATUS_BAD_REQUEST, NULL);
 			return 1;
 		}
 		if (s->nconn > s->max_connections) {
-			ca_log(CA_LOG_WARN, "http: %d connections open (max_connections %d): refusing WebSocket",
+			CA_LOG_LIMITED(CA_LOG_WARN, "http: %d connections open (max_connections %d): refusing WebSocket",
 			       s->nconn, s->max_connections);
 			lws_return_http_status(wsi, HTTP_STATUS_SERVICE_UNAVAILABLE, NULL);
 			return 1;
@@ -1250,7 +1250,7 @@ static int server_callback(struct lws *wsi, enum lws_callback_reasons reason,
 	case LWS_CALLBACK_SERVER_WRITEABLE:
 		if (pss && pss->ws && pss->ws->io) {
 			/* lws holds input the client sent with its request (see ca__ws_take_socket). */
-			ca_log(CA_LOG_WARN, "websocket %lld: the client sent frames before the upgrade was answered: closing (1002)",
+			CA_LOG_LIMITED(CA_LOG_WARN, "websocket %lld: the client sent frames before the upgrade was answered: closing (1002)",
 			       (long long)pss->ws->id);
 			ca__ws_fail(pss->ws, 1002, "frames sent before the upgrade was answered");
 			return 0;
@@ -1408,7 +1408,7 @@ static void on_accept(uv_poll_t *h, int status, int events)
 				continue;
 			if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
 				/* The connection waits in the backlog; try again shortly. */
-				ca_log(CA_LOG_WARN, "http %s:%d: cannot accept (%s): pausing 100 ms",
+				CA_LOG_LIMITED(CA_LOG_WARN, "http %s:%d: cannot accept (%s): pausing 100 ms",
 				       s->host, s->port, strerror(errno));
 				uv_poll_stop(s->lpoll);
 				s->backoff = ca_malloc(sizeof *s->backoff);

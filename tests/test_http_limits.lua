@@ -299,9 +299,10 @@ end)
 
 T.run()
 
--- A child whose server refuses `n` request heads over max_header (1024),
--- with C's rate-limit window `window` ms; it waits `wait` ms, then exits.
-local function oversized_heads(n, window, wait)
+-- A child whose server refuses `n` requests - heads over max_header (1024),
+-- or with `body`, bodies over max_body (100) - with C's rate-limit window
+-- `window` ms; it waits `wait` ms, then exits. Its log lines holding `needle`.
+local function refused_flood(n, window, wait, body, needle)
   local code, _, p = T.run_app(nil, nil, { source = string.format([[
 local http = require "callagent.http"
 local fetch = require "callagent.fetch"
@@ -310,12 +311,17 @@ local timer = require "callagent.timer"
 local runtime = require "callagent.runtime"
 require("callagent.core.log").limits(%d)
 assert(require("callagent.core.http").configure({ max_header = 1024 }))
-local srv = http.server({})
+local srv = http.server({ max_body = 100 })
 srv:get("/", function() return 200, "ok" end)
+local body = %s
 assert(srv:listen())
 task.spawn(function()
   for _ = 1, %d do
-    assert(not fetch(srv:url("/"), { headers = { ["X-Pad"] = string.rep("a", 4000) }, timeout = 5000 }))
+    if body then
+      assert(fetch(srv:url("/"), { method = "POST", body = body, timeout = 5000 }).status == 413)
+    else
+      assert(not fetch(srv:url("/"), { headers = { ["X-Pad"] = string.rep("a", 4000) }, timeout = 5000 }))
+    end
   end
   print("sent")
   timer.sleep(%d)
@@ -323,12 +329,12 @@ task.spawn(function()
   srv:close()
   runtime.stop(0)
 end)
-]], window, n, wait) })
+]], window, body and string.format("%q", body) or "nil", n, wait) })
   T.eq(code, 0, p.errtext())
   T.eq(p.out, { "sent", "waited" })
   local lines = {}
   for line in p.errtext():gmatch("[^\n]+") do
-    if line:find("request headers larger than the server's max_header", 1, true) then
+    if line:find(needle, 1, true) then
       lines[#lines + 1] = line
     end
   end
@@ -336,7 +342,7 @@ end)
 end
 
 T.test("a flood of refused request heads writes 5 lines and then one count, at exit at the latest", function()
-  local lines = oversized_heads(40, 60000, 0)
+  local lines = refused_flood(40, 60000, 0, nil, "request headers larger than the server's max_header")
   T.eq(#lines, 6, table.concat(lines, "\n"))
   for i = 1, 5 do
     T.match(lines[i], "WARN http: request headers larger than the server's max_header: connection closed$")
@@ -346,11 +352,19 @@ T.test("a flood of refused request heads writes 5 lines and then one count, at e
 end)
 
 T.test("the count of refused request heads is written when the window ends, while the server runs", function()
-  local lines = oversized_heads(12, 500, 1500)
+  local lines = refused_flood(12, 500, 1500, nil, "request headers larger than the server's max_header")
   T.eq(#lines, 6, table.concat(lines, "\n"))
   local s = lines[6]:match("in the last ([%d.]+) s")
   T.match(lines[6], "%(and 7 more like this")
   -- Ended by the timer about 0.5 s after the window opened (at exit it
   -- would say about 1.5 s or more).
   T.lt(tonumber(s), 1.3, lines[6])
+end)
+
+T.test("a flood of bodies over max_body writes 5 lines of 413 and then one count", function()
+  local lines = refused_flood(20, 60000, 0, string.rep("x", 500), "over max_body")
+  T.eq(#lines, 6, table.concat(lines, "\n"))
+  T.match(lines[1], "WARN http: POST /: body of 500 bytes over max_body 100: answering 413$")
+  T.match(lines[6], "WARN http: POST /: body of 500 bytes over max_body 100: answering 413 %(and 15 more like this in "
+    .. "the last [%d.]+ s, not logged; this was the last%)$")
 end)
