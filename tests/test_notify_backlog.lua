@@ -68,13 +68,17 @@ local function count_reads(store)
   return reads
 end
 
--- A receiver whose /hooks/agent answers 200 after hook(key), if given: the
--- notifier (attempts opts) on store sending to it, and what it saw: order
--- (Idempotency-Keys as they came), by_key (counts), most (at once).
-local function receiver(store, hook, opts)
+-- A receiver whose /hooks/agent answers 200 after hook(key), if given, or
+-- 503 while down() (if given) is true: the notifier (attempts opts) on
+-- store sending to it, and what it saw (refused requests not counted):
+-- order (Idempotency-Keys as they came), by_key (counts), most (at once).
+local function receiver(store, hook, opts, down)
   local seen = { order = {}, by_key = {}, now = 0, most = 0 }
   local hooks = http.server({ headers = { "idempotency-key" } })
   hooks:post("/hooks/agent", function(req)
+    if down and down() then
+      return 503, { error = "down" }
+    end
     local key = req.headers["idempotency-key"]
     seen.now = seen.now + 1
     seen.most = math.max(seen.most, seen.now)
@@ -250,25 +254,8 @@ for _, backend in ipairs({ "sqlite", "memory" }) do
       local store = open_store(backend)
       local count, down = 450, true
       local reads = count_reads(store)
-      local seen = { order = {}, by_key = {} }
-      local hooks = http.server({ headers = { "idempotency-key" } })
-      hooks:post("/hooks/agent", function(req)
-        if down then
-          return 503, { error = "down" }
-        end
-        local key = req.headers["idempotency-key"]
-        seen.order[#seen.order + 1] = key
-        seen.by_key[key] = (seen.by_key[key] or 0) + 1
-        return 200, { ok = true }
-      end)
-      assert(hooks:listen())
-      T.defer(function()
-        hooks:close()
-      end)
-      local n = notify.new({ hooksUrl = hooks:url("/hooks"), hooksToken = "hooks-token-for-tests" }, store,
-        { attempts = 1, sweep_ms = 600000 })
-      T.defer(function()
-        n:stop()
+      local n, seen = receiver(store, nil, { attempts = 1, sweep_ms = 600000 }, function()
+        return down
       end)
       -- Calls end while the receiver is down: each notification's one try
       -- fails, in an order of its own (the answers' order).
@@ -323,18 +310,8 @@ T.test("sqlite: a sweep over a backlog all out of tries (the receiver down for d
     local count = 4000
     seed(store, count)
     local reads = count_reads(store)
-    local hooks = http.server({})
-    hooks:post("/hooks/agent", function()
-      return 503, { error = "down" }
-    end)
-    assert(hooks:listen())
-    T.defer(function()
-      hooks:close()
-    end)
-    local n = notify.new({ hooksUrl = hooks:url("/hooks"), hooksToken = "hooks-token-for-tests" }, store,
-      { attempts = 1, sweep_ms = 600000 })
-    T.defer(function()
-      n:stop()
+    local n = receiver(store, nil, { attempts = 1, sweep_ms = 600000 }, function()
+      return true
     end)
     -- What days of a receiver down leave: every notification of the backlog
     -- ran out of tries in this run (each call's own sends), oldest first.
