@@ -29,9 +29,12 @@
  *
  *   b = bridge.new(phone_conn, model_conn_or_nil, {stream_sid = "MZ...",
  *                  output = "audio/pcmu" | "audio/pcm" | "audio/pcma",
- *                  input = "audio/pcmu" | "audio/pcma", ready = false})
+ *                  input = "audio/pcmu" | "audio/pcma", ready = false,
+ *                  max_marks = 600})
  *                        made when the phone's stream starts: its frames are
- *                        checked and kept here from the first one
+ *                        checked and kept here from the first one; at most
+ *                        max_marks marks wait for their echo (then the oldest
+ *                        counts as played: see drop_unechoed)
  *   b:link_model(conn)   the model connection, when it comes after the phone
  *   b:unlink_model()     lets go of it (not ready: dropped to connect again);
  *                        phone frames are kept again until the next is ready
@@ -52,9 +55,11 @@
  *   b:on_drained(fn)     fn() once, when nothing is left unplayed (now, if so)
  *   b:stats()            {frames_in, appended, kept, deltas, media_out, dropped_kept,
  *                        bad_in, bad_out (payloads that were not base64: dropped),
- *                        text_deltas (dropped), scratch (bytes held, for the
- *                        whole process, to unescape payloads written with
- *                        JSON escapes: at most 64 KiB between messages),
+ *                        text_deltas (dropped), marks (sent, not yet echoed),
+ *                        marks_unechoed (taken as played at max_marks),
+ *                        scratch (bytes held, for the whole process, to
+ *                        unescape payloads written with JSON escapes: at
+ *                        most 64 KiB between messages),
  *                        out (bytes of the output buffer the messages sent
  *                        are written into, for the whole process: likewise)}
  *   b:close()            detaches from both connections (idempotent; also __gc)
@@ -74,6 +79,7 @@
 #define ITEMS 8			/* model audio items remembered */
 #define ITEM_ID_MAX 1024	/* an id kept whole up to this long (no real one is); a longer one: 63 bytes */
 #define MARK_MS 100.0		/* audio sent between two marks */
+#define MARKS_MAX 600		/* marks not yet echoed kept at most: 60 s of audio or more, 14 KiB */
 #define MEDIA_MAX 43688		/* base64 characters of a media message at most: 32766 bytes, 4 s */
 
 enum { FMT_PCMU, FMT_PCMA, FMT_PCM24 };
@@ -120,6 +126,7 @@ struct bridge {
 	uint32_t gens;			/* items seen so far */
 	struct mark *marks;		/* FIFO ring */
 	size_t m_head, m_len, m_cap;
+	size_t m_max;			/* at most this many: then the oldest counts as played */
 	uint32_t seq;
 	int unmarked;			/* item of the audio sent since the last mark, -1: none */
 	double unmarked_ms;
@@ -127,6 +134,7 @@ struct bridge {
 	lua_Integer frames_in, appended, deltas, media_out, dropped_kept;
 	lua_Integer bad_in, bad_out;	/* payloads that were not base64: dropped */
 	lua_Integer text_deltas;	/* model text deltas dropped (no Lua reads them) */
+	lua_Integer marks_unechoed;	/* marks taken as played with no echo (m_max reached) */
 };
 
 struct bridge_box {
@@ -481,11 +489,64 @@ static int find_item(struct bridge *b, const char *id, size_t n)
 	return b->cur;
 }
 
+/* The oldest mark: the phone played the audio up to it (its item is there now). */
+static void pop_mark(struct bridge *b, uint64_t now)
+{
+	struct mark *m = &b->marks[b->m_head];
+	struct item *it = &b->items[m->item];
+
+	if (it->gen == m->gen && !it->truncated && m->end_ms > it->played_ms) {
+		it->played_ms = m->end_ms;
+		it->played_at = now;
+	}
+	b->m_head = (b->m_head + 1) % b->m_cap;
+	b->m_len--;
+}
+
+static int playing(struct bridge *b);
+
+/*
+ * The ring is full: m_max marks (each after 100 ms of audio or more) sent
+ * and none of them echoed yet. A phone that echoes is never that far
+ * behind: the model sends faster than real time, but a response's audio
+ * comes seconds, not a minute, ahead of its playing. This phone does not
+ * echo marks (a vendor that does not, a stream stuck), and the list would
+ * grow by a mark per 100 ms of the agent's audio until the call ends. The
+ * oldest mark counts as played instead, as if echoed: the phone plays what
+ * it gets in real time, so what was sent m_max marks ago has played unless
+ * its queue is longer than that. Only the position a barge-in cuts at
+ * depends on it: an item that began playing over m_max marks ago is cut at
+ * most that far behind what was sent (and between marks, as ever, by the
+ * time since); one queued behind the oldest mark kept, at what played of
+ * it (0), as without the bound. Once per bridge (a call attempt), a WARN.
+ */
+static void drop_unechoed(struct bridge *b)
+{
+	uint64_t now = uv_hrtime();
+	int front;
+
+	if (b->marks_unechoed++ == 0)
+		ca_log(CA_LOG_WARN, "bridge: stream %s: the phone has echoed none of the last %zu marks "
+		       "(%g s of agent audio at least): does it echo marks? From now on, audio further behind what "
+		       "was sent is taken as played (where a barge-in cuts the agent)", b->sid, b->m_len,
+		       (double)b->m_len * MARK_MS / 1000);
+	pop_mark(b, now);
+	front = playing(b);
+	if (front >= 0 && b->items[front].played_at == 0)
+		b->items[front].played_at = now;
+}
+
 static void push_mark(struct bridge *b, uint32_t seq, int item, uint32_t gen, double end_ms)
 {
-	if (b->m_len == b->m_cap) {
+	if (b->m_len == b->m_cap && b->m_cap >= b->m_max) {
+		drop_unechoed(b);	/* full: it grows no more */
+	} else if (b->m_len == b->m_cap) {
 		size_t cap = b->m_cap ? b->m_cap * 2 : 8;	/* a mark per 100 ms: a few in flight */
-		struct mark *m = ca_malloc(cap * sizeof *m);
+		struct mark *m;
+
+		if (cap > b->m_max)
+			cap = b->m_max;
+		m = ca_malloc(cap * sizeof *m);
 
 		for (size_t i = 0; i < b->m_len; i++)
 			m[i] = b->marks[(b->m_head + i) % b->m_cap];
@@ -728,20 +789,8 @@ static void mark_played(struct bridge *b, uint32_t seq)
 	uint64_t now = uv_hrtime();
 	int front;
 
-	while (b->m_len > 0) {
-		struct mark *m = &b->marks[b->m_head];
-		struct item *it;
-
-		if ((int32_t)(m->seq - seq) > 0)
-			break;
-		it = &b->items[m->item];
-		if (it->gen == m->gen && !it->truncated && m->end_ms > it->played_ms) {
-			it->played_ms = m->end_ms;
-			it->played_at = now;
-		}
-		b->m_head = (b->m_head + 1) % b->m_cap;
-		b->m_len--;
-	}
+	while (b->m_len > 0 && (int32_t)(b->marks[b->m_head].seq - seq) <= 0)
+		pop_mark(b, now);
 	/* What follows in the phone's queue plays from now on. */
 	front = playing(b);
 	if (front >= 0 && b->items[front].played_at == 0)
@@ -1014,6 +1063,7 @@ static int l_new(lua_State *L)
 	struct bridge *b;
 	const char *sid;
 	int out_fmt, in_fmt, ready;
+	lua_Integer max_marks;
 
 	luaL_checktype(L, 3, LUA_TTABLE);
 	sid = ca_opt_string_field(L, 3, "stream_sid", "");
@@ -1023,6 +1073,8 @@ static int l_new(lua_State *L)
 	if (in_fmt == FMT_PCM24)
 		return luaL_error(L, "the phone side is G.711: input must be audio/pcmu or audio/pcma");
 	ready = ca_opt_bool_field(L, 3, "ready", 0);
+	max_marks = ca_opt_int_field(L, 3, "max_marks", MARKS_MAX);
+	luaL_argcheck(L, max_marks >= 1 && max_marks <= 1000000, 3, "max_marks: 1 to 1000000");
 	if (phone->tap || (model && model->tap))
 		return luaL_error(L, "a connection is already bridged");
 	if (phone->is_client || (model && !model->is_client))
@@ -1039,6 +1091,7 @@ static int l_new(lua_State *L)
 	b->out_fmt = out_fmt;
 	b->in_fmt = in_fmt;
 	b->ready = ready;
+	b->m_max = (size_t)max_marks;
 	snprintf(b->sid, sizeof b->sid, "%s", sid);
 	b->sid_len = strlen(b->sid);
 	if (b->out_fmt == FMT_PCM24) {
@@ -1233,7 +1286,7 @@ static int l_stats(lua_State *L)
 {
 	struct bridge *b = check(L);
 
-	lua_createtable(L, 0, 11);
+	lua_createtable(L, 0, 13);
 	ca_set_int_field(L, "frames_in", b->frames_in);
 	ca_set_int_field(L, "appended", b->appended);
 	ca_set_int_field(L, "kept", b->n_kept);
@@ -1243,6 +1296,8 @@ static int l_stats(lua_State *L)
 	ca_set_int_field(L, "bad_in", b->bad_in);
 	ca_set_int_field(L, "bad_out", b->bad_out);
 	ca_set_int_field(L, "text_deltas", b->text_deltas);
+	ca_set_int_field(L, "marks", (lua_Integer)b->m_len);
+	ca_set_int_field(L, "marks_unechoed", b->marks_unechoed);
 	ca_set_int_field(L, "scratch", (lua_Integer)scratch_cap);
 	ca_set_int_field(L, "out", (lua_Integer)buf_cap);
 	return 1;

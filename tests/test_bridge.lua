@@ -430,6 +430,33 @@ T.test("a mark echo the bridge never sent (ahead of its last, not its number) co
   b:close()
 end)
 
+T.test("at most max_marks marks wait for their echo: the oldest one over counts as played, and a later echo still drains", function()
+  local r = rig()
+  local b = cbridge.new(r.phone, r.model, { stream_sid = SID, ready = true, max_marks = 4 })
+  local FRAME_100 = crypto.base64_encode(string.rep("\127", 800))
+  for _ = 1, 10 do
+    r.fake_model:send(delta("i1", FRAME_100))
+  end
+  wait_got(r, 0, 20, "ten media, marks 1 to 10")
+  local st = b:stats()
+  T.eq({ st.marks, st.marks_unechoed }, { 4, 6 }, "marks 7 to 10 kept; 1 to 6 taken as played")
+  local _, sent, played = b:item()
+  T.eq(sent, 1000)
+  T.ok(played >= 600 and played <= 700, "played from mark 6 up to mark 7's audio, got " .. played)
+  T.ok(b:unplayed(), "marks 7 to 10 wait")
+  local drained = false
+  b:on_drained(function()
+    drained = true
+  end)
+  r.fake_phone:send(mark("10"))
+  T.wait_for(function()
+    return drained
+  end, 5000, "drained by mark 10")
+  T.eq({ b:stats().marks, (select(3, b:item())) }, { 0, 1000 })
+  T.eq(r.bad, {})
+  b:close()
+end)
+
 T.test("24 kHz output: an odd byte at the end of one item is not joined with the next item's first", function()
   -- 100 ms of a 1 kHz tone at 24 kHz: item B, after an item A of one
   -- sample of silence, with and without a half sample after it.

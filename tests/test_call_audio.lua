@@ -805,6 +805,51 @@ T.test("a barge-in with more items queued than the bridge keeps cuts each one th
   T.eq(#s.truncates, 8)
 end, { timeout = 40000 })
 
+T.test("a phone that never echoes marks: the bridge keeps max_marks of them, warns once, and cuts behind what was sent", function()
+  local tw = assert(require("fakes.twilio").start({ account_sid = kit.ACCOUNT, auth_token = kit.TOKEN,
+    behaviour = { echo_marks = false } }))
+  local rt = assert(require("fakes.realtime").start({
+    api_key = kit.API_KEY,
+    script = function(session)
+      assert(session:wait_event("response.create", 5000))
+      require("callagent.task").spawn(function()
+        session.long = session:speak({ ms = 1500, text = "A long explanation that the callee interrupts." })
+      end)
+      session:user_speech({ interrupt = true, after_ms = 1000, ms = 200, text = "Stop." })
+      session:report_and_goodbye({ summary = "Interrupted.", outcome = "failure" }, { ms = 100, text = "Bye." })
+    end,
+  }))
+  T.defer(function()
+    tw:close()
+    rt:close()
+  end)
+  -- 5 marks: 500 ms of audio (at least) the phone has not confirmed.
+  local p, api = kit.app_process(tw, rt, { max_marks = 5, config = { call = { goodbyeTimeoutSec = 0 } } })
+  local id = api:create({ to = "+14155550116", prompt = "Explain at length." })
+  local call = api:wait_final(id, 20000)
+  T.eq(call.status, "completed")
+  local c = tw.calls[1]
+  T.eq(#c.marks_echoed, 0, "the phone echoed no mark")
+  T.ge(#c.marks_sent, 10, "a mark per 100 ms all the same")
+  local s = rt.sessions[1]
+  T.eq(#s.truncates, 1, "one truncate: " .. json.encode(s.truncates))
+  local tr = s.truncates[1]
+  T.eq(tr.item_id, s.long.item_id)
+  -- Sent when the callee spoke (the clear comes at once): the marks over
+  -- the last 5 were taken as played, so the cut is 400 to 600 ms behind
+  -- it. Without the bound: at the first mark (100 ms), whatever played.
+  local sent = c.clears[1].received_bytes / 8
+  T.diag(string.format("sent %.0f ms, truncate audio_end_ms=%d", sent, tr.audio_end_ms))
+  T.ge(sent, 900, "about 1 s was sent")
+  T.ge(tr.audio_end_ms, sent - 600, "cut at most 600 ms behind what was sent")
+  T.le(tr.audio_end_ms, sent - 400, "and at least 400 ms")
+  p:kill("SIGTERM")
+  p:wait(5000)
+  local log = p.errtext()
+  local _, warns = log:gsub("WARN bridge: stream MZ%w+: the phone has echoed none of the last 5 marks %(0%.5 s of agent audio at least%)", "")
+  T.eq(warns, 1, "one WARN for the call: " .. log)
+end, { timeout = 40000 })
+
 T.test("the silence timeout counts from the end of the greeting's playing, not its generation", function()
   local env = kit.start({
     config = { call = { silenceTimeoutSec = 1, wrapUpSec = 1 } },

@@ -73,6 +73,12 @@ M.LAST_WORDS_MS = 2500
 -- the last, the call fails model_error. Redialing is no remedy: the call
 -- was answered. A field so that tests can read it.
 M.MODEL_RETRY_MS = { 500, 1500, 3000 }
+
+-- Marks sent to the phone and not yet echoed, kept at most (one per 100 ms
+-- of agent audio: 60 s, 14 KiB). More means a phone that does not echo
+-- them: the oldest then counts as played (src/bridge.c, drop_unechoed). A
+-- field so that tests can shorten it.
+M.MAX_MARKS = 600
 local MODEL_RETRY_MAX_MS = 4000
 -- Each conversation.item.truncate's event_id is this and its number: an
 -- error that answers one has it.
@@ -757,6 +763,7 @@ function Bridge:_link()
     output = self.out_format,
     input = self.in_format,
     ready = self.model_ready,
+    max_marks = M.MAX_MARKS,
   })
   -- Model audio that came before the phone did, in order.
   for i, p in ipairs(self.pending_out) do

@@ -29,6 +29,10 @@ for section, fields in pairs(os.getenv("CA_CONFIG") and json.decode(os.getenv("C
     config[section][k] = v
   end
 end
+-- CA_MAX_MARKS: marks the bridge keeps unechoed (shortened for a test).
+if os.getenv("CA_MAX_MARKS") then
+  require("callagent.bridge").MAX_MARKS = assert(tonumber(os.getenv("CA_MAX_MARKS")), "CA_MAX_MARKS")
+end
 local app, err = callagent.app(config, {
   notify = { base_delay_ms = 200, attempts = 20 },
   stream_start_ms = tonumber(os.getenv("CA_STREAM_START_MS") or ""),

@@ -79,7 +79,9 @@
 --   sent this much later, one after the other); get_delay_ms (GET of the
 --   call answered this late); update_answer_lost_times (the first n updates
 --   are applied but answered 502, as an answer lost on its way);
---   get_fail_times (the first n GETs of the call answered 503).
+--   get_fail_times (the first n GETs of the call answered 503); echo_marks =
+--   false (marks are recorded in call.marks_sent, never echoed, not even at a
+--   clear: a vendor that does not echo them, or a stream stuck).
 --
 -- Call flow (a task per call): initiated, ringing (not for failed), then
 --   busy/no-answer/failed, or answered: in-progress, POST (Method) the Url with
@@ -744,6 +746,9 @@ local function on_mark(call, m, t)
   end
   local due = max(t, call._play_end)
   call.marks_sent[#call.marks_sent + 1] = { name = name, at = t, due = due }
+  if call.behaviour.echo_marks == false then
+    return -- a vendor that does not echo them, or a stream stuck
+  end
   local q = call._marks
   q.last = q.last + 1
   q[q.last] = { name = name, due = due, queued_at = t }

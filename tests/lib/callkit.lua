@@ -238,6 +238,7 @@ function M.app_process(tw, rt, opts)
     CA_DB = db,
     CA_CONFIG = opts.config and json.encode(opts.config) or nil,
     CA_STREAM_START_MS = opts.stream_start_ms and tostring(opts.stream_start_ms),
+    CA_MAX_MARKS = opts.max_marks and tostring(opts.max_marks),
   }
   if opts.slow_model then
     env.CA_RT_URL = rt.url:gsub("127%.0%.0%.1", opts.slow_model == "fail" and "model.fail.test" or "model.slow.test")
