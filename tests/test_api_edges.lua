@@ -138,4 +138,21 @@ T.test("a huge unknown field name is quoted cut in the error message and the log
   T.lt(#body.error.message, 300)
 end)
 
+
+T.test("a body that starts with a UTF-8 byte order mark is read as the JSON after it (RFC 8259 8.1)", function()
+  local env = env_with()
+  local bom = "\239\187\191"
+  local status, body = env:api("POST", "/v1/calls", bom .. '{"to":"+14155550173","prompt":"x"}')
+  T.eq(status, 201, json.encode(body))
+  T.eq(env:get(body.callId).to, "+14155550173")
+  -- Only at the start, and only one: anything else is no JSON, as before.
+  for _, b in ipairs({ bom, bom .. bom .. "{}", " " .. bom .. "{}", '{"to":' .. bom .. '"+14155550173"}' }) do
+    status, body = env:api("POST", "/v1/calls", b)
+    T.eq({ status, body.error.code }, { 400, "invalid_json" }, json.encode(b))
+  end
+  -- A BOM before JSON that is no object is still no object.
+  status, body = env:api("POST", "/v1/calls", bom .. "[1]")
+  T.eq({ status, body.error.code }, { 400, "invalid_body" })
+end)
+
 T.run()

@@ -44,7 +44,8 @@
 --
 -- A handler runs in its own task (it may wait: fetch, timer.sleep, ...) and gets
 -- req = {id, method, path, params, query (table), raw_query, headers (lowercase
--- names), body, remote} with req:json() (decoded body, or nil, err),
+-- names), body, remote} with req:json() (decoded body, a UTF-8 byte order
+-- mark at its start ignored; or nil, err),
 -- req:json_object() (the same for a body that must be a JSON object: nil,
 -- "EJSON: ..." when it is no JSON, nil, "ENOTOBJECT: ..." when it is other
 -- JSON), req:content_type() (lowercase: media types have no case; "" when
@@ -76,11 +77,23 @@ Server.__index = Server
 local Request = {}
 Request.__index = Request
 
+-- The body as JSON text: without a UTF-8 byte order mark (EF BB BF) at its
+-- start, which RFC 8259 8.1 lets a parser ignore and some Windows tools
+-- write (PowerShell 5's Out-File, Notepad). req.body keeps it (a signature
+-- is over the bytes sent).
+local function json_text(body)
+  if body:sub(1, 3) == "\239\187\191" then
+    return body:sub(4)
+  end
+  return body
+end
+
 function Request:json()
-  if self.body == nil or self.body == "" then
+  local text = json_text(self.body or "")
+  if text == "" then
     return nil, "EJSON: empty body"
   end
-  return json.try_decode(self.body, true) -- [] stays an array
+  return json.try_decode(text, true) -- [] stays an array
 end
 
 function Request:json_object()
@@ -88,7 +101,7 @@ function Request:json_object()
   if v == nil then
     return nil, err
   end
-  if type(v) ~= "table" or not self.body:match("^%s*{") then
+  if type(v) ~= "table" or not json_text(self.body):match("^%s*{") then
     return nil, "ENOTOBJECT: the body must be a JSON object"
   end
   return v
