@@ -155,4 +155,12 @@ T.test("a body that starts with a UTF-8 byte order mark is read as the JSON afte
   T.eq({ status, body.error.code }, { 400, "invalid_body" })
 end)
 
+T.test("a 415 names Content-Type as its field, as the Idempotency-Key errors name theirs", function()
+  local env = env_with()
+  local status, body = env:api("POST", "/v1/calls", '{"to":"+14155550174","prompt":"x"}', { ["Content-Type"] = "text/plain" })
+  T.eq({ status, body.error.code, body.error.field }, { 415, "unsupported_media_type", "Content-Type" })
+  status, body = env:api("POST", "/v1/calls", '{"to":"+14155550174","prompt":"x"}', { ["Idempotency-Key"] = "a b" })
+  T.eq({ status, body.error.field }, { 400, "Idempotency-Key" })
+end)
+
 T.run()

@@ -397,7 +397,8 @@ function M.register(srv, engine, cfg, opts)
     end
     local ctype = req:content_type()
     if not (ctype:match("^%s*application/json%s*;") or ctype:match("^%s*application/json%s*$")) then
-      return err(415, "unsupported_media_type", "the body must be JSON, sent with Content-Type: application/json")
+      return err(415, "unsupported_media_type", "the body must be JSON, sent with Content-Type: application/json",
+        "Content-Type")
     end
     local body, jerr = req:json_object()
     if not body then
