@@ -412,6 +412,39 @@ T.test("an oversized report is cut to its limits: the record keeps the rest, and
   end
 end, { timeout = 30000 })
 
+T.test("a transcript line over 8 KiB is cut between characters with …, warned about once per call", function()
+  local warns = T.log_lines("warn")
+  -- 3-byte characters: 8192 bytes end inside one.
+  local said, heard = string.rep("€", 200000), "Yes. " .. string.rep("ü", 5000)
+  local env = kit.start({
+    realtime = {
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        session:speak({ ms = 100, text = said })
+        session:user_speech({ ms = 100, text = heard })
+        session:call_function("report_call", { summary = "ok", outcome = "success" })
+        assert(session:wait_event("response.create", 5000))
+        session:speak({ ms = 100, text = "Bye." })
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550129", prompt = "Ask." })
+  local call = env:wait_final(id, 20000)
+  T.eq({ call.status, #call.transcript }, { "completed", 3 })
+  local agent, callee = call.transcript[1].text, call.transcript[2].text
+  T.eq(agent, string.rep("€", 2730) .. "…", "cut to 8190 bytes: the next character would pass 8192")
+  T.eq(callee, heard:sub(1, 5) .. string.rep("ü", 4093) .. "…")
+  T.eq(call.transcript[3].text, "Bye.", "a short line as it was")
+  local cuts = {}
+  for _, w in ipairs(warns) do
+    if w.msg:find("^transcript line cut") then
+      cuts[#cuts + 1] = w.fields
+    end
+  end
+  T.eq(#cuts, 1, "one warning for the call")
+  T.eq({ cuts[1].call, cuts[1].role, cuts[1].bytes, cuts[1].kept }, { id, "agent", #said, 8192 })
+end, { timeout = 30000 })
+
 T.test("a report whose data no record could hold is kept without it: the call completes and is notified", function()
   -- 97 levels: the model's arguments encode; the call document, one
   -- level more, and the webhook's payload would not (encoding stops at 100).

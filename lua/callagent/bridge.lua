@@ -627,14 +627,14 @@ function Bridge:_model_event(ev)
     self:_await_transcript(str(ev.item_id))
     self:_check_last_words()
   elseif t == "conversation.item.input_audio_transcription.completed" then
-    local line = text(ev.transcript)
+    local line = self:_line(ev.transcript, "callee")
     self:_transcript_in(str(ev.item_id), line and line:match("%S") and line or nil)
     self:_check_last_words()
   elseif t == "conversation.item.input_audio_transcription.failed" then
     self:_transcript_in(str(ev.item_id))
     self:_check_last_words()
   elseif t == "response.output_audio_transcript.done" or t == "response.audio_transcript.done" then
-    local line = text(ev.transcript)
+    local line = self:_line(ev.transcript, "agent")
     if line and line:match("%S") then
       self:_agent_line(str(ev.item_id), line)
     end
@@ -819,6 +819,29 @@ function Bridge:_speech_started()
     self.engine:bridge_bargein(self, item, played)
   end
   self:_flush_lines(lines)
+end
+
+-- The most of one transcript line kept, in bytes: about 9 minutes of
+-- speech, more than any one turn of a call says. Only the model
+-- connection's 16 MiB message limit bounded a line before: a faulty model
+-- service put megabytes into the store, the call record and the
+-- notification's receiver. A field so that tests can shorten it.
+M.TRANSCRIPT_LINE_MAX = 8192
+
+-- A transcript of the model's as a line of the record: UTF-8, at most
+-- M.TRANSCRIPT_LINE_MAX bytes (cut between characters, ending with "…").
+-- The first cut of the call is logged; a faulty service may cut every line.
+function Bridge:_line(v, role)
+  local line = text(v)
+  if line and #line > M.TRANSCRIPT_LINE_MAX then
+    if not self.line_cut_logged then
+      self.line_cut_logged = true
+      log.warn("transcript line cut: longer than the most a line keeps (later ones of this call are cut unlogged)",
+        { call = self.call_id, attempt = self.attempt, role = role, bytes = #line, kept = M.TRANSCRIPT_LINE_MAX })
+    end
+    line = http.cut(line, M.TRANSCRIPT_LINE_MAX)
+  end
+  return line
 end
 
 -- Agent lines wait until their audio has played (the model writes them
