@@ -687,7 +687,9 @@ function P:registerRoutes(srv)
       -- connection's failover URL when its own webhook_url fails. Its call
       -- is not ours to hang up (a stray of ours is a call the store has:
       -- engine _end_stray).
-      log.warn("telnyx webhook for a call callagent has no record of: ignored (another callagent's?)",
+      -- As many as the other callagent's calls have, each delivery again
+      -- (it is taken as seen only below): rate-limited.
+      log.limited("warn", "telnyx webhook for a call callagent has no record of: ignored (another callagent's?)",
         { call = call_id, attempt = n, event = safe_word(data.event_type) })
       return 200, { ok = true }
     end

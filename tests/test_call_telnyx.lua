@@ -694,7 +694,14 @@ return P
       apiBaseUrl = tx.url },
   } })
   T.eq(env.app.provider.junk, true, "the provider of the test's folder")
-  for _, mode in ipairs({ "raise", "number", "string", "nilerr", "sleep", "badparams", "true" }) do
+  local errs = T.log_lines("error")
+  -- Anyone may open streams: a start the provider fails on, sent again and
+  -- again, is logged 5 times a window.
+  local modes = { "raise", "number", "string", "nilerr", "sleep", "badparams", "true" }
+  for _ = 1, 7 do
+    modes[#modes + 1] = "raise"
+  end
+  for _, mode in ipairs(modes) do
     local closed
     local conn = assert(ws.connect(env.base:gsub("^http", "ws") .. "/voice/stream", {
       on_close = function(_, code)
@@ -709,6 +716,11 @@ return P
     end, 2000, "the stream closed: " .. mode)
     T.eq(closed, 1008, mode)
   end
+  local failed = 0
+  for _, l in ipairs(errs) do
+    failed = failed + (l.msg == "the provider's streamStart failed" and 1 or 0)
+  end
+  T.eq(failed, 5, "9 failed starts (8 raise, one yields), 5 lines")
   -- The server goes on.
   T.eq((env:api("GET", "/v1/calls")), 200)
 end, { timeout = 30000 })
@@ -1008,6 +1020,34 @@ T.test("a signed webhook of another call (its call_control_id) posted to this ca
   T.eq(env:wait_final(id, 10000).status, "completed")
 end, { timeout = 30000 })
 
+
+T.test("a flood of signed webhooks of other calls is logged 5 lines a kind, then one count", function()
+  local warns = T.log_lines("warn")
+  local env, id = streaming_call("+14155550119")
+  for i = 1, 12 do
+    -- Another call's, posted to this call's URL; and one of a call this
+    -- callagent never had (another callagent's on the account).
+    T.eq(post_webhook(env, id, 1, "call.hangup", { call_control_id = "v3:another-call-" .. i,
+      hangup_cause = "user_busy" }), 200)
+    T.eq(post_webhook(env, "c_never" .. i, 1, "call.hangup", { call_control_id = "v3:never-" .. i,
+      hangup_cause = "user_busy" }), 200)
+  end
+  T.eq(env:get(id).status, "in_progress", "nothing changed")
+  env:close() -- writes the counts
+  for _, msg in ipairs({ "a status for another provider call than the attempt's: ignored",
+    "telnyx webhook for a call callagent has no record of: ignored (another callagent's?)" }) do
+    local full, counts = {}, {}
+    for _, l in ipairs(warns) do
+      if l.msg == msg then
+        full[#full + 1] = l.fields
+      elseif l.msg:sub(1, #msg + 6) == msg .. " (and " then
+        counts[#counts + 1] = l.fields.suppressed
+      end
+    end
+    T.eq({ #full, counts }, { 5, { 7 } }, msg)
+    T.ok(full[1].call, "names the call")
+  end
+end, { timeout = 30000 })
 
 T.test("a Telnyx-signed body posted to /voice or /status (whose query is not signed) is refused (403)", function()
   -- No session opened while it rings (openai.connectWhileRinging): a webhook's would be counted.

@@ -258,6 +258,37 @@ T.test("mapStatus may return the status word alone (the seed's CallStatus); a wo
 end)
 
 
+T.test("a flood of callbacks whose mapStatus word callagent lacks logs 5 lines, then one count", function()
+  local errs = T.log_lines("error")
+  local env = kit.start({ provider_dirs = { provider_dir(WORDS) },
+    config = { telephony = { provider = "acme" }, retry = { maxAttempts = 1 } } })
+  local id = env:create({ to = "+14155550100", prompt = "Say hello." })
+  env:wait(id, function(r)
+    return r.status == "dialing"
+  end, 5000, "dialing")
+  for _ = 1, 12 do
+    local res = assert(fetch(env.app.url .. "/status?callId=" .. id .. "&attempt=1", { method = "POST",
+      body = "shape=table&status=ringing", headers = { ["Content-Type"] = "application/x-www-form-urlencoded" } }))
+    T.eq(res.status, 500)
+    -- The engine's own check, as a provider's route (Telnyx's) reaches it.
+    T.eq(env.app.engine:provider_status(id, 1, "answered"), false)
+  end
+  env:close() -- writes the counts
+  for _, msg in ipairs({ "the provider's mapStatus returned no status callagent knows",
+    "a provider status callagent does not know: ignored" }) do
+    local full, counts = 0, {}
+    for _, l in ipairs(errs) do
+      if l.msg == msg then
+        full = full + 1
+        T.eq(l.fields.status, msg:find("mapStatus") and "ringing" or '"answered"', "each line names the word")
+      elseif l.msg:sub(1, #msg + 6) == msg .. " (and " then
+        counts[#counts + 1] = l.fields.suppressed
+      end
+    end
+    T.eq({ full, counts }, { 5, { 7 } }, msg)
+  end
+end)
+
 -- A word callagent lacks is shown cut to 64 bytes. It was cut, then its
 -- bytes that are no UTF-8 made U+FFFD: a character across byte 64 ended
 -- the word as a U+FFFD of its own (66 bytes), and 64 bad bytes grew to 192.

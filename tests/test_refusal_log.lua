@@ -150,4 +150,63 @@ T.test("wrong API tokens at /v1 and /healthz are logged as guesses, rate-limited
   T.lacks(text, token, "the token")
 end)
 
+
+T.test("a flood of signed status callbacks naming vendor calls of an ended call: 5 stray lines, then one count", function()
+  local warns = T.log_lines("warn")
+  local url = require "callagent.url"
+  local env = kit.start({ twilio = { behaviour = "busy" }, config = { retry = { maxAttempts = 1 } } })
+  local id = env:create({ to = "+14155550175", prompt = "x" })
+  env:wait_final(id, 5000)
+  local target = env.base .. "/status?callId=" .. id .. "&attempt=1"
+  for i = 1, 8 do
+    -- A vendor at fault may name a new call of its own at every callback:
+    -- each is hung up, once.
+    local params = { CallSid = string.format("CA%032x", i), CallStatus = "in-progress", AccountSid = kit.ACCOUNT }
+    local res = assert(fetch(target, { method = "POST", body = url.form_encode(params), headers = {
+      ["Content-Type"] = FORM["Content-Type"], ["X-Twilio-Signature"] = fake_twilio.sign(kit.TOKEN, target, params) } }))
+    T.eq(res.status, 204)
+  end
+  T.wait_for(function()
+    return #of(warns, "twilio hang-up failed") == 8
+  end, 5000, "the 8 hang-ups refused")
+  env:close()
+  local full, counts = of(warns, "the provider has a call up for an attempt that is over: hanging it up")
+  T.eq({ #full, #counts, counts[1] and counts[1].fields.suppressed }, { 5, 1, 3 })
+  T.eq(full[1].fields.call, id)
+  -- Their hang-ups, which the vendor refused (no such call), alike.
+  full, counts = of(warns, "provider hang-up failed")
+  T.eq({ #full, #counts, counts[1] and counts[1].fields.suppressed }, { 5, 1, 3 })
+end)
+
+
+T.test("callbacks naming an ended call while the store cannot read it: 5 lines, then one count", function()
+  local warns = T.log_lines("warn")
+  local url = require "callagent.url"
+  local recording = require "callagent.store.recording"
+  T.defer(function()
+    recording.refuse = nil
+  end)
+  local env = kit.start({ twilio = { behaviour = "busy" },
+    config = { store = { backend = "recording" }, retry = { maxAttempts = 1 } } })
+  local id = env:create({ to = "+14155550176", prompt = "x" })
+  env:wait_final(id, 5000)
+  recording.refuse = function(op)
+    if op == "get_call" then
+      return "EIO: disk I/O error (refused)"
+    end
+  end
+  local target = env.base .. "/status?callId=" .. id .. "&attempt=1"
+  for i = 1, 8 do
+    local params = { CallSid = string.format("CA%032x", i), CallStatus = "in-progress", AccountSid = kit.ACCOUNT }
+    local res = assert(fetch(target, { method = "POST", body = url.form_encode(params), headers = {
+      ["Content-Type"] = FORM["Content-Type"], ["X-Twilio-Signature"] = fake_twilio.sign(kit.TOKEN, target, params) } }))
+    T.eq(res.status, 204)
+  end
+  recording.refuse = nil
+  env:close()
+  local full, counts = of(warns, "cannot read the call a callback names: nothing hung up")
+  T.eq({ #full, #counts, counts[1] and counts[1].fields.suppressed }, { 5, 1, 3 })
+  T.eq({ full[1].fields.call, full[1].fields.error }, { id, "EIO: disk I/O error (refused)" })
+end)
+
 T.run()

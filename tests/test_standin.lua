@@ -133,6 +133,18 @@ T.test("the stand-in refuses a session without its key: closed with 1008, no ses
     local kind, code, reason = conn:receive(5000)
     T.eq({ kind, code, reason }, { "close", 1008, "invalid api key" }, what .. ": closed, no session.created")
   end
+  -- Anyone who reaches the server may try as often as they like: 5 lines
+  -- of it a window, the rest counted.
+  local warns = T.log_lines("warn")
+  for _ = 1, 8 do
+    local c = assert(ws.connect(url))
+    T.eq((select(2, c:receive(5000))), 1008)
+  end
+  local logged = 0
+  for _, l in ipairs(warns) do
+    logged = logged + (l.msg == "stand-in model refused a session without its key" and 1 or 0)
+  end
+  T.eq(logged, 1, "5 in the window, 4 of them before")
   local conn = assert(ws.connect(url, { headers = { Authorization = "Bearer " .. standin.KEY } }))
   local kind, msg = conn:receive(5000)
   T.eq(kind, "text")

@@ -248,7 +248,8 @@ function App:_routes(srv)
     local known, word = calls.status_of(st)
     if not known then
       -- The provider's fault, not the vendor's: as if mapStatus had raised.
-      log.error("the provider's mapStatus returned no status callagent knows", { provider = provider.name,
+      -- At every callback of a kind: rate-limited, as the vendor decides how many.
+      log.limited("error", "the provider's mapStatus returned no status callagent knows", { provider = provider.name,
         call = q.callId, status = word })
       return 500, { error = { code = "internal", message = "the provider's mapStatus returned no status (one of "
         .. calls.STATUS_WORDS .. ")" } }
@@ -281,7 +282,8 @@ function App:_routes(srv)
     if provider.streamStart then
       local ok, st, serr = pcall(provider.streamStart, provider, ev)
       if not ok then
-        log.error("the provider's streamStart failed", { provider = provider.name, error = st })
+        -- At every stream's start, which anyone may open: rate-limited.
+        log.limited("error", "the provider's streamStart failed", { provider = provider.name, error = st })
         return nil, "start not understood"
       end
       -- Anything but {streamSid, parameters} is refused here, not indexed
@@ -289,7 +291,7 @@ function App:_routes(srv)
       -- start timeout); a why goes into the close frame, so it stays short.
       if type(st) ~= "table" then
         if st ~= nil then
-          log.error("the provider's streamStart returned a " .. type(st) .. ", not a table",
+          log.limited("error", "the provider's streamStart returned a " .. type(st) .. ", not a table",
             { provider = provider.name })
         end
         return nil, type(serr) == "string" and serr ~= "" and serr:sub(1, 100) or "start not understood"

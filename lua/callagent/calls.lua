@@ -1080,12 +1080,18 @@ function Engine:_ended_there(id, a, seen)
 end
 
 -- Hangs up attempt a at the vendor from a task of its own; a failure is
--- logged, and then on_failed() runs (may be nil).
-function Engine:_end_in_task(id, a, on_failed, on_ended)
+-- logged (rate-limited when limited: a stray's, one per callback), and then
+-- on_failed() runs (may be nil).
+function Engine:_end_in_task(id, a, on_failed, on_ended, limited)
   task.spawn(function()
     local ok, err, how = self:_provider_end(self:call_view(id) or { callId = id }, a)
     if not ok then
-      log.warn("provider hang-up failed", { call = id, attempt = a.n, error = err })
+      local fields = { call = id, attempt = a.n, error = err }
+      if limited then
+        log.limited("warn", "provider hang-up failed", fields)
+      else
+        log.warn("provider hang-up failed", fields)
+      end
       if on_failed then
         on_failed()
       end
@@ -1184,7 +1190,7 @@ function Engine:_end_stray(id, n, st, call)
     local err
     call, err = store_mod.call(self.store, "get_call", id)
     if err ~= nil then
-      log.warn("cannot read the call a callback names: nothing hung up", { call = id, error = err })
+      log.limited("warn", "cannot read the call a callback names: nothing hung up", { call = id, error = err })
       return
     end
   end
@@ -1197,8 +1203,10 @@ function Engine:_end_stray(id, n, st, call)
     self.strays, self.n_strays = {}, 0
   end
   self.strays[pid], self.n_strays = true, self.n_strays + 1
-  log.warn("the provider has a call up for an attempt that is over: hanging it up", { call = id, attempt = n })
-  self:_end_in_task(id, { n = n, providerCallId = pid, status = st.status }) -- answered: ended as such
+  -- One a vendor's id, which a vendor at fault may make up at every callback.
+  log.limited("warn", "the provider has a call up for an attempt that is over: hanging it up", { call = id,
+    attempt = n })
+  self:_end_in_task(id, { n = n, providerCallId = pid, status = st.status }, nil, nil, true) -- answered: ended as such
 end
 
 -- The vendor says the callee answered (in_progress, or completed: answered
@@ -1240,7 +1248,9 @@ function Engine:provider_status(id, n, st)
     if type(type(st) == "table" and st.status or st) == "string" then
       word = '"' .. word .. '"'
     end
-    log.error("a provider status callagent does not know: ignored", { call = id, attempt = n, status = word })
+    -- A webhook's, as often as the vendor sends it: rate-limited.
+    log.limited("error", "a provider status callagent does not know: ignored", { call = id, attempt = n,
+      status = word })
     return false, "not a status: " .. word .. " (" .. STATUS_WORDS .. ")"
   end
   st = known
@@ -1268,7 +1278,9 @@ function Engine:provider_status(id, n, st)
   -- attempt's (a vendor that signs the body only, not the URL that names
   -- the attempt: Telnyx).
   if type(st.providerCallId) == "string" and a.providerCallId and st.providerCallId ~= a.providerCallId then
-    log.warn("a status for another provider call than the attempt's: ignored", { call = id, attempt = n,
+    -- Anyone with one signed body may post it to any call's URL as often
+    -- as they like: rate-limited.
+    log.limited("warn", "a status for another provider call than the attempt's: ignored", { call = id, attempt = n,
       status = st.status })
     return false, "another provider call"
   end
@@ -1588,7 +1600,7 @@ function Engine:has_call(id)
   end
   local call, err = store_mod.call(self.store, "get_call", id)
   if err ~= nil then
-    log.warn("cannot read the call a callback names", { call = id, error = err })
+    log.limited("warn", "cannot read the call a callback names", { call = id, error = err })
     return nil
   end
   return call ~= nil
@@ -1610,7 +1622,7 @@ function Engine:provider_call_id(id, n)
     local err
     call, err = store_mod.call(self.store, "get_call", id)
     if err ~= nil then
-      log.warn("cannot read the call a callback names", { call = id, error = err })
+      log.limited("warn", "cannot read the call a callback names", { call = id, error = err })
       return nil
     end
   end

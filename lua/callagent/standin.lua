@@ -443,7 +443,8 @@ function M.mount(srv, path, opts)
     open = function(conn, req)
       local auth = req.headers and req.headers.authorization
       if type(auth) ~= "string" or not crypto.constant_time_eq(auth, want) then
-        log.warn("stand-in model refused a session without its key", { remote = req.remote, path = path })
+        -- Anyone who reaches the server (through its tunnel) may try: rate-limited.
+        log.limited("warn", "stand-in model refused a session without its key", { remote = req.remote, path = path })
         conn:close(1008, "invalid api key")
         return
       end
