@@ -83,7 +83,7 @@ struct ca_log_limit {
 	uint64_t since;			/* uv_now() at the window's first line */
 	unsigned int logged, more;
 	int level, listed;
-	char last[400];			/* the last line not written (cut) */
+	char last[400];			/* the last line not written (redacted, cut) */
 };
 #define CA_LOG_LIMIT_LINES 5
 void ca_log_limited(struct ca_log_limit *l, int level, const char *fmt, ...)

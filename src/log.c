@@ -824,11 +824,38 @@ void ca_log_limited(struct ca_log_limit *l, int level, const char *fmt, ...)
 		l->logged++;
 		vlog(level, 0, fmt, ap);
 	} else {
-		int n = vsnprintf(l->last, sizeof l->last, fmt, ap);
+		char small[1024];
+		char *msg = small;
+		va_list copy;
+		struct buf r;
+		int m;
 
-		/* Cut: C's lines carry no secret whose head could be left. */
-		if (n >= (int)sizeof l->last)
+		va_copy(copy, ap);
+		m = vsnprintf(small, sizeof small, fmt, ap);
+		if (m < 0)
+			m = 0;
+		if ((size_t)m >= sizeof small) {
+			msg = ca_malloc((size_t)m + 1);
+			vsnprintf(msg, (size_t)m + 1, fmt, copy);
+		}
+		va_end(copy);
+		/*
+		 * Redacted before it is cut: a line may quote a client's path,
+		 * which may hold a secret, and a cut across one would leave its
+		 * head, which the redaction at the write no longer knows.
+		 */
+		b_init(&r);
+		redact(&r, msg, (size_t)m);
+		if (msg != small)
+			free(msg);
+		if (r.n >= sizeof l->last) {
+			memcpy(l->last, r.p, sizeof l->last - 4);
 			memcpy(l->last + sizeof l->last - 4, "...", 4);
+		} else {
+			memcpy(l->last, r.p, r.n);
+			l->last[r.n] = '\0';
+		}
+		b_free(&r);
 		l->more++;
 		l->level = level;
 		if (!l->listed) {

@@ -297,7 +297,6 @@ T.test("a request with two Host header lines is 400 (RFC 9112 3.2), not handed o
   T.eq({ res.status, res.body }, { 200, '{"n":2}' })
 end)
 
-T.run()
 
 -- A child whose server refuses `n` requests - heads over max_header (1024),
 -- or with `body`, bodies over max_body (100) - with C's rate-limit window
@@ -368,3 +367,33 @@ T.test("a flood of bodies over max_body writes 5 lines of 413 and then one count
   T.match(lines[6], "WARN http: POST /: body of 500 bytes over max_body 100: answering 413 %(and 15 more like this in "
     .. "the last [%d.]+ s, not logged; this was the last%)$")
 end)
+
+T.test("the count line of a refusal flood quotes no head of a secret its cut would leave (a path holding one)", function()
+  local secret = "Sk3tSecretTokenValue-0123456789abcdef"
+  -- "http: POST " is 11 bytes: the secret spans byte 396, where the count
+  -- line's copy of the last refused line is cut.
+  local path = "/" .. string.rep("a", 380 - 12) .. secret
+  local code, _, p = T.run_app(nil, nil, { source = string.format([[
+local http = require "callagent.http"
+local fetch = require "callagent.fetch"
+local task = require "callagent.task"
+local runtime = require "callagent.runtime"
+require("callagent.log").secret(%q)
+local srv = http.server({ max_body = 10 })
+assert(srv:listen())
+task.spawn(function()
+  for _ = 1, 7 do
+    assert(fetch(srv:url(%q), { method = "POST", body = string.rep("x", 50), timeout = 5000 }).status == 413)
+  end
+  srv:close()
+  runtime.stop(0)
+end)
+]], secret, path) })
+  T.eq(code, 0, p.errtext())
+  local out = p.errtext()
+  T.match(out, "%(and 2 more like this in the last")
+  T.lacks(out, secret:sub(1, 12), "no head of the secret")
+  T.lacks(out, secret:sub(-12), "no tail of the secret")
+end)
+
+T.run()
