@@ -652,6 +652,48 @@ T.test("a callee who answers after the ring timeout gave up on a call whose canc
   T.eq(#env.tw.calls, 1, "dialed once")
 end, { timeout = 30000 })
 
+T.test("a ring timeout's cancel refused after its attempt ended meanwhile (its canceled status came) leaves the retry's ring timer alone", function()
+  -- Twilio takes the ring timeout's cancel, but its answer is lost (502,
+  -- 2.5 s later): the canceled status ends attempt 1 meanwhile, and its
+  -- retry dials. The refusal then set the grace wait's timer in the retry's
+  -- "#dial" slot, and the retry's ring timer was no longer the engine's to
+  -- stop (an answer, a final status, Engine:close): it fired anyway, up to
+  -- ringTimeoutSec + statusGraceSec later, after the app's stop too.
+  local warns = T.log_lines("warn")
+  local n = 0
+  local dir = kit.twilio_variant("nogetcall", "P.getCall = nil\n") -- nothing to ask how it ended
+  local env = kit.start({
+    provider_dirs = { dir },
+    twilio = { behaviour = function()
+      n = n + 1
+      if n == 1 then
+        return { ring_ms = 60000, update_answer_lost_times = 1, update_delay_ms = 2500 }
+      end
+      return { ring_ms = 60000 }
+    end },
+    config = { telephony = { provider = "nogetcall" }, retry = { maxAttempts = 2, initialDelayMs = 100 },
+      call = { ringTimeoutSec = 1, statusGraceSec = 3 } },
+  })
+  local id = env:create({ to = "+14155550131", prompt = "Say hello." })
+  local engine = env.app.engine
+  T.wait_for(function()
+    local call = engine.live[id]
+    return call and call.attempt == 2 and engine.timers[id .. "#dial"] ~= nil
+  end, 8000, "the retry ringing, its ring timer set")
+  local ring = engine.timers[id .. "#dial"]
+  local function refused()
+    for _, l in ipairs(warns) do
+      if l.msg == "provider hang-up failed" and l.fields.attempt == 1 then
+        return true
+      end
+    end
+  end
+  T.ok(not refused(), "the cancel's answer still on its way")
+  T.wait_for(refused, 5000, "the refused cancel's answer")
+  T.eq(env:get(id).attempt, 2, "the retry still ringing")
+  T.ok(engine.timers[id .. "#dial"] == ring, "the engine still holds the retry's ring timer")
+end, { timeout = 30000 })
+
 T.test("an API hang-up while the ring timeout's cancel is on its way: the attempt ends canceled, as the call does", function()
   local env = kit.start({
     twilio = { behaviour = { ring_ms = 60000, lost_callbacks = { completed = true }, update_delay_ms = 800 } },

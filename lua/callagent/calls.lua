@@ -910,6 +910,14 @@ function Engine:_ring_timeout(call, n)
     return self:_rang_out(call, n)
   end
   log.warn("provider hang-up failed", { call = call.id, attempt = n, error = err })
+  if a.status ~= "dialing" or call.attempt ~= n then
+    -- A status came while the cancel was on its way (answered, or over at
+    -- the vendor, its retry maybe dialing already): nothing rings to wait
+    -- for, and the "#dial" timer below would take the retry's ring timer's
+    -- slot, that timer then out of the engine's reach (an answer, a final
+    -- status and Engine:close no longer stopped it).
+    return
+  end
   -- The cancel refused, the phone rings on, and the callee may pick up
   -- before a later one is taken, the answered callback lost: ended
   -- no_answer now, the attempt's voice webhook got a hang-up and its retry
