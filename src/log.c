@@ -671,23 +671,36 @@ static void write_c_line(int level, const char *msg, size_t len, int block)
 	b_free(&out);
 }
 
-static void vlog(int level, int block, const char *fmt, va_list ap)
+/*
+ * fmt formatted whole, never cut (a cut could leave a secret's head
+ * unredacted): in small (cap bytes) when it fits, else in a new block the
+ * caller frees; *len its length.
+ */
+static char *format_whole(char *small, size_t cap, int *len, const char *fmt, va_list ap)
 {
-	char small[1024];
 	char *msg = small;
 	va_list copy;
 	int m;
 
 	va_copy(copy, ap);
-	m = vsnprintf(small, sizeof small, fmt, ap);
+	m = vsnprintf(small, cap, fmt, ap);
 	if (m < 0)
 		m = 0;
-	if ((size_t)m >= sizeof small) {
-		/* Whole, never cut: a cut could leave a secret's head unredacted. */
+	if ((size_t)m >= cap) {
 		msg = ca_malloc((size_t)m + 1);
 		vsnprintf(msg, (size_t)m + 1, fmt, copy);
 	}
 	va_end(copy);
+	*len = m;
+	return msg;
+}
+
+static void vlog(int level, int block, const char *fmt, va_list ap)
+{
+	char small[1024];
+	int m;
+	char *msg = format_whole(small, sizeof small, &m, fmt, ap);
+
 	write_c_line(level, msg, (size_t)m, block);
 	if (msg != small)
 		free(msg);
@@ -825,20 +838,10 @@ void ca_log_limited(struct ca_log_limit *l, int level, const char *fmt, ...)
 		vlog(level, 0, fmt, ap);
 	} else {
 		char small[1024];
-		char *msg = small;
-		va_list copy;
 		struct buf r;
 		int m;
+		char *msg = format_whole(small, sizeof small, &m, fmt, ap);
 
-		va_copy(copy, ap);
-		m = vsnprintf(small, sizeof small, fmt, ap);
-		if (m < 0)
-			m = 0;
-		if ((size_t)m >= sizeof small) {
-			msg = ca_malloc((size_t)m + 1);
-			vsnprintf(msg, (size_t)m + 1, fmt, copy);
-		}
-		va_end(copy);
 		/*
 		 * Redacted before it is cut: a line may quote a client's path,
 		 * which may hold a secret, and a cut across one would leave its
