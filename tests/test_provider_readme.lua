@@ -219,29 +219,38 @@ function P:registerRoutes() end
 return P
 ]]
 
-T.test("mapStatus may return the status word alone (the seed's CallStatus); a word callagent lacks is a 500 naming it", function()
-  local errs = T.log_lines("error")
+-- An app on the WORDS provider, one try per call: env; dial(), a new call
+-- of it once it is dialing; and status(id, form), the /status callback's
+-- code and decoded body.
+local function words_app()
   local env = kit.start({ provider_dirs = { provider_dir(WORDS) },
     config = { telephony = { provider = "acme" }, retry = { maxAttempts = 1 } } })
+  local function dial()
+    local id = env:create({ to = "+14155550100", prompt = "Say hello." })
+    env:wait(id, function(r)
+      return r.status == "dialing"
+    end, 5000, "dialing")
+    return id
+  end
   local function status(id, body)
     local res = assert(fetch(env.app.url .. "/status?callId=" .. id .. "&attempt=1", { method = "POST", body = body,
       headers = { ["Content-Type"] = "application/x-www-form-urlencoded" } }))
     return res.status, json.try_decode(res.body)
   end
-  local id = env:create({ to = "+14155550100", prompt = "Say hello." })
-  env:wait(id, function(r)
-    return r.status == "dialing"
-  end, 5000, "dialing")
+  return env, dial, status
+end
+
+T.test("mapStatus may return the status word alone (the seed's CallStatus); a word callagent lacks is a 500 naming it", function()
+  local errs = T.log_lines("error")
+  local env, dial, status = words_app()
+  local id = dial()
   T.eq(status(id, "shape=word&status=busy"), 204)
   local rec = env:wait(id, function(r)
     return r.status ~= "dialing"
   end, 2000, "the word's status applied")
   T.eq({ rec.status, rec.attempts[1].status }, { "busy", "busy" })
 
-  id = env:create({ to = "+14155550100", prompt = "Say hello." })
-  env:wait(id, function(r)
-    return r.status == "dialing"
-  end, 5000, "dialing")
+  id = dial()
   local code, body = status(id, "shape=table&status=ringing")
   T.eq({ code, body and body.error and body.error.code }, { 500, "internal" })
   T.eq(errs[#errs] and errs[#errs].msg, "the provider's mapStatus returned no status callagent knows")
@@ -260,16 +269,10 @@ end)
 
 T.test("a flood of callbacks whose mapStatus word callagent lacks logs 5 lines, then one count", function()
   local errs = T.log_lines("error")
-  local env = kit.start({ provider_dirs = { provider_dir(WORDS) },
-    config = { telephony = { provider = "acme" }, retry = { maxAttempts = 1 } } })
-  local id = env:create({ to = "+14155550100", prompt = "Say hello." })
-  env:wait(id, function(r)
-    return r.status == "dialing"
-  end, 5000, "dialing")
+  local env, dial, status = words_app()
+  local id = dial()
   for _ = 1, 12 do
-    local res = assert(fetch(env.app.url .. "/status?callId=" .. id .. "&attempt=1", { method = "POST",
-      body = "shape=table&status=ringing", headers = { ["Content-Type"] = "application/x-www-form-urlencoded" } }))
-    T.eq(res.status, 500)
+    T.eq(status(id, "shape=table&status=ringing"), 500)
     -- The engine's own check, as a provider's route (Telnyx's) reaches it.
     T.eq(env.app.engine:provider_status(id, 1, "answered"), false)
   end
@@ -294,19 +297,13 @@ end)
 -- the word as a U+FFFD of its own (66 bytes), and 64 bad bytes grew to 192.
 T.test("a status word callagent lacks is logged cut to at most 64 bytes of whole characters", function()
   local errs = T.log_lines("error")
-  local env = kit.start({ provider_dirs = { provider_dir(WORDS) },
-    config = { telephony = { provider = "acme" }, retry = { maxAttempts = 1 } } })
-  local id = env:create({ to = "+14155550100", prompt = "Say hello." })
-  env:wait(id, function(r)
-    return r.status == "dialing"
-  end, 5000, "dialing")
+  local env, dial, status = words_app()
+  local id = dial()
   local function shown(word)
     local form = "shape=word&status=" .. word:gsub("[^%w]", function(c)
       return string.format("%%%02X", c:byte())
     end)
-    local res = assert(fetch(env.app.url .. "/status?callId=" .. id .. "&attempt=1", { method = "POST", body = form,
-      headers = { ["Content-Type"] = "application/x-www-form-urlencoded" } }))
-    T.eq(res.status, 500)
+    T.eq(status(id, form), 500)
     T.eq(errs[#errs] and errs[#errs].msg, "the provider's mapStatus returned no status callagent knows")
     return errs[#errs].fields.status
   end
