@@ -489,6 +489,17 @@ static int find_item(struct bridge *b, const char *id, size_t n)
 	return b->cur;
 }
 
+static int playing(struct bridge *b);
+
+/* What follows in the phone's queue plays from now on. */
+static void front_plays(struct bridge *b, uint64_t now)
+{
+	int front = playing(b);
+
+	if (front >= 0 && b->items[front].played_at == 0)
+		b->items[front].played_at = now;
+}
+
 /* The oldest mark: the phone played the audio up to it (its item is there now). */
 static void pop_mark(struct bridge *b, uint64_t now)
 {
@@ -502,8 +513,6 @@ static void pop_mark(struct bridge *b, uint64_t now)
 	b->m_head = (b->m_head + 1) % b->m_cap;
 	b->m_len--;
 }
-
-static int playing(struct bridge *b);
 
 /*
  * The ring is full: m_max marks (each after 100 ms of audio or more) sent
@@ -523,7 +532,6 @@ static int playing(struct bridge *b);
 static void drop_unechoed(struct bridge *b)
 {
 	uint64_t now = uv_hrtime();
-	int front;
 
 	if (b->marks_unechoed++ == 0)
 		ca_log(CA_LOG_WARN, "bridge: stream %s: the phone has echoed none of the last %zu marks "
@@ -531,9 +539,7 @@ static void drop_unechoed(struct bridge *b)
 		       "was sent is taken as played (where a barge-in cuts the agent)", b->sid, b->m_len,
 		       (double)b->m_len * MARK_MS / 1000);
 	pop_mark(b, now);
-	front = playing(b);
-	if (front >= 0 && b->items[front].played_at == 0)
-		b->items[front].played_at = now;
+	front_plays(b, now);
 }
 
 static void push_mark(struct bridge *b, uint32_t seq, int item, uint32_t gen, double end_ms)
@@ -787,14 +793,10 @@ static int playing(struct bridge *b)
 static void mark_played(struct bridge *b, uint32_t seq)
 {
 	uint64_t now = uv_hrtime();
-	int front;
 
 	while (b->m_len > 0 && (int32_t)(b->marks[b->m_head].seq - seq) <= 0)
 		pop_mark(b, now);
-	/* What follows in the phone's queue plays from now on. */
-	front = playing(b);
-	if (front >= 0 && b->items[front].played_at == 0)
-		b->items[front].played_at = now;
+	front_plays(b, now);
 	call_drained(b);
 }
 

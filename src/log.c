@@ -757,17 +757,15 @@ static void limit_close(struct ca_log_limit *l, uint64_t now)
 	l->logged = l->more = 0;
 }
 
-static void limit_arm(uint64_t now);
-
-static void on_limit_timer(uv_timer_t *t)
+/* Ends the listed windows that are over at now (all of them with all). */
+static void close_listed(uint64_t now, int all)
 {
-	uint64_t now = uv_now(t->loop);
 	struct ca_log_limit **p = &limited;
 
 	while (*p) {
 		struct ca_log_limit *l = *p;
 
-		if (now - l->since >= limit_window_ms) {
+		if (all || now - l->since >= limit_window_ms) {
 			*p = l->next;
 			l->next = NULL;
 			l->listed = 0;
@@ -776,6 +774,15 @@ static void on_limit_timer(uv_timer_t *t)
 			p = &l->next;
 		}
 	}
+}
+
+static void limit_arm(uint64_t now);
+
+static void on_limit_timer(uv_timer_t *t)
+{
+	uint64_t now = uv_now(t->loop);
+
+	close_listed(now, 0);
 	limit_arm(now);
 }
 
@@ -805,16 +812,7 @@ static void limit_arm(uint64_t now)
 /* The exit: every count written now, and the timer closed. */
 static void limits_flush(void)
 {
-	uint64_t now = ca_loop() ? uv_now(ca_loop()) : 0;
-
-	while (limited) {
-		struct ca_log_limit *l = limited;
-
-		limited = l->next;
-		l->next = NULL;
-		l->listed = 0;
-		limit_close(l, now);
-	}
+	close_listed(ca_loop() ? uv_now(ca_loop()) : 0, 1);
 	if (limit_timer_state == 1)
 		uv_close((uv_handle_t *)&limit_timer, NULL);
 	limit_timer_state = 2;

@@ -1196,9 +1196,8 @@ function Engine:_end_stray(id, n, st, call)
   call = call or self.unsaved[id]
   if not call then
     local err
-    call, err = store_mod.call(self.store, "get_call", id)
+    call, err = self:_stored_call(id, "nothing hung up")
     if err ~= nil then
-      log.limited("warn", "cannot read the call a callback names: nothing hung up", { call = id, error = err })
       return
     end
   end
@@ -1606,12 +1605,23 @@ function Engine:has_call(id)
   if self.live[id] or self.unsaved[id] then
     return true
   end
-  local call, err = store_mod.call(self.store, "get_call", id)
+  local call, err = self:_stored_call(id)
   if err ~= nil then
-    log.limited("warn", "cannot read the call a callback names", { call = id, error = err })
     return nil
   end
   return call ~= nil
+end
+
+-- The stored call a callback names (one not held here); nil and the
+-- store's error when it cannot be read, logged - rate-limited, as often as
+-- callbacks come - with what that leaves undone (after, may be nil).
+function Engine:_stored_call(id, after)
+  local call, err = store_mod.call(self.store, "get_call", id)
+  if err ~= nil then
+    log.limited("warn", "cannot read the call a callback names" .. (after and ": " .. after or ""),
+      { call = id, error = err })
+  end
+  return call, err
 end
 
 --- Whether attempt n of call id has its media stream up (a bridge whose
@@ -1628,9 +1638,8 @@ function Engine:provider_call_id(id, n)
   local call = self.live[id] or self.unsaved[id]
   if not call then
     local err
-    call, err = store_mod.call(self.store, "get_call", id)
+    call, err = self:_stored_call(id)
     if err ~= nil then
-      log.limited("warn", "cannot read the call a callback names", { call = id, error = err })
       return nil
     end
   end
