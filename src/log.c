@@ -542,7 +542,7 @@ void ca__log_write(const char *line, size_t len)
 	b_free(&out);
 }
 
-static void write_c_line(int level, const char *msg, size_t len, int block);
+static void write_c_line(int level, const char *msg, size_t len, int block, unsigned int suppressed);
 static void limits_flush(void);
 
 /*
@@ -600,7 +600,7 @@ void ca__log_flush(void)
 		int n = snprintf(msg, sizeof msg, "callagent: %lu log lines dropped (slow reader)", dropped);
 
 		dropped = 0;
-		write_c_line(CA_LOG_WARN, msg, (size_t)n, 1);	/* a JSON line in JSON mode */
+		write_c_line(CA_LOG_WARN, msg, (size_t)n, 1, 0);	/* a JSON line in JSON mode */
 		if (dropped)
 			dropped = was;	/* not written: the count stands */
 	}
@@ -633,9 +633,12 @@ static const char *level_names[] = {"DEBUG", "INFO", "WARN", "ERROR"};
 
 /*
  * A line from C: the message is formatted, redacted, then written as text
- * ("<ts> LEVEL message") or as a JSON object like the Lua logger's.
+ * ("<ts> LEVEL message") or as a JSON object like the Lua logger's. A
+ * rate-limited site's count line gives suppressed > 0: the field
+ * "suppressed" is added as log.limited's count line has it (" suppressed=N",
+ * or a number in JSON).
  */
-static void write_c_line(int level, const char *msg, size_t len, int block)
+static void write_c_line(int level, const char *msg, size_t len, int block, unsigned int suppressed)
 {
 	static const char *lower[] = {"debug", "info", "warn", "error"};
 	char ts[64];
@@ -652,13 +655,26 @@ static void write_c_line(int level, const char *msg, size_t len, int block)
 		b_put(&out, lower[level & 3], strlen(lower[level & 3]));
 		b_put(&out, "\",\"msg\":\"", 9);
 		escape_json(&out, r.p, r.n, 1);
-		b_put(&out, "\"}\n", 3);
+		b_put(&out, "\"", 1);
+		if (suppressed) {
+			char f[32];
+			int fn = snprintf(f, sizeof f, ",\"suppressed\":%u", suppressed);
+
+			b_put(&out, f, (size_t)fn);
+		}
+		b_put(&out, "}\n", 2);
 	} else {
 		b_put(&out, ts, tn);
 		b_put(&out, " ", 1);
 		b_put(&out, level_names[level & 3], strlen(level_names[level & 3]));
 		b_put(&out, " ", 1);
 		sanitize_text(&out, r.p, r.n, block);
+		if (suppressed) {
+			char f[32];
+			int fn = snprintf(f, sizeof f, " suppressed=%u", suppressed);
+
+			b_put(&out, f, (size_t)fn);
+		}
 		b_put(&out, "\n", 1);
 	}
 	if (block) {
@@ -701,7 +717,7 @@ static void vlog(int level, int block, const char *fmt, va_list ap)
 	int m;
 	char *msg = format_whole(small, sizeof small, &m, fmt, ap);
 
-	write_c_line(level, msg, (size_t)m, block);
+	write_c_line(level, msg, (size_t)m, block, 0);
 	if (msg != small)
 		free(msg);
 }
@@ -752,7 +768,7 @@ static void limit_close(struct ca_log_limit *l, uint64_t now)
 			n = 0;
 		if ((size_t)n >= sizeof msg)
 			n = (int)sizeof msg - 1;
-		write_c_line(l->level, msg, (size_t)n, 0);
+		write_c_line(l->level, msg, (size_t)n, 0, l->more);
 	}
 	l->logged = l->more = 0;
 }

@@ -347,7 +347,7 @@ T.test("a flood of refused request heads writes 5 lines and then one count, at e
     T.match(lines[i], "WARN http: request headers larger than the server's max_header: connection closed$")
   end
   T.match(lines[6], "WARN http: request headers larger than the server's max_header: connection closed %(and 35 more "
-    .. "like this in the last [%d.]+ s, not logged; this was the last%)$")
+    .. "like this in the last [%d.]+ s, not logged; this was the last%) suppressed=35$")
 end)
 
 T.test("the count of refused request heads is written when the window ends, while the server runs", function()
@@ -365,7 +365,49 @@ T.test("a flood of bodies over max_body writes 5 lines of 413 and then one count
   T.eq(#lines, 6, table.concat(lines, "\n"))
   T.match(lines[1], "WARN http: POST /: body of 500 bytes over max_body 100: answering 413$")
   T.match(lines[6], "WARN http: POST /: body of 500 bytes over max_body 100: answering 413 %(and 15 more like this in "
-    .. "the last [%d.]+ s, not logged; this was the last%)$")
+    .. "the last [%d.]+ s, not logged; this was the last%) suppressed=15$")
+end)
+
+T.test("in JSON a C count line has log.limited's shape: the same keys, suppressed a number", function()
+  local code, _, p = T.run_app(nil, nil, { source = [[
+local http = require "callagent.http"
+local fetch = require "callagent.fetch"
+local task = require "callagent.task"
+local runtime = require "callagent.runtime"
+local log = require "callagent.log"
+log.format("json")
+local srv = http.server({ max_body = 10 })
+assert(srv:listen())
+task.spawn(function()
+  for _ = 1, 8 do
+    assert(fetch(srv:url("/j"), { method = "POST", body = string.rep("x", 50), timeout = 5000 }).status == 413)
+    log.limited("warn", "lua refused")
+  end
+  srv:close()
+  log.flush()
+  runtime.stop(0)
+end)
+]] })
+  T.eq(code, 0, p.errtext())
+  local counts = {}
+  for line in p.errtext():gmatch("[^\n]+") do
+    local obj = json.decode(line)
+    if obj.msg:find("more like this", 1, true) then
+      counts[obj.msg:find("^lua") and "lua" or "c"] = obj
+    end
+  end
+  T.ok(counts.c and counts.lua, p.errtext())
+  T.match(counts.c.msg, "^http: POST /j: body of 50 bytes over max_body 10: answering 413 %(and 3 more")
+  local function shape(obj)
+    local keys = {}
+    for k, v in pairs(obj) do
+      keys[#keys + 1] = k .. ":" .. (math.type(v) or type(v))
+    end
+    table.sort(keys)
+    return table.concat(keys, " ")
+  end
+  T.eq(shape(counts.c), shape(counts.lua))
+  T.eq({ counts.c.suppressed, counts.lua.suppressed }, { 3, 3 })
 end)
 
 T.test("the count line of a refusal flood quotes no head of a secret its cut would leave (a path holding one)", function()
