@@ -369,20 +369,22 @@ end
 -- Webhook signatures -----------------------------------------------------------
 
 --- Whether sig (base64) is the Ed25519 signature by public key pk (32 raw
--- bytes) of "<timestamp>|<body>", and the timestamp within WINDOW_S of now_s.
+-- bytes) of "<timestamp>|<body>", and the timestamp within WINDOW_S of now_s;
+-- if not, why and the header at fault.
 function P.check_signature(pk, timestamp, body, sig, now_s)
   if type(timestamp) ~= "string" or not timestamp:find("^%d+$") or #timestamp > 12 then
-    return false, "telnyx-timestamp missing or not a Unix time"
+    return false, "telnyx-timestamp missing or not a Unix time", "telnyx-timestamp"
   end
   if math.abs((now_s or os.time()) - tonumber(timestamp)) > WINDOW_S then
-    return false, "telnyx-timestamp is more than 5 minutes away from now (a replay, or a clock off)"
+    return false, "telnyx-timestamp is more than 5 minutes away from now (a replay, or a clock off)",
+      "telnyx-timestamp"
   end
   local raw = type(sig) == "string" and crypto.base64_decode(sig)
   if not raw or #raw ~= 64 then
-    return false, "telnyx-signature-ed25519 missing or not 64 bytes of base64"
+    return false, "telnyx-signature-ed25519 missing or not 64 bytes of base64", "telnyx-signature-ed25519"
   end
   if not crypto.ed25519_verify(pk, timestamp .. "|" .. (body or ""), raw) then
-    return false, "telnyx-signature-ed25519 does not match"
+    return false, "telnyx-signature-ed25519 does not match", "telnyx-signature-ed25519"
   end
   return true
 end
@@ -647,10 +649,10 @@ end
 
 function P:registerRoutes(srv)
   srv:post("/telnyx/webhook", function(req)
-    local ok, why = self:validateRequest(req)
+    local ok, why, field = self:validateRequest(req)
     if not ok then
       log.limited("warn", "telnyx webhook refused", { reason = why, remote = req.remote })
-      return 403, { error = { code = "forbidden", message = "invalid signature" } }
+      return 403, { error = { code = "forbidden", message = "invalid signature", field = field } }
     end
     local body = req:json_object()
     local data = type(body) == "table" and body.data

@@ -328,9 +328,9 @@ function P:validateRequest(req, publicBaseUrl)
   -- before the body is looked at.
   local sig = req.headers["x-twilio-signature"]
   if type(sig) ~= "string" or sig == "" then
-    return false, "X-Twilio-Signature missing"
+    return false, "X-Twilio-Signature missing", "X-Twilio-Signature"
   elseif #sig ~= 28 or not sig:find("^[%w+/]+=$") then
-    return false, "X-Twilio-Signature is not an HMAC-SHA1 in base64"
+    return false, "X-Twilio-Signature is not an HMAC-SHA1 in base64", "X-Twilio-Signature"
   end
   local base = publicBaseUrl
   local params = {}
@@ -352,7 +352,7 @@ function P:validateRequest(req, publicBaseUrl)
   if P.check_signature(self.tw.authToken, full, params, sig, req.body) then
     return true
   end
-  return false, "X-Twilio-Signature does not match"
+  return false, "X-Twilio-Signature does not match", "X-Twilio-Signature"
 end
 
 local STATUS = {

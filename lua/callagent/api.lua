@@ -292,6 +292,10 @@ local function unknown_param(req, known, takes)
   end
 end
 
+-- The headers by which a proxy says it forwarded a request, as a refusal's
+-- field names them.
+local FORWARDED = { "X-Forwarded-For", "X-Forwarded-Host", "Forwarded", "Via", "X-Real-IP" }
+
 --- Registers the API routes on an http server for the engine.
 function M.register(srv, engine, cfg, opts)
   opts = opts or {}
@@ -311,22 +315,27 @@ function M.register(srv, engine, cfg, opts)
   end
 
   -- A browser sends any page's POST (as "no-cors"), and its GETs once a
-  -- name of the page's resolves to 127.0.0.1: both are refused.
+  -- name of the page's resolves to 127.0.0.1: both are refused. The code,
+  -- the message and the header at fault.
   local function refused_browser(req)
     local h = req.headers
     if h.origin and not same_origin(h.origin, h.host, opts.public_url and opts.public_url()) then
-      return "forbidden_origin", "requests from a web page of another origin are refused"
+      return "forbidden_origin", "requests from a web page of another origin are refused", "Origin"
     end
     -- HTTP/1.1 requires Host: a request without one names no loopback host.
     if not token and not (h.host and M.loopback_host(h.host)) then
       return "forbidden_host", "without server.apiToken the API answers only requests to a loopback host "
-        .. "(127.0.0.1, [::1] or localhost)"
+        .. "(127.0.0.1, [::1] or localhost)", "Host"
     end
     -- A proxy that rewrites Host to 127.0.0.1 still says it forwarded: in
     -- Via (RFC 9110 has every proxy send it), or as nginx's setups do, in
     -- X-Real-IP alone.
-    if not token and (h["x-forwarded-for"] or h["x-forwarded-host"] or h.forwarded or h.via or h["x-real-ip"]) then
-      return "forbidden_host", "without server.apiToken the API answers no request a proxy forwarded"
+    if not token then
+      for _, name in ipairs(FORWARDED) do
+        if h[name:lower()] then
+          return "forbidden_host", "without server.apiToken the API answers no request a proxy forwarded", name
+        end
+      end
     end
   end
 
@@ -340,15 +349,16 @@ function M.register(srv, engine, cfg, opts)
   -- The answer to a request the API refuses before reading it (logged), or
   -- nil: a web page's, or one without the token.
   local function refusal(req)
-    local code, message = refused_browser(req)
+    local code, message, field = refused_browser(req)
     if code then
       log.limited("warn", "api: request refused", { method = req.method, path = req.path, remote = req.remote,
         code = code, origin = req.headers.origin, host = req.headers.host }, "api: request refused " .. code)
-      return err(403, code, message)
+      return err(403, code, message, field)
     end
     if not authorized(req) then
       log_unauthorized(req)
-      return 401, { error = { code = "unauthorized", message = "missing or wrong bearer token" } }, {
+      return 401, { error = { code = "unauthorized", message = "missing or wrong bearer token",
+        field = "Authorization" } }, {
         ["WWW-Authenticate"] = 'Bearer realm="callagent"',
       }
     end

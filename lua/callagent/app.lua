@@ -195,10 +195,11 @@ function App:_routes(srv)
   -- A webhook's query, once the provider has taken the request for its
   -- vendor's; else the 403 or 400 to answer.
   local function webhook_query(req, what)
-    local ok, why = provider:validateRequest(provider_req(req), self:public_url())
+    local ok, why, field = provider:validateRequest(provider_req(req), self:public_url())
     if not ok then
       log.limited("warn", what .. " refused", { reason = why, remote = req.remote })
-      return nil, 403, { error = { code = "forbidden", message = "invalid signature" } }
+      return nil, 403, { error = { code = "forbidden", message = "invalid signature",
+        field = type(field) == "string" and field or nil } }
     end
     return call_query(req, what)
   end

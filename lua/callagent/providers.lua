@@ -18,7 +18,8 @@
 --                             (the number, the account): failed, not retried
 --   buildVoiceResponse(self, callId, publicBaseUrl, stream)
 --                             -> body, content_type   (stream = {url, parameters})
---   validateRequest(self, req, publicBaseUrl) -> true | false, reason
+--   validateRequest(self, req, publicBaseUrl) -> true | false, reason, field?
+--                             (field: the header at fault, as a 403 names it)
 --   mapStatus(self, payload)  -> {status, providerCallId?, sequence?, reason?, raw?,
 --                             duration?} | nil, err, field? (the payload field at fault)
 --                             status: "dialing" | "in_progress" | "completed" |

@@ -1,0 +1,60 @@
+-- Small edges of the API and the webhooks: the header a refusal names.
+local T = require "testing"
+local kit = require "callkit"
+local fetch = require "callagent.fetch"
+local json = require "callagent.json"
+local crypto = require "callagent.crypto"
+
+T.test("a 401 names the Authorization header; a 403 of the API the header at fault", function()
+  local token = "api-token-0123456789abcdef"
+  local env = kit.start({ config = { server = { apiToken = token } } })
+  local status, body = env:api("GET", "/v1/calls")
+  T.eq({ status, body.error.code, body.error.field }, { 401, "unauthorized", "Authorization" }, "no token")
+  status, body = env:api("POST", "/v1/calls", { to = "+14155550130", prompt = "x" },
+    { Authorization = "Bearer wrong-token-0123456789" })
+  T.eq({ status, body.error.code, body.error.field }, { 401, "unauthorized", "Authorization" }, "a wrong token")
+  status, body = env:api("GET", "/v1/nothing/here")
+  T.eq({ status, body.error.field }, { 401, "Authorization" }, "a path no route has")
+  status, body = env:api("GET", "/v1/calls", nil, { Origin = "https://evil.example", Authorization = "Bearer " .. token })
+  T.eq({ status, body.error.code, body.error.field }, { 403, "forbidden_origin", "Origin" })
+  env = kit.start()
+  status, body = env:api("GET", "/v1/calls", nil, { Host = "calls.example.org" })
+  T.eq({ status, body.error.code, body.error.field }, { 403, "forbidden_host", "Host" })
+  for _, name in ipairs({ "X-Forwarded-For", "X-Forwarded-Host", "Forwarded", "Via", "X-Real-IP" }) do
+    status, body = env:api("GET", "/v1/calls", nil, { [name] = "203.0.113.9" })
+    T.eq({ status, body.error.code, body.error.field }, { 403, "forbidden_host", name })
+  end
+end)
+
+T.test("a Twilio webhook refused for its signature names X-Twilio-Signature", function()
+  local env = kit.start()
+  for _, case in ipairs({ { "/voice", nil }, { "/status", "bm9wZQ==" },
+    { "/voice", crypto.base64_encode(string.rep("x", 20)) } }) do
+    local res = assert(fetch(env.base .. case[1] .. "?callId=c_x&attempt=1", { method = "POST", body = "CallStatus=ringing",
+      headers = { ["Content-Type"] = "application/x-www-form-urlencoded", ["X-Twilio-Signature"] = case[2] } }))
+    local e = json.decode(res.body).error
+    T.eq({ res.status, e.code, e.field }, { 403, "forbidden", "X-Twilio-Signature" }, case[1])
+  end
+end)
+
+T.test("a Telnyx webhook refused names the telnyx-timestamp or telnyx-signature-ed25519 header", function()
+  local pk = crypto.base64_encode(string.rep("k", 32))
+  local env = kit.start({ config = { telephony = { provider = "telnyx" },
+    telnyx = { apiKey = "KEY0123456789ABCDEF_telnyx-test-key", connectionId = "1", fromNumber = "+15550002222",
+      publicKey = pk } } })
+  local body = json.encode({ data = { event_type = "call.answered", payload = {} } })
+  for _, case in ipairs({
+    { {}, "telnyx-timestamp" },
+    { { ["telnyx-timestamp"] = tostring(os.time() - 3600) }, "telnyx-timestamp" },
+    { { ["telnyx-timestamp"] = tostring(os.time()) }, "telnyx-signature-ed25519" },
+    { { ["telnyx-timestamp"] = tostring(os.time()), ["telnyx-signature-ed25519"] = crypto.base64_encode(
+      string.rep("\0", 64)) }, "telnyx-signature-ed25519" },
+  }) do
+    case[1]["Content-Type"] = "application/json"
+    local res = assert(fetch(env.base .. "/telnyx/webhook", { method = "POST", body = body, headers = case[1] }))
+    local e = json.decode(res.body).error
+    T.eq({ res.status, e.code, e.field }, { 403, "forbidden", case[2] }, json.encode(case[1]))
+  end
+end)
+
+T.run()
