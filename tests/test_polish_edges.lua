@@ -57,4 +57,18 @@ T.test("a Telnyx webhook refused names the telnyx-timestamp or telnyx-signature-
   end
 end)
 
+local function mode(path)
+  local code, lines = T.exec({ "stat", "-c", "%a", path })
+  return code == 0 and lines[1] or nil
+end
+
+T.test("the store's folders it creates are 0700; a folder that was there keeps its mode", function()
+  local dir = T.tmpdir()
+  local core = require "callagent.core"
+  assert(core.mkdir(dir .. "/mine", 493)) -- 0755, the user's
+  local store = assert(require("callagent.store.sqlite").open({ path = dir .. "/mine/new/sub/calls.db" }))
+  store:close()
+  T.eq({ mode(dir .. "/mine"), mode(dir .. "/mine/new"), mode(dir .. "/mine/new/sub") }, { "755", "700", "700" })
+end)
+
 T.run()

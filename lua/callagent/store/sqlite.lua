@@ -110,15 +110,17 @@ local CALL_ROWS = {
   events = "SELECT doc FROM events WHERE call_id = ? ORDER BY id",
 }
 
--- Creates dir and its missing parents: true, or nil, "ECODE: cannot create
--- the folder <one>: message" for the first that could not be made (under a
--- umask that takes the owner's write bit off, the one in a folder made
--- just before: SQLite then said "No such file or directory" of the file).
+-- Creates dir and its missing parents, mode 0700 (less the umask): the store
+-- holds numbers and transcripts; a folder that is there keeps its mode.
+-- true, or nil, "ECODE: cannot create the folder <one>: message" for the
+-- first that could not be made (under a umask that takes the owner's write
+-- bit off, the one in a folder made just before: SQLite then said "No such
+-- file or directory" of the file).
 local function mkdir_p(dir)
   local acc = dir:sub(1, 1) == "/" and "" or "."
   for part in dir:gmatch("[^/]+") do
     acc = acc .. "/" .. part
-    local ok, err = core.mkdir(acc)
+    local ok, err = core.mkdir(acc, 448) -- 0700
     if not ok then
       local code, msg = tostring(err):match("^(E%u+): (.*)$")
       return nil, (code or "EIO") .. ": cannot create the folder " .. acc .. ": " .. (msg or tostring(err))
