@@ -43,7 +43,8 @@
  *         statements = 64        how many prepared statements the cache keeps
  *         lock = false           a writable open takes an exclusive advisory
  *                                lock for the life of the db: <path>.lock,
- *                                created beside the file (mode 0600, kept
+ *                                created beside the file (beside the real
+ *                                file path's links lead to; mode 0600, kept
  *                                afterwards; not opened through a symbolic
  *                                link), flock()ed without waiting, with
  *                                this process's pid in it. While one db holds
@@ -1332,18 +1333,22 @@ static int create_private(const char *path)
 }
 
 /*
- * Takes the lock of path (opts.lock): <path>.lock, created if missing,
+ * Takes the lock of path (opts.lock): <real path>.lock, created if missing,
  * flock()ed without waiting, with our pid written in it. Returns its fd; or
  * pushes nil, err and returns -1, with EBUSY and the holder's pid from the
- * file when another open file holds the lock.
+ * file when another open file holds the lock. The lock is beside the file
+ * path resolves to (its links, its folders' links followed): two paths that
+ * reach one database through different links take the same lock.
  */
 static int take_lock(lua_State *L, const char *path)
 {
 	char lpath[4096], buf[24];
+	char *real = realpath(path, NULL);
 	long pid = 0;
 	int fd, e, n;
 
-	snprintf(lpath, sizeof lpath, "%s.lock", path);
+	snprintf(lpath, sizeof lpath, "%s.lock", real ? real : path);
+	free(real);
 	fd = create_private(lpath);
 	if (fd < 0 && errno == EEXIST)
 		fd = open(lpath, O_RDWR | O_NOFOLLOW | O_CLOEXEC);

@@ -71,4 +71,28 @@ T.test("the store's folders it creates are 0700; a folder that was there keeps i
   T.eq({ mode(dir .. "/mine"), mode(dir .. "/mine/new"), mode(dir .. "/mine/new/sub") }, { "755", "700", "700" })
 end)
 
+T.test("two store paths that link to one database take one lock, beside the real file", function()
+  local sqlite = require "callagent.sqlite"
+  local dir = T.tmpdir()
+  local core = require "callagent.core"
+  assert(core.mkdir(dir .. "/data"))
+  assert(core.mkdir(dir .. "/a"))
+  local target = dir .. "/data/calls.db"
+  assert(io.open(target, "w")):close()
+  T.eq(T.exec({ "ln", "-s", target, dir .. "/a/calls.db" }), 0)
+  T.eq(T.exec({ "ln", "-s", dir .. "/data", dir .. "/b" }), 0) -- a linked folder
+  local first = assert(sqlite.open(dir .. "/a/calls.db", { lock = true }))
+  T.defer(function()
+    first:close()
+  end)
+  T.eq(mode(target .. ".lock"), "600", "the lock beside the real file")
+  T.eq(mode(dir .. "/a/calls.db.lock"), nil, "none beside the link")
+  local db, err = sqlite.open(dir .. "/b/calls.db", { lock = true })
+  T.eq(db, nil, "the same database through another link is locked")
+  T.match(err, "^EBUSY: .*/b/calls%.db: in use by another process")
+  db, err = sqlite.open(target, { lock = true })
+  T.eq(db, nil, "and by its own path")
+  T.match(err, "^EBUSY: ")
+end)
+
 T.run()

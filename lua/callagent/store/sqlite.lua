@@ -5,7 +5,7 @@
 -- synchronous=NORMAL, so not a power loss between checkpoints), and WAL
 -- checkpoints run on the thread pool, off the event loop (src/sqlite.c).
 -- One process at a time: the open holds an flock on store.path .. ".lock"
--- until close (or the process's death).
+-- (beside the real file, links followed) until close (or the process's death).
 -- Records are JSON documents in a few tables; see lua/callagent/store/init.lua
 -- for the interface.
 local sqlite = require "callagent.sqlite"
