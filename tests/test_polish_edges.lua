@@ -95,4 +95,41 @@ T.test("two store paths that link to one database take one lock, beside the real
   T.match(err, "^EBUSY: ")
 end)
 
+T.test("hang-ups a vendor outage refuses log 5 lines with their calls, then a count; another failure is written", function()
+  local warns = T.log_lines("warn")
+  local n = 0
+  local env = kit.start({ twilio = { behaviour = function()
+    n = n + 1
+    -- The ninth call's hang-up fails otherwise than the outage's.
+    return { ring_ms = 60000, update_fail = n == 9 and 500 or 503 }
+  end } })
+  local ids = {}
+  for i = 1, 9 do
+    ids[i] = env:create({ to = "+1415555014" .. i, prompt = "x" })
+  end
+  T.wait_for(function()
+    return #env.tw.calls == 9
+  end, 5000, "9 calls ringing")
+  for i = 1, 9 do
+    T.eq((env:api("POST", "/v1/calls/" .. ids[i] .. "/hangup")), 202)
+  end
+  env:close() -- writes the counts
+  local full, counts = {}, {}
+  for _, l in ipairs(warns) do
+    if l.msg == "provider hang-up failed" then
+      full[#full + 1] = l
+    elseif l.msg:find("^provider hang%-up failed %(and ") then
+      counts[#counts + 1] = l
+    end
+  end
+  T.eq(#full, 6, "5 of the outage's, and the other one")
+  for i = 1, 5 do
+    T.eq({ full[i].fields.call, full[i].fields.error }, { ids[i], "twilio 20500: Internal Server Error (HTTP 503)" })
+  end
+  T.eq({ full[6].fields.call, full[6].fields.error }, { ids[9], "twilio 20500: Internal Server Error (HTTP 500)" })
+  T.eq(#counts, 1)
+  -- The 3 calls past the 5, and any of the cancels asked again since.
+  T.ok(counts[1].fields.suppressed >= 3, counts[1].msg)
+end)
+
 T.run()

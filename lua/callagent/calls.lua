@@ -36,6 +36,19 @@ local Engine = {}
 Engine.__index = Engine
 
 local FINAL = { completed = true, busy = true, no_answer = true, failed = true, canceled = true }
+
+-- A hang-up the vendor refused, logged: rate-limited (log.limited), as a
+-- vendor outage refuses one for every live call, again at each retry. Of a
+-- kind per error: its words before the first colon and its HTTP status
+-- ("twilio 20500 (HTTP 503)", "telnyx request failed"), which name no call,
+-- so that the first lines of an outage are written whole, the call and
+-- attempt in them, and a failure of another kind during it is written too.
+local function hangup_failed(fields)
+  local err = tostring(fields.error)
+  local kind = (err:match("^([^:]*):") or err):sub(1, 80) .. " " .. (err:match("%(HTTP %d+%)$") or "")
+  log.limited("warn", "provider hang-up failed", fields, "provider hang-up failed " .. kind)
+end
+
 -- An answered call's media stream comes within a second or two; one that has
 -- not come this long after the answer never will. (Module fields, read when
 -- used, so that a test can shorten them.)
@@ -813,7 +826,7 @@ function Engine:_placed_while_stopping(call, n, pid)
     local ok, err = self:_provider_end(self:call_view(call.id) or { callId = call.id },
       { n = n, providerCallId = pid, status = a.answeredAt and "in_progress" or "dialing" })
     if not ok then
-      log.warn("provider hang-up failed", { call = call.id, attempt = n, error = err })
+      hangup_failed({ call = call.id, attempt = n, error = err })
     elseif a.status == "in_progress" and call.attempt == n and not self.closed then
       self:_end_at_stop(call, n) -- answered meanwhile
     end
@@ -909,7 +922,7 @@ function Engine:_ring_timeout(call, n)
     self:_cancel_answered(call.id, n, how)
     return self:_rang_out(call, n)
   end
-  log.warn("provider hang-up failed", { call = call.id, attempt = n, error = err })
+  hangup_failed({ call = call.id, attempt = n, error = err })
   if a.status ~= "dialing" or call.attempt ~= n then
     -- A status came while the cancel was on its way (answered, or over at
     -- the vendor, its retry maybe dialing already): nothing rings to wait
@@ -1088,18 +1101,12 @@ function Engine:_ended_there(id, a, seen)
 end
 
 -- Hangs up attempt a at the vendor from a task of its own; a failure is
--- logged (rate-limited when limited: a stray's, one per callback), and then
--- on_failed() runs (may be nil).
-function Engine:_end_in_task(id, a, on_failed, on_ended, limited)
+-- logged (hangup_failed), and then on_failed() runs (may be nil).
+function Engine:_end_in_task(id, a, on_failed, on_ended)
   task.spawn(function()
     local ok, err, how = self:_provider_end(self:call_view(id) or { callId = id }, a)
     if not ok then
-      local fields = { call = id, attempt = a.n, error = err }
-      if limited then
-        log.limited("warn", "provider hang-up failed", fields)
-      else
-        log.warn("provider hang-up failed", fields)
-      end
+      hangup_failed({ call = id, attempt = a.n, error = err })
       if on_failed then
         on_failed()
       end
@@ -1153,9 +1160,10 @@ function Engine:_cancel_retrying(id, a, wanted, on_taken)
         end
         return
       end
-      log.warn("provider hang-up failed", { call = id, attempt = a.n, try = i + 1, error = err })
+      hangup_failed({ call = id, attempt = a.n, try = i + 1, error = err })
     end
-    log.error("provider hang-up failed for good: the phone may ring until the vendor gives up",
+    -- One per ringing call in a vendor outage: rate-limited too.
+    log.limited("error", "provider hang-up failed for good: the phone may ring until the vendor gives up",
       { call = id, attempt = a.n })
   end)
 end
@@ -1213,7 +1221,7 @@ function Engine:_end_stray(id, n, st, call)
   -- One a vendor's id, which a vendor at fault may make up at every callback.
   log.limited("warn", "the provider has a call up for an attempt that is over: hanging it up", { call = id,
     attempt = n })
-  self:_end_in_task(id, { n = n, providerCallId = pid, status = st.status }, nil, nil, true) -- answered: ended as such
+  self:_end_in_task(id, { n = n, providerCallId = pid, status = st.status }) -- answered: ended as such
 end
 
 -- The vendor says the callee answered (in_progress, or completed: answered
@@ -1583,7 +1591,7 @@ function Engine:bridge_hangup(b, reason)
   task.spawn(function()
     local ok, err = self:_end_at_provider(call, a)
     if not ok then
-      log.warn("provider hang-up failed", { call = call.id, error = err })
+      hangup_failed({ call = call.id, error = err })
       if a then
         a._bridge_hangup = nil
       end
@@ -2085,7 +2093,7 @@ function Engine:_hangup_attempt(call, n, a)
   local was = a and a.status
   local ok, err, how = self:_end_at_provider(call, a)
   if not ok then
-    log.warn("provider hang-up failed", { call = id, error = err })
+    hangup_failed({ call = id, error = err })
   end
   if self.closed then
     return true, ok -- app:stop() closed the store meanwhile: the next start resolves the call
@@ -2111,7 +2119,7 @@ function Engine:_hangup_attempt(call, n, a)
       log.info("answered while being hung up: hanging up again", { call = id, attempt = n })
       ok, err = self:_provider_end(self:call_view(id) or { callId = id }, a)
       if not ok then
-        log.warn("provider hang-up failed", { call = id, error = err })
+        hangup_failed({ call = id, error = err })
       end
       if self.closed then
         return true, ok
