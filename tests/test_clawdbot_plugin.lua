@@ -281,6 +281,18 @@ T.test("call_agent retried with the same toolCallId gets the same call and dials
   T.eq(#env.tw.calls, 2, "dialed once per call")
 end)
 
+T.test("call_agent with a comma in its tool call id places the call (the key is the id's hash), and replays it", function()
+  local env = start({ twilio = { behaviour = { ring_ms = 10000 } } })
+  local params = { to = "+14155550100", prompt = "Book it." }
+  local r = host({ baseUrl = env.base, apiToken = TOKEN }, {
+    { tool = "call_agent", toolCallId = "toolu_a,b", params = params },
+    { tool = "call_agent", toolCallId = "toolu_a,b", params = params },
+  })
+  T.eq({ r.steps[1].isError, r.steps[2].isError }, { false, false }, tostring(r.steps[1].error))
+  T.eq(r.steps[2].details.callId, r.steps[1].details.callId)
+  T.eq(r.steps[2].details.replayed, true)
+end)
+
 T.test("call_agent run with an empty or blank tool call id places a call each time, never another run's", function()
   -- A host or model API that gives no tool call id: runs must not share one
   -- Idempotency-Key (the second was taken for a replay, or refused 422).

@@ -1,4 +1,5 @@
--- Small edges of the API and the webhooks: the header a refusal names.
+-- Small edges: the header a 401 or 403 names, an Idempotency-Key of two
+-- keys, the store's folders and lock, refused hang-ups in the log.
 local T = require "testing"
 local kit = require "callkit"
 local fetch = require "callagent.fetch"
@@ -55,6 +56,15 @@ T.test("a Telnyx webhook refused names the telnyx-timestamp or telnyx-signature-
     local e = json.decode(res.body).error
     T.eq({ res.status, e.code, e.field }, { 403, "forbidden", case[2] }, json.encode(case[1]))
   end
+end)
+
+T.test("an Idempotency-Key of two keys joined with a comma is refused 400, naming the header", function()
+  local env = kit.start()
+  for _, key in ipairs({ "order-1,order-2", "order-1, order-2" }) do
+    local status, body = env:api("POST", "/v1/calls", { to = "+14155550150", prompt = "x" }, { ["Idempotency-Key"] = key })
+    T.eq({ status, body.error.code, body.error.field }, { 400, "invalid_idempotency_key", "Idempotency-Key" }, key)
+  end
+  T.eq(#env.tw.calls, 0, "nothing dialed")
 end)
 
 local function mode(path)

@@ -60,13 +60,14 @@ function callIdParam(params) {
 
 // Idempotency-Key for POST /v1/calls: the same tool call sent again (a retry
 // by the host, a re-run of the turn) gets the call it created instead of a
-// second one. callagent takes 1-255 printable ASCII characters, no spaces.
+// second one. callagent takes 1-255 printable ASCII characters, no spaces
+// nor commas (a comma is how a proxy joins two keys).
 // Without a tool call id (none given, "" or blanks), the key is this run's own: a
 // fixed one made every such run after the first a replay of it.
 export function idempotencyKey(toolCallId) {
   const id = String(toolCallId ?? "");
   if (id.trim() === "") return `clawdbot-run-${randomUUID()}`;
-  if (/^[\x21-\x7e]{1,200}$/.test(id)) return `clawdbot-${id}`;
+  if (/^[\x21-\x2b\x2d-\x7e]{1,200}$/.test(id)) return `clawdbot-${id}`;
   return `clawdbot-sha256-${createHash("sha256").update(id).digest("hex")}`;
 }
 
