@@ -14,6 +14,7 @@ local crypto = require "callagent.crypto"
 local core = require "callagent.core"
 local task = require "callagent.task"
 local timer = require "callagent.timer"
+local process = require "callagent.process"
 
 local ROOT = T.root
 local CHROMIUM = "/usr/bin/chromium"
@@ -43,11 +44,73 @@ local function node(args, timeout_ms)
   return result, code, table.concat(err, "\n")
 end
 
--- drive.mjs run with args (the page's URL first): its JSON result, which
--- must say the page went as asked (ok).
+-- drive.mjs --serve, started by the first page run and kept for the
+-- file's others: one browser for them all (a context each), instead of one
+-- started per run. Its stderr's last lines, for a run that fails.
+local driver, driver_err, runs = nil, {}, 0
+local function driver_process()
+  if driver and driver:running() then
+    return driver
+  end
+  driver_err = {}
+  driver = assert(process.spawn({ "node", "browser/drive.mjs", "--serve", cwd = ROOT .. "/tests", stdin = true,
+    max_line = 1 << 20, on_stderr = function(line)
+      driver_err[#driver_err + 1] = line
+      if #driver_err > 20 then
+        table.remove(driver_err, 1)
+      end
+    end }))
+  return driver
+end
+
+-- The line of run id that has field (ready, or ok: its result), skipping
+-- what an earlier run whose test gave up on it printed. None within
+-- timeout_ms fails the test, and stops the driver (the next run starts one).
+local function driver_line(p, id, field, timeout_ms)
+  local deadline = timer.now() + timeout_ms
+  while true do
+    local line = p:read_line(math.max(1, deadline - timer.now()))
+    local m = line and json.try_decode(line)
+    if not line then
+      -- SIGTERM: its Playwright closes the browsers (which are in process
+      -- groups of their own, out of a SIGKILL's reach).
+      p:kill()
+      driver = nil
+      error("drive.mjs gave no result for its run within " .. timeout_ms .. " ms; its stderr: "
+        .. table.concat(driver_err, "\n"), 0)
+    elseif type(m) == "table" and m.id == id and m[field] ~= nil then
+      return m
+    end
+  end
+end
+
+-- drive.mjs's run with args (the page's URL first), without checking how it
+-- went: its JSON result. args[1] a function: the page is set up first (the
+-- browser, a context and a page), then the function is called for the URL
+-- (it places the call: its ring time starts as the page is about to open).
+local function drive_raw(args, timeout_ms)
+  local p = driver_process()
+  runs = runs + 1
+  local id, place = runs, nil
+  if type(args[1]) == "function" then
+    place, args = args[1], { "-", table.unpack(args, 2) }
+  end
+  assert(p:write(json.encode({ id = id, args = args }) .. "\n"))
+  if place then
+    driver_line(p, id, "ready", timeout_ms)
+    -- A URL line whatever place does: the driver waits for one.
+    local ok, url = pcall(place)
+    assert(p:write(json.encode({ id = id, url = ok and url or json.null }) .. "\n"))
+    if not ok then
+      error(url, 0)
+    end
+  end
+  return driver_line(p, id, "ok", timeout_ms)
+end
+
+-- drive_raw's result, which must say the page went as asked (ok).
 local function drive(args, timeout_ms)
-  local r, code, err = node({ "browser/drive.mjs", table.unpack(args) }, timeout_ms)
-  T.ok(r, "drive.mjs printed no JSON (exit " .. tostring(code) .. "): " .. err)
+  local r = drive_raw(args, timeout_ms)
   T.ok(r.ok, "drive.mjs: " .. tostring(r.error) .. "; page: " .. json.encode({ r.banner, r.problem, r.console, r.stats }))
   return r
 end
@@ -452,7 +515,7 @@ T.test("a microphone allowed after STREAM_WAIT_MS: the call is answered then, an
   local view = assert(app:create_call({ to = "+14155550196", prompt = "Say hello." }))
   local shot = ROOT .. "/tests/artifacts/mock-phone-slow-mic.png"
   local r = drive({ view.hint, wav, shot, "--mic-delay=4500", "--hold=7",
-    "--hangup-after=1500", "--timeout=40000" }, 60000)
+    "--hangup-after=500", "--timeout=40000" }, 60000)
   T.eq(r.banner, "Call ended: you hung up.")
   T.gt(r.stats.framesSent, 0, "the page streamed")
   local v
@@ -467,21 +530,22 @@ T.test("a microphone allowed after STREAM_WAIT_MS: the call is answered then, an
 end, { timeout = 80000 })
 
 -- A call to number to, on an app whose agent tells an 8 s story once greeted,
--- and the callee's recording: app, the call's view, the WAV's path.
+-- and the callee's recording: app, the call's view, the WAV's path, the fake
+-- model.
 local function long_story_call(to)
   need_tools()
   local wav = callee_wav()
-  local app = start_app(function(s)
+  local app, rt = start_app(function(s)
     assert(s:wait_event("response.create", 20000))
     s:speak({ ms = 8000, text = "A long story." })
   end)
-  return app, assert(app:create_call({ to = to, prompt = "Talk." })), wav
+  return app, assert(app:create_call({ to = to, prompt = "Talk." })), wav, rt
 end
 
 T.test("through a forwarded port: the page streams through it, and when it is cut says callagent is gone", function()
   local app, view, wav = long_story_call("+14155550195")
   local shot = ROOT .. "/tests/artifacts/mock-phone-lost.png"
-  local r = drive({ view.hint, wav, shot, "--forward", "--cut-after=1000",
+  local r = drive({ view.hint, wav, shot, "--forward", "--cut-after=500",
     "--timeout=15000" }, 30000)
   -- ssh -L 9000:127.0.0.1:4545: the page's stream goes where the page came from.
   T.eq(r.forward.streams, 1, "the media stream went through the forward")
@@ -511,7 +575,7 @@ T.test("placed from the dial form through a forwarded port, answered, hung up on
   -- Through a forward (ssh -L 9000:127.0.0.1:4545): the call's page opens
   -- on the form's own origin, not on the hint's, which the browser may not reach.
   local r = drive({ app.url .. "/mock/", wav, shot, "--dial", "--forward",
-    "--hangup-after=1500", "--timeout=15000" }, 30000)
+    "--hangup-after=1500", "--watch-after=1500", "--timeout=15000" }, 30000)
   local view = { callId = r.callId }
   T.match(view.callId, "^c_%x+$", "the dial form placed a call")
   T.eq(r.forward.streams, 1, "the call's page, opened by the form, streamed through the forward")
@@ -558,22 +622,27 @@ T.test("placed from the dial form through a forwarded port, answered, hung up on
 end, { timeout = 40000 })
 
 -- The call of view, whose page was left mid-call, ends as the callee
--- hanging up.
-local function left_page_hung_up(app, view)
+-- hanging up: one attempt, not retried, and its model session (rt's one)
+-- closed.
+local function left_page_hung_up(app, view, rt)
   local v
   T.wait_for(function()
     v = app.engine:call_view(view.callId)
     return v and v.status ~= "in_progress"
   end, 10000, "the call to end")
-  T.eq({ v.status, v.endReason }, { "completed", "callee_hung_up" }, "leaving the page hung up")
+  T.eq({ v.status, v.endReason, #v.attempts }, { "completed", "callee_hung_up", 1 }, "leaving the page hung up")
+  T.eq(#rt.sessions, 1, "one model session")
+  T.wait_for(function()
+    return rt.sessions[1].closed
+  end, 3000, "the model session to close")
 end
 
 T.test("reloaded mid-call: the call is hung up as the callee's, and the reloaded page says its link answered it", function()
-  local app, view, wav = long_story_call("+14155550191")
+  local app, view, wav, rt = long_story_call("+14155550191")
   local r = drive({ view.hint, wav, ROOT .. "/tests/artifacts/mock-phone-reloaded.png",
-    "--reload-after=1000", "--timeout=15000" }, 30000)
+    "--reload-after=500", "--timeout=15000" }, 30000)
   T.gt(r.reload.stats.framesSent, 0, "the page streamed before the reload")
-  left_page_hung_up(app, view)
+  left_page_hung_up(app, view, rt)
   -- Reloaded, the page has no session: the link was used, by this call.
   T.eq(r.reload.state, "error")
   T.match(r.reload.problem, "^This call link was already used: the call was answered from it")
@@ -583,7 +652,7 @@ T.test("the microphone lost mid-call: the page says so and hangs up, the call en
   function()
   local app, view, wav = long_story_call("+14155550187")
   local r = drive({ view.hint, wav, ROOT .. "/tests/artifacts/mock-phone-mic-lost.png",
-    "--mic-lost-after=1000", "--no-report", "--timeout=15000" }, 30000)
+    "--mic-lost-after=500", "--no-report", "--timeout=15000" }, 30000)
   T.gt(r.stats.framesSent, 0, "the page streamed before")
   T.eq({ r.stats.state, r.banner, r.status }, { "mic-lost", "Call ended: the microphone stopped.", "Completed" })
   -- Why, once: the problem box says the microphone stopped, the end line not again.
@@ -611,15 +680,15 @@ end, { timeout = 40000 })
 
 T.test("left mid-call, back from the back/forward cache: the microphone was let go on leaving, the page loads again "
   .. "and says its link answered the call", function()
-  local app, view, wav = long_story_call("+14155550186")
+  local app, view, wav, rt = long_story_call("+14155550186")
   local r = drive({ view.hint, wav, ROOT .. "/tests/artifacts/mock-phone-back.png",
-    "--cache-after=1000", "--timeout=15000" }, 30000)
+    "--cache-after=500", "--timeout=15000" }, 30000)
   T.eq(r.back.micLiveInCache, false, "leaving the page let the microphone go")
   -- Not the page as it was left: loaded again, it asks its link's view.
   T.eq(r.back.reloaded, true, "the page loaded again")
   T.eq(r.back.state, "error")
   T.match(r.back.problem, "^This call link was already used: the call was answered from it")
-  left_page_hung_up(app, view)
+  left_page_hung_up(app, view, rt)
 end, { timeout = 40000 })
 
 -- Left after Answer, before the answer's reply (drive.mjs --leave=WHEN):
@@ -627,13 +696,13 @@ end, { timeout = 40000 })
 local function left_while_answering(when, to)
   need_tools()
   local wav = callee_wav()
-  local app = start_app(function() end)
+  local app, rt = start_app(function() end)
   local view = assert(app:create_call({ to = to, prompt = "Talk." }))
   local r = drive({ view.hint, wav, ROOT .. "/tests/artifacts/mock-phone-left-" .. when .. ".png",
     "--leave=" .. when, "--timeout=15000" }, 30000)
   T.eq(r.left, { micLive = false, state = "ended", framesSent = 0 }, "the microphone let go, nothing streamed")
   T.eq(r.banner, "Call ended: you left the page.")
-  left_page_hung_up(app, view)
+  left_page_hung_up(app, view, rt)
 end
 
 T.test("left while the microphone prompt is open: the grant that comes after is let go, the call is hung up", function()
@@ -649,6 +718,33 @@ T.test("left once callagent answered, before the page read the reply: the page's
   left_while_answering("answer", "+14155550181")
 end, { timeout = 40000 })
 
+T.test("left once its stream's WebSocket is made, before it opened: the call is hung up, its model session closed, "
+  .. "nothing streams", function()
+  left_while_answering("connecting", "+14155550178")
+end, { timeout = 40000 })
+
+-- The tab closed after Answer, before the call connected (drive.mjs
+-- --close=WHEN): the page's hang-up on its way out ends the call.
+local function closed_while_answering(when, to)
+  need_tools()
+  local app, rt = start_app(function() end)
+  local view = assert(app:create_call({ to = to, prompt = "Talk." }))
+  local r = drive({ view.hint, callee_wav(), ROOT .. "/tests/artifacts/mock-phone-closed.png", "--close=" .. when,
+    "--timeout=15000" }, 30000)
+  T.eq(r.left, { closed = true })
+  left_page_hung_up(app, view, rt)
+end
+
+T.test("the tab closed once callagent answered, before the page read the reply: the call is hung up, its model "
+  .. "session closed", function()
+  closed_while_answering("answer", "+14155550175")
+end, { timeout = 40000 })
+
+T.test("the tab closed once the stream's WebSocket is made, before it opened: the call is hung up, its model session "
+  .. "closed", function()
+  closed_while_answering("connecting", "+14155550174")
+end, { timeout = 40000 })
+
 T.test("a model error in a call that went on, then hung up on the page: the end line says what callagent's record says",
   function()
   need_tools()
@@ -660,7 +756,7 @@ T.test("a model error in a call that went on, then hung up on the page: the end 
   end)
   local view = assert(app:create_call({ to = "+14155550182", prompt = "Talk." }))
   local r = drive({ view.hint, wav, ROOT .. "/tests/artifacts/mock-phone-model-error-completed.png",
-    "--hangup-after=1000", "--timeout=15000" }, 30000)
+    "--hangup-after=500", "--timeout=15000" }, 30000)
   local v = app.engine:call_view(view.callId)
   T.eq({ v.status, v.endReason }, { "completed", "callee_hung_up" })
   T.eq(r.problem, "")
@@ -699,9 +795,8 @@ T.test("the model refuses callagent's key while the page rings: the ring is canc
   end, 5000, "the call failed while it rang")
   local v = app.engine:call_view(view.callId)
   T.eq({ v.endReason, v.attempts[1].answeredAt }, { "model_error", nil })
-  local r, code, err = node({ "browser/drive.mjs", view.hint, wav, ROOT .. "/tests/artifacts/mock-phone-model-refused-ringing.png",
+  local r = drive_raw({ view.hint, wav, ROOT .. "/tests/artifacts/mock-phone-model-refused-ringing.png",
     "--no-report", "--timeout=15000" }, 30000)
-  T.ok(r, "drive.mjs printed no JSON (exit " .. tostring(code) .. "): " .. err)
   T.eq({ r.ok, r.stats and r.stats.state }, { false, "error" }, "nothing to answer")
   T.eq(r.problem, "This call stopped ringing before it was answered: the link has expired. callagent says: "
     .. v.lastError .. " Start a new call to get a new link.")
@@ -729,7 +824,7 @@ T.test("answered, its media stream never connects: Hang up works meanwhile, the 
   .. "ends instead of answering on", function()
   need_tools()
   local calls = require "callagent.calls"
-  T.shorten(calls, "STREAM_WAIT_MS", 3000)
+  T.shorten(calls, "STREAM_WAIT_MS", 1500)
   local wav = callee_wav()
   local app = start_app(function() end)
   local view = assert(app:create_call({ to = "+14155550189", prompt = "Talk." }))
@@ -775,10 +870,12 @@ end, { timeout = 30000 })
 
 -- Opens the hint with one of drive.mjs's ways to end the ring from outside
 -- (--api-hangup, --answer-elsewhere); checks that the page rang, then said
--- so and took Answer and Decline away. Returns drive.mjs's result.
-local function ring_stopped_elsewhere(app, view, how, shot)
+-- so and took Answer and Decline away. Returns drive.mjs's result. view: the
+-- call's, or a function that places it once the page is set up (drive_raw)
+-- and returns its hint.
+local function ring_stopped_elsewhere(view, how, shot)
   local wav = callee_wav()
-  local r = drive({ view.hint, wav, ROOT .. "/tests/artifacts/" .. shot, how,
+  local r = drive({ type(view) == "function" and view or view.hint, wav, ROOT .. "/tests/artifacts/" .. shot, how,
     "--timeout=10000" }, 20000)
   T.eq({ r.ring.title, r.ring.answer.enabled, r.ring.decline.enabled }, { "Incoming call", true, true }, "it rang")
   T.eq(r.stats.state, "stopped")
@@ -793,7 +890,7 @@ T.test("hung up through the API while the page rings: the page says so and disab
   need_tools()
   local app, rt = start_app(function() end)
   local view = assert(app:create_call({ to = "+14155550193", prompt = "Never mind." }))
-  local r = ring_stopped_elsewhere(app, view, "--api-hangup", "mock-phone-stopped.png")
+  local r = ring_stopped_elsewhere(view, "--api-hangup", "mock-phone-stopped.png")
   T.eq(r.action.status, 202, "the API took the hang-up: " .. json.encode(r.action))
   T.eq({ r.ringTitle, r.status, r.banner, r.endText }, { "Call canceled", "Canceled",
     "The call stopped ringing: callagent hung up before it was answered.", "The call ended: Canceled." })
@@ -808,8 +905,13 @@ T.test("left ringing until the ring time is up, retried at once: the page says i
     call = { ringTimeoutSec = 3, statusGraceSec = 1 },
     retry = { maxAttempts = 2, initialDelayMs = 0, retryStatuses = { "no_answer" } },
   })
-  local view = assert(app:create_call({ to = "+14155550188", prompt = "Nobody answers." }))
-  local r = ring_stopped_elsewhere(app, view, "--let-ring", "mock-phone-missed.png")
+  -- Placed once the browser has the page ready to open it: the 3 s ring
+  -- must not run out while a loaded machine starts a browser.
+  local view
+  local r = ring_stopped_elsewhere(function()
+    view = assert(app:create_call({ to = "+14155550188", prompt = "Nobody answers." }))
+    return view.hint
+  end, "--let-ring", "mock-phone-missed.png")
   T.eq({ r.ringTitle, r.status }, { "Missed call", "No answer" })
   T.match(r.endText, "^callagent .*again.* %(attempt 2[%) ].*under a new link: the call's hint %(GET /v1/calls/"
     .. view.callId .. "%) has it%.$")
@@ -886,7 +988,7 @@ T.test("answered in another tab while the page rings: the page says so and disab
     s:wait_event("response.create", 5000)
   end)
   local view = assert(app:create_call({ to = "+14155550192", prompt = "Someone else takes it." }))
-  local r = ring_stopped_elsewhere(app, view, "--answer-elsewhere", "mock-phone-answered-elsewhere.png")
+  local r = ring_stopped_elsewhere(view, "--answer-elsewhere", "mock-phone-answered-elsewhere.png")
   T.eq(r.action.status, 200, "the other tab answered: " .. json.encode(r.action))
   T.eq({ r.ringTitle, r.status, r.banner }, { "Answered elsewhere", "Answered elsewhere",
     "The call was answered elsewhere: this link was opened in another window or tab, which took it." })

@@ -27,10 +27,11 @@
 //   --hold=KEY          once connected (after --press), hold KEY down as a
 //                       person does: one keydown and then the keyboard's
 //                       repeats (repeat: true), then its keyup
-//   --hangup-after=MS   click Hang up MS after the stream connected; the page
-//                       is then watched 1.5 s past the click (the end may
-//                       come sooner), and .hungUpMs is when the click was
-//                       (in ms, as the samples' first field)
+//   --hangup-after=MS   click Hang up MS after the stream connected; .hungUpMs
+//                       is when the click was (in ms, as the samples' first
+//                       field)
+//   --watch-after=MS    with --hangup-after: the end not before MS past the
+//                       click (what the page still plays)
 //   --live-shot=PATH    a screenshot 2 s after the stream connected
 //   --oversize-after=MS MS after the stream connected, send on the page's
 //                       stream a 300 KiB text message (over a callagent
@@ -62,9 +63,16 @@
 //                       grant comes just after); "granted", as soon as the
 //                       page has the microphone, before its answer's reply;
 //                       "answer", once callagent answered the page's answer,
-//                       before the page reads its reply.
-//                       The end 1.5 s later: .left {micLive (a microphone
-//                       track still live), state, framesSent}
+//                       before the page reads its reply; "connecting",
+//                       once the page made its stream's WebSocket, before
+//                       it opened.
+//                       The end once the call is over at callagent (its
+//                       link's view) and the page has no live microphone
+//                       track (the one sample after): .left {micLive,
+//                       state, framesSent}
+//   --close=WHEN        as --leave, but the tab is closed then (page.close():
+//                       a real pagehide, and the page is gone); the end once
+//                       it closed: .left {closed: true}
 //   --reopen            at the end, open URL again (a used link) and record
 //                       what the page says in .reopen {state, problem}
 //   --mic-delay=MS      the microphone is granted MS after the page asks (a person
@@ -130,57 +138,65 @@
 // Content-Security-Policy header, or null)}; .cspViolations the page's
 // Content-Security-Policy violations (securitypolicyviolation events and the
 // browser's console reports of them): any is a failure.
+// .hangupRequests counts the page's POST /mock/api/hangup requests.
 // ok is false (exit status 1) with .error when something failed on the way.
+//
+//   node tests/browser/drive.mjs --serve
+// runs the runs that come on stdin, each in a browser context of its own,
+// in browsers started once (serve(), below): test_mock_browser.lua's way.
 import { chromium } from "playwright-core";
+import crypto from "node:crypto";
 import fs from "node:fs";
 import net from "node:net";
 import os from "node:os";
 import path from "node:path";
+import readline from "node:readline";
 
-const positional = [];
-const opts = { timeout: 30000, chromium: "/usr/bin/chromium", denyMic: false, press: "", hangupAfter: null };
-for (const a of process.argv.slice(2)) {
-  if (a === "--deny-mic") opts.denyMic = true;
-  else if (a === "--reopen") opts.reopen = true;
-  else if (a === "--decline") opts.decline = true;
-  else if (a === "--api-hangup") opts.apiHangup = true;
-  else if (a === "--answer-elsewhere") opts.answerElsewhere = true;
-  else if (a === "--let-ring") opts.letRing = true;
-  else if (a === "--ring-fault") opts.ringFault = true;
-  else if (a === "--ring-check-fault") opts.ringCheckFault = true;
-  else if (a === "--answer-fault") opts.answerFault = true;
-  else if (a === "--answer-key") opts.answerKey = true;
-  else if (a === "--dial") opts.dial = true;
-  else if (a === "--no-report") opts.noReport = true;
-  else if (a.startsWith("--ring-shot=")) opts.ringShot = a.slice(12);
-  else if (a.startsWith("--press=")) opts.press = a.slice(8);
-  else if (a.startsWith("--hangup-after=")) opts.hangupAfter = Number(a.slice(15));
-  else if (a.startsWith("--oversize-after=")) opts.oversizeAfter = Number(a.slice(17));
-  else if (a.startsWith("--hold=")) opts.hold = a.slice(7);
-  else if (a.startsWith("--reload-after=")) opts.reloadAfter = Number(a.slice(15));
-  else if (a.startsWith("--mic-lost-after=")) opts.micLostAfter = Number(a.slice(17));
-  else if (a.startsWith("--cache-after=")) opts.cacheAfter = Number(a.slice(14));
-  else if (a === "--mic-lost-on-grant") opts.micLostOnGrant = true;
-  else if (a.startsWith("--leave=")) opts.leave = a.slice(8);
-  else if (a.startsWith("--live-shot=")) opts.liveShot = a.slice(12);
-  else if (a.startsWith("--timeout=")) opts.timeout = Number(a.slice(10));
-  else if (a.startsWith("--mic-delay=")) opts.micDelay = Number(a.slice(12));
-  else if (a.startsWith("--chromium=")) opts.chromium = a.slice(11);
-  else if (a === "--forward") opts.forward = true;
-  else if (a === "--hold-stream") opts.holdStream = true;
-  else if (a === "--csp-probe") opts.cspProbe = true;
-  else if (a.startsWith("--cut-after=")) opts.cutAfter = Number(a.slice(12));
-  else positional.push(a);
-}
-let [url, wav, shot] = positional;
-const out = { ok: false, console: [], documents: [], cspViolations: [] };
-const t0 = Date.now();
 const FINAL = ["completed", "busy", "no_answer", "failed", "canceled"];
 
-function finish(code) {
-  out.elapsedMs = Date.now() - t0;
-  process.stdout.write(JSON.stringify(out) + "\n");
-  process.exitCode = code;
+// A run's arguments: {opts, positional}.
+function parse(argv) {
+  const positional = [];
+  const opts = { timeout: 30000, chromium: "/usr/bin/chromium", denyMic: false, press: "", hangupAfter: null };
+  for (const a of argv) {
+    if (a === "--deny-mic") opts.denyMic = true;
+    else if (a === "--reopen") opts.reopen = true;
+    else if (a === "--decline") opts.decline = true;
+    else if (a === "--api-hangup") opts.apiHangup = true;
+    else if (a === "--answer-elsewhere") opts.answerElsewhere = true;
+    else if (a === "--let-ring") opts.letRing = true;
+    else if (a === "--ring-fault") opts.ringFault = true;
+    else if (a === "--ring-check-fault") opts.ringCheckFault = true;
+    else if (a === "--answer-fault") opts.answerFault = true;
+    else if (a === "--answer-key") opts.answerKey = true;
+    else if (a === "--dial") opts.dial = true;
+    else if (a === "--no-report") opts.noReport = true;
+    else if (a.startsWith("--ring-shot=")) opts.ringShot = a.slice(12);
+    else if (a.startsWith("--press=")) opts.press = a.slice(8);
+    else if (a.startsWith("--hangup-after=")) opts.hangupAfter = Number(a.slice(15));
+    else if (a.startsWith("--watch-after=")) opts.watchAfter = Number(a.slice(14));
+    else if (a.startsWith("--oversize-after=")) opts.oversizeAfter = Number(a.slice(17));
+    else if (a.startsWith("--hold=")) opts.hold = a.slice(7);
+    else if (a.startsWith("--reload-after=")) opts.reloadAfter = Number(a.slice(15));
+    else if (a.startsWith("--mic-lost-after=")) opts.micLostAfter = Number(a.slice(17));
+    else if (a.startsWith("--cache-after=")) opts.cacheAfter = Number(a.slice(14));
+    else if (a === "--mic-lost-on-grant") opts.micLostOnGrant = true;
+    else if (a.startsWith("--leave=")) opts.leave = a.slice(8);
+    else if (a.startsWith("--close=")) {
+      opts.leave = a.slice(8);
+      opts.closeTab = true;
+    }
+    else if (a.startsWith("--live-shot=")) opts.liveShot = a.slice(12);
+    else if (a.startsWith("--timeout=")) opts.timeout = Number(a.slice(10));
+    else if (a.startsWith("--mic-delay=")) opts.micDelay = Number(a.slice(12));
+    else if (a.startsWith("--chromium=")) opts.chromium = a.slice(11);
+    else if (a === "--forward") opts.forward = true;
+    else if (a === "--hold-stream") opts.holdStream = true;
+    else if (a === "--csp-probe") opts.cspProbe = true;
+    else if (a.startsWith("--cut-after=")) opts.cutAfter = Number(a.slice(12));
+    else positional.push(a);
+  }
+  return { opts, positional };
 }
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
@@ -268,13 +284,38 @@ async function shownAgain(page) {
   };
 }
 
-async function run() {
-  if (!url || !wav || !shot) throw new Error("usage: drive.mjs URL WAV SCREENSHOT [options]");
+// The browsers, launched once and kept for every run: one per way its
+// microphone is set up (the WAV it plays, by content; allowed, or refused),
+// each run in a context of its own. Their WAVs are copies in a folder of
+// this process, removed with the browsers.
+const browsers = new Map();
+let wavDir = null;
+async function browserFor(opts, wav) {
   if (!fs.existsSync(opts.chromium)) {
     throw new Error(`${opts.chromium} is missing: install Debian's chromium (apt-get install -y chromium)`);
   }
   if (!fs.existsSync(wav)) throw new Error(`no such WAV file: ${wav}`);
-  const profile = fs.mkdtempSync(path.join(os.tmpdir(), "callagent-chromium-"));
+  const data = fs.readFileSync(wav);
+  const sum = crypto.createHash("sha256").update(data).digest("hex").slice(0, 16);
+  const key = `${opts.chromium} ${sum} ${opts.denyMic ? "deny" : "allow"}`;
+  if (!browsers.has(key)) browsers.set(key, launch(opts, data, sum));
+  let browser;
+  try {
+    browser = await browsers.get(key);
+  } catch (e) {
+    browsers.delete(key);
+    throw e;
+  }
+  if (browser.isConnected()) return browser;
+  // It crashed (or was closed) since: a new one, for this run and the next.
+  browsers.delete(key);
+  return browserFor(opts, wav);
+}
+
+async function launch(opts, data, sum) {
+  wavDir = wavDir || fs.mkdtempSync(path.join(os.tmpdir(), "callagent-drive-"));
+  const wav = path.join(wavDir, `${sum}.wav`);
+  fs.writeFileSync(wav, data);
   const args = [
     "--no-sandbox",
     "--disable-gpu",
@@ -287,17 +328,46 @@ async function run() {
     `--use-file-for-fake-audio-capture=${wav}`,
   ];
   args.push(opts.denyMic ? "--deny-permission-prompts" : "--use-fake-ui-for-media-stream");
+  return chromium.launch({ executablePath: opts.chromium, headless: true, args });
+}
+
+async function closeBrowsers() {
+  for (const b of browsers.values()) await b.then((x) => x.close()).catch(() => {});
+  browsers.clear();
+  if (wavDir) fs.rmSync(wavDir, { recursive: true, force: true });
+  wavDir = null;
+}
+
+// One run: argv as on the command line; its result (.ok, or .error).
+// url "-": once its page is set up (the browser started, the context and
+// the page made, before any URL), ready() is called, and the URL is what
+// it returns (a promise): the call is placed then, so that its ring time
+// starts with the page about to open it.
+async function job(argv, ready) {
+  const { opts, positional } = parse(argv);
+  const out = { ok: false, console: [], documents: [], cspViolations: [] };
+  const t0 = Date.now();
+  try {
+    await run(opts, out, positional, ready);
+  } catch (e) {
+    out.error = String(e && e.message ? e.message : e);
+  }
+  out.elapsedMs = Date.now() - t0;
+  return out;
+}
+
+async function run(opts, out, positional, ready) {
+  let [url, wav, shot] = positional;
+  if (!url || !wav || !shot) throw new Error("usage: drive.mjs URL WAV SCREENSHOT [options]");
+  const browser = await browserFor(opts, wav);
   let context;
   let forward = null;
   try {
-    context = await chromium.launchPersistentContext(profile, {
-      executablePath: opts.chromium,
-      headless: true,
-      args,
+    context = await browser.newContext({
       viewport: { width: 1100, height: 860 },
       permissions: opts.denyMic ? [] : ["microphone"],
     });
-    const page = context.pages()[0] || (await context.newPage());
+    const page = await context.newPage();
     page.on("console", (m) => {
       if (m.type() === "error" || m.type() === "warning") out.console.push(`${m.type()}: ${m.text()}`.slice(0, 300));
       if (/Content Security Policy/i.test(m.text())) out.cspViolations.push(`console: ${m.text()}`.slice(0, 300));
@@ -314,6 +384,10 @@ async function run() {
       );
     });
     page.on("pageerror", (e) => out.console.push(`pageerror: ${e.message}`.slice(0, 300)));
+    out.hangupRequests = 0;
+    page.on("request", (r) => {
+      if (new URL(r.url()).pathname === "/mock/api/hangup") out.hangupRequests++;
+    });
     if (opts.oversizeAfter != null) {
       // Keeps the page's WebSockets, to send on its stream.
       await page.addInitScript(() => {
@@ -382,10 +456,17 @@ async function run() {
       });
     }
     // Counts the page's microphone requests; with --mic-delay, grants them late.
-    await page.addInitScript(([ms, loseOnGrant, leave]) => {
+    let tabClosed = null; // --close: the tab's close, once asked
+    if (opts.closeTab) {
+      await page.exposeFunction("__closeTab", () => {
+        tabClosed = tabClosed || page.close();
+      });
+    }
+    await page.addInitScript(([ms, loseOnGrant, leave, closeTab]) => {
       const leavePage = () => {
         window.__leftAt = performance.now();
-        window.dispatchEvent(new PageTransitionEvent("pagehide", { persisted: true }));
+        if (closeTab) window.__closeTab();
+        else window.dispatchEvent(new PageTransitionEvent("pagehide", { persisted: true }));
       };
       if (leave === "answer") {
         // The answer answered at callagent, its reply not yet read by the page.
@@ -397,6 +478,16 @@ async function run() {
                 return res;
               })
             : f(u, o);
+      }
+      if (leave === "connecting") {
+        // Its stream made, not open yet (the page's next task, as a person's close comes).
+        const WS = window.WebSocket;
+        window.WebSocket = class extends WS {
+          constructor(...args) {
+            super(...args);
+            setTimeout(leavePage, 0);
+          }
+        };
       }
       window.__micRequests = 0;
       const md = navigator.mediaDevices;
@@ -421,7 +512,9 @@ async function run() {
           return s;
         });
       };
-    }, [opts.micDelay || 0, !!opts.micLostOnGrant, opts.leave || ""]);
+    }, [opts.micDelay || 0, !!opts.micLostOnGrant, opts.leave || "", !!opts.closeTab]);
+    if (url === "-") url = (ready && (await ready())) || null;
+    if (!url) throw new Error("no URL came for the run");
     if (opts.forward) {
       forward = await startForward(url, opts.holdStream);
       out.forward = forward.stats;
@@ -437,9 +530,12 @@ async function run() {
         s.remove();
         return !!window.__inlineRan;
       });
-      const until = Date.now() + 2000;
-      while (out.cspViolations.length === 0 && Date.now() < until) await sleep(20);
-      await sleep(100); // the console's report of the same violation
+      // Reported twice: the event, and the console's line. Both are waited
+      // for (on a loaded machine the line can come well after the event):
+      // either one coming after the reset below would count as the page's.
+      const seen = (kind) => out.cspViolations.some((v) => v.startsWith(kind));
+      const until = Date.now() + 10000;
+      while (!(seen("event:") && seen("console:")) && Date.now() < until) await sleep(20);
       out.cspProbe = { ran, reported: out.cspViolations.length };
       out.cspViolations = [];
       out.console.length = logged; // the probe's own report
@@ -459,6 +555,17 @@ async function run() {
       && opts.hangupAfter == null
       && opts.cutAfter == null && opts.micLostAfter == null && !opts.micLostOnGrant && opts.oversizeAfter == null;
     let rang = false;
+    let leftOver = false; // --leave: over at callagent, the microphone let go
+    // Whether the call is over at callagent, as its link's view says.
+    const over_at_callagent = async () => {
+      const u = new URL(url);
+      const view = await fetch(`${u.origin}/mock/api/ring/${u.pathname.split("/").pop()}${u.search}`)
+        .then((res) => res.json())
+        .catch(() => null);
+      return !!view && FINAL.includes(view.status);
+    };
+    const micLive = () =>
+      (window.__micStreams || []).some((m) => m.getAudioTracks().some((t) => t.readyState === "live"));
     let cutAt = null;
     let endedAfterCut = null;
     let connectedAt = null;
@@ -470,8 +577,20 @@ async function run() {
     let liveShot = !opts.liveShot;
     let done = false;
     let last = null;
+    // A look at the page that may come as its tab closes (--close): "closed".
+    const look = (fn, arg) =>
+      page.evaluate(fn, arg).catch((e) => {
+        if (tabClosed) return "closed";
+        throw e;
+      });
     while (Date.now() < deadline) {
-      last = await page.evaluate(() => {
+      if (tabClosed) {
+        await tabClosed;
+        out.left = { closed: true };
+        done = true;
+        break;
+      }
+      const got = await look(() => {
         const p = window.mockPhone;
         if (!p) return null;
         const report = document.getElementById("report");
@@ -482,6 +601,8 @@ async function run() {
         return { stats: p.stats, reportShown: !!report && !report.hidden,
           hangup: { visible: shown, enabled: shown && !h.disabled } };
       });
+      if (got === "closed") continue;
+      last = got;
       if (last) {
         const s = last.stats;
         const now = Date.now();
@@ -588,9 +709,10 @@ async function run() {
           }
         }
         const over = !["opening", "ringing", "answering", "connected"].includes(s.state);
-        const sinceLeft = opts.leave && (await page.evaluate(() => window.__leftAt && performance.now() - window.__leftAt));
+        const sinceLeft = opts.leave && (await look(() => window.__leftAt && performance.now() - window.__leftAt));
+        if (sinceLeft === "closed") continue;
         if (opts.leave) {
-          if (sinceLeft >= 1500) {
+          if (leftOver) {
             out.left = await page.evaluate(() => ({
               micLive: (window.__micStreams || []).some((m) => m.getAudioTracks().some((t) => t.readyState === "live")),
               state: window.mockPhone.stats.state,
@@ -599,6 +721,7 @@ async function run() {
             done = true;
             break;
           }
+          if (!opts.closeTab && sinceLeft > 0 && (await over_at_callagent()) && !(await look(micLive))) leftOver = true;
         } else if (cutAt !== null) {
           // callagent is gone: no final status will come; the page is watched
           // from when it has ended (a loaded machine may take a while to show
@@ -611,7 +734,7 @@ async function run() {
             done = true;
             break;
           }
-        } else if (hungUp && Date.now() - start < out.hungUpMs + 1500) {
+        } else if (hungUp && Date.now() - start < out.hungUpMs + (opts.watchAfter || 0)) {
           // Watched a while past the click: what the page still plays.
         } else if (over && (opts.decline || watchRing || opts.answerFault || (FINAL.includes(s.callStatus) && (!wantReport || last.reportShown)))) {
           done = true;
@@ -622,6 +745,12 @@ async function run() {
     }
     out.stats = last && last.stats;
     out.samples = samples;
+    if (tabClosed) {
+      // Closed: nothing more of the page to see.
+      if (out.cspViolations.length) throw new Error(`Content-Security-Policy violations: ${out.cspViolations.join("; ")}`);
+      out.ok = true;
+      return;
+    }
     out.banner = await visibleText(page, "banner");
     out.problem = await visibleText(page, "problem");
     out.status = await visibleText(page, "status");
@@ -649,7 +778,6 @@ async function run() {
   } finally {
     if (context) await context.close().catch(() => {});
     if (forward) forward.cut(); // else its listener keeps node running
-    fs.rmSync(profile, { recursive: true, force: true });
   }
 }
 
@@ -686,10 +814,53 @@ async function ringView(page) {
   return view;
 }
 
-run().then(
-  () => finish(0),
-  (e) => {
-    out.error = String(e && e.message ? e.message : e);
-    finish(1);
-  },
-);
+// --serve: runs read from stdin, one JSON line each, {id, args} (args as on
+// the command line), one after the other in the same browsers; each run's
+// result is one JSON line, with its id. A run whose URL is "-" first
+// prints {id, ready: true} and reads the URL as the next line ({id, url}).
+// At the end of stdin the browsers close and the process ends.
+async function serve() {
+  const lines = [];
+  let waiting = null;
+  let ended = false;
+  const rl = readline.createInterface({ input: process.stdin });
+  rl.on("line", (l) => {
+    lines.push(l);
+    if (waiting) waiting();
+  });
+  rl.on("close", () => {
+    ended = true;
+    if (waiting) waiting();
+  });
+  const next = async () => {
+    while (!lines.length && !ended) await new Promise((r) => (waiting = r));
+    waiting = null;
+    return lines.length ? JSON.parse(lines.shift()) : null;
+  };
+  const write = (o) => process.stdout.write(JSON.stringify(o) + "\n");
+  for (let m = await next(); m; m = await next()) {
+    const out = await job(m.args, async () => {
+      write({ id: m.id, ready: true });
+      const u = await next();
+      return u && u.url;
+    });
+    write({ id: m.id, ...out });
+  }
+  await closeBrowsers();
+}
+
+if (process.argv[2] === "--serve") {
+  serve().then(
+    () => process.exit(0),
+    (e) => {
+      process.stderr.write(String(e && e.stack ? e.stack : e) + "\n");
+      process.exit(1);
+    },
+  );
+} else {
+  job(process.argv.slice(2)).then(async (out) => {
+    await closeBrowsers();
+    process.stdout.write(JSON.stringify(out) + "\n");
+    process.exit(out.ok ? 0 : 1);
+  });
+}
