@@ -745,6 +745,34 @@ T.test("the tab closed once the stream's WebSocket is made, before it opened: th
   closed_while_answering("connecting", "+14155550174")
 end, { timeout = 40000 })
 
+T.test("window.mockPhone.hangup twice mid-call, the page's stream failing as it closes it: the fault is said on the "
+  .. "page, nothing escapes to the caller or the console, and the call is hung up once", function()
+  local app, view, wav, rt = long_story_call("+14155550177")
+  local r = drive({ view.hint, wav, ROOT .. "/tests/artifacts/mock-phone-hangup-fault.png", "--hook-hangup=connected",
+    "--close-fault", "--no-report", "--timeout=15000" }, 30000)
+  -- Before, hangup() threw the fault at its caller, and the page said nothing.
+  T.eq(r.hook, { threw = false }, "hangup() threw nothing")
+  T.match(r.problem, "^Something went wrong on this page: injected fault")
+  T.eq(r.hangupRequests, 1, "hung up once")
+  T.eq(r.console, {}, "no error in the console")
+  left_page_hung_up(app, view, rt)
+end, { timeout = 40000 })
+
+T.test("window.mockPhone.hangup twice once callagent answered, before the page read the reply: the call is hung up "
+  .. "once, the microphone let go, nothing connects", function()
+  need_tools()
+  local app, rt = start_app(function() end)
+  local view = assert(app:create_call({ to = "+14155550176", prompt = "Talk." }))
+  local r = drive({ view.hint, callee_wav(), ROOT .. "/tests/artifacts/mock-phone-hangup-answering.png",
+    "--hook-hangup=answer", "--timeout=15000" }, 30000)
+  -- Before, hangup() did nothing until the call connected: the page connected.
+  T.eq(r.hook, { sockets = 0 }, "no stream made")
+  T.eq({ r.stats.state, r.banner, r.micLive, r.hangupRequests, r.stats.framesSent },
+    { "ended", "Call ended: you hung up.", false, 1, 0 })
+  T.eq(r.console, {}, "no error in the console")
+  left_page_hung_up(app, view, rt)
+end, { timeout = 40000 })
+
 T.test("a model error in a call that went on, then hung up on the page: the end line says what callagent's record says",
   function()
   need_tools()

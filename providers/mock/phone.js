@@ -63,7 +63,9 @@
 // the page shows is from before it was left (a call it hung up then, a ring
 // that stopped meanwhile): it loads again, and shows the link as it is now.
 //
-// For tests: window.mockPhone = {stats, hangup()}. stats: state ("opening"
+// For tests: window.mockPhone = {stats, hangup()}. hangup(): Hang up, at
+// any point (ringing: as Decline; Answer pressed, not yet in the call: as
+// leaving the page then), once, a fault in it the page's. stats: state ("opening"
 // | "ringing" | "answering" | "connected" | "ended" | "error" | "mic-denied"
 // | "mic-lost" | "declined" | "stopped": it stopped ringing while the page rang), ring
 // (the link's view while it rang, then as it stopped), callStatus
@@ -100,7 +102,9 @@ const stats = {
   dtmfSent: 0,
   errors: [],
 };
-window.mockPhone = { stats, hangup: () => hangUp() };
+// The hang-up of window.mockPhone is Hang up's, run as the buttons' steps
+// are (guarded, below: a fault in it is the page's, said on the page).
+window.mockPhone = { stats, hangup: () => run(hangUp) };
 
 const call = { id: null, token: null, session: null, streamUrl: null, parameters: null, pollUrl: null };
 let ws = null;
@@ -132,7 +136,7 @@ let ringFailures = 0; // in a row
 let ringUnsettled = 0; // views of a stopped link whose attempt had not ended yet
 let micEnded = false; // the microphone's track ended (unplugged, permission taken back)
 let answerClicked = false; // Answer was pressed: the page may answer the call from now on
-let left = false; // the page was left (pagehide): nothing more may start
+let gaveUp = false; // left (pagehide), or hung up before it connected: nothing more may start
 // This page's own id, sent with its answer: a hang-up of the page left
 // before the answer's reply came names it (it has no session yet).
 const PAGE_ID = randomHex(16);
@@ -271,7 +275,7 @@ async function answer() {
       body: JSON.stringify({ callId: call.id, token: call.token, page: PAGE_ID }),
     });
   } catch (e) {
-    if (left) return false;
+    if (gaveUp) return false;
     fail(`Could not reach callagent at ${location.origin}: is it still running? (${e.message})`);
     return false;
   }
@@ -281,8 +285,8 @@ async function answer() {
   } catch {
     body = null;
   }
-  // Left meanwhile: the page's hang-up (pagehide) ends the call, answered or not.
-  if (left) return false;
+  // Left or hung up meanwhile: that hang-up ends the call, answered or not.
+  if (gaveUp) return false;
   if (!res.ok) {
     ringEnded = true; // refused: nothing of this page's answers it, nor has it to be hung up
     const msg = body && body.error && body.error.message;
@@ -759,8 +763,26 @@ function onStreamClosed(e) {
   }
 }
 
+// Hang up (the button, while answered; window.mockPhone.hangup at any
+// point). Once: a second press does nothing. Ringing, not answered: as
+// Decline. Answer pressed and the answer's reply not in (the microphone
+// prompt, the audio starting, the answer on its way): as leaving the page
+// then, the microphone let go and the call hung up by its link's token and
+// this page's id (callagent answers it to hang it up if it had not), and
+// nothing connects after.
 function hangUp() {
-  if (finished || !inCall) return;
+  if (finished) return;
+  if (!inCall && !answerClicked) return stats.state === "ringing" ? decline() : undefined;
+  if (!inCall) {
+    gaveUp = true;
+    ringEnded = true;
+    finished = true;
+    stopRingCheck();
+    sendHangup({ token: call.token, page: PAGE_ID });
+    releaseMicrophone();
+    setState("ended", "Call ended: you hung up.");
+    return;
+  }
   finished = true;
   stopStream("hung up");
   stopAudio(false);
@@ -1192,7 +1214,7 @@ function leavePage() {
   const answering = answerClicked && !call.session && !ringEnded;
   const wasFinished = finished;
   if (!wasFinished && !call.session && !answering) return;
-  left = true;
+  gaveUp = true;
   ringEnded = true;
   finished = true;
   stopRingCheck();

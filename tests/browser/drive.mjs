@@ -118,6 +118,14 @@
 //   --csp-probe         once the page loaded, add an inline script to it, which
 //                       its Content-Security-Policy must block:
 //                       .cspProbe {ran, reported (violations it caused)}
+//   --hook-hangup=WHEN  window.mockPhone.hangup() twice (a double press): WHEN
+//                       "connected", 300 ms after the stream connected
+//                       (.hook {threw: what the calls threw, or false});
+//                       "answer", once callagent answered the page's answer,
+//                       before the page read its reply; the end is then the
+//                       page over with the reply read (.hook {sockets: the
+//                       WebSockets the page made})
+//   --close-fault       the page's WebSocket close() throws (a bug of the page's own)
 //   --no-report         the end does not wait for a report (a call that fails)
 //   --timeout=MS        how long to wait for the end (default 30000)
 //   --chromium=PATH     the browser (default /usr/bin/chromium)
@@ -194,6 +202,8 @@ function parse(argv) {
     else if (a === "--hold-stream") opts.holdStream = true;
     else if (a === "--csp-probe") opts.cspProbe = true;
     else if (a.startsWith("--cut-after=")) opts.cutAfter = Number(a.slice(12));
+    else if (a.startsWith("--hook-hangup=")) opts.hookHangup = a.slice(14);
+    else if (a === "--close-fault") opts.closeFault = true;
     else positional.push(a);
   }
   return { opts, positional };
@@ -388,7 +398,33 @@ async function run(opts, out, positional, ready) {
     page.on("request", (r) => {
       if (new URL(r.url()).pathname === "/mock/api/hangup") out.hangupRequests++;
     });
-    if (opts.oversizeAfter != null) {
+    if (opts.closeFault) {
+      // The page's stream fails as the page closes it (a bug of the page's own).
+      await page.addInitScript(() => {
+        WebSocket.prototype.close = () => {
+          throw new Error("injected fault");
+        };
+      });
+    }
+    if (opts.hookHangup === "answer") {
+      // Hung up twice through window.mockPhone.hangup once callagent
+      // answered the page's answer, before the page read the reply;
+      // __answerRead once the page read it.
+      await page.addInitScript(() => {
+        const f = window.fetch.bind(window);
+        window.fetch = (u, o) =>
+          String(u).endsWith("/mock/api/answer")
+            ? f(u, o).then((res) => {
+                window.mockPhone.hangup();
+                window.mockPhone.hangup();
+                const json = res.json.bind(res);
+                res.json = () => json().finally(() => (window.__answerRead = true));
+                return res;
+              })
+            : f(u, o);
+      });
+    }
+    if (opts.oversizeAfter != null || opts.hookHangup) {
       // Keeps the page's WebSockets, to send on its stream.
       await page.addInitScript(() => {
         const WS = window.WebSocket;
@@ -552,6 +588,7 @@ async function run(opts, out, positional, ready) {
     const deadline = start + opts.timeout;
     const watchRing = opts.apiHangup || opts.answerElsewhere || opts.letRing || opts.ringFault || opts.ringCheckFault;
     const wantReport = !opts.noReport && !opts.denyMic && !opts.decline && !watchRing && !opts.answerFault
+      && !opts.hookHangup
       && opts.hangupAfter == null
       && opts.cutAfter == null && opts.micLostAfter == null && !opts.micLostOnGrant && opts.oversizeAfter == null;
     let rang = false;
@@ -702,6 +739,18 @@ async function run(opts, out, positional, ready) {
             oversized = true;
             await page.evaluate(() => window.__sockets.at(-1).send("x".repeat(300 * 1024)));
           }
+          if (opts.hookHangup === "connected" && !out.hook && now - connectedAt >= 300) {
+            // Twice, as a double press; what it threw, if anything.
+            out.hook = await page.evaluate(() => {
+              try {
+                window.mockPhone.hangup();
+                window.mockPhone.hangup();
+                return { threw: false };
+              } catch (e) {
+                return { threw: String(e) };
+              }
+            });
+          }
           if (!hungUp && opts.hangupAfter != null && now - connectedAt >= opts.hangupAfter) {
             hungUp = true;
             out.hungUpMs = now - start;
@@ -711,7 +760,14 @@ async function run(opts, out, positional, ready) {
         const over = !["opening", "ringing", "answering", "connected"].includes(s.state);
         const sinceLeft = opts.leave && (await look(() => window.__leftAt && performance.now() - window.__leftAt));
         if (sinceLeft === "closed") continue;
-        if (opts.leave) {
+        if (opts.hookHangup === "answer") {
+          // Once the page read the answer's reply (it connects at once, or never).
+          if (over && (await page.evaluate(() => !!window.__answerRead))) {
+            out.hook = await page.evaluate(() => ({ sockets: window.__sockets.length }));
+            done = true;
+            break;
+          }
+        } else if (opts.leave) {
           if (leftOver) {
             out.left = await page.evaluate(() => ({
               micLive: (window.__micStreams || []).some((m) => m.getAudioTracks().some((t) => t.readyState === "live")),
