@@ -760,6 +760,10 @@ function onStreamClosed(e) {
     noteError(why);
     showProblem(why);
     setState("ended", "Call ended");
+    // Closed for a fault by callagent: the call is over here, as Twilio's
+    // is once its stream ended, and callagent is told so at once (it waits
+    // a while for the vendor's final status, then ends the call itself).
+    postHangup();
   }
 }
 
