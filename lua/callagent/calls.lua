@@ -940,16 +940,17 @@ function Engine:_ring_timeout(call, n)
   -- a later cancel saying the callee had answered; a final status ends it.
   -- It ends no_answer once a cancel is taken, or call.statusGraceSec from
   -- now at the latest (the cancel asked again all the same): an answer
-  -- after that still drops its retry (_answered_after_end).
+  -- after that still drops its retry (_answered_after_end). Kept with the
+  -- attempt in the store too, so that this holds after a restart, which
+  -- asks the cancel again (recover).
   a._cancel_unconfirmed = true
+  if not self:_store_write("update_attempt", call.id, n, { _cancelUnconfirmed = true }) then
+    call._save_failed = true -- its end is then written whole (_finish)
+  end
   self:_cancel_retrying(call.id, copy, function()
     return a.answeredAt == nil
   end, function(how)
-    if type(how) == "table" and how.answered then
-      self:_answered_after_end(call, n, { status = "in_progress" })
-    end
-    a._cancel_unconfirmed = nil
-    self:_rang_out(call, n)
+    self:_ring_cancel_taken(call, n, how)
   end)
   self.timers[call.id .. "#dial"] = timer.after(self.config.call.statusGraceSec * 1000, function()
     self.timers[call.id .. "#dial"] = nil
@@ -957,6 +958,32 @@ function Engine:_ring_timeout(call, n)
       self:_rang_out(call, n)
     end
   end)
+end
+
+-- A later cancel of attempt n's ring, the ring timeout's refused one asked
+-- again (_ring_timeout, or recover after a restart), was taken (how:
+-- endCall's third value). One the vendor answers saying the callee had
+-- answered (Twilio's leaves an answered call up), after the grace wait had
+-- ended the attempt here: the callee picked up once, so its retry is
+-- dropped (_answered_after_end).
+function Engine:_ring_cancel_taken(call, n, how)
+  local a = call.attempts[n]
+  if type(how) == "table" and how.answered and FINAL[a.status] then
+    self:_answered_after_end(call, n, { status = "in_progress" })
+  end
+  self:_cancel_confirmed(call, a)
+  self:_rang_out(call, n)
+end
+
+-- Attempt a's ring is over at the vendor (a cancel taken, a final status):
+-- no longer a call a callee may answer after the attempt ended here.
+function Engine:_cancel_confirmed(call, a)
+  if a._cancel_unconfirmed then
+    a._cancel_unconfirmed = nil
+    if not self.closed then
+      self:_store_write("update_attempt", call.id, a.n, { _cancelUnconfirmed = false })
+    end
+  end
 end
 
 -- Attempt n, ringing at its ring timeout, whose cancel was taken (or the
@@ -1140,14 +1167,17 @@ function Engine:_cancel_answered(id, n, how)
 end
 
 -- A cancel the vendor refused, asked again in the background: 1, 2, 4 s
--- later, each while wanted() (optional) is true; on_taken(how) (optional)
--- runs once the vendor took one (how: endCall's third value).
+-- later (at_once: now, then so), each while wanted() (optional) is true;
+-- on_taken(how) (optional) runs once the vendor took one (how: endCall's
+-- third value).
 local CANCEL_RETRIES = 3
 
-function Engine:_cancel_retrying(id, a, wanted, on_taken)
+function Engine:_cancel_retrying(id, a, wanted, on_taken, at_once)
   task.spawn(function()
-    for i = 1, CANCEL_RETRIES do
-      timer.sleep(1000 * 2 ^ (i - 1))
+    for i = at_once and 0 or 1, CANCEL_RETRIES do
+      if i > 0 then
+        timer.sleep(1000 * 2 ^ (i - 1))
+      end
       if self.stopped or wanted and not wanted() then
         return
       end
@@ -1282,6 +1312,9 @@ function Engine:provider_status(id, n, st)
     if a then
       self:_answered_after_end(call, n, st)
     end
+  end
+  if a and FINAL[st.status] and (st.providerCallId == nil or st.providerCallId == a.providerCallId) then
+    self:_cancel_confirmed(call, a) -- its ring is over at the vendor
   end
   if a then
     self:_provider_id(call, n, st.providerCallId)
@@ -2274,6 +2307,19 @@ function Engine:_end_retry_void(call, a, why)
   end)
 end
 
+-- Attempt a ended at its ring timeout, the vendor refusing every cancel
+-- of its ring until the last run stopped: the phone may ring on (beside
+-- the retry). The cancel is asked again now, then 1, 2 and 4 s later, as
+-- that run did (_ring_timeout).
+function Engine:_ring_cancel_again(call, a)
+  log.info("asking again for the cancel of a ring the last run could not cancel", { call = call.id, attempt = a.n })
+  self:_cancel_retrying(call.id, { n = a.n, providerCallId = a.providerCallId, status = "dialing" }, function()
+    return a.answeredAt == nil
+  end, function(how)
+    self:_ring_cancel_taken(call, a.n, how)
+  end, true)
+end
+
 --- Picks up where the last run stopped: due and overdue retries are
 -- scheduled (each runs once: its row goes when it dials), calls never dialed
 -- are dialed, calls that were dialing or talking are resolved, queued calls
@@ -2310,6 +2356,12 @@ function Engine:recover()
       -- refused (warm_refused): as that run had it, in memory.
       model_refused(call, last)
     end
+    if last and last._cancelUnconfirmed == true and not last.answeredAt then
+      -- Its ring timeout ended it while the vendor refused every cancel
+      -- (_ring_timeout): the callee may still answer that call, whose
+      -- answer drops the retry (_answered_after_end), as in the last run.
+      last._cancel_unconfirmed = true
+    end
     if last and last._hangupAsked and call.status ~= "queued" then
       call._cancel_requested = true -- hung up through the API (hangup): it ends as that asked
     end
@@ -2320,6 +2372,9 @@ function Engine:recover()
     call.usage = call.usage or {}
     call.events = nil
     self.live[call.id] = call
+    if last and last._cancel_unconfirmed and FINAL[last.status] then
+      self:_ring_cancel_again(call, last)
+    end
     local last, why
     if call.status == "queued" then
       last, why = self:_retry_void(call)
@@ -2430,6 +2485,10 @@ function Engine:shutdown(deadline_ms)
         entry.ended_there = true -- over before the cancel (_end_hung_up)
       end
       if ok and entry.ringing then
+        local call = self.live[entry[1].callId]
+        if call and call.attempts[entry[2].n] then
+          self:_cancel_confirmed(call, call.attempts[entry[2].n])
+        end
         -- Answered before the cancel came, its answered status not come
         -- (Twilio's cancel leaves the call up and says so): hung up as
         -- answered below, not queued again.

@@ -23,8 +23,10 @@
 --   store:add_attempt(id, attempt)           store:update_attempt(id, n, fields): nil,
 --                                            "ENOENT: ..." for an attempt it does not have;
 --                                            fields may hold the engine's own (named "_...",
---                                            _modelRefused), kept with the attempt and read
---                                            back as any (the API never shows them)
+--                                            _modelRefused, _cancelUnconfirmed), kept with
+--                                            the attempt and read back as any (the API
+--                                            never shows them; a store from before one
+--                                            was written has none: no migration)
 --   store:add_transcript(id, line)           store:add_event(id, event)
 --   store:set_retry(id, due_at)  store:clear_retry(id)  store:due_retries() -> {{call_id, due_at}}
 --   store:add_notification(key, call_id, payload) -> false when key exists

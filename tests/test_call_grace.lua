@@ -1,0 +1,51 @@
+-- The ring timeout's grace wait (call.statusGraceSec) when the vendor
+-- refuses the cancel of a ring: a callee who answers that call afterwards,
+-- across a restart, through a late cancel's answer, or while a cancel is
+-- on its way to a vendor whose hang-up ends an answered call (Telnyx).
+local T = require "testing"
+local kit = require "callkit"
+
+-- The callee reports at once, so an answered attempt ends quickly.
+local function quick_report(session)
+  assert(session:wait_event("response.create", 5000))
+  session:report_and_goodbye({ summary = "Reached them.", outcome = "success" }, { ms = 100, text = "Bye." })
+end
+
+local NOT_DIALED_AGAIN = "^not dialed again: the callee answered attempt 1's call after it had ended here %(ring timeout%)"
+
+T.test("a restart after the ring timeout gave up on a ring Twilio would not cancel: the callee who answers it drops the retry, and the cancel is asked again", function()
+  -- Twilio refuses every cancel. The ring timeout (1 + 1 s) ends attempt 1
+  -- no_answer 1 s after its refused cancel, and callagent restarts. The
+  -- callee then answers that call (its answered callback lost): its voice
+  -- webhook reaches the new process. Before, the refused cancel was known
+  -- only to the process that stopped: the webhook got <Hangup/>, and the
+  -- retry rang the callee again.
+  local first = { ring_ms = 3600, lost_callbacks = { answered = true }, update_fail = 503 }
+  local n = 0
+  local env = kit.start({
+    twilio = { behaviour = function()
+      n = n + 1
+      return n == 1 and first or "busy"
+    end },
+    config = { server = { port = T.free_port() }, retry = { maxAttempts = 2, initialDelayMs = 2500 },
+      call = { ringTimeoutSec = 1, statusGraceSec = 1 } },
+  })
+  local id = env:create({ to = "+14155550201", prompt = "Say hello." })
+  local rec = env:wait(id, function(r)
+    return r.status == "queued" and r.attempt == 1
+  end, 6000, "the grace wait's end of attempt 1")
+  T.eq({ rec.attempts[1].status, rec.attempts[1].reason }, { "no_answer", "ring timeout" })
+  local c = env.tw.calls[1]
+  T.eq(c.final, nil, "the call still rings at Twilio")
+  env.app:stop()
+  local updates = #c.updates
+  env:next_start()
+  local call = env:wait_final(id, 6000)
+  T.eq({ call.status, #call.attempts, call.attempts[1].answeredAt ~= nil }, { "no_answer", 1, true })
+  T.match(call.lastError, NOT_DIALED_AGAIN)
+  T.match(c.voice_request and c.voice_request.body or "", "<Hangup/>", "the callee hung up by the voice webhook's answer")
+  T.eq(#env.tw.calls, 1, "dialed once")
+  T.ok(#c.updates > updates, "the cancel asked again by the next start")
+end, { timeout = 30000 })
+
+T.run()
