@@ -48,4 +48,40 @@ T.test("a restart after the ring timeout gave up on a ring Twilio would not canc
   T.ok(#c.updates > updates, "the cancel asked again by the next start")
 end, { timeout = 30000 })
 
+T.test("a late cancel Twilio answers saying the callee had answered, after the grace wait ended the attempt: the call is hung up, beside a dropped retry or a dialed one", function()
+  -- Two apps, side by side: the ring timeout (1 + 1 s) finds the call
+  -- ringing, Twilio refuses the cancel and its first try again (1 s later,
+  -- as the grace wait ends the attempt), the callee answers 0.5 s after
+  -- that, their answered callback lost and their voice webhook late (30 s),
+  -- and the next try (2 s later) is taken, Twilio saying in-progress. One
+  -- call's retry is still waiting (it is dropped); the other's has been
+  -- dialed. Before, the answered call was left up, nobody talking on it.
+  local function start(delay_ms)
+    local n = 0
+    return kit.start({
+      twilio = { behaviour = function()
+        n = n + 1
+        return n == 1 and { ring_ms = 3500, lost_callbacks = { answered = true }, voice_delay_ms = 30000,
+          update_fail = 503, update_fail_times = 2 } or { ring_ms = 60000 }
+      end },
+      config = { retry = { maxAttempts = 2, initialDelayMs = delay_ms },
+        call = { ringTimeoutSec = 1, statusGraceSec = 1 } },
+    })
+  end
+  local waiting, dialed = start(10000), start(100)
+  local wid = waiting:create({ to = "+14155550202", prompt = "Say hello." })
+  local did = dialed:create({ to = "+14155550203", prompt = "Say hello." })
+  local call = waiting:wait_final(wid, 10000)
+  T.eq({ call.status, #call.attempts, call.attempts[1].answeredAt ~= nil }, { "no_answer", 1, true })
+  T.match(call.lastError, NOT_DIALED_AGAIN)
+  for _, c in ipairs({ waiting.tw.calls[1], dialed.tw.calls[1] }) do
+    T.wait_for(function()
+      return c.final ~= nil
+    end, 3000, "the answered call over at Twilio")
+    T.eq({ c.final, c.updates[#c.updates].params.Status }, { "completed", "completed" }, "hung up as answered")
+  end
+  local rec = dialed:get(did)
+  T.eq({ rec.attempt, #dialed.tw.calls, rec.attempts[1].status }, { 2, 2, "no_answer" }, "the retry was dialed")
+end, { timeout = 30000 })
+
 T.run()

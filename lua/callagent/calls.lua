@@ -965,11 +965,16 @@ end
 -- endCall's third value). One the vendor answers saying the callee had
 -- answered (Twilio's leaves an answered call up), after the grace wait had
 -- ended the attempt here: the callee picked up once, so its retry is
--- dropped (_answered_after_end).
+-- dropped (_answered_after_end); and nobody talks to them (the voice
+-- webhook, which would have hung up, may be lost or late), so that call is
+-- hung up, as answered, also when the retry was dialed already.
 function Engine:_ring_cancel_taken(call, n, how)
   local a = call.attempts[n]
   if type(how) == "table" and how.answered and FINAL[a.status] then
     self:_answered_after_end(call, n, { status = "in_progress" })
+    log.warn("the callee answered a call after its ring timeout had ended it here: hanging it up",
+      { call = call.id, attempt = n })
+    self:_end_in_task(call.id, { n = n, providerCallId = a.providerCallId, status = "in_progress" })
   end
   self:_cancel_confirmed(call, a)
   self:_rang_out(call, n)
