@@ -731,11 +731,13 @@ end
 -- time_limit_secs. One command_id for all tries: Telnyx ignores a command
 -- whose command_id it has already had for the call (developers.telnyx.com/
 -- api-reference/call-commands/hangup-call, .../streaming-start). Not again
--- after a slow failure (a 10 s timeout), nor once the app stopped.
--- -> the response | nil, error, "ended" (422 code 90018: the call has ended).
+-- after a slow failure (a 10 s timeout), nor once the app stopped, nor once
+-- again_ok() (optional) says no.
+-- -> the response | nil, error, "ended" (422 code 90018: the call has ended)
+-- | nil, error, "unwanted" (again_ok() said no).
 local COMMAND_TRIES = 3
 
-function P:_command(id, action, body)
+function P:_command(id, action, body, again_ok)
   body.command_id = crypto.uuid4()
   local e
   local t0 = timer.now()
@@ -757,21 +759,31 @@ function P:_command(id, action, body)
     if not again or self.closed then
       break
     end
+    if again_ok and not again_ok() then
+      return nil, e, "unwanted"
+    end
   end
   return nil, e
 end
 
-function P:_hangup(id)
+-- again_ok: as _command's (a cancel's: see endCall).
+function P:_hangup(id, again_ok)
   if not control_id(id) then
     return nil, "not a Telnyx call_control_id: not hung up"
   end
-  local res, e, ended = self:_command(id, "hangup", {})
+  local res, e, why = self:_command(id, "hangup", {}, again_ok)
   if res then
     return true
-  elseif ended then
+  elseif why == "ended" then
     -- Over before the hang-up, how Telnyx does not say: the engine ends a
     -- ringing attempt as failed, not as one the hang-up canceled.
     return true, nil, { ended = true }
+  elseif why == "unwanted" then
+    -- The cancel of a ringing call, refused, and the callee answered
+    -- before it was sent again: left up, as Twilio's cancel leaves an
+    -- answered call (the engine then takes it as answered).
+    log.info("telnyx: the callee answered while a refused cancel waited to be sent again: not sent", { id = id })
+    return true, nil, { answered = true }
   end
   log.warn("telnyx hang-up failed", { id = id, error = e })
   return nil, e
@@ -782,12 +794,21 @@ function P:close()
   self.closed = true
 end
 
-function P:endCall(_, attempt)
+-- Telnyx has one hang-up for a ringing call and an answered one: a cancel
+-- (attempt.status "dialing") sent again after a refusal would end a call
+-- the callee answered meanwhile, so it asks the engine first (answered).
+-- One already on its way when the callee answers cannot be called back:
+-- Telnyx ends that call (tests/test_call_grace.lua).
+function P:endCall(call, attempt)
   local id = attempt and attempt.providerCallId
   if not id then
     return nil, "no Telnyx call to hang up"
   end
-  return self:_hangup(id)
+  local e, call_id = self.engine, type(call) == "table" and call.callId
+  local again_ok = attempt.status ~= "in_progress" and call_id and e and e.answered and function()
+    return not e:answered(call_id, attempt.n, id)
+  end or nil
+  return self:_hangup(id, again_ok)
 end
 
 function P:getCall(id)

@@ -4,6 +4,10 @@
 -- on its way to a vendor whose hang-up ends an answered call (Telnyx).
 local T = require "testing"
 local kit = require "callkit"
+local fake_telnyx = require "fakes.telnyx"
+
+local TELNYX_KEY = "KEY0123456789ABCDEF_telnyx-grace-key"
+local CONNECTION = "1494404757140276705"
 
 -- The callee reports at once, so an answered attempt ends quickly.
 local function quick_report(session)
@@ -82,6 +86,68 @@ T.test("a late cancel Twilio answers saying the callee had answered, after the g
   end
   local rec = dialed:get(did)
   T.eq({ rec.attempt, #dialed.tw.calls, rec.attempts[1].status }, { 2, 2, "no_answer" }, "the retry was dialed")
+end, { timeout = 30000 })
+
+-- A fake Telnyx (fake: its options, behaviour among them) and an app using
+-- it, with config merged into the kit's.
+local function telnyx_env(fake, config, script)
+  local fo = { api_key = TELNYX_KEY, connection_id = CONNECTION }
+  for k, v in pairs(fake) do
+    fo[k] = v
+  end
+  local tx = assert(fake_telnyx.start(fo))
+  T.defer(function()
+    tx:close()
+  end)
+  config.telephony = { provider = "telnyx" }
+  config.telnyx = { apiKey = TELNYX_KEY, connectionId = CONNECTION, fromNumber = "+15550002222",
+    publicKey = tx.public_key, apiBaseUrl = tx.url }
+  local env = kit.start({ realtime = { script = script or quick_report }, config = config })
+  env.tx = tx
+  return env
+end
+
+T.test("Telnyx: a refused cancel of the ring is not sent again once the callee answered (its hang-up would end the answered call): they talk", function()
+  -- The ring timeout (1 + 1 s) finds the call ringing (Telnyx's own ring is
+  -- 5 s at least); Telnyx refuses its hang-up (503) twice, and the callee
+  -- answers before the provider sends it a third time, 1.5 s after the
+  -- first. Before, that hang-up ended the call the callee had just answered.
+  local env = telnyx_env({ fail_hangups = 2, behaviour = { ring_ms = 2900 } },
+    { retry = { maxAttempts = 2, initialDelayMs = 50 }, call = { ringTimeoutSec = 1, statusGraceSec = 1 } },
+    function(session) -- a greeting past the hang-up's second try
+      assert(session:wait_event("response.create", 5000))
+      session:speak({ ms = 1500, text = "Hello there." })
+      session:report_and_goodbye({ summary = "Reached them.", outcome = "success" }, { ms = 100, text = "Bye." })
+    end)
+  local id = env:create({ to = "+14155550204", prompt = "Say hello." })
+  local call = env:wait_final(id, 10000)
+  T.eq({ call.status, call.report and call.report.outcome, #call.attempts }, { "completed", "success", 1 },
+    "the conversation took place: " .. tostring(call.endReason))
+  local c = env.tx.calls[1]
+  T.eq(#c.hangup_command_ids, 3, "the refused cancel's two tries, then the agent's own hang-up after the report")
+  T.ok(c.hangup_requested_at > c.stream_started_at, "hung up after the conversation, not at the answer")
+end, { timeout = 30000 })
+
+T.test("Telnyx: a callee who answers while the ring timeout's cancel is on its way is hung up by it; the call ends no_answer, answered, not dialed again", function()
+  -- Telnyx has one hang-up for a ringing call and an answered one, and
+  -- nothing that cancels only a ring: a cancel sent while the phone rings,
+  -- which Telnyx takes after the callee answered (here 1 s on its way, the
+  -- answer 0.5 s after it was sent), ends the answered call. Nothing can
+  -- call it back; the record says so, and the callee is not rung again.
+  local env = telnyx_env({ hangup_delay_ms = 1000, behaviour = { ring_ms = 2500 } },
+    { retry = { maxAttempts = 2, initialDelayMs = 50 }, call = { ringTimeoutSec = 1, statusGraceSec = 1 } },
+    function(session)
+      assert(session:wait_event("response.create", 5000))
+      session:speak({ ms = 3000, text = "Hello there." })
+    end)
+  local id = env:create({ to = "+14155550205", prompt = "Say hello." })
+  local call = env:wait_final(id, 10000)
+  local c = env.tx.calls[1]
+  T.ok(c.answered_at < c.hangup_requested_at, "Telnyx took the cancel after the answer")
+  T.eq({ call.status, call.endReason, #call.attempts, call.attempts[1].answeredAt ~= nil },
+    { "no_answer", "ring timeout", 1, true })
+  T.match(call.lastError, "^not dialed again: the callee answered attempt 1's call as its ring timeout's cancel")
+  T.eq(#env.tx.calls, 1, "dialed once")
 end, { timeout = 30000 })
 
 T.run()

@@ -783,6 +783,18 @@ function Engine:resume()
   end
 end
 
+--- Whether attempt n of call id, whose vendor call is provider_call_id, has
+-- been answered here (its answered status, its voice webhook, or the
+-- vendor's answer to a cancel). A provider whose cancel of a ringing call
+-- would end an answered one (Telnyx's hang-up) asks before it sends a
+-- cancel again, and sends none once the answer is true: the callee picked
+-- up while the cancel was refused.
+function Engine:answered(id, n, provider_call_id)
+  local call = self.live[id]
+  local a = call and call.attempts[n]
+  return a ~= nil and a.answeredAt ~= nil and a.providerCallId == provider_call_id
+end
+
 --- Whether attempt n of call id is still to be placed: a provider whose
 -- startCall waits before it sends its dial again (a vendor's 429) asks
 -- before each request, and sends none once the answer is false (the call
@@ -914,7 +926,7 @@ function Engine:_ring_timeout(call, n)
   -- endCall (the mock phone does), ends it no_answer too (_attempt_final).
   a._rang_out = true
   local copy = { n = n, providerCallId = a.providerCallId, status = "dialing" }
-  local ok, err, how = self:_provider_end(self:call_view(call.id) or { callId = call.id }, copy)
+  local ok, err, how = self:_ring_cancel(call, n, copy)
   if self.closed then
     return -- app:stop() closed the store meanwhile: the next start resolves the call
   end
@@ -951,13 +963,52 @@ function Engine:_ring_timeout(call, n)
     return a.answeredAt == nil
   end, function(how)
     self:_ring_cancel_taken(call, n, how)
-  end)
+  end, { send = function()
+    return self:_ring_cancel(call, n, copy)
+  end })
   self.timers[call.id .. "#dial"] = timer.after(self.config.call.statusGraceSec * 1000, function()
     self.timers[call.id .. "#dial"] = nil
     if not self.closed then
       self:_rang_out(call, n)
     end
   end)
+end
+
+-- One try of the cancel of attempt n's ring (_ring_timeout, and its tries
+-- again): endCall's answer. A vendor whose cancel ends an answered call
+-- too (Telnyx has one hang-up, and nothing that cancels only a ring;
+-- Twilio's leaves an answered call up and says so) hangs up a callee who
+-- answers while the cancel is on its way, and nothing can call it back: the
+-- callee had answered as the ring timeout gave up, so the attempt ends as
+-- the ring timeout ends it (no_answer), answered, and is not dialed again
+-- (_ring_cancel_hung_up), whichever comes first: the cancel's answer, or
+-- the vendor's final status while it is on its way (provider_status).
+function Engine:_ring_cancel(call, n, copy)
+  local a = call.attempts[n]
+  local answered = a.answeredAt ~= nil
+  a._ring_cancels = (a._ring_cancels or 0) + 1
+  local ok, err, how = self:_provider_end(self:call_view(call.id) or { callId = call.id }, copy)
+  a._ring_cancels = a._ring_cancels > 1 and a._ring_cancels - 1 or nil
+  if ok and not answered and a.answeredAt and not (type(how) == "table" and (how.answered or how.ended))
+      and not self.closed then
+    self:_ring_cancel_hung_up(call, n)
+  end
+  return ok, err, how
+end
+
+-- Attempt n's callee answered while its ring timeout's cancel was on its
+-- way, and the vendor took the cancel after the answer, ending the call
+-- (_ring_cancel).
+function Engine:_ring_cancel_hung_up(call, n)
+  local a = call.attempts[n]
+  if FINAL[a.status] or call.attempt ~= n then
+    return
+  end
+  log.warn("the callee answered as the ring timeout's cancel reached the provider, which ended the call: "
+    .. "not dialed again", { call = call.id, attempt = n })
+  call._end_reason = nil -- not the callee's hang-up, nor the stream's end: the ring timeout's cancel
+  return self:_attempt_final(call, n, "no_answer", "ring timeout", "not dialed again: the callee answered attempt "
+    .. n .. "'s call as its ring timeout's cancel reached the provider, which ended it")
 end
 
 -- A later cancel of attempt n's ring, the ring timeout's refused one asked
@@ -1172,21 +1223,27 @@ function Engine:_cancel_answered(id, n, how)
 end
 
 -- A cancel the vendor refused, asked again in the background: 1, 2, 4 s
--- later (at_once: now, then so), each while wanted() (optional) is true;
--- on_taken(how) (optional) runs once the vendor took one (how: endCall's
--- third value).
+-- later (opts.at_once: now, then so), each while wanted() (optional) is
+-- true, and sent by opts.send() (endCall's answer; optional); on_taken(how)
+-- (optional) runs once the vendor took one (how: endCall's third value).
 local CANCEL_RETRIES = 3
 
-function Engine:_cancel_retrying(id, a, wanted, on_taken, at_once)
+function Engine:_cancel_retrying(id, a, wanted, on_taken, opts)
+  opts = opts or {}
   task.spawn(function()
-    for i = at_once and 0 or 1, CANCEL_RETRIES do
+    for i = opts.at_once and 0 or 1, CANCEL_RETRIES do
       if i > 0 then
         timer.sleep(1000 * 2 ^ (i - 1))
       end
       if self.stopped or wanted and not wanted() then
         return
       end
-      local ok, err, how = self:_provider_end(self:call_view(id) or { callId = id }, a)
+      local ok, err, how
+      if opts.send then
+        ok, err, how = opts.send()
+      else
+        ok, err, how = self:_provider_end(self:call_view(id) or { callId = id }, a)
+      end
       if ok then
         log.info("provider hang-up done on a later try", { call = id, attempt = a.n, try = i + 1 })
         self:_cancel_answered(id, a.n, how)
@@ -1356,6 +1413,7 @@ function Engine:provider_status(id, n, st)
   elseif st.status == "in_progress" then
     a.status = "in_progress"
     a.answeredAt = iso()
+    a._answered_under_cancel = a._ring_cancels ~= nil or nil -- _ring_cancel
     self:_cancel_timer(id .. "#dial")
     self.timers[id .. "#stream"] = timer.after(M.STREAM_WAIT_MS, function()
       self.timers[id .. "#stream"] = nil
@@ -1371,6 +1429,11 @@ function Engine:provider_status(id, n, st)
       self:_batch(answered)
     end
     return true
+  end
+  if a._answered_under_cancel and a._ring_cancels then
+    -- Over as the ring timeout's cancel, taken after the answer, ended it.
+    provider_event()
+    return self:_ring_cancel_hung_up(call, n)
   end
   provider_event()
   -- Answered and over, and its voice webhook never came (it failed on its
@@ -2322,7 +2385,7 @@ function Engine:_ring_cancel_again(call, a)
     return a.answeredAt == nil
   end, function(how)
     self:_ring_cancel_taken(call, a.n, how)
-  end, true)
+  end, { at_once = true })
 end
 
 --- Picks up where the last run stopped: due and overdue retries are

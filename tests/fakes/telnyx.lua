@@ -21,6 +21,9 @@
 --                                  -- | fn(call) -> one of those
 --     clock_skew_s = 0,            -- the webhooks' telnyx-timestamp this far off
 --     fail_hangups = 0,            -- the first n hangup requests get 503
+--     hangup_delay_ms = nil,       -- a hangup request is taken (and answered)
+--                                  -- this late, as over a slow link: a callee
+--                                  -- may answer meanwhile, and is hung up
 --     stopped_at_end = nil,        -- ms: a call that streamed sends streaming.stopped
 --                                  -- that long after it ends, before its call.hangup
 --     fail_streaming_starts = 0,   -- the first n streaming_start requests get 503
@@ -535,6 +538,9 @@ function Fake:_action(req)
     call.hangup_command_ids[#call.hangup_command_ids + 1] = hb and hb.command_id or json.null
     if self.hangups <= (self.opts.fail_hangups or 0) then
       return terror(503, "10011", "Service unavailable", "Please try again.")
+    end
+    if self.opts.hangup_delay_ms then
+      timer.sleep(self.opts.hangup_delay_ms)
     end
     if call.final then
       return terror(422, "90018", "Call has already ended", "This call is no longer active and can't receive commands.")
