@@ -753,7 +753,10 @@ function P:_command(id, action, body, again_ok)
     local again = try < COMMAND_TRIES and (not res or res.status == 429 or res.status >= 500)
       and timer.now() - t0 < 5000 and not self.closed
     if again then
-      log.warn("telnyx " .. action .. " failed: trying again", { id = id, error = e, try = try })
+      -- Rate-limited, of a kind per action and answer: in an outage
+      -- every live call's commands fail.
+      log.limited("warn", "telnyx " .. action .. " failed: trying again", { id = id, error = e, try = try },
+        "telnyx " .. action .. " failed: trying again " .. (res and res.status or "no answer"))
       timer.sleep(500 * 2 ^ (try - 1))
     end
     if not again or self.closed then

@@ -5,6 +5,7 @@ local kit = require "callkit"
 local fetch = require "callagent.fetch"
 local json = require "callagent.json"
 local crypto = require "callagent.crypto"
+local log = require "callagent.log"
 
 T.test("a 401 names the Authorization header; a 403 of the API the header at fault", function()
   local token = "api-token-0123456789abcdef"
@@ -140,6 +141,49 @@ T.test("hang-ups a vendor outage refuses log 5 lines with their calls, then a co
   T.eq(#counts, 1)
   -- The 3 calls past the 5, and any of the cancels asked again since.
   T.ok(counts[1].fields.suppressed >= 3, counts[1].msg)
+  -- The provider's own line of each refusal (its sid) is DEBUG: no second
+  -- WARN per call and try beside the engine's.
+  local own = 0
+  for _, l in ipairs(warns) do
+    own = own + (l.msg:find("^twilio hang%-up failed") and 1 or 0)
+  end
+  T.eq(own, 0, "the provider's own WARN lines")
+end)
+
+T.test("Telnyx hang-ups an outage refuses: the provider's retries are rate-limited, its failure lines DEBUG", function()
+  local warns = T.log_lines("warn")
+  -- Telnyx in an outage: the first 7 requests 503, then 404 (not tried again).
+  local asked = 0
+  local api = T.server(nil, function(srv)
+    srv:route("*", "/*", function()
+      asked = asked + 1
+      local e = asked <= 7 and { 503, "10011", "Service unavailable" } or { 404, "10005", "Resource not found" }
+      return e[1], { errors = { { code = e[2], title = e[3] } } }
+    end)
+  end)
+  local env = kit.start({ config = { telephony = { provider = "telnyx" },
+    telnyx = { apiKey = "KEY0123456789ABCDEF_telnyx-test-key", connectionId = "1", fromNumber = "+15550002222",
+      publicKey = crypto.base64_encode(string.rep("k", 32)), apiBaseUrl = api:url("") } } })
+  -- 7 hang-ups at once: each tried again once.
+  local done = 0
+  for i = 1, 7 do
+    require("callagent.task").spawn(function()
+      T.eq(env.app.provider:endCall({ callId = "c_" .. i }, { n = 1, providerCallId = "v3:gone" .. i,
+        status = "in_progress" }), nil)
+      done = done + 1
+    end)
+  end
+  T.wait_for(function()
+    return done == 7
+  end, 5000, "7 hang-ups refused")
+  env:close()
+  local n = {}
+  for _, l in ipairs(warns) do
+    local m = l.msg:gsub(" %(and %d+ more.*", " (count)")
+    n[m] = (n[m] or 0) + 1
+  end
+  T.eq({ n["telnyx hangup failed: trying again"], n["telnyx hangup failed: trying again (count)"],
+    n["telnyx hang-up failed"] or 0, n["telnyx hang-up failed (count)"] or 0 }, { 5, 1, 0, 0 })
 end)
 
 T.run()
