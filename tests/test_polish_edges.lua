@@ -19,6 +19,7 @@ T.test("a 401 names the Authorization header; a 403 of the API the header at fau
   T.eq({ status, body.error.field }, { 401, "Authorization" }, "a path no route has")
   status, body = env:api("GET", "/v1/calls", nil, { Origin = "https://evil.example", Authorization = "Bearer " .. token })
   T.eq({ status, body.error.code, body.error.field }, { 403, "forbidden_origin", "Origin" })
+  local warns = T.log_lines("warn")
   env = kit.start()
   status, body = env:api("GET", "/v1/calls", nil, { Host = "calls.example.org" })
   T.eq({ status, body.error.code, body.error.field }, { 403, "forbidden_host", "Host" })
@@ -26,6 +27,15 @@ T.test("a 401 names the Authorization header; a 403 of the API the header at fau
     status, body = env:api("GET", "/v1/calls", nil, { [name] = "203.0.113.9" })
     T.eq({ status, body.error.code, body.error.field }, { 403, "forbidden_host", name })
   end
+  -- The log lines name the header too (the Host in them is loopback); the
+  -- first 5 of the kind are written.
+  local named = {}
+  for _, l in ipairs(warns) do
+    if l.msg == "api: request refused" then
+      named[#named + 1] = l.fields.field
+    end
+  end
+  T.eq(named, { "Host", "X-Forwarded-For", "X-Forwarded-Host", "Forwarded", "Via" })
 end)
 
 T.test("a Twilio webhook refused for its signature names X-Twilio-Signature", function()

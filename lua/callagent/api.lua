@@ -352,7 +352,8 @@ function M.register(srv, engine, cfg, opts)
     local code, message, field = refused_browser(req)
     if code then
       log.limited("warn", "api: request refused", { method = req.method, path = req.path, remote = req.remote,
-        code = code, origin = req.headers.origin, host = req.headers.host }, "api: request refused " .. code)
+        code = code, field = field, origin = req.headers.origin, host = req.headers.host },
+        "api: request refused " .. code)
       return err(403, code, message, field)
     end
     if not authorized(req) then
