@@ -53,7 +53,8 @@
  *                                to the open file); close, __gc or the
  *                                process's death releases it. Ignored if
  *                                readonly: a reader takes no lock and is not
- *                                stopped by one. SQLite's own locks still
+ *                                stopped by one, and for ":memory:" and ""
+ *                                (no file to share). SQLite's own locks still
  *                                apply, and opens without lock ignore it
  *       Errors, as nil, "ECODE: <path>: message":
  *         ENOENT    the folder, or the file with create = false, does not exist;
@@ -1487,8 +1488,12 @@ static int l_open(lua_State *L)
 		sqlite3_close(h);
 		return n;
 	}
-	/* Before the first read or write of the file: a second process stops here. */
-	if (lock && !readonly) {
+	/*
+	 * Before the first read or write of the file: a second process stops
+	 * here. An in-memory or temporary database (":memory:", "") is this
+	 * connection's alone: no lock, no "<path>.lock" in the working folder.
+	 */
+	if (lock && !readonly && path[0] && strcmp(path, ":memory:")) {
 		db->lock = take_lock(L, path);
 		if (db->lock < 0) {
 			sqlite3_close(h);

@@ -78,6 +78,22 @@ T.test("an Idempotency-Key of two keys joined with a comma is refused 400, namin
   T.eq(#env.tw.calls, 0, "nothing dialed")
 end)
 
+T.test("an in-memory database opened with lock takes none: two open at once, no :memory:.lock made", function()
+  local sqlite = require "callagent.sqlite"
+  local core = require "callagent.core"
+  T.defer(function()
+    os.remove(":memory:.lock")
+  end)
+  local a = assert(sqlite.open(":memory:", { lock = true }))
+  local b, err = sqlite.open(":memory:", { lock = true })
+  T.ok(b, err)
+  T.eq(core.stat(":memory:.lock"), nil, "no lock file in the working folder")
+  a:close()
+  if b then
+    b:close()
+  end
+end)
+
 local function mode(path)
   local code, lines = T.exec({ "stat", "-c", "%a", path })
   return code == 0 and lines[1] or nil
