@@ -74,6 +74,8 @@ T.test("an Idempotency-Key of two keys joined with a comma is refused 400, namin
   for _, key in ipairs({ "order-1,order-2", "order-1, order-2" }) do
     local status, body = env:api("POST", "/v1/calls", { to = "+14155550150", prompt = "x" }, { ["Idempotency-Key"] = key })
     T.eq({ status, body.error.code, body.error.field }, { 400, "invalid_idempotency_key", "Idempotency-Key" }, key)
+    -- ", " is how a proxy joins them: the message says comma, not space.
+    T.match(body.error.message, "without a comma", key)
   end
   T.eq(#env.tw.calls, 0, "nothing dialed")
 end)

@@ -426,15 +426,16 @@ function M.register(srv, engine, cfg, opts)
     -- waiting) gets the call it created, not a second phone call.
     local key, idem = req.headers["idempotency-key"], nil
     if key ~= nil then
-      if #key < 1 or #key > 255 or key:find("[^\33-\126]") then
-        return err(400, "invalid_idempotency_key",
-          "Idempotency-Key must be 1 to 255 printable ASCII characters, without spaces", "Idempotency-Key")
-      end
       -- Two keys joined into one value (RFC 9110 5.3: a proxy may join the
-      -- lines of a header sent twice) would be taken for a third key.
+      -- lines of a header sent twice, with ", ") would be taken for a
+      -- third key. Said first: the space of ", " is not what is wrong.
       if key:find(",", 1, true) then
         return err(400, "invalid_idempotency_key",
           "Idempotency-Key must be one key, without a comma (two keys joined into one header)", "Idempotency-Key")
+      end
+      if #key < 1 or #key > 255 or key:find("[^\33-\126]") then
+        return err(400, "invalid_idempotency_key",
+          "Idempotency-Key must be 1 to 255 printable ASCII characters, without spaces", "Idempotency-Key")
       end
       if not engine.store.find_idempotent then
         return err(501, "idempotency_unsupported", "this store keeps no Idempotency-Keys", "Idempotency-Key")
