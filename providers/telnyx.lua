@@ -158,6 +158,10 @@ local P = {
   -- The call outlives its media stream (Telnyx): the engine hangs up a call
   -- whose stream closed while the attempt was up.
   streamEndsCall = false,
+  -- One hang-up for a ringing call and an answered one: a cancel Telnyx
+  -- takes after the callee answered ends the call (the engine's ring
+  -- timeout says so in the record).
+  cancelEndsAnswered = true,
 }
 
 local DEFAULT_BASE = "https://api.telnyx.com"

@@ -88,6 +88,27 @@ T.test("a late cancel Twilio answers saying the callee had answered, after the g
   T.eq({ rec.attempt, #dialed.tw.calls, rec.attempts[1].status }, { 2, 2, "no_answer" }, "the retry was dialed")
 end, { timeout = 30000 })
 
+T.test("Twilio: a callee who answers and hangs up while the ring timeout's refused cancel waits for Twilio's API ends the call completed, with its report (Twilio's cancel leaves an answered call up)", function()
+  -- The ring timeout (1 + 1 s) asks Twilio's API (ringing), Twilio refuses
+  -- the cancel, and the engine asks the API again (2.5 s to answer).
+  -- Meanwhile the callee answers, reports and the agent hangs up. Twilio's
+  -- cancel never ends an answered call: this was a conversation, not the
+  -- end of a ring. Before, it ended no_answer (ring timeout), its report
+  -- with it, as if the cancel had hung the callee up (as Telnyx's would).
+  local env = kit.start({
+    twilio = { behaviour = { ring_ms = 2600, update_fail = 503, update_fail_times = 1, get_delay_ms = { 0, 2500 } } },
+    config = { retry = { maxAttempts = 2, initialDelayMs = 50 }, call = { ringTimeoutSec = 1, statusGraceSec = 1 } },
+    realtime = { script = quick_report },
+  })
+  local id = env:create({ to = "+14155550206", prompt = "Say hello." })
+  local call = env:wait_final(id, 10000)
+  local c = env.tw.calls[1]
+  T.ok(c.updates[1].at < c.answered_at, "the refused cancel came before the answer")
+  T.eq({ call.status, call.endReason, call.report and call.report.outcome, #call.attempts },
+    { "completed", "completed", "success", 1 }, tostring(call.lastError))
+  T.eq(#env.tw.calls, 1, "dialed once")
+end, { timeout = 30000 })
+
 -- A fake Telnyx (fake: its options, behaviour among them) and an app using
 -- it, with config merged into the kit's.
 local function telnyx_env(fake, config, script)

@@ -983,11 +983,18 @@ end
 -- the ring timeout ends it (no_answer), answered, and is not dialed again
 -- (_ring_cancel_hung_up), whichever comes first: the cancel's answer, or
 -- the vendor's final status while it is on its way (provider_status).
+-- Only for a provider that says so (cancelEndsAnswered): a callee who
+-- answers while Twilio's cancel is on its way talks, and a call they end
+-- then (a report made, say) is theirs, not the cancel's.
 function Engine:_ring_cancel(call, n, copy)
+  local view = self:call_view(call.id) or { callId = call.id }
+  if not self.provider.cancelEndsAnswered then
+    return self:_provider_end(view, copy)
+  end
   local a = call.attempts[n]
   local answered = a.answeredAt ~= nil
   a._ring_cancels = (a._ring_cancels or 0) + 1
-  local ok, err, how = self:_provider_end(self:call_view(call.id) or { callId = call.id }, copy)
+  local ok, err, how = self:_provider_end(view, copy)
   a._ring_cancels = a._ring_cancels > 1 and a._ring_cancels - 1 or nil
   if ok and not answered and a.answeredAt and not (type(how) == "table" and (how.answered or how.ended))
       and not self.closed then

@@ -53,6 +53,10 @@
 --   streamEndsCall                      optional: false when the vendor keeps a
 --                                        call up after its media stream closes
 --                                        (Telnyx): the engine hangs it up then
+--   cancelEndsAnswered                  optional: true when the vendor's cancel
+--                                        of a ringing call ends it also once
+--                                        the callee answered (Telnyx's one
+--                                        hang-up); Twilio's leaves it up
 --   close(self)                         optional: app:stop() calls it; it stops
 --                                        the provider's timers (nothing of the
 --                                        app may run after the stop)
@@ -77,7 +81,7 @@ M.required = {
 -- Optional, but functions when given.
 M.optional = { "init", "endCall", "getCall", "streamStart", "close" }
 -- Its other fields the engine reads.
-M.fields = { "name", "needs", "needs_public_url", "requestHeaders", "streamEndsCall" }
+M.fields = { "name", "needs", "needs_public_url", "requestHeaders", "streamEndsCall", "cancelEndsAnswered" }
 
 --- The folders searched, in order: extra dirs (opts.provider_dirs), the
 --- providers/ folder next to the app being run, then callagent's own.
@@ -226,7 +230,7 @@ check = function(p, path, name)
       return nil, "provider " .. path .. ": " .. f .. " must be a function, not a " .. type(p[f])
     end
   end
-  for _, f in ipairs({ "needs_public_url", "streamEndsCall" }) do
+  for _, f in ipairs({ "needs_public_url", "streamEndsCall", "cancelEndsAnswered" }) do
     if p[f] ~= nil and type(p[f]) ~= "boolean" then
       return nil, "provider " .. path .. ": " .. f .. " must be true or false, not a " .. type(p[f])
     end

@@ -77,7 +77,8 @@
 --   the ones past it at once); voice_delay_ms (the voice webhook this long after the
 --   answer, as over a slow link); callback_delay_ms (each status callback
 --   sent this much later, one after the other); get_delay_ms (GET of the
---   call answered this late); update_answer_lost_times (the first n updates
+--   call answered this late; a list: the nth GET's delay, the ones past it
+--   at once); update_answer_lost_times (the first n updates
 --   are applied but answered 502, as an answer lost on its way);
 --   get_fail_times (the first n GETs of the call answered 503); echo_marks =
 --   false (marks are recorded in call.marks_sent, never echoed, not even at a
@@ -1223,10 +1224,14 @@ function Fake:_get(req)
   if not call then
     return status, body
   end
-  if call.behaviour.get_delay_ms then
-    timer.sleep(call.behaviour.get_delay_ms) -- answered with the call as it is then
-  end
   call.gets = (call.gets or 0) + 1
+  local get_delay = call.behaviour.get_delay_ms
+  if type(get_delay) == "table" then
+    get_delay = get_delay[call.gets] -- this GET's (nil: at once)
+  end
+  if get_delay then
+    timer.sleep(get_delay) -- answered with the call as it is then
+  end
   if call.behaviour.get_fail_times and call.gets <= call.behaviour.get_fail_times then
     return twilio_error(503, 20500, "Service Unavailable")
   end
