@@ -662,7 +662,8 @@ T.test("a response the service started before the greeting went out is the agent
         session:speak({ auto = true, ms = 1500, text = "Hello, this is the agent." })
         session.first_done_at = timer.now()
         -- Nothing asked for a response since: a greeting now would be a second one.
-        session.extra_create = session:wait_event("response.create", 2500)
+        -- One would go out at the response's end: a second is ample.
+        session.extra_create = session:wait_event("response.create", 1000)
         session:call_function("report_call", { summary = "Greeted once.", outcome = "success" })
         assert(session:wait_event("response.create", 5000))
         session:speak({ ms = 100, text = "Bye." })
@@ -702,8 +703,8 @@ local function held_script(lines)
 end
 
 T.test("a store that refuses writes at the call's end: the call is kept, written once it can be, notified once", function()
-  -- The store is tried again every UNSAVED_RETRY_MS (5 s; here 1 s).
-  T.shorten(calls, "UNSAVED_RETRY_MS", 1000)
+  -- The store is tried again every UNSAVED_RETRY_MS (5 s; here 0.4 s).
+  T.shorten(calls, "UNSAVED_RETRY_MS", 400)
   local env = kit.start({ realtime = { script = held_script({}) } })
   local id = env:create({ to = "+14155550131", prompt = "Book it." })
   local s
@@ -736,13 +737,13 @@ T.test("a store that refuses writes at the call's end: the call is kept, written
     texts[#texts + 1] = l.text
   end
   T.eq(texts, { "Hello.", "Bye." }, "the goodbye's line, refused at first, was written with the end")
-  timer.sleep(2500) -- past two more retries: nothing more is written or sent
+  timer.sleep(1000) -- past two more retries: nothing more is written or sent
   T.eq(#env.hooks.received, 1, "notified once")
   T.eq(env.hooks.received[1].json.data.status, "completed")
 end, { timeout = 60000 })
 
 T.test("a backend without store:batch that refuses the call's end: kept and written later, notified only then", function()
-  T.shorten(calls, "UNSAVED_RETRY_MS", 1000) -- the store tried again every 1 s, not 5
+  T.shorten(calls, "UNSAVED_RETRY_MS", 400) -- the store tried again every 0.4 s, not 5
   local env = kit.start({ realtime = { script = held_script({}) } })
   local store = env.app.store
   store.batch = false -- as a backend that has none: one write at a time
@@ -765,16 +766,16 @@ T.test("a backend without store:batch that refuses the call's end: kept and writ
   end, 10000, "the notification, once the end is written")
   local stored = store:get_call(id)
   T.eq({ stored.status, stored.report and stored.report.outcome }, { "completed", "success" })
-  timer.sleep(2500) -- past two more retries
+  timer.sleep(1000) -- past two more retries
   T.eq(#env.hooks.received, 1, "notified once")
 end, { timeout = 60000 })
 
 T.test("a backend without store:batch that takes the notification but refuses the call's end: notified once the end is written", function()
   -- One write at a time: the notification's row goes in, the record's
   -- final write is refused (a moment's I/O error), and the end is written
-  -- again UNSAVED_RETRY_MS later (5 s; here 1 s); its notification is sent
+  -- again UNSAVED_RETRY_MS later (5 s; here 0.4 s); its notification is sent
   -- then, not left to a sweep.
-  T.shorten(calls, "UNSAVED_RETRY_MS", 1000)
+  T.shorten(calls, "UNSAVED_RETRY_MS", 400)
   local env = kit.start({ realtime = { script = held_script({}) } })
   local store = env.app.store
   store.batch = false
@@ -803,7 +804,7 @@ T.test("a backend without store:batch that takes the notification but refuses th
 end, { timeout = 30000 })
 
 T.test("a call hung up during its retry wait whose end the store refused at first is written without nextAttemptAt", function()
-  T.shorten(calls, "UNSAVED_RETRY_MS", 1000) -- the store tried again every 1 s, not 5
+  T.shorten(calls, "UNSAVED_RETRY_MS", 400) -- the store tried again every 0.4 s, not 5
   local env = kit.start({
     twilio = { behaviour = "busy" },
     config = { retry = { maxAttempts = 3, initialDelayMs = 20000, backoffFactor = 1 } },
@@ -1219,6 +1220,8 @@ end, { timeout = 60000 })
 
 T.test("a recoverable model error is recorded and the call goes on", function()
   local env = kit.start({
+    -- No goodbye is said: the goodbye's bound (1 s, not the kit's 3) ends the call.
+    config = { call = { goodbyeTimeoutSec = 1 } },
     realtime = {
       script = function(session)
         assert(session:wait_event("response.create", 5000))
@@ -1340,19 +1343,19 @@ T.test("a model that does not report before its session limit is hung up with se
 end, { timeout = 30000 })
 
 T.test("call.maxDurationSec before the session limit: its wrap-up goes on, and the session limit adds nothing", function()
-  -- sessionMaxSec 24, wrapUpSec 8, goodbyeTimeoutSec 2: the session's
-  -- wrap-up would be asked for at 7 s. The maximum duration (1 s) comes
-  -- first, and the model reports at 8 s, after that.
+  -- sessionMaxSec 15, wrapUpSec 6, goodbyeTimeoutSec 2: the session's
+  -- wrap-up would be asked for at 3.5 s. The maximum duration (1 s) comes
+  -- first, and the model reports at 4.5 s, after that.
   local env = kit.start({
-    config = { openai = { sessionMaxSec = 24 }, call = { maxDurationSec = 1, wrapUpSec = 8, goodbyeTimeoutSec = 2 } },
+    config = { openai = { sessionMaxSec = 15 }, call = { maxDurationSec = 1, wrapUpSec = 6, goodbyeTimeoutSec = 2 } },
     realtime = {
-      session_max_ms = 24000,
+      session_max_ms = 15000,
       script = function(session)
         assert(session:wait_event("response.create", 5000))
         session:speak({ ms = 300, text = "Let us talk for hours." })
         session.wrap = session:wait_event("conversation.item.create", 5000)
         assert(session:wait_event("response.create", 5000), "the wrap-up's response")
-        timer.sleep(math.max(0, session.opened_at + 8000 - timer.now()))
+        timer.sleep(math.max(0, session.opened_at + 4500 - timer.now()))
         session:report_and_goodbye({ summary = "Out of time.", outcome = "success" }, { ms = 300, text = "Bye now." })
       end,
     },
@@ -1364,7 +1367,7 @@ T.test("call.maxDurationSec before the session limit: its wrap-up goes on, and t
   T.eq({ call.status, call.endReason, call.report and call.report.summary }, { "completed", "completed", "Out of time." })
   T.eq(call.lastError, "maximum call duration reached (1 s)", "not the session limit's")
   T.eq(#system_messages(s), 1, "one wrap-up message")
-  T.lt(s.wrap.at - s.opened_at, 5000, "at call.maxDurationSec (1 s), not at the session's wrap-up (7 s)")
+  T.lt(s.wrap.at - s.opened_at, 3000, "at call.maxDurationSec (1 s), not at the session's wrap-up (3.5 s)")
 end, { timeout = 30000 })
 
 T.test("a session that expires after the report lets the goodbye queued at the phone play, and the call completes", function()
@@ -1396,7 +1399,8 @@ end, { timeout = 30000 })
 
 T.test("a callee who never speaks: the agent is told, reports no_answer, and the call ends", function()
   local env = kit.start({
-    config = { call = { silenceTimeoutSec = 1, wrapUpSec = 3 } },
+    -- No goodbye is said: the goodbye's bound (1 s, not the kit's 3) ends the call.
+    config = { call = { silenceTimeoutSec = 1, wrapUpSec = 3, goodbyeTimeoutSec = 1 } },
     realtime = {
       script = function(session)
         assert(session:wait_event("response.create", 5000))

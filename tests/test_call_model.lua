@@ -72,7 +72,7 @@ end, { timeout = 30000 })
 
 T.test("a model that stalls while a response is due fails the call instead of a silent line until call.maxDurationSec", function()
   local bridge = require "callagent.bridge"
-  T.shorten(bridge, "RESPONSE_STALL_MS", 2000)
+  T.shorten(bridge, "RESPONSE_STALL_MS", 1000)
   for _, case in ipairs({ { started = true }, { started = false } }) do
     local env = kit.start({
       config = { retry = { maxAttempts = 1 }, call = { maxDurationSec = 30 } },
@@ -91,8 +91,8 @@ T.test("a model that stalls while a response is due fails the call instead of a 
     local id = env:create({ to = "+14155550173", prompt = "Say hello." })
     local call = env:wait_final(id, 15000)
     T.eq({ call.status, call.endReason }, { "failed", "model_error" })
-    T.eq(call.lastError, "model stalled: nothing from it for 2 s while a response was due")
-    T.near(env.tw.calls[1].hangup_requested_at - env.rt.sessions[1].stalled_at, 2000, 2100,
+    T.eq(call.lastError, "model stalled: nothing from it for 1 s while a response was due")
+    T.near(env.tw.calls[1].hangup_requested_at - env.rt.sessions[1].stalled_at, 1000, 1100,
       "hung up once RESPONSE_STALL_MS passed")
   end
 end, { timeout = 60000 })
@@ -169,6 +169,9 @@ end)
 
 T.test("a tool output too long for the model connection is replaced by an error: the call goes on", function()
   local env = kit.start({
+    -- The script's goodbye answers the tool's response.create, not the
+    -- report's: the goodbye's bound (1 s, not the kit's 3) ends the call.
+    config = { call = { goodbyeTimeoutSec = 1 } },
     tools = { { name = "big", description = "x", parameters = { type = "object", properties = {} },
       handler = function()
         return string.rep("x", 6 * 1024 * 1024)
@@ -772,6 +775,9 @@ T.test("a tool output that is not UTF-8 (Latin-1 text, as a string or in a table
   -- The model connection's text frames must be UTF-8: the service fails
   -- the connection on one that is not (RFC 6455 8.1), and the call with it.
   local env = kit.start({
+    -- The script's goodbye answers a tool's response.create, not the
+    -- report's: the goodbye's bound (1 s, not the kit's 3) ends the call.
+    config = { call = { goodbyeTimeoutSec = 1 } },
     tools = {
       { name = "page", description = "x", parameters = { type = "object", properties = {} }, handler = function()
         return "Caf\xe9 ouvert"

@@ -234,7 +234,8 @@ T.test("a rejected call is busy; out of attempts, the call ends busy and is noti
 end, { timeout = 30000 })
 
 T.test("a key pressed reaches the model from Telnyx's dtmf event", function()
-  local env = start({ script = function(session)
+  -- No goodbye is said: the goodbye's bound (1 s, not the kit's 3) ends the call.
+  local env = start({ config = { call = { goodbyeTimeoutSec = 1 } }, script = function(session)
     assert(session:wait_event("response.create", 5000))
     local ev = session:wait_event("conversation.item.create", 5000)
     session.key = ev and ev.item.content[1].text
