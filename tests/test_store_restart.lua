@@ -534,7 +534,7 @@ for _, order in ipairs({ "sigterm-then-hangup", "hangup-then-sigterm" }) do
     T.test("ringing, " .. order .. (lost and " (final callback lost)" or "")
       .. ": the API's hang-up wins, the call is not dialed again", function()
       local ringing = { ring_ms = 60000, update_delay_ms = 1000, lost_callbacks = lost and { completed = true } or nil }
-      local w = world({ behaviour = first_then_answer(ringing), script = report_script })
+      local w = world({ behaviour = first_then_answer(ringing), script = report_script, retry_ms = 500 })
       w.start()
       local id, tw = w.ring("+14155550190")
       local hst, hbody
@@ -557,7 +557,7 @@ for _, order in ipairs({ "sigterm-then-hangup", "hangup-then-sigterm" }) do
       local rec = stored(w, id)
       T.diag("stored after the stop: " .. rec.status .. " attempts[1]=" .. json.encode(rec.attempts and rec.attempts[1]))
       w.start()
-      timer.sleep(3000)
+      timer.sleep(1500) -- a retry would have been dialed by now (500 ms)
       rec = w.call(id)
       T.diag("after the restart: " .. rec.status .. " " .. tostring(rec.endReason) .. ", twilio calls " .. #w.tw.calls)
       -- A hang-up whose answer the closing server cut off may or may not
@@ -602,7 +602,7 @@ for _, lost in ipairs({ false, true }) do
 end
 
 T.test("a retry queued before a restart that lowered retry.maxAttempts is not dialed: the call ends, notified once", function()
-  local opts = { behaviour = { answer = "busy" }, retry_ms = 1500, config = { retry = { maxAttempts = 3 } } }
+  local opts = { behaviour = { answer = "busy" }, retry_ms = 800, config = { retry = { maxAttempts = 3 } } }
   local w = world(opts)
   w.start()
   local id = w.create("+14155550165", "Talk.")
@@ -613,7 +613,7 @@ T.test("a retry queued before a restart that lowered retry.maxAttempts is not di
   opts.config = { retry = { maxAttempts = 2 } }
   w.start()
   local rec = w.wait_final(id, 10000)
-  timer.sleep(2500) -- past the retry's due time (1.5 s after attempt 2): it would have been dialed by now
+  timer.sleep(1600) -- past the retry's due time (0.8 s after attempt 2): it would have been dialed by now
   rec = w.call(id)
   T.eq(#w.tw.calls, 2, "attempt 3 not dialed")
   T.eq(rec.status, "busy", "final as the last attempt ended, as when retries run out")
@@ -646,7 +646,7 @@ T.test("a retry queued before a restart that lowered retry.maxAttempts is not di
 end, { timeout = 60000 })
 
 T.test("a retry queued before a restart that took its status out of retry.retryStatuses is not dialed", function()
-  local opts = { behaviour = { answer = "busy" }, retry_ms = 1500 }
+  local opts = { behaviour = { answer = "busy" }, retry_ms = 800 }
   local w = world(opts)
   w.start()
   local id = w.create("+14155550167", "Talk.")
@@ -657,7 +657,7 @@ T.test("a retry queued before a restart that took its status out of retry.retryS
   opts.config = { retry = { retryStatuses = { "no_answer", "failed" } } }
   w.start()
   w.wait_final(id, 10000)
-  timer.sleep(2500) -- past the retry's due time (1.5 s after attempt 1)
+  timer.sleep(1600) -- past the retry's due time (0.8 s after attempt 1)
   local rec = w.call(id)
   T.eq(#w.tw.calls, 1, "attempt 2 not dialed")
   T.eq({ rec.status, rec.endReason, #rec.attempts }, { "busy", "line busy", 1 })
@@ -673,7 +673,7 @@ T.test("a notification sent by the restart's recovery while a backlog resumes is
   -- The recovery ends a call (its retry past a lowered retry.maxAttempts) and
   -- sends its notification at once; the backlog read at the same start holds
   -- it too, behind 16 others that a slow receiver takes a while to answer.
-  local opts = { behaviour = { answer = "busy" }, retry_ms = 1500, hook_ms = 300,
+  local opts = { behaviour = { answer = "busy" }, retry_ms = 800, hook_ms = 300,
     config = { retry = { maxAttempts = 3 } } }
   local w = world(opts)
   w.start()
@@ -701,7 +701,13 @@ end, { timeout = 60000 })
 
 T.test("a store whose call is dialing but its attempt is over: after restart the retry policy goes on", function()
   -- What a kill -9 between the two writes left before they were one commit.
-  local w = world({ behaviour = { answer = "busy", ring_ms = 1000 } })
+  -- The first call rings long enough to be killed during it; the retries are
+  -- busy at once, 300 ms apart.
+  local n = 0
+  local w = world({ behaviour = function()
+    n = n + 1
+    return n == 1 and { answer = "busy", ring_ms = 1000 } or "busy"
+  end, retry_ms = 300 })
   w.start()
   local id, tw = w.ring("+14155550164", "Talk.")
   w.kill9()
