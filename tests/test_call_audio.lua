@@ -10,8 +10,11 @@ local certs = require "certs"
 
 -- The model of many tests here never says the goodbye asked for after its
 -- report_call: the call is hung up at call.goodbyeTimeoutSec (the kit's 3 s).
--- Where what is tested came before, it is 1 s.
-local QUICK_GOODBYE = 1
+-- Where what is tested came before, it is 0 (hung up once the report's
+-- response is done), or 1 s where that is the agent's audio at the phone,
+-- which is then given a second more to arrive.
+local QUICK_GOODBYE = 0
+local PLAYED_GOODBYE = 1
 
 -- json: the fake Twilio's key order ("shuffled": not Twilio's, see tests/fakes/twilio.lua).
 local function barge_in(json_style)
@@ -156,7 +159,7 @@ end)
 T.test("PCM 24 kHz model output reaches the phone as correct 8 kHz mu-law (base64 with \\/ escapes)", function()
   local env = kit.start({
     config = { openai = { outputFormat = "audio/pcm", outputSampleRate = 24000 },
-      call = { goodbyeTimeoutSec = QUICK_GOODBYE } },
+      call = { goodbyeTimeoutSec = PLAYED_GOODBYE } },
     realtime = {
       script = function(session)
         assert(session:wait_event("response.create", 5000))
@@ -248,7 +251,7 @@ T.test("over wss:// with openai.caFile, audio goes both ways whole; a wrong CA f
         session:wait_event("response.create", 5000)
       end,
     },
-    config = { openai = { caFile = c.ca }, call = { goodbyeTimeoutSec = QUICK_GOODBYE } },
+    config = { openai = { caFile = c.ca }, call = { goodbyeTimeoutSec = PLAYED_GOODBYE } },
   })
   T.match(env.rt.url, "^wss://")
   local id = env:create({ to = "+14155550113", prompt = "Listen over TLS." })
