@@ -516,7 +516,7 @@ T.test("an API hang-up after the model dropped keeps the call failed with model_
   -- callback is lost, so the call is still up here when the API asks.
   -- The wait for the provider's final status after the hang-up (10 s)
   -- shortened: the call ends at it.
-  T.shorten(calls, "HANGUP_WAIT_MS", 3000)
+  T.shorten(calls, "HANGUP_WAIT_MS", 1500)
   local env = kit.start({
     twilio = { behaviour = { stream_delay_ms = 5000, lost_callbacks = { completed = true } } },
     realtime = {
@@ -949,11 +949,11 @@ T.test("while the app stops, a new call is refused (503) and nothing is dialed",
 end, { timeout = 30000 })
 
 T.test("a session the model refuses, or never confirms, fails the call at once instead of a silent call", function()
-  -- The wait for session.updated (10 s) shortened to 2 s.
-  T.eq(T.shorten(bridge, "SESSION_READY_MS", 2000), 10000, "the product waits 10 s")
+  -- The wait for session.updated (10 s) shortened to 1 s.
+  T.eq(T.shorten(bridge, "SESSION_READY_MS", 1000), 10000, "the product waits 10 s")
   for _, case in ipairs({
     { refuse = { "model_not_found", "The model gpt-nonesuch does not exist." }, error = "^model refused the session: model_not_found: The model" },
-    { refuse = true, error = "^model did not confirm the session within 2 s" },
+    { refuse = true, error = "^model did not confirm the session within 1 s" },
   }) do
     local env = kit.start({
       realtime = { refuse_update = case.refuse },
@@ -1251,7 +1251,7 @@ end
 
 T.test("at call.maxDurationSec the agent is asked to wrap up, then the call is hung up", function()
   local env = kit.start({
-    config = { call = { maxDurationSec = 2, wrapUpSec = 1 } },
+    config = { call = { maxDurationSec = 1, wrapUpSec = 1 } },
     realtime = {
       script = talks_on(5000),
     },
@@ -1423,8 +1423,8 @@ end, { timeout = 30000 })
 T.test("an answered call whose media stream never comes is hung up after STREAM_WAIT_MS and fails", function()
   -- The voice webhook is answered, the stream never connects, and the final
   -- callback is lost: nothing but the wait for the stream ends the attempt.
-  -- That wait (15 s) shortened to 3 s.
-  T.eq(T.shorten(calls, "STREAM_WAIT_MS", 3000), 15000, "the product waits 15 s")
+  -- That wait (15 s) shortened to 2 s.
+  T.eq(T.shorten(calls, "STREAM_WAIT_MS", 2000), 15000, "the product waits 15 s")
   local env = kit.start({ twilio = { behaviour = { stream = false, lost_callbacks = { completed = true } } } })
   local id = env:create({ to = "+14155550130", prompt = "Say hello." })
   local tw = env.tw:wait_call(5000)
@@ -1434,11 +1434,11 @@ T.test("an answered call whose media stream never comes is hung up after STREAM_
   local call = env:wait_final(id, 20000)
   T.eq(call.status, "failed")
   T.eq(call.endReason, "no_stream")
-  T.eq(call.lastError, "no media stream 3 s after the answer")
+  T.eq(call.lastError, "no media stream 2 s after the answer")
   T.eq(#call.attempts, 1, "an answered call is not dialed again")
   assert(tw:wait_final(3000), "the call over at Twilio")
   T.eq(tw.end_reason, "api", "hung up through the API")
-  T.near((tw.ended_at - tw.answered_at) / 1000, 3, 1, "STREAM_WAIT_MS after the answer")
+  T.near((tw.ended_at - tw.answered_at) / 1000, 2, 1, "STREAM_WAIT_MS after the answer")
   healthy(env)
 end, { timeout = 40000 })
 
@@ -1481,8 +1481,8 @@ end)
 T.test("a call hung up through the API before its stream, with the final callback lost, ends", function()
   -- Answered (the callback came), the voice webhook still on its way: there
   -- is no conversation to end yet, and Twilio's completed callback is lost.
-  -- The wait for the provider's final status (10 s) shortened to 3 s.
-  T.eq(T.shorten(calls, "HANGUP_WAIT_MS", 3000), 10000, "the product waits 10 s")
+  -- The wait for the provider's final status (10 s) shortened to 2 s.
+  T.eq(T.shorten(calls, "HANGUP_WAIT_MS", 2000), 10000, "the product waits 10 s")
   local env = kit.start({
     twilio = { behaviour = { voice_delay_ms = 3000, lost_callbacks = { completed = true } } },
   })
@@ -1495,7 +1495,7 @@ T.test("a call hung up through the API before its stream, with the final callbac
   local call = env:wait_final(id, 15000)
   T.eq(call.status, "completed")
   T.eq(call.endReason, "hung_up_by_api")
-  T.near((timer.now() - asked) / 1000, 3, 1, "HANGUP_WAIT_MS after the hang-up, without the provider's final status")
+  T.near((timer.now() - asked) / 1000, 2, 1, "HANGUP_WAIT_MS after the hang-up, without the provider's final status")
   local tw = env.tw.calls[1]
   T.eq(tw.end_reason, "api")
   T.eq(tw.voice_request, nil, "over before the voice webhook")
