@@ -415,11 +415,17 @@ end
 -- It is drawn below the kernel's ephemeral range (32768-60999 on Debian),
 -- where no connect() and no listen on port 0 takes a port of its own
 -- accord: a port the kernel handed out and took back could go to another
--- test's outgoing connection before the child binds it.
+-- test's outgoing connection before the child binds it. Drawn from the
+-- system's random bytes, not math.random: under ASan (no address
+-- randomization) Lua seeds that from the time in seconds alone, so test
+-- programs started in the same second drew the same ports, and one's child
+-- found its port taken by the other's (EADDRINUSE).
 function T.free_port()
   local http = require("callagent.http")
+  local crypto = require("callagent.crypto")
   for _ = 1, 200 do
-    local srv = http.server({ port = math.random(20000, 32767) })
+    local port = 20000 + string.unpack("<I2", crypto.random_bytes(2)) % (32768 - 20000)
+    local srv = http.server({ port = port })
     if srv:listen() then
       local port = srv.port
       srv:close()
