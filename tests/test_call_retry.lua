@@ -94,7 +94,7 @@ end, { timeout = 30000 })
 T.test("a call hung up while it waits for a retry ends canceled, without nextAttemptAt, and is not dialed again", function()
   local env = kit.start({
     twilio = { behaviour = "busy" },
-    config = { retry = { maxAttempts = 3, initialDelayMs = 1500, backoffFactor = 1 } },
+    config = { retry = { maxAttempts = 3, initialDelayMs = 600, backoffFactor = 1 } },
   })
   local id = env:create({ to = "+14155550110", prompt = "Say hello." })
   env:wait(id, function(r)
@@ -104,7 +104,7 @@ T.test("a call hung up while it waits for a retry ends canceled, without nextAtt
   local call = env:wait_final(id, 5000)
   T.eq(call.status, "canceled")
   T.eq(call.nextAttemptAt, nil, "no next attempt for a final call")
-  timer.sleep(2000)
+  timer.sleep(1200) -- twice the retry's wait: it would have been dialed by now
   T.eq(#env.tw.calls, 1, "not dialed again")
   T.eq(env:get(id).nextAttemptAt, nil, "as stored")
   -- The notification goes out after the call is final, on its own time.
