@@ -658,7 +658,12 @@ T.test("a response the service started before the greeting went out is the agent
     realtime = {
       script = function(session)
         -- Its turn detection answers the callee at once (a "Hello?"): the
-        -- phone's stream starts while that response is on.
+        -- phone's stream starts while that response is on. Once the
+        -- session's settings are in, as the service takes events in order
+        -- (before them the audio would be pcm16 at 24 kHz, not the mu-law
+        -- asked for: 9 s of noise for the phone to play, the goodbye's
+        -- hang-up waiting for it until call.goodbyeTimeoutSec).
+        assert(session:wait_event("session.update", 5000))
         session:speak({ auto = true, ms = 1500, text = "Hello, this is the agent." })
         session.first_done_at = timer.now()
         -- Nothing asked for a response since: a greeting now would be a second one.
