@@ -959,13 +959,7 @@ function Engine:_ring_timeout(call, n)
   if not self:_store_write("update_attempt", call.id, n, { _cancelUnconfirmed = true }) then
     call._save_failed = true -- its end is then written whole (_finish)
   end
-  self:_cancel_retrying(call.id, copy, function()
-    return a.answeredAt == nil
-  end, function(how)
-    self:_ring_cancel_taken(call, n, how)
-  end, { send = function()
-    return self:_ring_cancel(call, n, copy)
-  end })
+  self:_ring_cancel_retrying(call, n, copy)
   self.timers[call.id .. "#dial"] = timer.after(self.config.call.statusGraceSec * 1000, function()
     self.timers[call.id .. "#dial"] = nil
     if not self.closed then
@@ -1036,6 +1030,20 @@ function Engine:_ring_cancel_taken(call, n, how)
   end
   self:_cancel_confirmed(call, a)
   self:_rang_out(call, n)
+end
+
+-- The refused cancel of attempt n's ring (copy: endCall's attempt) asked
+-- again, 1, 2 and 4 s later (at_once: now, then so), while nobody answers
+-- it (_cancel_retrying); one taken goes to _ring_cancel_taken.
+function Engine:_ring_cancel_retrying(call, n, copy, at_once)
+  local a = call.attempts[n]
+  self:_cancel_retrying(call.id, copy, function()
+    return a.answeredAt == nil
+  end, function(how)
+    self:_ring_cancel_taken(call, n, how)
+  end, { at_once = at_once, send = function()
+    return self:_ring_cancel(call, n, copy)
+  end })
 end
 
 -- Attempt a's ring is over at the vendor (a cancel taken, a final status):
@@ -2388,11 +2396,7 @@ end
 -- that run did (_ring_timeout).
 function Engine:_ring_cancel_again(call, a)
   log.info("asking again for the cancel of a ring the last run could not cancel", { call = call.id, attempt = a.n })
-  self:_cancel_retrying(call.id, { n = a.n, providerCallId = a.providerCallId, status = "dialing" }, function()
-    return a.answeredAt == nil
-  end, function(how)
-    self:_ring_cancel_taken(call, a.n, how)
-  end, { at_once = true })
+  self:_ring_cancel_retrying(call, a.n, { n = a.n, providerCallId = a.providerCallId, status = "dialing" }, true)
 end
 
 --- Picks up where the last run stopped: due and overdue retries are
