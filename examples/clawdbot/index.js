@@ -6,7 +6,7 @@
 // from package.json "clawdbot.extensions" and calls register(api) once;
 // config comes from plugins.entries.callagent.config (api.pluginConfig),
 // checked first against configSchema in clawdbot.plugin.json.
-import { createHash, randomUUID } from "node:crypto";
+import { randomUUID } from "node:crypto";
 
 const DEFAULT_BASE_URL = "http://127.0.0.1:4545";
 const DEFAULT_TIMEOUT_MS = 10000;
@@ -58,17 +58,17 @@ function callIdParam(params) {
   return v.trim();
 }
 
-// Idempotency-Key for POST /v1/calls: the same tool call sent again (a retry
-// by the host, a re-run of the turn) gets the call it created instead of a
-// second one. callagent takes 1-255 printable ASCII characters, no spaces
-// nor commas (a comma is how a proxy joins two keys).
-// Without a tool call id (none given, "" or blanks), the key is this run's own: a
-// fixed one made every such run after the first a replay of it.
-export function idempotencyKey(toolCallId) {
-  const id = String(toolCallId ?? "");
-  if (id.trim() === "") return `clawdbot-run-${randomUUID()}`;
-  if (/^[\x21-\x2b\x2d-\x7e]{1,200}$/.test(id)) return `clawdbot-${id}`;
-  return `clawdbot-sha256-${createHash("sha256").update(id).digest("hex")}`;
+// Idempotency-Key for POST /v1/calls: one per run of the tool, so that its
+// second send (after a first that got no answer) gets the call the first
+// placed instead of a second ring. Not the tool call id: that is unique only
+// within a conversation for some models (Kimi K2 numbers its calls
+// functions.call_agent:0, :1, ... in each new session) and the Gateway's
+// POST /tools/invoke gives http-<Date.now()>, the same to two requests in one
+// millisecond; a key of it made a later, new call_agent a replay of an old
+// call (nothing dialed) or a 422 the model could not get past. Clawdbot runs
+// a tool call once, so no second run of one is lost.
+export function idempotencyKey() {
+  return `clawdbot-${randomUUID()}`;
 }
 
 export function resolveConfig(raw, env = process.env) {
@@ -293,10 +293,10 @@ export function createTools(cfg) {
       },
       required: ["to", "prompt"],
     },
-    async execute(toolCallId, params, signal) {
+    async execute(_toolCallId, params, signal) {
       const body = callRequest(params);
-      // One key for both sends below: a run without a tool call id gets a new one.
-      const key = idempotencyKey(toolCallId);
+      // One key for both sends below.
+      const key = idempotencyKey();
       const send = (k) => request(cfg, "POST", "/v1/calls", { body, headers: k ? { "Idempotency-Key": k } : {}, signal });
       let r;
       let resent = false;
