@@ -1,8 +1,10 @@
 -- The Clawdbot plugin (examples/clawdbot/) where the real host differs from
--- a tidy one: tool call ids that repeat from one run to the next. Same stand-in of
+-- a tidy one: tool call ids that repeat from one run to the next, and
+-- arguments the host's validator has already rewritten. Same stand-in of
 -- the host as tests/test_clawdbot_plugin.lua (tests/clawdbot/harness.mjs).
 local T = require "testing"
 local kit = require "callkit"
+local fetch = require "callagent.fetch"
 local json = require "callagent.json"
 
 local PLUGIN = T.root .. "/examples/clawdbot"
@@ -22,6 +24,12 @@ end
 
 local function start()
   return kit.start({ twilio = { behaviour = { ring_ms = 10000 } }, config = { server = { apiToken = TOKEN } } })
+end
+
+local function record(env, id)
+  local res = assert(fetch(env.base .. "/v1/calls/" .. id, { headers = { Authorization = "Bearer " .. TOKEN } }))
+  T.eq(res.status, 200, res.body)
+  return json.decode(res.body)
 end
 
 T.test("a tool call id the model gives again in a later run places a new call, not the old one's replay", function()
@@ -47,6 +55,26 @@ T.test("a tool call id the model gives again in a later run places a new call, n
   T.wait_for(function()
     return #env.tw.calls == 3
   end, 5000, "three calls dialed")
+end)
+
+T.test("optional fields the model sent as null (the host makes them \"\") are not given, not refused", function()
+  -- Clawdbot validates a tool call's arguments with ajv coerceTypes (pi-ai),
+  -- which turns a null for a string into "": callagent takes null as not
+  -- given, but refuses "" for timezone, locale and voice. Before:
+  -- 'field "locale": callagent refused it: locale must be a language tag'.
+  local env = start()
+  local r = host({ baseUrl = env.base, apiToken = TOKEN }, {
+    { tool = "call_agent", toolCallId = "toolu_null", params = { to = "+14155550100", prompt = "Book it.",
+      timezone = json.null, locale = json.null, voice = json.null, callerName = json.null, calleeName = "" } },
+    -- A value given is still callagent's to check.
+    { tool = "call_agent", toolCallId = "toolu_bad", params = { to = "+14155550100", prompt = "Book it.", voice = "robot" } },
+  })
+  local s = r.steps[1]
+  T.eq(s.isError, false, s.error)
+  local rec = record(env, s.details.callId)
+  T.eq({ rec.timezone, rec.locale, rec.voice }, { "America/Los_Angeles", "en-US", "alloy" }, "callagent's defaults")
+  T.eq(rec.callerName, nil)
+  T.match(r.steps[2].error, '^field "voice": callagent refused it')
 end)
 
 T.run()

@@ -43,10 +43,18 @@ function paramsObject(params) {
 // The call's fields go to callagent as they are: it checks them (E.164, the
 // voices its model offers, a time zone against its tz database, ...) and its
 // 400 names the field, which apiError passes on. One set of rules, callagent's.
+// But for an optional text left empty: Clawdbot's check of a tool call's
+// arguments (ajv with coerceTypes) makes a model's null "", which callagent
+// refuses for timezone, locale and voice; the model meant "not given".
+const OPTIONAL_TEXT = ["timezone", "locale", "callerName", "calleeName", "voice"];
+
 function callRequest(params) {
-  const p = paramsObject(params);
+  const p = { ...paramsObject(params) };
   for (const k of ["to", "prompt"]) {
     if (p[k] === undefined || p[k] === null) throw fieldError(k, "required");
+  }
+  for (const k of OPTIONAL_TEXT) {
+    if (typeof p[k] === "string" && p[k].trim() === "") delete p[k];
   }
   return p;
 }

@@ -143,6 +143,24 @@ for (const { tool } of tools) {
   }
 }
 
+// pi-ai's validateToolArguments, which an agent's tool call goes through
+// before execute: ajv with coerceTypes, which rewrites a scalar to the type
+// the schema's property has (null -> "" for a string, false for a boolean;
+// 5 -> "5"; "true" -> true). Only the rewriting: where ajv would refuse a
+// value (an array for an object), the tool is given it, as by the Gateway's
+// POST /tools/invoke, which validates nothing.
+function coerce(schema, params) {
+  if (!params || typeof params !== "object" || Array.isArray(params)) return params;
+  const out = { ...params };
+  for (const [k, v] of Object.entries(out)) {
+    const t = schema.properties?.[k]?.type;
+    if (t === "string" && (v === null || typeof v === "number" || typeof v === "boolean")) out[k] = v === null ? "" : String(v);
+    else if (t === "boolean" && (v === null || v === "" || v === 0 || v === "false")) out[k] = false;
+    else if (t === "boolean" && (v === 1 || v === "true")) out[k] = true;
+  }
+  return out;
+}
+
 // pi-tool-definition-adapter.ts: execute(toolCallId, params, signal, onUpdate);
 // a throw becomes jsonResult({status: "error", tool, error: message}).
 const steps = [];
@@ -155,7 +173,7 @@ for (const step of Array.isArray(plan.steps) ? plan.steps : []) {
   const cancel = step.abortAfterMs === undefined ? null : setTimeout(() => ctl.abort(), step.abortAfterMs);
   const t0 = performance.now();
   try {
-    result = await entry.tool.execute(step.toolCallId ?? "call_1", step.params ?? {}, ctl.signal, () => {});
+    result = await entry.tool.execute(step.toolCallId ?? "call_1", coerce(entry.tool.parameters, step.params ?? {}), ctl.signal, () => {});
   } catch (err) {
     isError = true;
     error = err instanceof Error && err.message.trim() ? err.message : String(err);
