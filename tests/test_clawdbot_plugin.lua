@@ -77,7 +77,7 @@ T.test("the package and manifest are what Clawdbot loads; register gives the thr
   -- The old plugin's keys are callagent's config now, not the plugin's.
   code, out = T.node({ HARNESS, PLUGIN, json.encode({ config = { telephony = { provider = "twilio" } } }) })
   T.eq(code, 0)
-  T.match(json.decode(out[#out]).error, "telephony: must NOT have additional properties")
+  T.eq(json.decode(out[#out]).error, "invalid config: <root>: must NOT have additional properties")
 end)
 
 T.test("a call placed with call_agent completes; call_agent_status shows the model's report", function()

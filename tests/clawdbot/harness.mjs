@@ -54,7 +54,8 @@ function validate(schema, value, at = "<root>") {
     for (const [k, v] of Object.entries(value)) {
       const sub = schema.properties?.[k];
       if (!sub) {
-        if (schema.additionalProperties === false) errs.push(`${at === "<root>" ? "" : at + "."}${k}: must NOT have additional properties`);
+        // ajv names the object, not the key (instancePath), as Clawdbot prints it.
+        if (schema.additionalProperties === false) errs.push(`${at}: must NOT have additional properties`);
         continue;
       }
       errs.push(...validate(sub, v, at === "<root>" ? k : `${at}.${k}`));
