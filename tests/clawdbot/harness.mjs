@@ -156,7 +156,7 @@ function coerce(schema, params) {
   for (const [k, v] of Object.entries(out)) {
     const t = schema.properties?.[k]?.type;
     if (t === "string" && (v === null || typeof v === "number" || typeof v === "boolean")) out[k] = v === null ? "" : String(v);
-    else if (t === "boolean" && (v === null || v === "" || v === 0 || v === "false")) out[k] = false;
+    else if (t === "boolean" && (v === null || v === 0 || v === "false")) out[k] = false;
     else if (t === "boolean" && (v === 1 || v === "true")) out[k] = true;
   }
   return out;
