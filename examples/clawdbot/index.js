@@ -9,7 +9,7 @@
 import { randomUUID } from "node:crypto";
 
 const DEFAULT_BASE_URL = "http://127.0.0.1:4545";
-const DEFAULT_TIMEOUT_MS = 10000;
+const DEFAULT_TIMEOUT_MS = 20000; // longer than callagent waits on the vendor (a dial: 15 s by default)
 const CONFIG_KEY = "plugins.entries.callagent.config";
 
 const FINAL = new Set(["completed", "busy", "no_answer", "failed", "canceled"]);
