@@ -25,7 +25,8 @@
 --      attempt only if its call_control_id is that attempt's (the query
 --      alone counts only while signatures are not checked).
 --      call.initiated -> dialing, call.answered -> in_progress, call.hangup ->
---      by hangup_cause.
+--      by hangup_cause (of a call answered here: completed, whatever the
+--      cause).
 --   3. On call.answered: a one-time stream token (engine:prepare_stream), and
 --      POST /v2/calls/{id}/actions/streaming_start with stream_url =
 --      wss://<public>/voice/stream, stream_track inbound_track, stream_codec
@@ -711,6 +712,15 @@ function P:registerRoutes(srv)
       -- streaming.started, call.machine.*, ...: nothing to do here.
       log.debug("telnyx webhook ignored", { call = call_id, reason = serr })
       return 200, { ok = true }
+    end
+    if data.event_type == "call.hangup" and st.status ~= "completed" and st.providerCallId and self.engine.answered
+        and self.engine:answered(call_id, n, st.providerCallId) then
+      -- hangup_cause says how the network ended the call, answered or not:
+      -- one answered here (its call.answered came) that Telnyx ends with
+      -- unspecified (hangup_source unknown: a carrier that dropped it) ends
+      -- as any answered call the callee's side ended, completed, its
+      -- report kept; the cause stays in the event's raw.
+      st = { status = "completed", providerCallId = st.providerCallId, raw = st.raw }
     end
     local taken, why = self.engine:provider_status(call_id, n, st)
     if data.event_type == "call.answered" and st.providerCallId then

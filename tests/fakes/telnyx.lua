@@ -83,7 +83,10 @@
 -- request's command_id), stream_command_ids (streaming_start's), final, done.
 -- tx.hangups and tx.stream_starts count those requests.
 --   call:wait(pred, [ms]) -> pred() once true (inside a task)
---   call:hangup()   the callee hangs up
+--   call:hangup([opts])   the callee hangs up; opts.cause, opts.source,
+--     opts.sip: the call.hangup's hangup_cause (normal_clearing once
+--     answered, else user_busy), hangup_source (callee), sip_hangup_cause
+--     (a call Telnyx's network drops: {cause = "unspecified", source = "unknown"})
 --   call:send_dtmf(digit)   a `dtmf` event on the stream
 --   call:stop_stream([opts])   Telnyx stops streaming, the call stays up:
 --     `stop` and a close on the WebSocket, then a streaming.stopped webhook
@@ -221,8 +224,9 @@ function Call:send_dtmf(digit)
     occurred_at = os.date("!%Y-%m-%dT%H:%M:%SZ"), dtmf = { digit = tostring(digit) } }))
 end
 
-function Call:hangup()
-  finish(self, self.answered_at and "normal_clearing" or "user_busy", { source = "callee" })
+function Call:hangup(opts)
+  local cause = opts and opts.cause or (self.answered_at and "normal_clearing" or "user_busy")
+  finish(self, cause, { source = opts and opts.source or "callee", sip = opts and opts.sip })
 end
 
 function Call:webhook(event, payload)
