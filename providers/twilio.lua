@@ -10,7 +10,9 @@
 --
 -- Wire facts and where they come from (checked 2026-11):
 --   - Calls are created by POST to the Calls resource, rate limited per
---     account by calls per second and queued beyond it (queue_time); the
+--     account by calls per second (1 by default) and queued beyond it
+--     (queue_time): getCall says queued then, and the ring timeout waits
+--     for a call Twilio has not placed rather than cancel it; the
 --     REST statuses are queued, ringing, in-progress, completed, busy,
 --     failed, no-answer, canceled (www.twilio.com/docs/voice/api/call; the
 --     CallStatus type of twilio-node lib/rest/api/v2010/account/call.d.ts),
@@ -465,7 +467,10 @@ function P:getCall(sid)
   if type(body) ~= "table" then
     return nil, "twilio answered something that is not JSON"
   end
-  return { status = STATUS[body.status], raw = body.status, duration = tonumber(body.duration) }
+  -- queued: Twilio has not placed the call yet (it waits in the account's
+  -- calls-per-second queue, or is being set up): nothing rang.
+  return { status = STATUS[body.status], raw = body.status, duration = tonumber(body.duration),
+    queued = body.status == "queued" }
 end
 
 return P

@@ -553,15 +553,7 @@ function Engine:dial(id)
     call.hint = res.userHint
     self:_save(call, { hint = res.userHint })
   end
-  -- A safety net for providers that never report the end of ringing.
-  local limit = (self.config.call.ringTimeoutSec + self.config.call.statusGraceSec) * 1000
-  self.timers[id .. "#dial"] = timer.after(limit, function()
-    self.timers[id .. "#dial"] = nil
-    local a = call.attempts[n]
-    if a and a.status == "dialing" and call.attempt == n then
-      task.spawn(self._ring_timeout, self, call, n)
-    end
-  end)
+  self:_arm_ring_timer(call, n)
   if self.paused or self.pauses ~= pauses then
     -- Placed while the tunnel went down: its webhooks reach nothing.
     task.spawn(self._cancel_at_pause, self, call, n)
@@ -884,6 +876,20 @@ function Engine:_busy(delta)
   end
 end
 
+-- A safety net for providers that never report the end of ringing: the
+-- ring timeout of attempt n, call.ringTimeoutSec + call.statusGraceSec from
+-- now.
+function Engine:_arm_ring_timer(call, n)
+  local limit = (self.config.call.ringTimeoutSec + self.config.call.statusGraceSec) * 1000
+  self.timers[call.id .. "#dial"] = timer.after(limit, function()
+    self.timers[call.id .. "#dial"] = nil
+    local a = call.attempts[n]
+    if a and a.status == "dialing" and call.attempt == n then
+      task.spawn(self._ring_timeout, self, call, n)
+    end
+  end)
+end
+
 -- No answer and no final status call.ringTimeoutSec + call.statusGraceSec
 -- (30) s after dialing:
 -- the final callback may have been lost (the vendor ends an unanswered call
@@ -891,12 +897,24 @@ end
 -- ended; if it cannot, or the call still rings, it is hung up as no_answer.
 function Engine:_ring_timeout(call, n)
   local a = call.attempts[n]
-  local seen = self:_ask_provider(call, a, "a call that sent no status")
+  local seen, queued = self:_ask_provider(call, a, "a call that sent no status")
   if self.closed then
     return -- app:stop() closed the store meanwhile: the next start resolves the call
   end
   if a.status ~= "dialing" or call.attempt ~= n then
     return -- a status came meanwhile
+  end
+  if seen == "dialing" and queued then
+    -- Not placed yet: it waits in the vendor's queue (Twilio places calls
+    -- beyond the account's calls per second at that rate), and nothing has
+    -- rung. Canceled now, it ended no_answer without ever ringing, and its
+    -- retry queued behind the same burst. Its ring timeout starts again.
+    if not a._queued_seen then
+      a._queued_seen = true
+      log.warn("the provider has not placed the call yet (it waits in the provider's queue): waiting for it",
+        { call = call.id, attempt = n })
+    end
+    return self:_arm_ring_timer(call, n)
   end
   if seen == "in_progress" then
     -- Answered, its callback lost: in progress now, and its stream awaited
@@ -1129,26 +1147,28 @@ function Engine:_provider(method, view, ...)
 end
 
 -- What the provider's API says of attempt a now (getCall): its status, or
--- nil, err (also when getCall raises or answers no status).
+-- nil, err (also when getCall raises or answers no status); and, third,
+-- whether the call still waits in the vendor's queue (getCall's queued).
 function Engine:_provider_state(call, a)
   local st, err = guarded(self, "getCall", call.id, a.providerCallId)
   if type(st) ~= "table" or type(st.status) ~= "string" then
     return nil, err or "the provider's getCall gave no status"
   end
-  return st.status
+  return st.status, nil, st.queued == true
 end
 
 -- The same where the vendor may have no getCall (it is optional) or no
 -- id for the call yet: nil then, and where it could not say (logged).
+-- Its status, and whether the call waits in the vendor's queue.
 function Engine:_ask_provider(call, a, what)
   if not (a.providerCallId and self.provider.getCall) then
     return nil
   end
-  local seen, err = self:_provider_state(call, a)
+  local seen, err, queued = self:_provider_state(call, a)
   if not seen then
     log.warn("cannot ask the provider about " .. what, { call = call.id, error = err })
   end
-  return seen
+  return seen, queued
 end
 
 function Engine:_provider_end(view, a)

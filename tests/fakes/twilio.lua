@@ -56,7 +56,10 @@
 --   Unknown call or path: 404 {code 20404}.
 --
 -- Behaviour table (all optional): answer = true | "busy" | "no-answer" |
---   "failed" | "reject-api"; initiated_ms (5), ringing_ms (5: initiated ->
+--   "failed" | "reject-api"; queue_ms (the call waits this long in the
+--   account's calls-per-second queue before Twilio places it: REST status
+--   queued, the create answer's queue_time the wait left, no callback; a
+--   cancel ends it canceled), initiated_ms (5), ringing_ms (5: initiated ->
 --   ringing), ring_ms (50); answered_by (AnsweredBy when MachineDetection is
 --   set; "human"); audio (mu-law bytes the callee "says" from the stream start,
 --   then silence 0xFF); audio_ms (stop sending media after this many ms;
@@ -411,7 +414,8 @@ function Call:resource()
     forwarded_from = null,
     group_sid = null,
     caller_name = null,
-    queue_time = "0",
+    queue_time = tostring(self.status == "queued" and self.behaviour.queue_ms
+      and max(0, ceil(self.created_at + self.behaviour.queue_ms - now())) or 0),
     trunk_sid = null,
     uri = base .. ".json",
     subresource_uris = {
@@ -957,7 +961,10 @@ end
 
 local function run_call(call)
   local b = call.behaviour
-  if not hold(call, b.initiated_ms or 5) then
+  -- Twilio places the calls created beyond the account's calls per second
+  -- from a queue, at that rate: until then the call is queued, and nothing
+  -- rings (www.twilio.com/docs/voice/api/call-resource, queue_time).
+  if not hold(call, (b.queue_ms or 0) + (b.initiated_ms or 5)) then
     return
   end
   set_status(call, "initiated")
