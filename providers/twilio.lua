@@ -11,8 +11,10 @@
 -- Wire facts and where they come from (checked 2026-11):
 --   - Calls are created by POST to the Calls resource, rate limited per
 --     account by calls per second (1 by default) and queued beyond it
---     (queue_time): getCall says queued then, and the ring timeout waits
---     for a call Twilio has not placed rather than cancel it; the
+--     (queue_time, the expected wait in ms, in the create answer: the ring
+--     timeout counts from then; getCall says queued while the call waits,
+--     and the ring timeout waits for a call Twilio has not placed rather
+--     than cancel it; www.twilio.com/docs/voice/api/call-resource); the
 --     REST statuses are queued, ringing, in-progress, completed, busy,
 --     failed, no-answer, canceled (www.twilio.com/docs/voice/api/call; the
 --     CallStatus type of twilio-node lib/rest/api/v2010/account/call.d.ts),
@@ -174,6 +176,18 @@ local function wait_wanted(self, call, ms)
   return false
 end
 
+-- A status callback's SequenceNumber or CallDuration: Twilio writes them as
+-- decimal whole numbers ("0", "17"); a JSON body may hold them as numbers.
+-- Anything else ("1e999", "0x10", " 7", "1.5", "-1") is no number of
+-- Twilio's and is passed over: tonumber took "1e999" as infinity, and every
+-- later callback of the call as stale.
+local function whole(v)
+  if type(v) == "number" then -- a JSON body's number (Twilio's forms send text)
+    return v >= 0 and v < 2 ^ 53 and math.tointeger(v) or nil
+  end
+  return type(v) == "string" and #v <= 15 and v:find("^%d+$") and math.tointeger(tonumber(v)) or nil
+end
+
 function P:startCall(call, publicBaseUrl)
   local q = "?callId=" .. call.callId .. "&attempt=" .. call.attempt
   local form = {
@@ -214,7 +228,13 @@ function P:startCall(call, publicBaseUrl)
   if type(body) ~= "table" or not call_sid(body.sid) then
     return nil, "twilio answered without a call sid"
   end
-  return { providerCallId = body.sid }
+  -- queue_time: how long Twilio expects the call to wait in the account's
+  -- calls-per-second queue before it places it, in ms (decimal text); the
+  -- ring timeout counts from then. At most a day: Twilio refuses a call
+  -- that its queue would not place within 24 h (22005,
+  -- www.twilio.com/docs/api/errors/22005).
+  local queued = whole(body.queue_time)
+  return { providerCallId = body.sid, queueMs = queued and math.min(queued, 86400000) or nil }
 end
 
 local function xml_escape(s)
@@ -369,18 +389,6 @@ local STATUS = {
   failed = "failed",
   canceled = "canceled",
 }
-
--- A status callback's SequenceNumber or CallDuration: Twilio writes them as
--- decimal whole numbers ("0", "17"); a JSON body may hold them as numbers.
--- Anything else ("1e999", "0x10", " 7", "1.5", "-1") is no number of
--- Twilio's and is passed over: tonumber took "1e999" as infinity, and every
--- later callback of the call as stale.
-local function whole(v)
-  if type(v) == "number" then -- a JSON body's number (Twilio's forms send text)
-    return v >= 0 and v < 2 ^ 53 and math.tointeger(v) or nil
-  end
-  return type(v) == "string" and #v <= 15 and v:find("^%d+$") and math.tointeger(tonumber(v)) or nil
-end
 
 function P:mapStatus(payload)
   local s = payload.CallStatus

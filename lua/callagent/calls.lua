@@ -553,7 +553,10 @@ function Engine:dial(id)
     call.hint = res.userHint
     self:_save(call, { hint = res.userHint })
   end
-  self:_arm_ring_timer(call, n)
+  -- A call the vendor places from a queue (Twilio's calls per second)
+  -- rings from when it leaves it: its ring timeout is that much later.
+  local q = res.queueMs
+  self:_arm_ring_timer(call, n, math.type(q) == "integer" and q > 0 and math.min(q, 86400000) or 0)
   if self.paused or self.pauses ~= pauses then
     -- Placed while the tunnel went down: its webhooks reach nothing.
     task.spawn(self._cancel_at_pause, self, call, n)
@@ -877,10 +880,10 @@ function Engine:_busy(delta)
 end
 
 -- A safety net for providers that never report the end of ringing: the
--- ring timeout of attempt n, call.ringTimeoutSec + call.statusGraceSec from
--- now.
-function Engine:_arm_ring_timer(call, n)
-  local limit = (self.config.call.ringTimeoutSec + self.config.call.statusGraceSec) * 1000
+-- ring timeout of attempt n, call.ringTimeoutSec + call.statusGraceSec
+-- (and extra_ms) from now.
+function Engine:_arm_ring_timer(call, n, extra_ms)
+  local limit = (self.config.call.ringTimeoutSec + self.config.call.statusGraceSec) * 1000 + (extra_ms or 0)
   self.timers[call.id .. "#dial"] = timer.after(limit, function()
     self.timers[call.id .. "#dial"] = nil
     local a = call.attempts[n]

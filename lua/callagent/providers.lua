@@ -13,7 +13,10 @@
 --                             the headers libwebsockets knows, and these
 --   init(self, ctx)           optional; ctx = {config, engine, app, log}
 --   startCall(self, call, publicBaseUrl, localBaseUrl)
---                             -> {providerCallId, userHint} | nil, err   (may wait)
+--                             -> {providerCallId, userHint, queueMs} | nil, err
+--                             (may wait; queueMs: how long the vendor will keep
+--                             the call in its queue before it rings, the ring
+--                             timeout counting from then)
 --                             | nil, err, {permanent = true}: refused for good
 --                             (the number, the account): failed, not retried
 --   buildVoiceResponse(self, callId, publicBaseUrl, stream)
@@ -40,7 +43,9 @@
 --                                        <Connect><Stream> does so); a call not
 --                                        streaming yet cannot be hung up then
 --   getCall(self, providerCallId)       optional: the vendor's view of the call
---                                        -> {status, duration} | nil, err
+--                                        -> {status, duration, queued} | nil, err
+--                                        (queued: not placed yet, in the
+--                                        vendor's queue; nothing rang)
 --   streamStart(self, ev)               optional: the media stream's decoded `start`
 --                                        -> {streamSid, parameters = {callId,
 --                                        attempt?, token}, providerCallId?} |

@@ -59,7 +59,8 @@
 --   "failed" | "reject-api"; queue_ms (the call waits this long in the
 --   account's calls-per-second queue before Twilio places it: REST status
 --   queued, the create answer's queue_time the wait left, no callback; a
---   cancel ends it canceled), initiated_ms (5), ringing_ms (5: initiated ->
+--   cancel ends it canceled), queue_time_ms (the create answer's queue_time
+--   instead: Twilio's is an estimate), initiated_ms (5), ringing_ms (5: initiated ->
 --   ringing), ring_ms (50); answered_by (AnsweredBy when MachineDetection is
 --   set; "human"); audio (mu-law bytes the callee "says" from the stream start,
 --   then silence 0xFF); audio_ms (stop sending media after this many ms;
@@ -414,8 +415,8 @@ function Call:resource()
     forwarded_from = null,
     group_sid = null,
     caller_name = null,
-    queue_time = tostring(self.status == "queued" and self.behaviour.queue_ms
-      and max(0, ceil(self.created_at + self.behaviour.queue_ms - now())) or 0),
+    queue_time = tostring(self.status == "queued" and (self.behaviour.queue_time_ms or self.behaviour.queue_ms
+      and max(0, ceil(self.created_at + self.behaviour.queue_ms - now()))) or 0),
     trunk_sid = null,
     uri = base .. ".json",
     subresource_uris = {
