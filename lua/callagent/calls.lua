@@ -913,8 +913,9 @@ function Engine:_ring_timeout(call, n)
     -- rung. Canceled now, it ended no_answer without ever ringing, and its
     -- retry queued behind the same burst. Its ring timeout starts again.
     if not a._queued_seen then
+      -- Once per attempt; a burst of calls queues them all: rate-limited.
       a._queued_seen = true
-      log.warn("the provider has not placed the call yet (it waits in the provider's queue): waiting for it",
+      log.limited("warn", "the provider has not placed the call yet (it waits in the provider's queue): waiting for it",
         { call = call.id, attempt = n })
     end
     return self:_arm_ring_timer(call, n)
