@@ -407,6 +407,21 @@ function Warm:close()
   end
 end
 
+-- "Please try again in 1.5s" / "in 800ms" in a message of the service's:
+-- its own hint, in ms; nil if none.
+local function retry_hint_ms(message)
+  local num, unit = tostring(message or ""):match("try again in ([%d%.]+)%s*(m?s)")
+  local hint = tonumber(num)
+  return hint and math.ceil(unit == "ms" and hint or hint * 1000) or nil
+end
+
+-- What the service answers when the account cannot pay for any response
+-- (an error refusing a response.create, or a response.done "failed" with
+-- it in status_details.error): the session is up, but no response of this
+-- call will ever be generated. Going on would be a silent line until the
+-- silence timeout, recorded as a callee who said nothing.
+local NO_RESPONSES = { insufficient_quota = true }
+
 -- The service refused the session's start for its rate limit: the model
 -- connection is dropped and made again after a wait, up to
 -- #MODEL_RETRY_MS times; false once they are used up (or the call is over).
@@ -420,11 +435,8 @@ function Bridge:_model_rate_limited(why, message)
     return false
   end
   self.model_retries = n
-  -- "Please try again in 1.5s" / "in 800ms": the service's own hint.
-  local num, unit = tostring(message or ""):match("try again in ([%d%.]+)%s*(m?s)")
-  local hint = tonumber(num)
+  local hint = retry_hint_ms(message)
   if hint then
-    hint = math.ceil(unit == "ms" and hint or hint * 1000)
     wait = math.max(wait, math.min(hint, MODEL_RETRY_MAX_MS))
   end
   log.warn("model rate limited at the session's start: connecting again", { call = self.call_id,
@@ -664,6 +676,9 @@ function Bridge:_model_event(ev)
         .. self:_tries())
       return self:hangup("model_error")
     end
+    if NO_RESPONSES[code] or NO_RESPONSES[etype] then
+      return self:_no_responses("model error: " .. tostring(code or etype) .. ": " .. tostring(message))
+    end
     -- An error that answers our latest response.create refuses it.
     local refused = self.create_event_id ~= nil and str(e.event_id) == self.create_event_id
     if refused then
@@ -707,7 +722,7 @@ function Bridge:_model_event(ev)
         self:_stop_timer("respond_timer")
         self:_respond()
       elseif not self.first_response_done then
-        self:_greeting_refused()
+        self:_greeting_refused(message)
       end
       return
     end
@@ -733,9 +748,13 @@ end
 -- nobody (reported no_answer). Once only, so a service that keeps refusing
 -- costs one more error, and not if the callee spoke meanwhile: the
 -- service's turn detection answers them.
+-- A "try again in N s" in the refusal's message (a rate limit's) is waited
+-- instead, up to MODEL_RETRY_MAX_MS: asked sooner, it is refused again.
+-- A greeting whose response the service took and then failed (response.done
+-- "failed": a tokens-per-minute limit, a server error) is the same silence.
 local GREETING_RETRY_MS = 1000
 
-function Bridge:_greeting_refused()
+function Bridge:_greeting_refused(message)
   if not self.silence_timer then
     self:_arm_silence_timer()
   end
@@ -743,9 +762,12 @@ function Bridge:_greeting_refused()
     return
   end
   self.greeting_retried = true
-  self.greet_retry_timer = timer.after(GREETING_RETRY_MS, function()
+  local wait = math.max(GREETING_RETRY_MS, math.min(retry_hint_ms(message) or 0, MODEL_RETRY_MAX_MS))
+  self.greet_retry_timer = timer.after(wait, function()
     self.greet_retry_timer = nil
-    if not (self.ended or self.responding or self.first_response_done or self.callee_spoke_at or self.wrapup_reason) then
+    -- Not while one asked for since is on its way (create_sent_at).
+    if not (self.ended or self.responding or self.create_sent_at or self.first_response_done or self.callee_spoke_at
+      or self.wrapup_reason) then
       log.info("greeting asked for again", self.log_fields)
       self:_respond()
     end
@@ -1041,9 +1063,23 @@ local function spoke(r)
   return false
 end
 
+-- The model can generate no response in this call (NO_RESPONSES): it ends
+-- failed (model_error), why in lastError; after the report, once what was
+-- sent has played, as if the goodbye were done.
+function Bridge:_no_responses(why)
+  log.warn("model cannot respond: the call ends", { call = self.call_id, attempt = self.attempt, reason = why })
+  self.engine:bridge_error(self, why)
+  if self.report then
+    return self:_finish_after_report()
+  end
+  return self:hangup("model_error")
+end
+
 function Bridge:_response_done(r)
   self.responding = false
-  if self.greeting_waiting then
+  local failed = r.status == "failed"
+  -- One that failed said nothing: not the agent's first turn either.
+  if self.greeting_waiting and not failed then
     -- A response the service started itself (its turn detection heard the
     -- callee, often a "Hello?" while the model connection was opening) came
     -- first: that was the agent's first turn. Greeting after it would have
@@ -1088,12 +1124,21 @@ function Bridge:_response_done(r)
   if type(r.usage) == "table" then
     self.engine:bridge_usage(self, r.usage)
   end
-  if r.status == "failed" then
+  if failed then
     local err = obj(obj(r.status_details).error)
-    self.engine:bridge_error(self, "model response failed: " .. (text(err.code) or text(err.type) or "?") .. ": "
-      .. (text(err.message) or "no details"))
+    local code, message = text(err.code) or text(err.type), text(err.message)
+    local why = "model response failed: " .. (code or "?") .. ": " .. (message or "no details")
+    if NO_RESPONSES[code] or NO_RESPONSES[text(err.type)] then
+      return self:_no_responses(why)
+    end
+    self.engine:bridge_error(self, why)
+    if not self.first_response_done then
+      -- Nothing was said: the greeting is still to come (asked again once,
+      -- as a refused one is), and the silence is not yet counted from it.
+      self:_greeting_refused(message)
+    end
   end
-  if not self.first_response_done then
+  if not self.first_response_done and not failed then
     self.first_response_done = true
     -- The silence counts once the greeting has played, not been generated.
     self:_when_drained(function()

@@ -34,6 +34,10 @@
 --                                   -- are not applied (the defaults, 24 kHz PCM
 --                                   -- both ways, stay and are echoed), as by a
 --                                   -- service that does not take them
+--     fail_responses = nil,         -- {code, message, type = ...}: every
+--                                   -- response.create is taken and its response
+--                                   -- fails at once (as fail_next_create), as
+--                                   -- all do on an account whose quota is used up
 --     no_response_metadata = false, -- true: response.metadata is an unknown
 --                                   -- parameter (a service without it)
 --     session_max_ms = nil,         -- the session limit (OpenAI's is 60 min):
@@ -102,7 +106,8 @@
 --   .input_bytes, .appends, .first_append_at, .truncates (each event, with .ok
 --   or .error), .function_outputs (the items), .response_creates (the accepted
 --   events; # is the count), .responses (results of speak/call_function),
---   .errors_sent (error objects sent), .closed = {code, reason} once closed
+--   .errors_sent (error objects sent), .failed_responses (responses failed
+--   by fail_next_create or fail_responses), .closed = {code, reason} once closed
 --   (.closed_at), .rejected (auth/beta code), .script_error, .script_done.
 --   session:input_ms()           input audio received, in ms of the input format
 --   session:send(tbl_or_json)    one server event (tables get an event_id)
@@ -163,6 +168,12 @@
 --   session:refuse_next_create(code, message)   the next response.create is
 --       answered with that error (with its event_id), as the service refuses
 --       one for a reason other than an active response
+--   session:fail_next_create(code, message, [type])   the next response.create
+--       is taken, and its response fails at once: response.created, then
+--       response.done with status "failed", no output, zero usage and
+--       status_details {type = "failed", error = {type (default
+--       "server_error"), code, message}}, as the service ends a response it
+--       cannot generate (a tokens-per-minute limit, a quota used up)
 --   session:close([code], [reason])       close frame (default 1000)
 --   session:drop()   ends the TCP connection with no close frame (conn:abort()):
 --       the client sees 1006.
@@ -326,6 +337,10 @@ end
 
 function Session:refuse_next_create(code, message)
   self._refuse_create = { code, message or code }
+end
+
+function Session:fail_next_create(code, message, etype)
+  self._fail_create = { code = code, message = message or code, type = etype }
 end
 
 function Session:close(code, reason)
@@ -1313,6 +1328,24 @@ handlers["response.create"] = function(self, ev)
     return send_error(self, refuse[1], refuse[2], nil, ev.event_id, "server_error")
   end
   self.response_creates[#self.response_creates + 1] = ev
+  local fail = self._fail_create or self.rt.opts.fail_responses
+  if fail then
+    -- Taken, and the response it starts fails at once: nothing generated,
+    -- nothing left pending for a speak() to answer.
+    self._fail_create = nil
+    local meta = type(r) == "table" and r.metadata or nil
+    local rid = new_id("resp")
+    self:send({ type = "response.created", response = response_object(self, rid, "in_progress", nil, nil, nil, meta) })
+    local e = { type = fail.type or "server_error", code = fail.code or fail[1] or null,
+      message = fail.message or fail[2] or "The response failed." }
+    local zero = { total_tokens = 0, input_tokens = 0, output_tokens = 0,
+      input_token_details = { text_tokens = 0, audio_tokens = 0, cached_tokens = 0 },
+      output_token_details = { text_tokens = 0, audio_tokens = 0 } }
+    self:send({ type = "response.done", response = response_object(self, rid, "failed", { type = "failed", error = e },
+      {}, zero, meta) })
+    self.failed_responses = (self.failed_responses or 0) + 1
+    return
+  end
   self._create_pending = ev
 end
 

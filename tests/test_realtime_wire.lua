@@ -1,0 +1,56 @@
+-- The model service as it behaves on the wire where a kinder fake would not:
+-- a response.create it takes whose response then fails (response.done with
+-- status "failed": a tokens-per-minute limit, an account out of quota).
+local T = require "testing"
+local kit = require "callkit"
+local timer = require "callagent.timer"
+
+T.test("a greeting whose response fails for a rate limit is asked for again after the service's wait, and the call goes on", function()
+  local env = kit.start({
+    config = { retry = { maxAttempts = 1 }, call = { silenceTimeoutSec = 8, wrapUpSec = 2, maxDurationSec = 20 } },
+    realtime = {
+      script = function(session)
+        session:fail_next_create("rate_limit_exceeded", "Rate limit reached for gpt-realtime on tokens per min (TPM): "
+          .. "Limit 40000, Used 39800, Requested 900. Please try again in 1.2s.", "tokens")
+        session.first = assert(session:wait_event("response.create", 5000))
+        -- Asked again before the silence timeout's wrap-up (8 s).
+        session.second = session:wait_event("response.create", 4000)
+        if session.second then
+          session:speak({ ms = 200, text = "Hello, this is the agent." })
+          session:report_and_goodbye({ summary = "Greeted.", outcome = "success" }, { ms = 200, text = "Bye." })
+        end
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550190", prompt = "Say hello." })
+  local call = env:wait_final(id, 20000)
+  local s = env.rt.sessions[1]
+  T.ok(s.second, "the greeting was asked for again")
+  T.ge(s.second.at - s.first.at, 1200, "not before the service's 1.2 s")
+  T.lt(s.second.at - s.first.at, 3000, "soon after it")
+  T.eq({ call.status, call.endReason, call.report and call.report.outcome }, { "completed", "completed", "success" })
+  T.match(call.lastError or "", "^model response failed: rate_limit_exceeded: ")
+end, { timeout = 30000 })
+
+T.test("a response that fails for insufficient_quota ends the call failed at once, not a silent line", function()
+  local env = kit.start({
+    config = { retry = { maxAttempts = 1 }, call = { silenceTimeoutSec = 8, wrapUpSec = 8, maxDurationSec = 30 } },
+    realtime = {
+      fail_responses = { type = "insufficient_quota", code = "insufficient_quota",
+        message = "You exceeded your current quota, please check your plan and billing details." },
+      script = function(session)
+        session.first = assert(session:wait_event("response.create", 5000))
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550191", prompt = "Say hello." })
+  local call = env:wait_final(id, 25000)
+  local s = env.rt.sessions[1]
+  T.eq({ call.status, call.endReason }, { "failed", "model_error" })
+  T.eq(call.lastError, "model response failed: insufficient_quota: You exceeded your current quota, please check "
+    .. "your plan and billing details.")
+  T.lt(env.tw.calls[1].hangup_requested_at - s.first.at, 2000, "hung up once the response failed")
+  T.eq(#s.response_creates, 1, "not asked again: no response can be generated")
+end, { timeout = 40000 })
+
+T.run()
