@@ -53,4 +53,26 @@ T.test("a response that fails for insufficient_quota ends the call failed at onc
   T.eq(#s.response_creates, 1, "not asked again: no response can be generated")
 end, { timeout = 40000 })
 
+T.test("the service's session_expired, then its close: the record keeps the expiry, not the close that follows it", function()
+  -- The service's limit comes before openai.sessionMaxSec says (its 60
+  -- minutes counted from its own start): an `error` session_expired, then
+  -- close 1000, as the service ends a session.
+  local env = kit.start({
+    config = { retry = { maxAttempts = 1 } },
+    realtime = {
+      session_max_ms = 1500,
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        session:speak({ ms = 300, text = "Let us talk." })
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550192", prompt = "Talk." })
+  local call = env:wait_final(id, 15000)
+  local s = env.rt.sessions[1]
+  T.ok(s.expired_at, "the session expired")
+  T.eq({ call.status, call.endReason }, { "completed", "model session expired" })
+  T.eq(call.lastError, "model error: session_expired: Your session hit the maximum duration of 60 minutes.")
+end, { timeout = 30000 })
+
 T.run()

@@ -524,6 +524,14 @@ function Bridge:_model_closed(code, reason)
     return self:end_last_words() -- if they were awaited, they will not come now
   end
   self.model_ready = false
+  if self.hanging_up then
+    -- The call is ending already, for a reason of its own: the service's
+    -- close that follows its session_expired, say. That reason is the
+    -- call's, and its lastError stays the service's word, not the close.
+    log.debug("model connection closed while hanging up", { call = self.call_id, attempt = self.attempt,
+      code = code, reason = reason })
+    return
+  end
   if self.report then
     return self:_finish_after_report()
   end
