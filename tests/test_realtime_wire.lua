@@ -75,4 +75,40 @@ T.test("the service's session_expired, then its close: the record keeps the expi
   T.eq(call.lastError, "model error: session_expired: Your session hit the maximum duration of 60 minutes.")
 end, { timeout = 30000 })
 
+T.test("a goodbye that also calls report_call again is the last thing said: no response is asked for after it", function()
+  local env = kit.start({
+    config = { call = { goodbyeTimeoutSec = 6 } },
+    realtime = {
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        session:speak({ ms = 200, text = "Hello." })
+        session:call_function("report_call", { summary = "one", outcome = "success" })
+        assert(session:wait_event("response.create", 5000), "the goodbye asked for")
+        -- The model says goodbye and, in the same response, reports again.
+        session.goodbye = session:speak({ ms = 600, text = "Thank you, goodbye.",
+          call = { "report_call", { summary = "two", outcome = "success" } } })
+        session.extra = session:wait_event("response.create", 2500)
+        if session.extra then
+          session:speak({ ms = 600, text = "I have already reported the call." })
+        end
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550193", prompt = "Say hello." })
+  local call = env:wait_final(id, 20000)
+  local s = env.rt.sessions[1]
+  T.eq({ call.status, call.endReason, call.report.summary }, { "completed", "completed", "one" })
+  local outputs = {}
+  for _, o in ipairs(s.function_outputs) do
+    outputs[#outputs + 1] = o.call_id == s.goodbye.call_id and o.output:match('"note"') and "second: note" or "first"
+  end
+  T.eq(outputs, { "first", "second: note" }, "the second report's output still sent")
+  T.eq(s.extra, nil, "nothing asked of the model after its goodbye")
+  local said = {}
+  for _, l in ipairs(call.transcript) do
+    said[#said + 1] = l.role .. ": " .. l.text
+  end
+  T.eq(said, { "agent: Hello.", "agent: Thank you, goodbye." })
+end, { timeout = 30000 })
+
 T.run()

@@ -1127,7 +1127,10 @@ function Bridge:_response_done(r)
     self.goodbye_from = (self.creates or 0) + 1
   end
   if self.fn_pending then
-    self:_run_functions()
+    -- Calls the goodbye made beside what it said (report_call once more,
+    -- say) get their outputs, and no response: the goodbye was the last
+    -- thing to be said, and one asked for now would follow it.
+    self:_run_functions(self.goodbye_id ~= nil and r.id == self.goodbye_id)
   end
   if type(r.usage) == "table" then
     self.engine:bridge_usage(self, r.usage)
@@ -1393,7 +1396,8 @@ function Bridge:_function_call(call_id, name, arguments)
   self.fn_pending[#self.fn_pending + 1] = fc
 end
 
-function Bridge:_run_functions()
+-- after_goodbye: their outputs are sent, and no response is asked for.
+function Bridge:_run_functions(after_goodbye)
   local list = self.fn_pending
   self.fn_pending = nil
   -- The report ends the call: its goodbye bound starts now, not once the
@@ -1432,7 +1436,9 @@ function Bridge:_run_functions()
       self:_start_goodbye_timer()
     end
     self.tools_running = self.tools_running - 1
-    self:_respond()
+    if not after_goodbye then
+      self:_respond()
+    end
   end)
 end
 

@@ -131,6 +131,9 @@
 --       a number = that many times real time, false = burst; opts.usage;
 --       opts.auto = true: a response the service starts on its own (server
 --       VAD), not the answer to a response.create (no metadata).
+--       opts.call = {name, args}: the response also calls that function after
+--       its audio (a second output item, as a model that says something and
+--       calls a function in one turn); its call_id in the result.
 --       A delta is sent, then the next one waits until the previous audio's
 --       duration has passed; response.done comes when all of it "played".
 --       Stops early on response.cancel ("client_cancelled") or on a
@@ -487,8 +490,12 @@ local RATE_LIMITS = '{"type":"rate_limits.updated","event_id":"%s","rate_limits"
   .. '{"name":"requests","limit":10000,"remaining":9999,"reset_seconds":0.006},'
   .. '{"name":"tokens","limit":2000000,"remaining":%d,"reset_seconds":0.36}]}'
 
-local function finish_response(self, rid, status, details, output, usage, metadata)
-  self:send({ type = "response.done", response = response_object(self, rid, status, details, { output }, usage,
+local function finish_response(self, rid, status, details, output, usage, metadata, more)
+  local items = { output }
+  for _, it in ipairs(more or {}) do
+    items[#items + 1] = it
+  end
+  self:send({ type = "response.done", response = response_object(self, rid, status, details, items, usage,
     metadata) })
   if self.rt.opts.rate_limits ~= false then
     self:send(fmt(RATE_LIMITS, new_id("event"), 2000000 - (usage.total_tokens or 0)))
@@ -614,7 +621,29 @@ function Session:speak(opts)
     self:send(ev("response.content_part.done", { part = { type = "audio", transcript = transcript } }))
     self:send({ type = "response.output_item.done", response_id = rid, output_index = 0, item = done_item })
     self:send({ type = "conversation.item.done", previous_item_id = prev, item = done_item })
-    finish_response(self, rid, status, details, done_item, usage, metadata)
+    local more
+    if opts.call and not cancelled then
+      -- A function call after the audio, in the same response (output_index 1).
+      local fc = opts.call
+      local fid, cid = new_id("item"), new_id("call")
+      local arguments = type(fc[2]) == "string" and fc[2] or encode(fc[2] or {})
+      local fitem = { id = fid, object = "realtime.item", type = "function_call", status = "in_progress", name = fc[1],
+        call_id = cid, arguments = "" }
+      self:send({ type = "response.output_item.added", response_id = rid, output_index = 1, item = fitem })
+      self:send({ type = "conversation.item.added", previous_item_id = iid, item = fitem })
+      self:send({ type = "response.function_call_arguments.delta", response_id = rid, item_id = fid, output_index = 1,
+        call_id = cid, delta = arguments })
+      self:send({ type = "response.function_call_arguments.done", response_id = rid, item_id = fid, output_index = 1,
+        call_id = cid, name = fc[1], arguments = arguments })
+      local fdone = { id = fid, object = "realtime.item", type = "function_call", status = "completed", name = fc[1],
+        call_id = cid, arguments = arguments }
+      self:send({ type = "response.output_item.done", response_id = rid, output_index = 1, item = fdone })
+      self:send({ type = "conversation.item.done", previous_item_id = iid, item = fdone })
+      self.last_item_id = fid
+      more = { fdone }
+      resp.call_id = cid
+    end
+    finish_response(self, rid, status, details, done_item, usage, metadata, more)
   end
   self._active = nil
   self.produced_audio = true
@@ -628,6 +657,7 @@ function Session:speak(opts)
     transcript = transcript,
     usage = usage,
     escaped_slashes = resp.escaped_slashes,
+    call_id = resp.call_id,
   }
   self.responses[#self.responses + 1] = result
   notify(self)
