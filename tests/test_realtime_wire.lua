@@ -1,9 +1,10 @@
 -- The model service as it behaves on the wire where a kinder fake would not:
 -- a response.create it takes whose response then fails (response.done with
--- status "failed": a tokens-per-minute limit, an account out of quota).
+-- status "failed": a tokens-per-minute limit, an account out of quota), its
+-- session's end (an error session_expired, then a close), and a goodbye
+-- response that also calls report_call again.
 local T = require "testing"
 local kit = require "callkit"
-local timer = require "callagent.timer"
 
 T.test("a greeting whose response fails for a rate limit is asked for again after the service's wait, and the call goes on", function()
   local env = kit.start({
