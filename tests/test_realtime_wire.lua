@@ -88,7 +88,7 @@ T.test("a goodbye that also calls report_call again is the last thing said: no r
         -- The model says goodbye and, in the same response, reports again.
         session.goodbye = session:speak({ ms = 600, text = "Thank you, goodbye.",
           call = { "report_call", { summary = "two", outcome = "success" } } })
-        session.extra = session:wait_event("response.create", 2500)
+        session.extra = session:wait_event("response.create", 1000)
         if session.extra then
           session:speak({ ms = 600, text = "I have already reported the call." })
         end
