@@ -127,6 +127,26 @@ T.test("app:on with an event name the app has not (a typo) raises, naming the ev
   end
 end)
 
+T.test("app:tool refuses what the model service would refuse the session for: a long name, a name given twice", function()
+  local app = assert(require("callagent").app({ telephony = { provider = "mock" }, openai = { apiKey = "sk-test-key" },
+    store = { backend = "memory" } }))
+  local function tool(name)
+    return app:tool({ name = name, handler = function() end })
+  end
+  T.eq(tool(string.rep("a", 64)), app, "64 characters")
+  T.raises(function()
+    tool(string.rep("b", 65))
+  end, "tool name must be at most 64 characters")
+  T.eq(tool("lookup"), app)
+  T.raises(function()
+    tool("lookup")
+  end, "a tool named lookup was added already")
+  T.raises(function()
+    tool("report_call")
+  end, "report_call is built in")
+  T.eq(#app.tools, 2, "only the two good ones")
+end)
+
 T.test("an app:on handler that raises is logged with its traceback; the other handlers and the call go on", function()
   local errs = T.log_lines("error")
   local env = kit.start({

@@ -110,7 +110,14 @@ end
 function App:tool(def)
   assert(type(def) == "table", "app:tool needs a table")
   assert(type(def.name) == "string" and def.name:match("^[%a_][%w_]*$"), "tool name must be an identifier")
+  -- The model service refuses a session whose tools it cannot take (a
+  -- function name over 64 characters, two of one name): every call would
+  -- fail at its start. Refused here, where the app's author sees it.
+  assert(#def.name <= 64, "tool name must be at most 64 characters")
   assert(def.name ~= "report_call", "report_call is built in")
+  for _, t in ipairs(self.tools) do
+    assert(t.name ~= def.name, "a tool named " .. def.name .. " was added already")
+  end
   assert(type(def.handler) == "function", "tool handler must be a function")
   assert(not self.engine, "add tools before start()")
   self.tools[#self.tools + 1] = {
