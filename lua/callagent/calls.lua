@@ -679,6 +679,7 @@ function Engine:_cancel_at_pause(call, n)
   log.info("canceling a ringing call placed with the dead tunnel's URL, to dial it again once a tunnel is up",
     { call = call.id, attempt = n })
   call._pause_cancel = n -- its canceled status holds it (_attempt_final)
+  self:_ring_cancel_kept(call, a, "pause")
   local ok, err, how = self:_provider_end(self:call_view(call.id), a)
   if ok and call._pause_cancel == n then
     -- Kept after a failed cancel: the vendor may have taken it all the same
@@ -893,6 +894,19 @@ function Engine:_arm_ring_timer(call, n, extra_ms)
   end)
 end
 
+-- Attempt a's ring is about to be canceled by callagent itself (why: "stop",
+-- "pause" or "ring_timeout"), not by the API: kept with the attempt, so that
+-- a start after a kill -9 that came before the canceled status ends it as
+-- that status would have (_resolve_interrupted), not canceled for good. The
+-- ring timeout's stays (it rang out, as _end_hung_up has it); else the first.
+function Engine:_ring_cancel_kept(call, a, why)
+  if self.closed or a._ringCanceledBy == why or (a._ringCanceledBy and why ~= "ring_timeout") then
+    return
+  end
+  a._ringCanceledBy = why
+  self:_store_write("update_attempt", call.id, a.n, { _ringCanceledBy = why })
+end
+
 -- No answer and no final status call.ringTimeoutSec + call.statusGraceSec
 -- (30) s after dialing:
 -- the final callback may have been lost (the vendor ends an unanswered call
@@ -947,6 +961,7 @@ function Engine:_ring_timeout(call, n)
   -- status for this cancel, even one a provider reports from inside its
   -- endCall (the mock phone does), ends it no_answer too (_attempt_final).
   a._rang_out = true
+  self:_ring_cancel_kept(call, a, "ring_timeout")
   local copy = { n = n, providerCallId = a.providerCallId, status = "dialing" }
   local ok, err, how = self:_ring_cancel(call, n, copy)
   if self.closed then
@@ -2318,8 +2333,16 @@ function Engine:_resolve_interrupted(call)
     local answered = (seen == "in_progress" or a.status == "in_progress") and "in_progress" or a.status
     up = { n = n, providerCallId = a.providerCallId, status = answered }
     why = why .. " (the call was still up: hung up)"
+  elseif seen == "canceled" and not refused and not call._cancel_requested and not a.answeredAt
+      and (a._ringCanceledBy == "stop" or a._ringCanceledBy == "pause") then
+    -- The last run's stop (or its tunnel's fall) canceled the ring, and it
+    -- died before the canceled status: dialed again, as that status would
+    -- have had it (uncounted), not ended canceled, which only the API does.
+    return self:_hold_canceled(call, n, a._ringCanceledBy == "stop" and RANG_AT_STOP or RANG_AT_PAUSE)
   elseif seen and seen ~= "completed" then
     -- It ended unanswered while we were down: the usual rules (retries) apply.
+    -- Canceled by its ring timeout's cancel, it rang out (_attempt_final).
+    a._rang_out = a._rang_out or (seen == "canceled" and a._ringCanceledBy == "ring_timeout") or nil
     return self:_attempt_final(call, n, seen, "ended while callagent was down")
   elseif seen == "completed" then
     why = why .. " (the call ended while callagent was down)"
@@ -2575,6 +2598,7 @@ function Engine:shutdown(deadline_ms)
       -- start (unless the cancel fails: that start resolves it then). One
       -- whose dial request is still on its way: _placed_while_stopping.
       call._stop_cancel = a.n -- its canceled status requeues it (_attempt_final)
+      self:_ring_cancel_kept(call, a, "stop")
       todo[#todo + 1] = { self:call_view(id), a, ringing = true }
     end
   end

@@ -23,7 +23,7 @@
 --   store:add_attempt(id, attempt)           store:update_attempt(id, n, fields): nil,
 --                                            "ENOENT: ..." for an attempt it does not have;
 --                                            fields may hold the engine's own (named "_...",
---                                            _modelRefused, _cancelUnconfirmed), kept with
+--                                            _modelRefused, _cancelUnconfirmed, _ringCanceledBy), kept with
 --                                            the attempt and read back as any (the API
 --                                            never shows them; a store from before one
 --                                            was written has none: no migration)

@@ -1,0 +1,82 @@
+-- kill -9 of the real callagent process at points of a call's life that the
+-- restart tests (test_store_restart.lua) leave out, then a start on the same
+-- SQLite store: every call ends truthfully, none is lost.
+local T = require "testing"
+local timer = require "callagent.timer"
+local durable = require "durable_world"
+
+local world = durable.new
+
+local function report_script(session)
+  assert(session:wait_event("response.create", 5000))
+  session:report_and_goodbye({ summary = "All good.", outcome = "success" }, { ms = 100, text = "Bye." })
+end
+
+-- The first call placed behaves as first; the next ones are answered.
+local function first_then_answer(first)
+  local n = 0
+  return function()
+    n = n + 1
+    return n == 1 and first or "answer"
+  end
+end
+
+-- The first call rings on; Twilio takes a cancel of it at once but answers
+-- the request late, and its final callback never comes: a kill -9 while
+-- that answer is on its way leaves the store saying the attempt rings,
+-- while Twilio says canceled.
+local CANCEL_ANSWERED_LATE = { ring_ms = 60000, lost_callbacks = { completed = true }, update_delay_ms = 8000 }
+
+-- Waits for the call's notifications: the keys the receiver got, once
+-- nothing more came for a moment.
+local function notified(w)
+  T.wait_for(function()
+    return #w.deliveries >= 1
+  end, 10000, "the notification")
+  timer.sleep(300)
+  return w.requests
+end
+
+T.test("kill -9 while the stop's cancel of a ringing call is on its way: the next start dials it again, not canceled",
+  function()
+    local w = world({ behaviour = first_then_answer(CANCEL_ANSWERED_LATE), script = report_script })
+    w.start()
+    local id, tw = w.ring("+14155550190")
+    assert(w.app:kill("SIGTERM"))
+    T.wait_for(function()
+      return tw.final == "canceled"
+    end, 5000, "the stop's cancel taken at Twilio")
+    w.kill9()
+    T.eq(w.stored()[id].status, "dialing", "killed before the stop could write the cancel")
+    w.start()
+    local rec = w.wait_final(id, 20000)
+    T.eq({ rec.status, #rec.attempts, #w.tw.calls }, { "completed", 2, 2 },
+      "the stop canceled it to dial it again, and nobody hung it up: it is dialed again")
+    T.eq({ rec.attempts[1].status, rec.attempts[1].reason }, { "canceled", "callagent stopped while it rang" })
+    T.eq(notified(w), { id .. ":completed" }, "notified once, of the end")
+  end, { timeout = 60000 })
+
+T.test("kill -9 while the ring timeout's cancel is on its way: no_answer by the retry policy after the restart, not canceled",
+  function()
+    local w = world({
+      behaviour = first_then_answer(CANCEL_ANSWERED_LATE),
+      script = report_script,
+      retry_ms = 200,
+      config = { retry = { maxAttempts = 2 }, call = { ringTimeoutSec = 1, statusGraceSec = 1 } },
+    })
+    w.start()
+    local id = w.create("+14155550191")
+    local tw = w.tw:wait_call(5000)
+    T.wait_for(function()
+      return tw.final == "canceled"
+    end, 8000, "the ring timeout's cancel taken at Twilio")
+    w.kill9()
+    T.eq(w.stored()[id].status, "dialing", "killed before the ring timeout could end the attempt")
+    w.start()
+    local rec = w.wait_final(id, 20000)
+    T.eq({ rec.status, #rec.attempts, #w.tw.calls }, { "completed", 2, 2 }, "its retry dialed, as no_answer is")
+    T.eq({ rec.attempts[1].status, rec.attempts[1].reason }, { "no_answer", "ring timeout" })
+    T.eq(notified(w), { id .. ":completed" }, "notified once, of the end")
+  end, { timeout = 60000 })
+
+T.run()
