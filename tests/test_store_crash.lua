@@ -79,4 +79,28 @@ T.test("kill -9 while the ring timeout's cancel is on its way: no_answer by the 
     T.eq(notified(w), { id .. ":completed" }, "notified once, of the end")
   end, { timeout = 60000 })
 
+T.test("a stop whose hang-up of a call placed meanwhile Twilio refused: the next start cancels that ring before it dials again",
+  function()
+    -- The dial's answer comes 1.5 s late, during the stop, which queues the
+    -- call again and hangs up the call placed: refused (503), it rings on.
+    local first = { ring_ms = 60000, create_delay_ms = 1500, update_fail = 503, update_fail_times = 1 }
+    local w = world({
+      behaviour = first_then_answer(first),
+      script = report_script,
+      config = { call = { ringTimeoutSec = 2, statusGraceSec = 1 } },
+    })
+    w.start()
+    local id = w.create("+14155550192")
+    local tw = w.tw:wait_call(5000)
+    assert(w.app:kill("SIGTERM"))
+    T.eq(w.app:wait(10000), 0)
+    T.eq({ w.stored()[id].status, tw.final }, { "queued", nil }, "queued, its first call still ringing at Twilio")
+    w.start()
+    local rec = w.wait_final(id, 20000)
+    T.eq({ rec.status, #rec.attempts, #w.tw.calls }, { "completed", 2, 2 })
+    T.eq(tw.final, "canceled", "the restart canceled the ring the stop could not")
+    T.ge(w.tw.calls[2].created_at, tw.ended_at, "the second call placed once the first no longer rang")
+    T.eq(notified(w), { id .. ":completed" }, "notified once, of the end")
+  end, { timeout = 60000 })
+
 T.run()

@@ -825,6 +825,11 @@ function Engine:_placed_while_stopping(call, n, pid)
   pid = a.providerCallId or pid
   a.providerCallId = pid
   if not self.closed and a.status == "dialing" and call.status == "dialing" and call.attempt == n then
+    -- Queued before its hang-up is sent, which may not reach the vendor
+    -- (refused, or a kill -9 first): the ring's cancel is kept unconfirmed
+    -- with the attempt until taken, so that the next start asks it again
+    -- and dials no sooner than that ring's end (recover), not beside it.
+    a._cancel_unconfirmed = pid and true or nil
     self:_requeue_at_stop(call, n, "callagent stopped while dialing")
   end
   if pid then
@@ -833,6 +838,9 @@ function Engine:_placed_while_stopping(call, n, pid)
     -- As it is now: a callee who answered meanwhile is hung up as answered.
     local ok, err = self:_provider_end(self:call_view(call.id) or { callId = call.id },
       { n = n, providerCallId = pid, status = a.answeredAt and "in_progress" or "dialing" })
+    if ok then
+      self:_cancel_confirmed(call, a)
+    end
     if not ok then
       hangup_failed({ call = call.id, attempt = n, error = err })
     elseif a.status == "in_progress" and call.attempt == n and not self.closed then
@@ -863,7 +871,7 @@ function Engine:_requeue_at_stop(call, n, reason)
   a.status, a.endedAt, a.reason = "canceled", iso(), reason
   self:_set_status(call, "queued", { nextAttemptAt = iso(due) }, function()
     self.store:update_attempt(call.id, n, { status = a.status, endedAt = a.endedAt, reason = a.reason,
-      providerCallId = a.providerCallId })
+      providerCallId = a.providerCallId, _cancelUnconfirmed = a._cancel_unconfirmed })
     self.store:set_retry(call.id, due)
   end)
 end
@@ -2477,6 +2485,7 @@ function Engine:recover()
     end
     call.attempts = attempts
     local last = attempts[call.attempt]
+    local ringing_on = last -- its ring, which a cancel not taken may leave going at the vendor
     if last and last._modelRefused and last.status == "dialing" and not last.answeredAt then
       -- Ringing when the last run ended, with a session the model had
       -- refused (warm_refused): as that run had it, in memory.
@@ -2484,8 +2493,10 @@ function Engine:recover()
     end
     if last and last._cancelUnconfirmed == true and not last.answeredAt then
       -- Its ring timeout ended it while the vendor refused every cancel
-      -- (_ring_timeout): the callee may still answer that call, whose
-      -- answer drops the retry (_answered_after_end), as in the last run.
+      -- (_ring_timeout), or a stop queued it again before its cancel was
+      -- taken (_placed_while_stopping): the callee may still answer that
+      -- call, whose answer drops the retry (_answered_after_end), as in the
+      -- last run.
       last._cancel_unconfirmed = true
     end
     if last and last._hangupAsked and call.status ~= "queued" then
@@ -2512,6 +2523,14 @@ function Engine:recover()
     elseif call.status == "queued" then
       local due = retries[call.id]
       local delay = due and math.max(0, math.floor((due - core.time()) * 1000)) or 0
+      local started = ringing_on and ringing_on._cancel_unconfirmed and from_iso(ringing_on.startedAt)
+      if started then
+        -- Its last ring may go on at the vendor (the cancel is asked again
+        -- above): dialed no sooner than the vendor ends it itself, at its
+        -- ring timeout, so that two calls never ring the callee at once.
+        local c = self.config.call
+        delay = math.max(delay, math.ceil((started + c.ringTimeoutSec + c.statusGraceSec - core.time()) * 1000))
+      end
       counts[due and "retries" or "dialed"] = counts[due and "retries" or "dialed"] + 1
       log.info("recovered a queued call", { call = call.id, dial_in_ms = delay, attempt = call.attempt + 1 })
       self:_dial_after(call.id, delay)
