@@ -103,4 +103,24 @@ T.test("a stop whose hang-up of a call placed meanwhile Twilio refused: the next
     T.eq(notified(w), { id .. ":completed" }, "notified once, of the end")
   end, { timeout = 60000 })
 
+T.test("a call's record or attempt damaged inside a sound store file stops the start with an error naming the file and the call",
+  function()
+    local store = require "callagent.store.sqlite"
+    for _, damage in ipairs({
+      { "UPDATE calls SET doc = '{\"status\":' WHERE id = 'c_live'", "the record of call c_live", "Expected value" },
+      { "UPDATE attempts SET doc = '7' WHERE call_id = 'c_live'", "a row of attempts of call c_live", "a JSON number" },
+    }) do
+      local w = world()
+      local s = assert(store.open({ path = w.db }))
+      assert(s:insert_call({ id = "c_live", status = "in_progress", attempt = 1, to = "+14155550193", prompt = "Talk.",
+        attempts = { { n = 1, status = "in_progress", providerCallId = "CA" .. string.rep("0", 32) } } }))
+      assert(s.db:run(damage[1]))
+      s:close()
+      local code, _, p = T.run_app(T.root .. "/tests/apps/durable.lua", nil, { env = w.env() })
+      T.eq(code, 1, damage[2])
+      T.match(p.errtext(), "callagent: store: the calls of the last run could not be recovered: ECORRUPT: "
+        .. w.db:gsub("%p", "%%%0") .. ": " .. damage[2] .. " is not a JSON object %(" .. damage[3])
+    end
+  end)
+
 T.run()

@@ -102,6 +102,20 @@ CREATE INDEX IF NOT EXISTS notifications_refused ON notifications (refused_under
 local SEPARATE = { attempts = true, transcript = true, events = true, id = true }
 
 local encode, decode = json.encode_stored, json.decode_stored
+
+-- A document of the store read back (what: which, for the error). One that
+-- is no JSON object - a row damaged inside a file whose pages are sound
+-- (integrity_check reads the pages, not what they hold), or written by
+-- another program - raises naming the file and the row, not json.lua: at
+-- start that error stops it, and says what to mend.
+local function decode_doc(path, raw, what)
+  local ok, v = pcall(decode, raw)
+  if not ok or type(v) ~= "table" then
+    local why = ok and "a JSON " .. type(v) or tostring(v):gsub("^[^\n]-%.lua:%d+: ", "")
+    error("ECORRUPT: " .. tostring(path) .. ": " .. what .. " is not a JSON object (" .. why .. ")", 0)
+  end
+  return v
+end
 local cursor_seq = require("callagent.store.memory").cursor_seq
 -- A call's rows of the other tables, oldest first.
 local CALL_ROWS = {
@@ -299,7 +313,7 @@ function Store:update_call(id, fields)
   elseif not raw then
     return nil, "ENOENT: no call " .. tostring(id)
   end
-  local d = decode(raw)
+  local d = decode_doc(self.path, raw, "the record of call " .. tostring(id))
   for k, v in pairs(fields) do
     if not SEPARATE[k] then
       if v == M.NULL then
@@ -313,10 +327,11 @@ function Store:update_call(id, fields)
   return check(db:run("UPDATE calls SET status = ?, doc = ? WHERE id = ?", status, encode(d), id))
 end
 
-local function rows_docs(rows)
+-- what: the rows' table (attempts, transcript, events), of call id.
+local function rows_docs(path, rows, what, id)
   local out = json.array()
   for i, r in ipairs(rows) do
-    out[i] = decode(r.doc)
+    out[i] = decode_doc(path, r.doc, "a row of " .. what .. " of call " .. tostring(id))
   end
   return out
 end
@@ -328,14 +343,14 @@ function Store:get_call(id)
   if not r then
     return nil, err
   end
-  local c = decode(r.doc)
+  local c = decode_doc(self.path, r.doc, "the record of call " .. tostring(id))
   c.id = id
   for field, sql in pairs(CALL_ROWS) do
     local rows, rerr = db:rows(sql, id)
     if not rows then
       return nil, rerr
     end
-    c[field] = rows_docs(rows)
+    c[field] = rows_docs(self.path, rows, field, id)
   end
   return c
 end
@@ -347,7 +362,7 @@ function Store:transcript(id)
   if not rows then
     return nil, err
   end
-  return rows_docs(rows)
+  return rows_docs(self.path, rows, "transcript", id)
 end
 
 --- Runs fn, whose writes commit together: one transaction instead of one each.
@@ -394,7 +409,7 @@ function Store:update_attempt(id, n, fields)
   elseif not raw then
     return nil, "ENOENT: no attempt " .. tostring(n) .. " of call " .. tostring(id)
   end
-  local a = decode(raw)
+  local a = decode_doc(self.path, raw, "attempt " .. tostring(n) .. " of call " .. tostring(id))
   for k, v in pairs(fields) do
     a[k] = v
   end
@@ -439,13 +454,13 @@ function Store:list_calls(opts)
       next_cursor = tostring(rows[limit].seq)
       break
     end
-    local c = decode(r.doc)
+    local c = decode_doc(self.path, r.doc, "the record of call " .. tostring(r.id))
     c.id = r.id
     local attempts, aerr = self.db:rows(CALL_ROWS.attempts, r.id)
     if not attempts then
       return nil, aerr
     end
-    c.attempts = rows_docs(attempts)
+    c.attempts = rows_docs(self.path, attempts, "attempts", r.id)
     out[#out + 1] = c
   end
   return out, next_cursor
