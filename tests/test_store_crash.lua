@@ -123,4 +123,53 @@ T.test("a call's record or attempt damaged inside a sound store file stops the s
     end
   end)
 
+T.test("a delivered notification the store cannot mark sent (a full disk) is not sent again at every sweep; marked once it can",
+  function()
+    local http = require "callagent.http"
+    local notify = require "callagent.notify"
+    local store_mod = require "callagent.store"
+    local received = {}
+    local hooks = http.server({ headers = { "idempotency-key" } })
+    hooks:post("/hooks/agent", function(req)
+      received[#received + 1] = req.headers["idempotency-key"]
+      return 200, { ok = true }
+    end)
+    assert(hooks:listen())
+    T.defer(function()
+      hooks:close()
+    end)
+    -- A real SQLite store whose writes of a notification's state the disk
+    -- refuses while full.
+    local inner = assert(store_mod.open({ backend = "sqlite", path = T.tmpdir() .. "/n.db", retentionDays = 30 }))
+    local full = true
+    local store = setmetatable({}, { __index = function(_, k)
+      local f = inner[k]
+      return function(_, ...)
+        if k == "mark_notified" and full then
+          return nil, "ENOSPC: database or disk is full"
+        end
+        return f(inner, ...)
+      end
+    end })
+    local n = notify.new({ hooksUrl = hooks:url("/hooks"), hooksToken = "hooks-token-for-tests" }, store,
+      { attempts = 1, base_delay_ms = 10, sweep_ms = 100 })
+    T.defer(function()
+      n:stop()
+      inner:close()
+    end)
+    assert(inner:add_notification("c_1:completed", "c_1", "{}"))
+    n:resume()
+    T.wait_for(function()
+      return #received >= 1
+    end, 2000, "delivered")
+    timer.sleep(450) -- four sweeps while the disk is full
+    T.eq(received, { "c_1:completed" }, "delivered once, not again at each sweep")
+    T.eq(#inner:pending_notifications(), 1, "still pending in the store, which refused the mark")
+    full = false
+    T.wait_for(function()
+      return #inner:pending_notifications() == 0
+    end, 2000, "marked sent at a later sweep")
+    T.eq(received, { "c_1:completed" }, "and not sent again to mark it")
+  end)
+
 T.run()

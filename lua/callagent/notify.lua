@@ -64,6 +64,9 @@ function M.new(cfg, store, opts)
     ran_out_keys = {},
     ran_out_ranks = {},
     n_ran_out = 0, -- keys in ran_out
+    -- key -> true: delivered, but the store did not take its "sent" (a
+    -- full disk): a sweep marks it again instead of sending it again.
+    unmarked = {},
     stats = { pages = 0, most_rows = 0 }, -- backlog reads: pages, the most rows one returned
     requests = 0, -- requests waiting for their answer (drain)
     -- What stop() ends, so that nothing of the notifier keeps the program
@@ -263,7 +266,14 @@ function Notifier:_deliver(key, body)
       return
     end
     if res and res.status < 300 then
-      store_call(self.store, "mark_notified", key, "sent")
+      if not store_call(self.store, "mark_notified", key, "sent") then
+        -- Still pending in the store: sent again at every sweep while it
+        -- refuses writes (hours of a full disk, a duplicate every 5
+        -- minutes). Marked again instead; only a restart sends it again.
+        self.unmarked[key] = true
+        log.warn("a delivered notification could not be marked so: it is marked again at the next sweep",
+          { key = key })
+      end
       log.info("notification delivered", { key = key, status = res.status, try = try })
       self.in_flight[key] = nil
       self:_ran_out_clear(key)
@@ -500,7 +510,13 @@ function Notifier:_next(walk)
     if n then
       walk.rows[walk.i] = nil -- taken: no longer held here
       local key = n.key
-      if walk.waiting[key] and not self.in_flight[key] then
+      if self.unmarked[key] and walk.waiting[key] and not self.in_flight[key] then
+        -- Delivered: marked, not sent again (_deliver).
+        if store_call(self.store, "mark_notified", key, "sent") then
+          self.unmarked[key] = nil
+          log.info("a delivered notification is marked so at last", { key = key })
+        end
+      elseif walk.waiting[key] and not self.in_flight[key] then
         if walk.phase == 1 and not self.ran_out[key] and not walk.recorded[key] then
           return n
         elseif walk.phase == 2 and self.ran_out[key] == walk.rank[key] then
