@@ -172,4 +172,80 @@ T.test("a delivered notification the store cannot mark sent (a full disk) is not
     T.eq(received, { "c_1:completed" }, "and not sent again to mark it")
   end)
 
+-- A Twilio app behind the fake ngrok (tests/bin), on the SQLite store
+-- CA_DB, whose tunnel a test can make die (FAKE_NGROK_CONTROL).
+local TUNNEL_APP = [[
+local callagent = require "callagent"
+local task = require "callagent.task"
+task.spawn(function()
+  local app = assert(callagent.app({
+    telephony = { provider = "twilio" },
+    server = { port = tonumber(os.getenv("CA_PORT")) },
+    twilio = { accountSid = "AC" .. string.rep("0", 32), authToken = "dummy-auth-token", fromNumber = "+15550001111",
+      apiBaseUrl = os.getenv("CA_TW_URL") },
+    openai = { apiKey = "sk-dummy", connectWhileRinging = false },
+    tunnel = { provider = "ngrok", timeoutSec = 10 },
+    store = { backend = "sqlite", path = os.getenv("CA_DB") },
+  }))
+  assert(app:start())
+end)
+]]
+
+T.test("kill -9 while the paused tunnel's cancel of a ringing call is on its way: the next start dials it again, not canceled",
+  function()
+    local fetch = require "callagent.fetch"
+    local json = require "callagent.json"
+    local dir = T.tmpdir()
+    local port = T.free_port()
+    local base = "http://127.0.0.1:" .. port
+    local tw = assert(require("fakes.twilio").start({
+      account_sid = "AC" .. string.rep("0", 32),
+      auth_token = "dummy-auth-token",
+      behaviour = first_then_answer(CANCEL_ANSWERED_LATE),
+      public_url_rewrite = function(u)
+        return (u:gsub("^https://[^/]+", base)) -- the tunnel's URL reaches the app
+      end,
+    }))
+    T.defer(function()
+      tw:close()
+    end)
+    local bin = T.tmpdir()
+    assert(os.execute(string.format("ln -s '%s/tests/bin/ngrok' '%s/ngrok'", T.root, bin)))
+    local env = { PATH = bin, CALLAGENT_BIN = T.bin, FAKE_NGROK_CONTROL = dir, CA_PORT = tostring(port),
+      CA_TW_URL = tw.url, CA_DB = dir .. "/calls.db" }
+    local function start()
+      local ready
+      local p = T.spawn_app(nil, nil, { source = TUNNEL_APP, env = env, on_stderr = function(line)
+        ready = ready or line:find("callagent ready", 1, true)
+      end })
+      T.wait_for(function()
+        return ready or p.done
+      end, 15000, "callagent ready")
+      T.ok(ready, p.errtext())
+      return p
+    end
+    local p = start()
+    local res = assert(fetch(base .. "/v1/calls", { method = "POST", body = json.encode({ to = "+14155550194",
+      prompt = "Talk." }), headers = { ["Content-Type"] = "application/json" } }))
+    T.eq(res.status, 201, res.body)
+    local id = json.decode(res.body).callId
+    local first = tw:wait_call(5000)
+    assert(first:wait_status("ringing", 3000), "ringing")
+    assert(io.open(dir .. "/die", "w")):close() -- ngrok's session ends: calls pause
+    T.wait_for(function()
+      return first.final == "canceled"
+    end, 5000, "the pause's cancel taken at Twilio")
+    p:kill("SIGKILL")
+    p:wait(5000)
+    os.remove(dir .. "/die")
+    os.remove(dir .. "/died") -- the next ngrok's tunnel comes up at once
+    start()
+    T.wait_for(function()
+      return #tw.calls >= 2
+    end, 10000, "dialed again")
+    local rec = json.decode(assert(fetch(base .. "/v1/calls/" .. id)).body)
+    T.eq({ #rec.attempts, rec.attempts[1].status, rec.attempts[1].reason },
+      { 2, "canceled", "the public tunnel went down while it rang" })
+  end, { timeout = 60000 })
+
 T.run()
