@@ -839,7 +839,7 @@ function Engine:_placed_while_stopping(call, n, pid)
     local ok, err = self:_provider_end(self:call_view(call.id) or { callId = call.id },
       { n = n, providerCallId = pid, status = a.answeredAt and "in_progress" or "dialing" })
     if ok then
-      self:_cancel_confirmed(call, a)
+      self:_cancel_confirmed(call, a) -- taken: the next start need not ask it again
     end
     if not ok then
       hangup_failed({ call = call.id, attempt = n, error = err })
