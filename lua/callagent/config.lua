@@ -929,12 +929,23 @@ end
 function M.load_file(path)
   local f, ferr = io.open(path, "rb")
   if not f then
-    return nil, "config: cannot read " .. path .. ": " .. tostring(ferr)
+    -- io.open's message starts with the path: said once, not twice.
+    ferr = tostring(ferr)
+    if ferr:sub(1, #path + 2) == path .. ": " then
+      ferr = ferr:sub(#path + 3)
+    end
+    return nil, "config: cannot read " .. path .. ": " .. ferr
   end
   local text, rerr = f:read("a") -- nil for a directory, which opens
   f:close()
   if not text then
     return nil, "config: cannot read " .. path .. ": " .. tostring(rerr)
+  end
+  -- A UTF-8 byte order mark at the start, as Notepad and PowerShell 5 save
+  -- one, is no JSON but says nothing (RFC 8259 8.1): read past, as the API
+  -- does with a body (it was "not valid JSON: ... at character 1").
+  if text:sub(1, 3) == "\239\187\191" then
+    text = text:sub(4)
   end
   local v, err = json.try_decode(text)
   if not v then
