@@ -2,6 +2,7 @@
 -- README.md alone: what the first passes let through.
 local T = require "testing"
 local config = require "callagent.config"
+local kit = require "callkit"
 
 T.test("a JSON config saved with a UTF-8 byte order mark (Notepad) is read, as the API reads such a body", function()
   -- It was "config: ... is not valid JSON: Expected value but found invalid
@@ -30,6 +31,35 @@ T.test("a config file that is not there is named once in the error, not twice", 
   local cfg, err = config.load_file(path)
   T.eq(cfg, nil)
   T.eq(err, "config: cannot read " .. path .. ": No such file or directory")
+end)
+
+T.test("a compressed body (Content-Encoding: gzip) is 415 naming Content-Encoding, not read as it came", function()
+  -- It was read as plain JSON: gzip's bytes were "invalid_json: a NUL byte",
+  -- and a JSON body labeled gzip by mistake placed a call.
+  local env = kit.start({ twilio = { behaviour = { ring_ms = 10000 } } })
+  local log_lines = T.log_lines("warn")
+  local json_body = '{"to":"+14155550180","prompt":"Ask for the hours."}'
+  for _, case in ipairs({
+    { "gzip", "\31\139\8\0\0\0\0\0\0\3\171\174\5\0\67\191\166\163\2\0\0\0" },
+    { "gzip", json_body },
+    { "br", json_body },
+    { "gzip, identity", json_body },
+  }) do
+    local status, body, res = env:api("POST", "/v1/calls", case[2], { ["Content-Encoding"] = case[1] })
+    T.eq({ status, body.error and body.error.code, body.error and body.error.field },
+      { 415, "unsupported_media_type", "Content-Encoding" }, case[1])
+    T.eq(res.headers["accept-encoding"], "identity", "the one coding taken (RFC 7694)")
+  end
+  T.eq(#env.tw.calls, 0, "nothing dialed")
+  local logged = 0
+  for _, l in ipairs(log_lines) do
+    if l.msg == "api: bad request" and l.fields.code == "unsupported_media_type" and l.fields.field == "Content-Encoding" then
+      logged = logged + 1
+    end
+  end
+  T.eq(logged, 4, "each logged once, naming the header")
+  -- identity is no coding, in any case.
+  T.eq((env:api("POST", "/v1/calls", json_body, { ["Content-Encoding"] = "Identity" })), 201)
 end)
 
 T.run()

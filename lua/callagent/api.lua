@@ -15,7 +15,8 @@
 -- With server.apiToken set, every /v1 request needs "Authorization: Bearer
 -- <token>" (401 otherwise); without it, /v1 answers only requests made to a
 -- loopback host name. A web page of another origin is refused either way
--- (403), and POST /v1/calls takes only Content-Type application/json (415).
+-- (403), and POST /v1/calls takes only Content-Type application/json,
+-- uncompressed (415).
 -- Errors: {"error": {"code", "message", "field"?}} with 400 (validation),
 -- 401, 403, 404, 405, 409, 411, 413, 415, 422 (an Idempotency-Key reused),
 -- 500 (the store), 501 (no Idempotency-Key support) and 503 (starting, paused,
@@ -410,6 +411,15 @@ function M.register(srv, engine, cfg, opts)
     if not (ctype:match("^%s*application/json%s*;") or ctype:match("^%s*application/json%s*$")) then
       return err(415, "unsupported_media_type", "the body must be JSON, sent with Content-Type: application/json",
         "Content-Type")
+    end
+    -- A compressed body (gzip) is not read as compressed: it was refused
+    -- for the bytes it came as ("a NUL byte"), naming nothing the client got
+    -- wrong, and one labeled so by mistake was taken as it is.
+    local coding = req:header("content-encoding")
+    if coding ~= nil and coding:lower() ~= "identity" then
+      local status, ebody = err(415, "unsupported_media_type", "the body must be sent uncompressed: Content-Encoding "
+        .. quote(json.utf8(coding)) .. " is not supported", "Content-Encoding")
+      return status, ebody, { ["Accept-Encoding"] = "identity" } -- RFC 7694
     end
     local body, jerr = req:json_object()
     if not body then
