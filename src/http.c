@@ -543,7 +543,7 @@ static void push_query(lua_State *L, struct lws *wsi)
 	luaL_pushresult(&raw);
 }
 
-static void quick_response(struct req *r, int status, const char *code, const char *msg);
+static void quick_response(struct req *r, int status, const char *code, const char *msg, const char *field);
 
 /* Hands a complete request to Lua: on_request(handle, table). */
 static void dispatch(struct server *s, struct req *r)
@@ -557,7 +557,7 @@ static void dispatch(struct server *s, struct req *r)
 		/* Read in the same turn the server was closed: nobody to hand it to. */
 		CA_LOG_LIMITED(CA_LOG_WARN, "http: %s %s: the server is closing: answering 503",
 		       method_names[r->method], r->path);
-		quick_response(r, 503, "closing", "the server is closing");
+		quick_response(r, 503, "closing", "the server is closing", NULL);
 		return;
 	}
 	r->dispatched = 1;
@@ -591,10 +591,14 @@ static void dispatch(struct server *s, struct req *r)
 }
 
 /* Answers straight from C (limits); the connection closes after it. */
-static void quick_response(struct req *r, int status, const char *code, const char *msg)
+/* field: the header at fault, as the API's errors name one (NULL: none). */
+static void quick_response(struct req *r, int status, const char *code, const char *msg, const char *field)
 {
 	char body[256];
-	int n = snprintf(body, sizeof body, "{\"error\":{\"code\":\"%s\",\"message\":\"%s\"}}", code, msg);
+	int n = field
+		? snprintf(body, sizeof body, "{\"error\":{\"code\":\"%s\",\"message\":\"%s\",\"field\":\"%s\"}}",
+			   code, msg, field)
+		: snprintf(body, sizeof body, "{\"error\":{\"code\":\"%s\",\"message\":\"%s\"}}", code, msg);
 
 	add_hdr(r, "content-type", 12, "application/json", 16);
 	/* As every answer of the Lua server's (see callagent.http's with_defaults). */
@@ -854,16 +858,17 @@ static int content_length(struct lws *wsi, unsigned long long *v, const char **w
 }
 
 /*
- * Whether the request has a Content-Length or Transfer-Encoding with spaces
- * or tabs before its colon. RFC 9112 5.1 has it refused with 400: lws keeps
+ * The name of the header, Content-Length or Transfer-Encoding, that the
+ * request has with spaces or tabs before its colon, or NULL. RFC 9112 5.1 has it refused with 400: lws keeps
  * it as an unknown header, so the body would be framed without it, where a
  * proxy in front that took it for the real one frames it by it (request
  * smuggling). 4.1.6 cannot list the unknown headers: the forms looked up are
  * one to four spaces, or tabs.
  */
-static int framing_header_spaced(struct lws *wsi)
+static const char *framing_header_spaced(struct lws *wsi)
 {
 	static const char *const names[] = { "content-length", "transfer-encoding" };
+	static const char *const shown[] = { "Content-Length", "Transfer-Encoding" };
 	char key[32];
 
 	for (int i = 0; i < 2; i++) {
@@ -875,11 +880,11 @@ static int framing_header_spaced(struct lws *wsi)
 				memset(key + nl, tab ? '\t' : ' ', (size_t)k);
 				key[nl + k] = ':';
 				if (lws_hdr_custom_length(wsi, key, (int)(nl + k + 1)) >= 0)
-					return 1;
+					return shown[i];
 			}
 		}
 	}
-	return 0;
+	return NULL;
 }
 
 /*
@@ -964,7 +969,7 @@ static int server_callback(struct lws *wsi, enum lws_callback_reasons reason,
 		char *uri;
 		int ulen, meth, clr;
 		unsigned long long v;
-		const char *why = NULL;
+		const char *why = NULL, *spaced;
 		char ex[32];
 
 		if (pss == NULL || L == NULL)
@@ -1008,39 +1013,41 @@ static int server_callback(struct lws *wsi, enum lws_callback_reasons reason,
 		if (s->nconn > s->max_connections) {
 			CA_LOG_LIMITED(CA_LOG_WARN, "http: %d connections open (max_connections %d): answering 503",
 			       s->nconn, s->max_connections);
-			quick_response(r, 503, "busy", "too many connections");
+			quick_response(r, 503, "busy", "too many connections", NULL);
 			return 0;
 		}
 		if (!whole_request_line(wsi)) {
 			CA_LOG_LIMITED(CA_LOG_WARN, "http: %s %s: request line without an HTTP version (a line break "
 			       "encoded in the URI?): answering 400", method_names[r->method], r->path);
-			quick_response(r, 400, "bad_request", "malformed request line");
+			quick_response(r, 400, "bad_request", "malformed request line", NULL);
 			return 0;
 		}
 		if (lws_hdr_fragment_length(wsi, WSI_TOKEN_HOST, 1) > 0) {
 			/* lws joins them ("a,  b"; a second, even empty, holds the space it adds). */
 			CA_LOG_LIMITED(CA_LOG_WARN, "http: %s %s: more than one Host header: answering 400",
 			       method_names[r->method], r->path);
-			quick_response(r, 400, "bad_request", "more than one Host header");
+			quick_response(r, 400, "bad_request", "more than one Host header", "Host");
 			return 0;
 		}
-		if (framing_header_spaced(wsi)) {
+		if ((spaced = framing_header_spaced(wsi)) != NULL) {
 			CA_LOG_LIMITED(CA_LOG_WARN, "http: %s %s: Content-Length or Transfer-Encoding with whitespace before "
 			       "its colon: answering 400", method_names[r->method], r->path);
-			quick_response(r, 400, "bad_request", "whitespace before the colon of Content-Length or Transfer-Encoding");
+			quick_response(r, 400, "bad_request", "whitespace before the colon of Content-Length or Transfer-Encoding",
+				       spaced);
 			return 0;
 		}
 		if (lws_hdr_total_length(wsi, WSI_TOKEN_HTTP_TRANSFER_ENCODING) > 0) {
 			CA_LOG_LIMITED(CA_LOG_WARN, "http: %s %s: chunked body refused (Transfer-Encoding): answering 411",
 			       method_names[r->method], r->path);
-			quick_response(r, 411, "length_required", "chunked request bodies are not supported: send Content-Length");
+			quick_response(r, 411, "length_required", "chunked request bodies are not supported: send Content-Length",
+				       "Transfer-Encoding");
 			return 0;
 		}
 		if (clr < 0) {
 			/* Not its value: that is no number, and may be anything (a secret). */
 			CA_LOG_LIMITED(CA_LOG_WARN, "http: %s %s: invalid Content-Length (%s): answering 400",
 			       method_names[r->method], r->path, why);
-			quick_response(r, 400, "bad_request", "invalid Content-Length");
+			quick_response(r, 400, "bad_request", "invalid Content-Length", "Content-Length");
 			return 0;
 		}
 		if (clr > 0 && v > s->max_body) {
@@ -1050,14 +1057,14 @@ static int server_callback(struct lws *wsi, enum lws_callback_reasons reason,
 			else
 				CA_LOG_LIMITED(CA_LOG_WARN, "http: %s %s: body of %llu bytes over max_body %zu: answering 413",
 				       method_names[r->method], r->path, v, s->max_body);
-			quick_response(r, 413, "payload_too_large", "request body too large");
+			quick_response(r, 413, "payload_too_large", "request body too large", "Content-Length");
 			return 0;
 		}
 		if (clr == 2) {
 			CA_LOG_LIMITED(CA_LOG_WARN, "http: %s %s: invalid Content-Length (%d characters, over the %d libwebsockets reads): answering 400",
 			       method_names[r->method], r->path,
 			       lws_hdr_total_length(wsi, WSI_TOKEN_HTTP_CONTENT_LENGTH), LWS_CONTENT_LENGTH_MAX);
-			quick_response(r, 400, "bad_request", "invalid Content-Length");
+			quick_response(r, 400, "bad_request", "invalid Content-Length", "Content-Length");
 			return 0;
 		}
 		/*
@@ -1106,13 +1113,13 @@ static int server_callback(struct lws *wsi, enum lws_callback_reasons reason,
 			CA_LOG_LIMITED(CA_LOG_WARN, "http: %s %s: body not in within body_timeout %llu s (%zu of %zu bytes): answering 408",
 			       method_names[r->method], r->path, (unsigned long long)(s->body_timeout_ms / 1000),
 			       r->body_len, r->expect);
-			quick_response(r, 408, "request_timeout", "the request body took too long");
+			quick_response(r, 408, "request_timeout", "the request body took too long", NULL);
 			return 0;
 		}
 		if (r->body_len + len > s->max_body) {
 			CA_LOG_LIMITED(CA_LOG_WARN, "http: %s %s: body over max_body %zu: answering 413",
 			       method_names[r->method], r->path, s->max_body);
-			quick_response(r, 413, "payload_too_large", "request body too large");
+			quick_response(r, 413, "payload_too_large", "request body too large", NULL);
 			return 0;
 		}
 		if (r->body_len + len > r->body_cap) {

@@ -3,6 +3,8 @@
 local T = require "testing"
 local config = require "callagent.config"
 local kit = require "callkit"
+local json = require "callagent.json"
+local process = require "callagent.process"
 
 T.test("a JSON config saved with a UTF-8 byte order mark (Notepad) is read, as the API reads such a body", function()
   -- It was "config: ... is not valid JSON: Expected value but found invalid
@@ -60,6 +62,49 @@ T.test("a compressed body (Content-Encoding: gzip) is 415 naming Content-Encodin
   T.eq(logged, 4, "each logged once, naming the header")
   -- identity is no coding, in any case.
   T.eq((env:api("POST", "/v1/calls", json_body, { ["Content-Encoding"] = "Identity" })), 201)
+end)
+
+-- The answer to a request head sent as given (what no HTTP client sends:
+-- two Host lines, a space before a colon), read until the server closes.
+local function raw_answer(port, head)
+  local p = assert(process.spawn({ "node", "-e", [[
+    const [port, head] = process.argv.slice(1);
+    let out = '';
+    const c = require('net').connect(+port, '127.0.0.1', () => c.write(head));
+    c.on('data', (d) => { out += d; });
+    c.on('error', () => {});
+    c.on('close', () => { console.log(JSON.stringify(out)); process.exit(0); });
+    setTimeout(() => { console.log(JSON.stringify(out)); process.exit(0); }, 3000);
+  ]], tostring(port), head }))
+  local out = json.decode((assert(p:read_line(5000))))
+  return tonumber(out:match("^HTTP/1%.1 (%d+)")), json.try_decode(out:match("\r\n\r\n(.*)$") or "")
+end
+
+T.test("a request the server refuses before the API sees it names the header at fault in field", function()
+  -- Content-Length, Transfer-Encoding, Host: README's errors name the
+  -- header at fault; these came with code and message only.
+  local env = kit.start({ twilio = { behaviour = { ring_ms = 10000 } } })
+  local json_body = '{"to":"+14155550181","prompt":"x"}'
+  local function named(what, want, status, body)
+    T.eq({ status, body and body.error.code, body and body.error.field }, want, what)
+  end
+  for _, len in ipairs({ "-1", "5x", "" }) do
+    named("Content-Length " .. T.fmt(len), { 400, "bad_request", "Content-Length" },
+      env:api("POST", "/v1/calls", json_body, { ["Content-Length"] = len }))
+  end
+  named("a Content-Length over the 256 KiB the API takes", { 413, "payload_too_large", "Content-Length" },
+    env:api("POST", "/v1/calls", json_body, { ["Content-Length"] = tostring(1 << 20) }))
+  named("chunked", { 411, "length_required", "Transfer-Encoding" },
+    env:api("POST", "/v1/calls", json_body, { ["Transfer-Encoding"] = "chunked" }))
+  local port = env.base:match(":(%d+)$")
+  local head = "POST /v1/calls HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+  named("two Host lines", { 400, "bad_request", "Host" },
+    raw_answer(port, head .. "Host: 127.0.0.1\r\nContent-Length: " .. #json_body .. "\r\n\r\n" .. json_body))
+  named("Transfer-Encoding :", { 400, "bad_request", "Transfer-Encoding" },
+    raw_answer(port, head .. "Transfer-Encoding : chunked\r\nContent-Length: " .. #json_body .. "\r\n\r\n" .. json_body))
+  named("Content-Length<tab>:", { 400, "bad_request", "Content-Length" },
+    raw_answer(port, head .. "Content-Length\t: " .. #json_body .. "\r\n\r\n" .. json_body))
+  T.eq(#env.tw.calls, 0, "nothing dialed")
 end)
 
 T.run()
