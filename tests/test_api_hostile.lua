@@ -64,6 +64,22 @@ T.test("a compressed body (Content-Encoding: gzip) is 415 naming Content-Encodin
   T.eq((env:api("POST", "/v1/calls", json_body, { ["Content-Encoding"] = "Identity" })), 201)
 end)
 
+T.test("a metadata of 130,000 values is refused as too large before it is checked and encoded; one that fits still goes", function()
+  -- It was walked and encoded twice over before its size was known: a 256
+  -- KiB body held the event loop, every live call's audio, 200 ms.
+  local env = kit.start({ twilio = { behaviour = { ring_ms = 10000 } } })
+  local function with_values(n)
+    return '{"to":"+14155550182","prompt":"x","metadata":{"a":[' .. string.rep("0,", n - 1) .. "0]}}"
+  end
+  local status, body = env:api("POST", "/v1/calls", with_values(130000))
+  T.eq({ status, body.error.code, body.error.field }, { 400, "invalid_metadata", "metadata" })
+  T.eq(body.error.message, "metadata is larger than 8192 bytes (it holds more than 4096 values)")
+  -- At the limit: {"a":[...]} with 4092 values is 8191 bytes, with 4093 8193.
+  T.eq((env:api("POST", "/v1/calls", with_values(4092))), 201)
+  status, body = env:api("POST", "/v1/calls", with_values(4093))
+  T.eq({ status, body.error.message }, { 400, "metadata is larger than 8192 bytes" })
+end)
+
 -- The answer to a request head sent as given (what no HTTP client sends:
 -- two Host lines, a space before a colon), read until the server closes.
 local function raw_answer(port, head)

@@ -89,6 +89,23 @@ local function starting(what)
   return status, body, { ["Retry-After"] = "2" }
 end
 
+-- Whether v holds more than budget values (its own, at any depth): then
+-- its JSON is longer than 2 * budget bytes, each value taking a byte and a
+-- separator at least. Walks at most budget + 1 of them.
+local function more_values_than(v, budget)
+  local n = 0
+  local function walk(t)
+    for _, x in pairs(t) do
+      n = n + 1
+      if n > budget or (type(x) == "table" and walk(x)) then
+        return true
+      end
+    end
+    return false
+  end
+  return type(v) == "table" and walk(v)
+end
+
 local function voice_ok(v)
   for _, x in ipairs(config.voices) do
     if x == v then
@@ -187,6 +204,13 @@ function M.validate_call(body)
   if body.metadata ~= nil then
     if type(body.metadata) ~= "table" or #body.metadata > 0 or json.is_array(body.metadata) then
       return nil, err(400, "invalid_metadata", "metadata must be a JSON object", "metadata")
+    end
+    -- Too many values to fit is said before they are checked and encoded,
+    -- twice over: 130,000 numbers (a 256 KiB body) took the event loop,
+    -- every live call's audio, 200 ms to refuse.
+    if more_values_than(body.metadata, LIMITS.metadata // 2) then
+      return nil, err(400, "invalid_metadata", "metadata is larger than " .. LIMITS.metadata
+        .. " bytes (it holds more than " .. LIMITS.metadata // 2 .. " values)", "metadata")
     end
     local ok, why = json.check(body.metadata, LIMITS.metadata_depth)
     if not ok then
