@@ -120,28 +120,30 @@ function M.validate_call(body)
   if type(body) ~= "table" or json.is_array(body) or (#body > 0) then
     return nil, err(400, "invalid_body", "the body must be a JSON object")
   end
-  -- In byte order of the names: of several fields at fault, the same one is
-  -- named every time (pairs' order changes from run to run).
-  local names = {}
-  for k in pairs(body) do
-    names[#names + 1] = k
+  -- JSON is UTF-8, and all of the input goes on: to the model, the
+  -- record, webhooks. Text that is not is refused, not repaired. Of several
+  -- fields at fault, the first by name in byte order is named, every time
+  -- (pairs' order changes from run to run): the least name of those at
+  -- fault, found in one pass (sorting 20,000 unknown names took 60 ms).
+  local first, first_status, first_body
+  for k, v in pairs(body) do
+    local name = tostring(k)
+    if first == nil or name < first then
+      local status, ebody
+      if not json.is_utf8(k) then
+        status, ebody = err(400, "invalid_body", "a field name is not valid UTF-8")
+      elseif not ALLOWED[k] then
+        status, ebody = err(400, "unknown_field", "unknown field '" .. quote(name) .. "'", name)
+      elseif not json.is_utf8(v) then
+        status, ebody = err(400, "invalid_" .. k, k .. " is not valid UTF-8 text", k)
+      end
+      if status then
+        first, first_status, first_body = name, status, ebody
+      end
+    end
   end
-  table.sort(names, function(a, b)
-    return tostring(a) < tostring(b)
-  end)
-  for _, k in ipairs(names) do
-    local v = body[k]
-    -- JSON is UTF-8, and all of the input goes on: to the model, the
-    -- record, webhooks. Text that is not is refused, not repaired.
-    if not json.is_utf8(k) then
-      return nil, err(400, "invalid_body", "a field name is not valid UTF-8")
-    end
-    if not ALLOWED[k] then
-      return nil, err(400, "unknown_field", "unknown field '" .. quote(tostring(k)) .. "'", tostring(k))
-    end
-    if not json.is_utf8(v) then
-      return nil, err(400, "invalid_" .. k, k .. " is not valid UTF-8 text", k)
-    end
+  if first then
+    return nil, first_status, first_body
   end
   -- null is "not given", as clients that write None/nil/undefined send it.
   local given = {}
