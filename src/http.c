@@ -1181,8 +1181,23 @@ static int server_callback(struct lws *wsi, enum lws_callback_reasons reason,
 
 	case LWS_CALLBACK_HTTP_CONFIRM_UPGRADE: {
 		char path[512];
-		int n = lws_hdr_copy(wsi, path, sizeof path, WSI_TOKEN_GET_URI);
+		int n;
 
+		/*
+		 * An offer to go on in HTTP/2 (Upgrade: h2c, as curl --http2 and
+		 * Java's HttpClient send it with every http:// request): this
+		 * server speaks HTTP/1.1, and answers as if there were no offer
+		 * (RFC 9113 3.1). Refused here, every route answered lws' own
+		 * 404 page; taken, lws would switch to h2, which is not served.
+		 * in is the name in lws' header table: blanked in place, it is
+		 * neither "websocket" nor "h2c" when lws 4.1.6 compares it again
+		 * after this callback, and the request goes on as plain HTTP.
+		 */
+		if (in != NULL && strcasecmp((const char *)in, "h2c") == 0) {
+			((char *)in)[0] = '\0';
+			return 0;
+		}
+		n = lws_hdr_copy(wsi, path, sizeof path, WSI_TOKEN_GET_URI);
 		if (n <= 0 || !path_accepts_ws(s, path)) {
 			lws_return_http_status(wsi, HTTP_STATUS_NOT_FOUND, NULL);
 			return 1;

@@ -123,4 +123,25 @@ T.test("a request the server refuses before the API sees it names the header at 
   T.eq(#env.tw.calls, 0, "nothing dialed")
 end)
 
+T.test("a request offering HTTP/2 (Upgrade: h2c, as curl --http2 and Java's HttpClient send) is answered in HTTP/1.1", function()
+  -- Every route answered libwebsockets' own 404 HTML page: a Java client
+  -- could not place a call at all.
+  local env = kit.start({ twilio = { behaviour = { ring_ms = 10000 } } })
+  local h2c = { Connection = "Upgrade, HTTP2-Settings", Upgrade = "h2c", ["HTTP2-Settings"] = "AAMAAABkAAQCAAAAAAIAAAAA" }
+  local status, body, res = env:api("POST", "/v1/calls", '{"to":"+14155550183","prompt":"x"}', h2c)
+  T.eq({ status, res.headers["content-type"] }, { 201, "application/json" })
+  local id = body.callId
+  status, body = env:api("GET", "/v1/calls/" .. id, nil, h2c)
+  T.eq({ status, body.callId }, { 200, id })
+  status, body = env:api("GET", "/v1/calls?limit=1", nil, h2c)
+  T.eq({ status, #body.calls }, { 200, 1 })
+  status, body = env:api("GET", "/healthz", nil, h2c)
+  T.eq({ status, body.ok }, { 200, true })
+  -- Refusals are the API's own, in JSON.
+  status, body = env:api("POST", "/v1/calls", '{"to":"1","prompt":"x"}', h2c)
+  T.eq({ status, body.error.code, body.error.field }, { 400, "invalid_to", "to" })
+  status, body = env:api("POST", "/v1/calls/" .. id .. "/hangup", nil, h2c)
+  T.eq({ status, body.status }, { 202, "canceled" })
+end)
+
 T.run()
