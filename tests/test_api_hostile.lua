@@ -5,6 +5,8 @@ local config = require "callagent.config"
 local kit = require "callkit"
 local json = require "callagent.json"
 local process = require "callagent.process"
+local task = require "callagent.task"
+local timer = require "callagent.timer"
 
 T.test("a JSON config saved with a UTF-8 byte order mark (Notepad) is read, as the API reads such a body", function()
   -- It was "config: ... is not valid JSON: Expected value but found invalid
@@ -78,6 +80,63 @@ T.test("a metadata of 130,000 values is refused as too large before it is checke
   T.eq((env:api("POST", "/v1/calls", with_values(4092))), 201)
   status, body = env:api("POST", "/v1/calls", with_values(4093))
   T.eq({ status, body.error.message }, { 400, "metadata is larger than 8192 bytes" })
+end)
+
+T.test("the same Idempotency-Key sent at once to a store that waits on the network makes one call, dialed once", function()
+  -- A backend whose reads and writes take a round trip (README: Adding a
+  -- backend) let each request find no call for the key and create its own:
+  -- four calls, the callee rung four times.
+  local dir = T.tmpdir()
+  assert(os.execute("mkdir -p " .. dir .. "/callagent/store"))
+  local f = assert(io.open(dir .. "/callagent/store/roundtrip.lua", "w"))
+  f:write([[
+local memory = require "callagent.store.memory"
+local timer = require "callagent.timer"
+return { open = function(cfg)
+  local s = memory.open(cfg)
+  local o = {}
+  for name, fn in pairs(getmetatable(s).__index) do
+    o[name] = function(_, ...) return fn(s, ...) end
+  end
+  function o.find_idempotent(_, key) timer.sleep(30) return s:find_idempotent(key) end
+  function o.insert_call(_, call) timer.sleep(30) return s:insert_call(call) end
+  return o
+end }
+]])
+  f:close()
+  local path = package.path
+  package.path = dir .. "/?.lua;" .. path
+  T.defer(function()
+    package.path = path
+  end)
+  local env = kit.start({ twilio = { behaviour = { ring_ms = 10000 } }, config = { store = { backend = "roundtrip" } } })
+  local sends = {}
+  for i = 1, 4 do
+    sends[i] = function()
+      local status, body, res = env:api("POST", "/v1/calls", '{"to":"+14155550184","prompt":"Once."}',
+        { ["Idempotency-Key"] = "slow-store-1" })
+      return { status = status, id = body and body.callId, replayed = res.headers["idempotent-replayed"] }
+    end
+  end
+  local ids, replayed = {}, 0
+  for i, r in ipairs({ task.all(sends) }) do
+    T.eq(r.status, 201, "request " .. i)
+    ids[r.id] = true
+    replayed = replayed + (r.replayed == "true" and 1 or 0)
+  end
+  local n = 0
+  for _ in pairs(ids) do
+    n = n + 1
+  end
+  T.eq({ n, replayed }, { 1, 3 }, "one call, three replays")
+  T.wait_for(function()
+    return #env.tw.calls >= 1
+  end, 5000)
+  timer.sleep(100)
+  T.eq(#env.tw.calls, 1, "dialed once")
+  -- Another key meanwhile is not held up by it.
+  local status = env:api("POST", "/v1/calls", '{"to":"+14155550185","prompt":"x"}', { ["Idempotency-Key"] = "slow-store-2" })
+  T.eq(status, 201)
 end)
 
 -- The answer to a request head sent as given (what no HTTP client sends:

@@ -28,6 +28,7 @@ local core = require "callagent.core"
 local tz = require "callagent.tz"
 local config = require "callagent.config"
 local log = require "callagent.log"
+local task = require "callagent.task"
 -- Store reads through store.call: a store that raises (a backend's way to
 -- say "disk full") failed to read, 500 store_failed like one that says so.
 local store_call = require("callagent.store").call
@@ -426,6 +427,11 @@ function M.register(srv, engine, cfg, opts)
     end
   end)
 
+  -- The Idempotency-Keys whose request is being placed: key -> the
+  -- requests with it that wait their turn.
+  local keys_in_flight = {}
+  local place
+
   srv:post("/v1/calls", guard(function(req)
     -- A call is placed for real: a parameter the client thought did
     -- something (?dryRun=true, ?test=1) is refused, not ignored.
@@ -460,7 +466,7 @@ function M.register(srv, engine, cfg, opts)
     end
     -- Idempotency-Key: a request sent again (a client that timed out
     -- waiting) gets the call it created, not a second phone call.
-    local key, idem = req.headers["idempotency-key"], nil
+    local key = req.headers["idempotency-key"]
     if key ~= nil then
       -- Two keys joined into one value (RFC 9110 5.3: a proxy may join the
       -- lines of a header sent twice, with ", ") would be taken for a
@@ -476,7 +482,33 @@ function M.register(srv, engine, cfg, opts)
       if not engine.store.find_idempotent then
         return err(501, "idempotency_unsupported", "this store keeps no Idempotency-Keys", "Idempotency-Key")
       end
-      idem = { key = key, fingerprint = M.fingerprint(input) }
+      -- One request with a key at a time, from its lookup to its new call
+      -- stored: with a store that waits on the network (its lookup or its
+      -- write yields), two sent at once both found no call for the key, and
+      -- both placed one. The next waits, then finds the call made.
+      while keys_in_flight[key] do
+        task.wait_in(keys_in_flight[key])
+      end
+      keys_in_flight[key] = {}
+      local res = table.pack(pcall(place, input, { key = key, fingerprint = M.fingerprint(input) }))
+      local waiting = keys_in_flight[key]
+      keys_in_flight[key] = nil
+      for _, wake in ipairs(waiting) do
+        wake()
+      end
+      if not res[1] then
+        error(res[2], 0)
+      end
+      return table.unpack(res, 2, res.n)
+    end
+    return place(input, nil)
+  end))
+
+  -- Places the call of a validated POST /v1/calls (idem: its Idempotency-Key
+  -- and fingerprint), or answers with the call the key made before.
+  function place(input, idem)
+    if idem then
+      local key = idem.key
       local prev, ferr = store_call(engine.store, "find_idempotent", key)
       if ferr then
         log.error("api: idempotency key could not be read", { error = ferr })
@@ -524,7 +556,7 @@ function M.register(srv, engine, cfg, opts)
     local view = engine:call_view(call.id) or { callId = call.id, status = call.status, hint = call.hint }
     -- Where the new call is (RFC 9110 15.3.2), as GET /v1/calls/{callId}.
     return 201, { callId = view.callId, status = view.status, hint = view.hint }, { Location = "/v1/calls/" .. view.callId }
-  end))
+  end
 
   srv:get("/v1/calls", guard(function(req)
     local q = req.query or {}
