@@ -1295,6 +1295,17 @@ static int server_callback(struct lws *wsi, enum lws_callback_reasons reason,
 		}
 		return 0;
 
+	case LWS_CALLBACK_RAW_ADOPT:
+		/*
+		 * A CONNECT request: lws 4.1.6 makes its connection a raw socket
+		 * (a proxy's tunnel), with no timeout, and hands it here. This
+		 * server is no proxy: it is closed, as the requests lws' parser
+		 * refuses are. Kept, it stayed open for good, one of
+		 * max_connections that no request head timeout ever freed.
+		 */
+		CA_LOG_LIMITED(CA_LOG_WARN, "http: a CONNECT request (this server is no proxy): connection closed");
+		return -1;
+
 	default:
 		break;
 	}

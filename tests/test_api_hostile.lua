@@ -148,11 +148,12 @@ local function raw_answer(port, head)
     const c = require('net').connect(+port, '127.0.0.1', () => c.write(head));
     c.on('data', (d) => { out += d; });
     c.on('error', () => {});
-    c.on('close', () => { console.log(JSON.stringify(out)); process.exit(0); });
-    setTimeout(() => { console.log(JSON.stringify(out)); process.exit(0); }, 3000);
+    c.on('close', () => { console.log(JSON.stringify({ out })); process.exit(0); });
+    setTimeout(() => { console.log(JSON.stringify({ out, open: true })); process.exit(0); }, 3000);
   ]], tostring(port), head }))
-  local out = json.decode((assert(p:read_line(5000))))
-  return tonumber(out:match("^HTTP/1%.1 (%d+)")), json.try_decode(out:match("\r\n\r\n(.*)$") or "")
+  local got = json.decode((assert(p:read_line(5000))))
+  local out = got.out
+  return tonumber(out:match("^HTTP/1%.1 (%d+)")), json.try_decode(out:match("\r\n\r\n(.*)$") or ""), got.open == true
 end
 
 T.test("a request the server refuses before the API sees it names the header at fault in field", function()
@@ -180,6 +181,21 @@ T.test("a request the server refuses before the API sees it names the header at 
   named("Content-Length<tab>:", { 400, "bad_request", "Content-Length" },
     raw_answer(port, head .. "Content-Length\t: " .. #json_body .. "\r\n\r\n" .. json_body))
   T.eq(#env.tw.calls, 0, "nothing dialed")
+end)
+
+T.test("a CONNECT request is closed at once, not kept open for good as a raw tunnel", function()
+  -- libwebsockets made its connection a raw socket with no timeout: each
+  -- one held a connection slot until the client let go, where a slow
+  -- request head is closed at 10 s (4096 of them and the server answered
+  -- every webhook 503).
+  local env = kit.start({ twilio = { behaviour = { ring_ms = 10000 } } })
+  local port = env.base:match(":(%d+)$")
+  for _, head in ipairs({ "CONNECT 127.0.0.1:" .. port .. " HTTP/1.1\r\nHost: 127.0.0.1:" .. port .. "\r\n\r\n",
+    "CONNECT /v1/calls HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" }) do
+    local status, _, open = raw_answer(port, head)
+    T.eq({ status, open }, { nil, false }, head)
+  end
+  T.eq((env:api("GET", "/healthz")), 200, "still serving")
 end)
 
 T.test("a request offering HTTP/2 (Upgrade: h2c, as curl --http2 and Java's HttpClient send) is answered in HTTP/1.1", function()
