@@ -17,7 +17,7 @@ if config == "" then
   -- Set from an unset variable, say (CALLAGENT_CONFIG=$CFG): not the local setup in its place.
   io.stderr:write("callagent: CALLAGENT_CONFIG is empty: set it to a JSON config file, or unset it for the local setup\n")
   runtime.exit(1)
-elseif port and not math.tointeger(tonumber(port)) then
+elseif port and not port:find("^%d+$") then -- decimal digits: tonumber took 0x10 as 16, 1e3 as 1000
   io.stderr:write("callagent: PORT must be a port number, got '", port, "'\n")
   runtime.exit(1)
 elseif port and config then

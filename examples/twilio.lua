@@ -22,9 +22,11 @@ local function env(name)
   return v
 end
 
-local port = math.tointeger(tonumber(os.getenv("PORT") or "4545"))
+-- Decimal digits only: tonumber took 0x10 as port 16, 1e3 as 1000.
+local port_text = os.getenv("PORT") or "4545"
+local port = port_text:find("^%d+$") and math.tointeger(tonumber(port_text))
 if not port then
-  io.stderr:write("callagent: PORT must be a port number, got '", os.getenv("PORT"), "'\n")
+  io.stderr:write("callagent: PORT must be a port number, got '", port_text, "'\n")
   runtime.exit(1)
 end
 

@@ -90,10 +90,13 @@ T.test("make run's stand-in takes its own calls and refuses a session without it
 end, { timeout = 30000 })
 
 T.test("a PORT that is no number stops the start, naming it", function()
-  local code, _, p = T.run_app(APP, nil, { env = env({ PORT = "80a" }), cwd = T.tmpdir() })
-  T.eq(code, 1)
-  T.eq(p.err[#p.err], "callagent: PORT must be a port number, got '80a'")
-  T.eq(p.text(), "", "no banner")
+  -- 0x10 and 1e3 are numbers to Lua's tonumber (ports 16 and 1000), not port numbers.
+  for _, bad in ipairs({ "80a", "0x10", "1e3", " 80" }) do
+    local code, _, p = T.run_app(APP, nil, { env = env({ PORT = bad }), cwd = T.tmpdir() })
+    T.eq(code, 1, bad)
+    T.eq(p.err[#p.err], "callagent: PORT must be a port number, got '" .. bad .. "'")
+    T.eq(p.text(), "", "no banner")
+  end
 end)
 
 T.test("make run's app on a port in use says so once, and how to pick another", function()
@@ -127,6 +130,7 @@ end)
 T.test("tools.lua with a bad PORT or config exits 1 with one line naming it, not a traceback or port 4545", function()
   for _, case in ipairs({
     { env = { PORT = "abc" }, line = "callagent: PORT must be a port number, got 'abc'" },
+    { env = { PORT = "0x10" }, line = "callagent: PORT must be a port number, got '0x10'" },
     { env = { PORT = "99999" }, line = "callagent: server.port: expected a number from 0 to 65535, got 99999" },
     { env = { PORT = "0", OPENAI_API_KEY = "sk" },
       line = "callagent: openai.apiKey: expected a secret of at least 8 characters, got [redacted]" },
