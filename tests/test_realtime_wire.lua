@@ -1,8 +1,9 @@
 -- The model service as it behaves on the wire where a kinder fake would not:
 -- a response.create it takes whose response then fails (response.done with
 -- status "failed": a tokens-per-minute limit, an account out of quota), its
--- session's end (an error session_expired, then a close), and a goodbye
--- response that also calls report_call again.
+-- session's end (an error session_expired, then a close), a goodbye
+-- response that also calls report_call again, and an answer to a barge-in
+-- over the goodbye that calls an app tool.
 local T = require "testing"
 local kit = require "callkit"
 
@@ -110,6 +111,40 @@ T.test("a goodbye that also calls report_call again is the last thing said: no r
     said[#said + 1] = l.role .. ": " .. l.text
   end
   T.eq(said, { "agent: Hello.", "agent: Thank you, goodbye." })
+end, { timeout = 30000 })
+
+T.test("the callee's question over the goodbye, answered with a call of the app's tool: its answer is still said", function()
+  -- After a barge-in, the service's answer to the callee is the goodbye. One
+  -- that says "let me check" and calls a tool was taken for the whole
+  -- goodbye: the tool ran, its output went to the model, no response was
+  -- asked for, and the call hung up without the answer.
+  local env = kit.start({
+    config = { call = { goodbyeTimeoutSec = 8 } },
+    tools = { { name = "balance", handler = function() return { balance = "5 dollars" } end } },
+    realtime = {
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        session:speak({ ms = 200, text = "Hello." })
+        session:call_function("report_call", { summary = "ok", outcome = "success" })
+        assert(session:wait_event("response.create", 5000))
+        require("callagent.task").spawn(function()
+          session:speak({ ms = 2000, text = "Thank you, goodbye." })
+        end)
+        session:user_speech({ interrupt = true, after_ms = 300, ms = 300, text = "Wait, what is my balance?" })
+        session:speak({ auto = true, ms = 300, text = "Let me check.", call = { "balance", {} } })
+        session.extra = session:wait_event("response.create", 2000)
+        if session.extra then
+          session:speak({ ms = 300, text = "It is 5 dollars. Goodbye." })
+        end
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550194", prompt = "Say hello." })
+  local call = env:wait_final(id, 20000)
+  local s = env.rt.sessions[1]
+  T.eq({ call.status, call.endReason }, { "completed", "completed" })
+  T.ok(s.extra, "the answer asked for once the tool's output was in")
+  T.eq(call.transcript[#call.transcript].text, "It is 5 dollars. Goodbye.")
 end, { timeout = 30000 })
 
 T.run()

@@ -1071,6 +1071,16 @@ local function spoke(r)
   return false
 end
 
+-- Whether function calls hold one of an app's tool (not report_call).
+local function calls_a_tool(fns)
+  for _, fc in ipairs(fns) do
+    if fc.name ~= "report_call" then
+      return true
+    end
+  end
+  return false
+end
+
 -- The model can generate no response in this call (NO_RESPONSES): it ends
 -- failed (model_error), why in lastError; after the report, once what was
 -- sent has played, as if the goodbye were done.
@@ -1120,16 +1130,20 @@ function Bridge:_response_done(r)
   self.fn_held = keep
   -- A goodbye response that said nothing and only called functions
   -- (report_call once more, say) is not the goodbye: taken for it, it would
-  -- hang up before anything was said. The response asked for once their
-  -- outputs are in is.
-  if self.goodbye_id and r.id == self.goodbye_id and self.fn_pending and not spoke(r) then
+  -- hang up before anything was said. Nor is one that called a tool of the
+  -- app's (after a barge-in, the answer to the callee: "let me check"):
+  -- the model has the tool's output still to say. The response asked for
+  -- once their outputs are in is.
+  if self.goodbye_id and r.id == self.goodbye_id and self.fn_pending
+    and (not spoke(r) or calls_a_tool(self.fn_pending)) then
     self.goodbye_id = nil
     self.goodbye_from = (self.creates or 0) + 1
   end
   if self.fn_pending then
-    -- Calls the goodbye made beside what it said (report_call once more,
-    -- say) get their outputs, and no response: the goodbye was the last
-    -- thing to be said, and one asked for now would follow it.
+    -- Calls the goodbye made beside what it said (report_call once more:
+    -- an app's tool is not left unsaid, see above) get their outputs, and
+    -- no response: the goodbye was the last thing to be said, and one
+    -- asked for now would follow it.
     self:_run_functions(self.goodbye_id ~= nil and r.id == self.goodbye_id)
   end
   if type(r.usage) == "table" then
