@@ -417,6 +417,9 @@ static int req_header(lua_State *L)
 				return 0;
 			buf = (size_t)len < sizeof stackbuf ? stackbuf : ca_malloc((size_t)len + 1);
 			len = lws_hdr_copy(r->wsi, buf, len + 1, (enum lws_token_indexes)t);
+			/* A declined Upgrade: h2c, blanked (see ca__push_headers). */
+			if (t == WSI_TOKEN_UPGRADE && len > 0 && buf[0] == '\0')
+				len = -1;
 			if (len >= 0)
 				push_value(L, buf, len);
 			if (buf != stackbuf)

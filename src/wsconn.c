@@ -359,6 +359,13 @@ void ca__push_headers(lua_State *L, struct lws *wsi)
 			continue;
 		buf = (size_t)len + 1 <= sizeof stackbuf ? stackbuf : ca_malloc((size_t)len + 1);
 		len = lws_hdr_copy(wsi, buf, len + 1, (enum lws_token_indexes)t);
+		/*
+		 * An Upgrade: h2c that the server declined (src/http.c,
+		 * LWS_CALLBACK_HTTP_CONFIRM_UPGRADE) is blanked in lws' table:
+		 * its copy is NUL bytes. The request is one with no offer.
+		 */
+		if (t == WSI_TOKEN_UPGRADE && len > 0 && buf[0] == '\0')
+			len = -1;
 		if (len >= 0) {
 			const char *v = buf;
 			size_t vl = ca__ows_trim(&v, (size_t)len);

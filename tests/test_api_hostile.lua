@@ -219,4 +219,17 @@ T.test("a request offering HTTP/2 (Upgrade: h2c, as curl --http2 and Java's Http
   T.eq({ status, body.status }, { 202, "canceled" })
 end)
 
+T.test("a declined offer of HTTP/2 is no Upgrade header in what an app's route sees, not three NUL bytes", function()
+  -- The server blanks the name in libwebsockets' header table to decline
+  -- the offer; its copy was "\0\0\0", handed to routes as headers.upgrade.
+  local env = kit.start({ twilio = { behaviour = { ring_ms = 10000 } }, routes = function(srv)
+    srv:get("/echo-upgrade", function(req)
+      return 200, { upgrade = req.headers.upgrade or "none" }
+    end)
+  end })
+  local status, body = env:api("GET", "/echo-upgrade", nil, { Connection = "Upgrade, HTTP2-Settings", Upgrade = "h2c",
+    ["HTTP2-Settings"] = "AAMAAABkAAQCAAAAAAIAAAAA" })
+  T.eq({ status, body.upgrade }, { 200, "none" })
+end)
+
 T.run()
