@@ -2,8 +2,8 @@
 -- a response.create it takes whose response then fails (response.done with
 -- status "failed": a tokens-per-minute limit, an account out of quota), its
 -- session's end (an error session_expired, then a close), a goodbye
--- response that also calls report_call again, and an answer to a barge-in
--- over the goodbye that calls an app tool.
+-- response that also calls report_call again (or a made-up end_call), and
+-- an answer to a barge-in over the goodbye that calls an app tool.
 local T = require "testing"
 local kit = require "callkit"
 
@@ -145,6 +145,28 @@ T.test("the callee's question over the goodbye, answered with a call of the app'
   T.eq({ call.status, call.endReason }, { "completed", "completed" })
   T.ok(s.extra, "the answer asked for once the tool's output was in")
   T.eq(call.transcript[#call.transcript].text, "It is 5 dollars. Goodbye.")
+end, { timeout = 30000 })
+
+T.test("a goodbye that also calls a function the app has not (end_call) is the last thing said, as one calling report_call", function()
+  local env = kit.start({
+    config = { call = { goodbyeTimeoutSec = 6 } },
+    realtime = {
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        session:speak({ ms = 200, text = "Hello." })
+        session:call_function("report_call", { summary = "one", outcome = "success" })
+        assert(session:wait_event("response.create", 5000), "the goodbye asked for")
+        session.goodbye = session:speak({ ms = 400, text = "Goodbye.", call = { "end_call", {} } })
+        session.extra = session:wait_event("response.create", 1000)
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550195", prompt = "Say hello." })
+  local call = env:wait_final(id, 20000)
+  local s = env.rt.sessions[1]
+  T.eq({ call.status, call.endReason }, { "completed", "completed" })
+  T.match(s.function_outputs[#s.function_outputs].output, "unknown function end_call")
+  T.eq(s.extra, nil, "nothing asked of the model after its goodbye")
 end, { timeout = 30000 })
 
 T.run()

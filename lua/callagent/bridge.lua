@@ -1071,10 +1071,12 @@ local function spoke(r)
   return false
 end
 
--- Whether function calls hold one of an app's tool (not report_call).
-local function calls_a_tool(fns)
+-- Whether function calls hold one of the app's tools (not report_call, nor
+-- a function the app has not: "end_call", made up with a goodbye, gets
+-- its error and nothing to say).
+local function calls_a_tool(fns, tools)
   for _, fc in ipairs(fns) do
-    if fc.name ~= "report_call" then
+    if fc.name ~= "report_call" and tools[fc.name] then
       return true
     end
   end
@@ -1135,7 +1137,7 @@ function Bridge:_response_done(r)
   -- the model has the tool's output still to say. The response asked for
   -- once their outputs are in is.
   if self.goodbye_id and r.id == self.goodbye_id and self.fn_pending
-    and (not spoke(r) or calls_a_tool(self.fn_pending)) then
+    and (not spoke(r) or calls_a_tool(self.fn_pending, self.engine.tools_by_name or EMPTY)) then
     self.goodbye_id = nil
     self.goodbye_from = (self.creates or 0) + 1
   end
