@@ -34,6 +34,35 @@ T.test("a greeting whose response fails for a rate limit is asked for again afte
   T.match(call.lastError or "", "^model response failed: rate_limit_exceeded: ")
 end, { timeout = 30000 })
 
+T.test("a failed greeting's second ask is not sent once the call is being hung up", function()
+  -- The API hangs up during the service's wait; Twilio takes 3 s to end
+  -- the call, so the stream and the model are still there when the wait ends.
+  local env = kit.start({
+    twilio = { update_delay_ms = 3000 },
+    config = { retry = { maxAttempts = 1 }, call = { silenceTimeoutSec = 8, wrapUpSec = 2, maxDurationSec = 20 } },
+    realtime = {
+      script = function(session)
+        session:fail_next_create("rate_limit_exceeded", "Rate limit reached for gpt-realtime on tokens per min (TPM): "
+          .. "Please try again in 1.2s.", "tokens")
+        session.first = assert(session:wait_event("response.create", 5000))
+        session.second = session:wait_event("response.create", 3000)
+      end,
+    },
+  })
+  local id = env:create({ to = "+14155550194", prompt = "Say hello." })
+  local s = T.wait_for(function()
+    local s = env.rt.sessions[1]
+    return s and s.first and s
+  end, 10000, "the greeting asked for")
+  T.eq((env:api("POST", "/v1/calls/" .. id .. "/hangup")), 202)
+  T.wait_for(function()
+    return s.done or s.second ~= nil or s.closed
+  end, 6000, "the script's wait over")
+  T.eq(s.second, nil, "no response asked for during the hang-up")
+  T.eq(#s.response_creates, 1)
+  env:wait_final(id, 10000)
+end, { timeout = 30000 })
+
 T.test("a response that fails for insufficient_quota ends the call failed at once, not a silent line", function()
   local env = kit.start({
     config = { retry = { maxAttempts = 1 }, call = { silenceTimeoutSec = 8, wrapUpSec = 8, maxDurationSec = 30 } },

@@ -774,8 +774,9 @@ function Bridge:_greeting_refused(message)
   self.greet_retry_timer = timer.after(wait, function()
     self.greet_retry_timer = nil
     -- Not while one asked for since is on its way (create_sent_at).
-    if not (self.ended or self.responding or self.create_sent_at or self.first_response_done or self.callee_spoke_at
-      or self.wrapup_reason) then
+    -- Nor once the call is being hung up (a vendor slow to stop the stream).
+    if not (self.ended or self.hanging_up or self.responding or self.create_sent_at or self.first_response_done
+      or self.callee_spoke_at or self.wrapup_reason) then
       log.info("greeting asked for again", self.log_fields)
       self:_respond()
     end
