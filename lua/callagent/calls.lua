@@ -556,7 +556,9 @@ function Engine:dial(id)
   -- A call the vendor places from a queue (Twilio's calls per second)
   -- rings from when it leaves it: its ring timeout is that much later.
   local q = res.queueMs
-  self:_arm_ring_timer(call, n, math.type(q) == "integer" and q > 0 and math.min(q, 86400000) or 0)
+  q = math.type(q) == "integer" and q > 0 and math.min(q, 86400000) or 0
+  attempt._from_queue = q > 0 or nil -- _ring_timeout
+  self:_arm_ring_timer(call, n, q)
   if self.paused or self.pauses ~= pauses then
     -- Placed while the tunnel went down: its webhooks reach nothing.
     task.spawn(self._cancel_at_pause, self, call, n)
@@ -940,6 +942,15 @@ function Engine:_ring_timeout(call, n)
       log.limited("warn", "the provider has not placed the call yet (it waits in the provider's queue): waiting for it",
         { call = call.id, attempt = n })
     end
+    a._from_queue = true
+    return self:_arm_ring_timer(call, n)
+  end
+  if seen == "dialing" and a._from_queue and not a._placed_waited then
+    -- Placed from the vendor's queue since the last look (or later than its
+    -- queue_time said): it may have rung a moment only, and its callee had
+    -- no time to answer. Its ring timeout starts again, once: it has rung
+    -- since before now, and the vendor ends its ring (ringTimeoutSec) first.
+    a._placed_waited = true
     return self:_arm_ring_timer(call, n)
   end
   if seen == "in_progress" then
