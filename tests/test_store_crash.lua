@@ -248,4 +248,22 @@ T.test("kill -9 while the paused tunnel's cancel of a ringing call is on its way
       { 2, "canceled", "the public tunnel went down while it rang" })
   end, { timeout = 60000 })
 
+T.test("killed while a dial was on its way, on a clock set back a day since: the retry waits a ring's time, not a day more",
+  function()
+    -- The last run's clock was a day ahead, and the host's clock was set
+    -- back before this start: the retry's wait for the vendor's ring of a
+    -- call nobody can cancel (ringTimeoutSec + statusGraceSec after the
+    -- dial, 1 + 1 s here) is that long at most, not a day more.
+    local store = require "callagent.store.sqlite"
+    local ahead = require("callagent.calls").iso(require("callagent.core").time() + 86400)
+    local w = world({ config = { call = { ringTimeoutSec = 1, statusGraceSec = 1 } }, retry_ms = 50 })
+    local s = assert(store.open({ path = w.db }))
+    assert(s:insert_call({ id = "c_skew", status = "dialing", attempt = 1, to = "+14155550195", prompt = "Talk.",
+      createdAt = ahead, attempts = { { n = 1, status = "dialing", startedAt = ahead } } }))
+    s:close()
+    w.start()
+    local call = w.tw:wait_call(6000)
+    T.eq(call and call.params.To, "+14155550195", "dialed again within a ring's time")
+  end, { timeout = 30000 })
+
 T.run()

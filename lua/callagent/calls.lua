@@ -2379,8 +2379,7 @@ function Engine:_resolve_interrupted(call)
     -- timeout would end it (ringTimeoutSec + statusGraceSec after the
     -- dial), so that two calls never ring the callee at once.
     local started = from_iso(a.startedAt)
-    local c = self.config.call
-    call._retry_not_before = started and started + c.ringTimeoutSec + c.statusGraceSec
+    call._retry_not_before = started and core.time() + self:_ring_end_wait(started) / 1000
   end
   if refused then
     log.info("an interrupted call rang with a session the model refused: it ends failed (model_error)",
@@ -2418,6 +2417,17 @@ function Engine:_resolve_interrupted(call)
     end)
   end
   return ok
+end
+
+-- How long, in ms, until the vendor's ring of an attempt dialed at started
+-- (epoch s, the last run's clock) is over: call.ringTimeoutSec +
+-- call.statusGraceSec after that dial, when the vendor has given up on it.
+-- At most that long: a dial the last run's clock put ahead of this run's
+-- (the host's clock set back since) does not hold the call for the gap.
+function Engine:_ring_end_wait(started)
+  local c = self.config.call
+  local ring_ms = (c.ringTimeoutSec + c.statusGraceSec) * 1000
+  return math.max(0, math.min(ring_ms, math.ceil((started - core.time()) * 1000) + ring_ms))
 end
 
 -- A queued call that this run's retry policy would not have queued (a
@@ -2539,8 +2549,7 @@ function Engine:recover()
         -- Its last ring may go on at the vendor (the cancel is asked again
         -- above): dialed no sooner than the vendor ends it itself, at its
         -- ring timeout, so that two calls never ring the callee at once.
-        local c = self.config.call
-        delay = math.max(delay, math.ceil((started + c.ringTimeoutSec + c.statusGraceSec - core.time()) * 1000))
+        delay = math.max(delay, self:_ring_end_wait(started))
       end
       counts[due and "retries" or "dialed"] = counts[due and "retries" or "dialed"] + 1
       log.info("recovered a queued call", { call = call.id, dial_in_ms = delay, attempt = call.attempt + 1 })
