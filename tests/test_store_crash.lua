@@ -83,11 +83,13 @@ T.test("a stop whose hang-up of a call placed meanwhile Twilio refused: the next
   function()
     -- The dial's answer comes 1.5 s late, during the stop, which queues the
     -- call again and hangs up the call placed: refused (503), it rings on.
+    -- The next start's cancel is taken: the ring is over, and the call is
+    -- dialed then, not 10 + 1 s after the first dial (its ring timeout).
     local first = { ring_ms = 60000, create_delay_ms = 1500, update_fail = 503, update_fail_times = 1 }
     local w = world({
       behaviour = first_then_answer(first),
       script = report_script,
-      config = { call = { ringTimeoutSec = 2, statusGraceSec = 1 } },
+      config = { call = { ringTimeoutSec = 10, statusGraceSec = 1 } },
     })
     w.start()
     local id = w.create("+14155550192")
@@ -100,6 +102,7 @@ T.test("a stop whose hang-up of a call placed meanwhile Twilio refused: the next
     T.eq({ rec.status, #rec.attempts, #w.tw.calls }, { "completed", 2, 2 })
     T.eq(tw.final, "canceled", "the restart canceled the ring the stop could not")
     T.ge(w.tw.calls[2].created_at, tw.ended_at, "the second call placed once the first no longer rang")
+    T.lt(w.tw.calls[2].created_at - tw.ended_at, 3000, "and once it was canceled, not at its ring timeout")
     T.eq(notified(w), { id .. ":completed" }, "notified once, of the end")
   end, { timeout = 60000 })
 

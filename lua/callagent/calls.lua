@@ -1086,6 +1086,14 @@ function Engine:_ring_cancel_taken(call, n, how)
   end
   self:_cancel_confirmed(call, a)
   self:_rang_out(call, n)
+  local due = call._due_past_ring
+  call._due_past_ring = nil
+  if due and call.status == "queued" and call.attempt == n and self.live[call.id] == call
+      and self.timers[call.id .. "#retry"] and not self.stopped then
+    -- Its retry, not dialed yet, waited for the ring to be over (recover): it is.
+    self:_cancel_timer(call.id .. "#retry")
+    self:_dial_after(call.id, math.max(0, math.floor((due - core.time()) * 1000)))
+  end
 end
 
 -- The refused cancel of attempt n's ring (copy: endCall's attempt) asked
@@ -2545,11 +2553,15 @@ function Engine:recover()
       local due = retries[call.id]
       local delay = due and math.max(0, math.floor((due - core.time()) * 1000)) or 0
       local started = ringing_on and ringing_on._cancel_unconfirmed and from_iso(ringing_on.startedAt)
-      if started then
+      local ring_wait = started and self:_ring_end_wait(started) or 0
+      if ring_wait > delay then
         -- Its last ring may go on at the vendor (the cancel is asked again
         -- above): dialed no sooner than the vendor ends it itself, at its
-        -- ring timeout, so that two calls never ring the callee at once.
-        delay = math.max(delay, self:_ring_end_wait(started))
+        -- ring timeout, so that two calls never ring the callee at once;
+        -- or at its own time once the vendor takes that cancel
+        -- (_ring_cancel_taken), which ends the ring.
+        call._due_past_ring = core.time() + delay / 1000
+        delay = ring_wait
       end
       counts[due and "retries" or "dialed"] = counts[due and "retries" or "dialed"] + 1
       log.info("recovered a queued call", { call = call.id, dial_in_ms = delay, attempt = call.attempt + 1 })
