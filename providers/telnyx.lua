@@ -291,8 +291,10 @@ local function request(self, method, body, max_ms)
 end
 
 -- A Telnyx REST error as one line: "telnyx 10009: Authentication failed -
--- <detail> (HTTP 401)". Whatever Telnyx quotes, our key does not appear.
-local function rest_error(res, err)
+-- <detail> (HTTP 401)". Whatever Telnyx quotes, our key does not appear, nor
+-- hide (a secret of this request that is no registered one: the one-time
+-- stream token, which a refused streaming_start leaves valid for its call).
+local function rest_error(res, err, hide)
   local msg
   if not res then
     msg = "telnyx request failed: " .. tostring(err)
@@ -307,6 +309,9 @@ local function rest_error(res, err)
         text = text ~= "" and (text .. " - " .. e.detail) or e.detail
       end
       -- Scrubbed before the cut: a key across it would keep its first bytes.
+      if hide then
+        text = text:gsub(hide:gsub("%p", "%%%0"), "[redacted]")
+      end
       msg = string.format("telnyx %s: %s (HTTP %d)", code, log.scrub(text):sub(1, 300), res.status)
     else
       msg = string.format("telnyx answered HTTP %d", res.status)
@@ -531,7 +536,7 @@ function P:_start_stream(call_id, n, id)
       { name = "token", value = token },
     },
   }
-  local res, e = self:_command(id, "streaming_start", body)
+  local res, e = self:_command(id, "streaming_start", body, nil, token)
   if not res then
     -- No stream comes: the engine hangs the answered call up after 15 s (no_stream).
     log.warn("telnyx streaming_start failed", { call = call_id, attempt = n, error = e })
@@ -746,12 +751,13 @@ end
 -- whose command_id it has already had for the call (developers.telnyx.com/
 -- api-reference/call-commands/hangup-call, .../streaming-start). Not again
 -- after a slow failure (a 10 s timeout), nor once the app stopped, nor once
--- again_ok() (optional) says no.
+-- again_ok() (optional) says no. hide: a secret in body (the stream token)
+-- that the error does not quote (rest_error).
 -- -> the response | nil, error, "ended" (422 code 90018: the call has ended)
 -- | nil, error, "unwanted" (again_ok() said no).
 local COMMAND_TRIES = 3
 
-function P:_command(id, action, body, again_ok)
+function P:_command(id, action, body, again_ok, hide)
   body.command_id = crypto.uuid4()
   local e
   local t0 = timer.now()
@@ -760,7 +766,7 @@ function P:_command(id, action, body, again_ok)
     if res and res.status >= 200 and res.status < 300 then
       return res
     end
-    e = rest_error(res, err)
+    e = rest_error(res, err, hide)
     if res and res.status == 422 and first_error_code(res) == "90018" then
       return nil, e, "ended"
     end

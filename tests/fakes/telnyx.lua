@@ -27,6 +27,10 @@
 --     stopped_at_end = nil,        -- ms: a call that streamed sends streaming.stopped
 --                                  -- that long after it ends, before its call.hangup
 --     fail_streaming_starts = 0,   -- the first n streaming_start requests get 503
+--     echo_streaming_starts = nil, -- an HTTP status (422, 503): every streaming_start
+--                                  -- is refused with it, its detail quoting the
+--                                  -- request's custom_parameters (call.refused_stream:
+--                                  -- the request's body)
 --     fail_dials = 0,              -- the first n dials get 503 (tx.dials counts them all)
 --   })
 --   tx.url, tx.public_key (base64), tx.private_key (raw 32 bytes)
@@ -557,6 +561,11 @@ function Fake:_action(req)
     local sb = req:json_object()
     call.stream_command_ids = call.stream_command_ids or {}
     call.stream_command_ids[#call.stream_command_ids + 1] = sb and sb.command_id or json.null
+    if self.opts.echo_streaming_starts then
+      call.refused_stream = sb
+      return terror(self.opts.echo_streaming_starts, "90015", "Invalid parameter",
+        "custom_parameters " .. json.encode(sb and sb.custom_parameters or json.null) .. " not accepted.")
+    end
     if self.stream_starts <= (self.opts.fail_streaming_starts or 0) then
       return terror(503, "10011", "Service unavailable", "Please try again.")
     end

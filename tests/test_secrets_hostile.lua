@@ -1,0 +1,45 @@
+-- Hostile checks of "secrets never in logs, errors or API responses", each
+-- with a real callagent process whose whole output is read.
+local T = require "testing"
+local kit = require "callkit"
+local fake = require "fakes.telnyx"
+
+local TELNYX_KEY = "KEY0123456789ABCDEF_hostile-test-key"
+
+T.test("Telnyx refusing streaming_start with our request quoted: the log holds no stream token", function()
+  local tx = assert(fake.start({ api_key = TELNYX_KEY, connection_id = "1494404757140276705",
+    echo_streaming_starts = 503 }))
+  T.defer(function()
+    tx:close()
+  end)
+  local rt = assert(require("fakes.realtime").start({ api_key = kit.API_KEY }))
+  T.defer(function()
+    rt:close()
+  end)
+  local p, api = kit.app_process({ url = "http://127.0.0.1:9" }, rt, { config = {
+    telephony = { provider = "telnyx" },
+    telnyx = { apiKey = TELNYX_KEY, connectionId = "1494404757140276705", fromNumber = "+15550002222",
+      publicKey = tx.public_key, apiBaseUrl = tx.url },
+    retry = { maxAttempts = 1 },
+  } })
+  local id = api:create({ to = "+14155550100", prompt = "x" })
+  T.wait_for(function()
+    return p.errtext():find("telnyx streaming_start failed attempt=", 1, true)
+  end, 10000, "the refused streaming_start logged: " .. p.errtext())
+  local c = assert(tx.calls[1])
+  local params = c.refused_stream and c.refused_stream.custom_parameters or {}
+  local token = params[3] and params[3].name == "token" and params[3].value
+  T.ok(type(token) == "string" and #token >= 16, "the fake saw the stream token")
+  local _, _, res = api:api("GET", "/v1/calls/" .. id)
+  T.lacks(res.body, token, "GET /v1/calls/{id}")
+  p:kill("SIGTERM")
+  T.eq(p:wait(10000), 0, "exit status")
+  local log = p.errtext() .. "\n" .. p.text()
+  T.match(log, "WARN telnyx streaming_start failed: trying again", "the retries are logged")
+  T.match(log, "WARN telnyx streaming_start failed attempt=1 call=" .. id .. ' error="telnyx 90015: Invalid parameter %- '
+    .. 'custom_parameters [^\n]-%[redacted%]', "the refusal is logged, less the token")
+  T.lacks(log, token, "the process's output")
+  T.lacks(log, TELNYX_KEY, "the process's output")
+end, { timeout = 30000 })
+
+T.run()
