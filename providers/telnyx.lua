@@ -549,8 +549,9 @@ local function failure_text(s)
   if type(s) ~= "string" then
     return nil
   end
-  s = s:sub(1, 120)
-  return s:find("^[\32-\126]+$") and log.scrub(s) or nil
+  -- Scrubbed before the cut: a secret across it would keep its first bytes.
+  s = log.scrub(s):sub(1, 120)
+  return s:find("^[\32-\126]+$") and s or nil
 end
 
 -- streaming.failed or streaming.stopped for attempt n: its media stream is

@@ -6,9 +6,11 @@ local fake = require "fakes.telnyx"
 
 local TELNYX_KEY = "KEY0123456789ABCDEF_hostile-test-key"
 
-T.test("Telnyx refusing streaming_start with our request quoted: the log holds no stream token", function()
-  local tx = assert(fake.start({ api_key = TELNYX_KEY, connection_id = "1494404757140276705",
-    echo_streaming_starts = 503 }))
+-- A callagent process (tests/apps/durable.lua) on Telnyx's fake (fake
+-- options fo) and the fake model: p, api.
+local function telnyx_process(fo)
+  fo.api_key, fo.connection_id = TELNYX_KEY, "1494404757140276705"
+  local tx = assert(fake.start(fo))
   T.defer(function()
     tx:close()
   end)
@@ -18,10 +20,15 @@ T.test("Telnyx refusing streaming_start with our request quoted: the log holds n
   end)
   local p, api = kit.app_process({ url = "http://127.0.0.1:9" }, rt, { config = {
     telephony = { provider = "telnyx" },
-    telnyx = { apiKey = TELNYX_KEY, connectionId = "1494404757140276705", fromNumber = "+15550002222",
+    telnyx = { apiKey = TELNYX_KEY, connectionId = fo.connection_id, fromNumber = "+15550002222",
       publicKey = tx.public_key, apiBaseUrl = tx.url },
     retry = { maxAttempts = 1 },
   } })
+  return p, api, tx
+end
+
+T.test("Telnyx refusing streaming_start with our request quoted: the log holds no stream token", function()
+  local p, api, tx = telnyx_process({ echo_streaming_starts = 503 })
   local id = api:create({ to = "+14155550100", prompt = "x" })
   T.wait_for(function()
     return p.errtext():find("telnyx streaming_start failed attempt=", 1, true)
@@ -41,5 +48,23 @@ T.test("Telnyx refusing streaming_start with our request quoted: the log holds n
   T.lacks(log, token, "the process's output")
   T.lacks(log, TELNYX_KEY, "the process's output")
 end, { timeout = 30000 })
+
+T.test("Telnyx's failure_reason quoting our key across its 120-byte cut: no head of the key in the record or the log",
+  function()
+    -- The key begins at byte 111: cut at 120 before it was scrubbed, its
+    -- first 10 bytes stayed, which no redaction matches.
+    local reason = "connection_failed: " .. string.rep("x", 91) .. TELNYX_KEY
+    local p, api = telnyx_process({ behaviour = { stream = "fail", failure_reason = reason } })
+    local id = api:create({ to = "+14155550100", prompt = "x" })
+    local rec = api:wait_final(id, 10000)
+    T.eq(rec.status, "failed")
+    T.match(rec.lastError, "^telnyx media stream failed: connection_failed: x+%[", "the reason kept, less the key")
+    local _, _, res = api:api("GET", "/v1/calls")
+    p:kill("SIGTERM")
+    T.eq(p:wait(10000), 0, "exit status")
+    local head = TELNYX_KEY:sub(1, 8)
+    T.lacks(res.body, head, "GET /v1/calls")
+    T.lacks(p.errtext() .. "\n" .. p.text(), head, "the process's output")
+  end, { timeout = 30000 })
 
 T.run()
