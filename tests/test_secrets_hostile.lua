@@ -3,6 +3,7 @@
 local T = require "testing"
 local kit = require "callkit"
 local fake = require "fakes.telnyx"
+local json = require "callagent.json"
 
 local TELNYX_KEY = "KEY0123456789ABCDEF_hostile-test-key"
 
@@ -66,5 +67,23 @@ T.test("Telnyx's failure_reason quoting our key across its 120-byte cut: no head
     T.lacks(res.body, head, "GET /v1/calls")
     T.lacks(p.errtext() .. "\n" .. p.text(), head, "the process's output")
   end, { timeout = 30000 })
+
+T.test("Telnyx's stream error frame quoting our key across its 200-byte cut: no head of the key in the log", function()
+  local p, api, tx = telnyx_process({})
+  api:create({ to = "+14155550100", prompt = "x" })
+  local c = assert(tx:wait_call(10000))
+  c:wait(function()
+    return c.stream_started_at
+  end, 10000)
+  -- The key begins at byte 191 of the detail, which the line cuts at 200.
+  c.ws:send(json.encode({ event = "error", sequence_number = "7", stream_id = c.stream_id,
+    payload = { code = 100004, title = "invalid_media", detail = string.rep("x", 190) .. TELNYX_KEY } }))
+  T.wait_for(function()
+    return p.errtext():find("the vendor reported an error", 1, true)
+  end, 5000, "the error frame logged")
+  p:kill("SIGTERM")
+  T.eq(p:wait(10000), 0, "exit status")
+  T.lacks(p.errtext() .. "\n" .. p.text(), TELNYX_KEY:sub(1, 8), "the process's output")
+end, { timeout = 30000 })
 
 T.run()

@@ -1643,12 +1643,13 @@ function Bridge:_stream_ignored(what)
 end
 
 -- A field of the vendor's error, for the log: a whole number (JSON's
--- decode gives a float), or text made UTF-8 and cut to 200 bytes.
+-- decode gives a float), or text made UTF-8 and cut to 200 bytes, scrubbed
+-- before the cut (a secret across it would keep its first bytes).
 local function error_field(v)
   if type(v) == "number" and v % 1 == 0 and math.abs(v) < 2 ^ 53 then
     return string.format("%d", v)
   end
-  return type(v) == "string" and json.utf8(v:sub(1, 200)) or nil
+  return type(v) == "string" and json.utf8(log.scrub(v):sub(1, 200)) or nil
 end
 
 -- Telnyx's Media Streaming sends an `error` frame when an error occurs in
