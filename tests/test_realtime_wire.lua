@@ -106,24 +106,30 @@ T.test("the service's session_expired, then its close: the record keeps the expi
   T.eq(call.lastError, "model error: session_expired: Your session hit the maximum duration of 60 minutes.")
 end, { timeout = 30000 })
 
+-- A model that greets, reports, and is asked for its goodbye, which says
+-- goodbye (speech: session:speak's options) and calls a function in the
+-- same response; then waits 1 s for a response asked of it after that
+-- (session.extra), and says extra_text in it.
+local function goodbye_with_a_call(speech, extra_text)
+  return function(session)
+    assert(session:wait_event("response.create", 5000))
+    session:speak({ ms = 200, text = "Hello." })
+    session:call_function("report_call", { summary = "one", outcome = "success" })
+    assert(session:wait_event("response.create", 5000), "the goodbye asked for")
+    session.goodbye = session:speak(speech)
+    session.extra = session:wait_event("response.create", 1000)
+    if session.extra and extra_text then
+      session:speak({ ms = 600, text = extra_text })
+    end
+  end
+end
+
 T.test("a goodbye that also calls report_call again is the last thing said: no response is asked for after it", function()
   local env = kit.start({
     config = { call = { goodbyeTimeoutSec = 6 } },
-    realtime = {
-      script = function(session)
-        assert(session:wait_event("response.create", 5000))
-        session:speak({ ms = 200, text = "Hello." })
-        session:call_function("report_call", { summary = "one", outcome = "success" })
-        assert(session:wait_event("response.create", 5000), "the goodbye asked for")
-        -- The model says goodbye and, in the same response, reports again.
-        session.goodbye = session:speak({ ms = 600, text = "Thank you, goodbye.",
-          call = { "report_call", { summary = "two", outcome = "success" } } })
-        session.extra = session:wait_event("response.create", 1000)
-        if session.extra then
-          session:speak({ ms = 600, text = "I have already reported the call." })
-        end
-      end,
-    },
+    -- The model says goodbye and, in the same response, reports again.
+    realtime = { script = goodbye_with_a_call({ ms = 600, text = "Thank you, goodbye.",
+      call = { "report_call", { summary = "two", outcome = "success" } } }, "I have already reported the call.") },
   })
   local id = env:create({ to = "+14155550193", prompt = "Say hello." })
   local call = env:wait_final(id, 20000)
@@ -179,16 +185,7 @@ end, { timeout = 30000 })
 T.test("a goodbye that also calls a function the app has not (end_call) is the last thing said, as one calling report_call", function()
   local env = kit.start({
     config = { call = { goodbyeTimeoutSec = 6 } },
-    realtime = {
-      script = function(session)
-        assert(session:wait_event("response.create", 5000))
-        session:speak({ ms = 200, text = "Hello." })
-        session:call_function("report_call", { summary = "one", outcome = "success" })
-        assert(session:wait_event("response.create", 5000), "the goodbye asked for")
-        session.goodbye = session:speak({ ms = 400, text = "Goodbye.", call = { "end_call", {} } })
-        session.extra = session:wait_event("response.create", 1000)
-      end,
-    },
+    realtime = { script = goodbye_with_a_call({ ms = 400, text = "Goodbye.", call = { "end_call", {} } }) },
   })
   local id = env:create({ to = "+14155550195", prompt = "Say hello." })
   local call = env:wait_final(id, 20000)

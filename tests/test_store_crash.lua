@@ -7,19 +7,9 @@ local durable = require "durable_world"
 
 local world = durable.new
 
-local function report_script(session)
-  assert(session:wait_event("response.create", 5000))
-  session:report_and_goodbye({ summary = "All good.", outcome = "success" }, { ms = 100, text = "Bye." })
-end
+local report_script = durable.report_script
 
--- The first call placed behaves as first; the next ones are answered.
-local function first_then_answer(first)
-  local n = 0
-  return function()
-    n = n + 1
-    return n == 1 and first or "answer"
-  end
-end
+local first_then_answer = durable.first_then_answer
 
 -- The first call rings on; Twilio takes a cancel of it at once but answers
 -- the request late, and its final callback never comes: a kill -9 while

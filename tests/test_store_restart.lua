@@ -13,14 +13,7 @@ local durable = require "durable_world"
 -- The outside world for one test, and a way to (re)start the app on one db and port.
 local world = durable.new
 
--- A behaviour for the fake Twilio: the first call placed gets first, the next ones are answered.
-local function first_then_answer(first)
-  local n = 0
-  return function()
-    n = n + 1
-    return n == 1 and first or "answer"
-  end
-end
+local first_then_answer = durable.first_then_answer
 
 -- A model that greets and talks on.
 local function monologue(session)
@@ -37,10 +30,7 @@ local function in_conversation(w, to)
   return id
 end
 
-local function report_script(session)
-  assert(session:wait_event("response.create", 5000))
-  session:report_and_goodbye({ summary = "All good.", outcome = "success" }, { ms = 100, text = "Bye." })
-end
+local report_script = durable.report_script
 
 -- The record as the store has it, read beside the process (or after it).
 local function stored(w, id)

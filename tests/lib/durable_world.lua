@@ -33,6 +33,22 @@ local M = {
   FINAL = { completed = true, busy = true, no_answer = true, failed = true, canceled = true },
 }
 
+-- A behaviour for the fake Twilio: the first call placed gets first (a
+-- behaviour, or a word: "busy"), the next ones are answered.
+function M.first_then_answer(first)
+  local n = 0
+  return function()
+    n = n + 1
+    return n == 1 and first or "answer"
+  end
+end
+
+-- A model that greets, reports at once and says goodbye.
+function M.report_script(session)
+  assert(session:wait_event("response.create", 5000))
+  session:report_and_goodbye({ summary = "All good.", outcome = "success" }, { ms = 100, text = "Bye." })
+end
+
 function M.tally(t)
   local keys = {}
   for k in pairs(t) do
