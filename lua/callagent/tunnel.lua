@@ -7,7 +7,9 @@
 --                (host: the address the server listens on, 127.0.0.1 if not given;
 --                opts.cancel: a tunnel.cancel() that may end the opening;
 --                opts.on_lost: fn(reason), called once if the open tunnel
---                dies on its own - ngrok exited; never after close())
+--                dies on its own - ngrok exited, or, running on, logged its
+--                session refused with an ERR_NGROK_ code or the tunnel
+--                started again under another URL; never after close())
 --   local c = tunnel.cancel()
 --   c:cancel()   ends an open under way with nil, "tunnel: canceled" (kind
 --                "canceled" as third value): ngrok is stopped, a running
@@ -316,16 +318,72 @@ local function ngrok_said(st)
   return st.code and (st.headline .. " (" .. st.code .. ")") or st.headline
 end
 
+-- What a line ngrok logs once its tunnel is open says of it: why it is
+-- lost (the vendor would call a URL that reaches nothing), else nil. A
+-- session that reconnected under another URL ("started tunnel" for our
+-- port; inconshreveable/ngrok#66 shows the lines), and one whose reconnect
+-- the service refuses with an ERR_NGROK_ code (the tunnel still bound to
+-- the old session after a sleep, ERR_NGROK_334: inconshreveable/ngrok#937),
+-- which ngrok retries for ever rather than exit. A reconnect failing
+-- without a code (a timeout) is not: ngrok may well be back in a moment,
+-- under the same URL.
+local function ngrok_after_open(line, port, url)
+  if line:sub(1, 1) ~= "{" then
+    -- stderr: ngrok writes its session errors there as "ERROR:  ..." lines
+    -- too, the JSON line on stdout says it with its code.
+    return nil
+  end
+  local ev = json.try_decode(line)
+  if type(ev) ~= "table" then
+    return nil
+  end
+  if ev.msg == "started tunnel" and type(ev.url) == "string" and type(ev.addr) == "string"
+    and ev.url:match("^https://[^/]") and local_port(ev.addr) == port then
+    local now = ev.url:gsub("/+$", "")
+    if now ~= url then
+      return "ngrok reconnected under another URL, " .. said_text(now) .. " (calls were placed with " .. url .. ")"
+    end
+    return nil
+  end
+  if (ev.lvl == "eror" or ev.lvl == "crit") and type(ev.obj) == "string"
+    and (ev.obj:find("^tunnels") or ev.obj == "csess") then
+    local st = {}
+    ngrok_line(st, line)
+    if st.code then
+      return "ngrok lost its session: " .. ngrok_said(st)
+    end
+  end
+  return nil
+end
+
 local function open_ngrok(cfg, port, deadline, cancel, on_lost)
   local st = {}
   local wake = task.queue(1)
   local function poke()
     wake:push(true)
   end
-  local tun
+  local tun, lost_told
+  -- The open tunnel is lost: said once (an exit after a lost session too).
+  local function lost(msg, fields, why)
+    if lost_told or not tun or tun.closed then
+      return
+    end
+    lost_told = true
+    log.error("tunnel: " .. msg .. "; the telephony vendor cannot reach this server any more", fields)
+    if on_lost then
+      on_lost(why)
+    end
+  end
   local function on_line(line)
-    ngrok_line(st, line)
-    if st.auth or st.code then
+    ngrok_line(st, line) -- after the opening too: an exit quotes it
+    if tun then
+      -- ngrok runs on when its session is lost: it reconnects, maybe under
+      -- another URL, or is refused again and again (an ERR_NGROK_ code).
+      local why = ngrok_after_open(line, port, tun.url)
+      if why then
+        lost(why, nil, why)
+      end
+    elseif st.auth or st.code then
       poke()
     end
   end
@@ -342,16 +400,9 @@ local function open_ngrok(cfg, port, deadline, cancel, on_lost)
     on_stderr = on_line,
     on_exit = function(code, signal)
       poke()
-      if tun and not tun.closed then
-        local said = ngrok_said(st)
-        log.error("tunnel: ngrok exited; the telephony vendor cannot reach this server any more", {
-          exit = exit_text(code, signal),
-          said = said,
-        })
-        if on_lost then
-          on_lost("ngrok exited (" .. exit_text(code, signal) .. ")" .. (said and (": " .. said) or ""))
-        end
-      end
+      local said = ngrok_said(st)
+      lost("ngrok exited", { exit = exit_text(code, signal), said = said },
+        "ngrok exited (" .. exit_text(code, signal) .. ")" .. (said and (": " .. said) or ""))
     end,
     kill_on_exit = true,
   })

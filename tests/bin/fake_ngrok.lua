@@ -42,7 +42,12 @@
 --                         "died" lists its tunnel only once "back" appears;
 --                         with a file "always" there, every run exits 1 s
 --                         (or the milliseconds the file holds) after its
---                         tunnel is up
+--                         tunnel is up; a first run whose tunnel is up, once
+--                         a file "rebind" appears, logs a lost session and the
+--                         tunnel started again under another URL (listed so),
+--                         and once "refuse" appears, logs a reconnect refused
+--                         with ERR_NGROK_334 every second (listing nothing),
+--                         running on in both cases
 --   FAKE_NGROK_STOP_MS    on SIGTERM, exits only this long after it (an ngrok slow
 --                         to close its session)
 --   FAKE_NGROK_LOG        a file that gets "start pid=N mode=M argv=...",
@@ -248,6 +253,29 @@ local function up()
     timer.after(ms or 1000, die)
   elseif control and not second then
     when("die", die)
+    -- Its session lost and reconnected, under another URL: ngrok runs on,
+    -- logging the new one (ngrok's "failed to reconnect session" and
+    -- "started tunnel" lines, inconshreveable/ngrok#66).
+    when("rebind", function()
+      public = public:gsub("^https://", "https://re-")
+      jlog({ lvl = "eror", msg = "failed to reconnect session", obj = "tunnels.session",
+        err = "read tcp 192.168.0.173:48720->3.15.55.144:443: i/o timeout" })
+      jlog({ lvl = "info", msg = "client session established", obj = "tunnels.session" })
+      record("tunnel pid=" .. pid .. " url=" .. public .. " addr=" .. addr)
+      jlog({ lvl = "info", msg = "started tunnel", obj = "tunnels", name = "command_line", addr = addr, url = public })
+    end)
+    -- Its session lost, and every reconnect refused (the tunnel still bound
+    -- to the old session, after a laptop's sleep: inconshreveable/ngrok#937):
+    -- ngrok runs on, retrying every second, its tunnel gone.
+    when("refuse", function()
+      ready = false
+      local function refused()
+        jlog({ lvl = "eror", msg = "failed to reconnect session", obj = "tunnels.session",
+          err = "The tunnel '" .. public .. "' is already bound to another tunnel session\r\n\r\nERR_NGROK_334\r\n" })
+      end
+      refused()
+      timer.every(1000, refused)
+    end)
   end
 end
 
