@@ -240,14 +240,17 @@ T.test("ngrok without an authtoken that keeps retrying (its JSON log only): the 
   T.ok(grep(read_lines(logs.ngrok), "^(end) pid=%d+ signal="), "ngrok was stopped")
 end)
 
-T.test("ngrok retrying a session the service refused (ERR_NGROK_108): the error at once with its code, ngrok stopped", function()
+T.test("ngrok retrying a session the service refused (ERR_NGROK_108): the error at once with its code and what to do, ngrok stopped", function()
   local r, _, logs = scenario({
     path = bindir({ "ngrok" }),
     env = { FAKE_NGROK_MODE = "limit" },
     cfg = { provider = "ngrok", timeoutSec = 5 },
   })
+  -- Not ngrok's own advice (`ngrok start --all`): the other session is most
+  -- often an `ngrok http` the user left running.
   T.eq(r.err, "tunnel: ngrok did not open a tunnel: authentication failed: "
-    .. "Your account is limited to 1 simultaneous ngrok agent sessions. (ERR_NGROK_108)")
+    .. "Your account is limited to 1 simultaneous ngrok agent sessions. (ERR_NGROK_108): is another ngrok running "
+    .. "with this account (an `ngrok http` in another terminal)? Stop it, or set server.publicBaseUrl")
   T.lt(r.ms, 3000, "not the whole tunnel.timeoutSec: auto has the other tool to try in it")
   T.ok(grep(read_lines(logs.ngrok), "^(end) pid=%d+ signal="), "ngrok was stopped")
 end)

@@ -57,7 +57,7 @@
 -- saying what to do:
 --   tunnel: ngrok is not installed (not found in PATH); install it or set server.publicBaseUrl
 --   tunnel: ngrok is not logged in: run `ngrok config add-authtoken <token>` (ngrok said: ...)
---   tunnel: ngrok did not open a tunnel: <ngrok's error> (ERR_NGROK_108)
+--   tunnel: ngrok did not open a tunnel: <ngrok's error> (ERR_NGROK_108): is another ngrok running with this account (...)? Stop it, or set server.publicBaseUrl
 --   tunnel: ngrok exited (status 1) before opening a tunnel: <ngrok's error>
 --   tunnel: no ngrok tunnel for port 4545 after 20 s
 --   tunnel: tailscale is not logged in: run `tailscale up`
@@ -356,6 +356,15 @@ local function ngrok_after_open(line, port, url)
   return nil
 end
 
+-- What to do, after ngrok's words for a code whose own advice does not
+-- fit: ERR_NGROK_108's is to run `ngrok start --all`, when the other
+-- session is most often an `ngrok http` the user started by hand (as
+-- Twilio's guides say to), still running.
+local NGROK_HINTS = {
+  ERR_NGROK_108 = ": is another ngrok running with this account (an `ngrok http` in another terminal)? "
+    .. "Stop it, or set server.publicBaseUrl",
+}
+
 local function open_ngrok(cfg, port, deadline, cancel, on_lost)
   local st = {}
   local wake = task.queue(1)
@@ -441,7 +450,7 @@ local function open_ngrok(cfg, port, deadline, cancel, on_lost)
         .. (said and (": " .. said) or ""))
     end
     if st.code then
-      return fail("ngrok did not open a tunnel: " .. ngrok_said(st))
+      return fail("ngrok did not open a tunnel: " .. ngrok_said(st) .. (NGROK_HINTS[st.code] or ""))
     end
     local left = deadline - timer.now()
     local api = (st.web or cfg.ngrokApiUrl):gsub("/+$", "")
