@@ -7,7 +7,8 @@
 --   - notices when the caller speaks and stops (a simple energy detector),
 --     and after each turn says "You said:" and plays the caller's own words back,
 --   - files report_call after the third turn, or when the caller presses #
---     on the mock phone's keypad, then says goodbye.
+--     on the mock phone's keypad, or when the call asks it to wrap up (a
+--     silent caller: outcome no_answer; its time up), then says goodbye.
 -- Transcripts say how long the caller spoke ("[caller spoke 2.3 s]"): there is
 -- no speech recognition here. An event it cannot use (not JSON, no type, a
 -- field of the wrong kind, an audio format it does not speak, PCM at a
@@ -279,7 +280,9 @@ function Session:say(text, extra_pcm8_ulaw)
   end)
 end
 
-function Session:report()
+-- wrap_up: asked for by the call (a silent caller, its time up), not by
+-- the caller's turns or their # key.
+function Session:report(wrap_up)
   if self.reported then
     return
   end
@@ -287,10 +290,14 @@ function Session:report()
   local rid, iid, cid = id("resp"), id("item"), id("call")
   -- One rounding for the summary and the data: they must not disagree.
   local seconds = math.floor(self.speech_ms / 100 + 0.5) / 10
+  -- A caller who never spoke nor pressed # (the call wrapped up for their
+  -- silence): no_answer, as the real model is asked to report.
+  local nobody = wrap_up and self.turns == 0
   local args = json.encode({
-    summary = string.format("A test call with callagent's local stand-in model: the caller took %d turn%s, %.1f s of speech in all.",
-      self.turns, self.turns == 1 and "" or "s", seconds),
-    outcome = "success",
+    summary = nobody and "A test call with callagent's local stand-in model: the caller said nothing."
+      or string.format("A test call with callagent's local stand-in model: the caller took %d turn%s, %.1f s of speech in all.",
+        self.turns, self.turns == 1 and "" or "s", seconds),
+    outcome = nobody and "no_answer" or "success",
     nextSteps = json.array({ "Set OPENAI_API_KEY to talk to the real model." }),
     data = { turns = self.turns, speechSeconds = seconds, model = "local stand-in" },
   })
@@ -432,6 +439,10 @@ function Session:on_event(ev)
       local text = dig(item, "content", 1, "text")
       if type(text) == "string" and text:find("pressed the key #", 1, true) then
         self:report()
+      elseif item.role == "system" and type(text) == "string" and text:find("report_call", 1, true) then
+        -- The call wraps up (a silent caller, its time up) and asks for the
+        -- report: filed now, then goodbye, not dead air until call.wrapUpSec.
+        self:report(true)
       end
     end
   end
