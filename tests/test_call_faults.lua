@@ -1155,6 +1155,36 @@ T.test("a function call cut short after its arguments.done is not run; one its r
   T.eq(outputs, { { "call_whole", true } }, "one function output, for the whole report")
 end, { timeout = 30000 })
 
+T.test("a phone that never says what it played (no mark echoed) still has a silent callee wrapped up", function()
+  -- A frozen mock-phone page, a stalled stream: the greeting is never
+  -- confirmed played. The silence counts from its length and the slack (here
+  -- 0.5 s) at the latest, not from never (the call held to maxDurationSec).
+  T.shorten(bridge, "GREETING_PLAY_SLACK_MS", 500)
+  local env = kit.start({
+    twilio = { behaviour = { echo_marks = false } },
+    config = { call = { silenceTimeoutSec = 1, wrapUpSec = 2, maxDurationSec = 30 } },
+    realtime = {
+      script = function(session)
+        assert(session:wait_event("response.create", 5000))
+        session:speak({ ms = 400, text = "Hello, this is the agent." })
+        session.wrap = session:wait_event("conversation.item.create", 20000)
+        if session.wrap then
+          session:report_and_goodbye({ summary = "Nobody there.", outcome = "no_answer" }, { ms = 100, text = "Bye." })
+        end
+      end,
+    },
+  })
+  local t0 = timer.now()
+  local id = env:create({ to = "+14155550139", prompt = "Say hello." })
+  local call = env:wait_final(id, 30000)
+  local took = timer.now() - t0
+  local s = env.rt.sessions[1]
+  T.ok(s.wrap, "the wrap-up message reached the model")
+  T.match(s.wrap.item.content[1].text, "has not said anything")
+  T.eq({ call.status, call.endReason, call.report.outcome }, { "completed", "completed", "no_answer" })
+  T.lt(took, 12000, "well before call.maxDurationSec (30 s)")
+end, { timeout = 40000 })
+
 T.test("a refused greeting is asked for once more, and a silent callee is still wrapped up at call.silenceTimeoutSec", function()
   local env = kit.start({
     config = { call = { silenceTimeoutSec = 2, wrapUpSec = 2, maxDurationSec = 15 } },

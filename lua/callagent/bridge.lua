@@ -761,6 +761,9 @@ end
 -- A greeting whose response the service took and then failed (response.done
 -- "failed": a tokens-per-minute limit, a server error) is the same silence.
 local GREETING_RETRY_MS = 1000
+-- The greeting's length and this: taken as played though the phone has not
+-- said so (a module field: a test shortens it).
+M.GREETING_PLAY_SLACK_MS = 5000
 
 function Bridge:_greeting_refused(message)
   if not self.silence_timer then
@@ -1168,12 +1171,22 @@ function Bridge:_response_done(r)
   end
   if not self.first_response_done and not failed then
     self.first_response_done = true
-    -- The silence counts once the greeting has played, not been generated.
-    self:_when_drained(function()
-      if not self.ended then
+    -- The silence counts once the greeting has played, not been generated:
+    -- when the phone says it has (its marks), or GREETING_PLAY_SLACK_MS
+    -- after the greeting's length at the latest. A phone that never says
+    -- what it played (a frozen page, a stalled stream: no mark echoed, no
+    -- frame) held the count, and the call, until call.maxDurationSec.
+    local counted = false
+    local function count()
+      self:_stop_timer("greet_played_timer")
+      if not (counted or self.ended) then
+        counted = true
         self:_arm_silence_timer()
       end
-    end)
+    end
+    local sent_ms = self.cb and select(2, self.cb:item()) or 0
+    self.greet_played_timer = timer.after(sent_ms + M.GREETING_PLAY_SLACK_MS, count)
+    self:_when_drained(count)
   end
   if self.goodbye_id and r.id == self.goodbye_id then
     self.goodbye_done = true
@@ -1796,7 +1809,8 @@ function Bridge:finish(reason)
   end
   self.ended = true
   for _, name in ipairs({ "max_timer", "session_timer", "silence_timer", "goodbye_timer", "wrapup_timer",
-    "ready_timer", "respond_timer", "greet_retry_timer", "dtmf_timer", "stall_timer", "model_retry_timer" }) do
+    "ready_timer", "respond_timer", "greet_retry_timer", "greet_played_timer", "dtmf_timer", "stall_timer",
+    "model_retry_timer" }) do
     self:_stop_timer(name)
   end
   self:_flush_lines() -- what was said and not yet (known to be) played
