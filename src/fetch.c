@@ -23,7 +23,9 @@
  *   max_body         response body limit in bytes, default 16 MiB
  *   truncate         a body past max_body is cut there (res.truncated = true)
  *                    rather than an EMSGSIZE error, default false: for a
- *                    caller that needs the status, not the whole body
+ *                    caller that needs the status, not the whole body; with
+ *                    max_body 0 the request ends with the headers (a body
+ *                    that never comes is not waited for)
  *   follow           follow redirects (at most 5), default false; from https
  *                    only to https. The request's headers go along, but for
  *                    Authorization and Cookie when the host changes (libcurl)
@@ -139,6 +141,7 @@ struct req {
 	int state;
 	int too_big;
 	int truncate;			/* too_big cuts the body: no error */
+	int follow;			/* redirects are followed */
 	curl_off_t max_body;
 	long status;
 	double time_ms;
@@ -581,6 +584,22 @@ static size_t on_header(char *p, size_t size, size_t n, void *ud)
 		 * that the buffer grows as the bytes come (a server that
 		 * declared 1 TiB under a huge max_body made us ask for it).
 		 */
+		long code = 0;
+
+		/*
+		 * Truncated at 0 bytes: the status and headers are all the caller
+		 * wants, so the transfer ends here, a result (too_big). Waiting
+		 * for the body (even for its first byte) ran a reply whose body
+		 * never came to the timeout: an error, for a status that was in.
+		 * Not after 1xx (the final answer is still to come), nor at a
+		 * redirect being followed.
+		 */
+		curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &code);
+		if (r->truncate && r->max_body == 0 && code >= 200 &&
+		    !(r->follow && code >= 300 && code < 400)) {
+			r->too_big = 1;
+			return 0;
+		}
 		curl_easy_getinfo(r->easy, CURLINFO_CONTENT_LENGTH_DOWNLOAD_T, &cl);
 		if (cl > 0 && cl <= r->max_body)
 			buf_reserve(&r->body, (size_t)(cl < BODY_RESERVE_MAX ? cl : BODY_RESERVE_MAX));
@@ -1000,6 +1019,7 @@ static int l_request(lua_State *L)
 	r->box = box;
 	r->max_body = (curl_off_t)o.max_body;
 	r->truncate = o.truncate;
+	r->follow = o.follow;
 	r->fn_ref = ca_ref(L, 3);
 	r->body_ref = LUA_NOREF;
 	r->state = REQ_RUNNING;

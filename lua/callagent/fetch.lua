@@ -19,7 +19,9 @@
 --   max_body         response body limit in bytes (default 16 MiB)
 --   truncate         a body past max_body is cut there (res.truncated = true)
 --                    instead of an EMSGSIZE error (default false): for a caller
---                    that needs the status, not the whole body
+--                    that needs the status, not the whole body; with
+--                    max_body 0 it ends with the headers (res.truncated =
+--                    true): a body that never comes is not waited for
 --   follow           follow redirects, at most 5 (default false); from https only
 --                    to https. Your headers go along, but for Authorization and
 --                    Cookie when the host changes: keep secrets out of others

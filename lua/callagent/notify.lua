@@ -203,10 +203,12 @@ function Notifier:send(key, body)
   task.spawn(self._deliver, self, key, body)
 end
 
--- The most of a receiver's answer kept: only its status and headers are read.
--- A 2xx with a larger body (a page, a dump) is delivered all the same: as
--- an EMSGSIZE error it was sent again at every try and every sweep.
-local MAX_ANSWER_BODY = 4096
+-- None of a receiver's answer is kept but its status and headers: the
+-- request ends with them. A 2xx with a large body (a page, a dump) is
+-- delivered: as an EMSGSIZE error it was sent again at every try and every
+-- sweep; so is one whose body never comes (a Content-Length it does not
+-- send): read to the timeout, it was too.
+local MAX_ANSWER_BODY = 0
 
 -- The longest a receiver's Retry-After holds a notification back.
 local MAX_RETRY_AFTER_MS = 60000
