@@ -20,6 +20,8 @@ local function raw_server()
       '/stall/agent': (c) => c.write('HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n'),
       // Answers at the headers, without reading the body, and closes.
       '/early/agent': (c) => { c.end('HTTP/1.1 413 Payload Too Large\r\nConnection: close\r\nContent-Length: 0\r\n\r\n'); },
+      // A redirect to an address of 100 KB.
+      '/bigloc/agent': (c) => c.write('HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:9/' + 'a'.repeat(100000) + '\r\nContent-Length: 0\r\n\r\n'),
       '/count': (c, q) => {
         const b = String(seen[q] || 0);
         c.write('HTTP/1.1 200 OK\r\nContent-Length: ' + b.length + '\r\n\r\n' + b);
@@ -92,5 +94,43 @@ T.test("a receiver that refuses a large notification before reading it (413, clo
     return not n.in_flight["c_1:completed"]
   end, 10000, "the delivery over")
   T.eq({ count("/early/agent"), #store:pending_notifications() }, { 1, 0 }, "refused at the first try")
+end)
+-- A notifier in an app of its own (its log is read), sending one
+-- notification to N_HOOKS.
+local RUN = [[
+local store_mod = require "callagent.store"
+local notify = require "callagent.notify"
+local task = require "callagent.task"
+local timer = require "callagent.timer"
+local runtime = require "callagent.runtime"
+task.spawn(function()
+  local store = assert(store_mod.open({ backend = "sqlite", path = os.getenv("N_DB"), retentionDays = 30 }))
+  local n = notify.new({ hooksUrl = os.getenv("N_HOOKS"), hooksToken = "hooks-token-for-tests" }, store,
+    { base_delay_ms = 20, attempts = 2 })
+  assert(store:add_notification("c_1:completed", "c_1", "{}"))
+  n:send("c_1:completed", "{}")
+  timer.sleep(20)
+  while next(n.in_flight) do
+    timer.sleep(20)
+  end
+  n:stop()
+  store:close()
+  runtime.exit(0)
+end)
+]]
+
+T.test("a redirect to an address of 100 KB: no stall of the event loop, and a log line of its start", function()
+  -- The address is shown without its password and query (url.display),
+  -- whose search for the userinfo's "@" was quadratic: 100 KB, the most curl
+  -- takes of a header line, held the event loop (every call's audio) for
+  -- 45 s; and the line quoted all of it.
+  local p = T.spawn_app(nil, nil, { source = RUN, name = "run.lua",
+    env = { N_DB = T.tmpdir() .. "/n.db", N_HOOKS = raw_server() .. "/bigloc" } })
+  T.eq(p:wait(3000), 0, "exits 0, within 3 s: " .. p.errtext():sub(1, 2000))
+  local log = p.errtext()
+  local line = log:match("[^\n]*notification redirected[^\n]*")
+  T.ok(line, "the redirect logged:\n" .. log)
+  T.match(line, "location=http://127%.0%.0%.1:9/aaaa")
+  T.le(#line, 2048, "the line")
 end)
 T.run()

@@ -27,6 +27,7 @@
 -- held at once is a page and the RESUME_AT_ONCE on their way.
 local crypto = require "callagent.crypto"
 local fetch = require "callagent.fetch"
+local http = require "callagent.http" -- http.cut: what a log line quotes of a Location
 local json = require "callagent.json"
 local log = require "callagent.log"
 local task = require "callagent.task"
@@ -210,6 +211,9 @@ end
 -- send): read to the timeout, it was too.
 local MAX_ANSWER_BODY = 0
 
+-- The most of a redirect's Location a log line quotes.
+local MAX_LOCATION_SHOWN = 1024
+
 -- The longest a receiver's Retry-After holds a notification back.
 local MAX_RETRY_AFTER_MS = 60000
 
@@ -295,11 +299,11 @@ function Notifier:_deliver(key, body)
     if refused and res.status >= 300 and res.status < 400 then
       -- Not followed: the body and its bearer token go where configured,
       -- nowhere else. The address, without its password or query (either
-      -- may hold a token).
+      -- may hold a token), its first KiB (a Location may be 100 KB).
       local to = res.headers and res.headers.location
       log.error("notification redirected; not retrying: set notify.hooksUrl to the receiver's own address"
         .. " (a start with another sends it again)",
-        { key = key, error = why, location = to and url.display(to) })
+        { key = key, error = why, location = to and http.cut(url.display(to), MAX_LOCATION_SHOWN) })
       self.in_flight[key] = nil
       return true
     elseif under then

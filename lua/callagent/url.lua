@@ -208,7 +208,7 @@ function M.parse(u)
   end
 
   local userinfo
-  at = authority:match(".*()@")
+  at = authority:match("^.*()@")
   if at then
     userinfo, authority = authority:sub(1, at - 1), authority:sub(at + 1)
   end
@@ -276,7 +276,7 @@ function M.display(u)
   -- "/" and "?" or "#" is beyond telling apart from a path and a query.
   local q = rest:find("[?#]")
   local ends = math.max(q or #rest + 1, rest:find("/", 1, true) or #rest + 1)
-  local at = rest:sub(1, ends - 1):match(".*()@")
+  local at = rest:sub(1, ends - 1):match("^.*()@")
   if at and q and at > q then
     -- An "@" after the "?" or "#": a password's, or the query's, whose
     -- text after it must not pass for the host. Without a ":" before the
@@ -285,7 +285,7 @@ function M.display(u)
     -- when more than one "@" comes after the "?" or "#" (the password ends
     -- at one, the query holds the next), both readings hold: nothing is shown.
     if not rest:sub(1, q - 1):find(":", 1, true) then
-      at = rest:sub(1, q - 1):match(".*()@")
+      at = rest:sub(1, q - 1):match("^.*()@")
     elseif authority_ok(rest:sub(1, (rest:find("[/?#]")) - 1))
       or rest:sub(q, at - 1):find("@", 1, true) then
       return scheme .. "[redacted]"
