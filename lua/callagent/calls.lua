@@ -2514,7 +2514,6 @@ function Engine:recover()
     end
     call.attempts = attempts
     local last = attempts[call.attempt]
-    local ringing_on = last -- its ring, which a cancel not taken may leave going at the vendor
     if last and last._modelRefused and last.status == "dialing" and not last.answeredAt then
       -- Ringing when the last run ended, with a session the model had
       -- refused (warm_refused): as that run had it, in memory.
@@ -2541,18 +2540,19 @@ function Engine:recover()
     if last and last._cancel_unconfirmed and FINAL[last.status] then
       self:_ring_cancel_again(call, last)
     end
-    local last, why
+    local void, why
     if call.status == "queued" then
-      last, why = self:_retry_void(call)
+      void, why = self:_retry_void(call)
     end
-    if last then
+    if void then
       -- Its retry was queued under another retry policy than this run's.
       counts.ended = counts.ended + 1
-      self:_end_retry_void(call, last, why)
+      self:_end_retry_void(call, void, why)
     elseif call.status == "queued" then
       local due = retries[call.id]
       local delay = due and math.max(0, math.floor((due - core.time()) * 1000)) or 0
-      local started = ringing_on and ringing_on._cancel_unconfirmed and from_iso(ringing_on.startedAt)
+      -- Its last ring, which a cancel not taken may leave going at the vendor.
+      local started = last and last._cancel_unconfirmed and from_iso(last.startedAt)
       local ring_wait = started and self:_ring_end_wait(started) or 0
       if ring_wait > delay then
         -- Its last ring may go on at the vendor (the cancel is asked again
