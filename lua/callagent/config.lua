@@ -941,13 +941,9 @@ function M.load_file(path)
   if not text then
     return nil, "config: cannot read " .. path .. ": " .. tostring(rerr)
   end
-  -- A UTF-8 byte order mark at the start, as Notepad and PowerShell 5 save
-  -- one, is no JSON but says nothing (RFC 8259 8.1): read past, as the API
+  -- A UTF-8 byte order mark at the start (Notepad) is read past, as the API
   -- does with a body (it was "not valid JSON: ... at character 1").
-  if text:sub(1, 3) == "\239\187\191" then
-    text = text:sub(4)
-  end
-  local v, err = json.try_decode(text)
+  local v, err = json.try_decode(json.without_bom(text))
   if not v then
     return nil, "config: " .. path .. " is not valid JSON: " .. err:gsub("^EJSON: ", "")
   end

@@ -77,16 +77,9 @@ Server.__index = Server
 local Request = {}
 Request.__index = Request
 
--- The body as JSON text: without a UTF-8 byte order mark (EF BB BF) at its
--- start, which RFC 8259 8.1 lets a parser ignore and some Windows tools
--- write (PowerShell 5's Out-File, Notepad). req.body keeps it (a signature
--- is over the bytes sent).
-local function json_text(body)
-  if body:sub(1, 3) == "\239\187\191" then
-    return body:sub(4)
-  end
-  return body
-end
+-- The body as JSON text: without a UTF-8 byte order mark (json.without_bom).
+-- req.body keeps it (a signature is over the bytes sent).
+local json_text = json.without_bom
 
 function Request:json()
   local text = json_text(self.body or "")

@@ -22,6 +22,9 @@
 --   json.utf8(v)           v with every string in it (keys too, at any depth)
 --                          made UTF-8: bytes that start no valid sequence become
 --                          U+FFFD (tables are changed in place)
+--   json.without_bom(s)    s without a UTF-8 byte order mark (EF BB BF) at its
+--                          start, which RFC 8259 8.1 lets a parser ignore and
+--                          some Windows tools write (Notepad, PowerShell 5)
 -- and json.encode writes "/" plainly (cjson alone escapes it as "\/"), and
 -- every number exactly: cjson writes 14 significant digits (0.12345678901234567
 -- became 0.12345678901235, 123456789012345 1.2345678901234e+14); one that
@@ -247,6 +250,13 @@ local function mark_empty_arrays(s)
   end
   out[#out + 1] = s:sub(i)
   return table.concat(out), changed
+end
+
+function M.without_bom(s)
+  if s:sub(1, 3) == "\239\187\191" then
+    return s:sub(4)
+  end
+  return s
 end
 
 function M.try_decode(s, arrays)
